@@ -1,0 +1,151 @@
+//! The token loop shared by every model family: prefill, sample, stream, stop.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::models::CausalLm;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::text::{StopCheck, StopMatcher, TokenStream, Tokenizer};
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishReason {
+    /// `max_new_tokens` were generated.
+    Length,
+    /// The model produced its end-of-text token.
+    EndOfText,
+    /// A stop string was reached.
+    StopString,
+    /// The context window is full.
+    ContextFull,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+/// Timing and counts of one generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// From the start of the call to the first sampled token (prefill included).
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    /// Single-token forward passes per second, after the first token.
+    pub decode_tok_s: f64,
+    pub finish: FinishReason,
+}
+
+/// One streamed step: a generated token and the text it completes.
+///
+/// `id` is `None` for the final flush of text held back at the end (an incomplete character,
+/// or text that looked like the start of a stop string but was not).
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    pub id: Option<u32>,
+    pub text: &'a str,
+}
+
+fn rate(count: usize, secs: f64) -> f64 {
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
+}
+
+/// Generates a continuation of `prompt`, calling `on_step` for every token.
+///
+/// `on_step` returning `ControlFlow::Break` cancels between tokens. End-of-text tokens end
+/// generation and are not streamed. Stop strings are never streamed, not even in part.
+pub fn generate(
+    model: &mut dyn CausalLm,
+    tokenizer: &Tokenizer,
+    eos_token_ids: &[u32],
+    prompt: &[u32],
+    params: &SamplingParams,
+    on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
+) -> Result<GenerationStats> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    let context = model.context_length();
+    if prompt.len() >= context {
+        return Err(Error::PromptTooLong {
+            tokens: prompt.len(),
+            context,
+        });
+    }
+    let start = Instant::now();
+    model.clear_kv_cache();
+    let mut sampler = Sampler::new(params.clone());
+    let mut stream = TokenStream::new();
+    let mut stops = StopMatcher::new(&params.stop);
+    let mut history = prompt.to_vec();
+
+    let mut logits = model.forward_last(prompt, 0)?.to_vec1::<f32>()?;
+    let prefill_secs = start.elapsed().as_secs_f64();
+    let mut ttft_ms = 0.0;
+    let mut generated = 0;
+    let mut decode_steps = 0;
+    let mut decode_secs = 0.0;
+    let finish = loop {
+        let id = sampler.sample(&logits, &history);
+        if generated == 0 {
+            ttft_ms = start.elapsed().as_secs_f64() * 1e3;
+        }
+        if eos_token_ids.contains(&id) {
+            break FinishReason::EndOfText;
+        }
+        generated += 1;
+        history.push(id);
+        let piece = stream.push(tokenizer, id)?;
+        let (text, stopped) = match stops.push(&piece) {
+            StopCheck::Continue(t) => (t, false),
+            StopCheck::Stop(t) => (t, true),
+        };
+        if on_step(Step {
+            id: Some(id),
+            text: &text,
+        })
+        .is_break()
+        {
+            break FinishReason::Cancelled;
+        }
+        if stopped {
+            break FinishReason::StopString;
+        }
+        if generated >= params.max_new_tokens {
+            break FinishReason::Length;
+        }
+        if history.len() >= context {
+            break FinishReason::ContextFull;
+        }
+        let step_start = Instant::now();
+        logits = model
+            .forward_last(&[id], history.len() - 1)?
+            .to_vec1::<f32>()?;
+        decode_secs += step_start.elapsed().as_secs_f64();
+        decode_steps += 1;
+    };
+    if finish != FinishReason::StopString && finish != FinishReason::Cancelled {
+        let mut rest = String::new();
+        let tail = stream.finish(tokenizer)?;
+        let (StopCheck::Continue(t) | StopCheck::Stop(t)) = stops.push(&tail);
+        rest.push_str(&t);
+        rest.push_str(&stops.finish());
+        if !rest.is_empty() {
+            let _ = on_step(Step {
+                id: None,
+                text: &rest,
+            });
+        }
+    }
+    Ok(GenerationStats {
+        prompt_tokens: prompt.len(),
+        generated_tokens: generated,
+        ttft_ms,
+        prefill_tok_s: rate(prompt.len(), prefill_secs),
+        decode_tok_s: rate(decode_steps, decode_secs),
+        finish,
+    })
+}

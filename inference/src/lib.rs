@@ -1,0 +1,34 @@
+//! # studio-inference
+//!
+//! Everything in Studio that touches tensors: model families, tokenizers and streaming text,
+//! sampling, the generation loop, and the inference worker thread that owns the device and the
+//! loaded model. This crate has no UI dependency; the application talks to it only through the
+//! [`worker`] job/event protocol and a repaint callback.
+//!
+//! Layout:
+//! - [`models`]: one file per model family (config, loader with real checkpoint names, forward
+//!   with KV cache) behind the [`models::CausalLm`] trait;
+//! - [`loader`]: finding a model's files, refusing pickles, detecting the architecture;
+//! - [`weights`]: memory-mapped safetensors with errors that name the tensor;
+//! - [`text`]: tokenizer, UTF-8-safe token streaming, stop strings;
+//! - [`sampling`]: temperature, top-k, top-p, min-p, repeat penalty, seed;
+//! - [`generate`]: the shared token loop with timing;
+//! - [`chat`]: chat turns to prompts and context fitting;
+//! - [`worker`]: the worker thread and its protocol;
+//! - [`device`], [`hf_cache`], [`sys`]: device choice, the Hugging Face cache, process facts.
+
+pub mod chat;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod hf_cache;
+pub mod loader;
+pub mod models;
+pub mod sampling;
+pub mod sys;
+pub mod text;
+pub mod weights;
+pub mod worker;
+
+pub use candle_core;
+pub use error::{Error, Result};

@@ -1,0 +1,28 @@
+//! Model families. Each family is one file: its `Config` (the checkpoint's own `config.json`),
+//! its loader (tensor names as real checkpoints use them) and its forward pass with a KV cache.
+
+pub mod gpt2;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+/// A decoder-only language model with a KV cache.
+///
+/// The sampling loop lives outside the model ([`crate::generate`]), so every family shares it.
+pub trait CausalLm: Send {
+    /// Runs `tokens` at positions `offset..` (appending to the KV cache) and returns the
+    /// logits of the last position, shape `[vocab]`, f32.
+    fn forward_last(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor>;
+
+    /// Like [`CausalLm::forward_last`] but returns the logits of every position, `[T, vocab]`.
+    fn forward_all(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor>;
+
+    /// Forgets every cached key and value (the next call must start at offset 0).
+    fn clear_kv_cache(&mut self);
+
+    /// The longest sequence (prompt plus generated tokens) the model can attend over.
+    fn context_length(&self) -> usize;
+
+    fn vocab_size(&self) -> usize;
+}

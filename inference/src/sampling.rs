@@ -1,0 +1,332 @@
+//! Turning logits into the next token: repeat penalty, temperature, top-k, top-p, min-p and a
+//! seeded random draw. Shared by every model family.
+//!
+//! Order of operations (as llama.cpp's default chain): repeat penalty over the last
+//! `repeat_last_n` tokens, then — unless `temperature <= 0`, which means greedy — top-k, top-p,
+//! min-p on the tempered distribution, and a draw from what remains.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Sampling settings of one generation. `Default` gives the common desktop-chat defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// 0 means greedy (always the most likely token).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p`; 1 disables.
+    pub top_p: f32,
+    /// Drop tokens whose probability is below `min_p` times the most likely one's; 0 disables.
+    pub min_p: f32,
+    /// Penalty for tokens seen in the last `repeat_last_n` tokens; 1 disables.
+    pub repeat_penalty: f32,
+    pub repeat_last_n: usize,
+    /// Same seed, same settings, same prompt: same output.
+    pub seed: u64,
+    pub max_new_tokens: usize,
+    /// Generation stops before any of these strings; they are not part of the output.
+    pub stop: Vec<String>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: 42,
+            max_new_tokens: 256,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding with no penalty: deterministic, for tests and benchmarks.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            max_new_tokens,
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidParameter(m.to_owned()));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad("temperature must be 0 (greedy) or positive");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top-p must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min-p must be in [0, 1]");
+        }
+        if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
+            return bad("repeat penalty must be positive (1 disables it)");
+        }
+        if self.max_new_tokens == 0 {
+            return bad("max new tokens must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// A seeded sampler; one per generation.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Self { params, rng }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` given the tokens so far (prompt and generated).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let mut logits = logits.to_vec();
+        let p = &self.params;
+        if (p.repeat_penalty - 1.0).abs() > f32::EPSILON && p.repeat_last_n > 0 {
+            apply_repeat_penalty(&mut logits, history, p.repeat_penalty, p.repeat_last_n);
+        }
+        if p.temperature <= 0.0 {
+            return argmax(&logits);
+        }
+        let candidates = filtered_distribution(&logits, p);
+        let draw: f32 = self.rng.random();
+        let mut acc = 0.0;
+        for &(id, prob) in &candidates {
+            acc += prob;
+            if draw < acc {
+                return id;
+            }
+        }
+        // Rounding left `acc` a hair under 1: the last candidate takes the remainder.
+        candidates.last().map_or_else(|| argmax(&logits), |&(id, _)| id)
+    }
+}
+
+/// Index of the largest logit (the first one on ties); NaNs never win.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    best as u32
+}
+
+/// Divides positive logits and multiplies negative ones by `penalty`, once per distinct token in
+/// the window (the CTRL / llama.cpp rule).
+pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, last_n: usize) {
+    let start = history.len().saturating_sub(last_n);
+    let mut seen = std::collections::HashSet::new();
+    for &id in &history[start..] {
+        let Some(l) = logits.get_mut(id as usize) else {
+            continue;
+        };
+        if seen.insert(id) {
+            *l = if *l >= 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// The tempered, truncated distribution as `(token, probability)`, most likely first,
+/// probabilities summing to 1.
+pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+    let mut c: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, &l)| (i as u32, l / p.temperature))
+        .collect();
+    if c.is_empty() {
+        return vec![(argmax(logits), 1.0)];
+    }
+    c.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if p.top_k > 0 && p.top_k < c.len() {
+        c.truncate(p.top_k);
+    }
+    // Softmax over what is left.
+    let max = c[0].1;
+    let mut sum = 0.0;
+    for e in &mut c {
+        e.1 = (e.1 - max).exp();
+        sum += e.1;
+    }
+    for e in &mut c {
+        e.1 /= sum;
+    }
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = c.len();
+        for (i, e) in c.iter().enumerate() {
+            acc += e.1;
+            if acc >= p.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        c.truncate(keep);
+    }
+    if p.min_p > 0.0 {
+        let threshold = c[0].1 * p.min_p;
+        c.retain(|e| e.1 >= threshold);
+    }
+    let total: f32 = c.iter().map(|e| e.1).sum();
+    for e in &mut c {
+        e.1 /= total;
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_picks_the_largest_logit() {
+        let mut s = Sampler::new(params(0.0));
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9], &[]), 1);
+        assert_eq!(argmax(&[f32::NAN, 1.0, 0.5]), 1);
+    }
+
+    #[test]
+    fn top_k_keeps_only_the_k_best() {
+        let p = SamplingParams {
+            top_k: 2,
+            ..params(1.0)
+        };
+        let d = filtered_distribution(&[1.0, 4.0, 3.0, 2.0], &p);
+        let ids: Vec<u32> = d.iter().map(|e| e.0).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert!((d.iter().map(|e| e.1).sum::<f32>() - 1.0).abs() < 1e-6);
+        let mut s = Sampler::new(p);
+        for _ in 0..200 {
+            assert!(matches!(s.sample(&[1.0, 4.0, 3.0, 2.0], &[]), 1 | 2));
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_nucleus() {
+        // probabilities 0.5, 0.3, 0.2 (as logits of their logs)
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let p = SamplingParams {
+            top_p: 0.75,
+            ..params(1.0)
+        };
+        let d = filtered_distribution(&logits, &p);
+        assert_eq!(d.len(), 2);
+        assert!((d[0].1 - 0.625).abs() < 1e-5, "{d:?}");
+        let p = SamplingParams {
+            top_p: 0.5,
+            ..params(1.0)
+        };
+        assert_eq!(filtered_distribution(&logits, &p).len(), 1);
+    }
+
+    #[test]
+    fn min_p_drops_tokens_far_below_the_best() {
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let p = SamplingParams {
+            min_p: 0.2,
+            ..params(1.0)
+        };
+        // threshold 0.12: the 0.1 token goes.
+        let ids: Vec<u32> = filtered_distribution(&logits, &p)
+            .iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(ids, vec![0, 1]);
+    }
+
+    #[test]
+    fn temperature_sharpens_and_flattens() {
+        let logits = [2.0, 1.0];
+        let cold = filtered_distribution(&logits, &params(0.5))[0].1;
+        let warm = filtered_distribution(&logits, &params(2.0))[0].1;
+        let plain = filtered_distribution(&logits, &params(1.0))[0].1;
+        assert!(cold > plain && plain > warm, "{cold} {plain} {warm}");
+    }
+
+    #[test]
+    fn repeat_penalty_scales_seen_tokens_once() {
+        let mut logits = vec![2.0, -2.0, 2.0, 1.0];
+        apply_repeat_penalty(&mut logits, &[3, 0, 1, 0, 0], 2.0, 4);
+        // window = [0, 1, 0, 0]: token 0 halved once, token 1 doubled, token 3 outside window.
+        assert_eq!(logits, vec![1.0, -4.0, 2.0, 1.0]);
+        let mut s = Sampler::new(SamplingParams {
+            repeat_penalty: 10.0,
+            repeat_last_n: 8,
+            ..params(0.0)
+        });
+        assert_eq!(s.sample(&[3.0, 2.0], &[0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws_and_other_seed_differs() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 7) % 13) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..params(1.5)
+            });
+            (0..64).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        assert!(SamplingParams::default().validate().is_ok());
+        for bad in [
+            SamplingParams {
+                temperature: -1.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                max_new_tokens: 0,
+                ..SamplingParams::default()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+        }
+    }
+}

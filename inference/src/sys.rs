@@ -1,0 +1,20 @@
+//! Process facts for benchmarks and the status bar.
+
+/// Peak resident set size of this process in MiB (Linux `VmHWM`), if the OS reports it.
+pub fn peak_rss_mb() -> Option<f64> {
+    status_kib("VmHWM:").map(|kib| kib as f64 / 1024.0)
+}
+
+/// Current resident set size in MiB (Linux `VmRSS`).
+pub fn rss_mb() -> Option<f64> {
+    status_kib("VmRSS:").map(|kib| kib as f64 / 1024.0)
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}

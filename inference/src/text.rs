@@ -1,0 +1,200 @@
+//! Tokenizers and streaming text: turning generated token ids into valid UTF-8 pieces as they
+//! arrive, and holding back text that may turn out to be the start of a stop string.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// A Hugging Face `tokenizer.json` tokenizer.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::Tokenizer(format!(
+                "{} is missing: the model folder needs its tokenizer.json",
+                path.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self { inner })
+    }
+
+    pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
+        Self { inner }
+    }
+
+    /// Token ids of `text`, without adding special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// Decodes a growing list of token ids into text pieces that are always valid, complete UTF-8.
+///
+/// Byte-level BPE tokens can split a multi-byte character; such bytes are held back until the
+/// character is complete (decoding them alone would give U+FFFD).
+pub struct TokenStream {
+    tokens: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl TokenStream {
+    pub fn new() -> Self {
+        Self {
+            tokens: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
+    }
+
+    /// Adds a token and returns the text it completes (possibly empty).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String> {
+        self.tokens.push(id);
+        let before = tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let now = tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        // A UTF-8 character spans at most 4 bytes (so at most 4 byte tokens): past that, the
+        // bytes are not a character in progress but invalid, and are shown as U+FFFD.
+        let incomplete = now.ends_with('\u{FFFD}') && self.tokens.len() - self.read_offset < 4;
+        if now.len() > before.len() && !incomplete {
+            let piece = now.get(before.len()..).unwrap_or_default().to_owned();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.tokens.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Whatever is still held back (an incomplete character at the very end), lossily.
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        let before = tokenizer.decode(&self.tokens[self.prefix_offset..self.read_offset])?;
+        let now = tokenizer.decode(&self.tokens[self.prefix_offset..])?;
+        self.prefix_offset = self.tokens.len();
+        self.read_offset = self.tokens.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_owned())
+    }
+}
+
+impl Default for TokenStream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Watches streamed text for stop strings.
+///
+/// Text that could be the beginning of a stop string is held back until it is clear either way,
+/// so a stop string never reaches the user, not even in part.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    pending: String,
+}
+
+/// What [`StopMatcher::push`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StopCheck {
+    /// Text safe to show now; keep generating.
+    Continue(String),
+    /// A stop string was reached: the text before it; stop generating.
+    Stop(String),
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
+    }
+
+    pub fn push(&mut self, piece: &str) -> StopCheck {
+        self.pending.push_str(piece);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s)).min() {
+            let out = self.pending[..at].to_owned();
+            self.pending.clear();
+            return StopCheck::Stop(out);
+        }
+        // Hold back the longest suffix of `pending` that is a proper prefix of a stop string.
+        let mut hold = 0;
+        for stop in &self.stops {
+            for (i, _) in self.pending.char_indices() {
+                let tail = &self.pending[i..];
+                if tail.len() > hold && stop.starts_with(tail) {
+                    hold = tail.len();
+                }
+            }
+        }
+        let cut = self.pending.len() - hold;
+        let out = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        StopCheck::Continue(out)
+    }
+
+    /// The held-back text, once generation ends without reaching a stop string.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops(s: &[&str]) -> StopMatcher {
+        StopMatcher::new(&s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn stop_string_split_across_pieces_is_never_shown() {
+        let mut m = stops(&["\nUser:"]);
+        assert_eq!(m.push("Hello"), StopCheck::Continue("Hello".into()));
+        assert_eq!(m.push(" there\nU"), StopCheck::Continue(" there".into()));
+        assert_eq!(m.push("se"), StopCheck::Continue(String::new()));
+        assert_eq!(m.push("r: hi"), StopCheck::Stop(String::new()));
+    }
+
+    #[test]
+    fn false_alarm_is_released() {
+        let mut m = stops(&["\nUser:"]);
+        assert_eq!(m.push("a\nU"), StopCheck::Continue("a".into()));
+        assert_eq!(m.push("nder"), StopCheck::Continue("\nUnder".into()));
+        assert_eq!(m.push("x\nUs"), StopCheck::Continue("x".into()));
+        assert_eq!(m.finish(), "\nUs");
+    }
+
+    #[test]
+    fn earliest_stop_wins_and_text_before_it_is_kept() {
+        let mut m = stops(&["END", "ST"]);
+        assert_eq!(m.push("abc STOP END"), StopCheck::Stop("abc ".into()));
+    }
+
+    #[test]
+    fn no_stops_passes_everything_through() {
+        let mut m = stops(&[]);
+        assert_eq!(m.push("é\n"), StopCheck::Continue("é\n".into()));
+    }
+}

@@ -1,0 +1,106 @@
+//! Reading checkpoint tensors by their real names, with errors that name the tensor.
+//!
+//! Weights are memory-mapped (single `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`), so loading never holds a second copy of the file in memory.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// A checkpoint's tensors, looked up by name.
+pub struct Weights {
+    path: PathBuf,
+    files: MmapedSafetensors,
+    names: BTreeSet<String>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Weights {
+    /// Maps the given safetensors files (one file, or every shard of a sharded checkpoint).
+    pub fn open(files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
+        let path = files.first().cloned().unwrap_or_default();
+        for file in files {
+            let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
+            if meta.len() < 8 {
+                return Err(Error::CorruptWeights {
+                    path: file.clone(),
+                    message: format!("the file is only {} bytes long", meta.len()),
+                });
+            }
+        }
+        // SAFETY: the files are mapped read-only; Studio never writes to a model file while it
+        // is loaded. A file changed on disk by another program while mapped is outside what we
+        // can guard against (the same contract as every mmap-based loader).
+        #[allow(unsafe_code)]
+        let mapped = unsafe { MmapedSafetensors::multi(files) };
+        let files_mapped = mapped.map_err(|e| Error::CorruptWeights {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let names = files_mapped
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        Ok(Self {
+            path,
+            files: files_mapped,
+            names,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The checkpoint file (the first shard for sharded checkpoints).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    /// Loads tensor `name`, checks its shape and converts it to the model's dtype and device.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(Error::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_owned(),
+            });
+        }
+        let view = self.files.get(name).map_err(|e| self.corrupt(&e))?;
+        if view.shape() != shape {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                name: name.to_owned(),
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        let tensor = self
+            .files
+            .load(name, &self.device)
+            .map_err(|e| self.corrupt(&e))?;
+        Ok(tensor.to_dtype(self.dtype)?)
+    }
+
+    fn corrupt(&self, e: &candle_core::Error) -> Error {
+        Error::CorruptWeights {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+}

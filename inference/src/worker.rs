@@ -1,0 +1,589 @@
+//! The inference worker: one named thread that owns the device and the loaded model.
+//!
+//! Jobs go in and events come out over bounded channels. The protocol's guarantees:
+//! - every submitted job ends with exactly one terminal event ([`Event::Done`],
+//!   [`Event::Failed`] or [`Event::Cancelled`]), including jobs cancelled while queued;
+//! - cancellation is checked between tokens;
+//! - a panic inside a job becomes [`Event::Failed`] and the worker serves the next job;
+//! - streamed text is coalesced: when the event channel is full the worker keeps generating
+//!   and sends the accumulated text later, so a slow UI never builds a backlog;
+//! - after sending events the worker calls the repaint callback, the only UI-facing thing this
+//!   crate knows about.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
+use serde::{Deserialize, Serialize};
+
+use crate::chat::{self, ChatMessage};
+use crate::device::{DevicePreference, create_device};
+use crate::error::{Error, Result};
+use crate::generate::{GenerationStats, Step, generate};
+use crate::loader::{self, LoadedModel, ModelInfo};
+use crate::sampling::SamplingParams;
+
+/// Identifies a submitted job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+/// Custom work run on the worker thread with access to the loaded model.
+pub type CustomJob = Box<dyn FnOnce(&mut JobContext<'_>) -> Result<()> + Send>;
+
+/// What to do.
+pub enum JobKind {
+    /// Load a model (folder or file), replacing the loaded one.
+    LoadModel { path: PathBuf },
+    /// Drop the loaded model and free its memory.
+    UnloadModel,
+    /// Continue `prompt` as raw text (no chat format).
+    Generate {
+        prompt: String,
+        params: SamplingParams,
+    },
+    /// Reply to a conversation; the oldest turns are dropped if it does not fit the context.
+    Chat {
+        system: String,
+        messages: Vec<ChatMessage>,
+        params: SamplingParams,
+    },
+    /// Arbitrary work on the worker thread (extensions and tests).
+    Custom { label: String, run: CustomJob },
+}
+
+impl JobKind {
+    pub fn label(&self) -> String {
+        match self {
+            JobKind::LoadModel { path } => format!(
+                "Loading {}",
+                path.file_name()
+                    .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into())
+            ),
+            JobKind::UnloadModel => "Unloading model".to_owned(),
+            JobKind::Generate { .. } => "Generating".to_owned(),
+            JobKind::Chat { .. } => "Replying".to_owned(),
+            JobKind::Custom { label, .. } => label.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// What the worker reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The job left the queue and is running.
+    Started { job: JobId, label: String },
+    /// Progress in `0..=1` (lossy: may be skipped when the UI is behind).
+    Progress {
+        job: JobId,
+        fraction: f32,
+        message: String,
+    },
+    /// Newly generated text, coalesced: `tokens` tokens' worth.
+    Text {
+        job: JobId,
+        text: String,
+        tokens: usize,
+    },
+    /// The conversation did not fit: this many of its oldest messages were left out.
+    ContextTrimmed {
+        job: JobId,
+        dropped_messages: usize,
+        prompt_tokens: usize,
+    },
+    /// The prompt of a chat or generate job, in tokens, before generation starts.
+    PromptTokens { job: JobId, tokens: usize },
+    ModelLoaded { job: JobId, info: ModelInfo },
+    ModelUnloaded { job: JobId },
+    /// Terminal: the job finished (with stats for generation jobs).
+    Done {
+        job: JobId,
+        stats: Option<GenerationStats>,
+    },
+    /// Terminal: the job failed; `error` is written for a person.
+    Failed { job: JobId, error: String },
+    /// Terminal: the job was cancelled (stats of what was generated, if anything ran).
+    Cancelled {
+        job: JobId,
+        stats: Option<GenerationStats>,
+    },
+}
+
+impl Event {
+    pub fn job(&self) -> JobId {
+        match self {
+            Event::Started { job, .. }
+            | Event::Progress { job, .. }
+            | Event::Text { job, .. }
+            | Event::ContextTrimmed { job, .. }
+            | Event::PromptTokens { job, .. }
+            | Event::ModelLoaded { job, .. }
+            | Event::ModelUnloaded { job }
+            | Event::Done { job, .. }
+            | Event::Failed { job, .. }
+            | Event::Cancelled { job, .. } => *job,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::Done { .. } | Event::Failed { .. } | Event::Cancelled { .. }
+        )
+    }
+}
+
+/// How to start the worker.
+pub struct WorkerConfig {
+    pub device: DevicePreference,
+    /// Called (from the worker thread) after events are sent; the UI passes
+    /// `ctx.request_repaint`.
+    pub repaint: Arc<dyn Fn() + Send + Sync>,
+    /// Capacity of the job queue.
+    pub queue_capacity: usize,
+    /// Capacity of the event channel.
+    pub event_capacity: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            device: DevicePreference::Auto,
+            repaint: Arc::new(|| {}),
+            queue_capacity: 64,
+            event_capacity: 256,
+        }
+    }
+}
+
+type CancelFlags = Arc<Mutex<HashMap<JobId, Arc<AtomicBool>>>>;
+
+struct QueuedJob {
+    id: JobId,
+    kind: JobKind,
+    cancel: Arc<AtomicBool>,
+}
+
+/// The UI's handle to the worker thread. Dropping it stops the worker after its current job.
+pub struct Worker {
+    jobs: Option<Sender<QueuedJob>>,
+    events: Receiver<Event>,
+    next_id: AtomicU64,
+    cancels: CancelFlags,
+    device_label: String,
+    device_warning: Option<String>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Opens the device and starts the `studio-inference` thread.
+    pub fn spawn(config: WorkerConfig) -> Result<Self> {
+        let choice = create_device(config.device);
+        let (job_tx, job_rx) = bounded::<QueuedJob>(config.queue_capacity.max(1));
+        let (event_tx, event_rx) = bounded::<Event>(config.event_capacity.max(4));
+        let cancels: CancelFlags = Arc::default();
+        let state = WorkerState {
+            device: choice.device.clone(),
+            model: None,
+            events: event_tx,
+            repaint: config.repaint,
+            cancels: cancels.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("studio-inference".to_owned())
+            .spawn(move || state.run(&job_rx))
+            .map_err(|e| Error::io("studio-inference thread", e))?;
+        Ok(Self {
+            jobs: Some(job_tx),
+            events: event_rx,
+            next_id: AtomicU64::new(1),
+            cancels,
+            device_label: choice.label,
+            device_warning: choice.warning,
+            thread: Some(thread),
+        })
+    }
+
+    /// "CPU (2 threads)", "CUDA 0", …
+    pub fn device_label(&self) -> &str {
+        &self.device_label
+    }
+
+    /// Set when the preferred device could not be opened.
+    pub fn device_warning(&self) -> Option<&str> {
+        self.device_warning.as_deref()
+    }
+
+    /// Queues a job. Fails only when the queue is full or the worker is gone.
+    pub fn submit(&self, kind: JobKind) -> Result<JobId> {
+        let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let cancel = Arc::new(AtomicBool::new(false));
+        lock(&self.cancels).insert(id, cancel.clone());
+        let queued = QueuedJob { id, kind, cancel };
+        let sent = match &self.jobs {
+            Some(tx) => tx.try_send(queued).map_err(|e| match e {
+                TrySendError::Full(_) => "the job queue is full; wait for running jobs to finish",
+                TrySendError::Disconnected(_) => "the inference worker has stopped",
+            }),
+            None => Err("the inference worker has stopped"),
+        };
+        if let Err(why) = sent {
+            lock(&self.cancels).remove(&id);
+            return Err(Error::InvalidParameter(why.to_owned()));
+        }
+        Ok(id)
+    }
+
+    /// Asks a queued or running job to stop. Unknown or finished jobs are ignored.
+    pub fn cancel(&self, job: JobId) {
+        if let Some(flag) = lock(&self.cancels).get(&job) {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Cancels every queued and running job.
+    pub fn cancel_all(&self) {
+        for flag in lock(&self.cancels).values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The event receiver, for `try_recv` loops and `select!`.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Next event if one is waiting.
+    pub fn try_recv(&self) -> Option<Event> {
+        match self.events.try_recv() {
+            Ok(e) => Some(e),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.cancel_all();
+        self.jobs = None;
+        // Unblock a worker waiting to send into a full event channel.
+        while self.events.try_recv().is_ok() {}
+        if let Some(t) = self.thread.take() {
+            // Keep draining while the worker finishes its current job.
+            while !t.is_finished() {
+                while self.events.try_recv().is_ok() {}
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the map inconsistent (single inserts and
+    // removes), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct WorkerState {
+    device: candle_core::Device,
+    model: Option<LoadedModel>,
+    events: Sender<Event>,
+    repaint: Arc<dyn Fn() + Send + Sync>,
+    cancels: CancelFlags,
+}
+
+impl WorkerState {
+    fn run(mut self, jobs: &Receiver<QueuedJob>) {
+        while let Ok(QueuedJob { id, kind, cancel }) = jobs.recv() {
+            let terminal = if cancel.load(Ordering::Relaxed) {
+                Event::Cancelled {
+                    job: id,
+                    stats: None,
+                }
+            } else {
+                self.send(Event::Started {
+                    job: id,
+                    label: kind.label(),
+                });
+                self.run_job(id, kind, &cancel)
+            };
+            lock(&self.cancels).remove(&id);
+            self.send(terminal);
+        }
+    }
+
+    /// Runs one job, turning errors and panics into the terminal event.
+    fn run_job(&mut self, id: JobId, kind: JobKind, cancel: &AtomicBool) -> Event {
+        let mut ctx = JobContext {
+            job: id,
+            cancel,
+            events: &self.events,
+            repaint: &self.repaint,
+            model: &mut self.model,
+            device: &self.device,
+            pending_text: String::new(),
+            pending_tokens: 0,
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let result = execute(&mut ctx, kind);
+            ctx.flush_text(true);
+            result
+        }));
+        match outcome {
+            Ok(Ok(stats)) => {
+                let cancelled = cancel.load(Ordering::Relaxed)
+                    || stats
+                        .as_ref()
+                        .is_some_and(|s| s.finish == crate::generate::FinishReason::Cancelled);
+                if cancelled {
+                    Event::Cancelled { job: id, stats }
+                } else {
+                    Event::Done { job: id, stats }
+                }
+            }
+            Ok(Err(e)) => Event::Failed {
+                job: id,
+                error: e.to_string(),
+            },
+            Err(payload) => {
+                // The model may be mid-update; make the next generation start clean.
+                if let Some(m) = self.model.as_mut() {
+                    m.model.clear_kv_cache();
+                }
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                Event::Failed {
+                    job: id,
+                    error: Error::Panicked(msg).to_string(),
+                }
+            }
+        }
+    }
+
+    fn send(&self, event: Event) {
+        // Terminal events must arrive: block until the UI makes room (or is gone).
+        let _ = self.events.send(event);
+        (self.repaint)();
+    }
+}
+
+/// What a running job can see and do.
+pub struct JobContext<'a> {
+    job: JobId,
+    cancel: &'a AtomicBool,
+    events: &'a Sender<Event>,
+    repaint: &'a Arc<dyn Fn() + Send + Sync>,
+    model: &'a mut Option<LoadedModel>,
+    device: &'a candle_core::Device,
+    pending_text: String,
+    pending_tokens: usize,
+}
+
+impl JobContext<'_> {
+    pub fn job(&self) -> JobId {
+        self.job
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        self.device
+    }
+
+    /// The loaded model, if any.
+    pub fn model(&mut self) -> Option<&mut LoadedModel> {
+        self.model.as_mut()
+    }
+
+    /// Sends an event that may be dropped when the UI is behind (progress).
+    pub fn send_lossy(&self, event: Event) {
+        if self.events.try_send(event).is_ok() {
+            (self.repaint)();
+        }
+    }
+
+    /// Sends an event that must arrive.
+    pub fn send(&self, event: Event) {
+        let _ = self.events.send(event);
+        (self.repaint)();
+    }
+
+    pub fn progress(&self, fraction: f32, message: &str) {
+        self.send_lossy(Event::Progress {
+            job: self.job,
+            fraction,
+            message: message.to_owned(),
+        });
+    }
+
+    /// Queues streamed text; it is sent now if the channel has room, else with the next
+    /// piece (`force` blocks until it is sent).
+    pub fn push_text(&mut self, text: &str, tokens: usize) {
+        self.pending_text.push_str(text);
+        self.pending_tokens += tokens;
+        self.flush_text(false);
+    }
+
+    fn flush_text(&mut self, force: bool) {
+        send_text(
+            self.events,
+            self.repaint,
+            self.job,
+            &mut self.pending_text,
+            &mut self.pending_tokens,
+            force,
+        );
+    }
+
+    /// Runs the shared token loop on the loaded model, streaming into this job's events.
+    fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &SamplingParams,
+    ) -> Result<Option<GenerationStats>> {
+        self.send(Event::PromptTokens {
+            job: self.job,
+            tokens: prompt.len(),
+        });
+        let Some(m) = self.model.as_mut() else {
+            return Err(Error::NoModelLoaded);
+        };
+        let (cancel, events, repaint, job) = (self.cancel, self.events, self.repaint, self.job);
+        // Text not yet sent because the channel was full; the caller flushes what is left.
+        let pending = &mut self.pending_text;
+        let pending_tokens = &mut self.pending_tokens;
+        let stats = generate(
+            &mut *m.model,
+            &m.tokenizer,
+            &m.eos_token_ids,
+            prompt,
+            params,
+            &mut |step: Step<'_>| {
+                pending.push_str(step.text);
+                *pending_tokens += usize::from(step.id.is_some());
+                send_text(events, repaint, job, pending, pending_tokens, false);
+                if cancel.load(Ordering::Relaxed) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )?;
+        Ok(Some(stats))
+    }
+}
+
+/// Sends the accumulated text as one [`Event::Text`]. Without `force`, a full channel leaves
+/// the text in place to be sent with the next piece (coalescing); with `force` it blocks.
+fn send_text(
+    events: &Sender<Event>,
+    repaint: &Arc<dyn Fn() + Send + Sync>,
+    job: JobId,
+    text: &mut String,
+    tokens: &mut usize,
+    force: bool,
+) {
+    if text.is_empty() && *tokens == 0 {
+        return;
+    }
+    let event = Event::Text {
+        job,
+        text: std::mem::take(text),
+        tokens: std::mem::take(tokens),
+    };
+    if force {
+        let _ = events.send(event);
+        repaint();
+        return;
+    }
+    match events.try_send(event) {
+        Ok(()) => repaint(),
+        Err(TrySendError::Full(Event::Text {
+            text: t, tokens: n, ..
+        })) => {
+            *text = t;
+            *tokens = n;
+        }
+        Err(_) => {}
+    }
+}
+
+fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationStats>> {
+    match kind {
+        JobKind::LoadModel { path } => {
+            // Free the old model first so two never share memory.
+            *ctx.model = None;
+            let job = ctx.job;
+            let events = ctx.events;
+            let repaint = ctx.repaint;
+            let loaded = loader::load(&path, ctx.device, &mut |fraction, message| {
+                if events
+                    .try_send(Event::Progress {
+                        job,
+                        fraction,
+                        message: message.to_owned(),
+                    })
+                    .is_ok()
+                {
+                    repaint();
+                }
+            })?;
+            let info = loaded.info.clone();
+            *ctx.model = Some(loaded);
+            ctx.send(Event::ModelLoaded { job, info });
+            Ok(None)
+        }
+        JobKind::UnloadModel => {
+            *ctx.model = None;
+            ctx.send(Event::ModelUnloaded { job: ctx.job });
+            Ok(None)
+        }
+        JobKind::Generate { prompt, params } => {
+            let m = ctx.model.as_ref().ok_or(Error::NoModelLoaded)?;
+            if prompt.is_empty() {
+                return Err(Error::EmptyPrompt);
+            }
+            let tokens = m.tokenizer.encode(&prompt)?;
+            ctx.generate(&tokens, &params)
+        }
+        JobKind::Chat {
+            system,
+            messages,
+            mut params,
+        } => {
+            let m = ctx.model.as_ref().ok_or(Error::NoModelLoaded)?;
+            let fitted = chat::fit_to_context(
+                &m.tokenizer,
+                &system,
+                &messages,
+                m.model.context_length(),
+                params.max_new_tokens,
+            )?;
+            if fitted.dropped_messages > 0 {
+                ctx.send(Event::ContextTrimmed {
+                    job: ctx.job,
+                    dropped_messages: fitted.dropped_messages,
+                    prompt_tokens: fitted.tokens.len(),
+                });
+            }
+            params.stop.extend(chat::plain_stop_strings());
+            ctx.generate(&fitted.tokens, &params)
+        }
+        JobKind::Custom { run, .. } => run(ctx).map(|()| None),
+    }
+}

@@ -1,0 +1,160 @@
+//! Bad model files give clear errors, never a crash and never an unpickle.
+
+use std::path::Path;
+
+use candle_core::Device;
+use studio_inference::loader::{self, Architecture};
+use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2};
+
+fn load_err(path: &Path) -> String {
+    match loader::load(path, &Device::Cpu, &mut |_, _| {}) {
+        Ok(_) => panic!("{} loaded but should not", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn tiny(dir: &Path) {
+    write_gpt2(dir, TinyGpt2::default(), Gpt2Naming::Hub, 1);
+}
+
+#[test]
+fn every_naming_style_loads_through_the_real_loader() {
+    for naming in [
+        Gpt2Naming::Hub,
+        Gpt2Naming::SavePretrained { lm_head: true },
+        Gpt2Naming::SavePretrained { lm_head: false },
+    ] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        write_gpt2(tmp.path(), TinyGpt2::default(), naming, 3);
+        let mut fractions = Vec::new();
+        let m = loader::load(tmp.path(), &Device::Cpu, &mut |f, _| fractions.push(f))
+            .expect("loads");
+        assert_eq!(m.info.architecture, Architecture::Gpt2);
+        assert_eq!(m.info.context_length, 128);
+        assert!(!m.eos_token_ids.is_empty());
+        assert_eq!(fractions.last().copied(), Some(1.0));
+        // Also via the weights file itself.
+        loader::load(&tmp.path().join("model.safetensors"), &Device::Cpu, &mut |_, _| {})
+            .expect("loads from the file path");
+    }
+}
+
+#[test]
+fn missing_path_says_so() {
+    let e = load_err(Path::new("/nonexistent/studio/model"));
+    assert!(e.contains("no such file"), "{e}");
+}
+
+#[test]
+fn truncated_and_corrupt_weights_are_reported() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    tiny(tmp.path());
+    let weights = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).expect("read");
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).expect("truncate");
+    let e = load_err(tmp.path());
+    assert!(e.contains("corrupt or truncated"), "{e}");
+
+    std::fs::write(&weights, b"not a safetensors file at all").expect("write");
+    let e = load_err(tmp.path());
+    assert!(e.contains("corrupt or truncated"), "{e}");
+
+    std::fs::write(&weights, b"").expect("write");
+    let e = load_err(tmp.path());
+    assert!(e.contains("corrupt or truncated"), "{e}");
+}
+
+#[test]
+fn missing_and_mismatched_tensors_are_named() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    tiny(tmp.path());
+    // A config that asks for more layers than the file has.
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("read")).expect("json");
+    cfg["n_layer"] = 3.into();
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+    let e = load_err(tmp.path());
+    assert!(e.contains("missing tensor `h.2.ln_1.weight`"), "{e}");
+
+    cfg["n_layer"] = 2.into();
+    cfg["n_embd"] = 64.into();
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+    let e = load_err(tmp.path());
+    assert!(e.contains("wte.weight") && e.contains("shape"), "{e}");
+}
+
+#[test]
+fn bad_config_and_unsupported_architecture() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    tiny(tmp.path());
+    let cfg_path = tmp.path().join("config.json");
+    std::fs::write(&cfg_path, "{ this is not json").expect("write");
+    let e = load_err(tmp.path());
+    assert!(e.contains("config.json does not parse"), "{e}");
+
+    std::fs::write(&cfg_path, r#"{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}"#)
+        .expect("write");
+    let e = load_err(tmp.path());
+    assert!(e.contains("unsupported model architecture `mamba`"), "{e}");
+
+    std::fs::write(&cfg_path, r#"{"model_type": "gpt2", "n_embd": 30, "n_head": 4, "n_layer": 1, "vocab_size": 320}"#)
+        .expect("write");
+    let e = load_err(tmp.path());
+    assert!(e.contains("multiple of n_head"), "{e}");
+}
+
+#[test]
+fn pickles_are_refused_without_being_opened() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // A "pickle" that would be harmful if loaded; its contents must never matter.
+    for name in ["pytorch_model.bin", "model.ckpt", "weights.pt", "G.pkl"] {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, b"\x80\x04cos\nsystem\n").expect("write");
+        let e = load_err(&p);
+        assert!(e.contains("pickle") && e.contains("never unpickles"), "{e}");
+    }
+    // A folder whose only weights are a pickle.
+    let dir = tmp.path().join("old-model");
+    std::fs::create_dir(&dir).expect("dir");
+    std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).expect("write");
+    std::fs::write(dir.join("pytorch_model.bin"), b"\x80\x04").expect("write");
+    let e = load_err(&dir);
+    assert!(e.contains("pickle"), "{e}");
+}
+
+#[test]
+fn empty_folder_and_missing_tokenizer() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let e = load_err(tmp.path());
+    assert!(e.contains("no model found"), "{e}");
+    tiny(tmp.path());
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).expect("rm");
+    let e = load_err(tmp.path());
+    assert!(e.contains("tokenizer.json"), "{e}");
+}
+
+#[test]
+fn hugging_face_cache_layout_is_found() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let snapshot = tmp.path().join("models--openai-community--gpt2/snapshots/abc123");
+    tiny(&snapshot);
+    let other = tmp.path().join("models--state-spaces--mamba/snapshots/def");
+    std::fs::create_dir_all(&other).expect("dir");
+    std::fs::write(other.join("config.json"), r#"{"model_type": "mamba"}"#).expect("w");
+    std::fs::write(other.join("model.safetensors"), b"").expect("w");
+    let found = studio_inference::hf_cache::scan(tmp.path());
+    assert_eq!(found.len(), 2);
+    assert_eq!(found[0].repo, "openai-community/gpt2");
+    assert_eq!(found[0].support.as_deref(), Ok("GPT-2"));
+    assert_eq!(found[0].path, snapshot);
+    assert!(found[1].support.is_err());
+    // The repo folder itself loads (newest snapshot).
+    let m = loader::load(
+        &tmp.path().join("models--openai-community--gpt2"),
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("loads");
+    assert_eq!(m.info.name, "openai-community/gpt2");
+}
