@@ -1,0 +1,21 @@
+//! # studio-app
+//!
+//! Studio's desktop application (egui/eframe) and its headless command line, both on the same
+//! engine: the [`studio_inference`] worker. This crate never touches tensors.
+//!
+//! - [`cli`]: `studio generate`, `studio bench generate`, … (the contract scripts rely on);
+//! - [`gui`]: the window, its panels and the status bar;
+//! - [`home`]: where user work is saved, atomically.
+
+pub mod cli;
+pub mod gui;
+pub mod home;
+
+/// Sets how many CPU threads the inference engine uses (`RAYON_NUM_THREADS`, read by candle and
+/// rayon when they start). Call it at startup, before any other thread exists.
+#[allow(unsafe_code)]
+pub fn set_cpu_threads(threads: usize) {
+    // SAFETY: `set_var` is only unsound while another thread reads the environment; this runs
+    // at startup (from `main`, before the window, the worker or any pool is created).
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string()) };
+}

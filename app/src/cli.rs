@@ -1,0 +1,324 @@
+//! The headless command line, on the same engine as the window (the inference crate's loader,
+//! models and token loop). Its subcommands, flags and JSON lines are a contract: tests and
+//! benchmark scripts depend on them.
+//!
+//! - `studio generate --model PATH --prompt TEXT [--max-tokens N] [--temperature T]
+//!   [--top-k K] [--top-p P] [--seed S] [--json]` streams the raw continuation to stdout; with
+//!   `--json`, one object per generated token `{"id": …, "text": …}` and a final
+//!   `{"done": true, "prompt_tokens": …, "generated_tokens": …, "ttft_ms": …,
+//!   "prefill_tok_s": …, "decode_tok_s": …}`.
+//! - `studio bench generate --model PATH [--prompt-tokens N] [--gen-tokens N] [--threads N]
+//!   [--repeat N] [--json]` prints median prefill and decode tokens/s, time to first token and
+//!   peak RSS.
+//!
+//! Errors go to stderr with a non-zero exit code.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use studio_inference::device::{DevicePreference, create_device};
+use studio_inference::generate::{GenerationStats, Step, generate};
+use studio_inference::loader::{self, LoadedModel};
+use studio_inference::sampling::SamplingParams;
+
+/// Studio: local generative AI. With no subcommand, opens the window.
+#[derive(Debug, Parser)]
+#[command(name = "studio", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Continue a prompt with a language model (raw text, no chat template).
+    Generate(GenerateArgs),
+    /// Measure speed and memory.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s, time to first token and peak RSS of a language model.
+    Generate(BenchGenerateArgs),
+}
+
+/// Options shared by every subcommand that runs a model.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Model folder (Hugging Face layout) or weights file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// CPU threads (default: physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Compute device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// 1 disables.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// 1 disables.
+    #[arg(long, default_value_t = 1.1)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// One JSON object per generated token, then a summary object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
+    /// Runs to take the median of.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+    /// One JSON object with the figures.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a subcommand.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Generate(args) => run_generate(&args),
+        Command::Bench(BenchCommand::Generate(args)) => run_bench_generate(&args),
+    }
+}
+
+fn parse_device(s: &str) -> Result<DevicePreference> {
+    let (kind, index) = s.split_once(':').unwrap_or((s, "0"));
+    let index: usize = index
+        .parse()
+        .with_context(|| format!("device index in `{s}`"))?;
+    Ok(match kind {
+        "auto" => DevicePreference::Auto,
+        "cpu" => DevicePreference::Cpu,
+        "cuda" => DevicePreference::Cuda(index),
+        "metal" => DevicePreference::Metal(index),
+        _ => bail!("unknown device `{s}` (use auto, cpu, cuda[:N] or metal[:N])"),
+    })
+}
+
+fn load_model(engine: &EngineArgs) -> Result<(LoadedModel, String)> {
+    if let Some(n) = engine.threads {
+        crate::set_cpu_threads(n);
+    }
+    let choice = create_device(parse_device(&engine.device)?);
+    if let Some(w) = &choice.warning {
+        eprintln!("warning: {w}");
+    }
+    let model = loader::load(&engine.model, &choice.device, &mut |_, _| {})
+        .with_context(|| format!("loading {}", engine.model.display()))?;
+    Ok((model, choice.label))
+}
+
+fn run_generate(args: &GenerateArgs) -> Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+        seed: args.seed,
+        max_new_tokens: args.max_tokens,
+        stop: args.stop.clone(),
+    };
+    params.validate()?;
+    if args.prompt.is_empty() {
+        bail!(studio_inference::Error::EmptyPrompt);
+    }
+    let (mut m, _) = load_model(&args.engine)?;
+    let prompt = m.tokenizer.encode(&args.prompt)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    // In JSON mode each line is one generated token; text released only at the end (a
+    // character completed by no further token) is added to the last token's line, so the
+    // output stays one object per token.
+    let mut held: Option<(u32, String)> = None;
+    let mut write_err: Option<std::io::Error> = None;
+    let mut on_step = |step: Step<'_>| -> ControlFlow<()> {
+        let result = if args.json {
+            match (step.id, held.as_mut()) {
+                (None, Some((_, text))) => {
+                    text.push_str(step.text);
+                    Ok(())
+                }
+                (None, None) => Ok(()),
+                (Some(id), _) => {
+                    let previous = held.replace((id, step.text.to_owned()));
+                    previous.map_or(Ok(()), |(id, text)| {
+                        writeln!(out, "{}", json!({"id": id, "text": text}))
+                    })
+                }
+            }
+        } else {
+            write!(out, "{}", step.text).and_then(|()| out.flush())
+        };
+        match result {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                // A closed pipe (`| head`) ends generation quietly.
+                write_err = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    };
+    let stats = generate(
+        &mut *m.model,
+        &m.tokenizer,
+        &m.eos_token_ids,
+        &prompt,
+        &params,
+        &mut on_step,
+    )?;
+    if let Some(e) = write_err {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
+        return Err(e).context("writing to stdout");
+    }
+    if args.json {
+        if let Some((id, text)) = held {
+            writeln!(out, "{}", json!({"id": id, "text": text}))?;
+        }
+        writeln!(out, "{}", summary_json(&stats))?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn summary_json(s: &GenerationStats) -> serde_json::Value {
+    json!({
+        "done": true,
+        "prompt_tokens": s.prompt_tokens,
+        "generated_tokens": s.generated_tokens,
+        "ttft_ms": s.ttft_ms,
+        "prefill_tok_s": s.prefill_tok_s,
+        "decode_tok_s": s.decode_tok_s,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
+}
+
+fn run_bench_generate(args: &BenchGenerateArgs) -> Result<()> {
+    if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeat == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --repeat must be at least 1");
+    }
+    let (mut m, device) = load_model(&args.engine)?;
+    let context = m.model.context_length();
+    if args.prompt_tokens + args.gen_tokens > context {
+        bail!(
+            "--prompt-tokens + --gen-tokens ({}) exceeds the model's context ({context})",
+            args.prompt_tokens + args.gen_tokens
+        );
+    }
+    // A fixed pseudo-random prompt over the vocabulary: the same work every run.
+    let vocab = m.model.vocab_size().min(m.tokenizer.vocab_size()).max(1) as u64;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % vocab) as u32
+        })
+        .collect();
+    let params = SamplingParams::greedy(args.gen_tokens);
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    // One warm-up run (page faults of the mapped weights, allocator), then the measured runs.
+    for run in 0..=args.repeat {
+        // No end-of-text ids: every run generates exactly `gen_tokens` tokens.
+        let stats = generate(
+            &mut *m.model,
+            &m.tokenizer,
+            &[],
+            &prompt,
+            &params,
+            &mut |_| ControlFlow::Continue(()),
+        )?;
+        if run > 0 {
+            prefill.push(stats.prefill_tok_s);
+            decode.push(stats.decode_tok_s);
+            ttft.push(stats.ttft_ms);
+        }
+    }
+    let peak = studio_inference::sys::peak_rss_mb().unwrap_or(0.0);
+    let threads = studio_inference::device::cpu_threads();
+    let (prefill, decode, ttft) = (median(prefill), median(decode), median(ttft));
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "model": m.info.name,
+                "device": device,
+                "threads": threads,
+                "prompt_tokens": args.prompt_tokens,
+                "gen_tokens": args.gen_tokens,
+                "repeat": args.repeat,
+                "prefill_tok_s": prefill,
+                "decode_tok_s": decode,
+                "ttft_ms": ttft,
+                "peak_rss_mb": peak,
+            })
+        );
+    } else {
+        println!(
+            "model {} on {device}, {} prompt + {} generated tokens, median of {} runs",
+            m.info.name, args.prompt_tokens, args.gen_tokens, args.repeat
+        );
+        println!("prefill      {prefill:10.1} tok/s");
+        println!("decode       {decode:10.1} tok/s");
+        println!("first token  {ttft:10.1} ms");
+        println!("peak RSS     {peak:10.1} MiB");
+    }
+    Ok(())
+}

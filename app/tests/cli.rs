@@ -1,0 +1,140 @@
+//! The `studio` command-line contract, run as a person would: the real binary on a tiny
+//! random-weight GPT-2 written by the test.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2, write_gpt2_readable};
+
+fn studio(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_studio"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run studio")
+}
+
+fn model() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_gpt2_readable(tmp.path(), TinyGpt2::default(), 5);
+    tmp
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn generate_streams_the_raw_continuation() {
+    let m = model();
+    let out = studio(&[
+        "generate", "--model", path(m.path()), "--prompt", "Hello", "--max-tokens", "12",
+        "--temperature", "0",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(text.trim_end().len() > 3, "{text:?}");
+}
+
+#[test]
+fn generate_json_prints_one_object_per_token_then_a_summary() {
+    let m = model();
+    let run = |seed: &str| {
+        let out = studio(&[
+            "generate", "--model", path(m.path()), "--prompt", "The quick brown",
+            "--max-tokens", "16", "--temperature", "1.2", "--top-k", "50", "--top-p", "0.9",
+            "--seed", seed, "--json",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let a = run("3");
+    let lines: Vec<serde_json::Value> = a
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let (summary, tokens) = lines.split_last().expect("lines");
+    assert_eq!(summary["done"], true);
+    for key in ["prompt_tokens", "ttft_ms", "prefill_tok_s", "decode_tok_s"] {
+        assert!(summary[key].is_number(), "{key} missing in {summary}");
+    }
+    assert_eq!(summary["generated_tokens"].as_u64(), Some(tokens.len() as u64));
+    assert!(!tokens.is_empty());
+    for t in tokens {
+        assert!(t["id"].is_u64() && t["text"].is_string(), "{t}");
+        assert_eq!(t.as_object().expect("object").len(), 2);
+    }
+    // Same seed, same tokens (timings differ).
+    let ids = |s: &str| -> Vec<String> {
+        s.lines().filter(|l| l.contains("\"id\"")).map(str::to_owned).collect()
+    };
+    assert_eq!(ids(&a), ids(&run("3")));
+}
+
+#[test]
+fn errors_go_to_stderr_with_a_non_zero_exit() {
+    let m = model();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--model".into(), "/nonexistent/model".into(), "--prompt".into(), "x".into()],
+            "no such file",
+        ),
+        (
+            vec!["--model".into(), path(m.path()).into(), "--prompt".into(), String::new()],
+            "prompt is empty",
+        ),
+        (
+            vec![
+                "--model".into(),
+                path(m.path()).into(),
+                "--prompt".into(),
+                "The quick brown fox jumps over the lazy dog. ".repeat(40),
+            ],
+            "context is 128 tokens",
+        ),
+        (
+            vec![
+                "--model".into(),
+                path(m.path()).into(),
+                "--prompt".into(),
+                "x".into(),
+                "--top-p".into(),
+                "0".into(),
+            ],
+            "top-p",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["generate".to_owned()];
+        all.extend(args);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let out = studio(&refs);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{all:?} succeeded");
+        assert!(err.contains(expected), "{all:?}: {err}");
+        assert!(out.stdout.is_empty() || !String::from_utf8_lossy(&out.stdout).contains("error"));
+    }
+
+    let pickle = m.path().join("pytorch_model.bin");
+    std::fs::write(&pickle, b"\x80\x04").expect("write");
+    let out = studio(&["generate", "--model", path(&pickle), "--prompt", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never unpickles"));
+}
+
+#[test]
+fn bench_generate_reports_rates_and_memory() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_gpt2(tmp.path(), TinyGpt2::default(), Gpt2Naming::Hub, 1);
+    let out = studio(&[
+        "bench", "generate", "--model", path(tmp.path()), "--prompt-tokens", "16",
+        "--gen-tokens", "8", "--repeat", "2", "--threads", "1", "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for key in ["prefill_tok_s", "decode_tok_s", "peak_rss_mb", "ttft_ms"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
+    }
+    assert_eq!(v["threads"], 1);
+}
