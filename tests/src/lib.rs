@@ -98,7 +98,7 @@ fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
 }
 
-/// Random GPT-2 tensors in the hub's naming (Conv1D weights stored `[in, out]`).
+/// Random GPT-2 tensors in the hub's naming (`Conv1D` weights stored `[in, out]`).
 pub fn gpt2_tensors(cfg: TinyGpt2, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let c = cfg.n_embd;
@@ -208,6 +208,7 @@ pub fn write_gpt2_readable(dir: &Path, cfg: TinyGpt2, seed: u64) -> tokenizers::
 }
 
 /// Writes hub-named tensors in the given naming style.
+#[allow(clippy::implicit_hasher)] // callers pass the map `gpt2_tensors` returns
 pub fn write_gpt2_weights(
     path: &Path,
     cfg: TinyGpt2,

@@ -132,8 +132,7 @@ fn generation_stops_when_the_context_is_full_and_long_prompts_are_refused() {
         &SamplingParams::greedy(4),
         &mut |_| ControlFlow::Continue(()),
     )
-    .err()
-    .expect("too long");
+    .expect_err("too long");
     assert!(err.to_string().contains("context is 128 tokens"), "{err}");
 
     let near: Vec<u32> = long[..ctx - 3].to_vec();
@@ -157,8 +156,7 @@ fn generation_stops_when_the_context_is_full_and_long_prompts_are_refused() {
         &SamplingParams::greedy(4),
         &mut |_| ControlFlow::Continue(()),
     )
-    .err()
-    .expect("empty");
+    .expect_err("empty");
     assert!(err.to_string().contains("empty"), "{err}");
 }
 
