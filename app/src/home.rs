@@ -78,6 +78,9 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
-        assert_eq!(load_json::<Vec<i32>>(&tmp.path().join("none.json")).expect("ok"), None);
+        assert_eq!(
+            load_json::<Vec<i32>>(&tmp.path().join("none.json")).expect("ok"),
+            None
+        );
     }
 }

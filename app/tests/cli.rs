@@ -28,10 +28,21 @@ fn path(p: &Path) -> &str {
 fn generate_streams_the_raw_continuation() {
     let m = model();
     let out = studio(&[
-        "generate", "--model", path(m.path()), "--prompt", "Hello", "--max-tokens", "12",
-        "--temperature", "0",
+        "generate",
+        "--model",
+        path(m.path()),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8");
     assert!(text.trim_end().len() > 3, "{text:?}");
 }
@@ -41,11 +52,28 @@ fn generate_json_prints_one_object_per_token_then_a_summary() {
     let m = model();
     let run = |seed: &str| {
         let out = studio(&[
-            "generate", "--model", path(m.path()), "--prompt", "The quick brown",
-            "--max-tokens", "16", "--temperature", "1.2", "--top-k", "50", "--top-p", "0.9",
-            "--seed", seed, "--json",
+            "generate",
+            "--model",
+            path(m.path()),
+            "--prompt",
+            "The quick brown",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.2",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--json",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).expect("utf-8")
     };
     let a = run("3");
@@ -58,7 +86,10 @@ fn generate_json_prints_one_object_per_token_then_a_summary() {
     for key in ["prompt_tokens", "ttft_ms", "prefill_tok_s", "decode_tok_s"] {
         assert!(summary[key].is_number(), "{key} missing in {summary}");
     }
-    assert_eq!(summary["generated_tokens"].as_u64(), Some(tokens.len() as u64));
+    assert_eq!(
+        summary["generated_tokens"].as_u64(),
+        Some(tokens.len() as u64)
+    );
     assert!(!tokens.is_empty());
     for t in tokens {
         assert!(t["id"].is_u64() && t["text"].is_string(), "{t}");
@@ -66,7 +97,10 @@ fn generate_json_prints_one_object_per_token_then_a_summary() {
     }
     // Same seed, same tokens (timings differ).
     let ids = |s: &str| -> Vec<String> {
-        s.lines().filter(|l| l.contains("\"id\"")).map(str::to_owned).collect()
+        s.lines()
+            .filter(|l| l.contains("\"id\""))
+            .map(str::to_owned)
+            .collect()
     };
     assert_eq!(ids(&a), ids(&run("3")));
 }
@@ -76,11 +110,21 @@ fn errors_go_to_stderr_with_a_non_zero_exit() {
     let m = model();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec!["--model".into(), "/nonexistent/model".into(), "--prompt".into(), "x".into()],
+            vec![
+                "--model".into(),
+                "/nonexistent/model".into(),
+                "--prompt".into(),
+                "x".into(),
+            ],
             "no such file",
         ),
         (
-            vec!["--model".into(), path(m.path()).into(), "--prompt".into(), String::new()],
+            vec![
+                "--model".into(),
+                path(m.path()).into(),
+                "--prompt".into(),
+                String::new(),
+            ],
             "prompt is empty",
         ),
         (
@@ -127,12 +171,26 @@ fn bench_generate_reports_rates_and_memory() {
     let tmp = tempfile::tempdir().expect("tmp");
     write_gpt2(tmp.path(), TinyGpt2::default(), Gpt2Naming::Hub, 1);
     let out = studio(&[
-        "bench", "generate", "--model", path(tmp.path()), "--prompt-tokens", "16",
-        "--gen-tokens", "8", "--repeat", "2", "--threads", "1", "--json",
+        "bench",
+        "generate",
+        "--model",
+        path(tmp.path()),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--repeat",
+        "2",
+        "--threads",
+        "1",
+        "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for key in ["prefill_tok_s", "decode_tok_s", "peak_rss_mb", "ttft_ms"] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
     }

@@ -141,6 +141,9 @@ mod tests {
             text,
             "Be brief.\n\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant:"
         );
-        assert_eq!(render_plain("", &[ChatMessage::user("x")]), "User: x\nAssistant:");
+        assert_eq!(
+            render_plain("", &[ChatMessage::user("x")]),
+            "User: x\nAssistant:"
+        );
     }
 }

@@ -81,7 +81,9 @@ pub fn create_device(pref: DevicePreference) -> DeviceChoice {
                 label: format!("CUDA {i}"),
                 warning: None,
             },
-            Err(e) => cpu(Some(format!("CUDA {i} is not available ({e}); using the CPU"))),
+            Err(e) => cpu(Some(format!(
+                "CUDA {i} is not available ({e}); using the CPU"
+            ))),
         },
         DevicePreference::Metal(i) => match Device::new_metal(i) {
             Ok(d) => DeviceChoice {
@@ -89,7 +91,9 @@ pub fn create_device(pref: DevicePreference) -> DeviceChoice {
                 label: format!("Metal {i}"),
                 warning: None,
             },
-            Err(e) => cpu(Some(format!("Metal {i} is not available ({e}); using the CPU"))),
+            Err(e) => cpu(Some(format!(
+                "Metal {i} is not available ({e}); using the CPU"
+            ))),
         },
     }
 }

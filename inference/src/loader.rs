@@ -170,11 +170,10 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
 /// Reads `config.json` and names the architecture it describes.
 pub fn detect_architecture(config_path: &Path) -> Result<(Architecture, serde_json::Value)> {
     let text = std::fs::read_to_string(config_path).map_err(|e| Error::io(config_path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::BadConfig {
-            path: config_path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: config_path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     let model_type = value.get("model_type").and_then(|v| v.as_str());
     let architectures: Vec<&str> = value
         .get("architectures")
@@ -196,7 +195,11 @@ pub fn detect_architecture(config_path: &Path) -> Result<(Architecture, serde_js
 
 fn display_name(files: &ModelFiles) -> String {
     // `…/models--ORG--NAME/snapshots/REV` → `ORG/NAME`
-    let mut comps = files.dir.components().rev().map(|c| c.as_os_str().to_string_lossy());
+    let mut comps = files
+        .dir
+        .components()
+        .rev()
+        .map(|c| c.as_os_str().to_string_lossy());
     let last = comps.next().unwrap_or_default().into_owned();
     if comps.next().as_deref() == Some("snapshots")
         && let Some(repo) = comps.next()
@@ -262,6 +265,7 @@ pub fn load(
 fn count_parameters(cfg: &gpt2::Config) -> usize {
     let c = cfg.n_embd;
     let inner = cfg.n_inner.unwrap_or(4 * c);
-    let per_layer = 4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * inner + inner) + (inner * c + c);
+    let per_layer =
+        4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * inner + inner) + (inner * c + c);
     cfg.vocab_size * c + cfg.context_length() * c + cfg.n_layer * per_layer + 2 * c
 }

@@ -120,7 +120,9 @@ impl Sampler {
             }
         }
         // Rounding left `acc` a hair under 1: the last candidate takes the remainder.
-        candidates.last().map_or_else(|| argmax(&logits), |&(id, _)| id)
+        candidates
+            .last()
+            .map_or_else(|| argmax(&logits), |&(id, _)| id)
     }
 }
 
@@ -147,7 +149,11 @@ pub fn apply_repeat_penalty(logits: &mut [f32], history: &[u32], penalty: f32, l
             continue;
         };
         if seen.insert(id) {
-            *l = if *l >= 0.0 { *l / penalty } else { *l * penalty };
+            *l = if *l >= 0.0 {
+                *l / penalty
+            } else {
+                *l * penalty
+            };
         }
     }
 }

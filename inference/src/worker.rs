@@ -60,8 +60,10 @@ impl JobKind {
         match self {
             JobKind::LoadModel { path } => format!(
                 "Loading {}",
-                path.file_name()
-                    .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into())
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into()
+                )
             ),
             JobKind::UnloadModel => "Unloading model".to_owned(),
             JobKind::Generate { .. } => "Generating".to_owned(),
@@ -81,7 +83,10 @@ impl std::fmt::Debug for JobKind {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The job left the queue and is running.
-    Started { job: JobId, label: String },
+    Started {
+        job: JobId,
+        label: String,
+    },
     /// Progress in `0..=1` (lossy: may be skipped when the UI is behind).
     Progress {
         job: JobId,
@@ -101,16 +106,27 @@ pub enum Event {
         prompt_tokens: usize,
     },
     /// The prompt of a chat or generate job, in tokens, before generation starts.
-    PromptTokens { job: JobId, tokens: usize },
-    ModelLoaded { job: JobId, info: ModelInfo },
-    ModelUnloaded { job: JobId },
+    PromptTokens {
+        job: JobId,
+        tokens: usize,
+    },
+    ModelLoaded {
+        job: JobId,
+        info: ModelInfo,
+    },
+    ModelUnloaded {
+        job: JobId,
+    },
     /// Terminal: the job finished (with stats for generation jobs).
     Done {
         job: JobId,
         stats: Option<GenerationStats>,
     },
     /// Terminal: the job failed; `error` is written for a person.
-    Failed { job: JobId, error: String },
+    Failed {
+        job: JobId,
+        error: String,
+    },
     /// Terminal: the job was cancelled (stats of what was generated, if anything ran).
     Cancelled {
         job: JobId,

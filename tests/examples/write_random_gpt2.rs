@@ -14,7 +14,10 @@ use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2};
 fn main() {
     let mut args = std::env::args().skip(1);
     let shape = args.next().unwrap_or_else(|| "gpt2".to_owned());
-    let out = PathBuf::from(args.next().unwrap_or_else(|| format!("/tmp/{shape}-random")));
+    let out = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| format!("/tmp/{shape}-random")),
+    );
     let cfg = match shape.as_str() {
         "gpt2" => TinyGpt2 {
             vocab_size: 50257,

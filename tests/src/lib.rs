@@ -103,8 +103,14 @@ pub fn gpt2_tensors(cfg: TinyGpt2, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let c = cfg.n_embd;
     let mut t = HashMap::new();
-    t.insert("wte.weight".into(), random(&mut rng, &[cfg.vocab_size, c], 0.5));
-    t.insert("wpe.weight".into(), random(&mut rng, &[cfg.n_positions, c], 0.2));
+    t.insert(
+        "wte.weight".into(),
+        random(&mut rng, &[cfg.vocab_size, c], 0.5),
+    );
+    t.insert(
+        "wpe.weight".into(),
+        random(&mut rng, &[cfg.n_positions, c], 0.2),
+    );
     for i in 0..cfg.n_layer {
         let p = format!("h.{i}");
         for (name, shape) in [
@@ -138,7 +144,12 @@ pub fn gpt2_tensors(cfg: TinyGpt2, seed: u64) -> HashMap<String, Tensor> {
 
 /// Writes a complete tiny GPT-2 folder: `config.json`, `model.safetensors` and a trained
 /// `tokenizer.json`. Returns the tokenizer.
-pub fn write_gpt2(dir: &Path, cfg: TinyGpt2, naming: Gpt2Naming, seed: u64) -> tokenizers::Tokenizer {
+pub fn write_gpt2(
+    dir: &Path,
+    cfg: TinyGpt2,
+    naming: Gpt2Naming,
+    seed: u64,
+) -> tokenizers::Tokenizer {
     std::fs::create_dir_all(dir).expect("create model dir");
     let tokenizer = train_tokenizer(cfg.vocab_size - 8);
     tokenizer
@@ -181,7 +192,9 @@ pub fn write_gpt2_readable(dir: &Path, cfg: TinyGpt2, seed: u64) -> tokenizers::
         .map(|id| {
             let text = tokenizer.decode(&[id as u32], false).unwrap_or_default();
             let readable = !text.is_empty()
-                && text.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '.');
+                && text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '.');
             let row = wte.get(id).expect("row");
             if readable {
                 (row * 4.0).expect("scale")

@@ -23,7 +23,11 @@ fn readable_model() -> (tempfile::TempDir, LoadedModel) {
     (tmp, m)
 }
 
-fn run(m: &mut LoadedModel, prompt: &str, params: &SamplingParams) -> (Vec<u32>, String, FinishReason) {
+fn run(
+    m: &mut LoadedModel,
+    prompt: &str,
+    params: &SamplingParams,
+) -> (Vec<u32>, String, FinishReason) {
     let ids = m.tokenizer.encode(prompt).expect("encode");
     let mut out_ids = Vec::new();
     let mut text = String::new();
@@ -59,7 +63,10 @@ fn utf8_streams_whole_characters_across_token_boundaries() {
     let mut out = String::new();
     for &id in &ids {
         let piece = stream.push(&tok, id).expect("push");
-        assert!(!piece.contains('\u{FFFD}'), "partial character streamed: {piece:?}");
+        assert!(
+            !piece.contains('\u{FFFD}'),
+            "partial character streamed: {piece:?}"
+        );
         out.push_str(&piece);
     }
     out.push_str(&stream.finish(&tok).expect("finish"));

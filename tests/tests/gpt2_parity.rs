@@ -66,7 +66,10 @@ fn load(dir: &Path) -> Gpt2 {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 const TOL: f32 = 1e-4;
@@ -129,11 +132,9 @@ fn save_pretrained_naming_matches_transformers() {
 #[test]
 fn hub_naming_and_explicit_lm_head_match_transformers() {
     let e = expected();
-    let tensors = candle_core::safetensors::load(
-        fixture_dir().join("model.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("load");
+    let tensors =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .expect("load");
     let hub: HashMap<String, Tensor> = tensors
         .iter()
         .map(|(k, v)| {
@@ -162,11 +163,9 @@ fn hub_naming_and_explicit_lm_head_match_transformers() {
 #[test]
 fn transposed_conv1d_is_caught_as_a_shape_error() {
     // Storing c_fc as [out, in] (the Linear layout) must not load silently.
-    let mut tensors = candle_core::safetensors::load(
-        fixture_dir().join("model.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("load");
+    let mut tensors =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)
+            .expect("load");
     let name = "transformer.h.1.mlp.c_fc.weight";
     let t = tensors[name].t().expect("t").contiguous().expect("contig");
     tensors.insert(name.to_owned(), t);
@@ -182,6 +181,9 @@ fn transposed_conv1d_is_caught_as_a_shape_error() {
         DType::F32,
     )
     .expect("open");
-    let err = Gpt2::load(&cfg, &w, &mut |_| {}).err().expect("must fail").to_string();
+    let err = Gpt2::load(&cfg, &w, &mut |_| {})
+        .err()
+        .expect("must fail")
+        .to_string();
     assert!(err.contains(name) && err.contains("[128, 32]"), "{err}");
 }

@@ -27,15 +27,19 @@ fn every_naming_style_loads_through_the_real_loader() {
         let tmp = tempfile::tempdir().expect("tmp");
         write_gpt2(tmp.path(), TinyGpt2::default(), naming, 3);
         let mut fractions = Vec::new();
-        let m = loader::load(tmp.path(), &Device::Cpu, &mut |f, _| fractions.push(f))
-            .expect("loads");
+        let m =
+            loader::load(tmp.path(), &Device::Cpu, &mut |f, _| fractions.push(f)).expect("loads");
         assert_eq!(m.info.architecture, Architecture::Gpt2);
         assert_eq!(m.info.context_length, 128);
         assert!(!m.eos_token_ids.is_empty());
         assert_eq!(fractions.last().copied(), Some(1.0));
         // Also via the weights file itself.
-        loader::load(&tmp.path().join("model.safetensors"), &Device::Cpu, &mut |_, _| {})
-            .expect("loads from the file path");
+        loader::load(
+            &tmp.path().join("model.safetensors"),
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .expect("loads from the file path");
     }
 }
 
@@ -93,13 +97,19 @@ fn bad_config_and_unsupported_architecture() {
     let e = load_err(tmp.path());
     assert!(e.contains("config.json does not parse"), "{e}");
 
-    std::fs::write(&cfg_path, r#"{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}"#)
-        .expect("write");
+    std::fs::write(
+        &cfg_path,
+        r#"{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}"#,
+    )
+    .expect("write");
     let e = load_err(tmp.path());
     assert!(e.contains("unsupported model architecture `mamba`"), "{e}");
 
-    std::fs::write(&cfg_path, r#"{"model_type": "gpt2", "n_embd": 30, "n_head": 4, "n_layer": 1, "vocab_size": 320}"#)
-        .expect("write");
+    std::fs::write(
+        &cfg_path,
+        r#"{"model_type": "gpt2", "n_embd": 30, "n_head": 4, "n_layer": 1, "vocab_size": 320}"#,
+    )
+    .expect("write");
     let e = load_err(tmp.path());
     assert!(e.contains("multiple of n_head"), "{e}");
 }
@@ -137,7 +147,9 @@ fn empty_folder_and_missing_tokenizer() {
 #[test]
 fn hugging_face_cache_layout_is_found() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let snapshot = tmp.path().join("models--openai-community--gpt2/snapshots/abc123");
+    let snapshot = tmp
+        .path()
+        .join("models--openai-community--gpt2/snapshots/abc123");
     tiny(&snapshot);
     let other = tmp.path().join("models--state-spaces--mamba/snapshots/def");
     std::fs::create_dir_all(&other).expect("dir");

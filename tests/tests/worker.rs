@@ -68,7 +68,11 @@ fn load(w: &Worker, dir: &std::path::Path) {
         matches!(events.last(), Some(Event::Done { .. })),
         "{events:?}"
     );
-    assert!(events.iter().any(|e| matches!(e, Event::ModelLoaded { .. })));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ModelLoaded { .. }))
+    );
 }
 
 #[test]
@@ -147,8 +151,15 @@ fn every_job_ends_with_exactly_one_terminal_event() {
         })
         .collect();
     assert!(!text.is_empty());
-    assert!(matches!(per_job[&jobs[3]].last(), Some(Event::Done { stats: Some(_), .. })));
-    assert!(per_job[&jobs[6]].iter().any(|e| matches!(e, Event::ModelUnloaded { .. })));
+    assert!(matches!(
+        per_job[&jobs[3]].last(),
+        Some(Event::Done { stats: Some(_), .. })
+    ));
+    assert!(
+        per_job[&jobs[6]]
+            .iter()
+            .any(|e| matches!(e, Event::ModelUnloaded { .. }))
+    );
     assert!(repaints.load(Ordering::Relaxed) > 0);
 }
 
@@ -167,7 +178,10 @@ fn cancel_between_tokens_is_honoured_within_100_ms() {
         .expect("submit");
     // Wait until it is streaming.
     loop {
-        let e = w.events().recv_timeout(Duration::from_secs(30)).expect("event");
+        let e = w
+            .events()
+            .recv_timeout(Duration::from_secs(30))
+            .expect("event");
         assert!(!e.is_terminal(), "ended before cancel: {e:?}");
         if matches!(e, Event::Text { .. }) {
             break;
@@ -183,7 +197,10 @@ fn cancel_between_tokens_is_honoured_within_100_ms() {
         }
         other => panic!("expected Cancelled with stats, got {other:?}"),
     }
-    assert!(latency < Duration::from_millis(100), "cancel took {latency:?}");
+    assert!(
+        latency < Duration::from_millis(100),
+        "cancel took {latency:?}"
+    );
 }
 
 #[test]
@@ -235,7 +252,10 @@ fn a_panicking_job_fails_and_the_worker_serves_the_next_one() {
     let events = until_terminal(&w, bad, Duration::from_secs(5));
     match events.last() {
         Some(Event::Failed { error, .. }) => {
-            assert!(error.contains("panicked") && error.contains("boom in a job"), "{error}");
+            assert!(
+                error.contains("panicked") && error.contains("boom in a job"),
+                "{error}"
+            );
         }
         other => panic!("expected Failed, got {other:?}"),
     }
@@ -247,7 +267,10 @@ fn a_panicking_job_fails_and_the_worker_serves_the_next_one() {
         })
         .expect("submit");
     let events = until_terminal(&w, next, Duration::from_secs(10));
-    assert!(matches!(events.last(), Some(Event::Done { .. })), "{events:?}");
+    assert!(
+        matches!(events.last(), Some(Event::Done { .. })),
+        "{events:?}"
+    );
 }
 
 #[test]
@@ -273,12 +296,20 @@ fn streamed_text_is_coalesced_when_the_ui_is_slow() {
             _ => None,
         })
         .collect();
-    let Some(Event::Done { stats: Some(stats), .. }) = events.last() else {
+    let Some(Event::Done {
+        stats: Some(stats), ..
+    }) = events.last()
+    else {
         panic!("expected Done: {:?}", events.last());
     };
     let streamed_tokens: usize = texts.iter().map(|t| t.1).sum();
     assert_eq!(streamed_tokens, stats.generated_tokens, "no token lost");
     assert!(stats.generated_tokens > 20);
     // Far fewer events than tokens: the backlog was merged, not queued.
-    assert!(texts.len() < stats.generated_tokens / 2, "{} events for {} tokens", texts.len(), stats.generated_tokens);
+    assert!(
+        texts.len() < stats.generated_tokens / 2,
+        "{} events for {} tokens",
+        texts.len(),
+        stats.generated_tokens
+    );
 }

@@ -213,7 +213,9 @@ impl Block {
 
     fn forward(&mut self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
-        let h = self.act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
+        let h = self
+            .act
+            .apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         x + self.mlp_proj.forward(&h)?
     }
 }
@@ -305,7 +307,15 @@ impl Gpt2 {
 fn causal_mask(t: usize, offset: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let s = offset + t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (t, s), device)?.to_dtype(dtype)?)
 }

@@ -1,0 +1,367 @@
+//! The application: state, startup, and the thin `eframe::App` that runs [`StudioApp::frame_logic`]
+//! (drain the worker's events, apply commands) and [`StudioApp::root_ui`] (draw) each frame.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use egui::RichText;
+use studio_inference::device::DevicePreference;
+use studio_inference::hf_cache;
+use studio_inference::loader::ModelInfo;
+use studio_inference::worker::{JobKind, Worker, WorkerConfig};
+
+use super::chat::{ChatPanel, ChatUiContext};
+use super::command::Command;
+use super::conversations::ConversationStore;
+use super::jobs::{JobPurpose, Jobs};
+use super::models::ModelsPanel;
+use super::notices::Notices;
+use super::placeholder::placeholder_ui;
+use super::presets::{Presets, presets_dir};
+use super::settings::SettingsPanel;
+use super::settings_store::{Panel, Settings, SettingsSaver};
+use super::status_bar::{StatusBar, StatusInfo};
+
+/// Where the app keeps and finds things. [`AppConfig::from_env`] is what the window uses; tests
+/// pass explicit folders so they never touch the user's files or race on the environment.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// Settings, conversations and window state live here.
+    pub home: PathBuf,
+    /// Folder with `sampling/*.json`; `None` when there is none.
+    pub presets_dir: Option<PathBuf>,
+    /// Overrides the saved device preference (tests use the CPU).
+    pub device: Option<DevicePreference>,
+    /// The Hugging Face hub cache to list; `None` skips it.
+    pub hf_cache_dir: Option<PathBuf>,
+    /// Load the last model again at startup (when it still exists).
+    pub restore_last_model: bool,
+}
+
+impl AppConfig {
+    pub fn from_env() -> Self {
+        Self {
+            home: crate::home::studio_home(),
+            presets_dir: presets_dir(),
+            device: None,
+            hf_cache_dir: hf_cache::cache_dir(),
+            restore_last_model: true,
+        }
+    }
+
+    /// For tests: everything under `home`, shipped presets, CPU, no Hugging Face cache.
+    pub fn for_tests(home: &Path) -> Self {
+        Self {
+            home: home.to_path_buf(),
+            presets_dir: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets")),
+            device: Some(DevicePreference::Cpu),
+            hf_cache_dir: None,
+            restore_last_model: true,
+        }
+    }
+}
+
+pub struct StudioApp {
+    pub(super) ctx: egui::Context,
+    pub(super) home: PathBuf,
+    pub(super) settings: Settings,
+    pub(super) saver: SettingsSaver,
+    pub(super) worker: Option<Worker>,
+    pub(super) device_label: String,
+    pub(super) model: Option<ModelInfo>,
+    pub(super) jobs: Jobs,
+    pub(super) chat: ChatPanel,
+    pub(super) models: ModelsPanel,
+    pub(super) settings_panel: SettingsPanel,
+    pub(super) status_bar: StatusBar,
+    pub(super) notices: Notices,
+    pub(super) commands: Vec<Command>,
+}
+
+impl StudioApp {
+    /// Reads the settings and conversations under `config.home`, starts the inference worker
+    /// (whose events wake `ctx`), and queues the last model's load.
+    pub fn new(ctx: &egui::Context, config: &AppConfig) -> Self {
+        let mut notices = Notices::default();
+        let (settings, note) = Settings::load(&config.home);
+        if let Some(note) = note {
+            notices.warning(note);
+        }
+        let device = config.device.unwrap_or(settings.device);
+        let repaint_ctx = ctx.clone();
+        let worker = Worker::spawn(WorkerConfig {
+            device,
+            repaint: Arc::new(move || repaint_ctx.request_repaint()),
+            ..WorkerConfig::default()
+        });
+        let (worker, device_label) = match worker {
+            Ok(w) => {
+                if let Some(warning) = w.device_warning() {
+                    notices.warning(warning);
+                }
+                let label = w.device_label().to_owned();
+                (Some(w), label)
+            }
+            Err(e) => {
+                notices.error(format!("The inference worker could not start: {e}"));
+                (None, "no inference worker".to_owned())
+            }
+        };
+        let (store, errors) = ConversationStore::open(&config.home);
+        for e in errors {
+            notices.error(e);
+        }
+        let presets = Presets::load(config.presets_dir.as_deref());
+        let chat = ChatPanel::new(store, presets, settings.last_conversation.clone());
+        let models = ModelsPanel::new(config.hf_cache_dir.clone(), ctx);
+        let settings_panel = SettingsPanel::new(&settings);
+        let mut app = Self {
+            ctx: ctx.clone(),
+            home: config.home.clone(),
+            saver: SettingsSaver::new(&config.home, settings.clone()),
+            settings,
+            worker,
+            device_label,
+            model: None,
+            jobs: Jobs::default(),
+            chat,
+            models,
+            settings_panel,
+            status_bar: StatusBar::default(),
+            notices,
+            commands: Vec::new(),
+        };
+        if config.restore_last_model
+            && let Some(path) = app.settings.last_model.clone()
+        {
+            if path.exists() {
+                app.commands.push(Command::LoadModel(path));
+            } else {
+                app.notices.warning(format!(
+                    "The last model, {}, is no longer there; open another in the Models panel",
+                    path.display()
+                ));
+                app.settings.last_model = None;
+            }
+        }
+        app.apply_commands();
+        app
+    }
+
+    // ---- read access (tests and panels) --------------------------------------------------
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn settings_mut(&mut self) -> &mut Settings {
+        &mut self.settings
+    }
+
+    pub fn model(&self) -> Option<&ModelInfo> {
+        self.model.as_ref()
+    }
+
+    pub fn device_label(&self) -> &str {
+        &self.device_label
+    }
+
+    pub fn chat(&self) -> &ChatPanel {
+        &self.chat
+    }
+
+    pub fn notices(&self) -> &Notices {
+        &self.notices
+    }
+
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// Queues a command as if a widget had emitted it; it runs at the end of the next frame.
+    pub fn push_command(&mut self, command: Command) {
+        self.commands.push(command);
+    }
+
+    /// Whether any job is queued or running.
+    pub fn is_busy(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+
+    pub(super) fn submit(
+        &mut self,
+        kind: JobKind,
+        purpose: JobPurpose,
+    ) -> Option<studio_inference::worker::JobId> {
+        let Some(worker) = &self.worker else {
+            self.notices
+                .error("The inference worker is not running; restart Studio");
+            return None;
+        };
+        match worker.submit(kind) {
+            Ok(id) => {
+                self.jobs.track(id, purpose);
+                Some(id)
+            }
+            Err(e) => {
+                self.notices.error(format!("Could not start the job: {e}"));
+                None
+            }
+        }
+    }
+
+    // ---- drawing --------------------------------------------------------------------------
+
+    /// Draws the window: status bar, navigation, notices and the current panel.
+    pub fn root_ui(&mut self, ui: &mut egui::Ui) {
+        let mut commands = std::mem::take(&mut self.commands);
+        let info = StatusInfo {
+            device: &self.device_label,
+            model: self.model.as_ref(),
+            running: self.jobs.running(),
+            queued: self.jobs.queued(),
+            reply: self.chat.active(),
+            rate: self.chat.rate(),
+            max_new_tokens: self.settings.sampling.max_new_tokens,
+        };
+        egui::Panel::bottom("status_bar").show(ui, |ui| {
+            self.status_bar.status_bar_ui(ui, &info, &mut commands);
+        });
+        egui::Panel::left("navigation")
+            .resizable(false)
+            .exact_size(150.0)
+            .show(ui, |ui| nav_ui(ui, self.settings.panel, &mut commands));
+        if !self.notices.is_empty() {
+            egui::Panel::top("notices").show(ui, |ui| {
+                ui.add_space(4.0);
+                self.notices.notices_ui(ui);
+                ui.add_space(2.0);
+            });
+        }
+        egui::CentralPanel::default().show(ui, |ui| match self.settings.panel {
+            Panel::Chat => {
+                let mut cx = ChatUiContext {
+                    settings: &mut self.settings,
+                    model: self.model.as_ref(),
+                    model_loading: self.jobs.loading_model().is_some(),
+                };
+                self.chat.chat_ui(ui, &mut cx, &mut commands);
+            }
+            Panel::Models => self.models.models_ui(
+                ui,
+                self.model.as_ref(),
+                &self.settings,
+                &self.jobs,
+                &mut commands,
+            ),
+            Panel::Settings => self.settings_panel.settings_ui(
+                ui,
+                &mut self.settings,
+                &self.device_label,
+                &self.home,
+            ),
+            panel @ (Panel::Code | Panel::Canvas | Panel::LatentExplorer) => {
+                placeholder_ui(ui, panel);
+            }
+        });
+        drop_overlay_ui(ui);
+        self.commands.append(&mut commands);
+        self.apply_commands();
+        self.settings
+            .last_conversation
+            .clone_from(&self.chat.selected);
+        self.autosave();
+    }
+
+    /// Writes settings a moment after they change, and schedules the frames that needs.
+    fn autosave(&mut self) {
+        let (wait, error) = self.saver.tick(&self.settings);
+        if let Some(error) = error {
+            self.notices.error(error);
+        }
+        if let Some(wait) = wait {
+            self.ctx.request_repaint_after(wait);
+        }
+        if let Some(wait) = self.notices.expire() {
+            self.ctx
+                .request_repaint_after(wait + Duration::from_millis(50));
+        }
+    }
+
+    /// Writes everything that is not on disk yet (settings, a streaming reply).
+    pub fn flush(&mut self) {
+        if let Some(error) = self.saver.flush(&self.settings) {
+            log::error!("{error}");
+        }
+        if let Some(active) = self.chat.active()
+            && let Err(e) = self.chat.store.save_in_place(&active.conversation.clone())
+        {
+            log::error!("{e:#}");
+        }
+    }
+}
+
+impl eframe::App for StudioApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.frame_logic(ctx);
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        self.root_ui(ui);
+    }
+
+    fn save(&mut self, _storage: &mut dyn eframe::Storage) {
+        self.flush();
+    }
+}
+
+impl Drop for StudioApp {
+    fn drop(&mut self) {
+        // On exit (or a test dropping the app): nothing typed or streamed is lost. The worker
+        // is dropped after this, which cancels its job and joins its thread.
+        self.flush();
+    }
+}
+
+fn nav_ui(ui: &mut egui::Ui, current: Panel, commands: &mut Vec<Command>) {
+    ui.add_space(8.0);
+    ui.label(RichText::new("Studio").heading().strong());
+    ui.add_space(8.0);
+    ui.with_layout(egui::Layout::top_down_justified(egui::Align::LEFT), |ui| {
+        for panel in Panel::ALL {
+            if panel == Panel::Models {
+                ui.add_space(6.0);
+                ui.separator();
+                ui.add_space(6.0);
+            }
+            let button = egui::Button::selectable(panel == current, panel.label())
+                .min_size(egui::vec2(0.0, 30.0));
+            if ui.add(button).clicked() && panel != current {
+                commands.push(Command::ShowPanel(panel));
+            }
+        }
+    });
+}
+
+/// While files are dragged over the window, say what dropping them does.
+fn drop_overlay_ui(ui: &egui::Ui) {
+    let hovering = ui.input(|i| !i.raw.hovered_files.is_empty());
+    if !hovering {
+        return;
+    }
+    let painter = ui.ctx().layer_painter(egui::LayerId::new(
+        egui::Order::Foreground,
+        egui::Id::unique("drop_overlay"),
+    ));
+    let rect = ui.ctx().content_rect();
+    let visuals = ui.visuals();
+    painter.rect_filled(rect, 0.0, visuals.extreme_bg_color.gamma_multiply(0.85));
+    painter.text(
+        rect.center(),
+        egui::Align2::CENTER_CENTER,
+        "Drop a model folder or .safetensors file to load it",
+        egui::TextStyle::Heading.resolve(ui.style()),
+        visuals.strong_text_color(),
+    );
+}

@@ -1,0 +1,90 @@
+//! Numbers, sizes and times written for people.
+
+/// 1234567 → "1,234,567".
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Parameter counts: 124439808 → "124.4 M".
+pub fn parameters(n: usize) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+/// File sizes: 1536 → "1.5 KiB".
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// "just now", "5 min ago", "3 h ago", "2 days ago".
+pub fn ago(then_ms: u64, now_ms: u64) -> String {
+    let secs = now_ms.saturating_sub(then_ms) / 1000;
+    match secs {
+        0..60 => "just now".to_owned(),
+        60..3600 => format!("{} min ago", secs / 60),
+        3600..86_400 => format!("{} h ago", secs / 3600),
+        _ => {
+            let days = secs / 86_400;
+            if days == 1 {
+                "yesterday".to_owned()
+            } else {
+                format!("{days} days ago")
+            }
+        }
+    }
+}
+
+/// A random 64-bit seed from the standard library's per-process hashing keys and the clock.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(super::conversations::now_ms());
+    h.write_u32(std::process::id());
+    // Keep seeds short enough to read and type back.
+    h.finish() % 1_000_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(1024), "1,024");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(parameters(124_439_808), "124.4 M");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(ago(0, 30_000), "just now");
+        assert_eq!(ago(0, 5 * 60_000), "5 min ago");
+        assert_ne!(random_seed(), random_seed());
+    }
+}

@@ -1,0 +1,105 @@
+//! What the window knows about the worker's jobs: why each was submitted, and which one runs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use studio_inference::worker::JobId;
+
+/// Why a job was submitted, so its events reach the right place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobPurpose {
+    LoadModel(PathBuf),
+    UnloadModel,
+    /// The reply being written into message `index` of `conversation`.
+    ChatReply {
+        conversation: String,
+        index: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct TrackedJob {
+    pub purpose: JobPurpose,
+    /// The worker has started it (a load that started has already dropped the old model).
+    pub started: bool,
+}
+
+/// The job the worker is running now.
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub id: JobId,
+    pub label: String,
+    pub started_at: Instant,
+    /// Last progress report: fraction and message.
+    pub progress: Option<(f32, String)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Jobs {
+    tracked: BTreeMap<JobId, TrackedJob>,
+    running: Option<RunningJob>,
+}
+
+impl Jobs {
+    pub fn track(&mut self, id: JobId, purpose: JobPurpose) {
+        self.tracked.insert(
+            id,
+            TrackedJob {
+                purpose,
+                started: false,
+            },
+        );
+    }
+
+    pub fn get(&self, id: JobId) -> Option<&TrackedJob> {
+        self.tracked.get(&id)
+    }
+
+    pub fn started(&mut self, id: JobId, label: String) {
+        if let Some(t) = self.tracked.get_mut(&id) {
+            t.started = true;
+        }
+        self.running = Some(RunningJob {
+            id,
+            label,
+            started_at: Instant::now(),
+            progress: None,
+        });
+    }
+
+    pub fn progress(&mut self, id: JobId, fraction: f32, message: String) {
+        if let Some(r) = self.running.as_mut().filter(|r| r.id == id) {
+            r.progress = Some((fraction, message));
+        }
+    }
+
+    /// Forgets a job after its terminal event.
+    pub fn finished(&mut self, id: JobId) -> Option<TrackedJob> {
+        if self.running.as_ref().is_some_and(|r| r.id == id) {
+            self.running = None;
+        }
+        self.tracked.remove(&id)
+    }
+
+    pub fn running(&self) -> Option<&RunningJob> {
+        self.running.as_ref()
+    }
+
+    /// Jobs submitted and not yet started.
+    pub fn queued(&self) -> usize {
+        self.tracked.values().filter(|t| !t.started).count()
+    }
+
+    /// The model being loaded (queued or running), if any.
+    pub fn loading_model(&self) -> Option<&PathBuf> {
+        self.tracked.values().find_map(|t| match &t.purpose {
+            JobPurpose::LoadModel(p) => Some(p),
+            _ => None,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tracked.is_empty()
+    }
+}

@@ -1,0 +1,176 @@
+//! Per-frame logic before drawing: drain the worker's events (bounded in time and count, so a
+//! flood of events never stalls a frame), take dropped files and keyboard shortcuts, and keep
+//! a streaming reply saved.
+
+use std::time::{Duration, Instant};
+
+use egui::{Key, KeyboardShortcut, Modifiers};
+use studio_inference::worker::Event;
+
+use super::app::StudioApp;
+use super::command::{Command, load_error};
+use super::conversations::ReplyState;
+use super::jobs::JobPurpose;
+use super::settings_store::Panel;
+
+/// Time budget for draining events in one frame.
+const EVENT_BUDGET: Duration = Duration::from_millis(4);
+/// Most events handled in one frame.
+const EVENT_LIMIT: usize = 512;
+
+pub const SEND_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
+
+impl StudioApp {
+    /// Everything that happens each frame before drawing.
+    pub fn frame_logic(&mut self, ctx: &egui::Context) {
+        self.drain_events(ctx);
+        self.models.poll_scan();
+        self.take_dropped_files(ctx);
+        self.take_shortcuts(ctx);
+        if let Some(id) = self.chat.due_stream_save()
+            && let Err(e) = self.chat.store.save_in_place(&id)
+        {
+            self.notices.error(format!("{e:#}"));
+        }
+        if self.chat.active().is_some() {
+            // Keep the live rate moving and the periodic save due even between events.
+            ctx.request_repaint_after(Duration::from_millis(500));
+        }
+        self.apply_commands();
+    }
+
+    fn drain_events(&mut self, ctx: &egui::Context) {
+        let start = Instant::now();
+        let mut handled = 0;
+        loop {
+            if handled >= EVENT_LIMIT || start.elapsed() >= EVENT_BUDGET {
+                // More may be waiting: come back next frame.
+                ctx.request_repaint();
+                break;
+            }
+            let Some(event) = self
+                .worker
+                .as_ref()
+                .and_then(studio_inference::worker::Worker::try_recv)
+            else {
+                break;
+            };
+            self.handle_event(event);
+            handled += 1;
+        }
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        let job = event.job();
+        let purpose = self.jobs.get(job).map(|t| t.purpose.clone());
+        match event {
+            Event::Started { label, .. } => {
+                self.jobs.started(job, label);
+                if matches!(purpose, Some(JobPurpose::ChatReply { .. })) {
+                    self.chat.reply_started(job);
+                }
+            }
+            Event::Progress {
+                fraction, message, ..
+            } => self.jobs.progress(job, fraction, message),
+            Event::Text { text, tokens, .. } => self.chat.reply_text(job, &text, tokens),
+            Event::PromptTokens { tokens, .. } => self.chat.reply_prompt_tokens(job, tokens),
+            Event::ContextTrimmed {
+                dropped_messages, ..
+            } => self.chat.reply_trimmed(job, dropped_messages),
+            Event::ModelLoaded { info, .. } => {
+                if let Some(JobPurpose::LoadModel(path)) = &purpose {
+                    self.settings.remember_model(path);
+                    self.settings.last_model = Some(path.clone());
+                }
+                self.notices.info(format!("Loaded {}", info.name));
+                self.model = Some(info);
+            }
+            Event::ModelUnloaded { .. } => {
+                self.model = None;
+                self.settings.last_model = None;
+            }
+            Event::Done { stats, .. } => {
+                self.jobs.finished(job);
+                if let Some(id) = self.chat.reply_finished(job, ReplyState::Done, stats, None) {
+                    self.save_conversation(&id);
+                }
+            }
+            Event::Cancelled { stats, .. } => {
+                let tracked = self.jobs.finished(job);
+                if let Some(id) = self
+                    .chat
+                    .reply_finished(job, ReplyState::Stopped, stats, None)
+                {
+                    self.save_conversation(&id);
+                }
+                // A load that had started already dropped the previous model.
+                if let Some(t) = tracked
+                    && t.started
+                    && matches!(t.purpose, JobPurpose::LoadModel(_))
+                {
+                    self.model = None;
+                    self.notices
+                        .warning("Loading was cancelled; no model is loaded");
+                }
+            }
+            Event::Failed { error, .. } => {
+                let tracked = self.jobs.finished(job);
+                match tracked.map(|t| t.purpose) {
+                    Some(JobPurpose::LoadModel(path)) => {
+                        // The worker frees the old model before loading the new one.
+                        self.model = None;
+                        if self.settings.last_model.as_ref() == Some(&path) {
+                            self.settings.last_model = None;
+                        }
+                        self.notices.error(load_error(&path, &error));
+                    }
+                    Some(JobPurpose::ChatReply { .. }) => {
+                        self.notices.error(format!("The reply failed: {error}"));
+                        if let Some(id) =
+                            self.chat
+                                .reply_finished(job, ReplyState::Failed, None, Some(error))
+                        {
+                            self.save_conversation(&id);
+                        }
+                    }
+                    Some(JobPurpose::UnloadModel) | None => self.notices.error(error),
+                }
+            }
+        }
+    }
+
+    fn take_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<std::path::PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
+        // Several files dropped at once are usually one model's files: load the first.
+        if let Some(path) = dropped.into_iter().next() {
+            self.commands.push(Command::LoadModel(path));
+        }
+    }
+
+    fn take_shortcuts(&mut self, ctx: &egui::Context) {
+        if self.jobs.running().is_some()
+            && ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape))
+        {
+            self.commands.push(Command::CancelRunningJob);
+        }
+        if self.settings.panel == Panel::Chat
+            && ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT))
+        {
+            self.commands.push(Command::SendMessage);
+        }
+    }
+
+    pub(super) fn save_conversation(&mut self, id: &str) {
+        if let Err(e) = self.chat.store.save(id) {
+            self.notices.error(format!("{e:#}"));
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The window: a thin [`eframe::App`] ([`StudioApp`]) over the inference worker, with one
+//! module per panel.
+//!
+//! Each frame, [`StudioApp::frame_logic`] drains the worker's events for a bounded time and
+//! [`StudioApp::root_ui`] draws; widgets never act directly but push a [`Command`], and all
+//! commands are applied in one place ([`command`]) at the end of the frame.
+//!
+//! - [`app`]: state, startup, the `eframe::App` impl, navigation;
+//! - [`logic`]: worker events, dropped files, shortcuts;
+//! - [`command`]: the [`Command`] enum and what each does;
+//! - [`chat`], [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is
+//!   drawn;
+//! - [`settings_store`], [`conversations`], [`presets`]: what is saved and read.
+
+pub mod app;
+pub mod chat;
+pub mod command;
+pub mod conversations;
+pub mod format;
+pub mod jobs;
+pub mod logic;
+pub mod models;
+pub mod notices;
+pub mod placeholder;
+pub mod presets;
+pub mod settings;
+pub mod settings_store;
+pub mod status_bar;
+pub mod style;
+
+use anyhow::Context as _;
+
+pub use app::{AppConfig, StudioApp};
+pub use command::Command;
+pub use settings_store::{Panel, Settings};
+
+/// Opens the window and runs until it is closed.
+pub fn run() -> anyhow::Result<()> {
+    let config = AppConfig::from_env();
+    // The thread count must be in the environment before any thread pool (or the worker) starts.
+    let (settings, _) = Settings::load(&config.home);
+    if let Some(threads) = settings.cpu_threads {
+        crate::set_cpu_threads(threads);
+    }
+    std::fs::create_dir_all(&config.home)
+        .with_context(|| format!("creating Studio's data folder {}", config.home.display()))?;
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_title("Studio")
+            .with_app_id("studio")
+            .with_inner_size([1280.0, 820.0])
+            .with_min_inner_size([760.0, 480.0])
+            .with_drag_and_drop(true),
+        persistence_path: Some(config.home.join("window.ron")),
+        persist_window: true,
+        ..eframe::NativeOptions::default()
+    };
+    eframe::run_native(
+        "Studio",
+        options,
+        Box::new(move |cc| Ok(Box::new(StudioApp::new(&cc.egui_ctx, &config)))),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("running the window")
+}

@@ -1,0 +1,391 @@
+//! The Models panel: the loaded model, opening a model (dialog, typed path, drag and drop),
+//! recently used models, and the models already in the Hugging Face cache.
+
+use std::path::{Path, PathBuf};
+
+use crossbeam_channel::{Receiver, TryRecvError, bounded};
+use egui::RichText;
+use studio_inference::hf_cache::{self, CachedModel};
+use studio_inference::loader::{ModelInfo, SUPPORTED_ARCHITECTURES};
+
+use super::command::Command;
+use super::format;
+use super::jobs::Jobs;
+use super::settings_store::Settings;
+use super::style::{section_ui, weak};
+
+/// The Hugging Face cache listing, scanned on a background thread.
+struct HfCacheView {
+    dir: Option<PathBuf>,
+    ctx: egui::Context,
+    scanning: Option<Receiver<Vec<CachedModel>>>,
+    results: Option<Vec<CachedModel>>,
+    error: Option<String>,
+}
+
+pub struct ModelsPanel {
+    path_input: String,
+    hf: HfCacheView,
+}
+
+impl ModelsPanel {
+    /// Starts scanning `hf_cache_dir` (if any) right away.
+    pub fn new(hf_cache_dir: Option<PathBuf>, ctx: &egui::Context) -> Self {
+        let mut panel = Self {
+            path_input: String::new(),
+            hf: HfCacheView {
+                dir: hf_cache_dir,
+                ctx: ctx.clone(),
+                scanning: None,
+                results: None,
+                error: None,
+            },
+        };
+        panel.start_scan();
+        panel
+    }
+
+    /// Scans the cache again on the `studio-hf-scan` thread (reading every config.json can take
+    /// a moment on a large cache).
+    pub fn start_scan(&mut self) {
+        let Some(dir) = self.hf.dir.clone() else {
+            return;
+        };
+        if self.hf.scanning.is_some() {
+            return;
+        }
+        let (tx, rx) = bounded(1);
+        let ctx = self.hf.ctx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("studio-hf-scan".to_owned())
+            .spawn(move || {
+                let found = hf_cache::scan(&dir);
+                // The panel may be gone (window closed): nothing to do then.
+                let _ = tx.send(found);
+                ctx.request_repaint();
+            });
+        match spawned {
+            Ok(_) => {
+                self.hf.scanning = Some(rx);
+                self.hf.error = None;
+            }
+            Err(e) => self.hf.error = Some(format!("Could not start scanning: {e}")),
+        }
+    }
+
+    /// Picks up a finished scan.
+    pub fn poll_scan(&mut self) {
+        let Some(rx) = &self.hf.scanning else {
+            return;
+        };
+        match rx.try_recv() {
+            Ok(found) => {
+                self.hf.results = Some(found);
+                self.hf.scanning = None;
+            }
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => {
+                self.hf.scanning = None;
+                self.hf.error = Some("Scanning stopped unexpectedly".to_owned());
+            }
+        }
+    }
+
+    pub fn models_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        model: Option<&ModelInfo>,
+        settings: &Settings,
+        jobs: &Jobs,
+        commands: &mut Vec<Command>,
+    ) {
+        egui::ScrollArea::vertical()
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                ui.add_space(4.0);
+                ui.heading("Models");
+                ui.add_space(8.0);
+                section_ui(ui, "Loaded model", |ui| {
+                    loaded_ui(ui, model, jobs, commands);
+                });
+                section_ui(ui, "Open a model", |ui| self.open_ui(ui, commands));
+                section_ui(ui, "Recent models", |ui| {
+                    recent_ui(ui, settings, model, commands);
+                });
+                section_ui(ui, "Hugging Face cache", |ui| {
+                    self.hf_ui(ui, model, commands);
+                });
+            });
+    }
+
+    fn open_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        ui.horizontal(|ui| {
+            if ui
+                .button("Open…")
+                .on_hover_text(
+                    "Choose a model folder (config.json, model.safetensors, tokenizer.json)",
+                )
+                .clicked()
+                && let Some(dir) = rfd::FileDialog::new()
+                    .set_title("Open a model folder")
+                    .pick_folder()
+            {
+                self.path_input = dir.display().to_string();
+                commands.push(Command::LoadModel(dir));
+            }
+            if ui
+                .button("Open file…")
+                .on_hover_text("Choose a .safetensors weights file inside a model folder")
+                .clicked()
+                && let Some(file) = rfd::FileDialog::new()
+                    .set_title("Open a model file")
+                    .add_filter("Model weights", &["safetensors", "gguf", "json"])
+                    .pick_file()
+            {
+                self.path_input = file.display().to_string();
+                commands.push(Command::LoadModel(file));
+            }
+        });
+        ui.add_space(4.0);
+        ui.horizontal(|ui| {
+            let width = (ui.available_width() - 70.0).max(120.0);
+            let response = ui
+                .add(
+                    egui::TextEdit::singleline(&mut self.path_input)
+                        .hint_text("Paste a model folder or file path")
+                        .desired_width(width),
+                )
+                .accessible_name("Model path");
+            let enter = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+            let path = self.path_input.trim();
+            let clicked = ui
+                .add_enabled(!path.is_empty(), egui::Button::new("Load"))
+                .on_hover_text("Load the model at this path")
+                .on_disabled_hover_text("Type or paste a path first")
+                .clicked();
+            if (clicked || enter) && !path.is_empty() {
+                commands.push(Command::LoadModel(PathBuf::from(path)));
+            }
+        });
+        ui.add_space(4.0);
+        ui.label(weak(
+            ui,
+            "You can also drop a model folder or file anywhere on the window.",
+        ));
+        ui.add(
+            egui::Label::new(weak(ui, &format!("Supported: {SUPPORTED_ARCHITECTURES}."))).wrap(),
+        );
+        ui.add(
+            egui::Label::new(weak(
+                ui,
+                "Python pickle checkpoints (.bin, .pt, .ckpt) are never opened: they can run code \
+                 when loaded. Convert them to .safetensors first.",
+            ))
+            .wrap(),
+        );
+    }
+
+    fn hf_ui(&self, ui: &mut egui::Ui, model: Option<&ModelInfo>, commands: &mut Vec<Command>) {
+        let Some(dir) = &self.hf.dir else {
+            ui.label(weak(
+                ui,
+                "No Hugging Face cache folder (set HF_HUB_CACHE or HF_HOME to use one).",
+            ));
+            return;
+        };
+        ui.horizontal(|ui| {
+            ui.label(weak(ui, "Folder:"));
+            ui.add(egui::Label::new(dir.display().to_string()).truncate());
+        });
+        ui.horizontal(|ui| {
+            let scanning = self.hf.scanning.is_some();
+            if ui
+                .add_enabled(!scanning, egui::Button::new("Rescan"))
+                .on_hover_text("List the cache's models again")
+                .clicked()
+            {
+                commands.push(Command::RescanHfCache);
+            }
+            if scanning {
+                ui.spinner();
+                ui.label(weak(ui, "Scanning…"));
+            }
+        });
+        if let Some(e) = &self.hf.error {
+            ui.label(RichText::new(e).color(ui.visuals().error_fg_color));
+        }
+        let Some(results) = &self.hf.results else {
+            return;
+        };
+        if results.is_empty() {
+            ui.label(weak(ui, "No models found in this folder."));
+            return;
+        }
+        ui.add_space(4.0);
+        for found in results {
+            ui.separator();
+            ui.horizontal(|ui| {
+                ui.label(RichText::new(&found.repo).strong())
+                    .on_hover_text(found.path.display().to_string());
+                if let Ok(arch) = &found.support {
+                    ui.label(weak(ui, arch));
+                    let loaded = model.is_some_and(|m| m.path == found.path);
+                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                        if loaded {
+                            ui.label(weak(ui, "loaded"));
+                        } else if ui
+                            .button("Load")
+                            .on_hover_text(format!("Load {}", found.repo))
+                            .clicked()
+                        {
+                            commands.push(Command::LoadModel(found.path.clone()));
+                        }
+                    });
+                }
+            });
+            if let Err(why) = &found.support {
+                ui.add(egui::Label::new(weak(ui, why)).wrap());
+            }
+        }
+    }
+}
+
+fn loaded_ui(
+    ui: &mut egui::Ui,
+    model: Option<&ModelInfo>,
+    jobs: &Jobs,
+    commands: &mut Vec<Command>,
+) {
+    if let Some(loading) = jobs.loading_model() {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(format!("Loading {}…", loading.display()));
+        });
+        if let Some((fraction, message)) = jobs.running().and_then(|r| r.progress.clone()) {
+            ui.add(
+                egui::ProgressBar::new(fraction)
+                    .desired_width(320.0)
+                    .text(message),
+            );
+        }
+        ui.add_space(4.0);
+    }
+    let Some(m) = model else {
+        if jobs.loading_model().is_none() {
+            ui.label(weak(ui, "No model loaded."));
+        }
+        return;
+    };
+    egui::Grid::new("model_info_grid")
+        .num_columns(2)
+        .spacing([16.0, 4.0])
+        .show(ui, |ui| {
+            let rows: [(&str, String); 8] = [
+                ("Name", m.name.clone()),
+                ("Architecture", m.architecture.label().to_owned()),
+                ("Parameters", format::parameters(m.parameters)),
+                (
+                    "Context length",
+                    format!("{} tokens", format::thousands(m.context_length)),
+                ),
+                (
+                    "Vocabulary",
+                    format!("{} tokens", format::thousands(m.vocab_size)),
+                ),
+                ("Data type", m.dtype.clone()),
+                ("Chat format", m.chat_format.clone()),
+                ("Folder", m.path.display().to_string()),
+            ];
+            for (key, value) in rows {
+                ui.label(weak(ui, key));
+                ui.add(egui::Label::new(value).selectable(true));
+                ui.end_row();
+            }
+        });
+    ui.add_space(4.0);
+    if ui
+        .button("Unload")
+        .on_hover_text("Free the model's memory")
+        .clicked()
+    {
+        commands.push(Command::UnloadModel);
+    }
+}
+
+fn recent_ui(
+    ui: &mut egui::Ui,
+    settings: &Settings,
+    model: Option<&ModelInfo>,
+    commands: &mut Vec<Command>,
+) {
+    if settings.recent_models.is_empty() {
+        ui.label(weak(ui, "Models you load appear here."));
+        return;
+    }
+    for path in &settings.recent_models {
+        let name = display_name(path);
+        let exists = path.exists();
+        let loaded = model.is_some_and(|m| m.path == *path || path.starts_with(&m.path));
+        ui.horizontal(|ui| {
+            let response = ui
+                .add_enabled(exists && !loaded, egui::Button::new(&name))
+                .on_hover_text(format!("Load {}", path.display()))
+                .on_disabled_hover_text(if loaded {
+                    "This model is loaded".to_owned()
+                } else {
+                    format!("{} no longer exists", path.display())
+                });
+            if response.clicked() {
+                commands.push(Command::LoadModel(path.clone()));
+            }
+            if ui
+                .small_button("Remove")
+                .on_hover_text("Remove from this list (the files stay)")
+                .clicked()
+            {
+                commands.push(Command::RemoveRecentModel(path.clone()));
+            }
+            let mut detail = path.display().to_string();
+            if !exists {
+                detail.push_str("  (missing)");
+            } else if loaded {
+                detail.push_str("  (loaded)");
+            }
+            ui.add(egui::Label::new(weak(ui, &detail)).truncate());
+        });
+    }
+}
+
+/// The folder's name, or `ORG/NAME` for a Hugging Face cache snapshot.
+fn display_name(path: &Path) -> String {
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if let [.., repo, snapshots, _rev] = parts.as_slice()
+        && snapshots == "snapshots"
+        && let Some(rest) = repo.strip_prefix("models--")
+    {
+        return rest.replacen("--", "/", 1);
+    }
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_snapshots_show_their_repo_name() {
+        assert_eq!(
+            display_name(Path::new(
+                "/h/hub/models--openai-community--gpt2/snapshots/abc"
+            )),
+            "openai-community/gpt2"
+        );
+        assert_eq!(display_name(Path::new("/models/gpt2")), "gpt2");
+    }
+}

@@ -1,0 +1,247 @@
+//! The Settings panel: compute device and CPU threads (applied at the next start), the backends
+//! this build has, and where Studio keeps its files.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use egui::RichText;
+use studio_inference::device::{DevicePreference, compiled_backends};
+
+use super::format;
+use super::settings_store::Settings;
+use super::style::{section_ui, weak};
+
+/// How often the file list of the data folder is read again while the panel is shown.
+const LIST_INTERVAL: Duration = Duration::from_secs(2);
+
+struct DataEntry {
+    name: String,
+    /// Bytes, or the number of entries for a folder.
+    size: u64,
+    is_dir: bool,
+}
+
+pub struct SettingsPanel {
+    /// The device and threads this run started with, to say when a restart is needed.
+    started_with: Option<(DevicePreference, Option<usize>)>,
+    entries: Vec<DataEntry>,
+    listed_at: Option<Instant>,
+    list_error: Option<String>,
+}
+
+impl SettingsPanel {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            started_with: Some((settings.device, settings.cpu_threads)),
+            entries: Vec::new(),
+            listed_at: None,
+            list_error: None,
+        }
+    }
+
+    pub fn settings_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        settings: &mut Settings,
+        device_label: &str,
+        home: &Path,
+    ) {
+        egui::ScrollArea::vertical()
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                ui.add_space(4.0);
+                ui.heading("Settings");
+                ui.add_space(8.0);
+                section_ui(ui, "Compute", |ui| {
+                    self.compute_ui(ui, settings, device_label);
+                });
+                section_ui(ui, "Data folder", |ui| self.data_ui(ui, home));
+            });
+    }
+
+    fn compute_ui(&self, ui: &mut egui::Ui, settings: &mut Settings, device_label: &str) {
+        let backends = compiled_backends();
+        egui::Grid::new("compute_grid")
+            .num_columns(2)
+            .spacing([16.0, 8.0])
+            .show(ui, |ui| {
+                ui.label(weak(ui, "In use now"));
+                ui.label(device_label);
+                ui.end_row();
+
+                let label = ui.label("Device");
+                ui.horizontal(|ui| {
+                    device_combo_ui(ui, &mut settings.device, &backends, label.id);
+                    match &mut settings.device {
+                        DevicePreference::Cuda(i) | DevicePreference::Metal(i) => {
+                            ui.label(weak(ui, "GPU"));
+                            ui.add(egui::DragValue::new(i).range(0..=15))
+                                .accessible_name("GPU index");
+                        }
+                        DevicePreference::Auto | DevicePreference::Cpu => {}
+                    }
+                });
+                ui.end_row();
+
+                let label = ui.label("CPU threads");
+                ui.horizontal(|ui| {
+                    let mut automatic = settings.cpu_threads.is_none();
+                    if ui
+                        .checkbox(&mut automatic, "Automatic")
+                        .labelled_by(label.id)
+                        .changed()
+                    {
+                        settings.cpu_threads = if automatic {
+                            None
+                        } else {
+                            Some(std::thread::available_parallelism().map_or(4, usize::from))
+                        };
+                    }
+                    if let Some(n) = &mut settings.cpu_threads {
+                        let max =
+                            std::thread::available_parallelism().map_or(64, |p| usize::from(p) * 2);
+                        ui.add(egui::DragValue::new(n).range(1..=max))
+                            .accessible_name("CPU thread count");
+                    }
+                });
+                ui.end_row();
+
+                ui.label(weak(ui, "Compiled backends"));
+                ui.label(backends.join(", "));
+                ui.end_row();
+            });
+        ui.add_space(6.0);
+        let changed = self
+            .started_with
+            .is_some_and(|(d, t)| d != settings.device || t != settings.cpu_threads);
+        if changed {
+            ui.label(
+                RichText::new("Restart Studio to use the new device and thread settings.")
+                    .color(ui.visuals().warn_fg_color),
+            );
+        } else {
+            ui.label(weak(
+                ui,
+                "Device and thread changes take effect after restart.",
+            ));
+        }
+    }
+
+    fn data_ui(&mut self, ui: &mut egui::Ui, home: &Path) {
+        ui.horizontal(|ui| {
+            ui.add(
+                egui::Label::new(RichText::new(home.display().to_string()).monospace())
+                    .selectable(true),
+            );
+            if ui.small_button("Copy path").clicked() {
+                ui.ctx().copy_text(home.display().to_string());
+            }
+        });
+        ui.add(
+            egui::Label::new(weak(
+                ui,
+                "settings.json holds these settings and the chat parameters; conversations/ \
+                 one file per chat; window.ron the window's size and position. Set STUDIO_HOME \
+                 to keep them elsewhere.",
+            ))
+            .wrap(),
+        );
+        ui.add_space(4.0);
+        if self.listed_at.is_none_or(|t| t.elapsed() >= LIST_INTERVAL) {
+            self.list(home);
+        }
+        ui.ctx().request_repaint_after(LIST_INTERVAL);
+        if let Some(e) = &self.list_error {
+            ui.label(weak(ui, e));
+            return;
+        }
+        egui::Grid::new("data_files_grid")
+            .num_columns(2)
+            .spacing([24.0, 4.0])
+            .striped(true)
+            .show(ui, |ui| {
+                for e in &self.entries {
+                    if e.is_dir {
+                        ui.label(format!("{}/", e.name));
+                        let unit = if e.size == 1 { "file" } else { "files" };
+                        ui.label(weak(ui, &format!("{} {unit}", e.size)));
+                    } else {
+                        ui.label(&e.name);
+                        ui.label(weak(ui, &format::bytes(e.size)));
+                    }
+                    ui.end_row();
+                }
+            });
+    }
+
+    fn list(&mut self, home: &Path) {
+        self.listed_at = Some(Instant::now());
+        match std::fs::read_dir(home) {
+            Ok(entries) => {
+                self.list_error = None;
+                self.entries = entries
+                    .flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| {
+                        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                        let size = if is_dir {
+                            std::fs::read_dir(e.path()).map_or(0, |d| d.count() as u64)
+                        } else {
+                            e.metadata().map_or(0, |m| m.len())
+                        };
+                        DataEntry {
+                            name: e.file_name().to_string_lossy().into_owned(),
+                            size,
+                            is_dir,
+                        }
+                    })
+                    .collect();
+                self.entries.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.list_error = Some("Nothing saved yet.".to_owned());
+            }
+            Err(e) => self.list_error = Some(format!("Could not list the folder: {e}")),
+        }
+    }
+}
+
+fn device_combo_ui(
+    ui: &mut egui::Ui,
+    device: &mut DevicePreference,
+    backends: &[&str],
+    label: egui::Id,
+) {
+    let name = |d: &DevicePreference| match d {
+        DevicePreference::Auto => "Automatic".to_owned(),
+        DevicePreference::Cpu => "CPU".to_owned(),
+        DevicePreference::Cuda(i) => format!("CUDA {i}"),
+        DevicePreference::Metal(i) => format!("Metal {i}"),
+    };
+    egui::ComboBox::from_id_salt("device_preference")
+        .selected_text(name(device))
+        .width(140.0)
+        .show_ui(ui, |ui| {
+            ui.selectable_value(device, DevicePreference::Auto, "Automatic")
+                .on_hover_text("The first GPU this build supports, else the CPU");
+            ui.selectable_value(device, DevicePreference::Cpu, "CPU");
+            for (backend, option) in [
+                ("CUDA", DevicePreference::Cuda(0)),
+                ("Metal", DevicePreference::Metal(0)),
+            ] {
+                let compiled = backends.contains(&backend);
+                let selected = std::mem::discriminant(device) == std::mem::discriminant(&option);
+                let response = ui
+                    .add_enabled(compiled, egui::Button::selectable(selected, backend))
+                    .on_disabled_hover_text(format!(
+                        "This build has no {backend} support (build with --features {})",
+                        backend.to_lowercase()
+                    ));
+                if response.clicked() && !selected {
+                    *device = option;
+                }
+            }
+        })
+        .response
+        .labelled_by(label);
+}

@@ -1,0 +1,240 @@
+//! The user's settings: one serde struct saved as `settings.json` in Studio's home whenever it
+//! changes (debounced a moment so typing in a field is not a write per key).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use studio_inference::device::DevicePreference;
+use studio_inference::sampling::SamplingParams;
+
+use crate::home::{load_json, save_json};
+
+/// Bumped when a saved field changes meaning; older files are migrated in [`Settings::load`].
+pub const SETTINGS_VERSION: u32 = 1;
+
+/// How many recently loaded models are remembered.
+pub const MAX_RECENT_MODELS: usize = 10;
+
+/// How long a change waits before it is written (more changes restart the wait).
+const SAVE_DEBOUNCE: Duration = Duration::from_millis(400);
+
+/// The panels of the window, in navigation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Panel {
+    #[default]
+    Chat,
+    Code,
+    Canvas,
+    LatentExplorer,
+    Models,
+    Settings,
+}
+
+impl Panel {
+    pub const ALL: [Panel; 6] = [
+        Panel::Chat,
+        Panel::Code,
+        Panel::Canvas,
+        Panel::LatentExplorer,
+        Panel::Models,
+        Panel::Settings,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Panel::Chat => "Chat",
+            Panel::Code => "Code",
+            Panel::Canvas => "Canvas",
+            Panel::LatentExplorer => "Latent Explorer",
+            Panel::Models => "Models",
+            Panel::Settings => "Settings",
+        }
+    }
+}
+
+/// Everything Studio remembers between runs (apart from conversations and the window's
+/// position, which eframe keeps in `window.ron`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub version: u32,
+    /// The panel shown at startup: the one open when Studio was closed.
+    pub panel: Panel,
+    pub sampling: SamplingParams,
+    /// Draw a fresh seed for every reply (the seed used is kept with the reply), so Regenerate
+    /// gives a different answer. When off, `sampling.seed` is used as is.
+    pub new_seed_each_reply: bool,
+    pub system_prompt: String,
+    /// Takes effect at the next start.
+    pub device: DevicePreference,
+    /// CPU threads for inference; `None` lets candle choose. Takes effect at the next start.
+    pub cpu_threads: Option<usize>,
+    /// Most recent first, at most [`MAX_RECENT_MODELS`].
+    pub recent_models: Vec<PathBuf>,
+    /// Loaded again at startup if it still exists.
+    pub last_model: Option<PathBuf>,
+    /// The conversation that was open.
+    pub last_conversation: Option<String>,
+    /// Whether the chat's parameters side panel is shown.
+    pub show_parameters: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            version: SETTINGS_VERSION,
+            panel: Panel::Chat,
+            sampling: SamplingParams {
+                temperature: 0.7,
+                ..SamplingParams::default()
+            },
+            new_seed_each_reply: true,
+            system_prompt: String::new(),
+            device: DevicePreference::Auto,
+            cpu_threads: None,
+            recent_models: Vec::new(),
+            last_model: None,
+            last_conversation: None,
+            show_parameters: true,
+        }
+    }
+}
+
+impl Settings {
+    pub fn path(home: &Path) -> PathBuf {
+        home.join("settings.json")
+    }
+
+    /// Reads `settings.json`. A missing file gives the defaults; a file that does not parse is
+    /// moved aside to `settings.json.bad` (so it is not overwritten) and the defaults are used,
+    /// with the reason returned for a notice.
+    pub fn load(home: &Path) -> (Settings, Option<String>) {
+        let path = Self::path(home);
+        match load_json::<Settings>(&path) {
+            Ok(Some(mut s)) => {
+                let note = (s.version > SETTINGS_VERSION).then(|| {
+                    format!(
+                        "{} was written by a newer Studio (version {}); settings this version \
+                         does not know are ignored",
+                        path.display(),
+                        s.version
+                    )
+                });
+                s.version = SETTINGS_VERSION;
+                s.recent_models.truncate(MAX_RECENT_MODELS);
+                (s, note)
+            }
+            Ok(None) => (Settings::default(), None),
+            Err(e) => {
+                let bad = home.join("settings.json.bad");
+                let moved = std::fs::rename(&path, &bad).is_ok();
+                let note = if moved {
+                    format!(
+                        "{e:#}. Using default settings; the unreadable file was kept as {}",
+                        bad.display()
+                    )
+                } else {
+                    format!("{e:#}. Using default settings")
+                };
+                (Settings::default(), Some(note))
+            }
+        }
+    }
+
+    /// Puts `path` first in the recent list.
+    pub fn remember_model(&mut self, path: &Path) {
+        self.recent_models.retain(|p| p != path);
+        self.recent_models.insert(0, path.to_path_buf());
+        self.recent_models.truncate(MAX_RECENT_MODELS);
+    }
+}
+
+/// Writes [`Settings`] when they differ from what was last written, a moment after the last
+/// change.
+#[derive(Debug)]
+pub struct SettingsSaver {
+    path: PathBuf,
+    saved: Settings,
+    changed_at: Option<Instant>,
+}
+
+impl SettingsSaver {
+    pub fn new(home: &Path, saved: Settings) -> Self {
+        Self {
+            path: Settings::path(home),
+            saved,
+            changed_at: None,
+        }
+    }
+
+    /// Call once per frame. Returns how long until the next check is due (to schedule a
+    /// repaint), and the error of a failed write.
+    pub fn tick(&mut self, current: &Settings) -> (Option<Duration>, Option<String>) {
+        if *current == self.saved {
+            self.changed_at = None;
+            return (None, None);
+        }
+        let changed_at = *self.changed_at.get_or_insert_with(Instant::now);
+        let waited = changed_at.elapsed();
+        if waited < SAVE_DEBOUNCE {
+            return (Some(SAVE_DEBOUNCE.saturating_sub(waited)), None);
+        }
+        (None, self.flush(current))
+    }
+
+    /// Writes now if anything changed. Returns the error, if any.
+    pub fn flush(&mut self, current: &Settings) -> Option<String> {
+        if *current == self.saved {
+            return None;
+        }
+        self.changed_at = None;
+        // Whatever happens, do not retry every frame: the next change tries again.
+        self.saved = current.clone();
+        save_json(&self.path, current)
+            .err()
+            .map(|e| format!("Settings were not saved: {e:#}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip_and_tolerate_missing_fields() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut s = Settings {
+            panel: Panel::Models,
+            cpu_threads: Some(3),
+            device: DevicePreference::Cuda(1),
+            ..Settings::default()
+        };
+        for i in 0..12 {
+            s.remember_model(Path::new(&format!("/m/{i}")));
+        }
+        s.remember_model(Path::new("/m/5"));
+        assert_eq!(s.recent_models.len(), MAX_RECENT_MODELS);
+        assert_eq!(s.recent_models[0], Path::new("/m/5"));
+        let mut saver = SettingsSaver::new(tmp.path(), Settings::default());
+        assert_eq!(saver.flush(&s), None);
+        let (loaded, note) = Settings::load(tmp.path());
+        assert_eq!(loaded, s);
+        assert_eq!(note, None);
+
+        std::fs::write(Settings::path(tmp.path()), r#"{"panel":"Settings"}"#).expect("write");
+        let (loaded, _) = Settings::load(tmp.path());
+        assert_eq!(loaded.panel, Panel::Settings);
+        assert_eq!(loaded.sampling, Settings::default().sampling);
+    }
+
+    #[test]
+    fn unreadable_settings_are_kept_aside_not_overwritten() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::fs::write(Settings::path(tmp.path()), "{ not json").expect("write");
+        let (loaded, note) = Settings::load(tmp.path());
+        assert_eq!(loaded, Settings::default());
+        assert!(note.expect("a note").contains("settings.json.bad"));
+        assert!(tmp.path().join("settings.json.bad").exists());
+    }
+}
