@@ -210,56 +210,105 @@ fn display_name(files: &ModelFiles) -> String {
     last
 }
 
+/// A model whose files were checked — config, tokenizer and the weights' headers (mapped, not
+/// read) — and that can now be loaded. Preparing is cheap, so a caller can check a model before
+/// giving up the one it has.
+pub struct PreparedModel {
+    files: ModelFiles,
+    config: FamilyConfig,
+    tokenizer: Tokenizer,
+    weights: Weights,
+    dtype: DType,
+}
+
+enum FamilyConfig {
+    Gpt2(gpt2::Config),
+}
+
+/// Checks everything about the model at `path` that can be checked without reading its weights.
+pub fn prepare(path: &Path, device: &Device) -> Result<PreparedModel> {
+    let files = resolve(path)?;
+    let (arch, config_value) = detect_architecture(&files.config)?;
+    let bad_config = |message: String| Error::BadConfig {
+        path: files.config.clone(),
+        message,
+    };
+    let config = match arch {
+        Architecture::Gpt2 => {
+            let cfg: gpt2::Config =
+                serde_json::from_value(config_value).map_err(|e| bad_config(e.to_string()))?;
+            cfg.validate().map_err(bad_config)?;
+            FamilyConfig::Gpt2(cfg)
+        }
+    };
+    let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
+    let FamilyConfig::Gpt2(cfg) = &config;
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        return Err(Error::Tokenizer(format!(
+            "tokenizer.json has {} tokens but the model only {}: they do not belong together",
+            tokenizer.vocab_size(),
+            cfg.vocab_size
+        )));
+    }
+    let dtype = DType::F32;
+    let weights = Weights::open(&files.weights, device, dtype)?;
+    Ok(PreparedModel {
+        files,
+        config,
+        tokenizer,
+        weights,
+        dtype,
+    })
+}
+
+impl PreparedModel {
+    /// Reads the weights. `progress(fraction, message)` reports loading.
+    pub fn load(self, progress: &mut dyn FnMut(f32, &str)) -> Result<LoadedModel> {
+        let Self {
+            files,
+            config,
+            tokenizer,
+            weights,
+            dtype,
+        } = self;
+        match config {
+            FamilyConfig::Gpt2(cfg) => {
+                let model =
+                    gpt2::Gpt2::load(&cfg, &weights, &mut |f| progress(f, "loading weights"))?;
+                let eos = cfg
+                    .eos_token_id
+                    .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
+                    .into_iter()
+                    .collect();
+                let info = ModelInfo {
+                    name: display_name(&files),
+                    path: files.dir.clone(),
+                    architecture: Architecture::Gpt2,
+                    context_length: cfg.context_length(),
+                    vocab_size: cfg.vocab_size,
+                    parameters: count_parameters(&cfg),
+                    dtype: format!("{dtype:?}").to_lowercase(),
+                    chat_format: crate::chat::PLAIN_TRANSCRIPT_NAME.to_owned(),
+                };
+                Ok(LoadedModel {
+                    model: Box::new(model),
+                    tokenizer,
+                    info,
+                    eos_token_ids: eos,
+                })
+            }
+        }
+    }
+}
+
 /// Loads the model at `path` onto `device`. `progress(fraction, message)` reports loading.
 pub fn load(
     path: &Path,
     device: &Device,
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<LoadedModel> {
-    progress(0.0, "reading config");
-    let files = resolve(path)?;
-    let (arch, config_value) = detect_architecture(&files.config)?;
-    let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
-    let dtype = DType::F32;
-    let weights = Weights::open(&files.weights, device, dtype)?;
-    match arch {
-        Architecture::Gpt2 => {
-            let cfg: gpt2::Config =
-                serde_json::from_value(config_value).map_err(|e| Error::BadConfig {
-                    path: files.config.clone(),
-                    message: e.to_string(),
-                })?;
-            if tokenizer.vocab_size() > cfg.vocab_size {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer.json has {} tokens but the model only {}: they do not belong together",
-                    tokenizer.vocab_size(),
-                    cfg.vocab_size
-                )));
-            }
-            let model = gpt2::Gpt2::load(&cfg, &weights, &mut |f| progress(f, "loading weights"))?;
-            let eos = cfg
-                .eos_token_id
-                .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
-                .into_iter()
-                .collect();
-            let info = ModelInfo {
-                name: display_name(&files),
-                path: files.dir.clone(),
-                architecture: arch,
-                context_length: cfg.context_length(),
-                vocab_size: cfg.vocab_size,
-                parameters: count_parameters(&cfg),
-                dtype: format!("{dtype:?}").to_lowercase(),
-                chat_format: crate::chat::PLAIN_TRANSCRIPT_NAME.to_owned(),
-            };
-            Ok(LoadedModel {
-                model: Box::new(model),
-                tokenizer,
-                info,
-                eos_token_ids: eos,
-            })
-        }
-    }
+    progress(0.0, "checking files");
+    prepare(path, device)?.load(progress)
 }
 
 fn count_parameters(cfg: &gpt2::Config) -> usize {

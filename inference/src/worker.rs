@@ -36,7 +36,8 @@ pub type CustomJob = Box<dyn FnOnce(&mut JobContext<'_>) -> Result<()> + Send>;
 
 /// What to do.
 pub enum JobKind {
-    /// Load a model (folder or file), replacing the loaded one.
+    /// Load a model (folder or file), replacing the loaded one. The new model's files are
+    /// checked first; only then is the old model dropped (with [`Event::ModelUnloaded`]).
     LoadModel { path: PathBuf },
     /// Drop the loaded model and free its memory.
     UnloadModel,
@@ -539,12 +540,18 @@ fn send_text(
 fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationStats>> {
     match kind {
         JobKind::LoadModel { path } => {
-            // Free the old model first so two never share memory.
-            *ctx.model = None;
             let job = ctx.job;
+            ctx.progress(0.0, "checking files");
+            // Check the new model before giving up the loaded one: a wrong file (a pickle, a
+            // corrupt header, an unsupported architecture) leaves the current model in place.
+            let prepared = loader::prepare(&path, ctx.device)?;
+            // Free the old model before reading the new weights, so two never share memory.
+            if ctx.model.take().is_some() {
+                ctx.send(Event::ModelUnloaded { job });
+            }
             let events = ctx.events;
             let repaint = ctx.repaint;
-            let loaded = loader::load(&path, ctx.device, &mut |fraction, message| {
+            let loaded = prepared.load(&mut |fraction, message| {
                 if events
                     .try_send(Event::Progress {
                         job,

@@ -313,3 +313,51 @@ fn streamed_text_is_coalesced_when_the_ui_is_slow() {
         stats.generated_tokens
     );
 }
+
+#[test]
+fn a_bad_model_is_refused_before_the_loaded_one_is_dropped() {
+    let dir = model_dir(128);
+    let (w, _) = worker_with(64);
+    load(&w, dir.path());
+    let pickle = dir.path().join("pytorch_model.bin");
+    std::fs::write(&pickle, b"\x80\x04").expect("write");
+    let bad = w
+        .submit(JobKind::LoadModel { path: pickle })
+        .expect("submit");
+    let events = until_terminal(&w, bad, Duration::from_secs(10));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ModelUnloaded { .. })),
+        "{events:?}"
+    );
+    assert!(matches!(events.last(), Some(Event::Failed { error, .. }) if error.contains("pickle")));
+    let next = w
+        .submit(JobKind::Generate {
+            prompt: "Hello".into(),
+            params: SamplingParams::greedy(4),
+        })
+        .expect("submit");
+    let events = until_terminal(&w, next, Duration::from_secs(10));
+    assert!(
+        matches!(events.last(), Some(Event::Done { .. })),
+        "{events:?}"
+    );
+
+    // A good model replacing it: the old one is dropped first, and the UI is told.
+    let switch = w
+        .submit(JobKind::LoadModel {
+            path: dir.path().to_path_buf(),
+        })
+        .expect("submit");
+    let events = until_terminal(&w, switch, Duration::from_secs(10));
+    let unloaded = events
+        .iter()
+        .position(|e| matches!(e, Event::ModelUnloaded { .. }))
+        .expect("unloaded");
+    let loaded = events
+        .iter()
+        .position(|e| matches!(e, Event::ModelLoaded { .. }))
+        .expect("loaded");
+    assert!(unloaded < loaded);
+}

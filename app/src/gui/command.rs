@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use studio_inference::loader;
 use studio_inference::worker::JobKind;
 
 use super::app::StudioApp;
@@ -105,15 +104,6 @@ impl StudioApp {
             return;
         }
         if self.jobs.loading_model() == Some(&path) {
-            return;
-        }
-        // The worker drops the loaded model before it loads the next one, so a file that cannot
-        // be loaded at all (a pickle, a missing folder, an unsupported architecture) is refused
-        // here first, with the loader's own message, and the loaded model stays.
-        let check = loader::resolve(&path)
-            .and_then(|files| loader::detect_architecture(&files.config).map(|_| ()));
-        if let Err(e) = check {
-            self.notices.error(load_error(&path, &e.to_string()));
             return;
         }
         self.submit(

@@ -104,22 +104,20 @@ impl StudioApp {
                 {
                     self.save_conversation(&id);
                 }
-                // A load that had started already dropped the previous model.
+                // The worker reports with `ModelUnloaded` whether the previous model is gone.
                 if let Some(t) = tracked
                     && t.started
                     && matches!(t.purpose, JobPurpose::LoadModel(_))
                 {
-                    self.model = None;
-                    self.notices
-                        .warning("Loading was cancelled; no model is loaded");
+                    self.notices.warning("Loading was cancelled");
                 }
             }
             Event::Failed { error, .. } => {
                 let tracked = self.jobs.finished(job);
                 match tracked.map(|t| t.purpose) {
                     Some(JobPurpose::LoadModel(path)) => {
-                        // The worker frees the old model before loading the new one.
-                        self.model = None;
+                        // Whether the previous model is still loaded, the worker said with
+                        // (or without) `ModelUnloaded`.
                         if self.settings.last_model.as_ref() == Some(&path) {
                             self.settings.last_model = None;
                         }

@@ -73,7 +73,8 @@ impl Config {
         self.n_inner.unwrap_or(4 * self.n_embd)
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    /// Checks the config describes a buildable model.
+    pub fn validate(&self) -> std::result::Result<(), String> {
         if self.n_head == 0 || !self.n_embd.is_multiple_of(self.n_head) {
             return Err(format!(
                 "n_embd ({}) must be a multiple of n_head ({})",
