@@ -5,11 +5,13 @@
 //! studio bench generate --model /tmp/gpt2-random
 //! ```
 //!
-//! Shapes: `gpt2` (124M), `gpt2-medium` (355M), `distilgpt2` (82M), `tiny`.
+//! Shapes: `gpt2` (124M), `gpt2-medium` (355M), `distilgpt2` (82M), `tiny`. Add `-readable`
+//! (e.g. `gpt2-readable`) for an LM head that only favours printable ASCII tokens, so the
+//! random model's output is legible in screenshots.
 
 use std::path::PathBuf;
 
-use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2};
+use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2, write_gpt2_readable};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -18,7 +20,11 @@ fn main() {
         args.next()
             .unwrap_or_else(|| format!("/tmp/{shape}-random")),
     );
-    let cfg = match shape.as_str() {
+    let (base, readable) = match shape.strip_suffix("-readable") {
+        Some(base) => (base, true),
+        None => (shape.as_str(), false),
+    };
+    let cfg = match base {
         "gpt2" => TinyGpt2 {
             vocab_size: 50257,
             n_positions: 1024,
@@ -46,6 +52,10 @@ fn main() {
             std::process::exit(2);
         }
     };
-    write_gpt2(&out, cfg, Gpt2Naming::Hub, 0);
+    if readable {
+        write_gpt2_readable(&out, cfg, 0);
+    } else {
+        write_gpt2(&out, cfg, Gpt2Naming::Hub, 0);
+    }
     println!("{}", out.display());
 }

@@ -403,7 +403,7 @@ impl ChatPanel {
         let mut copy = false;
         ui.horizontal(|ui| {
             let title = current.as_ref().map_or("New chat", |c| c.title.as_str());
-            ui.add(egui::Label::new(RichText::new(title).heading()).truncate());
+            // Buttons first (from the right), then the title truncated to what is left.
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                 ui.toggle_value(&mut cx.settings.show_parameters, "Parameters")
                     .on_hover_text("Show or hide the sampling parameters");
@@ -420,6 +420,9 @@ impl ChatPanel {
                         .on_hover_text("Copy the whole conversation to the clipboard")
                         .clicked();
                 }
+                ui.with_layout(egui::Layout::left_to_right(egui::Align::Center), |ui| {
+                    ui.add(egui::Label::new(RichText::new(title).heading()).truncate());
+                });
             });
         });
         if copy && let Some(c) = self.current() {
