@@ -27,7 +27,7 @@ use studio_inference::sampling::SamplingParams;
 
 /// Studio: local generative AI. With no subcommand, opens the window.
 #[derive(Debug, Parser)]
-#[command(name = "studio", version, about)]
+#[command(name = "studio", version)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
