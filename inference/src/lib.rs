@@ -14,6 +14,7 @@
 //! - [`sampling`]: temperature, top-k, top-p, min-p, repeat penalty, seed;
 //! - [`generate`]: the shared token loop with timing;
 //! - [`chat`]: chat turns to prompts and context fitting;
+//! - [`template`]: the model's own Jinja chat template;
 //! - [`worker`]: the worker thread and its protocol;
 //! - [`device`], [`hf_cache`], [`sys`]: device choice, the Hugging Face cache, process facts.
 
@@ -26,6 +27,7 @@ pub mod loader;
 pub mod models;
 pub mod sampling;
 pub mod sys;
+pub mod template;
 pub mod text;
 pub mod weights;
 pub mod worker;

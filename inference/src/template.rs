@@ -1,0 +1,1 @@
+//! Chat templates shipped with models (Jinja), rendered with minijinja. (Being written.)
