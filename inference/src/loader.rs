@@ -7,12 +7,13 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::models::hf::{self, Family, FamilyConfig};
 use crate::models::{CausalLm, gpt2};
 use crate::text::Tokenizer;
 use crate::weights::Weights;
 
 /// Architectures this build can load, for error messages and the Models panel.
-pub const SUPPORTED_ARCHITECTURES: &str = "GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2) from Hugging Face folders with model.safetensors";
+pub const SUPPORTED_ARCHITECTURES: &str = "GPT-2 (gpt2 … gpt2-xl, distilgpt2), Llama (Llama 2/3.x, SmolLM2, TinyLlama), Mistral, Qwen2/Qwen2.5, Qwen3, Phi-3/3.5, Gemma 2 and Gemma 3 from Hugging Face folders with safetensors weights";
 
 /// Extensions of Python pickle checkpoints, which are never loaded.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"];
@@ -21,12 +22,14 @@ const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
     Gpt2,
+    Family(Family),
 }
 
 impl Architecture {
     pub fn label(self) -> &'static str {
         match self {
             Architecture::Gpt2 => "GPT-2",
+            Architecture::Family(f) => f.label(),
         }
     }
 }
@@ -183,6 +186,9 @@ pub fn detect_architecture(config_path: &Path) -> Result<(Architecture, serde_js
     if model_type == Some("gpt2") || architectures.iter().any(|a| a.starts_with("GPT2")) {
         return Ok((Architecture::Gpt2, value));
     }
+    if let Some(family) = model_type.and_then(Family::from_model_type) {
+        return Ok((Architecture::Family(family), value));
+    }
     let name = model_type
         .map(str::to_owned)
         .or_else(|| architectures.first().map(|s| (*s).to_owned()))
@@ -215,14 +221,70 @@ fn display_name(files: &ModelFiles) -> String {
 /// giving up the one it has.
 pub struct PreparedModel {
     files: ModelFiles,
-    config: FamilyConfig,
+    config: Config,
     tokenizer: Tokenizer,
     weights: Weights,
     dtype: DType,
+    eos_token_ids: Vec<u32>,
 }
 
-enum FamilyConfig {
+enum Config {
     Gpt2(gpt2::Config),
+    Family(FamilyConfig),
+}
+
+/// The dtype weights are computed in: f32 on the CPU (candle's fastest CPU path), bf16 on GPUs
+/// (the dtype of today's checkpoints), f32 for GPT-2 everywhere.
+fn compute_dtype(arch: Architecture, device: &Device) -> DType {
+    match (arch, device) {
+        (Architecture::Family(_), Device::Cuda(_) | Device::Metal(_)) => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// End-of-text ids: `generation_config.json`'s `eos_token_id` (a number or a list), then
+/// `config.json`'s, then the tokenizer's `eos_token` from `tokenizer_config.json`, then
+/// well-known end tokens present in the vocabulary.
+fn eos_token_ids(dir: &Path, config: &serde_json::Value, tokenizer: &Tokenizer) -> Vec<u32> {
+    let read = |name: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let mut ids = read("generation_config.json")
+        .map(|g| hf::token_ids(g.get("eos_token_id")))
+        .unwrap_or_default();
+    for id in hf::token_ids(config.get("eos_token_id")) {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if let Some(tc) = read("tokenizer_config.json") {
+        let eos = tc.get("eos_token");
+        let name = eos.and_then(serde_json::Value::as_str).or_else(|| {
+            eos.and_then(|e| e.get("content"))
+                .and_then(serde_json::Value::as_str)
+        });
+        if let Some(id) = name.and_then(|n| tokenizer.token_to_id(n))
+            && !ids.contains(&id)
+        {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        ids.extend(
+            [
+                "<|endoftext|>",
+                "</s>",
+                "<|im_end|>",
+                "<|eot_id|>",
+                "<end_of_turn>",
+                "<|end|>",
+            ]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t)),
+        );
+    }
+    ids
 }
 
 /// Checks everything about the model at `path` that can be checked without reading its weights.
@@ -233,31 +295,37 @@ pub fn prepare(path: &Path, device: &Device) -> Result<PreparedModel> {
         path: files.config.clone(),
         message,
     };
-    let config = match arch {
+    let (config, vocab_size) = match arch {
         Architecture::Gpt2 => {
-            let cfg: gpt2::Config =
-                serde_json::from_value(config_value).map_err(|e| bad_config(e.to_string()))?;
+            let cfg: gpt2::Config = serde_json::from_value(config_value.clone())
+                .map_err(|e| bad_config(e.to_string()))?;
             cfg.validate().map_err(bad_config)?;
-            FamilyConfig::Gpt2(cfg)
+            let vocab = cfg.vocab_size;
+            (Config::Gpt2(cfg), vocab)
+        }
+        Architecture::Family(family) => {
+            let cfg = FamilyConfig::parse(family, &config_value).map_err(bad_config)?;
+            let vocab = cfg.vocab_size;
+            (Config::Family(cfg), vocab)
         }
     };
     let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
-    let FamilyConfig::Gpt2(cfg) = &config;
-    if tokenizer.vocab_size() > cfg.vocab_size {
+    if tokenizer.vocab_size() > vocab_size {
         return Err(Error::Tokenizer(format!(
-            "tokenizer.json has {} tokens but the model only {}: they do not belong together",
+            "tokenizer.json has {} tokens but the model only {vocab_size}: they do not belong together",
             tokenizer.vocab_size(),
-            cfg.vocab_size
         )));
     }
-    let dtype = DType::F32;
+    let dtype = compute_dtype(arch, device);
     let weights = Weights::open(&files.weights, device, dtype)?;
+    let eos_token_ids = eos_token_ids(&files.dir, &config_value, &tokenizer);
     Ok(PreparedModel {
         files,
         config,
         tokenizer,
         weights,
         dtype,
+        eos_token_ids,
     })
 }
 
@@ -270,34 +338,54 @@ impl PreparedModel {
             tokenizer,
             weights,
             dtype,
+            eos_token_ids,
         } = self;
-        match config {
-            FamilyConfig::Gpt2(cfg) => {
+        let (model, architecture, context_length, vocab_size, parameters): (
+            Box<dyn CausalLm>,
+            _,
+            _,
+            _,
+            _,
+        ) = match config {
+            Config::Gpt2(cfg) => {
                 let model =
                     gpt2::Gpt2::load(&cfg, &weights, &mut |f| progress(f, "loading weights"))?;
-                let eos = cfg
-                    .eos_token_id
-                    .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
-                    .into_iter()
-                    .collect();
-                let info = ModelInfo {
-                    name: display_name(&files),
-                    path: files.dir.clone(),
-                    architecture: Architecture::Gpt2,
-                    context_length: cfg.context_length(),
-                    vocab_size: cfg.vocab_size,
-                    parameters: count_parameters(&cfg),
-                    dtype: format!("{dtype:?}").to_lowercase(),
-                    chat_format: crate::chat::PLAIN_TRANSCRIPT_NAME.to_owned(),
-                };
-                Ok(LoadedModel {
-                    model: Box::new(model),
-                    tokenizer,
-                    info,
-                    eos_token_ids: eos,
-                })
+                let n = count_parameters(&cfg);
+                let ctx = cfg.context_length();
+                (Box::new(model), Architecture::Gpt2, ctx, cfg.vocab_size, n)
             }
-        }
+            Config::Family(cfg) => {
+                progress(0.1, "loading weights");
+                let parameters = weights.parameter_count();
+                let device = weights.device().clone();
+                drop(weights);
+                let model = cfg.load(&files.weights, &device, dtype)?;
+                progress(1.0, "loading weights");
+                (
+                    Box::new(model),
+                    Architecture::Family(cfg.family),
+                    cfg.context_length,
+                    cfg.vocab_size,
+                    parameters,
+                )
+            }
+        };
+        let info = ModelInfo {
+            name: display_name(&files),
+            path: files.dir.clone(),
+            architecture,
+            context_length,
+            vocab_size,
+            parameters,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            chat_format: crate::chat::PLAIN_TRANSCRIPT_NAME.to_owned(),
+        };
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            info,
+            eos_token_ids,
+        })
     }
 }
 

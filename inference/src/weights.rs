@@ -65,6 +65,15 @@ impl Weights {
         &self.device
     }
 
+    /// Total number of values in every tensor of the checkpoint.
+    pub fn parameter_count(&self) -> usize {
+        self.files
+            .tensors()
+            .iter()
+            .map(|(_, v)| v.shape().iter().product::<usize>())
+            .sum()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.names.contains(name)
     }

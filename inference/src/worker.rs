@@ -374,11 +374,7 @@ impl WorkerState {
                 if let Some(m) = self.model.as_mut() {
                     m.model.clear_kv_cache();
                 }
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_owned());
+                let msg = crate::panic_message(payload.as_ref());
                 Event::Failed {
                     job: id,
                     error: Error::Panicked(msg).to_string(),

@@ -3,6 +3,8 @@
 //!
 //! Nothing here downloads anything; every file is made by the test that needs it.
 
+pub mod families;
+
 use std::collections::HashMap;
 use std::path::Path;
 

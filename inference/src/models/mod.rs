@@ -2,10 +2,11 @@
 //! its loader (tensor names as real checkpoints use them) and its forward pass with a KV cache.
 
 pub mod gpt2;
+pub mod hf;
 
 use candle_core::Tensor;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A decoder-only language model with a KV cache.
 ///
@@ -15,8 +16,14 @@ pub trait CausalLm: Send {
     /// logits of the last position, shape `[vocab]`, f32.
     fn forward_last(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor>;
 
-    /// Like [`CausalLm::forward_last`] but returns the logits of every position, `[T, vocab]`.
-    fn forward_all(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor>;
+    /// Like [`CausalLm::forward_last`] but returns the logits of every position, `[T, vocab]`
+    /// (for parity tests; families that only compute the last position say so).
+    fn forward_all(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
+        let _ = (tokens, offset);
+        Err(Error::InvalidParameter(
+            "this model family only computes the last position's logits".to_owned(),
+        ))
+    }
 
     /// Forgets every cached key and value (the next call must start at offset 0).
     fn clear_kv_cache(&mut self);

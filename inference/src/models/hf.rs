@@ -1,0 +1,278 @@
+//! Today's open decoder models from Hugging Face folders, through candle-transformers:
+//! Llama (Llama 2/3.x, SmolLM2, TinyLlama), Mistral, Qwen2/Qwen2.5, Qwen3, Phi-3/3.5,
+//! Gemma 2 and Gemma 3 (text).
+//!
+//! Each family's `Config` is the checkpoint's own `config.json` (candle-transformers'
+//! structs); tensor names are the checkpoints' own (`model.layers.0.self_attn.q_proj.weight`,
+//! …). This module only adapts each model to [`CausalLm`].
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3};
+use serde::{Deserialize, Serialize};
+
+use super::CausalLm;
+use crate::error::{Error, Result};
+
+/// A model family loaded through this module.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma2,
+    Gemma3,
+}
+
+impl Family {
+    /// From `config.json`'s `model_type`.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "llama" => Self::Llama,
+            "mistral" => Self::Mistral,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            "phi3" => Self::Phi3,
+            "gemma2" => Self::Gemma2,
+            "gemma3_text" | "gemma3" => Self::Gemma3,
+            _ => return None,
+        })
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Llama => "Llama",
+            Self::Mistral => "Mistral",
+            Self::Qwen2 => "Qwen2",
+            Self::Qwen3 => "Qwen3",
+            Self::Phi3 => "Phi-3",
+            Self::Gemma2 => "Gemma 2",
+            Self::Gemma3 => "Gemma 3",
+        }
+    }
+}
+
+enum Inner {
+    Llama {
+        model: llama::Llama,
+        cache: llama::Cache,
+        /// An empty cache with the rotary tables already computed, cloned (cheaply: the
+        /// tensors are shared) to start each generation.
+        fresh: llama::Cache,
+    },
+    Mistral(mistral::Model),
+    Qwen2(qwen2::ModelForCausalLM),
+    Qwen3(qwen3::ModelForCausalLM),
+    Phi3(phi3::Model),
+    Gemma2(gemma2::Model),
+    Gemma3(gemma3::Model),
+}
+
+/// A family model behind [`CausalLm`].
+pub struct HfModel {
+    inner: Inner,
+    context_length: usize,
+    vocab_size: usize,
+    device: Device,
+}
+
+/// What the loader needs to know about a family config before reading weights.
+#[derive(Debug, Clone)]
+pub struct FamilyConfig {
+    pub family: Family,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// `eos_token_id` from `config.json` (a number or a list).
+    pub eos_token_ids: Vec<u32>,
+    config: serde_json::Value,
+    /// Tensor-name prefix for multimodal wrappers (Gemma 3 `language_model.`).
+    prefix: Option<&'static str>,
+}
+
+fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value) -> std::result::Result<T, String> {
+    serde_json::from_value(v.clone()).map_err(|e| e.to_string())
+}
+
+fn usize_field(v: &serde_json::Value, key: &str) -> std::result::Result<usize, String> {
+    v.get(key)
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| format!("missing field `{key}`"))
+}
+
+/// Reads `eos_token_id` as written by transformers: a number, a list, or absent.
+pub fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .map(|n| n as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl FamilyConfig {
+    /// Checks that `config` deserializes into the family's config (error messages name the
+    /// missing or malformed field).
+    pub fn parse(family: Family, config: &serde_json::Value) -> std::result::Result<Self, String> {
+        let (config, prefix) = match (family, config.get("text_config")) {
+            // Multimodal Gemma 3 checkpoints wrap the text model.
+            (Family::Gemma3, Some(text)) => (text.clone(), Some("language_model")),
+            _ => (config.clone(), None),
+        };
+        // Deserialize once now so a bad config fails before any weight is read.
+        match family {
+            Family::Llama => field::<llama::LlamaConfig>(&config).map(|_| ())?,
+            Family::Mistral => field::<mistral::Config>(&config).map(|_| ())?,
+            Family::Qwen2 => field::<qwen2::Config>(&config).map(|_| ())?,
+            Family::Qwen3 => field::<qwen3::Config>(&config).map(|_| ())?,
+            Family::Phi3 => field::<phi3::Config>(&config).map(|_| ())?,
+            Family::Gemma2 => field::<gemma2::Config>(&config).map(|_| ())?,
+            Family::Gemma3 => field::<gemma3::Config>(&config).map(|_| ())?,
+        }
+        let context_length = match family {
+            // candle's Gemma 2 falls back to 8192 when the field is absent.
+            Family::Gemma2 => usize_field(&config, "max_position_embeddings").unwrap_or(8192),
+            _ => usize_field(&config, "max_position_embeddings")?,
+        };
+        Ok(Self {
+            family,
+            context_length,
+            vocab_size: usize_field(&config, "vocab_size")?,
+            eos_token_ids: token_ids(config.get("eos_token_id")),
+            config,
+            prefix,
+        })
+    }
+
+    /// Builds the model from mapped safetensors files.
+    pub fn load(&self, files: &[PathBuf], device: &Device, dtype: DType) -> Result<HfModel> {
+        // SAFETY: the files are mapped read-only and not modified by Studio while mapped (see
+        // `weights.rs`).
+        #[allow(unsafe_code)]
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }?;
+        let vb = match self.prefix {
+            Some(p) => vb.pp(p),
+            None => vb,
+        };
+        let bad = |e: String| Error::BadConfig {
+            path: files.first().cloned().unwrap_or_default(),
+            message: e,
+        };
+        let c = &self.config;
+        // candle-transformers' Llama loader unwraps per-layer errors; turn such a panic into
+        // the error it carried (it names the missing or mis-shaped tensor).
+        let inner = match self.family {
+            Family::Llama => {
+                let config = field::<llama::LlamaConfig>(c)
+                    .map_err(bad)?
+                    .into_config(false);
+                let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    llama::Llama::load(vb, &config)
+                }))
+                .map_err(|p| {
+                    Error::Candle(candle_core::Error::Msg(crate::panic_message(p.as_ref())))
+                })??;
+                let fresh = llama::Cache::new(true, dtype, &config, device)?;
+                Inner::Llama {
+                    model,
+                    cache: fresh.clone(),
+                    fresh,
+                }
+            }
+            Family::Mistral => Inner::Mistral(mistral::Model::new(
+                &field::<mistral::Config>(c).map_err(bad)?,
+                vb,
+            )?),
+            Family::Qwen2 => Inner::Qwen2(qwen2::ModelForCausalLM::new(
+                &field::<qwen2::Config>(c).map_err(bad)?,
+                vb,
+            )?),
+            Family::Qwen3 => Inner::Qwen3(qwen3::ModelForCausalLM::new(
+                &field::<qwen3::Config>(c).map_err(bad)?,
+                vb,
+            )?),
+            Family::Phi3 => Inner::Phi3(phi3::Model::new(
+                &field::<phi3::Config>(c).map_err(bad)?,
+                vb,
+            )?),
+            Family::Gemma2 => Inner::Gemma2(gemma2::Model::new(
+                false,
+                &field::<gemma2::Config>(c).map_err(bad)?,
+                vb,
+            )?),
+            Family::Gemma3 => Inner::Gemma3(gemma3::Model::new(
+                false,
+                &field::<gemma3::Config>(c).map_err(bad)?,
+                vb,
+            )?),
+        };
+        Ok(HfModel {
+            inner,
+            context_length: self.context_length,
+            vocab_size: self.vocab_size,
+            device: device.clone(),
+        })
+    }
+}
+
+impl CausalLm for HfModel {
+    fn forward_last(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        if offset + tokens.len() > self.context_length {
+            return Err(Error::PromptTooLong {
+                tokens: offset + tokens.len(),
+                context: self.context_length,
+            });
+        }
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let logits = match &mut self.inner {
+            Inner::Llama { model, cache, .. } => model.forward(&input, offset, cache)?,
+            Inner::Mistral(m) => m.forward(&input, offset)?,
+            Inner::Qwen2(m) => m.forward(&input, offset)?,
+            Inner::Qwen3(m) => m.forward(&input, offset)?,
+            Inner::Phi3(m) => m.forward(&input, offset)?,
+            Inner::Gemma2(m) => m.forward(&input, offset)?,
+            Inner::Gemma3(m) => {
+                // candle-transformers 0.11.1's Gemma 3 appends a non-contiguous value tensor to
+                // its KV cache when given several tokens at once and fails ("slice-set only
+                // supports contiguous tensors"); one token at a time is correct, if slower.
+                let mut last = None;
+                for (i, &t) in tokens.iter().enumerate() {
+                    let one = Tensor::new(&[t], &self.device)?.unsqueeze(0)?;
+                    last = Some(m.forward(&one, offset + i)?);
+                }
+                last.ok_or(Error::EmptyPrompt)?
+            }
+        };
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+
+    fn clear_kv_cache(&mut self) {
+        match &mut self.inner {
+            Inner::Llama { cache, fresh, .. } => *cache = fresh.clone(),
+            Inner::Mistral(m) => m.clear_kv_cache(),
+            Inner::Qwen2(m) => m.clear_kv_cache(),
+            Inner::Qwen3(m) => m.clear_kv_cache(),
+            Inner::Phi3(m) => m.clear_kv_cache(),
+            Inner::Gemma2(m) => m.clear_kv_cache(),
+            Inner::Gemma3(m) => m.clear_kv_cache(),
+        }
+    }
+
+    fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}
