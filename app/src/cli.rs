@@ -7,6 +7,9 @@
 //!   `--json`, one object per generated token `{"id": …, "text": …}` and a final
 //!   `{"done": true, "prompt_tokens": …, "generated_tokens": …, "ttft_ms": …,
 //!   "prefill_tok_s": …, "decode_tok_s": …}`.
+//! - `studio chat --model PATH [--system TEXT] --message TEXT [--json]` (same sampling flags)
+//!   applies the model's own chat template, stops at its end-of-turn token and prints the reply
+//!   the same way.
 //! - `studio bench generate --model PATH [--prompt-tokens N] [--gen-tokens N] [--threads N]
 //!   [--repeat N] [--json]` prints median prefill and decode tokens/s, time to first token and
 //!   peak RSS.
@@ -20,6 +23,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use studio_inference::chat::{ChatMessage, build_chat_prompt};
 use studio_inference::device::{DevicePreference, create_device};
 use studio_inference::generate::{GenerationStats, Step, generate};
 use studio_inference::loader::{self, LoadedModel};
@@ -37,6 +41,8 @@ pub struct Cli {
 pub enum Command {
     /// Continue a prompt with a language model (raw text, no chat template).
     Generate(GenerateArgs),
+    /// Reply to a message with the model's own chat template.
+    Chat(ChatArgs),
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -62,13 +68,9 @@ pub struct EngineArgs {
     pub device: String,
 }
 
+/// Sampling flags shared by `generate` and `chat`.
 #[derive(Debug, Args)]
-pub struct GenerateArgs {
-    #[command(flatten)]
-    pub engine: EngineArgs,
-    /// The text to continue.
-    #[arg(long)]
-    pub prompt: String,
+pub struct SamplingArgs {
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
     /// 0 = greedy.
@@ -98,6 +100,49 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+impl SamplingArgs {
+    fn params(&self) -> Result<SamplingParams> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+            max_new_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+        };
+        params.validate()?;
+        Ok(params)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// The text to continue.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// System prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The user's message.
+    #[arg(long)]
+    pub message: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
 #[derive(Debug, Args)]
 pub struct BenchGenerateArgs {
     #[command(flatten)]
@@ -118,6 +163,7 @@ pub struct BenchGenerateArgs {
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Generate(args) => run_generate(&args),
+        Command::Chat(args) => run_chat(&args),
         Command::Bench(BenchCommand::Generate(args)) => run_bench_generate(&args),
     }
 }
@@ -150,23 +196,43 @@ fn load_model(engine: &EngineArgs) -> Result<(LoadedModel, String)> {
 }
 
 fn run_generate(args: &GenerateArgs) -> Result<()> {
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repeat_penalty: args.repeat_penalty,
-        repeat_last_n: args.repeat_last_n,
-        seed: args.seed,
-        max_new_tokens: args.max_tokens,
-        stop: args.stop.clone(),
-    };
-    params.validate()?;
+    let params = args.sampling.params()?;
     if args.prompt.is_empty() {
         bail!(studio_inference::Error::EmptyPrompt);
     }
     let (mut m, _) = load_model(&args.engine)?;
     let prompt = m.tokenizer.encode(&args.prompt)?;
+    stream(&mut m, &prompt, &params, &[], args.sampling.json)
+}
+
+fn run_chat(args: &ChatArgs) -> Result<()> {
+    let mut params = args.sampling.params()?;
+    let (mut m, _) = load_model(&args.engine)?;
+    let system = args.system.as_deref().unwrap_or("");
+    let messages = [ChatMessage::user(args.message.as_str())];
+    let prompt = build_chat_prompt(&m, system, &messages, params.max_new_tokens)?;
+    if let Some(notice) = &prompt.notice {
+        eprintln!("note: {notice}");
+    }
+    params.stop.extend(prompt.stop);
+    stream(
+        &mut m,
+        &prompt.fitted.tokens,
+        &params,
+        &prompt.end_of_turn,
+        args.sampling.json,
+    )
+}
+
+/// Generates from `prompt` and prints as it goes: raw text, or JSON lines.
+fn stream(
+    m: &mut LoadedModel,
+    prompt: &[u32],
+    params: &SamplingParams,
+    extra_eos: &[u32],
+    json: bool,
+) -> Result<()> {
+    let eos: Vec<u32> = m.eos_token_ids.iter().chain(extra_eos).copied().collect();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     // In JSON mode each line is one generated token; text released only at the end (a
@@ -175,7 +241,7 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
     let mut held: Option<(u32, String)> = None;
     let mut write_err: Option<std::io::Error> = None;
     let mut on_step = |step: Step<'_>| -> ControlFlow<()> {
-        let result = if args.json {
+        let result = if json {
             match (step.id, held.as_mut()) {
                 (None, Some((_, text))) => {
                     text.push_str(step.text);
@@ -204,9 +270,9 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
     let stats = generate(
         &mut *m.model,
         &m.tokenizer,
-        &m.eos_token_ids,
-        &prompt,
-        &params,
+        &eos,
+        prompt,
+        params,
         &mut on_step,
     )?;
     if let Some(e) = write_err {
@@ -215,7 +281,7 @@ fn run_generate(args: &GenerateArgs) -> Result<()> {
         }
         return Err(e).context("writing to stdout");
     }
-    if args.json {
+    if json {
         if let Some((id, text)) = held {
             writeln!(out, "{}", json!({"id": id, "text": text}))?;
         }

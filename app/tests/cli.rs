@@ -196,3 +196,65 @@ fn bench_generate_reports_rates_and_memory() {
     }
     assert_eq!(v["threads"], 1);
 }
+
+#[test]
+fn chat_applies_the_models_template_and_prints_json_lines() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    studio_tests::families::write_family(tmp.path(), "qwen2", 4);
+    let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    std::fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>"}).to_string(),
+    )
+    .expect("write");
+    let out = studio(&[
+        "chat",
+        "--model",
+        path(tmp.path()),
+        "--system",
+        "Be brief.",
+        "--message",
+        "Hi",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("lines")).expect("json");
+    assert_eq!(last["done"], true);
+    // "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    // is 3 + 3 + 3 markers/roles plus the words: far more than the 4 tokens of a raw "Hi".
+    assert!(last["prompt_tokens"].as_u64().expect("n") > 10, "{last}");
+
+    // A template that always raises: the reply still comes, in the plain format, with a note.
+    std::fs::write(
+        tmp.path().join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": "{{ raise_exception('no') }}"}).to_string(),
+    )
+    .expect("write");
+    let out = studio(&[
+        "chat",
+        "--model",
+        path(tmp.path()),
+        "--message",
+        "Hi",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain transcript"));
+}

@@ -17,6 +17,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::loader::LoadedModel;
+use crate::template::{ChatTemplate, TemplateMessage};
 use crate::text::Tokenizer;
 
 /// Name shown in the UI for the format above.
@@ -77,6 +79,78 @@ pub fn render_plain(system: &str, messages: &[ChatMessage]) -> String {
     out
 }
 
+/// How a model turns a conversation into a prompt.
+#[derive(Debug, Clone)]
+pub enum ChatFormat {
+    /// The model's own chat template.
+    Template(ChatTemplate),
+    /// The plain transcript above (models that ship no template, such as GPT-2). `reason`
+    /// says why when the model's own template could not be used.
+    Plain { reason: Option<String> },
+}
+
+/// End-of-turn tokens chat templates close a reply with; generation stops at any of them that
+/// the vocabulary has, in addition to the model's end-of-text ids.
+pub const END_OF_TURN_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|endoftext|>",
+    "</s>",
+];
+
+impl ChatFormat {
+    /// What the UI shows as the active format.
+    pub fn name(&self) -> String {
+        match self {
+            ChatFormat::Template(t) => format!("{} (the model's chat template)", t.family_name()),
+            ChatFormat::Plain { reason: None } => PLAIN_TRANSCRIPT_NAME.to_owned(),
+            ChatFormat::Plain { reason: Some(r) } => format!("{PLAIN_TRANSCRIPT_NAME}; {r}"),
+        }
+    }
+
+    /// Stop strings the format needs beyond the model's end-of-text tokens.
+    pub fn stop_strings(&self) -> Vec<String> {
+        match self {
+            ChatFormat::Template(_) => Vec::new(),
+            ChatFormat::Plain { .. } => plain_stop_strings(),
+        }
+    }
+
+    /// End-of-turn token ids for this format in `tokenizer`'s vocabulary.
+    pub fn end_of_turn_ids(&self, tokenizer: &Tokenizer) -> Vec<u32> {
+        match self {
+            ChatFormat::Template(_) => END_OF_TURN_TOKENS
+                .iter()
+                .filter_map(|t| tokenizer.token_to_id(t))
+                .collect(),
+            ChatFormat::Plain { .. } => Vec::new(),
+        }
+    }
+
+    /// The prompt text for `messages` (with the system prompt first when non-empty), ready for
+    /// the assistant's reply.
+    pub fn render(&self, system: &str, messages: &[ChatMessage]) -> Result<String> {
+        match self {
+            ChatFormat::Plain { .. } => Ok(render_plain(system, messages)),
+            ChatFormat::Template(t) => {
+                let mut list = Vec::with_capacity(messages.len() + 1);
+                let system = system.trim();
+                if !system.is_empty() {
+                    list.push(TemplateMessage::system(system));
+                }
+                list.extend(messages.iter().map(|m| match m.role {
+                    Role::User => TemplateMessage::user(&m.content),
+                    Role::Assistant => TemplateMessage::assistant(&m.content),
+                }));
+                t.render(&list, true)
+            }
+        }
+    }
+}
+
 /// A prompt that fits the context window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FittedPrompt {
@@ -85,10 +159,12 @@ pub struct FittedPrompt {
     pub dropped_messages: usize,
 }
 
-/// Tokenizes the conversation, dropping the oldest messages (never the system prompt, never the
-/// last message) until the prompt plus `reserve` tokens for the reply fit in `context`.
+/// Tokenizes the conversation in `format`, dropping the oldest messages (never the system
+/// prompt, never the last message) until the prompt plus `reserve` tokens for the reply fit in
+/// `context`.
 pub fn fit_to_context(
     tokenizer: &Tokenizer,
+    format: &ChatFormat,
     system: &str,
     messages: &[ChatMessage],
     context: usize,
@@ -102,7 +178,7 @@ pub fn fit_to_context(
     let mut dropped = 0;
     loop {
         let kept = &messages[dropped..];
-        let tokens = tokenizer.encode(&render_plain(system, kept))?;
+        let tokens = tokenizer.encode(&format.render(system, kept)?)?;
         if tokens.len() <= budget {
             return Ok(FittedPrompt {
                 tokens,
@@ -121,6 +197,71 @@ pub fn fit_to_context(
             dropped += 1;
         }
     }
+}
+
+/// A chat prompt ready to generate from.
+#[derive(Debug, Clone)]
+pub struct ChatPrompt {
+    pub fitted: FittedPrompt,
+    /// Stop strings the format needs.
+    pub stop: Vec<String>,
+    /// End-of-turn ids to stop at, beyond the model's end-of-text ids.
+    pub end_of_turn: Vec<u32>,
+    /// Set when the model's template could not take the conversation and a fallback was used;
+    /// the UI shows it.
+    pub notice: Option<String>,
+}
+
+/// Builds the prompt for the next reply in the model's own chat format, fitted to its context.
+///
+/// When the model's template refuses the conversation (templates `raise_exception` on a system
+/// message, or fail), Studio does what users expect rather than fail: the system prompt is put
+/// at the start of the first user message; if the template still fails, the plain transcript
+/// is used. Either way `notice` says so.
+pub fn build_chat_prompt(
+    model: &LoadedModel,
+    system: &str,
+    messages: &[ChatMessage],
+    reserve: usize,
+) -> Result<ChatPrompt> {
+    let context = model.model.context_length();
+    let tok = &model.tokenizer;
+    let prompt = |format: &ChatFormat, fitted: FittedPrompt, notice: Option<String>| ChatPrompt {
+        fitted,
+        stop: format.stop_strings(),
+        end_of_turn: format.end_of_turn_ids(tok),
+        notice,
+    };
+    let error = match fit_to_context(tok, &model.chat, system, messages, context, reserve) {
+        Ok(fitted) => return Ok(prompt(&model.chat, fitted, None)),
+        Err(Error::ChatTemplate(e)) => e,
+        Err(e) => return Err(e),
+    };
+    if !system.trim().is_empty()
+        && let Some(first) = messages.iter().position(|m| m.role == Role::User)
+    {
+        let mut merged = messages.to_vec();
+        merged[first].content = format!(
+            "{}
+
+{}",
+            system.trim(),
+            merged[first].content
+        );
+        if let Ok(fitted) = fit_to_context(tok, &model.chat, "", &merged, context, reserve) {
+            let notice = format!(
+                "This model's chat template does not take a system prompt ({error}); \
+                 it was put at the start of the first message."
+            );
+            return Ok(prompt(&model.chat, fitted, Some(notice)));
+        }
+    }
+    let plain = ChatFormat::Plain { reason: None };
+    let fitted = fit_to_context(tok, &plain, system, messages, context, reserve)?;
+    let notice = format!(
+        "The model's chat template failed ({error}); this reply uses the plain transcript format."
+    );
+    Ok(prompt(&plain, fitted, Some(notice)))
 }
 
 #[cfg(test)]

@@ -51,6 +51,9 @@ pub enum Error {
     #[error("{0}: no model found here (expected config.json with model.safetensors)")]
     NoModel(PathBuf),
 
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 

@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::chat::ChatFormat;
 use crate::error::{Error, Result};
 use crate::models::hf::{self, Family, FamilyConfig};
 use crate::models::{CausalLm, gpt2};
+use crate::template::ChatTemplate;
 use crate::text::Tokenizer;
 use crate::weights::Weights;
 
@@ -64,6 +66,8 @@ pub struct LoadedModel {
     pub info: ModelInfo,
     /// Token ids that end generation (the model's end-of-text).
     pub eos_token_ids: Vec<u32>,
+    /// How conversations become prompts: the model's own template, else the plain transcript.
+    pub chat: ChatFormat,
 }
 
 fn is_pickle(path: &Path) -> bool {
@@ -226,6 +230,7 @@ pub struct PreparedModel {
     weights: Weights,
     dtype: DType,
     eos_token_ids: Vec<u32>,
+    chat: ChatFormat,
 }
 
 enum Config {
@@ -319,6 +324,15 @@ pub fn prepare(path: &Path, device: &Device) -> Result<PreparedModel> {
     let dtype = compute_dtype(arch, device);
     let weights = Weights::open(&files.weights, device, dtype)?;
     let eos_token_ids = eos_token_ids(&files.dir, &config_value, &tokenizer);
+    // A template that does not compile is reported in the chat format's name, and the plain
+    // transcript is used: the model still loads.
+    let chat = match ChatTemplate::from_model_dir(&files.dir) {
+        Ok(Some(t)) => ChatFormat::Template(t),
+        Ok(None) => ChatFormat::Plain { reason: None },
+        Err(e) => ChatFormat::Plain {
+            reason: Some(format!("the model's template could not be used: {e}")),
+        },
+    };
     Ok(PreparedModel {
         files,
         config,
@@ -326,6 +340,7 @@ pub fn prepare(path: &Path, device: &Device) -> Result<PreparedModel> {
         weights,
         dtype,
         eos_token_ids,
+        chat,
     })
 }
 
@@ -339,6 +354,7 @@ impl PreparedModel {
             weights,
             dtype,
             eos_token_ids,
+            chat,
         } = self;
         let (model, architecture, context_length, vocab_size, parameters): (
             Box<dyn CausalLm>,
@@ -378,13 +394,14 @@ impl PreparedModel {
             vocab_size,
             parameters,
             dtype: format!("{dtype:?}").to_lowercase(),
-            chat_format: crate::chat::PLAIN_TRANSCRIPT_NAME.to_owned(),
+            chat_format: chat.name(),
         };
         Ok(LoadedModel {
             model,
             tokenizer,
             info,
             eos_token_ids,
+            chat,
         })
     }
 }

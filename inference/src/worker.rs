@@ -106,6 +106,11 @@ pub enum Event {
         dropped_messages: usize,
         prompt_tokens: usize,
     },
+    /// Something the user should know about this job (a fallback that was used).
+    Notice {
+        job: JobId,
+        message: String,
+    },
     /// The prompt of a chat or generate job, in tokens, before generation starts.
     PromptTokens {
         job: JobId,
@@ -143,6 +148,7 @@ impl Event {
             | Event::Text { job, .. }
             | Event::ContextTrimmed { job, .. }
             | Event::PromptTokens { job, .. }
+            | Event::Notice { job, .. }
             | Event::ModelLoaded { job, .. }
             | Event::ModelUnloaded { job }
             | Event::Done { job, .. }
@@ -465,6 +471,7 @@ impl JobContext<'_> {
         &mut self,
         prompt: &[u32],
         params: &SamplingParams,
+        extra_eos: &[u32],
     ) -> Result<Option<GenerationStats>> {
         self.send(Event::PromptTokens {
             job: self.job,
@@ -473,6 +480,7 @@ impl JobContext<'_> {
         let Some(m) = self.model.as_mut() else {
             return Err(Error::NoModelLoaded);
         };
+        let eos: Vec<u32> = m.eos_token_ids.iter().chain(extra_eos).copied().collect();
         let (cancel, events, repaint, job) = (self.cancel, self.events, self.repaint, self.job);
         // Text not yet sent because the channel was full; the caller flushes what is left.
         let pending = &mut self.pending_text;
@@ -480,7 +488,7 @@ impl JobContext<'_> {
         let stats = generate(
             &mut *m.model,
             &m.tokenizer,
-            &m.eos_token_ids,
+            &eos,
             prompt,
             params,
             &mut |step: Step<'_>| {
@@ -575,7 +583,7 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
                 return Err(Error::EmptyPrompt);
             }
             let tokens = m.tokenizer.encode(&prompt)?;
-            ctx.generate(&tokens, &params)
+            ctx.generate(&tokens, &params, &[])
         }
         JobKind::Chat {
             system,
@@ -583,22 +591,22 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             mut params,
         } => {
             let m = ctx.model.as_ref().ok_or(Error::NoModelLoaded)?;
-            let fitted = chat::fit_to_context(
-                &m.tokenizer,
-                &system,
-                &messages,
-                m.model.context_length(),
-                params.max_new_tokens,
-            )?;
-            if fitted.dropped_messages > 0 {
-                ctx.send(Event::ContextTrimmed {
+            let prompt = chat::build_chat_prompt(m, &system, &messages, params.max_new_tokens)?;
+            if let Some(message) = prompt.notice {
+                ctx.send(Event::Notice {
                     job: ctx.job,
-                    dropped_messages: fitted.dropped_messages,
-                    prompt_tokens: fitted.tokens.len(),
+                    message,
                 });
             }
-            params.stop.extend(chat::plain_stop_strings());
-            ctx.generate(&fitted.tokens, &params)
+            if prompt.fitted.dropped_messages > 0 {
+                ctx.send(Event::ContextTrimmed {
+                    job: ctx.job,
+                    dropped_messages: prompt.fitted.dropped_messages,
+                    prompt_tokens: prompt.fitted.tokens.len(),
+                });
+            }
+            params.stop.extend(prompt.stop);
+            ctx.generate(&prompt.fitted.tokens, &params, &prompt.end_of_turn)
         }
         JobKind::Custom { run, .. } => run(ctx).map(|()| None),
     }

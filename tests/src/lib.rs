@@ -33,6 +33,28 @@ pub const CORPUS: &[&str] = &[
 /// The end-of-text token, as GPT-2 names it.
 pub const EOS: &str = "<|endoftext|>";
 
+/// Special tokens of today's chat templates, added to the test tokenizer so rendered prompts
+/// tokenize as real models' do (one id per marker).
+pub const CHAT_SPECIALS: &[&str] = &[
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<s>",
+    "</s>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+    "[INST]",
+    "[/INST]",
+];
+
 /// Trains a GPT-2-style byte-level BPE tokenizer (vocabulary of about `vocab_size`).
 pub fn train_tokenizer(vocab_size: usize) -> tokenizers::Tokenizer {
     let mut tokenizer = TokenizerBuilder::<
@@ -53,7 +75,12 @@ pub fn train_tokenizer(vocab_size: usize) -> tokenizers::Tokenizer {
         .vocab_size(vocab_size)
         .min_frequency(0)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .special_tokens(vec![AddedToken::from(EOS.to_owned(), true)])
+        .special_tokens(
+            std::iter::once(EOS)
+                .chain(CHAT_SPECIALS.iter().copied())
+                .map(|t| AddedToken::from(t.to_owned(), true))
+                .collect(),
+        )
         .build();
     tokenizer
         .train(&mut trainer, CORPUS.iter())

@@ -169,7 +169,8 @@ fn generation_stops_when_the_context_is_full_and_long_prompts_are_refused() {
 
 #[test]
 fn chat_context_drops_oldest_turns_but_keeps_the_last_message() {
-    use studio_inference::chat::{ChatMessage, fit_to_context};
+    use studio_inference::chat::{ChatFormat, ChatMessage, fit_to_context};
+    let plain = ChatFormat::Plain { reason: None };
     let tok = Tokenizer::from_inner(train_tokenizer(300));
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(3);
     let mut msgs = Vec::new();
@@ -178,14 +179,14 @@ fn chat_context_drops_oldest_turns_but_keeps_the_last_message() {
         msgs.push(ChatMessage::assistant(long.clone()));
     }
     msgs.push(ChatMessage::user("Hello"));
-    let fitted = fit_to_context(&tok, "Be nice.", &msgs, 128, 32).expect("fits");
+    let fitted = fit_to_context(&tok, &plain, "Be nice.", &msgs, 128, 32).expect("fits");
     assert!(fitted.dropped_messages > 0);
     assert!(fitted.tokens.len() <= 128 - 32);
     let text = tok.decode(&fitted.tokens).expect("decode");
     assert!(text.starts_with("Be nice.\n\nUser:"), "{text}");
     assert!(text.ends_with("User: Hello\nAssistant:"), "{text}");
-    let none_dropped = fit_to_context(&tok, "", &msgs[12..], 128, 32).expect("fits");
+    let none_dropped = fit_to_context(&tok, &plain, "", &msgs[12..], 128, 32).expect("fits");
     assert_eq!(none_dropped.dropped_messages, 0);
     let huge = vec![ChatMessage::user(long.repeat(10))];
-    assert!(fit_to_context(&tok, "", &huge, 128, 32).is_err());
+    assert!(fit_to_context(&tok, &plain, "", &huge, 128, 32).is_err());
 }

@@ -75,6 +75,7 @@ impl StudioApp {
             } => self.jobs.progress(job, fraction, message),
             Event::Text { text, tokens, .. } => self.chat.reply_text(job, &text, tokens),
             Event::PromptTokens { tokens, .. } => self.chat.reply_prompt_tokens(job, tokens),
+            Event::Notice { message, .. } => self.notices.warning(message),
             Event::ContextTrimmed {
                 dropped_messages, ..
             } => self.chat.reply_trimmed(job, dropped_messages),
