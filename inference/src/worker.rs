@@ -34,11 +34,20 @@ pub struct JobId(pub u64);
 /// Custom work run on the worker thread with access to the loaded model.
 pub type CustomJob = Box<dyn FnOnce(&mut JobContext<'_>) -> Result<()> + Send>;
 
+/// How to load a model.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadOptions {
+    /// Context length to use, below the model's trained maximum (saves memory); `None` = the
+    /// maximum.
+    pub context_length: Option<usize>,
+}
+
 /// What to do.
 pub enum JobKind {
     /// Load a model (folder or file), replacing the loaded one. The new model's files are
     /// checked first; only then is the old model dropped (with [`Event::ModelUnloaded`]).
-    LoadModel { path: PathBuf },
+    LoadModel { path: PathBuf, options: LoadOptions },
     /// Drop the loaded model and free its memory.
     UnloadModel,
     /// Continue `prompt` as raw text (no chat format).
@@ -59,7 +68,7 @@ pub enum JobKind {
 impl JobKind {
     pub fn label(&self) -> String {
         match self {
-            JobKind::LoadModel { path } => format!(
+            JobKind::LoadModel { path, .. } => format!(
                 "Loading {}",
                 path.file_name().map_or_else(
                     || path.display().to_string(),
@@ -543,7 +552,7 @@ fn send_text(
 
 fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationStats>> {
     match kind {
-        JobKind::LoadModel { path } => {
+        JobKind::LoadModel { path, options } => {
             let job = ctx.job;
             ctx.progress(0.0, "checking files");
             // Check the new model before giving up the loaded one: a wrong file (a pickle, a
@@ -567,6 +576,10 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
                     repaint();
                 }
             })?;
+            let mut loaded = loaded;
+            if let Some(n) = options.context_length {
+                loaded.info.context_length = loaded.model.set_context_length(n);
+            }
             let info = loaded.info.clone();
             *ctx.model = Some(loaded);
             ctx.send(Event::ModelLoaded { job, info });

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use studio_inference::chat::ChatMessage;
 use studio_inference::device::DevicePreference;
 use studio_inference::sampling::SamplingParams;
-use studio_inference::worker::{Event, JobId, JobKind, Worker, WorkerConfig};
+use studio_inference::worker::{Event, JobId, JobKind, LoadOptions, Worker, WorkerConfig};
 use studio_tests::{TinyGpt2, write_gpt2_readable};
 
 fn worker_with(event_capacity: usize) -> (Worker, Arc<AtomicUsize>) {
@@ -61,6 +61,7 @@ fn load(w: &Worker, dir: &std::path::Path) {
     let job = w
         .submit(JobKind::LoadModel {
             path: dir.to_path_buf(),
+            options: LoadOptions::default(),
         })
         .expect("submit");
     let events = until_terminal(w, job, Duration::from_secs(30));
@@ -87,10 +88,12 @@ fn every_job_ends_with_exactly_one_terminal_event() {
         .expect("submit"), // fails: no model yet
         w.submit(JobKind::LoadModel {
             path: dir.path().join("missing"),
+            options: LoadOptions::default(),
         })
         .expect("submit"), // fails: no such folder
         w.submit(JobKind::LoadModel {
             path: dir.path().to_path_buf(),
+            options: LoadOptions::default(),
         })
         .expect("submit"),
         w.submit(JobKind::Generate {
@@ -322,7 +325,10 @@ fn a_bad_model_is_refused_before_the_loaded_one_is_dropped() {
     let pickle = dir.path().join("pytorch_model.bin");
     std::fs::write(&pickle, b"\x80\x04").expect("write");
     let bad = w
-        .submit(JobKind::LoadModel { path: pickle })
+        .submit(JobKind::LoadModel {
+            path: pickle,
+            options: LoadOptions::default(),
+        })
         .expect("submit");
     let events = until_terminal(&w, bad, Duration::from_secs(10));
     assert!(
@@ -348,6 +354,7 @@ fn a_bad_model_is_refused_before_the_loaded_one_is_dropped() {
     let switch = w
         .submit(JobKind::LoadModel {
             path: dir.path().to_path_buf(),
+            options: LoadOptions::default(),
         })
         .expect("submit");
     let events = until_terminal(&w, switch, Duration::from_secs(10));
@@ -360,4 +367,38 @@ fn a_bad_model_is_refused_before_the_loaded_one_is_dropped() {
         .position(|e| matches!(e, Event::ModelLoaded { .. }))
         .expect("loaded");
     assert!(unloaded < loaded);
+}
+
+#[test]
+fn load_options_lower_the_context_length() {
+    let dir = model_dir(128);
+    let (w, _) = worker_with(64);
+    let job = w
+        .submit(JobKind::LoadModel {
+            path: dir.path().to_path_buf(),
+            options: LoadOptions {
+                context_length: Some(48),
+            },
+        })
+        .expect("submit");
+    let events = until_terminal(&w, job, Duration::from_secs(10));
+    let info = events
+        .iter()
+        .find_map(|e| match e {
+            Event::ModelLoaded { info, .. } => Some(info.clone()),
+            _ => None,
+        })
+        .expect("loaded");
+    assert_eq!(info.context_length, 48);
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(8);
+    let job = w
+        .submit(JobKind::Generate {
+            prompt: long,
+            params: SamplingParams::greedy(4),
+        })
+        .expect("submit");
+    match until_terminal(&w, job, Duration::from_secs(10)).last() {
+        Some(Event::Failed { error, .. }) => assert!(error.contains("context is 48"), "{error}"),
+        other => panic!("expected the 48-token context to refuse it: {other:?}"),
+    }
 }

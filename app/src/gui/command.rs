@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use studio_inference::worker::JobKind;
+use studio_inference::worker::{JobKind, LoadOptions};
 
 use super::app::StudioApp;
 use super::conversations::ReplyState;
@@ -107,7 +107,10 @@ impl StudioApp {
             return;
         }
         self.submit(
-            JobKind::LoadModel { path: path.clone() },
+            JobKind::LoadModel {
+                path: path.clone(),
+                options: LoadOptions::default(),
+            },
             JobPurpose::LoadModel(path),
         );
     }

@@ -229,6 +229,7 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     lm_head: Linear,
     config: Config,
+    context_length: usize,
     device: Device,
 }
 
@@ -268,6 +269,7 @@ impl Gpt2 {
             ln_f,
             lm_head: Linear::new(lm_head, None),
             device: w.device().clone(),
+            context_length: cfg.context_length(),
             config: cfg.clone(),
         })
     }
@@ -282,10 +284,10 @@ impl Gpt2 {
         if t == 0 {
             return Err(Error::EmptyPrompt);
         }
-        if offset + t > self.config.context_length() {
+        if offset + t > self.context_length {
             return Err(Error::PromptTooLong {
                 tokens: offset + t,
-                context: self.config.context_length(),
+                context: self.context_length,
             });
         }
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
@@ -344,7 +346,12 @@ impl CausalLm for Gpt2 {
     }
 
     fn context_length(&self) -> usize {
-        self.config.context_length()
+        self.context_length
+    }
+
+    fn set_context_length(&mut self, tokens: usize) -> usize {
+        self.context_length = tokens.clamp(1, self.config.context_length());
+        self.context_length
     }
 
     fn vocab_size(&self) -> usize {

@@ -76,6 +76,7 @@ enum Inner {
 pub struct HfModel {
     inner: Inner,
     context_length: usize,
+    max_context_length: usize,
     vocab_size: usize,
     device: Device,
 }
@@ -216,6 +217,7 @@ impl FamilyConfig {
         Ok(HfModel {
             inner,
             context_length: self.context_length,
+            max_context_length: self.context_length,
             vocab_size: self.vocab_size,
             device: device.clone(),
         })
@@ -269,6 +271,11 @@ impl CausalLm for HfModel {
     }
 
     fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    fn set_context_length(&mut self, tokens: usize) -> usize {
+        self.context_length = tokens.clamp(1, self.max_context_length);
         self.context_length
     }
 

@@ -28,8 +28,13 @@ pub trait CausalLm: Send {
     /// Forgets every cached key and value (the next call must start at offset 0).
     fn clear_kv_cache(&mut self);
 
-    /// The longest sequence (prompt plus generated tokens) the model can attend over.
+    /// The longest sequence (prompt plus generated tokens) the model will attend over: the
+    /// trained maximum unless lowered with [`CausalLm::set_context_length`].
     fn context_length(&self) -> usize;
+
+    /// Limits the context (users lower it to save memory); clamped to the trained maximum.
+    /// Returns the length now in effect.
+    fn set_context_length(&mut self, tokens: usize) -> usize;
 
     fn vocab_size(&self) -> usize;
 }
