@@ -13,6 +13,10 @@
 //! - `studio bench generate --model PATH [--prompt-tokens N] [--gen-tokens N] [--threads N]
 //!   [--repeat N] [--json]` prints median prefill and decode tokens/s, time to first token and
 //!   peak RSS.
+//! - `studio serve --model PATH [--host 127.0.0.1] [--port 8080] [--threads N] [--device D]`
+//!   serves the model over an OpenAI-compatible HTTP API (see [`crate::serve`]) and prints
+//!   `Studio is serving MODEL at http://HOST:PORT/v1` on stdout once it listens (`--port 0`
+//!   picks a free port).
 //!
 //! Errors go to stderr with a non-zero exit code.
 
@@ -46,6 +50,9 @@ pub enum Command {
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models).
+    Serve(ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,12 +166,26 @@ pub struct BenchGenerateArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Address to listen on. The default, loopback, lets only this machine connect; the server
+    /// has no authentication.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (printed at startup).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+}
+
 /// Runs a subcommand.
 pub fn run(command: Command) -> Result<()> {
     match command {
         Command::Generate(args) => run_generate(&args),
         Command::Chat(args) => run_chat(&args),
         Command::Bench(BenchCommand::Generate(args)) => run_bench_generate(&args),
+        Command::Serve(args) => run_serve(&args),
     }
 }
 
@@ -301,6 +322,26 @@ fn summary_json(s: &GenerationStats) -> serde_json::Value {
         "prefill_tok_s": s.prefill_tok_s,
         "decode_tok_s": s.decode_tok_s,
     })
+}
+
+fn run_serve(args: &ServeArgs) -> Result<()> {
+    let (m, device) = load_model(&args.engine)?;
+    let name = m.info.name.clone();
+    let server = crate::serve::Server::start(m, &args.host, args.port)?;
+    if !server.addr().ip().is_loopback() {
+        eprintln!(
+            "warning: listening on {}: anyone who can reach this machine can use the model \
+             (there is no authentication)",
+            server.addr()
+        );
+    }
+    eprintln!("model {name} on {device}");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "Studio is serving {name} at {}", server.base_url())?;
+    out.flush()?;
+    drop(out);
+    server.wait();
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod gui;
 pub mod home;
+pub mod serve;
 
 /// Sets how many CPU threads the inference engine uses (`RAYON_NUM_THREADS`, read by candle and
 /// rayon when they start). Call it at startup, before any other thread exists.

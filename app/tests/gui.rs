@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
-use studio_app::gui::conversations::{Conversation, ReplyState};
+use studio_app::gui::command::ExportFormat;
+use studio_app::gui::conversations::{Conversation, Message, ReplyState};
 use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
 use studio_inference::chat::{ChatMessage, Role as ChatRole, render_plain};
 use studio_tests::{TinyGpt2, write_gpt2_readable};
@@ -17,7 +18,11 @@ use studio_tests::{TinyGpt2, write_gpt2_readable};
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 fn harness(home: &Path) -> Harness<'static, StudioApp> {
-    let app = StudioApp::new(&egui::Context::default(), &AppConfig::for_tests(home));
+    harness_with(&AppConfig::for_tests(home))
+}
+
+fn harness_with(config: &AppConfig) -> Harness<'static, StudioApp> {
+    let app = StudioApp::new(&egui::Context::default(), config);
     Harness::builder()
         .with_size(egui::vec2(1280.0, 860.0))
         .build_ui_state(
@@ -48,6 +53,7 @@ fn step_until(
 }
 
 /// Whether a widget other than plain text has this exact name (navigation, buttons).
+#[track_caller]
 fn control<'a>(h: &'a Harness<'_, StudioApp>, name: &'a str) -> egui_kittest::Node<'a> {
     h.get_all_by(move |n| n.role() != Role::Label && n.label().as_deref() == Some(name))
         .next()
@@ -109,9 +115,22 @@ fn send(h: &mut Harness<'_, StudioApp>, text: &str) {
     h.step();
 }
 
+/// The open conversation as shown: (role, text) of each message on its active path.
+fn shown_path(h: &Harness<'_, StudioApp>) -> Vec<(ChatRole, String)> {
+    h.state()
+        .chat()
+        .current()
+        .expect("an open conversation")
+        .active_path()
+        .iter()
+        .map(|m| (m.role, m.content.trim().to_owned()))
+        .collect()
+}
+
 fn last_reply(h: &Harness<'_, StudioApp>) -> (String, ReplyState) {
     let c = h.state().chat().current().expect("an open conversation");
-    let m = c.messages.last().expect("a message");
+    let path = c.active_path();
+    let m = path.last().expect("a message");
     assert_eq!(m.role, ChatRole::Assistant);
     (
         m.content.trim().to_owned(),
@@ -124,6 +143,9 @@ fn saved_conversations(home: &Path) -> Vec<Conversation> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("conversations folder") {
         let path = entry.expect("entry").path();
+        if !path.is_file() {
+            continue; // trash/
+        }
         let text = std::fs::read_to_string(&path).expect("read");
         out.push(serde_json::from_str(&text).expect("a conversation file"));
     }
@@ -199,10 +221,17 @@ fn chat_streams_a_reply_from_a_model_loaded_in_the_models_panel() {
     let saved = saved_conversations(&home);
     assert_eq!(saved.len(), 1);
     assert_eq!(saved[0].title, "Hello there");
+    assert_eq!(saved[0].version, 2);
     assert_eq!(saved[0].messages.len(), 2);
     assert_eq!(saved[0].messages[1].content.trim(), text);
+    assert_eq!(saved[0].messages[1].parent, Some(saved[0].messages[0].id));
+    // The parameters the reply was written with are saved with the conversation.
+    assert_eq!(
+        saved[0].sampling.as_ref().map(|p| p.max_new_tokens),
+        Some(h.state().settings().sampling.max_new_tokens)
+    );
 
-    // Editing a message saves the conversation again.
+    // Saving an edit changes the message in place and writes the conversation again.
     control(&h, "Edit").click();
     h.step();
     h.step();
@@ -217,6 +246,11 @@ fn chat_streams_a_reply_from_a_model_loaded_in_the_models_panel() {
     assert_eq!(
         saved_conversations(&home)[0].messages[0].content,
         "Hello there, edited"
+    );
+    assert_eq!(
+        saved_conversations(&home)[0].messages.len(),
+        2,
+        "no new branch"
     );
     assert!(shows_text(&h, "Hello there, edited"));
 }
@@ -285,8 +319,9 @@ fn stop_keeps_the_partial_reply_and_marks_it_stopped() {
     drop(h);
     let h = harness(&home);
     let c = h.state().chat().current().expect("reopened");
-    assert_eq!(c.messages.len(), 4);
-    let last = &c.messages[3];
+    let path = c.active_path();
+    assert_eq!(path.len(), 4);
+    let last = path[3];
     assert!(!last.content.trim().is_empty());
     assert_eq!(
         last.reply.as_ref().map(|r| r.state),
@@ -314,7 +349,7 @@ fn conversations_settings_and_the_model_come_back_after_a_restart() {
             h.state()
                 .chat()
                 .current()
-                .is_some_and(|c| c.messages.len() == 2)
+                .is_some_and(|c| c.active_path().len() == 2)
                 && last_reply(h).1 == ReplyState::Done
         });
         reply = last_reply(&h).0;
@@ -342,8 +377,13 @@ fn conversations_settings_and_the_model_come_back_after_a_restart() {
         .current()
         .expect("the conversation reopened");
     assert_eq!(c.title, "Remember me");
-    assert_eq!(c.messages[0].content, "Remember me");
-    assert_eq!(c.messages[1].content.trim(), reply);
+    assert_eq!(
+        shown_path(&h),
+        vec![
+            (ChatRole::User, "Remember me".to_owned()),
+            (ChatRole::Assistant, reply.clone())
+        ]
+    );
     assert!(
         h.query_all_by_label("Remember me").count() >= 2,
         "listed and shown"
@@ -353,18 +393,18 @@ fn conversations_settings_and_the_model_come_back_after_a_restart() {
         assert!(shows_text(&h, &shown));
     }
 
-    // Regenerate replaces the reply with a new one (a new seed each reply by default).
+    // Regenerate writes a new version of the reply (a new seed each reply by default); the
+    // old one is kept as version 1 of 2.
     control(&h, "Regenerate").click();
     h.step();
     step_until(&mut h, "the new reply to finish", |h| {
         last_reply(h).1 == ReplyState::Done
     });
+    h.step();
     let c = h.state().chat().current().expect("conversation");
-    assert_eq!(
-        c.messages.len(),
-        2,
-        "the old reply was replaced, not added to"
-    );
+    assert_eq!(c.active_path().len(), 2, "the path still has two messages");
+    assert_eq!(c.messages.len(), 3, "the old reply is kept");
+    assert!(shows_text(&h, "2/2"));
 
     // A new chat, then delete it again after it has a message.
     control(&h, "New chat").click();
@@ -375,8 +415,6 @@ fn conversations_settings_and_the_model_come_back_after_a_restart() {
     });
     assert_eq!(saved_conversations(&home).len(), 2);
     control(&h, "Delete chat").click();
-    h.step();
-    control(&h, "Delete").click();
     h.step();
     h.step();
     assert_eq!(saved_conversations(&home).len(), 1);
@@ -537,12 +575,12 @@ fn long_conversations_leave_out_their_oldest_messages() {
         h.state()
             .chat()
             .current()
-            .is_some_and(|c| c.messages.len() == 4)
+            .is_some_and(|c| c.active_path().len() == 4)
             && last_reply(h).1 != ReplyState::Streaming
     });
     h.step();
     let c = h.state().chat().current().expect("conversation");
-    let reply = c.messages[3].reply.as_ref().expect("reply info");
+    let reply = c.active_path()[3].reply.as_ref().expect("reply info");
     assert_eq!(reply.state, ReplyState::Done, "{:?}", reply.error);
     assert_eq!(reply.dropped_messages, 2, "the first exchange was left out");
     assert!(shows_text(
@@ -584,4 +622,568 @@ fn a_failed_reply_shows_the_error_and_keeps_the_conversation() {
         saved[0].messages[1].reply.as_ref().map(|r| r.state),
         Some(ReplyState::Failed)
     );
+}
+
+// ---- branches, Markdown, the conversation list, parameters --------------------------------
+
+/// Every control named `name`, top to bottom on screen (the message box's buttons come last).
+fn controls<'a>(h: &'a Harness<'_, StudioApp>, name: &'a str) -> Vec<egui_kittest::Node<'a>> {
+    let mut found: Vec<_> = h
+        .get_all_by(move |n| n.role() != Role::Label && n.label().as_deref() == Some(name))
+        .collect();
+    found.sort_by(|a, b| a.rect().top().total_cmp(&b.rect().top()));
+    found
+}
+
+/// Clicks, then steps two frames (the click, then the commands it queued).
+#[track_caller]
+fn click(h: &mut Harness<'_, StudioApp>, name: &str) {
+    control(h, name).click();
+    h.step();
+    h.step();
+}
+
+/// Waits for the open conversation's newest reply (on its path) to end.
+#[track_caller]
+fn wait_for_reply(h: &mut Harness<'_, StudioApp>) {
+    step_until(h, "the reply to finish", |h| {
+        h.state().chat().active().is_none()
+            && h.state()
+                .chat()
+                .current()
+                .and_then(|c| {
+                    c.active_path()
+                        .last()
+                        .map(|m| m.role == ChatRole::Assistant)
+                })
+                .unwrap_or(false)
+            && last_reply(h).1 != ReplyState::Streaming
+    });
+    h.step();
+}
+
+/// Prompt tokens of the plain transcript of `turns` (what GPT-2 models are sent).
+fn plain_prompt_tokens(model: &Path, turns: &[ChatMessage]) -> usize {
+    let tokenizer = studio_inference::text::Tokenizer::from_file(&model.join("tokenizer.json"))
+        .expect("tokenizer");
+    tokenizer
+        .encode(&render_plain("", turns))
+        .expect("encode")
+        .len()
+}
+
+/// Adds a saved conversation through the app's public API: `turns` alternate user/assistant.
+fn add_conversation(h: &mut Harness<'_, StudioApp>, title: &str, turns: &[&str]) -> String {
+    let chat = h.state_mut().chat_mut();
+    let mut c = Conversation {
+        title: title.to_owned(),
+        ..Conversation::default()
+    };
+    for (i, text) in turns.iter().enumerate() {
+        let m = if i % 2 == 0 {
+            Message::user(*text)
+        } else {
+            Message::assistant(*text)
+        };
+        c.push_to_path(m);
+    }
+    let id = chat.store.insert(c);
+    chat.store.save(&id).expect("save");
+    id
+}
+
+#[test]
+fn editing_an_earlier_message_makes_a_branch_that_survives_a_restart() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_model(tmp.path());
+    let edited_reply;
+    {
+        let mut h = harness(&home);
+        h.state_mut().settings_mut().sampling.max_new_tokens = 8;
+        h.state_mut()
+            .push_command(Command::LoadModel(model.clone()));
+        step_until(&mut h, "the model to load", |h| h.state().model().is_some());
+        send(&mut h, "First question");
+        wait_for_reply(&mut h);
+        send(&mut h, "Second question");
+        wait_for_reply(&mut h);
+        let original = shown_path(&h);
+        assert_eq!(original.len(), 4);
+
+        // Edit the first message and resend it: a new version with its own reply.
+        controls(&h, "Edit")[0].click();
+        h.step();
+        h.step();
+        h.get_by_label("Edit message").focus();
+        h.step();
+        h.key_press(egui::Key::End);
+        h.get_by_label("Edit message").type_text(", again");
+        h.step();
+        click(&mut h, "Resend");
+        wait_for_reply(&mut h);
+        let edited = shown_path(&h);
+        assert_eq!(edited.len(), 2, "{edited:?}");
+        assert_eq!(edited[0].1, "First question, again");
+        edited_reply = edited[1].1.clone();
+        assert!(
+            shows_text(&h, "2/2"),
+            "the edited message is version 2 of 2"
+        );
+        // The model was sent the new branch only.
+        let c = h.state().chat().current().expect("conversation");
+        assert_eq!(c.messages.len(), 6, "both branches are kept");
+        let prompt = c.active_path()[1]
+            .reply
+            .as_ref()
+            .and_then(|r| r.prompt_tokens)
+            .expect("prompt tokens");
+        assert_eq!(
+            prompt,
+            plain_prompt_tokens(&model, &[ChatMessage::user("First question, again")])
+        );
+
+        // `<` goes back to the first version with everything that followed it.
+        click(&mut h, "<");
+        assert_eq!(shown_path(&h), original);
+        assert!(shows_text(&h, "1/2"));
+        assert!(shows_text(&h, "Second question"));
+        click(&mut h, ">");
+        assert_eq!(shown_path(&h), edited);
+        click(&mut h, "<");
+        assert_eq!(shown_path(&h), original);
+    }
+    // The whole tree and the chosen branch are in the file and come back after a restart.
+    let saved = saved_conversations(&home);
+    assert_eq!(saved[0].messages.len(), 6);
+    let mut h = harness(&home);
+    h.step();
+    h.step();
+    let c = h.state().chat().current().expect("reopened");
+    assert_eq!(c.messages.len(), 6);
+    assert_eq!(
+        shown_path(&h).len(),
+        4,
+        "the branch shown when Studio closed"
+    );
+    assert!(shows_text(&h, "1/2"));
+    click(&mut h, ">");
+    let path = shown_path(&h);
+    assert_eq!(path[0].1, "First question, again");
+    assert_eq!(path[1].1, edited_reply);
+}
+
+#[test]
+fn regenerating_a_middle_reply_makes_a_new_version_of_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_model(tmp.path());
+    let mut h = harness(&home);
+    h.state_mut().settings_mut().sampling.max_new_tokens = 8;
+    h.state_mut()
+        .push_command(Command::LoadModel(model.clone()));
+    step_until(&mut h, "the model to load", |h| h.state().model().is_some());
+    send(&mut h, "One");
+    wait_for_reply(&mut h);
+    send(&mut h, "Two");
+    wait_for_reply(&mut h);
+    let original = shown_path(&h);
+
+    // The first reply's own Regenerate (the message box's is the last on screen).
+    let buttons = controls(&h, "Regenerate");
+    assert_eq!(buttons.len(), 3, "one per reply and the message box's");
+    buttons[0].click();
+    h.step();
+    wait_for_reply(&mut h);
+    let path = shown_path(&h);
+    assert_eq!(path.len(), 2, "{path:?}");
+    assert_eq!(path[0], original[0]);
+    assert!(shows_text(&h, "2/2"));
+    let c = h.state().chat().current().expect("conversation");
+    assert_eq!(c.messages.len(), 5);
+    let prompt = c.active_path()[1]
+        .reply
+        .as_ref()
+        .and_then(|r| r.prompt_tokens)
+        .expect("prompt tokens");
+    assert_eq!(
+        prompt,
+        plain_prompt_tokens(&model, &[ChatMessage::user("One")])
+    );
+    click(&mut h, "<");
+    assert_eq!(shown_path(&h), original, "the first version keeps its turn");
+    assert_eq!(saved_conversations(&home)[0].messages.len(), 5);
+}
+
+#[test]
+fn exports_contain_the_conversation_as_shown() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let mut h = harness(&home);
+    h.step();
+    let id = add_conversation(&mut h, "Exported", &["Question", "Old answer"]);
+    {
+        let c = h
+            .state_mut()
+            .chat_mut()
+            .store
+            .get_mut(&id)
+            .expect("conversation");
+        let question = c.active_path()[0].id;
+        let mut answer = Message::assistant("New answer");
+        if let Some(r) = answer.reply.as_mut() {
+            r.model = Some("tiny-model".into());
+        }
+        c.push(Some(question), answer);
+        c.system_prompt = Some("Be brief.".into());
+    }
+    h.state_mut()
+        .push_command(Command::SelectConversation(id.clone()));
+    h.step();
+    h.step();
+
+    let md_path = tmp.path().join("out.md");
+    let json_path = tmp.path().join("out.json");
+    assert!(
+        h.state_mut()
+            .export_to(&id, ExportFormat::Markdown, &md_path)
+    );
+    assert!(h.state_mut().export_to(&id, ExportFormat::Json, &json_path));
+    let md = std::fs::read_to_string(&md_path).expect("md");
+    assert!(md.starts_with("# Exported"), "{md}");
+    assert!(md.contains("**User:**\n\nQuestion"), "{md}");
+    assert!(
+        md.contains("New answer") && !md.contains("Old answer"),
+        "{md}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("json")).expect("parse");
+    assert_eq!(json["title"], "Exported");
+    assert_eq!(json["model"], "tiny-model");
+    assert_eq!(json["system_prompt"], "Be brief.");
+    let messages = json["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["role"], "user");
+    assert_eq!(messages[1]["content"], "New answer");
+    assert_eq!(messages[1]["model"], "tiny-model");
+    assert!(json["created"].as_str().is_some_and(|c| c.ends_with('Z')));
+
+    // The header's Export menu copies the same Markdown (a menu opens for a pointer that was
+    // already over its button).
+    control(&h, "Export").hover();
+    h.step();
+    click(&mut h, "Export");
+    control(&h, "Copy as Markdown").click();
+    h.step();
+    let copied = copied_text(&h).expect("copied");
+    assert_eq!(copied, md);
+}
+
+/// Text the last frame put on the clipboard.
+fn copied_text(h: &Harness<'_, StudioApp>) -> Option<String> {
+    h.output()
+        .platform_output
+        .commands
+        .iter()
+        .find_map(|c| match c {
+            egui::OutputCommand::CopyText(text) => Some(text.clone()),
+            _ => None,
+        })
+}
+
+#[test]
+fn deleting_a_chat_can_be_undone_and_its_file_comes_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let config = AppConfig {
+        undo_window: Duration::from_millis(600),
+        ..AppConfig::for_tests(&home)
+    };
+    let mut h = harness_with(&config);
+    h.step();
+    let keep = add_conversation(&mut h, "Keep this one", &["a", "b"]);
+    let gone = add_conversation(&mut h, "Delete this one", &["c", "d"]);
+    h.state_mut()
+        .push_command(Command::SelectConversation(gone.clone()));
+    h.step();
+    h.step();
+    let file = home.join("conversations").join(format!("{gone}.json"));
+    let trashed = home
+        .join("conversations/trash")
+        .join(format!("{gone}.json"));
+    assert!(file.exists());
+
+    click(&mut h, "Delete chat");
+    assert!(
+        !file.exists() && trashed.exists(),
+        "moved to the trash first"
+    );
+    assert!(h.state().chat().store.get(&gone).is_none());
+    assert!(shows_text(&h, "Deleted \"Delete this one\""));
+    assert_eq!(h.state().chat().selected.as_deref(), Some(keep.as_str()));
+    click(&mut h, "Undo");
+    assert!(file.exists() && !trashed.exists(), "the file is back");
+    assert_eq!(h.state().chat().selected.as_deref(), Some(gone.as_str()));
+    assert_eq!(
+        h.state().chat().current().map(|c| c.active_path().len()),
+        Some(2)
+    );
+    assert!(!shows_text(&h, "Deleted \""), "the notice is gone");
+
+    // Without Undo, the file goes for good once the notice has expired.
+    click(&mut h, "Delete chat");
+    assert!(trashed.exists());
+    step_until(&mut h, "the undo window to pass", |_| !trashed.exists());
+    assert!(!file.exists());
+    assert!(!shows_text(&h, "Undo"));
+    assert_eq!(saved_conversations(&home).len(), 1);
+}
+
+#[test]
+fn search_filters_the_list_and_rename_works_in_place() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let mut h = harness(&home);
+    h.step();
+    let rust = add_conversation(&mut h, "Rust lifetimes", &["What is 'a?", "A lifetime."]);
+    let soup = add_conversation(&mut h, "Soup recipe", &["Tomato soup?", "Simmer it."]);
+    let other = add_conversation(&mut h, "Misc", &["hello", "hi"]);
+    {
+        // A hidden version of a reply counts too.
+        let c = h.state_mut().chat_mut().store.get_mut(&other).expect("c");
+        let first = c.active_path()[0].id;
+        c.push(Some(first), Message::assistant("Also: TOMATO season"));
+        c.choose(c.active_path()[0].id);
+        let original = c.children(Some(first)).next().map(|m| m.id).expect("child");
+        c.choose(original);
+    }
+    h.step();
+    let listed = |h: &Harness<'_, StudioApp>, title: &str| {
+        h.query_all_by(|n| n.role() != Role::Label && n.label().as_deref() == Some(title))
+            .next()
+            .is_some()
+    };
+    assert!(listed(&h, "Rust lifetimes") && listed(&h, "Soup recipe"));
+
+    h.get_by_label("Search chats").focus();
+    h.step();
+    h.get_by_label("Search chats").type_text("tomato");
+    h.step();
+    h.step();
+    assert!(listed(&h, "Soup recipe"), "title or messages match");
+    assert!(listed(&h, "Misc"), "a hidden branch matches");
+    assert!(!listed(&h, "Rust lifetimes"));
+    assert!(shows_text(&h, "2 of 3 chats"));
+    click(&mut h, "×");
+    assert!(listed(&h, "Rust lifetimes"));
+
+    // Rename the open chat in the list.
+    h.state_mut()
+        .push_command(Command::SelectConversation(rust.clone()));
+    h.step();
+    click(&mut h, "Rename");
+    let field = h.get_by_label("Conversation title");
+    assert!(field.is_focused());
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+    h.get_by_label("Conversation title").type_text("Borrowing");
+    h.step();
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.step();
+    assert_eq!(
+        h.state().chat().current().map(|c| c.title.clone()),
+        Some("Borrowing".to_owned())
+    );
+    assert!(listed(&h, "Borrowing"));
+    let saved = saved_conversations(&home);
+    assert!(saved.iter().any(|c| c.id == rust && c.title == "Borrowing"));
+    assert!(saved.iter().any(|c| c.id == soup));
+}
+
+#[test]
+fn code_blocks_in_replies_are_highlighted_and_copied_with_their_button() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    let code = "fn main() {\n    println!(\"hi\");\n}";
+    let reply =
+        format!("Here is **the** program:\n\n```rust\n{code}\n```\n\nRun it with `cargo run`.");
+    let id = add_conversation(&mut h, "Code", &["Write hello world", &reply]);
+    h.state_mut().push_command(Command::SelectConversation(id));
+    h.step();
+    h.step();
+    assert!(shows_text(&h, "Here is the program:"), "Markdown, not raw");
+    assert!(!shows_text(&h, "**the**"));
+    assert!(shows_text(&h, "println!"));
+    assert!(shows_text(&h, "rust"), "the block names its language");
+
+    control(&h, "Copy code").click();
+    h.step();
+    assert_eq!(copied_text(&h).as_deref(), Some(code));
+    h.step();
+    assert!(shows_text(&h, "Copied"));
+
+    // Finished replies are parsed once, not every frame.
+    let parses = h.state().chat().markdown().parses();
+    for _ in 0..5 {
+        h.step();
+    }
+    assert_eq!(h.state().chat().markdown().parses(), parses);
+}
+
+#[test]
+fn version_1_conversation_files_still_open_and_are_upgraded_when_saved() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let dir = home.join("conversations");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(
+        dir.join("1700000000000.json"),
+        r#"{
+  "version": 1,
+  "id": "1700000000000",
+  "title": "From before branches",
+  "created_ms": 1700000000000,
+  "updated_ms": 1700000000000,
+  "messages": [
+    { "role": "User", "content": "Old question" },
+    { "role": "Assistant", "content": "Old answer",
+      "reply": { "state": "Done", "model": "gpt2", "seed": 1 } },
+    { "role": "User", "content": "Follow-up" }
+  ]
+}"#,
+    )
+    .expect("write");
+    let mut h = harness(&home);
+    h.step();
+    h.step();
+    assert!(h.state().notices().iter().next().is_none(), "no errors");
+    assert_eq!(
+        shown_path(&h),
+        vec![
+            (ChatRole::User, "Old question".to_owned()),
+            (ChatRole::Assistant, "Old answer".to_owned()),
+            (ChatRole::User, "Follow-up".to_owned())
+        ]
+    );
+    assert!(shows_text(&h, "Old answer") && shows_text(&h, "Follow-up"));
+    // Saving writes the current format, with the same messages.
+    click(&mut h, "Rename");
+    h.get_by_label("Conversation title").type_text(" (renamed)");
+    h.key_press(egui::Key::Enter);
+    h.step();
+    h.step();
+    let saved = saved_conversations(&home);
+    assert_eq!(saved[0].version, 2);
+    assert_eq!(saved[0].title, "From before branches (renamed)");
+    let ids: Vec<u64> = saved[0].messages.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(saved[0].messages[2].parent, Some(2));
+}
+
+#[test]
+fn parameters_and_system_prompt_belong_to_each_conversation() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let mut h = harness(&home);
+    h.step();
+    let a = add_conversation(&mut h, "Chat A", &["a", "b"]);
+    let b = add_conversation(&mut h, "Chat B", &["c", "d"]);
+    {
+        let c = h.state_mut().chat_mut().store.get_mut(&b).expect("b");
+        c.sampling = Some(studio_inference::sampling::SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            ..studio_inference::sampling::SamplingParams::default()
+        });
+        c.system_prompt = Some("You are B.".into());
+    }
+    h.state_mut()
+        .push_command(Command::SelectConversation(a.clone()));
+    h.step();
+    h.step();
+    // A has none of its own yet: it shows the last used. Choose a system prompt from the
+    // gallery for it.
+    control(&h, "Gallery").click();
+    h.step();
+    h.step();
+    control(&h, "Coding assistant").click();
+    h.step();
+    h.step();
+    let prompt = h.state().settings().system_prompt.clone();
+    assert!(prompt.contains("software engineer"), "{prompt}");
+    h.state_mut().settings_mut().sampling.max_new_tokens = 123;
+    h.step();
+
+    // Opening B shows B's; back to A shows A's again.
+    control(&h, "Chat B").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().settings().system_prompt, "You are B.");
+    assert!(h.state().settings().sampling.temperature.abs() < f32::EPSILON);
+    assert!(
+        shows_text(&h, "Greedy"),
+        "B's parameters match the Greedy preset: {:?}",
+        h.state().settings().sampling
+    );
+    control(&h, "Chat A").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().settings().system_prompt, prompt);
+    assert_eq!(h.state().settings().sampling.max_new_tokens, 123);
+    assert!(shows_text(&h, "Coding assistant"));
+
+    // A's parameters reach its file (a moment later, or when Studio closes).
+    drop(h);
+    let saved = saved_conversations(&home);
+    let saved_a = saved.iter().find(|c| c.id == a).expect("a");
+    assert_eq!(saved_a.system_prompt.as_deref(), Some(prompt.as_str()));
+    assert_eq!(
+        saved_a.sampling.as_ref().map(|p| p.max_new_tokens),
+        Some(123)
+    );
+    // A new chat starts from the last ones used (A's, open when Studio closed).
+    let mut h = harness(&home);
+    h.step();
+    click(&mut h, "New chat");
+    assert_eq!(h.state().settings().system_prompt, prompt);
+    assert_eq!(h.state().settings().sampling.max_new_tokens, 123);
+}
+
+#[test]
+fn the_context_length_load_option_reaches_the_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_model(tmp.path());
+    let mut h = harness(&home);
+    h.step();
+    go_to(&mut h, Panel::Models);
+    assert!(shows_text(&h, "Auto (the model's maximum)"));
+    click(&mut h, "Auto (the model's maximum)");
+    assert_eq!(h.state().settings().context_length, Some(4096));
+    h.state_mut().settings_mut().context_length = Some(64);
+    h.step();
+    load_through_models_panel(&mut h, &model);
+    assert_eq!(h.state().model().map(|m| m.context_length), Some(64));
+    go_to(&mut h, Panel::Chat);
+    assert!(shows_text(&h, "Context 64 tokens"));
+
+    // Back to Auto: the panel offers to reload, which gives the model's maximum.
+    go_to(&mut h, Panel::Models);
+    click(&mut h, "Auto (the model's maximum)");
+    assert_eq!(h.state().settings().context_length, None);
+    assert!(shows_text(&h, "is loaded with 64 tokens of context"));
+    click(&mut h, "Reload");
+    step_until(&mut h, "the reload", |h| {
+        h.state().model().map(|m| m.context_length) == Some(128)
+    });
+    drop(h);
+    let settings: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(home.join("settings.json")).expect("settings"),
+    )
+    .expect("json");
+    assert!(settings["context_length"].is_null());
 }

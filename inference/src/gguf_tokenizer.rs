@@ -29,7 +29,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizer, PreTokenizerWrapper,
+    SplitDelimiterBehavior,
 };
 
 use crate::error::{Error, Result};
@@ -61,6 +62,7 @@ pub const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}
 
 /// How a byte-level BPE vocabulary splits text before merging, from `tokenizer.ggml.pre`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // independent flags from llama.cpp's table
 pub struct PreTokenization {
     /// Regexes applied one after the other (each piece of the previous split is split again).
     pub regexes: Vec<&'static str>,
@@ -94,8 +96,7 @@ pub fn pre_tokenization(pre: Option<&str>) -> PreTokenization {
             p.regexes = vec![QWEN2_REGEX];
             p.nfc = true;
         }
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-        | "minerva-7b" => {
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
             p.regexes = vec![r"\p{N}", GPT2_REGEX];
         }
         "tekken" => {
@@ -131,6 +132,38 @@ pub fn byte_level_pre_tokenizer(pre: &PreTokenization) -> Result<PreTokenizerWra
     );
     Ok(PreTokenizerSequence::new(steps).into())
 }
+
+/// How `pre` splits `text` before merging: the pieces, byte-level mapped (`Ġ` for a space).
+pub fn byte_level_pre_tokenization_splits(
+    pre: &PreTokenization,
+    text: &str,
+) -> Result<Vec<String>> {
+    let pt = byte_level_pre_tokenizer(pre)?;
+    let mut s = tokenizers::PreTokenizedString::from(text);
+    pt.pre_tokenize(&mut s)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    Ok(s.get_splits(
+        tokenizers::OffsetReferential::Original,
+        tokenizers::OffsetType::Byte,
+    )
+    .into_iter()
+    .map(|(piece, _, _)| piece.to_owned())
+    .collect())
+}
+
+/// End-of-turn tokens llama.cpp recognizes by their text (when they are control tokens).
+const END_TOKENS: &[&str] = &[
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "<|return|>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
+];
 
 /// Everything about the vocabulary a GGUF file stores.
 #[derive(Debug, Clone)]
@@ -193,7 +226,9 @@ fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
         .iter()
         .map(|item| match item {
             Value::String(s) => Ok(s.clone()),
-            _ => Err(Error::Tokenizer(format!("`{key}` holds a non-string value"))),
+            _ => Err(Error::Tokenizer(format!(
+                "`{key}` holds a non-string value"
+            ))),
         })
         .collect()
 }
@@ -212,6 +247,7 @@ fn numbers<T>(v: &Value, key: &str, conv: fn(&Value) -> Option<T>) -> Result<Vec
 
 impl GgufVocab {
     /// Reads the `tokenizer.ggml.*` keys; fails when the vocabulary is missing or malformed.
+    #[allow(clippy::implicit_hasher)] // GGUF metadata as candle reads it
     pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
         let text = |key: &str| match md.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
@@ -288,10 +324,11 @@ impl GgufVocab {
     /// Whether the model expects a BOS token at the start of a prompt: the file's
     /// `add_bos_token`, else llama.cpp's default for the tokenizer.
     pub fn add_bos(&self) -> bool {
-        self.add_bos_token.unwrap_or_else(|| match self.model.as_str() {
-            "llama" => true,
-            _ => pre_tokenization(self.pre.as_deref()).add_bos_default,
-        })
+        self.add_bos_token
+            .unwrap_or_else(|| match self.model.as_str() {
+                "llama" => true,
+                _ => pre_tokenization(self.pre.as_deref()).add_bos_default,
+            })
     }
 
     fn token_type(&self, id: usize) -> i32 {
@@ -375,7 +412,9 @@ impl GgufVocab {
             }
         }
         if skipped > 0 {
-            log::warn!("GGUF tokenizer: skipped {skipped} merges naming tokens not in the vocabulary");
+            log::warn!(
+                "GGUF tokenizer: skipped {skipped} merges naming tokens not in the vocabulary"
+            );
         }
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
@@ -397,12 +436,8 @@ impl GgufVocab {
     /// piece into two pieces of the vocabulary, ranked by the merged piece's score.
     fn build_sentencepiece(&self) -> Result<tokenizers::Tokenizer> {
         let vocab = self.vocab();
-        let score = |id: usize| -> f32 {
-            self.scores
-                .get(id)
-                .copied()
-                .unwrap_or_else(|| -(id as f32))
-        };
+        let score =
+            |id: usize| -> f32 { self.scores.get(id).copied().unwrap_or_else(|| -(id as f32)) };
         let mut merges: Vec<(f32, u32, u32, String, String)> = Vec::new();
         for (id, piece) in self.tokens.iter().enumerate() {
             // Only pieces that are actually looked up by this id; byte and control tokens
@@ -437,9 +472,7 @@ impl GgufVocab {
         let unk = self
             .unknown_token_id
             .map(|i| i as usize)
-            .or_else(|| {
-                (0..self.tokens.len()).find(|&i| self.token_type(i) == token_type::UNKNOWN)
-            })
+            .or_else(|| (0..self.tokens.len()).find(|&i| self.token_type(i) == token_type::UNKNOWN))
             .and_then(|i| self.tokens.get(i).cloned());
         let mut builder = BPE::builder()
             .vocab_and_merges(vocab, merges)
@@ -481,6 +514,7 @@ impl GgufVocab {
 
     /// Token ids that end a turn: `eos_token_id`, `eot_token_id`, `eom_token_id`, then the
     /// end-of-turn tokens llama.cpp recognizes by their text when they are control tokens.
+    #[allow(clippy::implicit_hasher)] // GGUF metadata as candle reads it
     pub fn end_of_generation_ids(&self, md: &HashMap<String, Value>) -> Vec<u32> {
         let mut ids: Vec<u32> = Vec::new();
         let mut push = |id: u32| {
@@ -497,18 +531,6 @@ impl GgufVocab {
                 push(id);
             }
         }
-        const END_TOKENS: &[&str] = &[
-            "<|eot_id|>",
-            "<|eom_id|>",
-            "<|im_end|>",
-            "<|end|>",
-            "<end_of_turn>",
-            "<|endoftext|>",
-            "<|end_of_text|>",
-            "<EOT>",
-            "<|return|>",
-            "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
-        ];
         let wanted: HashSet<&str> = END_TOKENS.iter().copied().collect();
         for (i, t) in self.tokens.iter().enumerate() {
             if wanted.contains(t.as_str())
@@ -525,6 +547,7 @@ impl GgufVocab {
 }
 
 /// Builds the tokenizer a GGUF file describes (see the module docs).
+#[allow(clippy::implicit_hasher)] // GGUF metadata as candle reads it
 pub fn from_metadata(md: &HashMap<String, Value>) -> Result<crate::text::Tokenizer> {
     let vocab = GgufVocab::from_metadata(md)?;
     let mut warnings = Vec::new();

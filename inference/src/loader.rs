@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatFormat;
 use crate::error::{Error, Result};
+use crate::gguf;
 use crate::models::hf::{self, Family, FamilyConfig};
 use crate::models::{CausalLm, gpt2};
 use crate::template::ChatTemplate;
@@ -15,7 +16,7 @@ use crate::text::Tokenizer;
 use crate::weights::Weights;
 
 /// Architectures this build can load, for error messages and the Models panel.
-pub const SUPPORTED_ARCHITECTURES: &str = "GPT-2 (gpt2 … gpt2-xl, distilgpt2), Llama (Llama 2/3.x, SmolLM2, TinyLlama), Mistral, Qwen2/Qwen2.5, Qwen3, Phi-3/3.5, Gemma 2 and Gemma 3 from Hugging Face folders with safetensors weights";
+pub const SUPPORTED_ARCHITECTURES: &str = "GPT-2 (gpt2 … gpt2-xl, distilgpt2), Llama (Llama 2/3.x, SmolLM2, TinyLlama), Mistral, Qwen2/Qwen2.5, Qwen3, Phi-3/3.5, Gemma 2 and Gemma 3 from Hugging Face folders with safetensors weights, and Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 GGUF files";
 
 /// Extensions of Python pickle checkpoints, which are never loaded.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"];
@@ -25,6 +26,8 @@ const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"
 pub enum Architecture {
     Gpt2,
     Family(Family),
+    /// A model served by an OpenAI-compatible server (see [`crate::remote`]).
+    Remote,
 }
 
 impl Architecture {
@@ -32,6 +35,7 @@ impl Architecture {
         match self {
             Architecture::Gpt2 => "GPT-2",
             Architecture::Family(f) => f.label(),
+            Architecture::Remote => "Remote (OpenAI-compatible)",
         }
     }
 }
@@ -57,6 +61,9 @@ pub struct ModelInfo {
     pub dtype: String,
     /// How chat turns are turned into a prompt for this model.
     pub chat_format: String,
+    /// Things worth telling the user about this model (approximations, caps).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// A model ready to generate: the network, its tokenizer and its description.
@@ -68,6 +75,13 @@ pub struct LoadedModel {
     pub eos_token_ids: Vec<u32>,
     /// How conversations become prompts: the model's own template, else the plain transcript.
     pub chat: ChatFormat,
+}
+
+/// Whether `path` is a llama.cpp GGUF file (by extension).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn is_pickle(path: &Path) -> bool {
@@ -108,11 +122,14 @@ pub fn resolve(path: &Path) -> Result<ModelFiles> {
             return Err(Error::UnsafePickle(path.to_path_buf()));
         }
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if ext.eq_ignore_ascii_case("gguf") {
-            return Err(Error::UnsupportedArchitecture(
-                "GGUF file".to_owned(),
-                SUPPORTED_ARCHITECTURES.to_owned(),
-            ));
+        if is_gguf(path) {
+            let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            return Ok(ModelFiles {
+                dir,
+                config: path.to_path_buf(),
+                weights: vec![path.to_path_buf()],
+                tokenizer: path.to_path_buf(),
+            });
         }
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut files = resolve_dir(&dir)?;
@@ -238,6 +255,13 @@ enum Config {
     Family(FamilyConfig),
 }
 
+/// What `prepare` checked: a Hugging Face folder or a GGUF file.
+enum Prepared {
+    Folder(Box<PreparedModel>),
+    /// A GGUF file whose header and metadata were checked (nothing else is read).
+    Gguf(PathBuf),
+}
+
 /// The dtype weights are computed in: f32 on the CPU (candle's fastest CPU path), bf16 on GPUs
 /// (the dtype of today's checkpoints), f32 for GPT-2 everywhere.
 fn compute_dtype(arch: Architecture, device: &Device) -> DType {
@@ -292,8 +316,90 @@ fn eos_token_ids(dir: &Path, config: &serde_json::Value, tokenizer: &Tokenizer) 
     ids
 }
 
-/// Checks everything about the model at `path` that can be checked without reading its weights.
-pub fn prepare(path: &Path, device: &Device) -> Result<PreparedModel> {
+/// A model checked by [`prepare`] and ready to [`Checked::load`].
+pub struct Checked(Prepared);
+
+/// Checks everything about the model at `path` that can be checked without reading its weights
+/// (a folder's config, tokenizer and weight headers; a GGUF file's header and metadata).
+pub fn prepare(path: &Path, device: &Device) -> Result<Checked> {
+    if path.is_file() && is_gguf(path) {
+        gguf::inspect(path)?;
+        return Ok(Checked(Prepared::Gguf(path.to_path_buf())));
+    }
+    prepare_folder(path, device).map(|p| Checked(Prepared::Folder(Box::new(p))))
+}
+
+impl Checked {
+    /// Reads the weights. `progress(fraction, message)` reports loading.
+    pub fn load(self, device: &Device, progress: &mut dyn FnMut(f32, &str)) -> Result<LoadedModel> {
+        match self.0 {
+            Prepared::Folder(p) => p.load(progress),
+            Prepared::Gguf(path) => load_gguf(&path, device, progress),
+        }
+    }
+}
+
+fn gguf_architecture(name: &str) -> Architecture {
+    let family = match name {
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        "phi3" => Family::Phi3,
+        "gemma2" => Family::Gemma2,
+        "gemma3" => Family::Gemma3,
+        _ => Family::Llama,
+    };
+    Architecture::Family(family)
+}
+
+fn load_gguf(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<LoadedModel> {
+    let gguf::GgufModel {
+        model,
+        tokenizer,
+        info,
+    } = gguf::load(path, device, progress)?;
+    let chat = match &info.chat_template {
+        Some(source) => {
+            match ChatTemplate::new(source, info.bos_token.as_deref(), info.eos_token.as_deref()) {
+                Ok(t) => ChatFormat::Template(t),
+                Err(e) => ChatFormat::Plain {
+                    reason: Some(format!("the model's template could not be used: {e}")),
+                },
+            }
+        }
+        None => ChatFormat::Plain { reason: None },
+    };
+    let name = info.name.clone().unwrap_or_else(|| {
+        path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        )
+    });
+    let model_info = ModelInfo {
+        name,
+        path: path.to_path_buf(),
+        architecture: gguf_architecture(&info.architecture),
+        context_length: model.context_length(),
+        vocab_size: info.vocab_size,
+        parameters: info.parameters,
+        dtype: format!("GGUF {}", info.file_type),
+        chat_format: chat.name(),
+        notes: info.warnings.clone(),
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        info: model_info,
+        eos_token_ids: info.eos_token_ids,
+        chat,
+    })
+}
+
+/// Checks a Hugging Face folder without reading its weights.
+fn prepare_folder(path: &Path, device: &Device) -> Result<PreparedModel> {
     let files = resolve(path)?;
     let (arch, config_value) = detect_architecture(&files.config)?;
     let bad_config = |message: String| Error::BadConfig {
@@ -312,6 +418,13 @@ pub fn prepare(path: &Path, device: &Device) -> Result<PreparedModel> {
             let cfg = FamilyConfig::parse(family, &config_value).map_err(bad_config)?;
             let vocab = cfg.vocab_size;
             (Config::Family(cfg), vocab)
+        }
+        // Never detected from files: remote models come from `remote::RemoteBackend`.
+        Architecture::Remote => {
+            return Err(Error::UnsupportedArchitecture(
+                "remote".to_owned(),
+                SUPPORTED_ARCHITECTURES.to_owned(),
+            ));
         }
     };
     let tokenizer = Tokenizer::from_file(&files.tokenizer)?;
@@ -395,6 +508,7 @@ impl PreparedModel {
             parameters,
             dtype: format!("{dtype:?}").to_lowercase(),
             chat_format: chat.name(),
+            notes: Vec::new(),
         };
         Ok(LoadedModel {
             model,
@@ -413,7 +527,7 @@ pub fn load(
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<LoadedModel> {
     progress(0.0, "checking files");
-    prepare(path, device)?.load(progress)
+    prepare(path, device)?.load(device, progress)
 }
 
 fn count_parameters(cfg: &gpt2::Config) -> usize {

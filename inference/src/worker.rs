@@ -9,6 +9,10 @@
 //!   and sends the accumulated text later, so a slow UI never builds a backlog;
 //! - after sending events the worker calls the repaint callback, the only UI-facing thing this
 //!   crate knows about.
+//!
+//! The worker holds one backend at a time: a local model ([`JobKind::LoadModel`]) or an
+//! OpenAI-compatible server ([`JobKind::ConnectRemote`]). Chat and generate jobs work the same
+//! on both: text streams as [`Event::Text`], cancel is honoured, one terminal event ends them.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -25,6 +29,7 @@ use crate::device::{DevicePreference, create_device};
 use crate::error::{Error, Result};
 use crate::generate::{GenerationStats, Step, generate};
 use crate::loader::{self, LoadedModel, ModelInfo};
+use crate::remote::{RemoteBackend, RemoteConfig};
 use crate::sampling::SamplingParams;
 
 /// Identifies a submitted job.
@@ -48,7 +53,11 @@ pub enum JobKind {
     /// Load a model (folder or file), replacing the loaded one. The new model's files are
     /// checked first; only then is the old model dropped (with [`Event::ModelUnloaded`]).
     LoadModel { path: PathBuf, options: LoadOptions },
-    /// Drop the loaded model and free its memory.
+    /// Use a model on an OpenAI-compatible server instead of a local one. The server must
+    /// answer `GET /v1/models` first; only then is the current backend dropped (with
+    /// [`Event::ModelUnloaded`] if one was loaded), followed by [`Event::ModelLoaded`].
+    ConnectRemote { config: RemoteConfig },
+    /// Drop the loaded model (or remote connection) and free its memory.
     UnloadModel,
     /// Continue `prompt` as raw text (no chat format).
     Generate {
@@ -75,6 +84,9 @@ impl JobKind {
                     |n| n.to_string_lossy().into()
                 )
             ),
+            JobKind::ConnectRemote { config } => {
+                format!("Connecting to {}", config.base_url.trim())
+            }
             JobKind::UnloadModel => "Unloading model".to_owned(),
             JobKind::Generate { .. } => "Generating".to_owned(),
             JobKind::Chat { .. } => "Replying".to_owned(),
@@ -225,7 +237,7 @@ impl Worker {
         let cancels: CancelFlags = Arc::default();
         let state = WorkerState {
             device: choice.device.clone(),
-            model: None,
+            backend: None,
             events: event_tx,
             repaint: config.repaint,
             cancels: cancels.clone(),
@@ -323,9 +335,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What chat and generate jobs run on.
+enum Backend {
+    Local(Box<LoadedModel>),
+    Remote(Box<RemoteBackend>),
+}
+
 struct WorkerState {
     device: candle_core::Device,
-    model: Option<LoadedModel>,
+    backend: Option<Backend>,
     events: Sender<Event>,
     repaint: Arc<dyn Fn() + Send + Sync>,
     cancels: CancelFlags,
@@ -358,7 +376,7 @@ impl WorkerState {
             cancel,
             events: &self.events,
             repaint: &self.repaint,
-            model: &mut self.model,
+            backend: &mut self.backend,
             device: &self.device,
             pending_text: String::new(),
             pending_tokens: 0,
@@ -386,7 +404,7 @@ impl WorkerState {
             },
             Err(payload) => {
                 // The model may be mid-update; make the next generation start clean.
-                if let Some(m) = self.model.as_mut() {
+                if let Some(Backend::Local(m)) = self.backend.as_mut() {
                     m.model.clear_kv_cache();
                 }
                 let msg = crate::panic_message(payload.as_ref());
@@ -411,7 +429,7 @@ pub struct JobContext<'a> {
     cancel: &'a AtomicBool,
     events: &'a Sender<Event>,
     repaint: &'a Arc<dyn Fn() + Send + Sync>,
-    model: &'a mut Option<LoadedModel>,
+    backend: &'a mut Option<Backend>,
     device: &'a candle_core::Device,
     pending_text: String,
     pending_tokens: usize,
@@ -430,9 +448,20 @@ impl JobContext<'_> {
         self.device
     }
 
-    /// The loaded model, if any.
+    /// The loaded local model, if any (`None` when a remote server is connected).
     pub fn model(&mut self) -> Option<&mut LoadedModel> {
-        self.model.as_mut()
+        match self.backend.as_mut() {
+            Some(Backend::Local(m)) => Some(&mut **m),
+            _ => None,
+        }
+    }
+
+    /// The connected OpenAI-compatible server, if any.
+    pub fn remote(&self) -> Option<&RemoteBackend> {
+        match self.backend.as_ref() {
+            Some(Backend::Remote(r)) => Some(&**r),
+            _ => None,
+        }
     }
 
     /// Sends an event that may be dropped when the UI is behind (progress).
@@ -486,7 +515,7 @@ impl JobContext<'_> {
             job: self.job,
             tokens: prompt.len(),
         });
-        let Some(m) = self.model.as_mut() else {
+        let Some(Backend::Local(m)) = self.backend.as_mut() else {
             return Err(Error::NoModelLoaded);
         };
         let eos: Vec<u32> = m.eos_token_ids.iter().chain(extra_eos).copied().collect();
@@ -513,6 +542,46 @@ impl JobContext<'_> {
         )?;
         Ok(Some(stats))
     }
+
+    /// Streams a chat reply or a completion from the connected server into this job's events;
+    /// every delta the server sends counts as one token.
+    fn generate_remote(&mut self, request: &RemoteRequest<'_>) -> Result<Option<GenerationStats>> {
+        let Some(Backend::Remote(remote)) = self.backend.as_ref() else {
+            return Err(Error::NoModelLoaded);
+        };
+        let (cancel, events, repaint, job) = (self.cancel, self.events, self.repaint, self.job);
+        let pending = &mut self.pending_text;
+        let pending_tokens = &mut self.pending_tokens;
+        let mut on_text = |text: &str| {
+            pending.push_str(text);
+            *pending_tokens += 1;
+            send_text(events, repaint, job, pending, pending_tokens, false);
+        };
+        let stats = match *request {
+            RemoteRequest::Chat {
+                system,
+                messages,
+                params,
+            } => remote.chat(system, messages, params, cancel, &mut on_text)?,
+            RemoteRequest::Completion { prompt, params } => {
+                remote.complete(prompt, params, cancel, &mut on_text)?
+            }
+        };
+        Ok(Some(stats))
+    }
+}
+
+/// A generation for the remote backend.
+enum RemoteRequest<'a> {
+    Chat {
+        system: &'a str,
+        messages: &'a [ChatMessage],
+        params: &'a SamplingParams,
+    },
+    Completion {
+        prompt: &'a str,
+        params: &'a SamplingParams,
+    },
 }
 
 /// Sends the accumulated text as one [`Event::Text`]. Without `force`, a full channel leaves
@@ -559,12 +628,13 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             // corrupt header, an unsupported architecture) leaves the current model in place.
             let prepared = loader::prepare(&path, ctx.device)?;
             // Free the old model before reading the new weights, so two never share memory.
-            if ctx.model.take().is_some() {
+            if ctx.backend.take().is_some() {
                 ctx.send(Event::ModelUnloaded { job });
             }
             let events = ctx.events;
             let repaint = ctx.repaint;
-            let loaded = prepared.load(&mut |fraction, message| {
+            let device = ctx.device;
+            let loaded = prepared.load(device, &mut |fraction, message: &str| {
                 if events
                     .try_send(Event::Progress {
                         job,
@@ -581,17 +651,41 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
                 loaded.info.context_length = loaded.model.set_context_length(n);
             }
             let info = loaded.info.clone();
-            *ctx.model = Some(loaded);
+            *ctx.backend = Some(Backend::Local(Box::new(loaded)));
+            ctx.send(Event::ModelLoaded { job, info });
+            Ok(None)
+        }
+        JobKind::ConnectRemote { config } => {
+            let job = ctx.job;
+            ctx.progress(0.0, "connecting");
+            // Check the server before giving up the current backend.
+            let Some(remote) = RemoteBackend::connect(&config, ctx.cancel)? else {
+                return Ok(None); // cancelled: the current backend stays
+            };
+            if ctx.backend.take().is_some() {
+                ctx.send(Event::ModelUnloaded { job });
+            }
+            let info = remote.info().clone();
+            *ctx.backend = Some(Backend::Remote(Box::new(remote)));
             ctx.send(Event::ModelLoaded { job, info });
             Ok(None)
         }
         JobKind::UnloadModel => {
-            *ctx.model = None;
+            *ctx.backend = None;
             ctx.send(Event::ModelUnloaded { job: ctx.job });
             Ok(None)
         }
         JobKind::Generate { prompt, params } => {
-            let m = ctx.model.as_ref().ok_or(Error::NoModelLoaded)?;
+            let m = match ctx.backend.as_ref() {
+                None => return Err(Error::NoModelLoaded),
+                Some(Backend::Remote(_)) => {
+                    return ctx.generate_remote(&RemoteRequest::Completion {
+                        prompt: &prompt,
+                        params: &params,
+                    });
+                }
+                Some(Backend::Local(m)) => m,
+            };
             if prompt.is_empty() {
                 return Err(Error::EmptyPrompt);
             }
@@ -603,7 +697,17 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             messages,
             mut params,
         } => {
-            let m = ctx.model.as_ref().ok_or(Error::NoModelLoaded)?;
+            let m = match ctx.backend.as_ref() {
+                None => return Err(Error::NoModelLoaded),
+                Some(Backend::Remote(_)) => {
+                    return ctx.generate_remote(&RemoteRequest::Chat {
+                        system: &system,
+                        messages: &messages,
+                        params: &params,
+                    });
+                }
+                Some(Backend::Local(m)) => m,
+            };
             let prompt = chat::build_chat_prompt(m, &system, &messages, params.max_new_tokens)?;
             if let Some(message) = prompt.notice {
                 ctx.send(Event::Notice {

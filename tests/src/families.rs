@@ -126,13 +126,27 @@ fn build(model_type: &str, config: &Value, vm: &VarMap) {
 
 /// Writes a tiny random-weight model of the family to `dir`; returns its tensor names.
 pub fn write_family(dir: &Path, model_type: &str, seed: u64) -> Vec<String> {
+    write_family_with(dir, model_type, &json!({}), seed)
+}
+
+/// Like [`write_family`], with `overrides` merged into the tiny config (for real shapes in
+/// benchmarks, e.g. Qwen2-0.5B's hidden 896 × 24 layers).
+pub fn write_family_with(
+    dir: &Path,
+    model_type: &str,
+    overrides: &Value,
+    seed: u64,
+) -> Vec<String> {
     std::fs::create_dir_all(dir).expect("dir");
     let tokenizer = train_tokenizer(VOCAB - 8);
     tokenizer
         .save(dir.join("tokenizer.json"), false)
         .expect("save tokenizer");
     let eos = tokenizer.token_to_id(EOS).expect("eos");
-    let config = family_config(model_type, eos);
+    let mut config = family_config(model_type, eos);
+    if let (Some(c), Some(o)) = (config.as_object_mut(), overrides.as_object()) {
+        c.extend(o.clone());
+    }
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&config).expect("json"),

@@ -9,7 +9,7 @@ use egui::RichText;
 use studio_inference::device::DevicePreference;
 use studio_inference::hf_cache;
 use studio_inference::loader::ModelInfo;
-use studio_inference::worker::{JobKind, Worker, WorkerConfig};
+use studio_inference::worker::{JobKind, LoadOptions, Worker, WorkerConfig};
 
 use super::chat::{ChatPanel, ChatUiContext};
 use super::command::Command;
@@ -37,7 +37,12 @@ pub struct AppConfig {
     pub hf_cache_dir: Option<PathBuf>,
     /// Load the last model again at startup (when it still exists).
     pub restore_last_model: bool,
+    /// How long a deleted conversation can be brought back with Undo.
+    pub undo_window: Duration,
 }
+
+/// How long a deleted conversation can be brought back with Undo.
+pub const UNDO_WINDOW: Duration = Duration::from_secs(10);
 
 impl AppConfig {
     pub fn from_env() -> Self {
@@ -47,6 +52,7 @@ impl AppConfig {
             device: None,
             hf_cache_dir: hf_cache::cache_dir(),
             restore_last_model: true,
+            undo_window: UNDO_WINDOW,
         }
     }
 
@@ -58,6 +64,7 @@ impl AppConfig {
             device: Some(DevicePreference::Cpu),
             hf_cache_dir: None,
             restore_last_model: true,
+            undo_window: UNDO_WINDOW,
         }
     }
 }
@@ -70,6 +77,9 @@ pub struct StudioApp {
     pub(super) worker: Option<Worker>,
     pub(super) device_label: String,
     pub(super) model: Option<ModelInfo>,
+    /// What the loaded model was loaded with.
+    pub(super) model_options: Option<LoadOptions>,
+    pub(super) undo_window: Duration,
     pub(super) jobs: Jobs,
     pub(super) chat: ChatPanel,
     pub(super) models: ModelsPanel,
@@ -124,6 +134,8 @@ impl StudioApp {
             worker,
             device_label,
             model: None,
+            model_options: None,
+            undo_window: config.undo_window,
             jobs: Jobs::default(),
             chat,
             models,
@@ -171,6 +183,11 @@ impl StudioApp {
         &self.chat
     }
 
+    /// The chat panel and its conversations, to change directly (tests, imports).
+    pub fn chat_mut(&mut self) -> &mut ChatPanel {
+        &mut self.chat
+    }
+
     pub fn notices(&self) -> &Notices {
         &self.notices
     }
@@ -215,6 +232,8 @@ impl StudioApp {
 
     /// Draws the window: status bar, navigation, notices and the current panel.
     pub fn root_ui(&mut self, ui: &mut egui::Ui) {
+        // A conversation opened by last frame's commands shows its own parameters.
+        self.chat.sync_params(&mut self.settings);
         let mut commands = std::mem::take(&mut self.commands);
         let info = StatusInfo {
             device: &self.device_label,
@@ -235,7 +254,7 @@ impl StudioApp {
         if !self.notices.is_empty() {
             egui::Panel::top("notices").show(ui, |ui| {
                 ui.add_space(4.0);
-                self.notices.notices_ui(ui);
+                self.notices.notices_ui(ui, &mut commands);
                 ui.add_space(2.0);
             });
         }
@@ -251,7 +270,8 @@ impl StudioApp {
             Panel::Models => self.models.models_ui(
                 ui,
                 self.model.as_ref(),
-                &self.settings,
+                self.model_options.as_ref(),
+                &mut self.settings,
                 &self.jobs,
                 &mut commands,
             ),
@@ -266,6 +286,8 @@ impl StudioApp {
             }
         });
         drop_overlay_ui(ui);
+        // Edits made this frame belong to the conversation open while they were made.
+        self.chat.sync_params(&mut self.settings);
         self.commands.append(&mut commands);
         self.apply_commands();
         self.settings
@@ -287,15 +309,31 @@ impl StudioApp {
             self.ctx
                 .request_repaint_after(wait + Duration::from_millis(50));
         }
+        if let Some(wait) = self.chat.next_params_save() {
+            self.ctx.request_repaint_after(wait);
+        }
+        if let Some(wait) = self
+            .chat
+            .store
+            .next_purge(self.undo_window + super::logic::TRASH_GRACE)
+        {
+            self.ctx.request_repaint_after(wait);
+        }
     }
 
-    /// Writes everything that is not on disk yet (settings, a streaming reply).
+    /// Writes everything that is not on disk yet (settings, a streaming reply, changed
+    /// parameters).
     pub fn flush(&mut self) {
         if let Some(error) = self.saver.flush(&self.settings) {
             log::error!("{error}");
         }
         if let Some(active) = self.chat.active()
             && let Err(e) = self.chat.store.save_in_place(&active.conversation.clone())
+        {
+            log::error!("{e:#}");
+        }
+        if let Some(id) = self.chat.due_params_save(true)
+            && let Err(e) = self.chat.store.save_in_place(&id)
         {
             log::error!("{e:#}");
         }
@@ -318,9 +356,13 @@ impl eframe::App for StudioApp {
 
 impl Drop for StudioApp {
     fn drop(&mut self) {
-        // On exit (or a test dropping the app): nothing typed or streamed is lost. The worker
-        // is dropped after this, which cancels its job and joins its thread.
+        // On exit (or a test dropping the app): nothing typed or streamed is lost, and chats
+        // deleted in this session are removed for good (their Undo ends with the window). The
+        // worker is dropped after this, which cancels its job and joins its thread.
         self.flush();
+        for error in self.chat.store.purge_trash(Duration::ZERO) {
+            log::error!("{error}");
+        }
     }
 }
 

@@ -61,6 +61,34 @@ pub fn ago(then_ms: u64, now_ms: u64) -> String {
     }
 }
 
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC time: 0 → "1970-01-01T00:00:00Z".
+pub fn rfc3339_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 /// A random 64-bit seed from the standard library's per-process hashing keys and the clock.
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -86,5 +114,8 @@ mod tests {
         assert_eq!(ago(0, 30_000), "just now");
         assert_eq!(ago(0, 5 * 60_000), "5 min ago");
         assert_ne!(random_seed(), random_seed());
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_767_225_599_999), "2025-12-31T23:59:59Z");
     }
 }

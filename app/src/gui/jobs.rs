@@ -4,17 +4,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use studio_inference::worker::JobId;
+use studio_inference::worker::{JobId, LoadOptions};
+
+use super::conversations::MessageId;
 
 /// Why a job was submitted, so its events reach the right place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobPurpose {
-    LoadModel(PathBuf),
+    /// Loading a model, with the options it was asked for.
+    LoadModel(PathBuf, LoadOptions),
     UnloadModel,
-    /// The reply being written into message `index` of `conversation`.
+    /// The reply being written into message `message` of `conversation`.
     ChatReply {
         conversation: String,
-        index: usize,
+        message: MessageId,
     },
 }
 
@@ -94,7 +97,7 @@ impl Jobs {
     /// The model being loaded (queued or running), if any.
     pub fn loading_model(&self) -> Option<&PathBuf> {
         self.tracked.values().find_map(|t| match &t.purpose {
-            JobPurpose::LoadModel(p) => Some(p),
+            JobPurpose::LoadModel(p, _) => Some(p),
             _ => None,
         })
     }

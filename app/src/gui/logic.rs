@@ -1,6 +1,7 @@
 //! Per-frame logic before drawing: drain the worker's events (bounded in time and count, so a
-//! flood of events never stalls a frame), take dropped files and keyboard shortcuts, and keep
-//! a streaming reply saved.
+//! flood of events never stalls a frame), take dropped files and keyboard shortcuts, keep a
+//! streaming reply and changed parameters saved, and remove deleted chats whose undo time
+//! has passed.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,10 @@ const EVENT_BUDGET: Duration = Duration::from_millis(4);
 /// Most events handled in one frame.
 const EVENT_LIMIT: usize = 512;
 
+/// How long after its Undo notice is gone a deleted chat's file is removed (an Undo clicked in
+/// the notice's last frame still finds it).
+pub const TRASH_GRACE: Duration = Duration::from_millis(500);
+
 pub const SEND_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
 
 impl StudioApp {
@@ -31,6 +36,14 @@ impl StudioApp {
             && let Err(e) = self.chat.store.save_in_place(&id)
         {
             self.notices.error(format!("{e:#}"));
+        }
+        if let Some(id) = self.chat.due_params_save(false)
+            && let Err(e) = self.chat.store.save_in_place(&id)
+        {
+            self.notices.error(format!("{e:#}"));
+        }
+        for error in self.chat.store.purge_trash(self.undo_window + TRASH_GRACE) {
+            self.notices.error(error);
         }
         if self.chat.active().is_some() {
             // Keep the live rate moving and the periodic save due even between events.
@@ -80,15 +93,17 @@ impl StudioApp {
                 dropped_messages, ..
             } => self.chat.reply_trimmed(job, dropped_messages),
             Event::ModelLoaded { info, .. } => {
-                if let Some(JobPurpose::LoadModel(path)) = &purpose {
+                if let Some(JobPurpose::LoadModel(path, options)) = &purpose {
                     self.settings.remember_model(path);
                     self.settings.last_model = Some(path.clone());
+                    self.model_options = Some(options.clone());
                 }
                 self.notices.info(format!("Loaded {}", info.name));
                 self.model = Some(info);
             }
             Event::ModelUnloaded { .. } => {
                 self.model = None;
+                self.model_options = None;
                 self.settings.last_model = None;
             }
             Event::Done { stats, .. } => {
@@ -108,7 +123,7 @@ impl StudioApp {
                 // The worker reports with `ModelUnloaded` whether the previous model is gone.
                 if let Some(t) = tracked
                     && t.started
-                    && matches!(t.purpose, JobPurpose::LoadModel(_))
+                    && matches!(t.purpose, JobPurpose::LoadModel(..))
                 {
                     self.notices.warning("Loading was cancelled");
                 }
@@ -116,7 +131,7 @@ impl StudioApp {
             Event::Failed { error, .. } => {
                 let tracked = self.jobs.finished(job);
                 match tracked.map(|t| t.purpose) {
-                    Some(JobPurpose::LoadModel(path)) => {
+                    Some(JobPurpose::LoadModel(path, _)) => {
                         // Whether the previous model is still loaded, the worker said with
                         // (or without) `ModelUnloaded`.
                         if self.settings.last_model.as_ref() == Some(&path) {

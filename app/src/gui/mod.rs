@@ -8,17 +8,21 @@
 //! - [`app`]: state, startup, the `eframe::App` impl, navigation;
 //! - [`logic`]: worker events, dropped files, shortcuts;
 //! - [`command`]: the [`Command`] enum and what each does;
-//! - [`chat`], [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is
-//!   drawn;
+//! - [`chat`] (with [`chat_list`], [`chat_message`], [`chat_params`], [`markdown`]),
+//!   [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is drawn;
 //! - [`settings_store`], [`conversations`], [`presets`]: what is saved and read.
 
 pub mod app;
 pub mod chat;
+pub mod chat_list;
+pub mod chat_message;
+pub mod chat_params;
 pub mod command;
 pub mod conversations;
 pub mod format;
 pub mod jobs;
 pub mod logic;
+pub mod markdown;
 pub mod models;
 pub mod notices;
 pub mod placeholder;

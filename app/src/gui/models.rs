@@ -7,6 +7,7 @@ use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use egui::RichText;
 use studio_inference::hf_cache::{self, CachedModel};
 use studio_inference::loader::{ModelInfo, SUPPORTED_ARCHITECTURES};
+use studio_inference::worker::LoadOptions;
 
 use super::command::Command;
 use super::format;
@@ -95,7 +96,8 @@ impl ModelsPanel {
         &mut self,
         ui: &mut egui::Ui,
         model: Option<&ModelInfo>,
-        settings: &Settings,
+        model_options: Option<&LoadOptions>,
+        settings: &mut Settings,
         jobs: &Jobs,
         commands: &mut Vec<Command>,
     ) {
@@ -109,6 +111,9 @@ impl ModelsPanel {
                     loaded_ui(ui, model, jobs, commands);
                 });
                 section_ui(ui, "Open a model", |ui| self.open_ui(ui, commands));
+                section_ui(ui, "Load options", |ui| {
+                    load_options_ui(ui, settings, model, model_options, jobs, commands);
+                });
                 section_ui(ui, "Recent models", |ui| {
                     recent_ui(ui, settings, model, commands);
                 });
@@ -309,6 +314,72 @@ fn loaded_ui(
         .clicked()
     {
         commands.push(Command::UnloadModel);
+    }
+}
+
+/// Options sent with every load: the context length (Auto: the model's maximum).
+fn load_options_ui(
+    ui: &mut egui::Ui,
+    settings: &mut Settings,
+    model: Option<&ModelInfo>,
+    model_options: Option<&LoadOptions>,
+    jobs: &Jobs,
+    commands: &mut Vec<Command>,
+) {
+    ui.horizontal(|ui| {
+        ui.label("Context length");
+        let mut auto = settings.context_length.is_none();
+        if ui
+            .checkbox(&mut auto, "Auto (the model's maximum)")
+            .changed()
+        {
+            settings.context_length = if auto {
+                None
+            } else {
+                Some(model.map_or(4096, |m| m.context_length))
+            };
+        }
+        if let Some(n) = &mut settings.context_length {
+            ui.add(
+                egui::DragValue::new(n)
+                    .range(16..=1_048_576)
+                    .speed(32.0)
+                    .suffix(" tokens"),
+            )
+            .accessible_name("Context length in tokens")
+            .on_hover_text("Prompt plus reply, in tokens");
+        }
+    });
+    ui.add(
+        egui::Label::new(weak(
+            ui,
+            "A shorter context uses less memory; a model never gets more than it was trained \
+             for. Applies when a model is loaded. When a conversation no longer fits, its \
+             oldest messages are left out of the prompt.",
+        ))
+        .wrap(),
+    );
+    if let (Some(m), Some(loaded)) = (model, model_options)
+        && loaded.context_length != settings.context_length
+        && jobs.loading_model().is_none()
+    {
+        ui.horizontal(|ui| {
+            ui.label(
+                RichText::new(format!(
+                    "{} is loaded with {} tokens of context.",
+                    m.name,
+                    format::thousands(m.context_length)
+                ))
+                .color(ui.visuals().warn_fg_color),
+            );
+            if ui
+                .button("Reload")
+                .on_hover_text("Load the model again with this context length")
+                .clicked()
+            {
+                commands.push(Command::LoadModel(m.path.clone()));
+            }
+        });
     }
 }
 

@@ -1,8 +1,11 @@
-//! Sampling presets: data files in `presets/sampling/*.json`, each
-//! `{ "name": …, "description": …, "params": { <SamplingParams fields> } }`.
+//! Preset galleries, as data files users can edit:
 //!
-//! A preset sets only the parameters it names; the rest (seed, max new tokens, …) stay as the
-//! user left them.
+//! - sampling presets in `presets/sampling/*.json`, each
+//!   `{ "name": …, "description": …, "params": { <SamplingParams fields> } }`. A preset sets
+//!   only the parameters it names; the rest (seed, max new tokens, …) stay as the user left
+//!   them;
+//! - system-prompt presets in `presets/system/*.json`, each
+//!   `{ "name": …, "description": …, "prompt": … }`.
 
 use std::path::{Path, PathBuf};
 
@@ -61,31 +64,56 @@ impl Preset {
     }
 }
 
+/// A system prompt from the gallery.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SystemPreset {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub prompt: String,
+}
+
 /// The presets found, and what went wrong reading the others.
 #[derive(Debug, Clone, Default)]
 pub struct Presets {
     pub dir: Option<PathBuf>,
+    /// Sampling presets.
     pub list: Vec<Preset>,
+    /// System-prompt presets.
+    pub system: Vec<SystemPreset>,
     pub errors: Vec<String>,
 }
 
 impl Presets {
-    /// Reads `<dir>/sampling/*.json`, sorted by file name.
+    /// Reads `<dir>/sampling/*.json` and `<dir>/system/*.json`, each sorted by file name.
     pub fn load(dir: Option<&Path>) -> Self {
         let Some(dir) = dir else {
             return Self::default();
         };
-        let sampling = dir.join("sampling");
         let mut out = Self {
             dir: Some(dir.to_path_buf()),
             ..Self::default()
         };
-        let mut files: Vec<PathBuf> = match std::fs::read_dir(&sampling) {
-            Ok(entries) => entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("json"))
-                .collect(),
+        let system = dir.join("system");
+        match json_files(&system) {
+            Ok(files) => {
+                for file in files {
+                    match read_system_preset(&file) {
+                        Ok(p) => out.system.push(p),
+                        Err(e) => out.errors.push(e),
+                    }
+                }
+            }
+            // A presets folder from before system prompts had presets.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => out.errors.push(format!(
+                "Could not read presets in {}: {e}",
+                system.display()
+            )),
+        }
+        let sampling = dir.join("sampling");
+        let files = match json_files(&sampling) {
+            Ok(files) => files,
             Err(e) => {
                 out.errors.push(format!(
                     "Could not read presets in {}: {e}",
@@ -94,7 +122,6 @@ impl Presets {
                 return out;
             }
         };
-        files.sort();
         let known = match serde_json::to_value(SamplingParams::default()) {
             Ok(Value::Object(fields)) => fields.keys().cloned().collect::<Vec<_>>(),
             _ => Vec::new(),
@@ -107,6 +134,30 @@ impl Presets {
         }
         out
     }
+}
+
+/// The `*.json` files in `dir`, sorted by name.
+fn json_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("json"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+fn read_system_preset(file: &Path) -> Result<SystemPreset, String> {
+    let shown = file.display();
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{shown}: {e}"))?;
+    let preset: SystemPreset = serde_json::from_str(&text)
+        .map_err(|e| format!("{shown}: not a system-prompt preset: {e}"))?;
+    if preset.name.trim().is_empty() || preset.prompt.trim().is_empty() {
+        return Err(format!(
+            "{shown}: a system-prompt preset needs a name and a prompt"
+        ));
+    }
+    Ok(preset)
 }
 
 fn read_preset(file: &Path, known: &[String]) -> Result<Preset, String> {
@@ -146,6 +197,13 @@ mod tests {
     fn shipped_presets_load_and_set_only_their_fields() {
         let presets = shipped();
         assert!(presets.errors.is_empty(), "{:?}", presets.errors);
+        assert!(presets.system.len() >= 4, "{:?}", presets.system);
+        assert!(
+            presets
+                .system
+                .iter()
+                .all(|p| !p.description.is_empty() && p.prompt.len() > 40)
+        );
         let names: Vec<&str> = presets.list.iter().map(|p| p.name.as_str()).collect();
         for want in ["Balanced", "Precise", "Creative", "Greedy"] {
             assert!(names.contains(&want), "{names:?}");
@@ -188,6 +246,7 @@ mod tests {
         std::fs::write(dir.join("c.json"), r#"{"name":"C","params":{"top_k":5}}"#).expect("write");
         let presets = Presets::load(Some(tmp.path()));
         assert_eq!(presets.list.len(), 1);
+        assert!(presets.system.is_empty(), "no system folder is no error");
         assert_eq!(presets.errors.len(), 2, "{:?}", presets.errors);
         assert!(presets.errors[0].contains("temprature"));
         assert!(presets.errors[1].contains("top-p"));

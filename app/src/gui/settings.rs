@@ -140,9 +140,10 @@ impl SettingsPanel {
         ui.add(
             egui::Label::new(weak(
                 ui,
-                "settings.json holds these settings and the chat parameters; conversations/ \
-                 one file per chat; window.ron the window's size and position. Set STUDIO_HOME \
-                 to keep them elsewhere.",
+                "settings.json holds these settings and the last chat parameters used; \
+                 conversations/ one file per chat, with its branches and parameters (a deleted \
+                 chat waits in conversations/trash/ until its Undo expires); window.ron the \
+                 window's size and position. Set STUDIO_HOME to keep them elsewhere.",
             ))
             .wrap(),
         );

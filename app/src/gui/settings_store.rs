@@ -61,10 +61,13 @@ pub struct Settings {
     pub version: u32,
     /// The panel shown at startup: the one open when Studio was closed.
     pub panel: Panel,
+    /// The sampling parameters shown in the chat panel: the open conversation's, and those a
+    /// new conversation starts with.
     pub sampling: SamplingParams,
     /// Draw a fresh seed for every reply (the seed used is kept with the reply), so Regenerate
     /// gives a different answer. When off, `sampling.seed` is used as is.
     pub new_seed_each_reply: bool,
+    /// Like `sampling`: the open conversation's system prompt, and a new one's.
     pub system_prompt: String,
     /// Takes effect at the next start.
     pub device: DevicePreference,
@@ -74,6 +77,9 @@ pub struct Settings {
     pub recent_models: Vec<PathBuf>,
     /// Loaded again at startup if it still exists.
     pub last_model: Option<PathBuf>,
+    /// Context length models are loaded with (below their maximum saves memory); `None` uses
+    /// each model's maximum.
+    pub context_length: Option<usize>,
     /// The conversation that was open.
     pub last_conversation: Option<String>,
     /// Whether the chat's parameters side panel is shown.
@@ -95,6 +101,7 @@ impl Default for Settings {
             cpu_threads: None,
             recent_models: Vec::new(),
             last_model: None,
+            context_length: None,
             last_conversation: None,
             show_parameters: true,
         }
@@ -207,6 +214,7 @@ mod tests {
         let mut s = Settings {
             panel: Panel::Models,
             cpu_threads: Some(3),
+            context_length: Some(2048),
             device: DevicePreference::Cuda(1),
             ..Settings::default()
         };

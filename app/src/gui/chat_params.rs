@@ -1,0 +1,307 @@
+//! The chat panel's parameters: the system prompt with its preset gallery, the sampling
+//! presets and parameters, and stop strings. They belong to the open conversation (saved with
+//! it); a new conversation starts from the last ones used.
+
+use egui::RichText;
+use studio_inference::loader::ModelInfo;
+use studio_inference::sampling::SamplingParams;
+
+use super::format;
+use super::presets::Presets;
+use super::settings_store::Settings;
+use super::style::weak;
+
+#[derive(Default)]
+pub struct ParametersView {
+    /// The stop-strings field as typed (one per line, `\n` for a line break).
+    stop_text: String,
+}
+
+impl ParametersView {
+    pub fn parameters_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        presets: &mut Presets,
+        settings: &mut Settings,
+        model: Option<&ModelInfo>,
+    ) {
+        egui::ScrollArea::vertical()
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                ui.add_space(4.0);
+                ui.heading("Parameters");
+                ui.add(
+                    egui::Label::new(weak(
+                        ui,
+                        "Saved with this conversation; a new chat starts from the last ones used.",
+                    ))
+                    .wrap(),
+                );
+                ui.add_space(4.0);
+                preset_ui(ui, presets, &mut settings.sampling);
+                ui.add_space(6.0);
+                egui::CollapsingHeader::new("System prompt")
+                    .default_open(true)
+                    .show(ui, |ui| {
+                        ui.label(weak(ui, "Sent before the conversation, with every reply."));
+                        system_preset_ui(ui, presets, &mut settings.system_prompt);
+                        ui.add(
+                            egui::TextEdit::multiline(&mut settings.system_prompt)
+                                .hint_text("e.g. You are a concise, friendly assistant.")
+                                .desired_rows(3)
+                                .desired_width(f32::INFINITY),
+                        )
+                        .accessible_name("System prompt");
+                    });
+                egui::CollapsingHeader::new("Sampling")
+                    .default_open(true)
+                    .show(ui, |ui| {
+                        sampling_grid_ui(ui, settings, model);
+                    });
+                egui::CollapsingHeader::new("Stop strings")
+                    .default_open(false)
+                    .show(ui, |ui| self.stop_strings_ui(ui, &mut settings.sampling));
+                ui.add_space(6.0);
+                if ui
+                    .button("Reset to defaults")
+                    .on_hover_text("Default sampling parameters (the system prompt is kept)")
+                    .clicked()
+                {
+                    let defaults = Settings::default();
+                    settings.sampling = defaults.sampling;
+                    settings.new_seed_each_reply = defaults.new_seed_each_reply;
+                }
+            });
+    }
+
+    fn stop_strings_ui(&mut self, ui: &mut egui::Ui, params: &mut SamplingParams) {
+        if parse_stop_strings(&self.stop_text) != params.stop {
+            self.stop_text = params
+                .stop
+                .iter()
+                .map(|s| s.replace('\n', "\\n"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        let label = ui.label(weak(
+            ui,
+            "One per line; \\n stands for a line break. The reply ends before any of them.",
+        ));
+        let response = ui.add(
+            egui::TextEdit::multiline(&mut self.stop_text)
+                .hint_text("e.g. ###")
+                .desired_rows(2)
+                .desired_width(f32::INFINITY),
+        );
+        let response = response.labelled_by(label.id);
+        if response.changed() {
+            params.stop = parse_stop_strings(&self.stop_text);
+        }
+    }
+}
+
+fn parse_stop_strings(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| l.replace("\\n", "\n"))
+        .collect()
+}
+
+fn sampling_grid_ui(ui: &mut egui::Ui, settings: &mut Settings, model: Option<&ModelInfo>) {
+    let p = &mut settings.sampling;
+    egui::Grid::new("sampling_grid")
+        .num_columns(2)
+        .spacing([8.0, 6.0])
+        .show(ui, |ui| {
+            let l = ui.label("Temperature");
+            ui.add(egui::Slider::new(&mut p.temperature, 0.0..=2.0).step_by(0.05))
+                .labelled_by(l.id)
+                .on_hover_text("Higher is more varied; 0 always takes the most likely token");
+            ui.end_row();
+
+            let l = ui.label("Top-k");
+            ui.add(egui::DragValue::new(&mut p.top_k).range(0..=1000))
+                .labelled_by(l.id)
+                .on_hover_text("Keep the k most likely tokens; 0 turns it off");
+            ui.end_row();
+
+            let l = ui.label("Top-p");
+            ui.add(egui::Slider::new(&mut p.top_p, 0.01..=1.0).step_by(0.01))
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "Keep the most likely tokens up to this total probability; 1 turns it off",
+                );
+            ui.end_row();
+
+            let l = ui.label("Min-p");
+            ui.add(egui::Slider::new(&mut p.min_p, 0.0..=1.0).step_by(0.01))
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "Drop tokens less likely than this fraction of the best one; 0 turns it off",
+                );
+            ui.end_row();
+
+            let l = ui.label("Repeat penalty");
+            ui.add(egui::Slider::new(&mut p.repeat_penalty, 0.5..=2.0).step_by(0.01))
+                .labelled_by(l.id)
+                .on_hover_text("Discourage tokens used recently; 1 turns it off");
+            ui.end_row();
+
+            let l = ui.label("Repeat window");
+            ui.add(
+                egui::DragValue::new(&mut p.repeat_last_n)
+                    .range(0..=8192)
+                    .suffix(" tokens"),
+            )
+            .labelled_by(l.id)
+            .on_hover_text("How many recent tokens the repeat penalty looks at");
+            ui.end_row();
+
+            let l = ui.label("Seed");
+            ui.horizontal(|ui| {
+                ui.add_enabled(
+                    !settings.new_seed_each_reply,
+                    egui::DragValue::new(&mut p.seed).speed(1.0),
+                )
+                .labelled_by(l.id)
+                .on_hover_text("Same seed, settings and conversation: same reply");
+                if ui
+                    .button("Random")
+                    .on_hover_text("Pick a new random seed")
+                    .clicked()
+                {
+                    p.seed = format::random_seed();
+                }
+            });
+            ui.end_row();
+
+            ui.label("");
+            ui.checkbox(&mut settings.new_seed_each_reply, "New seed each reply")
+                .on_hover_text(
+                    "Draw a fresh seed for every reply (shown under the reply), so Regenerate \
+                     gives a different answer",
+                );
+            ui.end_row();
+
+            let l = ui.label("Max new tokens");
+            let max = model.map_or(32_768, |m| m.context_length.max(1));
+            ui.add(egui::DragValue::new(&mut p.max_new_tokens).range(1..=max))
+                .labelled_by(l.id)
+                .on_hover_text("The longest reply, in tokens");
+            ui.end_row();
+        });
+}
+
+fn preset_ui(ui: &mut egui::Ui, presets: &mut Presets, params: &mut SamplingParams) {
+    let current = presets.list.iter().find(|p| p.matches(params));
+    let selected_text = current.map_or("Custom", |p| p.name.as_str());
+    let description = current.map(|p| p.description.clone());
+    let mut chosen = None;
+    ui.horizontal(|ui| {
+        let label = ui.label("Preset");
+        egui::ComboBox::from_id_salt("sampling_preset")
+            .selected_text(selected_text)
+            .width(160.0)
+            .show_ui(ui, |ui| {
+                for (i, p) in presets.list.iter().enumerate() {
+                    let is_current = current.is_some_and(|c| c.name == p.name);
+                    if ui
+                        .selectable_label(is_current, &p.name)
+                        .on_hover_text(&p.description)
+                        .clicked()
+                    {
+                        chosen = Some(i);
+                    }
+                }
+            })
+            .response
+            .labelled_by(label.id);
+    });
+    if let Some(d) = description.filter(|d| !d.is_empty()) {
+        ui.add(egui::Label::new(weak(ui, &d)).wrap());
+    }
+    if let Some(preset) = chosen.and_then(|i| presets.list.get(i)) {
+        match preset.apply(params) {
+            Ok(p) => *params = p,
+            Err(e) => presets.errors.push(e),
+        }
+    }
+    match &presets.dir {
+        None => {
+            ui.add(
+                egui::Label::new(weak(
+                    ui,
+                    "No presets folder found: set STUDIO_PRESETS to a folder with \
+                     sampling/*.json files.",
+                ))
+                .wrap(),
+            );
+        }
+        Some(dir) if presets.list.is_empty() && presets.errors.is_empty() => {
+            ui.add(
+                egui::Label::new(weak(
+                    ui,
+                    &format!("No presets in {}", dir.join("sampling").display()),
+                ))
+                .wrap(),
+            );
+        }
+        Some(_) => {}
+    }
+    for e in &presets.errors {
+        ui.add(egui::Label::new(RichText::new(e).small().color(ui.visuals().warn_fg_color)).wrap());
+    }
+}
+
+/// The system-prompt gallery: choosing a preset replaces the prompt (which stays editable).
+fn system_preset_ui(ui: &mut egui::Ui, presets: &Presets, prompt: &mut String) {
+    if presets.system.is_empty() {
+        return;
+    }
+    let current = presets
+        .system
+        .iter()
+        .find(|p| p.prompt.trim() == prompt.trim());
+    let selected_text = match current {
+        Some(p) => p.name.as_str(),
+        None if prompt.trim().is_empty() => "None",
+        None => "Custom",
+    };
+    let mut chosen: Option<String> = None;
+    ui.horizontal(|ui| {
+        let label = ui.label("Gallery");
+        egui::ComboBox::from_id_salt("system_preset")
+            .selected_text(selected_text)
+            .width(170.0)
+            .show_ui(ui, |ui| {
+                if ui
+                    .selectable_label(prompt.trim().is_empty(), "None")
+                    .on_hover_text("No system prompt")
+                    .clicked()
+                {
+                    chosen = Some(String::new());
+                }
+                for p in &presets.system {
+                    let is_current = current.is_some_and(|c| c.name == p.name);
+                    if ui
+                        .selectable_label(is_current, &p.name)
+                        .on_hover_text(&p.description)
+                        .clicked()
+                    {
+                        chosen = Some(p.prompt.clone());
+                    }
+                }
+            })
+            .response
+            .labelled_by(label.id);
+    });
+    if let Some(d) = current
+        .map(|p| p.description.as_str())
+        .filter(|d| !d.is_empty())
+    {
+        ui.add(egui::Label::new(weak(ui, d)).wrap());
+    }
+    if let Some(text) = chosen {
+        *prompt = text;
+    }
+}

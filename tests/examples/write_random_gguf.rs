@@ -1,0 +1,51 @@
+//! Writes a random-weight GGUF of a real model shape, for benchmarks:
+//!
+//! ```text
+//! cargo run --release -p studio-tests --example write_random_gguf -- qwen2-0.5b q8_0 /tmp/q.gguf
+//! studio bench generate --model /tmp/q.gguf
+//! ```
+//!
+//! Shapes: `qwen2-0.5b` (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
+//! vocab 151936, tied embeddings, rope base 1e6, q/k/v biases), `tiny`. Types: f32, f16,
+//! q8_0, q4_0.
+
+use std::path::PathBuf;
+
+use candle_core::quantized::GgmlDType;
+use serde_json::json;
+use studio_tests::families::write_family_with;
+use studio_tests::gguf_writer::{GgufOptions, convert};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let shape = args.next().unwrap_or_else(|| "qwen2-0.5b".to_owned());
+    let dtype = match args.next().as_deref().unwrap_or("q8_0") {
+        "f32" => GgmlDType::F32,
+        "f16" => GgmlDType::F16,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_0" => GgmlDType::Q4_0,
+        other => {
+            eprintln!("unknown type `{other}` (f32, f16, q8_0, q4_0)");
+            std::process::exit(2);
+        }
+    };
+    let out = PathBuf::from(args.next().unwrap_or_else(|| format!("/tmp/{shape}.gguf")));
+    let overrides = match shape.as_str() {
+        "qwen2-0.5b" => json!({
+            "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+            "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151_936,
+            "tie_word_embeddings": true, "rope_theta": 1_000_000.0,
+            "max_position_embeddings": 32768, "sliding_window": 32768,
+            "max_window_layers": 24, "rms_norm_eps": 1e-6,
+        }),
+        "tiny" => json!({}),
+        other => {
+            eprintln!("unknown shape `{other}` (qwen2-0.5b, tiny)");
+            std::process::exit(2);
+        }
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    write_family_with(dir.path(), "qwen2", &overrides, 0);
+    convert(dir.path(), &out, &GgufOptions::with_dtype(dtype));
+    println!("{}", out.display());
+}

@@ -1,0 +1,100 @@
+//! GGUF files through Studio's own entry points: the loader, the worker and chat prompts.
+
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+use studio_inference::chat::{ChatFormat, ChatMessage, build_chat_prompt};
+use studio_inference::loader::{self, Architecture};
+use studio_inference::models::hf::Family;
+use studio_inference::sampling::SamplingParams;
+use studio_inference::worker::{Event, JobKind, LoadOptions, Worker, WorkerConfig};
+use studio_tests::gguf_writer::{GgufOptions, write_family_gguf};
+
+const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[test]
+fn a_gguf_file_loads_with_its_embedded_template() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = GgufOptions {
+        chat_template: Some(CHATML.to_owned()),
+        ..GgufOptions::with_dtype(GgmlDType::Q8_0)
+    };
+    let gguf = write_family_gguf(tmp.path(), "qwen2", 3, &opts);
+    let m = loader::load(&gguf, &Device::Cpu, &mut |_, _| {}).expect("load");
+    assert_eq!(m.info.architecture, Architecture::Family(Family::Qwen2));
+    assert!(m.info.dtype.contains("Q8_0"), "{}", m.info.dtype);
+    assert!(matches!(m.chat, ChatFormat::Template(_)));
+    let p = build_chat_prompt(&m, "", &[ChatMessage::user("Hi")], 16).expect("prompt");
+    assert_eq!(
+        m.tokenizer.decode(&p.fitted.tokens).expect("decode"),
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let im_end = m.tokenizer.token_to_id("<|im_end|>").expect("token");
+    assert!(m.eos_token_ids.contains(&im_end) || p.end_of_turn.contains(&im_end));
+}
+
+#[test]
+fn the_worker_loads_a_gguf_and_chats_and_refuses_a_broken_one_first() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = GgufOptions {
+        chat_template: Some(CHATML.to_owned()),
+        ..GgufOptions::with_dtype(GgmlDType::Q4_0)
+    };
+    let gguf = write_family_gguf(tmp.path(), "llama", 4, &opts);
+    let w = Worker::spawn(WorkerConfig::default()).expect("worker");
+    let run = |kind: JobKind| {
+        let job = w.submit(kind).expect("submit");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut events = Vec::new();
+        loop {
+            let e = w
+                .events()
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("event");
+            if e.job() == job {
+                let end = e.is_terminal();
+                events.push(e);
+                if end {
+                    return events;
+                }
+            }
+        }
+    };
+    let events = run(JobKind::LoadModel {
+        path: gguf.clone(),
+        options: LoadOptions::default(),
+    });
+    assert!(
+        matches!(events.last(), Some(Event::Done { .. })),
+        "{events:?}"
+    );
+    let events = run(JobKind::Chat {
+        system: String::new(),
+        messages: vec![ChatMessage::user("Hello")],
+        params: SamplingParams::greedy(6),
+    });
+    assert!(
+        matches!(events.last(), Some(Event::Done { stats: Some(_), .. })),
+        "{events:?}"
+    );
+
+    // A truncated GGUF is refused from its header: the loaded model stays.
+    let bytes = std::fs::read(&gguf).expect("read");
+    let broken = tmp.path().join("broken.gguf");
+    std::fs::write(&broken, &bytes[..bytes.len() / 3]).expect("write");
+    let events = run(JobKind::LoadModel {
+        path: broken,
+        options: LoadOptions::default(),
+    });
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::ModelUnloaded { .. })),
+        "{events:?}"
+    );
+    assert!(
+        matches!(events.last(), Some(Event::Failed { .. })),
+        "{events:?}"
+    );
+}
