@@ -1187,3 +1187,61 @@ fn the_context_length_load_option_reaches_the_model() {
     .expect("json");
     assert!(settings["context_length"].is_null());
 }
+
+#[test]
+fn a_remote_openai_server_set_up_in_settings_answers_in_the_chat() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    // A real OpenAI-compatible server on loopback: `studio serve`'s, on a tiny GPT-2.
+    let model = tiny_model(tmp.path());
+    let loaded = studio_inference::loader::load(
+        &model,
+        &studio_inference::candle_core::Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("load");
+    let server = studio_app::serve::Server::start(loaded, "127.0.0.1", 0).expect("serve");
+    let mut h = harness(&home);
+    h.step();
+    go_to(&mut h, Panel::Settings);
+    h.get_by_label("Base URL").focus();
+    h.step();
+    h.get_by_label("Base URL").type_text(&server.base_url());
+    h.step();
+    click(&mut h, "Connect");
+    step_until(&mut h, "the remote model", |h| {
+        h.state()
+            .model()
+            .is_some_and(|m| m.architecture == studio_inference::loader::Architecture::Remote)
+    });
+    // The address is remembered for next time.
+    assert_eq!(h.state().settings().remote.base_url, server.base_url());
+    go_to(&mut h, Panel::Chat);
+    send(&mut h, "Hello there");
+    wait_for_reply(&mut h);
+    let (text, state) = last_reply(&h);
+    assert!(!text.is_empty(), "no text streamed from the server");
+    assert!(matches!(state, ReplyState::Done), "{state:?}");
+    drop(h);
+    server.shutdown();
+}
+
+#[test]
+fn an_unreachable_remote_server_is_reported_and_nothing_is_lost() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let mut h = harness(&home);
+    h.step();
+    go_to(&mut h, Panel::Settings);
+    h.get_by_label("Base URL").focus();
+    h.step();
+    // Nothing listens on port 9 (discard) of loopback here.
+    h.get_by_label("Base URL")
+        .type_text("http://127.0.0.1:9/v1");
+    h.step();
+    click(&mut h, "Connect");
+    step_until(&mut h, "the connection error", |h| {
+        shows_text(h, "Could not connect to http://127.0.0.1:9/v1")
+    });
+    assert!(h.state().model().is_none());
+}

@@ -280,6 +280,7 @@ impl StudioApp {
                 &mut self.settings,
                 &self.device_label,
                 &self.home,
+                &mut commands,
             ),
             panel @ (Panel::Code | Panel::Canvas | Panel::LatentExplorer) => {
                 placeholder_ui(ui, panel);

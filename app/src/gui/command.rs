@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use studio_inference::remote::RemoteConfig;
 use studio_inference::worker::{JobKind, LoadOptions};
 
 use super::app::StudioApp;
@@ -34,6 +35,8 @@ pub enum Command {
     /// the settings.
     LoadModel(PathBuf),
     UnloadModel,
+    /// Chat through an OpenAI-compatible server (replaces the loaded model).
+    ConnectRemote(RemoteConfig),
     /// Cancel whatever the worker is running now (status bar's Cancel, Esc).
     CancelRunningJob,
     /// Send the typed message and ask for a reply.
@@ -98,6 +101,13 @@ impl StudioApp {
             Command::LoadModel(path) => self.load_model(path),
             Command::UnloadModel => {
                 self.submit(JobKind::UnloadModel, JobPurpose::UnloadModel);
+            }
+            Command::ConnectRemote(config) => {
+                let url = config.base_url.clone();
+                self.submit(
+                    JobKind::ConnectRemote { config },
+                    JobPurpose::ConnectRemote(url),
+                );
             }
             Command::CancelRunningJob => {
                 if let (Some(worker), Some(running)) = (&self.worker, self.jobs.running()) {

@@ -14,6 +14,8 @@ pub enum JobPurpose {
     /// Loading a model, with the options it was asked for.
     LoadModel(PathBuf, LoadOptions),
     UnloadModel,
+    /// Connecting to an OpenAI-compatible server at this base URL.
+    ConnectRemote(String),
     /// The reply being written into message `message` of `conversation`.
     ChatReply {
         conversation: String,

@@ -148,6 +148,10 @@ impl StudioApp {
                             self.save_conversation(&id);
                         }
                     }
+                    Some(JobPurpose::ConnectRemote(url)) => {
+                        self.notices
+                            .error(format!("Could not connect to {url}: {error}"));
+                    }
                     Some(JobPurpose::UnloadModel) | None => self.notices.error(error),
                 }
             }

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use egui::RichText;
 use studio_inference::device::{DevicePreference, compiled_backends};
 
+use studio_inference::remote::RemoteConfig;
+
+use super::command::Command;
 use super::format;
 use super::settings_store::Settings;
 use super::style::{section_ui, weak};
@@ -45,6 +48,7 @@ impl SettingsPanel {
         settings: &mut Settings,
         device_label: &str,
         home: &Path,
+        commands: &mut Vec<Command>,
     ) {
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
@@ -54,6 +58,9 @@ impl SettingsPanel {
                 ui.add_space(8.0);
                 section_ui(ui, "Compute", |ui| {
                     self.compute_ui(ui, settings, device_label);
+                });
+                section_ui(ui, "Remote server (OpenAI-compatible)", |ui| {
+                    remote_ui(ui, settings, commands);
                 });
                 section_ui(ui, "Data folder", |ui| self.data_ui(ui, home));
             });
@@ -245,4 +252,58 @@ fn device_combo_ui(
         })
         .response
         .labelled_by(label);
+}
+
+/// Base URL, API key and model of an OpenAI-compatible server (vLLM, Ollama, llama.cpp's
+/// server, `studio serve`), and a Connect button that makes it the chat backend.
+fn remote_ui(ui: &mut egui::Ui, settings: &mut Settings, commands: &mut Vec<Command>) {
+    ui.label(weak(
+        ui,
+        "Chat through a server instead of a local model: the local model is unloaded, and \
+         Stop, tokens/s and conversations work the same.",
+    ));
+    ui.add_space(4.0);
+    let r = &mut settings.remote;
+    egui::Grid::new("remote_grid")
+        .num_columns(2)
+        .spacing([12.0, 6.0])
+        .show(ui, |ui| {
+            let label = ui.label("Base URL");
+            ui.add(
+                egui::TextEdit::singleline(&mut r.base_url)
+                    .hint_text("http://127.0.0.1:8080/v1")
+                    .desired_width(360.0),
+            )
+            .labelled_by(label.id);
+            ui.end_row();
+            let label = ui.label("API key");
+            ui.add(
+                egui::TextEdit::singleline(&mut r.api_key)
+                    .password(true)
+                    .hint_text("optional")
+                    .desired_width(360.0),
+            )
+            .labelled_by(label.id);
+            ui.end_row();
+            let label = ui.label("Model");
+            ui.add(
+                egui::TextEdit::singleline(&mut r.model)
+                    .hint_text("the server's first model")
+                    .desired_width(360.0),
+            )
+            .labelled_by(label.id);
+            ui.end_row();
+        });
+    ui.add_space(4.0);
+    let ready = !r.base_url.trim().is_empty();
+    if ui
+        .add_enabled(ready, egui::Button::new("Connect"))
+        .on_disabled_hover_text("Enter the server's base URL first")
+        .clicked()
+    {
+        let mut config = RemoteConfig::new(r.base_url.trim());
+        config.api_key = Some(r.api_key.trim().to_owned()).filter(|k| !k.is_empty());
+        config.model = Some(r.model.trim().to_owned()).filter(|m| !m.is_empty());
+        commands.push(Command::ConnectRemote(config));
+    }
 }

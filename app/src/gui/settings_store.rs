@@ -82,8 +82,22 @@ pub struct Settings {
     pub context_length: Option<usize>,
     /// The conversation that was open.
     pub last_conversation: Option<String>,
+    /// An OpenAI-compatible server to chat through instead of a local model.
+    pub remote: RemoteSettings,
     /// Whether the chat's parameters side panel is shown.
     pub show_parameters: bool,
+}
+
+/// The remote-server form in Settings (kept between runs; the API key stays in the user's own
+/// data folder, as peers do).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RemoteSettings {
+    /// e.g. `http://127.0.0.1:11434/v1` (Ollama), `http://localhost:8000/v1` (vLLM).
+    pub base_url: String,
+    pub api_key: String,
+    /// Empty: the first model the server lists.
+    pub model: String,
 }
 
 impl Default for Settings {
@@ -103,6 +117,7 @@ impl Default for Settings {
             last_model: None,
             context_length: None,
             last_conversation: None,
+            remote: RemoteSettings::default(),
             show_parameters: true,
         }
     }
