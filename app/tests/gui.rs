@@ -1245,3 +1245,40 @@ fn an_unreachable_remote_server_is_reported_and_nothing_is_lost() {
     });
     assert!(h.state().model().is_none());
 }
+
+/// Ctrl+Enter arriving with the last typed characters sends all of them and empties the box.
+/// (The window once sent the message without them when both came in one slow frame; the
+/// headless harness does not reproduce that timing, so that fix was checked in the real window
+/// under Xvfb.)
+#[test]
+fn ctrl_enter_in_the_same_frame_as_typing_sends_everything_typed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_model(tmp.path());
+    let mut h = harness(&home);
+    load_through_models_panel(&mut h, &model);
+    go_to(&mut h, Panel::Chat);
+    h.get_by_label("Message").focus();
+    h.step();
+    h.event(egui::Event::Text("Write a haiku about GGUF".to_owned()));
+    h.step();
+    // The rest of the text and the shortcut arrive in one frame, as from a real keyboard.
+    h.event(egui::Event::Text(" files.".to_owned()));
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Enter);
+    h.step();
+    h.step();
+    let c = h.state().chat().current().expect("a conversation");
+    let first = c
+        .active_path()
+        .first()
+        .expect("the message")
+        .content
+        .clone();
+    assert_eq!(first, "Write a haiku about GGUF files.");
+    assert!(
+        h.state().chat().input.is_empty(),
+        "{:?}",
+        h.state().chat().input
+    );
+    wait_for_reply(&mut h);
+}

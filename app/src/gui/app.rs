@@ -87,6 +87,8 @@ pub struct StudioApp {
     pub(super) status_bar: StatusBar,
     pub(super) notices: Notices,
     pub(super) commands: Vec<Command>,
+    /// Ctrl+Enter was pressed this frame: send once the frame's typing has reached the box.
+    pub(super) send_after_ui: bool,
 }
 
 impl StudioApp {
@@ -143,6 +145,7 @@ impl StudioApp {
             status_bar: StatusBar::default(),
             notices,
             commands: Vec::new(),
+            send_after_ui: false,
         };
         if config.restore_last_model
             && let Some(path) = app.settings.last_model.clone()
@@ -289,6 +292,9 @@ impl StudioApp {
         drop_overlay_ui(ui);
         // Edits made this frame belong to the conversation open while they were made.
         self.chat.sync_params(&mut self.settings);
+        if std::mem::take(&mut self.send_after_ui) {
+            commands.push(Command::SendMessage);
+        }
         self.commands.append(&mut commands);
         self.apply_commands();
         self.settings

@@ -179,10 +179,13 @@ impl StudioApp {
         {
             self.commands.push(Command::CancelRunningJob);
         }
+        // Consumed here so the message box never sees it (no stray newline), but sent only
+        // after this frame's UI has run: text typed in the same frame as Ctrl+Enter (a slow
+        // frame, a fast typist) must reach the message box before it is sent.
         if self.settings.panel == Panel::Chat
             && ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT))
         {
-            self.commands.push(Command::SendMessage);
+            self.send_after_ui = true;
         }
     }
 
