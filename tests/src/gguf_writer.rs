@@ -83,6 +83,7 @@ pub fn file_type(dtype: GgmlDType) -> u32 {
         GgmlDType::Q5_0 => 8,
         GgmlDType::Q5_1 => 9,
         GgmlDType::Q4K => 15,
+        GgmlDType::Q5K => 17,
         GgmlDType::Q6K => 18,
         GgmlDType::BF16 => 32,
         other => panic!("no file type for {other:?}"),

@@ -898,3 +898,64 @@ fn llama3_and_qwen2_pre_tokenizers_match_their_tokenizer_json() {
         assert_eq!(info.add_bos_token, pre == "llama-bpe", "{pre}");
     }
 }
+
+/// The K-quants users download most (Q4_K, Q5_K, Q6_K: the parts of Q4_K_M / Q5_K_M files)
+/// need rows that are whole 256-value super-blocks, so this model is 256 wide.
+#[test]
+fn k_quant_files_load_and_track_the_safetensors_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    studio_tests::families::write_family_with(
+        dir,
+        "llama",
+        &serde_json::json!({
+            "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+        }),
+        21,
+    );
+    let mut hf = studio_inference::loader::load(dir, &Device::Cpu, &mut |_, _| {}).expect("hf");
+    let prompt = hf.tokenizer.encode(PROMPTS[0]).expect("encode");
+    let want = greedy(&mut *hf.model, &hf.tokenizer, &prompt);
+    let mut report = Vec::new();
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let path = dir.join(format!("model-{dtype:?}.gguf"));
+        convert(dir, &path, &GgufOptions::with_dtype(dtype));
+        let mut g = load_gguf(&path);
+        // llama.cpp names the file types after their mix (Q4_K_M, Q5_K_M, Q6_K).
+        let name = format!("{dtype:?}");
+        if name.ends_with('K') {
+            let bits = name.chars().nth(1).expect("digit");
+            assert!(
+                g.info.file_type.starts_with(&format!("Q{bits}_K")),
+                "{dtype:?}: {}",
+                g.info.file_type
+            );
+        }
+        let diff = logit_difference(&mut *hf.model, &mut *g.model, &prompt);
+        let forced = teacher_forced_agreement(&mut *g.model, &prompt, &want);
+        report.push(format!(
+            "{dtype:?}: teacher-forced agreement {forced:.2}, max relative logit difference \
+             {diff:.3}"
+        ));
+        // Quantization error grows as bits shrink, but the model must still be the same model.
+        // Quantization error grows as bits shrink (random weights are harsher on it than
+        // trained ones), but each file must still be the same model.
+        let (max_diff, min_agreement) = match dtype {
+            GgmlDType::Q8_0 | GgmlDType::Q6K => (0.15, 0.75),
+            _ => (1.0, 0.25),
+        };
+        assert!(diff < max_diff, "{dtype:?}: logits differ by {diff}");
+        assert!(
+            forced >= min_agreement,
+            "{dtype:?}: only {forced:.2} of tokens agree"
+        );
+    }
+    println!("K-quants:\n{}", report.join("\n"));
+}
