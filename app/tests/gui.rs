@@ -1282,3 +1282,69 @@ fn ctrl_enter_in_the_same_frame_as_typing_sends_everything_typed() {
     );
     wait_for_reply(&mut h);
 }
+
+#[test]
+fn a_gguf_model_chats_in_the_window_with_its_own_template() {
+    use studio_tests::gguf_writer::{GgufOptions, write_family_gguf};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let gguf = write_family_gguf(
+        &tmp.path().join("qwen"),
+        "qwen2",
+        8,
+        &GgufOptions {
+            chat_template: Some(chatml.to_owned()),
+            ..GgufOptions::with_dtype(studio_inference::candle_core::quantized::GgmlDType::Q8_0)
+        },
+    );
+    // A random-weight model writes arbitrary bytes; the window draws a box for characters no
+    // font has (egui's default policy), so this test allows them too.
+    let app = StudioApp::new(&egui::Context::default(), &AppConfig::for_tests(&home));
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1280.0, 860.0))
+        .allow_missing_glyphs()
+        .build_ui_state(
+            |ui, app: &mut StudioApp| {
+                app.frame_logic(ui.ctx());
+                app.root_ui(ui);
+            },
+            app,
+        );
+    h.step();
+    load_through_models_panel(&mut h, &gguf);
+    let info = h.state().model().expect("loaded").clone();
+    assert!(info.dtype.contains("Q8_0"), "{}", info.dtype);
+    assert!(info.chat_format.contains("ChatML"), "{}", info.chat_format);
+    go_to(&mut h, Panel::Chat);
+    assert!(
+        shows_text(&h, "ChatML"),
+        "the chat header names the active template"
+    );
+    send(&mut h, "Hello there");
+    wait_for_reply(&mut h);
+    let (_, state) = last_reply(&h);
+    assert!(matches!(state, ReplyState::Done), "{state:?}");
+    // The prompt was the template's: far more tokens than the plain transcript of one message.
+    let c = h.state().chat().current().expect("conversation");
+    let reply = c
+        .active_path()
+        .last()
+        .expect("reply")
+        .reply
+        .clone()
+        .expect("info");
+    let prompt_tokens = reply.prompt_tokens.expect("prompt tokens");
+    let m = studio_inference::loader::load(
+        &gguf,
+        &studio_inference::candle_core::Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("load");
+    let templated = m
+        .tokenizer
+        .encode("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")
+        .expect("encode")
+        .len();
+    assert_eq!(prompt_tokens, templated);
+}
