@@ -299,7 +299,7 @@ fn loaded_ui(
                 ),
                 ("Data type", m.dtype.clone()),
                 ("Chat format", m.chat_format.clone()),
-                ("Folder", m.path.display().to_string()),
+                ("Location", m.path.display().to_string()),
             ];
             for (key, value) in rows {
                 ui.label(weak(ui, key));
@@ -307,6 +307,10 @@ fn loaded_ui(
                 ui.end_row();
             }
         });
+    // What the loader approximated or capped (e.g. a context limit of the implementation).
+    for note in &m.notes {
+        ui.label(RichText::new(format!("Note: {note}")).color(ui.visuals().warn_fg_color));
+    }
     ui.add_space(4.0);
     if ui
         .button("Unload")
