@@ -102,6 +102,19 @@ pub const END_OF_TURN_TOKENS: &[&str] = &[
 ];
 
 impl ChatFormat {
+    /// The format for a model whose own template was looked for: the template when it
+    /// compiled; the plain transcript when there is none, or (with the reason, so the UI can
+    /// say it) when it did not compile — the model still loads.
+    pub fn from_model_template(found: Result<Option<ChatTemplate>>) -> Self {
+        match found {
+            Ok(Some(t)) => ChatFormat::Template(t),
+            Ok(None) => ChatFormat::Plain { reason: None },
+            Err(e) => ChatFormat::Plain {
+                reason: Some(format!("the model's template could not be used: {e}")),
+            },
+        }
+    }
+
     /// What the UI shows as the active format.
     pub fn name(&self) -> String {
         match self {

@@ -361,17 +361,14 @@ fn load_gguf(
         tokenizer,
         info,
     } = gguf::load(path, device, progress)?;
-    let chat = match &info.chat_template {
-        Some(source) => {
-            match ChatTemplate::new(source, info.bos_token.as_deref(), info.eos_token.as_deref()) {
-                Ok(t) => ChatFormat::Template(t),
-                Err(e) => ChatFormat::Plain {
-                    reason: Some(format!("the model's template could not be used: {e}")),
-                },
-            }
-        }
-        None => ChatFormat::Plain { reason: None },
-    };
+    let chat = ChatFormat::from_model_template(
+        info.chat_template
+            .as_deref()
+            .map(|source| {
+                ChatTemplate::new(source, info.bos_token.as_deref(), info.eos_token.as_deref())
+            })
+            .transpose(),
+    );
     let name = info.name.clone().unwrap_or_else(|| {
         path.file_stem().map_or_else(
             || path.display().to_string(),
@@ -439,13 +436,7 @@ fn prepare_folder(path: &Path, device: &Device) -> Result<PreparedModel> {
     let eos_token_ids = eos_token_ids(&files.dir, &config_value, &tokenizer);
     // A template that does not compile is reported in the chat format's name, and the plain
     // transcript is used: the model still loads.
-    let chat = match ChatTemplate::from_model_dir(&files.dir) {
-        Ok(Some(t)) => ChatFormat::Template(t),
-        Ok(None) => ChatFormat::Plain { reason: None },
-        Err(e) => ChatFormat::Plain {
-            reason: Some(format!("the model's template could not be used: {e}")),
-        },
-    };
+    let chat = ChatFormat::from_model_template(ChatTemplate::from_model_dir(&files.dir));
     Ok(PreparedModel {
         files,
         config,
