@@ -1,6 +1,6 @@
 //! Finding models the user already has in the Hugging Face cache
 //! (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), laid out as
-//! `models--ORG--NAME/snapshots/REV/…`.
+//! `models--ORG--NAME/snapshots/REV/…`: Hugging Face folders and GGUF files.
 
 use std::path::{Path, PathBuf};
 
@@ -30,7 +30,43 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
 }
 
-/// Lists every model repo in `dir` with whether this build can load it.
+/// GGUF files in a repo's snapshots (`models--ORG--NAME-GGUF/snapshots/REV/*.gguf`), newest
+/// snapshot first, each file once.
+fn gguf_files(repo_dir: &Path) -> Vec<PathBuf> {
+    let Ok(snapshots) = std::fs::read_dir(repo_dir.join("snapshots")) else {
+        return Vec::new();
+    };
+    let mut snapshots: Vec<(std::time::SystemTime, PathBuf)> = snapshots
+        .flatten()
+        .map(|e| {
+            let time = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (time, e.path())
+        })
+        .collect();
+    snapshots.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut seen = std::collections::HashSet::new();
+    let mut files = Vec::new();
+    for (_, snapshot) in snapshots {
+        let Ok(entries) = std::fs::read_dir(&snapshot) else {
+            continue;
+        };
+        let mut here: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| loader::is_gguf(p))
+            .filter(|p| seen.insert(p.file_name().map(std::ffi::OsStr::to_os_string)))
+            .collect();
+        here.sort();
+        files.extend(here);
+    }
+    files
+}
+
+/// Lists every model in `dir` with whether this build can load it: one entry per Hugging Face
+/// folder model, and one per GGUF file (`ORG/NAME/file.gguf`).
 pub fn scan(dir: &Path) -> Vec<CachedModel> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -43,13 +79,31 @@ pub fn scan(dir: &Path) -> Vec<CachedModel> {
         };
         let repo = rest.replacen("--", "/", 1);
         let path = entry.path();
-        let support = match loader::resolve(&path) {
+        let ggufs = gguf_files(&path);
+        let resolved = loader::resolve(&path);
+        if !ggufs.is_empty() && resolved.is_err() {
+            for file in ggufs {
+                let support = crate::gguf::inspect(&file)
+                    .map(|info| format!("GGUF {} {}", info.architecture, info.file_type))
+                    .map_err(|e| e.to_string());
+                let file_name = file
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+                found.push(CachedModel {
+                    repo: format!("{repo}/{file_name}"),
+                    path: file,
+                    support,
+                });
+            }
+            continue;
+        }
+        let support = match &resolved {
             Ok(files) => loader::detect_architecture(&files.config)
                 .map(|(arch, _)| arch.label().to_owned())
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
-        let path = loader::resolve(&path).map_or(path, |f| f.dir);
+        let path = resolved.map_or(path, |f| f.dir);
         found.push(CachedModel {
             repo,
             path,

@@ -98,3 +98,27 @@ fn the_worker_loads_a_gguf_and_chats_and_refuses_a_broken_one_first() {
         "{events:?}"
     );
 }
+
+#[test]
+fn gguf_files_in_the_hugging_face_cache_are_listed_and_load() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let snapshot = tmp
+        .path()
+        .join("models--Qwen--Qwen2.5-0.5B-Instruct-GGUF/snapshots/abc");
+    let made = tmp.path().join("made");
+    let gguf = write_family_gguf(&made, "qwen2", 2, &GgufOptions::with_dtype(GgmlDType::Q8_0));
+    std::fs::create_dir_all(&snapshot).expect("dir");
+    let target = snapshot.join("qwen2.5-0.5b-instruct-q8_0.gguf");
+    std::fs::copy(&gguf, &target).expect("copy");
+    std::fs::write(snapshot.join("README.md"), "not a model").expect("write");
+    let found = studio_inference::hf_cache::scan(tmp.path());
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        found[0].repo,
+        "Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q8_0.gguf"
+    );
+    assert_eq!(found[0].path, target);
+    let label = found[0].support.as_ref().expect("supported");
+    assert!(label.contains("qwen2") && label.contains("Q8_0"), "{label}");
+    loader::load(&found[0].path, &Device::Cpu, &mut |_, _| {}).expect("loads");
+}
