@@ -46,7 +46,7 @@ fn gguf_files(repo_dir: &Path) -> Vec<PathBuf> {
             (time, e.path())
         })
         .collect();
-    snapshots.sort_by(|a, b| b.0.cmp(&a.0));
+    snapshots.sort_by_key(|s| std::cmp::Reverse(s.0));
     let mut seen = std::collections::HashSet::new();
     let mut files = Vec::new();
     for (_, snapshot) in snapshots {
