@@ -16,6 +16,7 @@
 //! - [`chat`]: chat turns to prompts and context fitting;
 //! - [`template`]: the model's own Jinja chat template;
 //! - [`worker`]: the worker thread and its protocol;
+//! - [`image_meta`]: the `parameters` text SD tools write into PNGs;
 //! - [`device`], [`hf_cache`], [`sys`]: device choice, the Hugging Face cache, process facts.
 
 pub mod chat;
@@ -25,6 +26,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf_cache;
+pub mod image_meta;
 pub mod loader;
 pub mod models;
 pub mod remote;
