@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use studio_tests::worker_events::{until_streaming, until_terminal as until_terminal_within};
 
 use serde_json::{Value, json};
 use studio_app::serve::Server;
@@ -173,28 +174,16 @@ fn events_of(body: &str) -> Vec<String> {
         .collect()
 }
 
+fn until_terminal(w: &Worker, job: JobId) -> Vec<Event> {
+    until_terminal_within(w, job, Duration::from_mins(1))
+}
+
 fn worker() -> Worker {
     Worker::spawn(WorkerConfig {
         device: DevicePreference::Cpu,
         ..WorkerConfig::default()
     })
     .expect("worker")
-}
-
-fn until_terminal(w: &Worker, job: JobId) -> Vec<Event> {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    let mut out = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let e = w.events().recv_timeout(left).expect("event before timeout");
-        if e.job() == job {
-            let end = e.is_terminal();
-            out.push(e);
-            if end {
-                return out;
-            }
-        }
-    }
 }
 
 fn connect(w: &Worker, server: &Server) {
@@ -331,16 +320,7 @@ fn cancel_mid_stream_ends_cancelled_and_the_server_serves_the_next_request() {
             params: SamplingParams::greedy(CONTEXT - 96),
         })
         .expect("submit");
-    loop {
-        let e = w
-            .events()
-            .recv_timeout(Duration::from_secs(30))
-            .expect("event");
-        assert!(!e.is_terminal(), "ended before cancel: {e:?}");
-        if matches!(e, Event::Text { .. }) {
-            break;
-        }
-    }
+    until_streaming(&w, Duration::from_secs(30));
     let asked = Instant::now();
     w.cancel(job);
     let events = until_terminal(&w, job);

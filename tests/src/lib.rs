@@ -5,6 +5,7 @@
 
 pub mod families;
 pub mod gguf_writer;
+pub mod worker_events;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use studio_tests::worker_events::{until_streaming, until_terminal};
 
 use crossbeam_channel::{Receiver, bounded};
 use serde_json::{Value, json};
@@ -20,7 +21,7 @@ use studio_inference::generate::{FinishReason, GenerationStats};
 use studio_inference::loader::{Architecture, ModelInfo};
 use studio_inference::remote::RemoteConfig;
 use studio_inference::sampling::SamplingParams;
-use studio_inference::worker::{Event, JobId, JobKind, LoadOptions, Worker, WorkerConfig};
+use studio_inference::worker::{Event, JobKind, LoadOptions, Worker, WorkerConfig};
 use studio_tests::{TinyGpt2, write_gpt2_readable};
 
 /// A request as the fake server saw it.
@@ -195,22 +196,6 @@ fn worker() -> Worker {
         ..WorkerConfig::default()
     })
     .expect("worker")
-}
-
-fn until_terminal(w: &Worker, job: JobId, timeout: Duration) -> Vec<Event> {
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let e = w.events().recv_timeout(left).expect("event before timeout");
-        if e.job() == job {
-            let end = e.is_terminal();
-            out.push(e);
-            if end {
-                return out;
-            }
-        }
-    }
 }
 
 fn config(base: &str) -> RemoteConfig {
@@ -582,16 +567,7 @@ fn cancel_is_honoured_while_the_server_is_silent() {
             params: SamplingParams::greedy(64),
         })
         .expect("submit");
-    loop {
-        let e = w
-            .events()
-            .recv_timeout(Duration::from_secs(10))
-            .expect("event");
-        assert!(!e.is_terminal(), "ended before cancel: {e:?}");
-        if matches!(e, Event::Text { .. }) {
-            break;
-        }
-    }
+    until_streaming(&w, Duration::from_secs(10));
     let asked = Instant::now();
     w.cancel(job);
     let events = until_terminal(&w, job, Duration::from_secs(5));

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use studio_tests::worker_events::{until_streaming, until_terminal};
 
 use studio_inference::chat::ChatMessage;
 use studio_inference::device::DevicePreference;
@@ -41,22 +42,6 @@ fn model_dir(n_positions: usize) -> tempfile::TempDir {
 }
 
 /// Receives events until `job` ends; returns all events of that job.
-fn until_terminal(w: &Worker, job: JobId, timeout: Duration) -> Vec<Event> {
-    let deadline = Instant::now() + timeout;
-    let mut out = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let e = w.events().recv_timeout(left).expect("event before timeout");
-        if e.job() == job {
-            let end = e.is_terminal();
-            out.push(e);
-            if end {
-                return out;
-            }
-        }
-    }
-}
-
 fn load(w: &Worker, dir: &std::path::Path) {
     let job = w
         .submit(JobKind::LoadModel {
@@ -180,16 +165,7 @@ fn cancel_between_tokens_is_honoured_within_100_ms() {
         })
         .expect("submit");
     // Wait until it is streaming.
-    loop {
-        let e = w
-            .events()
-            .recv_timeout(Duration::from_secs(30))
-            .expect("event");
-        assert!(!e.is_terminal(), "ended before cancel: {e:?}");
-        if matches!(e, Event::Text { .. }) {
-            break;
-        }
-    }
+    until_streaming(&w, Duration::from_secs(30));
     let asked = Instant::now();
     w.cancel(job);
     let events = until_terminal(&w, job, Duration::from_secs(10));
