@@ -21,6 +21,7 @@
 
 pub mod chat;
 pub mod device;
+pub mod diffusion;
 pub mod error;
 pub mod generate;
 pub mod gguf;
