@@ -11,6 +11,30 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
+/// Memory-maps safetensors files (one file or the shards of one checkpoint), checking that
+/// each is long enough to hold a header; a corrupt header is a [`Error::CorruptWeights`].
+pub fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
+    let path = files.first().cloned().unwrap_or_default();
+    for file in files {
+        let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
+        if meta.len() < 8 {
+            return Err(Error::CorruptWeights {
+                path: file.clone(),
+                message: format!("the file is only {} bytes long", meta.len()),
+            });
+        }
+    }
+    // SAFETY: the files are mapped read-only; Studio never writes to a model file while it
+    // is loaded. A file changed on disk by another program while mapped is outside what we
+    // can guard against (the same contract as every mmap-based loader).
+    #[allow(unsafe_code)]
+    let mapped = unsafe { MmapedSafetensors::multi(files) };
+    mapped.map_err(|e| Error::CorruptWeights {
+        path,
+        message: e.to_string(),
+    })
+}
+
 /// A checkpoint's tensors, looked up by name.
 pub struct Weights {
     path: PathBuf,
@@ -24,24 +48,7 @@ impl Weights {
     /// Maps the given safetensors files (one file, or every shard of a sharded checkpoint).
     pub fn open(files: &[PathBuf], device: &Device, dtype: DType) -> Result<Self> {
         let path = files.first().cloned().unwrap_or_default();
-        for file in files {
-            let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
-            if meta.len() < 8 {
-                return Err(Error::CorruptWeights {
-                    path: file.clone(),
-                    message: format!("the file is only {} bytes long", meta.len()),
-                });
-            }
-        }
-        // SAFETY: the files are mapped read-only; Studio never writes to a model file while it
-        // is loaded. A file changed on disk by another program while mapped is outside what we
-        // can guard against (the same contract as every mmap-based loader).
-        #[allow(unsafe_code)]
-        let mapped = unsafe { MmapedSafetensors::multi(files) };
-        let files_mapped = mapped.map_err(|e| Error::CorruptWeights {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let files_mapped = mmap(files)?;
         let names = files_mapped
             .tensors()
             .into_iter()

@@ -13,6 +13,12 @@
 //! The worker holds one backend at a time: a local model ([`JobKind::LoadModel`]) or an
 //! OpenAI-compatible server ([`JobKind::ConnectRemote`]). Chat and generate jobs work the same
 //! on both: text streams as [`Event::Text`], cancel is honoured, one terminal event ends them.
+//!
+//! Beside it the worker holds at most one Stable Diffusion model ([`JobKind::LoadImageModel`]),
+//! so chat and the Canvas can both be ready. Image generation reports each step as a lossy
+//! [`Event::ImageProgress`]; the step's preview image goes into a one-slot mailbox
+//! ([`Worker::take_preview`]) that each new preview overwrites, so a slow frame never queues
+//! stale images. Finished images arrive as [`Event::ImageReady`]; cancel is checked every step.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -26,6 +32,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::{self, ChatMessage};
 use crate::device::{DevicePreference, create_device};
+use crate::diffusion::imaging::RgbImage;
+use crate::diffusion::model::{self as sd_model, ImageModelInfo, ImageModelOptions, SdModel};
+use crate::diffusion::pipeline::{self, GeneratedImage, ImageRequest};
 use crate::error::{Error, Result};
 use crate::generate::{GenerationStats, Step, generate};
 use crate::loader::{self, LoadedModel, ModelInfo};
@@ -70,6 +79,16 @@ pub enum JobKind {
         messages: Vec<ChatMessage>,
         params: SamplingParams,
     },
+    /// Load a Stable Diffusion model (diffusers folder or single-file checkpoint), replacing
+    /// the loaded one only once the new one has loaded.
+    LoadImageModel {
+        path: PathBuf,
+        options: ImageModelOptions,
+    },
+    /// Drop the loaded Stable Diffusion model.
+    UnloadImageModel,
+    /// Generate images with the loaded Stable Diffusion model.
+    GenerateImage { request: Box<ImageRequest> },
     /// Arbitrary work on the worker thread (extensions and tests).
     Custom { label: String, run: CustomJob },
 }
@@ -88,6 +107,15 @@ impl JobKind {
                 format!("Connecting to {}", config.base_url.trim())
             }
             JobKind::UnloadModel => "Unloading model".to_owned(),
+            JobKind::LoadImageModel { path, .. } => format!(
+                "Loading {}",
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into()
+                )
+            ),
+            JobKind::UnloadImageModel => "Unloading image model".to_owned(),
+            JobKind::GenerateImage { request } => format!("Generating ({})", request.mode.label()),
             JobKind::Generate { .. } => "Generating".to_owned(),
             JobKind::Chat { .. } => "Replying".to_owned(),
             JobKind::Custom { label, .. } => label.clone(),
@@ -144,6 +172,27 @@ pub enum Event {
     ModelUnloaded {
         job: JobId,
     },
+    ImageModelLoaded {
+        job: JobId,
+        info: ImageModelInfo,
+    },
+    ImageModelUnloaded {
+        job: JobId,
+    },
+    /// A denoising step finished (lossy). Its preview, if any, is in [`Worker::take_preview`].
+    ImageProgress {
+        job: JobId,
+        /// Which image of the batch (0-based) and how many.
+        image: u32,
+        images: u32,
+        step: usize,
+        steps: usize,
+    },
+    /// A finished image (always delivered).
+    ImageReady {
+        job: JobId,
+        image: Arc<GeneratedImage>,
+    },
     /// Terminal: the job finished (with stats for generation jobs).
     Done {
         job: JobId,
@@ -172,6 +221,10 @@ impl Event {
             | Event::Notice { job, .. }
             | Event::ModelLoaded { job, .. }
             | Event::ModelUnloaded { job }
+            | Event::ImageModelLoaded { job, .. }
+            | Event::ImageModelUnloaded { job }
+            | Event::ImageProgress { job, .. }
+            | Event::ImageReady { job, .. }
             | Event::Done { job, .. }
             | Event::Failed { job, .. }
             | Event::Cancelled { job, .. } => *job,
@@ -211,6 +264,18 @@ impl Default for WorkerConfig {
 
 type CancelFlags = Arc<Mutex<HashMap<JobId, Arc<AtomicBool>>>>;
 
+/// The latest denoising preview of a running image job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviewFrame {
+    pub job: JobId,
+    pub image_index: u32,
+    pub step: usize,
+    pub steps: usize,
+    pub image: RgbImage,
+}
+
+type PreviewSlot = Arc<Mutex<Option<PreviewFrame>>>;
+
 struct QueuedJob {
     id: JobId,
     kind: JobKind,
@@ -223,6 +288,7 @@ pub struct Worker {
     events: Receiver<Event>,
     next_id: AtomicU64,
     cancels: CancelFlags,
+    previews: PreviewSlot,
     device_label: String,
     device_warning: Option<String>,
     thread: Option<JoinHandle<()>>,
@@ -235,9 +301,12 @@ impl Worker {
         let (job_tx, job_rx) = bounded::<QueuedJob>(config.queue_capacity.max(1));
         let (event_tx, event_rx) = bounded::<Event>(config.event_capacity.max(4));
         let cancels: CancelFlags = Arc::default();
+        let previews: PreviewSlot = Arc::default();
         let state = WorkerState {
             device: choice.device.clone(),
             backend: None,
+            image_model: None,
+            previews: previews.clone(),
             events: event_tx,
             repaint: config.repaint,
             cancels: cancels.clone(),
@@ -251,6 +320,7 @@ impl Worker {
             events: event_rx,
             next_id: AtomicU64::new(1),
             cancels,
+            previews,
             device_label: choice.label,
             device_warning: choice.warning,
             thread: Some(thread),
@@ -310,6 +380,11 @@ impl Worker {
     pub fn try_recv(&self) -> Option<Event> {
         self.events.try_recv().ok()
     }
+
+    /// Takes the newest denoising preview, if one arrived since the last call.
+    pub fn take_preview(&self) -> Option<PreviewFrame> {
+        lock(&self.previews).take()
+    }
 }
 
 impl Drop for Worker {
@@ -344,6 +419,8 @@ enum Backend {
 struct WorkerState {
     device: candle_core::Device,
     backend: Option<Backend>,
+    image_model: Option<Box<SdModel>>,
+    previews: PreviewSlot,
     events: Sender<Event>,
     repaint: Arc<dyn Fn() + Send + Sync>,
     cancels: CancelFlags,
@@ -377,6 +454,8 @@ impl WorkerState {
             events: &self.events,
             repaint: &self.repaint,
             backend: &mut self.backend,
+            image_model: &mut self.image_model,
+            previews: &self.previews,
             device: &self.device,
             pending_text: String::new(),
             pending_tokens: 0,
@@ -430,6 +509,8 @@ pub struct JobContext<'a> {
     events: &'a Sender<Event>,
     repaint: &'a Arc<dyn Fn() + Send + Sync>,
     backend: &'a mut Option<Backend>,
+    image_model: &'a mut Option<Box<SdModel>>,
+    previews: &'a PreviewSlot,
     device: &'a candle_core::Device,
     pending_text: String,
     pending_tokens: usize,
@@ -724,6 +805,75 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             }
             params.stop.extend(prompt.stop);
             ctx.generate(&prompt.fitted.tokens, &params, &prompt.end_of_turn)
+        }
+        JobKind::LoadImageModel { path, options } => {
+            let job = ctx.job;
+            let (events, repaint, device) = (ctx.events, ctx.repaint, ctx.device);
+            let model = sd_model::load(&path, &options, device, &mut |fraction, message: &str| {
+                if events
+                    .try_send(Event::Progress {
+                        job,
+                        fraction,
+                        message: message.to_owned(),
+                    })
+                    .is_ok()
+                {
+                    repaint();
+                }
+            })?;
+            if ctx.image_model.take().is_some() {
+                ctx.send(Event::ImageModelUnloaded { job });
+            }
+            let info = model.info.clone();
+            *ctx.image_model = Some(Box::new(model));
+            ctx.send(Event::ImageModelLoaded { job, info });
+            Ok(None)
+        }
+        JobKind::UnloadImageModel => {
+            *ctx.image_model = None;
+            ctx.send(Event::ImageModelUnloaded { job: ctx.job });
+            Ok(None)
+        }
+        JobKind::GenerateImage { request } => {
+            let Some(model) = ctx.image_model.as_deref() else {
+                return Err(Error::InvalidParameter(
+                    "no Stable Diffusion model is loaded: open one in the Canvas first".into(),
+                ));
+            };
+            let (job, cancel, events, repaint, previews) =
+                (ctx.job, ctx.cancel, ctx.events, ctx.repaint, ctx.previews);
+            let outcome = pipeline::generate(model, &request, &mut |update| {
+                if let Some(image) = update.preview {
+                    *lock(previews) = Some(PreviewFrame {
+                        job,
+                        image_index: update.image,
+                        step: update.step,
+                        steps: update.steps,
+                        image,
+                    });
+                }
+                // Lossy: a dropped progress event is superseded by the next step's.
+                let _ = events.try_send(Event::ImageProgress {
+                    job,
+                    image: update.image,
+                    images: update.images,
+                    step: update.step,
+                    steps: update.steps,
+                });
+                repaint();
+                if cancel.load(Ordering::Relaxed) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
+            for image in outcome.images {
+                ctx.send(Event::ImageReady {
+                    job,
+                    image: Arc::new(image),
+                });
+            }
+            Ok(None)
         }
         JobKind::Custom { run, .. } => run(ctx).map(|()| None),
     }

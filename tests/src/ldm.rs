@@ -282,6 +282,7 @@ pub fn diffusers_to_ldm(
 }
 
 /// Writes the components (diffusers-named tensors each) as one single-file checkpoint.
+#[allow(clippy::implicit_hasher)] // test helper: callers pass std HashMaps
 pub fn write_single_file(
     kind: CheckpointKind,
     components: &[(Component, HashMap<String, Tensor>)],

@@ -5,6 +5,8 @@
 
 pub mod families;
 pub mod gguf_writer;
+pub mod ldm;
+pub mod sd;
 pub mod worker_events;
 
 use std::collections::HashMap;

@@ -5,9 +5,7 @@
 //! every diffusers name, the LDM tensor (and rows, transpose, squeeze) diffusers' own
 //! converter takes it from.
 
-#[path = "../src/ldm.rs"]
-#[allow(dead_code)]
-mod ldm;
+use studio_tests::ldm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;

@@ -101,6 +101,11 @@ impl StudioApp {
                 self.notices.info(format!("Loaded {}", info.name));
                 self.model = Some(info);
             }
+            // Image jobs: the Canvas (being built) will take these.
+            Event::ImageModelLoaded { .. }
+            | Event::ImageModelUnloaded { .. }
+            | Event::ImageProgress { .. }
+            | Event::ImageReady { .. } => {}
             Event::ModelUnloaded { .. } => {
                 self.model = None;
                 self.model_options = None;

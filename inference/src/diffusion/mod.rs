@@ -4,9 +4,19 @@
 //! - [`samplers`]: noise schedules and the samplers users ask for by name, in k-diffusion form;
 //! - [`preview`]: cheap latent→RGB projections and the TAESD tiny decoder;
 //! - [`imaging`]: image ↔ tensor conversion, decoding dropped files, masks;
-//! - [`convert`]: original (LDM) checkpoint names → diffusers names, on load.
+//! - [`convert`]: original (LDM) checkpoint names → diffusers names, on load;
+//! - [`clip`], [`unet`], [`vae`]: the networks, with diffusers/transformers tensor names;
+//! - [`prompt`]: emphasis syntax, long prompts, CLIP's tokenizer;
+//! - [`model`]: finding, detecting and loading a model (diffusers folder or single file);
+//! - [`pipeline`]: txt2img, img2img, inpainting with per-step previews.
 
+pub mod clip;
 pub mod convert;
 pub mod imaging;
+pub mod model;
+pub mod pipeline;
 pub mod preview;
+pub mod prompt;
 pub mod samplers;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,325 @@
+//! The CLIP text encoders Stable Diffusion conditions on, with transformers' `CLIPTextModel` /
+//! `CLIPTextModelWithProjection` tensor names (`text_model.embeddings.token_embedding`,
+//! `text_model.encoder.layers.N.self_attn.q_proj`, …, `text_projection`).
+//!
+//! SD 1.x uses the last layer's hidden states after the final layer norm; SD 2.x the
+//! penultimate layer's (its diffusers text encoder simply has 23 of OpenCLIP's 24 layers);
+//! SDXL concatenates the penultimate hidden states of both encoders *without* the final norm
+//! and adds the second encoder's pooled, projected output. [`ClipTextModel::encode`] returns what
+//! each of these needs in one pass.
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::error::Result;
+
+/// The activation of the MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+/// A `text_encoder/config.json` (transformers `CLIPTextConfig`), the fields the encoder uses.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "default_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    /// Output size of `text_projection` (only models with a projection use it).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+}
+
+fn default_positions() -> usize {
+    77
+}
+fn default_act() -> Activation {
+    Activation::QuickGelu
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl ClipConfig {
+    /// OpenAI CLIP ViT-L/14's text tower (SD 1.x, SDXL's first encoder).
+    pub fn vit_l() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(768),
+        }
+    }
+
+    /// OpenCLIP ViT-H/14's text tower (SD 2.x), all 24 layers.
+    pub fn vit_h() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            max_position_embeddings: 77,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(1024),
+        }
+    }
+
+    /// OpenCLIP ViT-bigG/14's text tower (SDXL's second encoder).
+    pub fn vit_bigg() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            max_position_embeddings: 77,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(1280),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(vb: &VarBuilder, c: &ClipConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
+            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
+            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
+            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            heads: c.num_attention_heads,
+            head_dim: h / c.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, h) = xs.dims3()?;
+        let split = |x: Tensor| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = split((self.q.forward(xs)? * scale)?)?;
+        let k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ys = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h))?;
+        Ok(self.out.forward(&ys)?)
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn: Attention,
+    ln1: LayerNorm,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Layer {
+    fn new(vb: &VarBuilder, c: &ClipConfig) -> Result<Self> {
+        Ok(Self {
+            attn: Attention::new(&vb.pp("self_attn"), c)?,
+            ln1: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            ln2: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            act: c.hidden_act,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let residual = xs;
+        let xs = (self.attn.forward(&self.ln1.forward(xs)?, mask)? + residual)?;
+        let h = self.fc1.forward(&self.ln2.forward(&xs)?)?;
+        let h = match self.act {
+            Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        Ok((self.fc2.forward(&h)? + xs)?)
+    }
+}
+
+/// What one encoder pass yields.
+#[derive(Debug)]
+pub struct ClipOutput {
+    /// Hidden states after `layers` layers (`(batch, tokens, hidden)`), with the final layer
+    /// norm applied when asked.
+    pub hidden: Tensor,
+    /// The projected hidden state at each sequence's end-of-text token (`(batch, projection)`),
+    /// when the model has a `text_projection`.
+    pub pooled: Option<Tensor>,
+}
+
+/// A CLIP text transformer.
+#[derive(Debug)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    projection: Option<Linear>,
+    config: ClipConfig,
+}
+
+impl ClipTextModel {
+    /// Builds the encoder from transformers-named weights. `with_projection` loads
+    /// `text_projection.weight` (SDXL's second encoder).
+    pub fn new(vb: &VarBuilder, config: &ClipConfig, with_projection: bool) -> Result<Self> {
+        let tm = vb.pp("text_model");
+        let emb = tm.pp("embeddings");
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::new(&tm.pp(format!("encoder.layers.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        let projection = if with_projection {
+            let out = config.projection_dim.unwrap_or(config.hidden_size);
+            Some(candle_nn::linear_no_bias(
+                config.hidden_size,
+                out,
+                vb.pp("text_projection"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            token_embedding: candle_nn::embedding(
+                config.vocab_size,
+                config.hidden_size,
+                emb.pp("token_embedding"),
+            )?,
+            position_embedding: candle_nn::embedding(
+                config.max_position_embeddings,
+                config.hidden_size,
+                emb.pp("position_embedding"),
+            )?,
+            layers,
+            final_layer_norm: candle_nn::layer_norm(
+                config.hidden_size,
+                config.layer_norm_eps,
+                tm.pp("final_layer_norm"),
+            )?,
+            projection,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// Encodes `(batch, tokens)` ids. `layers` is how many transformer layers to run for
+    /// `hidden` (the full count for the last layer, one less for "penultimate"/clip skip 2);
+    /// `final_norm` applies the final layer norm to it. `eos_positions` (one per batch row)
+    /// selects the pooled state; the pooled output always comes from the last layer.
+    pub fn encode(
+        &self,
+        tokens: &Tensor,
+        layers: usize,
+        final_norm: bool,
+        eos_positions: &[usize],
+    ) -> Result<ClipOutput> {
+        let (_, seq) = tokens.dims2()?;
+        let device = tokens.device();
+        let positions = Tensor::arange(0u32, seq as u32, device)?;
+        let mut xs = self
+            .token_embedding
+            .forward(tokens)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq, xs.dtype(), device)?;
+        let layers = layers.clamp(1, self.layers.len());
+        let need_all = self.projection.is_some();
+        let mut hidden = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i == layers && !need_all {
+                break;
+            }
+            xs = layer.forward(&xs, &mask)?;
+            if i + 1 == layers {
+                hidden = Some(xs.clone());
+            }
+        }
+        let hidden = hidden.unwrap_or_else(|| xs.clone());
+        let hidden = if final_norm {
+            self.final_layer_norm.forward(&hidden)?
+        } else {
+            hidden
+        };
+        let pooled = match &self.projection {
+            Some(proj) => {
+                let last = self.final_layer_norm.forward(&xs)?;
+                let rows = eos_positions
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &p)| last.i((b, p.min(seq - 1))))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Some(proj.forward(&Tensor::stack(&rows, 0)?)?)
+            }
+            None => None,
+        };
+        Ok(ClipOutput { hidden, pooled })
+    }
+
+    /// The number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+fn causal_mask(seq: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (seq, seq), device)?
+        .to_dtype(dtype)?
+        .unsqueeze(0)?
+        .unsqueeze(0)?)
+}
+
+/// Position of the end-of-text token in each row: the first occurrence of `eos`, else the last
+/// position.
+pub fn eos_positions(rows: &[Vec<u32>], eos: u32) -> Vec<usize> {
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .position(|&t| t == eos)
+                .unwrap_or(r.len().saturating_sub(1))
+        })
+        .collect()
+}

@@ -1,0 +1,740 @@
+//! Finding and loading a Stable Diffusion model: a diffusers folder (`model_index.json`,
+//! `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and for SDXL `text_encoder_2/`)
+//! or a single-file checkpoint in the original naming, renamed on load ([`super::convert`]).
+//! The model type (SD 1.x, SD 2.x, SDXL, inpainting, v-prediction) is read from the files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::clip::{ClipConfig, ClipTextModel};
+use super::convert::{self, CheckpointKind, Component, Source};
+use super::preview::{LatentFormat, TinyDecoder};
+use super::prompt::{ClipTokenizer, Padding};
+use super::samplers::{BetaSchedule, NoiseSchedule, Prediction};
+use super::unet::{Unet, UnetConfig};
+use super::vae::{Vae, VaeConfig};
+use crate::error::{Error, Result};
+use crate::loader::is_pickle;
+use crate::weights::mmap;
+
+/// The model family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SdKind {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+impl SdKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SdKind::Sd1 => "SD 1.x",
+            SdKind::Sd2 => "SD 2.x",
+            SdKind::Sdxl => "SDXL",
+        }
+    }
+}
+
+/// How the model was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Layout {
+    Diffusers,
+    SingleFile,
+}
+
+/// What the UI shows about a loaded image model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageModelInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub kind: SdKind,
+    pub layout: Layout,
+    /// A 9-channel inpainting UNet.
+    pub inpainting: bool,
+    pub prediction: Prediction,
+    /// A distilled few-step model (SD-Turbo, SDXL-Turbo, LCM), judged by its name.
+    pub few_step: bool,
+    /// The size it was trained at.
+    pub default_size: (u32, u32),
+    /// Width and height must be multiples of this.
+    pub size_multiple: u32,
+    /// Whether a TAESD decoder is loaded for previews.
+    pub taesd: bool,
+    /// Choices made on load the user should know about.
+    pub notes: Vec<String>,
+}
+
+/// Optional extras when loading.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageModelOptions {
+    /// A separate VAE file (diffusers or original names) replacing the model's own.
+    pub vae: Option<PathBuf>,
+    /// A TAESD decoder (file or folder) for better live previews.
+    pub taesd: Option<PathBuf>,
+    /// Overrides the detected prediction type.
+    pub prediction: Option<Prediction>,
+}
+
+/// One text encoder with its tokenizer and how SD reads it.
+#[derive(Debug)]
+pub struct TextEncoder {
+    pub model: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    /// Layers left out by default (1 = the penultimate layer).
+    pub skip: usize,
+    pub final_norm: bool,
+}
+
+/// A loaded Stable Diffusion model.
+pub struct SdModel {
+    pub info: ImageModelInfo,
+    pub unet: Unet,
+    pub vae: Vae,
+    pub text: Vec<TextEncoder>,
+    pub noise: NoiseSchedule,
+    pub taesd: Option<TinyDecoder>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl std::fmt::Debug for SdModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SdModel")
+            .field("info", &self.info)
+            .field("unet", &self.unet)
+            .field("vae", &self.vae)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SdModel {
+    pub fn latent_format(&self) -> LatentFormat {
+        match self.info.kind {
+            SdKind::Sdxl => LatentFormat::Sdxl,
+            _ => LatentFormat::Sd,
+        }
+    }
+}
+
+/// Whether `path` looks like a Stable Diffusion model (a diffusers pipeline folder or a
+/// single-file checkpoint with SD names), without loading it.
+pub fn is_diffusion_model(path: &Path) -> bool {
+    if path.is_dir() {
+        return path.join("model_index.json").exists() || path.join("unet").is_dir();
+    }
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+        && let Ok(st) = mmap(&[path.to_path_buf()])
+    {
+        return st
+            .tensors()
+            .iter()
+            .any(|(n, _)| n.starts_with("model.diffusion_model."));
+    }
+    false
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> Error {
+    Error::BadConfig {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The safetensors file(s) of a diffusers component folder; pickles are refused.
+fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if index.exists() {
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: HashMap<String, String>,
+        }
+        let idx: Index = read_json(&index)?;
+        let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
+        let p = dir.join(name);
+        if p.exists() {
+            return Ok(vec![p]);
+        }
+    }
+    for ext in ["bin", "ckpt", "pt"] {
+        let p = dir.join(format!("{stem}.{ext}"));
+        if p.exists() {
+            return Err(Error::UnsafePickle(p));
+        }
+    }
+    Err(Error::NoModel(dir.to_owned()))
+}
+
+fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let st = mmap(files)?;
+    Ok(VarBuilder::from_backend(
+        Box::new(st),
+        dtype,
+        device.clone(),
+    ))
+}
+
+fn names_and_shapes(st: &MmapedSafetensors) -> HashMap<String, Vec<usize>> {
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect()
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct SchedulerConfig {
+    num_train_timesteps: Option<usize>,
+    beta_start: Option<f64>,
+    beta_end: Option<f64>,
+    beta_schedule: Option<String>,
+    prediction_type: Option<String>,
+}
+
+fn noise_schedule(cfg: &SchedulerConfig) -> NoiseSchedule {
+    let d = NoiseSchedule::default();
+    NoiseSchedule {
+        num_train_timesteps: cfg.num_train_timesteps.unwrap_or(d.num_train_timesteps),
+        beta_start: cfg.beta_start.unwrap_or(d.beta_start),
+        beta_end: cfg.beta_end.unwrap_or(d.beta_end),
+        beta_schedule: match cfg.beta_schedule.as_deref() {
+            Some("linear") => BetaSchedule::Linear,
+            _ => BetaSchedule::ScaledLinear,
+        },
+        prediction: match cfg.prediction_type.as_deref() {
+            Some("v_prediction") => Prediction::VPrediction,
+            _ => Prediction::Epsilon,
+        },
+    }
+}
+
+fn device_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
+fn model_name(path: &Path) -> String {
+    let p = if path.file_name().is_some_and(|n| n == "model_index.json") {
+        path.parent().unwrap_or(path)
+    } else {
+        path
+    };
+    p.file_stem().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn few_step(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("turbo") || n.contains("lcm") || n.contains("lightning") || n.contains("hyper")
+}
+
+/// Loads a Stable Diffusion model from a diffusers folder or a single-file checkpoint.
+pub fn load(
+    path: &Path,
+    options: &ImageModelOptions,
+    device: &Device,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<SdModel> {
+    if !path.exists() {
+        return Err(Error::NotFound(path.to_owned()));
+    }
+    let path = if path.file_name().is_some_and(|n| n == "model_index.json") {
+        path.parent().unwrap_or(path)
+    } else {
+        path
+    };
+    if path.is_file() && is_pickle(path) {
+        return Err(Error::UnsafePickle(path.to_owned()));
+    }
+    let mut model = if path.is_dir() {
+        load_diffusers(path, device, progress)?
+    } else {
+        load_single_file(path, device, progress)?
+    };
+    if let Some(vae_path) = &options.vae {
+        progress(0.9, "Loading the VAE");
+        model.vae = load_separate_vae(vae_path, model.vae.config().scaling_factor, device)?;
+        model
+            .info
+            .notes
+            .push(format!("VAE: {}", model_name(vae_path)));
+    }
+    if let Some(taesd) = &options.taesd {
+        progress(0.95, "Loading TAESD");
+        model.taesd = Some(TinyDecoder::load(taesd, device)?);
+        model.info.taesd = true;
+    }
+    if let Some(p) = options.prediction {
+        model.noise.prediction = p;
+        model.info.prediction = p;
+    }
+    progress(1.0, "Ready");
+    Ok(model)
+}
+
+fn finish_info(
+    path: &Path,
+    kind: SdKind,
+    layout: Layout,
+    unet: &Unet,
+    prediction: Prediction,
+    notes: Vec<String>,
+) -> ImageModelInfo {
+    let name = model_name(path);
+    let few_step = few_step(&name);
+    let default = match kind {
+        SdKind::Sdxl => 1024,
+        SdKind::Sd2 if prediction == Prediction::VPrediction && !few_step => 768,
+        _ => 512,
+    };
+    ImageModelInfo {
+        few_step,
+        name,
+        path: path.to_owned(),
+        kind,
+        layout,
+        inpainting: unet.config().in_channels == 9,
+        prediction,
+        default_size: (default, default),
+        size_multiple: if kind == SdKind::Sdxl { 64 } else { 8 },
+        taesd: false,
+        notes,
+    }
+}
+
+fn load_diffusers(
+    dir: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<SdModel> {
+    let dtype = device_dtype(device);
+    let unet_dir = dir.join("unet");
+    let unet_cfg_path = unet_dir.join("config.json");
+    let unet_cfg_text = std::fs::read_to_string(&unet_cfg_path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::NoModel(dir.to_owned())
+        } else {
+            Error::io(&unet_cfg_path, e)
+        }
+    })?;
+    let unet_cfg = UnetConfig::from_json(&unet_cfg_text).map_err(|m| bad(&unet_cfg_path, m))?;
+    let has_te2 = dir.join("text_encoder_2").is_dir();
+    let te_cfg: Option<ClipConfig> = read_json(&dir.join("text_encoder").join("config.json")).ok();
+    // SD 2.x conditions on OpenCLIP-H (1024 wide, GELU); SD 1.x on OpenAI's CLIP-L (quick GELU).
+    let open_clip = te_cfg
+        .as_ref()
+        .is_some_and(|c| c.hidden_act == super::clip::Activation::Gelu);
+    let kind = if has_te2 || unet_cfg.text_time.is_some() {
+        SdKind::Sdxl
+    } else if unet_cfg.cross_attention_dim == 1024 || open_clip {
+        SdKind::Sd2
+    } else {
+        SdKind::Sd1
+    };
+    let sched_path = dir.join("scheduler").join("scheduler_config.json");
+    let sched: SchedulerConfig = if sched_path.exists() {
+        read_json(&sched_path)?
+    } else {
+        SchedulerConfig::default()
+    };
+    let noise = noise_schedule(&sched);
+
+    progress(0.05, "Loading the text encoder");
+    let mut text = Vec::new();
+    let te_dirs: &[(&str, &str, Padding)] = match kind {
+        SdKind::Sd1 => &[("text_encoder", "tokenizer", Padding::Eos)],
+        SdKind::Sd2 => &[("text_encoder", "tokenizer", Padding::Exclamation)],
+        SdKind::Sdxl => &[
+            ("text_encoder", "tokenizer", Padding::Eos),
+            ("text_encoder_2", "tokenizer_2", Padding::Exclamation),
+        ],
+    };
+    for (i, (te, tok, padding)) in te_dirs.iter().enumerate() {
+        let te_dir = dir.join(te);
+        let cfg: ClipConfig = read_json(&te_dir.join("config.json"))?;
+        let vb = var_builder(&component_files(&te_dir, "model")?, dtype, device)?;
+        let with_projection = kind == SdKind::Sdxl && i == 1;
+        let model = ClipTextModel::new(&vb, &cfg, with_projection)
+            .map_err(|e| component_error(&te_dir, &e))?;
+        let tokenizer = diffusers_tokenizer(&dir.join(tok), cfg.vocab_size, *padding)?;
+        let sdxl = kind == SdKind::Sdxl;
+        text.push(TextEncoder {
+            model,
+            tokenizer,
+            skip: usize::from(sdxl),
+            final_norm: !sdxl,
+        });
+    }
+
+    progress(0.3, "Loading the UNet");
+    let vb = var_builder(
+        &component_files(&unet_dir, "diffusion_pytorch_model")?,
+        dtype,
+        device,
+    )?;
+    let unet = Unet::new(&vb, unet_cfg).map_err(|e| component_error(&unet_dir, &e))?;
+
+    progress(0.8, "Loading the VAE");
+    let vae_dir = dir.join("vae");
+    let mut vae_cfg: VaeConfig = read_json(&vae_dir.join("config.json"))?;
+    if kind == SdKind::Sdxl && (vae_cfg.scaling_factor - 0.18215).abs() < 1e-9 {
+        vae_cfg.scaling_factor = 0.13025;
+    }
+    let vb = var_builder(
+        &component_files(&vae_dir, "diffusion_pytorch_model")?,
+        DType::F32,
+        device,
+    )?;
+    let vae = Vae::new(&vb, vae_cfg).map_err(|e| component_error(&vae_dir, &e))?;
+    let info = finish_info(
+        dir,
+        kind,
+        Layout::Diffusers,
+        &unet,
+        noise.prediction,
+        Vec::new(),
+    );
+    Ok(SdModel {
+        info,
+        unet,
+        vae,
+        text,
+        noise,
+        taesd: None,
+        device: device.clone(),
+        dtype,
+    })
+}
+
+fn component_error(dir: &Path, e: &Error) -> Error {
+    Error::CorruptWeights {
+        path: dir.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+fn diffusers_tokenizer(dir: &Path, vocab_size: usize, padding: Padding) -> Result<ClipTokenizer> {
+    let merges = dir.join("merges.txt");
+    if merges.exists() && vocab_size != 49408 {
+        ClipTokenizer::from_merges(&merges, vocab_size, padding)
+    } else {
+        // Every released SD text encoder uses OpenAI's 49408-token vocabulary, bundled.
+        Ok(ClipTokenizer::bundled(padding))
+    }
+}
+
+/// A single-file checkpoint's component: its renamed weights and shapes.
+struct Part {
+    vb: VarBuilder<'static>,
+    names: Vec<String>,
+    shapes: HashMap<String, Vec<usize>>,
+}
+
+impl Part {
+    fn new(
+        st: &Arc<MmapedSafetensors>,
+        all: &HashMap<String, Vec<usize>>,
+        kind: CheckpointKind,
+        component: Component,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let ldm: Vec<&str> = all.keys().map(String::as_str).collect();
+        let map = convert::key_map(kind, component, &ldm)?;
+        let shapes: HashMap<String, Vec<usize>> = map
+            .iter()
+            .filter_map(|(name, src)| Some((name.clone(), source_shape(src, all)?)))
+            .collect();
+        let mut names: Vec<String> = map.keys().cloned().collect();
+        names.sort();
+        let vb = convert::var_builder(st.clone(), map, dtype, device);
+        Ok(Self { vb, names, shapes })
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+
+    fn name_refs(&self) -> Vec<&str> {
+        self.names.iter().map(String::as_str).collect()
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.names
+            .iter()
+            .filter_map(|n| n.strip_prefix(prefix))
+            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |m| m + 1)
+    }
+
+    fn clip_config(&self, open_clip: bool) -> Result<ClipConfig> {
+        let missing = |n: &str| Error::MissingTensor {
+            path: PathBuf::from("text encoder"),
+            name: n.to_owned(),
+        };
+        let tok = "text_model.embeddings.token_embedding.weight";
+        let pos = "text_model.embeddings.position_embedding.weight";
+        let fc1 = "text_model.encoder.layers.0.mlp.fc1.weight";
+        let emb = self.shape(tok).ok_or_else(|| missing(tok))?;
+        let positions = self.shape(pos).ok_or_else(|| missing(pos))?[0];
+        let intermediate = self.shape(fc1).ok_or_else(|| missing(fc1))?[0];
+        Ok(ClipConfig {
+            vocab_size: emb[0],
+            hidden_size: emb[1],
+            intermediate_size: intermediate,
+            num_hidden_layers: self.count("text_model.encoder.layers."),
+            num_attention_heads: (emb[1] / 64).max(1),
+            max_position_embeddings: positions,
+            hidden_act: if open_clip {
+                super::clip::Activation::Gelu
+            } else {
+                super::clip::Activation::QuickGelu
+            },
+            layer_norm_eps: 1e-5,
+            projection_dim: self.shape("text_projection.weight").map(|s| s[0]),
+        })
+    }
+}
+
+fn source_shape(src: &Source, all: &HashMap<String, Vec<usize>>) -> Option<Vec<usize>> {
+    match src {
+        Source::Tensor(n) => all.get(n).cloned(),
+        Source::Chunk { name, parts, .. } => {
+            let mut s = all.get(name)?.clone();
+            s[0] /= parts;
+            Some(s)
+        }
+        Source::Transposed(n) => {
+            let mut s = all.get(n)?.clone();
+            s.reverse();
+            Some(s)
+        }
+        Source::Squeezed(n) => Some(all.get(n)?.iter().copied().take(2).collect()),
+    }
+}
+
+fn load_single_file(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<SdModel> {
+    let dtype = device_dtype(device);
+    let st = Arc::new(mmap(&[path.to_path_buf()])?);
+    let all = names_and_shapes(&st);
+    let refs: Vec<&str> = all.keys().map(String::as_str).collect();
+    let ckpt = convert::detect_kind(&refs).ok_or_else(|| {
+        let has_unet = refs.iter().any(|n| n.starts_with("model.diffusion_model."));
+        bad(
+            path,
+            if has_unet {
+                "a UNet without a text encoder (a UNet-only or LoRA file?): Studio needs a full \
+                 SD 1.x, SD 2.x or SDXL checkpoint"
+            } else {
+                "not a Stable Diffusion checkpoint: no `model.diffusion_model.*` tensors"
+            },
+        )
+    })?;
+    let kind = match ckpt {
+        CheckpointKind::Sd1 => SdKind::Sd1,
+        CheckpointKind::Sd2 => SdKind::Sd2,
+        CheckpointKind::Sdxl => SdKind::Sdxl,
+    };
+    let err = |e: Error| Error::CorruptWeights {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    progress(0.05, "Loading the text encoder");
+    let mut text = Vec::new();
+    let encoders: &[(Component, Padding, bool)] = match kind {
+        SdKind::Sd1 => &[(Component::TextEncoder, Padding::Eos, false)],
+        SdKind::Sd2 => &[(Component::TextEncoder, Padding::Exclamation, true)],
+        SdKind::Sdxl => &[
+            (Component::TextEncoder, Padding::Eos, false),
+            (Component::TextEncoder2, Padding::Exclamation, true),
+        ],
+    };
+    for (i, &(component, padding, open_clip)) in encoders.iter().enumerate() {
+        let part = Part::new(&st, &all, ckpt, component, dtype, device)?;
+        let cfg = part.clip_config(open_clip)?;
+        let with_projection = kind == SdKind::Sdxl && i == 1;
+        let model = ClipTextModel::new(&part.vb, &cfg, with_projection).map_err(err)?;
+        let (skip, final_norm) = match kind {
+            SdKind::Sd1 => (0, true),
+            // OpenCLIP-H has 24 layers; SD 2.x reads the 23rd (diffusers drops the last).
+            SdKind::Sd2 => (1, true),
+            SdKind::Sdxl => (1, false),
+        };
+        let tokenizer = if cfg.vocab_size == 49408 {
+            ClipTokenizer::bundled(padding)
+        } else {
+            return Err(bad(
+                path,
+                format!(
+                    "text encoder vocabulary of {} tokens: single-file checkpoints must use \
+                     CLIP's 49408",
+                    cfg.vocab_size
+                ),
+            ));
+        };
+        text.push(TextEncoder {
+            model,
+            tokenizer,
+            skip,
+            final_norm,
+        });
+    }
+    progress(0.3, "Loading the UNet");
+    let part = Part::new(&st, &all, ckpt, Component::Unet, dtype, device)?;
+    let unet_cfg =
+        UnetConfig::infer(&part.name_refs(), &|n| part.shape(n)).map_err(|m| bad(path, m))?;
+    let unet = Unet::new(&part.vb, unet_cfg).map_err(err)?;
+    progress(0.8, "Loading the VAE");
+    let scale = if kind == SdKind::Sdxl {
+        0.13025
+    } else {
+        0.18215
+    };
+    let part = Part::new(&st, &all, ckpt, Component::Vae, DType::F32, device)?;
+    let vae_cfg =
+        VaeConfig::infer(&part.name_refs(), &|n| part.shape(n), scale).map_err(|m| bad(path, m))?;
+    let vae = Vae::new(&part.vb, vae_cfg).map_err(err)?;
+    let mut notes = Vec::new();
+    let prediction = if kind == SdKind::Sd2 && unet.config().in_channels == 4 {
+        progress(0.9, "Checking the prediction type");
+        let v = uses_v_prediction(&unet, device, dtype)?;
+        notes.push(format!(
+            "{} detected from a test pass of the UNet",
+            if v {
+                "v-prediction"
+            } else {
+                "epsilon prediction"
+            }
+        ));
+        if v {
+            Prediction::VPrediction
+        } else {
+            Prediction::Epsilon
+        }
+    } else {
+        Prediction::Epsilon
+    };
+    let noise = NoiseSchedule {
+        prediction,
+        ..NoiseSchedule::default()
+    };
+    let info = finish_info(path, kind, Layout::SingleFile, &unet, prediction, notes);
+    Ok(SdModel {
+        info,
+        unet,
+        vae,
+        text,
+        noise,
+        taesd: None,
+        device: device.clone(),
+        dtype,
+    })
+}
+
+/// SD 2.x single files do not say whether they predict noise or v: a v-model, given a flat
+/// latent at the last timestep, predicts an output far below its input (the test the most used
+/// SD web UI runs).
+fn uses_v_prediction(unet: &Unet, device: &Device, dtype: DType) -> Result<bool> {
+    let x = (Tensor::ones((1, 4, 8, 8), dtype, device)? * 0.5)?;
+    let ctx_dim = unet.config().cross_attention_dim;
+    let ctx = (Tensor::ones((1, 77, ctx_dim), dtype, device)? * 0.5)?;
+    let out = unet.forward(&x, 999.0, &ctx, None)?;
+    let diff = (out - &x)?
+        .to_dtype(DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()?;
+    Ok(diff < -1.0)
+}
+
+/// A separate VAE file: diffusers names, or original names with or without the
+/// `first_stage_model.` prefix.
+fn load_separate_vae(path: &Path, scaling_factor: f64, device: &Device) -> Result<Vae> {
+    if is_pickle(path) {
+        return Err(Error::UnsafePickle(path.to_owned()));
+    }
+    let files = if path.is_dir() {
+        component_files(path, "diffusion_pytorch_model")?
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let st = Arc::new(mmap(&files)?);
+    let all = names_and_shapes(&st);
+    let err = |e: Error| Error::CorruptWeights {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let refs: Vec<&str> = all.keys().map(String::as_str).collect();
+    if refs.iter().any(|n| n.starts_with("encoder.down_blocks.")) {
+        let shape = |n: &str| all.get(n).cloned();
+        let cfg = VaeConfig::infer(&refs, &shape, scaling_factor).map_err(|m| bad(path, m))?;
+        let vb = var_builder(&files, DType::F32, device)?;
+        return Vae::new(&vb, cfg).map_err(err);
+    }
+    // Original names: present them with the prefix the converter expects.
+    let prefixed: HashMap<String, Vec<usize>> = all
+        .iter()
+        .map(|(n, s)| {
+            if n.starts_with("first_stage_model.") {
+                (n.clone(), s.clone())
+            } else {
+                (format!("first_stage_model.{n}"), s.clone())
+            }
+        })
+        .collect();
+    let prefixed_refs: Vec<&str> = prefixed.keys().map(String::as_str).collect();
+    let mut map = convert::key_map(CheckpointKind::Sd1, Component::Vae, &prefixed_refs)?;
+    for src in map.values_mut() {
+        let name = match src {
+            Source::Tensor(n) | Source::Transposed(n) | Source::Squeezed(n) => n,
+            Source::Chunk { name, .. } => name,
+        };
+        if !all.contains_key(name.as_str())
+            && let Some(bare) = name.strip_prefix("first_stage_model.")
+        {
+            *name = bare.to_owned();
+        }
+    }
+    let shapes: HashMap<String, Vec<usize>> = map
+        .iter()
+        .filter_map(|(n, s)| Some((n.clone(), source_shape(s, &all)?)))
+        .collect();
+    let names: Vec<&str> = shapes.keys().map(String::as_str).collect();
+    let cfg = VaeConfig::infer(&names, &|n| shapes.get(n).cloned(), scaling_factor)
+        .map_err(|m| bad(path, m))?;
+    let vb = convert::var_builder(st, map, DType::F32, device);
+    Vae::new(&vb, cfg).map_err(err)
+}

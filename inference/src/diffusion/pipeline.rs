@@ -1,0 +1,586 @@
+//! Generating images: txt2img, img2img and inpainting (with inpainting checkpoints' 9-channel
+//! UNet, or with ordinary checkpoints by re-noising the kept latents to the current step and
+//! blending every step), with a preview after every denoising step.
+//!
+//! Outpainting is inpainting of a grown canvas: the caller enlarges the image, fills the new
+//! area and masks it.
+
+use std::ops::ControlFlow;
+
+use candle_core::{D, DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::imaging::{
+    Mask, RgbImage, composite, image_to_tensor, mask_to_latent_tensor, tensor_to_image,
+};
+use super::model::{SdKind, SdModel};
+use super::preview::latent_to_rgb;
+use super::samplers::{Prediction, Sampler, SamplerKind, ScheduleKind, denoised_from_output};
+use crate::error::{Error, Result};
+use crate::image_meta::GenerationParameters;
+
+/// How the per-step preview is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PreviewMethod {
+    /// A linear latent→RGB projection at latent resolution (nearly free).
+    #[default]
+    Latent2Rgb,
+    /// The TAESD tiny decoder (full resolution; needs its weights loaded).
+    Taesd,
+    /// No previews.
+    None,
+}
+
+impl PreviewMethod {
+    /// The CLI name (`latent2rgb`, `taesd`, `none`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PreviewMethod::Latent2Rgb => "latent2rgb",
+            PreviewMethod::Taesd => "taesd",
+            PreviewMethod::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "latent2rgb" => Some(PreviewMethod::Latent2Rgb),
+            "taesd" => Some(PreviewMethod::Taesd),
+            "none" => Some(PreviewMethod::None),
+            _ => None,
+        }
+    }
+}
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageMode {
+    Txt2Img,
+    /// Start from `init`, running the last `int(strength·steps)` steps.
+    Img2Img {
+        init: RgbImage,
+        strength: f64,
+    },
+    /// Repaint the white part of `mask` (any size; resized to the image).
+    Inpaint {
+        init: RgbImage,
+        mask: Mask,
+        strength: f64,
+        /// Gaussian blur of the mask edge, in pixels.
+        mask_blur: f32,
+    },
+}
+
+impl ImageMode {
+    pub fn label(&self) -> &'static str {
+        match self {
+            ImageMode::Txt2Img => "txt2img",
+            ImageMode::Img2Img { .. } => "img2img",
+            ImageMode::Inpaint { .. } => "inpaint",
+        }
+    }
+}
+
+/// One generation request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance; `<= 1` runs the UNet once per step without the negative
+    /// prompt (Turbo/LCM models).
+    pub cfg_scale: f64,
+    /// `None`: a random seed (reported in the result).
+    pub seed: Option<u64>,
+    pub sampler: SamplerKind,
+    pub schedule: ScheduleKind,
+    pub width: u32,
+    pub height: u32,
+    /// Images generated one after another, with seeds `seed`, `seed + 1`, …
+    pub batch_count: u32,
+    /// 1 = the encoder's usual layer; 2 = one layer earlier ("Clip skip: 2").
+    pub clip_skip: usize,
+    pub preview: PreviewMethod,
+    pub mode: ImageMode,
+}
+
+impl ImageRequest {
+    /// A txt2img request with the defaults users know (20 steps, CFG 7, Euler a, 512²).
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            steps: 20,
+            cfg_scale: 7.0,
+            seed: None,
+            sampler: SamplerKind::EulerAncestral,
+            schedule: ScheduleKind::Normal,
+            width: 512,
+            height: 512,
+            batch_count: 1,
+            clip_skip: 1,
+            preview: PreviewMethod::Latent2Rgb,
+            mode: ImageMode::Txt2Img,
+        }
+    }
+}
+
+/// Reported after every denoising step.
+#[derive(Debug, Clone)]
+pub struct StepUpdate {
+    /// Which image of the batch (0-based).
+    pub image: u32,
+    pub images: u32,
+    /// Steps done (1-based) out of `steps` for this image.
+    pub step: usize,
+    pub steps: usize,
+    pub preview: Option<RgbImage>,
+}
+
+/// A finished image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedImage {
+    pub image: RgbImage,
+    pub seed: u64,
+    pub parameters: GenerationParameters,
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub images: Vec<GeneratedImage>,
+    /// Stopped early by the step callback.
+    pub cancelled: bool,
+}
+
+/// Standard-normal noise from a seeded generator (Box–Muller), so a seed reproduces an image
+/// on any device.
+struct Noise {
+    rng: StdRng,
+}
+
+impl Noise {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    fn tensor(&mut self, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut v = Vec::with_capacity(n + 1);
+        while v.len() < n {
+            let u1: f64 = self.rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = self.rng.random();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let a = std::f64::consts::TAU * u2;
+            v.push((r * a.cos()) as f32);
+            v.push((r * a.sin()) as f32);
+        }
+        v.truncate(n);
+        Ok(Tensor::from_vec(v, shape, device)?)
+    }
+}
+
+/// Text conditioning for one prompt.
+struct Conditioning {
+    context: Tensor,
+    pooled: Option<Tensor>,
+}
+
+fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
+    let m = model.info.size_multiple;
+    let invalid = |s: String| Err(Error::InvalidParameter(s));
+    if req.width == 0
+        || req.height == 0
+        || !req.width.is_multiple_of(m)
+        || !req.height.is_multiple_of(m)
+    {
+        let round = |v: u32| (v.max(m) / m) * m;
+        return invalid(format!(
+            "size {}x{}: width and height must be multiples of {m} for {} (try {}x{})",
+            req.width,
+            req.height,
+            model.info.kind.label(),
+            round(req.width),
+            round(req.height)
+        ));
+    }
+    if req.width > 4096 || req.height > 4096 {
+        return invalid(format!(
+            "size {}x{} is larger than 4096 on a side; generate smaller and upscale",
+            req.width, req.height
+        ));
+    }
+    if req.steps == 0 || req.steps > 500 {
+        return invalid(format!(
+            "steps must be between 1 and 500, not {}",
+            req.steps
+        ));
+    }
+    if !(0.0..=50.0).contains(&req.cfg_scale) {
+        return invalid(format!(
+            "CFG scale must be between 0 and 50, not {}",
+            req.cfg_scale
+        ));
+    }
+    if req.batch_count == 0 || req.batch_count > 100 {
+        return invalid(format!(
+            "batch count must be between 1 and 100, not {}",
+            req.batch_count
+        ));
+    }
+    if let ImageMode::Img2Img { strength, .. } | ImageMode::Inpaint { strength, .. } = &req.mode
+        && !(0.0..=1.0).contains(strength)
+    {
+        return invalid(format!(
+            "denoising strength must be between 0 and 1, not {strength}"
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes a prompt with every text encoder of the model (chunks of 75 tokens, emphasis
+/// weights), concatenating encoders along the feature axis (SDXL).
+fn encode_prompt(
+    model: &SdModel,
+    prompt: &str,
+    chunks: usize,
+    clip_skip: usize,
+) -> Result<Conditioning> {
+    let mut per_encoder = Vec::new();
+    let mut pooled = None;
+    for enc in &model.text {
+        let parts = enc.tokenizer.chunks(prompt, chunks);
+        let mut hidden_chunks = Vec::new();
+        for (ci, chunk) in parts.iter().take(chunks).enumerate() {
+            let ids = Tensor::new(chunk.ids.as_slice(), &model.device)?.unsqueeze(0)?;
+            let n = enc.model.num_layers();
+            let skip = enc.skip + clip_skip.saturating_sub(1);
+            let eos =
+                super::clip::eos_positions(std::slice::from_ref(&chunk.ids), enc.tokenizer.eos());
+            let out =
+                enc.model
+                    .encode(&ids, n.saturating_sub(skip).max(1), enc.final_norm, &eos)?;
+            let mut h = out.hidden;
+            if chunk.is_weighted() {
+                let before = h.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+                let w = Tensor::new(chunk.weights.as_slice(), &model.device)?
+                    .to_dtype(h.dtype())?
+                    .reshape((1, chunk.weights.len(), 1))?;
+                h = h.broadcast_mul(&w)?;
+                let after = h.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+                if after.abs() > f32::EPSILON {
+                    h = (h * f64::from(before / after))?;
+                }
+            }
+            hidden_chunks.push(h);
+            if ci == 0 && out.pooled.is_some() {
+                pooled = out.pooled;
+            }
+        }
+        per_encoder.push(Tensor::cat(&hidden_chunks, 1)?);
+    }
+    let context = if per_encoder.len() == 1 {
+        per_encoder.remove(0)
+    } else {
+        Tensor::cat(&per_encoder, D::Minus1)?
+    };
+    Ok(Conditioning {
+        context: context.to_dtype(model.dtype)?,
+        pooled,
+    })
+}
+
+fn chunk_count(model: &SdModel, text: &str) -> usize {
+    model
+        .text
+        .first()
+        .map_or(1, |enc| enc.tokenizer.chunks(text, 1).len())
+}
+
+/// Generates `req.batch_count` images, calling `on_step` after every step (return
+/// `ControlFlow::Break` to stop; what finished so far is returned with `cancelled` set).
+pub fn generate(
+    model: &SdModel,
+    req: &ImageRequest,
+    on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
+) -> Result<Outcome> {
+    validate(model, req)?;
+    if req.preview == PreviewMethod::Taesd && model.taesd.is_none() {
+        return Err(Error::InvalidParameter(
+            "TAESD previews need a TAESD decoder: choose its file in the Canvas settings or \
+             use the latent2rgb preview"
+                .into(),
+        ));
+    }
+    let device = &model.device;
+    let (w, h) = (req.width as usize, req.height as usize);
+    let (lw, lh) = (w / 8, h / 8);
+    let guidance = req.cfg_scale > 1.0;
+    let chunks = chunk_count(model, &req.prompt).max(chunk_count(model, &req.negative_prompt));
+    let cond = encode_prompt(model, &req.prompt, chunks, req.clip_skip)?;
+    let uncond = if !guidance {
+        None
+    } else if model.info.kind == SdKind::Sdxl && req.negative_prompt.trim().is_empty() {
+        // SDXL was trained with zeroed embeddings for an empty negative prompt.
+        Some(Conditioning {
+            context: cond.context.zeros_like()?,
+            pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+        })
+    } else {
+        Some(encode_prompt(
+            model,
+            &req.negative_prompt,
+            chunks,
+            req.clip_skip,
+        )?)
+    };
+    let (context, pooled) = match &uncond {
+        Some(u) => (
+            Tensor::cat(&[&u.context, &cond.context], 0)?,
+            match (&u.pooled, &cond.pooled) {
+                (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 0)?),
+                _ => None,
+            },
+        ),
+        None => (cond.context.clone(), cond.pooled.clone()),
+    };
+    let batch = if guidance { 2 } else { 1 };
+    let time_ids = if model.info.kind == SdKind::Sdxl {
+        let (hf, wf) = (h as f32, w as f32);
+        let row = [hf, wf, 0.0, 0.0, hf, wf];
+        let rows: Vec<f32> = (0..batch).flat_map(|_| row).collect();
+        Some(Tensor::from_vec(rows, (batch, 6), device)?.to_dtype(model.dtype)?)
+    } else {
+        None
+    };
+
+    // Image-conditioned modes: the init image's latents and, for inpainting, the mask.
+    let inpaint_model = model.unet.config().in_channels == 9;
+    let (init_latents, strength, mask_img, mask_blur, original) = match &req.mode {
+        ImageMode::Txt2Img => (None, 1.0, None, 0.0, None),
+        ImageMode::Img2Img { init, strength } => {
+            let img = init.resized(req.width, req.height);
+            let lat = model.vae.encode(&image_to_tensor(&img, device)?)?;
+            (Some(lat), *strength, None, 0.0, Some(img))
+        }
+        ImageMode::Inpaint {
+            init,
+            mask,
+            strength,
+            mask_blur,
+        } => {
+            let img = init.resized(req.width, req.height);
+            let lat = model.vae.encode(&image_to_tensor(&img, device)?)?;
+            let m = mask.resized(req.width, req.height);
+            if m.is_empty() {
+                return Err(Error::InvalidParameter(
+                    "the mask is empty: paint the area to repaint first".into(),
+                ));
+            }
+            (Some(lat), *strength, Some(m), *mask_blur, Some(img))
+        }
+    };
+    let blurred_mask = mask_img.as_ref().map(|m| m.blurred(mask_blur));
+    let latent_mask = match &blurred_mask {
+        Some(m) => Some(mask_to_latent_tensor(m, lw, lh, device)?.to_dtype(DType::F32)?),
+        None => None,
+    };
+    // The extra UNet input of inpainting checkpoints: mask + latents of the kept image.
+    let inpaint_extra = if inpaint_model {
+        let (mask_t, masked) = match (&mask_img, &original) {
+            (Some(m), Some(img)) => {
+                let hard = mask_to_latent_tensor(m, lw, lh, device)?;
+                // The masked image: kept pixels only (mask < 0.5), repainted area zeroed.
+                let keep: Vec<f32> = m
+                    .values
+                    .iter()
+                    .map(|&v| if v < 128 { 1.0 } else { 0.0 })
+                    .collect();
+                let keep =
+                    Tensor::from_vec(keep, (1, 1, h, w), device)?.broadcast_as((1, 3, h, w))?;
+                let masked = (image_to_tensor(img, device)? * keep)?;
+                (
+                    hard.ge(0.5)?.to_dtype(DType::F32)?,
+                    model.vae.encode(&masked)?,
+                )
+            }
+            // txt2img/img2img on an inpainting model: everything is repainted.
+            _ => (
+                Tensor::ones((1, 1, lh, lw), DType::F32, device)?,
+                model
+                    .vae
+                    .encode(&Tensor::zeros((1, 3, h, w), DType::F32, device)?)?,
+            ),
+        };
+        let extra = Tensor::cat(&[&mask_t, &masked], 1)?.to_dtype(model.dtype)?;
+        Some(if batch == 2 {
+            Tensor::cat(&[&extra, &extra], 0)?
+        } else {
+            extra
+        })
+    } else {
+        None
+    };
+
+    let base_seed = req
+        .seed
+        .unwrap_or_else(|| rand::rng().random::<u32>().into());
+    let mut images = Vec::new();
+    for index in 0..req.batch_count {
+        let seed = base_seed.wrapping_add(u64::from(index));
+        let mut noise = Noise::new(seed);
+        let mut sampler = Sampler::new(req.sampler, req.schedule, req.steps, &model.noise)?;
+        let steps = req.steps;
+        // img2img runs the last int(strength·steps) steps (at least one).
+        let start = if init_latents.is_some() && !(inpaint_model && strength >= 1.0) {
+            sampler.img2img_start(strength).min(steps - 1)
+        } else {
+            0
+        };
+        let first_noise = noise.tensor((1, 4, lh, lw), device)?;
+        let mut x = match &init_latents {
+            Some(lat) if start > 0 || !inpaint_model => {
+                (lat.to_dtype(DType::F32)? + (&first_noise * sampler.sigma(start))?)?
+            }
+            _ => (&first_noise * sampler.sigma(0))?,
+        };
+        for i in start..steps {
+            let sigma = sampler.sigma(i);
+            let scaled = (&x * sampler.input_scale(i))?.to_dtype(model.dtype)?;
+            let mut inp = if batch == 2 {
+                Tensor::cat(&[&scaled, &scaled], 0)?
+            } else {
+                scaled
+            };
+            if let Some(extra) = &inpaint_extra {
+                inp = Tensor::cat(&[&inp, extra], 1)?;
+            }
+            let text_time = match (&pooled, &time_ids) {
+                (Some(p), Some(t)) => Some((p, t)),
+                _ => None,
+            };
+            let out = model
+                .unet
+                .forward(&inp, sampler.timestep(i), &context, text_time)
+                .map_err(|e| out_of_memory_hint(e, req))?
+                .to_dtype(DType::F32)?;
+            let out = if batch == 2 {
+                let u = out.narrow(0, 0, 1)?;
+                let c = out.narrow(0, 1, 1)?;
+                (&u + ((c - &u)? * req.cfg_scale)?)?
+            } else {
+                out
+            };
+            let denoised = denoised_from_output(&x, &out, sigma, model.noise.prediction)?;
+            let shape = x.dims4()?;
+            x = sampler.step(i, &x, &denoised, &mut || {
+                noise
+                    .tensor(shape, device)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            })?;
+            // Ordinary checkpoints inpaint by keeping the unmasked latents at this step's noise.
+            if let (Some(m), Some(lat), false) = (&latent_mask, &init_latents, inpaint_model) {
+                let next_sigma = sampler.plan().sigmas[i + 1];
+                let kept = (lat.to_dtype(DType::F32)? + (&first_noise * next_sigma)?)?;
+                x = (x.broadcast_mul(m)? + kept.broadcast_mul(&m.affine(-1.0, 1.0)?)?)?;
+            }
+            let preview = match req.preview {
+                PreviewMethod::None => None,
+                PreviewMethod::Latent2Rgb => Some(latent_to_rgb(&denoised, model.latent_format())?),
+                PreviewMethod::Taesd => match &model.taesd {
+                    Some(t) => Some(t.decode_to_image(&denoised)?),
+                    None => None,
+                },
+            };
+            let flow = on_step(StepUpdate {
+                image: index,
+                images: req.batch_count,
+                step: i + 1 - start,
+                steps: steps - start,
+                preview,
+            });
+            if flow.is_break() {
+                return Ok(Outcome {
+                    images,
+                    cancelled: true,
+                });
+            }
+        }
+        let decoded = model
+            .vae
+            .decode(&x.to_dtype(DType::F32)?)
+            .map_err(|e| out_of_memory_hint(e, req))?;
+        let mut image = tensor_to_image(&decoded)?;
+        if let (Some(orig), Some(m)) = (&original, &blurred_mask) {
+            image = composite(orig, &image, m)?;
+        }
+        images.push(GeneratedImage {
+            parameters: parameters(model, req, seed, mask_blur),
+            image,
+            seed,
+        });
+    }
+    Ok(Outcome {
+        images,
+        cancelled: false,
+    })
+}
+
+fn out_of_memory_hint(e: Error, req: &ImageRequest) -> Error {
+    let text = e.to_string();
+    if text.contains("out of memory") || text.contains("alloc") {
+        Error::InvalidParameter(format!(
+            "ran out of memory at {}x{}: try a smaller size ({})",
+            req.width, req.height, text
+        ))
+    } else {
+        e
+    }
+}
+
+/// The `parameters` text for an image, in the SD web UI's format.
+pub fn parameters(
+    model: &SdModel,
+    req: &ImageRequest,
+    seed: u64,
+    mask_blur: f32,
+) -> GenerationParameters {
+    let mut p = GenerationParameters {
+        prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        pairs: Vec::new(),
+    };
+    p.set("Steps", req.steps.to_string());
+    p.set("Sampler", req.sampler.name());
+    p.set("Schedule type", req.schedule.name());
+    p.set("CFG scale", format_number(req.cfg_scale));
+    p.set("Seed", seed.to_string());
+    p.set("Size", format!("{}x{}", req.width, req.height));
+    p.set("Model", model.info.name.clone());
+    if let ImageMode::Img2Img { strength, .. } | ImageMode::Inpaint { strength, .. } = &req.mode {
+        p.set("Denoising strength", format_number(*strength));
+    }
+    if matches!(req.mode, ImageMode::Inpaint { .. }) {
+        p.set("Mask blur", format_number(f64::from(mask_blur)));
+    }
+    if req.clip_skip > 1 {
+        p.set("Clip skip", req.clip_skip.to_string());
+    }
+    if model.info.prediction == Prediction::VPrediction {
+        p.set("Prediction", "v");
+    }
+    p.set("Version", concat!("studio-", env!("CARGO_PKG_VERSION")));
+    p
+}
+
+fn format_number(v: f64) -> String {
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        let s = format!("{v:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+}

@@ -1,0 +1,370 @@
+//! Prompts as SD users write them: emphasis syntax and prompts longer than CLIP's 75 tokens.
+//!
+//! - `(word)` multiplies attention by 1.1, `((word))` by 1.21, `(word:1.3)` sets 1.3,
+//!   `[word]` divides by 1.1; `\(` `\)` `\[` `\]` are literal brackets; unbalanced brackets apply
+//!   to the rest of the prompt (as in the most used SD web UI).
+//! - `BREAK` (upper case, as a word) starts a new 75-token chunk.
+//! - Prompts longer than 75 tokens are split into chunks of 75, each encoded on its own
+//!   (`<bos> 75 tokens <eos>` padded to 77) and the hidden states concatenated.
+//! - Weighted hidden states are rescaled to keep their original mean.
+
+use std::io::BufReader;
+use std::path::Path;
+
+use instant_clip_tokenizer::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// Tokens per chunk between `<bos>` and `<eos>`.
+pub const CHUNK_TOKENS: usize = 75;
+
+/// A piece of prompt text with its attention weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weighted {
+    pub text: String,
+    pub weight: f32,
+}
+
+/// Splits a prompt into weighted pieces; `BREAK` becomes a piece with weight `-1` and text
+/// `"BREAK"`.
+pub fn parse_emphasis(prompt: &str) -> Vec<Weighted> {
+    let mut out: Vec<Weighted> = Vec::new();
+    let mut round: Vec<usize> = Vec::new();
+    let mut square: Vec<usize> = Vec::new();
+    let mut text = String::new();
+    let chars: Vec<char> = prompt.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            '\\' if i + 1 < chars.len() => {
+                text.push(chars[i + 1]);
+                i += 2;
+                continue;
+            }
+            '(' => {
+                flush(&mut text, &mut out);
+                round.push(out.len());
+            }
+            '[' => {
+                flush(&mut text, &mut out);
+                square.push(out.len());
+            }
+            ':' if !round.is_empty() => {
+                // `:number)` closes a round bracket with an explicit weight.
+                let rest: String = chars[i + 1..].iter().collect();
+                let trimmed = rest.trim_start();
+                let num_len = trimmed
+                    .find(|ch: char| !(ch.is_ascii_digit() || ch == '.' || ch == '+' || ch == '-'))
+                    .unwrap_or(trimmed.len());
+                let after = trimmed[num_len..].trim_start();
+                match (trimmed[..num_len].parse::<f32>(), after.starts_with(')')) {
+                    (Ok(weight), true) => {
+                        flush(&mut text, &mut out);
+                        if let Some(start) = round.pop() {
+                            multiply(&mut out, start, weight);
+                        }
+                        let consumed = rest.len() - after.len() + 1;
+                        i += 1 + rest[..consumed].chars().count();
+                        continue;
+                    }
+                    _ => text.push(c),
+                }
+            }
+            ')' if !round.is_empty() => {
+                flush(&mut text, &mut out);
+                if let Some(start) = round.pop() {
+                    multiply(&mut out, start, 1.1);
+                }
+            }
+            ']' if !square.is_empty() => {
+                flush(&mut text, &mut out);
+                if let Some(start) = square.pop() {
+                    multiply(&mut out, start, 1.0 / 1.1);
+                }
+            }
+            _ => text.push(c),
+        }
+        i += 1;
+    }
+    flush(&mut text, &mut out);
+    for start in round {
+        multiply(&mut out, start, 1.1);
+    }
+    for start in square {
+        multiply(&mut out, start, 1.0 / 1.1);
+    }
+    // Merge neighbours of equal weight.
+    let mut merged: Vec<Weighted> = Vec::with_capacity(out.len());
+    for w in out {
+        match merged.last_mut() {
+            Some(last) if last.weight >= 0.0 && (last.weight - w.weight).abs() < f32::EPSILON => {
+                last.text.push_str(&w.text);
+            }
+            _ => merged.push(w),
+        }
+    }
+    merged
+}
+
+fn flush(text: &mut String, out: &mut Vec<Weighted>) {
+    if text.is_empty() {
+        return;
+    }
+    for (i, part) in split_break(text).into_iter().enumerate() {
+        if i > 0 {
+            out.push(Weighted {
+                text: "BREAK".into(),
+                weight: -1.0,
+            });
+        }
+        if !part.is_empty() {
+            out.push(Weighted {
+                text: part,
+                weight: 1.0,
+            });
+        }
+    }
+    text.clear();
+}
+fn multiply(out: &mut [Weighted], from: usize, by: f32) {
+    for w in out.iter_mut().skip(from) {
+        if w.weight >= 0.0 {
+            w.weight *= by;
+        }
+    }
+}
+
+fn split_break(text: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut words = text.split(' ').peekable();
+    while let Some(word) = words.next() {
+        if word == "BREAK" {
+            parts.push(String::new());
+        } else {
+            let last = parts.last_mut().expect("parts is never empty");
+            last.push_str(word);
+            if words.peek().is_some() {
+                last.push(' ');
+            }
+        }
+    }
+    parts
+}
+
+/// CLIP's BPE tokenizer and the ids SD needs.
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    /// What fills a chunk after `<eos>`: `<eos>` itself for SD 1.x, `!` (id 0) for OpenCLIP.
+    pub pad: u32,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("pad", &self.pad)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How chunks are padded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Pad with `<eos>` (OpenAI CLIP tokenizer, SD 1.x and SDXL's first encoder).
+    Eos,
+    /// Pad with `!` (OpenCLIP, SD 2.x and SDXL's second encoder).
+    Exclamation,
+}
+
+impl ClipTokenizer {
+    /// The OpenAI vocabulary bundled with Studio (what every SD text encoder was trained with).
+    pub fn bundled(padding: Padding) -> Self {
+        Self::with(Tokenizer::new(), padding)
+    }
+
+    /// Reads a `merges.txt` (diffusers' `tokenizer/` folder) with `vocab_size` ids.
+    pub fn from_merges(path: &Path, vocab_size: usize, padding: Padding) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|source| Error::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let size = u16::try_from(vocab_size)
+            .ok()
+            .filter(|&s| s > 514)
+            .ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: a CLIP vocabulary of {vocab_size} ids is not supported",
+                    path.display()
+                ))
+            })?;
+        let inner = Tokenizer::with_vocabulary(BufReader::new(file), size)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self::with(inner, padding))
+    }
+
+    fn with(inner: Tokenizer, padding: Padding) -> Self {
+        let pad = match padding {
+            Padding::Eos => u32::from(inner.end_of_text().to_u16()),
+            Padding::Exclamation => 0,
+        };
+        Self { inner, pad }
+    }
+
+    pub fn bos(&self) -> u32 {
+        u32::from(self.inner.start_of_text().to_u16())
+    }
+
+    pub fn eos(&self) -> u32 {
+        u32::from(self.inner.end_of_text().to_u16())
+    }
+
+    /// Token ids of `text` without `<bos>`/`<eos>`.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.inner.encode(text, &mut out);
+        out.into_iter().map(|t| u32::from(t.to_u16())).collect()
+    }
+
+    /// The prompt as 77-token chunks with per-token weights, at least `min_chunks` of them
+    /// (so a negative prompt can match the positive one's length).
+    pub fn chunks(&self, prompt: &str, min_chunks: usize) -> Vec<Chunk> {
+        let mut groups: Vec<Vec<(u32, f32)>> = vec![Vec::new()];
+        for piece in parse_emphasis(prompt) {
+            if piece.weight < 0.0 {
+                groups.push(Vec::new());
+                continue;
+            }
+            let group = groups.last_mut().expect("groups is never empty");
+            group.extend(
+                self.encode(&piece.text)
+                    .into_iter()
+                    .map(|t| (t, piece.weight)),
+            );
+        }
+        let mut chunks: Vec<Chunk> = Vec::new();
+        for group in groups {
+            if group.is_empty() && !chunks.is_empty() {
+                continue;
+            }
+            if group.is_empty() {
+                chunks.push(self.chunk(&[]));
+            }
+            for part in group.chunks(CHUNK_TOKENS) {
+                chunks.push(self.chunk(part));
+            }
+        }
+        while chunks.len() < min_chunks.max(1) {
+            chunks.push(self.chunk(&[]));
+        }
+        chunks
+    }
+
+    fn chunk(&self, tokens: &[(u32, f32)]) -> Chunk {
+        let mut ids = vec![self.bos()];
+        let mut weights = vec![1.0];
+        for &(t, w) in tokens {
+            ids.push(t);
+            weights.push(w);
+        }
+        ids.push(self.eos());
+        weights.push(1.0);
+        while ids.len() < CHUNK_TOKENS + 2 {
+            ids.push(self.pad);
+            weights.push(1.0);
+        }
+        Chunk { ids, weights }
+    }
+}
+
+/// One 77-token chunk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chunk {
+    pub ids: Vec<u32>,
+    pub weights: Vec<f32>,
+}
+
+impl Chunk {
+    /// Whether any token is weighted other than 1.
+    pub fn is_weighted(&self) -> bool {
+        self.weights.iter().any(|&w| (w - 1.0).abs() > 1e-6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(text: &str, weight: f32) -> Weighted {
+        Weighted {
+            text: text.into(),
+            weight,
+        }
+    }
+
+    fn close(a: &[Weighted], b: &[Weighted]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.text == y.text && (x.weight - y.weight).abs() < 1e-4)
+    }
+
+    #[test]
+    fn emphasis_matches_the_web_ui() {
+        let cases: Vec<(&str, Vec<Weighted>)> = vec![
+            ("normal text", vec![w("normal text", 1.0)]),
+            (
+                "an (important) word",
+                vec![w("an ", 1.0), w("important", 1.1), w(" word", 1.0)],
+            ),
+            ("(unbalanced", vec![w("unbalanced", 1.1)]),
+            ("\\(literal\\]", vec![w("(literal]", 1.0)]),
+            ("(unnecessary)(parens)", vec![w("unnecessaryparens", 1.1)]),
+            (
+                "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+                vec![
+                    w("a ", 1.0),
+                    w("house", 1.5730),
+                    w(" ", 1.1),
+                    w("on", 1.0),
+                    w(" a ", 1.1),
+                    w("hill", 0.55),
+                    w(", sun, ", 1.1),
+                    w("sky", 1.4641),
+                    w(".", 1.1),
+                ],
+            ),
+            ("[[x]]", vec![w("x", 1.0 / 1.21)]),
+            (
+                "a BREAK b",
+                vec![w("a ", 1.0), w("BREAK", -1.0), w("b", 1.0)],
+            ),
+            ("time: 12:00", vec![w("time: 12:00", 1.0)]),
+        ];
+        for (prompt, want) in cases {
+            let got = parse_emphasis(prompt);
+            assert!(close(&got, &want), "{prompt}: got {got:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn chunks_pad_and_split() {
+        let t = ClipTokenizer::bundled(Padding::Eos);
+        let c = t.chunks("a photo of a cat", 1);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].ids.len(), 77);
+        assert_eq!(c[0].ids[..7], [49406, 320, 1125, 539, 320, 2368, 49407]);
+        assert_eq!(c[0].ids[76], 49407);
+        let long = "cat ".repeat(100);
+        let c = t.chunks(&long, 1);
+        assert_eq!(c.len(), 2);
+        let c = t.chunks("", 3);
+        assert_eq!(c.len(), 3);
+        let t2 = ClipTokenizer::bundled(Padding::Exclamation);
+        assert_eq!(t2.chunks("cat", 1)[0].ids[3], 0);
+        let weighted = t.chunks("a (cat:1.5)", 1);
+        assert!(weighted[0].is_weighted());
+        assert!((weighted[0].weights[2] - 1.5).abs() < 1e-6);
+        let split = t.chunks("a BREAK b", 1);
+        assert_eq!(split.len(), 2);
+    }
+}

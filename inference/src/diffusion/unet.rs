@@ -1,0 +1,490 @@
+//! The denoising UNet (diffusers `UNet2DConditionModel` names), assembled from
+//! candle-transformers' Stable Diffusion blocks. Beyond candle's own top level it adds SDXL's
+//! "text_time" conditioning (`add_time_proj` + `add_embedding`: the pooled text embedding and
+//! the original-size/crop/target-size ids), which SDXL checkpoints need to produce sensible
+//! images, and takes its shape from `unet/config.json` or from the tensors themselves.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
+    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
+    UpBlock2D, UpBlock2DConfig,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One resolution level of the UNet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Level {
+    pub channels: usize,
+    /// Transformer blocks per attention (`None`: no cross-attention at this level).
+    pub transformer_layers: Option<usize>,
+    pub heads: usize,
+}
+
+/// The UNet's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub levels: Vec<Level>,
+    pub layers_per_block: usize,
+    pub cross_attention_dim: usize,
+    pub use_linear_projection: bool,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    /// SDXL's `addition_embed_type: "text_time"`: (time id embedding size, input size of
+    /// `add_embedding`).
+    pub text_time: Option<(usize, usize)>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(default = "four")]
+    in_channels: usize,
+    #[serde(default = "four")]
+    out_channels: usize,
+    block_out_channels: Vec<usize>,
+    down_block_types: Vec<String>,
+    #[serde(default = "two")]
+    layers_per_block: usize,
+    #[serde(default)]
+    attention_head_dim: Option<Value>,
+    #[serde(default)]
+    num_attention_heads: Option<Value>,
+    cross_attention_dim: Value,
+    #[serde(default)]
+    transformer_layers_per_block: Option<Value>,
+    #[serde(default)]
+    use_linear_projection: bool,
+    #[serde(default = "groups")]
+    norm_num_groups: usize,
+    #[serde(default = "eps")]
+    norm_eps: f64,
+    #[serde(default)]
+    addition_embed_type: Option<String>,
+    #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
+}
+
+fn four() -> usize {
+    4
+}
+fn two() -> usize {
+    2
+}
+fn groups() -> usize {
+    32
+}
+fn eps() -> f64 {
+    1e-5
+}
+
+/// An int or a per-level list of ints, as diffusers configs write them.
+fn per_level(
+    v: Option<&Value>,
+    n: usize,
+    default: usize,
+) -> std::result::Result<Vec<usize>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(vec![default; n]),
+        Some(Value::Number(x)) => {
+            let x = x.as_u64().ok_or("expected a positive integer")? as usize;
+            Ok(vec![x; n])
+        }
+        Some(Value::Array(a)) if a.len() == n => a
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .map(|x| x as usize)
+                    .ok_or_else(|| "expected integers".to_owned())
+            })
+            .collect(),
+        Some(other) => Err(format!(
+            "expected an integer or {n} integers, found {other}"
+        )),
+    }
+}
+
+impl UnetConfig {
+    /// Parses diffusers' `unet/config.json`.
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let n = raw.block_out_channels.len();
+        if n == 0 || raw.down_block_types.len() != n {
+            return Err("block_out_channels and down_block_types must have the same length".into());
+        }
+        // diffusers' legacy naming: `attention_head_dim` holds the head *count* unless
+        // `num_attention_heads` is given.
+        let heads = per_level(
+            raw.num_attention_heads
+                .as_ref()
+                .or(raw.attention_head_dim.as_ref()),
+            n,
+            8,
+        )?;
+        let tlayers = per_level(raw.transformer_layers_per_block.as_ref(), n, 1)?;
+        let cross = match &raw.cross_attention_dim {
+            Value::Number(x) => x.as_u64().ok_or("cross_attention_dim")? as usize,
+            Value::Array(a) => a
+                .first()
+                .and_then(Value::as_u64)
+                .ok_or("cross_attention_dim")? as usize,
+            _ => return Err("cross_attention_dim must be an integer".into()),
+        };
+        let levels = (0..n)
+            .map(|i| Level {
+                channels: raw.block_out_channels[i],
+                transformer_layers: raw.down_block_types[i]
+                    .contains("CrossAttn")
+                    .then_some(tlayers[i]),
+                heads: heads[i],
+            })
+            .collect();
+        let text_time = match raw.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => Some((
+                raw.addition_time_embed_dim.unwrap_or(256),
+                raw.projection_class_embeddings_input_dim.unwrap_or(2816),
+            )),
+            Some(other) => return Err(format!("addition_embed_type `{other}` is not supported")),
+        };
+        Ok(Self {
+            in_channels: raw.in_channels,
+            out_channels: raw.out_channels,
+            levels,
+            layers_per_block: raw.layers_per_block,
+            cross_attention_dim: cross,
+            use_linear_projection: raw.use_linear_projection,
+            norm_num_groups: raw.norm_num_groups,
+            norm_eps: raw.norm_eps,
+            text_time,
+        })
+    }
+
+    /// Infers the shape from diffusers-named tensors (single-file checkpoints carry no config).
+    /// `shape` returns a tensor's shape by name.
+    pub fn infer(
+        names: &[&str],
+        shape: &dyn Fn(&str) -> Option<Vec<usize>>,
+    ) -> std::result::Result<Self, String> {
+        let need = |name: &str| shape(name).ok_or_else(|| format!("missing tensor `{name}`"));
+        let conv_in = need("conv_in.weight")?;
+        let conv_out = need("conv_out.weight")?;
+        let count = |prefix: &str| {
+            let mut ids: Vec<usize> = names
+                .iter()
+                .filter_map(|n| n.strip_prefix(prefix))
+                .filter_map(|rest| rest.split('.').next()?.parse().ok())
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.last().map_or(0, |m| m + 1)
+        };
+        let n = count("down_blocks.");
+        if n == 0 {
+            return Err("no down_blocks tensors".into());
+        }
+        let layers_per_block = count("down_blocks.0.resnets.");
+        let mut levels = Vec::with_capacity(n);
+        let mut cross = 0;
+        let mut linear = false;
+        for i in 0..n {
+            let channels = need(&format!("down_blocks.{i}.resnets.0.conv1.weight"))?[0];
+            let attn = format!("down_blocks.{i}.attentions.0.");
+            let tl = count(&format!("{attn}transformer_blocks."));
+            let level = if tl == 0 {
+                Level {
+                    channels,
+                    transformer_layers: None,
+                    heads: 0,
+                }
+            } else {
+                let k = need(&format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?;
+                cross = k[1];
+                linear = need(&format!("{attn}proj_in.weight"))?.len() == 2;
+                // Every released SD/SDXL UNet uses 64-dim heads except SD 1.x (8 heads).
+                let heads = if cross == 768 {
+                    8
+                } else {
+                    (channels / 64).max(1)
+                };
+                Level {
+                    channels,
+                    transformer_layers: Some(tl),
+                    heads,
+                }
+            };
+            levels.push(level);
+        }
+        // Levels without attention still set the mid block's heads when they are last.
+        for level in &mut levels {
+            level.heads = heads_for(cross, level.channels);
+        }
+        let text_time = shape("add_embedding.linear_1.weight").map(|s| (256, s[1]));
+        Ok(Self {
+            in_channels: conv_in[1],
+            out_channels: conv_out[0],
+            levels,
+            layers_per_block,
+            cross_attention_dim: cross,
+            use_linear_projection: linear,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            text_time,
+        })
+    }
+}
+
+/// Every released SD/SDXL UNet uses 64-dim heads, except SD 1.x (8 heads per level).
+fn heads_for(cross_attention_dim: usize, channels: usize) -> usize {
+    if cross_attention_dim == 768 {
+        8
+    } else {
+        (channels / 64).max(1)
+    }
+}
+
+enum Down {
+    Basic(DownBlock2D),
+    Cross(CrossAttnDownBlock2D),
+}
+
+enum Up {
+    Basic(UpBlock2D),
+    Cross(CrossAttnUpBlock2D),
+}
+
+/// The UNet.
+pub struct Unet {
+    conv_in: candle_nn::Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    add: Option<(Timesteps, TimestepEmbedding)>,
+    down: Vec<Down>,
+    mid: UNetMidBlock2DCrossAttn,
+    up: Vec<Up>,
+    norm_out: candle_nn::GroupNorm,
+    conv_out: candle_nn::Conv2d,
+    config: UnetConfig,
+}
+
+impl std::fmt::Debug for Unet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unet")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Unet {
+    pub fn new(vb: &VarBuilder, config: UnetConfig) -> Result<Self> {
+        let c = &config;
+        let n = c.levels.len();
+        let b0 = c.levels[0].channels;
+        let last = &c.levels[n - 1];
+        let temb = b0 * 4;
+        let pad1 = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv_in = candle_nn::conv2d(c.in_channels, b0, 3, pad1, vb.pp("conv_in"))?;
+        let time_proj = Timesteps::new(b0, true, 0.0);
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), b0, temb)?;
+        let add = match c.text_time {
+            Some((dim, input)) => Some((
+                Timesteps::new(dim, true, 0.0),
+                TimestepEmbedding::new(vb.pp("add_embedding"), input, temb)?,
+            )),
+            None => None,
+        };
+        let mut down = Vec::with_capacity(n);
+        for (i, level) in c.levels.iter().enumerate() {
+            let in_ch = if i == 0 { b0 } else { c.levels[i - 1].channels };
+            let cfg = DownBlock2DConfig {
+                num_layers: c.layers_per_block,
+                resnet_eps: c.norm_eps,
+                resnet_groups: c.norm_num_groups,
+                add_downsample: i + 1 < n,
+                downsample_padding: 1,
+                ..Default::default()
+            };
+            let vbi = vb.pp(format!("down_blocks.{i}"));
+            down.push(match level.transformer_layers {
+                Some(layers) => Down::Cross(CrossAttnDownBlock2D::new(
+                    vbi,
+                    in_ch,
+                    level.channels,
+                    Some(temb),
+                    false,
+                    CrossAttnDownBlock2DConfig {
+                        downblock: cfg,
+                        attn_num_head_channels: level.heads,
+                        cross_attention_dim: c.cross_attention_dim,
+                        sliced_attention_size: None,
+                        use_linear_projection: c.use_linear_projection,
+                        transformer_layers_per_block: layers,
+                    },
+                )?),
+                None => Down::Basic(DownBlock2D::new(
+                    vbi,
+                    in_ch,
+                    level.channels,
+                    Some(temb),
+                    cfg,
+                )?),
+            });
+        }
+        let mid = UNetMidBlock2DCrossAttn::new(
+            vb.pp("mid_block"),
+            last.channels,
+            Some(temb),
+            false,
+            UNetMidBlock2DCrossAttnConfig {
+                resnet_eps: c.norm_eps,
+                output_scale_factor: 1.0,
+                cross_attn_dim: c.cross_attention_dim,
+                attn_num_head_channels: last.heads,
+                resnet_groups: Some(c.norm_num_groups),
+                use_linear_projection: c.use_linear_projection,
+                transformer_layers_per_block: last.transformer_layers.unwrap_or(1),
+                ..Default::default()
+            },
+        )?;
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            let level = &c.levels[n - 1 - i];
+            let prev = if i == 0 {
+                last.channels
+            } else {
+                c.levels[n - i].channels
+            };
+            let in_ch = c.levels[if i == n - 1 { 0 } else { n - i - 2 }].channels;
+            let cfg = UpBlock2DConfig {
+                num_layers: c.layers_per_block + 1,
+                resnet_eps: c.norm_eps,
+                resnet_groups: c.norm_num_groups,
+                add_upsample: i + 1 < n,
+                ..Default::default()
+            };
+            let vbi = vb.pp(format!("up_blocks.{i}"));
+            up.push(match level.transformer_layers {
+                Some(layers) => Up::Cross(CrossAttnUpBlock2D::new(
+                    vbi,
+                    in_ch,
+                    prev,
+                    level.channels,
+                    Some(temb),
+                    false,
+                    CrossAttnUpBlock2DConfig {
+                        upblock: cfg,
+                        attn_num_head_channels: level.heads,
+                        cross_attention_dim: c.cross_attention_dim,
+                        sliced_attention_size: None,
+                        use_linear_projection: c.use_linear_projection,
+                        transformer_layers_per_block: layers,
+                    },
+                )?),
+                None => Up::Basic(UpBlock2D::new(
+                    vbi,
+                    in_ch,
+                    prev,
+                    level.channels,
+                    Some(temb),
+                    cfg,
+                )?),
+            });
+        }
+        let norm_out =
+            candle_nn::group_norm(c.norm_num_groups, b0, c.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = candle_nn::conv2d(b0, c.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            add,
+            down,
+            mid,
+            up,
+            norm_out,
+            conv_out,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &UnetConfig {
+        &self.config
+    }
+
+    /// Predicts noise (or v) for `xs` (`(batch, in_channels, h, w)`) at `timestep`.
+    /// `text_time` is SDXL's `(pooled text embeds (batch, 1280), time ids (batch, 6))`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        text_time: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let (batch, _, h, w) = xs.dims4()?;
+        let device = xs.device();
+        let dtype = xs.dtype();
+        let factor = 1usize << (self.config.levels.len() - 1);
+        let odd = h % factor != 0 || w % factor != 0;
+        let t = (Tensor::ones(batch, dtype, device)? * timestep)?;
+        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        match (&self.add, text_time) {
+            (Some((proj, embed)), Some((pooled, ids))) => {
+                let ids = proj
+                    .forward(&ids.flatten_all()?.to_dtype(dtype)?)?
+                    .reshape((batch, ()))?;
+                let input = Tensor::cat(&[&pooled.to_dtype(dtype)?, &ids], 1)?;
+                emb = (emb + embed.forward(&input)?)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidParameter(
+                    "this UNet needs SDXL's pooled text embedding and size conditioning".into(),
+                ));
+            }
+            (None, _) => {}
+        }
+        let mut xs = self.conv_in.forward(xs)?;
+        let mut residuals = vec![xs.clone()];
+        for block in &self.down {
+            let (ys, res) = match block {
+                Down::Basic(b) => b.forward(&xs, Some(&emb))?,
+                Down::Cross(b) => b.forward(&xs, Some(&emb), Some(context))?,
+            };
+            residuals.extend(res);
+            xs = ys;
+        }
+        xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        let n = self.up.len();
+        for (i, block) in self.up.iter().enumerate() {
+            let res = residuals.split_off(residuals.len() - (self.config.layers_per_block + 1));
+            let size = match residuals.last() {
+                Some(r) if odd && i + 1 < n => {
+                    let (_, _, rh, rw) = r.dims4()?;
+                    Some((rh, rw))
+                }
+                _ => None,
+            };
+            xs = match block {
+                Up::Basic(b) => b.forward(&xs, &res, Some(&emb), size)?,
+                Up::Cross(b) => b.forward(&xs, &res, Some(&emb), size, Some(context))?,
+            };
+        }
+        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        Ok(self.conv_out.forward(&xs)?)
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight().dtype()
+    }
+}

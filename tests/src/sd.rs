@@ -1,0 +1,285 @@
+//! Tiny random-weight Stable Diffusion models of the real architectures (UNet, VAE, CLIP text
+//! encoders with a small BPE tokenizer), written in the diffusers folder layout.
+//!
+//! Head counts follow what single-file loading infers (64-dim heads, at least one), so the same
+//! weights loaded from a diffusers folder and from a single file give the same images.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde_json::{Value, json};
+use studio_inference::diffusion::clip::{ClipConfig, ClipTextModel};
+use studio_inference::diffusion::unet::{Unet, UnetConfig};
+use studio_inference::diffusion::vae::{Vae, VaeConfig};
+
+/// Which architecture to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TinyKind {
+    Sd1,
+    Sd2,
+    Sdxl,
+}
+
+/// Options for [`write_tiny_sd`].
+#[derive(Debug, Clone, Copy)]
+pub struct TinySd {
+    pub kind: TinyKind,
+    /// A 9-channel inpainting UNet.
+    pub inpainting: bool,
+    pub v_prediction: bool,
+    /// CLIP's real 49408-token vocabulary (the bundled tokenizer) instead of the small test
+    /// tokenizer; single-file checkpoints carry no tokenizer, so they need this.
+    pub full_vocab: bool,
+    pub seed: u64,
+}
+
+impl TinySd {
+    pub fn new(kind: TinyKind) -> Self {
+        Self {
+            kind,
+            inpainting: false,
+            v_prediction: false,
+            full_vocab: false,
+            seed: 7,
+        }
+    }
+}
+
+/// Merges of the test tokenizer (CLIP's `merges.txt` format; ids follow the byte tokens).
+pub const MERGES: &[&str] = &[
+    "c a", "ca t</w>", "d o", "do g</w>", "a t</w>", "t h", "th e</w>", "r e", "re d</w>", "s u",
+    "su n</w>",
+];
+
+/// The tokenizer's vocabulary size: 512 byte tokens, the merges, `<bos>` and `<eos>`.
+pub fn vocab_size() -> usize {
+    512 + MERGES.len() + 2
+}
+
+fn text_config(hidden: usize, act: &str, layers: usize, projection: usize, vocab: usize) -> Value {
+    json!({
+        "architectures": ["CLIPTextModel"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": (hidden / 64).max(1),
+        "max_position_embeddings": 77,
+        "hidden_act": act,
+        "layer_norm_eps": 1e-5,
+        "projection_dim": projection,
+    })
+}
+
+/// Random tensors for `build`'s module, by name (seeded).
+fn random_weights(
+    seed: u64,
+    build: impl FnOnce(&VarBuilder) -> studio_inference::Result<()>,
+) -> HashMap<String, Tensor> {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    build(&vb).expect("build tiny module");
+    let data = map.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    // VarMap's own init is unseeded: overwrite every tensor from a seeded generator, keeping
+    // norms at one/zero like a trained model.
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    for name in names {
+        let var = &data[name];
+        let t = var.as_tensor();
+        let dims = t.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let is_norm = name.contains("norm") || name.contains("layer_norm");
+        let values: Vec<f32> = if is_norm && name.ends_with("weight") {
+            vec![1.0; n]
+        } else if is_norm || name.ends_with("bias") {
+            vec![0.0; n]
+        } else {
+            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+            let scale = 1.0 / (fan_in as f32).sqrt();
+            (0..n)
+                .map(|_| (rand::Rng::random::<f32>(&mut rng) * 2.0 - 1.0) * scale)
+                .collect()
+        };
+        out.insert(
+            name.clone(),
+            Tensor::from_vec(values, dims, &Device::Cpu).expect("tensor"),
+        );
+    }
+    out
+}
+
+fn save(dir: &Path, file: &str, tensors: &HashMap<String, Tensor>) {
+    std::fs::create_dir_all(dir).expect("create dir");
+    candle_core::safetensors::save(tensors, dir.join(file)).expect("save safetensors");
+}
+
+fn write_json(path: &Path, v: &Value) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("create dir");
+    std::fs::write(path, serde_json::to_string_pretty(v).expect("json")).expect("write json");
+}
+
+/// The diffusers-named tensors of every component of a tiny model.
+pub struct TinyWeights {
+    pub unet: HashMap<String, Tensor>,
+    pub vae: HashMap<String, Tensor>,
+    pub text_encoder: HashMap<String, Tensor>,
+    pub text_encoder_2: Option<HashMap<String, Tensor>>,
+}
+
+/// Writes a tiny model in the diffusers layout to `dir` and returns its tensors.
+pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
+    let sdxl = opts.kind == TinyKind::Sdxl;
+    let (te_hidden, te2_hidden) = (32, 32);
+    let cross = match opts.kind {
+        TinyKind::Sd1 | TinyKind::Sd2 => te_hidden,
+        TinyKind::Sdxl => te_hidden + te2_hidden,
+    };
+    let projection = 16;
+    let down_types = if sdxl {
+        json!(["DownBlock2D", "CrossAttnDownBlock2D"])
+    } else {
+        json!(["CrossAttnDownBlock2D", "DownBlock2D"])
+    };
+    let mut unet_cfg = json!({
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": if opts.inpainting { 9 } else { 4 },
+        "out_channels": 4,
+        "block_out_channels": [32, 64],
+        "down_block_types": down_types,
+        "up_block_types": if sdxl { json!(["CrossAttnUpBlock2D", "UpBlock2D"]) } else { json!(["UpBlock2D", "CrossAttnUpBlock2D"]) },
+        "layers_per_block": 1,
+        "attention_head_dim": [1, 1],
+        "cross_attention_dim": cross,
+        "transformer_layers_per_block": if sdxl { json!([1, 2]) } else { json!(1) },
+        "use_linear_projection": opts.kind != TinyKind::Sd1,
+        "norm_num_groups": 32,
+        "norm_eps": 1e-5,
+        "sample_size": 8,
+    });
+    if sdxl {
+        unet_cfg["addition_embed_type"] = json!("text_time");
+        unet_cfg["addition_time_embed_dim"] = json!(256);
+        unet_cfg["projection_class_embeddings_input_dim"] = json!(projection + 6 * 256);
+    }
+    let unet_config = UnetConfig::from_json(&unet_cfg.to_string()).expect("unet config");
+    let unet = random_weights(opts.seed, |vb| Unet::new(vb, unet_config).map(|_| ()));
+    write_json(&dir.join("unet/config.json"), &unet_cfg);
+    save(
+        &dir.join("unet"),
+        "diffusion_pytorch_model.safetensors",
+        &unet,
+    );
+
+    let scaling = if sdxl { 0.13025 } else { 0.18215 };
+    let vae_cfg = json!({
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [32, 32, 32, 32],
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "scaling_factor": scaling,
+        "in_channels": 3,
+        "out_channels": 3,
+    });
+    let vae_config: VaeConfig = serde_json::from_value(vae_cfg.clone()).expect("vae config");
+    let vae = random_weights(opts.seed + 1, |vb| Vae::new(vb, vae_config).map(|_| ()));
+    // A fresh VarMap makes candle's attention block use the legacy names; checkpoints saved by
+    // today's diffusers use these.
+    let vae: HashMap<String, Tensor> = vae
+        .into_iter()
+        .map(|(name, t)| {
+            let name = name
+                .replace(".query.", ".to_q.")
+                .replace(".key.", ".to_k.")
+                .replace(".value.", ".to_v.")
+                .replace(".proj_attn.", ".to_out.0.");
+            (name, t)
+        })
+        .collect();
+    write_json(&dir.join("vae/config.json"), &vae_cfg);
+    save(
+        &dir.join("vae"),
+        "diffusion_pytorch_model.safetensors",
+        &vae,
+    );
+
+    let act = if opts.kind == TinyKind::Sd1 || sdxl {
+        "quick_gelu"
+    } else {
+        "gelu"
+    };
+    let vocab = if opts.full_vocab { 49408 } else { vocab_size() };
+    let te_cfg = text_config(te_hidden, act, 2, projection, vocab);
+    let te_config: ClipConfig = serde_json::from_value(te_cfg.clone()).expect("clip config");
+    let text_encoder = random_weights(opts.seed + 2, |vb| {
+        ClipTextModel::new(vb, &te_config, false).map(|_| ())
+    });
+    write_json(&dir.join("text_encoder/config.json"), &te_cfg);
+    save(
+        &dir.join("text_encoder"),
+        "model.safetensors",
+        &text_encoder,
+    );
+    if !opts.full_vocab {
+        write_tokenizer(&dir.join("tokenizer"), opts.kind == TinyKind::Sd1 || sdxl);
+    }
+
+    let text_encoder_2 = sdxl.then(|| {
+        let cfg = text_config(te2_hidden, "gelu", 2, projection, vocab);
+        let config: ClipConfig = serde_json::from_value(cfg.clone()).expect("clip config");
+        let w = random_weights(opts.seed + 3, |vb| {
+            ClipTextModel::new(vb, &config, true).map(|_| ())
+        });
+        write_json(&dir.join("text_encoder_2/config.json"), &cfg);
+        save(&dir.join("text_encoder_2"), "model.safetensors", &w);
+        if !opts.full_vocab {
+            write_tokenizer(&dir.join("tokenizer_2"), false);
+        }
+        w
+    });
+
+    write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": if opts.v_prediction { "v_prediction" } else { "epsilon" },
+        }),
+    );
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": if sdxl { "StableDiffusionXLPipeline" } else { "StableDiffusionPipeline" },
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    );
+    TinyWeights {
+        unet,
+        vae,
+        text_encoder,
+        text_encoder_2,
+    }
+}
+
+fn write_tokenizer(dir: &Path, pad_eos: bool) {
+    std::fs::create_dir_all(dir).expect("create dir");
+    let mut merges = String::from("#version: 0.2\n");
+    for m in MERGES {
+        merges.push_str(m);
+        merges.push('\n');
+    }
+    std::fs::write(dir.join("merges.txt"), merges).expect("write merges");
+    write_json(
+        &dir.join("special_tokens_map.json"),
+        &json!({ "pad_token": if pad_eos { "<|endoftext|>" } else { "!" } }),
+    );
+}
