@@ -1,0 +1,613 @@
+//! The generation form: prompt, negative prompt, style preset, sampler and schedule, steps,
+//! CFG, seed, size, batch, denoising strength, mask blur and preview method; the label saying
+//! which mode Generate will run; Generate and Cancel with the progress.
+//!
+//! Style presets are data files, `presets/styles/*.json`:
+//! `{ "name": …, "prompt": "… {prompt} …", "negative_prompt": … }`. The `{prompt}` placeholder
+//! is replaced by the user's prompt (or the style is appended after `", "` when it has none);
+//! the negative prompts are joined with `", "`.
+
+use std::path::Path;
+
+use egui::RichText;
+use serde::{Deserialize, Serialize};
+use studio_inference::diffusion::model::ImageModelInfo;
+use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod};
+use studio_inference::diffusion::samplers::{SamplerKind, ScheduleKind};
+use studio_inference::image_meta::GenerationParameters;
+
+use super::CanvasCommand;
+use super::document::{Document, ModeKind};
+use crate::gui::command::Command;
+use crate::gui::style::weak;
+
+/// The form's values (saved with the canvas).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FormValues {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// The chosen style's name; empty for none.
+    pub style: String,
+    pub sampler: SamplerKind,
+    pub schedule: ScheduleKind,
+    pub steps: u32,
+    pub cfg_scale: f32,
+    pub seed: u64,
+    /// A new random seed for every Generate (the one used is shown and can be reused).
+    pub random_seed: bool,
+    /// The size of a new image (txt2img); edits use the canvas's size.
+    pub width: u32,
+    pub height: u32,
+    pub batch_count: u32,
+    /// img2img / inpaint: how much of the schedule runs (1 = everything).
+    pub strength: f32,
+    /// Gaussian blur of the mask edge, in pixels.
+    pub mask_blur: f32,
+    pub preview: PreviewMethod,
+}
+
+impl Default for FormValues {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            style: String::new(),
+            sampler: SamplerKind::EulerAncestral,
+            schedule: ScheduleKind::Normal,
+            steps: 20,
+            cfg_scale: 7.0,
+            seed: 0,
+            random_seed: true,
+            width: 512,
+            height: 512,
+            batch_count: 1,
+            strength: 0.75,
+            mask_blur: 4.0,
+            preview: PreviewMethod::Latent2Rgb,
+        }
+    }
+}
+
+/// A style preset.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Style {
+    pub name: String,
+    #[serde(default)]
+    pub prompt: String,
+    #[serde(default)]
+    pub negative_prompt: String,
+}
+
+/// Reads `dir/*.json` (sorted by file name); files that do not parse are reported.
+pub fn load_styles(dir: Option<&Path>) -> (Vec<Style>, Vec<String>) {
+    let mut styles = Vec::new();
+    let mut errors = Vec::new();
+    let Some(dir) = dir else {
+        return (styles, errors);
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (styles, errors);
+    };
+    let mut paths: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let parsed = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Style>(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(s) => styles.push(s),
+            Err(e) => errors.push(format!("Style preset {} was skipped: {e}", path.display())),
+        }
+    }
+    (styles, errors)
+}
+
+/// The prompt and negative prompt with `style` applied.
+pub fn apply_style(style: Option<&Style>, prompt: &str, negative: &str) -> (String, String) {
+    let Some(style) = style else {
+        return (prompt.to_owned(), negative.to_owned());
+    };
+    let prompt = prompt.trim();
+    let positive = if style.prompt.contains("{prompt}") {
+        style.prompt.replace("{prompt}", prompt)
+    } else {
+        join_nonempty(prompt, &style.prompt)
+    };
+    (
+        positive,
+        join_nonempty(negative.trim(), &style.negative_prompt),
+    )
+}
+
+fn join_nonempty(a: &str, b: &str) -> String {
+    match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, _) => b.trim().to_owned(),
+        (false, true) => a.trim().to_owned(),
+        (false, false) => format!("{}, {}", a.trim(), b.trim()),
+    }
+}
+
+/// `v` rounded to the nearest multiple of `m` (at least `m`).
+pub fn snap(v: u32, m: u32) -> u32 {
+    let m = m.max(1);
+    (v.saturating_add(m / 2) / m * m).max(m)
+}
+
+/// The request Generate submits for this canvas and form.
+pub fn build_request(
+    form: &FormValues,
+    styles: &[Style],
+    doc: &Document,
+    model: &ImageModelInfo,
+) -> ImageRequest {
+    let style = styles.iter().find(|s| s.name == form.style);
+    let (prompt, negative) = apply_style(style, &form.prompt, &form.negative_prompt);
+    let m = model.size_multiple;
+    let mut req = ImageRequest::new(prompt);
+    req.negative_prompt = negative;
+    req.steps = form.steps.max(1) as usize;
+    req.cfg_scale = f64::from(form.cfg_scale);
+    req.seed = (!form.random_seed).then_some(form.seed);
+    req.sampler = form.sampler;
+    req.schedule = form.schedule;
+    req.batch_count = form.batch_count.max(1);
+    req.preview = if form.preview == PreviewMethod::Taesd && !model.taesd {
+        PreviewMethod::Latent2Rgb
+    } else {
+        form.preview
+    };
+    let strength = f64::from(form.strength.clamp(0.0, 1.0));
+    if let Some(image) = doc.image() {
+        req.width = snap(image.width, m);
+        req.height = snap(image.height, m);
+        req.mode = if doc.mode() == ModeKind::Inpaint {
+            ImageMode::Inpaint {
+                init: image.clone(),
+                mask: doc.mask().clone(),
+                strength,
+                mask_blur: form.mask_blur.max(0.0),
+            }
+        } else {
+            ImageMode::Img2Img {
+                init: image.clone(),
+                strength,
+            }
+        };
+    } else {
+        req.width = snap(form.width, m);
+        req.height = snap(form.height, m);
+    }
+    req
+}
+
+/// Puts what `params` holds into the form; returns the names of what was set.
+pub fn restore_parameters(
+    form: &mut FormValues,
+    params: &GenerationParameters,
+) -> Vec<&'static str> {
+    let mut set = Vec::new();
+    if !params.prompt.is_empty() {
+        form.prompt.clone_from(&params.prompt);
+        form.style.clear();
+        set.push("prompt");
+    }
+    form.negative_prompt.clone_from(&params.negative_prompt);
+    if !params.negative_prompt.is_empty() {
+        set.push("negative prompt");
+    }
+    if let Some(seed) = params.seed() {
+        form.seed = seed;
+        form.random_seed = false;
+        set.push("seed");
+    }
+    if let Some((sampler, schedule)) = params.get("Sampler").and_then(SamplerKind::parse) {
+        form.sampler = sampler;
+        set.push("sampler");
+        if let Some(schedule) = schedule {
+            form.schedule = schedule;
+        }
+    }
+    if let Some(schedule) = params.get("Schedule type").and_then(ScheduleKind::parse) {
+        form.schedule = schedule;
+        set.push("schedule");
+    }
+    if let Some(steps) = params.steps() {
+        form.steps = steps.clamp(1, 500);
+        set.push("steps");
+    }
+    if let Some(cfg) = params.cfg_scale() {
+        form.cfg_scale = cfg.clamp(0.0, 50.0);
+        set.push("CFG");
+    }
+    if let Some((w, h)) = params.size() {
+        form.width = w.clamp(8, 4096);
+        form.height = h.clamp(8, 4096);
+        set.push("size");
+    }
+    if let Some(s) = params
+        .get("Denoising strength")
+        .and_then(|v| v.trim().parse::<f32>().ok())
+    {
+        form.strength = s.clamp(0.0, 1.0);
+    }
+    if let Some(b) = params
+        .get("Mask blur")
+        .and_then(|v| v.trim().parse::<f32>().ok())
+    {
+        form.mask_blur = b.clamp(0.0, 64.0);
+    }
+    set
+}
+
+/// What the form needs to know about the rest of the panel for one frame.
+pub struct FormContext<'a> {
+    pub model: Option<&'a ImageModelInfo>,
+    pub model_loading: bool,
+    pub mode: ModeKind,
+    pub canvas_size: Option<(u32, u32)>,
+    /// "image 1/2 · step 7/20" while an image job runs.
+    pub progress: Option<(f32, String)>,
+    pub generating: bool,
+    pub last_seed: Option<u64>,
+}
+
+/// Form state that is not saved.
+#[derive(Debug, Default)]
+pub struct FormView {
+    /// Said once after a size was snapped.
+    snap_note: Option<String>,
+}
+
+impl FormView {
+    pub fn form_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        form: &mut FormValues,
+        styles: &[Style],
+        cx: &FormContext<'_>,
+        commands: &mut Vec<Command>,
+    ) {
+        let push =
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
+        let label = ui.label("Prompt");
+        ui.add(
+            egui::TextEdit::multiline(&mut form.prompt)
+                .hint_text("What to draw, e.g. a lighthouse at dusk, oil painting")
+                .desired_rows(3)
+                .desired_width(f32::INFINITY),
+        )
+        .labelled_by(label.id);
+        let label = ui.label("Negative prompt");
+        ui.add(
+            egui::TextEdit::multiline(&mut form.negative_prompt)
+                .hint_text("What to avoid, e.g. blurry, low quality")
+                .desired_rows(2)
+                .desired_width(f32::INFINITY),
+        )
+        .labelled_by(label.id);
+        ui.horizontal(|ui| {
+            let label = ui.label("Style");
+            let shown = if form.style.is_empty() {
+                "None".to_owned()
+            } else {
+                form.style.clone()
+            };
+            egui::ComboBox::from_id_salt("canvas_style")
+                .selected_text(shown)
+                .width(170.0)
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut form.style, String::new(), "None");
+                    for s in styles {
+                        ui.selectable_value(&mut form.style, s.name.clone(), &s.name)
+                            .on_hover_text(style_hover(s));
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+        });
+        if !form.style.is_empty() && !styles.iter().any(|s| s.name == form.style) {
+            ui.label(weak(ui, "This style's file is gone; no style is applied."));
+        }
+        ui.add_space(4.0);
+        egui::Grid::new("canvas_form_grid")
+            .num_columns(2)
+            .spacing([8.0, 6.0])
+            .show(ui, |ui| {
+                let l = ui.label("Sampler");
+                egui::ComboBox::from_id_salt("canvas_sampler")
+                    .selected_text(form.sampler.name())
+                    .show_ui(ui, |ui| {
+                        for s in SamplerKind::ALL {
+                            ui.selectable_value(&mut form.sampler, s, s.name());
+                        }
+                    })
+                    .response
+                    .labelled_by(l.id);
+                ui.end_row();
+                let l = ui.label("Schedule");
+                ui.add_enabled_ui(form.sampler.uses_schedule(), |ui| {
+                    egui::ComboBox::from_id_salt("canvas_schedule")
+                        .selected_text(form.schedule.name())
+                        .show_ui(ui, |ui| {
+                            for s in ScheduleKind::ALL {
+                                ui.selectable_value(&mut form.schedule, s, s.name());
+                            }
+                        })
+                        .response
+                        .labelled_by(l.id)
+                        .on_disabled_hover_text("This sampler has a fixed timestep table");
+                });
+                ui.end_row();
+                let l = ui.label("Steps");
+                ui.add(egui::DragValue::new(&mut form.steps).range(1..=150))
+                    .labelled_by(l.id);
+                ui.end_row();
+                let l = ui.label("CFG scale");
+                ui.add(egui::Slider::new(&mut form.cfg_scale, 0.0..=20.0).step_by(0.5))
+                    .labelled_by(l.id)
+                    .on_hover_text(
+                        "How closely to follow the prompt; 1 or less skips the negative prompt \
+                         (Turbo/LCM models want 1)",
+                    );
+                ui.end_row();
+                let l = ui.label("Seed");
+                ui.horizontal(|ui| {
+                    ui.add_enabled(
+                        !form.random_seed,
+                        egui::DragValue::new(&mut form.seed).speed(1.0),
+                    )
+                    .labelled_by(l.id)
+                    .on_disabled_hover_text(
+                        "Random: a new seed each time (untick Random to fix it)",
+                    );
+                    ui.checkbox(&mut form.random_seed, "Random")
+                        .on_hover_text("Draw a new seed for every Generate");
+                });
+                ui.end_row();
+                self.size_rows(ui, form, cx);
+                let l = ui.label("Batch count");
+                ui.add(egui::DragValue::new(&mut form.batch_count).range(1..=16))
+                    .labelled_by(l.id)
+                    .on_hover_text("Images made one after another, seeds counting up");
+                ui.end_row();
+                let l = ui.label("Denoising strength");
+                ui.add_enabled(
+                    cx.mode != ModeKind::Txt2Img,
+                    egui::Slider::new(&mut form.strength, 0.0..=1.0).step_by(0.01),
+                )
+                .labelled_by(l.id)
+                .on_hover_text("How much of the image is redrawn (1 = all of it)")
+                .on_disabled_hover_text("Only for img2img and inpainting");
+                ui.end_row();
+                let l = ui.label("Mask blur");
+                ui.add(egui::Slider::new(&mut form.mask_blur, 0.0..=32.0).step_by(1.0))
+                    .labelled_by(l.id)
+                    .on_hover_text("Softens the mask edge, in pixels");
+                ui.end_row();
+                let l = ui.label("Preview");
+                let taesd = cx.model.is_some_and(|m| m.taesd);
+                egui::ComboBox::from_id_salt("canvas_preview")
+                    .selected_text(preview_label(form.preview))
+                    .show_ui(ui, |ui| {
+                        ui.selectable_value(
+                            &mut form.preview,
+                            PreviewMethod::Latent2Rgb,
+                            preview_label(PreviewMethod::Latent2Rgb),
+                        );
+                        ui.add_enabled_ui(taesd, |ui| {
+                            ui.selectable_value(
+                                &mut form.preview,
+                                PreviewMethod::Taesd,
+                                preview_label(PreviewMethod::Taesd),
+                            )
+                            .on_disabled_hover_text(
+                                "Choose a TAESD decoder file in Model and load the model again",
+                            );
+                        });
+                        ui.selectable_value(
+                            &mut form.preview,
+                            PreviewMethod::None,
+                            preview_label(PreviewMethod::None),
+                        );
+                    })
+                    .response
+                    .labelled_by(l.id);
+                ui.end_row();
+            });
+        if form.preview == PreviewMethod::Taesd && !cx.model.is_some_and(|m| m.taesd) {
+            ui.label(weak(
+                ui,
+                "No TAESD decoder loaded: the fast preview is used.",
+            ));
+        }
+        ui.add_space(6.0);
+        ui.label(RichText::new(mode_text(cx, form)).strong());
+        ui.add_space(4.0);
+        ui.horizontal(|ui| {
+            let ready = cx.model.is_some() && !cx.generating;
+            let why = if cx.model.is_none() {
+                if cx.model_loading {
+                    "The model is loading"
+                } else {
+                    "Open a Stable Diffusion model first"
+                }
+            } else {
+                "An image is being generated"
+            };
+            if ui
+                .add_enabled(ready, egui::Button::new(RichText::new("Generate").strong()))
+                .on_hover_text("Generate (Ctrl+Enter)")
+                .on_disabled_hover_text(why)
+                .clicked()
+            {
+                push(commands, CanvasCommand::Generate);
+            }
+            if cx.generating
+                && ui
+                    .button("Cancel")
+                    .on_hover_text("Stop generating (Esc)")
+                    .clicked()
+            {
+                push(commands, CanvasCommand::Cancel);
+            }
+        });
+        if let Some((fraction, text)) = &cx.progress {
+            ui.add(egui::ProgressBar::new(fraction.clamp(0.0, 1.0)).text(text.as_str()));
+        }
+        if let Some(seed) = cx.last_seed {
+            ui.horizontal(|ui| {
+                ui.label(weak(ui, &format!("Last seed: {seed}")));
+                if ui
+                    .small_button("Reuse seed")
+                    .on_hover_text("Fix the seed to this one (untick Random)")
+                    .clicked()
+                {
+                    push(commands, CanvasCommand::ReuseSeed(seed));
+                }
+            });
+        }
+    }
+
+    fn size_rows(&mut self, ui: &mut egui::Ui, form: &mut FormValues, cx: &FormContext<'_>) {
+        let m = cx.model.map_or(8, |m| m.size_multiple).max(1);
+        let kind = cx.model.map_or("the model", |m| m.kind.label());
+        let editable = cx.canvas_size.is_none();
+        for (name, value) in [("Width", &mut form.width), ("Height", &mut form.height)] {
+            let l = ui.label(name);
+            let response = ui
+                .add_enabled(
+                    editable,
+                    egui::DragValue::new(value)
+                        .range(m..=4096)
+                        .speed(f64::from(m))
+                        .suffix(" px"),
+                )
+                .labelled_by(l.id)
+                .on_disabled_hover_text(
+                    "Edits keep the canvas's size; use Extend to grow it, Clear to start over",
+                );
+            let settled = response.lost_focus() || response.drag_stopped() || !response.has_focus();
+            if settled && *value % m != 0 {
+                let snapped = snap(*value, m);
+                self.snap_note = Some(format!(
+                    "{name} {} was snapped to {snapped}: sizes are multiples of {m} for {kind}",
+                    *value
+                ));
+                *value = snapped;
+            }
+            ui.end_row();
+        }
+        if let Some(note) = &self.snap_note {
+            ui.label("");
+            ui.add(egui::Label::new(weak(ui, note)).wrap());
+            ui.end_row();
+        }
+    }
+}
+
+fn style_hover(s: &Style) -> String {
+    let mut text = format!("Prompt: {}", s.prompt);
+    if !s.negative_prompt.is_empty() {
+        text.push_str("\nNegative: ");
+        text.push_str(&s.negative_prompt);
+    }
+    text
+}
+
+pub fn preview_label(p: PreviewMethod) -> &'static str {
+    match p {
+        PreviewMethod::Latent2Rgb => "Fast (latent2rgb)",
+        PreviewMethod::Taesd => "TAESD",
+        PreviewMethod::None => "None",
+    }
+}
+
+fn mode_text(cx: &FormContext<'_>, form: &FormValues) -> String {
+    let m = cx.model.map_or(8, |m| m.size_multiple);
+    match (cx.mode, cx.canvas_size) {
+        (ModeKind::Txt2Img, _) => format!(
+            "Mode: txt2img, a new {}x{} image",
+            snap(form.width, m),
+            snap(form.height, m)
+        ),
+        (ModeKind::Img2Img, Some((w, h))) => format!(
+            "Mode: img2img, the whole {w}x{h} image at strength {:.2}",
+            form.strength
+        ),
+        (ModeKind::Inpaint, Some((w, h))) => {
+            format!("Mode: inpaint, the masked area of the {w}x{h} image")
+        }
+        (mode, None) => format!("Mode: {}", mode.label()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn styles_replace_the_placeholder_or_append() {
+        let s = Style {
+            name: "a".into(),
+            prompt: "photo of {prompt}, 35mm".into(),
+            negative_prompt: "cartoon".into(),
+        };
+        assert_eq!(
+            apply_style(Some(&s), "a cat", "blurry"),
+            ("photo of a cat, 35mm".into(), "blurry, cartoon".into())
+        );
+        let s = Style {
+            name: "b".into(),
+            prompt: "watercolor".into(),
+            negative_prompt: String::new(),
+        };
+        assert_eq!(
+            apply_style(Some(&s), "a cat", ""),
+            ("a cat, watercolor".into(), String::new())
+        );
+        assert_eq!(
+            apply_style(Some(&s), "", "x"),
+            ("watercolor".into(), "x".into())
+        );
+        assert_eq!(apply_style(None, "p", "n"), ("p".into(), "n".into()));
+    }
+
+    #[test]
+    fn sizes_snap_to_the_nearest_multiple() {
+        assert_eq!(snap(500, 8), 504);
+        assert_eq!(snap(3, 8), 8);
+        assert_eq!(snap(512, 64), 512);
+        assert_eq!(snap(540, 64), 512);
+    }
+
+    #[test]
+    fn parameters_from_another_tool_fill_the_form() {
+        let p = GenerationParameters::parse(
+            "a cat\nNegative prompt: ugly\nSteps: 12, Sampler: DPM++ 2M Karras, CFG scale: 5.5, \
+             Seed: 42, Size: 640x448",
+        );
+        let mut f = FormValues::default();
+        let set = restore_parameters(&mut f, &p);
+        assert_eq!(f.prompt, "a cat");
+        assert_eq!(f.negative_prompt, "ugly");
+        assert_eq!((f.steps, f.seed, f.random_seed), (12, 42, false));
+        assert_eq!(f.sampler, SamplerKind::DpmPp2M);
+        assert_eq!(f.schedule, ScheduleKind::Karras);
+        assert!((f.cfg_scale - 5.5).abs() < 1e-6);
+        assert_eq!((f.width, f.height), (640, 448));
+        assert!(set.contains(&"seed") && set.contains(&"size"));
+    }
+
+    #[test]
+    fn shipped_styles_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets/styles");
+        let (styles, errors) = load_styles(Some(&dir));
+        assert!(errors.is_empty(), "{errors:?}");
+        assert!(styles.len() >= 4, "{styles:?}");
+    }
+}

@@ -1,0 +1,609 @@
+//! The Canvas panel: Stable Diffusion text-to-image, image-to-image, inpainting and
+//! outpainting on one canvas.
+//!
+//! - [`document`]: the image and mask layers, strokes, undo/redo, staging (pure logic);
+//! - [`view`]: the zoom/pan/paint widget with the live preview;
+//! - [`form`]: the generation controls and the request they make; style presets;
+//! - [`history`]: every finished image as a PNG with its parameters, and the gallery;
+//! - [`store`]: the canvas autosaved under `STUDIO_HOME/canvas/`;
+//! - [`actions`]: what the canvas's [`CanvasCommand`]s and the worker's image events do.
+//!
+//! Mode follows the canvas: txt2img when it is empty, img2img with an image and no mask,
+//! inpaint with a painted mask. Extend grows the canvas and masks the new strip (outpainting).
+
+pub mod actions;
+pub mod document;
+pub mod form;
+pub mod history;
+pub mod store;
+pub mod view;
+
+use std::path::{Path, PathBuf};
+
+use egui::RichText;
+use studio_inference::diffusion::model::{ImageModelInfo, ImageModelOptions};
+use studio_inference::image_meta::GenerationParameters;
+use studio_inference::worker::JobId;
+
+use self::document::{Document, ModeKind, Side, Tool};
+use self::form::{FormContext, FormValues, FormView, Style, load_styles, snap};
+use self::history::History;
+use self::store::CanvasStore;
+use self::view::{CanvasView, ViewContext};
+use super::command::Command;
+use super::jobs::Jobs;
+use super::settings_store::Settings;
+use super::style::{section_ui, weak};
+
+/// What the Canvas asks for (inside [`Command::Canvas`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanvasCommand {
+    /// Load a Stable Diffusion model (file or diffusers folder) with the options in Settings.
+    LoadModel(PathBuf),
+    UnloadModel,
+    /// Choose a model with the file dialog (`folder`: a diffusers folder).
+    OpenModelDialog {
+        folder: bool,
+    },
+    Generate,
+    /// Cancel the running generation.
+    Cancel,
+    /// Fix the seed to this one.
+    ReuseSeed(u64),
+    /// A brush (or eraser) segment, in image pixels.
+    Paint {
+        from: [i32; 2],
+        to: [i32; 2],
+    },
+    EndStroke,
+    Undo,
+    Redo,
+    InvertMask,
+    ClearMask,
+    /// Empty the canvas (undoable).
+    ClearCanvas,
+    /// Grow the canvas for outpainting.
+    Extend {
+        side: Side,
+        px: u32,
+    },
+    SelectStaged(usize),
+    AcceptStaged,
+    DiscardStaged,
+    DiscardAllStaged,
+    /// Open an image file as the image layer (drop, Send to Canvas, the dialog).
+    OpenImage(PathBuf),
+    OpenImageDialog,
+    SaveImageDialog,
+    /// Put a history image's parameters in the form.
+    ReuseParameters(PathBuf),
+    /// Restore the parameters offered when an image with parameters was opened.
+    RestoreOffered(u64),
+    /// Move a history image to the trash (Undo brings it back for a while).
+    DeleteImage(PathBuf),
+    UndoDeleteImage(PathBuf),
+    /// Fit the canvas to the view.
+    FitView,
+}
+
+pub struct CanvasPanel {
+    pub(crate) doc: Document,
+    pub(crate) form: FormValues,
+    form_view: FormView,
+    pub(crate) view: CanvasView,
+    pub(crate) history: History,
+    pub(crate) store: CanvasStore,
+    pub(crate) styles: Vec<Style>,
+    /// The loaded Stable Diffusion model and what it was loaded with.
+    pub(crate) model: Option<ImageModelInfo>,
+    pub(crate) model_options: Option<ImageModelOptions>,
+    pub(crate) tool: Tool,
+    pub(crate) brush_size: f32,
+    pub(crate) hardness: f32,
+    show_mask: bool,
+    extend_px: u32,
+    /// The generation job running (or queued).
+    pub(crate) generating: Option<JobId>,
+    pub(crate) progress: Option<(f32, String)>,
+    pub(crate) preview: Option<egui::TextureHandle>,
+    /// How many preview frames were shown (tests and diagnostics).
+    pub(crate) previews_shown: usize,
+    pub(crate) progress_events: usize,
+    pub(crate) last_seed: Option<u64>,
+    /// Parameters found in an opened image, offered for the form.
+    pub(crate) offered: Option<(u64, GenerationParameters)>,
+    pub(crate) next_offer: u64,
+    /// The job reloading the last model at startup (it keeps the saved form size).
+    pub(crate) startup_load: Option<JobId>,
+}
+
+impl CanvasPanel {
+    /// Reads the saved canvas and the style presets (`presets_dir/styles`); returns problems
+    /// for notices.
+    pub fn new(home: &Path, presets_dir: Option<&Path>) -> (Self, Vec<String>) {
+        let store = CanvasStore::new(home);
+        let loaded = store.load();
+        let mut notes = loaded.notes;
+        let (styles, style_errors) = load_styles(presets_dir.map(|d| d.join("styles")).as_deref());
+        notes.extend(style_errors);
+        let mut doc = Document::default();
+        doc.restore(loaded.image, loaded.mask);
+        let form = loaded.form.unwrap_or_default();
+        let mut store = store;
+        store.mark_saved(&doc, &form);
+        let panel = Self {
+            doc,
+            form,
+            form_view: FormView::default(),
+            view: CanvasView::default(),
+            history: History::open(home),
+            store,
+            styles,
+            model: None,
+            model_options: None,
+            tool: Tool::Brush,
+            brush_size: 32.0,
+            hardness: 0.8,
+            show_mask: true,
+            extend_px: 128,
+            generating: None,
+            progress: None,
+            preview: None,
+            previews_shown: 0,
+            progress_events: 0,
+            last_seed: None,
+            offered: None,
+            next_offer: 1,
+            startup_load: None,
+        };
+        (panel, notes)
+    }
+
+    // ---- read access (tests) ----------------------------------------------------------------
+
+    pub fn document(&self) -> &Document {
+        &self.doc
+    }
+
+    pub fn document_mut(&mut self) -> &mut Document {
+        &mut self.doc
+    }
+
+    pub fn form(&self) -> &FormValues {
+        &self.form
+    }
+
+    pub fn form_mut(&mut self) -> &mut FormValues {
+        &mut self.form
+    }
+
+    pub fn model(&self) -> Option<&ImageModelInfo> {
+        self.model.as_ref()
+    }
+
+    pub fn styles(&self) -> &[Style] {
+        &self.styles
+    }
+
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
+    pub fn is_generating(&self) -> bool {
+        self.generating.is_some()
+    }
+
+    pub fn previews_shown(&self) -> usize {
+        self.previews_shown
+    }
+
+    pub fn progress_events(&self) -> usize {
+        self.progress_events
+    }
+
+    pub fn last_seed(&self) -> Option<u64> {
+        self.last_seed
+    }
+
+    /// Brush settings.
+    pub fn set_brush(&mut self, tool: Tool, size: f32, hardness: f32) {
+        self.tool = tool;
+        self.brush_size = size;
+        self.hardness = hardness;
+    }
+
+    /// The size of a new image (the form's, snapped to the model's multiple).
+    fn target(&self) -> (u32, u32) {
+        let m = self.model.as_ref().map_or(8, |m| m.size_multiple);
+        (snap(self.form.width, m), snap(self.form.height, m))
+    }
+
+    // ---- drawing ----------------------------------------------------------------------------
+
+    pub fn canvas_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        settings: &mut Settings,
+        jobs: &Jobs,
+        commands: &mut Vec<Command>,
+    ) {
+        let loading = jobs.loading_image_model().is_some();
+        egui::Panel::left("canvas_form")
+            .resizable(true)
+            .default_size(310.0)
+            .size_range(260.0..=460.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical()
+                    .id_salt("canvas_form_scroll")
+                    .auto_shrink([false, false])
+                    .show(ui, |ui| {
+                        ui.add_space(4.0);
+                        section_ui(ui, "Model", |ui| {
+                            self.model_ui(ui, settings, jobs, commands);
+                        });
+                        section_ui(ui, "Generate", |ui| {
+                            let cx = FormContext {
+                                model: self.model.as_ref(),
+                                model_loading: loading,
+                                mode: self.doc.mode(),
+                                canvas_size: self.doc.size(),
+                                progress: self.progress.clone(),
+                                generating: self.generating.is_some(),
+                                last_seed: self.last_seed,
+                            };
+                            self.form_view
+                                .form_ui(ui, &mut self.form, &self.styles, &cx, commands);
+                        });
+                    });
+            });
+        egui::Panel::right("canvas_history")
+            .resizable(true)
+            .default_size(250.0)
+            .size_range(200.0..=420.0)
+            .show(ui, |ui| {
+                ui.add_space(4.0);
+                ui.label(RichText::new("History").strong().size(15.0));
+                ui.add_space(4.0);
+                self.history.history_ui(ui, commands);
+            });
+        egui::Panel::top("canvas_toolbar").show(ui, |ui| self.toolbar_ui(ui, commands));
+        if !self.doc.staged().is_empty() {
+            egui::Panel::bottom("canvas_staging").show(ui, |ui| self.staging_ui(ui, commands));
+        }
+        egui::CentralPanel::default().show(ui, |ui| {
+            let target = self.target();
+            let preview = if self.generating.is_some() {
+                self.preview.as_ref()
+            } else {
+                None
+            };
+            let cx = ViewContext {
+                doc: &self.doc,
+                target,
+                preview,
+                show_mask: self.show_mask,
+                tool: self.tool,
+                brush_size: self.brush_size,
+            };
+            self.view.canvas_ui(ui, &cx, commands);
+        });
+    }
+
+    fn model_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        settings: &mut Settings,
+        jobs: &Jobs,
+        commands: &mut Vec<Command>,
+    ) {
+        let push =
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
+        if let Some(path) = jobs.loading_image_model() {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label(format!("Loading {}", file_name(path)));
+            });
+        }
+        match &self.model {
+            Some(m) => {
+                ui.label(RichText::new(&m.name).strong());
+                let mut facts = vec![m.kind.label().to_owned()];
+                if m.inpainting {
+                    facts.push("inpainting".to_owned());
+                }
+                if m.few_step {
+                    facts.push("few-step".to_owned());
+                }
+                facts.push(format!("{}x{}", m.default_size.0, m.default_size.1));
+                if m.taesd {
+                    facts.push("TAESD preview".to_owned());
+                }
+                ui.label(weak(ui, &facts.join(" · ")))
+                    .on_hover_text(m.path.display().to_string());
+                for note in &m.notes {
+                    ui.add(egui::Label::new(weak(ui, note)).wrap());
+                }
+                if m.few_step {
+                    ui.add(
+                        egui::Label::new(weak(
+                            ui,
+                            "Few-step model: try 1–4 steps and CFG 1 (LCM sampler for LCM models).",
+                        ))
+                        .wrap(),
+                    );
+                }
+            }
+            None => {
+                ui.add(
+                    egui::Label::new(weak(
+                        ui,
+                        "No image model. Open a Stable Diffusion .safetensors file or a diffusers \
+                         folder, or drop one here.",
+                    ))
+                    .wrap(),
+                );
+            }
+        }
+        ui.horizontal_wrapped(|ui| {
+            if ui
+                .button("Open model…")
+                .on_hover_text("Choose a Stable Diffusion .safetensors checkpoint")
+                .clicked()
+            {
+                push(commands, CanvasCommand::OpenModelDialog { folder: false });
+            }
+            if ui
+                .button("Open folder…")
+                .on_hover_text("Choose a diffusers folder (model_index.json, unet/, vae/, …)")
+                .clicked()
+            {
+                push(commands, CanvasCommand::OpenModelDialog { folder: true });
+            }
+            if self.model.is_some() && ui.button("Unload").clicked() {
+                push(commands, CanvasCommand::UnloadModel);
+            }
+        });
+        egui::CollapsingHeader::new("Load options")
+            .id_salt("canvas_load_options")
+            .default_open(false)
+            .show(ui, |ui| {
+                let opts = &mut settings.image_model_options;
+                option_file_ui(ui, "VAE", &mut opts.vae, "A separate VAE .safetensors file");
+                option_file_ui(
+                    ui,
+                    "TAESD",
+                    &mut opts.taesd,
+                    "A TAESD decoder (taesd_decoder.safetensors) for sharper live previews",
+                );
+                let differs = self.model_options.as_ref() != Some(&settings.image_model_options);
+                if let Some(m) = &self.model
+                    && differs
+                    && ui
+                        .button("Reload with these options")
+                        .on_hover_text("Options take effect when the model is loaded")
+                        .clicked()
+                {
+                    push(commands, CanvasCommand::LoadModel(m.path.clone()));
+                }
+            });
+    }
+
+    fn toolbar_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        let push =
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
+        let has_image = self.doc.image().is_some();
+        let busy = self.generating.is_some();
+        ui.add_space(2.0);
+        ui.horizontal_wrapped(|ui| {
+            ui.selectable_value(&mut self.tool, Tool::Brush, "Brush")
+                .on_hover_text("Paint the mask: the area Generate redraws");
+            ui.selectable_value(&mut self.tool, Tool::Eraser, "Eraser")
+                .on_hover_text("Take areas out of the mask");
+            let l = ui.label("Size");
+            ui.add(egui::Slider::new(&mut self.brush_size, 1.0..=256.0).logarithmic(true))
+                .labelled_by(l.id);
+            let l = ui.label("Hardness");
+            ui.add(egui::Slider::new(&mut self.hardness, 0.0..=1.0).step_by(0.05))
+                .labelled_by(l.id);
+            ui.checkbox(&mut self.show_mask, "Show mask");
+            ui.separator();
+            if ui
+                .add_enabled(has_image, egui::Button::new("Invert mask"))
+                .clicked()
+            {
+                push(commands, CanvasCommand::InvertMask);
+            }
+            if ui
+                .add_enabled(!self.doc.mask().is_empty(), egui::Button::new("Clear mask"))
+                .clicked()
+            {
+                push(commands, CanvasCommand::ClearMask);
+            }
+            ui.separator();
+            if ui
+                .add_enabled(self.doc.can_undo(), egui::Button::new("Undo"))
+                .on_hover_text("Ctrl+Z")
+                .clicked()
+            {
+                push(commands, CanvasCommand::Undo);
+            }
+            if ui
+                .add_enabled(self.doc.can_redo(), egui::Button::new("Redo"))
+                .on_hover_text("Ctrl+Shift+Z or Ctrl+Y")
+                .clicked()
+            {
+                push(commands, CanvasCommand::Redo);
+            }
+        });
+        ui.horizontal_wrapped(|ui| {
+            let l = ui.label("Extend by");
+            let m = self.model.as_ref().map_or(8, |m| m.size_multiple).max(1);
+            egui::ComboBox::from_id_salt("canvas_extend_px")
+                .selected_text(format!("{} px", self.extend_px))
+                .width(70.0)
+                .show_ui(ui, |ui| {
+                    for px in [64, 128, 256] {
+                        let px = snap(px, m);
+                        ui.selectable_value(&mut self.extend_px, px, format!("{px} px"));
+                    }
+                })
+                .response
+                .labelled_by(l.id);
+            for side in Side::ALL {
+                let label = match side {
+                    Side::Left => "Extend left",
+                    Side::Right => "Extend right",
+                    Side::Up => "Extend up",
+                    Side::Down => "Extend down",
+                };
+                if ui
+                    .add_enabled(has_image && !busy, egui::Button::new(label))
+                    .on_hover_text(format!(
+                        "Grow the canvas {} by {} px and mask the new strip, so Generate \
+                         outpaints it",
+                        side.label(),
+                        self.extend_px
+                    ))
+                    .on_disabled_hover_text(
+                        "Needs an image on the canvas, and no generation running",
+                    )
+                    .clicked()
+                {
+                    push(
+                        commands,
+                        CanvasCommand::Extend {
+                            side,
+                            px: self.extend_px,
+                        },
+                    );
+                }
+            }
+            ui.separator();
+            if ui
+                .add_enabled(!busy, egui::Button::new("Open image…"))
+                .on_hover_text(
+                    "Open a PNG, JPEG or WebP as the canvas (or drop one here). Ctrl+V pastes a \
+                     copied image file's path; pasting pixels from the clipboard is not \
+                     possible (egui only delivers pasted text)",
+                )
+                .clicked()
+            {
+                push(commands, CanvasCommand::OpenImageDialog);
+            }
+            if ui
+                .add_enabled(has_image, egui::Button::new("Save image…"))
+                .clicked()
+            {
+                push(commands, CanvasCommand::SaveImageDialog);
+            }
+            if ui
+                .add_enabled(has_image && !busy, egui::Button::new("Clear canvas"))
+                .on_hover_text("Start over with an empty canvas (undoable)")
+                .clicked()
+            {
+                push(commands, CanvasCommand::ClearCanvas);
+            }
+            if ui
+                .button("Fit")
+                .on_hover_text("Fit the canvas to the view")
+                .clicked()
+            {
+                push(commands, CanvasCommand::FitView);
+            }
+            if let Some((w, h)) = self.doc.size() {
+                ui.label(weak(ui, &format!("{w}x{h}")));
+            }
+        });
+        ui.add_space(2.0);
+    }
+
+    fn staging_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        let push =
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
+        ui.add_space(4.0);
+        ui.horizontal(|ui| {
+            let n = self.doc.staged().len();
+            ui.label(
+                RichText::new(format!("Staged {}/{n}", self.doc.selected_index() + 1)).strong(),
+            );
+            let staged: Vec<_> = self.doc.staged().iter().map(|s| s.image.clone()).collect();
+            for (i, image) in staged.iter().enumerate() {
+                let tex = self.view.staged_texture(ui.ctx(), image);
+                let size = tex.size_vec2();
+                let scale = 56.0 / size.y.max(1.0);
+                let selected = i == self.doc.selected_index();
+                let button = egui::Button::image(egui::Image::new((tex.id(), size * scale)))
+                    .selected(selected);
+                if ui
+                    .add(button)
+                    .on_hover_text(format!("Result {} (seed {})", i + 1, image.seed))
+                    .accessible_name(format!("Staged result {}", i + 1))
+                    .clicked()
+                {
+                    push(commands, CanvasCommand::SelectStaged(i));
+                }
+            }
+            ui.separator();
+            if ui
+                .button(RichText::new("Accept").strong())
+                .on_hover_text("Put the selected result on the canvas (undoable)")
+                .clicked()
+            {
+                push(commands, CanvasCommand::AcceptStaged);
+            }
+            if ui
+                .button("Discard")
+                .on_hover_text("Drop the selected result (it stays in the history)")
+                .clicked()
+            {
+                push(commands, CanvasCommand::DiscardStaged);
+            }
+            if n > 1 && ui.button("Discard all").clicked() {
+                push(commands, CanvasCommand::DiscardAllStaged);
+            }
+        });
+        ui.add_space(4.0);
+    }
+
+    /// The mode label shown in the form (tests read it).
+    pub fn mode(&self) -> ModeKind {
+        self.doc.mode()
+    }
+}
+
+fn option_file_ui(ui: &mut egui::Ui, name: &str, value: &mut Option<PathBuf>, hint: &str) {
+    ui.horizontal(|ui| {
+        ui.label(name);
+        match value.as_ref() {
+            Some(p) => {
+                ui.label(weak(ui, &file_name(p)))
+                    .on_hover_text(p.display().to_string());
+                if ui
+                    .small_button("Remove")
+                    .on_hover_text(format!("No {name} file"))
+                    .clicked()
+                {
+                    *value = None;
+                }
+            }
+            None => {
+                ui.label(weak(ui, "none"));
+            }
+        }
+        if ui.small_button("Choose…").on_hover_text(hint).clicked()
+            && let Some(file) = rfd::FileDialog::new()
+                .set_title(format!("Choose a {name} file"))
+                .add_filter("safetensors", &["safetensors"])
+                .pick_file()
+        {
+            *value = Some(file);
+        }
+    });
+}
+
+pub fn file_name(p: &Path) -> String {
+    p.file_name().map_or_else(
+        || p.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}

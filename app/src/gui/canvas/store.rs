@@ -1,0 +1,260 @@
+//! The canvas on disk, under `STUDIO_HOME/canvas/`: `image.png`, `mask.png` (grey, white =
+//! repaint) and `canvas.json` (the form's values and what the files hold). Written atomically
+//! a second after the last change (and on exit), read at startup. A file that cannot be read
+//! gives a notice and an empty canvas, never a crash; it is kept aside as `*.bad`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use studio_inference::diffusion::imaging::{
+    Mask, RgbImage, decode_image_bytes, encode_png, mask_from_image,
+};
+
+use super::document::Document;
+use super::form::FormValues;
+use crate::home::{atomic_write, load_json, save_json};
+
+/// Bumped when the saved layout changes meaning.
+pub const CANVAS_VERSION: u32 = 1;
+
+/// How long after the last change the canvas is written.
+pub const SAVE_DEBOUNCE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SavedCanvas {
+    pub version: u32,
+    pub form: FormValues,
+    /// Whether `image.png` (and `mask.png`) belong to this save.
+    pub has_image: bool,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Default for SavedCanvas {
+    fn default() -> Self {
+        Self {
+            version: CANVAS_VERSION,
+            form: FormValues::default(),
+            has_image: false,
+            width: 0,
+            height: 0,
+        }
+    }
+}
+
+/// What was read at startup.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub form: Option<FormValues>,
+    pub image: Option<RgbImage>,
+    pub mask: Option<Mask>,
+    /// Problems to show as notices.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct CanvasStore {
+    dir: PathBuf,
+    saved_image_rev: Option<u64>,
+    saved_mask_rev: Option<u64>,
+    saved_form: Option<FormValues>,
+    changed_at: Option<Instant>,
+}
+
+impl CanvasStore {
+    pub fn dir(home: &Path) -> PathBuf {
+        home.join("canvas")
+    }
+
+    pub fn new(home: &Path) -> Self {
+        Self {
+            dir: Self::dir(home),
+            saved_image_rev: None,
+            saved_mask_rev: None,
+            saved_form: None,
+            changed_at: None,
+        }
+    }
+
+    /// Reads the saved canvas. Unreadable files are renamed `*.bad` and reported.
+    pub fn load(&self) -> Loaded {
+        let mut out = Loaded::default();
+        let json = self.dir.join("canvas.json");
+        let saved = match load_json::<SavedCanvas>(&json) {
+            Ok(s) => s,
+            Err(e) => {
+                out.notes.push(format!(
+                    "The saved canvas could not be read ({e:#}); starting with an empty canvas{}",
+                    set_aside(&json)
+                ));
+                return out;
+            }
+        };
+        let Some(saved) = saved else {
+            return out;
+        };
+        out.form = Some(saved.form);
+        if !saved.has_image {
+            return out;
+        }
+        let image_path = self.dir.join("image.png");
+        match read_png(&image_path) {
+            Ok(img) => out.image = Some(img),
+            Err(e) => {
+                out.notes.push(format!(
+                    "The saved canvas image could not be read ({e:#}); starting with an empty \
+                     canvas{}",
+                    set_aside(&image_path)
+                ));
+                return out;
+            }
+        }
+        let mask_path = self.dir.join("mask.png");
+        if mask_path.exists() {
+            match read_png(&mask_path) {
+                Ok(m) => out.mask = Some(mask_from_image(&m)),
+                Err(e) => out.notes.push(format!(
+                    "The saved mask could not be read ({e:#}); the mask is empty{}",
+                    set_aside(&mask_path)
+                )),
+            }
+        }
+        out
+    }
+
+    /// Marks what was just loaded as saved.
+    pub fn mark_saved(&mut self, doc: &Document, form: &FormValues) {
+        self.saved_image_rev = Some(doc.image_rev());
+        self.saved_mask_rev = Some(doc.mask_rev());
+        self.saved_form = Some(form.clone());
+    }
+
+    fn dirty(&self, doc: &Document, form: &FormValues) -> bool {
+        self.saved_image_rev != Some(doc.image_rev())
+            || self.saved_mask_rev != Some(doc.mask_rev())
+            || self.saved_form.as_ref() != Some(form)
+    }
+
+    /// Call once per frame: writes a second after the last change. Returns when to look
+    /// again and the error of a failed write.
+    pub fn tick(
+        &mut self,
+        doc: &Document,
+        form: &FormValues,
+    ) -> (Option<Duration>, Option<String>) {
+        if !self.dirty(doc, form) {
+            self.changed_at = None;
+            return (None, None);
+        }
+        let changed_at = *self.changed_at.get_or_insert_with(Instant::now);
+        // Another change restarts the wait.
+        let waited = changed_at.elapsed();
+        if waited < SAVE_DEBOUNCE {
+            return (Some(SAVE_DEBOUNCE.saturating_sub(waited)), None);
+        }
+        (None, self.flush(doc, form))
+    }
+
+    /// Writes now if anything changed; returns the error, if any.
+    pub fn flush(&mut self, doc: &Document, form: &FormValues) -> Option<String> {
+        if !self.dirty(doc, form) {
+            return None;
+        }
+        self.changed_at = None;
+        let result = self.write(doc, form);
+        // Whatever happened, do not retry every frame: the next change tries again.
+        self.mark_saved(doc, form);
+        result
+            .err()
+            .map(|e| format!("The canvas was not saved: {e:#}"))
+    }
+
+    fn write(&self, doc: &Document, form: &FormValues) -> anyhow::Result<()> {
+        if let Some(image) = doc.image() {
+            if self.saved_image_rev != Some(doc.image_rev()) {
+                let png = encode_png(image, None).context("encoding the canvas image")?;
+                atomic_write(&self.dir.join("image.png"), &png)?;
+            }
+            if self.saved_mask_rev != Some(doc.mask_rev())
+                || self.saved_image_rev != Some(doc.image_rev())
+            {
+                let m = doc.mask();
+                let grey = RgbImage {
+                    width: m.width,
+                    height: m.height,
+                    pixels: m.values.iter().flat_map(|&v| [v, v, v]).collect(),
+                };
+                let png = encode_png(&grey, None).context("encoding the mask")?;
+                atomic_write(&self.dir.join("mask.png"), &png)?;
+            }
+        }
+        let (width, height) = doc.size().unwrap_or((0, 0));
+        let saved = SavedCanvas {
+            version: CANVAS_VERSION,
+            form: form.clone(),
+            has_image: doc.image().is_some(),
+            width,
+            height,
+        };
+        save_json(&self.dir.join("canvas.json"), &saved)
+    }
+}
+
+fn read_png(path: &Path) -> anyhow::Result<RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(decode_image_bytes(&bytes)
+        .with_context(|| format!("reading {}", path.display()))?
+        .image)
+}
+
+/// Renames an unreadable file to `*.bad` so the next save does not overwrite it; says where.
+fn set_aside(path: &Path) -> String {
+    let mut bad = path.as_os_str().to_owned();
+    bad.push(".bad");
+    let bad = PathBuf::from(bad);
+    if std::fs::rename(path, &bad).is_ok() {
+        format!(". The file was kept as {}", bad.display())
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gui::canvas::document::Tool;
+
+    #[test]
+    fn the_canvas_round_trips_and_a_corrupt_save_gives_an_empty_canvas() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut doc = Document::default();
+        doc.set_image(RgbImage::new_filled(16, 8, [10, 200, 30]));
+        doc.paint((4.0, 4.0), (10.0, 4.0), Tool::Brush, 3.0, 1.0);
+        let form = FormValues {
+            prompt: "a red fox".into(),
+            steps: 9,
+            ..FormValues::default()
+        };
+        let mut store = CanvasStore::new(tmp.path());
+        assert_eq!(store.flush(&doc, &form), None);
+        let loaded = CanvasStore::new(tmp.path()).load();
+        assert!(loaded.notes.is_empty(), "{:?}", loaded.notes);
+        assert_eq!(loaded.form.as_ref(), Some(&form));
+        assert_eq!(loaded.image.as_ref(), doc.image());
+        assert_eq!(loaded.mask.as_ref(), Some(doc.mask()));
+
+        std::fs::write(CanvasStore::dir(tmp.path()).join("image.png"), b"garbage").expect("w");
+        let loaded = CanvasStore::new(tmp.path()).load();
+        assert!(loaded.image.is_none());
+        assert_eq!(loaded.notes.len(), 1, "{:?}", loaded.notes);
+        assert!(CanvasStore::dir(tmp.path()).join("image.png.bad").exists());
+
+        std::fs::write(CanvasStore::dir(tmp.path()).join("canvas.json"), b"{ nope").expect("w");
+        let loaded = CanvasStore::new(tmp.path()).load();
+        assert!(loaded.form.is_none() && loaded.image.is_none());
+        assert_eq!(loaded.notes.len(), 1);
+    }
+}
