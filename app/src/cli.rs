@@ -18,6 +18,8 @@
 //!   `Studio is serving MODEL at http://HOST:PORT/v1` on stdout once it listens (`--port 0`
 //!   picks a free port).
 //!
+//! - `studio txt2img`, `img2img`, `inpaint` and `bench sd`: see [`crate::cli_image`].
+//!
 //! Errors go to stderr with a non-zero exit code.
 
 use std::io::Write;
@@ -53,12 +55,20 @@ pub enum Command {
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
     /// /v1/models).
     Serve(ServeArgs),
+    /// Make an image from a prompt with a Stable Diffusion model.
+    Txt2img(crate::cli_image::ImageArgs),
+    /// Make an image from a prompt and a starting image.
+    Img2img(crate::cli_image::Img2ImgArgs),
+    /// Repaint the white part of a mask.
+    Inpaint(crate::cli_image::InpaintArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Prefill and decode tokens/s, time to first token and peak RSS of a language model.
     Generate(BenchGenerateArgs),
+    /// UNet step, VAE decode and preview times of an SD-1.5-shaped model (random weights).
+    Sd(crate::cli_image::BenchSdArgs),
 }
 
 /// Options shared by every subcommand that runs a model.
@@ -186,10 +196,14 @@ pub fn run(command: Command) -> Result<()> {
         Command::Chat(args) => run_chat(&args),
         Command::Bench(BenchCommand::Generate(args)) => run_bench_generate(&args),
         Command::Serve(args) => run_serve(&args),
+        Command::Bench(BenchCommand::Sd(args)) => crate::cli_image::run_bench_sd(&args),
+        Command::Txt2img(args) => crate::cli_image::run_txt2img(&args),
+        Command::Img2img(args) => crate::cli_image::run_img2img(&args),
+        Command::Inpaint(args) => crate::cli_image::run_inpaint(&args),
     }
 }
 
-fn parse_device(s: &str) -> Result<DevicePreference> {
+pub(crate) fn parse_device(s: &str) -> Result<DevicePreference> {
     let (kind, index) = s.split_once(':').unwrap_or((s, "0"));
     let index: usize = index
         .parse()

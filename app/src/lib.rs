@@ -3,11 +3,13 @@
 //! Studio's desktop application (egui/eframe) and its headless command line, both on the same
 //! engine: the [`studio_inference`] worker. This crate never touches tensors.
 //!
-//! - [`cli`]: `studio generate`, `studio bench generate`, … (the contract scripts rely on);
+//! - [`cli`], [`cli_image`]: `studio generate`, `studio txt2img`, `studio bench …` (the contract
+//!   scripts rely on);
 //! - [`gui`]: the window, its panels and the status bar;
 //! - [`home`]: where user work is saved, atomically.
 
 pub mod cli;
+pub mod cli_image;
 pub mod gui;
 pub mod home;
 pub mod serve;

@@ -1,0 +1,357 @@
+//! The image subcommands (a contract, like the rest of the CLI):
+//!
+//! - `studio txt2img --model PATH --prompt TEXT [--negative TEXT] [--steps N] [--cfg X]
+//!   [--seed S] [--sampler NAME] [--width W --height H] [--preview latent2rgb|taesd|none]
+//!   [--previews-dir DIR] --out FILE.png`
+//! - `studio img2img … --init IN.png --strength S`
+//! - `studio inpaint … --init IN.png --mask MASK.png` (white = repaint)
+//!
+//! Also: `--schedule normal|karras|exponential`, `--batch-count N` (files `OUT`, `OUT-2`, …),
+//! `--clip-skip N`, `--mask-blur PX`, `--vae FILE`, `--taesd FILE`, `--device`, `--threads`.
+//! The sampler takes the web UI's names ("Euler a", "DPM++ 2M Karras", …). The PNG carries the
+//! `parameters` text other SD tools read. With `--previews-dir`, each step's preview is written
+//! as `step-001.png`, … Progress goes to stderr; one line per saved image to stdout.
+//!
+//! `studio bench sd [--size 256,512] [--steps N] [--json]` times an SD-1.5-shaped random-weight
+//! UNet step (with CFG), the VAE decode and each preview method.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+use studio_inference::device::create_device;
+use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
+use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
+use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod, generate};
+use studio_inference::diffusion::samplers::{SamplerKind, ScheduleKind};
+
+/// Flags shared by `txt2img`, `img2img` and `inpaint`.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Stable Diffusion model: a single `.safetensors` checkpoint or a diffusers folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Negative prompt.
+    #[arg(long, default_value = "")]
+    pub negative: String,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (1 or less: no negative prompt pass).
+    #[arg(long, default_value_t = 7.0)]
+    pub cfg: f64,
+    /// Seed (random when left out; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Sampler, as the SD web UI names it: Euler, "Euler a", DDIM, "DPM++ 2M",
+    /// "DPM++ 2M Karras", UniPC, LCM.
+    #[arg(long, default_value = "Euler a")]
+    pub sampler: String,
+    /// Noise schedule: normal, karras, exponential (a sampler name ending in Karras sets it).
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Width in pixels (default: the model's training size, or the init image's).
+    #[arg(long)]
+    pub width: Option<u32>,
+    #[arg(long)]
+    pub height: Option<u32>,
+    #[arg(long, default_value_t = 1)]
+    pub batch_count: u32,
+    #[arg(long, default_value_t = 1)]
+    pub clip_skip: usize,
+    /// Per-step preview: latent2rgb, taesd (needs --taesd) or none.
+    #[arg(long, default_value = "latent2rgb")]
+    pub preview: String,
+    /// Write each step's preview here as step-NNN.png.
+    #[arg(long)]
+    pub previews_dir: Option<PathBuf>,
+    /// A separate VAE file.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// A TAESD decoder (file or folder) for --preview taesd.
+    #[arg(long)]
+    pub taesd: Option<PathBuf>,
+    /// Compute device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CPU threads (default: physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// The starting image.
+    #[arg(long)]
+    pub init: PathBuf,
+    /// Denoising strength: runs the last int(strength·steps) steps.
+    #[arg(long, default_value_t = 0.75)]
+    pub strength: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct InpaintArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// The image to repaint part of.
+    #[arg(long)]
+    pub init: PathBuf,
+    /// The mask: white = repaint, black = keep (resized to the image when it differs).
+    #[arg(long)]
+    pub mask: PathBuf,
+    #[arg(long, default_value_t = 1.0)]
+    pub strength: f64,
+    /// Blur of the mask edge in pixels.
+    #[arg(long, default_value_t = 4.0)]
+    pub mask_blur: f32,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSdArgs {
+    /// Image sizes (square), comma separated.
+    #[arg(long, default_value = "256,512", value_delimiter = ',')]
+    pub size: Vec<u32>,
+    /// Timed UNet steps per size (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn load(args: &ImageArgs) -> Result<SdModel> {
+    if let Some(n) = args.threads {
+        crate::set_cpu_threads(n);
+    }
+    let choice = create_device(crate::cli::parse_device(&args.device)?);
+    if let Some(w) = &choice.warning {
+        eprintln!("warning: {w}");
+    }
+    let options = ImageModelOptions {
+        vae: args.vae.clone(),
+        taesd: args.taesd.clone(),
+        prediction: None,
+    };
+    let mut last = -1;
+    model::load(&args.model, &options, &choice.device, &mut |f, msg| {
+        let pct = (f * 100.0) as i32;
+        if pct / 10 != last / 10 {
+            eprintln!("loading: {msg} ({pct}%)");
+            last = pct;
+        }
+    })
+    .with_context(|| format!("loading {}", args.model.display()))
+}
+
+fn read_image(path: &Path) -> Result<RgbImage> {
+    let decoded = decode_image_file(path).with_context(|| format!("reading {}", path.display()))?;
+    if let Some((w, h)) = decoded.downscaled_from {
+        eprintln!(
+            "warning: {} is {w}x{h}; downscaled to {}x{}",
+            path.display(),
+            decoded.image.width,
+            decoded.image.height
+        );
+    }
+    Ok(decoded.image)
+}
+
+/// The image's size rounded down to the model's multiple.
+fn snapped(img: &RgbImage, multiple: u32) -> (u32, u32) {
+    let s = |v: u32| ((v / multiple) * multiple).max(multiple);
+    (s(img.width), s(img.height))
+}
+
+fn request(args: &ImageArgs, mode: ImageMode, size: (u32, u32)) -> Result<ImageRequest> {
+    let Some((sampler, sched_from_name)) = SamplerKind::parse(&args.sampler) else {
+        bail!(
+            "unknown sampler `{}` (use one of: {})",
+            args.sampler,
+            SamplerKind::ALL.map(SamplerKind::name).join(", ")
+        );
+    };
+    let schedule = match &args.schedule {
+        Some(s) => ScheduleKind::parse(s).with_context(|| {
+            format!("unknown schedule `{s}` (use normal, karras or exponential)")
+        })?,
+        None => sched_from_name.unwrap_or(ScheduleKind::Normal),
+    };
+    let Some(preview) = PreviewMethod::parse(&args.preview) else {
+        bail!(
+            "unknown preview `{}` (use latent2rgb, taesd or none)",
+            args.preview
+        );
+    };
+    if preview == PreviewMethod::Taesd && args.taesd.is_none() {
+        bail!("--preview taesd needs --taesd FILE (the TAESD decoder's weights)");
+    }
+    Ok(ImageRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative.clone(),
+        steps: args.steps,
+        cfg_scale: args.cfg,
+        seed: args.seed,
+        sampler,
+        schedule,
+        width: args.width.unwrap_or(size.0),
+        height: args.height.unwrap_or(size.1),
+        batch_count: args.batch_count,
+        clip_skip: args.clip_skip.max(1),
+        preview: if args.previews_dir.is_some() {
+            preview
+        } else {
+            PreviewMethod::None
+        },
+        mode,
+    })
+}
+
+/// `OUT` for the first image, `OUT-2.png`, … for the rest of a batch.
+fn out_path(out: &Path, index: usize) -> PathBuf {
+    if index == 0 {
+        return out.to_path_buf();
+    }
+    let stem = out
+        .file_stem()
+        .map_or_else(|| "image".into(), |s| s.to_string_lossy());
+    out.with_file_name(format!("{stem}-{}.png", index + 1))
+}
+
+fn run(args: &ImageArgs, m: &SdModel, req: &ImageRequest) -> Result<()> {
+    if let Some(dir) = &args.previews_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let started = Instant::now();
+    let mut preview_count = 0usize;
+    let mut preview_error = None;
+    let outcome = generate(m, req, &mut |u| {
+        eprintln!(
+            "image {}/{}: step {}/{}",
+            u.image + 1,
+            u.images,
+            u.step,
+            u.steps
+        );
+        if let (Some(dir), Some(img)) = (&args.previews_dir, &u.preview) {
+            preview_count += 1;
+            let path = dir.join(format!("step-{preview_count:03}.png"));
+            if let Err(e) = imaging::encode_png(img, None)
+                .map_err(anyhow::Error::from)
+                .and_then(|bytes| std::fs::write(&path, bytes).map_err(anyhow::Error::from))
+            {
+                preview_error = Some(format!("{}: {e}", path.display()));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(e) = preview_error {
+        bail!("writing a preview failed: {e}");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    for (i, img) in outcome.images.iter().enumerate() {
+        let path = out_path(&args.out, i);
+        let bytes = imaging::encode_png(&img.image, Some(&img.parameters.to_text()))?;
+        crate::home::atomic_write(&path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "saved {} ({}x{}, seed {}, {} steps, {:.1} s)",
+            path.display(),
+            img.image.width,
+            img.image.height,
+            img.seed,
+            req.steps,
+            secs
+        );
+    }
+    Ok(())
+}
+
+pub fn run_txt2img(args: &ImageArgs) -> Result<()> {
+    let m = load(args)?;
+    let size = m.info.default_size;
+    let req = request(args, ImageMode::Txt2Img, size)?;
+    run(args, &m, &req)
+}
+
+pub fn run_img2img(args: &Img2ImgArgs) -> Result<()> {
+    let init = read_image(&args.init)?;
+    let m = load(&args.image)?;
+    let size = snapped(&init, m.info.size_multiple);
+    let mode = ImageMode::Img2Img {
+        init,
+        strength: args.strength,
+    };
+    let req = request(&args.image, mode, size)?;
+    run(&args.image, &m, &req)
+}
+
+pub fn run_inpaint(args: &InpaintArgs) -> Result<()> {
+    let init = read_image(&args.init)?;
+    let mask_img = read_image(&args.mask)?;
+    let m = load(&args.image)?;
+    let size = snapped(&init, m.info.size_multiple);
+    let mode = ImageMode::Inpaint {
+        init,
+        mask: mask_from_image(&mask_img),
+        strength: args.strength,
+        mask_blur: args.mask_blur,
+    };
+    let req = request(&args.image, mode, size)?;
+    run(&args.image, &m, &req)
+}
+
+pub fn run_bench_sd(args: &BenchSdArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        crate::set_cpu_threads(n);
+    }
+    if args.steps == 0 || args.size.is_empty() {
+        bail!("--steps must be at least 1 and --size must list a size");
+    }
+    let rows = studio_inference::diffusion::bench::run(&args.size, args.steps, &mut |msg| {
+        eprintln!("{msg}");
+    })?;
+    let threads = studio_inference::device::cpu_threads();
+    if args.json {
+        for r in &rows {
+            println!(
+                "{}",
+                json!({
+                    "size": r.size,
+                    "threads": threads,
+                    "unet_step_ms": r.unet_step_ms,
+                    "vae_decode_ms": r.vae_decode_ms,
+                    "latent2rgb_ms": r.latent2rgb_ms,
+                    "taesd_ms": r.taesd_ms,
+                    "peak_rss_mb": r.peak_rss_mb,
+                })
+            );
+        }
+    } else {
+        println!(
+            "SD-1.5-shaped random weights, f32 on CPU, {threads} threads, median of {} runs",
+            args.steps
+        );
+        println!(
+            "{:>6} {:>14} {:>14} {:>14} {:>12} {:>10}",
+            "size", "UNet step ms", "VAE decode ms", "latent2rgb ms", "TAESD ms", "RSS MiB"
+        );
+        for r in &rows {
+            println!(
+                "{:>6} {:>14.1} {:>14.1} {:>14.3} {:>12.1} {:>10.0}",
+                r.size, r.unet_step_ms, r.vae_decode_ms, r.latent2rgb_ms, r.taesd_ms, r.peak_rss_mb
+            );
+        }
+    }
+    Ok(())
+}

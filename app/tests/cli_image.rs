@@ -1,0 +1,249 @@
+//! `studio txt2img`, `img2img` and `inpaint` as a script would run them: the real binary on a
+//! tiny random-weight SD model written by the test, in both file layouts.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use studio_inference::diffusion::imaging::{RgbImage, decode_image_file, encode_png};
+use studio_inference::image_meta::GenerationParameters;
+use studio_tests::sd::{TinyKind, TinySd, write_tiny_sd};
+
+fn studio(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_studio"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("run studio")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn failed(out: &Output) -> String {
+    assert!(!out.status.success(), "should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn write_png(path: &Path, img: &RgbImage) {
+    std::fs::write(path, encode_png(img, None).expect("png")).expect("write png");
+}
+
+fn parameters(path: &Path) -> GenerationParameters {
+    let decoded = decode_image_file(path).expect("read output");
+    GenerationParameters::parse(&decoded.parameters.expect("parameters chunk"))
+}
+
+#[test]
+fn txt2img_writes_a_png_other_sd_tools_can_read_and_previews_per_step() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let out_png = tmp.path().join("out.png");
+    let previews = tmp.path().join("previews");
+    let stdout = ok(&studio(&[
+        "txt2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "a red cat, sitting: on a mat",
+        "--negative",
+        "blurry",
+        "--steps",
+        "3",
+        "--cfg",
+        "5.5",
+        "--seed",
+        "1234",
+        "--sampler",
+        "DPM++ 2M Karras",
+        "--width",
+        "48",
+        "--height",
+        "32",
+        "--preview",
+        "latent2rgb",
+        "--previews-dir",
+        path(&previews),
+        "--out",
+        path(&out_png),
+    ]));
+    assert!(stdout.contains("seed 1234"), "{stdout}");
+    let img = decode_image_file(&out_png).expect("output png");
+    assert_eq!((img.image.width, img.image.height), (48, 32));
+    let p = parameters(&out_png);
+    assert_eq!(p.prompt, "a red cat, sitting: on a mat");
+    assert_eq!(p.negative_prompt, "blurry");
+    assert_eq!(p.seed(), Some(1234));
+    assert_eq!(p.steps(), Some(3));
+    assert_eq!(p.cfg_scale(), Some(5.5));
+    assert_eq!(p.get("Sampler"), Some("DPM++ 2M"));
+    assert_eq!(p.get("Schedule type"), Some("Karras"));
+    assert_eq!(p.size(), Some((48, 32)));
+    let mut steps: Vec<String> = std::fs::read_dir(&previews)
+        .expect("previews dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, ["step-001.png", "step-002.png", "step-003.png"]);
+    let first = decode_image_file(&previews.join("step-001.png")).expect("preview png");
+    assert_eq!((first.image.width, first.image.height), (6, 4));
+}
+
+#[test]
+fn img2img_and_inpaint_start_from_an_image() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let init = tmp.path().join("init.png");
+    let pixels = (0..32 * 32)
+        .flat_map(|i| [(i % 32 * 8) as u8, (i / 32 * 8) as u8, 90])
+        .collect();
+    let init_img = RgbImage {
+        width: 32,
+        height: 32,
+        pixels,
+    };
+    write_png(&init, &init_img);
+    let out = tmp.path().join("img2img.png");
+    ok(&studio(&[
+        "img2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "cat",
+        "--steps",
+        "4",
+        "--init",
+        path(&init),
+        "--strength",
+        "0.5",
+        "--seed",
+        "1",
+        "--out",
+        path(&out),
+    ]));
+    let p = parameters(&out);
+    assert_eq!(p.get("Denoising strength"), Some("0.5"));
+    assert_eq!(p.size(), Some((32, 32)), "size taken from the init image");
+
+    // Inpaint the right half (white = repaint), with a mask of another size.
+    let mask = tmp.path().join("mask.png");
+    let mask_pixels = (0..16 * 16)
+        .flat_map(|i| if i % 16 >= 8 { [255u8; 3] } else { [0u8; 3] })
+        .collect();
+    write_png(
+        &mask,
+        &RgbImage {
+            width: 16,
+            height: 16,
+            pixels: mask_pixels,
+        },
+    );
+    let out = tmp.path().join("inpaint.png");
+    ok(&studio(&[
+        "inpaint",
+        "--model",
+        path(&model),
+        "--prompt",
+        "dog",
+        "--steps",
+        "3",
+        "--init",
+        path(&init),
+        "--mask",
+        path(&mask),
+        "--mask-blur",
+        "0",
+        "--seed",
+        "2",
+        "--out",
+        path(&out),
+    ]));
+    let got = decode_image_file(&out).expect("inpaint output").image;
+    for y in 0..32usize {
+        for x in 0..12usize {
+            let i = (y * 32 + x) * 3;
+            assert_eq!(
+                got.pixels[i..i + 3],
+                init_img.pixels[i..i + 3],
+                "kept {x},{y}"
+            );
+        }
+    }
+    assert_eq!(parameters(&out).get("Mask blur"), Some("0"));
+}
+
+#[test]
+fn image_errors_are_clear_and_exit_non_zero() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let out = tmp.path().join("out.png");
+    let base = |extra: &[&str]| {
+        let mut args = vec![
+            "txt2img",
+            "--model",
+            path(&model),
+            "--prompt",
+            "cat",
+            "--steps",
+            "1",
+            "--out",
+            path(&out),
+        ];
+        args.extend_from_slice(extra);
+        studio(&args)
+    };
+    let e = failed(&base(&["--sampler", "Heun++"]));
+    assert!(
+        e.contains("unknown sampler") && e.contains("Euler a"),
+        "{e}"
+    );
+    let e = failed(&base(&["--width", "50", "--height", "64"]));
+    assert!(e.contains("multiples of 8"), "{e}");
+    let e = failed(&base(&[
+        "--preview",
+        "taesd",
+        "--previews-dir",
+        path(tmp.path()),
+    ]));
+    assert!(e.contains("--taesd"), "{e}");
+    let ckpt = tmp.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"pickle").expect("write");
+    let e = failed(&studio(&[
+        "txt2img",
+        "--model",
+        path(&ckpt),
+        "--prompt",
+        "cat",
+        "--out",
+        path(&out),
+    ]));
+    assert!(e.contains("pickle"), "{e}");
+    let text = tmp.path().join("notes.txt");
+    std::fs::write(&text, "not an image").expect("write");
+    let e = failed(&studio(&[
+        "img2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "cat",
+        "--init",
+        path(&text),
+        "--out",
+        path(&out),
+    ]));
+    assert!(e.contains("not an image"), "{e}");
+    assert!(!out.exists(), "nothing written on failure");
+}
