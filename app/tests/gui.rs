@@ -431,7 +431,6 @@ fn unbuilt_panels_say_so_and_every_panel_names_its_inputs() {
     h.step();
     for (panel, name) in [
         (Panel::Code, "Code Assist is not built yet"),
-        (Panel::Canvas, "Canvas is not built yet"),
         (Panel::LatentExplorer, "Latent Explorer is not built yet"),
     ] {
         go_to(&mut h, panel);
@@ -441,7 +440,7 @@ fn unbuilt_panels_say_so_and_every_panel_names_its_inputs() {
             "no fake controls on {panel:?}"
         );
     }
-    for panel in [Panel::Chat, Panel::Models, Panel::Settings] {
+    for panel in [Panel::Chat, Panel::Canvas, Panel::Models, Panel::Settings] {
         go_to(&mut h, panel);
         h.step();
         h.check_accessibility();

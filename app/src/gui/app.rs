@@ -11,6 +11,7 @@ use studio_inference::hf_cache;
 use studio_inference::loader::ModelInfo;
 use studio_inference::worker::{JobKind, LoadOptions, Worker, WorkerConfig};
 
+use super::canvas::CanvasPanel;
 use super::chat::{ChatPanel, ChatUiContext};
 use super::command::Command;
 use super::conversations::ConversationStore;
@@ -82,6 +83,7 @@ pub struct StudioApp {
     pub(super) undo_window: Duration,
     pub(super) jobs: Jobs,
     pub(super) chat: ChatPanel,
+    pub(super) canvas: CanvasPanel,
     pub(super) models: ModelsPanel,
     pub(super) settings_panel: SettingsPanel,
     pub(super) status_bar: StatusBar,
@@ -128,6 +130,10 @@ impl StudioApp {
         let chat = ChatPanel::new(store, presets, settings.last_conversation.clone());
         let models = ModelsPanel::new(config.hf_cache_dir.clone(), ctx);
         let settings_panel = SettingsPanel::new(&settings);
+        let (canvas, canvas_notes) = CanvasPanel::new(&config.home, config.presets_dir.as_deref());
+        for note in canvas_notes {
+            notices.warning(note);
+        }
         let mut app = Self {
             ctx: ctx.clone(),
             home: config.home.clone(),
@@ -140,6 +146,7 @@ impl StudioApp {
             undo_window: config.undo_window,
             jobs: Jobs::default(),
             chat,
+            canvas,
             models,
             settings_panel,
             status_bar: StatusBar::default(),
@@ -158,6 +165,19 @@ impl StudioApp {
                     path.display()
                 ));
                 app.settings.last_model = None;
+            }
+        }
+        if config.restore_last_model
+            && let Some(path) = app.settings.last_image_model.clone()
+        {
+            if path.exists() {
+                app.load_image_model(path, true);
+            } else {
+                app.notices.warning(format!(
+                    "The last image model, {}, is no longer there; open another in the Canvas",
+                    path.display()
+                ));
+                app.settings.last_image_model = None;
             }
         }
         app.apply_commands();
@@ -285,11 +305,15 @@ impl StudioApp {
                 &self.home,
                 &mut commands,
             ),
-            panel @ (Panel::Code | Panel::Canvas | Panel::LatentExplorer) => {
+            Panel::Canvas => {
+                self.canvas
+                    .canvas_ui(ui, &mut self.settings, &self.jobs, &mut commands);
+            }
+            panel @ (Panel::Code | Panel::LatentExplorer) => {
                 placeholder_ui(ui, panel);
             }
         });
-        drop_overlay_ui(ui);
+        drop_overlay_ui(ui, self.settings.panel);
         // Edits made this frame belong to the conversation open while they were made.
         self.chat.sync_params(&mut self.settings);
         if std::mem::take(&mut self.send_after_ui) {
@@ -316,6 +340,13 @@ impl StudioApp {
             self.ctx
                 .request_repaint_after(wait + Duration::from_millis(50));
         }
+        let (wait, error) = self.canvas.store.tick(&self.canvas.doc, &self.canvas.form);
+        if let Some(error) = error {
+            self.notices.error(error);
+        }
+        if let Some(wait) = wait {
+            self.ctx.request_repaint_after(wait);
+        }
         if let Some(wait) = self.chat.next_params_save() {
             self.ctx.request_repaint_after(wait);
         }
@@ -332,6 +363,9 @@ impl StudioApp {
     /// parameters).
     pub fn flush(&mut self) {
         if let Some(error) = self.saver.flush(&self.settings) {
+            log::error!("{error}");
+        }
+        if let Some(error) = self.canvas.store.flush(&self.canvas.doc, &self.canvas.form) {
             log::error!("{error}");
         }
         if let Some(active) = self.chat.active()
@@ -370,6 +404,7 @@ impl Drop for StudioApp {
         for error in self.chat.store.purge_trash(Duration::ZERO) {
             log::error!("{error}");
         }
+        self.canvas.history.purge_trash();
     }
 }
 
@@ -394,7 +429,7 @@ fn nav_ui(ui: &mut egui::Ui, current: Panel, commands: &mut Vec<Command>) {
 }
 
 /// While files are dragged over the window, say what dropping them does.
-fn drop_overlay_ui(ui: &egui::Ui) {
+fn drop_overlay_ui(ui: &egui::Ui, panel: Panel) {
     let hovering = ui.input(|i| !i.raw.hovered_files.is_empty());
     if !hovering {
         return;
@@ -409,7 +444,11 @@ fn drop_overlay_ui(ui: &egui::Ui) {
     painter.text(
         rect.center(),
         egui::Align2::CENTER_CENTER,
-        "Drop a model folder or .safetensors file to load it",
+        if panel == Panel::Canvas {
+            "Drop an image to open it on the canvas, or a model to load it"
+        } else {
+            "Drop a model folder or .safetensors file to load it, or an image for the Canvas"
+        },
         egui::TextStyle::Heading.resolve(ui.style()),
         visuals.strong_text_color(),
     );

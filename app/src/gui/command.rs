@@ -7,6 +7,7 @@ use studio_inference::remote::RemoteConfig;
 use studio_inference::worker::{JobKind, LoadOptions};
 
 use super::app::StudioApp;
+use super::canvas::CanvasCommand;
 use super::conversations::{MessageId, ReplyState};
 use super::format;
 use super::jobs::JobPurpose;
@@ -84,6 +85,8 @@ pub enum Command {
     },
     RemoveRecentModel(PathBuf),
     RescanHfCache,
+    /// Something the Canvas asks for.
+    Canvas(CanvasCommand),
 }
 
 impl StudioApp {
@@ -173,6 +176,7 @@ impl StudioApp {
             Command::ExportConversation { id, format } => self.export(&id, format),
             Command::RemoveRecentModel(path) => self.settings.recent_models.retain(|p| *p != path),
             Command::RescanHfCache => self.models.start_scan(),
+            Command::Canvas(c) => self.apply_canvas(c),
         }
     }
 

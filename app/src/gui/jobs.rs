@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use studio_inference::diffusion::model::ImageModelOptions;
 use studio_inference::worker::{JobId, LoadOptions};
 
 use super::conversations::MessageId;
@@ -21,6 +22,11 @@ pub enum JobPurpose {
         conversation: String,
         message: MessageId,
     },
+    /// Loading a Stable Diffusion model for the Canvas, with the options it was asked for.
+    LoadImageModel(PathBuf, ImageModelOptions),
+    UnloadImageModel,
+    /// Generating images on the Canvas.
+    GenerateImage,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +106,14 @@ impl Jobs {
     pub fn loading_model(&self) -> Option<&PathBuf> {
         self.tracked.values().find_map(|t| match &t.purpose {
             JobPurpose::LoadModel(p, _) => Some(p),
+            _ => None,
+        })
+    }
+
+    /// The Stable Diffusion model being loaded (queued or running), if any.
+    pub fn loading_image_model(&self) -> Option<&PathBuf> {
+        self.tracked.values().find_map(|t| match &t.purpose {
+            JobPurpose::LoadImageModel(p, _) => Some(p),
             _ => None,
         })
     }

@@ -1,5 +1,6 @@
 //! Per-frame logic before drawing: drain the worker's events (bounded in time and count, so a
-//! flood of events never stalls a frame), take dropped files and keyboard shortcuts, keep a
+//! flood of events never stalls a frame), pick up the Canvas's newest denoising preview, take
+//! dropped files and keyboard shortcuts, keep a
 //! streaming reply and changed parameters saved, and remove deleted chats whose undo time
 //! has passed.
 
@@ -9,6 +10,8 @@ use egui::{Key, KeyboardShortcut, Modifiers};
 use studio_inference::worker::Event;
 
 use super::app::StudioApp;
+use super::canvas::CanvasCommand;
+use super::canvas::actions::Outcome;
 use super::command::{Command, load_error};
 use super::conversations::ReplyState;
 use super::jobs::JobPurpose;
@@ -24,11 +27,16 @@ const EVENT_LIMIT: usize = 512;
 pub const TRASH_GRACE: Duration = Duration::from_millis(500);
 
 pub const SEND_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
+pub const UNDO_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Z);
+pub const REDO_SHORTCUT: KeyboardShortcut =
+    KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::Z);
+pub const REDO_Y: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Y);
 
 impl StudioApp {
     /// Everything that happens each frame before drawing.
     pub fn frame_logic(&mut self, ctx: &egui::Context) {
         self.drain_events(ctx);
+        self.poll_preview(ctx);
         self.models.poll_scan();
         self.take_dropped_files(ctx);
         self.take_shortcuts(ctx);
@@ -44,6 +52,10 @@ impl StudioApp {
         }
         for error in self.chat.store.purge_trash(self.undo_window + TRASH_GRACE) {
             self.notices.error(error);
+        }
+        if self.canvas.is_generating() {
+            // Previews arrive through a mailbox, not as events: look again soon.
+            ctx.request_repaint_after(Duration::from_millis(50));
         }
         if self.chat.active().is_some() {
             // Keep the live rate moving and the periodic save due even between events.
@@ -101,11 +113,16 @@ impl StudioApp {
                 self.notices.info(format!("Loaded {}", info.name));
                 self.model = Some(info);
             }
-            // Image jobs: the Canvas (being built) will take these.
-            Event::ImageModelLoaded { .. }
-            | Event::ImageModelUnloaded { .. }
-            | Event::ImageProgress { .. }
-            | Event::ImageReady { .. } => {}
+            Event::ImageModelLoaded { info, .. } => self.image_model_loaded(job, info),
+            Event::ImageModelUnloaded { .. } => self.image_model_unloaded(job),
+            Event::ImageProgress {
+                image,
+                images,
+                step,
+                steps,
+                ..
+            } => self.image_progress(job, image, images, step, steps),
+            Event::ImageReady { image, .. } => self.image_ready(image),
             Event::ModelUnloaded { .. } => {
                 self.model = None;
                 self.model_options = None;
@@ -113,12 +130,18 @@ impl StudioApp {
             }
             Event::Done { stats, .. } => {
                 self.jobs.finished(job);
+                if self.image_job_finished(job, purpose.as_ref(), Outcome::Done, None) {
+                    return;
+                }
                 if let Some(id) = self.chat.reply_finished(job, ReplyState::Done, stats, None) {
                     self.save_conversation(&id);
                 }
             }
             Event::Cancelled { stats, .. } => {
                 let tracked = self.jobs.finished(job);
+                if self.image_job_finished(job, purpose.as_ref(), Outcome::Cancelled, None) {
+                    return;
+                }
                 if let Some(id) = self
                     .chat
                     .reply_finished(job, ReplyState::Stopped, stats, None)
@@ -135,6 +158,9 @@ impl StudioApp {
             }
             Event::Failed { error, .. } => {
                 let tracked = self.jobs.finished(job);
+                if self.image_job_finished(job, purpose.as_ref(), Outcome::Failed, Some(&error)) {
+                    return;
+                }
                 match tracked.map(|t| t.purpose) {
                     Some(JobPurpose::LoadModel(path, _)) => {
                         // Whether the previous model is still loaded, the worker said with
@@ -157,7 +183,13 @@ impl StudioApp {
                         self.notices
                             .error(format!("Could not connect to {url}: {error}"));
                     }
-                    Some(JobPurpose::UnloadModel) | None => self.notices.error(error),
+                    Some(
+                        JobPurpose::UnloadModel
+                        | JobPurpose::LoadImageModel(..)
+                        | JobPurpose::UnloadImageModel
+                        | JobPurpose::GenerateImage,
+                    )
+                    | None => self.notices.error(error),
                 }
             }
         }
@@ -172,9 +204,10 @@ impl StudioApp {
                 .filter(|p| !p.as_os_str().is_empty())
                 .collect()
         });
-        // Several files dropped at once are usually one model's files: load the first.
+        // Several files dropped at once are usually one model's files (or one image): take
+        // the first.
         if let Some(path) = dropped.into_iter().next() {
-            self.commands.push(Command::LoadModel(path));
+            self.route_dropped(path);
         }
     }
 
@@ -191,6 +224,38 @@ impl StudioApp {
             && ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT))
         {
             self.send_after_ui = true;
+        }
+        if self.settings.panel == Panel::Canvas {
+            self.take_canvas_shortcuts(ctx);
+        }
+    }
+
+    /// Ctrl+Z / Ctrl+Shift+Z / Ctrl+Y undo and redo on the canvas (a focused text field keeps
+    /// its own undo), Ctrl+Enter generates, Ctrl+V opens a pasted image file path.
+    fn take_canvas_shortcuts(&mut self, ctx: &egui::Context) {
+        if ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT)) {
+            self.commands.push(Command::Canvas(CanvasCommand::Generate));
+        }
+        if ctx.egui_wants_keyboard_input() {
+            return;
+        }
+        // Shift first: Ctrl+Z also matches with Shift held.
+        if ctx.input_mut(|i| i.consume_shortcut(&REDO_SHORTCUT) || i.consume_shortcut(&REDO_Y)) {
+            self.commands.push(Command::Canvas(CanvasCommand::Redo));
+        } else if ctx.input_mut(|i| i.consume_shortcut(&UNDO_SHORTCUT)) {
+            self.commands.push(Command::Canvas(CanvasCommand::Undo));
+        }
+        let pasted: Vec<String> = ctx.input(|i| {
+            i.events
+                .iter()
+                .filter_map(|e| match e {
+                    egui::Event::Paste(text) => Some(text.clone()),
+                    _ => None,
+                })
+                .collect()
+        });
+        for text in pasted {
+            self.paste_on_canvas(&text);
         }
     }
 

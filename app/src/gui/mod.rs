@@ -9,10 +9,11 @@
 //! - [`logic`]: worker events, dropped files, shortcuts;
 //! - [`command`]: the [`Command`] enum and what each does;
 //! - [`chat`] (with [`chat_list`], [`chat_message`], [`chat_params`], [`markdown`]),
-//!   [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is drawn;
+//!   [`canvas`] (Stable Diffusion), [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is drawn;
 //! - [`settings_store`], [`conversations`], [`presets`]: what is saved and read.
 
 pub mod app;
+pub mod canvas;
 pub mod chat;
 pub mod chat_list;
 pub mod chat_message;

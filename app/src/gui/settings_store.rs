@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use studio_inference::device::DevicePreference;
+use studio_inference::diffusion::model::ImageModelOptions;
 use studio_inference::sampling::SamplingParams;
 
 use crate::home::{load_json, save_json};
@@ -86,6 +87,10 @@ pub struct Settings {
     pub remote: RemoteSettings,
     /// Whether the chat's parameters side panel is shown.
     pub show_parameters: bool,
+    /// The Canvas's Stable Diffusion model, loaded again at startup if it still exists.
+    pub last_image_model: Option<PathBuf>,
+    /// VAE and TAESD files the next Stable Diffusion model is loaded with.
+    pub image_model_options: ImageModelOptions,
 }
 
 /// The remote-server form in Settings (kept between runs; the API key stays in the user's own
@@ -119,6 +124,8 @@ impl Default for Settings {
             last_conversation: None,
             remote: RemoteSettings::default(),
             show_parameters: true,
+            last_image_model: None,
+            image_model_options: ImageModelOptions::default(),
         }
     }
 }

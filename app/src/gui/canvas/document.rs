@@ -720,7 +720,11 @@ mod tests {
         d.clear_mask();
         d.paint((20.0, 20.0), (20.0, 20.0), Tool::Brush, 20.0, 0.0);
         let soft = &d.mask().values;
-        assert!(soft[20 * 40 + 20] > 230, "near the centre: {}", soft[20 * 40 + 20]);
+        assert!(
+            soft[20 * 40 + 20] > 230,
+            "near the centre: {}",
+            soft[20 * 40 + 20]
+        );
         let edge = soft[20 * 40 + 28];
         assert!(edge > 0 && edge < 128, "soft edge: {edge}");
     }

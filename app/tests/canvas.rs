@@ -1,0 +1,656 @@
+//! The Canvas panel, driven like a person would with `egui_kittest`: painting the mask with
+//! the pointer, undo/redo shortcuts, the staging area, drag and drop, autosave across a
+//! restart, and an end-to-end generation with a tiny random-weight Stable Diffusion 1.x model
+//! written by `studio-tests`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egui::accesskit::Role;
+use egui::{Key, Modifiers, Pos2};
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use studio_app::gui::canvas::CanvasCommand;
+use studio_app::gui::canvas::document::{ModeKind, Tool};
+use studio_app::gui::canvas::view::CANVAS_LABEL;
+use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
+use studio_inference::diffusion::imaging::{RgbImage, encode_png};
+use studio_inference::diffusion::pipeline::GeneratedImage;
+use studio_inference::image_meta::{GenerationParameters, png_parameters};
+use studio_tests::sd::{TinyKind, TinySd, write_tiny_sd};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+fn harness(home: &Path) -> Harness<'static, StudioApp> {
+    let app = StudioApp::new(&egui::Context::default(), &AppConfig::for_tests(home));
+    Harness::builder()
+        .with_size(egui::vec2(1400.0, 900.0))
+        .build_ui_state(
+            |ui, app: &mut StudioApp| {
+                app.frame_logic(ui.ctx());
+                app.root_ui(ui);
+            },
+            app,
+        )
+}
+
+#[track_caller]
+fn step_until(
+    h: &mut Harness<'_, StudioApp>,
+    what: &str,
+    done: impl Fn(&Harness<'_, StudioApp>) -> bool,
+) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        h.step();
+        if done(h) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[track_caller]
+fn control<'a>(h: &'a Harness<'_, StudioApp>, name: &'a str) -> egui_kittest::Node<'a> {
+    h.get_all_by(move |n| n.role() != Role::Label && n.label().as_deref() == Some(name))
+        .next()
+        .unwrap_or_else(|| panic!("no control named {name}"))
+}
+
+fn shows_text(h: &Harness<'_, StudioApp>, text: &str) -> bool {
+    h.query_all_by(move |n| {
+        n.label().is_some_and(|l| l.contains(text)) || n.value().is_some_and(|v| v.contains(text))
+    })
+    .next()
+    .is_some()
+}
+
+fn go_to_canvas(h: &mut Harness<'_, StudioApp>) {
+    control(h, Panel::Canvas.label()).click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().settings().panel, Panel::Canvas);
+}
+
+#[derive(Debug)]
+struct DroppedPath(PathBuf);
+
+impl egui::DroppedFile for DroppedPath {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
+
+fn drop_file(h: &mut Harness<'_, StudioApp>, path: &Path) {
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedPath(path.to_path_buf())));
+    h.step();
+    h.step();
+}
+
+/// A gradient test image.
+fn gradient(w: u32, h: u32) -> RgbImage {
+    let mut pixels = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            pixels.extend_from_slice(&[(x * 255 / w) as u8, (y * 255 / h) as u8, 90]);
+        }
+    }
+    RgbImage {
+        width: w,
+        height: h,
+        pixels,
+    }
+}
+
+fn canvas_rect(h: &Harness<'_, StudioApp>) -> egui::Rect {
+    h.get_all_by(|n| n.label().as_deref() == Some(CANVAS_LABEL))
+        .next()
+        .expect("the canvas area")
+        .rect()
+}
+
+/// Presses at `from`, moves through `to`, releases: a brush stroke.
+fn drag(h: &mut Harness<'_, StudioApp>, from: Pos2, to: Pos2) {
+    h.hover_at(from);
+    h.step();
+    h.drag_at(from);
+    h.step();
+    for i in 1..=4 {
+        let t = i as f32 / 4.0;
+        h.hover_at(from + (to - from) * t);
+        h.step();
+    }
+    h.drop_at(to);
+    h.step();
+    h.step();
+}
+
+fn mask_painted(h: &Harness<'_, StudioApp>) -> usize {
+    h.state()
+        .canvas()
+        .document()
+        .mask()
+        .values
+        .iter()
+        .filter(|&&v| v > 0)
+        .count()
+}
+
+#[test]
+fn a_brush_stroke_paints_the_mask_and_the_shortcuts_undo_and_redo_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to_canvas(&mut h);
+    h.state_mut()
+        .canvas_mut()
+        .document_mut()
+        .set_image(gradient(256, 256));
+    h.state_mut().canvas_mut().set_brush(Tool::Brush, 24.0, 1.0);
+    h.step();
+    h.step();
+    assert_eq!(h.state().canvas().mode(), ModeKind::Img2Img);
+    assert!(shows_text(&h, "Mode: img2img"));
+
+    let rect = canvas_rect(&h);
+    let c = rect.center();
+    drag(
+        &mut h,
+        c - egui::vec2(60.0, 0.0),
+        c + egui::vec2(60.0, 10.0),
+    );
+    let painted = mask_painted(&h);
+    assert!(
+        painted > 100,
+        "the stroke painted the mask ({painted} pixels)"
+    );
+    assert_eq!(h.state().canvas().mode(), ModeKind::Inpaint);
+    assert!(shows_text(&h, "Mode: inpaint"));
+    let image_before = h.state().canvas().document().image().cloned();
+
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Z);
+    h.step();
+    h.step();
+    assert_eq!(mask_painted(&h), 0, "Ctrl+Z undid the stroke");
+    assert_eq!(
+        h.state().canvas().document().image().cloned(),
+        image_before,
+        "undoing the stroke keeps the image"
+    );
+
+    h.key_press_modifiers(Modifiers::COMMAND | Modifiers::SHIFT, Key::Z);
+    h.step();
+    h.step();
+    assert_eq!(mask_painted(&h), painted, "Ctrl+Shift+Z redid it");
+
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Z);
+    h.step();
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Y);
+    h.step();
+    h.step();
+    assert_eq!(mask_painted(&h), painted, "Ctrl+Y redoes too");
+
+    // The eraser takes it away again, as one more undoable step.
+    h.state_mut()
+        .canvas_mut()
+        .set_brush(Tool::Eraser, 80.0, 1.0);
+    drag(
+        &mut h,
+        c - egui::vec2(70.0, 0.0),
+        c + egui::vec2(70.0, 10.0),
+    );
+    assert!(
+        mask_painted(&h) < painted / 4,
+        "erased: {}",
+        mask_painted(&h)
+    );
+    control(&h, "Undo").click();
+    h.step();
+    h.step();
+    assert_eq!(mask_painted(&h), painted);
+
+    control(&h, "Invert mask").click();
+    h.step();
+    h.step();
+    assert_eq!(count_partial(&h), 0, "a hard brush paints only full values");
+    assert_eq!(mask_painted(&h), 256 * 256 - painted);
+    control(&h, "Clear mask").click();
+    h.step();
+    h.step();
+    assert_eq!(mask_painted(&h), 0);
+}
+
+/// Pixels that are neither 0 nor 255 (soft edges count on both sides of an inversion).
+fn count_partial(h: &Harness<'_, StudioApp>) -> usize {
+    h.state()
+        .canvas()
+        .document()
+        .mask()
+        .values
+        .iter()
+        .filter(|&&v| v > 0 && v < 255)
+        .count()
+}
+
+fn staged_result(w: u32, h: u32, rgb: [u8; 3]) -> Arc<GeneratedImage> {
+    Arc::new(GeneratedImage {
+        image: RgbImage::new_filled(w, h, rgb),
+        seed: 5,
+        parameters: GenerationParameters::default(),
+    })
+}
+
+#[test]
+fn accepting_a_staged_result_puts_it_on_the_canvas_and_undo_brings_the_old_one_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to_canvas(&mut h);
+    let original = gradient(64, 64);
+    h.state_mut()
+        .canvas_mut()
+        .document_mut()
+        .set_image(original.clone());
+    h.state_mut()
+        .canvas_mut()
+        .document_mut()
+        .stage(staged_result(64, 64, [250, 10, 10]), None);
+    h.state_mut()
+        .canvas_mut()
+        .document_mut()
+        .stage(staged_result(64, 64, [10, 250, 10]), None);
+    h.step();
+    h.step();
+    assert!(shows_text(&h, "Staged 2/2"));
+    control(&h, "Staged result 1").click();
+    h.step();
+    h.step();
+    assert!(shows_text(&h, "Staged 1/2"));
+    control(&h, "Discard").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().canvas().document().staged().len(), 1);
+    assert_eq!(
+        h.state().canvas().document().image(),
+        Some(&original),
+        "Discard leaves the canvas as it was"
+    );
+    control(&h, "Accept").click();
+    h.step();
+    h.step();
+    let doc = h.state().canvas().document();
+    assert!(doc.staged().is_empty(), "the staging area is emptied");
+    assert_eq!(
+        doc.image().map(|i| &i.pixels[..3]),
+        Some(&[10u8, 250, 10][..])
+    );
+    control(&h, "Undo").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().canvas().document().image(), Some(&original));
+    control(&h, "Redo").click();
+    h.step();
+    assert_eq!(
+        h.state().canvas().document().image().map(|i| i.pixels[1]),
+        Some(250)
+    );
+}
+
+#[test]
+fn extend_grows_the_canvas_and_masks_the_new_strip_for_outpainting() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to_canvas(&mut h);
+    h.state_mut()
+        .canvas_mut()
+        .document_mut()
+        .set_image(gradient(128, 96));
+    h.step();
+    h.step();
+    control(&h, "Extend right").click();
+    h.step();
+    h.step();
+    let doc = h.state().canvas().document();
+    assert_eq!(doc.size(), Some((256, 96)));
+    assert_eq!(doc.mode(), ModeKind::Inpaint);
+    assert_eq!(mask_painted(&h), 128 * 96);
+    assert!(shows_text(&h, "Mode: inpaint"));
+    control(&h, "Undo").click();
+    h.step();
+    assert_eq!(h.state().canvas().document().size(), Some((128, 96)));
+}
+
+#[test]
+fn a_dropped_file_that_is_not_an_image_gives_a_notice_and_changes_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to_canvas(&mut h);
+    h.state_mut()
+        .canvas_mut()
+        .document_mut()
+        .set_image(gradient(32, 32));
+    h.step();
+    let before = h.state().canvas().document().image().cloned();
+    let rev = h.state().canvas().document().image_rev();
+    let notes = tmp.path().join("notes.txt");
+    std::fs::write(&notes, "shopping list: eggs, milk").expect("write");
+    drop_file(&mut h, &notes);
+    h.step();
+    let notice = h
+        .state()
+        .notices()
+        .iter()
+        .map(|n| n.text.clone())
+        .find(|t| t.contains("notes.txt"))
+        .expect("a notice about the file");
+    assert!(notice.contains("not an image"), "{notice}");
+    assert!(shows_text(&h, "not an image"));
+    assert_eq!(h.state().canvas().document().image().cloned(), before);
+    assert_eq!(h.state().canvas().document().image_rev(), rev);
+    assert!(h.state().canvas().document().can_undo());
+}
+
+#[test]
+fn the_canvas_is_saved_and_comes_back_after_a_restart() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let image = gradient(80, 48);
+    let mask;
+    {
+        let mut h = harness(&home);
+        h.step();
+        go_to_canvas(&mut h);
+        h.state_mut()
+            .canvas_mut()
+            .document_mut()
+            .set_image(image.clone());
+        h.state_mut().canvas_mut().set_brush(Tool::Brush, 10.0, 1.0);
+        h.step();
+        let c = canvas_rect(&h).center();
+        drag(&mut h, c, c + egui::vec2(30.0, 20.0));
+        assert!(mask_painted(&h) > 0);
+        mask = h.state().canvas().document().mask().clone();
+        h.state_mut().canvas_mut().form_mut().prompt = "a quiet harbour".to_owned();
+        // The debounced autosave writes a second after the last change, without a flush.
+        step_until(&mut h, "the autosave", |_| {
+            let json = home.join("canvas/canvas.json");
+            std::fs::read_to_string(json).is_ok_and(|t| t.contains("a quiet harbour"))
+        });
+        assert!(home.join("canvas/image.png").exists());
+        assert!(home.join("canvas/mask.png").exists());
+    }
+    let mut h = harness(&home);
+    h.step();
+    let doc = h.state().canvas().document();
+    assert_eq!(doc.image(), Some(&image));
+    assert_eq!(doc.mask(), &mask);
+    assert_eq!(h.state().canvas().form().prompt, "a quiet harbour");
+    assert_eq!(h.state().settings().panel, Panel::Canvas);
+    drop(h);
+
+    // A corrupt save: a notice and an empty canvas, never a crash.
+    std::fs::write(home.join("canvas/image.png"), b"not a png").expect("write");
+    let mut h = harness(&home);
+    h.step();
+    assert!(h.state().canvas().document().is_empty());
+    assert!(
+        h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("could not be read")),
+        "a notice says the save was unreadable"
+    );
+}
+
+#[test]
+fn the_canvas_panel_names_its_inputs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to_canvas(&mut h);
+    h.step();
+    assert!(!shows_text(&h, "not built yet"));
+    for name in [
+        "Prompt",
+        "Negative prompt",
+        "Steps",
+        "CFG scale",
+        "Seed",
+        "Width",
+    ] {
+        control(&h, name);
+    }
+    assert!(shows_text(&h, "Mode: txt2img"));
+    assert!(
+        shows_text(&h, "Open a Stable Diffusion"),
+        "Generate says why it is disabled"
+    );
+    h.check_accessibility();
+    // The shipped style presets are offered.
+    assert!(h.state().canvas().styles().len() >= 4);
+}
+
+fn tiny_sd(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny-sd1");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    model
+}
+
+#[test]
+fn a_tiny_model_generates_with_a_preview_and_its_png_restores_the_parameters() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_sd(tmp.path());
+    let mut h = harness(&home);
+    h.step();
+    go_to_canvas(&mut h);
+
+    // Dropping the model folder on the Canvas loads it with the image model loader.
+    drop_file(&mut h, &model);
+    step_until(&mut h, "the model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    h.step();
+    assert!(shows_text(&h, "SD 1.x"));
+    assert_eq!(h.state().settings().last_image_model.as_ref(), Some(&model));
+    assert_eq!(h.state().model(), None, "the chat model is untouched");
+    let info = h.state().canvas().model().expect("loaded").clone();
+    assert_eq!(
+        (
+            h.state().canvas().form().width,
+            h.state().canvas().form().height
+        ),
+        info.default_size,
+        "the form takes the model's own size"
+    );
+    assert!(shows_text(
+        &h,
+        &format!("{}x{}", info.default_size.0, info.default_size.1)
+    ));
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.width = 64;
+        form.height = 64;
+    }
+
+    h.get_by_label("Prompt").focus();
+    h.step();
+    h.get_by_label("Prompt").type_text("a red cat");
+    h.step();
+    h.state_mut().canvas_mut().form_mut().steps = 3;
+    h.step();
+    assert!(shows_text(&h, "Mode: txt2img, a new 64x64 image"));
+    control(&h, "Generate").click();
+    h.step();
+    assert!(h.state().canvas().is_generating());
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    h.step();
+    let canvas = h.state().canvas();
+    assert!(
+        canvas.progress_events() > 0 || canvas.previews_shown() > 0,
+        "progress or a preview was shown while it ran"
+    );
+    let seed = canvas.last_seed().expect("the seed used is shown");
+    assert!(shows_text(&h, &format!("Last seed: {seed}")));
+    assert_eq!(canvas.document().staged().len(), 1);
+    assert!(
+        canvas.document().is_empty(),
+        "staged, not yet on the canvas"
+    );
+
+    // The history has the PNG with its parameters.
+    let saved = canvas.document().staged()[0].path.clone().expect("saved");
+    assert!(saved.starts_with(home.join("images")));
+    let bytes = std::fs::read(&saved).expect("png");
+    let params = png_parameters(&bytes).expect("png").expect("parameters");
+    assert_eq!(params.prompt, "a red cat");
+    assert_eq!(params.steps(), Some(3));
+    assert_eq!(params.seed(), Some(seed));
+    assert_eq!(params.size(), Some((64, 64)));
+    assert_eq!(canvas.history().entries().len(), 1);
+
+    control(&h, "Accept").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().canvas().document().size(), Some((64, 64)));
+    assert_eq!(h.state().canvas().mode(), ModeKind::Img2Img);
+
+    // Reuse seed fixes it in the form.
+    control(&h, "Reuse seed").click();
+    h.step();
+    assert_eq!(h.state().canvas().form().seed, seed);
+    assert!(!h.state().canvas().form().random_seed);
+
+    // Dropping the PNG opens it and offers its parameters.
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.seed = 1;
+        form.steps = 20;
+        form.prompt = "something else".to_owned();
+    }
+    drop_file(&mut h, &saved);
+    h.step();
+    assert!(shows_text(&h, "carries generation parameters"));
+    control(&h, "Restore parameters").click();
+    h.step();
+    h.step();
+    let form = h.state().canvas().form();
+    assert_eq!(form.seed, seed);
+    assert_eq!(form.steps, 3);
+    assert_eq!(form.prompt, "a red cat");
+    assert!(!form.random_seed);
+
+    // An inpaint run with a fixed seed: the result keeps the unmasked pixels.
+    let before = h
+        .state()
+        .canvas()
+        .document()
+        .image()
+        .cloned()
+        .expect("image");
+    h.state_mut().canvas_mut().document_mut().paint(
+        (0.0, 0.0),
+        (20.0, 0.0),
+        Tool::Brush,
+        16.0,
+        1.0,
+    );
+    h.state_mut().canvas_mut().document_mut().end_stroke();
+    h.step();
+    assert!(shows_text(&h, "Mode: inpaint"));
+    h.state_mut()
+        .push_command(Command::Canvas(CanvasCommand::Generate));
+    step_until(&mut h, "the inpainted result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    let staged = h.state().canvas().document().staged()[0].image.clone();
+    let corner = |img: &RgbImage| img.pixels[(63 * 64 + 63) * 3..(63 * 64 + 64) * 3].to_vec();
+    assert_eq!(
+        corner(&staged.image),
+        corner(&before),
+        "far from the mask the pixels are kept"
+    );
+    assert_eq!(h.state().canvas().history().entries().len(), 2);
+}
+
+#[test]
+fn cancelling_a_generation_leaves_the_canvas_as_it_was() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_sd(tmp.path());
+    let mut h = harness(&home);
+    h.step();
+    go_to_canvas(&mut h);
+    h.state_mut()
+        .push_command(Command::Canvas(CanvasCommand::LoadModel(model)));
+    step_until(&mut h, "the model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    let image = gradient(64, 64);
+    h.state_mut()
+        .canvas_mut()
+        .document_mut()
+        .set_image(image.clone());
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.steps = 200;
+        form.batch_count = 3;
+    }
+    h.state_mut()
+        .push_command(Command::Canvas(CanvasCommand::Generate));
+    step_until(&mut h, "the first step", |h| {
+        h.state().canvas().progress_events() > 0
+    });
+    control(&h, "Cancel").click();
+    step_until(&mut h, "the cancellation", |h| {
+        !h.state().canvas().is_generating()
+    });
+    h.step();
+    assert!(h.state().canvas().document().staged().is_empty());
+    assert_eq!(h.state().canvas().document().image(), Some(&image));
+    assert!(
+        h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("cancelled")),
+        "a notice says so"
+    );
+}
+
+#[test]
+fn a_png_from_another_tool_offers_its_parameters() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    // Dropped from the Chat panel: an image switches to the Canvas.
+    let text = "portrait of a knight\nNegative prompt: blurry\nSteps: 28, Sampler: DPM++ 2M Karras, \
+                CFG scale: 6.5, Seed: 987654321, Size: 512x768, Model: other";
+    let png = encode_png(&gradient(40, 60), Some(text)).expect("png");
+    let path = tmp.path().join("knight.png");
+    std::fs::write(&path, png).expect("write");
+    drop_file(&mut h, &path);
+    h.step();
+    assert_eq!(h.state().settings().panel, Panel::Canvas);
+    assert_eq!(h.state().canvas().document().size(), Some((40, 60)));
+    control(&h, "Restore parameters").click();
+    h.step();
+    let form = h.state().canvas().form();
+    assert_eq!(form.prompt, "portrait of a knight");
+    assert_eq!(form.negative_prompt, "blurry");
+    assert_eq!((form.steps, form.seed), (28, 987_654_321));
+    assert_eq!((form.width, form.height), (512, 768));
+    assert_eq!(form.sampler.name(), "DPM++ 2M");
+    assert_eq!(form.schedule.name(), "Karras");
+}
