@@ -416,3 +416,181 @@ fn single_file_checkpoints_match_the_diffusers_folder() {
         assert!(max_diff <= 1, "{kind:?}: images differ by up to {max_diff}");
     }
 }
+
+/// A random TAESD decoder with the published shape (64 channels, ×8), saved in madebyollin's
+/// layout.
+fn write_taesd(path: &Path) {
+    use candle_nn::{VarBuilder, VarMap};
+    use studio_inference::diffusion::preview::{TaesdLayout, TinyDecoder, TinyDecoderConfig};
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, candle_core::DType::F32, &Device::Cpu);
+    TinyDecoder::new(
+        &vb,
+        TinyDecoderConfig {
+            layout: TaesdLayout::Original,
+            ..TinyDecoderConfig::default()
+        },
+    )
+    .expect("build taesd");
+    map.save(path).expect("save taesd");
+}
+
+#[test]
+fn taesd_previews_and_a_separate_vae_file_load_as_options() {
+    use studio_inference::diffusion::convert::{CheckpointKind, Component};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("sd");
+    write_tiny_sd(&folder, TinySd::new(TinyKind::Sd1));
+    let taesd = dir.path().join("taesd_decoder.safetensors");
+    write_taesd(&taesd);
+    // A standalone VAE in the original naming without the `first_stage_model.` prefix (how
+    // VAE files are shared), with different weights from the model's own VAE.
+    let other = write_tiny_sd(
+        &dir.path().join("other"),
+        TinySd {
+            seed: 99,
+            ..TinySd::new(TinyKind::Sd1)
+        },
+    );
+    let ldm = studio_tests::ldm::diffusers_to_ldm(CheckpointKind::Sd1, Component::Vae, other.vae);
+    let bare: std::collections::HashMap<String, candle_core::Tensor> = ldm
+        .into_iter()
+        .map(|(n, t)| {
+            let n = n
+                .strip_prefix("first_stage_model.")
+                .unwrap_or(&n)
+                .to_owned();
+            (n, t)
+        })
+        .collect();
+    let vae_file = dir.path().join("vae-ft-mse.safetensors");
+    candle_core::safetensors::save(&bare, &vae_file).expect("save vae");
+
+    let plain = load(&folder);
+    let options = ImageModelOptions {
+        taesd: Some(taesd),
+        vae: Some(vae_file),
+        prediction: None,
+    };
+    let m = model::load(&folder, &options, &Device::Cpu, &mut |_, _| {}).expect("load");
+    assert!(m.info.taesd);
+    let req = ImageRequest {
+        preview: PreviewMethod::Taesd,
+        ..request("cat", 32)
+    };
+    let mut sizes = Vec::new();
+    let out = generate(&m, &req, &mut |u| {
+        let p = u.preview.expect("TAESD preview");
+        sizes.push((p.width, p.height));
+        ControlFlow::Continue(())
+    })
+    .expect("generate");
+    assert_eq!(sizes, [(32, 32); 3], "TAESD previews are full resolution");
+    // Same UNet and seed, other VAE: another decoded image.
+    let (base, _) = run(
+        &plain,
+        &ImageRequest {
+            preview: PreviewMethod::None,
+            ..req.clone()
+        },
+    );
+    assert_ne!(base.images[0].image, out.images[0].image);
+}
+
+/// Through the worker: per-step progress, the preview mailbox, finished images as events, and
+/// cancelling mid-denoise ends the job with exactly one `Cancelled`.
+#[test]
+fn worker_streams_previews_and_cancels_within_a_step() {
+    use std::time::Duration;
+    use studio_inference::device::DevicePreference;
+    use studio_inference::worker::{Event, JobKind, Worker, WorkerConfig};
+    use studio_tests::worker_events::until_terminal;
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_tiny_sd(dir.path(), TinySd::new(TinyKind::Sd1));
+    let w = Worker::spawn(WorkerConfig {
+        device: DevicePreference::Cpu,
+        ..WorkerConfig::default()
+    })
+    .expect("worker");
+    let t = Duration::from_secs(60);
+    let job = w
+        .submit(JobKind::LoadImageModel {
+            path: dir.path().to_path_buf(),
+            options: ImageModelOptions::default(),
+        })
+        .expect("submit");
+    let events = until_terminal(&w, job, t);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::ImageModelLoaded { .. })),
+        "{events:?}"
+    );
+    assert!(matches!(events.last(), Some(Event::Done { .. })));
+
+    let job = w
+        .submit(JobKind::GenerateImage {
+            request: Box::new(ImageRequest {
+                batch_count: 2,
+                ..request("cat", 32)
+            }),
+        })
+        .expect("submit");
+    let events = until_terminal(&w, job, t);
+    let ready: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ImageReady { image, .. } => Some(image.seed),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ready, [42, 43]);
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::ImageProgress {
+            step: 3,
+            steps: 3,
+            ..
+        }
+    )));
+    let frame = w
+        .take_preview()
+        .expect("the last preview waits in the mailbox");
+    assert_eq!((frame.job, frame.image_index, frame.step), (job, 1, 3));
+    assert!(w.take_preview().is_none(), "taken once");
+    assert!(matches!(events.last(), Some(Event::Done { .. })));
+
+    // Cancel once the first step is reported.
+    let job = w
+        .submit(JobKind::GenerateImage {
+            request: Box::new(ImageRequest {
+                steps: 200,
+                ..request("cat", 32)
+            }),
+        })
+        .expect("submit");
+    let mut seen = Vec::new();
+    loop {
+        let e = w.events().recv_timeout(t).expect("event");
+        let progress = matches!(e, Event::ImageProgress { .. });
+        seen.push(e);
+        if progress {
+            break;
+        }
+    }
+    w.cancel(job);
+    seen.extend(until_terminal(&w, job, t));
+    let terminals: Vec<&Event> = seen.iter().filter(|e| e.is_terminal()).collect();
+    assert_eq!(terminals.len(), 1, "{terminals:?}");
+    assert!(matches!(terminals[0], Event::Cancelled { .. }));
+    let steps = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::ImageProgress { step, .. } => Some(*step),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(steps < 200, "stopped early (at step {steps})");
+    assert!(!seen.iter().any(|e| matches!(e, Event::ImageReady { .. })));
+}
