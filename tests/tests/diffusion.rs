@@ -512,7 +512,7 @@ fn worker_streams_previews_and_cancels_within_a_step() {
         ..WorkerConfig::default()
     })
     .expect("worker");
-    let t = Duration::from_secs(60);
+    let t = Duration::from_mins(1);
     let job = w
         .submit(JobKind::LoadImageModel {
             path: dir.path().to_path_buf(),
