@@ -10,8 +10,17 @@ pub fn rss_mb() -> Option<f64> {
     status_kib("VmRSS:").map(|kib| kib as f64 / 1024.0)
 }
 
+/// Memory the OS could give this process now, in bytes (Linux `MemAvailable`).
+pub fn available_memory_bytes() -> Option<u64> {
+    kib_in("/proc/meminfo", "MemAvailable:").map(|kib| kib * 1024)
+}
+
 fn status_kib(key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    kib_in("/proc/self/status", key)
+}
+
+fn kib_in(file: &str, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(file).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(key))

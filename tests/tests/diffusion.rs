@@ -279,6 +279,9 @@ fn bad_requests_are_refused_clearly() {
     };
     let e = err(request("cat", 60));
     assert!(e.contains("multiples of 8") && e.contains("56x56"), "{e}");
+    // Too big for memory: refused before allocating (a failed CPU allocation would abort).
+    let e = err(request("cat", 4096));
+    assert!(e.contains("GiB") && e.contains("smaller"), "{e}");
     let e = err(ImageRequest {
         steps: 0,
         ..request("cat", 32)

@@ -231,12 +231,57 @@ fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
             req.batch_count
         ));
     }
+    check_memory(model, req)?;
     if let ImageMode::Img2Img { strength, .. } | ImageMode::Inpaint { strength, .. } = &req.mode
         && !(0.0..=1.0).contains(strength)
     {
         return invalid(format!(
             "denoising strength must be between 0 and 1, not {strength}"
         ));
+    }
+    Ok(())
+}
+
+/// The largest single buffer a UNet step allocates: the self-attention scores at the first
+/// attention level, `batch × heads × tokens²` (candle materialises them in full), about three
+/// times over with the softmax. CPU allocations that large abort the process instead of
+/// failing, so the size is checked against the memory available before starting.
+pub fn attention_bytes(model: &SdModel, width: u32, height: u32, batch: usize) -> u64 {
+    let cfg = model.unet.config();
+    let Some((level, l)) = cfg
+        .levels
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.transformer_layers.is_some())
+    else {
+        return 0;
+    };
+    let tokens = ((u64::from(width) / 8) >> level) * ((u64::from(height) / 8) >> level);
+    let elem = model.dtype.size_in_bytes() as u64;
+    3 * batch as u64 * l.heads as u64 * tokens * tokens * elem
+}
+
+fn check_memory(model: &SdModel, req: &ImageRequest) -> Result<()> {
+    if !model.device.is_cpu() {
+        return Ok(()); // GPU allocations fail with an error, which is reported with a hint
+    }
+    let Some(available) = crate::sys::available_memory_bytes() else {
+        return Ok(());
+    };
+    let batch = if req.cfg_scale > 1.0 { 2 } else { 1 };
+    let need = attention_bytes(model, req.width, req.height, batch);
+    if need > available {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        return Err(Error::InvalidParameter(format!(
+            "{}x{} needs about {:.1} GiB for attention but {:.1} GiB is free: try a smaller \
+             size (the model's own is {}x{}) and upscale",
+            req.width,
+            req.height,
+            gib(need),
+            gib(available),
+            model.info.default_size.0,
+            model.info.default_size.1
+        )));
     }
     Ok(())
 }
