@@ -214,6 +214,65 @@ fn inpainting_keeps_the_unmasked_pixels() {
 }
 
 #[test]
+fn sdxl_inpainting_checkpoints_and_half_precision_files_load() {
+    use candle_core::DType;
+    use studio_inference::diffusion::convert::{CheckpointKind, Component};
+    let dir = tempfile::tempdir().expect("tempdir");
+    // SDXL inpainting 0.1: a 9-channel UNet with SDXL's text_time conditioning.
+    write_tiny_sd(
+        dir.path(),
+        TinySd {
+            inpainting: true,
+            ..TinySd::new(TinyKind::Sdxl)
+        },
+    );
+    let m = load(dir.path());
+    assert_eq!((m.info.kind, m.info.inpainting), (SdKind::Sdxl, true));
+    let req = ImageRequest {
+        mode: ImageMode::Inpaint {
+            init: gradient(64, 64),
+            mask: half_mask(64, 64),
+            strength: 1.0,
+            mask_blur: 4.0,
+        },
+        ..request("cat", 64)
+    };
+    let (out, _) = run(&m, &req);
+    assert_eq!(out.images[0].parameters.get("Mask blur"), Some("4"));
+
+    // Checkpoints are shared in f16 and bf16: both load (computed in f32 on the CPU).
+    for dtype in [DType::F16, DType::BF16] {
+        let folder = dir.path().join(format!("{dtype:?}"));
+        let w = write_tiny_sd(
+            &folder,
+            TinySd {
+                full_vocab: true,
+                ..TinySd::new(TinyKind::Sd1)
+            },
+        );
+        let half = |t: std::collections::HashMap<String, candle_core::Tensor>| {
+            t.into_iter()
+                .map(|(n, t)| (n, t.to_dtype(dtype).expect("cast")))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let file = dir.path().join(format!("half-{dtype:?}.safetensors"));
+        studio_tests::ldm::write_single_file(
+            CheckpointKind::Sd1,
+            &[
+                (Component::Unet, half(w.unet)),
+                (Component::Vae, half(w.vae)),
+                (Component::TextEncoder, half(w.text_encoder)),
+            ],
+            &file,
+        );
+        let m = load(&file);
+        assert_eq!(m.info.kind, SdKind::Sd1);
+        let (out, _) = run(&m, &request("cat", 32));
+        assert_eq!(out.images.len(), 1, "{dtype:?}");
+    }
+}
+
+#[test]
 fn sd2_and_sdxl_architectures_generate() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_tiny_sd(
