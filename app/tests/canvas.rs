@@ -654,3 +654,59 @@ fn a_png_from_another_tool_offers_its_parameters() {
     assert_eq!(form.sampler.name(), "DPM++ 2M");
     assert_eq!(form.schedule.name(), "Karras");
 }
+
+#[test]
+fn the_history_gallery_reuses_sends_and_deletes_with_undo() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let images = home.join("images");
+    std::fs::create_dir_all(&images).expect("dir");
+    let text =
+        "a lighthouse at dusk\nSteps: 11, Sampler: Euler, CFG scale: 4, Seed: 77, Size: 48x32";
+    let png = encode_png(&gradient(48, 32), Some(text)).expect("png");
+    let path = images.join("1700000000000-77.png");
+    std::fs::write(&path, png).expect("write");
+
+    let mut h = harness(&home);
+    h.step();
+    go_to_canvas(&mut h);
+    step_until(&mut h, "the thumbnail", |h| {
+        shows_text(h, "a lighthouse at dusk")
+    });
+    assert_eq!(h.state().canvas().history().entries().len(), 1);
+
+    control(&h, "Reuse parameters").click();
+    h.step();
+    h.step();
+    let form = h.state().canvas().form();
+    assert_eq!((form.steps, form.seed), (11, 77));
+    assert_eq!(form.prompt, "a lighthouse at dusk");
+    assert!(
+        h.state().canvas().document().is_empty(),
+        "Reuse leaves the canvas alone"
+    );
+
+    control(&h, "Send to Canvas").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().canvas().document().size(), Some((48, 32)));
+
+    control(&h, "Delete").click();
+    h.step();
+    h.step();
+    assert!(path.exists(), "Delete asks first");
+    control(&h, "Confirm delete").click();
+    h.step();
+    h.step();
+    assert!(!path.exists());
+    assert!(h.state().canvas().history().entries().is_empty());
+    // The notice's Undo (above the canvas toolbar's own Undo).
+    h.get_all_by(|n| n.role() != Role::Label && n.label().as_deref() == Some("Undo"))
+        .min_by(|a, b| a.rect().min.y.total_cmp(&b.rect().min.y))
+        .expect("an Undo button")
+        .click();
+    h.step();
+    h.step();
+    assert!(path.exists(), "Undo brings the file back");
+    assert_eq!(h.state().canvas().history().entries().len(), 1);
+}

@@ -261,6 +261,7 @@ impl StudioApp {
         let info = StatusInfo {
             device: &self.device_label,
             model: self.model.as_ref(),
+            image_model: self.canvas.model().map(|m| m.name.as_str()),
             running: self.jobs.running(),
             queued: self.jobs.queued(),
             reply: self.chat.active(),

@@ -18,6 +18,8 @@ const RAM_INTERVAL: Duration = Duration::from_secs(1);
 pub struct StatusInfo<'a> {
     pub device: &'a str,
     pub model: Option<&'a ModelInfo>,
+    /// The Canvas's Stable Diffusion model, if one is loaded.
+    pub image_model: Option<&'a str>,
     pub running: Option<&'a RunningJob>,
     pub queued: usize,
     pub reply: Option<&'a ActiveReply>,
@@ -53,6 +55,11 @@ impl StatusBar {
                 Some(m) => ui.label(&m.name),
                 None => ui.label(weak(ui, "none")),
             };
+            if let Some(name) = info.image_model {
+                ui.separator();
+                ui.label(weak(ui, "Image model"));
+                ui.label(name);
+            }
             ui.separator();
             match info.running {
                 Some(job) => running_ui(ui, job, info, commands),

@@ -77,9 +77,7 @@ impl CanvasView {
         commands: &mut Vec<Command>,
     ) {
         let rect = ui.available_rect_before_wrap();
-        let response = ui
-            .allocate_rect(rect, Sense::click_and_drag())
-            .on_hover_text_at_pointer(hover_help(cx));
+        let response = ui.allocate_rect(rect, Sense::click_and_drag());
         response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Canvas, true, CANVAS_LABEL));
         let painter = ui.painter_at(rect);
         painter.rect_filled(rect, 0.0, ui.visuals().extreme_bg_color);
@@ -153,6 +151,14 @@ impl CanvasView {
             // latent2rgb previews are 1/8 of the size: stretch over the area being generated.
             draw_texture(&painter, preview, canvas_rect);
         }
+
+        painter.text(
+            rect.left_bottom() + egui::vec2(8.0, -6.0),
+            egui::Align2::LEFT_BOTTOM,
+            hover_help(cx),
+            egui::TextStyle::Small.resolve(ui.style()),
+            ui.visuals().weak_text_color(),
+        );
 
         // Painting.
         let can_paint = cx.doc.image().is_some() && staged.is_none() && !Self::panning(ui);
