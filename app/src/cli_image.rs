@@ -39,11 +39,13 @@ pub struct ImageArgs {
     /// Negative prompt.
     #[arg(long, default_value = "")]
     pub negative: String,
-    #[arg(long, default_value_t = 20)]
-    pub steps: usize,
-    /// Classifier-free guidance scale (1 or less: no negative prompt pass).
-    #[arg(long, default_value_t = 7.0)]
-    pub cfg: f64,
+    /// Denoising steps (default 20, or 4 for few-step models such as SD-Turbo and LCM).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale; 1 or less skips the negative prompt pass (default 7, or
+    /// 1 for few-step models).
+    #[arg(long)]
+    pub cfg: Option<f64>,
     /// Seed (random when left out; printed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -172,7 +174,12 @@ fn snapped(img: &RgbImage, multiple: u32) -> (u32, u32) {
     (s(img.width), s(img.height))
 }
 
-fn request(args: &ImageArgs, mode: ImageMode, size: (u32, u32)) -> Result<ImageRequest> {
+fn request(
+    args: &ImageArgs,
+    m: &SdModel,
+    mode: ImageMode,
+    size: (u32, u32),
+) -> Result<ImageRequest> {
     let Some((sampler, sched_from_name)) = SamplerKind::parse(&args.sampler) else {
         bail!(
             "unknown sampler `{}` (use one of: {})",
@@ -198,8 +205,8 @@ fn request(args: &ImageArgs, mode: ImageMode, size: (u32, u32)) -> Result<ImageR
     Ok(ImageRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
-        steps: args.steps,
-        cfg_scale: args.cfg,
+        steps: args.steps.unwrap_or(if m.info.few_step { 4 } else { 20 }),
+        cfg_scale: args.cfg.unwrap_or(if m.info.few_step { 1.0 } else { 7.0 }),
         seed: args.seed,
         sampler,
         schedule,
@@ -280,7 +287,7 @@ fn run(args: &ImageArgs, m: &SdModel, req: &ImageRequest) -> Result<()> {
 pub fn run_txt2img(args: &ImageArgs) -> Result<()> {
     let m = load(args)?;
     let size = m.info.default_size;
-    let req = request(args, ImageMode::Txt2Img, size)?;
+    let req = request(args, &m, ImageMode::Txt2Img, size)?;
     run(args, &m, &req)
 }
 
@@ -292,7 +299,7 @@ pub fn run_img2img(args: &Img2ImgArgs) -> Result<()> {
         init,
         strength: args.strength,
     };
-    let req = request(&args.image, mode, size)?;
+    let req = request(&args.image, &m, mode, size)?;
     run(&args.image, &m, &req)
 }
 
@@ -307,7 +314,7 @@ pub fn run_inpaint(args: &InpaintArgs) -> Result<()> {
         strength: args.strength,
         mask_blur: args.mask_blur,
     };
-    let req = request(&args.image, mode, size)?;
+    let req = request(&args.image, &m, mode, size)?;
     run(&args.image, &m, &req)
 }
 
