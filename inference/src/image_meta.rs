@@ -169,25 +169,29 @@ pub fn png_parameters(bytes: &[u8]) -> Result<Option<GenerationParameters>> {
     let mut pixels = vec![0; size];
     reader.next_frame(&mut pixels).map_err(|e| not_png(&e))?;
     reader.finish().map_err(|e| not_png(&e))?;
-    let info = reader.info();
-    let text = info
-        .uncompressed_latin1_text
+    let text = parameters_in(reader.info());
+    Ok(text.map(|t| GenerationParameters::parse(&t)))
+}
+
+/// The `parameters` text of a decoded PNG header (`tEXt`, `zTXt` or `iTXt`).
+pub(crate) fn parameters_in(info: &png::Info<'_>) -> Option<String> {
+    let find = |keyword: &str| keyword == PARAMETERS_KEYWORD;
+    info.uncompressed_latin1_text
         .iter()
-        .find(|c| c.keyword == PARAMETERS_KEYWORD)
+        .find(|c| find(&c.keyword))
         .map(|c| c.text.clone())
         .or_else(|| {
             info.compressed_latin1_text
                 .iter()
-                .find(|c| c.keyword == PARAMETERS_KEYWORD)
+                .find(|c| find(&c.keyword))
                 .and_then(|c| c.get_text().ok())
         })
         .or_else(|| {
             info.utf8_text
                 .iter()
-                .find(|c| c.keyword == PARAMETERS_KEYWORD)
+                .find(|c| find(&c.keyword))
                 .and_then(|c| c.get_text().ok())
-        });
-    Ok(text.map(|t| GenerationParameters::parse(&t)))
+        })
 }
 
 /// Quotes a value that would break the line's syntax, as JSON.

@@ -700,6 +700,24 @@ fn send_text(
     }
 }
 
+/// A loading-progress callback that sends lossy [`Event::Progress`] events.
+fn progress_sender<'a>(
+    events: &'a Sender<Event>,
+    repaint: &'a Arc<dyn Fn() + Send + Sync>,
+    job: JobId,
+) -> impl FnMut(f32, &str) + 'a {
+    move |fraction, message| {
+        let event = Event::Progress {
+            job,
+            fraction,
+            message: message.to_owned(),
+        };
+        if events.try_send(event).is_ok() {
+            repaint();
+        }
+    }
+}
+
 fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationStats>> {
     match kind {
         JobKind::LoadModel { path, options } => {
@@ -712,21 +730,8 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             if ctx.backend.take().is_some() {
                 ctx.send(Event::ModelUnloaded { job });
             }
-            let events = ctx.events;
-            let repaint = ctx.repaint;
-            let device = ctx.device;
-            let loaded = prepared.load(device, &mut |fraction, message: &str| {
-                if events
-                    .try_send(Event::Progress {
-                        job,
-                        fraction,
-                        message: message.to_owned(),
-                    })
-                    .is_ok()
-                {
-                    repaint();
-                }
-            })?;
+            let mut progress = progress_sender(ctx.events, ctx.repaint, job);
+            let loaded = prepared.load(ctx.device, &mut progress)?;
             let mut loaded = loaded;
             if let Some(n) = options.context_length {
                 loaded.info.context_length = loaded.model.set_context_length(n);
@@ -808,19 +813,8 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
         }
         JobKind::LoadImageModel { path, options } => {
             let job = ctx.job;
-            let (events, repaint, device) = (ctx.events, ctx.repaint, ctx.device);
-            let model = sd_model::load(&path, &options, device, &mut |fraction, message: &str| {
-                if events
-                    .try_send(Event::Progress {
-                        job,
-                        fraction,
-                        message: message.to_owned(),
-                    })
-                    .is_ok()
-                {
-                    repaint();
-                }
-            })?;
+            let mut progress = progress_sender(ctx.events, ctx.repaint, job);
+            let model = sd_model::load(&path, &options, ctx.device, &mut progress)?;
             if ctx.image_model.take().is_some() {
                 ctx.send(Event::ImageModelUnloaded { job });
             }

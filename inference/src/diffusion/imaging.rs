@@ -17,7 +17,7 @@ use image::imageops::FilterType;
 use image::{ImageFormat, ImageReader, Limits};
 
 use crate::error::{Error, Result};
-use crate::image_meta::{self, GenerationParameters, PARAMETERS_KEYWORD};
+use crate::image_meta::{self, GenerationParameters};
 
 /// The longest side Studio keeps when opening an image; larger images are downscaled.
 pub const MAX_SIDE: u32 = 8192;
@@ -158,23 +158,7 @@ fn png_parameters_text(bytes: &[u8]) -> Option<String> {
     let mut reader = decoder.read_info().ok()?;
     // Skips the image data and reads the chunks after it (text may follow the pixels).
     reader.finish().ok()?;
-    let info = reader.info();
-    info.uncompressed_latin1_text
-        .iter()
-        .find(|c| c.keyword == PARAMETERS_KEYWORD)
-        .map(|c| c.text.clone())
-        .or_else(|| {
-            info.compressed_latin1_text
-                .iter()
-                .find(|c| c.keyword == PARAMETERS_KEYWORD)
-                .and_then(|c| c.get_text().ok())
-        })
-        .or_else(|| {
-            info.utf8_text
-                .iter()
-                .find(|c| c.keyword == PARAMETERS_KEYWORD)
-                .and_then(|c| c.get_text().ok())
-        })
+    crate::image_meta::parameters_in(reader.info())
 }
 
 /// A mask from an image's luminance (ITU-R BT.601 weights): white = repaint, black = keep.

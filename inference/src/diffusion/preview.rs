@@ -477,12 +477,6 @@ impl TinyDecoder {
     }
 }
 
-fn is_pickle(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-        ["pth", "pt", "bin", "ckpt", "pkl", "pickle"].contains(&e.to_ascii_lowercase().as_str())
-    })
-}
-
 const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 const ORIGINAL_WEIGHTS: [&str; 2] = ["taesd_decoder.safetensors", "taesdxl_decoder.safetensors"];
 
@@ -492,7 +486,7 @@ fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         return Err(Error::NotFound(path.to_path_buf()));
     }
     if path.is_file() {
-        if is_pickle(path) {
+        if crate::loader::is_pickle(path) {
             return Err(Error::UnsafePickle(path.to_path_buf()));
         }
         let config = path
