@@ -361,6 +361,38 @@ fn a_dropped_file_that_is_not_an_image_gives_a_notice_and_changes_nothing() {
 }
 
 #[test]
+fn an_image_pasted_from_the_clipboard_becomes_the_canvas_and_undo_takes_it_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to_canvas(&mut h);
+    // What egui sends for Ctrl+V with an image (and no text) on the system clipboard:
+    // premultiplied RGBA; the transparent pixel lands on white.
+    let mut pasted = egui::ColorImage::new([3, 2], vec![egui::Color32::from_rgb(10, 200, 30); 6]);
+    pasted.pixels[5] = egui::Color32::TRANSPARENT;
+    h.event(egui::Event::PasteImage(Arc::new(pasted)));
+    h.step();
+    h.step();
+    let img = h
+        .state()
+        .canvas()
+        .document()
+        .image()
+        .cloned()
+        .expect("the pasted image is on the canvas");
+    assert_eq!((img.width, img.height), (3, 2));
+    assert_eq!(img.pixels[..3], [10, 200, 30]);
+    assert_eq!(img.pixels[15..], [255, 255, 255]);
+    h.key_press_modifiers(Modifiers::COMMAND, Key::Z);
+    h.step();
+    h.step();
+    assert!(
+        h.state().canvas().document().image().is_none(),
+        "undo removes the paste"
+    );
+}
+
+#[test]
 fn the_canvas_is_saved_and_comes_back_after_a_restart() {
     let tmp = tempfile::tempdir().expect("tmp");
     let home = tmp.path().join("home");

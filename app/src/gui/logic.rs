@@ -4,9 +4,11 @@
 //! streaming reply and changed parameters saved, and remove deleted chats whose undo time
 //! has passed.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egui::{Key, KeyboardShortcut, Modifiers};
+use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::worker::Event;
 
 use super::app::StudioApp;
@@ -231,7 +233,8 @@ impl StudioApp {
     }
 
     /// Ctrl+Z / Ctrl+Shift+Z / Ctrl+Y undo and redo on the canvas (a focused text field keeps
-    /// its own undo), Ctrl+Enter generates, Ctrl+V opens a pasted image file path.
+    /// its own undo), Ctrl+Enter generates, Ctrl+V pastes an image (or opens a pasted image
+    /// file path).
     fn take_canvas_shortcuts(&mut self, ctx: &egui::Context) {
         if ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT)) {
             self.commands.push(Command::Canvas(CanvasCommand::Generate));
@@ -245,17 +248,24 @@ impl StudioApp {
         } else if ctx.input_mut(|i| i.consume_shortcut(&UNDO_SHORTCUT)) {
             self.commands.push(Command::Canvas(CanvasCommand::Undo));
         }
-        let pasted: Vec<String> = ctx.input(|i| {
-            i.events
-                .iter()
-                .filter_map(|e| match e {
-                    egui::Event::Paste(text) => Some(text.clone()),
-                    _ => None,
-                })
-                .collect()
+        let (texts, images): (Vec<String>, Vec<RgbImage>) = ctx.input(|i| {
+            let mut texts = Vec::new();
+            let mut images = Vec::new();
+            for e in &i.events {
+                match e {
+                    egui::Event::Paste(text) => texts.push(text.clone()),
+                    egui::Event::PasteImage(image) => images.push(rgb_over_white(image)),
+                    _ => {}
+                }
+            }
+            (texts, images)
         });
-        for text in pasted {
+        for text in texts {
             self.paste_on_canvas(&text);
+        }
+        for image in images {
+            self.commands
+                .push(Command::Canvas(CanvasCommand::PasteImage(Arc::new(image))));
         }
     }
 
@@ -263,5 +273,23 @@ impl StudioApp {
         if let Err(e) = self.chat.store.save(id) {
             self.notices.error(format!("{e:#}"));
         }
+    }
+}
+
+/// A pasted image (egui's premultiplied RGBA) composited over white, as the canvas holds RGB.
+pub(crate) fn rgb_over_white(image: &egui::ColorImage) -> RgbImage {
+    let mut pixels = Vec::with_capacity(image.pixels.len() * 3);
+    for c in &image.pixels {
+        let white = 255 - c.a();
+        pixels.extend([
+            c.r().saturating_add(white),
+            c.g().saturating_add(white),
+            c.b().saturating_add(white),
+        ]);
+    }
+    RgbImage {
+        width: image.size[0] as u32,
+        height: image.size[1] as u32,
+        pixels,
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use studio_inference::diffusion::imaging::{decode_image_file, encode_png};
+use studio_inference::diffusion::imaging::{MAX_SIDE, RgbImage, decode_image_file, encode_png};
 use studio_inference::diffusion::model::{ImageModelInfo, is_diffusion_model};
 use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::GenerationParameters;
@@ -139,6 +139,7 @@ impl StudioApp {
             }
             CanvasCommand::DiscardAllStaged => c.doc.discard_all_staged(),
             CanvasCommand::OpenImage(path) => self.open_image(&path),
+            CanvasCommand::PasteImage(image) => self.paste_image(&image),
             CanvasCommand::OpenImageDialog => {
                 if let Some(path) = rfd::FileDialog::new()
                     .set_title("Open an image")
@@ -310,6 +311,33 @@ impl StudioApp {
                 OFFER_LIFETIME,
             );
         }
+    }
+
+    fn paste_image(&mut self, image: &RgbImage) {
+        if self.canvas.generating.is_some() {
+            self.notices.warning(
+                "Wait for the generation to finish (or cancel it) before pasting an image",
+            );
+            return;
+        }
+        let (w, h) = (image.width, image.height);
+        let side = w.max(h);
+        let image = if side > MAX_SIDE {
+            let scale = f64::from(MAX_SIDE) / f64::from(side);
+            let (nw, nh) = (
+                ((f64::from(w) * scale) as u32).max(1),
+                ((f64::from(h) * scale) as u32).max(1),
+            );
+            self.notices.warning(format!(
+                "The pasted image is {w}x{h}; it was downscaled to {nw}x{nh} to fit the canvas"
+            ));
+            image.resized(nw, nh)
+        } else {
+            image.clone()
+        };
+        self.canvas.doc.set_image(image);
+        self.canvas.view.fit();
+        self.settings.panel = crate::gui::settings_store::Panel::Canvas;
     }
 
     fn restore_into_form(&mut self, params: &GenerationParameters) {
@@ -511,8 +539,9 @@ impl StudioApp {
         }
     }
 
-    /// Ctrl+V on the Canvas: egui delivers pasted text only, so a copied image *file* (its
-    /// path or `file://` URI) is opened; anything else is left alone.
+    /// Ctrl+V on the Canvas with text on the clipboard: a copied image *file* (its path or
+    /// `file://` URI) is opened; other text is left alone. (Copied pixels arrive as
+    /// `CanvasCommand::PasteImage`.)
     pub(crate) fn paste_on_canvas(&mut self, text: &str) {
         let first = text.lines().next().unwrap_or("").trim();
         let path = PathBuf::from(first.strip_prefix("file://").unwrap_or(first));

@@ -19,8 +19,10 @@ pub mod store;
 pub mod view;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use egui::RichText;
+use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::diffusion::model::{ImageModelInfo, ImageModelOptions};
 use studio_inference::image_meta::GenerationParameters;
 use studio_inference::worker::JobId;
@@ -74,6 +76,8 @@ pub enum CanvasCommand {
     /// Open an image file as the image layer (drop, Send to Canvas, the dialog).
     OpenImage(PathBuf),
     OpenImageDialog,
+    /// An image pasted from the clipboard becomes the image layer.
+    PasteImage(Arc<RgbImage>),
     SaveImageDialog,
     /// Put a history image's parameters in the form.
     ReuseParameters(PathBuf),
@@ -483,8 +487,7 @@ impl CanvasPanel {
                 .add_enabled(!busy, egui::Button::new("Open image…"))
                 .on_hover_text(
                     "Open a PNG, JPEG or WebP as the canvas (or drop one here). Ctrl+V pastes a \
-                     copied image file's path; pasting pixels from the clipboard is not \
-                     possible (egui only delivers pasted text)",
+                     copied image, or opens a copied image file's path",
                 )
                 .clicked()
             {
