@@ -331,7 +331,7 @@ def main():
         "clip_l",
         4,
         CLIPTextModel,
-        CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, hidden_act="quick_gelu",
+        CLIPTextConfig(hidden_size=24, intermediate_size=48, num_attention_heads=3, hidden_act="quick_gelu",
                        pad_token_id=EOS, **common),
         pad=EOS,
         lengths=[9],
