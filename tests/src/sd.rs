@@ -73,6 +73,21 @@ fn text_config(hidden: usize, act: &str, layers: usize, projection: usize, vocab
     })
 }
 
+/// Released text encoders name their tower `text_model.…` (a fresh `VarMap` makes
+/// `ClipTextModel` use the unprefixed names transformers 5 writes).
+fn with_text_model_prefix(weights: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    weights
+        .into_iter()
+        .map(|(n, t)| {
+            if n.starts_with("text_projection") || n.starts_with("text_model.") {
+                (n, t)
+            } else {
+                (format!("text_model.{n}"), t)
+            }
+        })
+        .collect()
+}
+
 /// Random tensors for `build`'s module, by name (seeded).
 fn random_weights(
     seed: u64,
@@ -216,9 +231,9 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
     let vocab = if opts.full_vocab { 49408 } else { vocab_size() };
     let te_cfg = text_config(te_hidden, act, 2, projection, vocab);
     let te_config: ClipConfig = serde_json::from_value(te_cfg.clone()).expect("clip config");
-    let text_encoder = random_weights(opts.seed + 2, |vb| {
+    let text_encoder = with_text_model_prefix(random_weights(opts.seed + 2, |vb| {
         ClipTextModel::new(vb, &te_config, false).map(|_| ())
-    });
+    }));
     write_json(&dir.join("text_encoder/config.json"), &te_cfg);
     save(
         &dir.join("text_encoder"),
@@ -232,9 +247,9 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
     let text_encoder_2 = sdxl.then(|| {
         let cfg = text_config(te2_hidden, "gelu", 2, projection, vocab);
         let config: ClipConfig = serde_json::from_value(cfg.clone()).expect("clip config");
-        let w = random_weights(opts.seed + 3, |vb| {
+        let w = with_text_model_prefix(random_weights(opts.seed + 3, |vb| {
             ClipTextModel::new(vb, &config, true).map(|_| ())
-        });
+        }));
         write_json(&dir.join("text_encoder_2/config.json"), &cfg);
         save(&dir.join("text_encoder_2"), "model.safetensors", &w);
         if !opts.full_vocab {

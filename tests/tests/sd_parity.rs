@@ -442,7 +442,6 @@ fn clip_parity_detects_a_changed_weight() {
 /// prefix (`embeddings.token_embedding.weight`, `encoder.layers.0.…`), so text encoders written
 /// by today's `save_pretrained` have these names.
 #[test]
-#[ignore = "ClipTextModel::new only reads `text_model.`-prefixed names; transformers >= 5 saves CLIPTextModel without the prefix"]
 fn clip_reads_transformers5_names() {
     let dir = fixture("clip_l");
     let config: ClipConfig =

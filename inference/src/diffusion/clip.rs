@@ -203,7 +203,13 @@ impl ClipTextModel {
     /// Builds the encoder from transformers-named weights. `with_projection` loads
     /// `text_projection.weight` (SDXL's second encoder).
     pub fn new(vb: &VarBuilder, config: &ClipConfig, with_projection: bool) -> Result<Self> {
-        let tm = vb.pp("text_model");
+        // Released checkpoints (and transformers < 5) prefix the text tower with
+        // `text_model.`; transformers 5 saves `CLIPTextModel` without it.
+        let tm = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
         let emb = tm.pp("embeddings");
         let layers = (0..config.num_hidden_layers)
             .map(|i| Layer::new(&tm.pp(format!("encoder.layers.{i}")), config))
