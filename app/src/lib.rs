@@ -6,10 +6,12 @@
 //! - [`cli`], [`cli_image`]: `studio generate`, `studio txt2img`, `studio bench …` (the contract
 //!   scripts rely on);
 //! - [`gui`]: the window, its panels and the status bar;
-//! - [`home`]: where user work is saved, atomically.
+//! - [`home`]: where user work is saved, atomically;
+//! - [`files`]: the `studio-files` thread that encodes and writes images off the UI thread.
 
 pub mod cli;
 pub mod cli_image;
+pub mod files;
 pub mod gui;
 pub mod home;
 pub mod serve;

@@ -542,9 +542,11 @@ fn a_tiny_model_generates_with_a_preview_and_its_png_restores_the_parameters() {
         "staged, not yet on the canvas"
     );
 
-    // The history has the PNG with its parameters.
+    // The history has the PNG with its parameters (written on the file thread).
     let saved = canvas.document().staged()[0].path.clone().expect("saved");
     assert!(saved.starts_with(home.join("images")));
+    step_until(&mut h, "the PNG on disk", |_| saved.exists());
+    let canvas = h.state().canvas();
     let bytes = std::fs::read(&saved).expect("png");
     let params = png_parameters(&bytes).expect("png").expect("parameters");
     assert_eq!(params.prompt, "a red cat");

@@ -23,6 +23,7 @@ use super::presets::{Presets, presets_dir};
 use super::settings::SettingsPanel;
 use super::settings_store::{Panel, Settings, SettingsSaver};
 use super::status_bar::{StatusBar, StatusInfo};
+use crate::files::FileWorker;
 
 /// Where the app keeps and finds things. [`AppConfig::from_env`] is what the window uses; tests
 /// pass explicit folders so they never touch the user's files or race on the environment.
@@ -75,6 +76,8 @@ pub struct StudioApp {
     pub(super) home: PathBuf,
     pub(super) settings: Settings,
     pub(super) saver: SettingsSaver,
+    /// Encodes and writes images and decodes thumbnails off the UI thread.
+    pub(super) files: FileWorker,
     pub(super) worker: Option<Worker>,
     pub(super) device_label: String,
     pub(super) model: Option<ModelInfo>,
@@ -138,6 +141,10 @@ impl StudioApp {
             ctx: ctx.clone(),
             home: config.home.clone(),
             saver: SettingsSaver::new(&config.home, settings.clone()),
+            files: {
+                let ctx = ctx.clone();
+                FileWorker::spawn(move || ctx.request_repaint())
+            },
             settings,
             worker,
             device_label,
@@ -307,8 +314,13 @@ impl StudioApp {
                 &mut commands,
             ),
             Panel::Canvas => {
-                self.canvas
-                    .canvas_ui(ui, &mut self.settings, &self.jobs, &mut commands);
+                self.canvas.canvas_ui(
+                    ui,
+                    &mut self.settings,
+                    &self.jobs,
+                    &self.files,
+                    &mut commands,
+                );
             }
             panel @ (Panel::Code | Panel::LatentExplorer) => {
                 placeholder_ui(ui, panel);
@@ -341,11 +353,11 @@ impl StudioApp {
             self.ctx
                 .request_repaint_after(wait + Duration::from_millis(50));
         }
-        let (wait, error) = self.canvas.store.tick(&self.canvas.doc, &self.canvas.form);
-        if let Some(error) = error {
-            self.notices.error(error);
-        }
-        if let Some(wait) = wait {
+        if let Some(wait) = self
+            .canvas
+            .store
+            .tick(&self.canvas.doc, &self.canvas.form, &self.files)
+        {
             self.ctx.request_repaint_after(wait);
         }
         if let Some(wait) = self.chat.next_params_save() {
@@ -366,8 +378,12 @@ impl StudioApp {
         if let Some(error) = self.saver.flush(&self.settings) {
             log::error!("{error}");
         }
-        if let Some(error) = self.canvas.store.flush(&self.canvas.doc, &self.canvas.form) {
-            log::error!("{error}");
+        self.canvas
+            .store
+            .flush(&self.canvas.doc, &self.canvas.form, &self.files);
+        // Wait until the images and the canvas are on disk.
+        for done in self.files.flush() {
+            self.file_done(done);
         }
         if let Some(active) = self.chat.active()
             && let Err(e) = self.chat.store.save_in_place(&active.conversation.clone())

@@ -18,6 +18,7 @@ use super::command::{Command, load_error};
 use super::conversations::ReplyState;
 use super::jobs::JobPurpose;
 use super::settings_store::Panel;
+use crate::files::FileDone;
 
 /// Time budget for draining events in one frame.
 const EVENT_BUDGET: Duration = Duration::from_millis(4);
@@ -38,6 +39,9 @@ impl StudioApp {
     /// Everything that happens each frame before drawing.
     pub fn frame_logic(&mut self, ctx: &egui::Context) {
         self.drain_events(ctx);
+        while let Some(done) = self.files.try_recv() {
+            self.file_done(done);
+        }
         self.poll_preview(ctx);
         self.models.poll_scan();
         self.take_dropped_files(ctx);
@@ -266,6 +270,19 @@ impl StudioApp {
         for image in images {
             self.commands
                 .push(Command::Canvas(CanvasCommand::PasteImage(Arc::new(image))));
+        }
+    }
+
+    /// A result from the file thread: a failed write becomes a notice; a thumbnail goes to
+    /// the gallery.
+    pub(super) fn file_done(&mut self, done: FileDone) {
+        match done {
+            FileDone::WriteFailed { what, error } => {
+                self.notices.error(format!("{what} was not saved: {error}"));
+            }
+            FileDone::Thumbnail { path, result } => {
+                self.canvas.history.set_thumbnail(&self.ctx, &path, result);
+            }
         }
     }
 

@@ -422,14 +422,7 @@ impl StudioApp {
     }
 
     pub(crate) fn image_ready(&mut self, image: Arc<GeneratedImage>) {
-        let path = match self.canvas.history.save(&image) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                self.notices
-                    .error(format!("The image was not saved to the history: {e:#}"));
-                None
-            }
-        };
+        let path = Some(self.canvas.history.save(&image, &self.files));
         let c = &mut self.canvas;
         c.last_seed = Some(image.seed);
         c.doc.stage(image, path);

@@ -1,24 +1,25 @@
 //! Every finished image, saved as a PNG with its `parameters` text under
-//! `STUDIO_HOME/images/`, and the gallery of them: thumbnails (decoded a few per frame),
+//! `STUDIO_HOME/images/` (written on the file thread), and the gallery of them: thumbnails
+//! (decoded on the file thread),
 //! parameters on hover, Reuse parameters, Send to Canvas, Delete (undoable for a while: the
 //! file waits in `images/trash/`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use studio_inference::diffusion::imaging::{RgbImage, decode_image_file, encode_png};
+use studio_inference::diffusion::imaging::{RgbImage, encode_png};
 use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::GenerationParameters;
 
 use super::CanvasCommand;
+use crate::files::FileWorker;
 use crate::gui::command::Command;
 use crate::gui::style::weak;
 
 /// Longest side of a gallery thumbnail.
 const THUMB: u32 = 96;
-/// Thumbnails decoded per frame (the rest come in the next frames).
-const THUMBS_PER_FRAME: usize = 3;
 /// At most this many images are listed (the newest).
 const MAX_LISTED: usize = 500;
 
@@ -28,7 +29,8 @@ pub struct HistoryEntry {
     thumb: Option<egui::TextureHandle>,
     /// Set when the file could not be read.
     broken: Option<String>,
-    loaded: bool,
+    /// The thumbnail was asked of the file thread.
+    requested: bool,
 }
 
 impl HistoryEntry {
@@ -38,7 +40,7 @@ impl HistoryEntry {
             parameters: None,
             thumb: None,
             broken: None,
-            loaded: false,
+            requested: false,
         }
     }
 }
@@ -84,10 +86,9 @@ impl History {
         &self.entries
     }
 
-    /// Writes `image` atomically as a PNG with its parameters and lists it first.
-    pub fn save(&mut self, image: &GeneratedImage) -> anyhow::Result<PathBuf> {
-        let text = image.parameters.to_text();
-        let bytes = encode_png(&image.image, Some(&text)).context("encoding the PNG")?;
+    /// Lists `image` first and queues its PNG (with its parameters) and thumbnail on the file
+    /// thread; returns where it will be.
+    pub fn save(&mut self, image: &Arc<GeneratedImage>, files: &FileWorker) -> PathBuf {
         let stamp = crate::gui::conversations::now_ms();
         let mut path = self.dir.join(format!("{stamp}-{}.png", image.seed));
         let mut n = 1;
@@ -95,11 +96,41 @@ impl History {
             path = self.dir.join(format!("{stamp}-{}-{n}.png", image.seed));
             n += 1;
         }
-        crate::home::atomic_write(&path, &bytes)?;
+        let img = image.clone();
+        files.write(
+            format!("The image {}", path.display()),
+            &path,
+            Box::new(move || {
+                let text = img.parameters.to_text();
+                encode_png(&img.image, Some(&text)).context("encoding the PNG")
+            }),
+        );
         let mut entry = HistoryEntry::new(path.clone());
         entry.parameters = Some(image.parameters.clone());
+        entry.requested = files.thumbnail(&path, THUMB);
         self.entries.insert(0, entry);
-        Ok(path)
+        path
+    }
+
+    /// A thumbnail the file thread made.
+    pub fn set_thumbnail(
+        &mut self,
+        ctx: &egui::Context,
+        path: &Path,
+        result: Result<(RgbImage, Option<String>), String>,
+    ) {
+        let Some(entry) = self.entries.iter_mut().find(|e| e.path == path) else {
+            return;
+        };
+        match result {
+            Ok((thumb, parameters)) => {
+                if entry.parameters.is_none() {
+                    entry.parameters = parameters.as_deref().map(GenerationParameters::parse);
+                }
+                entry.thumb = Some(texture(ctx, &format!("history:{}", path.display()), &thumb));
+            }
+            Err(e) => entry.broken = Some(e),
+        }
     }
 
     /// Moves `path` to the trash (Undo brings it back). Returns whether it was there.
@@ -142,7 +173,12 @@ impl History {
     }
 
     /// The gallery: a grid of thumbnails with their buttons.
-    pub fn history_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+    pub fn history_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        files: &FileWorker,
+        commands: &mut Vec<Command>,
+    ) {
         if self.entries.is_empty() {
             ui.label(weak(
                 ui,
@@ -150,22 +186,17 @@ impl History {
             ));
             return;
         }
-        let mut decoded = 0;
         let mut pending = false;
-        let ctx = ui.ctx().clone();
         egui::ScrollArea::vertical()
             .id_salt("canvas_history")
             .auto_shrink([false, true])
             .max_height(ui.available_height())
             .show(ui, |ui| {
                 for entry in &mut self.entries {
-                    if !entry.loaded {
-                        if decoded < THUMBS_PER_FRAME {
-                            load_thumb(&ctx, entry);
-                            decoded += 1;
-                        } else {
-                            pending = true;
-                        }
+                    if !entry.requested {
+                        // Decoded on the file thread; a full queue asks again next frame.
+                        entry.requested = files.thumbnail(&entry.path, THUMB);
+                        pending |= !entry.requested;
                     }
                     entry_ui(ui, entry, &mut self.confirm_delete, commands);
                     ui.separator();
@@ -177,39 +208,7 @@ impl History {
     }
 }
 
-fn load_thumb(ctx: &egui::Context, entry: &mut HistoryEntry) {
-    entry.loaded = true;
-    match decode_image_file(&entry.path) {
-        Ok(decoded) => {
-            if entry.parameters.is_none() {
-                entry.parameters = decoded
-                    .parameters
-                    .as_deref()
-                    .map(GenerationParameters::parse);
-            }
-            let thumb = thumbnail(&decoded.image, THUMB);
-            entry.thumb = Some(texture(
-                ctx,
-                &format!("history:{}", entry.path.display()),
-                &thumb,
-            ));
-        }
-        Err(e) => entry.broken = Some(e.to_string()),
-    }
-}
-
-/// `img` shrunk so its longest side is at most `side`.
-pub fn thumbnail(img: &RgbImage, side: u32) -> RgbImage {
-    let longest = img.width.max(img.height).max(1);
-    if longest <= side {
-        return img.clone();
-    }
-    let scale = f64::from(side) / f64::from(longest);
-    img.resized(
-        ((f64::from(img.width) * scale).round() as u32).max(1),
-        ((f64::from(img.height) * scale).round() as u32).max(1),
-    )
-}
+pub use crate::files::thumbnail;
 
 pub fn texture(ctx: &egui::Context, name: &str, img: &RgbImage) -> egui::TextureHandle {
     let color = egui::ColorImage::from_rgba_unmultiplied(

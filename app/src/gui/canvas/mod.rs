@@ -27,6 +27,8 @@ use studio_inference::diffusion::model::{ImageModelInfo, ImageModelOptions};
 use studio_inference::image_meta::GenerationParameters;
 use studio_inference::worker::JobId;
 
+use crate::files::FileWorker;
+
 use self::document::{Document, ModeKind, Side, Tool};
 use self::form::{FormContext, FormValues, FormView, Style, load_styles, snap};
 use self::history::History;
@@ -229,6 +231,7 @@ impl CanvasPanel {
         ui: &mut egui::Ui,
         settings: &mut Settings,
         jobs: &Jobs,
+        files: &FileWorker,
         commands: &mut Vec<Command>,
     ) {
         let loading = jobs.loading_image_model().is_some();
@@ -268,7 +271,7 @@ impl CanvasPanel {
                 ui.add_space(4.0);
                 ui.label(RichText::new("History").strong().size(15.0));
                 ui.add_space(4.0);
-                self.history.history_ui(ui, commands);
+                self.history.history_ui(ui, files, commands);
             });
         egui::Panel::top("canvas_toolbar").show(ui, |ui| self.toolbar_ui(ui, commands));
         if !self.doc.staged().is_empty() {

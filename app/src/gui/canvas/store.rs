@@ -14,7 +14,8 @@ use studio_inference::diffusion::imaging::{
 
 use super::document::Document;
 use super::form::FormValues;
-use crate::home::{atomic_write, load_json, save_json};
+use crate::files::FileWorker;
+use crate::home::load_json;
 
 /// Bumped when the saved layout changes meaning.
 pub const CANVAS_VERSION: u32 = 1;
@@ -138,57 +139,68 @@ impl CanvasStore {
             || self.saved_form.as_ref() != Some(form)
     }
 
-    /// Call once per frame: writes a second after the last change. Returns when to look
-    /// again and the error of a failed write.
+    /// Call once per frame: queues the writes a second after the last change. Returns when to
+    /// look again.
     pub fn tick(
         &mut self,
         doc: &Document,
         form: &FormValues,
-    ) -> (Option<Duration>, Option<String>) {
+        files: &FileWorker,
+    ) -> Option<Duration> {
         if !self.dirty(doc, form) {
             self.changed_at = None;
-            return (None, None);
+            return None;
         }
         let changed_at = *self.changed_at.get_or_insert_with(Instant::now);
         // Another change restarts the wait.
         let waited = changed_at.elapsed();
         if waited < SAVE_DEBOUNCE {
-            return (Some(SAVE_DEBOUNCE.saturating_sub(waited)), None);
+            return Some(SAVE_DEBOUNCE.saturating_sub(waited));
         }
-        (None, self.flush(doc, form))
+        self.flush(doc, form, files);
+        None
     }
 
-    /// Writes now if anything changed; returns the error, if any.
-    pub fn flush(&mut self, doc: &Document, form: &FormValues) -> Option<String> {
+    /// Queues the writes now if anything changed. Errors come back from the file thread.
+    pub fn flush(&mut self, doc: &Document, form: &FormValues, files: &FileWorker) {
         if !self.dirty(doc, form) {
-            return None;
+            return;
         }
         self.changed_at = None;
-        let result = self.write(doc, form);
-        // Whatever happened, do not retry every frame: the next change tries again.
+        self.write(doc, form, files);
+        // Whatever happens, do not retry every frame: the next change tries again.
         self.mark_saved(doc, form);
-        result
-            .err()
-            .map(|e| format!("The canvas was not saved: {e:#}"))
     }
 
-    fn write(&self, doc: &Document, form: &FormValues) -> anyhow::Result<()> {
+    /// Queues `image.png`, `mask.png` and then `canvas.json` (the file thread keeps the order,
+    /// so the JSON never names files that are not written yet).
+    fn write(&self, doc: &Document, form: &FormValues, files: &FileWorker) {
+        const WHAT: &str = "The canvas";
         if let Some(image) = doc.image() {
             if self.saved_image_rev != Some(doc.image_rev()) {
-                let png = encode_png(image, None).context("encoding the canvas image")?;
-                atomic_write(&self.dir.join("image.png"), &png)?;
+                let image = image.clone();
+                files.write(
+                    WHAT,
+                    &self.dir.join("image.png"),
+                    Box::new(move || encode_png(&image, None).context("encoding the canvas image")),
+                );
             }
             if self.saved_mask_rev != Some(doc.mask_rev())
                 || self.saved_image_rev != Some(doc.image_rev())
             {
-                let m = doc.mask();
-                let grey = RgbImage {
-                    width: m.width,
-                    height: m.height,
-                    pixels: m.values.iter().flat_map(|&v| [v, v, v]).collect(),
-                };
-                let png = encode_png(&grey, None).context("encoding the mask")?;
-                atomic_write(&self.dir.join("mask.png"), &png)?;
+                let m = doc.mask().clone();
+                files.write(
+                    WHAT,
+                    &self.dir.join("mask.png"),
+                    Box::new(move || {
+                        let grey = RgbImage {
+                            width: m.width,
+                            height: m.height,
+                            pixels: m.values.iter().flat_map(|&v| [v, v, v]).collect(),
+                        };
+                        encode_png(&grey, None).context("encoding the mask")
+                    }),
+                );
             }
         }
         let (width, height) = doc.size().unwrap_or((0, 0));
@@ -199,7 +211,11 @@ impl CanvasStore {
             width,
             height,
         };
-        save_json(&self.dir.join("canvas.json"), &saved)
+        files.write(
+            WHAT,
+            &self.dir.join("canvas.json"),
+            Box::new(move || serde_json::to_vec_pretty(&saved).context("serializing")),
+        );
     }
 }
 
@@ -239,7 +255,10 @@ mod tests {
             ..FormValues::default()
         };
         let mut store = CanvasStore::new(tmp.path());
-        assert_eq!(store.flush(&doc, &form), None);
+        let files = FileWorker::spawn(|| {});
+        store.flush(&doc, &form, &files);
+        let done = files.flush();
+        assert!(done.is_empty(), "{done:?}");
         let loaded = CanvasStore::new(tmp.path()).load();
         assert!(loaded.notes.is_empty(), "{:?}", loaded.notes);
         assert_eq!(loaded.form.as_ref(), Some(&form));
