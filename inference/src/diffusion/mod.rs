@@ -6,6 +6,7 @@
 //! - [`imaging`]: image ↔ tensor conversion, decoding dropped files, masks;
 //! - [`convert`]: original (LDM) checkpoint names → diffusers names, on load;
 //! - [`clip`], [`unet`], [`vae`]: the networks, with diffusers/transformers tensor names;
+//! - [`unet_blocks`]: the UNet's resnet, transformer, down/mid/up blocks, as diffusers computes them;
 //! - [`prompt`]: emphasis syntax, long prompts, CLIP's tokenizer;
 //! - [`model`]: finding, detecting and loading a model (diffusers folder or single file);
 //! - [`pipeline`]: txt2img, img2img, inpainting with per-step previews.
@@ -20,4 +21,5 @@ pub mod preview;
 pub mod prompt;
 pub mod samplers;
 pub mod unet;
+pub mod unet_blocks;
 pub mod vae;

@@ -1,20 +1,18 @@
-//! The denoising UNet (diffusers `UNet2DConditionModel` names), assembled from
-//! candle-transformers' Stable Diffusion blocks. Beyond candle's own top level it adds SDXL's
-//! "text_time" conditioning (`add_time_proj` + `add_embedding`: the pooled text embedding and
-//! the original-size/crop/target-size ids), which SDXL checkpoints need to produce sensible
-//! images, and takes its shape from `unet/config.json` or from the tensors themselves.
+//! The denoising UNet (diffusers `UNet2DConditionModel` names), assembled from Studio's own
+//! blocks in [`super::unet_blocks`] (which follow diffusers' math: `norm_num_groups` in every
+//! GroupNorm, GEGLU with the exact GELU) and candle-transformers' timestep embedding. It adds
+//! SDXL's "text_time" conditioning (`add_time_proj` + `add_embedding`: the pooled text
+//! embedding and the original-size/crop/target-size ids), which SDXL checkpoints need to
+//! produce sensible images, and takes its shape from `unet/config.json` or from the tensors
+//! themselves.
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
-    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
-    UpBlock2D, UpBlock2DConfig,
-};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::unet_blocks::{AttentionConfig, BlockConfig, DownBlock, MidBlock, UpBlock};
 use crate::error::{Error, Result};
 
 /// One resolution level of the UNet.
@@ -251,25 +249,15 @@ fn heads_for(cross_attention_dim: usize, channels: usize) -> usize {
     }
 }
 
-enum Down {
-    Basic(DownBlock2D),
-    Cross(CrossAttnDownBlock2D),
-}
-
-enum Up {
-    Basic(UpBlock2D),
-    Cross(CrossAttnUpBlock2D),
-}
-
 /// The UNet.
 pub struct Unet {
     conv_in: candle_nn::Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     add: Option<(Timesteps, TimestepEmbedding)>,
-    down: Vec<Down>,
-    mid: UNetMidBlock2DCrossAttn,
-    up: Vec<Up>,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
     norm_out: candle_nn::GroupNorm,
     conv_out: candle_nn::Conv2d,
     config: UnetConfig,
@@ -287,6 +275,11 @@ impl Unet {
     pub fn new(vb: &VarBuilder, config: UnetConfig) -> Result<Self> {
         let c = &config;
         let n = c.levels.len();
+        if n == 0 {
+            return Err(Error::InvalidParameter(
+                "a UNet needs at least one level".into(),
+            ));
+        }
         let b0 = c.levels[0].channels;
         let last = &c.levels[n - 1];
         let temb = b0 * 4;
@@ -304,58 +297,36 @@ impl Unet {
             )),
             None => None,
         };
+        let blocks = BlockConfig {
+            temb_channels: temb,
+            groups: c.norm_num_groups,
+            eps: c.norm_eps,
+        };
+        let attention = |level: &Level, layers: usize| AttentionConfig {
+            layers,
+            heads: level.heads,
+            cross_attention_dim: c.cross_attention_dim,
+            linear_projection: c.use_linear_projection,
+        };
         let mut down = Vec::with_capacity(n);
         for (i, level) in c.levels.iter().enumerate() {
             let in_ch = if i == 0 { b0 } else { c.levels[i - 1].channels };
-            let cfg = DownBlock2DConfig {
-                num_layers: c.layers_per_block,
-                resnet_eps: c.norm_eps,
-                resnet_groups: c.norm_num_groups,
-                add_downsample: i + 1 < n,
-                downsample_padding: 1,
-                ..Default::default()
-            };
-            let vbi = vb.pp(format!("down_blocks.{i}"));
-            down.push(match level.transformer_layers {
-                Some(layers) => Down::Cross(CrossAttnDownBlock2D::new(
-                    vbi,
-                    in_ch,
-                    level.channels,
-                    Some(temb),
-                    false,
-                    CrossAttnDownBlock2DConfig {
-                        downblock: cfg,
-                        attn_num_head_channels: level.heads,
-                        cross_attention_dim: c.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: c.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    },
-                )?),
-                None => Down::Basic(DownBlock2D::new(
-                    vbi,
-                    in_ch,
-                    level.channels,
-                    Some(temb),
-                    cfg,
-                )?),
-            });
+            let attn = level.transformer_layers.map(|l| attention(level, l));
+            down.push(DownBlock::new(
+                &vb.pp(format!("down_blocks.{i}")),
+                in_ch,
+                level.channels,
+                c.layers_per_block,
+                i + 1 < n,
+                &blocks,
+                attn.as_ref(),
+            )?);
         }
-        let mid = UNetMidBlock2DCrossAttn::new(
-            vb.pp("mid_block"),
+        let mid = MidBlock::new(
+            &vb.pp("mid_block"),
             last.channels,
-            Some(temb),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                resnet_eps: c.norm_eps,
-                output_scale_factor: 1.0,
-                cross_attn_dim: c.cross_attention_dim,
-                attn_num_head_channels: last.heads,
-                resnet_groups: Some(c.norm_num_groups),
-                use_linear_projection: c.use_linear_projection,
-                transformer_layers_per_block: last.transformer_layers.unwrap_or(1),
-                ..Default::default()
-            },
+            &blocks,
+            &attention(last, last.transformer_layers.unwrap_or(1)),
         )?;
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
@@ -365,41 +336,18 @@ impl Unet {
             } else {
                 c.levels[n - i].channels
             };
-            let in_ch = c.levels[if i == n - 1 { 0 } else { n - i - 2 }].channels;
-            let cfg = UpBlock2DConfig {
-                num_layers: c.layers_per_block + 1,
-                resnet_eps: c.norm_eps,
-                resnet_groups: c.norm_num_groups,
-                add_upsample: i + 1 < n,
-                ..Default::default()
-            };
-            let vbi = vb.pp(format!("up_blocks.{i}"));
-            up.push(match level.transformer_layers {
-                Some(layers) => Up::Cross(CrossAttnUpBlock2D::new(
-                    vbi,
-                    in_ch,
-                    prev,
-                    level.channels,
-                    Some(temb),
-                    false,
-                    CrossAttnUpBlock2DConfig {
-                        upblock: cfg,
-                        attn_num_head_channels: level.heads,
-                        cross_attention_dim: c.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: c.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    },
-                )?),
-                None => Up::Basic(UpBlock2D::new(
-                    vbi,
-                    in_ch,
-                    prev,
-                    level.channels,
-                    Some(temb),
-                    cfg,
-                )?),
-            });
+            let skip_ch = c.levels[if i == n - 1 { 0 } else { n - i - 2 }].channels;
+            let attn = level.transformer_layers.map(|l| attention(level, l));
+            up.push(UpBlock::new(
+                &vb.pp(format!("up_blocks.{i}")),
+                prev,
+                skip_ch,
+                level.channels,
+                c.layers_per_block + 1,
+                i + 1 < n,
+                &blocks,
+                attn.as_ref(),
+            )?);
         }
         let norm_out =
             candle_nn::group_norm(c.norm_num_groups, b0, c.norm_eps, vb.pp("conv_norm_out"))?;
@@ -453,20 +401,20 @@ impl Unet {
             }
             (None, _) => {}
         }
+        // Every resnet passes the embedding through SiLU first: do it once.
+        let temb = candle_nn::ops::silu(&emb)?;
         let mut xs = self.conv_in.forward(xs)?;
         let mut residuals = vec![xs.clone()];
         for block in &self.down {
-            let (ys, res) = match block {
-                Down::Basic(b) => b.forward(&xs, Some(&emb))?,
-                Down::Cross(b) => b.forward(&xs, Some(&emb), Some(context))?,
-            };
-            residuals.extend(res);
+            let (ys, skips) = block.forward(&xs, &temb, context)?;
+            residuals.extend(skips);
             xs = ys;
         }
-        xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        xs = self.mid.forward(&xs, &temb, context)?;
         let n = self.up.len();
         for (i, block) in self.up.iter().enumerate() {
-            let res = residuals.split_off(residuals.len() - (self.config.layers_per_block + 1));
+            let take = block.skips().min(residuals.len());
+            let skips = residuals.split_off(residuals.len() - take);
             let size = match residuals.last() {
                 Some(r) if odd && i + 1 < n => {
                     let (_, _, rh, rw) = r.dims4()?;
@@ -474,10 +422,7 @@ impl Unet {
                 }
                 _ => None,
             };
-            xs = match block {
-                Up::Basic(b) => b.forward(&xs, &res, Some(&emb), size)?,
-                Up::Cross(b) => b.forward(&xs, &res, Some(&emb), size, Some(context))?,
-            };
+            xs = block.forward(&xs, &skips, &temb, context, size)?;
         }
         let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
         Ok(self.conv_out.forward(&xs)?)
