@@ -257,8 +257,8 @@ pub fn attention_bytes(model: &SdModel, width: u32, height: u32, batch: usize) -
         return 0;
     };
     let tokens = ((u64::from(width) / 8) >> level) * ((u64::from(height) / 8) >> level);
-    let elem = model.dtype.size_in_bytes() as u64;
-    3 * batch as u64 * l.heads as u64 * tokens * tokens * elem
+    // Scores and softmax are computed in f32 whatever the model's dtype.
+    3 * batch as u64 * l.heads as u64 * tokens * tokens * 4
 }
 
 fn check_memory(model: &SdModel, req: &ImageRequest) -> Result<()> {
