@@ -7,6 +7,7 @@
 //! - [`convert`]: original (LDM) checkpoint names → diffusers names, on load;
 //! - [`clip`], [`unet`], [`vae`]: the networks, with diffusers/transformers tensor names;
 //! - [`unet_blocks`]: the UNet's resnet, transformer, down/mid/up blocks, as diffusers computes them;
+//! - [`vae_blocks`]: the VAE's resnet, attention and banded 3×3 convolution, in bounded memory;
 //! - [`prompt`]: emphasis syntax, long prompts, CLIP's tokenizer;
 //! - [`model`]: finding, detecting and loading a model (diffusers folder or single file);
 //! - [`pipeline`]: txt2img, img2img, inpainting with per-step previews.
@@ -23,3 +24,4 @@ pub mod samplers;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
+pub mod vae_blocks;

@@ -1,15 +1,17 @@
-//! The Stable Diffusion VAE (diffusers `AutoencoderKL` names), assembled from candle-transformers'
-//! blocks. Unlike candle's own wrapper it encodes to the posterior *mean* (so img2img and
-//! inpainting are reproducible from the seed alone) and applies the model's scaling factor.
+//! The Stable Diffusion VAE (diffusers `AutoencoderKL` names), built from Studio's
+//! [`vae_blocks`](super::vae_blocks) so its memory stays bounded at any image size: every 3×3
+//! convolution runs in bands of rows above a budget and the mid-block attention in chunks of
+//! queries ([`MemoryBudget`]). Unlike candle's own wrapper it encodes to the posterior *mean* (so
+//! img2img and inpainting are reproducible from the seed alone) and applies the model's scaling
+//! factor.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
-};
 use serde::Deserialize;
 
+use super::vae_blocks::{
+    Conv3x3, DownEncoderBlock, MemoryBudget, Padding, UpDecoderBlock, VaeMidBlock,
+};
 use crate::error::Result;
 
 /// `vae/config.json`, the fields used.
@@ -99,25 +101,27 @@ impl VaeConfig {
 
 /// The autoencoder.
 pub struct Vae {
-    enc_conv_in: candle_nn::Conv2d,
-    enc_down: Vec<DownEncoderBlock2D>,
-    enc_mid: UNetMidBlock2D,
+    enc_conv_in: Conv3x3,
+    enc_down: Vec<DownEncoderBlock>,
+    enc_mid: VaeMidBlock,
     enc_norm: candle_nn::GroupNorm,
-    enc_conv_out: candle_nn::Conv2d,
+    enc_conv_out: Conv3x3,
     quant_conv: Option<candle_nn::Conv2d>,
     post_quant_conv: Option<candle_nn::Conv2d>,
-    dec_conv_in: candle_nn::Conv2d,
-    dec_mid: UNetMidBlock2D,
-    dec_up: Vec<UpDecoderBlock2D>,
+    dec_conv_in: Conv3x3,
+    dec_mid: VaeMidBlock,
+    dec_up: Vec<UpDecoderBlock>,
     dec_norm: candle_nn::GroupNorm,
-    dec_conv_out: candle_nn::Conv2d,
+    dec_conv_out: Conv3x3,
     config: VaeConfig,
+    budget: MemoryBudget,
 }
 
 impl std::fmt::Debug for Vae {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vae")
             .field("config", &self.config)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }
@@ -128,86 +132,56 @@ impl Vae {
         let ch = &c.block_out_channels;
         let n = ch.len();
         let lat = c.latent_channels;
-        let pad1 = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let mid_cfg = UNetMidBlock2DConfig {
-            resnet_eps: 1e-6,
-            output_scale_factor: 1.0,
-            attn_num_head_channels: None,
-            resnet_groups: Some(c.norm_num_groups),
-            ..Default::default()
-        };
+        let groups = c.norm_num_groups;
+        let same = Padding::same(1);
+        let conv3 = |vb: &VarBuilder, c_in, c_out| Conv3x3::load(vb, c_in, c_out, 1, same);
+        let conv1 =
+            |vb: VarBuilder, c| candle_nn::conv2d(c, c, 1, candle_nn::Conv2dConfig::default(), vb);
         let enc = vb.pp("encoder");
-        let enc_conv_in = candle_nn::conv2d(3, ch[0], 3, pad1, enc.pp("conv_in"))?;
+        let enc_conv_in = conv3(&enc.pp("conv_in"), 3, ch[0])?;
         let enc_down = (0..n)
             .map(|i| {
-                DownEncoderBlock2D::new(
-                    enc.pp(format!("down_blocks.{i}")),
+                DownEncoderBlock::new(
+                    &enc.pp(format!("down_blocks.{i}")),
                     if i == 0 { ch[0] } else { ch[i - 1] },
                     ch[i],
-                    DownEncoderBlock2DConfig {
-                        num_layers: c.layers_per_block,
-                        resnet_eps: 1e-6,
-                        resnet_groups: c.norm_num_groups,
-                        add_downsample: i + 1 < n,
-                        downsample_padding: 0,
-                        ..Default::default()
-                    },
+                    c.layers_per_block,
+                    groups,
+                    i + 1 < n,
                 )
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let enc_mid = UNetMidBlock2D::new(enc.pp("mid_block"), ch[n - 1], None, mid_cfg)?;
-        let enc_norm =
-            candle_nn::group_norm(c.norm_num_groups, ch[n - 1], 1e-6, enc.pp("conv_norm_out"))?;
-        let enc_conv_out = candle_nn::conv2d(ch[n - 1], 2 * lat, 3, pad1, enc.pp("conv_out"))?;
-        let one = candle_nn::Conv2dConfig::default();
+            .collect::<Result<Vec<_>>>()?;
+        let enc_mid = VaeMidBlock::new(&enc.pp("mid_block"), ch[n - 1], groups)?;
+        let enc_norm = candle_nn::group_norm(groups, ch[n - 1], 1e-6, enc.pp("conv_norm_out"))?;
+        let enc_conv_out = conv3(&enc.pp("conv_out"), ch[n - 1], 2 * lat)?;
         let quant_conv = if c.use_quant_conv {
-            Some(candle_nn::conv2d(
-                2 * lat,
-                2 * lat,
-                1,
-                one,
-                vb.pp("quant_conv"),
-            )?)
+            Some(conv1(vb.pp("quant_conv"), 2 * lat)?)
         } else {
             None
         };
         let post_quant_conv = if c.use_post_quant_conv {
-            Some(candle_nn::conv2d(
-                lat,
-                lat,
-                1,
-                one,
-                vb.pp("post_quant_conv"),
-            )?)
+            Some(conv1(vb.pp("post_quant_conv"), lat)?)
         } else {
             None
         };
         let dec = vb.pp("decoder");
-        let dec_conv_in = candle_nn::conv2d(lat, ch[n - 1], 3, pad1, dec.pp("conv_in"))?;
-        let dec_mid = UNetMidBlock2D::new(dec.pp("mid_block"), ch[n - 1], None, mid_cfg)?;
+        let dec_conv_in = conv3(&dec.pp("conv_in"), lat, ch[n - 1])?;
+        let dec_mid = VaeMidBlock::new(&dec.pp("mid_block"), ch[n - 1], groups)?;
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let dec_up = (0..n)
             .map(|i| {
-                UpDecoderBlock2D::new(
-                    dec.pp(format!("up_blocks.{i}")),
+                UpDecoderBlock::new(
+                    &dec.pp(format!("up_blocks.{i}")),
                     if i == 0 { rev[0] } else { rev[i - 1] },
                     rev[i],
-                    UpDecoderBlock2DConfig {
-                        num_layers: c.layers_per_block + 1,
-                        resnet_eps: 1e-6,
-                        resnet_groups: c.norm_num_groups,
-                        add_upsample: i + 1 < n,
-                        ..Default::default()
-                    },
+                    c.layers_per_block + 1,
+                    groups,
+                    i + 1 < n,
                 )
             })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let dec_norm =
-            candle_nn::group_norm(c.norm_num_groups, ch[0], 1e-6, dec.pp("conv_norm_out"))?;
-        let dec_conv_out = candle_nn::conv2d(ch[0], 3, 3, pad1, dec.pp("conv_out"))?;
+            .collect::<Result<Vec<_>>>()?;
+        let dec_norm = candle_nn::group_norm(groups, ch[0], 1e-6, dec.pp("conv_norm_out"))?;
+        let dec_conv_out = conv3(&dec.pp("conv_out"), ch[0], 3)?;
         Ok(Self {
             enc_conv_in,
             enc_down,
@@ -222,7 +196,19 @@ impl Vae {
             dec_norm,
             dec_conv_out,
             config,
+            budget: MemoryBudget::default(),
         })
+    }
+
+    /// The same VAE with other limits on its temporaries (the results do not change).
+    #[must_use]
+    pub fn with_memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    pub fn memory_budget(&self) -> MemoryBudget {
+        self.budget
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -232,13 +218,14 @@ impl Vae {
     /// Image `(b, 3, H, W)` in [-1, 1] → UNet-space latents `(b, 4, H/8, W/8)` (posterior mean
     /// times the scaling factor).
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
-        let mut xs = self.enc_conv_in.forward(image)?;
+        let budget = &self.budget;
+        let mut xs = self.enc_conv_in.forward(image, budget.conv_bytes)?;
         for block in &self.enc_down {
-            xs = block.forward(&xs)?;
+            xs = block.forward(&xs, budget)?;
         }
-        let xs = self.enc_mid.forward(&xs, None)?;
+        let xs = self.enc_mid.forward(&xs, budget)?;
         let xs = candle_nn::ops::silu(&self.enc_norm.forward(&xs)?)?;
-        let mut moments = self.enc_conv_out.forward(&xs)?;
+        let mut moments = self.enc_conv_out.forward(&xs, budget.conv_bytes)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
@@ -248,17 +235,20 @@ impl Vae {
 
     /// UNet-space latents → image `(b, 3, H, W)` in [-1, 1] (not clamped).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let budget = &self.budget;
         let mut xs = (latents / self.config.scaling_factor)?;
         if let Some(q) = &self.post_quant_conv {
             xs = q.forward(&xs)?;
         }
-        let mut xs = self
-            .dec_mid
-            .forward(&self.dec_conv_in.forward(&xs)?, None)?;
+        let xs = self.dec_conv_in.forward(&xs, budget.conv_bytes)?;
+        let mut xs = self.dec_mid.forward(&xs, budget)?;
         for block in &self.dec_up {
-            xs = block.forward(&xs)?;
+            xs = block.forward(&xs, budget)?;
         }
-        let xs = candle_nn::ops::silu(&self.dec_norm.forward(&xs)?)?;
-        Ok(self.dec_conv_out.forward(&xs)?)
+        let normed = self.dec_norm.forward(&xs)?;
+        drop(xs);
+        let xs = candle_nn::ops::silu(&normed)?;
+        drop(normed);
+        self.dec_conv_out.forward(&xs, budget.conv_bytes)
     }
 }
