@@ -117,12 +117,11 @@ impl FileWorker {
             path: path.to_path_buf(),
             side,
         };
-        match &self.jobs {
-            Some(tx) => !matches!(tx.try_send(job), Err(TrySendError::Full(_))),
-            None => {
-                self.run_inline(job);
-                true
-            }
+        if let Some(tx) = &self.jobs {
+            !matches!(tx.try_send(job), Err(TrySendError::Full(_)))
+        } else {
+            self.run_inline(job);
+            true
         }
     }
 
