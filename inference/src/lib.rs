@@ -16,6 +16,7 @@
 //! - [`chat`]: chat turns to prompts and context fitting;
 //! - [`template`]: the model's own Jinja chat template;
 //! - [`worker`]: the worker thread and its protocol;
+//! - [`gan`]: StyleGAN2 generators from NVIDIA's `G_ema` tensors, numpy-compatible seeds;
 //! - [`image_meta`]: the `parameters` text SD tools write into PNGs;
 //! - [`device`], [`hf_cache`], [`sys`]: device choice, the Hugging Face cache, process facts.
 
@@ -23,6 +24,7 @@ pub mod chat;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod gan;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_tokenizer;
