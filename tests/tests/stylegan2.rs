@@ -5,6 +5,10 @@
 //! an active `conv_clamp`) are loaded through `StyleGan2::load`; numpy's seeds, the mapping
 //! at several truncations, images at const / no noise and one intermediate layer must match.
 
+// Until `studio_tests` exports it (`pub mod gan;` in tests/src/lib.rs).
+#[path = "../src/gan.rs"]
+mod gan;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -250,7 +254,10 @@ fn noise_modes_differ_and_random_is_seeded() {
     let b = g.synthesize(&ws, NoiseMode::Random { seed: 5 }).expect("b");
     let c = g.synthesize(&ws, NoiseMode::Random { seed: 6 }).expect("c");
     let k = g.synthesize(&ws, NoiseMode::Const).expect("const");
-    assert!(diff(&a, &b).0 <= 0.0, "the same noise seed gives the same image");
+    assert!(
+        diff(&a, &b).0 <= 0.0,
+        "the same noise seed gives the same image"
+    );
     assert!(diff(&a, &c).0 > 1e-3);
     assert!(diff(&a, &k).0 > 1e-3);
 }
@@ -356,4 +363,77 @@ fn bad_files_are_refused_naming_the_tensor() {
     let err = StyleGan2::load(&dir.path().join("missing.safetensors"), &Device::Cpu)
         .expect_err("missing");
     assert!(matches!(err, Error::NotFound(_)), "{err}");
+}
+
+#[test]
+fn random_generators_of_every_layout_load_and_render() {
+    use gan::{TinyStyleGan2, write_stylegan2};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layouts = [
+        ("skip", TinyStyleGan2::default()),
+        (
+            "skip64_cond",
+            TinyStyleGan2 {
+                resolution: 64,
+                c_dim: 5,
+                mapping_layers: 3,
+                channel_base: 256,
+                ..TinyStyleGan2::default()
+            },
+        ),
+        (
+            "resnet",
+            TinyStyleGan2 {
+                skip: false,
+                resnet: true,
+                ..TinyStyleGan2::default()
+            },
+        ),
+        (
+            "orig",
+            TinyStyleGan2 {
+                skip: false,
+                resnet: false,
+                ..TinyStyleGan2::default()
+            },
+        ),
+    ];
+    for (i, (name, cfg)) in layouts.into_iter().enumerate() {
+        let with_json = dir.path().join(format!("{name}.safetensors"));
+        let bare = dir.path().join(format!("{name}_bare.safetensors"));
+        write_stylegan2(&with_json, cfg, i as u64, true);
+        write_stylegan2(&bare, cfg, i as u64, false);
+        let a = StyleGan2::load(&with_json, &Device::Cpu).expect("load with json");
+        let b = StyleGan2::load(&bare, &Device::Cpu).expect("load from names");
+        let info = a.info();
+        assert_eq!(info.num_ws, cfg.num_ws(), "{name}");
+        assert_eq!(info.resolution, cfg.resolution, "{name}");
+        assert_eq!(info.c_dim, cfg.c_dim, "{name}");
+        assert_eq!(info.mapping_layers, cfg.mapping_layers, "{name}");
+        assert_eq!(
+            info.channels.last().copied(),
+            Some((cfg.resolution, cfg.channels(cfg.resolution))),
+            "{name}"
+        );
+        let mut inferred = b.info().clone();
+        inferred.from_json = true;
+        assert_eq!(&inferred, info, "{name}: names and JSON agree");
+        let label = (cfg.c_dim > 0).then(|| a.class_label(cfg.c_dim - 1).expect("label"));
+        let ws = a
+            .map(&a.z_from_seed(9).expect("z"), label.as_ref(), 0.8, Some(4))
+            .expect("map");
+        let img_a = a.synthesize(&ws, NoiseMode::Const).expect("render");
+        let img_b = b.synthesize(&ws, NoiseMode::Const).expect("render");
+        assert_eq!(
+            img_a.dims(),
+            &[1, 3, cfg.resolution, cfg.resolution],
+            "{name}"
+        );
+        let (d, scale) = diff(&img_a, &img_b);
+        assert!(d <= 0.0, "{name}: JSON and inferred networks differ by {d}");
+        assert!(
+            scale.is_finite() && scale > 0.0,
+            "{name}: image max {scale}"
+        );
+    }
 }
