@@ -23,8 +23,9 @@ pub enum Error {
 
     #[error(
         "{0}: this is a Python pickle checkpoint, which can run arbitrary code when loaded; \
-         Studio never unpickles files. Convert it to .safetensors first \
-         (for example with the `safetensors` convert script) and open that instead."
+         Studio never unpickles files. Convert it to .safetensors first (language and \
+         diffusion models: the `safetensors` convert script; NVIDIA StyleGAN .pkl: \
+         tools/convert_stylegan_pkl.py) and open that instead."
     )]
     UnsafePickle(PathBuf),
 

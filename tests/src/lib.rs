@@ -4,6 +4,7 @@
 //! Nothing here downloads anything; every file is made by the test that needs it.
 
 pub mod families;
+pub mod gan;
 pub mod gguf_writer;
 pub mod ldm;
 pub mod sd;

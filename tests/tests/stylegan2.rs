@@ -5,16 +5,13 @@
 //! an active `conv_clamp`) are loaded through `StyleGan2::load`; numpy's seeds, the mapping
 //! at several truncations, images at const / no noise and one intermediate layer must match.
 
-// Until `studio_tests` exports it (`pub mod gan;` in tests/src/lib.rs).
-#[path = "../src/gan.rs"]
-mod gan;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use studio_inference::Error;
 use studio_inference::gan::{Architecture, NoiseMode, StyleGan2};
+use studio_tests::gan;
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/stylegan2")
