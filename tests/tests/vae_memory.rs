@@ -173,3 +173,41 @@ fn attention_reads_conv_shaped_and_legacy_projections() {
     );
     assert!(d == 0.0, "max diff {d}");
 }
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The SD-1.5-shaped VAE decoding one latent of `STUDIO_VAE_SIZE` pixels (default 512), timed,
+/// with the process's peak RSS (`STUDIO_VAE_UNLIMITED` set: no budget); run alone:
+/// `cargo test --release -p studio-tests --test vae_memory -- --ignored --nocapture sd_vae_decode_peak`.
+#[test]
+#[ignore = "measurement: seconds to minutes of CPU"]
+fn sd_vae_decode_peak() {
+    let size: usize = std::env::var("STUDIO_VAE_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(512);
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let unlimited = std::env::var_os("STUDIO_VAE_UNLIMITED").is_some();
+    let mut vae = Vae::new(&vb, VaeConfig::sd(0.18215)).expect("vae");
+    if unlimited {
+        vae = vae.with_memory_budget(MemoryBudget::unlimited());
+    }
+    let built = peak_rss_mib();
+    let latents = randn(&[1, 4, size / 8, size / 8]);
+    let t = std::time::Instant::now();
+    let image = vae.decode(&latents).expect("decode");
+    assert_eq!(image.dims(), &[1, 3, size, size]);
+    println!(
+        "{size}x{size} VAE decode: {:.1} s, peak RSS {built:.0} MiB after building, {:.0} MiB after decoding",
+        t.elapsed().as_secs_f64(),
+        peak_rss_mib()
+    );
+}
