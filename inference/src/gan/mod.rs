@@ -5,12 +5,15 @@
 //!   tensor names of NVIDIA's `G_ema` state dict;
 //! - [`NumpyRandomState`]: numpy's legacy `RandomState` (MT19937 and its polar Box–Muller
 //!   `randn`), so a seed gives the same latent as NVIDIA's own scripts;
-//! - [`upfirdn2d`]: up-sample, pad, FIR-filter (the resampling primitive StyleGAN uses).
+//! - [`upfirdn2d`]: up-sample, pad, FIR-filter (the resampling primitive StyleGAN uses);
+//! - [`latent`]: lerp/slerp, fractional seeds, keyframes, style mixing, rendering, and
+//!   random-weight generators for benchmarks.
 //!
 //! NVIDIA distributes its networks as Python pickles, which execute code when loaded; Studio
 //! never opens them. `tools/convert_stylegan_pkl.py` converts them once to safetensors (plus a
 //! JSON file with the network's init kwargs), see [`PICKLE_HELP`].
 
+pub mod latent;
 pub mod stylegan2;
 
 pub use stylegan2::{Architecture, GanInfo, NoiseMode, StyleGan2};
