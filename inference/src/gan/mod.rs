@@ -7,13 +7,17 @@
 //!   `randn`), so a seed gives the same latent as NVIDIA's own scripts;
 //! - [`upfirdn2d`]: up-sample, pad, FIR-filter (the resampling primitive StyleGAN uses);
 //! - [`latent`]: lerp/slerp, fractional seeds, keyframes, style mixing, rendering, and
-//!   random-weight generators for benchmarks.
+//!   random-weight generators for benchmarks;
+//! - [`npy`]: NumPy `.npy` files for latents (`--z-file`, `--w-file`, `--out-w`).
 //!
 //! NVIDIA distributes its networks as Python pickles, which execute code when loaded; Studio
 //! never opens them. `tools/convert_stylegan_pkl.py` converts them once to safetensors (plus a
 //! JSON file with the network's init kwargs), see [`PICKLE_HELP`].
 
+pub mod directions;
 pub mod latent;
+pub mod npy;
+pub mod project;
 pub mod stylegan2;
 
 pub use stylegan2::{Architecture, GanInfo, NoiseMode, StyleGan2};

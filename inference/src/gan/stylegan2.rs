@@ -234,7 +234,7 @@ impl SynthesisLayer {
         &self,
         x: &Tensor,
         w: &Tensor,
-        noise: &mut Noise,
+        noise: &mut Noise<'_>,
         gain: f64,
         conv_clamp: Option<f64>,
     ) -> Result<Tensor> {
@@ -369,12 +369,14 @@ impl Block {
 }
 
 /// Where the noise inputs come from during one synthesis pass.
-struct Noise {
+struct Noise<'a> {
     mode: NoiseMode,
     rng: Option<NumpyRandomState>,
+    /// Caller-supplied unscaled buffers, one per synthesis layer in order (projection).
+    buffers: Option<(&'a [Tensor], usize)>,
 }
 
-impl Noise {
+impl<'a> Noise<'a> {
     fn new(mode: NoiseMode) -> Self {
         let rng = match mode {
             // Fold the 64-bit seed into numpy's 32-bit seed space.
@@ -383,12 +385,34 @@ impl Noise {
             }
             _ => None,
         };
-        Self { mode, rng }
+        Self {
+            mode,
+            rng,
+            buffers: None,
+        }
+    }
+
+    fn with_buffers(buffers: &'a [Tensor]) -> Self {
+        Self {
+            mode: NoiseMode::None,
+            rng: None,
+            buffers: Some((buffers, 0)),
+        }
     }
 
     /// The noise to add to this layer's output (already scaled by its strength).
     fn layer(&mut self, layer: &SynthesisLayer) -> Result<Option<Tensor>> {
         let s = layer.noise_strength;
+        if let Some((buffers, next)) = self.buffers.as_mut() {
+            let buf = buffers.get(*next).ok_or_else(|| {
+                Error::InvalidParameter(format!(
+                    "{} noise buffers given but the network has more noise inputs",
+                    buffers.len()
+                ))
+            })?;
+            *next += 1;
+            return Ok(Some((buf * s)?));
+        }
         match (self.mode, self.rng.as_mut()) {
             (NoiseMode::Const, _) => Ok(Some((&layer.noise_const * s)?)),
             (NoiseMode::Random { .. }, Some(rng)) => {
@@ -1040,11 +1064,51 @@ impl StyleGan2 {
         Ok((image, layer_out))
     }
 
+    /// The stored `noise_const` buffers, one `(1, 1, r, r)` tensor per synthesis layer in the
+    /// order [`Self::synthesize_with_noise`] takes them (unscaled; each layer multiplies its
+    /// own `noise_strength`).
+    pub fn noise_buffers(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            if let Some(c) = &b.conv0 {
+                out.push(c.noise_const.clone());
+            }
+            out.push(b.conv1.noise_const.clone());
+        }
+        out
+    }
+
+    /// [`Self::synthesize`] with caller-supplied noise buffers (shaped as
+    /// [`Self::noise_buffers`]), which gradients can flow into (projection optimizes them).
+    pub fn synthesize_with_noise(&self, ws: &Tensor, buffers: &[Tensor]) -> Result<Tensor> {
+        let expected = self.noise_buffers().len();
+        if buffers.len() != expected {
+            return Err(Error::InvalidParameter(format!(
+                "{} noise buffers given but the network has {expected} noise inputs",
+                buffers.len()
+            )));
+        }
+        let ws = ws.to_dtype(DType::F32)?.to_device(&self.device)?;
+        let (n, num_ws, w_dim) = ws.dims3()?;
+        if (num_ws, w_dim) != (self.info.num_ws, self.info.w_dim) {
+            return Err(Error::InvalidParameter(format!(
+                "ws has shape ({n}, {num_ws}, {w_dim}) but this network takes (n, {}, {})",
+                self.info.num_ws, self.info.w_dim
+            )));
+        }
+        let mut images = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut noise = Noise::with_buffers(buffers);
+            images.push(self.synthesize_one(&ws.get(i)?, &mut noise, None)?.0);
+        }
+        Ok(Tensor::cat(&images, 0)?)
+    }
+
     /// One sample: `ws` `(num_ws, w_dim)`.
     fn synthesize_one(
         &self,
         ws: &Tensor,
-        noise: &mut Noise,
+        noise: &mut Noise<'_>,
         layer: Option<&str>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let clamp = self.info.conv_clamp;

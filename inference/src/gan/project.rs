@@ -1,0 +1,1 @@
+//! Projection (in progress).
