@@ -445,3 +445,146 @@ pub fn random_generator(cfg: RandomGanConfig, device: &Device) -> Result<StyleGa
     let _ = std::fs::remove_file(&path);
     gan
 }
+
+/// What made an image, as the text chunk of a PNG Studio writes for a GAN latent (so the
+/// latent can be recreated): `StyleGAN2 latent: seed 42; psi 0.7; cutoff all; noise const;
+/// class none; model ffhq.safetensors` (`seed` may be fractional, `seed 42+0.25`, or replaced by
+/// `z-file NAME` / `w-file NAME`; the model comes last and runs to the end of the line).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatentText {
+    /// Where the latent came from: `seed 42`, `seed 42+0.25`, `z-file z.npy`, `w-file w.npy`,
+    /// `interpolation 1,7,42 w 3/30`, …
+    pub source: String,
+    pub psi: f64,
+    pub cutoff: Option<usize>,
+    pub noise: NoiseMode,
+    pub class: Option<usize>,
+    /// The model's file name.
+    pub model: String,
+}
+
+const LATENT_TEXT_PREFIX: &str = "StyleGAN2 latent: ";
+
+impl LatentText {
+    pub fn to_text(&self) -> String {
+        let cutoff = self
+            .cutoff
+            .map_or_else(|| "all".to_owned(), |c| c.to_string());
+        let noise = match self.noise {
+            NoiseMode::Const => "const".to_owned(),
+            NoiseMode::Random { seed } => format!("random {seed}"),
+            NoiseMode::None => "none".to_owned(),
+        };
+        let class = self
+            .class
+            .map_or_else(|| "none".to_owned(), |c| c.to_string());
+        format!(
+            "{LATENT_TEXT_PREFIX}{}; psi {}; cutoff {cutoff}; noise {noise}; class {class}; \
+             model {}",
+            self.source, self.psi, self.model
+        )
+    }
+
+    /// Reads [`Self::to_text`]'s format back; `None` for any other text.
+    pub fn parse(text: &str) -> Option<Self> {
+        let rest = text.trim().strip_prefix(LATENT_TEXT_PREFIX)?;
+        let (head, model) = rest.split_once("; model ")?;
+        let mut parts = head.split("; ");
+        let source = parts.next()?.to_owned();
+        let mut out = Self {
+            source,
+            psi: 1.0,
+            cutoff: None,
+            noise: NoiseMode::Const,
+            class: None,
+            model: model.to_owned(),
+        };
+        for part in parts {
+            let (key, value) = part.split_once(' ')?;
+            match key {
+                "psi" => out.psi = value.parse().ok()?,
+                "cutoff" => {
+                    out.cutoff = if value == "all" {
+                        None
+                    } else {
+                        Some(value.parse().ok()?)
+                    }
+                }
+                "class" => {
+                    out.class = if value == "none" {
+                        None
+                    } else {
+                        Some(value.parse().ok()?)
+                    }
+                }
+                "noise" => {
+                    out.noise = match value.split_once(' ') {
+                        Some(("random", seed)) => NoiseMode::Random {
+                            seed: seed.parse().ok()?,
+                        },
+                        _ => match value {
+                            "const" => NoiseMode::Const,
+                            "none" => NoiseMode::None,
+                            _ => return None,
+                        },
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Writes an animated GIF frame by frame (each frame quantized to its own 256-colour palette),
+/// looping forever.
+pub struct GifWriter<W: std::io::Write> {
+    encoder: image::codecs::gif::GifEncoder<W>,
+    delay: image::Delay,
+    frames: usize,
+}
+
+impl<W: std::io::Write> std::fmt::Debug for GifWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GifWriter")
+            .field("frames", &self.frames)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: std::io::Write> GifWriter<W> {
+    /// `fps` frames per second (GIF delays are in hundredths of a second, so the rate is
+    /// rounded to that).
+    pub fn new(writer: W, fps: f64) -> Result<Self> {
+        if !(fps.is_finite() && fps > 0.0 && fps <= 100.0) {
+            return Err(Error::InvalidParameter(format!(
+                "frame rate {fps} must be above 0 and at most 100 frames per second"
+            )));
+        }
+        let mut encoder = image::codecs::gif::GifEncoder::new_with_speed(writer, 10);
+        encoder
+            .set_repeat(image::codecs::gif::Repeat::Infinite)
+            .map_err(|e| Error::InvalidParameter(format!("GIF: {e}")))?;
+        let ms = (1000.0 / fps).round() as u32;
+        Ok(Self {
+            encoder,
+            delay: image::Delay::from_numer_denom_ms(ms, 1),
+            frames: 0,
+        })
+    }
+
+    pub fn add_frame(&mut self, img: &RgbImage) -> Result<()> {
+        let rgba = image::RgbaImage::from_raw(img.width, img.height, img.to_rgba())
+            .ok_or_else(|| Error::InvalidParameter("GIF: frame size mismatch".into()))?;
+        self.encoder
+            .encode_frame(image::Frame::from_parts(rgba, 0, 0, self.delay))
+            .map_err(|e| Error::InvalidParameter(format!("GIF: {e}")))?;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Frames written so far.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+}

@@ -17,6 +17,7 @@
 pub mod directions;
 pub mod latent;
 pub mod npy;
+pub mod npy;
 pub mod project;
 pub mod stylegan2;
 
