@@ -17,7 +17,6 @@
 pub mod directions;
 pub mod latent;
 pub mod npy;
-pub mod npy;
 pub mod project;
 pub mod stylegan2;
 
