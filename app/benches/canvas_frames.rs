@@ -15,17 +15,11 @@ use studio_app::gui::canvas::CanvasCommand;
 use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
 use studio_tests::sd::{TinyKind, TinySd, write_tiny_sd};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 fn harness(home: &Path) -> Harness<'static, StudioApp> {
-    let app = StudioApp::new(&egui::Context::default(), &AppConfig::for_tests(home));
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .build_ui_state(
-            |ui, app: &mut StudioApp| {
-                app.frame_logic(ui.ctx());
-                app.root_ui(ui);
-            },
-            app,
-        )
+    common::harness_sized(&AppConfig::for_tests(home), egui::vec2(1400.0, 900.0))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

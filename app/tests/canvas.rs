@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use egui::accesskit::Role;
 use egui::{Key, Modifiers, Pos2};
@@ -20,79 +19,15 @@ use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::{GenerationParameters, png_parameters};
 use studio_tests::sd::{TinyKind, TinySd, write_tiny_sd};
 
-const TIMEOUT: Duration = Duration::from_secs(90);
+mod common;
+use common::{control, drop_file, shows_text, step_until};
 
 fn harness(home: &Path) -> Harness<'static, StudioApp> {
-    let app = StudioApp::new(&egui::Context::default(), &AppConfig::for_tests(home));
-    Harness::builder()
-        .with_size(egui::vec2(1400.0, 900.0))
-        .build_ui_state(
-            |ui, app: &mut StudioApp| {
-                app.frame_logic(ui.ctx());
-                app.root_ui(ui);
-            },
-            app,
-        )
-}
-
-#[track_caller]
-fn step_until(
-    h: &mut Harness<'_, StudioApp>,
-    what: &str,
-    done: impl Fn(&Harness<'_, StudioApp>) -> bool,
-) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        h.step();
-        if done(h) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-#[track_caller]
-fn control<'a>(h: &'a Harness<'_, StudioApp>, name: &'a str) -> egui_kittest::Node<'a> {
-    h.get_all_by(move |n| n.role() != Role::Label && n.label().as_deref() == Some(name))
-        .next()
-        .unwrap_or_else(|| panic!("no control named {name}"))
-}
-
-fn shows_text(h: &Harness<'_, StudioApp>, text: &str) -> bool {
-    h.query_all_by(move |n| {
-        n.label().is_some_and(|l| l.contains(text)) || n.value().is_some_and(|v| v.contains(text))
-    })
-    .next()
-    .is_some()
+    common::harness_sized(&AppConfig::for_tests(home), egui::vec2(1400.0, 900.0))
 }
 
 fn go_to_canvas(h: &mut Harness<'_, StudioApp>) {
-    control(h, Panel::Canvas.label()).click();
-    h.step();
-    h.step();
-    assert_eq!(h.state().settings().panel, Panel::Canvas);
-}
-
-#[derive(Debug)]
-struct DroppedPath(PathBuf);
-
-impl egui::DroppedFile for DroppedPath {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        std::fs::read(&self.0).map_err(|e| e.to_string())
-    }
-}
-
-fn drop_file(h: &mut Harness<'_, StudioApp>, path: &Path) {
-    h.input_mut()
-        .dropped_files
-        .push(Arc::new(DroppedPath(path.to_path_buf())));
-    h.step();
-    h.step();
+    common::go_to(h, Panel::Canvas);
 }
 
 /// A gradient test image.

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
@@ -15,65 +15,15 @@ use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
 use studio_inference::chat::{ChatMessage, Role as ChatRole, render_plain};
 use studio_tests::{TinyGpt2, write_gpt2_readable};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+mod common;
+use common::{DroppedPath, control, go_to, shows_text, step_until};
 
 fn harness(home: &Path) -> Harness<'static, StudioApp> {
     harness_with(&AppConfig::for_tests(home))
 }
 
 fn harness_with(config: &AppConfig) -> Harness<'static, StudioApp> {
-    let app = StudioApp::new(&egui::Context::default(), config);
-    Harness::builder()
-        .with_size(egui::vec2(1280.0, 860.0))
-        .build_ui_state(
-            |ui, app: &mut StudioApp| {
-                app.frame_logic(ui.ctx());
-                app.root_ui(ui);
-            },
-            app,
-        )
-}
-
-/// Steps frames (with short sleeps for the worker) until `done` holds; fails after [`TIMEOUT`].
-#[track_caller]
-fn step_until(
-    h: &mut Harness<'_, StudioApp>,
-    what: &str,
-    done: impl Fn(&Harness<'_, StudioApp>) -> bool,
-) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        h.step();
-        if done(h) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Whether a widget other than plain text has this exact name (navigation, buttons).
-#[track_caller]
-fn control<'a>(h: &'a Harness<'_, StudioApp>, name: &'a str) -> egui_kittest::Node<'a> {
-    h.get_all_by(move |n| n.role() != Role::Label && n.label().as_deref() == Some(name))
-        .next()
-        .unwrap_or_else(|| panic!("no control named {name}"))
-}
-
-/// Whether some node's name or value (label text, a combo box's choice) contains `text`.
-fn shows_text(h: &Harness<'_, StudioApp>, text: &str) -> bool {
-    h.query_all_by(move |n| {
-        n.label().is_some_and(|l| l.contains(text)) || n.value().is_some_and(|v| v.contains(text))
-    })
-    .next()
-    .is_some()
-}
-
-fn go_to(h: &mut Harness<'_, StudioApp>, panel: Panel) {
-    control(h, panel.label()).click();
-    h.step();
-    h.step();
-    assert_eq!(h.state().settings().panel, panel);
+    common::harness_sized(config, egui::vec2(1280.0, 860.0))
 }
 
 fn tiny_model(dir: &Path) -> PathBuf {
@@ -471,19 +421,6 @@ fn choosing_a_preset_sets_its_parameters_only() {
     assert!(p.temperature.abs() < f32::EPSILON);
     assert_eq!((p.top_k, p.max_new_tokens), (0, 77));
     assert!(shows_text(&h, "Always the most likely token"));
-}
-
-#[derive(Debug)]
-struct DroppedPath(PathBuf);
-
-impl egui::DroppedFile for DroppedPath {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    fn bytes(&self) -> Result<Vec<u8>, String> {
-        std::fs::read(&self.0).map_err(|e| e.to_string())
-    }
 }
 
 #[test]
