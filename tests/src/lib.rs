@@ -287,3 +287,20 @@ pub fn write_gpt2_weights(
     }
     candle_core::safetensors::save(&out, path).expect("save safetensors");
 }
+
+/// The largest absolute difference between two tensors of the same shape (any float dtype).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(candle_core::DType::F32).expect("f32");
+    let b = b.to_dtype(candle_core::DType::F32).expect("f32");
+    (a - b)
+        .expect("sub")
+        .abs()
+        .expect("abs")
+        .flatten_all()
+        .expect("flat")
+        .max(0)
+        .expect("max")
+        .to_scalar::<f32>()
+        .expect("scalar")
+}

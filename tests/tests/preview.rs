@@ -10,6 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use studio_inference::diffusion::imaging::*;
 use studio_inference::diffusion::preview::*;
 use studio_inference::error::Error;
+use studio_tests::max_abs_diff;
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/taesd")
@@ -23,20 +24,6 @@ fn expected() -> (Tensor, Tensor) {
         t.remove("latents").expect("latents"),
         t.remove("decoded").expect("decoded"),
     )
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .expect("sub")
-        .abs()
-        .expect("abs")
-        .flatten_all()
-        .expect("flat")
-        .max(0)
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar")
 }
 
 /// The fixture's weights renamed to madebyollin's layout: `decoder.layers.N.rest` →

@@ -8,20 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use studio_inference::diffusion::vae::{Vae, VaeConfig};
 use studio_inference::diffusion::vae_blocks::{MemoryBudget, Padding, conv3x3_banded};
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .expect("sub")
-        .abs()
-        .expect("abs")
-        .flatten_all()
-        .expect("flatten")
-        .max(0)
-        .expect("max")
-        .to_scalar::<f32>()
-        .expect("scalar")
-}
+use studio_tests::max_abs_diff;
 
 fn randn(shape: &[usize]) -> Tensor {
     Tensor::randn(0f32, 1.0, shape, &Device::Cpu).expect("randn")
@@ -42,7 +29,7 @@ fn banded_conv_equals_plain_conv_stride_1() {
         for budget in budgets(b * w * c_in * 9 * 4) {
             let banded =
                 conv3x3_banded(&xs, &weight, 1, Padding::same(1), budget).expect("banded conv");
-            let d = max_diff(&plain, &banded);
+            let d = max_abs_diff(&plain, &banded);
             assert!(d <= 1e-5, "{h}x{w}, budget {budget}: max diff {d}");
         }
     }
@@ -63,7 +50,7 @@ fn banded_conv_equals_plain_conv_stride_2_downsample() {
         for budget in budgets(b * w_out * c * 9 * 4) {
             let banded = conv3x3_banded(&xs, &weight, 2, Padding::bottom_right(), budget)
                 .expect("banded conv");
-            let d = max_diff(&plain, &banded);
+            let d = max_abs_diff(&plain, &banded);
             assert!(d <= 1e-5, "{h}x{w}, budget {budget}: max diff {d}");
         }
     }
@@ -76,7 +63,7 @@ fn banded_conv_with_symmetric_padding_and_stride_2() {
     let plain = xs.conv2d(&weight, 1, 2, 1, 1).expect("conv");
     for budget in budgets(6 * 4 * 9 * 4) {
         let banded = conv3x3_banded(&xs, &weight, 2, Padding::same(1), budget).expect("banded");
-        assert!(max_diff(&plain, &banded) <= 1e-5, "budget {budget}");
+        assert!(max_abs_diff(&plain, &banded) <= 1e-5, "budget {budget}");
     }
 }
 
@@ -116,7 +103,7 @@ fn tiny_vae_is_the_same_with_any_budget() {
     let a = unlimited.encode(&image).expect("encode");
     let b = tiny.encode(&image).expect("encode");
     assert_eq!(a.dims(), &[1, 4, 6, 5]);
-    let d = max_diff(&a, &b);
+    let d = max_abs_diff(&a, &b);
     assert!(d <= 1e-5, "encode: max diff {d}");
 
     let latents = randn(&[2, 4, 7, 5]);
@@ -124,9 +111,9 @@ fn tiny_vae_is_the_same_with_any_budget() {
     let b = tiny.decode(&latents).expect("decode");
     let c = default.decode(&latents).expect("decode");
     assert_eq!(a.dims(), &[2, 3, 56, 40]);
-    let d = max_diff(&a, &b);
+    let d = max_abs_diff(&a, &b);
     assert!(d <= 1e-5, "decode: max diff {d}");
-    assert!(max_diff(&a, &c) <= 1e-5);
+    assert!(max_abs_diff(&a, &c) <= 1e-5);
 }
 
 #[test]
@@ -167,7 +154,7 @@ fn attention_reads_conv_shaped_and_legacy_projections() {
     )
     .expect("vae from to_q/[c,c,1,1] weights");
     let latents = randn(&[1, 4, 4, 6]);
-    let d = max_diff(
+    let d = max_abs_diff(
         &reference.decode(&latents).expect("decode"),
         &loaded.decode(&latents).expect("decode"),
     );
