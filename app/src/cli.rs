@@ -19,6 +19,7 @@
 //!   picks a free port).
 //!
 //! - `studio txt2img`, `img2img`, `inpaint` and `bench sd`: see [`crate::cli_image`].
+//! - `studio gan`, `gan-interp` and `bench gan` (StyleGAN2): see [`crate::cli_gan`].
 //!
 //! Errors go to stderr with a non-zero exit code.
 
@@ -61,6 +62,10 @@ pub enum Command {
     Img2img(crate::cli_image::Img2ImgArgs),
     /// Repaint the white part of a mask.
     Inpaint(crate::cli_image::InpaintArgs),
+    /// Render a StyleGAN2 image from a seed, a z or a w.
+    Gan(crate::cli_gan::GanArgs),
+    /// Render a StyleGAN2 animation through seeds (GIF or PNG sequence).
+    GanInterp(crate::cli_gan::GanInterpArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +74,8 @@ pub enum BenchCommand {
     Generate(BenchGenerateArgs),
     /// UNet step, VAE decode and preview times of an SD-1.5-shaped model (random weights).
     Sd(crate::cli_image::BenchSdArgs),
+    /// Milliseconds per frame of StyleGAN2 config-F-shaped generators (random weights).
+    Gan(crate::cli_gan::BenchGanArgs),
 }
 
 /// Options shared by every subcommand that runs a model.
@@ -197,6 +204,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::Generate(args)) => run_bench_generate(&args),
         Command::Serve(args) => run_serve(&args),
         Command::Bench(BenchCommand::Sd(args)) => crate::cli_image::run_bench_sd(&args),
+        Command::Bench(BenchCommand::Gan(args)) => crate::cli_gan::run_bench_gan(&args),
+        Command::Gan(args) => crate::cli_gan::run_gan(&args),
+        Command::GanInterp(args) => crate::cli_gan::run_gan_interp(&args),
         Command::Txt2img(args) => crate::cli_image::run_txt2img(&args),
         Command::Img2img(args) => crate::cli_image::run_img2img(&args),
         Command::Inpaint(args) => crate::cli_image::run_inpaint(&args),

@@ -10,6 +10,7 @@
 //! - [`files`]: the `studio-files` thread that encodes and writes images off the UI thread.
 
 pub mod cli;
+pub mod cli_gan;
 pub mod cli_image;
 pub mod files;
 pub mod gui;

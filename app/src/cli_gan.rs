@@ -1,0 +1,507 @@
+//! The GAN subcommands (a contract, like the rest of the CLI):
+//!
+//! - `studio gan --model PATH (--seed N | --z-file Z.npy | --w-file W.npy) [--psi X]
+//!   [--trunc-cutoff N] [--class N] [--noise-mode const|random|none] [--noise-seed N]
+//!   [--out-w W.npy] --out FILE.png` renders one image; the PNG carries a `parameters` text
+//!   chunk describing the latent (`StyleGAN2 latent: seed 42; psi 0.7; …`, see
+//!   [`LatentText`]). `--seed` may be fractional (`--seed 42.25` blends seeds 42 and 43 in W
+//!   as NVIDIA's visualizer does). `--out-w` also saves the rendered `ws` as `.npy`.
+//! - `studio gan-interp --model PATH --seeds 1,7,42 --frames N --out anim.gif [--space w|z]
+//!   [--psi X] [--fps F] [--png-sequence]` renders an animation through the seeds (lerp in W,
+//!   or slerp in Z with `--space z`); the first frame is the first seed and the last frame the
+//!   last seed. Writes an animated GIF, or numbered PNGs (`frame-0001.png`, …) into a folder
+//!   when `--out` is an existing folder, ends with `/`, or `--png-sequence` is given.
+//! - `studio bench gan [--size 256,1024] [--frames N] [--json]` times mapping + synthesis of
+//!   StyleGAN2 config-F-shaped random-weight generators.
+//!
+//! Progress goes to stderr; one line per saved file to stdout. The model is a safetensors file
+//! with NVIDIA's `G_ema` names (`tools/convert_stylegan_pkl.py` converts NVIDIA's `.pkl`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::json;
+use studio_inference::candle_core::Tensor;
+use studio_inference::device::create_device;
+use studio_inference::diffusion::imaging::{self, RgbImage};
+use studio_inference::gan::latent::{
+    self, GifWriter, Keyframe, LatentText, RandomGanConfig, Space,
+};
+use studio_inference::gan::{NoiseMode, StyleGan2, npy};
+
+/// Flags shared by `gan` and `gan-interp`.
+#[derive(Debug, Args)]
+pub struct GanCommon {
+    /// StyleGAN2 generator: a `.safetensors` file with NVIDIA's `G_ema` tensor names.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Truncation ψ: 1 = none, 0 = the average image.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub psi: f64,
+    /// Truncate only the first N W rows (default: all).
+    #[arg(long)]
+    pub trunc_cutoff: Option<usize>,
+    /// Class of a class-conditional generator.
+    #[arg(long)]
+    pub class: Option<usize>,
+    /// Per-layer noise: const (the network's stored noise), random (seeded by --noise-seed) or
+    /// none.
+    #[arg(long, default_value = "const")]
+    pub noise_mode: String,
+    /// Seed of `--noise-mode random`.
+    #[arg(long, default_value_t = 0)]
+    pub noise_seed: u64,
+    /// CPU threads (default: physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Compute device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GanArgs {
+    #[command(flatten)]
+    pub common: GanCommon,
+    /// Seed (0 to 4294967295, NVIDIA's numbering); a fraction blends it with the next seed.
+    #[arg(long)]
+    pub seed: Option<String>,
+    /// z from a NumPy file, shape (z_dim,) or (1, z_dim).
+    #[arg(long)]
+    pub z_file: Option<PathBuf>,
+    /// ws from a NumPy file, shape (1, num_ws, w_dim), (num_ws, w_dim) or one (w_dim,) row;
+    /// used as given (--psi and --class do not apply).
+    #[arg(long)]
+    pub w_file: Option<PathBuf>,
+    /// Also save the rendered ws as a NumPy file.
+    #[arg(long)]
+    pub out_w: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GanInterpArgs {
+    #[command(flatten)]
+    pub common: GanCommon,
+    /// Keyframe seeds, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub seeds: Vec<u64>,
+    /// Frames in the whole animation (first = first seed, last = last seed).
+    #[arg(long, default_value_t = 60)]
+    pub frames: usize,
+    /// Interpolate in w (lerp) or z (slerp).
+    #[arg(long, default_value = "w")]
+    pub space: String,
+    /// Frames per second of the GIF.
+    #[arg(long, default_value_t = 25.0)]
+    pub fps: f64,
+    /// Write numbered PNGs into the folder `--out` instead of a GIF.
+    #[arg(long)]
+    pub png_sequence: bool,
+    /// Output GIF, or folder for the PNG sequence.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGanArgs {
+    /// Output resolutions, comma-separated (powers of two).
+    #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+    pub size: Vec<usize>,
+    /// Timed frames per size (after one warm-up frame); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub frames: usize,
+    /// One JSON object per size.
+    #[arg(long)]
+    pub json: bool,
+    /// CPU threads (default: physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Compute device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+fn device(threads: Option<usize>, device: &str) -> Result<studio_inference::candle_core::Device> {
+    if let Some(n) = threads {
+        crate::set_cpu_threads(n);
+    }
+    let choice = create_device(crate::cli::parse_device(device)?);
+    if let Some(w) = &choice.warning {
+        eprintln!("warning: {w}");
+    }
+    Ok(choice.device)
+}
+
+fn load(common: &GanCommon) -> Result<StyleGan2> {
+    let device = device(common.threads, &common.device)?;
+    let gan = StyleGan2::load(&common.model, &device)
+        .with_context(|| format!("loading {}", common.model.display()))?;
+    let i = gan.info();
+    eprintln!(
+        "loaded {}: {}x{} StyleGAN2 ({}), z {}, w {} x {} rows{}",
+        common.model.display(),
+        i.resolution,
+        i.resolution,
+        i.architecture.name(),
+        i.z_dim,
+        i.num_ws,
+        i.w_dim,
+        if i.c_dim > 0 {
+            format!(", {} classes", i.c_dim)
+        } else {
+            String::new()
+        }
+    );
+    Ok(gan)
+}
+
+fn noise_mode(common: &GanCommon) -> Result<NoiseMode> {
+    Ok(match common.noise_mode.as_str() {
+        "const" => NoiseMode::Const,
+        "random" => NoiseMode::Random {
+            seed: common.noise_seed,
+        },
+        "none" => NoiseMode::None,
+        other => bail!("unknown noise mode `{other}` (use const, random or none)"),
+    })
+}
+
+fn label(gan: &StyleGan2, class: Option<usize>) -> Result<Option<Tensor>> {
+    let c_dim = gan.info().c_dim;
+    match class {
+        Some(c) if c_dim == 0 => {
+            bail!("--class {c}: this generator is not class-conditional")
+        }
+        Some(c) => Ok(Some(gan.class_label(c)?)),
+        None if c_dim > 0 => {
+            eprintln!(
+                "warning: this generator is class-conditional ({c_dim} classes); without \
+                 --class the label is all zeros"
+            );
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// `42`, `42.25`: the integer seed and the fractional offset.
+fn parse_seed(s: &str) -> Result<(u64, f32)> {
+    let s = s.trim();
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let seed: u64 = whole
+        .parse()
+        .with_context(|| format!("--seed `{s}` is not a number"))?;
+    if seed > u64::from(u32::MAX) {
+        bail!(
+            "seed {seed} is too large: StyleGAN seeds are 0 to {} (numpy's RandomState)",
+            u32::MAX
+        );
+    }
+    let offset = if frac.is_empty() {
+        0.0
+    } else {
+        format!("0.{frac}")
+            .parse::<f32>()
+            .with_context(|| format!("--seed `{s}` is not a number"))?
+    };
+    Ok((seed, offset))
+}
+
+fn model_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+/// Fails early (before rendering) when `path`'s folder cannot hold the output.
+fn check_output_folder(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if dir.exists() && !dir.is_dir() {
+        bail!(
+            "cannot write {}: {} is not a folder",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_png(path: &Path, img: &RgbImage, text: &str) -> Result<()> {
+    let bytes = imaging::encode_png(img, Some(text))?;
+    crate::home::atomic_write(path, &bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn run_gan(args: &GanArgs) -> Result<()> {
+    let sources = usize::from(args.seed.is_some())
+        + usize::from(args.z_file.is_some())
+        + usize::from(args.w_file.is_some());
+    if sources != 1 {
+        bail!("give exactly one of --seed, --z-file or --w-file");
+    }
+    let seed = args.seed.as_deref().map(parse_seed).transpose()?;
+    check_output_folder(&args.out)?;
+    if let Some(p) = &args.out_w {
+        check_output_folder(p)?;
+    }
+    let common = &args.common;
+    let noise = noise_mode(common)?;
+    let gan = load(common)?;
+    let cutoff = common.trunc_cutoff;
+    let (ws, source, psi, class) = if let Some(path) = &args.w_file {
+        if (common.psi - 1.0).abs() > 0.0 || common.class.is_some() {
+            eprintln!("warning: --psi and --class do not apply to --w-file (ws are used as given)");
+        }
+        let ws = npy::read_ws(path, &gan)?;
+        (ws, format!("w-file {}", model_name(path)), 1.0, None)
+    } else {
+        let c = label(&gan, common.class)?;
+        if let Some((seed, offset)) = seed {
+            let ws = latent::seed_blend_ws(&gan, seed, offset, c.as_ref(), common.psi, cutoff)?;
+            let source = if offset == 0.0 {
+                format!("seed {seed}")
+            } else {
+                format!("seed {seed}+{offset}")
+            };
+            (ws, source, common.psi, common.class)
+        } else {
+            let path = args.z_file.as_deref().context("--z-file")?;
+            let z = npy::read_z(path, &gan)?;
+            let ws = gan.map(&z, c.as_ref(), common.psi, cutoff)?;
+            (
+                ws,
+                format!("z-file {}", model_name(path)),
+                common.psi,
+                common.class,
+            )
+        }
+    };
+    let started = Instant::now();
+    let img = latent::render(&gan, &ws, noise)?;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let text = LatentText {
+        source,
+        psi,
+        cutoff: if args.w_file.is_some() { None } else { cutoff },
+        noise,
+        class,
+        model: model_name(&common.model),
+    }
+    .to_text();
+    write_png(&args.out, &img, &text)?;
+    println!(
+        "saved {} ({}x{}, {}, {ms:.0} ms)",
+        args.out.display(),
+        img.width,
+        img.height,
+        text.trim_start_matches("StyleGAN2 latent: ")
+    );
+    if let Some(p) = &args.out_w {
+        npy::write_tensor(p, &ws).with_context(|| format!("cannot write {}", p.display()))?;
+        println!("saved {}", p.display());
+    }
+    Ok(())
+}
+
+enum Sink {
+    Gif(GifWriter<std::io::BufWriter<std::fs::File>>, PathBuf),
+    Pngs(PathBuf),
+}
+
+pub fn run_gan_interp(args: &GanInterpArgs) -> Result<()> {
+    if args.seeds.is_empty() {
+        bail!("--seeds needs at least one seed");
+    }
+    if args.frames == 0 {
+        bail!("--frames must be at least 1");
+    }
+    if let Some(s) = args.seeds.iter().find(|&&s| s > u64::from(u32::MAX)) {
+        bail!(
+            "seed {s} is too large: StyleGAN seeds are 0 to {} (numpy's RandomState)",
+            u32::MAX
+        );
+    }
+    let space = Space::parse(&args.space)?;
+    let common = &args.common;
+    let noise = noise_mode(common)?;
+    let out = &args.out;
+    let to_folder = args.png_sequence
+        || out.is_dir()
+        || out
+            .as_os_str()
+            .to_string_lossy()
+            .ends_with(std::path::MAIN_SEPARATOR);
+    if !to_folder {
+        check_output_folder(out)?;
+        // Refuse a bad frame rate before the (possibly long) rendering.
+        GifWriter::new(std::io::sink(), args.fps)?;
+    }
+    let gan = load(common)?;
+    let c = label(&gan, common.class)?;
+    let keys = args
+        .seeds
+        .iter()
+        .map(|&s| Keyframe::from_seed(&gan, s, c.clone(), common.psi, common.trunc_cutoff))
+        .collect::<studio_inference::Result<Vec<_>>>()?;
+    let mut sink = if to_folder {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        Sink::Pngs(out.clone())
+    } else {
+        let file = std::fs::File::create(out)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        Sink::Gif(
+            GifWriter::new(std::io::BufWriter::new(file), args.fps)?,
+            out.clone(),
+        )
+    };
+    let seeds = args
+        .seeds
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let started = Instant::now();
+    for i in 0..args.frames {
+        let t = if args.frames == 1 {
+            0.0
+        } else {
+            i as f64 / (args.frames - 1) as f64
+        };
+        let ws = latent::interpolate(&gan, &keys, t, space)?;
+        let img = latent::render(&gan, &ws, noise)?;
+        match &mut sink {
+            Sink::Gif(gif, path) => gif
+                .add_frame(&img)
+                .with_context(|| format!("cannot write {}", path.display()))?,
+            Sink::Pngs(dir) => {
+                let text = LatentText {
+                    source: format!(
+                        "interpolation {seeds} {} {}/{}",
+                        space.name(),
+                        i + 1,
+                        args.frames
+                    ),
+                    psi: common.psi,
+                    cutoff: common.trunc_cutoff,
+                    noise,
+                    class: common.class,
+                    model: model_name(&common.model),
+                }
+                .to_text();
+                write_png(&dir.join(format!("frame-{:04}.png", i + 1)), &img, &text)?;
+            }
+        }
+        eprintln!("frame {}/{}", i + 1, args.frames);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    match sink {
+        Sink::Gif(gif, path) => {
+            drop(gif);
+            println!(
+                "saved {} ({} frames, {} fps, {:.1} s)",
+                path.display(),
+                args.frames,
+                args.fps,
+                secs
+            );
+        }
+        Sink::Pngs(dir) => println!(
+            "saved {} frames to {} ({:.1} s)",
+            args.frames,
+            dir.display(),
+            secs
+        ),
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
+}
+
+pub fn run_bench_gan(args: &BenchGanArgs) -> Result<()> {
+    if args.frames == 0 || args.size.is_empty() {
+        bail!("--frames must be at least 1 and --size must list a size");
+    }
+    let dev = device(args.threads, &args.device)?;
+    let threads = studio_inference::device::cpu_threads();
+    let mut rows = Vec::new();
+    for &size in &args.size {
+        let cfg = RandomGanConfig::stylegan2_f(size);
+        eprintln!("building a {size}x{size} config-F generator with random weights");
+        let t0 = Instant::now();
+        let gan = latent::random_generator(cfg, &dev)?;
+        let build_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let mut map_ms = Vec::new();
+        let mut frame_ms = Vec::new();
+        for i in 0..=args.frames {
+            let t0 = Instant::now();
+            let ws = gan.map(&gan.z_from_seed(i as u64)?, None, 0.7, None)?;
+            // Reading one value back waits for the device.
+            ws.narrow(2, 0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            let t_map = t0.elapsed().as_secs_f64() * 1000.0;
+            let _img = latent::render(&gan, &ws, NoiseMode::Const)?;
+            let t_all = t0.elapsed().as_secs_f64() * 1000.0;
+            if i == 0 {
+                eprintln!("{size}: warm-up frame {t_all:.0} ms");
+            } else {
+                eprintln!("{size}: frame {i}/{} {t_all:.0} ms", args.frames);
+                map_ms.push(t_map);
+                frame_ms.push(t_all);
+            }
+        }
+        rows.push((size, build_ms, median(&mut map_ms), median(&mut frame_ms)));
+    }
+    let device_name = if dev.is_cpu() { "CPU" } else { "GPU" };
+    if args.json {
+        for (size, build_ms, map_ms, frame_ms) in &rows {
+            println!(
+                "{}",
+                json!({
+                    "size": size,
+                    "device": device_name,
+                    "threads": threads,
+                    "frames": args.frames,
+                    "build_ms": build_ms,
+                    "mapping_ms": map_ms,
+                    "frame_ms": frame_ms,
+                    "fps": 1000.0 / frame_ms,
+                })
+            );
+        }
+    } else {
+        println!(
+            "StyleGAN2 config F (z/w 512, 8 mapping layers, channels min(512, 32768/res)), random \
+             weights, f32 on {device_name}, {threads} threads, median of {} frames",
+            args.frames
+        );
+        println!(
+            "{:>6} {:>12} {:>12} {:>10}",
+            "size", "mapping ms", "frame ms", "fps"
+        );
+        for (size, _, map_ms, frame_ms) in &rows {
+            println!(
+                "{size:>6} {map_ms:>12.2} {frame_ms:>12.1} {:>10.2}",
+                1000.0 / frame_ms
+            );
+        }
+    }
+    Ok(())
+}
