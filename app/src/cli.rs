@@ -66,6 +66,8 @@ pub enum Command {
     Gan(crate::cli_gan::GanArgs),
     /// Render a StyleGAN2 animation through seeds (GIF or PNG sequence).
     GanInterp(crate::cli_gan::GanInterpArgs),
+    /// Find the latent of a photo in a StyleGAN2 generator (NVIDIA's projector recipe).
+    GanProject(crate::cli_gan::GanProjectArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +209,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Bench(BenchCommand::Gan(args)) => crate::cli_gan::run_bench_gan(&args),
         Command::Gan(args) => crate::cli_gan::run_gan(&args),
         Command::GanInterp(args) => crate::cli_gan::run_gan_interp(&args),
+        Command::GanProject(args) => crate::cli_gan::run_gan_project(&args),
         Command::Txt2img(args) => crate::cli_image::run_txt2img(&args),
         Command::Img2img(args) => crate::cli_image::run_img2img(&args),
         Command::Inpaint(args) => crate::cli_image::run_inpaint(&args),

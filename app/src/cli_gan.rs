@@ -17,6 +17,7 @@
 //! Progress goes to stderr; one line per saved file to stdout. The model is a safetensors file
 //! with NVIDIA's `G_ema` names (`tools/convert_stylegan_pkl.py` converts NVIDIA's `.pkl`).
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,6 +30,7 @@ use studio_inference::diffusion::imaging::{self, RgbImage};
 use studio_inference::gan::latent::{
     self, GifWriter, Keyframe, LatentText, RandomGanConfig, Space,
 };
+use studio_inference::gan::project::{ProjectConfig, project};
 use studio_inference::gan::{NoiseMode, StyleGan2, npy};
 
 /// Flags shared by `gan` and `gan-interp`.
@@ -103,6 +105,36 @@ pub struct GanInterpArgs {
     #[arg(long)]
     pub png_sequence: bool,
     /// Output GIF, or folder for the PNG sequence.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct GanProjectArgs {
+    #[command(flatten)]
+    pub common: GanCommon,
+    /// The photo to find in the generator's latent space (cropped to a centred square and
+    /// resized to the model's resolution, with a note on stderr).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Optimization steps (NVIDIA's projector uses 1000).
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Initial learning rate (NVIDIA's schedule: ramp up over 5%, down over the last 25%).
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    /// Weight of the noise regularization.
+    #[arg(long, default_value_t = 1e5)]
+    pub noise_regularization: f64,
+    /// Optimize one w per layer (W+) instead of one w for all.
+    #[arg(long)]
+    pub w_plus: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to write the found ws, `(1, num_ws, w_dim)` as `.npy` (reusable with `gan --w-file`).
+    #[arg(long)]
+    pub out_w: PathBuf,
+    /// The reconstruction.
     #[arg(long)]
     pub out: PathBuf,
 }
@@ -503,5 +535,85 @@ pub fn run_bench_gan(args: &BenchGanArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `img` cropped to a centred square and resized to `side`, saying what was done.
+fn fit_square(img: &RgbImage, side: u32) -> (RgbImage, Option<String>) {
+    let (w, h) = (img.width, img.height);
+    let m = w.min(h);
+    let mut notes = Vec::new();
+    let square = if w == h {
+        img.clone()
+    } else {
+        notes.push(format!("cropped {w}x{h} to the centred {m}x{m} square"));
+        img.crop((w - m) / 2, (h - m) / 2, m, m)
+    };
+    let out = if m == side {
+        square
+    } else {
+        notes.push(format!("resized to {side}x{side}, the model's resolution"));
+        square.resized(side, side)
+    };
+    let note = (!notes.is_empty()).then(|| notes.join(", "));
+    (out, note)
+}
+
+pub fn run_gan_project(args: &GanProjectArgs) -> Result<()> {
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    check_output_folder(&args.out)?;
+    check_output_folder(&args.out_w)?;
+    let decoded = imaging::decode_image_file(&args.image)
+        .with_context(|| format!("reading {}", args.image.display()))?;
+    let common = &args.common;
+    let gan = load(common)?;
+    let res = gan.info().resolution as u32;
+    let (target, note) = fit_square(&decoded.image, res);
+    if let Some(note) = note {
+        eprintln!("note: {}: {note}", args.image.display());
+    }
+    let target = imaging::image_to_tensor(&target, gan.device())?;
+    let config = ProjectConfig {
+        steps: args.steps,
+        initial_lr: args.lr,
+        noise_regularization: args.noise_regularization,
+        w_plus: args.w_plus,
+        seed: args.seed,
+        ..ProjectConfig::default()
+    };
+    let started = Instant::now();
+    let every = (args.steps / 20).max(1);
+    let result = project(&gan, &target, &config, &mut |step, loss, _| {
+        if step % every == 0 || step + 1 == args.steps {
+            eprintln!("step {}/{}: loss {loss:.4}", step + 1, args.steps);
+        }
+        ControlFlow::Continue(())
+    })?;
+    let img = imaging::tensor_to_image(&gan.synthesize_with_noise(&result.ws, &result.noise)?)?;
+    let text = LatentText {
+        source: format!("projection of {}", model_name(&args.image)),
+        psi: 1.0,
+        cutoff: None,
+        noise: NoiseMode::Const,
+        class: None,
+        model: model_name(&common.model),
+    }
+    .to_text();
+    write_png(&args.out, &img, &text)?;
+    npy::write_tensor(&args.out_w, &result.ws)
+        .with_context(|| format!("cannot write {}", args.out_w.display()))?;
+    let (first, last) = (
+        result.losses.first().copied().unwrap_or(0.0),
+        result.losses.last().copied().unwrap_or(0.0),
+    );
+    println!(
+        "saved {} and {} (loss {first:.4} -> {last:.4}, {} steps, {:.1} s)",
+        args.out.display(),
+        args.out_w.display(),
+        args.steps,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -407,3 +407,89 @@ fn bench_gan_prints_json_per_size() {
     assert!(row["frame_ms"].as_f64().expect("frame_ms") > 0.0);
     assert!(row["mapping_ms"].as_f64().expect("mapping_ms") >= 0.0);
 }
+
+/// `gan-project` finds a latent for a photo: a non-square photo of another size is cropped and
+/// resized (and says so), the loss falls, and the written ws load back with `gan --w-file`.
+#[test]
+fn gan_project_crops_the_photo_lowers_the_loss_and_writes_reusable_ws() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let m = model(tmp.path());
+    // The target: the generator's own seed-3 image, padded to a non-square 40x32 photo.
+    let seed3 = tmp.path().join("seed3.png");
+    ok(&studio(&[
+        "gan",
+        "--model",
+        path(&m),
+        "--seed",
+        "3",
+        "--out",
+        path(&seed3),
+    ]));
+    let (img, _) = read(&seed3);
+    let mut wide = RgbImage::new_filled(img.width + 8, img.height, [128, 128, 128]);
+    for y in 0..img.height as usize {
+        let src = &img.pixels[y * img.width as usize * 3..(y + 1) * img.width as usize * 3];
+        let start = (y * wide.width as usize + 4) * 3;
+        wide.pixels[start..start + src.len()].copy_from_slice(src);
+    }
+    let photo = tmp.path().join("photo.png");
+    std::fs::write(
+        &photo,
+        studio_inference::diffusion::imaging::encode_png(&wide, None).expect("png"),
+    )
+    .expect("write photo");
+    let (out, out_w) = (tmp.path().join("proj.png"), tmp.path().join("proj_w.npy"));
+    let run = studio(&[
+        "gan-project",
+        "--model",
+        path(&m),
+        "--image",
+        path(&photo),
+        "--steps",
+        "40",
+        "--out-w",
+        path(&out_w),
+        "--out",
+        path(&out),
+    ]);
+    let stdout = ok(&run);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("cropped 40x32"), "{stderr}");
+    let losses: Vec<f32> = stdout
+        .split("loss ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .expect("loss in the summary")
+        .split(" -> ")
+        .map(|v| v.trim().parse().expect("a number"))
+        .collect();
+    assert!(losses[1] < losses[0], "the loss falls: {losses:?}");
+    let (recon, text) = read(&out);
+    assert_eq!((recon.width, recon.height), (img.width, img.height));
+    assert!(text.expect("latent text").contains("projection of photo"));
+    // The ws load back and render (const noise, not the projection's own noise buffers).
+    let again = tmp.path().join("again.png");
+    ok(&studio(&[
+        "gan",
+        "--model",
+        path(&m),
+        "--w-file",
+        path(&out_w),
+        "--out",
+        path(&again),
+    ]));
+    let e = failed(&studio(&[
+        "gan-project",
+        "--model",
+        path(&m),
+        "--image",
+        path(&m),
+        "--steps",
+        "2",
+        "--out-w",
+        path(&out_w),
+        "--out",
+        path(&out),
+    ]));
+    assert!(e.contains("not an image"), "{e}");
+}
