@@ -19,6 +19,15 @@
 //! [`Event::ImageProgress`]; the step's preview image goes into a one-slot mailbox
 //! ([`Worker::take_preview`]) that each new preview overwrites, so a slow frame never queues
 //! stale images. Finished images arrive as [`Event::ImageReady`]; cancel is checked every step.
+//!
+//! The worker also holds at most one StyleGAN2 generator ([`JobKind::LoadGan`]) for the Latent
+//! Explorer. Its renders are not jobs: [`Worker::render_gan`] overwrites a one-slot request
+//! mailbox and wakes the worker, which renders only the newest request between jobs and puts
+//! the result in a one-slot result mailbox ([`Worker::take_gan_frame`]). A burst of slider
+//! changes therefore renders far fewer frames than were asked for, and never queues stale
+//! ones. The seed browser's thumbnails use a second pair of slots
+//! ([`Worker::render_gan_grid`], [`Worker::take_gan_grid`]). PCA directions are a cancellable
+//! job with progress ([`JobKind::ComputeGanDirections`]).
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -36,6 +45,9 @@ use crate::diffusion::imaging::RgbImage;
 use crate::diffusion::model::{self as sd_model, ImageModelInfo, ImageModelOptions, SdModel};
 use crate::diffusion::pipeline::{self, GeneratedImage, ImageRequest};
 use crate::error::{Error, Result};
+use crate::gan::directions::{DirectionEdit, Directions};
+use crate::gan::latent::{self as gan_latent, Keyframe, Space};
+use crate::gan::{GanInfo, NoiseMode, NumpyRandomState, PICKLE_HELP, StyleGan2};
 use crate::generate::{GenerationStats, Step, generate};
 use crate::loader::{self, LoadedModel, ModelInfo};
 use crate::remote::{RemoteBackend, RemoteConfig};
@@ -89,6 +101,20 @@ pub enum JobKind {
     UnloadImageModel,
     /// Generate images with the loaded Stable Diffusion model.
     GenerateImage { request: Box<ImageRequest> },
+    /// Load a StyleGAN2 generator (a safetensors file in NVIDIA's `G_ema` naming) for the
+    /// Latent Explorer, replacing the loaded one only once the new one has loaded. A `.pkl`
+    /// is refused without being opened.
+    LoadGan { path: PathBuf },
+    /// Drop the loaded StyleGAN2 generator.
+    UnloadGan,
+    /// GANSpace PCA directions of the loaded generator's W: `samples` latents from `seed`,
+    /// `components` principal components; reports progress, honours cancel, and ends with
+    /// [`Event::GanDirections`].
+    ComputeGanDirections {
+        samples: usize,
+        components: usize,
+        seed: u64,
+    },
     /// Arbitrary work on the worker thread (extensions and tests).
     Custom { label: String, run: CustomJob },
 }
@@ -115,6 +141,19 @@ impl JobKind {
                 )
             ),
             JobKind::UnloadImageModel => "Unloading image model".to_owned(),
+            JobKind::LoadGan { path } => format!(
+                "Loading {}",
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into()
+                )
+            ),
+            JobKind::UnloadGan => "Unloading GAN".to_owned(),
+            JobKind::ComputeGanDirections {
+                samples,
+                components,
+                ..
+            } => format!("Computing {components} directions from {samples} samples"),
             JobKind::GenerateImage { request } => format!("Generating ({})", request.mode.label()),
             JobKind::Generate { .. } => "Generating".to_owned(),
             JobKind::Chat { .. } => "Replying".to_owned(),
@@ -188,6 +227,20 @@ pub enum Event {
         step: usize,
         steps: usize,
     },
+    /// A StyleGAN2 generator is loaded; `name` is its file name.
+    GanLoaded {
+        job: JobId,
+        info: GanInfo,
+        name: String,
+    },
+    GanUnloaded {
+        job: JobId,
+    },
+    /// PCA directions computed by [`JobKind::ComputeGanDirections`].
+    GanDirections {
+        job: JobId,
+        directions: Arc<Directions>,
+    },
     /// A finished image (always delivered).
     ImageReady {
         job: JobId,
@@ -223,6 +276,9 @@ impl Event {
             | Event::ModelUnloaded { job }
             | Event::ImageModelLoaded { job, .. }
             | Event::ImageModelUnloaded { job }
+            | Event::GanLoaded { job, .. }
+            | Event::GanUnloaded { job }
+            | Event::GanDirections { job, .. }
             | Event::ImageProgress { job, .. }
             | Event::ImageReady { job, .. }
             | Event::Done { job, .. }
@@ -276,6 +332,105 @@ pub struct PreviewFrame {
 
 type PreviewSlot = Arc<Mutex<Option<PreviewFrame>>>;
 
+/// Style mixing: W rows taken from a second seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GanMix {
+    pub seed: u64,
+    /// One entry per W row: `true` takes that row from `seed`.
+    pub layers: Vec<bool>,
+}
+
+/// One point of the Latent Explorer: a fractional seed, truncation, style mixing and
+/// direction edits (sliders in σ units, each on a range of W rows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GanLatent {
+    pub seed: u64,
+    /// Fractional offset blending `seed + floor(offset)` and the next seed (in W).
+    pub offset: f32,
+    pub psi: f64,
+    /// Truncate only the first `cutoff` W rows (`None` = all).
+    pub cutoff: Option<usize>,
+    pub mix: Option<GanMix>,
+    /// Applied with the request's directions; ignored when it has none.
+    pub edits: Vec<DirectionEdit>,
+}
+
+impl Default for GanLatent {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            offset: 0.0,
+            psi: 1.0,
+            cutoff: None,
+            mix: None,
+            edits: Vec::new(),
+        }
+    }
+}
+
+/// What a render shows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GanRenderWhat {
+    Latent(GanLatent),
+    /// Position `t` ∈ [0, 1] on the path through `keyframes` (lerp in W or slerp in Z).
+    Path {
+        keyframes: Vec<GanLatent>,
+        t: f64,
+        space: Space,
+    },
+}
+
+/// A render of the Latent Explorer's current image ([`Worker::render_gan`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GanRenderRequest {
+    /// Chosen by the caller; comes back in [`GanFrame::id`].
+    pub id: u64,
+    pub what: GanRenderWhat,
+    pub noise: NoiseMode,
+    pub directions: Option<Arc<Directions>>,
+    /// Downscale so neither side exceeds this (`None` = the network's resolution).
+    pub max_side: Option<u32>,
+}
+
+/// The result of the newest [`GanRenderRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GanFrame {
+    pub id: u64,
+    pub result: std::result::Result<RgbImage, String>,
+    /// Milliseconds the render took on the worker.
+    pub render_ms: f32,
+}
+
+/// Thumbnails for the seed browser ([`Worker::render_gan_grid`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GanGridRequest {
+    pub id: u64,
+    pub seeds: Vec<u64>,
+    pub psi: f64,
+    pub cutoff: Option<usize>,
+    pub noise: NoiseMode,
+    pub max_side: u32,
+}
+
+/// Rendered thumbnails of the newest [`GanGridRequest`], in its seeds' order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GanGrid {
+    pub id: u64,
+    pub result: std::result::Result<Vec<(u64, RgbImage)>, String>,
+}
+
+/// The one-slot mailboxes between [`Worker`] and the worker thread for GAN renders.
+#[derive(Default)]
+struct GanSlots {
+    request: Mutex<Option<GanRenderRequest>>,
+    grid_request: Mutex<Option<GanGridRequest>>,
+    frame: Mutex<Option<GanFrame>>,
+    grid: Mutex<Option<GanGrid>>,
+    /// Renders actually done (a burst of requests renders far fewer).
+    renders: AtomicU64,
+}
+
 struct QueuedJob {
     id: JobId,
     kind: JobKind,
@@ -289,6 +444,8 @@ pub struct Worker {
     next_id: AtomicU64,
     cancels: CancelFlags,
     previews: PreviewSlot,
+    gan_slots: Arc<GanSlots>,
+    gan_wake: Sender<()>,
     device_label: String,
     device_warning: Option<String>,
     thread: Option<JoinHandle<()>>,
@@ -302,10 +459,14 @@ impl Worker {
         let (event_tx, event_rx) = bounded::<Event>(config.event_capacity.max(4));
         let cancels: CancelFlags = Arc::default();
         let previews: PreviewSlot = Arc::default();
+        let gan_slots: Arc<GanSlots> = Arc::default();
+        let (gan_wake, wake_rx) = bounded::<()>(1);
         let state = WorkerState {
             device: choice.device.clone(),
             backend: None,
             image_model: None,
+            gan: None,
+            gan_slots: gan_slots.clone(),
             previews: previews.clone(),
             events: event_tx,
             repaint: config.repaint,
@@ -313,7 +474,7 @@ impl Worker {
         };
         let thread = std::thread::Builder::new()
             .name("studio-inference".to_owned())
-            .spawn(move || state.run(&job_rx))
+            .spawn(move || state.run(&job_rx, &wake_rx))
             .map_err(|e| Error::io("studio-inference thread", e))?;
         Ok(Self {
             jobs: Some(job_tx),
@@ -321,6 +482,8 @@ impl Worker {
             next_id: AtomicU64::new(1),
             cancels,
             previews,
+            gan_slots,
+            gan_wake,
             device_label: choice.label,
             device_warning: choice.warning,
             thread: Some(thread),
@@ -385,6 +548,35 @@ impl Worker {
     pub fn take_preview(&self) -> Option<PreviewFrame> {
         lock(&self.previews).take()
     }
+
+    /// Asks for a render of the loaded GAN, replacing any request not yet started (only the
+    /// newest renders). The result arrives in [`Self::take_gan_frame`].
+    pub fn render_gan(&self, request: GanRenderRequest) {
+        *lock(&self.gan_slots.request) = Some(request);
+        // A full wake channel already means "look at the slots".
+        let _ = self.gan_wake.try_send(());
+    }
+
+    /// Asks for seed-browser thumbnails, replacing any grid request not yet started.
+    pub fn render_gan_grid(&self, request: GanGridRequest) {
+        *lock(&self.gan_slots.grid_request) = Some(request);
+        let _ = self.gan_wake.try_send(());
+    }
+
+    /// The newest finished render, if one arrived since the last call.
+    pub fn take_gan_frame(&self) -> Option<GanFrame> {
+        lock(&self.gan_slots.frame).take()
+    }
+
+    /// The newest finished thumbnail grid, if one arrived since the last call.
+    pub fn take_gan_grid(&self) -> Option<GanGrid> {
+        lock(&self.gan_slots.grid).take()
+    }
+
+    /// How many GAN renders (main image, not thumbnails) the worker has done.
+    pub fn gan_renders(&self) -> u64 {
+        self.gan_slots.renders.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Worker {
@@ -420,6 +612,8 @@ struct WorkerState {
     device: candle_core::Device,
     backend: Option<Backend>,
     image_model: Option<Box<SdModel>>,
+    gan: Option<Box<StyleGan2>>,
+    gan_slots: Arc<GanSlots>,
     previews: PreviewSlot,
     events: Sender<Event>,
     repaint: Arc<dyn Fn() + Send + Sync>,
@@ -427,8 +621,18 @@ struct WorkerState {
 }
 
 impl WorkerState {
-    fn run(mut self, jobs: &Receiver<QueuedJob>) {
-        while let Ok(QueuedJob { id, kind, cancel }) = jobs.recv() {
+    fn run(mut self, jobs: &Receiver<QueuedJob>, wake: &Receiver<()>) {
+        loop {
+            // Pending renders go before the next job: they are quick and the user is waiting.
+            self.render_pending();
+            let queued = crossbeam_channel::select! {
+                recv(jobs) -> job => match job {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+                recv(wake) -> _ => continue,
+            };
+            let QueuedJob { id, kind, cancel } = queued;
             let terminal = if cancel.load(Ordering::Relaxed) {
                 Event::Cancelled {
                     job: id,
@@ -446,6 +650,43 @@ impl WorkerState {
         }
     }
 
+    /// Renders the newest main request and the newest grid request, if any.
+    fn render_pending(&mut self) {
+        let request = lock(&self.gan_slots.request).take();
+        if let Some(request) = request {
+            let start = std::time::Instant::now();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                render_gan(self.gan.as_deref(), &request)
+            }))
+            .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(p.as_ref()))))
+            .map_err(|e| e.to_string());
+            self.gan_slots.renders.fetch_add(1, Ordering::Relaxed);
+            *lock(&self.gan_slots.frame) = Some(GanFrame {
+                id: request.id,
+                result,
+                render_ms: start.elapsed().as_secs_f32() * 1000.0,
+            });
+            (self.repaint)();
+            if lock(&self.gan_slots.request).is_some() {
+                // A newer main request came in meanwhile (a drag): it goes before thumbnails.
+                return;
+            }
+        }
+        let grid = lock(&self.gan_slots.grid_request).take();
+        if let Some(grid) = grid {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                render_gan_grid(self.gan.as_deref(), &grid)
+            }))
+            .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(p.as_ref()))))
+            .map_err(|e| e.to_string());
+            *lock(&self.gan_slots.grid) = Some(GanGrid {
+                id: grid.id,
+                result,
+            });
+            (self.repaint)();
+        }
+    }
+
     /// Runs one job, turning errors and panics into the terminal event.
     fn run_job(&mut self, id: JobId, kind: JobKind, cancel: &AtomicBool) -> Event {
         let mut ctx = JobContext {
@@ -455,6 +696,7 @@ impl WorkerState {
             repaint: &self.repaint,
             backend: &mut self.backend,
             image_model: &mut self.image_model,
+            gan: &mut self.gan,
             previews: &self.previews,
             device: &self.device,
             pending_text: String::new(),
@@ -510,6 +752,7 @@ pub struct JobContext<'a> {
     repaint: &'a Arc<dyn Fn() + Send + Sync>,
     backend: &'a mut Option<Backend>,
     image_model: &'a mut Option<Box<SdModel>>,
+    gan: &'a mut Option<Box<StyleGan2>>,
     previews: &'a PreviewSlot,
     device: &'a candle_core::Device,
     pending_text: String,
@@ -869,6 +1112,214 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             }
             Ok(None)
         }
+        JobKind::LoadGan { path } => {
+            let job = ctx.job;
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("pkl"))
+            {
+                return Err(Error::InvalidParameter(PICKLE_HELP.to_owned()));
+            }
+            ctx.progress(0.0, "reading the generator");
+            let gan = StyleGan2::load(&path, ctx.device)?;
+            if ctx.gan.take().is_some() {
+                ctx.send(Event::GanUnloaded { job });
+            }
+            let info = gan.info().clone();
+            *ctx.gan = Some(Box::new(gan));
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            ctx.send(Event::GanLoaded { job, info, name });
+            Ok(None)
+        }
+        JobKind::UnloadGan => {
+            *ctx.gan = None;
+            ctx.send(Event::GanUnloaded { job: ctx.job });
+            Ok(None)
+        }
+        JobKind::ComputeGanDirections {
+            samples,
+            components,
+            seed,
+        } => {
+            let Some(gan) = ctx.gan.as_deref() else {
+                return Err(Error::InvalidParameter(
+                    "no GAN is loaded: open one in the Latent Explorer first".into(),
+                ));
+            };
+            let Some(directions) = compute_directions(ctx, gan, samples, components, seed)? else {
+                return Ok(None); // cancelled
+            };
+            ctx.send(Event::GanDirections {
+                job: ctx.job,
+                directions: Arc::new(directions),
+            });
+            Ok(None)
+        }
         JobKind::Custom { run, .. } => run(ctx).map(|()| None),
+    }
+}
+
+/// Latents mapped per batch while sampling W for PCA (cancel and progress between batches).
+const PCA_BATCH: usize = 500;
+
+/// [`Directions::compute`]'s sampling (the same seeded latents), in batches so it reports
+/// progress and stops on cancel (`Ok(None)`).
+fn compute_directions(
+    ctx: &JobContext<'_>,
+    gan: &StyleGan2,
+    samples: usize,
+    components: usize,
+    seed: u64,
+) -> Result<Option<Directions>> {
+    let info = gan.info();
+    let (z_dim, w_dim) = (info.z_dim, info.w_dim);
+    if samples < 2 {
+        return Err(Error::InvalidParameter(format!(
+            "PCA needs at least 2 samples, got {samples}"
+        )));
+    }
+    if components == 0 || components > w_dim {
+        return Err(Error::InvalidParameter(format!(
+            "{components} components asked for; choose 1 to {w_dim} (the W dimension)"
+        )));
+    }
+    if z_dim == 0 {
+        return Err(Error::InvalidParameter(
+            "PCA directions need a network with a z input".into(),
+        ));
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    let mut rng = NumpyRandomState::new((seed as u32) ^ ((seed >> 32) as u32));
+    let mut data = Vec::with_capacity(samples * w_dim);
+    let mut done = 0;
+    while done < samples {
+        if ctx.is_cancelled() {
+            return Ok(None);
+        }
+        let b = PCA_BATCH.min(samples - done);
+        #[allow(clippy::cast_possible_truncation)]
+        let z: Vec<f32> = rng.randn(b * z_dim).into_iter().map(|v| v as f32).collect();
+        let z = candle_core::Tensor::from_vec(z, (b, z_dim), gan.device())?;
+        let w = gan
+            .map(&z, None, 1.0, None)?
+            .narrow(1, 0, 1)?
+            .squeeze(1)?
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        data.extend_from_slice(&w);
+        done += b;
+        #[allow(clippy::cast_precision_loss)]
+        ctx.progress(
+            0.9 * done as f32 / samples as f32,
+            &format!("sampled {done} of {samples} latents"),
+        );
+    }
+    ctx.progress(0.9, "principal components");
+    let mut dirs = Directions::from_samples(&data, samples, w_dim, components)?;
+    dirs.seed = seed;
+    Ok(Some(dirs))
+}
+
+/// The `ws` of one explorer latent: the blended seed, truncated, mixed, edited.
+fn latent_ws(
+    gan: &StyleGan2,
+    latent: &GanLatent,
+    directions: Option<&Directions>,
+) -> Result<candle_core::Tensor> {
+    let mut ws = gan_latent::seed_blend_ws(
+        gan,
+        latent.seed,
+        latent.offset,
+        None,
+        latent.psi,
+        latent.cutoff,
+    )?;
+    if let Some(mix) = &latent.mix
+        && mix.layers.iter().any(|&b| b)
+    {
+        let other = gan.map(&gan.z_from_seed(mix.seed)?, None, latent.psi, latent.cutoff)?;
+        ws = gan_latent::style_mix(&ws, &other, &mix.layers)?;
+    }
+    if let Some(dirs) = directions
+        && latent.edits.iter().any(|e| e.sigma != 0.0)
+    {
+        let edits: Vec<_> = latent
+            .edits
+            .iter()
+            .filter(|e| e.sigma != 0.0)
+            .map(|e| (e.component, e.sigma, e.layers.clone()))
+            .collect();
+        ws = crate::gan::directions::apply(&ws, dirs, &edits)?;
+    }
+    Ok(ws)
+}
+
+fn no_gan() -> Error {
+    Error::InvalidParameter("no GAN is loaded: open one in the Latent Explorer first".into())
+}
+
+fn render_gan(gan: Option<&StyleGan2>, request: &GanRenderRequest) -> Result<RgbImage> {
+    let gan = gan.ok_or_else(no_gan)?;
+    let dirs = request.directions.as_deref();
+    let ws = match &request.what {
+        GanRenderWhat::Latent(latent) => latent_ws(gan, latent, dirs)?,
+        GanRenderWhat::Path {
+            keyframes,
+            t,
+            space,
+        } => {
+            let frames = keyframes
+                .iter()
+                .map(|k| {
+                    let z = gan_latent::seed_blend(gan, k.seed, k.offset)?;
+                    Ok(Keyframe {
+                        w: latent_ws(gan, k, dirs)?,
+                        z: Some(z),
+                        psi: k.psi,
+                        cutoff: k.cutoff,
+                        c: None,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            gan_latent::interpolate(gan, &frames, *t, *space)?
+        }
+    };
+    let image = gan_latent::render(gan, &ws, request.noise)?;
+    Ok(fit(image, request.max_side))
+}
+
+fn render_gan_grid(
+    gan: Option<&StyleGan2>,
+    request: &GanGridRequest,
+) -> Result<Vec<(u64, RgbImage)>> {
+    let gan = gan.ok_or_else(no_gan)?;
+    request
+        .seeds
+        .iter()
+        .map(|&seed| {
+            let ws = gan.map(&gan.z_from_seed(seed)?, None, request.psi, request.cutoff)?;
+            let image = gan_latent::render(gan, &ws, request.noise)?;
+            Ok((seed, fit(image, Some(request.max_side))))
+        })
+        .collect()
+}
+
+/// Downscales `image` so neither side exceeds `max_side`.
+fn fit(image: RgbImage, max_side: Option<u32>) -> RgbImage {
+    match max_side {
+        Some(m) if m > 0 && (image.width > m || image.height > m) => {
+            let scale = f64::from(m) / f64::from(image.width.max(image.height));
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let (w, h) = (
+                ((f64::from(image.width) * scale).round() as u32).max(1),
+                ((f64::from(image.height) * scale).round() as u32).max(1),
+            );
+            image.resized(w, h)
+        }
+        _ => image,
     }
 }

@@ -15,6 +15,7 @@ use super::canvas::CanvasPanel;
 use super::chat::{ChatPanel, ChatUiContext};
 use super::command::Command;
 use super::conversations::ConversationStore;
+use super::explorer::ExplorerPanel;
 use super::jobs::{JobPurpose, Jobs};
 use super::models::ModelsPanel;
 use super::notices::Notices;
@@ -87,6 +88,7 @@ pub struct StudioApp {
     pub(super) jobs: Jobs,
     pub(super) chat: ChatPanel,
     pub(super) canvas: CanvasPanel,
+    pub(super) explorer: ExplorerPanel,
     pub(super) models: ModelsPanel,
     pub(super) settings_panel: SettingsPanel,
     pub(super) status_bar: StatusBar,
@@ -137,6 +139,10 @@ impl StudioApp {
         for note in canvas_notes {
             notices.warning(note);
         }
+        let (explorer, explorer_notes) = ExplorerPanel::new(&config.home);
+        for note in explorer_notes {
+            notices.warning(note);
+        }
         let mut app = Self {
             ctx: ctx.clone(),
             home: config.home.clone(),
@@ -154,6 +160,7 @@ impl StudioApp {
             jobs: Jobs::default(),
             chat,
             canvas,
+            explorer,
             models,
             settings_panel,
             status_bar: StatusBar::default(),
@@ -185,6 +192,20 @@ impl StudioApp {
                     path.display()
                 ));
                 app.settings.last_image_model = None;
+            }
+        }
+        if config.restore_last_model
+            && let Some(path) = app.settings.last_gan_model.clone()
+        {
+            if path.exists() {
+                app.load_gan(path, true);
+            } else {
+                app.notices.warning(format!(
+                    "The last generator, {}, is no longer there; open another in the Latent \
+                     Explorer",
+                    path.display()
+                ));
+                app.settings.last_gan_model = None;
             }
         }
         app.apply_commands();
@@ -322,7 +343,10 @@ impl StudioApp {
                     &mut commands,
                 );
             }
-            panel @ (Panel::Code | Panel::LatentExplorer) => {
+            Panel::LatentExplorer => {
+                self.explorer.explorer_ui(ui, &self.jobs, &mut commands);
+            }
+            panel @ Panel::Code => {
                 placeholder_ui(ui, panel);
             }
         });
@@ -381,6 +405,7 @@ impl StudioApp {
         self.canvas
             .store
             .flush(&self.canvas.doc, &self.canvas.form, &self.files);
+        self.flush_explorer();
         // Wait until the images and the canvas are on disk.
         for done in self.files.flush() {
             self.file_done(done);

@@ -9,6 +9,7 @@ use studio_inference::worker::{JobKind, LoadOptions};
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
 use super::conversations::{MessageId, ReplyState};
+use super::explorer::ExplorerCommand;
 use super::format;
 use super::jobs::JobPurpose;
 use super::settings_store::Panel;
@@ -87,6 +88,8 @@ pub enum Command {
     RescanHfCache,
     /// Something the Canvas asks for.
     Canvas(CanvasCommand),
+    /// Something the Latent Explorer asks for.
+    Explorer(ExplorerCommand),
 }
 
 impl StudioApp {
@@ -177,6 +180,7 @@ impl StudioApp {
             Command::RemoveRecentModel(path) => self.settings.recent_models.retain(|p| *p != path),
             Command::RescanHfCache => self.models.start_scan(),
             Command::Canvas(c) => self.apply_canvas(c),
+            Command::Explorer(c) => self.apply_explorer(c),
         }
     }
 

@@ -27,6 +27,10 @@ pub enum JobPurpose {
     UnloadImageModel,
     /// Generating images on the Canvas.
     GenerateImage,
+    /// Loading a StyleGAN2 generator for the Latent Explorer.
+    LoadGan(PathBuf),
+    /// PCA directions for the Latent Explorer.
+    ComputeGanDirections,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +118,14 @@ impl Jobs {
     pub fn loading_image_model(&self) -> Option<&PathBuf> {
         self.tracked.values().find_map(|t| match &t.purpose {
             JobPurpose::LoadImageModel(p, _) => Some(p),
+            _ => None,
+        })
+    }
+
+    /// The StyleGAN2 generator being loaded (queued or running), if any.
+    pub fn loading_gan(&self) -> Option<&PathBuf> {
+        self.tracked.values().find_map(|t| match &t.purpose {
+            JobPurpose::LoadGan(p) => Some(p),
             _ => None,
         })
     }

@@ -16,6 +16,8 @@ use super::canvas::CanvasCommand;
 use super::canvas::actions::Outcome;
 use super::command::{Command, load_error};
 use super::conversations::ReplyState;
+use super::explorer::ExplorerCommand;
+use super::explorer::actions as explorer_actions;
 use super::jobs::JobPurpose;
 use super::settings_store::Panel;
 use crate::files::FileDone;
@@ -43,6 +45,7 @@ impl StudioApp {
             self.file_done(done);
         }
         self.poll_preview(ctx);
+        self.poll_explorer(ctx);
         self.models.poll_scan();
         self.take_dropped_files(ctx);
         self.take_shortcuts(ctx);
@@ -129,6 +132,9 @@ impl StudioApp {
                 ..
             } => self.image_progress(job, image, images, step, steps),
             Event::ImageReady { image, .. } => self.image_ready(image),
+            Event::GanLoaded { info, name, .. } => self.gan_loaded(job, info, name),
+            Event::GanUnloaded { .. } => self.gan_unloaded(),
+            Event::GanDirections { directions, .. } => self.gan_directions(directions),
             Event::ModelUnloaded { .. } => {
                 self.model = None;
                 self.model_options = None;
@@ -136,7 +142,9 @@ impl StudioApp {
             }
             Event::Done { stats, .. } => {
                 self.jobs.finished(job);
-                if self.image_job_finished(job, purpose.as_ref(), Outcome::Done, None) {
+                if self.image_job_finished(job, purpose.as_ref(), Outcome::Done, None)
+                    || self.gan_job_finished(job, purpose.as_ref(), None)
+                {
                     return;
                 }
                 if let Some(id) = self.chat.reply_finished(job, ReplyState::Done, stats, None) {
@@ -145,7 +153,9 @@ impl StudioApp {
             }
             Event::Cancelled { stats, .. } => {
                 let tracked = self.jobs.finished(job);
-                if self.image_job_finished(job, purpose.as_ref(), Outcome::Cancelled, None) {
+                if self.image_job_finished(job, purpose.as_ref(), Outcome::Cancelled, None)
+                    || self.gan_job_finished(job, purpose.as_ref(), None)
+                {
                     return;
                 }
                 if let Some(id) = self
@@ -164,7 +174,9 @@ impl StudioApp {
             }
             Event::Failed { error, .. } => {
                 let tracked = self.jobs.finished(job);
-                if self.image_job_finished(job, purpose.as_ref(), Outcome::Failed, Some(&error)) {
+                if self.image_job_finished(job, purpose.as_ref(), Outcome::Failed, Some(&error))
+                    || self.gan_job_finished(job, purpose.as_ref(), Some(&error))
+                {
                     return;
                 }
                 match tracked.map(|t| t.purpose) {
@@ -193,7 +205,9 @@ impl StudioApp {
                         JobPurpose::UnloadModel
                         | JobPurpose::LoadImageModel(..)
                         | JobPurpose::UnloadImageModel
-                        | JobPurpose::GenerateImage,
+                        | JobPurpose::GenerateImage
+                        | JobPurpose::LoadGan(_)
+                        | JobPurpose::ComputeGanDirections,
                     )
                     | None => self.notices.error(error),
                 }
@@ -213,7 +227,22 @@ impl StudioApp {
         // Several files dropped at once are usually one model's files (or one image): take
         // the first.
         if let Some(path) = dropped.into_iter().next() {
-            self.route_dropped(path);
+            let on_explorer = self.settings.panel == Panel::LatentExplorer;
+            if explorer_actions::is_gan_file(&path)
+                || (on_explorer && explorer_actions::is_pickle(&path))
+            {
+                self.commands
+                    .push(Command::Explorer(ExplorerCommand::LoadModel(path)));
+            } else if on_explorer
+                && path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+            {
+                self.commands
+                    .push(Command::Explorer(ExplorerCommand::RestoreFromPng(path)));
+            } else {
+                self.route_dropped(path);
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 //! - [`logic`]: worker events, dropped files, shortcuts;
 //! - [`command`]: the [`Command`] enum and what each does;
 //! - [`chat`] (with [`chat_list`], [`chat_message`], [`chat_params`], [`markdown`]),
-//!   [`canvas`] (Stable Diffusion), [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is drawn;
+//!   [`canvas`] (Stable Diffusion), [`explorer`] (StyleGAN2), [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is drawn;
 //! - [`settings_store`], [`conversations`], [`presets`]: what is saved and read.
 
 pub mod app;
@@ -20,6 +20,7 @@ pub mod chat_message;
 pub mod chat_params;
 pub mod command;
 pub mod conversations;
+pub mod explorer;
 pub mod format;
 pub mod jobs;
 pub mod logic;

@@ -15,12 +15,7 @@ pub fn not_built_text(panel: Panel) -> &'static str {
              and explain, fix or document a selection, streaming the change as a diff you \
              accept or reject."
         }
-        Panel::LatentExplorer => {
-            "Latent Explorer is not built yet: it will explore what GAN image models (StyleGAN) \
-             have learned: move between seeds, mix styles, set truncation, look inside layers \
-             and steer along directions."
-        }
-        Panel::Chat | Panel::Canvas | Panel::Models | Panel::Settings => "",
+        Panel::Chat | Panel::Canvas | Panel::LatentExplorer | Panel::Models | Panel::Settings => "",
     }
 }
 
@@ -32,6 +27,9 @@ pub fn placeholder_ui(ui: &mut egui::Ui, panel: Panel) {
         ui.add_space(12.0);
         ui.add(egui::Label::new(RichText::new(not_built_text(panel)).size(15.0)).wrap());
         ui.add_space(12.0);
-        ui.label(weak(ui, "Chat, Canvas and Models work today."));
+        ui.label(weak(
+            ui,
+            "Chat, Canvas, Latent Explorer and Models work today.",
+        ));
     });
 }

@@ -91,6 +91,8 @@ pub struct Settings {
     pub last_image_model: Option<PathBuf>,
     /// VAE and TAESD files the next Stable Diffusion model is loaded with.
     pub image_model_options: ImageModelOptions,
+    /// The Latent Explorer's StyleGAN2 generator, loaded again at startup if it still exists.
+    pub last_gan_model: Option<PathBuf>,
 }
 
 /// The remote-server form in Settings (kept between runs; the API key stays in the user's own
@@ -126,6 +128,7 @@ impl Default for Settings {
             show_parameters: true,
             last_image_model: None,
             image_model_options: ImageModelOptions::default(),
+            last_gan_model: None,
         }
     }
 }

@@ -1,0 +1,490 @@
+//! What the Latent Explorer's commands and the worker's GAN events do, and the per-frame work:
+//! take the newest rendered frame, send a render request when the latent changed, advance
+//! the animation, and autosave.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use studio_inference::diffusion::imaging::{self, RgbImage};
+use studio_inference::gan::GanInfo;
+use studio_inference::gan::directions::Directions;
+use studio_inference::gan::latent::Space;
+use studio_inference::worker::{GanGridRequest, GanRenderRequest, GanRenderWhat, JobId, JobKind};
+
+use super::store::{self, PathSpace};
+use super::{
+    CapturedLatent, ExplorerCommand, GRID_SEEDS, LoadedGan, THUMB_SIDE, Thumb, capture_text,
+    noise_mode, parse_capture_text,
+};
+use crate::gui::app::StudioApp;
+use crate::gui::jobs::JobPurpose;
+
+/// Whether `path` is a StyleGAN2 safetensors file (its header names `mapping.w_avg` or
+/// `synthesis.b4.const`). Only the header is read.
+pub fn is_gan_file(path: &Path) -> bool {
+    use std::io::Read as _;
+    if !path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        return false;
+    }
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut len = [0u8; 8];
+    if f.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        return false;
+    }
+    let mut header = Vec::new();
+    if f.take(len).read_to_end(&mut header).is_err() {
+        return false;
+    }
+    let header = String::from_utf8_lossy(&header);
+    header.contains("\"mapping.w_avg\"") || header.contains("\"synthesis.b4.const\"")
+}
+
+/// Whether `path` is one of NVIDIA's pickled networks.
+pub fn is_pickle(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("pkl"))
+}
+
+fn texture(ctx: &egui::Context, name: &str, img: &RgbImage) -> egui::TextureHandle {
+    ctx.load_texture(name, color_image(img), egui::TextureOptions::LINEAR)
+}
+
+fn color_image(img: &RgbImage) -> egui::ColorImage {
+    egui::ColorImage::from_rgba_unmultiplied(
+        [img.width as usize, img.height as usize],
+        &img.to_rgba(),
+    )
+}
+
+impl StudioApp {
+    pub fn explorer(&self) -> &super::ExplorerPanel {
+        &self.explorer
+    }
+
+    pub fn explorer_mut(&mut self) -> &mut super::ExplorerPanel {
+        &mut self.explorer
+    }
+
+    /// How many main-image renders the worker has done (a burst of requests renders fewer).
+    pub fn gan_renders(&self) -> u64 {
+        self.worker
+            .as_ref()
+            .map_or(0, studio_inference::worker::Worker::gan_renders)
+    }
+
+    pub(crate) fn apply_explorer(&mut self, command: ExplorerCommand) {
+        match command {
+            ExplorerCommand::LoadModel(path) => {
+                self.load_gan(path, false);
+            }
+            ExplorerCommand::OpenModelDialog => {
+                if let Some(path) = rfd::FileDialog::new()
+                    .set_title("Open a StyleGAN2 generator")
+                    .add_filter("StyleGAN2 safetensors", &["safetensors"])
+                    .pick_file()
+                {
+                    self.load_gan(path, false);
+                }
+            }
+            ExplorerCommand::ComputeDirections => {
+                if self.explorer.model.is_none() || self.explorer.directions_job.is_some() {
+                    return;
+                }
+                let s = &self.explorer.state;
+                let job = self.submit(
+                    JobKind::ComputeGanDirections {
+                        samples: s.pca_samples,
+                        components: s.pca_components,
+                        seed: 0,
+                    },
+                    JobPurpose::ComputeGanDirections,
+                );
+                self.explorer.directions_job = job;
+            }
+            ExplorerCommand::ClearDirections => {
+                self.explorer.directions = None;
+                self.explorer.state.latent.edits.clear();
+                let path = store::dir(&self.home).join("directions.json");
+                if let Err(e) = std::fs::remove_file(&path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    self.notices
+                        .error(format!("Could not remove {}: {e}", path.display()));
+                }
+            }
+            ExplorerCommand::AddKeyframe => {
+                let latent = self.explorer.current_latent();
+                self.explorer.state.keyframes.push(latent);
+            }
+            ExplorerCommand::RemoveKeyframe(i) => {
+                let k = &mut self.explorer.state.keyframes;
+                if i < k.len() {
+                    k.remove(i);
+                }
+                if k.len() < 2 {
+                    self.explorer.playing = false;
+                }
+            }
+            ExplorerCommand::MoveKeyframe { index, up } => {
+                let k = &mut self.explorer.state.keyframes;
+                let other = if up {
+                    index.checked_sub(1)
+                } else {
+                    Some(index + 1)
+                };
+                if let Some(o) = other
+                    && o < k.len()
+                    && index < k.len()
+                {
+                    k.swap(index, o);
+                }
+            }
+            ExplorerCommand::GoToKeyframe(i) => {
+                if let Some(k) = self.explorer.state.keyframes.get(i).cloned() {
+                    self.explorer.playing = false;
+                    self.set_latent(k);
+                }
+            }
+            ExplorerCommand::TogglePlay => {
+                let e = &mut self.explorer;
+                e.playing = !e.playing && e.state.keyframes.len() >= 2;
+                e.last_tick = None;
+            }
+            ExplorerCommand::Capture => self.capture(),
+            ExplorerCommand::RestoreFromPng(path) => self.restore_from_png(&path),
+            ExplorerCommand::SelectSeed(seed) => {
+                let l = &mut self.explorer.state.latent;
+                l.seed = seed;
+                l.offset = 0.0;
+                self.explorer.playing = false;
+            }
+        }
+    }
+
+    /// Makes `latent` the current one (its mixing included).
+    fn set_latent(&mut self, latent: studio_inference::worker::GanLatent) {
+        let s = &mut self.explorer.state;
+        match &latent.mix {
+            Some(m) => {
+                s.mixing = true;
+                s.mix_seed = m.seed;
+                s.mix_layers.clone_from(&m.layers);
+            }
+            None => s.mixing = false,
+        }
+        let had_edits = latent.edits.clone();
+        s.latent = latent;
+        s.latent.mix = None;
+        self.explorer.fit_edits();
+        // Amounts for components that are not loaded are dropped by fit_edits; keep the rest.
+        for e in &mut self.explorer.state.latent.edits {
+            if let Some(saved) = had_edits.iter().find(|h| h.component == e.component) {
+                e.sigma = saved.sigma;
+                e.layers = saved.layers.clone();
+            }
+        }
+    }
+
+    pub(crate) fn load_gan(&mut self, path: PathBuf, at_startup: bool) {
+        if path.as_os_str().is_empty() || self.jobs.loading_gan() == Some(&path) {
+            return;
+        }
+        if is_pickle(&path) {
+            self.notices.error(format!(
+                "{}: {}",
+                path.display(),
+                studio_inference::gan::PICKLE_HELP
+            ));
+            return;
+        }
+        let job = self.submit(
+            JobKind::LoadGan { path: path.clone() },
+            JobPurpose::LoadGan(path),
+        );
+        if at_startup {
+            self.explorer.startup_load = job;
+        }
+    }
+
+    pub(crate) fn gan_loaded(&mut self, job: JobId, info: GanInfo, name: String) {
+        if let Some(JobPurpose::LoadGan(path)) = self.jobs.get(job).map(|t| t.purpose.clone()) {
+            self.settings.last_gan_model = Some(path);
+        }
+        self.notices
+            .info(format!("Loaded {name} for the Latent Explorer"));
+        let e = &mut self.explorer;
+        e.model = Some(LoadedGan { info, name });
+        e.last_request = None;
+        e.grid_sent = None;
+        e.thumbs.clear();
+        e.fit_to_model();
+    }
+
+    pub(crate) fn gan_unloaded(&mut self) {
+        let e = &mut self.explorer;
+        e.model = None;
+        e.texture = None;
+        e.image = None;
+        e.image_latent = None;
+        e.thumbs.clear();
+        e.playing = false;
+    }
+
+    pub(crate) fn gan_directions(&mut self, directions: Arc<Directions>) {
+        if let Err(e) = store::save_directions(&self.home, &directions) {
+            self.notices.error(format!("{e:#}"));
+        }
+        self.notices.info(format!(
+            "Computed {} directions from {} samples",
+            directions.len(),
+            directions.samples
+        ));
+        self.explorer.directions = Some(directions);
+        self.explorer.state.latent.edits.clear();
+        self.explorer.fit_edits();
+    }
+
+    /// A GAN job ended; returns whether it was one.
+    pub(crate) fn gan_job_finished(
+        &mut self,
+        job: JobId,
+        purpose: Option<&JobPurpose>,
+        error: Option<&str>,
+    ) -> bool {
+        match purpose {
+            Some(JobPurpose::LoadGan(path)) => {
+                if let Some(error) = error {
+                    if self.explorer.startup_load == Some(job) {
+                        self.notices.warning(format!(
+                            "The last generator, {}, could not be loaded again: {error}",
+                            path.display()
+                        ));
+                        self.settings.last_gan_model = None;
+                    } else {
+                        self.notices
+                            .error(format!("Could not load {}: {error}", path.display()));
+                    }
+                }
+                if self.explorer.startup_load == Some(job) {
+                    self.explorer.startup_load = None;
+                }
+                true
+            }
+            Some(JobPurpose::ComputeGanDirections) => {
+                self.explorer.directions_job = None;
+                if let Some(error) = error {
+                    self.notices
+                        .error(format!("Computing directions failed: {error}"));
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn capture(&mut self) {
+        let e = &self.explorer;
+        let (Some(image), Some(latent), Some(model)) = (&e.image, &e.image_latent, &e.model) else {
+            self.notices
+                .warning("Nothing to capture yet: open a generator first");
+            return;
+        };
+        let text = capture_text(latent, &model.name);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let name = format!("seed{}-{stamp}.png", latent.latent.seed);
+        let path = store::dir(&self.home).join("captures").join(name);
+        let image = image.clone();
+        self.files.write(
+            format!("the capture {}", path.display()),
+            &path,
+            Box::new(move || {
+                imaging::encode_png(&image, Some(&text)).map_err(|e| anyhow::anyhow!("{e}"))
+            }),
+        );
+        self.notices.info(format!("Captured {}", path.display()));
+    }
+
+    /// A dropped PNG with a captured latent restores it.
+    pub(crate) fn restore_from_png(&mut self, path: &Path) {
+        let decoded = match imaging::decode_image_file(path) {
+            Ok(d) => d,
+            Err(e) => {
+                self.notices.error(format!("{e}"));
+                return;
+            }
+        };
+        let Some(captured) = decoded.parameters.as_deref().and_then(parse_capture_text) else {
+            self.notices.warning(format!(
+                "{} has no StyleGAN2 latent in it (projecting photos is not built yet)",
+                path.display()
+            ));
+            return;
+        };
+        let CapturedLatent {
+            latent,
+            noise,
+            noise_seed,
+        } = captured;
+        self.explorer.state.noise = noise;
+        self.explorer.state.noise_seed = noise_seed;
+        self.explorer.playing = false;
+        let seed = latent.seed;
+        self.set_latent(latent);
+        self.notices
+            .info(format!("Restored seed {seed} from {}", path.display()));
+    }
+
+    /// Per frame: the newest rendered frame and thumbnails, the animation, new requests and
+    /// the autosave.
+    pub(crate) fn poll_explorer(&mut self, ctx: &egui::Context) {
+        let Some(worker) = self.worker.as_ref() else {
+            return;
+        };
+        let e = &mut self.explorer;
+        let now = Instant::now();
+        if let Some(frame) = worker.take_gan_frame() {
+            e.render_ms = Some(frame.render_ms);
+            match frame.result {
+                Ok(img) => {
+                    match &mut e.texture {
+                        Some(t) => t.set(color_image(&img), egui::TextureOptions::LINEAR),
+                        None => e.texture = Some(texture(ctx, "explorer:image", &img)),
+                    }
+                    e.image = Some(img);
+                    e.image_latent = e
+                        .sent
+                        .iter()
+                        .find(|(id, _)| *id == frame.id)
+                        .map(|(_, l)| l.clone());
+                    e.render_error = None;
+                    e.frames_shown += 1;
+                    e.frame_times.push_back(now);
+                }
+                Err(err) => e.render_error = Some(err),
+            }
+            e.shown_id = Some(frame.id);
+        }
+        while e
+            .frame_times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(1))
+        {
+            e.frame_times.pop_front();
+        }
+        if let Some(grid) = worker.take_gan_grid()
+            && let Ok(images) = grid.result
+        {
+            e.thumbs = images
+                .iter()
+                .map(|(seed, img)| Thumb {
+                    seed: *seed,
+                    texture: texture(ctx, &format!("explorer:seed{seed}"), img),
+                })
+                .collect();
+        }
+        if e.model.is_none() {
+            return;
+        }
+        // The animation.
+        if e.playing {
+            let n = e.state.keyframes.len();
+            if n < 2 {
+                e.playing = false;
+            } else {
+                let dt = e
+                    .last_tick
+                    .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+                #[allow(clippy::cast_precision_loss)]
+                let step = dt * e.state.speed / (n - 1) as f64;
+                e.t = (e.t + step).rem_euclid(1.0);
+                e.last_tick = Some(now);
+                ctx.request_repaint();
+            }
+        }
+        let noise = noise_mode(e.state.noise, e.state.noise_seed);
+        let what = if e.playing {
+            GanRenderWhat::Path {
+                keyframes: e.state.keyframes.clone(),
+                t: e.t,
+                space: match e.state.space {
+                    PathSpace::W => Space::W,
+                    PathSpace::Z => Space::Z,
+                },
+            }
+        } else {
+            GanRenderWhat::Latent(e.current_latent())
+        };
+        let request = GanRenderRequest {
+            id: 0,
+            what,
+            noise,
+            directions: e.directions.clone(),
+            max_side: None,
+        };
+        if e.last_request.as_ref() != Some(&request) {
+            e.last_request = Some(request.clone());
+            let id = e.next_request;
+            e.next_request += 1;
+            e.requests_sent += 1;
+            let mut shown = e.captured_latent();
+            if e.playing {
+                shown.latent.seed = e.state.keyframes.first().map_or(0, |k| k.seed);
+            }
+            e.sent.push_back((id, shown));
+            while e.sent.len() > 64 {
+                e.sent.pop_front();
+            }
+            worker.render_gan(GanRenderRequest { id, ..request });
+        }
+        let grid = GanGridRequest {
+            id: 0,
+            seeds: (e.state.grid_start..e.state.grid_start + GRID_SEEDS).collect(),
+            psi: e.state.latent.psi,
+            cutoff: e.state.latent.cutoff,
+            noise,
+            max_side: THUMB_SIDE,
+        };
+        if e.grid_sent.as_ref() != Some(&grid) {
+            e.grid_sent = Some(grid.clone());
+            worker.render_gan_grid(grid);
+        }
+        if e.shown_id != Some(e.next_request - 1) {
+            // The result arrives through a mailbox, not an event: look again soon.
+            ctx.request_repaint_after(Duration::from_millis(16));
+        }
+        let due = e
+            .saved_at
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+        if e.state != e.saved_state && due {
+            e.saved_at = Some(now);
+            match store::save_state(&self.home, &e.state) {
+                Ok(()) => e.saved_state = e.state.clone(),
+                Err(err) => {
+                    e.saved_state = e.state.clone();
+                    self.notices.error(format!("{err:#}"));
+                }
+            }
+        }
+    }
+
+    /// Saves what the debounced autosave has not written yet (on exit).
+    pub(crate) fn flush_explorer(&mut self) {
+        if self.explorer.state != self.explorer.saved_state
+            && let Err(e) = store::save_state(&self.home, &self.explorer.state)
+        {
+            log::warn!("saving the explorer: {e:#}");
+        }
+    }
+}

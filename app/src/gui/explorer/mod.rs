@@ -1,0 +1,638 @@
+//! The Latent Explorer: a StyleGAN2 generator explored in real time.
+//!
+//! - [`store`]: sliders, keyframes and directions saved under `STUDIO_HOME/explorer/`;
+//! - [`actions`]: what its [`ExplorerCommand`]s and the worker's GAN events do, and the
+//!   per-frame render requests.
+//!
+//! Every change of the latent (seed, offset, ψ, cutoff, noise, mixing, direction sliders, the
+//! animation's position) makes a new render request; the worker renders only the newest
+//! ([`studio_inference::worker::Worker::render_gan`]), so dragging a slider never queues
+//! stale frames and the UI never waits.
+
+pub mod actions;
+pub mod store;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use egui::RichText;
+use serde::{Deserialize, Serialize};
+use studio_inference::diffusion::imaging::RgbImage;
+use studio_inference::gan::directions::{DirectionEdit, Directions};
+use studio_inference::gan::latent::LatentText;
+use studio_inference::gan::{GanInfo, NoiseMode};
+use studio_inference::worker::{GanLatent, GanMix, JobId};
+
+use self::store::{ExplorerState, NoiseChoice, PathSpace};
+use super::command::Command;
+use super::jobs::Jobs;
+use super::style::{section_ui, weak};
+
+/// Seeds in the seed browser.
+pub const GRID_SEEDS: u64 = 8;
+/// Side of a seed-browser thumbnail, in pixels.
+pub const THUMB_SIDE: u32 = 64;
+
+/// What the explorer asks for (inside [`Command::Explorer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExplorerCommand {
+    /// Load a StyleGAN2 safetensors file (a `.pkl` is refused with how to convert it).
+    LoadModel(PathBuf),
+    OpenModelDialog,
+    /// Compute PCA directions with the panel's N and k.
+    ComputeDirections,
+    /// Forget the directions (and their sliders).
+    ClearDirections,
+    /// Add the current latent as the last keyframe.
+    AddKeyframe,
+    RemoveKeyframe(usize),
+    /// Move keyframe `index` one place up (`up`) or down.
+    MoveKeyframe {
+        index: usize,
+        up: bool,
+    },
+    /// Make keyframe `index` the current latent.
+    GoToKeyframe(usize),
+    TogglePlay,
+    /// Save the current image as a PNG under `explorer/captures/`, with its latent.
+    Capture,
+    /// Restore the latent written into a captured PNG.
+    RestoreFromPng(PathBuf),
+    /// Make `seed` (with offset 0) the current seed.
+    SelectSeed(u64),
+}
+
+/// The latent written into a captured PNG's text chunk, after the human-readable line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapturedLatent {
+    pub latent: GanLatent,
+    pub noise: NoiseChoice,
+    pub noise_seed: u64,
+}
+
+const CAPTURE_PREFIX: &str = "Studio explorer: ";
+
+/// The text chunk of a capture: NVIDIA-style `StyleGAN2 latent: …` then the full latent as
+/// JSON (mixing and direction amounts included).
+pub fn capture_text(captured: &CapturedLatent, model: &str) -> String {
+    let l = &captured.latent;
+    let source = if l.offset == 0.0 {
+        format!("seed {}", l.seed)
+    } else {
+        format!("seed {}+{}", l.seed, l.offset)
+    };
+    let human = LatentText {
+        source,
+        psi: l.psi,
+        cutoff: l.cutoff,
+        noise: noise_mode(captured.noise, captured.noise_seed),
+        class: None,
+        model: model.to_owned(),
+    }
+    .to_text();
+    let json = serde_json::to_string(captured).unwrap_or_default();
+    format!("{human}\n{CAPTURE_PREFIX}{json}")
+}
+
+/// Reads [`capture_text`] back; a plain `StyleGAN2 latent:` line (from `studio gan`) gives the
+/// seed, ψ, cutoff and noise.
+pub fn parse_capture_text(text: &str) -> Option<CapturedLatent> {
+    if let Some(json) = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(CAPTURE_PREFIX))
+        && let Ok(c) = serde_json::from_str::<CapturedLatent>(json)
+    {
+        return Some(c);
+    }
+    let plain = LatentText::parse(text.lines().next()?)?;
+    let seed_text = plain.source.strip_prefix("seed ")?;
+    let (seed, offset) = match seed_text.split_once('+') {
+        Some((s, o)) => (s.parse().ok()?, o.parse().ok()?),
+        None => (seed_text.parse().ok()?, 0.0),
+    };
+    let (noise, noise_seed) = match plain.noise {
+        NoiseMode::Const => (NoiseChoice::Const, 0),
+        NoiseMode::Random { seed } => (NoiseChoice::Random, seed),
+        NoiseMode::None => (NoiseChoice::None, 0),
+    };
+    Some(CapturedLatent {
+        latent: GanLatent {
+            seed,
+            offset,
+            psi: plain.psi,
+            cutoff: plain.cutoff,
+            ..GanLatent::default()
+        },
+        noise,
+        noise_seed,
+    })
+}
+
+pub fn noise_mode(choice: NoiseChoice, seed: u64) -> NoiseMode {
+    match choice {
+        NoiseChoice::Const => NoiseMode::Const,
+        NoiseChoice::Random => NoiseMode::Random { seed },
+        NoiseChoice::None => NoiseMode::None,
+    }
+}
+
+/// The loaded generator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedGan {
+    pub info: GanInfo,
+    pub name: String,
+}
+
+/// One seed-browser thumbnail.
+pub struct Thumb {
+    pub seed: u64,
+    pub texture: egui::TextureHandle,
+}
+
+pub struct ExplorerPanel {
+    pub(crate) model: Option<LoadedGan>,
+    /// Saved between runs.
+    pub(crate) state: ExplorerState,
+    pub(crate) saved_state: ExplorerState,
+    /// When the state was last written (the autosave waits a second between writes).
+    pub(crate) saved_at: Option<Instant>,
+    pub(crate) directions: Option<Arc<Directions>>,
+    /// The load queued at startup (its failure is a warning, not an error).
+    pub(crate) startup_load: Option<JobId>,
+    pub(crate) directions_job: Option<JobId>,
+    // ---- rendering ----
+    pub(crate) image: Option<RgbImage>,
+    pub(crate) texture: Option<egui::TextureHandle>,
+    /// The latent of the image shown (what Capture writes).
+    pub(crate) image_latent: Option<CapturedLatent>,
+    pub(crate) render_error: Option<String>,
+    pub(crate) next_request: u64,
+    /// Requests sent, with what each showed (newest last, a few kept).
+    pub(crate) sent: VecDeque<(u64, CapturedLatent)>,
+    pub(crate) last_request: Option<studio_inference::worker::GanRenderRequest>,
+    pub(crate) requests_sent: u64,
+    pub(crate) frames_shown: u64,
+    pub(crate) shown_id: Option<u64>,
+    pub(crate) render_ms: Option<f32>,
+    pub(crate) frame_times: VecDeque<Instant>,
+    pub(crate) thumbs: Vec<Thumb>,
+    pub(crate) grid_sent: Option<studio_inference::worker::GanGridRequest>,
+    // ---- animation ----
+    pub(crate) playing: bool,
+    /// Position on the keyframe path, 0..=1, while playing.
+    pub(crate) t: f64,
+    pub(crate) last_tick: Option<Instant>,
+}
+
+impl ExplorerPanel {
+    pub fn new(home: &Path) -> (Self, Vec<String>) {
+        let (state, directions, notes) = store::load(home);
+        (
+            Self {
+                model: None,
+                saved_state: state.clone(),
+                saved_at: None,
+                state,
+                directions: directions.map(Arc::new),
+                startup_load: None,
+                directions_job: None,
+                image: None,
+                texture: None,
+                image_latent: None,
+                render_error: None,
+                next_request: 1,
+                sent: VecDeque::new(),
+                last_request: None,
+                requests_sent: 0,
+                frames_shown: 0,
+                shown_id: None,
+                render_ms: None,
+                frame_times: VecDeque::new(),
+                thumbs: Vec::new(),
+                grid_sent: None,
+                playing: false,
+                t: 0.0,
+                last_tick: None,
+            },
+            notes,
+        )
+    }
+
+    pub fn model(&self) -> Option<&LoadedGan> {
+        self.model.as_ref()
+    }
+
+    pub fn state(&self) -> &ExplorerState {
+        &self.state
+    }
+
+    /// The sliders and keyframes, to change directly (tests, as a person would drag).
+    pub fn state_mut(&mut self) -> &mut ExplorerState {
+        &mut self.state
+    }
+
+    pub fn directions(&self) -> Option<&Directions> {
+        self.directions.as_deref()
+    }
+
+    /// The image shown now.
+    pub fn image(&self) -> Option<&RgbImage> {
+        self.image.as_ref()
+    }
+
+    /// The latent of the image shown now.
+    pub fn image_latent(&self) -> Option<&CapturedLatent> {
+        self.image_latent.as_ref()
+    }
+
+    /// Render requests sent to the worker, and rendered frames shown.
+    pub fn render_counts(&self) -> (u64, u64) {
+        (self.requests_sent, self.frames_shown)
+    }
+
+    /// Id of the newest request sent, and of the frame shown.
+    pub fn request_ids(&self) -> (u64, Option<u64>) {
+        (self.next_request - 1, self.shown_id)
+    }
+
+    pub fn is_playing(&self) -> bool {
+        self.playing
+    }
+
+    /// Frames shown in the last second.
+    pub fn fps(&self) -> usize {
+        self.frame_times.len()
+    }
+
+    /// The current latent with mixing as the panel sets it.
+    pub fn current_latent(&self) -> GanLatent {
+        let mut latent = self.state.latent.clone();
+        latent.mix = if self.state.mixing {
+            Some(GanMix {
+                seed: self.state.mix_seed,
+                layers: self.state.mix_layers.clone(),
+            })
+        } else {
+            None
+        };
+        if self.directions.is_none() {
+            latent.edits.clear();
+        }
+        latent
+    }
+
+    pub fn captured_latent(&self) -> CapturedLatent {
+        CapturedLatent {
+            latent: self.current_latent(),
+            noise: self.state.noise,
+            noise_seed: self.state.noise_seed,
+        }
+    }
+
+    /// Makes the sliders fit the loaded network (mixing layers, cutoff, direction ranges).
+    pub(crate) fn fit_to_model(&mut self) {
+        let Some(m) = &self.model else { return };
+        let num_ws = m.info.num_ws;
+        self.state.mix_layers.resize(num_ws, false);
+        if self.state.latent.cutoff.is_some_and(|c| c >= num_ws) {
+            self.state.latent.cutoff = None;
+        }
+        let dirs_fit = self
+            .directions
+            .as_ref()
+            .is_some_and(|d| d.w_dim == m.info.w_dim);
+        if !dirs_fit {
+            self.directions = None;
+            self.state.latent.edits.clear();
+        }
+        self.fit_edits();
+        for k in &mut self.state.keyframes {
+            if k.mix.as_ref().is_some_and(|x| x.layers.len() != num_ws) {
+                k.mix = None;
+            }
+        }
+    }
+
+    /// One slider per direction component, each over every W row to start with.
+    pub(crate) fn fit_edits(&mut self) {
+        let (Some(d), Some(m)) = (&self.directions, &self.model) else {
+            return;
+        };
+        let num_ws = m.info.num_ws;
+        let edits = &mut self.state.latent.edits;
+        edits.retain(|e| e.component < d.len() && e.layers.end <= num_ws);
+        for c in 0..d.len() {
+            if !edits.iter().any(|e| e.component == c) {
+                edits.push(DirectionEdit {
+                    component: c,
+                    sigma: 0.0,
+                    layers: 0..num_ws,
+                });
+            }
+        }
+        edits.sort_by_key(|e| e.component);
+    }
+
+    // ---- drawing --------------------------------------------------------------------------
+
+    pub fn explorer_ui(&mut self, ui: &mut egui::Ui, jobs: &Jobs, commands: &mut Vec<Command>) {
+        let push = |commands: &mut Vec<Command>, c: ExplorerCommand| {
+            commands.push(Command::Explorer(c));
+        };
+        egui::Panel::left("explorer_controls")
+            .resizable(true)
+            .default_size(330.0)
+            .size_range(280.0..=480.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical()
+                    .id_salt("explorer_controls_scroll")
+                    .auto_shrink([false, false])
+                    .show(ui, |ui| {
+                        ui.add_space(4.0);
+                        section_ui(ui, "Model", |ui| self.model_ui(ui, jobs, commands));
+                        if self.model.is_some() {
+                            section_ui(ui, "Latent", |ui| self.latent_ui(ui));
+                            section_ui(ui, "Style mixing", |ui| self.mixing_ui(ui));
+                            section_ui(ui, "Directions (PCA)", |ui| {
+                                self.directions_ui(ui, commands);
+                            });
+                            section_ui(ui, "Keyframes", |ui| self.keyframes_ui(ui, commands));
+                            section_ui(ui, "Not built yet", |ui| {
+                                ui.label(weak(
+                                    ui,
+                                    "Animation export (GIF, PNG sequence), projecting a dropped \
+                                     photo into the latent space, and the layer view are not \
+                                     built yet in this panel.",
+                                ));
+                            });
+                        }
+                    });
+            });
+        egui::CentralPanel::default().show(ui, |ui| {
+            if self.model.is_none() {
+                ui.add_space(24.0);
+                ui.vertical_centered(|ui| {
+                    ui.heading("Latent Explorer");
+                    ui.label(
+                        "Open a StyleGAN2 generator (.safetensors in NVIDIA's naming) or drop \
+                         one on the window. NVIDIA's .pkl files must be converted first with \
+                         tools/convert_stylegan_pkl.py.",
+                    );
+                });
+                return;
+            }
+            ui.horizontal(|ui| {
+                if ui.button("Capture PNG").clicked() {
+                    push(commands, ExplorerCommand::Capture);
+                }
+                let ms = self
+                    .render_ms
+                    .map_or_else(|| "–".to_owned(), |ms| format!("{ms:.1} ms"));
+                ui.label(format!("render {ms} · {} fps", self.fps()));
+            });
+            if let Some(e) = &self.render_error {
+                ui.colored_label(ui.visuals().error_fg_color, e);
+            }
+            if let Some(tex) = &self.texture {
+                let avail = ui.available_size() - egui::vec2(0.0, 100.0);
+                let side = avail.x.min(avail.y).max(64.0);
+                ui.add(
+                    egui::Image::new(tex)
+                        .fit_to_exact_size(egui::vec2(side, side))
+                        .alt_text("Generated image"),
+                );
+            } else {
+                ui.spinner();
+            }
+            ui.label("Seed browser");
+            ui.horizontal_wrapped(|ui| {
+                for thumb in &self.thumbs {
+                    let seed = thumb.seed;
+                    let button = egui::Button::image_and_text(
+                        egui::Image::new(&thumb.texture).fit_to_exact_size(egui::vec2(64.0, 64.0)),
+                        format!("seed {seed}"),
+                    )
+                    .selected(seed == self.state.latent.seed);
+                    let r = ui.add(button);
+                    if r.clicked() {
+                        push(commands, ExplorerCommand::SelectSeed(seed));
+                    }
+                }
+            });
+            ui.horizontal(|ui| {
+                if ui.button("Previous seeds").clicked() {
+                    self.state.grid_start = self.state.grid_start.saturating_sub(GRID_SEEDS);
+                }
+                if ui.button("Next seeds").clicked() {
+                    self.state.grid_start =
+                        (self.state.grid_start + GRID_SEEDS).min(u64::from(u32::MAX) - GRID_SEEDS);
+                }
+            });
+        });
+    }
+
+    fn model_ui(&self, ui: &mut egui::Ui, jobs: &Jobs, commands: &mut Vec<Command>) {
+        match &self.model {
+            Some(m) => {
+                ui.label(RichText::new(&m.name).strong());
+                let i = &m.info;
+                ui.label(format!(
+                    "{0}×{0}, z {1}, w {2}, {3} W rows, {4}",
+                    i.resolution,
+                    i.z_dim,
+                    i.w_dim,
+                    i.num_ws,
+                    i.architecture.name()
+                ));
+            }
+            None => {
+                ui.label(weak(ui, "No generator loaded"));
+            }
+        }
+        if jobs.loading_gan().is_some() {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("Loading…");
+            });
+        }
+        if ui.button("Open generator…").clicked() {
+            commands.push(Command::Explorer(ExplorerCommand::OpenModelDialog));
+        }
+    }
+
+    fn latent_ui(&mut self, ui: &mut egui::Ui) {
+        let num_ws = self.model.as_ref().map_or(1, |m| m.info.num_ws);
+        let s = &mut self.state;
+        let l = ui.label("Seed");
+        ui.add(egui::DragValue::new(&mut s.latent.seed).range(0..=u32::MAX))
+            .labelled_by(l.id);
+        let l = ui.label("Seed offset");
+        ui.add(egui::Slider::new(&mut s.latent.offset, -4.0..=4.0).fixed_decimals(2))
+            .labelled_by(l.id);
+        let l = ui.label("Truncation ψ");
+        ui.add(egui::Slider::new(&mut s.latent.psi, -1.0..=2.0).fixed_decimals(2))
+            .labelled_by(l.id);
+        let mut cutoff = s.latent.cutoff.unwrap_or(num_ws);
+        let l = ui.label("Truncation cutoff (W rows)");
+        ui.add(egui::Slider::new(&mut cutoff, 0..=num_ws))
+            .labelled_by(l.id);
+        s.latent.cutoff = (cutoff < num_ws).then_some(cutoff);
+        let l = ui.label("Noise");
+        egui::ComboBox::from_id_salt("explorer_noise")
+            .selected_text(s.noise.label())
+            .show_ui(ui, |ui| {
+                for n in NoiseChoice::ALL {
+                    ui.selectable_value(&mut s.noise, n, n.label());
+                }
+            })
+            .response
+            .labelled_by(l.id);
+        if s.noise == NoiseChoice::Random {
+            let l = ui.label("Noise seed");
+            ui.add(egui::DragValue::new(&mut s.noise_seed))
+                .labelled_by(l.id);
+        }
+    }
+
+    fn mixing_ui(&mut self, ui: &mut egui::Ui) {
+        let s = &mut self.state;
+        ui.checkbox(&mut s.mixing, "Mix styles from a second seed");
+        if !s.mixing {
+            return;
+        }
+        let l = ui.label("Second seed");
+        ui.add(egui::DragValue::new(&mut s.mix_seed).range(0..=u32::MAX))
+            .labelled_by(l.id);
+        ui.label(weak(
+            ui,
+            "W rows taken from the second seed (coarse to fine):",
+        ));
+        ui.horizontal_wrapped(|ui| {
+            for (i, on) in s.mix_layers.iter_mut().enumerate() {
+                ui.checkbox(on, format!("{i}"))
+                    .on_hover_text(format!("W row {i}"));
+            }
+        });
+    }
+
+    fn directions_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        let w_dim = self.model.as_ref().map_or(1, |m| m.info.w_dim);
+        let num_ws = self.model.as_ref().map_or(1, |m| m.info.num_ws);
+        ui.horizontal(|ui| {
+            let l = ui.label("Samples N");
+            ui.add(egui::DragValue::new(&mut self.state.pca_samples).range(2..=1_000_000))
+                .labelled_by(l.id);
+            let l = ui.label("Components k");
+            ui.add(egui::DragValue::new(&mut self.state.pca_components).range(1..=w_dim))
+                .labelled_by(l.id);
+        });
+        ui.horizontal(|ui| {
+            let busy = self.directions_job.is_some();
+            if ui
+                .add_enabled(!busy, egui::Button::new("Compute directions"))
+                .clicked()
+            {
+                commands.push(Command::Explorer(ExplorerCommand::ComputeDirections));
+            }
+            if busy {
+                ui.spinner();
+            }
+            if self.directions.is_some() && ui.button("Clear directions").clicked() {
+                commands.push(Command::Explorer(ExplorerCommand::ClearDirections));
+            }
+        });
+        let Some(d) = self.directions.clone() else {
+            ui.label(weak(ui, "No directions yet."));
+            return;
+        };
+        if ui.button("Reset sliders").clicked() {
+            for e in &mut self.state.latent.edits {
+                e.sigma = 0.0;
+            }
+        }
+        for e in &mut self.state.latent.edits {
+            let c = e.component;
+            let share = d.explained_variance_ratio.get(c).copied().unwrap_or(0.0) * 100.0;
+            let l = ui.label(format!("Component {c} ({share:.1}% variance), σ"));
+            ui.add(egui::Slider::new(&mut e.sigma, -5.0..=5.0).fixed_decimals(2))
+                .labelled_by(l.id);
+            ui.horizontal(|ui| {
+                let (mut a, mut b) = (e.layers.start, e.layers.end);
+                let l = ui.label(format!("Component {c} rows from"));
+                ui.add(egui::DragValue::new(&mut a).range(0..=num_ws))
+                    .labelled_by(l.id);
+                let l = ui.label("to");
+                ui.add(egui::DragValue::new(&mut b).range(0..=num_ws))
+                    .labelled_by(l.id);
+                e.layers = a.min(b)..b.max(a);
+            });
+        }
+    }
+
+    fn keyframes_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        let push = |commands: &mut Vec<Command>, c: ExplorerCommand| {
+            commands.push(Command::Explorer(c));
+        };
+        if ui.button("Add keyframe").clicked() {
+            push(commands, ExplorerCommand::AddKeyframe);
+        }
+        let n = self.state.keyframes.len();
+        for (i, k) in self.state.keyframes.iter().enumerate() {
+            ui.horizontal(|ui| {
+                let text = if k.offset == 0.0 {
+                    format!("{}. seed {} ψ {:.2}", i + 1, k.seed, k.psi)
+                } else {
+                    format!("{}. seed {}{:+.2} ψ {:.2}", i + 1, k.seed, k.offset, k.psi)
+                };
+                if ui.link(text).clicked() {
+                    push(commands, ExplorerCommand::GoToKeyframe(i));
+                }
+                if ui.add_enabled(i > 0, egui::Button::new("Up")).clicked() {
+                    push(
+                        commands,
+                        ExplorerCommand::MoveKeyframe { index: i, up: true },
+                    );
+                }
+                if ui
+                    .add_enabled(i + 1 < n, egui::Button::new("Down"))
+                    .clicked()
+                {
+                    push(
+                        commands,
+                        ExplorerCommand::MoveKeyframe {
+                            index: i,
+                            up: false,
+                        },
+                    );
+                }
+                if ui.button("Remove").clicked() {
+                    push(commands, ExplorerCommand::RemoveKeyframe(i));
+                }
+            });
+        }
+        if n == 0 {
+            ui.label(weak(ui, "No keyframes yet."));
+        }
+        let l = ui.label("Interpolate");
+        egui::ComboBox::from_id_salt("explorer_space")
+            .selected_text(match self.state.space {
+                PathSpace::W => "W (lerp)",
+                PathSpace::Z => "Z (slerp)",
+            })
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut self.state.space, PathSpace::W, "W (lerp)");
+                ui.selectable_value(&mut self.state.space, PathSpace::Z, "Z (slerp)");
+            })
+            .response
+            .labelled_by(l.id);
+        let l = ui.label("Speed (keyframes/s)");
+        ui.add(egui::Slider::new(&mut self.state.speed, 0.05..=4.0).logarithmic(true))
+            .labelled_by(l.id);
+        let play = if self.playing { "Pause" } else { "Play" };
+        if ui.add_enabled(n >= 2, egui::Button::new(play)).clicked() {
+            push(commands, ExplorerCommand::TogglePlay);
+        }
+    }
+}

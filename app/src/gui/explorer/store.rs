@@ -1,0 +1,131 @@
+//! What the Latent Explorer keeps between runs, under `STUDIO_HOME/explorer/`: the sliders,
+//! keyframes and playback settings (`state.json`) and the PCA directions (`directions.json`),
+//! each written atomically. Captures go to `explorer/captures/`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use studio_inference::gan::directions::Directions;
+use studio_inference::worker::GanLatent;
+
+/// Version of `state.json`.
+pub const STATE_VERSION: u32 = 1;
+
+/// Which noise the synthesis layers get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum NoiseChoice {
+    #[default]
+    Const,
+    Random,
+    None,
+}
+
+impl NoiseChoice {
+    pub const ALL: [NoiseChoice; 3] = [NoiseChoice::Const, NoiseChoice::Random, NoiseChoice::None];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            NoiseChoice::Const => "const",
+            NoiseChoice::Random => "random",
+            NoiseChoice::None => "none",
+        }
+    }
+}
+
+/// The interpolation space of the keyframe animation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PathSpace {
+    /// Linear interpolation of W.
+    #[default]
+    W,
+    /// Spherical interpolation of Z.
+    Z,
+}
+
+/// The explorer's saved state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExplorerState {
+    pub version: u32,
+    /// The current latent (seed, offset, ψ, cutoff, mixing, direction amounts).
+    pub latent: GanLatent,
+    pub noise: NoiseChoice,
+    pub noise_seed: u64,
+    /// Whether style mixing is on (its seed and layers live in `latent.mix`).
+    pub mixing: bool,
+    pub mix_seed: u64,
+    pub mix_layers: Vec<bool>,
+    pub keyframes: Vec<GanLatent>,
+    pub space: PathSpace,
+    /// Keyframes per second while playing.
+    pub speed: f64,
+    pub pca_samples: usize,
+    pub pca_components: usize,
+    /// First seed of the seed browser.
+    pub grid_start: u64,
+}
+
+impl Default for ExplorerState {
+    fn default() -> Self {
+        Self {
+            version: STATE_VERSION,
+            latent: GanLatent::default(),
+            noise: NoiseChoice::Const,
+            noise_seed: 0,
+            mixing: false,
+            mix_seed: 1,
+            mix_layers: Vec::new(),
+            keyframes: Vec::new(),
+            space: PathSpace::W,
+            speed: 0.5,
+            pca_samples: 2000,
+            pca_components: 8,
+            grid_start: 0,
+        }
+    }
+}
+
+pub fn dir(home: &Path) -> PathBuf {
+    home.join("explorer")
+}
+
+fn state_path(home: &Path) -> PathBuf {
+    dir(home).join("state.json")
+}
+
+fn directions_path(home: &Path) -> PathBuf {
+    dir(home).join("directions.json")
+}
+
+/// Reads the saved state and directions; a damaged file is reported and replaced by defaults.
+pub fn load(home: &Path) -> (ExplorerState, Option<Directions>, Vec<String>) {
+    let mut notes = Vec::new();
+    let state = match crate::home::load_json::<ExplorerState>(&state_path(home)) {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => {
+            notes.push(format!(
+                "The Latent Explorer's saved sliders could not be read: {e:#}"
+            ));
+            ExplorerState::default()
+        }
+    };
+    let directions = match crate::home::load_json::<Directions>(&directions_path(home)) {
+        Ok(d) => d,
+        Err(e) => {
+            notes.push(format!("The saved PCA directions could not be read: {e:#}"));
+            None
+        }
+    };
+    (state, directions, notes)
+}
+
+pub fn save_state(home: &Path, state: &ExplorerState) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir(home)).context("creating the explorer folder")?;
+    crate::home::save_json(&state_path(home), state)
+}
+
+pub fn save_directions(home: &Path, directions: &Directions) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir(home)).context("creating the explorer folder")?;
+    crate::home::save_json(&directions_path(home), directions)
+}

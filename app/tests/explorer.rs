@@ -1,0 +1,289 @@
+//! The Latent Explorer, driven like a person would with `egui_kittest`, on tiny random-weight
+//! StyleGAN2 generators written by `studio-tests` in NVIDIA's naming and loaded through the
+//! real loader: loading, re-rendering on slider changes, keyframes, the capture PNG's latent
+//! round trip, coalesced renders, PCA directions, and what is kept across a restart.
+
+use std::path::{Path, PathBuf};
+
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use studio_app::gui::{AppConfig, Panel, StudioApp};
+use studio_inference::diffusion::imaging::decode_image_bytes;
+use studio_inference::gan::directions::Directions;
+use studio_tests::gan::{TinyStyleGan2, write_stylegan2};
+
+mod common;
+use common::{control, drop_file, shows_text, step_until};
+
+fn harness(home: &Path) -> Harness<'static, StudioApp> {
+    common::harness_sized(&AppConfig::for_tests(home), egui::vec2(1400.0, 1000.0))
+}
+
+fn tiny_gan(dir: &Path, cfg: TinyStyleGan2) -> PathBuf {
+    let path = dir.join("models").join("tiny-gan.safetensors");
+    write_stylegan2(&path, cfg, 7, false);
+    path
+}
+
+/// Steps until the newest render request has come back, and returns a copy of the image.
+fn settled(h: &mut Harness<'_, StudioApp>) -> Vec<u8> {
+    step_until(h, "the newest render", |h| {
+        let e = h.state().explorer();
+        let (newest, shown) = e.request_ids();
+        newest > 0 && shown == Some(newest) && e.image().is_some()
+    });
+    h.state()
+        .explorer()
+        .image()
+        .map(|i| i.pixels.clone())
+        .expect("image")
+}
+
+fn open_tiny(h: &mut Harness<'_, StudioApp>, path: &Path) -> Vec<u8> {
+    common::go_to(h, Panel::LatentExplorer);
+    drop_file(h, path);
+    step_until(h, "the generator to load", |h| {
+        h.state().explorer().model().is_some()
+    });
+    settled(h)
+}
+
+#[test]
+fn loading_shows_the_model_and_an_image_and_psi_and_seed_rerender() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    let first = open_tiny(&mut h, &path);
+    assert!(shows_text(&h, "tiny-gan.safetensors"));
+    assert!(shows_text(&h, "32×32"), "the model's resolution is shown");
+    let img = h.state().explorer().image().expect("image").clone();
+    assert_eq!((img.width, img.height), (32, 32));
+    assert!(shows_text(&h, "render "), "render-ms readout");
+    // The seed browser renders thumbnails for consecutive seeds.
+    step_until(&mut h, "the seed browser", |h| shows_text(h, "seed 3"));
+
+    h.state_mut().explorer_mut().state_mut().latent.psi = 0.3;
+    let after_psi = settled(&mut h);
+    assert_ne!(first, after_psi, "moving ψ re-renders a different image");
+
+    h.state_mut().explorer_mut().state_mut().latent.seed = 11;
+    let after_seed = settled(&mut h);
+    assert_ne!(after_psi, after_seed, "a new seed re-renders");
+
+    // Clicking a thumbnail selects its seed.
+    control(&h, "seed 3").click();
+    h.step();
+    h.step();
+    assert_eq!(h.state().explorer().state().latent.seed, 3);
+    // The generator is remembered for the next start.
+    assert_eq!(h.state().settings().last_gan_model.as_ref(), Some(&path));
+}
+
+#[test]
+fn keyframes_are_added_listed_reordered_removed_and_kept_across_a_restart() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    {
+        let mut h = harness(tmp.path());
+        h.step();
+        open_tiny(&mut h, &path);
+        h.state_mut().explorer_mut().state_mut().latent.seed = 5;
+        h.step();
+        control(&h, "Add keyframe").click();
+        h.step();
+        h.step();
+        assert!(shows_text(&h, "1. seed 5"), "the keyframe is listed");
+        h.state_mut().explorer_mut().state_mut().latent.seed = 9;
+        h.step();
+        control(&h, "Add keyframe").click();
+        h.step();
+        h.step();
+        let seeds: Vec<u64> = h
+            .state()
+            .explorer()
+            .state()
+            .keyframes
+            .iter()
+            .map(|k| k.seed)
+            .collect();
+        assert_eq!(seeds, [5, 9]);
+        assert!(shows_text(&h, "2. seed 9"));
+        // Play animates along the path.
+        let before = h.state().explorer().render_counts().0;
+        control(&h, "Play").click();
+        h.step();
+        assert!(h.state().explorer().is_playing());
+        for _ in 0..10 {
+            h.step();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(h.state().explorer().render_counts().0 > before + 3);
+        control(&h, "Pause").click();
+        h.step();
+        assert!(!h.state().explorer().is_playing());
+        h.state_mut().flush();
+    }
+    // Restart: the generator loads again and the keyframes are back.
+    let mut h = harness(tmp.path());
+    step_until(&mut h, "the generator to load again", |h| {
+        h.state().explorer().model().is_some()
+    });
+    let seeds: Vec<u64> = h
+        .state()
+        .explorer()
+        .state()
+        .keyframes
+        .iter()
+        .map(|k| k.seed)
+        .collect();
+    assert_eq!(seeds, [5, 9]);
+}
+
+#[test]
+fn a_captured_png_carries_its_latent_and_dropping_it_back_restores_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    open_tiny(&mut h, &path);
+    {
+        let s = h.state_mut().explorer_mut().state_mut();
+        s.latent.seed = 7;
+        s.latent.offset = 0.25;
+        s.latent.psi = 0.6;
+    }
+    let shown = settled(&mut h);
+    control(&h, "Capture PNG").click();
+    h.step();
+    h.step();
+    let captures = tmp.path().join("explorer").join("captures");
+    step_until(&mut h, "the capture on disk", |_| {
+        std::fs::read_dir(&captures).is_ok_and(|mut d| d.next().is_some())
+    });
+    h.state_mut().flush();
+    let png = std::fs::read_dir(&captures)
+        .expect("dir")
+        .next()
+        .expect("file")
+        .expect("entry")
+        .path();
+    let bytes = std::fs::read(&png).expect("read");
+    let decoded = image::load_from_memory(&bytes).expect("png").to_rgb8();
+    assert_eq!(decoded.as_raw(), &shown, "the capture is the image shown");
+    let text = decode_image_bytes(&bytes)
+        .expect("decode")
+        .parameters
+        .unwrap_or_default();
+    assert!(text.contains("seed 7+0.25"), "{text}");
+    assert!(text.contains("psi 0.6"), "{text}");
+
+    {
+        let s = h.state_mut().explorer_mut().state_mut();
+        s.latent.seed = 100;
+        s.latent.offset = 0.0;
+        s.latent.psi = 1.0;
+    }
+    settled(&mut h);
+    drop_file(&mut h, &png);
+    let l = &h.state().explorer().state().latent;
+    assert_eq!((l.seed, l.offset, l.psi), (7, 0.25, 0.6));
+    let restored = settled(&mut h);
+    assert_eq!(
+        restored, shown,
+        "the restored latent renders the same image"
+    );
+}
+
+#[test]
+fn a_burst_of_slider_changes_renders_far_fewer_frames_than_requests() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // Big enough that one render takes longer than a frame.
+    let cfg = TinyStyleGan2 {
+        resolution: 128,
+        channel_base: 4096,
+        channel_max: 64,
+        ..TinyStyleGan2::default()
+    };
+    let path = tiny_gan(tmp.path(), cfg);
+    let mut h = harness(tmp.path());
+    h.step();
+    open_tiny(&mut h, &path);
+    let (sent0, shown0) = h.state().explorer().render_counts();
+    let renders0 = h.state().gan_renders();
+    for i in 0..50 {
+        h.state_mut().explorer_mut().state_mut().latent.psi = 0.5 + f64::from(i) * 0.01;
+        h.step();
+    }
+    let last = settled(&mut h);
+    let (sent, shown) = h.state().explorer().render_counts();
+    let (sent, shown) = (sent - sent0, shown - shown0);
+    let renders = h.state().gan_renders() - renders0;
+    assert_eq!(sent, 50, "one request per change");
+    assert!(
+        renders * 2 < sent,
+        "the worker rendered {renders} frames for {sent} requests: not coalesced"
+    );
+    eprintln!("{sent} requests, {renders} renders, {shown} frames shown");
+    assert!(
+        shown * 2 < sent,
+        "{shown} frames rendered for {sent} requests: renders were not coalesced"
+    );
+    // The last request is what is shown.
+    h.state_mut().explorer_mut().state_mut().latent.psi = 0.5 + 49.0 * 0.01;
+    assert_eq!(settled(&mut h), last);
+}
+
+#[test]
+fn pca_directions_are_computed_and_their_sliders_move_the_image() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    let before = open_tiny(&mut h, &path);
+    {
+        let s = h.state_mut().explorer_mut().state_mut();
+        s.pca_samples = 300;
+        s.pca_components = 3;
+    }
+    control(&h, "Compute directions").click();
+    step_until(&mut h, "the directions", |h| {
+        h.state().explorer().directions().is_some()
+    });
+    assert_eq!(
+        h.state().explorer().directions().map(Directions::len),
+        Some(3)
+    );
+    h.step();
+    assert!(shows_text(&h, "Component 0"));
+    assert!(
+        tmp.path().join("explorer").join("directions.json").exists(),
+        "directions are saved"
+    );
+    h.state_mut().explorer_mut().state_mut().latent.edits[0].sigma = 3.0;
+    let moved = settled(&mut h);
+    assert_ne!(before, moved, "a direction slider changes the image");
+}
+
+#[test]
+fn a_dropped_pickle_is_refused_with_how_to_convert_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pkl = tmp.path().join("network.pkl");
+    std::fs::write(&pkl, b"\x80\x04not really").expect("write");
+    let mut h = harness(tmp.path());
+    h.step();
+    common::go_to(&mut h, Panel::LatentExplorer);
+    drop_file(&mut h, &pkl);
+    assert!(
+        h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("convert_stylegan_pkl.py")),
+        "the notice says how to convert it"
+    );
+    assert!(h.state().explorer().model().is_none());
+    let _ = h
+        .query_all_by_label("Open generator…")
+        .next()
+        .expect("open button");
+}
