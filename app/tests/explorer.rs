@@ -109,6 +109,11 @@ fn keyframes_are_added_listed_reordered_removed_and_kept_across_a_restart() {
             .collect();
         assert_eq!(seeds, [5, 9]);
         assert!(shows_text(&h, "2. seed 9"));
+        // The first keyframe's Down button moves it after the second.
+        control(&h, "Down").click();
+        h.step();
+        h.step();
+        assert!(shows_text(&h, "1. seed 9"), "reordered");
         // Play animates along the path.
         let before = h.state().explorer().render_counts().0;
         control(&h, "Play").click();
@@ -137,7 +142,21 @@ fn keyframes_are_added_listed_reordered_removed_and_kept_across_a_restart() {
         .iter()
         .map(|k| k.seed)
         .collect();
-    assert_eq!(seeds, [5, 9]);
+    assert_eq!(seeds, [9, 5]);
+    common::go_to(&mut h, Panel::LatentExplorer);
+    control(&h, "Remove").click();
+    h.step();
+    h.step();
+    let seeds: Vec<u64> = h
+        .state()
+        .explorer()
+        .state()
+        .keyframes
+        .iter()
+        .map(|k| k.seed)
+        .collect();
+    assert_eq!(seeds, [5], "the first keyframe is removed");
+    assert!(shows_text(&h, "1. seed 5"));
 }
 
 #[test]
@@ -286,4 +305,67 @@ fn a_dropped_pickle_is_refused_with_how_to_convert_it() {
         .query_all_by_label("Open generator…")
         .next()
         .expect("open button");
+}
+
+#[test]
+fn the_keyframe_path_exports_as_a_gif_and_as_png_frames() {
+    use image::AnimationDecoder as _;
+    use studio_app::gui::Command;
+    use studio_app::gui::explorer::ExplorerCommand;
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    open_tiny(&mut h, &path);
+    for seed in [1, 2, 3] {
+        h.state_mut().explorer_mut().state_mut().latent.seed = seed;
+        h.step();
+        control(&h, "Add keyframe").click();
+        h.step();
+        h.step();
+    }
+    h.state_mut().explorer_mut().state_mut().export_frames = 6;
+    h.step();
+    assert!(h.query_all_by_label("Export GIF…").next().is_some());
+
+    let gif = tmp.path().join("anim.gif");
+    h.state_mut()
+        .push_command(Command::Explorer(ExplorerCommand::ExportAnimation {
+            path: gif.clone(),
+            gif: true,
+        }));
+    step_until(&mut h, "the GIF export", |h| {
+        h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("Exported the animation"))
+    });
+    let file = std::io::BufReader::new(std::fs::File::open(&gif).expect("gif"));
+    let frames = image::codecs::gif::GifDecoder::new(file)
+        .expect("decoder")
+        .into_frames()
+        .collect_frames()
+        .expect("frames");
+    assert_eq!(frames.len(), 6);
+
+    let folder = tmp.path().join("frames");
+    h.state_mut()
+        .push_command(Command::Explorer(ExplorerCommand::ExportAnimation {
+            path: folder.clone(),
+            gif: false,
+        }));
+    step_until(&mut h, "the PNG export", |_| {
+        folder.join("frame_0006.png").exists()
+    });
+    step_until(&mut h, "the export to finish", |h| {
+        h.state().jobs().is_empty()
+    });
+    let last = std::fs::read(folder.join("frame_0006.png")).expect("png");
+    let text = decode_image_bytes(&last)
+        .expect("decode")
+        .parameters
+        .unwrap_or_default();
+    assert!(text.contains("frame 6/6"), "{text}");
+    assert_eq!(std::fs::read_dir(&folder).expect("dir").count(), 6);
 }

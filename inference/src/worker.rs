@@ -115,6 +115,9 @@ pub enum JobKind {
         components: usize,
         seed: u64,
     },
+    /// Render the keyframe path to an animated GIF or a folder of PNGs, with progress and
+    /// cancel between frames.
+    ExportGanAnimation { request: Box<GanAnimationRequest> },
     /// Arbitrary work on the worker thread (extensions and tests).
     Custom { label: String, run: CustomJob },
 }
@@ -149,6 +152,9 @@ impl JobKind {
                 )
             ),
             JobKind::UnloadGan => "Unloading GAN".to_owned(),
+            JobKind::ExportGanAnimation { request } => {
+                format!("Exporting {} frames", request.frames)
+            }
             JobKind::ComputeGanDirections {
                 samples,
                 components,
@@ -391,6 +397,31 @@ pub struct GanRenderRequest {
     pub directions: Option<Arc<Directions>>,
     /// Downscale so neither side exceeds this (`None` = the network's resolution).
     pub max_side: Option<u32>,
+}
+
+/// Where an exported animation goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GanAnimationOut {
+    /// One looping GIF file.
+    Gif(PathBuf),
+    /// `frame_0001.png`, `frame_0002.png`, … in this folder (created if missing), each with
+    /// its latent in a text chunk.
+    PngSequence(PathBuf),
+}
+
+/// [`JobKind::ExportGanAnimation`]: `frames` evenly spaced points of the keyframe path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GanAnimationRequest {
+    pub keyframes: Vec<GanLatent>,
+    pub space: Space,
+    pub noise: NoiseMode,
+    pub directions: Option<Arc<Directions>>,
+    pub frames: usize,
+    /// Frames per second of the GIF.
+    pub fps: f64,
+    pub out: GanAnimationOut,
+    /// Written into every PNG frame's text chunk, with `frame i/n` appended.
+    pub text: String,
 }
 
 /// The result of the newest [`GanRenderRequest`].
@@ -1158,6 +1189,13 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             });
             Ok(None)
         }
+        JobKind::ExportGanAnimation { request } => {
+            let Some(gan) = ctx.gan.as_deref() else {
+                return Err(no_gan());
+            };
+            export_animation(ctx, gan, &request)?;
+            Ok(None)
+        }
         JobKind::Custom { run, .. } => run(ctx).map(|()| None),
     }
 }
@@ -1258,6 +1296,82 @@ fn latent_ws(
     Ok(ws)
 }
 
+fn path_ws(
+    gan: &StyleGan2,
+    keyframes: &[GanLatent],
+    t: f64,
+    space: Space,
+    dirs: Option<&Directions>,
+) -> Result<candle_core::Tensor> {
+    let frames = keyframes
+        .iter()
+        .map(|k| {
+            let z = gan_latent::seed_blend(gan, k.seed, k.offset)?;
+            Ok(Keyframe {
+                w: latent_ws(gan, k, dirs)?,
+                z: Some(z),
+                psi: k.psi,
+                cutoff: k.cutoff,
+                c: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    gan_latent::interpolate(gan, &frames, t, space)
+}
+
+fn export_animation(ctx: &JobContext<'_>, gan: &StyleGan2, r: &GanAnimationRequest) -> Result<()> {
+    if r.keyframes.len() < 2 {
+        return Err(Error::InvalidParameter(
+            "an animation needs at least two keyframes".into(),
+        ));
+    }
+    if r.frames < 2 {
+        return Err(Error::InvalidParameter(format!(
+            "an animation needs at least 2 frames, got {}",
+            r.frames
+        )));
+    }
+    let mut gif = match &r.out {
+        GanAnimationOut::Gif(path) => {
+            let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+            Some(gan_latent::GifWriter::new(
+                std::io::BufWriter::new(file),
+                r.fps,
+            )?)
+        }
+        GanAnimationOut::PngSequence(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            None
+        }
+    };
+    let dirs = r.directions.as_deref();
+    for i in 0..r.frames {
+        if ctx.is_cancelled() {
+            return Ok(());
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let t = i as f64 / (r.frames - 1) as f64;
+        let ws = path_ws(gan, &r.keyframes, t, r.space, dirs)?;
+        let image = gan_latent::render(gan, &ws, r.noise)?;
+        match (&mut gif, &r.out) {
+            (Some(g), _) => g.add_frame(&image)?,
+            (None, GanAnimationOut::PngSequence(dir)) => {
+                let text = format!("{}\nframe {}/{}", r.text, i + 1, r.frames);
+                let bytes = crate::diffusion::imaging::encode_png(&image, Some(&text))?;
+                let path = dir.join(format!("frame_{:04}.png", i + 1));
+                std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+            }
+            (None, GanAnimationOut::Gif(_)) => {}
+        }
+        #[allow(clippy::cast_precision_loss)]
+        ctx.progress(
+            (i + 1) as f32 / r.frames as f32,
+            &format!("frame {} of {}", i + 1, r.frames),
+        );
+    }
+    Ok(())
+}
+
 fn no_gan() -> Error {
     Error::InvalidParameter("no GAN is loaded: open one in the Latent Explorer first".into())
 }
@@ -1271,22 +1385,7 @@ fn render_gan(gan: Option<&StyleGan2>, request: &GanRenderRequest) -> Result<Rgb
             keyframes,
             t,
             space,
-        } => {
-            let frames = keyframes
-                .iter()
-                .map(|k| {
-                    let z = gan_latent::seed_blend(gan, k.seed, k.offset)?;
-                    Ok(Keyframe {
-                        w: latent_ws(gan, k, dirs)?,
-                        z: Some(z),
-                        psi: k.psi,
-                        cutoff: k.cutoff,
-                        c: None,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            gan_latent::interpolate(gan, &frames, *t, *space)?
-        }
+        } => path_ws(gan, keyframes, *t, *space, dirs)?,
     };
     let image = gan_latent::render(gan, &ws, request.noise)?;
     Ok(fit(image, request.max_side))

@@ -31,6 +31,8 @@ pub enum JobPurpose {
     LoadGan(PathBuf),
     /// PCA directions for the Latent Explorer.
     ComputeGanDirections,
+    /// Exporting the Latent Explorer's animation to this file or folder.
+    ExportGanAnimation(PathBuf),
 }
 
 #[derive(Debug, Clone)]

@@ -143,7 +143,7 @@ impl StudioApp {
             Event::Done { stats, .. } => {
                 self.jobs.finished(job);
                 if self.image_job_finished(job, purpose.as_ref(), Outcome::Done, None)
-                    || self.gan_job_finished(job, purpose.as_ref(), None)
+                    || self.gan_job_finished(job, purpose.as_ref(), None, false)
                 {
                     return;
                 }
@@ -154,7 +154,7 @@ impl StudioApp {
             Event::Cancelled { stats, .. } => {
                 let tracked = self.jobs.finished(job);
                 if self.image_job_finished(job, purpose.as_ref(), Outcome::Cancelled, None)
-                    || self.gan_job_finished(job, purpose.as_ref(), None)
+                    || self.gan_job_finished(job, purpose.as_ref(), None, true)
                 {
                     return;
                 }
@@ -175,7 +175,7 @@ impl StudioApp {
             Event::Failed { error, .. } => {
                 let tracked = self.jobs.finished(job);
                 if self.image_job_finished(job, purpose.as_ref(), Outcome::Failed, Some(&error))
-                    || self.gan_job_finished(job, purpose.as_ref(), Some(&error))
+                    || self.gan_job_finished(job, purpose.as_ref(), Some(&error), false)
                 {
                     return;
                 }
@@ -207,7 +207,8 @@ impl StudioApp {
                         | JobPurpose::UnloadImageModel
                         | JobPurpose::GenerateImage
                         | JobPurpose::LoadGan(_)
-                        | JobPurpose::ComputeGanDirections,
+                        | JobPurpose::ComputeGanDirections
+                        | JobPurpose::ExportGanAnimation(_),
                     )
                     | None => self.notices.error(error),
                 }

@@ -10,7 +10,10 @@ use studio_inference::diffusion::imaging::{self, RgbImage};
 use studio_inference::gan::GanInfo;
 use studio_inference::gan::directions::Directions;
 use studio_inference::gan::latent::Space;
-use studio_inference::worker::{GanGridRequest, GanRenderRequest, GanRenderWhat, JobId, JobKind};
+use studio_inference::worker::{
+    GanAnimationOut, GanAnimationRequest, GanGridRequest, GanRenderRequest, GanRenderWhat, JobId,
+    JobKind,
+};
 
 use super::store::{self, PathSpace};
 use super::{
@@ -19,6 +22,7 @@ use super::{
 };
 use crate::gui::app::StudioApp;
 use crate::gui::jobs::JobPurpose;
+use crate::gui::settings_store::Panel;
 
 /// Whether `path` is a StyleGAN2 safetensors file (its header names `mapping.w_avg` or
 /// `synthesis.b4.const`). Only the header is read.
@@ -162,6 +166,23 @@ impl StudioApp {
             }
             ExplorerCommand::Capture => self.capture(),
             ExplorerCommand::RestoreFromPng(path) => self.restore_from_png(&path),
+            ExplorerCommand::ExportDialog { gif } => {
+                let picked = if gif {
+                    rfd::FileDialog::new()
+                        .set_title("Export the animation as a GIF")
+                        .set_file_name("animation.gif")
+                        .add_filter("GIF", &["gif"])
+                        .save_file()
+                } else {
+                    rfd::FileDialog::new()
+                        .set_title("Export the animation as PNG frames into a folder")
+                        .pick_folder()
+                };
+                if let Some(path) = picked {
+                    self.export_animation(path, gif);
+                }
+            }
+            ExplorerCommand::ExportAnimation { path, gif } => self.export_animation(path, gif),
             ExplorerCommand::SelectSeed(seed) => {
                 let l = &mut self.explorer.state.latent;
                 l.seed = seed;
@@ -169,6 +190,52 @@ impl StudioApp {
                 self.explorer.playing = false;
             }
         }
+    }
+
+    fn export_animation(&mut self, path: PathBuf, gif: bool) {
+        let e = &self.explorer;
+        let Some(model) = &e.model else {
+            self.notices.warning("Open a generator first");
+            return;
+        };
+        if e.state.keyframes.len() < 2 {
+            self.notices
+                .warning("Add at least two keyframes to export an animation");
+            return;
+        }
+        if e.export_job.is_some() {
+            return;
+        }
+        let text = capture_text(&e.captured_latent(), &model.name);
+        let request = GanAnimationRequest {
+            keyframes: e.state.keyframes.clone(),
+            space: match e.state.space {
+                PathSpace::W => Space::W,
+                PathSpace::Z => Space::Z,
+            },
+            noise: noise_mode(e.state.noise, e.state.noise_seed),
+            directions: e.directions.clone(),
+            frames: e.state.export_frames,
+            fps: e.state.export_fps,
+            out: if gif {
+                GanAnimationOut::Gif(path.clone())
+            } else {
+                GanAnimationOut::PngSequence(path.clone())
+            },
+            text: text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .replace(&format!("seed {}", e.state.latent.seed), "animation"),
+        };
+        self.explorer.playing = false;
+        let job = self.submit(
+            JobKind::ExportGanAnimation {
+                request: Box::new(request),
+            },
+            JobPurpose::ExportGanAnimation(path),
+        );
+        self.explorer.export_job = job;
     }
 
     /// Makes `latent` the current one (its mixing included).
@@ -260,6 +327,7 @@ impl StudioApp {
         job: JobId,
         purpose: Option<&JobPurpose>,
         error: Option<&str>,
+        cancelled: bool,
     ) -> bool {
         match purpose {
             Some(JobPurpose::LoadGan(path)) => {
@@ -277,6 +345,22 @@ impl StudioApp {
                 }
                 if self.explorer.startup_load == Some(job) {
                     self.explorer.startup_load = None;
+                }
+                true
+            }
+            Some(JobPurpose::ExportGanAnimation(path)) => {
+                self.explorer.export_job = None;
+                match error {
+                    Some(error) => self
+                        .notices
+                        .error(format!("Exporting to {} failed: {error}", path.display())),
+                    None if cancelled => self.notices.warning(format!(
+                        "The export to {} was cancelled; its frames so far are kept",
+                        path.display()
+                    )),
+                    None => self
+                        .notices
+                        .info(format!("Exported the animation to {}", path.display())),
                 }
                 true
             }
@@ -394,7 +478,8 @@ impl StudioApp {
                 })
                 .collect();
         }
-        if e.model.is_none() {
+        if e.model.is_none() || self.settings.panel != Panel::LatentExplorer {
+            // Nothing renders while the panel is not shown.
             return;
         }
         // The animation.

@@ -62,6 +62,15 @@ pub enum ExplorerCommand {
     RestoreFromPng(PathBuf),
     /// Make `seed` (with offset 0) the current seed.
     SelectSeed(u64),
+    /// Render the keyframe path to a GIF file (`gif`) or a folder of PNGs.
+    ExportAnimation {
+        path: PathBuf,
+        gif: bool,
+    },
+    /// Choose where to export with the file dialog.
+    ExportDialog {
+        gif: bool,
+    },
 }
 
 /// The latent written into a captured PNG's text chunk, after the human-readable line.
@@ -162,6 +171,7 @@ pub struct ExplorerPanel {
     /// The load queued at startup (its failure is a warning, not an error).
     pub(crate) startup_load: Option<JobId>,
     pub(crate) directions_job: Option<JobId>,
+    pub(crate) export_job: Option<JobId>,
     // ---- rendering ----
     pub(crate) image: Option<RgbImage>,
     pub(crate) texture: Option<egui::TextureHandle>,
@@ -198,6 +208,7 @@ impl ExplorerPanel {
                 directions: directions.map(Arc::new),
                 startup_load: None,
                 directions_job: None,
+                export_job: None,
                 image: None,
                 texture: None,
                 image_latent: None,
@@ -362,9 +373,8 @@ impl ExplorerPanel {
                             section_ui(ui, "Not built yet", |ui| {
                                 ui.label(weak(
                                     ui,
-                                    "Animation export (GIF, PNG sequence), projecting a dropped \
-                                     photo into the latent space, and the layer view are not \
-                                     built yet in this panel.",
+                                    "Projecting a dropped photo into the latent space and the \
+                                     layer view are not built yet in this panel.",
                                 ));
                             });
                         }
@@ -633,6 +643,35 @@ impl ExplorerPanel {
         let play = if self.playing { "Pause" } else { "Play" };
         if ui.add_enabled(n >= 2, egui::Button::new(play)).clicked() {
             push(commands, ExplorerCommand::TogglePlay);
+        }
+        ui.horizontal(|ui| {
+            let l = ui.label("Frames");
+            ui.add(egui::DragValue::new(&mut self.state.export_frames).range(2..=10_000))
+                .labelled_by(l.id);
+            let l = ui.label("GIF fps");
+            ui.add(egui::DragValue::new(&mut self.state.export_fps).range(1.0..=50.0))
+                .labelled_by(l.id);
+        });
+        ui.horizontal(|ui| {
+            let busy = self.export_job.is_some();
+            if ui
+                .add_enabled(n >= 2 && !busy, egui::Button::new("Export GIF…"))
+                .clicked()
+            {
+                push(commands, ExplorerCommand::ExportDialog { gif: true });
+            }
+            if ui
+                .add_enabled(n >= 2 && !busy, egui::Button::new("Export PNG sequence…"))
+                .clicked()
+            {
+                push(commands, ExplorerCommand::ExportDialog { gif: false });
+            }
+        });
+        if self.export_job.is_some() {
+            ui.label(weak(
+                ui,
+                "Exporting; progress and Cancel are in the status bar.",
+            ));
         }
     }
 }

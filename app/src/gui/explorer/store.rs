@@ -64,6 +64,9 @@ pub struct ExplorerState {
     pub pca_components: usize,
     /// First seed of the seed browser.
     pub grid_start: u64,
+    /// Frames of an exported animation, and the GIF's frame rate.
+    pub export_frames: usize,
+    pub export_fps: f64,
 }
 
 impl Default for ExplorerState {
@@ -82,6 +85,8 @@ impl Default for ExplorerState {
             pca_samples: 2000,
             pca_components: 8,
             grid_start: 0,
+            export_frames: 30,
+            export_fps: 15.0,
         }
     }
 }
