@@ -369,3 +369,45 @@ fn the_keyframe_path_exports_as_a_gif_and_as_png_frames() {
     assert!(text.contains("frame 6/6"), "{text}");
     assert_eq!(std::fs::read_dir(&folder).expect("dir").count(), 6);
 }
+
+#[test]
+fn a_dropped_photo_is_projected_and_becomes_a_keyframe() {
+    use studio_inference::diffusion::imaging::encode_png;
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    open_tiny(&mut h, &path);
+    h.state_mut().explorer_mut().state_mut().latent.seed = 4;
+    settled(&mut h);
+    let target = h.state().explorer().image().expect("image").clone();
+    // A photo without a latent in it, twice the network's size.
+    let photo = tmp.path().join("photo.png");
+    std::fs::write(
+        &photo,
+        encode_png(&target.resized(64, 64), None).expect("png"),
+    )
+    .expect("write");
+    h.state_mut().explorer_mut().state_mut().project_steps = 15;
+    h.state_mut().explorer_mut().state_mut().latent.seed = 99;
+    settled(&mut h);
+    drop_file(&mut h, &photo);
+    step_until(&mut h, "the projection", |h| {
+        !h.state().explorer().state().keyframes.is_empty() && h.state().jobs().is_empty()
+    });
+    let k = &h.state().explorer().state().keyframes[0];
+    let w = k.w.as_ref().expect("a W latent");
+    assert_eq!(w.len(), TinyStyleGan2::default().num_ws() * 16);
+    assert!(shows_text(&h, "1. projection"));
+    assert!(
+        h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("resized from 64×64 to 32×32")),
+        "the resize is announced"
+    );
+    // The projected latent is the current one and renders.
+    assert!(h.state().explorer().state().latent.w.is_some());
+    settled(&mut h);
+}

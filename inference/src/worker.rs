@@ -115,6 +115,11 @@ pub enum JobKind {
         components: usize,
         seed: u64,
     },
+    /// Project `image` into the loaded generator's W (NVIDIA's projector recipe, `steps`
+    /// steps): center-cropped to a square and resized to the network's resolution first;
+    /// the reconstruction streams into [`Worker::take_gan_frame`] (id 0) every few steps with
+    /// progress; the W found (so far, when cancelled) arrives as [`Event::GanProjected`].
+    ProjectGan { image: Box<RgbImage>, steps: usize },
     /// Render the keyframe path to an animated GIF or a folder of PNGs, with progress and
     /// cancel between frames.
     ExportGanAnimation { request: Box<GanAnimationRequest> },
@@ -152,6 +157,7 @@ impl JobKind {
                 )
             ),
             JobKind::UnloadGan => "Unloading GAN".to_owned(),
+            JobKind::ProjectGan { steps, .. } => format!("Projecting the image ({steps} steps)"),
             JobKind::ExportGanAnimation { request } => {
                 format!("Exporting {} frames", request.frames)
             }
@@ -242,6 +248,14 @@ pub enum Event {
     GanUnloaded {
         job: JobId,
     },
+    /// The W a projection found: `num_ws × w_dim` values, row by row, and its last image
+    /// loss; `note` says what was done to the image first (crop, resize), if anything.
+    GanProjected {
+        job: JobId,
+        w: Vec<f32>,
+        loss: f32,
+        note: Option<String>,
+    },
     /// PCA directions computed by [`JobKind::ComputeGanDirections`].
     GanDirections {
         job: JobId,
@@ -285,6 +299,7 @@ impl Event {
             | Event::GanLoaded { job, .. }
             | Event::GanUnloaded { job }
             | Event::GanDirections { job, .. }
+            | Event::GanProjected { job, .. }
             | Event::ImageProgress { job, .. }
             | Event::ImageReady { job, .. }
             | Event::Done { job, .. }
@@ -360,6 +375,9 @@ pub struct GanLatent {
     pub mix: Option<GanMix>,
     /// Applied with the request's directions; ignored when it has none.
     pub edits: Vec<DirectionEdit>,
+    /// A latent known only in W (a projection result), `num_ws × w_dim` values row by row;
+    /// when set it replaces the seed (and ψ), while mixing and edits still apply.
+    pub w: Option<Vec<f32>>,
 }
 
 impl Default for GanLatent {
@@ -371,6 +389,7 @@ impl Default for GanLatent {
             cutoff: None,
             mix: None,
             edits: Vec::new(),
+            w: None,
         }
     }
 }
@@ -728,6 +747,7 @@ impl WorkerState {
             backend: &mut self.backend,
             image_model: &mut self.image_model,
             gan: &mut self.gan,
+            gan_slots: &self.gan_slots,
             previews: &self.previews,
             device: &self.device,
             pending_text: String::new(),
@@ -784,6 +804,7 @@ pub struct JobContext<'a> {
     backend: &'a mut Option<Backend>,
     image_model: &'a mut Option<Box<SdModel>>,
     gan: &'a mut Option<Box<StyleGan2>>,
+    gan_slots: &'a GanSlots,
     previews: &'a PreviewSlot,
     device: &'a candle_core::Device,
     pending_text: String,
@@ -797,6 +818,10 @@ impl JobContext<'_> {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn previews_gan(&self) -> &GanSlots {
+        self.gan_slots
     }
 
     pub fn device(&self) -> &candle_core::Device {
@@ -1189,6 +1214,13 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             });
             Ok(None)
         }
+        JobKind::ProjectGan { image, steps } => {
+            let Some(gan) = ctx.gan.as_deref() else {
+                return Err(no_gan());
+            };
+            project_image(ctx, gan, &image, steps)?;
+            Ok(None)
+        }
         JobKind::ExportGanAnimation { request } => {
             let Some(gan) = ctx.gan.as_deref() else {
                 return Err(no_gan());
@@ -1268,14 +1300,31 @@ fn latent_ws(
     latent: &GanLatent,
     directions: Option<&Directions>,
 ) -> Result<candle_core::Tensor> {
-    let mut ws = gan_latent::seed_blend_ws(
-        gan,
-        latent.seed,
-        latent.offset,
-        None,
-        latent.psi,
-        latent.cutoff,
-    )?;
+    let mut ws = if latent.w.is_some() {
+        // Replaced below; no need to map the seed.
+        gan.w_avg()?
+    } else {
+        gan_latent::seed_blend_ws(
+            gan,
+            latent.seed,
+            latent.offset,
+            None,
+            latent.psi,
+            latent.cutoff,
+        )?
+    };
+    if let Some(w) = &latent.w {
+        let info = gan.info();
+        if w.len() != info.num_ws * info.w_dim {
+            return Err(Error::InvalidParameter(format!(
+                "the latent has {} W values but this network takes {} × {}",
+                w.len(),
+                info.num_ws,
+                info.w_dim
+            )));
+        }
+        ws = candle_core::Tensor::from_slice(w, (1, info.num_ws, info.w_dim), gan.device())?;
+    }
     if let Some(mix) = &latent.mix
         && mix.layers.iter().any(|&b| b)
     {
@@ -1306,10 +1355,13 @@ fn path_ws(
     let frames = keyframes
         .iter()
         .map(|k| {
-            let z = gan_latent::seed_blend(gan, k.seed, k.offset)?;
+            let z = match k.w {
+                Some(_) => None,
+                None => Some(gan_latent::seed_blend(gan, k.seed, k.offset)?),
+            };
             Ok(Keyframe {
                 w: latent_ws(gan, k, dirs)?,
-                z: Some(z),
+                z,
                 psi: k.psi,
                 cutoff: k.cutoff,
                 c: None,
@@ -1369,6 +1421,81 @@ fn export_animation(ctx: &JobContext<'_>, gan: &StyleGan2, r: &GanAnimationReque
             &format!("frame {} of {}", i + 1, r.frames),
         );
     }
+    Ok(())
+}
+
+/// Streams reconstructions into the frame mailbox every this many steps.
+const PROJECT_PREVIEW_EVERY: usize = 5;
+
+fn project_image(
+    ctx: &JobContext<'_>,
+    gan: &StyleGan2,
+    image: &RgbImage,
+    steps: usize,
+) -> Result<()> {
+    let res = gan.info().resolution;
+    let res_u32 = u32::try_from(res)
+        .map_err(|_| Error::InvalidParameter(format!("resolution {res} is too large")))?;
+    let mut notes = Vec::new();
+    let mut img = image.clone();
+    if img.width != img.height {
+        let side = img.width.min(img.height);
+        img = img.crop((img.width - side) / 2, (img.height - side) / 2, side, side);
+        notes.push(format!("cropped to the centre {side}×{side} square"));
+    }
+    if img.width != res_u32 {
+        notes.push(format!("resized from {0}×{0} to {res}×{res}", img.width));
+        img = img.resized(res_u32, res_u32);
+    }
+    if !notes.is_empty() {
+        ctx.send(Event::Notice {
+            job: ctx.job,
+            message: format!("The image to project was {}.", notes.join(" and ")),
+        });
+    }
+    let target = crate::diffusion::imaging::image_to_tensor(&img, gan.device())?;
+    let config = crate::gan::project::ProjectConfig {
+        steps: steps.max(1),
+        preview_every: PROJECT_PREVIEW_EVERY,
+        w_std_samples: 2000,
+        ..crate::gan::project::ProjectConfig::default()
+    };
+    let total = config.steps;
+    let mut last_loss = f32::NAN;
+    let mut on_step = |step: usize, loss: f32, recon: Option<&candle_core::Tensor>| {
+        last_loss = loss;
+        if let Some(t) = recon
+            && let Ok(img) = crate::diffusion::imaging::tensor_to_image(t)
+        {
+            *lock(&ctx.previews_gan().frame) = Some(GanFrame {
+                id: 0,
+                result: Ok(img),
+                render_ms: 0.0,
+            });
+        }
+        #[allow(clippy::cast_precision_loss)]
+        ctx.progress(
+            (step + 1) as f32 / total as f32,
+            &format!("step {} of {total}, loss {loss:.4}", step + 1),
+        );
+        if ctx.is_cancelled() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    };
+    let result = crate::gan::project::project(gan, &target, &config, &mut on_step)?;
+    let w = result
+        .ws
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    ctx.send(Event::GanProjected {
+        job: ctx.job,
+        w,
+        loss: last_loss,
+        note: (!notes.is_empty()).then(|| notes.join(" and ")),
+    });
     Ok(())
 }
 

@@ -31,6 +31,8 @@ pub enum JobPurpose {
     LoadGan(PathBuf),
     /// PCA directions for the Latent Explorer.
     ComputeGanDirections,
+    /// Projecting an image into the Latent Explorer's generator.
+    ProjectGan(PathBuf),
     /// Exporting the Latent Explorer's animation to this file or folder.
     ExportGanAnimation(PathBuf),
 }

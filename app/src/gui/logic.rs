@@ -135,6 +135,7 @@ impl StudioApp {
             Event::GanLoaded { info, name, .. } => self.gan_loaded(job, info, name),
             Event::GanUnloaded { .. } => self.gan_unloaded(),
             Event::GanDirections { directions, .. } => self.gan_directions(directions),
+            Event::GanProjected { w, loss, .. } => self.gan_projected(w, loss),
             Event::ModelUnloaded { .. } => {
                 self.model = None;
                 self.model_options = None;
@@ -208,7 +209,8 @@ impl StudioApp {
                         | JobPurpose::GenerateImage
                         | JobPurpose::LoadGan(_)
                         | JobPurpose::ComputeGanDirections
-                        | JobPurpose::ExportGanAnimation(_),
+                        | JobPurpose::ExportGanAnimation(_)
+                        | JobPurpose::ProjectGan(_),
                     )
                     | None => self.notices.error(error),
                 }
@@ -234,11 +236,7 @@ impl StudioApp {
             {
                 self.commands
                     .push(Command::Explorer(ExplorerCommand::LoadModel(path)));
-            } else if on_explorer
-                && path
-                    .extension()
-                    .is_some_and(|e| e.eq_ignore_ascii_case("png"))
-            {
+            } else if on_explorer && super::canvas::actions::is_image_file(&path) {
                 self.commands
                     .push(Command::Explorer(ExplorerCommand::RestoreFromPng(path)));
             } else {

@@ -364,6 +364,14 @@ impl StudioApp {
                 }
                 true
             }
+            Some(JobPurpose::ProjectGan(path)) => {
+                self.explorer.project_job = None;
+                if let Some(error) = error {
+                    self.notices
+                        .error(format!("Projecting {} failed: {error}", path.display()));
+                }
+                true
+            }
             Some(JobPurpose::ComputeGanDirections) => {
                 self.explorer.directions_job = None;
                 if let Some(error) = error {
@@ -410,10 +418,7 @@ impl StudioApp {
             }
         };
         let Some(captured) = decoded.parameters.as_deref().and_then(parse_capture_text) else {
-            self.notices.warning(format!(
-                "{} has no StyleGAN2 latent in it (projecting photos is not built yet)",
-                path.display()
-            ));
+            self.project(path, decoded.image);
             return;
         };
         let CapturedLatent {
@@ -428,6 +433,50 @@ impl StudioApp {
         self.set_latent(latent);
         self.notices
             .info(format!("Restored seed {seed} from {}", path.display()));
+    }
+
+    fn project(&mut self, path: &Path, image: RgbImage) {
+        if self.explorer.model.is_none() {
+            self.notices
+                .warning("Open a generator before dropping a photo to project");
+            return;
+        }
+        if self.explorer.project_job.is_some() {
+            self.notices.warning("A projection is already running");
+            return;
+        }
+        self.explorer.playing = false;
+        let job = self.submit(
+            JobKind::ProjectGan {
+                image: Box::new(image),
+                steps: self.explorer.state.project_steps,
+            },
+            JobPurpose::ProjectGan(path.to_path_buf()),
+        );
+        self.explorer.project_job = job;
+    }
+
+    pub(crate) fn gan_projected(&mut self, w: Vec<f32>, loss: f32) {
+        let latent = studio_inference::worker::GanLatent {
+            w: Some(w),
+            psi: 1.0,
+            cutoff: None,
+            offset: 0.0,
+            ..self.explorer.state.latent.clone()
+        };
+        let mut latent = latent;
+        latent.mix = None;
+        for e in &mut latent.edits {
+            e.sigma = 0.0;
+        }
+        self.explorer.state.keyframes.push(latent.clone());
+        self.set_latent(latent);
+        // Show the projection's own last image until the render of its W arrives.
+        self.explorer.last_request = None;
+        self.notices.info(format!(
+            "Projected (loss {loss:.4}); added as keyframe {}",
+            self.explorer.state.keyframes.len()
+        ));
     }
 
     /// Per frame: the newest rendered frame and thumbnails, the animation, new requests and

@@ -58,7 +58,7 @@ pub enum ExplorerCommand {
     TogglePlay,
     /// Save the current image as a PNG under `explorer/captures/`, with its latent.
     Capture,
-    /// Restore the latent written into a captured PNG.
+    /// Restore the latent written into a captured PNG; any other image is projected.
     RestoreFromPng(PathBuf),
     /// Make `seed` (with offset 0) the current seed.
     SelectSeed(u64),
@@ -87,7 +87,9 @@ const CAPTURE_PREFIX: &str = "Studio explorer: ";
 /// JSON (mixing and direction amounts included).
 pub fn capture_text(captured: &CapturedLatent, model: &str) -> String {
     let l = &captured.latent;
-    let source = if l.offset == 0.0 {
+    let source = if l.w.is_some() {
+        "w-file projection".to_owned()
+    } else if l.offset == 0.0 {
         format!("seed {}", l.seed)
     } else {
         format!("seed {}+{}", l.seed, l.offset)
@@ -172,6 +174,7 @@ pub struct ExplorerPanel {
     pub(crate) startup_load: Option<JobId>,
     pub(crate) directions_job: Option<JobId>,
     pub(crate) export_job: Option<JobId>,
+    pub(crate) project_job: Option<JobId>,
     // ---- rendering ----
     pub(crate) image: Option<RgbImage>,
     pub(crate) texture: Option<egui::TextureHandle>,
@@ -209,6 +212,7 @@ impl ExplorerPanel {
                 startup_load: None,
                 directions_job: None,
                 export_job: None,
+                project_job: None,
                 image: None,
                 texture: None,
                 image_latent: None,
@@ -370,11 +374,12 @@ impl ExplorerPanel {
                                 self.directions_ui(ui, commands);
                             });
                             section_ui(ui, "Keyframes", |ui| self.keyframes_ui(ui, commands));
+                            section_ui(ui, "Projection", |ui| self.projection_ui(ui));
                             section_ui(ui, "Not built yet", |ui| {
                                 ui.label(weak(
                                     ui,
-                                    "Projecting a dropped photo into the latent space and the \
-                                     layer view are not built yet in this panel.",
+                                    "The layer view (a synthesis layer's channels and \
+                                     statistics) is not built yet in this panel.",
                                 ));
                             });
                         }
@@ -581,6 +586,23 @@ impl ExplorerPanel {
         }
     }
 
+    fn projection_ui(&mut self, ui: &mut egui::Ui) {
+        ui.label(
+            "Drop a photo on the window to find the latent that reproduces it; the result \
+             becomes a keyframe. Captured PNGs restore their latent instead.",
+        );
+        let l = ui.label("Projection steps");
+        ui.add(egui::DragValue::new(&mut self.state.project_steps).range(1..=5000))
+            .labelled_by(l.id);
+        if self.project_job.is_some() {
+            ui.label(weak(
+                ui,
+                "Projecting; the image shows the reconstruction, progress and Cancel are in \
+                 the status bar.",
+            ));
+        }
+    }
+
     fn keyframes_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
         let push = |commands: &mut Vec<Command>, c: ExplorerCommand| {
             commands.push(Command::Explorer(c));
@@ -591,7 +613,9 @@ impl ExplorerPanel {
         let n = self.state.keyframes.len();
         for (i, k) in self.state.keyframes.iter().enumerate() {
             ui.horizontal(|ui| {
-                let text = if k.offset == 0.0 {
+                let text = if k.w.is_some() {
+                    format!("{}. projection", i + 1)
+                } else if k.offset == 0.0 {
                     format!("{}. seed {} ψ {:.2}", i + 1, k.seed, k.psi)
                 } else {
                     format!("{}. seed {}{:+.2} ψ {:.2}", i + 1, k.seed, k.offset, k.psi)

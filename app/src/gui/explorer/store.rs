@@ -67,6 +67,8 @@ pub struct ExplorerState {
     /// Frames of an exported animation, and the GIF's frame rate.
     pub export_frames: usize,
     pub export_fps: f64,
+    /// Optimization steps of a projection.
+    pub project_steps: usize,
 }
 
 impl Default for ExplorerState {
@@ -87,6 +89,7 @@ impl Default for ExplorerState {
             grid_start: 0,
             export_frames: 30,
             export_fps: 15.0,
+            project_steps: 200,
         }
     }
 }
