@@ -17,7 +17,10 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .filter(|r: &usize| r.is_power_of_two() && (8..=1024).contains(r))
         .unwrap_or(128);
-    let out = PathBuf::from(args.next().unwrap_or_else(|| "tiny-stylegan2.safetensors".into()));
+    let out = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "tiny-stylegan2.safetensors".into()),
+    );
     let cfg = TinyStyleGan2 {
         z_dim: 64,
         w_dim: 64,
@@ -28,5 +31,8 @@ fn main() {
         ..TinyStyleGan2::default()
     };
     write_stylegan2(&out, cfg, 1, true);
-    println!("wrote a {resolution}x{resolution} random StyleGAN2 to {}", out.display());
+    println!(
+        "wrote a {resolution}x{resolution} random StyleGAN2 to {}",
+        out.display()
+    );
 }
