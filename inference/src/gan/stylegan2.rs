@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{FirFilter, NumpyRandomState, pad2d, upfirdn2d, upsample2d, zero_stuff};
+use super::{FirFilter, NumpyRandomState, pad2d, upfirdn2d, upsample2d};
 use crate::error::{Error, Result};
 use crate::weights::{self, Weights};
 
@@ -271,19 +271,7 @@ impl SynthesisLayer {
 /// padded as NVIDIA's `conv2d_resample(up=2, padding=k/2)`.
 fn modulated_up2(x: &Tensor, weight: &Tensor, filter: &FirFilter, k: usize) -> Result<Tensor> {
     let up = 2usize;
-    // Full transposed convolution: zero-stuff (up·h, trailing zeros), pad k−1 before and
-    // k−up after, correlate with the flipped kernel → (h−1)·up + k.
-    let stuffed = zero_stuff(x, up)?;
-    let full = pad2d(
-        &stuffed,
-        [
-            (k - 1) as isize,
-            k as isize - up as isize,
-            (k - 1) as isize,
-            k as isize - up as isize,
-        ],
-    )?
-    .conv2d(weight, 0, 1, 1, 1)?;
+    let full = transposed_conv_up2(x, weight, k)?;
     // conv2d_resample's padding, relative to the full transposed output.
     let (p, fw, fh, k_i, up_i) = (
         (k / 2) as isize,
@@ -299,6 +287,91 @@ fn modulated_up2(x: &Tensor, weight: &Tensor, filter: &FirFilter, k: usize) -> R
         p + (fh - up_i) / 2 - (k_i - up_i),
     ];
     upfirdn2d(&full, filter, 1, pad)
+}
+
+/// One output phase of a stride-2 transposed convolution along one axis: which kernel taps
+/// it uses (every other one), and the zero padding before/after the input that makes an
+/// ordinary correlation with those taps produce exactly its outputs.
+struct Phase {
+    taps: Vec<usize>,
+    pad_before: usize,
+    pad_after: usize,
+    /// Outputs of this phase.
+    len: usize,
+}
+
+/// The full stride-2 transposed convolution along one axis of length `n` with a `k`-tap
+/// (already flipped) kernel has `2n + k − 2` outputs; output `o = 2t + q` sums the taps `j`
+/// with `q + j − k + 1` even, reading input `t + (q + j − k + 1)/2`.
+fn phase(q: usize, k: usize, n: usize) -> Phase {
+    let taps: Vec<usize> = (0..k).filter(|j| (q + j + 1 + k).is_multiple_of(2)).collect();
+    let offset = |j: usize| (q as isize + j as isize - k as isize + 1) / 2;
+    let total = 2 * n + k - 2;
+    let len = (total - q).div_ceil(2);
+    let (lo, hi) = (offset(taps[0]), offset(taps[taps.len() - 1]));
+    let pad_before = (-lo).max(0) as usize;
+    let pad_after = (len as isize - 1 + hi - (n as isize - 1)).max(0) as usize;
+    Phase {
+        taps,
+        pad_before,
+        pad_after,
+        len,
+    }
+}
+
+/// Interleaves two phases along `dim` (`a` holds outputs 0, 2, 4…, `b` 1, 3, 5…) into `len`.
+fn interleave(a: &Tensor, b: &Tensor, dim: usize, len: usize) -> Result<Tensor> {
+    let la = a.dim(dim)?;
+    let b = if b.dim(dim)? < la {
+        b.pad_with_zeros(dim, 0, la - b.dim(dim)?)?
+    } else {
+        b.clone()
+    };
+    let mut shape = a.dims().to_vec();
+    shape[dim] = 2 * la;
+    let both = Tensor::stack(&[a, &b], dim + 1)?.reshape(shape)?;
+    Ok(both.narrow(dim, 0, len)?)
+}
+
+/// A stride-2 transposed convolution (kernel already flipped, `(out, in, k, k)`) computed as
+/// four ordinary convolutions of the input with every other tap, one per output phase, then
+/// interleaved: the same result as correlating the zero-stuffed input, at a quarter of the
+/// work.
+fn transposed_conv_up2(x: &Tensor, weight: &Tensor, k: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let mut rows = Vec::with_capacity(2);
+    for qy in 0..2 {
+        let py = phase(qy, k, h);
+        let mut cols = Vec::with_capacity(2);
+        for qx in 0..2 {
+            let px = phase(qx, k, w);
+            let ty = Tensor::new(
+                py.taps.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+                weight.device(),
+            )?;
+            let tx = Tensor::new(
+                px.taps.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+                weight.device(),
+            )?;
+            let sub = weight.index_select(&ty, 2)?.index_select(&tx, 3)?;
+            let padded = pad2d(
+                x,
+                [
+                    px.pad_before as isize,
+                    px.pad_after as isize,
+                    py.pad_before as isize,
+                    py.pad_after as isize,
+                ],
+            )?;
+            let y = padded.conv2d(&sub.contiguous()?, 0, 1, 1, 1)?;
+            debug_assert_eq!(y.dims()[2..], [py.len, px.len]);
+            cols.push((y, px.len));
+        }
+        let total_w = 2 * w + k - 2;
+        rows.push((interleave(&cols[0].0, &cols[1].0, 3, total_w)?, py.len));
+    }
+    let total_h = 2 * h + k - 2;
+    interleave(&rows[0].0, &rows[1].0, 2, total_h)
 }
 
 /// Modulated 1×1 convolution without demodulation (`ToRGBLayer`).
