@@ -411,3 +411,75 @@ fn a_dropped_photo_is_projected_and_becomes_a_keyframe() {
     assert!(h.state().explorer().state().latent.w.is_some());
     settled(&mut h);
 }
+
+#[test]
+fn choosing_a_layer_shows_its_channel_grid_and_statistics() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    open_tiny(&mut h, &path);
+    let (channels, layers) = {
+        let m = h.state().explorer().model().expect("model");
+        (m.info.channels.clone(), m.layers.clone())
+    };
+    assert!(layers.iter().any(|l| l == "b8.conv0"), "layers: {layers:?}");
+    let c8 = channels
+        .iter()
+        .find(|(r, _)| *r == 8)
+        .map(|(_, c)| *c)
+        .expect("an 8×8 block");
+    assert!(control(&h, "Synthesis layer").value().as_deref() == Some("none"));
+    // Choose the layer (as the combo box does; the tests set sliders the same way).
+    h.state_mut().explorer_mut().state_mut().layer = Some("b8.conv0".into());
+    h.step();
+    assert_eq!(
+        control(&h, "Synthesis layer").value().as_deref(),
+        Some("b8.conv0")
+    );
+    assert_eq!(
+        h.state().explorer().state().layer.as_deref(),
+        Some("b8.conv0")
+    );
+    step_until(&mut h, "the layer view", |h| {
+        h.state()
+            .explorer()
+            .layer_view()
+            .is_some_and(|v| v.name == "b8.conv0")
+    });
+    h.step();
+    let view = h.state().explorer().layer_view().expect("view").clone();
+    assert_eq!(view.stats.shape, vec![1, c8, 8, 8]);
+    assert!(view.stats.min <= view.stats.mean && view.stats.mean <= view.stats.max);
+    assert!(
+        view.stats.std > 0.0,
+        "random weights give varied activations"
+    );
+    // A grid of the first min(c, 64) channels, 8×8 each with 1-pixel gaps.
+    let n = c8.min(64);
+    let cols = (1..=n).find(|k| k * k >= n).expect("cols");
+    let rows = n.div_ceil(cols);
+    assert_eq!(
+        (view.image.width as usize, view.image.height as usize),
+        (cols * 9 - 1, rows * 9 - 1)
+    );
+    let shape = format!("shape 1×{c8}×8×8");
+    assert!(shows_text(&h, &shape), "the statistics are shown");
+    // RGB of three channels: one 8×8 image.
+    h.state_mut().explorer_mut().state_mut().layer_rgb = true;
+    step_until(&mut h, "the RGB layer view", |h| {
+        h.state()
+            .explorer()
+            .layer_view()
+            .is_some_and(|v| (v.image.width, v.image.height) == (8, 8))
+    });
+    // An unknown layer name (say from a saved state of another model) shows an error, not a crash.
+    h.state_mut().explorer_mut().state_mut().layer = Some("b9999.conv0".into());
+    step_until(&mut h, "the layer error", |h| {
+        shows_text(h, "no synthesis layer")
+    });
+    assert!(
+        h.state().explorer().image().is_some(),
+        "the image still shows"
+    );
+}

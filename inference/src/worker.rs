@@ -244,6 +244,8 @@ pub enum Event {
         job: JobId,
         info: GanInfo,
         name: String,
+        /// The synthesis layers a render can show ([`GanLayerRequest`]), coarse to fine.
+        layers: Vec<String>,
     },
     GanUnloaded {
         job: JobId,
@@ -416,6 +418,51 @@ pub struct GanRenderRequest {
     pub directions: Option<Arc<Directions>>,
     /// Downscale so neither side exceeds this (`None` = the network's resolution).
     pub max_side: Option<u32>,
+    /// Also show this synthesis layer's activations ([`GanFrame::layer`]).
+    pub layer: Option<GanLayerRequest>,
+}
+
+/// Most channels a layer grid shows.
+pub const GAN_LAYER_MAX_TILES: usize = 64;
+/// Largest side of one channel in a layer view (bigger layers are subsampled).
+pub const GAN_LAYER_MAX_TILE_SIDE: usize = 128;
+
+/// How a synthesis layer's activations are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GanLayerMode {
+    /// The first `tiles` channels (at most [`GAN_LAYER_MAX_TILES`]) side by side in a grid,
+    /// each min–max normalized to grey.
+    Grid { tiles: usize },
+    /// Three channels as red, green and blue, each min–max normalized (indices past the last
+    /// channel are clamped to it).
+    Rgb { channels: [usize; 3] },
+}
+
+/// Which synthesis layer to show with a render, by NVIDIA's module name under `synthesis.`
+/// (`b8.conv0`, `b16.torgb`, …; [`Event::GanLoaded::layers`] lists them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GanLayerRequest {
+    pub name: String,
+    pub mode: GanLayerMode,
+}
+
+/// Statistics over all values of a layer's activations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GanLayerStats {
+    /// `(n, channels, height, width)`.
+    pub shape: Vec<usize>,
+    pub mean: f32,
+    pub std: f32,
+    pub min: f32,
+    pub max: f32,
+}
+
+/// A synthesis layer's activations drawn as an image, with their statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GanLayerView {
+    pub name: String,
+    pub image: RgbImage,
+    pub stats: GanLayerStats,
 }
 
 /// Where an exported animation goes.
@@ -450,6 +497,8 @@ pub struct GanFrame {
     pub result: std::result::Result<RgbImage, String>,
     /// Milliseconds the render took on the worker.
     pub render_ms: f32,
+    /// The requested layer's view, or why it could not be made (the image still shows).
+    pub layer: Option<std::result::Result<GanLayerView, String>>,
 }
 
 /// Thumbnails for the seed browser ([`Worker::render_gan_grid`]).
@@ -705,16 +754,21 @@ impl WorkerState {
         let request = lock(&self.gan_slots.request).take();
         if let Some(request) = request {
             let start = std::time::Instant::now();
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                render_gan(self.gan.as_deref(), &request)
-            }))
-            .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(p.as_ref()))))
-            .map_err(|e| e.to_string());
+            let (result, layer) =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    render_gan(self.gan.as_deref(), &request)
+                }))
+                .unwrap_or_else(|p| Err(Error::Panicked(crate::panic_message(p.as_ref()))))
+                {
+                    Ok((image, layer)) => (Ok(image), layer.map(|l| l.map_err(|e| e.to_string()))),
+                    Err(e) => (Err(e.to_string()), None),
+                };
             self.gan_slots.renders.fetch_add(1, Ordering::Relaxed);
             *lock(&self.gan_slots.frame) = Some(GanFrame {
                 id: request.id,
                 result,
                 render_ms: start.elapsed().as_secs_f32() * 1000.0,
+                layer,
             });
             (self.repaint)();
             if lock(&self.gan_slots.request).is_some() {
@@ -1182,12 +1236,18 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
                 ctx.send(Event::GanUnloaded { job });
             }
             let info = gan.info().clone();
+            let layers = gan.layer_names();
             *ctx.gan = Some(Box::new(gan));
             let name = path.file_name().map_or_else(
                 || path.display().to_string(),
                 |n| n.to_string_lossy().into_owned(),
             );
-            ctx.send(Event::GanLoaded { job, info, name });
+            ctx.send(Event::GanLoaded {
+                job,
+                info,
+                name,
+                layers,
+            });
             Ok(None)
         }
         JobKind::UnloadGan => {
@@ -1471,6 +1531,7 @@ fn project_image(
                 id: 0,
                 result: Ok(img),
                 render_ms: 0.0,
+                layer: None,
             });
         }
         #[allow(clippy::cast_precision_loss)]
@@ -1503,7 +1564,10 @@ fn no_gan() -> Error {
     Error::InvalidParameter("no GAN is loaded: open one in the Latent Explorer first".into())
 }
 
-fn render_gan(gan: Option<&StyleGan2>, request: &GanRenderRequest) -> Result<RgbImage> {
+/// The image, and the requested layer's view (its own error when only that failed).
+type RenderedGan = (RgbImage, Option<Result<GanLayerView>>);
+
+fn render_gan(gan: Option<&StyleGan2>, request: &GanRenderRequest) -> Result<RenderedGan> {
     let gan = gan.ok_or_else(no_gan)?;
     let dirs = request.directions.as_deref();
     let ws = match &request.what {
@@ -1514,8 +1578,149 @@ fn render_gan(gan: Option<&StyleGan2>, request: &GanRenderRequest) -> Result<Rgb
             space,
         } => path_ws(gan, keyframes, *t, *space, dirs)?,
     };
-    let image = gan_latent::render(gan, &ws, request.noise)?;
-    Ok(fit(image, request.max_side))
+    let Some(layer) = &request.layer else {
+        let image = gan_latent::render(gan, &ws, request.noise)?;
+        return Ok((fit(image, request.max_side), None));
+    };
+    if !gan.layer_names().contains(&layer.name) {
+        // Render the image anyway; only the layer view fails.
+        let image = gan_latent::render(gan, &ws, request.noise)?;
+        let err = Error::InvalidParameter(format!(
+            "no synthesis layer `{}`; this network has: {}",
+            layer.name,
+            gan.layer_names().join(", ")
+        ));
+        return Ok((fit(image, request.max_side), Some(Err(err))));
+    }
+    let (img, acts) = gan.synthesize_with_layer(&ws, request.noise, Some(&layer.name))?;
+    let image = crate::diffusion::imaging::tensor_to_image(&img)?;
+    let view = acts
+        .ok_or_else(|| {
+            Error::InvalidParameter(format!("layer `{}` returned no activations", layer.name))
+        })
+        .and_then(|a| layer_view(&layer.name, &a, layer.mode));
+    Ok((fit(image, request.max_side), Some(view)))
+}
+
+/// Draws activations `(n, c, h, w)` (the first of the batch) as [`GanLayerMode`] says, with
+/// statistics over every value.
+pub fn layer_view(
+    name: &str,
+    acts: &candle_core::Tensor,
+    mode: GanLayerMode,
+) -> Result<GanLayerView> {
+    let shape = acts.dims().to_vec();
+    let (c, h, w) = match shape.as_slice() {
+        [_, c, h, w] | [c, h, w] => (*c, *h, *w),
+        other => {
+            return Err(Error::InvalidParameter(format!(
+                "layer activations must be (n, c, h, w), not {other:?}"
+            )));
+        }
+    };
+    let values = acts
+        .to_dtype(candle_core::DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if c == 0 || h == 0 || w == 0 || values.is_empty() {
+        return Err(Error::InvalidParameter(format!(
+            "layer `{name}` is empty: {shape:?}"
+        )));
+    }
+    let stats = layer_stats(&values, shape.clone());
+    let plane = h * w;
+    // Subsample big layers so a tile is at most GAN_LAYER_MAX_TILE_SIDE on a side.
+    let step = h.max(w).div_ceil(GAN_LAYER_MAX_TILE_SIDE).max(1);
+    let (th, tw) = (h.div_ceil(step), w.div_ceil(step));
+    let normalized = |ch: usize| -> Vec<u8> {
+        let data = &values[ch * plane..(ch + 1) * plane];
+        let (lo, hi) = data
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+                (lo.min(v), hi.max(v))
+            });
+        let range = if hi > lo { hi - lo } else { 1.0 };
+        let mut out = Vec::with_capacity(th * tw);
+        for y in 0..th {
+            for x in 0..tw {
+                let v = (data[y * step * w + x * step] - lo) / range;
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                out.push((v.clamp(0.0, 1.0) * 255.0).round() as u8);
+            }
+        }
+        out
+    };
+    let too_big = |v: usize| {
+        Error::InvalidParameter(format!("layer `{name}` is too large to draw ({v} pixels)"))
+    };
+    let image = match mode {
+        GanLayerMode::Rgb { channels } => {
+            let planes = channels.map(|ch| normalized(ch.min(c - 1)));
+            let mut pixels = Vec::with_capacity(th * tw * 3);
+            for i in 0..th * tw {
+                pixels.extend(planes.iter().map(|p| p[i]));
+            }
+            RgbImage {
+                width: u32::try_from(tw).map_err(|_| too_big(tw))?,
+                height: u32::try_from(th).map_err(|_| too_big(th))?,
+                pixels,
+            }
+        }
+        GanLayerMode::Grid { tiles } => {
+            let n = tiles.clamp(1, GAN_LAYER_MAX_TILES).min(c);
+            let cols = (1..=n).find(|k| k * k >= n).unwrap_or(n);
+            let rows = n.div_ceil(cols);
+            // One pixel of dark gap between tiles.
+            let (gw, gh) = (cols * (tw + 1) - 1, rows * (th + 1) - 1);
+            let mut pixels = vec![32u8; gw * gh * 3];
+            for ch in 0..n {
+                let tile = normalized(ch);
+                let (ox, oy) = ((ch % cols) * (tw + 1), (ch / cols) * (th + 1));
+                for y in 0..th {
+                    for x in 0..tw {
+                        let v = tile[y * tw + x];
+                        let at = ((oy + y) * gw + ox + x) * 3;
+                        pixels[at..at + 3].fill(v);
+                    }
+                }
+            }
+            RgbImage {
+                width: u32::try_from(gw).map_err(|_| too_big(gw))?,
+                height: u32::try_from(gh).map_err(|_| too_big(gh))?,
+                pixels,
+            }
+        }
+    };
+    Ok(GanLayerView {
+        name: name.to_owned(),
+        image,
+        stats,
+    })
+}
+
+fn layer_stats(values: &[f32], shape: Vec<usize>) -> GanLayerStats {
+    #[allow(clippy::cast_precision_loss)]
+    let n = values.len() as f64;
+    let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = values
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let (min, max) = values
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    #[allow(clippy::cast_possible_truncation)]
+    GanLayerStats {
+        shape,
+        mean: mean as f32,
+        std: var.sqrt() as f32,
+        min,
+        max,
+    }
 }
 
 fn render_gan_grid(

@@ -132,7 +132,9 @@ impl StudioApp {
                 ..
             } => self.image_progress(job, image, images, step, steps),
             Event::ImageReady { image, .. } => self.image_ready(image),
-            Event::GanLoaded { info, name, .. } => self.gan_loaded(job, info, name),
+            Event::GanLoaded {
+                info, name, layers, ..
+            } => self.gan_loaded(job, info, name, layers),
             Event::GanUnloaded { .. } => self.gan_unloaded(),
             Event::GanDirections { directions, .. } => self.gan_directions(directions),
             Event::GanProjected { w, loss, .. } => self.gan_projected(w, loss),

@@ -283,14 +283,20 @@ impl StudioApp {
         }
     }
 
-    pub(crate) fn gan_loaded(&mut self, job: JobId, info: GanInfo, name: String) {
+    pub(crate) fn gan_loaded(
+        &mut self,
+        job: JobId,
+        info: GanInfo,
+        name: String,
+        layers: Vec<String>,
+    ) {
         if let Some(JobPurpose::LoadGan(path)) = self.jobs.get(job).map(|t| t.purpose.clone()) {
             self.settings.last_gan_model = Some(path);
         }
         self.notices
             .info(format!("Loaded {name} for the Latent Explorer"));
         let e = &mut self.explorer;
-        e.model = Some(LoadedGan { info, name });
+        e.model = Some(LoadedGan { info, name, layers });
         e.last_request = None;
         e.grid_sent = None;
         e.thumbs.clear();
@@ -305,6 +311,9 @@ impl StudioApp {
         e.image_latent = None;
         e.thumbs.clear();
         e.playing = false;
+        e.layer_view = None;
+        e.layer_texture = None;
+        e.layer_error = None;
     }
 
     pub(crate) fn gan_directions(&mut self, directions: Arc<Directions>) {
@@ -504,6 +513,34 @@ impl StudioApp {
                     e.render_error = None;
                     e.frames_shown += 1;
                     e.frame_times.push_back(now);
+                    match frame.layer {
+                        Some(Ok(view)) => {
+                            match &mut e.layer_texture {
+                                Some(t) => {
+                                    t.set(color_image(&view.image), egui::TextureOptions::NEAREST);
+                                }
+                                None => {
+                                    e.layer_texture = Some(ctx.load_texture(
+                                        "explorer:layer",
+                                        color_image(&view.image),
+                                        egui::TextureOptions::NEAREST,
+                                    ));
+                                }
+                            }
+                            e.layer_view = Some(view);
+                            e.layer_error = None;
+                        }
+                        Some(Err(err)) => {
+                            e.layer_view = None;
+                            e.layer_error = Some(format!("Layer view: {err}"));
+                        }
+                        // Frames of a projection (id 0) keep the last layer view.
+                        None if frame.id != 0 => {
+                            e.layer_view = None;
+                            e.layer_error = None;
+                        }
+                        None => {}
+                    }
                 }
                 Err(err) => e.render_error = Some(err),
             }
@@ -566,6 +603,7 @@ impl StudioApp {
             noise,
             directions: e.directions.clone(),
             max_side: None,
+            layer: e.layer_request(),
         };
         if e.last_request.as_ref() != Some(&request) {
             e.last_request = Some(request.clone());

@@ -23,7 +23,9 @@ use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::gan::directions::{DirectionEdit, Directions};
 use studio_inference::gan::latent::LatentText;
 use studio_inference::gan::{GanInfo, NoiseMode};
-use studio_inference::worker::{GanLatent, GanMix, JobId};
+use studio_inference::worker::{
+    GAN_LAYER_MAX_TILES, GanLatent, GanLayerMode, GanLayerRequest, GanLayerView, GanMix, JobId,
+};
 
 use self::store::{ExplorerState, NoiseChoice, PathSpace};
 use super::command::Command;
@@ -154,6 +156,8 @@ pub fn noise_mode(choice: NoiseChoice, seed: u64) -> NoiseMode {
 pub struct LoadedGan {
     pub info: GanInfo,
     pub name: String,
+    /// The synthesis layers the layer view can show.
+    pub layers: Vec<String>,
 }
 
 /// One seed-browser thumbnail.
@@ -192,6 +196,10 @@ pub struct ExplorerPanel {
     pub(crate) frame_times: VecDeque<Instant>,
     pub(crate) thumbs: Vec<Thumb>,
     pub(crate) grid_sent: Option<studio_inference::worker::GanGridRequest>,
+    // ---- layer view ----
+    pub(crate) layer_view: Option<GanLayerView>,
+    pub(crate) layer_texture: Option<egui::TextureHandle>,
+    pub(crate) layer_error: Option<String>,
     // ---- animation ----
     pub(crate) playing: bool,
     /// Position on the keyframe path, 0..=1, while playing.
@@ -227,6 +235,9 @@ impl ExplorerPanel {
                 frame_times: VecDeque::new(),
                 thumbs: Vec::new(),
                 grid_sent: None,
+                layer_view: None,
+                layer_texture: None,
+                layer_error: None,
                 playing: false,
                 t: 0.0,
                 last_tick: None,
@@ -255,6 +266,27 @@ impl ExplorerPanel {
     /// The image shown now.
     pub fn image(&self) -> Option<&RgbImage> {
         self.image.as_ref()
+    }
+
+    /// The layer view shown now (the chosen layer's channels and statistics).
+    pub fn layer_view(&self) -> Option<&GanLayerView> {
+        self.layer_view.as_ref()
+    }
+
+    /// What the next render asks of the layer view, from the panel's choices.
+    pub fn layer_request(&self) -> Option<GanLayerRequest> {
+        let s = &self.state;
+        let name = s.layer.clone()?;
+        let mode = if s.layer_rgb {
+            GanLayerMode::Rgb {
+                channels: s.layer_channels,
+            }
+        } else {
+            GanLayerMode::Grid {
+                tiles: s.layer_tiles.clamp(1, GAN_LAYER_MAX_TILES),
+            }
+        };
+        Some(GanLayerRequest { name, mode })
     }
 
     /// The latent of the image shown now.
@@ -310,6 +342,14 @@ impl ExplorerPanel {
     pub(crate) fn fit_to_model(&mut self) {
         let Some(m) = &self.model else { return };
         let num_ws = m.info.num_ws;
+        if self
+            .state
+            .layer
+            .as_ref()
+            .is_some_and(|l| !m.layers.contains(l))
+        {
+            self.state.layer = None;
+        }
         self.state.mix_layers.resize(num_ws, false);
         if self.state.latent.cutoff.is_some_and(|c| c >= num_ws) {
             self.state.latent.cutoff = None;
@@ -375,13 +415,7 @@ impl ExplorerPanel {
                             });
                             section_ui(ui, "Keyframes", |ui| self.keyframes_ui(ui, commands));
                             section_ui(ui, "Projection", |ui| self.projection_ui(ui));
-                            section_ui(ui, "Not built yet", |ui| {
-                                ui.label(weak(
-                                    ui,
-                                    "The layer view (a synthesis layer's channels and \
-                                     statistics) is not built yet in this panel.",
-                                ));
-                            });
+                            section_ui(ui, "Layer view", |ui| self.layer_ui(ui));
                         }
                     });
             });
@@ -410,14 +444,20 @@ impl ExplorerPanel {
             if let Some(e) = &self.render_error {
                 ui.colored_label(ui.visuals().error_fg_color, e);
             }
+            let layer_room = if self.state.layer.is_some() {
+                260.0
+            } else {
+                0.0
+            };
             if let Some(tex) = &self.texture {
-                let avail = ui.available_size() - egui::vec2(0.0, 100.0);
+                let avail = ui.available_size() - egui::vec2(0.0, 100.0 + layer_room);
                 let side = avail.x.min(avail.y).max(64.0);
                 ui.add(
                     egui::Image::new(tex)
                         .fit_to_exact_size(egui::vec2(side, side))
                         .alt_text("Generated image"),
                 );
+                self.layer_view_ui(ui);
             } else {
                 ui.spinner();
             }
@@ -584,6 +624,86 @@ impl ExplorerPanel {
                 e.layers = a.min(b)..b.max(a);
             });
         }
+    }
+
+    fn layer_ui(&mut self, ui: &mut egui::Ui) {
+        let layers = self
+            .model
+            .as_ref()
+            .map(|m| m.layers.clone())
+            .unwrap_or_default();
+        let s = &mut self.state;
+        let l = ui.label("Synthesis layer");
+        egui::ComboBox::from_id_salt("explorer_layer")
+            .selected_text(s.layer.as_deref().unwrap_or("none"))
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut s.layer, None, "none");
+                for name in &layers {
+                    ui.selectable_value(&mut s.layer, Some(name.clone()), name);
+                }
+            })
+            .response
+            .labelled_by(l.id);
+        if s.layer.is_none() {
+            ui.label(weak(
+                ui,
+                "Choose a layer to see its channels and statistics under the image.",
+            ));
+            return;
+        }
+        ui.horizontal(|ui| {
+            ui.radio_value(&mut s.layer_rgb, false, "Channel grid");
+            ui.radio_value(&mut s.layer_rgb, true, "RGB of three channels");
+        });
+        if s.layer_rgb {
+            ui.horizontal(|ui| {
+                for (i, colour) in ["Red", "Green", "Blue"].iter().enumerate() {
+                    let l = ui.label(format!("{colour} channel"));
+                    ui.add(egui::DragValue::new(&mut s.layer_channels[i]).range(0..=4095))
+                        .labelled_by(l.id);
+                }
+            });
+        } else {
+            let l = ui.label("Channels shown");
+            ui.add(egui::DragValue::new(&mut s.layer_tiles).range(1..=GAN_LAYER_MAX_TILES))
+                .labelled_by(l.id);
+        }
+    }
+
+    /// The chosen layer's image and statistics, under the generated image.
+    fn layer_view_ui(&self, ui: &mut egui::Ui) {
+        if self.state.layer.is_none() {
+            return;
+        }
+        if let Some(e) = &self.layer_error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+            return;
+        }
+        let (Some(view), Some(tex)) = (&self.layer_view, &self.layer_texture) else {
+            ui.spinner();
+            return;
+        };
+        let st = &view.stats;
+        let shape = st
+            .shape
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("×");
+        ui.label(format!(
+            "Layer {}: shape {shape} · mean {:.4} · std {:.4} · min {:.4} · max {:.4}",
+            view.name, st.mean, st.std, st.min, st.max
+        ));
+        #[allow(clippy::cast_precision_loss)]
+        let (w, h) = (view.image.width as f32, view.image.height as f32);
+        let avail = ui.available_size();
+        let scale = (avail.x / w).min((avail.y - 8.0).max(32.0) / h).max(0.1);
+        ui.add(
+            egui::Image::new(tex)
+                .fit_to_exact_size(egui::vec2(w * scale, h * scale))
+                .texture_options(egui::TextureOptions::NEAREST)
+                .alt_text(format!("Activations of layer {}", view.name)),
+        );
     }
 
     fn projection_ui(&mut self, ui: &mut egui::Ui) {

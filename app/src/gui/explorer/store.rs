@@ -69,6 +69,14 @@ pub struct ExplorerState {
     pub export_fps: f64,
     /// Optimization steps of a projection.
     pub project_steps: usize,
+    /// The synthesis layer shown under the image (`None` = no layer view).
+    pub layer: Option<String>,
+    /// Show three channels as RGB instead of a grid of channels.
+    pub layer_rgb: bool,
+    /// Channels in the grid (at most [`studio_inference::worker::GAN_LAYER_MAX_TILES`]).
+    pub layer_tiles: usize,
+    /// The channels shown as red, green and blue.
+    pub layer_channels: [usize; 3],
 }
 
 impl Default for ExplorerState {
@@ -90,6 +98,10 @@ impl Default for ExplorerState {
             export_frames: 30,
             export_fps: 15.0,
             project_steps: 200,
+            layer: None,
+            layer_rgb: false,
+            layer_tiles: studio_inference::worker::GAN_LAYER_MAX_TILES,
+            layer_channels: [0, 1, 2],
         }
     }
 }
