@@ -3,6 +3,8 @@
 //! - [`stylegan2`]: NVIDIA's StyleGAN2 generator (the StyleGAN2-ADA PyTorch code and the
 //!   StyleGAN3 repository's `networks_stylegan2.py`), read from safetensors files with the
 //!   tensor names of NVIDIA's `G_ema` state dict;
+//! - [`dcgan`]: the DCGAN generator of PyTorch's DCGAN tutorial / `pytorch/examples`, read
+//!   from its `state_dict()` as safetensors (`main.0.weight`, …, with or without `module.`);
 //! - [`NumpyRandomState`]: numpy's legacy `RandomState` (MT19937 and its polar Box–Muller
 //!   `randn`), so a seed gives the same latent as NVIDIA's own scripts;
 //! - [`upfirdn2d`]: up-sample, pad, FIR-filter (the resampling primitive StyleGAN uses);
@@ -14,6 +16,7 @@
 //! never opens them. `tools/convert_stylegan_pkl.py` converts them once to safetensors (plus a
 //! JSON file with the network's init kwargs), see [`PICKLE_HELP`].
 
+pub mod dcgan;
 pub mod directions;
 pub mod latent;
 pub mod npy;
