@@ -483,3 +483,126 @@ fn choosing_a_layer_shows_its_channel_grid_and_statistics() {
         "the image still shows"
     );
 }
+
+fn harness_with_presets(home: &Path, presets: &Path) -> Harness<'static, StudioApp> {
+    let mut config = AppConfig::for_tests(home);
+    config.presets_dir = Some(presets.to_path_buf());
+    common::harness_sized(&config, egui::vec2(1400.0, 1000.0))
+}
+
+fn compute_directions(h: &mut Harness<'_, StudioApp>) {
+    {
+        let s = h.state_mut().explorer_mut().state_mut();
+        s.pca_samples = 300;
+        s.pca_components = 3;
+    }
+    control(h, "Compute directions").click();
+    step_until(h, "the directions", |h| {
+        h.state().explorer().directions().is_some()
+    });
+    h.step();
+}
+
+#[test]
+fn a_directions_preset_is_saved_under_presets_and_loads_into_a_fresh_app() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let presets = tmp.path().join("presets");
+    let (edits, directions) = {
+        let mut h = harness_with_presets(&tmp.path().join("home-a"), &presets);
+        h.step();
+        open_tiny(&mut h, &path);
+        compute_directions(&mut h);
+        {
+            let s = h.state_mut().explorer_mut().state_mut();
+            s.latent.edits[0].sigma = 2.5;
+            s.latent.edits[1].sigma = -1.25;
+            s.latent.edits[1].layers = 1..3;
+        }
+        h.step();
+        control(&h, "Preset name").focus();
+        h.step();
+        control(&h, "Preset name").type_text("smile/test");
+        h.step();
+        control(&h, "Save preset").click();
+        h.step();
+        h.step();
+        let e = h.state().explorer();
+        (
+            e.state().latent.edits.clone(),
+            e.directions().cloned().expect("directions"),
+        )
+    };
+    let file = presets.join("gan-directions").join("smile_test.json");
+    assert!(
+        file.exists(),
+        "the preset is written under presets/gan-directions/"
+    );
+
+    // A fresh app with another home: the preset is listed and loads the same sliders.
+    let mut h = harness_with_presets(&tmp.path().join("home-b"), &presets);
+    h.step();
+    open_tiny(&mut h, &path);
+    assert!(h.state().explorer().directions().is_none());
+    h.step();
+    control(&h, "Load preset smile_test").click();
+    h.step();
+    h.step();
+    let e = h.state().explorer();
+    assert_eq!(e.state().latent.edits, edits, "the same sliders");
+    assert_eq!(e.directions(), Some(&directions), "the same directions");
+    assert!(shows_text(&h, "Component 1"));
+
+    // A model with another w_dim does not list it.
+    let other = tmp.path().join("models").join("wide.safetensors");
+    studio_tests::gan::write_stylegan2(
+        &other,
+        TinyStyleGan2 {
+            w_dim: 24,
+            ..TinyStyleGan2::default()
+        },
+        3,
+        false,
+    );
+    drop_file(&mut h, &other);
+    step_until(&mut h, "the wider generator", |h| {
+        h.state()
+            .explorer()
+            .model()
+            .is_some_and(|m| m.info.w_dim == 24)
+    });
+    h.step();
+    assert!(!shows_text(&h, "Load preset smile_test"));
+}
+
+#[test]
+fn a_preset_goes_to_studio_home_when_the_presets_folder_is_not_writable() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    // A file where the presets folder should be: nothing can be created under it.
+    let blocked = tmp.path().join("presets-is-a-file");
+    std::fs::write(&blocked, b"not a folder").expect("write");
+    let home = tmp.path().join("home");
+    let mut h = harness_with_presets(&home, &blocked);
+    h.step();
+    open_tiny(&mut h, &path);
+    compute_directions(&mut h);
+    h.state_mut()
+        .explorer_mut()
+        .preset_name_mut()
+        .push_str("fallback");
+    h.step();
+    control(&h, "Save preset").click();
+    h.step();
+    h.step();
+    let saved = home
+        .join("presets")
+        .join("gan-directions")
+        .join("fallback.json");
+    assert!(
+        saved.exists(),
+        "saved under STUDIO_HOME/presets/gan-directions/"
+    );
+    assert!(shows_text(&h, "instead"), "the notice says where it went");
+    assert!(shows_text(&h, "Load preset fallback"), "and it is listed");
+}

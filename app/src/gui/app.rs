@@ -139,7 +139,8 @@ impl StudioApp {
         for note in canvas_notes {
             notices.warning(note);
         }
-        let (explorer, explorer_notes) = ExplorerPanel::new(&config.home);
+        let (explorer, explorer_notes) =
+            ExplorerPanel::new(&config.home, config.presets_dir.as_deref());
         for note in explorer_notes {
             notices.warning(note);
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use studio_inference::diffusion::imaging::{self, RgbImage};
 use studio_inference::gan::GanInfo;
-use studio_inference::gan::directions::Directions;
+use studio_inference::gan::directions::{Directions, DirectionsPreset};
 use studio_inference::gan::latent::Space;
 use studio_inference::worker::{
     GanAnimationOut, GanAnimationRequest, GanGridRequest, GanRenderRequest, GanRenderWhat, JobId,
@@ -165,6 +165,8 @@ impl StudioApp {
                 e.last_tick = None;
             }
             ExplorerCommand::Capture => self.capture(),
+            ExplorerCommand::SavePreset(name) => self.save_preset(&name),
+            ExplorerCommand::LoadPreset(path) => self.load_preset(&path),
             ExplorerCommand::RestoreFromPng(path) => self.restore_from_png(&path),
             ExplorerCommand::ExportDialog { gif } => {
                 let picked = if gif {
@@ -301,6 +303,79 @@ impl StudioApp {
         e.grid_sent = None;
         e.thumbs.clear();
         e.fit_to_model();
+        self.refresh_explorer_presets();
+    }
+
+    fn save_preset(&mut self, name: &str) {
+        let Some(directions) = self.explorer.directions.clone() else {
+            self.notices
+                .warning("Compute directions before saving a preset.");
+            return;
+        };
+        let preset = DirectionsPreset {
+            directions: (*directions).clone(),
+            edits: self.explorer.state.latent.edits.clone(),
+        };
+        let e = &self.explorer;
+        match store::save_preset(e.presets_dir.as_deref(), &self.home, name, &preset) {
+            Ok((path, None)) => {
+                self.notices
+                    .info(format!("Saved the preset \"{name}\" to {}", path.display()));
+            }
+            Ok((path, Some(why))) => self.notices.warning(format!(
+                "The presets folder could not be written ({why}); saved the preset \"{name}\" \
+                 to {} instead",
+                path.display()
+            )),
+            Err(err) => {
+                self.notices
+                    .error(format!("Could not save the preset \"{name}\": {err:#}"));
+            }
+        }
+        self.refresh_explorer_presets();
+    }
+
+    fn load_preset(&mut self, path: &Path) {
+        let preset = match DirectionsPreset::load_json(path) {
+            Ok(p) => p,
+            Err(err) => {
+                self.notices
+                    .error(format!("Could not load the preset: {err}"));
+                return;
+            }
+        };
+        let Some(m) = &self.explorer.model else {
+            return;
+        };
+        if preset.directions.w_dim != m.info.w_dim {
+            self.notices.error(format!(
+                "The preset {} has directions for w {}, but this model's w is {}",
+                path.display(),
+                preset.directions.w_dim,
+                m.info.w_dim
+            ));
+            return;
+        }
+        if let Err(err) = store::save_directions(&self.home, &preset.directions) {
+            self.notices.error(format!("{err:#}"));
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let e = &mut self.explorer;
+        e.directions = Some(Arc::new(preset.directions));
+        e.state.latent.edits = preset.edits;
+        e.fit_edits();
+        e.preset_name.clone_from(&name);
+        self.notices.info(format!("Loaded the preset \"{name}\""));
+    }
+
+    pub(crate) fn refresh_explorer_presets(&mut self) {
+        for problem in self.explorer.refresh_presets() {
+            self.notices
+                .warning(format!("A directions preset could not be read: {problem}"));
+        }
     }
 
     pub(crate) fn gan_unloaded(&mut self) {

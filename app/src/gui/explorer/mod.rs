@@ -27,7 +27,7 @@ use studio_inference::worker::{
     GAN_LAYER_MAX_TILES, GanLatent, GanLayerMode, GanLayerRequest, GanLayerView, GanMix, JobId,
 };
 
-use self::store::{ExplorerState, NoiseChoice, PathSpace};
+use self::store::{ExplorerState, NoiseChoice, PathSpace, PresetEntry};
 use super::command::Command;
 use super::jobs::Jobs;
 use super::style::{section_ui, weak};
@@ -73,6 +73,11 @@ pub enum ExplorerCommand {
     ExportDialog {
         gif: bool,
     },
+    /// Save the directions and slider settings as a preset called `name` under
+    /// `presets/gan-directions/` (or `STUDIO_HOME/presets/gan-directions/`).
+    SavePreset(String),
+    /// Load the directions and sliders of a saved preset.
+    LoadPreset(PathBuf),
 }
 
 /// The latent written into a captured PNG's text chunk, after the human-readable line.
@@ -196,6 +201,13 @@ pub struct ExplorerPanel {
     pub(crate) frame_times: VecDeque<Instant>,
     pub(crate) thumbs: Vec<Thumb>,
     pub(crate) grid_sent: Option<studio_inference::worker::GanGridRequest>,
+    // ---- presets ----
+    /// `presets/gan-directions/` of the presets folder, when there is one.
+    pub(crate) presets_dir: Option<PathBuf>,
+    /// `STUDIO_HOME/presets/gan-directions/`, where presets go when the first is not writable.
+    pub(crate) fallback_presets_dir: PathBuf,
+    pub(crate) presets: Vec<PresetEntry>,
+    pub(crate) preset_name: String,
     // ---- layer view ----
     pub(crate) layer_view: Option<GanLayerView>,
     pub(crate) layer_texture: Option<egui::TextureHandle>,
@@ -208,10 +220,14 @@ pub struct ExplorerPanel {
 }
 
 impl ExplorerPanel {
-    pub fn new(home: &Path) -> (Self, Vec<String>) {
+    pub fn new(home: &Path, presets_dir: Option<&Path>) -> (Self, Vec<String>) {
         let (state, directions, notes) = store::load(home);
         (
             Self {
+                presets_dir: presets_dir.map(|d| d.join(store::PRESETS_SUBDIR)),
+                fallback_presets_dir: store::fallback_presets_dir(home),
+                presets: Vec::new(),
+                preset_name: String::new(),
                 model: None,
                 saved_state: state.clone(),
                 saved_at: None,
@@ -266,6 +282,28 @@ impl ExplorerPanel {
     /// The image shown now.
     pub fn image(&self) -> Option<&RgbImage> {
         self.image.as_ref()
+    }
+
+    /// The saved direction presets found (for every model; the panel lists those whose
+    /// `w_dim` matches the loaded one).
+    pub fn presets(&self) -> &[PresetEntry] {
+        &self.presets
+    }
+
+    /// The preset name field, to type into directly (tests).
+    pub fn preset_name_mut(&mut self) -> &mut String {
+        &mut self.preset_name
+    }
+
+    /// Reads the preset folders again; returns unreadable files.
+    pub(crate) fn refresh_presets(&mut self) -> Vec<String> {
+        let mut dirs: Vec<PathBuf> = self.presets_dir.iter().cloned().collect();
+        if !dirs.contains(&self.fallback_presets_dir) {
+            dirs.push(self.fallback_presets_dir.clone());
+        }
+        let (found, problems) = store::list_presets(&dirs);
+        self.presets = found;
+        problems
     }
 
     /// The layer view shown now (the chosen layer's channels and statistics).
@@ -598,10 +636,12 @@ impl ExplorerPanel {
                 commands.push(Command::Explorer(ExplorerCommand::ClearDirections));
             }
         });
+        self.preset_list_ui(ui, commands);
         let Some(d) = self.directions.clone() else {
             ui.label(weak(ui, "No directions yet."));
             return;
         };
+        self.presets_ui(ui, commands);
         if ui.button("Reset sliders").clicked() {
             for e in &mut self.state.latent.edits {
                 e.sigma = 0.0;
@@ -704,6 +744,53 @@ impl ExplorerPanel {
                 .texture_options(egui::TextureOptions::NEAREST)
                 .alt_text(format!("Activations of layer {}", view.name)),
         );
+    }
+
+    fn presets_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        ui.separator();
+        ui.horizontal(|ui| {
+            let l = ui.label("Preset name");
+            ui.add(egui::TextEdit::singleline(&mut self.preset_name).desired_width(140.0))
+                .labelled_by(l.id);
+            let ok = store::preset_file_name(&self.preset_name).is_some();
+            if ui
+                .add_enabled(ok, egui::Button::new("Save preset"))
+                .on_hover_text(
+                    "Saves the directions and slider settings in presets/gan-directions/",
+                )
+                .clicked()
+            {
+                commands.push(Command::Explorer(ExplorerCommand::SavePreset(
+                    self.preset_name.trim().to_owned(),
+                )));
+            }
+        });
+    }
+
+    fn preset_list_ui(&self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        let w_dim = self.model.as_ref().map_or(0, |m| m.info.w_dim);
+        let fitting: Vec<&PresetEntry> = self.presets.iter().filter(|p| p.w_dim == w_dim).collect();
+        if fitting.is_empty() {
+            ui.label(weak(ui, "No saved presets for this model's W size."));
+            return;
+        }
+        ui.label("Presets for this model:");
+        for p in fitting {
+            let text = format!("Load preset {}", p.name);
+            if ui
+                .button(&text)
+                .on_hover_text(format!(
+                    "{} components · {}",
+                    p.components,
+                    p.path.display()
+                ))
+                .clicked()
+            {
+                commands.push(Command::Explorer(ExplorerCommand::LoadPreset(
+                    p.path.clone(),
+                )));
+            }
+        }
     }
 
     fn projection_ui(&mut self, ui: &mut egui::Ui) {

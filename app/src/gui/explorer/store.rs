@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
-use studio_inference::gan::directions::Directions;
+use studio_inference::gan::directions::{Directions, DirectionsPreset};
 use studio_inference::worker::GanLatent;
 
 /// Version of `state.json`.
@@ -143,6 +143,103 @@ pub fn load(home: &Path) -> (ExplorerState, Option<Directions>, Vec<String>) {
 pub fn save_state(home: &Path, state: &ExplorerState) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir(home)).context("creating the explorer folder")?;
     crate::home::save_json(&state_path(home), state)
+}
+
+/// Folder of direction presets under a presets folder (`presets/gan-directions/`).
+pub const PRESETS_SUBDIR: &str = "gan-directions";
+
+/// A saved directions preset found on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresetEntry {
+    pub name: String,
+    pub path: PathBuf,
+    pub w_dim: usize,
+    pub components: usize,
+}
+
+/// Where presets go when the shipped presets folder cannot be written:
+/// `STUDIO_HOME/presets/gan-directions/`.
+pub fn fallback_presets_dir(home: &Path) -> PathBuf {
+    home.join("presets").join(PRESETS_SUBDIR)
+}
+
+/// A file name for a preset called `name` (letters, digits, `-`, `_` and spaces kept);
+/// `None` when nothing usable is left.
+pub fn preset_file_name(name: &str) -> Option<String> {
+    let clean: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_alphanumeric() || matches!(c, '-' | '_' | ' ') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let clean = clean.trim().trim_matches('_').to_owned();
+    (!clean.is_empty()).then(|| format!("{clean}.json"))
+}
+
+/// Writes `preset` as `<name>.json` into `primary` (the presets folder's `gan-directions/`),
+/// or, when that fails, into [`fallback_presets_dir`]. Returns where it went and, for the
+/// fallback, why the first place failed.
+pub fn save_preset(
+    primary: Option<&Path>,
+    home: &Path,
+    name: &str,
+    preset: &DirectionsPreset,
+) -> anyhow::Result<(PathBuf, Option<String>)> {
+    let file = preset_file_name(name)
+        .with_context(|| format!("\"{name}\" is not a usable preset name"))?;
+    let write = |dir: &Path| -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(&file);
+        crate::home::save_json(&path, preset)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    };
+    let first_error = match primary {
+        Some(dir) => match write(dir) {
+            Ok(path) => return Ok((path, None)),
+            Err(e) => format!("{e:#}"),
+        },
+        None => "there is no presets folder".to_owned(),
+    };
+    let path = write(&fallback_presets_dir(home))?;
+    Ok((path, Some(first_error)))
+}
+
+/// The presets in `dirs` (missing folders are skipped), by name; unreadable files are
+/// returned as problems.
+pub fn list_presets(dirs: &[PathBuf]) -> (Vec<PresetEntry>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut problems = Vec::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match DirectionsPreset::load_json(&path) {
+                Ok(p) => found.push(PresetEntry {
+                    name: path
+                        .file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    w_dim: p.directions.w_dim,
+                    components: p.directions.len(),
+                    path,
+                }),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name).then(a.path.cmp(&b.path)));
+    (found, problems)
 }
 
 pub fn save_directions(home: &Path, directions: &Directions) -> anyhow::Result<()> {
