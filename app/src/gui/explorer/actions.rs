@@ -558,7 +558,8 @@ impl StudioApp {
         // Show the projection's own last image until the render of its W arrives.
         self.explorer.last_request = None;
         self.notices.info(format!(
-            "Projected (loss {loss:.4}); added as keyframe {}",
+            "Projected (loss {loss:.4}); added as keyframe {}. It renders with the panel's \
+             noise setting, not the projection's optimized noise, so fine detail can differ.",
             self.explorer.state.keyframes.len()
         ));
     }

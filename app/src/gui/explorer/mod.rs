@@ -798,6 +798,13 @@ impl ExplorerPanel {
             "Drop a photo on the window to find the latent that reproduces it; the result \
              becomes a keyframe. Captured PNGs restore their latent instead.",
         );
+        ui.label(weak(
+            ui,
+            "Only the W found is kept: the noise buffers the projection also optimizes are \
+             dropped, so the keyframe renders with the Noise setting above (const, random or \
+             none) and can differ in fine detail from the reconstruction shown while \
+             projecting.",
+        ));
         let l = ui.label("Projection steps");
         ui.add(egui::DragValue::new(&mut self.state.project_steps).range(1..=5000))
             .labelled_by(l.id);
