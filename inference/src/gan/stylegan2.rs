@@ -304,7 +304,9 @@ struct Phase {
 /// (already flipped) kernel has `2n + k − 2` outputs; output `o = 2t + q` sums the taps `j`
 /// with `q + j − k + 1` even, reading input `t + (q + j − k + 1)/2`.
 fn phase(q: usize, k: usize, n: usize) -> Phase {
-    let taps: Vec<usize> = (0..k).filter(|j| (q + j + 1 + k).is_multiple_of(2)).collect();
+    let taps: Vec<usize> = (0..k)
+        .filter(|j| (q + j + 1 + k).is_multiple_of(2))
+        .collect();
     let offset = |j: usize| (q as isize + j as isize - k as isize + 1) / 2;
     let total = 2 * n + k - 2;
     let len = (total - q).div_ceil(2);
