@@ -27,6 +27,7 @@ use serde_json::json;
 use studio_inference::candle_core::Tensor;
 use studio_inference::device::create_device;
 use studio_inference::diffusion::imaging::{self, RgbImage};
+use studio_inference::gan::dcgan::Dcgan;
 use studio_inference::gan::latent::{
     self, GifWriter, Keyframe, LatentText, RandomGanConfig, Space,
 };
@@ -273,12 +274,76 @@ fn write_png(path: &Path, img: &RgbImage, text: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Whether the safetensors file holds a DCGAN generator (PyTorch's example names,
+/// `main.0.weight`, with or without DataParallel's `module.` prefix).
+fn is_dcgan(path: &Path) -> bool {
+    studio_inference::weights::mmap(&[path.to_path_buf()]).is_ok_and(|st| {
+        st.tensors()
+            .iter()
+            .any(|(n, _)| n == "main.0.weight" || n == "module.main.0.weight")
+    })
+}
+
+/// `studio gan` on a DCGAN generator: z from the seed (or a z file), no W space.
+fn run_dcgan(args: &GanArgs, seed: Option<(u64, f32)>) -> Result<()> {
+    let common = &args.common;
+    if args.w_file.is_some() || args.out_w.is_some() || common.class.is_some() {
+        bail!("a DCGAN generator has no W space or classes: use --seed or --z-file");
+    }
+    let device = device(common.threads, &common.device)?;
+    let gan = Dcgan::load(&common.model, &device)
+        .with_context(|| format!("loading {}", common.model.display()))?;
+    let i = gan.info();
+    eprintln!(
+        "loaded {}: {}x{} DCGAN, z {}",
+        common.model.display(),
+        i.resolution,
+        i.resolution,
+        i.nz
+    );
+    let (z, source) = match (seed, &args.z_file) {
+        (Some((seed, offset)), _) => {
+            if offset != 0.0 {
+                bail!("fractional seeds blend W rows; a DCGAN takes whole seeds");
+            }
+            (gan.z_from_seed(seed)?, format!("seed {seed}"))
+        }
+        (None, Some(path)) => {
+            let z = npy::read(path)?;
+            let n = z.data.len();
+            (
+                studio_inference::candle_core::Tensor::from_vec(z.data, (1, n, 1, 1), &device)?,
+                format!("z-file {}", model_name(path)),
+            )
+        }
+        (None, None) => bail!("give --seed or --z-file"),
+    };
+    let img = imaging::tensor_to_image(&gan.generate(&z)?)?;
+    let text = format!(
+        "DCGAN latent: {source}; model {}",
+        model_name(&common.model)
+    );
+    write_png(&args.out, &img, &text)?;
+    println!(
+        "saved {} ({}x{}, {source})",
+        args.out.display(),
+        img.width,
+        img.height
+    );
+    Ok(())
+}
+
 pub fn run_gan(args: &GanArgs) -> Result<()> {
     let sources = usize::from(args.seed.is_some())
         + usize::from(args.z_file.is_some())
         + usize::from(args.w_file.is_some());
     if sources != 1 {
         bail!("give exactly one of --seed, --z-file or --w-file");
+    }
+    if is_dcgan(&args.common.model) {
+        let seed = args.seed.as_deref().map(parse_seed).transpose()?;
+        check_output_folder(&args.out)?;
+        return run_dcgan(args, seed);
     }
     let seed = args.seed.as_deref().map(parse_seed).transpose()?;
     check_output_folder(&args.out)?;

@@ -493,3 +493,53 @@ fn gan_project_crops_the_photo_lowers_the_loss_and_writes_reusable_ws() {
     ]));
     assert!(e.contains("not an image"), "{e}");
 }
+
+/// `gan` also runs DCGAN generators (PyTorch's example naming): seed 7 gives PyTorch's image
+/// for numpy's seed-7 latent (the committed parity fixture), and W-space flags are refused.
+#[test]
+fn gan_runs_a_dcgan_generator_from_a_seed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/dcgan");
+    let model = fixtures.join("generator.safetensors");
+    let out = tmp.path().join("dcgan.png");
+    let stdout = ok(&studio(&[
+        "gan",
+        "--model",
+        path(&model),
+        "--seed",
+        "7",
+        "--out",
+        path(&out),
+    ]));
+    assert!(stdout.contains("32x32, seed 7"), "{stdout}");
+    let (img, text) = read(&out);
+    assert_eq!(
+        text.as_deref(),
+        Some("DCGAN latent: seed 7; model generator.safetensors")
+    );
+    let expected = studio_inference::candle_core::safetensors::load(
+        fixtures.join("expected.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("fixture");
+    let want = studio_inference::diffusion::imaging::tensor_to_image(&expected["image_seed7"])
+        .expect("image");
+    let worst = img
+        .pixels
+        .iter()
+        .zip(&want.pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(worst <= 1, "differs from PyTorch's image by {worst}");
+    let e = failed(&studio(&[
+        "gan",
+        "--model",
+        path(&model),
+        "--w-file",
+        path(&out),
+        "--out",
+        path(&out),
+    ]));
+    assert!(e.contains("no W space"), "{e}");
+}
