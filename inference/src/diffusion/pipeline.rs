@@ -429,8 +429,13 @@ pub fn generate(
         }
     };
     let blurred_mask = mask_img.as_ref().map(|m| m.blurred(mask_blur));
+    // (repaint, keep) weights at latent size, for ordinary checkpoints' per-step blend.
     let latent_mask = match &blurred_mask {
-        Some(m) => Some(mask_to_latent_tensor(m, lw, lh, device)?.to_dtype(DType::F32)?),
+        Some(m) => {
+            let repaint = mask_to_latent_tensor(m, lw, lh, device)?.to_dtype(DType::F32)?;
+            let keep = repaint.affine(-1.0, 1.0)?;
+            Some((repaint, keep))
+        }
         None => None,
     };
     // The extra UNet input of inpainting checkpoints: mask + latents of the kept image.
@@ -527,10 +532,12 @@ pub fn generate(
                     .map_err(|e| candle_core::Error::Msg(e.to_string()))
             })?;
             // Ordinary checkpoints inpaint by keeping the unmasked latents at this step's noise.
-            if let (Some(m), Some(lat), false) = (&latent_mask, &init_latents, inpaint_model) {
+            if let (Some((repaint, keep)), Some(lat), false) =
+                (&latent_mask, &init_latents, inpaint_model)
+            {
                 let next_sigma = sampler.plan().sigmas[i + 1];
                 let kept = (lat.to_dtype(DType::F32)? + (&first_noise * next_sigma)?)?;
-                x = (x.broadcast_mul(m)? + kept.broadcast_mul(&m.affine(-1.0, 1.0)?)?)?;
+                x = (x.broadcast_mul(repaint)? + kept.broadcast_mul(keep)?)?;
             }
             let preview = match req.preview {
                 PreviewMethod::None => None,

@@ -368,14 +368,7 @@ impl DownBlock {
                 ResnetBlock::new(&vb.pp(format!("resnets.{i}")), c, c_out, cfg)
             })
             .collect::<Result<_>>()?;
-        let attentions = match attention {
-            Some(a) => (0..layers)
-                .map(|i| {
-                    Transformer2D::new(&vb.pp(format!("attentions.{i}")), c_out, cfg.groups, a)
-                })
-                .collect::<Result<_>>()?,
-            None => Vec::new(),
-        };
+        let attentions = attentions(vb, layers, c_out, cfg, attention)?;
         let downsampler = if downsample {
             Some(Downsample::new(&vb.pp("downsamplers.0"), c_out)?)
         } else {
@@ -474,14 +467,7 @@ impl UpBlock {
                 ResnetBlock::new(&vb.pp(format!("resnets.{i}")), c_in + c_skip, c_out, cfg)
             })
             .collect::<Result<_>>()?;
-        let attentions = match attention {
-            Some(a) => (0..layers)
-                .map(|i| {
-                    Transformer2D::new(&vb.pp(format!("attentions.{i}")), c_out, cfg.groups, a)
-                })
-                .collect::<Result<_>>()?,
-            None => Vec::new(),
-        };
+        let attentions = attentions(vb, layers, c_out, cfg, attention)?;
         let upsampler = if upsample {
             Some(Upsample::new(&vb.pp("upsamplers.0"), c_out)?)
         } else {
@@ -527,5 +513,21 @@ impl UpBlock {
             Some(up) => up.forward(&xs, size),
             None => Ok(xs),
         }
+    }
+}
+
+/// `layers` cross-attention transformers (`attentions.N`), or none for a plain block.
+fn attentions(
+    vb: &VarBuilder,
+    layers: usize,
+    channels: usize,
+    cfg: &BlockConfig,
+    attention: Option<&AttentionConfig>,
+) -> Result<Vec<Transformer2D>> {
+    match attention {
+        Some(a) => (0..layers)
+            .map(|i| Transformer2D::new(&vb.pp(format!("attentions.{i}")), channels, cfg.groups, a))
+            .collect(),
+        None => Ok(Vec::new()),
     }
 }
