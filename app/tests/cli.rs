@@ -1,27 +1,15 @@
 //! The `studio` command-line contract, run as a person would: the real binary on a tiny
 //! random-weight GPT-2 written by the test.
 
-use std::path::Path;
-use std::process::{Command, Output};
-
 use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2, write_gpt2_readable};
 
-fn studio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_studio"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run studio")
-}
+mod cli_common;
+use cli_common::{path, studio};
 
 fn model() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().expect("tmp");
     write_gpt2_readable(tmp.path(), TinyGpt2::default(), 5);
     tmp
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 #[test]

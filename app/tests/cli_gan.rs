@@ -2,7 +2,6 @@
 //! tiny random-weight StyleGAN2 written by the test in NVIDIA's naming.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use image::AnimationDecoder;
 use studio_inference::candle_core::Device;
@@ -11,32 +10,8 @@ use studio_inference::gan::latent::LatentText;
 use studio_inference::gan::{NoiseMode, StyleGan2, npy};
 use studio_tests::gan::{TinyStyleGan2, write_stylegan2};
 
-fn studio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_studio"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run studio")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn failed(out: &Output) -> String {
-    assert!(!out.status.success(), "should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+mod cli_common;
+use cli_common::{failed, ok, path, studio};
 
 fn model(dir: &Path) -> PathBuf {
     let p = dir.join("tiny-g.safetensors");

@@ -2,38 +2,13 @@
 //! tiny random-weight SD model written by the test, in both file layouts.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use studio_inference::diffusion::imaging::{RgbImage, decode_image_file, encode_png};
 use studio_inference::image_meta::GenerationParameters;
 use studio_tests::sd::{TinyKind, TinySd, write_tiny_sd};
 
-fn studio(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_studio"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .expect("run studio")
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn failed(out: &Output) -> String {
-    assert!(!out.status.success(), "should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+mod cli_common;
+use cli_common::{failed, ok, path, studio};
 
 fn write_png(path: &Path, img: &RgbImage) {
     std::fs::write(path, encode_png(img, None).expect("png")).expect("write png");
