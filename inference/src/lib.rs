@@ -21,6 +21,7 @@
 //! - [`device`], [`hf_cache`], [`sys`]: device choice, the Hugging Face cache, process facts.
 
 pub mod chat;
+pub mod code;
 pub mod device;
 pub mod diffusion;
 pub mod error;
