@@ -20,6 +20,7 @@ pub mod dcgan;
 pub mod directions;
 pub mod latent;
 pub mod npy;
+pub mod perceptual;
 pub mod project;
 pub mod stylegan2;
 
