@@ -1,6 +1,7 @@
 //! Projection of an image into a tiny random-weight StyleGAN2's latent space (NVIDIA's
 //! projector recipe on candle's autograd): the loss falls, the schedule is NVIDIA's, Cancel
-//! stops at once, and a target of the wrong size is refused.
+//! stops at once, a target of the wrong size is refused, and the VGG16 perceptual (LPIPS) loss
+//! works too.
 
 use std::ops::ControlFlow;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use studio_inference::gan::project::{LossKind, ProjectConfig, project};
 use studio_inference::gan::{NoiseMode, StyleGan2};
 use studio_tests::gan::{TinyStyleGan2, write_stylegan2};
+use studio_tests::vgg::write_vgg16;
 
 fn tiny() -> (tempfile::TempDir, StyleGan2) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -161,17 +163,62 @@ fn wrong_targets_and_missing_losses_are_refused() {
         })
         .is_err()
     );
-    let vgg = ProjectConfig {
-        loss: LossKind::Perceptual {
-            vgg16: "vgg16.safetensors".into(),
-        },
-        ..config(10)
+    // The perceptual loss needs its weights: a missing file and a pickle are refused before
+    // any step is taken.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (name, needle) in [
+        ("vgg16.safetensors", "no such file"),
+        ("vgg16-397923af.pth", "tools/convert_vgg16.py"),
+    ] {
+        let vgg = ProjectConfig {
+            loss: LossKind::Perceptual {
+                vgg16: dir.path().join(name),
+            },
+            ..config(10)
+        };
+        let mut steps = 0;
+        let err = project(&gan, &target(&gan), &vgg, &mut |_, _, _| {
+            steps += 1;
+            ControlFlow::Continue(())
+        })
+        .expect_err("vgg");
+        assert!(err.to_string().contains(needle), "{err}");
+        assert_eq!(steps, 0);
+    }
+}
+
+#[test]
+fn perceptual_projection_reduces_the_loss() {
+    let (dir, gan) = tiny();
+    let vgg16 = dir.path().join("vgg16.safetensors");
+    write_vgg16(&vgg16, [8, 16, 16, 32, 32], true, 9);
+    let target = target(&gan);
+    let steps = 40;
+    let cfg = ProjectConfig {
+        loss: LossKind::Perceptual { vgg16 },
+        ..config(steps)
     };
-    let err = project(&gan, &target(&gan), &vgg, &mut |_, _, _| {
-        ControlFlow::Continue(())
-    })
-    .expect_err("vgg");
-    assert!(err.to_string().contains("not built yet"), "{err}");
+    let t = Instant::now();
+    let result = project(
+        &gan,
+        &target,
+        &cfg,
+        &mut |_, _, _| ControlFlow::Continue(()),
+    )
+    .expect("project");
+    let fifth = steps / 5;
+    let first = mean(&result.losses[..fifth]);
+    let last = mean(&result.losses[steps - fifth..]);
+    println!(
+        "perceptual projection: {steps} steps in {:?}; LPIPS first 20% {first:.4}, last 20% \
+         {last:.4}",
+        t.elapsed()
+    );
+    assert!(result.losses.iter().all(|l| l.is_finite()));
+    assert!(
+        last < 0.8 * first,
+        "loss did not fall clearly: first {first}, last {last}"
+    );
 }
 
 #[test]

@@ -15,8 +15,14 @@
 //!   each axis, weighted by [`ProjectConfig::noise_regularization`]; after every step each
 //!   buffer is renormalized to zero mean and unit variance.
 //!
-//! The image loss is pixel MSE plus a multi-scale structural (SSIM with a 3×3 window at up
-//! to four scales, 2×2-pooled) term; NVIDIA's VGG16 (LPIPS) distance is not built yet.
+//! The image loss is either pixel MSE plus a multi-scale structural (SSIM with a 3×3 window
+//! at up to four scales, 2×2-pooled) term ([`LossKind::PixelMultiScale`]), or NVIDIA's choice,
+//! the VGG16 LPIPS distance ([`LossKind::Perceptual`], [`super::perceptual`]): the weights are
+//! loaded and the target's features computed once per projection, and the distance of the
+//! synthesized image to them plays the role of NVIDIA's
+//! `(target_features − synth_features).square().sum()` (images larger than 256 are
+//! area-downsampled to 256 first, as NVIDIA does). A one-channel generator's images are
+//! repeated to three channels for VGG16.
 //!
 //! Every op of the generator has a backward pass in candle 0.11 (conv2d, whose input gradient
 //! is a conv_transpose2d, cat/narrow for the zero-stuffing and padding of the FIR resampling,
@@ -29,6 +35,7 @@ use std::path::PathBuf;
 
 use candle_core::{D, DType, Tensor, Var};
 
+use super::perceptual::Vgg16Lpips;
 use super::{NumpyRandomState, StyleGan2};
 use crate::error::{Error, Result};
 
@@ -38,8 +45,9 @@ pub enum LossKind {
     /// Pixel MSE plus a multi-scale structural (SSIM) loss.
     #[default]
     PixelMultiScale,
-    /// NVIDIA's VGG16 (LPIPS-style) distance from a safetensors file of VGG16 weights.
-    /// Not built yet: asking for it is an error.
+    /// NVIDIA's VGG16 (LPIPS-style) distance, from a safetensors file of VGG16 weights
+    /// (and optionally LPIPS's linear layers) made by `tools/convert_vgg16.py`; see
+    /// [`super::perceptual`].
     Perceptual { vgg16: PathBuf },
 }
 
@@ -270,6 +278,15 @@ fn image_loss(synth: &Tensor, target: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Repeats a one-channel image to three channels (VGG16 takes RGB).
+fn to_rgb(x: &Tensor) -> Result<Tensor> {
+    Ok(if x.dim(1)? == 1 {
+        Tensor::cat(&[x, x, x], 1)?
+    } else {
+        x.clone()
+    })
+}
+
 /// Called after every step with `(step, image_loss, reconstruction)`.
 pub type ProjectCallback<'a> = dyn FnMut(usize, f32, Option<&Tensor>) -> ControlFlow<()> + 'a;
 
@@ -293,19 +310,27 @@ pub fn project(
              {res}×{res} first"
         )));
     }
-    if let LossKind::Perceptual { vgg16 } = &config.loss {
-        return Err(Error::InvalidParameter(format!(
-            "the VGG16 perceptual loss is not built yet ({} not used); project with the \
-             pixel + multi-scale structural loss",
-            vgg16.display()
-        )));
-    }
     if config.steps == 0 {
         return Err(Error::InvalidParameter(
             "projection needs at least one step".into(),
         ));
     }
     let target = target.to_dtype(DType::F32)?.to_device(gan.device())?;
+    let perceptual = match &config.loss {
+        LossKind::PixelMultiScale => None,
+        LossKind::Perceptual { vgg16 } => {
+            if channels != 1 && channels != 3 {
+                return Err(Error::InvalidParameter(format!(
+                    "the VGG16 perceptual loss compares RGB images, but this network makes \
+                     {channels}-channel images; project with the pixel + multi-scale \
+                     structural loss"
+                )));
+            }
+            let vgg = Vgg16Lpips::load(vgg16, gan.device())?;
+            let features = vgg.target(&to_rgb(&target)?)?;
+            Some((vgg, features))
+        }
+    };
     let (num_ws, w_dim) = (info.num_ws, info.w_dim);
     let seed = (config.seed as u32) ^ ((config.seed >> 32) as u32);
     let mut rng = NumpyRandomState::new(seed);
@@ -349,7 +374,10 @@ pub fn project(
             w_opt.as_tensor().clone()
         };
         let synth = gan.synthesize_with_noise(&broadcast(&w)?, &noise_tensors(&noise))?;
-        let dist = image_loss(&synth, &target)?;
+        let dist = match &perceptual {
+            Some((vgg, features)) => vgg.distance_to(features, &to_rgb(&synth)?)?.sum_all()?,
+            None => image_loss(&synth, &target)?,
+        };
         let loss = match noise_regularization(&noise)? {
             Some(reg) if config.optimize_noise && config.noise_regularization > 0.0 => {
                 (&dist + (reg * config.noise_regularization)?)?
