@@ -407,9 +407,50 @@ fn a_dropped_photo_is_projected_and_becomes_a_keyframe() {
             .any(|n| n.text.contains("resized from 64×64 to 32×32")),
         "the resize is announced"
     );
-    // The projected latent is the current one and renders.
+    // The projected latent is the current one and renders with its optimized noise.
+    let noise = k
+        .noise
+        .clone()
+        .expect("the keyframe keeps the optimized noise");
+    let cfg = TinyStyleGan2::default();
+    let noise_values: usize = (2..=cfg.resolution.ilog2())
+        .map(|l| {
+            let r = 1usize << l;
+            if r == 4 { r * r } else { 2 * r * r }
+        })
+        .sum();
+    assert_eq!(noise.len(), noise_values, "every noise buffer, flattened");
     assert!(h.state().explorer().state().latent.w.is_some());
-    settled(&mut h);
+    assert!(h.state().explorer().state().latent.noise.is_some());
+    let with_own_noise = settled(&mut h);
+    // Dropping the noise renders the same W with the panel's (const) noise instead.
+    h.get_by_label("Use the panel's noise").click();
+    h.step();
+    assert!(h.state().explorer().state().latent.noise.is_none());
+    let with_panel_noise = settled(&mut h);
+    assert_ne!(with_own_noise, with_panel_noise);
+    assert!(h.state().explorer().state().latent.w.is_some());
+    // The keyframe's noise survives a restart: written once under explorer/noise/.
+    h.state_mut().flush();
+    drop(h);
+    let noise_dir = tmp.path().join("explorer").join("noise");
+    assert_eq!(std::fs::read_dir(&noise_dir).expect("noise dir").count(), 1);
+    let mut h = harness(tmp.path());
+    h.step();
+    let k = &h.state().explorer().state().keyframes[0];
+    assert_eq!(
+        k.noise.as_deref(),
+        Some(&*noise),
+        "restored from explorer/noise/"
+    );
+    assert!(h.state().explorer().state().latent.noise.is_none());
+    // "Back to seeds" leaves the W; the keyframe still holds its noise file.
+    common::go_to(&mut h, Panel::LatentExplorer);
+    h.get_by_label("Back to seeds").click();
+    h.step();
+    assert!(h.state().explorer().state().latent.w.is_none());
+    h.state_mut().flush();
+    assert_eq!(std::fs::read_dir(&noise_dir).expect("noise dir").count(), 1);
 }
 
 #[test]

@@ -119,7 +119,13 @@ pub enum JobKind {
     /// steps): center-cropped to a square and resized to the network's resolution first;
     /// the reconstruction streams into [`Worker::take_gan_frame`] (id 0) every few steps with
     /// progress; the W found (so far, when cancelled) arrives as [`Event::GanProjected`].
-    ProjectGan { image: Box<RgbImage>, steps: usize },
+    /// With `vgg16` (a safetensors file of VGG16 weights, optionally with LPIPS's linear
+    /// layers) the loss is the perceptual distance; without, pixel + multi-scale SSIM.
+    ProjectGan {
+        image: Box<RgbImage>,
+        steps: usize,
+        vgg16: Option<PathBuf>,
+    },
     /// Render the keyframe path to an animated GIF or a folder of PNGs, with progress and
     /// cancel between frames.
     ExportGanAnimation { request: Box<GanAnimationRequest> },
@@ -250,11 +256,13 @@ pub enum Event {
     GanUnloaded {
         job: JobId,
     },
-    /// The W a projection found: `num_ws × w_dim` values, row by row, and its last image
-    /// loss; `note` says what was done to the image first (crop, resize), if anything.
+    /// The W a projection found: `num_ws × w_dim` values, row by row, the noise buffers it
+    /// optimized with it (flattened as [`GanLatent::noise`]), and its last image loss;
+    /// `note` says what was done to the image first (crop, resize), if anything.
     GanProjected {
         job: JobId,
         w: Vec<f32>,
+        noise: Arc<Vec<f32>>,
         loss: f32,
         note: Option<String>,
     },
@@ -380,6 +388,11 @@ pub struct GanLatent {
     /// A latent known only in W (a projection result), `num_ws × w_dim` values row by row;
     /// when set it replaces the seed (and ψ), while mixing and edits still apply.
     pub w: Option<Vec<f32>>,
+    /// Noise buffers that go with `w` (a projection's optimized noise), all of
+    /// [`StyleGan2::noise_buffers`] flattened in order; when set they replace the request's
+    /// noise mode. Not serialized: callers persist it themselves (it can be megabytes).
+    #[serde(skip)]
+    pub noise: Option<Arc<Vec<f32>>>,
 }
 
 impl Default for GanLatent {
@@ -392,6 +405,7 @@ impl Default for GanLatent {
             mix: None,
             edits: Vec::new(),
             w: None,
+            noise: None,
         }
     }
 }
@@ -1274,11 +1288,15 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             });
             Ok(None)
         }
-        JobKind::ProjectGan { image, steps } => {
+        JobKind::ProjectGan {
+            image,
+            steps,
+            vgg16,
+        } => {
             let Some(gan) = ctx.gan.as_deref() else {
                 return Err(no_gan());
             };
-            project_image(ctx, gan, &image, steps)?;
+            project_image(ctx, gan, &image, steps, vgg16)?;
             Ok(None)
         }
         JobKind::ExportGanAnimation { request } => {
@@ -1464,7 +1482,12 @@ fn export_animation(ctx: &JobContext<'_>, gan: &StyleGan2, r: &GanAnimationReque
         #[allow(clippy::cast_precision_loss)]
         let t = i as f64 / (r.frames - 1) as f64;
         let ws = path_ws(gan, &r.keyframes, t, r.space, dirs)?;
-        let image = gan_latent::render(gan, &ws, r.noise)?;
+        let image = match path_noise(gan, &r.keyframes, t)? {
+            Some(buffers) => crate::diffusion::imaging::tensor_to_image(
+                &gan.synthesize_with_noise(&ws, &buffers)?,
+            )?,
+            None => gan_latent::render(gan, &ws, r.noise)?,
+        };
         match (&mut gif, &r.out) {
             (Some(g), _) => g.add_frame(&image)?,
             (None, GanAnimationOut::PngSequence(dir)) => {
@@ -1492,6 +1515,7 @@ fn project_image(
     gan: &StyleGan2,
     image: &RgbImage,
     steps: usize,
+    vgg16: Option<PathBuf>,
 ) -> Result<()> {
     let res = gan.info().resolution;
     let res_u32 = u32::try_from(res)
@@ -1518,6 +1542,9 @@ fn project_image(
         steps: steps.max(1),
         preview_every: PROJECT_PREVIEW_EVERY,
         w_std_samples: 2000,
+        loss: vgg16.map_or(crate::gan::project::LossKind::PixelMultiScale, |vgg16| {
+            crate::gan::project::LossKind::Perceptual { vgg16 }
+        }),
         ..crate::gan::project::ProjectConfig::default()
     };
     let total = config.steps;
@@ -1551,9 +1578,19 @@ fn project_image(
         .to_device(&candle_core::Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?;
+    let mut noise = Vec::new();
+    for buffer in &result.noise {
+        noise.extend(
+            buffer
+                .to_device(&candle_core::Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
     ctx.send(Event::GanProjected {
         job: ctx.job,
         w,
+        noise: Arc::new(noise),
         loss: last_loss,
         note: (!notes.is_empty()).then(|| notes.join(" and ")),
     });
@@ -1570,36 +1607,112 @@ type RenderedGan = (RgbImage, Option<Result<GanLayerView>>);
 fn render_gan(gan: Option<&StyleGan2>, request: &GanRenderRequest) -> Result<RenderedGan> {
     let gan = gan.ok_or_else(no_gan)?;
     let dirs = request.directions.as_deref();
-    let ws = match &request.what {
-        GanRenderWhat::Latent(latent) => latent_ws(gan, latent, dirs)?,
+    let (ws, noise) = match &request.what {
+        GanRenderWhat::Latent(latent) => (
+            latent_ws(gan, latent, dirs)?,
+            noise_buffers(gan, latent.noise.as_deref())?,
+        ),
         GanRenderWhat::Path {
             keyframes,
             t,
             space,
-        } => path_ws(gan, keyframes, *t, *space, dirs)?,
+        } => (
+            path_ws(gan, keyframes, *t, *space, dirs)?,
+            path_noise(gan, keyframes, *t)?,
+        ),
     };
-    let Some(layer) = &request.layer else {
-        let image = gan_latent::render(gan, &ws, request.noise)?;
-        return Ok((fit(image, request.max_side), None));
+    let layer = request.layer.as_ref();
+    let known = layer.is_none_or(|l| gan.layer_names().contains(&l.name));
+    let wanted = layer.filter(|_| known).map(|l| l.name.as_str());
+    let (img, acts) = match &noise {
+        Some(buffers) => gan.synthesize_with_noise_and_layer(&ws, buffers, wanted)?,
+        None => gan.synthesize_with_layer(&ws, request.noise, wanted)?,
     };
-    if !gan.layer_names().contains(&layer.name) {
-        // Render the image anyway; only the layer view fails.
-        let image = gan_latent::render(gan, &ws, request.noise)?;
+    let image = fit(
+        crate::diffusion::imaging::tensor_to_image(&img)?,
+        request.max_side,
+    );
+    let Some(layer) = layer else {
+        return Ok((image, None));
+    };
+    if !known {
+        // The image renders anyway; only the layer view fails.
         let err = Error::InvalidParameter(format!(
             "no synthesis layer `{}`; this network has: {}",
             layer.name,
             gan.layer_names().join(", ")
         ));
-        return Ok((fit(image, request.max_side), Some(Err(err))));
+        return Ok((image, Some(Err(err))));
     }
-    let (img, acts) = gan.synthesize_with_layer(&ws, request.noise, Some(&layer.name))?;
-    let image = crate::diffusion::imaging::tensor_to_image(&img)?;
     let view = acts
         .ok_or_else(|| {
             Error::InvalidParameter(format!("layer `{}` returned no activations", layer.name))
         })
         .and_then(|a| layer_view(&layer.name, &a, layer.mode));
-    Ok((fit(image, request.max_side), Some(view)))
+    Ok((image, Some(view)))
+}
+
+/// A latent's own noise buffers, shaped as the network's ([`GanLatent::noise`]).
+fn noise_buffers(
+    gan: &StyleGan2,
+    flat: Option<&Vec<f32>>,
+) -> Result<Option<Vec<candle_core::Tensor>>> {
+    let Some(flat) = flat else {
+        return Ok(None);
+    };
+    let shapes: Vec<Vec<usize>> = gan
+        .noise_buffers()
+        .iter()
+        .map(|b| b.dims().to_vec())
+        .collect();
+    let total: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    if flat.len() != total {
+        return Err(Error::InvalidParameter(format!(
+            "the latent carries {} noise values but this network's noise inputs hold {total}",
+            flat.len()
+        )));
+    }
+    let mut at = 0;
+    let buffers = shapes
+        .iter()
+        .map(|shape| {
+            let n: usize = shape.iter().product();
+            let t =
+                candle_core::Tensor::from_slice(&flat[at..at + n], shape.as_slice(), gan.device())?;
+            at += n;
+            Ok(t)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(buffers))
+}
+
+/// The noise at `t` on a keyframe path: the keyframes' own noise (lerped between two that
+/// both carry it; that of a keyframe the path sits exactly on), otherwise `None` (the
+/// request's noise mode).
+fn path_noise(
+    gan: &StyleGan2,
+    keyframes: &[GanLatent],
+    t: f64,
+) -> Result<Option<Vec<candle_core::Tensor>>> {
+    let Some((index, frac)) = gan_latent::path_segment(keyframes.len(), t) else {
+        return Ok(None);
+    };
+    let a = noise_buffers(gan, keyframes[index].noise.as_deref())?;
+    let b = match keyframes.get(index + 1) {
+        Some(k) => noise_buffers(gan, k.noise.as_deref())?,
+        None => None,
+    };
+    Ok(match (a, b) {
+        (a, _) if frac <= 0.0 => a,
+        (_, b) if frac >= 1.0 => b,
+        (Some(a), Some(b)) => Some(
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| gan_latent::lerp(x, y, frac))
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        _ => None,
+    })
 }
 
 /// Draws activations `(n, c, h, w)` (the first of the batch) as [`GanLayerMode`] says, with

@@ -260,6 +260,38 @@ fn noise_modes_differ_and_random_is_seeded() {
 }
 
 #[test]
+fn given_noise_buffers_replace_the_noise_mode_layer_view_included() {
+    let g = load("skip");
+    let ws = g
+        .map(&g.z_from_seed(3).expect("z"), None, 1.0, None)
+        .expect("map");
+    // The stored buffers given explicitly are the const mode exactly.
+    let (k, k_layer) = g
+        .synthesize_with_layer(&ws, NoiseMode::Const, Some("b16.conv0"))
+        .expect("const");
+    let (g_img, g_layer) = g
+        .synthesize_with_noise_and_layer(&ws, &g.noise_buffers(), Some("b16.conv0"))
+        .expect("given");
+    assert!(diff(&k, &g_img).0 <= 0.0);
+    assert!(diff(&k_layer.expect("layer"), &g_layer.expect("layer")).0 <= 0.0);
+    // Other buffers (a projection's) change the image, and repeat for every batch item.
+    let other: Vec<Tensor> = g
+        .noise_buffers()
+        .iter()
+        .map(|b| (b * -1.0).expect("neg"))
+        .collect();
+    let two = Tensor::cat(&[&ws, &ws], 0).expect("batch");
+    let img = g.synthesize_with_noise(&two, &other).expect("other");
+    let (first, second) = (img.get(0).expect("0"), img.get(1).expect("1"));
+    assert!(diff(&first, &second).0 <= 0.0);
+    assert!(diff(&first, &k.get(0).expect("k")).0 > 1e-4);
+    let err = g
+        .synthesize_with_noise_and_layer(&ws, &other[1..], None)
+        .expect_err("one buffer short");
+    assert!(err.to_string().contains("noise inputs"), "{err}");
+}
+
+#[test]
 fn layer_names_cover_every_layer() {
     let g = load("skip");
     let names = g.layer_names();

@@ -137,7 +137,7 @@ impl StudioApp {
             } => self.gan_loaded(job, info, name, layers),
             Event::GanUnloaded { .. } => self.gan_unloaded(),
             Event::GanDirections { directions, .. } => self.gan_directions(directions),
-            Event::GanProjected { w, loss, .. } => self.gan_projected(w, loss),
+            Event::GanProjected { w, noise, loss, .. } => self.gan_projected(w, noise, loss),
             Event::ModelUnloaded { .. } => {
                 self.model = None;
                 self.model_options = None;

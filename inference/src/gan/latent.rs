@@ -265,6 +265,20 @@ impl Keyframe {
     }
 }
 
+/// Where `t` ∈ [0, 1] falls on a path through `keyframes` keyframes spaced evenly: the
+/// segment's first keyframe and the fraction along it (`None` with fewer than two).
+#[must_use]
+pub fn path_segment(keyframes: usize, t: f64) -> Option<(usize, f64)> {
+    let segments = keyframes.checked_sub(1).filter(|&s| s > 0)?;
+    #[allow(clippy::cast_precision_loss)]
+    let pos = t.clamp(0.0, 1.0) * segments as f64;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let index = (pos.floor() as usize).min(segments - 1);
+    #[allow(clippy::cast_precision_loss)]
+    let frac = pos - index as f64;
+    Some((index, frac))
+}
+
 /// The `ws` at position `t` ∈ [0, 1] of the path through `keyframes` (evenly spaced:
 /// keyframe `k` of `n` sits at `t = k/(n−1)`). At a keyframe's position the result is that
 /// keyframe's `w` exactly. In [`Space::Z`] every keyframe needs a `z`; the `z`s are slerped,
@@ -286,10 +300,9 @@ pub fn interpolate(
             "interpolation position {t} is not a number"
         )));
     }
-    let segments = keyframes.len() - 1;
-    let pos = t.clamp(0.0, 1.0) * segments as f64;
-    let index = (pos.floor() as usize).min(segments - 1);
-    let frac = pos - index as f64;
+    let Some((index, frac)) = path_segment(keyframes.len(), t) else {
+        return Ok(first.w.clone());
+    };
     let (a, b) = (&keyframes[index], &keyframes[index + 1]);
     if frac <= 0.0 {
         return Ok(a.w.clone());

@@ -444,6 +444,13 @@ impl Block {
 }
 
 /// Where the noise inputs come from during one synthesis pass.
+/// Where [`StyleGan2::synthesize_from`] takes its noise.
+#[derive(Clone, Copy)]
+enum NoiseSource<'a> {
+    Mode(NoiseMode),
+    Buffers(&'a [Tensor]),
+}
+
 struct Noise<'a> {
     mode: NoiseMode,
     rng: Option<NumpyRandomState>,
@@ -1105,6 +1112,33 @@ impl StyleGan2 {
         noise: NoiseMode,
         layer: Option<&str>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        self.synthesize_from(ws, NoiseSource::Mode(noise), layer)
+    }
+
+    /// [`Self::synthesize_with_layer`] with caller-supplied noise buffers (see
+    /// [`Self::synthesize_with_noise`]): a projection's optimized noise.
+    pub fn synthesize_with_noise_and_layer(
+        &self,
+        ws: &Tensor,
+        buffers: &[Tensor],
+        layer: Option<&str>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let expected = self.noise_buffers().len();
+        if buffers.len() != expected {
+            return Err(Error::InvalidParameter(format!(
+                "{} noise buffers given but the network has {expected} noise inputs",
+                buffers.len()
+            )));
+        }
+        self.synthesize_from(ws, NoiseSource::Buffers(buffers), layer)
+    }
+
+    fn synthesize_from(
+        &self,
+        ws: &Tensor,
+        source: NoiseSource<'_>,
+        layer: Option<&str>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let layer = layer.map(|l| l.strip_prefix("synthesis.").unwrap_or(l));
         if let Some(l) = layer
             && !self.layer_names().iter().any(|n| n == l)
@@ -1124,9 +1158,25 @@ impl StyleGan2 {
         }
         let mut images = Vec::with_capacity(n);
         let mut captured = Vec::new();
-        let mut noise = Noise::new(noise);
+        // Seeded random noise continues across the batch; given buffers repeat per sample.
+        let mut shared = match source {
+            NoiseSource::Mode(mode) => Some(Noise::new(mode)),
+            NoiseSource::Buffers(_) => None,
+        };
         for i in 0..n {
-            let (img, cap) = self.synthesize_one(&ws.get(i)?, &mut noise, layer)?;
+            let mut own;
+            let noise = match (&mut shared, source) {
+                (Some(noise), _) => noise,
+                (None, NoiseSource::Buffers(b)) => {
+                    own = Noise::with_buffers(b);
+                    &mut own
+                }
+                (None, NoiseSource::Mode(mode)) => {
+                    own = Noise::new(mode);
+                    &mut own
+                }
+            };
+            let (img, cap) = self.synthesize_one(&ws.get(i)?, noise, layer)?;
             images.push(img);
             captured.extend(cap);
         }
@@ -1156,27 +1206,7 @@ impl StyleGan2 {
     /// [`Self::synthesize`] with caller-supplied noise buffers (shaped as
     /// [`Self::noise_buffers`]), which gradients can flow into (projection optimizes them).
     pub fn synthesize_with_noise(&self, ws: &Tensor, buffers: &[Tensor]) -> Result<Tensor> {
-        let expected = self.noise_buffers().len();
-        if buffers.len() != expected {
-            return Err(Error::InvalidParameter(format!(
-                "{} noise buffers given but the network has {expected} noise inputs",
-                buffers.len()
-            )));
-        }
-        let ws = ws.to_dtype(DType::F32)?.to_device(&self.device)?;
-        let (n, num_ws, w_dim) = ws.dims3()?;
-        if (num_ws, w_dim) != (self.info.num_ws, self.info.w_dim) {
-            return Err(Error::InvalidParameter(format!(
-                "ws has shape ({n}, {num_ws}, {w_dim}) but this network takes (n, {}, {})",
-                self.info.num_ws, self.info.w_dim
-            )));
-        }
-        let mut images = Vec::with_capacity(n);
-        for i in 0..n {
-            let mut noise = Noise::with_buffers(buffers);
-            images.push(self.synthesize_one(&ws.get(i)?, &mut noise, None)?.0);
-        }
-        Ok(Tensor::cat(&images, 0)?)
+        Ok(self.synthesize_with_noise_and_layer(ws, buffers, None)?.0)
     }
 
     /// One sample: `ws` `(num_ws, w_dim)`.

@@ -189,6 +189,8 @@ impl StudioApp {
                 let l = &mut self.explorer.state.latent;
                 l.seed = seed;
                 l.offset = 0.0;
+                l.w = None;
+                l.noise = None;
                 self.explorer.playing = false;
             }
         }
@@ -292,13 +294,20 @@ impl StudioApp {
         name: String,
         layers: Vec<String>,
     ) {
+        let mut vgg16 = None;
         if let Some(JobPurpose::LoadGan(path)) = self.jobs.get(job).map(|t| t.purpose.clone()) {
+            vgg16 = store::find_vgg16(&self.home, &path);
             self.settings.last_gan_model = Some(path);
         }
         self.notices
             .info(format!("Loaded {name} for the Latent Explorer"));
         let e = &mut self.explorer;
-        e.model = Some(LoadedGan { info, name, layers });
+        e.model = Some(LoadedGan {
+            info,
+            name,
+            layers,
+            vgg16,
+        });
         e.last_request = None;
         e.grid_sent = None;
         e.thumbs.clear();
@@ -534,15 +543,17 @@ impl StudioApp {
             JobKind::ProjectGan {
                 image: Box::new(image),
                 steps: self.explorer.state.project_steps,
+                vgg16: self.explorer.model.as_ref().and_then(|m| m.vgg16.clone()),
             },
             JobPurpose::ProjectGan(path.to_path_buf()),
         );
         self.explorer.project_job = job;
     }
 
-    pub(crate) fn gan_projected(&mut self, w: Vec<f32>, loss: f32) {
+    pub(crate) fn gan_projected(&mut self, w: Vec<f32>, noise: Arc<Vec<f32>>, loss: f32) {
         let latent = studio_inference::worker::GanLatent {
             w: Some(w),
+            noise: Some(noise),
             psi: 1.0,
             cutoff: None,
             offset: 0.0,
@@ -558,8 +569,7 @@ impl StudioApp {
         // Show the projection's own last image until the render of its W arrives.
         self.explorer.last_request = None;
         self.notices.info(format!(
-            "Projected (loss {loss:.4}); added as keyframe {}. It renders with the panel's \
-             noise setting, not the projection's optimized noise, so fine detail can differ.",
+            "Projected (loss {loss:.4}); added as keyframe {}, with the noise it optimized.",
             self.explorer.state.keyframes.len()
         ));
     }

@@ -163,6 +163,9 @@ pub struct LoadedGan {
     pub name: String,
     /// The synthesis layers the layer view can show.
     pub layers: Vec<String>,
+    /// VGG16 weights for the perceptual projection loss, when found
+    /// ([`store::find_vgg16`]).
+    pub vgg16: Option<PathBuf>,
 }
 
 /// One seed-browser thumbnail.
@@ -558,12 +561,44 @@ impl ExplorerPanel {
     fn latent_ui(&mut self, ui: &mut egui::Ui) {
         let num_ws = self.model.as_ref().map_or(1, |m| m.info.num_ws);
         let s = &mut self.state;
+        if s.latent.w.is_some() {
+            ui.label(if s.latent.noise.is_some() {
+                "Latent: a projection (its W and its optimized noise)"
+            } else {
+                "Latent: a W (projection or W file)"
+            });
+            ui.horizontal(|ui| {
+                if ui
+                    .button("Back to seeds")
+                    .on_hover_text("Use the seed below again instead of this W")
+                    .clicked()
+                {
+                    s.latent.w = None;
+                    s.latent.noise = None;
+                }
+                if s.latent.noise.is_some()
+                    && ui
+                        .button("Use the panel's noise")
+                        .on_hover_text("Drop the projection's optimized noise")
+                        .clicked()
+                {
+                    s.latent.noise = None;
+                }
+            });
+        }
         let l = ui.label("Seed");
-        ui.add(egui::DragValue::new(&mut s.latent.seed).range(0..=u32::MAX))
+        let seed = ui
+            .add(egui::DragValue::new(&mut s.latent.seed).range(0..=u32::MAX))
             .labelled_by(l.id);
         let l = ui.label("Seed offset");
-        ui.add(egui::Slider::new(&mut s.latent.offset, -4.0..=4.0).fixed_decimals(2))
+        let offset = ui
+            .add(egui::Slider::new(&mut s.latent.offset, -4.0..=4.0).fixed_decimals(2))
             .labelled_by(l.id);
+        if seed.changed() || offset.changed() {
+            // A seed replaces a projected W.
+            s.latent.w = None;
+            s.latent.noise = None;
+        }
         let l = ui.label("Truncation ψ");
         ui.add(egui::Slider::new(&mut s.latent.psi, -1.0..=2.0).fixed_decimals(2))
             .labelled_by(l.id);
@@ -800,11 +835,20 @@ impl ExplorerPanel {
         );
         ui.label(weak(
             ui,
-            "Only the W found is kept: the noise buffers the projection also optimizes are \
-             dropped, so the keyframe renders with the Noise setting above (const, random or \
-             none) and can differ in fine detail from the reconstruction shown while \
-             projecting.",
+            "The keyframe keeps the W and the noise buffers the projection optimized.",
         ));
+        match self.model.as_ref().and_then(|m| m.vgg16.as_ref()) {
+            Some(vgg) => ui.label(format!(
+                "Loss: VGG16 perceptual distance ({})",
+                vgg.file_name().unwrap_or_default().to_string_lossy()
+            )),
+            None => ui.label(weak(
+                ui,
+                "Loss: pixel + multi-scale SSIM. For the VGG16 perceptual loss, put \
+                 vgg16.safetensors (tools/convert_vgg16.py) next to the generator or in \
+                 STUDIO_HOME/models/.",
+            )),
+        };
         let l = ui.label("Projection steps");
         ui.add(egui::DragValue::new(&mut self.state.project_steps).range(1..=5000))
             .labelled_by(l.id);

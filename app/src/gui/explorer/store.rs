@@ -1,12 +1,16 @@
 //! What the Latent Explorer keeps between runs, under `STUDIO_HOME/explorer/`: the sliders,
 //! keyframes and playback settings (`state.json`) and the PCA directions (`directions.json`),
-//! each written atomically. Captures go to `explorer/captures/`.
+//! each written atomically. Captures go to `explorer/captures/`. A projected latent's
+//! optimized noise (megabytes for a large network) goes to `explorer/noise/<hash>.npy`, named
+//! by its content so it is written once; files no latent refers to any more are removed.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use studio_inference::gan::directions::{Directions, DirectionsPreset};
+use studio_inference::gan::npy;
 use studio_inference::worker::GanLatent;
 
 /// Version of `state.json`.
@@ -77,6 +81,11 @@ pub struct ExplorerState {
     pub layer_tiles: usize,
     /// The channels shown as red, green and blue.
     pub layer_channels: [usize; 3],
+    /// Noise file of `latent` under `explorer/noise/` (written by [`save_state`], read back
+    /// by [`load`] into `latent.noise`).
+    pub latent_noise: Option<String>,
+    /// Noise file of each keyframe, like `latent_noise`.
+    pub keyframe_noise: Vec<Option<String>>,
 }
 
 impl Default for ExplorerState {
@@ -102,6 +111,8 @@ impl Default for ExplorerState {
             layer_rgb: false,
             layer_tiles: studio_inference::worker::GAN_LAYER_MAX_TILES,
             layer_channels: [0, 1, 2],
+            latent_noise: None,
+            keyframe_noise: Vec::new(),
         }
     }
 }
@@ -121,7 +132,7 @@ fn directions_path(home: &Path) -> PathBuf {
 /// Reads the saved state and directions; a damaged file is reported and replaced by defaults.
 pub fn load(home: &Path) -> (ExplorerState, Option<Directions>, Vec<String>) {
     let mut notes = Vec::new();
-    let state = match crate::home::load_json::<ExplorerState>(&state_path(home)) {
+    let mut state = match crate::home::load_json::<ExplorerState>(&state_path(home)) {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => {
             notes.push(format!(
@@ -137,12 +148,112 @@ pub fn load(home: &Path) -> (ExplorerState, Option<Directions>, Vec<String>) {
             None
         }
     };
+    let mut missing = Vec::new();
+    let mut restore = |latent: &mut GanLatent, file: Option<&String>, what: String| {
+        if let Some(file) = file {
+            match read_noise(home, file) {
+                Ok(noise) => latent.noise = Some(noise),
+                Err(e) => missing.push(format!("{what} ({e:#})")),
+            }
+        }
+    };
+    let latent_file = state.latent_noise.clone();
+    restore(
+        &mut state.latent,
+        latent_file.as_ref(),
+        "the current latent".into(),
+    );
+    let files = state.keyframe_noise.clone();
+    for (i, k) in state.keyframes.iter_mut().enumerate() {
+        restore(
+            k,
+            files.get(i).and_then(Option::as_ref),
+            format!("keyframe {}", i + 1),
+        );
+    }
+    if !missing.is_empty() {
+        notes.push(format!(
+            "The projected noise of {} could not be read; it renders with the panel's noise.",
+            missing.join(", ")
+        ));
+    }
     (state, directions, notes)
 }
 
 pub fn save_state(home: &Path, state: &ExplorerState) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir(home)).context("creating the explorer folder")?;
-    crate::home::save_json(&state_path(home), state)
+    let mut saved = state.clone();
+    saved.latent_noise = state
+        .latent
+        .noise
+        .as_deref()
+        .map(|n| write_noise(home, n))
+        .transpose()?;
+    saved.keyframe_noise = state
+        .keyframes
+        .iter()
+        .map(|k| k.noise.as_deref().map(|n| write_noise(home, n)).transpose())
+        .collect::<anyhow::Result<_>>()?;
+    crate::home::save_json(&state_path(home), &saved)?;
+    remove_unused_noise(home, &saved);
+    Ok(())
+}
+
+fn noise_dir(home: &Path) -> PathBuf {
+    dir(home).join("noise")
+}
+
+/// Writes `noise` as `explorer/noise/<FNV-1a hash>.npy` unless that file exists; its name.
+fn write_noise(home: &Path, noise: &[f32]) -> anyhow::Result<String> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in noise {
+        for b in v.to_le_bytes() {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let name = format!("{hash:016x}-{}.npy", noise.len());
+    let path = noise_dir(home).join(&name);
+    if !path.exists() {
+        std::fs::create_dir_all(noise_dir(home)).context("creating the explorer noise folder")?;
+        let bytes = npy::encode(&npy::NpyArray {
+            shape: vec![noise.len()],
+            data: noise.to_vec(),
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::home::atomic_write(&path, &bytes)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(name)
+}
+
+fn read_noise(home: &Path, name: &str) -> anyhow::Result<Arc<Vec<f32>>> {
+    if name.contains(['/', '\\']) || name.starts_with('.') {
+        anyhow::bail!("{name} is not a noise file name");
+    }
+    let path = noise_dir(home).join(name);
+    let array = npy::read(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Arc::new(array.data))
+}
+
+/// Removes noise files that neither the current latent nor a keyframe uses (best effort).
+fn remove_unused_noise(home: &Path, saved: &ExplorerState) {
+    let used: Vec<&String> = saved
+        .latent_noise
+        .iter()
+        .chain(saved.keyframe_noise.iter().flatten())
+        .collect();
+    let Ok(entries) = std::fs::read_dir(noise_dir(home)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().extension().is_some_and(|e| e == "npy")
+            && !used.iter().any(|u| **u == name)
+            && let Err(e) = std::fs::remove_file(entry.path())
+        {
+            log::warn!("removing the unused noise file {name}: {e}");
+        }
+    }
 }
 
 /// Folder of direction presets under a presets folder (`presets/gan-directions/`).
@@ -245,4 +356,31 @@ pub fn list_presets(dirs: &[PathBuf]) -> (Vec<PresetEntry>, Vec<String>) {
 pub fn save_directions(home: &Path, directions: &Directions) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir(home)).context("creating the explorer folder")?;
     crate::home::save_json(&directions_path(home), directions)
+}
+
+/// VGG16 weights for the perceptual projection loss: a `vgg16*.safetensors` or
+/// `lpips*.safetensors` file next to the generator `model`, else in `STUDIO_HOME/models/`.
+pub fn find_vgg16(home: &Path, model: &Path) -> Option<PathBuf> {
+    let beside = model.parent().map(Path::to_path_buf);
+    [beside, Some(home.join("models"))]
+        .into_iter()
+        .flatten()
+        .find_map(|dir| {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().to_lowercase())
+                        .unwrap_or_default();
+                    (name.starts_with("vgg16") || name.starts_with("lpips"))
+                        && p.extension()
+                            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+                })
+                .collect();
+            found.sort();
+            found.into_iter().next()
+        })
 }
