@@ -31,7 +31,8 @@ use studio_inference::gan::dcgan::Dcgan;
 use studio_inference::gan::latent::{
     self, GifWriter, Keyframe, LatentText, RandomGanConfig, Space,
 };
-use studio_inference::gan::project::{ProjectConfig, project};
+use studio_inference::gan::perceptual;
+use studio_inference::gan::project::{LossKind, ProjectConfig, project};
 use studio_inference::gan::{NoiseMode, StyleGan2, npy};
 
 /// Flags shared by `gan` and `gan-interp`.
@@ -130,6 +131,11 @@ pub struct GanProjectArgs {
     /// Optimize one w per layer (W+) instead of one w for all.
     #[arg(long)]
     pub w_plus: bool,
+    /// VGG16 weights in safetensors (`tools/convert_vgg16.py`) for the perceptual (LPIPS)
+    /// loss. Default: a `vgg16*.safetensors` or `lpips*.safetensors` beside the model if
+    /// there is one, else pixel + multi-scale SSIM.
+    #[arg(long)]
+    pub vgg16: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Where to write the found ws, `(1, num_ws, w_dim)` as `.npy` (reusable with `gan --w-file`).
@@ -640,7 +646,18 @@ pub fn run_gan_project(args: &GanProjectArgs) -> Result<()> {
         eprintln!("note: {}: {note}", args.image.display());
     }
     let target = imaging::image_to_tensor(&target, gan.device())?;
+    let vgg16 = args.vgg16.clone().or_else(|| {
+        let beside = common.model.parent()?.to_path_buf();
+        perceptual::find_weights(&[beside])
+    });
+    match &vgg16 {
+        Some(path) => eprintln!("loss: VGG16 perceptual distance ({})", path.display()),
+        None => eprintln!("loss: pixel + multi-scale SSIM (no VGG16 weights given or found)"),
+    }
     let config = ProjectConfig {
+        loss: vgg16.map_or(LossKind::PixelMultiScale, |vgg16| LossKind::Perceptual {
+            vgg16,
+        }),
         steps: args.steps,
         initial_lr: args.lr,
         noise_regularization: args.noise_regularization,

@@ -469,6 +469,76 @@ fn gan_project_crops_the_photo_lowers_the_loss_and_writes_reusable_ws() {
     assert!(e.contains("not an image"), "{e}");
 }
 
+/// With VGG16 weights beside the model (or given with `--vgg16`) `gan-project` minimizes the
+/// perceptual distance instead; missing or pickled weights are refused before any step.
+#[test]
+fn gan_project_uses_vgg16_weights_beside_the_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let m = model(tmp.path());
+    let photo = tmp.path().join("seed5.png");
+    ok(&studio(&[
+        "gan",
+        "--model",
+        path(&m),
+        "--seed",
+        "5",
+        "--out",
+        path(&photo),
+    ]));
+    let (out, out_w) = (tmp.path().join("proj.png"), tmp.path().join("proj_w.npy"));
+    let project = |extra: &[&str]| {
+        let mut args = vec![
+            "gan-project",
+            "--model",
+            path(&m),
+            "--image",
+            path(&photo),
+            "--steps",
+            "40",
+            "--out-w",
+            path(&out_w),
+            "--out",
+            path(&out),
+        ];
+        args.extend_from_slice(extra);
+        studio(&args)
+    };
+    let pixel = project(&[]);
+    ok(&pixel);
+    assert!(String::from_utf8_lossy(&pixel.stderr).contains("pixel + multi-scale SSIM"));
+    studio_tests::vgg::write_vgg16(
+        &tmp.path().join("vgg16.safetensors"),
+        [4, 8, 16, 16, 16],
+        true,
+        3,
+    );
+    let run = project(&[]);
+    let stdout = ok(&run);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("VGG16 perceptual distance"), "{stderr}");
+    assert!(stderr.contains("vgg16.safetensors"), "{stderr}");
+    assert!(stdout.contains("saved"), "{stdout}");
+    // The per-step losses on stderr fall on average (single steps are noisy: W gets noise).
+    let losses: Vec<f32> = stderr
+        .lines()
+        .filter_map(|l| l.split(": loss ").nth(1))
+        .map(|v| v.trim().parse().expect("a number"))
+        .collect();
+    assert!(losses.len() >= 10, "{stderr}");
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (first, last) = (mean(&losses[..5]), mean(&losses[losses.len() - 5..]));
+    assert!(last < first, "the loss falls on average: {losses:?}");
+    let e = failed(&project(&[
+        "--vgg16",
+        path(&tmp.path().join("none.safetensors")),
+    ]));
+    assert!(e.contains("none.safetensors"), "{e}");
+    let pth = tmp.path().join("vgg16.pth");
+    std::fs::write(&pth, b"not opened").expect("write");
+    let e = failed(&project(&["--vgg16", path(&pth)]));
+    assert!(e.contains("convert_vgg16.py"), "{e}");
+}
+
 /// `gan` also runs DCGAN generators (PyTorch's example naming): seed 7 gives PyTorch's image
 /// for numpy's seed-7 latent (the committed parity fixture), and W-space flags are refused.
 #[test]

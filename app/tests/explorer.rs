@@ -454,6 +454,45 @@ fn a_dropped_photo_is_projected_and_becomes_a_keyframe() {
 }
 
 #[test]
+fn projection_uses_vgg16_weights_found_beside_the_generator() {
+    use studio_inference::diffusion::imaging::encode_png;
+
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    open_tiny(&mut h, &path);
+    assert!(shows_text(&h, "Loss: pixel + multi-scale SSIM"));
+    // Weights appear beside the generator: the next load finds them.
+    studio_tests::vgg::write_vgg16(
+        &path.with_file_name("vgg16-lpips.safetensors"),
+        [4, 8, 16, 16, 16],
+        true,
+        2,
+    );
+    open_tiny(&mut h, &path);
+    assert!(shows_text(
+        &h,
+        "Loss: VGG16 perceptual distance (vgg16-lpips.safetensors)"
+    ));
+    let target = h.state().explorer().image().expect("image").clone();
+    let photo = tmp.path().join("photo.png");
+    std::fs::write(&photo, encode_png(&target, None).expect("png")).expect("write");
+    h.state_mut().explorer_mut().state_mut().project_steps = 8;
+    drop_file(&mut h, &photo);
+    step_until(&mut h, "the projection", |h| {
+        !h.state().explorer().state().keyframes.is_empty() && h.state().jobs().is_empty()
+    });
+    assert!(
+        !h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("failed")),
+        "no error"
+    );
+}
+
+#[test]
 fn choosing_a_layer_shows_its_channel_grid_and_statistics() {
     let tmp = tempfile::tempdir().expect("tmp");
     let path = tiny_gan(tmp.path(), TinyStyleGan2::default());

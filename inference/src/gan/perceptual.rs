@@ -412,3 +412,27 @@ fn sum(terms: &[Tensor]) -> Result<Tensor> {
     }
     Ok(total)
 }
+
+/// The first `vgg16*.safetensors` or `lpips*.safetensors` file (by name, case-insensitive)
+/// in the first of `dirs` that has one: where Studio looks for the perceptual loss's weights.
+#[must_use]
+pub fn find_weights(dirs: &[std::path::PathBuf]) -> Option<std::path::PathBuf> {
+    dirs.iter().find_map(|dir| {
+        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_lowercase())
+                    .unwrap_or_default();
+                (name.starts_with("vgg16") || name.starts_with("lpips"))
+                    && p.extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+            })
+            .collect();
+        found.sort();
+        found.into_iter().next()
+    })
+}

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use studio_inference::gan::directions::{Directions, DirectionsPreset};
-use studio_inference::gan::npy;
+use studio_inference::gan::{npy, perceptual};
 use studio_inference::worker::GanLatent;
 
 /// Version of `state.json`.
@@ -358,29 +358,13 @@ pub fn save_directions(home: &Path, directions: &Directions) -> anyhow::Result<(
     crate::home::save_json(&directions_path(home), directions)
 }
 
-/// VGG16 weights for the perceptual projection loss: a `vgg16*.safetensors` or
-/// `lpips*.safetensors` file next to the generator `model`, else in `STUDIO_HOME/models/`.
+/// VGG16 weights for the perceptual projection loss next to the generator `model`, else in
+/// `STUDIO_HOME/models/` ([`perceptual::find_weights`]).
 pub fn find_vgg16(home: &Path, model: &Path) -> Option<PathBuf> {
     let beside = model.parent().map(Path::to_path_buf);
-    [beside, Some(home.join("models"))]
+    let dirs: Vec<PathBuf> = [beside, Some(home.join("models"))]
         .into_iter()
         .flatten()
-        .find_map(|dir| {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-                .ok()?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    let name = p
-                        .file_name()
-                        .map(|n| n.to_string_lossy().to_lowercase())
-                        .unwrap_or_default();
-                    (name.starts_with("vgg16") || name.starts_with("lpips"))
-                        && p.extension()
-                            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-                })
-                .collect();
-            found.sort();
-            found.into_iter().next()
-        })
+        .collect();
+    perceptual::find_weights(&dirs)
 }
