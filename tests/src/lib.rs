@@ -3,6 +3,7 @@
 //!
 //! Nothing here downloads anything; every file is made by the test that needs it.
 
+pub mod code;
 pub mod families;
 pub mod gan;
 pub mod gguf_writer;
