@@ -27,7 +27,7 @@ use serde_json::json;
 use studio_inference::candle_core::Tensor;
 use studio_inference::device::create_device;
 use studio_inference::diffusion::imaging::{self, RgbImage};
-use studio_inference::gan::dcgan::Dcgan;
+use studio_inference::gan::dcgan::{Dcgan, is_dcgan};
 use studio_inference::gan::latent::{
     self, GifWriter, Keyframe, LatentText, RandomGanConfig, Space,
 };
@@ -278,16 +278,6 @@ fn write_png(path: &Path, img: &RgbImage, text: &str) -> Result<()> {
     let bytes = imaging::encode_png(img, Some(text))?;
     crate::home::atomic_write(path, &bytes)
         .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Whether the safetensors file holds a DCGAN generator (PyTorch's example names,
-/// `main.0.weight`, with or without DataParallel's `module.` prefix).
-fn is_dcgan(path: &Path) -> bool {
-    studio_inference::weights::mmap(&[path.to_path_buf()]).is_ok_and(|st| {
-        st.tensors()
-            .iter()
-            .any(|(n, _)| n == "main.0.weight" || n == "module.main.0.weight")
-    })
 }
 
 /// `studio gan` on a DCGAN generator: z from the seed (or a z file), no W space.

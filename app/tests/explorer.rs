@@ -285,6 +285,31 @@ fn pca_directions_are_computed_and_their_sliders_move_the_image() {
 }
 
 #[test]
+fn a_dropped_dcgan_is_refused_with_where_to_run_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dcgan = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/dcgan/generator.safetensors");
+    let mut h = harness(tmp.path());
+    h.step();
+    common::go_to(&mut h, Panel::LatentExplorer);
+    drop_file(&mut h, &dcgan);
+    step_until(&mut h, "the refusal", |h| {
+        h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("is a DCGAN generator"))
+    });
+    assert!(
+        h.state()
+            .notices()
+            .iter()
+            .any(|n| n.text.contains("studio gan --model")),
+        "the notice says how to render it"
+    );
+    assert!(h.state().explorer().model().is_none());
+}
+
+#[test]
 fn a_dropped_pickle_is_refused_with_how_to_convert_it() {
     let tmp = tempfile::tempdir().expect("tmp");
     let pkl = tmp.path().join("network.pkl");

@@ -1244,6 +1244,15 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             {
                 return Err(Error::InvalidParameter(PICKLE_HELP.to_owned()));
             }
+            if crate::gan::dcgan::is_dcgan(&path) {
+                return Err(Error::InvalidParameter(format!(
+                    "{} is a DCGAN generator: the Latent Explorer steers StyleGAN2 networks (W \
+                     space, styles, noise), which DCGAN does not have. Render DCGAN images \
+                     with `studio gan --model {} --seed N --out FILE.png`.",
+                    path.display(),
+                    path.display()
+                )));
+            }
             ctx.progress(0.0, "reading the generator");
             let gan = StyleGan2::load(&path, ctx.device)?;
             if ctx.gan.take().is_some() {

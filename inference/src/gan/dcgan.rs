@@ -380,3 +380,14 @@ mod tests {
         }
     }
 }
+
+/// Whether the safetensors file at `path` holds a DCGAN generator (PyTorch's example names,
+/// `main.0.weight`, with or without DataParallel's `module.` prefix). Unreadable files are not.
+#[must_use]
+pub fn is_dcgan(path: &Path) -> bool {
+    crate::weights::mmap(&[path.to_path_buf()]).is_ok_and(|st| {
+        st.tensors()
+            .iter()
+            .any(|(n, _)| n == "main.0.weight" || n == "module.main.0.weight")
+    })
+}

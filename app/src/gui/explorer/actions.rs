@@ -24,8 +24,9 @@ use crate::gui::app::StudioApp;
 use crate::gui::jobs::JobPurpose;
 use crate::gui::settings_store::Panel;
 
-/// Whether `path` is a StyleGAN2 safetensors file (its header names `mapping.w_avg` or
-/// `synthesis.b4.const`). Only the header is read.
+/// Whether `path` is a GAN safetensors file: StyleGAN2 (its header names `mapping.w_avg` or
+/// `synthesis.b4.const`) or DCGAN (`main.0.weight`, which the worker refuses with where to
+/// run it instead). Only the header is read.
 pub fn is_gan_file(path: &Path) -> bool {
     use std::io::Read as _;
     if !path
@@ -50,7 +51,9 @@ pub fn is_gan_file(path: &Path) -> bool {
         return false;
     }
     let header = String::from_utf8_lossy(&header);
-    header.contains("\"mapping.w_avg\"") || header.contains("\"synthesis.b4.const\"")
+    ["\"mapping.w_avg\"", "\"synthesis.b4.const\"", "main.0.weight\""]
+        .iter()
+        .any(|name| header.contains(name))
 }
 
 /// Whether `path` is one of NVIDIA's pickled networks.
