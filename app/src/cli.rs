@@ -20,6 +20,8 @@
 //!
 //! - `studio txt2img`, `img2img`, `inpaint` and `bench sd`: see [`crate::cli_image`].
 //! - `studio gan`, `gan-interp` and `bench gan` (StyleGAN2): see [`crate::cli_gan`].
+//! - `studio complete`, `studio code` and `bench complete` (code assist): see
+//!   [`crate::cli_code`].
 //!
 //! Errors go to stderr with a non-zero exit code.
 
@@ -68,6 +70,11 @@ pub enum Command {
     GanInterp(crate::cli_gan::GanInterpArgs),
     /// Find the latent of a photo in a StyleGAN2 generator (NVIDIA's projector recipe).
     GanProject(crate::cli_gan::GanProjectArgs),
+    /// Fill in the middle at a cursor in a source file with a code model's FIM format.
+    Complete(crate::cli_code::CompleteArgs),
+    /// Run a code action (explain, fix, doc, tests, translate:LANG, instruct) on a file or
+    /// some of its lines; editing actions print a unified diff.
+    Code(crate::cli_code::CodeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +85,8 @@ pub enum BenchCommand {
     Sd(crate::cli_image::BenchSdArgs),
     /// Milliseconds per frame of StyleGAN2 config-F-shaped generators (random weights).
     Gan(crate::cli_gan::BenchGanArgs),
+    /// Time to first token and prefill tokens/s of an inline completion with a long prefix.
+    Complete(crate::cli_code::BenchCompleteArgs),
 }
 
 /// Options shared by every subcommand that runs a model.
@@ -127,7 +136,7 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn params(&self) -> Result<SamplingParams> {
+    pub(crate) fn params(&self) -> Result<SamplingParams> {
         let params = SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
@@ -213,6 +222,9 @@ pub fn run(command: Command) -> Result<()> {
         Command::Txt2img(args) => crate::cli_image::run_txt2img(&args),
         Command::Img2img(args) => crate::cli_image::run_img2img(&args),
         Command::Inpaint(args) => crate::cli_image::run_inpaint(&args),
+        Command::Complete(args) => crate::cli_code::run_complete(&args),
+        Command::Code(args) => crate::cli_code::run_code(&args),
+        Command::Bench(BenchCommand::Complete(args)) => crate::cli_code::run_bench_complete(&args),
     }
 }
 
@@ -230,7 +242,7 @@ pub(crate) fn parse_device(s: &str) -> Result<DevicePreference> {
     })
 }
 
-fn load_model(engine: &EngineArgs) -> Result<(LoadedModel, String)> {
+pub(crate) fn load_model(engine: &EngineArgs) -> Result<(LoadedModel, String)> {
     if let Some(n) = engine.threads {
         crate::set_cpu_threads(n);
     }
@@ -273,7 +285,7 @@ fn run_chat(args: &ChatArgs) -> Result<()> {
 }
 
 /// Generates from `prompt` and prints as it goes: raw text, or JSON lines.
-fn stream(
+pub(crate) fn stream(
     m: &mut LoadedModel,
     prompt: &[u32],
     params: &SamplingParams,
@@ -340,7 +352,7 @@ fn stream(
     Ok(())
 }
 
-fn summary_json(s: &GenerationStats) -> serde_json::Value {
+pub(crate) fn summary_json(s: &GenerationStats) -> serde_json::Value {
     json!({
         "done": true,
         "prompt_tokens": s.prompt_tokens,
@@ -371,7 +383,7 @@ fn run_serve(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n == 0 {

@@ -3,13 +3,14 @@
 //! Studio's desktop application (egui/eframe) and its headless command line, both on the same
 //! engine: the [`studio_inference`] worker. This crate never touches tensors.
 //!
-//! - [`cli`], [`cli_image`]: `studio generate`, `studio txt2img`, `studio bench …` (the contract
-//!   scripts rely on);
+//! - [`cli`], [`cli_image`], [`cli_gan`], [`cli_code`]: `studio generate`, `studio txt2img`,
+//!   `studio complete`, `studio bench …` (the contract scripts rely on);
 //! - [`gui`]: the window, its panels and the status bar;
 //! - [`home`]: where user work is saved, atomically;
 //! - [`files`]: the `studio-files` thread that encodes and writes images off the UI thread.
 
 pub mod cli;
+pub mod cli_code;
 pub mod cli_gan;
 pub mod cli_image;
 pub mod files;

@@ -155,10 +155,18 @@ pub fn fim_sentencepiece_tokenizer(format: FimFormat) -> studio_inference::text:
     studio_inference::gguf_tokenizer::from_metadata(&md).expect("sentencepiece tokenizer")
 }
 
+/// Context length of the tiny code model: room for the action presets' prompts, which the tiny
+/// test tokenizer spends about one token per character on.
+pub const CODE_CONTEXT: usize = 2048;
+
 /// Writes a tiny random-weight Qwen2 to `dir` whose tokenizer has Qwen2.5-Coder's FIM tokens
 /// (`fim = true`) or none (`fim = false`, the plain test tokenizer).
 pub fn write_code_model(dir: &Path, seed: u64, fim: bool) {
-    write_family_with(dir, "qwen2", &serde_json::json!({}), seed);
+    let context = serde_json::json!({
+        "max_position_embeddings": CODE_CONTEXT,
+        "sliding_window": CODE_CONTEXT,
+    });
+    write_family_with(dir, "qwen2", &context, seed);
     if fim {
         train_code_tokenizer(VOCAB - 8, &format_specials(FimFormat::QwenCoder))
             .save(dir.join("tokenizer.json"), false)
