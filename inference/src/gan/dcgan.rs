@@ -324,6 +324,17 @@ impl Dcgan {
     }
 }
 
+/// Whether the safetensors file at `path` holds a DCGAN generator (PyTorch's example names,
+/// `main.0.weight`, with or without DataParallel's `module.` prefix). Unreadable files are not.
+#[must_use]
+pub fn is_dcgan(path: &Path) -> bool {
+    crate::weights::mmap(&[path.to_path_buf()]).is_ok_and(|st| {
+        st.tensors()
+            .iter()
+            .any(|(n, _)| n == "main.0.weight" || n == "module.main.0.weight")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,15 +390,4 @@ mod tests {
             other => panic!("expected MissingTensor, got {other:?}"),
         }
     }
-}
-
-/// Whether the safetensors file at `path` holds a DCGAN generator (PyTorch's example names,
-/// `main.0.weight`, with or without DataParallel's `module.` prefix). Unreadable files are not.
-#[must_use]
-pub fn is_dcgan(path: &Path) -> bool {
-    crate::weights::mmap(&[path.to_path_buf()]).is_ok_and(|st| {
-        st.tensors()
-            .iter()
-            .any(|(n, _)| n == "main.0.weight" || n == "module.main.0.weight")
-    })
 }
