@@ -518,6 +518,32 @@ fn projection_uses_vgg16_weights_found_beside_the_generator() {
 }
 
 #[test]
+fn a_pasted_image_is_projected_too() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = tiny_gan(tmp.path(), TinyStyleGan2::default());
+    let mut h = harness(tmp.path());
+    h.step();
+    open_tiny(&mut h, &path);
+    h.state_mut().explorer_mut().state_mut().project_steps = 5;
+    let img = h.state().explorer().image().expect("image").clone();
+    let pixels = img
+        .pixels
+        .chunks(3)
+        .map(|p| egui::Color32::from_rgb(p[0], p[1], p[2]))
+        .collect();
+    let pasted = egui::ColorImage::new([img.width as usize, img.height as usize], pixels);
+    h.event(egui::Event::PasteImage(std::sync::Arc::new(pasted)));
+    step_until(&mut h, "the projection", |h| {
+        !h.state().explorer().state().keyframes.is_empty() && h.state().jobs().is_empty()
+    });
+    assert!(h.state().explorer().state().keyframes[0].w.is_some());
+    let _ = h
+        .query_all_by_label("Open an image to project…")
+        .next()
+        .expect("the open button");
+}
+
+#[test]
 fn choosing_a_layer_shows_its_channel_grid_and_statistics() {
     let tmp = tempfile::tempdir().expect("tmp");
     let path = tiny_gan(tmp.path(), TinyStyleGan2::default());

@@ -4,6 +4,7 @@
 //! streaming reply and changed parameters saved, and remove deleted chats whose undo time
 //! has passed.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -264,6 +265,9 @@ impl StudioApp {
         if self.settings.panel == Panel::Canvas {
             self.take_canvas_shortcuts(ctx);
         }
+        if self.settings.panel == Panel::LatentExplorer && !ctx.egui_wants_keyboard_input() {
+            self.take_explorer_paste(ctx);
+        }
     }
 
     /// Ctrl+Z / Ctrl+Shift+Z / Ctrl+Y undo and redo on the canvas (a focused text field keeps
@@ -282,24 +286,30 @@ impl StudioApp {
         } else if ctx.input_mut(|i| i.consume_shortcut(&UNDO_SHORTCUT)) {
             self.commands.push(Command::Canvas(CanvasCommand::Undo));
         }
-        let (texts, images): (Vec<String>, Vec<RgbImage>) = ctx.input(|i| {
-            let mut texts = Vec::new();
-            let mut images = Vec::new();
-            for e in &i.events {
-                match e {
-                    egui::Event::Paste(text) => texts.push(text.clone()),
-                    egui::Event::PasteImage(image) => images.push(rgb_over_white(image)),
-                    _ => {}
-                }
-            }
-            (texts, images)
-        });
+        let (texts, images) = pasted(ctx);
         for text in texts {
             self.paste_on_canvas(&text);
         }
         for image in images {
             self.commands
                 .push(Command::Canvas(CanvasCommand::PasteImage(Arc::new(image))));
+        }
+    }
+
+    /// Ctrl+V on the Latent Explorer: a copied image is projected; a copied image file (path
+    /// or `file://` URI) is treated as dropped (a capture restores its latent).
+    fn take_explorer_paste(&mut self, ctx: &egui::Context) {
+        let (texts, images) = pasted(ctx);
+        for text in texts {
+            let first = text.lines().next().unwrap_or("").trim();
+            let path = PathBuf::from(first.strip_prefix("file://").unwrap_or(first));
+            if path.is_file() && super::canvas::actions::is_image_file(&path) {
+                self.commands
+                    .push(Command::Explorer(ExplorerCommand::RestoreFromPng(path)));
+            }
+        }
+        for image in images {
+            self.project(Path::new("the pasted image"), image);
         }
     }
 
@@ -321,6 +331,22 @@ impl StudioApp {
             self.notices.error(format!("{e:#}"));
         }
     }
+}
+
+/// This frame's pasted texts and images (composited over white).
+fn pasted(ctx: &egui::Context) -> (Vec<String>, Vec<RgbImage>) {
+    ctx.input(|i| {
+        let mut texts = Vec::new();
+        let mut images = Vec::new();
+        for e in &i.events {
+            match e {
+                egui::Event::Paste(text) => texts.push(text.clone()),
+                egui::Event::PasteImage(image) => images.push(rgb_over_white(image)),
+                _ => {}
+            }
+        }
+        (texts, images)
+    })
 }
 
 /// A pasted image (egui's premultiplied RGBA) composited over white, as the canvas holds RGB.

@@ -51,9 +51,13 @@ pub fn is_gan_file(path: &Path) -> bool {
         return false;
     }
     let header = String::from_utf8_lossy(&header);
-    ["\"mapping.w_avg\"", "\"synthesis.b4.const\"", "main.0.weight\""]
-        .iter()
-        .any(|name| header.contains(name))
+    [
+        "\"mapping.w_avg\"",
+        "\"synthesis.b4.const\"",
+        "main.0.weight\"",
+    ]
+    .iter()
+    .any(|name| header.contains(name))
 }
 
 /// Whether `path` is one of NVIDIA's pickled networks.
@@ -171,6 +175,15 @@ impl StudioApp {
             ExplorerCommand::SavePreset(name) => self.save_preset(&name),
             ExplorerCommand::LoadPreset(path) => self.load_preset(&path),
             ExplorerCommand::RestoreFromPng(path) => self.restore_from_png(&path),
+            ExplorerCommand::ProjectDialog => {
+                if let Some(path) = rfd::FileDialog::new()
+                    .set_title("Open an image to project")
+                    .add_filter("Images", &["png", "jpg", "jpeg", "webp"])
+                    .pick_file()
+                {
+                    self.restore_from_png(&path);
+                }
+            }
             ExplorerCommand::ExportDialog { gif } => {
                 let picked = if gif {
                     rfd::FileDialog::new()
@@ -531,10 +544,10 @@ impl StudioApp {
             .info(format!("Restored seed {seed} from {}", path.display()));
     }
 
-    fn project(&mut self, path: &Path, image: RgbImage) {
+    pub(crate) fn project(&mut self, path: &Path, image: RgbImage) {
         if self.explorer.model.is_none() {
             self.notices
-                .warning("Open a generator before dropping a photo to project");
+                .warning("Open a generator before giving it a photo to project");
             return;
         }
         if self.explorer.project_job.is_some() {

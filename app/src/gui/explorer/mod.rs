@@ -62,6 +62,8 @@ pub enum ExplorerCommand {
     Capture,
     /// Restore the latent written into a captured PNG; any other image is projected.
     RestoreFromPng(PathBuf),
+    /// Pick an image with the file dialog, then as [`ExplorerCommand::RestoreFromPng`].
+    ProjectDialog,
     /// Make `seed` (with offset 0) the current seed.
     SelectSeed(u64),
     /// Render the keyframe path to a GIF file (`gif`) or a folder of PNGs.
@@ -455,7 +457,9 @@ impl ExplorerPanel {
                                 self.directions_ui(ui, commands);
                             });
                             section_ui(ui, "Keyframes", |ui| self.keyframes_ui(ui, commands));
-                            section_ui(ui, "Projection", |ui| self.projection_ui(ui));
+                            section_ui(ui, "Projection", |ui| {
+                                self.projection_ui(ui, commands);
+                            });
                             section_ui(ui, "Layer view", |ui| self.layer_ui(ui));
                         }
                     });
@@ -828,11 +832,21 @@ impl ExplorerPanel {
         }
     }
 
-    fn projection_ui(&mut self, ui: &mut egui::Ui) {
+    fn projection_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
         ui.label(
-            "Drop a photo on the window to find the latent that reproduces it; the result \
-             becomes a keyframe. Captured PNGs restore their latent instead.",
+            "Drop a photo on the window (or paste one with Ctrl+V) to find the latent that \
+             reproduces it; the result becomes a keyframe. Captured PNGs restore their latent \
+             instead.",
         );
+        if ui
+            .add_enabled(
+                self.model.is_some() && self.project_job.is_none(),
+                egui::Button::new("Open an image to project…"),
+            )
+            .clicked()
+        {
+            commands.push(Command::Explorer(ExplorerCommand::ProjectDialog));
+        }
         ui.label(weak(
             ui,
             "The keyframe keeps the W and the noise buffers the projection optimized.",
