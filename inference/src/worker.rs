@@ -40,6 +40,8 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{self, ChatMessage};
+use crate::code::actions::{ActionInput, ActionPreset, build_action_prompt, estimate_tokens};
+use crate::code::complete::{self, CompletionRequest, FimSupport};
 use crate::device::{DevicePreference, create_device};
 use crate::diffusion::imaging::RgbImage;
 use crate::diffusion::model::{self as sd_model, ImageModelInfo, ImageModelOptions, SdModel};
@@ -129,6 +131,23 @@ pub enum JobKind {
     /// Render the keyframe path to an animated GIF or a folder of PNGs, with progress and
     /// cancel between frames.
     ExportGanAnimation { request: Box<GanAnimationRequest> },
+    /// Inline completion (ghost text): fill in the middle between `request.prefix` and
+    /// `request.suffix` with the loaded model's FIM format (detected, or the request's
+    /// override), within `request.max_prompt_tokens`. Sends [`Event::PromptTokens`], then the
+    /// suggestion as [`Event::Text`] (already trimmed to one line or a block), stops on the
+    /// format's stop tokens, and fails when the model has no FIM tokens (see
+    /// [`Worker::fim_support`]) or is a remote server.
+    Complete { request: Box<CompletionRequest> },
+    /// A code action (explain, fix, …) from a preset, run as a chat with the model's template
+    /// (local or remote): the prompt names the file's language and path and includes the
+    /// context files that fit; each thing left out is an [`Event::Notice`] (`Context cut: …`).
+    /// The reply streams as [`Event::Text`]; edits are diffed by the caller
+    /// ([`crate::code::actions::rewrite_from_reply`], [`crate::code::diff`]).
+    CodeAction {
+        preset: Box<ActionPreset>,
+        input: Box<ActionInput>,
+        params: SamplingParams,
+    },
     /// Arbitrary work on the worker thread (extensions and tests).
     Custom { label: String, run: CustomJob },
 }
@@ -175,6 +194,8 @@ impl JobKind {
             JobKind::GenerateImage { request } => format!("Generating ({})", request.mode.label()),
             JobKind::Generate { .. } => "Generating".to_owned(),
             JobKind::Chat { .. } => "Replying".to_owned(),
+            JobKind::Complete { .. } => "Completing".to_owned(),
+            JobKind::CodeAction { preset, .. } => preset.label.clone(),
             JobKind::Custom { label, .. } => label.clone(),
         }
     }
@@ -559,6 +580,7 @@ pub struct Worker {
     previews: PreviewSlot,
     gan_slots: Arc<GanSlots>,
     gan_wake: Sender<()>,
+    fim: Arc<Mutex<FimSupport>>,
     device_label: String,
     device_warning: Option<String>,
     thread: Option<JoinHandle<()>>,
@@ -574,7 +596,9 @@ impl Worker {
         let previews: PreviewSlot = Arc::default();
         let gan_slots: Arc<GanSlots> = Arc::default();
         let (gan_wake, wake_rx) = bounded::<()>(1);
+        let fim: Arc<Mutex<FimSupport>> = Arc::default();
         let state = WorkerState {
+            fim: fim.clone(),
             device: choice.device.clone(),
             backend: None,
             image_model: None,
@@ -597,10 +621,18 @@ impl Worker {
             previews,
             gan_slots,
             gan_wake,
+            fim,
             device_label: choice.label,
             device_warning: choice.warning,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the loaded model can do inline completion (its FIM format), or why not. Updated
+    /// when each job ends, before its terminal event: after a load job's `Done` it describes
+    /// the new model.
+    pub fn fim_support(&self) -> FimSupport {
+        lock(&self.fim).clone()
     }
 
     /// "CPU (2 threads)", "CUDA 0", …
@@ -722,6 +754,8 @@ enum Backend {
 }
 
 struct WorkerState {
+    /// What [`Worker::fim_support`] reports.
+    fim: Arc<Mutex<FimSupport>>,
     device: candle_core::Device,
     backend: Option<Backend>,
     image_model: Option<Box<SdModel>>,
@@ -759,6 +793,12 @@ impl WorkerState {
                 self.run_job(id, kind, &cancel)
             };
             lock(&self.cancels).remove(&id);
+            let fim = match self.backend.as_ref() {
+                Some(Backend::Local(m)) => FimSupport::of(Some(m), false),
+                Some(Backend::Remote(_)) => FimSupport::of(None, true),
+                None => FimSupport::NoModel,
+            };
+            *lock(&self.fim) = fim;
             self.send(terminal);
         }
     }
@@ -1019,6 +1059,45 @@ impl JobContext<'_> {
     }
 }
 
+/// [`JobKind::Complete`]: the FIM prompt's size, then the suggestion streamed as text.
+fn run_complete(
+    ctx: &mut JobContext<'_>,
+    request: &CompletionRequest,
+) -> Result<Option<GenerationStats>> {
+    let (cancel, events, repaint, job) = (ctx.cancel, ctx.events, ctx.repaint, ctx.job);
+    let m = match ctx.backend.as_mut() {
+        None => return Err(Error::NoModelLoaded),
+        Some(Backend::Remote(_)) => {
+            return Err(Error::InvalidParameter(
+                "inline completion needs a local model: a server's API has no \
+                 fill-in-the-middle prompts"
+                    .to_owned(),
+            ));
+        }
+        Some(Backend::Local(m)) => m,
+    };
+    let prompt = complete::completion_prompt(m, request)?;
+    let _ = events.send(Event::PromptTokens {
+        job,
+        tokens: prompt.tokens.len(),
+    });
+    repaint();
+    let pending = &mut ctx.pending_text;
+    let pending_tokens = &mut ctx.pending_tokens;
+    let outcome =
+        complete::run_completion_with_prompt(m, request, prompt, &mut |step: Step<'_>| {
+            pending.push_str(step.text);
+            *pending_tokens += usize::from(step.id.is_some());
+            send_text(events, repaint, job, pending, pending_tokens, false);
+            if cancel.load(Ordering::Relaxed) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })?;
+    Ok(Some(outcome.stats))
+}
+
 /// A generation for the remote backend.
 enum RemoteRequest<'a> {
     Chat {
@@ -1177,6 +1256,41 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             }
             params.stop.extend(prompt.stop);
             ctx.generate(&prompt.fitted.tokens, &params, &prompt.end_of_turn)
+        }
+        JobKind::Complete { request } => run_complete(ctx, &request),
+        JobKind::CodeAction {
+            preset,
+            input,
+            params,
+        } => {
+            let reserve = params.max_new_tokens + 16;
+            let prompt = match ctx.backend.as_ref() {
+                None => return Err(Error::NoModelLoaded),
+                Some(Backend::Local(m)) => {
+                    let budget = m.model.context_length().saturating_sub(reserve);
+                    let count = |s: &str| m.tokenizer.encode(s).map_or(s.len(), |ids| ids.len());
+                    build_action_prompt(&preset, &input, budget, &count)?
+                }
+                Some(Backend::Remote(r)) => {
+                    let budget = r.info().context_length.saturating_sub(reserve);
+                    build_action_prompt(&preset, &input, budget, &estimate_tokens)?
+                }
+            };
+            for cut in &prompt.cut {
+                ctx.send(Event::Notice {
+                    job: ctx.job,
+                    message: format!("Context cut: {cut}"),
+                });
+            }
+            let messages = prompt.messages();
+            execute(
+                ctx,
+                JobKind::Chat {
+                    system: prompt.system,
+                    messages,
+                    params,
+                },
+            )
         }
         JobKind::LoadImageModel { path, options } => {
             let job = ctx.job;

@@ -401,6 +401,17 @@ pub fn run_completion(
     on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<CompletionOutcome> {
     let prompt = completion_prompt(model, request)?;
+    run_completion_with_prompt(model, request, prompt, on_step)
+}
+
+/// [`run_completion`] with the prompt already built by [`completion_prompt`] (the worker
+/// reports its size before generating).
+pub fn run_completion_with_prompt(
+    model: &mut LoadedModel,
+    request: &CompletionRequest,
+    prompt: FimPrompt,
+    on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
+) -> Result<CompletionOutcome> {
     let fim = fim::resolve(&model.tokenizer, request.format, &model.eos_token_ids)?;
     let mode = request
         .mode
@@ -452,4 +463,44 @@ pub fn run_completion(
         mode,
         prompt,
     })
+}
+
+/// Whether the loaded model can fill in the middle ([`crate::worker::Worker::fim_support`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FimSupport {
+    /// No model is loaded.
+    #[default]
+    NoModel,
+    /// The model's tokenizer has this format's tokens.
+    Supported(FimFormat),
+    /// It cannot; `reason` is written for the person (ghost text is disabled, actions work).
+    Unsupported { reason: String },
+}
+
+impl FimSupport {
+    /// What the loaded model supports (`None`: no local model; a remote server cannot do FIM
+    /// through Studio).
+    pub fn of(model: Option<&LoadedModel>, remote: bool) -> Self {
+        match model {
+            Some(m) => match fim::detect(&m.tokenizer, &m.eos_token_ids) {
+                Ok(f) => FimSupport::Supported(f.format),
+                Err(_) => FimSupport::Unsupported {
+                    reason: fim::no_fim_reason(),
+                },
+            },
+            None if remote => FimSupport::Unsupported {
+                reason: "inline completion needs a local model: a server's API has no \
+                         fill-in-the-middle prompts (actions still work)"
+                    .to_owned(),
+            },
+            None => FimSupport::NoModel,
+        }
+    }
+
+    pub fn format(&self) -> Option<FimFormat> {
+        match self {
+            FimSupport::Supported(f) => Some(*f),
+            _ => None,
+        }
+    }
 }
