@@ -524,7 +524,8 @@ fn a_pasted_image_is_projected_too() {
     let mut h = harness(tmp.path());
     h.step();
     open_tiny(&mut h, &path);
-    h.state_mut().explorer_mut().state_mut().project_steps = 5;
+    // Long enough to still be running while the test looks.
+    h.state_mut().explorer_mut().state_mut().project_steps = 100_000;
     let img = h.state().explorer().image().expect("image").clone();
     let pixels = img
         .pixels
@@ -533,10 +534,20 @@ fn a_pasted_image_is_projected_too() {
         .collect();
     let pasted = egui::ColorImage::new([img.width as usize, img.height as usize], pixels);
     h.event(egui::Event::PasteImage(std::sync::Arc::new(pasted)));
+    // While it runs, the reconstruction is shown beside the target.
+    step_until(&mut h, "the target beside the reconstruction", |h| {
+        shows_text(h, "Target") && shows_text(h, "Reconstruction")
+    });
+    step_until(&mut h, "the running projection's Cancel", |h| {
+        h.query_all_by_label("Cancel").next().is_some()
+    });
+    h.get_by_label("Cancel").click();
     step_until(&mut h, "the projection", |h| {
         !h.state().explorer().state().keyframes.is_empty() && h.state().jobs().is_empty()
     });
+    // Cancelled: the W found so far still becomes a keyframe.
     assert!(h.state().explorer().state().keyframes[0].w.is_some());
+    assert!(!shows_text(&h, "Target"));
     let _ = h
         .query_all_by_label("Open an image to project…")
         .next()

@@ -475,6 +475,7 @@ impl StudioApp {
             }
             Some(JobPurpose::ProjectGan(path)) => {
                 self.explorer.project_job = None;
+                self.explorer.project_target = None;
                 if let Some(error) = error {
                     self.notices
                         .error(format!("Projecting {} failed: {error}", path.display()));
@@ -555,6 +556,11 @@ impl StudioApp {
             return;
         }
         self.explorer.playing = false;
+        self.explorer.project_target = Some(self.ctx.load_texture(
+            "explorer-project-target",
+            color_image(&image),
+            egui::TextureOptions::LINEAR,
+        ));
         let job = self.submit(
             JobKind::ProjectGan {
                 image: Box::new(image),

@@ -189,6 +189,8 @@ pub struct ExplorerPanel {
     pub(crate) directions_job: Option<JobId>,
     pub(crate) export_job: Option<JobId>,
     pub(crate) project_job: Option<JobId>,
+    /// The image being projected, shown beside the reconstruction while it runs.
+    pub(crate) project_target: Option<egui::TextureHandle>,
     // ---- rendering ----
     pub(crate) image: Option<RgbImage>,
     pub(crate) texture: Option<egui::TextureHandle>,
@@ -242,6 +244,7 @@ impl ExplorerPanel {
                 directions_job: None,
                 export_job: None,
                 project_job: None,
+                project_target: None,
                 image: None,
                 texture: None,
                 image_latent: None,
@@ -496,12 +499,33 @@ impl ExplorerPanel {
             };
             if let Some(tex) = &self.texture {
                 let avail = ui.available_size() - egui::vec2(0.0, 100.0 + layer_room);
-                let side = avail.x.min(avail.y).max(64.0);
-                ui.add(
-                    egui::Image::new(tex)
-                        .fit_to_exact_size(egui::vec2(side, side))
-                        .alt_text("Generated image"),
-                );
+                let target = self
+                    .project_target
+                    .as_ref()
+                    .filter(|_| self.project_job.is_some());
+                if let Some(target) = target {
+                    // Projecting: the reconstruction so far beside the image it aims at.
+                    let side = ((avail.x - 16.0) / 2.0).min(avail.y - 20.0).max(64.0);
+                    ui.horizontal(|ui| {
+                        for (tex, label) in [(tex, "Reconstruction"), (target, "Target")] {
+                            ui.vertical(|ui| {
+                                ui.label(label);
+                                ui.add(
+                                    egui::Image::new(tex)
+                                        .fit_to_exact_size(egui::vec2(side, side))
+                                        .alt_text(label),
+                                );
+                            });
+                        }
+                    });
+                } else {
+                    let side = avail.x.min(avail.y).max(64.0);
+                    ui.add(
+                        egui::Image::new(tex)
+                            .fit_to_exact_size(egui::vec2(side, side))
+                            .alt_text("Generated image"),
+                    );
+                }
                 self.layer_view_ui(ui);
             } else {
                 ui.spinner();
