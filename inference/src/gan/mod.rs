@@ -10,7 +10,10 @@
 //! - [`upfirdn2d`]: up-sample, pad, FIR-filter (the resampling primitive StyleGAN uses);
 //! - [`latent`]: lerp/slerp, fractional seeds, keyframes, style mixing, rendering, and
 //!   random-weight generators for benchmarks;
-//! - [`npy`]: NumPy `.npy` files for latents (`--z-file`, `--w-file`, `--out-w`).
+//! - [`npy`]: NumPy `.npy` files for latents (`--z-file`, `--w-file`, `--out-w`);
+//! - [`directions`]: GANSpace PCA directions in W;
+//! - [`project`]: NVIDIA's projector (W and noise optimized on candle's autograd);
+//! - [`perceptual`]: VGG16 features and the LPIPS distance, its perceptual loss.
 //!
 //! NVIDIA distributes its networks as Python pickles, which execute code when loaded; Studio
 //! never opens them. `tools/convert_stylegan_pkl.py` converts them once to safetensors (plus a
