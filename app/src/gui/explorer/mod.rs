@@ -484,10 +484,14 @@ impl ExplorerPanel {
                 if ui.button("Capture PNG").clicked() {
                     push(commands, ExplorerCommand::Capture);
                 }
-                let ms = self
-                    .render_ms
-                    .map_or_else(|| "–".to_owned(), |ms| format!("{ms:.1} ms"));
-                ui.label(format!("render {ms} · {} fps", self.fps()));
+                if self.project_job.is_some() {
+                    ui.label("projecting: the image is the reconstruction so far");
+                } else {
+                    let ms = self
+                        .render_ms
+                        .map_or_else(|| "–".to_owned(), |ms| format!("{ms:.1} ms"));
+                    ui.label(format!("render {ms} · {} fps", self.fps()));
+                }
             });
             if let Some(e) = &self.render_error {
                 ui.colored_label(ui.visuals().error_fg_color, e);
