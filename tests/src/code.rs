@@ -173,3 +173,35 @@ pub fn write_code_model(dir: &Path, seed: u64, fim: bool) {
             .expect("save tokenizer");
     }
 }
+
+/// Qwen2-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864, vocab
+/// 151936, tied embeddings), as `config.json` overrides for [`write_code_gguf`].
+pub fn qwen2_0_5b_shape() -> serde_json::Value {
+    serde_json::json!({
+        "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151_936,
+        "tie_word_embeddings": true, "rope_theta": 1_000_000.0,
+        "max_position_embeddings": 32768, "sliding_window": 32768,
+        "max_window_layers": 24, "rms_norm_eps": 1e-6,
+    })
+}
+
+/// Writes a random-weight Qwen2 GGUF of the shape `overrides` gives (e.g.
+/// [`qwen2_0_5b_shape`]) whose tokenizer has Qwen2.5-Coder's FIM tokens: a code model for
+/// `studio bench complete`.
+pub fn write_code_gguf(
+    out: &Path,
+    overrides: &serde_json::Value,
+    dtype: candle_core::quantized::GgmlDType,
+) {
+    let dir = tempfile::tempdir().expect("tmp");
+    write_family_with(dir.path(), "qwen2", overrides, 0);
+    train_code_tokenizer(VOCAB - 8, &format_specials(FimFormat::QwenCoder))
+        .save(dir.path().join("tokenizer.json"), false)
+        .expect("save tokenizer");
+    crate::gguf_writer::convert(
+        dir.path(),
+        out,
+        &crate::gguf_writer::GgufOptions::with_dtype(dtype),
+    );
+}
