@@ -317,6 +317,20 @@ fn suggestions_are_trimmed() {
     // One line: up to the newline.
     assert_eq!(postprocess("a + b\nprint(1)\n", SingleLine, "\n"), "a + b");
     assert_eq!(postprocess("\nfoo", SingleLine, ""), "");
+    // The rest of the cursor's line is not suggested again.
+    assert_eq!(postprocess("a, b)\nx", SingleLine, ")\n"), "a, b");
+    assert_eq!(postprocess("a, f(b))", SingleLine, ")\n"), "a, f(b)");
+    assert_eq!(postprocess("a, f(b)", SingleLine, ")\n"), "a, f(b");
+    assert_eq!(postprocess("1;", SingleLine, "  ;"), "1");
+    let mut f = CompletionFilter::new(SingleLine, ");\n");
+    assert_eq!(f.push("a, b)"), "a, b");
+    assert_eq!(f.push(";"), "");
+    assert_eq!(f.push(" // sum"), "); // sum");
+    assert_eq!(f.push("\n"), "");
+    assert!(f.is_stopped());
+    let mut f = CompletionFilter::new(SingleLine, ");\n");
+    assert_eq!(f.push("a, b)"), "a, b");
+    assert_eq!(f.push(";\n"), "");
     // Several: stop where the suffix's first line is repeated; no trailing blank lines or
     // trailing whitespace.
     let suffix = "\n}\n\nfn other() {}\n";
@@ -467,7 +481,8 @@ fn completion_stops_at_the_formats_stop_tokens() {
     let mut m = scripted_model(&tok, ("a + b)\nprint(2)", "<|fim_pad|>"));
     let req = CompletionRequest::new("x = add(", ")\n", SamplingParams::greedy(64));
     let out = run_completion(&mut m, &req, &mut |_| ControlFlow::Continue(())).expect("run");
-    assert_eq!(out.text, "a + b)");
+    // … and without the `)` that is already after the cursor.
+    assert_eq!(out.text, "a + b");
     assert_eq!(out.mode, CompletionMode::SingleLine);
     assert_eq!(out.stats.finish, FinishReason::StopString);
     // Cancelling ends it as cancelled.

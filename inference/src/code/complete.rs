@@ -61,6 +61,9 @@ pub struct CompletionFilter {
     mode: CompletionMode,
     /// The first non-blank line of the suffix, trimmed (multi-line mode's stop line).
     target: String,
+    /// The rest of the cursor's line, trimmed (single-line mode): a suggestion that ends with
+    /// it has it removed, since it is already there.
+    rest: String,
     /// The current line, not yet released.
     line: String,
     /// Part of the current line already released.
@@ -86,9 +89,15 @@ impl CompletionFilter {
         } else {
             String::new()
         };
+        let rest = if mode == CompletionMode::SingleLine {
+            rest_of_line.trim().to_owned()
+        } else {
+            String::new()
+        };
         Self {
             mode,
             target,
+            rest,
             line: String::new(),
             released_in_line: false,
             held: String::new(),
@@ -109,19 +118,15 @@ impl CompletionFilter {
             return out;
         }
         for ch in piece.chars() {
+            if ch == '\n' && self.mode == CompletionMode::SingleLine {
+                // The line is complete (a suggestion that starts with a newline is empty).
+                self.end_single(&mut out);
+                self.stopped = true;
+                return out;
+            }
             if ch == '\n' {
                 self.end_line(&mut out);
                 if self.stopped {
-                    return out;
-                }
-                if self.mode == CompletionMode::SingleLine && (self.started || !out.is_empty()) {
-                    self.stopped = true;
-                    self.line.clear();
-                    return out;
-                }
-                if self.mode == CompletionMode::SingleLine {
-                    // A single-line suggestion that starts with a newline is empty.
-                    self.stopped = true;
                     return out;
                 }
             } else {
@@ -139,6 +144,10 @@ impl CompletionFilter {
             return out;
         }
         self.stopped = true;
+        if self.mode == CompletionMode::SingleLine {
+            self.end_single(&mut out);
+            return out;
+        }
         let line = std::mem::take(&mut self.line);
         let blank = line.trim().is_empty();
         let repeats =
@@ -150,6 +159,21 @@ impl CompletionFilter {
             out.push_str(line.trim_end());
         }
         out
+    }
+
+    /// The single line is complete: release what is held, less the rest of the cursor's line
+    /// if the suggestion ends with it.
+    fn end_single(&mut self, out: &mut String) {
+        let line = std::mem::take(&mut self.line);
+        let mut t = line.trim_end();
+        if !self.rest.is_empty()
+            && let Some(s) = t.strip_suffix(self.rest.as_str())
+        {
+            t = s.trim_end();
+        }
+        if self.released_in_line || !t.trim().is_empty() {
+            out.push_str(t);
+        }
     }
 
     /// A complete line (without its newline) arrived.
@@ -196,8 +220,18 @@ impl CompletionFilter {
         {
             return;
         }
-        // Keep trailing whitespace back (it may end the line).
-        let keep = self.line.trim_end().len();
+        // Keep trailing whitespace back (it may end the line), and in single-line mode the
+        // longest tail that may turn out to be the rest of the line.
+        let mut keep = self.line.trim_end().len();
+        if !self.rest.is_empty() {
+            let body = &self.line[..keep];
+            if let Some((i, _)) = body
+                .char_indices()
+                .find(|(i, _)| self.rest.starts_with(&body[*i..]))
+            {
+                keep = i;
+            }
+        }
         if keep == 0 {
             return;
         }
