@@ -52,6 +52,11 @@ pub enum Error {
     #[error("{0}: no model found here (expected config.json with model.safetensors)")]
     NoModel(PathBuf),
 
+    /// A weight the quantized kernels cannot take (shape not a multiple of the format's
+    /// block, wrong byte count, a format without a kernel), naming the tensor.
+    #[error("tensor `{name}`: {message}")]
+    BadQuantTensor { name: String, message: String },
+
     #[error("chat template: {0}")]
     ChatTemplate(String),
 

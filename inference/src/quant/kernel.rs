@@ -1,0 +1,173 @@
+//! Dispatch and threads: which kernel runs for a format on a path, the activation layout it
+//! wants, and the split of the output columns across rayon's pool.
+#![allow(unsafe_code)]
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::act::{Act, Layout};
+use super::{KernelPath, QWeight, QuantFormat, scalar};
+
+/// Below this many multiply-adds a call runs on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
+
+/// A writable view of the output columns one worker owns.
+///
+/// Built only by [`matmul`], one per disjoint column range, so two workers never write the
+/// same element; `set` checks its indices against that range.
+pub(crate) struct OutChunk {
+    ptr: *mut f32,
+    ld: usize,
+    m: usize,
+    cols: Range<usize>,
+}
+
+impl OutChunk {
+    /// Writes `y[i][j]`.
+    #[inline]
+    pub(crate) fn set(&mut self, i: usize, j: usize, v: f32) {
+        assert!(
+            i < self.m && self.cols.contains(&j),
+            "output index out of the chunk"
+        );
+        // SAFETY: `ptr` points to the caller's `m × ld` output, which outlives the parallel
+        // region that uses this chunk; `i < m` and `j < ld` were checked above, and no other
+        // chunk covers column `j` (chunks are disjoint column ranges).
+        unsafe { *self.ptr.add(i * self.ld + j) = v };
+    }
+}
+
+/// The raw output pointer shared by the workers (each one writes only its own columns).
+#[derive(Clone, Copy)]
+struct OutBase {
+    ptr: *mut f32,
+    ld: usize,
+    m: usize,
+}
+
+// SAFETY: workers only write through `OutChunk`s of disjoint column ranges (see `OutChunk`).
+unsafe impl Send for OutBase {}
+// SAFETY: as above; the pointer itself is never mutated.
+unsafe impl Sync for OutBase {}
+
+impl OutBase {
+    fn chunk(self, cols: Range<usize>) -> OutChunk {
+        OutChunk {
+            ptr: self.ptr,
+            ld: self.ld,
+            m: self.m,
+            cols,
+        }
+    }
+}
+
+/// Whether `path` has its own kernel for `format`.
+pub(crate) fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
+    match path {
+        KernelPath::Scalar => true,
+        KernelPath::Avx512Vnni => {
+            matches!(
+                format,
+                QuantFormat::Q4_0
+                    | QuantFormat::Q8_0
+                    | QuantFormat::Q4K
+                    | QuantFormat::Q5K
+                    | QuantFormat::Q6K
+                    | QuantFormat::F16
+                    | QuantFormat::BF16
+            ) && cfg!(target_arch = "x86_64")
+        }
+        KernelPath::Avx2 => {
+            matches!(format, QuantFormat::Q4_0 | QuantFormat::Q8_0) && cfg!(target_arch = "x86_64")
+        }
+    }
+}
+
+/// The path that actually runs `format` when `path` is asked for.
+fn effective(format: QuantFormat, path: KernelPath) -> KernelPath {
+    if has_kernel(format, path) && path.available() {
+        path
+    } else {
+        KernelPath::Scalar
+    }
+}
+
+/// The activation layout, weight offset and lanes per block of `format` on `path`
+/// (`None`: the kernel reads the f32 activations).
+fn plan(format: QuantFormat, path: KernelPath) -> Option<(Layout, f32, f32)> {
+    Some(match (format, path) {
+        (QuantFormat::Q4_0, KernelPath::Scalar) => (Layout::Natural32, 8.0, 1.0),
+        (QuantFormat::Q4_0, _) => (Layout::Group4, 8.0, 4.0),
+        (QuantFormat::Q8_0, KernelPath::Avx512Vnni) => (Layout::Natural32, 128.0, 8.0),
+        (QuantFormat::Q8_0, _) => (Layout::Natural32, 0.0, 1.0),
+        (QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K, _) => (Layout::Super256, 0.0, 1.0),
+        (QuantFormat::F16 | QuantFormat::BF16, _) => return None,
+    })
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Act> = RefCell::new(Act::default());
+}
+
+/// `y = x · Wᵀ` (shapes checked by the caller).
+pub(crate) fn matmul(w: &QWeight, x: &[f32], m: usize, y: &mut [f32], path: KernelPath) {
+    let path = effective(w.format(), path);
+    SCRATCH.with(|cell| {
+        if let Ok(mut act) = cell.try_borrow_mut() {
+            run(w, x, m, y, path, &mut act);
+        } else {
+            // Re-entered on this thread (a rayon worker waiting in one call picked up
+            // another): use a fresh buffer rather than the one in use.
+            run(w, x, m, y, path, &mut Act::default());
+        }
+    });
+}
+
+fn run(w: &QWeight, x: &[f32], m: usize, y: &mut [f32], path: KernelPath, act: &mut Act) {
+    let (n, k) = (w.rows(), w.cols());
+    if let Some((layout, off, lanes)) = plan(w.format(), path) {
+        act.quantize(x, m, k, layout, off, lanes);
+    }
+    let act: &Act = act;
+    let base = OutBase {
+        ptr: y.as_mut_ptr(),
+        ld: n,
+        m,
+    };
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || m * n * k < PARALLEL_MIN_MACS || n < 32 {
+        run_chunk(w, act, x, m, 0..n, &mut base.chunk(0..n), path);
+        return;
+    }
+    // Several chunks per thread so a busy core does not hold the others back; chunk edges
+    // on multiples of 16 weight rows keep the tiles whole.
+    let pieces = threads * 4;
+    let step = n.div_ceil(pieces).div_ceil(16) * 16;
+    let count = n.div_ceil(step);
+    (0..count).into_par_iter().for_each(|c| {
+        let cols = c * step..((c + 1) * step).min(n);
+        run_chunk(w, act, x, m, cols.clone(), &mut base.chunk(cols), path);
+    });
+}
+
+fn run_chunk(
+    w: &QWeight,
+    act: &Act,
+    x: &[f32],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut OutChunk,
+    path: KernelPath,
+) {
+    match path {
+        KernelPath::Scalar => scalar::chunk(w, act, x, m, cols, out),
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512Vnni => super::x86_avx512::chunk(w, act, x, m, cols, out),
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => super::x86_avx2::chunk(w, act, x, m, cols, out),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::chunk(w, act, x, m, cols, out),
+    }
+}

@@ -1,0 +1,397 @@
+//! Studio's own quantized CPU matrix kernels: `Y = X · Wᵀ` with `W` kept in its GGUF file
+//! format (no expansion to f32).
+//!
+//! - [`QWeight`] holds the raw GGUF bytes of one 2-D weight (`rows` = output features N,
+//!   `cols` = K) in its file format: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, and F16/BF16 kept as 16 bits.
+//! - [`QWeight::matmul`] quantizes the activation rows once per call (Q8_0-style blocks of 32
+//!   for Q4_0/Q8_0, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
+//!   activations as they are) into a reusable per-thread scratch buffer, then runs a kernel
+//!   that tiles several activation rows × several weight rows so each decoded weight block is
+//!   reused across rows. The output columns are split across rayon's pool (the same pool, and
+//!   so the same `RAYON_NUM_THREADS`, as candle's own kernels).
+//! - [`KernelPath`] picks the instruction set: AVX-512 with VNNI (and VBMI for the byte
+//!   permutes), AVX2 + FMA + F16C, or the portable scalar code. [`KernelPath::detect`] is
+//!   the best the CPU offers; [`QWeight::matmul_with`] forces one (tests run every path the
+//!   machine has).
+//!
+//! Numbers: weights are used exactly (integer dot products of the quantized values), the
+//! activations carry the error of their 8-bit quantization (as in llama.cpp and candle), and
+//! the scales are applied in f32.
+
+mod act;
+mod kernel;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx512;
+
+use std::fmt;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// The file formats the kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// 32 weights per block: f16 scale `d`, 16 bytes of nibbles; value = (q − 8)·d.
+    Q4_0,
+    /// 32 weights per block: f16 scale `d`, 32 signed bytes; value = q·d.
+    Q8_0,
+    /// 256-weight super-blocks of 8 sub-blocks with 6-bit scales and mins, 4-bit values.
+    Q4K,
+    /// As Q4_K with a fifth bit per value.
+    Q5K,
+    /// 256-weight super-blocks of 16 sub-blocks with 8-bit scales, 6-bit values.
+    Q6K,
+    /// IEEE half precision, one value per 2 bytes.
+    F16,
+    /// bfloat16, one value per 2 bytes.
+    BF16,
+}
+
+impl QuantFormat {
+    /// Every format, in the order above.
+    pub const ALL: [QuantFormat; 7] = [
+        QuantFormat::Q4_0,
+        QuantFormat::Q8_0,
+        QuantFormat::Q4K,
+        QuantFormat::Q5K,
+        QuantFormat::Q6K,
+        QuantFormat::F16,
+        QuantFormat::BF16,
+    ];
+
+    /// Weights per block (K must be a multiple of it).
+    pub const fn block_size(self) -> usize {
+        match self {
+            QuantFormat::Q4_0 | QuantFormat::Q8_0 => 32,
+            QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => 256,
+            QuantFormat::F16 | QuantFormat::BF16 => 1,
+        }
+    }
+
+    /// Bytes per block in the file.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            QuantFormat::Q4_0 => 18,
+            QuantFormat::Q8_0 => 34,
+            QuantFormat::Q4K => 144,
+            QuantFormat::Q5K => 176,
+            QuantFormat::Q6K => 210,
+            QuantFormat::F16 | QuantFormat::BF16 => 2,
+        }
+    }
+
+    /// The format of a candle/GGUF dtype, or `None` when Studio has no kernel for it.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => QuantFormat::Q4_0,
+            GgmlDType::Q8_0 => QuantFormat::Q8_0,
+            GgmlDType::Q4K => QuantFormat::Q4K,
+            GgmlDType::Q5K => QuantFormat::Q5K,
+            GgmlDType::Q6K => QuantFormat::Q6K,
+            GgmlDType::F16 => QuantFormat::F16,
+            GgmlDType::BF16 => QuantFormat::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The candle/GGUF dtype of this format.
+    pub fn to_ggml(self) -> GgmlDType {
+        match self {
+            QuantFormat::Q4_0 => GgmlDType::Q4_0,
+            QuantFormat::Q8_0 => GgmlDType::Q8_0,
+            QuantFormat::Q4K => GgmlDType::Q4K,
+            QuantFormat::Q5K => GgmlDType::Q5K,
+            QuantFormat::Q6K => GgmlDType::Q6K,
+            QuantFormat::F16 => GgmlDType::F16,
+            QuantFormat::BF16 => GgmlDType::BF16,
+        }
+    }
+}
+
+impl fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QuantFormat::Q4_0 => "Q4_0",
+            QuantFormat::Q8_0 => "Q8_0",
+            QuantFormat::Q4K => "Q4_K",
+            QuantFormat::Q5K => "Q5_K",
+            QuantFormat::Q6K => "Q6_K",
+            QuantFormat::F16 => "F16",
+            QuantFormat::BF16 => "BF16",
+        })
+    }
+}
+
+/// The instruction set a kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelPath {
+    /// AVX-512 F/BW/VL with VNNI (`vpdpbusd`) and VBMI (byte permutes).
+    Avx512Vnni,
+    /// AVX2 with FMA and F16C (`vpmaddubsw`/`vpmaddwd`).
+    Avx2,
+    /// Portable Rust, any CPU.
+    Scalar,
+}
+
+impl KernelPath {
+    /// Every path, fastest first.
+    pub const ALL: [KernelPath; 3] = [KernelPath::Avx512Vnni, KernelPath::Avx2, KernelPath::Scalar];
+
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        match self {
+            KernelPath::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx512Vnni => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vbmi")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelPath::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelPath::Avx512Vnni | KernelPath::Avx2 => false,
+        }
+    }
+
+    /// The fastest path this CPU offers (detected once).
+    pub fn detect() -> Self {
+        static BEST: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            KernelPath::ALL
+                .into_iter()
+                .find(|p| p.available())
+                .unwrap_or(KernelPath::Scalar)
+        })
+    }
+
+    /// Every path this CPU can run, fastest first.
+    pub fn available_paths() -> Vec<KernelPath> {
+        KernelPath::ALL
+            .into_iter()
+            .filter(|p| p.available())
+            .collect()
+    }
+}
+
+impl fmt::Display for KernelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelPath::Avx512Vnni => "avx512-vnni",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Scalar => "scalar",
+        })
+    }
+}
+
+/// A 2-D weight (`rows` = output features N, `cols` = input features K) in its GGUF bytes.
+#[derive(Clone)]
+pub struct QWeight {
+    name: String,
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl fmt::Debug for QWeight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QWeight")
+            .field("name", &self.name)
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QWeight {
+    /// A weight from its raw file bytes (row-major, `rows` rows of `cols` values each).
+    ///
+    /// Errors name the tensor when `cols` is not a multiple of the format's block or the
+    /// byte count does not match the shape.
+    pub fn from_bytes(
+        name: &str,
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+    ) -> Result<Self> {
+        let bs = format.block_size();
+        if cols == 0 || rows == 0 || !cols.is_multiple_of(bs) {
+            return Err(Error::BadQuantTensor {
+                name: name.to_owned(),
+                message: format!(
+                    "shape [{rows}, {cols}]: the row length {cols} is not a positive multiple of \
+                     the {format} block size {bs}"
+                ),
+            });
+        }
+        let expected = rows * (cols / bs) * format.block_bytes();
+        if data.len() != expected {
+            return Err(Error::BadQuantTensor {
+                name: name.to_owned(),
+                message: format!(
+                    "{format} shape [{rows}, {cols}] needs {expected} bytes, found {}",
+                    data.len()
+                ),
+            });
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// A weight from a candle `QTensor` of shape `[rows, cols]` (its bytes are copied once).
+    pub fn from_qtensor(name: &str, tensor: &QTensor) -> Result<Self> {
+        let dtype = tensor.dtype();
+        let Some(format) = QuantFormat::from_ggml(dtype) else {
+            return Err(Error::BadQuantTensor {
+                name: name.to_owned(),
+                message: format!("Studio has no kernel for the {dtype:?} format"),
+            });
+        };
+        let dims = tensor.shape().dims();
+        let &[rows, cols] = dims else {
+            return Err(Error::BadQuantTensor {
+                name: name.to_owned(),
+                message: format!("shape {dims:?} is not 2-D"),
+            });
+        };
+        let data = tensor.data()?.into_owned();
+        Self::from_bytes(name, format, rows, cols, data)
+    }
+
+    /// The tensor's name (used in errors).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// Output features N.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features K.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw file bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Bytes of one weight row.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.cols / self.format.block_size() * self.format.block_bytes()
+    }
+
+    /// One weight row's bytes.
+    pub(crate) fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// The whole weight as f32, row-major (`rows × cols`): the reference the kernels are
+    /// checked against, and a fallback for code that needs plain floats.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
+            scalar::dequantize_row(self.format, self.row(r), dst);
+        }
+        out
+    }
+
+    /// `y (m × rows) = x (m × cols) · Wᵀ` on the fastest path this CPU offers.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
+        self.matmul_with(x, m, y, KernelPath::detect())
+    }
+
+    /// As [`QWeight::matmul`] on a chosen path; a path this CPU lacks is an error.
+    pub fn matmul_with(&self, x: &[f32], m: usize, y: &mut [f32], path: KernelPath) -> Result<()> {
+        if x.len() != m * self.cols || y.len() != m * self.rows {
+            return Err(Error::BadQuantTensor {
+                name: self.name.clone(),
+                message: format!(
+                    "matmul of [{m}, {}] by [{}, {}]ᵀ into {} values: got {} input values",
+                    self.cols,
+                    self.rows,
+                    self.cols,
+                    y.len(),
+                    x.len()
+                ),
+            });
+        }
+        if !path.available() {
+            return Err(Error::InvalidParameter(format!(
+                "the {path} kernels need CPU features this machine lacks"
+            )));
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        kernel::matmul(self, x, m, y, path);
+        Ok(())
+    }
+
+    /// `x · Wᵀ` for a contiguous-or-not f32 tensor `[..., cols]` on the CPU; the result has
+    /// the same leading dims and `rows` as the last.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            return Err(Error::BadQuantTensor {
+                name: self.name.clone(),
+                message: "the input is a scalar".to_owned(),
+            });
+        };
+        if k != self.cols {
+            return Err(Error::BadQuantTensor {
+                name: self.name.clone(),
+                message: format!("input has {k} features, the weight expects {}", self.cols),
+            });
+        }
+        let m: usize = lead.iter().product();
+        let xs = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut y = vec![0f32; m * self.rows];
+        self.matmul(&xs, m, &mut y)?;
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.rows);
+        Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+    }
+}
+
+/// Whether `path` has its own kernel for `format` (otherwise that path runs the scalar one).
+pub fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
+    kernel::has_kernel(format, path)
+}
+
+/// The activations of `x` (`m × k`) after the 8-bit quantization the kernels apply for
+/// `format` (for F16/BF16: `x` itself): what the reference product is computed with.
+pub fn quantize_dequantize_activations(format: QuantFormat, x: &[f32], k: usize) -> Vec<f32> {
+    act::round_trip(format, x, k)
+}

@@ -1,0 +1,336 @@
+//! Studio's quantized CPU kernels (`studio_inference::quant`): every format on every path this
+//! CPU offers equals a plain reference (dequantized weight × the activations after the same
+//! 8-bit quantization, f64 matmul), stays close to the product with unquantized activations,
+//! and matches candle's `QMatMul` on the same `QTensor`.
+//!
+//! Tolerances, per output element, with `S = Σₖ |wₖ|·|aₖ|` over the reference operands:
+//! - against the reference: `1e-5·S + 1e-6` (only f32 rounding differs: the integer dot
+//!   products are exact);
+//! - against the unquantized-activation product: the activation-rounding bound
+//!   `B = Σₖ |wₖ|·dₖ/2` (`dₖ` the 8-bit step of xₖ's block), `1.01·B + 1e-5·S + 1e-5`;
+//! - against candle's `QMatMul`: `2.02·B + 1e-5·S + 1e-5` (candle rounds the activations its
+//!   own way; F16/BF16 are exact products in both, so `B = 0` there).
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use studio_inference::quant::{
+    KernelPath, QWeight, QuantFormat, has_kernel, quantize_dequantize_activations,
+};
+
+fn random(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            // Roughly normal values, with an occasional outlier so block scales vary.
+            let s: f32 = (0..4).map(|_| rng.random::<f32>() - 0.5).sum();
+            let outlier = if i % 97 == 13 { 6.0 } else { 1.0 };
+            s * scale * outlier
+        })
+        .collect()
+}
+
+fn weight(format: QuantFormat, n: usize, k: usize, seed: u64) -> (QTensor, QWeight) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w = random(&mut rng, n * k, 0.5);
+    let t = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
+    let qt = QTensor::quantize(&t, format.to_ggml()).expect("quantize");
+    let qw = QWeight::from_qtensor("test.weight", &qt).expect("QWeight");
+    (qt, qw)
+}
+
+fn block_of(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Q4_0 | QuantFormat::Q8_0 => 32,
+        QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => 256,
+        QuantFormat::F16 | QuantFormat::BF16 => 0,
+    }
+}
+
+/// `(S, B)` per output element (see the module docs).
+fn bounds(
+    format: QuantFormat,
+    wd: &[f32],
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<(f64, f64)> {
+    let bs = block_of(format);
+    let mut steps = vec![0f64; m * k];
+    if bs > 0 {
+        for (row, st) in x.chunks_exact(k).zip(steps.chunks_exact_mut(k)) {
+            for (xb, sb) in row.chunks_exact(bs).zip(st.chunks_exact_mut(bs)) {
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                sb.fill(f64::from(amax) / 127.0);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let (mut s, mut b) = (0f64, 0f64);
+            for kk in 0..k {
+                let w = f64::from(wd[j * k + kk]).abs();
+                s += w * f64::from(x[i * k + kk]).abs();
+                b += w * steps[i * k + kk] / 2.0;
+            }
+            out.push((s, b));
+        }
+    }
+    out
+}
+
+fn matmul_f64(a: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut y = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = (0..k)
+                .map(|kk| f64::from(a[i * k + kk]) * f64::from(w[j * k + kk]))
+                .sum();
+        }
+    }
+    y
+}
+
+fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
+    let (k1, k2, k3) = match format {
+        QuantFormat::Q4_0 | QuantFormat::Q8_0 => (32, 160, 352),
+        QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => (256, 512, 768),
+        QuantFormat::F16 | QuantFormat::BF16 => (1, 40, 100),
+    };
+    vec![
+        (1, 1, k1),
+        (3, 5, k1),
+        (7, 67, k2),
+        (1, 67, k3),
+        (128, 5, k2),
+        (128, 67, k1),
+    ]
+}
+
+/// Every format × every available path × every shape: reference, unquantized product and
+/// candle, with the tolerances of the module docs.
+fn check_format(format: QuantFormat) {
+    for (si, (m, n, k)) in shapes(format).into_iter().enumerate() {
+        let (qt, qw) = weight(format, n, k, 100 + si as u64);
+        let wd = qw.dequantize();
+        let mut rng = StdRng::seed_from_u64(7 + si as u64);
+        let x = random(&mut rng, m * k, 1.0);
+        let xq = quantize_dequantize_activations(format, &x, k);
+        let reference = matmul_f64(&xq, &wd, m, n, k);
+        let exact = matmul_f64(&x, &wd, m, n, k);
+        let tol = bounds(format, &wd, &x, m, n, k);
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("x");
+        let candle: Vec<f32> = QMatMul::from_qtensor(qt)
+            .expect("qmatmul")
+            .forward(&xt)
+            .expect("candle forward")
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("candle values");
+        for path in KernelPath::available_paths() {
+            let mut y = vec![f32::NAN; m * n];
+            qw.matmul_with(&x, m, &mut y, path).expect("matmul");
+            for e in 0..m * n {
+                let (s, b) = tol[e];
+                let what = format!(
+                    "{format} on {path} (own kernel: {}), m={m} n={n} k={k}, element {e}",
+                    has_kernel(format, path)
+                );
+                let got = f64::from(y[e]);
+                let d_ref = (got - reference[e]).abs();
+                assert!(
+                    d_ref <= 1e-5 * s + 1e-6,
+                    "{what}: {got} vs reference {} (|Δ| {d_ref}, S {s})",
+                    reference[e]
+                );
+                let d_exact = (got - exact[e]).abs();
+                assert!(
+                    d_exact <= 1.01 * b + 1e-5 * s + 1e-5,
+                    "{what}: {got} vs unquantized {} (|Δ| {d_exact}, bound {b})",
+                    exact[e]
+                );
+                let d_candle = (got - f64::from(candle[e])).abs();
+                assert!(
+                    d_candle <= 2.02 * b + 1e-5 * s + 1e-5,
+                    "{what}: {got} vs candle {} (|Δ| {d_candle}, bound {b})",
+                    candle[e]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn q4_0_matches_reference_on_every_path() {
+    check_format(QuantFormat::Q4_0);
+}
+
+#[test]
+fn q8_0_matches_reference_on_every_path() {
+    check_format(QuantFormat::Q8_0);
+}
+
+#[test]
+fn q4k_matches_reference_on_every_path() {
+    check_format(QuantFormat::Q4K);
+}
+
+#[test]
+fn q5k_matches_reference_on_every_path() {
+    check_format(QuantFormat::Q5K);
+}
+
+#[test]
+fn q6k_matches_reference_on_every_path() {
+    check_format(QuantFormat::Q6K);
+}
+
+#[test]
+fn f16_matches_reference_on_every_path() {
+    check_format(QuantFormat::F16);
+}
+
+#[test]
+fn bf16_matches_reference_on_every_path() {
+    check_format(QuantFormat::BF16);
+}
+
+#[test]
+fn dequantize_equals_candles() {
+    for format in QuantFormat::ALL {
+        let k = block_of(format).max(16) * 2;
+        let (qt, qw) = weight(format, 3, k, 42);
+        let ours = qw.dequantize();
+        let theirs: Vec<f32> = qt
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("candle dequantize");
+        assert_eq!(ours, theirs, "{format}");
+    }
+}
+
+/// The decode path (one row) and the batched tiles give bit-identical rows, on every path.
+#[test]
+fn decode_rows_equal_batched_rows() {
+    let (m, n, k) = (9, 37, 256);
+    for format in QuantFormat::ALL {
+        let (_, qw) = weight(format, n, k, 5);
+        let mut rng = StdRng::seed_from_u64(11);
+        let x = random(&mut rng, m * k, 1.0);
+        for path in KernelPath::available_paths() {
+            let mut all = vec![0f32; m * n];
+            qw.matmul_with(&x, m, &mut all, path).expect("batched");
+            for i in 0..m {
+                let mut one = vec![0f32; n];
+                qw.matmul_with(&x[i * k..(i + 1) * k], 1, &mut one, path)
+                    .expect("decode");
+                assert_eq!(one, all[i * n..(i + 1) * n], "{format} on {path}, row {i}");
+            }
+        }
+    }
+}
+
+/// Every path the machine offers gives the same answer within the reference tolerance (the
+/// paths differ only in f32 rounding order).
+#[test]
+fn paths_agree() {
+    let (m, n, k) = (5, 70, 512);
+    for format in QuantFormat::ALL {
+        let (_, qw) = weight(format, n, k, 9);
+        let mut rng = StdRng::seed_from_u64(3);
+        let x = random(&mut rng, m * k, 1.0);
+        let mut scalar = vec![0f32; m * n];
+        qw.matmul_with(&x, m, &mut scalar, KernelPath::Scalar)
+            .expect("scalar");
+        for path in KernelPath::available_paths() {
+            let mut y = vec![0f32; m * n];
+            qw.matmul_with(&x, m, &mut y, path).expect("path");
+            for (a, b) in y.iter().zip(&scalar) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{format} on {path}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn this_machine_runs_the_fast_paths() {
+    // The development machines and CI have AVX2; say which paths were exercised.
+    let paths = KernelPath::available_paths();
+    eprintln!(
+        "kernel paths on this CPU: {paths:?}; chosen: {}",
+        KernelPath::detect()
+    );
+    assert!(paths.contains(&KernelPath::Scalar));
+    assert_eq!(paths[0], KernelPath::detect());
+}
+
+#[test]
+fn bad_shapes_name_the_tensor() {
+    let err = QWeight::from_bytes(
+        "blk.3.ffn_down.weight",
+        QuantFormat::Q4_0,
+        4,
+        48,
+        vec![0; 4 * 27],
+    )
+    .expect_err("48 is not a multiple of 32");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("blk.3.ffn_down.weight") && msg.contains("32") && msg.contains("48"),
+        "{msg}"
+    );
+
+    let err = QWeight::from_bytes(
+        "blk.0.attn_q.weight",
+        QuantFormat::Q6K,
+        2,
+        384,
+        vec![0; 2 * 210],
+    )
+    .expect_err("384 is not a multiple of 256");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("256"),
+        "{msg}"
+    );
+
+    let err = QWeight::from_bytes("output.weight", QuantFormat::Q8_0, 2, 64, vec![0; 10])
+        .expect_err("wrong byte count");
+    assert!(err.to_string().contains("output.weight"), "{err}");
+
+    let t = Tensor::zeros((2, 64), candle_core::DType::F32, &Device::Cpu).expect("zeros");
+    let q41 = QTensor::quantize(&t, GgmlDType::Q4_1).expect("q4_1");
+    let err = QWeight::from_qtensor("token_embd.weight", &q41).expect_err("no Q4_1 kernel");
+    assert!(err.to_string().contains("token_embd.weight"), "{err}");
+
+    let (_, qw) = weight(QuantFormat::Q8_0, 4, 64, 1);
+    let mut y = vec![0f32; 4];
+    let err = qw
+        .matmul(&[0.0; 63], 1, &mut y)
+        .expect_err("wrong input length");
+    assert!(err.to_string().contains("test.weight"), "{err}");
+}
+
+#[test]
+fn forward_keeps_leading_dims() {
+    let (qt, qw) = weight(QuantFormat::Q4_0, 6, 64, 2);
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &Device::Cpu).expect("x");
+    let y = qw.forward(&x).expect("forward");
+    assert_eq!(y.dims(), &[2, 3, 6]);
+    let candle = QMatMul::from_qtensor(qt)
+        .expect("qmatmul")
+        .forward(&x)
+        .expect("candle");
+    let diff: f32 = (y - candle)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar())
+        .expect("diff");
+    assert!(diff < 0.1, "max |Δ| vs candle {diff}");
+}
