@@ -13,13 +13,13 @@ use studio_inference::worker::{JobKind, LoadOptions, Worker, WorkerConfig};
 
 use super::canvas::CanvasPanel;
 use super::chat::{ChatPanel, ChatUiContext};
+use super::code::CodePanel;
 use super::command::Command;
 use super::conversations::ConversationStore;
 use super::explorer::ExplorerPanel;
 use super::jobs::{JobPurpose, Jobs};
 use super::models::ModelsPanel;
 use super::notices::Notices;
-use super::placeholder::placeholder_ui;
 use super::presets::{Presets, presets_dir};
 use super::settings::SettingsPanel;
 use super::settings_store::{Panel, Settings, SettingsSaver};
@@ -89,6 +89,7 @@ pub struct StudioApp {
     pub(super) chat: ChatPanel,
     pub(super) canvas: CanvasPanel,
     pub(super) explorer: ExplorerPanel,
+    pub(super) code: CodePanel,
     pub(super) models: ModelsPanel,
     pub(super) settings_panel: SettingsPanel,
     pub(super) status_bar: StatusBar,
@@ -144,6 +145,10 @@ impl StudioApp {
         for note in explorer_notes {
             notices.warning(note);
         }
+        let (code, code_notes) = CodePanel::new(&config.home, config.presets_dir.as_deref());
+        for note in code_notes {
+            notices.warning(note);
+        }
         let mut app = Self {
             ctx: ctx.clone(),
             home: config.home.clone(),
@@ -162,6 +167,7 @@ impl StudioApp {
             chat,
             canvas,
             explorer,
+            code,
             models,
             settings_panel,
             status_bar: StatusBar::default(),
@@ -347,8 +353,15 @@ impl StudioApp {
             Panel::LatentExplorer => {
                 self.explorer.explorer_ui(ui, &self.jobs, &mut commands);
             }
-            panel @ Panel::Code => {
-                placeholder_ui(ui, panel);
+            Panel::Code => {
+                let fim = self.fim_support();
+                self.code.code_ui(
+                    ui,
+                    &mut self.settings,
+                    &fim,
+                    self.model.as_ref().map(|m| m.name.as_str()),
+                    &mut commands,
+                );
             }
         });
         drop_overlay_ui(ui, self.settings.panel);
@@ -385,6 +398,9 @@ impl StudioApp {
         {
             self.ctx.request_repaint_after(wait);
         }
+        if let Some(wait) = self.code_autosave() {
+            self.ctx.request_repaint_after(wait);
+        }
         if let Some(wait) = self.chat.next_params_save() {
             self.ctx.request_repaint_after(wait);
         }
@@ -407,6 +423,7 @@ impl StudioApp {
             .store
             .flush(&self.canvas.doc, &self.canvas.form, &self.files);
         self.flush_explorer();
+        self.code_flush();
         // Wait until the images and the canvas are on disk.
         for done in self.files.flush() {
             self.file_done(done);
@@ -489,6 +506,8 @@ fn drop_overlay_ui(ui: &egui::Ui, panel: Panel) {
         egui::Align2::CENTER_CENTER,
         if panel == Panel::Canvas {
             "Drop an image to open it on the canvas, or a model to load it"
+        } else if panel == Panel::Code {
+            "Drop a source file to open it in the editor, or a model to load it"
         } else {
             "Drop a model folder or .safetensors file to load it, or an image for the Canvas"
         },

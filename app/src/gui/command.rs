@@ -8,6 +8,7 @@ use studio_inference::worker::{JobKind, LoadOptions};
 
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
+use super::code::CodeCommand;
 use super::conversations::{MessageId, ReplyState};
 use super::explorer::ExplorerCommand;
 use super::format;
@@ -90,6 +91,8 @@ pub enum Command {
     Canvas(CanvasCommand),
     /// Something the Latent Explorer asks for.
     Explorer(ExplorerCommand),
+    /// Something the Code panel asks for.
+    Code(CodeCommand),
 }
 
 impl StudioApp {
@@ -181,6 +184,7 @@ impl StudioApp {
             Command::RescanHfCache => self.models.start_scan(),
             Command::Canvas(c) => self.apply_canvas(c),
             Command::Explorer(c) => self.apply_explorer(c),
+            Command::Code(c) => self.apply_code(c),
         }
     }
 

@@ -35,6 +35,10 @@ pub enum JobPurpose {
     ProjectGan(PathBuf),
     /// Exporting the Latent Explorer's animation to this file or folder.
     ExportGanAnimation(PathBuf),
+    /// A ghost-text suggestion for the Code panel.
+    CodeComplete,
+    /// A code action (explain, fix, …) for the Code panel.
+    CodeAction,
 }
 
 #[derive(Debug, Clone)]

@@ -15,6 +15,7 @@ use studio_inference::worker::Event;
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
 use super::canvas::actions::Outcome;
+use super::code::CodeCommand;
 use super::command::{Command, load_error};
 use super::conversations::ReplyState;
 use super::explorer::ExplorerCommand;
@@ -41,6 +42,7 @@ pub const REDO_Y: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, K
 impl StudioApp {
     /// Everything that happens each frame before drawing.
     pub fn frame_logic(&mut self, ctx: &egui::Context) {
+        self.intercept_close(ctx);
         self.drain_events(ctx);
         while let Some(done) = self.files.try_recv() {
             self.file_done(done);
@@ -98,6 +100,13 @@ impl StudioApp {
     fn handle_event(&mut self, event: Event) {
         let job = event.job();
         let purpose = self.jobs.get(job).map(|t| t.purpose.clone());
+        let event = match purpose {
+            Some(JobPurpose::CodeComplete | JobPurpose::CodeAction) => {
+                self.code_event(purpose.as_ref(), event);
+                return;
+            }
+            _ => event,
+        };
         match event {
             Event::Started { label, .. } => {
                 self.jobs.started(job, label);
@@ -213,7 +222,9 @@ impl StudioApp {
                         | JobPurpose::LoadGan(_)
                         | JobPurpose::ComputeGanDirections
                         | JobPurpose::ExportGanAnimation(_)
-                        | JobPurpose::ProjectGan(_),
+                        | JobPurpose::ProjectGan(_)
+                        | JobPurpose::CodeComplete
+                        | JobPurpose::CodeAction,
                     )
                     | None => self.notices.error(error),
                 }
@@ -239,6 +250,11 @@ impl StudioApp {
             {
                 self.commands
                     .push(Command::Explorer(ExplorerCommand::LoadModel(path)));
+            } else if self.settings.panel == Panel::Code
+                && crate::gui::code::assist::is_code_drop(&path)
+            {
+                self.commands
+                    .push(Command::Code(CodeCommand::Open(Some(path))));
             } else if on_explorer && super::canvas::actions::is_image_file(&path) {
                 self.commands
                     .push(Command::Explorer(ExplorerCommand::RestoreFromPng(path)));
@@ -249,6 +265,13 @@ impl StudioApp {
     }
 
     fn take_shortcuts(&mut self, ctx: &egui::Context) {
+        // Esc on the Code panel first dismisses a suggestion (cancelling its request).
+        if self.settings.panel == Panel::Code
+            && self.code.wants_escape()
+            && ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape))
+        {
+            self.commands.push(Command::Code(CodeCommand::DismissGhost));
+        }
         if self.jobs.running().is_some()
             && ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape))
         {

@@ -9,7 +9,7 @@
 //! - [`logic`]: worker events, dropped files, shortcuts;
 //! - [`command`]: the [`Command`] enum and what each does;
 //! - [`chat`] (with [`chat_list`], [`chat_message`], [`chat_params`], [`markdown`]),
-//!   [`canvas`] (Stable Diffusion), [`explorer`] (StyleGAN2), [`models`], [`settings`], [`placeholder`], [`status_bar`], [`notices`]: what is drawn;
+//!   [`code`] (Code Assist: editor, ghost text, actions with diffs), [`canvas`] (Stable Diffusion), [`explorer`] (StyleGAN2), [`models`], [`settings`], [`status_bar`], [`notices`]: what is drawn;
 //! - [`settings_store`], [`conversations`], [`presets`]: what is saved and read.
 
 pub mod app;
@@ -18,6 +18,7 @@ pub mod chat;
 pub mod chat_list;
 pub mod chat_message;
 pub mod chat_params;
+pub mod code;
 pub mod command;
 pub mod conversations;
 pub mod explorer;
@@ -27,7 +28,6 @@ pub mod logic;
 pub mod markdown;
 pub mod models;
 pub mod notices;
-pub mod placeholder;
 pub mod presets;
 pub mod settings;
 pub mod settings_store;

@@ -93,6 +93,30 @@ pub struct Settings {
     pub image_model_options: ImageModelOptions,
     /// The Latent Explorer's StyleGAN2 generator, loaded again at startup if it still exists.
     pub last_gan_model: Option<PathBuf>,
+    /// The Code panel's options.
+    pub code: CodeSettings,
+}
+
+/// The Code panel's options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CodeSettings {
+    /// Suggest code at the cursor (ghost text) when typing pauses.
+    pub ghost_text: bool,
+    /// How long a pause in typing asks for a suggestion, in milliseconds.
+    pub ghost_delay_ms: u64,
+    /// Actions include the other open tabs as context.
+    pub include_tabs: bool,
+}
+
+impl Default for CodeSettings {
+    fn default() -> Self {
+        Self {
+            ghost_text: true,
+            ghost_delay_ms: 350,
+            include_tabs: false,
+        }
+    }
 }
 
 /// The remote-server form in Settings (kept between runs; the API key stays in the user's own
@@ -129,6 +153,7 @@ impl Default for Settings {
             last_image_model: None,
             image_model_options: ImageModelOptions::default(),
             last_gan_model: None,
+            code: CodeSettings::default(),
         }
     }
 }
