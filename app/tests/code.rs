@@ -49,7 +49,10 @@ fn text(h: &Harness<'_, StudioApp>) -> String {
 }
 
 fn dirty(h: &Harness<'_, StudioApp>) -> bool {
-    h.state().code().active_tab().is_some_and(studio_app::gui::code::buffer::Tab::is_dirty)
+    h.state()
+        .code()
+        .active_tab()
+        .is_some_and(studio_app::gui::code::buffer::Tab::is_dirty)
 }
 
 fn focus_editor(h: &mut Harness<'_, StudioApp>) {
@@ -519,4 +522,40 @@ fn explain_streams_markdown_into_the_pane_from_a_local_model() {
     assert_eq!(run.state, RunState::Done);
     assert!(run.whole_file);
     assert_eq!(run.original, "y = 2\n");
+}
+
+#[test]
+fn a_large_file_opens_without_highlighting_and_completion_uses_a_window() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let file = tmp.path().join("big.rs");
+    let line = "let value = compute(alpha, beta, gamma); // a fairly long line of code\n";
+    let big = line.repeat(2_500_000 / line.len());
+    std::fs::write(&file, &big).expect("write");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to(&mut h, Panel::Code);
+    let start = Instant::now();
+    drop_file(&mut h, &file);
+    assert_eq!(text(&h).len(), big.len());
+    assert!(shows_text(&h, "large file: shown without highlighting"));
+    focus_editor(&mut h);
+    // Frames where nothing changes reuse the laid-out text.
+    let quiet = Instant::now();
+    for _ in 0..5 {
+        h.step();
+    }
+    let per_frame = quiet.elapsed() / 5;
+    eprintln!(
+        "opened in {:?}, {per_frame:?} per quiet frame",
+        start.elapsed()
+    );
+    assert!(
+        per_frame < Duration::from_secs(2),
+        "{per_frame:?} per frame"
+    );
+    let (before, after) = (
+        studio_app::gui::code::buffer::window_before(&big, big.len() / 2, 8192),
+        studio_app::gui::code::buffer::window_after(&big, big.len() / 2, 3072),
+    );
+    assert!(before.len() <= 8192 && after.len() <= 3072);
 }

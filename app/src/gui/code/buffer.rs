@@ -52,6 +52,8 @@ pub struct Tab {
     last_cursor: usize,
     /// Language override for highlighting (untitled buffers); otherwise from the path.
     pub language_token: Option<String>,
+    /// The number of lines, and the revision it was counted at.
+    lines: std::cell::Cell<(u64, usize)>,
 }
 
 fn hash_of(text: &str) -> u64 {
@@ -78,6 +80,7 @@ impl Tab {
             typing_since: None,
             last_cursor: 0,
             language_token: None,
+            lines: std::cell::Cell::new((u64::MAX, 0)),
         }
     }
 
@@ -239,6 +242,17 @@ impl Tab {
         self.shadow.clone_from(&self.text);
         self.last_cursor = cursor;
         self.changed();
+    }
+
+    /// How many lines the text has (counted once per revision).
+    pub fn line_count(&self) -> usize {
+        let (rev, n) = self.lines.get();
+        if rev == self.rev {
+            return n;
+        }
+        let n = self.text.bytes().filter(|b| *b == b'\n').count() + 1;
+        self.lines.set((self.rev, n));
+        n
     }
 
     /// Whether the text is small enough to highlight.

@@ -86,7 +86,7 @@ pub fn editor_ui(
         job.wrap.max_width = f32::INFINITY;
         ui.fonts_mut(|f| f.layout_job(job))
     };
-    let lines = tab.text.bytes().filter(|b| *b == b'\n').count() + 1;
+    let lines = tab.line_count();
     let digit_width = ui.fonts_mut(|f| f.glyph_width(&font, '0'));
     let digits = lines.to_string().len().max(2);
     #[expect(clippy::cast_precision_loss, reason = "a handful of digits")]

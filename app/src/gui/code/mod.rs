@@ -323,11 +323,12 @@ impl CodePanel {
         if ui.input_mut(|i| i.consume_shortcut(&OPEN_SHORTCUT)) {
             commands.push(Command::Code(CodeCommand::Open(None)));
         }
-        if !editor_focused {
+        // Studio's own undo stack, not the TextEdit's, when the editor has the keyboard (or
+        // nothing does, e.g. right after Apply in the pane); other text fields keep their own.
+        if !editor_focused && ui.ctx().egui_wants_keyboard_input() {
             return;
         }
-        // Studio's own undo stack, not the TextEdit's: Shift first, as Ctrl+Z also matches
-        // with Shift held.
+        // Shift first, as Ctrl+Z also matches with Shift held.
         if ui.input_mut(|i| {
             i.consume_shortcut(&super::logic::REDO_SHORTCUT)
                 || i.consume_shortcut(&super::logic::REDO_Y)
@@ -336,7 +337,7 @@ impl CodePanel {
         } else if ui.input_mut(|i| i.consume_shortcut(&super::logic::UNDO_SHORTCUT)) {
             commands.push(Command::Code(CodeCommand::Undo));
         }
-        if self.ghost_text().is_some() {
+        if editor_focused && self.ghost_text().is_some() {
             if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Tab)) {
                 commands.push(Command::Code(CodeCommand::AcceptGhost));
             }
