@@ -7,13 +7,13 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256, __m256i, _mm_add_ps, _mm_cvtph_ps, _mm_cvtss_f32, _mm_hadd_ps,
-    _mm_loadu_ps, _mm_loadu_si128, _mm_set_epi16, _mm256_abs_epi8, _mm256_add_epi16,
-    _mm256_and_si256, _mm256_castps128_ps256, _mm256_castps256_ps128, _mm256_cvtepi32_ps,
-    _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_loadu_si256, _mm256_madd_epi16,
-    _mm256_maddubs_epi16, _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8,
-    _mm256_set1_epi16, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_sign_epi8,
-    _mm256_srli_epi16,
+    __m128, __m128i, __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_cvtph_ps, _mm_cvtss_f32,
+    _mm_hadd_ps, _mm_loadu_ps, _mm_loadu_si128, _mm_prefetch, _mm_set_epi16, _mm256_abs_epi8,
+    _mm256_add_epi16, _mm256_and_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
+    _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_fmsub_ps,
+    _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_permutevar8x32_ps,
+    _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps, _mm256_setr_epi32,
+    _mm256_setzero_ps, _mm256_sign_epi8, _mm256_srli_epi16,
 };
 use std::ops::Range;
 
@@ -54,6 +54,15 @@ fn ld128_ps(s: &[f32], at: usize) -> __m128 {
     unsafe { _mm_loadu_ps(s.as_ptr().add(at)) }
 }
 
+/// Asks for the cache line at `s + at` (which may lie past `s`: the next row).
+#[inline]
+fn prefetch(s: &[u8], at: usize) {
+    let p = s.as_ptr().wrapping_add(at);
+    // SAFETY: a prefetch is a hint that never faults and never reads into registers,
+    // whatever the address; the pointer is only formed with wrapping arithmetic.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+}
+
 fn half_bits(b: &[u8], at: usize) -> i16 {
     i16::from_le_bytes([b[at], b[at + 1]])
 }
@@ -70,18 +79,19 @@ macro_rules! drive {
     ($tile:ident, $w:expr, $act:expr, $m:expr, $cols:expr, $out:expr) => {{
         let (w, act, m, cols, out): (&QWeight, &Act, usize, Range<usize>, &mut OutChunk) =
             ($w, $act, $m, $cols, $out);
+        let rb = w.row_bytes();
         for j in cols {
             let wr = [w.row(j)];
             let mut i = 0;
             while i + 4 <= m {
-                let r = $tile::<4>(&wr, act, i);
+                let r = $tile::<4>(&wr, act, i, rb);
                 for (di, &v) in r.iter().enumerate() {
                     out.set(i + di, j, v);
                 }
                 i += 4;
             }
             while i < m {
-                out.set(i, j, $tile::<1>(&wr, act, i)[0]);
+                out.set(i, j, $tile::<1>(&wr, act, i, rb)[0]);
                 i += 1;
             }
         }
@@ -118,7 +128,7 @@ fn chunk_inner(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut O
 /// Q4_0 (Group4 layout): per group of 4 blocks, blocks 0–1 and 2–3 as two 256-bit halves.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize) -> [f32; MR] {
+fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
     let row = wr[0];
     let nb = row.len() / 18;
     let (full, tail) = (nb / 4, nb % 4);
@@ -130,6 +140,7 @@ fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize) -> [f32; MR
     let hi_idx = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
     let mut acc = [_mm256_setzero_ps(); MR];
     for g in 0..full + usize::from(tail > 0) {
+        prefetch(row, g * 72 + pf);
         let (src, at): (&[u8], usize) = if g < full {
             (row, g * 72)
         } else {
@@ -197,12 +208,13 @@ fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize) -> [f32; MR
 /// Q8_0 (Natural32 layout): one block per step, `|w| × sign(a, w)`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize) -> [f32; MR] {
+fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
     let row = wr[0];
     let nb = row.len() / 34;
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); MR];
     for b in 0..nb {
+        prefetch(row, b * 34 + pf);
         let w = ld256(row, b * 34 + 2);
         let aw = _mm256_abs_epi8(w);
         let dw = f16_to_f32(u16::from_le_bytes([row[b * 34], row[b * 34 + 1]]));

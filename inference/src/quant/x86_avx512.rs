@@ -10,15 +10,15 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256i, __m512, __m512i, _mm_loadu_ps, _mm_loadu_si128, _mm256_cvtepi8_epi16,
-    _mm256_loadu_si256, _mm256_madd_epi16, _mm512_and_si512, _mm512_broadcast_i64x4,
-    _mm512_castps128_ps512, _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256,
-    _mm512_cvtepi8_epi32, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32, _mm512_cvtph_ps,
-    _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps, _mm512_inserti64x4,
-    _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_add_epi8, _mm512_mullo_epi32, _mm512_or_si512,
-    _mm512_permutex2var_epi8, _mm512_permutexvar_epi8, _mm512_permutexvar_epi32,
-    _mm512_permutexvar_ps, _mm512_reduce_add_ps, _mm512_set1_epi8, _mm512_set1_ps,
-    _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32, _mm512_sllv_epi16,
+    __m128, __m128i, __m256i, __m512, __m512i, _MM_HINT_T0, _mm_loadu_ps, _mm_loadu_si128,
+    _mm_prefetch, _mm256_cvtepi8_epi16, _mm256_loadu_si256, _mm256_madd_epi16, _mm512_and_si512,
+    _mm512_broadcast_i64x4, _mm512_castps128_ps512, _mm512_castsi256_si512, _mm512_castsi512_ps,
+    _mm512_castsi512_si256, _mm512_cvtepi8_epi32, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32,
+    _mm512_cvtph_ps, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps,
+    _mm512_inserti64x4, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_add_epi8,
+    _mm512_mullo_epi32, _mm512_or_si512, _mm512_permutex2var_epi8, _mm512_permutexvar_epi8,
+    _mm512_permutexvar_epi32, _mm512_permutexvar_ps, _mm512_reduce_add_ps, _mm512_set1_epi8,
+    _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32, _mm512_sllv_epi16,
     _mm512_srli_epi16, _mm512_srlv_epi16, _mm512_sub_epi32, _mm512_test_epi8_mask,
     _mm512_xor_si512, _mm512_zextsi256_si512,
 };
@@ -86,6 +86,15 @@ fn ld512_ps(s: &[f32], at: usize) -> __m512 {
     assert!(at + 16 <= s.len());
     // SAFETY: values `at..at + 16` are inside `s` (checked above); the load is unaligned.
     unsafe { _mm512_loadu_ps(s.as_ptr().add(at)) }
+}
+
+/// Asks for the cache line at `s + at` (which may lie past `s`: the next tile's rows).
+#[inline]
+fn prefetch(s: &[u8], at: usize) {
+    let p = s.as_ptr().wrapping_add(at);
+    // SAFETY: a prefetch is a hint that never faults and never reads into registers,
+    // whatever the address; the pointer is only formed with wrapping arithmetic.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
 }
 
 fn half(b: &[u8], at: usize) -> f32 {
@@ -224,13 +233,24 @@ macro_rules! drive {
             Range<usize>,
             &mut OutChunk,
         ) = ($w, $act, $x, $m, $cols, $out);
+        let rb = w.row_bytes();
         let mut j = cols.start;
         while j < cols.end {
-            if cols.end - j >= 4 {
+            if m < 4 && cols.end - j >= 8 {
+                // Decode: one activation row against 8 weight rows, 8 independent chains.
+                let wr: [&[u8]; 8] = std::array::from_fn(|r| w.row(j + r));
+                for i in 0..m {
+                    let r = $tile::<1, 8>(&wr, act, x, i, 8 * rb);
+                    for (dj, &v) in r[0].iter().enumerate() {
+                        out.set(i, j + dj, v);
+                    }
+                }
+                j += 8;
+            } else if cols.end - j >= 4 {
                 let wr = [w.row(j), w.row(j + 1), w.row(j + 2), w.row(j + 3)];
                 let mut i = 0;
                 while i + 4 <= m {
-                    let r = $tile::<4, 4>(&wr, act, x, i);
+                    let r = $tile::<4, 4>(&wr, act, x, i, 4 * rb);
                     for (di, row) in r.iter().enumerate() {
                         for (dj, &v) in row.iter().enumerate() {
                             out.set(i + di, j + dj, v);
@@ -239,7 +259,7 @@ macro_rules! drive {
                     i += 4;
                 }
                 while i < m {
-                    let r = $tile::<1, 4>(&wr, act, x, i);
+                    let r = $tile::<1, 4>(&wr, act, x, i, 4 * rb);
                     for (dj, &v) in r[0].iter().enumerate() {
                         out.set(i, j + dj, v);
                     }
@@ -250,14 +270,14 @@ macro_rules! drive {
                 let wr = [w.row(j)];
                 let mut i = 0;
                 while i + 4 <= m {
-                    let r = $tile::<4, 1>(&wr, act, x, i);
+                    let r = $tile::<4, 1>(&wr, act, x, i, rb);
                     for (di, row) in r.iter().enumerate() {
                         out.set(i + di, j, row[0]);
                     }
                     i += 4;
                 }
                 while i < m {
-                    let r = $tile::<1, 1>(&wr, act, x, i);
+                    let r = $tile::<1, 1>(&wr, act, x, i, rb);
                     out.set(i, j, r[0][0]);
                     i += 1;
                 }
@@ -324,6 +344,7 @@ fn q4_0_tile<const MR: usize, const NR: usize>(
     act: &Act,
     _x: &[f32],
     i0: usize,
+    pf: usize,
 ) -> [[f32; NR]; MR] {
     let nb = wr[0].len() / 18;
     let (full, tail) = (nb / 4, nb % 4);
@@ -342,6 +363,7 @@ fn q4_0_tile<const MR: usize, const NR: usize>(
         let mut whi = [_mm512_setzero_si512(); NR];
         let mut dw = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
+            prefetch(wr[r], g * 72 + pf);
             let (src, at): (&[u8], usize) = if g < full {
                 (wr[r], g * 72)
             } else {
@@ -388,6 +410,7 @@ fn q8_0_tile<const MR: usize, const NR: usize>(
     act: &Act,
     _x: &[f32],
     i0: usize,
+    pf: usize,
 ) -> [[f32; NR]; MR] {
     let nb = wr[0].len() / 34;
     let (full, tail) = (nb / 2, nb % 2);
@@ -405,6 +428,7 @@ fn q8_0_tile<const MR: usize, const NR: usize>(
         let mut wq = [_mm512_setzero_si512(); NR];
         let mut dw = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
+            prefetch(wr[r], g * 68 + pf);
             let (src, at): (&[u8], usize) = if g < full {
                 (wr[r], g * 68)
             } else {
@@ -542,12 +566,17 @@ macro_rules! k_tile {
             act: &Act,
             _x: &[f32],
             i0: usize,
+            pf: usize,
         ) -> [[f32; NR]; MR] {
             let nsb = wr[0].len() / $bytes;
             let mut acc = [[_mm512_setzero_ps(); NR]; MR];
             for s in 0..nsb {
-                let blocks: [KBlock; NR] =
-                    std::array::from_fn(|r| $decode(&wr[r][s * $bytes..(s + 1) * $bytes]));
+                let blocks: [KBlock; NR] = std::array::from_fn(|r| {
+                    for line in (0..$bytes).step_by(64) {
+                        prefetch(wr[r], s * $bytes + line + pf);
+                    }
+                    $decode(&wr[r][s * $bytes..(s + 1) * $bytes])
+                });
                 for i in 0..MR {
                     let qs = act.qs_row(i0 + i);
                     let a = [
@@ -613,6 +642,7 @@ macro_rules! half_tile {
             _act: &Act,
             x: &[f32],
             i0: usize,
+            pf: usize,
         ) -> [[f32; NR]; MR] {
             let k = wr[0].len() / 2;
             let full = k / 16;
@@ -620,7 +650,10 @@ macro_rules! half_tile {
             let mut acc = [[_mm512_setzero_ps(); NR]; MR];
             let rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(i0 + i) * k..(i0 + i + 1) * k]);
             for g in 0..full {
-                let w: [__m512; NR] = std::array::from_fn(|r| $conv(ld256(wr[r], g * 32)));
+                let w: [__m512; NR] = std::array::from_fn(|r| {
+                    prefetch(wr[r], g * 32 + pf);
+                    $conv(ld256(wr[r], g * 32))
+                });
                 for i in 0..MR {
                     let xv = ld512_ps(rows[i], g * 16);
                     for r in 0..NR {
