@@ -562,3 +562,72 @@ fn a_large_file_opens_without_highlighting_and_completion_uses_a_window() {
     );
     assert!(before.len() <= 8192 && after.len() <= 3072);
 }
+
+fn close_window(h: &mut Harness<'_, StudioApp>) -> Vec<egui::ViewportCommand> {
+    h.input_mut()
+        .viewports
+        .entry(egui::ViewportId::ROOT)
+        .or_default()
+        .events
+        .push(egui::ViewportEvent::Close);
+    h.step();
+    h.input_mut()
+        .viewports
+        .entry(egui::ViewportId::ROOT)
+        .or_default()
+        .events
+        .clear();
+    let commands = h
+        .output()
+        .viewport_output
+        .get(&egui::ViewportId::ROOT)
+        .map(|v| v.commands.clone())
+        .unwrap_or_default();
+    h.step();
+    commands
+}
+
+#[test]
+fn closing_the_window_with_unsaved_tabs_asks_first() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    // Nothing unsaved: the window closes.
+    let commands = close_window(&mut h);
+    assert!(!commands.contains(&egui::ViewportCommand::CancelClose));
+    go_to(&mut h, Panel::Code);
+    focus_editor(&mut h);
+    type_in_editor(&mut h, "draft");
+    go_to(&mut h, Panel::Chat);
+    let commands = close_window(&mut h);
+    assert!(
+        commands.contains(&egui::ViewportCommand::CancelClose),
+        "{commands:?}"
+    );
+    h.step();
+    assert_eq!(
+        h.state().settings().panel,
+        Panel::Code,
+        "the prompt is shown"
+    );
+    assert!(shows_text(&h, "Quit with unsaved changes?"));
+    assert!(shows_text(&h, "untitled-1"));
+    click(&mut h, "Cancel");
+    assert_eq!(text(&h), "draft");
+    close_window(&mut h);
+    h.step();
+    control(&h, "Discard").click();
+    h.step();
+    h.step();
+    let commands = h
+        .output()
+        .viewport_output
+        .get(&egui::ViewportId::ROOT)
+        .map(|v| v.commands.clone())
+        .unwrap_or_default();
+    assert!(
+        commands.contains(&egui::ViewportCommand::Close),
+        "{commands:?}"
+    );
+    assert!(h.state().code().allow_close);
+}

@@ -308,10 +308,11 @@ impl StudioApp {
                     && self.write_tab(tab, &path)
                     && let Some(t) = self.code.tab_mut(tab)
                 {
-                    t.path = Some(path);
-                    if t.language().is_none() || t.path.is_some() {
+                    // The file's extension decides the language from now on, if it names one.
+                    if studio_inference::code::language::language_for_path(&path).is_some() {
                         t.language_token = None;
                     }
+                    t.path = Some(path);
                 }
             }
             CodeCommand::Close(id) => {
@@ -429,12 +430,18 @@ impl StudioApp {
             self.code.next_untitled,
             &self.files,
         );
-        self.ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        // Sent by the next frame's logic, on the context that draws the window.
+        self.code.close_now = true;
+        self.ctx.request_repaint();
     }
 
     /// The window was asked to close: with unsaved tabs, keep it open and ask (the recovery
     /// file has the text either way).
     pub(crate) fn intercept_close(&mut self, ctx: &egui::Context) {
+        if std::mem::take(&mut self.code.close_now) {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            return;
+        }
         if ctx.input(|i| i.viewport().close_requested())
             && self.code.has_unsaved()
             && !self.code.allow_close

@@ -138,6 +138,8 @@ pub struct CodePanel {
     pub confirm: Option<Confirm>,
     /// The user chose to quit without saving: let the window close.
     pub allow_close: bool,
+    /// Close the window at the start of the next frame.
+    pub(crate) close_now: bool,
     pub store: store::SessionStore,
     /// Cached find matches: (tab, rev, query, case) → ranges.
     matches_key: Option<(u64, u64, String, bool)>,
@@ -171,6 +173,7 @@ impl CodePanel {
             find: FindBar::default(),
             confirm: None,
             allow_close: false,
+            close_now: false,
             store: store::SessionStore::new(home),
             matches_key: None,
             matches: Vec::new(),
@@ -574,14 +577,18 @@ impl CodePanel {
         let Some(tab) = self.tab(id) else {
             return;
         };
+        let untitled = tab.path.is_none();
         let mut info = String::new();
-        if let Some(lang) = tab.language() {
+        if !untitled && let Some(lang) = tab.language() {
             info.push_str(lang.name);
         }
         if !tab.highlighted() {
             info.push_str(" · large file: shown without highlighting");
         }
         ui.horizontal(|ui| {
+            if untitled && let Some(tab) = self.tab_mut(id) {
+                language_picker_ui(ui, tab);
+            }
             ui.label(weak(ui, &info));
             if ghost.as_deref().is_some_and(|g| !g.is_empty()) {
                 ui.label(weak(
@@ -685,6 +692,38 @@ impl CodePanel {
             self.confirm = None;
         }
     }
+}
+
+/// Languages an untitled buffer can be highlighted (and described to the model) as.
+const UNTITLED_LANGUAGES: &[&str] = &[
+    "txt", "rs", "py", "js", "ts", "c", "cpp", "go", "java", "html", "css", "json", "toml", "md",
+    "sh",
+];
+
+/// The language of an untitled buffer (a file's comes from its extension).
+fn language_picker_ui(ui: &mut egui::Ui, tab: &mut Tab) {
+    let name = |token: &str| {
+        studio_inference::code::language::language_by_token(token).map_or("Plain text", |l| l.name)
+    };
+    let current = tab
+        .language_token
+        .clone()
+        .unwrap_or_else(|| "txt".to_owned());
+    let l = ui.label("Language");
+    egui::ComboBox::from_id_salt(("code_language", tab.id))
+        .selected_text(name(&current))
+        .show_ui(ui, |ui| {
+            for token in UNTITLED_LANGUAGES {
+                if ui
+                    .selectable_label(current == *token, name(token))
+                    .clicked()
+                {
+                    tab.language_token = (*token != "txt").then(|| (*token).to_owned());
+                }
+            }
+        })
+        .response
+        .labelled_by(l.id);
 }
 
 /// A tab's title, with `●` after it when it has unsaved changes (in the monospace font,
