@@ -495,11 +495,15 @@ fn projection_uses_vgg16_weights_found_beside_the_generator() {
         true,
         2,
     );
-    open_tiny(&mut h, &path);
-    assert!(shows_text(
-        &h,
-        "Loss: VGG16 perceptual distance (vgg16-lpips.safetensors)"
-    ));
+    drop_file(&mut h, &path);
+    // The generator is already loaded: wait for the reload itself.
+    step_until(&mut h, "the reload to find the VGG16 weights", |h| {
+        shows_text(
+            h,
+            "Loss: VGG16 perceptual distance (vgg16-lpips.safetensors)",
+        )
+    });
+    settled(&mut h);
     let target = h.state().explorer().image().expect("image").clone();
     let photo = tmp.path().join("photo.png");
     std::fs::write(&photo, encode_png(&target, None).expect("png")).expect("write");
