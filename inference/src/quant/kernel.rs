@@ -96,7 +96,18 @@ fn effective(format: QuantFormat, path: KernelPath) -> KernelPath {
 
 /// The activation layout, weight offset and lanes per block of `format` on `path`
 /// (`None`: the kernel reads the f32 activations).
-fn plan(format: QuantFormat, path: KernelPath) -> Option<(Layout, f32, f32)> {
+fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32, f32)> {
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx512Vnni && super::x86_avx512::use_panel(format, m) {
+        let off = if format == QuantFormat::Q8_0 {
+            128.0
+        } else {
+            8.0
+        };
+        return Some((Layout::Natural32, off, 1.0));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = m;
     Some(match (format, path) {
         (QuantFormat::Q4_0, KernelPath::Scalar) => (Layout::Natural32, 8.0, 1.0),
         (QuantFormat::Q4_0, _) => (Layout::Group4, 8.0, 4.0),
@@ -127,7 +138,7 @@ pub(crate) fn matmul(w: &QWeight, x: &[f32], m: usize, y: &mut [f32], path: Kern
 
 fn run(w: &QWeight, x: &[f32], m: usize, y: &mut [f32], path: KernelPath, act: &mut Act) {
     let (n, k) = (w.rows(), w.cols());
-    if let Some((layout, off, lanes)) = plan(w.format(), path) {
+    if let Some((layout, off, lanes)) = plan(w.format(), path, m) {
         act.quantize(x, m, k, layout, off, lanes);
     }
     let act: &Act = act;

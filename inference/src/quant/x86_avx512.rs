@@ -10,23 +10,27 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256i, __m512, __m512i, _MM_HINT_T0, _mm_loadu_ps, _mm_loadu_si128,
-    _mm_prefetch, _mm256_cvtepi8_epi16, _mm256_loadu_si256, _mm256_madd_epi16, _mm512_and_si512,
-    _mm512_broadcast_i64x4, _mm512_castps128_ps512, _mm512_castsi256_si512, _mm512_castsi512_ps,
-    _mm512_castsi512_si256, _mm512_cvtepi8_epi32, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32,
-    _mm512_cvtph_ps, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps,
-    _mm512_inserti64x4, _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mask_add_epi8,
-    _mm512_mullo_epi32, _mm512_or_si512, _mm512_permutex2var_epi8, _mm512_permutexvar_epi8,
-    _mm512_permutexvar_epi32, _mm512_permutexvar_ps, _mm512_reduce_add_ps, _mm512_set1_epi8,
+    __m128, __m128i, __m256i, __m512, __m512i, _MM_HINT_T0, _mm_cvtepu8_epi16, _mm_cvtph_ps,
+    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_loadu_ps, _mm_loadu_si128,
+    _mm_movehdup_ps, _mm_prefetch, _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_cvtepi8_epi16,
+    _mm256_cvtepu8_epi32, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_set_m128i,
+    _mm512_add_epi32, _mm512_and_si512, _mm512_broadcast_i64x4, _mm512_castps128_ps512,
+    _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cvtepi8_epi32,
+    _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_dpbusd_epi32,
+    _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps, _mm512_inserti64x4, _mm512_loadu_ps,
+    _mm512_loadu_si512, _mm512_mask_add_epi8, _mm512_mullo_epi32, _mm512_or_si512,
+    _mm512_permutex2var_epi8, _mm512_permutexvar_epi8, _mm512_permutexvar_epi32,
+    _mm512_permutexvar_ps, _mm512_reduce_add_ps, _mm512_set1_epi8, _mm512_set1_epi32,
     _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32, _mm512_sllv_epi16,
-    _mm512_srli_epi16, _mm512_srlv_epi16, _mm512_sub_epi32, _mm512_test_epi8_mask,
-    _mm512_xor_si512, _mm512_zextsi256_si512,
+    _mm512_srli_epi16, _mm512_srlv_epi16, _mm512_storeu_ps, _mm512_sub_epi32,
+    _mm512_test_epi8_mask, _mm512_xor_si512, _mm512_zextsi256_si512,
 };
+use std::cell::RefCell;
 use std::ops::Range;
 
 use super::act::Act;
 use super::kernel::OutChunk;
-use super::scalar::{f16_to_f32, scale_min_k4};
+use super::scalar::f16_to_f32;
 use super::{QWeight, QuantFormat};
 
 // ---------------------------------------------------------------------------------------------
@@ -310,6 +314,10 @@ fn chunk_inner(
     cols: Range<usize>,
     out: &mut OutChunk,
 ) {
+    if use_panel(w.format(), m) {
+        panel_chunk(w, act, m, cols, out);
+        return;
+    }
     match w.format() {
         QuantFormat::Q4_0 => drive!(q4_0_tile, w, act, x, m, cols, out),
         QuantFormat::Q8_0 => drive!(q8_0_tile, w, act, x, m, cols, out),
@@ -480,16 +488,23 @@ struct KBlock {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 fn decode_q45k(b: &[u8], five: bool) -> KBlock {
     let m4 = _mm512_set1_epi8(0x0F);
-    let scales = &b[4..16];
-    let mut sc = [0i32; 16];
-    let mut mins = [0i16; 16];
-    for j in 0..8 {
-        let (s, m) = scale_min_k4(j, scales);
-        sc[j] = i32::from(s);
-        mins[2 * j] = i16::from(m);
-        mins[2 * j + 1] = i16::from(m);
-    }
-    let sc8 = _mm512_castsi256_si512(ld256_i32(&sc));
+    // ggml's unpack of the 12 scale bytes: 8 six-bit scales, then 8 six-bit mins.
+    let word =
+        |i: usize| u32::from_le_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
+    let sc_lo = u0 & k1;
+    let sc_hi = (u2 & k2) | (((u0 >> 6) & k3) << 4);
+    let mn_lo = u1 & k1;
+    let mn_hi = ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4);
+    let scales = (u64::from(sc_hi) << 32) | u64::from(sc_lo);
+    let mins = (u64::from(mn_hi) << 32) | u64::from(mn_lo);
+    let sc8 = _mm512_castsi256_si512(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(scales as i64)));
+    let mn8 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
+    let mins = _mm256_set_m128i(_mm_unpackhi_epi16(mn8, mn8), _mm_unpacklo_epi16(mn8, mn8));
+    let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+        b[0], b[1], b[2], b[3],
+    ])));
     let qs_at = if five { 48 } else { 16 };
     let qh = if five {
         _mm512_broadcast_i64x4(ld256(b, 16))
@@ -513,17 +528,10 @@ fn decode_q45k(b: &[u8], five: bool) -> KBlock {
     KBlock {
         w,
         sc: scv,
-        mins: ld256_i16(&mins, 0),
-        d: half(b, 0),
-        dmin: half(b, 2),
+        mins,
+        d: _mm_cvtss_f32(dd),
+        dmin: _mm_cvtss_f32(_mm_movehdup_ps(dd)),
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-fn ld256_i32(s: &[i32; 16]) -> __m256i {
-    // SAFETY: the first 8 of the 16 values are read; unaligned load.
-    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
 }
 
 #[inline]
@@ -695,3 +703,146 @@ fn conv_bf16(v: __m256i) -> __m512 {
 
 half_tile!(f16_tile, conv_f16);
 half_tile!(bf16_tile, conv_bf16);
+
+// ---------------------------------------------------------------------------------------------
+// Prefill (many activation rows) for Q4_0 and Q8_0: the chunk's weight rows are unpacked 16 at
+// a time into a panel where each 64-byte vector holds 4 consecutive values of 16 rows, so one
+// `vpdpbusd` with 4 broadcast activation bytes advances 16 outputs; the panel is built once
+// and used by every activation row, and the block scales are applied once per block and row.
+
+/// Activation rows from which the panel kernel pays for building its panels.
+const PANEL_MIN_M: usize = 16;
+/// Panel bytes per 32-block: 8 quads × 16 rows × 4 values, then 16 f32 scales.
+const PANEL_BLOCK: usize = 8 * 64 + 64;
+
+/// Whether the AVX-512 path runs `format` at `m` rows through the panel kernel (its
+/// activations then use one lane per block: `lanes = 1`).
+pub(crate) fn use_panel(format: QuantFormat, m: usize) -> bool {
+    m >= PANEL_MIN_M && matches!(format, QuantFormat::Q4_0 | QuantFormat::Q8_0)
+}
+
+thread_local! {
+    static PANEL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn st512_ps(v: __m512) -> [f32; 16] {
+    let mut o = [0f32; 16];
+    // SAFETY: `o` holds exactly 16 f32; unaligned store.
+    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+    o
+}
+
+/// Unpacks weight rows `j0..j0 + rows` (at most 16; missing rows are zero) into `panel`.
+fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
+    let nb = w.cols() / 32;
+    let q8 = w.format() == QuantFormat::Q8_0;
+    let bb = w.format().block_bytes();
+    for r in 0..16 {
+        let row = (r < rows).then(|| w.row(j0 + r));
+        for b in 0..nb {
+            let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
+            let mut vals = [0u8; 32];
+            let mut d = 0f32;
+            if let Some(row) = row {
+                let blk = &row[b * bb..(b + 1) * bb];
+                d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+                if q8 {
+                    for (v, &q) in vals.iter_mut().zip(&blk[2..34]) {
+                        *v = q ^ 0x80;
+                    }
+                } else {
+                    for l in 0..16 {
+                        vals[l] = blk[2 + l] & 0x0F;
+                        vals[l + 16] = blk[2 + l] >> 4;
+                    }
+                }
+            }
+            for q in 0..8 {
+                dst[q * 64 + r * 4..q * 64 + r * 4 + 4].copy_from_slice(&vals[q * 4..q * 4 + 4]);
+            }
+            dst[512 + r * 4..512 + r * 4 + 4].copy_from_slice(&d.to_le_bytes());
+        }
+    }
+}
+
+fn dword(a: &[i8], at: usize) -> i32 {
+    i32::from_le_bytes([
+        a[at] as u8,
+        a[at + 1] as u8,
+        a[at + 2] as u8,
+        a[at + 3] as u8,
+    ])
+}
+
+/// `MR` activation rows against one panel: lane `r` of result `i` is output `(i0 + i, j0 + r)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+fn panel_tile<const MR: usize>(panel: &[u8], nb: usize, act: &Act, i0: usize) -> [__m512; MR] {
+    let mut out = [_mm512_setzero_ps(); MR];
+    let rows: [(&[i8], &[f32], &[f32]); MR] =
+        std::array::from_fn(|i| (act.qs_row(i0 + i), act.d_row(i0 + i), act.corr_row(i0 + i)));
+    for b in 0..nb {
+        let p = b * PANEL_BLOCK;
+        let wq: [__m512i; 8] = std::array::from_fn(|q| ld512(panel, p + 64 * q));
+        let dw = _mm512_castsi512_ps(ld512(panel, p + 512));
+        for i in 0..MR {
+            let (qs, d, corr) = rows[i];
+            let a = &qs[b * 32..b * 32 + 32];
+            let mut acc0 = _mm512_setzero_si512();
+            let mut acc1 = _mm512_setzero_si512();
+            for q in (0..8).step_by(2) {
+                acc0 = _mm512_dpbusd_epi32(acc0, wq[q], _mm512_set1_epi32(dword(a, 4 * q)));
+                acc1 = _mm512_dpbusd_epi32(acc1, wq[q + 1], _mm512_set1_epi32(dword(a, 4 * q + 4)));
+            }
+            let t = _mm512_fmsub_ps(
+                _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
+                _mm512_set1_ps(d[b]),
+                _mm512_set1_ps(corr[b]),
+            );
+            out[i] = _mm512_fmadd_ps(t, dw, out[i]);
+        }
+    }
+    out
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut OutChunk) {
+    let nb = w.cols() / 32;
+    let mut run = |panel: &mut Vec<u8>| {
+        if panel.len() < nb * PANEL_BLOCK {
+            panel.resize(nb * PANEL_BLOCK, 0);
+        }
+        let mut j0 = cols.start;
+        while j0 < cols.end {
+            let rows = (cols.end - j0).min(16);
+            build_panel(w, j0, rows, panel);
+            let mut i = 0;
+            while i < m {
+                let take = if m - i >= 4 { 4 } else { 1 };
+                if take == 4 {
+                    let r = panel_tile::<4>(panel, nb, act, i);
+                    for (di, v) in r.iter().enumerate() {
+                        let vals = st512_ps(*v);
+                        for (dj, &y) in vals[..rows].iter().enumerate() {
+                            out.set(i + di, j0 + dj, y);
+                        }
+                    }
+                } else {
+                    let r = panel_tile::<1>(panel, nb, act, i);
+                    let vals = st512_ps(r[0]);
+                    for (dj, &y) in vals[..rows].iter().enumerate() {
+                        out.set(i, j0 + dj, y);
+                    }
+                }
+                i += take;
+            }
+            j0 += 16;
+        }
+    };
+    PANEL.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut panel) => run(&mut panel),
+        Err(_) => run(&mut Vec::new()),
+    });
+}
