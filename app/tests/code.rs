@@ -319,6 +319,34 @@ fn ghost_text_appears_after_a_pause_and_tab_accepts_it_as_one_edit() {
 }
 
 #[test]
+fn a_chosen_fim_format_overrides_the_detected_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = model_harness(&tmp.path().join("home"));
+    h.step();
+    load_code_model(&mut h, tmp.path(), true);
+    h.state_mut().settings_mut().code.ghost_delay_ms = 0;
+    // StarCoder's tokens are not in this Qwen-style tokenizer: the request fails and says so.
+    h.state_mut().settings_mut().code.fim_format = Some("starcoder".into());
+    go_to(&mut h, Panel::Code);
+    assert!(shows_text(&h, "starcoder"), "the toolbar shows the choice");
+    focus_editor(&mut h);
+    type_in_editor(&mut h, PY);
+    step_until(&mut h, "the refused request", |h| {
+        h.state().code().ghost.last_error.is_some() && !h.state().is_busy()
+    });
+    let error = h.state().code().ghost.last_error.clone().expect("error");
+    assert!(error.contains("<fim_prefix>"), "{error}");
+    assert!(h.state().code().ghost_text().is_none());
+    // Back to the detected format: suggestions come again.
+    h.state_mut().settings_mut().code.fim_format = None;
+    type_in_editor(&mut h, "a");
+    key(&mut h, Modifiers::NONE, Key::Backspace);
+    step_until(&mut h, "a suggestion", |h| {
+        h.state().code().ghost_text().is_some() && !h.state().is_busy()
+    });
+}
+
+#[test]
 fn esc_dismisses_and_ctrl_right_takes_one_word() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut h = model_harness(&tmp.path().join("home"));

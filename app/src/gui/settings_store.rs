@@ -107,6 +107,9 @@ pub struct CodeSettings {
     pub ghost_delay_ms: u64,
     /// Actions include the other open tabs as context.
     pub include_tabs: bool,
+    /// A FIM format chosen by name instead of the one detected from the model's tokens
+    /// (`None` = detect).
+    pub fim_format: Option<String>,
 }
 
 impl Default for CodeSettings {
@@ -115,6 +118,7 @@ impl Default for CodeSettings {
             ghost_text: true,
             ghost_delay_ms: 350,
             include_tabs: false,
+            fim_format: None,
         }
     }
 }

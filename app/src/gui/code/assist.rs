@@ -14,6 +14,7 @@ use studio_inference::code::actions::{
 };
 use studio_inference::code::complete::{CompletionCache, CompletionRequest, FimSupport};
 use studio_inference::code::diff::{Diff, apply, diff_lines};
+use studio_inference::code::fim::FimFormat;
 use studio_inference::code::language::language_by_name;
 use studio_inference::sampling::SamplingParams;
 use studio_inference::worker::{Event, JobId, JobKind};
@@ -509,7 +510,17 @@ impl StudioApp {
         let Some(anchor) = self.code.ghost.seen else {
             return;
         };
-        let Some(model) = self.model.as_ref().map(|m| m.name.clone()) else {
+        let format = self
+            .settings
+            .code
+            .fim_format
+            .as_deref()
+            .and_then(FimFormat::from_name);
+        // The format is part of the cache key: another format gives other suggestions.
+        let Some(model) = self.model.as_ref().map(|m| match format {
+            Some(f) => format!("{} ({})", m.name, f.name()),
+            None => m.name.clone(),
+        }) else {
             return;
         };
         let Some(tab) = self.code.tab(anchor.tab) else {
@@ -546,7 +557,8 @@ impl StudioApp {
             max_new_tokens: GHOST_MAX_TOKENS,
             ..SamplingParams::default()
         };
-        let request = CompletionRequest::new(prefix.clone(), suffix.clone(), params);
+        let mut request = CompletionRequest::new(prefix.clone(), suffix.clone(), params);
+        request.format = format;
         let job = self.submit(
             JobKind::Complete {
                 request: Box::new(request),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use egui::{Key, KeyboardShortcut, Modifiers, RichText};
 use studio_inference::code::actions::{ActionPreset, presets_with};
 use studio_inference::code::complete::FimSupport;
+use studio_inference::code::fim::FimFormat;
 use studio_inference::worker::JobId;
 
 use self::assist::{ActionRun, GhostState};
@@ -438,6 +439,26 @@ impl CodePanel {
             )
             .labelled_by(l.id)
             .on_hover_text("How long a pause in typing asks for a suggestion");
+            let l = ui.label("FIM format");
+            let chosen = settings.code.fim_format.clone();
+            egui::ComboBox::from_id_salt("code_fim_format")
+                .selected_text(chosen.as_deref().unwrap_or("detect"))
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut settings.code.fim_format, None, "detect");
+                    for f in FimFormat::ALL {
+                        ui.selectable_value(
+                            &mut settings.code.fim_format,
+                            Some(f.name().to_owned()),
+                            f.name(),
+                        );
+                    }
+                })
+                .response
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "Which fill-in-the-middle prompt format to use; \"detect\" reads it from \
+                     the model's special tokens",
+                );
             ui.separator();
             let (text, tip) = ghost_status(fim, settings.code.ghost_text);
             let text = drawable(ui, &text);
