@@ -44,18 +44,33 @@ fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
     }
 }
 
-/// Quantizes one block of values: returns `(d, Σq)` and writes `q` through `put(i, q)`.
-fn quantize_block(x: &[f32], mut put: impl FnMut(usize, i8)) -> (f32, i32) {
+/// Quantizes one block of values into `q` (same length): returns `(d, Σq)`. Rounds half to
+/// even (as ggml's SIMD quantizers do), which keeps the loop vectorizable.
+fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        return super::x86_avx512::quantize_block(x, q);
+    }
+    quantize_block_scalar(x, q)
+}
+
+fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (i, &v) in x.iter().enumerate() {
-        let q = (v * id).round().clamp(-127.0, 127.0) as i8;
-        sum += i32::from(q);
-        put(i, q);
+    for (o, &v) in q.iter_mut().zip(x) {
+        // |v·id| ≤ 127 up to rounding; the saturating cast keeps it in range.
+        *o = (v * id).round_ties_even() as i8;
     }
+    let sum = q.iter().map(|&v| i32::from(v)).sum();
     (d, sum)
+}
+
+/// Whether the AVX-512 quantizer can run (detected once).
+#[cfg(target_arch = "x86_64")]
+fn simd() -> bool {
+    static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| super::KernelPath::Avx512Vnni.available())
 }
 
 impl Act {
@@ -89,9 +104,11 @@ impl Act {
                     corr.fill(0.0);
                     let row = &x[i * k..(i + 1) * k];
                     for (b, xb) in row.chunks_exact(32).enumerate() {
-                        let (db, sum) = quantize_block(xb, |e, q| {
-                            qs[qs_index(layout, b, e)] = q;
-                        });
+                        let mut q = [0i8; 32];
+                        let (db, sum) = quantize_block(xb, &mut q);
+                        let (lo, hi) = (qs_index(layout, b, 0), qs_index(layout, b, 16));
+                        qs[lo..lo + 16].copy_from_slice(&q[..16]);
+                        qs[hi..hi + 16].copy_from_slice(&q[16..]);
                         d[b] = db;
                         corr[b] = off * db * sum as f32 / lanes;
                     }
@@ -114,7 +131,7 @@ impl Act {
                     let row = &x[i * k..(i + 1) * k];
                     for (s, xs) in row.chunks_exact(256).enumerate() {
                         let q = &mut qs[s * 256..(s + 1) * 256];
-                        let (ds, _) = quantize_block(xs, |e, v| q[e] = v);
+                        let (ds, _) = quantize_block(xs, q);
                         d[s] = ds;
                         for (j, sums) in bsums[s * 16..(s + 1) * 16].iter_mut().enumerate() {
                             *sums = q[j * 16..(j + 1) * 16].iter().map(|&v| i16::from(v)).sum();
@@ -165,11 +182,38 @@ pub(crate) fn round_trip(format: QuantFormat, x: &[f32], k: usize) -> Vec<f32> {
     for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
         for (xb, yb) in row.chunks_exact(block).zip(dst.chunks_exact_mut(block)) {
             let mut q = [0i8; 256];
-            let (d, _) = quantize_block(xb, |e, v| q[e] = v);
+            let (d, _) = quantize_block(xb, &mut q[..block]);
             for (y, &v) in yb.iter_mut().zip(&q) {
                 *y = f32::from(v) * d;
             }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// The AVX-512 quantizer is bit-identical to the portable one (ties included).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn simd_quantizer_equals_scalar() {
+        if !super::simd() {
+            return;
+        }
+        let mut x: Vec<f32> = (0..256)
+            .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+            .collect();
+        // Exact halves after scaling: amax 127 gives id 1.
+        x[0] = 127.0;
+        for (i, v) in x.iter_mut().enumerate().skip(1).take(40) {
+            *v = i as f32 - 20.5;
+        }
+        for len in [32, 256] {
+            let (mut a, mut b) = (vec![0i8; len], vec![0i8; len]);
+            let ra = super::quantize_block_scalar(&x[..len], &mut a);
+            let rb = super::quantize_block(&x[..len], &mut b);
+            assert_eq!(ra, rb);
+            assert_eq!(a, b);
+        }
+    }
 }

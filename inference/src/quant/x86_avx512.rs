@@ -12,18 +12,19 @@
 use std::arch::x86_64::{
     __m128, __m128i, __m256i, __m512, __m512i, _MM_HINT_T0, _mm_cvtepu8_epi16, _mm_cvtph_ps,
     _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_loadu_ps, _mm_loadu_si128,
-    _mm_movehdup_ps, _mm_prefetch, _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_cvtepi8_epi16,
-    _mm256_cvtepu8_epi32, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_set_m128i,
-    _mm512_add_epi32, _mm512_and_si512, _mm512_broadcast_i64x4, _mm512_castps128_ps512,
-    _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cvtepi8_epi32,
-    _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_dpbusd_epi32,
-    _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps, _mm512_inserti64x4, _mm512_loadu_ps,
-    _mm512_loadu_si512, _mm512_mask_add_epi8, _mm512_mullo_epi32, _mm512_or_si512,
+    _mm_movehdup_ps, _mm_prefetch, _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpacklo_epi16,
+    _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi32, _mm256_loadu_si256, _mm256_madd_epi16,
+    _mm256_set_m128i, _mm512_abs_ps, _mm512_add_epi32, _mm512_and_si512, _mm512_broadcast_i64x4,
+    _mm512_castps128_ps512, _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256,
+    _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32,
+    _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_fmsub_ps,
+    _mm512_fnmadd_ps, _mm512_inserti64x4, _mm512_loadu_ps, _mm512_loadu_si512,
+    _mm512_mask_add_epi8, _mm512_max_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_or_si512,
     _mm512_permutex2var_epi8, _mm512_permutexvar_epi8, _mm512_permutexvar_epi32,
-    _mm512_permutexvar_ps, _mm512_reduce_add_ps, _mm512_set1_epi8, _mm512_set1_epi32,
-    _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32, _mm512_sllv_epi16,
-    _mm512_srli_epi16, _mm512_srlv_epi16, _mm512_storeu_ps, _mm512_sub_epi32,
-    _mm512_test_epi8_mask, _mm512_xor_si512, _mm512_zextsi256_si512,
+    _mm512_permutexvar_ps, _mm512_reduce_add_epi32, _mm512_reduce_add_ps, _mm512_reduce_max_ps,
+    _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+    _mm512_slli_epi32, _mm512_sllv_epi16, _mm512_srli_epi16, _mm512_srlv_epi16, _mm512_storeu_ps,
+    _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512, _mm512_zextsi256_si512,
 };
 use std::cell::RefCell;
 use std::ops::Range;
@@ -845,4 +846,37 @@ fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut O
         Ok(mut panel) => run(&mut panel),
         Err(_) => run(&mut Vec::new()),
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization (bit-identical to `act::quantize_block`: the same max, scale and
+// round-half-to-even).
+
+/// Quantizes `x` (a multiple of 16 values) into `q`: `(d, Σq)`.
+pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert!(super::KernelPath::Avx512Vnni.available() && x.len() % 16 == 0 && q.len() == x.len());
+    // SAFETY: the CPU has every feature this function enables (checked above).
+    unsafe { quantize_block_inner(x, q) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+fn quantize_block_inner(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let mut m = _mm512_setzero_ps();
+    for c in 0..x.len() / 16 {
+        m = _mm512_max_ps(m, _mm512_abs_ps(ld512_ps(x, 16 * c)));
+    }
+    let amax = _mm512_reduce_max_ps(m);
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let mut sum = _mm512_setzero_si512();
+    for c in 0..x.len() / 16 {
+        // The default rounding mode is to nearest, ties to even.
+        let v = _mm512_cvtps_epi32(_mm512_mul_ps(ld512_ps(x, 16 * c), id));
+        sum = _mm512_add_epi32(sum, v);
+        let bytes = _mm512_cvtepi32_epi8(v);
+        let dst = &mut q[16 * c..16 * c + 16];
+        // SAFETY: `dst` is exactly 16 bytes; unaligned store.
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), bytes) };
+    }
+    (d, _mm512_reduce_add_epi32(sum))
 }
