@@ -93,7 +93,8 @@ fn ld512_ps(s: &[f32], at: usize) -> __m512 {
     unsafe { _mm512_loadu_ps(s.as_ptr().add(at)) }
 }
 
-/// Asks for the cache line at `s + at` (which may lie past `s`: the next tile's rows).
+/// Asks for the cache line at `s + at` (which may lie past `s`: the next tile's rows, which
+/// follow the tile's first row in memory and are swept in address order).
 #[inline]
 fn prefetch(s: &[u8], at: usize) {
     let p = s.as_ptr().wrapping_add(at);
@@ -239,9 +240,14 @@ macro_rules! drive {
             &mut OutChunk,
         ) = ($w, $act, $x, $m, $cols, $out);
         let rb = w.row_bytes();
+        // Decode tiles of 8 rows pay off where a row's blocks are cheap to decode.
+        let wide_decode = matches!(
+            w.format(),
+            QuantFormat::Q8_0 | QuantFormat::F16 | QuantFormat::BF16
+        );
         let mut j = cols.start;
         while j < cols.end {
-            if m < 4 && cols.end - j >= 8 {
+            if m < 4 && wide_decode && cols.end - j >= 8 {
                 // Decode: one activation row against 8 weight rows, 8 independent chains.
                 let wr: [&[u8]; 8] = std::array::from_fn(|r| w.row(j + r));
                 for i in 0..m {
@@ -372,7 +378,7 @@ fn q4_0_tile<const MR: usize, const NR: usize>(
         let mut whi = [_mm512_setzero_si512(); NR];
         let mut dw = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
-            prefetch(wr[r], g * 72 + pf);
+            prefetch(wr[0], pf + (g * NR + r) * 72);
             let (src, at): (&[u8], usize) = if g < full {
                 (wr[r], g * 72)
             } else {
@@ -437,7 +443,7 @@ fn q8_0_tile<const MR: usize, const NR: usize>(
         let mut wq = [_mm512_setzero_si512(); NR];
         let mut dw = [_mm512_setzero_ps(); NR];
         for r in 0..NR {
-            prefetch(wr[r], g * 68 + pf);
+            prefetch(wr[0], pf + (g * NR + r) * 68);
             let (src, at): (&[u8], usize) = if g < full {
                 (wr[r], g * 68)
             } else {
@@ -582,7 +588,7 @@ macro_rules! k_tile {
             for s in 0..nsb {
                 let blocks: [KBlock; NR] = std::array::from_fn(|r| {
                     for line in (0..$bytes).step_by(64) {
-                        prefetch(wr[r], s * $bytes + line + pf);
+                        prefetch(wr[0], pf + (s * NR + r) * $bytes + line);
                     }
                     $decode(&wr[r][s * $bytes..(s + 1) * $bytes])
                 });
@@ -660,7 +666,7 @@ macro_rules! half_tile {
             let rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(i0 + i) * k..(i0 + i + 1) * k]);
             for g in 0..full {
                 let w: [__m512; NR] = std::array::from_fn(|r| {
-                    prefetch(wr[r], g * 32 + pf);
+                    prefetch(wr[0], pf + (g * NR + r) * 32);
                     $conv(ld256(wr[r], g * 32))
                 });
                 for i in 0..MR {
@@ -854,7 +860,11 @@ fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut O
 
 /// Quantizes `x` (a multiple of 16 values) into `q`: `(d, Σq)`.
 pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
-    assert!(super::KernelPath::Avx512Vnni.available() && x.len() % 16 == 0 && q.len() == x.len());
+    assert!(
+        super::KernelPath::Avx512Vnni.available()
+            && x.len().is_multiple_of(16)
+            && q.len() == x.len()
+    );
     // SAFETY: the CPU has every feature this function enables (checked above).
     unsafe { quantize_block_inner(x, q) }
 }
