@@ -98,7 +98,10 @@ fn effective(format: QuantFormat, path: KernelPath) -> KernelPath {
 /// (`None`: the kernel reads the f32 activations).
 fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32, f32)> {
     #[cfg(target_arch = "x86_64")]
-    if path == KernelPath::Avx512Vnni && super::x86_avx512::use_panel(format, m) {
+    if path == KernelPath::Avx512Vnni
+        && matches!(format, QuantFormat::Q4_0 | QuantFormat::Q8_0)
+        && super::x86_avx512::use_panel(format, m)
+    {
         let off = if format == QuantFormat::Q8_0 {
             128.0
         } else {

@@ -24,14 +24,15 @@ use std::arch::x86_64::{
     _mm512_permutexvar_ps, _mm512_reduce_add_epi32, _mm512_reduce_add_ps, _mm512_reduce_max_ps,
     _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
     _mm512_slli_epi32, _mm512_sllv_epi16, _mm512_srli_epi16, _mm512_srlv_epi16, _mm512_storeu_ps,
-    _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512, _mm512_zextsi256_si512,
+    _mm512_storeu_si512, _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512,
+    _mm512_zextsi256_si512,
 };
 use std::cell::RefCell;
 use std::ops::Range;
 
 use super::act::Act;
 use super::kernel::OutChunk;
-use super::scalar::f16_to_f32;
+use super::scalar::{f16_to_f32, scale_min_k4};
 use super::{QWeight, QuantFormat};
 
 // ---------------------------------------------------------------------------------------------
@@ -725,7 +726,15 @@ const PANEL_BLOCK: usize = 8 * 64 + 64;
 /// Whether the AVX-512 path runs `format` at `m` rows through the panel kernel (its
 /// activations then use one lane per block: `lanes = 1`).
 pub(crate) fn use_panel(format: QuantFormat, m: usize) -> bool {
-    m >= PANEL_MIN_M && matches!(format, QuantFormat::Q4_0 | QuantFormat::Q8_0)
+    m >= PANEL_MIN_M
+        && matches!(
+            format,
+            QuantFormat::Q4_0
+                | QuantFormat::Q8_0
+                | QuantFormat::Q4K
+                | QuantFormat::Q5K
+                | QuantFormat::Q6K
+        )
 }
 
 thread_local! {
@@ -816,20 +825,34 @@ fn panel_tile<const MR: usize>(panel: &[u8], nb: usize, act: &Act, i0: usize) ->
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut OutChunk) {
-    let nb = w.cols() / 32;
+    let kquant = !matches!(w.format(), QuantFormat::Q4_0 | QuantFormat::Q8_0);
+    let six = w.format() == QuantFormat::Q6K;
+    let (units, unit_bytes) = if kquant {
+        (w.cols() / 256, KPANEL_BLOCK)
+    } else {
+        (w.cols() / 32, PANEL_BLOCK)
+    };
     let mut run = |panel: &mut Vec<u8>| {
-        if panel.len() < nb * PANEL_BLOCK {
-            panel.resize(nb * PANEL_BLOCK, 0);
+        if panel.len() < units * unit_bytes {
+            panel.resize(units * unit_bytes, 0);
         }
         let mut j0 = cols.start;
         while j0 < cols.end {
             let rows = (cols.end - j0).min(16);
-            build_panel(w, j0, rows, panel);
+            if kquant {
+                build_kpanel(w, j0, rows, panel);
+            } else {
+                build_panel(w, j0, rows, panel);
+            }
             let mut i = 0;
             while i < m {
                 let take = if m - i >= 4 { 4 } else { 1 };
                 if take == 4 {
-                    let r = panel_tile::<4>(panel, nb, act, i);
+                    let r = if kquant {
+                        kpanel_tile::<4>(panel, units, act, i, six)
+                    } else {
+                        panel_tile::<4>(panel, units, act, i)
+                    };
                     for (di, v) in r.iter().enumerate() {
                         let vals = st512_ps(*v);
                         for (dj, &y) in vals[..rows].iter().enumerate() {
@@ -837,7 +860,11 @@ fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut O
                         }
                     }
                 } else {
-                    let r = panel_tile::<1>(panel, nb, act, i);
+                    let r = if kquant {
+                        kpanel_tile::<1>(panel, units, act, i, six)
+                    } else {
+                        panel_tile::<1>(panel, units, act, i)
+                    };
                     let vals = st512_ps(r[0]);
                     for (dj, &y) in vals[..rows].iter().enumerate() {
                         out.set(i, j0 + dj, y);
@@ -852,6 +879,148 @@ fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut O
         Ok(mut panel) => run(&mut panel),
         Err(_) => run(&mut Vec::new()),
     });
+}
+
+/// K-quant panel bytes per super-block: 64 quads × 16 rows × 4 values, 16 sub-block scales
+/// × 16 rows (i32), 8 mins × 16 rows (i32), then `d` and `dmin` × 16 rows (f32).
+const KPANEL_BLOCK: usize = 4096 + 1024 + 512 + 64 + 64;
+const KP_SC: usize = 4096;
+const KP_MN: usize = 4096 + 1024;
+const KP_D: usize = 4096 + 1024 + 512;
+const KP_DMIN: usize = KP_D + 64;
+
+/// Unpacks K-quant weight rows `j0..j0 + rows` (at most 16; missing rows are zero).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+fn build_kpanel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
+    let format = w.format();
+    let nsb = w.cols() / 256;
+    let bb = format.block_bytes();
+    for r in 0..16 {
+        let row = (r < rows).then(|| w.row(j0 + r));
+        for s in 0..nsb {
+            let dst = &mut panel[s * KPANEL_BLOCK..(s + 1) * KPANEL_BLOCK];
+            let mut vals = [0u8; 256];
+            let mut sc = [0i32; 16];
+            let mut mn = [0i32; 8];
+            let (mut d, mut dmin) = (0f32, 0f32);
+            if let Some(row) = row {
+                let blk = &row[s * bb..(s + 1) * bb];
+                let kb = match format {
+                    QuantFormat::Q4K => decode_q45k(blk, false),
+                    QuantFormat::Q5K => decode_q45k(blk, true),
+                    _ => decode_q6k(blk),
+                };
+                for (c, v) in kb.w.iter().enumerate() {
+                    // SAFETY: `vals[64c..64c + 64]` is inside the 256-byte buffer; unaligned store.
+                    unsafe { _mm512_storeu_si512(vals[64 * c..].as_mut_ptr().cast(), *v) };
+                }
+                d = kb.d;
+                dmin = kb.dmin;
+                if format == QuantFormat::Q6K {
+                    for (j, v) in sc.iter_mut().enumerate() {
+                        *v = i32::from(blk[192 + j] as i8);
+                    }
+                } else {
+                    for j in 0..8 {
+                        let (a, b) = scale_min_k4(j, &blk[4..16]);
+                        sc[j] = i32::from(a);
+                        mn[j] = i32::from(b);
+                    }
+                }
+            }
+            for q in 0..64 {
+                dst[q * 64 + r * 4..q * 64 + r * 4 + 4].copy_from_slice(&vals[q * 4..q * 4 + 4]);
+            }
+            for (j, v) in sc.iter().enumerate() {
+                dst[KP_SC + j * 64 + r * 4..KP_SC + j * 64 + r * 4 + 4]
+                    .copy_from_slice(&v.to_le_bytes());
+            }
+            for (j, v) in mn.iter().enumerate() {
+                dst[KP_MN + j * 64 + r * 4..KP_MN + j * 64 + r * 4 + 4]
+                    .copy_from_slice(&v.to_le_bytes());
+            }
+            dst[KP_D + r * 4..KP_D + r * 4 + 4].copy_from_slice(&d.to_le_bytes());
+            dst[KP_DMIN + r * 4..KP_DMIN + r * 4 + 4].copy_from_slice(&dmin.to_le_bytes());
+        }
+    }
+}
+
+/// `MR` activation rows against one K-quant panel: lane `r` of result `i` is output
+/// `(i0 + i, j0 + r)`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+fn kpanel_tile<const MR: usize>(
+    panel: &[u8],
+    nsb: usize,
+    act: &Act,
+    i0: usize,
+    six: bool,
+) -> [__m512; MR] {
+    let mut out = [_mm512_setzero_ps(); MR];
+    for s in 0..nsb {
+        let p = &panel[s * KPANEL_BLOCK..(s + 1) * KPANEL_BLOCK];
+        let a: [&[i8]; MR] = std::array::from_fn(|i| &act.qs_row(i0 + i)[s * 256..(s + 1) * 256]);
+        let bs: [&[i16]; MR] =
+            std::array::from_fn(|i| &act.bsums_row(i0 + i)[s * 16..(s + 1) * 16]);
+        let mut isum = [_mm512_setzero_si512(); MR];
+        let mut msum = [_mm512_setzero_si512(); MR];
+        if six {
+            for j in 0..16 {
+                let mut acc = [_mm512_setzero_si512(); MR];
+                for q in 0..4 {
+                    let wv = ld512(p, (4 * j + q) * 64);
+                    for i in 0..MR {
+                        acc[i] = _mm512_dpbusd_epi32(
+                            acc[i],
+                            wv,
+                            _mm512_set1_epi32(dword(a[i], 16 * j + 4 * q)),
+                        );
+                    }
+                }
+                let scv = ld512(p, KP_SC + j * 64);
+                for i in 0..MR {
+                    let c = _mm512_sub_epi32(acc[i], _mm512_set1_epi32(32 * i32::from(bs[i][j])));
+                    isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(c, scv));
+                }
+            }
+        } else {
+            for j in 0..8 {
+                let mut acc = [_mm512_setzero_si512(); MR];
+                for q in 0..8 {
+                    let wv = ld512(p, (8 * j + q) * 64);
+                    for i in 0..MR {
+                        acc[i] = _mm512_dpbusd_epi32(
+                            acc[i],
+                            wv,
+                            _mm512_set1_epi32(dword(a[i], 32 * j + 4 * q)),
+                        );
+                    }
+                }
+                let scv = ld512(p, KP_SC + j * 64);
+                let mnv = ld512(p, KP_MN + j * 64);
+                for i in 0..MR {
+                    isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(acc[i], scv));
+                    let b32 = i32::from(bs[i][2 * j]) + i32::from(bs[i][2 * j + 1]);
+                    msum[i] =
+                        _mm512_add_epi32(msum[i], _mm512_mullo_epi32(mnv, _mm512_set1_epi32(b32)));
+                }
+            }
+        }
+        let d16 = _mm512_castsi512_ps(ld512(p, KP_D));
+        let dmin16 = _mm512_castsi512_ps(ld512(p, KP_DMIN));
+        for i in 0..MR {
+            let da = _mm512_set1_ps(act.d_row(i0 + i)[s]);
+            out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(d16, da), out[i]);
+            if !six {
+                out[i] = _mm512_fnmadd_ps(
+                    _mm512_cvtepi32_ps(msum[i]),
+                    _mm512_mul_ps(dmin16, da),
+                    out[i],
+                );
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
