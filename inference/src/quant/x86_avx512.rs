@@ -323,7 +323,7 @@ fn chunk_inner(
     out: &mut OutChunk,
 ) {
     if use_panel(w.format(), m) {
-        panel_chunk(w, act, m, cols, out);
+        panel_chunk(w, act, x, m, cols, out);
         return;
     }
     match w.format() {
@@ -824,7 +824,18 @@ fn panel_tile<const MR: usize>(panel: &[u8], nb: usize, act: &Act, i0: usize) ->
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut OutChunk) {
+fn panel_chunk(
+    w: &QWeight,
+    act: &Act,
+    x: &[f32],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut OutChunk,
+) {
+    if matches!(w.format(), QuantFormat::F16 | QuantFormat::BF16) {
+        half_panel_chunk(w, x, m, cols, out);
+        return;
+    }
     let kquant = !matches!(w.format(), QuantFormat::Q4_0 | QuantFormat::Q8_0);
     let six = w.format() == QuantFormat::Q6K;
     let (units, unit_bytes) = if kquant {
@@ -876,6 +887,97 @@ fn panel_chunk(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut O
         }
     };
     PANEL.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut panel) => run(&mut panel),
+        Err(_) => run(&mut Vec::new()),
+    });
+}
+
+/// F16/BF16 weight rows `j0..j0 + rows` (at most 16; missing rows are zero) as f32, one
+/// 16-lane vector per input feature.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
+    let k = w.cols();
+    let bf16 = w.format() == QuantFormat::BF16;
+    for r in 0..16 {
+        if r >= rows {
+            for kk in 0..k {
+                panel[kk * 16 + r] = 0.0;
+            }
+            continue;
+        }
+        let row = w.row(j0 + r);
+        let mut g = 0;
+        while g + 16 <= k {
+            let v = ld256(row, g * 2);
+            let f = if bf16 { conv_bf16(v) } else { conv_f16(v) };
+            for (l, &y) in st512_ps(f).iter().enumerate() {
+                panel[(g + l) * 16 + r] = y;
+            }
+            g += 16;
+        }
+        for kk in g..k {
+            let h = u16::from_le_bytes([row[2 * kk], row[2 * kk + 1]]);
+            panel[kk * 16 + r] = if bf16 {
+                super::scalar::bf16_to_f32(h)
+            } else {
+                f16_to_f32(h)
+            };
+        }
+    }
+}
+
+/// `MR` activation rows against one F16/BF16 panel (f32 FMAs with broadcast activations).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn half_panel_tile<const MR: usize>(panel: &[f32], k: usize, x: &[f32], i0: usize) -> [__m512; MR] {
+    let mut out = [_mm512_setzero_ps(); MR];
+    let rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(i0 + i) * k..(i0 + i + 1) * k]);
+    for kk in 0..k {
+        let wv = ld512_ps(panel, kk * 16);
+        for i in 0..MR {
+            out[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(rows[i][kk]), out[i]);
+        }
+    }
+    out
+}
+
+thread_local! {
+    static HALF_PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+fn half_panel_chunk(w: &QWeight, x: &[f32], m: usize, cols: Range<usize>, out: &mut OutChunk) {
+    let k = w.cols();
+    let mut run = |panel: &mut Vec<f32>| {
+        if panel.len() < k * 16 {
+            panel.resize(k * 16, 0.0);
+        }
+        let mut j0 = cols.start;
+        while j0 < cols.end {
+            let rows = (cols.end - j0).min(16);
+            build_half_panel(w, j0, rows, panel);
+            let mut i = 0;
+            while i < m {
+                let take = if m - i >= 8 { 8 } else { 1 };
+                if take == 8 {
+                    let r = half_panel_tile::<8>(panel, k, x, i);
+                    for (di, v) in r.iter().enumerate() {
+                        for (dj, &y) in st512_ps(*v)[..rows].iter().enumerate() {
+                            out.set(i + di, j0 + dj, y);
+                        }
+                    }
+                } else {
+                    let r = half_panel_tile::<1>(panel, k, x, i);
+                    for (dj, &y) in st512_ps(r[0])[..rows].iter().enumerate() {
+                        out.set(i, j0 + dj, y);
+                    }
+                }
+                i += take;
+            }
+            j0 += 16;
+        }
+    };
+    HALF_PANEL.with(|cell| match cell.try_borrow_mut() {
         Ok(mut panel) => run(&mut panel),
         Err(_) => run(&mut Vec::new()),
     });
