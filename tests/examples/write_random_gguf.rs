@@ -5,13 +5,17 @@
 //! studio bench generate --model /tmp/q.gguf
 //! ```
 //!
+//! A fourth argument, a vocab-only GGUF such as llama.cpp's `models/ggml-vocab-qwen2.gguf`,
+//! replaces the test tokenizer with that file's `tokenizer.*` metadata (a real Qwen2
+//! tokenizer of 151,936 tokens), so llama.cpp's own tools load the same file for comparison.
+//!
 //! Shapes: `qwen2-0.5b` (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
 //! vocab 151936, tied embeddings, rope base 1e6, q/k/v biases), `tiny`. Types: f32, f16,
 //! q8_0, q4_0.
 
 use std::path::PathBuf;
 
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, gguf_file};
 use serde_json::json;
 use studio_tests::families::write_family_with;
 use studio_tests::gguf_writer::{GgufOptions, convert};
@@ -30,6 +34,7 @@ fn main() {
         }
     };
     let out = PathBuf::from(args.next().unwrap_or_else(|| format!("/tmp/{shape}.gguf")));
+    let vocab = args.next().map(PathBuf::from);
     let overrides = match shape.as_str() {
         "qwen2-0.5b" => json!({
             "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
@@ -46,6 +51,17 @@ fn main() {
     };
     let dir = tempfile::tempdir().expect("tmp");
     write_family_with(dir.path(), "qwen2", &overrides, 0);
-    convert(dir.path(), &out, &GgufOptions::with_dtype(dtype));
+    let mut options = GgufOptions::with_dtype(dtype);
+    if let Some(vocab) = vocab {
+        let mut file = std::fs::File::open(&vocab).expect("open the vocab GGUF");
+        let content = gguf_file::Content::read(&mut file).expect("read the vocab GGUF");
+        options.overrides = content
+            .metadata
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .collect();
+        options.overrides.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    convert(dir.path(), &out, &options);
     println!("{}", out.display());
 }
