@@ -112,7 +112,11 @@ fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
 /// Every format × every available path × every shape: reference, unquantized product and
 /// candle, with the tolerances of the module docs.
 fn check_format(format: QuantFormat) {
-    for (si, (m, n, k)) in shapes(format).into_iter().enumerate() {
+    check_shapes(format, &shapes(format));
+}
+
+fn check_shapes(format: QuantFormat, shapes: &[(usize, usize, usize)]) {
+    for (si, &(m, n, k)) in shapes.iter().enumerate() {
         let (qt, qw) = weight(format, n, k, 100 + si as u64);
         let wd = qw.dequantize();
         let mut rng = StdRng::seed_from_u64(7 + si as u64);
@@ -195,6 +199,71 @@ fn f16_matches_reference_on_every_path() {
 #[test]
 fn bf16_matches_reference_on_every_path() {
     check_format(QuantFormat::BF16);
+}
+
+/// A weight of random bytes with small finite scales (quick to make at any size).
+fn random_bytes_weight(format: QuantFormat, n: usize, k: usize, rng: &mut StdRng) -> QWeight {
+    let bb = format.block_bytes();
+    let mut data = vec![0u8; n * k / format.block_size() * bb];
+    rng.fill(&mut data[..]);
+    let scale = 0x1C00u16.to_le_bytes();
+    let at: &[usize] = match format {
+        QuantFormat::Q4_0 | QuantFormat::Q8_0 => &[0],
+        QuantFormat::Q4K | QuantFormat::Q5K => &[0, 2],
+        QuantFormat::Q6K => &[208],
+        QuantFormat::F16 | QuantFormat::BF16 => &[],
+    };
+    for blk in data.chunks_exact_mut(bb) {
+        for &a in at {
+            blk[a..a + 2].copy_from_slice(&scale);
+        }
+        if matches!(format, QuantFormat::F16 | QuantFormat::BF16) {
+            blk[1] &= 0x83; // small exponents: finite values
+            blk[1] |= 0x20;
+        }
+    }
+    QWeight::from_bytes("random", format, n, k, data).expect("weight")
+}
+
+/// Shapes big enough that the output columns are split across the thread pool (uneven last
+/// chunk), for the decode tiles and the prefill panels: every column equals the same product
+/// computed on one thread from a weight made of a slice of the rows (bit for bit: each output
+/// is computed the same way whatever the split).
+#[test]
+fn thread_split_equals_single_thread() {
+    let path = KernelPath::detect();
+    for format in QuantFormat::ALL {
+        let k = if block_of(format) == 256 { 1024 } else { 992 };
+        for (m, n) in [(1, 2100), (20, 130)] {
+            let mut rng = StdRng::seed_from_u64(4);
+            let qw = random_bytes_weight(format, n, k, &mut rng);
+            let x = random(&mut rng, m * k, 1.0);
+            let mut y = vec![0f32; m * n];
+            qw.matmul_with(&x, m, &mut y, path).expect("big");
+            let rb = qw.bytes().len() / n;
+            let step = 48;
+            for j0 in (0..n).step_by(step) {
+                let rows = step.min(n - j0);
+                let part = QWeight::from_bytes(
+                    "part",
+                    format,
+                    rows,
+                    k,
+                    qw.bytes()[j0 * rb..(j0 + rows) * rb].to_vec(),
+                )
+                .expect("slice");
+                let mut yp = vec![0f32; m * rows];
+                part.matmul_with(&x, m, &mut yp, path).expect("part");
+                for i in 0..m {
+                    assert_eq!(
+                        yp[i * rows..(i + 1) * rows],
+                        y[i * n + j0..i * n + j0 + rows],
+                        "{format} on {path}, m={m}, rows {j0}.."
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]

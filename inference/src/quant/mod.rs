@@ -5,14 +5,22 @@
 //!   `cols` = K) in its file format: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, and F16/BF16 kept as 16 bits.
 //! - [`QWeight::matmul`] quantizes the activation rows once per call (Q8_0-style blocks of 32
 //!   for Q4_0/Q8_0, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
-//!   activations as they are) into a reusable per-thread scratch buffer, then runs a kernel
-//!   that tiles several activation rows × several weight rows so each decoded weight block is
-//!   reused across rows. The output columns are split across rayon's pool (the same pool, and
-//!   so the same `RAYON_NUM_THREADS`, as candle's own kernels).
+//!   activations as they are) into a per-thread scratch buffer reused between calls, then:
+//!   - decode (M < 16): register tiles of 1 × 8 weight rows (Q8_0, F16, BF16) or 1 × 4 (the
+//!     others), 4 × 4 for 4 ≤ M < 16, each weight block decoded once per tile, with a software
+//!     prefetch sweeping the next tile's rows in address order;
+//!   - prefill (M ≥ 16, AVX-512): 16 weight rows at a time are unpacked into a panel (a
+//!     per-thread buffer) where one 64-byte vector holds 4 consecutive values of 16 rows, so
+//!     one `vpdpbusd` with 4 broadcast activation bytes advances 16 outputs; the panel is built
+//!     once and used by every activation row (F16/BF16: rows widened to f32, broadcast FMAs).
+//!
+//!   The output columns are split across rayon's pool (the same pool, and so the same
+//!   `RAYON_NUM_THREADS`, as candle's own kernels); no heap allocation in steady state.
 //! - [`KernelPath`] picks the instruction set: AVX-512 with VNNI (and VBMI for the byte
-//!   permutes), AVX2 + FMA + F16C, or the portable scalar code. [`KernelPath::detect`] is
-//!   the best the CPU offers; [`QWeight::matmul_with`] forces one (tests run every path the
-//!   machine has).
+//!   permutes) for every format, AVX2 + FMA + F16C for Q4_0 and Q8_0 (other formats run the
+//!   scalar kernel on that path), or the portable scalar code. [`KernelPath::detect`] is the
+//!   best the CPU offers; [`QWeight::matmul_with`] forces one (tests run every path the machine
+//!   has).
 //!
 //! Numbers: weights are used exactly (integer dot products of the quantized values), the
 //! activations carry the error of their 8-bit quantization (as in llama.cpp and candle), and
