@@ -1017,16 +1017,7 @@ impl JobContext<'_> {
             &eos,
             prompt,
             params,
-            &mut |step: Step<'_>| {
-                pending.push_str(step.text);
-                *pending_tokens += usize::from(step.id.is_some());
-                send_text(events, repaint, job, pending, pending_tokens, false);
-                if cancel.load(Ordering::Relaxed) {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            },
+            &mut stream_steps(events, repaint, job, pending, pending_tokens, cancel),
         )?;
         Ok(Some(stats))
     }
@@ -1084,17 +1075,12 @@ fn run_complete(
     repaint();
     let pending = &mut ctx.pending_text;
     let pending_tokens = &mut ctx.pending_tokens;
-    let outcome =
-        complete::run_completion_with_prompt(m, request, prompt, &mut |step: Step<'_>| {
-            pending.push_str(step.text);
-            *pending_tokens += usize::from(step.id.is_some());
-            send_text(events, repaint, job, pending, pending_tokens, false);
-            if cancel.load(Ordering::Relaxed) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })?;
+    let outcome = complete::run_completion_with_prompt(
+        m,
+        request,
+        prompt,
+        &mut stream_steps(events, repaint, job, pending, pending_tokens, cancel),
+    )?;
     Ok(Some(outcome.stats))
 }
 
@@ -1113,6 +1099,28 @@ enum RemoteRequest<'a> {
 
 /// Sends the accumulated text as one [`Event::Text`]. Without `force`, a full channel leaves
 /// the text in place to be sent with the next piece (coalescing); with `force` it blocks.
+/// The token loop's callback for a job: each step's text goes out as coalesced [`Event::Text`]
+/// (what the channel cannot take yet waits in `pending`); a set `cancel` stops the loop.
+fn stream_steps<'a>(
+    events: &'a Sender<Event>,
+    repaint: &'a Arc<dyn Fn() + Send + Sync>,
+    job: JobId,
+    pending: &'a mut String,
+    pending_tokens: &'a mut usize,
+    cancel: &'a AtomicBool,
+) -> impl FnMut(Step<'_>) -> ControlFlow<()> + 'a {
+    move |step: Step<'_>| {
+        pending.push_str(step.text);
+        *pending_tokens += usize::from(step.id.is_some());
+        send_text(events, repaint, job, pending, pending_tokens, false);
+        if cancel.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
 fn send_text(
     events: &Sender<Event>,
     repaint: &Arc<dyn Fn() + Send + Sync>,
