@@ -278,6 +278,10 @@ fn dequantize_equals_candles() {
             .and_then(|t| t.to_vec1())
             .expect("candle dequantize");
         assert_eq!(ours, theirs, "{format}");
+        let mut row = vec![0f32; k];
+        qw.row_to_f32(2, &mut row).expect("row");
+        assert_eq!(row, ours[2 * k..], "{format} row 2");
+        assert!(qw.row_to_f32(3, &mut row).is_err(), "{format}: row 3 of 3");
     }
 }
 

@@ -332,6 +332,24 @@ impl QWeight {
         out
     }
 
+    /// Row `r` as f32 into `dst` (`cols` values): an embedding lookup that keeps the table in
+    /// its file format.
+    pub fn row_to_f32(&self, r: usize, dst: &mut [f32]) -> Result<()> {
+        if r >= self.rows || dst.len() != self.cols {
+            return Err(Error::BadQuantTensor {
+                name: self.name.clone(),
+                message: format!(
+                    "row {r} into {} values: the weight has {} rows of {}",
+                    dst.len(),
+                    self.rows,
+                    self.cols
+                ),
+            });
+        }
+        scalar::dequantize_row(self.format, self.row(r), dst);
+        Ok(())
+    }
+
     /// `y (m × rows) = x (m × cols) · Wᵀ` on the fastest path this CPU offers.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         self.matmul_with(x, m, y, KernelPath::detect())
