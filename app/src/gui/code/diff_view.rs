@@ -9,7 +9,6 @@ use studio_inference::code::actions::ActionKind;
 use studio_inference::code::diff::{Hunk, LineKind};
 
 use super::assist::RunState;
-use super::editor::editor_id;
 use super::{CodeCommand, CodePanel, TRANSLATE_TARGETS, note};
 use crate::gui::command::Command;
 use crate::gui::markdown::document_ui;
@@ -35,8 +34,10 @@ pub fn assist_pane_ui(
     let target = panel
         .active_tab()
         .map(|t| {
-            let sel = egui::TextEdit::load_state(ui.ctx(), editor_id(t.id))
-                .and_then(|s| s.cursor.char_range())
+            // The panel's own copy of the cursor: what the action will take.
+            let sel = panel
+                .cursors
+                .get(&t.id)
                 .is_some_and(|c| c.primary != c.secondary);
             if sel {
                 "On: the selection".to_owned()
