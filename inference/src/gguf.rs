@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::gguf_tokenizer::GgufVocab;
 use crate::models::CausalLm;
+use crate::models::quant_llama::QuantLlama;
+use crate::quant::{KernelPath, QuantFormat, has_kernel};
 use crate::text::Tokenizer;
 
 /// What this build reads from GGUF files, for error messages.
@@ -1399,6 +1401,16 @@ fn build_model(
             path.display()
         )))
     };
+    if device.is_cpu()
+        && matches!(hp.family, Family::Llama | Family::Qwen2)
+        && studio_kernels_fit(&ct)
+    {
+        let model = QuantLlama::from_gguf(&ct, reader).map_err(|e| match e {
+            Error::Candle(e) => weights(e),
+            other => weights(candle_core::Error::Msg(other.to_string())),
+        })?;
+        return Ok(Inner::Studio(Box::new(model)));
+    }
     Ok(match hp.family {
         Family::Llama => Inner::Llama(Box::new(
             quantized_llama::ModelWeights::from_gguf(ct, reader, device).map_err(weights)?,
@@ -1423,10 +1435,23 @@ fn build_model(
     })
 }
 
+/// Whether Studio's own quantized kernels run this file's layer weights on this CPU (F32
+/// files, and formats without a kernel, stay on candle's model).
+fn studio_kernels_fit(ct: &Content) -> bool {
+    ct.tensor_infos
+        .get("blk.0.ffn_gate.weight")
+        .is_some_and(|t| {
+            QuantFormat::from_ggml(t.ggml_dtype)
+                .is_some_and(|f| has_kernel(f, KernelPath::detect()))
+        })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The CausalLm adapter
 
 enum Inner {
+    /// Llama and Qwen2 on Studio's quantized CPU kernels.
+    Studio(Box<QuantLlama>),
     Llama(Box<quantized_llama::ModelWeights>),
     Qwen2(Box<quantized_qwen2::ModelWeights>),
     Qwen3(Box<quantized_qwen3::ModelWeights>),
@@ -1453,20 +1478,24 @@ struct GgufCausalLm {
 }
 
 impl GgufCausalLm {
-    fn run(&mut self, tokens: &[u32], offset: usize) -> candle_core::Result<Tensor> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        match &mut self.inner {
-            Inner::Llama(m) => m.forward(&input, offset),
-            Inner::Qwen2(m) => m.forward(&input, offset),
-            Inner::Qwen3(m) => m.forward(&input, offset),
-            Inner::Phi3(p) => p.model.forward(&input, offset),
-            Inner::Gemma(m) => m.forward(&input, offset),
+    fn run(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
+        if let Inner::Studio(m) = &mut self.inner {
+            return m.forward(tokens, offset, false);
         }
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        Ok(match &mut self.inner {
+            Inner::Studio(m) => m.forward(tokens, offset, false)?,
+            Inner::Llama(m) => m.forward(&input, offset)?,
+            Inner::Qwen2(m) => m.forward(&input, offset)?,
+            Inner::Qwen3(m) => m.forward(&input, offset)?,
+            Inner::Phi3(p) => p.model.forward(&input, offset)?,
+            Inner::Gemma(m) => m.forward(&input, offset)?,
+        })
     }
 }
 
-impl CausalLm for GgufCausalLm {
-    fn forward_last(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
+impl GgufCausalLm {
+    fn validate(&self, tokens: &[u32], offset: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::EmptyPrompt);
         }
@@ -1482,6 +1511,13 @@ impl CausalLm for GgufCausalLm {
                 self.vocab_size
             )));
         }
+        Ok(())
+    }
+}
+
+impl CausalLm for GgufCausalLm {
+    fn forward_last(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
+        self.validate(tokens, offset)?;
         let one_by_one = matches!(self.inner, Inner::Qwen3(_))
             && self.device.is_cpu()
             && tokens.len() > 1
@@ -1502,9 +1538,20 @@ impl CausalLm for GgufCausalLm {
         Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
     }
 
+    fn forward_all(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
+        self.validate(tokens, offset)?;
+        match &mut self.inner {
+            Inner::Studio(m) => m.forward(tokens, offset, true),
+            _ => Err(Error::InvalidParameter(
+                "this model family only computes the last position's logits".to_owned(),
+            )),
+        }
+    }
+
     fn clear_kv_cache(&mut self) {
         self.qwen3_decoded = false;
         match &mut self.inner {
+            Inner::Studio(m) => m.clear_kv_cache(),
             Inner::Llama(m) => m.clear_kv_cache(),
             Inner::Qwen2(m) => m.clear_kv_cache(),
             Inner::Qwen3(m) => m.clear_kv_cache(),
