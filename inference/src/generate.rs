@@ -29,6 +29,10 @@ pub enum FinishReason {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the previous call
+    /// ([`generate_reusing`]); they were not prefilled again.
+    #[serde(default)]
+    pub reused_tokens: usize,
     pub generated_tokens: usize,
     /// From the start of the call to the first sampled token (prefill included).
     pub ttft_ms: f64,
@@ -64,6 +68,49 @@ pub fn generate(
     params: &SamplingParams,
     on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<GenerationStats> {
+    generate_inner(
+        model,
+        tokenizer,
+        eos_token_ids,
+        prompt,
+        params,
+        false,
+        on_step,
+    )
+}
+
+/// [`generate`], reusing the keys and values the model already holds for the start of
+/// `prompt` ([`CausalLm::cached_tokens`]) when it can truncate its cache
+/// ([`CausalLm::truncate_kv_cache`]): only the rest of the prompt is prefilled. Inline code
+/// completion uses it, as each keystroke changes only the end of the text before the cursor.
+pub fn generate_reusing(
+    model: &mut dyn CausalLm,
+    tokenizer: &Tokenizer,
+    eos_token_ids: &[u32],
+    prompt: &[u32],
+    params: &SamplingParams,
+    on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
+) -> Result<GenerationStats> {
+    generate_inner(
+        model,
+        tokenizer,
+        eos_token_ids,
+        prompt,
+        params,
+        true,
+        on_step,
+    )
+}
+
+fn generate_inner(
+    model: &mut dyn CausalLm,
+    tokenizer: &Tokenizer,
+    eos_token_ids: &[u32],
+    prompt: &[u32],
+    params: &SamplingParams,
+    reuse: bool,
+    on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
+) -> Result<GenerationStats> {
     params.validate()?;
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
@@ -76,13 +123,29 @@ pub fn generate(
         });
     }
     let start = Instant::now();
-    model.clear_kv_cache();
+    // At least the last prompt token runs, for its logits.
+    let shared = model
+        .cached_tokens()
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt.len() - 1);
+    let reused = if reuse && shared > 0 && model.truncate_kv_cache(shared) {
+        shared
+    } else {
+        model.clear_kv_cache();
+        0
+    };
     let mut sampler = Sampler::new(params.clone());
     let mut stream = TokenStream::new();
     let mut stops = StopMatcher::new(&params.stop);
     let mut history = prompt.to_vec();
 
-    let mut logits = model.forward_last(prompt, 0)?.to_vec1::<f32>()?;
+    let mut logits = model
+        .forward_last(&prompt[reused..], reused)?
+        .to_vec1::<f32>()?;
+
     let prefill_secs = start.elapsed().as_secs_f64();
     let mut ttft_ms = 0.0;
     let mut generated = 0;
@@ -142,9 +205,10 @@ pub fn generate(
     }
     Ok(GenerationStats {
         prompt_tokens: prompt.len(),
+        reused_tokens: reused,
         generated_tokens: generated,
         ttft_ms,
-        prefill_tok_s: rate(prompt.len(), prefill_secs),
+        prefill_tok_s: rate(prompt.len() - reused, prefill_secs),
         decode_tok_s: rate(decode_steps, decode_secs),
         finish,
     })

@@ -1379,6 +1379,7 @@ pub fn load(
         vocab_size: hp.vocab,
         device: device.clone(),
         qwen3_decoded: false,
+        fed: Vec::new(),
     };
     Ok(GgufModel {
         model: Box::new(model),
@@ -1475,12 +1476,21 @@ struct GgufCausalLm {
     /// candle's quantized Qwen3 on the CPU keeps single-token steps only in its decode
     /// cache; after one, several tokens at once must go one by one.
     qwen3_decoded: bool,
+    /// The tokens whose keys and values the cache holds, in order (tracked for the model
+    /// that can truncate its cache, so a caller can reuse a shared prompt prefix).
+    fed: Vec<u32>,
 }
 
 impl GgufCausalLm {
     fn run(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
         if let Inner::Studio(m) = &mut self.inner {
-            return m.forward(tokens, offset, false);
+            self.fed.truncate(offset);
+            let out = m.forward(tokens, offset, false);
+            match &out {
+                Ok(_) => self.fed.extend_from_slice(tokens),
+                Err(_) => self.fed.clear(),
+            }
+            return out;
         }
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         Ok(match &mut self.inner {
@@ -1541,15 +1551,44 @@ impl CausalLm for GgufCausalLm {
     fn forward_all(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
         self.validate(tokens, offset)?;
         match &mut self.inner {
-            Inner::Studio(m) => m.forward(tokens, offset, true),
+            Inner::Studio(m) => {
+                self.fed.truncate(offset);
+                let out = m.forward(tokens, offset, true);
+                match &out {
+                    Ok(_) => self.fed.extend_from_slice(tokens),
+                    Err(_) => self.fed.clear(),
+                }
+                out
+            }
             _ => Err(Error::InvalidParameter(
                 "this model family only computes the last position's logits".to_owned(),
             )),
         }
     }
 
+    fn truncate_kv_cache(&mut self, len: usize) -> bool {
+        match &mut self.inner {
+            Inner::Studio(m) if len <= self.fed.len() => {
+                if m.truncate_kv(len).is_ok() {
+                    self.fed.truncate(len);
+                    true
+                } else {
+                    m.clear_kv_cache();
+                    self.fed.clear();
+                    false
+                }
+            }
+            _ => false,
+        }
+    }
+
+    fn cached_tokens(&self) -> &[u32] {
+        &self.fed
+    }
+
     fn clear_kv_cache(&mut self) {
         self.qwen3_decoded = false;
+        self.fed.clear();
         match &mut self.inner {
             Inner::Studio(m) => m.clear_kv_cache(),
             Inner::Llama(m) => m.clear_kv_cache(),

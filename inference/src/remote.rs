@@ -737,6 +737,7 @@ impl RemoteBackend {
         let rate = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
         Ok(GenerationStats {
             prompt_tokens,
+            reused_tokens: 0,
             generated_tokens: generated,
             ttft_ms: ttft * 1e3,
             prefill_tok_s: rate(prompt_tokens, ttft),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fim::{self, FimFormat, FimPrompt};
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerationStats, Step, generate};
+use crate::generate::{FinishReason, GenerationStats, Step, generate_reusing};
 use crate::loader::LoadedModel;
 use crate::sampling::SamplingParams;
 
@@ -453,7 +453,8 @@ pub fn run_completion_with_prompt(
     let mut filter = CompletionFilter::new(mode, &request.suffix);
     let mut text = String::new();
     let mut cancelled = false;
-    let mut stats = generate(
+    // Each keystroke changes only the end of the text before the cursor: reuse the cache.
+    let mut stats = generate_reusing(
         &mut *model.model,
         &model.tokenizer,
         &fim.stop_ids,

@@ -29,6 +29,19 @@ pub trait CausalLm: Send {
     /// Forgets every cached key and value (the next call must start at offset 0).
     fn clear_kv_cache(&mut self);
 
+    /// Keeps only the first `len` positions of the KV cache, so the next call continues at
+    /// offset `len`. Returns `false` (and changes nothing) when the family cannot.
+    fn truncate_kv_cache(&mut self, len: usize) -> bool {
+        let _ = len;
+        false
+    }
+
+    /// The tokens whose keys and values the cache holds, for families that can truncate it
+    /// (empty otherwise).
+    fn cached_tokens(&self) -> &[u32] {
+        &[]
+    }
+
     /// The longest sequence (prompt plus generated tokens) the model will attend over: the
     /// trained maximum unless lowered with [`CausalLm::set_context_length`].
     fn context_length(&self) -> usize;
