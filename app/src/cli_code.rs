@@ -495,7 +495,10 @@ pub fn run_bench_complete(args: &BenchCompleteArgs) -> Result<()> {
     let params = SamplingParams::greedy(args.gen_tokens);
     let (mut first, mut ttft, mut prefill, mut build, mut prompt_tokens) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut keystroke, mut reused) = (Vec::new(), 0);
     for run in 0..=args.repeat {
+        // Cold: nothing of this prompt is cached.
+        m.model.clear_kv_cache();
         let start = Instant::now();
         let mut first_ms: Option<f64> = None;
         let mut on_step = |step: Step<'_>| {
@@ -530,6 +533,30 @@ pub fn run_bench_complete(args: &BenchCompleteArgs) -> Result<()> {
             )?;
             (stats, build_ms)
         };
+        if fim_format.is_some() {
+            // One more character typed at the cursor: the unchanged start of the prompt is
+            // reused from the cache, as in the editor.
+            let request = CompletionRequest {
+                prefix: format!("{prefix}x"),
+                suffix: suffix.to_owned(),
+                params: params.clone(),
+                format: None,
+                max_prompt_tokens: context,
+                mode: Some(CompletionMode::MultiLine),
+            };
+            let start = Instant::now();
+            let mut typed_ms: Option<f64> = None;
+            let outcome = run_completion(&mut m, &request, &mut |step: Step<'_>| {
+                if step.id.is_some() && typed_ms.is_none() {
+                    typed_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+                }
+                ControlFlow::Continue(())
+            })?;
+            if run > 0 {
+                keystroke.push(typed_ms.unwrap_or(outcome.stats.ttft_ms));
+                reused = outcome.stats.reused_tokens;
+            }
+        }
         if run > 0 {
             first.push(first_ms.unwrap_or(stats.ttft_ms));
             ttft.push(stats.ttft_ms);
@@ -542,6 +569,7 @@ pub fn run_bench_complete(args: &BenchCompleteArgs) -> Result<()> {
     let threads = studio_inference::device::cpu_threads();
     let (first, ttft, prefill, build) =
         (median(first), median(ttft), median(prefill), median(build));
+    let keystroke = (!keystroke.is_empty()).then(|| median(keystroke));
     if args.json {
         println!(
             "{}",
@@ -554,6 +582,8 @@ pub fn run_bench_complete(args: &BenchCompleteArgs) -> Result<()> {
                 "gen_tokens": args.gen_tokens,
                 "repeat": args.repeat,
                 "keystroke_to_first_token_ms": first,
+                "next_keystroke_to_first_token_ms": keystroke,
+                "next_keystroke_reused_tokens": reused,
                 "prompt_build_ms": build,
                 "ttft_ms": ttft,
                 "prefill_tok_s": prefill,
@@ -567,7 +597,10 @@ pub fn run_bench_complete(args: &BenchCompleteArgs) -> Result<()> {
             fim_format.map_or("none (plain prompt)", FimFormat::name),
             args.repeat
         );
-        println!("request → first token {first:10.1} ms");
+        println!("request → first token {first:10.1} ms   (nothing cached)");
+        if let Some(k) = keystroke {
+            println!("next keystroke → first token {k:10.1} ms   ({reused} prompt tokens reused)");
+        }
         println!("prompt building       {build:10.1} ms");
         println!("time to first token   {ttft:10.1} ms");
         println!("prefill               {prefill:10.1} tok/s");
