@@ -542,8 +542,15 @@ fn a_pasted_image_is_projected_too() {
     step_until(&mut h, "the target beside the reconstruction", |h| {
         shows_text(h, "Target") && shows_text(h, "Reconstruction")
     });
-    step_until(&mut h, "the running projection's Cancel", |h| {
-        h.query_all_by_label("Cancel").next().is_some()
+    // Cancel once it has started its steps (a projection cancelled while still queued never
+    // runs, so it leaves no keyframe).
+    step_until(&mut h, "the projection's first step", |h| {
+        h.state()
+            .jobs()
+            .running()
+            .and_then(|j| j.progress.as_ref())
+            .is_some_and(|(_, message)| message.starts_with("step "))
+            && h.query_all_by_label("Cancel").next().is_some()
     });
     h.get_by_label("Cancel").click();
     step_until(&mut h, "the projection", |h| {
