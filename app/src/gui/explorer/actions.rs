@@ -749,7 +749,7 @@ impl StudioApp {
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
         if e.state != e.saved_state && due {
             e.saved_at = Some(now);
-            match store::save_state(&self.home, &e.state) {
+            match store::save_state(&self.home, &e.state, &mut e.noise_files) {
                 Ok(()) => e.saved_state = e.state.clone(),
                 Err(err) => {
                     e.saved_state = e.state.clone();
@@ -762,7 +762,11 @@ impl StudioApp {
     /// Saves what the debounced autosave has not written yet (on exit).
     pub(crate) fn flush_explorer(&mut self) {
         if self.explorer.state != self.explorer.saved_state
-            && let Err(e) = store::save_state(&self.home, &self.explorer.state)
+            && let Err(e) = store::save_state(
+                &self.home,
+                &self.explorer.state,
+                &mut self.explorer.noise_files,
+            )
         {
             log::warn!("saving the explorer: {e:#}");
         }

@@ -181,6 +181,8 @@ pub struct ExplorerPanel {
     /// Saved between runs.
     pub(crate) state: ExplorerState,
     pub(crate) saved_state: ExplorerState,
+    /// Names of the projected-noise files already written ([`store::NoiseFiles`]).
+    pub(crate) noise_files: store::NoiseFiles,
     /// When the state was last written (the autosave waits a second between writes).
     pub(crate) saved_at: Option<Instant>,
     pub(crate) directions: Option<Arc<Directions>>,
@@ -237,6 +239,7 @@ impl ExplorerPanel {
                 preset_name: String::new(),
                 model: None,
                 saved_state: state.clone(),
+                noise_files: store::NoiseFiles::default(),
                 saved_at: None,
                 state,
                 directions: directions.map(Arc::new),

@@ -180,21 +180,54 @@ pub fn load(home: &Path) -> (ExplorerState, Option<Directions>, Vec<String>) {
     (state, directions, notes)
 }
 
-pub fn save_state(home: &Path, state: &ExplorerState) -> anyhow::Result<()> {
+/// The file names of noise buffers already written, by buffer (`Arc` identity), so an
+/// autosave does not hash megabytes of noise on the UI thread every time.
+#[derive(Debug, Default)]
+pub struct NoiseFiles(Vec<(Arc<Vec<f32>>, String)>);
+
+impl NoiseFiles {
+    fn name(&mut self, home: &Path, noise: &Arc<Vec<f32>>) -> anyhow::Result<String> {
+        if let Some((_, name)) = self.0.iter().find(|(n, _)| Arc::ptr_eq(n, noise)) {
+            return Ok(name.clone());
+        }
+        let name = write_noise(home, noise)?;
+        self.0.push((Arc::clone(noise), name.clone()));
+        Ok(name)
+    }
+}
+
+pub fn save_state(
+    home: &Path,
+    state: &ExplorerState,
+    files: &mut NoiseFiles,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir(home)).context("creating the explorer folder")?;
     let mut saved = state.clone();
     saved.latent_noise = state
         .latent
         .noise
-        .as_deref()
-        .map(|n| write_noise(home, n))
+        .as_ref()
+        .map(|n| files.name(home, n))
         .transpose()?;
     saved.keyframe_noise = state
         .keyframes
         .iter()
-        .map(|k| k.noise.as_deref().map(|n| write_noise(home, n)).transpose())
+        .map(|k| k.noise.as_ref().map(|n| files.name(home, n)).transpose())
         .collect::<anyhow::Result<_>>()?;
     crate::home::save_json(&state_path(home), &saved)?;
+    // Forget buffers no latent holds any more, and their files.
+    let in_use = |n: &Arc<Vec<f32>>| {
+        state
+            .latent
+            .noise
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(l, n))
+            || state
+                .keyframes
+                .iter()
+                .any(|k| k.noise.as_ref().is_some_and(|k| Arc::ptr_eq(k, n)))
+    };
+    files.0.retain(|(n, _)| in_use(n));
     remove_unused_noise(home, &saved);
     Ok(())
 }
