@@ -30,7 +30,7 @@ pub enum FinishReason {
 pub struct GenerationStats {
     pub prompt_tokens: usize,
     /// Prompt tokens whose keys and values came from the previous call
-    /// ([`generate_reusing`]); they were not prefilled again.
+    /// ([`generate_with`]); they were not prefilled again.
     #[serde(default)]
     pub reused_tokens: usize,
     pub generated_tokens: usize,
@@ -68,7 +68,7 @@ pub fn generate(
     params: &SamplingParams,
     on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<GenerationStats> {
-    generate_inner(
+    generate_with(
         model,
         tokenizer,
         eos_token_ids,
@@ -79,30 +79,12 @@ pub fn generate(
     )
 }
 
-/// [`generate`], reusing the keys and values the model already holds for the start of
-/// `prompt` ([`CausalLm::cached_tokens`]) when it can truncate its cache
-/// ([`CausalLm::truncate_kv_cache`]): only the rest of the prompt is prefilled. Inline code
-/// completion uses it, as each keystroke changes only the end of the text before the cursor.
-pub fn generate_reusing(
-    model: &mut dyn CausalLm,
-    tokenizer: &Tokenizer,
-    eos_token_ids: &[u32],
-    prompt: &[u32],
-    params: &SamplingParams,
-    on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
-) -> Result<GenerationStats> {
-    generate_inner(
-        model,
-        tokenizer,
-        eos_token_ids,
-        prompt,
-        params,
-        true,
-        on_step,
-    )
-}
-
-fn generate_inner(
+/// [`generate`]; with `reuse`, the keys and values the model already holds for the start of
+/// `prompt` ([`CausalLm::cached_tokens`]) are kept when it can truncate its cache
+/// ([`CausalLm::truncate_kv_cache`]), and only the rest of the prompt is prefilled. Inline
+/// code completion reuses, as each keystroke changes only the end of the text before the
+/// cursor.
+pub fn generate_with(
     model: &mut dyn CausalLm,
     tokenizer: &Tokenizer,
     eos_token_ids: &[u32],
@@ -124,14 +106,18 @@ fn generate_inner(
     }
     let start = Instant::now();
     // At least the last prompt token runs, for its logits.
-    let shared = model
-        .cached_tokens()
-        .iter()
-        .zip(prompt)
-        .take_while(|(a, b)| a == b)
-        .count()
-        .min(prompt.len() - 1);
-    let reused = if reuse && shared > 0 && model.truncate_kv_cache(shared) {
+    let shared = if reuse {
+        model
+            .cached_tokens()
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1)
+    } else {
+        0
+    };
+    let reused = if shared > 0 && model.truncate_kv_cache(shared) {
         shared
     } else {
         model.clear_kv_cache();

@@ -1,4 +1,4 @@
-//! `generate_reusing` keeps the keys and values a model already holds for the start of a new
+//! `generate_with(…, reuse: true, …)` keeps the keys and values a model already holds for the start of a new
 //! prompt (what inline completion does on every keystroke): only the rest is prefilled, and
 //! the continuation equals a fresh generation's. Models that cannot truncate their cache
 //! prefill everything.
@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use studio_inference::generate::{GenerationStats, generate, generate_reusing};
+use studio_inference::generate::{GenerationStats, generate, generate_with};
 use studio_inference::gguf;
 use studio_inference::models::CausalLm;
 use studio_inference::sampling::SamplingParams;
@@ -28,7 +28,7 @@ fn run(
     };
     let params = SamplingParams::greedy(8);
     let stats = if reuse {
-        generate_reusing(model, tokenizer, &[], prompt, &params, &mut on_step)
+        generate_with(model, tokenizer, &[], prompt, &params, true, &mut on_step)
     } else {
         generate(model, tokenizer, &[], prompt, &params, &mut on_step)
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fim::{self, FimFormat, FimPrompt};
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerationStats, Step, generate_reusing};
+use crate::generate::{FinishReason, GenerationStats, Step, generate_with};
 use crate::loader::LoadedModel;
 use crate::sampling::SamplingParams;
 
@@ -454,12 +454,13 @@ pub fn run_completion_with_prompt(
     let mut text = String::new();
     let mut cancelled = false;
     // Each keystroke changes only the end of the text before the cursor: reuse the cache.
-    let mut stats = generate_reusing(
+    let mut stats = generate_with(
         &mut *model.model,
         &model.tokenizer,
         &fim.stop_ids,
         &prompt.tokens,
         &request.params,
+        true,
         &mut |step: Step<'_>| {
             let shown = filter.push(step.text);
             text.push_str(&shown);
