@@ -383,6 +383,33 @@ fn bench_gan_prints_json_per_size() {
     assert!(row["mapping_ms"].as_f64().expect("mapping_ms") >= 0.0);
 }
 
+/// Runs `studio gan-project` on `model` and `image` for `steps`, writing into `dir`, plus
+/// `extra` flags.
+fn gan_project(
+    model: &Path,
+    image: &Path,
+    steps: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let (out, out_w) = (dir.join("proj.png"), dir.join("proj_w.npy"));
+    let mut args = vec![
+        "gan-project",
+        "--model",
+        path(model),
+        "--image",
+        path(image),
+        "--steps",
+        steps,
+        "--out-w",
+        path(&out_w),
+        "--out",
+        path(&out),
+    ];
+    args.extend_from_slice(extra);
+    studio(&args)
+}
+
 /// `gan-project` finds a latent for a photo: a non-square photo of another size is cropped and
 /// resized (and says so), the loss falls, and the written ws load back with `gan --w-file`.
 #[test]
@@ -414,19 +441,7 @@ fn gan_project_crops_the_photo_lowers_the_loss_and_writes_reusable_ws() {
     )
     .expect("write photo");
     let (out, out_w) = (tmp.path().join("proj.png"), tmp.path().join("proj_w.npy"));
-    let run = studio(&[
-        "gan-project",
-        "--model",
-        path(&m),
-        "--image",
-        path(&photo),
-        "--steps",
-        "40",
-        "--out-w",
-        path(&out_w),
-        "--out",
-        path(&out),
-    ]);
+    let run = gan_project(&m, &photo, "40", tmp.path(), &[]);
     let stdout = ok(&run);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("cropped 40x32"), "{stderr}");
@@ -453,19 +468,7 @@ fn gan_project_crops_the_photo_lowers_the_loss_and_writes_reusable_ws() {
         "--out",
         path(&again),
     ]));
-    let e = failed(&studio(&[
-        "gan-project",
-        "--model",
-        path(&m),
-        "--image",
-        path(&m),
-        "--steps",
-        "2",
-        "--out-w",
-        path(&out_w),
-        "--out",
-        path(&out),
-    ]));
+    let e = failed(&gan_project(&m, &m, "2", tmp.path(), &[]));
     assert!(e.contains("not an image"), "{e}");
 }
 
@@ -485,24 +488,7 @@ fn gan_project_uses_vgg16_weights_beside_the_model() {
         "--out",
         path(&photo),
     ]));
-    let (out, out_w) = (tmp.path().join("proj.png"), tmp.path().join("proj_w.npy"));
-    let project = |extra: &[&str]| {
-        let mut args = vec![
-            "gan-project",
-            "--model",
-            path(&m),
-            "--image",
-            path(&photo),
-            "--steps",
-            "40",
-            "--out-w",
-            path(&out_w),
-            "--out",
-            path(&out),
-        ];
-        args.extend_from_slice(extra);
-        studio(&args)
-    };
+    let project = |extra: &[&str]| gan_project(&m, &photo, "40", tmp.path(), extra);
     let pixel = project(&[]);
     ok(&pixel);
     assert!(String::from_utf8_lossy(&pixel.stderr).contains("pixel + multi-scale SSIM"));
