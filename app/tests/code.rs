@@ -382,6 +382,10 @@ fn typing_cancels_the_running_request() {
     go_to(&mut h, Panel::Code);
     h.state_mut().settings_mut().code.ghost_delay_ms = 0;
     h.state_mut().settings_mut().sampling.max_new_tokens = 1500;
+    // Greedy, so whether the action could end early (an end-of-text token from the random
+    // model) does not depend on a random seed.
+    h.state_mut().settings_mut().sampling.temperature = 0.0;
+    h.state_mut().settings_mut().new_seed_each_reply = false;
     // The worker is kept busy by an action, so the request is certainly still queued (not yet
     // finished) when the next key comes: that key cancels it, and it never runs.
     let run = tmp.path().join("busy.py");
