@@ -23,6 +23,9 @@ pub(crate) struct OutChunk {
     ld: usize,
     m: usize,
     cols: Range<usize>,
+    /// The weight row stored at column 0 of `ptr`'s rows (0 for a whole output; the first
+    /// row of the range for [`matmul_rows`]).
+    col0: usize,
 }
 
 impl OutChunk {
@@ -34,9 +37,10 @@ impl OutChunk {
             "output index out of the chunk"
         );
         // SAFETY: `ptr` points to the caller's `m × ld` output, which outlives the parallel
-        // region that uses this chunk; `i < m` and `j < ld` were checked above, and no other
-        // chunk covers column `j` (chunks are disjoint column ranges).
-        unsafe { *self.ptr.add(i * self.ld + j) = v };
+        // region that uses this chunk; `i < m` and `col0 ≤ j < col0 + ld` were checked above
+        // and where the chunk was built, and no other chunk covers column `j` (chunks are
+        // disjoint column ranges).
+        unsafe { *self.ptr.add(i * self.ld + (j - self.col0)) = v };
     }
 }
 
@@ -55,11 +59,13 @@ unsafe impl Sync for OutBase {}
 
 impl OutBase {
     fn chunk(self, cols: Range<usize>) -> OutChunk {
+        assert!(cols.end <= self.ld, "output chunk past the row");
         OutChunk {
             ptr: self.ptr,
             ld: self.ld,
             m: self.m,
             cols,
+            col0: 0,
         }
     }
 }
@@ -136,6 +142,43 @@ pub(crate) fn matmul(w: &QWeight, x: &[f32], m: usize, y: &mut [f32], path: Kern
             // Re-entered on this thread (a rayon worker waiting in one call picked up
             // another): use a fresh buffer rather than the one in use.
             run(w, x, m, y, path, &mut Act::default());
+        }
+    });
+}
+
+/// `y = x · W[rows]ᵀ` on the calling thread only: `y` is `m × rows.len()` (shapes checked by
+/// the caller). A team of threads splitting one product calls this with disjoint `rows`.
+pub(crate) fn matmul_rows(
+    w: &QWeight,
+    x: &[f32],
+    m: usize,
+    rows: Range<usize>,
+    y: &mut [f32],
+    path: KernelPath,
+) {
+    let path = effective(w.format(), path);
+    assert!(
+        rows.end <= w.rows() && y.len() == m * rows.len(),
+        "row range or output size does not fit"
+    );
+    let mut out = OutChunk {
+        ptr: y.as_mut_ptr(),
+        ld: rows.len(),
+        m,
+        cols: rows.clone(),
+        col0: rows.start,
+    };
+    let mut body = |act: &mut Act| {
+        if let Some((layout, off, lanes)) = plan(w.format(), path, m) {
+            act.quantize(x, m, w.cols(), layout, off, lanes);
+        }
+        run_chunk(w, act, x, m, rows.clone(), &mut out, path);
+    };
+    SCRATCH.with(|cell| {
+        if let Ok(mut act) = cell.try_borrow_mut() {
+            body(&mut act);
+        } else {
+            body(&mut Act::default());
         }
     });
 }

@@ -382,6 +382,46 @@ impl QWeight {
         Ok(())
     }
 
+    /// Output features `rows` only: `y (m × rows.len()) = x (m × cols) · W[rows]ᵀ`, on the
+    /// calling thread (no pool): what each member of a team of threads runs on its share of one
+    /// product. Equals the same columns of [`QWeight::matmul`] on `path`.
+    pub fn matmul_rows(
+        &self,
+        x: &[f32],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        y: &mut [f32],
+        path: KernelPath,
+    ) -> Result<()> {
+        if x.len() != m * self.cols
+            || rows.start > rows.end
+            || rows.end > self.rows
+            || y.len() != m * rows.len()
+        {
+            return Err(Error::BadQuantTensor {
+                name: self.name.clone(),
+                message: format!(
+                    "rows {rows:?} of [{m}, {}] by [{}, {}]ᵀ into {} values: got {} input values",
+                    self.cols,
+                    self.rows,
+                    self.cols,
+                    y.len(),
+                    x.len()
+                ),
+            });
+        }
+        if !path.available() {
+            return Err(Error::InvalidParameter(format!(
+                "the {path} kernels need CPU features this machine lacks"
+            )));
+        }
+        if m == 0 || rows.is_empty() {
+            return Ok(());
+        }
+        kernel::matmul_rows(self, x, m, rows, y, path);
+        Ok(())
+    }
+
     /// `x · Wᵀ` for a contiguous-or-not f32 tensor `[..., cols]` on the CPU; the result has
     /// the same leading dims and `rows` as the last.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
