@@ -87,7 +87,16 @@ pub(crate) fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
             ) && cfg!(target_arch = "x86_64")
         }
         KernelPath::Avx2 => {
-            matches!(format, QuantFormat::Q4_0 | QuantFormat::Q8_0) && cfg!(target_arch = "x86_64")
+            matches!(
+                format,
+                QuantFormat::Q4_0
+                    | QuantFormat::Q8_0
+                    | QuantFormat::Q4K
+                    | QuantFormat::Q5K
+                    | QuantFormat::Q6K
+                    | QuantFormat::F16
+                    | QuantFormat::BF16
+            ) && cfg!(target_arch = "x86_64")
         }
     }
 }

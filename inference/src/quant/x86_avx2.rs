@@ -1,19 +1,30 @@
-//! AVX2 + FMA + F16C kernels for Q4_0 and Q8_0 (`vpmaddubsw` + `vpmaddwd`). Q4_0 is fed
-//! unsigned (0..15, corrected with the activation sums); Q8_0 uses the sign trick
-//! (`|w| × sign(a, w)`), since `q + 128` would overflow `vpmaddubsw`'s 16-bit pairs.
-//! Formats without an AVX2 kernel run the scalar one on this path.
+//! AVX2 + FMA + F16C kernels (`vpmaddubsw` + `vpmaddwd`). Q4_0 is fed unsigned (0..15,
+//! corrected with the activation sums); Q8_0 uses the sign trick (`|w| × sign(a, w)`), since
+//! `q + 128` would overflow `vpmaddubsw`'s 16-bit pairs. The K-quants are fed unsigned as
+//! stored (4/5/6-bit values; the mins or Q6_K's −32 are corrected with the sums of 16 of the
+//! `Super256` activations), with the sub-block scales applied in the `vpmaddwd`. F16/BF16 are
+//! widened to f32 and multiplied with the f32 activations (FMA).
+//!
+//! Tiles: `MR` activation rows × `NR` weight rows, so each weight block is decoded once per
+//! tile and used `MR` times (decode: 1 × `NR` for independent chains and shared activation
+//! loads). Each output is computed the same way whatever the tile it falls in.
 #![allow(unsafe_code)]
 // Register tiles are indexed by (activation row, weight row); index loops read clearer here.
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_cvtph_ps, _mm_cvtss_f32,
-    _mm_hadd_ps, _mm_loadu_ps, _mm_loadu_si128, _mm_prefetch, _mm_set_epi16, _mm256_abs_epi8,
-    _mm256_add_epi16, _mm256_and_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
-    _mm256_cvtepi32_ps, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_fmsub_ps,
-    _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_permutevar8x32_ps,
-    _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps, _mm256_setr_epi32,
-    _mm256_setzero_ps, _mm256_sign_epi8, _mm256_srli_epi16,
+    __m128, __m128i, __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_cvtepi8_epi16,
+    _mm_cvtepu8_epi16, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32,
+    _mm_hadd_ps, _mm_loadu_ps, _mm_loadu_si128, _mm_movehdup_ps, _mm_prefetch, _mm_set_epi16,
+    _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32,
+    _mm256_and_si256, _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
+    _mm256_castsi256_ps, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps, _mm256_cvtepu16_epi32,
+    _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps,
+    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_or_si256,
+    _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16,
+    _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256,
+    _mm256_shuffle_epi8, _mm256_sign_epi8, _mm256_slli_epi16, _mm256_slli_epi32, _mm256_srl_epi16,
+    _mm256_srli_epi16, _mm256_sub_epi32,
 };
 use std::ops::Range;
 
@@ -52,6 +63,22 @@ fn ld128_ps(s: &[f32], at: usize) -> __m128 {
     assert!(at + 4 <= s.len());
     // SAFETY: values `at..at + 4` are inside `s` (checked above); the load is unaligned.
     unsafe { _mm_loadu_ps(s.as_ptr().add(at)) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn ld256_i16(s: &[i16], at: usize) -> __m256i {
+    assert!(at + 16 <= s.len());
+    // SAFETY: values `at..at + 16` are inside `s` (checked above); the load is unaligned.
+    unsafe { _mm256_loadu_si256(s.as_ptr().add(at).cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx")]
+fn ld256_ps(s: &[f32], at: usize) -> __m256 {
+    assert!(at + 8 <= s.len());
+    // SAFETY: values `at..at + 8` are inside `s` (checked above); the load is unaligned.
+    unsafe { _mm256_loadu_ps(s.as_ptr().add(at)) }
 }
 
 /// Asks for the cache line at `s + at` (which may lie past `s`: the next row).
@@ -98,7 +125,74 @@ macro_rules! drive {
     }};
 }
 
-/// Runs the kernel of `w`'s format over output columns `cols` (Q4_0 and Q8_0 only).
+// The driver of the K-quant and F16/BF16 tiles: weight rows in groups of `$dec` for decode
+// (M < 4: one activation row at a time) or `$bat` with 4 activation rows per tile, then single
+// weight rows at the chunk's edge.
+macro_rules! drive_tiles {
+    ($tile:ident, $dec:literal, $bat:literal, $w:expr, $act:expr, $x:expr, $m:expr, $cols:expr,
+     $out:expr) => {{
+        let (w, act, x, m, cols, out): (
+            &QWeight,
+            &Act,
+            &[f32],
+            usize,
+            Range<usize>,
+            &mut OutChunk,
+        ) = ($w, $act, $x, $m, $cols, $out);
+        let rb = w.row_bytes();
+        let mut j = cols.start;
+        while j < cols.end {
+            let left = cols.end - j;
+            if m < 4 && left >= $dec {
+                let wr: [&[u8]; $dec] = std::array::from_fn(|r| w.row(j + r));
+                for i in 0..m {
+                    let r = $tile::<1, $dec>(&wr, act, x, i, $dec * rb);
+                    for (dj, &v) in r[0].iter().enumerate() {
+                        out.set(i, j + dj, v);
+                    }
+                }
+                j += $dec;
+            } else if m >= 4 && left >= $bat {
+                let wr: [&[u8]; $bat] = std::array::from_fn(|r| w.row(j + r));
+                let mut i = 0;
+                while i + 4 <= m {
+                    let r = $tile::<4, $bat>(&wr, act, x, i, $bat * rb);
+                    for (di, row) in r.iter().enumerate() {
+                        for (dj, &v) in row.iter().enumerate() {
+                            out.set(i + di, j + dj, v);
+                        }
+                    }
+                    i += 4;
+                }
+                while i < m {
+                    let r = $tile::<1, $bat>(&wr, act, x, i, $bat * rb);
+                    for (dj, &v) in r[0].iter().enumerate() {
+                        out.set(i, j + dj, v);
+                    }
+                    i += 1;
+                }
+                j += $bat;
+            } else {
+                let wr = [w.row(j)];
+                let mut i = 0;
+                while i + 4 <= m {
+                    let r = $tile::<4, 1>(&wr, act, x, i, rb);
+                    for (di, row) in r.iter().enumerate() {
+                        out.set(i + di, j, row[0]);
+                    }
+                    i += 4;
+                }
+                while i < m {
+                    out.set(i, j, $tile::<1, 1>(&wr, act, x, i, rb)[0][0]);
+                    i += 1;
+                }
+                j += 1;
+            }
+        }
+    }};
+}
+
+/// Runs the kernel of `w`'s format over output columns `cols`.
 pub(crate) fn chunk(
     w: &QWeight,
     act: &Act,
@@ -107,21 +201,28 @@ pub(crate) fn chunk(
     cols: Range<usize>,
     out: &mut OutChunk,
 ) {
-    if !matches!(w.format(), QuantFormat::Q4_0 | QuantFormat::Q8_0) {
-        super::scalar::chunk(w, act, x, m, cols, out);
-        return;
-    }
     assert!(super::KernelPath::Avx2.available());
     // SAFETY: the CPU has every feature this function enables (checked above).
-    unsafe { chunk_inner(w, act, m, cols, out) }
+    unsafe { chunk_inner(w, act, x, m, cols, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn chunk_inner(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut OutChunk) {
-    if w.format() == QuantFormat::Q4_0 {
-        drive!(q4_0_tile, w, act, m, cols, out);
-    } else {
-        drive!(q8_0_tile, w, act, m, cols, out);
+fn chunk_inner(
+    w: &QWeight,
+    act: &Act,
+    x: &[f32],
+    m: usize,
+    cols: Range<usize>,
+    out: &mut OutChunk,
+) {
+    match w.format() {
+        QuantFormat::Q4_0 => drive!(q4_0_tile, w, act, m, cols, out),
+        QuantFormat::Q8_0 => drive!(q8_0_tile, w, act, m, cols, out),
+        QuantFormat::Q4K => drive_tiles!(q4k_tile, 2, 1, w, act, x, m, cols, out),
+        QuantFormat::Q5K => drive_tiles!(q5k_tile, 2, 1, w, act, x, m, cols, out),
+        QuantFormat::Q6K => drive_tiles!(q6k_tile, 2, 1, w, act, x, m, cols, out),
+        QuantFormat::F16 => drive_tiles!(f16_tile, 4, 2, w, act, x, m, cols, out),
+        QuantFormat::BF16 => drive_tiles!(bf16_tile, 4, 2, w, act, x, m, cols, out),
     }
 }
 
@@ -231,3 +332,345 @@ fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
     }
     r
 }
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn reduce<const MR: usize, const NR: usize>(acc: &[[__m256; NR]; MR]) -> [[f32; NR]; MR] {
+    let mut r = [[0f32; NR]; MR];
+    for i in 0..MR {
+        for j in 0..NR {
+            r[i][j] = hsum(acc[i][j]);
+        }
+    }
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants (Super256 activations): a super-block is taken as 8 chunks of 32 values in element
+// order, chunk `q` covering the sub-blocks of 16 `2q` and `2q + 1`. Each chunk's unsigned
+// values go through `vpmaddubsw` with the activation bytes and `vpmaddwd` with the chunk's
+// per-lane scales; the mins (Q4_K/Q5_K) or the −32 offset (Q6_K) are corrected with the sums
+// of 16, and the super-block scales are applied in f32.
+
+/// `vpshufb` indices that broadcast the 16-bit scale of Q4_K/Q5_K sub-block `q` (8 scales as
+/// i16 in each 128-bit lane) to every lane.
+static Q4K_SHUF: [[u8; 32]; 8] = [
+    k_shuf(0, 0),
+    k_shuf(2, 2),
+    k_shuf(4, 4),
+    k_shuf(6, 6),
+    k_shuf(8, 8),
+    k_shuf(10, 10),
+    k_shuf(12, 12),
+    k_shuf(14, 14),
+];
+/// The same for Q6_K chunk `t` of a half super-block (its 8 scales as i16): the scale of
+/// sub-block `2t` in the low 128-bit lane, of `2t + 1` in the high one.
+static Q6K_SHUF: [[u8; 32]; 4] = [k_shuf(0, 2), k_shuf(4, 6), k_shuf(8, 10), k_shuf(12, 14)];
+
+const fn k_shuf(lo: u8, hi: u8) -> [u8; 32] {
+    let mut t = [0u8; 32];
+    let mut b = 0;
+    while b < 32 {
+        let base = if b < 16 { lo } else { hi };
+        t[b] = base + (b % 2) as u8;
+        b += 1;
+    }
+    t
+}
+
+/// The per-super-block part of a K-quant block, decoded once per tile.
+struct KHead {
+    /// Sub-block scales as i16, 8 per 128-bit lane (both lanes alike): Q4_K/Q5_K's 8 scales
+    /// in both entries; Q6_K's scales 0–7 (`[0]`) and 8–15 (`[1]`).
+    sc: [__m256i; 2],
+    /// Paired with the 16 sums of 16: Q4_K/Q5_K each sub-block's min twice, Q6_K the 16
+    /// scales.
+    mins: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q45k_head(b: &[u8]) -> KHead {
+    // ggml's unpack of the 12 scale bytes: 8 six-bit scales, then 8 six-bit mins.
+    let word =
+        |i: usize| u32::from_le_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
+    let sc_lo = u0 & k1;
+    let sc_hi = (u2 & k2) | (((u0 >> 6) & k3) << 4);
+    let mn_lo = u1 & k1;
+    let mn_hi = ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4);
+    let scales = (u64::from(sc_hi) << 32) | u64::from(sc_lo);
+    let mins = (u64::from(mn_hi) << 32) | u64::from(mn_lo);
+    let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+    let mn8 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
+    let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+        b[0], b[1], b[2], b[3],
+    ])));
+    KHead {
+        sc: [sc, sc],
+        mins: _mm256_set_m128i(_mm_unpackhi_epi16(mn8, mn8), _mm_unpacklo_epi16(mn8, mn8)),
+        d: _mm_cvtss_f32(dd),
+        dmin: _mm_cvtss_f32(_mm_movehdup_ps(dd)),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_head(b: &[u8]) -> KHead {
+    let half_sc = |n: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[192 + 8 * n..200 + 8 * n]);
+        _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_cvtsi64_si128(i64::from_le_bytes(v))))
+    };
+    KHead {
+        sc: [half_sc(0), half_sc(1)],
+        mins: _mm256_cvtepi8_epi16(ld128(b, 192)),
+        d: f16_to_f32(u16::from_le_bytes([b[208], b[209]])),
+        dmin: 0.0,
+    }
+}
+
+/// Chunks `2c` and `2c + 1` of a Q4_K block: values and per-lane scales.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4k_pair(b: &[u8], h: &KHead, c: usize) -> ([__m256i; 2], [__m256i; 2]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let x = ld256(b, 16 + 32 * c);
+    (
+        [
+            _mm256_and_si256(x, m4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4),
+        ],
+        [
+            _mm256_shuffle_epi8(h.sc[0], ld256(&Q4K_SHUF[2 * c], 0)),
+            _mm256_shuffle_epi8(h.sc[0], ld256(&Q4K_SHUF[2 * c + 1], 0)),
+        ],
+    )
+}
+
+/// Chunks `2c` and `2c + 1` of a Q5_K block: the Q4_K nibbles with their fifth bits (qh bits
+/// `2c` and `2c + 1`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5k_pair(b: &[u8], h: &KHead, c: usize) -> ([__m256i; 2], [__m256i; 2]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m1 = _mm256_set1_epi8(1);
+    let x = ld256(b, 48 + 32 * c);
+    // Shifts of at most 7 within 16-bit lanes: bit 0 of each byte is then its own bit 2c
+    // (2c + 1 after one more).
+    let hb = _mm256_srl_epi16(ld256(b, 16), _mm_cvtsi32_si128(2 * c as i32));
+    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m1));
+    let h1 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<1>(hb), m1));
+    (
+        [
+            _mm256_or_si256(_mm256_and_si256(x, m4), h0),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(x), m4), h1),
+        ],
+        [
+            _mm256_shuffle_epi8(h.sc[0], ld256(&Q4K_SHUF[2 * c], 0)),
+            _mm256_shuffle_epi8(h.sc[0], ld256(&Q4K_SHUF[2 * c + 1], 0)),
+        ],
+    )
+}
+
+/// Chunks `2c` and `2c + 1` of a Q6_K block (half `c / 2`, chunks `t` and `t + 1` of it with
+/// `t = 2 (c % 2)`): low 4 bits from `ql`, high 2 from `qh`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6k_pair(b: &[u8], h: &KHead, c: usize) -> ([__m256i; 2], [__m256i; 2]) {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m30 = _mm256_set1_epi8(0x30);
+    let (n, t) = (c / 2, 2 * (c % 2));
+    let l0 = ld256(b, 64 * n);
+    let l1 = ld256(b, 64 * n + 32);
+    let hi = ld256(b, 128 + 32 * n);
+    // 16-bit shifts: the masks keep only bits that come from the same byte.
+    let w = if t == 0 {
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(l0, m4),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(hi), m30),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(l1, m4),
+                _mm256_and_si256(_mm256_slli_epi16::<2>(hi), m30),
+            ),
+        ]
+    } else {
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                _mm256_and_si256(hi, m30),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(hi), m30),
+            ),
+        ]
+    };
+    (
+        w,
+        [
+            _mm256_shuffle_epi8(h.sc[n], ld256(&Q6K_SHUF[t], 0)),
+            _mm256_shuffle_epi8(h.sc[n], ld256(&Q6K_SHUF[t + 1], 0)),
+        ],
+    )
+}
+
+macro_rules! k_tile {
+    ($name:ident, $bytes:expr, $head:ident, $pair:ident, $six:expr) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const MR: usize, const NR: usize>(
+            wr: &[&[u8]; NR],
+            act: &Act,
+            _x: &[f32],
+            i0: usize,
+            pf: usize,
+        ) -> [[f32; NR]; MR] {
+            let nsb = wr[0].len() / $bytes;
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            for s in 0..nsb {
+                let blk: [&[u8]; NR] =
+                    std::array::from_fn(|r| &wr[r][s * $bytes..(s + 1) * $bytes]);
+                let head: [KHead; NR] = std::array::from_fn(|r| {
+                    for line in (0..$bytes).step_by(64) {
+                        prefetch(wr[0], pf + (s * NR + r) * $bytes + line);
+                    }
+                    $head(blk[r])
+                });
+                let mut isum = [[_mm256_setzero_si256(); NR]; MR];
+                for c in 0..4 {
+                    let wv: [([__m256i; 2], [__m256i; 2]); NR] =
+                        std::array::from_fn(|r| $pair(blk[r], &head[r], c));
+                    for i in 0..MR {
+                        let qs = act.qs_row(i0 + i);
+                        for e in 0..2 {
+                            let a = ld256_i8(qs, s * 256 + 64 * c + 32 * e);
+                            for r in 0..NR {
+                                let p = _mm256_maddubs_epi16(wv[r].0[e], a);
+                                isum[i][r] =
+                                    _mm256_add_epi32(isum[i][r], _mm256_madd_epi16(p, wv[r].1[e]));
+                            }
+                        }
+                    }
+                }
+                for i in 0..MR {
+                    let bs = ld256_i16(act.bsums_row(i0 + i), s * 16);
+                    let da = act.d_row(i0 + i)[s];
+                    for r in 0..NR {
+                        let kh = &head[r];
+                        let corr = _mm256_madd_epi16(kh.mins, bs);
+                        if $six {
+                            let v = _mm256_sub_epi32(isum[i][r], _mm256_slli_epi32::<5>(corr));
+                            acc[i][r] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(v),
+                                _mm256_set1_ps(kh.d * da),
+                                acc[i][r],
+                            );
+                        } else {
+                            acc[i][r] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(isum[i][r]),
+                                _mm256_set1_ps(kh.d * da),
+                                acc[i][r],
+                            );
+                            acc[i][r] = _mm256_fnmadd_ps(
+                                _mm256_cvtepi32_ps(corr),
+                                _mm256_set1_ps(kh.dmin * da),
+                                acc[i][r],
+                            );
+                        }
+                    }
+                }
+            }
+            reduce(&acc)
+        }
+    };
+}
+
+k_tile!(q4k_tile, 144, q45k_head, q4k_pair, false);
+k_tile!(q5k_tile, 176, q45k_head, q5k_pair, false);
+k_tile!(q6k_tile, 210, q6k_head, q6k_pair, true);
+
+// ---------------------------------------------------------------------------------------------
+// F16 / BF16 weights × f32 activations: 8 values per step, widened once per weight row and
+// used for MR activation rows; one accumulator per output.
+
+macro_rules! half_tile {
+    ($name:ident, $conv:ident) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const MR: usize, const NR: usize>(
+            wr: &[&[u8]; NR],
+            _act: &Act,
+            x: &[f32],
+            i0: usize,
+            pf: usize,
+        ) -> [[f32; NR]; MR] {
+            let k = wr[0].len() / 2;
+            let rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(i0 + i) * k..(i0 + i + 1) * k]);
+            let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            let mut step = |w: &[__m256; NR], xs: &[__m256; MR]| {
+                for i in 0..MR {
+                    for r in 0..NR {
+                        acc[i][r] = _mm256_fmadd_ps(w[r], xs[i], acc[i][r]);
+                    }
+                }
+            };
+            // Steps of 32 values (a cache line per weight row), prefetching the next tile's
+            // rows in address order, then steps of 8, then the zero-padded tail.
+            let (lines, eights, tail) = (k / 32, (k % 32) / 8, k % 8);
+            for g in 0..lines {
+                for r in 0..NR {
+                    prefetch(wr[0], pf + (g * NR + r) * 64);
+                }
+                for u in 0..4 {
+                    let at = g * 32 + u * 8;
+                    let w: [__m256; NR] = std::array::from_fn(|r| $conv(ld128(wr[r], 2 * at)));
+                    let xs: [__m256; MR] = std::array::from_fn(|i| ld256_ps(rows[i], at));
+                    step(&w, &xs);
+                }
+            }
+            for u in 0..eights {
+                let at = lines * 32 + u * 8;
+                let w: [__m256; NR] = std::array::from_fn(|r| $conv(ld128(wr[r], 2 * at)));
+                let xs: [__m256; MR] = std::array::from_fn(|i| ld256_ps(rows[i], at));
+                step(&w, &xs);
+            }
+            if tail > 0 {
+                let at = k - tail;
+                let w: [__m256; NR] = std::array::from_fn(|r| {
+                    let mut buf = [0u8; 16];
+                    buf[..tail * 2].copy_from_slice(&wr[r][2 * at..]);
+                    $conv(ld128(&buf, 0))
+                });
+                let xs: [__m256; MR] = std::array::from_fn(|i| {
+                    let mut buf = [0f32; 8];
+                    buf[..tail].copy_from_slice(&rows[i][at..]);
+                    ld256_ps(&buf, 0)
+                });
+                step(&w, &xs);
+            }
+            reduce(&acc)
+        }
+    };
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn conv_f16(v: __m128i) -> __m256 {
+    _mm256_cvtph_ps(v)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn conv_bf16(v: __m128i) -> __m256 {
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(v)))
+}
+
+half_tile!(f16_tile, conv_f16);
+half_tile!(bf16_tile, conv_bf16);
