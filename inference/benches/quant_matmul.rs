@@ -2,8 +2,10 @@
 //! Qwen2-0.5B shapes (K → N): 896 → 4864 (gate/up), 4864 → 896 (down), 896 → 896 (q/o) and
 //! the 151936 × 896 LM head, at M = 1 (decode) and M = 128 (prefill).
 //!
-//! `cargo bench -p studio-inference --bench quant_matmul [-- FORMAT… SHAPE… --m M… --threads N…]`
-//! (formats as `Q4_0`, `Q4_K`…; shapes by the names below: `gate/up`, `down`, `q/o`, `lm_head`)
+//! `cargo bench -p studio-inference --bench quant_matmul [-- FORMAT… SHAPE… --m M… --threads N…
+//! --path PATH]` (formats as `Q4_0`, `Q4_K`…; shapes by the names below: `gate/up`, `down`,
+//! `q/o`, `lm_head`; `PATH` one of `avx512-vnni`, `avx2`, `scalar`, default the fastest the CPU
+//! offers: a slower path can be measured on a CPU that has a faster one)
 //!
 //! Both sides use rayon's global pool, which reads `RAYON_NUM_THREADS` once, so each thread
 //! count runs in a child process of this binary with that variable set (default: 1 and 2).
@@ -68,7 +70,7 @@ fn time(mut f: impl FnMut(), budget: Duration) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn child(formats: &[QuantFormat], shapes: &[String], ms: &[usize]) {
+fn child(formats: &[QuantFormat], shapes: &[String], ms: &[usize], path: KernelPath) {
     let threads = rayon::current_num_threads();
     let mut rng = StdRng::seed_from_u64(1);
     let budget = Duration::from_millis(800);
@@ -96,7 +98,10 @@ fn child(formats: &[QuantFormat], shapes: &[String], ms: &[usize]) {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random::<f32>() - 0.5).collect();
                 let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("x");
                 let mut y = vec![0f32; m * n];
-                let studio = time(|| qw.matmul(&x, m, &mut y).expect("studio"), budget);
+                let studio = time(
+                    || qw.matmul_with(&x, m, &mut y, path).expect("studio"),
+                    budget,
+                );
                 let candle = time(
                     || {
                         qmm.forward(&xt).expect("candle");
@@ -128,6 +133,7 @@ fn main() {
     let mut threads = Vec::new();
     let mut shapes = Vec::new();
     let mut ms = Vec::new();
+    let mut path = KernelPath::detect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--m" {
@@ -138,6 +144,13 @@ fn main() {
             if let Some(t) = it.next().and_then(|t| t.parse::<usize>().ok()) {
                 threads.push(t);
             }
+        } else if a == "--path" {
+            let name = it.next().map_or("", String::as_str);
+            let Some(p) = KernelPath::ALL.into_iter().find(|p| p.to_string() == name) else {
+                panic!("--path {name}: expected one of avx512-vnni, avx2, scalar");
+            };
+            assert!(p.available(), "--path {p}: this CPU cannot run it");
+            path = p;
         } else if SHAPES.iter().any(|s| s.2 == a) {
             shapes.push(a.clone());
         } else if let Some(f) = QuantFormat::ALL
@@ -159,19 +172,23 @@ fn main() {
         if ms.is_empty() {
             ms = MS.to_vec();
         }
-        child(&formats, &shapes, &ms);
+        child(&formats, &shapes, &ms, path);
         return;
     }
     if threads.is_empty() {
         threads = vec![1, 2];
     }
-    println!("kernel path: {}", KernelPath::detect());
+    println!(
+        "kernel path: {path} (fastest on this CPU: {})",
+        KernelPath::detect()
+    );
     let exe = std::env::current_exe().expect("own path");
     for t in threads {
         let status = Command::new(&exe)
             .args(formats.iter().map(ToString::to_string))
             .args(&shapes)
             .args(ms.iter().flat_map(|m| ["--m".to_owned(), m.to_string()]))
+            .args(["--path".to_owned(), path.to_string()])
             .env("QUANT_BENCH_CHILD", "1")
             .env("RAYON_NUM_THREADS", t.to_string())
             .status()
