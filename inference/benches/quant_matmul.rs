@@ -134,16 +134,21 @@ fn main() {
     let mut shapes = Vec::new();
     let mut ms = Vec::new();
     let mut path = KernelPath::detect();
-    let mut it = args.iter();
+    let mut it = args.iter().peekable();
+    // `--m` and `--threads` take every number that follows (`--m 1 128`).
+    let numbers = |it: &mut std::iter::Peekable<std::slice::Iter<'_, String>>| {
+        let mut v = Vec::new();
+        while let Some(n) = it.peek().and_then(|t| t.parse::<usize>().ok()) {
+            v.push(n);
+            it.next();
+        }
+        v
+    };
     while let Some(a) = it.next() {
         if a == "--m" {
-            if let Some(m) = it.next().and_then(|t| t.parse::<usize>().ok()) {
-                ms.push(m);
-            }
+            ms.extend(numbers(&mut it));
         } else if a == "--threads" {
-            if let Some(t) = it.next().and_then(|t| t.parse::<usize>().ok()) {
-                threads.push(t);
-            }
+            threads.extend(numbers(&mut it));
         } else if a == "--path" {
             let name = it.next().map_or("", String::as_str);
             let Some(p) = KernelPath::ALL.into_iter().find(|p| p.to_string() == name) else {
