@@ -219,3 +219,39 @@ fn f32_weights_fall_back_to_candle_and_still_match() {
     let d = rel_diff(&b, &a);
     assert!(d < 1e-4, "F32 logits differ by {d}");
 }
+
+#[test]
+fn the_decode_team_gives_the_same_logits_on_any_thread_count() {
+    // One-token steps run on a team of every pool thread (rows of each product and heads of
+    // attention split between them); each output is computed the same way whoever owns it,
+    // so the logits agree bit for bit.
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (family, dtype) in [
+        ("qwen2", GgmlDType::Q4_0),
+        ("llama", GgmlDType::Q8_0),
+        ("qwen2", GgmlDType::Q4K),
+        ("llama", GgmlDType::F16),
+    ] {
+        let path = write(tmp.path(), family, dtype);
+        let mut m = load_studio(&path);
+        let mut runs = Vec::new();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let steps: Vec<Vec<f32>> = pool.install(|| {
+                m.forward(&PROMPT, 0, false).expect("prefill");
+                (0..5u32)
+                    .map(|i| {
+                        let t = [30 + 7 * i];
+                        vec1(&m.forward(&t, PROMPT.len() + i as usize, false).expect("step"))
+                    })
+                    .collect()
+            });
+            runs.push(steps);
+        }
+        assert_eq!(runs[0], runs[1], "{family} {dtype:?}: 1 vs 2 threads");
+        assert_eq!(runs[0], runs[2], "{family} {dtype:?}: 1 vs 3 threads");
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod gpt2;
 pub mod hf;
+pub(crate) mod qlinear;
 pub mod quant_llama;
 
 use candle_core::Tensor;

@@ -7,37 +7,89 @@
 //! `output.weight`), so the logits equal candle's up to the kernels' rounding.
 //!
 //! Every 2-D weight stays in its file format as a [`QWeight`] when this CPU has a kernel for
-//! it ([`has_kernel`]), otherwise it runs through candle's `QMatMul` (logged once per load).
-//! The embedding table is looked up row by row from its quantized bytes. Norms and biases are
-//! f32. The KV cache can be cut back to a prefix ([`QuantLlama::truncate_kv`]).
+//! it ([`crate::quant::has_kernel`]), otherwise it runs through candle's `QMatMul` (logged once
+//! per load). The embedding table is looked up row by row from its quantized bytes. Norms and
+//! biases are f32.
+//!
+//! Two paths: several tokens (a prompt) go through candle tensors, with Studio's batched
+//! kernels for the products and candle's f32 matmul for attention; one token (decoding) runs
+//! on a team of every pool thread ([`crate::quant::team`]) over plain vectors: each product
+//! split by output rows, attention by heads, the threads meeting at spin barriers instead of
+//! waking for each of the ~170 products of a step. The KV cache is Studio's own
+//! (`[kv_heads][capacity][head_dim]` per layer, grown by doubling), so a step appends in place
+//! and the cache can be cut back to a prefix ([`QuantLlama::truncate_kv`]).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Seek};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::quant::{KernelPath, QWeight, QuantFormat, has_kernel};
+use crate::models::qlinear::{Fallbacks, Linear, studio_kernel};
+use crate::quant::team::{self, Parts, TeamCtx};
+use crate::quant::{KernelPath, QWeight, QuantFormat};
 
-/// A 2-D weight: Studio's kernel, or candle's `QMatMul` where Studio has none.
-enum Linear {
-    Studio(Arc<QWeight>),
-    Candle(QMatMul),
+/// The Studio weight of `l` for the decode step (which runs only when every weight is one).
+fn studio(l: &Linear) -> Result<&QWeight> {
+    l.studio()
+        .ok_or_else(|| Error::Panicked("a decode weight is not on Studio's kernels".to_owned()))
 }
 
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Studio(w) => w.forward(x),
-            Linear::Candle(m) => Ok(m.forward(x)?),
+/// A 1-D f32 weight (norm or bias), as a tensor for the batched path and as values for the
+/// decode step.
+struct Dense {
+    t: Tensor,
+    v: Vec<f32>,
+}
+
+impl Dense {
+    fn new(t: Tensor) -> Result<Self> {
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Self { t, v })
+    }
+}
+
+/// One layer's cached keys and values: `[kv_heads][cap][head_dim]` each, positions
+/// `0..QuantLlama::kv_len` valid. Grown (by doubling) before a step needs it, never inside one.
+#[derive(Default)]
+struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    cap: usize,
+}
+
+impl KvCache {
+    /// Makes room for `need` positions, keeping the first `len`.
+    fn reserve(&mut self, need: usize, len: usize, heads: usize, hd: usize, max: usize) {
+        if need <= self.cap {
+            return;
         }
+        let cap = need.max(self.cap * 2).max(64).min(max.max(need));
+        let grow = |old: &[f32]| {
+            let mut new = vec![0f32; heads * cap * hd];
+            for h in 0..heads {
+                let (src, dst) = (h * self.cap * hd, h * cap * hd);
+                new[dst..dst + len * hd].copy_from_slice(&old[src..src + len * hd]);
+            }
+            new
+        };
+        self.k = grow(&self.k);
+        self.v = grow(&self.v);
+        self.cap = cap;
     }
 
-    fn is_studio(&self) -> bool {
-        matches!(self, Linear::Studio(_))
+    /// Writes one position of kv head `h` (`hd` values each).
+    fn put(&mut self, h: usize, pos: usize, hd: usize, k: &[f32], v: &[f32]) {
+        let at = (h * self.cap + pos) * hd;
+        self.k[at..at + hd].copy_from_slice(k);
+        self.v[at..at + hd].copy_from_slice(v);
+    }
+
+    /// Positions `0..len` of kv head `h`: (keys, values), `len × hd` each.
+    fn head(&self, h: usize, len: usize, hd: usize) -> (&[f32], &[f32]) {
+        let at = h * self.cap * hd;
+        (&self.k[at..at + len * hd], &self.v[at..at + len * hd])
     }
 }
 
@@ -47,50 +99,27 @@ enum Embedding {
     Dense(Tensor),
 }
 
-/// Whether Studio's kernels run `tensor` on this CPU.
-fn studio_kernel(tensor: &QTensor) -> Option<QuantFormat> {
-    let f = QuantFormat::from_ggml(tensor.dtype())?;
-    (tensor.shape().dims().len() == 2
-        && tensor.shape().dims()[1].is_multiple_of(f.block_size())
-        && has_kernel(f, KernelPath::detect()))
-    .then_some(f)
-}
-
-/// Records which tensors run through candle's kernels instead of Studio's.
-#[derive(Default)]
-struct Fallbacks(BTreeMap<String, Vec<String>>);
-
-impl Fallbacks {
-    fn linear(&mut self, name: &str, tensor: QTensor) -> Result<Linear> {
-        if studio_kernel(&tensor).is_some() {
-            Ok(Linear::Studio(Arc::new(QWeight::from_qtensor(
-                name, &tensor,
-            )?)))
-        } else {
-            self.0
-                .entry(format!("{:?}", tensor.dtype()))
-                .or_default()
-                .push(name.to_owned());
-            Ok(Linear::Candle(QMatMul::from_qtensor(tensor)?))
-        }
-    }
-}
-
 struct Layer {
     wq: Linear,
     wk: Linear,
     wv: Linear,
     wo: Linear,
-    bq: Option<Tensor>,
-    bk: Option<Tensor>,
-    bv: Option<Tensor>,
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
+    bq: Option<Dense>,
+    bk: Option<Dense>,
+    bv: Option<Dense>,
+    attn_norm: Dense,
+    ffn_norm: Dense,
     gate: Linear,
     up: Linear,
     down: Linear,
-    /// Keys and values `[1, kv_heads, len, head_dim]` of positions `0..len`.
-    cache: Option<(Tensor, Tensor)>,
+    /// Written by one thread of the decode team, read by all after a barrier.
+    kv: RwLock<KvCache>,
+}
+
+impl Layer {
+    fn kv_mut(&mut self) -> &mut KvCache {
+        self.kv.get_mut().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Rotary tables `[len, head_dim / 2]`, grown on demand up to the context length.
@@ -98,6 +127,9 @@ struct Rope {
     theta: Vec<f32>,
     cos: Tensor,
     sin: Tensor,
+    /// The same tables as values, `len × head_dim / 2`.
+    cos_v: Vec<f32>,
+    sin_v: Vec<f32>,
     len: usize,
     max: usize,
 }
@@ -114,6 +146,8 @@ impl Rope {
             theta,
             cos: empty.clone(),
             sin: empty,
+            cos_v: Vec::new(),
+            sin_v: Vec::new(),
             len: 0,
             max,
         })
@@ -131,6 +165,8 @@ impl Rope {
             let a = Tensor::from_vec(angles, (len, half), &Device::Cpu)?;
             self.cos = a.cos()?;
             self.sin = a.sin()?;
+            self.cos_v = self.cos.flatten_all()?.to_vec1()?;
+            self.sin_v = self.sin.flatten_all()?.to_vec1()?;
             self.len = len;
         }
         Ok((
@@ -138,14 +174,27 @@ impl Rope {
             self.sin.narrow(0, offset, t)?,
         ))
     }
+
+    /// The (cos, sin) values of position `pos` (grown by [`Rope::tables`] beforehand).
+    fn at(&self, pos: usize) -> (&[f32], &[f32]) {
+        let half = self.theta.len();
+        (
+            &self.cos_v[pos * half..(pos + 1) * half],
+            &self.sin_v[pos * half..(pos + 1) * half],
+        )
+    }
 }
 
 /// A GGUF Llama or Qwen2 model on Studio's quantized CPU kernels.
 pub struct QuantLlama {
     embed: Embedding,
     output: Linear,
-    norm: Tensor,
+    norm: Dense,
     layers: Vec<Layer>,
+    /// Positions held in every layer's KV cache.
+    kv_len: usize,
+    /// The decode team's output slots (rebuilt when the thread count changes).
+    parts: Option<Parts>,
     rope: Rope,
     interleaved_rope: bool,
     n_head: usize,
@@ -266,8 +315,8 @@ impl QuantLlama {
             None => Embedding::Dense(embd.dequantize(&cpu)?),
         };
         drop(embd);
-        let dense = |r: &mut R, name: &str| -> Result<Tensor> {
-            Ok(ct.tensor(r, name, &cpu)?.dequantize(&cpu)?)
+        let dense = |r: &mut R, name: &str| -> Result<Dense> {
+            Dense::new(ct.tensor(r, name, &cpu)?.dequantize(&cpu)?)
         };
         let norm = dense(r, "output_norm.weight")?;
         let mut layers = Vec::with_capacity(n_layer);
@@ -285,7 +334,7 @@ impl QuantLlama {
             let gate = lin(r, "ffn_gate.weight")?;
             let up = lin(r, "ffn_up.weight")?;
             let down = lin(r, "ffn_down.weight")?;
-            let bias = |r: &mut R, s: &str| -> Result<Option<Tensor>> {
+            let bias = |r: &mut R, s: &str| -> Result<Option<Dense>> {
                 let name = n(s);
                 if ct.tensor_infos.contains_key(&name) {
                     Ok(Some(dense(r, &name)?))
@@ -314,26 +363,17 @@ impl QuantLlama {
                 gate,
                 up,
                 down,
-                cache: None,
+                kv: RwLock::new(KvCache::default()),
             });
         }
-        let fallbacks: Vec<String> =
-            fb.0.iter()
-                .map(|(format, names)| format!("{format}: {}", names.join(", ")))
-                .collect();
-        if !fallbacks.is_empty() {
-            log::warn!(
-                "{arch}: no Studio kernel on this CPU ({}) for these weights, candle's kernels \
-                 run them: {}",
-                KernelPath::detect(),
-                fallbacks.join("; ")
-            );
-        }
+        let fallbacks = fb.log(&arch);
         Ok(Self {
             embed,
             output,
             norm,
             layers,
+            kv_len: 0,
+            parts: None,
             rope: Rope::new(head_dim, rope_base, context)?,
             interleaved_rope: arch == "llama",
             n_head,
@@ -375,36 +415,27 @@ impl QuantLlama {
 
     /// Positions held in the KV cache.
     pub fn kv_len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.cache.as_ref())
-            .and_then(|(k, _)| k.dim(2).ok())
-            .unwrap_or(0)
+        self.kv_len
     }
 
-    /// Forgets every cached key and value.
+    /// Forgets every cached key and value (the buffers stay for the next prompt).
     pub fn clear_kv_cache(&mut self) {
-        for l in &mut self.layers {
-            l.cache = None;
-        }
+        self.kv_len = 0;
     }
 
     /// Keeps the first `len` cached positions (a prompt prefix to reuse); a `len` at or past
     /// the cached length changes nothing.
     pub fn truncate_kv(&mut self, len: usize) -> Result<()> {
-        for l in &mut self.layers {
-            if let Some((k, v)) = l.cache.take() {
-                let have = k.dim(2)?;
-                l.cache = if len == 0 {
-                    None
-                } else if len >= have {
-                    Some((k, v))
-                } else {
-                    Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))
-                };
-            }
-        }
+        self.kv_len = self.kv_len.min(len);
         Ok(())
+    }
+
+    /// Makes room in every layer's cache for `need` positions.
+    fn reserve_kv(&mut self, need: usize) {
+        let (len, heads, hd, max) = (self.kv_len, self.n_kv_head, self.head_dim, self.context);
+        for l in &mut self.layers {
+            l.kv_mut().reserve(need, len, heads, hd, max);
+        }
     }
 
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
@@ -449,7 +480,24 @@ impl QuantLlama {
                 self.kv_len()
             )));
         }
+        if offset + t > self.context {
+            return Err(Error::PromptTooLong {
+                tokens: offset + t,
+                context: self.context,
+            });
+        }
+        self.reserve_kv(offset + t);
         let (cos, sin) = self.rope.tables(offset, t)?;
+        if t == 1 && self.decode_ready() {
+            let logits = self.decode(tokens[0], offset)?;
+            self.kv_len = offset + 1;
+            let shape = if all {
+                vec![1, self.vocab]
+            } else {
+                vec![self.vocab]
+            };
+            return Ok(Tensor::from_vec(logits, shape, &Device::Cpu)?);
+        }
         let mask = if t > 1 {
             let len = offset + t;
             let m: Vec<f32> = (0..t)
@@ -469,25 +517,202 @@ impl QuantLlama {
         };
         let mut x = self.embed(tokens)?;
         for i in 0..self.layers.len() {
-            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].attn_norm, self.eps)?;
+            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].attn_norm.t, self.eps)?;
             let h = self.attention(i, &h, &cos, &sin, mask.as_ref())?;
             x = (x + h)?;
             let l = &self.layers[i];
-            let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, self.eps)?;
+            let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm.t, self.eps)?;
             let g = l.gate.forward(&h)?;
             let u = l.up.forward(&h)?;
             let h = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
             x = (x + h)?;
         }
         let x = if all { x } else { x.narrow(1, t - 1, 1)? };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm.t, self.eps)?;
         let logits = self.output.forward(&x)?;
+        self.kv_len = offset + t;
         let logits = if all {
             logits.reshape((t, self.vocab))?
         } else {
             logits.flatten_all()?
         };
         Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// Whether one-token steps run on the decode team (every linear weight on Studio's kernels).
+    fn decode_ready(&self) -> bool {
+        self.studio_weights() == self.layers.len() * 7 + 1
+    }
+
+    /// One token at position `pos` (cache and rope tables already grown): every thread of the
+    /// pool runs the whole step ([`QuantLlama::decode_on`]), so no product waits for threads
+    /// to wake. Returns the logits.
+    fn decode(&mut self, token: u32, pos: usize) -> Result<Vec<f32>> {
+        let x0 = self.embed(&[token])?.flatten_all()?.to_vec1::<f32>()?;
+        let threads = rayon::current_num_threads();
+        let (qd, kvd) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
+        let inter = self
+            .layers
+            .iter()
+            .filter_map(|l| l.gate.studio().map(QWeight::rows))
+            .max()
+            .unwrap_or(0);
+        let need = (qd + 2 * kvd).max(self.hidden).max(inter).max(self.vocab);
+        if self
+            .parts
+            .as_ref()
+            .is_none_or(|p| p.threads() != threads || p.len() < need)
+        {
+            self.parts = Some(Parts::new(threads, need));
+        }
+        let this = &*self;
+        let parts = this
+            .parts
+            .as_ref()
+            .ok_or_else(|| Error::Panicked("the decode slots are missing".to_owned()))?;
+        let logits = Mutex::new(Vec::new());
+        team::run(|t| this.decode_on(t, parts, &x0, pos, &logits))?;
+        Ok(logits.into_inner().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// One thread's part of a decode step. Every thread keeps its own copy of the residual
+    /// stream and the small vectors (norms, biases, rope: a few thousand values); the
+    /// products are split by output rows, attention by heads, and the shares meet in `parts`
+    /// after each barrier. Thread 0 writes the new key/value position and gathers the logits.
+    #[allow(clippy::too_many_lines)] // one step of the model, read top to bottom
+    fn decode_on(
+        &self,
+        t: &TeamCtx,
+        parts: &Parts,
+        x0: &[f32],
+        pos: usize,
+        logits: &Mutex<Vec<f32>>,
+    ) -> Result<()> {
+        const ALIGN: usize = 16;
+        let path = KernelPath::detect();
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let (qd, kvd, groups) = (nh * hd, nkv * hd, nh / nkv);
+        let (me, threads) = (t.index(), t.threads());
+        let len = pos + 1;
+        let (cos, sin) = self.rope.at(pos);
+        let sqrt_hd = (hd as f32).sqrt();
+        let rows = |n: usize, at: usize, i: usize| {
+            let r = team::share(n, ALIGN, threads, i);
+            at + r.start..at + r.end
+        };
+        // This thread's rows of `w · input`, into its slot at offset `at`.
+        let product = |w: &QWeight, input: &[f32], at: usize, phase: usize| -> Result<()> {
+            let r = t.share(w.rows(), ALIGN);
+            let mut slot = parts.slot(me, phase);
+            w.matmul_rows(
+                input,
+                1,
+                r.clone(),
+                &mut slot[at + r.start..at + r.end],
+                path,
+            )
+        };
+
+        let mut x = x0.to_vec();
+        let mut h = vec![0f32; self.hidden];
+        let mut qkv = vec![0f32; qd + 2 * kvd];
+        let mut att = vec![0f32; qd];
+        let (mut inner, mut g, mut u) = (Vec::new(), Vec::new(), Vec::new());
+        let mut scores = Vec::with_capacity(len);
+        let mut phase = 0usize;
+        for l in &self.layers {
+            // q, k, v.
+            rms_norm(&x, &l.attn_norm.v, self.eps, &mut h);
+            product(studio(&l.wq)?, &h, 0, phase)?;
+            product(studio(&l.wk)?, &h, qd, phase)?;
+            product(studio(&l.wv)?, &h, qd + kvd, phase)?;
+            t.wait()?;
+            parts.gather(phase, &mut qkv, |i| {
+                [rows(qd, 0, i), rows(kvd, qd, i), rows(kvd, qd + kvd, i)]
+            });
+            phase += 1;
+            let (q, kv) = qkv.split_at_mut(qd);
+            let (k, v) = kv.split_at_mut(kvd);
+            for (y, b) in [(&mut *q, &l.bq), (&mut *k, &l.bk), (&mut *v, &l.bv)] {
+                if let Some(b) = b {
+                    y.iter_mut().zip(&b.v).for_each(|(y, b)| *y += b);
+                }
+            }
+            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+                rope_row(head, cos, sin, self.interleaved_rope);
+            }
+            if me == 0 {
+                let mut cache = l.kv.write().unwrap_or_else(PoisonError::into_inner);
+                for kh in 0..nkv {
+                    let r = kh * hd..(kh + 1) * hd;
+                    cache.put(kh, pos, hd, &k[r.clone()], &v[r]);
+                }
+            }
+            t.wait()?;
+
+            // Attention, this thread's heads.
+            {
+                let cache = l.kv.read().unwrap_or_else(PoisonError::into_inner);
+                let mut slot = parts.slot(me, phase);
+                for head in t.share(nh, 1) {
+                    let (keys, values) = cache.head(head / groups, len, hd);
+                    let r = head * hd..(head + 1) * hd;
+                    attend(
+                        &q[r.clone()],
+                        keys,
+                        values,
+                        sqrt_hd,
+                        &mut scores,
+                        &mut slot[r],
+                    );
+                }
+            }
+            t.wait()?;
+            parts.gather(phase, &mut att, |i| {
+                let r = team::share(nh, 1, threads, i);
+                std::iter::once(r.start * hd..r.end * hd)
+            });
+            phase += 1;
+            product(studio(&l.wo)?, &att, 0, phase)?;
+            t.wait()?;
+            parts.gather(phase, &mut h, |i| [rows(self.hidden, 0, i)]);
+            phase += 1;
+            x.iter_mut().zip(&h).for_each(|(x, h)| *x += h);
+
+            // The MLP: gate and up for the same rows, so each thread applies SwiGLU to its own.
+            rms_norm(&x, &l.ffn_norm.v, self.eps, &mut h);
+            let (gate, up) = (studio(&l.gate)?, studio(&l.up)?);
+            let n_ff = gate.rows();
+            {
+                let r = t.share(n_ff, ALIGN);
+                g.resize(r.len(), 0.0);
+                u.resize(r.len(), 0.0);
+                gate.matmul_rows(&h, 1, r.clone(), &mut g, path)?;
+                up.matmul_rows(&h, 1, r.clone(), &mut u, path)?;
+                let mut slot = parts.slot(me, phase);
+                for ((y, &g), &u) in slot[r].iter_mut().zip(&g).zip(&u) {
+                    *y = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            t.wait()?;
+            inner.resize(n_ff, 0.0);
+            parts.gather(phase, &mut inner, |i| [rows(n_ff, 0, i)]);
+            phase += 1;
+            product(studio(&l.down)?, &inner, 0, phase)?;
+            t.wait()?;
+            parts.gather(phase, &mut h, |i| [rows(self.hidden, 0, i)]);
+            phase += 1;
+            x.iter_mut().zip(&h).for_each(|(x, h)| *x += h);
+        }
+        rms_norm(&x, &self.norm.v, self.eps, &mut h);
+        product(studio(&self.output)?, &h, 0, phase)?;
+        t.wait()?;
+        if me == 0 {
+            let mut out = vec![0f32; self.vocab];
+            parts.gather(phase, &mut out, |i| [rows(self.vocab, 0, i)]);
+            *logits.lock().unwrap_or_else(PoisonError::into_inner) = out;
+        }
+        Ok(())
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -509,10 +734,10 @@ impl QuantLlama {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let l = &self.layers[i];
-        let proj = |w: &Linear, bias: Option<&Tensor>, heads: usize| -> Result<Tensor> {
+        let proj = |w: &Linear, bias: Option<&Dense>, heads: usize| -> Result<Tensor> {
             let y = w.forward(x)?;
             let y = match bias {
-                Some(bias) => y.broadcast_add(bias)?,
+                Some(bias) => y.broadcast_add(&bias.t)?,
                 None => y,
             };
             Ok(y.reshape((b, t, heads, hd))?
@@ -525,13 +750,35 @@ impl QuantLlama {
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
 
-        let l = &mut self.layers[i];
-        let (k, v) = match l.cache.take() {
-            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-            None => (k, v),
+        // Into the cache at positions offset..offset + t; attention reads 0..offset + t.
+        let offset = self.kv_len;
+        let len = offset + t;
+        let kv = self.layers[i].kv_mut();
+        let (kh, vh) = (
+            k.flatten_all()?.to_vec1::<f32>()?,
+            v.flatten_all()?.to_vec1::<f32>()?,
+        );
+        for h in 0..nkv {
+            for p in 0..t {
+                let at = (h * t + p) * hd;
+                kv.put(h, offset + p, hd, &kh[at..at + hd], &vh[at..at + hd]);
+            }
+        }
+        let (k, v) = if offset == 0 {
+            (k, v)
+        } else {
+            let mut ks = Vec::with_capacity(nkv * len * hd);
+            let mut vs = Vec::with_capacity(nkv * len * hd);
+            for h in 0..nkv {
+                let (hk, hv) = kv.head(h, len, hd);
+                ks.extend_from_slice(hk);
+                vs.extend_from_slice(hv);
+            }
+            (
+                Tensor::from_vec(ks, (b, nkv, len, hd), &Device::Cpu)?,
+                Tensor::from_vec(vs, (b, nkv, len, hd), &Device::Cpu)?,
+            )
         };
-        l.cache = Some((k.clone(), v.clone()));
-        let len = k.dim(2)?;
 
         // Grouped-query attention without repeating the keys: the `groups` query heads that
         // share a key/value head become rows of one matrix.
@@ -552,5 +799,77 @@ impl QuantLlama {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         self.layers[i].wo.forward(&y)
+    }
+}
+
+/// `out = x / rms(x) · w`, as candle's `rms_norm` computes it.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let sum2: f32 = x.iter().map(|v| v * v).sum();
+    let m = (sum2 / x.len() as f32 + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
+        *o = v / m * w;
+    }
+}
+
+/// Rotates one head's values by the angles of one position: pairs `(2i, 2i + 1)` when
+/// `interleaved` (llama), else `(i, i + d/2)` (qwen2's "neox" halves), as candle's `rope_i` /
+/// `rope` do.
+fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
+    let half = cos.len();
+    for i in 0..half {
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let (xa, xb) = (x[a], x[b]);
+        x[a] = xa * cos[i] - xb * sin[i];
+        x[b] = xa * sin[i] + xb * cos[i];
+    }
+}
+
+/// `a · b` in 16 independent lanes (so the compiler vectorizes it).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// One query head against `len` cached positions (`keys`, `values`: `len × hd`): softmax of
+/// the scaled scores, then the weighted sum of the values into `out`.
+fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    sqrt_hd: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) / sqrt_hd));
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+        let p = p / sum;
+        for (o, &v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
     }
 }

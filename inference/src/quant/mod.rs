@@ -29,6 +29,7 @@
 mod act;
 mod kernel;
 mod scalar;
+pub mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,86 @@
+//! A linear weight from a GGUF file for the CPU models: Studio's own kernel ([`crate::quant`])
+//! when this CPU has one for the tensor's format, else candle's `QMatMul`; the fallbacks are
+//! collected per load and logged once ([`Fallbacks::log`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{Module, Tensor};
+
+use crate::error::Result;
+use crate::quant::{KernelPath, QWeight, QuantFormat, has_kernel};
+
+/// A 2-D weight: Studio's kernel, or candle's `QMatMul` where Studio has none.
+pub(crate) enum Linear {
+    Studio(Arc<QWeight>),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Studio(w) => w.forward(x),
+            Linear::Candle(m) => Ok(m.forward(x)?),
+        }
+    }
+
+    pub(crate) fn is_studio(&self) -> bool {
+        matches!(self, Linear::Studio(_))
+    }
+
+    pub(crate) fn studio(&self) -> Option<&QWeight> {
+        match self {
+            Linear::Studio(w) => Some(w),
+            Linear::Candle(_) => None,
+        }
+    }
+}
+
+/// Whether Studio's kernels run `tensor` on this CPU.
+pub(crate) fn studio_kernel(tensor: &QTensor) -> Option<QuantFormat> {
+    let f = QuantFormat::from_ggml(tensor.dtype())?;
+    (tensor.shape().dims().len() == 2
+        && tensor.shape().dims()[1].is_multiple_of(f.block_size())
+        && has_kernel(f, KernelPath::detect()))
+    .then_some(f)
+}
+
+/// Records which tensors run through candle's kernels instead of Studio's.
+#[derive(Default)]
+pub(crate) struct Fallbacks(BTreeMap<String, Vec<String>>);
+
+impl Fallbacks {
+    pub(crate) fn linear(&mut self, name: &str, tensor: QTensor) -> Result<Linear> {
+        if studio_kernel(&tensor).is_some() {
+            Ok(Linear::Studio(Arc::new(QWeight::from_qtensor(
+                name, &tensor,
+            )?)))
+        } else {
+            self.0
+                .entry(format!("{:?}", tensor.dtype()))
+                .or_default()
+                .push(name.to_owned());
+            Ok(Linear::Candle(QMatMul::from_qtensor(tensor)?))
+        }
+    }
+
+    /// `format: name, name…` per format that fell back, logged once (a warning) for the
+    /// model `what`; empty when Studio's kernels run every weight.
+    pub(crate) fn log(self, what: &str) -> Vec<String> {
+        let list: Vec<String> = self
+            .0
+            .iter()
+            .map(|(format, names)| format!("{format}: {}", names.join(", ")))
+            .collect();
+        if !list.is_empty() {
+            log::warn!(
+                "{what}: no Studio kernel on this CPU ({}) for these weights, candle's kernels \
+                 run them: {}",
+                KernelPath::detect(),
+                list.join("; ")
+            );
+        }
+        list
+    }
+}

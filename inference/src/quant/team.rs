@@ -1,0 +1,290 @@
+//! A team of threads for one step of work made of many small dependent parts (a decode step:
+//! ~170 matrix products of a few hundred microseconds each, with norms and attention between).
+//!
+//! Handing each product to rayon's pool separately costs a wake-up and a sleep per product per
+//! thread (hundreds of context switches per token). Instead [`run`] starts the body once on
+//! every thread of the pool (`rayon::broadcast`) and the threads meet at a spinning
+//! [`TeamCtx::wait`] between dependent parts, as llama.cpp's thread pool does. Each thread
+//! works on its [`TeamCtx::share`] of a product and publishes it through a [`Parts`] slot.
+//!
+//! A body that fails or panics on one thread releases the others from their barriers with an
+//! error instead of leaving them spinning.
+
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::error::{Error, Result};
+
+/// What a thread released from a barrier by another thread's failure returns.
+const RELEASED: &str = "another thread of the team stopped with an error";
+
+/// Spins this many rounds at a barrier before yielding the core between checks.
+const SPINS_BEFORE_YIELD: u32 = 1 << 16;
+
+struct Barrier {
+    threads: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+    aborted: AtomicBool,
+}
+
+impl Barrier {
+    fn wait(&self) -> Result<()> {
+        if self.threads <= 1 {
+            return self.check();
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            // The last to arrive resets the count before releasing the others, who do not
+            // touch it until they see the new generation.
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            return self.check();
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == generation {
+            if self.aborted.load(Ordering::Acquire) {
+                break;
+            }
+            if spins < SPINS_BEFORE_YIELD {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        self.check()
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.aborted.load(Ordering::Acquire) {
+            Err(Error::Panicked(RELEASED.to_owned()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// One thread's view of the team.
+pub struct TeamCtx<'a> {
+    index: usize,
+    threads: usize,
+    barrier: &'a Barrier,
+}
+
+impl TeamCtx<'_> {
+    /// This thread's number, `0..threads()`.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Waits until every thread of the team has called `wait` as often as this one (what each
+    /// wrote before is then visible to all). An error when another thread's body failed.
+    pub fn wait(&self) -> Result<()> {
+        self.barrier.wait()
+    }
+
+    /// This thread's contiguous share of `0..n`, in pieces aligned to `align` (the last share
+    /// takes the remainder; a share may be empty when `n` is small).
+    pub fn share(&self, n: usize, align: usize) -> Range<usize> {
+        share(n, align, self.threads, self.index)
+    }
+}
+
+/// Thread `index`'s share of `0..n` among `threads`, aligned to `align`.
+pub fn share(n: usize, align: usize, threads: usize, index: usize) -> Range<usize> {
+    let align = align.max(1);
+    let step = n.div_ceil(threads.max(1)).div_ceil(align) * align;
+    (index * step).min(n)..((index + 1) * step).min(n)
+}
+
+/// Runs `body` once on every thread of rayon's current pool and waits for all of them; the
+/// first error (or a panic, as [`Error::Panicked`]) is returned.
+pub fn run<F>(body: F) -> Result<()>
+where
+    F: Fn(&TeamCtx) -> Result<()> + Sync,
+{
+    let barrier = Barrier {
+        threads: rayon::current_num_threads(),
+        arrived: AtomicUsize::new(0),
+        generation: AtomicUsize::new(0),
+        aborted: AtomicBool::new(false),
+    };
+    let results = rayon::broadcast(|ctx| {
+        let team = TeamCtx {
+            index: ctx.index(),
+            threads: ctx.num_threads(),
+            barrier: &barrier,
+        };
+        let result = match catch_unwind(AssertUnwindSafe(|| body(&team))) {
+            Ok(r) => r,
+            Err(payload) => Err(Error::Panicked(
+                payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a thread of the team panicked".to_owned()),
+            )),
+        };
+        if result.is_err() {
+            barrier.aborted.store(true, Ordering::Release);
+        }
+        result
+    });
+    // The thread that failed reports the cause; the others only saw the abort.
+    let mut errors: Vec<Error> = results.into_iter().filter_map(Result::err).collect();
+    let cause = errors
+        .iter()
+        .position(|e| !matches!(e, Error::Panicked(m) if m == RELEASED))
+        .unwrap_or(0);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.swap_remove(cause))
+    }
+}
+
+/// Per-thread output slots, double-buffered by the parity of the barrier phase, so a thread
+/// can publish its share of phase `p + 1` while slower threads still read phase `p`.
+///
+/// Each thread writes only its own slot (at the offsets of its share in the full vector) and,
+/// after a barrier, reads every slot's share with [`Parts::gather`]. The locks are never
+/// contended while the phases are respected.
+pub struct Parts {
+    slots: Vec<[Mutex<Vec<f32>>; 2]>,
+}
+
+fn lock(m: &Mutex<Vec<f32>>) -> MutexGuard<'_, Vec<f32>> {
+    // A panic while holding a slot aborts the team; the data is rewritten before any use.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Parts {
+    /// Slots of `len` values for `threads` threads.
+    pub fn new(threads: usize, len: usize) -> Self {
+        Self {
+            slots: (0..threads)
+                .map(|_| [Mutex::new(vec![0.0; len]), Mutex::new(vec![0.0; len])])
+                .collect(),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The values each slot holds.
+    pub fn len(&self) -> usize {
+        self.slots.first().map_or(0, |s| lock(&s[0]).len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Thread `index`'s slot of phase `parity` for writing.
+    pub fn slot(&self, index: usize, parity: usize) -> MutexGuard<'_, Vec<f32>> {
+        lock(&self.slots[index][parity & 1])
+    }
+
+    /// Copies into `dst` every thread's values at `ranges(thread)` of phase `parity`.
+    pub fn gather<I>(&self, parity: usize, dst: &mut [f32], ranges: impl Fn(usize) -> I)
+    where
+        I: IntoIterator<Item = Range<usize>>,
+    {
+        for (t, slot) in self.slots.iter().enumerate() {
+            let src = lock(&slot[parity & 1]);
+            for r in ranges(t) {
+                dst[r.clone()].copy_from_slice(&src[r]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_the_range_once() {
+        for n in [0, 1, 5, 16, 17, 896, 4864] {
+            for threads in 1..5 {
+                let mut next = 0;
+                for i in 0..threads {
+                    let r = share(n, 16, threads, i);
+                    assert_eq!(r.start, next.min(n));
+                    next = r.end;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failing_thread_releases_the_others() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("pool");
+        let r = pool.install(|| {
+            run(|t| {
+                if t.index() == 1 {
+                    return Err(Error::InvalidParameter("boom".to_owned()));
+                }
+                for _ in 0..3 {
+                    t.wait()?;
+                }
+                Ok(())
+            })
+        });
+        assert!(matches!(r, Err(Error::InvalidParameter(m)) if m == "boom"));
+        let r = pool.install(|| {
+            run(|t| {
+                t.wait()?;
+                assert!(t.index() != 2, "thread two gives up");
+                t.wait()
+            })
+        });
+        assert!(matches!(r, Err(Error::Panicked(m)) if m.contains("thread two")));
+    }
+
+    #[test]
+    fn phases_see_every_share() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("pool");
+        let n = 50;
+        let parts = Parts::new(3, n);
+        let sums = Mutex::new(Vec::new());
+        pool.install(|| {
+            run(|t| {
+                let mut full = vec![0.0; n];
+                for phase in 0..6 {
+                    {
+                        let mut slot = parts.slot(t.index(), phase);
+                        for j in t.share(n, 4) {
+                            slot[j] = (phase * 100 + j) as f32;
+                        }
+                    }
+                    t.wait()?;
+                    parts.gather(phase, &mut full, |i| [share(n, 4, 3, i)]);
+                    let want: Vec<f32> = (0..n).map(|j| (phase * 100 + j) as f32).collect();
+                    assert_eq!(full, want);
+                }
+                sums.lock().expect("lock").push(t.index());
+                Ok(())
+            })
+        })
+        .expect("team");
+        let mut who = sums.into_inner().expect("lock");
+        who.sort_unstable();
+        assert_eq!(who, vec![0, 1, 2]);
+    }
+}
