@@ -13,16 +13,16 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_cvtepi8_epi16,
-    _mm_cvtepu8_epi16, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32,
-    _mm_hadd_ps, _mm_loadu_ps, _mm_loadu_si128, _mm_movehdup_ps, _mm_prefetch, _mm_set_epi16,
-    _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32,
-    _mm256_and_si256, _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
+    __m128, __m128i, __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_cvtepu8_epi16, _mm_cvtph_ps,
+    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_loadu_ps,
+    _mm_loadu_si128, _mm_movehdup_ps, _mm_prefetch, _mm_set_epi16, _mm_unpackhi_epi16,
+    _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32, _mm256_and_si256,
+    _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
     _mm256_castsi256_ps, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps, _mm256_cvtepu16_epi32,
     _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps,
     _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_or_si256,
-    _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16,
-    _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256,
+    _mm256_permute2x128_si256, _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8,
+    _mm256_set1_epi16, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256,
     _mm256_shuffle_epi8, _mm256_sign_epi8, _mm256_slli_epi16, _mm256_slli_epi32, _mm256_srl_epi16,
     _mm256_srli_epi16, _mm256_sub_epi32,
 };
@@ -144,7 +144,10 @@ macro_rules! drive_tiles {
         while j < cols.end {
             let left = cols.end - j;
             if m < 4 && left >= $dec {
-                let wr: [&[u8]; $dec] = std::array::from_fn(|r| w.row(j + r));
+                let mut wr: [&[u8]; $dec] = [&[]; $dec];
+                for (r, row) in wr.iter_mut().enumerate() {
+                    *row = w.row(j + r);
+                }
                 for i in 0..m {
                     let r = $tile::<1, $dec>(&wr, act, x, i, $dec * rb);
                     for (dj, &v) in r[0].iter().enumerate() {
@@ -153,7 +156,10 @@ macro_rules! drive_tiles {
                 }
                 j += $dec;
             } else if m >= 4 && left >= $bat {
-                let wr: [&[u8]; $bat] = std::array::from_fn(|r| w.row(j + r));
+                let mut wr: [&[u8]; $bat] = [&[]; $bat];
+                for (r, row) in wr.iter_mut().enumerate() {
+                    *row = w.row(j + r);
+                }
                 let mut i = 0;
                 while i + 4 <= m {
                     let r = $tile::<4, $bat>(&wr, act, x, i, $bat * rb);
@@ -380,6 +386,7 @@ const fn k_shuf(lo: u8, hi: u8) -> [u8; 32] {
 }
 
 /// The per-super-block part of a K-quant block, decoded once per tile.
+#[derive(Clone, Copy)]
 struct KHead {
     /// Sub-block scales as i16, 8 per 128-bit lane (both lanes alike): Q4_K/Q5_K's 8 scales
     /// in both entries; Q6_K's scales 0–7 (`[0]`) and 8–15 (`[1]`).
@@ -391,47 +398,53 @@ struct KHead {
     dmin: f32,
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q45k_head(b: &[u8]) -> KHead {
-    // ggml's unpack of the 12 scale bytes: 8 six-bit scales, then 8 six-bit mins.
-    let word =
-        |i: usize| u32::from_le_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]);
-    let (u0, u1, u2) = (word(0), word(1), word(2));
-    let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
-    let sc_lo = u0 & k1;
-    let sc_hi = (u2 & k2) | (((u0 >> 6) & k3) << 4);
-    let mn_lo = u1 & k1;
-    let mn_hi = ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4);
-    let scales = (u64::from(sc_hi) << 32) | u64::from(sc_lo);
-    let mins = (u64::from(mn_hi) << 32) | u64::from(mn_lo);
-    let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
-    let mn8 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
-    let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-        b[0], b[1], b[2], b[3],
-    ])));
-    KHead {
-        sc: [sc, sc],
-        mins: _mm256_set_m128i(_mm_unpackhi_epi16(mn8, mn8), _mm_unpacklo_epi16(mn8, mn8)),
-        d: _mm_cvtss_f32(dd),
-        dmin: _mm_cvtss_f32(_mm_movehdup_ps(dd)),
-    }
+// The K-quant heads are macros so that they are always inlined into the tiles (as functions
+// they were called out of line, the block returned through memory).
+macro_rules! q45k_head {
+    ($b:expr) => {{
+        let b: &[u8] = $b;
+        let mut h = [0u8; 16];
+        h.copy_from_slice(&b[..16]);
+        // ggml's unpack of the 12 scale bytes: 8 six-bit scales, then 8 six-bit mins.
+        let u0 = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let u1 = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        let u2 = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+        let (k1, k2, k3) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
+        let sc_lo = u0 & k1;
+        let sc_hi = (u2 & k2) | (((u0 >> 6) & k3) << 4);
+        let mn_lo = u1 & k1;
+        let mn_hi = ((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4);
+        let scales = (u64::from(sc_hi) << 32) | u64::from(sc_lo);
+        let mins = (u64::from(mn_hi) << 32) | u64::from(mn_lo);
+        let sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        let mn8 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mins as i64));
+        let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            h[0], h[1], h[2], h[3],
+        ])));
+        KHead {
+            sc: [sc, sc],
+            mins: _mm256_set_m128i(_mm_unpackhi_epi16(mn8, mn8), _mm_unpacklo_epi16(mn8, mn8)),
+            d: _mm_cvtss_f32(dd),
+            dmin: _mm_cvtss_f32(_mm_movehdup_ps(dd)),
+        }
+    }};
 }
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q6k_head(b: &[u8]) -> KHead {
-    let half_sc = |n: usize| {
-        let mut v = [0u8; 8];
-        v.copy_from_slice(&b[192 + 8 * n..200 + 8 * n]);
-        _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_cvtsi64_si128(i64::from_le_bytes(v))))
-    };
-    KHead {
-        sc: [half_sc(0), half_sc(1)],
-        mins: _mm256_cvtepi8_epi16(ld128(b, 192)),
-        d: f16_to_f32(u16::from_le_bytes([b[208], b[209]])),
-        dmin: 0.0,
-    }
+macro_rules! q6k_head {
+    ($b:expr) => {{
+        let b: &[u8] = $b;
+        let scb = ld128(b, 192);
+        let sc16 = _mm256_cvtepi8_epi16(scb);
+        KHead {
+            sc: [
+                _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+            ],
+            mins: sc16,
+            d: f16_to_f32(u16::from_le_bytes([b[208], b[209]])),
+            dmin: 0.0,
+        }
+    }};
 }
 
 /// Chunks `2c` and `2c + 1` of a Q4_K block: values and per-lane scales.
@@ -534,27 +547,39 @@ macro_rules! k_tile {
         ) -> [[f32; NR]; MR] {
             let nsb = wr[0].len() / $bytes;
             let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+            let zero = _mm256_setzero_si256();
+            let mut head = [KHead {
+                sc: [zero; 2],
+                mins: zero,
+                d: 0.0,
+                dmin: 0.0,
+            }; NR];
+            let mut blk: [&[u8]; NR] = [&[]; NR];
             for s in 0..nsb {
-                let blk: [&[u8]; NR] =
-                    std::array::from_fn(|r| &wr[r][s * $bytes..(s + 1) * $bytes]);
-                let head: [KHead; NR] = std::array::from_fn(|r| {
-                    for line in (0..$bytes).step_by(64) {
-                        prefetch(wr[0], pf + (s * NR + r) * $bytes + line);
+                for r in 0..NR {
+                    for line in 0..usize::div_ceil($bytes, 64) {
+                        prefetch(wr[0], pf + (s * NR + r) * $bytes + 64 * line);
                     }
-                    $head(blk[r])
-                });
-                let mut isum = [[_mm256_setzero_si256(); NR]; MR];
+                    blk[r] = &wr[r][s * $bytes..(s + 1) * $bytes];
+                    head[r] = $head!(blk[r]);
+                }
+                let mut isum = [[zero; NR]; MR];
                 for c in 0..4 {
-                    let wv: [([__m256i; 2], [__m256i; 2]); NR] =
-                        std::array::from_fn(|r| $pair(blk[r], &head[r], c));
+                    let mut wv = [[zero; 4]; NR];
+                    for r in 0..NR {
+                        let (v, sc) = $pair(blk[r], &head[r], c);
+                        wv[r] = [v[0], v[1], sc[0], sc[1]];
+                    }
                     for i in 0..MR {
                         let qs = act.qs_row(i0 + i);
                         for e in 0..2 {
                             let a = ld256_i8(qs, s * 256 + 64 * c + 32 * e);
                             for r in 0..NR {
-                                let p = _mm256_maddubs_epi16(wv[r].0[e], a);
-                                isum[i][r] =
-                                    _mm256_add_epi32(isum[i][r], _mm256_madd_epi16(p, wv[r].1[e]));
+                                let p = _mm256_maddubs_epi16(wv[r][e], a);
+                                isum[i][r] = _mm256_add_epi32(
+                                    isum[i][r],
+                                    _mm256_madd_epi16(p, wv[r][2 + e]),
+                                );
                             }
                         }
                     }
@@ -612,48 +637,60 @@ macro_rules! half_tile {
             pf: usize,
         ) -> [[f32; NR]; MR] {
             let k = wr[0].len() / 2;
-            let rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(i0 + i) * k..(i0 + i + 1) * k]);
+            let mut rows: [&[f32]; MR] = [&[]; MR];
+            for i in 0..MR {
+                rows[i] = &x[(i0 + i) * k..(i0 + i + 1) * k];
+            }
             let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-            let mut step = |w: &[__m256; NR], xs: &[__m256; MR]| {
-                for i in 0..MR {
-                    for r in 0..NR {
-                        acc[i][r] = _mm256_fmadd_ps(w[r], xs[i], acc[i][r]);
-                    }
-                }
-            };
             // Steps of 32 values (a cache line per weight row), prefetching the next tile's
             // rows in address order, then steps of 8, then the zero-padded tail.
-            let (lines, eights, tail) = (k / 32, (k % 32) / 8, k % 8);
+            let (lines, tail) = (k / 32, k % 8);
             for g in 0..lines {
                 for r in 0..NR {
                     prefetch(wr[0], pf + (g * NR + r) * 64);
                 }
                 for u in 0..4 {
                     let at = g * 32 + u * 8;
-                    let w: [__m256; NR] = std::array::from_fn(|r| $conv(ld128(wr[r], 2 * at)));
-                    let xs: [__m256; MR] = std::array::from_fn(|i| ld256_ps(rows[i], at));
-                    step(&w, &xs);
+                    let mut w = [_mm256_setzero_ps(); NR];
+                    for r in 0..NR {
+                        w[r] = $conv(ld128(wr[r], 2 * at));
+                    }
+                    for i in 0..MR {
+                        let xv = ld256_ps(rows[i], at);
+                        for r in 0..NR {
+                            acc[i][r] = _mm256_fmadd_ps(w[r], xv, acc[i][r]);
+                        }
+                    }
                 }
             }
-            for u in 0..eights {
-                let at = lines * 32 + u * 8;
-                let w: [__m256; NR] = std::array::from_fn(|r| $conv(ld128(wr[r], 2 * at)));
-                let xs: [__m256; MR] = std::array::from_fn(|i| ld256_ps(rows[i], at));
-                step(&w, &xs);
+            for at in (lines * 32..k - tail).step_by(8) {
+                let mut w = [_mm256_setzero_ps(); NR];
+                for r in 0..NR {
+                    w[r] = $conv(ld128(wr[r], 2 * at));
+                }
+                for i in 0..MR {
+                    let xv = ld256_ps(rows[i], at);
+                    for r in 0..NR {
+                        acc[i][r] = _mm256_fmadd_ps(w[r], xv, acc[i][r]);
+                    }
+                }
             }
             if tail > 0 {
                 let at = k - tail;
-                let w: [__m256; NR] = std::array::from_fn(|r| {
+                let mut w = [_mm256_setzero_ps(); NR];
+                for r in 0..NR {
                     let mut buf = [0u8; 16];
                     buf[..tail * 2].copy_from_slice(&wr[r][2 * at..]);
-                    $conv(ld128(&buf, 0))
-                });
-                let xs: [__m256; MR] = std::array::from_fn(|i| {
+                    w[r] = $conv(ld128(&buf, 0));
+                }
+                for i in 0..MR {
                     let mut buf = [0f32; 8];
                     buf[..tail].copy_from_slice(&rows[i][at..]);
-                    ld256_ps(&buf, 0)
-                });
-                step(&w, &xs);
+                    let xv = ld256_ps(&buf, 0);
+                    for r in 0..NR {
+                        acc[i][r] = _mm256_fmadd_ps(w[r], xv, acc[i][r]);
+                    }
+                }
             }
             reduce(&acc)
         }
