@@ -230,6 +230,11 @@ const MAX_VALUE_DEPTH: usize = 8;
 const MAX_DIM: usize = 1 << 24;
 /// Context beyond which candle's precomputed rope tables (Qwen2, Qwen3) get too large.
 const MAX_ROPE_TABLE: usize = 1 << 18;
+/// Said of Llama 3.1+ files on candle's quantized Llama (GPUs, F32 files); Studio's own model
+/// applies the factors, and the warning is dropped when it runs the file.
+const LLAMA_ROPE_FREQS_WARNING: &str = "this Llama 3.1+ file's rope frequency factors \
+     (`rope_freqs.weight`) are not applied by candle's quantized Llama; output can drift from \
+     llama.cpp's, most on long prompts";
 /// KV cache memory candle's quantized Phi-3 may allocate up front.
 const PHI3_MAX_KV_BYTES: usize = 4 << 30;
 /// Longest metadata string accepted (chat templates are kilobytes).
@@ -843,12 +848,7 @@ fn hparams(
         Family::Llama => {
             context = context.min(quantized_llama::MAX_SEQ_LEN);
             if check.shape("rope_freqs.weight").is_some() {
-                warnings.push(
-                    "this Llama 3.1+ file's rope frequency factors (`rope_freqs.weight`) are \
-                     not applied by candle's quantized Llama; output can drift from \
-                     llama.cpp's, most on long prompts"
-                        .to_owned(),
-                );
+                warnings.push(LLAMA_ROPE_FREQS_WARNING.to_owned());
             }
             if let Some(kind) = meta.string(&key("rope.scaling.type"))
                 && kind != "none"
@@ -1372,10 +1372,17 @@ pub fn load(
         }
     };
     (reader.progress)(1.0, "loading weights");
+    let mut info = info;
+    if matches!(inner, Inner::Studio(_)) && hp.family == Family::Llama {
+        // Studio's Llama grows its rope tables and KV cache on demand and applies the rope
+        // frequency factors: the 4096-position limit of candle's Llama does not apply.
+        info.context_length = hp.trained_context.min(MAX_ROPE_TABLE);
+        info.warnings.retain(|w| w != LLAMA_ROPE_FREQS_WARNING);
+    }
     let model = GgufCausalLm {
         inner,
-        context_length: hp.context,
-        max_context_length: hp.context,
+        context_length: info.context_length,
+        max_context_length: info.context_length,
         vocab_size: hp.vocab,
         device: device.clone(),
         qwen3_decoded: false,
@@ -1403,8 +1410,11 @@ fn build_model(
         )))
     };
     if device.is_cpu()
-        && matches!(hp.family, Family::Llama | Family::Qwen2)
-        && studio_kernels_fit(&ct)
+        && matches!(
+            hp.family,
+            Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Phi3
+        )
+        && studio_kernels_fit(&ct, hp.family)
     {
         let model = QuantLlama::from_gguf(&ct, reader).map_err(|e| match e {
             Error::Candle(e) => weights(e),
@@ -1437,21 +1447,33 @@ fn build_model(
 }
 
 /// Whether Studio's own quantized kernels run this file's layer weights on this CPU (F32
-/// files, and formats without a kernel, stay on candle's model).
-fn studio_kernels_fit(ct: &Content) -> bool {
-    ct.tensor_infos
-        .get("blk.0.ffn_gate.weight")
-        .is_some_and(|t| {
-            QuantFormat::from_ggml(t.ggml_dtype)
-                .is_some_and(|f| has_kernel(f, KernelPath::detect()))
+/// files, and formats without a kernel, stay on candle's model; so do Phi-3 files with a fused
+/// q/k/v or gate/up tensor Studio cannot split into kernel weights).
+fn studio_kernels_fit(ct: &Content, family: Family) -> bool {
+    let fits = |t: &TensorInfo| {
+        QuantFormat::from_ggml(t.ggml_dtype).is_some_and(|f| {
+            has_kernel(f, KernelPath::detect())
+                && t.shape
+                    .dims()
+                    .last()
+                    .is_some_and(|k| k.is_multiple_of(f.block_size()))
         })
+    };
+    if family == Family::Phi3 {
+        ct.tensor_infos
+            .iter()
+            .filter(|(name, _)| name.ends_with("attn_qkv.weight") || name.ends_with("ffn_up.weight"))
+            .all(|(_, t)| fits(t))
+    } else {
+        ct.tensor_infos.get("blk.0.ffn_up.weight").is_some_and(fits)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The CausalLm adapter
 
 enum Inner {
-    /// Llama and Qwen2 on Studio's quantized CPU kernels.
+    /// Llama, Qwen2, Qwen3 and Phi-3 on Studio's quantized CPU kernels.
     Studio(Box<QuantLlama>),
     Llama(Box<quantized_llama::ModelWeights>),
     Qwen2(Box<quantized_qwen2::ModelWeights>),

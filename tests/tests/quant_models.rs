@@ -8,7 +8,9 @@ use std::path::Path;
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use candle_transformers::models::{
+    quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3,
+};
 use serde_json::json;
 use studio_inference::models::quant_llama::QuantLlama;
 use studio_inference::quant::{KernelPath, QuantFormat, has_kernel};
@@ -18,6 +20,8 @@ use studio_tests::gguf_writer::{GgufOptions, convert};
 enum Candle {
     Llama(quantized_llama::ModelWeights),
     Qwen2(quantized_qwen2::ModelWeights),
+    Qwen3(quantized_qwen3::ModelWeights),
+    Phi3(quantized_phi3::ModelWeights),
 }
 
 impl Candle {
@@ -28,6 +32,8 @@ impl Candle {
         let y = match self {
             Candle::Llama(m) => m.forward(&x, offset),
             Candle::Qwen2(m) => m.forward(&x, offset),
+            Candle::Qwen3(m) => m.forward(&x, offset),
+            Candle::Phi3(m) => m.forward(&x, offset),
         };
         y.and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
@@ -51,6 +57,12 @@ fn load_candle(family: &str, path: &Path) -> Candle {
     match family {
         "llama" => Candle::Llama(
             quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("llama"),
+        ),
+        "qwen3" => Candle::Qwen3(
+            quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("qwen3"),
+        ),
+        "phi3" => Candle::Phi3(
+            quantized_phi3::ModelWeights::from_gguf(false, ct, &mut f, &Device::Cpu).expect("phi3"),
         ),
         _ => Candle::Qwen2(
             quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("qwen2"),
@@ -88,7 +100,7 @@ fn write(dir: &Path, family: &str, dtype: GgmlDType) -> std::path::PathBuf {
         &sub,
         family,
         &json!({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-                "num_key_value_heads": 2}),
+                "num_key_value_heads": 2, "head_dim": 64}),
         11,
     );
     let out = sub.join("model.gguf");
@@ -102,7 +114,7 @@ const PROMPT: [u32; 9] = [5, 17, 42, 3, 88, 61, 9, 200, 23];
 fn studio_model_matches_candle_teacher_forced() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut report = Vec::new();
-    for family in ["llama", "qwen2"] {
+    for family in ["llama", "qwen2", "qwen3", "phi3"] {
         for dtype in [
             GgmlDType::F16,
             GgmlDType::Q8_0,
@@ -115,7 +127,12 @@ fn studio_model_matches_candle_teacher_forced() {
             let format = QuantFormat::from_ggml(dtype).expect("format");
             if has_kernel(format, KernelPath::detect()) {
                 // Every linear weight (7 per layer, 2 layers, and the output) on Studio's kernels.
-                assert_eq!(ours.studio_weights(), 15, "{family} {dtype:?}");
+                assert_eq!(
+                    ours.studio_weights(),
+                    15,
+                    "{family} {dtype:?}: {:?}",
+                    ours.fallbacks()
+                );
                 assert!(ours.fallbacks().is_empty(), "{:?}", ours.fallbacks());
             } else {
                 assert!(!ours.fallbacks().is_empty(), "{family} {dtype:?}");
@@ -245,7 +262,10 @@ fn the_decode_team_gives_the_same_logits_on_any_thread_count() {
                 (0..5u32)
                     .map(|i| {
                         let t = [30 + 7 * i];
-                        vec1(&m.forward(&t, PROMPT.len() + i as usize, false).expect("step"))
+                        vec1(
+                            &m.forward(&t, PROMPT.len() + i as usize, false)
+                                .expect("step"),
+                        )
                     })
                     .collect()
             });

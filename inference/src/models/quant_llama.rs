@@ -107,6 +107,9 @@ struct Layer {
     bq: Option<Dense>,
     bk: Option<Dense>,
     bv: Option<Dense>,
+    /// Qwen3's per-head norms of q and k (`[head_dim]`).
+    q_norm: Option<Dense>,
+    k_norm: Option<Dense>,
     attn_norm: Dense,
     ffn_norm: Dense,
     gate: Linear,
@@ -135,12 +138,23 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, max: usize) -> Result<Self> {
-        // As candle computes them: in f32.
-        let theta = (0..head_dim)
+    fn new(head_dim: usize, base: f32, factors: Option<&[f32]>, max: usize) -> Result<Self> {
+        // As candle computes them: in f32; divided by the file's frequency factors, as
+        // llama.cpp applies `rope_freqs.weight`.
+        let mut theta: Vec<f32> = (0..head_dim)
             .step_by(2)
             .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
             .collect();
+        if let Some(f) = factors {
+            if f.len() != theta.len() {
+                return Err(Error::InvalidParameter(format!(
+                    "`rope_freqs.weight` has {} values for {} rotary frequencies",
+                    f.len(),
+                    theta.len()
+                )));
+            }
+            theta.iter_mut().zip(f).for_each(|(t, f)| *t /= f);
+        }
         let empty = Tensor::zeros((0, head_dim / 2), DType::F32, &Device::Cpu)?;
         Ok(Self {
             theta,
@@ -246,7 +260,7 @@ fn meta_f32(ct: &Content, key: &str) -> Result<Option<f32>> {
 impl QuantLlama {
     /// Whether this module runs `general.architecture` `arch`.
     pub fn supports(arch: &str) -> bool {
-        matches!(arch, "llama" | "qwen2")
+        matches!(arch, "llama" | "qwen2" | "qwen3" | "phi3")
     }
 
     /// Loads the model from a GGUF file's `Content` (tensors read from `r` one at a time).
@@ -284,12 +298,18 @@ impl QuantLlama {
             ))
         })?;
         let rope_base = meta_f32(ct, &key("rope.freq_base"))?.unwrap_or(10_000.0);
-        if n_head == 0 || n_kv_head == 0 || hidden % n_head != 0 || n_head % n_kv_head != 0 {
+        let head_dim = match ct.metadata.get(&key("attention.key_length")) {
+            Some(_) => meta_usize(ct, &key("attention.key_length"))?,
+            None if n_head > 0 && hidden % n_head == 0 => hidden / n_head,
+            None => 0,
+        };
+        if n_head == 0 || n_kv_head == 0 || head_dim % 2 != 0 || n_head % n_kv_head != 0 {
             return Err(Error::InvalidParameter(format!(
-                "{n_head} heads, {n_kv_head} key/value heads and width {hidden} do not fit"
+                "{n_head} heads of {head_dim}, {n_kv_head} key/value heads and width {hidden} \
+                 do not fit"
             )));
         }
-        let head_dim = hidden / n_head;
+        let (q_dim, kv_dim) = (n_head * head_dim, n_kv_head * head_dim);
 
         let cpu = Device::Cpu;
         let mut fb = Fallbacks::default();
@@ -319,6 +339,12 @@ impl QuantLlama {
             Dense::new(ct.tensor(r, name, &cpu)?.dequantize(&cpu)?)
         };
         let norm = dense(r, "output_norm.weight")?;
+        // Llama 3.1+ scales the rotary frequencies by `rope_freqs.weight` (one divisor each).
+        let rope_freqs = if ct.tensor_infos.contains_key("rope_freqs.weight") {
+            Some(dense(r, "rope_freqs.weight")?.v)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -327,12 +353,27 @@ impl QuantLlama {
                 let t = ct.tensor(r, &name, &cpu)?;
                 fb.linear(&name, t)
             };
-            let wq = lin(r, "attn_q.weight")?;
-            let wk = lin(r, "attn_k.weight")?;
-            let wv = lin(r, "attn_v.weight")?;
+            let (wq, wk, wv, gate, up) = if arch == "phi3" {
+                // Phi-3 fuses q/k/v and gate/up into one tensor each: split them by rows.
+                let name = n("attn_qkv.weight");
+                let qkv = split_rows(&name, &ct.tensor(r, &name, &cpu)?, &[q_dim, kv_dim, kv_dim])?;
+                let name = n("ffn_up.weight");
+                let fused = ct.tensor(r, &name, &cpu)?;
+                let ff = fused.shape().dims().first().copied().unwrap_or(0) / 2;
+                let gate_up = split_rows(&name, &fused, &[ff, ff])?;
+                let [q, k, v] = <[Linear; 3]>::try_from(qkv).map_err(|_| shape_error(&name))?;
+                let [g, u] = <[Linear; 2]>::try_from(gate_up).map_err(|_| shape_error(&name))?;
+                (q, k, v, g, u)
+            } else {
+                (
+                    lin(r, "attn_q.weight")?,
+                    lin(r, "attn_k.weight")?,
+                    lin(r, "attn_v.weight")?,
+                    lin(r, "ffn_gate.weight")?,
+                    lin(r, "ffn_up.weight")?,
+                )
+            };
             let wo = lin(r, "attn_output.weight")?;
-            let gate = lin(r, "ffn_gate.weight")?;
-            let up = lin(r, "ffn_up.weight")?;
             let down = lin(r, "ffn_down.weight")?;
             let bias = |r: &mut R, s: &str| -> Result<Option<Dense>> {
                 let name = n(s);
@@ -350,6 +391,14 @@ impl QuantLlama {
                     "qwen2 layer {i} lacks its q/k/v biases"
                 )));
             }
+            // Qwen3: an RMSNorm over each head of q and k before the rotation.
+            let q_norm = bias(r, "attn_q_norm.weight")?;
+            let k_norm = bias(r, "attn_k_norm.weight")?;
+            if arch == "qwen3" && (q_norm.is_none() || k_norm.is_none()) {
+                return Err(Error::InvalidParameter(format!(
+                    "qwen3 layer {i} lacks its q/k norms"
+                )));
+            }
             layers.push(Layer {
                 wq,
                 wk,
@@ -358,6 +407,8 @@ impl QuantLlama {
                 bq,
                 bk,
                 bv,
+                q_norm,
+                k_norm,
                 attn_norm: dense(r, &n("attn_norm.weight"))?,
                 ffn_norm: dense(r, &n("ffn_norm.weight"))?,
                 gate,
@@ -374,7 +425,7 @@ impl QuantLlama {
             layers,
             kv_len: 0,
             parts: None,
-            rope: Rope::new(head_dim, rope_base, context)?,
+            rope: Rope::new(head_dim, rope_base, rope_freqs.as_deref(), context)?,
             interleaved_rope: arch == "llama",
             n_head,
             n_kv_head,
@@ -617,6 +668,7 @@ impl QuantLlama {
         let mut h = vec![0f32; self.hidden];
         let mut qkv = vec![0f32; qd + 2 * kvd];
         let mut att = vec![0f32; qd];
+        let mut head_norm = vec![0f32; hd];
         let (mut inner, mut g, mut u) = (Vec::new(), Vec::new(), Vec::new());
         let mut scores = Vec::with_capacity(len);
         let mut phase = 0usize;
@@ -638,8 +690,14 @@ impl QuantLlama {
                     y.iter_mut().zip(&b.v).for_each(|(y, b)| *y += b);
                 }
             }
-            for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                rope_row(head, cos, sin, self.interleaved_rope);
+            for (y, norm) in [(&mut *q, &l.q_norm), (&mut *k, &l.k_norm)] {
+                for head in y.chunks_exact_mut(hd) {
+                    if let Some(norm) = norm {
+                        head_norm.copy_from_slice(head);
+                        rms_norm(&head_norm, &norm.v, self.eps, head);
+                    }
+                    rope_row(head, cos, sin, self.interleaved_rope);
+                }
             }
             if me == 0 {
                 let mut cache = l.kv.write().unwrap_or_else(PoisonError::into_inner);
@@ -734,19 +792,23 @@ impl QuantLlama {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let l = &self.layers[i];
-        let proj = |w: &Linear, bias: Option<&Dense>, heads: usize| -> Result<Tensor> {
+        let eps = self.eps;
+        let proj = |w: &Linear, bias: Option<&Dense>, norm: Option<&Dense>, heads: usize| {
             let y = w.forward(x)?;
             let y = match bias {
                 Some(bias) => y.broadcast_add(&bias.t)?,
                 None => y,
             };
-            Ok(y.reshape((b, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            let y = y.reshape((b, t, heads, hd))?;
+            let y = match norm {
+                Some(norm) => candle_nn::ops::rms_norm(&y, &norm.t, eps)?,
+                None => y,
+            };
+            Ok::<_, Error>(y.transpose(1, 2)?.contiguous()?)
         };
-        let q = proj(&l.wq, l.bq.as_ref(), nh)?;
-        let k = proj(&l.wk, l.bk.as_ref(), nkv)?;
-        let v = proj(&l.wv, l.bv.as_ref(), nkv)?;
+        let q = proj(&l.wq, l.bq.as_ref(), l.q_norm.as_ref(), nh)?;
+        let k = proj(&l.wk, l.bk.as_ref(), l.k_norm.as_ref(), nkv)?;
+        let v = proj(&l.wv, l.bv.as_ref(), None, nkv)?;
         let q = self.rope(&q, cos, sin)?;
         let k = self.rope(&k, cos, sin)?;
 
@@ -872,4 +934,47 @@ fn attend(
             *o += p * v;
         }
     }
+}
+
+fn shape_error(name: &str) -> Error {
+    Error::BadQuantTensor {
+        name: name.to_owned(),
+        message: "the fused tensor does not split into its parts".to_owned(),
+    }
+}
+
+/// A fused weight (Phi-3's `attn_qkv`, `ffn_up`) split into consecutive row blocks of `rows`
+/// each, kept in the file format (every row's bytes are contiguous). Only for formats Studio's
+/// kernels run (the loader sends other Phi-3 files to candle's model).
+fn split_rows(
+    name: &str,
+    t: &candle_core::quantized::QTensor,
+    rows: &[usize],
+) -> Result<Vec<Linear>> {
+    if studio_kernel(t).is_none() {
+        return Err(Error::BadQuantTensor {
+            name: name.to_owned(),
+            message: format!(
+                "Studio has no kernel for its {:?} format on this CPU",
+                t.dtype()
+            ),
+        });
+    }
+    let whole = QWeight::from_qtensor(name, t)?;
+    if rows.iter().sum::<usize>() != whole.rows() {
+        return Err(Error::BadQuantTensor {
+            name: name.to_owned(),
+            message: format!("{} rows do not split into {rows:?}", whole.rows()),
+        });
+    }
+    let rb = whole.row_bytes();
+    let mut at = 0;
+    rows.iter()
+        .map(|&n| {
+            let bytes = whole.bytes()[at * rb..(at + n) * rb].to_vec();
+            at += n;
+            let part = QWeight::from_bytes(name, whole.format(), n, whole.cols(), bytes)?;
+            Ok(Linear::Studio(Arc::new(part)))
+        })
+        .collect()
 }
