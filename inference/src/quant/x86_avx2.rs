@@ -224,7 +224,7 @@ fn chunk_inner(
     match w.format() {
         QuantFormat::Q4_0 => drive!(q4_0_tile, w, act, m, cols, out),
         QuantFormat::Q8_0 => drive!(q8_0_tile, w, act, m, cols, out),
-        QuantFormat::Q4K => drive_tiles!(q4k_tile, 2, 1, w, act, x, m, cols, out),
+        QuantFormat::Q4K => drive_tiles!(q4k_tile, 2, 2, w, act, x, m, cols, out),
         QuantFormat::Q5K => drive_tiles!(q5k_tile, 2, 1, w, act, x, m, cols, out),
         QuantFormat::Q6K => drive_tiles!(q6k_tile, 2, 1, w, act, x, m, cols, out),
         QuantFormat::F16 => drive_tiles!(f16_tile, 4, 2, w, act, x, m, cols, out),
@@ -649,14 +649,22 @@ macro_rules! half_tile {
                 for r in 0..NR {
                     prefetch(wr[0], pf + (g * NR + r) * 64);
                 }
+                // One slice per row and step, so the loads below need no bounds checks.
+                let mut ws: [&[u8]; NR] = [&[]; NR];
+                for r in 0..NR {
+                    ws[r] = &wr[r][g * 64..g * 64 + 64];
+                }
+                let mut xs: [&[f32]; MR] = [&[]; MR];
+                for i in 0..MR {
+                    xs[i] = &rows[i][g * 32..g * 32 + 32];
+                }
                 for u in 0..4 {
-                    let at = g * 32 + u * 8;
                     let mut w = [_mm256_setzero_ps(); NR];
                     for r in 0..NR {
-                        w[r] = $conv(ld128(wr[r], 2 * at));
+                        w[r] = $conv(ld128(ws[r], 16 * u));
                     }
                     for i in 0..MR {
-                        let xv = ld256_ps(rows[i], at);
+                        let xv = ld256_ps(xs[i], 8 * u);
                         for r in 0..NR {
                             acc[i][r] = _mm256_fmadd_ps(w[r], xv, acc[i][r]);
                         }
