@@ -17,10 +17,9 @@
 //!   The output columns are split across rayon's pool (the same pool, and so the same
 //!   `RAYON_NUM_THREADS`, as candle's own kernels); no heap allocation in steady state.
 //! - [`KernelPath`] picks the instruction set: AVX-512 with VNNI (and VBMI for the byte
-//!   permutes) for every format, AVX2 + FMA + F16C for Q4_0 and Q8_0 (other formats run the
-//!   scalar kernel on that path), or the portable scalar code. [`KernelPath::detect`] is the
-//!   best the CPU offers; [`QWeight::matmul_with`] forces one (tests run every path the machine
-//!   has).
+//!   permutes) or AVX2 + FMA + F16C (register tiles only, no prefill panels), each for every
+//!   format, or the portable scalar code. [`KernelPath::detect`] is the best the CPU offers;
+//!   [`QWeight::matmul_with`] forces one (tests run every path the machine has).
 //!
 //! Numbers: weights are used exactly (integer dot products of the quantized values), the
 //! activations carry the error of their 8-bit quantization (as in llama.cpp and candle), and
