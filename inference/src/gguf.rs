@@ -1642,14 +1642,46 @@ impl CausalLm for GgufCausalLm {
 /// before and after attention and MLP (the file's norm weights already include Gemma's +1),
 /// embeddings scaled by √width, sliding-window layers with their own rope base, optional
 /// attention and final logit soft-capping (Gemma 2), per-head q/k norms (Gemma 3).
-mod gemma {
+pub mod gemma {
     use std::io::{Read, Seek};
+    use std::path::Path;
+    use std::sync::Arc;
 
     use candle_core::quantized::gguf_file::Content;
     use candle_core::quantized::{QMatMul, QTensor};
-    use candle_core::{Device, Module, Result, Tensor};
+    use candle_core::{Device, Result, Tensor};
 
     use super::Hparams;
+    use crate::models::qlinear::{Fallbacks, Linear, studio_kernel};
+    use crate::quant::{KernelPath, QWeight, QuantFormat, has_kernel};
+
+    /// Whether this CPU has a kernel for the file's layer format (that of the first layer's
+    /// up projection).
+    fn layers_fit(ct: &Content) -> bool {
+        ct.tensor_infos.get("blk.0.ffn_up.weight").is_some_and(|t| {
+            QuantFormat::from_ggml(t.ggml_dtype)
+                .is_some_and(|f| has_kernel(f, KernelPath::detect()))
+        })
+    }
+
+    /// Studio's errors as candle's, which this module returns.
+    fn candle_error(e: crate::error::Error) -> candle_core::Error {
+        match e {
+            crate::error::Error::Candle(e) => e,
+            other => candle_core::Error::Msg(other.to_string()),
+        }
+    }
+
+    fn linear(w: &Linear, x: &Tensor) -> Result<Tensor> {
+        w.forward(x).map_err(candle_error)
+    }
+
+    /// The token embedding table: rows decoded from the file's bytes on lookup (Studio, on
+    /// the CPU), or candle's (quantized lookup; dense for F32/F16/BF16 tied tables).
+    enum Embedding {
+        Studio(Arc<QWeight>),
+        Candle(QMatMul),
+    }
 
     /// Rotary tables, grown on demand up to the context length.
     struct Rope {
@@ -1696,27 +1728,29 @@ mod gemma {
     }
 
     struct Layer {
-        wq: QMatMul,
-        wk: QMatMul,
-        wv: QMatMul,
-        wo: QMatMul,
+        wq: Linear,
+        wk: Linear,
+        wv: Linear,
+        wo: Linear,
         q_norm: Option<Tensor>,
         k_norm: Option<Tensor>,
         attn_norm: Tensor,
         post_attn_norm: Tensor,
         ffn_norm: Tensor,
         post_ffw_norm: Tensor,
-        gate: QMatMul,
-        up: QMatMul,
-        down: QMatMul,
+        gate: Linear,
+        up: Linear,
+        down: Linear,
         sliding: bool,
         /// Cached keys and values `[1, kv_heads, len, head_dim]` and the position of the first.
         cache: Option<(Tensor, Tensor, usize)>,
     }
 
-    pub(super) struct Model {
-        embed: QMatMul,
-        output: QMatMul,
+    /// A loaded Gemma 2/3. On the CPU its linear weights run on Studio's kernels where this
+    /// CPU has one for their format (`quant/`), elsewhere on candle's `QMatMul`.
+    pub struct Model {
+        embed: Embedding,
+        output: Linear,
         norm: Tensor,
         layers: Vec<Layer>,
         rope_global: Rope,
@@ -1731,6 +1765,20 @@ mod gemma {
         final_softcap: Option<f64>,
         window: Option<usize>,
         device: Device,
+        /// Weights left on candle's kernels on the CPU, as `format: name, name…`.
+        fallbacks: Vec<String>,
+    }
+
+    /// Test hook: loads the Gemma 2/3 GGUF file at `path` on the CPU as [`super::load`] does,
+    /// but with every linear weight on candle's `QMatMul` unless `studio_kernels` (so tests can
+    /// compare Studio's kernels with candle's on the same file).
+    #[doc(hidden)]
+    pub fn load_cpu(path: &Path, studio_kernels: bool) -> crate::error::Result<Model> {
+        let super::Checked { header, hp, .. } = super::check(path)?;
+        let ct = super::content(header, &hp);
+        let mut f = std::fs::File::open(path).map_err(|e| crate::error::Error::io(path, e))?;
+        let model = Model::load_with(&ct, &mut f, &Device::Cpu, &hp, studio_kernels)?;
+        Ok(model)
     }
 
     fn norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
@@ -1745,35 +1793,88 @@ mod gemma {
     }
 
     impl Model {
+        /// Studio's kernels run the linear weights on the CPU; candle's on GPUs.
         pub(super) fn load<R: Read + Seek>(
             ct: &Content,
             r: &mut R,
             device: &Device,
             hp: &Hparams,
         ) -> Result<Self> {
+            Self::load_with(ct, r, device, hp, device.is_cpu())
+        }
+
+        /// `studio`: Studio's kernels where this CPU has one (only ever on the CPU, and only
+        /// when the file's layer format has one).
+        fn load_with<R: Read + Seek>(
+            ct: &Content,
+            r: &mut R,
+            device: &Device,
+            hp: &Hparams,
+            studio: bool,
+        ) -> Result<Self> {
             let Some(g) = hp.gemma.as_ref() else {
                 candle_core::bail!("not a Gemma model")
             };
+            // As for Llama: a file whose layer format has no kernel here (F32) stays on
+            // candle's kernels without a warning.
+            let studio = studio && device.is_cpu() && layers_fit(ct);
+            let mut fb = Fallbacks::default();
             let mut qt = |name: &str| ct.tensor(r, name, device);
-            let embd = std::sync::Arc::new(qt("token_embd.weight")?);
-            let (embed, output) = if hp.tied_output {
-                // One copy of the embeddings serves both ends (dequantized once when stored
-                // as F32/F16/BF16, otherwise looked up and multiplied quantized).
-                let out = QMatMul::from_arc(embd)?;
-                (out.clone(), out)
-            } else {
-                (
-                    QMatMul::QTensor(embd),
-                    QMatMul::from_qtensor(qt("output.weight")?)?,
-                )
+            let embd = Arc::new(qt("token_embd.weight")?);
+            // On the CPU the table stays in its file format and rows are decoded on lookup.
+            let embd_q = match QuantFormat::from_ggml(embd.dtype()) {
+                Some(_) if studio => Some(Arc::new(
+                    QWeight::from_qtensor("token_embd.weight", &embd).map_err(candle_error)?,
+                )),
+                _ => None,
+            };
+            let (embed, output) = match embd_q {
+                Some(q) if hp.tied_output && studio_kernel(&embd).is_some() => {
+                    // One copy of the table serves both ends.
+                    drop(embd);
+                    (Embedding::Studio(Arc::clone(&q)), Linear::Studio(q))
+                }
+                _ if hp.tied_output => {
+                    // One copy of the embeddings serves both ends (dequantized once when
+                    // stored as F32/F16/BF16, otherwise looked up and multiplied quantized).
+                    let out = if studio {
+                        fb.candle("token_embd.weight (tied output)", embd)
+                            .map_err(candle_error)?
+                    } else {
+                        QMatMul::from_arc(embd)?
+                    };
+                    (Embedding::Candle(out.clone()), Linear::Candle(out))
+                }
+                q => {
+                    let embed = match q {
+                        Some(q) => {
+                            drop(embd);
+                            Embedding::Studio(q)
+                        }
+                        None => Embedding::Candle(QMatMul::QTensor(embd)),
+                    };
+                    let out = qt("output.weight")?;
+                    let output = if studio {
+                        fb.linear("output.weight", out).map_err(candle_error)?
+                    } else {
+                        Linear::Candle(QMatMul::from_qtensor(out)?)
+                    };
+                    (embed, output)
+                }
             };
             let mut dense = |name: &str| -> Result<Tensor> { qt(name)?.dequantize(device) };
             let norm = dense("output_norm.weight")?;
             let mut layers = Vec::with_capacity(hp.n_layer);
             for i in 0..hp.n_layer {
                 let n = |s: &str| format!("blk.{i}.{s}");
-                let mut q = |s: &str| -> Result<QMatMul> {
-                    QMatMul::from_qtensor(ct.tensor(r, &n(s), device)?)
+                let mut q = |s: &str| -> Result<Linear> {
+                    let name = n(s);
+                    let t = ct.tensor(r, &name, device)?;
+                    if studio {
+                        fb.linear(&name, t).map_err(candle_error)
+                    } else {
+                        Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
+                    }
                 };
                 let wq = q("attn_q.weight")?;
                 let wk = q("attn_k.weight")?;
@@ -1829,19 +1930,59 @@ mod gemma {
                 final_softcap: g.final_softcap,
                 window: g.sliding_window,
                 device: device.clone(),
+                fallbacks: if studio { fb.log(&hp.arch) } else { Vec::new() },
             })
         }
 
-        pub(super) fn clear_kv_cache(&mut self) {
+        /// The weights that run on candle's kernels although the model is on the CPU, as
+        /// `format: name, name…` (empty when Studio's kernels run every one, and on GPUs).
+        pub fn fallbacks(&self) -> &[String] {
+            &self.fallbacks
+        }
+
+        /// How many 2-D weights (the output projection included) run on Studio's kernels.
+        pub fn studio_weights(&self) -> usize {
+            let per_layer = |l: &Layer| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .filter(|w| w.is_studio())
+                    .count()
+            };
+            self.layers.iter().map(per_layer).sum::<usize>() + usize::from(self.output.is_studio())
+        }
+
+        /// Whether the token embeddings are looked up from the file's quantized bytes by
+        /// Studio (rather than by candle).
+        pub fn studio_embeddings(&self) -> bool {
+            matches!(self.embed, Embedding::Studio(_))
+        }
+
+        /// `tokens` `[1, T]` → `[1, T, hidden]`, scaled by √hidden.
+        fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+            let x = match &self.embed {
+                Embedding::Studio(w) => {
+                    let ids = tokens.flatten_all()?.to_vec1::<u32>()?;
+                    let mut out = vec![0f32; ids.len() * self.hidden];
+                    for (&t, dst) in ids.iter().zip(out.chunks_exact_mut(self.hidden)) {
+                        w.row_to_f32(t as usize, dst).map_err(candle_error)?;
+                    }
+                    Tensor::from_vec(out, (1, ids.len(), self.hidden), &self.device)?
+                }
+                Embedding::Candle(m) => m.embedding(tokens)?,
+            };
+            x * (self.hidden as f64).sqrt()
+        }
+
+        pub fn clear_kv_cache(&mut self) {
             for l in &mut self.layers {
                 l.cache = None;
             }
         }
 
         /// `tokens`: `[1, T]` at positions `offset..`; returns the last position's logits.
-        pub(super) fn forward(&mut self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
+        pub fn forward(&mut self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
             let (_, t) = tokens.dims2()?;
-            let mut x = (self.embed.embedding(tokens)? * (self.hidden as f64).sqrt())?;
+            let mut x = self.embed(tokens)?;
             let (cos_g, sin_g) = self.rope_global.tables(offset + t, &self.device)?;
             let (cos_l, sin_l) = self.rope_local.tables(offset + t, &self.device)?;
             let (cos_g, sin_g) = (cos_g.narrow(0, offset, t)?, sin_g.narrow(0, offset, t)?);
@@ -1860,15 +2001,15 @@ mod gemma {
                 let h = norm(&h, &layer.post_attn_norm, self.eps)?;
                 x = (x + h)?;
                 let h = norm(&x, &layer.ffn_norm, self.eps)?;
-                let g = layer.gate.forward(&h)?.gelu()?;
-                let u = layer.up.forward(&h)?;
-                let h = layer.down.forward(&(g * u)?)?;
+                let g = linear(&layer.gate, &h)?.gelu()?;
+                let u = linear(&layer.up, &h)?;
+                let h = linear(&layer.down, &(g * u)?)?;
                 let h = norm(&h, &layer.post_ffw_norm, self.eps)?;
                 x = (x + h)?;
             }
             let x = x.narrow(1, t - 1, 1)?;
             let x = norm(&x, &self.norm, self.eps)?;
-            let logits = self.output.forward(&x)?;
+            let logits = linear(&self.output, &x)?;
             softcap(&logits, self.final_softcap)
         }
 
@@ -1885,19 +2026,13 @@ mod gemma {
             let eps = self.eps;
             let window = self.window;
             let layer = &mut self.layers[i];
-            let q = layer
-                .wq
-                .forward(x)?
+            let q = linear(&layer.wq, x)?
                 .reshape((b, t, nh, hd))?
                 .transpose(1, 2)?;
-            let k = layer
-                .wk
-                .forward(x)?
+            let k = linear(&layer.wk, x)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?;
-            let v = layer
-                .wv
-                .forward(x)?
+            let v = linear(&layer.wv, x)?
                 .reshape((b, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
@@ -1977,7 +2112,7 @@ mod gemma {
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((b, t, nh * hd))?;
-            self.layers[i].wo.forward(&out)
+            linear(&self.layers[i].wo, &out)
         }
     }
 }

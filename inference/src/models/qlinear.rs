@@ -65,6 +65,16 @@ impl Fallbacks {
         }
     }
 
+    /// Records `name` as running on candle's kernels and builds candle's `QMatMul` over
+    /// `tensor`, which may also serve elsewhere (a tied embedding table).
+    pub(crate) fn candle(&mut self, name: &str, tensor: Arc<QTensor>) -> Result<QMatMul> {
+        self.0
+            .entry(format!("{:?}", tensor.dtype()))
+            .or_default()
+            .push(name.to_owned());
+        Ok(QMatMul::from_arc(tensor)?)
+    }
+
     /// `format: name, name…` per format that fell back, logged once (a warning) for the
     /// model `what`; empty when Studio's kernels run every weight.
     pub(crate) fn log(self, what: &str) -> Vec<String> {
