@@ -163,8 +163,13 @@ fn studio_model_matches_candle_teacher_forced() {
             // differ by summation order; Q8_0/Q4_0 by each side's rounding of the 8-bit
             // activations (a single product of either is ~1% off the exact one), which this
             // tiny random network amplifies.
-            let tol = match dtype {
-                GgmlDType::F16 | GgmlDType::Q4K | GgmlDType::Q6K => 2e-3,
+            // candle's Qwen3 has its own attention (CPU flash attention for prompts, a fused
+            // decode kernel) and rope frequencies computed in f64: with F16 weights the logits
+            // still agree to 2e-3, with the K-quants' 8-bit activations to ~4e-2.
+            let tol = match (family, dtype) {
+                (_, GgmlDType::F16) => 2e-3,
+                ("qwen3", GgmlDType::Q4K | GgmlDType::Q6K) => 6e-2,
+                (_, GgmlDType::Q4K | GgmlDType::Q6K) => 2e-3,
                 _ => 0.25,
             };
             assert!(
@@ -180,7 +185,7 @@ fn studio_model_matches_candle_teacher_forced() {
 #[test]
 fn kv_cache_steps_match_a_full_prefill_and_truncate_kv_reuses_a_prefix() {
     let tmp = tempfile::tempdir().expect("tmp");
-    for family in ["llama", "qwen2"] {
+    for family in ["llama", "qwen2", "qwen3", "phi3"] {
         let path = write(tmp.path(), family, GgmlDType::Q8_0);
         let mut m = load_studio(&path);
         let all = m.forward(&PROMPT, 0, true).expect("all");
