@@ -1462,7 +1462,9 @@ fn studio_kernels_fit(ct: &Content, family: Family) -> bool {
     if family == Family::Phi3 {
         ct.tensor_infos
             .iter()
-            .filter(|(name, _)| name.ends_with("attn_qkv.weight") || name.ends_with("ffn_up.weight"))
+            .filter(|(name, _)| {
+                name.ends_with("attn_qkv.weight") || name.ends_with("ffn_up.weight")
+            })
             .all(|(_, t)| fits(t))
     } else {
         ct.tensor_infos.get("blk.0.ffn_up.weight").is_some_and(fits)
