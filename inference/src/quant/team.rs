@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 const RELEASED: &str = "another thread of the team stopped with an error";
 
 /// Spins this many rounds at a barrier before yielding the core between checks.
-const SPINS_BEFORE_YIELD: u32 = 1 << 16;
+const SPINS_BEFORE_YIELD: u32 = 1 << 11;
 
 struct Barrier {
     threads: usize,
