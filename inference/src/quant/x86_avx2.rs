@@ -563,6 +563,12 @@ macro_rules! k_tile {
                     blk[r] = &wr[r][s * $bytes..(s + 1) * $bytes];
                     head[r] = $head!(blk[r]);
                 }
+                // The super-block's activations as slices of known length: the loads below
+                // need no bounds checks.
+                let mut aq: [&[i8]; MR] = [&[]; MR];
+                for i in 0..MR {
+                    aq[i] = &act.qs_row(i0 + i)[s * 256..s * 256 + 256];
+                }
                 let mut isum = [[zero; NR]; MR];
                 for c in 0..4 {
                     let mut wv = [[zero; 4]; NR];
@@ -571,9 +577,8 @@ macro_rules! k_tile {
                         wv[r] = [v[0], v[1], sc[0], sc[1]];
                     }
                     for i in 0..MR {
-                        let qs = act.qs_row(i0 + i);
                         for e in 0..2 {
-                            let a = ld256_i8(qs, s * 256 + 64 * c + 32 * e);
+                            let a = ld256_i8(aq[i], 64 * c + 32 * e);
                             for r in 0..NR {
                                 let p = _mm256_maddubs_epi16(wv[r][e], a);
                                 isum[i][r] = _mm256_add_epi32(
