@@ -1089,13 +1089,18 @@ fn check(path: &Path) -> Result<Checked> {
             )));
         };
         let elements = t.elements();
-        if elements % dtype.block_size() != 0 {
+        // Blocks never straddle rows: the row length (the innermost dimension) must be a
+        // whole number of them.
+        let row = t.dims.last().copied().unwrap_or(0);
+        if row % dtype.block_size() != 0 {
             return Err(Error::CorruptWeights {
                 path: path.to_path_buf(),
                 message: format!(
-                    "tensor `{}` has {elements} values, not a whole number of {} blocks",
+                    "tensor `{}` has rows of {row} values, not a whole number of {} blocks \
+                     of {}",
                     t.name,
-                    ggml_type_name(t.ggml_type)
+                    ggml_type_name(t.ggml_type),
+                    dtype.block_size()
                 ),
             });
         }

@@ -640,18 +640,41 @@ pub fn write_header_only(path: &Path, metadata: &[(String, Value)], tensors: &[T
 
 /// Changes the ggml type recorded for tensor `name` in a GGUF file's header (the data is left
 /// as it is), for tests of types Studio cannot read.
-pub fn patch_tensor_type(path: &Path, name: &str, ggml_type: u32) {
-    let mut bytes = std::fs::read(path).expect("read");
-    // The tensor directory entry: u64 name length, the name, u32 n_dims, n_dims × u64, u32 type.
+/// Where tensor `name`'s directory entry keeps its dimension count (u64 name length, the name,
+/// u32 n_dims, n_dims × u64, u32 type).
+fn tensor_entry(bytes: &[u8], name: &str) -> usize {
     let mut needle = (name.len() as u64).to_le_bytes().to_vec();
     needle.extend_from_slice(name.as_bytes());
     let at = bytes
         .windows(needle.len())
         .position(|w| w == needle.as_slice())
         .unwrap_or_else(|| panic!("tensor {name} not in header"));
-    let dims_at = at + needle.len();
+    at + needle.len()
+}
+
+pub fn patch_tensor_type(path: &Path, name: &str, ggml_type: u32) {
+    let mut bytes = std::fs::read(path).expect("read");
+    let dims_at = tensor_entry(&bytes, name);
     let n_dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().expect("4 bytes"));
     let type_at = dims_at + 4 + 8 * n_dims as usize;
     bytes[type_at..type_at + 4].copy_from_slice(&ggml_type.to_le_bytes());
+    std::fs::write(path, bytes).expect("write");
+}
+
+/// Rewrites tensor `name`'s dimensions in GGUF order (the row length first); as many as the
+/// tensor has.
+pub fn patch_tensor_dims(path: &Path, name: &str, dims: &[u64]) {
+    let mut bytes = std::fs::read(path).expect("read");
+    let dims_at = tensor_entry(&bytes, name);
+    let n_dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().expect("4 bytes"));
+    assert_eq!(
+        n_dims as usize,
+        dims.len(),
+        "{name} has {n_dims} dimensions"
+    );
+    for (i, d) in dims.iter().enumerate() {
+        let at = dims_at + 4 + 8 * i;
+        bytes[at..at + 8].copy_from_slice(&d.to_le_bytes());
+    }
     std::fs::write(path, bytes).expect("write");
 }

@@ -21,8 +21,8 @@ use studio_inference::text::Tokenizer;
 use studio_tests::EOS;
 use studio_tests::families::{CONTEXT, VOCAB, write_family};
 use studio_tests::gguf_writer::{
-    self, GgufOptions, TensorEntry, convert, patch_tensor_type, sentencepiece_metadata,
-    sentencepiece_vocab, write_family_gguf, write_gguf, write_header_only,
+    self, GgufOptions, TensorEntry, convert, patch_tensor_dims, patch_tensor_type,
+    sentencepiece_metadata, sentencepiece_vocab, write_family_gguf, write_gguf, write_header_only,
 };
 
 /// The families candle-transformers (or Studio's own Gemma) runs from GGUF, by `model_type`.
@@ -596,6 +596,20 @@ fn bad_files_are_refused_with_clear_errors() {
     let msg = e.to_string();
     assert!(
         msg.contains("IQ4_NL") && msg.contains("blk.0.attn_q.weight"),
+        "{msg}"
+    );
+
+    // Rows that are not whole quantization blocks (the value count still is): the tensor and
+    // the block are named.
+    let rows = tmp.path().join("rows.gguf");
+    std::fs::write(&rows, &bytes).expect("write");
+    // attn_q is 32 × 32 in this model: 16 × 64 holds as many values.
+    patch_tensor_dims(&rows, "blk.0.attn_q.weight", &[16, 64]);
+    let e = expect_err(&rows);
+    assert!(matches!(e, Error::CorruptWeights { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("rows of 16") && msg.contains("32"),
         "{msg}"
     );
 
