@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::gguf_tokenizer::GgufVocab;
 use crate::models::CausalLm;
 use crate::models::quant_llama::QuantLlama;
-use crate::quant::{KernelPath, QuantFormat, has_kernel};
+use crate::quant::{KernelPath, QuantFormat, preferred};
 use crate::text::Tokenizer;
 
 /// What this build reads from GGUF files, for error messages.
@@ -1457,7 +1457,7 @@ fn build_model(
 fn studio_kernels_fit(ct: &Content, family: Family) -> bool {
     let fits = |t: &TensorInfo| {
         QuantFormat::from_ggml(t.ggml_dtype).is_some_and(|f| {
-            has_kernel(f, KernelPath::detect())
+            preferred(f, KernelPath::detect())
                 && t.shape
                     .dims()
                     .last()
@@ -1660,14 +1660,13 @@ pub mod gemma {
 
     use super::Hparams;
     use crate::models::qlinear::{Fallbacks, Linear, studio_kernel};
-    use crate::quant::{KernelPath, QWeight, QuantFormat, has_kernel};
+    use crate::quant::{KernelPath, QWeight, QuantFormat, preferred};
 
     /// Whether this CPU has a kernel for the file's layer format (that of the first layer's
     /// up projection).
     fn layers_fit(ct: &Content) -> bool {
         ct.tensor_infos.get("blk.0.ffn_up.weight").is_some_and(|t| {
-            QuantFormat::from_ggml(t.ggml_dtype)
-                .is_some_and(|f| has_kernel(f, KernelPath::detect()))
+            QuantFormat::from_ggml(t.ggml_dtype).is_some_and(|f| preferred(f, KernelPath::detect()))
         })
     }
 

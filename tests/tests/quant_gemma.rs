@@ -9,7 +9,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use studio_inference::gguf::{self, gemma};
-use studio_inference::quant::{KernelPath, QuantFormat, has_kernel};
+use studio_inference::quant::{KernelPath, QuantFormat, preferred};
 use studio_tests::families::write_family_with;
 use studio_tests::gguf_writer::{GgufOptions, convert};
 
@@ -91,7 +91,7 @@ fn studio_kernels_run_gemma_and_match_candle() {
             assert_eq!(theirs.studio_weights(), 0, "{family} {dtype:?}");
             assert!(!theirs.studio_embeddings(), "{family} {dtype:?}");
             let format = QuantFormat::from_ggml(dtype).expect("format");
-            if has_kernel(format, KernelPath::detect()) {
+            if preferred(format, KernelPath::detect()) {
                 // 7 per layer, 2 layers, and the (tied) output projection.
                 assert_eq!(ours.studio_weights(), 15, "{family} {dtype:?}");
                 assert!(ours.fallbacks().is_empty(), "{:?}", ours.fallbacks());

@@ -9,7 +9,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 
 use crate::error::Result;
-use crate::quant::{KernelPath, QWeight, QuantFormat, has_kernel};
+use crate::quant::{KernelPath, QWeight, QuantFormat, preferred};
 
 /// A 2-D weight: Studio's kernel, or candle's `QMatMul` where Studio has none.
 pub(crate) enum Linear {
@@ -42,7 +42,7 @@ pub(crate) fn studio_kernel(tensor: &QTensor) -> Option<QuantFormat> {
     let f = QuantFormat::from_ggml(tensor.dtype())?;
     (tensor.shape().dims().len() == 2
         && tensor.shape().dims()[1].is_multiple_of(f.block_size())
-        && has_kernel(f, KernelPath::detect()))
+        && preferred(f, KernelPath::detect()))
     .then_some(f)
 }
 

@@ -7,7 +7,7 @@
 //! `output.weight`), so the logits equal candle's up to the kernels' rounding.
 //!
 //! Every 2-D weight stays in its file format as a [`QWeight`] when this CPU has a kernel for
-//! it ([`crate::quant::has_kernel`]), otherwise it runs through candle's `QMatMul` (logged once
+//! it ([`crate::quant::preferred`]), otherwise it runs through candle's `QMatMul` (logged once
 //! per load). The embedding table is looked up row by row from its quantized bytes. Norms and
 //! biases are f32.
 //!

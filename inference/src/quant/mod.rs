@@ -456,6 +456,16 @@ pub fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
     kernel::has_kernel(format, path)
 }
 
+/// Whether the models should run `format` on Studio's kernel for `path` rather than candle's
+/// `QMatMul`: where Studio has a kernel, except Q4_K and Q6_K on the AVX2 path, where candle's
+/// AVX2 kernels measured faster (Q4_K 2.6× at M = 1 and 2.8× at M = 128, Q6_K 1.2× and 2.1×,
+/// in `quant_matmul --path avx2`). The AVX2 kernels for them stay reachable through
+/// [`QWeight::matmul_with`] (and tested).
+pub fn preferred(format: QuantFormat, path: KernelPath) -> bool {
+    has_kernel(format, path)
+        && !(path == KernelPath::Avx2 && matches!(format, QuantFormat::Q4K | QuantFormat::Q6K))
+}
+
 /// The activations of `x` (`m × k`) after the 8-bit quantization the kernels apply for
 /// `format` (for F16/BF16: `x` itself): what the reference product is computed with.
 pub fn quantize_dequantize_activations(format: QuantFormat, x: &[f32], k: usize) -> Vec<f32> {
