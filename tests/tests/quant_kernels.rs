@@ -16,7 +16,7 @@ use candle_core::{Device, Module, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use studio_inference::quant::{
-    KernelPath, QWeight, QuantFormat, has_kernel, quantize_dequantize_activations,
+    KernelPath, QWeight, QuantFormat, QuantizedInput, has_kernel, quantize_dequantize_activations,
 };
 
 fn random(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
@@ -406,4 +406,46 @@ fn forward_keeps_leading_dims() {
         .and_then(|d| d.to_scalar())
         .expect("diff");
     assert!(diff < 0.1, "max |Δ| vs candle {diff}");
+}
+
+#[test]
+fn row_ranges_with_a_reused_input_equal_the_whole_product() {
+    // What each thread of the decode team runs: row ranges of several products of one input,
+    // its quantized activations kept in a `QuantizedInput` across weights of different
+    // formats, and cleared when the input changes.
+    for path in KernelPath::available_paths() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let k = 512;
+        let weights: Vec<QWeight> = QuantFormat::ALL
+            .into_iter()
+            .map(|f| random_bytes_weight(f, 70, k, &mut rng))
+            .collect();
+        let mut input = QuantizedInput::default();
+        let mut x = random(&mut rng, k, 1.0);
+        for round in 0..2 {
+            for w in weights.iter().chain(weights.iter().rev()) {
+                let mut whole = vec![0f32; w.rows()];
+                w.matmul_with(&x, 1, &mut whole, path).expect("whole");
+                for rows in [0..16, 16..64, 64..70, 3..3] {
+                    let mut part = vec![0f32; rows.len()];
+                    w.matmul_rows(&mut input, &x, 1, rows.clone(), &mut part, path)
+                        .expect("rows");
+                    assert_eq!(
+                        part,
+                        whole[rows.clone()],
+                        "{} on {path}, round {round}, rows {rows:?}",
+                        w.format()
+                    );
+                }
+            }
+            x.iter_mut().for_each(|v| *v = -*v * 0.5);
+            input.clear();
+        }
+        let mut y = vec![0f32; 4];
+        assert!(
+            weights[0]
+                .matmul_rows(&mut input, &x, 1, 68..72, &mut y, path)
+                .is_err()
+        );
+    }
 }

@@ -27,8 +27,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::qlinear::{Fallbacks, Linear, studio_kernel};
-use crate::quant::team::{self, Parts, TeamCtx};
-use crate::quant::{KernelPath, QWeight, QuantFormat};
+use crate::quant::team::{self, Claims, Parts, TeamCtx};
+use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput};
 
 /// The Studio weight of `l` for the decode step (which runs only when every weight is one).
 fn studio(l: &Linear) -> Result<&QWeight> {
@@ -621,47 +621,75 @@ impl QuantLlama {
             .parts
             .as_ref()
             .ok_or_else(|| Error::Panicked("the decode slots are missing".to_owned()))?;
+        let qkv_pieces: Vec<(usize, std::ops::Range<usize>)> = [qd, kvd, kvd]
+            .into_iter()
+            .enumerate()
+            .flat_map(|(which, n)| (0..threads).map(move |i| (which, piece(n, threads, i))))
+            .collect();
+        let step = DecodeStep {
+            parts,
+            layers: this
+                .layers
+                .iter()
+                .map(|_| LayerClaims {
+                    qkv: Claims::new(qkv_pieces.len()),
+                    att: Claims::new(this.n_head),
+                    wo: Claims::new(threads),
+                    ffn: Claims::new(threads),
+                    down: Claims::new(threads),
+                })
+                .collect(),
+            output: Claims::new(threads),
+            qkv_pieces,
+        };
         let logits = Mutex::new(Vec::new());
-        team::run(|t| this.decode_on(t, parts, &x0, pos, &logits))?;
+        team::run(|t| this.decode_on(t, &step, &x0, pos, &logits))?;
         Ok(logits.into_inner().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// One thread's part of a decode step. Every thread keeps its own copy of the residual
-    /// stream and the small vectors (norms, biases, rope: a few thousand values); the
-    /// products are split by output rows, attention by heads, and the shares meet in `parts`
-    /// after each barrier. Thread 0 writes the new key/value position and gathers the logits.
+    /// stream and the small vectors (norms, biases, rope: a few thousand values). The products
+    /// come in pieces of [`PIECE`] output rows and attention in heads, each taken by whichever
+    /// thread is free ([`Claims`]), so a thread the system slowed down does less; the pieces
+    /// meet in `parts` after each barrier. Thread 0 appends the new key/value position (once
+    /// every thread is past that layer's attention) and gathers the logits.
     #[allow(clippy::too_many_lines)] // one step of the model, read top to bottom
     fn decode_on(
         &self,
         t: &TeamCtx,
-        parts: &Parts,
+        step: &DecodeStep,
         x0: &[f32],
         pos: usize,
         logits: &Mutex<Vec<f32>>,
     ) -> Result<()> {
-        const ALIGN: usize = 16;
         let path = KernelPath::detect();
+        let parts = step.parts;
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let (qd, kvd, groups) = (nh * hd, nkv * hd, nh / nkv);
         let (me, threads) = (t.index(), t.threads());
-        let len = pos + 1;
         let (cos, sin) = self.rope.at(pos);
         let sqrt_hd = (hd as f32).sqrt();
-        let rows = |n: usize, at: usize, i: usize| {
-            let r = team::share(n, ALIGN, threads, i);
-            at + r.start..at + r.end
-        };
-        // This thread's rows of `w · input`, into its slot at offset `at`.
-        let product = |w: &QWeight, input: &[f32], at: usize, phase: usize| -> Result<()> {
-            let r = t.share(w.rows(), ALIGN);
+        // Pieces of `w · input` taken by this thread, into its slot at `at + rows`.
+        let product = |w: &QWeight,
+                       input: &mut QuantizedInput,
+                       x: &[f32],
+                       at: usize,
+                       claims: &Claims,
+                       phase: usize|
+         -> Result<()> {
             let mut slot = parts.slot(me, phase);
-            w.matmul_rows(
-                input,
-                1,
-                r.clone(),
-                &mut slot[at + r.start..at + r.end],
-                path,
-            )
+            while let Some(i) = claims.take(me) {
+                let r = piece(w.rows(), threads, i);
+                w.matmul_rows(
+                    input,
+                    x,
+                    1,
+                    r.clone(),
+                    &mut slot[at + r.start..at + r.end],
+                    path,
+                )?;
+            }
+            Ok(())
         };
 
         let mut x = x0.to_vec();
@@ -670,17 +698,30 @@ impl QuantLlama {
         let mut att = vec![0f32; qd];
         let mut head_norm = vec![0f32; hd];
         let (mut inner, mut g, mut u) = (Vec::new(), Vec::new(), Vec::new());
-        let mut scores = Vec::with_capacity(len);
+        let mut scores = Vec::with_capacity(pos + 1);
+        let mut input = QuantizedInput::default();
         let mut phase = 0usize;
-        for l in &self.layers {
-            // q, k, v.
+        for (l, c) in self.layers.iter().zip(&step.layers) {
+            // q, k, v: one list of pieces over the three products.
             rms_norm(&x, &l.attn_norm.v, self.eps, &mut h);
-            product(studio(&l.wq)?, &h, 0, phase)?;
-            product(studio(&l.wk)?, &h, qd, phase)?;
-            product(studio(&l.wv)?, &h, qd + kvd, phase)?;
+            input.clear();
+            let (wq, wk, wv) = (studio(&l.wq)?, studio(&l.wk)?, studio(&l.wv)?);
+            {
+                let mut slot = parts.slot(me, phase);
+                while let Some(i) = c.qkv.take(me) {
+                    let (which, r) = &step.qkv_pieces[i];
+                    let (w, at) = [(wq, 0), (wk, qd), (wv, qd + kvd)][*which];
+                    let out = &mut slot[at + r.start..at + r.end];
+                    w.matmul_rows(&mut input, &h, 1, r.clone(), out, path)?;
+                }
+            }
             t.wait()?;
-            parts.gather(phase, &mut qkv, |i| {
-                [rows(qd, 0, i), rows(kvd, qd, i), rows(kvd, qd + kvd, i)]
+            parts.gather(phase, &mut qkv, |th| {
+                c.qkv.taken_by(th).map(|i| {
+                    let (which, r) = &step.qkv_pieces[i];
+                    let at = [0, qd, qd + kvd][*which];
+                    at + r.start..at + r.end
+                })
             });
             phase += 1;
             let (q, kv) = qkv.split_at_mut(qd);
@@ -699,26 +740,21 @@ impl QuantLlama {
                     rope_row(head, cos, sin, self.interleaved_rope);
                 }
             }
-            if me == 0 {
-                let mut cache = l.kv.write().unwrap_or_else(PoisonError::into_inner);
-                for kh in 0..nkv {
-                    let r = kh * hd..(kh + 1) * hd;
-                    cache.put(kh, pos, hd, &k[r.clone()], &v[r]);
-                }
-            }
-            t.wait()?;
 
-            // Attention, this thread's heads.
+            // Attention over the cached positions and this one (still in `k`, `v`).
             {
                 let cache = l.kv.read().unwrap_or_else(PoisonError::into_inner);
                 let mut slot = parts.slot(me, phase);
-                for head in t.share(nh, 1) {
-                    let (keys, values) = cache.head(head / groups, len, hd);
+                while let Some(head) = c.att.take(me) {
+                    let kvh = head / groups;
+                    let (keys, values) = cache.head(kvh, pos, hd);
+                    let new = kvh * hd..(kvh + 1) * hd;
                     let r = head * hd..(head + 1) * hd;
+                    let (k_new, v_new) = (&k[new.clone()], &v[new]);
                     attend(
                         &q[r.clone()],
-                        keys,
-                        values,
+                        [keys, k_new],
+                        [values, v_new],
                         sqrt_hd,
                         &mut scores,
                         &mut slot[r],
@@ -726,48 +762,74 @@ impl QuantLlama {
                 }
             }
             t.wait()?;
-            parts.gather(phase, &mut att, |i| {
-                let r = team::share(nh, 1, threads, i);
-                std::iter::once(r.start * hd..r.end * hd)
+            if me == 0 {
+                // Every thread is past this layer's attention: its cache can take position `pos`.
+                let mut cache = l.kv.write().unwrap_or_else(PoisonError::into_inner);
+                for kh in 0..nkv {
+                    let r = kh * hd..(kh + 1) * hd;
+                    cache.put(kh, pos, hd, &k[r.clone()], &v[r]);
+                }
+            }
+            parts.gather(phase, &mut att, |th| {
+                c.att.taken_by(th).map(|head| head * hd..(head + 1) * hd)
             });
             phase += 1;
-            product(studio(&l.wo)?, &att, 0, phase)?;
+            let wo = studio(&l.wo)?;
+            input.clear();
+            product(wo, &mut input, &att, 0, &c.wo, phase)?;
             t.wait()?;
-            parts.gather(phase, &mut h, |i| [rows(self.hidden, 0, i)]);
+            parts.gather(phase, &mut h, |th| {
+                c.wo.taken_by(th).map(|i| piece(wo.rows(), threads, i))
+            });
             phase += 1;
             x.iter_mut().zip(&h).for_each(|(x, h)| *x += h);
 
-            // The MLP: gate and up for the same rows, so each thread applies SwiGLU to its own.
+            // The MLP: gate and up for the same rows, so each piece applies SwiGLU to its own.
             rms_norm(&x, &l.ffn_norm.v, self.eps, &mut h);
+            input.clear();
             let (gate, up) = (studio(&l.gate)?, studio(&l.up)?);
             let n_ff = gate.rows();
             {
-                let r = t.share(n_ff, ALIGN);
-                g.resize(r.len(), 0.0);
-                u.resize(r.len(), 0.0);
-                gate.matmul_rows(&h, 1, r.clone(), &mut g, path)?;
-                up.matmul_rows(&h, 1, r.clone(), &mut u, path)?;
                 let mut slot = parts.slot(me, phase);
-                for ((y, &g), &u) in slot[r].iter_mut().zip(&g).zip(&u) {
-                    *y = g / (1.0 + (-g).exp()) * u;
+                while let Some(i) = c.ffn.take(me) {
+                    let r = piece(n_ff, threads, i);
+                    g.resize(r.len(), 0.0);
+                    u.resize(r.len(), 0.0);
+                    gate.matmul_rows(&mut input, &h, 1, r.clone(), &mut g, path)?;
+                    up.matmul_rows(&mut input, &h, 1, r.clone(), &mut u, path)?;
+                    for ((y, &g), &u) in slot[r].iter_mut().zip(&g).zip(&u) {
+                        *y = g / (1.0 + (-g).exp()) * u;
+                    }
                 }
             }
             t.wait()?;
             inner.resize(n_ff, 0.0);
-            parts.gather(phase, &mut inner, |i| [rows(n_ff, 0, i)]);
+            parts.gather(phase, &mut inner, |th| {
+                c.ffn.taken_by(th).map(|i| piece(n_ff, threads, i))
+            });
             phase += 1;
-            product(studio(&l.down)?, &inner, 0, phase)?;
+            let down = studio(&l.down)?;
+            input.clear();
+            product(down, &mut input, &inner, 0, &c.down, phase)?;
             t.wait()?;
-            parts.gather(phase, &mut h, |i| [rows(self.hidden, 0, i)]);
+            parts.gather(phase, &mut h, |th| {
+                c.down.taken_by(th).map(|i| piece(down.rows(), threads, i))
+            });
             phase += 1;
             x.iter_mut().zip(&h).for_each(|(x, h)| *x += h);
         }
         rms_norm(&x, &self.norm.v, self.eps, &mut h);
-        product(studio(&self.output)?, &h, 0, phase)?;
+        let output = studio(&self.output)?;
+        input.clear();
+        product(output, &mut input, &h, 0, &step.output, phase)?;
         t.wait()?;
         if me == 0 {
             let mut out = vec![0f32; self.vocab];
-            parts.gather(phase, &mut out, |i| [rows(self.vocab, 0, i)]);
+            parts.gather(phase, &mut out, |th| {
+                step.output
+                    .taken_by(th)
+                    .map(|i| piece(output.rows(), threads, i))
+            });
             *logits.lock().unwrap_or_else(PoisonError::into_inner) = out;
         }
         Ok(())
@@ -864,6 +926,35 @@ impl QuantLlama {
     }
 }
 
+/// Row alignment of the pieces of a decode product (a multiple of every kernel tile).
+const ALIGN: usize = 16;
+
+/// Rows of piece `i` of a product with `n` output rows cut into `pieces` contiguous pieces.
+///
+/// One piece per thread measured faster than many small ones taken on demand (each thread
+/// then streams one contiguous run of weight rows, which the hardware prefetcher follows).
+fn piece(n: usize, pieces: usize, i: usize) -> std::ops::Range<usize> {
+    team::share(n, ALIGN, pieces, i)
+}
+
+/// Who computes which piece of one layer's phases in a decode step.
+struct LayerClaims {
+    qkv: Claims,
+    att: Claims,
+    wo: Claims,
+    ffn: Claims,
+    down: Claims,
+}
+
+/// The shared state of one decode step.
+struct DecodeStep<'a> {
+    parts: &'a Parts,
+    layers: Vec<LayerClaims>,
+    output: Claims,
+    /// The q, k and v pieces: (0 = q, 1 = k, 2 = v; rows of that product).
+    qkv_pieces: Vec<(usize, std::ops::Range<usize>)>,
+}
+
 /// `out = x / rms(x) · w`, as candle's `rms_norm` computes it.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let sum2: f32 = x.iter().map(|v| v * v).sum();
@@ -908,19 +999,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// One query head against `len` cached positions (`keys`, `values`: `len × hd`): softmax of
-/// the scaled scores, then the weighted sum of the values into `out`.
+/// One query head against cached positions (`keys`, `values`: `len × hd` each, given in
+/// parts): softmax of the scaled scores, then the weighted sum of the values into `out`.
 fn attend(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: [&[f32]; 2],
+    values: [&[f32]; 2],
     sqrt_hd: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let hd = q.len();
     scores.clear();
-    scores.extend(keys.chunks_exact(hd).map(|k| dot(q, k) / sqrt_hd));
+    for k in keys {
+        scores.extend(k.chunks_exact(hd).map(|k| dot(q, k) / sqrt_hd));
+    }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for s in scores.iter_mut() {
@@ -928,7 +1021,8 @@ fn attend(
         sum += *s;
     }
     out.fill(0.0);
-    for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+    let rows = values[0].chunks_exact(hd).chain(values[1].chunks_exact(hd));
+    for (&p, v) in scores.iter().zip(rows) {
         let p = p / sum;
         for (o, &v) in out.iter_mut().zip(v) {
             *o += p * v;

@@ -155,10 +155,70 @@ pub(crate) fn matmul(w: &QWeight, x: &[f32], m: usize, y: &mut [f32], path: Kern
     });
 }
 
+/// What an activation quantization depends on: reused while these match.
+#[derive(Clone, Copy, PartialEq)]
+struct InputKey {
+    /// The address of `x`.
+    x: usize,
+    len: usize,
+    m: usize,
+    k: usize,
+    plan: Option<(Layout, u32, u32)>,
+}
+
+/// Activations quantized once and reused by several products with the same input (a team
+/// thread's row shares of q, k and v; the chunks of one product). At most a few layouts are
+/// kept (a Q4_K_M layer mixes Q4_K and Q6_K weights).
+#[derive(Default)]
+pub struct QuantizedInput {
+    slots: Vec<(Option<InputKey>, Act)>,
+}
+
+impl QuantizedInput {
+    /// Forgets the quantized activations: call it whenever the input values change.
+    pub fn clear(&mut self) {
+        for (key, _) in &mut self.slots {
+            *key = None;
+        }
+    }
+
+    fn get(&mut self, w: &QWeight, x: &[f32], m: usize, path: KernelPath) -> &Act {
+        let plan = plan(w.format(), path, m);
+        let key = InputKey {
+            x: x.as_ptr().addr(),
+            len: x.len(),
+            m,
+            k: w.cols(),
+            plan: plan.map(|(l, off, lanes)| (l, off.to_bits(), lanes.to_bits())),
+        };
+        let at = if let Some(at) = self.slots.iter().position(|(k, _)| *k == Some(key)) {
+            at
+        } else {
+            let at = self
+                .slots
+                .iter()
+                .position(|(k, _)| k.is_none())
+                .unwrap_or_else(|| {
+                    self.slots.push((None, Act::default()));
+                    self.slots.len() - 1
+                });
+            let (slot_key, act) = &mut self.slots[at];
+            if let Some((layout, off, lanes)) = plan {
+                act.quantize(x, m, w.cols(), layout, off, lanes);
+            }
+            *slot_key = Some(key);
+            at
+        };
+        &self.slots[at].1
+    }
+}
+
 /// `y = x · W[rows]ᵀ` on the calling thread only: `y` is `m × rows.len()` (shapes checked by
-/// the caller). A team of threads splitting one product calls this with disjoint `rows`.
+/// the caller), with `x` quantized into (or reused from) `input`. A team of threads splitting
+/// one product calls this with disjoint `rows`.
 pub(crate) fn matmul_rows(
     w: &QWeight,
+    input: &mut QuantizedInput,
     x: &[f32],
     m: usize,
     rows: Range<usize>,
@@ -177,19 +237,8 @@ pub(crate) fn matmul_rows(
         cols: rows.clone(),
         col0: rows.start,
     };
-    let mut body = |act: &mut Act| {
-        if let Some((layout, off, lanes)) = plan(w.format(), path, m) {
-            act.quantize(x, m, w.cols(), layout, off, lanes);
-        }
-        run_chunk(w, act, x, m, rows.clone(), &mut out, path);
-    };
-    SCRATCH.with(|cell| {
-        if let Ok(mut act) = cell.try_borrow_mut() {
-            body(&mut act);
-        } else {
-            body(&mut Act::default());
-        }
-    });
+    let act = input.get(w, x, m, path);
+    run_chunk(w, act, x, m, rows, &mut out, path);
 }
 
 fn run(w: &QWeight, x: &[f32], m: usize, y: &mut [f32], path: KernelPath, act: &mut Act) {

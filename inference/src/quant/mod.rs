@@ -41,6 +41,8 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 
+pub use kernel::QuantizedInput;
+
 /// The file formats the kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum QuantFormat {
@@ -385,8 +387,13 @@ impl QWeight {
     /// Output features `rows` only: `y (m × rows.len()) = x (m × cols) · W[rows]ᵀ`, on the
     /// calling thread (no pool): what each member of a team of threads runs on its share of one
     /// product. Equals the same columns of [`QWeight::matmul`] on `path`.
+    ///
+    /// The quantized activations are kept in `input` and reused by the next call with the same
+    /// `x` (same slice, length and format layout); call [`QuantizedInput::clear`] after changing
+    /// the values of `x` in place.
     pub fn matmul_rows(
         &self,
+        input: &mut QuantizedInput,
         x: &[f32],
         m: usize,
         rows: std::ops::Range<usize>,
@@ -418,7 +425,7 @@ impl QWeight {
         if m == 0 || rows.is_empty() {
             return Ok(());
         }
-        kernel::matmul_rows(self, x, m, rows, y, path);
+        kernel::matmul_rows(self, input, x, m, rows, y, path);
         Ok(())
     }
 

@@ -150,6 +150,39 @@ where
     }
 }
 
+/// The pieces of one phase, handed out one at a time to whichever thread asks first (so a
+/// thread that fell behind does fewer), remembering who took each for the gather.
+pub struct Claims {
+    next: AtomicUsize,
+    owners: Vec<AtomicUsize>,
+}
+
+impl Claims {
+    pub fn new(pieces: usize) -> Self {
+        Self {
+            next: AtomicUsize::new(0),
+            owners: (0..pieces).map(|_| AtomicUsize::new(usize::MAX)).collect(),
+        }
+    }
+
+    /// The next piece, now owned by thread `me`; `None` when every piece is taken.
+    pub fn take(&self, me: usize) -> Option<usize> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let owner = self.owners.get(i)?;
+        owner.store(me, Ordering::Relaxed);
+        Some(i)
+    }
+
+    /// The pieces thread `me` took (read after the barrier that ends the phase).
+    pub fn taken_by(&self, me: usize) -> impl Iterator<Item = usize> + '_ {
+        self.owners
+            .iter()
+            .enumerate()
+            .filter(move |(_, o)| o.load(Ordering::Relaxed) == me)
+            .map(|(i, _)| i)
+    }
+}
+
 /// Per-thread output slots, double-buffered by the parity of the barrier phase, so a thread
 /// can publish its share of phase `p + 1` while slower threads still read phase `p`.
 ///
@@ -252,6 +285,34 @@ mod tests {
             })
         });
         assert!(matches!(r, Err(Error::Panicked(m)) if m.contains("thread two")));
+    }
+
+    #[test]
+    fn claims_hand_out_every_piece_once() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .expect("pool");
+        let claims = Claims::new(40);
+        let done = Mutex::new(Vec::new());
+        pool.install(|| {
+            run(|t| {
+                while let Some(i) = claims.take(t.index()) {
+                    done.lock().expect("lock").push((i, t.index()));
+                }
+                t.wait()
+            })
+        })
+        .expect("team");
+        let mut done = done.into_inner().expect("lock");
+        done.sort_unstable();
+        assert_eq!(
+            done.iter().map(|d| d.0).collect::<Vec<_>>(),
+            (0..40).collect::<Vec<_>>()
+        );
+        for (i, who) in done {
+            assert!(claims.taken_by(who).any(|p| p == i));
+        }
     }
 
     #[test]
