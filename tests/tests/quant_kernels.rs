@@ -438,7 +438,9 @@ fn row_ranges_with_a_reused_input_equal_the_whole_product() {
                     );
                 }
             }
-            x.iter_mut().for_each(|v| *v = -*v * 0.5);
+            for v in &mut x {
+                *v = -*v * 0.5;
+            }
             input.clear();
         }
         let mut y = vec![0f32; 4];
