@@ -648,10 +648,11 @@ impl QuantLlama {
     }
 
     /// One thread's part of a decode step. Every thread keeps its own copy of the residual
-    /// stream and the small vectors (norms, biases, rope: a few thousand values). The products
-    /// come in pieces of [`PIECE`] output rows and attention in heads, each taken by whichever
-    /// thread is free ([`Claims`]), so a thread the system slowed down does less; the pieces
-    /// meet in `parts` after each barrier. Thread 0 appends the new key/value position (once
+    /// stream and the small vectors (norms, biases, rope: a few thousand values). Each product
+    /// is cut into one contiguous piece of rows per thread ([`piece`]) and attention into
+    /// heads; pieces are taken by whichever thread asks first ([`Claims`]), so a thread the
+    /// system descheduled leaves its share to one that is running; they meet in `parts` after
+    /// each barrier. Thread 0 appends the new key/value position (once
     /// every thread is past that layer's attention) and gathers the logits.
     #[allow(clippy::too_many_lines)] // one step of the model, read top to bottom
     fn decode_on(
