@@ -1659,7 +1659,7 @@ pub mod gemma {
     use candle_core::{Device, Result, Tensor};
 
     use super::Hparams;
-    use crate::models::qlinear::{Fallbacks, Linear, studio_kernel};
+    use crate::models::qlinear::{Fallbacks, Linear, studio_count, studio_kernel};
     use crate::quant::{KernelPath, QWeight, QuantFormat, preferred};
 
     /// Whether this CPU has a kernel for the file's layer format (that of the first layer's
@@ -1948,12 +1948,8 @@ pub mod gemma {
 
         /// How many 2-D weights (the output projection included) run on Studio's kernels.
         pub fn studio_weights(&self) -> usize {
-            let per_layer = |l: &Layer| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                    .iter()
-                    .filter(|w| w.is_studio())
-                    .count()
-            };
+            let per_layer =
+                |l: &Layer| studio_count([&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
             self.layers.iter().map(per_layer).sum::<usize>() + usize::from(self.output.is_studio())
         }
 

@@ -8,6 +8,7 @@ pub mod families;
 pub mod gan;
 pub mod gguf_writer;
 pub mod ldm;
+pub mod logits;
 pub mod sd;
 pub mod vgg;
 pub mod worker_events;

@@ -24,6 +24,7 @@ use studio_tests::gguf_writer::{
     self, GgufOptions, TensorEntry, convert, patch_tensor_dims, patch_tensor_type,
     sentencepiece_metadata, sentencepiece_vocab, write_family_gguf, write_gguf, write_header_only,
 };
+use studio_tests::logits::argmax;
 
 /// The families candle-transformers (or Studio's own Gemma) runs from GGUF, by `model_type`.
 const GGUF_FAMILIES: &[&str] = &[
@@ -63,13 +64,6 @@ fn greedy(model: &mut dyn CausalLm, tokenizer: &Tokenizer, prompt: &[u32]) -> Ve
 fn load_gguf(path: &Path) -> GgufModel {
     gguf::load(path, &Device::Cpu, &mut |_, _| {})
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
 }
 
 /// Largest difference between the two models' logits after `prompt`, relative to the

@@ -12,6 +12,7 @@ use studio_inference::gguf::{self, gemma};
 use studio_inference::quant::{KernelPath, QuantFormat, preferred};
 use studio_tests::families::write_family_with;
 use studio_tests::gguf_writer::{GgufOptions, convert};
+use studio_tests::logits::{argmax, rel_diff};
 
 /// Both kernels quantize activations to 8 bits per block, but in different orders of
 /// summation and (for candle's Q4_0/Q8_0) with its own activation rounding: the logits agree
@@ -46,23 +47,6 @@ fn forward(m: &mut gemma::Model, tokens: &[u32], offset: usize) -> Vec<f32> {
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
         .expect("forward")
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
-}
-
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f32::max)
-        / scale
 }
 
 /// The prompt's logits, then `STEPS` greedy tokens fed back one at a time through the cache.

@@ -16,6 +16,7 @@ use studio_inference::models::quant_llama::QuantLlama;
 use studio_inference::quant::{KernelPath, QuantFormat, preferred};
 use studio_tests::families::write_family_with;
 use studio_tests::gguf_writer::{GgufOptions, convert};
+use studio_tests::logits::{argmax, rel_diff};
 
 enum Candle {
     Llama(quantized_llama::ModelWeights),
@@ -68,23 +69,6 @@ fn load_candle(family: &str, path: &Path) -> Candle {
             quantized_qwen2::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("qwen2"),
         ),
     }
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
-}
-
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f32::max)
-        / scale
 }
 
 fn vec1(t: &Tensor) -> Vec<f32> {

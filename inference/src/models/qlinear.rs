@@ -94,3 +94,8 @@ impl Fallbacks {
         list
     }
 }
+
+/// How many of `weights` run on Studio's kernels.
+pub(crate) fn studio_count<'a>(weights: impl IntoIterator<Item = &'a Linear>) -> usize {
+    weights.into_iter().filter(|w| w.is_studio()).count()
+}

@@ -26,7 +26,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
-use crate::models::qlinear::{Fallbacks, Linear, studio_kernel};
+use crate::models::qlinear::{Fallbacks, Linear, studio_count, studio_kernel};
 use crate::quant::team::{self, Claims, Parts, TeamCtx};
 use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput};
 
@@ -446,12 +446,8 @@ impl QuantLlama {
 
     /// How many 2-D weights (the output projection included) run on Studio's kernels.
     pub fn studio_weights(&self) -> usize {
-        let per_layer = |l: &Layer| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]
-                .iter()
-                .filter(|w| w.is_studio())
-                .count()
-        };
+        let per_layer =
+            |l: &Layer| studio_count([&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
         self.layers.iter().map(per_layer).sum::<usize>() + usize::from(self.output.is_studio())
     }
 

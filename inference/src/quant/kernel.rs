@@ -74,19 +74,9 @@ impl OutBase {
 pub(crate) fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
     match path {
         KernelPath::Scalar => true,
-        KernelPath::Avx512Vnni => {
-            matches!(
-                format,
-                QuantFormat::Q4_0
-                    | QuantFormat::Q8_0
-                    | QuantFormat::Q4K
-                    | QuantFormat::Q5K
-                    | QuantFormat::Q6K
-                    | QuantFormat::F16
-                    | QuantFormat::BF16
-            ) && cfg!(target_arch = "x86_64")
-        }
-        KernelPath::Avx2 => {
+        // Both SIMD paths have a kernel for every format (the models still prefer candle's
+        // for some on AVX2, see `quant::preferred`).
+        KernelPath::Avx512Vnni | KernelPath::Avx2 => {
             matches!(
                 format,
                 QuantFormat::Q4_0

@@ -177,6 +177,17 @@ impl KernelPath {
         }
     }
 
+    /// An error when this CPU cannot run the path.
+    fn check(self) -> Result<()> {
+        if self.available() {
+            Ok(())
+        } else {
+            Err(Error::InvalidParameter(format!(
+                "the {self} kernels need CPU features this machine lacks"
+            )))
+        }
+    }
+
     /// The fastest path this CPU offers (detected once).
     pub fn detect() -> Self {
         static BEST: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
@@ -372,11 +383,7 @@ impl QWeight {
                 ),
             });
         }
-        if !path.available() {
-            return Err(Error::InvalidParameter(format!(
-                "the {path} kernels need CPU features this machine lacks"
-            )));
-        }
+        path.check()?;
         if m == 0 {
             return Ok(());
         }
@@ -417,11 +424,7 @@ impl QWeight {
                 ),
             });
         }
-        if !path.available() {
-            return Err(Error::InvalidParameter(format!(
-                "the {path} kernels need CPU features this machine lacks"
-            )));
-        }
+        path.check()?;
         if m == 0 || rows.is_empty() {
             return Ok(());
         }
