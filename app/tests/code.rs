@@ -269,6 +269,15 @@ fn load_code_model(h: &mut Harness<'_, StudioApp>, dir: &Path, fim: bool) -> Pat
     model
 }
 
+/// A window with a FIM-capable model loaded and no ghost-text delay.
+fn fim_harness(dir: &Path) -> Harness<'static, StudioApp> {
+    let mut h = model_harness(&dir.join("home"));
+    h.step();
+    load_code_model(&mut h, dir, true);
+    h.state_mut().settings_mut().code.ghost_delay_ms = 0;
+    h
+}
+
 const PY: &str = "def add(a, b):\n    return a + b\n\ndef mul(a, b):\n    return ";
 
 /// Types `PY` and waits for a suggestion; returns it.
@@ -286,11 +295,8 @@ fn wait_for_ghost(h: &mut Harness<'_, StudioApp>) -> String {
 #[test]
 fn ghost_text_appears_after_a_pause_and_tab_accepts_it_as_one_edit() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut h = model_harness(&tmp.path().join("home"));
-    h.step();
-    load_code_model(&mut h, tmp.path(), true);
+    let mut h = fim_harness(tmp.path());
     assert!(matches!(h.state().fim_support(), FimSupport::Supported(_)));
-    h.state_mut().settings_mut().code.ghost_delay_ms = 0;
     go_to(&mut h, Panel::Code);
     assert!(shows_text(&h, "Ghost text: on"));
     let ghost = wait_for_ghost(&mut h);
@@ -321,10 +327,7 @@ fn ghost_text_appears_after_a_pause_and_tab_accepts_it_as_one_edit() {
 #[test]
 fn a_chosen_fim_format_overrides_the_detected_one() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut h = model_harness(&tmp.path().join("home"));
-    h.step();
-    load_code_model(&mut h, tmp.path(), true);
-    h.state_mut().settings_mut().code.ghost_delay_ms = 0;
+    let mut h = fim_harness(tmp.path());
     // StarCoder's tokens are not in this Qwen-style tokenizer: the request fails and says so.
     h.state_mut().settings_mut().code.fim_format = Some("starcoder".into());
     go_to(&mut h, Panel::Code);
@@ -349,10 +352,7 @@ fn a_chosen_fim_format_overrides_the_detected_one() {
 #[test]
 fn esc_dismisses_and_ctrl_right_takes_one_word() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut h = model_harness(&tmp.path().join("home"));
-    h.step();
-    load_code_model(&mut h, tmp.path(), true);
-    h.state_mut().settings_mut().code.ghost_delay_ms = 0;
+    let mut h = fim_harness(tmp.path());
     go_to(&mut h, Panel::Code);
     let ghost = wait_for_ghost(&mut h);
     key(&mut h, Modifiers::CTRL, Key::ArrowRight);
@@ -376,11 +376,8 @@ fn esc_dismisses_and_ctrl_right_takes_one_word() {
 #[test]
 fn typing_cancels_the_running_request() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut h = model_harness(&tmp.path().join("home"));
-    h.step();
-    load_code_model(&mut h, tmp.path(), true);
+    let mut h = fim_harness(tmp.path());
     go_to(&mut h, Panel::Code);
-    h.state_mut().settings_mut().code.ghost_delay_ms = 0;
     h.state_mut().settings_mut().sampling.max_new_tokens = 1500;
     // Greedy, so whether the action could end early (an end-of-text token from the random
     // model) does not depend on a random seed.

@@ -33,6 +33,8 @@ pub mod team;
 mod x86_avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx512;
+#[cfg(target_arch = "x86_64")]
+mod x86_load;
 
 use std::fmt;
 
@@ -363,6 +365,17 @@ impl QWeight {
         Ok(())
     }
 
+    /// The error of a product (`what`: the whole or which rows) whose sizes do not fit.
+    fn shape_error(&self, what: &str, m: usize, x: usize, y: usize) -> Error {
+        Error::BadQuantTensor {
+            name: self.name.clone(),
+            message: format!(
+                "{what} of [{m}, {}] by [{}, {}]ᵀ into {y} values: got {x} input values",
+                self.cols, self.rows, self.cols
+            ),
+        }
+    }
+
     /// `y (m × rows) = x (m × cols) · Wᵀ` on the fastest path this CPU offers.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<()> {
         self.matmul_with(x, m, y, KernelPath::detect())
@@ -371,17 +384,7 @@ impl QWeight {
     /// As [`QWeight::matmul`] on a chosen path; a path this CPU lacks is an error.
     pub fn matmul_with(&self, x: &[f32], m: usize, y: &mut [f32], path: KernelPath) -> Result<()> {
         if x.len() != m * self.cols || y.len() != m * self.rows {
-            return Err(Error::BadQuantTensor {
-                name: self.name.clone(),
-                message: format!(
-                    "matmul of [{m}, {}] by [{}, {}]ᵀ into {} values: got {} input values",
-                    self.cols,
-                    self.rows,
-                    self.cols,
-                    y.len(),
-                    x.len()
-                ),
-            });
+            return Err(self.shape_error("matmul", m, x.len(), y.len()));
         }
         path.check()?;
         if m == 0 {
@@ -412,17 +415,7 @@ impl QWeight {
             || rows.end > self.rows
             || y.len() != m * rows.len()
         {
-            return Err(Error::BadQuantTensor {
-                name: self.name.clone(),
-                message: format!(
-                    "rows {rows:?} of [{m}, {}] by [{}, {}]ᵀ into {} values: got {} input values",
-                    self.cols,
-                    self.rows,
-                    self.cols,
-                    y.len(),
-                    x.len()
-                ),
-            });
+            return Err(self.shape_error(&format!("rows {rows:?}"), m, x.len(), y.len()));
         }
         path.check()?;
         if m == 0 || rows.is_empty() {

@@ -13,11 +13,10 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_cvtepu8_epi16, _mm_cvtph_ps,
-    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_loadu_ps,
-    _mm_loadu_si128, _mm_movehdup_ps, _mm_prefetch, _mm_set_epi16, _mm_unpackhi_epi16,
-    _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32, _mm256_and_si256,
-    _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
+    __m128i, __m256, __m256i, _mm_add_ps, _mm_cvtepu8_epi16, _mm_cvtph_ps, _mm_cvtsi32_si128,
+    _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_movehdup_ps, _mm_set_epi16,
+    _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32,
+    _mm256_and_si256, _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
     _mm256_castsi256_ps, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps, _mm256_cvtepu16_epi32,
     _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps,
     _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_or_si256,
@@ -31,15 +30,8 @@ use std::ops::Range;
 use super::act::Act;
 use super::kernel::OutChunk;
 use super::scalar::f16_to_f32;
+use super::x86_load::{ld128, ld128_ps, ld256, ld256_i16, prefetch};
 use super::{QWeight, QuantFormat};
-
-#[inline]
-#[target_feature(enable = "avx2")]
-fn ld256(s: &[u8], at: usize) -> __m256i {
-    assert!(at + 32 <= s.len());
-    // SAFETY: bytes `at..at + 32` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm256_loadu_si256(s.as_ptr().add(at).cast()) }
-}
 
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -50,44 +42,11 @@ fn ld256_i8(s: &[i8], at: usize) -> __m256i {
 }
 
 #[inline]
-#[target_feature(enable = "sse2")]
-fn ld128(s: &[u8], at: usize) -> __m128i {
-    assert!(at + 16 <= s.len());
-    // SAFETY: bytes `at..at + 16` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm_loadu_si128(s.as_ptr().add(at).cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "sse2")]
-fn ld128_ps(s: &[f32], at: usize) -> __m128 {
-    assert!(at + 4 <= s.len());
-    // SAFETY: values `at..at + 4` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm_loadu_ps(s.as_ptr().add(at)) }
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-fn ld256_i16(s: &[i16], at: usize) -> __m256i {
-    assert!(at + 16 <= s.len());
-    // SAFETY: values `at..at + 16` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm256_loadu_si256(s.as_ptr().add(at).cast()) }
-}
-
-#[inline]
 #[target_feature(enable = "avx")]
 fn ld256_ps(s: &[f32], at: usize) -> __m256 {
     assert!(at + 8 <= s.len());
     // SAFETY: values `at..at + 8` are inside `s` (checked above); the load is unaligned.
     unsafe { _mm256_loadu_ps(s.as_ptr().add(at)) }
-}
-
-/// Asks for the cache line at `s + at` (which may lie past `s`: the next row).
-#[inline]
-fn prefetch(s: &[u8], at: usize) {
-    let p = s.as_ptr().wrapping_add(at);
-    // SAFETY: a prefetch is a hint that never faults and never reads into registers,
-    // whatever the address; the pointer is only formed with wrapping arithmetic.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
 }
 
 fn half_bits(b: &[u8], at: usize) -> i16 {

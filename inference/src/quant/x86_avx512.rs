@@ -10,10 +10,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256i, __m512, __m512i, _MM_HINT_T0, _mm_cvtepu8_epi16, _mm_cvtph_ps,
-    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_loadu_ps, _mm_loadu_si128,
-    _mm_movehdup_ps, _mm_prefetch, _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpacklo_epi16,
-    _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi32, _mm256_loadu_si256, _mm256_madd_epi16,
+    __m256i, __m512, __m512i, _mm_cvtepu8_epi16, _mm_cvtph_ps, _mm_cvtsi32_si128,
+    _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_movehdup_ps, _mm_storeu_si128, _mm_unpackhi_epi16,
+    _mm_unpacklo_epi16, _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi32, _mm256_madd_epi16,
     _mm256_set_m128i, _mm512_abs_ps, _mm512_add_epi32, _mm512_and_si512, _mm512_broadcast_i64x4,
     _mm512_castps128_ps512, _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256,
     _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32,
@@ -33,6 +32,7 @@ use std::ops::Range;
 use super::act::Act;
 use super::kernel::OutChunk;
 use super::scalar::{f16_to_f32, scale_min_k4};
+use super::x86_load::{ld128, ld128_ps, ld256, ld256_i16, prefetch};
 use super::{QWeight, QuantFormat};
 
 // ---------------------------------------------------------------------------------------------
@@ -55,53 +55,11 @@ fn ld512_i8(s: &[i8], at: usize) -> __m512i {
 }
 
 #[inline]
-#[target_feature(enable = "avx2")]
-fn ld256(s: &[u8], at: usize) -> __m256i {
-    assert!(at + 32 <= s.len());
-    // SAFETY: bytes `at..at + 32` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm256_loadu_si256(s.as_ptr().add(at).cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "avx2")]
-fn ld256_i16(s: &[i16], at: usize) -> __m256i {
-    assert!(at + 16 <= s.len());
-    // SAFETY: values `at..at + 16` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm256_loadu_si256(s.as_ptr().add(at).cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "sse2")]
-fn ld128(s: &[u8], at: usize) -> __m128i {
-    assert!(at + 16 <= s.len());
-    // SAFETY: bytes `at..at + 16` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm_loadu_si128(s.as_ptr().add(at).cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "sse2")]
-fn ld128_ps(s: &[f32], at: usize) -> __m128 {
-    assert!(at + 4 <= s.len());
-    // SAFETY: values `at..at + 4` are inside `s` (checked above); the load is unaligned.
-    unsafe { _mm_loadu_ps(s.as_ptr().add(at)) }
-}
-
-#[inline]
 #[target_feature(enable = "avx512f")]
 fn ld512_ps(s: &[f32], at: usize) -> __m512 {
     assert!(at + 16 <= s.len());
     // SAFETY: values `at..at + 16` are inside `s` (checked above); the load is unaligned.
     unsafe { _mm512_loadu_ps(s.as_ptr().add(at)) }
-}
-
-/// Asks for the cache line at `s + at` (which may lie past `s`: the next tile's rows, which
-/// follow the tile's first row in memory and are swept in address order).
-#[inline]
-fn prefetch(s: &[u8], at: usize) {
-    let p = s.as_ptr().wrapping_add(at);
-    // SAFETY: a prefetch is a hint that never faults and never reads into registers,
-    // whatever the address; the pointer is only formed with wrapping arithmetic.
-    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
 }
 
 fn half(b: &[u8], at: usize) -> f32 {
