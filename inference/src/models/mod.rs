@@ -1,6 +1,7 @@
 //! Model families. Each family is one file: its `Config` (the checkpoint's own `config.json`),
 //! its loader (tensor names as real checkpoints use them) and its forward pass with a KV cache.
 
+pub(crate) mod cpu_ops;
 pub mod gpt2;
 pub mod hf;
 pub(crate) mod qlinear;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
 use crate::quant::{KernelPath, QWeight, QuantFormat, preferred};
@@ -22,6 +22,24 @@ impl Linear {
         match self {
             Linear::Studio(w) => w.forward(x),
             Linear::Candle(m) => Ok(m.forward(x)?),
+        }
+    }
+
+    /// `x (m × cols) · Wᵀ` as `m × rows` values.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        match self {
+            Linear::Studio(w) => {
+                let mut y = vec![0f32; m * w.rows()];
+                w.matmul(x, m, &mut y)?;
+                Ok(y)
+            }
+            Linear::Candle(q) => {
+                let x = Tensor::from_slice(x, (m, x.len() / m.max(1)), &Device::Cpu)?;
+                Ok(q.forward(&x)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?)
+            }
         }
     }
 

@@ -11,13 +11,15 @@
 //! per load). The embedding table is looked up row by row from its quantized bytes. Norms and
 //! biases are f32.
 //!
-//! Two paths: several tokens (a prompt) go through candle tensors, with Studio's batched
-//! kernels for the products and candle's f32 matmul for attention; one token (decoding) runs
-//! on a team of every pool thread ([`crate::quant::team`]) over plain vectors: each product
-//! split by output rows, attention by heads, the threads meeting at spin barriers instead of
-//! waking for each of the ~170 products of a step. The KV cache is Studio's own
-//! (`[kv_heads][capacity][head_dim]` per layer, grown by doubling), so a step appends in place
-//! and the cache can be cut back to a prefix ([`QuantLlama::truncate_kv`]).
+//! Two paths, both over plain vectors ([`cpu_ops`] for the math between products): several
+//! tokens (a prompt) run each product on the pool over all rows at once (Studio's batched
+//! kernels) and attention by heads and blocks of query rows; one token (decoding) runs on a
+//! team of every pool thread ([`crate::quant::team`]): each product split by output rows,
+//! attention by heads, the threads meeting at barriers instead of waking for each of the ~170
+//! products of a step, and warming their next weights while they wait. The KV cache is
+//! Studio's own (`[kv_heads][capacity][head_dim]` per layer, keys transposed in blocks for
+//! [`cpu_ops::key_scores`], grown by doubling), so a step appends in place and the cache can be
+//! cut back to a prefix ([`QuantLlama::truncate_kv`]).
 
 use std::io::{Read, Seek};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -26,6 +28,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::models::cpu_ops::{self, KEY_BLOCK, attend, rms_norm, rope_row};
 use crate::models::qlinear::{Fallbacks, Linear, studio_count, studio_kernel};
 use crate::quant::team::{self, Claims, Parts, TeamCtx};
 use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput};
@@ -36,22 +39,23 @@ fn studio(l: &Linear) -> Result<&QWeight> {
         .ok_or_else(|| Error::Panicked("a decode weight is not on Studio's kernels".to_owned()))
 }
 
-/// A 1-D f32 weight (norm or bias), as a tensor for the batched path and as values for the
-/// decode step.
+/// A 1-D f32 weight (norm or bias).
 struct Dense {
-    t: Tensor,
     v: Vec<f32>,
 }
 
 impl Dense {
-    fn new(t: Tensor) -> Result<Self> {
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Self { t, v })
+    fn new(t: &Tensor) -> Result<Self> {
+        Ok(Self {
+            v: t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        })
     }
 }
 
-/// One layer's cached keys and values: `[kv_heads][cap][head_dim]` each, positions
-/// `0..QuantLlama::kv_len` valid. Grown (by doubling) before a step needs it, never inside one.
+/// One layer's cached keys and values, positions `0..QuantLlama::kv_len` valid: values
+/// `[kv_heads][cap][head_dim]`, keys transposed in blocks of [`KEY_BLOCK`] positions
+/// (`[kv_heads][cap / KEY_BLOCK][head_dim][KEY_BLOCK]`, read by [`cpu_ops::key_scores`]).
+/// Grown (by doubling) before a step needs it, never inside one.
 #[derive(Default)]
 struct KvCache {
     k: Vec<f32>,
@@ -65,38 +69,51 @@ impl KvCache {
         if need <= self.cap {
             return;
         }
-        let cap = need.max(self.cap * 2).max(64).min(max.max(need));
-        let grow = |old: &[f32]| {
+        let cap = need
+            .max(self.cap * 2)
+            .max(64)
+            .min(max.max(need))
+            .next_multiple_of(KEY_BLOCK);
+        let grow = |old: &[f32], keep: usize| {
             let mut new = vec![0f32; heads * cap * hd];
             for h in 0..heads {
                 let (src, dst) = (h * self.cap * hd, h * cap * hd);
-                new[dst..dst + len * hd].copy_from_slice(&old[src..src + len * hd]);
+                new[dst..dst + keep].copy_from_slice(&old[src..src + keep]);
             }
             new
         };
-        self.k = grow(&self.k);
-        self.v = grow(&self.v);
+        // Keys in whole blocks, so the transposed layout copies as it is.
+        self.k = grow(&self.k, len.next_multiple_of(KEY_BLOCK).min(self.cap) * hd);
+        self.v = grow(&self.v, len * hd);
         self.cap = cap;
     }
 
     /// Writes one position of kv head `h` (`hd` values each).
     fn put(&mut self, h: usize, pos: usize, hd: usize, k: &[f32], v: &[f32]) {
+        let block = (h * self.cap + pos / KEY_BLOCK * KEY_BLOCK) * hd;
+        let lane = pos % KEY_BLOCK;
+        for (d, &k) in k.iter().enumerate() {
+            self.k[block + d * KEY_BLOCK + lane] = k;
+        }
         let at = (h * self.cap + pos) * hd;
-        self.k[at..at + hd].copy_from_slice(k);
         self.v[at..at + hd].copy_from_slice(v);
     }
 
-    /// Positions `0..len` of kv head `h`: (keys, values), `len × hd` each.
+    /// Positions `0..len` of kv head `h`: (the transposed key blocks that hold them, the
+    /// values `len × hd`).
     fn head(&self, h: usize, len: usize, hd: usize) -> (&[f32], &[f32]) {
         let at = h * self.cap * hd;
-        (&self.k[at..at + len * hd], &self.v[at..at + len * hd])
+        (
+            &self.k[at..at + len.next_multiple_of(KEY_BLOCK) * hd],
+            &self.v[at..at + len * hd],
+        )
     }
 }
 
 /// The token embedding table: quantized rows decoded on lookup, or a dense f32 table.
 enum Embedding {
     Studio(Arc<QWeight>),
-    Dense(Tensor),
+    Dense(Vec<f32>),
 }
 
 struct Layer {
@@ -125,14 +142,11 @@ impl Layer {
     }
 }
 
-/// Rotary tables `[len, head_dim / 2]`, grown on demand up to the context length.
+/// Rotary tables `[len, head_dim / 2]` of cos and sin, grown on demand up to the context length.
 struct Rope {
     theta: Vec<f32>,
-    cos: Tensor,
-    sin: Tensor,
-    /// The same tables as values, `len × head_dim / 2`.
-    cos_v: Vec<f32>,
-    sin_v: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     len: usize,
     max: usize,
 }
@@ -155,46 +169,31 @@ impl Rope {
             }
             theta.iter_mut().zip(f).for_each(|(t, f)| *t /= f);
         }
-        let empty = Tensor::zeros((0, head_dim / 2), DType::F32, &Device::Cpu)?;
         Ok(Self {
             theta,
-            cos: empty.clone(),
-            sin: empty,
-            cos_v: Vec::new(),
-            sin_v: Vec::new(),
+            cos: Vec::new(),
+            sin: Vec::new(),
             len: 0,
             max,
         })
     }
 
-    fn tables(&mut self, offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let end = offset + t;
+    /// Makes the tables cover positions `0..end`.
+    fn grow(&mut self, end: usize) {
         if end > self.len {
             let len = end.max(self.len * 2).max(256).min(self.max.max(end));
-            let half = self.theta.len();
-            let mut angles = Vec::with_capacity(len * half);
-            for p in 0..len {
-                angles.extend(self.theta.iter().map(|f| p as f32 * f));
-            }
-            let a = Tensor::from_vec(angles, (len, half), &Device::Cpu)?;
-            self.cos = a.cos()?;
-            self.sin = a.sin()?;
-            self.cos_v = self.cos.flatten_all()?.to_vec1()?;
-            self.sin_v = self.sin.flatten_all()?.to_vec1()?;
+            let angles = (0..len).flat_map(|p| self.theta.iter().map(move |f| p as f32 * f));
+            (self.cos, self.sin) = angles.map(|a| (a.cos(), a.sin())).unzip();
             self.len = len;
         }
-        Ok((
-            self.cos.narrow(0, offset, t)?,
-            self.sin.narrow(0, offset, t)?,
-        ))
     }
 
-    /// The (cos, sin) values of position `pos` (grown by [`Rope::tables`] beforehand).
+    /// The (cos, sin) values of position `pos` (grown by [`Rope::grow`] beforehand).
     fn at(&self, pos: usize) -> (&[f32], &[f32]) {
         let half = self.theta.len();
         (
-            &self.cos_v[pos * half..(pos + 1) * half],
-            &self.sin_v[pos * half..(pos + 1) * half],
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
         )
     }
 }
@@ -332,11 +331,16 @@ impl QuantLlama {
         };
         let embed = match embd_q {
             Some(q) => Embedding::Studio(q),
-            None => Embedding::Dense(embd.dequantize(&cpu)?),
+            None => Embedding::Dense(
+                embd.dequantize(&cpu)?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?,
+            ),
         };
         drop(embd);
         let dense = |r: &mut R, name: &str| -> Result<Dense> {
-            Dense::new(ct.tensor(r, name, &cpu)?.dequantize(&cpu)?)
+            Dense::new(&ct.tensor(r, name, &cpu)?.dequantize(&cpu)?)
         };
         let norm = dense(r, "output_norm.weight")?;
         // Llama 3.1+ scales the rotary frequencies by `rope_freqs.weight` (one divisor each).
@@ -485,24 +489,19 @@ impl QuantLlama {
         }
     }
 
-    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        match &self.embed {
-            Embedding::Studio(w) => {
-                let mut out = vec![0f32; tokens.len() * self.hidden];
-                for (&t, dst) in tokens.iter().zip(out.chunks_exact_mut(self.hidden)) {
-                    w.row_to_f32(t as usize, dst)?;
+    /// The embedding rows of `tokens`, `tokens.len() × hidden`.
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; tokens.len() * self.hidden];
+        for (&t, dst) in tokens.iter().zip(out.chunks_exact_mut(self.hidden)) {
+            let t = t as usize;
+            match &self.embed {
+                Embedding::Studio(w) => w.row_to_f32(t, dst)?,
+                Embedding::Dense(table) => {
+                    dst.copy_from_slice(&table[t * self.hidden..(t + 1) * self.hidden]);
                 }
-                Ok(Tensor::from_vec(
-                    out,
-                    (1, tokens.len(), self.hidden),
-                    &Device::Cpu,
-                )?)
-            }
-            Embedding::Dense(table) => {
-                let ids = Tensor::new(tokens, &Device::Cpu)?;
-                Ok(table.index_select(&ids, 0)?.unsqueeze(0)?)
             }
         }
+        Ok(out)
     }
 
     /// Runs `tokens` at positions `offset..` (appending to the KV cache, which must hold
@@ -534,56 +533,88 @@ impl QuantLlama {
             });
         }
         self.reserve_kv(offset + t);
-        let (cos, sin) = self.rope.tables(offset, t)?;
-        if t == 1 && self.decode_ready() {
-            let logits = self.decode(tokens[0], offset)?;
-            self.kv_len = offset + 1;
-            let shape = if all {
-                vec![1, self.vocab]
-            } else {
-                vec![self.vocab]
-            };
-            return Ok(Tensor::from_vec(logits, shape, &Device::Cpu)?);
-        }
-        let mask = if t > 1 {
-            let len = offset + t;
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..len).map(move |j| {
-                        if j > offset + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (t, len), &Device::Cpu)?)
+        self.rope.grow(offset + t);
+        let logits = if t == 1 && self.decode_ready() {
+            self.decode(tokens[0], offset)?
         } else {
-            None
+            self.prefill(tokens, offset, all)?
         };
-        let mut x = self.embed(tokens)?;
-        for i in 0..self.layers.len() {
-            let h = candle_nn::ops::rms_norm(&x, &self.layers[i].attn_norm.t, self.eps)?;
-            let h = self.attention(i, &h, &cos, &sin, mask.as_ref())?;
-            x = (x + h)?;
-            let l = &self.layers[i];
-            let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm.t, self.eps)?;
-            let g = l.gate.forward(&h)?;
-            let u = l.up.forward(&h)?;
-            let h = l.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
-            x = (x + h)?;
-        }
-        let x = if all { x } else { x.narrow(1, t - 1, 1)? };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm.t, self.eps)?;
-        let logits = self.output.forward(&x)?;
         self.kv_len = offset + t;
-        let logits = if all {
-            logits.reshape((t, self.vocab))?
+        let shape = if all {
+            vec![logits.len() / self.vocab, self.vocab]
         } else {
-            logits.flatten_all()?
+            vec![self.vocab]
         };
-        Ok(logits.to_dtype(DType::F32)?)
+        Ok(Tensor::from_vec(logits, shape, &Device::Cpu)?)
+    }
+
+    /// Several tokens (a prompt) at positions `offset..` (cache and rope tables already grown):
+    /// each product on the pool over all the rows at once (Studio's batched kernels), the
+    /// rest in plain vectors ([`cpu_ops`]). Returns the logits of the last row, or of every
+    /// row when `all`.
+    fn prefill(&mut self, tokens: &[u32], offset: usize, all: bool) -> Result<Vec<f32>> {
+        let t = tokens.len();
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let (qd, kvd, eps) = (nh * hd, nkv * hd, self.eps);
+        let mut x = self.embed(tokens)?;
+        let mut h = vec![0f32; x.len()];
+        let mut head_norm = vec![0f32; hd];
+        for l in &mut self.layers {
+            cpu_ops::rms_norm_rows(&x, &l.attn_norm.v, eps, &mut h);
+            let mut q = l.wq.matmul(&h, t)?;
+            let mut k = l.wk.matmul(&h, t)?;
+            let mut v = l.wv.matmul(&h, t)?;
+            for (y, b, width) in [
+                (&mut q, &l.bq, qd),
+                (&mut k, &l.bk, kvd),
+                (&mut v, &l.bv, kvd),
+            ] {
+                if let Some(b) = b {
+                    for row in y.chunks_exact_mut(width) {
+                        row.iter_mut().zip(&b.v).for_each(|(y, b)| *y += b);
+                    }
+                }
+            }
+            for (y, norm, width) in [(&mut q, &l.q_norm, qd), (&mut k, &l.k_norm, kvd)] {
+                for (i, row) in y.chunks_exact_mut(width).enumerate() {
+                    let (cos, sin) = self.rope.at(offset + i);
+                    for head in row.chunks_exact_mut(hd) {
+                        if let Some(norm) = norm {
+                            head_norm.copy_from_slice(head);
+                            rms_norm(&head_norm, &norm.v, eps, head);
+                        }
+                        rope_row(head, cos, sin, self.interleaved_rope);
+                    }
+                }
+            }
+            let cache = l.kv.get_mut().unwrap_or_else(PoisonError::into_inner);
+            for (i, (k, v)) in k.chunks_exact(kvd).zip(v.chunks_exact(kvd)).enumerate() {
+                for kh in 0..nkv {
+                    let r = kh * hd..(kh + 1) * hd;
+                    cache.put(kh, offset + i, hd, &k[r.clone()], &v[r]);
+                }
+            }
+            let cache = &*cache;
+            let att = cpu_ops::attend_causal(&q, t, offset, nh, nkv, hd, |kh| {
+                cache.head(kh, offset + t, hd)
+            });
+            let o = l.wo.matmul(&att, t)?;
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            cpu_ops::rms_norm_rows(&x, &l.ffn_norm.v, eps, &mut h);
+            let mut g = l.gate.matmul(&h, t)?;
+            let u = l.up.matmul(&h, t)?;
+            cpu_ops::swiglu_in_place(&mut g, &u);
+            let d = l.down.matmul(&g, t)?;
+            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
+        }
+        let (x, m) = if all {
+            (x, t)
+        } else {
+            (x[(t - 1) * self.hidden..].to_vec(), 1)
+        };
+        let mut h = vec![0f32; x.len()];
+        cpu_ops::rms_norm_rows(&x, &self.norm.v, eps, &mut h);
+        self.output.matmul(&h, m)
     }
 
     /// Whether one-token steps run on the decode team (every linear weight on Studio's kernels).
@@ -595,7 +626,7 @@ impl QuantLlama {
     /// pool runs the whole step ([`QuantLlama::decode_on`]), so no product waits for threads
     /// to wake. Returns the logits.
     fn decode(&mut self, token: u32, pos: usize) -> Result<Vec<f32>> {
-        let x0 = self.embed(&[token])?.flatten_all()?.to_vec1::<f32>()?;
+        let x0 = self.embed(&[token])?;
         let threads = rayon::current_num_threads();
         let (qd, kvd) = (self.n_head * self.head_dim, self.n_kv_head * self.head_dim);
         let inter = self
@@ -628,14 +659,14 @@ impl QuantLlama {
                 .layers
                 .iter()
                 .map(|_| LayerClaims {
-                    qkv: Claims::new(qkv_pieces.len()),
-                    att: Claims::new(this.n_head),
-                    wo: Claims::new(threads),
-                    ffn: Claims::new(threads),
-                    down: Claims::new(threads),
+                    qkv: Claims::new(qkv_pieces.len(), threads),
+                    att: Claims::new(this.n_head, threads),
+                    wo: Claims::new(threads, threads),
+                    ffn: Claims::new(threads, threads),
+                    down: Claims::new(threads, threads),
                 })
                 .collect(),
-            output: Claims::new(threads),
+            output: Claims::new(threads, threads),
             qkv_pieces,
         };
         let logits = Mutex::new(Vec::new());
@@ -665,7 +696,7 @@ impl QuantLlama {
         let (qd, kvd, groups) = (nh * hd, nkv * hd, nh / nkv);
         let (me, threads) = (t.index(), t.threads());
         let (cos, sin) = self.rope.at(pos);
-        let sqrt_hd = (hd as f32).sqrt();
+        let scale = 1.0 / (hd as f32).sqrt();
         // Pieces of `w · input` taken by this thread, into its slot at `at + rows`.
         let product = |w: &QWeight,
                        input: &mut QuantizedInput,
@@ -689,6 +720,8 @@ impl QuantLlama {
             Ok(())
         };
 
+        // This thread's own piece of a weight: what it warms while waiting.
+        let mine = |w| own_piece(w, threads, me);
         let mut x = x0.to_vec();
         let mut h = vec![0f32; self.hidden];
         let mut qkv = vec![0f32; qd + 2 * kvd];
@@ -698,7 +731,7 @@ impl QuantLlama {
         let mut scores = Vec::with_capacity(pos + 1);
         let mut input = QuantizedInput::default();
         let mut phase = 0usize;
-        for (l, c) in self.layers.iter().zip(&step.layers) {
+        for (l_index, (l, c)) in self.layers.iter().zip(&step.layers).enumerate() {
             // q, k, v: one list of pieces over the three products.
             rms_norm(&x, &l.attn_norm.v, self.eps, &mut h);
             input.clear();
@@ -712,7 +745,8 @@ impl QuantLlama {
                     w.matmul_rows(&mut input, &h, 1, r.clone(), out, path)?;
                 }
             }
-            t.wait()?;
+            let wo = studio(&l.wo)?;
+            t.wait_warming(&[mine(wo)])?;
             parts.gather(phase, &mut qkv, |th| {
                 c.qkv.taken_by(th).map(|i| {
                     let (which, r) = &step.qkv_pieces[i];
@@ -744,21 +778,22 @@ impl QuantLlama {
                 let mut slot = parts.slot(me, phase);
                 while let Some(head) = c.att.take(me) {
                     let kvh = head / groups;
-                    let (keys, values) = cache.head(kvh, pos, hd);
+                    let (kt, values) = cache.head(kvh, pos, hd);
                     let new = kvh * hd..(kvh + 1) * hd;
                     let r = head * hd..(head + 1) * hd;
-                    let (k_new, v_new) = (&k[new.clone()], &v[new]);
                     attend(
                         &q[r.clone()],
-                        [keys, k_new],
-                        [values, v_new],
-                        sqrt_hd,
+                        kt,
+                        pos,
+                        values,
+                        [&k[new.clone()], &v[new]],
+                        scale,
                         &mut scores,
                         &mut slot[r],
                     );
                 }
             }
-            t.wait()?;
+            t.wait_warming(&[mine(wo)])?;
             if me == 0 {
                 // Every thread is past this layer's attention: its cache can take position `pos`.
                 let mut cache = l.kv.write().unwrap_or_else(PoisonError::into_inner);
@@ -771,10 +806,10 @@ impl QuantLlama {
                 c.att.taken_by(th).map(|head| head * hd..(head + 1) * hd)
             });
             phase += 1;
-            let wo = studio(&l.wo)?;
             input.clear();
             product(wo, &mut input, &att, 0, &c.wo, phase)?;
-            t.wait()?;
+            let (gate, up) = (studio(&l.gate)?, studio(&l.up)?);
+            t.wait_warming(&[mine(gate), mine(up)])?;
             parts.gather(phase, &mut h, |th| {
                 c.wo.taken_by(th).map(|i| piece(wo.rows(), threads, i))
             });
@@ -784,7 +819,6 @@ impl QuantLlama {
             // The MLP: gate and up for the same rows, so each piece applies SwiGLU to its own.
             rms_norm(&x, &l.ffn_norm.v, self.eps, &mut h);
             input.clear();
-            let (gate, up) = (studio(&l.gate)?, studio(&l.up)?);
             let n_ff = gate.rows();
             {
                 let mut slot = parts.slot(me, phase);
@@ -794,21 +828,27 @@ impl QuantLlama {
                     u.resize(r.len(), 0.0);
                     gate.matmul_rows(&mut input, &h, 1, r.clone(), &mut g, path)?;
                     up.matmul_rows(&mut input, &h, 1, r.clone(), &mut u, path)?;
-                    for ((y, &g), &u) in slot[r].iter_mut().zip(&g).zip(&u) {
-                        *y = g / (1.0 + (-g).exp()) * u;
-                    }
+                    cpu_ops::swiglu(&g, &u, &mut slot[r]);
                 }
             }
-            t.wait()?;
+            let down = studio(&l.down)?;
+            t.wait_warming(&[mine(down)])?;
             inner.resize(n_ff, 0.0);
             parts.gather(phase, &mut inner, |th| {
                 c.ffn.taken_by(th).map(|i| piece(n_ff, threads, i))
             });
             phase += 1;
-            let down = studio(&l.down)?;
             input.clear();
             product(down, &mut input, &inner, 0, &c.down, phase)?;
-            t.wait()?;
+            let next: Vec<&[u8]> = match self.layers.get(l_index + 1) {
+                Some(n) => [&n.wq, &n.wk, &n.wv]
+                    .into_iter()
+                    .filter_map(Linear::studio)
+                    .map(mine)
+                    .collect(),
+                None => self.output.studio().map(mine).into_iter().collect(),
+            };
+            t.wait_warming(&next)?;
             parts.gather(phase, &mut h, |th| {
                 c.down.taken_by(th).map(|i| piece(down.rows(), threads, i))
             });
@@ -831,96 +871,6 @@ impl QuantLlama {
         }
         Ok(())
     }
-
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(if self.interleaved_rope {
-            candle_nn::rotary_emb::rope_i(x, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(x, cos, sin)?
-        })
-    }
-
-    fn attention(
-        &mut self,
-        i: usize,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
-        let l = &self.layers[i];
-        let eps = self.eps;
-        let proj = |w: &Linear, bias: Option<&Dense>, norm: Option<&Dense>, heads: usize| {
-            let y = w.forward(x)?;
-            let y = match bias {
-                Some(bias) => y.broadcast_add(&bias.t)?,
-                None => y,
-            };
-            let y = y.reshape((b, t, heads, hd))?;
-            let y = match norm {
-                Some(norm) => candle_nn::ops::rms_norm(&y, &norm.t, eps)?,
-                None => y,
-            };
-            Ok::<_, Error>(y.transpose(1, 2)?.contiguous()?)
-        };
-        let q = proj(&l.wq, l.bq.as_ref(), l.q_norm.as_ref(), nh)?;
-        let k = proj(&l.wk, l.bk.as_ref(), l.k_norm.as_ref(), nkv)?;
-        let v = proj(&l.wv, l.bv.as_ref(), None, nkv)?;
-        let q = self.rope(&q, cos, sin)?;
-        let k = self.rope(&k, cos, sin)?;
-
-        // Into the cache at positions offset..offset + t; attention reads 0..offset + t.
-        let offset = self.kv_len;
-        let len = offset + t;
-        let kv = self.layers[i].kv_mut();
-        let (kh, vh) = (
-            k.flatten_all()?.to_vec1::<f32>()?,
-            v.flatten_all()?.to_vec1::<f32>()?,
-        );
-        for h in 0..nkv {
-            for p in 0..t {
-                let at = (h * t + p) * hd;
-                kv.put(h, offset + p, hd, &kh[at..at + hd], &vh[at..at + hd]);
-            }
-        }
-        let (k, v) = if offset == 0 {
-            (k, v)
-        } else {
-            let mut ks = Vec::with_capacity(nkv * len * hd);
-            let mut vs = Vec::with_capacity(nkv * len * hd);
-            for h in 0..nkv {
-                let (hk, hv) = kv.head(h, len, hd);
-                ks.extend_from_slice(hk);
-                vs.extend_from_slice(hv);
-            }
-            (
-                Tensor::from_vec(ks, (b, nkv, len, hd), &Device::Cpu)?,
-                Tensor::from_vec(vs, (b, nkv, len, hd), &Device::Cpu)?,
-            )
-        };
-
-        // Grouped-query attention without repeating the keys: the `groups` query heads that
-        // share a key/value head become rows of one matrix.
-        let groups = nh / nkv;
-        let q = q.reshape((b, nkv, groups * t, hd))?;
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let att = match mask {
-            Some(m) => att
-                .reshape((b, nkv, groups, t, len))?
-                .broadcast_add(m)?
-                .reshape((b, nkv, groups * t, len))?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        self.layers[i].wo.forward(&y)
-    }
 }
 
 /// Row alignment of the pieces of a decode product (a multiple of every kernel tile).
@@ -932,6 +882,11 @@ const ALIGN: usize = 16;
 /// then streams one contiguous run of weight rows, which the hardware prefetcher follows).
 fn piece(n: usize, pieces: usize, i: usize) -> std::ops::Range<usize> {
     team::share(n, ALIGN, pieces, i)
+}
+
+/// The bytes of thread `me`'s own piece of `w` in a decode product.
+fn own_piece(w: &QWeight, threads: usize, me: usize) -> &[u8] {
+    w.rows_bytes(piece(w.rows(), threads, me))
 }
 
 /// Who computes which piece of one layer's phases in a decode step.
@@ -950,81 +905,6 @@ struct DecodeStep<'a> {
     output: Claims,
     /// The q, k and v pieces: (0 = q, 1 = k, 2 = v; rows of that product).
     qkv_pieces: Vec<(usize, std::ops::Range<usize>)>,
-}
-
-/// `out = x / rms(x) · w`, as candle's `rms_norm` computes it.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let sum2: f32 = x.iter().map(|v| v * v).sum();
-    let m = (sum2 / x.len() as f32 + eps).sqrt();
-    for ((o, &v), &w) in out.iter_mut().zip(x).zip(w) {
-        *o = v / m * w;
-    }
-}
-
-/// Rotates one head's values by the angles of one position: pairs `(2i, 2i + 1)` when
-/// `interleaved` (llama), else `(i, i + d/2)` (qwen2's "neox" halves), as candle's `rope_i` /
-/// `rope` do.
-fn rope_row(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool) {
-    let half = cos.len();
-    for i in 0..half {
-        let (a, b) = if interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + half)
-        };
-        let (xa, xb) = (x[a], x[b]);
-        x[a] = xa * cos[i] - xb * sin[i];
-        x[b] = xa * sin[i] + xb * cos[i];
-    }
-}
-
-/// `a · b` in 16 independent lanes (so the compiler vectorizes it).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// One query head against cached positions (`keys`, `values`: `len × hd` each, given in
-/// parts): softmax of the scaled scores, then the weighted sum of the values into `out`.
-fn attend(
-    q: &[f32],
-    keys: [&[f32]; 2],
-    values: [&[f32]; 2],
-    sqrt_hd: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let hd = q.len();
-    scores.clear();
-    for k in keys {
-        scores.extend(k.chunks_exact(hd).map(|k| dot(q, k) / sqrt_hd));
-    }
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out.fill(0.0);
-    let rows = values[0].chunks_exact(hd).chain(values[1].chunks_exact(hd));
-    for (&p, v) in scores.iter().zip(rows) {
-        let p = p / sum;
-        for (o, &v) in out.iter_mut().zip(v) {
-            *o += p * v;
-        }
-    }
 }
 
 fn shape_error(name: &str) -> Error {

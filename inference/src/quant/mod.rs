@@ -331,6 +331,12 @@ impl QWeight {
         self.cols / self.format.block_size() * self.format.block_bytes()
     }
 
+    /// The bytes of weight rows `rows` (what a thread reads for its share of a product).
+    pub fn rows_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[rows.start * rb..rows.end * rb]
+    }
+
     /// One weight row's bytes.
     pub(crate) fn row(&self, r: usize) -> &[u8] {
         let rb = self.row_bytes();
@@ -452,6 +458,15 @@ impl QWeight {
         out_dims.push(self.rows);
         Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
     }
+}
+
+/// Asks the cache for the line holding `s[at]` (into L2 where the CPU has a hint for it; nothing
+/// elsewhere).
+fn prefetch_l2(s: &[u8], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    x86_load::prefetch_l2(s, at);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (s, at);
 }
 
 /// Whether `path` has its own kernel for `format` (otherwise that path runs the scalar one).

@@ -11,6 +11,12 @@
 //! quiet benchmark did not change. Each thread works on its [`TeamCtx::share`] (or its
 //! [`Claims`]) of a product and publishes it through a [`Parts`] slot.
 //!
+//! While it spins, a thread warms the start of the weights it reads next
+//! ([`TeamCtx::wait_warming`]; [`Claims`] give each thread its own pieces first, so it knows
+//! which): decoding is bound by memory bandwidth, and a waiting thread otherwise leaves the
+//! bus idle (median decode 93 against 86.5 tok/s over 8 interleaved runs on the Qwen2-0.5B
+//! Q4_0 file at 2 threads).
+//!
 //! A body that fails or panics on one thread releases the others from their barriers with an
 //! error instead of leaving them spinning.
 
@@ -55,7 +61,9 @@ impl Barrier {
         }
     }
 
-    fn wait(&self) -> Result<()> {
+    /// Waits for the others; `idle` is called while spinning and does a little useful work
+    /// (it returns `false` when it has none left).
+    fn wait(&self, idle: &mut dyn FnMut() -> bool) -> Result<()> {
         if self.threads <= 1 {
             return self.check();
         }
@@ -90,7 +98,9 @@ impl Barrier {
                 self.sleepers.fetch_sub(1, Ordering::SeqCst);
                 break;
             }
-            std::hint::spin_loop();
+            if !idle() {
+                std::hint::spin_loop();
+            }
         }
         self.check()
     }
@@ -136,13 +146,66 @@ impl TeamCtx<'_> {
     /// Waits until every thread of the team has called `wait` as often as this one (what each
     /// wrote before is then visible to all). An error when another thread's body failed.
     pub fn wait(&self) -> Result<()> {
-        self.barrier.wait()
+        self.barrier.wait(&mut || false)
+    }
+
+    /// As [`TeamCtx::wait`], bringing the start of `next` (the weight bytes this thread reads
+    /// first after the barrier) into its cache while it spins, so the memory bus keeps
+    /// streaming weights while the team waits for its slowest member.
+    pub fn wait_warming(&self, next: &[&[u8]]) -> Result<()> {
+        let mut warm = Warmer::new(next);
+        self.barrier.wait(&mut || warm.step())
     }
 
     /// This thread's contiguous share of `0..n`, in pieces aligned to `align` (the last share
     /// takes the remainder; a share may be empty when `n` is small).
     pub fn share(&self, n: usize, align: usize) -> Range<usize> {
         share(n, align, self.threads, self.index)
+    }
+}
+
+/// Bytes warmed at most per wait: well inside a core's L2, so what is fetched is still there
+/// when the kernel reads it.
+const WARM_MAX: usize = 256 << 10;
+
+/// Walks a few regions a few cache lines per step, asking for each line.
+struct Warmer<'a> {
+    regions: &'a [&'a [u8]],
+    region: usize,
+    at: usize,
+    budget: usize,
+}
+
+impl<'a> Warmer<'a> {
+    fn new(regions: &'a [&'a [u8]]) -> Self {
+        Self {
+            regions,
+            region: 0,
+            at: 0,
+            budget: WARM_MAX,
+        }
+    }
+
+    /// Asks for the next few lines; `false` when everything (or the budget) is asked for.
+    fn step(&mut self) -> bool {
+        const LINE: usize = 64;
+        for _ in 0..4 {
+            let Some(r) = self.regions.get(self.region) else {
+                return false;
+            };
+            if self.budget < LINE {
+                return false;
+            }
+            if self.at >= r.len() {
+                self.region += 1;
+                self.at = 0;
+                continue;
+            }
+            super::prefetch_l2(r, self.at);
+            self.at += LINE;
+            self.budget -= LINE;
+        }
+        true
     }
 }
 
@@ -194,27 +257,37 @@ where
     }
 }
 
-/// The pieces of one phase, handed out one at a time to whichever thread asks first (so a
-/// thread that fell behind does fewer), remembering who took each for the gather.
+/// The pieces of one phase, handed out one at a time, remembering who took each for the
+/// gather. Thread `me` of `threads` first takes its own pieces (`me`, `me + threads`, …: the
+/// ones whose weights it warmed while waiting), then any piece still untaken (so a thread
+/// that fell behind does fewer).
 pub struct Claims {
-    next: AtomicUsize,
+    threads: usize,
     owners: Vec<AtomicUsize>,
 }
 
+/// The owner of a piece nobody took yet.
+const FREE: usize = usize::MAX;
+
 impl Claims {
-    pub fn new(pieces: usize) -> Self {
+    pub fn new(pieces: usize, threads: usize) -> Self {
         Self {
-            next: AtomicUsize::new(0),
-            owners: (0..pieces).map(|_| AtomicUsize::new(usize::MAX)).collect(),
+            threads: threads.max(1),
+            owners: (0..pieces).map(|_| AtomicUsize::new(FREE)).collect(),
         }
     }
 
     /// The next piece, now owned by thread `me`; `None` when every piece is taken.
     pub fn take(&self, me: usize) -> Option<usize> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let owner = self.owners.get(i)?;
-        owner.store(me, Ordering::Relaxed);
-        Some(i)
+        let n = self.owners.len();
+        let own = (me % self.threads..n).step_by(self.threads);
+        own.chain(0..n).find(|&i| {
+            let owner = &self.owners[i];
+            owner.load(Ordering::Relaxed) == FREE
+                && owner
+                    .compare_exchange(FREE, me, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+        })
     }
 
     /// The pieces thread `me` took (read after the barrier that ends the phase).
@@ -376,7 +449,7 @@ mod tests {
             .num_threads(3)
             .build()
             .expect("pool");
-        let claims = Claims::new(40);
+        let claims = Claims::new(40, 3);
         let done = Mutex::new(Vec::new());
         pool.install(|| {
             run(|t| {
@@ -396,6 +469,45 @@ mod tests {
         for (i, who) in done {
             assert!(claims.taken_by(who).any(|p| p == i));
         }
+    }
+
+    #[test]
+    fn claims_give_each_thread_its_own_pieces_first() {
+        // 2 threads, 5 pieces: thread 1's own are 1 and 3; then the lowest untaken.
+        let claims = Claims::new(5, 2);
+        assert_eq!(claims.take(1), Some(1));
+        assert_eq!(claims.take(1), Some(3));
+        assert_eq!(claims.take(0), Some(0));
+        assert_eq!(claims.take(1), Some(2));
+        assert_eq!(claims.take(0), Some(4));
+        assert_eq!(claims.take(0), None);
+        assert_eq!(claims.taken_by(1).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_warming_wait_still_meets_the_others() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("pool");
+        let weights = vec![7u8; 1 << 20];
+        let seen = Mutex::new(Vec::new());
+        pool.install(|| {
+            run(|t| {
+                for phase in 0..3 {
+                    if t.index() == 0 {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    t.wait_warming(&[&weights[..1000], &weights[4096..]])?;
+                    seen.lock().expect("lock").push(phase);
+                    t.wait()?;
+                }
+                Ok(())
+            })
+        })
+        .expect("team");
+        let seen = seen.into_inner().expect("lock");
+        assert_eq!(seen, [0, 0, 1, 1, 2, 2]);
     }
 
     #[test]

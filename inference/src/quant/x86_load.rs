@@ -2,8 +2,8 @@
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::{
-    __m128, __m128i, __m256i, _MM_HINT_T0, _mm_loadu_ps, _mm_loadu_si128, _mm_prefetch,
-    _mm256_loadu_si256,
+    __m128, __m128i, __m256i, _MM_HINT_T0, _MM_HINT_T1, _mm_loadu_ps, _mm_loadu_si128,
+    _mm_prefetch, _mm256_loadu_si256,
 };
 
 #[inline]
@@ -46,4 +46,12 @@ pub(super) fn prefetch(s: &[u8], at: usize) {
     // SAFETY: a prefetch is a hint that never faults and never reads into registers,
     // whatever the address; the pointer is only formed with wrapping arithmetic.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+}
+
+/// As [`prefetch`], into the L2 cache only (what is warmed ahead of a phase).
+#[inline]
+pub(super) fn prefetch_l2(s: &[u8], at: usize) {
+    let p = s.as_ptr().wrapping_add(at);
+    // SAFETY: as in `prefetch`: a hint that never faults, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
 }
