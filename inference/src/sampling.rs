@@ -102,9 +102,13 @@ impl Sampler {
 
     /// Picks the next token from `logits` given the tokens so far (prompt and generated).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let mut logits = logits.to_vec();
         let p = &self.params;
-        if (p.repeat_penalty - 1.0).abs() > f32::EPSILON && p.repeat_last_n > 0 {
+        let penalize = (p.repeat_penalty - 1.0).abs() > f32::EPSILON && p.repeat_last_n > 0;
+        if p.temperature <= 0.0 && !penalize {
+            return argmax(logits);
+        }
+        let mut logits = logits.to_vec();
+        if penalize {
             apply_repeat_penalty(&mut logits, history, p.repeat_penalty, p.repeat_last_n);
         }
         if p.temperature <= 0.0 {

@@ -669,7 +669,7 @@ impl QuantLlama {
             output: Claims::new(threads, threads),
             qkv_pieces,
         };
-        let logits = Mutex::new(Vec::new());
+        let logits = Mutex::new(vec![0f32; self.vocab]);
         team::run(|t| this.decode_on(t, &step, &x0, pos, &logits))?;
         Ok(logits.into_inner().unwrap_or_else(PoisonError::into_inner))
     }
@@ -677,10 +677,10 @@ impl QuantLlama {
     /// One thread's part of a decode step. Every thread keeps its own copy of the residual
     /// stream and the small vectors (norms, biases, rope: a few thousand values). Each product
     /// is cut into one contiguous piece of rows per thread ([`piece`]) and attention into
-    /// heads; pieces are taken by whichever thread asks first ([`Claims`]), so a thread the
-    /// system descheduled leaves its share to one that is running; they meet in `parts` after
-    /// each barrier. Thread 0 appends the new key/value position (once
-    /// every thread is past that layer's attention) and gathers the logits.
+    /// heads; each thread takes its own pieces first, then any left ([`Claims`]), so a thread
+    /// the system descheduled leaves its share to one that is running; they meet in `parts`
+    /// after each barrier. Thread 0 appends the new key/value position (once every thread is
+    /// past that layer's attention); each thread copies its pieces of the logits out itself.
     #[allow(clippy::too_many_lines)] // one step of the model, read top to bottom
     fn decode_on(
         &self,
@@ -858,16 +858,17 @@ impl QuantLlama {
         rms_norm(&x, &self.norm.v, self.eps, &mut h);
         let output = studio(&self.output)?;
         input.clear();
-        product(output, &mut input, &h, 0, &step.output, phase)?;
-        t.wait()?;
-        if me == 0 {
-            let mut out = vec![0f32; self.vocab];
-            parts.gather(phase, &mut out, |th| {
-                step.output
-                    .taken_by(th)
-                    .map(|i| piece(output.rows(), threads, i))
-            });
-            *logits.lock().unwrap_or_else(PoisonError::into_inner) = out;
+        // No barrier for the logits: each thread copies in the pieces it computed.
+        let mut slot = parts.slot(me, phase);
+        let mut mine = Vec::new();
+        while let Some(i) = step.output.take(me) {
+            let r = piece(output.rows(), threads, i);
+            output.matmul_rows(&mut input, &h, 1, r.clone(), &mut slot[r.clone()], path)?;
+            mine.push(r);
+        }
+        let mut out = logits.lock().unwrap_or_else(PoisonError::into_inner);
+        for r in mine {
+            out[r.clone()].copy_from_slice(&slot[r]);
         }
         Ok(())
     }
