@@ -6,8 +6,8 @@
 //! - [`QWeight::matmul`] quantizes the activation rows once per call (Q8_0-style blocks of 32
 //!   for Q4_0/Q8_0, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
 //!   activations as they are) into a per-thread scratch buffer reused between calls, then:
-//!   - decode (M < 16): register tiles of 1 × 8 weight rows (Q8_0, F16, BF16) or 1 × 4 (the
-//!     others), 4 × 4 for 4 ≤ M < 16, each weight block decoded once per tile, with a software
+//!   - decode (M < 16): register tiles of 1 × 4 weight rows, 4 × 4 for 4 ≤ M < 16, each
+//!     weight block decoded once per tile, with a software
 //!     prefetch sweeping the next tile's rows in address order;
 //!   - prefill (M ≥ 16, AVX-512): 16 weight rows at a time are unpacked into a panel (a
 //!     per-thread buffer) where one 64-byte vector holds 4 consecutive values of 16 rows, so
