@@ -202,6 +202,9 @@ macro_rules! drive {
         // Decode tiles are 4 weight rows for every format: 8-row tiles (tried for Q8_0, F16
         // and BF16) streamed slower from memory, as 8 interleaved streams (in the model, 1
         // thread: F16 17.0–17.7 against 18.1–18.6 tok/s, Q8_0 29.1–30.5 against 29.8–33.3).
+        // The tiles are not inlined here: inlined into this one large function, the Q4_0
+        // tile's code changed with the other formats' (removing the unused 8-row branch made
+        // Q4_0 decode 9% slower at 1 thread); as their own functions each is compiled alone.
         let mut j = cols.start;
         while j < cols.end {
             if cols.end - j >= 4 {
@@ -299,7 +302,7 @@ fn reduce<const MR: usize, const NR: usize>(acc: &[[__m512; NR]; MR]) -> [[f32; 
 // Q4_0 × Q8 (Group4 layout): per group of 4 blocks, the low nibbles of the 4 blocks against the
 // activations' first halves, the high nibbles against the second halves; lane quad L = block L.
 
-#[inline]
+#[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 fn q4_0_tile<const MR: usize, const NR: usize>(
     wr: &[&[u8]; NR],
@@ -365,7 +368,7 @@ fn q4_0_tile<const MR: usize, const NR: usize>(
 // Q8_0 × Q8 (Natural32 layout): per pair of blocks, weights flipped to q + 128; lanes 0–7 are
 // the first block, 8–15 the second.
 
-#[inline]
+#[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 fn q8_0_tile<const MR: usize, const NR: usize>(
     wr: &[&[u8]; NR],
@@ -521,7 +524,7 @@ fn decode_q6k(b: &[u8]) -> KBlock {
 
 macro_rules! k_tile {
     ($name:ident, $bytes:expr, $decode:expr, $six:expr) => {
-        #[inline]
+        #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
         fn $name<const MR: usize, const NR: usize>(
             wr: &[&[u8]; NR],
@@ -597,7 +600,7 @@ k_tile!(q6k_tile, 210, decode_q6k, true);
 
 macro_rules! half_tile {
     ($name:ident, $conv:expr) => {
-        #[inline]
+        #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
         fn $name<const MR: usize, const NR: usize>(
             wr: &[&[u8]; NR],
