@@ -212,6 +212,30 @@ fn kv_cache_steps_match_a_full_prefill_and_truncate_kv_reuses_a_prefix() {
 }
 
 #[test]
+fn long_prompts_in_chunks_match_candle() {
+    // Past one block of query rows (32) and several blocks of cached keys (16), continued at
+    // an offset that is not a block multiple, with the cache growing past its first capacity
+    // (64): the prompt path's attention against candle's, at F16 (no activation rounding).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tokens: Vec<u32> = (0..101u32).map(|i| (i * 37 + 11) % 250).collect();
+    for family in ["qwen2", "llama"] {
+        let path = write(tmp.path(), family, GgmlDType::F16);
+        let mut ours = load_studio(&path);
+        let mut theirs = load_candle(family, &path);
+        let (first, rest) = tokens.split_at(70);
+        let a = vec1(&ours.forward(first, 0, false).expect("first chunk"));
+        let b = theirs.forward(first, 0);
+        let d = rel_diff(&b, &a);
+        assert!(d < 2e-3, "{family}: 70-token prompt differs by {d}");
+        let a = vec1(&ours.forward(rest, 70, false).expect("second chunk"));
+        let b = theirs.forward(rest, 70);
+        let d = rel_diff(&b, &a);
+        assert!(d < 2e-3, "{family}: continued prompt differs by {d}");
+        assert_eq!(ours.kv_len(), tokens.len());
+    }
+}
+
+#[test]
 fn f32_weights_fall_back_to_candle_and_still_match() {
     let tmp = tempfile::tempdir().expect("tmp");
     let path = write(tmp.path(), "qwen2", GgmlDType::F32);
