@@ -140,6 +140,34 @@ impl Layer {
     fn kv_mut(&mut self) -> &mut KvCache {
         self.kv.get_mut().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// One position's q, k, v rows as attention takes them: biases added, Qwen3's per-head
+    /// norms of q and k, then rope at `pos` (`head_norm`: scratch of one head).
+    fn prepare_qkv(
+        &self,
+        [q, k, v]: [&mut [f32]; 3],
+        pos: usize,
+        rope: &Rope,
+        interleaved: bool,
+        eps: f32,
+        head_norm: &mut [f32],
+    ) {
+        for (y, b) in [(&mut *q, &self.bq), (&mut *k, &self.bk), (v, &self.bv)] {
+            if let Some(b) = b {
+                y.iter_mut().zip(&b.v).for_each(|(y, b)| *y += b);
+            }
+        }
+        let (cos, sin) = rope.at(pos);
+        for (y, norm) in [(q, &self.q_norm), (k, &self.k_norm)] {
+            for head in y.chunks_exact_mut(head_norm.len()) {
+                if let Some(norm) = norm {
+                    head_norm.copy_from_slice(head);
+                    rms_norm(head_norm, &norm.v, eps, head);
+                }
+                rope_row(head, cos, sin, interleaved);
+            }
+        }
+    }
 }
 
 /// Rotary tables `[len, head_dim / 2]` of cos and sin, grown on demand up to the context length.
@@ -564,28 +592,19 @@ impl QuantLlama {
             let mut q = l.wq.matmul(&h, t)?;
             let mut k = l.wk.matmul(&h, t)?;
             let mut v = l.wv.matmul(&h, t)?;
-            for (y, b, width) in [
-                (&mut q, &l.bq, qd),
-                (&mut k, &l.bk, kvd),
-                (&mut v, &l.bv, kvd),
-            ] {
-                if let Some(b) = b {
-                    for row in y.chunks_exact_mut(width) {
-                        row.iter_mut().zip(&b.v).for_each(|(y, b)| *y += b);
-                    }
-                }
-            }
-            for (y, norm, width) in [(&mut q, &l.q_norm, qd), (&mut k, &l.k_norm, kvd)] {
-                for (i, row) in y.chunks_exact_mut(width).enumerate() {
-                    let (cos, sin) = self.rope.at(offset + i);
-                    for head in row.chunks_exact_mut(hd) {
-                        if let Some(norm) = norm {
-                            head_norm.copy_from_slice(head);
-                            rms_norm(&head_norm, &norm.v, eps, head);
-                        }
-                        rope_row(head, cos, sin, self.interleaved_rope);
-                    }
-                }
+            let rows = q
+                .chunks_exact_mut(qd)
+                .zip(k.chunks_exact_mut(kvd))
+                .zip(v.chunks_exact_mut(kvd));
+            for (i, ((q, k), v)) in rows.enumerate() {
+                l.prepare_qkv(
+                    [q, k, v],
+                    offset + i,
+                    &self.rope,
+                    self.interleaved_rope,
+                    eps,
+                    &mut head_norm,
+                );
             }
             let cache = l.kv.get_mut().unwrap_or_else(PoisonError::into_inner);
             for (i, (k, v)) in k.chunks_exact(kvd).zip(v.chunks_exact(kvd)).enumerate() {
@@ -695,7 +714,6 @@ impl QuantLlama {
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let (qd, kvd, groups) = (nh * hd, nkv * hd, nh / nkv);
         let (me, threads) = (t.index(), t.threads());
-        let (cos, sin) = self.rope.at(pos);
         let scale = 1.0 / (hd as f32).sqrt();
         // Pieces of `w · input` taken by this thread, into its slot at `at + rows`.
         let product = |w: &QWeight,
@@ -757,20 +775,14 @@ impl QuantLlama {
             phase += 1;
             let (q, kv) = qkv.split_at_mut(qd);
             let (k, v) = kv.split_at_mut(kvd);
-            for (y, b) in [(&mut *q, &l.bq), (&mut *k, &l.bk), (&mut *v, &l.bv)] {
-                if let Some(b) = b {
-                    y.iter_mut().zip(&b.v).for_each(|(y, b)| *y += b);
-                }
-            }
-            for (y, norm) in [(&mut *q, &l.q_norm), (&mut *k, &l.k_norm)] {
-                for head in y.chunks_exact_mut(hd) {
-                    if let Some(norm) = norm {
-                        head_norm.copy_from_slice(head);
-                        rms_norm(&head_norm, &norm.v, self.eps, head);
-                    }
-                    rope_row(head, cos, sin, self.interleaved_rope);
-                }
-            }
+            l.prepare_qkv(
+                [q, k, v],
+                pos,
+                &self.rope,
+                self.interleaved_rope,
+                self.eps,
+                &mut head_norm,
+            );
 
             // Attention over the cached positions and this one (still in `k`, `v`).
             {
@@ -840,13 +852,14 @@ impl QuantLlama {
             phase += 1;
             input.clear();
             product(down, &mut input, &inner, 0, &c.down, phase)?;
-            let next: Vec<&[u8]> = match self.layers.get(l_index + 1) {
-                Some(n) => [&n.wq, &n.wk, &n.wv]
-                    .into_iter()
-                    .filter_map(Linear::studio)
-                    .map(mine)
-                    .collect(),
-                None => self.output.studio().map(mine).into_iter().collect(),
+            // Every weight is Studio's on this path (`decode_ready`), so `studio` cannot fail.
+            let next = match self.layers.get(l_index + 1) {
+                Some(n) => [
+                    mine(studio(&n.wq)?),
+                    mine(studio(&n.wk)?),
+                    mine(studio(&n.wv)?),
+                ],
+                None => [mine(studio(&self.output)?), &[], &[]],
             };
             t.wait_warming(&next)?;
             parts.gather(phase, &mut h, |th| {
@@ -858,16 +871,12 @@ impl QuantLlama {
         rms_norm(&x, &self.norm.v, self.eps, &mut h);
         let output = studio(&self.output)?;
         input.clear();
-        // No barrier for the logits: each thread copies in the pieces it computed.
-        let mut slot = parts.slot(me, phase);
-        let mut mine = Vec::new();
-        while let Some(i) = step.output.take(me) {
-            let r = piece(output.rows(), threads, i);
-            output.matmul_rows(&mut input, &h, 1, r.clone(), &mut slot[r.clone()], path)?;
-            mine.push(r);
-        }
+        product(output, &mut input, &h, 0, &step.output, phase)?;
+        // No barrier for the logits: each thread copies out the pieces it computed.
+        let slot = parts.slot(me, phase);
         let mut out = logits.lock().unwrap_or_else(PoisonError::into_inner);
-        for r in mine {
+        for i in step.output.taken_by(me) {
+            let r = piece(output.rows(), threads, i);
             out[r.clone()].copy_from_slice(&slot[r]);
         }
         Ok(())
