@@ -16,8 +16,11 @@ use candle_core::{Device, Module, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use studio_inference::quant::{
-    KernelPath, QWeight, QuantFormat, QuantizedInput, has_kernel, quantize_dequantize_activations,
+    KernelPath, QWeight, QuantFormat, QuantizedInput, WeightLayout, has_kernel,
+    quantize_dequantize_activations,
 };
+
+const LAYOUTS: [WeightLayout; 2] = [WeightLayout::Natural, WeightLayout::Tiles4];
 
 fn random(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
     (0..len)
@@ -106,6 +109,9 @@ fn shapes(format: QuantFormat) -> Vec<(usize, usize, usize)> {
         (1, 67, k3),
         (128, 5, k2),
         (128, 67, k1),
+        // Rows that are whole tile units (Q4_0: 4 blocks), so `Tiles4` interleaves them.
+        (1, 67, 4 * k2),
+        (20, 70, 4 * k2),
     ]
 }
 
@@ -133,14 +139,19 @@ fn check_shapes(format: QuantFormat, shapes: &[(usize, usize, usize)]) {
             .flatten_all()
             .and_then(|t| t.to_vec1())
             .expect("candle values");
-        for path in KernelPath::available_paths() {
+        for (path, layout) in KernelPath::available_paths()
+            .into_iter()
+            .flat_map(|p| LAYOUTS.map(|l| (p, l)))
+        {
+            let qw = qw.clone().with_layout(layout);
             let mut y = vec![f32::NAN; m * n];
             qw.matmul_with(&x, m, &mut y, path).expect("matmul");
             for e in 0..m * n {
                 let (s, b) = tol[e];
                 let what = format!(
-                    "{format} on {path} (own kernel: {}), m={m} n={n} k={k}, element {e}",
-                    has_kernel(format, path)
+                    "{format} on {path} (own kernel: {}), {:?}, m={m} n={n} k={k}, element {e}",
+                    has_kernel(format, path),
+                    qw.layout()
                 );
                 let got = f64::from(y[e]);
                 let d_ref = (got - reference[e]).abs();
@@ -240,7 +251,7 @@ fn thread_split_equals_single_thread() {
             let x = random(&mut rng, m * k, 1.0);
             let mut y = vec![0f32; m * n];
             qw.matmul_with(&x, m, &mut y, path).expect("big");
-            let rb = qw.bytes().len() / n;
+            let rb = qw.file_bytes().len() / n;
             let step = 48;
             for j0 in (0..n).step_by(step) {
                 let rows = step.min(n - j0);
@@ -249,7 +260,7 @@ fn thread_split_equals_single_thread() {
                     format,
                     rows,
                     k,
-                    qw.bytes()[j0 * rb..(j0 + rows) * rb].to_vec(),
+                    qw.file_bytes()[j0 * rb..(j0 + rows) * rb].to_vec(),
                 )
                 .expect("slice");
                 let mut yp = vec![0f32; m * rows];
@@ -449,5 +460,71 @@ fn row_ranges_with_a_reused_input_equal_the_whole_product() {
                 .matmul_rows(&mut input, &x, 1, 68..72, &mut y, path)
                 .is_err()
         );
+    }
+}
+
+/// `Tiles4` (the AVX-512 decode layout, chosen on load where it applies) against the file
+/// order: the same bytes back, the same rows and products bit for bit on every path, and
+/// row ranges that start inside a run of 4 interleaved rows.
+#[test]
+fn tiled_layout_equals_file_order() {
+    for format in QuantFormat::ALL {
+        let k = if block_of(format) == 256 { 512 } else { 256 };
+        let n = 70;
+        let mut rng = StdRng::seed_from_u64(21);
+        let qw = random_bytes_weight(format, n, k, &mut rng);
+        let natural = qw.clone().with_layout(WeightLayout::Natural);
+        let tiled = qw.clone().with_layout(WeightLayout::Tiles4);
+        assert_eq!(natural.layout(), WeightLayout::Natural);
+        assert_eq!(tiled.layout(), WeightLayout::Tiles4, "{format}");
+        assert_eq!(tiled.file_bytes(), natural.file_bytes(), "{format}");
+        assert_ne!(
+            tiled.rows_bytes(0..n),
+            natural.rows_bytes(0..n),
+            "{format}: the tiled bytes are reordered"
+        );
+        assert_eq!(
+            tiled
+                .clone()
+                .with_layout(WeightLayout::Natural)
+                .rows_bytes(0..n),
+            natural.rows_bytes(0..n),
+            "{format}: back to file order"
+        );
+        assert_eq!(tiled.dequantize(), natural.dequantize(), "{format}");
+        let mut a = vec![0f32; k];
+        let mut b = vec![0f32; k];
+        for r in [0, 5, 67, 69] {
+            tiled.row_to_f32(r, &mut a).expect("row");
+            natural.row_to_f32(r, &mut b).expect("row");
+            assert_eq!(a, b, "{format} row {r}");
+        }
+        for path in KernelPath::available_paths() {
+            for m in [1, 5, 20] {
+                let x = random(&mut rng, m * k, 1.0);
+                let mut yt = vec![0f32; m * n];
+                let mut yn = vec![0f32; m * n];
+                tiled.matmul_with(&x, m, &mut yt, path).expect("tiled");
+                natural.matmul_with(&x, m, &mut yn, path).expect("natural");
+                assert_eq!(yt, yn, "{format} on {path}, m={m}");
+            }
+            let x = random(&mut rng, k, 1.0);
+            let mut whole = vec![0f32; n];
+            natural.matmul_with(&x, 1, &mut whole, path).expect("whole");
+            let mut input = QuantizedInput::default();
+            for rows in [3..17, 6..7, 64..70, 66..69] {
+                let mut part = vec![0f32; rows.len()];
+                tiled
+                    .matmul_rows(&mut input, &x, 1, rows.clone(), &mut part, path)
+                    .expect("rows");
+                assert_eq!(part, whole[rows.clone()], "{format} on {path}, {rows:?}");
+            }
+        }
+    }
+    // Rows that are not whole units, or fewer than 4 rows, stay in file order.
+    let mut rng = StdRng::seed_from_u64(22);
+    for (format, n, k) in [(QuantFormat::Q4_0, 8, 96), (QuantFormat::Q8_0, 3, 64)] {
+        let w = random_bytes_weight(format, n, k, &mut rng).with_layout(WeightLayout::Tiles4);
+        assert_eq!(w.layout(), WeightLayout::Natural, "{format} [{n}, {k}]");
     }
 }

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::models::cpu_ops::{self, KEY_BLOCK, attend, rms_norm, rope_row};
 use crate::models::qlinear::{Fallbacks, Linear, studio_count, studio_kernel};
 use crate::quant::team::{self, Claims, Parts, TeamCtx};
-use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput};
+use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput, WeightLayout};
 
 /// The Studio weight of `l` for the decode step (which runs only when every weight is one).
 fn studio(l: &Linear) -> Result<&QWeight> {
@@ -941,7 +941,9 @@ fn split_rows(
             ),
         });
     }
-    let whole = QWeight::from_qtensor(name, t)?;
+    // In file order, so each part is a plain byte range (each part is then stored as fits).
+    let whole = QWeight::from_qtensor(name, t)?.with_layout(WeightLayout::Natural);
+    let all = whole.file_bytes();
     if rows.iter().sum::<usize>() != whole.rows() {
         return Err(Error::BadQuantTensor {
             name: name.to_owned(),
@@ -952,7 +954,7 @@ fn split_rows(
     let mut at = 0;
     rows.iter()
         .map(|&n| {
-            let bytes = whole.bytes()[at * rb..(at + n) * rb].to_vec();
+            let bytes = all[at * rb..(at + n) * rb].to_vec();
             at += n;
             let part = QWeight::from_bytes(name, whole.format(), n, whole.cols(), bytes)?;
             Ok(Linear::Studio(Arc::new(part)))

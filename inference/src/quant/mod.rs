@@ -7,8 +7,10 @@
 //!   for Q4_0/Q8_0, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
 //!   activations as they are) into a per-thread scratch buffer reused between calls, then:
 //!   - decode (M < 16): register tiles of 1 × 4 weight rows, 4 × 4 for 4 ≤ M < 16, each
-//!     weight block decoded once per tile, with a software
-//!     prefetch sweeping the next tile's rows in address order;
+//!     weight block decoded once per tile. On the AVX-512 path the weights are stored as
+//!     [`WeightLayout::Tiles4`] (reordered in place on load), so a tile reads its 4 rows as one
+//!     stream that the hardware prefetchers follow; in file order (other paths, rows that
+//!     are not whole tile steps) a software prefetch sweeps the next tile's rows;
 //!   - prefill (M ≥ 16, AVX-512): 16 weight rows at a time are unpacked into a panel (a
 //!     per-thread buffer) where one 64-byte vector holds 4 consecutive values of 16 rows, so
 //!     one `vpdpbusd` with 4 broadcast activation bytes advances 16 outputs; the panel is built
@@ -220,6 +222,31 @@ impl fmt::Display for KernelPath {
     }
 }
 
+/// Bytes of one row's step in a decode tile: what [`WeightLayout::Tiles4`] interleaves.
+pub(crate) const fn tile_unit(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Q4_0 => 4 * 18,
+        QuantFormat::Q8_0 => 2 * 34,
+        QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => format.block_bytes(),
+        QuantFormat::F16 | QuantFormat::BF16 => 32,
+    }
+}
+
+/// Consecutive weight rows in file order (see [`QWeight::rows_view`]).
+pub(crate) struct RowsView<'a> {
+    bytes: std::borrow::Cow<'a, [u8]>,
+    start: usize,
+    rb: usize,
+}
+
+impl RowsView<'_> {
+    /// Weight row `j` (an index of the whole weight, inside the view's rows).
+    pub(crate) fn row(&self, j: usize) -> &[u8] {
+        let i = j - self.start;
+        &self.bytes[i * self.rb..(i + 1) * self.rb]
+    }
+}
+
 /// A 2-D weight (`rows` = output features N, `cols` = input features K) in its GGUF bytes.
 #[derive(Clone)]
 pub struct QWeight {
@@ -227,7 +254,27 @@ pub struct QWeight {
     format: QuantFormat,
     rows: usize,
     cols: usize,
+    /// The file bytes, or with [`WeightLayout::Tiles4`] the same bytes reordered in place.
     data: Vec<u8>,
+    layout: WeightLayout,
+}
+
+/// How a [`QWeight`] stores its rows.
+///
+/// A decode product reads every weight byte once, so its speed is the memory system's. Read
+/// as several rows side by side (a register tile of 4 rows shares each activation load), the
+/// weight is 4 interleaved streams per thread, which the hardware prefetchers serve poorly;
+/// `Tiles4` stores each group of 4 rows as one stream in the order the tile reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// Row-major, as in the file.
+    Natural,
+    /// Each run of 4 rows (`4t..4t + 4`) interleaved by the tile's step (a "unit": Q4_0 4
+    /// blocks, Q8_0 2 blocks, a K-quant super-block, 16 F16/BF16 values): unit 0 of the 4
+    /// rows, then unit 1 of the 4 rows… The bytes of the 4 rows stay where they were, so a
+    /// run of rows is still a contiguous byte range. Rows past the last whole run of 4 are
+    /// stored as in the file.
+    Tiles4,
 }
 
 impl fmt::Debug for QWeight {
@@ -237,6 +284,7 @@ impl fmt::Debug for QWeight {
             .field("format", &self.format)
             .field("rows", &self.rows)
             .field("cols", &self.cols)
+            .field("layout", &self.layout)
             .finish_non_exhaustive()
     }
 }
@@ -273,13 +321,63 @@ impl QWeight {
                 ),
             });
         }
-        Ok(Self {
+        let weight = Self {
             name: name.to_owned(),
             format,
             rows,
             cols,
             data,
+            layout: WeightLayout::Natural,
+        };
+        // The AVX-512 decode tiles are the ones that read the interleaved layout in place;
+        // every other reader gathers a row at a time (see `row`).
+        Ok(if KernelPath::detect() == KernelPath::Avx512Vnni {
+            weight.with_layout(WeightLayout::Tiles4)
+        } else {
+            weight
         })
+    }
+
+    /// The same weight stored in `layout` (the bytes are reordered in place). A weight whose
+    /// rows are not whole units (a Q4_0 row of a number of blocks not a multiple of 4…) or
+    /// that has fewer than 4 rows stays [`WeightLayout::Natural`].
+    #[must_use]
+    pub fn with_layout(mut self, layout: WeightLayout) -> Self {
+        let unit = tile_unit(self.format);
+        let rb = self.row_bytes();
+        if layout == self.layout || !rb.is_multiple_of(unit) || self.rows < 4 {
+            return self;
+        }
+        let upr = rb / unit;
+        let mut tmp = vec![0u8; 4 * rb];
+        for tile in self.data.chunks_exact_mut(4 * rb) {
+            tmp.copy_from_slice(tile);
+            for g in 0..upr {
+                for r in 0..4 {
+                    let (natural, packed) = (r * rb + g * unit, (g * 4 + r) * unit);
+                    let (from, to) = match layout {
+                        WeightLayout::Tiles4 => (natural, packed),
+                        WeightLayout::Natural => (packed, natural),
+                    };
+                    tile[to..to + unit].copy_from_slice(&tmp[from..from + unit]);
+                }
+            }
+        }
+        self.layout = layout;
+        self
+    }
+
+    /// How the rows are stored.
+    pub fn layout(&self) -> WeightLayout {
+        self.layout
+    }
+
+    /// Rows `0..tiled_rows()` are stored in runs of 4 interleaved rows (none when natural).
+    pub(crate) fn tiled_rows(&self) -> usize {
+        match self.layout {
+            WeightLayout::Natural => 0,
+            WeightLayout::Tiles4 => self.rows / 4 * 4,
+        }
     }
 
     /// A weight from a candle `QTensor` of shape `[rows, cols]` (its bytes are copied once).
@@ -321,9 +419,12 @@ impl QWeight {
         self.cols
     }
 
-    /// The raw file bytes.
-    pub fn bytes(&self) -> &[u8] {
-        &self.data
+    /// The bytes in file order (a copy when the layout is not [`WeightLayout::Natural`]).
+    pub fn file_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.layout {
+            WeightLayout::Natural => std::borrow::Cow::Borrowed(&self.data),
+            WeightLayout::Tiles4 => self.rows_view(0..self.rows).bytes,
+        }
     }
 
     /// Bytes of one weight row.
@@ -331,24 +432,60 @@ impl QWeight {
         self.cols / self.format.block_size() * self.format.block_bytes()
     }
 
-    /// The bytes of weight rows `rows` (what a thread reads for its share of a product).
+    /// The stored bytes of weight rows `rows` (what a thread reads for its share of a
+    /// product; in [`WeightLayout::Tiles4`], the same bytes in the tiles' order when `rows`
+    /// starts and ends on multiples of 4).
     pub fn rows_bytes(&self, rows: std::ops::Range<usize>) -> &[u8] {
         let rb = self.row_bytes();
         &self.data[rows.start * rb..rows.end * rb]
     }
 
-    /// One weight row's bytes.
-    pub(crate) fn row(&self, r: usize) -> &[u8] {
+    /// Rows `rows` in file order: borrowed when stored so, else gathered once (what the
+    /// kernels without tile-order reads work from: the AVX2 and scalar paths, the AVX-512
+    /// prefill panels 16 rows at a time).
+    pub(crate) fn rows_view(&self, rows: std::ops::Range<usize>) -> RowsView<'_> {
         let rb = self.row_bytes();
-        &self.data[r * rb..(r + 1) * rb]
+        let bytes = if rows.start >= self.tiled_rows() {
+            std::borrow::Cow::Borrowed(self.rows_bytes(rows.clone()))
+        } else {
+            let mut out = Vec::with_capacity(rows.len() * rb);
+            let mut buf = Vec::new();
+            for r in rows.clone() {
+                out.extend_from_slice(self.row(r, &mut buf));
+            }
+            std::borrow::Cow::Owned(out)
+        };
+        RowsView {
+            bytes,
+            start: rows.start,
+            rb,
+        }
+    }
+
+    /// One weight row's bytes in file order: borrowed when stored so, else gathered into
+    /// `buf` (a row inside a run of 4 interleaved rows).
+    pub(crate) fn row<'a>(&'a self, r: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        let rb = self.row_bytes();
+        if r >= self.tiled_rows() {
+            return &self.data[r * rb..(r + 1) * rb];
+        }
+        let unit = tile_unit(self.format);
+        let tile = &self.data[r / 4 * 4 * rb..(r / 4 + 1) * 4 * rb];
+        buf.clear();
+        for g in 0..rb / unit {
+            let at = (g * 4 + r % 4) * unit;
+            buf.extend_from_slice(&tile[at..at + unit]);
+        }
+        buf
     }
 
     /// The whole weight as f32, row-major (`rows × cols`): the reference the kernels are
     /// checked against, and a fallback for code that needs plain floats.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
+        let mut buf = Vec::new();
         for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
-            scalar::dequantize_row(self.format, self.row(r), dst);
+            scalar::dequantize_row(self.format, self.row(r, &mut buf), dst);
         }
         out
     }
@@ -367,7 +504,7 @@ impl QWeight {
                 ),
             });
         }
-        scalar::dequantize_row(self.format, self.row(r), dst);
+        scalar::dequantize_row(self.format, self.row(r, &mut Vec::new()), dst);
         Ok(())
     }
 

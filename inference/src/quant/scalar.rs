@@ -237,8 +237,9 @@ pub(crate) fn chunk(
     out: &mut OutChunk,
 ) {
     let k = w.cols();
+    let rows = w.rows_view(cols.clone());
     for j in cols {
-        let wr = w.row(j);
+        let wr = rows.row(j);
         for i in 0..m {
             out.set(i, j, dot(w.format(), wr, act, x, i, k));
         }

@@ -66,8 +66,9 @@ macro_rules! drive {
         let (w, act, m, cols, out): (&QWeight, &Act, usize, Range<usize>, &mut OutChunk) =
             ($w, $act, $m, $cols, $out);
         let rb = w.row_bytes();
+        let rows = w.rows_view(cols.clone());
         for j in cols {
-            let wr = [w.row(j)];
+            let wr = [rows.row(j)];
             let mut i = 0;
             while i + 4 <= m {
                 let r = $tile::<4>(&wr, act, i, rb);
@@ -99,13 +100,14 @@ macro_rules! drive_tiles {
             &mut OutChunk,
         ) = ($w, $act, $x, $m, $cols, $out);
         let rb = w.row_bytes();
+        let rows = w.rows_view(cols.clone());
         let mut j = cols.start;
         while j < cols.end {
             let left = cols.end - j;
             if m < 4 && left >= $dec {
                 let mut wr: [&[u8]; $dec] = [&[]; $dec];
                 for (r, row) in wr.iter_mut().enumerate() {
-                    *row = w.row(j + r);
+                    *row = rows.row(j + r);
                 }
                 for i in 0..m {
                     let r = $tile::<1, $dec>(&wr, act, x, i, $dec * rb);
@@ -117,7 +119,7 @@ macro_rules! drive_tiles {
             } else if m >= 4 && left >= $bat {
                 let mut wr: [&[u8]; $bat] = [&[]; $bat];
                 for (r, row) in wr.iter_mut().enumerate() {
-                    *row = w.row(j + r);
+                    *row = rows.row(j + r);
                 }
                 let mut i = 0;
                 while i + 4 <= m {
@@ -138,7 +140,7 @@ macro_rules! drive_tiles {
                 }
                 j += $bat;
             } else {
-                let wr = [w.row(j)];
+                let wr = [rows.row(j)];
                 let mut i = 0;
                 while i + 4 <= m {
                     let r = $tile::<4, 1>(&wr, act, x, i, rb);

@@ -188,6 +188,30 @@ const fn q5_bits(c: usize) -> [u8; 64] {
 // The driver: walks the chunk's weight rows in groups of NR and the activation rows in groups
 // of MR, with smaller tiles for the edges.
 
+/// All activation rows against one tile of 4 weight rows (`$bytes`, stored as `$packed`).
+macro_rules! tiles4 {
+    ($tile:ident, $packed:literal, $bytes:expr, $act:expr, $x:expr, $m:expr, $j:expr, $pf:expr,
+     $out:expr) => {{
+        let mut i = 0;
+        while i + 4 <= $m {
+            let r = $tile::<4, 4, $packed>($bytes, $act, $x, i, $pf);
+            for (di, row) in r.iter().enumerate() {
+                for (dj, &v) in row.iter().enumerate() {
+                    $out.set(i + di, $j + dj, v);
+                }
+            }
+            i += 4;
+        }
+        while i < $m {
+            let r = $tile::<1, 4, $packed>($bytes, $act, $x, i, $pf);
+            for (dj, &v) in r[0].iter().enumerate() {
+                $out.set(i, $j + dj, v);
+            }
+            i += 1;
+        }
+    }};
+}
+
 macro_rules! drive {
     ($tile:ident, $w:expr, $act:expr, $x:expr, $m:expr, $cols:expr, $out:expr) => {{
         let (w, act, x, m, cols, out): (
@@ -202,43 +226,36 @@ macro_rules! drive {
         // Decode tiles are 4 weight rows for every format: 8-row tiles (tried for Q8_0, F16
         // and BF16) streamed slower from memory, as 8 interleaved streams (in the model, 1
         // thread: F16 17.0–17.7 against 18.1–18.6 tok/s, Q8_0 29.1–30.5 against 29.8–33.3).
+        // Rows stored as `Tiles4` are read in place, one stream per tile; a chunk edge inside
+        // a run of 4 such rows (chunks split on multiples of 16, so only in tests) reads
+        // gathered single rows.
         // The tiles are not inlined here: inlined into this one large function, the Q4_0
         // tile's code changed with the other formats' (removing the unused 8-row branch made
         // Q4_0 decode 9% slower at 1 thread); as their own functions each is compiled alone.
+        let tiled = w.tiled_rows();
+        let mut buf = Vec::new();
         let mut j = cols.start;
         while j < cols.end {
-            if cols.end - j >= 4 {
-                let wr = [w.row(j), w.row(j + 1), w.row(j + 2), w.row(j + 3)];
-                let mut i = 0;
-                while i + 4 <= m {
-                    let r = $tile::<4, 4>(&wr, act, x, i, 4 * rb);
-                    for (di, row) in r.iter().enumerate() {
-                        for (dj, &v) in row.iter().enumerate() {
-                            out.set(i + di, j + dj, v);
-                        }
-                    }
-                    i += 4;
-                }
-                while i < m {
-                    let r = $tile::<1, 4>(&wr, act, x, i, 4 * rb);
-                    for (dj, &v) in r[0].iter().enumerate() {
-                        out.set(i, j + dj, v);
-                    }
-                    i += 1;
+            if cols.end - j >= 4 && (j >= tiled || j % 4 == 0) {
+                let bytes = w.rows_bytes(j..j + 4);
+                if j < tiled {
+                    tiles4!($tile, true, bytes, act, x, m, j, 0, out);
+                } else {
+                    tiles4!($tile, false, bytes, act, x, m, j, 4 * rb, out);
                 }
                 j += 4;
             } else {
-                let wr = [w.row(j)];
+                let row = w.row(j, &mut buf);
                 let mut i = 0;
                 while i + 4 <= m {
-                    let r = $tile::<4, 1>(&wr, act, x, i, rb);
+                    let r = $tile::<4, 1, false>(row, act, x, i, rb);
                     for (di, row) in r.iter().enumerate() {
                         out.set(i + di, j, row[0]);
                     }
                     i += 4;
                 }
                 while i < m {
-                    let r = $tile::<1, 1>(&wr, act, x, i, rb);
+                    let r = $tile::<1, 1, false>(row, act, x, i, rb);
                     out.set(i, j, r[0][0]);
                     i += 1;
                 }
@@ -299,6 +316,65 @@ fn reduce<const MR: usize, const NR: usize>(acc: &[[__m512; NR]; MR]) -> [[f32; 
 }
 
 // ---------------------------------------------------------------------------------------------
+// The weight rows of a decode tile, one step ("unit" of `U` bytes, see `tile_unit`) at a time.
+
+/// The `NR` rows of a tile: `bytes` holds them contiguously, row after row (`PACKED` false) or
+/// interleaved unit by unit (`WeightLayout::Tiles4`, `PACKED` true).
+struct TileRows<'a, const U: usize, const NR: usize> {
+    /// Natural: each row's whole units. Packed: `[0]` holds all the units in stored order.
+    units: [&'a [[u8; U]]; NR],
+    /// Natural: each row's bytes after its last whole unit (a packed row has none).
+    tails: [&'a [u8]; NR],
+    /// Whole units per row.
+    full: usize,
+}
+
+impl<'a, const U: usize, const NR: usize> TileRows<'a, U, NR> {
+    #[inline]
+    fn new<const PACKED: bool>(bytes: &'a [u8]) -> Self {
+        let rb = bytes.len() / NR;
+        let full = rb / U;
+        let mut units: [&[[u8; U]]; NR] = [&[]; NR];
+        let mut tails: [&[u8]; NR] = [&[]; NR];
+        if PACKED {
+            units[0] = &bytes.as_chunks::<U>().0[..full * NR];
+        } else {
+            for r in 0..NR {
+                let row = &bytes[r * rb..(r + 1) * rb];
+                units[r] = &row.as_chunks::<U>().0[..full];
+                tails[r] = &row[full * U..];
+            }
+        }
+        Self { units, tails, full }
+    }
+
+    /// Unit `g` (below `full`) of each row.
+    #[inline]
+    fn get<const PACKED: bool>(&self, g: usize) -> [&'a [u8; U]; NR] {
+        if PACKED {
+            let step = &self.units[0][g * NR..(g + 1) * NR];
+            std::array::from_fn(|r| &step[r])
+        } else {
+            std::array::from_fn(|r| &self.units[r][g])
+        }
+    }
+
+    /// Each row's bytes past its whole units, zero-padded to a unit (`None` when no row has
+    /// any: always for a packed tile).
+    #[inline]
+    fn tail(&self) -> Option<[[u8; U]; NR]> {
+        if self.tails[0].is_empty() {
+            return None;
+        }
+        let mut out = [[0u8; U]; NR];
+        for r in 0..NR {
+            out[r][..self.tails[r].len()].copy_from_slice(self.tails[r]);
+        }
+        Some(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Q4_0 × Q8 (Group4 layout): per group of 4 blocks, the low nibbles of the 4 blocks against the
 // activations' first halves, the high nibbles against the second halves; lane quad L = block L.
 //
@@ -348,20 +424,16 @@ fn q4_0_group<const MR: usize, const NR: usize>(
 
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q4_0_tile<const MR: usize, const NR: usize>(
-    wr: &[&[u8]; NR],
+fn q4_0_tile<const MR: usize, const NR: usize, const PACKED: bool>(
+    bytes: &[u8],
     act: &Act,
     _x: &[f32],
     i0: usize,
     pf: usize,
 ) -> [[f32; NR]; MR] {
-    let nb = wr[0].len() / 18;
-    let full = nb / 4;
-    let groups = nb.div_ceil(4);
-    let mut rows: [&[[u8; 72]]; NR] = [&[]; NR];
-    for r in 0..NR {
-        rows[r] = &wr[r].as_chunks::<72>().0[..full];
-    }
+    let rows = TileRows::<72, NR>::new::<PACKED>(bytes);
+    let full = rows.full;
+    let groups = (bytes.len() / NR / 18).div_ceil(4);
     let mut qs: [&[[i8; 128]]; MR] = [&[]; MR];
     let mut d: [&[[f32; 4]]; MR] = [&[]; MR];
     let mut corr: [&[[f32; 4]]; MR] = [&[]; MR];
@@ -372,24 +444,18 @@ fn q4_0_tile<const MR: usize, const NR: usize>(
     }
     let mut acc = [[_mm512_setzero_ps(); NR]; MR];
     for g in 0..full {
-        for r in 0..NR {
-            prefetch(wr[0], pf + (g * NR + r) * 72);
-        }
-        let mut w = [&rows[0][g]; NR];
-        for r in 1..NR {
-            w[r] = &rows[r][g];
+        if !PACKED {
+            for r in 0..NR {
+                prefetch(bytes, pf + (g * NR + r) * 72);
+            }
         }
         let mut a = [(&qs[0][g], &d[0][g], &corr[0][g]); MR];
         for i in 1..MR {
             a[i] = (&qs[i][g], &d[i][g], &corr[i][g]);
         }
-        q4_0_group(w, a, &mut acc);
+        q4_0_group(rows.get::<PACKED>(g), a, &mut acc);
     }
-    if groups > full {
-        let tail = &mut [[0u8; 72]; NR];
-        for r in 0..NR {
-            tail[r][..(nb - full * 4) * 18].copy_from_slice(&wr[r][full * 72..]);
-        }
+    if let Some(tail) = rows.tail() {
         let mut w = [&tail[0]; NR];
         for r in 1..NR {
             w[r] = &tail[r];
@@ -432,8 +498,8 @@ fn q8_0_group<const MR: usize, const NR: usize>(
     for i in 0..MR {
         let (qs, d, corr) = a[i];
         let aq = ld512_i8(qs, 0);
-        let da = _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(ld64_ps(d)));
-        let c = _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(ld64_ps(corr)));
+        let da = _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(ld64_ps(*d)));
+        let c = _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(ld64_ps(*corr)));
         for r in 0..NR {
             let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[r], aq);
             let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(p), da, c);
@@ -445,26 +511,22 @@ fn q8_0_group<const MR: usize, const NR: usize>(
 /// Two f32 values into the low half of a vector.
 #[inline]
 #[target_feature(enable = "sse2")]
-fn ld64_ps(v: &[f32; 2]) -> __m128 {
+fn ld64_ps(v: [f32; 2]) -> __m128 {
     _mm_setr_ps(v[0], v[1], 0.0, 0.0)
 }
 
 #[inline(never)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q8_0_tile<const MR: usize, const NR: usize>(
-    wr: &[&[u8]; NR],
+fn q8_0_tile<const MR: usize, const NR: usize, const PACKED: bool>(
+    bytes: &[u8],
     act: &Act,
     _x: &[f32],
     i0: usize,
     pf: usize,
 ) -> [[f32; NR]; MR] {
-    let nb = wr[0].len() / 34;
-    let full = nb / 2;
-    let groups = nb.div_ceil(2);
-    let mut rows: [&[[u8; 68]]; NR] = [&[]; NR];
-    for r in 0..NR {
-        rows[r] = &wr[r].as_chunks::<68>().0[..full];
-    }
+    let rows = TileRows::<68, NR>::new::<PACKED>(bytes);
+    let full = rows.full;
+    let groups = (bytes.len() / NR / 34).div_ceil(2);
     let mut qs: [&[[i8; 64]]; MR] = [&[]; MR];
     let mut d: [&[[f32; 2]]; MR] = [&[]; MR];
     let mut corr: [&[[f32; 2]]; MR] = [&[]; MR];
@@ -475,24 +537,18 @@ fn q8_0_tile<const MR: usize, const NR: usize>(
     }
     let mut acc = [[_mm512_setzero_ps(); NR]; MR];
     for g in 0..full {
-        for r in 0..NR {
-            prefetch(wr[0], pf + (g * NR + r) * 68);
-        }
-        let mut w = [&rows[0][g]; NR];
-        for r in 1..NR {
-            w[r] = &rows[r][g];
+        if !PACKED {
+            for r in 0..NR {
+                prefetch(bytes, pf + (g * NR + r) * 68);
+            }
         }
         let mut a = [(&qs[0][g], &d[0][g], &corr[0][g]); MR];
         for i in 1..MR {
             a[i] = (&qs[i][g], &d[i][g], &corr[i][g]);
         }
-        q8_0_group(w, a, &mut acc);
+        q8_0_group(rows.get::<PACKED>(g), a, &mut acc);
     }
-    if groups > full {
-        let tail = &mut [[0u8; 68]; NR];
-        for r in 0..NR {
-            tail[r][..34].copy_from_slice(&wr[r][full * 68..]);
-        }
+    if let Some(tail) = rows.tail() {
         let mut w = [&tail[0]; NR];
         for r in 1..NR {
             w[r] = &tail[r];
@@ -608,21 +664,24 @@ macro_rules! k_tile {
     ($name:ident, $bytes:expr, $decode:expr, $six:expr) => {
         #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-        fn $name<const MR: usize, const NR: usize>(
-            wr: &[&[u8]; NR],
+        fn $name<const MR: usize, const NR: usize, const PACKED: bool>(
+            bytes: &[u8],
             act: &Act,
             _x: &[f32],
             i0: usize,
             pf: usize,
         ) -> [[f32; NR]; MR] {
-            let nsb = wr[0].len() / $bytes;
+            let rows = TileRows::<$bytes, NR>::new::<PACKED>(bytes);
             let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-            for s in 0..nsb {
+            for s in 0..rows.full {
+                let units = rows.get::<PACKED>(s);
                 let blocks: [KBlock; NR] = std::array::from_fn(|r| {
-                    for line in (0..$bytes).step_by(64) {
-                        prefetch(wr[0], pf + (s * NR + r) * $bytes + line);
+                    if !PACKED {
+                        for line in (0..$bytes).step_by(64) {
+                            prefetch(bytes, pf + (s * NR + r) * $bytes + line);
+                        }
                     }
-                    $decode(&wr[r][s * $bytes..(s + 1) * $bytes])
+                    $decode(&units[r][..])
                 });
                 for i in 0..MR {
                     let qs = act.qs_row(i0 + i);
@@ -684,25 +743,28 @@ macro_rules! half_tile {
     ($name:ident, $conv:expr) => {
         #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-        fn $name<const MR: usize, const NR: usize>(
-            wr: &[&[u8]; NR],
+        fn $name<const MR: usize, const NR: usize, const PACKED: bool>(
+            bytes: &[u8],
             _act: &Act,
             x: &[f32],
             i0: usize,
             pf: usize,
         ) -> [[f32; NR]; MR] {
-            let k = wr[0].len() / 2;
-            let full = k / 16;
-            let tail = k % 16;
+            let k = bytes.len() / NR / 2;
+            let wrows = TileRows::<32, NR>::new::<PACKED>(bytes);
+            let full = wrows.full;
             let mut acc = [[_mm512_setzero_ps(); NR]; MR];
             let rows: [&[f32]; MR] = std::array::from_fn(|i| &x[(i0 + i) * k..(i0 + i + 1) * k]);
             for g in 0..full {
                 // Into L2 only, a line per 64 bytes: the weight is read as NR streams, which
                 // the L1 prefetch hint fed slower (F16, 1 thread: 13–17 GB/s against 21–22).
-                for line in 0..(NR * 32).div_ceil(64) {
-                    prefetch_l2(wr[0], pf + g * NR * 32 + line * 64);
+                if !PACKED {
+                    for line in 0..(NR * 32).div_ceil(64) {
+                        prefetch_l2(bytes, pf + g * NR * 32 + line * 64);
+                    }
                 }
-                let w: [__m512; NR] = std::array::from_fn(|r| $conv(ld256(wr[r], g * 32)));
+                let units = wrows.get::<PACKED>(g);
+                let w: [__m512; NR] = std::array::from_fn(|r| $conv(ld256(&units[r][..], 0)));
                 for i in 0..MR {
                     let xv = ld512_ps(rows[i], g * 16);
                     for r in 0..NR {
@@ -710,15 +772,11 @@ macro_rules! half_tile {
                     }
                 }
             }
-            if tail > 0 {
-                let w: [__m512; NR] = std::array::from_fn(|r| {
-                    let mut buf = [0u8; 32];
-                    buf[..tail * 2].copy_from_slice(&wr[r][full * 32..]);
-                    $conv(ld256(&buf, 0))
-                });
+            if let Some(tail) = wrows.tail() {
+                let w: [__m512; NR] = std::array::from_fn(|r| $conv(ld256(&tail[r], 0)));
                 for i in 0..MR {
                     let mut buf = [0f32; 16];
-                    buf[..tail].copy_from_slice(&rows[i][full * 16..]);
+                    buf[..k - full * 16].copy_from_slice(&rows[i][full * 16..]);
                     let xv = ld512_ps(&buf, 0);
                     for r in 0..NR {
                         acc[i][r] = _mm512_fmadd_ps(w[r], xv, acc[i][r]);
@@ -788,8 +846,9 @@ fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let nb = w.cols() / 32;
     let q8 = w.format() == QuantFormat::Q8_0;
     let bb = w.format().block_bytes();
+    let view = w.rows_view(j0..j0 + rows);
     for r in 0..16 {
-        let row = (r < rows).then(|| w.row(j0 + r));
+        let row = (r < rows).then(|| view.row(j0 + r));
         for b in 0..nb {
             let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
             let mut vals = [0u8; 32];
@@ -931,6 +990,7 @@ fn panel_chunk(
 fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
     let k = w.cols();
     let bf16 = w.format() == QuantFormat::BF16;
+    let view = w.rows_view(j0..j0 + rows);
     for r in 0..16 {
         if r >= rows {
             for kk in 0..k {
@@ -938,7 +998,7 @@ fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
             }
             continue;
         }
-        let row = w.row(j0 + r);
+        let row = view.row(j0 + r);
         let mut g = 0;
         while g + 16 <= k {
             let v = ld256(row, g * 2);
@@ -1030,8 +1090,9 @@ fn build_kpanel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let format = w.format();
     let nsb = w.cols() / 256;
     let bb = format.block_bytes();
+    let view = w.rows_view(j0..j0 + rows);
     for r in 0..16 {
-        let row = (r < rows).then(|| w.row(j0 + r));
+        let row = (r < rows).then(|| view.row(j0 + r));
         for s in 0..nsb {
             let dst = &mut panel[s * KPANEL_BLOCK..(s + 1) * KPANEL_BLOCK];
             let mut vals = [0u8; 256];
@@ -1194,4 +1255,3 @@ fn quantize_block_inner(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     }
     (d, _mm512_reduce_add_epi32(sum))
 }
-
