@@ -87,6 +87,25 @@ pub enum BenchCommand {
     Gan(crate::cli_gan::BenchGanArgs),
     /// Time to first token and prefill tokens/s of an inline completion with a long prefix.
     Complete(crate::cli_code::BenchCompleteArgs),
+    /// Memory read bandwidth (GB/s): the bound on decode speed, which reads every weight
+    /// byte once per token (a model of B bytes decodes at most GB/s × 10⁹ / B tokens/s).
+    Memory(BenchMemoryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchMemoryArgs {
+    /// Reading threads (default: physical cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// MiB read per round, split between the threads.
+    #[arg(long, default_value_t = 1024)]
+    pub mib: usize,
+    /// Rounds to take the median of.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+    /// One JSON object with the figures.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options shared by every subcommand that runs a model.
@@ -213,6 +232,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Generate(args) => run_generate(&args),
         Command::Chat(args) => run_chat(&args),
         Command::Bench(BenchCommand::Generate(args)) => run_bench_generate(&args),
+        Command::Bench(BenchCommand::Memory(args)) => run_bench_memory(&args),
         Command::Serve(args) => run_serve(&args),
         Command::Bench(BenchCommand::Sd(args)) => crate::cli_image::run_bench_sd(&args),
         Command::Bench(BenchCommand::Gan(args)) => crate::cli_gan::run_bench_gan(&args),
@@ -393,6 +413,40 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     } else {
         f64::midpoint(v[n / 2 - 1], v[n / 2])
     }
+}
+
+fn run_bench_memory(args: &BenchMemoryArgs) -> Result<()> {
+    if args.mib == 0 || args.repeat == 0 {
+        bail!("--mib and --repeat must be at least 1");
+    }
+    let threads = args
+        .threads
+        .unwrap_or_else(studio_inference::device::cpu_threads);
+    let rounds = studio_inference::sys::read_bandwidth_gb_s(threads, args.mib << 20, args.repeat)
+        .context("starting the reading threads")?;
+    let (min, max) = rounds
+        .iter()
+        .fold((f64::INFINITY, 0f64), |(lo, hi), &g| (lo.min(g), hi.max(g)));
+    let gb_s = median(rounds);
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "threads": threads,
+                "mib": args.mib,
+                "repeat": args.repeat,
+                "read_gb_s": gb_s,
+                "min_gb_s": min,
+                "max_gb_s": max,
+            })
+        );
+    } else {
+        println!(
+            "read {gb_s:.1} GB/s with {threads} threads (median of {} rounds of {} MiB; {min:.1}–{max:.1})",
+            args.repeat, args.mib
+        );
+    }
+    Ok(())
 }
 
 fn run_bench_generate(args: &BenchGenerateArgs) -> Result<()> {
