@@ -247,6 +247,32 @@ impl RowsView<'_> {
     }
 }
 
+/// One weight row in either layout, read a block at a time in place: unit `g` of the row
+/// starts at `g × stride` of `bytes`.
+#[derive(Clone, Copy)]
+pub(crate) struct RowUnits<'a> {
+    bytes: &'a [u8],
+    stride: usize,
+    /// Blocks per unit, a power of two (F16/BF16: a block is one value).
+    blocks_log2: u32,
+    block_bytes: usize,
+}
+
+impl<'a> RowUnits<'a> {
+    /// Block `b` of the row (F16/BF16: value `b`).
+    pub(crate) fn block(&self, b: usize) -> &'a [u8] {
+        let mask = (1 << self.blocks_log2) - 1;
+        let start = (b >> self.blocks_log2) * self.stride + (b & mask) * self.block_bytes;
+        &self.bytes[start..start + self.block_bytes]
+    }
+
+    /// Unit `g` of the row (a whole unit: F16/BF16 values `16g..16g + 16`).
+    pub(crate) fn unit(&self, g: usize) -> &'a [u8] {
+        let start = g * self.stride;
+        &self.bytes[start..start + (self.block_bytes << self.blocks_log2)]
+    }
+}
+
 /// A 2-D weight (`rows` = output features N, `cols` = input features K) in its GGUF bytes.
 #[derive(Clone)]
 pub struct QWeight {
@@ -441,8 +467,7 @@ impl QWeight {
     }
 
     /// Rows `rows` in file order: borrowed when stored so, else gathered once (what the
-    /// kernels without tile-order reads work from: the AVX2 and scalar paths, the AVX-512
-    /// prefill panels 16 rows at a time).
+    /// kernels without tile-order reads work from: the AVX2 and scalar paths).
     pub(crate) fn rows_view(&self, rows: std::ops::Range<usize>) -> RowsView<'_> {
         let rb = self.row_bytes();
         let bytes = if rows.start >= self.tiled_rows() {
@@ -459,6 +484,26 @@ impl QWeight {
             bytes,
             start: rows.start,
             rb,
+        }
+    }
+
+    /// Row `r` in place, whatever the layout (the prefill panels read it a block at a time).
+    pub(crate) fn row_units(&self, r: usize) -> RowUnits<'_> {
+        let rb = self.row_bytes();
+        let unit = tile_unit(self.format);
+        let block_bytes = self.format.block_bytes();
+        let blocks_log2 = (unit / block_bytes).trailing_zeros();
+        let (bytes, stride) = if r < self.tiled_rows() {
+            let tile = r / 4 * 4 * rb;
+            (&self.data[tile + r % 4 * unit..tile + 4 * rb], 4 * unit)
+        } else {
+            (&self.data[r * rb..(r + 1) * rb], unit)
+        };
+        RowUnits {
+            bytes,
+            stride,
+            blocks_log2,
+            block_bytes,
         }
     }
 

@@ -845,16 +845,14 @@ fn st512_ps(v: __m512) -> [f32; 16] {
 fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let nb = w.cols() / 32;
     let q8 = w.format() == QuantFormat::Q8_0;
-    let bb = w.format().block_bytes();
-    let view = w.rows_view(j0..j0 + rows);
     for r in 0..16 {
-        let row = (r < rows).then(|| view.row(j0 + r));
+        let row = (r < rows).then(|| w.row_units(j0 + r));
         for b in 0..nb {
             let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
             let mut vals = [0u8; 32];
             let mut d = 0f32;
             if let Some(row) = row {
-                let blk = &row[b * bb..(b + 1) * bb];
+                let blk = row.block(b);
                 d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
                 if q8 {
                     for (v, &q) in vals.iter_mut().zip(&blk[2..34]) {
@@ -990,7 +988,6 @@ fn panel_chunk(
 fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
     let k = w.cols();
     let bf16 = w.format() == QuantFormat::BF16;
-    let view = w.rows_view(j0..j0 + rows);
     for r in 0..16 {
         if r >= rows {
             for kk in 0..k {
@@ -998,10 +995,10 @@ fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
             }
             continue;
         }
-        let row = view.row(j0 + r);
+        let row = w.row_units(j0 + r);
         let mut g = 0;
         while g + 16 <= k {
-            let v = ld256(row, g * 2);
+            let v = ld256(row.unit(g / 16), 0);
             let f = if bf16 { conv_bf16(v) } else { conv_f16(v) };
             for (l, &y) in st512_ps(f).iter().enumerate() {
                 panel[(g + l) * 16 + r] = y;
@@ -1009,7 +1006,8 @@ fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
             g += 16;
         }
         for kk in g..k {
-            let h = u16::from_le_bytes([row[2 * kk], row[2 * kk + 1]]);
+            let h = row.block(kk);
+            let h = u16::from_le_bytes([h[0], h[1]]);
             panel[kk * 16 + r] = if bf16 {
                 super::scalar::bf16_to_f32(h)
             } else {
@@ -1089,10 +1087,8 @@ const KP_DMIN: usize = KP_D + 64;
 fn build_kpanel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let format = w.format();
     let nsb = w.cols() / 256;
-    let bb = format.block_bytes();
-    let view = w.rows_view(j0..j0 + rows);
     for r in 0..16 {
-        let row = (r < rows).then(|| view.row(j0 + r));
+        let row = (r < rows).then(|| w.row_units(j0 + r));
         for s in 0..nsb {
             let dst = &mut panel[s * KPANEL_BLOCK..(s + 1) * KPANEL_BLOCK];
             let mut vals = [0u8; 256];
@@ -1100,7 +1096,7 @@ fn build_kpanel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
             let mut mn = [0i32; 8];
             let (mut d, mut dmin) = (0f32, 0f32);
             if let Some(row) = row {
-                let blk = &row[s * bb..(s + 1) * bb];
+                let blk = row.block(s);
                 let kb = match format {
                     QuantFormat::Q4K => decode_q45k(blk, false),
                     QuantFormat::Q5K => decode_q45k(blk, true),
