@@ -10,19 +10,21 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128, __m256i, __m512, __m512i, _mm_cvtepu8_epi16, _mm_cvtph_ps, _mm_cvtsi32_si128,
-    _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_movehdup_ps, _mm_setr_ps, _mm_storeu_si128,
-    _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi32,
-    _mm256_madd_epi16, _mm256_set_m128i, _mm512_abs_ps, _mm512_add_epi32, _mm512_and_si512,
-    _mm512_broadcast_i64x4, _mm512_castps128_ps512, _mm512_castsi256_si512, _mm512_castsi512_ps,
-    _mm512_castsi512_si256, _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8, _mm512_cvtepi32_ps,
-    _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32,
-    _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps, _mm512_inserti64x4, _mm512_loadu_ps,
-    _mm512_loadu_si512, _mm512_mask_add_epi8, _mm512_max_ps, _mm512_mul_ps, _mm512_mullo_epi32,
-    _mm512_or_si512, _mm512_permutex2var_epi8, _mm512_permutexvar_epi8, _mm512_permutexvar_epi32,
-    _mm512_permutexvar_ps, _mm512_reduce_add_epi32, _mm512_reduce_add_ps, _mm512_reduce_max_ps,
-    _mm512_set1_epi8, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-    _mm512_slli_epi32, _mm512_sllv_epi16, _mm512_srli_epi16, _mm512_srlv_epi16, _mm512_storeu_ps,
+    __m128, __m256i, __m512, __m512i, __mmask16, _mm_cvtepu8_epi16, _mm_cvtph_ps,
+    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_movehdup_ps, _mm_setr_ps,
+    _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_cvtepi8_epi16,
+    _mm256_cvtepu8_epi32, _mm256_madd_epi16, _mm256_set_m128i, _mm512_abs_ps, _mm512_add_epi32,
+    _mm512_and_si512, _mm512_broadcast_i64x4, _mm512_castps_si512, _mm512_castps128_ps512,
+    _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cvtepi8_epi32,
+    _mm512_cvtepi32_epi8, _mm512_cvtepi32_epi16, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32,
+    _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_fmsub_ps,
+    _mm512_fnmadd_ps, _mm512_inserti64x4, _mm512_loadu_ps, _mm512_loadu_si512,
+    _mm512_mask_add_epi8, _mm512_mask_i32gather_epi32, _mm512_maskz_xor_epi32, _mm512_max_ps,
+    _mm512_mul_ps, _mm512_mullo_epi32, _mm512_or_si512, _mm512_permutex2var_epi8,
+    _mm512_permutexvar_epi8, _mm512_permutexvar_epi32, _mm512_permutexvar_ps,
+    _mm512_reduce_add_epi32, _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_epi8,
+    _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32,
+    _mm512_sllv_epi16, _mm512_srli_epi16, _mm512_srli_epi32, _mm512_srlv_epi16, _mm512_storeu_ps,
     _mm512_storeu_si512, _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512,
     _mm512_zextsi256_si512,
 };
@@ -841,36 +843,99 @@ fn st512_ps(v: __m512) -> [f32; 16] {
     o
 }
 
-/// Unpacks weight rows `j0..j0 + rows` (at most 16; missing rows are zero) into `panel`.
+/// Unpacks weight rows `j0..j0 + rows` (at most 16; missing rows are zero) into `panel`: per
+/// block, 16-lane gathers read the same 4 bytes of the 16 rows (in either layout), which is
+/// the panel's transposed order already (Q4_0: the low and the high nibbles of those bytes
+/// are two of the panel's vectors).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let nb = w.cols() / 32;
     let q8 = w.format() == QuantFormat::Q8_0;
-    for r in 0..16 {
-        let row = (r < rows).then(|| w.row_units(j0 + r));
-        for b in 0..nb {
-            let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
-            let mut vals = [0u8; 32];
-            let mut d = 0f32;
-            if let Some(row) = row {
-                let blk = row.block(b);
-                d = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-                if q8 {
-                    for (v, &q) in vals.iter_mut().zip(&blk[2..34]) {
-                        *v = q ^ 0x80;
-                    }
-                } else {
-                    for l in 0..16 {
-                        vals[l] = blk[2 + l] & 0x0F;
-                        vals[l + 16] = blk[2 + l] >> 4;
-                    }
-                }
+    let bb = w.format().block_bytes();
+    let rb = w.row_bytes();
+    let unit = super::tile_unit(w.format());
+    let per_unit_log2 = (unit / bb).trailing_zeros();
+    let per_unit_mask = (1usize << per_unit_log2) - 1;
+    let src = w.rows_bytes(j0..j0 + rows);
+    let tiled = w.tiled_rows();
+    // Row r's block b starts at `start[r] + (b >> log2) · stride[r] + (b & mask) · bb` of
+    // `src`: runs of 4 interleaved rows step by 4 units, rows in file order by one.
+    let mut start = [0i32; 16];
+    let mut stride = [0i32; 16];
+    let mut end = 0;
+    for r in 0..rows {
+        let j = j0 + r;
+        let (s0, st) = if j < tiled {
+            (j / 4 * 4 * rb - j0 * rb + j % 4 * unit, 4 * unit)
+        } else {
+            ((j - j0) * rb, unit)
+        };
+        end = end.max(s0 + ((nb - 1) >> per_unit_log2) * st + ((nb - 1) & per_unit_mask) * bb + bb);
+        start[r] = i32::try_from(s0).unwrap_or(i32::MAX);
+        stride[r] = i32::try_from(st).unwrap_or(i32::MAX);
+    }
+    // Every gathered dword below lies inside its row's block (bytes 0–3, or 2 + 4q..6 + 4q
+    // with 6 + 4q ≤ the block's bytes), and every block of every row ends by `end`.
+    assert!(end <= src.len() && i32::try_from(src.len()).is_ok());
+    let valid: __mmask16 = u16::try_from((1u32 << rows) - 1).unwrap_or(u16::MAX);
+    let start = ld512_i32(&start);
+    let stride = ld512_i32(&stride);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let flip = _mm512_set1_epi8(-128);
+    let base = src.as_ptr();
+    for b in 0..nb {
+        let unit_at = _mm512_mullo_epi32(_mm512_set1_epi32((b >> per_unit_log2) as i32), stride);
+        let at = _mm512_add_epi32(
+            _mm512_add_epi32(start, unit_at),
+            _mm512_set1_epi32(((b & per_unit_mask) * bb) as i32),
+        );
+        let gather = |off: i32| {
+            // SAFETY: each lane of `valid` reads 4 bytes at `at + off`, inside its row's block
+            // of `src` (asserted above); the other lanes read nothing and are zero.
+            unsafe {
+                _mm512_mask_i32gather_epi32::<1>(
+                    _mm512_setzero_si512(),
+                    valid,
+                    _mm512_add_epi32(at, _mm512_set1_epi32(off)),
+                    base.cast(),
+                )
             }
+        };
+        let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(0)));
+        st512(dst, 512, _mm512_castps_si512(d));
+        if q8 {
             for q in 0..8 {
-                dst[q * 64 + r * 4..q * 64 + r * 4 + 4].copy_from_slice(&vals[q * 4..q * 4 + 4]);
+                let v = _mm512_maskz_xor_epi32(valid, gather(2 + 4 * q as i32), flip);
+                st512(dst, q * 64, v);
             }
-            dst[512 + r * 4..512 + r * 4 + 4].copy_from_slice(&d.to_le_bytes());
+        } else {
+            for q in 0..4 {
+                let v = gather(2 + 4 * q as i32);
+                st512(dst, q * 64, _mm512_and_si512(v, m4));
+                st512(
+                    dst,
+                    (q + 4) * 64,
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4),
+                );
+            }
         }
     }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn ld512_i32(s: &[i32; 16]) -> __m512i {
+    // SAFETY: `s` holds exactly 16 i32; unaligned load.
+    unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn st512(s: &mut [u8], at: usize, v: __m512i) {
+    assert!(at + 64 <= s.len());
+    // SAFETY: bytes `at..at + 64` are inside `s` (checked above); unaligned store.
+    unsafe { _mm512_storeu_si512(s.as_mut_ptr().add(at).cast(), v) }
 }
 
 fn dword(a: &[i8], at: usize) -> i32 {
