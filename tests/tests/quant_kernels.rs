@@ -519,6 +519,26 @@ fn tiled_layout_equals_file_order() {
                     .expect("rows");
                 assert_eq!(part, whole[rows.clone()], "{format} on {path}, {rows:?}");
             }
+            // Prompt-sized products (the AVX-512 prefill panels) over row ranges that start
+            // and end inside runs of 4 interleaved rows.
+            let m = 20;
+            let x = random(&mut rng, m * k, 1.0);
+            let mut whole = vec![0f32; m * n];
+            natural.matmul_with(&x, m, &mut whole, path).expect("whole");
+            let mut input = QuantizedInput::default();
+            for rows in [3..17, 6..7, 62..69, 0..70] {
+                let mut part = vec![0f32; m * rows.len()];
+                tiled
+                    .matmul_rows(&mut input, &x, m, rows.clone(), &mut part, path)
+                    .expect("rows");
+                for i in 0..m {
+                    assert_eq!(
+                        part[i * rows.len()..(i + 1) * rows.len()],
+                        whole[i * n + rows.start..i * n + rows.end],
+                        "{format} on {path}, m={m}, {rows:?}, row {i}"
+                    );
+                }
+            }
         }
     }
     // Rows that are not whole units, or fewer than 4 rows, stay in file order.

@@ -265,12 +265,6 @@ impl<'a> RowUnits<'a> {
         let start = (b >> self.blocks_log2) * self.stride + (b & mask) * self.block_bytes;
         &self.bytes[start..start + self.block_bytes]
     }
-
-    /// Unit `g` of the row (a whole unit: F16/BF16 values `16g..16g + 16`).
-    pub(crate) fn unit(&self, g: usize) -> &'a [u8] {
-        let start = g * self.stride;
-        &self.bytes[start..start + (self.block_bytes << self.blocks_log2)]
-    }
 }
 
 /// A 2-D weight (`rows` = output features N, `cols` = input features K) in its GGUF bytes.

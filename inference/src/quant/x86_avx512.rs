@@ -843,6 +843,77 @@ fn st512_ps(v: __m512) -> [f32; 16] {
     o
 }
 
+/// Where the (at most 16) rows of a panel keep each block, for 16-lane gathers: row `r`'s
+/// block `b` (F16/BF16: value `b`) starts at `start[r] + (b >> log2) · stride[r] + (b & mask)
+/// · bb` of `src`. Runs of 4 interleaved rows (`Tiles4`) step by 4 units, file-order rows by
+/// one.
+struct PanelRows<'a> {
+    /// The weight's bytes from the first to the last row (whole runs of 4 when interleaved):
+    /// every block of every row lies inside.
+    src: &'a [u8],
+    valid: __mmask16,
+    start: __m512i,
+    stride: __m512i,
+    log2: usize,
+    bb: usize,
+}
+
+impl<'a> PanelRows<'a> {
+    #[target_feature(enable = "avx512f")]
+    fn new(w: &'a QWeight, j0: usize, rows: usize) -> Self {
+        let bb = w.format().block_bytes();
+        let rb = w.row_bytes();
+        let unit = super::tile_unit(w.format());
+        let tiled = w.tiled_rows();
+        // Whole runs of 4 interleaved rows: a run's rows spread over all of its bytes.
+        let first = if j0 < tiled { j0 / 4 * 4 } else { j0 };
+        let end = j0 + rows;
+        let end = if end <= tiled {
+            end.div_ceil(4) * 4
+        } else {
+            end
+        };
+        let src = w.rows_bytes(first..end);
+        let last = w.cols() / w.format().block_size() - 1;
+        let log2 = (unit / bb).trailing_zeros() as usize;
+        let mut start = [0i32; 16];
+        let mut stride = [0i32; 16];
+        assert!(rows <= 16 && i32::try_from(src.len()).is_ok());
+        for r in 0..rows {
+            let j = j0 + r;
+            let (s0, st) = if j < tiled {
+                ((j / 4 * 4 - first) * rb + j % 4 * unit, 4 * unit)
+            } else {
+                ((j - first) * rb, unit)
+            };
+            // The row's last block ends inside `src`, and so do all its blocks.
+            assert!(s0 + (last >> log2) * st + (last & ((1 << log2) - 1)) * bb + bb <= src.len());
+            start[r] = i32::try_from(s0).unwrap_or(i32::MAX);
+            stride[r] = i32::try_from(st).unwrap_or(i32::MAX);
+        }
+        Self {
+            src,
+            valid: u16::try_from((1u32 << rows) - 1).unwrap_or(u16::MAX),
+            start: ld512_i32(&start),
+            stride: ld512_i32(&stride),
+            log2,
+            bb,
+        }
+    }
+
+    /// Each row's offset of block `b`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn block(&self, b: usize) -> __m512i {
+        let unit = _mm512_mullo_epi32(_mm512_set1_epi32((b >> self.log2) as i32), self.stride);
+        let within = ((b & ((1 << self.log2) - 1)) * self.bb) as i32;
+        _mm512_add_epi32(
+            _mm512_add_epi32(self.start, unit),
+            _mm512_set1_epi32(within),
+        )
+    }
+}
+
 /// Unpacks weight rows `j0..j0 + rows` (at most 16; missing rows are zero) into `panel`: per
 /// block, 16-lane gathers read the same 4 bytes of the 16 rows (in either layout), which is
 /// the panel's transposed order already (Q4_0: the low and the high nibbles of those bytes
@@ -851,47 +922,17 @@ fn st512_ps(v: __m512) -> [f32; 16] {
 fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let nb = w.cols() / 32;
     let q8 = w.format() == QuantFormat::Q8_0;
-    let bb = w.format().block_bytes();
-    let rb = w.row_bytes();
-    let unit = super::tile_unit(w.format());
-    let per_unit_log2 = (unit / bb).trailing_zeros();
-    let per_unit_mask = (1usize << per_unit_log2) - 1;
-    let src = w.rows_bytes(j0..j0 + rows);
-    let tiled = w.tiled_rows();
-    // Row r's block b starts at `start[r] + (b >> log2) · stride[r] + (b & mask) · bb` of
-    // `src`: runs of 4 interleaved rows step by 4 units, rows in file order by one.
-    let mut start = [0i32; 16];
-    let mut stride = [0i32; 16];
-    let mut end = 0;
-    for r in 0..rows {
-        let j = j0 + r;
-        let (s0, st) = if j < tiled {
-            (j / 4 * 4 * rb - j0 * rb + j % 4 * unit, 4 * unit)
-        } else {
-            ((j - j0) * rb, unit)
-        };
-        end = end.max(s0 + ((nb - 1) >> per_unit_log2) * st + ((nb - 1) & per_unit_mask) * bb + bb);
-        start[r] = i32::try_from(s0).unwrap_or(i32::MAX);
-        stride[r] = i32::try_from(st).unwrap_or(i32::MAX);
-    }
-    // Every gathered dword below lies inside its row's block (bytes 0–3, or 2 + 4q..6 + 4q
-    // with 6 + 4q ≤ the block's bytes), and every block of every row ends by `end`.
-    assert!(end <= src.len() && i32::try_from(src.len()).is_ok());
-    let valid: __mmask16 = u16::try_from((1u32 << rows) - 1).unwrap_or(u16::MAX);
-    let start = ld512_i32(&start);
-    let stride = ld512_i32(&stride);
+    let at = PanelRows::new(w, j0, rows);
+    let (src, valid) = (at.src, at.valid);
     let m4 = _mm512_set1_epi8(0x0F);
     let flip = _mm512_set1_epi8(-128);
     let base = src.as_ptr();
     for b in 0..nb {
-        let unit_at = _mm512_mullo_epi32(_mm512_set1_epi32((b >> per_unit_log2) as i32), stride);
-        let at = _mm512_add_epi32(
-            _mm512_add_epi32(start, unit_at),
-            _mm512_set1_epi32(((b & per_unit_mask) * bb) as i32),
-        );
+        let at = at.block(b);
         let gather = |off: i32| {
             // SAFETY: each lane of `valid` reads 4 bytes at `at + off`, inside its row's block
-            // of `src` (asserted above); the other lanes read nothing and are zero.
+            // b (bytes 0–3, or 2 + 4q..6 + 4q with 6 + 4q ≤ the block's bytes), which lies in
+            // `src` (`PanelRows::new`); the other lanes read nothing and are zero.
             unsafe {
                 _mm512_mask_i32gather_epi32::<1>(
                     _mm512_setzero_si512(),
@@ -1053,33 +1094,61 @@ fn panel_chunk(
 fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
     let k = w.cols();
     let bf16 = w.format() == QuantFormat::BF16;
-    for r in 0..16 {
-        if r >= rows {
-            for kk in 0..k {
-                panel[kk * 16 + r] = 0.0;
-            }
-            continue;
-        }
-        let row = w.row_units(j0 + r);
-        let mut g = 0;
-        while g + 16 <= k {
-            let v = ld256(row.unit(g / 16), 0);
-            let f = if bf16 { conv_bf16(v) } else { conv_f16(v) };
-            for (l, &y) in st512_ps(f).iter().enumerate() {
-                panel[(g + l) * 16 + r] = y;
-            }
-            g += 16;
-        }
-        for kk in g..k {
-            let h = row.block(kk);
-            let h = u16::from_le_bytes([h[0], h[1]]);
-            panel[kk * 16 + r] = if bf16 {
-                super::scalar::bf16_to_f32(h)
+    let at = PanelRows::new(w, j0, rows);
+    let (src, valid) = (at.src, at.valid);
+    let hi16 = _mm512_set1_epi32(-65536);
+    // Values kk and kk + 1 of the 16 rows in one gather of dwords.
+    let mut kk = 0;
+    while kk + 2 <= k {
+        // SAFETY: each lane of `valid` reads the 4 bytes of its row's values kk and kk + 1
+        // (kk even: the pair never straddles a 16-value unit of a `Tiles4` run), which lie in
+        // `src` (`PanelRows::new`); the other lanes read nothing and are zero.
+        let v = unsafe {
+            _mm512_mask_i32gather_epi32::<1>(
+                _mm512_setzero_si512(),
+                valid,
+                at.block(kk),
+                src.as_ptr().cast(),
+            )
+        };
+        let (lo, hi) = if bf16 {
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(_mm512_and_si512(v, hi16)),
+            )
+        } else {
+            (
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v)),
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v))),
+            )
+        };
+        st512_f32(panel, kk * 16, lo);
+        st512_f32(panel, (kk + 1) * 16, hi);
+        kk += 2;
+    }
+    if kk < k {
+        for r in 0..16 {
+            panel[kk * 16 + r] = if r < rows {
+                let h = w.row_units(j0 + r).block(kk);
+                let h = u16::from_le_bytes([h[0], h[1]]);
+                if bf16 {
+                    super::scalar::bf16_to_f32(h)
+                } else {
+                    f16_to_f32(h)
+                }
             } else {
-                f16_to_f32(h)
+                0.0
             };
         }
     }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn st512_f32(s: &mut [f32], at: usize, v: __m512) {
+    assert!(at + 16 <= s.len());
+    // SAFETY: values `at..at + 16` are inside `s` (checked above); unaligned store.
+    unsafe { _mm512_storeu_ps(s.as_mut_ptr().add(at), v) }
 }
 
 /// `MR` activation rows against one F16/BF16 panel (f32 FMAs with broadcast activations).
