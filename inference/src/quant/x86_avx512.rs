@@ -376,6 +376,60 @@ impl<'a, const U: usize, const NR: usize> TileRows<'a, U, NR> {
     }
 }
 
+/// A decode tile of a 32-block format over its group function: `$unit` weight bytes per row
+/// per step (`$blocks` blocks of 32), against `32·$blocks` activation values, `$blocks`
+/// scales and corrections per activation row.
+macro_rules! block32_tile {
+    ($name:ident, $group:ident, $unit:literal, $blocks:literal) => {
+        #[inline(never)]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+        fn $name<const MR: usize, const NR: usize, const PACKED: bool>(
+            bytes: &[u8],
+            act: &Act,
+            _x: &[f32],
+            i0: usize,
+            pf: usize,
+        ) -> [[f32; NR]; MR] {
+            let rows = TileRows::<$unit, NR>::new::<PACKED>(bytes);
+            let full = rows.full;
+            let groups = (bytes.len() / NR / ($unit / $blocks)).div_ceil($blocks);
+            let mut qs: [&[[i8; 32 * $blocks]]; MR] = [&[]; MR];
+            let mut d: [&[[f32; $blocks]]; MR] = [&[]; MR];
+            let mut corr: [&[[f32; $blocks]]; MR] = [&[]; MR];
+            for i in 0..MR {
+                qs[i] = &act.qs_row(i0 + i).as_chunks::<{ 32 * $blocks }>().0[..groups];
+                d[i] = &act.d_row(i0 + i).as_chunks::<$blocks>().0[..groups];
+                corr[i] = &act.corr_row(i0 + i).as_chunks::<$blocks>().0[..groups];
+            }
+            let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+            for g in 0..full {
+                if !PACKED {
+                    for r in 0..NR {
+                        prefetch(bytes, pf + (g * NR + r) * $unit);
+                    }
+                }
+                let mut a = [(&qs[0][g], &d[0][g], &corr[0][g]); MR];
+                for i in 1..MR {
+                    a[i] = (&qs[i][g], &d[i][g], &corr[i][g]);
+                }
+                $group(rows.get::<PACKED>(g), a, &mut acc);
+            }
+            if let Some(tail) = rows.tail() {
+                let mut w = [&tail[0]; NR];
+                for r in 1..NR {
+                    w[r] = &tail[r];
+                }
+                let mut a = [(&qs[0][full], &d[0][full], &corr[0][full]); MR];
+                for i in 1..MR {
+                    a[i] = (&qs[i][full], &d[i][full], &corr[i][full]);
+                }
+                $group(w, a, &mut acc);
+            }
+            reduce(&acc)
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Q4_0 × Q8 (Group4 layout): per group of 4 blocks, the low nibbles of the 4 blocks against the
 // activations' first halves, the high nibbles against the second halves; lane quad L = block L.
@@ -424,52 +478,7 @@ fn q4_0_group<const MR: usize, const NR: usize>(
     }
 }
 
-#[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q4_0_tile<const MR: usize, const NR: usize, const PACKED: bool>(
-    bytes: &[u8],
-    act: &Act,
-    _x: &[f32],
-    i0: usize,
-    pf: usize,
-) -> [[f32; NR]; MR] {
-    let rows = TileRows::<72, NR>::new::<PACKED>(bytes);
-    let full = rows.full;
-    let groups = (bytes.len() / NR / 18).div_ceil(4);
-    let mut qs: [&[[i8; 128]]; MR] = [&[]; MR];
-    let mut d: [&[[f32; 4]]; MR] = [&[]; MR];
-    let mut corr: [&[[f32; 4]]; MR] = [&[]; MR];
-    for i in 0..MR {
-        qs[i] = &act.qs_row(i0 + i).as_chunks::<128>().0[..groups];
-        d[i] = &act.d_row(i0 + i).as_chunks::<4>().0[..groups];
-        corr[i] = &act.corr_row(i0 + i).as_chunks::<4>().0[..groups];
-    }
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    for g in 0..full {
-        if !PACKED {
-            for r in 0..NR {
-                prefetch(bytes, pf + (g * NR + r) * 72);
-            }
-        }
-        let mut a = [(&qs[0][g], &d[0][g], &corr[0][g]); MR];
-        for i in 1..MR {
-            a[i] = (&qs[i][g], &d[i][g], &corr[i][g]);
-        }
-        q4_0_group(rows.get::<PACKED>(g), a, &mut acc);
-    }
-    if let Some(tail) = rows.tail() {
-        let mut w = [&tail[0]; NR];
-        for r in 1..NR {
-            w[r] = &tail[r];
-        }
-        let mut a = [(&qs[0][full], &d[0][full], &corr[0][full]); MR];
-        for i in 1..MR {
-            a[i] = (&qs[i][full], &d[i][full], &corr[i][full]);
-        }
-        q4_0_group(w, a, &mut acc);
-    }
-    reduce(&acc)
-}
+block32_tile!(q4_0_tile, q4_0_group, 72, 4);
 
 // ---------------------------------------------------------------------------------------------
 // Q8_0 × Q8 (Natural32 layout): per pair of blocks, weights flipped to q + 128; lanes 0–7 are
@@ -517,52 +526,7 @@ fn ld64_ps(v: [f32; 2]) -> __m128 {
     _mm_setr_ps(v[0], v[1], 0.0, 0.0)
 }
 
-#[inline(never)]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q8_0_tile<const MR: usize, const NR: usize, const PACKED: bool>(
-    bytes: &[u8],
-    act: &Act,
-    _x: &[f32],
-    i0: usize,
-    pf: usize,
-) -> [[f32; NR]; MR] {
-    let rows = TileRows::<68, NR>::new::<PACKED>(bytes);
-    let full = rows.full;
-    let groups = (bytes.len() / NR / 34).div_ceil(2);
-    let mut qs: [&[[i8; 64]]; MR] = [&[]; MR];
-    let mut d: [&[[f32; 2]]; MR] = [&[]; MR];
-    let mut corr: [&[[f32; 2]]; MR] = [&[]; MR];
-    for i in 0..MR {
-        qs[i] = &act.qs_row(i0 + i).as_chunks::<64>().0[..groups];
-        d[i] = &act.d_row(i0 + i).as_chunks::<2>().0[..groups];
-        corr[i] = &act.corr_row(i0 + i).as_chunks::<2>().0[..groups];
-    }
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    for g in 0..full {
-        if !PACKED {
-            for r in 0..NR {
-                prefetch(bytes, pf + (g * NR + r) * 68);
-            }
-        }
-        let mut a = [(&qs[0][g], &d[0][g], &corr[0][g]); MR];
-        for i in 1..MR {
-            a[i] = (&qs[i][g], &d[i][g], &corr[i][g]);
-        }
-        q8_0_group(rows.get::<PACKED>(g), a, &mut acc);
-    }
-    if let Some(tail) = rows.tail() {
-        let mut w = [&tail[0]; NR];
-        for r in 1..NR {
-            w[r] = &tail[r];
-        }
-        let mut a = [(&qs[0][full], &d[0][full], &corr[0][full]); MR];
-        for i in 1..MR {
-            a[i] = (&qs[i][full], &d[i][full], &corr[i][full]);
-        }
-        q8_0_group(w, a, &mut acc);
-    }
-    reduce(&acc)
-}
+block32_tile!(q8_0_tile, q8_0_group, 68, 2);
 
 // ---------------------------------------------------------------------------------------------
 // K-quants × Q8_K (Super256 layout): per super-block, 4 chunks of 64 values; the integer sum
