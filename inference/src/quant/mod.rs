@@ -349,8 +349,8 @@ impl QWeight {
             data,
             layout: WeightLayout::Natural,
         };
-        // The AVX-512 decode tiles are the ones that read the interleaved layout in place;
-        // every other reader gathers a row at a time (see `row`).
+        // The AVX-512 kernels read the interleaved layout in place (decode tiles, prefill
+        // panels); the AVX2 and scalar paths gather rows back into file order (`rows_view`).
         Ok(if KernelPath::detect() == KernelPath::Avx512Vnni {
             weight.with_layout(WeightLayout::Tiles4)
         } else {
@@ -481,7 +481,7 @@ impl QWeight {
         }
     }
 
-    /// Row `r` in place, whatever the layout (the prefill panels read it a block at a time).
+    /// Row `r` in place, whatever the layout, a block at a time (the K-quant prefill panels).
     pub(crate) fn row_units(&self, r: usize) -> RowUnits<'_> {
         let rb = self.row_bytes();
         let unit = tile_unit(self.format);
