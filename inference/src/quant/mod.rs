@@ -232,6 +232,32 @@ pub(crate) const fn tile_unit(format: QuantFormat) -> usize {
     }
 }
 
+/// One unit (see [`tile_unit`]) as [`WeightLayout::Tiles4`] stores it: Q4_0's 4 block scales
+/// first, then the 4 blocks' 16 quant bytes (the order the AVX-512 tile reads without byte
+/// permutes); the other formats' units as in the file.
+fn unit_to_tiled(format: QuantFormat, file: &[u8], tiled: &mut [u8]) {
+    if format == QuantFormat::Q4_0 {
+        for b in 0..4 {
+            tiled[2 * b..2 * b + 2].copy_from_slice(&file[18 * b..18 * b + 2]);
+            tiled[8 + 16 * b..24 + 16 * b].copy_from_slice(&file[18 * b + 2..18 * b + 18]);
+        }
+    } else {
+        tiled.copy_from_slice(file);
+    }
+}
+
+/// The inverse of [`unit_to_tiled`].
+fn unit_to_file(format: QuantFormat, tiled: &[u8], file: &mut [u8]) {
+    if format == QuantFormat::Q4_0 {
+        for b in 0..4 {
+            file[18 * b..18 * b + 2].copy_from_slice(&tiled[2 * b..2 * b + 2]);
+            file[18 * b + 2..18 * b + 18].copy_from_slice(&tiled[8 + 16 * b..24 + 16 * b]);
+        }
+    } else {
+        file.copy_from_slice(tiled);
+    }
+}
+
 /// Consecutive weight rows in file order (see [`QWeight::rows_view`]).
 pub(crate) struct RowsView<'a> {
     bytes: std::borrow::Cow<'a, [u8]>,
@@ -292,8 +318,9 @@ pub enum WeightLayout {
     /// Each run of 4 rows (`4t..4t + 4`) interleaved by the tile's step (a "unit": Q4_0 4
     /// blocks, Q8_0 2 blocks, a K-quant super-block, 16 F16/BF16 values): unit 0 of the 4
     /// rows, then unit 1 of the 4 rows… The bytes of the 4 rows stay where they were, so a
-    /// run of rows is still a contiguous byte range. Rows past the last whole run of 4 are
-    /// stored as in the file.
+    /// run of rows is still a contiguous byte range. A Q4_0 unit holds its 4 block scales,
+    /// then its 4 × 16 quant bytes. Rows past the last whole run of 4 are stored as in the
+    /// file.
     Tiles4,
 }
 
@@ -375,11 +402,18 @@ impl QWeight {
             for g in 0..upr {
                 for r in 0..4 {
                     let (natural, packed) = (r * rb + g * unit, (g * 4 + r) * unit);
-                    let (from, to) = match layout {
-                        WeightLayout::Tiles4 => (natural, packed),
-                        WeightLayout::Natural => (packed, natural),
-                    };
-                    tile[to..to + unit].copy_from_slice(&tmp[from..from + unit]);
+                    match layout {
+                        WeightLayout::Tiles4 => unit_to_tiled(
+                            self.format,
+                            &tmp[natural..natural + unit],
+                            &mut tile[packed..packed + unit],
+                        ),
+                        WeightLayout::Natural => unit_to_file(
+                            self.format,
+                            &tmp[packed..packed + unit],
+                            &mut tile[natural..natural + unit],
+                        ),
+                    }
                 }
             }
         }
@@ -482,7 +516,12 @@ impl QWeight {
     }
 
     /// Row `r` in place, whatever the layout, a block at a time (the K-quant prefill panels).
+    /// Not for Q4_0, whose tiled units keep the block scales apart from the quants.
     pub(crate) fn row_units(&self, r: usize) -> RowUnits<'_> {
+        debug_assert!(
+            self.format != QuantFormat::Q4_0,
+            "Q4_0 blocks are split when tiled"
+        );
         let rb = self.row_bytes();
         let unit = tile_unit(self.format);
         let block_bytes = self.format.block_bytes();
@@ -510,10 +549,10 @@ impl QWeight {
         }
         let unit = tile_unit(self.format);
         let tile = &self.data[r / 4 * 4 * rb..(r / 4 + 1) * 4 * rb];
-        buf.clear();
-        for g in 0..rb / unit {
+        buf.resize(rb, 0);
+        for (g, dst) in buf.chunks_exact_mut(unit).enumerate() {
             let at = (g * 4 + r % 4) * unit;
-            buf.extend_from_slice(&tile[at..at + unit]);
+            unit_to_file(self.format, &tile[at..at + unit], dst);
         }
         buf
     }

@@ -376,11 +376,12 @@ impl<'a, const U: usize, const NR: usize> TileRows<'a, U, NR> {
     }
 }
 
-/// A decode tile of a 32-block format over its group function: `$unit` weight bytes per row
-/// per step (`$blocks` blocks of 32), against `32·$blocks` activation values, `$blocks`
-/// scales and corrections per activation row.
+/// A decode tile of a 32-block format over its group functions (for units in file order and
+/// as `Tiles4` stores them): `$unit` weight bytes per row per step (`$blocks` blocks of 32),
+/// against `32·$blocks` activation values, `$blocks` scales and corrections per activation
+/// row.
 macro_rules! block32_tile {
-    ($name:ident, $group:ident, $unit:literal, $blocks:literal) => {
+    ($name:ident, $group:ident, $tiled_group:ident, $unit:literal, $blocks:literal) => {
         #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
         fn $name<const MR: usize, const NR: usize, const PACKED: bool>(
@@ -412,7 +413,11 @@ macro_rules! block32_tile {
                 for i in 1..MR {
                     a[i] = (&qs[i][g], &d[i][g], &corr[i][g]);
                 }
-                $group(rows.get::<PACKED>(g), a, &mut acc);
+                if PACKED {
+                    $tiled_group(rows.get::<PACKED>(g), a, &mut acc);
+                } else {
+                    $group(rows.get::<PACKED>(g), a, &mut acc);
+                }
             }
             if let Some(tail) = rows.tail() {
                 let mut w = [&tail[0]; NR];
@@ -478,7 +483,43 @@ fn q4_0_group<const MR: usize, const NR: usize>(
     }
 }
 
-block32_tile!(q4_0_tile, q4_0_group, 72, 4);
+/// As [`q4_0_group`] on units stored by `Tiles4`: the 4 block scales, then the 4 blocks'
+/// 16 quant bytes, already in the activations' order (no byte permutes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+fn q4_0_group_tiled<const MR: usize, const NR: usize>(
+    w: [&[u8; 72]; NR],
+    a: [Q4Act; MR],
+    acc: &mut [[__m512; NR]; MR],
+) {
+    let exp4 = ld512(&EXPAND4, 0);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let mut wlo = [_mm512_setzero_si512(); NR];
+    let mut whi = [_mm512_setzero_si512(); NR];
+    let mut dw = [_mm512_setzero_ps(); NR];
+    for r in 0..NR {
+        let q = ld512(w[r], 8);
+        wlo[r] = _mm512_and_si512(q, m4);
+        whi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+        let d = _mm_cvtph_ps(ld128(w[r], 0));
+        dw[r] = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(d));
+    }
+    for i in 0..MR {
+        let (qs, d, corr) = a[i];
+        let alo = ld512_i8(qs, 0);
+        let ahi = ld512_i8(qs, 64);
+        let da = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(ld128_ps(d, 0)));
+        let c = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(ld128_ps(corr, 0)));
+        for r in 0..NR {
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo[r], alo);
+            let p = _mm512_dpbusd_epi32(p, whi[r], ahi);
+            let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(p), da, c);
+            acc[i][r] = _mm512_fmadd_ps(t, dw[r], acc[i][r]);
+        }
+    }
+}
+
+block32_tile!(q4_0_tile, q4_0_group, q4_0_group_tiled, 72, 4);
 
 // ---------------------------------------------------------------------------------------------
 // Q8_0 × Q8 (Natural32 layout): per pair of blocks, weights flipped to q + 128; lanes 0–7 are
@@ -526,7 +567,7 @@ fn ld64_ps(v: [f32; 2]) -> __m128 {
     _mm_setr_ps(v[0], v[1], 0.0, 0.0)
 }
 
-block32_tile!(q8_0_tile, q8_0_group, 68, 2);
+block32_tile!(q8_0_tile, q8_0_group, q8_0_group, 68, 2);
 
 // ---------------------------------------------------------------------------------------------
 // K-quants × Q8_K (Super256 layout): per super-block, 4 chunks of 64 values; the integer sum
@@ -818,8 +859,13 @@ struct PanelRows<'a> {
     valid: __mmask16,
     start: __m512i,
     stride: __m512i,
+    /// Per row, the step between blocks of one unit: for the f16 scale, and for the values,
+    /// which start `quant_at` into the first block (a tiled Q4_0 unit keeps its 4 scales
+    /// first, then 4 × 16 quant bytes; file order keeps each scale before its quants).
+    scale_step: __m512i,
+    quant_at: __m512i,
+    quant_step: __m512i,
     log2: usize,
-    bb: usize,
 }
 
 impl<'a> PanelRows<'a> {
@@ -838,43 +884,71 @@ impl<'a> PanelRows<'a> {
             end
         };
         let src = w.rows_bytes(first..end);
-        let last = w.cols() / w.format().block_size() - 1;
+        let last = rb / bb - 1;
         let log2 = (unit / bb).trailing_zeros() as usize;
+        let header = match w.format() {
+            QuantFormat::Q4_0 | QuantFormat::Q8_0 => 2,
+            _ => 0,
+        };
+        let small = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
         let mut start = [0i32; 16];
         let mut stride = [0i32; 16];
+        let mut steps = [[small(bb); 16]; 2];
+        let mut quant_at = [small(header); 16];
         assert!(rows <= 16 && i32::try_from(src.len()).is_ok());
         for r in 0..rows {
             let j = j0 + r;
-            let (s0, st) = if j < tiled {
-                ((j / 4 * 4 - first) * rb + j % 4 * unit, 4 * unit)
+            let (s0, st, row_end) = if j < tiled {
+                if w.format() == QuantFormat::Q4_0 {
+                    (steps[0][r], quant_at[r], steps[1][r]) = (2, 8, 16);
+                }
+                let s0 = (j / 4 * 4 - first) * rb + j % 4 * unit;
+                (s0, 4 * unit, s0 + (last >> log2) * 4 * unit + unit)
             } else {
-                ((j - first) * rb, unit)
+                let s0 = (j - first) * rb;
+                (s0, unit, s0 + rb)
             };
-            // The row's last block ends inside `src`, and so do all its blocks.
-            assert!(s0 + (last >> log2) * st + (last & ((1 << log2) - 1)) * bb + bb <= src.len());
-            start[r] = i32::try_from(s0).unwrap_or(i32::MAX);
-            stride[r] = i32::try_from(st).unwrap_or(i32::MAX);
+            // The row's last unit (tiled) or last block (file order) ends inside `src`.
+            assert!(row_end <= src.len());
+            start[r] = small(s0);
+            stride[r] = small(st);
         }
         Self {
             src,
             valid: u16::try_from((1u32 << rows) - 1).unwrap_or(u16::MAX),
             start: ld512_i32(&start),
             stride: ld512_i32(&stride),
+            scale_step: ld512_i32(&steps[0]),
+            quant_at: ld512_i32(&quant_at),
+            quant_step: ld512_i32(&steps[1]),
             log2,
-            bb,
         }
     }
 
-    /// Each row's offset of block `b`.
+    /// Each row's offset of unit `b >> log2` and `b`'s index in it.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn block(&self, b: usize) -> __m512i {
+    fn unit(&self, b: usize) -> (__m512i, __m512i) {
         let unit = _mm512_mullo_epi32(_mm512_set1_epi32((b >> self.log2) as i32), self.stride);
-        let within = ((b & ((1 << self.log2) - 1)) * self.bb) as i32;
-        _mm512_add_epi32(
-            _mm512_add_epi32(self.start, unit),
-            _mm512_set1_epi32(within),
-        )
+        let within = _mm512_set1_epi32((b & ((1 << self.log2) - 1)) as i32);
+        (_mm512_add_epi32(self.start, unit), within)
+    }
+
+    /// Each row's offset of block `b`'s f16 scale.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn scale(&self, b: usize) -> __m512i {
+        let (unit, within) = self.unit(b);
+        _mm512_add_epi32(unit, _mm512_mullo_epi32(within, self.scale_step))
+    }
+
+    /// Each row's offset of block `b`'s values (F16/BF16: value `b`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn quants(&self, b: usize) -> __m512i {
+        let (unit, within) = self.unit(b);
+        let at = _mm512_add_epi32(unit, self.quant_at);
+        _mm512_add_epi32(at, _mm512_mullo_epi32(within, self.quant_step))
     }
 }
 
@@ -892,11 +966,12 @@ fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let flip = _mm512_set1_epi8(-128);
     let base = src.as_ptr();
     for b in 0..nb {
-        let at = at.block(b);
-        let gather = |off: i32| {
-            // SAFETY: each lane of `valid` reads 4 bytes at `at + off`, inside its row's block
-            // b (bytes 0–3, or 2 + 4q..6 + 4q with 6 + 4q ≤ the block's bytes), which lies in
-            // `src` (`PanelRows::new`); the other lanes read nothing and are zero.
+        let (scale, quants) = (at.scale(b), at.quants(b));
+        let gather = |at: __m512i, off: i32| {
+            // SAFETY: each lane of `valid` reads 4 bytes at `at + off`, inside its row's unit
+            // holding block b (its scale's 2 bytes and the next 2, or quant bytes 4q..4q + 4
+            // of the block's 16 or 32), which lies in `src` (`PanelRows::new`); the other
+            // lanes read nothing and are zero.
             unsafe {
                 _mm512_mask_i32gather_epi32::<1>(
                     _mm512_setzero_si512(),
@@ -907,16 +982,16 @@ fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
             }
         };
         let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(0)));
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(scale, 0)));
         st512(dst, 512, _mm512_castps_si512(d));
         if q8 {
             for q in 0..8 {
-                let v = _mm512_maskz_xor_epi32(valid, gather(2 + 4 * q as i32), flip);
+                let v = _mm512_maskz_xor_epi32(valid, gather(quants, 4 * q as i32), flip);
                 st512(dst, q * 64, v);
             }
         } else {
             for q in 0..4 {
-                let v = gather(2 + 4 * q as i32);
+                let v = gather(quants, 4 * q as i32);
                 st512(dst, q * 64, _mm512_and_si512(v, m4));
                 st512(
                     dst,
@@ -1071,7 +1146,7 @@ fn build_half_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [f32]) {
             _mm512_mask_i32gather_epi32::<1>(
                 _mm512_setzero_si512(),
                 valid,
-                at.block(kk),
+                at.quants(kk),
                 src.as_ptr().cast(),
             )
         };
