@@ -455,7 +455,6 @@ fn q4_0_group<const MR: usize, const NR: usize>(
 ) {
     let idx_qs = ld512(&Q4_0_QS, 0);
     let idx_sc = ld512(&Q4_0_SC, 0);
-    let exp4 = ld512(&EXPAND4, 0);
     let m4 = _mm512_set1_epi8(0x0F);
     let mut wlo = [_mm512_setzero_si512(); NR];
     let mut whi = [_mm512_setzero_si512(); NR];
@@ -468,6 +467,21 @@ fn q4_0_group<const MR: usize, const NR: usize>(
         whi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
         dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(idx_sc, lo)));
     }
+    q4_0_accumulate(&wlo, &whi, &dw, a, acc);
+}
+
+/// The 4 blocks' low and high nibbles (`wlo`, `whi`) of `NR` weight rows and their scales in
+/// lane quads (`dw`) against `MR` activation rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+fn q4_0_accumulate<const MR: usize, const NR: usize>(
+    wlo: &[__m512i; NR],
+    whi: &[__m512i; NR],
+    dw: &[__m512; NR],
+    a: [Q4Act; MR],
+    acc: &mut [[__m512; NR]; MR],
+) {
+    let exp4 = ld512(&EXPAND4, 0);
     for i in 0..MR {
         let (qs, d, corr) = a[i];
         let alo = ld512_i8(qs, 0);
@@ -504,19 +518,7 @@ fn q4_0_group_tiled<const MR: usize, const NR: usize>(
         let d = _mm_cvtph_ps(ld128(w[r], 0));
         dw[r] = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(d));
     }
-    for i in 0..MR {
-        let (qs, d, corr) = a[i];
-        let alo = ld512_i8(qs, 0);
-        let ahi = ld512_i8(qs, 64);
-        let da = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(ld128_ps(d, 0)));
-        let c = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(ld128_ps(corr, 0)));
-        for r in 0..NR {
-            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo[r], alo);
-            let p = _mm512_dpbusd_epi32(p, whi[r], ahi);
-            let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(p), da, c);
-            acc[i][r] = _mm512_fmadd_ps(t, dw[r], acc[i][r]);
-        }
-    }
+    q4_0_accumulate(&wlo, &whi, &dw, a, acc);
 }
 
 block32_tile!(q4_0_tile, q4_0_group, q4_0_group_tiled, 72, 4);
