@@ -942,7 +942,7 @@ fn split_rows(
         });
     }
     // In file order, so each part is a plain byte range (each part is then stored as fits).
-    let whole = QWeight::from_qtensor(name, t)?.with_layout(WeightLayout::Natural);
+    let whole = QWeight::from_qtensor_in(name, t, WeightLayout::Natural)?;
     let all = whole.file_bytes();
     if rows.iter().sum::<usize>() != whole.rows() {
         return Err(Error::BadQuantTensor {

@@ -324,6 +324,18 @@ pub enum WeightLayout {
     Tiles4,
 }
 
+impl WeightLayout {
+    /// The layout this CPU's fastest kernels read in place: `Tiles4` for the AVX-512 decode
+    /// tiles and prefill panels, file order for the AVX2 and scalar paths.
+    fn for_this_cpu() -> Self {
+        if KernelPath::detect() == KernelPath::Avx512Vnni {
+            WeightLayout::Tiles4
+        } else {
+            WeightLayout::Natural
+        }
+    }
+}
+
 impl fmt::Debug for QWeight {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QWeight")
@@ -337,7 +349,9 @@ impl fmt::Debug for QWeight {
 }
 
 impl QWeight {
-    /// A weight from its raw file bytes (row-major, `rows` rows of `cols` values each).
+    /// A weight from its raw file bytes (row-major, `rows` rows of `cols` values each),
+    /// stored as this CPU's fastest kernels read it: [`WeightLayout::Tiles4`] on the AVX-512
+    /// path (the AVX2 and scalar paths gather rows back into file order).
     ///
     /// Errors name the tensor when `cols` is not a multiple of the format's block or the
     /// byte count does not match the shape.
@@ -347,6 +361,18 @@ impl QWeight {
         rows: usize,
         cols: usize,
         data: Vec<u8>,
+    ) -> Result<Self> {
+        Self::from_bytes_in(name, format, rows, cols, data, WeightLayout::for_this_cpu())
+    }
+
+    /// As [`QWeight::from_bytes`], stored in `layout` (see [`QWeight::with_layout`]).
+    fn from_bytes_in(
+        name: &str,
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        data: Vec<u8>,
+        layout: WeightLayout,
     ) -> Result<Self> {
         let bs = format.block_size();
         if cols == 0 || rows == 0 || !cols.is_multiple_of(bs) {
@@ -376,13 +402,7 @@ impl QWeight {
             data,
             layout: WeightLayout::Natural,
         };
-        // The AVX-512 kernels read the interleaved layout in place (decode tiles, prefill
-        // panels); the AVX2 and scalar paths gather rows back into file order (`rows_view`).
-        Ok(if KernelPath::detect() == KernelPath::Avx512Vnni {
-            weight.with_layout(WeightLayout::Tiles4)
-        } else {
-            weight
-        })
+        Ok(weight.with_layout(layout))
     }
 
     /// The same weight stored in `layout` (the bytes are reordered in place). A weight whose
@@ -434,8 +454,18 @@ impl QWeight {
         }
     }
 
-    /// A weight from a candle `QTensor` of shape `[rows, cols]` (its bytes are copied once).
+    /// A weight from a candle `QTensor` of shape `[rows, cols]` (its bytes are copied once),
+    /// stored as [`QWeight::from_bytes`] stores it.
     pub fn from_qtensor(name: &str, tensor: &QTensor) -> Result<Self> {
+        Self::from_qtensor_in(name, tensor, WeightLayout::for_this_cpu())
+    }
+
+    /// As [`QWeight::from_qtensor`], stored in `layout`.
+    pub(crate) fn from_qtensor_in(
+        name: &str,
+        tensor: &QTensor,
+        layout: WeightLayout,
+    ) -> Result<Self> {
         let dtype = tensor.dtype();
         let Some(format) = QuantFormat::from_ggml(dtype) else {
             return Err(Error::BadQuantTensor {
@@ -451,7 +481,7 @@ impl QWeight {
             });
         };
         let data = tensor.data()?.into_owned();
-        Self::from_bytes(name, format, rows, cols, data)
+        Self::from_bytes_in(name, format, rows, cols, data, layout)
     }
 
     /// The tensor's name (used in errors).

@@ -376,12 +376,12 @@ impl<'a, const U: usize, const NR: usize> TileRows<'a, U, NR> {
     }
 }
 
-/// A decode tile of a 32-block format over its group functions (for units in file order and
-/// as `Tiles4` stores them): `$unit` weight bytes per row per step (`$blocks` blocks of 32),
+/// A decode tile of a 32-block format over its group function (`TILED`: units as `Tiles4`
+/// stores them, else in file order): `$unit` weight bytes per row per step (`$blocks` blocks of 32),
 /// against `32·$blocks` activation values, `$blocks` scales and corrections per activation
 /// row.
 macro_rules! block32_tile {
-    ($name:ident, $group:ident, $tiled_group:ident, $unit:literal, $blocks:literal) => {
+    ($name:ident, $group:ident, $unit:literal, $blocks:literal) => {
         #[inline(never)]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
         fn $name<const MR: usize, const NR: usize, const PACKED: bool>(
@@ -413,11 +413,7 @@ macro_rules! block32_tile {
                 for i in 1..MR {
                     a[i] = (&qs[i][g], &d[i][g], &corr[i][g]);
                 }
-                if PACKED {
-                    $tiled_group(rows.get::<PACKED>(g), a, &mut acc);
-                } else {
-                    $group(rows.get::<PACKED>(g), a, &mut acc);
-                }
+                $group::<MR, NR, PACKED>(rows.get::<PACKED>(g), a, &mut acc);
             }
             if let Some(tail) = rows.tail() {
                 let mut w = [&tail[0]; NR];
@@ -428,7 +424,7 @@ macro_rules! block32_tile {
                 for i in 1..MR {
                     a[i] = (&qs[i][full], &d[i][full], &corr[i][full]);
                 }
-                $group(w, a, &mut acc);
+                $group::<MR, NR, false>(w, a, &mut acc);
             }
             reduce(&acc)
         }
@@ -446,42 +442,35 @@ macro_rules! block32_tile {
 /// One activation row's share of a Q4_0 group: 128 values, 4 block scales, 4 corrections.
 type Q4Act<'a> = (&'a [i8; 128], &'a [f32; 4], &'a [f32; 4]);
 
+/// One group of 4 blocks of `NR` weight rows against `MR` activation rows. `TILED`: the units
+/// as `Tiles4` stores them (the 4 block scales, then the 4 blocks' 16 quant bytes, already in
+/// the activations' order); else in file order, gathered with byte permutes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q4_0_group<const MR: usize, const NR: usize>(
+fn q4_0_group<const MR: usize, const NR: usize, const TILED: bool>(
     w: [&[u8; 72]; NR],
     a: [Q4Act; MR],
     acc: &mut [[__m512; NR]; MR],
 ) {
-    let idx_qs = ld512(&Q4_0_QS, 0);
-    let idx_sc = ld512(&Q4_0_SC, 0);
+    let exp4 = ld512(&EXPAND4, 0);
     let m4 = _mm512_set1_epi8(0x0F);
     let mut wlo = [_mm512_setzero_si512(); NR];
     let mut whi = [_mm512_setzero_si512(); NR];
     let mut dw = [_mm512_setzero_ps(); NR];
     for r in 0..NR {
-        let lo = ld512(w[r], 0);
-        let hi = ld512(w[r], 8);
-        let q = _mm512_permutex2var_epi8(lo, idx_qs, hi);
+        let q = if TILED {
+            let d = _mm_cvtph_ps(ld128(w[r], 0));
+            dw[r] = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(d));
+            ld512(w[r], 8)
+        } else {
+            let lo = ld512(w[r], 0);
+            let idx_sc = ld512(&Q4_0_SC, 0);
+            dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(idx_sc, lo)));
+            _mm512_permutex2var_epi8(lo, ld512(&Q4_0_QS, 0), ld512(w[r], 8))
+        };
         wlo[r] = _mm512_and_si512(q, m4);
         whi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
-        dw[r] = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi8(idx_sc, lo)));
     }
-    q4_0_accumulate(&wlo, &whi, &dw, a, acc);
-}
-
-/// The 4 blocks' low and high nibbles (`wlo`, `whi`) of `NR` weight rows and their scales in
-/// lane quads (`dw`) against `MR` activation rows.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q4_0_accumulate<const MR: usize, const NR: usize>(
-    wlo: &[__m512i; NR],
-    whi: &[__m512i; NR],
-    dw: &[__m512; NR],
-    a: [Q4Act; MR],
-    acc: &mut [[__m512; NR]; MR],
-) {
-    let exp4 = ld512(&EXPAND4, 0);
     for i in 0..MR {
         let (qs, d, corr) = a[i];
         let alo = ld512_i8(qs, 0);
@@ -497,31 +486,7 @@ fn q4_0_accumulate<const MR: usize, const NR: usize>(
     }
 }
 
-/// As [`q4_0_group`] on units stored by `Tiles4`: the 4 block scales, then the 4 blocks'
-/// 16 quant bytes, already in the activations' order (no byte permutes).
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q4_0_group_tiled<const MR: usize, const NR: usize>(
-    w: [&[u8; 72]; NR],
-    a: [Q4Act; MR],
-    acc: &mut [[__m512; NR]; MR],
-) {
-    let exp4 = ld512(&EXPAND4, 0);
-    let m4 = _mm512_set1_epi8(0x0F);
-    let mut wlo = [_mm512_setzero_si512(); NR];
-    let mut whi = [_mm512_setzero_si512(); NR];
-    let mut dw = [_mm512_setzero_ps(); NR];
-    for r in 0..NR {
-        let q = ld512(w[r], 8);
-        wlo[r] = _mm512_and_si512(q, m4);
-        whi[r] = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
-        let d = _mm_cvtph_ps(ld128(w[r], 0));
-        dw[r] = _mm512_permutexvar_ps(exp4, _mm512_castps128_ps512(d));
-    }
-    q4_0_accumulate(&wlo, &whi, &dw, a, acc);
-}
-
-block32_tile!(q4_0_tile, q4_0_group, q4_0_group_tiled, 72, 4);
+block32_tile!(q4_0_tile, q4_0_group, 72, 4);
 
 // ---------------------------------------------------------------------------------------------
 // Q8_0 × Q8 (Natural32 layout): per pair of blocks, weights flipped to q + 128; lanes 0–7 are
@@ -530,9 +495,11 @@ block32_tile!(q4_0_tile, q4_0_group, q4_0_group_tiled, 72, 4);
 /// One activation row's share of a Q8_0 pair of blocks: 64 values, 2 scales, 2 corrections.
 type Q8Act<'a> = (&'a [i8; 64], &'a [f32; 2], &'a [f32; 2]);
 
+/// One pair of blocks of `NR` weight rows against `MR` activation rows (a Q8_0 unit is the
+/// same in both layouts, so `_TILED` changes nothing).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn q8_0_group<const MR: usize, const NR: usize>(
+fn q8_0_group<const MR: usize, const NR: usize, const _TILED: bool>(
     w: [&[u8; 68]; NR],
     a: [Q8Act; MR],
     acc: &mut [[__m512; NR]; MR],
@@ -569,7 +536,7 @@ fn ld64_ps(v: [f32; 2]) -> __m128 {
     _mm_setr_ps(v[0], v[1], 0.0, 0.0)
 }
 
-block32_tile!(q8_0_tile, q8_0_group, q8_0_group, 68, 2);
+block32_tile!(q8_0_tile, q8_0_group, 68, 2);
 
 // ---------------------------------------------------------------------------------------------
 // K-quants × Q8_K (Super256 layout): per super-block, 4 chunks of 64 values; the integer sum
