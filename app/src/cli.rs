@@ -508,6 +508,7 @@ fn run_bench_generate(args: &BenchGenerateArgs) -> Result<()> {
                 "decode_tok_s": decode,
                 "ttft_ms": ttft,
                 "peak_rss_mb": peak,
+                "cpu_path": studio_inference::quant::KernelPath::detect().to_string(),
             })
         );
     } else {
@@ -519,6 +520,10 @@ fn run_bench_generate(args: &BenchGenerateArgs) -> Result<()> {
         println!("decode       {decode:10.1} tok/s");
         println!("first token  {ttft:10.1} ms");
         println!("peak RSS     {peak:10.1} MiB");
+        println!(
+            "CPU kernels  {} (STUDIO_CPU_PATH forces one)",
+            studio_inference::quant::KernelPath::detect()
+        );
     }
     Ok(())
 }

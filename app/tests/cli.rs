@@ -246,3 +246,60 @@ fn chat_applies_the_models_template_and_prints_json_lines() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("plain transcript"));
 }
+
+/// Runs `studio` with `STUDIO_CPU_PATH` set to `value`.
+fn studio_on_path(value: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_studio"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .env("STUDIO_CPU_PATH", value)
+        .output()
+        .expect("run studio")
+}
+
+#[test]
+fn studio_cpu_path_forces_a_path_and_refuses_a_bad_one() {
+    use studio_inference::quant::KernelPath;
+    let m = model();
+    let bench = [
+        "bench",
+        "generate",
+        "--model",
+        path(m.path()),
+        "--prompt-tokens",
+        "4",
+        "--gen-tokens",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+    ];
+    let out = studio_on_path("scalar", &bench);
+    let json: serde_json::Value =
+        serde_json::from_str(cli_common::ok(&out).trim()).expect("one JSON object");
+    assert_eq!(json["cpu_path"], "scalar", "{json}");
+
+    let err = cli_common::failed(&studio_on_path("avx1024", &bench));
+    assert!(
+        err.contains("STUDIO_CPU_PATH") && err.contains("avx512, avx2 or scalar"),
+        "{err}"
+    );
+    match KernelPath::ALL.into_iter().find(|p| !p.cpu_has()) {
+        Some(missing) => {
+            let name = match missing {
+                KernelPath::Avx512Vnni => "avx512",
+                KernelPath::Avx2 => "avx2",
+                KernelPath::Scalar => "scalar",
+            };
+            let err = cli_common::failed(&studio_on_path(name, &bench));
+            assert!(
+                err.contains("this CPU lacks") && err.contains(&missing.to_string()),
+                "{err}"
+            );
+        }
+        None => eprintln!(
+            "skipped the lacking-path case: this CPU has every kernel path ({:?})",
+            KernelPath::ALL
+        ),
+    }
+}

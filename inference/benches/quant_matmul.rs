@@ -5,7 +5,8 @@
 //! `cargo bench -p studio-inference --bench quant_matmul [-- FORMAT… SHAPE… --m M… --threads N…
 //! --path PATH]` (formats as `Q4_0`, `Q4_K`…; shapes by the names below: `gate/up`, `down`,
 //! `q/o`, `lm_head`; `PATH` one of `avx512-vnni`, `avx2`, `scalar`, default the fastest the CPU
-//! offers: a slower path can be measured on a CPU that has a faster one)
+//! offers: a slower path can be measured on a CPU that has a faster one; the children run with
+//! `STUDIO_CPU_PATH` set to it, so the weights are stored as that path reads them)
 //!
 //! Both sides use rayon's global pool, which reads `RAYON_NUM_THREADS` once, so each thread
 //! count runs in a child process of this binary with that variable set (default: 1 and 2).
@@ -19,7 +20,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use studio_inference::quant::{KernelPath, QWeight, QuantFormat};
+use studio_inference::quant::{CPU_PATH_ENV, KernelPath, QWeight, QuantFormat};
 
 const SHAPES: [(usize, usize, &str); 4] = [
     (896, 4864, "gate/up"),
@@ -37,13 +38,27 @@ fn random_weight(format: QuantFormat, n: usize, k: usize, rng: &mut StdRng) -> V
     // A small positive f16 (≈ 0.004) wherever the format keeps a scale.
     let scale = 0x1C00u16.to_le_bytes();
     let put = |blk: &mut [u8], at: usize| blk[at..at + 2].copy_from_slice(&scale);
+    let scales: &[usize] = match format {
+        QuantFormat::Q4_0 | QuantFormat::Q5_0 | QuantFormat::Q8_0 => &[0],
+        QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4K | QuantFormat::Q5K => &[0, 2],
+        QuantFormat::Q2K => &[80, 82],
+        QuantFormat::Q3K => &[108],
+        QuantFormat::Q6K => &[208],
+        QuantFormat::F16 | QuantFormat::BF16 => &[],
+    };
     match format {
-        QuantFormat::Q4_0 | QuantFormat::Q8_0 => data.chunks_exact_mut(bb).for_each(|b| put(b, 0)),
-        QuantFormat::Q4K | QuantFormat::Q5K => data.chunks_exact_mut(bb).for_each(|b| {
-            put(b, 0);
-            put(b, 2);
-        }),
-        QuantFormat::Q6K => data.chunks_exact_mut(bb).for_each(|b| put(b, 208)),
+        QuantFormat::Q4_0
+        | QuantFormat::Q4_1
+        | QuantFormat::Q5_0
+        | QuantFormat::Q5_1
+        | QuantFormat::Q8_0
+        | QuantFormat::Q2K
+        | QuantFormat::Q3K
+        | QuantFormat::Q4K
+        | QuantFormat::Q5K
+        | QuantFormat::Q6K => data
+            .chunks_exact_mut(bb)
+            .for_each(|b| scales.iter().for_each(|&at| put(b, at))),
         QuantFormat::F16 => data.chunks_exact_mut(2).for_each(|b| {
             let v = 0x2000u16 | (u16::from_le_bytes([b[0], b[1]]) & 0x83FF);
             b.copy_from_slice(&v.to_le_bytes());
@@ -196,6 +211,8 @@ fn main() {
             .args(["--path".to_owned(), path.to_string()])
             .env("QUANT_BENCH_CHILD", "1")
             .env("RAYON_NUM_THREADS", t.to_string())
+            // The weights are then stored as that path reads them (file order below AVX-512).
+            .env(CPU_PATH_ENV, path.to_string())
             .status()
             .expect("child bench");
         assert!(status.success(), "the {t}-thread run failed");

@@ -35,6 +35,10 @@ pub struct GgufOptions {
     pub overrides: Vec<(String, Value)>,
     /// Tensors left out (for missing-tensor tests).
     pub skip_tensors: Vec<String>,
+    /// Per-tensor types, as llama-quantize's mixes (Q4_K_M…) write them: the first entry whose
+    /// name ends the tensor's name gives its type instead of `dtype` (1-D tensors, and rows
+    /// that are not whole blocks of it, still stay F32).
+    pub tensor_types: Vec<(String, GgmlDType)>,
 }
 
 impl Default for GgufOptions {
@@ -46,6 +50,7 @@ impl Default for GgufOptions {
             sentencepiece: false,
             overrides: Vec::new(),
             skip_tensors: Vec::new(),
+            tensor_types: Vec::new(),
         }
     }
 }
@@ -474,7 +479,14 @@ pub fn convert(dir: &Path, out: &Path, opts: &GgufOptions) {
     let qtensors: Vec<(String, QTensor)> = converted
         .iter()
         .filter(|(n, _)| !opts.skip_tensors.contains(n))
-        .map(|(n, t)| (n.clone(), quantize(t, opts.dtype)))
+        .map(|(n, t)| {
+            let dtype = opts
+                .tensor_types
+                .iter()
+                .find(|(suffix, _)| n.ends_with(suffix.as_str()))
+                .map_or(opts.dtype, |&(_, d)| d);
+            (n.clone(), quantize(t, dtype))
+        })
         .collect();
 
     let vocab_size = usize_of(&config, "vocab_size").expect("vocab");

@@ -165,6 +165,110 @@ fn studio_model_matches_candle_teacher_forced() {
     println!("{}", report.join("\n"));
 }
 
+/// Teacher-forced logits of Studio's model and candle's on `path` (Qwen2): the largest
+/// relative difference and the greedy agreement over 16 steps after [`PROMPT`].
+fn teacher_forced(path: &Path) -> (QuantLlama, f32, f32) {
+    let mut ours = load_studio(path);
+    let mut theirs = load_candle("qwen2", path);
+    let mut tokens = PROMPT.to_vec();
+    let (mut max_diff, mut same) = (0.0f32, 0usize);
+    let mut a = vec1(&ours.forward(&tokens, 0, false).expect("prefill"));
+    let mut b = theirs.forward(&tokens, 0);
+    for _ in 0..16 {
+        max_diff = max_diff.max(rel_diff(&b, &a));
+        let want = argmax(&b);
+        same += usize::from(argmax(&a) == want);
+        let pos = tokens.len();
+        tokens.push(want);
+        a = vec1(&ours.forward(&[want], pos, false).expect("step"));
+        b = theirs.forward(&[want], pos);
+    }
+    (ours, max_diff, same as f32 / 16.0)
+}
+
+/// Files whose tensors mix formats as llama-quantize writes them, against candle on the same
+/// file: a Q4_K_M mix at a width that is not a multiple of 256 (llama-quantize's fallbacks:
+/// Q4_K → Q5_0 for the K = 192 weights, Q6_K → Q8_0 for `attn_v` and the tied output; the
+/// K = 512 `ffn_down` stays Q6_K, as in the first and last layers of a real Q4_K_M), and a
+/// file with every other format Studio reads (Q2_K, Q3_K, Q4_1, Q5_1, Q4_K, Q5_K).
+///
+/// Bounds: the relative logit difference stays under 0.25 and greedy agreement at least 0.75,
+/// as for the uniform Q4_0/Q8_0 files above (both sides round the activations of the 32-block
+/// formats to 8 bits their own way; this tiny random network amplifies that).
+#[test]
+fn mixed_format_files_match_candle_teacher_forced() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let types = |list: &[(&str, GgmlDType)]| -> Vec<(String, GgmlDType)> {
+        list.iter().map(|&(n, d)| (n.to_owned(), d)).collect()
+    };
+    let q4_k_m = (
+        "q4_k_m-192",
+        json!({"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 3,
+               "num_key_value_heads": 1, "head_dim": 64}),
+        types(&[
+            ("token_embd.weight", GgmlDType::Q8_0),
+            ("output.weight", GgmlDType::Q8_0),
+            ("attn_v.weight", GgmlDType::Q8_0),
+            ("ffn_down.weight", GgmlDType::Q6K),
+        ]),
+        GgmlDType::Q5_0,
+    );
+    let every = (
+        "every-format-256",
+        json!({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 64}),
+        types(&[
+            ("token_embd.weight", GgmlDType::Q8_0),
+            ("output.weight", GgmlDType::Q6K),
+            ("attn_q.weight", GgmlDType::Q2K),
+            ("attn_k.weight", GgmlDType::Q3K),
+            ("attn_v.weight", GgmlDType::Q5_1),
+            ("attn_output.weight", GgmlDType::Q4_1),
+            ("ffn_gate.weight", GgmlDType::Q4K),
+            ("ffn_up.weight", GgmlDType::Q5K),
+            ("ffn_down.weight", GgmlDType::Q3K),
+        ]),
+        GgmlDType::Q4K,
+    );
+    let mut report = Vec::new();
+    for (name, config, tensor_types, dtype) in [q4_k_m, every] {
+        let sub = tmp.path().join(name);
+        std::fs::create_dir_all(&sub).expect("dir");
+        write_family_with(&sub, "qwen2", &config, 13);
+        let path = sub.join("model.gguf");
+        let opts = GgufOptions {
+            tensor_types: tensor_types.clone(),
+            ..GgufOptions::with_dtype(dtype)
+        };
+        convert(&sub, &path, &opts);
+        let (ours, max_diff, rate) = teacher_forced(&path);
+        let formats: Vec<QuantFormat> = tensor_types
+            .iter()
+            .map(|&(_, d)| d)
+            .chain([dtype])
+            .map(|d| QuantFormat::from_ggml(d).expect("format"))
+            .collect();
+        if formats.iter().all(|&f| preferred(f, KernelPath::detect())) {
+            assert!(
+                ours.fallbacks().is_empty(),
+                "{name}: {:?}",
+                ours.fallbacks()
+            );
+            assert_eq!(ours.studio_weights(), 15, "{name}");
+        } else {
+            assert!(!ours.fallbacks().is_empty(), "{name}");
+        }
+        report.push(format!(
+            "{name}: max relative logit difference {max_diff:.1e}, greedy agreement {rate:.2}, \
+             fallbacks {:?}",
+            ours.fallbacks()
+        ));
+        assert!(max_diff < 0.25, "{name}: logits differ by {max_diff}");
+        assert!(rate >= 0.75, "{name}: greedy agreement {rate}");
+    }
+    println!("{}", report.join("\n"));
+}
+
 #[test]
 fn kv_cache_steps_match_a_full_prefill_and_truncate_kv_reuses_a_prefix() {
     let tmp = tempfile::tempdir().expect("tmp");

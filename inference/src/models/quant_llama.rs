@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::models::cpu_ops::{self, KEY_BLOCK, attend, rms_norm, rope_row};
 use crate::models::qlinear::{Fallbacks, Linear, studio_count, studio_kernel};
 use crate::quant::team::{self, Claims, Parts, TeamCtx};
-use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput, WeightLayout};
+use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput};
 
 /// The Studio weight of `l` for the decode step (which runs only when every weight is one).
 fn studio(l: &Linear) -> Result<&QWeight> {
@@ -380,7 +380,7 @@ impl QuantLlama {
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
-            let mut lin = |r: &mut R, s: &str| -> Result<Linear> {
+            let lin = |r: &mut R, fb: &mut Fallbacks, s: &str| -> Result<Linear> {
                 let name = n(s);
                 let t = ct.tensor(r, &name, &cpu)?;
                 fb.linear(&name, t)
@@ -388,25 +388,30 @@ impl QuantLlama {
             let (wq, wk, wv, gate, up) = if arch == "phi3" {
                 // Phi-3 fuses q/k/v and gate/up into one tensor each: split them by rows.
                 let name = n("attn_qkv.weight");
-                let qkv = split_rows(&name, &ct.tensor(r, &name, &cpu)?, &[q_dim, kv_dim, kv_dim])?;
+                let qkv = split_rows(
+                    &name,
+                    &ct.tensor(r, &name, &cpu)?,
+                    &[q_dim, kv_dim, kv_dim],
+                    &mut fb,
+                )?;
                 let name = n("ffn_up.weight");
                 let fused = ct.tensor(r, &name, &cpu)?;
                 let ff = fused.shape().dims().first().copied().unwrap_or(0) / 2;
-                let gate_up = split_rows(&name, &fused, &[ff, ff])?;
+                let gate_up = split_rows(&name, &fused, &[ff, ff], &mut fb)?;
                 let [q, k, v] = <[Linear; 3]>::try_from(qkv).map_err(|_| shape_error(&name))?;
                 let [g, u] = <[Linear; 2]>::try_from(gate_up).map_err(|_| shape_error(&name))?;
                 (q, k, v, g, u)
             } else {
                 (
-                    lin(r, "attn_q.weight")?,
-                    lin(r, "attn_k.weight")?,
-                    lin(r, "attn_v.weight")?,
-                    lin(r, "ffn_gate.weight")?,
-                    lin(r, "ffn_up.weight")?,
+                    lin(r, &mut fb, "attn_q.weight")?,
+                    lin(r, &mut fb, "attn_k.weight")?,
+                    lin(r, &mut fb, "attn_v.weight")?,
+                    lin(r, &mut fb, "ffn_gate.weight")?,
+                    lin(r, &mut fb, "ffn_up.weight")?,
                 )
             };
-            let wo = lin(r, "attn_output.weight")?;
-            let down = lin(r, "ffn_down.weight")?;
+            let wo = lin(r, &mut fb, "attn_output.weight")?;
+            let down = lin(r, &mut fb, "ffn_down.weight")?;
             let bias = |r: &mut R, s: &str| -> Result<Option<Dense>> {
                 let name = n(s);
                 if ct.tensor_infos.contains_key(&name) {
@@ -925,39 +930,48 @@ fn shape_error(name: &str) -> Error {
 }
 
 /// A fused weight (Phi-3's `attn_qkv`, `ffn_up`) split into consecutive row blocks of `rows`
-/// each, kept in the file format (every row's bytes are contiguous). Only for formats Studio's
-/// kernels run (the loader sends other Phi-3 files to candle's model).
+/// each, kept in the file format (every row's bytes are contiguous): Studio weights where this
+/// CPU prefers Studio's kernel for the format, else candle `QMatMul`s over the same bytes
+/// (recorded in `fb`).
 fn split_rows(
     name: &str,
     t: &candle_core::quantized::QTensor,
     rows: &[usize],
+    fb: &mut Fallbacks,
 ) -> Result<Vec<Linear>> {
-    if studio_kernel(t).is_none() {
+    let dims = t.shape().dims();
+    let &[n, cols] = dims else {
         return Err(Error::BadQuantTensor {
             name: name.to_owned(),
-            message: format!(
-                "Studio has no kernel for its {:?} format on this CPU",
-                t.dtype()
-            ),
+            message: format!("shape {dims:?} is not 2-D"),
         });
-    }
-    // In file order, so each part is a plain byte range (each part is then stored as fits).
-    let whole = QWeight::from_qtensor_in(name, t, WeightLayout::Natural)?;
-    let all = whole.file_bytes();
-    if rows.iter().sum::<usize>() != whole.rows() {
+    };
+    if rows.iter().sum::<usize>() != n {
         return Err(Error::BadQuantTensor {
             name: name.to_owned(),
-            message: format!("{} rows do not split into {rows:?}", whole.rows()),
+            message: format!("{n} rows do not split into {rows:?}"),
         });
     }
-    let rb = whole.row_bytes();
+    let all = t.data()?;
+    let rb = all.len() / n.max(1);
+    let studio = studio_kernel(t);
     let mut at = 0;
     rows.iter()
-        .map(|&n| {
-            let bytes = all[at * rb..(at + n) * rb].to_vec();
-            at += n;
-            let part = QWeight::from_bytes(name, whole.format(), n, whole.cols(), bytes)?;
-            Ok(Linear::Studio(Arc::new(part)))
+        .map(|&r| {
+            let bytes = &all[at * rb..(at + r) * rb];
+            at += r;
+            if let Some(format) = studio {
+                let part = QWeight::from_bytes(name, format, r, cols, bytes.to_vec())?;
+                Ok(Linear::Studio(Arc::new(part)))
+            } else {
+                let part = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    t.dtype(),
+                    bytes,
+                    vec![r, cols],
+                    &Device::Cpu,
+                )?;
+                fb.candle(name, Arc::new(part)).map(Linear::Candle)
+            }
         })
         .collect()
 }

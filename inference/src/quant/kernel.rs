@@ -72,22 +72,14 @@ impl OutBase {
 
 /// Whether `path` has its own kernel for `format`.
 pub(crate) fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
+    // Every format `QuantFormat` names has one on each path of an x86-64 CPU today.
+    let _ = format;
     match path {
         KernelPath::Scalar => true,
-        // Both SIMD paths have a kernel for every format (the models still prefer candle's
-        // for some on AVX2, see `quant::preferred`).
-        KernelPath::Avx512Vnni | KernelPath::Avx2 => {
-            matches!(
-                format,
-                QuantFormat::Q4_0
-                    | QuantFormat::Q8_0
-                    | QuantFormat::Q4K
-                    | QuantFormat::Q5K
-                    | QuantFormat::Q6K
-                    | QuantFormat::F16
-                    | QuantFormat::BF16
-            ) && cfg!(target_arch = "x86_64")
-        }
+        // Both SIMD paths have a kernel for every format (the AVX-512 path runs the formats
+        // without tiles of its own on the AVX2 kernels; the models still prefer candle's for
+        // some on AVX2, see `quant::preferred`).
+        KernelPath::Avx512Vnni | KernelPath::Avx2 => cfg!(target_arch = "x86_64"),
     }
 }
 
@@ -122,7 +114,16 @@ fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32,
         (QuantFormat::Q4_0, _) => (Layout::Group4, 8.0, 4.0),
         (QuantFormat::Q8_0, KernelPath::Avx512Vnni) => (Layout::Natural32, 128.0, 8.0),
         (QuantFormat::Q8_0, _) => (Layout::Natural32, 0.0, 1.0),
-        (QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K, _) => (Layout::Super256, 0.0, 1.0),
+        (QuantFormat::Q5_0, _) => (Layout::Natural32, 16.0, 1.0),
+        (QuantFormat::Q4_1 | QuantFormat::Q5_1, _) => (Layout::Natural32, 1.0, 1.0),
+        (
+            QuantFormat::Q2K
+            | QuantFormat::Q3K
+            | QuantFormat::Q4K
+            | QuantFormat::Q5K
+            | QuantFormat::Q6K,
+            _,
+        ) => (Layout::Super256, 0.0, 1.0),
         (QuantFormat::F16 | QuantFormat::BF16, _) => return None,
     })
 }
@@ -270,9 +271,13 @@ fn run_chunk(
     match path {
         KernelPath::Scalar => scalar::chunk(w, act, x, m, cols, out),
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni => super::x86_avx512::chunk(w, act, x, m, cols, out),
+        KernelPath::Avx512Vnni if w.format().avx512_tiles() => {
+            super::x86_avx512::chunk(w, act, x, m, cols, out);
+        }
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2 => super::x86_avx2::chunk(w, act, x, m, cols, out),
+        KernelPath::Avx512Vnni | KernelPath::Avx2 => {
+            super::x86_avx2::chunk(w, act, x, m, cols, out);
+        }
         #[cfg(not(target_arch = "x86_64"))]
         _ => scalar::chunk(w, act, x, m, cols, out),
     }

@@ -2,7 +2,8 @@
 //! format (no expansion to f32).
 //!
 //! - [`QWeight`] holds the raw GGUF bytes of one 2-D weight (`rows` = output features N,
-//!   `cols` = K) in its file format: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, and F16/BF16 kept as 16 bits.
+//!   `cols` = K) in its file format: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
+//!   Q6_K, and F16/BF16 kept as 16 bits.
 //! - [`QWeight::matmul`] quantizes the activation rows once per call (Q8_0-style blocks of 32
 //!   for Q4_0/Q8_0, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
 //!   activations as they are) into a per-thread scratch buffer reused between calls, then:
@@ -52,8 +53,20 @@ pub use kernel::QuantizedInput;
 pub enum QuantFormat {
     /// 32 weights per block: f16 scale `d`, 16 bytes of nibbles; value = (q − 8)·d.
     Q4_0,
+    /// 32 weights per block: f16 scale `d` and min `m`, 16 bytes of nibbles; value = q·d + m.
+    Q4_1,
+    /// 32 weights per block: f16 scale `d`, 4 bytes of fifth bits, 16 bytes of nibbles;
+    /// value = (q − 16)·d.
+    Q5_0,
+    /// 32 weights per block: f16 `d` and `m`, fifth bits, nibbles; value = q·d + m.
+    Q5_1,
     /// 32 weights per block: f16 scale `d`, 32 signed bytes; value = q·d.
     Q8_0,
+    /// 256-weight super-blocks of 16 sub-blocks with 4-bit scales and mins, 2-bit values.
+    Q2K,
+    /// 256-weight super-blocks of 16 sub-blocks with 6-bit scales, 3-bit values (2 bits and
+    /// a high-bit mask).
+    Q3K,
     /// 256-weight super-blocks of 8 sub-blocks with 6-bit scales and mins, 4-bit values.
     Q4K,
     /// As Q4_K with a fifth bit per value.
@@ -68,9 +81,14 @@ pub enum QuantFormat {
 
 impl QuantFormat {
     /// Every format, in the order above.
-    pub const ALL: [QuantFormat; 7] = [
+    pub const ALL: [QuantFormat; 12] = [
         QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
         QuantFormat::Q8_0,
+        QuantFormat::Q2K,
+        QuantFormat::Q3K,
         QuantFormat::Q4K,
         QuantFormat::Q5K,
         QuantFormat::Q6K,
@@ -81,8 +99,16 @@ impl QuantFormat {
     /// Weights per block (K must be a multiple of it).
     pub const fn block_size(self) -> usize {
         match self {
-            QuantFormat::Q4_0 | QuantFormat::Q8_0 => 32,
-            QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => 256,
+            QuantFormat::Q4_0
+            | QuantFormat::Q4_1
+            | QuantFormat::Q5_0
+            | QuantFormat::Q5_1
+            | QuantFormat::Q8_0 => 32,
+            QuantFormat::Q2K
+            | QuantFormat::Q3K
+            | QuantFormat::Q4K
+            | QuantFormat::Q5K
+            | QuantFormat::Q6K => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
         }
     }
@@ -91,7 +117,12 @@ impl QuantFormat {
     pub const fn block_bytes(self) -> usize {
         match self {
             QuantFormat::Q4_0 => 18,
+            QuantFormat::Q4_1 => 20,
+            QuantFormat::Q5_0 => 22,
+            QuantFormat::Q5_1 => 24,
             QuantFormat::Q8_0 => 34,
+            QuantFormat::Q2K => 84,
+            QuantFormat::Q3K => 110,
             QuantFormat::Q4K => 144,
             QuantFormat::Q5K => 176,
             QuantFormat::Q6K => 210,
@@ -99,11 +130,32 @@ impl QuantFormat {
         }
     }
 
+    /// Whether the AVX-512 path has its own decode tiles and prefill panels for this format
+    /// (and so stores it as [`WeightLayout::Tiles4`]); the others run the AVX2 kernels there,
+    /// in file order.
+    pub(crate) const fn avx512_tiles(self) -> bool {
+        matches!(
+            self,
+            QuantFormat::Q4_0
+                | QuantFormat::Q8_0
+                | QuantFormat::Q4K
+                | QuantFormat::Q5K
+                | QuantFormat::Q6K
+                | QuantFormat::F16
+                | QuantFormat::BF16
+        )
+    }
+
     /// The format of a candle/GGUF dtype, or `None` when Studio has no kernel for it.
     pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
         Some(match dtype {
             GgmlDType::Q4_0 => QuantFormat::Q4_0,
+            GgmlDType::Q4_1 => QuantFormat::Q4_1,
+            GgmlDType::Q5_0 => QuantFormat::Q5_0,
+            GgmlDType::Q5_1 => QuantFormat::Q5_1,
             GgmlDType::Q8_0 => QuantFormat::Q8_0,
+            GgmlDType::Q2K => QuantFormat::Q2K,
+            GgmlDType::Q3K => QuantFormat::Q3K,
             GgmlDType::Q4K => QuantFormat::Q4K,
             GgmlDType::Q5K => QuantFormat::Q5K,
             GgmlDType::Q6K => QuantFormat::Q6K,
@@ -117,7 +169,12 @@ impl QuantFormat {
     pub fn to_ggml(self) -> GgmlDType {
         match self {
             QuantFormat::Q4_0 => GgmlDType::Q4_0,
+            QuantFormat::Q4_1 => GgmlDType::Q4_1,
+            QuantFormat::Q5_0 => GgmlDType::Q5_0,
+            QuantFormat::Q5_1 => GgmlDType::Q5_1,
             QuantFormat::Q8_0 => GgmlDType::Q8_0,
+            QuantFormat::Q2K => GgmlDType::Q2K,
+            QuantFormat::Q3K => GgmlDType::Q3K,
             QuantFormat::Q4K => GgmlDType::Q4K,
             QuantFormat::Q5K => GgmlDType::Q5K,
             QuantFormat::Q6K => GgmlDType::Q6K,
@@ -131,7 +188,12 @@ impl fmt::Display for QuantFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             QuantFormat::Q4_0 => "Q4_0",
+            QuantFormat::Q4_1 => "Q4_1",
+            QuantFormat::Q5_0 => "Q5_0",
+            QuantFormat::Q5_1 => "Q5_1",
             QuantFormat::Q8_0 => "Q8_0",
+            QuantFormat::Q2K => "Q2_K",
+            QuantFormat::Q3K => "Q3_K",
             QuantFormat::Q4K => "Q4_K",
             QuantFormat::Q5K => "Q5_K",
             QuantFormat::Q6K => "Q6_K",
@@ -152,12 +214,17 @@ pub enum KernelPath {
     Scalar,
 }
 
+/// The environment variable that forces a path (`avx512`, `avx2` or `scalar`): the paths
+/// above it are then treated as missing from this CPU, so an AVX-512 machine measures and
+/// tests the AVX2 path. Read once; [`KernelPath::from_env`] checks it.
+pub const CPU_PATH_ENV: &str = "STUDIO_CPU_PATH";
+
 impl KernelPath {
     /// Every path, fastest first.
     pub const ALL: [KernelPath; 3] = [KernelPath::Avx512Vnni, KernelPath::Avx2, KernelPath::Scalar];
 
-    /// Whether this CPU can run the path.
-    pub fn available(self) -> bool {
+    /// Whether this CPU has the instructions of the path (whatever [`CPU_PATH_ENV`] says).
+    pub fn cpu_has(self) -> bool {
         match self {
             KernelPath::Scalar => true,
             #[cfg(target_arch = "x86_64")]
@@ -181,18 +248,76 @@ impl KernelPath {
         }
     }
 
+    /// Whether the path can run here: the CPU has it and [`CPU_PATH_ENV`] does not cap the
+    /// paths below it.
+    pub fn available(self) -> bool {
+        self.cpu_has() && forced().is_none_or(|cap| self.rank() >= cap.rank())
+    }
+
+    /// Position in [`KernelPath::ALL`] (0: fastest).
+    fn rank(self) -> usize {
+        match self {
+            KernelPath::Avx512Vnni => 0,
+            KernelPath::Avx2 => 1,
+            KernelPath::Scalar => 2,
+        }
+    }
+
+    /// The path a name of [`CPU_PATH_ENV`] stands for.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "avx512" | "avx512-vnni" | "avx512vnni" => Some(KernelPath::Avx512Vnni),
+            "avx2" => Some(KernelPath::Avx2),
+            "scalar" => Some(KernelPath::Scalar),
+            _ => None,
+        }
+    }
+
+    /// The path [`CPU_PATH_ENV`] forces: `None` when it is unset or empty; an error when it
+    /// names no path, or one this CPU lacks (which would stop the program with an illegal
+    /// instruction). The CLI and the app call this at start and refuse to run on an error.
+    pub fn from_env() -> Result<Option<Self>> {
+        let Ok(value) = std::env::var(CPU_PATH_ENV) else {
+            return Ok(None);
+        };
+        if value.trim().is_empty() {
+            return Ok(None);
+        }
+        let Some(path) = Self::parse(&value) else {
+            return Err(Error::InvalidParameter(format!(
+                "{CPU_PATH_ENV}={value} names no kernel path: use avx512, avx2 or scalar"
+            )));
+        };
+        if !path.cpu_has() {
+            return Err(Error::InvalidParameter(format!(
+                "{CPU_PATH_ENV}={value}: this CPU lacks the instructions of the {path} path \
+                 (it has: {})",
+                Self::ALL
+                    .into_iter()
+                    .filter(|p| p.cpu_has())
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(Some(path))
+    }
+
     /// An error when this CPU cannot run the path.
     fn check(self) -> Result<()> {
         if self.available() {
             Ok(())
         } else {
             Err(Error::InvalidParameter(format!(
-                "the {self} kernels need CPU features this machine lacks"
+                "the {self} kernels need CPU features this machine lacks{}",
+                forced().map_or(String::new(), |p| format!(
+                    " (or {CPU_PATH_ENV} forces {p})"
+                ))
             )))
         }
     }
 
-    /// The fastest path this CPU offers (detected once).
+    /// The fastest path this CPU offers, or the one [`CPU_PATH_ENV`] forces (detected once).
     pub fn detect() -> Self {
         static BEST: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
@@ -212,6 +337,24 @@ impl KernelPath {
     }
 }
 
+/// The path [`CPU_PATH_ENV`] forces, read once. A bad value is logged and ignored here (the
+/// best path runs, never one the CPU lacks); [`KernelPath::from_env`] reports it.
+fn forced() -> Option<KernelPath> {
+    static FORCED: std::sync::OnceLock<Option<KernelPath>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match KernelPath::from_env() {
+        Ok(p) => {
+            if let Some(p) = p {
+                log::info!("{CPU_PATH_ENV} forces the {p} kernels");
+            }
+            p
+        }
+        Err(e) => {
+            log::error!("{e}; using the best path this CPU has");
+            None
+        }
+    })
+}
+
 impl fmt::Display for KernelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -222,13 +365,14 @@ impl fmt::Display for KernelPath {
     }
 }
 
-/// Bytes of one row's step in a decode tile: what [`WeightLayout::Tiles4`] interleaves.
+/// Bytes of one row's step in a decode tile: what [`WeightLayout::Tiles4`] interleaves (a
+/// block for the formats without AVX-512 tiles, which stay in file order).
 pub(crate) const fn tile_unit(format: QuantFormat) -> usize {
     match format {
         QuantFormat::Q4_0 => 4 * 18,
         QuantFormat::Q8_0 => 2 * 34,
-        QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => format.block_bytes(),
         QuantFormat::F16 | QuantFormat::BF16 => 32,
+        _ => format.block_bytes(),
     }
 }
 
@@ -406,13 +550,18 @@ impl QWeight {
     }
 
     /// The same weight stored in `layout` (the bytes are reordered in place). A weight whose
-    /// rows are not whole units (a Q4_0 row of a number of blocks not a multiple of 4…) or
-    /// that has fewer than 4 rows stays [`WeightLayout::Natural`].
+    /// rows are not whole units (a Q4_0 row of a number of blocks not a multiple of 4…), that
+    /// has fewer than 4 rows, or whose format has no AVX-512 tiles (Q4_1, Q5_0, Q5_1, Q2_K,
+    /// Q3_K) stays [`WeightLayout::Natural`].
     #[must_use]
     pub fn with_layout(mut self, layout: WeightLayout) -> Self {
         let unit = tile_unit(self.format);
         let rb = self.row_bytes();
-        if layout == self.layout || !rb.is_multiple_of(unit) || self.rows < 4 {
+        if layout == self.layout
+            || !rb.is_multiple_of(unit)
+            || self.rows < 4
+            || !self.format.avx512_tiles()
+        {
             return self;
         }
         let upr = rb / unit;
@@ -720,12 +869,16 @@ pub fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
 }
 
 /// Whether the models should run `format` on Studio's kernel for `path` rather than candle's
-/// `QMatMul`: where Studio has a kernel, except Q4_K and Q6_K on the AVX2 path, where candle's
-/// AVX2 kernels measured faster (Q4_K 2.6× at M = 1 and 2.8× at M = 128, Q6_K 1.2× and 2.1×,
-/// in `quant_matmul --path avx2`). The AVX2 kernels for them stay reachable through
-/// [`QWeight::matmul_with`] (and tested).
+/// `QMatMul`. This is the one place that chooses between them:
+/// - on x86-64, Studio's kernels wherever it has one, except Q4_K and Q6_K on the AVX2 path,
+///   where candle's AVX2 kernels measured faster (Q4_K 2.6× at M = 1 and 2.8× at M = 128,
+///   Q6_K 1.2× and 2.1×, in `quant_matmul --path avx2`); the AVX2 kernels for them stay
+///   reachable through [`QWeight::matmul_with`] (and tested);
+/// - elsewhere (aarch64), candle's kernels for every format: they have NEON code, Studio's
+///   only portable scalar code there.
 pub fn preferred(format: QuantFormat, path: KernelPath) -> bool {
-    has_kernel(format, path)
+    cfg!(target_arch = "x86_64")
+        && has_kernel(format, path)
         && !(path == KernelPath::Avx2 && matches!(format, QuantFormat::Q4K | QuantFormat::Q6K))
 }
 

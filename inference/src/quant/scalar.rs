@@ -44,7 +44,54 @@ pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
-/// The unsigned 4/5/6-bit values (before offsets and scales) of one K-quant super-block, in
+/// ggml's 6-bit scale `j` (0..16, before its −32) of a Q3_K super-block's 12 scale bytes:
+/// the low 4 bits from byte `j % 8` (low nibble for `j < 8`, high for the rest), the high 2
+/// bits from byte `8 + j % 4`, bits `2 (j / 4)`.
+pub(crate) fn q3k_scale(s: &[u8], j: usize) -> u8 {
+    let low = if j < 8 { s[j] & 0x0F } else { s[j - 8] >> 4 };
+    let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+    low | (high << 4)
+}
+
+/// The 32 values of a block of a 32-block format into `q` as stored (unsigned before the
+/// format's offset, see [`block32_offset`]; Q8_0 signed), with the block's scale `d` and
+/// min `m` (Q4_1/Q5_1; 0 for the others).
+pub(crate) fn block32_values(format: QuantFormat, b: &[u8], q: &mut [i32; 32]) -> (f32, f32) {
+    let d = half_at(b, 0);
+    if format == QuantFormat::Q8_0 {
+        for (o, &v) in q.iter_mut().zip(&b[2..34]) {
+            *o = i32::from(v as i8);
+        }
+        return (d, 0.0);
+    }
+    let (qs, qh, m) = match format {
+        QuantFormat::Q4_0 => (&b[2..18], 0, 0.0),
+        QuantFormat::Q4_1 => (&b[4..20], 0, half_at(b, 2)),
+        QuantFormat::Q5_0 => (&b[6..22], u32::from_le_bytes([b[2], b[3], b[4], b[5]]), 0.0),
+        QuantFormat::Q5_1 => (
+            &b[8..24],
+            u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            half_at(b, 2),
+        ),
+        _ => unreachable!("not a 32-block format"),
+    };
+    for (l, &byte) in qs.iter().enumerate() {
+        q[l] = i32::from(byte & 0x0F) | (((qh >> l) & 1) << 4) as i32;
+        q[l + 16] = i32::from(byte >> 4) | (((qh >> (l + 16)) & 1) << 4) as i32;
+    }
+    (d, m)
+}
+
+/// What a 32-block format's stored values are above zero: Q4_0 8, Q5_0 16, else 0.
+pub(crate) fn block32_offset(format: QuantFormat) -> i32 {
+    match format {
+        QuantFormat::Q4_0 => 8,
+        QuantFormat::Q5_0 => 16,
+        _ => 0,
+    }
+}
+
+/// The unsigned 2/3/4/5/6-bit values (before offsets and scales) of one K-quant super-block, in
 /// element order, with each element's sub-block scale (and min for Q4_K/Q5_K).
 fn k_values(
     format: QuantFormat,
@@ -79,6 +126,31 @@ fn k_values(
                 }
             }
         }
+        QuantFormat::Q2K => {
+            // 16 sub-blocks of 16: a scale in the low and a min in the high nibble.
+            for j in 0..16 {
+                sc[j] = i32::from(b[j] & 0x0F);
+                mn[j] = i32::from(b[j] >> 4);
+            }
+            let qs = &b[16..80];
+            for (e, v) in q.iter_mut().enumerate() {
+                let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+                *v = (qs[32 * n + l] >> (2 * j)) & 3;
+            }
+        }
+        QuantFormat::Q3K => {
+            // 16 six-bit scales (stored +32), 2-bit values with a high bit in `hmask`
+            // (the value is `q | h << 2`, then −4).
+            let (hm, qs) = (&b[0..32], &b[32..96]);
+            for (j, s) in sc.iter_mut().enumerate() {
+                *s = i32::from(q3k_scale(&b[96..108], j)) - 32;
+            }
+            for (e, v) in q.iter_mut().enumerate() {
+                let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+                let h = (hm[l] >> (4 * n + j)) & 1;
+                *v = ((qs[32 * n + l] >> (2 * j)) & 3) | (h << 2);
+            }
+        }
         QuantFormat::Q6K => {
             let (ql, qh) = (&b[0..128], &b[128..192]);
             for (j, s) in sc.iter_mut().enumerate() {
@@ -103,31 +175,42 @@ fn k_values(
 pub(crate) fn dequantize_row(format: QuantFormat, row: &[u8], dst: &mut [f32]) {
     let bb = format.block_bytes();
     match format {
-        QuantFormat::Q4_0 => {
+        QuantFormat::Q4_0
+        | QuantFormat::Q4_1
+        | QuantFormat::Q5_0
+        | QuantFormat::Q5_1
+        | QuantFormat::Q8_0 => {
+            let off = block32_offset(format);
+            let mut q = [0i32; 32];
             for (b, y) in row.chunks_exact(bb).zip(dst.chunks_exact_mut(32)) {
-                let d = half_at(b, 0);
-                for l in 0..16 {
-                    y[l] = (f32::from(b[2 + l] & 0x0F) - 8.0) * d;
-                    y[l + 16] = (f32::from(b[2 + l] >> 4) - 8.0) * d;
+                let (d, m) = block32_values(format, b, &mut q);
+                for (v, &q) in y.iter_mut().zip(&q) {
+                    // As ggml: Q4_0/Q5_0/Q8_0 `x·d`, Q4_1/Q5_1 `x·d + m`.
+                    *v = match format {
+                        QuantFormat::Q4_1 | QuantFormat::Q5_1 => q as f32 * d + m,
+                        _ => (q - off) as f32 * d,
+                    };
                 }
             }
         }
-        QuantFormat::Q8_0 => {
-            for (b, y) in row.chunks_exact(bb).zip(dst.chunks_exact_mut(32)) {
-                let d = half_at(b, 0);
-                for l in 0..32 {
-                    y[l] = f32::from(b[2 + l] as i8) * d;
-                }
-            }
-        }
-        QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => {
+        QuantFormat::Q2K
+        | QuantFormat::Q3K
+        | QuantFormat::Q4K
+        | QuantFormat::Q5K
+        | QuantFormat::Q6K => {
             let (mut q, mut sc, mut mn) = ([0u8; 256], [0i32; 16], [0i32; 16]);
             for (b, y) in row.chunks_exact(bb).zip(dst.chunks_exact_mut(256)) {
                 k_values(format, b, &mut q, &mut sc, &mut mn);
-                if format == QuantFormat::Q6K {
-                    let d = half_at(b, 208);
+                if let Some((off, d_at)) = k_offset(format) {
+                    let d = half_at(b, d_at);
                     for (e, v) in y.iter_mut().enumerate() {
-                        *v = d * sc[e / 16] as f32 * (i32::from(q[e]) - 32) as f32;
+                        *v = d * sc[e / 16] as f32 * (i32::from(q[e]) - off) as f32;
+                    }
+                } else if format == QuantFormat::Q2K {
+                    let (d, dmin) = (half_at(b, 80), half_at(b, 82));
+                    for (e, v) in y.iter_mut().enumerate() {
+                        let s = e / 16;
+                        *v = d * sc[s] as f32 * f32::from(q[e]) - dmin * mn[s] as f32;
                     }
                 } else {
                     let (d, dmin) = (half_at(b, 0), half_at(b, 2));
@@ -151,35 +234,49 @@ pub(crate) fn dequantize_row(format: QuantFormat, row: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// The K-quants with signed sub-block scales and values stored above zero: (the offset, where
+/// the f16 super-block scale is): Q3_K (4, 108) and Q6_K (32, 208); `None` for the formats
+/// with mins (Q2_K, Q4_K, Q5_K).
+pub(crate) fn k_offset(format: QuantFormat) -> Option<(i32, usize)> {
+    match format {
+        QuantFormat::Q3K => Some((4, 108)),
+        QuantFormat::Q6K => Some((32, 208)),
+        _ => None,
+    }
+}
+
 /// One output value: weight row `w` against activation row `i`.
 fn dot(format: QuantFormat, w: &[u8], act: &Act, x: &[f32], i: usize, k: usize) -> f32 {
     let bb = format.block_bytes();
     match format {
-        QuantFormat::Q4_0 | QuantFormat::Q8_0 => {
+        QuantFormat::Q4_0
+        | QuantFormat::Q4_1
+        | QuantFormat::Q5_0
+        | QuantFormat::Q5_1
+        | QuantFormat::Q8_0 => {
             let (qs, d, corr) = (act.qs_row(i), act.d_row(i), act.corr_row(i));
+            let mut q = [0i32; 32];
             let mut acc = 0f32;
             for (b, blk) in w.chunks_exact(bb).enumerate() {
-                let dw = half_at(blk, 0);
+                let (dw, mw) = block32_values(format, blk, &mut q);
                 let mut s = 0i32;
-                for e in 0..32 {
-                    let a = i32::from(qs[qs_index(Layout::Natural32, b, e)]);
-                    let q = if format == QuantFormat::Q4_0 {
-                        i32::from(if e < 16 {
-                            blk[2 + e] & 0x0F
-                        } else {
-                            blk[2 + e - 16] >> 4
-                        })
-                    } else {
-                        i32::from(blk[2 + e] as i8)
-                    };
-                    s += q * a;
+                for (e, &q) in q.iter().enumerate() {
+                    s += q * i32::from(qs[qs_index(Layout::Natural32, b, e)]);
                 }
-                // Q4_0 weights are used unsigned (0..15); corr holds 8·d·Σa.
-                acc += dw * (d[b] * s as f32 - corr[b]);
+                // Values stored `off` above zero: corr holds off·d·Σa (Q4_0, Q5_0); Q4_1 and
+                // Q5_1 add their min times corr = d·Σa.
+                acc += match format {
+                    QuantFormat::Q4_1 | QuantFormat::Q5_1 => dw * d[b] * s as f32 + mw * corr[b],
+                    _ => dw * (d[b] * s as f32 - corr[b]),
+                };
             }
             acc
         }
-        QuantFormat::Q4K | QuantFormat::Q5K | QuantFormat::Q6K => {
+        QuantFormat::Q2K
+        | QuantFormat::Q3K
+        | QuantFormat::Q4K
+        | QuantFormat::Q5K
+        | QuantFormat::Q6K => {
             let (qs, d, bsums) = (act.qs_row(i), act.d_row(i), act.bsums_row(i));
             let (mut q, mut sc, mut mn) = ([0u8; 256], [0i32; 16], [0i32; 16]);
             let mut acc = 0f32;
@@ -187,16 +284,24 @@ fn dot(format: QuantFormat, w: &[u8], act: &Act, x: &[f32], i: usize, k: usize) 
                 k_values(format, blk, &mut q, &mut sc, &mut mn);
                 let a = &qs[s * 256..(s + 1) * 256];
                 let bs = &bsums[s * 16..(s + 1) * 16];
-                if format == QuantFormat::Q6K {
+                let sum16 = |j: usize| -> i32 {
+                    (j * 16..(j + 1) * 16)
+                        .map(|e| i32::from(q[e]) * i32::from(a[e]))
+                        .sum()
+                };
+                if let Some((off, d_at)) = k_offset(format) {
                     let mut isum = 0i32;
                     for j in 0..16 {
-                        let mut p = 0i32;
-                        for e in j * 16..(j + 1) * 16 {
-                            p += i32::from(q[e]) * i32::from(a[e]);
-                        }
-                        isum += sc[j] * (p - 32 * i32::from(bs[j]));
+                        isum += sc[j] * (sum16(j) - off * i32::from(bs[j]));
                     }
-                    acc += half_at(blk, 208) * d[s] * isum as f32;
+                    acc += half_at(blk, d_at) * d[s] * isum as f32;
+                } else if format == QuantFormat::Q2K {
+                    let (mut isum, mut msum) = (0i32, 0i32);
+                    for j in 0..16 {
+                        isum += sc[j] * sum16(j);
+                        msum += mn[j] * i32::from(bs[j]);
+                    }
+                    acc += d[s] * (half_at(blk, 80) * isum as f32 - half_at(blk, 82) * msum as f32);
                 } else {
                     let (mut isum, mut msum) = (0i32, 0i32);
                     for j in 0..8 {

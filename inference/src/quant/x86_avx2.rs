@@ -13,17 +13,19 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128i, __m256, __m256i, _mm_add_ps, _mm_cvtepu8_epi16, _mm_cvtph_ps, _mm_cvtsi32_si128,
-    _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_movehdup_ps, _mm_set_epi16,
-    _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32,
+    __m128i, __m256, __m256i, _mm_add_ps, _mm_and_si128, _mm_cvtepu8_epi16, _mm_cvtph_ps,
+    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_movehdup_ps,
+    _mm_set_epi16, _mm_set_epi32, _mm_set1_epi8, _mm_srli_epi16, _mm_sub_epi8, _mm_unpackhi_epi16,
+    _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32, _mm256_add_ps,
     _mm256_and_si256, _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
-    _mm256_castsi256_ps, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps, _mm256_cvtepu16_epi32,
-    _mm256_cvtph_ps, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps,
-    _mm256_loadu_ps, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_or_si256,
-    _mm256_permute2x128_si256, _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8,
-    _mm256_set1_epi16, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256,
-    _mm256_shuffle_epi8, _mm256_sign_epi8, _mm256_slli_epi16, _mm256_slli_epi32, _mm256_srl_epi16,
-    _mm256_srli_epi16, _mm256_sub_epi32,
+    _mm256_castsi256_ps, _mm256_cmpeq_epi8, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps,
+    _mm256_cvtepu8_epi16, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_extractf128_ps,
+    _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256,
+    _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_or_si256, _mm256_permute2x128_si256,
+    _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16,
+    _mm256_set1_epi32, _mm256_set1_epi64x, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setr_epi64x,
+    _mm256_setzero_ps, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_sign_epi8,
+    _mm256_slli_epi16, _mm256_slli_epi32, _mm256_srl_epi16, _mm256_srli_epi16, _mm256_sub_epi32,
 };
 use std::ops::Range;
 
@@ -185,6 +187,11 @@ fn chunk_inner(
     match w.format() {
         QuantFormat::Q4_0 => drive!(q4_0_tile, w, act, m, cols, out),
         QuantFormat::Q8_0 => drive!(q8_0_tile, w, act, m, cols, out),
+        QuantFormat::Q4_1 => drive!(q4_1_tile, w, act, m, cols, out),
+        QuantFormat::Q5_0 => drive!(q5_0_tile, w, act, m, cols, out),
+        QuantFormat::Q5_1 => drive!(q5_1_tile, w, act, m, cols, out),
+        QuantFormat::Q2K => drive_tiles!(q2k_tile, 2, 2, w, act, x, m, cols, out),
+        QuantFormat::Q3K => drive_tiles!(q3k_tile, 2, 1, w, act, x, m, cols, out),
         QuantFormat::Q4K => drive_tiles!(q4k_tile, 2, 2, w, act, x, m, cols, out),
         QuantFormat::Q5K => drive_tiles!(q5k_tile, 2, 1, w, act, x, m, cols, out),
         QuantFormat::Q6K => drive_tiles!(q6k_tile, 2, 1, w, act, x, m, cols, out),
@@ -300,6 +307,96 @@ fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
     r
 }
 
+/// The 32 fifth bits of a Q5_0/Q5_1 block (`qh`, bit `l` for value `l`) as bytes of 0x10.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn fifth_bits(qh: u32) -> __m256i {
+    // Byte `l` gets byte `l / 8` of `qh`; or-ing every bit but `l % 8` leaves all ones
+    // exactly where that bit is set.
+    let spread = _mm256_setr_epi64x(
+        0,
+        0x0101_0101_0101_0101,
+        0x0202_0202_0202_0202,
+        0x0303_0303_0303_0303,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), spread);
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi8(-1));
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// The 32 unsigned values of a Q4_1/Q5_0/Q5_1 block in element order (low nibbles are values
+/// 0–15, high nibbles 16–31), with the fifth bits when `qh_at` is set.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn nibbles(b: &[u8], qs_at: usize, qh_at: Option<usize>) -> __m256i {
+    let m4 = _mm_set1_epi8(0x0F);
+    let x = ld128(b, qs_at);
+    let v = _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16::<4>(x), m4),
+        _mm_and_si128(x, m4),
+    );
+    match qh_at {
+        Some(at) => _mm256_or_si256(
+            v,
+            fifth_bits(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])),
+        ),
+        None => v,
+    }
+}
+
+// Q4_1, Q5_0 and Q5_1 (Natural32 activations): one block per step, its unsigned values through
+// `vpmaddubsw` with the activation bytes; the offset (Q5_0: −16·d) or the min (Q4_1/Q5_1:
+// +m) is applied with the activation block's `corr` (see `act`), in a scalar per row.
+macro_rules! block32_tile {
+    ($name:ident, $bytes:literal, $qs_at:literal, $qh_at:expr, $min:literal) => {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $name<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
+            let row = wr[0];
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [[_mm256_setzero_ps(); MR]; 2];
+            let mut fix = [0f32; MR];
+            let mut d: [&[f32]; MR] = [&[]; MR];
+            let mut corr: [&[f32]; MR] = [&[]; MR];
+            for i in 0..MR {
+                d[i] = act.d_row(i0 + i);
+                corr[i] = act.corr_row(i0 + i);
+            }
+            for (b, blk) in row.chunks_exact($bytes).enumerate() {
+                prefetch(row, b * $bytes + pf);
+                let v = nibbles(blk, $qs_at, $qh_at);
+                // d (and m) with one F16C conversion.
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+                    blk[0], blk[1], blk[2], blk[3],
+                ])));
+                let dw = _mm_cvtss_f32(dm);
+                let coef = if $min {
+                    _mm_cvtss_f32(_mm_movehdup_ps(dm))
+                } else {
+                    -dw
+                };
+                for i in 0..MR {
+                    let a = ld256_i8(act.qs_row(i0 + i), b * 32);
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, a), ones);
+                    let s = _mm256_set1_ps(dw * d[i][b]);
+                    acc[b % 2][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[b % 2][i]);
+                    fix[i] += coef * corr[i][b];
+                }
+            }
+            let mut r = [0f32; MR];
+            for i in 0..MR {
+                r[i] = hsum(_mm256_add_ps(acc[0][i], acc[1][i])) + fix[i];
+            }
+            r
+        }
+    };
+}
+
+block32_tile!(q4_1_tile, 20, 4, None, true);
+block32_tile!(q5_0_tile, 22, 6, Some(2), false);
+block32_tile!(q5_1_tile, 24, 8, Some(4), true);
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn reduce<const MR: usize, const NR: usize>(acc: &[[__m256; NR]; MR]) -> [[f32; NR]; MR] {
@@ -408,6 +505,104 @@ macro_rules! q6k_head {
     }};
 }
 
+/// Q2_K: 16 scales (low nibbles) and 16 mins (high nibbles) of sub-blocks of 16.
+macro_rules! q2k_head {
+    ($b:expr) => {{
+        let b: &[u8] = $b;
+        let m4 = _mm_set1_epi8(0x0F);
+        let sb = ld128(b, 0);
+        let sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(sb, m4));
+        KHead {
+            sc: [
+                _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+            ],
+            mins: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sb), m4)),
+            d: f16_to_f32(u16::from_le_bytes([b[80], b[81]])),
+            dmin: f16_to_f32(u16::from_le_bytes([b[82], b[83]])),
+        }
+    }};
+}
+
+/// Q3_K: ggml's unpack of 12 bytes into 16 six-bit scales (stored +32), as signed i16, paired
+/// with the sums of 16 for the −4 offset of the values.
+macro_rules! q3k_head {
+    ($b:expr) => {{
+        let b: &[u8] = $b;
+        let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let (a0, a1, hi) = (word(96), word(100), word(104));
+        let (k2, k1) = (0x0f0f_0f0f_u32, 0x0303_0303_u32);
+        let s0 = (a0 & k2) | ((hi & k1) << 4);
+        let s1 = (a1 & k2) | (((hi >> 2) & k1) << 4);
+        let s2 = ((a0 >> 4) & k2) | (((hi >> 4) & k1) << 4);
+        let s3 = ((a1 >> 4) & k2) | (((hi >> 6) & k1) << 4);
+        let sc8 = _mm_sub_epi8(
+            _mm_set_epi32(s3 as i32, s2 as i32, s1 as i32, s0 as i32),
+            _mm_set1_epi8(32),
+        );
+        let sc16 = _mm256_cvtepi8_epi16(sc8);
+        KHead {
+            sc: [
+                _mm256_permute2x128_si256::<0x00>(sc16, sc16),
+                _mm256_permute2x128_si256::<0x11>(sc16, sc16),
+            ],
+            mins: sc16,
+            d: f16_to_f32(u16::from_le_bytes([b[108], b[109]])),
+            dmin: 0.0,
+        }
+    }};
+}
+
+/// Chunks `2c` and `2c + 1` of a Q2_K block (half `c / 2`, chunks `t` and `t + 1` of it with
+/// `t = 2 (c % 2)`): bits `2t` and `2t + 2` of the half's 32 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q2k_pair(b: &[u8], h: &KHead, c: usize) -> ([__m256i; 2], [__m256i; 2]) {
+    let m3 = _mm256_set1_epi8(3);
+    let (n, t) = (c / 2, 2 * (c % 2));
+    let x = ld256(b, 16 + 32 * n);
+    // 16-bit shifts of at most 6: the mask keeps bits of the same byte.
+    let x = _mm256_srl_epi16(x, _mm_cvtsi32_si128(2 * t as i32));
+    (
+        [
+            _mm256_and_si256(x, m3),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(x), m3),
+        ],
+        [
+            _mm256_shuffle_epi8(h.sc[n], ld256(&Q6K_SHUF[t], 0)),
+            _mm256_shuffle_epi8(h.sc[n], ld256(&Q6K_SHUF[t + 1], 0)),
+        ],
+    )
+}
+
+/// Chunks `2c` and `2c + 1` of a Q3_K block: 2-bit values as Q2_K's (from byte 32), each with
+/// its high bit `4 (c / 2) + t` (and `+ 1`) of `hmask` as bit 2.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q3k_pair(b: &[u8], h: &KHead, c: usize) -> ([__m256i; 2], [__m256i; 2]) {
+    let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm256_set1_epi8(4);
+    let (n, t) = (c / 2, 2 * (c % 2));
+    let x = _mm256_srl_epi16(ld256(b, 32 + 32 * n), _mm_cvtsi32_si128(2 * t as i32));
+    // Bit `4n + t` of each mask byte moved to bit 2 (shifts within 16-bit lanes; the mask
+    // keeps the byte's own bit).
+    let hm = ld256(b, 0);
+    let hb = _mm256_slli_epi16::<2>(_mm256_srl_epi16(hm, _mm_cvtsi32_si128((4 * n + t) as i32)));
+    (
+        [
+            _mm256_or_si256(_mm256_and_si256(x, m3), _mm256_and_si256(hb, m4)),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<2>(x), m3),
+                _mm256_and_si256(_mm256_srli_epi16::<1>(hb), m4),
+            ),
+        ],
+        [
+            _mm256_shuffle_epi8(h.sc[n], ld256(&Q6K_SHUF[t], 0)),
+            _mm256_shuffle_epi8(h.sc[n], ld256(&Q6K_SHUF[t + 1], 0)),
+        ],
+    )
+}
+
 /// Chunks `2c` and `2c + 1` of a Q4_K block: values and per-lane scales.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -495,8 +690,10 @@ fn q6k_pair(b: &[u8], h: &KHead, c: usize) -> ([__m256i; 2], [__m256i; 2]) {
     )
 }
 
+// `$shift`: 0 for the formats with mins (Q2_K, Q4_K, Q5_K: `dmin · Σ min · sums`), else the
+// offset's log2 (Q3_K 4, Q6_K 32: `Σ scale · sums` shifted).
 macro_rules! k_tile {
-    ($name:ident, $bytes:expr, $head:ident, $pair:ident, $six:expr) => {
+    ($name:ident, $bytes:expr, $head:ident, $pair:ident, $shift:literal) => {
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         fn $name<const MR: usize, const NR: usize>(
@@ -556,8 +753,8 @@ macro_rules! k_tile {
                     for r in 0..NR {
                         let kh = &head[r];
                         let corr = _mm256_madd_epi16(kh.mins, bs);
-                        if $six {
-                            let v = _mm256_sub_epi32(isum[i][r], _mm256_slli_epi32::<5>(corr));
+                        if $shift > 0 {
+                            let v = _mm256_sub_epi32(isum[i][r], _mm256_slli_epi32::<$shift>(corr));
                             acc[i][r] = _mm256_fmadd_ps(
                                 _mm256_cvtepi32_ps(v),
                                 _mm256_set1_ps(kh.d * da),
@@ -583,9 +780,11 @@ macro_rules! k_tile {
     };
 }
 
-k_tile!(q4k_tile, 144, q45k_head, q4k_pair, false);
-k_tile!(q5k_tile, 176, q45k_head, q5k_pair, false);
-k_tile!(q6k_tile, 210, q6k_head, q6k_pair, true);
+k_tile!(q2k_tile, 84, q2k_head, q2k_pair, 0);
+k_tile!(q3k_tile, 110, q3k_head, q3k_pair, 2);
+k_tile!(q4k_tile, 144, q45k_head, q4k_pair, 0);
+k_tile!(q5k_tile, 176, q45k_head, q5k_pair, 0);
+k_tile!(q6k_tile, 210, q6k_head, q6k_pair, 5);
 
 // ---------------------------------------------------------------------------------------------
 // F16 / BF16 weights × f32 activations: 8 values per step, widened once per weight row and

@@ -302,6 +302,12 @@ fn chunk_inner(
         QuantFormat::Q6K => drive!(q6k_tile, w, act, x, m, cols, out),
         QuantFormat::F16 => drive!(f16_tile, w, act, x, m, cols, out),
         QuantFormat::BF16 => drive!(bf16_tile, w, act, x, m, cols, out),
+        // Formats without AVX-512 tiles (`QuantFormat::avx512_tiles`) run the AVX2 kernels.
+        QuantFormat::Q4_1
+        | QuantFormat::Q5_0
+        | QuantFormat::Q5_1
+        | QuantFormat::Q2K
+        | QuantFormat::Q3K => super::x86_avx2::chunk(w, act, x, m, cols, out),
     }
 }
 
