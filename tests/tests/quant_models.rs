@@ -150,9 +150,13 @@ fn studio_model_matches_candle_teacher_forced() {
             // candle's Qwen3 has its own attention (CPU flash attention for prompts, a fused
             // decode kernel) and rope frequencies computed in f64: with F16 weights the logits
             // still agree to 2e-3, with the K-quants' 8-bit activations to ~4e-2.
+            // The AVX2 K-quant kernels sum in another order than candle's (the scalar and
+            // AVX-512 ones agree with it to ~1e-6 and ~1e-3 here): a last-bit difference that
+            // moves one 8-bit activation across a rounding step is amplified the same way, to
+            // ~2e-2 (measured with STUDIO_CPU_PATH=avx2).
             let tol = match (family, dtype) {
-                ("qwen3", GgmlDType::Q4K | GgmlDType::Q6K) => 6e-2,
-                (_, GgmlDType::F16 | GgmlDType::Q4K | GgmlDType::Q6K) => 2e-3,
+                (_, GgmlDType::F16) => 2e-3,
+                (_, GgmlDType::Q4K | GgmlDType::Q6K) => 6e-2,
                 _ => 0.25,
             };
             assert!(

@@ -870,16 +870,12 @@ pub fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
 
 /// Whether the models should run `format` on Studio's kernel for `path` rather than candle's
 /// `QMatMul`. This is the one place that chooses between them:
-/// - on x86-64, Studio's kernels wherever it has one, except Q4_K and Q6_K on the AVX2 path,
-///   where candle's AVX2 kernels measured faster (Q4_K 2.6× at M = 1 and 2.8× at M = 128,
-///   Q6_K 1.2× and 2.1×, in `quant_matmul --path avx2`); the AVX2 kernels for them stay
-///   reachable through [`QWeight::matmul_with`] (and tested);
+/// - on x86-64, Studio's kernels wherever it has one (every format, on every path), so a
+///   file's layers all run on them and one-token steps on the decode team;
 /// - elsewhere (aarch64), candle's kernels for every format: they have NEON code, Studio's
 ///   only portable scalar code there.
 pub fn preferred(format: QuantFormat, path: KernelPath) -> bool {
-    cfg!(target_arch = "x86_64")
-        && has_kernel(format, path)
-        && !(path == KernelPath::Avx2 && matches!(format, QuantFormat::Q4K | QuantFormat::Q6K))
+    cfg!(target_arch = "x86_64") && has_kernel(format, path)
 }
 
 /// The activations of `x` (`m × k`) after the 8-bit quantization the kernels apply for
