@@ -97,13 +97,16 @@ fn effective(format: QuantFormat, path: KernelPath) -> KernelPath {
 fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32, f32)> {
     #[cfg(target_arch = "x86_64")]
     if path == KernelPath::Avx512Vnni
-        && matches!(format, QuantFormat::Q4_0 | QuantFormat::Q8_0)
+        && format.block_size() == 32
         && super::x86_avx512::use_panel(format, m)
     {
-        let off = if format == QuantFormat::Q8_0 {
-            128.0
-        } else {
-            8.0
+        // The panels hold unsigned values: Q8_0 shifted by 128, Q4_0/Q5_0 as stored (8 and
+        // 16 above their value), Q4_1/Q5_1 as stored (their min added with corr, off = 1).
+        let off = match format {
+            QuantFormat::Q8_0 => 128.0,
+            QuantFormat::Q4_0 => 8.0,
+            QuantFormat::Q5_0 => 16.0,
+            _ => 1.0,
         };
         return Some((Layout::Natural32, off, 1.0));
     }
@@ -271,7 +274,9 @@ fn run_chunk(
     match path {
         KernelPath::Scalar => scalar::chunk(w, act, x, m, cols, out),
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni if w.format().avx512_tiles() => {
+        KernelPath::Avx512Vnni
+            if w.format().avx512_tiles() || super::x86_avx512::use_panel(w.format(), m) =>
+        {
             super::x86_avx512::chunk(w, act, x, m, cols, out);
         }
         #[cfg(target_arch = "x86_64")]

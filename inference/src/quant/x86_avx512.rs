@@ -24,9 +24,9 @@ use std::arch::x86_64::{
     _mm512_permutexvar_epi8, _mm512_permutexvar_epi32, _mm512_permutexvar_ps,
     _mm512_reduce_add_epi32, _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_epi8,
     _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32,
-    _mm512_sllv_epi16, _mm512_srli_epi16, _mm512_srli_epi32, _mm512_srlv_epi16, _mm512_storeu_ps,
-    _mm512_storeu_si512, _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512,
-    _mm512_zextsi256_si512,
+    _mm512_sllv_epi16, _mm512_srli_epi16, _mm512_srli_epi32, _mm512_srlv_epi16, _mm512_srlv_epi32,
+    _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_epi32, _mm512_test_epi8_mask,
+    _mm512_xor_si512, _mm512_zextsi256_si512,
 };
 use std::cell::RefCell;
 use std::ops::Range;
@@ -793,8 +793,9 @@ half_tile!(bf16_tile, conv_bf16);
 
 /// Activation rows from which the panel kernel pays for building its panels.
 const PANEL_MIN_M: usize = 16;
-/// Panel bytes per 32-block: 8 quads × 16 rows × 4 values, then 16 f32 scales.
-const PANEL_BLOCK: usize = 8 * 64 + 64;
+/// Panel bytes per 32-block: 8 quads × 16 rows × 4 values, 16 f32 scales, then 16 f32 mins
+/// (Q4_1/Q5_1; unused by the other formats).
+const PANEL_BLOCK: usize = 8 * 64 + 128;
 
 /// Whether the AVX-512 path runs `format` at `m` rows through the panel kernel (its
 /// activations then use one lane per block: `lanes = 1`).
@@ -803,6 +804,9 @@ pub(crate) fn use_panel(format: QuantFormat, m: usize) -> bool {
         && matches!(
             format,
             QuantFormat::Q4_0
+                | QuantFormat::Q4_1
+                | QuantFormat::Q5_0
+                | QuantFormat::Q5_1
                 | QuantFormat::Q8_0
                 | QuantFormat::Q4K
                 | QuantFormat::Q5K
@@ -863,6 +867,9 @@ impl<'a> PanelRows<'a> {
         let log2 = (unit / bb).trailing_zeros() as usize;
         let header = match w.format() {
             QuantFormat::Q4_0 | QuantFormat::Q8_0 => 2,
+            QuantFormat::Q4_1 => 4,
+            QuantFormat::Q5_0 => 6,
+            QuantFormat::Q5_1 => 8,
             _ => 0,
         };
         let small = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
@@ -934,7 +941,15 @@ impl<'a> PanelRows<'a> {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     let nb = w.cols() / 32;
-    let q8 = w.format() == QuantFormat::Q8_0;
+    let format = w.format();
+    let q8 = format == QuantFormat::Q8_0;
+    let mins = matches!(format, QuantFormat::Q4_1 | QuantFormat::Q5_1);
+    // Where a block's 32 fifth bits are, after its scale (Q5_0 right after, Q5_1 after d, m).
+    let qh_at = match format {
+        QuantFormat::Q5_0 => Some(2),
+        QuantFormat::Q5_1 => Some(4),
+        _ => None,
+    };
     let at = PanelRows::new(w, j0, rows);
     let (src, valid) = (at.src, at.valid);
     let m4 = _mm512_set1_epi8(0x0F);
@@ -944,9 +959,10 @@ fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
         let (scale, quants) = (at.scale(b), at.quants(b));
         let gather = |at: __m512i, off: i32| {
             // SAFETY: each lane of `valid` reads 4 bytes at `at + off`, inside its row's unit
-            // holding block b (its scale's 2 bytes and the next 2, or quant bytes 4q..4q + 4
-            // of the block's 16 or 32), which lies in `src` (`PanelRows::new`); the other
-            // lanes read nothing and are zero.
+            // holding block b (its scale's 2 bytes and the next 2, the 4 bytes of fifth bits
+            // at 2 or 4 past the scale, or quant bytes 4q..4q + 4 of the block's 16 or 32),
+            // which lies in `src` (`PanelRows::new`); the other lanes read nothing and are
+            // zero.
             unsafe {
                 _mm512_mask_i32gather_epi32::<1>(
                     _mm512_setzero_si512(),
@@ -957,9 +973,46 @@ fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
             }
         };
         let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
-        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(gather(scale, 0)));
+        let dm = gather(scale, 0);
+        let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
         st512(dst, 512, _mm512_castps_si512(d));
-        if q8 {
+        if mins {
+            let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dm)));
+            st512(dst, 576, _mm512_castps_si512(m));
+        }
+        if let Some(qh_at) = qh_at {
+            // Each row's 32 fifth bits: bits 4q..4q + 4 belong to the low nibbles of quant
+            // dword q, bits 16 + 4q.. to its high nibbles; the multiply spreads 4 bits to
+            // bit 0 of 4 bytes (the shifted copies do not overlap), then to bit 4.
+            let qh = gather(scale, qh_at);
+            let spread = |bits: __m512i| {
+                let v = _mm512_and_si512(bits, _mm512_set1_epi32(0x0F));
+                let v = _mm512_and_si512(
+                    _mm512_mullo_epi32(v, _mm512_set1_epi32(0x0020_4081)),
+                    _mm512_set1_epi32(0x0101_0101),
+                );
+                _mm512_slli_epi32::<4>(v)
+            };
+            for q in 0..4 {
+                let v = gather(quants, 4 * q as i32);
+                let shift = _mm512_set1_epi32(4 * q as i32);
+                let lo_bits = spread(_mm512_srlv_epi32(qh, shift));
+                let hi_bits = spread(_mm512_srlv_epi32(
+                    qh,
+                    _mm512_add_epi32(shift, _mm512_set1_epi32(16)),
+                ));
+                st512(
+                    dst,
+                    q * 64,
+                    _mm512_or_si512(_mm512_and_si512(v, m4), lo_bits),
+                );
+                st512(
+                    dst,
+                    (q + 4) * 64,
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32::<4>(v), m4), hi_bits),
+                );
+            }
+        } else if q8 {
             for q in 0..8 {
                 let v = _mm512_maskz_xor_epi32(valid, gather(quants, 4 * q as i32), flip);
                 st512(dst, q * 64, v);
@@ -1005,7 +1058,12 @@ fn dword(a: &[i8], at: usize) -> i32 {
 /// `MR` activation rows against one panel: lane `r` of result `i` is output `(i0 + i, j0 + r)`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
-fn panel_tile<const MR: usize>(panel: &[u8], nb: usize, act: &Act, i0: usize) -> [__m512; MR] {
+fn panel_tile<const MR: usize, const MINS: bool>(
+    panel: &[u8],
+    nb: usize,
+    act: &Act,
+    i0: usize,
+) -> [__m512; MR] {
     let mut out = [_mm512_setzero_ps(); MR];
     let rows: [(&[i8], &[f32], &[f32]); MR] =
         std::array::from_fn(|i| (act.qs_row(i0 + i), act.d_row(i0 + i), act.corr_row(i0 + i)));
@@ -1022,12 +1080,23 @@ fn panel_tile<const MR: usize>(panel: &[u8], nb: usize, act: &Act, i0: usize) ->
                 acc0 = _mm512_dpbusd_epi32(acc0, wq[q], _mm512_set1_epi32(dword(a, 4 * q)));
                 acc1 = _mm512_dpbusd_epi32(acc1, wq[q + 1], _mm512_set1_epi32(dword(a, 4 * q + 4)));
             }
-            let t = _mm512_fmsub_ps(
-                _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
-                _mm512_set1_ps(d[b]),
-                _mm512_set1_ps(corr[b]),
-            );
-            out[i] = _mm512_fmadd_ps(t, dw, out[i]);
+            if MINS {
+                // q·d + m: the min times the activation block's d·Σa (corr, off = 1).
+                let t = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
+                    _mm512_set1_ps(d[b]),
+                );
+                let mw = _mm512_castsi512_ps(ld512(panel, p + 576));
+                out[i] = _mm512_fmadd_ps(t, dw, out[i]);
+                out[i] = _mm512_fmadd_ps(_mm512_set1_ps(corr[b]), mw, out[i]);
+            } else {
+                let t = _mm512_fmsub_ps(
+                    _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)),
+                    _mm512_set1_ps(d[b]),
+                    _mm512_set1_ps(corr[b]),
+                );
+                out[i] = _mm512_fmadd_ps(t, dw, out[i]);
+            }
         }
     }
     out
@@ -1046,8 +1115,9 @@ fn panel_chunk(
         half_panel_chunk(w, x, m, cols, out);
         return;
     }
-    let kquant = !matches!(w.format(), QuantFormat::Q4_0 | QuantFormat::Q8_0);
+    let kquant = w.format().block_size() == 256;
     let six = w.format() == QuantFormat::Q6K;
+    let mins = matches!(w.format(), QuantFormat::Q4_1 | QuantFormat::Q5_1);
     let (units, unit_bytes) = if kquant {
         (w.cols() / 256, KPANEL_BLOCK)
     } else {
@@ -1071,8 +1141,10 @@ fn panel_chunk(
                 if take == 4 {
                     let r = if kquant {
                         kpanel_tile::<4>(panel, units, act, i, six)
+                    } else if mins {
+                        panel_tile::<4, true>(panel, units, act, i)
                     } else {
-                        panel_tile::<4>(panel, units, act, i)
+                        panel_tile::<4, false>(panel, units, act, i)
                     };
                     for (di, v) in r.iter().enumerate() {
                         let vals = st512_ps(*v);
@@ -1083,8 +1155,10 @@ fn panel_chunk(
                 } else {
                     let r = if kquant {
                         kpanel_tile::<1>(panel, units, act, i, six)
+                    } else if mins {
+                        panel_tile::<1, true>(panel, units, act, i)
                     } else {
-                        panel_tile::<1>(panel, units, act, i)
+                        panel_tile::<1, false>(panel, units, act, i)
                     };
                     let vals = st512_ps(r[0]);
                     for (dj, &y) in vals[..rows].iter().enumerate() {
