@@ -117,6 +117,11 @@ fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32,
         (QuantFormat::Q4_0, _) => (Layout::Group4, 8.0, 4.0),
         (QuantFormat::Q8_0, KernelPath::Avx512Vnni) => (Layout::Natural32, 128.0, 8.0),
         (QuantFormat::Q8_0, _) => (Layout::Natural32, 0.0, 1.0),
+        // The AVX-512 tiles spread a block's correction over its 8 lanes, as Q8_0's.
+        (QuantFormat::Q5_0, KernelPath::Avx512Vnni) => (Layout::Natural32, 16.0, 8.0),
+        (QuantFormat::Q4_1 | QuantFormat::Q5_1, KernelPath::Avx512Vnni) => {
+            (Layout::Natural32, 1.0, 8.0)
+        }
         (QuantFormat::Q5_0, _) => (Layout::Natural32, 16.0, 1.0),
         (QuantFormat::Q4_1 | QuantFormat::Q5_1, _) => (Layout::Natural32, 1.0, 1.0),
         (
@@ -274,9 +279,7 @@ fn run_chunk(
     match path {
         KernelPath::Scalar => scalar::chunk(w, act, x, m, cols, out),
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni
-            if w.format().avx512_tiles() || super::x86_avx512::use_panel(w.format(), m) =>
-        {
+        KernelPath::Avx512Vnni if super::x86_avx512::has_format(w.format()) => {
             super::x86_avx512::chunk(w, act, x, m, cols, out);
         }
         #[cfg(target_arch = "x86_64")]

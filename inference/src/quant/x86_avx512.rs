@@ -11,9 +11,10 @@
 
 use std::arch::x86_64::{
     __m128, __m256i, __m512, __m512i, __mmask16, _mm_cvtepu8_epi16, _mm_cvtph_ps,
-    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_movehdup_ps, _mm_setr_ps,
-    _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpacklo_epi16, _mm256_cvtepi8_epi16,
-    _mm256_cvtepu8_epi32, _mm256_madd_epi16, _mm256_set_m128i, _mm512_abs_ps, _mm512_add_epi32,
+    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_movehdup_ps, _mm_movehl_ps,
+    _mm_set_epi16, _mm_setr_ps, _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpacklo_epi16,
+    _mm256_and_si256, _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi32, _mm256_madd_epi16,
+    _mm256_set_m128i, _mm256_set1_epi8, _mm256_srli_epi16, _mm512_abs_ps, _mm512_add_epi32,
     _mm512_and_si512, _mm512_broadcast_i64x4, _mm512_castps_si512, _mm512_castps128_ps512,
     _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cvtepi8_epi32,
     _mm512_cvtepi32_epi8, _mm512_cvtepi32_epi16, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32,
@@ -23,10 +24,10 @@ use std::arch::x86_64::{
     _mm512_mul_ps, _mm512_mullo_epi32, _mm512_or_si512, _mm512_permutex2var_epi8,
     _mm512_permutexvar_epi8, _mm512_permutexvar_epi32, _mm512_permutexvar_ps,
     _mm512_reduce_add_epi32, _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_epi8,
-    _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_slli_epi32,
-    _mm512_sllv_epi16, _mm512_srli_epi16, _mm512_srli_epi32, _mm512_srlv_epi16, _mm512_srlv_epi32,
-    _mm512_storeu_ps, _mm512_storeu_si512, _mm512_sub_epi32, _mm512_test_epi8_mask,
-    _mm512_xor_si512, _mm512_zextsi256_si512,
+    _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+    _mm512_shuffle_i64x2, _mm512_slli_epi32, _mm512_sllv_epi16, _mm512_srli_epi16,
+    _mm512_srli_epi32, _mm512_srlv_epi16, _mm512_srlv_epi32, _mm512_storeu_ps, _mm512_storeu_si512,
+    _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512, _mm512_zextsi256_si512,
 };
 use std::cell::RefCell;
 use std::ops::Range;
@@ -267,6 +268,11 @@ macro_rules! drive {
     }};
 }
 
+/// Whether this path has kernels of its own for `format` (Q2_K and Q3_K run the AVX2 ones).
+pub(crate) fn has_format(format: QuantFormat) -> bool {
+    !matches!(format, QuantFormat::Q2K | QuantFormat::Q3K)
+}
+
 /// Runs the kernel of `w`'s format over output columns `cols`.
 pub(crate) fn chunk(
     w: &QWeight,
@@ -302,12 +308,11 @@ fn chunk_inner(
         QuantFormat::Q6K => drive!(q6k_tile, w, act, x, m, cols, out),
         QuantFormat::F16 => drive!(f16_tile, w, act, x, m, cols, out),
         QuantFormat::BF16 => drive!(bf16_tile, w, act, x, m, cols, out),
-        // Formats without AVX-512 tiles (`QuantFormat::avx512_tiles`) run the AVX2 kernels.
-        QuantFormat::Q4_1
-        | QuantFormat::Q5_0
-        | QuantFormat::Q5_1
-        | QuantFormat::Q2K
-        | QuantFormat::Q3K => super::x86_avx2::chunk(w, act, x, m, cols, out),
+        QuantFormat::Q4_1 => drive!(q4_1_tile, w, act, x, m, cols, out),
+        QuantFormat::Q5_0 => drive!(q5_0_tile, w, act, x, m, cols, out),
+        QuantFormat::Q5_1 => drive!(q5_1_tile, w, act, x, m, cols, out),
+        // Formats without AVX-512 kernels (see `has_format`) run the AVX2 ones.
+        QuantFormat::Q2K | QuantFormat::Q3K => super::x86_avx2::chunk(w, act, x, m, cols, out),
     }
 }
 
@@ -543,6 +548,88 @@ fn ld64_ps(v: [f32; 2]) -> __m128 {
 }
 
 block32_tile!(q8_0_tile, q8_0_group, 68, 2);
+
+// ---------------------------------------------------------------------------------------------
+// Q4_1, Q5_0 and Q5_1 × Q8 (Natural32 layout, file order: these formats are never `Tiles4`):
+// per pair of blocks, the two blocks' nibbles as one 64-byte vector in element order (lanes
+// 0–7 the first block, 8–15 the second), fifth bits added under a 64-bit mask; the offset
+// (Q5_0) is taken off with the correction as Q8_0's is, the min (Q4_1/Q5_1) added with it.
+
+macro_rules! b32_pair_group {
+    ($name:ident, $bb:literal, $qs:literal, $qh:expr, $mins:literal) => {
+        /// One pair of blocks of `NR` weight rows against `MR` activation rows.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+        fn $name<const MR: usize, const NR: usize, const _TILED: bool>(
+            w: [&[u8; 2 * $bb]; NR],
+            a: [Q8Act; MR],
+            acc: &mut [[__m512; NR]; MR],
+        ) {
+            let exp8 = ld512(&EXPAND8, 0);
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut wq = [_mm512_setzero_si512(); NR];
+            let mut dw = [_mm512_setzero_ps(); NR];
+            let mut mw = [_mm512_setzero_ps(); NR];
+            for r in 0..NR {
+                let b = w[r];
+                let x = _mm256_set_m128i(ld128(b, $bb + $qs), ld128(b, $qs));
+                let lo = _mm256_and_si256(x, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), m4);
+                // [lo0 lo1 hi0 hi1] → [lo0 hi0 lo1 hi1]: each block's 32 values in order.
+                let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                let mut v = _mm512_shuffle_i64x2::<0b11_01_10_00>(v, v);
+                if let Some(qh) = $qh {
+                    let bits =
+                        |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                    let mask = u64::from(bits(qh)) | (u64::from(bits($bb + qh)) << 32);
+                    v = _mm512_mask_add_epi8(v, mask, v, _mm512_set1_epi8(16));
+                }
+                wq[r] = v;
+                let half = |at: usize| i16::from_le_bytes([b[at], b[at + 1]]);
+                let d2 = _mm_cvtph_ps(_mm_set_epi16(
+                    0,
+                    0,
+                    0,
+                    0,
+                    half($bb + 2),
+                    half(2),
+                    half($bb),
+                    half(0),
+                ));
+                // d0 d1 in lanes 0, 1; m0 m1 in lanes 2, 3.
+                dw[r] = _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(d2));
+                if $mins {
+                    mw[r] =
+                        _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(_mm_movehl_ps(d2, d2)));
+                }
+            }
+            for i in 0..MR {
+                let (qs, d, corr) = a[i];
+                let aq = ld512_i8(qs, 0);
+                let da = _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(ld64_ps(*d)));
+                let c = _mm512_permutexvar_ps(exp8, _mm512_castps128_ps512(ld64_ps(*corr)));
+                for r in 0..NR {
+                    let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq[r], aq);
+                    if $mins {
+                        let t = _mm512_mul_ps(_mm512_cvtepi32_ps(p), da);
+                        acc[i][r] = _mm512_fmadd_ps(t, dw[r], acc[i][r]);
+                        acc[i][r] = _mm512_fmadd_ps(c, mw[r], acc[i][r]);
+                    } else {
+                        let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(p), da, c);
+                        acc[i][r] = _mm512_fmadd_ps(t, dw[r], acc[i][r]);
+                    }
+                }
+            }
+        }
+    };
+}
+
+b32_pair_group!(q4_1_group, 20, 4, None::<usize>, true);
+b32_pair_group!(q5_0_group, 22, 6, Some(2usize), false);
+b32_pair_group!(q5_1_group, 24, 8, Some(4usize), true);
+block32_tile!(q4_1_tile, q4_1_group, 40, 2);
+block32_tile!(q5_0_tile, q5_0_group, 44, 2);
+block32_tile!(q5_1_tile, q5_1_group, 48, 2);
 
 // ---------------------------------------------------------------------------------------------
 // K-quants × Q8_K (Super256 layout): per super-block, 4 chunks of 64 values; the integer sum
