@@ -21,8 +21,10 @@
 //!   `RAYON_NUM_THREADS`, as candle's own kernels); no heap allocation in steady state.
 //! - [`KernelPath`] picks the instruction set: AVX-512 with VNNI (and VBMI for the byte
 //!   permutes) or AVX2 + FMA + F16C (register tiles only, no prefill panels), each for every
-//!   format, or the portable scalar code. [`KernelPath::detect`] is the best the CPU offers;
-//!   [`QWeight::matmul_with`] forces one (tests run every path the machine has).
+//!   format (Q2_K and Q3_K run the AVX2 kernels on the AVX-512 path), or the portable scalar
+//!   code. [`KernelPath::detect`] is the best the CPU offers, or the one [`CPU_PATH_ENV`]
+//!   forces; [`QWeight::matmul_with`] picks one per call (tests run every path the machine
+//!   has).
 //!
 //! Numbers: weights are used exactly (integer dot products of the quantized values), the
 //! activations carry the error of their 8-bit quantization (as in llama.cpp and candle), and
@@ -130,9 +132,9 @@ impl QuantFormat {
         }
     }
 
-    /// Whether the AVX-512 path has its own decode tiles and prefill panels for this format
-    /// (and so stores it as [`WeightLayout::Tiles4`]); the others run the AVX2 kernels there,
-    /// in file order.
+    /// Whether the AVX-512 path reads this format as [`WeightLayout::Tiles4`] (reordered on
+    /// load); Q4_1, Q5_0 and Q5_1 have AVX-512 kernels that read the file order, and Q2_K and
+    /// Q3_K run the AVX2 kernels there.
     pub(crate) const fn avx512_tiles(self) -> bool {
         matches!(
             self,

@@ -285,24 +285,30 @@ fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
     let row = wr[0];
-    let nb = row.len() / 34;
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); MR];
-    for b in 0..nb {
+    // Two accumulators per row (even and odd blocks): two FMA chains.
+    let mut acc = [[_mm256_setzero_ps(); MR]; 2];
+    let mut d: [&[f32]; MR] = [&[]; MR];
+    for i in 0..MR {
+        d[i] = act.d_row(i0 + i);
+    }
+    for (b, blk) in row.as_chunks::<34>().0.iter().enumerate() {
         prefetch(row, b * 34 + pf);
-        let w = ld256(row, b * 34 + 2);
+        let w = ld256(blk, 2);
         let aw = _mm256_abs_epi8(w);
-        let dw = f16_to_f32(u16::from_le_bytes([row[b * 34], row[b * 34 + 1]]));
+        let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+            i16::from_le_bytes([blk[0], blk[1]]),
+        ))));
         for i in 0..MR {
             let a = ld256_i8(act.qs_row(i0 + i), b * 32);
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
-            let s = _mm256_set1_ps(dw * act.d_row(i0 + i)[b]);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
+            let s = _mm256_set1_ps(dw * d[i][b]);
+            acc[b % 2][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[b % 2][i]);
         }
     }
     let mut r = [0f32; MR];
-    for (o, a) in r.iter_mut().zip(acc) {
-        *o = hsum(a);
+    for i in 0..MR {
+        r[i] = hsum(_mm256_add_ps(acc[0][i], acc[1][i]));
     }
     r
 }
