@@ -10,8 +10,10 @@
 //! tokenizer of 151,936 tokens), so llama.cpp's own tools load the same file for comparison.
 //!
 //! Shapes: `qwen2-0.5b` (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate 4864,
-//! vocab 151936, tied embeddings, rope base 1e6, q/k/v biases), `tiny`. Types: f32, f16,
-//! q8_0, q4_0.
+//! vocab 151936, tied embeddings, rope base 1e6, q/k/v biases), `llama-3.2-1b` (hidden 2048,
+//! 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256, tied, rope base 5e5;
+//! llama.cpp's `models/ggml-vocab-llama-bpe.gguf` gives it a real tokenizer), `tiny`. Types:
+//! f32, f16, q8_0, q4_0 (for llama-quantize's mixes, write f16 and quantize it with them).
 
 use std::path::PathBuf;
 
@@ -43,14 +45,25 @@ fn main() {
             "max_position_embeddings": 32768, "sliding_window": 32768,
             "max_window_layers": 24, "rms_norm_eps": 1e-6,
         }),
+        "llama-3.2-1b" => json!({
+            "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "intermediate_size": 8192, "vocab_size": 128_256,
+            "tie_word_embeddings": true, "rope_theta": 500_000.0,
+            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-5, "head_dim": 64,
+        }),
         "tiny" => json!({}),
         other => {
-            eprintln!("unknown shape `{other}` (qwen2-0.5b, tiny)");
+            eprintln!("unknown shape `{other}` (qwen2-0.5b, llama-3.2-1b, tiny)");
             std::process::exit(2);
         }
     };
+    let family = if shape.starts_with("llama") {
+        "llama"
+    } else {
+        "qwen2"
+    };
     let dir = tempfile::tempdir().expect("tmp");
-    write_family_with(dir.path(), "qwen2", &overrides, 0);
+    write_family_with(dir.path(), family, &overrides, 0);
     let mut options = GgufOptions::with_dtype(dtype);
     if let Some(vocab) = vocab {
         let mut file = std::fs::File::open(&vocab).expect("open the vocab GGUF");

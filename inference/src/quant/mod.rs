@@ -253,7 +253,12 @@ impl KernelPath {
     /// Whether the path can run here: the CPU has it and [`CPU_PATH_ENV`] does not cap the
     /// paths below it.
     pub fn available(self) -> bool {
-        self.cpu_has() && forced().is_none_or(|cap| self.rank() >= cap.rank())
+        // Asked on every product: detected once.
+        static AVAILABLE: std::sync::OnceLock<[bool; 3]> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(|| {
+            KernelPath::ALL
+                .map(|p| p.cpu_has() && forced().is_none_or(|cap| p.rank() >= cap.rank()))
+        })[self.rank()]
     }
 
     /// Position in [`KernelPath::ALL`] (0: fastest).

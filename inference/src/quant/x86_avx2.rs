@@ -72,6 +72,13 @@ macro_rules! drive {
         for j in cols {
             let wr = [rows.row(j)];
             let mut i = 0;
+            while i + 8 <= m {
+                let r = $tile::<8>(&wr, act, i, rb);
+                for (di, &v) in r.iter().enumerate() {
+                    out.set(i + di, j, v);
+                }
+                i += 8;
+            }
             while i + 4 <= m {
                 let r = $tile::<4>(&wr, act, i, rb);
                 for (di, &v) in r.iter().enumerate() {
@@ -124,6 +131,15 @@ macro_rules! drive_tiles {
                     *row = rows.row(j + r);
                 }
                 let mut i = 0;
+                while i + 8 <= m {
+                    let r = $tile::<8, $bat>(&wr, act, x, i, $bat * rb);
+                    for (di, row) in r.iter().enumerate() {
+                        for (dj, &v) in row.iter().enumerate() {
+                            out.set(i + di, j + dj, v);
+                        }
+                    }
+                    i += 8;
+                }
                 while i + 4 <= m {
                     let r = $tile::<4, $bat>(&wr, act, x, i, $bat * rb);
                     for (di, row) in r.iter().enumerate() {
