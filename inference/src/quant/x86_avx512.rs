@@ -896,9 +896,18 @@ half_tile!(bf16_tile, conv_bf16);
 
 /// Activation rows from which the panel kernel pays for building its panels.
 const PANEL_MIN_M: usize = 16;
-/// Panel bytes per 32-block: 8 quads × 16 rows × 4 values, 16 f32 scales, then 16 f32 mins
-/// (Q4_1/Q5_1; unused by the other formats).
-const PANEL_BLOCK: usize = 8 * 64 + 128;
+/// Panel bytes per 32-block: 8 quads × 16 rows × 4 values, then 16 f32 scales.
+const PANEL_BLOCK: usize = 8 * 64 + 64;
+/// The same with 16 f32 mins after the scales (Q4_1/Q5_1).
+const PANEL_BLOCK_MINS: usize = PANEL_BLOCK + 64;
+
+/// Panel bytes per 32-block of `format`.
+const fn panel_block(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Q4_1 | QuantFormat::Q5_1 => PANEL_BLOCK_MINS,
+        _ => PANEL_BLOCK,
+    }
+}
 
 /// Whether the AVX-512 path runs `format` at `m` rows through the panel kernel (its
 /// activations then use one lane per block: `lanes = 1`).
@@ -1075,7 +1084,8 @@ fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
                 )
             }
         };
-        let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
+        let pb = panel_block(format);
+        let dst = &mut panel[b * pb..(b + 1) * pb];
         let dm = gather(scale, 0);
         let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
         st512(dst, 512, _mm512_castps_si512(d));
@@ -1171,7 +1181,7 @@ fn panel_tile<const MR: usize, const MINS: bool>(
     let rows: [(&[i8], &[f32], &[f32]); MR] =
         std::array::from_fn(|i| (act.qs_row(i0 + i), act.d_row(i0 + i), act.corr_row(i0 + i)));
     for b in 0..nb {
-        let p = b * PANEL_BLOCK;
+        let p = b * if MINS { PANEL_BLOCK_MINS } else { PANEL_BLOCK };
         let wq: [__m512i; 8] = std::array::from_fn(|q| ld512(panel, p + 64 * q));
         let dw = _mm512_castsi512_ps(ld512(panel, p + 512));
         for i in 0..MR {
@@ -1224,7 +1234,7 @@ fn panel_chunk(
     let (units, unit_bytes) = if kquant {
         (w.cols() / 256, KPANEL_BLOCK)
     } else {
-        (w.cols() / 32, PANEL_BLOCK)
+        (w.cols() / 32, panel_block(w.format()))
     };
     let mut run = |panel: &mut Vec<u8>| {
         if panel.len() < units * unit_bytes {
