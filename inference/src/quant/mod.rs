@@ -5,7 +5,7 @@
 //!   `cols` = K) in its file format: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 //!   Q6_K, and F16/BF16 kept as 16 bits.
 //! - [`QWeight::matmul`] quantizes the activation rows once per call (Q8_0-style blocks of 32
-//!   for Q4_0/Q8_0, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
+//!   for the 32-block formats, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
 //!   activations as they are) into a per-thread scratch buffer reused between calls, then:
 //!   - decode (M < 16): register tiles of 1 × 4 weight rows, 4 × 4 for 4 ≤ M < 16, each
 //!     weight block decoded once per tile. On the AVX-512 path the weights are stored as
