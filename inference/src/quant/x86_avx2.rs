@@ -16,8 +16,8 @@ use std::arch::x86_64::{
     __m128i, __m256, __m256i, _mm_add_ps, _mm_and_si128, _mm_cvtepu8_epi16, _mm_cvtph_ps,
     _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_movehdup_ps,
     _mm_set_epi16, _mm_set_epi32, _mm_set1_epi8, _mm_srli_epi16, _mm_sub_epi8, _mm_unpackhi_epi16,
-    _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32, _mm256_add_ps,
-    _mm256_and_si256, _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
+    _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32, _mm256_and_si256,
+    _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
     _mm256_castsi256_ps, _mm256_cmpeq_epi8, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps,
     _mm256_cvtepu8_epi16, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_extractf128_ps,
     _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256,
@@ -302,8 +302,9 @@ fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
 fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
     let row = wr[0];
     let ones = _mm256_set1_epi16(1);
-    // Two accumulators per row (even and odd blocks): two FMA chains.
-    let mut acc = [[_mm256_setzero_ps(); MR]; 2];
+    // One accumulator per row: indexing two by `b % 2` kept them in memory (a store and a
+    // reload per block).
+    let mut acc = [_mm256_setzero_ps(); MR];
     let mut d: [&[f32]; MR] = [&[]; MR];
     for i in 0..MR {
         d[i] = act.d_row(i0 + i);
@@ -319,12 +320,12 @@ fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
             let a = ld256_i8(act.qs_row(i0 + i), b * 32);
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
             let s = _mm256_set1_ps(dw * d[i][b]);
-            acc[b % 2][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[b % 2][i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
         }
     }
     let mut r = [0f32; MR];
     for i in 0..MR {
-        r[i] = hsum(_mm256_add_ps(acc[0][i], acc[1][i]));
+        r[i] = hsum(acc[i]);
     }
     r
 }
@@ -377,7 +378,7 @@ macro_rules! block32_tile {
         fn $name<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
             let row = wr[0];
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); MR]; 2];
+            let mut acc = [_mm256_setzero_ps(); MR];
             let mut fix = [0f32; MR];
             let mut d: [&[f32]; MR] = [&[]; MR];
             let mut corr: [&[f32]; MR] = [&[]; MR];
@@ -402,13 +403,13 @@ macro_rules! block32_tile {
                     let a = ld256_i8(act.qs_row(i0 + i), b * 32);
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, a), ones);
                     let s = _mm256_set1_ps(dw * d[i][b]);
-                    acc[b % 2][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[b % 2][i]);
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
                     fix[i] += coef * corr[i][b];
                 }
             }
             let mut r = [0f32; MR];
             for i in 0..MR {
-                r[i] = hsum(_mm256_add_ps(acc[0][i], acc[1][i])) + fix[i];
+                r[i] = hsum(acc[i]) + fix[i];
             }
             r
         }
