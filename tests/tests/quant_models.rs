@@ -107,7 +107,7 @@ fn studio_model_matches_candle_teacher_forced() {
             GgmlDType::Q6K,
         ] {
             let path = write(tmp.path(), family, dtype);
-            let mut ours = load_studio(&path);
+            let (ours, max_diff, rate) = teacher_forced(family, &path);
             let format = QuantFormat::from_ggml(dtype).expect("format");
             if preferred(format, KernelPath::detect()) {
                 // Every linear weight (7 per layer, 2 layers, and the output) on Studio's kernels.
@@ -121,24 +121,6 @@ fn studio_model_matches_candle_teacher_forced() {
             } else {
                 assert!(!ours.fallbacks().is_empty(), "{family} {dtype:?}");
             }
-            let mut theirs = load_candle(family, &path);
-            // candle's greedy continuation, fed to both (teacher forcing).
-            let mut tokens = PROMPT.to_vec();
-            let mut max_diff = 0.0f32;
-            let (mut same, mut steps) = (0usize, 0usize);
-            let mut a = vec1(&ours.forward(&tokens, 0, false).expect("prefill"));
-            let mut b = theirs.forward(&tokens, 0);
-            for _ in 0..16 {
-                max_diff = max_diff.max(rel_diff(&b, &a));
-                let want = argmax(&b);
-                same += usize::from(argmax(&a) == want);
-                steps += 1;
-                let pos = tokens.len();
-                tokens.push(want);
-                a = vec1(&ours.forward(&[want], pos, false).expect("step"));
-                b = theirs.forward(&[want], pos);
-            }
-            let rate = same as f32 / steps as f32;
             report.push(format!(
                 "{family} {dtype:?}: max relative logit difference {max_diff:.1e}, greedy \
                  agreement {rate:.2}"
@@ -169,11 +151,12 @@ fn studio_model_matches_candle_teacher_forced() {
     println!("{}", report.join("\n"));
 }
 
-/// Teacher-forced logits of Studio's model and candle's on `path` (Qwen2): the largest
-/// relative difference and the greedy agreement over 16 steps after [`PROMPT`].
-fn teacher_forced(path: &Path) -> (QuantLlama, f32, f32) {
+/// Teacher-forced logits of Studio's model and candle's on `path` (candle's greedy
+/// continuation fed to both): the largest relative difference and the greedy agreement over 16
+/// steps after [`PROMPT`].
+fn teacher_forced(family: &str, path: &Path) -> (QuantLlama, f32, f32) {
     let mut ours = load_studio(path);
-    let mut theirs = load_candle("qwen2", path);
+    let mut theirs = load_candle(family, path);
     let mut tokens = PROMPT.to_vec();
     let (mut max_diff, mut same) = (0.0f32, 0usize);
     let mut a = vec1(&ours.forward(&tokens, 0, false).expect("prefill"));
@@ -245,7 +228,7 @@ fn mixed_format_files_match_candle_teacher_forced() {
             ..GgufOptions::with_dtype(dtype)
         };
         convert(&sub, &path, &opts);
-        let (ours, max_diff, rate) = teacher_forced(&path);
+        let (ours, max_diff, rate) = teacher_forced("qwen2", &path);
         let formats: Vec<QuantFormat> = tensor_types
             .iter()
             .map(|&(_, d)| d)

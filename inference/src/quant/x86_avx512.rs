@@ -311,12 +311,9 @@ fn chunk_inner(
         QuantFormat::Q4_1 => drive!(q4_1_tile, w, act, x, m, cols, out),
         QuantFormat::Q5_0 => drive!(q5_0_tile, w, act, x, m, cols, out),
         QuantFormat::Q5_1 => drive!(q5_1_tile, w, act, x, m, cols, out),
-        // `kernel::run_chunk` sends the formats without AVX-512 kernels (see `has_format`) to
-        // the AVX2 ones. Not called from here: the AVX2 kernels inlined into this function
-        // made the K-quant decode tiles 25-30% slower (Llama-3.2-1B Q4_K_M, 2 threads).
-        QuantFormat::Q2K | QuantFormat::Q3K => {
-            debug_assert!(false, "no AVX-512 kernel for {}", w.format());
-        }
+        // Formats without AVX-512 kernels (see `has_format`; `kernel::run_chunk` routes them
+        // to the AVX2 kernels before this).
+        QuantFormat::Q2K | QuantFormat::Q3K => super::x86_avx2::chunk(w, act, x, m, cols, out),
     }
 }
 
