@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::gguf_tokenizer::GgufVocab;
 use crate::models::CausalLm;
 use crate::models::quant_llama::QuantLlama;
+use crate::models::tensors::{self, GgufTensors};
 use crate::quant::{KernelPath, QuantFormat, preferred};
 use crate::text::Tokenizer;
 
@@ -40,7 +41,7 @@ pub const SUPPORTED_GGUF_ARCHITECTURES: &str = "GGUF files of Llama (Llama 2/3.x
 
 /// ggml tensor types this build can read (candle's CPU kernels).
 pub const SUPPORTED_GGML_TYPES: &str =
-    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS";
 
 /// A GGUF model ready to generate.
 pub struct GgufModel {
@@ -1040,13 +1041,6 @@ fn gemma_params(
 // ---------------------------------------------------------------------------------------------
 // Inspect
 
-/// Bytes the data of a tensor of `elements` values of `dtype` takes (`None`: overflow).
-fn tensor_bytes(elements: usize, dtype: GgmlDType) -> Option<u64> {
-    (elements / dtype.block_size())
-        .checked_mul(dtype.type_size())
-        .map(|b| b as u64)
-}
-
 /// A checked header: everything `load` needs before reading tensor data.
 struct Checked {
     header: Header,
@@ -1077,7 +1071,7 @@ fn check(path: &Path) -> Result<Checked> {
     // Every tensor must be of a type Studio computes with, and lie inside the file.
     let mut bytes_by_type: HashMap<u32, u64> = HashMap::new();
     for t in &header.tensors {
-        let Some(dtype) = supported_ggml_type(t.ggml_type) else {
+        let Some((block, _)) = tensors::type_layout(t.ggml_type) else {
             return Err(Error::InvalidParameter(format!(
                 "{}: tensor `{}` is stored as {} (ggml type {}), which this version of Studio \
                  cannot compute with; it reads {SUPPORTED_GGML_TYPES}. Pick another \
@@ -1088,23 +1082,21 @@ fn check(path: &Path) -> Result<Checked> {
                 t.ggml_type
             )));
         };
-        let elements = t.elements();
         // Blocks never straddle rows: the row length (the innermost dimension) must be a
         // whole number of them.
         let row = t.dims.last().copied().unwrap_or(0);
-        if row % dtype.block_size() != 0 {
+        if row % block != 0 {
             return Err(Error::CorruptWeights {
                 path: path.to_path_buf(),
                 message: format!(
                     "tensor `{}` has rows of {row} values, not a whole number of {} blocks \
-                     of {}",
+                     of {block}",
                     t.name,
                     ggml_type_name(t.ggml_type),
-                    dtype.block_size()
                 ),
             });
         }
-        let size = tensor_bytes(elements, dtype);
+        let size = tensors::data_bytes(t.ggml_type, &t.dims);
         let end = size.and_then(|size| {
             header
                 .data_offset
@@ -1347,11 +1339,9 @@ pub fn load(
     let total: u64 = header
         .tensors
         .iter()
-        .filter_map(|t| {
-            let d = supported_ggml_type(t.ggml_type)?;
-            tensor_bytes(t.elements(), d)
-        })
+        .filter_map(|t| tensors::data_bytes(t.ggml_type, &t.dims))
         .sum();
+    let table = tensor_table(&header);
     let ct = content(header, &hp);
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut reader = ProgressReader {
@@ -1364,7 +1354,7 @@ pub fn load(
     (reader.progress)(WEIGHTS_START, "loading weights");
     let path_buf = path.to_path_buf();
     let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        build_model(ct, &mut reader, device, &hp, &path_buf)
+        build_model(ct, &table, &mut reader, device, &hp, &path_buf)
     }));
     let inner = match loaded {
         Ok(r) => r?,
@@ -1400,8 +1390,25 @@ pub fn load(
     })
 }
 
+/// The header's tensor directory as Studio's own reader reads it (every type Studio reads).
+fn tensor_table(header: &Header) -> GgufTensors {
+    let mut table = GgufTensors::new(header.data_offset);
+    for t in &header.tensors {
+        table.insert(
+            t.name.clone(),
+            tensors::TensorInfo {
+                ggml_type: t.ggml_type,
+                dims: t.dims.clone(),
+                offset: t.offset,
+            },
+        );
+    }
+    table
+}
+
 fn build_model(
     ct: Content,
+    table: &GgufTensors,
     reader: &mut ProgressReader<'_>,
     device: &Device,
     hp: &Hparams,
@@ -1414,18 +1421,46 @@ fn build_model(
             path.display()
         )))
     };
-    if device.is_cpu()
-        && matches!(
-            hp.family,
-            Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Phi3
-        )
-        && studio_kernels_fit(&ct, hp.family)
-    {
-        let model = QuantLlama::from_gguf(&ct, reader).map_err(|e| match e {
+    let studio_family = matches!(
+        hp.family,
+        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Phi3
+    );
+    if device.is_cpu() && studio_family && studio_kernels_fit(table, hp.family) {
+        let model = QuantLlama::from_gguf_tensors(&ct, table, reader).map_err(|e| match e {
             Error::Candle(e) => weights(e),
             other => weights(candle_core::Error::Msg(other.to_string())),
         })?;
         return Ok(Inner::Studio(Box::new(model)));
+    }
+    // Tensors of the types candle lacks run only on Studio's CPU model.
+    let mut studio_only: Vec<(&String, u32)> = table
+        .iter()
+        .filter(|(_, t)| {
+            QuantFormat::from_ggml_type(t.ggml_type).is_some_and(|f| f.to_ggml().is_none())
+        })
+        .map(|(name, t)| (name, t.ggml_type))
+        .collect();
+    studio_only.sort();
+    if let Some((name, t)) = studio_only.first() {
+        let why = if !studio_family {
+            format!("not for {} models", hp.arch)
+        } else if !device.is_cpu() {
+            "not on the GPU".to_owned()
+        } else {
+            "and this file's other layer weights have no kernel on this CPU".to_owned()
+        };
+        return Err(Error::InvalidParameter(format!(
+            "{}: tensor `{name}` is stored as {}, which only Studio's CPU kernels run for \
+             Llama, Qwen2, Qwen3 and Phi-3 files, {why}. Pick another quantization of this \
+             model (for example Q4_K_M or Q8_0){}.",
+            path.display(),
+            ggml_type_name(*t),
+            if device.is_cpu() {
+                ""
+            } else {
+                ", or run it on the CPU"
+            }
+        )));
     }
     Ok(match hp.family {
         Family::Llama => Inner::Llama(Box::new(
@@ -1454,25 +1489,24 @@ fn build_model(
 /// Whether Studio's own quantized kernels run this file's layer weights on this CPU (F32
 /// files, and formats without a kernel, stay on candle's model; so do Phi-3 files with a fused
 /// q/k/v or gate/up tensor Studio cannot split into kernel weights).
-fn studio_kernels_fit(ct: &Content, family: Family) -> bool {
-    let fits = |t: &TensorInfo| {
-        QuantFormat::from_ggml(t.ggml_dtype).is_some_and(|f| {
+fn studio_kernels_fit(table: &GgufTensors, family: Family) -> bool {
+    let fits = |t: &tensors::TensorInfo| {
+        QuantFormat::from_ggml_type(t.ggml_type).is_some_and(|f| {
             preferred(f, KernelPath::detect())
-                && t.shape
-                    .dims()
+                && t.dims
                     .last()
                     .is_some_and(|k| k.is_multiple_of(f.block_size()))
         })
     };
     if family == Family::Phi3 {
-        ct.tensor_infos
+        table
             .iter()
             .filter(|(name, _)| {
                 name.ends_with("attn_qkv.weight") || name.ends_with("ffn_up.weight")
             })
             .all(|(_, t)| fits(t))
     } else {
-        ct.tensor_infos.get("blk.0.ffn_up.weight").is_some_and(fits)
+        table.info("blk.0.ffn_up.weight").is_some_and(fits)
     }
 }
 

@@ -615,11 +615,13 @@ impl TensorEntry {
     }
 }
 
-/// Writes a GGUF (v3) header for `tensors` and extends the file to the full data size without
-/// writing the data (a sparse file on most file systems): a file that is huge on paper, for
-/// showing that reading its header never touches the tensor data.
-pub fn write_header_only(path: &Path, metadata: &[(String, Value)], tensors: &[TensorEntry]) {
-    let mut w = BufWriter::new(File::create(path).expect("create"));
+/// Writes a GGUF (v3) header for `tensors` (data offsets aligned to 32); returns the data's
+/// length.
+fn write_header(
+    mut w: &mut impl Write,
+    metadata: &[(String, Value)],
+    tensors: &[TensorEntry],
+) -> u64 {
     w.write_all(b"GGUF").expect("write");
     w.write_all(&3u32.to_le_bytes()).expect("write");
     w.write_all(&(tensors.len() as u64).to_le_bytes())
@@ -643,11 +645,73 @@ pub fn write_header_only(path: &Path, metadata: &[(String, Value)], tensors: &[T
         w.write_all(&offset.to_le_bytes()).expect("write");
         offset += t.bytes.div_ceil(32) * 32;
     }
+    offset
+}
+
+/// Writes a GGUF (v3) header for `tensors` and extends the file to the full data size without
+/// writing the data (a sparse file on most file systems): a file that is huge on paper, for
+/// showing that reading its header never touches the tensor data.
+pub fn write_header_only(path: &Path, metadata: &[(String, Value)], tensors: &[TensorEntry]) {
+    let mut w = BufWriter::new(File::create(path).expect("create"));
+    let offset = write_header(&mut w, metadata, tensors);
     let pos = w.stream_position().expect("position");
     let data_start = pos.div_ceil(32) * 32;
     w.flush().expect("flush");
     let file = w.into_inner().expect("file");
     file.set_len(data_start + offset).expect("set_len");
+}
+
+/// One tensor of [`write_gguf_raw`]: name, row-major dims, ggml type id and its bytes as the
+/// file stores them (any type, including those candle cannot write).
+pub struct RawTensor {
+    pub name: String,
+    pub dims: Vec<usize>,
+    pub ggml_type: u32,
+    pub data: Vec<u8>,
+}
+
+impl RawTensor {
+    /// A candle `QTensor`'s bytes under its ggml type id.
+    pub fn from_qtensor(name: &str, t: &QTensor) -> Self {
+        let ggml_type = match t.dtype() {
+            GgmlDType::F32 => 0,
+            GgmlDType::F16 => 1,
+            GgmlDType::BF16 => 30,
+            other => studio_inference::quant::QuantFormat::from_ggml(other)
+                .expect("a type Studio reads")
+                .ggml_type(),
+        };
+        Self {
+            name: name.to_owned(),
+            dims: t.shape().dims().to_vec(),
+            ggml_type,
+            data: t.data().expect("tensor data").into_owned(),
+        }
+    }
+}
+
+/// Writes a GGUF (v3) file from raw tensor bytes (data aligned to 32, as llama.cpp writes).
+pub fn write_gguf_raw(path: &Path, metadata: &[(String, Value)], tensors: &[RawTensor]) {
+    let entries: Vec<TensorEntry> = tensors
+        .iter()
+        .map(|t| TensorEntry {
+            name: t.name.clone(),
+            dims: t.dims.clone(),
+            ggml_type: t.ggml_type,
+            bytes: t.data.len() as u64,
+        })
+        .collect();
+    let mut w = BufWriter::new(File::create(path).expect("create"));
+    write_header(&mut w, metadata, &entries);
+    let pos = w.stream_position().expect("position");
+    w.write_all(&vec![0u8; (pos.div_ceil(32) * 32 - pos) as usize])
+        .expect("pad");
+    for t in tensors {
+        w.write_all(&t.data).expect("data");
+        let pad = t.data.len().div_ceil(32) * 32 - t.data.len();
+        w.write_all(&vec![0u8; pad]).expect("pad");
+    }
+    w.flush().expect("flush");
 }
 
 /// Changes the ggml type recorded for tensor `name` in a GGUF file's header (the data is left

@@ -584,12 +584,12 @@ fn bad_files_are_refused_with_clear_errors() {
     // A quantization Studio cannot compute with: the type and the tensor are named.
     let iq = tmp.path().join("iq.gguf");
     std::fs::write(&iq, &bytes).expect("write");
-    patch_tensor_type(&iq, "blk.0.attn_q.weight", 20);
+    patch_tensor_type(&iq, "blk.0.attn_q.weight", 16);
     let e = expect_err(&iq);
     assert!(matches!(e, Error::InvalidParameter(_)), "{e}");
     let msg = e.to_string();
     assert!(
-        msg.contains("IQ4_NL") && msg.contains("blk.0.attn_q.weight"),
+        msg.contains("IQ2_XXS") && msg.contains("blk.0.attn_q.weight"),
         "{msg}"
     );
 

@@ -11,7 +11,7 @@ use serde_json::json;
 use studio_inference::gguf::{self, gemma};
 use studio_inference::quant::{KernelPath, QuantFormat, preferred};
 use studio_tests::families::write_family_with;
-use studio_tests::gguf_writer::{GgufOptions, convert};
+use studio_tests::gguf_writer::{GgufOptions, convert, patch_tensor_type};
 use studio_tests::logits::{argmax, rel_diff};
 
 /// Both kernels quantize activations to 8 bits per block, but in different orders of
@@ -133,4 +133,23 @@ fn gguf_load_runs_gemma_on_studio_kernels() {
         let d = rel_diff(&direct, &loaded);
         assert!(d < 1e-5, "{family}: gguf::load and load_cpu differ by {d}");
     }
+}
+
+/// IQ4_NL and IQ4_XS run only on Studio's Llama/Qwen/Phi-3 model: a Gemma file with such a
+/// tensor is read (`inspect`) but refused on load, naming the tensor, its type and why.
+#[test]
+fn a_gemma_file_with_iq4_tensors_is_refused_clearly() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = write(tmp.path(), "gemma2", GgmlDType::Q4_0);
+    // Q4_0 and IQ4_NL blocks are both 18 bytes for 32 values: the file stays well formed.
+    patch_tensor_type(&path, "blk.0.attn_q.weight", 20);
+    gguf::inspect(&path).expect("the header is valid");
+    let msg = gguf::load(&path, &Device::Cpu, &mut |_, _| {})
+        .err()
+        .expect("load must fail")
+        .to_string();
+    assert!(
+        msg.contains("blk.0.attn_q.weight") && msg.contains("IQ4_NL") && msg.contains("gemma2"),
+        "{msg}"
+    );
 }

@@ -19,16 +19,19 @@ use studio_inference::quant::{
     KernelPath, QWeight, QuantFormat, QuantizedInput, WeightLayout, has_kernel,
     quantize_dequantize_activations,
 };
+use studio_tests::iq4;
 
 const LAYOUTS: [WeightLayout; 2] = [WeightLayout::Natural, WeightLayout::Tiles4];
 
 /// The formats the AVX-512 path runs on the AVX2 kernels, in file order (never `Tiles4`).
-const UNTILED: [QuantFormat; 5] = [
+const UNTILED: [QuantFormat; 7] = [
     QuantFormat::Q4_1,
     QuantFormat::Q5_0,
     QuantFormat::Q5_1,
     QuantFormat::Q2K,
     QuantFormat::Q3K,
+    QuantFormat::IQ4NL,
+    QuantFormat::IQ4XS,
 ];
 
 fn random(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
@@ -42,16 +45,27 @@ fn random(rng: &mut StdRng, len: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn weight(format: QuantFormat, n: usize, k: usize, seed: u64) -> (QTensor, QWeight) {
+/// A random weight quantized to `format`: by candle where candle has the format (the
+/// `QTensor` is returned to compare with candle's kernels), else (IQ4_NL, IQ4_XS) by the test
+/// quantizers of `studio_tests::iq4`.
+fn weight(format: QuantFormat, n: usize, k: usize, seed: u64) -> (Option<QTensor>, QWeight) {
     let mut rng = StdRng::seed_from_u64(seed);
     let w = random(&mut rng, n * k, 0.5);
+    let Some(dtype) = format.to_ggml() else {
+        let bytes = match format {
+            QuantFormat::IQ4NL => iq4::quantize_iq4_nl(&w),
+            _ => iq4::quantize_iq4_xs(&w),
+        };
+        let qw = QWeight::from_bytes("test.weight", format, n, k, bytes).expect("QWeight");
+        return (None, qw);
+    };
     let t = Tensor::from_vec(w, (n, k), &Device::Cpu).expect("tensor");
-    let qt = QTensor::quantize(&t, format.to_ggml()).expect("quantize");
+    let qt = QTensor::quantize(&t, dtype).expect("quantize");
     let qw = QWeight::from_qtensor("test.weight", &qt).expect("QWeight");
-    (qt, qw)
+    (Some(qt), qw)
 }
 
-/// The block of the activation quantization: 32 or 256, none (0) for F16/BF16.
+/// The weight block: 32 or 256, none (0) for F16/BF16.
 fn block_of(format: QuantFormat) -> usize {
     match format {
         QuantFormat::F16 | QuantFormat::BF16 => 0,
@@ -68,7 +82,7 @@ fn bounds(
     n: usize,
     k: usize,
 ) -> Vec<(f64, f64)> {
-    let bs = block_of(format);
+    let bs = format.activation_block();
     let mut steps = vec![0f64; m * k];
     if bs > 0 {
         for (row, st) in x.chunks_exact(k).zip(steps.chunks_exact_mut(k)) {
@@ -143,11 +157,15 @@ fn check_shapes(format: QuantFormat, shapes: &[(usize, usize, usize)]) {
         let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).expect("x");
         // candle's Q4_1/Q5_0/Q5_1 products panic on an odd number of blocks per row ("nb is
         // not divisible by 2"); Studio's run them, compared with the reference only.
-        let candle_runs = !(matches!(
-            format,
-            QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1
-        ) && (k / 32) % 2 == 1);
-        let candle: Vec<f32> = if candle_runs {
+        // candle has no IQ4_NL / IQ4_XS.
+        let qt = qt.filter(|_| {
+            !(matches!(
+                format,
+                QuantFormat::Q4_1 | QuantFormat::Q5_0 | QuantFormat::Q5_1
+            ) && (k / 32) % 2 == 1)
+        });
+        let candle_runs = qt.is_some();
+        let candle: Vec<f32> = if let Some(qt) = qt {
             QMatMul::from_qtensor(qt)
                 .expect("qmatmul")
                 .forward(&xt)
@@ -250,6 +268,16 @@ fn q6k_matches_reference_on_every_path() {
 }
 
 #[test]
+fn iq4_nl_matches_reference_on_every_path() {
+    check_format(QuantFormat::IQ4NL);
+}
+
+#[test]
+fn iq4_xs_matches_reference_on_every_path() {
+    check_format(QuantFormat::IQ4XS);
+}
+
+#[test]
 fn f16_matches_reference_on_every_path() {
     check_format(QuantFormat::F16);
 }
@@ -266,7 +294,11 @@ fn random_bytes_weight(format: QuantFormat, n: usize, k: usize, rng: &mut StdRng
     rng.fill(&mut data[..]);
     let scale = 0x1C00u16.to_le_bytes();
     let at: &[usize] = match format {
-        QuantFormat::Q4_0 | QuantFormat::Q5_0 | QuantFormat::Q8_0 => &[0],
+        QuantFormat::Q4_0
+        | QuantFormat::Q5_0
+        | QuantFormat::Q8_0
+        | QuantFormat::IQ4NL
+        | QuantFormat::IQ4XS => &[0],
         QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4K | QuantFormat::Q5K => &[0, 2],
         QuantFormat::Q2K => &[80, 82],
         QuantFormat::Q3K => &[108],
@@ -331,6 +363,8 @@ fn dequantize_equals_candles() {
     for format in QuantFormat::ALL {
         let k = block_of(format).max(16) * 2;
         let (qt, qw) = weight(format, 3, k, 42);
+        // IQ4_NL / IQ4_XS: against ggml itself (`iq4_dequantize_equals_ggml`).
+        let Some(qt) = qt else { continue };
         let ours = qw.dequantize();
         let theirs: Vec<f32> = qt
             .dequantize(&Device::Cpu)
@@ -342,6 +376,45 @@ fn dequantize_equals_candles() {
         qw.row_to_f32(2, &mut row).expect("row");
         assert_eq!(row, ours[2 * k..], "{format} row 2");
         assert!(qw.row_to_f32(3, &mut row).is_err(), "{format}: row 3 of 3");
+    }
+}
+
+/// IQ4_NL and IQ4_XS (which candle lacks) dequantize bit for bit as ggml's own
+/// `dequantize_row_iq4_nl` / `dequantize_row_iq4_xs` do, on blocks with negative, subnormal,
+/// zero and the largest f16 scales (fixtures written by `tests/fixtures/iq4/make_fixture.c`).
+#[test]
+fn iq4_dequantize_equals_ggml() {
+    let cases: [(QuantFormat, &[u8], usize); 2] = [
+        (
+            QuantFormat::IQ4NL,
+            include_bytes!("../fixtures/iq4/iq4_nl.bin"),
+            256,
+        ),
+        (
+            QuantFormat::IQ4XS,
+            include_bytes!("../fixtures/iq4/iq4_xs.bin"),
+            1024,
+        ),
+    ];
+    for (format, fixture, n) in cases {
+        let nbytes = n / format.block_size() * format.block_bytes();
+        assert_eq!(fixture.len(), nbytes + 4 * n, "{format} fixture size");
+        let (blocks, values) = fixture.split_at(nbytes);
+        let ggml: Vec<u32> = values
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let w = QWeight::from_bytes("fixture", format, 1, n, blocks.to_vec()).expect("weight");
+        let ours: Vec<u32> = w.dequantize().iter().map(|v| v.to_bits()).collect();
+        for (i, (a, b)) in ours.iter().zip(&ggml).enumerate() {
+            assert_eq!(
+                a,
+                b,
+                "{format} value {i}: {} vs ggml {}",
+                f32::from_bits(*a),
+                f32::from_bits(*b)
+            );
+        }
     }
 }
 
@@ -456,7 +529,7 @@ fn forward_keeps_leading_dims() {
     let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &Device::Cpu).expect("x");
     let y = qw.forward(&x).expect("forward");
     assert_eq!(y.dims(), &[2, 3, 6]);
-    let candle = QMatMul::from_qtensor(qt)
+    let candle = QMatMul::from_qtensor(qt.expect("candle has Q4_0"))
         .expect("qmatmul")
         .forward(&x)
         .expect("candle");

@@ -6,6 +6,7 @@ pub mod gpt2;
 pub mod hf;
 pub(crate) mod qlinear;
 pub mod quant_llama;
+pub mod tensors;
 
 use candle_core::Tensor;
 

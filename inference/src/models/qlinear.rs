@@ -9,6 +9,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::Result;
+use crate::models::tensors::TensorData;
 use crate::quant::{KernelPath, QWeight, QuantFormat, preferred};
 
 /// A 2-D weight: Studio's kernel, or candle's `QMatMul` where Studio has none.
@@ -55,13 +56,20 @@ impl Linear {
     }
 }
 
+/// The format Studio's kernels run a weight of ggml type `ggml_type` and shape `dims` with on
+/// this CPU (`None`: candle's kernels run it).
+pub(crate) fn studio_format(ggml_type: u32, dims: &[usize]) -> Option<QuantFormat> {
+    let f = QuantFormat::from_ggml_type(ggml_type)?;
+    (dims.len() == 2
+        && dims[1].is_multiple_of(f.block_size())
+        && preferred(f, KernelPath::detect()))
+    .then_some(f)
+}
+
 /// Whether Studio's kernels run `tensor` on this CPU.
 pub(crate) fn studio_kernel(tensor: &QTensor) -> Option<QuantFormat> {
     let f = QuantFormat::from_ggml(tensor.dtype())?;
-    (tensor.shape().dims().len() == 2
-        && tensor.shape().dims()[1].is_multiple_of(f.block_size())
-        && preferred(f, KernelPath::detect()))
-    .then_some(f)
+    studio_format(f.ggml_type(), tensor.shape().dims())
 }
 
 /// Records which tensors run through candle's kernels instead of Studio's.
@@ -81,6 +89,17 @@ impl Fallbacks {
                 .push(name.to_owned());
             Ok(Linear::Candle(QMatMul::from_qtensor(tensor)?))
         }
+    }
+
+    /// As [`Fallbacks::linear`] for a tensor read by Studio's own reader (which also reads the
+    /// formats only Studio's kernels run).
+    pub(crate) fn data(&mut self, name: &str, mut t: TensorData) -> Result<Linear> {
+        if studio_format(t.ggml_type, &t.dims).is_some() {
+            name.clone_into(&mut t.name);
+            return Ok(Linear::Studio(Arc::new(t.into_qweight()?)));
+        }
+        let tensor = t.to_qtensor()?;
+        self.linear(name, tensor)
     }
 
     /// Records `name` as running on candle's kernels and builds candle's `QMatMul` over

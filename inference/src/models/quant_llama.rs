@@ -25,13 +25,14 @@ use std::io::{Read, Seek};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::cpu_ops::{self, KEY_BLOCK, attend, rms_norm, rope_row};
-use crate::models::qlinear::{Fallbacks, Linear, studio_count, studio_kernel};
+use crate::models::qlinear::{Fallbacks, Linear, studio_count, studio_format};
+use crate::models::tensors::{GgufTensors, TensorData};
 use crate::quant::team::{self, Claims, Parts, TeamCtx};
-use crate::quant::{KernelPath, QWeight, QuantFormat, QuantizedInput};
+use crate::quant::{KernelPath, QWeight, QuantizedInput};
 
 /// The Studio weight of `l` for the decode step (which runs only when every weight is one).
 fn studio(l: &Linear) -> Result<&QWeight> {
@@ -42,14 +43,6 @@ fn studio(l: &Linear) -> Result<&QWeight> {
 /// A 1-D f32 weight (norm or bias).
 struct Dense {
     v: Vec<f32>,
-}
-
-impl Dense {
-    fn new(t: &Tensor) -> Result<Self> {
-        Ok(Self {
-            v: t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-        })
-    }
 }
 
 /// One layer's cached keys and values, positions `0..QuantLlama::kv_len` valid: values
@@ -296,6 +289,17 @@ impl QuantLlama {
     /// `.block_count`, `.context_length`, `.attention.layer_norm_rms_epsilon` and
     /// `.rope.freq_base` (10000 when absent).
     pub fn from_gguf<R: Read + Seek>(ct: &Content, r: &mut R) -> Result<Self> {
+        Self::from_gguf_tensors(ct, &GgufTensors::from_content(ct), r)
+    }
+
+    /// As [`QuantLlama::from_gguf`], with the tensors read by Studio's own reader from the
+    /// directory `tensors` (which also holds the types candle lacks: IQ4_NL, IQ4_XS); `ct`
+    /// gives the metadata.
+    pub fn from_gguf_tensors<R: Read + Seek>(
+        ct: &Content,
+        tensors: &GgufTensors,
+        r: &mut R,
+    ) -> Result<Self> {
         let arch = match ct.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
             _ => {
@@ -338,41 +342,45 @@ impl QuantLlama {
         }
         let (q_dim, kv_dim) = (n_head * head_dim, n_kv_head * head_dim);
 
-        let cpu = Device::Cpu;
         let mut fb = Fallbacks::default();
-        let embd = ct.tensor(r, "token_embd.weight", &cpu)?;
-        let vocab = embd.shape().dims().first().copied().unwrap_or(0);
-        let embd_q = match QuantFormat::from_ggml(embd.dtype()) {
-            Some(_) => Some(Arc::new(QWeight::from_qtensor("token_embd.weight", &embd)?)),
-            None => None,
-        };
-        let output = if ct.tensor_infos.contains_key("output.weight") {
-            fb.linear("output.weight", ct.tensor(r, "output.weight", &cpu)?)?
+        let embd = tensors.read(r, "token_embd.weight")?;
+        let vocab = embd.dims.first().copied().unwrap_or(0);
+        let embd_studio = studio_format(embd.ggml_type, &embd.dims).is_some();
+        let tied = !tensors.contains("output.weight");
+        let output = if tied {
+            None
         } else {
-            match &embd_q {
-                Some(q) if studio_kernel(&embd).is_some() => Linear::Studio(Arc::clone(q)),
-                _ => fb.linear(
-                    "token_embd.weight (tied output)",
-                    ct.tensor(r, "token_embd.weight", &cpu)?,
-                )?,
+            Some(fb.data("output.weight", tensors.read(r, "output.weight")?)?)
+        };
+        let (embed, output) = match (embd.format(), output) {
+            (Some(_), output) => {
+                // The table stays in its file format; rows are decoded on lookup.
+                let tied_candle = (tied && !embd_studio).then(|| embd.clone());
+                let q = Arc::new(embd.into_qweight()?);
+                let output = match (output, tied_candle) {
+                    (Some(o), _) => o,
+                    (None, Some(t)) => fb.data("token_embd.weight (tied output)", t)?,
+                    (None, None) => Linear::Studio(Arc::clone(&q)),
+                };
+                (Embedding::Studio(q), output)
+            }
+            (None, output) => {
+                let dense = embd.to_f32()?;
+                let output = match output {
+                    Some(o) => o,
+                    None => fb.data("token_embd.weight (tied output)", embd)?,
+                };
+                (Embedding::Dense(dense), output)
             }
         };
-        let embed = match embd_q {
-            Some(q) => Embedding::Studio(q),
-            None => Embedding::Dense(
-                embd.dequantize(&cpu)?
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_vec1()?,
-            ),
-        };
-        drop(embd);
         let dense = |r: &mut R, name: &str| -> Result<Dense> {
-            Dense::new(&ct.tensor(r, name, &cpu)?.dequantize(&cpu)?)
+            Ok(Dense {
+                v: tensors.read(r, name)?.to_f32()?,
+            })
         };
         let norm = dense(r, "output_norm.weight")?;
         // Llama 3.1+ scales the rotary frequencies by `rope_freqs.weight` (one divisor each).
-        let rope_freqs = if ct.tensor_infos.contains_key("rope_freqs.weight") {
+        let rope_freqs = if tensors.contains("rope_freqs.weight") {
             Some(dense(r, "rope_freqs.weight")?.v)
         } else {
             None
@@ -382,22 +390,16 @@ impl QuantLlama {
             let n = |s: &str| format!("blk.{i}.{s}");
             let lin = |r: &mut R, fb: &mut Fallbacks, s: &str| -> Result<Linear> {
                 let name = n(s);
-                let t = ct.tensor(r, &name, &cpu)?;
-                fb.linear(&name, t)
+                fb.data(&name, tensors.read(r, &name)?)
             };
             let (wq, wk, wv, gate, up) = if arch == "phi3" {
                 // Phi-3 fuses q/k/v and gate/up into one tensor each: split them by rows.
                 let name = n("attn_qkv.weight");
-                let qkv = split_rows(
-                    &name,
-                    &ct.tensor(r, &name, &cpu)?,
-                    &[q_dim, kv_dim, kv_dim],
-                    &mut fb,
-                )?;
+                let qkv = split_rows(&tensors.read(r, &name)?, &[q_dim, kv_dim, kv_dim], &mut fb)?;
                 let name = n("ffn_up.weight");
-                let fused = ct.tensor(r, &name, &cpu)?;
-                let ff = fused.shape().dims().first().copied().unwrap_or(0) / 2;
-                let gate_up = split_rows(&name, &fused, &[ff, ff], &mut fb)?;
+                let fused = tensors.read(r, &name)?;
+                let ff = fused.dims.first().copied().unwrap_or(0) / 2;
+                let gate_up = split_rows(&fused, &[ff, ff], &mut fb)?;
                 let [q, k, v] = <[Linear; 3]>::try_from(qkv).map_err(|_| shape_error(&name))?;
                 let [g, u] = <[Linear; 2]>::try_from(gate_up).map_err(|_| shape_error(&name))?;
                 (q, k, v, g, u)
@@ -414,7 +416,7 @@ impl QuantLlama {
             let down = lin(r, &mut fb, "ffn_down.weight")?;
             let bias = |r: &mut R, s: &str| -> Result<Option<Dense>> {
                 let name = n(s);
-                if ct.tensor_infos.contains_key(&name) {
+                if tensors.contains(&name) {
                     Ok(Some(dense(r, &name)?))
                 } else {
                     Ok(None)
@@ -933,45 +935,32 @@ fn shape_error(name: &str) -> Error {
 /// each, kept in the file format (every row's bytes are contiguous): Studio weights where this
 /// CPU prefers Studio's kernel for the format, else candle `QMatMul`s over the same bytes
 /// (recorded in `fb`).
-fn split_rows(
-    name: &str,
-    t: &candle_core::quantized::QTensor,
-    rows: &[usize],
-    fb: &mut Fallbacks,
-) -> Result<Vec<Linear>> {
-    let dims = t.shape().dims();
-    let &[n, cols] = dims else {
+fn split_rows(t: &TensorData, rows: &[usize], fb: &mut Fallbacks) -> Result<Vec<Linear>> {
+    let name = &t.name;
+    let Some((n, cols)) = t.rows_cols() else {
         return Err(Error::BadQuantTensor {
-            name: name.to_owned(),
-            message: format!("shape {dims:?} is not 2-D"),
+            name: name.clone(),
+            message: format!("shape {:?} is not 2-D", t.dims),
         });
     };
     if rows.iter().sum::<usize>() != n {
         return Err(Error::BadQuantTensor {
-            name: name.to_owned(),
+            name: name.clone(),
             message: format!("{n} rows do not split into {rows:?}"),
         });
     }
-    let all = t.data()?;
-    let rb = all.len() / n.max(1);
-    let studio = studio_kernel(t);
+    let rb = t.bytes.len() / n.max(1);
     let mut at = 0;
     rows.iter()
         .map(|&r| {
-            let bytes = &all[at * rb..(at + r) * rb];
+            let part = TensorData {
+                name: name.clone(),
+                ggml_type: t.ggml_type,
+                dims: vec![r, cols],
+                bytes: t.bytes[at * rb..(at + r) * rb].to_vec(),
+            };
             at += r;
-            if let Some(format) = studio {
-                let part = QWeight::from_bytes(name, format, r, cols, bytes.to_vec())?;
-                Ok(Linear::Studio(Arc::new(part)))
-            } else {
-                let part = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                    t.dtype(),
-                    bytes,
-                    vec![r, cols],
-                    &Device::Cpu,
-                )?;
-                fb.candle(name, Arc::new(part)).map(Linear::Candle)
-            }
+            fb.data(name, part)
         })
         .collect()
 }

@@ -1,8 +1,8 @@
 //! Quantizing the activation rows once per call, into a scratch buffer reused between calls.
 //!
 //! Layouts (chosen by the weight format and the kernel path, see `kernel::plan`):
-//! - `Natural32`: blocks of 32 in element order (Q8_0, Q4_1, Q5_0 and Q5_1 on every path,
-//!   Q4_0 on the scalar path);
+//! - `Natural32`: blocks of 32 in element order (Q8_0, Q4_1, Q5_0, Q5_1, IQ4_NL and IQ4_XS on
+//!   every path, Q4_0 on the scalar path);
 //! - `Group4`: groups of 4 blocks stored as the 16 first elements of each of the 4 blocks, then
 //!   the 16 last ones — the order a Q4_0 group's low and high nibbles come in (Q4_0 SIMD);
 //! - `Super256`: super-blocks of 256 in element order with one scale and 16 sums of 16 (K-quants).
@@ -177,10 +177,9 @@ pub(crate) fn qs_index(layout: Layout, b: usize, e: usize) -> usize {
 
 /// `x` after the activation quantization the kernels apply for `format` (F16/BF16: none).
 pub(crate) fn round_trip(format: QuantFormat, x: &[f32], k: usize) -> Vec<f32> {
-    let block = match format {
-        QuantFormat::F16 | QuantFormat::BF16 => return x.to_vec(),
-        // The 32-blocks formats quantize activations in blocks of 32, the K-quants in 256.
-        _ => format.block_size(),
+    let block = match format.activation_block() {
+        0 => return x.to_vec(),
+        b => b,
     };
     let mut out = vec![0f32; x.len()];
     for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {

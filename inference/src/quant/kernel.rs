@@ -77,8 +77,7 @@ pub(crate) fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
     match path {
         KernelPath::Scalar => true,
         // Both SIMD paths have a kernel for every format (the AVX-512 path runs the formats
-        // without tiles of its own on the AVX2 kernels; the models still prefer candle's for
-        // some on AVX2, see `quant::preferred`).
+        // without tiles of its own on the AVX2 kernels).
         KernelPath::Avx512Vnni | KernelPath::Avx2 => cfg!(target_arch = "x86_64"),
     }
 }
@@ -116,7 +115,11 @@ fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32,
         (QuantFormat::Q4_0, KernelPath::Scalar) => (Layout::Natural32, 8.0, 1.0),
         (QuantFormat::Q4_0, _) => (Layout::Group4, 8.0, 4.0),
         (QuantFormat::Q8_0, KernelPath::Avx512Vnni) => (Layout::Natural32, 128.0, 8.0),
-        (QuantFormat::Q8_0, _) => (Layout::Natural32, 0.0, 1.0),
+        // IQ4_NL / IQ4_XS: signed table values against signed activations, a scale per 32
+        // (IQ4_XS: per sub-block), as Q8_0 on AVX2.
+        (QuantFormat::Q8_0 | QuantFormat::IQ4NL | QuantFormat::IQ4XS, _) => {
+            (Layout::Natural32, 0.0, 1.0)
+        }
         // The AVX-512 tiles spread a block's correction over its 8 lanes, as Q8_0's.
         (QuantFormat::Q5_0, KernelPath::Avx512Vnni) => (Layout::Natural32, 16.0, 8.0),
         (QuantFormat::Q4_1 | QuantFormat::Q5_1, KernelPath::Avx512Vnni) => {

@@ -3,9 +3,9 @@
 //!
 //! - [`QWeight`] holds the raw GGUF bytes of one 2-D weight (`rows` = output features N,
 //!   `cols` = K) in its file format: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
-//!   Q6_K, and F16/BF16 kept as 16 bits.
+//!   Q6_K, IQ4_NL, IQ4_XS, and F16/BF16 kept as 16 bits.
 //! - [`QWeight::matmul`] quantizes the activation rows once per call (Q8_0-style blocks of 32
-//!   for the 32-block formats, Q8_K-style super-blocks of 256 for the K-quants; F16/BF16 use the f32
+//!   for the 32-block formats and IQ4_XS, Q8_K-style super-blocks of 256 for the other K-quants; F16/BF16 use the f32
 //!   activations as they are) into a per-thread scratch buffer reused between calls, then:
 //!   - decode (M < 16): register tiles of 1 × 4 weight rows, 4 × 4 for 4 ≤ M < 16, each
 //!     weight block decoded once per tile. On the AVX-512 path the weights are stored as
@@ -21,7 +21,7 @@
 //!   `RAYON_NUM_THREADS`, as candle's own kernels); no heap allocation in steady state.
 //! - [`KernelPath`] picks the instruction set: AVX-512 with VNNI (and VBMI for the byte
 //!   permutes) or AVX2 + FMA + F16C (register tiles only, no prefill panels), each for every
-//!   format (Q2_K and Q3_K run the AVX2 kernels on the AVX-512 path), or the portable scalar
+//!   format (Q2_K, Q3_K, IQ4_NL and IQ4_XS run the AVX2 kernels on the AVX-512 path), or the portable scalar
 //!   code. [`KernelPath::detect`] is the best the CPU offers, or the one [`CPU_PATH_ENV`]
 //!   forces; [`QWeight::matmul_with`] picks one per call (tests run every path the machine
 //!   has).
@@ -79,11 +79,22 @@ pub enum QuantFormat {
     F16,
     /// bfloat16, one value per 2 bytes.
     BF16,
+    /// 32 weights per block: f16 scale `d`, 16 bytes of nibbles indexing a fixed non-linear
+    /// table of 16 signed values ([`IQ4_VALUES`]); value = table[q]·d.
+    IQ4NL,
+    /// 256-weight super-blocks of 8 sub-blocks of 32: f16 `d`, 6-bit sub-block scales
+    /// (`scales_h`, `scales_l`), nibbles into [`IQ4_VALUES`]; value = table[q]·d·(ls − 32).
+    IQ4XS,
 }
+
+/// ggml's `kvalues_iq4nl`: the 16 values an IQ4_NL / IQ4_XS nibble selects.
+pub const IQ4_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 impl QuantFormat {
     /// Every format, in the order above.
-    pub const ALL: [QuantFormat; 12] = [
+    pub const ALL: [QuantFormat; 14] = [
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
         QuantFormat::Q5_0,
@@ -96,6 +107,8 @@ impl QuantFormat {
         QuantFormat::Q6K,
         QuantFormat::F16,
         QuantFormat::BF16,
+        QuantFormat::IQ4NL,
+        QuantFormat::IQ4XS,
     ];
 
     /// Weights per block (K must be a multiple of it).
@@ -105,12 +118,14 @@ impl QuantFormat {
             | QuantFormat::Q4_1
             | QuantFormat::Q5_0
             | QuantFormat::Q5_1
-            | QuantFormat::Q8_0 => 32,
+            | QuantFormat::Q8_0
+            | QuantFormat::IQ4NL => 32,
             QuantFormat::Q2K
             | QuantFormat::Q3K
             | QuantFormat::Q4K
             | QuantFormat::Q5K
-            | QuantFormat::Q6K => 256,
+            | QuantFormat::Q6K
+            | QuantFormat::IQ4XS => 256,
             QuantFormat::F16 | QuantFormat::BF16 => 1,
         }
     }
@@ -118,7 +133,7 @@ impl QuantFormat {
     /// Bytes per block in the file.
     pub const fn block_bytes(self) -> usize {
         match self {
-            QuantFormat::Q4_0 => 18,
+            QuantFormat::Q4_0 | QuantFormat::IQ4NL => 18,
             QuantFormat::Q4_1 => 20,
             QuantFormat::Q5_0 => 22,
             QuantFormat::Q5_1 => 24,
@@ -129,12 +144,13 @@ impl QuantFormat {
             QuantFormat::Q5K => 176,
             QuantFormat::Q6K => 210,
             QuantFormat::F16 | QuantFormat::BF16 => 2,
+            QuantFormat::IQ4XS => 136,
         }
     }
 
     /// Whether the AVX-512 path reads this format as [`WeightLayout::Tiles4`] (reordered on
-    /// load); Q4_1, Q5_0 and Q5_1 have AVX-512 kernels that read the file order, and Q2_K and
-    /// Q3_K run the AVX2 kernels there.
+    /// load); Q4_1, Q5_0 and Q5_1 have AVX-512 kernels that read the file order, and Q2_K,
+    /// Q3_K, IQ4_NL and IQ4_XS run the AVX2 kernels there.
     pub(crate) const fn avx512_tiles(self) -> bool {
         matches!(
             self,
@@ -146,6 +162,58 @@ impl QuantFormat {
                 | QuantFormat::F16
                 | QuantFormat::BF16
         )
+    }
+
+    /// The activations' quantization block: 32 for the 32-block formats and IQ4_XS (whose
+    /// sub-blocks of 32 each have a scale), 256 for the other K-quants, 0 (none) for F16/BF16.
+    pub const fn activation_block(self) -> usize {
+        match self {
+            QuantFormat::F16 | QuantFormat::BF16 => 0,
+            QuantFormat::IQ4XS => 32,
+            other => other.block_size(),
+        }
+    }
+
+    /// The format of a ggml type id (the GGUF tensor directory's), or `None` when Studio has no
+    /// kernel for it (F32 included).
+    pub fn from_ggml_type(t: u32) -> Option<Self> {
+        Some(match t {
+            1 => QuantFormat::F16,
+            2 => QuantFormat::Q4_0,
+            3 => QuantFormat::Q4_1,
+            6 => QuantFormat::Q5_0,
+            7 => QuantFormat::Q5_1,
+            8 => QuantFormat::Q8_0,
+            10 => QuantFormat::Q2K,
+            11 => QuantFormat::Q3K,
+            12 => QuantFormat::Q4K,
+            13 => QuantFormat::Q5K,
+            14 => QuantFormat::Q6K,
+            20 => QuantFormat::IQ4NL,
+            23 => QuantFormat::IQ4XS,
+            30 => QuantFormat::BF16,
+            _ => return None,
+        })
+    }
+
+    /// The ggml type id of this format.
+    pub const fn ggml_type(self) -> u32 {
+        match self {
+            QuantFormat::F16 => 1,
+            QuantFormat::Q4_0 => 2,
+            QuantFormat::Q4_1 => 3,
+            QuantFormat::Q5_0 => 6,
+            QuantFormat::Q5_1 => 7,
+            QuantFormat::Q8_0 => 8,
+            QuantFormat::Q2K => 10,
+            QuantFormat::Q3K => 11,
+            QuantFormat::Q4K => 12,
+            QuantFormat::Q5K => 13,
+            QuantFormat::Q6K => 14,
+            QuantFormat::IQ4NL => 20,
+            QuantFormat::IQ4XS => 23,
+            QuantFormat::BF16 => 30,
+        }
     }
 
     /// The format of a candle/GGUF dtype, or `None` when Studio has no kernel for it.
@@ -167,9 +235,10 @@ impl QuantFormat {
         })
     }
 
-    /// The candle/GGUF dtype of this format.
-    pub fn to_ggml(self) -> GgmlDType {
-        match self {
+    /// The candle dtype of this format; `None` for the formats candle does not have (IQ4_NL,
+    /// IQ4_XS), which only Studio's kernels run.
+    pub fn to_ggml(self) -> Option<GgmlDType> {
+        Some(match self {
             QuantFormat::Q4_0 => GgmlDType::Q4_0,
             QuantFormat::Q4_1 => GgmlDType::Q4_1,
             QuantFormat::Q5_0 => GgmlDType::Q5_0,
@@ -182,7 +251,8 @@ impl QuantFormat {
             QuantFormat::Q6K => GgmlDType::Q6K,
             QuantFormat::F16 => GgmlDType::F16,
             QuantFormat::BF16 => GgmlDType::BF16,
-        }
+            QuantFormat::IQ4NL | QuantFormat::IQ4XS => return None,
+        })
     }
 }
 
@@ -201,6 +271,8 @@ impl fmt::Display for QuantFormat {
             QuantFormat::Q6K => "Q6_K",
             QuantFormat::F16 => "F16",
             QuantFormat::BF16 => "BF16",
+            QuantFormat::IQ4NL => "IQ4_NL",
+            QuantFormat::IQ4XS => "IQ4_XS",
         })
     }
 }
@@ -517,7 +589,7 @@ impl QWeight {
     }
 
     /// As [`QWeight::from_bytes`], stored in `layout` (see [`QWeight::with_layout`]).
-    fn from_bytes_in(
+    pub(crate) fn from_bytes_in(
         name: &str,
         format: QuantFormat,
         rows: usize,
@@ -879,10 +951,11 @@ pub fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
 /// `QMatMul`. This is the one place that chooses between them:
 /// - on x86-64, Studio's kernels wherever it has one (every format, on every path), so a
 ///   file's layers all run on them and one-token steps on the decode team;
-/// - elsewhere (aarch64), candle's kernels for every format: they have NEON code, Studio's
-///   only portable scalar code there.
+/// - elsewhere (aarch64), candle's kernels for every format candle has: they have NEON code,
+///   Studio only portable scalar code there; IQ4_NL and IQ4_XS, which candle lacks, on Studio's
+///   scalar kernels.
 pub fn preferred(format: QuantFormat, path: KernelPath) -> bool {
-    cfg!(target_arch = "x86_64") && has_kernel(format, path)
+    has_kernel(format, path) && (cfg!(target_arch = "x86_64") || format.to_ggml().is_none())
 }
 
 /// The activations of `x` (`m × k`) after the 8-bit quantization the kernels apply for

@@ -3,9 +3,9 @@
 
 use std::ops::Range;
 
-use super::QuantFormat;
 use super::act::{Act, Layout, qs_index};
 use super::kernel::OutChunk;
+use super::{IQ4_VALUES, QuantFormat};
 
 /// IEEE half → f32 (exact, including subnormals, infinities and NaNs).
 pub(crate) fn f16_to_f32(h: u16) -> f32 {
@@ -80,6 +80,25 @@ pub(crate) fn block32_values(format: QuantFormat, b: &[u8], q: &mut [i32; 32]) -
         q[l + 16] = i32::from(byte >> 4) | (((qh >> (l + 16)) & 1) << 4) as i32;
     }
     (d, m)
+}
+
+/// The 32 signed values of an IQ4_NL block (or an IQ4_XS sub-block) from its 16 nibble bytes:
+/// low nibbles are values 0..16, high nibbles 16..32, each an index into [`IQ4_VALUES`].
+pub(crate) fn iq4_values(qs: &[u8], q: &mut [i32; 32]) {
+    for (l, &byte) in qs[..16].iter().enumerate() {
+        q[l] = i32::from(IQ4_VALUES[usize::from(byte & 0x0F)]);
+        q[l + 16] = i32::from(IQ4_VALUES[usize::from(byte >> 4)]);
+    }
+}
+
+/// The signed 6-bit scale (`ls − 32`) of sub-block `ib` (0..8) of an IQ4_XS super-block: the
+/// low 4 bits from `scales_l[ib / 2]` (nibble `ib % 2`), the high 2 from `scales_h`, bits
+/// `2 ib`.
+pub(crate) fn iq4xs_scale(b: &[u8], ib: usize) -> i32 {
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let low = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F;
+    let high = ((scales_h >> (2 * ib)) & 3) as u8;
+    i32::from(low | (high << 4)) - 32
 }
 
 /// What a 32-block format's stored values are above zero: Q4_0 8, Q5_0 16, else 0.
@@ -221,6 +240,30 @@ pub(crate) fn dequantize_row(format: QuantFormat, row: &[u8], dst: &mut [f32]) {
                 }
             }
         }
+        QuantFormat::IQ4NL => {
+            let mut q = [0i32; 32];
+            for (b, y) in row.chunks_exact(bb).zip(dst.chunks_exact_mut(32)) {
+                let d = half_at(b, 0);
+                iq4_values(&b[2..18], &mut q);
+                for (v, &q) in y.iter_mut().zip(&q) {
+                    *v = d * q as f32;
+                }
+            }
+        }
+        QuantFormat::IQ4XS => {
+            let mut q = [0i32; 32];
+            for (b, y) in row.chunks_exact(bb).zip(dst.chunks_exact_mut(256)) {
+                let d = half_at(b, 0);
+                for (ib, y) in y.chunks_exact_mut(32).enumerate() {
+                    // As ggml: the sub-block scale in f32 first, then times each value.
+                    let dl = d * iq4xs_scale(b, ib) as f32;
+                    iq4_values(&b[8 + 16 * ib..24 + 16 * ib], &mut q);
+                    for (v, &q) in y.iter_mut().zip(&q) {
+                        *v = dl * q as f32;
+                    }
+                }
+            }
+        }
         QuantFormat::F16 => {
             for (b, y) in row.chunks_exact(2).zip(dst.iter_mut()) {
                 *y = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
@@ -313,6 +356,31 @@ fn dot(format: QuantFormat, w: &[u8], act: &Act, x: &[f32], i: usize, k: usize) 
                         msum += mn[j] * (i32::from(bs[2 * j]) + i32::from(bs[2 * j + 1]));
                     }
                     acc += d[s] * (half_at(blk, 0) * isum as f32 - half_at(blk, 2) * msum as f32);
+                }
+            }
+            acc
+        }
+        QuantFormat::IQ4NL | QuantFormat::IQ4XS => {
+            // Both in sub-blocks of 32 signed values against `Natural32` activations.
+            let (qs, d) = (act.qs_row(i), act.d_row(i));
+            let mut q = [0i32; 32];
+            let mut acc = 0f32;
+            for (s, blk) in w.chunks_exact(bb).enumerate() {
+                let subs = format.block_size() / 32;
+                for ib in 0..subs {
+                    let b = s * subs + ib;
+                    let dw = if format == QuantFormat::IQ4NL {
+                        iq4_values(&blk[2..18], &mut q);
+                        half_at(blk, 0)
+                    } else {
+                        iq4_values(&blk[8 + 16 * ib..24 + 16 * ib], &mut q);
+                        half_at(blk, 0) * iq4xs_scale(blk, ib) as f32
+                    };
+                    let mut p = 0i32;
+                    for (e, &q) in q.iter().enumerate() {
+                        p += q * i32::from(qs[qs_index(Layout::Natural32, b, e)]);
+                    }
+                    acc += dw * (d[b] * p as f32);
                 }
             }
             acc

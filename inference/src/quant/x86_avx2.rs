@@ -2,7 +2,8 @@
 //! corrected with the activation sums); Q8_0 uses the sign trick (`|w| × sign(a, w)`), since
 //! `q + 128` would overflow `vpmaddubsw`'s 16-bit pairs. The K-quants are fed unsigned as
 //! stored (4/5/6-bit values; the mins or Q6_K's −32 are corrected with the sums of 16 of the
-//! `Super256` activations), with the sub-block scales applied in the `vpmaddwd`. F16/BF16 are
+//! `Super256` activations), with the sub-block scales applied in the `vpmaddwd`. IQ4_NL and
+//! IQ4_XS look their nibbles up in the value table (`vpshufb`) and go on as Q8_0. F16/BF16 are
 //! widened to f32 and multiplied with the f32 activations (FMA).
 //!
 //! Tiles: `MR` activation rows × `NR` weight rows, so each weight block is decoded once per
@@ -213,7 +214,101 @@ fn chunk_inner(
         QuantFormat::Q6K => drive_tiles!(q6k_tile, 2, 1, w, act, x, m, cols, out),
         QuantFormat::F16 => drive_tiles!(f16_tile, 4, 2, w, act, x, m, cols, out),
         QuantFormat::BF16 => drive_tiles!(bf16_tile, 4, 2, w, act, x, m, cols, out),
+        QuantFormat::IQ4NL => drive!(iq4nl_tile, w, act, m, cols, out),
+        QuantFormat::IQ4XS => drive!(iq4xs_tile, w, act, m, cols, out),
     }
+}
+
+/// [`IQ4_VALUES`](super::IQ4_VALUES) in both 128-bit lanes, for `vpshufb` lookups.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn iq4_table() -> __m256i {
+    let t = super::IQ4_VALUES.map(|v| v as u8);
+    _mm256_broadcastsi128_si256(ld128(&t, 0))
+}
+
+/// The 32 signed values of an IQ4 block (or IQ4_XS sub-block) from its 16 nibble bytes at
+/// `at`: low nibbles (values 0..16) in the low lane, high nibbles in the high lane, each looked
+/// up in `table` ([`iq4_table`]).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn iq4_block(b: &[u8], at: usize, table: __m256i) -> __m256i {
+    let q = ld128(b, at);
+    let nib = _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16::<4>(q), q),
+        _mm256_set1_epi8(0x0F),
+    );
+    _mm256_shuffle_epi8(table, nib)
+}
+
+/// IQ4_NL (Natural32 layout): the nibbles looked up in the value table, then as Q8_0
+/// (`|w| × sign(a, w)`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn iq4nl_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
+    let row = wr[0];
+    let ones = _mm256_set1_epi16(1);
+    let table = iq4_table();
+    let mut acc = [_mm256_setzero_ps(); MR];
+    let mut d: [&[f32]; MR] = [&[]; MR];
+    for i in 0..MR {
+        d[i] = act.d_row(i0 + i);
+    }
+    for (b, blk) in row.as_chunks::<18>().0.iter().enumerate() {
+        prefetch(row, b * 18 + pf);
+        let w = iq4_block(blk, 2, table);
+        let aw = _mm256_abs_epi8(w);
+        let dw = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+        for i in 0..MR {
+            let a = ld256_i8(act.qs_row(i0 + i), b * 32);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
+            let s = _mm256_set1_ps(dw * d[i][b]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
+        }
+    }
+    let mut r = [0f32; MR];
+    for i in 0..MR {
+        r[i] = hsum(acc[i]);
+    }
+    r
+}
+
+/// IQ4_XS (Natural32 layout): per super-block 8 sub-blocks of 32, each as an IQ4_NL block with
+/// the scale `d · (ls − 32)`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn iq4xs_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) -> [f32; MR] {
+    let row = wr[0];
+    let ones = _mm256_set1_epi16(1);
+    let table = iq4_table();
+    let mut acc = [_mm256_setzero_ps(); MR];
+    let mut d: [&[f32]; MR] = [&[]; MR];
+    for i in 0..MR {
+        d[i] = act.d_row(i0 + i);
+    }
+    for (s, blk) in row.as_chunks::<136>().0.iter().enumerate() {
+        for line in [0, 64, 128] {
+            prefetch(row, s * 136 + line + pf);
+        }
+        let dw = f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+        for ib in 0..8 {
+            let w = iq4_block(blk, 8 + 16 * ib, table);
+            let aw = _mm256_abs_epi8(w);
+            let dl = dw * super::scalar::iq4xs_scale(blk, ib) as f32;
+            let b = s * 8 + ib;
+            for i in 0..MR {
+                let a = ld256_i8(act.qs_row(i0 + i), b * 32);
+                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
+                let sc = _mm256_set1_ps(dl * d[i][b]);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[i]);
+            }
+        }
+    }
+    let mut r = [0f32; MR];
+    for i in 0..MR {
+        r[i] = hsum(acc[i]);
+    }
+    r
 }
 
 /// Q4_0 (Group4 layout): per group of 4 blocks, blocks 0–1 and 2–3 as two 256-bit halves.

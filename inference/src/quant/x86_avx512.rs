@@ -268,9 +268,13 @@ macro_rules! drive {
     }};
 }
 
-/// Whether this path has kernels of its own for `format` (Q2_K and Q3_K run the AVX2 ones).
+/// Whether this path has kernels of its own for `format` (Q2_K, Q3_K, IQ4_NL and IQ4_XS run
+/// the AVX2 ones).
 pub(crate) fn has_format(format: QuantFormat) -> bool {
-    !matches!(format, QuantFormat::Q2K | QuantFormat::Q3K)
+    !matches!(
+        format,
+        QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::IQ4NL | QuantFormat::IQ4XS
+    )
 }
 
 /// Runs the kernel of `w`'s format over output columns `cols`.
@@ -313,7 +317,9 @@ fn chunk_inner(
         QuantFormat::Q5_1 => drive!(q5_1_tile, w, act, x, m, cols, out),
         // Formats without AVX-512 kernels (see `has_format`; `kernel::run_chunk` routes them
         // to the AVX2 kernels before this).
-        QuantFormat::Q2K | QuantFormat::Q3K => super::x86_avx2::chunk(w, act, x, m, cols, out),
+        QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::IQ4NL | QuantFormat::IQ4XS => {
+            super::x86_avx2::chunk(w, act, x, m, cols, out);
+        }
     }
 }
 
