@@ -96,13 +96,13 @@ fn effective(format: QuantFormat, path: KernelPath) -> KernelPath {
 fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32, f32)> {
     #[cfg(target_arch = "x86_64")]
     if path == KernelPath::Avx512Vnni
-        && format.block_size() == 32
+        && format.activation_block() == 32
         && super::x86_avx512::use_panel(format, m)
     {
-        // The panels hold unsigned values: Q8_0 shifted by 128, Q4_0/Q5_0 as stored (8 and
+        // The panels hold unsigned values: Q8_0 and the IQ4 table values shifted by 128, Q4_0/Q5_0 as stored (8 and
         // 16 above their value), Q4_1/Q5_1 as stored (their min added with corr, off = 1).
         let off = match format {
-            QuantFormat::Q8_0 => 128.0,
+            QuantFormat::Q8_0 | QuantFormat::IQ4NL | QuantFormat::IQ4XS => 128.0,
             QuantFormat::Q4_0 => 8.0,
             QuantFormat::Q5_0 => 16.0,
             _ => 1.0,
@@ -282,7 +282,7 @@ fn run_chunk(
     match path {
         KernelPath::Scalar => scalar::chunk(w, act, x, m, cols, out),
         #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512Vnni if super::x86_avx512::has_format(w.format()) => {
+        KernelPath::Avx512Vnni if super::x86_avx512::has_format(w.format(), m) => {
             super::x86_avx512::chunk(w, act, x, m, cols, out);
         }
         #[cfg(target_arch = "x86_64")]

@@ -15,19 +15,20 @@ use std::arch::x86_64::{
     _mm_set_epi16, _mm_setr_ps, _mm_storeu_si128, _mm_unpackhi_epi16, _mm_unpacklo_epi16,
     _mm256_and_si256, _mm256_cvtepi8_epi16, _mm256_cvtepu8_epi32, _mm256_madd_epi16,
     _mm256_set_m128i, _mm256_set1_epi8, _mm256_srli_epi16, _mm512_abs_ps, _mm512_add_epi32,
-    _mm512_and_si512, _mm512_broadcast_i64x4, _mm512_castps_si512, _mm512_castps128_ps512,
-    _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cvtepi8_epi32,
-    _mm512_cvtepi32_epi8, _mm512_cvtepi32_epi16, _mm512_cvtepi32_ps, _mm512_cvtepu16_epi32,
-    _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32, _mm512_fmadd_ps, _mm512_fmsub_ps,
-    _mm512_fnmadd_ps, _mm512_inserti64x4, _mm512_loadu_ps, _mm512_loadu_si512,
-    _mm512_mask_add_epi8, _mm512_mask_i32gather_epi32, _mm512_maskz_xor_epi32, _mm512_max_ps,
-    _mm512_mul_ps, _mm512_mullo_epi32, _mm512_or_si512, _mm512_permutex2var_epi8,
+    _mm512_and_si512, _mm512_broadcast_i32x4, _mm512_broadcast_i64x4, _mm512_castps_si512,
+    _mm512_castps128_ps512, _mm512_castsi256_si512, _mm512_castsi512_ps, _mm512_castsi512_si256,
+    _mm512_cvtepi8_epi32, _mm512_cvtepi32_epi8, _mm512_cvtepi32_epi16, _mm512_cvtepi32_ps,
+    _mm512_cvtepu16_epi32, _mm512_cvtph_ps, _mm512_cvtps_epi32, _mm512_dpbusd_epi32,
+    _mm512_fmadd_ps, _mm512_fmsub_ps, _mm512_fnmadd_ps, _mm512_inserti64x4, _mm512_loadu_ps,
+    _mm512_loadu_si512, _mm512_mask_add_epi8, _mm512_mask_i32gather_epi32, _mm512_maskz_xor_epi32,
+    _mm512_max_ps, _mm512_mul_ps, _mm512_mullo_epi32, _mm512_or_si512, _mm512_permutex2var_epi8,
     _mm512_permutexvar_epi8, _mm512_permutexvar_epi32, _mm512_permutexvar_ps,
     _mm512_reduce_add_epi32, _mm512_reduce_add_ps, _mm512_reduce_max_ps, _mm512_set1_epi8,
     _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
-    _mm512_shuffle_i64x2, _mm512_slli_epi32, _mm512_sllv_epi16, _mm512_srli_epi16,
-    _mm512_srli_epi32, _mm512_srlv_epi16, _mm512_srlv_epi32, _mm512_storeu_ps, _mm512_storeu_si512,
-    _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512, _mm512_zextsi256_si512,
+    _mm512_shuffle_epi8, _mm512_shuffle_i64x2, _mm512_slli_epi32, _mm512_sllv_epi16,
+    _mm512_srli_epi16, _mm512_srli_epi32, _mm512_srlv_epi16, _mm512_srlv_epi32, _mm512_storeu_ps,
+    _mm512_storeu_si512, _mm512_sub_epi32, _mm512_test_epi8_mask, _mm512_xor_si512,
+    _mm512_zextsi256_si512,
 };
 use std::cell::RefCell;
 use std::ops::Range;
@@ -65,8 +66,13 @@ fn ld512_ps(s: &[f32], at: usize) -> __m512 {
     unsafe { _mm512_loadu_ps(s.as_ptr().add(at)) }
 }
 
+/// The f16 at `b[at..at + 2]` as f32 (F16C: the portable conversion is a branchy function
+/// call, which cost a quarter of a decode step where it ran once per block).
+#[inline]
+#[target_feature(enable = "f16c")]
 fn half(b: &[u8], at: usize) -> f32 {
-    f16_to_f32(u16::from_le_bytes([b[at], b[at + 1]]))
+    let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -268,13 +274,15 @@ macro_rules! drive {
     }};
 }
 
-/// Whether this path has kernels of its own for `format` (Q2_K, Q3_K, IQ4_NL and IQ4_XS run
-/// the AVX2 ones).
-pub(crate) fn has_format(format: QuantFormat) -> bool {
-    !matches!(
-        format,
-        QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::IQ4NL | QuantFormat::IQ4XS
-    )
+/// Whether this path has kernels of its own for `format` at `m` activation rows (Q2_K and
+/// Q3_K run the AVX2 ones; IQ4_NL and IQ4_XS have prefill panels, and decode on the AVX2
+/// tiles).
+pub(crate) fn has_format(format: QuantFormat, m: usize) -> bool {
+    use_panel(format, m)
+        || !matches!(
+            format,
+            QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::IQ4NL | QuantFormat::IQ4XS
+        )
 }
 
 /// Runs the kernel of `w`'s format over output columns `cols`.
@@ -926,6 +934,8 @@ pub(crate) fn use_panel(format: QuantFormat, m: usize) -> bool {
                 | QuantFormat::Q4K
                 | QuantFormat::Q5K
                 | QuantFormat::Q6K
+                | QuantFormat::IQ4NL
+                | QuantFormat::IQ4XS
         )
 }
 
@@ -981,7 +991,7 @@ impl<'a> PanelRows<'a> {
         let last = rb / bb - 1;
         let log2 = (unit / bb).trailing_zeros() as usize;
         let header = match w.format() {
-            QuantFormat::Q4_0 | QuantFormat::Q8_0 => 2,
+            QuantFormat::Q4_0 | QuantFormat::Q8_0 | QuantFormat::IQ4NL => 2,
             QuantFormat::Q4_1 => 4,
             QuantFormat::Q5_0 => 6,
             QuantFormat::Q5_1 => 8,
@@ -1055,6 +1065,10 @@ impl<'a> PanelRows<'a> {
 /// are two of the panel's vectors).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
 fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
+    if matches!(w.format(), QuantFormat::IQ4NL | QuantFormat::IQ4XS) {
+        build_iq4_panel(w, j0, rows, panel);
+        return;
+    }
     let nb = w.cols() / 32;
     let format = w.format();
     let q8 = format == QuantFormat::Q8_0;
@@ -1147,6 +1161,77 @@ fn build_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
     }
 }
 
+/// As [`build_panel`] for IQ4_NL and IQ4_XS, per block (IQ4_XS: per sub-block) of 32: the
+/// nibbles looked up in the value table stored 128 above (unsigned, as Q8_0's panel: `off` =
+/// 128), and the block's scale (IQ4_XS: `d · (ls − 32)`, its 6-bit sub-block scale decoded
+/// per lane).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")]
+fn build_iq4_panel(w: &QWeight, j0: usize, rows: usize, panel: &mut [u8]) {
+    let nb = w.cols() / 32;
+    let xs = w.format() == QuantFormat::IQ4XS;
+    // Both formats stay in file order: block (IQ4_XS: super-block) `b` of a row at `b · bb`.
+    let at = PanelRows::new(w, j0, rows);
+    let (src, valid) = (at.src, at.valid);
+    let m4 = _mm512_set1_epi8(0x0F);
+    let table = super::IQ4_VALUES.map(|v| (i16::from(v) + 128) as u8);
+    let table = _mm512_broadcast_i32x4(ld128(&table, 0));
+    let base = src.as_ptr();
+    for b in 0..nb {
+        let (block, sub) = if xs { (b / 8, b % 8) } else { (b, 0) };
+        let start = at.scale(block);
+        let gather = |off: usize| {
+            // SAFETY: each lane of `valid` reads 4 bytes at `off` (< block bytes − 3: the
+            // scale, IQ4_XS's scale bytes at 0 and 4, quant bytes 4q..4q + 4 of a 16-byte
+            // (sub-)block) into its row's block `block`, which lies in `src`
+            // (`PanelRows::new`); the other lanes read nothing and are zero.
+            unsafe {
+                _mm512_mask_i32gather_epi32::<1>(
+                    _mm512_setzero_si512(),
+                    valid,
+                    _mm512_add_epi32(start, _mm512_set1_epi32(off as i32)),
+                    base.cast(),
+                )
+            }
+        };
+        let dst = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
+        let head = gather(0);
+        let mut d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+        let quants = if xs {
+            // ls: 4 low bits from scales_l[sub / 2] (nibble sub % 2), 2 high bits from
+            // scales_h (bits 2 sub), which is the high half of the first dword.
+            let low = _mm512_and_si512(
+                _mm512_srlv_epi32(gather(4), _mm512_set1_epi32(4 * sub as i32)),
+                _mm512_set1_epi32(0x0F),
+            );
+            let high = _mm512_and_si512(
+                _mm512_srlv_epi32(head, _mm512_set1_epi32(16 + 2 * sub as i32)),
+                _mm512_set1_epi32(3),
+            );
+            let ls = _mm512_or_si512(low, _mm512_slli_epi32::<4>(high));
+            let ls = _mm512_sub_epi32(ls, _mm512_set1_epi32(32));
+            d = _mm512_mul_ps(d, _mm512_cvtepi32_ps(ls));
+            8 + 16 * sub
+        } else {
+            2
+        };
+        st512(dst, 512, _mm512_castps_si512(d));
+        for q in 0..4 {
+            let v = gather(quants + 4 * q);
+            // Rows past `rows` hold table[0] + 128: their lanes are never written out.
+            st512(
+                dst,
+                q * 64,
+                _mm512_shuffle_epi8(table, _mm512_and_si512(v, m4)),
+            );
+            st512(
+                dst,
+                (q + 4) * 64,
+                _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4)),
+            );
+        }
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn ld512_i32(s: &[i32; 16]) -> __m512i {
@@ -1231,7 +1316,7 @@ fn panel_chunk(
         half_panel_chunk(w, x, m, cols, out);
         return;
     }
-    let kquant = w.format().block_size() == 256;
+    let kquant = w.format().activation_block() == 256;
     let six = w.format() == QuantFormat::Q6K;
     let mins = matches!(w.format(), QuantFormat::Q4_1 | QuantFormat::Q5_1);
     let (units, unit_bytes) = if kquant {
