@@ -636,6 +636,11 @@ struct Hparams {
     context: usize,
     tied_output: bool,
     gemma: Option<GemmaParams>,
+    /// Warnings (also in the file's warnings) that hold only where candle's model runs the
+    /// file; dropped when Studio's CPU model runs it.
+    candle_warnings: Vec<String>,
+    /// Why candle's model cannot run the file (Studio's CPU model can).
+    candle_refusal: Option<String>,
 }
 
 /// Gemma-specific hyperparameters.
@@ -845,11 +850,13 @@ fn hparams(
 
     // What each implementation can use of the context, and what it approximates.
     let mut context = trained_context;
+    let mut candle_warnings = Vec::new();
+    let mut candle_refusal = None;
     match family {
         Family::Llama => {
             context = context.min(quantized_llama::MAX_SEQ_LEN);
             if check.shape("rope_freqs.weight").is_some() {
-                warnings.push(LLAMA_ROPE_FREQS_WARNING.to_owned());
+                candle_warnings.push(LLAMA_ROPE_FREQS_WARNING.to_owned());
             }
             if let Some(kind) = meta.string(&key("rope.scaling.type"))
                 && kind != "none"
@@ -866,15 +873,15 @@ fn hparams(
                 context = context.min(orig);
             }
             if (rope_base - 10_000.0).abs() > 1e-3 {
-                return Err(unsupported(format!(
-                    "phi3 with rope.freq_base {rope_base} (candle's quantized Phi-3 assumes \
-                     10000; e.g. Phi-4)"
-                )));
+                candle_refusal = Some(format!(
+                    "phi3 with rope.freq_base {rope_base} (candle's quantized Phi-3, which runs \
+                     it on the GPU, assumes 10000; e.g. Phi-4)"
+                ));
             }
             if check.shape("rope_factors_short.weight").is_some()
                 || check.shape("rope_factors_long.weight").is_some()
             {
-                warnings.push(
+                candle_warnings.push(
                     "this Phi-3 file's long-rope factors are not applied by candle's quantized \
                      Phi-3; the context is limited to the original training context and \
                      output can drift from llama.cpp's"
@@ -894,7 +901,7 @@ fn hparams(
                 .saturating_mul(head_dim);
             let affordable = (PHI3_MAX_KV_BYTES / per_position.max(1)).max(1);
             if context > affordable {
-                warnings.push(format!(
+                candle_warnings.push(format!(
                     "the context is limited to {affordable} tokens: candle's quantized Phi-3 \
                      allocates its KV cache for the whole context when generation starts"
                 ));
@@ -911,6 +918,8 @@ fn hparams(
         }
         _ => {}
     }
+
+    warnings.extend(candle_warnings.iter().cloned());
 
     let gemma = if family.is_gemma() {
         Some(gemma_params(
@@ -934,6 +943,8 @@ fn hparams(
         trained_context,
         context,
         tied_output,
+        candle_warnings,
+        candle_refusal,
         gemma,
     })
 }
@@ -1368,11 +1379,18 @@ pub fn load(
     };
     (reader.progress)(1.0, "loading weights");
     let mut info = info;
-    if matches!(inner, Inner::Studio(_)) && hp.family == Family::Llama {
-        // Studio's Llama grows its rope tables and KV cache on demand and applies the rope
-        // frequency factors: the 4096-position limit of candle's Llama does not apply.
+    let mut inner = inner;
+    if let Inner::Studio(m) = &mut inner
+        && matches!(hp.family, Family::Llama | Family::Phi3)
+    {
+        // Studio's model grows its rope tables and KV cache on demand and applies Llama's
+        // rope frequency factors and Phi-3's long-rope scaling: the context limits of candle's
+        // Llama (4096 positions) and Phi-3 (the original context, a KV cache allocated up
+        // front) do not apply.
         info.context_length = hp.trained_context.min(MAX_ROPE_TABLE);
-        info.warnings.retain(|w| w != LLAMA_ROPE_FREQS_WARNING);
+        info.warnings.retain(|w| !hp.candle_warnings.contains(w));
+        // Phi-3 picks its long-rope factors by the context it runs with.
+        m.set_context(info.context_length)?;
     }
     let model = GgufCausalLm {
         inner,
@@ -1431,6 +1449,12 @@ fn build_model(
             other => weights(candle_core::Error::Msg(other.to_string())),
         })?;
         return Ok(Inner::Studio(Box::new(model)));
+    }
+    if let Some(why) = &hp.candle_refusal {
+        return Err(Error::UnsupportedArchitecture(
+            format!("{why}; Studio's own kernels run it on the CPU"),
+            SUPPORTED_GGUF_ARCHITECTURES.to_owned(),
+        ));
     }
     // Tensors of the types candle lacks run only on Studio's CPU model.
     let mut studio_only: Vec<(&String, u32)> = table
@@ -1668,6 +1692,14 @@ impl CausalLm for GgufCausalLm {
 
     fn set_context_length(&mut self, tokens: usize) -> usize {
         self.context_length = tokens.clamp(1, self.max_context_length);
+        if let Inner::Studio(m) = &mut self.inner {
+            if let Err(e) = m.set_context(self.context_length) {
+                // The tables were built from the same factors at load; this cannot fail.
+                log::error!("rebuilding the rope tables: {e}");
+            }
+            // The cache is cleared when the rope factors change, cut to the new context.
+            self.fed.truncate(m.kv_len());
+        }
         self.context_length
     }
 

@@ -663,6 +663,7 @@ pub fn write_header_only(path: &Path, metadata: &[(String, Value)], tensors: &[T
 
 /// One tensor of [`write_gguf_raw`]: name, row-major dims, ggml type id and its bytes as the
 /// file stores them (any type, including those candle cannot write).
+#[derive(Clone)]
 pub struct RawTensor {
     pub name: String,
     pub dims: Vec<usize>,

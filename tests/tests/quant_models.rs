@@ -12,6 +12,7 @@ use candle_transformers::models::{
     quantized_llama, quantized_phi3, quantized_qwen2, quantized_qwen3,
 };
 use serde_json::json;
+use studio_inference::models::CausalLm;
 use studio_inference::models::quant_llama::QuantLlama;
 use studio_inference::quant::{KernelPath, QWeight, QuantFormat, preferred};
 use studio_tests::families::write_family_with;
@@ -363,6 +364,207 @@ fn iq4_files_match_candle_on_their_dequantized_weights() {
         assert!(rate >= 0.75, "{family}: greedy agreement {rate}");
     }
     println!("{}", report.join("\n"));
+}
+
+/// Teacher-forced logits of two models loaded as the app loads them (`gguf::load`), fed the
+/// greedy continuation of `b`: the largest relative difference over 16 steps after
+/// [`PROMPT`].
+fn teacher_forced_pair(a: &mut dyn CausalLm, b: &mut dyn CausalLm) -> f32 {
+    a.clear_kv_cache();
+    b.clear_kv_cache();
+    let logits =
+        |t: Tensor| -> Vec<f32> { t.flatten_all().and_then(|t| t.to_vec1()).expect("logits") };
+    let mut tokens = PROMPT.to_vec();
+    let mut x = logits(a.forward_last(&tokens, 0).expect("prefill"));
+    let mut y = logits(b.forward_last(&tokens, 0).expect("prefill"));
+    let mut max_diff = 0f32;
+    for _ in 0..16 {
+        max_diff = max_diff.max(rel_diff(&y, &x));
+        let next = argmax(&y);
+        let pos = tokens.len();
+        tokens.push(next);
+        x = logits(a.forward_last(&[next], pos).expect("step"));
+        y = logits(b.forward_last(&[next], pos).expect("step"));
+    }
+    max_diff
+}
+
+/// Phi-3's long-rope scaling, applied as llama.cpp applies it: `rope_factors_short/long.weight`
+/// divide the rotary frequencies (short up to `rope.scaling.original_context_length`, long
+/// beyond, chosen by the context the model runs with) and `rope.scaling.attn_factor` scales
+/// cos and sin. Checked by identities on the same weights: factors `fᵢ = (b / 10000)^(2i/d)`
+/// rotate exactly as rope base `b` does, and an attention factor of 2 equals q and k rows
+/// scaled by 2 (exact in F16).
+#[test]
+fn phi3_long_rope_factors_and_attention_factor_apply_as_llama_cpp_does() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sub = tmp.path().join("phi3");
+    std::fs::create_dir_all(&sub).expect("dir");
+    let (head_dim, q_dim, kv_dim) = (64, 256, 128);
+    write_family_with(
+        &sub,
+        "phi3",
+        &json!({"hidden_size": q_dim, "intermediate_size": 512, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": head_dim}),
+        19,
+    );
+    let f16 = sub.join("f16.gguf");
+    convert(&sub, &f16, &GgufOptions::with_dtype(GgmlDType::F16));
+    let (ct, mut f) = content(&f16);
+    let mut names: Vec<String> = ct.tensor_infos.keys().cloned().collect();
+    names.sort();
+    let tensors: Vec<QTensor> = names
+        .iter()
+        .map(|n| ct.tensor(&mut f, n, &Device::Cpu).expect("tensor"))
+        .collect();
+    let factors = |base: f32| -> RawTensor {
+        let v: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| (base / 10_000.0).powf(i as f32 / head_dim as f32))
+            .collect();
+        RawTensor {
+            name: String::new(),
+            dims: vec![v.len()],
+            ggml_type: 0,
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    };
+    let original = 32;
+    let variant = |file: &str, base: f32, long_rope: bool, double_qk: bool| -> std::path::PathBuf {
+        let mut md: Vec<(String, Value)> = ct
+            .metadata
+            .iter()
+            .filter(|(k, _)| !k.starts_with("phi3.rope."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        md.push(("phi3.rope.freq_base".to_owned(), Value::F32(base)));
+        md.push((
+            "phi3.rope.dimension_count".to_owned(),
+            Value::U32(head_dim as u32),
+        ));
+        md.push((
+            "phi3.rope.scaling.original_context_length".to_owned(),
+            Value::U32(original),
+        ));
+        let mut raw: Vec<RawTensor> = names
+            .iter()
+            .zip(&tensors)
+            .map(|(n, t)| {
+                if double_qk && n.ends_with("attn_qkv.weight") {
+                    let w = t.dequantize(&Device::Cpu).expect("dequantize");
+                    let qk = (w.narrow(0, 0, q_dim + kv_dim).expect("q, k") * 2.0).expect("scale");
+                    let v = w.narrow(0, q_dim + kv_dim, kv_dim).expect("v");
+                    let w = Tensor::cat(&[qk, v], 0).expect("cat");
+                    RawTensor::from_qtensor(n, &QTensor::quantize(&w, GgmlDType::F16).expect("f16"))
+                } else {
+                    RawTensor::from_qtensor(n, t)
+                }
+            })
+            .collect();
+        if long_rope {
+            md.push(("phi3.rope.scaling.attn_factor".to_owned(), Value::F32(2.0)));
+            for (name, base) in [
+                ("rope_factors_short.weight", 50_000.0),
+                ("rope_factors_long.weight", 200_000.0),
+            ] {
+                raw.push(RawTensor {
+                    name: name.to_owned(),
+                    ..factors(base)
+                });
+            }
+        }
+        let path = sub.join(file);
+        write_gguf_raw(&path, &md, &raw);
+        path
+    };
+    let scaled = variant("long-rope.gguf", 10_000.0, true, false);
+    let as_short = variant("base-50000.gguf", 50_000.0, false, true);
+    let as_long = variant("base-200000.gguf", 200_000.0, false, true);
+    let load = |p: &Path| {
+        studio_inference::gguf::load(p, &Device::Cpu, &mut |_, _| {}).expect("phi3 loads")
+    };
+    let mut ours = load(&scaled);
+    // Studio's model runs the whole trained context (256 tokens, past the original 32, so
+    // with the long factors), and says nothing about long rope being unsupported.
+    assert_eq!(ours.info.context_length, 256);
+    assert!(
+        ours.info.warnings.iter().all(|w| !w.contains("long-rope")),
+        "{:?}",
+        ours.info.warnings
+    );
+    let (mut short, mut long) = (load(&as_short), load(&as_long));
+    let d_long = teacher_forced_pair(ours.model.as_mut(), long.model.as_mut());
+    assert_eq!(
+        ours.model.set_context_length(original as usize),
+        original as usize
+    );
+    let d_short = teacher_forced_pair(ours.model.as_mut(), short.model.as_mut());
+    // Back past the original context: the long factors again.
+    ours.model.set_context_length(200);
+    let d_long_again = teacher_forced_pair(ours.model.as_mut(), long.model.as_mut());
+    // The two references differ: the comparisons above can tell the factors apart.
+    let apart = teacher_forced_pair(short.model.as_mut(), long.model.as_mut());
+    println!(
+        "long-rope Phi-3: against base 200000 {d_long:.1e} and {d_long_again:.1e}, against \
+         base 50000 at the original context {d_short:.1e}; the two bases differ by {apart:.1e}"
+    );
+    for d in [d_long, d_short, d_long_again] {
+        assert!(d < 2e-3, "logits differ by {d}");
+    }
+    assert!(apart > 20.0 * 2e-3, "the bases differ by only {apart}");
+}
+
+/// Llama 3.1+'s `rope_freqs.weight` divides the rotary frequencies (as llama.cpp applies it):
+/// factors `fᵢ = (b / 10000)^(2i/d)` rotate exactly as rope base `b` does.
+#[test]
+fn llama_rope_freqs_apply_as_llama_cpp_does() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let head_dim = 64;
+    let path = write(tmp.path(), "llama", GgmlDType::F16);
+    let (ct, mut f) = content(&path);
+    let raw: Vec<RawTensor> = ct
+        .tensor_infos
+        .keys()
+        .map(|n| RawTensor::from_qtensor(n, &ct.tensor(&mut f, n, &Device::Cpu).expect("tensor")))
+        .collect();
+    let with_base = |file: &str, base: f32, freqs: bool| {
+        let mut md: Vec<(String, Value)> = ct
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != "llama.rope.freq_base")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        md.push(("llama.rope.freq_base".to_owned(), Value::F32(base)));
+        let mut raw = raw.clone();
+        if freqs {
+            let v: Vec<f32> = (0..head_dim)
+                .step_by(2)
+                .map(|i| (500_000f32 / base).powf(i as f32 / head_dim as f32))
+                .collect();
+            raw.push(RawTensor {
+                name: "rope_freqs.weight".to_owned(),
+                dims: vec![v.len()],
+                ggml_type: 0,
+                data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            });
+        }
+        let out = tmp.path().join(file);
+        write_gguf_raw(&out, &md, &raw);
+        studio_inference::gguf::load(&out, &Device::Cpu, &mut |_, _| {}).expect("llama loads")
+    };
+    let mut ours = with_base("freqs.gguf", 10_000.0, true);
+    let mut reference = with_base("base.gguf", 500_000.0, false);
+    let mut plain = with_base("plain.gguf", 10_000.0, false);
+    assert!(
+        ours.info.warnings.iter().all(|w| !w.contains("rope_freqs")),
+        "{:?}",
+        ours.info.warnings
+    );
+    let d = teacher_forced_pair(ours.model.as_mut(), reference.model.as_mut());
+    let apart = teacher_forced_pair(plain.model.as_mut(), reference.model.as_mut());
+    println!("rope_freqs: against base 500000 {d:.1e}; base 10000 differs by {apart:.1e}");
+    assert!(d < 2e-3, "logits differ by {d}");
+    assert!(apart > 20.0 * 2e-3, "the bases differ by only {apart}");
 }
 
 #[test]

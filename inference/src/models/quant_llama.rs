@@ -166,6 +166,7 @@ impl Layer {
 /// Rotary tables `[len, head_dim / 2]` of cos and sin, grown on demand up to the context length.
 struct Rope {
     theta: Vec<f32>,
+    mscale: f32,
     cos: Vec<f32>,
     sin: Vec<f32>,
     len: usize,
@@ -173,25 +174,39 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, factors: Option<&[f32]>, max: usize) -> Result<Self> {
+    /// `factors` divide the frequencies (llama.cpp's `rope_freqs.weight` and Phi-3's long-rope
+    /// factors), `mscale` multiplies cos and sin (Phi-3's long-rope attention factor).
+    fn new(
+        head_dim: usize,
+        base: f32,
+        factors: Option<(&str, &[f32])>,
+        mscale: f32,
+        max: usize,
+    ) -> Result<Self> {
         // As candle computes them: in f32; divided by the file's frequency factors, as
         // llama.cpp applies `rope_freqs.weight`.
         let mut theta: Vec<f32> = (0..head_dim)
             .step_by(2)
             .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
             .collect();
-        if let Some(f) = factors {
+        if let Some((name, f)) = factors {
             if f.len() != theta.len() {
                 return Err(Error::InvalidParameter(format!(
-                    "`rope_freqs.weight` has {} values for {} rotary frequencies",
+                    "`{name}` has {} values for {} rotary frequencies",
                     f.len(),
                     theta.len()
+                )));
+            }
+            if f.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return Err(Error::InvalidParameter(format!(
+                    "`{name}` holds a factor that is not a positive number"
                 )));
             }
             theta.iter_mut().zip(f).for_each(|(t, f)| *t /= f);
         }
         Ok(Self {
             theta,
+            mscale,
             cos: Vec::new(),
             sin: Vec::new(),
             len: 0,
@@ -204,7 +219,8 @@ impl Rope {
         if end > self.len {
             let len = end.max(self.len * 2).max(256).min(self.max.max(end));
             let angles = (0..len).flat_map(|p| self.theta.iter().map(move |f| p as f32 * f));
-            (self.cos, self.sin) = angles.map(|a| (a.cos(), a.sin())).unzip();
+            let m = self.mscale;
+            (self.cos, self.sin) = angles.map(|a| (a.cos() * m, a.sin() * m)).unzip();
             self.len = len;
         }
     }
@@ -219,6 +235,54 @@ impl Rope {
     }
 }
 
+/// Phi-3's long-rope scaling from GGUF (`rope_factors_short/long.weight`,
+/// `rope.scaling.original_context_length`, `rope.scaling.attn_factor`), applied as llama.cpp
+/// does: the short factors for a context up to the original one, the long ones beyond; both
+/// divide the frequencies, and the attention factor scales cos and sin (so q·k by its square).
+#[derive(Clone)]
+struct LongRope {
+    short: Vec<f32>,
+    long: Vec<f32>,
+    original: usize,
+    attn_factor: f32,
+}
+
+/// What the rope tables are made from.
+#[derive(Clone)]
+struct RopeSpec {
+    head_dim: usize,
+    base: f32,
+    /// Llama 3.1+'s `rope_freqs.weight`.
+    freqs: Option<Vec<f32>>,
+    long: Option<LongRope>,
+}
+
+impl RopeSpec {
+    /// The tables for a model run with a context of `context` tokens, grown up to `max`.
+    fn build(&self, context: usize, max: usize) -> Result<Rope> {
+        let (factors, mscale) = match (&self.long, &self.freqs) {
+            (Some(l), _) if context > l.original => (
+                Some(("rope_factors_long.weight", &l.long[..])),
+                l.attn_factor,
+            ),
+            (Some(l), _) => (
+                Some(("rope_factors_short.weight", &l.short[..])),
+                l.attn_factor,
+            ),
+            (None, Some(f)) => (Some(("rope_freqs.weight", &f[..])), 1.0),
+            (None, None) => (None, 1.0),
+        };
+        Rope::new(self.head_dim, self.base, factors, mscale, max)
+    }
+
+    /// Whether a context of `a` and one of `b` tokens use the same tables.
+    fn same_tables(&self, a: usize, b: usize) -> bool {
+        self.long
+            .as_ref()
+            .is_none_or(|l| (a > l.original) == (b > l.original))
+    }
+}
+
 /// A GGUF Llama or Qwen2 model on Studio's quantized CPU kernels.
 pub struct QuantLlama {
     embed: Embedding,
@@ -230,6 +294,8 @@ pub struct QuantLlama {
     /// The decode team's output slots (rebuilt when the thread count changes).
     parts: Option<Parts>,
     rope: Rope,
+    /// How the rope tables are made (rebuilt when the context crosses Phi-3's original one).
+    rope_spec: RopeSpec,
     interleaved_rope: bool,
     n_head: usize,
     n_kv_head: usize,
@@ -379,11 +445,43 @@ impl QuantLlama {
             })
         };
         let norm = dense(r, "output_norm.weight")?;
-        // Llama 3.1+ scales the rotary frequencies by `rope_freqs.weight` (one divisor each).
+        // Llama 3.1+ scales the rotary frequencies by `rope_freqs.weight` (one divisor each);
+        // Phi-3 long-rope files by short or long factors, chosen by the context.
         let rope_freqs = if tensors.contains("rope_freqs.weight") {
             Some(dense(r, "rope_freqs.weight")?.v)
         } else {
             None
+        };
+        let (short, long) = ("rope_factors_short.weight", "rope_factors_long.weight");
+        let long_rope = match (tensors.contains(short), tensors.contains(long)) {
+            (false, false) => None,
+            (true, true) => {
+                let attn_factor = meta_f32(ct, &key("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+                if !(attn_factor.is_finite() && attn_factor > 0.0) {
+                    return Err(Error::InvalidParameter(format!(
+                        "`{}` is {attn_factor}",
+                        key("rope.scaling.attn_factor")
+                    )));
+                }
+                let original = match ct
+                    .metadata
+                    .get(&key("rope.scaling.original_context_length"))
+                {
+                    Some(_) => meta_usize(ct, &key("rope.scaling.original_context_length"))?,
+                    None => context,
+                };
+                Some(LongRope {
+                    short: dense(r, short)?.v,
+                    long: dense(r, long)?.v,
+                    original,
+                    attn_factor,
+                })
+            }
+            _ => {
+                return Err(Error::InvalidParameter(format!(
+                    "the file has only one of `{short}` and `{long}`"
+                )));
+            }
         };
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
@@ -457,6 +555,12 @@ impl QuantLlama {
             });
         }
         let fallbacks = fb.log(&arch);
+        let rope_spec = RopeSpec {
+            head_dim,
+            base: rope_base,
+            freqs: rope_freqs,
+            long: long_rope,
+        };
         Ok(Self {
             embed,
             output,
@@ -464,7 +568,8 @@ impl QuantLlama {
             layers,
             kv_len: 0,
             parts: None,
-            rope: Rope::new(head_dim, rope_base, rope_freqs.as_deref(), context)?,
+            rope: rope_spec.build(context, context)?,
+            rope_spec,
             interleaved_rope: arch == "llama",
             n_head,
             n_kv_head,
@@ -494,9 +599,29 @@ impl QuantLlama {
         self.vocab
     }
 
-    /// The context the rope tables and the metadata allow.
+    /// The context the model runs with: the metadata's, or the last
+    /// [`QuantLlama::set_context`].
     pub fn context_length(&self) -> usize {
         self.context
+    }
+
+    /// Runs the model with a context of `tokens` from now on (the rope tables and the KV
+    /// cache grow on demand up to it; positions past it are refused). A Phi-3 long-rope model
+    /// picks its short or long factors by it (as llama.cpp picks them by its context size);
+    /// when the choice changes, the KV cache, whose keys were rotated the other way, is
+    /// cleared.
+    pub fn set_context(&mut self, tokens: usize) -> Result<()> {
+        if self.rope_spec.same_tables(tokens, self.context) {
+            self.rope.max = tokens;
+        } else {
+            self.rope = self.rope_spec.build(tokens, tokens)?;
+            self.clear_kv_cache();
+        }
+        if self.kv_len > tokens {
+            self.truncate_kv(tokens)?;
+        }
+        self.context = tokens;
+        Ok(())
     }
 
     /// Positions held in the KV cache.
