@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::gguf_tokenizer::GgufVocab;
 use crate::models::CausalLm;
-use crate::models::quant_llama::QuantLlama;
+use crate::models::quant_llama::{GemmaOptions, QuantLlama};
 use crate::models::tensors::{self, GgufTensors};
 use crate::quant::{KernelPath, QuantFormat, preferred};
 use crate::text::Tokenizer;
@@ -656,6 +656,22 @@ struct GemmaParams {
     /// Linear rope scaling factor of the global layers.
     rope_global_factor: f64,
     qk_norm: bool,
+}
+
+impl GemmaParams {
+    /// What Studio's CPU model takes of them (the q/k norms it finds by their tensors).
+    #[allow(clippy::cast_possible_truncation)] // scales and rope bases in f32, as computed
+    fn options(&self) -> GemmaOptions {
+        GemmaOptions {
+            attn_scale: self.attn_scale as f32,
+            attn_softcap: self.attn_softcap.map(|c| c as f32),
+            final_softcap: self.final_softcap.map(|c| c as f32),
+            window: self.sliding_window,
+            sliding: self.sliding.clone(),
+            rope_local_base: self.rope_local_base as f32,
+            rope_global_factor: self.rope_global_factor as f32,
+        }
+    }
 }
 
 struct Checker<'a> {
@@ -1439,12 +1455,12 @@ fn build_model(
             path.display()
         )))
     };
-    let studio_family = matches!(
-        hp.family,
-        Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Phi3
-    );
-    if device.is_cpu() && studio_family && studio_kernels_fit(table, hp.family) {
-        let model = QuantLlama::from_gguf_tensors(&ct, table, reader).map_err(|e| match e {
+    if device.is_cpu() && studio_kernels_fit(table, hp.family) {
+        let model = match &hp.gemma {
+            Some(g) => QuantLlama::from_gguf_gemma(&ct, table, reader, g.options()),
+            None => QuantLlama::from_gguf_tensors(&ct, table, reader),
+        }
+        .map_err(|e| match e {
             Error::Candle(e) => weights(e),
             other => weights(candle_core::Error::Msg(other.to_string())),
         })?;
@@ -1466,17 +1482,14 @@ fn build_model(
         .collect();
     studio_only.sort();
     if let Some((name, t)) = studio_only.first() {
-        let why = if !studio_family {
-            format!("not for {} models", hp.arch)
-        } else if !device.is_cpu() {
-            "not on the GPU".to_owned()
+        let why = if device.is_cpu() {
+            "and this file's other layer weights have no kernel on this CPU"
         } else {
-            "and this file's other layer weights have no kernel on this CPU".to_owned()
+            "not on the GPU"
         };
         return Err(Error::InvalidParameter(format!(
-            "{}: tensor `{name}` is stored as {}, which only Studio's CPU kernels run for \
-             Llama, Qwen2, Qwen3 and Phi-3 files, {why}. Pick another quantization of this \
-             model (for example Q4_K_M or Q8_0){}.",
+            "{}: tensor `{name}` is stored as {}, which only Studio's CPU kernels run, {why}. \
+             Pick another quantization of this model (for example Q4_K_M or Q8_0){}.",
             path.display(),
             ggml_type_name(*t),
             if device.is_cpu() {

@@ -261,7 +261,8 @@ fn mixed_format_files_match_candle_teacher_forced() {
 /// IQ4_XS files as llama-quantize writes them (IQ4_XS where rows are whole super-blocks of
 /// 256, IQ4_NL for the rest: here `ffn_down`, K = 352; the embeddings Q8_0), loaded as the app
 /// loads them (`gguf::load`: Studio's own tensor reader, since candle cannot read these
-/// types), teacher-forced against candle on an F32 file of the same weights dequantized.
+/// types), teacher-forced against candle's model on an F32 file of the same weights
+/// dequantized (Llama, Qwen2 and Gemma 2).
 ///
 /// Bounds as for the Q4_0/Q8_0 files: only Studio rounds the activations to 8 bits here, which
 /// this tiny random network amplifies.
@@ -269,14 +270,14 @@ fn mixed_format_files_match_candle_teacher_forced() {
 fn iq4_files_match_candle_on_their_dequantized_weights() {
     let tmp = tempfile::tempdir().expect("tmp");
     let mut report = Vec::new();
-    for family in ["llama", "qwen2"] {
+    for family in ["llama", "qwen2", "gemma2"] {
         let sub = tmp.path().join(family);
         std::fs::create_dir_all(&sub).expect("dir");
         write_family_with(
             &sub,
             family,
             &json!({"hidden_size": 256, "intermediate_size": 352, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "head_dim": 64}),
+                    "num_key_value_heads": 2, "head_dim": 64, "query_pre_attn_scalar": 64}),
             17,
         );
         let f32_path = sub.join("f32.gguf");
@@ -337,15 +338,17 @@ fn iq4_files_match_candle_on_their_dequantized_weights() {
         let info = studio_inference::gguf::inspect(&iq_path).expect("inspect");
         assert_eq!(info.file_type, "IQ4_XS");
 
-        let mut ours = studio_inference::gguf::load(&iq_path, &Device::Cpu, &mut |_, _| {})
-            .expect("the IQ4 file loads")
-            .model;
-        let mut theirs = load_candle(family, &ref_path);
+        let load = |p: &Path| {
+            studio_inference::gguf::load(p, &Device::Cpu, &mut |_, _| {}).expect("loads")
+        };
+        // The reference is F32: candle's model runs it.
+        let (mut ours, mut theirs) = (load(&iq_path), load(&ref_path));
+        let (ours, theirs) = (ours.model.as_mut(), theirs.model.as_mut());
         let mut tokens = PROMPT.to_vec();
         let (mut max_diff, mut same) = (0.0f32, 0usize);
         let logits = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1()).expect("logits");
         let mut a = logits(ours.forward_last(&tokens, 0).expect("prefill"));
-        let mut b = theirs.forward(&tokens, 0);
+        let mut b = logits(theirs.forward_last(&tokens, 0).expect("prefill"));
         for _ in 0..16 {
             max_diff = max_diff.max(rel_diff(&b, &a));
             let want = argmax(&b);
@@ -353,7 +356,7 @@ fn iq4_files_match_candle_on_their_dequantized_weights() {
             let pos = tokens.len();
             tokens.push(want);
             a = logits(ours.forward_last(&[want], pos).expect("step"));
-            b = theirs.forward(&[want], pos);
+            b = logits(theirs.forward_last(&[want], pos).expect("step"));
         }
         let rate = same as f32 / 16.0;
         report.push(format!(

@@ -1,5 +1,6 @@
 //! The f32 vector math of the CPU transformer steps between the matrix products (which run on
-//! [`crate::quant`]'s kernels): RMSNorm, rotary embeddings, SwiGLU, softmax attention.
+//! [`crate::quant`]'s kernels): RMSNorm, rotary embeddings, SwiGLU/GeGLU, softmax attention
+//! (with Gemma's soft cap and sliding window).
 //!
 //! Plain loops over slices, written so the compiler vectorizes them (independent lanes, `exp`
 //! without branches or library calls), instead of candle tensor ops: those allocate per op and
@@ -113,6 +114,35 @@ pub(crate) fn swiglu(g: &[f32], u: &[f32], y: &mut [f32]) {
     }
 }
 
+/// `gelu(g) · u` elementwise with GELU's tanh approximation (Gemma's GeGLU), into `y`.
+pub(crate) fn geglu(g: &[f32], u: &[f32], y: &mut [f32]) {
+    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+        *y = gelu_times(g, u);
+    }
+}
+
+/// [`geglu`] in place over `g`, split across the pool.
+pub(crate) fn geglu_in_place(g: &mut [f32], u: &[f32]) {
+    const CHUNK: usize = 4096;
+    g.par_chunks_mut(CHUNK)
+        .zip(u.par_chunks(CHUNK))
+        .for_each(|(g, u)| {
+            for (g, &u) in g.iter_mut().zip(u) {
+                *g = gelu_times(*g, u);
+            }
+        });
+}
+
+/// `gelu_tanh(g) · u`: `0.5 g (1 + tanh(√(2/π) (g + 0.044715 g³)))`, the tanh written as
+/// `1 − 2 / (e^{2z} + 1)` with the branch-free [`exp`].
+#[inline]
+fn gelu_times(g: f32, u: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    let z = C * g.mul_add(0.044_715 * g * g, g);
+    let tanh = 1.0 - 2.0 / (exp(2.0 * z) + 1.0);
+    0.5 * g * (1.0 + tanh) * u
+}
+
 /// [`swiglu`] in place over `g` (the gate's rows become the MLP's inner activations), split
 /// across the pool.
 pub(crate) fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
@@ -183,9 +213,42 @@ pub(crate) fn key_scores(q: &[f32], kt: &[f32], n: usize, scale: f32, scores: &m
     }
 }
 
+/// How attention turns `q · k` into weights beyond the softmax: the scale (`1/√head_dim`, or
+/// Gemma's), Gemma 2's soft cap (`cap · tanh(s / cap)`) and a sliding window (a query sees the
+/// last `window` positions, itself included).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scores {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+    pub window: Option<usize>,
+}
+
+impl Scores {
+    /// Plain scaled dot-product attention over a head of `hd` values.
+    pub(crate) fn plain(hd: usize) -> Self {
+        Self {
+            scale: 1.0 / (hd as f32).sqrt(),
+            softcap: None,
+            window: None,
+        }
+    }
+
+    /// Caps `scores` (the scaled scores of positions `0..scores.len()` for a query at the last
+    /// one) and returns the first position the query sees.
+    fn shape(&self, scores: &mut [f32]) -> usize {
+        if let Some(cap) = self.softcap {
+            for s in scores.iter_mut() {
+                *s = cap * (*s / cap).tanh();
+            }
+        }
+        self.window
+            .map_or(0, |w| scores.len().saturating_sub(w.max(1)))
+    }
+}
+
 /// One query head against the `n` cached positions of its kv head (`kt`: transposed key
-/// blocks, `values`: `n × hd`) and the new position (`k_new`, `v_new`): softmax of the scaled
-/// scores, then the weighted sum of the values into `out`.
+/// blocks, `values`: `n × hd`) and the new position (`k_new`, `v_new`): softmax of the scores
+/// shaped by `how`, then the weighted sum of the values into `out`.
 #[allow(clippy::too_many_arguments)] // one head's attention step
 pub(crate) fn attend(
     q: &[f32],
@@ -193,22 +256,29 @@ pub(crate) fn attend(
     n: usize,
     values: &[f32],
     [k_new, v_new]: [&[f32]; 2],
-    scale: f32,
+    how: Scores,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let hd = q.len();
     scores.clear();
-    key_scores(q, kt, n, scale, scores);
-    scores.push(dot(q, k_new) * scale);
-    softmax(scores);
-    weighted_rows(scores, values.chunks_exact(hd).chain([v_new]), out);
+    key_scores(q, kt, n, how.scale, scores);
+    scores.push(dot(q, k_new) * how.scale);
+    let first = how.shape(scores);
+    let seen = &mut scores[first..];
+    softmax(seen);
+    weighted_rows(
+        seen,
+        values.chunks_exact(hd).skip(first).chain([v_new]),
+        out,
+    );
 }
 
 /// Query rows per unit of [`attend_causal`]'s work.
 const QUERY_BLOCK: usize = 32;
 
-/// Causal attention of `t` new positions `offset..offset + t` (a prompt): `q` is `t` rows of
+/// Causal attention of `t` new positions `offset..offset + t` (a prompt), scores shaped by
+/// `how`: `q` is `t` rows of
 /// `n_head · hd` values; head `h` reads kv head `h / (n_head / n_kv)`, whose `offset + t`
 /// cached positions (the new ones included) `kv` gives as (transposed key blocks, values
 /// `len × hd`). Returns the heads' outputs, `t` rows of `n_head · hd`.
@@ -223,12 +293,12 @@ pub(crate) fn attend_causal<'a>(
     n_head: usize,
     n_kv: usize,
     hd: usize,
+    how: Scores,
     kv: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
 ) -> Vec<f32> {
     let qd = n_head * hd;
     let groups = n_head / n_kv;
     let blocks = t.div_ceil(QUERY_BLOCK);
-    let scale = 1.0 / (hd as f32).sqrt();
     let units: Vec<Vec<f32>> = (0..n_head * blocks)
         .into_par_iter()
         .map(|u| {
@@ -240,9 +310,10 @@ pub(crate) fn attend_causal<'a>(
             for (i, o) in rows.zip(out.chunks_exact_mut(hd)) {
                 let qi = &q[i * qd + head * hd..i * qd + (head + 1) * hd];
                 scores.clear();
-                key_scores(qi, kt, offset + i + 1, scale, &mut scores);
-                softmax(&mut scores);
-                weighted_rows(&scores, values.chunks_exact(hd), o);
+                key_scores(qi, kt, offset + i + 1, how.scale, &mut scores);
+                let first = how.shape(&mut scores);
+                softmax(&mut scores[first..]);
+                weighted_rows(&scores[first..], values.chunks_exact(hd).skip(first), o);
             }
             out
         })
@@ -351,7 +422,7 @@ mod tests {
             let v: Vec<f32> = (0..nkv * len * hd).map(|i| val(i + 29)).collect();
             let kt = transpose_keys(&k, nkv, len, hd);
             let blocks = len.next_multiple_of(KEY_BLOCK) * hd;
-            let got = attend_causal(&q, t, offset, nh, nkv, hd, |h| {
+            let got = attend_causal(&q, t, offset, nh, nkv, hd, Scores::plain(hd), |h| {
                 (
                     &kt[h * blocks..(h + 1) * blocks],
                     &v[h * len * hd..(h + 1) * len * hd],

@@ -1,15 +1,22 @@
-//! Llama and Qwen2 from GGUF on the CPU with Studio's own quantized kernels ([`crate::quant`]).
+//! Llama, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 from GGUF on the CPU with Studio's own
+//! quantized kernels ([`crate::quant`]).
 //!
 //! The forward pass mirrors candle-transformers' `quantized_llama` / `quantized_qwen2` (RMSNorm,
 //! rotary embeddings — interleaved pairs for `llama`, whose GGUF q/k rows are stored permuted
-//! for it, half-split "neox" pairs for `qwen2` — grouped-query attention with a KV cache,
-//! SwiGLU MLP, q/k/v biases where the file has them, tied output embeddings when there is no
-//! `output.weight`), so the logits equal candle's up to the kernels' rounding.
+//! for it, half-split "neox" pairs for the others — grouped-query attention with a KV cache,
+//! SwiGLU MLP, q/k/v biases where the file has them, Qwen3's q/k norms, tied output embeddings
+//! when there is no `output.weight`), so the logits equal candle's up to the kernels' rounding.
+//! Phi-3's fused q/k/v and gate/up are split by rows. Gemma 2/3 ([`GemmaOptions`]) add
+//! embeddings scaled by √width, GeGLU, norms after attention and MLP, their attention scale and
+//! soft caps, sliding-window layers with their own rope table, and a linearly scaled global
+//! rope; the rope factors of Llama 3.1 (`rope_freqs.weight`) and Phi-3's long rope are applied
+//! as llama.cpp applies them.
 //!
 //! Every 2-D weight stays in its file format as a [`QWeight`] when this CPU has a kernel for
 //! it ([`crate::quant::preferred`]), otherwise it runs through candle's `QMatMul` (logged once
 //! per load). The embedding table is looked up row by row from its quantized bytes. Norms and
-//! biases are f32.
+//! biases are f32. Tensors come from Studio's own reader ([`crate::models::tensors`]), so the
+//! formats candle cannot read (IQ4_NL, IQ4_XS) load too.
 //!
 //! Two paths, both over plain vectors ([`cpu_ops`] for the math between products): several
 //! tokens (a prompt) run each product on the pool over all rows at once (Studio's batched
@@ -122,6 +129,11 @@ struct Layer {
     k_norm: Option<Dense>,
     attn_norm: Dense,
     ffn_norm: Dense,
+    /// Gemma's norms of the attention and MLP outputs before they join the residual stream.
+    post_attn_norm: Option<Dense>,
+    post_ffw_norm: Option<Dense>,
+    /// Gemma's sliding-window layers (their own rope, the window of [`Gemma::scores`]).
+    sliding: bool,
     gate: Linear,
     up: Linear,
     down: Linear,
@@ -235,6 +247,57 @@ impl Rope {
     }
 }
 
+/// What Gemma 2 and Gemma 3 do differently from Llama, as the GGUF metadata says (read by
+/// [`crate::gguf`]): embeddings scaled by √width, GeGLU, norms after attention and MLP (their
+/// weights, with Gemma's +1, read from `post_attention_norm` / `post_ffw_norm`), its own
+/// attention scale, Gemma 2's soft caps, sliding-window layers with their own rope base, and
+/// Gemma 3's linear rope scaling of the global layers.
+#[derive(Clone, Debug)]
+pub struct GemmaOptions {
+    pub attn_scale: f32,
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    pub window: Option<usize>,
+    /// Per layer: whether it attends over the sliding window only.
+    pub sliding: Vec<bool>,
+    pub rope_local_base: f32,
+    /// Divides the global layers' rotary frequencies.
+    pub rope_global_factor: f32,
+}
+
+/// The rope tables of a layer: Gemma's sliding layers have their own.
+fn layer_rope<'a>(
+    global: &'a Rope,
+    gemma: Option<&'a (GemmaOptions, Rope)>,
+    l: &Layer,
+) -> &'a Rope {
+    match gemma {
+        Some((_, local)) if l.sliding => local,
+        _ => global,
+    }
+}
+
+/// How a layer's attention shapes its scores.
+fn layer_scores(gemma: Option<&(GemmaOptions, Rope)>, l: &Layer, hd: usize) -> cpu_ops::Scores {
+    match gemma {
+        Some((g, _)) => cpu_ops::Scores {
+            scale: g.attn_scale,
+            softcap: g.attn_softcap,
+            window: g.window.filter(|_| l.sliding),
+        },
+        None => cpu_ops::Scores::plain(hd),
+    }
+}
+
+/// Gemma 2's soft cap of the logits (`cap · tanh(x / cap)`).
+fn cap_logits(gemma: Option<&(GemmaOptions, Rope)>, logits: &mut [f32]) {
+    if let Some(cap) = gemma.and_then(|(g, _)| g.final_softcap) {
+        for x in logits {
+            *x = cap * (*x / cap).tanh();
+        }
+    }
+}
+
 /// Phi-3's long-rope scaling from GGUF (`rope_factors_short/long.weight`,
 /// `rope.scaling.original_context_length`, `rope.scaling.attn_factor`), applied as llama.cpp
 /// does: the short factors for a context up to the original one, the long ones beyond; both
@@ -283,7 +346,7 @@ impl RopeSpec {
     }
 }
 
-/// A GGUF Llama or Qwen2 model on Studio's quantized CPU kernels.
+/// A GGUF model of the families above on Studio's quantized CPU kernels.
 pub struct QuantLlama {
     embed: Embedding,
     output: Linear,
@@ -296,6 +359,8 @@ pub struct QuantLlama {
     rope: Rope,
     /// How the rope tables are made (rebuilt when the context crosses Phi-3's original one).
     rope_spec: RopeSpec,
+    /// Gemma's: its options and the sliding layers' rope tables.
+    gemma: Option<(GemmaOptions, Rope)>,
     interleaved_rope: bool,
     n_head: usize,
     n_kv_head: usize,
@@ -366,6 +431,27 @@ impl QuantLlama {
         tensors: &GgufTensors,
         r: &mut R,
     ) -> Result<Self> {
+        Self::load(ct, tensors, r, None)
+    }
+
+    /// A Gemma 2 / Gemma 3 file (`gemma2`, `gemma3`), as [`QuantLlama::from_gguf_tensors`]
+    /// with what its metadata says of Gemma's differences.
+    pub fn from_gguf_gemma<R: Read + Seek>(
+        ct: &Content,
+        tensors: &GgufTensors,
+        r: &mut R,
+        options: GemmaOptions,
+    ) -> Result<Self> {
+        Self::load(ct, tensors, r, Some(options))
+    }
+
+    #[allow(clippy::too_many_lines)] // one loader for every family, read top to bottom
+    fn load<R: Read + Seek>(
+        ct: &Content,
+        tensors: &GgufTensors,
+        r: &mut R,
+        gemma: Option<GemmaOptions>,
+    ) -> Result<Self> {
         let arch = match ct.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
             _ => {
@@ -374,9 +460,15 @@ impl QuantLlama {
                 ));
             }
         };
-        if !Self::supports(&arch) {
+        let gemma_arch = matches!(arch.as_str(), "gemma2" | "gemma3");
+        if !(Self::supports(&arch) && gemma.is_none() || gemma_arch && gemma.is_some()) {
             return Err(Error::InvalidParameter(format!(
-                "Studio's quantized Llama/Qwen2 cannot run `{arch}`"
+                "Studio's quantized model cannot run `{arch}`{}",
+                if gemma_arch {
+                    " without Gemma's options"
+                } else {
+                    ""
+                }
             )));
         }
         let key = |k: &str| format!("{arch}.{k}");
@@ -536,7 +628,21 @@ impl QuantLlama {
                     "qwen3 layer {i} lacks its q/k norms"
                 )));
             }
+            let (post_attn_norm, post_ffw_norm) = if gemma.is_some() {
+                (
+                    Some(dense(r, &n("post_attention_norm.weight"))?),
+                    Some(dense(r, &n("post_ffw_norm.weight"))?),
+                )
+            } else {
+                (None, None)
+            };
+            let sliding = gemma
+                .as_ref()
+                .is_some_and(|g| g.sliding.get(i).copied().unwrap_or(false));
             layers.push(Layer {
+                post_attn_norm,
+                post_ffw_norm,
+                sliding,
                 wq,
                 wk,
                 wv,
@@ -555,11 +661,31 @@ impl QuantLlama {
             });
         }
         let fallbacks = fb.log(&arch);
+        let rope_freqs = match &gemma {
+            // Gemma 3's linear scaling of the global layers: every frequency divided alike.
+            Some(g) if (g.rope_global_factor - 1.0).abs() > f32::EPSILON => {
+                Some(vec![g.rope_global_factor; head_dim / 2])
+            }
+            _ => rope_freqs,
+        };
         let rope_spec = RopeSpec {
             head_dim,
             base: rope_base,
             freqs: rope_freqs,
             long: long_rope,
+        };
+        let gemma = match gemma {
+            Some(g) => {
+                let local = RopeSpec {
+                    head_dim,
+                    base: g.rope_local_base,
+                    freqs: None,
+                    long: None,
+                }
+                .build(context, context)?;
+                Some((g, local))
+            }
+            None => None,
         };
         Ok(Self {
             embed,
@@ -570,6 +696,7 @@ impl QuantLlama {
             parts: None,
             rope: rope_spec.build(context, context)?,
             rope_spec,
+            gemma,
             interleaved_rope: arch == "llama",
             n_head,
             n_kv_head,
@@ -611,6 +738,9 @@ impl QuantLlama {
     /// when the choice changes, the KV cache, whose keys were rotated the other way, is
     /// cleared.
     pub fn set_context(&mut self, tokens: usize) -> Result<()> {
+        if let Some((_, local)) = &mut self.gemma {
+            local.max = tokens;
+        }
         if self.rope_spec.same_tables(tokens, self.context) {
             self.rope.max = tokens;
         } else {
@@ -661,6 +791,13 @@ impl QuantLlama {
                 }
             }
         }
+        if self.gemma.is_some() {
+            // Gemma scales its embeddings by √width.
+            let scale = (self.hidden as f32).sqrt();
+            for x in &mut out {
+                *x *= scale;
+            }
+        }
         Ok(out)
     }
 
@@ -694,6 +831,9 @@ impl QuantLlama {
         }
         self.reserve_kv(offset + t);
         self.rope.grow(offset + t);
+        if let Some((_, local)) = &mut self.gemma {
+            local.grow(offset + t);
+        }
         let logits = if t == 1 && self.decode_ready() {
             self.decode(tokens[0], offset)?
         } else {
@@ -719,7 +859,10 @@ impl QuantLlama {
         let mut x = self.embed(tokens)?;
         let mut h = vec![0f32; x.len()];
         let mut head_norm = vec![0f32; hd];
+        let gemma = self.gemma.as_ref();
         for l in &mut self.layers {
+            let rope = layer_rope(&self.rope, gemma, l);
+            let how = layer_scores(gemma, l, hd);
             cpu_ops::rms_norm_rows(&x, &l.attn_norm.v, eps, &mut h);
             let mut q = l.wq.matmul(&h, t)?;
             let mut k = l.wk.matmul(&h, t)?;
@@ -732,7 +875,7 @@ impl QuantLlama {
                 l.prepare_qkv(
                     [q, k, v],
                     offset + i,
-                    &self.rope,
+                    rope,
                     self.interleaved_rope,
                     eps,
                     &mut head_norm,
@@ -746,16 +889,28 @@ impl QuantLlama {
                 }
             }
             let cache = &*cache;
-            let att = cpu_ops::attend_causal(&q, t, offset, nh, nkv, hd, |kh| {
+            let att = cpu_ops::attend_causal(&q, t, offset, nh, nkv, hd, how, |kh| {
                 cache.head(kh, offset + t, hd)
             });
-            let o = l.wo.matmul(&att, t)?;
+            let mut o = l.wo.matmul(&att, t)?;
+            if let Some(n) = &l.post_attn_norm {
+                cpu_ops::rms_norm_rows(&o, &n.v, eps, &mut h);
+                o.copy_from_slice(&h);
+            }
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             cpu_ops::rms_norm_rows(&x, &l.ffn_norm.v, eps, &mut h);
             let mut g = l.gate.matmul(&h, t)?;
             let u = l.up.matmul(&h, t)?;
-            cpu_ops::swiglu_in_place(&mut g, &u);
-            let d = l.down.matmul(&g, t)?;
+            if gemma.is_some() {
+                cpu_ops::geglu_in_place(&mut g, &u);
+            } else {
+                cpu_ops::swiglu_in_place(&mut g, &u);
+            }
+            let mut d = l.down.matmul(&g, t)?;
+            if let Some(n) = &l.post_ffw_norm {
+                cpu_ops::rms_norm_rows(&d, &n.v, eps, &mut h);
+                d.copy_from_slice(&h);
+            }
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
         let (x, m) = if all {
@@ -765,7 +920,9 @@ impl QuantLlama {
         };
         let mut h = vec![0f32; x.len()];
         cpu_ops::rms_norm_rows(&x, &self.norm.v, eps, &mut h);
-        self.output.matmul(&h, m)
+        let mut logits = self.output.matmul(&h, m)?;
+        cap_logits(self.gemma.as_ref(), &mut logits);
+        Ok(logits)
     }
 
     /// Whether one-token steps run on the decode team (every linear weight on Studio's kernels).
@@ -822,7 +979,9 @@ impl QuantLlama {
         };
         let logits = Mutex::new(vec![0f32; self.vocab]);
         team::run(|t| this.decode_on(t, &step, &x0, pos, &logits))?;
-        Ok(logits.into_inner().unwrap_or_else(PoisonError::into_inner))
+        let mut logits = logits.into_inner().unwrap_or_else(PoisonError::into_inner);
+        cap_logits(self.gemma.as_ref(), &mut logits);
+        Ok(logits)
     }
 
     /// One thread's part of a decode step. Every thread keeps its own copy of the residual
@@ -846,7 +1005,7 @@ impl QuantLlama {
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let (qd, kvd, groups) = (nh * hd, nkv * hd, nh / nkv);
         let (me, threads) = (t.index(), t.threads());
-        let scale = 1.0 / (hd as f32).sqrt();
+        let gemma = self.gemma.as_ref();
         // Pieces of `w · input` taken by this thread, into its slot at `at + rows`.
         let product = |w: &QWeight,
                        input: &mut QuantizedInput,
@@ -874,6 +1033,7 @@ impl QuantLlama {
         let mine = |w| own_piece(w, threads, me);
         let mut x = x0.to_vec();
         let mut h = vec![0f32; self.hidden];
+        let mut post = vec![0f32; self.hidden];
         let mut qkv = vec![0f32; qd + 2 * kvd];
         let mut att = vec![0f32; qd];
         let mut head_norm = vec![0f32; hd];
@@ -910,11 +1070,12 @@ impl QuantLlama {
             l.prepare_qkv(
                 [q, k, v],
                 pos,
-                &self.rope,
+                layer_rope(&self.rope, gemma, l),
                 self.interleaved_rope,
                 self.eps,
                 &mut head_norm,
             );
+            let how = layer_scores(gemma, l, hd);
 
             // Attention over the cached positions and this one (still in `k`, `v`).
             {
@@ -931,7 +1092,7 @@ impl QuantLlama {
                         pos,
                         values,
                         [&k[new.clone()], &v[new]],
-                        scale,
+                        how,
                         &mut scores,
                         &mut slot[r],
                     );
@@ -958,6 +1119,10 @@ impl QuantLlama {
                 c.wo.taken_by(th).map(|i| piece(wo.rows(), threads, i))
             });
             phase += 1;
+            if let Some(n) = &l.post_attn_norm {
+                post.copy_from_slice(&h);
+                rms_norm(&post, &n.v, self.eps, &mut h);
+            }
             x.iter_mut().zip(&h).for_each(|(x, h)| *x += h);
 
             // The MLP: gate and up for the same rows, so each piece applies SwiGLU to its own.
@@ -972,7 +1137,11 @@ impl QuantLlama {
                     u.resize(r.len(), 0.0);
                     gate.matmul_rows(&mut input, &h, 1, r.clone(), &mut g, path)?;
                     up.matmul_rows(&mut input, &h, 1, r.clone(), &mut u, path)?;
-                    cpu_ops::swiglu(&g, &u, &mut slot[r]);
+                    if gemma.is_some() {
+                        cpu_ops::geglu(&g, &u, &mut slot[r]);
+                    } else {
+                        cpu_ops::swiglu(&g, &u, &mut slot[r]);
+                    }
                 }
             }
             let down = studio(&l.down)?;
@@ -998,6 +1167,10 @@ impl QuantLlama {
                 c.down.taken_by(th).map(|i| piece(down.rows(), threads, i))
             });
             phase += 1;
+            if let Some(n) = &l.post_ffw_norm {
+                post.copy_from_slice(&h);
+                rms_norm(&post, &n.v, self.eps, &mut h);
+            }
             x.iter_mut().zip(&h).for_each(|(x, h)| *x += h);
         }
         rms_norm(&x, &self.norm.v, self.eps, &mut h);
