@@ -258,8 +258,11 @@ fn iq4nl_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize)
     let table = iq4_table();
     let mut acc = [_mm256_setzero_ps(); MR];
     let mut d: [&[f32]; MR] = [&[]; MR];
+    // The rows' slices once per call (not per block: each is a bounds-checked computation).
+    let mut qs: [&[i8]; MR] = [&[]; MR];
     for i in 0..MR {
         d[i] = act.d_row(i0 + i);
+        qs[i] = act.qs_row(i0 + i);
     }
     for (b, blk) in row.as_chunks::<18>().0.iter().enumerate() {
         prefetch(row, b * 18 + pf);
@@ -267,7 +270,7 @@ fn iq4nl_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize)
         let aw = _mm256_abs_epi8(w);
         let dw = half(blk, 0);
         for i in 0..MR {
-            let a = ld256_i8(act.qs_row(i0 + i), b * 32);
+            let a = ld256_i8(qs[i], b * 32);
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
             let s = _mm256_set1_ps(dw * d[i][b]);
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
@@ -290,8 +293,11 @@ fn iq4xs_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize)
     let table = iq4_table();
     let mut acc = [_mm256_setzero_ps(); MR];
     let mut d: [&[f32]; MR] = [&[]; MR];
+    // The rows' slices once per call (not per block: each is a bounds-checked computation).
+    let mut qs: [&[i8]; MR] = [&[]; MR];
     for i in 0..MR {
         d[i] = act.d_row(i0 + i);
+        qs[i] = act.qs_row(i0 + i);
     }
     for (s, blk) in row.as_chunks::<136>().0.iter().enumerate() {
         for line in [0, 64, 128] {
@@ -304,7 +310,7 @@ fn iq4xs_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize)
             let dl = dw * super::scalar::iq4xs_scale(blk, ib) as f32;
             let b = s * 8 + ib;
             for i in 0..MR {
-                let a = ld256_i8(act.qs_row(i0 + i), b * 32);
+                let a = ld256_i8(qs[i], b * 32);
                 let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
                 let sc = _mm256_set1_ps(dl * d[i][b]);
                 acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sc, acc[i]);
@@ -332,6 +338,11 @@ fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
     let lo_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     let hi_idx = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
     let mut acc = [_mm256_setzero_ps(); MR];
+    // The rows' slices once per call (not per group: each is a bounds-checked computation).
+    let mut rows: [(&[i8], &[f32], &[f32]); MR] = [(&[], &[], &[]); MR];
+    for (i, r) in rows.iter_mut().enumerate() {
+        *r = (act.qs_row(i0 + i), act.d_row(i0 + i), act.corr_row(i0 + i));
+    }
     for g in 0..full + usize::from(tail > 0) {
         prefetch(row, g * 72 + pf);
         let (src, at): (&[u8], usize) = if g < full {
@@ -359,10 +370,10 @@ fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
         let dw01 = _mm256_permutevar8x32_ps(d4, lo_idx);
         let dw23 = _mm256_permutevar8x32_ps(d4, hi_idx);
         for i in 0..MR {
-            let qs = act.qs_row(i0 + i);
+            let (qs, d, corr) = rows[i];
             let a = g * 128;
-            let da = _mm256_castps128_ps256(ld128_ps(act.d_row(i0 + i), g * 4));
-            let c = _mm256_castps128_ps256(ld128_ps(act.corr_row(i0 + i), g * 4));
+            let da = _mm256_castps128_ps256(ld128_ps(d, g * 4));
+            let c = _mm256_castps128_ps256(ld128_ps(corr, g * 4));
             let p01 = _mm256_madd_epi16(
                 _mm256_add_epi16(
                     _mm256_maddubs_epi16(lo01, ld256_i8(qs, a)),
@@ -408,8 +419,11 @@ fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
     // reload per block).
     let mut acc = [_mm256_setzero_ps(); MR];
     let mut d: [&[f32]; MR] = [&[]; MR];
+    // The rows' slices once per call (not per block: each is a bounds-checked computation).
+    let mut qs: [&[i8]; MR] = [&[]; MR];
     for i in 0..MR {
         d[i] = act.d_row(i0 + i);
+        qs[i] = act.qs_row(i0 + i);
     }
     for (b, blk) in row.as_chunks::<34>().0.iter().enumerate() {
         prefetch(row, b * 34 + pf);
@@ -419,7 +433,7 @@ fn q8_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
             i16::from_le_bytes([blk[0], blk[1]]),
         ))));
         for i in 0..MR {
-            let a = ld256_i8(act.qs_row(i0 + i), b * 32);
+            let a = ld256_i8(qs[i], b * 32);
             let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
             let s = _mm256_set1_ps(dw * d[i][b]);
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
@@ -484,9 +498,11 @@ macro_rules! block32_tile {
             let mut fix = [0f32; MR];
             let mut d: [&[f32]; MR] = [&[]; MR];
             let mut corr: [&[f32]; MR] = [&[]; MR];
+            let mut qs: [&[i8]; MR] = [&[]; MR];
             for i in 0..MR {
                 d[i] = act.d_row(i0 + i);
                 corr[i] = act.corr_row(i0 + i);
+                qs[i] = act.qs_row(i0 + i);
             }
             for (b, blk) in row.chunks_exact($bytes).enumerate() {
                 prefetch(row, b * $bytes + pf);
@@ -502,7 +518,7 @@ macro_rules! block32_tile {
                     -dw
                 };
                 for i in 0..MR {
-                    let a = ld256_i8(act.qs_row(i0 + i), b * 32);
+                    let a = ld256_i8(qs[i], b * 32);
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(v, a), ones);
                     let s = _mm256_set1_ps(dw * d[i][b]);
                     acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
