@@ -8,10 +8,11 @@
 //!   for the 32-block formats and IQ4_XS, Q8_K-style super-blocks of 256 for the other K-quants; F16/BF16 use the f32
 //!   activations as they are) into a per-thread scratch buffer reused between calls, then:
 //!   - decode (M < 16): register tiles of 1 × 4 weight rows, 4 × 4 for 4 ≤ M < 16, each
-//!     weight block decoded once per tile. On the AVX-512 path the weights are stored as
-//!     [`WeightLayout::Tiles4`] (reordered in place on load), so a tile reads its 4 rows as one
-//!     stream that the hardware prefetchers follow; in file order (other paths, rows that
-//!     are not whole tile steps) a software prefetch sweeps the next tile's rows;
+//!     weight block decoded once per tile. On the AVX-512 path (and for Q4_0 on the AVX2 path)
+//!     the weights are stored as [`WeightLayout::Tiles4`] (reordered in place on load), so a
+//!     tile reads its 4 rows as one stream that the hardware prefetchers follow; in file order
+//!     (other paths, rows that are not whole tile steps) a software prefetch sweeps the next
+//!     tile's rows;
 //!   - prefill (M ≥ 16, AVX-512): 16 weight rows at a time are unpacked into a panel (a
 //!     per-thread buffer) where one 64-byte vector holds 4 consecutive values of 16 rows, so
 //!     one `vpdpbusd` with 4 broadcast activation bytes advances 16 outputs; the panel is built
@@ -548,13 +549,14 @@ pub enum WeightLayout {
 }
 
 impl WeightLayout {
-    /// The layout this CPU's fastest kernels read in place: `Tiles4` for the AVX-512 decode
-    /// tiles and prefill panels, file order for the AVX2 and scalar paths.
-    fn for_this_cpu() -> Self {
-        if KernelPath::detect() == KernelPath::Avx512Vnni {
-            WeightLayout::Tiles4
-        } else {
-            WeightLayout::Natural
+    /// The layout this CPU's fastest kernels read `format` in place: `Tiles4` for the AVX-512
+    /// decode tiles and prefill panels, and for the AVX2 Q4_0 decode tiles (whose 4 block
+    /// scales a unit keeps together); file order otherwise.
+    fn for_this_cpu(format: QuantFormat) -> Self {
+        match KernelPath::detect() {
+            KernelPath::Avx512Vnni => WeightLayout::Tiles4,
+            KernelPath::Avx2 if format == QuantFormat::Q4_0 => WeightLayout::Tiles4,
+            _ => WeightLayout::Natural,
         }
     }
 }
@@ -574,7 +576,8 @@ impl fmt::Debug for QWeight {
 impl QWeight {
     /// A weight from its raw file bytes (row-major, `rows` rows of `cols` values each),
     /// stored as this CPU's fastest kernels read it: [`WeightLayout::Tiles4`] on the AVX-512
-    /// path (the AVX2 and scalar paths gather rows back into file order).
+    /// path and for Q4_0 on the AVX2 path (the other kernels gather rows back into file
+    /// order).
     ///
     /// Errors name the tensor when `cols` is not a multiple of the format's block or the
     /// byte count does not match the shape.
@@ -585,7 +588,14 @@ impl QWeight {
         cols: usize,
         data: Vec<u8>,
     ) -> Result<Self> {
-        Self::from_bytes_in(name, format, rows, cols, data, WeightLayout::for_this_cpu())
+        Self::from_bytes_in(
+            name,
+            format,
+            rows,
+            cols,
+            data,
+            WeightLayout::for_this_cpu(format),
+        )
     }
 
     /// As [`QWeight::from_bytes`], stored in `layout` (see [`QWeight::with_layout`]).
@@ -685,7 +695,9 @@ impl QWeight {
     /// A weight from a candle `QTensor` of shape `[rows, cols]` (its bytes are copied once),
     /// stored as [`QWeight::from_bytes`] stores it.
     pub fn from_qtensor(name: &str, tensor: &QTensor) -> Result<Self> {
-        Self::from_qtensor_in(name, tensor, WeightLayout::for_this_cpu())
+        let layout = QuantFormat::from_ggml(tensor.dtype())
+            .map_or(WeightLayout::Natural, WeightLayout::for_this_cpu);
+        Self::from_qtensor_in(name, tensor, layout)
     }
 
     /// As [`QWeight::from_qtensor`], stored in `layout`.
@@ -753,7 +765,8 @@ impl QWeight {
     }
 
     /// Rows `rows` in file order: borrowed when stored so, else gathered once (what the
-    /// kernels without tile-order reads work from: the AVX2 and scalar paths).
+    /// kernels without tile-order reads work from: the scalar path, the AVX2 path but for Q4_0
+    /// decode).
     pub(crate) fn rows_view(&self, rows: std::ops::Range<usize>) -> RowsView<'_> {
         let rb = self.row_bytes();
         let bytes = if rows.start >= self.tiled_rows() {

@@ -201,6 +201,7 @@ fn chunk_inner(
     out: &mut OutChunk,
 ) {
     match w.format() {
+        QuantFormat::Q4_0 if m < 4 && w.tiled_rows() > 0 => q4_0_tiled_decode(w, act, m, cols, out),
         QuantFormat::Q4_0 => drive!(q4_0_tile, w, act, m, cols, out),
         QuantFormat::Q8_0 => drive!(q8_0_tile, w, act, m, cols, out),
         QuantFormat::Q4_1 => drive!(q4_1_tile, w, act, m, cols, out),
@@ -403,6 +404,109 @@ fn q4_0_tile<const MR: usize>(wr: &[&[u8]; 1], act: &Act, i0: usize, pf: usize) 
         }
     }
     let mut r = [0f32; MR];
+    for (o, a) in r.iter_mut().zip(acc) {
+        *o = hsum(a);
+    }
+    r
+}
+
+/// Q4_0 decode (`m` < 4) on a [`WeightLayout::Tiles4`](super::WeightLayout) weight: whole
+/// runs of 4 rows through [`q4_0_tile4`], the rows at the edges of `cols` (or past the last
+/// whole run) through [`q4_0_tile`] in file order. Every output is computed as `q4_0_tile`
+/// computes it.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_0_tiled_decode(w: &QWeight, act: &Act, m: usize, cols: Range<usize>, out: &mut OutChunk) {
+    let rb = w.row_bytes();
+    let first = cols.start.next_multiple_of(4).min(cols.end);
+    let last = (cols.end.min(w.tiled_rows()) / 4 * 4).max(first);
+    let edge = |range: Range<usize>, out: &mut OutChunk| {
+        if range.is_empty() {
+            return;
+        }
+        let rows = w.rows_view(range.clone());
+        for j in range {
+            for i in 0..m {
+                out.set(i, j, q4_0_tile::<1>(&[rows.row(j)], act, i, rb)[0]);
+            }
+        }
+    };
+    edge(cols.start..first, out);
+    for j in (first..last).step_by(4) {
+        // The 4 rows' bytes in the tiles' order: units of 72 bytes (4 block scales, then
+        // the 4 blocks' 16 quant bytes), unit g of rows j..j + 4 side by side.
+        let tile = w.rows_bytes(j..j + 4);
+        for i in 0..m {
+            for (dj, &v) in q4_0_tile4(tile, act, i, 4 * rb).iter().enumerate() {
+                out.set(i, j + dj, v);
+            }
+        }
+    }
+    edge(last..cols.end, out);
+}
+
+/// Q4_0 decode over one run of 4 interleaved rows (`tile`, see [`q4_0_tiled_decode`]) for
+/// activation row `i`: each group's activations loaded and spread once for the 4 rows, each
+/// unit's 4 scales converted from one 8-byte load.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_0_tile4(tile: &[u8], act: &Act, i: usize, pf: usize) -> [f32; 4] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let lo_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    let hi_idx = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    let (qs, d, corr) = (act.qs_row(i), act.d_row(i), act.corr_row(i));
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for g in 0..tile.len() / 288 {
+        for line in (0..288).step_by(64) {
+            prefetch(tile, g * 288 + line + pf);
+        }
+        let a = g * 128;
+        let (a0, a1, a2, a3) = (
+            ld256_i8(qs, a),
+            ld256_i8(qs, a + 32),
+            ld256_i8(qs, a + 64),
+            ld256_i8(qs, a + 96),
+        );
+        let da = _mm256_castps128_ps256(ld128_ps(d, g * 4));
+        let c = _mm256_castps128_ps256(ld128_ps(corr, g * 4));
+        let (da01, da23) = (
+            _mm256_permutevar8x32_ps(da, lo_idx),
+            _mm256_permutevar8x32_ps(da, hi_idx),
+        );
+        let (c01, c23) = (
+            _mm256_permutevar8x32_ps(c, lo_idx),
+            _mm256_permutevar8x32_ps(c, hi_idx),
+        );
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let u = (g * 4 + r) * 72;
+            let scales = i64::from_le_bytes(tile[u..u + 8].try_into().unwrap_or([0; 8]));
+            let d4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi64_si128(scales)));
+            let (x01, x23) = (ld256(tile, u + 8), ld256(tile, u + 40));
+            let lo01 = _mm256_and_si256(x01, m4);
+            let hi01 = _mm256_and_si256(_mm256_srli_epi16::<4>(x01), m4);
+            let lo23 = _mm256_and_si256(x23, m4);
+            let hi23 = _mm256_and_si256(_mm256_srli_epi16::<4>(x23), m4);
+            let p01 = _mm256_madd_epi16(
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo01, a0),
+                    _mm256_maddubs_epi16(hi01, a2),
+                ),
+                ones,
+            );
+            let p23 = _mm256_madd_epi16(
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo23, a1),
+                    _mm256_maddubs_epi16(hi23, a3),
+                ),
+                ones,
+            );
+            let t01 = _mm256_fmsub_ps(_mm256_cvtepi32_ps(p01), da01, c01);
+            let t23 = _mm256_fmsub_ps(_mm256_cvtepi32_ps(p23), da23, c23);
+            *acc = _mm256_fmadd_ps(t01, _mm256_permutevar8x32_ps(d4, lo_idx), *acc);
+            *acc = _mm256_fmadd_ps(t23, _mm256_permutevar8x32_ps(d4, hi_idx), *acc);
+        }
+    }
+    let mut r = [0f32; 4];
     for (o, a) in r.iter_mut().zip(acc) {
         *o = hsum(a);
     }
