@@ -343,22 +343,7 @@ fn iq4_files_match_candle_on_their_dequantized_weights() {
         };
         // The reference is F32: candle's model runs it.
         let (mut ours, mut theirs) = (load(&iq_path), load(&ref_path));
-        let (ours, theirs) = (ours.model.as_mut(), theirs.model.as_mut());
-        let mut tokens = PROMPT.to_vec();
-        let (mut max_diff, mut same) = (0.0f32, 0usize);
-        let logits = |t: Tensor| t.flatten_all().and_then(|t| t.to_vec1()).expect("logits");
-        let mut a = logits(ours.forward_last(&tokens, 0).expect("prefill"));
-        let mut b = logits(theirs.forward_last(&tokens, 0).expect("prefill"));
-        for _ in 0..16 {
-            max_diff = max_diff.max(rel_diff(&b, &a));
-            let want = argmax(&b);
-            same += usize::from(argmax(&a) == want);
-            let pos = tokens.len();
-            tokens.push(want);
-            a = logits(ours.forward_last(&[want], pos).expect("step"));
-            b = logits(theirs.forward_last(&[want], pos).expect("step"));
-        }
-        let rate = same as f32 / 16.0;
+        let (max_diff, rate) = teacher_forced_agreement(ours.model.as_mut(), theirs.model.as_mut());
         report.push(format!(
             "{family} IQ4_XS/IQ4_NL: max relative logit difference {max_diff:.1e}, greedy \
              agreement {rate:.2}"
@@ -373,6 +358,11 @@ fn iq4_files_match_candle_on_their_dequantized_weights() {
 /// greedy continuation of `b`: the largest relative difference over 16 steps after
 /// [`PROMPT`].
 fn teacher_forced_pair(a: &mut dyn CausalLm, b: &mut dyn CausalLm) -> f32 {
+    teacher_forced_agreement(a, b).0
+}
+
+/// As [`teacher_forced_pair`], with the share of the 16 steps where `a`'s greedy token is `b`'s.
+fn teacher_forced_agreement(a: &mut dyn CausalLm, b: &mut dyn CausalLm) -> (f32, f32) {
     a.clear_kv_cache();
     b.clear_kv_cache();
     let logits =
@@ -380,16 +370,17 @@ fn teacher_forced_pair(a: &mut dyn CausalLm, b: &mut dyn CausalLm) -> f32 {
     let mut tokens = PROMPT.to_vec();
     let mut x = logits(a.forward_last(&tokens, 0).expect("prefill"));
     let mut y = logits(b.forward_last(&tokens, 0).expect("prefill"));
-    let mut max_diff = 0f32;
+    let (mut max_diff, mut same) = (0f32, 0usize);
     for _ in 0..16 {
         max_diff = max_diff.max(rel_diff(&y, &x));
         let next = argmax(&y);
+        same += usize::from(argmax(&x) == next);
         let pos = tokens.len();
         tokens.push(next);
         x = logits(a.forward_last(&[next], pos).expect("step"));
         y = logits(b.forward_last(&[next], pos).expect("step"));
     }
-    max_diff
+    (max_diff, same as f32 / 16.0)
 }
 
 /// Phi-3's long-rope scaling, applied as llama.cpp applies it: `rope_factors_short/long.weight`

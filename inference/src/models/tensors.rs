@@ -12,7 +12,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::error::{Error, Result};
-use crate::quant::{QWeight, QuantFormat, WeightLayout};
+use crate::quant::{QWeight, QuantFormat};
 
 /// ggml's type id of F32.
 const F32_TYPE: u32 = 0;
@@ -187,15 +187,20 @@ impl TensorData {
         };
         let cols = self.dims.last().copied().unwrap_or(0);
         let rows = self.dims.iter().rev().skip(1).product::<usize>();
-        let w = QWeight::from_bytes_in(
-            &self.name,
-            format,
-            rows,
-            cols,
-            self.bytes.clone(),
-            WeightLayout::Natural,
-        )?;
-        Ok(w.dequantize())
+        let expected = data_bytes(self.ggml_type, &self.dims);
+        if cols == 0 || expected != Some(self.bytes.len() as u64) {
+            return Err(Error::BadQuantTensor {
+                name: self.name.clone(),
+                message: format!(
+                    "{format} dims {:?} do not match its {} bytes",
+                    self.dims,
+                    self.bytes.len()
+                ),
+            });
+        }
+        let values = crate::quant::dequantize_rows(format, cols, &self.bytes);
+        debug_assert_eq!(values.len(), rows * cols);
+        Ok(values)
     }
 
     /// The data as a 2-D Studio weight (stored as this CPU's kernels read it).

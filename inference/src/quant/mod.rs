@@ -599,7 +599,7 @@ impl QWeight {
     }
 
     /// As [`QWeight::from_bytes`], stored in `layout` (see [`QWeight::with_layout`]).
-    pub(crate) fn from_bytes_in(
+    fn from_bytes_in(
         name: &str,
         format: QuantFormat,
         rows: usize,
@@ -969,6 +969,21 @@ pub fn has_kernel(format: QuantFormat, path: KernelPath) -> bool {
 ///   scalar kernels.
 pub fn preferred(format: QuantFormat, path: KernelPath) -> bool {
     has_kernel(format, path) && (cfg!(target_arch = "x86_64") || format.to_ggml().is_none())
+}
+
+/// `bytes` (whole rows of `cols` values in `format`, file order) as f32, read in place: what
+/// the loaders make of norms, biases and dense tables.
+pub(crate) fn dequantize_rows(format: QuantFormat, cols: usize, bytes: &[u8]) -> Vec<f32> {
+    let rb = cols / format.block_size() * format.block_bytes();
+    let rows = bytes.len().checked_div(rb).unwrap_or(0);
+    let mut out = vec![0f32; rows * cols];
+    for (row, dst) in bytes
+        .chunks_exact(rb.max(1))
+        .zip(out.chunks_exact_mut(cols.max(1)))
+    {
+        scalar::dequantize_row(format, row, dst);
+    }
+    out
 }
 
 /// The activations of `x` (`m × k`) after the 8-bit quantization the kernels apply for
