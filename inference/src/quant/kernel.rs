@@ -109,6 +109,16 @@ fn plan(format: QuantFormat, path: KernelPath, m: usize) -> Option<(Layout, f32,
         };
         return Some((Layout::Natural32, off, 1.0));
     }
+    #[cfg(target_arch = "x86_64")]
+    if path == KernelPath::Avx2 && super::x86_avx2_panel::use_panel(format, m) {
+        // Unsigned panels apply the offset or min with `corr` in the 2 lanes of a row;
+        // signed ones need no correction.
+        return Some(if super::x86_avx2_panel::unsigned(format) {
+            (Layout::Natural32, 1.0, 2.0)
+        } else {
+            (Layout::Natural32, 0.0, 1.0)
+        });
+    }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = m;
     Some(match (format, path) {
@@ -284,6 +294,10 @@ fn run_chunk(
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx512Vnni if super::x86_avx512::has_format(w.format(), m) => {
             super::x86_avx512::chunk(w, act, x, m, cols, out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 if super::x86_avx2_panel::use_panel(w.format(), m) => {
+            super::x86_avx2_panel::chunk(w, act, m, cols, out);
         }
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx512Vnni | KernelPath::Avx2 => {

@@ -21,9 +21,10 @@
 //!   The output columns are split across rayon's pool (the same pool, and so the same
 //!   `RAYON_NUM_THREADS`, as candle's own kernels); no heap allocation in steady state.
 //! - [`KernelPath`] picks the instruction set: AVX-512 with VNNI (and VBMI for the byte
-//!   permutes) or AVX2 + FMA + F16C (register tiles only, no prefill panels), each for every
-//!   format (Q2_K, Q3_K, IQ4_NL and IQ4_XS run the AVX2 kernels on the AVX-512 path), or the portable scalar
-//!   code. [`KernelPath::detect`] is the best the CPU offers, or the one [`CPU_PATH_ENV`]
+//!   permutes) or AVX2 + FMA + F16C (register tiles; prompts of 16 rows or more on the
+//!   32-block formats use panels of 4 transposed weight rows, `x86_avx2_panel.rs`), each for
+//!   every format (Q2_K, Q3_K, and IQ4_NL/IQ4_XS decode run the AVX2 kernels on the AVX-512
+//!   path), or the portable scalar code. [`KernelPath::detect`] is the best the CPU offers, or the one [`CPU_PATH_ENV`]
 //!   forces; [`QWeight::matmul_with`] picks one per call (tests run every path the machine
 //!   has).
 //!
@@ -37,6 +38,8 @@ mod scalar;
 pub mod team;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx2;
+#[cfg(target_arch = "x86_64")]
+mod x86_avx2_panel;
 #[cfg(target_arch = "x86_64")]
 mod x86_avx512;
 #[cfg(target_arch = "x86_64")]

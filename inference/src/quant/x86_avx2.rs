@@ -98,8 +98,8 @@ macro_rules! drive {
 // (M < 4: one activation row at a time) or `$bat` with 4 activation rows per tile, then single
 // weight rows at the chunk's edge.
 macro_rules! drive_tiles {
-    ($tile:ident, $dec:literal, $bat:literal, $w:expr, $act:expr, $x:expr, $m:expr, $cols:expr,
-     $out:expr) => {{
+    ($tile:ident, $dec:literal, $bat:literal, $big:literal, $w:expr, $act:expr, $x:expr, $m:expr,
+     $cols:expr, $out:expr) => {{
         let (w, act, x, m, cols, out): (
             &QWeight,
             &Act,
@@ -131,14 +131,14 @@ macro_rules! drive_tiles {
                     *row = rows.row(j + r);
                 }
                 let mut i = 0;
-                while i + 8 <= m {
-                    let r = $tile::<8, $bat>(&wr, act, x, i, $bat * rb);
+                while i + $big <= m {
+                    let r = $tile::<$big, $bat>(&wr, act, x, i, $bat * rb);
                     for (di, row) in r.iter().enumerate() {
                         for (dj, &v) in row.iter().enumerate() {
                             out.set(i + di, j + dj, v);
                         }
                     }
-                    i += 8;
+                    i += $big;
                 }
                 while i + 4 <= m {
                     let r = $tile::<4, $bat>(&wr, act, x, i, $bat * rb);
@@ -207,13 +207,13 @@ fn chunk_inner(
         QuantFormat::Q4_1 => drive!(q4_1_tile, w, act, m, cols, out),
         QuantFormat::Q5_0 => drive!(q5_0_tile, w, act, m, cols, out),
         QuantFormat::Q5_1 => drive!(q5_1_tile, w, act, m, cols, out),
-        QuantFormat::Q2K => drive_tiles!(q2k_tile, 2, 2, w, act, x, m, cols, out),
-        QuantFormat::Q3K => drive_tiles!(q3k_tile, 2, 1, w, act, x, m, cols, out),
-        QuantFormat::Q4K => drive_tiles!(q4k_tile, 2, 2, w, act, x, m, cols, out),
-        QuantFormat::Q5K => drive_tiles!(q5k_tile, 2, 1, w, act, x, m, cols, out),
-        QuantFormat::Q6K => drive_tiles!(q6k_tile, 2, 1, w, act, x, m, cols, out),
-        QuantFormat::F16 => drive_tiles!(f16_tile, 4, 2, w, act, x, m, cols, out),
-        QuantFormat::BF16 => drive_tiles!(bf16_tile, 4, 2, w, act, x, m, cols, out),
+        QuantFormat::Q2K => drive_tiles!(q2k_tile, 2, 2, 8, w, act, x, m, cols, out),
+        QuantFormat::Q3K => drive_tiles!(q3k_tile, 2, 1, 8, w, act, x, m, cols, out),
+        QuantFormat::Q4K => drive_tiles!(q4k_tile, 2, 2, 8, w, act, x, m, cols, out),
+        QuantFormat::Q5K => drive_tiles!(q5k_tile, 2, 1, 8, w, act, x, m, cols, out),
+        QuantFormat::Q6K => drive_tiles!(q6k_tile, 2, 1, 8, w, act, x, m, cols, out),
+        QuantFormat::F16 => drive_tiles!(f16_tile, 4, 3, 4, w, act, x, m, cols, out),
+        QuantFormat::BF16 => drive_tiles!(bf16_tile, 4, 3, 4, w, act, x, m, cols, out),
         QuantFormat::IQ4NL => drive!(iq4nl_tile, w, act, m, cols, out),
         QuantFormat::IQ4XS => drive!(iq4xs_tile, w, act, m, cols, out),
     }
@@ -222,7 +222,7 @@ fn chunk_inner(
 /// [`IQ4_VALUES`](super::IQ4_VALUES) in both 128-bit lanes, for `vpshufb` lookups.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn iq4_table() -> __m256i {
+pub(super) fn iq4_table() -> __m256i {
     let t = super::IQ4_VALUES.map(|v| v as u8);
     _mm256_broadcastsi128_si256(ld128(&t, 0))
 }
@@ -232,7 +232,7 @@ fn iq4_table() -> __m256i {
 /// up in `table` ([`iq4_table`]).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn iq4_block(b: &[u8], at: usize, table: __m256i) -> __m256i {
+pub(super) fn iq4_block(b: &[u8], at: usize, table: __m256i) -> __m256i {
     let q = ld128(b, at);
     let nib = _mm256_and_si256(
         _mm256_set_m128i(_mm_srli_epi16::<4>(q), q),
@@ -245,7 +245,7 @@ fn iq4_block(b: &[u8], at: usize, table: __m256i) -> __m256i {
 /// call, which cost a fifth of an IQ4_NL decode step where it ran once per block).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn half(b: &[u8], at: usize) -> f32 {
+pub(super) fn half(b: &[u8], at: usize) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(half_bits(b, at)))))
 }
 
@@ -572,7 +572,7 @@ fn fifth_bits(qh: u32) -> __m256i {
 /// 0–15, high nibbles 16–31), with the fifth bits when `qh_at` is set.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn nibbles(b: &[u8], qs_at: usize, qh_at: Option<usize>) -> __m256i {
+pub(super) fn nibbles(b: &[u8], qs_at: usize, qh_at: Option<usize>) -> __m256i {
     let m4 = _mm_set1_epi8(0x0F);
     let x = ld128(b, qs_at);
     let v = _mm256_set_m128i(
