@@ -52,8 +52,10 @@ fn grow<T: Copy + Default>(v: &mut Vec<T>, len: usize) {
 /// even (as ggml's SIMD quantizers do), which keeps the loop vectorizable.
 fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        return super::x86_avx512::quantize_block(x, q);
+    match simd() {
+        Simd::Avx512 => return super::x86_avx512::quantize_block(x, q),
+        Simd::Avx2 => return super::x86_avx2::quantize_block(x, q),
+        Simd::None => {}
     }
     quantize_block_scalar(x, q)
 }
@@ -70,11 +72,28 @@ fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> (f32, i32) {
     (d, sum)
 }
 
-/// Whether the AVX-512 quantizer can run (detected once).
+/// The SIMD quantizers (bit-identical to the portable one).
 #[cfg(target_arch = "x86_64")]
-fn simd() -> bool {
-    static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SIMD.get_or_init(|| super::KernelPath::Avx512Vnni.available())
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Simd {
+    Avx512,
+    Avx2,
+    None,
+}
+
+/// The fastest quantizer this CPU (or the forced path) can run, detected once.
+#[cfg(target_arch = "x86_64")]
+fn simd() -> Simd {
+    static SIMD: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *SIMD.get_or_init(|| {
+        if super::KernelPath::Avx512Vnni.available() {
+            Simd::Avx512
+        } else if super::KernelPath::Avx2.available() {
+            Simd::Avx2
+        } else {
+            Simd::None
+        }
+    })
 }
 
 impl Act {
@@ -196,13 +215,13 @@ pub(crate) fn round_trip(format: QuantFormat, x: &[f32], k: usize) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    /// The AVX-512 quantizer is bit-identical to the portable one (ties included).
+    /// The AVX-512 and AVX2 quantizers are bit-identical to the portable one (ties included),
+    /// each checked where the CPU (or the forced path) has it.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn simd_quantizer_equals_scalar() {
-        if !super::simd() {
-            return;
-        }
+        use super::super::KernelPath;
+        type Quantizer = fn(&[f32], &mut [i8]) -> (f32, i32);
         let mut x: Vec<f32> = (0..256)
             .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
             .collect();
@@ -211,12 +230,29 @@ mod tests {
         for (i, v) in x.iter_mut().enumerate().skip(1).take(40) {
             *v = i as f32 - 20.5;
         }
-        for len in [32, 256] {
-            let (mut a, mut b) = (vec![0i8; len], vec![0i8; len]);
-            let ra = super::quantize_block_scalar(&x[..len], &mut a);
-            let rb = super::quantize_block(&x[..len], &mut b);
-            assert_eq!(ra, rb);
-            assert_eq!(a, b);
+        let quantizers: [(KernelPath, Quantizer); 2] = [
+            (
+                KernelPath::Avx512Vnni,
+                super::super::x86_avx512::quantize_block,
+            ),
+            (KernelPath::Avx2, super::super::x86_avx2::quantize_block),
+        ];
+        for (path, quantize) in quantizers {
+            if !path.available() {
+                eprintln!("skipped: the {path} quantizer (this CPU or STUDIO_CPU_PATH lacks it)");
+                continue;
+            }
+            for len in [32, 256] {
+                let (mut a, mut b) = (vec![0i8; len], vec![0i8; len]);
+                let ra = super::quantize_block_scalar(&x[..len], &mut a);
+                let rb = quantize(&x[..len], &mut b);
+                assert_eq!(ra, rb, "{path}");
+                assert_eq!(a, b, "{path}");
+            }
+            // All zeros: d = 0, every value 0.
+            let mut z = [1i8; 32];
+            assert_eq!(quantize(&[0.0; 32], &mut z), (0.0, 0), "{path}");
+            assert_eq!(z, [0; 32], "{path}");
         }
     }
 }

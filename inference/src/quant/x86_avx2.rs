@@ -14,19 +14,23 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m128i, __m256, __m256i, _mm_add_ps, _mm_and_si128, _mm_cvtepu8_epi16, _mm_cvtph_ps,
-    _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtss_f32, _mm_hadd_ps, _mm_movehdup_ps,
-    _mm_set_epi16, _mm_set_epi32, _mm_set1_epi8, _mm_srli_epi16, _mm_sub_epi8, _mm_unpackhi_epi16,
-    _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16, _mm256_add_epi32, _mm256_and_si256,
-    _mm256_broadcastsi128_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
-    _mm256_castsi256_ps, _mm256_cmpeq_epi8, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps,
-    _mm256_cvtepu8_epi16, _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_extractf128_ps,
-    _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps, _mm256_loadu_ps, _mm256_loadu_si256,
-    _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_or_si256, _mm256_permute2x128_si256,
-    _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8, _mm256_set1_epi16,
-    _mm256_set1_epi32, _mm256_set1_epi64x, _mm256_set1_ps, _mm256_setr_epi32, _mm256_setr_epi64x,
-    _mm256_setzero_ps, _mm256_setzero_si256, _mm256_shuffle_epi8, _mm256_sign_epi8,
-    _mm256_slli_epi16, _mm256_slli_epi32, _mm256_srl_epi16, _mm256_srli_epi16, _mm256_sub_epi32,
+    __m128i, __m256, __m256i, _mm_add_epi32, _mm_add_ps, _mm_and_si128, _mm_cvtepu8_epi16,
+    _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtsi64_si128, _mm_cvtsi128_si32, _mm_cvtss_f32,
+    _mm_hadd_ps, _mm_max_ps, _mm_max_ss, _mm_movehdup_ps, _mm_movehl_ps, _mm_set_epi16,
+    _mm_set_epi32, _mm_set1_epi8, _mm_shuffle_epi32, _mm_srli_epi16, _mm_sub_epi8,
+    _mm_unpackhi_epi16, _mm_unpackhi_epi64, _mm_unpacklo_epi16, _mm256_abs_epi8, _mm256_add_epi16,
+    _mm256_add_epi32, _mm256_and_ps, _mm256_and_si256, _mm256_broadcastsi128_si256,
+    _mm256_castps128_ps256, _mm256_castps256_ps128, _mm256_castsi256_ps, _mm256_castsi256_si128,
+    _mm256_cmpeq_epi8, _mm256_cvtepi8_epi16, _mm256_cvtepi32_ps, _mm256_cvtepu8_epi16,
+    _mm256_cvtepu16_epi32, _mm256_cvtph_ps, _mm256_cvtps_epi32, _mm256_extractf128_ps,
+    _mm256_extracti128_si256, _mm256_fmadd_ps, _mm256_fmsub_ps, _mm256_fnmadd_ps, _mm256_loadu_ps,
+    _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_max_ps, _mm256_mul_ps,
+    _mm256_or_si256, _mm256_packs_epi16, _mm256_packs_epi32, _mm256_permute2x128_si256,
+    _mm256_permutevar8x32_epi32, _mm256_permutevar8x32_ps, _mm256_set_m128i, _mm256_set1_epi8,
+    _mm256_set1_epi16, _mm256_set1_epi32, _mm256_set1_epi64x, _mm256_set1_ps, _mm256_setr_epi32,
+    _mm256_setr_epi64x, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_shuffle_epi8,
+    _mm256_sign_epi8, _mm256_slli_epi16, _mm256_slli_epi32, _mm256_srl_epi16, _mm256_srli_epi16,
+    _mm256_storeu_si256, _mm256_sub_epi32,
 };
 use std::ops::Range;
 
@@ -1129,3 +1133,62 @@ fn conv_bf16(v: __m128i) -> __m256 {
 
 half_tile!(f16_tile, conv_f16);
 half_tile!(bf16_tile, conv_bf16);
+
+// ---------------------------------------------------------------------------------------------
+// The activation quantizer (bit-identical to `act::quantize_block_scalar`: `vcvtps2dq` rounds
+// to nearest, ties to even, under the default rounding mode).
+
+/// Quantizes `x` (a multiple of 32 values) into `q`: `(d, Σq)`.
+pub(crate) fn quantize_block(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    assert!(
+        super::KernelPath::Avx2.available() && x.len().is_multiple_of(32) && q.len() == x.len()
+    );
+    // SAFETY: the CPU has every feature this function enables (checked above).
+    unsafe { quantize_block_inner(x, q) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+fn quantize_block_inner(x: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let mut m = _mm256_setzero_ps();
+    for c in 0..x.len() / 8 {
+        m = _mm256_max_ps(m, _mm256_and_ps(ld256_ps(x, 8 * c), abs));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let mut sum = _mm256_setzero_si256();
+    // `vpackssdw`/`vpacksswb` work within 128-bit lanes: this puts the 4-byte groups back in
+    // element order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for c in 0..x.len() / 32 {
+        let v: [__m256i; 4] = std::array::from_fn(|u| {
+            _mm256_cvtps_epi32(_mm256_mul_ps(ld256_ps(x, 32 * c + 8 * u), id))
+        });
+        sum = _mm256_add_epi32(
+            sum,
+            _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3])),
+        );
+        let bytes = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(
+                _mm256_packs_epi32(v[0], v[1]),
+                _mm256_packs_epi32(v[2], v[3]),
+            ),
+            order,
+        );
+        let dst = &mut q[32 * c..32 * c + 32];
+        // SAFETY: `dst` is exactly 32 bytes; unaligned store.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), bytes) };
+    }
+    let s4 = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256::<1>(sum),
+    );
+    let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+    (
+        d,
+        _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2))),
+    )
+}
