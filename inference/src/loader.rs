@@ -184,8 +184,35 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         path: index.to_path_buf(),
         message: e.to_string(),
     })?;
+    shard_files(index, parsed.weight_map.values())
+}
+
+/// The shard files a `*.safetensors.index.json` names, beside it. A name that is not a plain
+/// `.safetensors` file name in the index's folder (`../x`, an absolute path, a subfolder, a
+/// pickle) is refused before anything is opened.
+pub(crate) fn shard_files<'a>(
+    index: &Path,
+    names: impl Iterator<Item = &'a String>,
+) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+    let mut files = Vec::new();
+    for name in names {
+        let mut parts = Path::new(name).components();
+        let plain = matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        );
+        if !plain || !name.ends_with(".safetensors") {
+            return Err(Error::CorruptWeights {
+                path: index.to_path_buf(),
+                message: format!(
+                    "the index names `{name}`, which is not a .safetensors file in the \
+                     model's folder; refused"
+                ),
+            });
+        }
+        files.push(dir.join(name));
+    }
     files.sort();
     files.dedup();
     Ok(files)
@@ -366,6 +393,7 @@ fn load_gguf(
             .as_deref()
             .map(|source| {
                 ChatTemplate::new(source, info.bos_token.as_deref(), info.eos_token.as_deref())
+                    .map(|t| t.with_origin(&format!("the chat template in {}", path.display())))
             })
             .transpose(),
     );

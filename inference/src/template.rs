@@ -44,6 +44,14 @@ use crate::error::{Error, Result};
 /// Name the compiled template has inside its environment (shows up in error locations).
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The most instructions one rendering may run (minijinja's fuel): a few hundred per message,
+/// so ample for any real conversation (rendering 4,000 messages takes about a million), while
+/// a runaway loop (`range(100000)` nested) stops within a second.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
+/// The longest rendered prompt (bytes): far beyond any model's context.
+pub const MAX_RENDERED_BYTES: usize = 32 << 20;
+
 /// One message of a conversation as a chat template sees it: `{"role": …, "content": …}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TemplateMessage<'a> {
@@ -75,6 +83,8 @@ impl<'a> TemplateMessage<'a> {
 #[derive(Clone)]
 pub struct ChatTemplate {
     inner: Arc<Inner>,
+    /// Where the template came from, for errors ("the chat template of model.gguf").
+    origin: Arc<str>,
 }
 
 struct Inner {
@@ -124,6 +134,14 @@ impl ChatTemplate {
             clock,
         )
         .expect("the template compiled before")
+        .with_origin(&self.origin)
+    }
+
+    /// The same template, naming `origin` (a file, "the GGUF metadata of …") in its errors.
+    #[must_use]
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        self.origin = origin.into();
+        self
     }
 
     fn build(
@@ -141,6 +159,7 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_formatter(python_formatter);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", move |format: &str| {
@@ -159,6 +178,7 @@ impl ChatTemplate {
                 clock,
                 env,
             }),
+            origin: "the model's chat template".into(),
         })
     }
 
@@ -206,7 +226,8 @@ impl ChatTemplate {
             None
         };
         match source {
-            Some(source) => Self::new(&source, bos.as_deref(), eos.as_deref()).map(Some),
+            Some(source) => Self::new(&source, bos.as_deref(), eos.as_deref())
+                .map(|t| Some(t.with_origin(&format!("the chat template of {}", dir.display())))),
             None => Ok(None),
         }
     }
@@ -239,9 +260,22 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        template
-            .render(Value::from(ctx))
-            .map_err(|e| render_error(&e))
+        let mut out = Capped::default();
+        match template.render_captured_to(Value::from(ctx), &mut out) {
+            Ok(_) => String::from_utf8(out.bytes).map_err(|_| {
+                Error::ChatTemplate(format!("{} rendered invalid UTF-8", self.origin))
+            }),
+            Err(_) if out.over => Err(Error::ChatTemplate(format!(
+                "{} was stopped: it rendered more than {} MiB",
+                self.origin,
+                MAX_RENDERED_BYTES >> 20
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::ChatTemplate(format!(
+                "{} was stopped: it ran more than {TEMPLATE_FUEL} steps (a runaway loop?)",
+                self.origin
+            ))),
+            Err(e) => Err(render_error(&e)),
+        }
     }
 
     /// The template's Jinja text, as given.
@@ -402,6 +436,28 @@ fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Err
         minijinja::Error::new(ErrorKind::InvalidOperation, message.clone())
             .with_source(RaisedByTemplate(message)),
     )
+}
+
+/// The rendered prompt, refusing to grow past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    over: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.over = true;
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn render_error(e: &minijinja::Error) -> Error {

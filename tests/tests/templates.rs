@@ -642,3 +642,70 @@ fn templates_can_move_to_the_worker_thread() {
             .expect("renders")
     );
 }
+
+/// Runaway templates (from a hostile model file) end with a clear error naming where the
+/// template came from, within a bounded time and memory; the process goes on.
+#[test]
+fn runaway_templates_are_stopped_with_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        // Nested loops: 10¹⁰ iterations without the fuel.
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "steps",
+        ),
+        // A huge output: 100 MB strings, many times over.
+        (
+            "{% for a in range(1000) %}{{ 'x' * 100000000 }}{% endfor %}",
+            "MiB",
+        ),
+    ];
+    for (source, expect) in cases {
+        let config = json!({ "chat_template": source, "eos_token": "</s>" });
+        fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).expect("write");
+        let template = ChatTemplate::from_model_dir(dir.path())
+            .expect("compiles")
+            .expect("has a template");
+        let start = std::time::Instant::now();
+        let err = template
+            .render(&[TemplateMessage::user("hi")], true)
+            .expect_err("stopped")
+            .to_string();
+        assert!(err.contains(expect), "{source}: {err}");
+        assert!(
+            err.contains(&dir.path().display().to_string()),
+            "the error names the template's source: {err}"
+        );
+        // Generous: the fuel runs out in well under a second on these machines.
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "{source}: {:?}",
+            start.elapsed()
+        );
+    }
+    // A real conversation of 4,000 messages renders within the fuel.
+    let chatml = ChatTemplate::new(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+        None,
+        None,
+    )
+    .expect("chatml");
+    let texts: Vec<String> = (0..4000).map(|i| format!("message {i}")).collect();
+    let messages: Vec<TemplateMessage> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if i % 2 == 0 {
+                TemplateMessage::user(t)
+            } else {
+                TemplateMessage::assistant(t)
+            }
+        })
+        .collect();
+    let text = chatml.render(&messages, false).expect("renders");
+    assert!(
+        text.ends_with("message 3999<|im_end|>\n"),
+        "{}",
+        &text[text.len() - 40..]
+    );
+}
