@@ -402,3 +402,107 @@ fn crop_fill_and_rgba() {
         RgbImage::new_filled(3, 7, [9, 99, 199])
     );
 }
+
+/// A PNG whose header claims `w × h` grey pixels, with a token of (invalid) image data: what a
+/// decompression bomb looks like before its pixels are read.
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00]);
+    chunk(b"IEND", &[]);
+    out
+}
+
+/// Decompression bombs are refused from the header, before any pixel is decoded: the sizes
+/// the issue found (32000² grey: 10.3 GB before; 16000² RGB) and one past the pixel budget.
+#[test]
+fn image_bombs_are_refused_from_the_header() {
+    for (w, h) in [
+        (32_000, 32_000),
+        (16_384, 16_384),
+        (20_000, 100),
+        (16_000, 9_000),
+    ] {
+        let start = std::time::Instant::now();
+        let err = decode_image_bytes(&png_header_only(w, h))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("too large") && err.contains(&w.to_string()) || err.contains("px a side"),
+            "{w}×{h}: {err}"
+        );
+        assert!(
+            start.elapsed().as_secs() < 5,
+            "{w}×{h} took {:?}",
+            start.elapsed()
+        );
+    }
+    // Within the budget, the same header reaches the decoder (and its data is corrupt).
+    let err = decode_image_bytes(&png_header_only(64, 64))
+        .expect_err("corrupt")
+        .to_string();
+    assert!(err.contains("corrupt or truncated"), "{err}");
+}
+
+/// The downscale averages each output pixel's source area.
+#[test]
+fn area_downscale_averages_source_areas() {
+    let img = RgbImage {
+        width: 4,
+        height: 2,
+        pixels: [
+            [0, 0, 0],
+            [100, 0, 0],
+            [0, 10, 0],
+            [0, 30, 0],
+            [0, 0, 0],
+            [100, 0, 0],
+            [0, 10, 0],
+            [0, 30, 0],
+        ]
+        .concat(),
+    };
+    let d = img.area_downscaled(2, 1);
+    assert_eq!((d.width, d.height), (2, 1));
+    assert_eq!(d.pixels, [50, 0, 0, 0, 20, 0]);
+    // A 3 → 2 column span rounds each output's range and still covers every source column.
+    let d = img.area_downscaled(3, 2);
+    assert_eq!((d.width, d.height, d.pixels.len()), (3, 2, 18));
+}
+
+/// An absurd mask blur is capped at the mask's size instead of sizing a kernel from it.
+#[test]
+fn absurd_mask_blur_is_bounded() {
+    let m = Mask::new_filled(8, 8, 255);
+    for r in [1e9, f32::INFINITY, f32::MAX] {
+        let b = m.blurred(r);
+        assert_eq!(b.values.len(), 64);
+        assert!(b.values.iter().all(|&v| v == 255), "{r}: {:?}", b.values);
+    }
+    assert_eq!(m.blurred(f32::NAN), m);
+}

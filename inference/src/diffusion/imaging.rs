@@ -14,7 +14,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use image::imageops::FilterType;
-use image::{ImageFormat, ImageReader, Limits};
+use image::{ImageDecoder as _, ImageFormat, ImageReader, Limits};
 
 use crate::error::{Error, Result};
 use crate::image_meta::{self, GenerationParameters};
@@ -23,9 +23,13 @@ use crate::image_meta::{self, GenerationParameters};
 pub const MAX_SIDE: u32 = 8192;
 
 /// The longest side decoded at all (before downscaling to [`MAX_SIDE`]).
-const MAX_DECODE_SIDE: u32 = 4 * MAX_SIDE;
-/// The most memory a decoder may allocate (1 GiB).
-const MAX_DECODE_ALLOC: u64 = 1 << 30;
+pub const MAX_DECODE_SIDE: u32 = 2 * MAX_SIDE;
+/// The most pixels decoded at all: 128 Mpx (a 16,384 × 8,192 panorama).
+pub const MAX_DECODE_PIXELS: u64 = 1 << 27;
+/// The most memory opening an image may hold: the decoder's buffer plus the RGB copy (1 GiB),
+/// checked from the header's size and colour type before any pixel is decoded. The
+/// downscale to [`MAX_SIDE`] adds only its output.
+const MAX_DECODE_BYTES: u64 = 1 << 30;
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +69,8 @@ fn not_an_image(detail: impl std::fmt::Display) -> Error {
 /// [`Error::InvalidParameter`] saying "not an image (…)". Transparency is composited over
 /// white. An image with a side longer than [`MAX_SIDE`] is downscaled (keeping its aspect
 /// ratio, with a triangle filter) and [`Decoded::downscaled_from`] holds its original size.
-/// Decoding is refused for sides above 32768 px or allocations above 1 GiB.
+/// Decoding is refused, from the header alone, for sides above [`MAX_DECODE_SIDE`], more than
+/// [`MAX_DECODE_PIXELS`], or more than 1 GiB held (decompression bombs).
 pub fn decode_image_bytes(bytes: &[u8]) -> Result<Decoded> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -87,17 +92,36 @@ pub fn decode_image_bytes(bytes: &[u8]) -> Result<Decoded> {
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_DECODE_SIDE);
     limits.max_image_height = Some(MAX_DECODE_SIDE);
-    limits.max_alloc = Some(MAX_DECODE_ALLOC);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    let decoded = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => not_an_image(format!(
-            "the {format:?} image is too large to open: {l}; the limit is \
-             {MAX_DECODE_SIDE} px a side"
-        )),
+    let too_large = |detail: String| {
+        not_an_image(format!(
+            "the {format:?} image is too large to open: {detail}; Studio opens images up to \
+             {MAX_DECODE_SIDE} px a side and {} Mpx",
+            MAX_DECODE_PIXELS >> 20
+        ))
+    };
+    let decode_error = |e: image::ImageError| match e {
+        image::ImageError::Limits(l) => too_large(l.to_string()),
         other => not_an_image(format!(
             "the {format:?} file is corrupt or truncated: {other}"
         )),
-    })?;
+    };
+    // The header alone first: the size and colour type bound everything that follows.
+    let decoder = reader.into_decoder().map_err(decode_error)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = u64::from(width) * u64::from(height);
+    let held = decoder.total_bytes().saturating_add(pixels * 3);
+    if width > MAX_DECODE_SIDE || height > MAX_DECODE_SIDE || pixels > MAX_DECODE_PIXELS {
+        return Err(too_large(format!("{width} × {height} px")));
+    }
+    if held > MAX_DECODE_BYTES {
+        return Err(too_large(format!(
+            "{width} × {height} px would take {} MiB to decode",
+            held >> 20
+        )));
+    }
+    let decoded = image::DynamicImage::from_decoder(decoder).map_err(decode_error)?;
     let (width, height) = (decoded.width(), decoded.height());
     let pixels = if decoded.color().has_alpha() {
         over_white(&decoded.into_rgba8().into_raw())
@@ -114,7 +138,7 @@ pub fn decode_image_bytes(bytes: &[u8]) -> Result<Decoded> {
         let scale = f64::from(MAX_SIDE) / f64::from(width.max(height));
         let w = ((f64::from(width) * scale).round() as u32).clamp(1, MAX_SIDE);
         let h = ((f64::from(height) * scale).round() as u32).clamp(1, MAX_SIDE);
-        image = image.resized_with(w, h, FilterType::Triangle);
+        image = image.area_downscaled(w, h);
         downscaled_from = Some((width, height));
     }
     let parameters = if format == ImageFormat::Png {
@@ -214,7 +238,9 @@ impl Mask {
         if radius_px.is_nan() || radius_px <= 0.0 || self.values.is_empty() {
             return self.clone();
         }
-        let sigma = f64::from(radius_px);
+        // A blur wider than the mask changes nothing more (and an absurd radius would size
+        // the kernel): capped at the longer side.
+        let sigma = f64::from(radius_px).min(f64::from(self.width.max(self.height)));
         let half = (3.0 * sigma).ceil() as usize;
         let weights: Vec<f64> = (0..=2 * half)
             .map(|i| {
@@ -291,6 +317,51 @@ impl RgbImage {
             return self.clone();
         }
         self.resized_with(w.max(1), h.max(1), FilterType::Lanczos3)
+    }
+
+    /// Downscaled to `w × h` (each no larger than the source's) by averaging each output
+    /// pixel's source area, one output row at a time: the memory is the output and one row of
+    /// sums, whatever the source size (`image`'s filters hold an f32 copy of the source).
+    #[must_use]
+    pub fn area_downscaled(&self, w: u32, h: u32) -> RgbImage {
+        let (sw, sh) = (self.width as usize, self.height as usize);
+        let (w, h) = (
+            (w as usize).clamp(1, sw.max(1)),
+            (h as usize).clamp(1, sh.max(1)),
+        );
+        if self.pixels.len() != sw * sh * 3 || sw == 0 || sh == 0 {
+            return RgbImage::new_filled(w as u32, h as u32, [0, 0, 0]);
+        }
+        // Output pixel x covers source columns x·sw/w .. (x + 1)·sw/w (at least one).
+        let span = |i: usize, n: usize, src: usize| {
+            let a = i * src / n;
+            (a, ((i + 1) * src / n).max(a + 1))
+        };
+        let cols: Vec<(usize, usize)> = (0..w).map(|x| span(x, w, sw)).collect();
+        let mut sums = vec![0u64; w * 3];
+        let mut pixels = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            let (r0, r1) = span(y, h, sh);
+            sums.fill(0);
+            for row in self.pixels[r0 * sw * 3..r1 * sw * 3].chunks_exact(sw * 3) {
+                for (sum, &(c0, c1)) in sums.chunks_exact_mut(3).zip(&cols) {
+                    for px in row[c0 * 3..c1 * 3].chunks_exact(3) {
+                        for (s, &v) in sum.iter_mut().zip(px) {
+                            *s += u64::from(v);
+                        }
+                    }
+                }
+            }
+            for (sum, &(c0, c1)) in sums.chunks_exact(3).zip(&cols) {
+                let n = ((r1 - r0) * (c1 - c0)) as u64;
+                pixels.extend(sum.iter().map(|&s| ((s + n / 2) / n) as u8));
+            }
+        }
+        RgbImage {
+            width: w as u32,
+            height: h as u32,
+            pixels,
+        }
     }
 
     fn resized_with(&self, w: u32, h: u32, filter: FilterType) -> RgbImage {
