@@ -575,9 +575,11 @@ impl Meta<'_> {
     fn f64(&self, key: &str) -> Result<Option<f64>> {
         match self.md.get(key) {
             None => Ok(None),
-            Some(v) => value_f64(v)
-                .map(Some)
-                .ok_or_else(|| self.corrupt(format!("metadata `{key}` is not a number: {v:?}"))),
+            Some(v) => match value_f64(v) {
+                Some(x) if x.is_finite() => Ok(Some(x)),
+                Some(x) => Err(self.corrupt(format!("metadata `{key}` is {x}, not finite"))),
+                None => Err(self.corrupt(format!("metadata `{key}` is not a number: {v:?}"))),
+            },
         }
     }
 
@@ -791,6 +793,16 @@ fn hparams(
         Family::Gemma3 => 1_000_000.0,
         _ => 10_000.0,
     });
+    for (name, v) in [
+        ("attention.layer_norm_rms_epsilon", eps),
+        ("rope.freq_base", rope_base),
+    ] {
+        if v <= 0.0 {
+            return Err(corrupt(format!(
+                "metadata `{arch}.{name}` is {v}, not positive"
+            )));
+        }
+    }
 
     // Embeddings and output.
     let Some(embd) = check.shape("token_embd.weight") else {

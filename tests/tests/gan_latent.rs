@@ -390,3 +390,20 @@ fn gif_writer_and_random_generator() {
     assert!(buf.starts_with(b"GIF89a"));
     assert!(GifWriter::new(Vec::new(), 0.0).is_err());
 }
+
+/// A latent with NaN or ∞ in it is refused with the index named, not rendered black.
+#[test]
+fn npy_latents_with_nan_or_infinity_are_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let gan = tiny(dir.path());
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut z = vec![0.5f32; gan.info().z_dim];
+        z[3] = bad;
+        let t = candle_core::Tensor::from_vec(z, (1, gan.info().z_dim), &candle_core::Device::Cpu)
+            .expect("tensor");
+        let path = dir.path().join("z.npy");
+        npy::write_tensor(&path, &t).expect("write");
+        let e = npy::read_z(&path, &gan).expect_err("refused").to_string();
+        assert!(e.contains("value 3") && e.contains("finite"), "{bad}: {e}");
+    }
+}

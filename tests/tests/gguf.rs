@@ -967,3 +967,26 @@ fn k_quant_files_load_and_track_the_safetensors_model() {
     }
     println!("K-quants:\n{}", report.join("\n"));
 }
+
+/// NaN, infinite, zero or negative epsilons and rope bases in a GGUF are refused, naming the
+/// key, instead of running a model that can only produce NaN.
+#[test]
+fn non_finite_or_negative_scalars_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_family_gguf(tmp.path(), "llama", 2, &GgufOptions::default());
+    for (key, v) in [
+        ("llama.rope.freq_base", f32::NAN),
+        ("llama.rope.freq_base", -1.0),
+        ("llama.attention.layer_norm_rms_epsilon", f32::INFINITY),
+        ("llama.attention.layer_norm_rms_epsilon", 0.0),
+    ] {
+        let out = tmp.path().join("bad.gguf");
+        let opts = GgufOptions {
+            overrides: vec![(key.to_owned(), Value::F32(v))],
+            ..GgufOptions::default()
+        };
+        convert(tmp.path(), &out, &opts);
+        let e = expect_err(&out).to_string();
+        assert!(e.contains(key), "{key} = {v}: {e}");
+    }
+}

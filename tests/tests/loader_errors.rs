@@ -170,3 +170,96 @@ fn hugging_face_cache_layout_is_found() {
     .expect("loads");
     assert_eq!(m.info.name, "openai-community/gpt2");
 }
+
+/// Absurd sizes and scalars in `config.json` (the SIGABRT, capacity-overflow and
+/// divide-by-zero cases) are refused with the field named, before anything is allocated.
+#[test]
+fn absurd_config_values_are_refused_before_allocating() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    tiny(tmp.path());
+    let cfg_path = tmp.path().join("config.json");
+    for (key, value) in [
+        ("n_layer", serde_json::json!(1_000_000_000_000_u64)),
+        ("n_layer", serde_json::json!(1_u64 << 62)),
+        ("n_positions", serde_json::json!(1_000_000_000_000_u64)),
+        ("layer_norm_epsilon", serde_json::json!(-1.0)),
+    ] {
+        let mut cfg = serde_json::json!({
+            "model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 1,
+            "vocab_size": 320, "n_positions": 64
+        });
+        cfg[key] = value;
+        std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+        let e = load_err(tmp.path());
+        assert!(e.contains(key), "{key}: {e}");
+    }
+
+    let dir = tmp.path().join("family");
+    for family in ["llama", "mistral", "qwen2"] {
+        studio_tests::families::write_family(&dir, family, 3);
+        let cfg_path = dir.join("config.json");
+        let base: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("read")).expect("json");
+        for (key, value, expect) in [
+            (
+                "num_hidden_layers",
+                serde_json::json!(1_000_000_000_000_u64),
+                "num_hidden_layers",
+            ),
+            (
+                "max_position_embeddings",
+                serde_json::json!(1_000_000_000_000_u64),
+                "max_position_embeddings",
+            ),
+            (
+                "num_attention_heads",
+                serde_json::json!(0),
+                "num_attention_heads",
+            ),
+            (
+                "num_key_value_heads",
+                serde_json::json!(3),
+                "num_key_value_heads",
+            ),
+            ("rope_theta", serde_json::json!(-1.0), "rope_theta"),
+            ("rms_norm_eps", serde_json::json!(0.0), "rms_norm_eps"),
+        ] {
+            let mut cfg = base.clone();
+            cfg[key] = value;
+            std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+            let e = load_err(&dir);
+            assert!(e.contains(expect), "{family} {key}: {e}");
+        }
+    }
+}
+
+/// A shard index naming files outside the model folder, or anything but a safetensors file,
+/// is refused before anything is opened.
+#[test]
+fn shard_index_paths_outside_the_folder_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("model");
+    tiny(&dir);
+    std::fs::rename(
+        dir.join("model.safetensors"),
+        dir.join("model-1.safetensors"),
+    )
+    .expect("mv");
+    // A real file outside the folder, which must never be opened.
+    std::fs::write(tmp.path().join("secret.safetensors"), b"x").expect("write");
+    let index = dir.join("model.safetensors.index.json");
+    for name in [
+        "../secret.safetensors",
+        "/etc/passwd",
+        "sub/model-1.safetensors",
+        "pytorch_model.bin",
+    ] {
+        let text = serde_json::json!({ "weight_map": { "wte.weight": name } }).to_string();
+        std::fs::write(&index, text).expect("write");
+        let e = load_err(&dir);
+        assert!(e.contains("refused") && e.contains(name), "{name}: {e}");
+    }
+    let text = serde_json::json!({ "weight_map": { "wte.weight": "model-1.safetensors" } });
+    std::fs::write(&index, text.to_string()).expect("write");
+    loader::load(&dir, &Device::Cpu, &mut |_, _| {}).expect("a plain shard name loads");
+}

@@ -166,10 +166,7 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
             weight_map: HashMap<String, String>,
         }
         let idx: Index = read_json(&index)?;
-        let mut files: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
+        return crate::loader::shard_files(&index, idx.weight_map.values());
     }
     for name in [
         format!("{stem}.safetensors"),

@@ -252,16 +252,25 @@ pub fn read(path: &Path) -> Result<NpyArray> {
             Error::io(path.to_path_buf(), e)
         }
     })?;
-    parse(&bytes).map_err(|e| match e {
+    let array = parse(&bytes).map_err(|e| match e {
         Error::InvalidParameter(m) => Error::InvalidParameter(format!("{}: {m}", path.display())),
         other => other,
-    })
+    })?;
+    // Latents and noise are used as they are: a NaN would silently turn every image black.
+    if let Some(at) = array.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::InvalidParameter(format!(
+            "{}: value {at} is {}; latents and noise must be finite numbers",
+            path.display(),
+            array.data[at]
+        )));
+    }
+    Ok(array)
 }
 
 /// Writes `t` as a float32 `.npy` file.
 pub fn write_tensor(path: &Path, t: &Tensor) -> Result<()> {
     let bytes = encode(&NpyArray::from_tensor(t)?)?;
-    std::fs::write(path, bytes).map_err(|e| Error::io(path.to_path_buf(), e))
+    crate::sys::write_atomic(path, &bytes, false).map_err(|e| Error::io(path.to_path_buf(), e))
 }
 
 /// A `z` for `gan` from a `.npy` file: shape `(z_dim,)` or `(1, z_dim)`, returned as

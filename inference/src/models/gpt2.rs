@@ -84,6 +84,25 @@ impl Config {
         if self.vocab_size == 0 || self.n_layer == 0 || self.context_length() == 0 {
             return Err("vocab_size, n_layer and n_positions must be positive".to_owned());
         }
+        // Far above any released GPT-2: a hostile config must get an error, not an abort.
+        for (key, value, bound) in [
+            ("n_layer", self.n_layer, 1024),
+            ("n_embd", self.n_embd, 1 << 16),
+            ("n_head", self.n_head, 1024),
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("n_positions", self.context_length(), 1 << 21),
+            ("n_inner", self.inner(), 1 << 20),
+        ] {
+            if value > bound {
+                return Err(format!("`{key}` = {value} is out of range (1 to {bound})"));
+            }
+        }
+        if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
+            return Err(format!(
+                "`layer_norm_epsilon` = {} must be a finite positive number",
+                self.layer_norm_epsilon
+            ));
+        }
         Activation::parse(&self.activation_function).map(|_| ())
     }
 }

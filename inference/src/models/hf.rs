@@ -118,6 +118,66 @@ pub fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
+/// The largest values a family config may give, checked before anything is sized from them
+/// (far above any released model: a hostile `config.json` must get an error, not an abort).
+const CONFIG_BOUNDS: [(&str, u64); 8] = [
+    ("num_hidden_layers", 1024),
+    ("hidden_size", 1 << 16),
+    ("intermediate_size", 1 << 20),
+    ("num_attention_heads", 1024),
+    ("num_key_value_heads", 1024),
+    ("head_dim", 4096),
+    ("vocab_size", 1 << 22),
+    ("max_position_embeddings", 1 << 21),
+];
+
+/// Checks the sizes and scalars of a family config: every size in `1..=bound`, heads that
+/// divide evenly, and finite positive `rope_theta` and norm epsilons.
+pub fn check_config_bounds(config: &serde_json::Value) -> std::result::Result<(), String> {
+    for (key, bound) in CONFIG_BOUNDS {
+        let Some(v) = config.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        match v.as_u64() {
+            Some(n) if (1..=bound).contains(&n) => {}
+            _ => return Err(format!("`{key}` = {v} is out of range (1 to {bound})")),
+        }
+    }
+    let get = |key: &str| config.get(key).and_then(serde_json::Value::as_u64);
+    if let (Some(heads), Some(kv)) = (get("num_attention_heads"), get("num_key_value_heads"))
+        && (kv > heads || heads % kv != 0)
+    {
+        return Err(format!(
+            "`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv})"
+        ));
+    }
+    if let (Some(hidden), Some(heads), None) = (
+        get("hidden_size"),
+        get("num_attention_heads"),
+        get("head_dim"),
+    ) && hidden % heads != 0
+    {
+        return Err(format!(
+            "`hidden_size` ({hidden}) must be a multiple of `num_attention_heads` ({heads})"
+        ));
+    }
+    let rope = config.get("rope_parameters").unwrap_or(config);
+    for (obj, key) in [
+        (rope, "rope_theta"),
+        (config, "rms_norm_eps"),
+        (config, "layer_norm_eps"),
+        (config, "rope_local_base_freq"),
+    ] {
+        if let Some(v) = obj.get(key).filter(|v| !v.is_null()) {
+            match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => {}
+                _ => return Err(format!("`{key}` = {v} must be a finite positive number")),
+            }
+        }
+    }
+    Ok(())
+}
+
 impl FamilyConfig {
     /// Checks that `config` deserializes into the family's config (error messages name the
     /// missing or malformed field).
@@ -127,6 +187,7 @@ impl FamilyConfig {
             (Family::Gemma3, Some(text)) => (text.clone(), Some("language_model")),
             _ => (config.clone(), None),
         };
+        check_config_bounds(&config)?;
         // Deserialize once now so a bad config fails before any weight is read.
         match family {
             Family::Llama => field::<llama::LlamaConfig>(&config).map(|_| ())?,
