@@ -95,13 +95,13 @@ pub enum BenchCommand {
 #[derive(Debug, Args)]
 pub struct BenchMemoryArgs {
     /// Reading threads (default: physical cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_values::threads)]
     pub threads: Option<usize>,
     /// MiB read per round, split between the threads.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::cli_values::mib)]
     pub mib: usize,
     /// Rounds to take the median of.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli_values::rounds)]
     pub repeat: usize,
     /// One JSON object with the figures.
     #[arg(long)]
@@ -115,7 +115,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// CPU threads (default: physical cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_values::threads)]
     pub threads: Option<usize>,
     /// Compute device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]
@@ -125,7 +125,7 @@ pub struct EngineArgs {
 /// Sampling flags shared by `generate` and `chat`.
 #[derive(Debug, Args)]
 pub struct SamplingArgs {
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cli_values::tokens)]
     pub max_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.8)]
@@ -201,12 +201,12 @@ pub struct ChatArgs {
 pub struct BenchGenerateArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cli_values::tokens)]
     pub prompt_tokens: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::cli_values::tokens)]
     pub gen_tokens: usize,
     /// Runs to take the median of.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli_values::rounds)]
     pub repeat: usize,
     /// One JSON object with the figures.
     #[arg(long)]

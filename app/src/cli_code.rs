@@ -59,7 +59,7 @@ pub struct CompleteArgs {
     #[arg(long)]
     pub fim_format: Option<String>,
     /// Cap on the prompt in tokens (most of it for the text before the cursor).
-    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS)]
+    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = crate::cli_values::tokens)]
     pub max_prompt_tokens: usize,
     /// auto (from the context), line (one line) or block (several lines).
     #[arg(long, default_value = "auto")]
@@ -102,10 +102,10 @@ pub struct BenchCompleteArgs {
     #[arg(long, default_value_t = 2000)]
     pub prefix_tokens: usize,
     /// Tokens to generate per run.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli_values::tokens)]
     pub gen_tokens: usize,
     /// Measured runs (after one warm-up) to take the median of.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli_values::rounds)]
     pub repeat: usize,
     /// One JSON object with the figures.
     #[arg(long)]

@@ -42,7 +42,7 @@ pub struct GanCommon {
     #[arg(long)]
     pub model: PathBuf,
     /// Truncation ψ: 1 = none, 0 = the average image.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::cli_values::psi)]
     pub psi: f64,
     /// Truncate only the first N W rows (default: all).
     #[arg(long)]
@@ -58,7 +58,7 @@ pub struct GanCommon {
     #[arg(long, default_value_t = 0)]
     pub noise_seed: u64,
     /// CPU threads (default: physical cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_values::threads)]
     pub threads: Option<usize>,
     /// Compute device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]
@@ -95,13 +95,13 @@ pub struct GanInterpArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     pub seeds: Vec<u64>,
     /// Frames in the whole animation (first = first seed, last = last seed).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = crate::cli_values::steps)]
     pub frames: usize,
     /// Interpolate in w (lerp) or z (slerp).
     #[arg(long, default_value = "w")]
     pub space: String,
     /// Frames per second of the GIF.
-    #[arg(long, default_value_t = 25.0)]
+    #[arg(long, default_value_t = 25.0, value_parser = crate::cli_values::fps)]
     pub fps: f64,
     /// Write numbered PNGs into the folder `--out` instead of a GIF.
     #[arg(long)]
@@ -120,13 +120,13 @@ pub struct GanProjectArgs {
     #[arg(long)]
     pub image: PathBuf,
     /// Optimization steps (NVIDIA's projector uses 1000).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::cli_values::steps)]
     pub steps: usize,
     /// Initial learning rate (NVIDIA's schedule: ramp up over 5%, down over the last 25%).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::cli_values::learning_rate)]
     pub lr: f64,
     /// Weight of the noise regularization.
-    #[arg(long, default_value_t = 1e5)]
+    #[arg(long, default_value_t = 1e5, value_parser = crate::cli_values::weight)]
     pub noise_regularization: f64,
     /// Optimize one w per layer (W+) instead of one w for all.
     #[arg(long)]
@@ -152,13 +152,13 @@ pub struct BenchGanArgs {
     #[arg(long, value_delimiter = ',', default_value = "256,1024")]
     pub size: Vec<usize>,
     /// Timed frames per size (after one warm-up frame); the median is reported.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli_values::rounds)]
     pub frames: usize,
     /// One JSON object per size.
     #[arg(long)]
     pub json: bool,
     /// CPU threads (default: physical cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_values::threads)]
     pub threads: Option<usize>,
     /// Compute device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]

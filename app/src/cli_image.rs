@@ -44,7 +44,7 @@ pub struct ImageArgs {
     pub steps: Option<usize>,
     /// Classifier-free guidance scale; 1 or less skips the negative prompt pass (default 7, or
     /// 1 for few-step models).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_values::guidance)]
     pub cfg: Option<f64>,
     /// Seed (random when left out; printed).
     #[arg(long)]
@@ -81,7 +81,7 @@ pub struct ImageArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// CPU threads (default: physical cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_values::threads)]
     pub threads: Option<usize>,
     /// Output PNG.
     #[arg(long)]
@@ -96,7 +96,7 @@ pub struct Img2ImgArgs {
     #[arg(long)]
     pub init: PathBuf,
     /// Denoising strength: runs the last int(strength·steps) steps.
-    #[arg(long, default_value_t = 0.75)]
+    #[arg(long, default_value_t = 0.75, value_parser = crate::cli_values::fraction)]
     pub strength: f64,
 }
 
@@ -110,10 +110,10 @@ pub struct InpaintArgs {
     /// The mask: white = repaint, black = keep (resized to the image when it differs).
     #[arg(long)]
     pub mask: PathBuf,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli_values::fraction)]
     pub strength: f64,
     /// Blur of the mask edge in pixels.
-    #[arg(long, default_value_t = 4.0)]
+    #[arg(long, default_value_t = 4.0, value_parser = crate::cli_values::blur_px)]
     pub mask_blur: f32,
 }
 
@@ -123,9 +123,9 @@ pub struct BenchSdArgs {
     #[arg(long, default_value = "256,512", value_delimiter = ',')]
     pub size: Vec<u32>,
     /// Timed UNet steps per size (after one warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli_values::rounds)]
     pub steps: usize,
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_values::threads)]
     pub threads: Option<usize>,
     #[arg(long)]
     pub json: bool,
@@ -254,7 +254,7 @@ fn run(args: &ImageArgs, m: &SdModel, req: &ImageRequest) -> Result<()> {
             let path = dir.join(format!("step-{preview_count:03}.png"));
             if let Err(e) = imaging::encode_png(img, None)
                 .map_err(anyhow::Error::from)
-                .and_then(|bytes| std::fs::write(&path, bytes).map_err(anyhow::Error::from))
+                .and_then(|bytes| crate::home::atomic_write(&path, &bytes))
             {
                 preview_error = Some(format!("{}: {e}", path.display()));
                 return ControlFlow::Break(());

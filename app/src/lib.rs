@@ -13,6 +13,7 @@ pub mod cli;
 pub mod cli_code;
 pub mod cli_gan;
 pub mod cli_image;
+pub mod cli_values;
 pub mod files;
 pub mod gui;
 pub mod home;

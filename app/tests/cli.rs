@@ -303,3 +303,34 @@ fn studio_cpu_path_forces_a_path_and_refuses_a_bad_one() {
         ),
     }
 }
+
+/// Absurd numeric flags are refused by the parser with the flag named (status 2), before
+/// anything is sized from them: the SIGABRT, panic and hang cases.
+#[test]
+fn absurd_flag_values_are_refused_with_the_flag_named() {
+    // The model path does not exist: the parser must refuse the value before it is looked at.
+    let cases = [
+        "inpaint --model /none --prompt x --init a.png --mask m.png --out o.png --mask-blur 1e9",
+        "inpaint --model /none --prompt x --init a.png --mask m.png --out o.png --mask-blur inf",
+        "bench generate --model /none --prompt-tokens 18446744073709551615",
+        "bench memory --repeat 18446744073709551615",
+        "bench memory --threads 5000",
+        "gan --model /none --out o.png --psi nan",
+        "gan-project --model /none --image a.png --out-w w.npy --lr nan",
+        "generate --model /none --prompt x --max-tokens 0",
+    ];
+    for case in cases {
+        let args: Vec<&str> = case.split(' ').collect();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_studio"))
+            .args(&args)
+            .output()
+            .expect("run studio");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let flag = args[args.len() - 2];
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("invalid value"),
+            "{args:?}: {err}"
+        );
+    }
+}
