@@ -78,6 +78,98 @@ fn xor_words(buf: &[u64]) -> u64 {
     buf.iter().fold(0, |a, v| a ^ v)
 }
 
+/// Writes `bytes` to `path` atomically: readers (and a crash) see the old file or the new one,
+/// never half of one.
+///
+/// - The temporary file is created exclusively (`O_EXCL`) in the target's folder, under a
+///   fresh name, so a file or symlink planted there is never followed or reused.
+/// - A symlink is written through: its target is replaced, the link stays.
+/// - An existing target keeps its permissions (a script keeps its executable bit); a new one
+///   gets the usual mode. `private` makes it readable by the user only (0600 on Unix), for
+///   files holding secrets.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)?,
+        _ => path.to_path_buf(),
+    };
+    let keep = std::fs::metadata(&target).ok().map(|m| m.permissions());
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let name = target
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let (file, tmp) = loop {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.mode(0o600);
+        }
+        match options.open(&tmp) {
+            Ok(f) => break (f, tmp),
+            // A name taken (left by a crash, or planted): try the next one.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < u64::MAX => {}
+            Err(e) => return Err(e),
+        }
+    };
+    let result = (|| -> std::io::Result<()> {
+        let mut f = file;
+        f.write_all(bytes)?;
+        #[cfg(unix)]
+        if private {
+            use std::os::unix::fs::PermissionsExt as _;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+        if let (false, Some(p)) = (private, keep) {
+            f.set_permissions(p)?;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Moves a file that could not be read aside to `NAME.bad-<unix seconds>` (`-2`, `-3`… added
+/// when that name is taken), so the next save does not overwrite the user's data and an
+/// earlier copy is never replaced. Returns the new path, `None` when it could not be moved.
+pub fn keep_corrupt(path: &std::path::Path) -> Option<std::path::PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut base = path.as_os_str().to_owned();
+    base.push(format!(".bad-{secs}"));
+    for n in 1..1000 {
+        let mut name = base.clone();
+        if n > 1 {
+            name.push(format!("-{n}"));
+        }
+        let bad = std::path::PathBuf::from(name);
+        // Not `rename` alone: it would replace an existing copy.
+        if std::fs::symlink_metadata(&bad).is_err() {
+            return std::fs::rename(path, &bad).ok().map(|()| bad);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -1625,7 +1625,7 @@ fn export_animation(ctx: &JobContext<'_>, gan: &StyleGan2, r: &GanAnimationReque
                 let text = format!("{}\nframe {}/{}", r.text, i + 1, r.frames);
                 let bytes = crate::diffusion::imaging::encode_png(&image, Some(&text))?;
                 let path = dir.join(format!("frame_{:04}.png", i + 1));
-                std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+                crate::sys::write_atomic(&path, &bytes, false).map_err(|e| Error::io(&path, e))?;
             }
             (None, GanAnimationOut::Gif(_)) => {}
         }

@@ -9,7 +9,7 @@ use studio_inference::device::DevicePreference;
 use studio_inference::diffusion::model::ImageModelOptions;
 use studio_inference::sampling::SamplingParams;
 
-use crate::home::{load_json, save_json};
+use crate::home::{load_json, save_json_private};
 
 /// Bumped when a saved field changes meaning; older files are migrated in [`Settings::load`].
 pub const SETTINGS_VERSION: u32 = 1;
@@ -168,7 +168,7 @@ impl Settings {
     }
 
     /// Reads `settings.json`. A missing file gives the defaults; a file that does not parse is
-    /// moved aside to `settings.json.bad` (so it is not overwritten) and the defaults are used,
+    /// moved aside to `settings.json.bad-<timestamp>` (so it is not overwritten) and the defaults are used,
     /// with the reason returned for a notice.
     pub fn load(home: &Path) -> (Settings, Option<String>) {
         let path = Self::path(home);
@@ -188,16 +188,10 @@ impl Settings {
             }
             Ok(None) => (Settings::default(), None),
             Err(e) => {
-                let bad = home.join("settings.json.bad");
-                let moved = std::fs::rename(&path, &bad).is_ok();
-                let note = if moved {
-                    format!(
-                        "{e:#}. Using default settings; the unreadable file was kept as {}",
-                        bad.display()
-                    )
-                } else {
-                    format!("{e:#}. Using default settings")
-                };
+                let note = format!(
+                    "{e:#}. Using default settings.{}",
+                    crate::home::keep_corrupt(&path)
+                );
                 (Settings::default(), Some(note))
             }
         }
@@ -252,7 +246,7 @@ impl SettingsSaver {
         self.changed_at = None;
         // Whatever happens, do not retry every frame: the next change tries again.
         self.saved = current.clone();
-        save_json(&self.path, current)
+        save_json_private(&self.path, current)
             .err()
             .map(|e| format!("Settings were not saved: {e:#}"))
     }
@@ -297,6 +291,13 @@ mod tests {
         let (loaded, note) = Settings::load(tmp.path());
         assert_eq!(loaded, Settings::default());
         assert!(note.expect("a note").contains("settings.json.bad"));
-        assert!(tmp.path().join("settings.json.bad").exists());
+        let kept = std::fs::read_dir(tmp.path())
+            .expect("ls")
+            .filter(|e| {
+                let name = e.as_ref().expect("entry").file_name();
+                name.to_string_lossy().starts_with("settings.json.bad-")
+            })
+            .count();
+        assert_eq!(kept, 1);
     }
 }

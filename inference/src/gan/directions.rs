@@ -213,7 +213,7 @@ impl DirectionsPreset {
 fn save_json<T: Serialize>(value: &T, path: &Path) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|e| Error::InvalidParameter(format!("cannot serialize directions: {e}")))?;
-    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    crate::sys::write_atomic(path, text.as_bytes(), false).map_err(|e| Error::io(path, e))
 }
 
 fn load_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {

@@ -1,7 +1,7 @@
 //! The canvas on disk, under `STUDIO_HOME/canvas/`: `image.png`, `mask.png` (grey, white =
 //! repaint) and `canvas.json` (the form's values and what the files hold). Written atomically
 //! a second after the last change (and on exit), read at startup. A file that cannot be read
-//! gives a notice and an empty canvas, never a crash; it is kept aside as `*.bad`.
+//! gives a notice and an empty canvas, never a crash; it is kept aside as `*.bad-<timestamp>`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -80,7 +80,7 @@ impl CanvasStore {
         }
     }
 
-    /// Reads the saved canvas. Unreadable files are renamed `*.bad` and reported.
+    /// Reads the saved canvas. Unreadable files are renamed `*.bad-<timestamp>` and reported.
     pub fn load(&self) -> Loaded {
         let mut out = Loaded::default();
         let json = self.dir.join("canvas.json");
@@ -88,7 +88,7 @@ impl CanvasStore {
             Ok(s) => s,
             Err(e) => {
                 out.notes.push(format!(
-                    "The saved canvas could not be read ({e:#}); starting with an empty canvas{}",
+                    "The saved canvas could not be read ({e:#}); starting with an empty canvas.{}",
                     set_aside(&json)
                 ));
                 return out;
@@ -107,7 +107,7 @@ impl CanvasStore {
             Err(e) => {
                 out.notes.push(format!(
                     "The saved canvas image could not be read ({e:#}); starting with an empty \
-                     canvas{}",
+                     canvas.{}",
                     set_aside(&image_path)
                 ));
                 return out;
@@ -118,7 +118,7 @@ impl CanvasStore {
             match read_png(&mask_path) {
                 Ok(m) => out.mask = Some(mask_from_image(&m)),
                 Err(e) => out.notes.push(format!(
-                    "The saved mask could not be read ({e:#}); the mask is empty{}",
+                    "The saved mask could not be read ({e:#}); the mask is empty.{}",
                     set_aside(&mask_path)
                 )),
             }
@@ -226,16 +226,10 @@ fn read_png(path: &Path) -> anyhow::Result<RgbImage> {
         .image)
 }
 
-/// Renames an unreadable file to `*.bad` so the next save does not overwrite it; says where.
+/// Moves an unreadable file aside (`*.bad-<timestamp>`) so the next save does not overwrite
+/// it; says where.
 fn set_aside(path: &Path) -> String {
-    let mut bad = path.as_os_str().to_owned();
-    bad.push(".bad");
-    let bad = PathBuf::from(bad);
-    if std::fs::rename(path, &bad).is_ok() {
-        format!(". The file was kept as {}", bad.display())
-    } else {
-        String::new()
-    }
+    crate::home::keep_corrupt(path)
 }
 
 #[cfg(test)]
@@ -269,7 +263,14 @@ mod tests {
         let loaded = CanvasStore::new(tmp.path()).load();
         assert!(loaded.image.is_none());
         assert_eq!(loaded.notes.len(), 1, "{:?}", loaded.notes);
-        assert!(CanvasStore::dir(tmp.path()).join("image.png.bad").exists());
+        let kept = std::fs::read_dir(CanvasStore::dir(tmp.path()))
+            .expect("ls")
+            .filter(|e| {
+                let name = e.as_ref().expect("entry").file_name();
+                name.to_string_lossy().starts_with("image.png.bad-")
+            })
+            .count();
+        assert_eq!(kept, 1);
 
         std::fs::write(CanvasStore::dir(tmp.path()).join("canvas.json"), b"{ nope").expect("w");
         let loaded = CanvasStore::new(tmp.path()).load();

@@ -99,7 +99,7 @@ pub struct Restored {
     pub notes: Vec<String>,
 }
 
-/// Reads the session (a bad file is kept aside as `session.json.bad` with a note).
+/// Reads the session (a bad file is kept aside as `session.json.bad-<timestamp>` with a note).
 pub fn restore(home: &Path) -> Restored {
     let path = session_path(home);
     let mut notes = Vec::new();
@@ -107,9 +107,9 @@ pub fn restore(home: &Path) -> Restored {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => {
             notes.push(format!(
-                "The Code panel's open tabs could not be restored: {e:#}"
+                "The Code panel's open tabs could not be restored: {e:#}.{}",
+                crate::home::keep_corrupt(&path)
             ));
-            let _ = std::fs::rename(&path, path.with_extension("json.bad"));
             Session::default()
         }
     };

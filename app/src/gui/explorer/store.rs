@@ -129,14 +129,16 @@ fn directions_path(home: &Path) -> PathBuf {
     dir(home).join("directions.json")
 }
 
-/// Reads the saved state and directions; a damaged file is reported and replaced by defaults.
+/// Reads the saved state and directions; a damaged file is kept aside
+/// (`*.bad-<timestamp>`), reported, and replaced by defaults.
 pub fn load(home: &Path) -> (ExplorerState, Option<Directions>, Vec<String>) {
     let mut notes = Vec::new();
     let mut state = match crate::home::load_json::<ExplorerState>(&state_path(home)) {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => {
             notes.push(format!(
-                "The Latent Explorer's saved sliders could not be read: {e:#}"
+                "The Latent Explorer's saved sliders could not be read: {e:#}.{}",
+                crate::home::keep_corrupt(&state_path(home))
             ));
             ExplorerState::default()
         }
@@ -144,7 +146,10 @@ pub fn load(home: &Path) -> (ExplorerState, Option<Directions>, Vec<String>) {
     let directions = match crate::home::load_json::<Directions>(&directions_path(home)) {
         Ok(d) => d,
         Err(e) => {
-            notes.push(format!("The saved PCA directions could not be read: {e:#}"));
+            notes.push(format!(
+                "The saved PCA directions could not be read: {e:#}.{}",
+                crate::home::keep_corrupt(&directions_path(home))
+            ));
             None
         }
     };
