@@ -11,11 +11,7 @@ pub fn max_threads() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get) * 4
 }
 
-fn count_in(s: &str, range: RangeInclusive<usize>) -> Result<usize, String> {
-    let v: usize = s
-        .trim()
-        .parse()
-        .map_err(|e| format!("not a whole number ({e})"))?;
+fn within<T: PartialOrd + std::fmt::Display>(v: T, range: &RangeInclusive<T>) -> Result<T, String> {
     if range.contains(&v) {
         Ok(v)
     } else {
@@ -27,6 +23,14 @@ fn count_in(s: &str, range: RangeInclusive<usize>) -> Result<usize, String> {
     }
 }
 
+fn count_in(s: &str, range: RangeInclusive<usize>) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a whole number ({e})"))?;
+    within(v, &range)
+}
+
 fn real_in(s: &str, range: RangeInclusive<f64>) -> Result<f64, String> {
     let v: f64 = s
         .trim()
@@ -35,15 +39,7 @@ fn real_in(s: &str, range: RangeInclusive<f64>) -> Result<f64, String> {
     if !v.is_finite() {
         return Err("must be a finite number".to_owned());
     }
-    if range.contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!(
-            "must be between {} and {}",
-            range.start(),
-            range.end()
-        ))
-    }
+    within(v, &range)
 }
 
 /// `--threads`: 1 to 4 × the logical CPUs.
