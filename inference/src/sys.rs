@@ -93,7 +93,13 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8], private: bool) -> std:
     static COUNTER: AtomicU64 = AtomicU64::new(0);
 
     let target = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)?,
+        // Through the link (a dangling one: to where it points, relative to its folder).
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).or_else(|_| {
+            std::fs::read_link(path).map(|to| {
+                path.parent()
+                    .map_or_else(|| to.clone(), |dir| dir.join(&to))
+            })
+        })?,
         _ => path.to_path_buf(),
     };
     let keep = std::fs::metadata(&target).ok().map(|m| m.permissions());
