@@ -503,6 +503,11 @@ impl PreparedModel {
                 (Box::new(model), Architecture::Gpt2, ctx, cfg.vocab_size, n)
             }
             Config::Family(cfg) => {
+                cfg.check_layers(weights.names())
+                    .map_err(|message| Error::BadConfig {
+                        path: files.config.clone(),
+                        message,
+                    })?;
                 progress(0.1, "loading weights");
                 let parameters = weights.parameter_count();
                 let device = weights.device().clone();

@@ -230,6 +230,16 @@ fn absurd_config_values_are_refused_before_allocating() {
             let e = load_err(&dir);
             assert!(e.contains(expect), "{family} {key}: {e}");
         }
+        // More layers than the files hold (within the bounds): refused with both counts.
+        let mut cfg = base.clone();
+        let layers = base["num_hidden_layers"].as_u64().expect("layers");
+        cfg["num_hidden_layers"] = serde_json::json!(layers + 500);
+        std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+        let e = load_err(&dir);
+        assert!(
+            e.contains(&format!("{layers} layers")) && e.contains(&(layers + 500).to_string()),
+            "{family}: {e}"
+        );
     }
 }
 

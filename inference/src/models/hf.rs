@@ -213,6 +213,38 @@ impl FamilyConfig {
         })
     }
 
+    /// Checks `num_hidden_layers` against the decoder layers the weights hold
+    /// (`model.layers.N.…`, under the multimodal prefix if any), so a config claiming more
+    /// layers than the files have is refused before anything is built.
+    pub fn check_layers<'a>(
+        &self,
+        names: impl Iterator<Item = &'a str>,
+    ) -> std::result::Result<(), String> {
+        let Some(layers) = self
+            .config
+            .get("num_hidden_layers")
+            .and_then(serde_json::Value::as_u64)
+        else {
+            return Ok(());
+        };
+        let stem = match self.prefix {
+            Some(p) => format!("{p}.model.layers."),
+            None => "model.layers.".to_owned(),
+        };
+        let present = names
+            .filter_map(|n| n.strip_prefix(stem.as_str()))
+            .filter_map(|rest| rest.split('.').next()?.parse::<u64>().ok())
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0);
+        if present < layers {
+            return Err(format!(
+                "`num_hidden_layers` is {layers}, but the weights hold {present} layers"
+            ));
+        }
+        Ok(())
+    }
+
     /// Builds the model from mapped safetensors files.
     pub fn load(&self, files: &[PathBuf], device: &Device, dtype: DType) -> Result<HfModel> {
         // SAFETY: the files are mapped read-only and not modified by Studio while mapped (see
