@@ -62,6 +62,19 @@ pub fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     }
 }
 
+/// How many corrupt copies of `name` ([`keep_corrupt`]) lie in `dir` (for tests).
+#[cfg(test)]
+pub(crate) fn kept_copies(dir: &Path, name: &str) -> usize {
+    let prefix = format!("{name}.bad-");
+    std::fs::read_dir(dir)
+        .expect("ls")
+        .filter(|e| {
+            let entry = e.as_ref().expect("entry");
+            entry.file_name().to_string_lossy().starts_with(&prefix)
+        })
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

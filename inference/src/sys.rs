@@ -111,7 +111,9 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8], private: bool) -> std:
     let name = target
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let mut attempts = 0;
     let (file, tmp) = loop {
+        attempts += 1;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         let mut options = std::fs::OpenOptions::new();
@@ -124,7 +126,7 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8], private: bool) -> std:
         match options.open(&tmp) {
             Ok(f) => break (f, tmp),
             // A name taken (left by a crash, or planted): try the next one.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < u64::MAX => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 1000 => {}
             Err(e) => return Err(e),
         }
     };

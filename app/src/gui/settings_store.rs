@@ -291,13 +291,6 @@ mod tests {
         let (loaded, note) = Settings::load(tmp.path());
         assert_eq!(loaded, Settings::default());
         assert!(note.expect("a note").contains("settings.json.bad"));
-        let kept = std::fs::read_dir(tmp.path())
-            .expect("ls")
-            .filter(|e| {
-                let name = e.as_ref().expect("entry").file_name();
-                name.to_string_lossy().starts_with("settings.json.bad-")
-            })
-            .count();
-        assert_eq!(kept, 1);
+        assert_eq!(crate::home::kept_copies(tmp.path(), "settings.json"), 1);
     }
 }

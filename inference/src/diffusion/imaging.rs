@@ -68,7 +68,7 @@ fn not_an_image(detail: impl std::fmt::Display) -> Error {
 /// Anything else (text, another image format, a truncated file) is an
 /// [`Error::InvalidParameter`] saying "not an image (…)". Transparency is composited over
 /// white. An image with a side longer than [`MAX_SIDE`] is downscaled (keeping its aspect
-/// ratio, with a triangle filter) and [`Decoded::downscaled_from`] holds its original size.
+/// ratio, averaging source areas) and [`Decoded::downscaled_from`] holds its original size.
 /// Decoding is refused, from the header alone, for sides above [`MAX_DECODE_SIDE`], more than
 /// [`MAX_DECODE_PIXELS`], or more than 1 GiB held (decompression bombs).
 pub fn decode_image_bytes(bytes: &[u8]) -> Result<Decoded> {

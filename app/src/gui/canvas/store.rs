@@ -89,7 +89,7 @@ impl CanvasStore {
             Err(e) => {
                 out.notes.push(format!(
                     "The saved canvas could not be read ({e:#}); starting with an empty canvas.{}",
-                    set_aside(&json)
+                    crate::home::keep_corrupt(&json)
                 ));
                 return out;
             }
@@ -108,7 +108,7 @@ impl CanvasStore {
                 out.notes.push(format!(
                     "The saved canvas image could not be read ({e:#}); starting with an empty \
                      canvas.{}",
-                    set_aside(&image_path)
+                    crate::home::keep_corrupt(&image_path)
                 ));
                 return out;
             }
@@ -119,7 +119,7 @@ impl CanvasStore {
                 Ok(m) => out.mask = Some(mask_from_image(&m)),
                 Err(e) => out.notes.push(format!(
                     "The saved mask could not be read ({e:#}); the mask is empty.{}",
-                    set_aside(&mask_path)
+                    crate::home::keep_corrupt(&mask_path)
                 )),
             }
         }
@@ -226,12 +226,6 @@ fn read_png(path: &Path) -> anyhow::Result<RgbImage> {
         .image)
 }
 
-/// Moves an unreadable file aside (`*.bad-<timestamp>`) so the next save does not overwrite
-/// it; says where.
-fn set_aside(path: &Path) -> String {
-    crate::home::keep_corrupt(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,13 +257,7 @@ mod tests {
         let loaded = CanvasStore::new(tmp.path()).load();
         assert!(loaded.image.is_none());
         assert_eq!(loaded.notes.len(), 1, "{:?}", loaded.notes);
-        let kept = std::fs::read_dir(CanvasStore::dir(tmp.path()))
-            .expect("ls")
-            .filter(|e| {
-                let name = e.as_ref().expect("entry").file_name();
-                name.to_string_lossy().starts_with("image.png.bad-")
-            })
-            .count();
+        let kept = crate::home::kept_copies(&CanvasStore::dir(tmp.path()), "image.png");
         assert_eq!(kept, 1);
 
         std::fs::write(CanvasStore::dir(tmp.path()).join("canvas.json"), b"{ nope").expect("w");
