@@ -33,6 +33,7 @@ pub mod hf_cache;
 pub mod image_meta;
 pub mod loader;
 pub mod models;
+pub mod nn;
 pub mod quant;
 pub mod remote;
 pub mod sampling;

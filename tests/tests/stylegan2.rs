@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use studio_inference::Error;
 use studio_inference::gan::{Architecture, NoiseMode, StyleGan2};
+use studio_inference::quant::KernelPath;
 use studio_tests::gan;
 
 fn fixture_dir() -> PathBuf {
@@ -75,9 +76,25 @@ fn seeds(exp: &HashMap<String, Tensor>, model: &str) -> Vec<u64> {
     s
 }
 
+/// Every kernel set synthesis can run on here: candle's ops (`None`) and each CPU path of
+/// Studio's own kernels this machine has.
+fn kernel_sets() -> Vec<Option<KernelPath>> {
+    std::iter::once(None)
+        .chain(KernelPath::available_paths().into_iter().map(Some))
+        .collect()
+}
+
 fn check_model(model: &str) {
+    for kernels in kernel_sets() {
+        println!("{model} on {kernels:?}");
+        let mut g = load(model);
+        g.set_cpu_kernels(kernels).expect("kernels");
+        check_model_on(model, &g);
+    }
+}
+
+fn check_model_on(model: &str, g: &StyleGan2) {
     let exp = expected();
-    let g = load(model);
     let seeds = seeds(&exp, model);
     assert!(seeds.len() >= 2, "fixture has seeds for {model}");
     for (i, seed) in seeds.iter().enumerate() {

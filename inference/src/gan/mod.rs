@@ -139,6 +139,8 @@ impl NumpyRandomState {
 #[derive(Debug, Clone)]
 pub struct FirFilter {
     kernel: Tensor,
+    /// The kernel's values, row-major (for the native kernels).
+    values: Vec<f32>,
     height: usize,
     width: usize,
 }
@@ -162,6 +164,7 @@ impl FirFilter {
             .reshape((1, 1, height, width))?
             .contiguous()?;
         Ok(Self {
+            values: kernel.flatten_all()?.to_vec1::<f32>()?,
             kernel,
             height,
             width,

@@ -46,7 +46,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::{FirFilter, NumpyRandomState, pad2d, upfirdn2d, upsample2d};
 use crate::error::{Error, Result};
+use crate::quant::KernelPath;
 use crate::weights::{self, Weights};
+
+mod native;
 
 const LRELU_SLOPE: f64 = 0.2;
 const DEFAULT_CONV_CLAMP: f64 = 256.0;
@@ -174,6 +177,10 @@ struct SynthesisLayer {
     weight: Tensor,
     kernel: usize,
     bias: Tensor,
+    /// The bias as values, for the native epilogue.
+    bias_values: Vec<f32>,
+    /// `Σ_t w(o, i, t)²` per `(out, in)`, for the native demodulation.
+    squared: Vec<f32>,
     noise_const: Tensor,
     noise_strength: f64,
     resolution: usize,
@@ -219,8 +226,10 @@ impl SynthesisLayer {
         };
         Ok(Self {
             affine,
+            squared: native::squared_sums(&weight)?,
             weight,
             kernel: 3,
+            bias_values: bias.flatten_all()?.to_vec1::<f32>()?,
             bias,
             noise_const,
             noise_strength: f64::from(noise_strength),
@@ -383,17 +392,19 @@ struct ToRgb {
     weight: Tensor,
     weight_gain: f64,
     bias: Tensor,
+    /// The bias as values, for the native epilogue.
+    bias_values: Vec<f32>,
 }
 
 impl ToRgb {
     fn load(w: &Weights, prefix: &str, in_ch: usize, img_ch: usize, w_dim: usize) -> Result<Self> {
+        let bias = w.get(&format!("{prefix}.bias"), &[img_ch])?;
         Ok(Self {
             affine: Fc::load(w, &format!("{prefix}.affine"), w_dim, in_ch, 1.0, false)?,
             weight: w.get(&format!("{prefix}.weight"), &[img_ch, in_ch, 1, 1])?,
             weight_gain: 1.0 / (in_ch as f64).sqrt(),
-            bias: w
-                .get(&format!("{prefix}.bias"), &[img_ch])?
-                .reshape((1, img_ch, 1, 1))?,
+            bias_values: bias.to_vec1::<f32>()?,
+            bias: bias.reshape((1, img_ch, 1, 1))?,
         })
     }
 
@@ -517,6 +528,8 @@ pub struct StyleGan2 {
     /// `(1, 1, w_dim)`.
     w_avg: Tensor,
     blocks: Vec<Block>,
+    /// Studio's own CPU kernels and their buffers; `None`: candle's ops (GPUs, aarch64).
+    native: Option<native::Native>,
 }
 
 impl std::fmt::Debug for StyleGan2 {
@@ -947,14 +960,52 @@ impl StyleGan2 {
             });
             prev_ch = ch;
         }
-        Ok(Self {
+        let mut gan = Self {
             info,
             device: device.clone(),
             embed,
             mapping,
             w_avg,
             blocks,
-        })
+            native: None,
+        };
+        if device.is_cpu() && cfg!(target_arch = "x86_64") {
+            gan.set_cpu_kernels(Some(KernelPath::detect()))?;
+        }
+        Ok(gan)
+    }
+
+    /// Which CPU kernels synthesis runs on: Studio's own for `path` (the default on x86-64
+    /// CPUs, with the fastest path), or candle's ops (`None`; GPUs and aarch64 always use
+    /// them). Projection always uses candle's ops, which carry gradients.
+    pub fn set_cpu_kernels(&mut self, path: Option<KernelPath>) -> Result<()> {
+        self.native = match path {
+            None => None,
+            Some(p) if !self.device.is_cpu() => {
+                return Err(Error::InvalidParameter(format!(
+                    "the {p} kernels run on the CPU; this generator is on a GPU"
+                )));
+            }
+            Some(p) if !p.available() => {
+                return Err(Error::InvalidParameter(format!(
+                    "this CPU cannot run the {p} kernels"
+                )));
+            }
+            Some(p) => Some(native::Native {
+                scratch: std::sync::Mutex::new(native::Scratch::new(p)),
+            }),
+        };
+        Ok(())
+    }
+
+    /// The CPU kernels synthesis runs on (`None`: candle's ops).
+    pub fn cpu_kernels(&self) -> Option<KernelPath> {
+        let native = self.native.as_ref()?;
+        let scratch = native
+            .scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(scratch.path())
     }
 
     pub fn info(&self) -> &GanInfo {
@@ -1156,6 +1207,9 @@ impl StyleGan2 {
                 self.info.num_ws, self.info.w_dim
             )));
         }
+        // Inputs that carry gradients (a projection's) need candle's ops.
+        let tracks_gradients = ws.track_op()
+            || matches!(source, NoiseSource::Buffers(b) if b.iter().any(Tensor::track_op));
         let mut images = Vec::with_capacity(n);
         let mut captured = Vec::new();
         // Seeded random noise continues across the batch; given buffers repeat per sample.
@@ -1176,7 +1230,18 @@ impl StyleGan2 {
                     &mut own
                 }
             };
-            let (img, cap) = self.synthesize_one(&ws.get(i)?, noise, layer)?;
+            let ws_i = ws.get(i)?;
+            let (img, cap) = match (&self.native, tracks_gradients) {
+                (Some(native), false) => {
+                    // A panic in an earlier frame leaves only buffers behind: reuse them.
+                    let mut scratch = native
+                        .scratch
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    native::synthesize_one(self, &mut scratch, &ws_i, noise, layer)?
+                }
+                _ => self.synthesize_one(&ws_i, noise, layer)?,
+            };
             images.push(img);
             captured.extend(cap);
         }

@@ -1,0 +1,721 @@
+//! The convolution driver, the weight packing, the portable micro-kernel, the epilogue and the
+//! FIR filter. See the module docs of [`super`].
+#![allow(unsafe_code)]
+
+use rayon::prelude::*;
+
+use super::KernelPath;
+use crate::error::{Error, Result};
+
+/// Bytes of packed weights one input-channel chunk of one output block may take (the panel the
+/// micro-kernel streams for every tile of a strip; sized for L1).
+const PANEL_BYTES: usize = 32 << 10;
+/// Bytes of input one strip of output pixels should read per chunk (sized for L2).
+const STRIP_BYTES: usize = 256 << 10;
+/// The largest register tile of any path.
+pub(super) const MAX_MR: usize = 6;
+pub(super) const MAX_NR: usize = 64;
+
+/// Register tile of a path: `(pixels, output channels)`.
+pub(super) const fn tile(path: KernelPath) -> (usize, usize) {
+    match path {
+        KernelPath::Avx512Vnni => (6, 64),
+        KernelPath::Avx2 => (6, 16),
+        KernelPath::Scalar => (4, 16),
+    }
+}
+
+/// Weights in the order the micro-kernel of one [`KernelPath`] reads them: output channels in
+/// blocks of `NR` (the last one zero-padded); inside a block, input channels in chunks of `cc`;
+/// inside a chunk, `[tap][input channel][NR lanes]`.
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    path: KernelPath,
+    cout: usize,
+    cin: usize,
+    taps: usize,
+    nr: usize,
+    cc: usize,
+    data: Vec<f32>,
+}
+
+impl PackedWeights {
+    /// Empty, for `path` (which must be available on this CPU, see [`KernelPath::available`]).
+    pub fn new(path: KernelPath) -> Self {
+        Self {
+            path,
+            cout: 0,
+            cin: 0,
+            taps: 0,
+            nr: tile(path).1,
+            cc: 1,
+            data: Vec::new(),
+        }
+    }
+
+    pub fn path(&self) -> KernelPath {
+        self.path
+    }
+
+    pub fn cout(&self) -> usize {
+        self.cout
+    }
+
+    pub fn cin(&self) -> usize {
+        self.cin
+    }
+
+    fn blocks(&self) -> usize {
+        self.cout.div_ceil(self.nr)
+    }
+
+    fn block_len(&self) -> usize {
+        self.taps * self.cin * self.nr
+    }
+
+    /// (Re)packs `cout × cin × taps` weights, `weight(o, i, t)` giving each; the allocation
+    /// is reused. Blocks are filled in parallel.
+    pub fn pack(
+        &mut self,
+        cout: usize,
+        cin: usize,
+        taps: usize,
+        weight: impl Fn(usize, usize, usize) -> f32 + Sync,
+    ) -> Result<()> {
+        if cout == 0 || cin == 0 || taps == 0 {
+            return Err(Error::InvalidParameter(format!(
+                "a convolution needs channels and taps (out {cout}, in {cin}, taps {taps})"
+            )));
+        }
+        let nr = self.nr;
+        let len = cout
+            .div_ceil(nr)
+            .checked_mul(nr * cin)
+            .and_then(|n| n.checked_mul(taps))
+            .ok_or_else(|| {
+                Error::InvalidParameter(format!("{cout}×{cin}×{taps} weights are too many"))
+            })?;
+        let cc = (PANEL_BYTES / (taps * nr * 4)).max(4).min(cin);
+        (self.cout, self.cin, self.taps, self.cc) = (cout, cin, taps, cc);
+        self.data.resize(len, 0.0);
+        let block_len = self.block_len();
+        self.data
+            .par_chunks_mut(block_len)
+            .enumerate()
+            .for_each(|(blk, dst)| {
+                let mut at = 0;
+                for c0 in (0..cin).step_by(cc) {
+                    let cl = cc.min(cin - c0);
+                    for t in 0..taps {
+                        for c in 0..cl {
+                            for lane in 0..nr {
+                                let o = blk * nr + lane;
+                                dst[at] = if o < cout { weight(o, c0 + c, t) } else { 0.0 };
+                                at += 1;
+                            }
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
+/// Where a convolution reads and writes, as offsets into flat buffers (channels contiguous
+/// at every pixel).
+///
+/// Output pixel `(y, x)` reads input channel `i` of tap `t` at
+/// `in_base + y·in_row + x·in_pix + taps[t] + i`, and writes channel `o` at
+/// `out_base + y·out_row + x·out_pix + o`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvGeom<'a> {
+    pub taps: &'a [usize],
+    pub out_h: usize,
+    pub out_w: usize,
+    pub in_base: usize,
+    pub in_row: usize,
+    pub in_pix: usize,
+    pub out_base: usize,
+    pub out_row: usize,
+    pub out_pix: usize,
+}
+
+/// What is applied to each output once its sum is complete, in this order: `+ noise[pixel]`
+/// (pixel `y·out_w + x`), `+ bias[channel]`, leaky ReLU with `slope`, `× gain`, clamp to
+/// `±clamp`.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a> {
+    pub noise: Option<&'a [f32]>,
+    pub bias: Option<&'a [f32]>,
+    pub slope: Option<f32>,
+    pub gain: f32,
+    pub clamp: Option<f32>,
+}
+
+impl Epilogue<'_> {
+    /// The plain sum.
+    pub const NONE: Epilogue<'static> = Epilogue {
+        noise: None,
+        bias: None,
+        slope: None,
+        gain: 1.0,
+        clamp: None,
+    };
+
+    fn is_none(&self) -> bool {
+        self.noise.is_none()
+            && self.bias.is_none()
+            && self.slope.is_none()
+            && (self.gain - 1.0).abs() == 0.0
+            && self.clamp.is_none()
+    }
+
+    /// Applies to the `values` of output channels `co..` of pixel `pixel`.
+    #[inline]
+    fn apply(&self, values: &mut [f32], pixel: usize, co: usize) {
+        let n = self.noise.map_or(0.0, |n| n[pixel]);
+        let bias = self.bias.map(|b| &b[co..co + values.len()]);
+        for (j, v) in values.iter_mut().enumerate() {
+            let mut x = *v + n;
+            if let Some(b) = bias {
+                x += b[j];
+            }
+            if let Some(s) = self.slope
+                && x < 0.0
+            {
+                x *= s;
+            }
+            x *= self.gain;
+            if let Some(c) = self.clamp {
+                // max/min, not f32::clamp: a negative clamp from a config must not panic.
+                x = x.max(-c).min(c);
+            }
+            *v = x;
+        }
+    }
+}
+
+/// A mutable buffer shared by the threads of one operation, each writing places no other
+/// thread touches.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: the pointer is only dereferenced at offsets the operation's bounds check admitted,
+// and the work split gives every output element to exactly one thread.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// The pointer (a method, so closures capture the whole `Shared`, which is `Sync`).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// One register tile's worth of work, as the micro-kernels take it.
+pub(super) struct TileArgs<'a> {
+    /// Input buffer; pixel `m` reads `inp + in_offs[m] + taps[t] + c`.
+    pub inp: *const f32,
+    pub in_offs: &'a [usize],
+    pub taps: &'a [usize],
+    /// Input channels of this chunk.
+    pub cl: usize,
+    /// The packed panel: `[tap][cl][NR]`.
+    pub w: *const f32,
+    /// Pixel `m` writes `NR` lanes at `out + out_offs[m]`.
+    pub out: *mut f32,
+    pub out_offs: &'a [usize],
+    /// Start from zero (first chunk) or from what the output holds.
+    pub first: bool,
+}
+
+/// The portable micro-kernel: `M ≤ 4` pixels × 16 lanes.
+///
+/// # Safety
+/// Every address `args` names (inputs for all taps and chunk channels, the `16·taps·cl`
+/// panel, 16 output lanes per pixel) must be inside its buffer.
+unsafe fn tile_scalar<const M: usize>(args: &TileArgs<'_>) {
+    const NR: usize = 16;
+    let mut acc = [[0f32; NR]; M];
+    for (m, row) in acc.iter_mut().enumerate() {
+        if !args.first {
+            // SAFETY: the caller guarantees the 16 output lanes of each pixel.
+            let out = unsafe { std::slice::from_raw_parts(args.out.add(args.out_offs[m]), NR) };
+            row.copy_from_slice(out);
+        }
+    }
+    let mut w = args.w;
+    for &t in args.taps {
+        for c in 0..args.cl {
+            // SAFETY: the caller guarantees the panel.
+            let b = unsafe { std::slice::from_raw_parts(w, NR) };
+            for (m, row) in acc.iter_mut().enumerate() {
+                // SAFETY: the caller guarantees every tap and chunk channel of each pixel.
+                let a = unsafe { *args.inp.add(args.in_offs[m] + t + c) };
+                for (r, &bv) in row.iter_mut().zip(b) {
+                    *r += a * bv;
+                }
+            }
+            // SAFETY: still inside the panel (or one past its end after the last step).
+            w = unsafe { w.add(NR) };
+        }
+    }
+    for (m, row) in acc.iter().enumerate() {
+        // SAFETY: as above; no other thread writes these lanes.
+        let out = unsafe { std::slice::from_raw_parts_mut(args.out.add(args.out_offs[m]), NR) };
+        out.copy_from_slice(row);
+    }
+}
+
+/// Runs the micro-kernel of `path` on `m` pixels.
+///
+/// # Safety
+/// As [`tile_scalar`], and `path` must be available on this CPU.
+unsafe fn run_tile(path: KernelPath, m: usize, args: &TileArgs<'_>) {
+    macro_rules! by_m {
+        ($f:ident, $($n:literal),*) => {
+            match m {
+                // SAFETY: forwarded from the caller.
+                $($n => unsafe { $f::<$n>(args) },)*
+                _ => unreachable!("tile of {m} pixels"),
+            }
+        };
+    }
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512Vnni => {
+            use super::x86::tile_avx512;
+            by_m!(tile_avx512, 1, 2, 3, 4, 5, 6);
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => {
+            use super::x86::tile_avx2;
+            by_m!(tile_avx2, 1, 2, 3, 4, 5, 6);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelPath::Avx512Vnni | KernelPath::Avx2 => {
+            unreachable!("{path} kernels on a CPU without them")
+        }
+        KernelPath::Scalar => by_m!(tile_scalar, 1, 2, 3, 4),
+    }
+}
+
+fn too_small(what: &str, need: usize, len: usize) -> Error {
+    Error::InvalidParameter(format!(
+        "convolution {what} buffer holds {len} values but the geometry reaches {need}"
+    ))
+}
+
+/// The last offset (exclusive) a `h × w` grid of `c`-channel pixels reaches.
+fn reach(base: usize, h: usize, w: usize, row: usize, pix: usize, c: usize) -> Option<usize> {
+    base.checked_add((h - 1).checked_mul(row)?)?
+        .checked_add((w - 1).checked_mul(pix)?)?
+        .checked_add(c)
+}
+
+/// Convolves: every output pixel of `geom` gets, for every output channel `o`,
+/// `Σ_t Σ_i w(o, i, t) · input[pixel + taps[t] + i]`, then the epilogue.
+///
+/// Bounds are checked once here (an error, never a panic or a stray read); the micro-kernels
+/// then run unchecked. Output pixels must not overlap.
+pub fn conv(
+    w: &PackedWeights,
+    input: &[f32],
+    geom: &ConvGeom<'_>,
+    out: &mut [f32],
+    epi: &Epilogue<'_>,
+) -> Result<()> {
+    let g = geom;
+    let path = w.path;
+    if !path.available() {
+        return Err(Error::InvalidParameter(format!(
+            "the {path} convolution kernels cannot run on this CPU"
+        )));
+    }
+    if g.taps.len() != w.taps || w.data.is_empty() {
+        return Err(Error::InvalidParameter(format!(
+            "{} taps given for weights packed with {}",
+            g.taps.len(),
+            w.taps
+        )));
+    }
+    if g.out_h == 0 || g.out_w == 0 {
+        return Ok(());
+    }
+    let max_tap = g.taps.iter().copied().max().unwrap_or(0);
+    let in_need = reach(g.in_base, g.out_h, g.out_w, g.in_row, g.in_pix, w.cin)
+        .and_then(|n| n.checked_add(max_tap))
+        .unwrap_or(usize::MAX);
+    if in_need > input.len() {
+        return Err(too_small("input", in_need, input.len()));
+    }
+    let out_need =
+        reach(g.out_base, g.out_h, g.out_w, g.out_row, g.out_pix, w.cout).unwrap_or(usize::MAX);
+    if out_need > out.len() {
+        return Err(too_small("output", out_need, out.len()));
+    }
+    if g.out_pix < w.cout || (g.out_h > 1 && g.out_row < g.out_w * g.out_pix) {
+        return Err(Error::InvalidParameter(
+            "convolution output pixels overlap".into(),
+        ));
+    }
+    let pixels = g.out_h * g.out_w;
+    if epi.noise.is_some_and(|n| n.len() < pixels) || epi.bias.is_some_and(|b| b.len() < w.cout) {
+        return Err(Error::InvalidParameter(
+            "the epilogue's noise or bias is shorter than the output".into(),
+        ));
+    }
+
+    let (mr, nr) = tile(path);
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = w.blocks();
+    // Strips of output pixels: about four per thread, each reading at most STRIP_BYTES of input
+    // per chunk.
+    let px_bytes = w.cc * 4 * (g.in_pix / w.cin.max(1)).max(1) * 2;
+    let strip = (pixels / (4 * threads))
+        .min(STRIP_BYTES / px_bytes.max(1))
+        .max(mr)
+        .div_ceil(mr)
+        * mr;
+    let strips = pixels.div_ceil(strip);
+    // Output blocks are split into groups only when there are too few strips to go round.
+    let groups = blocks.min((2 * threads).div_ceil(strips)).max(1);
+    let per_group = blocks.div_ceil(groups);
+    let chunks = w.cin.div_ceil(w.cc);
+    let shared = Shared(out.as_mut_ptr());
+    (0..strips * groups).into_par_iter().for_each(|item| {
+        let (s, grp) = (item / groups, item % groups);
+        let (p0, p1) = (s * strip, ((s + 1) * strip).min(pixels));
+        let (b0, b1) = (grp * per_group, ((grp + 1) * per_group).min(blocks));
+        let mut in_offs = [0usize; MAX_MR];
+        let mut out_offs = [0usize; MAX_MR];
+        let mut pix = [0usize; MAX_MR];
+        let mut scratch = [0f32; MAX_MR * MAX_NR];
+        let scratch_offs: [usize; MAX_MR] = std::array::from_fn(|m| m * nr);
+        for chunk in 0..chunks {
+            let c0 = chunk * w.cc;
+            let cl = w.cc.min(w.cin - c0);
+            let last = chunk + 1 == chunks;
+            for blk in b0..b1 {
+                let panel = &w.data[blk * w.block_len() + c0 * w.taps * nr..][..w.taps * cl * nr];
+                let co = blk * nr;
+                let valid = nr.min(w.cout - co);
+                let mut p = p0;
+                while p < p1 {
+                    let m = mr.min(p1 - p);
+                    for i in 0..m {
+                        let (y, x) = ((p + i) / g.out_w, (p + i) % g.out_w);
+                        pix[i] = p + i;
+                        in_offs[i] = g.in_base + y * g.in_row + x * g.in_pix + c0;
+                        out_offs[i] = g.out_base + y * g.out_row + x * g.out_pix + co;
+                    }
+                    let partial = valid < nr;
+                    if partial && chunk > 0 {
+                        for i in 0..m {
+                            // SAFETY: `valid` lanes of each pixel are inside the output
+                            // (checked above); this thread owns them.
+                            let src = unsafe {
+                                std::slice::from_raw_parts(shared.ptr().add(out_offs[i]), valid)
+                            };
+                            scratch[i * nr..i * nr + valid].copy_from_slice(src);
+                        }
+                    }
+                    let args = TileArgs {
+                        inp: input.as_ptr(),
+                        in_offs: &in_offs[..m],
+                        taps: g.taps,
+                        cl,
+                        w: panel.as_ptr(),
+                        out: if partial {
+                            scratch.as_mut_ptr()
+                        } else {
+                            shared.ptr()
+                        },
+                        out_offs: if partial {
+                            &scratch_offs[..m]
+                        } else {
+                            &out_offs[..m]
+                        },
+                        first: chunk == 0,
+                    };
+                    // SAFETY: the bounds check above covers every input tap and channel of
+                    // these pixels and `cout` lanes of their outputs; the panel holds
+                    // `taps·cl·NR` values; a partial block writes the scratch tile instead;
+                    // the path is available.
+                    unsafe { run_tile(path, m, &args) };
+                    for i in 0..m {
+                        if !partial && (!last || epi.is_none()) {
+                            continue;
+                        }
+                        // SAFETY: as above: inside the output, owned by this thread.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(shared.ptr().add(out_offs[i]), valid)
+                        };
+                        if partial {
+                            dst.copy_from_slice(&scratch[i * nr..i * nr + valid]);
+                        }
+                        if last {
+                            epi.apply(dst, pix[i], co);
+                        }
+                    }
+                    p += m;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Filters every channel of a map with a 2-D kernel (correlation, `kh × kw`, row-major):
+/// output pixel `(y, x)` channel `ch` is
+/// `Σ_a Σ_b kernel[a·kw + b] · input[in_base + (y + a)·in_row + (x + b)·c + ch]`,
+/// written at `out_base + y·out_row + x·out_pix + ch`, then the epilogue. This is the FIR step
+/// of `upfirdn2d` once the input is up-sampled and padded.
+#[allow(clippy::too_many_arguments)]
+pub fn fir(
+    input: &[f32],
+    in_base: usize,
+    in_row: usize,
+    c: usize,
+    kernel: &[f32],
+    kh: usize,
+    kw: usize,
+    out_h: usize,
+    out_w: usize,
+    out: &mut [f32],
+    out_base: usize,
+    out_row: usize,
+    out_pix: usize,
+    epi: &Epilogue<'_>,
+) -> Result<()> {
+    if out_h == 0 || out_w == 0 || c == 0 {
+        return Ok(());
+    }
+    if kernel.len() != kh * kw || kh == 0 || kw == 0 {
+        return Err(Error::InvalidParameter(format!(
+            "a {kh}×{kw} filter needs {} taps, found {}",
+            kh * kw,
+            kernel.len()
+        )));
+    }
+    let in_need =
+        reach(in_base, out_h + kh - 1, out_w + kw - 1, in_row, c, c).unwrap_or(usize::MAX);
+    if in_need > input.len() {
+        return Err(too_small("input", in_need, input.len()));
+    }
+    let out_need = reach(out_base, out_h, out_w, out_row, out_pix, c).unwrap_or(usize::MAX);
+    if out_need > out.len() {
+        return Err(too_small("output", out_need, out.len()));
+    }
+    if out_pix < c || (out_h > 1 && out_row < out_w * out_pix) {
+        return Err(Error::InvalidParameter(
+            "filter output pixels overlap".into(),
+        ));
+    }
+    if epi.noise.is_some_and(|n| n.len() < out_h * out_w) || epi.bias.is_some_and(|b| b.len() < c) {
+        return Err(Error::InvalidParameter(
+            "the epilogue's noise or bias is shorter than the output".into(),
+        ));
+    }
+    let shared = Shared(out.as_mut_ptr());
+    (0..out_h).into_par_iter().for_each(|y| {
+        for x in 0..out_w {
+            // SAFETY: inside the output (checked above); row `y` belongs to this thread only.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(
+                    shared.ptr().add(out_base + y * out_row + x * out_pix),
+                    c,
+                )
+            };
+            dst.fill(0.0);
+            for a in 0..kh {
+                let row = in_base + (y + a) * in_row + x * c;
+                for b in 0..kw {
+                    let k = kernel[a * kw + b];
+                    let src = &input[row + b * c..][..c];
+                    for (d, &s) in dst.iter_mut().zip(src) {
+                        *d += k * s;
+                    }
+                }
+            }
+            epi.apply(dst, y * out_w + x, 0);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (xorshift) of values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Plain convolution over a zero-padded NHWC input: `k × k` taps, `stride`, `pad`.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &[f32],
+        h: usize,
+        w: usize,
+        cin: usize,
+        wt: &[f32],
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> (Vec<f32>, Vec<f32>, usize, usize) {
+        let oh = (h + 2 * pad - k) / stride + 1;
+        let ow = (w + 2 * pad - k) / stride + 1;
+        let mut y = vec![0f32; oh * ow * cout];
+        let mut mag = vec![0f32; oh * ow * cout];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for o in 0..cout {
+                    let (mut s, mut a) = (0f64, 0f64);
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * stride + ky) as isize - pad as isize;
+                            let ix = (ox * stride + kx) as isize - pad as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                continue;
+                            }
+                            for i in 0..cin {
+                                let xv = x[((iy as usize) * w + ix as usize) * cin + i];
+                                let p = f64::from(xv * wt[((o * cin + i) * k + ky) * k + kx]);
+                                s += p;
+                                a += p.abs();
+                            }
+                        }
+                    }
+                    y[(oy * ow + ox) * cout + o] = s as f32;
+                    mag[(oy * ow + ox) * cout + o] = a as f32;
+                }
+            }
+        }
+        (y, mag, oh, ow)
+    }
+
+    #[test]
+    fn convolution_matches_the_plain_reference_on_awkward_shapes() {
+        // (h, w, cin, cout, k, stride, pad): odd sizes, channels off the vector widths, 1×1
+        // spatial, several input chunks (cin 300 with 9 taps), stride 2.
+        let cases = [
+            (5, 7, 3, 5, 3, 1, 1),
+            (1, 1, 17, 33, 3, 1, 1),
+            (9, 4, 300, 70, 3, 1, 1),
+            (8, 8, 16, 16, 1, 1, 0),
+            (11, 6, 8, 65, 3, 2, 1),
+            (4, 4, 1029, 3, 1, 1, 0),
+        ];
+        for path in KernelPath::available_paths() {
+            for (n, &(h, w, cin, cout, k, stride, pad)) in cases.iter().enumerate() {
+                let x = values(h * w * cin, n as u64 + 1);
+                let wt = values(cout * cin * k * k, n as u64 + 100);
+                let (want, mag, oh, ow) = reference(&x, h, w, cin, &wt, cout, k, stride, pad);
+                let mut map = super::super::FeatureMap::default();
+                map.reset(h, w, cin, pad).expect("map");
+                for y in 0..h {
+                    for xx in 0..w {
+                        let at = map.at(y, xx);
+                        map.data[at..at + cin].copy_from_slice(&x[(y * w + xx) * cin..][..cin]);
+                    }
+                }
+                let mut packed = PackedWeights::new(path);
+                packed
+                    .pack(cout, cin, k * k, |o, i, t| wt[(o * cin + i) * k * k + t])
+                    .expect("pack");
+                let row = map.row_stride();
+                let taps: Vec<usize> = (0..k * k).map(|t| (t / k) * row + (t % k) * cin).collect();
+                // Output with a 1-pixel border, to exercise the strides.
+                let (orow, opix) = ((ow + 2) * cout, cout);
+                let mut out = vec![f32::NAN; (oh + 2) * orow];
+                let geom = ConvGeom {
+                    taps: &taps,
+                    out_h: oh,
+                    out_w: ow,
+                    in_base: 0,
+                    in_row: stride * row,
+                    in_pix: stride * cin,
+                    out_base: orow + opix,
+                    out_row: orow,
+                    out_pix: opix,
+                };
+                conv(&packed, &map.data, &geom, &mut out, &Epilogue::NONE).expect("conv");
+                let mut worst = 0f32;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for o in 0..cout {
+                            let got = out[(oy + 1) * orow + (ox + 1) * opix + o];
+                            let at = (oy * ow + ox) * cout + o;
+                            // Error relative to the sum of the products' magnitudes.
+                            worst = worst.max((got - want[at]).abs() / mag[at].max(1e-3));
+                        }
+                    }
+                }
+                // f32 sums of up to 1029 products: a few ulps of the magnitude.
+                assert!(worst < 2e-6, "{path} case {n}: relative error {worst}");
+                // The border is untouched.
+                assert!(out[..orow].iter().all(|v| v.is_nan()), "{path} case {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_epilogue_adds_noise_and_bias_then_activates_and_clamps() {
+        let e = Epilogue {
+            noise: Some(&[0.5, -4.0]),
+            bias: Some(&[1.0, 2.0, -3.0]),
+            slope: Some(0.2),
+            gain: 2.0,
+            clamp: Some(5.0),
+        };
+        let mut v = [1.0f32, -10.0, 0.0];
+        e.apply(&mut v, 1, 0);
+        // (1 − 4 + 1)·0.2·2, (−10 − 4 + 2)·0.2·2 → −4.8, (0 − 4 − 3)·0.2·2 = −2.8
+        let want = [-0.8f32, -4.8, -2.8];
+        for (g, w) in v.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{v:?}");
+        }
+        let mut big = [100.0f32];
+        e.apply(&mut big[..], 0, 2);
+        assert!((big[0] - 5.0).abs() < 1e-6, "clamped: {big:?}");
+    }
+
+    #[test]
+    fn bad_geometry_is_an_error_not_a_stray_read() {
+        let mut packed = PackedWeights::new(KernelPath::Scalar);
+        packed.pack(4, 4, 1, |_, _, _| 1.0).expect("pack");
+        let input = vec![0f32; 16];
+        let mut out = vec![0f32; 16];
+        let geom = ConvGeom {
+            taps: &[0],
+            out_h: 2,
+            out_w: 2,
+            in_base: 4,
+            in_row: 8,
+            in_pix: 4,
+            out_base: 0,
+            out_row: 8,
+            out_pix: 4,
+        };
+        let err =
+            conv(&packed, &input, &geom, &mut out, &Epilogue::NONE).expect_err("past the end");
+        assert!(err.to_string().contains("input"), "{err}");
+        let overlap = ConvGeom {
+            in_base: 0,
+            out_pix: 2,
+            ..geom
+        };
+        assert!(conv(&packed, &input, &overlap, &mut out, &Epilogue::NONE).is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! Studio's own CPU kernels for the convolutional networks, in the discipline of the quantized
+//! matmul kernels ([`crate::quant`]): one driver, register-tiled micro-kernels per
+//! instruction set (AVX-512, AVX2+FMA, portable scalar), chosen at run time by
+//! [`KernelPath`] and forced by the same `STUDIO_CPU_PATH` variable.
+//!
+//! - [`FeatureMap`]: activations in channels-last layout (`h × w × c`, channels contiguous)
+//!   with a zero border, kept from layer to layer so no operation converts layouts.
+//! - [`conv`]: direct convolution as an implicit GEMM. The output is tiled into `MR` pixels
+//!   × `NR` channels held in registers; the micro-kernel walks the taps and the input
+//!   channels, broadcasting one input value per pixel and multiplying it by `NR` packed
+//!   weights. No im2col buffer exists: each tap of each pixel is read where it lies in the
+//!   padded map. The same driver does 3×3 and 1×1 convolutions, strides, and the phases of a
+//!   stride-2 transposed convolution (each phase is an ordinary convolution with a subset of
+//!   the taps, written to every other output pixel).
+//! - [`PackedWeights`]: weights packed into the order the micro-kernel reads (`NR` output
+//!   channels contiguous per input channel and tap, in chunks of input channels sized to stay
+//!   in L1), filled from any function of `(out, in, tap)`: StyleGAN2 folds its per-sample
+//!   style and demodulation into the packing.
+//! - [`Epilogue`]: noise, bias, leaky ReLU, gain and clamp applied to each output tile while it
+//!   is still in cache (NVIDIA's `bias_act`).
+//! - [`fir`]: the FIR filter of `upfirdn2d` over a channels-last map, with the same epilogue.
+//!
+//! The work is split over rayon's pool (persistent, `RAYON_NUM_THREADS` threads) by strips of
+//! output pixels and groups of output channels; buffers belong to the caller and are reused
+//! from frame to frame, so a steady state allocates nothing.
+
+mod conv;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use conv::{ConvGeom, Epilogue, PackedWeights, conv, fir};
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+pub use crate::quant::KernelPath;
+
+/// Activations in channels-last layout with a zero border of `pad` pixels on every side:
+/// `(h + 2·pad) × (w + 2·pad) × c` floats.
+#[derive(Debug, Clone, Default)]
+pub struct FeatureMap {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub pad: usize,
+    pub data: Vec<f32>,
+}
+
+impl FeatureMap {
+    /// Reshapes the map for `h × w × c` with a `pad` border and zeroes it, reusing the
+    /// allocation when it is large enough.
+    pub fn reset(&mut self, h: usize, w: usize, c: usize, pad: usize) -> Result<()> {
+        let len = (h + 2 * pad)
+            .checked_mul(w + 2 * pad)
+            .and_then(|n| n.checked_mul(c))
+            .ok_or_else(|| Error::InvalidParameter(format!("a {h}×{w}×{c} map is too large")))?;
+        self.h = h;
+        self.w = w;
+        self.c = c;
+        self.pad = pad;
+        self.data.clear();
+        self.data.resize(len, 0.0);
+        Ok(())
+    }
+
+    /// Floats per padded row.
+    pub fn row_stride(&self) -> usize {
+        (self.w + 2 * self.pad) * self.c
+    }
+
+    /// Index of channel 0 of interior pixel `(y, x)`.
+    pub fn at(&self, y: usize, x: usize) -> usize {
+        (y + self.pad) * self.row_stride() + (x + self.pad) * self.c
+    }
+
+    /// The interior as a `(1, c, h, w)` tensor.
+    pub fn to_nchw(&self, device: &Device) -> Result<Tensor> {
+        let (h, w, c) = (self.h, self.w, self.c);
+        let mut v = vec![0f32; c * h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let src = &self.data[self.at(y, x)..][..c];
+                for (ch, &val) in src.iter().enumerate() {
+                    v[(ch * h + y) * w + x] = val;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(v, (1, c, h, w), device)?)
+    }
+
+    /// Fills the interior from a `(1, c, h, w)` (or `(c, h, w)`) tensor, after
+    /// [`Self::reset`] with its shape.
+    pub fn load_nchw(&mut self, t: &Tensor, pad: usize) -> Result<()> {
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        let (c, h, w) = match t.dims() {
+            [1, c, h, w] | [c, h, w] => (*c, *h, *w),
+            other => {
+                return Err(Error::InvalidParameter(format!(
+                    "expected a (1, c, h, w) map, found {other:?}"
+                )));
+            }
+        };
+        let v = t.flatten_all()?.to_vec1::<f32>()?;
+        self.reset(h, w, c, pad)?;
+        for y in 0..h {
+            for x in 0..w {
+                let at = self.at(y, x);
+                for ch in 0..c {
+                    self.data[at + ch] = v[(ch * h + y) * w + x];
+                }
+            }
+        }
+        Ok(())
+    }
+}
