@@ -11,8 +11,9 @@
 //!   or slerp in Z with `--space z`); the first frame is the first seed and the last frame the
 //!   last seed. Writes an animated GIF, or numbered PNGs (`frame-0001.png`, …) into a folder
 //!   when `--out` is an existing folder, ends with `/`, or `--png-sequence` is given.
-//! - `studio bench gan [--size 256,1024] [--frames N] [--json]` times mapping + synthesis of
-//!   StyleGAN2 config-F-shaped random-weight generators.
+//! - `studio bench gan [--size 256,1024] [--frames N] [--threads N] [--json]` times mapping +
+//!   synthesis of StyleGAN2 config-F-shaped random-weight generators, with the peak RSS and
+//!   the kernels used (Studio's CPU path, or `candle`).
 //!
 //! Progress goes to stderr; one line per saved file to stdout. The model is a safetensors file
 //! with NVIDIA's `G_ema` names (`tools/convert_stylegan_pkl.py` converts NVIDIA's `.pkl`).
@@ -560,16 +561,29 @@ pub fn run_bench_gan(args: &BenchGanArgs) -> Result<()> {
                 frame_ms.push(t_all);
             }
         }
-        rows.push((size, build_ms, median(&mut map_ms), median(&mut frame_ms)));
+        let rss = studio_inference::sys::peak_rss_mb().unwrap_or(0.0);
+        let kernels = gan
+            .cpu_kernels()
+            .map_or_else(|| "candle".to_owned(), |p| p.to_string());
+        rows.push((
+            size,
+            build_ms,
+            median(&mut map_ms),
+            median(&mut frame_ms),
+            rss,
+            kernels,
+        ));
     }
     let device_name = if dev.is_cpu() { "CPU" } else { "GPU" };
     if args.json {
-        for (size, build_ms, map_ms, frame_ms) in &rows {
+        for (size, build_ms, map_ms, frame_ms, rss, kernels) in &rows {
             println!(
                 "{}",
                 json!({
                     "size": size,
                     "device": device_name,
+                    "kernels": kernels,
+                    "peak_rss_mb": rss,
                     "threads": threads,
                     "frames": args.frames,
                     "build_ms": build_ms,
@@ -586,12 +600,12 @@ pub fn run_bench_gan(args: &BenchGanArgs) -> Result<()> {
             args.frames
         );
         println!(
-            "{:>6} {:>12} {:>12} {:>10}",
-            "size", "mapping ms", "frame ms", "fps"
+            "{:>6} {:>12} {:>12} {:>10} {:>14}  kernels",
+            "size", "mapping ms", "frame ms", "fps", "peak RSS MB"
         );
-        for (size, _, map_ms, frame_ms) in &rows {
+        for (size, _, map_ms, frame_ms, rss, kernels) in &rows {
             println!(
-                "{size:>6} {map_ms:>12.2} {frame_ms:>12.1} {:>10.2}",
+                "{size:>6} {map_ms:>12.2} {frame_ms:>12.1} {:>10.2} {rss:>14.0}  {kernels}",
                 1000.0 / frame_ms
             );
         }

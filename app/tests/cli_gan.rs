@@ -381,6 +381,14 @@ fn bench_gan_prints_json_per_size() {
     assert_eq!(row["size"], 8);
     assert!(row["frame_ms"].as_f64().expect("frame_ms") > 0.0);
     assert!(row["mapping_ms"].as_f64().expect("mapping_ms") >= 0.0);
+    assert!(row["peak_rss_mb"].as_f64().expect("peak_rss_mb") > 0.0);
+    // x86-64 CPUs run Studio's own kernels; others candle's ops.
+    let kernels = row["kernels"].as_str().expect("kernels");
+    if cfg!(target_arch = "x86_64") {
+        assert_ne!(kernels, "candle");
+    } else {
+        assert_eq!(kernels, "candle");
+    }
 }
 
 /// Runs `studio gan-project` on `model` and `image` for `steps`, writing into `dir`, plus

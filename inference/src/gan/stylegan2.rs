@@ -991,21 +991,14 @@ impl StyleGan2 {
                     "this CPU cannot run the {p} kernels"
                 )));
             }
-            Some(p) => Some(native::Native {
-                scratch: std::sync::Mutex::new(native::Scratch::new(p)),
-            }),
+            Some(p) => Some(native::Native::new(p, &self.blocks)?),
         };
         Ok(())
     }
 
     /// The CPU kernels synthesis runs on (`None`: candle's ops).
     pub fn cpu_kernels(&self) -> Option<KernelPath> {
-        let native = self.native.as_ref()?;
-        let scratch = native
-            .scratch
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Some(scratch.path())
+        self.native.as_ref().map(native::Native::path)
     }
 
     pub fn info(&self) -> &GanInfo {
@@ -1232,14 +1225,7 @@ impl StyleGan2 {
             };
             let ws_i = ws.get(i)?;
             let (img, cap) = match (&self.native, tracks_gradients) {
-                (Some(native), false) => {
-                    // A panic in an earlier frame leaves only buffers behind: reuse them.
-                    let mut scratch = native
-                        .scratch
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    native::synthesize_one(self, &mut scratch, &ws_i, noise, layer)?
-                }
+                (Some(native), false) => native::synthesize_one(self, native, &ws_i, noise, layer)?,
                 _ => self.synthesize_one(&ws_i, noise, layer)?,
             };
             images.push(img);

@@ -36,6 +36,8 @@ pub struct PackedWeights {
     taps: usize,
     nr: usize,
     cc: usize,
+    /// Independent matrices packed one after the other (Winograd's transform positions).
+    batch: usize,
     data: Vec<f32>,
 }
 
@@ -49,6 +51,7 @@ impl PackedWeights {
             taps: 0,
             nr: tile(path).1,
             cc: 1,
+            batch: 1,
             data: Vec::new(),
         }
     }
@@ -73,6 +76,15 @@ impl PackedWeights {
         self.taps * self.cin * self.nr
     }
 
+    /// Floats per matrix of a batch.
+    fn matrix_len(&self) -> usize {
+        self.blocks() * self.block_len()
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// (Re)packs `cout × cin × taps` weights, `weight(o, i, t)` giving each; the allocation
     /// is reused. Blocks are filled in parallel.
     pub fn pack(
@@ -82,7 +94,19 @@ impl PackedWeights {
         taps: usize,
         weight: impl Fn(usize, usize, usize) -> f32 + Sync,
     ) -> Result<()> {
-        if cout == 0 || cin == 0 || taps == 0 {
+        self.pack_batch(1, cout, cin, taps, |_, o, i, t| weight(o, i, t))
+    }
+
+    /// [`Self::pack`] for `batch` independent matrices, `weight(b, o, i, t)`.
+    pub fn pack_batch(
+        &mut self,
+        batch: usize,
+        cout: usize,
+        cin: usize,
+        taps: usize,
+        weight: impl Fn(usize, usize, usize, usize) -> f32 + Sync,
+    ) -> Result<()> {
+        if cout == 0 || cin == 0 || taps == 0 || batch == 0 {
             return Err(Error::InvalidParameter(format!(
                 "a convolution needs channels and taps (out {cout}, in {cin}, taps {taps})"
             )));
@@ -92,17 +116,20 @@ impl PackedWeights {
             .div_ceil(nr)
             .checked_mul(nr * cin)
             .and_then(|n| n.checked_mul(taps))
+            .and_then(|n| n.checked_mul(batch))
             .ok_or_else(|| {
                 Error::InvalidParameter(format!("{cout}×{cin}×{taps} weights are too many"))
             })?;
         let cc = (PANEL_BYTES / (taps * nr * 4)).max(4).min(cin);
-        (self.cout, self.cin, self.taps, self.cc) = (cout, cin, taps, cc);
+        (self.cout, self.cin, self.taps, self.cc, self.batch) = (cout, cin, taps, cc, batch);
         self.data.resize(len, 0.0);
         let block_len = self.block_len();
+        let blocks = self.blocks();
         self.data
             .par_chunks_mut(block_len)
             .enumerate()
-            .for_each(|(blk, dst)| {
+            .for_each(|(bb, dst)| {
+                let (b, blk) = (bb / blocks, bb % blocks);
                 let mut at = 0;
                 for c0 in (0..cin).step_by(cc) {
                     let cl = cc.min(cin - c0);
@@ -110,7 +137,11 @@ impl PackedWeights {
                         for c in 0..cl {
                             for lane in 0..nr {
                                 let o = blk * nr + lane;
-                                dst[at] = if o < cout { weight(o, c0 + c, t) } else { 0.0 };
+                                dst[at] = if o < cout {
+                                    weight(b, o, c0 + c, t)
+                                } else {
+                                    0.0
+                                };
                                 at += 1;
                             }
                         }
@@ -126,10 +157,14 @@ impl PackedWeights {
 ///
 /// Output pixel `(y, x)` reads input channel `i` of tap `t` at
 /// `in_base + y·in_row + x·in_pix + taps[t] + i`, and writes channel `o` at
-/// `out_base + y·out_row + x·out_pix + o`.
+/// `out_base + y·out_row + x·out_pix + o`. A batch of `batch` convolutions (with the
+/// matrices of a batched [`PackedWeights`]) moves both by `in_batch` and `out_batch` per item.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvGeom<'a> {
     pub taps: &'a [usize],
+    pub batch: usize,
+    pub in_batch: usize,
+    pub out_batch: usize,
     pub out_h: usize,
     pub out_w: usize,
     pub in_base: usize,
@@ -140,11 +175,12 @@ pub struct ConvGeom<'a> {
     pub out_pix: usize,
 }
 
-/// What is applied to each output once its sum is complete, in this order: `+ noise[pixel]`
-/// (pixel `y·out_w + x`), `+ bias[channel]`, leaky ReLU with `slope`, `× gain`, clamp to
-/// `±clamp`.
+/// What is applied to each output once its sum is complete, in this order: `× scale[channel]`,
+/// `+ noise[pixel]` (pixel `y·out_w + x`), `+ bias[channel]`, leaky ReLU with `slope`,
+/// `× gain`, clamp to `±clamp`.
 #[derive(Debug, Clone, Copy)]
 pub struct Epilogue<'a> {
+    pub scale: Option<&'a [f32]>,
     pub noise: Option<&'a [f32]>,
     pub bias: Option<&'a [f32]>,
     pub slope: Option<f32>,
@@ -155,6 +191,7 @@ pub struct Epilogue<'a> {
 impl Epilogue<'_> {
     /// The plain sum.
     pub const NONE: Epilogue<'static> = Epilogue {
+        scale: None,
         noise: None,
         bias: None,
         slope: None,
@@ -163,34 +200,63 @@ impl Epilogue<'_> {
     };
 
     fn is_none(&self) -> bool {
-        self.noise.is_none()
+        self.scale.is_none()
+            && self.noise.is_none()
             && self.bias.is_none()
             && self.slope.is_none()
             && (self.gain - 1.0).abs() == 0.0
             && self.clamp.is_none()
     }
 
-    /// Applies to the `values` of output channels `co..` of pixel `pixel`.
+    /// Whether the per-pixel and per-channel values cover `pixels` and `channels`.
+    pub(super) fn fits(&self, pixels: usize, channels: usize) -> bool {
+        self.noise.is_none_or(|n| n.len() >= pixels)
+            && self.bias.is_none_or(|b| b.len() >= channels)
+            && self.scale.is_none_or(|s| s.len() >= channels)
+    }
+
+    /// Applies to the `values` of output channels `co..` of pixel `pixel`: one simple loop
+    /// per step, so each vectorizes.
     #[inline]
-    fn apply(&self, values: &mut [f32], pixel: usize, co: usize) {
+    pub(super) fn apply(&self, values: &mut [f32], pixel: usize, co: usize) {
+        let len = values.len();
+        if let Some(s) = self.scale {
+            for (v, &s) in values.iter_mut().zip(&s[co..co + len]) {
+                *v *= s;
+            }
+        }
         let n = self.noise.map_or(0.0, |n| n[pixel]);
-        let bias = self.bias.map(|b| &b[co..co + values.len()]);
-        for (j, v) in values.iter_mut().enumerate() {
-            let mut x = *v + n;
-            if let Some(b) = bias {
-                x += b[j];
+        match self.bias {
+            Some(b) => {
+                for (v, &b) in values.iter_mut().zip(&b[co..co + len]) {
+                    *v += n + b;
+                }
             }
-            if let Some(s) = self.slope
-                && x < 0.0
-            {
-                x *= s;
-            }
-            x *= self.gain;
-            if let Some(c) = self.clamp {
+            None if n != 0.0 => values.iter_mut().for_each(|v| *v += n),
+            None => {}
+        }
+        let g = self.gain;
+        match (self.slope, self.clamp) {
+            (Some(s), Some(c)) => {
                 // max/min, not f32::clamp: a negative clamp from a config must not panic.
-                x = x.max(-c).min(c);
+                for v in values.iter_mut() {
+                    let x = if *v < 0.0 { *v * s } else { *v };
+                    *v = (x * g).max(-c).min(c);
+                }
             }
-            *v = x;
+            (Some(s), None) => {
+                for v in values.iter_mut() {
+                    let x = if *v < 0.0 { *v * s } else { *v };
+                    *v = x * g;
+                }
+            }
+            (None, Some(c)) => {
+                for v in values.iter_mut() {
+                    *v = (*v * g).max(-c).min(c);
+                }
+            }
+            (None, None) if (g - 1.0).abs() > 0.0 => values.iter_mut().for_each(|v| *v *= g),
+            (None, None) => {}
         }
     }
 }
@@ -332,6 +398,12 @@ pub fn conv(
             "the {path} convolution kernels cannot run on this CPU"
         )));
     }
+    if g.batch != w.batch {
+        return Err(Error::InvalidParameter(format!(
+            "a batch of {} convolutions given weights for {}",
+            g.batch, w.batch
+        )));
+    }
     if g.taps.len() != w.taps || w.data.is_empty() {
         return Err(Error::InvalidParameter(format!(
             "{} taps given for weights packed with {}",
@@ -343,24 +415,31 @@ pub fn conv(
         return Ok(());
     }
     let max_tap = g.taps.iter().copied().max().unwrap_or(0);
+    let last = g.batch - 1;
     let in_need = reach(g.in_base, g.out_h, g.out_w, g.in_row, g.in_pix, w.cin)
         .and_then(|n| n.checked_add(max_tap))
+        .and_then(|n| n.checked_add(last.checked_mul(g.in_batch)?))
         .unwrap_or(usize::MAX);
     if in_need > input.len() {
         return Err(too_small("input", in_need, input.len()));
     }
-    let out_need =
-        reach(g.out_base, g.out_h, g.out_w, g.out_row, g.out_pix, w.cout).unwrap_or(usize::MAX);
+    let out_need = reach(g.out_base, g.out_h, g.out_w, g.out_row, g.out_pix, w.cout)
+        .and_then(|n| n.checked_add(last.checked_mul(g.out_batch)?))
+        .unwrap_or(usize::MAX);
     if out_need > out.len() {
         return Err(too_small("output", out_need, out.len()));
     }
-    if g.out_pix < w.cout || (g.out_h > 1 && g.out_row < g.out_w * g.out_pix) {
+    let one_len = g.out_h.saturating_sub(1) * g.out_row + g.out_w * g.out_pix;
+    if g.out_pix < w.cout
+        || (g.out_h > 1 && g.out_row < g.out_w * g.out_pix)
+        || (g.batch > 1 && g.out_batch < one_len)
+    {
         return Err(Error::InvalidParameter(
             "convolution output pixels overlap".into(),
         ));
     }
     let pixels = g.out_h * g.out_w;
-    if epi.noise.is_some_and(|n| n.len() < pixels) || epi.bias.is_some_and(|b| b.len() < w.cout) {
+    if !epi.fits(pixels, w.cout) {
         return Err(Error::InvalidParameter(
             "the epilogue's noise or bias is shorter than the output".into(),
         ));
@@ -379,90 +458,96 @@ pub fn conv(
         * mr;
     let strips = pixels.div_ceil(strip);
     // Output blocks are split into groups only when there are too few strips to go round.
-    let groups = blocks.min((2 * threads).div_ceil(strips)).max(1);
+    let groups = blocks.min((2 * threads).div_ceil(strips * g.batch)).max(1);
     let per_group = blocks.div_ceil(groups);
     let chunks = w.cin.div_ceil(w.cc);
     let shared = Shared(out.as_mut_ptr());
-    (0..strips * groups).into_par_iter().for_each(|item| {
-        let (s, grp) = (item / groups, item % groups);
-        let (p0, p1) = (s * strip, ((s + 1) * strip).min(pixels));
-        let (b0, b1) = (grp * per_group, ((grp + 1) * per_group).min(blocks));
-        let mut in_offs = [0usize; MAX_MR];
-        let mut out_offs = [0usize; MAX_MR];
-        let mut pix = [0usize; MAX_MR];
-        let mut scratch = [0f32; MAX_MR * MAX_NR];
-        let scratch_offs: [usize; MAX_MR] = std::array::from_fn(|m| m * nr);
-        for chunk in 0..chunks {
-            let c0 = chunk * w.cc;
-            let cl = w.cc.min(w.cin - c0);
-            let last = chunk + 1 == chunks;
-            for blk in b0..b1 {
-                let panel = &w.data[blk * w.block_len() + c0 * w.taps * nr..][..w.taps * cl * nr];
-                let co = blk * nr;
-                let valid = nr.min(w.cout - co);
-                let mut p = p0;
-                while p < p1 {
-                    let m = mr.min(p1 - p);
-                    for i in 0..m {
-                        let (y, x) = ((p + i) / g.out_w, (p + i) % g.out_w);
-                        pix[i] = p + i;
-                        in_offs[i] = g.in_base + y * g.in_row + x * g.in_pix + c0;
-                        out_offs[i] = g.out_base + y * g.out_row + x * g.out_pix + co;
-                    }
-                    let partial = valid < nr;
-                    if partial && chunk > 0 {
+    (0..g.batch * strips * groups)
+        .into_par_iter()
+        .for_each(|item| {
+            let (b, item) = (item / (strips * groups), item % (strips * groups));
+            let (s, grp) = (item / groups, item % groups);
+            let (in_b, out_b) = (b * g.in_batch, b * g.out_batch);
+            let matrix = &w.data[b * w.matrix_len()..][..w.matrix_len()];
+            let (p0, p1) = (s * strip, ((s + 1) * strip).min(pixels));
+            let (b0, b1) = (grp * per_group, ((grp + 1) * per_group).min(blocks));
+            let mut in_offs = [0usize; MAX_MR];
+            let mut out_offs = [0usize; MAX_MR];
+            let mut pix = [0usize; MAX_MR];
+            let mut scratch = [0f32; MAX_MR * MAX_NR];
+            let scratch_offs: [usize; MAX_MR] = std::array::from_fn(|m| m * nr);
+            for chunk in 0..chunks {
+                let c0 = chunk * w.cc;
+                let cl = w.cc.min(w.cin - c0);
+                let last = chunk + 1 == chunks;
+                for blk in b0..b1 {
+                    let panel =
+                        &matrix[blk * w.block_len() + c0 * w.taps * nr..][..w.taps * cl * nr];
+                    let co = blk * nr;
+                    let valid = nr.min(w.cout - co);
+                    let mut p = p0;
+                    while p < p1 {
+                        let m = mr.min(p1 - p);
                         for i in 0..m {
-                            // SAFETY: `valid` lanes of each pixel are inside the output
-                            // (checked above); this thread owns them.
-                            let src = unsafe {
-                                std::slice::from_raw_parts(shared.ptr().add(out_offs[i]), valid)
-                            };
-                            scratch[i * nr..i * nr + valid].copy_from_slice(src);
+                            let (y, x) = ((p + i) / g.out_w, (p + i) % g.out_w);
+                            pix[i] = p + i;
+                            in_offs[i] = in_b + g.in_base + y * g.in_row + x * g.in_pix + c0;
+                            out_offs[i] = out_b + g.out_base + y * g.out_row + x * g.out_pix + co;
                         }
-                    }
-                    let args = TileArgs {
-                        inp: input.as_ptr(),
-                        in_offs: &in_offs[..m],
-                        taps: g.taps,
-                        cl,
-                        w: panel.as_ptr(),
-                        out: if partial {
-                            scratch.as_mut_ptr()
-                        } else {
-                            shared.ptr()
-                        },
-                        out_offs: if partial {
-                            &scratch_offs[..m]
-                        } else {
-                            &out_offs[..m]
-                        },
-                        first: chunk == 0,
-                    };
-                    // SAFETY: the bounds check above covers every input tap and channel of
-                    // these pixels and `cout` lanes of their outputs; the panel holds
-                    // `taps·cl·NR` values; a partial block writes the scratch tile instead;
-                    // the path is available.
-                    unsafe { run_tile(path, m, &args) };
-                    for i in 0..m {
-                        if !partial && (!last || epi.is_none()) {
-                            continue;
+                        let partial = valid < nr;
+                        if partial && chunk > 0 {
+                            for i in 0..m {
+                                // SAFETY: `valid` lanes of each pixel are inside the output
+                                // (checked above); this thread owns them.
+                                let src = unsafe {
+                                    std::slice::from_raw_parts(shared.ptr().add(out_offs[i]), valid)
+                                };
+                                scratch[i * nr..i * nr + valid].copy_from_slice(src);
+                            }
                         }
-                        // SAFETY: as above: inside the output, owned by this thread.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(shared.ptr().add(out_offs[i]), valid)
+                        let args = TileArgs {
+                            inp: input.as_ptr(),
+                            in_offs: &in_offs[..m],
+                            taps: g.taps,
+                            cl,
+                            w: panel.as_ptr(),
+                            out: if partial {
+                                scratch.as_mut_ptr()
+                            } else {
+                                shared.ptr()
+                            },
+                            out_offs: if partial {
+                                &scratch_offs[..m]
+                            } else {
+                                &out_offs[..m]
+                            },
+                            first: chunk == 0,
                         };
-                        if partial {
-                            dst.copy_from_slice(&scratch[i * nr..i * nr + valid]);
+                        // SAFETY: the bounds check above covers every input tap and channel of
+                        // these pixels and `cout` lanes of their outputs; the panel holds
+                        // `taps·cl·NR` values; a partial block writes the scratch tile instead;
+                        // the path is available.
+                        unsafe { run_tile(path, m, &args) };
+                        for i in 0..m {
+                            if !partial && (!last || epi.is_none()) {
+                                continue;
+                            }
+                            // SAFETY: as above: inside the output, owned by this thread.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(shared.ptr().add(out_offs[i]), valid)
+                            };
+                            if partial {
+                                dst.copy_from_slice(&scratch[i * nr..i * nr + valid]);
+                            }
+                            if last {
+                                epi.apply(dst, pix[i], co);
+                            }
                         }
-                        if last {
-                            epi.apply(dst, pix[i], co);
-                        }
+                        p += m;
                     }
-                    p += m;
                 }
             }
-        }
-    });
+        });
     Ok(())
 }
 
@@ -512,7 +597,7 @@ pub fn fir(
             "filter output pixels overlap".into(),
         ));
     }
-    if epi.noise.is_some_and(|n| n.len() < out_h * out_w) || epi.bias.is_some_and(|b| b.len() < c) {
+    if !epi.fits(out_h * out_w, c) {
         return Err(Error::InvalidParameter(
             "the epilogue's noise or bias is shorter than the output".into(),
         ));
@@ -527,16 +612,29 @@ pub fn fir(
                     c,
                 )
             };
-            dst.fill(0.0);
-            for a in 0..kh {
-                let row = in_base + (y + a) * in_row + x * c;
-                for b in 0..kw {
-                    let k = kernel[a * kw + b];
-                    let src = &input[row + b * c..][..c];
-                    for (d, &s) in dst.iter_mut().zip(src) {
-                        *d += k * s;
+            // Sixteen channels at a time, summed over the taps in registers.
+            for c0 in (0..c).step_by(16) {
+                let cb = 16.min(c - c0);
+                let mut acc = [0f32; 16];
+                for a in 0..kh {
+                    let row = in_base + (y + a) * in_row + x * c + c0;
+                    for b in 0..kw {
+                        let k = kernel[a * kw + b];
+                        let at = row + b * c;
+                        if cb == 16 {
+                            let src: &[f32; 16] =
+                                input[at..at + 16].try_into().unwrap_or(&[0.0; 16]);
+                            for l in 0..16 {
+                                acc[l] += k * src[l];
+                            }
+                        } else {
+                            for (d, &s) in acc.iter_mut().zip(&input[at..at + cb]) {
+                                *d += k * s;
+                            }
+                        }
                     }
                 }
+                dst[c0..c0 + cb].copy_from_slice(&acc[..cb]);
             }
             epi.apply(dst, y * out_w + x, 0);
         }
@@ -641,6 +739,9 @@ mod tests {
                 let mut out = vec![f32::NAN; (oh + 2) * orow];
                 let geom = ConvGeom {
                     taps: &taps,
+                    batch: 1,
+                    in_batch: 0,
+                    out_batch: 0,
                     out_h: oh,
                     out_w: ow,
                     in_base: 0,
@@ -673,6 +774,7 @@ mod tests {
     #[test]
     fn the_epilogue_adds_noise_and_bias_then_activates_and_clamps() {
         let e = Epilogue {
+            scale: None,
             noise: Some(&[0.5, -4.0]),
             bias: Some(&[1.0, 2.0, -3.0]),
             slope: Some(0.2),
@@ -699,6 +801,9 @@ mod tests {
         let mut out = vec![0f32; 16];
         let geom = ConvGeom {
             taps: &[0],
+            batch: 1,
+            in_batch: 0,
+            out_batch: 0,
             out_h: 2,
             out_w: 2,
             in_base: 4,

@@ -18,6 +18,8 @@
 //!   style and demodulation into the packing.
 //! - [`Epilogue`]: noise, bias, leaky ReLU, gain and clamp applied to each output tile while it
 //!   is still in cache (NVIDIA's `bias_act`).
+//! - [`winograd_conv3x3`]: Winograd F(2×2, 3×3) and F(4×4, 3×3) for 3×3 stride-1 layers, its
+//!   `n²` matrix products run by the same micro-kernels.
 //! - [`fir`]: the FIR filter of `upfirdn2d` over a channels-last map, with the same epilogue.
 //!
 //! The work is split over rayon's pool (persistent, `RAYON_NUM_THREADS` threads) by strips of
@@ -25,10 +27,12 @@
 //! from frame to frame, so a steady state allocates nothing.
 
 mod conv;
+mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use conv::{ConvGeom, Epilogue, PackedWeights, conv, fir};
+pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 
 use candle_core::{Device, Tensor};
 
@@ -60,6 +64,30 @@ impl FeatureMap {
         self.pad = pad;
         self.data.clear();
         self.data.resize(len, 0.0);
+        Ok(())
+    }
+
+    /// [`Self::reset`] for a map whose interior the caller overwrites entirely: only the
+    /// border is zeroed (the interior holds stale values until then).
+    pub fn reset_border(&mut self, h: usize, w: usize, c: usize, pad: usize) -> Result<()> {
+        let len = (h + 2 * pad)
+            .checked_mul(w + 2 * pad)
+            .and_then(|n| n.checked_mul(c))
+            .ok_or_else(|| Error::InvalidParameter(format!("a {h}×{w}×{c} map is too large")))?;
+        (self.h, self.w, self.c, self.pad) = (h, w, c, pad);
+        self.data.resize(len, 0.0);
+        if pad == 0 {
+            return Ok(());
+        }
+        let row = self.row_stride();
+        let rows = h + 2 * pad;
+        self.data[..pad * row].fill(0.0);
+        self.data[(rows - pad) * row..].fill(0.0);
+        for y in pad..rows - pad {
+            let r = &mut self.data[y * row..(y + 1) * row];
+            r[..pad * c].fill(0.0);
+            r[row - pad * c..].fill(0.0);
+        }
         Ok(())
     }
 

@@ -23,7 +23,10 @@ use candle_core::{Storage, Tensor};
 
 use super::{Block, LRELU_SLOPE, Noise, SynthesisLayer, ToRgb, phase, upsample2d};
 use crate::error::{Error, Result};
-use crate::nn::{self, ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights};
+use crate::nn::{
+    self, ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights, WinogradScratch, WinogradTile,
+    WinogradWeights,
+};
 
 /// Calls `f` with the values of a contiguous f32 tensor on the CPU, without copying them.
 fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
@@ -53,12 +56,13 @@ pub(super) fn squared_sums(weight: &Tensor) -> Result<Vec<f32>> {
 
 /// Buffers reused from frame to frame.
 pub(super) struct Scratch {
-    path: KernelPath,
     x: FeatureMap,
     y: FeatureMap,
     full: FeatureMap,
     rgb: FeatureMap,
+    /// toRGB's weights with the style folded in (3 × in: repacked per sample, cheaply).
     packed: PackedWeights,
+    winograd: WinogradScratch,
     scale: Vec<f32>,
     demod: Vec<f32>,
     noise: Vec<f32>,
@@ -66,19 +70,70 @@ pub(super) struct Scratch {
 }
 
 impl Scratch {
-    pub(super) fn new(path: KernelPath) -> Self {
+    /// The output becomes the next layer's input.
+    fn swap(&mut self) {
+        std::mem::swap(&mut self.x, &mut self.y);
+    }
+
+    fn new(path: KernelPath) -> Self {
         Self {
-            path,
             x: FeatureMap::default(),
             y: FeatureMap::default(),
             full: FeatureMap::default(),
             rgb: FeatureMap::default(),
             packed: PackedWeights::new(path),
+            winograd: WinogradScratch::default(),
             scale: Vec::new(),
             demod: Vec::new(),
             noise: Vec::new(),
             taps: Vec::new(),
         }
+    }
+}
+
+/// One phase of an up-sampling layer's transposed convolution: the `(ky, kx)` taps of the
+/// stored (flipped) kernel it uses, packed.
+struct UpPhase {
+    q: (usize, usize),
+    taps: Vec<(usize, usize)>,
+    packed: PackedWeights,
+}
+
+/// A synthesis layer's weights, packed once (the style and demodulation are applied to the
+/// activations per sample, not to the weights).
+enum Prepared {
+    /// A 3×3 stride-1 layer, Winograd-transformed.
+    Conv(WinogradWeights),
+    /// An up-sampling layer: its four phases.
+    Up(Vec<UpPhase>),
+}
+
+/// The native state of a generator: the kernel path, the packed weights of every synthesis
+/// layer (in the order of [`super::StyleGan2::noise_buffers`]) and the buffers.
+pub(super) struct Native {
+    path: KernelPath,
+    layers: Vec<Prepared>,
+    scratch: Mutex<Scratch>,
+}
+
+/// The Winograd tile of the 3×3 layers: F(4×4, 3×3), 4× fewer multiplications than direct.
+const TILE: WinogradTile = WinogradTile::F4;
+
+impl Native {
+    /// Packs every synthesis layer of `blocks` for `path`.
+    pub(super) fn new(path: KernelPath, blocks: &[Block]) -> Result<Self> {
+        let mut layers = Vec::new();
+        for b in blocks {
+            if let Some(conv0) = &b.conv0 {
+                layers.push(prepare_up(path, conv0)?);
+            }
+            layers.push(prepare_conv(path, &b.conv1)?);
+        }
+        Ok(Self {
+            path,
+            layers,
+            scratch: Mutex::new(Scratch::new(path)),
+        })
     }
 
     pub(super) fn path(&self) -> KernelPath {
@@ -86,9 +141,50 @@ impl Scratch {
     }
 }
 
-/// The native state of a generator: the kernel path and its buffers.
-pub(super) struct Native {
-    pub(super) scratch: Mutex<Scratch>,
+fn prepare_conv(path: KernelPath, layer: &SynthesisLayer) -> Result<Prepared> {
+    let (out_ch, in_ch, k, kw) = layer.weight.dims4()?;
+    if (k, kw) != (3, 3) {
+        return Err(Error::InvalidParameter(format!(
+            "the native kernels take 3×3 synthesis layers, not {k}×{kw}"
+        )));
+    }
+    let w = with_values(&layer.weight.contiguous()?, <[f32]>::to_vec)?;
+    Ok(Prepared::Conv(WinogradWeights::new(
+        path,
+        TILE,
+        out_ch,
+        in_ch,
+        |o, i, ky, kx| w[((o * in_ch + i) * 3 + ky) * 3 + kx],
+    )?))
+}
+
+fn prepare_up(path: KernelPath, layer: &SynthesisLayer) -> Result<Prepared> {
+    let (out_ch, in_ch, k, _) = layer.weight.dims4()?;
+    let w = with_values(&layer.weight.contiguous()?, <[f32]>::to_vec)?;
+    let mut phases = Vec::with_capacity(4);
+    for qy in 0..2 {
+        // The taps of a phase do not depend on the map size (only its length does).
+        let py = phase(qy, k, 1);
+        for qx in 0..2 {
+            let px = phase(qx, k, 1);
+            let taps: Vec<(usize, usize)> = py
+                .taps
+                .iter()
+                .flat_map(|&jy| px.taps.iter().map(move |&jx| (jy, jx)))
+                .collect();
+            let mut packed = PackedWeights::new(path);
+            packed.pack(out_ch, in_ch, taps.len(), |o, i, t| {
+                let (ky, kx) = taps[t];
+                w[((o * in_ch + i) * k + ky) * k + kx]
+            })?;
+            phases.push(UpPhase {
+                q: (qy, qx),
+                taps,
+                packed,
+            });
+        }
+    }
+    Ok(Prepared::Up(phases))
 }
 
 /// The style of a layer, `affine(w) · gain`, into `out`.
@@ -111,25 +207,6 @@ fn layer_noise(noise: &mut Noise<'_>, layer: &SynthesisLayer, out: &mut Vec<f32>
     }
 }
 
-/// The modulated (and demodulated) weights of `layer` for style `s`, packed for the taps
-/// `taps` (`(ky, kx)` of the stored, possibly flipped, kernel).
-fn pack_modulated(
-    packed: &mut PackedWeights,
-    layer: &SynthesisLayer,
-    s: &[f32],
-    demod: &[f32],
-    taps: &[(usize, usize)],
-) -> Result<()> {
-    let (out_ch, in_ch, k, _) = layer.weight.dims4()?;
-    let kk = k * k;
-    with_values(&layer.weight, |w| {
-        packed.pack(out_ch, in_ch, taps.len(), |o, i, t| {
-            let (ky, kx) = taps[t];
-            w[(o * in_ch + i) * kk + ky * k + kx] * s[i] * demod[o]
-        })
-    })?
-}
-
 /// `d_o = 1/sqrt(Σ_i s_i² · Σ_t w(o, i, t)² + 1e-8)`.
 fn demodulation(layer: &SynthesisLayer, s: &[f32], out: &mut Vec<f32>) -> Result<()> {
     let (out_ch, in_ch, _, _) = layer.weight.dims4()?;
@@ -146,15 +223,17 @@ fn demodulation(layer: &SynthesisLayer, s: &[f32], out: &mut Vec<f32>) -> Result
     Ok(())
 }
 
-/// The epilogue of a synthesis layer: `lrelu(x + noise + bias) · √2·gain`, clamped to
+/// The epilogue of a synthesis layer: `lrelu(x·demod + noise + bias) · √2·gain`, clamped to
 /// `±clamp·gain`.
 fn layer_epilogue<'a>(
     layer: &'a SynthesisLayer,
+    demod: &'a [f32],
     noise: Option<&'a [f32]>,
     gain: f64,
     clamp: Option<f64>,
 ) -> Epilogue<'a> {
     Epilogue {
+        scale: Some(demod),
         noise,
         bias: Some(&layer.bias_values),
         slope: Some(LRELU_SLOPE as f32),
@@ -164,58 +243,59 @@ fn layer_epilogue<'a>(
 }
 
 impl Scratch {
-    /// A 3×3 modulated convolution (`conv1`, or `conv0` of the 4×4 block) from `x` into `y`.
+    /// A 3×3 modulated convolution (`conv1`) from `x` into `y`: the style scales the input
+    /// in the Winograd input transform, the demodulation the output in the epilogue.
     fn conv(
         &mut self,
+        prepared: &Prepared,
         layer: &SynthesisLayer,
         w: &Tensor,
         noise: &mut Noise<'_>,
         gain: f64,
         clamp: Option<f64>,
     ) -> Result<()> {
+        let Prepared::Conv(weights) = prepared else {
+            return Err(Error::InvalidParameter(
+                "a layer packed for another shape".into(),
+            ));
+        };
         styles(&layer.affine, w, 1.0, &mut self.scale)?;
         demodulation(layer, &self.scale, &mut self.demod)?;
-        let k = layer.kernel;
-        let taps: Vec<(usize, usize)> = (0..k * k).map(|t| (t / k, t % k)).collect();
-        pack_modulated(&mut self.packed, layer, &self.scale, &self.demod, &taps)?;
-        let (h, w_, cin) = (self.x.h, self.x.w, self.x.c);
-        let cout = self.packed.cout();
-        let pad = k / 2;
-        if self.x.pad < pad {
-            return Err(Error::InvalidParameter(
-                "a map without room for its padding".into(),
-            ));
-        }
-        let row = self.x.row_stride();
-        self.taps.clear();
-        self.taps
-            .extend(taps.iter().map(|&(ky, kx)| ky * row + kx * cin));
         let has_noise = layer_noise(noise, layer, &mut self.noise)?;
-        self.y.reset(h, w_, cout, 1)?;
-        let geom = ConvGeom {
-            taps: &self.taps,
-            out_h: h,
-            out_w: w_,
-            in_base: self.x.at(0, 0) - pad * row - pad * cin,
-            in_row: row,
-            in_pix: cin,
-            out_base: self.y.at(0, 0),
-            out_row: self.y.row_stride(),
-            out_pix: cout,
-        };
-        let epi = layer_epilogue(layer, has_noise.then_some(&self.noise[..]), gain, clamp);
-        nn::conv(&self.packed, &self.x.data, &geom, &mut self.y.data, &epi)
+        self.y.reset_border(self.x.h, self.x.w, weights.cout(), 1)?;
+        let epi = layer_epilogue(
+            layer,
+            &self.demod,
+            has_noise.then_some(&self.noise[..]),
+            gain,
+            clamp,
+        );
+        nn::winograd_conv3x3(
+            weights,
+            &self.x,
+            Some(&self.scale),
+            &mut self.y,
+            &mut self.winograd,
+            &epi,
+        )
     }
 
-    /// The up-sampling `conv0`: the transposed convolution's four phases into `full`, then the
-    /// FIR filter and the epilogue into `y`.
+    /// The up-sampling `conv0`: the style scales `x` in place (nothing reads it afterwards),
+    /// the transposed convolution's four phases write `full`, then the FIR filter and the
+    /// epilogue (with the demodulation: the filter is linear) write `y`.
     fn conv_up(
         &mut self,
+        prepared: &Prepared,
         layer: &SynthesisLayer,
         w: &Tensor,
         noise: &mut Noise<'_>,
         clamp: Option<f64>,
     ) -> Result<()> {
+        let Prepared::Up(phases) = prepared else {
+            return Err(Error::InvalidParameter(
+                "a layer packed for another shape".into(),
+            ));
+        };
         let filter = layer.up_filter.as_ref().ok_or_else(|| {
             Error::InvalidParameter("an up-sampling layer without its filter".into())
         })?;
@@ -223,51 +303,54 @@ impl Scratch {
         demodulation(layer, &self.scale, &mut self.demod)?;
         let k = layer.kernel;
         let (n, cin) = (self.x.h, self.x.c);
+        if self.scale.len() != cin {
+            return Err(Error::InvalidParameter("a style for another width".into()));
+        }
+        for px in self.x.data.chunks_exact_mut(cin) {
+            for (v, &s) in px.iter_mut().zip(&self.scale) {
+                *v *= s;
+            }
+        }
         let cout = layer.weight.dims4()?.0;
         let full_n = 2 * n + k - 2;
-        self.full.reset(full_n, full_n, cout, 1)?;
+        // The four phases write every interior pixel.
+        self.full.reset_border(full_n, full_n, cout, 1)?;
         let row = self.x.row_stride();
-        for qy in 0..2 {
-            let py = phase(qy, k, n);
-            for qx in 0..2 {
-                let px = phase(qx, k, n);
-                // Input index of output t for tap j: t + (q + j − k + 1)/2, plus the border.
-                let at = |q: usize, j: usize| -> Result<usize> {
-                    let off = (q as isize + j as isize - k as isize + 1) / 2 + self.x.pad as isize;
-                    usize::try_from(off).map_err(|_| {
-                        Error::InvalidParameter(
-                            "a transposed convolution reads before its map".into(),
-                        )
-                    })
-                };
-                let mut taps = Vec::with_capacity(py.taps.len() * px.taps.len());
-                self.taps.clear();
-                for &jy in &py.taps {
-                    for &jx in &px.taps {
-                        taps.push((jy, jx));
-                        self.taps.push(at(qy, jy)? * row + at(qx, jx)? * cin);
-                    }
-                }
-                pack_modulated(&mut self.packed, layer, &self.scale, &self.demod, &taps)?;
-                let geom = ConvGeom {
-                    taps: &self.taps,
-                    out_h: py.len,
-                    out_w: px.len,
-                    in_base: 0,
-                    in_row: row,
-                    in_pix: cin,
-                    out_base: self.full.at(qy, qx),
-                    out_row: 2 * self.full.row_stride(),
-                    out_pix: 2 * cout,
-                };
-                nn::conv(
-                    &self.packed,
-                    &self.x.data,
-                    &geom,
-                    &mut self.full.data,
-                    &Epilogue::NONE,
-                )?;
+        for ph in phases {
+            let (qy, qx) = ph.q;
+            let (py, px) = (phase(qy, k, n), phase(qx, k, n));
+            // Input index of output t for tap j: t + (q + j − k + 1)/2, plus the border.
+            let at = |q: usize, j: usize| -> Result<usize> {
+                let off = (q as isize + j as isize - k as isize + 1) / 2 + self.x.pad as isize;
+                usize::try_from(off).map_err(|_| {
+                    Error::InvalidParameter("a transposed convolution reads before its map".into())
+                })
+            };
+            self.taps.clear();
+            for &(jy, jx) in &ph.taps {
+                self.taps.push(at(qy, jy)? * row + at(qx, jx)? * cin);
             }
+            let geom = ConvGeom {
+                taps: &self.taps,
+                batch: 1,
+                in_batch: 0,
+                out_batch: 0,
+                out_h: py.len,
+                out_w: px.len,
+                in_base: 0,
+                in_row: row,
+                in_pix: cin,
+                out_base: self.full.at(qy, qx),
+                out_row: 2 * self.full.row_stride(),
+                out_pix: 2 * cout,
+            };
+            nn::conv(
+                &ph.packed,
+                &self.x.data,
+                &geom,
+                &mut self.full.data,
+                &Epilogue::NONE,
+            )?;
         }
         // conv2d_resample's padding of the full output, as in `modulated_up2`.
         let (p, fw, fh) = (
@@ -291,7 +374,13 @@ impl Scratch {
         self.y.reset(out, out, cout, 1)?;
         let frow = self.full.row_stride();
         let in_base = ((border - pad_y) as usize) * frow + ((border - pad_x) as usize) * cout;
-        let epi = layer_epilogue(layer, has_noise.then_some(&self.noise[..]), 1.0, clamp);
+        let epi = layer_epilogue(
+            layer,
+            &self.demod,
+            has_noise.then_some(&self.noise[..]),
+            1.0,
+            clamp,
+        );
         let (out_base, out_row) = (self.y.at(0, 0), self.y.row_stride());
         nn::fir(
             &self.full.data,
@@ -321,11 +410,14 @@ impl Scratch {
                 .pack(img_ch, in_ch, 1, |o, i, _| wv[o * in_ch + i] * s[i])
         })??;
         let (h, w_) = (self.x.h, self.x.w);
-        self.rgb.reset(h, w_, img_ch, 0)?;
+        self.rgb.reset_border(h, w_, img_ch, 0)?;
         self.taps.clear();
         self.taps.push(0);
         let geom = ConvGeom {
             taps: &self.taps,
+            batch: 1,
+            in_batch: 0,
+            out_batch: 0,
             out_h: h,
             out_w: w_,
             in_base: self.x.at(0, 0),
@@ -336,6 +428,7 @@ impl Scratch {
             out_pix: img_ch,
         };
         let epi = Epilogue {
+            scale: None,
             noise: None,
             bias: Some(&torgb.bias_values),
             slope: None,
@@ -351,13 +444,25 @@ impl Scratch {
 /// captured layer, as [`StyleGan2::synthesize_one`].
 pub(super) fn synthesize_one(
     gan: &super::StyleGan2,
-    scratch: &mut Scratch,
+    native: &Native,
     ws: &Tensor,
     noise: &mut Noise<'_>,
     layer: Option<&str>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let clamp = gan.info.conv_clamp;
     let device = &gan.device;
+    // A panic in an earlier frame leaves only buffers behind: reuse them.
+    let mut guard = native
+        .scratch
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let scratch = &mut *guard;
+    let mut prepared = native.layers.iter();
+    let mut next = || {
+        prepared
+            .next()
+            .ok_or_else(|| Error::InvalidParameter("more layers than were packed".into()))
+    };
     let mut captured = None;
     let w_row = |idx: usize| -> Result<Tensor> { Ok(ws.narrow(0, idx, 1)?) };
     let mut img: Option<Tensor> = None;
@@ -385,9 +490,9 @@ pub(super) fn synthesize_one(
         } = b;
         match conv0 {
             None => {
-                scratch.conv(conv1, &w_row(wi)?, noise, 1.0, clamp)?;
+                scratch.conv(next()?, conv1, &w_row(wi)?, noise, 1.0, clamp)?;
                 wi += 1;
-                std::mem::swap(&mut scratch.x, &mut scratch.y);
+                scratch.swap();
                 capture(&format!("b{r}.conv1"), &scratch.x)?;
             }
             Some(conv0) => {
@@ -401,18 +506,18 @@ pub(super) fn synthesize_one(
                     }
                     None => None,
                 };
-                scratch.conv_up(conv0, &w_row(wi)?, noise, clamp)?;
+                scratch.conv_up(next()?, conv0, &w_row(wi)?, noise, clamp)?;
                 wi += 1;
-                std::mem::swap(&mut scratch.x, &mut scratch.y);
+                scratch.swap();
                 capture(&format!("b{r}.conv0"), &scratch.x)?;
                 let gain = if shortcut.is_some() {
                     0.5f64.sqrt()
                 } else {
                     1.0
                 };
-                scratch.conv(conv1, &w_row(wi)?, noise, gain, clamp)?;
+                scratch.conv(next()?, conv1, &w_row(wi)?, noise, gain, clamp)?;
                 wi += 1;
-                std::mem::swap(&mut scratch.x, &mut scratch.y);
+                scratch.swap();
                 capture(&format!("b{r}.conv1"), &scratch.x)?;
                 if let Some(y) = shortcut {
                     if y.data.len() != scratch.x.data.len() {
