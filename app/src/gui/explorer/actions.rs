@@ -741,8 +741,11 @@ impl StudioApp {
             worker.render_gan_grid(grid);
         }
         if e.shown_id != Some(e.next_request - 1) {
-            // The result arrives through a mailbox, not an event: look again soon.
-            ctx.request_repaint_after(Duration::from_millis(16));
+            // The result arrives through a mailbox; the worker asks for a repaint when it is
+            // there. This slow poll is only a safety net: polling at 60 Hz kept the UI thread
+            // (and a software renderer) busy and took a core from the render itself (a
+            // 256² config-F frame took 650 ms in the window against 300 ms headless).
+            ctx.request_repaint_after(Duration::from_millis(250));
         }
         let due = e
             .saved_at
