@@ -6,6 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    studio_inference::sys::tune_allocator();
     let cli = studio_app::cli::Cli::parse();
     // candle re-reads /proc/cpuinfo for its default thread count on every matmul unless
     // `RAYON_NUM_THREADS` is set (a tenth of a StyleGAN2 frame went to the kernel formatting

@@ -178,6 +178,32 @@ pub fn keep_corrupt(path: &std::path::Path) -> Option<std::path::PathBuf> {
     None
 }
 
+/// Tunes glibc's allocator for the image models: buffers up to 32 MiB (glibc's ceiling for
+/// this setting; a 256² VAE activation is about that) come from the heap and are reused
+/// instead of being mapped fresh and zeroed page by page on every operation, and up to
+/// 512 MiB of freed memory at the top of the heap is kept for the next operation. Measured
+/// on `studio bench sd` at 256²: VAE decode 4.87 → 4.25 s, UNet step 3.50 → 3.34 s, the
+/// same peak RSS. Call once at startup; elsewhere (other C libraries) it does nothing.
+#[allow(unsafe_code)]
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::ffi::c_int;
+        // glibc's `mallopt` parameters (malloc.h).
+        const M_TRIM_THRESHOLD: c_int = -1;
+        const M_MMAP_THRESHOLD: c_int = -3;
+        unsafe extern "C" {
+            fn mallopt(param: c_int, value: c_int) -> c_int;
+        }
+        // SAFETY: `mallopt` only adjusts allocator parameters; glibc rejects values out of
+        // range by returning 0, which leaves its defaults in place.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 32 << 20);
+            mallopt(M_TRIM_THRESHOLD, 512 << 20);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

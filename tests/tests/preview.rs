@@ -10,6 +10,8 @@ use candle_nn::{VarBuilder, VarMap};
 use studio_inference::diffusion::imaging::*;
 use studio_inference::diffusion::preview::*;
 use studio_inference::error::Error;
+use studio_inference::nn::with_kernels;
+use studio_inference::quant::KernelPath;
 use studio_tests::max_abs_diff;
 
 fn fixture_dir() -> PathBuf {
@@ -102,7 +104,15 @@ fn latent_to_rgb_matches_hand_computed_pixels() {
 
 #[test]
 fn taesd_matches_diffusers_autoencoder_tiny() {
-    let decoder = TinyDecoder::load(&fixture_dir(), &Device::Cpu).expect("load");
+    let sets = std::iter::once(None).chain(KernelPath::available_paths().into_iter().map(Some));
+    for kernels in sets {
+        let decoder = with_kernels(kernels, || TinyDecoder::load(&fixture_dir(), &Device::Cpu))
+            .expect("load");
+        check_taesd(&decoder);
+    }
+}
+
+fn check_taesd(decoder: &TinyDecoder) {
     assert_eq!(decoder.config().num_blocks, [3, 2, 1, 1]);
     assert_eq!(decoder.config().block_out_channels, [8, 8, 8, 8]);
     assert_eq!(decoder.config().layout, TaesdLayout::Diffusers);

@@ -18,6 +18,8 @@ use candle_nn::VarBuilder;
 use studio_inference::diffusion::clip::{ClipConfig, ClipTextModel, eos_positions};
 use studio_inference::diffusion::unet::{Unet, UnetConfig};
 use studio_inference::diffusion::vae::{Vae, VaeConfig};
+use studio_inference::nn::with_kernels;
+use studio_inference::quant::KernelPath;
 
 /// Largest allowed |ours − reference|, relative to the reference's largest magnitude. f32 runs of
 /// the same math in a different order differ by ~1e-6 here; a real mismatch is orders above.
@@ -202,13 +204,24 @@ fn sdxl_unet_config_reads_text_time() {
 /// Against diffusers itself.
 fn check_unet(name: &str) {
     let f = UnetFixture::load(name);
-    let unet = f.build(f.weights.clone());
-    assert_close(name, &f.run(&unet), f.io("out"));
-    assert_close(
-        &format!("{name}, 7x9 latent"),
-        &f.run_odd(&unet),
-        f.io("odd_out"),
-    );
+    for kernels in kernel_sets() {
+        let unet = with_kernels(kernels, || f.build(f.weights.clone()));
+        let what = format!("{name} on {kernels:?}");
+        assert_close(&what, &f.run(&unet), f.io("out"));
+        assert_close(
+            &format!("{what}, 7x9 latent"),
+            &f.run_odd(&unet),
+            f.io("odd_out"),
+        );
+    }
+}
+
+/// Every kernel set the convolutions can run on here: candle's ops (`None`) and each CPU
+/// path of Studio's own kernels this machine has.
+fn kernel_sets() -> Vec<Option<KernelPath>> {
+    std::iter::once(None)
+        .chain(KernelPath::available_paths().into_iter().map(Some))
+        .collect()
 }
 
 #[test]
@@ -264,17 +277,19 @@ fn vae_weights() -> HashMap<String, Tensor> {
 #[test]
 fn vae_matches_diffusers() {
     let io = load_tensors(&fixture("vae/io.safetensors"));
-    let vae = load_vae(vae_weights());
-    assert_close(
-        "vae encode (mean x scaling factor)",
-        &vae.encode(&io["image"]).expect("encode"),
-        &io["encoded"],
-    );
-    assert_close(
-        "vae decode (latents / scaling factor)",
-        &vae.decode(&io["latents"]).expect("decode"),
-        &io["decoded"],
-    );
+    for kernels in kernel_sets() {
+        let vae = with_kernels(kernels, || load_vae(vae_weights()));
+        assert_close(
+            &format!("vae encode (mean x scaling factor) on {kernels:?}"),
+            &vae.encode(&io["image"]).expect("encode"),
+            &io["encoded"],
+        );
+        assert_close(
+            &format!("vae decode (latents / scaling factor) on {kernels:?}"),
+            &vae.decode(&io["latents"]).expect("decode"),
+            &io["decoded"],
+        );
+    }
 }
 
 #[test]

@@ -18,8 +18,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::nn::Conv2d;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -207,7 +209,7 @@ enum Layer {
     },
     /// conv-relu-conv-relu-conv, plus the input (or a 1×1 skip conv), then ReLU.
     Block {
-        convs: [Conv2d; 3],
+        convs: Box<[Conv2d; 3]>,
         skip: Option<Conv2d>,
     },
     Upsample(usize),
@@ -300,7 +302,9 @@ impl TinyDecoder {
             padding: 1,
             ..Conv2dConfig::default()
         };
-        let conv3 = |vb: VarBuilder, o: usize, n: usize| candle_nn::conv2d(n, o, 3, pad, vb);
+        let conv3 = |vb: VarBuilder, o: usize, n: usize| -> Result<Conv2d> {
+            Conv2d::new(candle_nn::conv2d(n, o, 3, pad, vb)?)
+        };
         let mut index = start;
         let c0 = config.block_out_channels.first().copied().unwrap_or(0);
         // Validates the config's stage lists.
@@ -320,21 +324,21 @@ impl TinyDecoder {
         {
             for _ in 0..n_blocks {
                 let b = vb.pp(index).pp("conv");
-                let convs = [
+                let convs = Box::new([
                     conv3(b.pp(0), c, channels)?,
                     conv3(b.pp(2), c, c)?,
                     conv3(b.pp(4), c, c)?,
-                ];
+                ]);
                 let skip = if channels == c {
                     None
                 } else {
-                    Some(candle_nn::conv2d_no_bias(
+                    Some(Conv2d::new(candle_nn::conv2d_no_bias(
                         channels,
                         c,
                         1,
                         Conv2dConfig::default(),
                         vb.pp(index).pp("skip"),
-                    )?)
+                    )?)?)
                 };
                 layers.push(Layer::Block { convs, skip });
                 channels = c;
@@ -343,7 +347,7 @@ impl TinyDecoder {
             if stage + 1 < stages {
                 layers.push(Layer::Upsample(config.upsampling_scaling_factor));
                 index += 1;
-                let conv = candle_nn::conv2d_no_bias(c, c, 3, pad, vb.pp(index))?;
+                let conv = Conv2d::new(candle_nn::conv2d_no_bias(c, c, 3, pad, vb.pp(index))?)?;
                 layers.push(Layer::Conv { conv, relu: false });
             } else {
                 layers.push(Layer::Conv {

@@ -251,7 +251,7 @@ fn heads_for(cross_attention_dim: usize, channels: usize) -> usize {
 
 /// The UNet.
 pub struct Unet {
-    conv_in: candle_nn::Conv2d,
+    conv_in: crate::nn::Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     add: Option<(Timesteps, TimestepEmbedding)>,
@@ -259,7 +259,7 @@ pub struct Unet {
     mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: candle_nn::GroupNorm,
-    conv_out: candle_nn::Conv2d,
+    conv_out: crate::nn::Conv2d,
     config: UnetConfig,
 }
 
@@ -287,7 +287,13 @@ impl Unet {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = candle_nn::conv2d(c.in_channels, b0, 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = crate::nn::Conv2d::new(candle_nn::conv2d(
+            c.in_channels,
+            b0,
+            3,
+            pad1,
+            vb.pp("conv_in"),
+        )?)?;
         let time_proj = Timesteps::new(b0, true, 0.0);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), b0, temb)?;
         let add = match c.text_time {
@@ -351,7 +357,13 @@ impl Unet {
         }
         let norm_out =
             candle_nn::group_norm(c.norm_num_groups, b0, c.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = candle_nn::conv2d(b0, c.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        let conv_out = crate::nn::Conv2d::new(candle_nn::conv2d(
+            b0,
+            c.out_channels,
+            3,
+            pad1,
+            vb.pp("conv_out"),
+        )?)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -425,11 +437,11 @@ impl Unet {
             xs = block.forward(&xs, &skips, &temb, context, size)?;
         }
         let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
-        Ok(self.conv_out.forward(&xs)?)
+        self.conv_out.forward(&xs)
     }
 
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.conv_in.weight().dtype()
+        self.conv_in.dtype()
     }
 }

@@ -12,7 +12,9 @@
 //! `upcast_softmax`) and the probabilities cast back before they weigh the values.
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use crate::nn::Conv2d;
 
 use crate::error::{Error, Result};
 
@@ -57,11 +59,11 @@ fn conv3x3(
         stride,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(c_in, c_out, 3, cfg, vb.pp(name))?)
+    Conv2d::new(candle_nn::conv2d(c_in, c_out, 3, cfg, vb.pp(name))?)
 }
 
 fn conv1x1(vb: &VarBuilder, name: &str, c_in: usize, c_out: usize) -> Result<Conv2d> {
-    Ok(candle_nn::conv2d(
+    Conv2d::new(candle_nn::conv2d(
         c_in,
         c_out,
         1,
@@ -136,7 +138,7 @@ impl Downsample {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.conv.forward(xs)?)
+        self.conv.forward(xs)
     }
 }
 
@@ -158,7 +160,7 @@ impl Upsample {
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        Ok(self.conv.forward(&xs.upsample_nearest2d(th, tw)?)?)
+        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
     }
 }
 

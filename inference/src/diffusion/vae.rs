@@ -106,8 +106,8 @@ pub struct Vae {
     enc_mid: VaeMidBlock,
     enc_norm: candle_nn::GroupNorm,
     enc_conv_out: Conv3x3,
-    quant_conv: Option<candle_nn::Conv2d>,
-    post_quant_conv: Option<candle_nn::Conv2d>,
+    quant_conv: Option<crate::nn::Conv2d>,
+    post_quant_conv: Option<crate::nn::Conv2d>,
     dec_conv_in: Conv3x3,
     dec_mid: VaeMidBlock,
     dec_up: Vec<UpDecoderBlock>,
@@ -135,8 +135,15 @@ impl Vae {
         let groups = c.norm_num_groups;
         let same = Padding::same(1);
         let conv3 = |vb: &VarBuilder, c_in, c_out| Conv3x3::load(vb, c_in, c_out, 1, same);
-        let conv1 =
-            |vb: VarBuilder, c| candle_nn::conv2d(c, c, 1, candle_nn::Conv2dConfig::default(), vb);
+        let conv1 = |vb: VarBuilder, c| -> Result<crate::nn::Conv2d> {
+            crate::nn::Conv2d::new(candle_nn::conv2d(
+                c,
+                c,
+                1,
+                candle_nn::Conv2dConfig::default(),
+                vb,
+            )?)
+        };
         let enc = vb.pp("encoder");
         let enc_conv_in = conv3(&enc.pp("conv_in"), 3, ch[0])?;
         let enc_down = (0..n)

@@ -8,7 +8,9 @@
 //! scores for a chunk of query rows at a time (softmax is per row, so chunking is exact).
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use crate::nn::Conv2d;
 
 use crate::error::{Error, Result};
 
@@ -140,24 +142,37 @@ pub fn conv3x3_banded(
     Ok(out)
 }
 
-/// A 3×3 convolution with bias that runs in bands of rows above a memory budget
+/// A 3×3 convolution with bias: on Studio's CPU kernels where they run (no unfolded input,
+/// so no banding), otherwise candle's, in bands of rows above a memory budget
 /// ([`conv3x3_banded`]).
 #[derive(Debug, Clone)]
 pub struct Conv3x3 {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    /// Candle's weight and bias, kept only where candle runs the convolution.
+    candle: Option<(Tensor, Option<Tensor>)>,
+    native: Option<crate::nn::Conv2d>,
     stride: usize,
     padding: Padding,
 }
 
 impl Conv3x3 {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, stride: usize, padding: Padding) -> Self {
-        Self {
-            weight,
-            bias,
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: Padding,
+    ) -> Result<Self> {
+        let pads = [padding.top, padding.bottom, padding.left, padding.right];
+        let native = crate::nn::Conv2d::native(&weight, bias.as_ref(), stride, pads)?;
+        Ok(Self {
+            candle: if native.is_some() {
+                None
+            } else {
+                Some((weight, bias))
+            },
+            native,
             stride,
             padding,
-        }
+        })
     }
 
     /// Loads `weight` `(c_out, c_in, 3, 3)` and `bias` from `vb`.
@@ -169,17 +184,19 @@ impl Conv3x3 {
         padding: Padding,
     ) -> Result<Self> {
         let conv = candle_nn::conv2d(c_in, c_out, 3, Conv2dConfig::default(), vb.clone())?;
-        Ok(Self::new(
-            conv.weight().clone(),
-            conv.bias().cloned(),
-            stride,
-            padding,
-        ))
+        Self::new(conv.weight().clone(), conv.bias().cloned(), stride, padding)
     }
 
     pub fn forward(&self, xs: &Tensor, budget_bytes: usize) -> Result<Tensor> {
-        let ys = conv3x3_banded(xs, &self.weight, self.stride, self.padding, budget_bytes)?;
-        Ok(match &self.bias {
+        if let Some(native) = &self.native {
+            return native.forward(xs);
+        }
+        let (weight, bias) = self
+            .candle
+            .as_ref()
+            .ok_or_else(|| Error::InvalidParameter("a convolution without weights".into()))?;
+        let ys = conv3x3_banded(xs, weight, self.stride, self.padding, budget_bytes)?;
+        Ok(match bias {
             Some(bias) => ys.broadcast_add(&bias.reshape((1, bias.dims1()?, 1, 1))?)?,
             None => ys,
         })
@@ -216,13 +233,13 @@ impl VaeResnet {
             conv_shortcut: if c_in == c_out {
                 None
             } else {
-                Some(candle_nn::conv2d(
+                Some(Conv2d::new(candle_nn::conv2d(
                     c_in,
                     c_out,
                     1,
                     Conv2dConfig::default(),
                     vb.pp("conv_shortcut"),
-                )?)
+                )?)?)
             },
         })
     }

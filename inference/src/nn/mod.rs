@@ -27,11 +27,13 @@
 //! from frame to frame, so a steady state allocates nothing.
 
 mod conv;
+mod layers;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use conv::{ConvGeom, Epilogue, PackedWeights, conv, fir};
+pub use layers::{Conv2d, default_kernels, with_kernels};
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 
 use candle_core::{Device, Tensor};
@@ -103,23 +105,57 @@ impl FeatureMap {
 
     /// The interior as a `(1, c, h, w)` tensor.
     pub fn to_nchw(&self, device: &Device) -> Result<Tensor> {
+        let mut v = vec![0f32; self.c * self.h * self.w];
+        self.write_nchw(&mut v);
+        Ok(Tensor::from_vec(v, (1, self.c, self.h, self.w), device)?)
+    }
+
+    /// Writes the interior planar (`c × h × w`) into `dst` (which holds at least that many).
+    /// Row by row: each row of the map is read from cache while its channels are scattered.
+    pub fn write_nchw(&self, dst: &mut [f32]) {
         let (h, w, c) = (self.h, self.w, self.c);
-        let mut v = vec![0f32; c * h * w];
         for y in 0..h {
-            for x in 0..w {
-                let src = &self.data[self.at(y, x)..][..c];
-                for (ch, &val) in src.iter().enumerate() {
-                    v[(ch * h + y) * w + x] = val;
+            let row = &self.data[self.at(y, 0)..][..w * c];
+            for ch in 0..c {
+                let out = &mut dst[(ch * h + y) * w..][..w];
+                for (x, o) in out.iter_mut().enumerate() {
+                    *o = row[x * c + ch];
                 }
             }
         }
-        Ok(Tensor::from_vec(v, (1, c, h, w), device)?)
     }
 
-    /// Fills the interior from a `(1, c, h, w)` (or `(c, h, w)`) tensor, after
-    /// [`Self::reset`] with its shape.
+    /// Fills the map from planar values (`c × h × w`), with a `pad` border.
+    pub fn load_planar(
+        &mut self,
+        src: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        pad: usize,
+    ) -> Result<()> {
+        if src.len() < c * h * w {
+            return Err(Error::InvalidParameter(format!(
+                "{} values for a {c}×{h}×{w} map",
+                src.len()
+            )));
+        }
+        self.reset_border(h, w, c, pad)?;
+        for y in 0..h {
+            let at = self.at(y, 0);
+            let row = &mut self.data[at..at + w * c];
+            for ch in 0..c {
+                let plane = &src[(ch * h + y) * w..][..w];
+                for (x, &v) in plane.iter().enumerate() {
+                    row[x * c + ch] = v;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills the interior from a `(1, c, h, w)` (or `(c, h, w)`) tensor, with a `pad` border.
     pub fn load_nchw(&mut self, t: &Tensor, pad: usize) -> Result<()> {
-        let t = t.to_dtype(candle_core::DType::F32)?;
         let (c, h, w) = match t.dims() {
             [1, c, h, w] | [c, h, w] => (*c, *h, *w),
             other => {
@@ -128,16 +164,22 @@ impl FeatureMap {
                 )));
             }
         };
-        let v = t.flatten_all()?.to_vec1::<f32>()?;
-        self.reset(h, w, c, pad)?;
-        for y in 0..h {
-            for x in 0..w {
-                let at = self.at(y, x);
-                for ch in 0..c {
-                    self.data[at + ch] = v[(ch * h + y) * w + x];
-                }
-            }
-        }
-        Ok(())
+        let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        with_values(&t, |v| self.load_planar(v, c, h, w, pad))?
     }
+}
+
+/// Calls `f` with the values of a contiguous f32 tensor on the CPU, without copying them.
+pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::InvalidParameter(
+            "the native kernels need tensors on the CPU".into(),
+        ));
+    };
+    let values = cpu.as_slice::<f32>()?;
+    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
+        Error::InvalidParameter("the native kernels need contiguous tensors".into())
+    })?;
+    Ok(f(&values[a..b]))
 }

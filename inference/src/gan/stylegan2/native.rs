@@ -19,29 +19,14 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Storage, Tensor};
+use candle_core::Tensor;
 
 use super::{Block, LRELU_SLOPE, Noise, SynthesisLayer, ToRgb, phase, upsample2d};
 use crate::error::{Error, Result};
 use crate::nn::{
     self, ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights, WinogradScratch, WinogradTile,
-    WinogradWeights,
+    WinogradWeights, with_values,
 };
-
-/// Calls `f` with the values of a contiguous f32 tensor on the CPU, without copying them.
-fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::InvalidParameter(
-            "the native kernels need tensors on the CPU".into(),
-        ));
-    };
-    let values = cpu.as_slice::<f32>()?;
-    let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
-        Error::InvalidParameter("the native kernels need contiguous tensors".into())
-    })?;
-    Ok(f(&values[a..b]))
-}
 
 /// Per layer: `Σ_t w(o, i, t)²`, `(out, in)` row-major, for the demodulation.
 pub(super) fn squared_sums(weight: &Tensor) -> Result<Vec<f32>> {
