@@ -5,6 +5,25 @@ pub fn peak_rss_mb() -> Option<f64> {
     status_kib("VmHWM:").map(|kib| kib as f64 / 1024.0)
 }
 
+/// Hands freed heap memory back to the OS and restarts the peak RSS count from the current
+/// RSS (Linux: `malloc_trim`, then `5` written to `/proc/self/clear_refs`), so a benchmark
+/// measures what running a model takes, not building it from random weights (whose
+/// generator keeps a second copy while the kernels pack theirs). `false` where unsupported.
+#[allow(unsafe_code)]
+pub fn reset_peak_rss() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: `malloc_trim` only returns free heap pages to the OS.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Current resident set size in MiB (Linux `VmRSS`).
 pub fn rss_mb() -> Option<f64> {
     status_kib("VmRSS:").map(|kib| kib as f64 / 1024.0)

@@ -1,7 +1,8 @@
 //! Timing the Stable Diffusion building blocks on an SD-1.5-shaped model with random weights
 //! (the real shapes, so the real cost; built in memory, nothing read from disk): one UNet step
 //! with classifier-free guidance (batch 2), the full VAE decode, and each preview method.
-//! Driven by `studio bench sd`.
+//! Driven by `studio bench sd`. The peak RSS is counted from after the build (see
+//! [`crate::sys::reset_peak_rss`]), as loading a checkpoint holds one copy of each weight.
 
 use std::time::Instant;
 
@@ -69,11 +70,18 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 pub fn run(sizes: &[u32], runs: usize, log: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>> {
     let device = Device::Cpu;
     log("building an SD-1.5-shaped UNet, VAE and TAESD decoder with random weights");
-    let map = VarMap::new();
-    let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
-    let unet = Unet::new(&vb.pp("unet"), sd15_unet_config())?;
-    let vae = Vae::new(&vb.pp("vae"), VaeConfig::sd(0.18215))?;
-    let taesd = TinyDecoder::new(&vb.pp("taesd"), TinyDecoderConfig::default())?;
+    let (unet, vae, taesd) = {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
+        (
+            Unet::new(&vb.pp("unet"), sd15_unet_config())?,
+            Vae::new(&vb.pp("vae"), VaeConfig::sd(0.18215))?,
+            TinyDecoder::new(&vb.pp("taesd"), TinyDecoderConfig::default())?,
+        )
+    };
+    // The generator's copies of weights the kernels packed are gone now: the peak counts
+    // from the models as they run.
+    crate::sys::reset_peak_rss();
     let mut rows = Vec::new();
     for &size in sizes {
         let l = (size / 8) as usize;

@@ -174,6 +174,8 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// Studio's attention kernel on the CPU (`None`: candle's matmuls and softmax).
+    kernels: Option<crate::nn::KernelPath>,
 }
 
 impl Attention {
@@ -191,6 +193,7 @@ impl Attention {
             to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            kernels: crate::nn::default_kernels(vb.device()),
         })
     }
 
@@ -210,6 +213,14 @@ impl Attention {
         let q = self.split_heads(&self.to_q.forward(xs)?)?;
         let k = self.split_heads(&self.to_k.forward(context)?)?;
         let v = self.split_heads(&self.to_v.forward(context)?)?;
+        if let Some(path) = self.kernels.filter(|_| dtype == DType::F32) {
+            // A block of queries at a time: the full score matrix never exists.
+            let (b, _, t, _) = q.dims4()?;
+            let out = crate::nn::attention(path, &q, &k, &v, self.scale as f32)?
+                .transpose(1, 2)?
+                .reshape((b, t, ()))?;
+            return Ok(self.to_out.forward(&out)?);
+        }
         // Scores and softmax in f32 whatever the weights' dtype (f16 scores can overflow); the
         // scale goes on the keys, the smaller operand in cross-attention.
         let k = (k.to_dtype(DType::F32)? * self.scale)?;

@@ -645,19 +645,7 @@ pub fn fir(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A small deterministic generator (xorshift) of values in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::nn::test_values::{map_from_nhwc, values};
 
     /// Plain convolution over a zero-padded NHWC input: `k × k` taps, `stride`, `pad`.
     #[allow(clippy::too_many_arguments)]
@@ -720,14 +708,7 @@ mod tests {
                 let x = values(h * w * cin, n as u64 + 1);
                 let wt = values(cout * cin * k * k, n as u64 + 100);
                 let (want, mag, oh, ow) = reference(&x, h, w, cin, &wt, cout, k, stride, pad);
-                let mut map = super::super::FeatureMap::default();
-                map.reset(h, w, cin, pad).expect("map");
-                for y in 0..h {
-                    for xx in 0..w {
-                        let at = map.at(y, xx);
-                        map.data[at..at + cin].copy_from_slice(&x[(y * w + xx) * cin..][..cin]);
-                    }
-                }
+                let map = map_from_nhwc(&x, h, w, cin, pad);
                 let mut packed = PackedWeights::new(path);
                 packed
                     .pack(cout, cin, k * k, |o, i, t| wt[(o * cin + i) * k * k + t])

@@ -287,3 +287,71 @@ impl Native {
         Ok(Tensor::from_vec(result, (n, cout, oh, ow), x.device())?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::test_values::values;
+
+    fn candle_conv(
+        cout: usize,
+        cin: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> candle_nn::Conv2d {
+        let w = Tensor::from_vec(
+            values(cout * cin * k * k, 3),
+            (cout, cin, k, k),
+            &Device::Cpu,
+        )
+        .expect("weight");
+        let b = Tensor::from_vec(values(cout, 4), cout, &Device::Cpu).expect("bias");
+        let cfg = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        candle_nn::Conv2d::new(w, Some(b), cfg)
+    }
+
+    #[test]
+    fn native_layers_match_candle_and_refuse_wrong_inputs() {
+        // 3×3 stride 1 and 2 (odd sizes, batch 2), 1×1.
+        for (cout, cin, k, stride, padding, h, w) in [
+            (5, 3, 3, 1, 1, 7, 9),
+            (6, 4, 3, 2, 1, 9, 6),
+            (3, 17, 1, 1, 0, 5, 5),
+        ] {
+            let x = Tensor::from_vec(values(2 * cin * h * w, 9), (2, cin, h, w), &Device::Cpu)
+                .expect("x");
+            let reference = candle_conv(cout, cin, k, stride, padding)
+                .forward(&x)
+                .expect("candle");
+            for path in KernelPath::available_paths() {
+                let conv = with_kernels(Some(path), || {
+                    Conv2d::new(candle_conv(cout, cin, k, stride, padding))
+                })
+                .expect("native");
+                assert_eq!(conv.kernels(), Some(path));
+                let ours = conv.forward(&x).expect("forward");
+                assert_eq!(ours.dims(), reference.dims());
+                let d = (ours - &reference)
+                    .expect("sub")
+                    .abs()
+                    .expect("abs")
+                    .flatten_all()
+                    .expect("flat")
+                    .max(0)
+                    .expect("max")
+                    .to_scalar::<f32>()
+                    .expect("scalar");
+                assert!(d < 1e-5, "{path} k{k} s{stride}: {d}");
+                let wrong = Tensor::zeros((1, cin + 1, h, w), DType::F32, &Device::Cpu).expect("x");
+                assert!(conv.forward(&wrong).is_err(), "wrong channel count");
+            }
+        }
+        let none = with_kernels(None, || Conv2d::new(candle_conv(2, 2, 3, 1, 1))).expect("candle");
+        assert_eq!(none.kernels(), None);
+    }
+}

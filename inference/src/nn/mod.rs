@@ -20,18 +20,22 @@
 //!   is still in cache (NVIDIA's `bias_act`).
 //! - [`winograd_conv3x3`]: Winograd F(2×2, 3×3) and F(4×4, 3×3) for 3×3 stride-1 layers, its
 //!   `n²` matrix products run by the same micro-kernels.
+//! - [`attention`]: memory-efficient attention (a block of queries at a time) on the same
+//!   micro-kernels.
 //! - [`fir`]: the FIR filter of `upfirdn2d` over a channels-last map, with the same epilogue.
 //!
 //! The work is split over rayon's pool (persistent, `RAYON_NUM_THREADS` threads) by strips of
 //! output pixels and groups of output channels; buffers belong to the caller and are reused
 //! from frame to frame, so a steady state allocates nothing.
 
+mod attention;
 mod conv;
 mod layers;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use attention::attention;
 pub use conv::{ConvGeom, Epilogue, PackedWeights, conv, fir};
 pub use layers::{Conv2d, default_kernels, with_kernels};
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
@@ -182,4 +186,36 @@ pub(crate) fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<
         Error::InvalidParameter("the native kernels need contiguous tensors".into())
     })?;
     Ok(f(&values[a..b]))
+}
+
+/// Test inputs shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod test_values {
+    use super::FeatureMap;
+
+    /// A small deterministic generator (xorshift) of values in [-1, 1).
+    pub fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// A map with a `pad` border holding `x` (`h × w × c`, channels-last).
+    pub fn map_from_nhwc(x: &[f32], h: usize, w: usize, c: usize, pad: usize) -> FeatureMap {
+        let mut map = FeatureMap::default();
+        map.reset(h, w, c, pad).expect("map");
+        for y in 0..h {
+            for xx in 0..w {
+                let at = map.at(y, xx);
+                map.data[at..at + c].copy_from_slice(&x[(y * w + xx) * c..][..c]);
+            }
+        }
+        map
+    }
 }

@@ -415,18 +415,7 @@ pub fn winograd_conv3x3(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::nn::test_values::{map_from_nhwc, values};
 
     #[test]
     fn winograd_matches_direct_convolution_on_awkward_shapes() {
@@ -444,14 +433,7 @@ mod tests {
                     let x = values(h * w * cin, k as u64 + 1);
                     let wt = values(cout * cin * 9, k as u64 + 50);
                     let scale = values(cin, k as u64 + 99);
-                    let mut map = FeatureMap::default();
-                    map.reset(h, w, cin, 1).expect("map");
-                    for y in 0..h {
-                        for xx in 0..w {
-                            let at = map.at(y, xx);
-                            map.data[at..at + cin].copy_from_slice(&x[(y * w + xx) * cin..][..cin]);
-                        }
-                    }
+                    let map = map_from_nhwc(&x, h, w, cin, 1);
                     // Reference: direct sums in f64 over the zero-padded input.
                     let mut mag_max = 0f64;
                     let mut want = vec![0f64; h * w * cout];
