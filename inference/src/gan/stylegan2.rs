@@ -179,8 +179,6 @@ struct SynthesisLayer {
     bias: Tensor,
     /// The bias as values, for the native epilogue.
     bias_values: Vec<f32>,
-    /// `Σ_t w(o, i, t)²` per `(out, in)`, for the native demodulation.
-    squared: Vec<f32>,
     noise_const: Tensor,
     noise_strength: f64,
     resolution: usize,
@@ -226,7 +224,6 @@ impl SynthesisLayer {
         };
         Ok(Self {
             affine,
-            squared: native::squared_sums(&weight)?,
             weight,
             kernel: 3,
             bias_values: bias.flatten_all()?.to_vec1::<f32>()?,

@@ -104,7 +104,7 @@ pub fn attention(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_values::values;
+    use crate::nn::test_values::{max_abs_diff, values};
     use candle_core::Device;
 
     #[test]
@@ -126,16 +126,7 @@ mod tests {
                 .expect("pv");
             for path in KernelPath::available_paths() {
                 let got = attention(path, &q, &k, &v, scale).expect("attention");
-                let d = (got - &want)
-                    .expect("sub")
-                    .abs()
-                    .expect("abs")
-                    .flatten_all()
-                    .expect("flat")
-                    .max(0)
-                    .expect("max")
-                    .to_scalar::<f32>()
-                    .expect("scalar");
+                let d = max_abs_diff(&got, &want);
                 assert!(d < 2e-5, "{path} ({b},{h},{n},{m}): {d}");
             }
         }

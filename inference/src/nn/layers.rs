@@ -291,7 +291,7 @@ impl Native {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::test_values::values;
+    use crate::nn::test_values::{max_abs_diff, values};
 
     fn candle_conv(
         cout: usize,
@@ -336,16 +336,7 @@ mod tests {
                 assert_eq!(conv.kernels(), Some(path));
                 let ours = conv.forward(&x).expect("forward");
                 assert_eq!(ours.dims(), reference.dims());
-                let d = (ours - &reference)
-                    .expect("sub")
-                    .abs()
-                    .expect("abs")
-                    .flatten_all()
-                    .expect("flat")
-                    .max(0)
-                    .expect("max")
-                    .to_scalar::<f32>()
-                    .expect("scalar");
+                let d = max_abs_diff(&ours, &reference);
                 assert!(d < 1e-5, "{path} k{k} s{stride}: {d}");
                 let wrong = Tensor::zeros((1, cin + 1, h, w), DType::F32, &Device::Cpu).expect("x");
                 assert!(conv.forward(&wrong).is_err(), "wrong channel count");

@@ -206,6 +206,17 @@ pub(crate) mod test_values {
             .collect()
     }
 
+    /// The largest absolute difference between two tensors of one shape.
+    pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims(), "shapes differ");
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference")
+    }
+
     /// A map with a `pad` border holding `x` (`h × w × c`, channels-last).
     pub fn map_from_nhwc(x: &[f32], h: usize, w: usize, c: usize, pad: usize) -> FeatureMap {
         let mut map = FeatureMap::default();

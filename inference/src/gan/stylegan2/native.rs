@@ -29,7 +29,7 @@ use crate::nn::{
 };
 
 /// Per layer: `Σ_t w(o, i, t)²`, `(out, in)` row-major, for the demodulation.
-pub(super) fn squared_sums(weight: &Tensor) -> Result<Vec<f32>> {
+fn squared_sums(weight: &Tensor) -> Result<Vec<f32>> {
     let (o, i, kh, kw) = weight.dims4()?;
     let taps = kh * kw;
     with_values(&weight.contiguous()?, |w| {
@@ -85,8 +85,13 @@ struct UpPhase {
 }
 
 /// A synthesis layer's weights, packed once (the style and demodulation are applied to the
-/// activations per sample, not to the weights).
-enum Prepared {
+/// activations per sample, not to the weights), and `Σ_t w(o, i, t)²` for the demodulation.
+struct Prepared {
+    kind: PreparedKind,
+    squared: Vec<f32>,
+}
+
+enum PreparedKind {
     /// A 3×3 stride-1 layer, Winograd-transformed.
     Conv(WinogradWeights),
     /// An up-sampling layer: its four phases.
@@ -110,9 +115,15 @@ impl Native {
         let mut layers = Vec::new();
         for b in blocks {
             if let Some(conv0) = &b.conv0 {
-                layers.push(prepare_up(path, conv0)?);
+                layers.push(Prepared {
+                    kind: prepare_up(path, conv0)?,
+                    squared: squared_sums(&conv0.weight)?,
+                });
             }
-            layers.push(prepare_conv(path, &b.conv1)?);
+            layers.push(Prepared {
+                kind: prepare_conv(path, &b.conv1)?,
+                squared: squared_sums(&b.conv1.weight)?,
+            });
         }
         Ok(Self {
             path,
@@ -126,7 +137,7 @@ impl Native {
     }
 }
 
-fn prepare_conv(path: KernelPath, layer: &SynthesisLayer) -> Result<Prepared> {
+fn prepare_conv(path: KernelPath, layer: &SynthesisLayer) -> Result<PreparedKind> {
     let (out_ch, in_ch, k, kw) = layer.weight.dims4()?;
     if (k, kw) != (3, 3) {
         return Err(Error::InvalidParameter(format!(
@@ -134,7 +145,7 @@ fn prepare_conv(path: KernelPath, layer: &SynthesisLayer) -> Result<Prepared> {
         )));
     }
     let w = with_values(&layer.weight.contiguous()?, <[f32]>::to_vec)?;
-    Ok(Prepared::Conv(WinogradWeights::new(
+    Ok(PreparedKind::Conv(WinogradWeights::new(
         path,
         TILE,
         out_ch,
@@ -143,7 +154,7 @@ fn prepare_conv(path: KernelPath, layer: &SynthesisLayer) -> Result<Prepared> {
     )?))
 }
 
-fn prepare_up(path: KernelPath, layer: &SynthesisLayer) -> Result<Prepared> {
+fn prepare_up(path: KernelPath, layer: &SynthesisLayer) -> Result<PreparedKind> {
     let (out_ch, in_ch, k, _) = layer.weight.dims4()?;
     let w = with_values(&layer.weight.contiguous()?, <[f32]>::to_vec)?;
     let mut phases = Vec::with_capacity(4);
@@ -169,7 +180,7 @@ fn prepare_up(path: KernelPath, layer: &SynthesisLayer) -> Result<Prepared> {
             });
         }
     }
-    Ok(Prepared::Up(phases))
+    Ok(PreparedKind::Up(phases))
 }
 
 /// The style of a layer, `affine(w) · gain`, into `out`.
@@ -193,11 +204,21 @@ fn layer_noise(noise: &mut Noise<'_>, layer: &SynthesisLayer, out: &mut Vec<f32>
 }
 
 /// `d_o = 1/sqrt(Σ_i s_i² · Σ_t w(o, i, t)² + 1e-8)`.
-fn demodulation(layer: &SynthesisLayer, s: &[f32], out: &mut Vec<f32>) -> Result<()> {
+fn demodulation(
+    layer: &SynthesisLayer,
+    squared: &[f32],
+    s: &[f32],
+    out: &mut Vec<f32>,
+) -> Result<()> {
     let (out_ch, in_ch, _, _) = layer.weight.dims4()?;
+    if squared.len() != out_ch * in_ch {
+        return Err(Error::InvalidParameter(
+            "a layer packed for another shape".into(),
+        ));
+    }
     out.clear();
     out.extend((0..out_ch).map(|o| {
-        let row = &layer.squared[o * in_ch..(o + 1) * in_ch];
+        let row = &squared[o * in_ch..(o + 1) * in_ch];
         let sum: f64 = row
             .iter()
             .zip(s)
@@ -239,13 +260,13 @@ impl Scratch {
         gain: f64,
         clamp: Option<f64>,
     ) -> Result<()> {
-        let Prepared::Conv(weights) = prepared else {
+        let PreparedKind::Conv(weights) = &prepared.kind else {
             return Err(Error::InvalidParameter(
                 "a layer packed for another shape".into(),
             ));
         };
         styles(&layer.affine, w, 1.0, &mut self.scale)?;
-        demodulation(layer, &self.scale, &mut self.demod)?;
+        demodulation(layer, &prepared.squared, &self.scale, &mut self.demod)?;
         let has_noise = layer_noise(noise, layer, &mut self.noise)?;
         self.y.reset_border(self.x.h, self.x.w, weights.cout(), 1)?;
         let epi = layer_epilogue(
@@ -276,7 +297,7 @@ impl Scratch {
         noise: &mut Noise<'_>,
         clamp: Option<f64>,
     ) -> Result<()> {
-        let Prepared::Up(phases) = prepared else {
+        let PreparedKind::Up(phases) = &prepared.kind else {
             return Err(Error::InvalidParameter(
                 "a layer packed for another shape".into(),
             ));
@@ -285,7 +306,7 @@ impl Scratch {
             Error::InvalidParameter("an up-sampling layer without its filter".into())
         })?;
         styles(&layer.affine, w, 1.0, &mut self.scale)?;
-        demodulation(layer, &self.scale, &mut self.demod)?;
+        demodulation(layer, &prepared.squared, &self.scale, &mut self.demod)?;
         let k = layer.kernel;
         let (n, cin) = (self.x.h, self.x.c);
         if self.scale.len() != cin {
