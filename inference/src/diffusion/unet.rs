@@ -258,7 +258,7 @@ pub struct Unet {
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
-    norm_out: candle_nn::GroupNorm,
+    norm_out: crate::nn::GroupNorm,
     conv_out: crate::nn::Conv2d,
     config: UnetConfig,
 }
@@ -356,7 +356,7 @@ impl Unet {
             )?);
         }
         let norm_out =
-            candle_nn::group_norm(c.norm_num_groups, b0, c.norm_eps, vb.pp("conv_norm_out"))?;
+            crate::nn::GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, b0, c.norm_eps)?;
         let conv_out = crate::nn::Conv2d::new(candle_nn::conv2d(
             b0,
             c.out_channels,
@@ -436,7 +436,7 @@ impl Unet {
             };
             xs = block.forward(&xs, &skips, &temb, context, size)?;
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        let xs = self.norm_out.forward(&xs, true)?;
         self.conv_out.forward(&xs)
     }
 

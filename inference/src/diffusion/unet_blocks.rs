@@ -11,10 +11,10 @@
 //! scores and their softmax are computed in f32 (diffusers' `upcast_attention` /
 //! `upcast_softmax`) and the probabilities cast back before they weigh the values.
 
-use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, GroupNorm};
 
 use crate::error::{Error, Result};
 
@@ -85,8 +85,7 @@ pub struct ResnetBlock {
 
 impl ResnetBlock {
     pub fn new(vb: &VarBuilder, c_in: usize, c_out: usize, cfg: &BlockConfig) -> Result<Self> {
-        let norm =
-            |name: &str, c: usize| candle_nn::group_norm(cfg.groups, c, cfg.eps, vb.pp(name));
+        let norm = |name: &str, c: usize| GroupNorm::load(&vb.pp(name), cfg.groups, c, cfg.eps);
         Ok(Self {
             norm1: norm("norm1", c_in)?,
             conv1: conv3x3(vb, "conv1", c_in, c_out, 1)?,
@@ -104,18 +103,14 @@ impl ResnetBlock {
     /// `temb_act` is the time embedding already passed through SiLU (every resnet applies the
     /// same activation to the same embedding, so the UNet does it once per step).
     pub fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
         let t = self
             .time_emb_proj
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -251,11 +246,7 @@ impl FeedForward {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let gated = h
-            .narrow(D::Minus1, 0, inner)?
-            .mul(&h.narrow(D::Minus1, inner, inner)?.gelu_erf()?)?;
+        let gated = crate::nn::geglu(&self.proj.forward(xs)?)?;
         Ok(self.out.forward(&gated)?)
     }
 }
@@ -327,7 +318,7 @@ impl Transformer2D {
         };
         let vbb = vb.pp("transformer_blocks");
         Ok(Self {
-            norm: candle_nn::group_norm(groups, channels, TRANSFORMER_NORM_EPS, vb.pp("norm"))?,
+            norm: GroupNorm::load(&vb.pp("norm"), groups, channels, TRANSFORMER_NORM_EPS)?,
             proj_in: proj("proj_in")?,
             blocks: (0..cfg.layers)
                 .map(|i| TransformerBlock::new(&vbb.pp(i.to_string()), channels, cfg))
@@ -340,7 +331,7 @@ impl Transformer2D {
         let (b, c, h, w) = xs.dims4()?;
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
         let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
-        let normed = self.norm.forward(xs)?;
+        let normed = self.norm.forward(xs, false)?;
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
             Projection::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,

@@ -5,7 +5,7 @@
 //! img2img and inpainting are reproducible from the seed alone) and applies the model's scaling
 //! factor.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -13,6 +13,7 @@ use super::vae_blocks::{
     Conv3x3, DownEncoderBlock, MemoryBudget, Padding, UpDecoderBlock, VaeMidBlock,
 };
 use crate::error::Result;
+use crate::nn::GroupNorm;
 
 /// `vae/config.json`, the fields used.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -104,14 +105,14 @@ pub struct Vae {
     enc_conv_in: Conv3x3,
     enc_down: Vec<DownEncoderBlock>,
     enc_mid: VaeMidBlock,
-    enc_norm: candle_nn::GroupNorm,
+    enc_norm: GroupNorm,
     enc_conv_out: Conv3x3,
     quant_conv: Option<crate::nn::Conv2d>,
     post_quant_conv: Option<crate::nn::Conv2d>,
     dec_conv_in: Conv3x3,
     dec_mid: VaeMidBlock,
     dec_up: Vec<UpDecoderBlock>,
-    dec_norm: candle_nn::GroupNorm,
+    dec_norm: GroupNorm,
     dec_conv_out: Conv3x3,
     config: VaeConfig,
     budget: MemoryBudget,
@@ -159,7 +160,7 @@ impl Vae {
             })
             .collect::<Result<Vec<_>>>()?;
         let enc_mid = VaeMidBlock::new(&enc.pp("mid_block"), ch[n - 1], groups)?;
-        let enc_norm = candle_nn::group_norm(groups, ch[n - 1], 1e-6, enc.pp("conv_norm_out"))?;
+        let enc_norm = GroupNorm::load(&enc.pp("conv_norm_out"), groups, ch[n - 1], 1e-6)?;
         let enc_conv_out = conv3(&enc.pp("conv_out"), ch[n - 1], 2 * lat)?;
         let quant_conv = if c.use_quant_conv {
             Some(conv1(vb.pp("quant_conv"), 2 * lat)?)
@@ -187,7 +188,7 @@ impl Vae {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let dec_norm = candle_nn::group_norm(groups, ch[0], 1e-6, dec.pp("conv_norm_out"))?;
+        let dec_norm = GroupNorm::load(&dec.pp("conv_norm_out"), groups, ch[0], 1e-6)?;
         let dec_conv_out = conv3(&dec.pp("conv_out"), ch[0], 3)?;
         Ok(Self {
             enc_conv_in,
@@ -231,7 +232,7 @@ impl Vae {
             xs = block.forward(&xs, budget)?;
         }
         let xs = self.enc_mid.forward(&xs, budget)?;
-        let xs = candle_nn::ops::silu(&self.enc_norm.forward(&xs)?)?;
+        let xs = self.enc_norm.forward(&xs, true)?;
         let mut moments = self.enc_conv_out.forward(&xs, budget.conv_bytes)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
@@ -252,10 +253,8 @@ impl Vae {
         for block in &self.dec_up {
             xs = block.forward(&xs, budget)?;
         }
-        let normed = self.dec_norm.forward(&xs)?;
+        let normed = self.dec_norm.forward(&xs, true)?;
         drop(xs);
-        let xs = candle_nn::ops::silu(&normed)?;
-        drop(normed);
-        self.dec_conv_out.forward(&xs, budget.conv_bytes)
+        self.dec_conv_out.forward(&normed, budget.conv_bytes)
     }
 }

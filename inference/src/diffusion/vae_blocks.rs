@@ -8,9 +8,9 @@
 //! scores for a chunk of query rows at a time (softmax is per row, so chunking is exact).
 
 use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, GroupNorm};
 
 use crate::error::{Error, Result};
 
@@ -204,12 +204,7 @@ impl Conv3x3 {
 }
 
 fn group_norm(vb: &VarBuilder, name: &str, groups: usize, channels: usize) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(groups, channels, EPS, vb.pp(name))?)
-}
-
-fn silu_norm(norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
-    let normed = norm.forward(xs)?;
-    Ok(candle_nn::ops::silu(&normed)?)
+    GroupNorm::load(&vb.pp(name), groups, channels, EPS)
 }
 
 /// diffusers' `ResnetBlock2D` without a time embedding (SiLU, output scale 1).
@@ -246,9 +241,9 @@ impl VaeResnet {
 
     pub fn forward(&self, xs: &Tensor, budget: &MemoryBudget) -> Result<Tensor> {
         // One full-size temporary at a time besides the input.
-        let h = silu_norm(&self.norm1, xs)?;
+        let h = self.norm1.forward(xs, true)?;
         let h = self.conv1.forward(&h, budget.conv_bytes)?;
-        let h = silu_norm(&self.norm2, &h)?;
+        let h = self.norm2.forward(&h, true)?;
         let h = self.conv2.forward(&h, budget.conv_bytes)?;
         Ok(match &self.conv_shortcut {
             Some(conv) => (conv.forward(xs)? + h)?,
@@ -304,7 +299,7 @@ impl VaeAttention {
         let dtype = xs.dtype();
         let tokens = self
             .group_norm
-            .forward(xs)?
+            .forward(xs, false)?
             .reshape((b, c, t))?
             .transpose(1, 2)?;
         // Scores in f32 whatever the dtype; the 1/√c scale split between queries and keys.

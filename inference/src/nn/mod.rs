@@ -22,6 +22,7 @@
 //!   `n²` matrix products run by the same micro-kernels.
 //! - [`attention`]: memory-efficient attention (a block of queries at a time) on the same
 //!   micro-kernels.
+//! - [`GroupNorm`] (fused with the SiLU after it) and [`geglu`]: one pass over memory each.
 //! - [`fir`]: the FIR filter of `upfirdn2d` over a channels-last map, with the same epilogue.
 //!
 //! The work is split over rayon's pool (persistent, `RAYON_NUM_THREADS` threads) by strips of
@@ -31,6 +32,7 @@
 mod attention;
 mod conv;
 mod layers;
+mod pointwise;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -38,6 +40,7 @@ mod x86;
 pub use attention::attention;
 pub use conv::{ConvGeom, Epilogue, PackedWeights, conv, fir};
 pub use layers::{Conv2d, default_kernels, with_kernels};
+pub use pointwise::{GroupNorm, geglu};
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 
 use candle_core::{Device, Tensor};
