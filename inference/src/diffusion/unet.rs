@@ -287,13 +287,10 @@ impl Unet {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = crate::nn::Conv2d::new(candle_nn::conv2d(
-            c.in_channels,
-            b0,
-            3,
-            pad1,
-            vb.pp("conv_in"),
-        )?)?;
+        let conv_in = crate::nn::Conv2d::with_winograd(
+            candle_nn::conv2d(c.in_channels, b0, 3, pad1, vb.pp("conv_in"))?,
+            super::unet_blocks::UNET_WINOGRAD,
+        )?;
         let time_proj = Timesteps::new(b0, true, 0.0);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), b0, temb)?;
         let add = match c.text_time {

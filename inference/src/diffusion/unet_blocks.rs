@@ -14,7 +14,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
-use crate::nn::{Conv2d, GroupNorm};
+use crate::nn::{Conv2d, GroupNorm, Winograd};
 
 use crate::error::{Error, Result};
 
@@ -47,6 +47,16 @@ const TRANSFORMER_NORM_EPS: f64 = 1e-6;
 /// The transformer blocks' LayerNorm epsilon (diffusers' default `norm_eps`).
 const LAYER_NORM_EPS: f64 = 1e-5;
 
+/// The UNet's 3×3 layers at its first level (SD's 320 channels, up to 960 in) run as
+/// F(4×4, 3×3) Winograd and those at its second (640, up to 1920 in) as F(2×2, 3×3); the
+/// deeper levels, whose maps are small and weights large, convolve directly. Measured at
+/// 256² on 2 cores (SD-1.5, f32): UNet step 2.73 -> 2.32 s for about 0.25 GB more weights,
+/// where F(2×2) everywhere (2.13 s) took 1.8 GB more.
+pub(crate) const UNET_WINOGRAD: Winograd = Winograd {
+    f4_up_to: 960 * 320,
+    f2_up_to: 1920 * 640,
+};
+
 fn conv3x3(
     vb: &VarBuilder,
     name: &str,
@@ -59,7 +69,10 @@ fn conv3x3(
         stride,
         ..Default::default()
     };
-    Conv2d::new(candle_nn::conv2d(c_in, c_out, 3, cfg, vb.pp(name))?)
+    Conv2d::with_winograd(
+        candle_nn::conv2d(c_in, c_out, 3, cfg, vb.pp(name))?,
+        UNET_WINOGRAD,
+    )
 }
 
 fn conv1x1(vb: &VarBuilder, name: &str, c_in: usize, c_out: usize) -> Result<Conv2d> {
@@ -288,7 +301,7 @@ impl TransformerBlock {
 
 #[derive(Debug)]
 enum Projection {
-    Conv(Conv2d),
+    Conv(Box<Conv2d>),
     Linear(Linear),
 }
 
@@ -313,7 +326,7 @@ impl Transformer2D {
             Ok(if cfg.linear_projection {
                 Projection::Linear(candle_nn::linear(channels, channels, vb.pp(name))?)
             } else {
-                Projection::Conv(conv1x1(vb, name, channels, channels)?)
+                Projection::Conv(Box::new(conv1x1(vb, name, channels, channels)?))
             })
         };
         let vbb = vb.pp("transformer_blocks");

@@ -10,7 +10,7 @@
 use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, Linear, VarBuilder};
 
-use crate::nn::{Conv2d, GroupNorm};
+use crate::nn::{Conv2d, GroupNorm, Winograd};
 
 use crate::error::{Error, Result};
 
@@ -142,6 +142,13 @@ pub fn conv3x3_banded(
     Ok(out)
 }
 
+/// The VAE's 3×3 layers up to 256 channels (the full- and half-resolution levels) run as
+/// F(4×4, 3×3) Winograd, the 512-channel ones as F(2×2, 3×3).
+const VAE_WINOGRAD: Winograd = Winograd {
+    f4_up_to: 256 * 256,
+    f2_up_to: 512 * 512,
+};
+
 /// A 3×3 convolution with bias: on Studio's CPU kernels where they run (no unfolded input,
 /// so no banding), otherwise candle's, in bands of rows above a memory budget
 /// ([`conv3x3_banded`]).
@@ -162,7 +169,7 @@ impl Conv3x3 {
         padding: Padding,
     ) -> Result<Self> {
         let pads = [padding.top, padding.bottom, padding.left, padding.right];
-        let native = crate::nn::Conv2d::native(&weight, bias.as_ref(), stride, pads)?;
+        let native = crate::nn::Conv2d::native(&weight, bias.as_ref(), stride, pads, VAE_WINOGRAD)?;
         Ok(Self {
             candle: if native.is_some() {
                 None

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5·2²³
     let x = x.clamp(-87.336_54, 88.722_83);
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
@@ -30,9 +31,12 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 0.5);
     let y = (p * r).mul_add(r, r) + 1.0;
-    // `n` is in −126..=128 after the clamp: 2^n is a normal float's bits (128 gives inf).
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` is an integer in −126..=128 after the clamp: 2^n is a normal float's bits (128 gives
+    // inf). Added to 1.5·2²³, `n` lands in the low mantissa bits, read back with integer
+    // arithmetic that vectorizes (an `as i32` cast is a saturating scalar conversion per lane:
+    // it kept softmax loops scalar).
+    let bits = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
+    let scale = f32::from_bits(bits.wrapping_add(127) << 23);
     y * scale
 }
 

@@ -15,7 +15,10 @@ use std::cell::Cell;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::{ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights, with_values};
+use super::{
+    ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights, WinogradScratch, WinogradTile,
+    WinogradWeights, winograd_conv3x3, with_values,
+};
 use crate::error::{Error, Result};
 
 /// A per-thread choice of kernels, set while [`with_kernels`] runs.
@@ -50,52 +53,100 @@ pub fn with_kernels<R>(kernels: Option<KernelPath>, build: impl FnOnce() -> R) -
     out
 }
 
-/// Maps lent to forward passes and taken back, so a steady state reuses the same memory
+/// Buffers lent to forward passes and taken back, so a steady state reuses the same memory
 /// (fresh multi-megabyte buffers cost a page fault per 4 KiB: a fifth of a VAE decode).
-static POOL: std::sync::Mutex<Vec<FeatureMap>> = std::sync::Mutex::new(Vec::new());
-/// Maps the pool keeps at most (two per forward pass in flight).
-const POOL_MAPS: usize = 4;
+type Pool<T> = std::sync::Mutex<Vec<T>>;
+static MAPS: Pool<FeatureMap> = std::sync::Mutex::new(Vec::new());
+static SCRATCH: Pool<WinogradScratch> = std::sync::Mutex::new(Vec::new());
+/// Buffers a pool keeps at most (two maps per forward pass in flight).
+const POOL_SIZE: usize = 4;
 
-/// A map from [`POOL`], returned to it on drop.
-struct Pooled(FeatureMap);
+/// A buffer from a pool, returned to it on drop.
+struct Pooled<T: Default + 'static> {
+    item: T,
+    pool: &'static Pool<T>,
+}
 
-impl Pooled {
-    fn take() -> Self {
-        let mut pool = POOL
+impl<T: Default + 'static> Pooled<T> {
+    fn take(pool: &'static Pool<T>) -> Self {
+        let item = pool
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Self(pool.pop().unwrap_or_default())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        Self { item, pool }
     }
 }
 
-impl Drop for Pooled {
+impl<T: Default + 'static> Drop for Pooled<T> {
     fn drop(&mut self) {
-        let mut pool = POOL
+        let mut pool = self
+            .pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if pool.len() < POOL_MAPS {
-            pool.push(std::mem::take(&mut self.0));
+        if pool.len() < POOL_SIZE {
+            pool.push(std::mem::take(&mut self.item));
         }
     }
 }
 
-impl std::ops::Deref for Pooled {
-    type Target = FeatureMap;
-    fn deref(&self) -> &FeatureMap {
-        &self.0
+impl<T: Default + 'static> std::ops::Deref for Pooled<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.item
     }
 }
 
-impl std::ops::DerefMut for Pooled {
-    fn deref_mut(&mut self) -> &mut FeatureMap {
-        &mut self.0
+impl<T: Default + 'static> std::ops::DerefMut for Pooled<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.item
+    }
+}
+
+/// The packed weights of a layer: for the direct convolution, or Winograd-transformed.
+#[derive(Debug, Clone)]
+enum Weights {
+    Direct(PackedWeights),
+    Winograd(WinogradWeights),
+}
+
+/// Which 3×3, stride-1, pad-1 layers run as Winograd convolutions, by the size of their
+/// weights (`cout × cin`). The transformed weights replace the packed ones and take
+/// `n²/9` times their memory (F(2×2): 1.78×, F(4×4): 4×), so a model applies it where a
+/// layer's work per weight is large: the high-resolution levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Winograd {
+    /// F(4×4, 3×3) up to this many `cout × cin` pairs.
+    pub f4_up_to: usize,
+    /// F(2×2, 3×3) up to this many (above `f4_up_to`).
+    pub f2_up_to: usize,
+}
+
+impl Winograd {
+    /// Every layer convolves directly.
+    pub const NEVER: Self = Self {
+        f4_up_to: 0,
+        f2_up_to: 0,
+    };
+
+    fn tile(self, cout: usize, cin: usize) -> Option<WinogradTile> {
+        let pairs = cout * cin;
+        if pairs <= self.f4_up_to {
+            Some(WinogradTile::F4)
+        } else if pairs <= self.f2_up_to {
+            Some(WinogradTile::F2)
+        } else {
+            None
+        }
     }
 }
 
 /// The native half of a [`Conv2d`].
 #[derive(Debug, Clone)]
 struct Native {
-    packed: PackedWeights,
+    weights: Weights,
+    cin: usize,
+    cout: usize,
     bias: Option<Vec<f32>>,
     kernel: (usize, usize),
     stride: usize,
@@ -110,6 +161,7 @@ impl Native {
         bias: Option<&Tensor>,
         stride: usize,
         padding: [usize; 4],
+        winograd: Winograd,
     ) -> Result<Self> {
         let (cout, cin, kh, kw) = weight.dims4()?;
         if stride == 0 {
@@ -118,16 +170,30 @@ impl Native {
             ));
         }
         let values = weight.flatten_all()?.to_vec1::<f32>()?;
-        let mut packed = PackedWeights::new(path);
-        packed.pack(cout, cin, kh * kw, |o, i, t| {
-            values[(o * cin + i) * kh * kw + t]
-        })?;
+        let winograd_shape = (kh, kw, stride, padding) == (3, 3, 1, [1; 4]);
+        let weights = if let Some(tile) = winograd.tile(cout, cin).filter(|_| winograd_shape) {
+            Weights::Winograd(WinogradWeights::new(
+                path,
+                tile,
+                cout,
+                cin,
+                |o, i, y, x| values[((o * cin + i) * 3 + y) * 3 + x],
+            )?)
+        } else {
+            let mut packed = PackedWeights::new(path);
+            packed.pack(cout, cin, kh * kw, |o, i, t| {
+                values[(o * cin + i) * kh * kw + t]
+            })?;
+            Weights::Direct(packed)
+        };
         let bias = match bias {
             Some(b) => Some(b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
         Ok(Self {
-            packed,
+            weights,
+            cin,
+            cout,
             bias,
             kernel: (kh, kw),
             stride,
@@ -148,12 +214,12 @@ pub struct Conv2d {
 impl Conv2d {
     /// Wraps a loaded candle layer, packing it for [`default_kernels`] of its device.
     pub fn new(inner: candle_nn::Conv2d) -> Result<Self> {
-        let kernels = default_kernels(inner.weight().device());
-        Self::with(inner, kernels)
+        Self::with_winograd(inner, Winograd::NEVER)
     }
 
-    fn with(inner: candle_nn::Conv2d, kernels: Option<KernelPath>) -> Result<Self> {
-        let Some(path) = kernels else {
+    /// [`Self::new`], as a Winograd convolution where `winograd` says so.
+    pub fn with_winograd(inner: candle_nn::Conv2d, winograd: Winograd) -> Result<Self> {
+        let Some(path) = default_kernels(inner.weight().device()) else {
             return Ok(Self {
                 candle: Some(inner),
                 native: None,
@@ -177,7 +243,7 @@ impl Conv2d {
             });
         }
         let p = cfg.padding;
-        let native = Native::new(path, w, inner.bias(), cfg.stride, [p, p, p, p])?;
+        let native = Native::new(path, w, inner.bias(), cfg.stride, [p, p, p, p], winograd)?;
         Ok(Self {
             candle: None,
             native: Some(native),
@@ -192,6 +258,7 @@ impl Conv2d {
         bias: Option<&Tensor>,
         stride: usize,
         padding: [usize; 4],
+        winograd: Winograd,
     ) -> Result<Option<Self>> {
         let Some(path) = default_kernels(weight.device()) else {
             return Ok(None);
@@ -201,7 +268,7 @@ impl Conv2d {
         }
         Ok(Some(Self {
             candle: None,
-            native: Some(Native::new(path, weight, bias, stride, padding)?),
+            native: Some(Native::new(path, weight, bias, stride, padding, winograd)?),
         }))
     }
 
@@ -214,7 +281,10 @@ impl Conv2d {
 
     /// The kernels this layer runs on (`None`: candle's).
     pub fn kernels(&self) -> Option<KernelPath> {
-        self.native.as_ref().map(|n| n.packed.path())
+        self.native.as_ref().map(|n| match &n.weights {
+            Weights::Direct(p) => p.path(),
+            Weights::Winograd(w) => w.path(),
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -231,7 +301,7 @@ impl Conv2d {
 impl Native {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
-        let (cin, cout) = (self.packed.cin(), self.packed.cout());
+        let (cin, cout) = (self.cin, self.cout);
         let (kh, kw) = self.kernel;
         if c != cin {
             return Err(Error::InvalidParameter(format!(
@@ -251,18 +321,31 @@ impl Native {
         // `pad − left` columns into it.
         let p = top.max(bottom).max(left).max(right);
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let mut input = Pooled::take();
-        let mut output = Pooled::take();
+        let mut input = Pooled::take(&MAPS);
+        let mut output = Pooled::take(&MAPS);
         let mut taps = Vec::with_capacity(kh * kw);
         let plane_in = cin * h * w;
         let plane_out = cout * oh * ow;
         let mut result = vec![0f32; n * plane_out];
         for b in 0..n {
             with_values(&x, |v| input.load_planar(&v[b * plane_in..], cin, h, w, p))??;
+            output.reset_border(oh, ow, cout, 0)?;
+            let epi = Epilogue {
+                bias: self.bias.as_deref(),
+                ..Epilogue::NONE
+            };
+            let packed = match &self.weights {
+                Weights::Direct(packed) => packed,
+                Weights::Winograd(weights) => {
+                    let mut scratch = Pooled::take(&SCRATCH);
+                    winograd_conv3x3(weights, &input, None, &mut output, &mut scratch, &epi)?;
+                    output.write_nchw(&mut result[b * plane_out..]);
+                    continue;
+                }
+            };
             let row = input.row_stride();
             taps.clear();
             taps.extend((0..kh * kw).map(|t| (t / kw) * row + (t % kw) * cin));
-            output.reset_border(oh, ow, cout, 0)?;
             let geom = ConvGeom {
                 taps: &taps,
                 batch: 1,
@@ -277,11 +360,7 @@ impl Native {
                 out_row: ow * cout,
                 out_pix: cout,
             };
-            let epi = Epilogue {
-                bias: self.bias.as_deref(),
-                ..Epilogue::NONE
-            };
-            super::conv(&self.packed, &input.data, &geom, &mut output.data, &epi)?;
+            super::conv(packed, &input.data, &geom, &mut output.data, &epi)?;
             output.write_nchw(&mut result[b * plane_out..]);
         }
         Ok(Tensor::from_vec(result, (n, cout, oh, ow), x.device())?)
@@ -328,16 +407,35 @@ mod tests {
             let reference = candle_conv(cout, cin, k, stride, padding)
                 .forward(&x)
                 .expect("candle");
-            for path in KernelPath::available_paths() {
+            let f2 = Winograd {
+                f4_up_to: 0,
+                f2_up_to: usize::MAX,
+            };
+            let f4 = Winograd {
+                f4_up_to: usize::MAX,
+                f2_up_to: 0,
+            };
+            for (path, winograd) in KernelPath::available_paths()
+                .into_iter()
+                .flat_map(|p| [(p, Winograd::NEVER), (p, f2), (p, f4)])
+            {
                 let conv = with_kernels(Some(path), || {
-                    Conv2d::new(candle_conv(cout, cin, k, stride, padding))
+                    Conv2d::with_winograd(candle_conv(cout, cin, k, stride, padding), winograd)
                 })
                 .expect("native");
+                let is_winograd = matches!(
+                    conv.native.as_ref().map(|n| &n.weights),
+                    Some(Weights::Winograd(_))
+                );
+                assert_eq!(
+                    is_winograd,
+                    winograd != Winograd::NEVER && k == 3 && stride == 1
+                );
                 assert_eq!(conv.kernels(), Some(path));
                 let ours = conv.forward(&x).expect("forward");
                 assert_eq!(ours.dims(), reference.dims());
                 let d = max_abs_diff(&ours, &reference);
-                assert!(d < 1e-5, "{path} k{k} s{stride}: {d}");
+                assert!(d < 2e-5, "{path} {winograd:?} k{k} s{stride}: {d}");
                 let wrong = Tensor::zeros((1, cin + 1, h, w), DType::F32, &Device::Cpu).expect("x");
                 assert!(conv.forward(&wrong).is_err(), "wrong channel count");
             }

@@ -39,7 +39,7 @@ mod x86;
 
 pub use attention::attention;
 pub use conv::{ConvGeom, Epilogue, PackedWeights, conv, fir};
-pub use layers::{Conv2d, default_kernels, with_kernels};
+pub use layers::{Conv2d, Winograd, default_kernels, with_kernels};
 pub use pointwise::{GroupNorm, geglu};
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 
