@@ -27,6 +27,7 @@ use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, ma
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
 use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod, generate};
 use studio_inference::diffusion::samplers::{SamplerKind, ScheduleKind};
+use studio_inference::nn::Storage;
 
 /// Flags shared by `txt2img`, `img2img` and `inpaint`.
 #[derive(Debug, Args)]
@@ -127,6 +128,10 @@ pub struct BenchSdArgs {
     pub steps: usize,
     #[arg(long, value_parser = crate::cli_values::threads)]
     pub threads: Option<usize>,
+    /// How the CPU kernels store the weights: f32 (as PyTorch's fp32 peer computes), or f16 /
+    /// bf16 (as a half-precision checkpoint's are kept; computed in f32 all the same).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+    pub weights: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -325,9 +330,15 @@ pub fn run_bench_sd(args: &BenchSdArgs) -> Result<()> {
     if args.steps == 0 || args.size.is_empty() {
         bail!("--steps must be at least 1 and --size must list a size");
     }
-    let rows = studio_inference::diffusion::bench::run(&args.size, args.steps, &mut |msg| {
-        eprintln!("{msg}");
-    })?;
+    let weights = match args.weights.as_str() {
+        "f16" => Storage::F16,
+        "bf16" => Storage::Bf16,
+        _ => Storage::F32,
+    };
+    let rows =
+        studio_inference::diffusion::bench::run(&args.size, args.steps, weights, &mut |msg| {
+            eprintln!("{msg}");
+        })?;
     let threads = studio_inference::device::cpu_threads();
     if args.json {
         for r in &rows {
@@ -336,6 +347,7 @@ pub fn run_bench_sd(args: &BenchSdArgs) -> Result<()> {
                 json!({
                     "size": r.size,
                     "threads": threads,
+                    "weights": args.weights,
                     "unet_step_ms": r.unet_step_ms,
                     "vae_decode_ms": r.vae_decode_ms,
                     "latent2rgb_ms": r.latent2rgb_ms,
@@ -346,8 +358,8 @@ pub fn run_bench_sd(args: &BenchSdArgs) -> Result<()> {
         }
     } else {
         println!(
-            "SD-1.5-shaped random weights, f32 on CPU, {threads} threads, median of {} runs",
-            args.steps
+            "SD-1.5-shaped random weights, {} weights on CPU, {threads} threads, median of {} runs",
+            args.weights, args.steps
         );
         println!(
             "{:>6} {:>14} {:>14} {:>14} {:>12} {:>10}",

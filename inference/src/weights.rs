@@ -10,6 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::nn::Storage;
 
 /// Memory-maps safetensors files (one file or the shards of one checkpoint), checking that
 /// each is long enough to hold a header; a corrupt header is a [`Error::CorruptWeights`].
@@ -33,6 +34,32 @@ pub fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
         path,
         message: e.to_string(),
     })
+}
+
+/// How the native kernels keep the weights named `prefix…`: in the dtype most of them (by
+/// element count) are stored in where the kernels take it (f16, bf16), f32 otherwise (see
+/// [`crate::nn::with_weight_storage`]).
+pub fn stored_storage(st: &MmapedSafetensors, prefix: &str) -> Storage {
+    use safetensors::Dtype;
+    let (mut f16, mut bf16, mut other) = (0usize, 0usize, 0usize);
+    for (name, view) in st.tensors() {
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let n = view.shape().iter().product::<usize>();
+        match view.dtype() {
+            Dtype::F16 => f16 += n,
+            Dtype::BF16 => bf16 += n,
+            _ => other += n,
+        }
+    }
+    if f16 > bf16.max(other) {
+        Storage::F16
+    } else if bf16 > other {
+        Storage::Bf16
+    } else {
+        Storage::F32
+    }
 }
 
 /// A checkpoint's tensors, looked up by name.

@@ -13,6 +13,7 @@ use super::preview::{LatentFormat, TinyDecoder, TinyDecoderConfig, latent_to_rgb
 use super::unet::{Level, Unet, UnetConfig};
 use super::vae::{Vae, VaeConfig};
 use crate::error::Result;
+use crate::nn::{Storage, with_weight_storage};
 
 /// SD 1.5's UNet shape (`runwayml/stable-diffusion-v1-5/unet/config.json`).
 pub fn sd15_unet_config() -> UnetConfig {
@@ -66,19 +67,26 @@ fn time(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(median(v))
 }
 
-/// Builds the random-weight models and times each size (`runs` timed repetitions each).
-pub fn run(sizes: &[u32], runs: usize, log: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>> {
+/// Builds the random-weight models, with the CPU kernels storing their weights as `weights`
+/// (see [`with_weight_storage`]), and times each size (`runs` timed repetitions
+/// each).
+pub fn run(
+    sizes: &[u32],
+    runs: usize,
+    weights: Storage,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<BenchRow>> {
     let device = Device::Cpu;
     log("building an SD-1.5-shaped UNet, VAE and TAESD decoder with random weights");
-    let (unet, vae, taesd) = {
+    let (unet, vae, taesd) = with_weight_storage(weights, || -> Result<_> {
         let map = VarMap::new();
         let vb = VarBuilder::from_varmap(&map, DType::F32, &device);
-        (
+        Ok((
             Unet::new(&vb.pp("unet"), sd15_unet_config())?,
             Vae::new(&vb.pp("vae"), VaeConfig::sd(0.18215))?,
             TinyDecoder::new(&vb.pp("taesd"), TinyDecoderConfig::default())?,
-        )
-    };
+        ))
+    })?;
     // The generator's copies of weights the kernels packed are gone now: the peak counts
     // from the models as they run.
     crate::sys::reset_peak_rss();

@@ -9,7 +9,9 @@
 //! each of these needs in one pass.
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+
+use crate::nn::{Linear, linear};
 use serde::Deserialize;
 
 use crate::error::Result;
@@ -112,10 +114,10 @@ impl Attention {
     fn new(vb: &VarBuilder, c: &ClipConfig) -> Result<Self> {
         let h = c.hidden_size;
         Ok(Self {
-            q: candle_nn::linear(h, h, vb.pp("q_proj"))?,
-            k: candle_nn::linear(h, h, vb.pp("k_proj"))?,
-            v: candle_nn::linear(h, h, vb.pp("v_proj"))?,
-            out: candle_nn::linear(h, h, vb.pp("out_proj"))?,
+            q: linear(h, h, true, &vb.pp("q_proj"))?,
+            k: linear(h, h, true, &vb.pp("k_proj"))?,
+            v: linear(h, h, true, &vb.pp("v_proj"))?,
+            out: linear(h, h, true, &vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
             head_dim: h / c.num_attention_heads,
         })
@@ -139,7 +141,7 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h))?;
-        Ok(self.out.forward(&ys)?)
+        self.out.forward(&ys)
     }
 }
 
@@ -159,8 +161,8 @@ impl Layer {
             attn: Attention::new(&vb.pp("self_attn"), c)?,
             ln1: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
             ln2: candle_nn::layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            fc1: linear(c.hidden_size, c.intermediate_size, true, &vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate_size, c.hidden_size, true, &vb.pp("mlp.fc2"))?,
             act: c.hidden_act,
         })
     }
@@ -216,10 +218,11 @@ impl ClipTextModel {
             .collect::<Result<Vec<_>>>()?;
         let projection = if with_projection {
             let out = config.projection_dim.unwrap_or(config.hidden_size);
-            Some(candle_nn::linear_no_bias(
+            Some(linear(
                 config.hidden_size,
                 out,
-                vb.pp("text_projection"),
+                false,
+                &vb.pp("text_projection"),
             )?)
         } else {
             None

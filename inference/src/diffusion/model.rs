@@ -21,7 +21,8 @@ use super::unet::{Unet, UnetConfig};
 use super::vae::{Vae, VaeConfig};
 use crate::error::{Error, Result};
 use crate::loader::is_pickle;
-use crate::weights::mmap;
+use crate::nn::{Storage, with_weight_storage};
+use crate::weights::{mmap, stored_storage};
 
 /// The model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,12 +187,18 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     Err(Error::NoModel(dir.to_owned()))
 }
 
-fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+/// A builder over `files`, and how the native kernels keep their weights (see
+/// [`with_weight_storage`]).
+fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, Storage)> {
     let st = mmap(files)?;
-    Ok(VarBuilder::from_backend(
-        Box::new(st),
-        dtype,
-        device.clone(),
+    let stored = stored_storage(&st, "");
+    Ok((
+        VarBuilder::from_backend(Box::new(st), dtype, device.clone()),
+        stored,
     ))
 }
 
@@ -378,9 +385,9 @@ fn load_diffusers(
     for (i, (te, tok, padding)) in te_dirs.iter().enumerate() {
         let te_dir = dir.join(te);
         let cfg: ClipConfig = read_json(&te_dir.join("config.json"))?;
-        let vb = var_builder(&component_files(&te_dir, "model")?, dtype, device)?;
+        let (vb, stored) = var_builder(&component_files(&te_dir, "model")?, dtype, device)?;
         let with_projection = kind == SdKind::Sdxl && i == 1;
-        let model = ClipTextModel::new(&vb, &cfg, with_projection)
+        let model = with_weight_storage(stored, || ClipTextModel::new(&vb, &cfg, with_projection))
             .map_err(|e| component_error(&te_dir, &e))?;
         let tokenizer = diffusers_tokenizer(&dir.join(tok), cfg.vocab_size, *padding)?;
         let sdxl = kind == SdKind::Sdxl;
@@ -393,12 +400,13 @@ fn load_diffusers(
     }
 
     progress(0.3, "Loading the UNet");
-    let vb = var_builder(
+    let (vb, stored) = var_builder(
         &component_files(&unet_dir, "diffusion_pytorch_model")?,
         dtype,
         device,
     )?;
-    let unet = Unet::new(&vb, unet_cfg).map_err(|e| component_error(&unet_dir, &e))?;
+    let unet = with_weight_storage(stored, || Unet::new(&vb, unet_cfg))
+        .map_err(|e| component_error(&unet_dir, &e))?;
 
     progress(0.8, "Loading the VAE");
     let vae_dir = dir.join("vae");
@@ -406,12 +414,13 @@ fn load_diffusers(
     if kind == SdKind::Sdxl && (vae_cfg.scaling_factor - 0.18215).abs() < 1e-9 {
         vae_cfg.scaling_factor = 0.13025;
     }
-    let vb = var_builder(
+    let (vb, stored) = var_builder(
         &component_files(&vae_dir, "diffusion_pytorch_model")?,
         DType::F32,
         device,
     )?;
-    let vae = Vae::new(&vb, vae_cfg).map_err(|e| component_error(&vae_dir, &e))?;
+    let vae = with_weight_storage(stored, || Vae::new(&vb, vae_cfg))
+        .map_err(|e| component_error(&vae_dir, &e))?;
     let info = finish_info(
         dir,
         kind,
@@ -547,6 +556,7 @@ fn load_single_file(
 ) -> Result<SdModel> {
     let dtype = device_dtype(device);
     let st = Arc::new(mmap(&[path.to_path_buf()])?);
+    let stored = stored_storage(&st, "");
     let all = names_and_shapes(&st);
     let refs: Vec<&str> = all.keys().map(String::as_str).collect();
     let ckpt = convert::detect_kind(&refs).ok_or_else(|| {
@@ -584,7 +594,10 @@ fn load_single_file(
         let part = Part::new(&st, &all, ckpt, component, dtype, device)?;
         let cfg = part.clip_config(open_clip)?;
         let with_projection = kind == SdKind::Sdxl && i == 1;
-        let model = ClipTextModel::new(&part.vb, &cfg, with_projection).map_err(err)?;
+        let model = with_weight_storage(stored, || {
+            ClipTextModel::new(&part.vb, &cfg, with_projection)
+        })
+        .map_err(err)?;
         let (skip, final_norm) = match kind {
             SdKind::Sd1 => (0, true),
             // OpenCLIP-H has 24 layers; SD 2.x reads the 23rd (diffusers drops the last).
@@ -614,7 +627,7 @@ fn load_single_file(
     let part = Part::new(&st, &all, ckpt, Component::Unet, dtype, device)?;
     let unet_cfg =
         UnetConfig::infer(&part.name_refs(), &|n| part.shape(n)).map_err(|m| bad(path, m))?;
-    let unet = Unet::new(&part.vb, unet_cfg).map_err(err)?;
+    let unet = with_weight_storage(stored, || Unet::new(&part.vb, unet_cfg)).map_err(err)?;
     progress(0.8, "Loading the VAE");
     let scale = if kind == SdKind::Sdxl {
         0.13025
@@ -624,7 +637,7 @@ fn load_single_file(
     let part = Part::new(&st, &all, ckpt, Component::Vae, DType::F32, device)?;
     let vae_cfg =
         VaeConfig::infer(&part.name_refs(), &|n| part.shape(n), scale).map_err(|m| bad(path, m))?;
-    let vae = Vae::new(&part.vb, vae_cfg).map_err(err)?;
+    let vae = with_weight_storage(stored, || Vae::new(&part.vb, vae_cfg)).map_err(err)?;
     let mut notes = Vec::new();
     let prediction = if kind == SdKind::Sd2 && unet.config().in_channels == 4 {
         progress(0.9, "Checking the prediction type");
@@ -689,6 +702,7 @@ fn load_separate_vae(path: &Path, scaling_factor: f64, device: &Device) -> Resul
         vec![path.to_path_buf()]
     };
     let st = Arc::new(mmap(&files)?);
+    let stored = stored_storage(&st, "");
     let all = names_and_shapes(&st);
     let err = |e: Error| Error::CorruptWeights {
         path: path.to_owned(),
@@ -698,8 +712,8 @@ fn load_separate_vae(path: &Path, scaling_factor: f64, device: &Device) -> Resul
     if refs.iter().any(|n| n.starts_with("encoder.down_blocks.")) {
         let shape = |n: &str| all.get(n).cloned();
         let cfg = VaeConfig::infer(&refs, &shape, scaling_factor).map_err(|m| bad(path, m))?;
-        let vb = var_builder(&files, DType::F32, device)?;
-        return Vae::new(&vb, cfg).map_err(err);
+        let (vb, stored) = var_builder(&files, DType::F32, device)?;
+        return with_weight_storage(stored, || Vae::new(&vb, cfg)).map_err(err);
     }
     // Original names: present them with the prefix the converter expects.
     let prefixed: HashMap<String, Vec<usize>> = all
@@ -733,5 +747,5 @@ fn load_separate_vae(path: &Path, scaling_factor: f64, device: &Device) -> Resul
     let cfg = VaeConfig::infer(&names, &|n| shapes.get(n).cloned(), scaling_factor)
         .map_err(|m| bad(path, m))?;
     let vb = convert::var_builder(st, map, DType::F32, device);
-    Vae::new(&vb, cfg).map_err(err)
+    with_weight_storage(stored, || Vae::new(&vb, cfg)).map_err(err)
 }

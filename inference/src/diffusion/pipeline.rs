@@ -242,23 +242,48 @@ fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
     Ok(())
 }
 
-/// The largest single buffer a UNet step allocates: the self-attention scores at the first
-/// attention level, `batch × heads × tokens²` (candle materialises them in full), about three
-/// times over with the softmax. CPU allocations that large abort the process instead of
-/// failing, so the size is checked against the memory available before starting.
-pub fn attention_bytes(model: &SdModel, width: u32, height: u32, batch: usize) -> u64 {
+/// Bytes a generation at `width × height` needs beyond the loaded weights (f32 activations):
+/// the larger of a UNet step's working set and the VAE decode's. CPU allocations that fail
+/// abort the process instead of returning an error, so this is checked against the memory
+/// available before starting.
+///
+/// - UNet: each level's activations (the skip connections are held until the up path: about
+///   four maps per level), plus, at the first attention level, the transformer's queries,
+///   keys, values and output and its feed-forward (`8·C` wide, then GEGLU's `4·C`): about 16
+///   maps of `tokens × C`. With Studio's attention kernel that is all (its scores are a block
+///   of queries at a time); candle's attention (other CPUs) materialises
+///   `batch × heads × tokens²` scores, about three times over with the softmax.
+/// - VAE decode: at full size, the last up block's 256-channel input and about six maps of its
+///   128 channels (input, GroupNorm output, the convolution's channels-last copies and result,
+///   the residual sum) alive at once; the bands of [`super::vae_blocks::MemoryBudget`] bound
+///   the rest.
+pub fn working_bytes(model: &SdModel, width: u32, height: u32, batch: usize) -> u64 {
     let cfg = model.unet.config();
-    let Some((level, l)) = cfg
+    let (lw, lh) = (u64::from(width) / 8, u64::from(height) / 8);
+    let batch = batch as u64;
+    let tokens = |level: usize| (lw >> level).max(1) * (lh >> level).max(1);
+    let mut unet = 0u64;
+    for (i, level) in cfg.levels.iter().enumerate() {
+        unet += 4 * batch * tokens(i) * level.channels as u64 * 4;
+    }
+    if let Some((i, level)) = cfg
         .levels
         .iter()
         .enumerate()
         .find(|(_, l)| l.transformer_layers.is_some())
-    else {
-        return 0;
-    };
-    let tokens = ((u64::from(width) / 8) >> level) * ((u64::from(height) / 8) >> level);
-    // Scores and softmax are computed in f32 whatever the model's dtype.
-    3 * batch as u64 * l.heads as u64 * tokens * tokens * 4
+    {
+        let t = tokens(i);
+        unet += 16 * batch * t * level.channels as u64 * 4;
+        if crate::nn::default_kernels(&model.device).is_none() {
+            unet += 3 * batch * level.heads as u64 * t * t * 4;
+        }
+    }
+    let vae_channels = model.vae.config().block_out_channels.clone();
+    let pixels = u64::from(width) * u64::from(height);
+    let c0 = vae_channels.first().copied().unwrap_or(128) as u64;
+    let c1 = vae_channels.get(1).copied().unwrap_or(256) as u64;
+    let vae = (6 * c0 + c1) * pixels * 4;
+    unet.max(vae)
 }
 
 fn check_memory(model: &SdModel, req: &ImageRequest) -> Result<()> {
@@ -269,21 +294,30 @@ fn check_memory(model: &SdModel, req: &ImageRequest) -> Result<()> {
         return Ok(());
     };
     let batch = if req.cfg_scale > 1.0 { 2 } else { 1 };
-    let need = attention_bytes(model, req.width, req.height, batch);
-    if need > available {
-        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
-        return Err(Error::InvalidParameter(format!(
-            "{}x{} needs about {:.1} GiB for attention but {:.1} GiB is free: try a smaller \
-             size (the model's own is {}x{}) and upscale",
-            req.width,
-            req.height,
-            gib(need),
-            gib(available),
-            model.info.default_size.0,
-            model.info.default_size.1
-        )));
+    memory_fits(
+        working_bytes(model, req.width, req.height, batch),
+        available,
+        req,
+        model.info.default_size,
+    )
+}
+
+/// The refusal, naming the estimate, when `need` bytes exceed the `available`.
+fn memory_fits(need: u64, available: u64, req: &ImageRequest, native: (u32, u32)) -> Result<()> {
+    if need <= available {
+        return Ok(());
     }
-    Ok(())
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    Err(Error::InvalidParameter(format!(
+        "{}x{} needs about {:.1} GiB of working memory besides the model but {:.1} GiB is \
+         free: try a smaller size (the model's own is {}x{}) and upscale",
+        req.width,
+        req.height,
+        gib(need),
+        gib(available),
+        native.0,
+        native.1
+    )))
 }
 
 /// Encodes a prompt with every text encoder of the model (chunks of 75 tokens, emphasis
@@ -634,5 +668,30 @@ fn format_number(v: f64) -> String {
     } else {
         let s = format!("{v:.4}");
         s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_beyond_free_memory_is_refused_naming_the_estimate() {
+        let req = ImageRequest {
+            width: 2048,
+            height: 1024,
+            ..ImageRequest::new("cat")
+        };
+        let gib = 1u64 << 30;
+        assert!(memory_fits(3 * gib, 4 * gib, &req, (512, 512)).is_ok());
+        let e = memory_fits(6 * gib + gib / 2, 4 * gib, &req, (512, 512))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            e.contains("2048x1024 needs about 6.5 GiB")
+                && e.contains("4.0 GiB is free")
+                && e.contains("512x512"),
+            "{e}"
+        );
     }
 }

@@ -7,14 +7,16 @@
 //! `UpBlock2D` resnets always normalise with 32 groups (ignoring `norm_num_groups`), and their
 //! GEGLU gates with tanh-approximate GELU where diffusers uses the exact (erf) one.
 //!
-//! Attention materialises the full score matrix (no flash attention). With f16/bf16 weights the
-//! scores and their softmax are computed in f32 (diffusers' `upcast_attention` /
-//! `upcast_softmax`) and the probabilities cast back before they weigh the values.
+//! On the CPU, attention runs on Studio's memory-efficient kernel ([`crate::nn::attention`]: a
+//! block of queries at a time) and the linear layers on its packed kernels ([`Linear`]).
+//! Elsewhere candle's ops materialise the full score matrix; with f16/bf16 weights the scores
+//! and their softmax are computed in f32 (diffusers' `upcast_attention` / `upcast_softmax`)
+//! and the probabilities cast back before they weigh the values.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
-use crate::nn::{Conv2d, GroupNorm, Winograd};
+use crate::nn::{Conv2d, GroupNorm, Linear, Winograd, linear};
 
 use crate::error::{Error, Result};
 
@@ -102,7 +104,7 @@ impl ResnetBlock {
         Ok(Self {
             norm1: norm("norm1", c_in)?,
             conv1: conv3x3(vb, "conv1", c_in, c_out, 1)?,
-            time_emb_proj: candle_nn::linear(cfg.temb_channels, c_out, vb.pp("time_emb_proj"))?,
+            time_emb_proj: linear(cfg.temb_channels, c_out, true, &vb.pp("time_emb_proj"))?,
             norm2: norm("norm2", c_out)?,
             conv2: conv3x3(vb, "conv2", c_out, c_out, 1)?,
             conv_shortcut: if c_in == c_out {
@@ -195,10 +197,10 @@ impl Attention {
         }
         let head_dim = dim / heads;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_q: linear(dim, dim, false, &vb.pp("to_q"))?,
+            to_k: linear(context_dim, dim, false, &vb.pp("to_k"))?,
+            to_v: linear(context_dim, dim, false, &vb.pp("to_v"))?,
+            to_out: linear(dim, dim, true, &vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             kernels: crate::nn::default_kernels(vb.device()),
@@ -227,7 +229,7 @@ impl Attention {
             let out = crate::nn::attention(path, &q, &k, &v, self.scale as f32)?
                 .transpose(1, 2)?
                 .reshape((b, t, ()))?;
-            return Ok(self.to_out.forward(&out)?);
+            return self.to_out.forward(&out);
         }
         // Scores and softmax in f32 whatever the weights' dtype (f16 scores can overflow); the
         // scale goes on the keys, the smaller operand in cross-attention.
@@ -237,7 +239,7 @@ impl Attention {
         drop(scores);
         let (b, _, t, _) = q.dims4()?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, ()))?;
-        Ok(self.to_out.forward(&out)?)
+        self.to_out.forward(&out)
     }
 }
 
@@ -253,14 +255,14 @@ impl FeedForward {
     fn new(vb: &VarBuilder, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: linear(dim, 2 * inner, true, &vb.pp("net.0.proj"))?,
+            out: linear(inner, dim, true, &vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let gated = crate::nn::geglu(&self.proj.forward(xs)?)?;
-        Ok(self.out.forward(&gated)?)
+        self.out.forward(&gated)
     }
 }
 
@@ -299,20 +301,17 @@ impl TransformerBlock {
     }
 }
 
-#[derive(Debug)]
-enum Projection {
-    Conv(Box<Conv2d>),
-    Linear(Linear),
-}
-
 /// diffusers' `Transformer2DModel` for continuous inputs: GroupNorm, `proj_in`, the transformer
-/// blocks over the `height × width` tokens, `proj_out`, plus the input.
+/// blocks over the `height × width` tokens, `proj_out`, plus the input. `proj_in` and
+/// `proj_out` are linear layers over the tokens whether the checkpoint stores them as such
+/// (SD 2.x, SDXL) or as 1×1 convolutions (SD 1.x): the same product, without laying the
+/// tokens out as an image in between.
 #[derive(Debug)]
 pub struct Transformer2D {
     norm: GroupNorm,
-    proj_in: Projection,
+    proj_in: Linear,
     blocks: Vec<TransformerBlock>,
-    proj_out: Projection,
+    proj_out: Linear,
 }
 
 impl Transformer2D {
@@ -322,12 +321,16 @@ impl Transformer2D {
         groups: usize,
         cfg: &AttentionConfig,
     ) -> Result<Self> {
-        let proj = |name: &str| -> Result<Projection> {
-            Ok(if cfg.linear_projection {
-                Projection::Linear(candle_nn::linear(channels, channels, vb.pp(name))?)
-            } else {
-                Projection::Conv(Box::new(conv1x1(vb, name, channels, channels)?))
-            })
+        let proj = |name: &str| -> Result<Linear> {
+            if cfg.linear_projection {
+                return linear(channels, channels, true, &vb.pp(name));
+            }
+            let vb = vb.pp(name);
+            let weight = vb
+                .get((channels, channels, 1, 1), "weight")?
+                .reshape((channels, channels))?;
+            let bias = vb.get(channels, "bias")?;
+            Linear::new(candle_nn::Linear::new(weight, Some(bias)))
         };
         let vbb = vb.pp("transformer_blocks");
         Ok(Self {
@@ -345,17 +348,11 @@ impl Transformer2D {
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
         let to_image = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2));
         let normed = self.norm.forward(xs, false)?;
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
-            Projection::Linear(linear) => linear.forward(&to_tokens(&normed)?)?,
-        };
+        let mut tokens = self.proj_in.forward(&to_tokens(&normed)?)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?.contiguous()?)?,
-            Projection::Linear(linear) => to_image(&linear.forward(&tokens)?)?,
-        };
+        let out = to_image(&self.proj_out.forward(&tokens)?)?;
         Ok((out + xs)?)
     }
 }

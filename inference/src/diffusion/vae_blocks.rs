@@ -7,10 +7,10 @@
 //! gives the same values as one convolution. The mid block's attention likewise computes its
 //! scores for a chunk of query rows at a time (softmax is per row, so chunking is exact).
 
-use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_core::{D, DType, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::nn::{Conv2d, GroupNorm, Winograd};
+use crate::nn::{Conv2d, GroupNorm, Linear, Winograd};
 
 use crate::error::{Error, Result};
 
@@ -267,7 +267,10 @@ fn projection(vb: &VarBuilder, channels: usize) -> Result<Linear> {
             .get((channels, channels, 1, 1), "weight")?
             .reshape((channels, channels))?,
     };
-    Ok(Linear::new(weight, Some(vb.get(channels, "bias")?)))
+    Linear::new(candle_nn::Linear::new(
+        weight,
+        Some(vb.get(channels, "bias")?),
+    ))
 }
 
 /// diffusers' VAE `Attention`: single head over all channels, GroupNorm first, residual added.
@@ -281,6 +284,8 @@ pub struct VaeAttention {
     to_v: Linear,
     to_out: Linear,
     channels: usize,
+    /// Studio's attention kernel on the CPU (`None`: candle's matmuls and softmax in chunks).
+    kernels: Option<crate::nn::KernelPath>,
 }
 
 impl VaeAttention {
@@ -297,6 +302,7 @@ impl VaeAttention {
             to_v: projection(&vb.pp(v), channels)?,
             to_out: projection(&vb.pp(out), channels)?,
             channels,
+            kernels: crate::nn::default_kernels(vb.device()),
         })
     }
 
@@ -309,6 +315,16 @@ impl VaeAttention {
             .forward(xs, false)?
             .reshape((b, c, t))?
             .transpose(1, 2)?;
+        if let Some(path) = self.kernels.filter(|_| dtype == DType::F32) {
+            // One head over all channels, a block of queries at a time.
+            let head = |l: &Linear| -> Result<Tensor> { Ok(l.forward(&tokens)?.unsqueeze(1)?) };
+            let (q, k, v) = (head(&self.to_q)?, head(&self.to_k)?, head(&self.to_v)?);
+            drop(tokens);
+            let scale = 1.0 / (self.channels as f32).sqrt();
+            let attended = crate::nn::attention(path, &q, &k, &v, scale)?.squeeze(1)?;
+            let out = self.to_out.forward(&attended)?.t()?.reshape((b, c, h, w))?;
+            return Ok((out + xs)?);
+        }
         // Scores in f32 whatever the dtype; the 1/√c scale split between queries and keys.
         let scale = (self.channels as f64).powf(-0.25);
         let q = (self.to_q.forward(&tokens)?.to_dtype(DType::F32)? * scale)?;

@@ -10,31 +10,12 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::{ConvGeom, Epilogue, KernelPath, PackedWeights, conv, with_values};
+use super::{Epilogue, KernelPath, PackedWeights, rows_product, with_values};
 use crate::error::{Error, Result};
 
 /// Scores one block may hold (floats): 256 KiB, so a block's scores stay in L2 between the
 /// two products and the softmax (4 MiB blocks took twice as long, in memory traffic).
 const BLOCK_SCORES: usize = 1 << 16;
-
-/// A 1×1 "convolution" over `rows` rows of `cin` values into rows of `cout` values.
-fn rows_product(w: &PackedWeights, input: &[f32], rows: usize, out: &mut [f32]) -> Result<()> {
-    let geom = ConvGeom {
-        taps: &[0],
-        batch: 1,
-        in_batch: 0,
-        out_batch: 0,
-        out_h: 1,
-        out_w: rows,
-        in_base: 0,
-        in_row: 0,
-        in_pix: w.cin(),
-        out_base: 0,
-        out_row: 0,
-        out_pix: w.cout(),
-    };
-    conv(w, input, &geom, out, &Epilogue::NONE)
-}
 
 /// Each row of `scores` (rows of `n`) replaced by its softmax. The maximum and the sum run
 /// in 16 independent lanes and the exponentials in a loop of their own, so all three passes
@@ -122,9 +103,9 @@ pub fn attention(
                             .try_for_each_init(Vec::new, |scores, (ob, qb)| {
                                 let rows = qb.len() / d;
                                 scores.resize(rows * m, 0.0);
-                                rows_product(keys, qb, rows, scores)?;
+                                rows_product(keys, qb, rows, scores, &Epilogue::NONE)?;
                                 softmax_rows(scores, m);
-                                rows_product(values, scores, rows, ob)
+                                rows_product(values, scores, rows, ob, &Epilogue::NONE)
                             })
                     })
             })

@@ -25,6 +25,94 @@ pub(super) const fn tile(path: KernelPath) -> (usize, usize) {
     }
 }
 
+/// How packed weights are stored. The micro-kernels compute in f32; half-precision panels are
+/// widened into a per-thread f32 buffer once per strip (reused by every register tile of the
+/// strip), so a checkpoint's f16 or bf16 weights keep their size in memory at a cost that
+/// vanishes with the number of pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Storage {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Storage {
+    /// The storage for a checkpoint's dtype: kept for f16 and bf16, f32 for every other.
+    pub fn for_dtype(dtype: candle_core::DType) -> Self {
+        match dtype {
+            candle_core::DType::F16 => Self::F16,
+            candle_core::DType::BF16 => Self::Bf16,
+            _ => Self::F32,
+        }
+    }
+
+    /// Bytes per weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Values {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl Values {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+        }
+    }
+}
+
+thread_local! {
+    /// The f32 copy of a half-precision panel (one per worker thread, reused).
+    static WIDE_PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Fills `data` (blocks of `block_len`, `blocks` per matrix) in the packed order, converting
+/// each value with `to`.
+#[allow(clippy::too_many_arguments)]
+fn fill<T: Send + Copy>(
+    data: &mut [T],
+    block_len: usize,
+    blocks: usize,
+    (cout, cin, taps, nr, cc): (usize, usize, usize, usize, usize),
+    weight: &(impl Fn(usize, usize, usize, usize) -> f32 + Sync),
+    to: impl Fn(f32) -> T + Sync,
+) {
+    data.par_chunks_mut(block_len)
+        .enumerate()
+        .for_each(|(bb, dst)| {
+            let (b, blk) = (bb / blocks, bb % blocks);
+            let mut at = 0;
+            for c0 in (0..cin).step_by(cc) {
+                let cl = cc.min(cin - c0);
+                for t in 0..taps {
+                    for c in 0..cl {
+                        for lane in 0..nr {
+                            let o = blk * nr + lane;
+                            dst[at] = to(if o < cout {
+                                weight(b, o, c0 + c, t)
+                            } else {
+                                0.0
+                            });
+                            at += 1;
+                        }
+                    }
+                }
+            }
+        });
+}
+
 /// Weights in the order the micro-kernel of one [`KernelPath`] reads them: output channels in
 /// blocks of `NR` (the last one zero-padded); inside a block, input channels in chunks of `cc`;
 /// inside a chunk, `[tap][input channel][NR lanes]`.
@@ -38,12 +126,18 @@ pub struct PackedWeights {
     cc: usize,
     /// Independent matrices packed one after the other (Winograd's transform positions).
     batch: usize,
-    data: Vec<f32>,
+    data: Values,
 }
 
 impl PackedWeights {
-    /// Empty, for `path` (which must be available on this CPU, see [`KernelPath::available`]).
+    /// Empty, for `path` (which must be available on this CPU, see [`KernelPath::available`]),
+    /// stored as f32.
     pub fn new(path: KernelPath) -> Self {
+        Self::with_storage(path, Storage::F32)
+    }
+
+    /// Empty, for `path`, stored as `storage`.
+    pub fn with_storage(path: KernelPath, storage: Storage) -> Self {
         Self {
             path,
             cout: 0,
@@ -52,12 +146,29 @@ impl PackedWeights {
             nr: tile(path).1,
             cc: 1,
             batch: 1,
-            data: Vec::new(),
+            data: match storage {
+                Storage::F32 => Values::F32(Vec::new()),
+                Storage::F16 => Values::F16(Vec::new()),
+                Storage::Bf16 => Values::Bf16(Vec::new()),
+            },
         }
     }
 
     pub fn path(&self) -> KernelPath {
         self.path
+    }
+
+    pub fn storage(&self) -> Storage {
+        match self.data {
+            Values::F32(_) => Storage::F32,
+            Values::F16(_) => Storage::F16,
+            Values::Bf16(_) => Storage::Bf16,
+        }
+    }
+
+    /// Bytes the packed values take.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * self.storage().bytes()
     }
 
     pub fn cout(&self) -> usize {
@@ -76,7 +187,7 @@ impl PackedWeights {
         self.taps * self.cin * self.nr
     }
 
-    /// Floats per matrix of a batch.
+    /// Values per matrix of a batch.
     fn matrix_len(&self) -> usize {
         self.blocks() * self.block_len()
     }
@@ -122,33 +233,42 @@ impl PackedWeights {
             })?;
         let cc = (PANEL_BYTES / (taps * nr * 4)).max(4).min(cin);
         (self.cout, self.cin, self.taps, self.cc, self.batch) = (cout, cin, taps, cc, batch);
-        self.data.resize(len, 0.0);
-        let block_len = self.block_len();
-        let blocks = self.blocks();
-        self.data
-            .par_chunks_mut(block_len)
-            .enumerate()
-            .for_each(|(bb, dst)| {
-                let (b, blk) = (bb / blocks, bb % blocks);
-                let mut at = 0;
-                for c0 in (0..cin).step_by(cc) {
-                    let cl = cc.min(cin - c0);
-                    for t in 0..taps {
-                        for c in 0..cl {
-                            for lane in 0..nr {
-                                let o = blk * nr + lane;
-                                dst[at] = if o < cout {
-                                    weight(b, o, c0 + c, t)
-                                } else {
-                                    0.0
-                                };
-                                at += 1;
-                            }
-                        }
-                    }
-                }
-            });
+        let (block_len, blocks) = (self.block_len(), self.blocks());
+        let shape = (cout, cin, taps, nr, cc);
+        match &mut self.data {
+            Values::F32(d) => {
+                d.resize(len, 0.0);
+                fill(d, block_len, blocks, shape, &weight, |v| v);
+            }
+            Values::F16(d) => {
+                d.resize(len, half::f16::ZERO);
+                fill(d, block_len, blocks, shape, &weight, half::f16::from_f32);
+            }
+            Values::Bf16(d) => {
+                d.resize(len, half::bf16::ZERO);
+                fill(d, block_len, blocks, shape, &weight, half::bf16::from_f32);
+            }
+        }
         Ok(())
+    }
+
+    /// Calls `f` with values `at..at + len` as f32: in place, or widened into this thread's
+    /// panel buffer.
+    fn with_panel<R>(&self, at: usize, len: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        use half::slice::HalfFloatSliceExt;
+        match &self.data {
+            Values::F32(d) => f(&d[at..at + len]),
+            Values::F16(d) => WIDE_PANEL.with_borrow_mut(|buf| {
+                buf.resize(len, 0.0);
+                d[at..at + len].convert_to_f32_slice(buf);
+                f(buf)
+            }),
+            Values::Bf16(d) => WIDE_PANEL.with_borrow_mut(|buf| {
+                buf.resize(len, 0.0);
+                d[at..at + len].convert_to_f32_slice(buf);
+                f(buf)
+            }),
+        }
     }
 }
 
@@ -404,7 +524,7 @@ pub fn conv(
             g.batch, w.batch
         )));
     }
-    if g.taps.len() != w.taps || w.data.is_empty() {
+    if g.taps.len() != w.taps || w.data.len() == 0 {
         return Err(Error::InvalidParameter(format!(
             "{} taps given for weights packed with {}",
             g.taps.len(),
@@ -468,7 +588,6 @@ pub fn conv(
             let (b, item) = (item / (strips * groups), item % (strips * groups));
             let (s, grp) = (item / groups, item % groups);
             let (in_b, out_b) = (b * g.in_batch, b * g.out_batch);
-            let matrix = &w.data[b * w.matrix_len()..][..w.matrix_len()];
             let (p0, p1) = (s * strip, ((s + 1) * strip).min(pixels));
             let (b0, b1) = (grp * per_group, ((grp + 1) * per_group).min(blocks));
             let mut in_offs = [0usize; MAX_MR];
@@ -481,74 +600,108 @@ pub fn conv(
                 let cl = w.cc.min(w.cin - c0);
                 let last = chunk + 1 == chunks;
                 for blk in b0..b1 {
-                    let panel =
-                        &matrix[blk * w.block_len() + c0 * w.taps * nr..][..w.taps * cl * nr];
-                    let co = blk * nr;
-                    let valid = nr.min(w.cout - co);
-                    let mut p = p0;
-                    while p < p1 {
-                        let m = mr.min(p1 - p);
-                        for i in 0..m {
-                            let (y, x) = ((p + i) / g.out_w, (p + i) % g.out_w);
-                            pix[i] = p + i;
-                            in_offs[i] = in_b + g.in_base + y * g.in_row + x * g.in_pix + c0;
-                            out_offs[i] = out_b + g.out_base + y * g.out_row + x * g.out_pix + co;
-                        }
-                        let partial = valid < nr;
-                        if partial && chunk > 0 {
+                    let at = b * w.matrix_len() + blk * w.block_len() + c0 * w.taps * nr;
+                    w.with_panel(at, w.taps * cl * nr, |panel| {
+                        let co = blk * nr;
+                        let valid = nr.min(w.cout - co);
+                        let mut p = p0;
+                        while p < p1 {
+                            let m = mr.min(p1 - p);
                             for i in 0..m {
-                                // SAFETY: `valid` lanes of each pixel are inside the output
-                                // (checked above); this thread owns them.
-                                let src = unsafe {
-                                    std::slice::from_raw_parts(shared.ptr().add(out_offs[i]), valid)
-                                };
-                                scratch[i * nr..i * nr + valid].copy_from_slice(src);
+                                let (y, x) = ((p + i) / g.out_w, (p + i) % g.out_w);
+                                pix[i] = p + i;
+                                in_offs[i] = in_b + g.in_base + y * g.in_row + x * g.in_pix + c0;
+                                out_offs[i] =
+                                    out_b + g.out_base + y * g.out_row + x * g.out_pix + co;
                             }
-                        }
-                        let args = TileArgs {
-                            inp: input.as_ptr(),
-                            in_offs: &in_offs[..m],
-                            taps: g.taps,
-                            cl,
-                            w: panel.as_ptr(),
-                            out: if partial {
-                                scratch.as_mut_ptr()
-                            } else {
-                                shared.ptr()
-                            },
-                            out_offs: if partial {
-                                &scratch_offs[..m]
-                            } else {
-                                &out_offs[..m]
-                            },
-                            first: chunk == 0,
-                        };
-                        // SAFETY: the bounds check above covers every input tap and channel of
-                        // these pixels and `cout` lanes of their outputs; the panel holds
-                        // `taps·cl·NR` values; a partial block writes the scratch tile instead;
-                        // the path is available.
-                        unsafe { run_tile(path, m, &args) };
-                        for i in 0..m {
-                            if !partial && (!last || epi.is_none()) {
-                                continue;
+                            let partial = valid < nr;
+                            if partial && chunk > 0 {
+                                for i in 0..m {
+                                    // SAFETY: `valid` lanes of each pixel are inside the output
+                                    // (checked above); this thread owns them.
+                                    let src = unsafe {
+                                        std::slice::from_raw_parts(
+                                            shared.ptr().add(out_offs[i]),
+                                            valid,
+                                        )
+                                    };
+                                    scratch[i * nr..i * nr + valid].copy_from_slice(src);
+                                }
                             }
-                            // SAFETY: as above: inside the output, owned by this thread.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(shared.ptr().add(out_offs[i]), valid)
+                            let args = TileArgs {
+                                inp: input.as_ptr(),
+                                in_offs: &in_offs[..m],
+                                taps: g.taps,
+                                cl,
+                                w: panel.as_ptr(),
+                                out: if partial {
+                                    scratch.as_mut_ptr()
+                                } else {
+                                    shared.ptr()
+                                },
+                                out_offs: if partial {
+                                    &scratch_offs[..m]
+                                } else {
+                                    &out_offs[..m]
+                                },
+                                first: chunk == 0,
                             };
-                            if partial {
-                                dst.copy_from_slice(&scratch[i * nr..i * nr + valid]);
+                            // SAFETY: the bounds check above covers every input tap and channel of
+                            // these pixels and `cout` lanes of their outputs; the panel holds
+                            // `taps·cl·NR` values; a partial block writes the scratch tile instead;
+                            // the path is available.
+                            unsafe { run_tile(path, m, &args) };
+                            for i in 0..m {
+                                if !partial && (!last || epi.is_none()) {
+                                    continue;
+                                }
+                                // SAFETY: as above: inside the output, owned by this thread.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(
+                                        shared.ptr().add(out_offs[i]),
+                                        valid,
+                                    )
+                                };
+                                if partial {
+                                    dst.copy_from_slice(&scratch[i * nr..i * nr + valid]);
+                                }
+                                if last {
+                                    epi.apply(dst, pix[i], co);
+                                }
                             }
-                            if last {
-                                epi.apply(dst, pix[i], co);
-                            }
+                            p += m;
                         }
-                        p += m;
-                    }
+                    });
                 }
             }
         });
     Ok(())
+}
+
+/// A 1×1 "convolution" over `rows` rows of `cin` values into rows of `cout` values (a matrix
+/// product by the packed weights: a linear layer over tokens), then the epilogue.
+pub fn rows_product(
+    w: &PackedWeights,
+    input: &[f32],
+    rows: usize,
+    out: &mut [f32],
+    epi: &Epilogue<'_>,
+) -> Result<()> {
+    let geom = ConvGeom {
+        taps: &[0],
+        batch: 1,
+        in_batch: 0,
+        out_batch: 0,
+        out_h: 1,
+        out_w: rows,
+        in_base: 0,
+        in_row: 0,
+        in_pix: w.cin(),
+        out_base: 0,
+        out_row: 0,
+        out_pix: w.cout(),
+    };
+    conv(w, input, &geom, out, epi)
 }
 
 /// Filters every channel of a map with a 2-D kernel (correlation, `kh × kw`, row-major):

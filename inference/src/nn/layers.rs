@@ -14,10 +14,11 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
 
 use super::{
-    ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights, WinogradScratch, WinogradTile,
-    WinogradWeights, winograd_conv3x3, with_values,
+    ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights, Storage, WinogradScratch,
+    WinogradTile, WinogradWeights, rows_product, winograd_conv3x3, with_values,
 };
 use crate::error::{Error, Result};
 
@@ -30,6 +31,7 @@ enum Choice {
 
 thread_local! {
     static OVERRIDE: Cell<Choice> = const { Cell::new(Choice::Default) };
+    static STORAGE: Cell<Storage> = const { Cell::new(Storage::F32) };
 }
 
 /// The kernels layers built now on `device` get: Studio's own on an x86-64 CPU (the fastest
@@ -50,6 +52,16 @@ pub fn with_kernels<R>(kernels: Option<KernelPath>, build: impl FnOnce() -> R) -
     let before = OVERRIDE.with(|o| o.replace(Choice::Chosen(kernels)));
     let out = build();
     OVERRIDE.with(|o| o.set(before));
+    out
+}
+
+/// Runs `build` with the native layers it builds storing their weights as `storage`: a model
+/// loader passes its checkpoint's (see [`crate::weights::stored_storage`]), so half-precision
+/// weights keep their size in memory.
+pub fn with_weight_storage<R>(storage: Storage, build: impl FnOnce() -> R) -> R {
+    let before = STORAGE.with(|s| s.replace(storage));
+    let out = build();
+    STORAGE.with(|s| s.set(before));
     out
 }
 
@@ -171,16 +183,24 @@ impl Native {
         }
         let values = weight.flatten_all()?.to_vec1::<f32>()?;
         let winograd_shape = (kh, kw, stride, padding) == (3, 3, 1, [1; 4]);
+        let storage = STORAGE.with(Cell::get);
         let weights = if let Some(tile) = winograd.tile(cout, cin).filter(|_| winograd_shape) {
+            // Transformed weights of half-precision layers: F(2×2)'s transforms (entries ±1,
+            // ½) barely amplify a rounding, so f16 (more mantissa than bf16) keeps them;
+            // F(4×4)'s amplify it some 30× (1% errors in f16), so they stay f32.
+            let transformed = match (tile, storage) {
+                (WinogradTile::F2, Storage::F16 | Storage::Bf16) => Storage::F16,
+                _ => Storage::F32,
+            };
             Weights::Winograd(WinogradWeights::new(
-                path,
+                PackedWeights::with_storage(path, transformed),
                 tile,
                 cout,
                 cin,
                 |o, i, y, x| values[((o * cin + i) * 3 + y) * 3 + x],
             )?)
         } else {
-            let mut packed = PackedWeights::new(path);
+            let mut packed = PackedWeights::with_storage(path, storage);
             packed.pack(cout, cin, kh * kw, |o, i, t| {
                 values[(o * cin + i) * kh * kw + t]
             })?;
@@ -367,10 +387,98 @@ impl Native {
     }
 }
 
+/// A linear layer, `y = x·Wᵀ + b` over the last dimension: candle_nn's, or on Studio's
+/// kernels (a 1×1 convolution whose pixels are the rows, the bias in its epilogue) with the
+/// weights stored as [`with_weight_storage`] says.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Candle's layer, kept only where it runs (not on the native path).
+    candle: Option<candle_nn::Linear>,
+    native: Option<(PackedWeights, Option<Vec<f32>>)>,
+}
+
+/// A [`Linear`] from `vb` (`weight` of `(out, in)`, and `bias` where `bias` says).
+pub fn linear(inp: usize, out: usize, bias: bool, vb: &VarBuilder) -> Result<Linear> {
+    Linear::new(if bias {
+        candle_nn::linear(inp, out, vb.clone())?
+    } else {
+        candle_nn::linear_no_bias(inp, out, vb.clone())?
+    })
+}
+
+impl Linear {
+    /// Wraps a loaded candle layer, packing it for [`default_kernels`] of its device.
+    pub fn new(inner: candle_nn::Linear) -> Result<Self> {
+        let w = inner.weight();
+        let Some(path) = default_kernels(w.device()).filter(|_| w.dtype() == DType::F32) else {
+            return Ok(Self {
+                candle: Some(inner),
+                native: None,
+            });
+        };
+        let (out, inp) = w.dims2()?;
+        let values = w.flatten_all()?.to_vec1::<f32>()?;
+        let mut packed = PackedWeights::with_storage(path, STORAGE.with(Cell::get));
+        packed.pack(out, inp, 1, |o, i, _| values[o * inp + i])?;
+        let bias = match inner.bias() {
+            Some(b) => Some(b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Self {
+            candle: None,
+            native: Some((packed, bias)),
+        })
+    }
+
+    /// The kernels this layer runs on (`None`: candle's).
+    pub fn kernels(&self) -> Option<KernelPath> {
+        self.native.as_ref().map(|(p, _)| p.path())
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let Some((packed, bias)) = &self.native else {
+            return match &self.candle {
+                Some(c) => Ok(c.forward(x)?),
+                None => Err(Error::InvalidParameter(
+                    "a linear layer without weights".into(),
+                )),
+            };
+        };
+        let (inp, out) = (packed.cin(), packed.cout());
+        let mut shape = x.dims().to_vec();
+        match shape.last_mut() {
+            Some(last) if *last == inp => *last = out,
+            _ => {
+                return Err(Error::InvalidParameter(format!(
+                    "a linear layer over {inp} features given a {:?} tensor",
+                    x.dims()
+                )));
+            }
+        }
+        let rows = x.elem_count() / inp;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let mut result = vec![0f32; rows * out];
+        let epi = Epilogue {
+            bias: bias.as_deref(),
+            ..Epilogue::NONE
+        };
+        with_values(&x, |v| rows_product(packed, v, rows, &mut result, &epi))??;
+        Ok(Tensor::from_vec(result, shape, x.device())?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nn::test_values::{max_abs_diff, values};
+
+    /// `values` rounded to what `dtype` stores (the reference for half-precision storage).
+    fn rounded(values: Vec<f32>, dims: &[usize], dtype: DType) -> Tensor {
+        Tensor::from_vec(values, dims, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_dtype(DType::F32))
+            .expect("weight")
+    }
 
     fn candle_conv(
         cout: usize,
@@ -378,13 +486,9 @@ mod tests {
         k: usize,
         stride: usize,
         padding: usize,
+        dtype: DType,
     ) -> candle_nn::Conv2d {
-        let w = Tensor::from_vec(
-            values(cout * cin * k * k, 3),
-            (cout, cin, k, k),
-            &Device::Cpu,
-        )
-        .expect("weight");
+        let w = rounded(values(cout * cin * k * k, 3), &[cout, cin, k, k], dtype);
         let b = Tensor::from_vec(values(cout, 4), cout, &Device::Cpu).expect("bias");
         let cfg = candle_nn::Conv2dConfig {
             padding,
@@ -404,7 +508,7 @@ mod tests {
         ] {
             let x = Tensor::from_vec(values(2 * cin * h * w, 9), (2, cin, h, w), &Device::Cpu)
                 .expect("x");
-            let reference = candle_conv(cout, cin, k, stride, padding)
+            let reference = candle_conv(cout, cin, k, stride, padding, DType::F32)
                 .forward(&x)
                 .expect("candle");
             let f2 = Winograd {
@@ -420,7 +524,10 @@ mod tests {
                 .flat_map(|p| [(p, Winograd::NEVER), (p, f2), (p, f4)])
             {
                 let conv = with_kernels(Some(path), || {
-                    Conv2d::with_winograd(candle_conv(cout, cin, k, stride, padding), winograd)
+                    Conv2d::with_winograd(
+                        candle_conv(cout, cin, k, stride, padding, DType::F32),
+                        winograd,
+                    )
                 })
                 .expect("native");
                 let is_winograd = matches!(
@@ -440,7 +547,68 @@ mod tests {
                 assert!(conv.forward(&wrong).is_err(), "wrong channel count");
             }
         }
-        let none = with_kernels(None, || Conv2d::new(candle_conv(2, 2, 3, 1, 1))).expect("candle");
+        let none = with_kernels(None, || Conv2d::new(candle_conv(2, 2, 3, 1, 1, DType::F32)))
+            .expect("candle");
         assert_eq!(none.kernels(), None);
+    }
+
+    /// Half-precision storage computes with the stored weights exactly (widened to f32): the
+    /// result equals candle's on the rounded weights, for direct and Winograd layers and
+    /// linear layers, on every path.
+    #[test]
+    fn half_precision_weights_match_their_rounded_values() {
+        let (cout, cin, h, w) = (70, 19, 6, 5);
+        let x =
+            Tensor::from_vec(values(2 * cin * h * w, 9), (2, cin, h, w), &Device::Cpu).expect("x");
+        let tokens = Tensor::from_vec(values(7 * cin, 5), (1, 7, cin), &Device::Cpu).expect("t");
+        for dtype in [DType::F16, DType::BF16] {
+            let f4 = Winograd {
+                f4_up_to: usize::MAX,
+                f2_up_to: 0,
+            };
+            let f2 = Winograd {
+                f4_up_to: 0,
+                f2_up_to: usize::MAX,
+            };
+            for path in KernelPath::available_paths() {
+                for winograd in [Winograd::NEVER, f2, f4] {
+                    let reference = candle_conv(cout, cin, 3, 1, 1, dtype)
+                        .forward(&x)
+                        .expect("candle");
+                    let conv = with_kernels(Some(path), || {
+                        with_weight_storage(Storage::for_dtype(dtype), || {
+                            Conv2d::with_winograd(candle_conv(cout, cin, 3, 1, 1, dtype), winograd)
+                        })
+                    })
+                    .expect("native");
+                    let d = max_abs_diff(&conv.forward(&x).expect("forward"), &reference);
+                    // F(2×2)'s transformed weights are rounded to f16 again: about twice the
+                    // error of the stored weights' own rounding (outputs are ~5).
+                    let bound = if winograd == f2 { 1e-2 } else { 1e-4 };
+                    assert!(d < bound, "{dtype:?} {path} {winograd:?}: {d}");
+                }
+                for bias in [false, true] {
+                    let weight = || rounded(values(cout * cin, 11), &[cout, cin], dtype);
+                    let b = bias.then(|| {
+                        Tensor::from_vec(values(cout, 12), cout, &Device::Cpu).expect("bias")
+                    });
+                    let reference = candle_nn::Linear::new(weight(), b.clone())
+                        .forward(&tokens)
+                        .expect("candle");
+                    let layer = with_kernels(Some(path), || {
+                        with_weight_storage(Storage::for_dtype(dtype), || {
+                            Linear::new(candle_nn::Linear::new(weight(), b.clone()))
+                        })
+                    })
+                    .expect("native");
+                    assert_eq!(layer.kernels(), Some(path));
+                    let ours = layer.forward(&tokens).expect("forward");
+                    let d = max_abs_diff(&ours, &reference);
+                    assert!(d < 2e-5, "linear {dtype:?} {path} bias {bias}: {d}");
+                    let wrong = Tensor::zeros((3, cin + 1), DType::F32, &Device::Cpu).expect("x");
+                    assert!(layer.forward(&wrong).is_err(), "wrong feature count");
+                }
+            }
+        }
     }
 }

@@ -15,7 +15,11 @@
 //! - [`PackedWeights`]: weights packed into the order the micro-kernel reads (`NR` output
 //!   channels contiguous per input channel and tap, in chunks of input channels sized to stay
 //!   in L1), filled from any function of `(out, in, tap)`: StyleGAN2 folds its per-sample
-//!   style and demodulation into the packing.
+//!   style and demodulation into the packing. Stored as f32, or as f16/bf16 ([`Storage`]) for
+//!   half-precision checkpoints: a half panel is widened into a per-thread f32 buffer once per
+//!   strip of pixels, so the micro-kernels are the same and the weights keep their size.
+//! - [`Conv2d`] and [`Linear`]: drop-ins for candle_nn's layers on these kernels (a linear layer
+//!   is a 1×1 convolution whose pixels are the rows, [`rows_product`]).
 //! - [`Epilogue`]: noise, bias, leaky ReLU, gain and clamp applied to each output tile while it
 //!   is still in cache (NVIDIA's `bias_act`).
 //! - [`winograd_conv3x3`]: Winograd F(2×2, 3×3) and F(4×4, 3×3) for 3×3 stride-1 layers, its
@@ -38,8 +42,10 @@ mod winograd;
 mod x86;
 
 pub use attention::attention;
-pub use conv::{ConvGeom, Epilogue, PackedWeights, conv, fir};
-pub use layers::{Conv2d, Winograd, default_kernels, with_kernels};
+pub use conv::{ConvGeom, Epilogue, PackedWeights, Storage, conv, fir, rows_product};
+pub use layers::{
+    Conv2d, Linear, Winograd, default_kernels, linear, with_kernels, with_weight_storage,
+};
 pub use pointwise::{GroupNorm, geglu};
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 

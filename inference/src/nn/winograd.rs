@@ -96,15 +96,15 @@ fn transform_weights<const N: usize>(
 
 impl WinogradWeights {
     /// Transforms `cout × cin` 3×3 kernels, `weight(o, i, ky, kx)` giving each (a
-    /// correlation, as candle's and PyTorch's `conv2d`).
+    /// correlation, as candle's and PyTorch's `conv2d`), into `packed` (its path and storage
+    /// kept, its allocation reused).
     pub fn new(
-        path: KernelPath,
+        mut packed: PackedWeights,
         tile: WinogradTile,
         cout: usize,
         cin: usize,
         weight: impl Fn(usize, usize, usize, usize) -> f32 + Sync,
     ) -> Result<Self> {
-        let mut packed = PackedWeights::new(path);
         match tile {
             WinogradTile::F2 => transform_weights(&G2, &mut packed, cout, cin, &weight)?,
             WinogradTile::F4 => transform_weights(&G4, &mut packed, cout, cin, &weight)?,
@@ -461,9 +461,13 @@ mod tests {
                             }
                         }
                     }
-                    let ww = WinogradWeights::new(path, tile, cout, cin, |o, i, ky, kx| {
-                        wt[((o * cin + i) * 3 + ky) * 3 + kx]
-                    })
+                    let ww = WinogradWeights::new(
+                        PackedWeights::new(path),
+                        tile,
+                        cout,
+                        cin,
+                        |o, i, ky, kx| wt[((o * cin + i) * 3 + ky) * 3 + kx],
+                    )
                     .expect("weights");
                     let mut out = FeatureMap::default();
                     out.reset(h, w, cout, 1).expect("out");

@@ -146,7 +146,7 @@ fn prepare_conv(path: KernelPath, layer: &SynthesisLayer) -> Result<PreparedKind
     }
     let w = with_values(&layer.weight.contiguous()?, <[f32]>::to_vec)?;
     Ok(PreparedKind::Conv(WinogradWeights::new(
-        path,
+        PackedWeights::new(path),
         TILE,
         out_ch,
         in_ch,
