@@ -42,9 +42,9 @@ Tested with torch 2.15, diffusers 0.42.1, transformers 5.25.0.
 
 import argparse
 import json
-import re
 import struct
 import sys
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -95,98 +95,10 @@ CLIP = dict(
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
-
-# ---------------------------------------------------------------------------------------------
-# diffusers name -> ldm name (the inverse of diffusers' convert_ldm_*_checkpoint).
-
-RESNET_UNET = [
-    ("norm1", "in_layers.0"),
-    ("conv1", "in_layers.2"),
-    ("norm2", "out_layers.0"),
-    ("conv2", "out_layers.3"),
-    ("time_emb_proj", "emb_layers.1"),
-    ("conv_shortcut", "skip_connection"),
-]
-
-UNET_TOP = {
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "conv_in": "input_blocks.0.0",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-
-
-def resnet_rest(rest):
-    for d, l in RESNET_UNET:
-        if rest.startswith(d + "."):
-            return l + rest[len(d):]
-    raise ValueError(f"unet resnet name not handled: {rest}")
-
-
-def unet_to_ldm(name, cfg):
-    lpb = cfg["layers_per_block"]
-    up_has_attn = ["CrossAttn" in t for t in cfg["up_block_types"]]
-    for d, l in UNET_TOP.items():
-        if name.startswith(d + "."):
-            return l + name[len(d):]
-    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.*)", name)
-    if m:
-        side, b, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
-        if side == "down":
-            base = 1 + b * (lpb + 1)
-            if kind == "resnets":
-                return f"input_blocks.{base + j}.0.{resnet_rest(rest)}"
-            if kind == "attentions":
-                return f"input_blocks.{base + j}.1.{rest}"
-            return f"input_blocks.{base + lpb}.0.op.{rest.removeprefix('conv.')}"
-        base = b * (lpb + 1)
-        if kind == "resnets":
-            return f"output_blocks.{base + j}.0.{resnet_rest(rest)}"
-        if kind == "attentions":
-            return f"output_blocks.{base + j}.1.{rest}"
-        slot = 2 if up_has_attn[b] else 1
-        return f"output_blocks.{base + lpb}.{slot}.{rest}"
-    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", name)
-    if m:
-        kind, j, rest = m.group(1), int(m.group(2)), m.group(3)
-        if kind == "resnets":
-            return f"middle_block.{2 * j}.{resnet_rest(rest)}"
-        return f"middle_block.1.{rest}"
-    raise ValueError(f"unet name not handled: {name}")
-
-
-VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
-
-
-def vae_to_ldm(name, n_levels):
-    """Returns (ldm name, whether the weight is a 1x1 conv in ldm: linear in diffusers)."""
-    for side in ("encoder", "decoder"):
-        if name.startswith(f"{side}.conv_norm_out."):
-            return f"{side}.norm_out" + name[len(side) + len(".conv_norm_out"):], False
-    m = re.match(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.*)", name)
-    if m:
-        side, ud, b, kind, j, rest = m.groups()
-        b, j = int(b), int(j)
-        level = b if ud == "down" else n_levels - 1 - b
-        if kind == "resnets":
-            return f"{side}.{ud}.{level}.block.{j}.{rest.replace('conv_shortcut', 'nin_shortcut')}", False
-        return f"{side}.{ud}.{level}.{'downsample' if ud == 'down' else 'upsample'}.{rest}", False
-    m = re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)", name)
-    if m:
-        side, kind, j, rest = m.groups()
-        if kind == "resnets":
-            return f"{side}.mid.block_{int(j) + 1}.{rest.replace('conv_shortcut', 'nin_shortcut')}", False
-        for d, l in VAE_ATTN:
-            if rest.startswith(d + "."):
-                return f"{side}.mid.attn_1.{l}{rest[len(d):]}", rest.endswith("weight") and d != "group_norm"
-        raise ValueError(f"vae attention name not handled: {name}")
-    if re.match(r"(encoder\.|decoder\.)?(conv_in|conv_out|quant_conv|post_quant_conv)\.", name):
-        return name, False
-    raise ValueError(f"vae name not handled: {name}")
-
-
-# ---------------------------------------------------------------------------------------------
+# diffusers name -> ldm name: the mapping of make_ldm_fixture.py (the inverse of diffusers'
+# convert_ldm_*_checkpoint), shared with the parity fixtures.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_ldm_fixture import unet_to_ldm, vae_to_ldm  # noqa: E402
 
 
 def norm_names(model):
