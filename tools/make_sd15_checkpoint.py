@@ -50,33 +50,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-# SD-1.5 configs (runwayml/stable-diffusion-v1-5: unet/, vae/, text_encoder/).
-UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                      "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
-                    "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-
-VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-)
+# SD-1.5 configs (runwayml/stable-diffusion-v1-5: unet/, vae/, text_encoder/); the UNet's and the
+# VAE's are the PyTorch peer's (bench_sd_torch.py), so both measure the same shapes.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sd_torch import UNET, VAE  # noqa: E402
 
 CLIP = dict(
     vocab_size=49408,
@@ -97,7 +74,6 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 # diffusers name -> ldm name: the mapping of make_ldm_fixture.py (the inverse of diffusers'
 # convert_ldm_*_checkpoint), shared with the parity fixtures.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_ldm_fixture import unet_to_ldm, vae_to_ldm  # noqa: E402
 
 

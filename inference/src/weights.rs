@@ -36,16 +36,13 @@ pub fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
     })
 }
 
-/// How the native kernels keep the weights named `prefix…`: in the dtype most of them (by
-/// element count) are stored in where the kernels take it (f16, bf16), f32 otherwise (see
+/// How the native kernels keep a checkpoint's weights: in the dtype most of them (by element
+/// count) are stored in where the kernels take it (f16, bf16), f32 otherwise (see
 /// [`crate::nn::with_weight_storage`]).
-pub fn stored_storage(st: &MmapedSafetensors, prefix: &str) -> Storage {
+pub fn stored_storage(st: &MmapedSafetensors) -> Storage {
     use safetensors::Dtype;
     let (mut f16, mut bf16, mut other) = (0usize, 0usize, 0usize);
-    for (name, view) in st.tensors() {
-        if !name.starts_with(prefix) {
-            continue;
-        }
+    for (_, view) in st.tensors() {
         let n = view.shape().iter().product::<usize>();
         match view.dtype() {
             Dtype::F16 => f16 += n,

@@ -195,7 +195,7 @@ fn var_builder(
     device: &Device,
 ) -> Result<(VarBuilder<'static>, Storage)> {
     let st = mmap(files)?;
-    let stored = stored_storage(&st, "");
+    let stored = stored_storage(&st);
     Ok((
         VarBuilder::from_backend(Box::new(st), dtype, device.clone()),
         stored,
@@ -556,7 +556,7 @@ fn load_single_file(
 ) -> Result<SdModel> {
     let dtype = device_dtype(device);
     let st = Arc::new(mmap(&[path.to_path_buf()])?);
-    let stored = stored_storage(&st, "");
+    let stored = stored_storage(&st);
     let all = names_and_shapes(&st);
     let refs: Vec<&str> = all.keys().map(String::as_str).collect();
     let ckpt = convert::detect_kind(&refs).ok_or_else(|| {
@@ -702,7 +702,7 @@ fn load_separate_vae(path: &Path, scaling_factor: f64, device: &Device) -> Resul
         vec![path.to_path_buf()]
     };
     let st = Arc::new(mmap(&files)?);
-    let stored = stored_storage(&st, "");
+    let stored = stored_storage(&st);
     let all = names_and_shapes(&st);
     let err = |e: Error| Error::CorruptWeights {
         path: path.to_owned(),

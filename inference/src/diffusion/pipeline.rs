@@ -278,7 +278,7 @@ pub fn working_bytes(model: &SdModel, width: u32, height: u32, batch: usize) -> 
             unet += 3 * batch * level.heads as u64 * t * t * 4;
         }
     }
-    let vae_channels = model.vae.config().block_out_channels.clone();
+    let vae_channels = &model.vae.config().block_out_channels;
     let pixels = u64::from(width) * u64::from(height);
     let c0 = vae_channels.first().copied().unwrap_or(128) as u64;
     let c1 = vae_channels.get(1).copied().unwrap_or(256) as u64;

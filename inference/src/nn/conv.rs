@@ -46,14 +46,6 @@ impl Storage {
             _ => Self::F32,
         }
     }
-
-    /// Bytes per weight.
-    pub fn bytes(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::Bf16 => 2,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -80,7 +72,6 @@ thread_local! {
 
 /// Fills `data` (blocks of `block_len`, `blocks` per matrix) in the packed order, converting
 /// each value with `to`.
-#[allow(clippy::too_many_arguments)]
 fn fill<T: Send + Copy>(
     data: &mut [T],
     block_len: usize,
@@ -164,11 +155,6 @@ impl PackedWeights {
             Values::F16(_) => Storage::F16,
             Values::Bf16(_) => Storage::Bf16,
         }
-    }
-
-    /// Bytes the packed values take.
-    pub fn bytes(&self) -> usize {
-        self.data.len() * self.storage().bytes()
     }
 
     pub fn cout(&self) -> usize {
@@ -255,19 +241,22 @@ impl PackedWeights {
     /// Calls `f` with values `at..at + len` as f32: in place, or widened into this thread's
     /// panel buffer.
     fn with_panel<R>(&self, at: usize, len: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        fn widened<R>(
+            widen: impl FnOnce(&mut [f32]),
+            len: usize,
+            f: impl FnOnce(&[f32]) -> R,
+        ) -> R {
+            WIDE_PANEL.with_borrow_mut(|buf| {
+                buf.resize(len, 0.0);
+                widen(buf);
+                f(buf)
+            })
+        }
         use half::slice::HalfFloatSliceExt;
         match &self.data {
             Values::F32(d) => f(&d[at..at + len]),
-            Values::F16(d) => WIDE_PANEL.with_borrow_mut(|buf| {
-                buf.resize(len, 0.0);
-                d[at..at + len].convert_to_f32_slice(buf);
-                f(buf)
-            }),
-            Values::Bf16(d) => WIDE_PANEL.with_borrow_mut(|buf| {
-                buf.resize(len, 0.0);
-                d[at..at + len].convert_to_f32_slice(buf);
-                f(buf)
-            }),
+            Values::F16(d) => widened(|buf| d[at..at + len].convert_to_f32_slice(buf), len, f),
+            Values::Bf16(d) => widened(|buf| d[at..at + len].convert_to_f32_slice(buf), len, f),
         }
     }
 }
