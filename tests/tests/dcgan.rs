@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use studio_inference::Error;
 use studio_inference::gan::dcgan::{Dcgan, DcganInfo};
+use studio_inference::nn::with_kernels;
+use studio_inference::quant::KernelPath;
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/dcgan")
@@ -64,15 +66,20 @@ fn infers_the_architecture() {
     assert_eq!(g.info(), &fixture_info(""));
 }
 
+/// On candle's ops and on each of Studio's kernel paths this CPU has.
 #[test]
 fn matches_pytorch() {
-    let g = Dcgan::load(&generator_path(), &Device::Cpu).expect("load");
     let e = expected();
-    let image = g.generate(&e["z"]).expect("generate");
-    assert_eq!(image.dims(), &[2, 3, 32, 32]);
-    let d = max_abs_diff(&image, &e["image"]);
-    println!("dcgan parity: max |ours − torch| = {d:e}");
-    assert!(d < 1e-5, "max abs diff {d}");
+    let sets = std::iter::once(None).chain(KernelPath::available_paths().into_iter().map(Some));
+    for kernels in sets {
+        let g =
+            with_kernels(kernels, || Dcgan::load(&generator_path(), &Device::Cpu)).expect("load");
+        let image = g.generate(&e["z"]).expect("generate");
+        assert_eq!(image.dims(), &[2, 3, 32, 32]);
+        let d = max_abs_diff(&image, &e["image"]);
+        println!("dcgan parity ({kernels:?}): max |ours − torch| = {d:e}");
+        assert!(d < 1e-5, "{kernels:?}: max abs diff {d}");
+    }
     // The reference is not trivially saturated or flat.
     let spread = e["image"]
         .abs()

@@ -22,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::NumpyRandomState;
 use crate::error::{Error, Result};
+use crate::nn::{ConvTranspose2d, Epilogue};
 use crate::weights::{self, Weights};
 
 /// PyTorch's default `BatchNorm2d` epsilon.
@@ -48,13 +49,21 @@ pub struct DcganInfo {
 }
 
 /// One block: a transposed convolution, then (except for the last) BatchNorm folded into a
-/// per-channel scale and shift, and ReLU.
-struct Block {
-    weight: Tensor,
-    stride: usize,
-    padding: usize,
-    /// `(scale, shift)`, each `(1, C, 1, 1)`.
-    norm: Option<(Tensor, Tensor)>,
+/// per-channel scale and shift, and ReLU; the last one ends in tanh.
+enum Block {
+    /// On candle's ops (GPUs, aarch64): the weight `(in, out, 4, 4)`, and `(scale, shift)`
+    /// each `(1, C, 1, 1)`.
+    Candle {
+        weight: Tensor,
+        stride: usize,
+        padding: usize,
+        norm: Option<(Tensor, Tensor)>,
+    },
+    /// On Studio's CPU kernels, the scale, shift and ReLU fused into the convolution.
+    Native {
+        conv: ConvTranspose2d,
+        norm: Option<(Vec<f32>, Vec<f32>)>,
+    },
 }
 
 /// A DCGAN generator ready to run.
@@ -255,11 +264,23 @@ impl Dcgan {
                 None
             };
             let (stride, padding) = if i == 0 { (1, 0) } else { (2, 1) };
-            blocks.push(Block {
-                weight,
-                stride,
-                padding,
-                norm,
+            blocks.push(match ConvTranspose2d::native(&weight, stride, padding)? {
+                Some(conv) => Block::Native {
+                    conv,
+                    norm: match &norm {
+                        Some((scale, shift)) => Some((
+                            scale.flatten_all()?.to_vec1()?,
+                            shift.flatten_all()?.to_vec1()?,
+                        )),
+                        None => None,
+                    },
+                },
+                None => Block::Candle {
+                    weight,
+                    stride,
+                    padding,
+                    norm,
+                },
             });
             in_ch = out_ch;
         }
@@ -314,10 +335,34 @@ impl Dcgan {
             .to_dtype(DType::F32)?
             .reshape((n, nz, 1, 1))?;
         for block in &self.blocks {
-            x = x.conv_transpose2d(&block.weight, block.padding, 0, block.stride, 1)?;
-            x = match &block.norm {
-                Some((scale, shift)) => x.broadcast_mul(scale)?.broadcast_add(shift)?.relu()?,
-                None => x.tanh()?,
+            x = match block {
+                Block::Native {
+                    conv,
+                    norm: Some((scale, shift)),
+                } => conv.forward(
+                    &x,
+                    &Epilogue {
+                        scale: Some(scale),
+                        bias: Some(shift),
+                        slope: Some(0.0),
+                        ..Epilogue::NONE
+                    },
+                )?,
+                Block::Native { conv, norm: None } => conv.forward(&x, &Epilogue::NONE)?.tanh()?,
+                Block::Candle {
+                    weight,
+                    stride,
+                    padding,
+                    norm,
+                } => {
+                    let y = x.conv_transpose2d(weight, *padding, 0, *stride, 1)?;
+                    match norm {
+                        Some((scale, shift)) => {
+                            y.broadcast_mul(scale)?.broadcast_add(shift)?.relu()?
+                        }
+                        None => y.tanh()?,
+                    }
+                }
             };
         }
         Ok(x)

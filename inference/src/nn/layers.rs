@@ -67,20 +67,20 @@ pub fn with_weight_storage<R>(storage: Storage, build: impl FnOnce() -> R) -> R 
 
 /// Buffers lent to forward passes and taken back, so a steady state reuses the same memory
 /// (fresh multi-megabyte buffers cost a page fault per 4 KiB: a fifth of a VAE decode).
-type Pool<T> = std::sync::Mutex<Vec<T>>;
-static MAPS: Pool<FeatureMap> = std::sync::Mutex::new(Vec::new());
+pub(super) type Pool<T> = std::sync::Mutex<Vec<T>>;
+pub(super) static MAPS: Pool<FeatureMap> = std::sync::Mutex::new(Vec::new());
 static SCRATCH: Pool<WinogradScratch> = std::sync::Mutex::new(Vec::new());
 /// Buffers a pool keeps at most (two maps per forward pass in flight).
 const POOL_SIZE: usize = 4;
 
 /// A buffer from a pool, returned to it on drop.
-struct Pooled<T: Default + 'static> {
+pub(super) struct Pooled<T: Default + 'static> {
     item: T,
     pool: &'static Pool<T>,
 }
 
 impl<T: Default + 'static> Pooled<T> {
-    fn take(pool: &'static Pool<T>) -> Self {
+    pub(super) fn take(pool: &'static Pool<T>) -> Self {
         let item = pool
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -20,6 +20,8 @@
 //!   strip of pixels, so the micro-kernels are the same and the weights keep their size.
 //! - [`Conv2d`] and [`Linear`]: drop-ins for candle_nn's layers on these kernels (a linear layer
 //!   is a 1×1 convolution whose pixels are the rows, [`rows_product`]).
+//! - [`ConvTranspose2d`]: PyTorch's transposed convolution (DCGAN) as `s²` phase
+//!   convolutions on the same driver, each writing every `s`-th output pixel.
 //! - [`Epilogue`]: noise, bias, leaky ReLU, gain and clamp applied to each output tile while it
 //!   is still in cache (NVIDIA's `bias_act`).
 //! - [`winograd_conv3x3`]: Winograd F(2×2, 3×3) and F(4×4, 3×3) for 3×3 stride-1 layers, its
@@ -37,6 +39,7 @@ mod attention;
 mod conv;
 mod layers;
 mod pointwise;
+mod transposed;
 mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -47,6 +50,7 @@ pub use layers::{
     Conv2d, Linear, Winograd, default_kernels, linear, with_kernels, with_weight_storage,
 };
 pub use pointwise::{GroupNorm, geglu};
+pub use transposed::ConvTranspose2d;
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 
 use candle_core::{Device, Tensor};
