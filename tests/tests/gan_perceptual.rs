@@ -13,6 +13,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use studio_inference::Error;
 use studio_inference::gan::perceptual::{Vgg16Lpips, area_resize};
+use studio_inference::nn::with_kernels;
+use studio_inference::quant::KernelPath;
 use studio_tests::vgg::{vgg16_tensors, write_vgg16};
 
 const WIDTHS: [usize; 5] = [4, 8, 8, 16, 16];
@@ -79,10 +81,24 @@ fn assert_close(got: &[f64], want: &[f64], abs: f64, what: &str) {
     }
 }
 
+/// The kernel sets a test runs on: candle's ops, then each of Studio's paths this CPU has.
+fn kernel_sets() -> impl Iterator<Item = Option<KernelPath>> {
+    std::iter::once(None).chain(KernelPath::available_paths().into_iter().map(Some))
+}
+
 #[test]
 fn matches_pytorch_lpips_with_linear_layers() {
-    let vgg = Vgg16Lpips::load(&fixture_dir().join("vgg16_tiny.safetensors"), &Device::Cpu)
-        .expect("load");
+    for kernels in kernel_sets() {
+        println!("kernels: {kernels:?}");
+        matches_pytorch_on(kernels);
+    }
+}
+
+fn matches_pytorch_on(kernels: Option<KernelPath>) {
+    let vgg = with_kernels(kernels, || {
+        Vgg16Lpips::load(&fixture_dir().join("vgg16_tiny.safetensors"), &Device::Cpu)
+    })
+    .expect("load");
     assert!(vgg.has_lpips_weights());
     assert_eq!(vgg.widths(), [4, 8, 16, 16, 16]);
     let case = case();
@@ -247,6 +263,42 @@ fn large_images_are_area_downsampled_to_256() {
     let odd = random_image(&mut rng, &[1, 3, 300, 300]);
     let d = scalar(&vgg.distance(&flat, &odd).expect("300×300"));
     assert!(d.is_finite() && d > 0.0);
+}
+
+/// The gradient of the distance with respect to the image on Studio's kernels (their own
+/// input-gradient convolutions) equals candle's autograd through its own convolutions.
+#[test]
+fn native_gradients_equal_candles() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vgg.safetensors");
+    write_vgg16(&path, WIDTHS, true, 5);
+    let mut rng = StdRng::seed_from_u64(9);
+    let a = random_image(&mut rng, &[1, 3, 37, 29]);
+    let b = random_image(&mut rng, &[2, 3, 37, 29]);
+    let gradient = |kernels: Option<KernelPath>| {
+        let vgg = with_kernels(kernels, || Vgg16Lpips::load(&path, &Device::Cpu)).expect("load");
+        let target = vgg.target(&a).expect("target");
+        let x = Var::from_tensor(&b).expect("var");
+        let d = vgg
+            .distance_to(&target, x.as_tensor())
+            .expect("distance")
+            .sum_all()
+            .expect("sum");
+        let grads = d.backward().expect("backward");
+        values(grads.get(x.as_tensor()).expect("gradient"))
+    };
+    let reference = gradient(None);
+    let scale = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "a zero gradient");
+    for path in KernelPath::available_paths() {
+        let ours = gradient(Some(path));
+        let worst = ours
+            .iter()
+            .zip(&reference)
+            .fold(0f64, |m, (g, r)| m.max((g - r).abs()));
+        println!("{path}: max |Δ gradient| = {worst:e} (max |gradient| {scale:e})");
+        assert!(worst <= 1e-4 * scale, "{path}: {worst} against {scale}");
+    }
 }
 
 #[test]

@@ -42,6 +42,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::nn::{Conv2d, Winograd};
 use crate::weights::{self, Weights};
 
 /// torchvision's indices of the 13 convolutions in `vgg16().features`.
@@ -77,16 +78,11 @@ pub fn lin_name(k: usize) -> String {
     format!("lin{k}.model.1.weight")
 }
 
-struct Conv {
-    weight: Tensor,
-    /// `(1, C, 1, 1)`.
-    bias: Tensor,
-}
-
 /// VGG16 features and the LPIPS distance (see the module docs).
 pub struct Vgg16Lpips {
     path: PathBuf,
-    blocks: Vec<Vec<Conv>>,
+    /// Each convolution with its ReLU; on x86-64 on Studio's kernels, input gradient too.
+    blocks: Vec<Vec<Conv2d>>,
     /// `(1, C_k, 1, 1)` per tap, when the file has LPIPS's linear layers.
     lins: Option<Vec<Tensor>>,
     widths: [usize; 5],
@@ -247,10 +243,17 @@ impl Vgg16Lpips {
                 let index = CONV_INDICES[next];
                 let (out, in_ch) = plan[next];
                 let weight = w.get(&format!("features.{index}.weight"), &[out, in_ch, 3, 3])?;
-                let bias = w
-                    .get(&format!("features.{index}.bias"), &[out])?
-                    .reshape((1, out, 1, 1))?;
-                block.push(Conv { weight, bias });
+                let bias = w.get(&format!("features.{index}.bias"), &[out])?;
+                let cfg = candle_nn::Conv2dConfig {
+                    padding: 1,
+                    ..Default::default()
+                };
+                block.push(Conv2d::relu_with_gradient(
+                    candle_nn::Conv2d::new(weight, Some(bias), cfg),
+                    // Winograd F(4×4) on the first three blocks measured no faster (1.10 s
+                    // against 1.13 s for a 256² forward and backward pass on 2 cores).
+                    Winograd::NEVER,
+                )?);
                 widths[b] = out;
                 next += 1;
             }
@@ -334,10 +337,7 @@ impl Vgg16Lpips {
                 h = h.max_pool2d(2)?;
             }
             for conv in block {
-                h = h
-                    .conv2d(&conv.weight, 1, 1, 1, 1)?
-                    .broadcast_add(&conv.bias)?
-                    .relu()?;
+                h = conv.forward(&h)?;
             }
             taps.push(h.clone());
         }

@@ -1,5 +1,6 @@
 //! Candle-facing layers on Studio's CPU kernels: a drop-in for `candle_nn::Conv2d` in the
-//! diffusion models (UNet, VAE, TAESD).
+//! diffusion models (UNet, VAE, TAESD) and VGG16 (with its input gradient, for the projection's
+//! perceptual loss).
 //!
 //! On an x86-64 CPU the weights are packed once at load for the micro-kernels and candle's
 //! copy is dropped (the same memory, not twice); a forward pass lays the NCHW input out
@@ -12,6 +13,7 @@
 //! thread (tests build the same model on every path).
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -164,6 +166,8 @@ struct Native {
     stride: usize,
     /// Zero rows and columns added: `[top, bottom, left, right]`.
     padding: [usize; 4],
+    /// ReLU fused into the epilogue.
+    relu: bool,
 }
 
 impl Native {
@@ -218,7 +222,95 @@ impl Native {
             kernel: (kh, kw),
             stride,
             padding,
+            relu: false,
         })
+    }
+
+    /// The layer that computes this one's input gradient (without the ReLU's mask): the
+    /// convolution with the weights transposed and flipped, `w'(i, o, y, x) =
+    /// w(o, i, k−1−y, k−1−x)`, padded by `k − 1 − p`. Only for stride 1 and a padding that
+    /// keeps the size (`2p = k − 1`), where that is again a same-size convolution.
+    fn input_gradient(
+        &self,
+        path: KernelPath,
+        weight: &Tensor,
+        winograd: Winograd,
+    ) -> Result<Option<Self>> {
+        let (kh, kw) = self.kernel;
+        let [top, bottom, left, right] = self.padding;
+        if self.stride != 1 || kh != kw || [top, bottom, left] != [right; 3] || 2 * top + 1 != kh {
+            return Ok(None);
+        }
+        let (cout, cin) = (self.cout, self.cin);
+        let w = weight
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let k2 = kh * kw;
+        let mut flipped = vec![0f32; w.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                for t in 0..k2 {
+                    flipped[(i * cout + o) * k2 + (k2 - 1 - t)] = w[(o * cin + i) * k2 + t];
+                }
+            }
+        }
+        let flipped = Tensor::from_vec(flipped, (cin, cout, kh, kw), weight.device())?;
+        let pad = kh - 1 - top;
+        Self::new(path, &flipped, None, 1, [pad; 4], winograd).map(Some)
+    }
+}
+
+/// A [`Conv2d`] on Studio's kernels as a candle op whose input gradient runs on them too:
+/// for networks a loss is backpropagated through (the VGG16 of the perceptual loss).
+struct Differentiable {
+    forward: Arc<Native>,
+    /// The input-gradient layer ([`Native::input_gradient`]).
+    backward: Arc<Native>,
+}
+
+impl candle_core::CustomOp1 for Differentiable {
+    fn name(&self) -> &'static str {
+        "studio-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let (a, b) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("the native convolution needs a contiguous input".into())
+        })?;
+        let values = &storage.as_slice::<f32>()?[a..b];
+        let (out, oh, ow) = self
+            .forward
+            .run(values, n, c, h, w)
+            .map_err(candle_core::Error::wrap)?;
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            (n, self.forward.cout, oh, ow).into(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // ReLU passes the gradient where its output is positive.
+        let grad = if self.forward.relu {
+            (grad_res * res.gt(0f32)?.to_dtype(DType::F32)?)?
+        } else {
+            grad_res.clone()
+        };
+        let grad = self
+            .backward
+            .forward(&grad.detach())
+            .map_err(candle_core::Error::wrap)?;
+        Ok(Some(grad))
     }
 }
 
@@ -228,7 +320,11 @@ impl Native {
 pub struct Conv2d {
     /// Candle's layer, kept only where it runs (not on the native path).
     candle: Option<candle_nn::Conv2d>,
-    native: Option<Native>,
+    native: Option<Arc<Native>>,
+    /// The layer for the input gradient, where gradients flow through the native path.
+    gradient: Option<Arc<Native>>,
+    /// Followed by ReLU (fused on the native path).
+    relu: bool,
 }
 
 impl Conv2d {
@@ -243,6 +339,8 @@ impl Conv2d {
             return Ok(Self {
                 candle: Some(inner),
                 native: None,
+                gradient: None,
+                relu: false,
             });
         };
         let cfg = inner.config();
@@ -260,14 +358,45 @@ impl Conv2d {
             return Ok(Self {
                 candle: Some(inner),
                 native: None,
+                gradient: None,
+                relu: false,
             });
         }
         let p = cfg.padding;
         let native = Native::new(path, w, inner.bias(), cfg.stride, [p, p, p, p], winograd)?;
         Ok(Self {
             candle: None,
-            native: Some(native),
+            native: Some(Arc::new(native)),
+            gradient: None,
+            relu: false,
         })
+    }
+
+    /// A convolution followed by ReLU (fused on the native path) that gradients flow through:
+    /// on the native path a same-size, stride-1 layer's input gradient runs on Studio's
+    /// kernels too; other layers and devices run candle's ops with its autograd.
+    pub fn relu_with_gradient(inner: candle_nn::Conv2d, winograd: Winograd) -> Result<Self> {
+        let candle = inner.clone();
+        let mut layer = Self::with_winograd(inner, winograd)?;
+        layer.relu = true;
+        let Some(native) = layer.native.take() else {
+            return Ok(layer);
+        };
+        let mut native = Arc::unwrap_or_clone(native);
+        native.relu = true;
+        let path = match &native.weights {
+            Weights::Direct(p) => p.path(),
+            Weights::Winograd(w) => w.path(),
+        };
+        match native.input_gradient(path, candle.weight(), winograd)? {
+            Some(gradient) => {
+                layer.native = Some(Arc::new(native));
+                layer.gradient = Some(Arc::new(gradient));
+            }
+            // Candle's autograd needs candle's layer.
+            None => layer.candle = Some(candle),
+        }
+        Ok(layer)
     }
 
     /// A convolution on Studio's kernels for [`default_kernels`] of the weight's device, from
@@ -288,7 +417,11 @@ impl Conv2d {
         }
         Ok(Some(Self {
             candle: None,
-            native: Some(Native::new(path, weight, bias, stride, padding, winograd)?),
+            native: Some(Arc::new(Native::new(
+                path, weight, bias, stride, padding, winograd,
+            )?)),
+            gradient: None,
+            relu: false,
         }))
     }
 
@@ -308,10 +441,18 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match (&self.native, &self.candle) {
-            (Some(native), _) => native.forward(x),
-            (None, Some(c)) => Ok(c.forward(x)?),
-            (None, None) => Err(Error::InvalidParameter(
+        match (&self.native, &self.gradient, &self.candle) {
+            (Some(native), Some(gradient), _) if x.track_op() => {
+                let op = Differentiable {
+                    forward: Arc::clone(native),
+                    backward: Arc::clone(gradient),
+                };
+                Ok(x.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)?)
+            }
+            (Some(native), _, _) => native.forward(x),
+            (None, _, Some(c)) if self.relu => Ok(c.forward(x)?.relu()?),
+            (None, _, Some(c)) => Ok(c.forward(x)?),
+            (None, _, None) => Err(Error::InvalidParameter(
                 "a convolution without weights".into(),
             )),
         }
@@ -321,6 +462,24 @@ impl Conv2d {
 impl Native {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (result, oh, ow) = with_values(&x, |v| self.run(v, n, c, h, w))??;
+        Ok(Tensor::from_vec(
+            result,
+            (n, self.cout, oh, ow),
+            x.device(),
+        )?)
+    }
+
+    /// Convolves `n` planar `c × h × w` inputs: the `(n, cout, oh, ow)` values, `oh` and `ow`.
+    fn run(
+        &self,
+        x: &[f32],
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, usize, usize)> {
         let (cin, cout) = (self.cin, self.cout);
         let (kh, kw) = self.kernel;
         if c != cin {
@@ -340,18 +499,24 @@ impl Native {
         // One border wide enough for every side; reading starts `pad − top` rows and
         // `pad − left` columns into it.
         let p = top.max(bottom).max(left).max(right);
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let plane_in = cin * h * w;
+        if x.len() < n * plane_in {
+            return Err(Error::InvalidParameter(format!(
+                "{} values for {n} {cin}×{h}×{w} inputs",
+                x.len()
+            )));
+        }
         let mut input = Pooled::take(&MAPS);
         let mut output = Pooled::take(&MAPS);
         let mut taps = Vec::with_capacity(kh * kw);
-        let plane_in = cin * h * w;
         let plane_out = cout * oh * ow;
         let mut result = vec![0f32; n * plane_out];
         for b in 0..n {
-            with_values(&x, |v| input.load_planar(&v[b * plane_in..], cin, h, w, p))??;
+            input.load_planar(&x[b * plane_in..], cin, h, w, p)?;
             output.reset_border(oh, ow, cout, 0)?;
             let epi = Epilogue {
                 bias: self.bias.as_deref(),
+                slope: self.relu.then_some(0.0),
                 ..Epilogue::NONE
             };
             let packed = match &self.weights {
@@ -383,7 +548,7 @@ impl Native {
             super::conv(packed, &input.data, &geom, &mut output.data, &epi)?;
             output.write_nchw(&mut result[b * plane_out..]);
         }
-        Ok(Tensor::from_vec(result, (n, cout, oh, ow), x.device())?)
+        Ok((result, oh, ow))
     }
 }
 
@@ -550,6 +715,60 @@ mod tests {
         let none = with_kernels(None, || Conv2d::new(candle_conv(2, 2, 3, 1, 1, DType::F32)))
             .expect("candle");
         assert_eq!(none.kernels(), None);
+    }
+
+    /// A ReLU layer gradients flow through: the output and the input gradient of a loss equal
+    /// candle's autograd on every path, through the native input-gradient layer (3×3 and 1×1
+    /// same-size) or candle's layer where there is none (stride 2).
+    #[test]
+    fn relu_layers_pass_gradients_as_candle_does() {
+        for (cout, cin, k, stride, padding) in [(6, 5, 3, 1, 1), (3, 17, 1, 1, 0), (4, 3, 3, 2, 1)]
+        {
+            // Even sides: candle's own stride-2 gradient is wrong for odd ones.
+            let x = Tensor::from_vec(values(2 * cin * 8 * 6, 9), (2, cin, 8, 6), &Device::Cpu)
+                .expect("x");
+            let run = |layer: &Conv2d| {
+                let v = candle_core::Var::from_tensor(&x).expect("var");
+                let y = layer.forward(v.as_tensor()).expect("forward");
+                // A loss whose gradient differs from pixel to pixel.
+                let loss = y.sqr().and_then(|t| t.sum_all()).expect("loss");
+                let grads = loss.backward().expect("backward");
+                let g = grads.get(v.as_tensor()).expect("gradient").clone();
+                (y, g)
+            };
+            let reference = with_kernels(None, || {
+                Conv2d::relu_with_gradient(
+                    candle_conv(cout, cin, k, stride, padding, DType::F32),
+                    Winograd::NEVER,
+                )
+            })
+            .expect("candle");
+            let (y_ref, g_ref) = run(&reference);
+            for path in KernelPath::available_paths() {
+                let layer = with_kernels(Some(path), || {
+                    Conv2d::relu_with_gradient(
+                        candle_conv(cout, cin, k, stride, padding, DType::F32),
+                        Winograd::NEVER,
+                    )
+                })
+                .expect("native");
+                assert_eq!(
+                    layer.gradient.is_some(),
+                    stride == 1,
+                    "{path} k{k} s{stride}"
+                );
+                let (y, g) = run(&layer);
+                assert!(
+                    max_abs_diff(&y, &y_ref) < 2e-5,
+                    "{path} k{k} s{stride} output"
+                );
+                let d = max_abs_diff(&g, &g_ref);
+                assert!(d < 1e-4, "{path} k{k} s{stride} gradient: {d}");
+                // Without gradients the same layer runs its plain forward pass.
+                let plain = layer.forward(&x).expect("plain");
+                assert!(max_abs_diff(&plain, &y_ref) < 2e-5, "{path} plain");
+            }
+        }
     }
 
     /// Half-precision storage computes with the stored weights exactly (widened to f32): the
