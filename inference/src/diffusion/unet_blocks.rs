@@ -118,14 +118,15 @@ impl ResnetBlock {
     /// `temb_act` is the time embedding already passed through SiLU (every resnet applies the
     /// same activation to the same embedding, so the UNet does it once per step).
     pub fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
+        // Each step replaces `h`, freeing the last (a shadowing `let` would keep it alive).
+        let mut h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
         let t = self
             .time_emb_proj
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        h = h.broadcast_add(&t)?;
+        h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

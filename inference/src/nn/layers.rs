@@ -72,6 +72,9 @@ pub fn with_weight_storage<R>(storage: Storage, build: impl FnOnce() -> R) -> R 
 pub(super) type Pool<T> = std::sync::Mutex<Vec<T>>;
 pub(super) static MAPS: Pool<FeatureMap> = std::sync::Mutex::new(Vec::new());
 static SCRATCH: Pool<WinogradScratch> = std::sync::Mutex::new(Vec::new());
+/// The largest channels-last map a same-size convolution builds at once; larger inputs go
+/// band by band ([`Native::band_rows`]).
+const BAND_BYTES: usize = 16 << 20;
 /// Buffers a pool keeps at most (two maps per forward pass in flight).
 const POOL_SIZE: usize = 4;
 
@@ -471,6 +474,65 @@ impl Native {
         )?)
     }
 
+    /// Rows per band for an `h × w` input, where the layer keeps the size (stride 1, padding
+    /// `k − 1` in all) and a whole channels-last map would pass [`BAND_BYTES`]; `None`: whole.
+    fn band_rows(&self, h: usize, w: usize, band_bytes: usize) -> Option<usize> {
+        let [top, bottom, ..] = self.padding;
+        let widest = self.cin.max(self.cout) * 4;
+        let same = self.stride == 1 && top + bottom + 1 == self.kernel.0;
+        if !same || h.saturating_mul(w).saturating_mul(widest) <= band_bytes {
+            return None;
+        }
+        // A multiple of Winograd's largest tile (4), at least one tile.
+        let rows = (band_bytes / (w * widest)) / 4 * 4;
+        Some(rows.max(4).min(h))
+    }
+
+    /// The convolution of `input` (its border as the padding) into `output`'s `oh × ow`
+    /// interior, with the bias and ReLU.
+    fn convolve(
+        &self,
+        input: &FeatureMap,
+        output: &mut FeatureMap,
+        taps: &mut Vec<usize>,
+        oh: usize,
+        ow: usize,
+    ) -> Result<()> {
+        let (kh, kw) = self.kernel;
+        let [top, _, left, _] = self.padding;
+        let (p, s, cin, cout) = (input.pad, self.stride, self.cin, self.cout);
+        let epi = Epilogue {
+            bias: self.bias.as_deref(),
+            slope: self.relu.then_some(0.0),
+            ..Epilogue::NONE
+        };
+        let packed = match &self.weights {
+            Weights::Direct(packed) => packed,
+            Weights::Winograd(weights) => {
+                let mut scratch = Pooled::take(&SCRATCH);
+                return winograd_conv3x3(weights, input, None, output, &mut scratch, &epi);
+            }
+        };
+        let row = input.row_stride();
+        taps.clear();
+        taps.extend((0..kh * kw).map(|t| (t / kw) * row + (t % kw) * cin));
+        let geom = ConvGeom {
+            taps,
+            batch: 1,
+            in_batch: 0,
+            out_batch: 0,
+            out_h: oh,
+            out_w: ow,
+            in_base: (p - top) * row + (p - left) * cin,
+            in_row: s * row,
+            in_pix: s * cin,
+            out_base: 0,
+            out_row: ow * cout,
+            out_pix: cout,
+        };
+        super::conv(packed, &input.data, &geom, &mut output.data, &epi)
+    }
+
     /// Convolves `n` planar `c × h × w` inputs: the `(n, cout, oh, ow)` values, `oh` and `ow`.
     fn run(
         &self,
@@ -479,6 +541,16 @@ impl Native {
         c: usize,
         h: usize,
         w: usize,
+    ) -> Result<(Vec<f32>, usize, usize)> {
+        self.run_banded(x, [n, c, h, w], BAND_BYTES)
+    }
+
+    /// [`Self::run`] with bands of at most `band_bytes` (tests take small ones).
+    fn run_banded(
+        &self,
+        x: &[f32],
+        [n, c, h, w]: [usize; 4],
+        band_bytes: usize,
     ) -> Result<(Vec<f32>, usize, usize)> {
         let (cin, cout) = (self.cin, self.cout);
         let (kh, kw) = self.kernel;
@@ -512,41 +584,23 @@ impl Native {
         let plane_out = cout * oh * ow;
         let mut result = vec![0f32; n * plane_out];
         for b in 0..n {
-            input.load_planar(&x[b * plane_in..], cin, h, w, p)?;
-            output.reset_border(oh, ow, cout, 0)?;
-            let epi = Epilogue {
-                bias: self.bias.as_deref(),
-                slope: self.relu.then_some(0.0),
-                ..Epilogue::NONE
+            let (src, dst) = (&x[b * plane_in..], &mut result[b * plane_out..]);
+            let Some(band) = self.band_rows(h, w, band_bytes) else {
+                input.load_planar(src, cin, h, w, p)?;
+                output.reset_border(oh, ow, cout, 0)?;
+                self.convolve(&input, &mut output, &mut taps, oh, ow)?;
+                output.write_nchw(dst);
+                continue;
             };
-            let packed = match &self.weights {
-                Weights::Direct(packed) => packed,
-                Weights::Winograd(weights) => {
-                    let mut scratch = Pooled::take(&SCRATCH);
-                    winograd_conv3x3(weights, &input, None, &mut output, &mut scratch, &epi)?;
-                    output.write_nchw(&mut result[b * plane_out..]);
-                    continue;
-                }
-            };
-            let row = input.row_stride();
-            taps.clear();
-            taps.extend((0..kh * kw).map(|t| (t / kw) * row + (t % kw) * cin));
-            let geom = ConvGeom {
-                taps: &taps,
-                batch: 1,
-                in_batch: 0,
-                out_batch: 0,
-                out_h: oh,
-                out_w: ow,
-                in_base: (p - top) * row + (p - left) * cin,
-                in_row: s * row,
-                in_pix: s * cin,
-                out_base: 0,
-                out_row: ow * cout,
-                out_pix: cout,
-            };
-            super::conv(packed, &input.data, &geom, &mut output.data, &epi)?;
-            output.write_nchw(&mut result[b * plane_out..]);
+            // Same-size layer on a large map: band by band, so the channels-last copies are
+            // a band's size (at 1024², a 256-channel map is 1 GiB).
+            for r0 in (0..h).step_by(band) {
+                let r1 = (r0 + band).min(h);
+                input.load_planar_band(src, cin, h, w, r0..r1, p)?;
+                output.reset_border(r1 - r0, ow, cout, 0)?;
+                self.convolve(&input, &mut output, &mut taps, r1 - r0, ow)?;
+                output.write_nchw_rows(dst, oh, r0);
+            }
         }
         Ok((result, oh, ow))
     }
@@ -715,6 +769,62 @@ mod tests {
         let none = with_kernels(None, || Conv2d::new(candle_conv(2, 2, 3, 1, 1, DType::F32)))
             .expect("candle");
         assert_eq!(none.kernels(), None);
+    }
+
+    /// Large same-size layers run band by band (the neighbouring rows in each band's border):
+    /// the same values as candle's whole-map convolution, for direct and Winograd layers and
+    /// bands that do not divide the height.
+    #[test]
+    fn banded_layers_match_candle() {
+        let f4 = Winograd {
+            f4_up_to: usize::MAX,
+            f2_up_to: 0,
+        };
+        let f2 = Winograd {
+            f4_up_to: 0,
+            f2_up_to: usize::MAX,
+        };
+        for (cout, cin, k, padding, h, w) in [(5, 3, 3, 1, 23, 9), (3, 17, 1, 0, 11, 5)] {
+            let x = Tensor::from_vec(values(2 * cin * h * w, 9), (2, cin, h, w), &Device::Cpu)
+                .expect("x");
+            let reference = candle_conv(cout, cin, k, 1, padding, DType::F32)
+                .forward(&x)
+                .expect("candle");
+            for path in KernelPath::available_paths() {
+                for winograd in [Winograd::NEVER, f2, f4] {
+                    let conv = with_kernels(Some(path), || {
+                        Conv2d::with_winograd(
+                            candle_conv(cout, cin, k, 1, padding, DType::F32),
+                            winograd,
+                        )
+                    })
+                    .expect("native");
+                    let native = conv.native.as_ref().expect("native layer");
+                    let v = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+                    // Bands of 4 and 8 rows (the last one short), and a single band.
+                    let row_bytes = w * cin.max(cout) * 4;
+                    for limit in [row_bytes * 4, row_bytes * 9, row_bytes * h] {
+                        let bands = native.band_rows(h, w, limit);
+                        assert_eq!(bands.is_some(), limit < row_bytes * h);
+                        let (out, oh, ow) = native
+                            .run_banded(&v, [2, cin, h, w], limit)
+                            .expect("banded");
+                        assert_eq!((oh, ow), (h, w));
+                        let ours =
+                            Tensor::from_vec(out, (2, cout, h, w), &Device::Cpu).expect("ours");
+                        let d = max_abs_diff(&ours, &reference);
+                        assert!(d < 2e-5, "{path} {winograd:?} k{k} bands {bands:?}: {d}");
+                    }
+                }
+            }
+        }
+        // Strided layers are never banded.
+        let strided = with_kernels(Some(KernelPath::Scalar), || {
+            Conv2d::new(candle_conv(2, 2, 3, 2, 1, DType::F32))
+        })
+        .expect("native");
+        let native = strided.native.as_ref().expect("native layer");
+        assert_eq!(native.band_rows(64, 64, 16), None);
     }
 
     /// A ReLU layer gradients flow through: the output and the input gradient of a loss equal

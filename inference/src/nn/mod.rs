@@ -130,11 +130,16 @@ impl FeatureMap {
     /// Writes the interior planar (`c × h × w`) into `dst` (which holds at least that many).
     /// Row by row: each row of the map is read from cache while its channels are scattered.
     pub fn write_nchw(&self, dst: &mut [f32]) {
+        self.write_nchw_rows(dst, self.h, 0);
+    }
+
+    /// Writes the interior as rows `row0..row0 + h` of planar `c × full_h × w` values.
+    pub fn write_nchw_rows(&self, dst: &mut [f32], full_h: usize, row0: usize) {
         let (h, w, c) = (self.h, self.w, self.c);
         for y in 0..h {
             let row = &self.data[self.at(y, 0)..][..w * c];
             for ch in 0..c {
-                let out = &mut dst[(ch * h + y) * w..][..w];
+                let out = &mut dst[(ch * full_h + row0 + y) * w..][..w];
                 for (x, o) in out.iter_mut().enumerate() {
                     *o = row[x * c + ch];
                 }
@@ -151,15 +156,31 @@ impl FeatureMap {
         w: usize,
         pad: usize,
     ) -> Result<()> {
-        if src.len() < c * h * w {
+        self.load_planar_band(src, c, h, w, 0..h, pad)
+    }
+
+    /// Fills the map with rows `rows` of planar values (`c × h × w`) as its interior, and the
+    /// rows around them (up to `pad` on each side, where the input has them) in its top and
+    /// bottom border: a band of a same-size convolution's input, convolved as if whole.
+    pub fn load_planar_band(
+        &mut self,
+        src: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        rows: std::ops::Range<usize>,
+        pad: usize,
+    ) -> Result<()> {
+        if src.len() < c * h * w || rows.end > h || rows.is_empty() {
             return Err(Error::InvalidParameter(format!(
-                "{} values for a {c}×{h}×{w} map",
+                "{} values for rows {rows:?} of a {c}×{h}×{w} map",
                 src.len()
             )));
         }
-        self.reset_border(h, w, c, pad)?;
-        for y in 0..h {
-            let at = self.at(y, 0);
+        self.reset_border(rows.len(), w, c, pad)?;
+        let stride = self.row_stride();
+        for y in rows.start.saturating_sub(pad)..(rows.end + pad).min(h) {
+            let at = (y + pad - rows.start) * stride + pad * c;
             let row = &mut self.data[at..at + w * c];
             for ch in 0..c {
                 let plane = &src[(ch * h + y) * w..][..w];
