@@ -36,6 +36,45 @@ pub fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
     })
 }
 
+/// A [`MmapedSafetensors`] as a `VarBuilder` backend that releases each tensor's pages of the
+/// mapping once it has been copied out ([`crate::sys::release_mapped_pages`]), so building a
+/// model never holds the file and the model in memory at once. For loaders that copy every
+/// tensor (the CPU ones: candle copies out of the mapping, the native kernels pack).
+pub struct ReleasingMmap(pub MmapedSafetensors);
+
+impl candle_nn::var_builder::SimpleBackend for ReleasingMmap {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = candle_nn::var_builder::SimpleBackend::get(&self.0, s, name, h, dtype, dev)?;
+        self.release(name);
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = candle_nn::var_builder::SimpleBackend::get_unchecked(&self.0, name, dtype, dev)?;
+        self.release(name);
+        Ok(t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        candle_nn::var_builder::SimpleBackend::contains_tensor(&self.0, name)
+    }
+}
+
+impl ReleasingMmap {
+    fn release(&self, name: &str) {
+        if let Ok(view) = self.0.get(name) {
+            crate::sys::release_mapped_pages(view.data());
+        }
+    }
+}
+
 /// How the native kernels keep a checkpoint's weights: in the dtype most of them (by element
 /// count) are stored in where the kernels take it (f16, bf16), f32 otherwise (see
 /// [`crate::nn::with_weight_storage`]).

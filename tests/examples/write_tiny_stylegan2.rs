@@ -5,6 +5,9 @@
 //! cargo run --release -p studio-tests --example write_tiny_stylegan2 -- 128 /tmp/g.safetensors
 //! studio gan --model /tmp/g.safetensors --seed 7 --out seed7.png
 //! ```
+//!
+//! A third argument `config-f` writes config F's widths instead (z and w 512, 8 mapping
+//! layers, channels `min(512, 32768/res)`): the size people run, for timing the Explorer.
 
 use std::path::PathBuf;
 
@@ -21,14 +24,27 @@ fn main() {
         args.next()
             .unwrap_or_else(|| "tiny-stylegan2.safetensors".into()),
     );
-    let cfg = TinyStyleGan2 {
-        z_dim: 64,
-        w_dim: 64,
-        resolution,
-        mapping_layers: 4,
-        channel_base: 2048,
-        channel_max: 64,
-        ..TinyStyleGan2::default()
+    let config_f = args.next().as_deref() == Some("config-f");
+    let cfg = if config_f {
+        TinyStyleGan2 {
+            z_dim: 512,
+            w_dim: 512,
+            resolution,
+            mapping_layers: 8,
+            channel_base: 32768,
+            channel_max: 512,
+            ..TinyStyleGan2::default()
+        }
+    } else {
+        TinyStyleGan2 {
+            z_dim: 64,
+            w_dim: 64,
+            resolution,
+            mapping_layers: 4,
+            channel_base: 2048,
+            channel_max: 64,
+            ..TinyStyleGan2::default()
+        }
     };
     write_stylegan2(&out, cfg, 1, true);
     println!(

@@ -88,6 +88,197 @@ fn with_text_model_prefix(weights: HashMap<String, Tensor>) -> HashMap<String, T
         .collect()
 }
 
+/// A fresh `VarMap` makes candle's VAE attention block use the legacy names; checkpoints saved
+/// by today's diffusers use these.
+fn with_current_vae_names(weights: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    weights
+        .into_iter()
+        .map(|(name, t)| {
+            let name = name
+                .replace(".query.", ".to_q.")
+                .replace(".key.", ".to_k.")
+                .replace(".value.", ".to_v.")
+                .replace(".proj_attn.", ".to_out.0.");
+            (name, t)
+        })
+        .collect()
+}
+
+/// The names and shapes a loader asks for, recorded without allocating them (each is handed
+/// back as a broadcast zero).
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<usize>)>>>;
+struct Recorder(Recorded);
+
+impl candle_nn::var_builder::SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .expect("recorder lock")
+            .push((name.to_owned(), s.dims().to_vec()));
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::CannotFindTensor {
+            path: name.to_owned(),
+        })
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// Random f16 tensors (the init of [`random_weights`]) for `build`'s module at full size: the
+/// shapes are recorded first (candle's ops, so nothing is packed), then filled.
+fn random_f16_weights(
+    seed: u64,
+    build: impl FnOnce(&VarBuilder) -> studio_inference::Result<()>,
+) -> HashMap<String, Tensor> {
+    let recorded = Recorded::default();
+    let vb = VarBuilder::from_backend(
+        Box::new(Recorder(std::sync::Arc::clone(&recorded))),
+        DType::F32,
+        Device::Cpu,
+    );
+    studio_inference::nn::with_kernels(None, || build(&vb)).expect("build module");
+    drop(vb);
+    let mut shapes = std::mem::take(&mut *recorded.lock().expect("recorder lock"));
+    shapes.sort();
+    shapes.dedup();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    shapes
+        .into_iter()
+        .map(|(name, dims)| {
+            let n: usize = dims.iter().product();
+            let is_norm = name.contains("norm") || name.contains("layer_norm");
+            let values: Vec<half::f16> = if is_norm && name.ends_with("weight") {
+                vec![half::f16::ONE; n]
+            } else if is_norm || name.ends_with("bias") {
+                vec![half::f16::ZERO; n]
+            } else {
+                let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+                let scale = 1.0 / (fan_in as f32).sqrt();
+                (0..n)
+                    .map(|_| {
+                        half::f16::from_f32(
+                            (rand::Rng::random::<f32>(&mut rng) * 2.0 - 1.0) * scale,
+                        )
+                    })
+                    .collect()
+            };
+            let t = Tensor::from_vec(values, dims, &Device::Cpu).expect("tensor");
+            (name, t)
+        })
+        .collect()
+}
+
+/// Writes a random-weight SDXL base 1.0 at its real size (UNet 2.6 B parameters, both text
+/// encoders, the VAE) in f16, in the diffusers folder layout with the released configs: for
+/// measuring memory and speed at 1024² (`write_random_sdxl` example). It uses the bundled CLIP
+/// tokenizer (no tokenizer folders).
+pub fn write_random_sdxl(dir: &Path, seed: u64) {
+    let unet_cfg = json!({
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "flip_sin_to_cos": true,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_eps": 1e-5,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": true,
+    });
+    let unet_config = UnetConfig::from_json(&unet_cfg.to_string()).expect("unet config");
+    let unet = random_f16_weights(seed, |vb| Unet::new(vb, unet_config).map(|_| ()));
+    write_json(&dir.join("unet/config.json"), &unet_cfg);
+    save(
+        &dir.join("unet"),
+        "diffusion_pytorch_model.safetensors",
+        &unet,
+    );
+    drop(unet);
+
+    let vae_cfg = json!({
+        "_class_name": "AutoencoderKL",
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "scaling_factor": 0.13025,
+        "in_channels": 3,
+        "out_channels": 3,
+        "sample_size": 1024,
+    });
+    let vae_config: VaeConfig = serde_json::from_value(vae_cfg.clone()).expect("vae config");
+    let vae = with_current_vae_names(random_f16_weights(seed + 1, |vb| {
+        Vae::new(vb, vae_config).map(|_| ())
+    }));
+    write_json(&dir.join("vae/config.json"), &vae_cfg);
+    save(
+        &dir.join("vae"),
+        "diffusion_pytorch_model.safetensors",
+        &vae,
+    );
+
+    // CLIP ViT-L/14 and OpenCLIP bigG/14: 4× MLPs, 64-dim heads.
+    for (folder, hidden, layers, act, projection, offset) in [
+        ("text_encoder", 768, 12, "quick_gelu", false, 2),
+        ("text_encoder_2", 1280, 32, "gelu", true, 3),
+    ] {
+        let mut cfg = text_config(hidden, act, layers, hidden, 49408);
+        cfg["intermediate_size"] = json!(4 * hidden);
+        if projection {
+            cfg["architectures"] = json!(["CLIPTextModelWithProjection"]);
+        }
+        let config: ClipConfig = serde_json::from_value(cfg.clone()).expect("clip config");
+        let w = with_text_model_prefix(random_f16_weights(seed + offset, |vb| {
+            ClipTextModel::new(vb, &config, projection).map(|_| ())
+        }));
+        write_json(&dir.join(folder).join("config.json"), &cfg);
+        save(&dir.join(folder), "model.safetensors", &w);
+    }
+    write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+        }),
+    );
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    );
+}
+
 /// Random tensors for `build`'s module, by name (seeded).
 fn random_weights(
     seed: u64,
@@ -202,20 +393,9 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
         "out_channels": 3,
     });
     let vae_config: VaeConfig = serde_json::from_value(vae_cfg.clone()).expect("vae config");
-    let vae = random_weights(opts.seed + 1, |vb| Vae::new(vb, vae_config).map(|_| ()));
-    // A fresh VarMap makes candle's attention block use the legacy names; checkpoints saved by
-    // today's diffusers use these.
-    let vae: HashMap<String, Tensor> = vae
-        .into_iter()
-        .map(|(name, t)| {
-            let name = name
-                .replace(".query.", ".to_q.")
-                .replace(".key.", ".to_k.")
-                .replace(".value.", ".to_v.")
-                .replace(".proj_attn.", ".to_out.0.");
-            (name, t)
-        })
-        .collect();
+    let vae = with_current_vae_names(random_weights(opts.seed + 1, |vb| {
+        Vae::new(vb, vae_config).map(|_| ())
+    }));
     write_json(&dir.join("vae/config.json"), &vae_cfg);
     save(
         &dir.join("vae"),

@@ -196,8 +196,15 @@ fn var_builder(
 ) -> Result<(VarBuilder<'static>, Storage)> {
     let st = mmap(files)?;
     let stored = stored_storage(&st);
+    // On the CPU every tensor is copied out of the mapping, whose pages are then released;
+    // a GPU upload copies too, but keep the plain mapping there.
+    let backend: Box<dyn candle_nn::var_builder::SimpleBackend> = if device.is_cpu() {
+        Box::new(crate::weights::ReleasingMmap(st))
+    } else {
+        Box::new(st)
+    };
     Ok((
-        VarBuilder::from_backend(Box::new(st), dtype, device.clone()),
+        VarBuilder::from_backend(backend, dtype, device.clone()),
         stored,
     ))
 }
