@@ -258,25 +258,7 @@ pub fn write_random_sdxl(dir: &Path, seed: u64) {
         write_json(&dir.join(folder).join("config.json"), &cfg);
         save(&dir.join(folder), "model.safetensors", &w);
     }
-    write_json(
-        &dir.join("scheduler/scheduler_config.json"),
-        &json!({
-            "_class_name": "EulerDiscreteScheduler",
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "num_train_timesteps": 1000,
-            "prediction_type": "epsilon",
-        }),
-    );
-    write_json(
-        &dir.join("model_index.json"),
-        &json!({
-            "_class_name": "StableDiffusionXLPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }),
-    );
+    write_pipeline_files(dir, true, false);
 }
 
 /// Random tensors for `build`'s module, by name (seeded).
@@ -438,6 +420,17 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
         w
     });
 
+    write_pipeline_files(dir, sdxl, opts.v_prediction);
+    TinyWeights {
+        unet,
+        vae,
+        text_encoder,
+        text_encoder_2,
+    }
+}
+
+/// The scheduler's config and `model_index.json`.
+fn write_pipeline_files(dir: &Path, sdxl: bool, v_prediction: bool) {
     write_json(
         &dir.join("scheduler/scheduler_config.json"),
         &json!({
@@ -446,7 +439,7 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
             "beta_end": 0.012,
             "beta_schedule": "scaled_linear",
             "num_train_timesteps": 1000,
-            "prediction_type": if opts.v_prediction { "v_prediction" } else { "epsilon" },
+            "prediction_type": if v_prediction { "v_prediction" } else { "epsilon" },
         }),
     );
     write_json(
@@ -457,12 +450,6 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
             "vae": ["diffusers", "AutoencoderKL"],
         }),
     );
-    TinyWeights {
-        unet,
-        vae,
-        text_encoder,
-        text_encoder_2,
-    }
 }
 
 fn write_tokenizer(dir: &Path, pad_eos: bool) {

@@ -650,11 +650,19 @@ impl LdmBackend {
                 "single-file checkpoint: missing tensor `{ldm}` (needed for `{name}`)"
             )));
         }
-        source.load(&self.checkpoint, dev).map_err(|e| {
+        let tensor = source.load(&self.checkpoint, dev).map_err(|e| {
             candle_core::Error::msg(format!(
                 "single-file checkpoint: tensor `{ldm}` (for `{name}`): {e}"
             ))
-        })
+        })?;
+        // On the CPU the tensor is a copy: its pages of the mapping are not needed again
+        // (a split tensor's next part faults them back in), see `weights::ReleasingMmap`.
+        if dev.is_cpu()
+            && let Ok(view) = self.checkpoint.get(ldm)
+        {
+            crate::sys::release_mapped_pages(view.data());
+        }
+        Ok(tensor)
     }
 }
 

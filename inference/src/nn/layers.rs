@@ -691,6 +691,16 @@ mod tests {
     use super::*;
     use crate::nn::test_values::{max_abs_diff, values};
 
+    /// Every 3×3 stride-1 layer as F(4×4), or as F(2×2).
+    const F4: Winograd = Winograd {
+        f4_up_to: usize::MAX,
+        f2_up_to: 0,
+    };
+    const F2: Winograd = Winograd {
+        f4_up_to: 0,
+        f2_up_to: usize::MAX,
+    };
+
     /// `values` rounded to what `dtype` stores (the reference for half-precision storage).
     fn rounded(values: Vec<f32>, dims: &[usize], dtype: DType) -> Tensor {
         Tensor::from_vec(values, dims, &Device::Cpu)
@@ -730,17 +740,9 @@ mod tests {
             let reference = candle_conv(cout, cin, k, stride, padding, DType::F32)
                 .forward(&x)
                 .expect("candle");
-            let f2 = Winograd {
-                f4_up_to: 0,
-                f2_up_to: usize::MAX,
-            };
-            let f4 = Winograd {
-                f4_up_to: usize::MAX,
-                f2_up_to: 0,
-            };
             for (path, winograd) in KernelPath::available_paths()
                 .into_iter()
-                .flat_map(|p| [(p, Winograd::NEVER), (p, f2), (p, f4)])
+                .flat_map(|p| [(p, Winograd::NEVER), (p, F2), (p, F4)])
             {
                 let conv = with_kernels(Some(path), || {
                     Conv2d::with_winograd(
@@ -776,14 +778,6 @@ mod tests {
     /// bands that do not divide the height.
     #[test]
     fn banded_layers_match_candle() {
-        let f4 = Winograd {
-            f4_up_to: usize::MAX,
-            f2_up_to: 0,
-        };
-        let f2 = Winograd {
-            f4_up_to: 0,
-            f2_up_to: usize::MAX,
-        };
         for (cout, cin, k, padding, h, w) in [(5, 3, 3, 1, 23, 9), (3, 17, 1, 0, 11, 5)] {
             let x = Tensor::from_vec(values(2 * cin * h * w, 9), (2, cin, h, w), &Device::Cpu)
                 .expect("x");
@@ -791,7 +785,7 @@ mod tests {
                 .forward(&x)
                 .expect("candle");
             for path in KernelPath::available_paths() {
-                for winograd in [Winograd::NEVER, f2, f4] {
+                for winograd in [Winograd::NEVER, F2, F4] {
                     let conv = with_kernels(Some(path), || {
                         Conv2d::with_winograd(
                             candle_conv(cout, cin, k, 1, padding, DType::F32),
@@ -891,16 +885,8 @@ mod tests {
             Tensor::from_vec(values(2 * cin * h * w, 9), (2, cin, h, w), &Device::Cpu).expect("x");
         let tokens = Tensor::from_vec(values(7 * cin, 5), (1, 7, cin), &Device::Cpu).expect("t");
         for dtype in [DType::F16, DType::BF16] {
-            let f4 = Winograd {
-                f4_up_to: usize::MAX,
-                f2_up_to: 0,
-            };
-            let f2 = Winograd {
-                f4_up_to: 0,
-                f2_up_to: usize::MAX,
-            };
             for path in KernelPath::available_paths() {
-                for winograd in [Winograd::NEVER, f2, f4] {
+                for winograd in [Winograd::NEVER, F2, F4] {
                     let reference = candle_conv(cout, cin, 3, 1, 1, dtype)
                         .forward(&x)
                         .expect("candle");
@@ -913,7 +899,7 @@ mod tests {
                     let d = max_abs_diff(&conv.forward(&x).expect("forward"), &reference);
                     // F(2×2)'s transformed weights are rounded to f16 again: about twice the
                     // error of the stored weights' own rounding (outputs are ~5).
-                    let bound = if winograd == f2 { 1e-2 } else { 1e-4 };
+                    let bound = if winograd == F2 { 1e-2 } else { 1e-4 };
                     assert!(d < bound, "{dtype:?} {path} {winograd:?}: {d}");
                 }
                 for bias in [false, true] {
