@@ -35,6 +35,7 @@ use studio_inference::gan::latent::{
 use studio_inference::gan::perceptual;
 use studio_inference::gan::project::{LossKind, ProjectConfig, project};
 use studio_inference::gan::{NoiseMode, StyleGan2, npy};
+use studio_inference::sys::AtomicFile;
 
 /// Flags shared by `gan` and `gan-interp`.
 #[derive(Debug, Args)]
@@ -406,8 +407,9 @@ pub fn run_gan(args: &GanArgs) -> Result<()> {
     Ok(())
 }
 
-enum Sink {
-    Gif(GifWriter<std::io::BufWriter<std::fs::File>>, PathBuf),
+enum Sink<'a> {
+    /// Encodes into a file that replaces the target only when committed after the last frame.
+    Gif(GifWriter<&'a mut std::io::BufWriter<AtomicFile>>, PathBuf),
     Pngs(PathBuf),
 }
 
@@ -446,16 +448,22 @@ pub fn run_gan_interp(args: &GanInterpArgs) -> Result<()> {
         .iter()
         .map(|&s| Keyframe::from_seed(&gan, s, c.clone(), common.psi, common.trunc_cutoff))
         .collect::<studio_inference::Result<Vec<_>>>()?;
-    let mut sink = if to_folder {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-        Sink::Pngs(out.clone())
+    // The GIF replaces its file only when complete (an error leaves the old one).
+    let mut file = if to_folder {
+        None
     } else {
-        let file = std::fs::File::create(out)
-            .with_context(|| format!("cannot write {}", out.display()))?;
-        Sink::Gif(
-            GifWriter::new(std::io::BufWriter::new(file), args.fps)?,
-            out.clone(),
-        )
+        Some(std::io::BufWriter::new(
+            AtomicFile::create(out, false)
+                .with_context(|| format!("cannot write {}", out.display()))?,
+        ))
+    };
+    let mut sink = match &mut file {
+        None => {
+            std::fs::create_dir_all(out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            Sink::Pngs(out.clone())
+        }
+        Some(writer) => Sink::Gif(GifWriter::new(writer, args.fps)?, out.clone()),
     };
     let seeds = args
         .seeds
@@ -497,24 +505,37 @@ pub fn run_gan_interp(args: &GanInterpArgs) -> Result<()> {
         eprintln!("frame {}/{}", i + 1, args.frames);
     }
     let secs = started.elapsed().as_secs_f64();
-    match sink {
+    // Moved whole (not matched in place), so its borrow of `file` ends here.
+    let path = match std::convert::identity(sink) {
         Sink::Gif(gif, path) => {
+            // The encoder writes the GIF's trailer when dropped.
             drop(gif);
+            path
+        }
+        Sink::Pngs(dir) => {
             println!(
-                "saved {} ({} frames, {} fps, {:.1} s)",
-                path.display(),
+                "saved {} frames to {} ({:.1} s)",
                 args.frames,
-                args.fps,
+                dir.display(),
                 secs
             );
+            return Ok(());
         }
-        Sink::Pngs(dir) => println!(
-            "saved {} frames to {} ({:.1} s)",
-            args.frames,
-            dir.display(),
-            secs
-        ),
+    };
+    if let Some(writer) = file {
+        writer
+            .into_inner()
+            .map_err(std::io::IntoInnerError::into_error)
+            .and_then(AtomicFile::commit)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    println!(
+        "saved {} ({} frames, {} fps, {:.1} s)",
+        path.display(),
+        args.frames,
+        args.fps,
+        secs
+    );
     Ok(())
 }
 

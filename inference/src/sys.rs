@@ -143,70 +143,118 @@ fn xor_words(buf: &[u64]) -> u64 {
 ///   files holding secrets.
 pub fn write_atomic(path: &std::path::Path, bytes: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write as _;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut file = AtomicFile::create(path, private)?;
+    file.write_all(bytes)?;
+    file.commit()
+}
 
-    let target = match std::fs::symlink_metadata(path) {
-        // Through the link (a dangling one: to where it points, relative to its folder).
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).or_else(|_| {
-            std::fs::read_link(path).map(|to| {
-                path.parent()
-                    .map_or_else(|| to.clone(), |dir| dir.join(&to))
-            })
-        })?,
-        _ => path.to_path_buf(),
-    };
-    let keep = std::fs::metadata(&target).ok().map(|m| m.permissions());
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let name = target
-        .file_name()
-        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-    let mut attempts = 0;
-    let (file, tmp) = loop {
-        attempts += 1;
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
+/// A file that replaces `path` atomically, as [`write_atomic`] does, for output written as it
+/// is made (a GIF, frame by frame): written through [`std::io::Write`], it takes the target's
+/// place only at [`AtomicFile::commit`]. Dropped without a commit (an error, a cancel) it
+/// removes its temporary and the old file stays.
+#[derive(Debug)]
+pub struct AtomicFile {
+    file: std::fs::File,
+    tmp: std::path::PathBuf,
+    target: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    private: bool,
+    keep: Option<std::fs::Permissions>,
+    committed: bool,
+}
+
+impl AtomicFile {
+    /// Creates the temporary beside `path` (see [`write_atomic`] for how).
+    pub fn create(path: &std::path::Path, private: bool) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let target = match std::fs::symlink_metadata(path) {
+            // Through the link (a dangling one: to where it points, relative to its folder).
+            Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path).or_else(|_| {
+                std::fs::read_link(path).map(|to| {
+                    path.parent()
+                        .map_or_else(|| to.clone(), |dir| dir.join(&to))
+                })
+            })?,
+            _ => path.to_path_buf(),
+        };
+        let keep = std::fs::metadata(&target).ok().map(|m| m.permissions());
+        let dir = match target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir)?;
+        let name = target
+            .file_name()
+            .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+        let mut attempts = 0;
+        let (file, tmp) = loop {
+            attempts += 1;
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            if private {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                options.mode(0o600);
+            }
+            match options.open(&tmp) {
+                Ok(f) => break (f, tmp),
+                // A name taken (left by a crash, or planted): try the next one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 1000 => {}
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(Self {
+            file,
+            tmp,
+            target,
+            dir,
+            private,
+            keep,
+            committed: false,
+        })
+    }
+
+    /// Puts the written file in the target's place (permissions, `fsync`, rename, and the
+    /// folder synced so the rename is durable).
+    pub fn commit(mut self) -> std::io::Result<()> {
         #[cfg(unix)]
-        if private {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            options.mode(0o600);
-        }
-        match options.open(&tmp) {
-            Ok(f) => break (f, tmp),
-            // A name taken (left by a crash, or planted): try the next one.
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 1000 => {}
-            Err(e) => return Err(e),
-        }
-    };
-    let result = (|| -> std::io::Result<()> {
-        let mut f = file;
-        f.write_all(bytes)?;
-        #[cfg(unix)]
-        if private {
+        if self.private {
             use std::os::unix::fs::PermissionsExt as _;
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            self.file
+                .set_permissions(std::fs::Permissions::from_mode(0o600))?;
         }
-        if let (false, Some(p)) = (private, keep) {
-            f.set_permissions(p)?;
+        if let (false, Some(p)) = (self.private, self.keep.take()) {
+            self.file.set_permissions(p)?;
         }
-        f.sync_all()?;
-        std::fs::rename(&tmp, &target)?;
-        // Make the rename itself durable.
-        if let Ok(d) = std::fs::File::open(&dir) {
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.target)?;
+        self.committed = true;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+}
+
+impl std::io::Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Moves a file that could not be read aside to `NAME.bad-<unix seconds>` (`-2`, `-3`… added
@@ -260,6 +308,38 @@ pub fn tune_allocator() {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
+    /// Files in `dir` (the target and any temporary left behind).
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Written output replaces the target only at commit; dropped uncommitted (a cancelled
+    /// GIF export) it leaves the old file and no temporary.
+    #[test]
+    fn an_atomic_file_replaces_only_when_committed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("animation.gif");
+        std::fs::write(&path, b"old").expect("old");
+        let mut file = super::AtomicFile::create(&path, false).expect("create");
+        file.write_all(b"half of a ").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"old");
+        drop(file);
+        assert_eq!(std::fs::read(&path).expect("read"), b"old");
+        assert_eq!(names(dir.path()), ["animation.gif"]);
+        let mut file = super::AtomicFile::create(&path, false).expect("create");
+        file.write_all(b"new").expect("write");
+        file.commit().expect("commit");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert_eq!(names(dir.path()), ["animation.gif"]);
+    }
+
     #[test]
     fn read_bandwidth_reports_one_figure_per_round() {
         let figures = super::read_bandwidth_gb_s(2, 1 << 20, 3).expect("threads");

@@ -1592,18 +1592,22 @@ fn export_animation(ctx: &JobContext<'_>, gan: &StyleGan2, r: &GanAnimationReque
             r.frames
         )));
     }
-    let mut gif = match &r.out {
-        GanAnimationOut::Gif(path) => {
-            let file = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-            Some(gan_latent::GifWriter::new(
-                std::io::BufWriter::new(file),
-                r.fps,
-            )?)
-        }
+    // A GIF replaces its file only when complete: a cancel or an error leaves the old one.
+    let mut file = match &r.out {
+        GanAnimationOut::Gif(path) => Some((
+            std::io::BufWriter::new(
+                crate::sys::AtomicFile::create(path, false).map_err(|e| Error::io(path, e))?,
+            ),
+            path,
+        )),
         GanAnimationOut::PngSequence(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             None
         }
+    };
+    let mut gif = match &mut file {
+        Some((writer, _)) => Some(gan_latent::GifWriter::new(writer, r.fps)?),
+        None => None,
     };
     let dirs = r.directions.as_deref();
     for i in 0..r.frames {
@@ -1634,6 +1638,15 @@ fn export_animation(ctx: &JobContext<'_>, gan: &StyleGan2, r: &GanAnimationReque
             (i + 1) as f32 / r.frames as f32,
             &format!("frame {} of {}", i + 1, r.frames),
         );
+    }
+    // The encoder writes the GIF's trailer when dropped.
+    drop(gif);
+    if let Some((writer, path)) = file {
+        writer
+            .into_inner()
+            .map_err(|e| Error::io(path, e.into_error()))?
+            .commit()
+            .map_err(|e| Error::io(path, e))?;
     }
     Ok(())
 }
