@@ -54,7 +54,7 @@ fn a_gif_export_replaces_its_file_only_when_complete() {
     })
     .expect("worker");
     let load = w.submit(JobKind::LoadGan { path: model }).expect("submit");
-    let events = until_terminal(&w, load, Duration::from_secs(60));
+    let events = until_terminal(&w, load, Duration::from_secs(30));
     assert!(
         matches!(events.last(), Some(Event::Done { .. })),
         "{events:?}"
@@ -67,7 +67,7 @@ fn a_gif_export_replaces_its_file_only_when_complete() {
     // Cancelled at once: whether it had started or not, the old file stays, alone.
     let job = w.submit(export(2000, &gif)).expect("submit");
     w.cancel(job);
-    let events = until_terminal(&w, job, Duration::from_secs(60));
+    let events = until_terminal(&w, job, Duration::from_secs(30));
     assert!(
         matches!(events.last(), Some(Event::Cancelled { .. })),
         "{events:?}"
@@ -77,7 +77,7 @@ fn a_gif_export_replaces_its_file_only_when_complete() {
 
     // Completed: a whole GIF (header and trailer) in its place, no temporary left.
     let job = w.submit(export(3, &gif)).expect("submit");
-    let events = until_terminal(&w, job, Duration::from_secs(60));
+    let events = until_terminal(&w, job, Duration::from_secs(30));
     assert!(
         matches!(events.last(), Some(Event::Done { .. })),
         "{events:?}"
