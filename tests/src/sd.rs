@@ -136,7 +136,7 @@ impl candle_nn::var_builder::SimpleBackend for Recorder {
     }
 }
 
-/// Random f16 tensors (the init of [`random_weights`]) for `build`'s module at full size: the
+/// Random f16 tensors ([`init_values`], as [`random_weights`]) for `build`'s module at full size: the
 /// shapes are recorded first (candle's ops, so nothing is packed), then filled.
 fn random_f16_weights(
     seed: u64,
@@ -157,23 +157,10 @@ fn random_f16_weights(
     shapes
         .into_iter()
         .map(|(name, dims)| {
-            let n: usize = dims.iter().product();
-            let is_norm = name.contains("norm") || name.contains("layer_norm");
-            let values: Vec<half::f16> = if is_norm && name.ends_with("weight") {
-                vec![half::f16::ONE; n]
-            } else if is_norm || name.ends_with("bias") {
-                vec![half::f16::ZERO; n]
-            } else {
-                let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-                let scale = 1.0 / (fan_in as f32).sqrt();
-                (0..n)
-                    .map(|_| {
-                        half::f16::from_f32(
-                            (rand::Rng::random::<f32>(&mut rng) * 2.0 - 1.0) * scale,
-                        )
-                    })
-                    .collect()
-            };
+            let values: Vec<half::f16> = init_values(&name, &dims, &mut rng)
+                .into_iter()
+                .map(half::f16::from_f32)
+                .collect();
             let t = Tensor::from_vec(values, dims, &Device::Cpu).expect("tensor");
             (name, t)
         })
@@ -261,6 +248,24 @@ pub fn write_random_sdxl(dir: &Path, seed: u64) {
     write_pipeline_files(dir, true, false);
 }
 
+/// A tensor's initial values: norms at one (weights) and zero (biases) like a trained model,
+/// other biases zero, everything else uniform in ±1/√fan_in from `rng`.
+fn init_values(name: &str, dims: &[usize], rng: &mut rand::rngs::StdRng) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    let is_norm = name.contains("norm") || name.contains("layer_norm");
+    if is_norm && name.ends_with("weight") {
+        vec![1.0; n]
+    } else if is_norm || name.ends_with("bias") {
+        vec![0.0; n]
+    } else {
+        let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+        let scale = 1.0 / (fan_in as f32).sqrt();
+        (0..n)
+            .map(|_| (rand::Rng::random::<f32>(rng) * 2.0 - 1.0) * scale)
+            .collect()
+    }
+}
+
 /// Random tensors for `build`'s module, by name (seeded).
 fn random_weights(
     seed: u64,
@@ -277,22 +282,8 @@ fn random_weights(
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
     let mut out = HashMap::new();
     for name in names {
-        let var = &data[name];
-        let t = var.as_tensor();
-        let dims = t.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let is_norm = name.contains("norm") || name.contains("layer_norm");
-        let values: Vec<f32> = if is_norm && name.ends_with("weight") {
-            vec![1.0; n]
-        } else if is_norm || name.ends_with("bias") {
-            vec![0.0; n]
-        } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let scale = 1.0 / (fan_in as f32).sqrt();
-            (0..n)
-                .map(|_| (rand::Rng::random::<f32>(&mut rng) * 2.0 - 1.0) * scale)
-                .collect()
-        };
+        let dims = data[name].as_tensor().dims().to_vec();
+        let values = init_values(name, &dims, &mut rng);
         out.insert(
             name.clone(),
             Tensor::from_vec(values, dims, &Device::Cpu).expect("tensor"),

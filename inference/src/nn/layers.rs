@@ -387,11 +387,7 @@ impl Conv2d {
         };
         let mut native = Arc::unwrap_or_clone(native);
         native.relu = true;
-        let path = match &native.weights {
-            Weights::Direct(p) => p.path(),
-            Weights::Winograd(w) => w.path(),
-        };
-        match native.input_gradient(path, candle.weight(), winograd)? {
+        match native.input_gradient(native.path(), candle.weight(), winograd)? {
             Some(gradient) => {
                 layer.native = Some(Arc::new(native));
                 layer.gradient = Some(Arc::new(gradient));
@@ -437,10 +433,7 @@ impl Conv2d {
 
     /// The kernels this layer runs on (`None`: candle's).
     pub fn kernels(&self) -> Option<KernelPath> {
-        self.native.as_ref().map(|n| match &n.weights {
-            Weights::Direct(p) => p.path(),
-            Weights::Winograd(w) => w.path(),
-        })
+        self.native.as_ref().map(|n| n.path())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -463,6 +456,13 @@ impl Conv2d {
 }
 
 impl Native {
+    fn path(&self) -> KernelPath {
+        match &self.weights {
+            Weights::Direct(p) => p.path(),
+            Weights::Winograd(w) => w.path(),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let x = x.to_dtype(DType::F32)?.contiguous()?;
@@ -583,9 +583,10 @@ impl Native {
         let mut taps = Vec::with_capacity(kh * kw);
         let plane_out = cout * oh * ow;
         let mut result = vec![0f32; n * plane_out];
+        let bands = self.band_rows(h, w, band_bytes);
         for b in 0..n {
             let (src, dst) = (&x[b * plane_in..], &mut result[b * plane_out..]);
-            let Some(band) = self.band_rows(h, w, band_bytes) else {
+            let Some(band) = bands else {
                 input.load_planar(src, cin, h, w, p)?;
                 output.reset_border(oh, ow, cout, 0)?;
                 self.convolve(&input, &mut output, &mut taps, oh, ow)?;
