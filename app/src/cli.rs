@@ -13,8 +13,8 @@
 //! - `studio bench generate --model PATH [--prompt-tokens N] [--gen-tokens N] [--threads N]
 //!   [--repeat N] [--json]` prints median prefill and decode tokens/s, time to first token and
 //!   peak RSS.
-//! - `studio serve --model PATH [--host 127.0.0.1] [--port 8080] [--threads N] [--device D]`
-//!   serves the model over an OpenAI-compatible HTTP API (see [`crate::serve`]) and prints
+//! - `studio serve --model PATH [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+//!   [--allow-host NAME]... [--cors-origin ORIGIN] [--threads N] [--device D]` serves the model over an OpenAI-compatible HTTP API (see [`crate::serve`]) and prints
 //!   `Studio is serving MODEL at http://HOST:PORT/v1` on stdout once it listens (`--port 0`
 //!   picks a free port).
 //!
@@ -217,13 +217,23 @@ pub struct BenchGenerateArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Address to listen on. The default, loopback, lets only this machine connect; the server
-    /// has no authentication.
+    /// Address to listen on. The default, loopback, lets only this machine connect.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// Port to listen on; 0 picks a free one (printed at startup).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every request (default: $STUDIO_API_KEY, if set).
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Accept this name in the `Host` header besides the bound address and localhost
+    /// (repeatable); other names are refused, which stops DNS rebinding.
+    #[arg(long = "allow-host", value_name = "NAME")]
+    pub allow_host: Vec<String>,
+    /// Let web pages from this origin (e.g. `https://app.example`) call the API, with CORS
+    /// headers; requests from other pages are refused.
+    #[arg(long, value_name = "ORIGIN")]
+    pub cors_origin: Option<String>,
 }
 
 /// Runs a subcommand.
@@ -386,11 +396,26 @@ pub(crate) fn summary_json(s: &GenerationStats) -> serde_json::Value {
 fn run_serve(args: &ServeArgs) -> Result<()> {
     let (m, device) = load_model(&args.engine)?;
     let name = m.info.name.clone();
-    let server = crate::serve::Server::start(m, &args.host, args.port)?;
-    if !server.addr().ip().is_loopback() {
+    let api_key = match args.api_key.clone() {
+        Some(key) => Some(key),
+        None => std::env::var("STUDIO_API_KEY").ok(),
+    };
+    if api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        bail!("the API key is empty; give a key or leave --api-key and STUDIO_API_KEY unset");
+    }
+    let options = crate::serve::ServeOptions {
+        host: args.host.clone(),
+        port: args.port,
+        api_key,
+        allow_hosts: args.allow_host.clone(),
+        cors_origin: args.cors_origin.clone(),
+        ..crate::serve::ServeOptions::default()
+    };
+    let server = crate::serve::Server::start(crate::serve::ServedModel::owned(m), &options)?;
+    if !server.addr().ip().is_loopback() && options.api_key.is_none() {
         eprintln!(
-            "warning: listening on {}: anyone who can reach this machine can use the model \
-             (there is no authentication)",
+            "warning: listening on {} without an API key: anyone who can reach this machine \
+             can use the model (give --api-key)",
             server.addr()
         );
     }

@@ -1,11 +1,13 @@
 //! `studio serve`: a local model behind an OpenAI-compatible HTTP API, so other programs (editor
-//! plugins, scripts, other chat apps, another Studio's remote backend) can use it.
+//! plugins, scripts, other chat apps, another Studio's remote backend) can use it. The Settings
+//! panel starts the same server on the model the worker has loaded.
 //!
 //! Routes:
+//! - `GET /health`: `{"status": "ok"}`, with no API key (for supervisors and load balancers);
 //! - `GET /v1/models` (and `GET /v1/models/{id}`): the one loaded model, with its context length
 //!   as `max_model_len` and `context_length`;
 //! - `POST /v1/chat/completions`: a reply in the model's own chat template
-//!   ([`studio_inference::chat::build_chat_prompt`]; the oldest turns are dropped if the
+//!   ([`studio_inference::chat::build_chat_prompt_with`]; the oldest turns are dropped if the
 //!   conversation does not fit);
 //! - `POST /v1/completions`: a raw continuation of `prompt`.
 //!
@@ -17,111 +19,261 @@
 //! `repeat_last_n`. Fields that are not sent take Studio's defaults, except the repeat penalty
 //! (off, as OpenAI has none), the seed (random) and `max_tokens` (2048, at most the context).
 //!
-//! Requests are served one generation at a time: a few named handler threads
-//! (`studio-serve-N`) take requests from `tiny_http`, and generation runs on the model behind a
-//! mutex, with the loader and the shared token loop directly (as the CLI does). A streaming
-//! client that disconnects cancels its generation at the next token. Malformed requests get an
-//! OpenAI-style error `{"error": {"message", "type", "param", "code"}}` with status 400, 404,
-//! 405 or 413, and the server keeps serving.
+//! # How it holds up
+//! HTTP/1.1 is hyper's, on a small tokio runtime (`studio-serve-io` threads). Every limit is
+//! in [`Limits`]:
+//! - request heads over `max_header_bytes` get 431, bodies over `max_body_bytes` get 413 (from
+//!   `Content-Length` before reading, or while reading a chunked body); nothing is allocated
+//!   for what a client only declares;
+//! - a head must arrive within `header_timeout` (which also closes idle keep-alive
+//!   connections), a body within `body_timeout` (408); a write that a client does not read for
+//!   `write_timeout` closes the connection;
+//! - at most `max_connections` connections are open; more get 503 and are closed;
+//! - `/health` and `/v1/models` are answered on the async threads and never wait for a
+//!   generation. Templates are rendered and prompts tokenized on blocking threads (at most
+//!   `max_preparing` at once) before the request queues for the model, which runs one
+//!   generation at a time;
+//! - a panic in a handler answers 500 and the server goes on; one in a generation too, after
+//!   the model's cache is reset;
+//! - a client that disconnects cancels its generation at the next token, streaming or not
+//!   (also while it waits for the model).
+//!
+//! Access control ([`ServeOptions`]): with an API key every route but `/health` needs
+//! `Authorization: Bearer KEY` (401 otherwise); a `Host` other than the bound address,
+//! `localhost` or an `allow_hosts` name gets 403 (a web page cannot reach the server through
+//! DNS rebinding); a request from a web page (an `Origin` header) gets 403 unless it is the
+//! one `cors_origin`, which alone receives CORS headers.
+//!
+//! Errors are OpenAI-style `{"error": {"message", "type", "param", "code"}}`.
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
-use studio_inference::chat::{ChatMessage, build_chat_prompt};
+use studio_inference::chat::{ChatFormat, ChatMessage, build_chat_prompt_with};
 use studio_inference::generate::{FinishReason, GenerationStats, Step, generate};
 use studio_inference::loader::LoadedModel;
 use studio_inference::sampling::SamplingParams;
-use tiny_http::{Header, Method, Request, Response};
+use studio_inference::text::Tokenizer;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// `max_tokens` when a request does not say (capped by the context length).
 pub const DEFAULT_MAX_TOKENS: usize = 2048;
 
-/// Largest request body accepted.
-const MAX_BODY: u64 = 16 * 1024 * 1024;
+/// What one client may cost the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request body in bytes (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest request head, the request line and headers (431 above it; at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Time to send a request's head; idle keep-alive connections are closed after it too.
+    pub header_timeout: Duration,
+    /// Time to send a request's body once the head is in (408 after it).
+    pub body_timeout: Duration,
+    /// How long a write may wait on a client that does not read before the connection is
+    /// closed (which cancels its generation).
+    pub write_timeout: Duration,
+    /// Connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Prompts rendered and tokenized at once.
+    pub max_preparing: usize,
+}
 
-/// Threads taking requests; generation itself is one at a time.
-const HANDLERS: usize = 4;
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 << 20,
+            max_header_bytes: 64 << 10,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_mins(1),
+            write_timeout: Duration::from_mins(1),
+            max_connections: 64,
+            max_preparing: 2,
+        }
+    }
+}
+
+/// Where and for whom the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeOptions {
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// When set, every route but `/health` needs `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// Names accepted in the `Host` header besides the bound address and `localhost`.
+    pub allow_hosts: Vec<String>,
+    /// The one web origin (`https://app.example`) allowed to call the API from a browser.
+    pub cors_origin: Option<String>,
+    pub limits: Limits,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: None,
+            allow_hosts: Vec::new(),
+            cors_origin: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Work on the model: gets the model and a "was the job cancelled elsewhere" check.
+pub type ModelJob = Box<dyn FnOnce(&mut LoadedModel, &dyn Fn() -> bool) + Send>;
+
+/// Queues a [`ModelJob`] where the model lives (the GUI's worker); an `Err` says why it can't.
+pub type SubmitJob = Box<dyn Fn(ModelJob) -> Result<(), String> + Send + Sync>;
+
+/// The model a server generates with.
+pub struct ServedModel {
+    id: String,
+    prompter: Prompter,
+    access: ModelAccess,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+enum ModelAccess {
+    /// `studio serve`: the server owns the model; generations take turns on this lock.
+    Owned(Arc<tokio::sync::Mutex<LoadedModel>>),
+    /// The GUI: the worker owns the model and runs the server's generations as its jobs.
+    Worker(SubmitJob),
+}
+
+impl ServedModel {
+    /// A model the server owns.
+    pub fn owned(model: LoadedModel) -> Self {
+        Self {
+            id: model.info.name.clone(),
+            prompter: Prompter::of(&model),
+            access: ModelAccess::Owned(Arc::new(tokio::sync::Mutex::new(model))),
+        }
+    }
+
+    /// A model owned elsewhere: `model` gives the name, tokenizer and chat format (read now),
+    /// and each generation is handed to `submit`.
+    pub fn elsewhere(model: &LoadedModel, submit: SubmitJob) -> Self {
+        Self {
+            id: model.info.name.clone(),
+            prompter: Prompter::of(model),
+            access: ModelAccess::Worker(submit),
+        }
+    }
+}
+
+/// What turns a request into tokens, kept outside the model so that it needs no lock.
+struct Prompter {
+    tokenizer: Tokenizer,
+    chat: ChatFormat,
+    context: usize,
+    eos: Vec<u32>,
+}
+
+impl Prompter {
+    fn of(m: &LoadedModel) -> Self {
+        Self {
+            tokenizer: m.tokenizer.clone(),
+            chat: m.chat.clone(),
+            context: m.model.context_length(),
+            eos: m.eos_token_ids.clone(),
+        }
+    }
+}
 
 /// An OpenAI-compatible server running on its own threads until dropped or shut down.
 pub struct Server {
-    http: Arc<tiny_http::Server>,
+    runtime: Option<tokio::runtime::Runtime>,
+    accept: Option<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
     addr: SocketAddr,
-    handlers: Vec<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("addr", &self.addr)
-            .field("model", &self.shared.id)
+            .field("model", &self.shared.model.id)
             .finish_non_exhaustive()
     }
 }
 
 struct Shared {
-    model: Mutex<LoadedModel>,
-    id: String,
-    context_length: usize,
+    model: ServedModel,
+    options: ServeOptions,
+    addr: SocketAddr,
     created: u64,
+    preparing: Semaphore,
     next_id: AtomicU64,
     disconnects: AtomicU64,
     stop: AtomicBool,
 }
 
 impl Server {
-    /// Binds `host:port` (port 0 picks a free one) and starts serving `model`.
-    pub fn start(model: LoadedModel, host: &str, port: u16) -> Result<Self> {
-        let http = tiny_http::Server::http((host, port))
-            .map_err(|e| anyhow!("{e}"))
+    /// Binds `options.host:options.port` and starts serving `model`.
+    pub fn start(model: ServedModel, options: &ServeOptions) -> Result<Self> {
+        let (host, port) = (options.host.as_str(), options.port);
+        let listener = std::net::TcpListener::bind((host, port))
             .with_context(|| format!("listening on {host} port {port}"))?;
-        let addr = http
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| anyhow!("listening on {host}: not an IP address"))?;
+        let addr = listener.local_addr().context("the listening address")?;
+        listener
+            .set_nonblocking(true)
+            .context("a non-blocking listener")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(options.limits.max_connections.clamp(4, 256))
+            .thread_name("studio-serve-io")
+            .enable_all()
+            .build()
+            .context("starting the server's threads")?;
+        let mut options = options.clone();
+        options.limits.max_header_bytes = options.limits.max_header_bytes.max(8192);
         let shared = Arc::new(Shared {
-            id: model.info.name.clone(),
-            context_length: model.model.context_length(),
-            model: Mutex::new(model),
+            preparing: Semaphore::new(options.limits.max_preparing.max(1)),
+            model,
+            options,
+            addr,
             created: unix_time(),
             next_id: AtomicU64::new(1),
             disconnects: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
-        let http = Arc::new(http);
-        let mut server = Self {
-            http,
+        let listener = {
+            let _context = runtime.enter();
+            TcpListener::from_std(listener).context("registering the listener")?
+        };
+        let accept = runtime.spawn(accept_loop(listener, shared.clone()));
+        Ok(Self {
+            runtime: Some(runtime),
+            accept: Some(accept),
             shared,
             addr,
-            handlers: Vec::new(),
-        };
-        for i in 0..HANDLERS {
-            let (http, shared) = (server.http.clone(), server.shared.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("studio-serve-{i}"))
-                .spawn(move || {
-                    while !shared.stop.load(Ordering::Relaxed) {
-                        match http.recv() {
-                            Ok(request) => handle(&shared, request),
-                            Err(e) => {
-                                if !shared.stop.load(Ordering::Relaxed) {
-                                    log::warn!("serve: {e}");
-                                }
-                            }
-                        }
-                    }
-                })
-                .context("starting a studio-serve thread")?;
-            server.handlers.push(handle);
-        }
-        Ok(server)
+        })
     }
 
     /// The address the server listens on (with the real port when 0 was asked for).
@@ -136,23 +288,23 @@ impl Server {
 
     /// The model's id in `/v1/models`.
     pub fn model_id(&self) -> &str {
-        &self.shared.id
+        &self.shared.model.id
     }
 
-    /// How many streaming generations were stopped because their client went away.
+    /// How many generations were stopped because their client went away.
     pub fn disconnects(&self) -> u64 {
         self.shared.disconnects.load(Ordering::Relaxed)
     }
 
     /// Serves until the process ends.
     pub fn wait(mut self) {
-        for h in std::mem::take(&mut self.handlers) {
-            let _ = h.join();
+        if let (Some(runtime), Some(accept)) = (&self.runtime, self.accept.take()) {
+            let _ = runtime.block_on(accept);
         }
     }
 
-    /// Stops taking requests, ends a running generation at its next token and joins the
-    /// handler threads.
+    /// Stops taking requests, ends a running generation at its next token and stops the
+    /// server's threads.
     pub fn shutdown(self) {
         drop(self);
     }
@@ -161,11 +313,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        for _ in 0..self.handlers.len() {
-            self.http.unblock();
-        }
-        for h in self.handlers.drain(..) {
-            let _ = h.join();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(5));
         }
     }
 }
@@ -176,6 +325,230 @@ fn unix_time() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let limits = shared.options.limits.clone();
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait rather than spin.
+                log::warn!("serve: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream, limits.max_connections));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                CatchPanic(Box::pin(respond(shared.clone(), request)))
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes)
+                .serve_connection(io, service);
+            if let Err(e) = connection.await {
+                log::debug!("serve: connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Answers a connection over the cap with 503 and closes it.
+async fn refuse_busy(mut stream: TcpStream, cap: usize) {
+    let body = ApiError::unavailable(format!(
+        "the server has {cap} connections open, its limit; try again shortly"
+    ))
+    .body()
+    .to_string();
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Then read what the client sends for a moment (discarded): closing with its request
+    // unread would reset the connection, and the client might not see the answer.
+    let answer = async {
+        stream.write_all(reply.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 64usize << 10;
+        while left > 0 {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
+}
+
+/// A socket whose writes fail once the peer has not read for `timeout` (a client that stops
+/// reading would otherwise hold its connection, and its generation, forever).
+struct WriteTimeout {
+    stream: TcpStream,
+    timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn new(stream: TcpStream, timeout: Duration) -> Self {
+        Self {
+            stream,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// After a write returned `Pending`: pending until the stall is too long, then an error.
+    fn poll_stalled<T>(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<T>> {
+        let timeout = self.timeout;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {} s", timeout.as_secs()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progress<T>(
+        &mut self,
+        poll: Poll<std::io::Result<T>>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        match poll {
+            Poll::Pending => self.poll_stalled(cx),
+            ready @ Poll::Ready(_) => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl AsyncRead for WriteTimeout {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteTimeout {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.progress(poll, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.progress(poll, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_flush(cx);
+        this.progress(poll, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.progress(poll, cx)
+    }
+}
+
+/// A handler's future whose panic becomes a 500 answer.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future<Output = Response<Body>>> Future for CatchPanic<F> {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let future = &mut self.get_mut().0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(response)) => Poll::Ready(Ok(response)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Ok(ApiError::server(
+                "the request handler panicked; the server goes on (please report this)",
+            )
+            .response())),
+        }
+    }
+}
+
+/// A response body: one buffer, or events from a generation as they come.
+pub enum Body {
+    Full(Option<Bytes>),
+    Events(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Events(rx) => rx.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Events(_) => SizeHint::default(),
+        }
+    }
+}
+
+fn json_response(status: u16, body: &Value) -> Response<Body> {
+    let mut response = Response::new(Body::Full(Some(Bytes::from(body.to_string()))));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
 /// An answer that is not a success: status and OpenAI-style error body.
 #[derive(Debug)]
 struct ApiError {
@@ -183,6 +556,7 @@ struct ApiError {
     kind: &'static str,
     message: String,
     param: Option<&'static str>,
+    code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -192,6 +566,16 @@ impl ApiError {
             kind: "invalid_request_error",
             message: message.into(),
             param: None,
+            code: None,
+        }
+    }
+
+    /// Any other 4xx.
+    fn status(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            ..Self::invalid(message)
         }
     }
 
@@ -203,12 +587,11 @@ impl ApiError {
     }
 
     fn server(message: impl Into<String>) -> Self {
-        Self {
-            status: 500,
-            kind: "server_error",
-            message: message.into(),
-            param: None,
-        }
+        Self::status(500, "server_error", message)
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::status(503, "server_error", message)
     }
 
     fn body(&self) -> Value {
@@ -216,8 +599,22 @@ impl ApiError {
             "message": self.message,
             "type": self.kind,
             "param": self.param,
-            "code": Value::Null,
+            "code": self.code,
         }})
+    }
+
+    fn response(&self) -> Response<Body> {
+        log::info!("serve: {} {}", self.status, self.message);
+        let mut response = json_response(self.status, &self.body());
+        let headers = response.headers_mut();
+        if self.status == 401 {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if matches!(self.status, 408 | 413) {
+            // The rest of the request was not read: the connection can't carry another.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 
     /// Errors of the inference crate: what the request asked for is a 400, the rest a 500.
@@ -231,142 +628,6 @@ impl ApiError {
             | E::Tokenizer(_) => Self::invalid(e.to_string()),
             _ => Self::server(e.to_string()),
         }
-    }
-}
-
-fn json_header() -> Header {
-    Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-        .unwrap_or_else(|()| unreachable!("a valid header"))
-}
-
-fn respond_json(request: Request, status: u16, body: &Value) {
-    let response = Response::from_string(body.to_string())
-        .with_status_code(status)
-        .with_header(json_header());
-    if let Err(e) = request.respond(response) {
-        log::info!("serve: the client left before the answer was sent: {e}");
-    }
-}
-
-fn respond_error(request: Request, error: &ApiError) {
-    log::info!(
-        "serve: {} {} → {} {}",
-        request.method(),
-        request.url(),
-        error.status,
-        error.message
-    );
-    respond_json(request, error.status, &error.body());
-}
-
-fn handle(shared: &Shared, mut request: Request) {
-    let path = request
-        .url()
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .trim_end_matches('/')
-        .to_owned();
-    let method = request.method().clone();
-    match (path.as_str(), &method) {
-        ("/v1/models", Method::Get) => respond_json(request, 200, &models_json(shared)),
-        (p, Method::Get) if p.strip_prefix("/v1/models/") == Some(shared.id.as_str()) => {
-            respond_json(request, 200, &model_json(shared));
-        }
-        (p, Method::Get) if p.starts_with("/v1/models/") => respond_error(
-            request,
-            &ApiError {
-                status: 404,
-                kind: "not_found_error",
-                message: format!(
-                    "no model `{}` here; this server has `{}`",
-                    &p["/v1/models/".len()..],
-                    shared.id
-                ),
-                param: Some("model"),
-            },
-        ),
-        ("/v1/chat/completions" | "/v1/completions", Method::Post) => {
-            let endpoint = if path == "/v1/completions" {
-                Endpoint::Completions
-            } else {
-                Endpoint::Chat
-            };
-            match read_body(&mut request)
-                .and_then(|body| parse_request(endpoint, &body, shared.context_length))
-            {
-                Ok(job) => run(shared, request, endpoint, job),
-                Err(e) => respond_error(request, &e),
-            }
-        }
-        ("/v1/models" | "/v1/chat/completions" | "/v1/completions", _) => {
-            let allowed = if path == "/v1/models" { "GET" } else { "POST" };
-            respond_error(
-                request,
-                &ApiError {
-                    status: 405,
-                    kind: "invalid_request_error",
-                    message: format!("{method} is not allowed on {path}; use {allowed}"),
-                    param: None,
-                },
-            );
-        }
-        _ => respond_error(
-            request,
-            &ApiError {
-                status: 404,
-                kind: "not_found_error",
-                message: format!(
-                    "no route {method} {path}; this server has GET /v1/models, \
-                     POST /v1/chat/completions and POST /v1/completions"
-                ),
-                param: None,
-            },
-        ),
-    }
-}
-
-fn model_json(shared: &Shared) -> Value {
-    json!({
-        "id": shared.id,
-        "object": "model",
-        "created": shared.created,
-        "owned_by": "studio",
-        "max_model_len": shared.context_length,
-        "context_length": shared.context_length,
-    })
-}
-
-fn models_json(shared: &Shared) -> Value {
-    json!({"object": "list", "data": [model_json(shared)]})
-}
-
-fn read_body(request: &mut Request) -> Result<Value, ApiError> {
-    let mut bytes = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| ApiError::invalid(format!("could not read the request body: {e}")))?;
-    if bytes.len() as u64 > MAX_BODY {
-        return Err(ApiError {
-            status: 413,
-            kind: "invalid_request_error",
-            message: format!("the request body is over {} MiB", MAX_BODY >> 20),
-            param: None,
-        });
-    }
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::invalid(
-            "the request body is empty; send a JSON object",
-        ));
-    }
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
-    if value.is_object() {
-        Ok(value)
-    } else {
-        Err(ApiError::invalid("the request body must be a JSON object"))
     }
 }
 
@@ -639,54 +900,6 @@ fn usage_json(stats: &GenerationStats) -> Value {
     })
 }
 
-/// Writes `text/event-stream` events, chunked on HTTP/1.1; a failed write means the client
-/// is gone.
-struct EventStream {
-    out: Box<dyn Write + Send>,
-    chunked: bool,
-}
-
-impl EventStream {
-    fn open(request: Request) -> std::io::Result<Self> {
-        let v = request.http_version();
-        let chunked = (v.0, v.1) >= (1, 1);
-        let mut out = request.into_writer();
-        let framing = if chunked {
-            "Transfer-Encoding: chunked\r\n"
-        } else {
-            ""
-        };
-        write!(
-            out,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-             {framing}Connection: close\r\n\r\n"
-        )?;
-        out.flush()?;
-        Ok(Self { out, chunked })
-    }
-
-    fn raw(&mut self, data: &str) -> std::io::Result<()> {
-        if self.chunked {
-            write!(self.out, "{:x}\r\n{data}\r\n", data.len())?;
-        } else {
-            self.out.write_all(data.as_bytes())?;
-        }
-        self.out.flush()
-    }
-
-    fn event(&mut self, data: &Value) -> std::io::Result<()> {
-        self.raw(&format!("data: {data}\n\n"))
-    }
-
-    fn done(mut self) -> std::io::Result<()> {
-        self.raw("data: [DONE]\n\n")?;
-        if self.chunked {
-            self.out.write_all(b"0\r\n\r\n")?;
-        }
-        self.out.flush()
-    }
-}
-
 /// What one chunk or answer looks like for an endpoint.
 struct Shape {
     endpoint: Endpoint,
@@ -762,12 +975,322 @@ impl Shape {
     }
 }
 
-/// The prompt's tokens, extra stop strings and end-of-turn ids, from the model's own format.
+/// Answers one request; CORS headers go on answers to the allowed origin.
+async fn respond(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let mut response = match route(&shared, request).await {
+        Ok(response) => response,
+        Err(e) => e.response(),
+    };
+    if let Some(origin) = origin.filter(|o| shared.allowed_origin(o)) {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    response
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    shared.check_host(request.headers())?;
+    shared.check_origin(request.headers())?;
+    let method = request.method().clone();
+    let path = request.uri().path().trim_end_matches('/').to_owned();
+    if method == Method::OPTIONS {
+        return Ok(preflight());
+    }
+    if path == "/health" {
+        return match method {
+            Method::GET | Method::HEAD => Ok(json_response(200, &json!({"status": "ok"}))),
+            _ => Err(not_allowed(&method, &path, "GET")),
+        };
+    }
+    shared.check_key(request.headers())?;
+    let id = shared.model.id.as_str();
+    match (path.as_str(), &method) {
+        ("/v1/models", &Method::GET) => Ok(json_response(200, &shared.models_json())),
+        (p, &Method::GET) if p.strip_prefix("/v1/models/") == Some(id) => {
+            Ok(json_response(200, &shared.model_json()))
+        }
+        (p, &Method::GET) if p.starts_with("/v1/models/") => Err(ApiError {
+            param: Some("model"),
+            ..ApiError::status(
+                404,
+                "not_found_error",
+                format!(
+                    "no model `{}` here; this server has `{id}`",
+                    &p["/v1/models/".len()..]
+                ),
+            )
+        }),
+        ("/v1/chat/completions" | "/v1/completions", &Method::POST) => {
+            let endpoint = if path == "/v1/completions" {
+                Endpoint::Completions
+            } else {
+                Endpoint::Chat
+            };
+            let body = read_body(request, &shared.options.limits).await?;
+            let job = parse_request(endpoint, &body, shared.model.prompter.context)?;
+            generate_reply(shared.clone(), endpoint, job).await
+        }
+        ("/v1/models", _) => Err(not_allowed(&method, &path, "GET")),
+        ("/v1/chat/completions" | "/v1/completions", _) => Err(not_allowed(&method, &path, "POST")),
+        _ => Err(ApiError::status(
+            404,
+            "not_found_error",
+            format!(
+                "no route {method} {path}; this server has GET /v1/models, \
+                 POST /v1/chat/completions and POST /v1/completions"
+            ),
+        )),
+    }
+}
+
+fn not_allowed(method: &Method, path: &str, allowed: &str) -> ApiError {
+    ApiError::status(
+        405,
+        "invalid_request_error",
+        format!("{method} is not allowed on {path}; use {allowed}"),
+    )
+}
+
+/// The answer to a CORS preflight (only reached from no origin or the allowed one).
+fn preflight() -> Response<Body> {
+    let mut response = Response::new(Body::Full(None));
+    *response.status_mut() = hyper::StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Authorization, Content-Type"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    response
+}
+
+/// The host part of a `Host` header value: no port, no brackets, no trailing dot.
+fn host_name(host: &str) -> &str {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    name.strip_suffix('.').unwrap_or(name)
+}
+
+/// Equal without an early exit, so that timing does not tell how much of a key was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Shared {
+    /// DNS rebinding: a page on `evil.example` that resolves to 127.0.0.1 still says
+    /// `Host: evil.example`.
+    fn check_host(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(host) = headers.get(header::HOST) else {
+            return Err(ApiError::invalid("the request has no `Host` header"));
+        };
+        let host = String::from_utf8_lossy(host.as_bytes());
+        let name = host_name(&host);
+        let bound = self.addr.ip();
+        let ip_ok = name.parse::<IpAddr>().is_ok_and(|ip| {
+            ip == bound || bound.is_unspecified() || (bound.is_loopback() && ip.is_loopback())
+        });
+        let allowed = ip_ok
+            || name.eq_ignore_ascii_case("localhost")
+            || self
+                .options
+                .allow_hosts
+                .iter()
+                .any(|h| h.trim_end_matches('.').eq_ignore_ascii_case(name));
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::status(
+                403,
+                "permission_error",
+                format!(
+                    "requests for the host `{name}` are refused: use {} or localhost, or \
+                     start the server with `--allow-host {name}`",
+                    self.addr
+                ),
+            ))
+        }
+    }
+
+    fn allowed_origin(&self, origin: &HeaderValue) -> bool {
+        self.options
+            .cors_origin
+            .as_deref()
+            .is_some_and(|o| o.trim_end_matches('/').as_bytes() == origin.as_bytes())
+    }
+
+    /// Browsers send `Origin` on cross-origin requests: a page the user visits can't make the
+    /// model generate unless it is the one allowed origin.
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match headers.get(header::ORIGIN) {
+            Some(origin) if !self.allowed_origin(origin) => Err(ApiError::status(
+                403,
+                "permission_error",
+                format!(
+                    "requests from web pages (origin `{}`) are refused; start the server with \
+                     `--cors-origin ORIGIN` to allow one",
+                    String::from_utf8_lossy(origin.as_bytes())
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_key(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(key) = &self.options.api_key else {
+            return Ok(());
+        };
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes)
+            .and_then(|v| v.strip_prefix(b"Bearer "));
+        match sent {
+            Some(sent) if same_secret(sent.trim_ascii(), key.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError {
+                code: Some("invalid_api_key"),
+                ..ApiError::status(401, "invalid_request_error", "the API key is not right")
+            }),
+            None => Err(ApiError {
+                code: Some("invalid_api_key"),
+                ..ApiError::status(
+                    401,
+                    "invalid_request_error",
+                    "this server needs an API key: send `Authorization: Bearer KEY`",
+                )
+            }),
+        }
+    }
+
+    fn model_json(&self) -> Value {
+        let context = self.model.prompter.context;
+        json!({
+            "id": self.model.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "studio",
+            "max_model_len": context,
+            "context_length": context,
+        })
+    }
+
+    fn models_json(&self) -> Value {
+        json!({"object": "list", "data": [self.model_json()]})
+    }
+
+    /// Runs `job` on the model once it is free, off the async threads; `None` when it could
+    /// not run (the GUI unloaded the model, or it panicked).
+    async fn on_model<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut LoadedModel, &dyn Fn() -> bool) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let job: ModelJob = Box::new(move |m, cancelled| {
+            let _ = tx.send(job(m, cancelled));
+        });
+        match &self.model.access {
+            ModelAccess::Owned(model) => {
+                let guard = model.clone().lock_owned().await;
+                let ran = tokio::task::spawn_blocking(move || {
+                    let mut guard = guard;
+                    job(&mut guard, &|| false);
+                })
+                .await;
+                if let Err(e) = ran {
+                    log::error!("serve: a generation failed: {e}");
+                }
+            }
+            ModelAccess::Worker(submit) => submit(job).map_err(ApiError::unavailable)?,
+        }
+        rx.await.map_err(|_| {
+            ApiError::unavailable("the model stopped before answering (was it unloaded?)")
+        })
+    }
+}
+
+/// Reads a JSON object body within the size and time limits.
+async fn read_body(request: Request<Incoming>, limits: &Limits) -> Result<Value, ApiError> {
+    let too_large = || {
+        ApiError::status(
+            413,
+            "invalid_request_error",
+            format!(
+                "the request body is over {} KiB",
+                limits.max_body_bytes >> 10
+            ),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(request.into_body(), limits.max_body_bytes);
+    let bytes = match tokio::time::timeout(limits.body_timeout, body.collect()).await {
+        Err(_) => {
+            return Err(ApiError::status(
+                408,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s",
+                    limits.body_timeout.as_secs()
+                ),
+            ));
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+        Ok(Err(e)) => {
+            return Err(ApiError::invalid(format!(
+                "could not read the request body: {e}"
+            )));
+        }
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid(
+            "the request body is empty; send a JSON object",
+        ));
+    }
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))?;
+    if value.is_object() {
+        Ok(value)
+    } else {
+        Err(ApiError::invalid("the request body must be a JSON object"))
+    }
+}
+
+/// A request turned into tokens, ready for the model.
+struct Prepared {
+    tokens: Vec<u32>,
+    eos: Vec<u32>,
+    params: SamplingParams,
+}
+
+/// Renders the template and tokenizes (no model needed).
 fn prepare(
-    m: &LoadedModel,
+    p: &Prompter,
     prompt: &Prompt,
-    params: &mut SamplingParams,
-) -> Result<(Vec<u32>, Vec<u32>), ApiError> {
+    mut params: SamplingParams,
+) -> Result<Prepared, ApiError> {
     let (tokens, extra_eos) = match prompt {
         Prompt::Text(text) => {
             if text.is_empty() {
@@ -775,15 +1298,22 @@ fn prepare(
                     &studio_inference::Error::EmptyPrompt,
                 ));
             }
-            let tokens = m
+            let tokens = p
                 .tokenizer
                 .encode(text)
                 .map_err(|e| ApiError::from_inference(&e))?;
             (tokens, Vec::new())
         }
         Prompt::Chat { system, messages } => {
-            let built = build_chat_prompt(m, system, messages, params.max_new_tokens)
-                .map_err(|e| ApiError::from_inference(&e))?;
+            let built = build_chat_prompt_with(
+                &p.tokenizer,
+                &p.chat,
+                p.context,
+                system,
+                messages,
+                params.max_new_tokens,
+            )
+            .map_err(|e| ApiError::from_inference(&e))?;
             if let Some(notice) = &built.notice {
                 log::warn!("serve: {notice}");
             }
@@ -797,36 +1327,56 @@ fn prepare(
             (built.fitted.tokens, built.end_of_turn)
         }
     };
-    let context = m.model.context_length();
-    if tokens.len() >= context {
+    if tokens.len() >= p.context {
         return Err(ApiError::from_inference(
             &studio_inference::Error::PromptTooLong {
                 tokens: tokens.len(),
-                context,
+                context: p.context,
             },
         ));
     }
-    Ok((tokens, extra_eos))
+    let eos = p.eos.iter().chain(&extra_eos).copied().collect();
+    Ok(Prepared {
+        tokens,
+        eos,
+        params,
+    })
+}
+
+/// Sets its flag when dropped: the handler's future is dropped when its client disconnects.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Runs one generation request to its end, streaming or not.
-fn run(shared: &Shared, request: Request, endpoint: Endpoint, job: Job) {
+async fn generate_reply(
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    job: Job,
+) -> Result<Response<Body>, ApiError> {
     let Job {
         prompt,
-        mut params,
+        params,
         stream,
         include_usage,
     } = job;
-    // One generation at a time; a panic in an earlier one left nothing half-updated that
-    // `generate` does not reset (it clears the KV cache first).
-    let mut guard = shared.model.lock().unwrap_or_else(PoisonError::into_inner);
-    let m = &mut *guard;
-    let (tokens, extra_eos) = match prepare(m, &prompt, &mut params) {
-        Ok(p) => p,
-        Err(e) => {
-            respond_error(request, &e);
-            return;
-        }
+    // The client going away from here on cancels (the future is dropped).
+    let gone = Arc::new(AtomicBool::new(false));
+    let cancel_on_drop = CancelOnDrop(gone.clone());
+    let prepared = {
+        let _permit = shared
+            .preparing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the server is stopping"))?;
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || prepare(&shared.model.prompter, &prompt, params))
+            .await
+            .map_err(|e| ApiError::server(format!("preparing the prompt failed: {e}")))??
     };
     let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let created = unix_time();
@@ -837,70 +1387,107 @@ fn run(shared: &Shared, request: Request, endpoint: Endpoint, job: Job) {
             Endpoint::Completions => format!("cmpl-{created:x}{n:04x}"),
         },
         created,
-        model: shared.id.clone(),
+        model: shared.model.id.clone(),
     };
-    let eos: Vec<u32> = m.eos_token_ids.iter().chain(&extra_eos).copied().collect();
-    let stop = &shared.stop;
     if stream {
-        let mut out = match EventStream::open(request) {
-            Ok(out) => out,
-            Err(e) => {
-                log::info!("serve: the client left: {e}");
-                return;
-            }
-        };
-        let mut gone = endpoint == Endpoint::Chat && out.event(&shape.chunk(None, None)).is_err();
-        let result = run_generate(m, &eos, &tokens, &params, &mut |text| {
-            gone = gone || out.event(&shape.chunk(Some(text), None)).is_err();
-            !gone && !stop.load(Ordering::Relaxed)
-        });
-        if gone {
-            shared.disconnects.fetch_add(1, Ordering::Relaxed);
-            log::info!("serve: the client disconnected; generation stopped");
-            return;
-        }
-        let ended = match result {
-            Ok(stats) => out
-                .event(&shape.chunk(None, Some(finish_reason(stats.finish))))
-                .and_then(|()| {
-                    if include_usage {
-                        out.event(&shape.usage_chunk(&stats))
-                    } else {
-                        Ok(())
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let events = tx.clone();
+        let task_shared = shared.clone();
+        tokio::spawn(async move {
+            let ran = task_shared
+                .on_model({
+                    let shared = task_shared.clone();
+                    move |m, cancelled| {
+                        stream_events(&shared, m, cancelled, &prepared, &shape, include_usage, &tx);
                     }
-                }),
-            Err(e) => out.event(&e.body()),
-        };
-        if let Err(e) = ended.and_then(|()| out.done()) {
-            log::info!("serve: the client left at the end: {e}");
+                })
+                .await;
+            if let Err(e) = ran {
+                let _ = events
+                    .send(Bytes::from(format!("data: {}\n\n", e.body())))
+                    .await;
+                let _ = events.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            }
+        });
+        drop(cancel_on_drop);
+        let mut response = Response::new(Body::Events(rx));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(response);
+    }
+    let stop = shared.clone();
+    let (text, stats) = shared
+        .on_model(move |m, cancelled| {
+            let mut text = String::new();
+            let result = run_generate(m, &prepared, &mut |t| {
+                text.push_str(t);
+                !gone.load(Ordering::Relaxed) && !stop.stop.load(Ordering::Relaxed) && !cancelled()
+            });
+            if gone.load(Ordering::Relaxed) {
+                stop.disconnects.fetch_add(1, Ordering::Relaxed);
+                log::info!("serve: the client disconnected; generation stopped");
+            }
+            result.map(|stats| (text, stats))
+        })
+        .await??;
+    drop(cancel_on_drop);
+    Ok(json_response(200, &shape.answer(&text, &stats)))
+}
+
+/// A streaming generation on the model: events into `tx` until the end, or until the client
+/// is gone (the body, and with it the receiver, is dropped).
+fn stream_events(
+    shared: &Shared,
+    m: &mut LoadedModel,
+    cancelled: &dyn Fn() -> bool,
+    prepared: &Prepared,
+    shape: &Shape,
+    include_usage: bool,
+    tx: &mpsc::Sender<Bytes>,
+) {
+    let send = |event: &Value| {
+        tx.blocking_send(Bytes::from(format!("data: {event}\n\n")))
+            .is_ok()
+    };
+    let mut gone = shape.endpoint == Endpoint::Chat && !send(&shape.chunk(None, None));
+    let result = run_generate(m, prepared, &mut |text| {
+        gone = gone || !send(&shape.chunk(Some(text), None));
+        !gone && !shared.stop.load(Ordering::Relaxed) && !cancelled()
+    });
+    if gone {
+        shared.disconnects.fetch_add(1, Ordering::Relaxed);
+        log::info!("serve: the client disconnected; generation stopped");
+        return;
+    }
+    match result {
+        Ok(stats) => {
+            let _ = send(&shape.chunk(None, Some(finish_reason(stats.finish))))
+                && (!include_usage || send(&shape.usage_chunk(&stats)));
         }
-    } else {
-        let mut text = String::new();
-        match run_generate(m, &eos, &tokens, &params, &mut |t| {
-            text.push_str(t);
-            !stop.load(Ordering::Relaxed)
-        }) {
-            Ok(stats) => respond_json(request, 200, &shape.answer(&text, &stats)),
-            Err(e) => respond_error(request, &e),
+        Err(e) => {
+            send(&e.body());
         }
     }
+    let _ = tx.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
 }
 
 /// The shared token loop, with panics caught; `on_text` returns false to stop.
 fn run_generate(
     m: &mut LoadedModel,
-    eos: &[u32],
-    tokens: &[u32],
-    params: &SamplingParams,
+    prepared: &Prepared,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationStats, ApiError> {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         generate(
             &mut *m.model,
             &m.tokenizer,
-            eos,
-            tokens,
-            params,
+            &prepared.eos,
+            &prepared.tokens,
+            &prepared.params,
             &mut |step: Step<'_>| {
                 if step.text.is_empty() || on_text(step.text) {
                     ControlFlow::Continue(())
@@ -925,6 +1512,46 @@ fn run_generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_handler_answers_500() {
+        let panicking = CatchPanic(Box::pin(async {
+            assert!(unix_time() == 0, "a bug in a handler");
+            json_response(200, &json!({}))
+        }));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let response = runtime.block_on(panicking).expect("infallible");
+        assert_eq!(response.status(), 500);
+        let Body::Full(Some(body)) = response.into_body() else {
+            panic!("a JSON body");
+        };
+        let body: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(body["error"]["type"], "server_error");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("panicked"))
+        );
+    }
+
+    #[test]
+    fn host_names_are_read_without_port_brackets_or_trailing_dot() {
+        for (host, name) in [
+            ("localhost:8080", "localhost"),
+            ("localhost", "localhost"),
+            ("localhost.:80", "localhost"),
+            ("[::1]:8080", "::1"),
+            ("[::1]", "::1"),
+            ("127.0.0.1:1", "127.0.0.1"),
+            ("evil.example:x", "evil.example:x"),
+        ] {
+            assert_eq!(host_name(host), name, "{host}");
+        }
+        assert!(same_secret(b"key", b"key"));
+        assert!(!same_secret(b"key", b"kez") && !same_secret(b"key", b"keys"));
+    }
 
     #[test]
     fn requests_are_validated_with_clear_messages() {

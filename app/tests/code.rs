@@ -440,16 +440,33 @@ fn without_fim_tokens_ghost_text_is_disabled_and_says_why() {
 /// An OpenAI-compatible server that answers every chat with `reply` (non-streaming JSON, which
 /// the client accepts), on loopback.
 fn canned_server(reply: &'static str) -> (String, std::thread::JoinHandle<()>) {
-    let server = tiny_http::Server::http("127.0.0.1:0").expect("server");
-    let port = server.server_addr().to_ip().expect("ip").port();
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("server");
+    let port = listener.local_addr().expect("addr").port();
     let handle = std::thread::spawn(move || {
         for _ in 0..2 {
-            let Ok(mut request) = server.recv() else {
+            let Ok((stream, _)) = listener.accept() else {
                 return;
             };
-            let mut body = String::new();
-            let _ = request.as_reader().read_to_string(&mut body);
-            let json = if request.url().ends_with("/models") {
+            let mut reader = BufReader::new(stream);
+            let mut request_line = String::new();
+            let _ = reader.read_line(&mut request_line);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let path = request_line.split_whitespace().nth(1).unwrap_or("");
+            let json = if path.ends_with("/models") {
                 serde_json::json!({"object": "list", "data": [{"id": "canned", "max_model_len": 8192}]})
             } else {
                 serde_json::json!({
@@ -457,11 +474,14 @@ fn canned_server(reply: &'static str) -> (String, std::thread::JoinHandle<()>) {
                                  "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}
                 })
-            };
-            let header =
-                tiny_http::Header::from_bytes("Content-Type", "application/json").expect("header");
-            let _ = request
-                .respond(tiny_http::Response::from_string(json.to_string()).with_header(header));
+            }
+            .to_string();
+            let _ = write!(
+                reader.get_mut(),
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{json}",
+                json.len()
+            );
         }
     });
     (format!("http://127.0.0.1:{port}/v1"), handle)

@@ -1132,7 +1132,14 @@ fn a_remote_openai_server_set_up_in_settings_answers_in_the_chat() {
         &mut |_, _| {},
     )
     .expect("load");
-    let server = studio_app::serve::Server::start(loaded, "127.0.0.1", 0).expect("serve");
+    let server = studio_app::serve::Server::start(
+        studio_app::serve::ServedModel::owned(loaded),
+        &studio_app::serve::ServeOptions {
+            port: 0,
+            ..Default::default()
+        },
+    )
+    .expect("serve");
     let mut h = harness(&home);
     h.step();
     go_to(&mut h, Panel::Settings);

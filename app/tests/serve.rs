@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use studio_tests::worker_events::{until_streaming, until_terminal as until_terminal_within};
 
 use serde_json::{Value, json};
-use studio_app::serve::Server;
+use studio_app::serve::{Limits, ServeOptions, ServedModel, Server};
 use studio_inference::candle_core::Device;
 use studio_inference::chat::ChatMessage;
 use studio_inference::device::DevicePreference;
@@ -73,9 +73,16 @@ fn model_dir() -> tempfile::TempDir {
     tmp
 }
 
+fn loopback() -> ServeOptions {
+    ServeOptions {
+        port: 0,
+        ..ServeOptions::default()
+    }
+}
+
 fn start(dir: &Path) -> Server {
     let model = loader::load(dir, &Device::Cpu, &mut |_, _| {}).expect("load");
-    Server::start(model, "127.0.0.1", 0).expect("serve on loopback")
+    Server::start(ServedModel::owned(model), &loopback()).expect("serve on loopback")
 }
 
 /// A raw HTTP/1.1 exchange (`Connection: close`), chunked bodies decoded.
@@ -621,4 +628,510 @@ fn the_studio_binary_serves_a_streaming_chat_on_a_free_port() {
             .as_u64()
             .is_some_and(|n| (1..=12).contains(&n))
     );
+}
+
+// ---- hostile clients ----------------------------------------------------------------------------
+
+fn start_with(dir: &Path, options: &ServeOptions) -> Server {
+    let model = loader::load(dir, &Device::Cpu, &mut |_, _| {}).expect("load");
+    Server::start(ServedModel::owned(model), options).expect("serve on loopback")
+}
+
+/// Sends raw bytes and reads the reply's status line (0 when the server closed without one).
+fn raw_status(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let _ = s.write_all(request);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// `GET /v1/models` answers, and quickly.
+fn assert_models_answer(addr: SocketAddr, within: Duration) {
+    let asked = Instant::now();
+    let reply = http(addr, "GET", "/v1/models", None);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        asked.elapsed() < within,
+        "/v1/models took {:?}",
+        asked.elapsed()
+    );
+}
+
+#[test]
+fn absurd_sizes_get_4xx_without_allocating_and_the_server_goes_on() {
+    let dir = model_dir();
+    let server = start(dir.path());
+    let addr = server.addr();
+    for length in [
+        "1000000000000000",
+        "18446744073709551615",
+        "99999999999999999999999",
+    ] {
+        for _ in 0..4 {
+            let (status, text) = raw_status(
+                addr,
+                format!(
+                    "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {length}\r\n\r\n{{"
+                )
+                .as_bytes(),
+            );
+            // 413 from Studio, or 400/431 from hyper's parser for lengths it can't represent.
+            assert!(
+                matches!(status, 400 | 413 | 431),
+                "Content-Length {length}: {text}"
+            );
+        }
+    }
+    // A chunked body over the limit is refused while it is read.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .expect("head");
+    let chunk = vec![b' '; 1 << 20];
+    let mut sent = 0;
+    for _ in 0..20 {
+        if write!(s, "{:x}\r\n", chunk.len()).is_err()
+            || s.write_all(&chunk).is_err()
+            || s.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 413"), "after {sent} MiB: {text}");
+    // A 1 MiB header line gets 431.
+    let (status, text) = raw_status(
+        addr,
+        format!(
+            "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(1 << 20)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 431, "{text}");
+    assert_models_answer(addr, Duration::from_secs(5));
+}
+
+#[test]
+fn slow_and_stalled_clients_time_out_and_never_hold_up_the_model_list() {
+    let dir = model_dir();
+    let server = start_with(
+        dir.path(),
+        &ServeOptions {
+            limits: Limits {
+                header_timeout: Duration::from_secs(1),
+                body_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            },
+            ..loopback()
+        },
+    );
+    let addr = server.addr();
+    // Four POSTs that stop partway through the body, and four heads that never end.
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        if i % 2 == 0 {
+            write!(
+                s,
+                "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n{{\"prompt\""
+            )
+            .expect("send");
+        } else {
+            write!(s, "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ").expect("send");
+        }
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        stalled.push((i, s));
+    }
+    assert_models_answer(addr, Duration::from_millis(500));
+    for (i, mut s) in stalled {
+        let mut raw = Vec::new();
+        let read = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw);
+        if i % 2 == 0 {
+            assert!(
+                text.starts_with("HTTP/1.1 408"),
+                "stalled body: {text} {read:?}"
+            );
+            assert!(text.contains("did not arrive"), "{text}");
+        } else {
+            // hyper closes a head that times out (with 408 or without an answer).
+            assert!(
+                read.is_ok() && (raw.is_empty() || text.starts_with("HTTP/1.1 408")),
+                "stalled head: {text:?} {read:?}"
+            );
+        }
+    }
+    assert_models_answer(addr, Duration::from_secs(5));
+}
+
+#[test]
+fn connections_over_the_cap_get_503_and_are_served_again_once_others_close() {
+    let dir = model_dir();
+    let server = start_with(
+        dir.path(),
+        &ServeOptions {
+            limits: Limits {
+                max_connections: 3,
+                ..Limits::default()
+            },
+            ..loopback()
+        },
+    );
+    let addr = server.addr();
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let busy = http(addr, "GET", "/v1/models", None);
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(busy.body.contains("connections open"), "{}", busy.body);
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = http(addr, "GET", "/v1/models", None);
+        if reply.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {}", reply.body);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_client_that_leaves_a_non_streaming_request_cancels_its_generation() {
+    let dir = model_dir();
+    let server = start(dir.path());
+    let addr = server.addr();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": CONTEXT - 64}).to_string();
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.disconnects() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the generation went on after its client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The model is free again.
+    let started = Instant::now();
+    let reply = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 4}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A raw request with extra header lines.
+fn request_with(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> Reply {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_mins(1)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\n{headers}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("end of head");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    Reply {
+        status,
+        headers: lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+        body: body.to_owned(),
+    }
+}
+
+#[test]
+fn api_key_host_and_origin_are_checked() {
+    let dir = model_dir();
+    let server = start_with(
+        dir.path(),
+        &ServeOptions {
+            api_key: Some("s3cret".into()),
+            allow_hosts: vec!["studio.lan".into()],
+            cors_origin: Some("https://app.example".into()),
+            ..loopback()
+        },
+    );
+    let addr = server.addr();
+    let port = addr.port();
+    let key = "Authorization: Bearer s3cret\r\n";
+    let host = format!("Host: {addr}\r\n");
+    let get = |headers: &str| request_with(addr, "GET", "/v1/models", headers, "");
+    // The key.
+    let reply = get(&host);
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+    assert!(
+        reply.body.contains("Authorization: Bearer"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(reply.json()["error"]["code"], "invalid_api_key");
+    let reply = get(&format!("{host}Authorization: Bearer wrong\r\n"));
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    assert_eq!(get(&format!("{host}{key}")).status, 200);
+    assert_eq!(
+        request_with(addr, "GET", "/health", &host, "").status,
+        200,
+        "health needs no key"
+    );
+    let chat =
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).to_string();
+    assert_eq!(
+        request_with(addr, "POST", "/v1/chat/completions", &host, &chat).status,
+        401
+    );
+    assert_eq!(
+        request_with(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &format!("{host}{key}"),
+            &chat
+        )
+        .status,
+        200
+    );
+    // The Host.
+    for (name, status) in [
+        (format!("localhost:{port}"), 200),
+        (format!("LOCALHOST:{port}"), 200),
+        (format!("studio.lan:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("evil.example:{port}"), 403),
+        ("evil.example".to_owned(), 403),
+        (format!("localhost.evil.example:{port}"), 403),
+    ] {
+        let reply = get(&format!("Host: {name}\r\n{key}"));
+        assert_eq!(reply.status, status, "Host: {name}: {}", reply.body);
+        if status == 403 {
+            assert!(reply.body.contains("--allow-host"), "{}", reply.body);
+        }
+    }
+    let (status, text) = raw_status(addr, b"GET /v1/models HTTP/1.0\r\n\r\n");
+    assert_eq!(status, 400, "no Host: {text}");
+    // The Origin.
+    let reply = get(&format!("{host}{key}Origin: https://evil.example\r\n"));
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert!(reply.header("access-control-allow-origin").is_none());
+    let reply = request_with(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &format!("{host}Origin: https://evil.example\r\n"),
+        &chat,
+    );
+    assert_eq!(reply.status, 403, "a page can't make the model generate");
+    let reply = get(&format!("{host}{key}Origin: https://app.example\r\n"));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let preflight = request_with(
+        addr,
+        "OPTIONS",
+        "/v1/chat/completions",
+        &format!(
+            "{host}Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\n\
+             Access-Control-Request-Headers: authorization, content-type\r\n"
+        ),
+        "",
+    );
+    assert_eq!(preflight.status, 204);
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert!(
+        preflight
+            .header("access-control-allow-headers")
+            .is_some_and(|h| h.contains("Authorization"))
+    );
+    // Without --cors-origin no CORS header is ever sent.
+    drop(server);
+    let server = start(dir.path());
+    let addr = server.addr();
+    let reply = request_with(
+        addr,
+        "GET",
+        "/v1/models",
+        &format!("Host: {addr}\r\nOrigin: http://localhost:3000\r\n"),
+        "",
+    );
+    assert_eq!(reply.status, 403);
+    assert!(
+        reply
+            .headers
+            .iter()
+            .all(|(k, _)| !k.to_ascii_lowercase().starts_with("access-control"))
+    );
+}
+
+/// Concurrent streams, slow clients and clients that leave, while `/v1/models` is polled
+/// throughout: every poll answers 200 within a second, every stream that stays ends with
+/// `[DONE]`, and every one that leaves is counted as a disconnect.
+#[test]
+fn under_load_the_model_list_keeps_answering() {
+    let dir = model_dir();
+    let server = start_with(
+        dir.path(),
+        &ServeOptions {
+            limits: Limits {
+                header_timeout: Duration::from_secs(2),
+                body_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            },
+            ..loopback()
+        },
+    );
+    let addr = server.addr();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut polls = 0;
+            let mut slowest = Duration::ZERO;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = Instant::now();
+                let reply = http(addr, "GET", "/v1/models", None);
+                assert_eq!(reply.status, 200, "{}", reply.body);
+                slowest = slowest.max(asked.elapsed());
+                polls += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (polls, slowest)
+        })
+    };
+    let stream_body = |tokens: usize| {
+        json!({"messages": [{"role": "user", "content": "Tell me a story"}],
+               "max_tokens": tokens, "stream": true})
+        .to_string()
+    };
+    let mut clients = Vec::new();
+    for i in 0..9 {
+        let body = stream_body(if i % 3 == 2 { 2000 } else { 48 });
+        clients.push(std::thread::spawn(move || -> &'static str {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_mins(2)))
+                .expect("timeout");
+            let head = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            if i % 3 == 1 {
+                // A slow client: the request trickles in.
+                for piece in head.as_bytes().chunks(16).chain(body.as_bytes().chunks(16)) {
+                    s.write_all(piece).expect("send");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            } else {
+                s.write_all(head.as_bytes()).expect("send");
+                s.write_all(body.as_bytes()).expect("send");
+            }
+            let mut reader = BufReader::new(s);
+            if i % 3 == 2 {
+                // Leaves after the first event.
+                let mut line = String::new();
+                while reader.read_line(&mut line).expect("read") > 0 && !line.contains("data:") {
+                    line.clear();
+                }
+                return "left";
+            }
+            let mut all = String::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                all.push_str(&line);
+                if line.contains("[DONE]") {
+                    return "done";
+                }
+                line.clear();
+            }
+            panic!("stream {i} ended without [DONE]: {all}");
+        }));
+    }
+    let outcomes: Vec<&str> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    // The generations of the clients that left stop at their next token.
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while server.disconnects() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} disconnects",
+            server.disconnects()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (polls, slowest) = poller.join().expect("poller");
+    assert_eq!(outcomes.iter().filter(|o| **o == "done").count(), 6);
+    assert!(polls > 5, "{polls} polls");
+    assert!(slowest < Duration::from_secs(1), "slowest poll {slowest:?}");
+}
+
+#[test]
+fn a_4001_message_chat_is_fitted_to_the_context() {
+    let dir = model_dir();
+    let server = start(dir.path());
+    let messages: Vec<Value> = (0..4001)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            json!({"role": role, "content": format!("message number {i}")})
+        })
+        .collect();
+    let reply = post(
+        server.addr(),
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 2}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let prompt_tokens = reply.json()["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("usage");
+    assert!(prompt_tokens as usize <= CONTEXT, "{prompt_tokens}");
 }

@@ -174,7 +174,12 @@ pub struct FittedPrompt {
 
 /// Tokenizes the conversation in `format`, dropping the oldest messages (never the system
 /// prompt, never the last message) until the prompt plus `reserve` tokens for the reply fit in
-/// `context`.
+/// `context`. Whole turns are dropped: the kept part never starts with an assistant reply.
+///
+/// The cost is linear in the conversation: one rendering of all of it, then renderings of
+/// newest suffixes growing 1, 2, 4, … turns until one does not fit, then a bisection between
+/// the last two, so a long history costs a few renderings of about what is kept, not one per
+/// dropped message.
 pub fn fit_to_context(
     tokenizer: &Tokenizer,
     format: &ChatFormat,
@@ -188,28 +193,54 @@ pub fn fit_to_context(
     }
     let reserve = reserve.min(context / 2);
     let budget = context.saturating_sub(reserve);
-    let mut dropped = 0;
-    loop {
-        let kept = &messages[dropped..];
-        let tokens = tokenizer.encode(&format.render(system, kept)?)?;
-        if tokens.len() <= budget {
-            return Ok(FittedPrompt {
-                tokens,
-                dropped_messages: dropped,
-            });
+    // Where the kept part may start.
+    let last_message = messages.len() - 1;
+    let starts: Vec<usize> = (0..messages.len())
+        .filter(|&i| i == 0 || i == last_message || messages[i].role != Role::Assistant)
+        .collect();
+    let tokens_from = |i: usize| -> Result<Vec<u32>> {
+        tokenizer.encode(&format.render(system, &messages[starts[i]..])?)
+    };
+    let fitted = |i: usize, tokens: Vec<u32>| FittedPrompt {
+        tokens,
+        dropped_messages: starts[i],
+    };
+    let all = tokens_from(0)?;
+    if all.len() <= budget {
+        return Ok(fitted(0, all));
+    }
+    // `long` is known not to fit, `fits` (when found) does.
+    let last = starts.len() - 1;
+    let mut long = (0, all.len());
+    let mut fits = None;
+    let mut kept = 1;
+    while kept <= last {
+        let i = last + 1 - kept;
+        let tokens = tokens_from(i)?;
+        if tokens.len() > budget {
+            long = (i, tokens.len());
+            break;
         }
-        if kept.len() <= 1 {
-            return Err(Error::PromptTooLong {
-                tokens: tokens.len() + reserve,
-                context,
-            });
-        }
-        dropped += 1;
-        // Drop whole turns: never start the kept part with an assistant reply.
-        while dropped < messages.len() - 1 && messages[dropped].role == Role::Assistant {
-            dropped += 1;
+        fits = Some((i, tokens));
+        kept *= 2;
+    }
+    let Some((mut good, mut tokens)) = fits else {
+        return Err(Error::PromptTooLong {
+            tokens: long.1 + reserve,
+            context,
+        });
+    };
+    let mut bad = long.0;
+    while good - bad > 1 {
+        let mid = bad + (good - bad) / 2;
+        let t = tokens_from(mid)?;
+        if t.len() <= budget {
+            (good, tokens) = (mid, t);
+        } else {
+            bad = mid;
         }
     }
+    Ok(fitted(good, tokens))
 }
 
 /// A chat prompt ready to generate from.
@@ -237,16 +268,34 @@ pub fn build_chat_prompt(
     messages: &[ChatMessage],
     reserve: usize,
 ) -> Result<ChatPrompt> {
-    let context = model.model.context_length();
-    let tok = &model.tokenizer;
+    build_chat_prompt_with(
+        &model.tokenizer,
+        &model.chat,
+        model.model.context_length(),
+        system,
+        messages,
+        reserve,
+    )
+}
+
+/// [`build_chat_prompt`] from the parts of a model it reads, so that a prompt can be built
+/// without holding the model (the server renders and tokenizes outside its model lock).
+pub fn build_chat_prompt_with(
+    tok: &Tokenizer,
+    format: &ChatFormat,
+    context: usize,
+    system: &str,
+    messages: &[ChatMessage],
+    reserve: usize,
+) -> Result<ChatPrompt> {
     let prompt = |format: &ChatFormat, fitted: FittedPrompt, notice: Option<String>| ChatPrompt {
         fitted,
         stop: format.stop_strings(),
         end_of_turn: format.end_of_turn_ids(tok),
         notice,
     };
-    let error = match fit_to_context(tok, &model.chat, system, messages, context, reserve) {
-        Ok(fitted) => return Ok(prompt(&model.chat, fitted, None)),
+    let error = match fit_to_context(tok, format, system, messages, context, reserve) {
+        Ok(fitted) => return Ok(prompt(format, fitted, None)),
         Err(Error::ChatTemplate(e)) => e,
         Err(e) => return Err(e),
     };
@@ -254,19 +303,13 @@ pub fn build_chat_prompt(
         && let Some(first) = messages.iter().position(|m| m.role == Role::User)
     {
         let mut merged = messages.to_vec();
-        merged[first].content = format!(
-            "{}
-
-{}",
-            system.trim(),
-            merged[first].content
-        );
-        if let Ok(fitted) = fit_to_context(tok, &model.chat, "", &merged, context, reserve) {
+        merged[first].content = format!("{}\n\n{}", system.trim(), merged[first].content);
+        if let Ok(fitted) = fit_to_context(tok, format, "", &merged, context, reserve) {
             let notice = format!(
                 "This model's chat template does not take a system prompt ({error}); \
                  it was put at the start of the first message."
             );
-            return Ok(prompt(&model.chat, fitted, Some(notice)));
+            return Ok(prompt(format, fitted, Some(notice)));
         }
     }
     let plain = ChatFormat::Plain { reason: None };

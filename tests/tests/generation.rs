@@ -190,3 +190,80 @@ fn chat_context_drops_oldest_turns_but_keeps_the_last_message() {
     let huge = vec![ChatMessage::user(long.repeat(10))];
     assert!(fit_to_context(&tok, &plain, "", &huge, 128, 32).is_err());
 }
+
+/// The fitting keeps exactly what dropping one oldest turn at a time would keep (the rule it
+/// replaced, which rendered the conversation once per dropped message), for conversations of
+/// every length and turn pattern, and a 4,001-message chat fits with the newest turns that fit.
+#[test]
+fn chat_fitting_keeps_what_dropping_one_turn_at_a_time_keeps() {
+    use studio_inference::chat::{ChatFormat, ChatMessage, Role, fit_to_context};
+    let plain = ChatFormat::Plain { reason: None };
+    let tok = Tokenizer::from_inner(train_tokenizer(300));
+    let reference = |msgs: &[ChatMessage], context: usize| -> Option<usize> {
+        let mut dropped = 0;
+        loop {
+            let text = plain.render("Sys.", &msgs[dropped..]).expect("render");
+            if tok.encode(&text).expect("encode").len() <= context - 32 {
+                return Some(dropped);
+            }
+            if msgs.len() - dropped <= 1 {
+                return None;
+            }
+            dropped += 1;
+            while dropped < msgs.len() - 1 && msgs[dropped].role == Role::Assistant {
+                dropped += 1;
+            }
+        }
+    };
+    let words = [
+        "The quick brown fox. ",
+        "Hi. ",
+        "jumps over the lazy dog again and again. ",
+    ];
+    for n in 1..40 {
+        let msgs: Vec<ChatMessage> = (0..n)
+            .map(|i| {
+                let text = words[(i * 7 + n) % 3].repeat(1 + i % 4);
+                // Mostly alternating, with some runs of two user or two assistant messages.
+                if (i % 2 == 0) ^ (i % 5 == 4) {
+                    ChatMessage::user(text)
+                } else {
+                    ChatMessage::assistant(text)
+                }
+            })
+            .collect();
+        for context in [96, 160, 400] {
+            let got = fit_to_context(&tok, &plain, "Sys.", &msgs, context, 32);
+            match reference(&msgs, context) {
+                Some(dropped) => {
+                    let got = got.expect("fits");
+                    assert_eq!(
+                        got.dropped_messages, dropped,
+                        "{n} messages, context {context}"
+                    );
+                    let text = plain.render("Sys.", &msgs[dropped..]).expect("render");
+                    assert_eq!(got.tokens, tok.encode(&text).expect("encode"));
+                }
+                None => assert!(got.is_err(), "{n} messages, context {context}"),
+            }
+        }
+    }
+    let many: Vec<ChatMessage> = (0..4001)
+        .map(|i| {
+            if i % 2 == 0 {
+                ChatMessage::user(format!("question {i}"))
+            } else {
+                ChatMessage::assistant(format!("answer {i}"))
+            }
+        })
+        .collect();
+    let fitted = fit_to_context(&tok, &plain, "", &many, 256, 32).expect("fits");
+    assert_eq!(fitted.dropped_messages % 2, 0, "starts on a user message");
+    assert!(fitted.dropped_messages > 3900);
+    assert!(fitted.tokens.len() <= 256 - 32);
+    // One more turn would not fit.
+    let text = plain
+        .render("", &many[fitted.dropped_messages - 2..])
+        .expect("render");
+    assert!(tok.encode(&text).expect("encode").len() > 256 - 32);
+}
