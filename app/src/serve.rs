@@ -69,6 +69,7 @@ use studio_inference::generate::{FinishReason, GenerationStats, Step, generate};
 use studio_inference::loader::LoadedModel;
 use studio_inference::sampling::SamplingParams;
 use studio_inference::text::Tokenizer;
+use studio_inference::worker::{CustomJob, JobKind, JobSubmitter};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -142,7 +143,7 @@ impl Default for ServeOptions {
 pub type ModelJob = Box<dyn FnOnce(&mut LoadedModel, &dyn Fn() -> bool) + Send>;
 
 /// Queues a [`ModelJob`] where the model lives (the GUI's worker); an `Err` says why it can't.
-pub type SubmitJob = Box<dyn Fn(ModelJob) -> Result<(), String> + Send + Sync>;
+type SubmitJob = Box<dyn Fn(ModelJob) -> Result<(), String> + Send + Sync>;
 
 /// The model a server generates with.
 pub struct ServedModel {
@@ -176,9 +177,27 @@ impl ServedModel {
         }
     }
 
-    /// A model owned elsewhere: `model` gives the name, tokenizer and chat format (read now),
-    /// and each generation is handed to `submit`.
-    pub fn elsewhere(model: &LoadedModel, submit: SubmitJob) -> Self {
+    /// A model the GUI's worker owns: its name, tokenizer and chat format are read now from
+    /// `model`, and each generation runs as a job queued with `submitter` (it takes its turn
+    /// with the window's own jobs and shows in the status bar).
+    pub fn on_worker(model: &LoadedModel, submitter: JobSubmitter) -> Self {
+        let submit: SubmitJob = Box::new(move |job: ModelJob| {
+            let run: CustomJob = Box::new(move |ctx| {
+                let cancel = ctx.cancel_flag();
+                // No model (unloaded meanwhile): the job is dropped, and the client told so.
+                if let Some(m) = ctx.model() {
+                    job(m, &|| cancel.load(Ordering::Relaxed));
+                }
+                Ok(())
+            });
+            submitter
+                .submit(JobKind::Custom {
+                    label: "Answering an API request".into(),
+                    run,
+                })
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
         Self {
             id: model.info.name.clone(),
             prompter: Prompter::of(model),

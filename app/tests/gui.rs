@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use studio_app::gui::command::ExportFormat;
 use studio_app::gui::conversations::{Conversation, Message, ReplyState};
 use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
@@ -1286,4 +1286,149 @@ fn a_gguf_model_chats_in_the_window_with_its_own_template() {
         .expect("encode")
         .len();
     assert_eq!(prompt_tokens, templated);
+}
+
+/// One HTTP/1.1 exchange on loopback: (status, body), chunked bodies left as they are.
+fn http_exchange(url: &str, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let authority = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .expect("authority");
+    let mut s = std::net::TcpStream::connect(authority).expect("connect");
+    s.set_read_timeout(Some(Duration::from_mins(1)))
+        .expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{headers}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs `exchange` on another thread while the window keeps drawing (its worker's events must
+/// be drained for the server's jobs to finish).
+fn while_stepping<T: Send + 'static>(
+    h: &mut Harness<'_, StudioApp>,
+    exchange: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let client = std::thread::spawn(exchange);
+    step_until(h, "the HTTP exchange", |_| client.is_finished());
+    client.join().expect("client")
+}
+
+#[test]
+fn the_api_server_started_in_settings_serves_the_loaded_model_until_stopped() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tiny_model(tmp.path());
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to(&mut h, Panel::Settings);
+    assert!(
+        control(&h, "Start server").accesskit_node().is_disabled(),
+        "no model, no server"
+    );
+    load_through_models_panel(&mut h, &model);
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe");
+        probe.local_addr().expect("addr").port()
+    };
+    h.state_mut().settings_mut().server.port = port;
+    go_to(&mut h, Panel::Settings);
+    click(&mut h, "New key");
+    let key = h.state().settings().server.api_key.clone();
+    assert!(key.starts_with("sk-studio-") && key.len() > 40, "{key}");
+    click(&mut h, "Start server");
+    step_until(&mut h, "the server to start", |h| {
+        matches!(
+            h.state().api_server().status(),
+            studio_app::gui::api_server::ServerStatus::Running { .. }
+        )
+    });
+    h.step();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    assert!(shows_text(&h, &url), "the address is shown");
+    assert!(shows_text(&h, "Serving"));
+
+    let (status, _) = {
+        let url = url.clone();
+        while_stepping(&mut h, move || {
+            http_exchange(&url, "GET", "/v1/models", "", "")
+        })
+    };
+    assert_eq!(status, 401, "the key is required");
+    let auth = format!("Authorization: Bearer {key}\r\n");
+    let (status, body) = {
+        let (url, auth) = (url.clone(), auth.clone());
+        while_stepping(&mut h, move || {
+            http_exchange(&url, "GET", "/v1/models", &auth, "")
+        })
+    };
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("gpt2-tiny-readable"), "{body}");
+    let chat = serde_json::json!({
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 6, "temperature": 0
+    })
+    .to_string();
+    let (status, body) = {
+        let (url, auth, chat) = (url.clone(), auth.clone(), chat.clone());
+        while_stepping(&mut h, move || {
+            http_exchange(&url, "POST", "/v1/chat/completions", &auth, &chat)
+        })
+    };
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        answer["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| (1..=6).contains(&n)),
+        "{answer}"
+    );
+    // The same request streamed gives the same (greedy) text, generated on the worker.
+    let streamed = chat.replace("\"max_tokens\"", "\"stream\":true,\"max_tokens\"");
+    let (status, events) = {
+        let (url, auth) = (url.clone(), auth.clone());
+        while_stepping(&mut h, move || {
+            http_exchange(&url, "POST", "/v1/chat/completions", &auth, &streamed)
+        })
+    };
+    assert_eq!(status, 200);
+    assert!(events.contains("[DONE]"), "{events}");
+
+    click(&mut h, "Stop server");
+    assert!(shows_text(&h, "The API server stopped"));
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "nothing listens once stopped"
+    );
+    assert!(!control(&h, "Start server").accesskit_node().is_disabled());
+    // Started again, it stops with the model it serves.
+    click(&mut h, "Start server");
+    step_until(&mut h, "the server to start again", |h| {
+        matches!(
+            h.state().api_server().status(),
+            studio_app::gui::api_server::ServerStatus::Running { .. }
+        )
+    });
+    h.state_mut().push_command(Command::UnloadModel);
+    step_until(&mut h, "the server to stop with the model", |h| {
+        h.state().api_server().status() == studio_app::gui::api_server::ServerStatus::Stopped
+    });
+    h.step();
+    assert!(shows_text(&h, "stopped with the model"));
 }

@@ -573,9 +573,8 @@ struct QueuedJob {
 
 /// The UI's handle to the worker thread. Dropping it stops the worker after its current job.
 pub struct Worker {
-    jobs: Option<Sender<QueuedJob>>,
+    submitter: JobSubmitter,
     events: Receiver<Event>,
-    next_id: AtomicU64,
     cancels: CancelFlags,
     previews: PreviewSlot,
     gan_slots: Arc<GanSlots>,
@@ -584,6 +583,37 @@ pub struct Worker {
     device_label: String,
     device_warning: Option<String>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Queues jobs on a [`Worker`] from any thread ([`Worker::submitter`]).
+#[derive(Clone)]
+pub struct JobSubmitter {
+    /// `None` once the worker is dropped (so a submitter never keeps it alive).
+    jobs: Arc<Mutex<Option<Sender<QueuedJob>>>>,
+    next_id: Arc<AtomicU64>,
+    cancels: CancelFlags,
+}
+
+impl JobSubmitter {
+    /// Queues a job. Fails only when the queue is full or the worker is gone.
+    pub fn submit(&self, kind: JobKind) -> Result<JobId> {
+        let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let cancel = Arc::new(AtomicBool::new(false));
+        lock(&self.cancels).insert(id, cancel.clone());
+        let queued = QueuedJob { id, kind, cancel };
+        let sent = match &*lock(&self.jobs) {
+            Some(tx) => tx.try_send(queued).map_err(|e| match e {
+                TrySendError::Full(_) => "the job queue is full; wait for running jobs to finish",
+                TrySendError::Disconnected(_) => "the inference worker has stopped",
+            }),
+            None => Err("the inference worker has stopped"),
+        };
+        if let Err(why) = sent {
+            lock(&self.cancels).remove(&id);
+            return Err(Error::InvalidParameter(why.to_owned()));
+        }
+        Ok(id)
+    }
 }
 
 impl Worker {
@@ -614,9 +644,12 @@ impl Worker {
             .spawn(move || state.run(&job_rx, &wake_rx))
             .map_err(|e| Error::io("studio-inference thread", e))?;
         Ok(Self {
-            jobs: Some(job_tx),
+            submitter: JobSubmitter {
+                jobs: Arc::new(Mutex::new(Some(job_tx))),
+                next_id: Arc::new(AtomicU64::new(1)),
+                cancels: cancels.clone(),
+            },
             events: event_rx,
-            next_id: AtomicU64::new(1),
             cancels,
             previews,
             gan_slots,
@@ -647,22 +680,14 @@ impl Worker {
 
     /// Queues a job. Fails only when the queue is full or the worker is gone.
     pub fn submit(&self, kind: JobKind) -> Result<JobId> {
-        let id = JobId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let cancel = Arc::new(AtomicBool::new(false));
-        lock(&self.cancels).insert(id, cancel.clone());
-        let queued = QueuedJob { id, kind, cancel };
-        let sent = match &self.jobs {
-            Some(tx) => tx.try_send(queued).map_err(|e| match e {
-                TrySendError::Full(_) => "the job queue is full; wait for running jobs to finish",
-                TrySendError::Disconnected(_) => "the inference worker has stopped",
-            }),
-            None => Err("the inference worker has stopped"),
-        };
-        if let Err(why) = sent {
-            lock(&self.cancels).remove(&id);
-            return Err(Error::InvalidParameter(why.to_owned()));
-        }
-        Ok(id)
+        self.submitter.submit(kind)
+    }
+
+    /// A handle other threads can queue jobs with (the API server started from the GUI). Its
+    /// jobs' events come to this worker's receiver like any other's; once the worker is
+    /// dropped, it refuses jobs.
+    pub fn submitter(&self) -> JobSubmitter {
+        self.submitter.clone()
     }
 
     /// Asks a queued or running job to stop. Unknown or finished jobs are ignored.
@@ -727,7 +752,7 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.cancel_all();
-        self.jobs = None;
+        lock(&self.submitter.jobs).take();
         // Unblock a worker waiting to send into a full event channel.
         while self.events.try_recv().is_ok() {}
         if let Some(t) = self.thread.take() {
@@ -919,13 +944,18 @@ pub struct JobContext<'a> {
     pending_tokens: usize,
 }
 
-impl JobContext<'_> {
+impl<'a> JobContext<'a> {
     pub fn job(&self) -> JobId {
         self.job
     }
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// The job's cancel flag, to check while the model is borrowed ([`Self::model`]).
+    pub fn cancel_flag(&self) -> &'a AtomicBool {
+        self.cancel
     }
 
     fn previews_gan(&self) -> &GanSlots {

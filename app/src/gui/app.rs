@@ -11,6 +11,7 @@ use studio_inference::hf_cache;
 use studio_inference::loader::ModelInfo;
 use studio_inference::worker::{JobKind, LoadOptions, Worker, WorkerConfig};
 
+use super::api_server::ApiServer;
 use super::canvas::CanvasPanel;
 use super::chat::{ChatPanel, ChatUiContext};
 use super::code::CodePanel;
@@ -21,7 +22,7 @@ use super::jobs::{JobPurpose, Jobs};
 use super::models::ModelsPanel;
 use super::notices::Notices;
 use super::presets::{Presets, presets_dir};
-use super::settings::SettingsPanel;
+use super::settings::{SettingsContext, SettingsPanel};
 use super::settings_store::{Panel, Settings, SettingsSaver};
 use super::status_bar::{StatusBar, StatusInfo};
 use crate::files::FileWorker;
@@ -92,6 +93,8 @@ pub struct StudioApp {
     pub(super) code: CodePanel,
     pub(super) models: ModelsPanel,
     pub(super) settings_panel: SettingsPanel,
+    /// The OpenAI-compatible server started from Settings.
+    pub(super) api_server: ApiServer,
     pub(super) status_bar: StatusBar,
     pub(super) notices: Notices,
     pub(super) commands: Vec<Command>,
@@ -170,6 +173,7 @@ impl StudioApp {
             code,
             models,
             settings_panel,
+            api_server: ApiServer::default(),
             status_bar: StatusBar::default(),
             notices,
             commands: Vec::new(),
@@ -254,6 +258,10 @@ impl StudioApp {
         &self.jobs
     }
 
+    pub fn api_server(&self) -> &ApiServer {
+        &self.api_server
+    }
+
     /// Queues a command as if a widget had emitted it; it runs at the end of the next frame.
     pub fn push_command(&mut self, command: Command) {
         self.commands.push(command);
@@ -336,9 +344,13 @@ impl StudioApp {
             ),
             Panel::Settings => self.settings_panel.settings_ui(
                 ui,
-                &mut self.settings,
-                &self.device_label,
-                &self.home,
+                &mut SettingsContext {
+                    settings: &mut self.settings,
+                    device_label: &self.device_label,
+                    home: &self.home,
+                    server: self.api_server.status(),
+                    model_loaded: self.model.is_some(),
+                },
                 &mut commands,
             ),
             Panel::Canvas => {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use studio_inference::remote::RemoteConfig;
 use studio_inference::worker::{JobKind, LoadOptions};
 
+use super::api_server::ApiServer;
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
 use super::code::CodeCommand;
@@ -40,6 +41,9 @@ pub enum Command {
     UnloadModel,
     /// Chat through an OpenAI-compatible server (replaces the loaded model).
     ConnectRemote(RemoteConfig),
+    /// Start the OpenAI-compatible API server on the loaded model, as the settings say.
+    StartApiServer,
+    StopApiServer,
     /// Cancel whatever the worker is running now (status bar's Cancel, Esc).
     CancelRunningJob,
     /// Send the typed message and ask for a reply.
@@ -117,6 +121,18 @@ impl StudioApp {
                     JobKind::ConnectRemote { config },
                     JobPurpose::ConnectRemote(url),
                 );
+            }
+            Command::StartApiServer => {
+                if let Some(worker) = &self.worker {
+                    let options = ApiServer::options(&self.settings.server);
+                    let kind = self.api_server.start_job(worker.submitter(), options);
+                    self.submit(kind, JobPurpose::StartApiServer);
+                }
+            }
+            Command::StopApiServer => {
+                if self.api_server.stop() {
+                    self.notices.info("The API server stopped");
+                }
             }
             Command::CancelRunningJob => {
                 if let (Some(worker), Some(running)) = (&self.worker, self.jobs.running()) {

@@ -39,6 +39,8 @@ pub enum JobPurpose {
     CodeComplete,
     /// A code action (explain, fix, …) for the Code panel.
     CodeAction,
+    /// Starting the API server on the loaded model.
+    StartApiServer,
 }
 
 #[derive(Debug, Clone)]

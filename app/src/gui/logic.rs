@@ -12,6 +12,7 @@ use egui::{Key, KeyboardShortcut, Modifiers};
 use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::worker::Event;
 
+use super::api_server::ServerStatus;
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
 use super::canvas::actions::Outcome;
@@ -64,6 +65,14 @@ impl StudioApp {
         }
         for error in self.chat.store.purge_trash(self.undo_window + TRASH_GRACE) {
             self.notices.error(error);
+        }
+        match self.api_server.poll() {
+            Some(Ok(message)) => self.notices.info(message),
+            Some(Err(message)) => self.notices.error(message),
+            None => {}
+        }
+        if matches!(self.api_server.status(), ServerStatus::Starting) {
+            ctx.request_repaint_after(Duration::from_millis(100));
         }
         if self.canvas.is_generating() {
             // Previews arrive through a mailbox, not as events: look again soon.
@@ -131,6 +140,7 @@ impl StudioApp {
                 }
                 self.notices.info(format!("Loaded {}", info.name));
                 self.model = Some(info);
+                self.stop_api_server_for_model_change();
             }
             Event::ImageModelLoaded { info, .. } => self.image_model_loaded(job, info),
             Event::ImageModelUnloaded { .. } => self.image_model_unloaded(job),
@@ -149,6 +159,7 @@ impl StudioApp {
             Event::GanDirections { directions, .. } => self.gan_directions(directions),
             Event::GanProjected { w, noise, loss, .. } => self.gan_projected(w, noise, loss),
             Event::ModelUnloaded { .. } => {
+                self.stop_api_server_for_model_change();
                 self.model = None;
                 self.model_options = None;
                 self.settings.last_model = None;
@@ -214,6 +225,10 @@ impl StudioApp {
                         self.notices
                             .error(format!("Could not connect to {url}: {error}"));
                     }
+                    Some(JobPurpose::StartApiServer) => {
+                        self.notices
+                            .error(format!("Could not start the API server: {error}"));
+                    }
                     Some(
                         JobPurpose::UnloadModel
                         | JobPurpose::LoadImageModel(..)
@@ -229,6 +244,15 @@ impl StudioApp {
                     | None => self.notices.error(error),
                 }
             }
+        }
+    }
+
+    /// The server's tokenizer and template are the old model's: it stops with the model.
+    fn stop_api_server_for_model_change(&mut self) {
+        if self.api_server.stop() {
+            self.notices.warning(
+                "The API server stopped with the model it served; start it again in Settings",
+            );
         }
     }
 

@@ -12,6 +12,7 @@
 //!   [`code`] (Code Assist: editor, ghost text, actions with diffs), [`canvas`] (Stable Diffusion), [`explorer`] (StyleGAN2), [`models`], [`settings`], [`status_bar`], [`notices`]: what is drawn;
 //! - [`settings_store`], [`conversations`], [`presets`]: what is saved and read.
 
+pub mod api_server;
 pub mod app;
 pub mod canvas;
 pub mod chat;

@@ -9,9 +9,10 @@ use studio_inference::device::{DevicePreference, compiled_backends};
 
 use studio_inference::remote::RemoteConfig;
 
+use super::api_server::ServerStatus;
 use super::command::Command;
 use super::format;
-use super::settings_store::Settings;
+use super::settings_store::{ServerSettings, Settings};
 use super::style::{section_ui, weak};
 
 /// How often the file list of the data folder is read again while the panel is shown.
@@ -22,6 +23,15 @@ struct DataEntry {
     /// Bytes, or the number of entries for a folder.
     size: u64,
     is_dir: bool,
+}
+
+/// What the Settings panel shows and changes besides its own state.
+pub struct SettingsContext<'a> {
+    pub settings: &'a mut Settings,
+    pub device_label: &'a str,
+    pub home: &'a Path,
+    pub server: ServerStatus<'a>,
+    pub model_loaded: bool,
 }
 
 pub struct SettingsPanel {
@@ -45,11 +55,10 @@ impl SettingsPanel {
     pub fn settings_ui(
         &mut self,
         ui: &mut egui::Ui,
-        settings: &mut Settings,
-        device_label: &str,
-        home: &Path,
+        cx: &mut SettingsContext<'_>,
         commands: &mut Vec<Command>,
     ) {
+        let settings = &mut *cx.settings;
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
             .show(ui, |ui| {
@@ -57,12 +66,15 @@ impl SettingsPanel {
                 ui.heading("Settings");
                 ui.add_space(8.0);
                 section_ui(ui, "Compute", |ui| {
-                    self.compute_ui(ui, settings, device_label);
+                    self.compute_ui(ui, settings, cx.device_label);
                 });
                 section_ui(ui, "Remote server (OpenAI-compatible)", |ui| {
                     remote_ui(ui, settings, commands);
                 });
-                section_ui(ui, "Data folder", |ui| self.data_ui(ui, home));
+                section_ui(ui, "API server (OpenAI-compatible)", |ui| {
+                    server_ui(ui, settings, cx.server, cx.model_loaded, commands);
+                });
+                section_ui(ui, "Data folder", |ui| self.data_ui(ui, cx.home));
             });
     }
 
@@ -305,5 +317,113 @@ fn remote_ui(ui: &mut egui::Ui, settings: &mut Settings, commands: &mut Vec<Comm
         config.api_key = Some(r.api_key.trim().to_owned()).filter(|k| !k.is_empty());
         config.model = Some(r.model.trim().to_owned()).filter(|m| !m.is_empty());
         commands.push(Command::ConnectRemote(config));
+    }
+}
+
+/// Start and stop Studio's own OpenAI-compatible server on the loaded model, with its port,
+/// reach and key; while it runs, its address (and the key) to copy into other programs.
+fn server_ui(
+    ui: &mut egui::Ui,
+    settings: &mut Settings,
+    status: ServerStatus<'_>,
+    model_loaded: bool,
+    commands: &mut Vec<Command>,
+) {
+    ui.label(weak(
+        ui,
+        "Serve the loaded model to other programs (editor plug-ins, scripts, other chat apps) \
+         at an OpenAI-compatible address. Their requests take turns with this window's.",
+    ));
+    ui.add_space(4.0);
+    let stopped = status == ServerStatus::Stopped;
+    let s = &mut settings.server;
+    egui::Grid::new("server_grid")
+        .num_columns(2)
+        .spacing([12.0, 6.0])
+        .show(ui, |ui| {
+            let label = ui.label("Port");
+            ui.add_enabled(stopped, egui::DragValue::new(&mut s.port).range(1..=65535))
+                .labelled_by(label.id);
+            ui.end_row();
+            let label = ui.label("Reach");
+            let response = ui
+                .add_enabled(
+                    stopped,
+                    egui::Checkbox::new(&mut s.network, "Other devices on the network"),
+                )
+                .labelled_by(label.id)
+                .on_hover_text(
+                    "Listen on every interface; other devices use this machine's IP address. \
+                     An API key is required.",
+                );
+            if response.changed() && s.network && s.api_key.trim().is_empty() {
+                s.api_key = ServerSettings::new_key();
+            }
+            ui.end_row();
+            let label = ui.label("Server API key");
+            ui.horizontal(|ui| {
+                ui.add_enabled(
+                    stopped,
+                    egui::TextEdit::singleline(&mut s.api_key)
+                        .password(true)
+                        .hint_text("none: any local program may call it")
+                        .desired_width(300.0),
+                )
+                .labelled_by(label.id);
+                if ui
+                    .add_enabled(stopped, egui::Button::new("New key"))
+                    .clicked()
+                {
+                    s.api_key = ServerSettings::new_key();
+                }
+                if !s.api_key.trim().is_empty() && ui.button("Copy key").clicked() {
+                    ui.ctx().copy_text(s.api_key.trim().to_owned());
+                }
+            });
+            ui.end_row();
+        });
+    ui.add_space(4.0);
+    match status {
+        ServerStatus::Stopped => {
+            let why_not = if !model_loaded {
+                Some("Load a model first")
+            } else if s.network && s.api_key.trim().is_empty() {
+                Some("Set an API key to serve other devices (New key makes one)")
+            } else {
+                None
+            };
+            if ui
+                .add_enabled(why_not.is_none(), egui::Button::new("Start server"))
+                .on_disabled_hover_text(why_not.unwrap_or_default())
+                .clicked()
+            {
+                commands.push(Command::StartApiServer);
+            }
+        }
+        ServerStatus::Starting => {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("Starting…");
+            });
+        }
+        ServerStatus::Running { url, model } => {
+            ui.horizontal(|ui| {
+                ui.label(format!("Serving {model} at"));
+                ui.add(egui::Label::new(RichText::new(url).monospace()).selectable(true));
+                if ui.small_button("Copy address").clicked() {
+                    ui.ctx().copy_text(url.to_owned());
+                }
+            });
+            if !s.api_key.trim().is_empty() {
+                ui.label(weak(
+                    ui,
+                    "Clients send the key as `Authorization: Bearer KEY` (the API key field of \
+                     OpenAI clients).",
+                ));
+            }
+            if ui.button("Stop server").clicked() {
+                commands.push(Command::StopApiServer);
+            }
+        }
     }
 }

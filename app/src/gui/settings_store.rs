@@ -95,6 +95,44 @@ pub struct Settings {
     pub last_gan_model: Option<PathBuf>,
     /// The Code panel's options.
     pub code: CodeSettings,
+    /// The API server started from the Settings panel.
+    pub server: ServerSettings,
+}
+
+/// How the Settings panel's API server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerSettings {
+    pub port: u16,
+    /// Listen on every interface (other devices connect by this machine's IP address), not
+    /// only loopback; an API key is then required.
+    pub network: bool,
+    /// Required as `Authorization: Bearer KEY` when not empty.
+    pub api_key: String,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            port: 8080,
+            network: false,
+            api_key: String::new(),
+        }
+    }
+}
+
+impl ServerSettings {
+    /// A fresh random key (128 bits from the OS-seeded generator).
+    pub fn new_key() -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let bytes: [u8; 16] = rand::random();
+        let mut key = String::from("sk-studio-");
+        for b in bytes {
+            key.push(char::from(HEX[usize::from(b >> 4)]));
+            key.push(char::from(HEX[usize::from(b & 15)]));
+        }
+        key
+    }
 }
 
 /// The Code panel's options.
@@ -158,6 +196,7 @@ impl Default for Settings {
             image_model_options: ImageModelOptions::default(),
             last_gan_model: None,
             code: CodeSettings::default(),
+            server: ServerSettings::default(),
         }
     }
 }
