@@ -362,23 +362,33 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                CatchPanic(Box::pin(respond(shared.clone(), request)))
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .max_buf_size(limits.max_header_bytes)
-                .serve_connection(io, service);
-            if let Err(e) = connection.await {
-                log::debug!("serve: connection ended: {e}");
-            }
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(stream, shared.clone(), permit));
     }
+}
+
+/// Serves one connection's requests until it closes.
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static, P>(
+    stream: S,
+    shared: Arc<Shared>,
+    permit: P,
+) {
+    let limits = &shared.options.limits;
+    let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .serve_connection(
+            io,
+            hyper::service::service_fn({
+                let shared = shared.clone();
+                move |request| CatchPanic(Box::pin(respond(shared.clone(), request)))
+            }),
+        );
+    if let Err(e) = connection.await {
+        log::debug!("serve: connection ended: {e}");
+    }
+    drop(permit);
 }
 
 /// Answers a connection over the cap with 503 and closes it.
@@ -413,14 +423,14 @@ async fn refuse_busy(mut stream: TcpStream, cap: usize) {
 
 /// A socket whose writes fail once the peer has not read for `timeout` (a client that stops
 /// reading would otherwise hold its connection, and its generation, forever).
-struct WriteTimeout {
-    stream: TcpStream,
+struct WriteTimeout<S> {
+    stream: S,
     timeout: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-impl WriteTimeout {
-    fn new(stream: TcpStream, timeout: Duration) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin> WriteTimeout<S> {
+    fn new(stream: S, timeout: Duration) -> Self {
         Self {
             stream,
             timeout,
@@ -458,7 +468,7 @@ impl WriteTimeout {
     }
 }
 
-impl AsyncRead for WriteTimeout {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WriteTimeout<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -468,7 +478,7 @@ impl AsyncRead for WriteTimeout {
     }
 }
 
-impl AsyncWrite for WriteTimeout {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
@@ -1524,6 +1534,79 @@ fn run_generate(
             Err(ApiError::server(
                 "the generation panicked; the server recovered (please report this)",
             ))
+        }
+    }
+}
+
+/// For the fuzz targets (`fuzz/`): raw bytes of one connection through the real HTTP stack,
+/// checks and handlers, without sockets, on a stand-in model that renders and tokenizes
+/// prompts but refuses to generate (503).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{
+        Arc, AtomicBool, AtomicU64, ModelAccess, Prompter, Semaphore, ServeOptions, ServedModel,
+        Shared, serve_connection,
+    };
+    use studio_inference::chat::ChatFormat;
+    use studio_inference::text::Tokenizer;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    pub struct Harness {
+        runtime: tokio::runtime::Runtime,
+        shared: Arc<Shared>,
+    }
+
+    impl Harness {
+        pub fn new(
+            tokenizer: Tokenizer,
+            chat: ChatFormat,
+            context: usize,
+            options: ServeOptions,
+        ) -> std::io::Result<Self> {
+            let model = ServedModel {
+                id: "fuzz".into(),
+                prompter: Prompter {
+                    tokenizer,
+                    chat,
+                    context,
+                    eos: Vec::new(),
+                },
+                access: ModelAccess::Worker(Box::new(|_| Err("no model while fuzzing".into()))),
+            };
+            Ok(Self {
+                runtime: tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+                shared: Arc::new(Shared {
+                    preparing: Semaphore::new(options.limits.max_preparing.max(1)),
+                    model,
+                    options,
+                    addr: ([127, 0, 0, 1], 8080).into(),
+                    created: 0,
+                    next_id: AtomicU64::new(1),
+                    disconnects: AtomicU64::new(0),
+                    stop: AtomicBool::new(false),
+                }),
+            })
+        }
+
+        /// Sends `request` as a client that then closes its side, and returns what came back.
+        pub fn exchange(&self, request: &[u8]) -> Vec<u8> {
+            self.runtime.block_on(async {
+                let (client, server) = tokio::io::duplex(1 << 16);
+                let served = tokio::spawn(serve_connection(server, self.shared.clone(), ()));
+                let (mut rx, mut tx) = tokio::io::split(client);
+                let request = request.to_vec();
+                let sent = tokio::spawn(async move {
+                    let _ = tx.write_all(&request).await;
+                    let _ = tx.shutdown().await;
+                });
+                let mut out = Vec::new();
+                let _ = rx.read_to_end(&mut out).await;
+                let _ = sent.await;
+                let _ = served.await;
+                out
+            })
         }
     }
 }

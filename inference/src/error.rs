@@ -75,6 +75,20 @@ pub enum Error {
     #[error("no model is loaded: open one in the Models panel first")]
     NoModelLoaded,
 
+    #[error(
+        "{}: loading it needs about {:.1} GiB of memory ({what}) but this machine has {:.1} GiB; \
+         choose a smaller or more quantized model (such as a Q4_K_M GGUF)",
+        path.display(),
+        *needed as f64 / f64::from(1u32 << 30),
+        *total as f64 / f64::from(1u32 << 30)
+    )]
+    ModelTooLarge {
+        path: PathBuf,
+        what: String,
+        needed: u64,
+        total: u64,
+    },
+
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),
 

@@ -348,12 +348,59 @@ pub struct Checked(Prepared);
 
 /// Checks everything about the model at `path` that can be checked without reading its weights
 /// (a folder's config, tokenizer and weight headers; a GGUF file's header and metadata).
+///
+/// On the CPU, a model whose weights would not fit in the machine's memory is refused with the
+/// estimate ([`Error::ModelTooLarge`]) before anything is read.
 pub fn prepare(path: &Path, device: &Device) -> Result<Checked> {
     if path.is_file() && is_gguf(path) {
         gguf::inspect(path)?;
+        // Quantized blocks are kept as stored: about the file's size.
+        let bytes = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        check_memory(path, device, bytes, "its weights as stored in the file")?;
         return Ok(Checked(Prepared::Gguf(path.to_path_buf())));
     }
-    prepare_folder(path, device).map(|p| Checked(Prepared::Folder(Box::new(p))))
+    let prepared = prepare_folder(path, device)?;
+    let bytes = (prepared.weights.parameter_count() as u64)
+        .saturating_mul(prepared.dtype.size_in_bytes() as u64);
+    check_memory(
+        path,
+        device,
+        bytes,
+        &format!(
+            "{} parameters as {:?}",
+            prepared.weights.parameter_count(),
+            prepared.dtype
+        ),
+    )?;
+    Ok(Checked(Prepared::Folder(Box::new(prepared))))
+}
+
+/// Refuses, on the CPU, weights of `bytes` (plus a tenth for the working set) beyond the
+/// machine's memory. GPU memory is not known here: an allocation there fails with an error.
+fn check_memory(path: &Path, device: &Device, bytes: u64, what: &str) -> Result<()> {
+    if !device.is_cpu() {
+        return Ok(());
+    }
+    let Some(total) = crate::sys::total_memory_bytes() else {
+        return Ok(());
+    };
+    fits_in_memory(path, bytes, what, total)
+}
+
+/// [`check_memory`]'s rule, for a given machine.
+pub fn fits_in_memory(path: &Path, bytes: u64, what: &str, total: u64) -> Result<()> {
+    let needed = bytes.saturating_add(bytes / 10);
+    if needed <= total {
+        return Ok(());
+    }
+    Err(Error::ModelTooLarge {
+        path: path.to_path_buf(),
+        what: what.to_owned(),
+        needed,
+        total,
+    })
 }
 
 impl Checked {

@@ -69,6 +69,11 @@ pub fn available_memory_bytes() -> Option<u64> {
     kib_in("/proc/meminfo", "MemAvailable:").map(|kib| kib * 1024)
 }
 
+/// The machine's physical memory in bytes (Linux `MemTotal`).
+pub fn total_memory_bytes() -> Option<u64> {
+    kib_in("/proc/meminfo", "MemTotal:").map(|kib| kib * 1024)
+}
+
 fn status_kib(key: &str) -> Option<u64> {
     kib_in("/proc/self/status", key)
 }

@@ -273,3 +273,68 @@ fn shard_index_paths_outside_the_folder_are_refused() {
     std::fs::write(&index, text.to_string()).expect("write");
     loader::load(&dir, &Device::Cpu, &mut |_, _| {}).expect("a plain shard name loads");
 }
+
+/// A model bigger than the machine's memory is refused with the estimate before its weights are
+/// read: a GGUF whose file (sparse, so it takes no disk) is 8 TiB, and a folder whose weights
+/// hold an 8 TiB tensor beside the real ones.
+#[test]
+fn a_model_larger_than_the_machines_memory_is_refused_with_the_estimate() {
+    use studio_tests::gguf_writer::{GgufOptions, write_family_gguf};
+    const HUGE: u64 = 8 << 40;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let gguf = write_family_gguf(tmp.path(), "llama", 1, &GgufOptions::default());
+    loader::prepare(&gguf, &Device::Cpu).expect("the real file is fine");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&gguf)
+        .expect("open");
+    if file.set_len(HUGE).is_err() {
+        eprintln!("skipped: this filesystem has no 8 TiB sparse files");
+        return;
+    }
+    drop(file);
+    let e = load_err(&gguf);
+    assert!(
+        e.contains("GiB of memory") && e.contains("this machine has"),
+        "{e}"
+    );
+    assert!(e.contains("9011.2 GiB"), "names the estimate: {e}");
+
+    // The folder: the tiny model's tensors plus a huge one, in a sparse safetensors file.
+    let dir = tmp.path().join("folder");
+    std::fs::create_dir_all(&dir).expect("dir");
+    studio_tests::families::write_family(&dir, "llama", 1);
+    let weights = dir.join("model.safetensors");
+    let bytes = std::fs::read(&weights).expect("weights");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + header_len]).expect("header");
+    let data = &bytes[8 + header_len..];
+    let side = 1u64 << 20; // 2^20 x 2^20 f32 = 4 TiB
+    header["extra.weight"] = serde_json::json!({
+        "dtype": "F32",
+        "shape": [side, side],
+        "data_offsets": [data.len() as u64, data.len() as u64 + side * side * 4],
+    });
+    let mut text = header.to_string();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(data);
+    std::fs::write(&weights, &out).expect("write");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .expect("open");
+    file.set_len(out.len() as u64 + side * side * 4)
+        .expect("sparse");
+    drop(file);
+    let e = load_err(&dir);
+    assert!(
+        e.contains("parameters as F32") && e.contains("this machine has"),
+        "{e}"
+    );
+}
