@@ -1452,10 +1452,17 @@ async fn generate_reply(
     let (text, stats) = shared
         .on_model(move |m, cancelled| {
             let mut text = String::new();
-            let result = run_generate(m, &prepared, &mut |t| {
-                text.push_str(t);
-                !gone.load(Ordering::Relaxed) && !stop.stop.load(Ordering::Relaxed) && !cancelled()
-            });
+            let result = if gone.load(Ordering::Relaxed) {
+                // The client left while the request waited for the model.
+                Err(ApiError::invalid("the client disconnected"))
+            } else {
+                run_generate(m, &prepared, &mut |t| {
+                    text.push_str(t);
+                    !gone.load(Ordering::Relaxed)
+                        && !stop.stop.load(Ordering::Relaxed)
+                        && !cancelled()
+                })
+            };
             if gone.load(Ordering::Relaxed) {
                 stop.disconnects.fetch_add(1, Ordering::Relaxed);
                 log::info!("serve: the client disconnected; generation stopped");
@@ -1482,7 +1489,9 @@ fn stream_events(
         tx.blocking_send(Bytes::from(format!("data: {event}\n\n")))
             .is_ok()
     };
-    let mut gone = shape.endpoint == Endpoint::Chat && !send(&shape.chunk(None, None));
+    // A client that left while the request waited for the model costs no prefill.
+    let mut gone =
+        tx.is_closed() || (shape.endpoint == Endpoint::Chat && !send(&shape.chunk(None, None)));
     let result = run_generate(m, prepared, &mut |text| {
         gone = gone || !send(&shape.chunk(Some(text), None));
         !gone && !shared.stop.load(Ordering::Relaxed) && !cancelled()

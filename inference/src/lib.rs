@@ -39,6 +39,7 @@ pub mod remote;
 pub mod sampling;
 pub mod sys;
 pub mod template;
+mod template_bounds;
 pub mod text;
 pub mod weights;
 pub mod worker;

@@ -157,7 +157,11 @@ impl ChatTemplate {
         env.set_keep_trailing_newline(false);
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        crate::template_bounds::add_to_environment(&mut env);
+        env.set_unknown_method_callback(|state, value, method, args| {
+            crate::template_bounds::check_method(value, method, args)?;
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
         env.set_formatter(python_formatter);
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_filter("tojson", tojson);
@@ -168,7 +172,11 @@ impl ChatTemplate {
         // jinja2 turns "\r\n" and "\r" into "\n" in template data and string literals alike.
         let normalized = source.replace("\r\n", "\n").replace('\r', "\n");
         let normalized = rewrite_generation_tags(&normalized);
-        env.add_template_owned(TEMPLATE_NAME, normalized)
+        // Every value it builds is bounded (template_bounds); the rewriting parses the
+        // template, so a syntax error is reported here as compiling would.
+        let instrumented = crate::template_bounds::instrument(&normalized, TEMPLATE_NAME)
+            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        env.add_template_owned(TEMPLATE_NAME, instrumented)
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -272,6 +280,10 @@ impl ChatTemplate {
             ))),
             Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::ChatTemplate(format!(
                 "{} was stopped: it ran more than {TEMPLATE_FUEL} steps (a runaway loop?)",
+                self.origin
+            ))),
+            Err(e) if let Some(why) = too_large(&e) => Err(Error::ChatTemplate(format!(
+                "{} was stopped: {why}",
                 self.origin
             ))),
             Err(e) => Err(render_error(&e)),
@@ -458,6 +470,18 @@ impl std::io::Write for Capped {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The reason, when `template_bounds` stopped the rendering.
+fn too_large(e: &minijinja::Error) -> Option<String> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(t) = err.downcast_ref::<crate::template_bounds::TooLarge>() {
+            return Some(t.0.clone());
+        }
+        source = err.source();
+    }
+    None
 }
 
 fn render_error(e: &minijinja::Error) -> Error {

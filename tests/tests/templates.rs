@@ -659,6 +659,50 @@ fn runaway_templates_are_stopped_with_a_clear_error() {
             "{% for a in range(1000) %}{{ 'x' * 100000000 }}{% endfor %}",
             "MiB",
         ),
+        // A string doubled 60 times: 2^60 bytes in 60 steps, long before the fuel or the
+        // output cap would notice.
+        (
+            "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "grows values without bound",
+        ),
+        (
+            "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+            "grows values without bound",
+        ),
+        // The same through a macro's recursion and a captured block.
+        (
+            "{% macro d(s, n) %}{% if n > 0 %}{% set t %}{{ s }}{{ s }}{% endset %}{{ d(t, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ d('x', 60) }}",
+            "grows values without bound",
+        ),
+        // A list doubled, then joined or printed in one step.
+        (
+            "{% set ns = namespace(l=['xxxxxxxx']) %}{% for i in range(60) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|join }}",
+            "grows values without bound",
+        ),
+        (
+            "{% set ns = namespace(l=['x']) %}{% for i in range(40) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l|string }}",
+            "grows values without bound",
+        ),
+        // One step that multiplies: a lazily repeated list joined, a string replaced into
+        // itself, and huge widths.
+        (
+            "{{ (['x' * 1000000] * 1000000)|join }}",
+            "grows values without bound",
+        ),
+        (
+            "{% set s = 'a' * 10000000 %}{{ s|replace('a', s)|length }}",
+            "grows values without bound",
+        ),
+        (
+            "{% set s = 'a' * 10000000 %}{{ s.replace('a', s)|length }}",
+            "grows values without bound",
+        ),
+        (
+            "{% set s = 'ab' * 1000000 %}{{ s|join(s)|length }}",
+            "grows values without bound",
+        ),
+        ("{{ 'x'|indent(1000000000000) }}", "indent above"),
+        ("{{ '%1000000000000s'|format('x') }}", "format width"),
     ];
     for (source, expect) in cases {
         let config = json!({ "chat_template": source, "eos_token": "</s>" });
