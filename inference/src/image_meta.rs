@@ -156,25 +156,26 @@ pub fn encode_png(
 }
 
 /// The generation parameters stored in a PNG (`parameters` in a `tEXt`, `zTXt` or `iTXt`
-/// chunk, before or after the image data); `Ok(None)` for a PNG without them.
+/// chunk, before or after the image data); `Ok(None)` for a PNG without them. The pixels are
+/// not decoded, so a header claiming any size costs nothing.
 pub fn png_parameters(bytes: &[u8]) -> Result<Option<GenerationParameters>> {
+    Ok(png_parameters_text(bytes)?.map(|t| GenerationParameters::parse(&t)))
+}
+
+/// The raw `parameters` text of a PNG, read without decoding its pixels: the reader skips the
+/// image data and reads the chunks after it (text may follow the pixels).
+pub(crate) fn png_parameters_text(bytes: &[u8]) -> Result<Option<String>> {
     let not_png =
         |e: &dyn std::fmt::Display| Error::InvalidParameter(format!("not a readable PNG: {e}"));
     let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     decoder.set_ignore_text_chunk(false);
     let mut reader = decoder.read_info().map_err(|e| not_png(&e))?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| not_png(&"image too large"))?;
-    let mut pixels = vec![0; size];
-    reader.next_frame(&mut pixels).map_err(|e| not_png(&e))?;
     reader.finish().map_err(|e| not_png(&e))?;
-    let text = parameters_in(reader.info());
-    Ok(text.map(|t| GenerationParameters::parse(&t)))
+    Ok(parameters_in(reader.info()))
 }
 
 /// The `parameters` text of a decoded PNG header (`tEXt`, `zTXt` or `iTXt`).
-pub(crate) fn parameters_in(info: &png::Info<'_>) -> Option<String> {
+fn parameters_in(info: &png::Info<'_>) -> Option<String> {
     let find = |keyword: &str| keyword == PARAMETERS_KEYWORD;
     info.uncompressed_latin1_text
         .iter()
@@ -346,6 +347,44 @@ mod tests {
         );
         assert!(png_parameters(b"GIF89a not a png").is_err());
         assert!(encode_png(2, 2, &[0; 4], &GenerationParameters::default()).is_err());
+    }
+
+    /// Found by the `png_parameters` fuzz target: a header claiming 4 × 4,160,749,315 pixels
+    /// made the reader allocate 66 GB for pixels it did not need (and abort).
+    #[test]
+    fn a_huge_header_costs_nothing_to_read_parameters_from() {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &b in bytes {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xEDB8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+        let mut p = GenerationParameters {
+            prompt: "a castle".to_owned(),
+            ..GenerationParameters::default()
+        };
+        p.set("Steps", "20");
+        p.set("Seed", "42");
+        p.set("Size", "2x2");
+        let mut bytes = encode_png(2, 2, &[9; 16], &p).expect("encode");
+        // IHDR's data starts after the signature (8), length (4) and type (4).
+        bytes[16..20].copy_from_slice(&4u32.to_be_bytes());
+        bytes[20..24].copy_from_slice(&0xF7FF_FF03u32.to_be_bytes());
+        let crc = crc32(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+        // The image data no longer matches the header; the text before it is still read.
+        match png_parameters(&bytes) {
+            Ok(found) => assert_eq!(found, Some(p)),
+            Err(e) => assert!(e.to_string().contains("PNG"), "{e}"),
+        }
     }
 
     #[test]

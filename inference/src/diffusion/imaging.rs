@@ -174,15 +174,10 @@ fn over_white(rgba: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The raw text of a PNG's `parameters` chunk, before or after the image data, without
-/// decoding the pixels. Best effort: a PNG whose text cannot be read has none.
+/// The raw text of a PNG's `parameters` chunk, without decoding the pixels. Best effort: a PNG
+/// whose text cannot be read has none.
 fn png_parameters_text(bytes: &[u8]) -> Option<String> {
-    let mut decoder = png::Decoder::new(Cursor::new(bytes));
-    decoder.set_ignore_text_chunk(false);
-    let mut reader = decoder.read_info().ok()?;
-    // Skips the image data and reads the chunks after it (text may follow the pixels).
-    reader.finish().ok()?;
-    crate::image_meta::parameters_in(reader.info())
+    crate::image_meta::png_parameters_text(bytes).ok().flatten()
 }
 
 /// A mask from an image's luminance (ITU-R BT.601 weights): white = repaint, black = keep.
