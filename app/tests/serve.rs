@@ -125,48 +125,13 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 }
 
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_mins(1)))
-        .expect("timeout");
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    request_with(
+        addr,
+        method,
+        path,
+        &format!("Host: {addr}\r\n"),
+        body.unwrap_or(""),
     )
-    .expect("send");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("end of head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let payload = &raw[split + 4..];
-    let payload = if chunked {
-        dechunk(payload)
-    } else {
-        payload.to_vec()
-    };
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(payload).expect("utf-8 body"),
-    }
 }
 
 fn post(addr: SocketAddr, path: &str, body: &Value) -> Reply {
@@ -731,17 +696,7 @@ fn absurd_sizes_get_4xx_without_allocating_and_the_server_goes_on() {
 #[test]
 fn slow_and_stalled_clients_time_out_and_never_hold_up_the_model_list() {
     let dir = model_dir();
-    let server = start_with(
-        dir.path(),
-        &ServeOptions {
-            limits: Limits {
-                header_timeout: Duration::from_secs(1),
-                body_timeout: Duration::from_secs(1),
-                ..Limits::default()
-            },
-            ..loopback()
-        },
-    );
+    let server = start_with_timeouts(dir.path(), Duration::from_secs(1));
     let addr = server.addr();
     // Four POSTs that stop partway through the body, and four heads that never end.
     let mut stalled = Vec::new();
@@ -850,7 +805,8 @@ fn a_client_that_leaves_a_non_streaming_request_cancels_its_generation() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-/// A raw request with extra header lines.
+/// A raw HTTP/1.1 exchange (`Connection: close`) with these header lines (`Host` included),
+/// chunked bodies decoded.
 fn request_with(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> Reply {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_mins(1)))
@@ -864,22 +820,50 @@ fn request_with(addr: SocketAddr, method: &str, path: &str, headers: &str, body:
     .expect("send");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("end of head");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.lines();
     let status = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .expect("status");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let payload = &raw[split + 4..];
+    let payload = if chunked {
+        dechunk(payload)
+    } else {
+        payload.to_vec()
+    };
     Reply {
         status,
-        headers: lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-            .collect(),
-        body: body.to_owned(),
+        headers,
+        body: String::from_utf8(payload).expect("utf-8 body"),
     }
+}
+
+/// A server with these header and body timeouts.
+fn start_with_timeouts(dir: &Path, timeout: Duration) -> Server {
+    start_with(
+        dir,
+        &ServeOptions {
+            limits: Limits {
+                header_timeout: timeout,
+                body_timeout: timeout,
+                ..Limits::default()
+            },
+            ..loopback()
+        },
+    )
 }
 
 #[test]
@@ -1016,17 +1000,7 @@ fn api_key_host_and_origin_are_checked() {
 #[test]
 fn under_load_the_model_list_keeps_answering() {
     let dir = model_dir();
-    let server = start_with(
-        dir.path(),
-        &ServeOptions {
-            limits: Limits {
-                header_timeout: Duration::from_secs(2),
-                body_timeout: Duration::from_secs(2),
-                ..Limits::default()
-            },
-            ..loopback()
-        },
-    );
+    let server = start_with_timeouts(dir.path(), Duration::from_secs(2));
     let addr = server.addr();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let poller = {

@@ -64,18 +64,9 @@ fn main() {
 
     // config.json: the first byte picks the family (gpt2, llama, mistral, qwen2, qwen3, phi3,
     // gemma2, gemma3_text), the rest is the config.
-    for (i, model_type) in [
-        "gpt2",
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "phi3",
-        "gemma2",
-        "gemma3_text",
-    ]
-    .iter()
-    .enumerate()
+    for (i, model_type) in std::iter::once(&"gpt2")
+        .chain(studio_tests::families::FAMILIES)
+        .enumerate()
     {
         let dir = tmp.path().join(model_type);
         std::fs::create_dir_all(&dir).expect("dir");
