@@ -338,3 +338,37 @@ fn a_model_larger_than_the_machines_memory_is_refused_with_the_estimate() {
         "{e}"
     );
 }
+
+/// Found by the `config` fuzz target: Gemma 3's loader divides by `sliding_window_pattern`,
+/// and Llama's unwraps a mis-shaped tensor. Both give a clear error (the first from the config
+/// check, the second from the loader's panic guard), and loading never aborts.
+#[test]
+fn config_values_that_made_candle_panic_give_clear_errors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let rewrite = |dir: &Path, key: &str, value: serde_json::Value| {
+        let path = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        cfg[key] = value;
+        std::fs::write(&path, cfg.to_string()).expect("write");
+    };
+    let gemma = tmp.path().join("gemma3");
+    studio_tests::families::write_family(&gemma, "gemma3_text", 1);
+    rewrite(&gemma, "sliding_window_pattern", serde_json::json!(0));
+    let e = load_err(&gemma);
+    assert!(e.contains("sliding_window_pattern"), "{e}");
+
+    let llama = tmp.path().join("llama");
+    studio_tests::families::write_family(&llama, "llama", 1);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(llama.join("config.json")).expect("read"))
+            .expect("json");
+    // As many KV heads as query heads: the files' k_proj is half the shape this asks for.
+    rewrite(
+        &llama,
+        "num_key_value_heads",
+        cfg["num_attention_heads"].clone(),
+    );
+    let e = load_err(&llama);
+    assert!(e.contains("k_proj") && e.contains("shape"), "{e}");
+}

@@ -120,7 +120,7 @@ pub fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
 
 /// The largest values a family config may give, checked before anything is sized from them
 /// (far above any released model: a hostile `config.json` must get an error, not an abort).
-const CONFIG_BOUNDS: [(&str, u64); 8] = [
+const CONFIG_BOUNDS: [(&str, u64); 9] = [
     ("num_hidden_layers", 1024),
     ("hidden_size", 1 << 16),
     ("intermediate_size", 1 << 20),
@@ -129,6 +129,8 @@ const CONFIG_BOUNDS: [(&str, u64); 8] = [
     ("head_dim", 4096),
     ("vocab_size", 1 << 22),
     ("max_position_embeddings", 1 << 21),
+    // Gemma 3 takes the layer index modulo it: 0 divided by zero in candle.
+    ("sliding_window_pattern", 1024),
 ];
 
 /// Checks the sizes and scalars of a family config: every size in `1..=bound`, heads that
@@ -260,53 +262,55 @@ impl FamilyConfig {
             message: e,
         };
         let c = &self.config;
-        // candle-transformers' Llama loader unwraps per-layer errors; turn such a panic into
+        // candle-transformers' loaders may panic on what a config says (Llama unwraps
+        // per-layer errors, Gemma 3 divides by `sliding_window_pattern`): such a panic becomes
         // the error it carried (it names the missing or mis-shaped tensor).
-        let inner = match self.family {
-            Family::Llama => {
-                let config = field::<llama::LlamaConfig>(c)
-                    .map_err(bad)?
-                    .into_config(false);
-                let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    llama::Llama::load(vb, &config)
-                }))
-                .map_err(|p| {
-                    Error::Candle(candle_core::Error::Msg(crate::panic_message(p.as_ref())))
-                })??;
-                let fresh = llama::Cache::new(true, dtype, &config, device)?;
-                Inner::Llama {
-                    model,
-                    cache: fresh.clone(),
-                    fresh,
+        let build = || -> Result<Inner> {
+            Ok(match self.family {
+                Family::Llama => {
+                    let config = field::<llama::LlamaConfig>(c)
+                        .map_err(bad)?
+                        .into_config(false);
+                    let model = llama::Llama::load(vb, &config)?;
+                    let fresh = llama::Cache::new(true, dtype, &config, device)?;
+                    Inner::Llama {
+                        model,
+                        cache: fresh.clone(),
+                        fresh,
+                    }
                 }
-            }
-            Family::Mistral => Inner::Mistral(mistral::Model::new(
-                &field::<mistral::Config>(c).map_err(bad)?,
-                vb,
-            )?),
-            Family::Qwen2 => Inner::Qwen2(qwen2::ModelForCausalLM::new(
-                &field::<qwen2::Config>(c).map_err(bad)?,
-                vb,
-            )?),
-            Family::Qwen3 => Inner::Qwen3(qwen3::ModelForCausalLM::new(
-                &field::<qwen3::Config>(c).map_err(bad)?,
-                vb,
-            )?),
-            Family::Phi3 => Inner::Phi3(phi3::Model::new(
-                &field::<phi3::Config>(c).map_err(bad)?,
-                vb,
-            )?),
-            Family::Gemma2 => Inner::Gemma2(gemma2::Model::new(
-                false,
-                &field::<gemma2::Config>(c).map_err(bad)?,
-                vb,
-            )?),
-            Family::Gemma3 => Inner::Gemma3(gemma3::Model::new(
-                false,
-                &field::<gemma3::Config>(c).map_err(bad)?,
-                vb,
-            )?),
+                Family::Mistral => Inner::Mistral(mistral::Model::new(
+                    &field::<mistral::Config>(c).map_err(bad)?,
+                    vb,
+                )?),
+                Family::Qwen2 => Inner::Qwen2(qwen2::ModelForCausalLM::new(
+                    &field::<qwen2::Config>(c).map_err(bad)?,
+                    vb,
+                )?),
+                Family::Qwen3 => Inner::Qwen3(qwen3::ModelForCausalLM::new(
+                    &field::<qwen3::Config>(c).map_err(bad)?,
+                    vb,
+                )?),
+                Family::Phi3 => Inner::Phi3(phi3::Model::new(
+                    &field::<phi3::Config>(c).map_err(bad)?,
+                    vb,
+                )?),
+                Family::Gemma2 => Inner::Gemma2(gemma2::Model::new(
+                    false,
+                    &field::<gemma2::Config>(c).map_err(bad)?,
+                    vb,
+                )?),
+                Family::Gemma3 => Inner::Gemma3(gemma3::Model::new(
+                    false,
+                    &field::<gemma3::Config>(c).map_err(bad)?,
+                    vb,
+                )?),
+            })
         };
+        let inner =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)).map_err(|p| {
+                Error::Candle(candle_core::Error::Msg(crate::panic_message(p.as_ref())))
+            })??;
         Ok(HfModel {
             inner,
             context_length: self.context_length,
