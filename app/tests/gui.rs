@@ -1352,6 +1352,9 @@ fn the_api_server_started_in_settings_serves_the_loaded_model_until_stopped() {
     click(&mut h, "New key");
     let key = h.state().settings().server.api_key.clone();
     assert!(key.starts_with("sk-studio-") && key.len() > 40, "{key}");
+    assert!(!shows_text(&h, &key), "the key is masked");
+    click(&mut h, "Show key");
+    assert!(shows_text(&h, &key), "and shown on asking");
     click(&mut h, "Start server");
     step_until(&mut h, "the server to start", |h| {
         matches!(

@@ -362,10 +362,12 @@ fn server_ui(
             ui.end_row();
             let label = ui.label("Server API key");
             ui.horizontal(|ui| {
+                let show_id = egui::Id::unique("show_server_key");
+                let mut show = ui.data(|d| d.get_temp::<bool>(show_id).unwrap_or(false));
                 ui.add_enabled(
                     stopped,
                     egui::TextEdit::singleline(&mut s.api_key)
-                        .password(true)
+                        .password(!show)
                         .hint_text("none: any local program may call it")
                         .desired_width(300.0),
                 )
@@ -376,8 +378,13 @@ fn server_ui(
                 {
                     s.api_key = ServerSettings::new_key();
                 }
-                if !s.api_key.trim().is_empty() && ui.button("Copy key").clicked() {
-                    ui.ctx().copy_text(s.api_key.trim().to_owned());
+                if !s.api_key.trim().is_empty() {
+                    if ui.checkbox(&mut show, "Show key").changed() {
+                        ui.data_mut(|d| d.insert_temp(show_id, show));
+                    }
+                    if ui.button("Copy key").clicked() {
+                        ui.ctx().copy_text(s.api_key.trim().to_owned());
+                    }
                 }
             });
             ui.end_row();
