@@ -140,7 +140,7 @@ impl Default for ServeOptions {
 }
 
 /// Work on the model: gets the model and a "was the job cancelled elsewhere" check.
-pub type ModelJob = Box<dyn FnOnce(&mut LoadedModel, &dyn Fn() -> bool) + Send>;
+type ModelJob = Box<dyn FnOnce(&mut LoadedModel, &dyn Fn() -> bool) + Send>;
 
 /// Queues a [`ModelJob`] where the model lives (the GUI's worker); an `Err` says why it can't.
 type SubmitJob = Box<dyn Fn(ModelJob) -> Result<(), String> + Send + Sync>;
@@ -536,7 +536,7 @@ impl<F: Future<Output = Response<Body>>> Future for CatchPanic<F> {
 }
 
 /// A response body: one buffer, or events from a generation as they come.
-pub enum Body {
+enum Body {
     Full(Option<Bytes>),
     Events(mpsc::Receiver<Bytes>),
 }
