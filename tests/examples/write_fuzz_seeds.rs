@@ -15,13 +15,19 @@ use studio_inference::gan::npy::{NpyArray, encode};
 use studio_inference::image_meta::{GenerationParameters, encode_png};
 use studio_tests::gguf_writer::{GgufOptions, write_family_gguf};
 
-/// At most this much of a file: libFuzzer works on small inputs.
+/// At most this much of a file: libFuzzer works on small inputs. The GGUF seed is whole (a
+/// cut file fails the reader's checks before its tokenizer is built).
 const MAX_SEED: usize = 64 << 10;
 
 fn put(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
     let dir = dir.join(target);
     std::fs::create_dir_all(&dir).expect("corpus folder");
-    std::fs::write(dir.join(name), &bytes[..bytes.len().min(MAX_SEED)]).expect("seed");
+    let keep = if target == "gguf" {
+        bytes.len()
+    } else {
+        bytes.len().min(MAX_SEED)
+    };
+    std::fs::write(dir.join(name), &bytes[..keep]).expect("seed");
 }
 
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
