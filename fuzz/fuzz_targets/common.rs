@@ -31,17 +31,7 @@ pub fn file(name: &str, data: &[u8]) -> PathBuf {
 pub fn model_dir(model_type: &str) -> PathBuf {
     let dir = scratch().join(format!("model-{model_type}"));
     if !dir.join("config.json").exists() {
-        std::fs::create_dir_all(&dir).expect("model folder");
-        if model_type == "gpt2" {
-            studio_tests::write_gpt2(
-                &dir,
-                studio_tests::TinyGpt2::default(),
-                studio_tests::Gpt2Naming::Hub,
-                1,
-            );
-        } else {
-            studio_tests::families::write_family(&dir, model_type, 1);
-        }
+        studio_tests::families::write_model(&dir, model_type, 1);
     }
     dir
 }

@@ -1,4 +1,4 @@
-//! `config.json` for each family (GPT-2, Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3): the bounds
+//! `config.json` for each family (GPT-2, then `studio_tests::families::FAMILIES`): the bounds
 //! and the check against the tensors present, then the load itself when the checks pass.
 #![no_main]
 #[path = "common.rs"]
@@ -7,23 +7,13 @@ mod common;
 use studio_inference::candle_core::Device;
 use studio_inference::models::hf::{Family, FamilyConfig, check_config_bounds};
 
-const TYPES: [&str; 8] = [
-    "gpt2",
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "phi3",
-    "gemma2",
-    "gemma3_text",
-];
-
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     common::count_only_uncaught_panics();
     let Some((&pick, json)) = data.split_first() else {
         return;
     };
-    let model_type = TYPES[usize::from(pick) % TYPES.len()];
+    let types: Vec<&str> = studio_tests::families::model_types().collect();
+    let model_type = types[usize::from(pick) % types.len()];
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(json) {
         let _ = check_config_bounds(&value);
         if let Some(family) = Family::from_model_type(model_type) {

@@ -70,22 +70,9 @@ fn main() {
 
     // config.json: the first byte picks the family (gpt2, llama, mistral, qwen2, qwen3, phi3,
     // gemma2, gemma3_text), the rest is the config.
-    for (i, model_type) in std::iter::once(&"gpt2")
-        .chain(studio_tests::families::FAMILIES)
-        .enumerate()
-    {
+    for (i, model_type) in studio_tests::families::model_types().enumerate() {
         let dir = tmp.path().join(model_type);
-        std::fs::create_dir_all(&dir).expect("dir");
-        if *model_type == "gpt2" {
-            studio_tests::write_gpt2(
-                &dir,
-                studio_tests::TinyGpt2::default(),
-                studio_tests::Gpt2Naming::Hub,
-                1,
-            );
-        } else {
-            studio_tests::families::write_family(&dir, model_type, 1);
-        }
+        studio_tests::families::write_model(&dir, model_type, 1);
         let mut seed = vec![i as u8];
         seed.extend(std::fs::read(dir.join("config.json")).expect("config"));
         put(out, "config", &format!("{model_type}.json"), &seed);

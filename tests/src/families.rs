@@ -124,6 +124,26 @@ fn build(model_type: &str, config: &Value, vm: &VarMap) {
     }
 }
 
+/// Every `model_type` Studio loads from a folder: GPT-2, then [`FAMILIES`].
+pub fn model_types() -> impl Iterator<Item = &'static str> {
+    std::iter::once("gpt2").chain(FAMILIES.iter().copied())
+}
+
+/// Writes a tiny random-weight model of any of [`model_types`] to `dir`.
+pub fn write_model(dir: &Path, model_type: &str, seed: u64) {
+    std::fs::create_dir_all(dir).expect("dir");
+    if model_type == "gpt2" {
+        crate::write_gpt2(
+            dir,
+            crate::TinyGpt2::default(),
+            crate::Gpt2Naming::Hub,
+            seed,
+        );
+    } else {
+        write_family(dir, model_type, seed);
+    }
+}
+
 /// Writes a tiny random-weight model of the family to `dir`; returns its tensor names.
 pub fn write_family(dir: &Path, model_type: &str, seed: u64) -> Vec<String> {
     write_family_with(dir, model_type, &json!({}), seed)
