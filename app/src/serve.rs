@@ -333,7 +333,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_timeout(Duration::from_secs(5));
+            // Stopped from the Settings panel, this runs on the UI thread: a prompt still
+            // being tokenized finishes detached rather than freezing the window.
+            runtime.shutdown_timeout(Duration::from_secs(1));
         }
     }
 }

@@ -253,7 +253,10 @@ impl ChatTemplate {
             return Err(Error::ChatTemplate("the conversation is empty".to_owned()));
         }
         let mut ctx = BTreeMap::<&str, Value>::new();
-        ctx.insert("messages", Value::from_serialize(messages));
+        ctx.insert(
+            "messages",
+            crate::template_bounds::Messages::value(messages),
+        );
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         ctx.insert("tools", Value::from(()));
         ctx.insert("documents", Value::from(()));

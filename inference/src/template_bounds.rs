@@ -16,7 +16,11 @@
 
 use minijinja::machinery::{WhitespaceConfig, ast, parse};
 use minijinja::syntax::SyntaxConfig;
-use minijinja::value::{Kwargs, Rest, StringInput, Value, ValueKind};
+use std::sync::Arc;
+
+use minijinja::value::{
+    Enumerator, Kwargs, Object, ObjectRepr, Rest, StringInput, Value, ValueKind,
+};
 use minijinja::{Error as JinjaError, ErrorKind, State};
 
 /// The function the instrumented template calls on its values.
@@ -379,6 +383,9 @@ fn filter_has_input(f: &ast::Filter<'_>) -> bool {
 /// Counts `value`'s size into `left`, failing once it runs out (so a huge or deeply shared
 /// structure costs no more than the limit to weigh).
 fn weigh(value: &Value, left: &mut usize) -> Result<(), JinjaError> {
+    if let Some(messages) = value.downcast_object_ref::<Messages>() {
+        return take(left, messages.weight);
+    }
     match value.kind() {
         ValueKind::String => take(left, value.as_str().map_or(0, str::len)),
         ValueKind::Bytes => take(left, value.as_bytes().map_or(0, <[u8]>::len)),
@@ -403,6 +410,46 @@ fn weigh(value: &Value, left: &mut usize) -> Result<(), JinjaError> {
 fn take(left: &mut usize, n: usize) -> Result<(), JinjaError> {
     *left = left.checked_sub(n).ok_or_else(|| too_large("a value"))?;
     Ok(())
+}
+
+/// The conversation as the template sees it (`messages`: a list of `{role, content}` maps),
+/// with its weight counted once: templates read `messages` inside their loop, and weighing it
+/// at every read would make rendering quadratic in the conversation's length.
+#[derive(Debug)]
+pub(crate) struct Messages {
+    items: Vec<Value>,
+    weight: usize,
+}
+
+impl Messages {
+    pub(crate) fn value<T: serde::Serialize>(messages: &[T]) -> Value {
+        let items: Vec<Value> = messages.iter().map(Value::from_serialize).collect();
+        let weight = items.iter().fold(0usize, |w, m| {
+            w.saturating_add(ITEM_BYTES).saturating_add(size_of(m))
+        });
+        Value::from_object(Self { items, weight })
+    }
+}
+
+impl Object for Messages {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        // Negative indices count from the end, as for any list (`messages[-1]`).
+        let i = isize::try_from(key.as_i64()?).ok()?;
+        let i = if i < 0 {
+            self.items.len().checked_sub(i.unsigned_abs())?
+        } else {
+            i.unsigned_abs()
+        };
+        self.items.get(i).cloned()
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Seq(self.items.len())
+    }
 }
 
 /// [`BOUND_FN`]: the value unchanged, or an error when it is too large.
@@ -432,13 +479,21 @@ fn check(len: usize, what: &str) -> Result<(), JinjaError> {
     }
 }
 
+fn text(v: &Value) -> std::borrow::Cow<'_, str> {
+    v.as_str().map_or_else(
+        || std::borrow::Cow::Owned(v.to_string()),
+        std::borrow::Cow::Borrowed,
+    )
+}
+
 /// `s.replace(old, new)`'s length, checked before the string is built.
 fn check_replace(s: &Value, old: &Value, new: &Value) -> Result<(), JinjaError> {
-    let (s, old, new) = (s.to_string(), old.to_string(), new.to_string());
+    // The strings as they are (a copy only for a non-string argument).
+    let (s, old, new) = (text(s), text(old), text(new));
     let count = if old.is_empty() {
         s.chars().count() + 1
     } else {
-        s.matches(old.as_str()).count()
+        s.matches(old.as_ref()).count()
     };
     let len = count
         .checked_mul(new.len())
