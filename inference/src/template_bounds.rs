@@ -659,4 +659,30 @@ mod tests {
             assert_eq!(got, expected, "{source}");
         }
     }
+
+    /// `messages` (weighed once, not at each read) behaves as the list templates index,
+    /// slice, filter and loop over.
+    #[test]
+    fn messages_behave_as_a_list() {
+        use crate::template::{ChatTemplate, TemplateMessage};
+        let t = ChatTemplate::new(
+            "{{ messages|length }}|{{ messages[0].content }}|{{ messages[-1]['role'] }}|\
+             {{ messages[1:]|map(attribute='role')|join(',') }}|\
+             {% for m in messages|reverse %}{{ m.content }}{% endfor %}|{{ messages[-9] is defined }}",
+            None,
+            None,
+        )
+        .expect("compiles");
+        let out = t
+            .render(
+                &[
+                    TemplateMessage::system("s"),
+                    TemplateMessage::user("u"),
+                    TemplateMessage::assistant("a"),
+                ],
+                false,
+            )
+            .expect("renders");
+        assert_eq!(out, "3|s|assistant|user,assistant|aus|False");
+    }
 }
