@@ -12,6 +12,16 @@ use crate::error::{Error, Result};
 const PANEL_BYTES: usize = 32 << 10;
 /// Bytes of input one strip of output pixels should read per chunk (sized for L2).
 const STRIP_BYTES: usize = 256 << 10;
+/// Bytes of output one work item may accumulate into while it walks the input channels
+/// chunk by chunk (each chunk reads and writes them again; sized for L2).
+const OUT_BYTES: usize = 512 << 10;
+/// Re-reading a buffer of at most this many bytes costs a quarter of reading it from memory
+/// (it is in the last-level cache); weights of at most this many bytes are cut by the plain
+/// rule.
+const CACHED_BYTES: usize = 4 << 20;
+/// Operations below this many flops are cut by the simple rule (the search costs more than it
+/// saves; attention runs thousands of them per layer).
+const SEARCH_FLOPS: usize = 1 << 24;
 /// The largest register tile of any path.
 pub(super) const MAX_MR: usize = 6;
 pub(super) const MAX_NR: usize = 64;
@@ -38,6 +48,14 @@ pub enum Storage {
 }
 
 impl Storage {
+    /// Bytes per stored value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
     /// The storage for a checkpoint's dtype: kept for f16 and bf16, f32 for every other.
     pub fn for_dtype(dtype: candle_core::DType) -> Self {
         match dtype {
@@ -267,7 +285,8 @@ impl PackedWeights {
 /// Output pixel `(y, x)` reads input channel `i` of tap `t` at
 /// `in_base + y·in_row + x·in_pix + taps[t] + i`, and writes channel `o` at
 /// `out_base + y·out_row + x·out_pix + o`. A batch of `batch` convolutions (with the
-/// matrices of a batched [`PackedWeights`]) moves both by `in_batch` and `out_batch` per item.
+/// matrices of a batched [`PackedWeights`], or the one matrix of an unbatched one for every
+/// item) moves both by `in_batch` and `out_batch` per item.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvGeom<'a> {
     pub taps: &'a [usize],
@@ -507,7 +526,7 @@ pub fn conv(
             "the {path} convolution kernels cannot run on this CPU"
         )));
     }
-    if g.batch != w.batch {
+    if g.batch != w.batch && w.batch != 1 {
         return Err(Error::InvalidParameter(format!(
             "a batch of {} convolutions given weights for {}",
             g.batch, w.batch
@@ -555,30 +574,55 @@ pub fn conv(
     }
 
     let (mr, nr) = tile(path);
-    let threads = rayon::current_num_threads().max(1);
     let blocks = w.blocks();
-    // Strips of output pixels: about four per thread, each reading at most STRIP_BYTES of input
-    // per chunk.
-    let px_bytes = w.cc * 4 * (g.in_pix / w.cin.max(1)).max(1) * 2;
-    let strip = (pixels / (4 * threads))
-        .min(STRIP_BYTES / px_bytes.max(1))
-        .max(mr)
-        .div_ceil(mr)
-        * mr;
-    let strips = pixels.div_ceil(strip);
-    // Output blocks are split into groups only when there are too few strips to go round.
-    let groups = blocks.min((2 * threads).div_ceil(strips * g.batch)).max(1);
-    let per_group = blocks.div_ceil(groups);
+    // Weights shared by every item of the batch: the items' pixels are cut as one range, so
+    // each strip reads the weights once for all of them.
+    let shared_weights = w.batch == 1;
+    let (units, total) = if shared_weights {
+        (1, g.batch * pixels)
+    } else {
+        (g.batch, pixels)
+    };
+    let split = Split::choose(
+        &Work {
+            units,
+            pixels: total,
+            blocks,
+            chunks: w.cin.div_ceil(w.cc),
+            weight_bytes: w.matrix_len() * w.storage().bytes(),
+            // Input per output pixel: its channels, times the stride along a row.
+            pixel_bytes: w.cin * 4 * (g.in_pix / w.cin.max(1)).max(1),
+            // Input of one chunk per output pixel (the taps of neighbouring pixels overlap).
+            chunk_pixel_bytes: w.cc * 4 * (g.in_pix / w.cin.max(1)).max(1) * 2,
+            flops_per_pixel_block: 2 * nr * w.cin * w.taps,
+        },
+        (mr, nr),
+        path,
+        rayon::current_num_threads().max(1),
+    );
+    let Split {
+        strip,
+        strips,
+        per_group,
+        groups,
+    } = split;
     let chunks = w.cin.div_ceil(w.cc);
     let shared = Shared(out.as_mut_ptr());
-    (0..g.batch * strips * groups)
+    (0..units * strips * groups)
         .into_par_iter()
         .for_each(|item| {
-            let (b, item) = (item / (strips * groups), item % (strips * groups));
+            let (unit, item) = (item / (strips * groups), item % (strips * groups));
             let (s, grp) = (item / groups, item % groups);
-            let (in_b, out_b) = (b * g.in_batch, b * g.out_batch);
-            let (p0, p1) = (s * strip, ((s + 1) * strip).min(pixels));
+            let (p0, p1) = (s * strip, ((s + 1) * strip).min(total));
             let (b0, b1) = (grp * per_group, ((grp + 1) * per_group).min(blocks));
+            // Item `b` of the batch and pixel `q` inside it, for pixel `p` of this unit.
+            let locate = |p: usize| {
+                if shared_weights {
+                    (p / pixels, p % pixels)
+                } else {
+                    (unit, p)
+                }
+            };
             let mut in_offs = [0usize; MAX_MR];
             let mut out_offs = [0usize; MAX_MR];
             let mut pix = [0usize; MAX_MR];
@@ -589,7 +633,7 @@ pub fn conv(
                 let cl = w.cc.min(w.cin - c0);
                 let last = chunk + 1 == chunks;
                 for blk in b0..b1 {
-                    let at = b * w.matrix_len() + blk * w.block_len() + c0 * w.taps * nr;
+                    let at = unit * w.matrix_len() + blk * w.block_len() + c0 * w.taps * nr;
                     w.with_panel(at, w.taps * cl * nr, |panel| {
                         let co = blk * nr;
                         let valid = nr.min(w.cout - co);
@@ -597,11 +641,16 @@ pub fn conv(
                         while p < p1 {
                             let m = mr.min(p1 - p);
                             for i in 0..m {
-                                let (y, x) = ((p + i) / g.out_w, (p + i) % g.out_w);
-                                pix[i] = p + i;
-                                in_offs[i] = in_b + g.in_base + y * g.in_row + x * g.in_pix + c0;
-                                out_offs[i] =
-                                    out_b + g.out_base + y * g.out_row + x * g.out_pix + co;
+                                let (b, q) = locate(p + i);
+                                let (y, x) = (q / g.out_w, q % g.out_w);
+                                pix[i] = q;
+                                in_offs[i] =
+                                    b * g.in_batch + g.in_base + y * g.in_row + x * g.in_pix + c0;
+                                out_offs[i] = b * g.out_batch
+                                    + g.out_base
+                                    + y * g.out_row
+                                    + x * g.out_pix
+                                    + co;
                             }
                             let partial = valid < nr;
                             if partial && chunk > 0 {
@@ -665,6 +714,129 @@ pub fn conv(
             }
         });
     Ok(())
+}
+
+/// The shape of one [`conv`] call, as its work split sees it.
+struct Work {
+    /// Independent products (a batch of distinct matrices), each over `pixels` pixels.
+    units: usize,
+    pixels: usize,
+    /// Output blocks of `NR` channels.
+    blocks: usize,
+    /// Chunks of input channels the micro-kernel walks.
+    chunks: usize,
+    /// Bytes of one unit's packed weights.
+    weight_bytes: usize,
+    /// Bytes of input per output pixel, all channels, and for one chunk.
+    pixel_bytes: usize,
+    chunk_pixel_bytes: usize,
+    /// Flops of one pixel × one output block.
+    flops_per_pixel_block: usize,
+}
+
+/// How a [`conv`] call's work is cut into items for the thread pool: strips of output pixels
+/// times groups of output blocks (per unit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Split {
+    strip: usize,
+    strips: usize,
+    per_group: usize,
+    groups: usize,
+}
+
+impl Split {
+    /// The split with the least estimated time: the slowest thread's flops plus the memory
+    /// traffic, where every strip reads all the weights of its unit and every group all of
+    /// its input. Deep layers (large weights, few pixels) get one strip and several groups,
+    /// so their weights stream from memory once; shallow ones many strips. Strips stay small
+    /// enough for their input chunk (`STRIP_BYTES`) and output (`OUT_BYTES`) to stay cached.
+    /// Small operations, and those whose weights fit in the cache, take the plain rule.
+    fn choose(work: &Work, (mr, nr): (usize, usize), path: KernelPath, threads: usize) -> Self {
+        let strip_cap = |per_group: usize| {
+            let mut cap = STRIP_BYTES / work.chunk_pixel_bytes.max(1);
+            if work.chunks > 1 {
+                cap = cap.min(OUT_BYTES / (per_group * nr * 4).max(1));
+            }
+            (cap / mr * mr).max(mr)
+        };
+        let make = |strips: usize, per_group: usize| {
+            let strip = work.pixels.div_ceil(strips.max(1)).div_ceil(mr) * mr;
+            Self {
+                strip,
+                strips: work.pixels.div_ceil(strip),
+                per_group,
+                groups: work.blocks.div_ceil(per_group),
+            }
+        };
+        let total_flops = work
+            .units
+            .saturating_mul(work.pixels)
+            .saturating_mul(work.blocks)
+            .saturating_mul(work.flops_per_pixel_block);
+        // Weights that stay cached are cheap to read again: the plain rule, whose small strips
+        // keep each strip's input in L1 and L2 (measured faster there), holds.
+        let all_weights = work.units.saturating_mul(work.weight_bytes);
+        if total_flops < SEARCH_FLOPS || all_weights <= CACHED_BYTES {
+            // About four strips per thread; groups only when strips are too few.
+            let strip = (work.pixels / (4 * threads))
+                .min(STRIP_BYTES / work.chunk_pixel_bytes.max(1))
+                .max(mr)
+                .div_ceil(mr)
+                * mr;
+            let strips = work.pixels.div_ceil(strip);
+            let groups = work
+                .blocks
+                .min((2 * threads).div_ceil(strips * work.units))
+                .max(1);
+            let per_group = work.blocks.div_ceil(groups);
+            return Self {
+                strip,
+                strips,
+                per_group,
+                groups: work.blocks.div_ceil(per_group),
+            };
+        }
+        // Flops a thread does in the time memory delivers one byte to the whole machine.
+        let byte_flops = match path {
+            KernelPath::Avx512Vnni => 3.0,
+            KernelPath::Avx2 => 1.5,
+            KernelPath::Scalar => 0.3,
+        };
+        // Bytes moved by reading `all` bytes `times` times.
+        let reads = |all: usize, times: usize| {
+            let again = if all <= CACHED_BYTES { 0.25 } else { 1.0 };
+            all as f64 * (1.0 + again * times.saturating_sub(1) as f64)
+        };
+        let all_input = work.units * work.pixels * work.pixel_bytes;
+        let cost = |split: &Self| {
+            let items = work.units * split.strips * split.groups;
+            let item_flops = split.strip * split.per_group * work.flops_per_pixel_block;
+            let compute = items.div_ceil(threads) as f64 * item_flops as f64;
+            let traffic = reads(all_weights, split.strips) + reads(all_input, split.groups);
+            // A little per item: its scheduling, and its partial tiles at the edges.
+            compute + byte_flops * traffic + items as f64 * 20_000.0
+        };
+        let mut best = make(work.pixels.div_ceil(strip_cap(work.blocks)), work.blocks);
+        let mut best_cost = cost(&best);
+        let mut last_per_group = 0;
+        for groups in 1..=work.blocks.min(4 * threads) {
+            let per_group = work.blocks.div_ceil(groups);
+            if per_group == last_per_group {
+                continue;
+            }
+            last_per_group = per_group;
+            let least = work.pixels.div_ceil(strip_cap(per_group));
+            let most = work.pixels.div_ceil(mr).min(least + 4 * threads);
+            for strips in least..=most {
+                let split = make(strips, per_group);
+                let c = cost(&split);
+                if c < best_cost {
+                    (best, best_cost) = (split, c);
+                }
+            }
+        }
+        best
+    }
 }
 
 /// A 1×1 "convolution" over `rows` rows of `cin` values into rows of `cout` values (a matrix
@@ -891,6 +1063,124 @@ mod tests {
                 // The border is untouched.
                 assert!(out[..orow].iter().all(|v| v.is_nan()), "{path} case {n}");
             }
+        }
+    }
+
+    /// A batch convolved with one set of weights (its pixels cut as one range) equals each
+    /// item convolved alone: stride 1 and 2, several input chunks, output blocks off the vector
+    /// widths, an epilogue with noise and bias; the last case's weights (over 4 MiB) take the
+    /// cost search, the others the plain rule.
+    #[test]
+    fn a_batch_sharing_its_weights_matches_each_item() {
+        for (h, w, cin, cout, k, stride, pad) in [
+            (7, 9, 200, 90, 3, 1, 1),
+            (12, 10, 96, 130, 3, 2, 1),
+            (4, 5, 640, 200, 3, 1, 1),
+        ] {
+            let batch = 3usize;
+            let wt = values(cout * cin * k * k, 7);
+            let bias = values(cout, 8);
+            let (oh, ow) = (
+                (h + 2 * pad - k) / stride + 1,
+                (w + 2 * pad - k) / stride + 1,
+            );
+            let noise = values(oh * ow, 9);
+            let items: Vec<Vec<f32>> = (0..batch)
+                .map(|b| values(h * w * cin, 20 + b as u64))
+                .collect();
+            let maps: Vec<crate::nn::FeatureMap> = items
+                .iter()
+                .map(|x| map_from_nhwc(x, h, w, cin, pad))
+                .collect();
+            let stacked: Vec<f32> = maps.iter().flat_map(|m| m.data.iter().copied()).collect();
+            let row = maps[0].row_stride();
+            let taps: Vec<usize> = (0..k * k).map(|t| (t / k) * row + (t % k) * cin).collect();
+            let epi = Epilogue {
+                noise: Some(&noise),
+                bias: Some(&bias),
+                ..Epilogue::NONE
+            };
+            for path in KernelPath::available_paths() {
+                let mut packed = PackedWeights::new(path);
+                packed
+                    .pack(cout, cin, k * k, |o, i, t| wt[(o * cin + i) * k * k + t])
+                    .expect("pack");
+                let mut out = vec![f32::NAN; batch * oh * ow * cout];
+                let geom = ConvGeom {
+                    taps: &taps,
+                    batch,
+                    in_batch: maps[0].data.len(),
+                    out_batch: oh * ow * cout,
+                    out_h: oh,
+                    out_w: ow,
+                    in_base: 0,
+                    in_row: stride * row,
+                    in_pix: stride * cin,
+                    out_base: 0,
+                    out_row: ow * cout,
+                    out_pix: cout,
+                };
+                conv(&packed, &stacked, &geom, &mut out, &epi).expect("conv");
+                for (b, x) in items.iter().enumerate() {
+                    let (want, mag, ..) = reference(x, h, w, cin, &wt, cout, k, stride, pad);
+                    let got = &out[b * oh * ow * cout..][..oh * ow * cout];
+                    for (at, (&g, (&y, &m))) in got.iter().zip(want.iter().zip(&mag)).enumerate() {
+                        let y = y + noise[at / cout] + bias[at % cout];
+                        let err = (g - y).abs() / m.max(1e-3);
+                        assert!(err < 2e-6, "{path} item {b} value {at}: {g} vs {y}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The work split covers every pixel and block, in register-tile multiples; a deep layer
+    /// (8×8 maps of 1280 channels, batch 2: 59 MB of weights for 128 pixels) reads its weights
+    /// once, with the blocks cut among the threads; a shallow one (64×64, 320 channels) is
+    /// cut into strips.
+    #[test]
+    fn the_work_split_streams_large_weights_once() {
+        let (mr, nr) = (6, 64);
+        let work = |pixels: usize, cin: usize, cout: usize, taps: usize| {
+            let cc = (PANEL_BYTES / (taps * nr * 4)).max(4).min(cin);
+            Work {
+                units: 1,
+                pixels,
+                blocks: cout.div_ceil(nr),
+                chunks: cin.div_ceil(cc),
+                weight_bytes: cout.div_ceil(nr) * nr * cin * taps * 4,
+                pixel_bytes: cin * 4,
+                chunk_pixel_bytes: cc * 8,
+                flops_per_pixel_block: 2 * nr * cin * taps,
+            }
+        };
+        let deep = work(2 * 64, 1280, 1280, 9);
+        let shallow = work(2 * 64 * 64, 320, 320, 9);
+        for threads in [1, 2, 4, 8, 16] {
+            for (name, w) in [("deep", &deep), ("shallow", &shallow)] {
+                let s = Split::choose(w, (mr, nr), KernelPath::Avx512Vnni, threads);
+                assert!(
+                    s.strip.is_multiple_of(mr) && s.strip * s.strips >= w.pixels,
+                    "{name} {s:?}"
+                );
+                assert!(
+                    s.strip * (s.strips - 1) < w.pixels,
+                    "{name} {s:?}: an empty strip"
+                );
+                assert!(s.per_group * s.groups >= w.blocks, "{name} {s:?}");
+                assert!(
+                    s.per_group * (s.groups - 1) < w.blocks,
+                    "{name} {s:?}: an empty group"
+                );
+            }
+            let d = Split::choose(&deep, (mr, nr), KernelPath::Avx512Vnni, threads);
+            assert_eq!(d.strips, 1, "{threads} threads: {d:?}");
+            assert!(
+                d.per_group <= deep.blocks.div_ceil(threads),
+                "{threads} threads: {d:?}"
+            );
+            let s = Split::choose(&shallow, (mr, nr), KernelPath::Avx512Vnni, threads);
+            assert!(s.strips >= 4, "{threads} threads: {s:?}");
         }
     }
 

@@ -488,8 +488,8 @@ impl Native {
         Some(rows.max(4).min(h))
     }
 
-    /// The convolution of `input` (its border as the padding) into `output`'s `oh × ow`
-    /// interior, with the bias and ReLU.
+    /// The convolution of `input`'s maps (their border as the padding) into `output`'s
+    /// `oh × ow` interiors (a border of 0), with the bias and ReLU.
     fn convolve(
         &self,
         input: &FeatureMap,
@@ -518,9 +518,9 @@ impl Native {
         taps.extend((0..kh * kw).map(|t| (t / kw) * row + (t % kw) * cin));
         let geom = ConvGeom {
             taps,
-            batch: 1,
-            in_batch: 0,
-            out_batch: 0,
+            batch: input.n,
+            in_batch: input.map_len(),
+            out_batch: oh * ow * cout,
             out_h: oh,
             out_w: ow,
             in_base: (p - top) * row + (p - left) * cin,
@@ -583,6 +583,16 @@ impl Native {
         let mut taps = Vec::with_capacity(kh * kw);
         let plane_out = cout * oh * ow;
         let mut result = vec![0f32; n * plane_out];
+        // The whole batch at once where its maps are small enough: the weights then stream
+        // from memory once for all of them.
+        let widest = cin.max(cout) * 4;
+        if n > 1 && n.saturating_mul(h * w).saturating_mul(widest) <= band_bytes {
+            input.load_planar_batch(x, [n, cin, h, w], p)?;
+            output.reset_border_batch(n, oh, ow, cout, 0)?;
+            self.convolve(&input, &mut output, &mut taps, oh, ow)?;
+            output.write_nchw(&mut result);
+            return Ok((result, oh, ow));
+        }
         let bands = self.band_rows(h, w, band_bytes);
         for b in 0..n {
             let (src, dst) = (&x[b * plane_in..], &mut result[b * plane_out..]);

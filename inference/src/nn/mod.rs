@@ -59,28 +59,45 @@ use crate::error::{Error, Result};
 pub use crate::quant::KernelPath;
 
 /// Activations in channels-last layout with a zero border of `pad` pixels on every side:
-/// `(h + 2·pad) × (w + 2·pad) × c` floats.
-#[derive(Debug, Clone, Default)]
+/// `(h + 2·pad) × (w + 2·pad) × c` floats per map, `n` maps (a batch) one after the other.
+#[derive(Debug, Clone)]
 pub struct FeatureMap {
     pub h: usize,
     pub w: usize,
     pub c: usize,
     pub pad: usize,
+    pub n: usize,
     pub data: Vec<f32>,
 }
 
+impl Default for FeatureMap {
+    fn default() -> Self {
+        Self {
+            h: 0,
+            w: 0,
+            c: 0,
+            pad: 0,
+            n: 1,
+            data: Vec::new(),
+        }
+    }
+}
+
 impl FeatureMap {
+    /// Floats of `n` padded `h × w × c` maps, or an error when that overflows.
+    fn len_of(n: usize, h: usize, w: usize, c: usize, pad: usize) -> Result<usize> {
+        (h + 2 * pad)
+            .checked_mul(w + 2 * pad)
+            .and_then(|len| len.checked_mul(c))
+            .and_then(|len| len.checked_mul(n))
+            .ok_or_else(|| Error::InvalidParameter(format!("{n} {h}×{w}×{c} maps are too large")))
+    }
+
     /// Reshapes the map for `h × w × c` with a `pad` border and zeroes it, reusing the
     /// allocation when it is large enough.
     pub fn reset(&mut self, h: usize, w: usize, c: usize, pad: usize) -> Result<()> {
-        let len = (h + 2 * pad)
-            .checked_mul(w + 2 * pad)
-            .and_then(|n| n.checked_mul(c))
-            .ok_or_else(|| Error::InvalidParameter(format!("a {h}×{w}×{c} map is too large")))?;
-        self.h = h;
-        self.w = w;
-        self.c = c;
-        self.pad = pad;
+        let len = Self::len_of(1, h, w, c, pad)?;
+        (self.h, self.w, self.c, self.pad, self.n) = (h, w, c, pad, 1);
         self.data.clear();
         self.data.resize(len, 0.0);
         Ok(())
@@ -89,23 +106,33 @@ impl FeatureMap {
     /// [`Self::reset`] for a map whose interior the caller overwrites entirely: only the
     /// border is zeroed (the interior holds stale values until then).
     pub fn reset_border(&mut self, h: usize, w: usize, c: usize, pad: usize) -> Result<()> {
-        let len = (h + 2 * pad)
-            .checked_mul(w + 2 * pad)
-            .and_then(|n| n.checked_mul(c))
-            .ok_or_else(|| Error::InvalidParameter(format!("a {h}×{w}×{c} map is too large")))?;
-        (self.h, self.w, self.c, self.pad) = (h, w, c, pad);
+        self.reset_border_batch(1, h, w, c, pad)
+    }
+
+    /// [`Self::reset_border`] for a batch of `n` maps.
+    pub fn reset_border_batch(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        pad: usize,
+    ) -> Result<()> {
+        let len = Self::len_of(n, h, w, c, pad)?;
+        (self.h, self.w, self.c, self.pad, self.n) = (h, w, c, pad, n);
         self.data.resize(len, 0.0);
         if pad == 0 {
             return Ok(());
         }
-        let row = self.row_stride();
-        let rows = h + 2 * pad;
-        self.data[..pad * row].fill(0.0);
-        self.data[(rows - pad) * row..].fill(0.0);
-        for y in pad..rows - pad {
-            let r = &mut self.data[y * row..(y + 1) * row];
-            r[..pad * c].fill(0.0);
-            r[row - pad * c..].fill(0.0);
+        let (row, rows, map_len) = (self.row_stride(), h + 2 * pad, self.map_len());
+        for map in self.data.chunks_exact_mut(map_len) {
+            map[..pad * row].fill(0.0);
+            map[(rows - pad) * row..].fill(0.0);
+            for y in pad..rows - pad {
+                let r = &mut map[y * row..(y + 1) * row];
+                r[..pad * c].fill(0.0);
+                r[row - pad * c..].fill(0.0);
+            }
         }
         Ok(())
     }
@@ -115,29 +142,48 @@ impl FeatureMap {
         (self.w + 2 * self.pad) * self.c
     }
 
-    /// Index of channel 0 of interior pixel `(y, x)`.
+    /// Floats per map of the batch, border included.
+    pub fn map_len(&self) -> usize {
+        (self.h + 2 * self.pad) * self.row_stride()
+    }
+
+    /// Index of channel 0 of interior pixel `(y, x)` of the first map.
     pub fn at(&self, y: usize, x: usize) -> usize {
         (y + self.pad) * self.row_stride() + (x + self.pad) * self.c
     }
 
-    /// The interior as a `(1, c, h, w)` tensor.
+    /// The interiors as an `(n, c, h, w)` tensor.
     pub fn to_nchw(&self, device: &Device) -> Result<Tensor> {
-        let mut v = vec![0f32; self.c * self.h * self.w];
+        let mut v = vec![0f32; self.n * self.c * self.h * self.w];
         self.write_nchw(&mut v);
-        Ok(Tensor::from_vec(v, (1, self.c, self.h, self.w), device)?)
+        Ok(Tensor::from_vec(
+            v,
+            (self.n, self.c, self.h, self.w),
+            device,
+        )?)
     }
 
-    /// Writes the interior planar (`c × h × w`) into `dst` (which holds at least that many).
-    /// Row by row: each row of the map is read from cache while its channels are scattered.
+    /// Writes the interiors planar (`n × c × h × w`) into `dst` (which holds at least that
+    /// many). Row by row: each row of a map is read from cache while its channels are
+    /// scattered.
     pub fn write_nchw(&self, dst: &mut [f32]) {
-        self.write_nchw_rows(dst, self.h, 0);
+        let plane = self.c * self.h * self.w;
+        for b in 0..self.n {
+            self.write_map_rows(b, &mut dst[b * plane..], self.h, 0);
+        }
     }
 
-    /// Writes the interior as rows `row0..row0 + h` of planar `c × full_h × w` values.
+    /// Writes the interior of the first map as rows `row0..row0 + h` of planar
+    /// `c × full_h × w` values.
     pub fn write_nchw_rows(&self, dst: &mut [f32], full_h: usize, row0: usize) {
+        self.write_map_rows(0, dst, full_h, row0);
+    }
+
+    fn write_map_rows(&self, b: usize, dst: &mut [f32], full_h: usize, row0: usize) {
         let (h, w, c) = (self.h, self.w, self.c);
+        let base = b * self.map_len();
         for y in 0..h {
-            let row = &self.data[self.at(y, 0)..][..w * c];
+            let row = &self.data[base + self.at(y, 0)..][..w * c];
             for ch in 0..c {
                 let out = &mut dst[(ch * full_h + row0 + y) * w..][..w];
                 for (x, o) in out.iter_mut().enumerate() {
@@ -178,9 +224,38 @@ impl FeatureMap {
             )));
         }
         self.reset_border(rows.len(), w, c, pad)?;
-        let stride = self.row_stride();
+        self.fill_rows(0, src, h, rows);
+        Ok(())
+    }
+
+    /// Fills a batch of `n` maps from `n` planar `c × h × w` inputs, with a `pad` border.
+    pub fn load_planar_batch(
+        &mut self,
+        src: &[f32],
+        [n, c, h, w]: [usize; 4],
+        pad: usize,
+    ) -> Result<()> {
+        let plane = c * h * w;
+        if src.len() < n * plane || h == 0 {
+            return Err(Error::InvalidParameter(format!(
+                "{} values for {n} {c}×{h}×{w} maps",
+                src.len()
+            )));
+        }
+        self.reset_border_batch(n, h, w, c, pad)?;
+        for b in 0..n {
+            self.fill_rows(b, &src[b * plane..], h, 0..h);
+        }
+        Ok(())
+    }
+
+    /// Copies rows `rows` of a planar `c × h × w` input (and up to `pad` rows around them)
+    /// into map `b`, whose interior starts at row `rows.start`.
+    fn fill_rows(&mut self, b: usize, src: &[f32], h: usize, rows: std::ops::Range<usize>) {
+        let (w, c, pad) = (self.w, self.c, self.pad);
+        let (stride, base) = (self.row_stride(), b * self.map_len());
         for y in rows.start.saturating_sub(pad)..(rows.end + pad).min(h) {
-            let at = (y + pad - rows.start) * stride + pad * c;
+            let at = base + (y + pad - rows.start) * stride + pad * c;
             let row = &mut self.data[at..at + w * c];
             for ch in 0..c {
                 let plane = &src[(ch * h + y) * w..][..w];
@@ -189,7 +264,6 @@ impl FeatureMap {
                 }
             }
         }
-        Ok(())
     }
 
     /// Fills the interior from a `(1, c, h, w)` (or `(c, h, w)`) tensor, with a `pad` border.
