@@ -539,7 +539,7 @@ pub fn conv(
             w.taps
         )));
     }
-    if g.out_h == 0 || g.out_w == 0 {
+    if g.batch == 0 || g.out_h == 0 || g.out_w == 0 {
         return Ok(());
     }
     let max_tap = g.taps.iter().copied().max().unwrap_or(0);
@@ -1235,5 +1235,24 @@ mod tests {
             ..geom
         };
         assert!(conv(&packed, &input, &overlap, &mut out, &Epilogue::NONE).is_err());
+        // Items of a batch sharing the weights must not overlap either; an empty batch is
+        // nothing to do.
+        let items = ConvGeom {
+            in_base: 0,
+            out_row: 4,
+            batch: 2,
+            in_batch: 0,
+            out_batch: 8,
+            out_h: 1,
+            ..geom
+        };
+        assert!(conv(&packed, &input, &items, &mut out, &Epilogue::NONE).is_ok());
+        let overlapping = ConvGeom {
+            out_batch: 4,
+            ..items
+        };
+        assert!(conv(&packed, &input, &overlapping, &mut out, &Epilogue::NONE).is_err());
+        let empty = ConvGeom { batch: 0, ..items };
+        assert!(conv(&packed, &input, &empty, &mut out, &Epilogue::NONE).is_ok());
     }
 }
