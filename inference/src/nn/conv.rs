@@ -825,8 +825,12 @@ impl Split {
                 continue;
             }
             last_per_group = per_group;
+            // More strips than it takes to give every thread about eight items only add
+            // traffic: the search stays near 8·threads·ln(threads) candidates, so it costs
+            // microseconds even on many-core machines.
             let least = work.pixels.div_ceil(strip_cap(per_group));
-            let most = work.pixels.div_ceil(mr).min(least + 4 * threads);
+            let enough = (8 * threads).div_ceil(work.units * work.blocks.div_ceil(per_group));
+            let most = work.pixels.div_ceil(mr).min(least.max(enough));
             for strips in least..=most {
                 let split = make(strips, per_group);
                 let c = cost(&split);
