@@ -221,17 +221,22 @@ impl Attention {
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
         let dtype = xs.dtype();
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let (q, k, v) = (
+            self.to_q.forward(xs)?,
+            self.to_k.forward(context)?,
+            self.to_v.forward(context)?,
+        );
         if let Some(path) = self.kernels.filter(|_| dtype == DType::F32) {
-            // A block of queries at a time: the full score matrix never exists.
-            let (b, _, t, _) = q.dims4()?;
-            let out = crate::nn::attention(path, &q, &k, &v, self.scale as f32)?
-                .transpose(1, 2)?
-                .reshape((b, t, ()))?;
+            // A block of queries at a time, on the projections' token-major rows: the full
+            // score matrix never exists, and no head is split out by a copy.
+            let out = crate::nn::attention_heads(path, &q, &k, &v, self.heads, self.scale as f32)?;
             return self.to_out.forward(&out);
         }
+        let (q, k, v) = (
+            self.split_heads(&q)?,
+            self.split_heads(&k)?,
+            self.split_heads(&v)?,
+        );
         // Scores and softmax in f32 whatever the weights' dtype (f16 scores can overflow); the
         // scale goes on the keys, the smaller operand in cross-attention.
         let k = (k.to_dtype(DType::F32)? * self.scale)?;

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 
 /// Bytes of packed weights one input-channel chunk of one output block may take (the panel the
 /// micro-kernel streams for every tile of a strip; sized for L1).
-const PANEL_BYTES: usize = 32 << 10;
+pub(super) const PANEL_BYTES: usize = 32 << 10;
 /// Bytes of input one strip of output pixels should read per chunk (sized for L2).
 const STRIP_BYTES: usize = 256 << 10;
 /// Bytes of output one work item may accumulate into while it walks the input channels
@@ -465,7 +465,7 @@ unsafe fn tile_scalar<const M: usize>(args: &TileArgs<'_>) {
 ///
 /// # Safety
 /// As [`tile_scalar`], and `path` must be available on this CPU.
-unsafe fn run_tile(path: KernelPath, m: usize, args: &TileArgs<'_>) {
+pub(super) unsafe fn run_tile(path: KernelPath, m: usize, args: &TileArgs<'_>) {
     macro_rules! by_m {
         ($f:ident, $($n:literal),*) => {
             match m {

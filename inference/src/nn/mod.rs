@@ -44,7 +44,7 @@ mod winograd;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::attention;
+pub use attention::{attention, attention_heads};
 pub use conv::{ConvGeom, Epilogue, PackedWeights, Storage, conv, fir, rows_product};
 pub use layers::{
     Conv2d, Linear, Winograd, default_kernels, linear, with_kernels, with_weight_storage,
@@ -54,6 +54,7 @@ pub use transposed::ConvTranspose2d;
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 pub use crate::quant::KernelPath;
@@ -179,18 +180,21 @@ impl FeatureMap {
         self.write_map_rows(0, dst, full_h, row0);
     }
 
+    /// Channels [`CHANNELS_PER_TASK`] at a time in parallel (each task owns those planes),
+    /// every row of them a transpose of the map's row.
     fn write_map_rows(&self, b: usize, dst: &mut [f32], full_h: usize, row0: usize) {
         let (h, w, c) = (self.h, self.w, self.c);
-        let base = b * self.map_len();
-        for y in 0..h {
-            let row = &self.data[base + self.at(y, 0)..][..w * c];
-            for ch in 0..c {
-                let out = &mut dst[(ch * full_h + row0 + y) * w..][..w];
-                for (x, o) in out.iter_mut().enumerate() {
-                    *o = row[x * c + ch];
+        let (base, plane) = (b * self.map_len(), full_h * w);
+        dst[..c * plane]
+            .par_chunks_mut(CHANNELS_PER_TASK * plane)
+            .enumerate()
+            .for_each(|(task, planes)| {
+                let (c0, cl) = (task * CHANNELS_PER_TASK, planes.len() / plane);
+                for y in 0..h {
+                    let row = &self.data[base + self.at(y, 0) + c0..];
+                    transpose(row, c, &mut planes[(row0 + y) * w..], plane, w, cl);
                 }
-            }
-        }
+            });
     }
 
     /// Fills the map from planar values (`c × h × w`), with a `pad` border.
@@ -251,19 +255,20 @@ impl FeatureMap {
 
     /// Copies rows `rows` of a planar `c × h × w` input (and up to `pad` rows around them)
     /// into map `b`, whose interior starts at row `rows.start`.
+    /// Rows in parallel, each a transpose of the input's `c × w` values of that row.
     fn fill_rows(&mut self, b: usize, src: &[f32], h: usize, rows: std::ops::Range<usize>) {
         let (w, c, pad) = (self.w, self.c, self.pad);
-        let (stride, base) = (self.row_stride(), b * self.map_len());
-        for y in rows.start.saturating_sub(pad)..(rows.end + pad).min(h) {
-            let at = base + (y + pad - rows.start) * stride + pad * c;
-            let row = &mut self.data[at..at + w * c];
-            for ch in 0..c {
-                let plane = &src[(ch * h + y) * w..][..w];
-                for (x, &v) in plane.iter().enumerate() {
-                    row[x * c + ch] = v;
-                }
-            }
-        }
+        let (stride, map_len) = (self.row_stride(), self.map_len());
+        let (y0, y1) = (rows.start.saturating_sub(pad), (rows.end + pad).min(h));
+        self.data[b * map_len..(b + 1) * map_len]
+            .par_chunks_mut(stride)
+            .skip(y0 + pad - rows.start)
+            .take(y1 - y0)
+            .enumerate()
+            .for_each(|(i, row)| {
+                let y = y0 + i;
+                transpose(&src[y * w..], h * w, &mut row[pad * c..], c, c, w);
+            });
     }
 
     /// Fills the interior from a `(1, c, h, w)` (or `(c, h, w)`) tensor, with a `pad` border.
@@ -278,6 +283,65 @@ impl FeatureMap {
         };
         let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
         with_values(&t, |v| self.load_planar(v, c, h, w, pad))?
+    }
+}
+
+/// Channels one task of [`FeatureMap::write_nchw`] writes (a 64-byte line of a pixel).
+const CHANNELS_PER_TASK: usize = 16;
+
+/// `dst[j·dst_stride + i] = src[i·src_stride + j]` for `i < rows`, `j < cols`: the copies
+/// between planar and channels-last layouts. 8×8 blocks in AVX registers where the CPU has
+/// AVX2 (and no narrower path is forced), a plain loop elsewhere; the strided one-value
+/// copies it replaces were most of the layout conversions' time.
+///
+/// # Panics
+/// When either slice is too short for its strides (a bug in the caller, not input).
+#[allow(unsafe_code)]
+pub(crate) fn transpose(
+    src: &[f32],
+    src_stride: usize,
+    dst: &mut [f32],
+    dst_stride: usize,
+    rows: usize,
+    cols: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        (rows - 1) * src_stride + cols <= src.len() && (cols - 1) * dst_stride + rows <= dst.len(),
+        "transpose out of bounds"
+    );
+    let (mut r8, mut c8) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if KernelPath::Avx2.available() {
+        (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+        for i in (0..r8).step_by(8) {
+            for j in (0..c8).step_by(8) {
+                // SAFETY: the assert above bounds rows `i..i + 8` × columns `j..j + 8` of
+                // both sides; the CPU has AVX.
+                unsafe {
+                    x86::transpose8x8(
+                        src.as_ptr().add(i * src_stride + j),
+                        src_stride,
+                        dst.as_mut_ptr().add(j * dst_stride + i),
+                        dst_stride,
+                    );
+                }
+            }
+        }
+    }
+    // What the blocks left: the columns past `c8` of their rows, then the rows past `r8`.
+    for j in c8..cols {
+        for i in 0..r8 {
+            dst[j * dst_stride + i] = src[i * src_stride + j];
+        }
+    }
+    for j in 0..cols {
+        let out = &mut dst[j * dst_stride + r8..j * dst_stride + rows];
+        for (i, o) in (r8..rows).zip(out) {
+            *o = src[i * src_stride + j];
+        }
     }
 }
 
@@ -336,5 +400,98 @@ pub(crate) mod test_values {
             }
         }
         map
+    }
+}
+
+#[cfg(test)]
+// The layout copies move values unchanged: exact comparisons are the point.
+#[allow(clippy::float_cmp)]
+mod tests {
+    use super::test_values::values;
+    use super::{FeatureMap, transpose};
+
+    #[test]
+    fn transpose_matches_the_plain_loop_on_awkward_shapes() {
+        // Whole 8×8 blocks, block tails on either side, single rows and columns.
+        for (rows, cols) in [(1, 1), (8, 8), (9, 17), (16, 40), (3, 64), (40, 3), (23, 8)] {
+            let (src_stride, dst_stride) = (cols + 5, rows + 3);
+            let src = values(rows * src_stride, 7);
+            let mut dst = vec![f32::NAN; cols * dst_stride];
+            transpose(&src, src_stride, &mut dst, dst_stride, rows, cols);
+            for j in 0..cols {
+                for i in 0..rows {
+                    assert_eq!(
+                        dst[j * dst_stride + i].to_bits(),
+                        src[i * src_stride + j].to_bits()
+                    );
+                }
+                // Past `rows` in each destination row nothing is written.
+                assert!(
+                    dst[j * dst_stride + rows..(j + 1) * dst_stride]
+                        .iter()
+                        .all(|v| v.is_nan())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn planar_maps_go_channels_last_and_back_unchanged() {
+        // Channels and widths off the 8-wide blocks; a batch; a band with its border rows.
+        for (n, c, h, w, pad) in [
+            (1, 3, 5, 7, 1),
+            (2, 17, 9, 10, 1),
+            (1, 40, 8, 16, 0),
+            (3, 8, 1, 1, 2),
+        ] {
+            let src = values(n * c * h * w, 9);
+            let mut map = FeatureMap::default();
+            map.load_planar_batch(&src, [n, c, h, w], pad)
+                .expect("load");
+            for b in 0..n {
+                for y in 0..h + 2 * pad {
+                    for x in 0..w + 2 * pad {
+                        for ch in 0..c {
+                            let got =
+                                map.data[b * map.map_len() + y * map.row_stride() + x * c + ch];
+                            let inside = (pad..h + pad).contains(&y) && (pad..w + pad).contains(&x);
+                            let want = if inside {
+                                src[((b * c + ch) * h + y - pad) * w + x - pad]
+                            } else {
+                                0.0
+                            };
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "({n},{c},{h},{w}) at {b},{y},{x},{ch}"
+                            );
+                        }
+                    }
+                }
+            }
+            let mut back = vec![0f32; src.len()];
+            map.write_nchw(&mut back);
+            assert_eq!(back, src);
+            if n == 1 && h > 3 {
+                // Rows 1..3 as a band: its interior those rows, its border rows 0 and 3.
+                map.load_planar_band(&src, c, h, w, 1..3, 1).expect("band");
+                let mut rows = vec![0f32; src.len()];
+                map.write_nchw_rows(&mut rows, h, 1);
+                for ch in 0..c {
+                    for y in 0..h {
+                        let at = (ch * h + y) * w;
+                        let inside = (1..3).contains(&y);
+                        let want = |i: usize| if inside { src[i] } else { 0.0 };
+                        assert!((at..at + w).all(|i| rows[i] == want(i)));
+                    }
+                    for y in [0, 3] {
+                        for x in 0..w {
+                            let got = map.data[y * map.row_stride() + (x + 1) * c + ch];
+                            assert_eq!(got, src[(ch * h + y) * w + x]);
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -7,9 +7,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::{
-    __m512, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps,
-    _mm256_storeu_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps,
-    _mm512_storeu_ps,
+    __m512, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_permute2f128_ps,
+    _mm256_setzero_ps, _mm256_shuffle_ps, _mm256_storeu_ps, _mm256_unpackhi_ps, _mm256_unpacklo_ps,
+    _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
 };
 
 use super::conv::TileArgs;
@@ -86,6 +86,56 @@ pub(super) unsafe fn tile_avx512<const M: usize>(args: &TileArgs<'_>) {
     for m in 0..M {
         for v in 0..4 {
             unsafe { _mm512_storeu_ps(outs[m].add(16 * v), acc[m][v]) };
+        }
+    }
+}
+
+/// `dst[j·dst_stride + i] = src[i·src_stride + j]` for `i, j < 8`: eight rows loaded, pairs
+/// interleaved, quadruples shuffled, 128-bit halves exchanged, eight columns stored.
+///
+/// # Safety
+/// Rows `0..8` of 8 values at `src` (stride `src_stride`) and of `dst` (stride `dst_stride`)
+/// must be inside their buffers; the CPU must have AVX.
+#[target_feature(enable = "avx")]
+pub(super) unsafe fn transpose8x8(
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
+    // SAFETY: the caller guarantees the eight rows on both sides.
+    let r: [_; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.add(i * src_stride)) });
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let s = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    for j in 0..4 {
+        // SAFETY: as above.
+        unsafe {
+            _mm256_storeu_ps(
+                dst.add(j * dst_stride),
+                _mm256_permute2f128_ps::<0x20>(s[j], s[j + 4]),
+            );
+            _mm256_storeu_ps(
+                dst.add((j + 4) * dst_stride),
+                _mm256_permute2f128_ps::<0x31>(s[j], s[j + 4]),
+            );
         }
     }
 }
