@@ -433,8 +433,7 @@ impl Unet {
             };
             xs = block.forward(&xs, &skips, &temb, context, size)?;
         }
-        let xs = self.norm_out.forward(&xs, true)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward_normalized(&xs, &self.norm_out, true)
     }
 
     /// The dtype of the weights.

@@ -119,14 +119,14 @@ impl ResnetBlock {
     /// same activation to the same embedding, so the UNet does it once per step).
     pub fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         // Each step replaces `h`, freeing the last (a shadowing `let` would keep it alive).
-        let mut h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
+        let mut h = self.conv1.forward_normalized(xs, &self.norm1, true)?;
         let t = self
             .time_emb_proj
             .forward(temb_act)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         h = h.broadcast_add(&t)?;
-        h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        h = self.conv2.forward_normalized(&h, &self.norm2, true)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

@@ -232,8 +232,9 @@ impl Vae {
             xs = block.forward(&xs, budget)?;
         }
         let xs = self.enc_mid.forward(&xs, budget)?;
-        let xs = self.enc_norm.forward(&xs, true)?;
-        let mut moments = self.enc_conv_out.forward(&xs, budget.conv_bytes)?;
+        let mut moments =
+            self.enc_conv_out
+                .forward_normalized(&xs, &self.enc_norm, true, budget.conv_bytes)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
@@ -253,8 +254,7 @@ impl Vae {
         for block in &self.dec_up {
             xs = block.forward(&xs, budget)?;
         }
-        let normed = self.dec_norm.forward(&xs, true)?;
-        drop(xs);
-        self.dec_conv_out.forward(&normed, budget.conv_bytes)
+        self.dec_conv_out
+            .forward_normalized(&xs, &self.dec_norm, true, budget.conv_bytes)
     }
 }

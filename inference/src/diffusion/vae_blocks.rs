@@ -194,6 +194,21 @@ impl Conv3x3 {
         Self::new(conv.weight().clone(), conv.bias().cloned(), stride, padding)
     }
 
+    /// `self.forward(&norm.forward(xs, silu), budget_bytes)`; on the native kernels the
+    /// normalization is applied as the convolution loads its input (no normalized copy).
+    pub fn forward_normalized(
+        &self,
+        xs: &Tensor,
+        norm: &GroupNorm,
+        silu: bool,
+        budget_bytes: usize,
+    ) -> Result<Tensor> {
+        match &self.native {
+            Some(native) => native.forward_normalized(xs, norm, silu),
+            None => self.forward(&norm.forward(xs, silu)?, budget_bytes),
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor, budget_bytes: usize) -> Result<Tensor> {
         if let Some(native) = &self.native {
             return native.forward(xs);
@@ -250,10 +265,12 @@ impl VaeResnet {
         // One full-size temporary at a time besides the input: each step replaces `h`, which
         // frees the last (shadowing with `let` would keep all four alive to the end: at
         // 1024² that was 2.5 GiB more at the peak).
-        let mut h = self.norm1.forward(xs, true)?;
-        h = self.conv1.forward(&h, budget.conv_bytes)?;
-        h = self.norm2.forward(&h, true)?;
-        h = self.conv2.forward(&h, budget.conv_bytes)?;
+        let mut h = self
+            .conv1
+            .forward_normalized(xs, &self.norm1, true, budget.conv_bytes)?;
+        h = self
+            .conv2
+            .forward_normalized(&h, &self.norm2, true, budget.conv_bytes)?;
         Ok(match &self.conv_shortcut {
             Some(conv) => (conv.forward(xs)? + h)?,
             None => (xs + h)?,

@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{
-    ConvGeom, Epilogue, FeatureMap, KernelPath, PackedWeights, Storage, WinogradScratch,
-    WinogradTile, WinogradWeights, rows_product, winograd_conv3x3, with_values,
+    ChannelAffine, ConvGeom, Epilogue, FeatureMap, GroupNorm, KernelPath, PackedWeights, Storage,
+    WinogradScratch, WinogradTile, WinogradWeights, rows_product, winograd_conv3x3, with_values,
 };
 use crate::error::{Error, Result};
 
@@ -289,7 +289,7 @@ impl candle_core::CustomOp1 for Differentiable {
         let values = &storage.as_slice::<f32>()?[a..b];
         let (out, oh, ow) = self
             .forward
-            .run(values, n, c, h, w)
+            .run_banded(values, [n, c, h, w], BAND_BYTES, None)
             .map_err(candle_core::Error::wrap)?;
         Ok((
             candle_core::CpuStorage::F32(out),
@@ -436,6 +436,20 @@ impl Conv2d {
         self.native.as_ref().map(|n| n.path())
     }
 
+    /// `self.forward(&norm.forward(x, silu))`, with the normalization (and SiLU) applied as
+    /// the convolution loads its input on the native kernels, so the normalized maps never
+    /// exist (at 512², one 268 MB map less at the VAE's peak, and a pass over memory less in
+    /// every resnet). The plain sequence where either layer runs on candle's ops or `x` tracks
+    /// gradients.
+    pub fn forward_normalized(&self, x: &Tensor, norm: &GroupNorm, silu: bool) -> Result<Tensor> {
+        if let Some(native) = self.native.as_ref().filter(|_| !x.track_op())
+            && let Some(affine) = norm.affine(x, silu)?
+        {
+            return native.forward_affine(x, Some(&affine));
+        }
+        self.forward(&norm.forward(x, silu)?)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match (&self.native, &self.gradient, &self.candle) {
             (Some(native), Some(gradient), _) if x.track_op() => {
@@ -464,9 +478,15 @@ impl Native {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_affine(x, None)
+    }
+
+    /// [`Self::forward`] with `affine` applied to the input as it is loaded.
+    fn forward_affine(&self, x: &Tensor, affine: Option<&ChannelAffine>) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let (result, oh, ow) = with_values(&x, |v| self.run(v, n, c, h, w))??;
+        let (result, oh, ow) =
+            with_values(&x, |v| self.run_banded(v, [n, c, h, w], BAND_BYTES, affine))??;
         Ok(Tensor::from_vec(
             result,
             (n, self.cout, oh, ow),
@@ -533,24 +553,15 @@ impl Native {
         super::conv(packed, &input.data, &geom, &mut output.data, &epi)
     }
 
-    /// Convolves `n` planar `c × h × w` inputs: the `(n, cout, oh, ow)` values, `oh` and `ow`.
-    fn run(
-        &self,
-        x: &[f32],
-        n: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-    ) -> Result<(Vec<f32>, usize, usize)> {
-        self.run_banded(x, [n, c, h, w], BAND_BYTES)
-    }
-
-    /// [`Self::run`] with bands of at most `band_bytes` (tests take small ones).
+    /// Convolves `n` planar `c × h × w` inputs, each map's `affine` applied as it is loaded,
+    /// in bands of at most `band_bytes` (tests take small ones): the `(n, cout, oh, ow)`
+    /// values, `oh` and `ow`.
     fn run_banded(
         &self,
         x: &[f32],
         [n, c, h, w]: [usize; 4],
         band_bytes: usize,
+        affine: Option<&ChannelAffine>,
     ) -> Result<(Vec<f32>, usize, usize)> {
         let (cin, cout) = (self.cin, self.cout);
         let (kh, kw) = self.kernel;
@@ -587,7 +598,7 @@ impl Native {
         // from memory once for all of them.
         let widest = cin.max(cout) * 4;
         if n > 1 && n.saturating_mul(h * w).saturating_mul(widest) <= band_bytes {
-            input.load_planar_batch(x, [n, cin, h, w], p)?;
+            input.load_planar_batch(x, [n, cin, h, w], p, affine)?;
             output.reset_border_batch(n, oh, ow, cout, 0)?;
             self.convolve(&input, &mut output, &mut taps, oh, ow)?;
             output.write_nchw(&mut result);
@@ -596,8 +607,9 @@ impl Native {
         let bands = self.band_rows(h, w, band_bytes);
         for b in 0..n {
             let (src, dst) = (&x[b * plane_in..], &mut result[b * plane_out..]);
+            let item = affine.map(|a| (a, b));
             let Some(band) = bands else {
-                input.load_planar(src, cin, h, w, p)?;
+                input.load_planar_band_affine(src, cin, h, w, 0..h, p, item)?;
                 output.reset_border(oh, ow, cout, 0)?;
                 self.convolve(&input, &mut output, &mut taps, oh, ow)?;
                 output.write_nchw(dst);
@@ -607,7 +619,7 @@ impl Native {
             // a band's size (at 1024², a 256-channel map is 1 GiB).
             for r0 in (0..h).step_by(band) {
                 let r1 = (r0 + band).min(h);
-                input.load_planar_band(src, cin, h, w, r0..r1, p)?;
+                input.load_planar_band_affine(src, cin, h, w, r0..r1, p, item)?;
                 output.reset_border(r1 - r0, ow, cout, 0)?;
                 self.convolve(&input, &mut output, &mut taps, r1 - r0, ow)?;
                 output.write_nchw_rows(dst, oh, r0);
@@ -784,6 +796,76 @@ mod tests {
         assert_eq!(none.kernels(), None);
     }
 
+    /// A convolution that applies the GroupNorm (and SiLU) as it loads its input gives
+    /// exactly the values of normalizing first: whole batches, sample by sample, in bands,
+    /// direct and Winograd, on every path; a norm of other channels is an error.
+    #[test]
+    fn a_normalization_applied_while_loading_equals_normalizing_first() {
+        let (cin, cout, h, w, groups) = (24, 5, 11, 7, 4);
+        let x =
+            Tensor::from_vec(values(2 * cin * h * w, 11), (2, cin, h, w), &Device::Cpu).expect("x");
+        let gamma = Tensor::from_vec(values(cin, 12), cin, &Device::Cpu).expect("gamma");
+        let beta = Tensor::from_vec(values(cin, 13), cin, &Device::Cpu).expect("beta");
+        for path in KernelPath::available_paths() {
+            let norm = GroupNorm::new(groups, 1e-5, gamma.clone(), beta.clone(), Some(path))
+                .expect("norm");
+            for winograd in [Winograd::NEVER, F4] {
+                let conv = with_kernels(Some(path), || {
+                    Conv2d::with_winograd(candle_conv(cout, cin, 3, 1, 1, DType::F32), winograd)
+                })
+                .expect("native");
+                for silu in [false, true] {
+                    let want = conv
+                        .forward(&norm.forward(&x, silu).expect("norm"))
+                        .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                        .expect("plain");
+                    let got = conv
+                        .forward_normalized(&x, &norm, silu)
+                        .and_then(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                        .expect("fused");
+                    assert_eq!(got, want, "{path} {winograd:?} silu {silu}");
+                    // Sample by sample in bands of 4 rows, and whole samples.
+                    let native = conv.native.as_ref().expect("native");
+                    let affine = norm.affine(&x, silu).expect("affine").expect("native norm");
+                    let v = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+                    for limit in [w * cin * 4 * 4, w * cin * 4 * h] {
+                        let (out, ..) = native
+                            .run_banded(&v, [2, cin, h, w], limit, Some(&affine))
+                            .expect("banded");
+                        assert_eq!(out, want, "{path} {winograd:?} silu {silu} bands {limit}");
+                    }
+                }
+            }
+            let other = GroupNorm::new(
+                groups,
+                1e-5,
+                gamma.narrow(0, 0, 20).expect("g"),
+                beta.narrow(0, 0, 20).expect("b"),
+                Some(path),
+            )
+            .expect("norm");
+            let x20 = x
+                .narrow(1, 0, 20)
+                .and_then(|t| t.contiguous())
+                .expect("x20");
+            let affine = other
+                .affine(&x20, true)
+                .expect("affine")
+                .expect("native norm");
+            let native = with_kernels(Some(path), || {
+                Conv2d::new(candle_conv(cout, cin, 3, 1, 1, DType::F32))
+            })
+            .expect("native");
+            let v = x.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v");
+            let native = native.native.as_ref().expect("native");
+            assert!(
+                native
+                    .run_banded(&v, [2, cin, h, w], usize::MAX, Some(&affine))
+                    .is_err()
+            );
+        }
+    }
+
     /// Large same-size layers run band by band (the neighbouring rows in each band's border):
     /// the same values as candle's whole-map convolution, for direct and Winograd layers and
     /// bands that do not divide the height.
@@ -812,7 +894,7 @@ mod tests {
                         let bands = native.band_rows(h, w, limit);
                         assert_eq!(bands.is_some(), limit < row_bytes * h);
                         let (out, oh, ow) = native
-                            .run_banded(&v, [2, cin, h, w], limit)
+                            .run_banded(&v, [2, cin, h, w], limit, None)
                             .expect("banded");
                         assert_eq!((oh, ow), (h, w));
                         let ours =

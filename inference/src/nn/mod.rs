@@ -49,7 +49,7 @@ pub use conv::{ConvGeom, Epilogue, PackedWeights, Storage, conv, fir, rows_produ
 pub use layers::{
     Conv2d, Linear, Winograd, default_kernels, linear, with_kernels, with_weight_storage,
 };
-pub use pointwise::{GroupNorm, geglu};
+pub use pointwise::{ChannelAffine, GroupNorm, geglu};
 pub use transposed::ConvTranspose2d;
 pub use winograd::{WinogradScratch, WinogradTile, WinogradWeights, winograd_conv3x3};
 
@@ -221,23 +221,46 @@ impl FeatureMap {
         rows: std::ops::Range<usize>,
         pad: usize,
     ) -> Result<()> {
+        self.load_planar_band_affine(src, c, h, w, rows, pad, None)
+    }
+
+    /// [`Self::load_planar_band`], applying map `item`'s affine of `affine` (a GroupNorm and
+    /// SiLU) to the values as they are loaded (not to the zero border).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn load_planar_band_affine(
+        &mut self,
+        src: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        rows: std::ops::Range<usize>,
+        pad: usize,
+        affine: Option<(&ChannelAffine, usize)>,
+    ) -> Result<()> {
         if src.len() < c * h * w || rows.end > h || rows.is_empty() {
             return Err(Error::InvalidParameter(format!(
                 "{} values for rows {rows:?} of a {c}×{h}×{w} map",
                 src.len()
             )));
         }
+        check_affine(
+            affine.map(|(a, _)| a),
+            c,
+            affine.map_or(0, |(_, item)| item + 1),
+        )?;
         self.reset_border(rows.len(), w, c, pad)?;
-        self.fill_rows(0, src, h, rows);
+        self.fill_rows(0, src, h, rows, affine);
         Ok(())
     }
 
-    /// Fills a batch of `n` maps from `n` planar `c × h × w` inputs, with a `pad` border.
+    /// Fills a batch of `n` maps from `n` planar `c × h × w` inputs, with a `pad` border,
+    /// applying each map's `affine` (a GroupNorm and SiLU) as the values are loaded.
     pub fn load_planar_batch(
         &mut self,
         src: &[f32],
         [n, c, h, w]: [usize; 4],
         pad: usize,
+        affine: Option<&ChannelAffine>,
     ) -> Result<()> {
         let plane = c * h * w;
         if src.len() < n * plane || h == 0 {
@@ -246,17 +269,26 @@ impl FeatureMap {
                 src.len()
             )));
         }
+        check_affine(affine, c, n)?;
         self.reset_border_batch(n, h, w, c, pad)?;
         for b in 0..n {
-            self.fill_rows(b, &src[b * plane..], h, 0..h);
+            self.fill_rows(b, &src[b * plane..], h, 0..h, affine.map(|a| (a, b)));
         }
         Ok(())
     }
 
     /// Copies rows `rows` of a planar `c × h × w` input (and up to `pad` rows around them)
     /// into map `b`, whose interior starts at row `rows.start`.
-    /// Rows in parallel, each a transpose of the input's `c × w` values of that row.
-    fn fill_rows(&mut self, b: usize, src: &[f32], h: usize, rows: std::ops::Range<usize>) {
+    /// Rows in parallel, each a transpose of the input's `c × w` values of that row, then
+    /// map `item`'s affine where one is given.
+    fn fill_rows(
+        &mut self,
+        b: usize,
+        src: &[f32],
+        h: usize,
+        rows: std::ops::Range<usize>,
+        affine: Option<(&ChannelAffine, usize)>,
+    ) {
         let (w, c, pad) = (self.w, self.c, self.pad);
         let (stride, map_len) = (self.row_stride(), self.map_len());
         let (y0, y1) = (rows.start.saturating_sub(pad), (rows.end + pad).min(h));
@@ -267,7 +299,11 @@ impl FeatureMap {
             .enumerate()
             .for_each(|(i, row)| {
                 let y = y0 + i;
-                transpose(&src[y * w..], h * w, &mut row[pad * c..], c, c, w);
+                let interior = &mut row[pad * c..(pad + w) * c];
+                transpose(&src[y * w..], h * w, interior, c, c, w);
+                if let Some((affine, item)) = affine {
+                    affine.apply(item, interior);
+                }
             });
     }
 
@@ -283,6 +319,18 @@ impl FeatureMap {
         };
         let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
         with_values(&t, |v| self.load_planar(v, c, h, w, pad))?
+    }
+}
+
+/// An error unless `affine` (where given) is for `c` channels and holds at least `maps` maps.
+fn check_affine(affine: Option<&ChannelAffine>, c: usize, maps: usize) -> Result<()> {
+    match affine {
+        Some(a) if a.channels() != c || a.maps() < maps => Err(Error::InvalidParameter(format!(
+            "a normalization of {} maps of {} channels applied to {maps} of {c}",
+            a.maps(),
+            a.channels()
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -446,7 +494,7 @@ mod tests {
         ] {
             let src = values(n * c * h * w, 9);
             let mut map = FeatureMap::default();
-            map.load_planar_batch(&src, [n, c, h, w], pad)
+            map.load_planar_batch(&src, [n, c, h, w], pad, None)
                 .expect("load");
             for b in 0..n {
                 for y in 0..h + 2 * pad {

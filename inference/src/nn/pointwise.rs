@@ -112,7 +112,7 @@ impl GroupNorm {
         Self::new(groups, eps, weight, bias, default_kernels(vb.device()))
     }
 
-    fn new(
+    pub(super) fn new(
         groups: usize,
         eps: f64,
         weight: Tensor,
@@ -172,6 +172,86 @@ impl GroupNorm {
         })?;
         Ok(Tensor::from_vec(out, (n, c, h, w), &Device::Cpu)?)
     }
+
+    /// The normalization of `x` `(n, c, h, w)` as a per-(map, channel) affine (then SiLU with
+    /// `silu`) for the next convolution to apply while it loads its input, so the normalized
+    /// maps never exist: the same values as [`Self::forward`], bit for bit. `None` where the
+    /// norm runs on candle's ops (the caller then normalizes first).
+    pub fn affine(&self, x: &Tensor, silu: bool) -> Result<Option<ChannelAffine>> {
+        let Some((weight, bias)) = &self.native else {
+            return Ok(None);
+        };
+        let (n, c, h, w) = x.dims4()?;
+        if c != weight.len() || x.dtype() != DType::F32 || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let per_group = c / self.groups * h * w;
+        let channels = c / self.groups;
+        let mut scale = vec![0f32; n * c];
+        let mut shift = vec![0f32; n * c];
+        #[allow(clippy::cast_possible_truncation)] // the epsilon of an f32 norm
+        let eps = self.eps as f32;
+        with_values(&x, |v| {
+            scale
+                .par_chunks_mut(channels)
+                .zip(shift.par_chunks_mut(channels))
+                .zip(v.par_chunks(per_group))
+                .enumerate()
+                .for_each(|(i, ((a, b), g))| {
+                    let c0 = (i % self.groups) * channels;
+                    let (mean, inv) = group_stats(g, eps);
+                    for (k, (a, b)) in a.iter_mut().zip(b).enumerate() {
+                        (*a, *b) = channel_affine(mean, inv, weight[c0 + k], bias[c0 + k]);
+                    }
+                });
+        })?;
+        Ok(Some(ChannelAffine {
+            channels: c,
+            scale,
+            shift,
+            silu,
+        }))
+    }
+}
+
+/// A normalization held as `x·scale + shift` per (map, channel), then SiLU with `silu`
+/// ([`GroupNorm::affine`]), for a convolution to apply to its input as it loads it.
+#[derive(Debug, Clone)]
+pub struct ChannelAffine {
+    channels: usize,
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    silu: bool,
+}
+
+impl ChannelAffine {
+    /// Channels per map.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Maps it holds the affine of.
+    pub fn maps(&self) -> usize {
+        self.scale.len() / self.channels.max(1)
+    }
+
+    /// Applies map `item`'s affine to channels-last pixels (`channels` values each).
+    pub(super) fn apply(&self, item: usize, pixels: &mut [f32]) {
+        let c = self.channels;
+        let (a, b) = (&self.scale[item * c..][..c], &self.shift[item * c..][..c]);
+        for px in pixels.chunks_exact_mut(c) {
+            if self.silu {
+                for ((x, &a), &b) in px.iter_mut().zip(a).zip(b) {
+                    *x = self::silu(x.mul_add(a, b));
+                }
+            } else {
+                for ((x, &a), &b) in px.iter_mut().zip(a).zip(b) {
+                    *x = x.mul_add(a, b);
+                }
+            }
+        }
+    }
 }
 
 /// Sums in 16 independent lanes, in f64 across chunks (a group of a 512² VAE map holds a
@@ -193,9 +273,23 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     total
 }
 
+/// A group's mean and `1/√(variance + eps)` (the variance about the mean, in f64 sums).
+#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // statistics in f64
+fn group_stats(g: &[f32], eps: f32) -> (f32, f32) {
+    let count = g.len() as f64;
+    let mean = (lane_sum(g, |x| x) / count) as f32;
+    let var = (lane_sum(g, |x| (x - mean) * (x - mean)) / count) as f32;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// A channel's normalization and affine as one `x·a + b`.
+fn channel_affine(mean: f32, inv: f32, gamma: f32, beta: f32) -> (f32, f32) {
+    let a = inv * gamma;
+    (a, beta - mean * a)
+}
+
 /// One group (`channels × plane` values) normalized (mean, then variance about it), scaled
 /// and shifted per channel, and passed through SiLU with `silu`.
-#[allow(clippy::cast_precision_loss, clippy::cast_possible_truncation)] // statistics in f64
 fn norm_group(
     g: &[f32],
     out: &mut [f32],
@@ -205,17 +299,13 @@ fn norm_group(
     eps: f32,
     silu: bool,
 ) {
-    let count = g.len() as f64;
-    let mean = (lane_sum(g, |x| x) / count) as f32;
-    let var = (lane_sum(g, |x| (x - mean) * (x - mean)) / count) as f32;
-    let inv = 1.0 / (var + eps).sqrt();
+    let (mean, inv) = group_stats(g, eps);
     for ((o, x), (&gamma, &beta)) in out
         .chunks_mut(plane)
         .zip(g.chunks(plane))
         .zip(weight.iter().zip(bias))
     {
-        let a = inv * gamma;
-        let b = beta - mean * a;
+        let (a, b) = channel_affine(mean, inv, gamma, beta);
         if silu {
             for (o, &x) in o.iter_mut().zip(x) {
                 *o = self::silu(x.mul_add(a, b));
