@@ -254,9 +254,9 @@ fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
 ///   of queries at a time); candle's attention (other CPUs) materialises
 ///   `batch × heads × tokens²` scores, about three times over with the softmax.
 /// - VAE decode: at full size, the last up block's 256-channel input and about six maps of its
-///   128 channels (input, GroupNorm output where candle runs it, the convolution's channels-last copies and result,
-///   the residual sum) alive at once; the bands of [`super::vae_blocks::MemoryBudget`] bound
-///   the rest.
+///   128 channels (input, GroupNorm output where candle runs it, the convolution's
+///   channels-last copies and result, the residual sum) alive at once; the bands of
+///   [`super::vae_blocks::MemoryBudget`] bound the rest.
 pub fn working_bytes(model: &SdModel, width: u32, height: u32, batch: usize) -> u64 {
     let cfg = model.unet.config();
     let (lw, lh) = (u64::from(width) / 8, u64::from(height) / 8);

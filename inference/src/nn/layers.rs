@@ -609,7 +609,7 @@ impl Native {
             let (src, dst) = (&x[b * plane_in..], &mut result[b * plane_out..]);
             let item = affine.map(|a| (a, b));
             let Some(band) = bands else {
-                input.load_planar_band_affine(src, cin, h, w, 0..h, p, item)?;
+                input.load_planar_band(src, cin, h, w, 0..h, p, item)?;
                 output.reset_border(oh, ow, cout, 0)?;
                 self.convolve(&input, &mut output, &mut taps, oh, ow)?;
                 output.write_nchw(dst);
@@ -619,7 +619,7 @@ impl Native {
             // a band's size (at 1024², a 256-channel map is 1 GiB).
             for r0 in (0..h).step_by(band) {
                 let r1 = (r0 + band).min(h);
-                input.load_planar_band_affine(src, cin, h, w, r0..r1, p, item)?;
+                input.load_planar_band(src, cin, h, w, r0..r1, p, item)?;
                 output.reset_border(r1 - r0, ow, cout, 0)?;
                 self.convolve(&input, &mut output, &mut taps, r1 - r0, ow)?;
                 output.write_nchw_rows(dst, oh, r0);

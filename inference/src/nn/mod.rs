@@ -206,28 +206,16 @@ impl FeatureMap {
         w: usize,
         pad: usize,
     ) -> Result<()> {
-        self.load_planar_band(src, c, h, w, 0..h, pad)
+        self.load_planar_band(src, c, h, w, 0..h, pad, None)
     }
 
     /// Fills the map with rows `rows` of planar values (`c × h × w`) as its interior, and the
     /// rows around them (up to `pad` on each side, where the input has them) in its top and
-    /// bottom border: a band of a same-size convolution's input, convolved as if whole.
-    pub fn load_planar_band(
-        &mut self,
-        src: &[f32],
-        c: usize,
-        h: usize,
-        w: usize,
-        rows: std::ops::Range<usize>,
-        pad: usize,
-    ) -> Result<()> {
-        self.load_planar_band_affine(src, c, h, w, rows, pad, None)
-    }
-
-    /// [`Self::load_planar_band`], applying map `item`'s affine of `affine` (a GroupNorm and
-    /// SiLU) to the values as they are loaded (not to the zero border).
+    /// bottom border: a band of a same-size convolution's input, convolved as if whole. With
+    /// `affine`, map `item`'s affine of it (a GroupNorm and SiLU) is applied to the values as
+    /// they are loaded (not to the zero border).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn load_planar_band_affine(
+    pub fn load_planar_band(
         &mut self,
         src: &[f32],
         c: usize,
@@ -522,7 +510,8 @@ mod tests {
             assert_eq!(back, src);
             if n == 1 && h > 3 {
                 // Rows 1..3 as a band: its interior those rows, its border rows 0 and 3.
-                map.load_planar_band(&src, c, h, w, 1..3, 1).expect("band");
+                map.load_planar_band(&src, c, h, w, 1..3, 1, None)
+                    .expect("band");
                 let mut rows = vec![0f32; src.len()];
                 map.write_nchw_rows(&mut rows, h, 1);
                 for ch in 0..c {
