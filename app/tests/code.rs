@@ -443,7 +443,7 @@ fn canned_server(reply: &'static str) -> (String, std::thread::JoinHandle<()>) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("server");
     let port = listener.local_addr().expect("addr").port();
-    let handle = std::thread::spawn(move || {
+    let handle = studio_tests::spawn_named("code-client", move || {
         for _ in 0..2 {
             let Ok((stream, _)) = listener.accept() else {
                 return;

@@ -1326,7 +1326,7 @@ fn while_stepping<T: Send + 'static>(
     h: &mut Harness<'_, StudioApp>,
     exchange: impl FnOnce() -> T + Send + 'static,
 ) -> T {
-    let client = std::thread::spawn(exchange);
+    let client = studio_tests::spawn_named("api-client", exchange);
     step_until(h, "the HTTP exchange", |_| client.is_finished());
     client.join().expect("client")
 }

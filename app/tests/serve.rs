@@ -1005,7 +1005,7 @@ fn under_load_the_model_list_keeps_answering() {
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let poller = {
         let done = done.clone();
-        std::thread::spawn(move || {
+        studio_tests::spawn_named("poller", move || {
             let mut polls = 0;
             let mut slowest = Duration::ZERO;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
@@ -1027,45 +1027,49 @@ fn under_load_the_model_list_keeps_answering() {
     let mut clients = Vec::new();
     for i in 0..9 {
         let body = stream_body(if i % 3 == 2 { 2000 } else { 48 });
-        clients.push(std::thread::spawn(move || -> &'static str {
-            let mut s = TcpStream::connect(addr).expect("connect");
-            s.set_read_timeout(Some(Duration::from_mins(2)))
-                .expect("timeout");
-            let head = format!(
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\n\
+        clients.push(studio_tests::spawn_named(
+            "load-client",
+            move || -> &'static str {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_mins(2)))
+                    .expect("timeout");
+                let head = format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\n\
                  Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            if i % 3 == 1 {
-                // A slow client: the request trickles in.
-                for piece in head.as_bytes().chunks(16).chain(body.as_bytes().chunks(16)) {
-                    s.write_all(piece).expect("send");
-                    std::thread::sleep(Duration::from_millis(10));
+                    body.len()
+                );
+                if i % 3 == 1 {
+                    // A slow client: the request trickles in.
+                    for piece in head.as_bytes().chunks(16).chain(body.as_bytes().chunks(16)) {
+                        s.write_all(piece).expect("send");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                } else {
+                    s.write_all(head.as_bytes()).expect("send");
+                    s.write_all(body.as_bytes()).expect("send");
                 }
-            } else {
-                s.write_all(head.as_bytes()).expect("send");
-                s.write_all(body.as_bytes()).expect("send");
-            }
-            let mut reader = BufReader::new(s);
-            if i % 3 == 2 {
-                // Leaves after the first event.
+                let mut reader = BufReader::new(s);
+                if i % 3 == 2 {
+                    // Leaves after the first event.
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).expect("read") > 0 && !line.contains("data:")
+                    {
+                        line.clear();
+                    }
+                    return "left";
+                }
+                let mut all = String::new();
                 let mut line = String::new();
-                while reader.read_line(&mut line).expect("read") > 0 && !line.contains("data:") {
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    all.push_str(&line);
+                    if line.contains("[DONE]") {
+                        return "done";
+                    }
                     line.clear();
                 }
-                return "left";
-            }
-            let mut all = String::new();
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 0 {
-                all.push_str(&line);
-                if line.contains("[DONE]") {
-                    return "done";
-                }
-                line.clear();
-            }
-            panic!("stream {i} ended without [DONE]: {all}");
-        }));
+                panic!("stream {i} ended without [DONE]: {all}");
+            },
+        ));
     }
     let outcomes: Vec<&str> = clients
         .into_iter()
@@ -1118,7 +1122,7 @@ fn a_huge_prompt_does_not_hold_up_the_model_while_it_is_tokenized() {
     let server = start(dir.path());
     let addr = server.addr();
     let big = json!({"prompt": "lorem ipsum dolor sit amet ".repeat(80_000), "max_tokens": 1});
-    let big = std::thread::spawn(move || {
+    let big = studio_tests::spawn_named("big-prompt", move || {
         let reply = post(addr, "/v1/completions", &big);
         (reply.status, Instant::now())
     });

@@ -308,3 +308,18 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .expect("scalar")
 }
+
+/// Runs `f` on a new thread named `name` (the workspace's `clippy.toml` refuses unnamed
+/// threads, tests included: a name shows in a failing test's panic message).
+///
+/// # Panics
+/// When the OS refuses a thread.
+pub fn spawn_named<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .expect("spawn a test thread")
+}

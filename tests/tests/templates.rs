@@ -631,10 +631,12 @@ fn templates_can_move_to_the_worker_thread() {
     assert_send_sync::<ChatTemplate>();
     let template = fixture("smollm2-instruct.jinja");
     let copy = template.clone();
-    let rendered = std::thread::spawn(move || copy.render(&[TemplateMessage::user("Hi")], true))
-        .join()
-        .expect("thread")
-        .expect("renders");
+    let rendered = studio_tests::spawn_named("render", move || {
+        copy.render(&[TemplateMessage::user("Hi")], true)
+    })
+    .join()
+    .expect("thread")
+    .expect("renders");
     assert_eq!(
         rendered,
         template
