@@ -5,20 +5,30 @@
 //! loaded model. This crate has no UI dependency; the application talks to it only through the
 //! [`worker`] job/event protocol and a repaint callback.
 //!
-//! Layout:
+//! Layout (every module):
 //! - [`models`]: one file per model family (config, loader with real checkpoint names, forward
-//!   with KV cache) behind the [`models::CausalLm`] trait;
+//!   with KV cache) behind the [`models::CausalLm`] trait, and the CPU math between products;
 //! - [`loader`]: finding a model's files, refusing pickles, detecting the architecture;
 //! - [`weights`]: memory-mapped safetensors with errors that name the tensor;
+//! - [`gguf`], [`gguf_tokenizer`]: llama.cpp GGUF files (header, tensors, quantized models)
+//!   and the tokenizer rebuilt from their metadata;
+//! - [`quant`]: Studio's quantized matmul kernels (AVX-512, AVX2, scalar) and `KernelPath`;
+//! - [`nn`]: Studio's CPU kernels for the convolutional networks (convolution, Winograd,
+//!   attention, GroupNorm) on the same paths;
 //! - [`text`]: tokenizer, UTF-8-safe token streaming, stop strings;
 //! - [`sampling`]: temperature, top-k, top-p, min-p, repeat penalty, seed;
 //! - [`generate`]: the shared token loop with timing;
 //! - [`chat`]: chat turns to prompts and context fitting;
-//! - [`template`]: the model's own Jinja chat template;
+//! - [`template`]: the model's own Jinja chat template (`template_bounds`, private: the size
+//!   bounds every value a template computes is checked against);
+//! - [`code`]: Code Assist's fill-in-the-middle prompts, actions and diffs;
+//! - [`remote`]: an OpenAI-compatible server as the chat model;
+//! - [`diffusion`]: Stable Diffusion (UNet, VAE, CLIP, TAESD, schedulers, pipelines);
+//! - [`gan`]: StyleGAN2 and DCGAN generators, numpy-compatible seeds, projection;
 //! - [`worker`]: the worker thread and its protocol;
-//! - [`gan`]: StyleGAN2 generators from NVIDIA's `G_ema` tensors, numpy-compatible seeds;
 //! - [`image_meta`]: the `parameters` text SD tools write into PNGs;
-//! - [`device`], [`hf_cache`], [`sys`]: device choice, the Hugging Face cache, process facts.
+//! - [`device`], [`hf_cache`], [`sys`]: device choice, the Hugging Face cache, process facts;
+//! - [`error`]: the crate's error type.
 
 pub mod chat;
 pub mod code;
