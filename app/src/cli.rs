@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use studio_inference::chat::{ChatMessage, build_chat_prompt};
+use studio_inference::chat::ChatMessage;
 use studio_inference::device::{DevicePreference, create_device};
 use studio_inference::generate::{GenerationStats, Step, generate};
 use studio_inference::loader::{self, LoadedModel};
@@ -300,7 +300,7 @@ fn run_chat(args: &ChatArgs) -> Result<()> {
     let (mut m, _) = load_model(&args.engine)?;
     let system = args.system.as_deref().unwrap_or("");
     let messages = [ChatMessage::user(args.message.as_str())];
-    let prompt = build_chat_prompt(&m, system, &messages, params.max_new_tokens)?;
+    let prompt = m.chat_prompt(system, &messages, params.max_new_tokens)?;
     if let Some(notice) = &prompt.notice {
         eprintln!("note: {notice}");
     }

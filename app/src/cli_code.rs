@@ -27,7 +27,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use serde_json::json;
-use studio_inference::chat::build_chat_prompt;
 use studio_inference::code::actions::{
     ActionInput, ActionKind, ContextFile, build_action_prompt, presets_with, rewrite_from_reply,
 };
@@ -369,12 +368,7 @@ pub fn run_code(args: &CodeArgs) -> Result<()> {
     for cut in &prompt.cut {
         eprintln!("note: context cut: {cut}");
     }
-    let chat = build_chat_prompt(
-        &m,
-        &prompt.system,
-        &prompt.messages(),
-        params.max_new_tokens,
-    )?;
+    let chat = m.chat_prompt(&prompt.system, &prompt.messages(), params.max_new_tokens)?;
     if let Some(notice) = &chat.notice {
         eprintln!("note: {notice}");
     }

@@ -7,7 +7,7 @@
 //! - `GET /v1/models` (and `GET /v1/models/{id}`): the one loaded model, with its context length
 //!   as `max_model_len` and `context_length`;
 //! - `POST /v1/chat/completions`: a reply in the model's own chat template
-//!   ([`studio_inference::chat::build_chat_prompt_with`]; the oldest turns are dropped if the
+//!   ([`studio_inference::chat::build_chat_prompt`]; the oldest turns are dropped if the
 //!   conversation does not fit);
 //! - `POST /v1/completions`: a raw continuation of `prompt`.
 //!
@@ -64,7 +64,7 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
-use studio_inference::chat::{ChatFormat, ChatMessage, build_chat_prompt_with};
+use studio_inference::chat::{ChatFormat, ChatMessage, build_chat_prompt};
 use studio_inference::generate::{FinishReason, GenerationStats, Step, generate};
 use studio_inference::loader::LoadedModel;
 use studio_inference::sampling::SamplingParams;
@@ -1336,7 +1336,7 @@ fn prepare(
             (tokens, Vec::new())
         }
         Prompt::Chat { system, messages } => {
-            let built = build_chat_prompt_with(
+            let built = build_chat_prompt(
                 &p.tokenizer,
                 &p.chat,
                 p.context,

@@ -17,7 +17,6 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::loader::LoadedModel;
 use crate::template::{ChatTemplate, TemplateMessage};
 use crate::text::Tokenizer;
 
@@ -256,31 +255,17 @@ pub struct ChatPrompt {
     pub notice: Option<String>,
 }
 
-/// Builds the prompt for the next reply in the model's own chat format, fitted to its context.
+/// Builds the prompt for the next reply in a chat format (the model's own template, or the
+/// plain transcript), fitted to a `context` of tokens with `reserve` left for the reply. It
+/// takes the parts of a model it reads, not the model, so a prompt can be built without holding
+/// the model (the server renders and tokenizes outside its model lock);
+/// [`crate::loader::LoadedModel::chat_prompt`] passes a loaded model's.
 ///
-/// When the model's template refuses the conversation (templates `raise_exception` on a system
+/// When the template refuses the conversation (templates `raise_exception` on a system
 /// message, or fail), Studio does what users expect rather than fail: the system prompt is put
 /// at the start of the first user message; if the template still fails, the plain transcript
 /// is used. Either way `notice` says so.
 pub fn build_chat_prompt(
-    model: &LoadedModel,
-    system: &str,
-    messages: &[ChatMessage],
-    reserve: usize,
-) -> Result<ChatPrompt> {
-    build_chat_prompt_with(
-        &model.tokenizer,
-        &model.chat,
-        model.model.context_length(),
-        system,
-        messages,
-        reserve,
-    )
-}
-
-/// [`build_chat_prompt`] from the parts of a model it reads, so that a prompt can be built
-/// without holding the model (the server renders and tokenizes outside its model lock).
-pub fn build_chat_prompt_with(
     tok: &Tokenizer,
     format: &ChatFormat,
     context: usize,

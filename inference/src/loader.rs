@@ -77,6 +77,26 @@ pub struct LoadedModel {
     pub chat: ChatFormat,
 }
 
+impl LoadedModel {
+    /// The prompt for the next reply in this model's chat format, fitted to its context
+    /// ([`crate::chat::build_chat_prompt`]).
+    pub fn chat_prompt(
+        &self,
+        system: &str,
+        messages: &[crate::chat::ChatMessage],
+        reserve: usize,
+    ) -> Result<crate::chat::ChatPrompt> {
+        crate::chat::build_chat_prompt(
+            &self.tokenizer,
+            &self.chat,
+            self.model.context_length(),
+            system,
+            messages,
+            reserve,
+        )
+    }
+}
+
 /// Whether `path` is a llama.cpp GGUF file (by extension).
 pub fn is_gguf(path: &Path) -> bool {
     path.extension()

@@ -39,7 +39,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{self, ChatMessage};
+use crate::chat::ChatMessage;
 use crate::code::actions::{ActionInput, ActionPreset, build_action_prompt, estimate_tokens};
 use crate::code::complete::{self, CompletionRequest, FimSupport};
 use crate::device::{DevicePreference, create_device};
@@ -1278,7 +1278,7 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
                 }
                 Some(Backend::Local(m)) => m,
             };
-            let prompt = chat::build_chat_prompt(m, &system, &messages, params.max_new_tokens)?;
+            let prompt = m.chat_prompt(&system, &messages, params.max_new_tokens)?;
             if let Some(message) = prompt.notice {
                 ctx.send(Event::Notice {
                     job: ctx.job,

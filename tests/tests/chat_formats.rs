@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use studio_inference::chat::{ChatFormat, ChatMessage, build_chat_prompt};
+use studio_inference::chat::{ChatFormat, ChatMessage};
 use studio_inference::loader;
 use studio_tests::families::write_family;
 
@@ -42,8 +42,9 @@ fn the_models_own_template_builds_the_prompt_and_its_end_of_turn_stops_it() {
         "{}",
         m.info.chat_format
     );
-    let p =
-        build_chat_prompt(&m, "Be brief.", &[ChatMessage::user("Hi there")], 64).expect("prompt");
+    let p = m
+        .chat_prompt("Be brief.", &[ChatMessage::user("Hi there")], 64)
+        .expect("prompt");
     assert!(p.notice.is_none());
     assert!(p.stop.is_empty(), "templates stop on tokens, not strings");
     let text = m.tokenizer.decode(&p.fitted.tokens).expect("decode");
@@ -64,7 +65,9 @@ fn the_models_own_template_builds_the_prompt_and_its_end_of_turn_stops_it() {
 fn a_template_without_a_system_role_gets_the_system_prompt_in_the_first_message() {
     let (_t, dir) = model_with_template(&template("gemma-2-instruct"), Some("<bos>"), "<eos>");
     let m = load(&dir);
-    let p = build_chat_prompt(&m, "Be brief.", &[ChatMessage::user("Hi")], 64).expect("prompt");
+    let p = m
+        .chat_prompt("Be brief.", &[ChatMessage::user("Hi")], 64)
+        .expect("prompt");
     let notice = p.notice.expect("the fallback is announced");
     assert!(notice.contains("system prompt"), "{notice}");
     let text = m.tokenizer.decode(&p.fitted.tokens).expect("decode");
@@ -79,7 +82,9 @@ fn a_failing_template_falls_back_visibly_and_a_broken_one_still_loads() {
     let raising = "{{ raise_exception('Conversation roles must alternate user/assistant') }}";
     let (_t, dir) = model_with_template(raising, None, "<|im_end|>");
     let m = load(&dir);
-    let p = build_chat_prompt(&m, "", &[ChatMessage::user("Hi")], 64).expect("prompt");
+    let p = m
+        .chat_prompt("", &[ChatMessage::user("Hi")], 64)
+        .expect("prompt");
     let notice = p.notice.expect("fallback notice");
     assert!(
         notice.contains("roles must alternate") && notice.contains("plain transcript"),

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use studio_inference::chat::{ChatFormat, ChatMessage, build_chat_prompt};
+use studio_inference::chat::{ChatFormat, ChatMessage};
 use studio_inference::loader::{self, Architecture};
 use studio_inference::models::hf::Family;
 use studio_inference::sampling::SamplingParams;
@@ -25,7 +25,9 @@ fn a_gguf_file_loads_with_its_embedded_template() {
     assert_eq!(m.info.architecture, Architecture::Family(Family::Qwen2));
     assert!(m.info.dtype.contains("Q8_0"), "{}", m.info.dtype);
     assert!(matches!(m.chat, ChatFormat::Template(_)));
-    let p = build_chat_prompt(&m, "", &[ChatMessage::user("Hi")], 16).expect("prompt");
+    let p = m
+        .chat_prompt("", &[ChatMessage::user("Hi")], 16)
+        .expect("prompt");
     assert_eq!(
         m.tokenizer.decode(&p.fitted.tokens).expect("decode"),
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
