@@ -188,10 +188,11 @@ fn attend(
         let (bi, hi) = (bh / heads, bh % heads);
         super::transpose(&v[bi * m * hd + hi * d..], hd, t, m, m, d);
     });
-    let mut gathered = Pooled::take(&BUFFERS);
+    let mut gathered;
     let keys: &[f32] = if heads == 1 {
         k
     } else {
+        gathered = Pooled::take(&BUFFERS);
         gathered.clear();
         gathered.resize(batch * heads * m * d, 0.0);
         gathered

@@ -240,12 +240,15 @@ impl ChannelAffine {
     pub(super) fn apply(&self, item: usize, pixels: &mut [f32]) {
         let c = self.channels;
         let (a, b) = (&self.scale[item * c..][..c], &self.shift[item * c..][..c]);
-        for px in pixels.chunks_exact_mut(c) {
-            if self.silu {
+        let pixels = pixels.chunks_exact_mut(c);
+        if self.silu {
+            for px in pixels {
                 for ((x, &a), &b) in px.iter_mut().zip(a).zip(b) {
                     *x = self::silu(x.mul_add(a, b));
                 }
-            } else {
+            }
+        } else {
+            for px in pixels {
                 for ((x, &a), &b) in px.iter_mut().zip(a).zip(b) {
                     *x = x.mul_add(a, b);
                 }
