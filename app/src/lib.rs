@@ -3,17 +3,15 @@
 //! Studio's desktop application (egui/eframe) and its headless command line, both on the same
 //! engine: the [`studio_inference`] worker. This crate never touches tensors.
 //!
-//! - [`cli`], [`cli_image`], [`cli_gan`], [`cli_code`]: `studio generate`, `studio txt2img`,
-//!   `studio complete`, `studio bench …` (the contract scripts rely on);
+//! - [`cli`]: the headless command line, `studio generate`, `studio txt2img`,
+//!   `studio complete`, `studio bench …` (the contract scripts rely on), one file per family
+//!   of subcommands and their shared flags in `cli/common.rs`;
+//! - [`serve`]: the OpenAI-compatible HTTP server (`studio serve` and the Chat panel's);
 //! - [`gui`]: the window, its panels and the status bar;
 //! - [`home`]: where user work is saved, atomically;
 //! - [`files`]: the `studio-files` thread that encodes and writes images off the UI thread.
 
 pub mod cli;
-pub mod cli_code;
-pub mod cli_gan;
-pub mod cli_image;
-pub mod cli_values;
 pub mod files;
 pub mod gui;
 pub mod home;

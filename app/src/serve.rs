@@ -7,7 +7,7 @@
 //! - `GET /v1/models` (and `GET /v1/models/{id}`): the one loaded model, with its context length
 //!   as `max_model_len` and `context_length`;
 //! - `POST /v1/chat/completions`: a reply in the model's own chat template
-//!   ([`studio_inference::chat::build_chat_prompt`]; the oldest turns are dropped if the
+//!   ([`studio_inference::llm::chat::build_chat_prompt`]; the oldest turns are dropped if the
 //!   conversation does not fit);
 //! - `POST /v1/completions`: a raw continuation of `prompt`.
 //!
@@ -64,11 +64,11 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Map, Value, json};
-use studio_inference::chat::{ChatFormat, ChatMessage, build_chat_prompt};
-use studio_inference::generate::{FinishReason, GenerationStats, Step, generate};
-use studio_inference::loader::LoadedModel;
-use studio_inference::sampling::SamplingParams;
-use studio_inference::text::Tokenizer;
+use studio_inference::llm::chat::{ChatFormat, ChatMessage, build_chat_prompt};
+use studio_inference::llm::generate::{FinishReason, GenerationStats, Step, generate};
+use studio_inference::llm::loader::LoadedModel;
+use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::llm::text::Tokenizer;
 use studio_inference::worker::{CustomJob, JobKind, JobSubmitter};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -1317,12 +1317,8 @@ struct Prepared {
 }
 
 /// Renders the template and tokenizes (no model needed).
-fn prepare(
-    p: &Prompter,
-    prompt: &Prompt,
-    mut params: SamplingParams,
-) -> Result<Prepared, ApiError> {
-    let (tokens, extra_eos) = match prompt {
+fn prepare(p: &Prompter, prompt: &Prompt, params: SamplingParams) -> Result<Prepared, ApiError> {
+    let (tokens, eos, params) = match prompt {
         Prompt::Text(text) => {
             if text.is_empty() {
                 return Err(ApiError::from_inference(
@@ -1333,10 +1329,10 @@ fn prepare(
                 .tokenizer
                 .encode(text)
                 .map_err(|e| ApiError::from_inference(&e))?;
-            (tokens, Vec::new())
+            (tokens, p.eos.clone(), params)
         }
         Prompt::Chat { system, messages } => {
-            let built = build_chat_prompt(
+            let reply = build_chat_prompt(
                 &p.tokenizer,
                 &p.chat,
                 p.context,
@@ -1344,18 +1340,18 @@ fn prepare(
                 messages,
                 params.max_new_tokens,
             )
-            .map_err(|e| ApiError::from_inference(&e))?;
-            if let Some(notice) = &built.notice {
+            .map_err(|e| ApiError::from_inference(&e))?
+            .into_reply(params, &p.eos);
+            if let Some(notice) = &reply.notice {
                 log::warn!("serve: {notice}");
             }
-            if built.fitted.dropped_messages > 0 {
+            if reply.dropped_messages > 0 {
                 log::info!(
                     "serve: left out the {} oldest messages to fit the context",
-                    built.fitted.dropped_messages
+                    reply.dropped_messages
                 );
             }
-            params.stop.extend(built.stop);
-            (built.fitted.tokens, built.end_of_turn)
+            (reply.tokens, reply.eos, reply.params)
         }
     };
     if tokens.len() >= p.context {
@@ -1366,7 +1362,6 @@ fn prepare(
             },
         ));
     }
-    let eos = p.eos.iter().chain(&extra_eos).copied().collect();
     Ok(Prepared {
         tokens,
         eos,
@@ -1558,8 +1553,8 @@ pub mod fuzzing {
         Arc, AtomicBool, AtomicU64, ModelAccess, Prompter, Semaphore, ServeOptions, ServedModel,
         Shared, serve_connection,
     };
-    use studio_inference::chat::ChatFormat;
-    use studio_inference::text::Tokenizer;
+    use studio_inference::llm::chat::ChatFormat;
+    use studio_inference::llm::text::Tokenizer;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     pub struct Harness {

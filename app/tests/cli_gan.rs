@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
 use image::AnimationDecoder;
-use studio_inference::candle_core::Device;
 use studio_inference::diffusion::imaging::{RgbImage, decode_image_file};
 use studio_inference::gan::latent::LatentText;
 use studio_inference::gan::{NoiseMode, StyleGan2, npy};
@@ -556,11 +556,9 @@ fn gan_runs_a_dcgan_generator_from_a_seed() {
         text.as_deref(),
         Some("DCGAN latent: seed 7; model generator.safetensors")
     );
-    let expected = studio_inference::candle_core::safetensors::load(
-        fixtures.join("expected.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("fixture");
+    let expected =
+        candle_core::safetensors::load(fixtures.join("expected.safetensors"), &Device::Cpu)
+            .expect("fixture");
     let want = studio_inference::diffusion::imaging::tensor_to_image(&expected["image_seed7"])
         .expect("image");
     let worst = img

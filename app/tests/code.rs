@@ -14,7 +14,7 @@ use studio_app::gui::code::CodeCommand;
 use studio_app::gui::code::assist::RunState;
 use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
 use studio_inference::code::complete::FimSupport;
-use studio_inference::remote::RemoteConfig;
+use studio_inference::llm::remote::RemoteConfig;
 use studio_tests::code::write_code_model;
 
 mod common;

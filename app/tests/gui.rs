@@ -9,10 +9,10 @@ use std::time::Duration;
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
+use studio_app::gui::chat::store::{Conversation, Message, ReplyState};
 use studio_app::gui::command::ExportFormat;
-use studio_app::gui::conversations::{Conversation, Message, ReplyState};
 use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
-use studio_inference::chat::{ChatMessage, Role as ChatRole, render_plain};
+use studio_inference::llm::chat::{ChatMessage, Role as ChatRole, render_plain};
 use studio_tests::{TinyGpt2, write_gpt2_readable};
 
 mod common;
@@ -467,8 +467,9 @@ fn dropping_a_pickle_checkpoint_shows_the_refusal_and_keeps_the_loaded_model() {
 fn long_conversations_leave_out_their_oldest_messages() {
     let tmp = tempfile::tempdir().expect("tmp");
     let model = tiny_model(tmp.path());
-    let tokenizer = studio_inference::text::Tokenizer::from_file(&model.join("tokenizer.json"))
-        .expect("tokenizer");
+    let tokenizer =
+        studio_inference::llm::text::Tokenizer::from_file(&model.join("tokenizer.json"))
+            .expect("tokenizer");
     let count = |messages: &[ChatMessage]| {
         tokenizer
             .encode(&render_plain("", messages))
@@ -596,8 +597,9 @@ fn wait_for_reply(h: &mut Harness<'_, StudioApp>) {
 
 /// Prompt tokens of the plain transcript of `turns` (what GPT-2 models are sent).
 fn plain_prompt_tokens(model: &Path, turns: &[ChatMessage]) -> usize {
-    let tokenizer = studio_inference::text::Tokenizer::from_file(&model.join("tokenizer.json"))
-        .expect("tokenizer");
+    let tokenizer =
+        studio_inference::llm::text::Tokenizer::from_file(&model.join("tokenizer.json"))
+            .expect("tokenizer");
     tokenizer
         .encode(&render_plain("", turns))
         .expect("encode")
@@ -1023,13 +1025,13 @@ fn parameters_and_system_prompt_belong_to_each_conversation() {
     let b = add_conversation(&mut h, "Chat B", &["c", "d"]);
     {
         let c = h.state_mut().chat_mut().store.get_mut(&b).expect("b");
-        c.sampling = Some(studio_inference::sampling::SamplingParams {
+        c.sampling = Some(studio_inference::llm::sampling::SamplingParams {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
             repeat_penalty: 1.0,
-            ..studio_inference::sampling::SamplingParams::default()
+            ..studio_inference::llm::sampling::SamplingParams::default()
         });
         c.system_prompt = Some("You are B.".into());
     }
@@ -1126,12 +1128,9 @@ fn a_remote_openai_server_set_up_in_settings_answers_in_the_chat() {
     let home = tmp.path().join("home");
     // A real OpenAI-compatible server on loopback: `studio serve`'s, on a tiny GPT-2.
     let model = tiny_model(tmp.path());
-    let loaded = studio_inference::loader::load(
-        &model,
-        &studio_inference::candle_core::Device::Cpu,
-        &mut |_, _| {},
-    )
-    .expect("load");
+    let loaded =
+        studio_inference::llm::loader::load(&model, &candle_core::Device::Cpu, &mut |_, _| {})
+            .expect("load");
     let server = studio_app::serve::Server::start(
         studio_app::serve::ServedModel::owned(loaded),
         &studio_app::serve::ServeOptions {
@@ -1151,7 +1150,7 @@ fn a_remote_openai_server_set_up_in_settings_answers_in_the_chat() {
     step_until(&mut h, "the remote model", |h| {
         h.state()
             .model()
-            .is_some_and(|m| m.architecture == studio_inference::loader::Architecture::Remote)
+            .is_some_and(|m| m.architecture == studio_inference::llm::loader::Architecture::Remote)
     });
     // The address is remembered for next time.
     assert_eq!(h.state().settings().remote.base_url, server.base_url());
@@ -1234,7 +1233,7 @@ fn a_gguf_model_chats_in_the_window_with_its_own_template() {
         8,
         &GgufOptions {
             chat_template: Some(chatml.to_owned()),
-            ..GgufOptions::with_dtype(studio_inference::candle_core::quantized::GgmlDType::Q8_0)
+            ..GgufOptions::with_dtype(candle_core::quantized::GgmlDType::Q8_0)
         },
     );
     // A random-weight model writes arbitrary bytes; the window draws a box for characters no
@@ -1274,12 +1273,8 @@ fn a_gguf_model_chats_in_the_window_with_its_own_template() {
         .clone()
         .expect("info");
     let prompt_tokens = reply.prompt_tokens.expect("prompt tokens");
-    let m = studio_inference::loader::load(
-        &gguf,
-        &studio_inference::candle_core::Device::Cpu,
-        &mut |_, _| {},
-    )
-    .expect("load");
+    let m = studio_inference::llm::loader::load(&gguf, &candle_core::Device::Cpu, &mut |_, _| {})
+        .expect("load");
     let templated = m
         .tokenizer
         .encode("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n")

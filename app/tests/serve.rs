@@ -9,15 +9,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use studio_tests::worker_events::{until_streaming, until_terminal as until_terminal_within};
 
+use candle_core::Device;
 use serde_json::{Value, json};
 use studio_app::serve::{Limits, ServeOptions, ServedModel, Server};
-use studio_inference::candle_core::Device;
-use studio_inference::chat::ChatMessage;
 use studio_inference::device::DevicePreference;
-use studio_inference::generate::GenerationStats;
-use studio_inference::loader::{self, Architecture};
-use studio_inference::remote::RemoteConfig;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::chat::ChatMessage;
+use studio_inference::llm::generate::GenerationStats;
+use studio_inference::llm::loader::{self, Architecture};
+use studio_inference::llm::remote::RemoteConfig;
+use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::{Event, JobId, JobKind, Worker, WorkerConfig};
 
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -39,16 +39,15 @@ fn model_dir() -> tempfile::TempDir {
             .expect("config json");
     config["max_position_embeddings"] = json!(CONTEXT);
     std::fs::write(&config_path, config.to_string()).expect("write config");
-    let tokenizer =
-        studio_inference::text::Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tok");
+    let tokenizer = studio_inference::llm::text::Tokenizer::from_file(&dir.join("tokenizer.json"))
+        .expect("tok");
     let specials: Vec<usize> = std::iter::once(studio_tests::EOS)
         .chain(studio_tests::CHAT_SPECIALS.iter().copied())
         .filter_map(|t| tokenizer.token_to_id(t))
         .map(|id| id as usize)
         .collect();
     let weights = dir.join("model.safetensors");
-    let mut tensors =
-        studio_inference::candle_core::safetensors::load(&weights, &Device::Cpu).expect("load");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).expect("load");
     let name = "model.embed_tokens.weight";
     let embed = tensors[name].clone();
     let rows: Vec<_> = (0..embed.dim(0).expect("rows"))
@@ -61,9 +60,9 @@ fn model_dir() -> tempfile::TempDir {
             }
         })
         .collect();
-    let embed = studio_inference::candle_core::Tensor::stack(&rows, 0).expect("stack");
+    let embed = candle_core::Tensor::stack(&rows, 0).expect("stack");
     tensors.insert(name.to_owned(), embed);
-    studio_inference::candle_core::safetensors::save(&tensors, &weights).expect("save");
+    candle_core::safetensors::save(&tensors, &weights).expect("save");
     let tokenizer_config = json!({"chat_template": CHATML, "eos_token": "<|im_end|>"});
     std::fs::write(
         dir.join("tokenizer_config.json"),

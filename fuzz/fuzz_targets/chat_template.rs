@@ -2,7 +2,7 @@
 //! the bytes up to the first NUL are the template, the rest a message's text.
 #![no_main]
 
-use studio_inference::template::{ChatTemplate, TemplateMessage};
+use studio_inference::llm::template::{ChatTemplate, TemplateMessage};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

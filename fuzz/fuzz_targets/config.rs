@@ -4,8 +4,9 @@
 #[path = "common.rs"]
 mod common;
 
-use studio_inference::candle_core::Device;
-use studio_inference::models::hf::{Family, FamilyConfig, check_config_bounds};
+use candle_core::Device;
+use studio_inference::models::Family;
+use studio_inference::models::hf::{FamilyConfig, check_config_bounds};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     common::count_only_uncaught_panics();
@@ -24,7 +25,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let config = dir.join("config.json");
     let original = std::fs::read(&config).expect("config");
     std::fs::write(&config, json).expect("write");
-    if let Ok(checked) = studio_inference::loader::prepare(&dir, &Device::Cpu) {
+    if let Ok(checked) = studio_inference::llm::loader::prepare(&dir, &Device::Cpu) {
         let _ = checked.load(&Device::Cpu, &mut |_, _| {});
     }
     std::fs::write(&config, original).expect("restore");

@@ -6,7 +6,7 @@ mod common;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let path = common::file("model.gguf", data);
-    if studio_inference::gguf::inspect(&path).is_ok() {
-        let _ = studio_inference::gguf::load_tokenizer(&path);
+    if studio_inference::llm::gguf::inspect(&path).is_ok() {
+        let _ = studio_inference::llm::gguf::load_tokenizer(&path);
     }
 });

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use studio_app::serve::fuzzing::Harness;
 use studio_app::serve::{Limits, ServeOptions};
-use studio_inference::chat::ChatFormat;
-use studio_inference::template::ChatTemplate;
-use studio_inference::text::Tokenizer;
+use studio_inference::llm::chat::ChatFormat;
+use studio_inference::llm::template::ChatTemplate;
+use studio_inference::llm::text::Tokenizer;
 
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 

@@ -1,7 +1,7 @@
 //! NumPy `.npy` latents (the Latent Explorer's z / w files).
 #![no_main]
 
-use studio_inference::candle_core::Device;
+use candle_core::Device;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(array) = studio_inference::gan::npy::parse(data) {

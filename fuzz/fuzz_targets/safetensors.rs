@@ -4,7 +4,7 @@
 #[path = "common.rs"]
 mod common;
 
-use studio_inference::candle_core::{DType, Device};
+use candle_core::{DType, Device};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let weights = common::file("model.safetensors", data);

@@ -13,5 +13,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         }
     }
     std::fs::write(dir.join("model.safetensors.index.json"), data).expect("write");
-    let _ = studio_inference::loader::resolve(&dir);
+    let _ = studio_inference::llm::loader::resolve(&dir);
 });

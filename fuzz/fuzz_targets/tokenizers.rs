@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use studio_inference::diffusion::prompt::{ClipTokenizer, Padding, parse_emphasis};
-use studio_inference::text::Tokenizer;
+use studio_inference::llm::text::Tokenizer;
 
 fn tokenizers() -> &'static (ClipTokenizer, ClipTokenizer, Tokenizer) {
     static T: OnceLock<(ClipTokenizer, ClipTokenizer, Tokenizer)> = OnceLock::new();

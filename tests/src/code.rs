@@ -101,8 +101,8 @@ pub fn train_code_tokenizer(vocab_size: usize, extra: &[&str]) -> tokenizers::To
 }
 
 /// A Studio tokenizer (byte-level BPE) with `format`'s special tokens.
-pub fn fim_tokenizer(format: FimFormat) -> studio_inference::text::Tokenizer {
-    studio_inference::text::Tokenizer::from_inner(train_code_tokenizer(
+pub fn fim_tokenizer(format: FimFormat) -> studio_inference::llm::text::Tokenizer {
+    studio_inference::llm::text::Tokenizer::from_inner(train_code_tokenizer(
         VOCAB - 8,
         &format_specials(format),
     ))
@@ -110,7 +110,7 @@ pub fn fim_tokenizer(format: FimFormat) -> studio_inference::text::Tokenizer {
 
 /// The same tokenizer as [`fim_tokenizer`], written to GGUF metadata (`gpt2` model, specials
 /// as control tokens) and rebuilt by Studio's GGUF tokenizer.
-pub fn fim_gguf_tokenizer(format: FimFormat) -> studio_inference::text::Tokenizer {
+pub fn fim_gguf_tokenizer(format: FimFormat) -> studio_inference::llm::text::Tokenizer {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join("tokenizer.json");
     train_code_tokenizer(VOCAB - 8, &format_specials(format))
@@ -119,12 +119,12 @@ pub fn fim_gguf_tokenizer(format: FimFormat) -> studio_inference::text::Tokenize
     let md: HashMap<String, Value> = gpt2_tokenizer_metadata(&path, VOCAB, None, Some(0), "gpt2")
         .into_iter()
         .collect();
-    studio_inference::gguf_tokenizer::from_metadata(&md).expect("gguf tokenizer")
+    studio_inference::llm::gguf_tokenizer::from_metadata(&md).expect("gguf tokenizer")
 }
 
 /// A SentencePiece GGUF tokenizer (the tiny fixture vocabulary) with `format`'s special tokens
 /// appended as control tokens — how CodeLlama and Codestral GGUFs store theirs.
-pub fn fim_sentencepiece_tokenizer(format: FimFormat) -> studio_inference::text::Tokenizer {
+pub fn fim_sentencepiece_tokenizer(format: FimFormat) -> studio_inference::llm::text::Tokenizer {
     let mut v = sentencepiece_vocab();
     for s in format_specials(format) {
         v.tokens.push(s.to_owned());
@@ -152,7 +152,7 @@ pub fn fim_sentencepiece_tokenizer(format: FimFormat) -> studio_inference::text:
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    studio_inference::gguf_tokenizer::from_metadata(&md).expect("sentencepiece tokenizer")
+    studio_inference::llm::gguf_tokenizer::from_metadata(&md).expect("sentencepiece tokenizer")
 }
 
 /// Context length of the tiny code model: room for the action presets' prompts, which the tiny

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use studio_inference::chat::{ChatFormat, ChatMessage};
-use studio_inference::loader;
+use studio_inference::llm::chat::{ChatFormat, ChatMessage};
+use studio_inference::llm::loader;
 use studio_tests::families::write_family;
 
 fn template(name: &str) -> String {

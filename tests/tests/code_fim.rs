@@ -13,11 +13,11 @@ use studio_inference::code::complete::{
     postprocess, run_completion,
 };
 use studio_inference::code::fim::{self, FimFormat, build_prompt};
-use studio_inference::generate::FinishReason;
-use studio_inference::loader::{Architecture, LoadedModel, ModelInfo};
+use studio_inference::llm::generate::FinishReason;
+use studio_inference::llm::loader::{Architecture, LoadedModel, ModelInfo};
+use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::llm::text::Tokenizer;
 use studio_inference::models::CausalLm;
-use studio_inference::sampling::SamplingParams;
-use studio_inference::text::Tokenizer;
 use studio_tests::code::{
     fim_gguf_tokenizer, fim_sentencepiece_tokenizer, fim_tokenizer, format_specials,
 };
@@ -447,7 +447,7 @@ fn scripted_model(tok: &Tokenizer, text_then_stop: (&str, &str)) -> LoadedModel 
             notes: Vec::new(),
         },
         eos_token_ids: vec![0],
-        chat: studio_inference::chat::ChatFormat::Plain { reason: None },
+        chat: studio_inference::llm::chat::ChatFormat::Plain { reason: None },
     }
 }
 

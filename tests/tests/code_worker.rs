@@ -12,8 +12,8 @@ use studio_inference::code::complete::{
 };
 use studio_inference::code::fim::FimFormat;
 use studio_inference::device::{DevicePreference, create_device};
-use studio_inference::loader;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::loader;
+use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::{Event, JobKind, LoadOptions, Worker, WorkerConfig};
 use studio_tests::code::write_code_model;
 use studio_tests::worker_events::until_terminal;

@@ -4,9 +4,9 @@
 use std::ops::ControlFlow;
 
 use candle_core::Device;
-use studio_inference::generate::generate;
-use studio_inference::loader::{self, Architecture};
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::generate::generate;
+use studio_inference::llm::loader::{self, Architecture};
+use studio_inference::llm::sampling::SamplingParams;
 use studio_tests::families::{CONTEXT, FAMILIES, write_family};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -7,9 +7,8 @@ use std::time::Duration;
 use studio_inference::device::DevicePreference;
 use studio_inference::gan::NoiseMode;
 use studio_inference::gan::latent::Space;
-use studio_inference::worker::{
-    Event, GanAnimationOut, GanAnimationRequest, GanLatent, JobKind, Worker, WorkerConfig,
-};
+use studio_inference::gan::render::{GanAnimationOut, GanAnimationRequest, GanLatent};
+use studio_inference::worker::{Event, JobKind, Worker, WorkerConfig};
 use studio_tests::gan::{TinyStyleGan2, write_stylegan2};
 use studio_tests::worker_events::until_terminal;
 

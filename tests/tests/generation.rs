@@ -3,10 +3,10 @@
 use std::ops::ControlFlow;
 
 use candle_core::Device;
-use studio_inference::generate::{FinishReason, generate};
-use studio_inference::loader::{self, LoadedModel};
-use studio_inference::sampling::SamplingParams;
-use studio_inference::text::{TokenStream, Tokenizer};
+use studio_inference::llm::generate::{FinishReason, generate};
+use studio_inference::llm::loader::{self, LoadedModel};
+use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::llm::text::{TokenStream, Tokenizer};
 use studio_tests::{Gpt2Naming, TinyGpt2, train_tokenizer, write_gpt2, write_gpt2_readable};
 
 fn model() -> (tempfile::TempDir, LoadedModel) {
@@ -169,7 +169,7 @@ fn generation_stops_when_the_context_is_full_and_long_prompts_are_refused() {
 
 #[test]
 fn chat_context_drops_oldest_turns_but_keeps_the_last_message() {
-    use studio_inference::chat::{ChatFormat, ChatMessage, fit_to_context};
+    use studio_inference::llm::chat::{ChatFormat, ChatMessage, fit_to_context};
     let plain = ChatFormat::Plain { reason: None };
     let tok = Tokenizer::from_inner(train_tokenizer(300));
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(3);
@@ -196,7 +196,7 @@ fn chat_context_drops_oldest_turns_but_keeps_the_last_message() {
 /// every length and turn pattern, and a 4,001-message chat fits with the newest turns that fit.
 #[test]
 fn chat_fitting_keeps_what_dropping_one_turn_at_a_time_keeps() {
-    use studio_inference::chat::{ChatFormat, ChatMessage, Role, fit_to_context};
+    use studio_inference::llm::chat::{ChatFormat, ChatMessage, Role, fit_to_context};
     let plain = ChatFormat::Plain { reason: None };
     let tok = Tokenizer::from_inner(train_tokenizer(300));
     let reference = |msgs: &[ChatMessage], context: usize| -> Option<usize> {

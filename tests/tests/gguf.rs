@@ -1,5 +1,5 @@
 //! GGUF files: the tiny random checkpoints of every family converted the way llama.cpp's
-//! converter does, loaded through `studio_inference::gguf`, and compared with the same
+//! converter does, loaded through `studio_inference::llm::gguf`, and compared with the same
 //! checkpoint loaded from safetensors; the tokenizer rebuilt from GGUF metadata; and the errors
 //! a bad file must give.
 
@@ -11,13 +11,13 @@ use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use studio_inference::Error;
-use studio_inference::generate::generate;
-use studio_inference::gguf::{self, GgufModel};
-use studio_inference::gguf_tokenizer::{byte_level_pre_tokenization_splits, pre_tokenization};
-use studio_inference::loader;
+use studio_inference::llm::generate::generate;
+use studio_inference::llm::gguf::{self, GgufModel};
+use studio_inference::llm::gguf_tokenizer::{byte_level_pre_tokenization_splits, pre_tokenization};
+use studio_inference::llm::loader;
+use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::llm::text::Tokenizer;
 use studio_inference::models::CausalLm;
-use studio_inference::sampling::SamplingParams;
-use studio_inference::text::Tokenizer;
 use studio_tests::EOS;
 use studio_tests::families::{CONTEXT, VOCAB, write_family};
 use studio_tests::gguf_writer::{
@@ -922,7 +922,8 @@ fn k_quant_files_load_and_track_the_safetensors_model() {
         }),
         21,
     );
-    let mut hf = studio_inference::loader::load(dir, &Device::Cpu, &mut |_, _| {}).expect("hf");
+    let mut hf =
+        studio_inference::llm::loader::load(dir, &Device::Cpu, &mut |_, _| {}).expect("hf");
     let prompt = hf.tokenizer.encode(PROMPTS[0]).expect("encode");
     let want = greedy(&mut *hf.model, &hf.tokenizer, &prompt);
     let mut report = Vec::new();

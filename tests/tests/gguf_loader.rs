@@ -4,10 +4,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use studio_inference::chat::{ChatFormat, ChatMessage};
-use studio_inference::loader::{self, Architecture};
-use studio_inference::models::hf::Family;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::chat::{ChatFormat, ChatMessage};
+use studio_inference::llm::loader::{self, Architecture};
+use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::models::Family;
 use studio_inference::worker::{Event, JobKind, LoadOptions, Worker, WorkerConfig};
 use studio_tests::gguf_writer::{GgufOptions, write_family_gguf};
 
@@ -113,7 +113,7 @@ fn gguf_files_in_the_hugging_face_cache_are_listed_and_load() {
     let target = snapshot.join("qwen2.5-0.5b-instruct-q8_0.gguf");
     std::fs::copy(&gguf, &target).expect("copy");
     std::fs::write(snapshot.join("README.md"), "not a model").expect("write");
-    let found = studio_inference::hf_cache::scan(tmp.path());
+    let found = studio_inference::llm::hf_cache::scan(tmp.path());
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(
         found[0].repo,

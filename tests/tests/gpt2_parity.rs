@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use studio_inference::llm::sampling::argmax;
 use studio_inference::models::CausalLm;
 use studio_inference::models::gpt2::{Config, Gpt2};
-use studio_inference::sampling::argmax;
 use studio_inference::weights::Weights;
 
 struct Expected {

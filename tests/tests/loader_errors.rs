@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use candle_core::Device;
-use studio_inference::loader::{self, Architecture};
+use studio_inference::llm::loader::{self, Architecture};
 use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2};
 
 fn load_err(path: &Path) -> String {
@@ -155,7 +155,7 @@ fn hugging_face_cache_layout_is_found() {
     std::fs::create_dir_all(&other).expect("dir");
     std::fs::write(other.join("config.json"), r#"{"model_type": "mamba"}"#).expect("w");
     std::fs::write(other.join("model.safetensors"), b"").expect("w");
-    let found = studio_inference::hf_cache::scan(tmp.path());
+    let found = studio_inference::llm::hf_cache::scan(tmp.path());
     assert_eq!(found.len(), 2);
     assert_eq!(found[0].repo, "openai-community/gpt2");
     assert_eq!(found[0].support.as_deref(), Ok("GPT-2"));

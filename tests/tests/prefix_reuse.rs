@@ -7,11 +7,11 @@ use std::ops::ControlFlow;
 
 use candle_core::Device;
 use candle_core::quantized::GgmlDType;
-use studio_inference::generate::{GenerationStats, generate, generate_with};
-use studio_inference::gguf;
+use studio_inference::llm::generate::{GenerationStats, generate, generate_with};
+use studio_inference::llm::gguf;
+use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::llm::text::Tokenizer;
 use studio_inference::models::CausalLm;
-use studio_inference::sampling::SamplingParams;
-use studio_inference::text::Tokenizer;
 use studio_tests::families::write_family_with;
 use studio_tests::gguf_writer::{GgufOptions, convert};
 
@@ -22,7 +22,7 @@ fn run(
     reuse: bool,
 ) -> (Vec<u32>, GenerationStats) {
     let mut ids = Vec::new();
-    let mut on_step = |s: studio_inference::generate::Step<'_>| {
+    let mut on_step = |s: studio_inference::llm::generate::Step<'_>| {
         ids.extend(s.id);
         ControlFlow::Continue(())
     };

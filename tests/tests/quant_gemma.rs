@@ -1,4 +1,4 @@
-//! Studio's quantized CPU kernels in the GGUF Gemma 2 / Gemma 3 model (`gguf::gemma`) against
+//! Studio's quantized CPU kernels in the GGUF Gemma 2 / Gemma 3 model (`models::quant_gemma`) against
 //! the same model with every linear weight on candle's `QMatMul`, on tiny random-weight files:
 //! prompt logits, greedy continuations through the KV cache, and that Studio's kernels (and
 //! its quantized embedding lookup) actually run the weights.
@@ -9,7 +9,8 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::{Device, Tensor};
 use serde_json::json;
-use studio_inference::gguf::{self, gemma};
+use studio_inference::llm::gguf;
+use studio_inference::models::quant_gemma as gemma;
 use studio_inference::quant::{KernelPath, QuantFormat, preferred};
 use studio_tests::families::write_family_with;
 use studio_tests::gguf_writer::{GgufOptions, convert};
@@ -71,8 +72,8 @@ fn studio_kernels_run_gemma_and_match_candle() {
     for family in ["gemma2", "gemma3_text"] {
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
             let path = write(tmp.path(), family, dtype);
-            let mut ours = gemma::load_cpu(&path, true).expect("studio load");
-            let mut theirs = gemma::load_cpu(&path, false).expect("candle load");
+            let mut ours = gguf::load_gemma_cpu(&path, true).expect("studio load");
+            let mut theirs = gguf::load_gemma_cpu(&path, false).expect("candle load");
             assert_eq!(theirs.studio_weights(), 0, "{family} {dtype:?}");
             assert!(!theirs.studio_embeddings(), "{family} {dtype:?}");
             let format = QuantFormat::from_ggml(dtype).expect("format");
@@ -151,8 +152,8 @@ fn gguf_load_runs_gemma_on_studios_model() {
             let path = sub.join("model.gguf");
             convert(&sub, &path, &opts);
             let mut g = gguf::load(&path, &Device::Cpu, &mut |_, _| {}).expect("load");
-            let mut same = gemma::load_cpu(&path, true).expect("studio kernels");
-            let mut candle = gemma::load_cpu(&path, false).expect("candle kernels");
+            let mut same = gguf::load_gemma_cpu(&path, true).expect("studio kernels");
+            let mut candle = gguf::load_gemma_cpu(&path, false).expect("candle kernels");
             let m = &mut *g.model;
             let logits = |t: Tensor| -> Vec<f32> { t.to_vec1().expect("logits") };
             let mut tokens = PROMPT.to_vec();

@@ -335,11 +335,11 @@ fn iq4_files_match_candle_on_their_dequantized_weights() {
         let (iq_path, ref_path) = (sub.join("iq4_xs.gguf"), sub.join("reference.gguf"));
         write_gguf_raw(&iq_path, &metadata, &iq);
         write_gguf_raw(&ref_path, &metadata, &reference);
-        let info = studio_inference::gguf::inspect(&iq_path).expect("inspect");
+        let info = studio_inference::llm::gguf::inspect(&iq_path).expect("inspect");
         assert_eq!(info.file_type, "IQ4_XS");
 
         let load = |p: &Path| {
-            studio_inference::gguf::load(p, &Device::Cpu, &mut |_, _| {}).expect("loads")
+            studio_inference::llm::gguf::load(p, &Device::Cpu, &mut |_, _| {}).expect("loads")
         };
         // The reference is F32: candle's model runs it.
         let (mut ours, mut theirs) = (load(&iq_path), load(&ref_path));
@@ -475,7 +475,7 @@ fn phi3_long_rope_factors_and_attention_factor_apply_as_llama_cpp_does() {
     let as_short = variant("base-50000.gguf", 50_000.0, false, true);
     let as_long = variant("base-200000.gguf", 200_000.0, false, true);
     let load = |p: &Path| {
-        studio_inference::gguf::load(p, &Device::Cpu, &mut |_, _| {}).expect("phi3 loads")
+        studio_inference::llm::gguf::load(p, &Device::Cpu, &mut |_, _| {}).expect("phi3 loads")
     };
     let mut ours = load(&scaled);
     // Studio's model runs the whole trained context (256 tokens, past the original 32, so
@@ -544,7 +544,7 @@ fn llama_rope_freqs_apply_as_llama_cpp_does() {
         }
         let out = tmp.path().join(file);
         write_gguf_raw(&out, &md, &raw);
-        studio_inference::gguf::load(&out, &Device::Cpu, &mut |_, _| {}).expect("llama loads")
+        studio_inference::llm::gguf::load(&out, &Device::Cpu, &mut |_, _| {}).expect("llama loads")
     };
     let mut ours = with_base("freqs.gguf", 10_000.0, true);
     let mut reference = with_base("base.gguf", 500_000.0, false);

@@ -15,12 +15,12 @@ use studio_tests::worker_events::{until_streaming, until_terminal};
 
 use crossbeam_channel::{Receiver, bounded};
 use serde_json::{Value, json};
-use studio_inference::chat::ChatMessage;
 use studio_inference::device::DevicePreference;
-use studio_inference::generate::{FinishReason, GenerationStats};
-use studio_inference::loader::{Architecture, ModelInfo};
-use studio_inference::remote::RemoteConfig;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::chat::ChatMessage;
+use studio_inference::llm::generate::{FinishReason, GenerationStats};
+use studio_inference::llm::loader::{Architecture, ModelInfo};
+use studio_inference::llm::remote::RemoteConfig;
+use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::{Event, JobKind, LoadOptions, Worker, WorkerConfig};
 use studio_tests::{TinyGpt2, write_gpt2_readable};
 

@@ -1,4 +1,4 @@
-//! Chat templates as models ship them, rendered by `studio_inference::template`.
+//! Chat templates as models ship them, rendered by `studio_inference::llm::template`.
 //!
 //! The fixtures in `tests/fixtures/templates/` are the models' own template texts (see the
 //! README there). Two kinds of checks:
@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use studio_inference::template::{ChatTemplate, TemplateMessage};
+use studio_inference::llm::template::{ChatTemplate, TemplateMessage};
 
 /// The date `tools/render_chat_templates.py` pins `strftime_now` to.
 const FIXED_DATE: (i32, u32, u32) = (2024, 7, 26);

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use studio_tests::worker_events::{until_streaming, until_terminal};
 
-use studio_inference::chat::ChatMessage;
 use studio_inference::device::DevicePreference;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::chat::ChatMessage;
+use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::{Event, JobId, JobKind, LoadOptions, Worker, WorkerConfig};
 use studio_tests::{TinyGpt2, write_gpt2_readable};
 

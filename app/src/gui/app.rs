@@ -7,16 +7,16 @@ use std::time::Duration;
 
 use egui::RichText;
 use studio_inference::device::DevicePreference;
-use studio_inference::hf_cache;
-use studio_inference::loader::ModelInfo;
+use studio_inference::llm::hf_cache;
+use studio_inference::llm::loader::ModelInfo;
 use studio_inference::worker::{JobKind, LoadOptions, Worker, WorkerConfig};
 
 use super::api_server::ApiServer;
 use super::canvas::CanvasPanel;
+use super::chat::store::ConversationStore;
 use super::chat::{ChatPanel, ChatUiContext};
 use super::code::CodePanel;
 use super::command::Command;
-use super::conversations::ConversationStore;
 use super::explorer::ExplorerPanel;
 use super::jobs::{JobPurpose, Jobs};
 use super::models::ModelsPanel;

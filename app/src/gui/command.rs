@@ -3,14 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use studio_inference::remote::RemoteConfig;
+use studio_inference::llm::remote::RemoteConfig;
 use studio_inference::worker::{JobKind, LoadOptions};
 
 use super::api_server::ApiServer;
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
+use super::chat::store::{MessageId, ReplyState};
 use super::code::CodeCommand;
-use super::conversations::{MessageId, ReplyState};
 use super::explorer::ExplorerCommand;
 use super::format;
 use super::jobs::JobPurpose;

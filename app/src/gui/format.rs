@@ -1,5 +1,14 @@
 //! Numbers, sizes and times written for people.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, now (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// 1234567 → "1,234,567".
 pub fn thousands(n: usize) -> String {
     let digits = n.to_string();
@@ -93,7 +102,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(super::conversations::now_ms());
+    h.write_u64(now_ms());
     h.write_u32(std::process::id());
     // Keep seeds short enough to read and type back.
     h.finish() % 1_000_000_000

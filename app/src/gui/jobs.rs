@@ -7,7 +7,7 @@ use std::time::Instant;
 use studio_inference::diffusion::model::ImageModelOptions;
 use studio_inference::worker::{JobId, LoadOptions};
 
-use super::conversations::MessageId;
+use super::chat::store::MessageId;
 
 /// Why a job was submitted, so its events reach the right place.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,20 +8,19 @@
 //! - [`app`]: state, startup, the `eframe::App` impl, navigation;
 //! - [`logic`]: worker events, dropped files, shortcuts;
 //! - [`command`]: the [`Command`] enum and what each does;
-//! - [`chat`] (with [`chat_list`], [`chat_message`], [`chat_params`], [`markdown`]),
-//!   [`code`] (Code Assist: editor, ghost text, actions with diffs), [`canvas`] (Stable Diffusion), [`explorer`] (StyleGAN2), [`models`], [`settings`], [`status_bar`], [`notices`]: what is drawn;
-//! - [`settings_store`], [`conversations`], [`presets`]: what is saved and read.
+//! - [`chat`] (the conversation list, messages, parameters and the saved conversations),
+//!   [`code`] (Code Assist: editor, ghost text, actions with diffs), [`canvas`] (Stable
+//!   Diffusion), [`explorer`] (StyleGAN2): one folder per panel, with its state, drawing,
+//!   commands and store; [`models`], [`settings`], [`status_bar`], [`notices`]: what else is
+//!   drawn; [`markdown`] renders replies and explanations;
+//! - [`settings_store`], [`presets`]: what is saved and read.
 
 pub mod api_server;
 pub mod app;
 pub mod canvas;
 pub mod chat;
-pub mod chat_list;
-pub mod chat_message;
-pub mod chat_params;
 pub mod code;
 pub mod command;
-pub mod conversations;
 pub mod explorer;
 pub mod format;
 pub mod jobs;

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use egui::RichText;
-use studio_inference::hf_cache::{self, CachedModel};
-use studio_inference::loader::{ModelInfo, SUPPORTED_ARCHITECTURES};
+use studio_inference::llm::hf_cache::{self, CachedModel};
+use studio_inference::llm::loader::{ModelInfo, supported_architectures};
 use studio_inference::worker::LoadOptions;
 
 use super::command::Command;
@@ -178,7 +178,11 @@ impl ModelsPanel {
             "You can also drop a model folder or file anywhere on the window.",
         ));
         ui.add(
-            egui::Label::new(weak(ui, &format!("Supported: {SUPPORTED_ARCHITECTURES}."))).wrap(),
+            egui::Label::new(weak(
+                ui,
+                &format!("Supported: {}.", supported_architectures()),
+            ))
+            .wrap(),
         );
         ui.add(
             egui::Label::new(weak(

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::sampling::SamplingParams;
 
 /// Where the presets folder is: `$STUDIO_PRESETS`, else `presets/` next to the executable,
 /// else the source tree's `presets/` (development builds), else none.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use egui::RichText;
 use studio_inference::device::{DevicePreference, compiled_backends};
 
-use studio_inference::remote::RemoteConfig;
+use studio_inference::llm::remote::RemoteConfig;
 
 use super::api_server::ServerStatus;
 use super::command::Command;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use studio_inference::device::DevicePreference;
 use studio_inference::diffusion::model::ImageModelOptions;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::sampling::SamplingParams;
 
 use crate::home::{load_json, save_json_private};
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use egui::RichText;
-use studio_inference::loader::ModelInfo;
+use studio_inference::llm::loader::ModelInfo;
 use studio_inference::sys;
 
 use super::chat::ActiveReply;

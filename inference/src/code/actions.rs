@@ -19,8 +19,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::language::{Language, language_for_path};
-use crate::chat::ChatMessage;
 use crate::error::{Error, Result};
+use crate::llm::chat::ChatMessage;
 
 /// What an action's reply is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::fim::{self, FimFormat, FimPrompt};
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerationStats, Step, generate_with};
-use crate::loader::LoadedModel;
-use crate::sampling::SamplingParams;
+use crate::llm::generate::{FinishReason, GenerationStats, Step, generate_with};
+use crate::llm::loader::LoadedModel;
+use crate::llm::sampling::SamplingParams;
 
 /// How much a suggestion may span.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,7 +20,7 @@ use super::samplers::{BetaSchedule, NoiseSchedule, Prediction};
 use super::unet::{Unet, UnetConfig};
 use super::vae::{Vae, VaeConfig};
 use crate::error::{Error, Result};
-use crate::loader::is_pickle;
+use crate::llm::loader::is_pickle;
 use crate::nn::{Storage, with_weight_storage};
 use crate::weights::{mmap, stored_storage};
 
@@ -167,7 +167,7 @@ fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
             weight_map: HashMap<String, String>,
         }
         let idx: Index = read_json(&index)?;
-        return crate::loader::shard_files(&index, idx.weight_map.values());
+        return crate::llm::loader::shard_files(&index, idx.weight_map.values());
     }
     for name in [
         format!("{stem}.safetensors"),

@@ -500,7 +500,7 @@ fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         return Err(Error::NotFound(path.to_path_buf()));
     }
     if path.is_file() {
-        if crate::loader::is_pickle(path) {
+        if crate::llm::loader::is_pickle(path) {
             return Err(Error::UnsafePickle(path.to_path_buf()));
         }
         let config = path

@@ -202,7 +202,7 @@ impl Dcgan {
     /// ([`Error::UnsafePickle`]); a missing tensor or one with the wrong shape is an
     /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming it.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        if crate::loader::is_pickle(path) || has_extension(path, "pickle") {
+        if crate::llm::loader::is_pickle(path) || has_extension(path, "pickle") {
             return Err(Error::UnsafePickle(path.to_path_buf()));
         }
         if !path.exists() {

@@ -332,6 +332,13 @@ pub fn interpolate(
     }
 }
 
+/// Waits until the device has computed `ws` (by reading one value back), so a benchmark can
+/// time the mapping network alone.
+pub fn wait_for(ws: &Tensor) -> Result<()> {
+    ws.flatten_all()?.narrow(0, 0, 1)?.to_vec1::<f32>()?;
+    Ok(())
+}
+
 /// Synthesizes `ws` `(1, num_ws, w_dim)` and converts the result to 8-bit RGB (NVIDIA's
 /// `x·127.5 + 128`, clamped).
 pub fn render(gan: &StyleGan2, ws: &Tensor, noise: NoiseMode) -> Result<RgbImage> {

@@ -14,6 +14,8 @@
 //! - [`directions`]: GANSpace PCA directions in W;
 //! - [`project`]: NVIDIA's projector (W and noise optimized on candle's autograd);
 //! - [`perceptual`]: VGG16 features and the LPIPS distance, its perceptual loss.
+//! - [`render`]: the Latent Explorer's render requests and rendering (W rows, noise, the
+//!   image, layer views, seed grids), which the worker runs between jobs.
 //!
 //! NVIDIA distributes its networks as Python pickles, which execute code when loaded; Studio
 //! never opens them. `tools/convert_stylegan_pkl.py` converts them once to safetensors (plus a
@@ -25,6 +27,7 @@ pub mod latent;
 pub mod npy;
 pub mod perceptual;
 pub mod project;
+pub mod render;
 pub mod stylegan2;
 
 pub use stylegan2::{Architecture, GanInfo, NoiseMode, StyleGan2};

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use super::dcgan::Dcgan;
 use super::stylegan2::StyleGan2;
 use crate::error::{Error, Result};
 
@@ -285,6 +286,14 @@ pub fn read_z(path: &Path, gan: &StyleGan2) -> Result<Tensor> {
             path.display()
         ))),
     }
+}
+
+/// A DCGAN latent from a `.npy` file: every value, as `(1, n, 1, 1)` on `gan`'s device (its
+/// [`Dcgan::generate`] refuses an `n` other than its `nz`).
+pub fn read_dcgan_z(path: &Path, gan: &Dcgan) -> Result<Tensor> {
+    let a = read(path)?;
+    let n = a.data.len();
+    Ok(Tensor::from_vec(a.data, (1, n, 1, 1), gan.device())?)
 }
 
 /// `ws` for `gan` from a `.npy` file: `(1, num_ws, w_dim)` or `(num_ws, w_dim)` (one row per

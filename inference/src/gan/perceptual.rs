@@ -203,7 +203,7 @@ impl Vgg16Lpips {
     /// some but not all five linear layers is a missing tensor too, and a linear layer with a
     /// negative weight is an [`Error::CorruptWeights`] naming it.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let pickle = crate::loader::is_pickle(path)
+        let pickle = crate::llm::loader::is_pickle(path)
             || path
                 .extension()
                 .and_then(|e| e.to_str())

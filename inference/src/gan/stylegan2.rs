@@ -801,7 +801,7 @@ impl StyleGan2 {
     /// [`super::PICKLE_HELP`] for what to tell the person). A StyleGAN3 (alias-free)
     /// generator is refused with [`Error::UnsupportedArchitecture`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        if crate::loader::is_pickle(path) || has_extension(path, "pickle") {
+        if crate::llm::loader::is_pickle(path) || has_extension(path, "pickle") {
             return Err(Error::UnsafePickle(path.to_path_buf()));
         }
         if !path.exists() {

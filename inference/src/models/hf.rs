@@ -11,50 +11,10 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3};
-use serde::{Deserialize, Serialize};
 
 use super::CausalLm;
+use super::family::Family;
 use crate::error::{Error, Result};
-
-/// A model family loaded through this module.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Family {
-    Llama,
-    Mistral,
-    Qwen2,
-    Qwen3,
-    Phi3,
-    Gemma2,
-    Gemma3,
-}
-
-impl Family {
-    /// From `config.json`'s `model_type`.
-    pub fn from_model_type(model_type: &str) -> Option<Self> {
-        Some(match model_type {
-            "llama" => Self::Llama,
-            "mistral" => Self::Mistral,
-            "qwen2" => Self::Qwen2,
-            "qwen3" => Self::Qwen3,
-            "phi3" => Self::Phi3,
-            "gemma2" => Self::Gemma2,
-            "gemma3_text" | "gemma3" => Self::Gemma3,
-            _ => return None,
-        })
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::Llama => "Llama",
-            Self::Mistral => "Mistral",
-            Self::Qwen2 => "Qwen2",
-            Self::Qwen3 => "Qwen3",
-            Self::Phi3 => "Phi-3",
-            Self::Gemma2 => "Gemma 2",
-            Self::Gemma3 => "Gemma 3",
-        }
-    }
-}
 
 enum Inner {
     Llama {

@@ -2,11 +2,15 @@
 //! its loader (tensor names as real checkpoints use them) and its forward pass with a KV cache.
 
 pub(crate) mod cpu_ops;
+pub mod family;
 pub mod gpt2;
 pub mod hf;
 pub(crate) mod qlinear;
+pub mod quant_gemma;
 pub mod quant_llama;
 pub mod tensors;
+
+pub use family::Family;
 
 use candle_core::Tensor;
 
@@ -14,7 +18,7 @@ use crate::error::{Error, Result};
 
 /// A decoder-only language model with a KV cache.
 ///
-/// The sampling loop lives outside the model ([`crate::generate`]), so every family shares it.
+/// The sampling loop lives outside the model ([`crate::llm::generate`]), so every family shares it.
 pub trait CausalLm: Send {
     /// Runs `tokens` at positions `offset..` (appending to the KV cache) and returns the
     /// logits of the last position, shape `[vocab]`, f32.

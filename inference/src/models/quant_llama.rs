@@ -248,7 +248,7 @@ impl Rope {
 }
 
 /// What Gemma 2 and Gemma 3 do differently from Llama, as the GGUF metadata says (read by
-/// [`crate::gguf`]): embeddings scaled by √width, GeGLU, norms after attention and MLP (their
+/// [`crate::llm::gguf`]): embeddings scaled by √width, GeGLU, norms after attention and MLP (their
 /// weights, with Gemma's +1, read from `post_attention_norm` / `post_ffw_norm`), its own
 /// attention scale, Gemma 2's soft caps, sliding-window layers with their own rope base, and
 /// Gemma 3's linear rope scaling of the global layers.

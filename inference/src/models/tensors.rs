@@ -130,7 +130,7 @@ impl GgufTensors {
         let len = data_bytes(info.ggml_type, &info.dims).ok_or_else(|| {
             bad(format!(
                 "{} (ggml type {}) with dims {:?} is not a tensor Studio can read",
-                crate::gguf::ggml_type_name(info.ggml_type),
+                crate::llm::gguf::ggml_type_name(info.ggml_type),
                 info.ggml_type,
                 info.dims
             ))

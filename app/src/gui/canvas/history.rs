@@ -89,7 +89,7 @@ impl History {
     /// Lists `image` first and queues its PNG (with its parameters) and thumbnail on the file
     /// thread; returns where it will be.
     pub fn save(&mut self, image: &Arc<GeneratedImage>, files: &FileWorker) -> PathBuf {
-        let stamp = crate::gui::conversations::now_ms();
+        let stamp = crate::gui::format::now_ms();
         let mut path = self.dir.join(format!("{stamp}-{}.png", image.seed));
         let mut n = 1;
         while path.exists() {

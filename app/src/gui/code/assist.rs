@@ -16,7 +16,7 @@ use studio_inference::code::complete::{CompletionCache, CompletionRequest, FimSu
 use studio_inference::code::diff::{Diff, apply, diff_lines};
 use studio_inference::code::fim::FimFormat;
 use studio_inference::code::language::language_by_name;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::{Event, JobId, JobKind};
 
 use super::buffer::{self, Tab, read_source};

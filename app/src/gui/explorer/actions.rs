@@ -10,10 +10,10 @@ use studio_inference::diffusion::imaging::{self, RgbImage};
 use studio_inference::gan::GanInfo;
 use studio_inference::gan::directions::{Directions, DirectionsPreset};
 use studio_inference::gan::latent::Space;
-use studio_inference::worker::{
-    GanAnimationOut, GanAnimationRequest, GanGridRequest, GanRenderRequest, GanRenderWhat, JobId,
-    JobKind,
+use studio_inference::gan::render::{
+    GanAnimationOut, GanAnimationRequest, GanGridRequest, GanRenderRequest, GanRenderWhat,
 };
+use studio_inference::worker::{JobId, JobKind};
 
 use super::store::{self, PathSpace};
 use super::{
@@ -259,7 +259,7 @@ impl StudioApp {
     }
 
     /// Makes `latent` the current one (its mixing included).
-    fn set_latent(&mut self, latent: studio_inference::worker::GanLatent) {
+    fn set_latent(&mut self, latent: studio_inference::gan::render::GanLatent) {
         let s = &mut self.explorer.state;
         match &latent.mix {
             Some(m) => {
@@ -573,7 +573,7 @@ impl StudioApp {
     }
 
     pub(crate) fn gan_projected(&mut self, w: Vec<f32>, noise: Arc<Vec<f32>>, loss: f32) {
-        let latent = studio_inference::worker::GanLatent {
+        let latent = studio_inference::gan::render::GanLatent {
             w: Some(w),
             noise: Some(noise),
             psi: 1.0,

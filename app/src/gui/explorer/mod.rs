@@ -22,10 +22,11 @@ use serde::{Deserialize, Serialize};
 use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::gan::directions::{DirectionEdit, Directions};
 use studio_inference::gan::latent::LatentText;
-use studio_inference::gan::{GanInfo, NoiseMode};
-use studio_inference::worker::{
-    GAN_LAYER_MAX_TILES, GanLatent, GanLayerMode, GanLayerRequest, GanLayerView, GanMix, JobId,
+use studio_inference::gan::render::{
+    GAN_LAYER_MAX_TILES, GanLatent, GanLayerMode, GanLayerRequest, GanLayerView, GanMix,
 };
+use studio_inference::gan::{GanInfo, NoiseMode};
+use studio_inference::worker::JobId;
 
 use self::store::{ExplorerState, NoiseChoice, PathSpace, PresetEntry};
 use super::command::Command;
@@ -202,14 +203,14 @@ pub struct ExplorerPanel {
     pub(crate) next_request: u64,
     /// Requests sent, with what each showed (newest last, a few kept).
     pub(crate) sent: VecDeque<(u64, CapturedLatent)>,
-    pub(crate) last_request: Option<studio_inference::worker::GanRenderRequest>,
+    pub(crate) last_request: Option<studio_inference::gan::render::GanRenderRequest>,
     pub(crate) requests_sent: u64,
     pub(crate) frames_shown: u64,
     pub(crate) shown_id: Option<u64>,
     pub(crate) render_ms: Option<f32>,
     pub(crate) frame_times: VecDeque<Instant>,
     pub(crate) thumbs: Vec<Thumb>,
-    pub(crate) grid_sent: Option<studio_inference::worker::GanGridRequest>,
+    pub(crate) grid_sent: Option<studio_inference::gan::render::GanGridRequest>,
     // ---- presets ----
     /// `presets/gan-directions/` of the presets folder, when there is one.
     pub(crate) presets_dir: Option<PathBuf>,

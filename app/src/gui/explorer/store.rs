@@ -10,8 +10,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use studio_inference::gan::directions::{Directions, DirectionsPreset};
+use studio_inference::gan::render::GanLatent;
 use studio_inference::gan::{npy, perceptual};
-use studio_inference::worker::GanLatent;
 
 /// Version of `state.json`.
 pub const STATE_VERSION: u32 = 1;
@@ -77,7 +77,7 @@ pub struct ExplorerState {
     pub layer: Option<String>,
     /// Show three channels as RGB instead of a grid of channels.
     pub layer_rgb: bool,
-    /// Channels in the grid (at most [`studio_inference::worker::GAN_LAYER_MAX_TILES`]).
+    /// Channels in the grid (at most [`studio_inference::gan::render::GAN_LAYER_MAX_TILES`]).
     pub layer_tiles: usize,
     /// The channels shown as red, green and blue.
     pub layer_channels: [usize; 3],
@@ -109,7 +109,7 @@ impl Default for ExplorerState {
             project_steps: 200,
             layer: None,
             layer_rgb: false,
-            layer_tiles: studio_inference::worker::GAN_LAYER_MAX_TILES,
+            layer_tiles: studio_inference::gan::render::GAN_LAYER_MAX_TILES,
             layer_channels: [0, 1, 2],
             latent_noise: None,
             keyframe_noise: Vec::new(),

@@ -28,7 +28,7 @@ pub(crate) const BOUND_FN: &str = "__studio_bounded";
 
 /// The largest value (string bytes, or items and string bytes of a structure) a template may
 /// build: the rendered prompt's own limit.
-pub(crate) const MAX_VALUE_BYTES: usize = crate::template::MAX_RENDERED_BYTES;
+pub(crate) const MAX_VALUE_BYTES: usize = crate::llm::template::MAX_RENDERED_BYTES;
 
 /// What each item of a list or map counts for, besides its own content (a value's slot).
 const ITEM_BYTES: usize = 24;
@@ -664,7 +664,7 @@ mod tests {
     /// slice, filter and loop over.
     #[test]
     fn messages_behave_as_a_list() {
-        use crate::template::{ChatTemplate, TemplateMessage};
+        use crate::llm::template::{ChatTemplate, TemplateMessage};
         let t = ChatTemplate::new(
             "{{ messages|length }}|{{ messages[0].content }}|{{ messages[-1]['role'] }}|\
              {{ messages[1:]|map(attribute='role')|join(',') }}|\

@@ -22,12 +22,13 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
-use studio_inference::device::create_device;
 use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
 use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod, generate};
 use studio_inference::diffusion::samplers::{SamplerKind, ScheduleKind};
 use studio_inference::nn::Storage;
+
+use super::common::open_device;
 
 /// Flags shared by `txt2img`, `img2img` and `inpaint`.
 #[derive(Debug, Args)]
@@ -45,7 +46,7 @@ pub struct ImageArgs {
     pub steps: Option<usize>,
     /// Classifier-free guidance scale; 1 or less skips the negative prompt pass (default 7, or
     /// 1 for few-step models).
-    #[arg(long, value_parser = crate::cli_values::guidance)]
+    #[arg(long, value_parser = crate::cli::values::guidance)]
     pub cfg: Option<f64>,
     /// Seed (random when left out; printed).
     #[arg(long)]
@@ -82,7 +83,7 @@ pub struct ImageArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// CPU threads (default: physical cores).
-    #[arg(long, value_parser = crate::cli_values::threads)]
+    #[arg(long, value_parser = crate::cli::values::threads)]
     pub threads: Option<usize>,
     /// Output PNG.
     #[arg(long)]
@@ -97,7 +98,7 @@ pub struct Img2ImgArgs {
     #[arg(long)]
     pub init: PathBuf,
     /// Denoising strength: runs the last int(strength·steps) steps.
-    #[arg(long, default_value_t = 0.75, value_parser = crate::cli_values::fraction)]
+    #[arg(long, default_value_t = 0.75, value_parser = crate::cli::values::fraction)]
     pub strength: f64,
 }
 
@@ -111,10 +112,10 @@ pub struct InpaintArgs {
     /// The mask: white = repaint, black = keep (resized to the image when it differs).
     #[arg(long)]
     pub mask: PathBuf,
-    #[arg(long, default_value_t = 1.0, value_parser = crate::cli_values::fraction)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli::values::fraction)]
     pub strength: f64,
     /// Blur of the mask edge in pixels.
-    #[arg(long, default_value_t = 4.0, value_parser = crate::cli_values::blur_px)]
+    #[arg(long, default_value_t = 4.0, value_parser = crate::cli::values::blur_px)]
     pub mask_blur: f32,
 }
 
@@ -124,9 +125,9 @@ pub struct BenchSdArgs {
     #[arg(long, default_value = "256,512", value_delimiter = ',')]
     pub size: Vec<u32>,
     /// Timed UNet steps per size (after one warm-up).
-    #[arg(long, default_value_t = 3, value_parser = crate::cli_values::rounds)]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli::values::rounds)]
     pub steps: usize,
-    #[arg(long, value_parser = crate::cli_values::threads)]
+    #[arg(long, value_parser = crate::cli::values::threads)]
     pub threads: Option<usize>,
     /// How the CPU kernels store the weights: f32 (as PyTorch's fp32 peer computes), or f16 /
     /// bf16 (as a half-precision checkpoint's are kept; computed in f32 all the same).
@@ -137,13 +138,7 @@ pub struct BenchSdArgs {
 }
 
 fn load(args: &ImageArgs) -> Result<SdModel> {
-    if let Some(n) = args.threads {
-        crate::set_cpu_threads(n);
-    }
-    let choice = create_device(crate::cli::parse_device(&args.device)?);
-    if let Some(w) = &choice.warning {
-        eprintln!("warning: {w}");
-    }
+    let choice = open_device(args.threads, &args.device)?;
     let options = ImageModelOptions {
         vae: args.vae.clone(),
         taesd: args.taesd.clone(),

@@ -25,8 +25,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
-use studio_inference::candle_core::Tensor;
-use studio_inference::device::create_device;
 use studio_inference::diffusion::imaging::{self, RgbImage};
 use studio_inference::gan::dcgan::{Dcgan, is_dcgan};
 use studio_inference::gan::latent::{
@@ -37,6 +35,8 @@ use studio_inference::gan::project::{LossKind, ProjectConfig, project};
 use studio_inference::gan::{NoiseMode, StyleGan2, npy};
 use studio_inference::sys::AtomicFile;
 
+use super::common::{median, open_device};
+
 /// Flags shared by `gan` and `gan-interp`.
 #[derive(Debug, Args)]
 pub struct GanCommon {
@@ -44,7 +44,7 @@ pub struct GanCommon {
     #[arg(long)]
     pub model: PathBuf,
     /// Truncation ψ: 1 = none, 0 = the average image.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::cli_values::psi)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::cli::values::psi)]
     pub psi: f64,
     /// Truncate only the first N W rows (default: all).
     #[arg(long)]
@@ -60,7 +60,7 @@ pub struct GanCommon {
     #[arg(long, default_value_t = 0)]
     pub noise_seed: u64,
     /// CPU threads (default: physical cores).
-    #[arg(long, value_parser = crate::cli_values::threads)]
+    #[arg(long, value_parser = crate::cli::values::threads)]
     pub threads: Option<usize>,
     /// Compute device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]
@@ -97,13 +97,13 @@ pub struct GanInterpArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     pub seeds: Vec<u64>,
     /// Frames in the whole animation (first = first seed, last = last seed).
-    #[arg(long, default_value_t = 60, value_parser = crate::cli_values::steps)]
+    #[arg(long, default_value_t = 60, value_parser = crate::cli::values::steps)]
     pub frames: usize,
     /// Interpolate in w (lerp) or z (slerp).
     #[arg(long, default_value = "w")]
     pub space: String,
     /// Frames per second of the GIF.
-    #[arg(long, default_value_t = 25.0, value_parser = crate::cli_values::fps)]
+    #[arg(long, default_value_t = 25.0, value_parser = crate::cli::values::fps)]
     pub fps: f64,
     /// Write numbered PNGs into the folder `--out` instead of a GIF.
     #[arg(long)]
@@ -122,13 +122,13 @@ pub struct GanProjectArgs {
     #[arg(long)]
     pub image: PathBuf,
     /// Optimization steps (NVIDIA's projector uses 1000).
-    #[arg(long, default_value_t = 1000, value_parser = crate::cli_values::steps)]
+    #[arg(long, default_value_t = 1000, value_parser = crate::cli::values::steps)]
     pub steps: usize,
     /// Initial learning rate (NVIDIA's schedule: ramp up over 5%, down over the last 25%).
-    #[arg(long, default_value_t = 0.1, value_parser = crate::cli_values::learning_rate)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::cli::values::learning_rate)]
     pub lr: f64,
     /// Weight of the noise regularization.
-    #[arg(long, default_value_t = 1e5, value_parser = crate::cli_values::weight)]
+    #[arg(long, default_value_t = 1e5, value_parser = crate::cli::values::weight)]
     pub noise_regularization: f64,
     /// Optimize one w per layer (W+) instead of one w for all.
     #[arg(long)]
@@ -154,32 +154,21 @@ pub struct BenchGanArgs {
     #[arg(long, value_delimiter = ',', default_value = "256,1024")]
     pub size: Vec<usize>,
     /// Timed frames per size (after one warm-up frame); the median is reported.
-    #[arg(long, default_value_t = 5, value_parser = crate::cli_values::rounds)]
+    #[arg(long, default_value_t = 5, value_parser = crate::cli::values::rounds)]
     pub frames: usize,
     /// One JSON object per size.
     #[arg(long)]
     pub json: bool,
     /// CPU threads (default: physical cores).
-    #[arg(long, value_parser = crate::cli_values::threads)]
+    #[arg(long, value_parser = crate::cli::values::threads)]
     pub threads: Option<usize>,
     /// Compute device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
-fn device(threads: Option<usize>, device: &str) -> Result<studio_inference::candle_core::Device> {
-    if let Some(n) = threads {
-        crate::set_cpu_threads(n);
-    }
-    let choice = create_device(crate::cli::parse_device(device)?);
-    if let Some(w) = &choice.warning {
-        eprintln!("warning: {w}");
-    }
-    Ok(choice.device)
-}
-
 fn load(common: &GanCommon) -> Result<StyleGan2> {
-    let device = device(common.threads, &common.device)?;
+    let device = open_device(common.threads, &common.device)?.device;
     let gan = StyleGan2::load(&common.model, &device)
         .with_context(|| format!("loading {}", common.model.display()))?;
     let i = gan.info();
@@ -212,13 +201,14 @@ fn noise_mode(common: &GanCommon) -> Result<NoiseMode> {
     })
 }
 
-fn label(gan: &StyleGan2, class: Option<usize>) -> Result<Option<Tensor>> {
+/// The class to condition on: `class` checked against the generator (with a warning when a
+/// class-conditional one gets none, whose label is then all zeros).
+fn checked_class(gan: &StyleGan2, class: Option<usize>) -> Result<Option<usize>> {
     let c_dim = gan.info().c_dim;
     match class {
         Some(c) if c_dim == 0 => {
             bail!("--class {c}: this generator is not class-conditional")
         }
-        Some(c) => Ok(Some(gan.class_label(c)?)),
         None if c_dim > 0 => {
             eprintln!(
                 "warning: this generator is class-conditional ({c_dim} classes); without \
@@ -226,7 +216,7 @@ fn label(gan: &StyleGan2, class: Option<usize>) -> Result<Option<Tensor>> {
             );
             Ok(None)
         }
-        None => Ok(None),
+        other => Ok(other),
     }
 }
 
@@ -288,7 +278,7 @@ fn run_dcgan(args: &GanArgs, seed: Option<(u64, f32)>) -> Result<()> {
     if args.w_file.is_some() || args.out_w.is_some() || common.class.is_some() {
         bail!("a DCGAN generator has no W space or classes: use --seed or --z-file");
     }
-    let device = device(common.threads, &common.device)?;
+    let device = open_device(common.threads, &common.device)?.device;
     let gan = Dcgan::load(&common.model, &device)
         .with_context(|| format!("loading {}", common.model.display()))?;
     let i = gan.info();
@@ -306,14 +296,10 @@ fn run_dcgan(args: &GanArgs, seed: Option<(u64, f32)>) -> Result<()> {
             }
             (gan.z_from_seed(seed)?, format!("seed {seed}"))
         }
-        (None, Some(path)) => {
-            let z = npy::read(path)?;
-            let n = z.data.len();
-            (
-                studio_inference::candle_core::Tensor::from_vec(z.data, (1, n, 1, 1), &device)?,
-                format!("z-file {}", model_name(path)),
-            )
-        }
+        (None, Some(path)) => (
+            npy::read_dcgan_z(path, &gan)?,
+            format!("z-file {}", model_name(path)),
+        ),
         (None, None) => bail!("give --seed or --z-file"),
     };
     let img = imaging::tensor_to_image(&gan.generate(&z)?)?;
@@ -359,7 +345,9 @@ pub fn run_gan(args: &GanArgs) -> Result<()> {
         let ws = npy::read_ws(path, &gan)?;
         (ws, format!("w-file {}", model_name(path)), 1.0, None)
     } else {
-        let c = label(&gan, common.class)?;
+        let c = checked_class(&gan, common.class)?
+            .map(|k| gan.class_label(k))
+            .transpose()?;
         if let Some((seed, offset)) = seed {
             let ws = latent::seed_blend_ws(&gan, seed, offset, c.as_ref(), common.psi, cutoff)?;
             let source = if offset == 0.0 {
@@ -442,7 +430,9 @@ pub fn run_gan_interp(args: &GanInterpArgs) -> Result<()> {
         GifWriter::new(std::io::sink(), args.fps)?;
     }
     let gan = load(common)?;
-    let c = label(&gan, common.class)?;
+    let c = checked_class(&gan, common.class)?
+        .map(|k| gan.class_label(k))
+        .transpose()?;
     let keys = args
         .seeds
         .iter()
@@ -539,23 +529,11 @@ pub fn run_gan_interp(args: &GanInterpArgs) -> Result<()> {
     Ok(())
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        f64::midpoint(v[n / 2 - 1], v[n / 2])
-    }
-}
-
 pub fn run_bench_gan(args: &BenchGanArgs) -> Result<()> {
     if args.frames == 0 || args.size.is_empty() {
         bail!("--frames must be at least 1 and --size must list a size");
     }
-    let dev = device(args.threads, &args.device)?;
+    let dev = open_device(args.threads, &args.device)?.device;
     let threads = studio_inference::device::cpu_threads();
     let mut rows = Vec::new();
     for &size in &args.size {
@@ -569,8 +547,7 @@ pub fn run_bench_gan(args: &BenchGanArgs) -> Result<()> {
         for i in 0..=args.frames {
             let t0 = Instant::now();
             let ws = gan.map(&gan.z_from_seed(i as u64)?, None, 0.7, None)?;
-            // Reading one value back waits for the device.
-            ws.narrow(2, 0, 1)?.flatten_all()?.to_vec1::<f32>()?;
+            latent::wait_for(&ws)?;
             let t_map = t0.elapsed().as_secs_f64() * 1000.0;
             let _img = latent::render(&gan, &ws, NoiseMode::Const)?;
             let t_all = t0.elapsed().as_secs_f64() * 1000.0;
@@ -589,8 +566,8 @@ pub fn run_bench_gan(args: &BenchGanArgs) -> Result<()> {
         rows.push((
             size,
             build_ms,
-            median(&mut map_ms),
-            median(&mut frame_ms),
+            median(map_ms),
+            median(frame_ms),
             rss,
             kernels,
         ));

@@ -1,11 +1,12 @@
 //! The chat panel's list of conversations: New chat, search (titles and messages of every
 //! branch), rename in place (double-click, the context menu, or the header's Rename), delete
-//! (with Undo, see [`super::conversations`]).
+//! (with Undo, see [`super::store`]).
 
-use super::command::Command;
-use super::conversations::{ConversationStore, now_ms};
-use super::format;
-use super::style::weak;
+use super::store::ConversationStore;
+use crate::gui::command::Command;
+use crate::gui::format;
+use crate::gui::format::now_ms;
+use crate::gui::style::weak;
 
 struct Renaming {
     id: String,

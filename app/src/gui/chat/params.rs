@@ -3,13 +3,13 @@
 //! it); a new conversation starts from the last ones used.
 
 use egui::RichText;
-use studio_inference::loader::ModelInfo;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::loader::ModelInfo;
+use studio_inference::llm::sampling::SamplingParams;
 
-use super::format;
-use super::presets::Presets;
-use super::settings_store::Settings;
-use super::style::weak;
+use crate::gui::format;
+use crate::gui::presets::Presets;
+use crate::gui::settings_store::Settings;
+use crate::gui::style::weak;
 
 #[derive(Default)]
 pub struct ParametersView {

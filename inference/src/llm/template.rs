@@ -157,9 +157,9 @@ impl ChatTemplate {
         env.set_keep_trailing_newline(false);
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         minijinja_contrib::add_to_environment(&mut env);
-        crate::template_bounds::add_to_environment(&mut env);
+        crate::llm::template_bounds::add_to_environment(&mut env);
         env.set_unknown_method_callback(|state, value, method, args| {
-            crate::template_bounds::check_method(value, method, args)?;
+            crate::llm::template_bounds::check_method(value, method, args)?;
             minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
         });
         env.set_formatter(python_formatter);
@@ -174,7 +174,7 @@ impl ChatTemplate {
         let normalized = rewrite_generation_tags(&normalized);
         // Every value it builds is bounded (template_bounds); the rewriting parses the
         // template, so a syntax error is reported here as compiling would.
-        let instrumented = crate::template_bounds::instrument(&normalized, TEMPLATE_NAME)
+        let instrumented = crate::llm::template_bounds::instrument(&normalized, TEMPLATE_NAME)
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
         env.add_template_owned(TEMPLATE_NAME, instrumented)
             .map_err(|e| Error::ChatTemplate(e.to_string()))?;
@@ -255,7 +255,7 @@ impl ChatTemplate {
         let mut ctx = BTreeMap::<&str, Value>::new();
         ctx.insert(
             "messages",
-            crate::template_bounds::Messages::value(messages),
+            crate::llm::template_bounds::Messages::value(messages),
         );
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         ctx.insert("tools", Value::from(()));
@@ -479,7 +479,7 @@ impl std::io::Write for Capped {
 fn too_large(e: &minijinja::Error) -> Option<String> {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
-        if let Some(t) = err.downcast_ref::<crate::template_bounds::TooLarge>() {
+        if let Some(t) = err.downcast_ref::<crate::llm::template_bounds::TooLarge>() {
             return Some(t.0.clone());
         }
         source = err.source();

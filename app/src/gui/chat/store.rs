@@ -34,15 +34,15 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use studio_inference::chat::{ChatMessage, Role};
-use studio_inference::generate::{FinishReason, GenerationStats};
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::chat::{ChatMessage, Role};
+use studio_inference::llm::generate::{FinishReason, GenerationStats};
+use studio_inference::llm::sampling::SamplingParams;
 
-use super::format;
+use crate::gui::format::{self, now_ms};
 use crate::home::{load_json, save_json};
 
 pub const CONVERSATION_VERSION: u32 = 2;
@@ -520,12 +520,6 @@ pub fn title_from(text: &str) -> String {
         let cut: String = line.chars().take(MAX - 1).collect();
         format!("{}…", cut.trim_end())
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A deleted conversation while it can still be brought back.

@@ -3,12 +3,12 @@
 //! ended) and its buttons (Copy, Edit, Regenerate), or the editor while it is being edited.
 
 use egui::{Color32, RichText};
-use studio_inference::chat::Role;
+use studio_inference::llm::chat::Role;
 
-use super::conversations::{Message, MessageId, ReplyInfo, ReplyState, Siblings};
-use super::format;
-use super::markdown::{Document, document_ui};
-use super::style::weak;
+use super::store::{Message, MessageId, ReplyInfo, ReplyState, Siblings};
+use crate::gui::format;
+use crate::gui::markdown::{Document, document_ui};
+use crate::gui::style::weak;
 
 /// A message being edited.
 pub struct Editing {

@@ -2,21 +2,33 @@
 //! themselves, and loading the right model family.
 
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use crate::chat::ChatFormat;
 use crate::error::{Error, Result};
-use crate::gguf;
-use crate::models::hf::{self, Family, FamilyConfig};
+use crate::llm::chat::ChatFormat;
+use crate::llm::gguf;
+use crate::llm::template::ChatTemplate;
+use crate::llm::text::Tokenizer;
+use crate::models::family::{self, Family};
+use crate::models::hf::{self, FamilyConfig};
 use crate::models::{CausalLm, gpt2};
-use crate::template::ChatTemplate;
-use crate::text::Tokenizer;
 use crate::weights::Weights;
 
 /// Architectures this build can load, for error messages and the Models panel.
-pub const SUPPORTED_ARCHITECTURES: &str = "GPT-2 (gpt2 … gpt2-xl, distilgpt2), Llama (Llama 2/3.x, SmolLM2, TinyLlama), Mistral, Qwen2/Qwen2.5, Qwen3, Phi-3/3.5, Gemma 2 and Gemma 3 from Hugging Face folders with safetensors weights, and Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 GGUF files";
+pub fn supported_architectures() -> &'static str {
+    static TEXT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "GPT-2 (gpt2 … gpt2-xl, distilgpt2), {} from Hugging Face folders with \
+             safetensors weights, and {}",
+            family::supported_hf(),
+            family::supported_gguf()
+        )
+    });
+    &TEXT
+}
 
 /// Extensions of Python pickle checkpoints, which are never loaded.
 const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"];
@@ -26,7 +38,7 @@ const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"
 pub enum Architecture {
     Gpt2,
     Family(Family),
-    /// A model served by an OpenAI-compatible server (see [`crate::remote`]).
+    /// A model served by an OpenAI-compatible server (see [`crate::llm::remote`]).
     Remote,
 }
 
@@ -79,14 +91,14 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// The prompt for the next reply in this model's chat format, fitted to its context
-    /// ([`crate::chat::build_chat_prompt`]).
+    /// ([`crate::llm::chat::build_chat_prompt`]).
     pub fn chat_prompt(
         &self,
         system: &str,
-        messages: &[crate::chat::ChatMessage],
+        messages: &[crate::llm::chat::ChatMessage],
         reserve: usize,
-    ) -> Result<crate::chat::ChatPrompt> {
-        crate::chat::build_chat_prompt(
+    ) -> Result<crate::llm::chat::ChatPrompt> {
+        crate::llm::chat::build_chat_prompt(
             &self.tokenizer,
             &self.chat,
             self.model.context_length(),
@@ -94,6 +106,19 @@ impl LoadedModel {
             messages,
             reserve,
         )
+    }
+
+    /// The next reply's prompt, sampling parameters and end ids in this model's chat format
+    /// ([`Self::chat_prompt`] then [`crate::llm::chat::ChatPrompt::into_reply`]), with
+    /// `params.max_new_tokens` reserved for the reply.
+    pub fn chat_reply(
+        &self,
+        system: &str,
+        messages: &[crate::llm::chat::ChatMessage],
+        params: crate::llm::sampling::SamplingParams,
+    ) -> Result<crate::llm::chat::ChatReply> {
+        let prompt = self.chat_prompt(system, messages, params.max_new_tokens)?;
+        Ok(prompt.into_reply(params, &self.eos_token_ids))
     }
 }
 
@@ -263,7 +288,7 @@ pub fn detect_architecture(config_path: &Path) -> Result<(Architecture, serde_js
         .unwrap_or_else(|| "unknown (config.json has no model_type)".to_owned());
     Err(Error::UnsupportedArchitecture(
         name,
-        SUPPORTED_ARCHITECTURES.to_owned(),
+        supported_architectures().to_owned(),
     ))
 }
 
@@ -433,16 +458,16 @@ impl Checked {
     }
 }
 
-fn gguf_architecture(name: &str) -> Architecture {
-    let family = match name {
-        "qwen2" => Family::Qwen2,
-        "qwen3" => Family::Qwen3,
-        "phi3" => Family::Phi3,
-        "gemma2" => Family::Gemma2,
-        "gemma3" => Family::Gemma3,
-        _ => Family::Llama,
-    };
-    Architecture::Family(family)
+/// The family of a GGUF file `gguf::inspect` accepted.
+fn gguf_architecture(path: &Path, name: &str) -> Result<Architecture> {
+    Family::from_gguf_architecture(name)
+        .map(Architecture::Family)
+        .ok_or_else(|| {
+            Error::UnsupportedArchitecture(
+                format!("`{name}` ({})", path.display()),
+                family::supported_gguf().to_owned(),
+            )
+        })
 }
 
 fn load_gguf(
@@ -473,7 +498,7 @@ fn load_gguf(
     let model_info = ModelInfo {
         name,
         path: path.to_path_buf(),
-        architecture: gguf_architecture(&info.architecture),
+        architecture: gguf_architecture(path, &info.architecture)?,
         context_length: model.context_length(),
         vocab_size: info.vocab_size,
         parameters: info.parameters,
@@ -515,7 +540,7 @@ fn prepare_folder(path: &Path, device: &Device) -> Result<PreparedModel> {
         Architecture::Remote => {
             return Err(Error::UnsupportedArchitecture(
                 "remote".to_owned(),
-                SUPPORTED_ARCHITECTURES.to_owned(),
+                supported_architectures().to_owned(),
             ));
         }
     };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::loader;
+use crate::llm::loader;
 
 /// One model found in the cache.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,7 +83,7 @@ pub fn scan(dir: &Path) -> Vec<CachedModel> {
         let resolved = loader::resolve(&path);
         if !ggufs.is_empty() && resolved.is_err() {
             for file in ggufs {
-                let support = crate::gguf::inspect(&file)
+                let support = crate::llm::gguf::inspect(&file)
                     .map(|info| format!("GGUF {} {}", info.architecture, info.file_type))
                     .map_err(|e| e.to_string());
                 let file_name = file

@@ -548,12 +548,12 @@ impl GgufVocab {
 
 /// Builds the tokenizer a GGUF file describes (see the module docs).
 #[allow(clippy::implicit_hasher)] // GGUF metadata as candle reads it
-pub fn from_metadata(md: &HashMap<String, Value>) -> Result<crate::text::Tokenizer> {
+pub fn from_metadata(md: &HashMap<String, Value>) -> Result<crate::llm::text::Tokenizer> {
     let vocab = GgufVocab::from_metadata(md)?;
     let mut warnings = Vec::new();
     let inner = vocab.build(&mut warnings)?;
     for w in warnings {
         log::warn!("GGUF tokenizer: {w}");
     }
-    Ok(crate::text::Tokenizer::from_inner(inner))
+    Ok(crate::llm::text::Tokenizer::from_inner(inner))
 }

@@ -6,9 +6,9 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::llm::sampling::{Sampler, SamplingParams};
+use crate::llm::text::{StopCheck, StopMatcher, TokenStream, Tokenizer};
 use crate::models::CausalLm;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::text::{StopCheck, StopMatcher, TokenStream, Tokenizer};
 
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,33 +1,38 @@
-//! The Chat panel: conversations on the left ([`super::chat_list`]), the open conversation in
+//! The Chat panel: conversations on the left ([`self::list`]), the open conversation in
 //! the middle with the message box under it, and its parameters on the right
-//! ([`super::chat_params`]).
+//! ([`self::params`]).
 //!
-//! A conversation is a tree ([`super::conversations`]); the panel shows its active path, with
+//! A conversation is a tree ([`self::store`]); the panel shows its active path, with
 //! `< 2/3 >` arrows on turns that have other versions. Replies are drawn as Markdown from a
-//! per-message parse cache ([`super::markdown`]), so a streaming reply costs one parse per
+//! per-message parse cache ([`crate::gui::markdown`]), so a streaming reply costs one parse per
 //! frame and finished ones none.
+
+pub mod list;
+pub mod message;
+pub mod params;
+pub mod store;
 
 use std::time::{Duration, Instant};
 
 use egui::RichText;
-use studio_inference::chat::Role;
-use studio_inference::generate::GenerationStats;
-use studio_inference::loader::ModelInfo;
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::chat::Role;
+use studio_inference::llm::generate::GenerationStats;
+use studio_inference::llm::loader::ModelInfo;
+use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::JobId;
 
-use super::chat_list::ConversationList;
-use super::chat_message::{Editing, MessageAction, MessageView, empty_chat_ui};
-use super::chat_params::ParametersView;
-use super::command::{Command, ExportFormat};
-use super::conversations::{
+use self::list::ConversationList;
+use self::message::{Editing, MessageAction, MessageView, empty_chat_ui};
+use self::params::ParametersView;
+use self::store::{
     Conversation, ConversationStore, Message, MessageId, ReplyInfo, ReplyState, title_from,
 };
-use super::format;
-use super::markdown::MarkdownCache;
-use super::presets::Presets;
-use super::settings_store::{Panel, Settings};
-use super::style::weak;
+use crate::gui::command::{Command, ExportFormat};
+use crate::gui::format;
+use crate::gui::markdown::MarkdownCache;
+use crate::gui::presets::Presets;
+use crate::gui::settings_store::{Panel, Settings};
+use crate::gui::style::weak;
 
 /// How often a streaming reply is written to disk.
 pub const STREAM_SAVE_INTERVAL: Duration = Duration::from_secs(2);

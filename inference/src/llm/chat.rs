@@ -17,8 +17,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::template::{ChatTemplate, TemplateMessage};
-use crate::text::Tokenizer;
+use crate::llm::sampling::SamplingParams;
+use crate::llm::template::{ChatTemplate, TemplateMessage};
+use crate::llm::text::Tokenizer;
 
 /// Name shown in the UI for the format above.
 pub const PLAIN_TRANSCRIPT_NAME: &str = "plain transcript (User:/Assistant:)";
@@ -255,11 +256,43 @@ pub struct ChatPrompt {
     pub notice: Option<String>,
 }
 
+/// Everything one chat reply is generated from: the recipe the worker, `studio chat`,
+/// `studio code` and `studio serve` share ([`ChatPrompt::into_reply`]).
+#[derive(Debug, Clone)]
+pub struct ChatReply {
+    /// The prompt's tokens.
+    pub tokens: Vec<u32>,
+    /// The caller's sampling parameters with the format's stop strings added.
+    pub params: SamplingParams,
+    /// The model's end-of-text ids and the format's end-of-turn ids.
+    pub eos: Vec<u32>,
+    /// Oldest messages left out to fit the context.
+    pub dropped_messages: usize,
+    /// Set when the model's template could not take the conversation (see [`ChatPrompt`]).
+    pub notice: Option<String>,
+}
+
+impl ChatPrompt {
+    /// The reply's recipe: the format's stop strings join `params`' and its end-of-turn ids
+    /// join the model's end-of-text ids (`model_eos`).
+    pub fn into_reply(self, mut params: SamplingParams, model_eos: &[u32]) -> ChatReply {
+        params.stop.extend(self.stop);
+        let eos = model_eos.iter().chain(&self.end_of_turn).copied().collect();
+        ChatReply {
+            tokens: self.fitted.tokens,
+            params,
+            eos,
+            dropped_messages: self.fitted.dropped_messages,
+            notice: self.notice,
+        }
+    }
+}
+
 /// Builds the prompt for the next reply in a chat format (the model's own template, or the
 /// plain transcript), fitted to a `context` of tokens with `reserve` left for the reply. It
 /// takes the parts of a model it reads, not the model, so a prompt can be built without holding
 /// the model (the server renders and tokenizes outside its model lock);
-/// [`crate::loader::LoadedModel::chat_prompt`] passes a loaded model's.
+/// [`crate::llm::loader::LoadedModel::chat_prompt`] passes a loaded model's.
 ///
 /// When the template refuses the conversation (templates `raise_exception` on a system
 /// message, or fail), Studio does what users expect rather than fail: the system prompt is put

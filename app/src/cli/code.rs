@@ -35,10 +35,10 @@ use studio_inference::code::complete::{
 };
 use studio_inference::code::diff::{diff_lines, unified};
 use studio_inference::code::fim::{self, FimFormat};
-use studio_inference::generate::{Step, generate};
-use studio_inference::sampling::SamplingParams;
+use studio_inference::llm::generate::{Step, generate};
+use studio_inference::llm::sampling::SamplingParams;
 
-use crate::cli::{EngineArgs, SamplingArgs, load_model, median, stream, summary_json};
+use super::common::{EngineArgs, SamplingArgs, load_model, median, stream, summary_json};
 
 #[derive(Debug, Args)]
 pub struct CompleteArgs {
@@ -58,7 +58,7 @@ pub struct CompleteArgs {
     #[arg(long)]
     pub fim_format: Option<String>,
     /// Cap on the prompt in tokens (most of it for the text before the cursor).
-    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = crate::cli_values::tokens)]
+    #[arg(long, default_value_t = DEFAULT_MAX_PROMPT_TOKENS, value_parser = crate::cli::values::tokens)]
     pub max_prompt_tokens: usize,
     /// auto (from the context), line (one line) or block (several lines).
     #[arg(long, default_value = "auto")]
@@ -101,10 +101,10 @@ pub struct BenchCompleteArgs {
     #[arg(long, default_value_t = 2000)]
     pub prefix_tokens: usize,
     /// Tokens to generate per run.
-    #[arg(long, default_value_t = 8, value_parser = crate::cli_values::tokens)]
+    #[arg(long, default_value_t = 8, value_parser = crate::cli::values::tokens)]
     pub gen_tokens: usize,
     /// Measured runs (after one warm-up) to take the median of.
-    #[arg(long, default_value_t = 3, value_parser = crate::cli_values::rounds)]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli::values::rounds)]
     pub repeat: usize,
     /// One JSON object with the figures.
     #[arg(long)]
@@ -310,7 +310,7 @@ fn parse_lines(spec: &str, count: usize) -> Result<(usize, usize)> {
 }
 
 pub fn run_code(args: &CodeArgs) -> Result<()> {
-    let mut params = args.sampling.params()?;
+    let params = args.sampling.params()?;
     let (id, target) = match args.action.split_once(':') {
         Some((id, lang)) => (id.trim(), lang.trim().to_owned()),
         None => (args.action.trim(), String::new()),
@@ -368,34 +368,27 @@ pub fn run_code(args: &CodeArgs) -> Result<()> {
     for cut in &prompt.cut {
         eprintln!("note: context cut: {cut}");
     }
-    let chat = m.chat_prompt(&prompt.system, &prompt.messages(), params.max_new_tokens)?;
-    if let Some(notice) = &chat.notice {
+    let reply_plan = m.chat_reply(&prompt.system, &prompt.messages(), params)?;
+    if let Some(notice) = &reply_plan.notice {
         eprintln!("note: {notice}");
     }
-    params.stop.extend(chat.stop.iter().cloned());
     if prompt.kind != ActionKind::Edit {
         return stream(
             &mut m,
-            &chat.fitted.tokens,
-            &params,
-            &chat.end_of_turn,
+            &reply_plan.tokens,
+            &reply_plan.params,
+            &reply_plan.eos,
             args.sampling.json,
         );
     }
     // An edit: collect the reply (optionally echoing it to stderr), then print the diff.
-    let eos: Vec<u32> = m
-        .eos_token_ids
-        .iter()
-        .chain(&chat.end_of_turn)
-        .copied()
-        .collect();
     let mut reply = String::new();
     let stats = generate(
         &mut *m.model,
         &m.tokenizer,
-        &eos,
-        &chat.fitted.tokens,
-        &params,
+        &reply_plan.eos,
+        &reply_plan.tokens,
+        &reply_plan.params,
         &mut |step| {
             reply.push_str(step.text);
             if args.show_reply {
@@ -434,7 +427,10 @@ const BENCH_CURSOR_LINE: &str = "def circumference(r: float) -> float:\n    ";
 
 /// About `tokens` tokens of code (never more): functions varied enough that BPE does not
 /// collapse them, then [`BENCH_CURSOR_LINE`].
-fn bench_prefix(tokenizer: &studio_inference::text::Tokenizer, tokens: usize) -> Result<String> {
+fn bench_prefix(
+    tokenizer: &studio_inference::llm::text::Tokenizer,
+    tokens: usize,
+) -> Result<String> {
     let target = tokens.saturating_sub(tokenizer.encode(BENCH_CURSOR_LINE)?.len());
     let mut text = String::from("import math\n\n");
     let mut i = 0usize;

@@ -28,11 +28,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::chat::{ChatMessage, Role};
 use crate::error::{Error, Result};
-use crate::generate::{FinishReason, GenerationStats};
-use crate::loader::{Architecture, ModelInfo};
-use crate::sampling::SamplingParams;
+use crate::llm::chat::{ChatMessage, Role};
+use crate::llm::generate::{FinishReason, GenerationStats};
+use crate::llm::loader::{Architecture, ModelInfo};
+use crate::llm::sampling::SamplingParams;
 
 /// Context length reported for a server that does not say its own.
 pub const DEFAULT_CONTEXT_LENGTH: usize = 8192;

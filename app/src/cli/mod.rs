@@ -1,0 +1,118 @@
+//! The headless command line, on the same engine as the window (the inference crate's loader,
+//! models and token loop). Its subcommands, flags and JSON lines are a contract: tests and
+//! benchmark scripts depend on them.
+//!
+//! - `studio generate --model PATH --prompt TEXT [--max-tokens N] [--temperature T]
+//!   [--top-k K] [--top-p P] [--seed S] [--json]` streams the raw continuation to stdout; with
+//!   `--json`, one object per generated token `{"id": …, "text": …}` and a final
+//!   `{"done": true, "prompt_tokens": …, "generated_tokens": …, "ttft_ms": …,
+//!   "prefill_tok_s": …, "decode_tok_s": …}`.
+//! - `studio chat --model PATH [--system TEXT] --message TEXT [--json]` (same sampling flags)
+//!   applies the model's own chat template, stops at its end-of-turn token and prints the reply
+//!   the same way.
+//! - `studio bench generate --model PATH [--prompt-tokens N] [--gen-tokens N] [--threads N]
+//!   [--repeat N] [--json]` prints median prefill and decode tokens/s, time to first token and
+//!   peak RSS.
+//! - `studio serve --model PATH [--host 127.0.0.1] [--port 8080] [--api-key KEY]
+//!   [--allow-host NAME]... [--cors-origin ORIGIN] [--threads N] [--device D]` serves the model over an OpenAI-compatible HTTP API (see [`crate::serve`]) and prints
+//!   `Studio is serving MODEL at http://HOST:PORT/v1` on stdout once it listens (`--port 0`
+//!   picks a free port).
+//!
+//! - `studio txt2img`, `img2img`, `inpaint` and `bench sd`: see [`crate::cli::image`].
+//! - `studio gan`, `gan-interp` and `bench gan` (StyleGAN2): see [`crate::cli::gan`].
+//! - `studio complete`, `studio code` and `bench complete` (code assist): see
+//!   [`crate::cli::code`].
+//!
+//! Errors go to stderr with a non-zero exit code.
+//!
+//! Files: [`common`] (the engine and sampling flags, device parsing, streaming to stdout,
+//! medians), [`text`] (`generate`, `chat`, `serve`, `bench generate`, `bench memory`),
+//! [`image`], [`gan`], [`code`], and [`values`] (the flag value parsers and their bounds).
+
+pub mod code;
+pub mod common;
+pub mod gan;
+pub mod image;
+pub mod text;
+pub mod values;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use text::{BenchGenerateArgs, BenchMemoryArgs, ChatArgs, GenerateArgs, ServeArgs};
+
+/// Studio: local generative AI. With no subcommand, opens the window.
+#[derive(Debug, Parser)]
+#[command(name = "studio", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Continue a prompt with a language model (raw text, no chat template).
+    Generate(GenerateArgs),
+    /// Reply to a message with the model's own chat template.
+    Chat(ChatArgs),
+    /// Measure speed and memory.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models).
+    Serve(ServeArgs),
+    /// Make an image from a prompt with a Stable Diffusion model.
+    Txt2img(image::ImageArgs),
+    /// Make an image from a prompt and a starting image.
+    Img2img(image::Img2ImgArgs),
+    /// Repaint the white part of a mask.
+    Inpaint(image::InpaintArgs),
+    /// Render a StyleGAN2 image from a seed, a z or a w.
+    Gan(gan::GanArgs),
+    /// Render a StyleGAN2 animation through seeds (GIF or PNG sequence).
+    GanInterp(gan::GanInterpArgs),
+    /// Find the latent of a photo in a StyleGAN2 generator (NVIDIA's projector recipe).
+    GanProject(gan::GanProjectArgs),
+    /// Fill in the middle at a cursor in a source file with a code model's FIM format.
+    Complete(code::CompleteArgs),
+    /// Run a code action (explain, fix, doc, tests, translate:LANG, instruct) on a file or
+    /// some of its lines; editing actions print a unified diff.
+    Code(code::CodeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s, time to first token and peak RSS of a language model.
+    Generate(BenchGenerateArgs),
+    /// UNet step, VAE decode and preview times of an SD-1.5-shaped model (random weights).
+    Sd(image::BenchSdArgs),
+    /// Milliseconds per frame of StyleGAN2 config-F-shaped generators (random weights).
+    Gan(gan::BenchGanArgs),
+    /// Time to first token and prefill tokens/s of an inline completion with a long prefix.
+    Complete(code::BenchCompleteArgs),
+    /// Memory read bandwidth (GB/s): the bound on decode speed, which reads every weight
+    /// byte once per token (a model of B bytes decodes at most GB/s × 10⁹ / B tokens/s).
+    Memory(BenchMemoryArgs),
+}
+
+/// Runs a subcommand.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Generate(args) => text::run_generate(&args),
+        Command::Chat(args) => text::run_chat(&args),
+        Command::Bench(BenchCommand::Generate(args)) => text::run_bench_generate(&args),
+        Command::Bench(BenchCommand::Memory(args)) => text::run_bench_memory(&args),
+        Command::Serve(args) => text::run_serve(&args),
+        Command::Bench(BenchCommand::Sd(args)) => image::run_bench_sd(&args),
+        Command::Bench(BenchCommand::Gan(args)) => gan::run_bench_gan(&args),
+        Command::Gan(args) => gan::run_gan(&args),
+        Command::GanInterp(args) => gan::run_gan_interp(&args),
+        Command::GanProject(args) => gan::run_gan_project(&args),
+        Command::Txt2img(args) => image::run_txt2img(&args),
+        Command::Img2img(args) => image::run_img2img(&args),
+        Command::Inpaint(args) => image::run_inpaint(&args),
+        Command::Complete(args) => code::run_complete(&args),
+        Command::Code(args) => code::run_code(&args),
+        Command::Bench(BenchCommand::Complete(args)) => code::run_bench_complete(&args),
+    }
+}

@@ -1,0 +1,81 @@
+//! The Stable Diffusion jobs: loading a model and generating images, with each step's preview
+//! in the one-slot mailbox.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::context::{JobContext, progress_sender};
+use super::{Event, PreviewFrame, lock};
+use crate::diffusion::model::{self as sd_model, ImageModelOptions};
+use crate::diffusion::pipeline::{self, ImageRequest};
+use crate::error::{Error, Result};
+
+/// [`super::JobKind::LoadImageModel`].
+pub(super) fn load_image_model(
+    ctx: &mut JobContext<'_>,
+    path: &Path,
+    options: &ImageModelOptions,
+) -> Result<()> {
+    let job = ctx.job;
+    let mut progress = progress_sender(ctx.events, ctx.repaint, job);
+    let model = sd_model::load(path, options, ctx.device, &mut progress)?;
+    if ctx.image_model.take().is_some() {
+        ctx.send(Event::ImageModelUnloaded { job });
+    }
+    let info = model.info.clone();
+    *ctx.image_model = Some(Box::new(model));
+    ctx.send(Event::ImageModelLoaded { job, info });
+    Ok(())
+}
+
+/// [`super::JobKind::UnloadImageModel`].
+pub(super) fn unload_image_model(ctx: &mut JobContext<'_>) {
+    *ctx.image_model = None;
+    ctx.send(Event::ImageModelUnloaded { job: ctx.job });
+}
+
+/// [`super::JobKind::GenerateImage`]: lossy progress per step, the step's preview in the
+/// mailbox, each finished image as [`Event::ImageReady`]; cancel is checked every step.
+pub(super) fn generate_image(ctx: &mut JobContext<'_>, request: &ImageRequest) -> Result<()> {
+    let Some(model) = ctx.image_model.as_deref() else {
+        return Err(Error::InvalidParameter(
+            "no Stable Diffusion model is loaded: open one in the Canvas first".into(),
+        ));
+    };
+    let (job, cancel, events, repaint, previews) =
+        (ctx.job, ctx.cancel, ctx.events, ctx.repaint, ctx.previews);
+    let outcome = pipeline::generate(model, request, &mut |update| {
+        if let Some(image) = update.preview {
+            *lock(previews) = Some(PreviewFrame {
+                job,
+                image_index: update.image,
+                step: update.step,
+                steps: update.steps,
+                image,
+            });
+        }
+        // Lossy: a dropped progress event is superseded by the next step's.
+        let _ = events.try_send(Event::ImageProgress {
+            job,
+            image: update.image,
+            images: update.images,
+            step: update.step,
+            steps: update.steps,
+        });
+        repaint();
+        if cancel.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    for image in outcome.images {
+        ctx.send(Event::ImageReady {
+            job,
+            image: Arc::new(image),
+        });
+    }
+    Ok(())
+}

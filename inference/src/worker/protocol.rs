@@ -1,0 +1,351 @@
+//! The worker's protocol: the jobs it runs ([`JobKind`]), the events it sends back
+//! ([`Event`]), its configuration, and the denoising preview a running image job leaves in
+//! its mailbox.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::JobContext;
+use crate::code::actions::{ActionInput, ActionPreset};
+use crate::code::complete::CompletionRequest;
+use crate::device::DevicePreference;
+use crate::diffusion::imaging::RgbImage;
+use crate::diffusion::model::{ImageModelInfo, ImageModelOptions};
+use crate::diffusion::pipeline::{GeneratedImage, ImageRequest};
+use crate::error::Result;
+use crate::gan::GanInfo;
+use crate::gan::directions::Directions;
+use crate::gan::render::GanAnimationRequest;
+use crate::llm::chat::ChatMessage;
+use crate::llm::generate::GenerationStats;
+use crate::llm::loader::ModelInfo;
+use crate::llm::remote::RemoteConfig;
+use crate::llm::sampling::SamplingParams;
+
+/// Identifies a submitted job.
+/// Identifies a submitted job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+/// Custom work run on the worker thread with access to the loaded model.
+pub type CustomJob = Box<dyn FnOnce(&mut JobContext<'_>) -> Result<()> + Send>;
+
+/// How to load a model.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoadOptions {
+    /// Context length to use, below the model's trained maximum (saves memory); `None` = the
+    /// maximum.
+    pub context_length: Option<usize>,
+}
+
+/// What to do.
+pub enum JobKind {
+    /// Load a model (folder or file), replacing the loaded one. The new model's files are
+    /// checked first; only then is the old model dropped (with [`Event::ModelUnloaded`]).
+    LoadModel { path: PathBuf, options: LoadOptions },
+    /// Use a model on an OpenAI-compatible server instead of a local one. The server must
+    /// answer `GET /v1/models` first; only then is the current backend dropped (with
+    /// [`Event::ModelUnloaded`] if one was loaded), followed by [`Event::ModelLoaded`].
+    ConnectRemote { config: RemoteConfig },
+    /// Drop the loaded model (or remote connection) and free its memory.
+    UnloadModel,
+    /// Continue `prompt` as raw text (no chat format).
+    Generate {
+        prompt: String,
+        params: SamplingParams,
+    },
+    /// Reply to a conversation; the oldest turns are dropped if it does not fit the context.
+    Chat {
+        system: String,
+        messages: Vec<ChatMessage>,
+        params: SamplingParams,
+    },
+    /// Load a Stable Diffusion model (diffusers folder or single-file checkpoint), replacing
+    /// the loaded one only once the new one has loaded.
+    LoadImageModel {
+        path: PathBuf,
+        options: ImageModelOptions,
+    },
+    /// Drop the loaded Stable Diffusion model.
+    UnloadImageModel,
+    /// Generate images with the loaded Stable Diffusion model.
+    GenerateImage { request: Box<ImageRequest> },
+    /// Load a StyleGAN2 generator (a safetensors file in NVIDIA's `G_ema` naming) for the
+    /// Latent Explorer, replacing the loaded one only once the new one has loaded. A `.pkl`
+    /// is refused without being opened.
+    LoadGan { path: PathBuf },
+    /// Drop the loaded StyleGAN2 generator.
+    UnloadGan,
+    /// GANSpace PCA directions of the loaded generator's W: `samples` latents from `seed`,
+    /// `components` principal components; reports progress, honours cancel, and ends with
+    /// [`Event::GanDirections`].
+    ComputeGanDirections {
+        samples: usize,
+        components: usize,
+        seed: u64,
+    },
+    /// Project `image` into the loaded generator's W (NVIDIA's projector recipe, `steps`
+    /// steps): center-cropped to a square and resized to the network's resolution first;
+    /// the reconstruction streams into [`Worker::take_gan_frame`] (id 0) every few steps with
+    /// progress; the W found (so far, when cancelled) arrives as [`Event::GanProjected`].
+    /// With `vgg16` (a safetensors file of VGG16 weights, optionally with LPIPS's linear
+    /// layers) the loss is the perceptual distance; without, pixel + multi-scale SSIM.
+    ProjectGan {
+        image: Box<RgbImage>,
+        steps: usize,
+        vgg16: Option<PathBuf>,
+    },
+    /// Render the keyframe path to an animated GIF or a folder of PNGs, with progress and
+    /// cancel between frames.
+    ExportGanAnimation { request: Box<GanAnimationRequest> },
+    /// Inline completion (ghost text): fill in the middle between `request.prefix` and
+    /// `request.suffix` with the loaded model's FIM format (detected, or the request's
+    /// override), within `request.max_prompt_tokens`. Sends [`Event::PromptTokens`], then the
+    /// suggestion as [`Event::Text`] (already trimmed to one line or a block), stops on the
+    /// format's stop tokens, and fails when the model has no FIM tokens (see
+    /// [`Worker::fim_support`]) or is a remote server.
+    Complete { request: Box<CompletionRequest> },
+    /// A code action (explain, fix, …) from a preset, run as a chat with the model's template
+    /// (local or remote): the prompt names the file's language and path and includes the
+    /// context files that fit; each thing left out is an [`Event::Notice`] (`Context cut: …`).
+    /// The reply streams as [`Event::Text`]; edits are diffed by the caller
+    /// ([`crate::code::actions::rewrite_from_reply`], [`crate::code::diff`]).
+    CodeAction {
+        preset: Box<ActionPreset>,
+        input: Box<ActionInput>,
+        params: SamplingParams,
+    },
+    /// Arbitrary work on the worker thread (extensions and tests).
+    Custom { label: String, run: CustomJob },
+}
+
+impl JobKind {
+    pub fn label(&self) -> String {
+        match self {
+            JobKind::LoadModel { path, .. } => format!(
+                "Loading {}",
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into()
+                )
+            ),
+            JobKind::ConnectRemote { config } => {
+                format!("Connecting to {}", config.base_url.trim())
+            }
+            JobKind::UnloadModel => "Unloading model".to_owned(),
+            JobKind::LoadImageModel { path, .. } => format!(
+                "Loading {}",
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into()
+                )
+            ),
+            JobKind::UnloadImageModel => "Unloading image model".to_owned(),
+            JobKind::LoadGan { path } => format!(
+                "Loading {}",
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into()
+                )
+            ),
+            JobKind::UnloadGan => "Unloading GAN".to_owned(),
+            JobKind::ProjectGan { steps, .. } => format!("Projecting the image ({steps} steps)"),
+            JobKind::ExportGanAnimation { request } => {
+                format!("Exporting {} frames", request.frames)
+            }
+            JobKind::ComputeGanDirections {
+                samples,
+                components,
+                ..
+            } => format!("Computing {components} directions from {samples} samples"),
+            JobKind::GenerateImage { request } => format!("Generating ({})", request.mode.label()),
+            JobKind::Generate { .. } => "Generating".to_owned(),
+            JobKind::Chat { .. } => "Replying".to_owned(),
+            JobKind::Complete { .. } => "Completing".to_owned(),
+            JobKind::CodeAction { preset, .. } => preset.label.clone(),
+            JobKind::Custom { label, .. } => label.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// What the worker reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The job left the queue and is running.
+    Started {
+        job: JobId,
+        label: String,
+    },
+    /// Progress in `0..=1` (lossy: may be skipped when the UI is behind).
+    Progress {
+        job: JobId,
+        fraction: f32,
+        message: String,
+    },
+    /// Newly generated text, coalesced: `tokens` tokens' worth.
+    Text {
+        job: JobId,
+        text: String,
+        tokens: usize,
+    },
+    /// The conversation did not fit: this many of its oldest messages were left out.
+    ContextTrimmed {
+        job: JobId,
+        dropped_messages: usize,
+        prompt_tokens: usize,
+    },
+    /// Something the user should know about this job (a fallback that was used).
+    Notice {
+        job: JobId,
+        message: String,
+    },
+    /// The prompt of a chat or generate job, in tokens, before generation starts.
+    PromptTokens {
+        job: JobId,
+        tokens: usize,
+    },
+    ModelLoaded {
+        job: JobId,
+        info: ModelInfo,
+    },
+    ModelUnloaded {
+        job: JobId,
+    },
+    ImageModelLoaded {
+        job: JobId,
+        info: ImageModelInfo,
+    },
+    ImageModelUnloaded {
+        job: JobId,
+    },
+    /// A denoising step finished (lossy). Its preview, if any, is in [`Worker::take_preview`].
+    ImageProgress {
+        job: JobId,
+        /// Which image of the batch (0-based) and how many.
+        image: u32,
+        images: u32,
+        step: usize,
+        steps: usize,
+    },
+    /// A StyleGAN2 generator is loaded; `name` is its file name.
+    GanLoaded {
+        job: JobId,
+        info: GanInfo,
+        name: String,
+        /// The synthesis layers a render can show ([`crate::gan::render::GanLayerRequest`]), coarse to fine.
+        layers: Vec<String>,
+    },
+    GanUnloaded {
+        job: JobId,
+    },
+    /// The W a projection found: `num_ws × w_dim` values, row by row, the noise buffers it
+    /// optimized with it (flattened as [`crate::gan::render::GanLatent::noise`]), and its last image loss;
+    /// `note` says what was done to the image first (crop, resize), if anything.
+    GanProjected {
+        job: JobId,
+        w: Vec<f32>,
+        noise: Arc<Vec<f32>>,
+        loss: f32,
+        note: Option<String>,
+    },
+    /// PCA directions computed by [`JobKind::ComputeGanDirections`].
+    GanDirections {
+        job: JobId,
+        directions: Arc<Directions>,
+    },
+    /// A finished image (always delivered).
+    ImageReady {
+        job: JobId,
+        image: Arc<GeneratedImage>,
+    },
+    /// Terminal: the job finished (with stats for generation jobs).
+    Done {
+        job: JobId,
+        stats: Option<GenerationStats>,
+    },
+    /// Terminal: the job failed; `error` is written for a person.
+    Failed {
+        job: JobId,
+        error: String,
+    },
+    /// Terminal: the job was cancelled (stats of what was generated, if anything ran).
+    Cancelled {
+        job: JobId,
+        stats: Option<GenerationStats>,
+    },
+}
+
+impl Event {
+    pub fn job(&self) -> JobId {
+        match self {
+            Event::Started { job, .. }
+            | Event::Progress { job, .. }
+            | Event::Text { job, .. }
+            | Event::ContextTrimmed { job, .. }
+            | Event::PromptTokens { job, .. }
+            | Event::Notice { job, .. }
+            | Event::ModelLoaded { job, .. }
+            | Event::ModelUnloaded { job }
+            | Event::ImageModelLoaded { job, .. }
+            | Event::ImageModelUnloaded { job }
+            | Event::GanLoaded { job, .. }
+            | Event::GanUnloaded { job }
+            | Event::GanDirections { job, .. }
+            | Event::GanProjected { job, .. }
+            | Event::ImageProgress { job, .. }
+            | Event::ImageReady { job, .. }
+            | Event::Done { job, .. }
+            | Event::Failed { job, .. }
+            | Event::Cancelled { job, .. } => *job,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            Event::Done { .. } | Event::Failed { .. } | Event::Cancelled { .. }
+        )
+    }
+}
+
+/// How to start the worker.
+pub struct WorkerConfig {
+    pub device: DevicePreference,
+    /// Called (from the worker thread) after events are sent; the UI passes
+    /// `ctx.request_repaint`.
+    pub repaint: Arc<dyn Fn() + Send + Sync>,
+    /// Capacity of the job queue.
+    pub queue_capacity: usize,
+    /// Capacity of the event channel.
+    pub event_capacity: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            device: DevicePreference::Auto,
+            repaint: Arc::new(|| {}),
+            queue_capacity: 64,
+            event_capacity: 256,
+        }
+    }
+}
+
+/// The latest denoising preview of a running image job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreviewFrame {
+    pub job: JobId,
+    pub image_index: u32,
+    pub step: usize,
+    pub steps: usize,
+    pub image: RgbImage,
+}
