@@ -17,6 +17,7 @@ use super::chat::store::ConversationStore;
 use super::chat::{ChatPanel, ChatUiContext};
 use super::code::CodePanel;
 use super::command::Command;
+use super::context::app_context;
 use super::explorer::ExplorerPanel;
 use super::jobs::{JobPurpose, Jobs};
 use super::models::ModelsPanel;
@@ -196,7 +197,8 @@ impl StudioApp {
             && let Some(path) = app.settings.last_image_model.clone()
         {
             if path.exists() {
-                app.load_image_model(path, true);
+                app.canvas
+                    .load_image_model(path, true, &mut app_context!(app));
             } else {
                 app.notices.warning(format!(
                     "The last image model, {}, is no longer there; open another in the Canvas",
@@ -209,7 +211,7 @@ impl StudioApp {
             && let Some(path) = app.settings.last_gan_model.clone()
         {
             if path.exists() {
-                app.load_gan(path, true);
+                app.explorer.load_gan(path, true, &mut app_context!(app));
             } else {
                 app.notices.warning(format!(
                     "The last generator, {}, is no longer there; open another in the Latent \
@@ -272,26 +274,13 @@ impl StudioApp {
         !self.jobs.is_empty()
     }
 
+    /// Queues a job of the window's own ([`AppContext::submit`](super::context::AppContext::submit)).
     pub(super) fn submit(
         &mut self,
         kind: JobKind,
         purpose: JobPurpose,
     ) -> Option<studio_inference::worker::JobId> {
-        let Some(worker) = &self.worker else {
-            self.notices
-                .error("The inference worker is not running; restart Studio");
-            return None;
-        };
-        match worker.submit(kind) {
-            Ok(id) => {
-                self.jobs.track(id, purpose);
-                Some(id)
-            }
-            Err(e) => {
-                self.notices.error(format!("Could not start the job: {e}"));
-                None
-            }
-        }
+        app_context!(self).submit(kind, purpose)
     }
 
     // ---- drawing --------------------------------------------------------------------------
@@ -434,7 +423,7 @@ impl StudioApp {
         self.canvas
             .store
             .flush(&self.canvas.doc, &self.canvas.form, &self.files);
-        self.flush_explorer();
+        self.explorer.flush_explorer(&mut app_context!(self));
         self.code_flush();
         // Wait until the images and the canvas are on disk.
         for done in self.files.flush() {

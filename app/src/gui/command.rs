@@ -9,10 +9,10 @@ use studio_inference::worker::{JobKind, LoadOptions};
 use super::api_server::ApiServer;
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
-use super::chat::store::{MessageId, ReplyState};
+use super::chat::store::MessageId;
 use super::code::CodeCommand;
+use super::context::app_context;
 use super::explorer::ExplorerCommand;
-use super::format;
 use super::jobs::JobPurpose;
 use super::settings_store::Panel;
 
@@ -108,7 +108,18 @@ impl StudioApp {
         }
     }
 
+    /// The panels take their own commands (each with the shared state lent as an
+    /// [`AppContext`](super::context::AppContext)); the window's own are carried out here.
     fn apply(&mut self, command: Command) {
+        let command = match command {
+            Command::Canvas(c) => return self.canvas.apply(c, &mut app_context!(self)),
+            Command::Explorer(c) => return self.explorer.apply(c, &mut app_context!(self)),
+            Command::Code(c) => return self.code.apply(c, &mut app_context!(self)),
+            other => other,
+        };
+        let Some(command) = self.chat.apply(command, &mut app_context!(self)) else {
+            return;
+        };
         match command {
             Command::ShowPanel(panel) => self.settings.panel = panel,
             Command::LoadModel(path) => self.load_model(path),
@@ -139,69 +150,33 @@ impl StudioApp {
                     worker.cancel(running.id);
                 }
             }
-            Command::SendMessage => self.send_message(),
-            Command::StopReply => {
-                if let (Some(worker), Some(active)) = (&self.worker, self.chat.active()) {
-                    worker.cancel(active.job);
-                }
-            }
-            Command::Regenerate => self.regenerate(None),
-            Command::RegenerateReply {
-                conversation,
-                message,
-            } => {
-                self.chat.select(&conversation);
-                self.regenerate(Some(message));
-            }
-            Command::ResendEdit {
-                conversation,
-                message,
-                content,
-            } => self.resend_edit(&conversation, message, &content),
-            Command::EditMessage {
-                conversation,
-                message,
-                content,
-            } => {
-                if self.chat.edit_message(&conversation, message, content) {
-                    self.save_conversation(&conversation);
-                }
-            }
-            Command::ShowBranch {
-                conversation,
-                message,
-            } => {
-                if self.chat.show_branch(&conversation, message)
-                    && let Err(e) = self.chat.store.save_in_place(&conversation)
-                {
-                    self.notices.error(format!("{e:#}"));
-                }
-            }
-            Command::NewConversation => {
-                self.chat.new_conversation();
-                self.settings.panel = Panel::Chat;
-            }
-            Command::SelectConversation(id) => self.chat.select(&id),
-            Command::RenameConversation { id, title } => self.rename(&id, title),
-            Command::DeleteConversation(id) => self.delete_conversation(&id),
-            Command::UndoDelete(id) => match self.chat.store.restore(&id) {
-                Ok(true) => {
-                    self.notices
-                        .dismiss_action(&Command::UndoDelete(id.clone()));
-                    self.chat.select(&id);
-                }
-                Ok(false) => self
-                    .notices
-                    .warning("The chat can no longer be restored: its undo time has passed"),
-                Err(e) => self.notices.error(format!("{e:#}")),
-            },
-            Command::ExportConversation { id, format } => self.export(&id, format),
             Command::RemoveRecentModel(path) => self.settings.recent_models.retain(|p| *p != path),
             Command::RescanHfCache => self.models.start_scan(),
-            Command::Canvas(c) => self.apply_canvas(c),
-            Command::Explorer(c) => self.apply_explorer(c),
-            Command::Code(c) => self.apply_code(c),
+            // Taken by the panels above.
+            Command::Canvas(_)
+            | Command::Explorer(_)
+            | Command::Code(_)
+            | Command::SendMessage
+            | Command::StopReply
+            | Command::Regenerate
+            | Command::RegenerateReply { .. }
+            | Command::ResendEdit { .. }
+            | Command::EditMessage { .. }
+            | Command::ShowBranch { .. }
+            | Command::NewConversation
+            | Command::SelectConversation(_)
+            | Command::RenameConversation { .. }
+            | Command::DeleteConversation(_)
+            | Command::UndoDelete(_)
+            | Command::ExportConversation { .. } => {}
         }
+    }
+
+    /// Writes conversation `id` as shown (its active path) to `path`; says how it went in a
+    /// notice. Returns whether it was written.
+    pub fn export_to(&mut self, id: &str, format: ExportFormat, path: &Path) -> bool {
+        self.chat
+            .export_to(id, format, path, &mut app_context!(self))
     }
 
     fn load_model(&mut self, path: PathBuf) {
@@ -223,206 +198,6 @@ impl StudioApp {
             },
             JobPurpose::LoadModel(path, options),
         );
-    }
-
-    /// Why a reply cannot start now (and says so in a notice), or `None` when it can.
-    fn reply_refused(&mut self) -> bool {
-        if self.model.is_none() {
-            self.notices
-                .warning("Load a model in the Models panel before sending a message");
-            return true;
-        }
-        if self.chat.active().is_some() {
-            self.notices
-                .warning("A reply is being written: wait for it or stop it first");
-            return true;
-        }
-        false
-    }
-
-    fn send_message(&mut self) {
-        if self.chat.input.trim().is_empty() || self.reply_refused() {
-            return;
-        }
-        let Some((id, message)) = self.chat.take_input() else {
-            return;
-        };
-        self.start_reply(&id, message);
-    }
-
-    /// Writes `reply` (or the last reply of the open conversation) again as a new version.
-    fn regenerate(&mut self, reply: Option<MessageId>) {
-        if self.model.is_none() || self.chat.active().is_some() {
-            return;
-        }
-        let Some(id) = self.chat.selected.clone() else {
-            return;
-        };
-        let target = match reply {
-            Some(reply) => self.chat.regenerate_target(&id, reply),
-            None => self.chat.last_reply_target(&id),
-        };
-        match target {
-            Some(parent) => self.start_reply(&id, parent),
-            None => self.save_conversation(&id),
-        }
-    }
-
-    fn resend_edit(&mut self, id: &str, message: MessageId, content: &str) {
-        if self.reply_refused() {
-            return;
-        }
-        self.chat.select(id);
-        if let Some(edited) = self.chat.branch_edit(id, message, content) {
-            self.start_reply(id, edited);
-        }
-    }
-
-    /// Adds an empty reply after `parent` in conversation `id` (the shown branch from now on),
-    /// records the parameters with the conversation, saves, and submits the chat job with the
-    /// path up to `parent`.
-    fn start_reply(&mut self, id: &str, parent: MessageId) {
-        let Some(model) = self.model.as_ref().map(|m| m.name.clone()) else {
-            return;
-        };
-        let Some(c) = self.chat.store.get_mut(id) else {
-            return;
-        };
-        // The open conversation's parameters are the ones shown; others keep their own.
-        let sampling = c
-            .sampling
-            .get_or_insert_with(|| self.settings.sampling.clone())
-            .clone();
-        let system = c
-            .system_prompt
-            .get_or_insert_with(|| self.settings.system_prompt.clone())
-            .clone();
-        let messages = c.turns_to(parent);
-        let mut params = sampling;
-        if self.settings.new_seed_each_reply {
-            params.seed = format::random_seed();
-        }
-        let Some(reply) = self.chat.add_reply(id, parent, &model, params.seed) else {
-            return;
-        };
-        let kind = JobKind::Chat {
-            system,
-            messages,
-            params,
-        };
-        let purpose = JobPurpose::ChatReply {
-            conversation: id.to_owned(),
-            message: reply,
-        };
-        match self.submit(kind, purpose) {
-            Some(job) => self.chat.begin_reply(job, id.to_owned(), reply),
-            None => self.chat.finish_message(
-                id,
-                reply,
-                ReplyState::Failed,
-                None,
-                Some("the job could not be started".to_owned()),
-            ),
-        }
-        self.save_conversation(id);
-    }
-
-    fn rename(&mut self, id: &str, title: String) {
-        let Some(c) = self.chat.store.get_mut(id) else {
-            return;
-        };
-        if c.title == title {
-            return;
-        }
-        c.title = title;
-        // A chat with no message yet is written with its first one.
-        if !c.messages.is_empty()
-            && let Err(e) = self.chat.store.save_in_place(id)
-        {
-            self.notices.error(format!("{e:#}"));
-        }
-    }
-
-    fn delete_conversation(&mut self, id: &str) {
-        if let Some(job) = self.chat.abandon_reply(id) {
-            if let Some(worker) = &self.worker {
-                worker.cancel(job);
-            }
-            // The trash keeps the reply as far as it got.
-            if let Err(e) = self.chat.store.save_in_place(id) {
-                self.notices.error(format!("{e:#}"));
-            }
-        }
-        let title = self
-            .chat
-            .store
-            .get(id)
-            .map(|c| c.display_title().to_owned())
-            .unwrap_or_default();
-        match self.chat.store.trash(id) {
-            Ok(true) => {
-                self.notices.undoable(
-                    format!("Deleted \"{title}\""),
-                    "Undo",
-                    Command::UndoDelete(id.to_owned()),
-                    self.undo_window,
-                );
-            }
-            Ok(false) => {}
-            Err(e) => self
-                .notices
-                .error(format!("Could not delete the chat: {e:#}")),
-        }
-        if self.chat.selected.as_deref() == Some(id) {
-            self.chat.selected = self.chat.store.list().first().map(|c| c.id.clone());
-        }
-    }
-
-    fn export(&mut self, id: &str, format: ExportFormat) {
-        let Some(c) = self.chat.store.get(id) else {
-            return;
-        };
-        let name = format!(
-            "{}.{}",
-            file_name_from(c.display_title()),
-            format.extension()
-        );
-        let (filter, extensions): (&str, &[&str]) = match format {
-            ExportFormat::Markdown => ("Markdown", &["md"]),
-            ExportFormat::Json => ("JSON", &["json"]),
-        };
-        // Headless (tests, no desktop portal) the dialog returns None.
-        let Some(path) = rfd::FileDialog::new()
-            .set_title("Export the conversation")
-            .set_file_name(&name)
-            .add_filter(filter, extensions)
-            .save_file()
-        else {
-            return;
-        };
-        self.export_to(id, format, &path);
-    }
-
-    /// Writes conversation `id` as shown (its active path) to `path`; says how it went in a
-    /// notice. Returns whether it was written.
-    pub fn export_to(&mut self, id: &str, format: ExportFormat, path: &Path) -> bool {
-        let Some(c) = self.chat.store.get(id) else {
-            return false;
-        };
-        let text = match format {
-            ExportFormat::Markdown => c.to_markdown(),
-            ExportFormat::Json => c.to_json_export(),
-        };
-        match crate::home::atomic_write(path, text.as_bytes()) {
-            Ok(()) => {
-                self.notices.info(format!("Exported to {}", path.display()));
-                true
-            }
-            Err(e) => {
-                self.notices.error(format!("Export failed: {e:#}"));
-                false
-            }
-        }
     }
 }
 

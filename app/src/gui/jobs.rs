@@ -8,6 +8,7 @@ use studio_inference::diffusion::model::ImageModelOptions;
 use studio_inference::worker::{JobId, LoadOptions};
 
 use super::chat::store::MessageId;
+use super::settings_store::Panel;
 
 /// Why a job was submitted, so its events reach the right place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,28 @@ pub enum JobPurpose {
     CodeAction,
     /// Starting the API server on the loaded model.
     StartApiServer,
+}
+
+impl JobPurpose {
+    /// The panel that submitted such a job and handles its events (`None`: the window's own
+    /// jobs, whose events `logic` handles).
+    pub fn panel(&self) -> Option<Panel> {
+        match self {
+            JobPurpose::ChatReply { .. } => Some(Panel::Chat),
+            JobPurpose::LoadImageModel(..)
+            | JobPurpose::UnloadImageModel
+            | JobPurpose::GenerateImage => Some(Panel::Canvas),
+            JobPurpose::LoadGan(_)
+            | JobPurpose::ComputeGanDirections
+            | JobPurpose::ProjectGan(_)
+            | JobPurpose::ExportGanAnimation(_) => Some(Panel::LatentExplorer),
+            JobPurpose::CodeComplete | JobPurpose::CodeAction => Some(Panel::Code),
+            JobPurpose::LoadModel(..)
+            | JobPurpose::UnloadModel
+            | JobPurpose::ConnectRemote(_)
+            | JobPurpose::StartApiServer => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

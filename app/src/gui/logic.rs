@@ -15,10 +15,9 @@ use studio_inference::worker::Event;
 use super::api_server::ServerStatus;
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
-use super::canvas::actions::Outcome;
-use super::chat::store::ReplyState;
 use super::code::CodeCommand;
 use super::command::{Command, load_error};
+use super::context::{Handled, app_context};
 use super::explorer::ExplorerCommand;
 use super::explorer::actions as explorer_actions;
 use super::jobs::JobPurpose;
@@ -48,8 +47,8 @@ impl StudioApp {
         while let Some(done) = self.files.try_recv() {
             self.file_done(done);
         }
-        self.poll_preview(ctx);
-        self.poll_explorer(ctx);
+        self.canvas.poll_preview(ctx, &mut app_context!(self));
+        self.explorer.poll_explorer(ctx, &mut app_context!(self));
         self.models.poll_scan();
         self.take_dropped_files(ctx);
         self.take_shortcuts(ctx);
@@ -106,32 +105,40 @@ impl StudioApp {
         }
     }
 
+    /// One worker event: the job table's bookkeeping, then the panel that submitted the job
+    /// handles it; what no panel takes is the window's (model loads, the API server, notices).
     fn handle_event(&mut self, event: Event) {
         let job = event.job();
         let purpose = self.jobs.get(job).map(|t| t.purpose.clone());
-        let event = match purpose {
-            Some(JobPurpose::CodeComplete | JobPurpose::CodeAction) => {
-                self.code_event(purpose.as_ref(), event);
-                return;
-            }
-            _ => event,
-        };
-        match event {
+        let tracked = match &event {
             Event::Started { label, .. } => {
-                self.jobs.started(job, label);
-                if matches!(purpose, Some(JobPurpose::ChatReply { .. })) {
-                    self.chat.reply_started(job);
-                }
+                self.jobs.started(job, label.clone());
+                None
             }
             Event::Progress {
                 fraction, message, ..
-            } => self.jobs.progress(job, fraction, message),
-            Event::Text { text, tokens, .. } => self.chat.reply_text(job, &text, tokens),
-            Event::PromptTokens { tokens, .. } => self.chat.reply_prompt_tokens(job, tokens),
+            } => {
+                self.jobs.progress(job, *fraction, message.clone());
+                None
+            }
+            Event::Done { .. } | Event::Cancelled { .. } | Event::Failed { .. } => {
+                self.jobs.finished(job)
+            }
+            _ => None,
+        };
+        let cx = &mut app_context!(self);
+        let handled = match purpose.as_ref().and_then(JobPurpose::panel) {
+            Some(Panel::Canvas) => self.canvas.on_event(job, purpose.as_ref(), event, cx),
+            Some(Panel::LatentExplorer) => self.explorer.on_event(job, purpose.as_ref(), event, cx),
+            Some(Panel::Code) => self.code.on_event(job, purpose.as_ref(), event, cx),
+            Some(Panel::Chat) => self.chat.on_event(job, event, cx),
+            Some(Panel::Models | Panel::Settings) | None => Handled::No(event),
+        };
+        let Handled::No(event) = handled else {
+            return;
+        };
+        match event {
             Event::Notice { message, .. } => self.notices.warning(message),
-            Event::ContextTrimmed {
-                dropped_messages, ..
-            } => self.chat.reply_trimmed(job, dropped_messages),
             Event::ModelLoaded { info, .. } => {
                 if let Some(JobPurpose::LoadModel(path, options)) = &purpose {
                     self.settings.remember_model(path);
@@ -142,52 +149,13 @@ impl StudioApp {
                 self.model = Some(info);
                 self.stop_api_server_for_model_change();
             }
-            Event::ImageModelLoaded { info, .. } => self.image_model_loaded(job, info),
-            Event::ImageModelUnloaded { .. } => self.image_model_unloaded(job),
-            Event::ImageProgress {
-                image,
-                images,
-                step,
-                steps,
-                ..
-            } => self.image_progress(job, image, images, step, steps),
-            Event::ImageReady { image, .. } => self.image_ready(image),
-            Event::GanLoaded {
-                info, name, layers, ..
-            } => self.gan_loaded(job, info, name, layers),
-            Event::GanUnloaded { .. } => self.gan_unloaded(),
-            Event::GanDirections { directions, .. } => self.gan_directions(directions),
-            Event::GanProjected { w, noise, loss, .. } => self.gan_projected(w, noise, loss),
             Event::ModelUnloaded { .. } => {
                 self.stop_api_server_for_model_change();
                 self.model = None;
                 self.model_options = None;
                 self.settings.last_model = None;
             }
-            Event::Done { stats, .. } => {
-                self.jobs.finished(job);
-                if self.image_job_finished(job, purpose.as_ref(), Outcome::Done, None)
-                    || self.gan_job_finished(job, purpose.as_ref(), None, false)
-                {
-                    return;
-                }
-                if let Some(id) = self.chat.reply_finished(job, ReplyState::Done, stats, None) {
-                    self.save_conversation(&id);
-                }
-            }
-            Event::Cancelled { stats, .. } => {
-                let tracked = self.jobs.finished(job);
-                if self.image_job_finished(job, purpose.as_ref(), Outcome::Cancelled, None)
-                    || self.gan_job_finished(job, purpose.as_ref(), None, true)
-                {
-                    return;
-                }
-                if let Some(id) = self
-                    .chat
-                    .reply_finished(job, ReplyState::Stopped, stats, None)
-                {
-                    self.save_conversation(&id);
-                }
+            Event::Cancelled { .. } => {
                 // The worker reports with `ModelUnloaded` whether the previous model is gone.
                 if let Some(t) = tracked
                     && t.started
@@ -196,54 +164,40 @@ impl StudioApp {
                     self.notices.warning("Loading was cancelled");
                 }
             }
-            Event::Failed { error, .. } => {
-                let tracked = self.jobs.finished(job);
-                if self.image_job_finished(job, purpose.as_ref(), Outcome::Failed, Some(&error))
-                    || self.gan_job_finished(job, purpose.as_ref(), Some(&error), false)
-                {
-                    return;
+            Event::Failed { error, .. } => match tracked.map(|t| t.purpose) {
+                Some(JobPurpose::LoadModel(path, _)) => {
+                    // Whether the previous model is still loaded, the worker said with (or
+                    // without) `ModelUnloaded`.
+                    if self.settings.last_model.as_ref() == Some(&path) {
+                        self.settings.last_model = None;
+                    }
+                    self.notices.error(load_error(&path, &error));
                 }
-                match tracked.map(|t| t.purpose) {
-                    Some(JobPurpose::LoadModel(path, _)) => {
-                        // Whether the previous model is still loaded, the worker said with
-                        // (or without) `ModelUnloaded`.
-                        if self.settings.last_model.as_ref() == Some(&path) {
-                            self.settings.last_model = None;
-                        }
-                        self.notices.error(load_error(&path, &error));
-                    }
-                    Some(JobPurpose::ChatReply { .. }) => {
-                        self.notices.error(format!("The reply failed: {error}"));
-                        if let Some(id) =
-                            self.chat
-                                .reply_finished(job, ReplyState::Failed, None, Some(error))
-                        {
-                            self.save_conversation(&id);
-                        }
-                    }
-                    Some(JobPurpose::ConnectRemote(url)) => {
-                        self.notices
-                            .error(format!("Could not connect to {url}: {error}"));
-                    }
-                    Some(JobPurpose::StartApiServer) => {
-                        self.notices
-                            .error(format!("Could not start the API server: {error}"));
-                    }
-                    Some(
-                        JobPurpose::UnloadModel
-                        | JobPurpose::LoadImageModel(..)
-                        | JobPurpose::UnloadImageModel
-                        | JobPurpose::GenerateImage
-                        | JobPurpose::LoadGan(_)
-                        | JobPurpose::ComputeGanDirections
-                        | JobPurpose::ExportGanAnimation(_)
-                        | JobPurpose::ProjectGan(_)
-                        | JobPurpose::CodeComplete
-                        | JobPurpose::CodeAction,
-                    )
-                    | None => self.notices.error(error),
+                Some(JobPurpose::ConnectRemote(url)) => {
+                    self.notices
+                        .error(format!("Could not connect to {url}: {error}"));
                 }
-            }
+                Some(JobPurpose::StartApiServer) => {
+                    self.notices
+                        .error(format!("Could not start the API server: {error}"));
+                }
+                _ => self.notices.error(error),
+            },
+            // Bookkeeping only (above), or events of jobs no panel is waiting for.
+            Event::Started { .. }
+            | Event::Progress { .. }
+            | Event::Done { .. }
+            | Event::Text { .. }
+            | Event::PromptTokens { .. }
+            | Event::ContextTrimmed { .. }
+            | Event::ImageModelLoaded { .. }
+            | Event::ImageModelUnloaded { .. }
+            | Event::ImageProgress { .. }
+            | Event::ImageReady { .. }
+            | Event::GanLoaded { .. }
+            | Event::GanUnloaded { .. }
+            | Event::GanDirections { .. }
+            | Event::GanProjected { .. } => {}
         }
     }
 
@@ -283,7 +237,7 @@ impl StudioApp {
                 self.commands
                     .push(Command::Explorer(ExplorerCommand::RestoreFromPng(path)));
             } else {
-                self.route_dropped(path);
+                super::canvas::actions::route_dropped(path, &mut app_context!(self));
             }
         }
     }
@@ -335,7 +289,7 @@ impl StudioApp {
         }
         let (texts, images) = pasted(ctx);
         for text in texts {
-            self.paste_on_canvas(&text);
+            super::canvas::actions::paste_on_canvas(&text, &mut app_context!(self));
         }
         for image in images {
             self.commands
@@ -356,7 +310,11 @@ impl StudioApp {
             }
         }
         for image in images {
-            self.project(Path::new("the pasted image"), image);
+            self.explorer.project(
+                Path::new("the pasted image"),
+                image,
+                &mut app_context!(self),
+            );
         }
     }
 
@@ -370,12 +328,6 @@ impl StudioApp {
             FileDone::Thumbnail { path, result } => {
                 self.canvas.history.set_thumbnail(&self.ctx, &path, result);
             }
-        }
-    }
-
-    pub(super) fn save_conversation(&mut self, id: &str) {
-        if let Err(e) = self.chat.store.save(id) {
-            self.notices.error(format!("{e:#}"));
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod canvas;
 pub mod chat;
 pub mod code;
 pub mod command;
+pub mod context;
 pub mod explorer;
 pub mod format;
 pub mod jobs;

@@ -10,13 +10,15 @@ use studio_inference::diffusion::imaging::{MAX_SIDE, RgbImage, decode_image_file
 use studio_inference::diffusion::model::{ImageModelInfo, is_diffusion_model};
 use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::GenerationParameters;
-use studio_inference::worker::{JobId, JobKind};
+use studio_inference::worker::{Event, JobId, JobKind};
 
 use super::CanvasCommand;
+use super::CanvasPanel;
 use super::form::{build_request, restore_parameters};
 use super::view::preview_texture;
 use crate::gui::app::StudioApp;
 use crate::gui::command::{Command, load_error};
+use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::JobPurpose;
 
 /// How long the offer to restore an opened image's parameters stays.
@@ -56,14 +58,16 @@ impl StudioApp {
     pub fn canvas_mut(&mut self) -> &mut super::CanvasPanel {
         &mut self.canvas
     }
+}
 
+impl CanvasPanel {
     /// Carries out one Canvas command.
-    pub(crate) fn apply_canvas(&mut self, command: CanvasCommand) {
-        let c = &mut self.canvas;
+    pub(crate) fn apply(&mut self, command: CanvasCommand, cx: &mut AppContext<'_>) {
+        let c = &mut *self;
         match command {
-            CanvasCommand::LoadModel(path) => self.load_image_model(path, false),
+            CanvasCommand::LoadModel(path) => self.load_image_model(path, false, cx),
             CanvasCommand::UnloadModel => {
-                self.submit(JobKind::UnloadImageModel, JobPurpose::UnloadImageModel);
+                cx.submit(JobKind::UnloadImageModel, JobPurpose::UnloadImageModel);
             }
             CanvasCommand::OpenModelDialog { folder } => {
                 let dialog = rfd::FileDialog::new().set_title("Open a Stable Diffusion model");
@@ -75,12 +79,12 @@ impl StudioApp {
                         .pick_file()
                 };
                 if let Some(path) = picked {
-                    self.load_image_model(path, false);
+                    self.load_image_model(path, false, cx);
                 }
             }
-            CanvasCommand::Generate => self.generate_image(),
+            CanvasCommand::Generate => self.generate_image(cx),
             CanvasCommand::Cancel => {
-                if let (Some(worker), Some(job)) = (&self.worker, c.generating) {
+                if let (Some(worker), Some(job)) = (&cx.worker, c.generating) {
                     worker.cancel(job);
                 }
             }
@@ -113,7 +117,7 @@ impl StudioApp {
             }
             CanvasCommand::Extend { side, px } => {
                 if c.generating.is_some() {
-                    self.notices
+                    cx.notices
                         .warning("Wait for the generation to finish before growing the canvas");
                 } else if c.doc.extend(side, px) {
                     c.view.fit();
@@ -121,7 +125,7 @@ impl StudioApp {
                     if let Some((w, h)) = c.doc.size()
                         && (w % m != 0 || h % m != 0)
                     {
-                        self.notices.info(format!(
+                        cx.notices.info(format!(
                             "The canvas is {w}x{h}; it is generated at the nearest multiple of \
                              {m} and fitted back"
                         ));
@@ -138,15 +142,15 @@ impl StudioApp {
                 c.doc.discard_staged();
             }
             CanvasCommand::DiscardAllStaged => c.doc.discard_all_staged(),
-            CanvasCommand::OpenImage(path) => self.open_image(&path),
-            CanvasCommand::PasteImage(image) => self.paste_image(&image),
+            CanvasCommand::OpenImage(path) => self.open_image(&path, cx),
+            CanvasCommand::PasteImage(image) => self.paste_image(&image, cx),
             CanvasCommand::OpenImageDialog => {
                 if let Some(path) = rfd::FileDialog::new()
                     .set_title("Open an image")
                     .add_filter("Images", &IMAGE_EXTENSIONS)
                     .pick_file()
                 {
-                    self.open_image(&path);
+                    self.open_image(&path, cx);
                 }
             }
             CanvasCommand::SaveImageDialog => {
@@ -157,7 +161,7 @@ impl StudioApp {
                         .add_filter("PNG", &["png"])
                         .save_file()
                 {
-                    self.save_canvas_image(&path);
+                    self.save_canvas_image(&path, cx);
                 }
             }
             CanvasCommand::ReuseParameters(path) => {
@@ -174,8 +178,8 @@ impl StudioApp {
                             .map(|t| GenerationParameters::parse(&t))
                     });
                 match params {
-                    Some(p) => self.restore_into_form(&p),
-                    None => self
+                    Some(p) => self.restore_into_form(&p, cx),
+                    None => cx
                         .notices
                         .warning("This image carries no generation parameters"),
                 }
@@ -183,40 +187,45 @@ impl StudioApp {
             CanvasCommand::RestoreOffered(id) => {
                 if let Some((offered, params)) = c.offered.take() {
                     if offered == id {
-                        self.restore_into_form(&params);
+                        self.restore_into_form(&params, cx);
                     } else {
                         c.offered = Some((offered, params));
                     }
                 }
             }
             CanvasCommand::DeleteImage(path) => match c.history.trash(&path) {
-                Ok(true) => self.notices.undoable(
+                Ok(true) => cx.notices.undoable(
                     format!("Deleted {}", super::file_name(&path)),
                     "Undo",
                     Command::Canvas(CanvasCommand::UndoDeleteImage(path)),
-                    self.undo_window,
+                    cx.undo_window,
                 ),
                 Ok(false) => {}
-                Err(e) => self
+                Err(e) => cx
                     .notices
                     .error(format!("Could not delete the image: {e:#}")),
             },
             CanvasCommand::UndoDeleteImage(path) => match c.history.restore(&path) {
                 Ok(true) => {}
-                Ok(false) => self.notices.warning("The image can no longer be restored"),
-                Err(e) => self.notices.error(format!("{e:#}")),
+                Ok(false) => cx.notices.warning("The image can no longer be restored"),
+                Err(e) => cx.notices.error(format!("{e:#}")),
             },
             CanvasCommand::FitView => c.view.fit(),
         }
     }
 
     /// Loads a Stable Diffusion model with the options in Settings.
-    pub(crate) fn load_image_model(&mut self, path: PathBuf, at_startup: bool) {
-        if path.as_os_str().is_empty() || self.jobs.loading_image_model() == Some(&path) {
+    pub(crate) fn load_image_model(
+        &mut self,
+        path: PathBuf,
+        at_startup: bool,
+        cx: &mut AppContext<'_>,
+    ) {
+        if path.as_os_str().is_empty() || cx.jobs.loading_image_model() == Some(&path) {
             return;
         }
-        let options = self.settings.image_model_options.clone();
-        let job = self.submit(
+        let options = cx.settings.image_model_options.clone();
+        let job = cx.submit(
             JobKind::LoadImageModel {
                 path: path.clone(),
                 options: options.clone(),
@@ -224,17 +233,17 @@ impl StudioApp {
             JobPurpose::LoadImageModel(path, options),
         );
         if at_startup {
-            self.canvas.startup_load = job;
+            self.startup_load = job;
         }
     }
 
-    fn generate_image(&mut self) {
-        let c = &mut self.canvas;
+    fn generate_image(&mut self, cx: &mut AppContext<'_>) {
+        let c = &mut *self;
         if c.generating.is_some() {
             return;
         }
         let Some(model) = c.model.clone() else {
-            self.notices
+            cx.notices
                 .warning("Open a Stable Diffusion model in the Canvas before generating");
             return;
         };
@@ -242,7 +251,7 @@ impl StudioApp {
         if let Some((w, h)) = c.doc.size()
             && (w, h) != (request.width, request.height)
         {
-            self.notices.info(format!(
+            cx.notices.info(format!(
                 "The {w}x{h} canvas is generated at {}x{} (multiples of {} for {}) and fitted \
                  back",
                 request.width,
@@ -251,21 +260,21 @@ impl StudioApp {
                 model.kind.label()
             ));
         }
-        let job = self.submit(
+        let job = cx.submit(
             JobKind::GenerateImage {
                 request: Box::new(request),
             },
             JobPurpose::GenerateImage,
         );
-        let c = &mut self.canvas;
+        let c = &mut *self;
         c.generating = job;
         c.progress = job.map(|_| (0.0, "waiting to start".to_owned()));
         c.preview = None;
     }
 
-    fn open_image(&mut self, path: &Path) {
-        if self.canvas.generating.is_some() {
-            self.notices.warning(
+    fn open_image(&mut self, path: &Path, cx: &mut AppContext<'_>) {
+        if self.generating.is_some() {
+            cx.notices.warning(
                 "Wait for the generation to finish (or cancel it) before opening an image",
             );
             return;
@@ -275,7 +284,7 @@ impl StudioApp {
             Err(e) => {
                 let text = e.to_string();
                 let shown = path.display().to_string();
-                self.notices.error(if text.contains(&shown) {
+                cx.notices.error(if text.contains(&shown) {
                     format!("Could not open the image: {text}")
                 } else {
                     format!("Could not open {shown}: {text}")
@@ -283,9 +292,9 @@ impl StudioApp {
                 return;
             }
         };
-        let c = &mut self.canvas;
+        let c = &mut *self;
         if let Some((w, h)) = decoded.downscaled_from {
-            self.notices.warning(format!(
+            cx.notices.warning(format!(
                 "{} is {w}x{h}; it was downscaled to {}x{} to fit the canvas",
                 super::file_name(path),
                 decoded.image.width,
@@ -294,14 +303,14 @@ impl StudioApp {
         }
         c.doc.set_image(decoded.image);
         c.view.fit();
-        self.settings.panel = crate::gui::settings_store::Panel::Canvas;
+        cx.settings.panel = crate::gui::settings_store::Panel::Canvas;
         if let Some(text) = decoded.parameters {
             let params = GenerationParameters::parse(&text);
             let id = c.next_offer;
             c.next_offer += 1;
             let summary = summary(&params);
             c.offered = Some((id, params));
-            self.notices.undoable(
+            cx.notices.undoable(
                 format!(
                     "{} carries generation parameters ({summary}). Restore them into the form?",
                     super::file_name(path)
@@ -313,9 +322,9 @@ impl StudioApp {
         }
     }
 
-    fn paste_image(&mut self, image: &RgbImage) {
-        if self.canvas.generating.is_some() {
-            self.notices.warning(
+    fn paste_image(&mut self, image: &RgbImage, cx: &mut AppContext<'_>) {
+        if self.generating.is_some() {
+            cx.notices.warning(
                 "Wait for the generation to finish (or cancel it) before pasting an image",
             );
             return;
@@ -328,53 +337,87 @@ impl StudioApp {
                 ((f64::from(w) * scale) as u32).max(1),
                 ((f64::from(h) * scale) as u32).max(1),
             );
-            self.notices.warning(format!(
+            cx.notices.warning(format!(
                 "The pasted image is {w}x{h}; it was downscaled to {nw}x{nh} to fit the canvas"
             ));
             image.resized(nw, nh)
         } else {
             image.clone()
         };
-        self.canvas.doc.set_image(image);
-        self.canvas.view.fit();
-        self.settings.panel = crate::gui::settings_store::Panel::Canvas;
+        self.doc.set_image(image);
+        self.view.fit();
+        cx.settings.panel = crate::gui::settings_store::Panel::Canvas;
     }
 
-    fn restore_into_form(&mut self, params: &GenerationParameters) {
-        let set = restore_parameters(&mut self.canvas.form, params);
+    fn restore_into_form(&mut self, params: &GenerationParameters, cx: &mut AppContext<'_>) {
+        let set = restore_parameters(&mut self.form, params);
         if set.is_empty() {
-            self.notices
+            cx.notices
                 .warning("No parameters Studio knows were found in the image");
         } else {
-            self.notices.info(format!("Restored {}", set.join(", ")));
+            cx.notices.info(format!("Restored {}", set.join(", ")));
         }
     }
 
-    fn save_canvas_image(&mut self, path: &Path) {
-        let Some(image) = self.canvas.doc.image() else {
+    fn save_canvas_image(&mut self, path: &Path, cx: &mut AppContext<'_>) {
+        let Some(image) = self.doc.image() else {
             return;
         };
         let result = encode_png(image, None)
             .map_err(anyhow::Error::from)
             .and_then(|png| crate::home::atomic_write(path, &png));
         match result {
-            Ok(()) => self.notices.info(format!("Saved {}", path.display())),
-            Err(e) => self
-                .notices
-                .error(format!("The image was not saved: {e:#}")),
+            Ok(()) => cx.notices.info(format!("Saved {}", path.display())),
+            Err(e) => cx.notices.error(format!("The image was not saved: {e:#}")),
         }
     }
 
     // ---- worker events ----------------------------------------------------------------------
 
-    pub(crate) fn image_model_loaded(&mut self, job: JobId, info: ImageModelInfo) {
-        let purpose = self.jobs.get(job).map(|t| t.purpose.clone());
-        if let Some(JobPurpose::LoadImageModel(path, options)) = purpose {
-            self.settings.last_image_model = Some(path);
-            self.canvas.model_options = Some(options);
+    /// An event of a job the Canvas submitted (`purpose` says which).
+    pub(crate) fn on_event(
+        &mut self,
+        job: JobId,
+        purpose: Option<&JobPurpose>,
+        event: Event,
+        cx: &mut AppContext<'_>,
+    ) -> Handled {
+        match event {
+            Event::ImageModelLoaded { info, .. } => self.image_model_loaded(job, info, cx),
+            Event::ImageModelUnloaded { .. } => self.image_model_unloaded(job, cx),
+            Event::ImageProgress {
+                image,
+                images,
+                step,
+                steps,
+                ..
+            } => self.image_progress(job, image, images, step, steps, cx),
+            Event::ImageReady { image, .. } => self.image_ready(image, cx),
+            Event::Done { .. } => self.image_job_finished(job, purpose, Outcome::Done, None, cx),
+            Event::Cancelled { .. } => {
+                self.image_job_finished(job, purpose, Outcome::Cancelled, None, cx);
+            }
+            Event::Failed { error, .. } => {
+                self.image_job_finished(job, purpose, Outcome::Failed, Some(&error), cx);
+            }
+            other => return Handled::No(other),
         }
-        let startup = self.canvas.startup_load == Some(job);
-        let c = &mut self.canvas;
+        Handled::Yes
+    }
+
+    pub(crate) fn image_model_loaded(
+        &mut self,
+        job: JobId,
+        info: ImageModelInfo,
+        cx: &mut AppContext<'_>,
+    ) {
+        let purpose = cx.jobs.get(job).map(|t| t.purpose.clone());
+        if let Some(JobPurpose::LoadImageModel(path, options)) = purpose {
+            cx.settings.last_image_model = Some(path);
+            self.model_options = Some(options);
+        }
+        let startup = self.startup_load == Some(job);
+        let c = &mut *self;
         if !startup && c.doc.is_empty() {
             // A new model starts at the size it was trained at.
             c.form.width = info.default_size.0;
@@ -384,7 +427,7 @@ impl StudioApp {
             c.form.steps = c.form.steps.min(4);
             c.form.cfg_scale = c.form.cfg_scale.min(1.0);
         }
-        self.notices.info(format!(
+        cx.notices.info(format!(
             "Loaded {} ({}) for the Canvas",
             info.name,
             info.kind.label()
@@ -392,14 +435,14 @@ impl StudioApp {
         c.model = Some(info);
     }
 
-    pub(crate) fn image_model_unloaded(&mut self, job: JobId) {
-        self.canvas.model = None;
-        self.canvas.model_options = None;
+    pub(crate) fn image_model_unloaded(&mut self, job: JobId, cx: &mut AppContext<'_>) {
+        self.model = None;
+        self.model_options = None;
         if matches!(
-            self.jobs.get(job).map(|t| &t.purpose),
+            cx.jobs.get(job).map(|t| &t.purpose),
             Some(JobPurpose::UnloadImageModel)
         ) {
-            self.settings.last_image_model = None;
+            cx.settings.last_image_model = None;
         }
     }
 
@@ -410,35 +453,37 @@ impl StudioApp {
         images: u32,
         step: usize,
         steps: usize,
+        cx: &mut AppContext<'_>,
     ) {
-        let c = &mut self.canvas;
+        let c = &mut *self;
         c.progress_events += 1;
         let images = images.max(1);
         let done = f64::from(image) + step as f64 / steps.max(1) as f64;
         let fraction = (done / f64::from(images)) as f32;
         let text = format!("image {}/{images} · step {step}/{steps}", image + 1);
         c.progress = Some((fraction, text.clone()));
-        self.jobs.progress(job, fraction, text);
+        cx.jobs.progress(job, fraction, text);
     }
 
-    pub(crate) fn image_ready(&mut self, image: Arc<GeneratedImage>) {
-        let path = Some(self.canvas.history.save(&image, &self.files));
-        let c = &mut self.canvas;
+    pub(crate) fn image_ready(&mut self, image: Arc<GeneratedImage>, cx: &mut AppContext<'_>) {
+        let path = Some(self.history.save(&image, cx.files));
+        let c = &mut *self;
         c.last_seed = Some(image.seed);
         c.doc.stage(image, path);
     }
 
-    /// The image job `job` ended. Returns whether it was the Canvas's.
-    pub(crate) fn image_job_finished(
+    /// The Canvas's job `job` ended.
+    fn image_job_finished(
         &mut self,
         job: JobId,
         purpose: Option<&JobPurpose>,
         outcome: Outcome,
         error: Option<&str>,
-    ) -> bool {
+        cx: &mut AppContext<'_>,
+    ) {
         match purpose {
             Some(JobPurpose::GenerateImage) => {
-                let c = &mut self.canvas;
+                let c = &mut *self;
                 if c.generating == Some(job) {
                     c.generating = None;
                 }
@@ -448,54 +493,50 @@ impl StudioApp {
                     Outcome::Done => {}
                     Outcome::Cancelled => {
                         let kept = c.doc.staged().len();
-                        self.notices.info(if kept > 0 {
+                        cx.notices.info(if kept > 0 {
                             format!("Generation cancelled; {kept} finished image(s) are staged")
                         } else {
                             "Generation cancelled; the canvas is unchanged".to_owned()
                         });
                     }
-                    Outcome::Failed => self.notices.error(format!(
+                    Outcome::Failed => cx.notices.error(format!(
                         "Generation failed: {}. The canvas is unchanged",
                         error.unwrap_or("unknown error")
                     )),
                 }
-                true
             }
             Some(JobPurpose::LoadImageModel(path, _)) => {
-                if self.canvas.startup_load == Some(job) {
-                    self.canvas.startup_load = None;
+                if self.startup_load == Some(job) {
+                    self.startup_load = None;
                 }
                 match outcome {
                     Outcome::Done => {}
-                    Outcome::Cancelled => self.notices.warning("Loading was cancelled"),
+                    Outcome::Cancelled => cx.notices.warning("Loading was cancelled"),
                     Outcome::Failed => {
-                        if self.settings.last_image_model.as_ref() == Some(path) {
-                            self.settings.last_image_model = None;
+                        if cx.settings.last_image_model.as_ref() == Some(path) {
+                            cx.settings.last_image_model = None;
                         }
-                        self.notices
+                        cx.notices
                             .error(load_error(path, error.unwrap_or("unknown error")));
                     }
                 }
-                true
             }
             Some(JobPurpose::UnloadImageModel) => {
                 if let (Outcome::Failed, Some(e)) = (outcome, error) {
-                    self.notices.error(e.to_owned());
+                    cx.notices.error(e.to_owned());
                 }
-                true
             }
-            _ => false,
+            _ => {}
         }
     }
 
     /// Shows the newest denoising preview of the running generation.
-    pub(crate) fn poll_preview(&mut self, ctx: &egui::Context) {
-        let Some(job) = self.canvas.generating else {
+    pub(crate) fn poll_preview(&mut self, ctx: &egui::Context, cx: &mut AppContext<'_>) {
+        let Some(job) = self.generating else {
             return;
         };
-        let Some(frame) = self
+        let Some(frame) = cx
             .worker
-            .as_ref()
             .and_then(studio_inference::worker::Worker::take_preview)
         else {
             return;
@@ -503,7 +544,7 @@ impl StudioApp {
         if frame.job != job {
             return;
         }
-        let c = &mut self.canvas;
+        let c = &mut *self;
         match &mut c.preview {
             Some(t) => t.set(
                 egui::ColorImage::from_rgba_unmultiplied(
@@ -516,35 +557,34 @@ impl StudioApp {
         }
         c.previews_shown += 1;
     }
+}
 
-    /// Where a dropped file goes: Stable Diffusion models to the Canvas's loader, other models
-    /// to the chat model loader, images (and, on the Canvas, anything else) to the canvas.
-    pub(crate) fn route_dropped(&mut self, path: PathBuf) {
-        let on_canvas = self.settings.panel == crate::gui::settings_store::Panel::Canvas;
-        if is_diffusion_model(&path) {
-            self.commands
-                .push(Command::Canvas(CanvasCommand::LoadModel(path)));
-        } else if is_image_file(&path) || (on_canvas && !looks_like_a_model(&path)) {
-            self.commands
-                .push(Command::Canvas(CanvasCommand::OpenImage(path)));
-        } else {
-            self.commands.push(Command::LoadModel(path));
-        }
-    }
-
-    /// Ctrl+V on the Canvas with text on the clipboard: a copied image *file* (its path or
-    /// `file://` URI) is opened; other text is left alone. (Copied pixels arrive as
-    /// `CanvasCommand::PasteImage`.)
-    pub(crate) fn paste_on_canvas(&mut self, text: &str) {
-        let first = text.lines().next().unwrap_or("").trim();
-        let path = PathBuf::from(first.strip_prefix("file://").unwrap_or(first));
-        if path.is_file() && is_image_file(&path) {
-            self.commands
-                .push(Command::Canvas(CanvasCommand::OpenImage(path)));
-        }
+/// Where a dropped file goes: Stable Diffusion models to the Canvas's loader, other models
+/// to the chat model loader, images (and, on the Canvas, anything else) to the canvas.
+pub(crate) fn route_dropped(path: PathBuf, cx: &mut AppContext<'_>) {
+    let on_canvas = cx.settings.panel == crate::gui::settings_store::Panel::Canvas;
+    if is_diffusion_model(&path) {
+        cx.commands
+            .push(Command::Canvas(CanvasCommand::LoadModel(path)));
+    } else if is_image_file(&path) || (on_canvas && !looks_like_a_model(&path)) {
+        cx.commands
+            .push(Command::Canvas(CanvasCommand::OpenImage(path)));
+    } else {
+        cx.commands.push(Command::LoadModel(path));
     }
 }
 
+/// Ctrl+V on the Canvas with text on the clipboard: a copied image *file* (its path or
+/// `file://` URI) is opened; other text is left alone. (Copied pixels arrive as
+/// `CanvasCommand::PasteImage`.)
+pub(crate) fn paste_on_canvas(text: &str, cx: &mut AppContext<'_>) {
+    let first = text.lines().next().unwrap_or("").trim();
+    let path = PathBuf::from(first.strip_prefix("file://").unwrap_or(first));
+    if path.is_file() && is_image_file(&path) {
+        cx.commands
+            .push(Command::Canvas(CanvasCommand::OpenImage(path)));
+    }
+}
 /// "seed 42, 20 steps, Euler a, 512x512".
 fn summary(p: &GenerationParameters) -> String {
     let mut parts = Vec::new();

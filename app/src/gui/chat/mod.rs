@@ -7,6 +7,7 @@
 //! per-message parse cache ([`crate::gui::markdown`]), so a streaming reply costs one parse per
 //! frame and finished ones none.
 
+mod actions;
 pub mod list;
 pub mod message;
 pub mod params;

@@ -23,6 +23,7 @@ use super::buffer::{self, Tab, read_source};
 use super::{CodeCommand, CodePanel, Confirm};
 use crate::gui::app::StudioApp;
 use crate::gui::command::Command;
+use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::JobPurpose;
 use crate::gui::markdown::Document;
 use crate::gui::settings_store::Panel;
@@ -258,182 +259,7 @@ impl StudioApp {
 
     /// The cursor (or selection) of tab `id`'s editor as last drawn (char indices).
     pub fn code_cursor(&self, id: u64) -> Option<CCursorRange> {
-        self.code.cursors.get(&id).copied()
-    }
-
-    /// Puts the cursor of tab `id` at char index `cursor` (the editor takes it next frame).
-    fn set_code_cursor(&mut self, id: u64, cursor: usize) {
-        self.select_code(id, CCursorRange::one(CCursor::new(cursor)));
-    }
-
-    fn select_code(&mut self, id: u64, range: CCursorRange) {
-        self.code.cursors.insert(id, range);
-        self.code.pending_cursor = Some((id, range));
-    }
-
-    pub(crate) fn apply_code(&mut self, command: CodeCommand) {
-        match command {
-            CodeCommand::NewTab => {
-                self.code.new_tab();
-            }
-            CodeCommand::Open(Some(path)) => self.open_code_file(path),
-            CodeCommand::Open(None) => {
-                if let Some(path) = rfd::FileDialog::new()
-                    .set_title("Open a source file")
-                    .pick_file()
-                {
-                    self.open_code_file(path);
-                }
-            }
-            CodeCommand::Save(id) => {
-                let path = self.code.tab(id).and_then(|t| t.path.clone());
-                match path {
-                    Some(path) => {
-                        self.write_tab(id, &path);
-                    }
-                    None => self.apply_code(CodeCommand::SaveAs {
-                        tab: id,
-                        path: None,
-                    }),
-                }
-            }
-            CodeCommand::SaveAs { tab, path } => {
-                let path = path.or_else(|| {
-                    let name = self.code.tab(tab).map(Tab::title).unwrap_or_default();
-                    rfd::FileDialog::new()
-                        .set_title("Save the file as")
-                        .set_file_name(name)
-                        .save_file()
-                });
-                if let Some(path) = path
-                    && self.write_tab(tab, &path)
-                    && let Some(t) = self.code.tab_mut(tab)
-                {
-                    // The file's extension decides the language from now on, if it names one.
-                    if studio_inference::code::language::language_for_path(&path).is_some() {
-                        t.language_token = None;
-                    }
-                    t.path = Some(path);
-                }
-            }
-            CodeCommand::Close(id) => {
-                if self.code.tab(id).is_some_and(Tab::is_dirty) {
-                    self.code.active = Some(id);
-                    self.code.confirm = Some(Confirm::CloseTab(id));
-                } else {
-                    self.close_tab(id);
-                }
-            }
-            CodeCommand::Discard(id) => self.close_tab(id),
-            CodeCommand::SaveAndClose(id) => {
-                self.apply_code(CodeCommand::Save(id));
-                if self.code.tab(id).is_some_and(|t| !t.is_dirty()) {
-                    self.close_tab(id);
-                }
-            }
-            CodeCommand::Undo | CodeCommand::Redo => {
-                let Some(tab) = self.code.active_tab_mut() else {
-                    return;
-                };
-                let id = tab.id;
-                let cursor = if command == CodeCommand::Undo {
-                    tab.undo()
-                } else {
-                    tab.redo()
-                };
-                if let Some(c) = cursor {
-                    self.set_code_cursor(id, c);
-                }
-            }
-            CodeCommand::AcceptGhost => self.accept_ghost(false),
-            CodeCommand::AcceptWord => self.accept_ghost(true),
-            CodeCommand::DismissGhost => {
-                let mut commands = Vec::new();
-                self.code.ghost.dismiss(&mut commands);
-                self.code.ghost.requested = self.code.ghost.seen;
-                self.commands.extend(commands);
-            }
-            CodeCommand::RequestCompletion => self.request_completion(),
-            CodeCommand::CancelJob(job) => {
-                if let Some(worker) = &self.worker {
-                    worker.cancel(job);
-                }
-            }
-            CodeCommand::RunAction(id) => self.run_action(&id),
-            CodeCommand::StopAction => {
-                if let (Some(worker), Some(job)) =
-                    (&self.worker, self.code.action.as_ref().and_then(|a| a.job))
-                {
-                    worker.cancel(job);
-                }
-            }
-            CodeCommand::ApplyHunks => self.apply_hunks(),
-            CodeCommand::OpenResultInTab => {
-                let Some(run) = &self.code.action else {
-                    return;
-                };
-                let code = extract_code(&run.reply);
-                let token = if run.preset.id == "translate" {
-                    language_by_name(&run.target_language).map(|l| l.token.to_owned())
-                } else {
-                    self.code
-                        .tab(run.tab)
-                        .and_then(Tab::language)
-                        .map(|l| l.token.to_owned())
-                };
-                let id = self.code.new_tab();
-                if let Some(t) = self.code.tab_mut(id) {
-                    t.language_token = token;
-                    t.edit(code, 0);
-                }
-            }
-            CodeCommand::FindNext => self.find(true),
-            CodeCommand::FindPrevious => self.find(false),
-            CodeCommand::ReplaceOne => self.replace_one(),
-            CodeCommand::ReplaceAll => self.replace_all(),
-            CodeCommand::SaveAllAndQuit => {
-                let dirty: Vec<(u64, PathBuf)> = self
-                    .code
-                    .tabs
-                    .iter()
-                    .filter(|t| t.is_dirty())
-                    .filter_map(|t| t.path.clone().map(|p| (t.id, p)))
-                    .collect();
-                let mut ok = true;
-                for (id, path) in dirty {
-                    ok &= self.write_tab(id, &path);
-                }
-                if ok {
-                    self.quit_now();
-                }
-            }
-            CodeCommand::QuitDiscarding => {
-                let dirty: Vec<u64> = self
-                    .code
-                    .tabs
-                    .iter()
-                    .filter(|t| t.is_dirty())
-                    .map(|t| t.id)
-                    .collect();
-                for id in dirty {
-                    self.code.remove_tab(id);
-                }
-                self.quit_now();
-            }
-        }
-    }
-
-    fn quit_now(&mut self) {
-        self.code.allow_close = true;
-        self.code.store.flush(
-            &self.code.tabs,
-            self.code.active,
-            self.code.next_untitled,
-            &self.files,
-        );
-        // Sent by the next frame's logic, on the context that draws the window.
-        self.code.close_now = true;
-        self.ctx.request_repaint();
+        self.code.cursor(id)
     }
 
     /// The window was asked to close: with unsaved tabs, keep it open and ask (the recovery
@@ -453,48 +279,244 @@ impl StudioApp {
         }
     }
 
-    /// Opens `path` in a tab, or says why not.
-    pub fn open_code_file(&mut self, path: PathBuf) {
-        match read_source(&path) {
-            Ok(text) => {
-                self.code.open_tab(path, text);
-                self.settings.panel = Panel::Code;
+    /// Periodic work: the recovery file, written a moment after the last edit.
+    pub(crate) fn code_autosave(&mut self) -> Option<Duration> {
+        self.code.store.tick(
+            &self.code.tabs,
+            self.code.active,
+            self.code.next_untitled,
+            &self.files,
+        )
+    }
+
+    pub(crate) fn code_flush(&mut self) {
+        self.code.store.flush(
+            &self.code.tabs,
+            self.code.active,
+            self.code.next_untitled,
+            &self.files,
+        );
+    }
+}
+
+impl CodePanel {
+    /// The cursor (or selection) of tab `id`'s editor as last drawn (char indices).
+    pub fn cursor(&self, id: u64) -> Option<CCursorRange> {
+        self.cursors.get(&id).copied()
+    }
+
+    fn quit_now(&mut self, cx: &mut AppContext<'_>) {
+        self.allow_close = true;
+        self.store
+            .flush(&self.tabs, self.active, self.next_untitled, cx.files);
+        // Sent by the next frame's logic, on the context that draws the window.
+        self.close_now = true;
+        cx.ctx.request_repaint();
+    }
+
+    /// Puts the cursor of tab `id` at char index `cursor` (the editor takes it next frame).
+    fn set_code_cursor(&mut self, id: u64, cursor: usize) {
+        self.select_code(id, CCursorRange::one(CCursor::new(cursor)));
+    }
+
+    fn select_code(&mut self, id: u64, range: CCursorRange) {
+        self.cursors.insert(id, range);
+        self.pending_cursor = Some((id, range));
+    }
+
+    pub(crate) fn apply(&mut self, command: CodeCommand, cx: &mut AppContext<'_>) {
+        match command {
+            CodeCommand::NewTab => {
+                self.new_tab();
             }
-            Err(refused) => self.notices.warning(refused.0),
+            CodeCommand::Open(Some(path)) => self.open_code_file(path, cx),
+            CodeCommand::Open(None) => {
+                if let Some(path) = rfd::FileDialog::new()
+                    .set_title("Open a source file")
+                    .pick_file()
+                {
+                    self.open_code_file(path, cx);
+                }
+            }
+            CodeCommand::Save(id) => {
+                let path = self.tab(id).and_then(|t| t.path.clone());
+                match path {
+                    Some(path) => {
+                        self.write_tab(id, &path, cx);
+                    }
+                    None => self.apply(
+                        CodeCommand::SaveAs {
+                            tab: id,
+                            path: None,
+                        },
+                        cx,
+                    ),
+                }
+            }
+            CodeCommand::SaveAs { tab, path } => {
+                let path = path.or_else(|| {
+                    let name = self.tab(tab).map(Tab::title).unwrap_or_default();
+                    rfd::FileDialog::new()
+                        .set_title("Save the file as")
+                        .set_file_name(name)
+                        .save_file()
+                });
+                if let Some(path) = path
+                    && self.write_tab(tab, &path, cx)
+                    && let Some(t) = self.tab_mut(tab)
+                {
+                    // The file's extension decides the language from now on, if it names one.
+                    if studio_inference::code::language::language_for_path(&path).is_some() {
+                        t.language_token = None;
+                    }
+                    t.path = Some(path);
+                }
+            }
+            CodeCommand::Close(id) => {
+                if self.tab(id).is_some_and(Tab::is_dirty) {
+                    self.active = Some(id);
+                    self.confirm = Some(Confirm::CloseTab(id));
+                } else {
+                    self.close_tab(id, cx);
+                }
+            }
+            CodeCommand::Discard(id) => self.close_tab(id, cx),
+            CodeCommand::SaveAndClose(id) => {
+                self.apply(CodeCommand::Save(id), cx);
+                if self.tab(id).is_some_and(|t| !t.is_dirty()) {
+                    self.close_tab(id, cx);
+                }
+            }
+            CodeCommand::Undo | CodeCommand::Redo => {
+                let Some(tab) = self.active_tab_mut() else {
+                    return;
+                };
+                let id = tab.id;
+                let cursor = if command == CodeCommand::Undo {
+                    tab.undo()
+                } else {
+                    tab.redo()
+                };
+                if let Some(c) = cursor {
+                    self.set_code_cursor(id, c);
+                }
+            }
+            CodeCommand::AcceptGhost => self.accept_ghost(false, cx),
+            CodeCommand::AcceptWord => self.accept_ghost(true, cx),
+            CodeCommand::DismissGhost => {
+                let mut commands = Vec::new();
+                self.ghost.dismiss(&mut commands);
+                self.ghost.requested = self.ghost.seen;
+                cx.commands.extend(commands);
+            }
+            CodeCommand::RequestCompletion => self.request_completion(cx),
+            CodeCommand::CancelJob(job) => {
+                if let Some(worker) = &cx.worker {
+                    worker.cancel(job);
+                }
+            }
+            CodeCommand::RunAction(id) => self.run_action(&id, cx),
+            CodeCommand::StopAction => {
+                if let (Some(worker), Some(job)) =
+                    (&cx.worker, self.action.as_ref().and_then(|a| a.job))
+                {
+                    worker.cancel(job);
+                }
+            }
+            CodeCommand::ApplyHunks => self.apply_hunks(cx),
+            CodeCommand::OpenResultInTab => {
+                let Some(run) = &self.action else {
+                    return;
+                };
+                let code = extract_code(&run.reply);
+                let token = if run.preset.id == "translate" {
+                    language_by_name(&run.target_language).map(|l| l.token.to_owned())
+                } else {
+                    self.tab(run.tab)
+                        .and_then(Tab::language)
+                        .map(|l| l.token.to_owned())
+                };
+                let id = self.new_tab();
+                if let Some(t) = self.tab_mut(id) {
+                    t.language_token = token;
+                    t.edit(code, 0);
+                }
+            }
+            CodeCommand::FindNext => self.find(true),
+            CodeCommand::FindPrevious => self.find(false),
+            CodeCommand::ReplaceOne => self.replace_one(),
+            CodeCommand::ReplaceAll => self.replace_all(),
+            CodeCommand::SaveAllAndQuit => {
+                let dirty: Vec<(u64, PathBuf)> = self
+                    .tabs
+                    .iter()
+                    .filter(|t| t.is_dirty())
+                    .filter_map(|t| t.path.clone().map(|p| (t.id, p)))
+                    .collect();
+                let mut ok = true;
+                for (id, path) in dirty {
+                    ok &= self.write_tab(id, &path, cx);
+                }
+                if ok {
+                    self.quit_now(cx);
+                }
+            }
+            CodeCommand::QuitDiscarding => {
+                let dirty: Vec<u64> = self
+                    .tabs
+                    .iter()
+                    .filter(|t| t.is_dirty())
+                    .map(|t| t.id)
+                    .collect();
+                for id in dirty {
+                    self.remove_tab(id);
+                }
+                self.quit_now(cx);
+            }
         }
     }
 
-    fn close_tab(&mut self, id: u64) {
+    /// Opens `path` in a tab, or says why not.
+    pub fn open_code_file(&mut self, path: PathBuf, cx: &mut AppContext<'_>) {
+        match read_source(&path) {
+            Ok(text) => {
+                self.open_tab(path, text);
+                cx.settings.panel = Panel::Code;
+            }
+            Err(refused) => cx.notices.warning(refused.0),
+        }
+    }
+
+    fn close_tab(&mut self, id: u64, cx: &mut AppContext<'_>) {
         if self
-            .code
             .ghost
             .ghost
             .as_ref()
             .is_some_and(|g| g.anchor.tab == id)
         {
             let mut commands = Vec::new();
-            self.code.ghost.dismiss(&mut commands);
-            self.commands.extend(commands);
+            self.ghost.dismiss(&mut commands);
+            cx.commands.extend(commands);
         }
-        self.code.remove_tab(id);
+        self.remove_tab(id);
     }
 
     /// Writes tab `id` to `path`; on failure the tab stays as it is (dirty) and a notice says
     /// why. Returns whether it was written.
-    fn write_tab(&mut self, id: u64, path: &Path) -> bool {
-        let Some(tab) = self.code.tab(id) else {
+    fn write_tab(&mut self, id: u64, path: &Path, cx: &mut AppContext<'_>) -> bool {
+        let Some(tab) = self.tab(id) else {
             return false;
         };
         match crate::home::atomic_write(path, tab.text.as_bytes()) {
             Ok(()) => {
-                if let Some(t) = self.code.tab_mut(id) {
+                if let Some(t) = self.tab_mut(id) {
                     t.mark_saved();
                 }
-                self.notices.info(format!("Saved {}", path.display()));
+                cx.notices.info(format!("Saved {}", path.display()));
                 true
             }
             Err(e) => {
-                self.notices.error(format!(
+                cx.notices.error(format!(
                     "Could not save {}: {e:#}. The text is still in the editor, unsaved (and \
                      in the recovery file).",
                     path.display()
@@ -506,24 +528,24 @@ impl StudioApp {
 
     // ---- ghost text -------------------------------------------------------------------------
 
-    fn request_completion(&mut self) {
-        let Some(anchor) = self.code.ghost.seen else {
+    fn request_completion(&mut self, cx: &mut AppContext<'_>) {
+        let Some(anchor) = self.ghost.seen else {
             return;
         };
-        let format = self
+        let format = cx
             .settings
             .code
             .fim_format
             .as_deref()
             .and_then(FimFormat::from_name);
         // The format is part of the cache key: another format gives other suggestions.
-        let Some(model) = self.model.as_ref().map(|m| match format {
+        let Some(model) = cx.model.as_ref().map(|m| match format {
             Some(f) => format!("{} ({})", m.name, f.name()),
             None => m.name.clone(),
         }) else {
             return;
         };
-        let Some(tab) = self.code.tab(anchor.tab) else {
+        let Some(tab) = self.tab(anchor.tab) else {
             return;
         };
         if tab.rev != anchor.rev {
@@ -535,7 +557,7 @@ impl StudioApp {
         if prefix.trim().is_empty() && suffix.trim().is_empty() {
             return;
         }
-        let ghost = &mut self.code.ghost;
+        let ghost = &mut self.ghost;
         if let Some(hit) = ghost.cache.get(&model, &prefix, &suffix)
             && !hit.is_empty()
         {
@@ -559,16 +581,16 @@ impl StudioApp {
         };
         let mut request = CompletionRequest::new(prefix.clone(), suffix.clone(), params);
         request.format = format;
-        let job = self.submit(
+        let job = cx.submit(
             JobKind::Complete {
                 request: Box::new(request),
             },
             JobPurpose::CodeComplete,
         );
         if let Some(job) = job {
-            self.code.ghost.submitted += 1;
-            self.code.ghost.last_error = None;
-            self.code.ghost.ghost = Some(Ghost {
+            self.ghost.submitted += 1;
+            self.ghost.last_error = None;
+            self.ghost.ghost = Some(Ghost {
                 anchor,
                 text: String::new(),
                 job: Some(job),
@@ -580,11 +602,11 @@ impl StudioApp {
         }
     }
 
-    fn accept_ghost(&mut self, one_word: bool) {
-        let Some(g) = self.code.ghost.ghost.take() else {
+    fn accept_ghost(&mut self, one_word: bool, cx: &mut AppContext<'_>) {
+        let Some(g) = self.ghost.ghost.take() else {
             return;
         };
-        let Some(tab) = self.code.tab_mut(g.anchor.tab) else {
+        let Some(tab) = self.tab_mut(g.anchor.tab) else {
             return;
         };
         if tab.rev != g.anchor.rev || g.text.is_empty() {
@@ -603,7 +625,7 @@ impl StudioApp {
             cursor,
         };
         self.set_code_cursor(anchor.tab, cursor);
-        let ghost = &mut self.code.ghost;
+        let ghost = &mut self.ghost;
         // Where the suggestion was taken is not asked again until the user moves on.
         ghost.seen = Some(anchor);
         ghost.since = Instant::now();
@@ -620,38 +642,38 @@ impl StudioApp {
         {
             // The whole suggestion so far was taken while it still streamed: stop it.
             ghost.cancelled.push(job);
-            if let Some(worker) = &self.worker {
+            if let Some(worker) = &cx.worker {
                 worker.cancel(job);
             }
         }
     }
 
-    /// A worker event for one of the panel's jobs; `false` when the job is not the panel's.
-    pub(crate) fn code_event(&mut self, purpose: Option<&JobPurpose>, event: Event) -> bool {
-        let job = event.job();
+    /// An event of a job the Code panel submitted (`purpose` says which).
+    pub(crate) fn on_event(
+        &mut self,
+        job: JobId,
+        purpose: Option<&JobPurpose>,
+        event: Event,
+        cx: &mut AppContext<'_>,
+    ) -> Handled {
         match purpose {
             Some(JobPurpose::CodeComplete) => self.completion_event(job, event),
-            Some(JobPurpose::CodeAction) => self.action_event(job, event),
-            _ => return false,
+            Some(JobPurpose::CodeAction) => self.action_event(job, event, cx),
+            _ => return Handled::No(event),
         }
-        true
+        Handled::Yes
     }
 
     fn completion_event(&mut self, job: JobId, event: Event) {
-        let ghost = &mut self.code.ghost;
+        let ghost = &mut self.ghost;
         let mine = ghost.ghost.as_ref().is_some_and(|g| g.job == Some(job));
         match event {
-            Event::Started { label, .. } => self.jobs.started(job, label),
-            Event::Progress {
-                fraction, message, ..
-            } => self.jobs.progress(job, fraction, message),
             Event::Text { text, .. } => {
                 if mine && let Some(g) = ghost.ghost.as_mut() {
                     g.text.push_str(&text);
                 }
             }
             Event::Done { .. } => {
-                self.jobs.finished(job);
                 if mine && let Some(g) = ghost.ghost.as_mut() {
                     g.done = true;
                     if g.text.is_empty() {
@@ -662,7 +684,6 @@ impl StudioApp {
                 }
             }
             Event::Cancelled { .. } => {
-                self.jobs.finished(job);
                 if mine {
                     ghost.ghost = None;
                 }
@@ -672,7 +693,6 @@ impl StudioApp {
                 }
             }
             Event::Failed { error, .. } => {
-                self.jobs.finished(job);
                 if mine {
                     ghost.ghost = None;
                 }
@@ -684,30 +704,25 @@ impl StudioApp {
 
     // ---- actions ------------------------------------------------------------------------------
 
-    fn run_action(&mut self, id: &str) {
-        let Some(preset) = self.code.presets.iter().find(|p| p.id == id).cloned() else {
+    fn run_action(&mut self, id: &str, cx: &mut AppContext<'_>) {
+        let Some(preset) = self.presets.iter().find(|p| p.id == id).cloned() else {
             return;
         };
-        if self.model.is_none() {
-            self.notices.warning(
+        if cx.model.is_none() {
+            cx.notices.warning(
                 "Load a model in the Models panel first: actions work with any chat model",
             );
             return;
         }
-        if self
-            .code
-            .action
-            .as_ref()
-            .is_some_and(ActionRun::is_streaming)
-        {
-            self.notices
+        if self.action.as_ref().is_some_and(ActionRun::is_streaming) {
+            cx.notices
                 .warning("An action is running: wait for it or stop it first");
             return;
         }
-        let Some(tab) = self.code.active_tab() else {
+        let Some(tab) = self.active_tab() else {
             return;
         };
-        let (range, whole_file) = match self.code_cursor(tab.id) {
+        let (range, whole_file) = match self.cursor(tab.id) {
             Some(c) if c.primary != c.secondary => {
                 let [a, b] = c.sorted_cursors();
                 (
@@ -720,13 +735,12 @@ impl StudioApp {
         };
         let code = tab.text[range.clone()].to_owned();
         if code.trim().is_empty() {
-            self.notices
+            cx.notices
                 .warning("There is no code to work on: type or open some first");
             return;
         }
-        let context = if self.settings.code.include_tabs {
-            self.code
-                .tabs
+        let context = if cx.settings.code.include_tabs {
+            self.tabs
                 .iter()
                 .filter(|t| t.id != tab.id && !t.text.trim().is_empty())
                 .map(|t| ContextFile {
@@ -740,19 +754,19 @@ impl StudioApp {
         let input = ActionInput {
             path: tab.display_path(),
             code: code.clone(),
-            instruction: self.code.instruction.clone(),
-            target_language: self.code.translate_to.clone(),
+            instruction: self.instruction.clone(),
+            target_language: self.translate_to.clone(),
             context,
         };
         let tab_id = tab.id;
-        let context_length = self.model.as_ref().map_or(4096, |m| m.context_length);
-        let mut params = self.settings.sampling.clone();
+        let context_length = cx.model.as_ref().map_or(4096, |m| m.context_length);
+        let mut params = cx.settings.sampling.clone();
         params.max_new_tokens = params
             .max_new_tokens
             .max(1024)
             .min((context_length / 2).max(64));
         let target_language = input.target_language.clone();
-        let job = self.submit(
+        let job = cx.submit(
             JobKind::CodeAction {
                 preset: Box::new(preset.clone()),
                 input: Box::new(input),
@@ -761,7 +775,7 @@ impl StudioApp {
             JobPurpose::CodeAction,
         );
         if job.is_some() {
-            self.code.action = Some(ActionRun {
+            self.action = Some(ActionRun {
                 job,
                 preset,
                 tab: tab_id,
@@ -780,13 +794,9 @@ impl StudioApp {
         }
     }
 
-    fn action_event(&mut self, job: JobId, event: Event) {
-        let run = self.code.action.as_mut().filter(|r| r.job == Some(job));
+    fn action_event(&mut self, job: JobId, event: Event, cx: &mut AppContext<'_>) {
+        let run = self.action.as_mut().filter(|r| r.job == Some(job));
         match event {
-            Event::Started { label, .. } => self.jobs.started(job, label),
-            Event::Progress {
-                fraction, message, ..
-            } => self.jobs.progress(job, fraction, message),
             Event::Text { text, .. } => {
                 if let Some(run) = run {
                     run.reply.push_str(&text);
@@ -806,30 +816,27 @@ impl StudioApp {
                 }
             }
             Event::Done { .. } => {
-                self.jobs.finished(job);
                 if let Some(run) = run {
                     run.finish(RunState::Done);
                 }
             }
             Event::Cancelled { .. } => {
-                self.jobs.finished(job);
                 if let Some(run) = run {
                     run.finish(RunState::Stopped);
                 }
             }
             Event::Failed { error, .. } => {
-                self.jobs.finished(job);
                 if let Some(run) = run {
                     run.finish(RunState::Failed(error.clone()));
                 }
-                self.notices.error(format!("The action failed: {error}"));
+                cx.notices.error(format!("The action failed: {error}"));
             }
             _ => {}
         }
     }
 
-    fn apply_hunks(&mut self) {
-        let Some(run) = self.code.action.as_mut() else {
+    fn apply_hunks(&mut self, cx: &mut AppContext<'_>) {
+        let Some(run) = self.action.as_mut() else {
             return;
         };
         let Some(diff) = &run.diff else {
@@ -838,7 +845,7 @@ impl StudioApp {
         let accepted: Vec<bool> = run.decisions.iter().map(|d| *d == Some(true)).collect();
         let count = accepted.iter().filter(|a| **a).count();
         if count == 0 {
-            self.notices.warning("Accept at least one change first");
+            cx.notices.warning("Accept at least one change first");
             return;
         }
         let total = diff.hunks.len();
@@ -846,25 +853,24 @@ impl StudioApp {
         let range = run.range.clone();
         let tab_id = run.tab;
         let original = run.original.clone();
-        let Some(tab) = self.code.tab_mut(tab_id) else {
-            self.notices
-                .warning("The tab the action worked on is closed");
+        let Some(tab) = self.tab_mut(tab_id) else {
+            cx.notices.warning("The tab the action worked on is closed");
             return;
         };
         if tab.text.get(range.clone()) != Some(original.as_str()) {
-            self.notices.warning(
+            cx.notices.warning(
                 "The code changed since the action ran: run it again to get a diff of the \
                  current text",
             );
             return;
         }
         let cursor = tab.replace_range(range, &new_part);
-        if let Some(run) = self.code.action.as_mut() {
+        if let Some(run) = self.action.as_mut() {
             run.applied = true;
         }
-        self.code.active = Some(tab_id);
+        self.active = Some(tab_id);
         self.set_code_cursor(tab_id, cursor);
-        self.notices.info(format!(
+        cx.notices.info(format!(
             "Applied {count} of {total} change{} (Ctrl+Z undoes them)",
             if total == 1 { "" } else { "s" }
         ));
@@ -873,44 +879,44 @@ impl StudioApp {
     // ---- find / replace -------------------------------------------------------------------
 
     fn find(&mut self, forward: bool) {
-        let Some(tab) = self.code.active_tab() else {
+        let Some(tab) = self.active_tab() else {
             return;
         };
         let id = tab.id;
-        let cursor = self.code_cursor(id);
+        let cursor = self.cursor(id);
         let from = cursor.map_or(0, |c| {
             let [a, b] = c.sorted_cursors();
             buffer::byte_index(&tab.text, if forward { b.index.0 } else { a.index.0 })
         });
-        let find = &self.code.find;
+        let find = &self.find;
         let found = buffer::find_from(&tab.text, &find.query, find.match_case, from, forward);
         let Some(m) = found else {
-            "No match".clone_into(&mut self.code.find.status);
-            self.code.find.current = None;
+            "No match".clone_into(&mut self.find.status);
+            self.find.current = None;
             return;
         };
         let (a, b) = (
             buffer::char_index(&tab.text, m.start),
             buffer::char_index(&tab.text, m.end),
         );
-        let matches = self.code.matches().to_vec();
+        let matches = self.matches().to_vec();
         let index = matches.iter().position(|r| *r == m);
-        self.code.find.current = index;
-        self.code.find.status =
+        self.find.current = index;
+        self.find.status =
             index.map_or_else(String::new, |i| format!("{} of {}", i + 1, matches.len()));
         self.select_code(id, CCursorRange::two(CCursor::new(a), CCursor::new(b)));
     }
 
     fn replace_one(&mut self) {
-        let Some(tab) = self.code.active_tab() else {
+        let Some(tab) = self.active_tab() else {
             return;
         };
         let id = tab.id;
-        let selected = self.code_cursor(id).map(|c| {
+        let selected = self.cursor(id).map(|c| {
             let [a, b] = c.sorted_cursors();
             buffer::byte_index(&tab.text, a.index.0)..buffer::byte_index(&tab.text, b.index.0)
         });
-        let find = &self.code.find;
+        let find = &self.find;
         let is_match = selected.as_ref().is_some_and(|r| {
             r.start < r.end
                 && buffer::find_all(&tab.text[r.clone()], &find.query, find.match_case, 1)
@@ -918,8 +924,8 @@ impl StudioApp {
                     .is_some_and(|m| *m == (0..r.len()))
         });
         if let (true, Some(range)) = (is_match, selected) {
-            let with = self.code.find.with.clone();
-            if let Some(tab) = self.code.tab_mut(id) {
+            let with = self.find.with.clone();
+            if let Some(tab) = self.tab_mut(id) {
                 let cursor = tab.replace_range(range, &with);
                 self.set_code_cursor(id, cursor);
             }
@@ -928,35 +934,16 @@ impl StudioApp {
     }
 
     fn replace_all(&mut self) {
-        let find = &self.code.find;
+        let find = &self.find;
         let (query, with, case) = (find.query.clone(), find.with.clone(), find.match_case);
-        let Some(tab) = self.code.active_tab_mut() else {
+        let Some(tab) = self.active_tab_mut() else {
             return;
         };
         let (text, n) = buffer::replace_all(&tab.text, &query, &with, case);
         if n > 0 {
             tab.edit(text, 0);
         }
-        self.code.find.current = None;
-        self.code.find.status = format!("Replaced {n}");
-    }
-
-    /// Periodic work: the recovery file, written a moment after the last edit.
-    pub(crate) fn code_autosave(&mut self) -> Option<Duration> {
-        self.code.store.tick(
-            &self.code.tabs,
-            self.code.active,
-            self.code.next_untitled,
-            &self.files,
-        )
-    }
-
-    pub(crate) fn code_flush(&mut self) {
-        self.code.store.flush(
-            &self.code.tabs,
-            self.code.active,
-            self.code.next_untitled,
-            &self.files,
-        );
+        self.find.current = None;
+        self.find.status = format!("Replaced {n}");
     }
 }

@@ -13,14 +13,16 @@ use studio_inference::gan::latent::Space;
 use studio_inference::gan::render::{
     GanAnimationOut, GanAnimationRequest, GanGridRequest, GanRenderRequest, GanRenderWhat,
 };
-use studio_inference::worker::{JobId, JobKind};
+use studio_inference::worker::{Event, JobId, JobKind};
 
+use super::ExplorerPanel;
 use super::store::{self, PathSpace};
 use super::{
     CapturedLatent, ExplorerCommand, GRID_SEEDS, LoadedGan, THUMB_SIDE, Thumb, capture_text,
     noise_mode, parse_capture_text,
 };
 use crate::gui::app::StudioApp;
+use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::JobPurpose;
 use crate::gui::settings_store::Panel;
 
@@ -92,11 +94,13 @@ impl StudioApp {
             .as_ref()
             .map_or(0, studio_inference::worker::Worker::gan_renders)
     }
+}
 
-    pub(crate) fn apply_explorer(&mut self, command: ExplorerCommand) {
+impl ExplorerPanel {
+    pub(crate) fn apply(&mut self, command: ExplorerCommand, cx: &mut AppContext<'_>) {
         match command {
             ExplorerCommand::LoadModel(path) => {
-                self.load_gan(path, false);
+                self.load_gan(path, false, cx);
             }
             ExplorerCommand::OpenModelDialog => {
                 if let Some(path) = rfd::FileDialog::new()
@@ -104,15 +108,15 @@ impl StudioApp {
                     .add_filter("StyleGAN2 safetensors", &["safetensors"])
                     .pick_file()
                 {
-                    self.load_gan(path, false);
+                    self.load_gan(path, false, cx);
                 }
             }
             ExplorerCommand::ComputeDirections => {
-                if self.explorer.model.is_none() || self.explorer.directions_job.is_some() {
+                if self.model.is_none() || self.directions_job.is_some() {
                     return;
                 }
-                let s = &self.explorer.state;
-                let job = self.submit(
+                let s = &self.state;
+                let job = cx.submit(
                     JobKind::ComputeGanDirections {
                         samples: s.pca_samples,
                         components: s.pca_components,
@@ -120,34 +124,34 @@ impl StudioApp {
                     },
                     JobPurpose::ComputeGanDirections,
                 );
-                self.explorer.directions_job = job;
+                self.directions_job = job;
             }
             ExplorerCommand::ClearDirections => {
-                self.explorer.directions = None;
-                self.explorer.state.latent.edits.clear();
-                let path = store::dir(&self.home).join("directions.json");
+                self.directions = None;
+                self.state.latent.edits.clear();
+                let path = store::dir(cx.home).join("directions.json");
                 if let Err(e) = std::fs::remove_file(&path)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {
-                    self.notices
+                    cx.notices
                         .error(format!("Could not remove {}: {e}", path.display()));
                 }
             }
             ExplorerCommand::AddKeyframe => {
-                let latent = self.explorer.current_latent();
-                self.explorer.state.keyframes.push(latent);
+                let latent = self.current_latent();
+                self.state.keyframes.push(latent);
             }
             ExplorerCommand::RemoveKeyframe(i) => {
-                let k = &mut self.explorer.state.keyframes;
+                let k = &mut self.state.keyframes;
                 if i < k.len() {
                     k.remove(i);
                 }
                 if k.len() < 2 {
-                    self.explorer.playing = false;
+                    self.playing = false;
                 }
             }
             ExplorerCommand::MoveKeyframe { index, up } => {
-                let k = &mut self.explorer.state.keyframes;
+                let k = &mut self.state.keyframes;
                 let other = if up {
                     index.checked_sub(1)
                 } else {
@@ -161,27 +165,27 @@ impl StudioApp {
                 }
             }
             ExplorerCommand::GoToKeyframe(i) => {
-                if let Some(k) = self.explorer.state.keyframes.get(i).cloned() {
-                    self.explorer.playing = false;
+                if let Some(k) = self.state.keyframes.get(i).cloned() {
+                    self.playing = false;
                     self.set_latent(k);
                 }
             }
             ExplorerCommand::TogglePlay => {
-                let e = &mut self.explorer;
+                let e = &mut *self;
                 e.playing = !e.playing && e.state.keyframes.len() >= 2;
                 e.last_tick = None;
             }
-            ExplorerCommand::Capture => self.capture(),
-            ExplorerCommand::SavePreset(name) => self.save_preset(&name),
-            ExplorerCommand::LoadPreset(path) => self.load_preset(&path),
-            ExplorerCommand::RestoreFromPng(path) => self.restore_from_png(&path),
+            ExplorerCommand::Capture => self.capture(cx),
+            ExplorerCommand::SavePreset(name) => self.save_preset(&name, cx),
+            ExplorerCommand::LoadPreset(path) => self.load_preset(&path, cx),
+            ExplorerCommand::RestoreFromPng(path) => self.restore_from_png(&path, cx),
             ExplorerCommand::ProjectDialog => {
                 if let Some(path) = rfd::FileDialog::new()
                     .set_title("Open an image to project")
                     .add_filter("Images", &["png", "jpg", "jpeg", "webp"])
                     .pick_file()
                 {
-                    self.restore_from_png(&path);
+                    self.restore_from_png(&path, cx);
                 }
             }
             ExplorerCommand::ExportDialog { gif } => {
@@ -197,29 +201,29 @@ impl StudioApp {
                         .pick_folder()
                 };
                 if let Some(path) = picked {
-                    self.export_animation(path, gif);
+                    self.export_animation(path, gif, cx);
                 }
             }
-            ExplorerCommand::ExportAnimation { path, gif } => self.export_animation(path, gif),
+            ExplorerCommand::ExportAnimation { path, gif } => self.export_animation(path, gif, cx),
             ExplorerCommand::SelectSeed(seed) => {
-                let l = &mut self.explorer.state.latent;
+                let l = &mut self.state.latent;
                 l.seed = seed;
                 l.offset = 0.0;
                 l.w = None;
                 l.noise = None;
-                self.explorer.playing = false;
+                self.playing = false;
             }
         }
     }
 
-    fn export_animation(&mut self, path: PathBuf, gif: bool) {
-        let e = &self.explorer;
+    fn export_animation(&mut self, path: PathBuf, gif: bool, cx: &mut AppContext<'_>) {
+        let e = &*self;
         let Some(model) = &e.model else {
-            self.notices.warning("Open a generator first");
+            cx.notices.warning("Open a generator first");
             return;
         };
         if e.state.keyframes.len() < 2 {
-            self.notices
+            cx.notices
                 .warning("Add at least two keyframes to export an animation");
             return;
         }
@@ -248,19 +252,19 @@ impl StudioApp {
                 .unwrap_or_default()
                 .replace(&format!("seed {}", e.state.latent.seed), "animation"),
         };
-        self.explorer.playing = false;
-        let job = self.submit(
+        self.playing = false;
+        let job = cx.submit(
             JobKind::ExportGanAnimation {
                 request: Box::new(request),
             },
             JobPurpose::ExportGanAnimation(path),
         );
-        self.explorer.export_job = job;
+        self.export_job = job;
     }
 
     /// Makes `latent` the current one (its mixing included).
     fn set_latent(&mut self, latent: studio_inference::gan::render::GanLatent) {
-        let s = &mut self.explorer.state;
+        let s = &mut self.state;
         match &latent.mix {
             Some(m) => {
                 s.mixing = true;
@@ -272,9 +276,9 @@ impl StudioApp {
         let had_edits = latent.edits.clone();
         s.latent = latent;
         s.latent.mix = None;
-        self.explorer.fit_edits();
+        self.fit_edits();
         // Amounts for components that are not loaded are dropped by fit_edits; keep the rest.
-        for e in &mut self.explorer.state.latent.edits {
+        for e in &mut self.state.latent.edits {
             if let Some(saved) = had_edits.iter().find(|h| h.component == e.component) {
                 e.sigma = saved.sigma;
                 e.layers = saved.layers.clone();
@@ -282,42 +286,43 @@ impl StudioApp {
         }
     }
 
-    pub(crate) fn load_gan(&mut self, path: PathBuf, at_startup: bool) {
-        if path.as_os_str().is_empty() || self.jobs.loading_gan() == Some(&path) {
+    pub(crate) fn load_gan(&mut self, path: PathBuf, at_startup: bool, cx: &mut AppContext<'_>) {
+        if path.as_os_str().is_empty() || cx.jobs.loading_gan() == Some(&path) {
             return;
         }
         if is_pickle(&path) {
-            self.notices.error(format!(
+            cx.notices.error(format!(
                 "{}: {}",
                 path.display(),
                 studio_inference::gan::PICKLE_HELP
             ));
             return;
         }
-        let job = self.submit(
+        let job = cx.submit(
             JobKind::LoadGan { path: path.clone() },
             JobPurpose::LoadGan(path),
         );
         if at_startup {
-            self.explorer.startup_load = job;
+            self.startup_load = job;
         }
     }
 
-    pub(crate) fn gan_loaded(
+    fn gan_loaded(
         &mut self,
         job: JobId,
         info: GanInfo,
         name: String,
         layers: Vec<String>,
+        cx: &mut AppContext<'_>,
     ) {
         let mut vgg16 = None;
-        if let Some(JobPurpose::LoadGan(path)) = self.jobs.get(job).map(|t| t.purpose.clone()) {
-            vgg16 = store::find_vgg16(&self.home, &path);
-            self.settings.last_gan_model = Some(path);
+        if let Some(JobPurpose::LoadGan(path)) = cx.jobs.get(job).map(|t| t.purpose.clone()) {
+            vgg16 = store::find_vgg16(cx.home, &path);
+            cx.settings.last_gan_model = Some(path);
         }
-        self.notices
+        cx.notices
             .info(format!("Loaded {name} for the Latent Explorer"));
-        let e = &mut self.explorer;
+        let e = &mut *self;
         e.model = Some(LoadedGan {
             info,
             name,
@@ -328,52 +333,52 @@ impl StudioApp {
         e.grid_sent = None;
         e.thumbs.clear();
         e.fit_to_model();
-        self.refresh_explorer_presets();
+        self.refresh_explorer_presets(cx);
     }
 
-    fn save_preset(&mut self, name: &str) {
-        let Some(directions) = self.explorer.directions.clone() else {
-            self.notices
+    fn save_preset(&mut self, name: &str, cx: &mut AppContext<'_>) {
+        let Some(directions) = self.directions.clone() else {
+            cx.notices
                 .warning("Compute directions before saving a preset.");
             return;
         };
         let preset = DirectionsPreset {
             directions: (*directions).clone(),
-            edits: self.explorer.state.latent.edits.clone(),
+            edits: self.state.latent.edits.clone(),
         };
-        let e = &self.explorer;
-        match store::save_preset(e.presets_dir.as_deref(), &self.home, name, &preset) {
+        let e = &*self;
+        match store::save_preset(e.presets_dir.as_deref(), cx.home, name, &preset) {
             Ok((path, None)) => {
-                self.notices
+                cx.notices
                     .info(format!("Saved the preset \"{name}\" to {}", path.display()));
             }
-            Ok((path, Some(why))) => self.notices.warning(format!(
+            Ok((path, Some(why))) => cx.notices.warning(format!(
                 "The presets folder could not be written ({why}); saved the preset \"{name}\" \
                  to {} instead",
                 path.display()
             )),
             Err(err) => {
-                self.notices
+                cx.notices
                     .error(format!("Could not save the preset \"{name}\": {err:#}"));
             }
         }
-        self.refresh_explorer_presets();
+        self.refresh_explorer_presets(cx);
     }
 
-    fn load_preset(&mut self, path: &Path) {
+    fn load_preset(&mut self, path: &Path, cx: &mut AppContext<'_>) {
         let preset = match DirectionsPreset::load_json(path) {
             Ok(p) => p,
             Err(err) => {
-                self.notices
+                cx.notices
                     .error(format!("Could not load the preset: {err}"));
                 return;
             }
         };
-        let Some(m) = &self.explorer.model else {
+        let Some(m) = &self.model else {
             return;
         };
         if preset.directions.w_dim != m.info.w_dim {
-            self.notices.error(format!(
+            cx.notices.error(format!(
                 "The preset {} has directions for w {}, but this model's w is {}",
                 path.display(),
                 preset.directions.w_dim,
@@ -381,30 +386,30 @@ impl StudioApp {
             ));
             return;
         }
-        if let Err(err) = store::save_directions(&self.home, &preset.directions) {
-            self.notices.error(format!("{err:#}"));
+        if let Err(err) = store::save_directions(cx.home, &preset.directions) {
+            cx.notices.error(format!("{err:#}"));
         }
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let e = &mut self.explorer;
+        let e = &mut *self;
         e.directions = Some(Arc::new(preset.directions));
         e.state.latent.edits = preset.edits;
         e.fit_edits();
         e.preset_name.clone_from(&name);
-        self.notices.info(format!("Loaded the preset \"{name}\""));
+        cx.notices.info(format!("Loaded the preset \"{name}\""));
     }
 
-    pub(crate) fn refresh_explorer_presets(&mut self) {
-        for problem in self.explorer.refresh_presets() {
-            self.notices
+    pub(crate) fn refresh_explorer_presets(&mut self, cx: &mut AppContext<'_>) {
+        for problem in self.refresh_presets() {
+            cx.notices
                 .warning(format!("A directions preset could not be read: {problem}"));
         }
     }
 
-    pub(crate) fn gan_unloaded(&mut self) {
-        let e = &mut self.explorer;
+    fn gan_unloaded(&mut self) {
+        let e = &mut *self;
         e.model = None;
         e.texture = None;
         e.image = None;
@@ -416,88 +421,110 @@ impl StudioApp {
         e.layer_error = None;
     }
 
-    pub(crate) fn gan_directions(&mut self, directions: Arc<Directions>) {
-        if let Err(e) = store::save_directions(&self.home, &directions) {
-            self.notices.error(format!("{e:#}"));
+    fn gan_directions(&mut self, directions: Arc<Directions>, cx: &mut AppContext<'_>) {
+        if let Err(e) = store::save_directions(cx.home, &directions) {
+            cx.notices.error(format!("{e:#}"));
         }
-        self.notices.info(format!(
+        cx.notices.info(format!(
             "Computed {} directions from {} samples",
             directions.len(),
             directions.samples
         ));
-        self.explorer.directions = Some(directions);
-        self.explorer.state.latent.edits.clear();
-        self.explorer.fit_edits();
+        self.directions = Some(directions);
+        self.state.latent.edits.clear();
+        self.fit_edits();
     }
 
     /// A GAN job ended; returns whether it was one.
-    pub(crate) fn gan_job_finished(
+    /// An event of a job the Latent Explorer submitted (`purpose` says which).
+    pub(crate) fn on_event(
+        &mut self,
+        job: JobId,
+        purpose: Option<&JobPurpose>,
+        event: Event,
+        cx: &mut AppContext<'_>,
+    ) -> Handled {
+        match event {
+            Event::GanLoaded {
+                info, name, layers, ..
+            } => self.gan_loaded(job, info, name, layers, cx),
+            Event::GanUnloaded { .. } => self.gan_unloaded(),
+            Event::GanDirections { directions, .. } => self.gan_directions(directions, cx),
+            Event::GanProjected { w, noise, loss, .. } => self.gan_projected(w, noise, loss, cx),
+            Event::Done { .. } => self.gan_job_finished(job, purpose, None, false, cx),
+            Event::Cancelled { .. } => self.gan_job_finished(job, purpose, None, true, cx),
+            Event::Failed { error, .. } => {
+                self.gan_job_finished(job, purpose, Some(&error), false, cx);
+            }
+            other => return Handled::No(other),
+        }
+        Handled::Yes
+    }
+
+    fn gan_job_finished(
         &mut self,
         job: JobId,
         purpose: Option<&JobPurpose>,
         error: Option<&str>,
         cancelled: bool,
-    ) -> bool {
+        cx: &mut AppContext<'_>,
+    ) {
         match purpose {
             Some(JobPurpose::LoadGan(path)) => {
                 if let Some(error) = error {
-                    if self.explorer.startup_load == Some(job) {
-                        self.notices.warning(format!(
+                    if self.startup_load == Some(job) {
+                        cx.notices.warning(format!(
                             "The last generator, {}, could not be loaded again: {error}",
                             path.display()
                         ));
-                        self.settings.last_gan_model = None;
+                        cx.settings.last_gan_model = None;
                     } else {
-                        self.notices
+                        cx.notices
                             .error(format!("Could not load {}: {error}", path.display()));
                     }
                 }
-                if self.explorer.startup_load == Some(job) {
-                    self.explorer.startup_load = None;
+                if self.startup_load == Some(job) {
+                    self.startup_load = None;
                 }
-                true
             }
             Some(JobPurpose::ExportGanAnimation(path)) => {
-                self.explorer.export_job = None;
+                self.export_job = None;
                 match error {
-                    Some(error) => self
+                    Some(error) => cx
                         .notices
                         .error(format!("Exporting to {} failed: {error}", path.display())),
-                    None if cancelled => self.notices.warning(format!(
+                    None if cancelled => cx.notices.warning(format!(
                         "The export to {} was cancelled; its frames so far are kept",
                         path.display()
                     )),
-                    None => self
+                    None => cx
                         .notices
                         .info(format!("Exported the animation to {}", path.display())),
                 }
-                true
             }
             Some(JobPurpose::ProjectGan(path)) => {
-                self.explorer.project_job = None;
-                self.explorer.project_target = None;
+                self.project_job = None;
+                self.project_target = None;
                 if let Some(error) = error {
-                    self.notices
+                    cx.notices
                         .error(format!("Projecting {} failed: {error}", path.display()));
                 }
-                true
             }
             Some(JobPurpose::ComputeGanDirections) => {
-                self.explorer.directions_job = None;
+                self.directions_job = None;
                 if let Some(error) = error {
-                    self.notices
+                    cx.notices
                         .error(format!("Computing directions failed: {error}"));
                 }
-                true
             }
-            _ => false,
+            _ => {}
         }
     }
 
-    fn capture(&mut self) {
-        let e = &self.explorer;
+    fn capture(&mut self, cx: &mut AppContext<'_>) {
+        let e = &*self;
         let (Some(image), Some(latent), Some(model)) = (&e.image, &e.image_latent, &e.model) else {
-            self.notices
+            cx.notices
                 .warning("Nothing to capture yet: open a generator first");
             return;
         };
@@ -506,29 +533,29 @@ impl StudioApp {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         let name = format!("seed{}-{stamp}.png", latent.latent.seed);
-        let path = store::dir(&self.home).join("captures").join(name);
+        let path = store::dir(cx.home).join("captures").join(name);
         let image = image.clone();
-        self.files.write(
+        cx.files.write(
             format!("the capture {}", path.display()),
             &path,
             Box::new(move || {
                 imaging::encode_png(&image, Some(&text)).map_err(|e| anyhow::anyhow!("{e}"))
             }),
         );
-        self.notices.info(format!("Captured {}", path.display()));
+        cx.notices.info(format!("Captured {}", path.display()));
     }
 
     /// A dropped PNG with a captured latent restores it.
-    pub(crate) fn restore_from_png(&mut self, path: &Path) {
+    pub(crate) fn restore_from_png(&mut self, path: &Path, cx: &mut AppContext<'_>) {
         let decoded = match imaging::decode_image_file(path) {
             Ok(d) => d,
             Err(e) => {
-                self.notices.error(format!("{e}"));
+                cx.notices.error(format!("{e}"));
                 return;
             }
         };
         let Some(captured) = decoded.parameters.as_deref().and_then(parse_capture_text) else {
-            self.project(path, decoded.image);
+            self.project(path, decoded.image, cx);
             return;
         };
         let CapturedLatent {
@@ -536,73 +563,79 @@ impl StudioApp {
             noise,
             noise_seed,
         } = captured;
-        self.explorer.state.noise = noise;
-        self.explorer.state.noise_seed = noise_seed;
-        self.explorer.playing = false;
+        self.state.noise = noise;
+        self.state.noise_seed = noise_seed;
+        self.playing = false;
         let seed = latent.seed;
         self.set_latent(latent);
-        self.notices
+        cx.notices
             .info(format!("Restored seed {seed} from {}", path.display()));
     }
 
-    pub(crate) fn project(&mut self, path: &Path, image: RgbImage) {
-        if self.explorer.model.is_none() {
-            self.notices
+    pub(crate) fn project(&mut self, path: &Path, image: RgbImage, cx: &mut AppContext<'_>) {
+        if self.model.is_none() {
+            cx.notices
                 .warning("Open a generator before giving it a photo to project");
             return;
         }
-        if self.explorer.project_job.is_some() {
-            self.notices.warning("A projection is already running");
+        if self.project_job.is_some() {
+            cx.notices.warning("A projection is already running");
             return;
         }
-        self.explorer.playing = false;
-        self.explorer.project_target = Some(self.ctx.load_texture(
+        self.playing = false;
+        self.project_target = Some(cx.ctx.load_texture(
             "explorer-project-target",
             color_image(&image),
             egui::TextureOptions::LINEAR,
         ));
-        let job = self.submit(
+        let job = cx.submit(
             JobKind::ProjectGan {
                 image: Box::new(image),
-                steps: self.explorer.state.project_steps,
-                vgg16: self.explorer.model.as_ref().and_then(|m| m.vgg16.clone()),
+                steps: self.state.project_steps,
+                vgg16: self.model.as_ref().and_then(|m| m.vgg16.clone()),
             },
             JobPurpose::ProjectGan(path.to_path_buf()),
         );
-        self.explorer.project_job = job;
+        self.project_job = job;
     }
 
-    pub(crate) fn gan_projected(&mut self, w: Vec<f32>, noise: Arc<Vec<f32>>, loss: f32) {
+    fn gan_projected(
+        &mut self,
+        w: Vec<f32>,
+        noise: Arc<Vec<f32>>,
+        loss: f32,
+        cx: &mut AppContext<'_>,
+    ) {
         let latent = studio_inference::gan::render::GanLatent {
             w: Some(w),
             noise: Some(noise),
             psi: 1.0,
             cutoff: None,
             offset: 0.0,
-            ..self.explorer.state.latent.clone()
+            ..self.state.latent.clone()
         };
         let mut latent = latent;
         latent.mix = None;
         for e in &mut latent.edits {
             e.sigma = 0.0;
         }
-        self.explorer.state.keyframes.push(latent.clone());
+        self.state.keyframes.push(latent.clone());
         self.set_latent(latent);
         // Show the projection's own last image until the render of its W arrives.
-        self.explorer.last_request = None;
-        self.notices.info(format!(
+        self.last_request = None;
+        cx.notices.info(format!(
             "Projected (loss {loss:.4}); added as keyframe {}, with the noise it optimized.",
-            self.explorer.state.keyframes.len()
+            self.state.keyframes.len()
         ));
     }
 
     /// Per frame: the newest rendered frame and thumbnails, the animation, new requests and
     /// the autosave.
-    pub(crate) fn poll_explorer(&mut self, ctx: &egui::Context) {
-        let Some(worker) = self.worker.as_ref() else {
+    pub(crate) fn poll_explorer(&mut self, ctx: &egui::Context, cx: &mut AppContext<'_>) {
+        let Some(worker) = cx.worker.as_ref() else {
             return;
         };
-        let e = &mut self.explorer;
+        let e = &mut *self;
         let now = Instant::now();
         if let Some(frame) = worker.take_gan_frame() {
             e.render_ms = Some(frame.render_ms);
@@ -672,7 +705,7 @@ impl StudioApp {
                 })
                 .collect();
         }
-        if e.model.is_none() || self.settings.panel != Panel::LatentExplorer {
+        if e.model.is_none() || cx.settings.panel != Panel::LatentExplorer {
             // Nothing renders while the panel is not shown.
             return;
         }
@@ -752,24 +785,20 @@ impl StudioApp {
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
         if e.state != e.saved_state && due {
             e.saved_at = Some(now);
-            match store::save_state(&self.home, &e.state, &mut e.noise_files) {
+            match store::save_state(cx.home, &e.state, &mut e.noise_files) {
                 Ok(()) => e.saved_state = e.state.clone(),
                 Err(err) => {
                     e.saved_state = e.state.clone();
-                    self.notices.error(format!("{err:#}"));
+                    cx.notices.error(format!("{err:#}"));
                 }
             }
         }
     }
 
     /// Saves what the debounced autosave has not written yet (on exit).
-    pub(crate) fn flush_explorer(&mut self) {
-        if self.explorer.state != self.explorer.saved_state
-            && let Err(e) = store::save_state(
-                &self.home,
-                &self.explorer.state,
-                &mut self.explorer.noise_files,
-            )
+    pub(crate) fn flush_explorer(&mut self, cx: &mut AppContext<'_>) {
+        if self.state != self.saved_state
+            && let Err(e) = store::save_state(cx.home, &self.state, &mut self.noise_files)
         {
             log::warn!("saving the explorer: {e:#}");
         }
