@@ -392,14 +392,10 @@ impl StudioApp {
             self.ctx
                 .request_repaint_after(wait + Duration::from_millis(50));
         }
-        if let Some(wait) = self
-            .canvas
-            .store
-            .tick(&self.canvas.doc, &self.canvas.form, &self.files)
-        {
+        if let Some(wait) = self.canvas.autosave(&self.files) {
             self.ctx.request_repaint_after(wait);
         }
-        if let Some(wait) = self.code_autosave() {
+        if let Some(wait) = self.code.autosave(&self.files) {
             self.ctx.request_repaint_after(wait);
         }
         if let Some(wait) = self.chat.next_params_save() {
@@ -420,11 +416,9 @@ impl StudioApp {
         if let Some(error) = self.saver.flush(&self.settings) {
             log::error!("{error}");
         }
-        self.canvas
-            .store
-            .flush(&self.canvas.doc, &self.canvas.form, &self.files);
+        self.canvas.flush(&self.files);
         self.explorer.flush_explorer(&mut app_context!(self));
-        self.code_flush();
+        self.code.flush(&self.files);
         // Wait until the images and the canvas are on disk.
         for done in self.files.flush() {
             self.file_done(done);
@@ -465,7 +459,7 @@ impl Drop for StudioApp {
         for error in self.chat.store.purge_trash(Duration::ZERO) {
             log::error!("{error}");
         }
-        self.canvas.history.purge_trash();
+        self.canvas.purge_trash();
     }
 }
 

@@ -326,7 +326,7 @@ impl StudioApp {
                 self.notices.error(format!("{what} was not saved: {error}"));
             }
             FileDone::Thumbnail { path, result } => {
-                self.canvas.history.set_thumbnail(&self.ctx, &path, result);
+                self.canvas.set_thumbnail(&self.ctx, &path, result);
             }
         }
     }

@@ -16,6 +16,7 @@ use super::CanvasCommand;
 use super::CanvasPanel;
 use super::form::{build_request, restore_parameters};
 use super::view::preview_texture;
+use crate::files::FileWorker;
 use crate::gui::app::StudioApp;
 use crate::gui::command::{Command, load_error};
 use crate::gui::context::{AppContext, Handled};
@@ -61,6 +62,32 @@ impl StudioApp {
 }
 
 impl CanvasPanel {
+    /// Periodic work: the canvas document, written a moment after the last change. Returns
+    /// when to look again.
+    pub(crate) fn autosave(&mut self, files: &FileWorker) -> Option<Duration> {
+        self.store.tick(&self.doc, &self.form, files)
+    }
+
+    /// Writes the canvas document now, and forgets deleted images for good.
+    pub(crate) fn flush(&mut self, files: &FileWorker) {
+        self.store.flush(&self.doc, &self.form, files);
+    }
+
+    /// Empties the gallery's trash (at exit, when no undo can come).
+    pub(crate) fn purge_trash(&mut self) {
+        self.history.purge_trash();
+    }
+
+    /// A gallery thumbnail the file thread decoded.
+    pub(crate) fn set_thumbnail(
+        &mut self,
+        ctx: &egui::Context,
+        path: &Path,
+        result: Result<(RgbImage, Option<String>), String>,
+    ) {
+        self.history.set_thumbnail(ctx, path, result);
+    }
+
     /// Carries out one Canvas command.
     pub(crate) fn apply(&mut self, command: CanvasCommand, cx: &mut AppContext<'_>) {
         let c = &mut *self;

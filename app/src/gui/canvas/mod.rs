@@ -93,34 +93,34 @@ pub enum CanvasCommand {
 }
 
 pub struct CanvasPanel {
-    pub(crate) doc: Document,
-    pub(crate) form: FormValues,
+    doc: Document,
+    form: FormValues,
     form_view: FormView,
-    pub(crate) view: CanvasView,
-    pub(crate) history: History,
-    pub(crate) store: CanvasStore,
-    pub(crate) styles: Vec<Style>,
+    view: CanvasView,
+    history: History,
+    store: CanvasStore,
+    styles: Vec<Style>,
     /// The loaded Stable Diffusion model and what it was loaded with.
-    pub(crate) model: Option<ImageModelInfo>,
-    pub(crate) model_options: Option<ImageModelOptions>,
-    pub(crate) tool: Tool,
-    pub(crate) brush_size: f32,
-    pub(crate) hardness: f32,
+    model: Option<ImageModelInfo>,
+    model_options: Option<ImageModelOptions>,
+    tool: Tool,
+    brush_size: f32,
+    hardness: f32,
     show_mask: bool,
     extend_px: u32,
     /// The generation job running (or queued).
-    pub(crate) generating: Option<JobId>,
-    pub(crate) progress: Option<(f32, String)>,
-    pub(crate) preview: Option<egui::TextureHandle>,
+    generating: Option<JobId>,
+    progress: Option<(f32, String)>,
+    preview: Option<egui::TextureHandle>,
     /// How many preview frames were shown (tests and diagnostics).
-    pub(crate) previews_shown: usize,
-    pub(crate) progress_events: usize,
-    pub(crate) last_seed: Option<u64>,
+    previews_shown: usize,
+    progress_events: usize,
+    last_seed: Option<u64>,
     /// Parameters found in an opened image, offered for the form.
-    pub(crate) offered: Option<(u64, GenerationParameters)>,
-    pub(crate) next_offer: u64,
+    offered: Option<(u64, GenerationParameters)>,
+    next_offer: u64,
     /// The job reloading the last model at startup (it keeps the saved form size).
-    pub(crate) startup_load: Option<JobId>,
+    startup_load: Option<JobId>,
 }
 
 impl CanvasPanel {

@@ -21,6 +21,7 @@ use studio_inference::worker::{Event, JobId, JobKind};
 
 use super::buffer::{self, Tab, read_source};
 use super::{CodeCommand, CodePanel, Confirm};
+use crate::files::FileWorker;
 use crate::gui::app::StudioApp;
 use crate::gui::command::Command;
 use crate::gui::context::{AppContext, Handled};
@@ -278,28 +279,22 @@ impl StudioApp {
             self.settings.panel = Panel::Code;
         }
     }
-
-    /// Periodic work: the recovery file, written a moment after the last edit.
-    pub(crate) fn code_autosave(&mut self) -> Option<Duration> {
-        self.code.store.tick(
-            &self.code.tabs,
-            self.code.active,
-            self.code.next_untitled,
-            &self.files,
-        )
-    }
-
-    pub(crate) fn code_flush(&mut self) {
-        self.code.store.flush(
-            &self.code.tabs,
-            self.code.active,
-            self.code.next_untitled,
-            &self.files,
-        );
-    }
 }
 
 impl CodePanel {
+    /// Periodic work: the recovery file, written a moment after the last edit. Returns when
+    /// to look again.
+    pub(crate) fn autosave(&mut self, files: &FileWorker) -> Option<Duration> {
+        self.store
+            .tick(&self.tabs, self.active, self.next_untitled, files)
+    }
+
+    /// Writes the recovery file now.
+    pub(crate) fn flush(&mut self, files: &FileWorker) {
+        self.store
+            .flush(&self.tabs, self.active, self.next_untitled, files);
+    }
+
     /// The cursor (or selection) of tab `id`'s editor as last drawn (char indices).
     pub fn cursor(&self, id: u64) -> Option<CCursorRange> {
         self.cursors.get(&id).copied()

@@ -140,15 +140,15 @@ pub struct CodePanel {
     /// The user chose to quit without saving: let the window close.
     pub allow_close: bool,
     /// Close the window at the start of the next frame.
-    pub(crate) close_now: bool,
+    close_now: bool,
     pub store: store::SessionStore,
     /// Cached find matches: (tab, rev, query, case) → ranges.
     matches_key: Option<(u64, u64, String, bool)>,
     matches: Vec<std::ops::Range<usize>>,
     /// Each tab's cursor (or selection) as last drawn, in char indices.
-    pub(crate) cursors: std::collections::HashMap<u64, egui::text::CCursorRange>,
+    cursors: std::collections::HashMap<u64, egui::text::CCursorRange>,
     /// A cursor or selection for the editor to take when it is next drawn.
-    pub(crate) pending_cursor: Option<(u64, egui::text::CCursorRange)>,
+    pending_cursor: Option<(u64, egui::text::CCursorRange)>,
 }
 
 impl CodePanel {

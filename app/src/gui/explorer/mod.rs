@@ -178,55 +178,55 @@ pub struct Thumb {
 }
 
 pub struct ExplorerPanel {
-    pub(crate) model: Option<LoadedGan>,
+    model: Option<LoadedGan>,
     /// Saved between runs.
-    pub(crate) state: ExplorerState,
-    pub(crate) saved_state: ExplorerState,
+    state: ExplorerState,
+    saved_state: ExplorerState,
     /// Names of the projected-noise files already written ([`store::NoiseFiles`]).
-    pub(crate) noise_files: store::NoiseFiles,
+    noise_files: store::NoiseFiles,
     /// When the state was last written (the autosave waits a second between writes).
-    pub(crate) saved_at: Option<Instant>,
-    pub(crate) directions: Option<Arc<Directions>>,
+    saved_at: Option<Instant>,
+    directions: Option<Arc<Directions>>,
     /// The load queued at startup (its failure is a warning, not an error).
-    pub(crate) startup_load: Option<JobId>,
-    pub(crate) directions_job: Option<JobId>,
-    pub(crate) export_job: Option<JobId>,
-    pub(crate) project_job: Option<JobId>,
+    startup_load: Option<JobId>,
+    directions_job: Option<JobId>,
+    export_job: Option<JobId>,
+    project_job: Option<JobId>,
     /// The image being projected, shown beside the reconstruction while it runs.
-    pub(crate) project_target: Option<egui::TextureHandle>,
+    project_target: Option<egui::TextureHandle>,
     // ---- rendering ----
-    pub(crate) image: Option<RgbImage>,
-    pub(crate) texture: Option<egui::TextureHandle>,
+    image: Option<RgbImage>,
+    texture: Option<egui::TextureHandle>,
     /// The latent of the image shown (what Capture writes).
-    pub(crate) image_latent: Option<CapturedLatent>,
-    pub(crate) render_error: Option<String>,
-    pub(crate) next_request: u64,
+    image_latent: Option<CapturedLatent>,
+    render_error: Option<String>,
+    next_request: u64,
     /// Requests sent, with what each showed (newest last, a few kept).
-    pub(crate) sent: VecDeque<(u64, CapturedLatent)>,
-    pub(crate) last_request: Option<studio_inference::gan::render::GanRenderRequest>,
-    pub(crate) requests_sent: u64,
-    pub(crate) frames_shown: u64,
-    pub(crate) shown_id: Option<u64>,
-    pub(crate) render_ms: Option<f32>,
-    pub(crate) frame_times: VecDeque<Instant>,
-    pub(crate) thumbs: Vec<Thumb>,
-    pub(crate) grid_sent: Option<studio_inference::gan::render::GanGridRequest>,
+    sent: VecDeque<(u64, CapturedLatent)>,
+    last_request: Option<studio_inference::gan::render::GanRenderRequest>,
+    requests_sent: u64,
+    frames_shown: u64,
+    shown_id: Option<u64>,
+    render_ms: Option<f32>,
+    frame_times: VecDeque<Instant>,
+    thumbs: Vec<Thumb>,
+    grid_sent: Option<studio_inference::gan::render::GanGridRequest>,
     // ---- presets ----
     /// `presets/gan-directions/` of the presets folder, when there is one.
-    pub(crate) presets_dir: Option<PathBuf>,
+    presets_dir: Option<PathBuf>,
     /// `STUDIO_HOME/presets/gan-directions/`, where presets go when the first is not writable.
-    pub(crate) fallback_presets_dir: PathBuf,
-    pub(crate) presets: Vec<PresetEntry>,
-    pub(crate) preset_name: String,
+    fallback_presets_dir: PathBuf,
+    presets: Vec<PresetEntry>,
+    preset_name: String,
     // ---- layer view ----
-    pub(crate) layer_view: Option<GanLayerView>,
-    pub(crate) layer_texture: Option<egui::TextureHandle>,
-    pub(crate) layer_error: Option<String>,
+    layer_view: Option<GanLayerView>,
+    layer_texture: Option<egui::TextureHandle>,
+    layer_error: Option<String>,
     // ---- animation ----
-    pub(crate) playing: bool,
+    playing: bool,
     /// Position on the keyframe path, 0..=1, while playing.
-    pub(crate) t: f64,
-    pub(crate) last_tick: Option<Instant>,
+    t: f64,
+    last_tick: Option<Instant>,
 }
 
 impl ExplorerPanel {
