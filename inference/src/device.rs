@@ -10,14 +10,20 @@ pub enum DevicePreference {
     /// The first GPU this build supports, else the CPU.
     #[default]
     Auto,
+    /// The CPU, even when a GPU is available.
     Cpu,
+    /// The CUDA GPU with this index (0 is the first); the CPU, with a warning, if it cannot
+    /// be opened.
     Cuda(usize),
+    /// The Metal GPU with this index (0 is the first); the CPU, with a warning, if it cannot
+    /// be opened.
     Metal(usize),
 }
 
 /// The device the worker ended up with.
 #[derive(Debug, Clone)]
 pub struct DeviceChoice {
+    /// The candle device to put tensors on.
     pub device: Device,
     /// "CPU (2 threads)", "CUDA 0", "Metal 0".
     pub label: String,

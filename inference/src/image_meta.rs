@@ -21,7 +21,9 @@ pub const PARAMETERS_KEYWORD: &str = "parameters";
 /// Generation parameters as stored in an image.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GenerationParameters {
+    /// The positive prompt; may span several lines.
     pub prompt: String,
+    /// The negative prompt, empty when there is none.
     pub negative_prompt: String,
     /// `Key: value` pairs in order (`Steps`, `Sampler`, `CFG scale`, `Seed`, `Size`, …),
     /// values unquoted.
@@ -49,14 +51,17 @@ impl GenerationParameters {
         }
     }
 
+    /// The `Steps` value, if present and a number.
     pub fn steps(&self) -> Option<u32> {
         self.get("Steps")?.trim().parse().ok()
     }
 
+    /// The `Seed` value, if present and a number.
     pub fn seed(&self) -> Option<u64> {
         self.get("Seed")?.trim().parse().ok()
     }
 
+    /// The `CFG scale` value, if present and a number.
     pub fn cfg_scale(&self) -> Option<f32> {
         self.get("CFG scale")?.trim().parse().ok()
     }

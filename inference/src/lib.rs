@@ -23,6 +23,8 @@
 //! - [`device`], [`sys`]: device choice, process facts;
 //! - [`error`]: the crate's error type.
 
+#![warn(missing_docs)]
+
 pub mod code;
 pub mod device;
 pub mod diffusion;

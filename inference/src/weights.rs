@@ -131,6 +131,7 @@ impl Weights {
         &self.path
     }
 
+    /// The device tensors are loaded onto.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -144,10 +145,12 @@ impl Weights {
             .sum()
     }
 
+    /// Whether any of the files holds a tensor named `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.names.contains(name)
     }
 
+    /// Every tensor name, in sorted order.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.names.iter().map(String::as_str)
     }

@@ -37,12 +37,19 @@ pub enum ActionKind {
 /// One action preset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionPreset {
+    /// Unique key: a preset in the user's folder with the same id replaces the built-in one.
     pub id: String,
+    /// Short name, the action's button text.
     pub label: String,
+    /// One-sentence explanation, shown as the button's tooltip (optional; empty by default).
     #[serde(default)]
     pub description: String,
+    /// What the reply is and how it is shown.
     pub kind: ActionKind,
+    /// The system prompt sent with the rendered template.
     pub system: String,
+    /// The user message, with `{language}`, `{fence}`, `{path}`, `{code}`, `{instruction}`,
+    /// `{target_language}` and `{context}` placeholders; must contain `{code}`.
     pub template: String,
 }
 
@@ -132,7 +139,10 @@ pub fn presets_with(dir: Option<&Path>) -> (Vec<ActionPreset>, Vec<String>) {
 /// Another open file, offered as context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContextFile {
+    /// The file's path as shown to the user; its extension picks the code-fence language.
     pub path: String,
+    /// The file's text (the prompt may keep only its first lines, or leave it out, to fit
+    /// the budget).
     pub text: String,
 }
 
@@ -154,14 +164,19 @@ pub struct ActionInput {
 /// A rendered action prompt: a system prompt and one user message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActionPrompt {
+    /// The preset's system prompt.
     pub system: String,
+    /// The rendered template: the user message.
     pub user: String,
+    /// The preset's kind: how to show the reply.
     pub kind: ActionKind,
     /// What was left out to fit the budget, one sentence each (for the pane).
     pub cut: Vec<String>,
 }
 
 impl ActionPrompt {
+    /// The conversation to send: the user message alone (the system prompt is `system`, passed
+    /// separately).
     pub fn messages(&self) -> Vec<ChatMessage> {
         vec![ChatMessage::user(self.user.clone())]
     }

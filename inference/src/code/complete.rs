@@ -76,6 +76,7 @@ pub struct CompletionFilter {
 }
 
 impl CompletionFilter {
+    /// A filter for a suggestion in `mode`, with `suffix` the text after the cursor.
     pub fn new(mode: CompletionMode, suffix: &str) -> Self {
         let rest_of_line = suffix.split('\n').next().unwrap_or("");
         let target = if mode == CompletionMode::MultiLine {
@@ -292,6 +293,7 @@ fn head(s: &str, n: usize) -> &str {
 }
 
 impl CompletionCache {
+    /// An empty cache holding at most `capacity` completions (at least 1).
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
@@ -299,14 +301,17 @@ impl CompletionCache {
         }
     }
 
+    /// Number of cached completions.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// Whether no completion is cached.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
+    /// Forgets every cached completion (e.g. when the model changes).
     pub fn clear(&mut self) {
         self.entries.clear();
     }
@@ -343,6 +348,8 @@ impl CompletionCache {
         Some(rest)
     }
 
+    /// Caches `completion` for this cursor and model, replacing an entry for the same key; the
+    /// least recently used entry is evicted when the cache is full.
     pub fn insert(&mut self, model: &str, prefix: &str, suffix: &str, completion: &str) {
         let p_tail = tail(prefix, CACHE_PREFIX_BYTES);
         let s_head = head(suffix, CACHE_SUFFIX_BYTES);
@@ -367,6 +374,7 @@ pub struct CompletionRequest {
     pub prefix: String,
     /// Text after the cursor.
     pub suffix: String,
+    /// Sampling settings; `max_new_tokens` caps the suggestion (and is kept free in the context).
     pub params: SamplingParams,
     /// A format chosen by a preset, instead of the one detected from the tokenizer.
     pub format: Option<FimFormat>,
@@ -380,6 +388,8 @@ pub struct CompletionRequest {
 pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 2048;
 
 impl CompletionRequest {
+    /// A request with the detected format, [`DEFAULT_MAX_PROMPT_TOKENS`] and the mode decided from
+    /// the context.
     pub fn new(
         prefix: impl Into<String>,
         suffix: impl Into<String>,
@@ -401,8 +411,12 @@ impl CompletionRequest {
 pub struct CompletionOutcome {
     /// The suggestion, as streamed.
     pub text: String,
+    /// Token counts, speeds and why generation stopped (a complete suggestion counts as a stop
+    /// string, not a cancel).
     pub stats: GenerationStats,
+    /// The mode used: the request's, or the one decided from the context.
     pub mode: CompletionMode,
+    /// The prompt generated from, with what was cut to fit the budget.
     pub prompt: FimPrompt,
 }
 
@@ -510,7 +524,10 @@ pub enum FimSupport {
     /// The model's tokenizer has this format's tokens.
     Supported(FimFormat),
     /// It cannot; `reason` is written for the person (ghost text is disabled, actions work).
-    Unsupported { reason: String },
+    Unsupported {
+        /// Why not, as a sentence for the person (shown in the editor's ghost-text status).
+        reason: String,
+    },
 }
 
 impl FimSupport {
@@ -533,6 +550,7 @@ impl FimSupport {
         }
     }
 
+    /// The supported format, if any.
     pub fn format(&self) -> Option<FimFormat> {
         match self {
             FimSupport::Supported(f) => Some(*f),

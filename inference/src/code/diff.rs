@@ -10,15 +10,20 @@ use std::fmt::Write as _;
 /// The kind of one line of a hunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LineKind {
+    /// An unchanged line, in both texts.
     Context,
+    /// A line only in the old text.
     Removed,
+    /// A line only in the new text.
     Added,
 }
 
 /// One line of a hunk; `text` includes its line ending (none for a last line without one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiffLine {
+    /// Whether the line is context, removed or added.
     pub kind: LineKind,
+    /// The line's text, with its line ending.
     pub text: String,
 }
 
@@ -37,10 +42,13 @@ pub struct Hunk {
     /// 0-based index of the hunk's first line in the old text, and how many old lines it spans
     /// (context and removed).
     pub old_start: usize,
+    /// Number of old lines the hunk spans (context and removed).
     pub old_len: usize,
     /// The same in the new text (context and added).
     pub new_start: usize,
+    /// Number of new lines the hunk spans (context and added).
     pub new_len: usize,
+    /// The hunk's lines in order: context, removed and added.
     pub lines: Vec<DiffLine>,
 }
 
@@ -63,6 +71,7 @@ impl Hunk {
         )
     }
 
+    /// Number of added lines.
     pub fn added(&self) -> usize {
         self.lines
             .iter()
@@ -70,6 +79,7 @@ impl Hunk {
             .count()
     }
 
+    /// Number of removed lines.
     pub fn removed(&self) -> usize {
         self.lines
             .iter()
@@ -81,10 +91,12 @@ impl Hunk {
 /// The differences between two texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diff {
+    /// The hunks in text order; none when the texts are equal.
     pub hunks: Vec<Hunk>,
 }
 
 impl Diff {
+    /// Whether the texts are equal (no hunks).
     pub fn is_empty(&self) -> bool {
         self.hunks.is_empty()
     }

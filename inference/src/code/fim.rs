@@ -188,8 +188,11 @@ const OTHER_SPECIALS: &[&str] = &[
 /// The FIM tokens of a tokenizer: which format, and the ids to insert.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FimTokens {
+    /// The detected or chosen format.
     pub format: FimFormat,
+    /// Id of the marker that starts the prefix.
     pub prefix: u32,
+    /// Id of the marker that starts the suffix.
     pub suffix: u32,
     /// `None` for Codestral, whose prompt ends with the prefix.
     pub middle: Option<u32>,
@@ -366,13 +369,17 @@ pub struct Cut {
 /// A FIM prompt ready to generate from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FimPrompt {
+    /// The prompt's token ids: FIM markers, prefix and suffix (and beginning of sequence).
     pub tokens: Vec<u32>,
+    /// The format the prompt is in.
     pub format: FimFormat,
     /// Tokens of the (kept) prefix and suffix.
     pub prefix_tokens: usize,
+    /// Tokens of the (kept) suffix.
     pub suffix_tokens: usize,
     /// What was left out of the prefix (its start) and of the suffix (its end).
     pub prefix_cut: Option<Cut>,
+    /// What was left out of the suffix (its end); `None` when all of it fits.
     pub suffix_cut: Option<Cut>,
 }
 

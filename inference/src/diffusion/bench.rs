@@ -43,11 +43,18 @@ pub fn sd15_unet_config() -> UnetConfig {
 /// Timings at one size, in milliseconds (medians).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchRow {
+    /// Image side in pixels (square images; the latent is `size / 8` on a side).
     pub size: u32,
+    /// One UNet evaluation on a batch of 2 (conditional and unconditional).
     pub unet_step_ms: f64,
+    /// The full VAE decode of one latent to an image.
     pub vae_decode_ms: f64,
+    /// The linear latent→RGB preview projection.
     pub latent2rgb_ms: f64,
+    /// The TAESD tiny-decoder preview.
     pub taesd_ms: f64,
+    /// Peak resident memory in MiB since the models were built, read after this size's runs
+    /// (0 where the platform does not report it).
     pub peak_rss_mb: f64,
 }
 

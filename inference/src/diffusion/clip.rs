@@ -20,22 +20,32 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
+    /// `x · sigmoid(1.702 x)`, OpenAI CLIP's approximation (SD 1.x, SDXL's first encoder).
     QuickGelu,
+    /// The exact (erf) GELU, as in OpenCLIP (SD 2.x, SDXL's second encoder).
     Gelu,
 }
 
 /// A `text_encoder/config.json` (transformers `CLIPTextConfig`), the fields the encoder uses.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ClipConfig {
+    /// Token vocabulary size (49408 for CLIP's BPE tokenizer).
     pub vocab_size: usize,
+    /// Width of the token embeddings and hidden states.
     pub hidden_size: usize,
+    /// Width of each layer's MLP hidden layer.
     pub intermediate_size: usize,
+    /// Number of transformer layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer; `hidden_size` divides evenly among them.
     pub num_attention_heads: usize,
+    /// Learned positions: the longest token sequence one pass takes (77 when absent).
     #[serde(default = "default_positions")]
     pub max_position_embeddings: usize,
+    /// The MLP activation (`quick_gelu` when absent).
     #[serde(default = "default_act")]
     pub hidden_act: Activation,
+    /// Epsilon of the layer norms (1e-5 when absent).
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
     /// Output size of `text_projection` (only models with a projection use it).
@@ -249,6 +259,7 @@ impl ClipTextModel {
         })
     }
 
+    /// The configuration the encoder was built from.
     pub fn config(&self) -> &ClipConfig {
         &self.config
     }

@@ -92,8 +92,11 @@ pub enum Source {
     Tensor(String),
     /// Rows `[index*n/parts .. (index+1)*n/parts)` of a fused tensor (OpenCLIP's in_proj q/k/v).
     Chunk {
+        /// The fused tensor's name in the checkpoint.
         name: String,
+        /// Which part to take, `0..parts`.
         index: usize,
+        /// How many equal parts the rows split into (3 for q/k/v).
         parts: usize,
     },
     /// The transpose of a 2-D tensor (OpenCLIP's `text_projection`).

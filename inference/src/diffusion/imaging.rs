@@ -34,22 +34,30 @@ const MAX_DECODE_BYTES: u64 = 1 << 30;
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RgbImage {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
+    /// `width * height * 3` bytes, R, G, B for each pixel.
     pub pixels: Vec<u8>,
 }
 
 /// An 8-bit single-channel mask, row-major; 255 = repaint, 0 = keep.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mask {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
+    /// `width * height` bytes, one per pixel; values between 0 and 255 blend (a feathered
+    /// edge).
     pub values: Vec<u8>,
 }
 
 /// An opened image file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decoded {
+    /// The pixels, composited over white and downscaled to fit [`MAX_SIDE`] where needed.
     pub image: RgbImage,
     /// The original size, set when the image was downscaled to fit [`MAX_SIDE`] (a notice for
     /// the user).

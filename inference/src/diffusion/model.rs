@@ -27,12 +27,18 @@ use crate::weights::{mmap, stored_storage};
 /// The model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SdKind {
+    /// Stable Diffusion 1.x: OpenAI CLIP ViT-L text encoder, trained at 512×512.
     Sd1,
+    /// Stable Diffusion 2.x: OpenCLIP ViT-H text encoder, trained at 512×512 or (v-prediction)
+    /// 768×768.
     Sd2,
+    /// SDXL: two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG), trained at
+    /// 1024×1024.
     Sdxl,
 }
 
 impl SdKind {
+    /// The family's name for the UI: `SD 1.x`, `SD 2.x` or `SDXL`.
     pub fn label(self) -> &'static str {
         match self {
             SdKind::Sd1 => "SD 1.x",
@@ -45,19 +51,27 @@ impl SdKind {
 /// How the model was stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Layout {
+    /// A diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`, …).
     Diffusers,
+    /// One checkpoint file in the original (LDM) naming, renamed on load.
     SingleFile,
 }
 
 /// What the UI shows about a loaded image model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageModelInfo {
+    /// Display name: the file's stem, or the folder's name for a diffusers model.
     pub name: String,
+    /// Where it was loaded from (the folder, for a diffusers model).
     pub path: PathBuf,
+    /// The model family.
     pub kind: SdKind,
+    /// Whether it was a diffusers folder or a single file.
     pub layout: Layout,
     /// A 9-channel inpainting UNet.
     pub inpainting: bool,
+    /// What the UNet predicts (noise or v): from the scheduler config or a test pass,
+    /// unless [`ImageModelOptions::prediction`] overrides it.
     pub prediction: Prediction,
     /// A distilled few-step model (SD-Turbo, SDXL-Turbo, LCM), judged by its name.
     pub few_step: bool,
@@ -86,22 +100,35 @@ pub struct ImageModelOptions {
 /// One text encoder with its tokenizer and how SD reads it.
 #[derive(Debug)]
 pub struct TextEncoder {
+    /// The CLIP text transformer.
     pub model: ClipTextModel,
+    /// Its tokenizer, padding as this encoder was trained to.
     pub tokenizer: ClipTokenizer,
     /// Layers left out by default (1 = the penultimate layer).
     pub skip: usize,
+    /// Whether the final layer norm is applied to the hidden states (SD 1.x/2.x; SDXL uses
+    /// them without it).
     pub final_norm: bool,
 }
 
 /// A loaded Stable Diffusion model.
 pub struct SdModel {
+    /// What the UI shows about the model.
     pub info: ImageModelInfo,
+    /// The denoising UNet.
     pub unet: Unet,
+    /// The VAE, always in F32 whatever [`SdModel::dtype`] is.
     pub vae: Vae,
+    /// The text encoders in order: one for SD 1.x/2.x, two for SDXL (CLIP ViT-L, then
+    /// OpenCLIP ViT-bigG).
     pub text: Vec<TextEncoder>,
+    /// The training noise schedule and prediction type the samplers follow.
     pub noise: NoiseSchedule,
+    /// A TAESD decoder for previews, when one was given in [`ImageModelOptions::taesd`].
     pub taesd: Option<TinyDecoder>,
+    /// The device the weights live on and the pipeline runs on.
     pub device: Device,
+    /// The UNet's and text encoders' dtype: F32 on the CPU, F16 on a GPU.
     pub dtype: DType,
 }
 
@@ -116,6 +143,7 @@ impl std::fmt::Debug for SdModel {
 }
 
 impl SdModel {
+    /// The format of this model's latents, for previews (SDXL's differs).
     pub fn latent_format(&self) -> LatentFormat {
         match self.info.kind {
             SdKind::Sdxl => LatentFormat::Sdxl,

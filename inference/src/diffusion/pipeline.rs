@@ -43,6 +43,7 @@ impl PreviewMethod {
         }
     }
 
+    /// Reads a CLI name as [`PreviewMethod::name`] writes it, in any case; `None` otherwise.
     pub fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().as_str() {
             "latent2rgb" => Some(PreviewMethod::Latent2Rgb),
@@ -56,16 +57,24 @@ impl PreviewMethod {
 /// What to generate from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ImageMode {
+    /// From pure noise, guided by the prompt alone.
     Txt2Img,
     /// Start from `init`, running the last `int(strength·steps)` steps.
     Img2Img {
+        /// The starting image; resized to the request's size.
         init: RgbImage,
+        /// Denoising strength, 0 to 1: the share of the steps run (at least one); higher strays
+        /// further from `init`.
         strength: f64,
     },
     /// Repaint the white part of `mask` (any size; resized to the image).
     Inpaint {
+        /// The image to repaint; resized to the request's size.
         init: RgbImage,
+        /// 255 = repaint, 0 = keep; must not be empty.
         mask: Mask,
+        /// Denoising strength, 0 to 1, as for img2img; 1 on an inpainting checkpoint starts the
+        /// repainted area from pure noise.
         strength: f64,
         /// Gaussian blur of the mask edge, in pixels.
         mask_blur: f32,
@@ -73,6 +82,7 @@ pub enum ImageMode {
 }
 
 impl ImageMode {
+    /// The mode's short name: `txt2img`, `img2img` or `inpaint`.
     pub fn label(&self) -> &'static str {
         match self {
             ImageMode::Txt2Img => "txt2img",
@@ -85,23 +95,35 @@ impl ImageMode {
 /// One generation request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageRequest {
+    /// What to generate, with emphasis syntax (`(word:1.2)`, `BREAK`); longer than 75
+    /// tokens is fine (see [`super::prompt`]).
     pub prompt: String,
+    /// What to steer away from; used only when `cfg_scale > 1`. Empty on SDXL means
+    /// zeroed conditioning, as SDXL was trained.
     pub negative_prompt: String,
+    /// Denoising steps, 1 to 500 (img2img and inpainting run a `strength` share of them).
     pub steps: usize,
     /// Classifier-free guidance; `<= 1` runs the UNet once per step without the negative
     /// prompt (Turbo/LCM models).
     pub cfg_scale: f64,
     /// `None`: a random seed (reported in the result).
     pub seed: Option<u64>,
+    /// The sampling algorithm.
     pub sampler: SamplerKind,
+    /// How the sigmas are spaced over the steps (ignored by DDIM and LCM).
     pub schedule: ScheduleKind,
+    /// Image width in pixels: a multiple of the model's `size_multiple` (8; 64 for SDXL),
+    /// at most 4096.
     pub width: u32,
+    /// Image height in pixels, with the same rules as `width`.
     pub height: u32,
     /// Images generated one after another, with seeds `seed`, `seed + 1`, …
     pub batch_count: u32,
     /// 1 = the encoder's usual layer; 2 = one layer earlier ("Clip skip: 2").
     pub clip_skip: usize,
+    /// How each step's preview is made ([`PreviewMethod::Taesd`] needs a loaded TAESD).
     pub preview: PreviewMethod,
+    /// txt2img, img2img or inpainting, with the images they start from.
     pub mode: ImageMode,
 }
 
@@ -131,24 +153,34 @@ impl ImageRequest {
 pub struct StepUpdate {
     /// Which image of the batch (0-based).
     pub image: u32,
+    /// How many images the batch has.
     pub images: u32,
     /// Steps done (1-based) out of `steps` for this image.
     pub step: usize,
+    /// Steps this image runs: all of the request's, or its `strength` share for img2img and
+    /// inpainting.
     pub steps: usize,
+    /// A preview of the current denoised (x0) estimate, made as the request's `preview`
+    /// says; `None` when previews are off.
     pub preview: Option<RgbImage>,
 }
 
 /// A finished image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedImage {
+    /// The decoded image at the requested size (inpainting: composited over the original
+    /// through the blurred mask).
     pub image: RgbImage,
+    /// The seed that reproduces it: the batch's base seed plus the image's index.
     pub seed: u64,
+    /// Its generation parameters, as the SD web UI writes them into PNG metadata.
     pub parameters: GenerationParameters,
 }
 
 /// What a generation produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
+    /// The finished images in batch order (on cancel, those done before it).
     pub images: Vec<GeneratedImage>,
     /// Stopped early by the step callback.
     pub cancelled: bool,

@@ -141,7 +141,9 @@ impl TaesdLayout {
 /// The shape of a TAESD decoder (diffusers' `AutoencoderTiny` decoder options).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TinyDecoderConfig {
+    /// Channels of the latents it takes (4 in published models).
     pub latent_channels: usize,
+    /// Channels of the image it outputs (3, RGB).
     pub out_channels: usize,
     /// Channels of each stage (all equal in published models: 64).
     pub block_out_channels: Vec<usize>,
@@ -149,6 +151,7 @@ pub struct TinyDecoderConfig {
     pub num_blocks: Vec<usize>,
     /// Nearest-neighbour upsampling between stages (2; three stages' worth make ×8).
     pub upsampling_scaling_factor: usize,
+    /// How its tensors are named.
     pub layout: TaesdLayout,
 }
 
@@ -426,6 +429,7 @@ impl TinyDecoder {
         TinyDecoder::new(&vb, config)
     }
 
+    /// The shape the decoder was built with.
     pub fn config(&self) -> &TinyDecoderConfig {
         &self.config
     }

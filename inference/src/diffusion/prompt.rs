@@ -21,7 +21,9 @@ pub const CHUNK_TOKENS: usize = 75;
 /// A piece of prompt text with its attention weight.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Weighted {
+    /// The text, with the emphasis brackets and weights removed.
     pub text: String,
+    /// The attention multiplier (1 = plain); `-1` marks a `BREAK`.
     pub weight: f32,
 }
 
@@ -210,10 +212,13 @@ impl ClipTokenizer {
         Self { inner, pad }
     }
 
+    /// The id of `<|startoftext|>`, which opens every chunk.
     pub fn bos(&self) -> u32 {
         u32::from(self.inner.start_of_text().to_u16())
     }
 
+    /// The id of `<|endoftext|>`, which closes every chunk's text (and pads it with
+    /// [`Padding::Eos`]).
     pub fn eos(&self) -> u32 {
         u32::from(self.inner.end_of_text().to_u16())
     }
@@ -279,7 +284,9 @@ impl ClipTokenizer {
 /// One 77-token chunk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chunk {
+    /// `<bos>`, up to 75 prompt tokens, `<eos>`, then padding: always 77 ids.
     pub ids: Vec<u32>,
+    /// The emphasis weight of each id; 1 for `<bos>`, `<eos>` and padding.
     pub weights: Vec<f32>,
 }
 

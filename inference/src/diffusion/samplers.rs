@@ -79,11 +79,18 @@ pub const LCM_ORIGINAL_STEPS: usize = 50;
 /// The samplers Studio offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum SamplerKind {
+    /// `Euler`: first-order Euler steps, deterministic.
     Euler,
+    /// `Euler a`: Euler steps that add fresh noise each step (eta 1).
     EulerAncestral,
+    /// `DDIM`: deterministic DDIM (eta 0) on its own fixed timestep table.
     Ddim,
+    /// `DPM++ 2M`: second-order multistep DPM-Solver++.
     DpmPp2M,
+    /// `UniPC`: the order-2 multistep predictor-corrector.
     UniPc,
+    /// `LCM`: for latent-consistency (distilled) models; at most 50 steps, 4 to 8 in
+    /// practice.
     Lcm,
 }
 
@@ -168,9 +175,12 @@ impl std::fmt::Display for SamplerKind {
 /// How the sigmas are spaced (the web UI's "Schedule type").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum ScheduleKind {
+    /// k-diffusion's default: timesteps evenly spaced from T-1 down to 0.
     #[default]
     Normal,
+    /// Karras et al. (2022), rho 7: steps crowd towards the low sigmas.
     Karras,
+    /// Sigmas evenly spaced in log from sigma_max down to sigma_min.
     Exponential,
 }
 
@@ -229,10 +239,15 @@ pub enum BetaSchedule {
 /// The training noise schedule of a model (diffusers' `scheduler_config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoiseSchedule {
+    /// Training timesteps T (1000 for SD); at least 2.
     pub num_train_timesteps: usize,
+    /// Beta at timestep 0, in (0, 1) (0.00085 for SD).
     pub beta_start: f64,
+    /// Beta at timestep T-1, in (0, 1) (0.012 for SD).
     pub beta_end: f64,
+    /// How the betas are spaced between `beta_start` and `beta_end`.
     pub beta_schedule: BetaSchedule,
+    /// What the UNet predicts, which sets how its output becomes a denoised sample.
     pub prediction: Prediction,
 }
 
@@ -346,7 +361,9 @@ fn timestep_for_sigma(log_sigmas: &[f64], sigma: f64) -> f64 {
 /// timestep at each step (`steps` values).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
+    /// Sigma at the start of each step, then the final 0.0 (`steps + 1` values).
     pub sigmas: Vec<f64>,
+    /// The UNet timestep at each step (`steps` values, possibly fractional).
     pub timesteps: Vec<f64>,
 }
 
@@ -571,6 +588,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// Builds the plan for `kind` with `schedule` over `steps` steps of `noise`; fails as
+    /// [`plan`] does (no steps, too many, or an invalid noise schedule).
     pub fn new(
         kind: SamplerKind,
         schedule: ScheduleKind,
@@ -588,18 +607,22 @@ impl Sampler {
         })
     }
 
+    /// The sampler it runs.
     pub fn kind(&self) -> SamplerKind {
         self.kind
     }
 
+    /// The schedule the plan was built with (DDIM and LCM ignore it).
     pub fn schedule(&self) -> ScheduleKind {
         self.schedule
     }
 
+    /// The number of steps in the plan.
     pub fn steps(&self) -> usize {
         self.plan.timesteps.len()
     }
 
+    /// The sigmas and timesteps of every step.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }

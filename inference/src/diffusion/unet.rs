@@ -18,22 +18,36 @@ use crate::error::{Error, Result};
 /// One resolution level of the UNet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Level {
+    /// Channels of the level's feature maps (diffusers' `block_out_channels[i]`).
     pub channels: usize,
     /// Transformer blocks per attention (`None`: no cross-attention at this level).
     pub transformer_layers: Option<usize>,
+    /// Attention heads at this level (the last level's also serve the mid block).
     pub heads: usize,
 }
 
 /// The UNet's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnetConfig {
+    /// Input channels: 4 latent channels, or 9 for inpainting UNets (latents, mask and
+    /// masked-image latents).
     pub in_channels: usize,
+    /// Output channels: 4, the predicted noise (or v) per latent channel.
     pub out_channels: usize,
+    /// The resolution levels from the full latent size down, each after the first at half
+    /// the previous size.
     pub levels: Vec<Level>,
+    /// Resnets per down block; up blocks have one more.
     pub layers_per_block: usize,
+    /// Width of the text conditioning cross-attention reads (768 for SD 1.x, 1024 for
+    /// SD 2.x, 2048 for SDXL).
     pub cross_attention_dim: usize,
+    /// Whether the transformers' `proj_in`/`proj_out` are linear layers rather than 1×1
+    /// convolutions (SD 2.x, SDXL).
     pub use_linear_projection: bool,
+    /// Groups of every GroupNorm (32).
     pub norm_num_groups: usize,
+    /// Epsilon of every GroupNorm (1e-5).
     pub norm_eps: f64,
     /// SDXL's `addition_embed_type: "text_time"`: (time id embedding size, input size of
     /// `add_embedding`).
@@ -272,6 +286,8 @@ impl std::fmt::Debug for Unet {
 }
 
 impl Unet {
+    /// Builds the UNet with `config`'s shape from diffusers-named weights; fails when it has
+    /// no levels.
     pub fn new(vb: &VarBuilder, config: UnetConfig) -> Result<Self> {
         let c = &config;
         let n = c.levels.len();
@@ -375,6 +391,7 @@ impl Unet {
         })
     }
 
+    /// The shape it was built with.
     pub fn config(&self) -> &UnetConfig {
         &self.config
     }

@@ -99,6 +99,8 @@ pub struct ResnetBlock {
 }
 
 impl ResnetBlock {
+    /// Loads the block from `vb` (`norm1`, `conv1`, `time_emb_proj`, …), mapping `c_in` to
+    /// `c_out` channels; a 1×1 `conv_shortcut` is loaded only when the two differ.
     pub fn new(vb: &VarBuilder, c_in: usize, c_out: usize, cfg: &BlockConfig) -> Result<Self> {
         let norm = |name: &str, c: usize| GroupNorm::load(&vb.pp(name), cfg.groups, c, cfg.eps);
         Ok(Self {
@@ -142,12 +144,14 @@ pub struct Downsample {
 }
 
 impl Downsample {
+    /// Loads the convolution from `vb`, keeping `channels` channels.
     pub fn new(vb: &VarBuilder, channels: usize) -> Result<Self> {
         Ok(Self {
             conv: conv3x3(vb, "conv", channels, channels, 2)?,
         })
     }
 
+    /// Halves the height and width of `xs` (an odd side rounds up).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.conv.forward(xs)
     }
@@ -160,6 +164,7 @@ pub struct Upsample {
 }
 
 impl Upsample {
+    /// Loads the convolution from `vb`, keeping `channels` channels.
     pub fn new(vb: &VarBuilder, channels: usize) -> Result<Self> {
         Ok(Self {
             conv: conv3x3(vb, "conv", channels, channels, 1)?,
@@ -321,6 +326,8 @@ pub struct Transformer2D {
 }
 
 impl Transformer2D {
+    /// Loads the transformer for `channels`-channel maps from `vb`: its input GroupNorm of
+    /// `groups` groups, `proj_in`/`proj_out` and `cfg.layers` transformer blocks.
     pub fn new(
         vb: &VarBuilder,
         channels: usize,
@@ -349,6 +356,8 @@ impl Transformer2D {
         })
     }
 
+    /// Runs `xs` (`(batch, channels, h, w)`) through the transformer blocks, cross-attending
+    /// to `context` (`(batch, tokens, cross_attention_dim)`); the output has the shape of `xs`.
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
@@ -373,6 +382,8 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    /// Loads `layers` resnets (the first from `c_in` channels, all to `c_out`), a transformer
+    /// after each when `attention` is given, and a downsampler when `downsample`.
     pub fn new(
         vb: &VarBuilder,
         c_in: usize,
@@ -435,6 +446,7 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    /// Loads the two resnets and the transformer, all at `channels` channels.
     pub fn new(
         vb: &VarBuilder,
         channels: usize,
@@ -448,6 +460,8 @@ impl MidBlock {
         })
     }
 
+    /// Resnet, transformer (cross-attending to `context`), resnet; `temb_act` is the time
+    /// embedding after SiLU, as [`ResnetBlock::forward`] takes it.
     pub fn forward(&self, xs: &Tensor, temb_act: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = self.resnet_in.forward(xs, temb_act)?;
         let xs = self.attention.forward(&xs, context)?;

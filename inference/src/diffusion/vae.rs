@@ -18,18 +18,25 @@ use crate::nn::GroupNorm;
 /// `vae/config.json`, the fields used.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct VaeConfig {
+    /// Channels of each encoder level from full resolution down (SD: 128, 256, 512, 512);
+    /// the decoder runs them in reverse, and every level but the last halves the size.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (2 when absent); decoder blocks have one more.
     #[serde(default = "two")]
     pub layers_per_block: usize,
+    /// Channels of the latents (4 when absent).
     #[serde(default = "four")]
     pub latent_channels: usize,
+    /// Groups of every GroupNorm (32 when absent).
     #[serde(default = "groups")]
     pub norm_num_groups: usize,
     /// Latents the UNet sees are the VAE's times this (0.18215 for SD 1.x/2.x, 0.13025 SDXL).
     #[serde(default = "scale")]
     pub scaling_factor: f64,
+    /// Whether a 1×1 `quant_conv` follows the encoder (true when absent).
     #[serde(default = "yes")]
     pub use_quant_conv: bool,
+    /// Whether a 1×1 `post_quant_conv` precedes the decoder (true when absent).
     #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
 }
@@ -128,6 +135,8 @@ impl std::fmt::Debug for Vae {
 }
 
 impl Vae {
+    /// Builds the VAE with `config`'s shape from diffusers-named weights (`encoder.*`,
+    /// `decoder.*`, `quant_conv`, …), with the default [`MemoryBudget`].
     pub fn new(vb: &VarBuilder, config: VaeConfig) -> Result<Self> {
         let c = &config;
         let ch = &c.block_out_channels;
@@ -215,10 +224,12 @@ impl Vae {
         self
     }
 
+    /// The limits on its temporaries.
     pub fn memory_budget(&self) -> MemoryBudget {
         self.budget
     }
 
+    /// The shape it was built with.
     pub fn config(&self) -> &VaeConfig {
         &self.config
     }

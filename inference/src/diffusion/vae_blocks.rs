@@ -52,9 +52,13 @@ impl MemoryBudget {
 /// Zero padding on each side of the input, in pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Padding {
+    /// Zero rows added above.
     pub top: usize,
+    /// Zero rows added below.
     pub bottom: usize,
+    /// Zero columns added on the left.
     pub left: usize,
+    /// Zero columns added on the right.
     pub right: usize,
 }
 
@@ -162,6 +166,8 @@ pub struct Conv3x3 {
 }
 
 impl Conv3x3 {
+    /// A convolution with `weight` `(c_out, c_in, 3, 3)` and an optional bias: on Studio's
+    /// CPU kernels when they take it, otherwise the tensors are kept for candle.
     pub fn new(
         weight: Tensor,
         bias: Option<Tensor>,
@@ -209,6 +215,8 @@ impl Conv3x3 {
         }
     }
 
+    /// Convolves `xs` `(b, c_in, h, w)`; on candle's path in bands of rows whose unfolded
+    /// input fits `budget_bytes` (the native kernels ignore it).
     pub fn forward(&self, xs: &Tensor, budget_bytes: usize) -> Result<Tensor> {
         if let Some(native) = &self.native {
             return native.forward(xs);
@@ -240,6 +248,9 @@ pub struct VaeResnet {
 }
 
 impl VaeResnet {
+    /// Loads the block from `vb` (`norm1`, `conv1`, `norm2`, `conv2`), mapping `c_in` to
+    /// `c_out` channels with `groups`-group GroupNorms; a 1×1 `conv_shortcut` is loaded only
+    /// when the two differ.
     pub fn new(vb: &VarBuilder, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
         let same = Padding::same(1);
         Ok(Self {
@@ -261,6 +272,8 @@ impl VaeResnet {
         })
     }
 
+    /// The residual block on `xs` `(b, c_in, h, w)`, giving `(b, c_out, h, w)`; `budget`
+    /// bounds the convolutions' temporaries.
     pub fn forward(&self, xs: &Tensor, budget: &MemoryBudget) -> Result<Tensor> {
         // One full-size temporary at a time besides the input: each step replaces `h`, which
         // frees the last (shadowing with `let` would keep all four alive to the end: at
@@ -308,6 +321,8 @@ pub struct VaeAttention {
 }
 
 impl VaeAttention {
+    /// Loads the attention over `channels` channels from `vb` (current or legacy names),
+    /// with a `groups`-group GroupNorm.
     pub fn new(vb: &VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         let (q, k, v, out) = if vb.contains_tensor("to_q.weight") {
             ("to_q", "to_k", "to_v", "to_out.0")
@@ -325,6 +340,9 @@ impl VaeAttention {
         })
     }
 
+    /// Self-attention over the `h × w` positions of `xs` `(b, c, h, w)`, plus `xs`. Without
+    /// Studio's kernel (or for non-f32 input) the scores are computed in f32, in chunks of query
+    /// rows within `budget.attention_bytes`.
     pub fn forward(&self, xs: &Tensor, budget: &MemoryBudget) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let t = h * w;
@@ -386,6 +404,8 @@ pub struct DownEncoderBlock {
 }
 
 impl DownEncoderBlock {
+    /// Loads `layers` resnets (the first from `c_in` channels, all to `c_out`) and, when
+    /// `downsample`, the downsampling convolution.
     pub fn new(
         vb: &VarBuilder,
         c_in: usize,
@@ -417,6 +437,7 @@ impl DownEncoderBlock {
         })
     }
 
+    /// Runs the resnets, then halves the height and width if the block downsamples.
     pub fn forward(&self, xs: &Tensor, budget: &MemoryBudget) -> Result<Tensor> {
         let mut xs = xs.clone();
         for resnet in &self.resnets {
@@ -438,6 +459,8 @@ pub struct UpDecoderBlock {
 }
 
 impl UpDecoderBlock {
+    /// Loads `layers` resnets (the first from `c_in` channels, all to `c_out`) and, when
+    /// `upsample`, the upsampling convolution.
     pub fn new(
         vb: &VarBuilder,
         c_in: usize,
@@ -466,6 +489,7 @@ impl UpDecoderBlock {
         Ok(Self { resnets, upsampler })
     }
 
+    /// Runs the resnets, then doubles the height and width if the block upsamples.
     pub fn forward(&self, xs: &Tensor, budget: &MemoryBudget) -> Result<Tensor> {
         let mut xs = xs.clone();
         for resnet in &self.resnets {
@@ -492,6 +516,8 @@ pub struct VaeMidBlock {
 }
 
 impl VaeMidBlock {
+    /// Loads the two resnets and the attention, all at `channels` channels with
+    /// `groups`-group GroupNorms.
     pub fn new(vb: &VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
             resnet0: VaeResnet::new(&vb.pp("resnets.0"), channels, channels, groups)?,
@@ -500,6 +526,7 @@ impl VaeMidBlock {
         })
     }
 
+    /// Resnet, attention, resnet; the output has the shape of `xs`.
     pub fn forward(&self, xs: &Tensor, budget: &MemoryBudget) -> Result<Tensor> {
         let xs = self.resnet0.forward(xs, budget)?;
         let xs = self.attention.forward(&xs, budget)?;

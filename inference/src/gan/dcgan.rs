@@ -296,6 +296,7 @@ impl Dcgan {
         &self.info
     }
 
+    /// The device the weights are on, where generation runs.
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -51,9 +51,11 @@ impl Default for PcaConfig {
 /// Principal directions of W.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Directions {
+    /// Length of a `w` (of `mean` and of every component).
     pub w_dim: usize,
     /// How many latents the statistics came from, and the sampler's seed.
     pub samples: usize,
+    /// Seed of the sampler (0 from [`Directions::from_samples`], which is given the data).
     pub seed: u64,
     /// Mean `w` of the samples (`w_dim`).
     pub mean: Vec<f32>,
@@ -150,14 +152,17 @@ impl Directions {
         self.components.len()
     }
 
+    /// Whether there are no components.
     pub fn is_empty(&self) -> bool {
         self.components.is_empty()
     }
 
+    /// Writes the directions to `path` as pretty-printed JSON (the file is replaced atomically).
     pub fn save_json(&self, path: &Path) -> Result<()> {
         save_json(self, path)
     }
 
+    /// Reads directions written by [`Self::save_json`].
     pub fn load_json(path: &Path) -> Result<Self> {
         load_json(path)
     }
@@ -180,23 +185,31 @@ fn check_sizes(n: usize, dim: usize, k: usize) -> Result<()> {
 /// One slider: move `component` by `sigma` standard deviations in the W rows `layers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DirectionEdit {
+    /// Index into [`Directions::components`].
     pub component: usize,
+    /// How far to move, in standard deviations along that component (0 = no edit; may be
+    /// negative).
     pub sigma: f64,
+    /// The W rows to edit, a half-open range within `num_ws`.
     pub layers: Range<usize>,
 }
 
 /// Directions plus slider settings, saved together as a preset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DirectionsPreset {
+    /// The principal directions the edits refer to.
     pub directions: Directions,
+    /// The sliders' settings.
     pub edits: Vec<DirectionEdit>,
 }
 
 impl DirectionsPreset {
+    /// Writes the preset to `path` as pretty-printed JSON (the file is replaced atomically).
     pub fn save_json(&self, path: &Path) -> Result<()> {
         save_json(self, path)
     }
 
+    /// Reads a preset written by [`Self::save_json`].
     pub fn load_json(path: &Path) -> Result<Self> {
         load_json(path)
     }

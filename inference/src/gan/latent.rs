@@ -40,6 +40,7 @@ pub enum Space {
 }
 
 impl Space {
+    /// `w` or `z`, as [`Self::parse`] reads it.
     pub fn name(self) -> &'static str {
         match self {
             Space::W => "w",
@@ -355,11 +356,17 @@ pub fn render(gan: &StyleGan2, ws: &Tensor, noise: NoiseMode) -> Result<RgbImage
 /// The shape of a random-weight StyleGAN2 for benchmarks ([`random_generator`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RandomGanConfig {
+    /// Output resolution in pixels (square): a power of two, at least 4.
     pub resolution: usize,
+    /// Length of the input latent `z`.
     pub z_dim: usize,
+    /// Length of one W row.
     pub w_dim: usize,
+    /// Fully connected layers of the mapping network.
     pub mapping_layers: usize,
+    /// A block at resolution `res` has `channel_base / res` channels, at most `channel_max`.
     pub channel_base: usize,
+    /// Most channels of any synthesis block.
     pub channel_max: usize,
 }
 
@@ -475,9 +482,13 @@ pub struct LatentText {
     /// Where the latent came from: `seed 42`, `seed 42+0.25`, `z-file z.npy`, `w-file w.npy`,
     /// `interpolation 1,7,42 w 3/30`, …
     pub source: String,
+    /// Truncation ψ (1 when the text has none).
     pub psi: f64,
+    /// Truncate only the first `cutoff` W rows (`None` = all, written `all`).
     pub cutoff: Option<usize>,
+    /// The noise inputs (written `const`, `random SEED` or `none`).
     pub noise: NoiseMode,
+    /// Class index of a conditional network (`None` = no class, written `none`).
     pub class: Option<usize>,
     /// The model's file name.
     pub model: String,
@@ -486,6 +497,7 @@ pub struct LatentText {
 const LATENT_TEXT_PREFIX: &str = "StyleGAN2 latent: ";
 
 impl LatentText {
+    /// The text chunk: `StyleGAN2 latent: SOURCE; psi …; cutoff …; noise …; class …; model NAME`.
     pub fn to_text(&self) -> String {
         let cutoff = self
             .cutoff
@@ -593,6 +605,7 @@ impl<W: std::io::Write> GifWriter<W> {
         })
     }
 
+    /// Appends `img` as the next frame, shown for `1/fps` seconds.
     pub fn add_frame(&mut self, img: &RgbImage) -> Result<()> {
         let rgba = image::RgbaImage::from_raw(img.width, img.height, img.to_rgba())
             .ok_or_else(|| Error::InvalidParameter("GIF: frame size mismatch".into()))?;

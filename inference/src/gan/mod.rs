@@ -186,10 +186,12 @@ impl FirFilter {
         Ok(Tensor::from_vec(v, (4, 4), device)?)
     }
 
+    /// Rows of the 2-D filter.
     pub fn height(&self) -> usize {
         self.height
     }
 
+    /// Columns of the 2-D filter.
     pub fn width(&self) -> usize {
         self.width
     }

@@ -21,7 +21,9 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// A decoded array: its shape and values (as `f32`, C order).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpyArray {
+    /// Dimensions, outermost first (e.g. `[1, 512]` for one latent).
     pub shape: Vec<usize>,
+    /// The values in C (row-major) order; as many as the product of `shape`.
     pub data: Vec<f32>,
 }
 

@@ -48,17 +48,27 @@ pub enum LossKind {
     /// NVIDIA's VGG16 (LPIPS-style) distance, from a safetensors file of VGG16 weights
     /// (and optionally LPIPS's linear layers) made by `tools/convert_vgg16.py`; see
     /// [`super::perceptual`].
-    Perceptual { vgg16: PathBuf },
+    Perceptual {
+        /// The safetensors file of VGG16 weights.
+        vgg16: PathBuf,
+    },
 }
 
 /// Settings of [`project`]; the defaults are NVIDIA's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectConfig {
+    /// Optimization steps (at least 1).
     pub steps: usize,
+    /// Peak learning rate of Adam, which the ramps scale.
     pub initial_lr: f64,
+    /// Share of the steps, at the end, over which the learning rate falls to 0 (cosine).
     pub lr_rampdown_length: f64,
+    /// Share of the steps, at the start, over which the learning rate rises linearly from 0
+    /// (0 = no ramp-up).
     pub lr_rampup_length: f64,
+    /// Scale of the noise added to W at the first step, relative to `w_std`.
     pub initial_noise_factor: f64,
+    /// Share of the steps over which that W noise fades to 0 (quadratically; 0 = no W noise).
     pub noise_ramp_length: f64,
     /// Weight of the noise regularization (NVIDIA's `regularize_noise_weight`).
     pub noise_regularization: f64,
@@ -66,6 +76,7 @@ pub struct ProjectConfig {
     pub w_plus: bool,
     /// Also optimize the per-layer noise buffers (NVIDIA does).
     pub optimize_noise: bool,
+    /// The image loss to minimize.
     pub loss: LossKind,
     /// Seed of the W-noise, the initial noise buffers and the `w_std` samples.
     pub seed: u64,

@@ -18,6 +18,7 @@ use crate::gan::{NoiseMode, StyleGan2};
 /// Style mixing: W rows taken from a second seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GanMix {
+    /// The second seed, mapped with the latent's ψ and cutoff.
     pub seed: u64,
     /// One entry per W row: `true` takes that row from `seed`.
     pub layers: Vec<bool>,
@@ -28,12 +29,17 @@ pub struct GanMix {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GanLatent {
+    /// Integer seed (0 ..= 2³²−1, as numpy's); with `offset`, it picks the `z` the latent is
+    /// mapped from.
     pub seed: u64,
     /// Fractional offset blending `seed + floor(offset)` and the next seed (in W).
     pub offset: f32,
+    /// Truncation ψ: 1 keeps the mapped `w`, 0 gives `w_avg` (the average image), in the rows
+    /// `cutoff` selects.
     pub psi: f64,
     /// Truncate only the first `cutoff` W rows (`None` = all).
     pub cutoff: Option<usize>,
+    /// Style mixing with a second seed (`None` = none).
     pub mix: Option<GanMix>,
     /// Applied with the request's directions; ignored when it has none.
     pub edits: Vec<DirectionEdit>,
@@ -65,11 +71,16 @@ impl Default for GanLatent {
 /// What a render shows.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GanRenderWhat {
+    /// One latent.
     Latent(GanLatent),
     /// Position `t` ∈ [0, 1] on the path through `keyframes` (lerp in W or slerp in Z).
     Path {
+        /// The path's keyframes, evenly spaced: keyframe `k` of `n` sits at `t = k/(n−1)`. In Z
+        /// every keyframe needs a seed (no `w`).
         keyframes: Vec<GanLatent>,
+        /// Position on the path, 0 (first keyframe) to 1 (last); clamped to that range.
         t: f64,
+        /// Interpolate in W (lerp of the `ws`) or in Z (slerp of the blended seeds' `z`).
         space: Space,
     },
 }
@@ -79,8 +90,11 @@ pub enum GanRenderWhat {
 pub struct GanRenderRequest {
     /// Chosen by the caller; comes back in [`GanFrame::id`].
     pub id: u64,
+    /// The latent, or the point on a keyframe path, to render.
     pub what: GanRenderWhat,
+    /// Noise inputs, unless the latent (or the path's keyframes) carries its own buffers.
     pub noise: NoiseMode,
+    /// The directions the latents' edits refer to (`None`: edits are ignored).
     pub directions: Option<Arc<Directions>>,
     /// Downscale so neither side exceeds this (`None` = the network's resolution).
     pub max_side: Option<u32>,
@@ -98,17 +112,26 @@ pub const GAN_LAYER_MAX_TILE_SIDE: usize = 128;
 pub enum GanLayerMode {
     /// The first `tiles` channels (at most [`GAN_LAYER_MAX_TILES`]) side by side in a grid,
     /// each min–max normalized to grey.
-    Grid { tiles: usize },
+    Grid {
+        /// How many channels to show (clamped to 1 ..= [`GAN_LAYER_MAX_TILES`] and to the
+        /// layer's channel count).
+        tiles: usize,
+    },
     /// Three channels as red, green and blue, each min–max normalized (indices past the last
     /// channel are clamped to it).
-    Rgb { channels: [usize; 3] },
+    Rgb {
+        /// Channel indices drawn as red, green and blue.
+        channels: [usize; 3],
+    },
 }
 
 /// Which synthesis layer to show with a render, by NVIDIA's module name under `synthesis.`
-/// (`b8.conv0`, `b16.torgb`, …; [`Event::GanLoaded::layers`] lists them).
+/// (`b8.conv0`, `b16.torgb`, …; `Event::GanLoaded`'s `layers` lists them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GanLayerRequest {
+    /// The layer's name (unknown names fail only the layer view; the image still renders).
     pub name: String,
+    /// How to draw the activations.
     pub mode: GanLayerMode,
 }
 
@@ -117,17 +140,24 @@ pub struct GanLayerRequest {
 pub struct GanLayerStats {
     /// `(n, channels, height, width)`.
     pub shape: Vec<usize>,
+    /// Mean of all values.
     pub mean: f32,
+    /// Standard deviation of all values (population: divided by their count).
     pub std: f32,
+    /// Smallest value.
     pub min: f32,
+    /// Largest value.
     pub max: f32,
 }
 
 /// A synthesis layer's activations drawn as an image, with their statistics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GanLayerView {
+    /// The layer's name, as requested.
     pub name: String,
+    /// The drawing: a grey tile grid or an RGB composite ([`GanLayerMode`]).
     pub image: RgbImage,
+    /// Statistics over all the layer's values.
     pub stats: GanLayerStats,
 }
 
@@ -141,16 +171,23 @@ pub enum GanAnimationOut {
     PngSequence(PathBuf),
 }
 
-/// [`JobKind::ExportGanAnimation`]: `frames` evenly spaced points of the keyframe path.
+/// [`crate::worker::JobKind::ExportGanAnimation`]: `frames` evenly spaced points of the keyframe path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GanAnimationRequest {
+    /// The path's keyframes (at least two), evenly spaced.
     pub keyframes: Vec<GanLatent>,
+    /// The latent space to interpolate in (Z needs every keyframe's seed: none with `w`).
     pub space: Space,
+    /// Noise inputs where the keyframes carry no noise buffers of their own.
     pub noise: NoiseMode,
+    /// The directions the keyframes' edits refer to (`None`: edits are ignored).
     pub directions: Option<Arc<Directions>>,
+    /// Number of frames (at least 2); frame `i` sits at `t = i/(frames−1)`, so both ends are
+    /// included.
     pub frames: usize,
     /// Frames per second of the GIF.
     pub fps: f64,
+    /// Where the frames go.
     pub out: GanAnimationOut,
     /// Written into every PNG frame's text chunk, with `frame i/n` appended.
     pub text: String,
@@ -159,7 +196,9 @@ pub struct GanAnimationRequest {
 /// The result of the newest [`GanRenderRequest`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct GanFrame {
+    /// The request's [`GanRenderRequest::id`].
     pub id: u64,
+    /// The image, or why it could not be rendered.
     pub result: std::result::Result<RgbImage, String>,
     /// Milliseconds the render took on the worker.
     pub render_ms: f32,
@@ -170,18 +209,26 @@ pub struct GanFrame {
 /// Thumbnails for the seed browser ([`crate::worker::Worker::render_gan_grid`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GanGridRequest {
+    /// Chosen by the caller; comes back in [`GanGrid::id`].
     pub id: u64,
+    /// Seeds to render, one thumbnail each.
     pub seeds: Vec<u64>,
+    /// Truncation ψ of every thumbnail (1 = none).
     pub psi: f64,
+    /// Truncate only the first `cutoff` W rows (`None` = all).
     pub cutoff: Option<usize>,
+    /// Noise inputs of every thumbnail.
     pub noise: NoiseMode,
+    /// Downscale each thumbnail so neither side exceeds this many pixels (0 = full size).
     pub max_side: u32,
 }
 
 /// Rendered thumbnails of the newest [`GanGridRequest`], in its seeds' order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GanGrid {
+    /// The request's [`GanGridRequest::id`].
     pub id: u64,
+    /// `(seed, thumbnail)` pairs, or why they could not be rendered.
     pub result: std::result::Result<Vec<(u64, RgbImage)>, String>,
 }
 

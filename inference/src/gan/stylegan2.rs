@@ -69,6 +69,7 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// The name NVIDIA's `architecture` kwarg uses (`orig`, `skip` or `resnet`).
     pub fn name(self) -> &'static str {
         match self {
             Architecture::Orig => "orig",
@@ -87,7 +88,10 @@ pub enum NoiseMode {
     Const,
     /// Fresh standard-normal noise from this seed (Studio's own seeded generator; NVIDIA's
     /// random mode uses torch's unseeded generator, so its images cannot be reproduced).
-    Random { seed: u64 },
+    Random {
+        /// Seed of the noise generator (its 64 bits are folded into numpy's 32-bit seed).
+        seed: u64,
+    },
     /// No noise.
     None,
 }
@@ -97,15 +101,22 @@ pub enum NoiseMode {
 pub struct GanInfo {
     /// Output resolution (square).
     pub resolution: usize,
+    /// Channels of the output image (3 for RGB).
     pub img_channels: usize,
+    /// Length of the input latent `z`.
     pub z_dim: usize,
+    /// Length of one W row (the mapping network's output).
     pub w_dim: usize,
     /// Label dimensionality; 0 for unconditional networks.
     pub c_dim: usize,
     /// Rows of `ws` the synthesis network takes (one per convolution plus the last toRGB).
     pub num_ws: usize,
+    /// Fully connected layers of the mapping network.
     pub mapping_layers: usize,
+    /// Equalized learning-rate multiplier of the mapping layers (folded into their weights and
+    /// biases; 0.01 unless the JSON says otherwise).
     pub mapping_lr_multiplier: f64,
+    /// How the synthesis network makes its image.
     pub architecture: Architecture,
     /// Clamp of convolution outputs (`None` = no clamping).
     pub conv_clamp: Option<f64>,
@@ -998,10 +1009,12 @@ impl StyleGan2 {
         self.native.as_ref().map(native::Native::path)
     }
 
+    /// What the network is: its sizes, architecture and where they came from.
     pub fn info(&self) -> &GanInfo {
         &self.info
     }
 
+    /// The device the weights are on, where the network runs.
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -24,19 +24,26 @@ use crate::llm::text::Tokenizer;
 /// Name shown in the UI for the format above.
 pub const PLAIN_TRANSCRIPT_NAME: &str = "plain transcript (User:/Assistant:)";
 
+/// Who wrote a chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
+    /// The person chatting.
     User,
+    /// The model.
     Assistant,
 }
 
+/// One turn of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// Who wrote it.
     pub role: Role,
+    /// The message text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message from the user.
     pub fn user(content: impl Into<String>) -> Self {
         Self {
             role: Role::User,
@@ -44,6 +51,7 @@ impl ChatMessage {
         }
     }
 
+    /// A reply from the assistant (the model).
     pub fn assistant(content: impl Into<String>) -> Self {
         Self {
             role: Role::Assistant,
@@ -86,7 +94,10 @@ pub enum ChatFormat {
     Template(ChatTemplate),
     /// The plain transcript above (models that ship no template, such as GPT-2). `reason`
     /// says why when the model's own template could not be used.
-    Plain { reason: Option<String> },
+    Plain {
+        /// Why the model's own template was not used; `None` when the model has none.
+        reason: Option<String>,
+    },
 }
 
 /// End-of-turn tokens chat templates close a reply with; generation stops at any of them that
@@ -167,6 +178,7 @@ impl ChatFormat {
 /// A prompt that fits the context window.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FittedPrompt {
+    /// The prompt's token ids.
     pub tokens: Vec<u32>,
     /// How many of the oldest messages were left out to make room.
     pub dropped_messages: usize,
@@ -246,6 +258,7 @@ pub fn fit_to_context(
 /// A chat prompt ready to generate from.
 #[derive(Debug, Clone)]
 pub struct ChatPrompt {
+    /// The prompt tokens, and how many of the oldest messages were dropped to fit.
     pub fitted: FittedPrompt,
     /// Stop strings the format needs.
     pub stop: Vec<String>,

@@ -28,17 +28,21 @@ pub enum FinishReason {
 /// Timing and counts of one generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationStats {
+    /// Tokens in the prompt, reused ones included.
     pub prompt_tokens: usize,
     /// Prompt tokens whose keys and values came from the previous call
     /// ([`generate_with`]); they were not prefilled again.
     #[serde(default)]
     pub reused_tokens: usize,
+    /// Tokens sampled and streamed; an end-of-text token is not counted.
     pub generated_tokens: usize,
     /// From the start of the call to the first sampled token (prefill included).
     pub ttft_ms: f64,
+    /// Prompt tokens prefilled (reused ones left out) per second of prefill.
     pub prefill_tok_s: f64,
     /// Single-token forward passes per second, after the first token.
     pub decode_tok_s: f64,
+    /// Why generation ended.
     pub finish: FinishReason,
 }
 
@@ -48,7 +52,10 @@ pub struct GenerationStats {
 /// or text that looked like the start of a stop string but was not).
 #[derive(Debug, Clone, Copy)]
 pub struct Step<'a> {
+    /// The sampled token; `None` for the final flush.
     pub id: Option<u32>,
+    /// Text this step completes, possibly empty (held back while a character or a stop
+    /// string may still be forming).
     pub text: &'a str,
 }
 

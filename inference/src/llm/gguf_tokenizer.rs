@@ -37,11 +37,18 @@ use crate::error::{Error, Result};
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 pub mod token_type {
+    /// An ordinary piece of text.
     pub const NORMAL: i32 = 1;
+    /// The unknown token, standing for text the vocabulary cannot spell.
     pub const UNKNOWN: i32 = 2;
+    /// A control token such as BOS, EOS or `<|im_end|>`; added as a special token.
     pub const CONTROL: i32 = 3;
+    /// A token the model's authors added; added as a special token.
     pub const USER_DEFINED: i32 = 4;
+    /// A placeholder slot the model does not use.
     pub const UNUSED: i32 = 5;
+    /// A `<0xNN>` byte token, SentencePiece's fallback for characters outside the
+    /// vocabulary.
     pub const BYTE: i32 = 6;
 }
 
@@ -170,15 +177,27 @@ const END_TOKENS: &[&str] = &[
 pub struct GgufVocab {
     /// `tokenizer.ggml.model`: `gpt2` or `llama`.
     pub model: String,
+    /// `tokenizer.ggml.pre`: which pre-tokenizer split a `gpt2` tokenizer uses.
     pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens`: each token's text, indexed by id.
     pub tokens: Vec<String>,
+    /// `tokenizer.ggml.token_type`, one [`token_type`] per token (all normal when absent).
     pub token_types: Vec<i32>,
+    /// `tokenizer.ggml.scores`, one per token, or empty when absent; SentencePiece merges
+    /// are ranked by them.
     pub scores: Vec<f32>,
+    /// `tokenizer.ggml.merges` (`gpt2`): `"a b"` pairs in priority order, or empty.
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.bos_token_id`, checked to lie in the vocabulary.
     pub bos_token_id: Option<u32>,
+    /// `tokenizer.ggml.eos_token_id`, checked to lie in the vocabulary.
     pub eos_token_id: Option<u32>,
+    /// `tokenizer.ggml.unknown_token_id`, checked to lie in the vocabulary.
     pub unknown_token_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token`, when the file says; see [`GgufVocab::add_bos`].
     pub add_bos_token: Option<bool>,
+    /// `tokenizer.ggml.add_space_prefix`: whether SentencePiece prepends `▁` (when absent,
+    /// it does).
     pub add_space_prefix: Option<bool>,
 }
 

@@ -36,13 +36,16 @@ const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"
 /// A supported model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Architecture {
+    /// OpenAI's GPT-2 and its variants (distilgpt2 included), from a Hugging Face folder.
     Gpt2,
+    /// A family from [`crate::models::family`], from a Hugging Face folder or a GGUF file.
     Family(Family),
     /// A model served by an OpenAI-compatible server (see [`crate::llm::remote`]).
     Remote,
 }
 
 impl Architecture {
+    /// The name the UI shows, such as "GPT-2".
     pub fn label(self) -> &'static str {
         match self {
             Architecture::Gpt2 => "GPT-2",
@@ -55,21 +58,33 @@ impl Architecture {
 /// The files of one model on disk.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
+    /// The model's folder (for a GGUF file, the folder holding it).
     pub dir: PathBuf,
+    /// `config.json` (for a GGUF file, the file itself).
     pub config: PathBuf,
+    /// The safetensors file, or shards, holding the weights (for a GGUF file, the file itself).
     pub weights: Vec<PathBuf>,
+    /// `tokenizer.json` in the folder (for a GGUF file, the file itself).
     pub tokenizer: PathBuf,
 }
 
 /// What the UI shows about a loaded model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
+    /// Display name: the GGUF `general.name`, a Hugging Face cache's `ORG/NAME`, a server's
+    /// model id, else the file or folder name.
     pub name: String,
+    /// Where the model was loaded from: its folder, GGUF file, or server address.
     pub path: PathBuf,
+    /// Which implementation runs it.
     pub architecture: Architecture,
+    /// Context window in tokens.
     pub context_length: usize,
+    /// Size of the vocabulary, the model's logits (0 for a remote model).
     pub vocab_size: usize,
+    /// Number of parameters (0 for a remote model).
     pub parameters: usize,
+    /// How the weights are stored, such as `f32`, `bf16` or `GGUF Q4_K_M`.
     pub dtype: String,
     /// How chat turns are turned into a prompt for this model.
     pub chat_format: String,
@@ -80,8 +95,11 @@ pub struct ModelInfo {
 
 /// A model ready to generate: the network, its tokenizer and its description.
 pub struct LoadedModel {
+    /// The network.
     pub model: Box<dyn CausalLm>,
+    /// The model's tokenizer.
     pub tokenizer: Tokenizer,
+    /// What the UI shows about it.
     pub info: ModelInfo,
     /// Token ids that end generation (the model's end-of-text).
     pub eos_token_ids: Vec<u32>,
@@ -434,7 +452,7 @@ fn check_memory(path: &Path, device: &Device, bytes: u64, what: &str) -> Result<
     fits_in_memory(path, bytes, what, total)
 }
 
-/// [`check_memory`]'s rule, for a given machine.
+/// `check_memory`'s rule, for a given machine.
 pub fn fits_in_memory(path: &Path, bytes: u64, what: &str, total: u64) -> Result<()> {
     let needed = bytes.saturating_add(bytes / 10);
     if needed <= total {

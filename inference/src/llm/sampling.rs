@@ -25,9 +25,11 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Penalty for tokens seen in the last `repeat_last_n` tokens; 1 disables.
     pub repeat_penalty: f32,
+    /// How many of the latest tokens (prompt included) the repeat penalty covers; 0 disables.
     pub repeat_last_n: usize,
     /// Same seed, same settings, same prompt: same output.
     pub seed: u64,
+    /// Most tokens to generate; at least 1.
     pub max_new_tokens: usize,
     /// Generation stops before any of these strings; they are not part of the output.
     pub stop: Vec<String>,
@@ -63,6 +65,7 @@ impl SamplingParams {
         }
     }
 
+    /// Fails with [`Error::InvalidParameter`] naming the first setting out of range.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidParameter(m.to_owned()));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -91,11 +94,13 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler for `params`, its random draws seeded by `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
         Self { params, rng }
     }
 
+    /// The settings it samples with.
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

@@ -57,22 +57,27 @@ pub const MAX_RENDERED_BYTES: usize = 32 << 20;
 pub struct TemplateMessage<'a> {
     /// `"system"`, `"user"` or `"assistant"` (templates may accept others, such as `"tool"`).
     pub role: &'a str,
+    /// The message text.
     pub content: &'a str,
 }
 
 impl<'a> TemplateMessage<'a> {
+    /// A message with any role.
     pub fn new(role: &'a str, content: &'a str) -> Self {
         Self { role, content }
     }
 
+    /// A `"system"` message: the system prompt.
     pub fn system(content: &'a str) -> Self {
         Self::new("system", content)
     }
 
+    /// A `"user"` message.
     pub fn user(content: &'a str) -> Self {
         Self::new("user", content)
     }
 
+    /// An `"assistant"` message: a reply of the model.
     pub fn assistant(content: &'a str) -> Self {
         Self::new("assistant", content)
     }
@@ -298,10 +303,12 @@ impl ChatTemplate {
         &self.inner.source
     }
 
+    /// The string the template sees as `bos_token`; `None` when undefined.
     pub fn bos_token(&self) -> Option<&str> {
         self.inner.bos_token.as_deref()
     }
 
+    /// The string the template sees as `eos_token`; `None` when undefined.
     pub fn eos_token(&self) -> Option<&str> {
         self.inner.eos_token.as_deref()
     }

@@ -12,6 +12,7 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// Reads a `tokenizer.json`; a missing file is an [`Error::Tokenizer`] that says so.
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
             return Err(Error::Tokenizer(format!(
@@ -24,6 +25,7 @@ impl Tokenizer {
         Ok(Self { inner })
     }
 
+    /// Wraps a tokenizer built in memory (such as one rebuilt from GGUF metadata).
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
         Self { inner }
     }
@@ -37,16 +39,19 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// The id of the token spelled `token` exactly, if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// Number of tokens, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -63,6 +68,7 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
+    /// An empty stream.
     pub fn new() -> Self {
         Self {
             tokens: Vec::new(),
@@ -124,6 +130,7 @@ pub enum StopCheck {
 }
 
 impl StopMatcher {
+    /// A matcher for `stops`; empty strings are ignored.
     pub fn new(stops: &[String]) -> Self {
         Self {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
@@ -131,6 +138,8 @@ impl StopMatcher {
         }
     }
 
+    /// Adds a streamed piece and returns the text now safe to show, or the text before a
+    /// stop string once one is complete.
     pub fn push(&mut self, piece: &str) -> StopCheck {
         self.pending.push_str(piece);
         if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s)).min() {

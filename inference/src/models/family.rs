@@ -2,7 +2,7 @@
 //! place that knows a family's names in Hugging Face `config.json` files (`model_type`) and in
 //! GGUF files (`general.architecture`), and what the error messages list as supported.
 //!
-//! Adding a family starts here: a variant, its row in [`FAMILIES`], then its loaders (see
+//! Adding a family starts here: a variant, its row in `FAMILIES`, then its loaders (see
 //! `ARCHITECTURE.md`).
 
 use std::sync::LazyLock;
@@ -12,12 +12,19 @@ use serde::{Deserialize, Serialize};
 /// A decoder-only model family Studio loads from Hugging Face folders and GGUF files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Family {
+    /// Llama 2/3.x, SmolLM2, TinyLlama: `model_type` and GGUF architecture `llama`.
     Llama,
+    /// Mistral: `model_type` `mistral`; its GGUF files say `llama` and load as [`Family::Llama`].
     Mistral,
+    /// Qwen2 and Qwen2.5: `model_type` and GGUF architecture `qwen2`.
     Qwen2,
+    /// Qwen3: `model_type` and GGUF architecture `qwen3`.
     Qwen3,
+    /// Phi-3 and Phi-3.5: `model_type` and GGUF architecture `phi3`.
     Phi3,
+    /// Gemma 2: `model_type` and GGUF architecture `gemma2`.
     Gemma2,
+    /// Gemma 3, text only: `model_type` `gemma3_text` or `gemma3`, GGUF architecture `gemma3`.
     Gemma3,
 }
 

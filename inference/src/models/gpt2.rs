@@ -10,7 +10,7 @@
 //!   present or (tied) absent.
 //!
 //! GPT-2's projections are `Conv1D` modules whose weight is stored `[in, out]`, transposed
-//! relative to `nn.Linear`. [`conv1d`] transposes them once, at load time, so the forward pass
+//! relative to `nn.Linear`. `conv1d` transposes them once, at load time, so the forward pass
 //! uses ordinary `[out, in]` linear layers.
 
 use candle_core::{DType, Device, Module, Tensor};
@@ -24,27 +24,40 @@ use crate::weights::Weights;
 /// The checkpoint's own `config.json`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
+    /// Number of tokens, the rows of `wte`.
     pub vocab_size: usize,
     /// Positions the model was trained with (old configs also carry the same value as `n_ctx`).
     #[serde(default)]
     pub n_positions: Option<usize>,
+    /// The older name of `n_positions`, used when that is absent.
     #[serde(default)]
     pub n_ctx: Option<usize>,
+    /// Width of the hidden states (the embedding size); a multiple of `n_head`.
     pub n_embd: usize,
+    /// Number of transformer blocks.
     pub n_layer: usize,
+    /// Number of attention heads.
     pub n_head: usize,
+    /// Width of the MLP's inner layer; 4 × `n_embd` when absent.
     #[serde(default)]
     pub n_inner: Option<usize>,
+    /// The MLP activation: `gelu_new` (default), `gelu_pytorch_tanh`, `gelu_fast`, `gelu`,
+    /// `relu` or `quick_gelu`.
     #[serde(default = "default_activation")]
     pub activation_function: String,
+    /// Epsilon of the layer norms; 1e-5 when absent.
     #[serde(default = "default_eps")]
     pub layer_norm_epsilon: f64,
+    /// Whether attention scores are divided by √head_dim; true when absent.
     #[serde(default = "default_true")]
     pub scale_attn_weights: bool,
+    /// Whether attention scores are divided by the layer's index plus one; false when absent.
     #[serde(default)]
     pub scale_attn_by_inverse_layer_idx: bool,
+    /// The config's beginning-of-text token id.
     #[serde(default)]
     pub bos_token_id: Option<u32>,
+    /// The config's end-of-text token id.
     #[serde(default)]
     pub eos_token_id: Option<u32>,
 }
@@ -293,6 +306,7 @@ impl Gpt2 {
         })
     }
 
+    /// The config the model was loaded with.
     pub fn config(&self) -> &Config {
         &self.config
     }

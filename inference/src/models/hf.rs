@@ -44,8 +44,11 @@ pub struct HfModel {
 /// What the loader needs to know about a family config before reading weights.
 #[derive(Debug, Clone)]
 pub struct FamilyConfig {
+    /// The family whose config this is.
     pub family: Family,
+    /// `max_position_embeddings`: the trained context in tokens (Gemma 2: 8192 when absent).
     pub context_length: usize,
+    /// `vocab_size`: the size of the logits.
     pub vocab_size: usize,
     /// `eos_token_id` from `config.json` (a number or a list).
     pub eos_token_ids: Vec<u32>,

@@ -57,5 +57,6 @@ pub trait CausalLm: Send {
     /// Returns the length now in effect.
     fn set_context_length(&mut self, tokens: usize) -> usize;
 
+    /// Size of the vocabulary: the length of the logits a forward pass returns.
     fn vocab_size(&self) -> usize;
 }

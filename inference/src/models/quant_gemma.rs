@@ -362,6 +362,7 @@ impl Model {
         x * (self.hidden as f64).sqrt()
     }
 
+    /// Forgets every layer's cached keys and values; the next call starts at offset 0.
     pub fn clear_kv_cache(&mut self) {
         for l in &mut self.layers {
             l.cache = None;

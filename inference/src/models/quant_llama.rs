@@ -18,14 +18,14 @@
 //! biases are f32. Tensors come from Studio's own reader ([`crate::models::tensors`]), so the
 //! formats candle cannot read (IQ4_NL, IQ4_XS) load too.
 //!
-//! Two paths, both over plain vectors ([`cpu_ops`] for the math between products): several
+//! Two paths, both over plain vectors (`cpu_ops` for the math between products): several
 //! tokens (a prompt) run each product on the pool over all rows at once (Studio's batched
 //! kernels) and attention by heads and blocks of query rows; one token (decoding) runs on a
 //! team of every pool thread ([`crate::quant::team`]): each product split by output rows,
 //! attention by heads, the threads meeting at barriers instead of waking for each of the ~170
 //! products of a step, and warming their next weights while they wait. The KV cache is
 //! Studio's own (`[kv_heads][capacity][head_dim]` per layer, keys transposed in blocks for
-//! [`cpu_ops::key_scores`], grown by doubling), so a step appends in place and the cache can be
+//! `cpu_ops::key_scores`, grown by doubling), so a step appends in place and the cache can be
 //! cut back to a prefix ([`QuantLlama::truncate_kv`]).
 
 use std::io::{Read, Seek};
@@ -254,12 +254,19 @@ impl Rope {
 /// Gemma 3's linear rope scaling of the global layers.
 #[derive(Clone, Debug)]
 pub struct GemmaOptions {
+    /// Multiplies attention scores: `attention.scale`, else 1/√head_dim (the 27B models:
+    /// 1/√(width / heads)).
     pub attn_scale: f32,
+    /// Gemma 2's soft cap of the attention scores (`cap · tanh(s / cap)`); `None` for none.
     pub attn_softcap: Option<f32>,
+    /// Soft cap of the output logits (Gemma 2: 30 by default); `None` for none.
     pub final_softcap: Option<f32>,
+    /// Positions a sliding-window layer attends over, itself included; `None` when the
+    /// file gives no window.
     pub window: Option<usize>,
     /// Per layer: whether it attends over the sliding window only.
     pub sliding: Vec<bool>,
+    /// Rope frequency base of the sliding-window layers.
     pub rope_local_base: f32,
     /// Divides the global layers' rotary frequencies.
     pub rope_global_factor: f32,
@@ -722,6 +729,7 @@ impl QuantLlama {
         self.layers.iter().map(per_layer).sum::<usize>() + usize::from(self.output.is_studio())
     }
 
+    /// Size of the vocabulary: the length of the logits.
     pub fn vocab_size(&self) -> usize {
         self.vocab
     }

@@ -59,9 +59,13 @@ pub struct GgufTensors {
 /// One tensor's bytes as stored in the file.
 #[derive(Debug, Clone)]
 pub struct TensorData {
+    /// The tensor's name in the file.
     pub name: String,
+    /// ggml's type id (as in the file).
     pub ggml_type: u32,
+    /// Row-major dimensions (the row length last).
     pub dims: Vec<usize>,
+    /// The bytes as stored, in `ggml_type`'s block layout.
     pub bytes: Vec<u8>,
 }
 
@@ -74,6 +78,7 @@ impl GgufTensors {
         }
     }
 
+    /// Adds `name`'s entry, replacing any earlier one of that name.
     pub fn insert(&mut self, name: String, info: TensorInfo) {
         self.infos.insert(name, info);
     }
@@ -103,10 +108,12 @@ impl GgufTensors {
         t
     }
 
+    /// Whether the directory has a tensor named `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.infos.contains_key(name)
     }
 
+    /// The entry of tensor `name`, if the directory has it.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.infos.get(name)
     }

@@ -41,9 +41,12 @@ pub(super) const fn tile(path: KernelPath) -> (usize, usize) {
 /// vanishes with the number of pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Storage {
+    /// Full precision, 4 bytes per value.
     #[default]
     F32,
+    /// IEEE half precision, 2 bytes per value.
     F16,
+    /// bfloat16, 2 bytes per value.
     Bf16,
 }
 
@@ -163,10 +166,12 @@ impl PackedWeights {
         }
     }
 
+    /// The kernel path the weights are packed for.
     pub fn path(&self) -> KernelPath {
         self.path
     }
 
+    /// How the values are stored.
     pub fn storage(&self) -> Storage {
         match self.data {
             Values::F32(_) => Storage::F32,
@@ -175,10 +180,12 @@ impl PackedWeights {
         }
     }
 
+    /// Output channels (0 until packed).
     pub fn cout(&self) -> usize {
         self.cout
     }
 
+    /// Input channels (0 until packed).
     pub fn cin(&self) -> usize {
         self.cin
     }
@@ -196,6 +203,7 @@ impl PackedWeights {
         self.blocks() * self.block_len()
     }
 
+    /// Number of matrices packed one after the other (1 unless [`Self::pack_batch`] said more).
     pub fn batch(&self) -> usize {
         self.batch
     }
@@ -289,17 +297,29 @@ impl PackedWeights {
 /// item) moves both by `in_batch` and `out_batch` per item.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvGeom<'a> {
+    /// Offset of each tap's first input channel from a pixel's input position, one per packed tap.
     pub taps: &'a [usize],
+    /// Number of convolutions in the batch (0 does nothing).
     pub batch: usize,
+    /// Input offset from one batch item to the next.
     pub in_batch: usize,
+    /// Output offset from one batch item to the next.
     pub out_batch: usize,
+    /// Output rows.
     pub out_h: usize,
+    /// Output pixels per row.
     pub out_w: usize,
+    /// Input offset of output pixel `(0, 0)`.
     pub in_base: usize,
+    /// Input offset from one output row to the next.
     pub in_row: usize,
+    /// Input offset from one output pixel to the next in a row.
     pub in_pix: usize,
+    /// Output offset of pixel `(0, 0)`.
     pub out_base: usize,
+    /// Output offset from one row to the next.
     pub out_row: usize,
+    /// Output offset from one pixel to the next in a row (at least the output channels).
     pub out_pix: usize,
 }
 
@@ -308,11 +328,17 @@ pub struct ConvGeom<'a> {
 /// `× gain`, clamp to `±clamp`.
 #[derive(Debug, Clone, Copy)]
 pub struct Epilogue<'a> {
+    /// Per-output-channel factor.
     pub scale: Option<&'a [f32]>,
+    /// Per-pixel value added to every channel (`out_h × out_w` values, row by row).
     pub noise: Option<&'a [f32]>,
+    /// Per-output-channel value added.
     pub bias: Option<&'a [f32]>,
+    /// Leaky ReLU's slope for negative values (`Some(0.0)` is ReLU; `None`: no activation).
     pub slope: Option<f32>,
+    /// Factor applied after the activation (1 = none).
     pub gain: f32,
+    /// Outputs are clamped to `±clamp` last (`None`: no clamp).
     pub clamp: Option<f32>,
 }
 

@@ -450,6 +450,9 @@ impl Conv2d {
         self.forward(&norm.forward(x, silu)?)
     }
 
+    /// The convolution of `x` `(n, c, h, w)` (and its ReLU, if it has one): on the native
+    /// kernels when the layer has them (a differentiable op where `x` tracks gradients and the
+    /// layer keeps an input-gradient layer), else on candle's ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match (&self.native, &self.gradient, &self.candle) {
             (Some(native), Some(gradient), _) if x.track_op() => {
@@ -677,6 +680,8 @@ impl Linear {
         self.native.as_ref().map(|(p, _)| p.path())
     }
 
+    /// `x·Wᵀ + b` over the last dimension of `x` (which must be the input features): on the
+    /// native kernels when the layer has them, else candle's.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some((packed, bias)) = &self.native else {
             return match &self.candle {

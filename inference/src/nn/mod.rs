@@ -63,11 +63,17 @@ pub use crate::quant::KernelPath;
 /// `(h + 2·pad) × (w + 2·pad) × c` floats per map, `n` maps (a batch) one after the other.
 #[derive(Debug, Clone)]
 pub struct FeatureMap {
+    /// Interior height in pixels (border excluded).
     pub h: usize,
+    /// Interior width in pixels (border excluded).
     pub w: usize,
+    /// Channels per pixel (contiguous in `data`).
     pub c: usize,
+    /// Width of the zero border on every side, in pixels.
     pub pad: usize,
+    /// Number of maps in the batch.
     pub n: usize,
+    /// The `n` maps one after the other, [`FeatureMap::map_len`] floats each, border included.
     pub data: Vec<f32>,
 }
 

@@ -49,7 +49,10 @@ const G4: [[f32; 3]; 6] = [
 /// The output tile: F(2×2, 3×3) or F(4×4, 3×3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WinogradTile {
+    /// F(2×2, 3×3): 2×2 output tiles from 4×4 input tiles (2.25× fewer multiplications).
     F2,
+    /// F(4×4, 3×3): 4×4 output tiles from 6×6 input tiles (4× fewer multiplications, a little
+    /// more rounding).
     F4,
 }
 
@@ -112,14 +115,17 @@ impl WinogradWeights {
         Ok(Self { tile, packed })
     }
 
+    /// Input channels.
     pub fn cin(&self) -> usize {
         self.packed.cin()
     }
 
+    /// Output channels.
     pub fn cout(&self) -> usize {
         self.packed.cout()
     }
 
+    /// The kernel path the transformed weights are packed for.
     pub fn path(&self) -> KernelPath {
         self.packed.path()
     }

@@ -84,10 +84,10 @@ pub enum QuantFormat {
     /// bfloat16, one value per 2 bytes.
     BF16,
     /// 32 weights per block: f16 scale `d`, 16 bytes of nibbles indexing a fixed non-linear
-    /// table of 16 signed values ([`IQ4_VALUES`]); value = table[q]·d.
+    /// table of 16 signed values ([`IQ4_VALUES`]); value = `table[q]·d`.
     IQ4NL,
     /// 256-weight super-blocks of 8 sub-blocks of 32: f16 `d`, 6-bit sub-block scales
-    /// (`scales_h`, `scales_l`), nibbles into [`IQ4_VALUES`]; value = table[q]·d·(ls − 32).
+    /// (`scales_h`, `scales_l`), nibbles into [`IQ4_VALUES`]; value = `table[q]·d·(ls − 32)`.
     IQ4XS,
 }
 
@@ -732,6 +732,7 @@ impl QWeight {
         &self.name
     }
 
+    /// The quantization format of the stored blocks.
     pub fn format(&self) -> QuantFormat {
         self.format
     }

@@ -139,6 +139,7 @@ impl TeamCtx<'_> {
         self.index
     }
 
+    /// Number of threads in the team.
     pub fn threads(&self) -> usize {
         self.threads
     }
@@ -270,6 +271,7 @@ pub struct Claims {
 const FREE: usize = usize::MAX;
 
 impl Claims {
+    /// `pieces` pieces, none taken yet, shared by `threads` threads (0 counts as 1).
     pub fn new(pieces: usize, threads: usize) -> Self {
         Self {
             threads: threads.max(1),
@@ -325,6 +327,7 @@ impl Parts {
         }
     }
 
+    /// Number of threads with a slot.
     pub fn threads(&self) -> usize {
         self.slots.len()
     }
@@ -334,6 +337,7 @@ impl Parts {
         self.slots.first().map_or(0, |s| lock(&s[0]).len())
     }
 
+    /// Whether the slots hold no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -34,10 +34,12 @@ pub struct JobContext<'a> {
 }
 
 impl<'a> JobContext<'a> {
+    /// The id of the running job.
     pub fn job(&self) -> JobId {
         self.job
     }
 
+    /// Whether the job has been asked to stop; long work checks it between steps.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
     }
@@ -47,6 +49,7 @@ impl<'a> JobContext<'a> {
         self.cancel
     }
 
+    /// The device the worker runs on.
     pub fn device(&self) -> &candle_core::Device {
         self.device
     }
@@ -80,6 +83,8 @@ impl<'a> JobContext<'a> {
         (self.repaint)();
     }
 
+    /// Reports progress as [`Event::Progress`] (`fraction` from 0 to 1); dropped when the
+    /// event channel is full.
     pub fn progress(&self, fraction: f32, message: &str) {
         self.send_lossy(Event::Progress {
             job: self.job,

@@ -45,84 +45,126 @@ pub struct LoadOptions {
 pub enum JobKind {
     /// Load a model (folder or file), replacing the loaded one. The new model's files are
     /// checked first; only then is the old model dropped (with [`Event::ModelUnloaded`]).
-    LoadModel { path: PathBuf, options: LoadOptions },
+    LoadModel {
+        /// A model folder, weights file or GGUF file.
+        path: PathBuf,
+        /// How to load it.
+        options: LoadOptions,
+    },
     /// Use a model on an OpenAI-compatible server instead of a local one. The server must
     /// answer `GET /v1/models` first; only then is the current backend dropped (with
     /// [`Event::ModelUnloaded`] if one was loaded), followed by [`Event::ModelLoaded`].
-    ConnectRemote { config: RemoteConfig },
+    ConnectRemote {
+        /// Where the server is and how to talk to it.
+        config: RemoteConfig,
+    },
     /// Drop the loaded model (or remote connection) and free its memory.
     UnloadModel,
     /// Continue `prompt` as raw text (no chat format).
     Generate {
+        /// The text to continue.
         prompt: String,
+        /// How to sample, and when to stop.
         params: SamplingParams,
     },
     /// Reply to a conversation; the oldest turns are dropped if it does not fit the context.
     Chat {
+        /// The system prompt; empty for none.
         system: String,
+        /// The conversation, oldest message first.
         messages: Vec<ChatMessage>,
+        /// How to sample the reply, and when to stop.
         params: SamplingParams,
     },
     /// Load a Stable Diffusion model (diffusers folder or single-file checkpoint), replacing
     /// the loaded one only once the new one has loaded.
     LoadImageModel {
+        /// A diffusers folder or a single-file checkpoint.
         path: PathBuf,
+        /// Optional extras for loading.
         options: ImageModelOptions,
     },
     /// Drop the loaded Stable Diffusion model.
     UnloadImageModel,
     /// Generate images with the loaded Stable Diffusion model.
-    GenerateImage { request: Box<ImageRequest> },
+    GenerateImage {
+        /// What to generate.
+        request: Box<ImageRequest>,
+    },
     /// Load a StyleGAN2 generator (a safetensors file in NVIDIA's `G_ema` naming) for the
     /// Latent Explorer, replacing the loaded one only once the new one has loaded. A `.pkl`
     /// is refused without being opened.
-    LoadGan { path: PathBuf },
+    LoadGan {
+        /// The generator's safetensors file.
+        path: PathBuf,
+    },
     /// Drop the loaded StyleGAN2 generator.
     UnloadGan,
     /// GANSpace PCA directions of the loaded generator's W: `samples` latents from `seed`,
     /// `components` principal components; reports progress, honours cancel, and ends with
     /// [`Event::GanDirections`].
     ComputeGanDirections {
+        /// How many latents to sample (at least 2).
         samples: usize,
+        /// How many principal components to keep, 1 to `w_dim`.
         components: usize,
+        /// Seed of the latent sampler.
         seed: u64,
     },
     /// Project `image` into the loaded generator's W (NVIDIA's projector recipe, `steps`
     /// steps): center-cropped to a square and resized to the network's resolution first;
-    /// the reconstruction streams into [`Worker::take_gan_frame`] (id 0) every few steps with
+    /// the reconstruction streams into [`super::Worker::take_gan_frame`] (id 0) every few steps with
     /// progress; the W found (so far, when cancelled) arrives as [`Event::GanProjected`].
     /// With `vgg16` (a safetensors file of VGG16 weights, optionally with LPIPS's linear
     /// layers) the loss is the perceptual distance; without, pixel + multi-scale SSIM.
     ProjectGan {
+        /// The image to project.
         image: Box<RgbImage>,
+        /// Optimization steps.
         steps: usize,
+        /// VGG16 weights for the perceptual loss; `None` for pixel + multi-scale SSIM.
         vgg16: Option<PathBuf>,
     },
     /// Render the keyframe path to an animated GIF or a folder of PNGs, with progress and
     /// cancel between frames.
-    ExportGanAnimation { request: Box<GanAnimationRequest> },
+    ExportGanAnimation {
+        /// The keyframes, the number of frames and where they go.
+        request: Box<GanAnimationRequest>,
+    },
     /// Inline completion (ghost text): fill in the middle between `request.prefix` and
     /// `request.suffix` with the loaded model's FIM format (detected, or the request's
     /// override), within `request.max_prompt_tokens`. Sends [`Event::PromptTokens`], then the
     /// suggestion as [`Event::Text`] (already trimmed to one line or a block), stops on the
     /// format's stop tokens, and fails when the model has no FIM tokens (see
-    /// [`Worker::fim_support`]) or is a remote server.
-    Complete { request: Box<CompletionRequest> },
+    /// [`super::Worker::fim_support`]) or is a remote server.
+    Complete {
+        /// The text around the cursor and the completion settings.
+        request: Box<CompletionRequest>,
+    },
     /// A code action (explain, fix, …) from a preset, run as a chat with the model's template
     /// (local or remote): the prompt names the file's language and path and includes the
     /// context files that fit; each thing left out is an [`Event::Notice`] (`Context cut: …`).
     /// The reply streams as [`Event::Text`]; edits are diffed by the caller
     /// ([`crate::code::actions::rewrite_from_reply`], [`crate::code::diff`]).
     CodeAction {
+        /// The action to run.
         preset: Box<ActionPreset>,
+        /// The code it works on and the context files offered.
         input: Box<ActionInput>,
+        /// How to sample the reply, and when to stop.
         params: SamplingParams,
     },
     /// Arbitrary work on the worker thread (extensions and tests).
-    Custom { label: String, run: CustomJob },
+    Custom {
+        /// What the job does, for the UI ([`JobKind::label`]).
+        label: String,
+        /// The work, run once on the worker thread.
+        run: CustomJob,
+    },
 }
 
 impl JobKind {
+    /// What the job does, for the UI: "Loading model.gguf", "Replying", …
     pub fn label(&self) -> String {
         match self {
             JobKind::LoadModel { path, .. } => format!(
@@ -182,109 +224,160 @@ impl std::fmt::Debug for JobKind {
 pub enum Event {
     /// The job left the queue and is running.
     Started {
+        /// The job this event is about.
         job: JobId,
+        /// What the job does ([`JobKind::label`]).
         label: String,
     },
     /// Progress in `0..=1` (lossy: may be skipped when the UI is behind).
     Progress {
+        /// The job this event is about.
         job: JobId,
+        /// How much is done, from 0 to 1.
         fraction: f32,
+        /// What is being done, such as "loading weights".
         message: String,
     },
     /// Newly generated text, coalesced: `tokens` tokens' worth.
     Text {
+        /// The job this event is about.
         job: JobId,
+        /// The new text (pieces sent together when the channel was full).
         text: String,
+        /// How many generated tokens it covers.
         tokens: usize,
     },
     /// The conversation did not fit: this many of its oldest messages were left out.
     ContextTrimmed {
+        /// The job this event is about.
         job: JobId,
+        /// How many of the oldest messages were left out.
         dropped_messages: usize,
+        /// Length of the prompt that remains, in tokens.
         prompt_tokens: usize,
     },
     /// Something the user should know about this job (a fallback that was used).
     Notice {
+        /// The job this event is about.
         job: JobId,
+        /// The notice, written for a person.
         message: String,
     },
     /// The prompt of a chat or generate job, in tokens, before generation starts.
     PromptTokens {
+        /// The job this event is about.
         job: JobId,
+        /// Length of the prompt, in tokens.
         tokens: usize,
     },
+    /// A language model, local or on a server, is loaded and ready.
     ModelLoaded {
+        /// The job this event is about.
         job: JobId,
+        /// What the UI shows about the model.
         info: ModelInfo,
     },
+    /// The language model or server connection was dropped, by an unload or to make way for
+    /// a new one.
     ModelUnloaded {
+        /// The job this event is about.
         job: JobId,
     },
+    /// A Stable Diffusion model is loaded and ready.
     ImageModelLoaded {
+        /// The job this event is about.
         job: JobId,
+        /// What the UI shows about the model.
         info: ImageModelInfo,
     },
+    /// The Stable Diffusion model was dropped: unloaded, or replaced by a newly loaded one.
     ImageModelUnloaded {
+        /// The job this event is about.
         job: JobId,
     },
-    /// A denoising step finished (lossy). Its preview, if any, is in [`Worker::take_preview`].
+    /// A denoising step finished (lossy). Its preview, if any, is in [`super::Worker::take_preview`].
     ImageProgress {
+        /// The job this event is about.
         job: JobId,
         /// Which image of the batch (0-based) and how many.
         image: u32,
+        /// How many images the batch has.
         images: u32,
+        /// Steps done for this image (1-based), out of `steps`.
         step: usize,
+        /// Steps this image runs.
         steps: usize,
     },
     /// A StyleGAN2 generator is loaded; `name` is its file name.
     GanLoaded {
+        /// The job this event is about.
         job: JobId,
+        /// What the generator is: resolution, latent sizes, architecture.
         info: GanInfo,
+        /// The generator's file name.
         name: String,
         /// The synthesis layers a render can show ([`crate::gan::render::GanLayerRequest`]), coarse to fine.
         layers: Vec<String>,
     },
+    /// The StyleGAN2 generator was dropped: unloaded, or replaced by a newly loaded one.
     GanUnloaded {
+        /// The job this event is about.
         job: JobId,
     },
     /// The W a projection found: `num_ws × w_dim` values, row by row, the noise buffers it
     /// optimized with it (flattened as [`crate::gan::render::GanLatent::noise`]), and its last image loss;
     /// `note` says what was done to the image first (crop, resize), if anything.
     GanProjected {
+        /// The job this event is about.
         job: JobId,
+        /// The W found: `num_ws × w_dim` values, row by row.
         w: Vec<f32>,
+        /// The optimized noise buffers, flattened one after another.
         noise: Arc<Vec<f32>>,
+        /// The image loss at the last step.
         loss: f32,
+        /// What was done to the image first (crop, resize); `None` when nothing was.
         note: Option<String>,
     },
     /// PCA directions computed by [`JobKind::ComputeGanDirections`].
     GanDirections {
+        /// The job this event is about.
         job: JobId,
+        /// The principal directions of W.
         directions: Arc<Directions>,
     },
     /// A finished image (always delivered).
     ImageReady {
+        /// The job this event is about.
         job: JobId,
+        /// The image, with its seed and generation parameters.
         image: Arc<GeneratedImage>,
     },
     /// Terminal: the job finished (with stats for generation jobs).
     Done {
+        /// The job this event is about.
         job: JobId,
+        /// Statistics of a text-generating job; `None` for other jobs.
         stats: Option<GenerationStats>,
     },
     /// Terminal: the job failed; `error` is written for a person.
     Failed {
+        /// The job this event is about.
         job: JobId,
+        /// The error message.
         error: String,
     },
     /// Terminal: the job was cancelled (stats of what was generated, if anything ran).
     Cancelled {
+        /// The job this event is about.
         job: JobId,
+        /// Statistics of the generation cut short; `None` when none ran.
         stats: Option<GenerationStats>,
     },
 }
 
 impl Event {
+    /// The job this event is about.
     pub fn job(&self) -> JobId {
         match self {
             Event::Started { job, .. }
@@ -309,6 +402,8 @@ impl Event {
         }
     }
 
+    /// Whether this is the job's last event: [`Event::Done`], [`Event::Failed`] or
+    /// [`Event::Cancelled`].
     pub fn is_terminal(&self) -> bool {
         matches!(
             self,
@@ -319,6 +414,7 @@ impl Event {
 
 /// How to start the worker.
 pub struct WorkerConfig {
+    /// The device to run on; the CPU, with a warning, when it cannot be opened.
     pub device: DevicePreference,
     /// Called (from the worker thread) after events are sent; the UI passes
     /// `ctx.request_repaint`.
@@ -343,9 +439,14 @@ impl Default for WorkerConfig {
 /// The latest denoising preview of a running image job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreviewFrame {
+    /// The job that made it.
     pub job: JobId,
+    /// Which image of the batch (0-based).
     pub image_index: u32,
+    /// Steps done for this image (1-based), out of `steps`.
     pub step: usize,
+    /// Steps this image runs.
     pub steps: usize,
+    /// A preview of the current denoised (x0) estimate.
     pub image: RgbImage,
 }

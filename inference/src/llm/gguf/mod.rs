@@ -51,8 +51,11 @@ pub const SUPPORTED_GGML_TYPES: &str =
 
 /// A GGUF model ready to generate.
 pub struct GgufModel {
+    /// The model, its weights loaded on the device.
     pub model: Box<dyn CausalLm>,
+    /// The tokenizer rebuilt from the file's metadata.
     pub tokenizer: Tokenizer,
+    /// What the file says about itself, with the context length Studio uses.
     pub info: GgufInfo,
 }
 
@@ -80,8 +83,11 @@ pub struct GgufInfo {
     /// Tokens that end generation: `tokenizer.ggml.eos_token_id`, the end-of-turn ids
     /// (`eot_token_id`, `eom_token_id`) and well-known end-of-turn control tokens.
     pub eos_token_ids: Vec<u32>,
+    /// `tokenizer.ggml.bos_token_id`.
     pub bos_token_id: Option<u32>,
+    /// The text of the BOS token, when the vocabulary has it.
     pub bos_token: Option<String>,
+    /// The text of the `tokenizer.ggml.eos_token_id` token, when the vocabulary has it.
     pub eos_token: Option<String>,
     /// `tokenizer.chat_template` (Jinja).
     pub chat_template: Option<String>,
