@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use egui::RichText;
+use egui::text::CCursorRange;
+use studio_inference::code::complete::FimSupport;
 use studio_inference::device::DevicePreference;
 use studio_inference::llm::hf_cache;
 use studio_inference::llm::loader::ModelInfo;
@@ -14,6 +16,7 @@ use studio_inference::worker::{JobKind, LoadOptions, Worker, WorkerConfig};
 use super::api_server::ApiServer;
 use super::canvas::CanvasPanel;
 use super::chat::store::ConversationStore;
+use super::chat::store::TRASH_GRACE;
 use super::chat::{ChatPanel, ChatUiContext};
 use super::code::CodePanel;
 use super::command::Command;
@@ -252,6 +255,50 @@ impl StudioApp {
         &mut self.chat
     }
 
+    pub fn canvas(&self) -> &CanvasPanel {
+        &self.canvas
+    }
+
+    pub fn canvas_mut(&mut self) -> &mut CanvasPanel {
+        &mut self.canvas
+    }
+
+    pub fn explorer(&self) -> &ExplorerPanel {
+        &self.explorer
+    }
+
+    pub fn explorer_mut(&mut self) -> &mut ExplorerPanel {
+        &mut self.explorer
+    }
+
+    /// How many main-image renders the worker has done (a burst of requests renders fewer).
+    pub fn gan_renders(&self) -> u64 {
+        self.worker
+            .as_ref()
+            .map_or(0, studio_inference::worker::Worker::gan_renders)
+    }
+
+    pub fn code(&self) -> &CodePanel {
+        &self.code
+    }
+
+    pub fn code_mut(&mut self) -> &mut CodePanel {
+        &mut self.code
+    }
+
+    /// Whether the loaded model can fill in the middle (ghost text), or why not.
+    pub fn fim_support(&self) -> FimSupport {
+        self.worker
+            .as_ref()
+            .map(studio_inference::worker::Worker::fim_support)
+            .unwrap_or_default()
+    }
+
+    /// The cursor (or selection) of tab `id`'s editor as last drawn (char indices).
+    pub fn code_cursor(&self, id: u64) -> Option<CCursorRange> {
+        self.code.cursor(id)
+    }
+
     pub fn notices(&self) -> &Notices {
         &self.notices
     }
@@ -401,11 +448,7 @@ impl StudioApp {
         if let Some(wait) = self.chat.next_params_save() {
             self.ctx.request_repaint_after(wait);
         }
-        if let Some(wait) = self
-            .chat
-            .store
-            .next_purge(self.undo_window + super::logic::TRASH_GRACE)
-        {
+        if let Some(wait) = self.chat.store.next_purge(self.undo_window + TRASH_GRACE) {
             self.ctx.request_repaint_after(wait);
         }
     }

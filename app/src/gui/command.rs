@@ -1,19 +1,16 @@
 //! Everything the user can ask for, as data: widgets push [`Command`]s while the frame is
-//! drawn, and [`StudioApp::apply_commands`] carries them out in one place afterwards.
+//! drawn, and `StudioApp::apply_commands` (`dispatch.rs`) carries them out in one place
+//! afterwards. This module names the panels' command enums from their leaf `command`
+//! modules, so it imports no panel.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use studio_inference::llm::remote::RemoteConfig;
-use studio_inference::worker::{JobKind, LoadOptions};
 
-use super::api_server::ApiServer;
-use super::app::StudioApp;
-use super::canvas::CanvasCommand;
+use super::canvas::command::CanvasCommand;
 use super::chat::store::MessageId;
-use super::code::CodeCommand;
-use super::context::app_context;
-use super::explorer::ExplorerCommand;
-use super::jobs::JobPurpose;
+use super::code::command::CodeCommand;
+use super::explorer::command::ExplorerCommand;
 use super::settings_store::Panel;
 
 /// What a conversation is exported as.
@@ -97,108 +94,6 @@ pub enum Command {
     Explorer(ExplorerCommand),
     /// Something the Code panel asks for.
     Code(CodeCommand),
-}
-
-impl StudioApp {
-    /// Carries out the queued commands, in order.
-    pub fn apply_commands(&mut self) {
-        while !self.commands.is_empty() {
-            let command = self.commands.remove(0);
-            self.apply(command);
-        }
-    }
-
-    /// The panels take their own commands (each with the shared state lent as an
-    /// [`AppContext`](super::context::AppContext)); the window's own are carried out here.
-    fn apply(&mut self, command: Command) {
-        let command = match command {
-            Command::Canvas(c) => return self.canvas.apply(c, &mut app_context!(self)),
-            Command::Explorer(c) => return self.explorer.apply(c, &mut app_context!(self)),
-            Command::Code(c) => return self.code.apply(c, &mut app_context!(self)),
-            other => other,
-        };
-        let Some(command) = self.chat.apply(command, &mut app_context!(self)) else {
-            return;
-        };
-        match command {
-            Command::ShowPanel(panel) => self.settings.panel = panel,
-            Command::LoadModel(path) => self.load_model(path),
-            Command::UnloadModel => {
-                self.submit(JobKind::UnloadModel, JobPurpose::UnloadModel);
-            }
-            Command::ConnectRemote(config) => {
-                let url = config.base_url.clone();
-                self.submit(
-                    JobKind::ConnectRemote { config },
-                    JobPurpose::ConnectRemote(url),
-                );
-            }
-            Command::StartApiServer => {
-                if let Some(worker) = &self.worker {
-                    let options = ApiServer::options(&self.settings.server);
-                    let kind = self.api_server.start_job(worker.submitter(), options);
-                    self.submit(kind, JobPurpose::StartApiServer);
-                }
-            }
-            Command::StopApiServer => {
-                if self.api_server.stop() {
-                    self.notices.info("The API server stopped");
-                }
-            }
-            Command::CancelRunningJob => {
-                if let (Some(worker), Some(running)) = (&self.worker, self.jobs.running()) {
-                    worker.cancel(running.id);
-                }
-            }
-            Command::RemoveRecentModel(path) => self.settings.recent_models.retain(|p| *p != path),
-            Command::RescanHfCache => self.models.start_scan(),
-            // Taken by the panels above.
-            Command::Canvas(_)
-            | Command::Explorer(_)
-            | Command::Code(_)
-            | Command::SendMessage
-            | Command::StopReply
-            | Command::Regenerate
-            | Command::RegenerateReply { .. }
-            | Command::ResendEdit { .. }
-            | Command::EditMessage { .. }
-            | Command::ShowBranch { .. }
-            | Command::NewConversation
-            | Command::SelectConversation(_)
-            | Command::RenameConversation { .. }
-            | Command::DeleteConversation(_)
-            | Command::UndoDelete(_)
-            | Command::ExportConversation { .. } => {}
-        }
-    }
-
-    /// Writes conversation `id` as shown (its active path) to `path`; says how it went in a
-    /// notice. Returns whether it was written.
-    pub fn export_to(&mut self, id: &str, format: ExportFormat, path: &Path) -> bool {
-        self.chat
-            .export_to(id, format, path, &mut app_context!(self))
-    }
-
-    fn load_model(&mut self, path: PathBuf) {
-        if path.as_os_str().is_empty() {
-            self.notices
-                .warning("Type or choose a model folder or file first");
-            return;
-        }
-        if self.jobs.loading_model() == Some(&path) {
-            return;
-        }
-        let options = LoadOptions {
-            context_length: self.settings.context_length,
-        };
-        self.submit(
-            JobKind::LoadModel {
-                path: path.clone(),
-                options: options.clone(),
-            },
-            JobPurpose::LoadModel(path, options),
-        );
-    }
 }
 
 /// A file name from a title: characters file systems refuse become `-`.

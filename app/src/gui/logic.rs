@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use egui::{Key, KeyboardShortcut, Modifiers};
+use egui::{Key, Modifiers};
 use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::worker::Event;
 
 use super::api_server::ServerStatus;
 use super::app::StudioApp;
 use super::canvas::CanvasCommand;
+use super::chat::store::TRASH_GRACE;
 use super::code::CodeCommand;
 use super::command::{Command, load_error};
 use super::context::{Handled, app_context};
@@ -22,6 +23,7 @@ use super::explorer::ExplorerCommand;
 use super::explorer::actions as explorer_actions;
 use super::jobs::JobPurpose;
 use super::settings_store::Panel;
+use super::shortcuts::{REDO_SHORTCUT, REDO_Y, SEND_SHORTCUT, UNDO_SHORTCUT};
 use crate::files::FileDone;
 
 /// Time budget for draining events in one frame.
@@ -29,20 +31,10 @@ const EVENT_BUDGET: Duration = Duration::from_millis(4);
 /// Most events handled in one frame.
 const EVENT_LIMIT: usize = 512;
 
-/// How long after its Undo notice is gone a deleted chat's file is removed (an Undo clicked in
-/// the notice's last frame still finds it).
-pub const TRASH_GRACE: Duration = Duration::from_millis(500);
-
-pub const SEND_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
-pub const UNDO_SHORTCUT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Z);
-pub const REDO_SHORTCUT: KeyboardShortcut =
-    KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::Z);
-pub const REDO_Y: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Y);
-
 impl StudioApp {
     /// Everything that happens each frame before drawing.
     pub fn frame_logic(&mut self, ctx: &egui::Context) {
-        self.intercept_close(ctx);
+        self.code.intercept_close(ctx, &mut self.settings);
         self.drain_events(ctx);
         while let Some(done) = self.files.try_recv() {
             self.file_done(done);

@@ -7,7 +7,7 @@
 //!
 //! - [`app`]: state, startup, the `eframe::App` impl, navigation;
 //! - [`logic`]: worker events, dropped files, shortcuts;
-//! - [`command`]: the [`Command`] enum and what each does;
+//! - [`command`]: the [`Command`] enum; [`dispatch`]: what each does;
 //! - [`chat`] (the conversation list, messages, parameters and the saved conversations),
 //!   [`code`] (Code Assist: editor, ghost text, actions with diffs), [`canvas`] (Stable
 //!   Diffusion), [`explorer`] (StyleGAN2): one folder per panel, with its state, drawing,
@@ -22,6 +22,7 @@ pub mod chat;
 pub mod code;
 pub mod command;
 pub mod context;
+pub mod dispatch;
 pub mod explorer;
 pub mod format;
 pub mod jobs;
@@ -32,6 +33,7 @@ pub mod notices;
 pub mod presets;
 pub mod settings;
 pub mod settings_store;
+pub mod shortcuts;
 pub mod status_bar;
 pub mod style;
 

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use super::llm::RemoteRequest;
 use super::{Backend, Event, GanSlots, JobId, PreviewSlot};
 use crate::diffusion::model::SdModel;
 use crate::error::{Error, Result};
 use crate::gan::StyleGan2;
+use crate::llm::chat::ChatMessage;
 use crate::llm::generate::{GenerationStats, Step, generate};
 use crate::llm::loader::LoadedModel;
 use crate::llm::remote::RemoteBackend;
@@ -246,4 +246,17 @@ pub(super) fn progress_sender<'a>(
             repaint();
         }
     }
+}
+
+/// A generation for the remote backend.
+pub(super) enum RemoteRequest<'a> {
+    Chat {
+        system: &'a str,
+        messages: &'a [ChatMessage],
+        params: &'a SamplingParams,
+    },
+    Completion {
+        prompt: &'a str,
+        params: &'a SamplingParams,
+    },
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::context::{JobContext, progress_sender, stream_steps};
+use super::context::{JobContext, RemoteRequest, progress_sender, stream_steps};
 use super::{Backend, Event, LoadOptions};
 use crate::code::actions::{ActionInput, ActionPreset, build_action_prompt, estimate_tokens};
 use crate::code::complete::{self, CompletionRequest};
@@ -173,17 +173,4 @@ pub(super) fn complete(ctx: &mut JobContext<'_>, request: &CompletionRequest) ->
         &mut stream_steps(events, repaint, job, pending, pending_tokens, cancel),
     )?;
     Ok(Some(outcome.stats))
-}
-
-/// A generation for the remote backend.
-pub(super) enum RemoteRequest<'a> {
-    Chat {
-        system: &'a str,
-        messages: &'a [ChatMessage],
-        params: &'a SamplingParams,
-    },
-    Completion {
-        prompt: &'a str,
-        params: &'a SamplingParams,
-    },
 }

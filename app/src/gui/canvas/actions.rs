@@ -17,7 +17,6 @@ use super::CanvasPanel;
 use super::form::{build_request, restore_parameters};
 use super::view::preview_texture;
 use crate::files::FileWorker;
-use crate::gui::app::StudioApp;
 use crate::gui::command::{Command, load_error};
 use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::JobPurpose;
@@ -49,16 +48,6 @@ pub enum Outcome {
     Done,
     Cancelled,
     Failed,
-}
-
-impl StudioApp {
-    pub fn canvas(&self) -> &super::CanvasPanel {
-        &self.canvas
-    }
-
-    pub fn canvas_mut(&mut self) -> &mut super::CanvasPanel {
-        &mut self.canvas
-    }
 }
 
 impl CanvasPanel {

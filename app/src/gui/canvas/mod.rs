@@ -12,17 +12,18 @@
 //! inpaint with a painted mask. Extend grows the canvas and masks the new strip (outpainting).
 
 pub mod actions;
+pub mod command;
 pub mod document;
 pub mod form;
 pub mod history;
 pub mod store;
 pub mod view;
 
+pub use self::command::CanvasCommand;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use egui::RichText;
-use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::diffusion::model::{ImageModelInfo, ImageModelOptions};
 use studio_inference::image_meta::GenerationParameters;
 use studio_inference::worker::JobId;
@@ -38,59 +39,6 @@ use super::command::Command;
 use super::jobs::Jobs;
 use super::settings_store::Settings;
 use super::style::{section_ui, weak};
-
-/// What the Canvas asks for (inside [`Command::Canvas`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CanvasCommand {
-    /// Load a Stable Diffusion model (file or diffusers folder) with the options in Settings.
-    LoadModel(PathBuf),
-    UnloadModel,
-    /// Choose a model with the file dialog (`folder`: a diffusers folder).
-    OpenModelDialog {
-        folder: bool,
-    },
-    Generate,
-    /// Cancel the running generation.
-    Cancel,
-    /// Fix the seed to this one.
-    ReuseSeed(u64),
-    /// A brush (or eraser) segment, in image pixels.
-    Paint {
-        from: [i32; 2],
-        to: [i32; 2],
-    },
-    EndStroke,
-    Undo,
-    Redo,
-    InvertMask,
-    ClearMask,
-    /// Empty the canvas (undoable).
-    ClearCanvas,
-    /// Grow the canvas for outpainting.
-    Extend {
-        side: Side,
-        px: u32,
-    },
-    SelectStaged(usize),
-    AcceptStaged,
-    DiscardStaged,
-    DiscardAllStaged,
-    /// Open an image file as the image layer (drop, Send to Canvas, the dialog).
-    OpenImage(PathBuf),
-    OpenImageDialog,
-    /// An image pasted from the clipboard becomes the image layer.
-    PasteImage(Arc<RgbImage>),
-    SaveImageDialog,
-    /// Put a history image's parameters in the form.
-    ReuseParameters(PathBuf),
-    /// Restore the parameters offered when an image with parameters was opened.
-    RestoreOffered(u64),
-    /// Move a history image to the trash (Undo brings it back for a while).
-    DeleteImage(PathBuf),
-    UndoDeleteImage(PathBuf),
-    /// Fit the canvas to the view.
-    FitView,
-}
 
 pub struct CanvasPanel {
     doc: Document,

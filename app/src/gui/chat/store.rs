@@ -522,6 +522,10 @@ pub fn title_from(text: &str) -> String {
     }
 }
 
+/// How long after its Undo notice is gone a deleted chat's file is removed (an Undo clicked in
+/// the notice's last frame still finds it).
+pub const TRASH_GRACE: Duration = Duration::from_millis(500);
+
 /// A deleted conversation while it can still be brought back.
 #[derive(Debug)]
 struct Trashed {

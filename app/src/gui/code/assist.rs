@@ -12,7 +12,7 @@ use egui::text::{CCursor, CCursorRange};
 use studio_inference::code::actions::{
     ActionInput, ActionKind, ActionPreset, ContextFile, extract_code, rewrite_from_reply,
 };
-use studio_inference::code::complete::{CompletionCache, CompletionRequest, FimSupport};
+use studio_inference::code::complete::{CompletionCache, CompletionRequest};
 use studio_inference::code::diff::{Diff, apply, diff_lines};
 use studio_inference::code::fim::FimFormat;
 use studio_inference::code::language::language_by_name;
@@ -22,12 +22,11 @@ use studio_inference::worker::{Event, JobId, JobKind};
 use super::buffer::{self, Tab, read_source};
 use super::{CodeCommand, CodePanel, Confirm};
 use crate::files::FileWorker;
-use crate::gui::app::StudioApp;
 use crate::gui::command::Command;
 use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::JobPurpose;
 use crate::gui::markdown::Document;
-use crate::gui::settings_store::Panel;
+use crate::gui::settings_store::{Panel, Settings};
 
 /// How much text before and after the cursor a completion request carries (the worker then
 /// fits it to the model's token budget).
@@ -241,47 +240,22 @@ pub fn is_code_drop(path: &Path) -> bool {
     })
 }
 
-impl StudioApp {
-    pub fn code(&self) -> &CodePanel {
-        &self.code
-    }
-
-    pub fn code_mut(&mut self) -> &mut CodePanel {
-        &mut self.code
-    }
-
-    /// Whether the loaded model can fill in the middle (ghost text), or why not.
-    pub fn fim_support(&self) -> FimSupport {
-        self.worker
-            .as_ref()
-            .map(studio_inference::worker::Worker::fim_support)
-            .unwrap_or_default()
-    }
-
-    /// The cursor (or selection) of tab `id`'s editor as last drawn (char indices).
-    pub fn code_cursor(&self, id: u64) -> Option<CCursorRange> {
-        self.code.cursor(id)
-    }
-
+impl CodePanel {
     /// The window was asked to close: with unsaved tabs, keep it open and ask (the recovery
-    /// file has the text either way).
-    pub(crate) fn intercept_close(&mut self, ctx: &egui::Context) {
-        if std::mem::take(&mut self.code.close_now) {
+    /// file has the text either way), showing the Code panel.
+    pub(crate) fn intercept_close(&mut self, ctx: &egui::Context, settings: &mut Settings) {
+        if std::mem::take(&mut self.close_now) {
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);
             return;
         }
-        if ctx.input(|i| i.viewport().close_requested())
-            && self.code.has_unsaved()
-            && !self.code.allow_close
+        if ctx.input(|i| i.viewport().close_requested()) && self.has_unsaved() && !self.allow_close
         {
             ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
-            self.code.confirm = Some(Confirm::Quit);
-            self.settings.panel = Panel::Code;
+            self.confirm = Some(Confirm::Quit);
+            settings.panel = Panel::Code;
         }
     }
-}
 
-impl CodePanel {
     /// Periodic work: the recovery file, written a moment after the last edit. Returns when
     /// to look again.
     pub(crate) fn autosave(&mut self, files: &FileWorker) -> Option<Duration> {

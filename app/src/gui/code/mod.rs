@@ -7,9 +7,12 @@
 
 pub mod assist;
 pub mod buffer;
+pub mod command;
 pub mod diff_view;
 pub mod editor;
 pub mod store;
+
+pub use self::command::CodeCommand;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,7 +21,6 @@ use egui::{Key, KeyboardShortcut, Modifiers, RichText};
 use studio_inference::code::actions::{ActionPreset, presets_with};
 use studio_inference::code::complete::FimSupport;
 use studio_inference::code::fim::FimFormat;
-use studio_inference::worker::JobId;
 
 use self::assist::{ActionRun, GhostState};
 use self::buffer::Tab;
@@ -46,56 +48,6 @@ pub const TRANSLATE_TARGETS: &[&str] = &[
     "Swift",
     "Ruby",
 ];
-
-/// What the Code panel asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CodeCommand {
-    NewTab,
-    /// Open a file (`None`: ask with a dialog).
-    Open(Option<PathBuf>),
-    /// Save tab `id` to its file (Save As when it has none).
-    Save(u64),
-    /// Save tab `tab` to `path` (`None`: ask with a dialog) and keep that as its file.
-    SaveAs {
-        tab: u64,
-        path: Option<PathBuf>,
-    },
-    /// Close tab `id`, asking first when it has unsaved changes.
-    Close(u64),
-    /// Close tab `id`, dropping its unsaved changes.
-    Discard(u64),
-    /// Save tab `id`, then close it (when the save worked).
-    SaveAndClose(u64),
-    Undo,
-    Redo,
-    /// Tab: insert the whole suggestion.
-    AcceptGhost,
-    /// Ctrl+→: insert the suggestion's next word.
-    AcceptWord,
-    /// Esc: drop the suggestion (and cancel its request).
-    DismissGhost,
-    /// The pause after typing is over: ask for a completion at the cursor.
-    RequestCompletion,
-    /// Cancel a job of the panel's (a superseded completion).
-    CancelJob(JobId),
-    /// Run the action preset `id` on the selection (or the whole file).
-    RunAction(String),
-    /// Stop the running action; what it wrote so far stays in the pane.
-    StopAction,
-    /// Apply the accepted hunks of the action's diff as one undoable edit.
-    ApplyHunks,
-    /// Open the action's code (tests, a translation) in a new tab.
-    OpenResultInTab,
-    FindNext,
-    FindPrevious,
-    ReplaceOne,
-    ReplaceAll,
-    /// Quitting was asked for with unsaved tabs: save them all, then quit.
-    SaveAllAndQuit,
-    /// Quitting was asked for with unsaved tabs: quit anyway (their text stays in the
-    /// recovery file only for untitled buffers).
-    QuitDiscarding,
-}
 
 /// A question the panel is asking in a modal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,11 +286,11 @@ impl CodePanel {
         }
         // Shift first, as Ctrl+Z also matches with Shift held.
         if ui.input_mut(|i| {
-            i.consume_shortcut(&super::logic::REDO_SHORTCUT)
-                || i.consume_shortcut(&super::logic::REDO_Y)
+            i.consume_shortcut(&super::shortcuts::REDO_SHORTCUT)
+                || i.consume_shortcut(&super::shortcuts::REDO_Y)
         }) {
             commands.push(Command::Code(CodeCommand::Redo));
-        } else if ui.input_mut(|i| i.consume_shortcut(&super::logic::UNDO_SHORTCUT)) {
+        } else if ui.input_mut(|i| i.consume_shortcut(&super::shortcuts::UNDO_SHORTCUT)) {
             commands.push(Command::Code(CodeCommand::Undo));
         }
         if editor_focused && self.ghost_text().is_some() {

@@ -21,7 +21,6 @@ use super::{
     CapturedLatent, ExplorerCommand, GRID_SEEDS, LoadedGan, THUMB_SIDE, Thumb, capture_text,
     noise_mode, parse_capture_text,
 };
-use crate::gui::app::StudioApp;
 use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::JobPurpose;
 use crate::gui::settings_store::Panel;
@@ -77,23 +76,6 @@ fn color_image(img: &RgbImage) -> egui::ColorImage {
         [img.width as usize, img.height as usize],
         &img.to_rgba(),
     )
-}
-
-impl StudioApp {
-    pub fn explorer(&self) -> &super::ExplorerPanel {
-        &self.explorer
-    }
-
-    pub fn explorer_mut(&mut self) -> &mut super::ExplorerPanel {
-        &mut self.explorer
-    }
-
-    /// How many main-image renders the worker has done (a burst of requests renders fewer).
-    pub fn gan_renders(&self) -> u64 {
-        self.worker
-            .as_ref()
-            .map_or(0, studio_inference::worker::Worker::gan_renders)
-    }
 }
 
 impl ExplorerPanel {

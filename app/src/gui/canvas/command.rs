@@ -1,0 +1,62 @@
+//! What the Canvas asks for, as data (inside `Command::Canvas`): a leaf module, so the
+//! window's command list can name it without importing the panel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use studio_inference::diffusion::imaging::RgbImage;
+
+use super::document::Side;
+
+/// What the Canvas asks for (inside `Command::Canvas`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanvasCommand {
+    /// Load a Stable Diffusion model (file or diffusers folder) with the options in Settings.
+    LoadModel(PathBuf),
+    UnloadModel,
+    /// Choose a model with the file dialog (`folder`: a diffusers folder).
+    OpenModelDialog {
+        folder: bool,
+    },
+    Generate,
+    /// Cancel the running generation.
+    Cancel,
+    /// Fix the seed to this one.
+    ReuseSeed(u64),
+    /// A brush (or eraser) segment, in image pixels.
+    Paint {
+        from: [i32; 2],
+        to: [i32; 2],
+    },
+    EndStroke,
+    Undo,
+    Redo,
+    InvertMask,
+    ClearMask,
+    /// Empty the canvas (undoable).
+    ClearCanvas,
+    /// Grow the canvas for outpainting.
+    Extend {
+        side: Side,
+        px: u32,
+    },
+    SelectStaged(usize),
+    AcceptStaged,
+    DiscardStaged,
+    DiscardAllStaged,
+    /// Open an image file as the image layer (drop, Send to Canvas, the dialog).
+    OpenImage(PathBuf),
+    OpenImageDialog,
+    /// An image pasted from the clipboard becomes the image layer.
+    PasteImage(Arc<RgbImage>),
+    SaveImageDialog,
+    /// Put a history image's parameters in the form.
+    ReuseParameters(PathBuf),
+    /// Restore the parameters offered when an image with parameters was opened.
+    RestoreOffered(u64),
+    /// Move a history image to the trash (Undo brings it back for a while).
+    DeleteImage(PathBuf),
+    UndoDeleteImage(PathBuf),
+    /// Fit the canvas to the view.
+    FitView,
+}
