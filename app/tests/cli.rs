@@ -1,7 +1,10 @@
 //! The `studio` command-line contract, run as a person would: the real binary on a tiny
 //! random-weight GPT-2 written by the test.
 
-use studio_tests::{Gpt2Naming, TinyGpt2, write_gpt2, write_gpt2_readable};
+use studio_tests::{
+    Gpt2Naming, TinyGpt2, copy_fixture, word_prompt, write_gpt2, write_gpt2_readable,
+    write_word_level_tokenizer,
+};
 
 mod cli_common;
 use cli_common::{path, studio};
@@ -332,5 +335,54 @@ fn absurd_flag_values_are_refused_with_the_flag_named() {
             err.contains(flag) && err.contains("invalid value"),
             "{args:?}: {err}"
         );
+    }
+}
+
+/// `--temperature 0` with no other flag is transformers' greedy decoding: the ids of the GPT-2
+/// and transformers-5 Qwen2 fixtures' argmax continuations (no repeat penalty by default).
+#[test]
+fn temperature_zero_with_default_flags_is_transformers_greedy() {
+    for fixture in ["gpt2-tiny", "qwen2-tf5"] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        copy_fixture(fixture, tmp.path());
+        write_word_level_tokenizer(tmp.path(), 97);
+        let expected: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tmp.path().join("expected.json")).expect("expected"),
+        )
+        .expect("json");
+        let ids = |k: &str| -> Vec<u32> {
+            expected[k]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|x| u32::try_from(x.as_u64().expect("id")).expect("u32"))
+                .collect()
+        };
+        let greedy = ids("greedy_new_ids");
+        let out = studio(&[
+            "generate",
+            "--model",
+            path(tmp.path()),
+            "--prompt",
+            &word_prompt(&ids("input_ids")),
+            "--max-tokens",
+            &greedy.len().to_string(),
+            "--temperature",
+            "0",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{fixture}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).expect("utf-8");
+        let got: Vec<u32> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
+            .filter_map(|v| v["id"].as_u64())
+            .map(|id| u32::try_from(id).expect("u32"))
+            .collect();
+        assert_eq!(got, greedy, "{fixture}");
     }
 }

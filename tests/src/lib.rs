@@ -136,6 +136,47 @@ fn random(rng: &mut StdRng, shape: &[usize], scale: f32) -> Tensor {
     Tensor::from_vec(data, shape, &Device::Cpu).expect("tensor")
 }
 
+/// A word-level `tokenizer.json` of `vocab` tokens `t0` … `t{vocab-1}` split on whitespace, so
+/// a fixture given as token ids (made by a reference implementation) can be prompted as text:
+/// [`word_prompt`] writes the ids back as words.
+pub fn write_word_level_tokenizer(dir: &Path, vocab: usize) {
+    let words: serde_json::Map<String, serde_json::Value> = (0..vocab)
+        .map(|i| (format!("t{i}"), serde_json::json!(i)))
+        .collect();
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "t0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).expect("write tokenizer.json");
+}
+
+/// The prompt whose words [`write_word_level_tokenizer`]'s tokenizer encodes as `ids`.
+pub fn word_prompt(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|i| format!("t{i}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Copies the committed fixture folder `tests/fixtures/<name>` into `dir` (so a test can add
+/// files, such as a tokenizer, without touching the fixture).
+pub fn copy_fixture(name: &str, dir: &Path) {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    for entry in std::fs::read_dir(&src).expect("fixture dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy fixture file");
+    }
+}
+
 /// Random GPT-2 tensors in the hub's naming (`Conv1D` weights stored `[in, out]`).
 pub fn gpt2_tensors(cfg: TinyGpt2, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);

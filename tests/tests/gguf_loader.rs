@@ -122,5 +122,29 @@ fn gguf_files_in_the_hugging_face_cache_are_listed_and_load() {
     assert_eq!(found[0].path, target);
     let label = found[0].support.as_ref().expect("supported");
     assert!(label.contains("qwen2") && label.contains("Q8_0"), "{label}");
+    assert_eq!(
+        found[0].bytes,
+        Some(std::fs::metadata(&target).expect("size").len())
+    );
     loader::load(&found[0].path, &Device::Cpu, &mut |_, _| {}).expect("loads");
+}
+
+/// A repo with a Hugging Face folder model and GGUF files lists both.
+#[test]
+fn gguf_files_beside_a_folder_model_in_the_cache_are_listed_too() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let snapshot = tmp.path().join("models--Org--Tiny/snapshots/abc");
+    std::fs::create_dir_all(&snapshot).expect("dir");
+    studio_tests::write_gpt2_readable(&snapshot, studio_tests::TinyGpt2::default(), 1);
+    let made = tmp.path().join("made");
+    let gguf = write_family_gguf(&made, "qwen2", 2, &GgufOptions::with_dtype(GgmlDType::Q8_0));
+    std::fs::copy(&gguf, snapshot.join("tiny-q8_0.gguf")).expect("copy");
+    let found = studio_inference::llm::hf_cache::scan(tmp.path());
+    let repos: Vec<&str> = found.iter().map(|f| f.repo.as_str()).collect();
+    assert_eq!(repos, ["Org/Tiny", "Org/Tiny/tiny-q8_0.gguf"], "{found:?}");
+    assert!(
+        found[0].support.is_ok() && found[0].bytes.is_none(),
+        "{found:?}"
+    );
+    assert!(found[1].bytes.is_some_and(|b| b > 0), "{found:?}");
 }

@@ -45,8 +45,9 @@ pub struct SamplingArgs {
     /// 0 disables.
     #[arg(long, default_value_t = 0.05)]
     pub min_p: f32,
-    /// 1 disables.
-    #[arg(long, default_value_t = 1.1)]
+    /// Penalty for repeating the last `--repeat-last-n` tokens; 1 (the default, as llama.cpp)
+    /// applies none, so `--temperature 0` is plain greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,

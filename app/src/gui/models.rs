@@ -238,6 +238,9 @@ impl ModelsPanel {
                     .on_hover_text(found.path.display().to_string());
                 if let Ok(arch) = &found.support {
                     ui.label(weak(ui, arch));
+                    if let Some(bytes) = found.bytes {
+                        ui.label(weak(ui, &format::bytes(bytes)));
+                    }
                     let loaded = model.is_some_and(|m| m.path == found.path);
                     ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                         if loaded {

@@ -15,8 +15,11 @@ pub struct CachedModel {
     pub repo: String,
     /// The snapshot folder to load.
     pub path: PathBuf,
-    /// `Ok(architecture label)` when this build can load it, else why not.
+    /// `Ok(architecture label)` when this build can load it, else why not. A GGUF file's
+    /// label names its architecture and quant type (`GGUF qwen2 Q4_K_M`).
     pub support: Result<String, String>,
+    /// A GGUF file's size in bytes (`None` for folder models).
+    pub bytes: Option<u64>,
 }
 
 /// The hub cache folder, from the environment.
@@ -66,7 +69,7 @@ fn gguf_files(repo_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Lists every model in `dir` with whether this build can load it: one entry per Hugging Face
-/// folder model, and one per GGUF file (`ORG/NAME/file.gguf`).
+/// folder model, and one per GGUF file (`ORG/NAME/file.gguf`), also in repos that hold both.
 pub fn scan(dir: &Path) -> Vec<CachedModel> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -81,20 +84,21 @@ pub fn scan(dir: &Path) -> Vec<CachedModel> {
         let path = entry.path();
         let ggufs = gguf_files(&path);
         let resolved = loader::resolve(&path);
+        for file in &ggufs {
+            let support = crate::llm::gguf::inspect(file)
+                .map(|info| format!("GGUF {} {}", info.architecture, info.file_type))
+                .map_err(|e| e.to_string());
+            let file_name = file
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            found.push(CachedModel {
+                repo: format!("{repo}/{file_name}"),
+                path: file.clone(),
+                support,
+                bytes: std::fs::metadata(file).ok().map(|m| m.len()),
+            });
+        }
         if !ggufs.is_empty() && resolved.is_err() {
-            for file in ggufs {
-                let support = crate::llm::gguf::inspect(&file)
-                    .map(|info| format!("GGUF {} {}", info.architecture, info.file_type))
-                    .map_err(|e| e.to_string());
-                let file_name = file
-                    .file_name()
-                    .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
-                found.push(CachedModel {
-                    repo: format!("{repo}/{file_name}"),
-                    path: file,
-                    support,
-                });
-            }
             continue;
         }
         let support = match &resolved {
@@ -108,6 +112,7 @@ pub fn scan(dir: &Path) -> Vec<CachedModel> {
             repo,
             path,
             support,
+            bytes: None,
         });
     }
     found.sort_by(|a, b| a.repo.cmp(&b.repo));

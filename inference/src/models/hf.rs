@@ -152,6 +152,8 @@ impl FamilyConfig {
             (Family::Gemma3, Some(text)) => (text.clone(), Some("language_model")),
             _ => (config.clone(), None),
         };
+        // Transformers 5's keys (`rope_parameters`, `null`s) in the shape the configs read.
+        let config = super::hf_config::normalize(family, &config)?;
         check_config_bounds(&config)?;
         // Deserialize once now so a bad config fails before any weight is read.
         match family {

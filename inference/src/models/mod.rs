@@ -5,6 +5,7 @@ pub(crate) mod cpu_ops;
 pub mod family;
 pub mod gpt2;
 pub mod hf;
+pub mod hf_config;
 pub(crate) mod qlinear;
 pub mod quant_gemma;
 pub mod quant_llama;
