@@ -102,6 +102,9 @@ pub fn normalize(family: Family, config: &Value) -> Result<Value, String> {
             out.remove("rope_scaling");
         }
     }
+    if let Some(types) = obj.get("layer_types").filter(|v| !v.is_null()) {
+        layer_types(family, types, &mut out)?;
+    }
     if family == Family::Qwen2 && !out.contains_key("sliding_window") {
         // Qwen2's config reads a window even when `use_sliding_window` is off.
         if out.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
@@ -112,6 +115,64 @@ pub fn normalize(family: Family, config: &Value) -> Result<Value, String> {
         }
     }
     Ok(Value::Object(out))
+}
+
+/// Checks `layer_types` (transformers 5) against the attention each layer of the family's model
+/// runs, and gives Gemma 3 the `sliding_window_pattern` it implies.
+fn layer_types(family: Family, types: &Value, out: &mut Map<String, Value>) -> Result<(), String> {
+    let types: Vec<&str> = types
+        .as_array()
+        .and_then(|a| a.iter().map(Value::as_str).collect())
+        .ok_or("`layer_types` must be a list of strings")?;
+    let sliding = |t: &str| match t {
+        "sliding_attention" => Ok(true),
+        "full_attention" => Ok(false),
+        other => Err(format!(
+            "`layer_types` has {other:?}, which Studio does not run (it runs full_attention and \
+             sliding_attention)"
+        )),
+    };
+    let flags: Vec<bool> = types.into_iter().map(sliding).collect::<Result<_, _>>()?;
+    match family {
+        // One global layer in every `pattern`, the last of each group.
+        Family::Gemma3 => {
+            let pattern = flags.iter().position(|s| !s).map_or(flags.len(), |i| i + 1);
+            let periodic = flags
+                .iter()
+                .enumerate()
+                .all(|(i, &s)| s == ((i + 1) % pattern != 0));
+            if pattern == 0 || !periodic {
+                return Err(
+                    "`layer_types` is not one global layer after every few sliding \
+                            ones, the pattern Gemma 3 runs"
+                        .to_owned(),
+                );
+            }
+            match out.get("sliding_window_pattern").and_then(Value::as_u64) {
+                Some(p) if p != pattern as u64 => {
+                    return Err(format!(
+                        "`sliding_window_pattern` ({p}) and `layer_types` (a global layer every \
+                         {pattern}) disagree"
+                    ));
+                }
+                _ => {
+                    out.insert("sliding_window_pattern".to_owned(), Value::from(pattern));
+                }
+            }
+        }
+        // Gemma 2 alternates sliding and global layers, as its model does.
+        Family::Gemma2 => {}
+        _ => {
+            if flags.iter().any(|&s| s) {
+                return Err(format!(
+                    "`layer_types` has sliding_attention layers; Studio's {} runs full attention \
+                     on every layer",
+                    family.label()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Moves `params[rope_theta]` to `out[key]`; a different value already there is an error.
@@ -190,6 +251,16 @@ mod tests {
         let both = json!({"rope_theta": 10_000.0, "rope_parameters": {"rope_theta": 1e6}});
         let e = normalize(Family::Qwen3, &both).expect_err("disagree");
         assert!(e.contains("disagree"), "{e}");
+        let types = json!({"layer_types": ["sliding_attention", "sliding_attention",
+            "full_attention", "sliding_attention", "sliding_attention", "full_attention"]});
+        let n = normalize(Family::Gemma3, &types).expect("pattern");
+        assert_eq!(n["sliding_window_pattern"], json!(3));
+        let odd = json!({"layer_types": ["sliding_attention", "full_attention",
+            "sliding_attention", "sliding_attention", "full_attention"]});
+        assert!(normalize(Family::Gemma3, &odd).is_err());
+        let qwen = json!({"layer_types": ["full_attention", "sliding_attention"]});
+        let e = normalize(Family::Qwen3, &qwen).expect_err("sliding qwen3");
+        assert!(e.contains("layer_types"), "{e}");
         let window = json!({"use_sliding_window": true, "sliding_window": null});
         let e = normalize(Family::Qwen2, &window).expect_err("window");
         assert!(e.contains("sliding_window"), "{e}");
