@@ -690,3 +690,50 @@ fn the_memory_estimate_follows_the_image_size() {
         "{small} {large}"
     );
 }
+
+/// A diffusers `tokenizer/` folder with its own small vocabulary (`vocab.json`,
+/// `merges.txt`; `tools/make_clip_tokenizer_fixture.py`) tokenizes as transformers'
+/// `CLIPTokenizer`, unknown bytes included; ids past the text encoder's rows are refused.
+#[test]
+fn a_folder_clip_vocabulary_tokenizes_as_transformers() {
+    use studio_inference::diffusion::prompt::{ClipTokenizer, Padding};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-tiny-tokenizer");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).expect("fixture"))
+            .expect("json");
+    let vocab = usize::try_from(expected["vocab_size"].as_u64().expect("size")).expect("usize");
+    let tok = ClipTokenizer::from_folder(&dir, vocab, Padding::Eos).expect("tokenizer");
+    assert_eq!((tok.bos(), tok.eos(), tok.pad), (68, 69, 69));
+    for p in expected["prompts"].as_array().expect("prompts") {
+        let text = p["text"].as_str().expect("text");
+        let ids: Vec<u32> = p["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|x| u32::try_from(x.as_u64().expect("id")).expect("u32"))
+            .collect();
+        assert_eq!(tok.encode(text), ids, "{text:?}");
+    }
+    let chunk = &tok.chunks("a cat", 1)[0];
+    assert_eq!(&chunk.ids[..4], &[68, 29, 59, 69]);
+    let Err(e) = ClipTokenizer::from_folder(&dir, 40, Padding::Eos) else {
+        panic!("ids past the embedding must be refused");
+    };
+    assert!(e.to_string().contains("up to 69"), "{e}");
+}
+
+/// A diffusers folder whose `tokenizer/` holds a small vocabulary of its own (70 ids) loads
+/// with it and generates.
+#[test]
+fn a_diffusers_folder_with_its_own_small_vocabulary_generates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_tiny_sd(dir.path(), TinySd::new(TinyKind::Sd1));
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-tiny-tokenizer");
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(fixture.join(f), dir.path().join("tokenizer").join(f)).expect("copy");
+    }
+    let m = load(dir.path());
+    let (out, steps) = run(&m, &request("a red dog", 64));
+    assert_eq!((out.images.len(), steps), (1, 3));
+}

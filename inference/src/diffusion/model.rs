@@ -485,11 +485,13 @@ fn component_error(dir: &Path, e: &Error) -> Error {
 
 fn diffusers_tokenizer(dir: &Path, vocab_size: usize, padding: Padding) -> Result<ClipTokenizer> {
     let merges = dir.join("merges.txt");
-    if merges.exists() && vocab_size != 49408 {
-        ClipTokenizer::from_merges(&merges, vocab_size, padding)
-    } else {
+    if vocab_size == 49408 || !merges.exists() {
         // Every released SD text encoder uses OpenAI's 49408-token vocabulary, bundled.
         Ok(ClipTokenizer::bundled(padding))
+    } else if dir.join("vocab.json").exists() {
+        ClipTokenizer::from_folder(dir, vocab_size, padding)
+    } else {
+        ClipTokenizer::from_merges(&merges, vocab_size, padding)
     }
 }
 

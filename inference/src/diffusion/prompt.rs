@@ -15,6 +15,10 @@ use instant_clip_tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
 
+/// CLIP's word split (transformers' `CLIPTokenizer`): contractions, letter runs, single
+/// digits, and runs of other non-space characters.
+const CLIP_WORDS: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
 /// Tokens per chunk between `<bos>` and `<eos>`.
 pub const CHUNK_TOKENS: usize = 75;
 
@@ -156,9 +160,19 @@ fn split_break(text: &str) -> Vec<String> {
 
 /// CLIP's BPE tokenizer and the ids SD needs.
 pub struct ClipTokenizer {
-    inner: Tokenizer,
+    inner: Inner,
     /// What fills a chunk after `<eos>`: `<eos>` itself for SD 1.x, `!` (id 0) for OpenCLIP.
     pub pad: u32,
+}
+
+/// OpenAI's vocabulary (fast, bundled), or a folder's own `vocab.json` and `merges.txt`.
+enum Inner {
+    OpenAi(Tokenizer),
+    Folder {
+        bpe: Box<tokenizers::Tokenizer>,
+        bos: u32,
+        eos: u32,
+    },
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -181,10 +195,94 @@ pub enum Padding {
 impl ClipTokenizer {
     /// The OpenAI vocabulary bundled with Studio (what every SD text encoder was trained with).
     pub fn bundled(padding: Padding) -> Self {
-        Self::with(Tokenizer::new(), padding)
+        Self::with(Inner::OpenAi(Tokenizer::new()), padding)
     }
 
-    /// Reads a `merges.txt` (diffusers' `tokenizer/` folder) with `vocab_size` ids.
+    /// A diffusers `tokenizer/` folder's own vocabulary (`vocab.json` and `merges.txt`, any
+    /// size), tokenized as transformers' `CLIPTokenizer` does: NFC, runs of whitespace as one
+    /// space, lower case, CLIP's word split, byte-level BPE with `</w>` ending each word, and
+    /// bytes outside the vocabulary as `<|endoftext|>`. Every id must be below `vocab_size`,
+    /// the text encoder's embedding rows.
+    pub fn from_folder(dir: &Path, vocab_size: usize, padding: Padding) -> Result<Self> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            Error::Tokenizer(format!("{}: {what}: {e}", dir.display()))
+        };
+        let vocab_path = dir.join("vocab.json");
+        let text = std::fs::read_to_string(&vocab_path).map_err(|source| Error::Io {
+            path: vocab_path.clone(),
+            source,
+        })?;
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(&text).map_err(|e| bad("vocab.json", &e))?;
+        let id = |token: &str| {
+            vocab.get(token).copied().ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: vocab.json has no `{token}`, which CLIP needs",
+                    dir.display()
+                ))
+            })
+        };
+        let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+        if let Some(max) = vocab.values().max()
+            && *max as usize >= vocab_size
+        {
+            return Err(Error::Tokenizer(format!(
+                "{}: vocab.json has ids up to {max}, but the text encoder embeds {vocab_size}",
+                dir.display()
+            )));
+        }
+        let merges_path = dir.join("merges.txt");
+        let merges_text = std::fs::read_to_string(&merges_path).map_err(|source| Error::Io {
+            path: merges_path.clone(),
+            source,
+        })?;
+        let merges: Vec<(String, String)> = merges_text
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                    .ok_or_else(|| bad("merges.txt", &format!("`{l}` is not a pair")))
+            })
+            .collect::<Result<_>>()?;
+        let json = serde_json::json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "NFC"},
+                {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+                {"type": "Lowercase"}
+            ]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": CLIP_WORDS}, "behavior": "Removed",
+                 "invert": true},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                 "use_regex": false}
+            ]},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                        "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+                      "continuing_subword_prefix": "", "end_of_word_suffix": "</w>",
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": merges}
+        });
+        let bpe = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&json.to_string())
+            .map_err(|e| bad("the tokenizer", &e))?;
+        Ok(Self::with(
+            Inner::Folder {
+                bpe: Box::new(bpe),
+                bos,
+                eos,
+            },
+            padding,
+        ))
+    }
+
+    /// Reads a `merges.txt` alone with `vocab_size` ids: the 512 byte tokens, the merges in
+    /// order, `<|startoftext|>` and `<|endoftext|>` (the OpenAI layout, without `vocab.json`).
     pub fn from_merges(path: &Path, vocab_size: usize, padding: Padding) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|source| Error::Io {
             path: path.to_owned(),
@@ -201,33 +299,50 @@ impl ClipTokenizer {
             })?;
         let inner = Tokenizer::with_vocabulary(BufReader::new(file), size)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self::with(inner, padding))
+        Ok(Self::with(Inner::OpenAi(inner), padding))
     }
 
-    fn with(inner: Tokenizer, padding: Padding) -> Self {
-        let pad = match padding {
-            Padding::Eos => u32::from(inner.end_of_text().to_u16()),
+    fn with(inner: Inner, padding: Padding) -> Self {
+        let mut tokenizer = Self { inner, pad: 0 };
+        tokenizer.pad = match padding {
+            Padding::Eos => tokenizer.eos(),
             Padding::Exclamation => 0,
         };
-        Self { inner, pad }
+        tokenizer
     }
 
     /// The id of `<|startoftext|>`, which opens every chunk.
     pub fn bos(&self) -> u32 {
-        u32::from(self.inner.start_of_text().to_u16())
+        match &self.inner {
+            Inner::OpenAi(t) => u32::from(t.start_of_text().to_u16()),
+            Inner::Folder { bos, .. } => *bos,
+        }
     }
 
     /// The id of `<|endoftext|>`, which closes every chunk's text (and pads it with
     /// [`Padding::Eos`]).
     pub fn eos(&self) -> u32 {
-        u32::from(self.inner.end_of_text().to_u16())
+        match &self.inner {
+            Inner::OpenAi(t) => u32::from(t.end_of_text().to_u16()),
+            Inner::Folder { eos, .. } => *eos,
+        }
     }
 
     /// Token ids of `text` without `<bos>`/`<eos>`.
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        let mut out = Vec::new();
-        self.inner.encode(text, &mut out);
-        out.into_iter().map(|t| u32::from(t.to_u16())).collect()
+        match &self.inner {
+            Inner::OpenAi(t) => {
+                let mut out = Vec::new();
+                t.encode(text, &mut out);
+                out.into_iter().map(|t| u32::from(t.to_u16())).collect()
+            }
+            // The normalizer and pre-tokenizer take any text; an error is impossible short of
+            // a bug, and leaves the prompt empty rather than failing a generation.
+            Inner::Folder { bpe, .. } => bpe
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .unwrap_or_default(),
+        }
     }
 
     /// The prompt as 77-token chunks with per-token weights, at least `min_chunks` of them
