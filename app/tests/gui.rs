@@ -1430,3 +1430,22 @@ fn the_api_server_started_in_settings_serves_the_loaded_model_until_stopped() {
     h.step();
     assert!(shows_text(&h, "stopped with the model"));
 }
+
+/// Emoji common in replies have glyphs (Studio's Noto Emoji fallback), in text and in code.
+#[test]
+fn emoji_in_replies_have_glyphs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(tmp.path());
+    h.step();
+    let emoji = "🙂🤖🥲🫠🚀✅👍";
+    for font in [
+        egui::FontId::proportional(14.0),
+        egui::FontId::monospace(14.0),
+    ] {
+        let missing: String = emoji
+            .chars()
+            .filter(|&c| !h.ctx.fonts_mut(|f| f.has_glyph(&font, c)))
+            .collect();
+        assert!(missing.is_empty(), "no glyph in {font:?} for {missing}");
+    }
+}

@@ -110,6 +110,7 @@ impl StudioApp {
     /// Reads the settings and conversations under `config.home`, starts the inference worker
     /// (whose events wake `ctx`), and queues the last model's load.
     pub fn new(ctx: &egui::Context, config: &AppConfig) -> Self {
+        super::fonts::install(ctx);
         let mut notices = Notices::default();
         let (settings, note) = Settings::load(&config.home);
         if let Some(note) = note {

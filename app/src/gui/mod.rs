@@ -24,6 +24,7 @@ pub mod command;
 pub mod context;
 pub mod dispatch;
 pub mod explorer;
+pub mod fonts;
 pub mod format;
 pub mod jobs;
 pub mod logic;

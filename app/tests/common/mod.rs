@@ -19,13 +19,17 @@ pub const TIMEOUT: Duration = Duration::from_secs(90);
 /// The whole window at `size`, as `eframe` runs it: frame logic, then the UI.
 pub fn harness_sized(config: &AppConfig, size: egui::Vec2) -> Harness<'static, StudioApp> {
     let app = StudioApp::new(&egui::Context::default(), config);
-    Harness::builder().with_size(size).build_ui_state(
+    let harness = Harness::builder().with_size(size).build_ui_state(
         |ui, app: &mut StudioApp| {
             app.frame_logic(ui.ctx());
             app.root_ui(ui);
         },
         app,
-    )
+    );
+    // The window installs Studio's fonts on its own context (`StudioApp::new`); the harness
+    // has its own.
+    studio_app::gui::fonts::install(&harness.ctx);
+    harness
 }
 
 /// Steps frames (with short sleeps for the worker) until `done` holds; fails after [`TIMEOUT`].
