@@ -386,3 +386,46 @@ fn temperature_zero_with_default_flags_is_transformers_greedy() {
         assert_eq!(got, greedy, "{fixture}");
     }
 }
+
+/// `studio convert` turns a `torch.save` checkpoint into safetensors with the same tensors,
+/// and refuses a hostile pickle without running it.
+#[test]
+fn convert_reads_a_pickle_as_data_and_writes_safetensors() {
+    let fixtures =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pickles");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out_path = tmp.path().join("sd.safetensors");
+    let out = studio(&[
+        "convert",
+        path(&fixtures.join("sd_like.ckpt")),
+        path(&out_path),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("converted 2 tensors"));
+    let written = std::fs::read(&out_path).expect("written");
+    let twin = std::fs::read(fixtures.join("sd_like.safetensors")).expect("twin");
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&written).expect("out"),
+        safetensors::SafeTensors::deserialize(&twin).expect("twin"),
+    );
+    for name in b.names() {
+        assert_eq!(
+            a.tensor(name).expect(name).data(),
+            b.tensor(name).expect(name).data()
+        );
+    }
+    let canary = std::path::Path::new("/tmp/studio-pickle-canary-reduce");
+    let _ = std::fs::remove_file(canary);
+    let out = studio(&[
+        "convert",
+        path(&fixtures.join("hostile_reduce.pth")),
+        path(&tmp.path().join("x.safetensors")),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("posix.system"));
+    assert!(!canary.exists() && !tmp.path().join("x.safetensors").exists());
+}

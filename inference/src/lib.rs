@@ -19,6 +19,7 @@
 //! - [`diffusion`]: Stable Diffusion (UNet, VAE, CLIP, TAESD, schedulers, pipelines);
 //! - [`gan`]: StyleGAN2 and DCGAN generators, numpy-compatible seeds, projection;
 //! - [`worker`]: the worker thread and its protocol;
+//! - [`pickle`]: PyTorch checkpoints (pickles) read as data by Studio's own reader, never run;
 //! - [`image_meta`]: the `parameters` text SD tools write into PNGs;
 //! - [`device`], [`sys`]: device choice, process facts;
 //! - [`error`]: the crate's error type.
@@ -34,6 +35,7 @@ pub mod image_meta;
 pub mod llm;
 pub mod models;
 pub mod nn;
+pub mod pickle;
 pub mod quant;
 pub mod sys;
 pub mod weights;

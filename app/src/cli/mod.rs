@@ -25,12 +25,15 @@
 //!
 //! Errors go to stderr with a non-zero exit code.
 //!
+//! - `studio convert IN OUT.safetensors`: see [`convert`].
+//!
 //! Files: [`common`] (the engine and sampling flags, device parsing, streaming to stdout,
 //! medians), [`text`] (`generate`, `chat`, `serve`, `bench generate`, `bench memory`),
 //! [`image`], [`gan`], [`code`], and [`values`] (the flag value parsers and their bounds).
 
 pub mod code;
 pub mod common;
+pub mod convert;
 pub mod gan;
 pub mod image;
 pub mod text;
@@ -78,6 +81,9 @@ pub enum Command {
     /// Run a code action (explain, fix, doc, tests, translate:LANG, instruct) on a file or
     /// some of its lines; editing actions print a unified diff.
     Code(code::CodeArgs),
+    /// Convert a PyTorch checkpoint (.ckpt, .pt, .pth, pytorch_model.bin) to safetensors,
+    /// reading the pickle as data (nothing in it is run).
+    Convert(convert::ConvertArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +119,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Inpaint(args) => image::run_inpaint(&args),
         Command::Complete(args) => code::run_complete(&args),
         Command::Code(args) => code::run_code(&args),
+        Command::Convert(args) => convert::run_convert(&args),
         Command::Bench(BenchCommand::Complete(args)) => code::run_bench_complete(&args),
     }
 }

@@ -1,0 +1,43 @@
+//! `studio convert IN OUT.safetensors`: a PyTorch checkpoint (`.ckpt`, `.pt`, `.pth`,
+//! `pytorch_model.bin`) read by Studio's own pickle reader, as data (nothing in it is run),
+//! and written as safetensors. Prints one line with what was written.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use studio_inference::pickle::{read_checkpoint, write_safetensors};
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The PyTorch checkpoint to read.
+    pub input: PathBuf,
+    /// The safetensors file to write (replaced atomically if it exists).
+    pub output: PathBuf,
+}
+
+pub fn run_convert(args: &ConvertArgs) -> Result<()> {
+    if args
+        .output
+        .extension()
+        .is_none_or(|e| !e.eq_ignore_ascii_case("safetensors"))
+    {
+        bail!(
+            "{}: the output must be a .safetensors file",
+            args.output.display()
+        );
+    }
+    let tensors = read_checkpoint(&args.input)
+        .with_context(|| format!("reading {}", args.input.display()))?;
+    write_safetensors(&tensors, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    let bytes: usize = tensors.iter().map(|t| t.data.len()).sum();
+    println!(
+        "converted {} tensors ({:.1} MB) from {} to {} (read as data: nothing in the pickle ran)",
+        tensors.len(),
+        bytes as f64 / 1e6,
+        args.input.display(),
+        args.output.display()
+    );
+    Ok(())
+}

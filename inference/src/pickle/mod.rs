@@ -1,0 +1,300 @@
+//! Studio's own reader of PyTorch checkpoints (`.ckpt`, `.pt`, `.pth`, `pytorch_model.bin`),
+//! which are Python pickles: read as data, never run.
+//!
+//! - [`vm`]: the pickle opcodes interpreted into an inert object graph (no global is ever
+//!   imported or called);
+//! - [`torch`]: the allowlist that reads a state dict of tensors out of that graph;
+//! - this module: PyTorch's zip archive (`archive/data.pkl` and `archive/data/<key>`
+//!   storages), every size checked against the file before anything is allocated, and the
+//!   conversion to safetensors (`studio convert`).
+//!
+//! Not read yet (refused with what to do instead): PyTorch's legacy pre-1.6 format and
+//! NVIDIA's network pickles (StyleGAN2 `.pkl`), which `tools/convert_stylegan_pkl.py`
+//! converts.
+
+pub mod torch;
+pub mod vm;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use torch::{DType, TensorRef};
+
+/// Largest `data.pkl` read (a large checkpoint's is a few MiB).
+const MAX_PICKLE_BYTES: u64 = 1 << 30;
+
+/// One tensor read from a checkpoint, its data little-endian and contiguous.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PickledTensor {
+    /// Its name in the state dict (`model.diffusion_model.input_blocks.0.0.weight`).
+    pub name: String,
+    /// Its element type.
+    pub dtype: DType,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its elements, row-major.
+    pub data: Vec<u8>,
+}
+
+fn corrupt(path: &Path, message: impl Into<String>) -> Error {
+    Error::CorruptWeights {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Reads the state dict of the PyTorch checkpoint at `path`.
+pub fn read_checkpoint(path: &Path) -> Result<Vec<PickledTensor>> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    if n < 4 {
+        return Err(corrupt(path, "the file is too short to be a checkpoint"));
+    }
+    if magic != *b"PK\x03\x04" {
+        return Err(corrupt(
+            path,
+            if magic[0] == 0x80 {
+                "this is a bare pickle (PyTorch's legacy format before 1.6, or an NVIDIA network \
+                 pickle), which Studio does not read yet; convert NVIDIA networks with \
+                 tools/convert_stylegan_pkl.py, or re-save the checkpoint with a current PyTorch"
+            } else {
+                "not a PyTorch checkpoint (no zip archive and no pickle header)"
+            },
+        ));
+    }
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| corrupt(path, format!("the zip archive: {e}")))?;
+    let pkl_name = (0..zip.len())
+        .filter_map(|i| zip.name_for_index(i).and_then(std::result::Result::ok))
+        .find(|n| n == "data.pkl" || n.ends_with("/data.pkl"))
+        .map(std::borrow::Cow::into_owned)
+        .ok_or_else(|| {
+            corrupt(
+                path,
+                "the zip archive has no data.pkl: it is not a PyTorch checkpoint",
+            )
+        })?;
+    let prefix = pkl_name.trim_end_matches("data.pkl").to_owned();
+    let pickle_bytes = read_entry(&mut zip, &pkl_name, file_len, MAX_PICKLE_BYTES, path)?;
+    let pickle = vm::parse(&pickle_bytes).map_err(|e| corrupt(path, format!("{pkl_name}: {e}")))?;
+    let refs = torch::state_dict(&pickle).map_err(|e| corrupt(path, format!("refused: {e}")))?;
+    if refs.is_empty() {
+        return Err(corrupt(path, "the checkpoint holds no tensors"));
+    }
+    // Each storage is read once and dropped after the last tensor that views it, so a
+    // conversion holds at most the storages in use plus the tensors written so far.
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for (_, t) in &refs {
+        *uses.entry(t.storage.as_str()).or_default() += 1;
+    }
+    let mut uses: HashMap<String, usize> =
+        uses.into_iter().map(|(k, n)| (k.to_owned(), n)).collect();
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut out = Vec::with_capacity(refs.len());
+    for (name, t) in refs {
+        if !storages.contains_key(&t.storage) {
+            let entry = format!("{prefix}data/{}", t.storage);
+            let bytes = read_entry(&mut zip, &entry, file_len, file_len, path)?;
+            storages.insert(t.storage.clone(), bytes);
+        }
+        let storage = &storages[&t.storage];
+        let data = gather(storage, &t).map_err(|e| corrupt(path, format!("`{name}`: {e}")))?;
+        if let Some(n) = uses.get_mut(&t.storage) {
+            *n -= 1;
+            if *n == 0 {
+                storages.remove(&t.storage);
+            }
+        }
+        out.push(PickledTensor {
+            name,
+            dtype: t.dtype,
+            shape: t.shape,
+            data,
+        });
+    }
+    Ok(out)
+}
+
+/// The bytes of archive entry `name`: stored (not compressed), at most `max` bytes and no
+/// larger than the file.
+fn read_entry(
+    zip: &mut zip::ZipArchive<File>,
+    name: &str,
+    file_len: u64,
+    max: u64,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let mut entry = zip
+        .by_name(name)
+        .map_err(|e| corrupt(path, format!("`{name}`: {e}")))?;
+    if entry.compression() != zip::CompressionMethod::Stored {
+        return Err(corrupt(
+            path,
+            format!("`{name}` is compressed; PyTorch stores checkpoint entries uncompressed"),
+        ));
+    }
+    let size = entry.size();
+    if size > max.min(file_len) {
+        return Err(corrupt(
+            path,
+            format!("`{name}` claims {size} bytes, more than the {file_len}-byte file holds"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    entry
+        .by_ref()
+        .take(size)
+        .read_to_end(&mut bytes)
+        .map_err(|e| corrupt(path, format!("`{name}`: {e}")))?;
+    if bytes.len() as u64 != size {
+        return Err(corrupt(path, format!("`{name}` is truncated")));
+    }
+    Ok(bytes)
+}
+
+/// The tensor's elements from its storage, row-major; every index checked.
+fn gather(storage: &[u8], t: &TensorRef) -> std::result::Result<Vec<u8>, String> {
+    if t.shape.len() != t.stride.len() {
+        return Err(format!(
+            "shape {:?} and stride {:?} disagree",
+            t.shape, t.stride
+        ));
+    }
+    let es = t.dtype.size();
+    let elements = storage.len() / es;
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("the shape overflows")?;
+    if numel == 0 {
+        return Ok(Vec::new());
+    }
+    // A view larger than its storage (an expanded tensor) would be built element by element
+    // into memory the file does not bound: refused.
+    if numel.checked_mul(es).is_none_or(|b| b > storage.len()) {
+        return Err(format!(
+            "a view of {numel} elements over a storage of {elements} (an expanded tensor) is \
+             not read"
+        ));
+    }
+    // The furthest element the view reads.
+    let last = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .try_fold(t.offset, |a, (&d, &s)| {
+            (d - 1).checked_mul(s).and_then(|x| a.checked_add(x))
+        })
+        .ok_or("the strides overflow")?;
+    if last >= elements {
+        return Err(format!(
+            "it reads element {last} of a storage of {elements}: the storage is too short"
+        ));
+    }
+    let contiguous = {
+        let mut expect = 1;
+        let mut ok = true;
+        for (&d, &s) in t.shape.iter().zip(&t.stride).rev() {
+            if d > 1 && s != expect {
+                ok = false;
+            }
+            expect *= d;
+        }
+        ok
+    };
+    if contiguous {
+        return Ok(storage[t.offset * es..(t.offset + numel) * es].to_vec());
+    }
+    let mut out = Vec::with_capacity(numel * es);
+    let mut index = vec![0usize; t.shape.len()];
+    for _ in 0..numel {
+        let at = t.offset
+            + index
+                .iter()
+                .zip(&t.stride)
+                .map(|(&i, &s)| i * s)
+                .sum::<usize>();
+        out.extend_from_slice(&storage[at * es..(at + 1) * es]);
+        for d in (0..index.len()).rev() {
+            index[d] += 1;
+            if index[d] < t.shape[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `tensors` as a safetensors file at `out` (atomically).
+pub fn write_safetensors(tensors: &[PickledTensor], out: &Path) -> Result<()> {
+    use safetensors::Dtype as S;
+    let views = tensors
+        .iter()
+        .map(|t| {
+            let dtype = match t.dtype {
+                DType::F32 => S::F32,
+                DType::F16 => S::F16,
+                DType::BF16 => S::BF16,
+                DType::F64 => S::F64,
+                DType::I64 => S::I64,
+                DType::I32 => S::I32,
+                DType::I16 => S::I16,
+                DType::I8 => S::I8,
+                DType::U8 => S::U8,
+                DType::Bool => S::BOOL,
+            };
+            safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.data)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| corrupt(out, format!("`{}`: {e}", t.name)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut meta = HashMap::new();
+    meta.insert(
+        "converted_by".to_owned(),
+        "Studio (studio convert; the pickle was read as data)".to_owned(),
+    );
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| corrupt(out, format!("writing safetensors: {e}")))?;
+    crate::sys::write_atomic(out, &bytes, false).map_err(|e| Error::io(out, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(offset: usize, shape: &[usize], stride: &[usize]) -> TensorRef {
+        TensorRef {
+            storage: "0".to_owned(),
+            dtype: DType::U8,
+            offset,
+            shape: shape.to_vec(),
+            stride: stride.to_vec(),
+        }
+    }
+
+    #[test]
+    fn views_are_gathered_in_row_major_order_and_bounded_by_their_storage() {
+        let storage: Vec<u8> = (0..12).collect();
+        // A 3×4 matrix transposed: 4×3 with strides (1, 4).
+        let t = gather(&storage, &view(0, &[4, 3], &[1, 4])).expect("transposed");
+        assert_eq!(t, vec![0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]);
+        assert_eq!(
+            gather(&storage, &view(5, &[3], &[1])).expect("slice"),
+            vec![5, 6, 7]
+        );
+        let e = gather(&storage, &view(0, &[2], &[20])).expect_err("past the end");
+        assert!(e.contains("too short"), "{e}");
+        let e = gather(&storage, &view(0, &[2, 3], &[3])).expect_err("rank");
+        assert!(e.contains("disagree"), "{e}");
+        let e = gather(&storage, &view(0, &[usize::MAX, 3], &[3, 1])).expect_err("overflow");
+        assert!(e.contains("overflow") || e.contains("not read"), "{e}");
+    }
+}
