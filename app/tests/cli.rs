@@ -2,7 +2,7 @@
 //! random-weight GPT-2 written by the test.
 
 use studio_tests::{
-    Gpt2Naming, TinyGpt2, copy_fixture, word_prompt, write_gpt2, write_gpt2_readable,
+    Gpt2Naming, TinyGpt2, copy_fixture, json_ids, word_prompt, write_gpt2, write_gpt2_readable,
     write_word_level_tokenizer,
 };
 
@@ -350,21 +350,13 @@ fn temperature_zero_with_default_flags_is_transformers_greedy() {
             &std::fs::read_to_string(tmp.path().join("expected.json")).expect("expected"),
         )
         .expect("json");
-        let ids = |k: &str| -> Vec<u32> {
-            expected[k]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|x| u32::try_from(x.as_u64().expect("id")).expect("u32"))
-                .collect()
-        };
-        let greedy = ids("greedy_new_ids");
+        let greedy = json_ids(&expected, "greedy_new_ids");
         let out = studio(&[
             "generate",
             "--model",
             path(tmp.path()),
             "--prompt",
-            &word_prompt(&ids("input_ids")),
+            &word_prompt(&json_ids(&expected, "input_ids")),
             "--max-tokens",
             &greedy.len().to_string(),
             "--temperature",

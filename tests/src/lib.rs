@@ -165,6 +165,33 @@ pub fn word_prompt(ids: &[u32]) -> String {
         .join(" ")
 }
 
+/// A fixture's list of token ids (`expected.json`'s `input_ids`, `greedy_new_ids`, …).
+pub fn json_ids(v: &serde_json::Value, key: &str) -> Vec<u32> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is not a list"))
+        .iter()
+        .map(|x| u32::try_from(x.as_u64().expect("an id")).expect("a u32 id"))
+        .collect()
+}
+
+/// A fixture's rows of floats (`expected.json`'s `logits`), as f32.
+#[allow(clippy::cast_possible_truncation)] // the fixtures' f32 values, printed as f64
+pub fn json_rows(v: &serde_json::Value, key: &str) -> Vec<Vec<f32>> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("`{key}` is not a list"))
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .expect("a row")
+                .iter()
+                .map(|x| x.as_f64().expect("a float") as f32)
+                .collect()
+        })
+        .collect()
+}
+
 /// Copies the committed fixture folder `tests/fixtures/<name>` into `dir` (so a test can add
 /// files, such as a tokenizer, without touching the fixture).
 pub fn copy_fixture(name: &str, dir: &Path) {

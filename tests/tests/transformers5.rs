@@ -7,7 +7,7 @@ use candle_core::Device;
 use studio_inference::llm::generate::generate;
 use studio_inference::llm::loader;
 use studio_inference::llm::sampling::SamplingParams;
-use studio_tests::{copy_fixture, word_prompt, write_word_level_tokenizer};
+use studio_tests::{copy_fixture, json_ids, json_rows, word_prompt, write_word_level_tokenizer};
 
 struct Expected {
     input_ids: Vec<u32>,
@@ -19,30 +19,10 @@ fn expected() -> Expected {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/qwen2-tf5");
     let text = std::fs::read_to_string(dir.join("expected.json")).expect("fixture");
     let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    let ids = |k: &str| -> Vec<u32> {
-        v[k].as_array()
-            .expect("array")
-            .iter()
-            .map(|x| u32::try_from(x.as_u64().expect("id")).expect("u32"))
-            .collect()
-    };
-    #[allow(clippy::cast_possible_truncation)] // the fixture's f32 logits, printed as f64
-    let logits = v["logits"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("row")
-                .iter()
-                .map(|x| x.as_f64().expect("float") as f32)
-                .collect()
-        })
-        .collect();
     Expected {
-        input_ids: ids("input_ids"),
-        logits,
-        greedy: ids("greedy_new_ids"),
+        input_ids: json_ids(&v, "input_ids"),
+        logits: json_rows(&v, "logits"),
+        greedy: json_ids(&v, "greedy_new_ids"),
     }
 }
 
