@@ -10,8 +10,8 @@ check that Studio reads them value for value:
   0-d tensor, an empty tensor, and a nested `OrderedDict`;
 * ``sd_like.ckpt``: ``{"state_dict": {...}, "global_step": 10, "epoch": 1}`` as SD and Lightning
   checkpoints are saved;
-* ``legacy.pth``: the pre-1.6 format (``_use_new_zipfile_serialization=False``), which the
-  reader refuses with what to do.
+* ``legacy.pth``: the pre-1.6 format (``_use_new_zipfile_serialization=False``): a view at an
+  offset into a shared storage, float16, a transposed view.
 
 Hostile files, each a zip archive whose ``data.pkl`` was written byte by byte: if Python's
 pickle ran them, they would create ``/tmp/studio-pickle-canary-<name>``; Studio must refuse
@@ -107,8 +107,12 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in inner.items()},
               os.path.join(out, "sd_like.safetensors"))
 
-    torch.save({"w": torch.randn(2, 2)}, os.path.join(out, "legacy.pth"),
-               _use_new_zipfile_serialization=False)
+    shared_legacy = torch.arange(10, dtype=torch.float32)
+    legacy = {"w": torch.randn(2, 2), "v": shared_legacy[3:7], "h": torch.randn(3).half(),
+              "t": torch.randn(3, 2).t()}
+    torch.save(legacy, os.path.join(out, "legacy.pth"), _use_new_zipfile_serialization=False)
+    save_file({k: v.contiguous().clone() for k, v in legacy.items()},
+              os.path.join(out, "legacy.safetensors"))
 
     zip_with_pickle(os.path.join(out, "hostile_reduce.pth"),
                     dict_of("weight", system_call("reduce")))

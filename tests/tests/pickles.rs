@@ -105,17 +105,28 @@ fn hostile_pickles_are_refused_and_nothing_runs() {
     }
 }
 
+/// PyTorch's pre-1.6 format: pickles in a row, then the raw storages.
 #[test]
-fn legacy_truncated_and_foreign_files_get_clear_errors() {
-    let e = read_checkpoint(&fixture("legacy.pth")).expect_err("legacy");
-    assert!(e.to_string().contains("legacy"), "{e}");
+fn the_legacy_format_reads_value_for_value() {
+    let legacy = read_checkpoint(&fixture("legacy.pth")).expect("legacy.pth");
+    assert_matches_twin(&legacy, &fixture("legacy.safetensors"));
+}
+
+#[test]
+fn truncated_and_foreign_files_get_clear_errors() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let whole = std::fs::read(fixture("state_dict.pth")).expect("read");
-    for cut in [10, whole.len() / 2, whole.len() - 30] {
-        let path = tmp.path().join("cut.pth");
-        std::fs::write(&path, &whole[..cut]).expect("write");
-        assert!(read_checkpoint(&path).is_err(), "cut at {cut}");
+    for name in ["state_dict.pth", "legacy.pth"] {
+        let whole = std::fs::read(fixture(name)).expect("read");
+        for cut in [10, whole.len() / 2, whole.len() - 30] {
+            let path = tmp.path().join("cut.pth");
+            std::fs::write(&path, &whole[..cut]).expect("write");
+            assert!(read_checkpoint(&path).is_err(), "{name} cut at {cut}");
+        }
     }
+    let path = tmp.path().join("plain.pkl");
+    std::fs::write(&path, b"\x80\x02}q\x00.").expect("write");
+    let e = read_checkpoint(&path).expect_err("a bare pickle");
+    assert!(e.to_string().contains("not a PyTorch checkpoint"), "{e}");
     let path = tmp.path().join("notes.ckpt");
     std::fs::write(&path, "just some text, not a checkpoint").expect("write");
     let e = read_checkpoint(&path).expect_err("text");

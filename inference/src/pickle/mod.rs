@@ -8,9 +8,9 @@
 //!   storages), every size checked against the file before anything is allocated, and the
 //!   conversion to safetensors (`studio convert`).
 //!
-//! Not read yet (refused with what to do instead): PyTorch's legacy pre-1.6 format and
-//! NVIDIA's network pickles (StyleGAN2 `.pkl`), which `tools/convert_stylegan_pkl.py`
-//! converts.
+//! PyTorch's legacy format (before 1.6: pickles one after another, then the raw storages) is
+//! read too. Not read yet (refused with what to do instead): NVIDIA's network pickles
+//! (StyleGAN2 `.pkl`), which `tools/convert_stylegan_pkl.py` converts.
 
 pub mod torch;
 pub mod vm;
@@ -54,16 +54,13 @@ pub fn read_checkpoint(path: &Path) -> Result<Vec<PickledTensor>> {
     if n < 4 {
         return Err(corrupt(path, "the file is too short to be a checkpoint"));
     }
+    if magic[0] == 0x80 {
+        return read_legacy(path);
+    }
     if magic != *b"PK\x03\x04" {
         return Err(corrupt(
             path,
-            if magic[0] == 0x80 {
-                "this is a bare pickle (PyTorch's legacy format before 1.6, or an NVIDIA network \
-                 pickle), which Studio does not read yet; convert NVIDIA networks with \
-                 tools/convert_stylegan_pkl.py, or re-save the checkpoint with a current PyTorch"
-            } else {
-                "not a PyTorch checkpoint (no zip archive and no pickle header)"
-            },
+            "not a PyTorch checkpoint (no zip archive and no pickle header)",
         ));
     }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -119,6 +116,98 @@ pub fn read_checkpoint(path: &Path) -> Result<Vec<PickledTensor>> {
         });
     }
     Ok(out)
+}
+
+/// The first bytes of PyTorch's legacy format: a pickled magic number (an 80-bit int).
+const LEGACY_MAGIC: [u8; 15] = [
+    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+];
+
+/// PyTorch's legacy format (before 1.6): pickles one after another (the magic number, the
+/// protocol version, system facts, the object, the storage keys), then each storage as a
+/// little-endian element count and its bytes, in the keys' order.
+fn read_legacy(path: &Path) -> Result<Vec<PickledTensor>> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let Some(mut rest) = data.strip_prefix(LEGACY_MAGIC.as_slice()) else {
+        return Err(corrupt(
+            path,
+            "a bare pickle that is not a PyTorch checkpoint (an NVIDIA network pickle, say), \
+             which Studio does not read yet; convert NVIDIA networks with \
+             tools/convert_stylegan_pkl.py",
+        ));
+    };
+    let mut next = |what: &str| -> Result<vm::Pickle> {
+        let (p, used) = vm::parse_prefix(rest)
+            .map_err(|e| corrupt(path, format!("the legacy format's {what}: {e}")))?;
+        rest = &rest[used..];
+        Ok(p)
+    };
+    next("protocol version")?;
+    next("system facts")?;
+    let object = next("object")?;
+    let keys = next("storage keys")?;
+    let key_list: Vec<String> = match keys.get(keys.root) {
+        vm::Node::List(ids) => ids
+            .iter()
+            .map(|&id| match keys.get(id) {
+                vm::Node::Str(s) => Ok(s.clone()),
+                other => Err(corrupt(
+                    path,
+                    format!("a storage key is {}", vm::kind(other)),
+                )),
+            })
+            .collect::<Result<_>>()?,
+        other => {
+            return Err(corrupt(
+                path,
+                format!("the storage keys are {}", vm::kind(other)),
+            ));
+        }
+    };
+    let types =
+        torch::storage_types(&object).map_err(|e| corrupt(path, format!("refused: {e}")))?;
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    for key in key_list {
+        let dtype = types
+            .get(&key)
+            .ok_or_else(|| corrupt(path, format!("storage `{key}` is listed but never used")))?;
+        let Some((count, body)) = rest.split_first_chunk::<8>() else {
+            return Err(corrupt(path, format!("storage `{key}` is truncated")));
+        };
+        let bytes = usize::try_from(u64::from_le_bytes(*count))
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .filter(|&n| n <= body.len())
+            .ok_or_else(|| {
+                corrupt(
+                    path,
+                    format!("storage `{key}` runs past the end of the file"),
+                )
+            })?;
+        storages.insert(key, body[..bytes].to_vec());
+        rest = &body[bytes..];
+    }
+    let refs = torch::state_dict(&object).map_err(|e| corrupt(path, format!("refused: {e}")))?;
+    if refs.is_empty() {
+        return Err(corrupt(path, "the checkpoint holds no tensors"));
+    }
+    refs.into_iter()
+        .map(|(name, t)| {
+            let storage = storages.get(&t.storage).ok_or_else(|| {
+                corrupt(
+                    path,
+                    format!("`{name}`: storage `{}` is missing", t.storage),
+                )
+            })?;
+            let data = gather(storage, &t).map_err(|e| corrupt(path, format!("`{name}`: {e}")))?;
+            Ok(PickledTensor {
+                name,
+                dtype: t.dtype,
+                shape: t.shape,
+                data,
+            })
+        })
+        .collect()
 }
 
 /// The bytes of archive entry `name`: stored (not compressed), at most `max` bytes and no

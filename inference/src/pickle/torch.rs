@@ -257,11 +257,13 @@ fn tensor(p: &Pickle, id: Id, depth: usize) -> Result<Option<TensorRef>, Refusal
                     args.len()
                 ));
             }
-            let (storage, dtype) = storage(p, args[0])?;
+            let (storage, dtype, view_offset) = storage(p, args[0])?;
             Ok(Some(TensorRef {
                 storage,
                 dtype,
-                offset: usize_of(p, args[1], "storage offset")?,
+                offset: usize_of(p, args[1], "storage offset")?
+                    .checked_add(view_offset)
+                    .ok_or("a storage offset overflows")?,
                 shape: usizes(p, args[2], "shape")?,
                 stride: usizes(p, args[3], "stride")?,
             }))
@@ -277,9 +279,10 @@ fn tensor(p: &Pickle, id: Id, depth: usize) -> Result<Option<TensorRef>, Refusal
     }
 }
 
-/// The storage key and element type of a persistent id
-/// `('storage', torch.FloatStorage, key, location, numel)`.
-fn storage(p: &Pickle, id: Id) -> Result<(String, DType), Refusal> {
+/// The storage key, element type and view offset (in elements) of a persistent id
+/// `('storage', torch.FloatStorage, key, location, numel)`; PyTorch's legacy format adds a
+/// sixth part, `None` or `(view_key, offset, size)` for a view into the root storage `key`.
+fn storage(p: &Pickle, id: Id) -> Result<(String, DType, usize), Refusal> {
     let Node::Persistent(pid) = p.get(id) else {
         return Err(format!(
             "a tensor's storage is {}, not a reference to the archive's data",
@@ -299,5 +302,22 @@ fn storage(p: &Pickle, id: Id) -> Result<(String, DType), Refusal> {
         None => return Err("a storage reference has no storage type".to_owned()),
     };
     let key = key_of(p, parts[2]).ok_or("a storage key is not a string")?;
-    Ok((key, dtype))
+    let view_offset = match parts.get(5).map(|&v| p.get(v)) {
+        Some(Node::Tuple(view)) if view.len() == 3 => usize_of(p, view[1], "view offset")?,
+        _ => 0,
+    };
+    Ok((key, dtype, view_offset))
+}
+
+/// The element type of every storage the pickle references, by key (the legacy format needs
+/// each one's element size to find the next in the file).
+pub fn storage_types(p: &Pickle) -> Result<std::collections::HashMap<String, DType>, Refusal> {
+    let mut types = std::collections::HashMap::new();
+    for (id, node) in p.nodes.iter().enumerate() {
+        if let Node::Persistent(_) = node {
+            let (key, dtype, _) = storage(p, id)?;
+            types.insert(key, dtype);
+        }
+    }
+    Ok(types)
 }

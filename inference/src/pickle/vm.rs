@@ -170,6 +170,12 @@ impl<'a> Reader<'a> {
 
 /// Reads one pickle (up to its `STOP`) from `data`.
 pub fn parse(data: &[u8]) -> Result<Pickle> {
+    parse_prefix(data).map(|(p, _)| p)
+}
+
+/// Reads the pickle at the start of `data` and says how many bytes it took (PyTorch's legacy
+/// format writes several pickles one after another, then raw storage bytes).
+pub fn parse_prefix(data: &[u8]) -> Result<(Pickle, usize)> {
     let mut vm = Vm {
         nodes: Vec::new(),
         stack: Vec::new(),
@@ -179,10 +185,13 @@ pub fn parse(data: &[u8]) -> Result<Pickle> {
     loop {
         let op = r.byte()?;
         if let Some(root) = vm.step(op, &mut r)? {
-            return Ok(Pickle {
-                nodes: vm.nodes,
-                root,
-            });
+            return Ok((
+                Pickle {
+                    nodes: vm.nodes,
+                    root,
+                },
+                r.pos,
+            ));
         }
     }
 }
