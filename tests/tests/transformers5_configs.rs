@@ -44,6 +44,8 @@ fn rope_settings_come_from_rope_parameters() {
     let phi3 = normalize(Family::Phi3, &config("phi3")).expect("phi3");
     assert_eq!(phi3["rope_scaling"]["rope_type"], "longrope");
     assert_eq!(phi3["rope_scaling"]["long_factor"][0], 2.0);
+    assert_eq!(phi3["partial_rotary_factor"], 1.0);
+    assert_eq!(phi3["original_max_position_embeddings"], 128);
     let gemma3 = normalize(Family::Gemma3, &config("gemma3_text")).expect("gemma3");
     assert_eq!(gemma3["rope_theta"], 1_000_000.0);
     assert_eq!(gemma3["rope_local_base_freq"], 10_000.0);

@@ -59,6 +59,12 @@ pub fn normalize(family: Family, config: &Value) -> Result<Value, String> {
             _ => (params, None),
         };
         take_theta(&mut out, "rope_theta", global, "rope_parameters")?;
+        // Phi-3 reads these at the top level (transformers 5 keeps them in the rope object).
+        for key in ["partial_rotary_factor", "original_max_position_embeddings"] {
+            if let Some(v) = global.get(key).filter(|v| !v.is_null()) {
+                out.entry(key.to_owned()).or_insert_with(|| v.clone());
+            }
+        }
         if let Some(local) = local {
             take_theta(
                 &mut out,
