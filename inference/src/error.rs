@@ -28,10 +28,10 @@ pub enum Error {
 
     /// A Python pickle checkpoint, refused without being opened.
     #[error(
-        "{0}: this is a Python pickle checkpoint, which can run arbitrary code when loaded; \
-         Studio never unpickles files. Convert it to .safetensors first (language and \
-         diffusion models: the `safetensors` convert script; NVIDIA StyleGAN .pkl: \
-         tools/convert_stylegan_pkl.py) and open that instead."
+        "{0}: this is a Python pickle checkpoint, which can run arbitrary code when Python \
+         loads it; Studio never unpickles files into live objects. Convert it to .safetensors \
+         and open that: `studio convert {0} OUT.safetensors` reads a PyTorch checkpoint as \
+         data (nothing in it runs); NVIDIA StyleGAN .pkl: tools/convert_stylegan_pkl.py."
     )]
     UnsafePickle(PathBuf),
 
