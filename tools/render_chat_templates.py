@@ -2,7 +2,7 @@
 """Renders the chat-template fixtures with Hugging Face transformers' own `apply_chat_template`
 and writes what it produced to tests/fixtures/templates/expected.json.
 
-Studio renders chat templates with minijinja (inference/src/template.rs); the Rust test
+Studio renders chat templates with minijinja (inference/src/llm/template.rs); the Rust test
 tests/tests/templates.rs renders the same cases and compares byte for byte. CI never runs this
 script; rerun it after adding a fixture or a case, and review the diff of expected.json.
 
