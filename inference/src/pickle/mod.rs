@@ -322,37 +322,58 @@ fn gather(storage: &[u8], t: &TensorRef) -> std::result::Result<Vec<u8>, String>
     Ok(out)
 }
 
-/// Writes `tensors` as a safetensors file at `out` (atomically).
+/// Writes `tensors` as a safetensors file at `out`, atomically and streamed (the header,
+/// then each tensor's bytes as they are), so a conversion holds the tensors once.
 pub fn write_safetensors(tensors: &[PickledTensor], out: &Path) -> Result<()> {
-    use safetensors::Dtype as S;
-    let views = tensors
-        .iter()
-        .map(|t| {
-            let dtype = match t.dtype {
-                DType::F32 => S::F32,
-                DType::F16 => S::F16,
-                DType::BF16 => S::BF16,
-                DType::F64 => S::F64,
-                DType::I64 => S::I64,
-                DType::I32 => S::I32,
-                DType::I16 => S::I16,
-                DType::I8 => S::I8,
-                DType::U8 => S::U8,
-                DType::Bool => S::BOOL,
-            };
-            safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.data)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| corrupt(out, format!("`{}`: {e}", t.name)))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut meta = HashMap::new();
-    meta.insert(
-        "converted_by".to_owned(),
-        "Studio (studio convert; the pickle was read as data)".to_owned(),
+    use std::io::Write as _;
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".to_owned(),
+        serde_json::json!({"converted_by": "Studio (studio convert; the pickle was read as data)"}),
     );
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| corrupt(out, format!("writing safetensors: {e}")))?;
-    crate::sys::write_atomic(out, &bytes, false).map_err(|e| Error::io(out, e))
+    let mut offset = 0usize;
+    for t in tensors {
+        let dtype = match t.dtype {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        };
+        let numel: usize = t.shape.iter().product();
+        if numel * t.dtype.size() != t.data.len() {
+            return Err(corrupt(
+                out,
+                format!("`{}`: its data does not fill its shape", t.name),
+            ));
+        }
+        let end = offset + t.data.len();
+        let entry =
+            serde_json::json!({"dtype": dtype, "shape": t.shape, "data_offsets": [offset, end]});
+        if header.insert(t.name.clone(), entry).is_some() {
+            return Err(corrupt(out, format!("`{}` appears twice", t.name)));
+        }
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| corrupt(out, e.to_string()))?;
+    // The data starts 8-byte aligned, the header padded with spaces.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let io = |e| Error::io(out, e);
+    let mut file = crate::sys::AtomicFile::create(out, false).map_err(io)?;
+    file.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&json).map_err(io)?;
+    for t in tensors {
+        file.write_all(&t.data).map_err(io)?;
+    }
+    file.commit().map_err(io)
 }
 
 #[cfg(test)]
