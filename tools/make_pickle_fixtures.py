@@ -10,6 +10,8 @@ check that Studio reads them value for value:
   0-d tensor, an empty tensor, and a nested `OrderedDict`;
 * ``sd_like.ckpt``: ``{"state_dict": {...}, "global_step": 10, "epoch": 1}`` as SD and Lightning
   checkpoints are saved;
+* ``gpt2_pytorch_model.bin``: the GPT-2 parity fixture's weights (`tests/fixtures/gpt2-tiny`)
+  saved with `torch.save`, as transformers' `pytorch_model.bin`;
 * ``legacy.pth``: the pre-1.6 format (``_use_new_zipfile_serialization=False``): a view at an
   offset into a shared storage, float16, a transposed view.
 
@@ -39,7 +41,7 @@ import sys
 import zipfile
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
 def canary(name: str) -> str:
@@ -106,6 +108,12 @@ def main() -> None:
                os.path.join(out, "sd_like.ckpt"))
     save_file({k: v.contiguous() for k, v in inner.items()},
               os.path.join(out, "sd_like.safetensors"))
+
+    # The GPT-2 parity fixture's weights as transformers' `pytorch_model.bin` (for the window's
+    # conversion offer).
+    gpt2_dir = os.path.join(repo_root, "tests", "fixtures", "gpt2-tiny")
+    torch.save(load_file(os.path.join(gpt2_dir, "model.safetensors")),
+               os.path.join(out, "gpt2_pytorch_model.bin"))
 
     shared_legacy = torch.arange(10, dtype=torch.float32)
     legacy = {"w": torch.randn(2, 2), "v": shared_legacy[3:7], "h": torch.randn(3).half(),

@@ -457,10 +457,15 @@ fn dropping_a_pickle_checkpoint_shows_the_refusal_and_keeps_the_loaded_model() {
         "a refused file does not unload the loaded model"
     );
     assert_eq!(h.state().settings().recent_models, vec![model]);
-    control(&h, "Dismiss").click();
-    h.step();
-    h.step();
+    // Beside the refusal, the offer to convert it; dismissing both leaves neither.
+    assert!(shows_text(&h, "Convert to safetensors"));
+    for _ in 0..2 {
+        control(&h, "Dismiss").click();
+        h.step();
+        h.step();
+    }
     assert!(!shows_text(&h, "never unpickles"));
+    assert!(!shows_text(&h, "Convert to safetensors"));
 }
 
 #[test]
@@ -1448,4 +1453,56 @@ fn emoji_in_replies_have_glyphs() {
             .collect();
         assert!(missing.is_empty(), "no glyph in {font:?} for {missing}");
     }
+}
+
+/// A dropped folder whose weights are transformers' `pytorch_model.bin` is refused with an
+/// offer to convert it; accepting converts it beside it (read as data) and loads the folder.
+#[test]
+fn a_refused_pickle_is_offered_for_conversion_and_then_loads() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let folder = tmp.path().join("gpt2-bin");
+    std::fs::create_dir_all(&folder).expect("dir");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    std::fs::copy(
+        fixtures.join("gpt2-tiny/config.json"),
+        folder.join("config.json"),
+    )
+    .expect("config");
+    std::fs::copy(
+        fixtures.join("pickles/gpt2_pytorch_model.bin"),
+        folder.join("pytorch_model.bin"),
+    )
+    .expect("weights");
+    studio_tests::write_word_level_tokenizer(&folder, 97);
+    let mut h = harness(&tmp.path().join("home"));
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(DroppedPath(folder.clone())));
+    step_until(&mut h, "the conversion offer", |h| {
+        !h.state().is_busy() && shows_text(h, "Convert to safetensors")
+    });
+    assert!(shows_text(&h, "never unpickles"));
+    assert!(shows_text(&h, "nothing in it runs"));
+    control(&h, "Convert to safetensors").click();
+    step_until(&mut h, "the converted model to load", |h| {
+        h.state().model().is_some()
+    });
+    assert_eq!(
+        h.state().model().map(|m| m.path.clone()),
+        Some(folder.clone())
+    );
+    let written = std::fs::read(folder.join("model.safetensors")).expect("converted");
+    let reference = std::fs::read(fixtures.join("gpt2-tiny/model.safetensors")).expect("fixture");
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&written).expect("converted"),
+        safetensors::SafeTensors::deserialize(&reference).expect("fixture"),
+    );
+    assert_eq!(a.len(), b.len());
+    for name in b.names() {
+        assert_eq!(
+            a.tensor(name).expect(name).data(),
+            b.tensor(name).expect(name).data()
+        );
+    }
+    assert!(shows_text(&h, "nothing in it ran"));
 }

@@ -88,6 +88,9 @@ pub enum Command {
     },
     RemoveRecentModel(PathBuf),
     RescanHfCache,
+    /// Convert a PyTorch checkpoint (a pickle) to safetensors beside it, reading it as data,
+    /// then open the result.
+    ConvertCheckpoint(PathBuf),
     /// Something the Canvas asks for.
     Canvas(CanvasCommand),
     /// Something the Latent Explorer asks for.

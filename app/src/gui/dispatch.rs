@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use studio_inference::worker::{JobKind, LoadOptions};
+use studio_inference::worker::{CustomJob, JobKind, LoadOptions};
 
 use super::api_server::ApiServer;
 use super::app::StudioApp;
@@ -65,6 +65,7 @@ impl StudioApp {
             }
             Command::RemoveRecentModel(path) => self.settings.recent_models.retain(|p| *p != path),
             Command::RescanHfCache => self.models.start_scan(),
+            Command::ConvertCheckpoint(path) => self.convert_checkpoint(path),
             // Taken by the panels above.
             Command::Canvas(_)
             | Command::Explorer(_)
@@ -83,6 +84,27 @@ impl StudioApp {
             | Command::UndoDelete(_)
             | Command::ExportConversation { .. } => {}
         }
+    }
+
+    /// Converts a PyTorch checkpoint beside it on the worker (`studio convert`'s reader: the
+    /// pickle is read as data); `logic` opens the result when the job is done.
+    fn convert_checkpoint(&mut self, checkpoint: PathBuf) {
+        self.notices
+            .dismiss_action(&Command::ConvertCheckpoint(checkpoint.clone()));
+        let name = checkpoint.file_name().map_or_else(
+            || checkpoint.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let path = checkpoint.clone();
+        let run: CustomJob =
+            Box::new(move |_| studio_inference::pickle::convert_beside(&path).map(|_| ()));
+        self.submit(
+            JobKind::Custom {
+                label: format!("Converting {name} to safetensors"),
+                run,
+            },
+            JobPurpose::ConvertCheckpoint(checkpoint),
+        );
     }
 
     /// Writes conversation `id` as shown (its active path) to `path`; says how it went in a

@@ -42,6 +42,8 @@ pub enum JobPurpose {
     CodeAction,
     /// Starting the API server on the loaded model.
     StartApiServer,
+    /// Converting this PyTorch checkpoint to safetensors beside it.
+    ConvertCheckpoint(PathBuf),
 }
 
 impl JobPurpose {
@@ -61,7 +63,8 @@ impl JobPurpose {
             JobPurpose::LoadModel(..)
             | JobPurpose::UnloadModel
             | JobPurpose::ConnectRemote(_)
-            | JobPurpose::StartApiServer => None,
+            | JobPurpose::StartApiServer
+            | JobPurpose::ConvertCheckpoint(_) => None,
         }
     }
 }

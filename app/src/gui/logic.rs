@@ -147,6 +147,26 @@ impl StudioApp {
                 self.model_options = None;
                 self.settings.last_model = None;
             }
+            Event::Done { .. } => {
+                if let Some(JobPurpose::ConvertCheckpoint(checkpoint)) = tracked.map(|t| t.purpose)
+                {
+                    let out = studio_inference::pickle::converted_path(&checkpoint);
+                    self.notices.info(format!(
+                        "Converted {} to {} (read as data: nothing in it ran)",
+                        checkpoint.display(),
+                        out.display()
+                    ));
+                    // A folder's `pytorch_model.bin` became its `model.safetensors`: the folder
+                    // is the model.
+                    let target = match checkpoint.parent() {
+                        Some(dir) if out.file_name().is_some_and(|n| n == "model.safetensors") => {
+                            dir.to_path_buf()
+                        }
+                        _ => out,
+                    };
+                    super::canvas::actions::route_dropped(target, &mut app_context!(self));
+                }
+            }
             Event::Cancelled { .. } => {
                 // The worker reports with `ModelUnloaded` whether the previous model is gone.
                 if let Some(t) = tracked
@@ -164,6 +184,13 @@ impl StudioApp {
                         self.settings.last_model = None;
                     }
                     self.notices.error(load_error(&path, &error));
+                    self.notices.offer_conversion(&path);
+                }
+                Some(JobPurpose::ConvertCheckpoint(checkpoint)) => {
+                    self.notices.error(format!(
+                        "Could not convert {}: {error}",
+                        checkpoint.display()
+                    ));
                 }
                 Some(JobPurpose::ConnectRemote(url)) => {
                     self.notices
@@ -178,7 +205,6 @@ impl StudioApp {
             // Bookkeeping only (above), or events of jobs no panel is waiting for.
             Event::Started { .. }
             | Event::Progress { .. }
-            | Event::Done { .. }
             | Event::Text { .. }
             | Event::PromptTokens { .. }
             | Event::ContextTrimmed { .. }

@@ -187,8 +187,9 @@ impl ModelsPanel {
         ui.add(
             egui::Label::new(weak(
                 ui,
-                "Python pickle checkpoints (.bin, .pt, .ckpt) are never opened: they can run code \
-                 when loaded. Convert them to .safetensors first.",
+                "Python pickle checkpoints (.bin, .pt, .ckpt) are not loaded as they are: they \
+                 can run code when Python loads them. Open one and Studio offers to convert it \
+                 to .safetensors, reading it as data (or run `studio convert`).",
             ))
             .wrap(),
         );

@@ -8,6 +8,9 @@ use egui::{Color32, RichText};
 
 use super::command::Command;
 
+/// How long the offer to convert a refused pickle stays.
+const CONVERSION_OFFER: Duration = Duration::from_mins(2);
+
 const INFO_LIFETIME: Duration = Duration::from_secs(6);
 const MAX_SHOWN: usize = 4;
 
@@ -84,6 +87,32 @@ impl Notices {
             lifetime: Some(lifetime),
             created: Instant::now(),
         });
+    }
+
+    /// After a model at `path` was refused as a pickle: offers to convert the PyTorch checkpoint
+    /// it stands for to safetensors (read as data; nothing in it runs). Nothing when `path` is
+    /// not one.
+    pub fn offer_conversion(&mut self, path: &std::path::Path) {
+        let Some(checkpoint) = studio_inference::pickle::checkpoint_at(path) else {
+            return;
+        };
+        let out = studio_inference::pickle::converted_path(&checkpoint);
+        let name = |p: &std::path::Path| {
+            p.file_name().map_or_else(
+                || p.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        };
+        self.undoable(
+            format!(
+                "Convert {} to {}? Studio reads the pickle as data: nothing in it runs.",
+                name(&checkpoint),
+                name(&out)
+            ),
+            "Convert to safetensors",
+            Command::ConvertCheckpoint(checkpoint),
+            CONVERSION_OFFER,
+        );
     }
 
     /// Removes the notices offering `command` (it was carried out).

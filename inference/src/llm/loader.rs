@@ -147,7 +147,9 @@ pub fn is_gguf(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-pub(crate) fn is_pickle(path: &Path) -> bool {
+/// Whether `path` is a Python pickle checkpoint, by extension (`.bin`, `.pt`, `.pth`, `.ckpt`,
+/// `.pkl`, `.pickle`).
+pub fn is_pickle(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))

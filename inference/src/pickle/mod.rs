@@ -23,6 +23,51 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use torch::{DType, TensorRef};
 
+/// The PyTorch checkpoint a model path stands for, when it is one: a pickle file itself, or a
+/// model folder whose only weights are `pytorch_model.bin`, `model.ckpt` or `model.pt`. What
+/// [`convert_beside`] converts.
+pub fn checkpoint_at(path: &Path) -> Option<std::path::PathBuf> {
+    if path.is_file() {
+        return crate::llm::loader::is_pickle(path).then(|| path.to_path_buf());
+    }
+    if path.join("model.safetensors").exists() || path.join("model.safetensors.index.json").exists()
+    {
+        return None;
+    }
+    ["pytorch_model.bin", "model.ckpt", "model.pt"]
+        .iter()
+        .map(|n| path.join(n))
+        .find(|p| p.is_file())
+}
+
+/// Where [`convert_beside`] writes: `model.safetensors` for a folder's `pytorch_model.bin`
+/// (so the folder loads), else the checkpoint's name with `.safetensors`.
+pub fn converted_path(checkpoint: &Path) -> std::path::PathBuf {
+    if checkpoint
+        .file_name()
+        .is_some_and(|n| n == "pytorch_model.bin")
+    {
+        checkpoint.with_file_name("model.safetensors")
+    } else {
+        checkpoint.with_extension("safetensors")
+    }
+}
+
+/// Converts `checkpoint` to safetensors beside it ([`converted_path`]), reading it as data;
+/// an existing file of that name is not replaced. Returns the file written.
+pub fn convert_beside(checkpoint: &Path) -> Result<std::path::PathBuf> {
+    let out = converted_path(checkpoint);
+    if out.exists() {
+        return Err(Error::InvalidParameter(format!(
+            "{} already exists: open it instead",
+            out.display()
+        )));
+    }
+    let tensors = read_checkpoint(checkpoint)?;
+    write_safetensors(&tensors, &out)?;
+    Ok(out)
+}
+
 /// Largest `data.pkl` read (a large checkpoint's is a few MiB).
 const MAX_PICKLE_BYTES: u64 = 1 << 30;
 

@@ -534,6 +534,7 @@ impl CanvasPanel {
                         }
                         cx.notices
                             .error(load_error(path, error.unwrap_or("unknown error")));
+                        cx.notices.offer_conversion(path);
                     }
                 }
             }
