@@ -17,6 +17,8 @@ const MAX_SHOWN: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Info,
+    /// Something Studio can do for the user, with its button (convert a refused pickle).
+    Offer,
     Warning,
     Error,
 }
@@ -103,16 +105,22 @@ impl Notices {
                 |n| n.to_string_lossy().into_owned(),
             )
         };
-        self.undoable(
-            format!(
+        self.next_id += 1;
+        self.list.push(Notice {
+            id: self.next_id,
+            level: Level::Offer,
+            text: format!(
                 "Convert {} to {}? Studio reads the pickle as data: nothing in it runs.",
                 name(&checkpoint),
                 name(&out)
             ),
-            "Convert to safetensors",
-            Command::ConvertCheckpoint(checkpoint),
-            CONVERSION_OFFER,
-        );
+            action: Some((
+                "Convert to safetensors".to_owned(),
+                Command::ConvertCheckpoint(checkpoint),
+            )),
+            lifetime: Some(CONVERSION_OFFER),
+            created: Instant::now(),
+        });
     }
 
     /// Removes the notices offering `command` (it was carried out).
@@ -166,6 +174,7 @@ impl Notices {
                 Level::Error => (visuals.error_fg_color, "Error"),
                 Level::Warning => (visuals.warn_fg_color, "Warning"),
                 Level::Info => (visuals.hyperlink_color, "Done"),
+                Level::Offer => (visuals.hyperlink_color, "Offer"),
             };
             egui::Frame::new()
                 .fill(visuals.extreme_bg_color)
@@ -217,6 +226,6 @@ pub fn level_color(ui: &egui::Ui, level: Level) -> Color32 {
     match level {
         Level::Error => ui.visuals().error_fg_color,
         Level::Warning => ui.visuals().warn_fg_color,
-        Level::Info => ui.visuals().weak_text_color(),
+        Level::Info | Level::Offer => ui.visuals().weak_text_color(),
     }
 }
