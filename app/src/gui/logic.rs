@@ -158,10 +158,11 @@ impl StudioApp {
                     ));
                     // A folder's `pytorch_model.bin` became its `model.safetensors`: the folder
                     // is the model.
+                    let from_folder = checkpoint
+                        .file_name()
+                        .is_some_and(|n| n == "pytorch_model.bin");
                     let target = match checkpoint.parent() {
-                        Some(dir) if out.file_name().is_some_and(|n| n == "model.safetensors") => {
-                            dir.to_path_buf()
-                        }
+                        Some(dir) if from_folder => dir.to_path_buf(),
                         _ => out,
                     };
                     super::canvas::actions::route_dropped(target, &mut app_context!(self));
