@@ -735,3 +735,30 @@ fn a_diffusers_folder_with_its_own_small_vocabulary_generates() {
     let (out, steps) = run(&m, &request("a red dog", 64));
     assert_eq!((out.images.len(), steps), (1, 3));
 }
+
+/// A hostile tokenizer folder: an oversized `vocab.json` is refused before it is read, and
+/// merges naming tokens the vocabulary lacks, or a vocabulary without CLIP's specials, are
+/// errors rather than crashes.
+#[test]
+fn hostile_clip_tokenizer_folders_are_refused() {
+    use studio_inference::diffusion::prompt::{ClipTokenizer, Padding};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path();
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/clip-tiny-tokenizer");
+    std::fs::copy(fixture.join("merges.txt"), dir.join("merges.txt")).expect("merges");
+    let big = std::fs::File::create(dir.join("vocab.json")).expect("vocab");
+    big.set_len(1 << 30).expect("sparse 1 GiB");
+    let e = ClipTokenizer::from_folder(dir, 70, Padding::Eos).expect_err("oversized");
+    assert!(e.to_string().contains("too large"), "{e}");
+    std::fs::write(dir.join("vocab.json"), r#"{"a": 0, "b": 1}"#).expect("vocab");
+    let e = ClipTokenizer::from_folder(dir, 70, Padding::Eos).expect_err("no specials");
+    assert!(e.to_string().contains("<|startoftext|>"), "{e}");
+    std::fs::write(
+        dir.join("vocab.json"),
+        r#"{"a": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}"#,
+    )
+    .expect("vocab");
+    std::fs::write(dir.join("merges.txt"), "#version: 0.2\nq z\n").expect("merges");
+    assert!(ClipTokenizer::from_folder(dir, 70, Padding::Eos).is_err());
+}

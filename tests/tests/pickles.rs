@@ -6,28 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
-use studio_inference::pickle::torch::DType;
 use studio_inference::pickle::{PickledTensor, read_checkpoint, write_safetensors};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/pickles")
         .join(name)
-}
-
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "F32",
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        DType::F64 => "F64",
-        DType::I64 => "I64",
-        DType::I32 => "I32",
-        DType::I16 => "I16",
-        DType::I8 => "I8",
-        DType::U8 => "U8",
-        DType::Bool => "BOOL",
-    }
 }
 
 /// The tensors equal their safetensors twin's, name for name and byte for byte.
@@ -43,7 +27,7 @@ fn assert_matches_twin(tensors: &[PickledTensor], twin: &Path) {
         let v = st.tensor(&t.name).expect("tensor");
         assert_eq!(
             format!("{:?}", v.dtype()),
-            dtype_name(t.dtype),
+            t.dtype.safetensors_name(),
             "{}",
             t.name
         );

@@ -80,12 +80,23 @@ impl Notices {
         command: Command,
         lifetime: Duration,
     ) {
+        self.push_action(Level::Info, text.into(), label.into(), command, lifetime);
+    }
+
+    fn push_action(
+        &mut self,
+        level: Level,
+        text: String,
+        label: String,
+        command: Command,
+        lifetime: Duration,
+    ) {
         self.next_id += 1;
         self.list.push(Notice {
             id: self.next_id,
-            level: Level::Info,
-            text: text.into(),
-            action: Some((label.into(), command)),
+            level,
+            text,
+            action: Some((label, command)),
             lifetime: Some(lifetime),
             created: Instant::now(),
         });
@@ -105,22 +116,18 @@ impl Notices {
                 |n| n.to_string_lossy().into_owned(),
             )
         };
-        self.next_id += 1;
-        self.list.push(Notice {
-            id: self.next_id,
-            level: Level::Offer,
-            text: format!(
-                "Convert {} to {}? Studio reads the pickle as data: nothing in it runs.",
-                name(&checkpoint),
-                name(&out)
-            ),
-            action: Some((
-                "Convert to safetensors".to_owned(),
-                Command::ConvertCheckpoint(checkpoint),
-            )),
-            lifetime: Some(CONVERSION_OFFER),
-            created: Instant::now(),
-        });
+        let text = format!(
+            "Convert {} to {}? Studio reads the pickle as data: nothing in it runs.",
+            name(&checkpoint),
+            name(&out)
+        );
+        self.push_action(
+            Level::Offer,
+            text,
+            "Convert to safetensors".to_owned(),
+            Command::ConvertCheckpoint(checkpoint),
+            CONVERSION_OFFER,
+        );
     }
 
     /// Removes the notices offering `command` (it was carried out).

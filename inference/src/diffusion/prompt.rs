@@ -15,6 +15,26 @@ use instant_clip_tokenizer::Tokenizer;
 
 use crate::error::{Error, Result};
 
+/// Largest `vocab.json` or `merges.txt` read (OpenAI's are 1.6 MB and 0.5 MB).
+const MAX_TOKENIZER_FILE: u64 = 64 << 20;
+
+/// A tokenizer file's text, its size checked before it is read.
+fn read_small_text(path: &Path) -> Result<String> {
+    let io = |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_TOKENIZER_FILE {
+        return Err(Error::Tokenizer(format!(
+            "{}: {len} bytes is too large for a CLIP tokenizer file (at most {} MiB)",
+            path.display(),
+            MAX_TOKENIZER_FILE >> 20
+        )));
+    }
+    std::fs::read_to_string(path).map_err(io)
+}
+
 /// CLIP's word split (transformers' `CLIPTokenizer`): contractions, letter runs, single
 /// digits, and runs of other non-space characters.
 const CLIP_WORDS: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
@@ -207,11 +227,7 @@ impl ClipTokenizer {
         let bad = |what: &str, e: &dyn std::fmt::Display| {
             Error::Tokenizer(format!("{}: {what}: {e}", dir.display()))
         };
-        let vocab_path = dir.join("vocab.json");
-        let text = std::fs::read_to_string(&vocab_path).map_err(|source| Error::Io {
-            path: vocab_path.clone(),
-            source,
-        })?;
+        let text = read_small_text(&dir.join("vocab.json"))?;
         let vocab: std::collections::HashMap<String, u32> =
             serde_json::from_str(&text).map_err(|e| bad("vocab.json", &e))?;
         let id = |token: &str| {
@@ -231,11 +247,7 @@ impl ClipTokenizer {
                 dir.display()
             )));
         }
-        let merges_path = dir.join("merges.txt");
-        let merges_text = std::fs::read_to_string(&merges_path).map_err(|source| Error::Io {
-            path: merges_path.clone(),
-            source,
-        })?;
+        let merges_text = read_small_text(&dir.join("merges.txt"))?;
         let merges: Vec<(String, String)> = merges_text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())

@@ -20,11 +20,12 @@ use crate::weights::Weights;
 /// Architectures this build can load, for error messages and the Models panel.
 pub fn supported_architectures() -> &'static str {
     static TEXT: LazyLock<String> = LazyLock::new(|| {
+        let ggufs: Vec<&str> = Family::all().map(Family::label).collect();
         format!(
             "GPT-2 (gpt2 … gpt2-xl, distilgpt2), {} from Hugging Face folders with \
-             safetensors weights, and {}",
+             safetensors weights, and GGUF files of {}",
             family::supported_hf(),
-            family::supported_gguf()
+            ggufs.join(", ")
         )
     });
     &TEXT

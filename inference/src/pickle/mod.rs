@@ -378,18 +378,7 @@ pub fn write_safetensors(tensors: &[PickledTensor], out: &Path) -> Result<()> {
     );
     let mut offset = 0usize;
     for t in tensors {
-        let dtype = match t.dtype {
-            DType::F32 => "F32",
-            DType::F16 => "F16",
-            DType::BF16 => "BF16",
-            DType::F64 => "F64",
-            DType::I64 => "I64",
-            DType::I32 => "I32",
-            DType::I16 => "I16",
-            DType::I8 => "I8",
-            DType::U8 => "U8",
-            DType::Bool => "BOOL",
-        };
+        let dtype = t.dtype.safetensors_name();
         let numel: usize = t.shape.iter().product();
         if numel * t.dtype.size() != t.data.len() {
             return Err(corrupt(

@@ -44,6 +44,22 @@ impl DType {
         }
     }
 
+    /// Its name in a safetensors header (`F32`, `BF16`, `BOOL`, …).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::F64 => "F64",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I16 => "I16",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        }
+    }
+
     /// From a storage class name (`FloatStorage`, …).
     fn from_storage(name: &str) -> Option<Self> {
         Some(match name {
