@@ -189,7 +189,8 @@ impl ModelsPanel {
                 ui,
                 "Python pickle checkpoints (.bin, .pt, .ckpt) are not loaded as they are: they \
                  can run code when Python loads them. Open one and Studio offers to convert it \
-                 to .safetensors, reading it as data (or run `studio convert`).",
+                 to .safetensors, reading it as data (on the command line: studio convert \
+                 IN OUT.safetensors).",
             ))
             .wrap(),
         );
