@@ -55,8 +55,7 @@ fn main() {
     let mut h = harness(home.path());
     h.state_mut()
         .push_command(Command::ShowPanel(Panel::Canvas));
-    h.state_mut()
-        .push_command(Command::Canvas(CanvasCommand::LoadModel(model)));
+    h.state_mut().push_command(CanvasCommand::LoadModel(model));
     let deadline = Instant::now() + Duration::from_mins(2);
     while h.state().canvas().model().is_none() {
         h.step();
@@ -72,8 +71,7 @@ fn main() {
         form.batch_count = 2;
     }
     let idle = frames(&mut h, 300, |_| true);
-    h.state_mut()
-        .push_command(Command::Canvas(CanvasCommand::Generate));
+    h.state_mut().push_command(CanvasCommand::Generate);
     h.step();
     // Until the job ends: the steps, the VAE decodes, and the results arriving.
     let busy = frames(&mut h, 100_000, StudioApp::is_busy);

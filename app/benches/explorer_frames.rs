@@ -64,7 +64,7 @@ fn main() {
     h.state_mut()
         .push_command(Command::ShowPanel(Panel::LatentExplorer));
     h.state_mut()
-        .push_command(Command::Explorer(ExplorerCommand::LoadModel(model)));
+        .push_command(ExplorerCommand::LoadModel(model));
     let deadline = Instant::now() + Duration::from_mins(2);
     while h.state().explorer().image().is_none() {
         h.step();

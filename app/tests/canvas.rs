@@ -13,7 +13,7 @@ use egui_kittest::kittest::Queryable;
 use studio_app::gui::canvas::CanvasCommand;
 use studio_app::gui::canvas::document::{ModeKind, Tool};
 use studio_app::gui::canvas::view::CANVAS_LABEL;
-use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
+use studio_app::gui::{AppConfig, Panel, StudioApp};
 use studio_inference::diffusion::imaging::{RgbImage, encode_png};
 use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::{GenerationParameters, png_parameters};
@@ -539,8 +539,7 @@ fn a_tiny_model_generates_with_a_preview_and_its_png_restores_the_parameters() {
     h.state_mut().canvas_mut().document_mut().end_stroke();
     h.step();
     assert!(shows_text(&h, "Mode: inpaint"));
-    h.state_mut()
-        .push_command(Command::Canvas(CanvasCommand::Generate));
+    h.state_mut().push_command(CanvasCommand::Generate);
     step_until(&mut h, "the inpainted result", |h| {
         !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
     });
@@ -562,8 +561,7 @@ fn cancelling_a_generation_leaves_the_canvas_as_it_was() {
     let mut h = harness(&home);
     h.step();
     go_to_canvas(&mut h);
-    h.state_mut()
-        .push_command(Command::Canvas(CanvasCommand::LoadModel(model)));
+    h.state_mut().push_command(CanvasCommand::LoadModel(model));
     step_until(&mut h, "the model to load", |h| {
         h.state().canvas().model().is_some()
     });
@@ -577,8 +575,7 @@ fn cancelling_a_generation_leaves_the_canvas_as_it_was() {
         form.steps = 200;
         form.batch_count = 3;
     }
-    h.state_mut()
-        .push_command(Command::Canvas(CanvasCommand::Generate));
+    h.state_mut().push_command(CanvasCommand::Generate);
     step_until(&mut h, "the first step", |h| {
         h.state().canvas().progress_events() > 0
     });

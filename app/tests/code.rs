@@ -161,7 +161,7 @@ fn find_and_replace() {
         "match case leaves Foo"
     );
     // Replace all is one undoable edit.
-    h.state_mut().push_command(Command::Code(CodeCommand::Undo));
+    h.state_mut().push_command(CodeCommand::Undo);
     h.step();
     assert_eq!(text(&h), "foo = 1\nbar = Foo + foo\n");
 }
@@ -242,11 +242,10 @@ fn binaries_invalid_utf8_and_unwritable_saves_are_handled() {
     let id = h.state().code().active.expect("tab");
     let not_a_dir = tmp.path().join("a-file");
     std::fs::write(&not_a_dir, "x").expect("write");
-    h.state_mut()
-        .push_command(Command::Code(CodeCommand::SaveAs {
-            tab: id,
-            path: Some(not_a_dir.join("out.rs")),
-        }));
+    h.state_mut().push_command(CodeCommand::SaveAs {
+        tab: id,
+        path: Some(not_a_dir.join("out.rs")),
+    });
     h.step();
     h.step();
     assert!(shows_text(&h, "Could not save"));
@@ -308,12 +307,11 @@ fn ghost_text_appears_after_a_pause_and_tab_accepts_it_as_one_edit() {
         format!("{PY}{ghost}"),
         "Tab inserts the suggestion"
     );
-    h.state_mut().push_command(Command::Code(CodeCommand::Undo));
+    h.state_mut().push_command(CodeCommand::Undo);
     h.step();
     assert_eq!(text(&h), PY, "one undo takes the whole suggestion back");
     // Back at the same spot, the cached suggestion shows at once.
-    h.state_mut()
-        .push_command(Command::Code(CodeCommand::DismissGhost));
+    h.state_mut().push_command(CodeCommand::DismissGhost);
     h.step();
     focus_editor(&mut h);
     type_in_editor(&mut h, "x");
@@ -389,7 +387,7 @@ fn typing_cancels_the_running_request() {
     std::fs::write(&run, PY.repeat(3)).expect("write");
     drop_file(&mut h, &run);
     h.state_mut()
-        .push_command(Command::Code(CodeCommand::RunAction("explain".to_owned())));
+        .push_command(CodeCommand::RunAction("explain".to_owned()));
     h.step();
     focus_editor(&mut h);
     type_in_editor(&mut h, "b");
@@ -400,8 +398,7 @@ fn typing_cancels_the_running_request() {
         h.state().jobs().get(queued).is_some_and(|t| !t.started),
         "cancelled while still queued"
     );
-    h.state_mut()
-        .push_command(Command::Code(CodeCommand::StopAction));
+    h.state_mut().push_command(CodeCommand::StopAction);
     step_until(&mut h, "the jobs to end", |h| !h.state().is_busy());
     assert!(
         h.state().code().ghost.cancelled_events.contains(&queued),
@@ -430,8 +427,7 @@ fn without_fim_tokens_ghost_text_is_disabled_and_says_why() {
     assert_eq!(h.state().code().ghost.submitted, 0, "no request is made");
     click(&mut h, "Explain");
     assert!(h.state().code().action.is_some(), "actions still work");
-    h.state_mut()
-        .push_command(Command::Code(CodeCommand::StopAction));
+    h.state_mut().push_command(CodeCommand::StopAction);
     step_until(&mut h, "the action to end", |h| !h.state().is_busy());
 }
 
@@ -536,7 +532,7 @@ fn an_edit_actions_diff_is_applied_hunk_by_hunk_as_one_undo() {
         "def add(a, b):\n    return a - b\n\n\n\n\n\n\ndef mul(a, b):\n    return a * b\n";
     assert_eq!(text(&h), applied, "only the accepted change");
     assert!(dirty(&h));
-    h.state_mut().push_command(Command::Code(CodeCommand::Undo));
+    h.state_mut().push_command(CodeCommand::Undo);
     h.step();
     assert_eq!(text(&h), BUGGY, "one undo reverts the applied changes");
     drop(h);

@@ -335,7 +335,6 @@ fn a_dropped_pickle_is_refused_with_how_to_convert_it() {
 #[test]
 fn the_keyframe_path_exports_as_a_gif_and_as_png_frames() {
     use image::AnimationDecoder as _;
-    use studio_app::gui::Command;
     use studio_app::gui::explorer::ExplorerCommand;
 
     let tmp = tempfile::tempdir().expect("tmp");
@@ -356,10 +355,10 @@ fn the_keyframe_path_exports_as_a_gif_and_as_png_frames() {
 
     let gif = tmp.path().join("anim.gif");
     h.state_mut()
-        .push_command(Command::Explorer(ExplorerCommand::ExportAnimation {
+        .push_command(ExplorerCommand::ExportAnimation {
             path: gif.clone(),
             gif: true,
-        }));
+        });
     step_until(&mut h, "the GIF export", |h| {
         h.state()
             .notices()
@@ -376,10 +375,10 @@ fn the_keyframe_path_exports_as_a_gif_and_as_png_frames() {
 
     let folder = tmp.path().join("frames");
     h.state_mut()
-        .push_command(Command::Explorer(ExplorerCommand::ExportAnimation {
+        .push_command(ExplorerCommand::ExportAnimation {
             path: folder.clone(),
             gif: false,
-        }));
+        });
     step_until(&mut h, "the PNG export", |_| {
         folder.join("frame_0006.png").exists()
     });

@@ -9,6 +9,7 @@ use std::time::Duration;
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
+use studio_app::gui::chat::command::ChatCommand;
 use studio_app::gui::chat::store::{Conversation, Message, ReplyState};
 use studio_app::gui::command::ExportFormat;
 use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
@@ -777,7 +778,7 @@ fn exports_contain_the_conversation_as_shown() {
         c.system_prompt = Some("Be brief.".into());
     }
     h.state_mut()
-        .push_command(Command::SelectConversation(id.clone()));
+        .push_command(ChatCommand::SelectConversation(id.clone()));
     h.step();
     h.step();
 
@@ -843,7 +844,7 @@ fn deleting_a_chat_can_be_undone_and_its_file_comes_back() {
     let keep = add_conversation(&mut h, "Keep this one", &["a", "b"]);
     let gone = add_conversation(&mut h, "Delete this one", &["c", "d"]);
     h.state_mut()
-        .push_command(Command::SelectConversation(gone.clone()));
+        .push_command(ChatCommand::SelectConversation(gone.clone()));
     h.step();
     h.step();
     let file = home.join("conversations").join(format!("{gone}.json"));
@@ -918,7 +919,7 @@ fn search_filters_the_list_and_rename_works_in_place() {
 
     // Rename the open chat in the list.
     h.state_mut()
-        .push_command(Command::SelectConversation(rust.clone()));
+        .push_command(ChatCommand::SelectConversation(rust.clone()));
     h.step();
     click(&mut h, "Rename");
     let field = h.get_by_label("Conversation title");
@@ -948,7 +949,8 @@ fn code_blocks_in_replies_are_highlighted_and_copied_with_their_button() {
     let reply =
         format!("Here is **the** program:\n\n```rust\n{code}\n```\n\nRun it with `cargo run`.");
     let id = add_conversation(&mut h, "Code", &["Write hello world", &reply]);
-    h.state_mut().push_command(Command::SelectConversation(id));
+    h.state_mut()
+        .push_command(ChatCommand::SelectConversation(id));
     h.step();
     h.step();
     assert!(shows_text(&h, "Here is the program:"), "Markdown, not raw");
@@ -1041,7 +1043,7 @@ fn parameters_and_system_prompt_belong_to_each_conversation() {
         c.system_prompt = Some("You are B.".into());
     }
     h.state_mut()
-        .push_command(Command::SelectConversation(a.clone()));
+        .push_command(ChatCommand::SelectConversation(a.clone()));
     h.step();
     h.step();
     // A has none of its own yet: it shows the last used. Choose a system prompt from the

@@ -15,18 +15,16 @@ use studio_inference::worker::{JobKind, LoadOptions, Worker, WorkerConfig};
 
 use super::api_server::ApiServer;
 use super::canvas::CanvasPanel;
-use super::chat::store::ConversationStore;
-use super::chat::store::TRASH_GRACE;
-use super::chat::{ChatPanel, ChatUiContext};
+use super::chat::ChatPanel;
 use super::code::CodePanel;
 use super::command::Command;
 use super::context::app_context;
 use super::explorer::ExplorerPanel;
 use super::jobs::{JobPurpose, Jobs};
-use super::models::ModelsPanel;
 use super::notices::Notices;
-use super::presets::{Presets, presets_dir};
-use super::settings::{SettingsContext, SettingsPanel};
+use super::panel::{OpenContext, UiContext};
+use super::panels::Panels;
+use super::presets::presets_dir;
 use super::settings_store::{Panel, Settings, SettingsSaver};
 use super::status_bar::{StatusBar, StatusInfo};
 use crate::files::FileWorker;
@@ -91,19 +89,13 @@ pub struct StudioApp {
     pub(super) model_options: Option<LoadOptions>,
     pub(super) undo_window: Duration,
     pub(super) jobs: Jobs,
-    pub(super) chat: ChatPanel,
-    pub(super) canvas: CanvasPanel,
-    pub(super) explorer: ExplorerPanel,
-    pub(super) code: CodePanel,
-    pub(super) models: ModelsPanel,
-    pub(super) settings_panel: SettingsPanel,
+    /// One of each panel in the list (`panel_list.rs`).
+    pub(super) panels: Panels,
     /// The OpenAI-compatible server started from Settings.
     pub(super) api_server: ApiServer,
     pub(super) status_bar: StatusBar,
     pub(super) notices: Notices,
     pub(super) commands: Vec<Command>,
-    /// Ctrl+Enter was pressed this frame: send once the frame's typing has reached the box.
-    pub(super) send_after_ui: bool,
 }
 
 impl StudioApp {
@@ -136,27 +128,14 @@ impl StudioApp {
                 (None, "no inference worker".to_owned())
             }
         };
-        let (store, errors) = ConversationStore::open(&config.home);
-        for e in errors {
-            notices.error(e);
-        }
-        let presets = Presets::load(config.presets_dir.as_deref());
-        let chat = ChatPanel::new(store, presets, settings.last_conversation.clone());
-        let models = ModelsPanel::new(config.hf_cache_dir.clone(), ctx);
-        let settings_panel = SettingsPanel::new(&settings);
-        let (canvas, canvas_notes) = CanvasPanel::new(&config.home, config.presets_dir.as_deref());
-        for note in canvas_notes {
-            notices.warning(note);
-        }
-        let (explorer, explorer_notes) =
-            ExplorerPanel::new(&config.home, config.presets_dir.as_deref());
-        for note in explorer_notes {
-            notices.warning(note);
-        }
-        let (code, code_notes) = CodePanel::new(&config.home, config.presets_dir.as_deref());
-        for note in code_notes {
-            notices.warning(note);
-        }
+        let panels = Panels::open(&mut OpenContext {
+            ctx,
+            home: &config.home,
+            presets_dir: config.presets_dir.as_deref(),
+            hf_cache_dir: config.hf_cache_dir.as_deref(),
+            settings: &settings,
+            notices: &mut notices,
+        });
         let mut app = Self {
             ctx: ctx.clone(),
             home: config.home.clone(),
@@ -172,58 +151,14 @@ impl StudioApp {
             model_options: None,
             undo_window: config.undo_window,
             jobs: Jobs::default(),
-            chat,
-            canvas,
-            explorer,
-            code,
-            models,
-            settings_panel,
+            panels,
             api_server: ApiServer::default(),
             status_bar: StatusBar::default(),
             notices,
             commands: Vec::new(),
-            send_after_ui: false,
         };
-        if config.restore_last_model
-            && let Some(path) = app.settings.last_model.clone()
-        {
-            if path.exists() {
-                app.commands.push(Command::LoadModel(path));
-            } else {
-                app.notices.warning(format!(
-                    "The last model, {}, is no longer there; open another in the Models panel",
-                    path.display()
-                ));
-                app.settings.last_model = None;
-            }
-        }
-        if config.restore_last_model
-            && let Some(path) = app.settings.last_image_model.clone()
-        {
-            if path.exists() {
-                app.canvas
-                    .load_image_model(path, true, &mut app_context!(app));
-            } else {
-                app.notices.warning(format!(
-                    "The last image model, {}, is no longer there; open another in the Canvas",
-                    path.display()
-                ));
-                app.settings.last_image_model = None;
-            }
-        }
-        if config.restore_last_model
-            && let Some(path) = app.settings.last_gan_model.clone()
-        {
-            if path.exists() {
-                app.explorer.load_gan(path, true, &mut app_context!(app));
-            } else {
-                app.notices.warning(format!(
-                    "The last generator, {}, is no longer there; open another in the Latent \
-                     Explorer",
-                    path.display()
-                ));
-                app.settings.last_gan_model = None;
-            }
+        if config.restore_last_model {
+            app.panels.restore(&mut app_context!(app));
         }
         app.apply_commands();
         app
@@ -248,28 +183,28 @@ impl StudioApp {
     }
 
     pub fn chat(&self) -> &ChatPanel {
-        &self.chat
+        &self.panels.chat
     }
 
     /// The chat panel and its conversations, to change directly (tests, imports).
     pub fn chat_mut(&mut self) -> &mut ChatPanel {
-        &mut self.chat
+        &mut self.panels.chat
     }
 
     pub fn canvas(&self) -> &CanvasPanel {
-        &self.canvas
+        &self.panels.canvas
     }
 
     pub fn canvas_mut(&mut self) -> &mut CanvasPanel {
-        &mut self.canvas
+        &mut self.panels.canvas
     }
 
     pub fn explorer(&self) -> &ExplorerPanel {
-        &self.explorer
+        &self.panels.explorer
     }
 
     pub fn explorer_mut(&mut self) -> &mut ExplorerPanel {
-        &mut self.explorer
+        &mut self.panels.explorer
     }
 
     /// How many main-image renders the worker has done (a burst of requests renders fewer).
@@ -280,11 +215,11 @@ impl StudioApp {
     }
 
     pub fn code(&self) -> &CodePanel {
-        &self.code
+        &self.panels.code
     }
 
     pub fn code_mut(&mut self) -> &mut CodePanel {
-        &mut self.code
+        &mut self.panels.code
     }
 
     /// Whether the loaded model can fill in the middle (ghost text), or why not.
@@ -297,7 +232,7 @@ impl StudioApp {
 
     /// The cursor (or selection) of tab `id`'s editor as last drawn (char indices).
     pub fn code_cursor(&self, id: u64) -> Option<CCursorRange> {
-        self.code.cursor(id)
+        self.panels.code.cursor(id)
     }
 
     pub fn notices(&self) -> &Notices {
@@ -313,8 +248,8 @@ impl StudioApp {
     }
 
     /// Queues a command as if a widget had emitted it; it runs at the end of the next frame.
-    pub fn push_command(&mut self, command: Command) {
-        self.commands.push(command);
+    pub fn push_command(&mut self, command: impl Into<Command>) {
+        self.commands.push(command.into());
     }
 
     /// Whether any job is queued or running.
@@ -335,17 +270,18 @@ impl StudioApp {
 
     /// Draws the window: status bar, navigation, notices and the current panel.
     pub fn root_ui(&mut self, ui: &mut egui::Ui) {
-        // A conversation opened by last frame's commands shows its own parameters.
-        self.chat.sync_params(&mut self.settings);
+        // What last frame's commands changed shows this frame (a conversation just opened
+        // shows its own parameters).
+        self.panels.settle(&mut self.settings);
         let mut commands = std::mem::take(&mut self.commands);
         let info = StatusInfo {
             device: &self.device_label,
             model: self.model.as_ref(),
-            image_model: self.canvas.model().map(|m| m.name.as_str()),
+            image_model: self.panels.canvas.model().map(|m| m.name.as_str()),
             running: self.jobs.running(),
             queued: self.jobs.queued(),
-            reply: self.chat.active(),
-            rate: self.chat.rate(),
+            reply: self.panels.chat.active(),
+            rate: self.panels.chat.rate(),
             max_new_tokens: self.settings.sampling.max_new_tokens,
         };
         egui::Panel::bottom("status_bar").show(ui, |ui| {
@@ -362,68 +298,28 @@ impl StudioApp {
                 ui.add_space(2.0);
             });
         }
-        egui::CentralPanel::default().show(ui, |ui| match self.settings.panel {
-            Panel::Chat => {
-                let mut cx = ChatUiContext {
-                    settings: &mut self.settings,
-                    model: self.model.as_ref(),
-                    model_loading: self.jobs.loading_model().is_some(),
-                };
-                self.chat.chat_ui(ui, &mut cx, &mut commands);
-            }
-            Panel::Models => self.models.models_ui(
-                ui,
-                self.model.as_ref(),
-                self.model_options.as_ref(),
-                &mut self.settings,
-                &self.jobs,
-                &mut commands,
-            ),
-            Panel::Settings => self.settings_panel.settings_ui(
-                ui,
-                &mut SettingsContext {
-                    settings: &mut self.settings,
-                    device_label: &self.device_label,
-                    home: &self.home,
-                    server: self.api_server.status(),
-                    model_loaded: self.model.is_some(),
-                },
-                &mut commands,
-            ),
-            Panel::Canvas => {
-                self.canvas.canvas_ui(
-                    ui,
-                    &mut self.settings,
-                    &self.jobs,
-                    &self.files,
-                    &mut commands,
-                );
-            }
-            Panel::LatentExplorer => {
-                self.explorer.explorer_ui(ui, &self.jobs, &mut commands);
-            }
-            Panel::Code => {
-                let fim = self.fim_support();
-                self.code.code_ui(
-                    ui,
-                    &mut self.settings,
-                    &fim,
-                    self.model.as_ref().map(|m| m.name.as_str()),
-                    &mut commands,
-                );
-            }
+        let shown = self.settings.panel;
+        egui::CentralPanel::default().show(ui, |ui| {
+            let mut cx = UiContext {
+                settings: &mut self.settings,
+                jobs: &self.jobs,
+                files: &self.files,
+                worker: self.worker.as_ref(),
+                model: self.model.as_ref(),
+                model_options: self.model_options.as_ref(),
+                device_label: &self.device_label,
+                home: &self.home,
+                server: self.api_server.status(),
+                commands: &mut commands,
+            };
+            self.panels.ui(shown, ui, &mut cx);
         });
-        drop_overlay_ui(ui, self.settings.panel);
-        // Edits made this frame belong to the conversation open while they were made.
-        self.chat.sync_params(&mut self.settings);
-        if std::mem::take(&mut self.send_after_ui) {
-            commands.push(Command::SendMessage);
-        }
+        drop_overlay_ui(ui, self.panels.drop_hint(shown));
+        // Edits made this frame belong to what was shown while they were made.
+        self.panels.settle(&mut self.settings);
         self.commands.append(&mut commands);
         self.apply_commands();
-        self.settings
-            .last_conversation
-            .clone_from(&self.chat.selected);
+        self.panels.settle(&mut self.settings);
         self.autosave();
     }
 
@@ -440,18 +336,7 @@ impl StudioApp {
             self.ctx
                 .request_repaint_after(wait + Duration::from_millis(50));
         }
-        if let Some(wait) = self.canvas.autosave(&self.files) {
-            self.ctx.request_repaint_after(wait);
-        }
-        if let Some(wait) = self.code.autosave(&self.files) {
-            self.ctx.request_repaint_after(wait);
-        }
-        if let Some(wait) = self.chat.next_params_save() {
-            self.ctx.request_repaint_after(wait);
-        }
-        if let Some(wait) = self.chat.store.next_purge(self.undo_window + TRASH_GRACE) {
-            self.ctx.request_repaint_after(wait);
-        }
+        self.panels.autosave(&mut app_context!(self));
     }
 
     /// Writes everything that is not on disk yet (settings, a streaming reply, changed
@@ -460,22 +345,10 @@ impl StudioApp {
         if let Some(error) = self.saver.flush(&self.settings) {
             log::error!("{error}");
         }
-        self.canvas.flush(&self.files);
-        self.explorer.flush_explorer(&mut app_context!(self));
-        self.code.flush(&self.files);
-        // Wait until the images and the canvas are on disk.
+        self.panels.flush(&mut app_context!(self));
+        // Wait until the images, the canvas and the recovery files are on disk.
         for done in self.files.flush() {
             self.file_done(done);
-        }
-        if let Some(active) = self.chat.active()
-            && let Err(e) = self.chat.store.save_in_place(&active.conversation.clone())
-        {
-            log::error!("{e:#}");
-        }
-        if let Some(id) = self.chat.due_params_save(true)
-            && let Err(e) = self.chat.store.save_in_place(&id)
-        {
-            log::error!("{e:#}");
         }
     }
 }
@@ -500,10 +373,7 @@ impl Drop for StudioApp {
         // deleted in this session are removed for good (their Undo ends with the window). The
         // worker is dropped after this, which cancels its job and joins its thread.
         self.flush();
-        for error in self.chat.store.purge_trash(Duration::ZERO) {
-            log::error!("{error}");
-        }
-        self.canvas.purge_trash();
+        self.panels.close(&mut app_context!(self));
     }
 }
 
@@ -512,7 +382,7 @@ fn nav_ui(ui: &mut egui::Ui, current: Panel, commands: &mut Vec<Command>) {
     ui.label(RichText::new("Studio").heading().strong());
     ui.add_space(8.0);
     ui.with_layout(egui::Layout::top_down_justified(egui::Align::LEFT), |ui| {
-        for panel in Panel::ALL {
+        for &panel in Panel::ALL {
             if panel == Panel::Models {
                 ui.add_space(6.0);
                 ui.separator();
@@ -527,8 +397,9 @@ fn nav_ui(ui: &mut egui::Ui, current: Panel, commands: &mut Vec<Command>) {
     });
 }
 
-/// While files are dragged over the window, say what dropping them does.
-fn drop_overlay_ui(ui: &egui::Ui, panel: Panel) {
+/// While files are dragged over the window, say what dropping them does (`hint`: the shown
+/// panel's words, if not the window's default).
+fn drop_overlay_ui(ui: &egui::Ui, hint: Option<&'static str>) {
     let hovering = ui.input(|i| !i.raw.hovered_files.is_empty());
     if !hovering {
         return;
@@ -543,13 +414,9 @@ fn drop_overlay_ui(ui: &egui::Ui, panel: Panel) {
     painter.text(
         rect.center(),
         egui::Align2::CENTER_CENTER,
-        if panel == Panel::Canvas {
-            "Drop an image to open it on the canvas, or a model to load it"
-        } else if panel == Panel::Code {
-            "Drop a source file to open it in the editor, or a model to load it"
-        } else {
-            "Drop a model folder or .safetensors file to load it, or an image for the Canvas"
-        },
+        hint.unwrap_or(
+            "Drop a model folder or .safetensors file to load it, or an image for the Canvas",
+        ),
         egui::TextStyle::Heading.resolve(ui.style()),
         visuals.strong_text_color(),
     );

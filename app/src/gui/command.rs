@@ -1,34 +1,17 @@
 //! Everything the user can ask for, as data: widgets push [`Command`]s while the frame is
 //! drawn, and `StudioApp::apply_commands` (`dispatch.rs`) carries them out in one place
-//! afterwards. This module names the panels' command enums from their leaf `command`
-//! modules, so it imports no panel.
+//! afterwards. A panel's own commands ride in [`Command::Panel`] as a [`PanelCommand`], built
+//! from the panel list (`panel_list.rs`) and the panels' leaf `command` modules, so this
+//! module imports no panel.
 
 use std::path::PathBuf;
 
 use studio_inference::llm::remote::RemoteConfig;
 
-use super::canvas::command::CanvasCommand;
-use super::chat::store::MessageId;
-use super::code::command::CodeCommand;
-use super::explorer::command::ExplorerCommand;
-use super::settings_store::Panel;
+pub use super::chat::command::ExportFormat;
+use super::panel_list::{Panel, panel_list};
 
-/// What a conversation is exported as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
-    Markdown,
-    Json,
-}
-
-impl ExportFormat {
-    pub fn extension(self) -> &'static str {
-        match self {
-            ExportFormat::Markdown => "md",
-            ExportFormat::Json => "json",
-        }
-    }
-}
-
+/// What the window is asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     ShowPanel(Panel),
@@ -43,61 +26,30 @@ pub enum Command {
     StopApiServer,
     /// Cancel whatever the worker is running now (status bar's Cancel, Esc).
     CancelRunningJob,
-    /// Send the typed message and ask for a reply.
-    SendMessage,
-    /// Stop the reply being written; its text so far is kept.
-    StopReply,
-    /// Write the open conversation's last reply again, as a new version (or reply to its last
-    /// message if that is the user's).
-    Regenerate,
-    /// Write reply `message` again, as a new version of it.
-    RegenerateReply {
-        conversation: String,
-        message: MessageId,
-    },
-    /// Send `content` as a new version of user message `message`, and reply to it.
-    ResendEdit {
-        conversation: String,
-        message: MessageId,
-        content: String,
-    },
-    /// Change a message's text in place.
-    EditMessage {
-        conversation: String,
-        message: MessageId,
-        content: String,
-    },
-    /// Show the branch through `message` (the `<` `>` arrows).
-    ShowBranch {
-        conversation: String,
-        message: MessageId,
-    },
-    NewConversation,
-    SelectConversation(String),
-    RenameConversation {
-        id: String,
-        title: String,
-    },
-    /// Delete a conversation, with a notice that can undo it for a few seconds.
-    DeleteConversation(String),
-    UndoDelete(String),
-    /// Save the conversation as shown to a file the user picks.
-    ExportConversation {
-        id: String,
-        format: ExportFormat,
-    },
-    RemoveRecentModel(PathBuf),
-    RescanHfCache,
     /// Convert a PyTorch checkpoint (a pickle) to safetensors beside it, reading it as data,
     /// then open the result.
     ConvertCheckpoint(PathBuf),
-    /// Something the Canvas asks for.
-    Canvas(CanvasCommand),
-    /// Something the Latent Explorer asks for.
-    Explorer(ExplorerCommand),
-    /// Something the Code panel asks for.
-    Code(CodeCommand),
+    /// Something a panel asks for, carried out by that panel's `apply`.
+    Panel(PanelCommand),
 }
+
+macro_rules! define_panel_commands {
+    ($($variant:ident { module: $module:ident, panel: $panel:ident, command: $command:ident, purpose: $purpose:ident, label: $label:literal },)*) => {
+        /// A command of one panel (each panel's enum is in its leaf `command.rs`).
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum PanelCommand {
+            $($variant(super::$module::command::$command),)*
+        }
+
+        $(impl From<super::$module::command::$command> for Command {
+            fn from(command: super::$module::command::$command) -> Self {
+                Command::Panel(PanelCommand::$variant(command))
+            }
+        })*
+    };
+}
+
+panel_list!(define_panel_commands);
 
 /// A file name from a title: characters file systems refuse become `-`.
 pub fn file_name_from(title: &str) -> String {

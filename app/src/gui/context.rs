@@ -77,7 +77,7 @@ pub enum Handled {
 }
 
 /// Lends `$app`'s shared state as an [`AppContext`], borrowing only the fields it names so a
-/// panel field of the same app can be borrowed beside it: `self.canvas.apply(c, &mut
+/// panel field of the same app can be borrowed beside it: `self.panels.apply(c, &mut
 /// app_context!(self))`.
 macro_rules! app_context {
     ($app:expr) => {

@@ -1,6 +1,7 @@
-//! Carrying out the frame's [`Command`]s: each panel's go to its `apply` with the shared
-//! state lent as an [`AppContext`](super::context::AppContext); the window's own (model
-//! load/unload, remote, API server, navigation) are carried out here.
+//! Carrying out the frame's [`Command`]s: each panel's ([`Command::Panel`]) go to its `apply`
+//! with the shared state lent as an [`AppContext`](super::context::AppContext); the window's
+//! own (model load/unload, remote, API server, navigation, checkpoint conversion) are carried
+//! out here.
 
 use std::path::{Path, PathBuf};
 
@@ -24,16 +25,8 @@ impl StudioApp {
     /// The panels take their own commands (each with the shared state lent as an
     /// [`AppContext`](super::context::AppContext)); the window's own are carried out here.
     fn apply(&mut self, command: Command) {
-        let command = match command {
-            Command::Canvas(c) => return self.canvas.apply(c, &mut app_context!(self)),
-            Command::Explorer(c) => return self.explorer.apply(c, &mut app_context!(self)),
-            Command::Code(c) => return self.code.apply(c, &mut app_context!(self)),
-            other => other,
-        };
-        let Some(command) = self.chat.apply(command, &mut app_context!(self)) else {
-            return;
-        };
         match command {
+            Command::Panel(c) => self.panels.apply(c, &mut app_context!(self)),
             Command::ShowPanel(panel) => self.settings.panel = panel,
             Command::LoadModel(path) => self.load_model(path),
             Command::UnloadModel => {
@@ -63,26 +56,7 @@ impl StudioApp {
                     worker.cancel(running.id);
                 }
             }
-            Command::RemoveRecentModel(path) => self.settings.recent_models.retain(|p| *p != path),
-            Command::RescanHfCache => self.models.start_scan(),
             Command::ConvertCheckpoint(path) => self.convert_checkpoint(path),
-            // Taken by the panels above.
-            Command::Canvas(_)
-            | Command::Explorer(_)
-            | Command::Code(_)
-            | Command::SendMessage
-            | Command::StopReply
-            | Command::Regenerate
-            | Command::RegenerateReply { .. }
-            | Command::ResendEdit { .. }
-            | Command::EditMessage { .. }
-            | Command::ShowBranch { .. }
-            | Command::NewConversation
-            | Command::SelectConversation(_)
-            | Command::RenameConversation { .. }
-            | Command::DeleteConversation(_)
-            | Command::UndoDelete(_)
-            | Command::ExportConversation { .. } => {}
         }
     }
 
@@ -110,7 +84,8 @@ impl StudioApp {
     /// Writes conversation `id` as shown (its active path) to `path`; says how it went in a
     /// notice. Returns whether it was written.
     pub fn export_to(&mut self, id: &str, format: ExportFormat, path: &Path) -> bool {
-        self.chat
+        self.panels
+            .chat
             .export_to(id, format, path, &mut app_context!(self))
     }
 

@@ -4,11 +4,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use studio_inference::diffusion::model::ImageModelOptions;
 use studio_inference::worker::{JobId, LoadOptions};
 
-use super::chat::store::MessageId;
-use super::settings_store::Panel;
+use super::panel_list::{Panel, panel_list};
 
 /// Why a job was submitted, so its events reach the right place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,32 +16,12 @@ pub enum JobPurpose {
     UnloadModel,
     /// Connecting to an OpenAI-compatible server at this base URL.
     ConnectRemote(String),
-    /// The reply being written into message `message` of `conversation`.
-    ChatReply {
-        conversation: String,
-        message: MessageId,
-    },
-    /// Loading a Stable Diffusion model for the Canvas, with the options it was asked for.
-    LoadImageModel(PathBuf, ImageModelOptions),
-    UnloadImageModel,
-    /// Generating images on the Canvas.
-    GenerateImage,
-    /// Loading a StyleGAN2 generator for the Latent Explorer.
-    LoadGan(PathBuf),
-    /// PCA directions for the Latent Explorer.
-    ComputeGanDirections,
-    /// Projecting an image into the Latent Explorer's generator.
-    ProjectGan(PathBuf),
-    /// Exporting the Latent Explorer's animation to this file or folder.
-    ExportGanAnimation(PathBuf),
-    /// A ghost-text suggestion for the Code panel.
-    CodeComplete,
-    /// A code action (explain, fix, …) for the Code panel.
-    CodeAction,
     /// Starting the API server on the loaded model.
     StartApiServer,
     /// Converting this PyTorch checkpoint to safetensors beside it.
     ConvertCheckpoint(PathBuf),
+    /// A panel's job: its events go to that panel's `on_event`.
+    Panel(PanelPurpose),
 }
 
 impl JobPurpose {
@@ -51,15 +29,7 @@ impl JobPurpose {
     /// jobs, whose events `logic` handles).
     pub fn panel(&self) -> Option<Panel> {
         match self {
-            JobPurpose::ChatReply { .. } => Some(Panel::Chat),
-            JobPurpose::LoadImageModel(..)
-            | JobPurpose::UnloadImageModel
-            | JobPurpose::GenerateImage => Some(Panel::Canvas),
-            JobPurpose::LoadGan(_)
-            | JobPurpose::ComputeGanDirections
-            | JobPurpose::ProjectGan(_)
-            | JobPurpose::ExportGanAnimation(_) => Some(Panel::LatentExplorer),
-            JobPurpose::CodeComplete | JobPurpose::CodeAction => Some(Panel::Code),
+            JobPurpose::Panel(p) => Some(p.panel()),
             JobPurpose::LoadModel(..)
             | JobPurpose::UnloadModel
             | JobPurpose::ConnectRemote(_)
@@ -68,6 +38,48 @@ impl JobPurpose {
         }
     }
 }
+
+/// A panel's job-purpose enum, found inside a [`JobPurpose`].
+pub trait PurposeOf {
+    /// `purpose`, if it is one of this panel's.
+    fn of(purpose: &JobPurpose) -> Option<&Self>;
+}
+
+macro_rules! define_panel_purposes {
+    ($($variant:ident { module: $module:ident, panel: $panel:ident, command: $command:ident, purpose: $purpose:ident, label: $label:literal },)*) => {
+        /// Why a panel submitted a job (each panel's enum is in its leaf `command.rs`).
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum PanelPurpose {
+            $($variant(super::$module::command::$purpose),)*
+        }
+
+        impl PanelPurpose {
+            /// The panel that submitted the job.
+            pub fn panel(&self) -> Panel {
+                match self {
+                    $(PanelPurpose::$variant(_) => Panel::$variant,)*
+                }
+            }
+        }
+
+        $(impl From<super::$module::command::$purpose> for JobPurpose {
+            fn from(purpose: super::$module::command::$purpose) -> Self {
+                JobPurpose::Panel(PanelPurpose::$variant(purpose))
+            }
+        }
+
+        impl PurposeOf for super::$module::command::$purpose {
+            fn of(purpose: &JobPurpose) -> Option<&Self> {
+                match purpose {
+                    JobPurpose::Panel(PanelPurpose::$variant(p)) => Some(p),
+                    _ => None,
+                }
+            }
+        })*
+    };
+}
+
+panel_list!(define_panel_purposes);
 
 #[derive(Debug, Clone)]
 pub struct TrackedJob {
@@ -150,20 +162,15 @@ impl Jobs {
         })
     }
 
-    /// The Stable Diffusion model being loaded (queued or running), if any.
-    pub fn loading_image_model(&self) -> Option<&PathBuf> {
-        self.tracked.values().find_map(|t| match &t.purpose {
-            JobPurpose::LoadImageModel(p, _) => Some(p),
-            _ => None,
-        })
-    }
-
-    /// The StyleGAN2 generator being loaded (queued or running), if any.
-    pub fn loading_gan(&self) -> Option<&PathBuf> {
-        self.tracked.values().find_map(|t| match &t.purpose {
-            JobPurpose::LoadGan(p) => Some(p),
-            _ => None,
-        })
+    /// The first tracked job (queued or running) of a panel's purposes for which `f` says
+    /// something: `jobs.find(|p: &CanvasPurpose| …)`.
+    pub fn find<'a, P: PurposeOf + 'a, T: ?Sized>(
+        &'a self,
+        f: impl Fn(&'a P) -> Option<&'a T>,
+    ) -> Option<&'a T> {
+        self.tracked
+            .values()
+            .find_map(|t| P::of(&t.purpose).and_then(&f))
     }
 
     pub fn is_empty(&self) -> bool {

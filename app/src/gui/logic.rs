@@ -1,29 +1,18 @@
 //! Per-frame logic before drawing: drain the worker's events (bounded in time and count, so a
-//! flood of events never stalls a frame), pick up the Canvas's newest denoising preview, take
-//! dropped files and keyboard shortcuts, keep a
-//! streaming reply and changed parameters saved, and remove deleted chats whose undo time
-//! has passed.
+//! flood of events never stalls a frame) and route each to the panel that submitted its job,
+//! run every panel's per-frame hook (previews, polls, periodic saves), and take dropped files
+//! and keyboard shortcuts.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egui::{Key, Modifiers};
-use studio_inference::diffusion::imaging::RgbImage;
 use studio_inference::worker::Event;
 
 use super::api_server::ServerStatus;
 use super::app::StudioApp;
-use super::canvas::CanvasCommand;
-use super::chat::store::TRASH_GRACE;
-use super::code::CodeCommand;
 use super::command::{Command, load_error};
 use super::context::{Handled, app_context};
-use super::explorer::ExplorerCommand;
-use super::explorer::actions as explorer_actions;
 use super::jobs::JobPurpose;
-use super::settings_store::Panel;
-use super::shortcuts::{REDO_SHORTCUT, REDO_Y, SEND_SHORTCUT, UNDO_SHORTCUT};
 use crate::files::FileDone;
 
 /// Time budget for draining events in one frame.
@@ -34,29 +23,18 @@ const EVENT_LIMIT: usize = 512;
 impl StudioApp {
     /// Everything that happens each frame before drawing.
     pub fn frame_logic(&mut self, ctx: &egui::Context) {
-        self.code.intercept_close(ctx, &mut self.settings);
+        // The context that runs the frame is the one the panels get (in the window it is the
+        // one the app was made with; a test harness may run the app on its own).
+        if self.ctx != *ctx {
+            self.ctx = ctx.clone();
+        }
         self.drain_events(ctx);
         while let Some(done) = self.files.try_recv() {
             self.file_done(done);
         }
-        self.canvas.poll_preview(ctx, &mut app_context!(self));
-        self.explorer.poll_explorer(ctx, &mut app_context!(self));
-        self.models.poll_scan();
+        self.panels.frame(&mut app_context!(self));
         self.take_dropped_files(ctx);
         self.take_shortcuts(ctx);
-        if let Some(id) = self.chat.due_stream_save()
-            && let Err(e) = self.chat.store.save_in_place(&id)
-        {
-            self.notices.error(format!("{e:#}"));
-        }
-        if let Some(id) = self.chat.due_params_save(false)
-            && let Err(e) = self.chat.store.save_in_place(&id)
-        {
-            self.notices.error(format!("{e:#}"));
-        }
-        for error in self.chat.store.purge_trash(self.undo_window + TRASH_GRACE) {
-            self.notices.error(error);
-        }
         match self.api_server.poll() {
             Some(Ok(message)) => self.notices.info(message),
             Some(Err(message)) => self.notices.error(message),
@@ -64,14 +42,6 @@ impl StudioApp {
         }
         if matches!(self.api_server.status(), ServerStatus::Starting) {
             ctx.request_repaint_after(Duration::from_millis(100));
-        }
-        if self.canvas.is_generating() {
-            // Previews arrive through a mailbox, not as events: look again soon.
-            ctx.request_repaint_after(Duration::from_millis(50));
-        }
-        if self.chat.active().is_some() {
-            // Keep the live rate moving and the periodic save due even between events.
-            ctx.request_repaint_after(Duration::from_millis(500));
         }
         self.apply_commands();
     }
@@ -118,13 +88,11 @@ impl StudioApp {
             }
             _ => None,
         };
-        let cx = &mut app_context!(self);
-        let handled = match purpose.as_ref().and_then(JobPurpose::panel) {
-            Some(Panel::Canvas) => self.canvas.on_event(job, purpose.as_ref(), event, cx),
-            Some(Panel::LatentExplorer) => self.explorer.on_event(job, purpose.as_ref(), event, cx),
-            Some(Panel::Code) => self.code.on_event(job, purpose.as_ref(), event, cx),
-            Some(Panel::Chat) => self.chat.on_event(job, event, cx),
-            Some(Panel::Models | Panel::Settings) | None => Handled::No(event),
+        let handled = match &purpose {
+            Some(JobPurpose::Panel(p)) => {
+                self.panels.on_event(job, p, event, &mut app_context!(self))
+            }
+            _ => Handled::No(event),
         };
         let Handled::No(event) = handled else {
             return;
@@ -239,101 +207,25 @@ impl StudioApp {
                 .collect()
         });
         // Several files dropped at once are usually one model's files (or one image): take
-        // the first.
+        // the first. The panel shown is asked first, then the others; what none takes is the
+        // window's (Stable Diffusion models and images to the Canvas, other models to load).
         if let Some(path) = dropped.into_iter().next() {
-            let on_explorer = self.settings.panel == Panel::LatentExplorer;
-            if explorer_actions::is_gan_file(&path)
-                || (on_explorer && explorer_actions::is_pickle(&path))
-            {
-                self.commands
-                    .push(Command::Explorer(ExplorerCommand::LoadModel(path)));
-            } else if self.settings.panel == Panel::Code
-                && crate::gui::code::assist::is_code_drop(&path)
-            {
-                self.commands
-                    .push(Command::Code(CodeCommand::Open(Some(path))));
-            } else if on_explorer && super::canvas::actions::is_image_file(&path) {
-                self.commands
-                    .push(Command::Explorer(ExplorerCommand::RestoreFromPng(path)));
-            } else {
+            let shown = self.settings.panel;
+            if !self.panels.take_drop(shown, &path, &mut app_context!(self)) {
                 super::canvas::actions::route_dropped(path, &mut app_context!(self));
             }
         }
     }
 
+    /// The shown panel's shortcuts first (on the Code panel Esc dismisses a suggestion), then
+    /// the window's: Esc cancels the running job.
     fn take_shortcuts(&mut self, ctx: &egui::Context) {
-        // Esc on the Code panel first dismisses a suggestion (cancelling its request).
-        if self.settings.panel == Panel::Code
-            && self.code.wants_escape()
-            && ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape))
-        {
-            self.commands.push(Command::Code(CodeCommand::DismissGhost));
-        }
+        let shown = self.settings.panel;
+        self.panels.shortcuts(shown, &mut app_context!(self));
         if self.jobs.running().is_some()
             && ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape))
         {
             self.commands.push(Command::CancelRunningJob);
-        }
-        // Consumed here so the message box never sees it (no stray newline), but sent only
-        // after this frame's UI has run: text typed in the same frame as Ctrl+Enter (a slow
-        // frame, a fast typist) must reach the message box before it is sent.
-        if self.settings.panel == Panel::Chat
-            && ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT))
-        {
-            self.send_after_ui = true;
-        }
-        if self.settings.panel == Panel::Canvas {
-            self.take_canvas_shortcuts(ctx);
-        }
-        if self.settings.panel == Panel::LatentExplorer && !ctx.egui_wants_keyboard_input() {
-            self.take_explorer_paste(ctx);
-        }
-    }
-
-    /// Ctrl+Z / Ctrl+Shift+Z / Ctrl+Y undo and redo on the canvas (a focused text field keeps
-    /// its own undo), Ctrl+Enter generates, Ctrl+V pastes an image (or opens a pasted image
-    /// file path).
-    fn take_canvas_shortcuts(&mut self, ctx: &egui::Context) {
-        if ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT)) {
-            self.commands.push(Command::Canvas(CanvasCommand::Generate));
-        }
-        if ctx.egui_wants_keyboard_input() {
-            return;
-        }
-        // Shift first: Ctrl+Z also matches with Shift held.
-        if ctx.input_mut(|i| i.consume_shortcut(&REDO_SHORTCUT) || i.consume_shortcut(&REDO_Y)) {
-            self.commands.push(Command::Canvas(CanvasCommand::Redo));
-        } else if ctx.input_mut(|i| i.consume_shortcut(&UNDO_SHORTCUT)) {
-            self.commands.push(Command::Canvas(CanvasCommand::Undo));
-        }
-        let (texts, images) = pasted(ctx);
-        for text in texts {
-            super::canvas::actions::paste_on_canvas(&text, &mut app_context!(self));
-        }
-        for image in images {
-            self.commands
-                .push(Command::Canvas(CanvasCommand::PasteImage(Arc::new(image))));
-        }
-    }
-
-    /// Ctrl+V on the Latent Explorer: a copied image is projected; a copied image file (path
-    /// or `file://` URI) is treated as dropped (a capture restores its latent).
-    fn take_explorer_paste(&mut self, ctx: &egui::Context) {
-        let (texts, images) = pasted(ctx);
-        for text in texts {
-            let first = text.lines().next().unwrap_or("").trim();
-            let path = PathBuf::from(first.strip_prefix("file://").unwrap_or(first));
-            if path.is_file() && super::canvas::actions::is_image_file(&path) {
-                self.commands
-                    .push(Command::Explorer(ExplorerCommand::RestoreFromPng(path)));
-            }
-        }
-        for image in images {
-            self.explorer.project(
-                Path::new("the pasted image"),
-                image,
-                &mut app_context!(self),
-            );
         }
     }
 
@@ -345,42 +237,8 @@ impl StudioApp {
                 self.notices.error(format!("{what} was not saved: {error}"));
             }
             FileDone::Thumbnail { path, result } => {
-                self.canvas.set_thumbnail(&self.ctx, &path, result);
+                self.panels.canvas.set_thumbnail(&self.ctx, &path, result);
             }
         }
-    }
-}
-
-/// This frame's pasted texts and images (composited over white).
-fn pasted(ctx: &egui::Context) -> (Vec<String>, Vec<RgbImage>) {
-    ctx.input(|i| {
-        let mut texts = Vec::new();
-        let mut images = Vec::new();
-        for e in &i.events {
-            match e {
-                egui::Event::Paste(text) => texts.push(text.clone()),
-                egui::Event::PasteImage(image) => images.push(rgb_over_white(image)),
-                _ => {}
-            }
-        }
-        (texts, images)
-    })
-}
-
-/// A pasted image (egui's premultiplied RGBA) composited over white, as the canvas holds RGB.
-pub(crate) fn rgb_over_white(image: &egui::ColorImage) -> RgbImage {
-    let mut pixels = Vec::with_capacity(image.pixels.len() * 3);
-    for c in &image.pixels {
-        let white = 255 - c.a();
-        pixels.extend([
-            c.r().saturating_add(white),
-            c.g().saturating_add(white),
-            c.b().saturating_add(white),
-        ]);
-    }
-    RgbImage {
-        width: image.size[0] as u32,
-        height: image.size[1] as u32,
-        pixels,
     }
 }

@@ -20,39 +20,7 @@ pub const MAX_RECENT_MODELS: usize = 10;
 /// How long a change waits before it is written (more changes restart the wait).
 const SAVE_DEBOUNCE: Duration = Duration::from_millis(400);
 
-/// The panels of the window, in navigation order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Panel {
-    #[default]
-    Chat,
-    Code,
-    Canvas,
-    LatentExplorer,
-    Models,
-    Settings,
-}
-
-impl Panel {
-    pub const ALL: [Panel; 6] = [
-        Panel::Chat,
-        Panel::Code,
-        Panel::Canvas,
-        Panel::LatentExplorer,
-        Panel::Models,
-        Panel::Settings,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Panel::Chat => "Chat",
-            Panel::Code => "Code",
-            Panel::Canvas => "Canvas",
-            Panel::LatentExplorer => "Latent Explorer",
-            Panel::Models => "Models",
-            Panel::Settings => "Settings",
-        }
-    }
-}
+pub use super::panel_list::Panel;
 
 /// Everything Studio remembers between runs (apart from conversations and the window's
 /// position, which eframe keeps in `window.ron`).

@@ -12,14 +12,18 @@ use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::GenerationParameters;
 use studio_inference::worker::{Event, JobId, JobKind};
 
-use super::CanvasCommand;
+
 use super::CanvasPanel;
+use super::command::{CanvasCommand, CanvasPurpose};
 use super::form::{build_request, restore_parameters};
 use super::view::preview_texture;
-use crate::files::FileWorker;
 use crate::gui::command::{Command, load_error};
 use crate::gui::context::{AppContext, Handled};
-use crate::gui::jobs::JobPurpose;
+use crate::gui::jobs::Jobs;
+use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::paste::pasted;
+use crate::gui::settings_store::Panel;
+use crate::gui::shortcuts::{REDO_SHORTCUT, REDO_Y, SEND_SHORTCUT, UNDO_SHORTCUT};
 
 /// How long the offer to restore an opened image's parameters stays.
 const OFFER_LIFETIME: Duration = Duration::from_mins(1);
@@ -50,40 +54,33 @@ pub enum Outcome {
     Failed,
 }
 
-impl CanvasPanel {
-    /// Periodic work: the canvas document, written a moment after the last change. Returns
-    /// when to look again.
-    pub(crate) fn autosave(&mut self, files: &FileWorker) -> Option<Duration> {
-        self.store.tick(&self.doc, &self.form, files)
+impl PanelView for CanvasPanel {
+    type Command = CanvasCommand;
+    type Purpose = CanvasPurpose;
+
+    /// Opens the saved canvas, gallery and style presets.
+    fn open(cx: &mut OpenContext<'_>) -> Self {
+        let (canvas, notes) = CanvasPanel::new(cx.home, cx.presets_dir);
+        for note in notes {
+            cx.notices.warning(note);
+        }
+        canvas
     }
 
-    /// Writes the canvas document now, and forgets deleted images for good.
-    pub(crate) fn flush(&mut self, files: &FileWorker) {
-        self.store.flush(&self.doc, &self.form, files);
-    }
-
-    /// Empties the gallery's trash (at exit, when no undo can come).
-    pub(crate) fn purge_trash(&mut self) {
-        self.history.purge_trash();
-    }
-
-    /// A gallery thumbnail the file thread decoded.
-    pub(crate) fn set_thumbnail(
-        &mut self,
-        ctx: &egui::Context,
-        path: &Path,
-        result: Result<(RgbImage, Option<String>), String>,
-    ) {
-        self.history.set_thumbnail(ctx, path, result);
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
+        self.canvas_ui(ui, cx.settings, cx.jobs, cx.files, cx.commands);
     }
 
     /// Carries out one Canvas command.
-    pub(crate) fn apply(&mut self, command: CanvasCommand, cx: &mut AppContext<'_>) {
+    fn apply(&mut self, command: CanvasCommand, cx: &mut AppContext<'_>) {
         let c = &mut *self;
         match command {
             CanvasCommand::LoadModel(path) => self.load_image_model(path, false, cx),
             CanvasCommand::UnloadModel => {
-                cx.submit(JobKind::UnloadImageModel, JobPurpose::UnloadImageModel);
+                cx.submit(
+                    JobKind::UnloadImageModel,
+                    CanvasPurpose::UnloadImageModel.into(),
+                );
             }
             CanvasCommand::OpenModelDialog { folder } => {
                 let dialog = rfd::FileDialog::new().set_title("Open a Stable Diffusion model");
@@ -213,7 +210,7 @@ impl CanvasPanel {
                 Ok(true) => cx.notices.undoable(
                     format!("Deleted {}", super::file_name(&path)),
                     "Undo",
-                    Command::Canvas(CanvasCommand::UndoDeleteImage(path)),
+                    Command::from(CanvasCommand::UndoDeleteImage(path)),
                     cx.undo_window,
                 ),
                 Ok(false) => {}
@@ -230,6 +227,123 @@ impl CanvasPanel {
         }
     }
 
+    /// An event of a job the Canvas submitted (`purpose` says which).
+    fn on_event(
+        &mut self,
+        job: JobId,
+        purpose: &CanvasPurpose,
+        event: Event,
+        cx: &mut AppContext<'_>,
+    ) -> Handled {
+        match event {
+            Event::ImageModelLoaded { info, .. } => {
+                self.image_model_loaded(job, purpose, info, cx);
+            }
+            Event::ImageModelUnloaded { .. } => self.image_model_unloaded(purpose, cx),
+            Event::ImageProgress {
+                image,
+                images,
+                step,
+                steps,
+                ..
+            } => self.image_progress(job, image, images, step, steps, cx),
+            Event::ImageReady { image, .. } => self.image_ready(image, cx),
+            Event::Done { .. } => self.image_job_finished(job, purpose, Outcome::Done, None, cx),
+            Event::Cancelled { .. } => {
+                self.image_job_finished(job, purpose, Outcome::Cancelled, None, cx);
+            }
+            Event::Failed { error, .. } => {
+                self.image_job_finished(job, purpose, Outcome::Failed, Some(&error), cx);
+            }
+            other => return Handled::No(other),
+        }
+        Handled::Yes
+    }
+
+    /// Loads the last session's image model again, if it is still there.
+    fn restore(&mut self, cx: &mut AppContext<'_>) {
+        let Some(path) = cx.settings.last_image_model.clone() else {
+            return;
+        };
+        if path.exists() {
+            self.load_image_model(path, true, cx);
+        } else {
+            cx.notices.warning(format!(
+                "The last image model, {}, is no longer there; open another in the Canvas",
+                path.display()
+            ));
+            cx.settings.last_image_model = None;
+        }
+    }
+
+    /// Shows the newest denoising preview; while generating, previews arrive through a
+    /// mailbox, not as events, so look again soon.
+    fn frame(&mut self, cx: &mut AppContext<'_>) {
+        self.poll_preview(cx);
+        if self.is_generating() {
+            cx.ctx.request_repaint_after(Duration::from_millis(50));
+        }
+    }
+
+    /// Ctrl+Z / Ctrl+Shift+Z / Ctrl+Y undo and redo on the canvas (a focused text field keeps
+    /// its own undo), Ctrl+Enter generates, Ctrl+V pastes an image (or opens a pasted image
+    /// file path).
+    fn shortcuts(&mut self, cx: &mut AppContext<'_>) {
+        let ctx = cx.ctx;
+        if ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT)) {
+            cx.commands.push(CanvasCommand::Generate.into());
+        }
+        if ctx.egui_wants_keyboard_input() {
+            return;
+        }
+        // Shift first: Ctrl+Z also matches with Shift held.
+        if ctx.input_mut(|i| i.consume_shortcut(&REDO_SHORTCUT) || i.consume_shortcut(&REDO_Y)) {
+            cx.commands.push(CanvasCommand::Redo.into());
+        } else if ctx.input_mut(|i| i.consume_shortcut(&UNDO_SHORTCUT)) {
+            cx.commands.push(CanvasCommand::Undo.into());
+        }
+        let (texts, images) = pasted(ctx);
+        for text in texts {
+            paste_on_canvas(&text, cx);
+        }
+        for image in images {
+            cx.commands
+                .push(CanvasCommand::PasteImage(Arc::new(image)).into());
+        }
+    }
+
+    fn drop_hint(&self) -> Option<&'static str> {
+        Some("Drop an image to open it on the canvas, or a model to load it")
+    }
+
+    /// The canvas document, written a moment after the last change.
+    fn autosave(&mut self, cx: &mut AppContext<'_>) -> Option<Duration> {
+        self.store.tick(&self.doc, &self.form, cx.files)
+    }
+
+    /// Writes the canvas document now.
+    fn flush(&mut self, cx: &mut AppContext<'_>) {
+        self.store.flush(&self.doc, &self.form, cx.files);
+    }
+
+    /// Empties the gallery's trash (no undo can come).
+    fn close(&mut self, _cx: &mut AppContext<'_>) {
+        self.history.purge_trash();
+    }
+}
+
+impl CanvasPanel {
+    /// A gallery thumbnail the file thread decoded.
+    pub(crate) fn set_thumbnail(
+        &mut self,
+        ctx: &egui::Context,
+        path: &Path,
+        result: Result<(RgbImage, Option<String>), String>,
+    ) {
+        self.history.set_thumbnail(ctx, path, result);
+    }
+
+
     /// Loads a Stable Diffusion model with the options in Settings.
     pub(crate) fn load_image_model(
         &mut self,
@@ -237,7 +351,7 @@ impl CanvasPanel {
         at_startup: bool,
         cx: &mut AppContext<'_>,
     ) {
-        if path.as_os_str().is_empty() || cx.jobs.loading_image_model() == Some(&path) {
+        if path.as_os_str().is_empty() || loading_image_model(cx.jobs) == Some(&path) {
             return;
         }
         let options = cx.settings.image_model_options.clone();
@@ -246,7 +360,7 @@ impl CanvasPanel {
                 path: path.clone(),
                 options: options.clone(),
             },
-            JobPurpose::LoadImageModel(path, options),
+            CanvasPurpose::LoadImageModel(path, options).into(),
         );
         if at_startup {
             self.startup_load = job;
@@ -280,7 +394,7 @@ impl CanvasPanel {
             JobKind::GenerateImage {
                 request: Box::new(request),
             },
-            JobPurpose::GenerateImage,
+            CanvasPurpose::GenerateImage.into(),
         );
         let c = &mut *self;
         c.generating = job;
@@ -319,7 +433,7 @@ impl CanvasPanel {
         }
         c.doc.set_image(decoded.image);
         c.view.fit();
-        cx.settings.panel = crate::gui::settings_store::Panel::Canvas;
+        cx.settings.panel = Panel::Canvas;
         if let Some(text) = decoded.parameters {
             let params = GenerationParameters::parse(&text);
             let id = c.next_offer;
@@ -332,7 +446,7 @@ impl CanvasPanel {
                     super::file_name(path)
                 ),
                 "Restore parameters",
-                Command::Canvas(CanvasCommand::RestoreOffered(id)),
+                Command::from(CanvasCommand::RestoreOffered(id)),
                 OFFER_LIFETIME,
             );
         }
@@ -362,7 +476,7 @@ impl CanvasPanel {
         };
         self.doc.set_image(image);
         self.view.fit();
-        cx.settings.panel = crate::gui::settings_store::Panel::Canvas;
+        cx.settings.panel = Panel::Canvas;
     }
 
     fn restore_into_form(&mut self, params: &GenerationParameters, cx: &mut AppContext<'_>) {
@@ -390,47 +504,16 @@ impl CanvasPanel {
 
     // ---- worker events ----------------------------------------------------------------------
 
-    /// An event of a job the Canvas submitted (`purpose` says which).
-    pub(crate) fn on_event(
+    fn image_model_loaded(
         &mut self,
         job: JobId,
-        purpose: Option<&JobPurpose>,
-        event: Event,
-        cx: &mut AppContext<'_>,
-    ) -> Handled {
-        match event {
-            Event::ImageModelLoaded { info, .. } => self.image_model_loaded(job, info, cx),
-            Event::ImageModelUnloaded { .. } => self.image_model_unloaded(job, cx),
-            Event::ImageProgress {
-                image,
-                images,
-                step,
-                steps,
-                ..
-            } => self.image_progress(job, image, images, step, steps, cx),
-            Event::ImageReady { image, .. } => self.image_ready(image, cx),
-            Event::Done { .. } => self.image_job_finished(job, purpose, Outcome::Done, None, cx),
-            Event::Cancelled { .. } => {
-                self.image_job_finished(job, purpose, Outcome::Cancelled, None, cx);
-            }
-            Event::Failed { error, .. } => {
-                self.image_job_finished(job, purpose, Outcome::Failed, Some(&error), cx);
-            }
-            other => return Handled::No(other),
-        }
-        Handled::Yes
-    }
-
-    pub(crate) fn image_model_loaded(
-        &mut self,
-        job: JobId,
+        purpose: &CanvasPurpose,
         info: ImageModelInfo,
         cx: &mut AppContext<'_>,
     ) {
-        let purpose = cx.jobs.get(job).map(|t| t.purpose.clone());
-        if let Some(JobPurpose::LoadImageModel(path, options)) = purpose {
-            cx.settings.last_image_model = Some(path);
-            self.model_options = Some(options);
+        if let CanvasPurpose::LoadImageModel(path, options) = purpose {
+            cx.settings.last_image_model = Some(path.clone());
+            self.model_options = Some(options.clone());
         }
         let startup = self.startup_load == Some(job);
         let c = &mut *self;
@@ -451,13 +534,10 @@ impl CanvasPanel {
         c.model = Some(info);
     }
 
-    pub(crate) fn image_model_unloaded(&mut self, job: JobId, cx: &mut AppContext<'_>) {
+    fn image_model_unloaded(&mut self, purpose: &CanvasPurpose, cx: &mut AppContext<'_>) {
         self.model = None;
         self.model_options = None;
-        if matches!(
-            cx.jobs.get(job).map(|t| &t.purpose),
-            Some(JobPurpose::UnloadImageModel)
-        ) {
+        if *purpose == CanvasPurpose::UnloadImageModel {
             cx.settings.last_image_model = None;
         }
     }
@@ -492,13 +572,13 @@ impl CanvasPanel {
     fn image_job_finished(
         &mut self,
         job: JobId,
-        purpose: Option<&JobPurpose>,
+        purpose: &CanvasPurpose,
         outcome: Outcome,
         error: Option<&str>,
         cx: &mut AppContext<'_>,
     ) {
         match purpose {
-            Some(JobPurpose::GenerateImage) => {
+            CanvasPurpose::GenerateImage => {
                 let c = &mut *self;
                 if c.generating == Some(job) {
                     c.generating = None;
@@ -521,7 +601,7 @@ impl CanvasPanel {
                     )),
                 }
             }
-            Some(JobPurpose::LoadImageModel(path, _)) => {
+            CanvasPurpose::LoadImageModel(path, _) => {
                 if self.startup_load == Some(job) {
                     self.startup_load = None;
                 }
@@ -538,17 +618,17 @@ impl CanvasPanel {
                     }
                 }
             }
-            Some(JobPurpose::UnloadImageModel) => {
+            CanvasPurpose::UnloadImageModel => {
                 if let (Outcome::Failed, Some(e)) = (outcome, error) {
                     cx.notices.error(e.to_owned());
                 }
             }
-            _ => {}
         }
     }
 
     /// Shows the newest denoising preview of the running generation.
-    pub(crate) fn poll_preview(&mut self, ctx: &egui::Context, cx: &mut AppContext<'_>) {
+    fn poll_preview(&mut self, cx: &mut AppContext<'_>) {
+        let ctx = cx.ctx;
         let Some(job) = self.generating else {
             return;
         };
@@ -579,27 +659,35 @@ impl CanvasPanel {
 /// Where a dropped file goes: Stable Diffusion models to the Canvas's loader, other models
 /// to the chat model loader, images (and, on the Canvas, anything else) to the canvas.
 pub(crate) fn route_dropped(path: PathBuf, cx: &mut AppContext<'_>) {
-    let on_canvas = cx.settings.panel == crate::gui::settings_store::Panel::Canvas;
+    let on_canvas = cx.settings.panel == Panel::Canvas;
     if is_diffusion_model(&path) {
         cx.commands
-            .push(Command::Canvas(CanvasCommand::LoadModel(path)));
+            .push(Command::from(CanvasCommand::LoadModel(path)));
     } else if is_image_file(&path) || (on_canvas && !looks_like_a_model(&path)) {
         cx.commands
-            .push(Command::Canvas(CanvasCommand::OpenImage(path)));
+            .push(Command::from(CanvasCommand::OpenImage(path)));
     } else {
         cx.commands.push(Command::LoadModel(path));
     }
 }
 
+/// The Stable Diffusion model being loaded (queued or running), if any.
+pub(crate) fn loading_image_model(jobs: &Jobs) -> Option<&PathBuf> {
+    jobs.find(|p: &CanvasPurpose| match p {
+        CanvasPurpose::LoadImageModel(path, _) => Some(path),
+        _ => None,
+    })
+}
+
 /// Ctrl+V on the Canvas with text on the clipboard: a copied image *file* (its path or
 /// `file://` URI) is opened; other text is left alone. (Copied pixels arrive as
 /// `CanvasCommand::PasteImage`.)
-pub(crate) fn paste_on_canvas(text: &str, cx: &mut AppContext<'_>) {
+fn paste_on_canvas(text: &str, cx: &mut AppContext<'_>) {
     let first = text.lines().next().unwrap_or("").trim();
     let path = PathBuf::from(first.strip_prefix("file://").unwrap_or(first));
     if path.is_file() && is_image_file(&path) {
         cx.commands
-            .push(Command::Canvas(CanvasCommand::OpenImage(path)));
+            .push(Command::from(CanvasCommand::OpenImage(path)));
     }
 }
 /// "seed 42, 20 steps, Euler a, 512x512".

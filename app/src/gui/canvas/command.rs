@@ -1,14 +1,16 @@
-//! What the Canvas asks for, as data (inside `Command::Canvas`): a leaf module, so the
-//! window's command list can name it without importing the panel.
+//! What the Canvas asks for, and why it submits jobs, as data (inside `Command::Panel` and
+//! `JobPurpose::Panel`): a leaf module, so the window's command and job lists can name them
+//! without importing the panel.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use studio_inference::diffusion::imaging::RgbImage;
+use studio_inference::diffusion::model::ImageModelOptions;
 
 use super::document::Side;
 
-/// What the Canvas asks for (inside `Command::Canvas`).
+/// What the Canvas asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CanvasCommand {
     /// Load a Stable Diffusion model (file or diffusers folder) with the options in Settings.
@@ -59,4 +61,14 @@ pub enum CanvasCommand {
     UndoDeleteImage(PathBuf),
     /// Fit the canvas to the view.
     FitView,
+}
+
+/// Why the Canvas submitted a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanvasPurpose {
+    /// Loading a Stable Diffusion model, with the options it was asked for.
+    LoadImageModel(PathBuf, ImageModelOptions),
+    UnloadImageModel,
+    /// Generating images.
+    GenerateImage,
 }

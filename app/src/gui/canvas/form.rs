@@ -273,7 +273,7 @@ impl FormView {
         commands: &mut Vec<Command>,
     ) {
         let push =
-            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
         let label = ui.label("Prompt");
         ui.add(
             egui::TextEdit::multiline(&mut form.prompt)

@@ -266,7 +266,7 @@ fn entry_ui(
                     )
                     .clicked()
                 {
-                    commands.push(Command::Canvas(CanvasCommand::ReuseParameters(
+                    commands.push(Command::from(CanvasCommand::ReuseParameters(
                         path.clone(),
                     )));
                 }
@@ -275,11 +275,11 @@ fn entry_ui(
                     .on_hover_text("Open this image on the canvas (undoable)")
                     .clicked()
                 {
-                    commands.push(Command::Canvas(CanvasCommand::OpenImage(path.clone())));
+                    commands.push(Command::from(CanvasCommand::OpenImage(path.clone())));
                 }
                 if confirm_delete.as_ref() == Some(&path) {
                     if ui.small_button("Confirm delete").clicked() {
-                        commands.push(Command::Canvas(CanvasCommand::DeleteImage(path.clone())));
+                        commands.push(Command::from(CanvasCommand::DeleteImage(path.clone())));
                         *confirm_delete = None;
                     }
                     if ui.small_button("Keep").clicked() {

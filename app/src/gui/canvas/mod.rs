@@ -182,7 +182,7 @@ impl CanvasPanel {
         files: &FileWorker,
         commands: &mut Vec<Command>,
     ) {
-        let loading = jobs.loading_image_model().is_some();
+        let loading = actions::loading_image_model(jobs).is_some();
         egui::Panel::left("canvas_form")
             .resizable(true)
             .default_size(310.0)
@@ -252,8 +252,8 @@ impl CanvasPanel {
         commands: &mut Vec<Command>,
     ) {
         let push =
-            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
-        if let Some(path) = jobs.loading_image_model() {
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
+        if let Some(path) = actions::loading_image_model(jobs) {
             ui.horizontal(|ui| {
                 ui.spinner();
                 ui.label(format!("Loading {}", file_name(path)));
@@ -345,7 +345,7 @@ impl CanvasPanel {
 
     fn toolbar_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
         let push =
-            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
         let has_image = self.doc.image().is_some();
         let busy = self.generating.is_some();
         ui.add_space(2.0);
@@ -473,7 +473,7 @@ impl CanvasPanel {
 
     fn staging_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
         let push =
-            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::Canvas(c));
+            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
         ui.add_space(4.0);
         ui.horizontal(|ui| {
             let n = self.doc.staged().len();

@@ -170,11 +170,11 @@ impl CanvasView {
             let p = self.to_image(canvas_rect, pos);
             let from = self.last_paint.unwrap_or(p);
             if self.last_paint != Some(p) {
-                commands.push(Command::Canvas(CanvasCommand::Paint { from, to: p }));
+                commands.push(Command::from(CanvasCommand::Paint { from, to: p }));
             }
             self.last_paint = Some(p);
         } else if self.last_paint.take().is_some() {
-            commands.push(Command::Canvas(CanvasCommand::EndStroke));
+            commands.push(Command::from(CanvasCommand::EndStroke));
         }
         if can_paint && let Some(pos) = response.hover_pos() {
             let r = cx.brush_size / 2.0 * self.zoom;

@@ -4,41 +4,69 @@
 //! (commands) or before drawing (events).
 
 use std::path::Path;
+use std::time::Duration;
 
 use studio_inference::worker::{Event, JobId, JobKind};
 
-use super::ChatPanel;
-use super::store::{MessageId, ReplyState};
-use crate::gui::command::{Command, ExportFormat, file_name_from};
+use super::command::{ChatCommand, ChatPurpose, ExportFormat};
+use super::store::{ConversationStore, MessageId, ReplyState, TRASH_GRACE};
+use super::{ChatPanel, ChatUiContext};
+use crate::gui::command::{Command, file_name_from};
 use crate::gui::context::{AppContext, Handled};
 use crate::gui::format;
-use crate::gui::jobs::JobPurpose;
-use crate::gui::settings_store::Panel;
+use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::presets::Presets;
+use crate::gui::settings_store::{Panel, Settings};
+use crate::gui::shortcuts::SEND_SHORTCUT;
 
-impl ChatPanel {
-    /// Carries out one of the Chat's commands; any other command is handed back.
-    pub(crate) fn apply(&mut self, command: Command, cx: &mut AppContext<'_>) -> Option<Command> {
+impl PanelView for ChatPanel {
+    type Command = ChatCommand;
+    type Purpose = ChatPurpose;
+
+    /// Opens the saved conversations (the last one open, or the newest) and the presets.
+    fn open(cx: &mut OpenContext<'_>) -> Self {
+        let (store, errors) = ConversationStore::open(cx.home);
+        for e in errors {
+            cx.notices.error(e);
+        }
+        let presets = Presets::load(cx.presets_dir);
+        ChatPanel::new(store, presets, cx.settings.last_conversation.clone())
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
+        let mut chat_cx = ChatUiContext {
+            settings: cx.settings,
+            model: cx.model,
+            model_loading: cx.jobs.loading_model().is_some(),
+        };
+        self.chat_ui(ui, &mut chat_cx, cx.commands);
+        if std::mem::take(&mut self.send_after_ui) {
+            cx.commands.push(ChatCommand::SendMessage.into());
+        }
+    }
+
+    fn apply(&mut self, command: ChatCommand, cx: &mut AppContext<'_>) {
         match command {
-            Command::SendMessage => self.send_message(cx),
-            Command::StopReply => {
+            ChatCommand::SendMessage => self.send_message(cx),
+            ChatCommand::StopReply => {
                 if let Some(active) = self.active() {
                     cx.cancel(active.job);
                 }
             }
-            Command::Regenerate => self.regenerate(None, cx),
-            Command::RegenerateReply {
+            ChatCommand::Regenerate => self.regenerate(None, cx),
+            ChatCommand::RegenerateReply {
                 conversation,
                 message,
             } => {
                 self.select(&conversation);
                 self.regenerate(Some(message), cx);
             }
-            Command::ResendEdit {
+            ChatCommand::ResendEdit {
                 conversation,
                 message,
                 content,
             } => self.resend_edit(&conversation, message, &content, cx),
-            Command::EditMessage {
+            ChatCommand::EditMessage {
                 conversation,
                 message,
                 content,
@@ -47,7 +75,7 @@ impl ChatPanel {
                     self.save_conversation(&conversation, cx);
                 }
             }
-            Command::ShowBranch {
+            ChatCommand::ShowBranch {
                 conversation,
                 message,
             } => {
@@ -57,16 +85,16 @@ impl ChatPanel {
                     cx.notices.error(format!("{e:#}"));
                 }
             }
-            Command::NewConversation => {
+            ChatCommand::NewConversation => {
                 self.new_conversation();
                 cx.settings.panel = Panel::Chat;
             }
-            Command::SelectConversation(id) => self.select(&id),
-            Command::RenameConversation { id, title } => self.rename(&id, title, cx),
-            Command::DeleteConversation(id) => self.delete_conversation(&id, cx),
-            Command::UndoDelete(id) => match self.store.restore(&id) {
+            ChatCommand::SelectConversation(id) => self.select(&id),
+            ChatCommand::RenameConversation { id, title } => self.rename(&id, title, cx),
+            ChatCommand::DeleteConversation(id) => self.delete_conversation(&id, cx),
+            ChatCommand::UndoDelete(id) => match self.store.restore(&id) {
                 Ok(true) => {
-                    cx.notices.dismiss_action(&Command::UndoDelete(id.clone()));
+                    cx.notices.dismiss_action(&Command::from(ChatCommand::UndoDelete(id.clone())));
                     self.select(&id);
                 }
                 Ok(false) => cx
@@ -74,16 +102,15 @@ impl ChatPanel {
                     .warning("The chat can no longer be restored: its undo time has passed"),
                 Err(e) => cx.notices.error(format!("{e:#}")),
             },
-            Command::ExportConversation { id, format } => self.export(&id, format, cx),
-            other => return Some(other),
+            ChatCommand::ExportConversation { id, format } => self.export(&id, format, cx),
         }
-        None
     }
 
-    /// An event of a reply job (`JobPurpose::ChatReply`).
-    pub(crate) fn on_event(
+    /// An event of a reply job (`ChatPurpose::Reply`).
+    fn on_event(
         &mut self,
         job: JobId,
+        _purpose: &ChatPurpose,
         event: Event,
         cx: &mut AppContext<'_>,
     ) -> Handled {
@@ -122,6 +149,76 @@ impl ChatPanel {
         Handled::Yes
     }
 
+    /// Keeps a streaming reply and changed parameters saved, and removes deleted chats whose
+    /// undo time has passed.
+    fn frame(&mut self, cx: &mut AppContext<'_>) {
+        if let Some(id) = self.due_stream_save()
+            && let Err(e) = self.store.save_in_place(&id)
+        {
+            cx.notices.error(format!("{e:#}"));
+        }
+        if let Some(id) = self.due_params_save(false)
+            && let Err(e) = self.store.save_in_place(&id)
+        {
+            cx.notices.error(format!("{e:#}"));
+        }
+        for error in self.store.purge_trash(cx.undo_window + TRASH_GRACE) {
+            cx.notices.error(error);
+        }
+        if self.active().is_some() {
+            // Keep the live rate moving and the periodic save due even between events.
+            cx.ctx.request_repaint_after(Duration::from_millis(500));
+        }
+    }
+
+    /// The settings show the open conversation's parameters (a conversation just opened
+    /// shows its own; edits belong to the conversation open while they were made), and
+    /// remember which is open.
+    fn settle(&mut self, settings: &mut Settings) {
+        self.sync_params(settings);
+        settings.last_conversation.clone_from(&self.selected);
+    }
+
+    /// Ctrl+Enter sends. It is consumed here so the message box never sees it (no stray
+    /// newline), but sent only after this frame's UI has run: text typed in the same frame
+    /// (a slow frame, a fast typist) must reach the message box first.
+    fn shortcuts(&mut self, cx: &mut AppContext<'_>) {
+        if cx.ctx.input_mut(|i| i.consume_shortcut(&SEND_SHORTCUT)) {
+            self.send_after_ui = true;
+        }
+    }
+
+    fn autosave(&mut self, cx: &mut AppContext<'_>) -> Option<Duration> {
+        let purge = self.store.next_purge(cx.undo_window + TRASH_GRACE);
+        match (self.next_params_save(), purge) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Saves a streaming reply and changed parameters.
+    fn flush(&mut self, _cx: &mut AppContext<'_>) {
+        if let Some(active) = self.active()
+            && let Err(e) = self.store.save_in_place(&active.conversation.clone())
+        {
+            log::error!("{e:#}");
+        }
+        if let Some(id) = self.due_params_save(true)
+            && let Err(e) = self.store.save_in_place(&id)
+        {
+            log::error!("{e:#}");
+        }
+    }
+
+    /// Chats deleted in this session are removed for good (their Undo ends with the window).
+    fn close(&mut self, _cx: &mut AppContext<'_>) {
+        for error in self.store.purge_trash(Duration::ZERO) {
+            log::error!("{error}");
+        }
+    }
+}
+
+impl ChatPanel {
     /// Saves conversation `id` (a failure becomes a notice).
     pub(crate) fn save_conversation(&mut self, id: &str, cx: &mut AppContext<'_>) {
         if let Err(e) = self.store.save(id) {
@@ -220,11 +317,11 @@ impl ChatPanel {
             messages,
             params,
         };
-        let purpose = JobPurpose::ChatReply {
+        let purpose = ChatPurpose::Reply {
             conversation: id.to_owned(),
             message: reply,
         };
-        match cx.submit(kind, purpose) {
+        match cx.submit(kind, purpose.into()) {
             Some(job) => self.begin_reply(job, id.to_owned(), reply),
             None => self.finish_message(
                 id,
@@ -271,7 +368,7 @@ impl ChatPanel {
                 cx.notices.undoable(
                     format!("Deleted \"{title}\""),
                     "Undo",
-                    Command::UndoDelete(id.to_owned()),
+                    Command::from(ChatCommand::UndoDelete(id.to_owned())),
                     cx.undo_window,
                 );
             }

@@ -2,6 +2,7 @@
 //! branch), rename in place (double-click, the context menu, or the header's Rename), delete
 //! (with Undo, see [`super::store`]).
 
+use super::command::ChatCommand;
 use super::store::ConversationStore;
 use crate::gui::command::Command;
 use crate::gui::format;
@@ -75,7 +76,7 @@ impl ConversationList {
             .on_hover_text("Start a new conversation")
             .clicked()
         {
-            commands.push(Command::NewConversation);
+            commands.push(Command::from(ChatCommand::NewConversation));
         }
         ui.add_space(4.0);
         ui.horizontal(|ui| {
@@ -135,10 +136,10 @@ impl ConversationList {
                         if escape {
                             self.renaming = None;
                         } else if response.lost_focus() {
-                            commands.push(Command::RenameConversation {
+                            commands.push(Command::from(ChatCommand::RenameConversation {
                                 id: c.id.clone(),
                                 title: r.text.trim().to_owned(),
-                            });
+                            }));
                             self.renaming = None;
                         }
                         continue;
@@ -162,7 +163,7 @@ impl ConversationList {
                     if response.double_clicked() {
                         self.start_rename(&c.id, &c.title);
                     } else if response.clicked() && !is_selected {
-                        commands.push(Command::SelectConversation(c.id.clone()));
+                        commands.push(Command::from(ChatCommand::SelectConversation(c.id.clone())));
                     }
                     response.context_menu(|ui| {
                         if ui.button("Rename").clicked() {
@@ -170,7 +171,7 @@ impl ConversationList {
                             ui.close();
                         }
                         if ui.button("Delete").clicked() {
-                            commands.push(Command::DeleteConversation(c.id.clone()));
+                            commands.push(Command::from(ChatCommand::DeleteConversation(c.id.clone())));
                             ui.close();
                         }
                     });

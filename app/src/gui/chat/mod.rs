@@ -8,6 +8,7 @@
 //! frame and finished ones none.
 
 mod actions;
+pub mod command;
 pub mod list;
 pub mod message;
 pub mod params;
@@ -28,7 +29,8 @@ use self::params::ParametersView;
 use self::store::{
     Conversation, ConversationStore, Message, MessageId, ReplyInfo, ReplyState, title_from,
 };
-use crate::gui::command::{Command, ExportFormat};
+use self::command::{ChatCommand, ExportFormat};
+use crate::gui::command::Command;
 use crate::gui::format;
 use crate::gui::markdown::MarkdownCache;
 use crate::gui::presets::Presets;
@@ -99,6 +101,8 @@ pub struct ChatPanel {
     params_shown: Option<ParamsShown>,
     /// A conversation whose parameters changed and are not on disk yet, and since when.
     params_unsaved: Option<(String, Instant)>,
+    /// Ctrl+Enter was pressed this frame: send once the frame's typing has reached the box.
+    send_after_ui: bool,
 }
 
 impl ChatPanel {
@@ -119,6 +123,7 @@ impl ChatPanel {
             markdown: MarkdownCache::default(),
             params_shown: None,
             params_unsaved: None,
+            send_after_ui: false,
         }
     }
 
@@ -552,7 +557,7 @@ impl ChatPanel {
                         .on_hover_text("Delete this conversation (you can undo for a few seconds)")
                         .clicked()
                     {
-                        commands.push(Command::DeleteConversation(c.id.clone()));
+                        commands.push(Command::from(ChatCommand::DeleteConversation(c.id.clone())));
                     }
                     ui.menu_button("Export", |ui| {
                         if ui
@@ -568,10 +573,10 @@ impl ChatPanel {
                             .on_hover_text("Write the conversation as shown to a .md file")
                             .clicked()
                         {
-                            commands.push(Command::ExportConversation {
+                            commands.push(Command::from(ChatCommand::ExportConversation {
                                 id: c.id.clone(),
                                 format: ExportFormat::Markdown,
-                            });
+                            }));
                             ui.close();
                         }
                         if ui
@@ -582,10 +587,10 @@ impl ChatPanel {
                             )
                             .clicked()
                         {
-                            commands.push(Command::ExportConversation {
+                            commands.push(Command::from(ChatCommand::ExportConversation {
                                 id: c.id.clone(),
                                 format: ExportFormat::Json,
-                            });
+                            }));
                             ui.close();
                         }
                     });
@@ -724,29 +729,29 @@ impl ChatPanel {
             }
             MessageAction::SaveEdit(content) => {
                 self.editing = None;
-                commands.push(Command::EditMessage {
+                commands.push(Command::from(ChatCommand::EditMessage {
                     conversation,
                     message,
                     content,
-                });
+                }));
             }
             MessageAction::Resend(content) => {
                 self.editing = None;
-                commands.push(Command::ResendEdit {
+                commands.push(Command::from(ChatCommand::ResendEdit {
                     conversation,
                     message,
                     content,
-                });
+                }));
             }
             MessageAction::CancelEdit => self.editing = None,
-            MessageAction::Regenerate => commands.push(Command::RegenerateReply {
+            MessageAction::Regenerate => commands.push(Command::from(ChatCommand::RegenerateReply {
                 conversation,
                 message,
-            }),
-            MessageAction::ShowBranch(message) => commands.push(Command::ShowBranch {
+            })),
+            MessageAction::ShowBranch(message) => commands.push(Command::from(ChatCommand::ShowBranch {
                 conversation,
                 message,
-            }),
+            })),
         }
     }
 
@@ -783,7 +788,7 @@ impl ChatPanel {
                 None => send,
             };
             if send.clicked() {
-                commands.push(Command::SendMessage);
+                commands.push(Command::from(ChatCommand::SendMessage));
             }
             if busy
                 && ui
@@ -791,7 +796,7 @@ impl ChatPanel {
                     .on_hover_text("Stop the reply and keep what was written (Esc)")
                     .clicked()
             {
-                commands.push(Command::StopReply);
+                commands.push(Command::from(ChatCommand::StopReply));
             }
             let can_regenerate = blocked.is_none()
                 && self
@@ -804,7 +809,7 @@ impl ChatPanel {
                 )
                 .clicked()
             {
-                commands.push(Command::Regenerate);
+                commands.push(Command::from(ChatCommand::Regenerate));
             }
             if let Some(reason) = blocked {
                 ui.label(weak(ui, reason));

@@ -19,14 +19,16 @@ use studio_inference::code::language::language_by_name;
 use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::{Event, JobId, JobKind};
 
+use egui::{Key, Modifiers};
+
 use super::buffer::{self, Tab, read_source};
+use super::command::CodePurpose;
 use super::{CodeCommand, CodePanel, Confirm};
-use crate::files::FileWorker;
 use crate::gui::command::Command;
 use crate::gui::context::{AppContext, Handled};
-use crate::gui::jobs::JobPurpose;
+use crate::gui::panel::{OpenContext, PanelView, UiContext};
 use crate::gui::markdown::Document;
-use crate::gui::settings_store::{Panel, Settings};
+use crate::gui::settings_store::Panel;
 
 /// How much text before and after the cursor a completion request carries (the worker then
 /// fits it to the model's token budget).
@@ -130,7 +132,7 @@ impl GhostState {
         let waited = now.saturating_duration_since(self.since);
         if waited >= delay {
             self.requested = Some(anchor);
-            commands.push(Command::Code(CodeCommand::RequestCompletion));
+            commands.push(Command::from(CodeCommand::RequestCompletion));
         } else {
             ctx.request_repaint_after(delay.saturating_sub(waited));
         }
@@ -146,7 +148,7 @@ impl GhostState {
             if self.cancelled.len() > 32 {
                 self.cancelled.remove(0);
             }
-            commands.push(Command::Code(CodeCommand::CancelJob(job)));
+            commands.push(Command::from(CodeCommand::CancelJob(job)));
         }
     }
 
@@ -240,10 +242,56 @@ pub fn is_code_drop(path: &Path) -> bool {
     })
 }
 
-impl CodePanel {
+impl PanelView for CodePanel {
+    type Command = CodeCommand;
+    type Purpose = CodePurpose;
+
+    /// Opens the tabs the recovery file kept and the action presets.
+    fn open(cx: &mut OpenContext<'_>) -> Self {
+        let (code, notes) = CodePanel::new(cx.home, cx.presets_dir);
+        for note in notes {
+            cx.notices.warning(note);
+        }
+        code
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
+        let fim = cx
+            .worker
+            .map(studio_inference::worker::Worker::fim_support)
+            .unwrap_or_default();
+        self.code_ui(
+            ui,
+            cx.settings,
+            &fim,
+            cx.model.map(|m| m.name.as_str()),
+            cx.commands,
+        );
+    }
+
+    fn apply(&mut self, command: CodeCommand, cx: &mut AppContext<'_>) {
+        self.apply_command(command, cx);
+    }
+
+    /// An event of a job the Code panel submitted (`purpose` says which).
+    fn on_event(
+        &mut self,
+        job: JobId,
+        purpose: &CodePurpose,
+        event: Event,
+        cx: &mut AppContext<'_>,
+    ) -> Handled {
+        match purpose {
+            CodePurpose::CodeComplete => self.completion_event(job, event),
+            CodePurpose::CodeAction => self.action_event(job, event, cx),
+        }
+        Handled::Yes
+    }
+
     /// The window was asked to close: with unsaved tabs, keep it open and ask (the recovery
     /// file has the text either way), showing the Code panel.
-    pub(crate) fn intercept_close(&mut self, ctx: &egui::Context, settings: &mut Settings) {
+    fn frame(&mut self, cx: &mut AppContext<'_>) {
+        let ctx = cx.ctx;
         if std::mem::take(&mut self.close_now) {
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);
             return;
@@ -252,23 +300,47 @@ impl CodePanel {
         {
             ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
             self.confirm = Some(Confirm::Quit);
-            settings.panel = Panel::Code;
+            cx.settings.panel = Panel::Code;
         }
     }
 
-    /// Periodic work: the recovery file, written a moment after the last edit. Returns when
-    /// to look again.
-    pub(crate) fn autosave(&mut self, files: &FileWorker) -> Option<Duration> {
+    /// Esc first dismisses a suggestion (cancelling its request), before the window's Esc
+    /// cancels the running job.
+    fn shortcuts(&mut self, cx: &mut AppContext<'_>) {
+        if self.wants_escape() && cx.ctx.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Escape))
+        {
+            cx.commands.push(CodeCommand::DismissGhost.into());
+        }
+    }
+
+    /// A source file dropped on the Code panel opens in the editor.
+    fn take_drop(&mut self, path: &Path, shown: bool, cx: &mut AppContext<'_>) -> bool {
+        if !(shown && is_code_drop(path)) {
+            return false;
+        }
+        cx.commands
+            .push(CodeCommand::Open(Some(path.to_path_buf())).into());
+        true
+    }
+
+    fn drop_hint(&self) -> Option<&'static str> {
+        Some("Drop a source file to open it in the editor, or a model to load it")
+    }
+
+    /// The recovery file, written a moment after the last edit.
+    fn autosave(&mut self, cx: &mut AppContext<'_>) -> Option<Duration> {
         self.store
-            .tick(&self.tabs, self.active, self.next_untitled, files)
+            .tick(&self.tabs, self.active, self.next_untitled, cx.files)
     }
 
     /// Writes the recovery file now.
-    pub(crate) fn flush(&mut self, files: &FileWorker) {
+    fn flush(&mut self, cx: &mut AppContext<'_>) {
         self.store
-            .flush(&self.tabs, self.active, self.next_untitled, files);
+            .flush(&self.tabs, self.active, self.next_untitled, cx.files);
     }
+}
 
+impl CodePanel {
     /// The cursor (or selection) of tab `id`'s editor as last drawn (char indices).
     pub fn cursor(&self, id: u64) -> Option<CCursorRange> {
         self.cursors.get(&id).copied()
@@ -293,7 +365,7 @@ impl CodePanel {
         self.pending_cursor = Some((id, range));
     }
 
-    pub(crate) fn apply(&mut self, command: CodeCommand, cx: &mut AppContext<'_>) {
+    fn apply_command(&mut self, command: CodeCommand, cx: &mut AppContext<'_>) {
         match command {
             CodeCommand::NewTab => {
                 self.new_tab();
@@ -554,7 +626,7 @@ impl CodePanel {
             JobKind::Complete {
                 request: Box::new(request),
             },
-            JobPurpose::CodeComplete,
+            CodePurpose::CodeComplete.into(),
         );
         if let Some(job) = job {
             self.ghost.submitted += 1;
@@ -615,22 +687,6 @@ impl CodePanel {
                 worker.cancel(job);
             }
         }
-    }
-
-    /// An event of a job the Code panel submitted (`purpose` says which).
-    pub(crate) fn on_event(
-        &mut self,
-        job: JobId,
-        purpose: Option<&JobPurpose>,
-        event: Event,
-        cx: &mut AppContext<'_>,
-    ) -> Handled {
-        match purpose {
-            Some(JobPurpose::CodeComplete) => self.completion_event(job, event),
-            Some(JobPurpose::CodeAction) => self.action_event(job, event, cx),
-            _ => return Handled::No(event),
-        }
-        Handled::Yes
     }
 
     fn completion_event(&mut self, job: JobId, event: Event) {
@@ -741,7 +797,7 @@ impl CodePanel {
                 input: Box::new(input),
                 params,
             },
-            JobPurpose::CodeAction,
+            CodePurpose::CodeAction.into(),
         );
         if job.is_some() {
             self.action = Some(ActionRun {

@@ -1,5 +1,6 @@
-//! What the Code panel asks for, as data (inside `Command::Code`): a leaf module, so the
-//! window's command list can name it without importing the panel.
+//! What the Code panel asks for, and why it submits jobs, as data (inside `Command::Panel`
+//! and `JobPurpose::Panel`): a leaf module, so the window's command and job lists can name
+//! them without importing the panel.
 
 use std::path::PathBuf;
 
@@ -53,4 +54,13 @@ pub enum CodeCommand {
     /// Quitting was asked for with unsaved tabs: quit anyway (their text stays in the
     /// recovery file only for untitled buffers).
     QuitDiscarding,
+}
+
+/// Why the Code panel submitted a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodePurpose {
+    /// A ghost-text suggestion.
+    CodeComplete,
+    /// A code action (explain, fix, …).
+    CodeAction,
 }

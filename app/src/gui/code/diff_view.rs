@@ -64,7 +64,7 @@ pub fn assist_pane_ui(
                 .on_hover_text(&p.description)
                 .clicked()
             {
-                commands.push(Command::Code(CodeCommand::RunAction(p.id.clone())));
+                commands.push(Command::from(CodeCommand::RunAction(p.id.clone())));
             }
         }
     });
@@ -88,7 +88,7 @@ pub fn assist_pane_ui(
                 .response
                 .labelled_by(l.id);
             if clicked {
-                commands.push(Command::Code(CodeCommand::RunAction(p.id.clone())));
+                commands.push(Command::from(CodeCommand::RunAction(p.id.clone())));
             }
         });
     }
@@ -109,7 +109,7 @@ pub fn assist_pane_ui(
             .on_hover_text(&p.description)
             .clicked()
         {
-            commands.push(Command::Code(CodeCommand::RunAction(p.id.clone())));
+            commands.push(Command::from(CodeCommand::RunAction(p.id.clone())));
         }
     }
     ui.checkbox(
@@ -140,7 +140,7 @@ fn result_ui(panel: &mut CodePanel, ui: &mut egui::Ui, commands: &mut Vec<Comman
             RunState::Streaming => {
                 ui.spinner();
                 if ui.button("Stop").clicked() {
-                    commands.push(Command::Code(CodeCommand::StopAction));
+                    commands.push(Command::from(CodeCommand::StopAction));
                 }
             }
             RunState::Done => {}
@@ -183,7 +183,7 @@ fn result_ui(panel: &mut CodePanel, ui: &mut egui::Ui, commands: &mut Vec<Comman
             if kind == ActionKind::Code && !streaming && !run.reply.is_empty() {
                 ui.add_space(6.0);
                 if ui.button("Open in a new tab").clicked() {
-                    commands.push(Command::Code(CodeCommand::OpenResultInTab));
+                    commands.push(Command::from(CodeCommand::OpenResultInTab));
                 }
             }
         });
@@ -221,7 +221,7 @@ fn diff_ui(panel: &mut CodePanel, ui: &mut egui::Ui, commands: &mut Vec<Command>
             .on_hover_text("Apply the accepted changes as one edit (Ctrl+Z undoes it)")
             .clicked()
         {
-            commands.push(Command::Code(CodeCommand::ApplyHunks));
+            commands.push(Command::from(CodeCommand::ApplyHunks));
         }
     });
     if run.applied {

@@ -274,10 +274,10 @@ impl CodePanel {
         if ui.input_mut(|i| i.consume_shortcut(&SAVE_SHORTCUT))
             && let Some(id) = self.active
         {
-            commands.push(Command::Code(CodeCommand::Save(id)));
+            commands.push(Command::from(CodeCommand::Save(id)));
         }
         if ui.input_mut(|i| i.consume_shortcut(&OPEN_SHORTCUT)) {
-            commands.push(Command::Code(CodeCommand::Open(None)));
+            commands.push(Command::from(CodeCommand::Open(None)));
         }
         // Studio's own undo stack, not the TextEdit's, when the editor has the keyboard (or
         // nothing does, e.g. right after Apply in the pane); other text fields keep their own.
@@ -289,16 +289,16 @@ impl CodePanel {
             i.consume_shortcut(&super::shortcuts::REDO_SHORTCUT)
                 || i.consume_shortcut(&super::shortcuts::REDO_Y)
         }) {
-            commands.push(Command::Code(CodeCommand::Redo));
+            commands.push(Command::from(CodeCommand::Redo));
         } else if ui.input_mut(|i| i.consume_shortcut(&super::shortcuts::UNDO_SHORTCUT)) {
-            commands.push(Command::Code(CodeCommand::Undo));
+            commands.push(Command::from(CodeCommand::Undo));
         }
         if editor_focused && self.ghost_text().is_some() {
             if ui.input_mut(|i| i.consume_key(Modifiers::NONE, Key::Tab)) {
-                commands.push(Command::Code(CodeCommand::AcceptGhost));
+                commands.push(Command::from(CodeCommand::AcceptGhost));
             }
             if ui.input_mut(|i| i.consume_key(Modifiers::CTRL, Key::ArrowRight)) {
-                commands.push(Command::Code(CodeCommand::AcceptWord));
+                commands.push(Command::from(CodeCommand::AcceptWord));
             }
         }
     }
@@ -340,14 +340,14 @@ impl CodePanel {
                 .on_hover_text("A new untitled tab")
                 .clicked()
             {
-                commands.push(Command::Code(CodeCommand::NewTab));
+                commands.push(Command::from(CodeCommand::NewTab));
             }
             if ui
                 .button("Open…")
                 .on_hover_text("Open a source file (Ctrl+O), or drop one on the window")
                 .clicked()
             {
-                commands.push(Command::Code(CodeCommand::Open(None)));
+                commands.push(Command::from(CodeCommand::Open(None)));
             }
             let active = self.active;
             if ui
@@ -356,14 +356,14 @@ impl CodePanel {
                 .clicked()
                 && let Some(id) = active
             {
-                commands.push(Command::Code(CodeCommand::Save(id)));
+                commands.push(Command::from(CodeCommand::Save(id)));
             }
             if ui
                 .add_enabled(active.is_some(), egui::Button::new("Save As…"))
                 .clicked()
                 && let Some(id) = active
             {
-                commands.push(Command::Code(CodeCommand::SaveAs {
+                commands.push(Command::from(CodeCommand::SaveAs {
                     tab: id,
                     path: None,
                 }));
@@ -440,7 +440,7 @@ impl CodePanel {
                             .on_hover_text("Close this tab")
                             .clicked()
                         {
-                            commands.push(Command::Code(CodeCommand::Close(tab.id)));
+                            commands.push(Command::from(CodeCommand::Close(tab.id)));
                         }
                         ui.add_space(6.0);
                     }
@@ -463,7 +463,7 @@ impl CodePanel {
             }
             if r.lost_focus() && ui.input(|i| i.key_pressed(Key::Enter)) {
                 let back = ui.input(|i| i.modifiers.shift);
-                commands.push(Command::Code(if back {
+                commands.push(Command::from(if back {
                     CodeCommand::FindPrevious
                 } else {
                     CodeCommand::FindNext
@@ -471,10 +471,10 @@ impl CodePanel {
                 r.request_focus();
             }
             if ui.button("Previous").clicked() {
-                commands.push(Command::Code(CodeCommand::FindPrevious));
+                commands.push(Command::from(CodeCommand::FindPrevious));
             }
             if ui.button("Next").clicked() {
-                commands.push(Command::Code(CodeCommand::FindNext));
+                commands.push(Command::from(CodeCommand::FindNext));
             }
             if ui
                 .checkbox(&mut self.find.match_case, "Match case")
@@ -496,10 +496,10 @@ impl CodePanel {
                 ui.add(egui::TextEdit::singleline(&mut self.find.with).desired_width(200.0))
                     .labelled_by(l.id);
                 if ui.button("Replace").clicked() {
-                    commands.push(Command::Code(CodeCommand::ReplaceOne));
+                    commands.push(Command::from(CodeCommand::ReplaceOne));
                 }
                 if ui.button("Replace all").clicked() {
-                    commands.push(Command::Code(CodeCommand::ReplaceAll));
+                    commands.push(Command::from(CodeCommand::ReplaceAll));
                 }
             });
         }
@@ -644,14 +644,14 @@ impl CodePanel {
             ui.horizontal(|ui| {
                 if ui.button("Save").clicked() {
                     self.confirm = None;
-                    commands.push(Command::Code(match confirm {
+                    commands.push(Command::from(match confirm {
                         Confirm::CloseTab(id) => CodeCommand::SaveAndClose(id),
                         Confirm::Quit => CodeCommand::SaveAllAndQuit,
                     }));
                 }
                 if ui.button("Discard").clicked() {
                     self.confirm = None;
-                    commands.push(Command::Code(match confirm {
+                    commands.push(Command::from(match confirm {
                         Confirm::CloseTab(id) => CodeCommand::Discard(id),
                         Confirm::Quit => CodeCommand::QuitDiscarding,
                     }));

@@ -16,13 +16,17 @@ use studio_inference::gan::render::{
 use studio_inference::worker::{Event, JobId, JobKind};
 
 use super::ExplorerPanel;
+use super::command::ExplorerPurpose;
 use super::store::{self, PathSpace};
 use super::{
     CapturedLatent, ExplorerCommand, GRID_SEEDS, LoadedGan, THUMB_SIDE, Thumb, capture_text,
     noise_mode, parse_capture_text,
 };
+use crate::gui::canvas::actions::is_image_file;
 use crate::gui::context::{AppContext, Handled};
-use crate::gui::jobs::JobPurpose;
+use crate::gui::jobs::Jobs;
+use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::paste::pasted;
 use crate::gui::settings_store::Panel;
 
 /// Whether `path` is a GAN safetensors file: StyleGAN2 (its header names `mapping.w_avg` or
@@ -78,8 +82,108 @@ fn color_image(img: &RgbImage) -> egui::ColorImage {
     )
 }
 
+/// The StyleGAN2 generator being loaded (queued or running), if any.
+pub(crate) fn loading_gan(jobs: &Jobs) -> Option<&PathBuf> {
+    jobs.find(|p: &ExplorerPurpose| match p {
+        ExplorerPurpose::LoadGan(path) => Some(path),
+        _ => None,
+    })
+}
+
+impl PanelView for ExplorerPanel {
+    type Command = ExplorerCommand;
+    type Purpose = ExplorerPurpose;
+
+    /// Opens the saved explorer state, directions and presets.
+    fn open(cx: &mut OpenContext<'_>) -> Self {
+        let (explorer, notes) = ExplorerPanel::new(cx.home, cx.presets_dir);
+        for note in notes {
+            cx.notices.warning(note);
+        }
+        explorer
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
+        self.explorer_ui(ui, cx.jobs, cx.commands);
+    }
+
+    fn apply(&mut self, command: ExplorerCommand, cx: &mut AppContext<'_>) {
+        self.apply_command(command, cx);
+    }
+
+    fn on_event(
+        &mut self,
+        job: JobId,
+        purpose: &ExplorerPurpose,
+        event: Event,
+        cx: &mut AppContext<'_>,
+    ) -> Handled {
+        self.gan_event(job, purpose, event, cx)
+    }
+
+    /// Loads the last session's generator again, if it is still there.
+    fn restore(&mut self, cx: &mut AppContext<'_>) {
+        let Some(path) = cx.settings.last_gan_model.clone() else {
+            return;
+        };
+        if path.exists() {
+            self.load_gan(path, true, cx);
+        } else {
+            cx.notices.warning(format!(
+                "The last generator, {}, is no longer there; open another in the Latent \
+                 Explorer",
+                path.display()
+            ));
+            cx.settings.last_gan_model = None;
+        }
+    }
+
+    fn frame(&mut self, cx: &mut AppContext<'_>) {
+        self.poll_explorer(cx);
+    }
+
+    /// Ctrl+V: a copied image is projected; a copied image file (path or `file://` URI) is
+    /// treated as dropped (a capture restores its latent).
+    fn shortcuts(&mut self, cx: &mut AppContext<'_>) {
+        if cx.ctx.egui_wants_keyboard_input() {
+            return;
+        }
+        let (texts, images) = pasted(cx.ctx);
+        for text in texts {
+            let first = text.lines().next().unwrap_or("").trim();
+            let path = PathBuf::from(first.strip_prefix("file://").unwrap_or(first));
+            if path.is_file() && is_image_file(&path) {
+                cx.commands
+                    .push(ExplorerCommand::RestoreFromPng(path).into());
+            }
+        }
+        for image in images {
+            self.project(Path::new("the pasted image"), image, cx);
+        }
+    }
+
+    /// A StyleGAN2 safetensors file, wherever it is dropped; on the explorer, also NVIDIA's
+    /// pickles (refused with how to convert them) and images (a capture restores its latent,
+    /// another image is offered for projection).
+    fn take_drop(&mut self, path: &Path, shown: bool, cx: &mut AppContext<'_>) -> bool {
+        let command = if is_gan_file(path) || (shown && is_pickle(path)) {
+            ExplorerCommand::LoadModel(path.to_path_buf())
+        } else if shown && is_image_file(path) {
+            ExplorerCommand::RestoreFromPng(path.to_path_buf())
+        } else {
+            return false;
+        };
+        cx.commands.push(command.into());
+        true
+    }
+
+    fn flush(&mut self, cx: &mut AppContext<'_>) {
+        self.flush_explorer(cx);
+    }
+}
+
 impl ExplorerPanel {
-    pub(crate) fn apply(&mut self, command: ExplorerCommand, cx: &mut AppContext<'_>) {
+    fn apply_command(&mut self, command: ExplorerCommand, cx: &mut AppContext<'_>) {
         match command {
             ExplorerCommand::LoadModel(path) => {
                 self.load_gan(path, false, cx);
@@ -104,7 +208,7 @@ impl ExplorerPanel {
                         components: s.pca_components,
                         seed: 0,
                     },
-                    JobPurpose::ComputeGanDirections,
+                    ExplorerPurpose::ComputeGanDirections.into(),
                 );
                 self.directions_job = job;
             }
@@ -239,7 +343,7 @@ impl ExplorerPanel {
             JobKind::ExportGanAnimation {
                 request: Box::new(request),
             },
-            JobPurpose::ExportGanAnimation(path),
+            ExplorerPurpose::ExportGanAnimation(path).into(),
         );
         self.export_job = job;
     }
@@ -269,7 +373,7 @@ impl ExplorerPanel {
     }
 
     pub(crate) fn load_gan(&mut self, path: PathBuf, at_startup: bool, cx: &mut AppContext<'_>) {
-        if path.as_os_str().is_empty() || cx.jobs.loading_gan() == Some(&path) {
+        if path.as_os_str().is_empty() || loading_gan(cx.jobs) == Some(&path) {
             return;
         }
         if is_pickle(&path) {
@@ -282,7 +386,7 @@ impl ExplorerPanel {
         }
         let job = cx.submit(
             JobKind::LoadGan { path: path.clone() },
-            JobPurpose::LoadGan(path),
+            ExplorerPurpose::LoadGan(path).into(),
         );
         if at_startup {
             self.startup_load = job;
@@ -291,16 +395,16 @@ impl ExplorerPanel {
 
     fn gan_loaded(
         &mut self,
-        job: JobId,
+        purpose: &ExplorerPurpose,
         info: GanInfo,
         name: String,
         layers: Vec<String>,
         cx: &mut AppContext<'_>,
     ) {
         let mut vgg16 = None;
-        if let Some(JobPurpose::LoadGan(path)) = cx.jobs.get(job).map(|t| t.purpose.clone()) {
-            vgg16 = store::find_vgg16(cx.home, &path);
-            cx.settings.last_gan_model = Some(path);
+        if let ExplorerPurpose::LoadGan(path) = purpose {
+            vgg16 = store::find_vgg16(cx.home, path);
+            cx.settings.last_gan_model = Some(path.clone());
         }
         cx.notices
             .info(format!("Loaded {name} for the Latent Explorer"));
@@ -417,19 +521,18 @@ impl ExplorerPanel {
         self.fit_edits();
     }
 
-    /// A GAN job ended; returns whether it was one.
     /// An event of a job the Latent Explorer submitted (`purpose` says which).
-    pub(crate) fn on_event(
+    fn gan_event(
         &mut self,
         job: JobId,
-        purpose: Option<&JobPurpose>,
+        purpose: &ExplorerPurpose,
         event: Event,
         cx: &mut AppContext<'_>,
     ) -> Handled {
         match event {
             Event::GanLoaded {
                 info, name, layers, ..
-            } => self.gan_loaded(job, info, name, layers, cx),
+            } => self.gan_loaded(purpose, info, name, layers, cx),
             Event::GanUnloaded { .. } => self.gan_unloaded(),
             Event::GanDirections { directions, .. } => self.gan_directions(directions, cx),
             Event::GanProjected { w, noise, loss, .. } => self.gan_projected(w, noise, loss, cx),
@@ -446,13 +549,13 @@ impl ExplorerPanel {
     fn gan_job_finished(
         &mut self,
         job: JobId,
-        purpose: Option<&JobPurpose>,
+        purpose: &ExplorerPurpose,
         error: Option<&str>,
         cancelled: bool,
         cx: &mut AppContext<'_>,
     ) {
         match purpose {
-            Some(JobPurpose::LoadGan(path)) => {
+            ExplorerPurpose::LoadGan(path) => {
                 if let Some(error) = error {
                     if self.startup_load == Some(job) {
                         cx.notices.warning(format!(
@@ -469,7 +572,7 @@ impl ExplorerPanel {
                     self.startup_load = None;
                 }
             }
-            Some(JobPurpose::ExportGanAnimation(path)) => {
+            ExplorerPurpose::ExportGanAnimation(path) => {
                 self.export_job = None;
                 match error {
                     Some(error) => cx
@@ -484,7 +587,7 @@ impl ExplorerPanel {
                         .info(format!("Exported the animation to {}", path.display())),
                 }
             }
-            Some(JobPurpose::ProjectGan(path)) => {
+            ExplorerPurpose::ProjectGan(path) => {
                 self.project_job = None;
                 self.project_target = None;
                 if let Some(error) = error {
@@ -492,14 +595,13 @@ impl ExplorerPanel {
                         .error(format!("Projecting {} failed: {error}", path.display()));
                 }
             }
-            Some(JobPurpose::ComputeGanDirections) => {
+            ExplorerPurpose::ComputeGanDirections => {
                 self.directions_job = None;
                 if let Some(error) = error {
                     cx.notices
                         .error(format!("Computing directions failed: {error}"));
                 }
             }
-            _ => {}
         }
     }
 
@@ -576,7 +678,7 @@ impl ExplorerPanel {
                 steps: self.state.project_steps,
                 vgg16: self.model.as_ref().and_then(|m| m.vgg16.clone()),
             },
-            JobPurpose::ProjectGan(path.to_path_buf()),
+            ExplorerPurpose::ProjectGan(path.to_path_buf()).into(),
         );
         self.project_job = job;
     }
@@ -613,7 +715,8 @@ impl ExplorerPanel {
 
     /// Per frame: the newest rendered frame and thumbnails, the animation, new requests and
     /// the autosave.
-    pub(crate) fn poll_explorer(&mut self, ctx: &egui::Context, cx: &mut AppContext<'_>) {
+    fn poll_explorer(&mut self, cx: &mut AppContext<'_>) {
+        let ctx = cx.ctx;
         let Some(worker) = cx.worker.as_ref() else {
             return;
         };
@@ -778,7 +881,7 @@ impl ExplorerPanel {
     }
 
     /// Saves what the debounced autosave has not written yet (on exit).
-    pub(crate) fn flush_explorer(&mut self, cx: &mut AppContext<'_>) {
+    fn flush_explorer(&mut self, cx: &mut AppContext<'_>) {
         if self.state != self.saved_state
             && let Err(e) = store::save_state(cx.home, &self.state, &mut self.noise_files)
         {

@@ -1,9 +1,10 @@
-//! What the Latent Explorer asks for, as data (inside `Command::Explorer`): a leaf module, so
-//! the window's command list can name it without importing the panel.
+//! What the Latent Explorer asks for, and why it submits jobs, as data (inside
+//! `Command::Panel` and `JobPurpose::Panel`): a leaf module, so the window's command and job
+//! lists can name them without importing the panel.
 
 use std::path::PathBuf;
 
-/// What the explorer asks for (inside `Command::Explorer`).
+/// What the explorer asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExplorerCommand {
     /// Load a StyleGAN2 safetensors file (a `.pkl` is refused with how to convert it).
@@ -46,4 +47,17 @@ pub enum ExplorerCommand {
     SavePreset(String),
     /// Load the directions and sliders of a saved preset.
     LoadPreset(PathBuf),
+}
+
+/// Why the Latent Explorer submitted a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExplorerPurpose {
+    /// Loading a StyleGAN2 generator.
+    LoadGan(PathBuf),
+    /// PCA directions.
+    ComputeGanDirections,
+    /// Projecting an image into the generator.
+    ProjectGan(PathBuf),
+    /// Exporting the animation to this file or folder.
+    ExportGanAnimation(PathBuf),
 }

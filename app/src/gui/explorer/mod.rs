@@ -402,7 +402,7 @@ impl ExplorerPanel {
 
     pub fn explorer_ui(&mut self, ui: &mut egui::Ui, jobs: &Jobs, commands: &mut Vec<Command>) {
         let push = |commands: &mut Vec<Command>, c: ExplorerCommand| {
-            commands.push(Command::Explorer(c));
+            commands.push(Command::from(c));
         };
         egui::Panel::left("explorer_controls")
             .resizable(true)
@@ -541,14 +541,14 @@ impl ExplorerPanel {
                 ui.label(weak(ui, "No generator loaded"));
             }
         }
-        if jobs.loading_gan().is_some() {
+        if actions::loading_gan(jobs).is_some() {
             ui.horizontal(|ui| {
                 ui.spinner();
                 ui.label("Loading…");
             });
         }
         if ui.button("Open generator…").clicked() {
-            commands.push(Command::Explorer(ExplorerCommand::OpenModelDialog));
+            commands.push(Command::from(ExplorerCommand::OpenModelDialog));
         }
     }
 
@@ -656,13 +656,13 @@ impl ExplorerPanel {
                 .add_enabled(!busy, egui::Button::new("Compute directions"))
                 .clicked()
             {
-                commands.push(Command::Explorer(ExplorerCommand::ComputeDirections));
+                commands.push(Command::from(ExplorerCommand::ComputeDirections));
             }
             if busy {
                 ui.spinner();
             }
             if self.directions.is_some() && ui.button("Clear directions").clicked() {
-                commands.push(Command::Explorer(ExplorerCommand::ClearDirections));
+                commands.push(Command::from(ExplorerCommand::ClearDirections));
             }
         });
         self.preset_list_ui(ui, commands);
@@ -789,7 +789,7 @@ impl ExplorerPanel {
                 )
                 .clicked()
             {
-                commands.push(Command::Explorer(ExplorerCommand::SavePreset(
+                commands.push(Command::from(ExplorerCommand::SavePreset(
                     self.preset_name.trim().to_owned(),
                 )));
             }
@@ -815,7 +815,7 @@ impl ExplorerPanel {
                 ))
                 .clicked()
             {
-                commands.push(Command::Explorer(ExplorerCommand::LoadPreset(
+                commands.push(Command::from(ExplorerCommand::LoadPreset(
                     p.path.clone(),
                 )));
             }
@@ -835,7 +835,7 @@ impl ExplorerPanel {
             )
             .clicked()
         {
-            commands.push(Command::Explorer(ExplorerCommand::ProjectDialog));
+            commands.push(Command::from(ExplorerCommand::ProjectDialog));
         }
         ui.label(weak(
             ui,
@@ -867,7 +867,7 @@ impl ExplorerPanel {
 
     fn keyframes_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
         let push = |commands: &mut Vec<Command>, c: ExplorerCommand| {
-            commands.push(Command::Explorer(c));
+            commands.push(Command::from(c));
         };
         if ui.button("Add keyframe").clicked() {
             push(commands, ExplorerCommand::AddKeyframe);

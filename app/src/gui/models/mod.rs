@@ -3,17 +3,22 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod command;
+
 use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use egui::RichText;
 use studio_inference::llm::hf_cache::{self, CachedModel};
 use studio_inference::llm::loader::{ModelInfo, supported_architectures};
 use studio_inference::worker::LoadOptions;
 
-use super::command::Command;
-use super::format;
-use super::jobs::Jobs;
-use super::settings_store::Settings;
-use super::style::{section_ui, weak};
+use self::command::{ModelsCommand, ModelsPurpose};
+use crate::gui::command::Command;
+use crate::gui::context::AppContext;
+use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::format;
+use crate::gui::jobs::Jobs;
+use crate::gui::settings_store::Settings;
+use crate::gui::style::{section_ui, weak};
 
 /// The Hugging Face cache listing, scanned on a background thread.
 struct HfCacheView {
@@ -27,6 +32,56 @@ struct HfCacheView {
 pub struct ModelsPanel {
     path_input: String,
     hf: HfCacheView,
+}
+
+impl PanelView for ModelsPanel {
+    type Command = ModelsCommand;
+    type Purpose = ModelsPurpose;
+
+    fn open(cx: &mut OpenContext<'_>) -> Self {
+        ModelsPanel::new(cx.hf_cache_dir.map(Path::to_path_buf), cx.ctx)
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
+        self.models_ui(
+            ui,
+            cx.model,
+            cx.model_options,
+            cx.settings,
+            cx.jobs,
+            cx.commands,
+        );
+    }
+
+    fn apply(&mut self, command: ModelsCommand, cx: &mut AppContext<'_>) {
+        match command {
+            ModelsCommand::RemoveRecentModel(path) => {
+                cx.settings.recent_models.retain(|p| *p != path);
+            }
+            ModelsCommand::RescanHfCache => self.start_scan(),
+        }
+    }
+
+    /// Loads the last session's language model again, if it is still there.
+    fn restore(&mut self, cx: &mut AppContext<'_>) {
+        let Some(path) = cx.settings.last_model.clone() else {
+            return;
+        };
+        if path.exists() {
+            cx.commands.push(Command::LoadModel(path));
+        } else {
+            cx.notices.warning(format!(
+                "The last model, {}, is no longer there; open another in the Models panel",
+                path.display()
+            ));
+            cx.settings.last_model = None;
+        }
+    }
+
+    /// Picks up a finished scan of the Hugging Face cache.
+    fn frame(&mut self, _cx: &mut AppContext<'_>) {
+        self.poll_scan();
+    }
 }
 
 impl ModelsPanel {
@@ -215,7 +270,7 @@ impl ModelsPanel {
                 .on_hover_text("List the cache's models again")
                 .clicked()
             {
-                commands.push(Command::RescanHfCache);
+                commands.push(Command::from(ModelsCommand::RescanHfCache));
             }
             if scanning {
                 ui.spinner();
@@ -427,7 +482,7 @@ fn recent_ui(
                 .on_hover_text("Remove from this list (the files stay)")
                 .clicked()
             {
-                commands.push(Command::RemoveRecentModel(path.clone()));
+                commands.push(Command::from(ModelsCommand::RemoveRecentModel(path.clone())));
             }
             let mut detail = path.display().to_string();
             if !exists {

@@ -1,6 +1,8 @@
 //! The Settings panel: compute device and CPU threads (applied at the next start), the backends
 //! this build has, and where Studio keeps its files.
 
+pub mod command;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -9,11 +11,14 @@ use studio_inference::device::{DevicePreference, compiled_backends};
 
 use studio_inference::llm::remote::RemoteConfig;
 
-use super::api_server::ServerStatus;
-use super::command::Command;
-use super::format;
-use super::settings_store::{ServerSettings, Settings};
-use super::style::{section_ui, weak};
+use crate::gui::api_server::ServerStatus;
+use self::command::{SettingsCommand, SettingsPurpose};
+use crate::gui::command::Command;
+use crate::gui::context::AppContext;
+use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::format;
+use crate::gui::settings_store::{ServerSettings, Settings};
+use crate::gui::style::{section_ui, weak};
 
 /// How often the file list of the data folder is read again while the panel is shown.
 const LIST_INTERVAL: Duration = Duration::from_secs(2);
@@ -40,6 +45,30 @@ pub struct SettingsPanel {
     entries: Vec<DataEntry>,
     listed_at: Option<Instant>,
     list_error: Option<String>,
+}
+
+impl PanelView for SettingsPanel {
+    type Command = SettingsCommand;
+    type Purpose = SettingsPurpose;
+
+    fn open(cx: &mut OpenContext<'_>) -> Self {
+        SettingsPanel::new(cx.settings)
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
+        let mut settings_cx = SettingsContext {
+            settings: cx.settings,
+            device_label: cx.device_label,
+            home: cx.home,
+            server: cx.server,
+            model_loaded: cx.model.is_some(),
+        };
+        self.settings_ui(ui, &mut settings_cx, cx.commands);
+    }
+
+    fn apply(&mut self, command: SettingsCommand, _cx: &mut AppContext<'_>) {
+        match command {}
+    }
 }
 
 impl SettingsPanel {
