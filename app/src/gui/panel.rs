@@ -5,7 +5,7 @@
 //! commands (`apply`) and handles the events of the jobs it submitted (`on_event`). The other
 //! hooks have defaults that do nothing, so a panel implements only what it uses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use studio_inference::llm::loader::ModelInfo;
@@ -51,6 +51,27 @@ pub struct UiContext<'a> {
     pub server: ServerStatus<'a>,
     /// Where the frame's commands go; they are applied after the frame is drawn.
     pub commands: &'a mut Vec<Command>,
+}
+
+/// For a panel's `restore`: the path the last session had loaded, if it is still there. A
+/// path that is gone is forgotten (`saved` becomes `None`), with a notice saying so and that
+/// another can be opened `where_to_open` ("in the Canvas").
+pub fn still_there(
+    saved: &mut Option<PathBuf>,
+    what: &str,
+    where_to_open: &str,
+    notices: &mut Notices,
+) -> Option<PathBuf> {
+    let path = saved.clone()?;
+    if path.exists() {
+        return Some(path);
+    }
+    notices.warning(format!(
+        "The last {what}, {}, is no longer there; open another {where_to_open}",
+        path.display()
+    ));
+    *saved = None;
+    None
 }
 
 /// One panel of the window. The window calls each hook on every panel in the list, in list

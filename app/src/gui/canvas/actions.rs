@@ -20,7 +20,7 @@ use super::view::preview_texture;
 use crate::gui::command::{Command, load_error};
 use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::Jobs;
-use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::panel::{OpenContext, PanelView, UiContext, still_there};
 use crate::gui::paste::pasted;
 use crate::gui::settings_store::Panel;
 use crate::gui::shortcuts::{REDO_SHORTCUT, REDO_Y, SEND_SHORTCUT, UNDO_SHORTCUT};
@@ -262,17 +262,9 @@ impl PanelView for CanvasPanel {
 
     /// Loads the last session's image model again, if it is still there.
     fn restore(&mut self, cx: &mut AppContext<'_>) {
-        let Some(path) = cx.settings.last_image_model.clone() else {
-            return;
-        };
-        if path.exists() {
+        let saved = &mut cx.settings.last_image_model;
+        if let Some(path) = still_there(saved, "image model", "in the Canvas", cx.notices) {
             self.load_image_model(path, true, cx);
-        } else {
-            cx.notices.warning(format!(
-                "The last image model, {}, is no longer there; open another in the Canvas",
-                path.display()
-            ));
-            cx.settings.last_image_model = None;
         }
     }
 

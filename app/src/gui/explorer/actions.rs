@@ -25,7 +25,7 @@ use super::{
 use crate::gui::canvas::actions::is_image_file;
 use crate::gui::context::{AppContext, Handled};
 use crate::gui::jobs::Jobs;
-use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::panel::{OpenContext, PanelView, UiContext, still_there};
 use crate::gui::paste::pasted;
 use crate::gui::settings_store::Panel;
 
@@ -123,18 +123,9 @@ impl PanelView for ExplorerPanel {
 
     /// Loads the last session's generator again, if it is still there.
     fn restore(&mut self, cx: &mut AppContext<'_>) {
-        let Some(path) = cx.settings.last_gan_model.clone() else {
-            return;
-        };
-        if path.exists() {
+        let saved = &mut cx.settings.last_gan_model;
+        if let Some(path) = still_there(saved, "generator", "in the Latent Explorer", cx.notices) {
             self.load_gan(path, true, cx);
-        } else {
-            cx.notices.warning(format!(
-                "The last generator, {}, is no longer there; open another in the Latent \
-                 Explorer",
-                path.display()
-            ));
-            cx.settings.last_gan_model = None;
         }
     }
 

@@ -14,7 +14,7 @@ use studio_inference::worker::LoadOptions;
 use self::command::{ModelsCommand, ModelsPurpose};
 use crate::gui::command::Command;
 use crate::gui::context::AppContext;
-use crate::gui::panel::{OpenContext, PanelView, UiContext};
+use crate::gui::panel::{OpenContext, PanelView, UiContext, still_there};
 use crate::gui::format;
 use crate::gui::jobs::Jobs;
 use crate::gui::settings_store::Settings;
@@ -64,17 +64,9 @@ impl PanelView for ModelsPanel {
 
     /// Loads the last session's language model again, if it is still there.
     fn restore(&mut self, cx: &mut AppContext<'_>) {
-        let Some(path) = cx.settings.last_model.clone() else {
-            return;
-        };
-        if path.exists() {
+        let saved = &mut cx.settings.last_model;
+        if let Some(path) = still_there(saved, "model", "in the Models panel", cx.notices) {
             cx.commands.push(Command::LoadModel(path));
-        } else {
-            cx.notices.warning(format!(
-                "The last model, {}, is no longer there; open another in the Models panel",
-                path.display()
-            ));
-            cx.settings.last_model = None;
         }
     }
 
