@@ -154,7 +154,11 @@ fn errors_go_to_stderr_with_a_non_zero_exit() {
     std::fs::write(&pickle, b"\x80\x04").expect("write");
     let out = studio(&["generate", "--model", path(&pickle), "--prompt", "x"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("never unpickles"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pytorch_model.bin") && err.contains("corrupt"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -205,7 +205,7 @@ fn image_errors_are_clear_and_exit_non_zero() {
         "--out",
         path(&out),
     ]));
-    assert!(e.contains("pickle"), "{e}");
+    assert!(e.contains("not a PyTorch checkpoint"), "{e}");
     let text = tmp.path().join("notes.txt");
     std::fs::write(&text, "not an image").expect("write");
     let e = failed(&studio(&[

@@ -309,27 +309,44 @@ fn a_dropped_dcgan_is_refused_with_where_to_run_it() {
     assert!(h.state().explorer().model().is_none());
 }
 
+/// One of NVIDIA's network pickles, dropped, loads in safe mode (read as data: the code it
+/// carries never runs), renders the image its safetensors conversion renders, and offers
+/// *Save as safetensors…*; a broken one is a clear error.
 #[test]
-fn a_dropped_pickle_is_refused_with_how_to_convert_it() {
+fn a_dropped_nvidia_pickle_loads_in_safe_mode() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let pkl = tmp.path().join("network.pkl");
-    std::fs::write(&pkl, b"\x80\x04not really").expect("write");
-    let mut h = harness(tmp.path());
+    let canary = std::path::Path::new("/tmp/studio-pickle-canary-nvidia");
+    let _ = std::fs::remove_file(canary);
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let pkl = tmp.path().join("ffhq.pkl");
+    std::fs::copy(fixtures.join("stylegan2/skip.pkl"), &pkl).expect("copy");
+    let mut h = harness(&tmp.path().join("home"));
     h.step();
-    common::go_to(&mut h, Panel::LatentExplorer);
-    drop_file(&mut h, &pkl);
-    assert!(
+    let from_pickle = open_tiny(&mut h, &pkl);
+    let model = h.state().explorer().model().expect("loaded");
+    assert!(model.info.from_pickle);
+    assert!(shows_text(&h, "Read in safe mode"));
+    let _ = h
+        .query_all_by_label("Save as safetensors…")
+        .next()
+        .expect("save button");
+    assert!(!canary.exists(), "the pickle's code ran");
+
+    // The same seed on the safetensors file renders the same image.
+    let mut other = harness(&tmp.path().join("home2"));
+    other.step();
+    let reference = open_tiny(&mut other, &fixtures.join("stylegan2/skip.safetensors"));
+    assert_eq!(from_pickle, reference);
+
+    let broken = tmp.path().join("network.pkl");
+    std::fs::write(&broken, b"\x80\x04not really").expect("write");
+    drop_file(&mut h, &broken);
+    step_until(&mut h, "the error", |h| {
         h.state()
             .notices()
             .iter()
-            .any(|n| n.text.contains("convert_stylegan_pkl.py")),
-        "the notice says how to convert it"
-    );
-    assert!(h.state().explorer().model().is_none());
-    let _ = h
-        .query_all_by_label("Open generator…")
-        .next()
-        .expect("open button");
+            .any(|n| n.text.contains("network.pkl") && n.text.contains("corrupt"))
+    });
 }
 
 #[test]

@@ -421,10 +421,10 @@ fn choosing_a_preset_sets_its_parameters_only() {
 }
 
 #[test]
-fn dropping_a_pickle_checkpoint_shows_the_refusal_and_keeps_the_loaded_model() {
+fn dropping_a_broken_pickle_shows_the_error_and_keeps_the_loaded_model() {
     let tmp = tempfile::tempdir().expect("tmp");
     let model = tiny_model(tmp.path());
-    let pickle = tmp.path().join("pytorch_model.bin");
+    let pickle = model.join("pytorch_model.bin");
     std::fs::write(&pickle, b"\x80\x02not really a pickle").expect("write");
     let mut h = harness(&tmp.path().join("home"));
     h.state_mut()
@@ -450,23 +450,18 @@ fn dropping_a_pickle_checkpoint_shows_the_refusal_and_keeps_the_loaded_model() {
         .expect("a notice")
         .text
         .clone();
-    assert!(notice.contains("pickle"), "{notice}");
-    assert!(shows_text(&h, "Studio never unpickles files"));
+    assert!(notice.contains("pytorch_model.bin"), "{notice}");
+    assert!(shows_text(&h, "corrupt or truncated"));
     assert_eq!(
         h.state().model().map(|m| m.path.clone()),
         Some(model.clone()),
         "a refused file does not unload the loaded model"
     );
     assert_eq!(h.state().settings().recent_models, vec![model]);
-    // Beside the refusal, the offer to convert it; dismissing both leaves neither.
-    assert!(shows_text(&h, "Convert to safetensors"));
-    for _ in 0..2 {
-        control(&h, "Dismiss").click();
-        h.step();
-        h.step();
-    }
-    assert!(!shows_text(&h, "never unpickles"));
-    assert!(!shows_text(&h, "Convert to safetensors"));
+    control(&h, "Dismiss").click();
+    h.step();
+    h.step();
+    assert!(!shows_text(&h, "corrupt or truncated"));
 }
 
 #[test]
@@ -1457,10 +1452,11 @@ fn emoji_in_replies_have_glyphs() {
     }
 }
 
-/// A dropped folder whose weights are transformers' `pytorch_model.bin` is refused with an
-/// offer to convert it; accepting converts it beside it (read as data) and loads the folder.
+/// A dropped folder whose weights are transformers' `pytorch_model.bin` loads in safe mode
+/// (read as data), and the Models panel says so; *Save as safetensors* converts it, value for
+/// value.
 #[test]
-fn a_refused_pickle_is_offered_for_conversion_and_then_loads() {
+fn a_pickled_model_loads_in_safe_mode_and_saves_as_safetensors() {
     let tmp = tempfile::tempdir().expect("tmp");
     let folder = tmp.path().join("gpt2-bin");
     std::fs::create_dir_all(&folder).expect("dir");
@@ -1480,20 +1476,30 @@ fn a_refused_pickle_is_offered_for_conversion_and_then_loads() {
     h.input_mut()
         .dropped_files
         .push(Arc::new(DroppedPath(folder.clone())));
-    step_until(&mut h, "the conversion offer", |h| {
-        !h.state().is_busy() && shows_text(h, "Convert to safetensors")
-    });
-    assert!(shows_text(&h, "never unpickles"));
-    assert!(shows_text(&h, "nothing in it runs"));
-    control(&h, "Convert to safetensors").click();
-    step_until(&mut h, "the converted model to load", |h| {
+    step_until(&mut h, "the pickled model to load", |h| {
         h.state().model().is_some()
     });
     assert_eq!(
         h.state().model().map(|m| m.path.clone()),
         Some(folder.clone())
     );
-    let written = std::fs::read(folder.join("model.safetensors")).expect("converted");
+    h.state_mut()
+        .push_command(Command::ShowPanel(Panel::Models));
+    h.step();
+    h.step();
+    assert!(shows_text(&h, "Read in safe mode"));
+    assert!(shows_text(&h, "Save as safetensors…"));
+
+    // The button asks where with a file dialog; what it then does:
+    let out = folder.join("model.safetensors");
+    h.state_mut().push_command(Command::ConvertCheckpoint {
+        from: folder.join("pytorch_model.bin"),
+        to: out.clone(),
+    });
+    step_until(&mut h, "the conversion", |h| {
+        !h.state().is_busy() && shows_text(h, "nothing in it ran")
+    });
+    let written = std::fs::read(&out).expect("converted");
     let reference = std::fs::read(fixtures.join("gpt2-tiny/model.safetensors")).expect("fixture");
     let (a, b) = (
         safetensors::SafeTensors::deserialize(&written).expect("converted"),
@@ -1506,5 +1512,4 @@ fn a_refused_pickle_is_offered_for_conversion_and_then_loads() {
             b.tensor(name).expect(name).data()
         );
     }
-    assert!(shows_text(&h, "nothing in it ran"));
 }

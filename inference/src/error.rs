@@ -26,15 +26,6 @@ pub enum Error {
     #[error("{0}: no such file or folder")]
     NotFound(PathBuf),
 
-    /// A Python pickle checkpoint, refused without being opened.
-    #[error(
-        "{0}: this is a Python pickle checkpoint, which can run arbitrary code when Python \
-         loads it; Studio never unpickles files into live objects. Convert it to .safetensors \
-         and open that: `studio convert {0} OUT.safetensors` reads a PyTorch checkpoint as \
-         data (nothing in it runs); NVIDIA StyleGAN .pkl: tools/convert_stylegan_pkl.py."
-    )]
-    UnsafePickle(PathBuf),
-
     /// A model's JSON config does not parse or holds a value Studio cannot use.
     #[error("{path}: config.json does not parse: {message}")]
     BadConfig {
@@ -81,7 +72,10 @@ pub enum Error {
     },
 
     /// The folder or file holds no model Studio recognises.
-    #[error("{0}: no model found here (expected config.json with model.safetensors)")]
+    #[error(
+        "{0}: no model found here (expected config.json with model.safetensors or \
+         pytorch_model.bin)"
+    )]
     NoModel(PathBuf),
 
     /// A weight the quantized kernels cannot take (shape not a multiple of the format's

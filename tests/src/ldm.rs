@@ -281,6 +281,20 @@ pub fn diffusers_to_ldm(
         .collect()
 }
 
+/// The components (diffusers-named tensors each) as one single-file checkpoint's tensors,
+/// with the original (LDM) names.
+#[allow(clippy::implicit_hasher)] // test helper: callers pass std HashMaps
+pub fn single_file_tensors(
+    kind: CheckpointKind,
+    components: &[(Component, HashMap<String, Tensor>)],
+) -> HashMap<String, Tensor> {
+    let mut all = HashMap::new();
+    for (component, tensors) in components {
+        all.extend(diffusers_to_ldm(kind, *component, tensors.clone()));
+    }
+    all
+}
+
 /// Writes the components (diffusers-named tensors each) as one single-file checkpoint.
 #[allow(clippy::implicit_hasher)] // test helper: callers pass std HashMaps
 pub fn write_single_file(
@@ -288,9 +302,6 @@ pub fn write_single_file(
     components: &[(Component, HashMap<String, Tensor>)],
     out: &Path,
 ) {
-    let mut all = HashMap::new();
-    for (component, tensors) in components {
-        all.extend(diffusers_to_ldm(kind, *component, tensors.clone()));
-    }
+    let all = single_file_tensors(kind, components);
     candle_core::safetensors::save(&all, out).expect("save single-file checkpoint");
 }

@@ -11,6 +11,7 @@ pub mod iq4;
 pub mod ldm;
 pub mod logits;
 pub mod sd;
+pub mod torch_writer;
 pub mod vgg;
 pub mod worker_events;
 

@@ -198,13 +198,33 @@ fn a_wrong_shape_is_named() {
     }
 }
 
+/// PyTorch's DCGAN example saves `netG_epoch_N.pth` with `torch.save`: it loads, read as data,
+/// and renders as the safetensors state dict does; a broken one is a clear error.
 #[test]
-fn pickles_are_refused_unopened() {
+fn a_pytorch_pickle_loads_as_data() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("netG_epoch_24.pth");
-    std::fs::write(&path, b"not really a pickle").expect("write");
+    studio_tests::torch_writer::save_torch(&state_dict(), false, &path);
+    let from_pickle = Dcgan::load(&path, &Device::Cpu).expect("load the pickle");
+    let reference = Dcgan::load(&generator_path(), &Device::Cpu).expect("load");
+    assert_eq!(from_pickle.info(), reference.info());
+    let z = &expected()["z"];
+    let (a, b) = (
+        from_pickle.generate(z).expect("generate"),
+        reference.generate(z).expect("generate"),
+    );
+    let flat = |t: &Tensor| {
+        t.flatten_all()
+            .expect("flatten")
+            .to_vec1::<f32>()
+            .expect("vec")
+    };
+    assert_eq!(flat(&a), flat(&b));
+
+    let broken = dir.path().join("broken.pth");
+    std::fs::write(&broken, b"not really a pickle").expect("write");
     assert!(matches!(
-        Dcgan::load(&path, &Device::Cpu),
-        Err(Error::UnsafePickle(_))
+        Dcgan::load(&broken, &Device::Cpu),
+        Err(Error::CorruptWeights { .. })
     ));
 }

@@ -401,7 +401,12 @@ fn bad_model_files_are_refused_clearly() {
     };
     let ckpt = dir.path().join("model.ckpt");
     std::fs::write(&ckpt, b"not really a pickle").expect("write");
-    assert!(matches!(load_err(&ckpt), Error::UnsafePickle(_)));
+    let e = load_err(&ckpt);
+    assert!(
+        matches!(&e, Error::CorruptWeights { .. })
+            && e.to_string().contains("not a PyTorch checkpoint"),
+        "{e}"
+    );
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"0123456789abcdef").expect("write");
     assert!(matches!(load_err(&junk), Error::CorruptWeights { .. }));
@@ -761,4 +766,69 @@ fn hostile_clip_tokenizer_folders_are_refused() {
     .expect("vocab");
     std::fs::write(dir.join("merges.txt"), "#version: 0.2\nq z\n").expect("merges");
     assert!(ClipTokenizer::from_folder(dir, 70, Padding::Eos).is_err());
+}
+
+/// An original SD checkpoint saved by PyTorch (`.ckpt`: `{"state_dict": …}` in `torch.save`'s
+/// zip format) loads in safe mode, read as data, and generates what the same tensors in
+/// safetensors do; so does a diffusers folder whose components are the `.bin` pickles older
+/// diffusers wrote.
+#[test]
+fn sd_pickles_generate_as_their_safetensors() {
+    use studio_inference::diffusion::convert::{CheckpointKind, Component};
+    use studio_tests::torch_writer::save_torch;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("diffusers");
+    let w = write_tiny_sd(
+        &folder,
+        TinySd {
+            full_vocab: true,
+            ..TinySd::new(TinyKind::Sd1)
+        },
+    );
+    let components = [
+        (Component::Unet, w.unet.clone()),
+        (Component::Vae, w.vae.clone()),
+        (Component::TextEncoder, w.text_encoder.clone()),
+    ];
+    let tensors = studio_tests::ldm::single_file_tensors(CheckpointKind::Sd1, &components);
+    let file = dir.path().join("tiny.safetensors");
+    candle_core::safetensors::save(&tensors, &file).expect("save");
+    let ckpt = dir.path().join("tiny.ckpt");
+    save_torch(&tensors, true, &ckpt);
+    assert!(model::is_diffusion_model(&ckpt));
+
+    let from_file = load(&file);
+    let from_ckpt = load(&ckpt);
+    assert!(
+        from_ckpt.info.notes.iter().any(|n| n.contains("safe mode")),
+        "{:?}",
+        from_ckpt.info.notes
+    );
+    assert!(!from_file.info.notes.iter().any(|n| n.contains("safe mode")));
+    let req = request("a red (cat:1.2)", 32);
+    let (a, _) = run(&from_file, &req);
+    let (b, _) = run(&from_ckpt, &req);
+    assert_eq!(a.images[0].image.pixels, b.images[0].image.pixels);
+
+    // The diffusers folder with `.bin` components instead of safetensors.
+    let reference = load(&folder);
+    for (component, stem, tensors) in [
+        ("unet", "diffusion_pytorch_model", &w.unet),
+        ("vae", "diffusion_pytorch_model", &w.vae),
+        ("text_encoder", "model", &w.text_encoder),
+    ] {
+        let sub = folder.join(component);
+        std::fs::remove_file(sub.join(format!("{stem}.safetensors"))).expect("remove");
+        let bin = if stem == "model" {
+            "pytorch_model"
+        } else {
+            stem
+        };
+        save_torch(tensors, false, &sub.join(format!("{bin}.bin")));
+    }
+    let from_bins = load(&folder);
+    assert!(from_bins.info.notes.iter().any(|n| n.contains("safe mode")));
+    let (c, _) = run(&reference, &req);
+    let (d, _) = run(&from_bins, &req);
+    assert_eq!(c.images[0].image.pixels, d.images[0].image.pixels);
 }

@@ -413,30 +413,41 @@ fn a_wrong_shape_is_named() {
     assert!(err.to_string().contains("lin1.model.1.weight"), "{err}");
 }
 
+/// torchvision's `vgg16-397923af.pth` is a `torch.save` pickle: the same tiny VGG16 saved that
+/// way (`tools/make_nvidia_pkl_fixtures.py`) loads, read as data, and gives the features the
+/// safetensors file gives; it is found beside a model as the safetensors are. A broken one is
+/// a clear error.
 #[test]
-fn pickles_are_refused_without_being_read() {
+fn torchvision_pickles_load_as_data() {
+    let pth = fixture_dir().join("vgg16_tiny.pth");
+    let from_pickle = Vgg16Lpips::load(&pth, &Device::Cpu).expect("load the pickle");
+    assert!(!from_pickle.has_lpips_weights());
     let dir = tempfile::tempdir().expect("tempdir");
-    // Not even a file: refused by name alone, so nothing was opened.
-    for name in [
-        "vgg16-397923af.pth",
-        "vgg.pth",
-        "vgg16.pt",
-        "vgg16.pkl",
-        "VGG16.PTH",
-    ] {
-        let err = Vgg16Lpips::load(&dir.path().join(name), &Device::Cpu).expect_err(name);
-        let message = err.to_string();
-        assert!(
-            message.contains("tools/convert_vgg16.py") && message.contains("pickle"),
-            "{message}"
-        );
-        assert!(!matches!(err, Error::NotFound(_)), "{name}: {err}");
+    let reference = Vgg16Lpips::load(&fixture_dir().join("vgg16_tiny.safetensors"), &Device::Cpu)
+        .expect("load");
+    assert_eq!(from_pickle.widths(), reference.widths());
+    let mut rng = StdRng::seed_from_u64(7);
+    let x = random_image(&mut rng, &[1, 3, 32, 32]);
+    let (a, b) = (
+        from_pickle.features(&x).expect("features"),
+        reference.features(&x).expect("features"),
+    );
+    for (fa, fb) in a.iter().zip(&b) {
+        assert_eq!(values(fa), values(fb));
     }
-    // A real file is not read either (its bytes would be a corrupt safetensors header).
-    let pth = dir.path().join("vgg16.pth");
-    std::fs::write(&pth, b"\x80\x02}q\x00.").expect("write");
-    let err = Vgg16Lpips::load(&pth, &Device::Cpu).expect_err("pth");
-    assert!(err.to_string().contains("convert_vgg16.py"), "{err}");
+
+    let only_pth = tempfile::tempdir().expect("tempdir");
+    let copied = only_pth.path().join("vgg16-397923af.pth");
+    std::fs::copy(&pth, &copied).expect("copy");
+    assert_eq!(
+        studio_inference::gan::perceptual::find_weights(&[only_pth.path().to_path_buf()]),
+        Some(copied)
+    );
+
+    let broken = dir.path().join("vgg16.pth");
+    std::fs::write(&broken, b"\x80\x02}q\x00.").expect("write");
+    let err = Vgg16Lpips::load(&broken, &Device::Cpu).expect_err("pth");
+    assert!(matches!(err, Error::CorruptWeights { .. }), "{err}");
 }
 
 #[test]

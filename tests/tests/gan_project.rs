@@ -168,7 +168,7 @@ fn wrong_targets_and_missing_losses_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     for (name, needle) in [
         ("vgg16.safetensors", "no such file"),
-        ("vgg16-397923af.pth", "tools/convert_vgg16.py"),
+        ("vgg16-397923af.pth", "no such file"),
     ] {
         let vgg = ProjectConfig {
             loss: LossKind::Perceptual {

@@ -187,3 +187,18 @@ fn transposed_conv1d_is_caught_as_a_shape_error() {
         .to_string();
     assert!(err.contains(name) && err.contains("[128, 32]"), "{err}");
 }
+
+/// transformers' `pytorch_model.bin` of the same GPT-2 (`torch.save`, made by
+/// `tools/make_pickle_fixtures.py`) loads through Studio's own pickle reader and matches
+/// transformers as the safetensors weights do.
+#[test]
+fn pytorch_model_bin_matches_transformers() {
+    let cfg: Config = serde_json::from_str(
+        &std::fs::read_to_string(fixture_dir().join("config.json")).expect("config"),
+    )
+    .expect("config parses");
+    let bin = fixture_dir().join("../pickles/gpt2_pytorch_model.bin");
+    let w = Weights::open(&[bin], &Device::Cpu, DType::F32).expect("the pickle opens");
+    let mut model = Gpt2::load(&cfg, &w, &mut |_| {}).expect("model loads");
+    check_full_and_incremental(&mut model, &expected());
+}

@@ -114,23 +114,39 @@ fn bad_config_and_unsupported_architecture() {
     assert!(e.contains("multiple of n_head"), "{e}");
 }
 
+/// Pickles are read as data: a hostile one is refused naming the global it calls (never
+/// run), a broken one is a clear error.
 #[test]
-fn pickles_are_refused_without_being_opened() {
+fn hostile_and_broken_pickles_are_refused_and_nothing_runs() {
     let tmp = tempfile::tempdir().expect("tmp");
-    // A "pickle" that would be harmful if loaded; its contents must never matter.
-    for name in ["pytorch_model.bin", "model.ckpt", "weights.pt", "G.pkl"] {
-        let p = tmp.path().join(name);
-        std::fs::write(&p, b"\x80\x04cos\nsystem\n").expect("write");
-        let e = load_err(&p);
-        assert!(e.contains("pickle") && e.contains("never unpickles"), "{e}");
-    }
-    // A folder whose only weights are a pickle.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let canary = Path::new("/tmp/studio-pickle-canary-reduce");
+    let _ = std::fs::remove_file(canary);
     let dir = tmp.path().join("old-model");
     std::fs::create_dir(&dir).expect("dir");
-    std::fs::write(dir.join("config.json"), r#"{"model_type": "gpt2"}"#).expect("write");
-    std::fs::write(dir.join("pytorch_model.bin"), b"\x80\x04").expect("write");
+    std::fs::copy(
+        fixtures.join("gpt2-tiny/config.json"),
+        dir.join("config.json"),
+    )
+    .expect("cfg");
+    studio_tests::write_word_level_tokenizer(&dir, 97);
+    std::fs::copy(
+        fixtures.join("pickles/hostile_reduce.pth"),
+        dir.join("pytorch_model.bin"),
+    )
+    .expect("copy");
     let e = load_err(&dir);
-    assert!(e.contains("pickle"), "{e}");
+    assert!(
+        e.contains("posix.system") && e.contains("nothing was run"),
+        "{e}"
+    );
+    assert!(!canary.exists(), "the pickle ran");
+    std::fs::write(dir.join("pytorch_model.bin"), b"\x80\x04cos\nsystem\n").expect("write");
+    let e = load_err(&dir);
+    assert!(e.contains("pytorch_model.bin"), "{e}");
+    std::fs::write(dir.join("pytorch_model.bin"), b"text, not a pickle").expect("write");
+    let e = load_err(&dir);
+    assert!(e.contains("not a PyTorch checkpoint"), "{e}");
 }
 
 #[test]
@@ -263,6 +279,7 @@ fn shard_index_paths_outside_the_folder_are_refused() {
         "/etc/passwd",
         "sub/model-1.safetensors",
         "pytorch_model.bin",
+        "model-1.gguf",
     ] {
         let text = serde_json::json!({ "weight_map": { "wte.weight": name } }).to_string();
         std::fs::write(&index, text).expect("write");

@@ -199,6 +199,28 @@ fn taesd_loads_from_both_published_layouts() {
     assert!(max_abs_diff(&from_weights.decode(&latents).expect("decode"), &reference) < 1e-6);
 }
 
+/// madebyollin's `taesd_decoder.pth` (a `torch.save` pickle) loads, read as data, and decodes
+/// as the same weights in safetensors do.
+#[test]
+fn taesd_loads_from_a_pytorch_pickle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("taesd");
+    std::fs::create_dir_all(&folder).expect("dir");
+    let pth = folder.join("taesd_decoder.pth");
+    studio_tests::torch_writer::save_torch(&original_layout(&fixture_tensors()), false, &pth);
+    let (latents, _) = expected();
+    let reference = TinyDecoder::load(&fixture_dir(), &Device::Cpu)
+        .expect("load")
+        .decode(&latents)
+        .expect("decode");
+    for path in [&pth, &folder] {
+        let decoder = TinyDecoder::load(path, &Device::Cpu).expect("load the pickle");
+        assert_eq!(decoder.config().layout, TaesdLayout::Original);
+        let out = decoder.decode(&latents).expect("decode");
+        assert!(max_abs_diff(&out, &reference) < 1e-6);
+    }
+}
+
 #[test]
 fn a_random_tiny_decoder_saves_and_loads() {
     let config = TinyDecoderConfig {
@@ -292,18 +314,18 @@ fn a_missing_tensor_is_named() {
 }
 
 #[test]
-fn pickles_and_wrong_files_are_refused() {
+fn broken_pickles_and_wrong_files_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pth = dir.path().join("taesd_decoder.pth");
-    std::fs::write(&pth, b"\x80\x02 not to be opened").expect("write");
+    std::fs::write(&pth, b"\x80\x02 not a pickle at all").expect("write");
     assert!(matches!(
         TinyDecoder::load(&pth, &Device::Cpu),
-        Err(Error::UnsafePickle(p)) if p == pth
+        Err(Error::CorruptWeights { path, .. }) if path == pth
     ));
-    // A folder with only a pickle.
+    // A folder with only that file.
     assert!(matches!(
         TinyDecoder::load(dir.path(), &Device::Cpu),
-        Err(Error::UnsafePickle(p)) if p == pth
+        Err(Error::CorruptWeights { path, .. }) if path == pth
     ));
     let missing = dir.path().join("nothing-here");
     assert!(matches!(

@@ -260,8 +260,9 @@ fn single_file_round_trip_through_var_builder() {
         let path = dir.path().join(format!("{kind:?}.safetensors"));
         ldm::write_single_file(kind, &components, &path);
 
-        let checkpoint =
-            Arc::new(studio_inference::weights::mmap(std::slice::from_ref(&path)).expect("mmap"));
+        let checkpoint = Arc::new(
+            studio_inference::weights::open_checkpoint(std::slice::from_ref(&path)).expect("mmap"),
+        );
         let names: Vec<String> = checkpoint.tensors().into_iter().map(|(n, _)| n).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         assert_eq!(detect_kind(&names), Some(kind));
@@ -342,7 +343,7 @@ fn missing_tensors_are_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("broken.safetensors");
     candle_core::safetensors::save(&ldm, &path).expect("save");
-    let checkpoint = Arc::new(studio_inference::weights::mmap(&[path]).expect("mmap"));
+    let checkpoint = Arc::new(studio_inference::weights::open_checkpoint(&[path]).expect("mmap"));
 
     // A map made from names the file does not have (as when a file is truncated).
     let full: Vec<&str> = full.iter().map(String::as_str).collect();

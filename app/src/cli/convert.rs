@@ -1,12 +1,12 @@
 //! `studio convert IN OUT.safetensors`: a PyTorch checkpoint (`.ckpt`, `.pt`, `.pth`,
-//! `pytorch_model.bin`) read by Studio's own pickle reader, as data (nothing in it is run),
+//! `pytorch_model.bin`) or an NVIDIA network pickle (`.pkl`, whose settings go to `OUT.json`) read by Studio's own pickle reader, as data (nothing in it is run),
 //! and written as safetensors. Prints one line with what was written.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use studio_inference::pickle::{read_checkpoint, write_safetensors};
+use studio_inference::pickle::convert;
 
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
@@ -27,17 +27,28 @@ pub fn run_convert(args: &ConvertArgs) -> Result<()> {
             args.output.display()
         );
     }
-    let tensors = read_checkpoint(&args.input)
-        .with_context(|| format!("reading {}", args.input.display()))?;
-    write_safetensors(&tensors, &args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    let bytes: usize = tensors.iter().map(|t| t.data.len()).sum();
+    let done = convert(&args.input, &args.output).with_context(|| {
+        format!(
+            "converting {} to {}",
+            args.input.display(),
+            args.output.display()
+        )
+    })?;
     println!(
-        "converted {} tensors ({:.1} MB) from {} to {} (read as data: nothing in the pickle ran)",
-        tensors.len(),
-        bytes as f64 / 1e6,
+        "converted {} tensors ({:.1} MB) from {} to {}{} (read as data: nothing in the pickle \
+         ran)",
+        done.tensors,
+        done.bytes as f64 / 1e6,
         args.input.display(),
-        args.output.display()
+        args.output.display(),
+        if done.settings {
+            format!(
+                ", with the network's settings in {}",
+                args.output.with_extension("json").display()
+            )
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

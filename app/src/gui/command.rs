@@ -26,9 +26,15 @@ pub enum Command {
     StopApiServer,
     /// Cancel whatever the worker is running now (status bar's Cancel, Esc).
     CancelRunningJob,
-    /// Convert a PyTorch checkpoint (a pickle) to safetensors beside it, reading it as data,
-    /// then open the result.
-    ConvertCheckpoint(PathBuf),
+    /// Ask where to save a pickled model (`.ckpt`, `.pth`, `pytorch_model.bin`, NVIDIA's
+    /// `.pkl`) as safetensors, then convert it (*Save as safetensors…*).
+    SaveAsSafetensors(PathBuf),
+    /// Convert the pickle `from` to the safetensors file `to` (and an NVIDIA network's settings
+    /// to `to` with `.json`), reading it as data: nothing in it runs.
+    ConvertCheckpoint {
+        from: PathBuf,
+        to: PathBuf,
+    },
     /// Something a panel asks for, carried out by that panel's `apply`.
     Panel(PanelCommand),
 }

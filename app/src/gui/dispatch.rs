@@ -56,28 +56,44 @@ impl StudioApp {
                     worker.cancel(running.id);
                 }
             }
-            Command::ConvertCheckpoint(path) => self.convert_checkpoint(path),
+            Command::SaveAsSafetensors(path) => self.save_as_safetensors(path),
+            Command::ConvertCheckpoint { from, to } => self.convert_checkpoint(from, to),
         }
     }
 
-    /// Converts a PyTorch checkpoint beside it on the worker (`studio convert`'s reader: the
-    /// pickle is read as data); `logic` opens the result when the job is done.
-    fn convert_checkpoint(&mut self, checkpoint: PathBuf) {
-        self.notices
-            .dismiss_action(&Command::ConvertCheckpoint(checkpoint.clone()));
-        let name = checkpoint.file_name().map_or_else(
-            || checkpoint.display().to_string(),
+    /// *Save as safetensors…*: asks where (beside the pickle by default), then converts.
+    fn save_as_safetensors(&mut self, checkpoint: PathBuf) {
+        let suggested = studio_inference::pickle::converted_path(&checkpoint);
+        let mut dialog = rfd::FileDialog::new()
+            .set_title("Save the model as safetensors")
+            .add_filter("safetensors", &["safetensors"]);
+        if let Some(dir) = suggested.parent() {
+            dialog = dialog.set_directory(dir);
+        }
+        if let Some(name) = suggested.file_name() {
+            dialog = dialog.set_file_name(name.to_string_lossy());
+        }
+        if let Some(to) = dialog.save_file() {
+            self.convert_checkpoint(checkpoint, to.with_extension("safetensors"));
+        }
+    }
+
+    /// Converts a pickle to safetensors on the worker (`studio convert`'s reader: the pickle
+    /// is read as data); `logic` says where it went when the job is done.
+    fn convert_checkpoint(&mut self, from: PathBuf, to: PathBuf) {
+        let name = from.file_name().map_or_else(
+            || from.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
-        let path = checkpoint.clone();
+        let (input, output) = (from.clone(), to.clone());
         let run: CustomJob =
-            Box::new(move |_| studio_inference::pickle::convert_beside(&path).map(|_| ()));
+            Box::new(move |_| studio_inference::pickle::convert(&input, &output).map(|_| ()));
         self.submit(
             JobKind::Custom {
-                label: format!("Converting {name} to safetensors"),
+                label: format!("Saving {name} as safetensors"),
                 run,
             },
-            JobPurpose::ConvertCheckpoint(checkpoint),
+            JobPurpose::ConvertCheckpoint { from, to },
         );
     }
 

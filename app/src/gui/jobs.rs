@@ -18,8 +18,11 @@ pub enum JobPurpose {
     ConnectRemote(String),
     /// Starting the API server on the loaded model.
     StartApiServer,
-    /// Converting this PyTorch checkpoint to safetensors beside it.
-    ConvertCheckpoint(PathBuf),
+    /// Converting the pickle `from` to the safetensors file `to`.
+    ConvertCheckpoint {
+        from: PathBuf,
+        to: PathBuf,
+    },
     /// A panel's job: its events go to that panel's `on_event`.
     Panel(PanelPurpose),
 }
@@ -34,7 +37,7 @@ impl JobPurpose {
             | JobPurpose::UnloadModel
             | JobPurpose::ConnectRemote(_)
             | JobPurpose::StartApiServer
-            | JobPurpose::ConvertCheckpoint(_) => None,
+            | JobPurpose::ConvertCheckpoint { .. } => None,
         }
     }
 }

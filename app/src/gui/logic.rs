@@ -116,24 +116,13 @@ impl StudioApp {
                 self.settings.last_model = None;
             }
             Event::Done { .. } => {
-                if let Some(JobPurpose::ConvertCheckpoint(checkpoint)) = tracked.map(|t| t.purpose)
+                if let Some(JobPurpose::ConvertCheckpoint { from, to }) = tracked.map(|t| t.purpose)
                 {
-                    let out = studio_inference::pickle::converted_path(&checkpoint);
                     self.notices.info(format!(
-                        "Converted {} to {} (read as data: nothing in it ran)",
-                        checkpoint.display(),
-                        out.display()
+                        "Saved {} as {} (the pickle was read as data: nothing in it ran)",
+                        from.display(),
+                        to.display()
                     ));
-                    // A folder's `pytorch_model.bin` became its `model.safetensors`: the folder
-                    // is the model.
-                    let from_folder = checkpoint
-                        .file_name()
-                        .is_some_and(|n| n == "pytorch_model.bin");
-                    let target = match checkpoint.parent() {
-                        Some(dir) if from_folder => dir.to_path_buf(),
-                        _ => out,
-                    };
-                    super::canvas::actions::route_dropped(target, &mut app_context!(self));
                 }
             }
             Event::Cancelled { .. } => {
@@ -153,13 +142,10 @@ impl StudioApp {
                         self.settings.last_model = None;
                     }
                     self.notices.error(load_error(&path, &error));
-                    self.notices.offer_conversion(&path);
                 }
-                Some(JobPurpose::ConvertCheckpoint(checkpoint)) => {
-                    self.notices.error(format!(
-                        "Could not convert {}: {error}",
-                        checkpoint.display()
-                    ));
+                Some(JobPurpose::ConvertCheckpoint { from, .. }) => {
+                    self.notices
+                        .error(format!("Could not convert {}: {error}", from.display()));
                 }
                 Some(JobPurpose::ConnectRemote(url)) => {
                     self.notices

@@ -8,17 +8,12 @@ use egui::{Color32, RichText};
 
 use super::command::Command;
 
-/// How long the offer to convert a refused pickle stays.
-const CONVERSION_OFFER: Duration = Duration::from_mins(2);
-
 const INFO_LIFETIME: Duration = Duration::from_secs(6);
 const MAX_SHOWN: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Info,
-    /// Something Studio can do for the user, with its button (convert a refused pickle).
-    Offer,
     Warning,
     Error,
 }
@@ -80,54 +75,15 @@ impl Notices {
         command: Command,
         lifetime: Duration,
     ) {
-        self.push_action(Level::Info, text.into(), label.into(), command, lifetime);
-    }
-
-    fn push_action(
-        &mut self,
-        level: Level,
-        text: String,
-        label: String,
-        command: Command,
-        lifetime: Duration,
-    ) {
         self.next_id += 1;
         self.list.push(Notice {
             id: self.next_id,
-            level,
-            text,
-            action: Some((label, command)),
+            level: Level::Info,
+            text: text.into(),
+            action: Some((label.into(), command)),
             lifetime: Some(lifetime),
             created: Instant::now(),
         });
-    }
-
-    /// After a model at `path` was refused as a pickle: offers to convert the PyTorch checkpoint
-    /// it stands for to safetensors (read as data; nothing in it runs). Nothing when `path` is
-    /// not one.
-    pub fn offer_conversion(&mut self, path: &std::path::Path) {
-        let Some(checkpoint) = studio_inference::pickle::checkpoint_at(path) else {
-            return;
-        };
-        let out = studio_inference::pickle::converted_path(&checkpoint);
-        let name = |p: &std::path::Path| {
-            p.file_name().map_or_else(
-                || p.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-        };
-        let text = format!(
-            "Convert {} to {}? Studio reads the pickle as data: nothing in it runs.",
-            name(&checkpoint),
-            name(&out)
-        );
-        self.push_action(
-            Level::Offer,
-            text,
-            "Convert to safetensors".to_owned(),
-            Command::ConvertCheckpoint(checkpoint),
-            CONVERSION_OFFER,
-        );
     }
 
     /// Removes the notices offering `command` (it was carried out).
@@ -181,7 +137,6 @@ impl Notices {
                 Level::Error => (visuals.error_fg_color, "Error"),
                 Level::Warning => (visuals.warn_fg_color, "Warning"),
                 Level::Info => (visuals.hyperlink_color, "Done"),
-                Level::Offer => (visuals.hyperlink_color, "Offer"),
             };
             egui::Frame::new()
                 .fill(visuals.extreme_bg_color)
@@ -233,6 +188,6 @@ pub fn level_color(ui: &egui::Ui, level: Level) -> Color32 {
     match level {
         Level::Error => ui.visuals().error_fg_color,
         Level::Warning => ui.visuals().warn_fg_color,
-        Level::Info | Level::Offer => ui.visuals().weak_text_color(),
+        Level::Info => ui.visuals().weak_text_color(),
     }
 }

@@ -1,5 +1,6 @@
 //! Shared look: text styles and section frames, taken from the theme's visuals (no colour
-//! literals), so panels look alike in light and dark mode.
+//! literals), so panels look alike in light and dark mode; and the one widget several panels
+//! show, *Save as safetensors…* for a model read from a pickle.
 
 use egui::RichText;
 
@@ -19,4 +20,26 @@ pub fn section_ui(ui: &mut egui::Ui, title: &str, add_contents: impl FnOnce(&mut
             add_contents(ui);
         });
     ui.add_space(8.0);
+}
+
+/// *Save as safetensors…* for a model read from the pickle at `path` (the button shows only
+/// when `path` is one): asks where, then converts it, read as data.
+pub fn save_as_safetensors_ui(
+    ui: &mut egui::Ui,
+    path: &std::path::Path,
+    commands: &mut Vec<super::command::Command>,
+) {
+    let Some(checkpoint) = studio_inference::pickle::checkpoint_at(path) else {
+        return;
+    };
+    if ui
+        .button("Save as safetensors…")
+        .on_hover_text(
+            "Write the weights as a .safetensors file, which opens faster and is never code \
+             (the pickle is read as data: nothing in it runs)",
+        )
+        .clicked()
+    {
+        commands.push(super::command::Command::SaveAsSafetensors(checkpoint));
+    }
 }

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
+use crate::weights::Tensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
@@ -115,7 +115,7 @@ impl Source {
     }
 
     /// Reads the tensor from the checkpoint and converts it to what the diffusers name means.
-    fn load(&self, st: &MmapedSafetensors, dev: &Device) -> candle_core::Result<Tensor> {
+    fn load(&self, st: &Tensors, dev: &Device) -> candle_core::Result<Tensor> {
         let t = st.load(self.ldm_name(), dev)?;
         match self {
             Source::Tensor(_) => Ok(t),
@@ -631,7 +631,7 @@ fn open_clip_map(names: &[&str], with_projection: bool) -> Vec<(String, Source)>
 
 /// A `SimpleBackend` answering diffusers names from a memory-mapped single-file checkpoint.
 struct LdmBackend {
-    checkpoint: Arc<MmapedSafetensors>,
+    checkpoint: Arc<Tensors>,
     map: HashMap<String, Source>,
 }
 
@@ -707,7 +707,7 @@ impl SimpleBackend for LdmBackend {
 /// error naming both.
 #[allow(clippy::implicit_hasher)] // the map comes from `key_map`
 pub fn var_builder(
-    checkpoint: Arc<MmapedSafetensors>,
+    checkpoint: Arc<Tensors>,
     map: HashMap<String, Source>,
     dtype: DType,
     device: &Device,

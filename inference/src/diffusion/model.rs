@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
+use crate::weights::Tensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -20,9 +20,8 @@ use super::samplers::{BetaSchedule, NoiseSchedule, Prediction};
 use super::unet::{Unet, UnetConfig};
 use super::vae::{Vae, VaeConfig};
 use crate::error::{Error, Result};
-use crate::llm::loader::is_pickle;
 use crate::nn::{Storage, with_weight_storage};
-use crate::weights::{mmap, stored_storage};
+use crate::weights::{open_checkpoint, stored_storage};
 
 /// The model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,16 +151,24 @@ impl SdModel {
     }
 }
 
-/// Whether `path` looks like a Stable Diffusion model (a diffusers pipeline folder or a
-/// single-file checkpoint with SD names), without loading it.
+/// Whether `path` looks like a Stable Diffusion model (a diffusers pipeline folder, a
+/// single-file safetensors checkpoint with SD names, or a `.ckpt`, the original SD
+/// checkpoints' extension), without loading it (only a safetensors header is read).
 pub fn is_diffusion_model(path: &Path) -> bool {
     if path.is_dir() {
         return path.join("model_index.json").exists() || path.join("unet").is_dir();
     }
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("ckpt"))
+    {
+        return true;
+    }
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-        && let Ok(st) = mmap(&[path.to_path_buf()])
+        && let Ok(st) = open_checkpoint(&[path.to_path_buf()])
     {
         return st
             .tensors()
@@ -186,30 +193,31 @@ fn bad(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-/// The safetensors file(s) of a diffusers component folder; pickles are refused.
+/// The weight file(s) of a diffusers component folder: safetensors (one file or shards),
+/// else the `.bin` pickles older diffusers wrote (one file or shards), which Studio's own
+/// reader reads as data (`pytorch_model.bin` for a text encoder's `model`).
 fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
-    let index = dir.join(format!("{stem}.safetensors.index.json"));
-    if index.exists() {
-        #[derive(Deserialize)]
-        struct Index {
-            weight_map: HashMap<String, String>,
-        }
-        let idx: Index = read_json(&index)?;
-        return crate::llm::loader::shard_files(&index, idx.weight_map.values());
+    #[derive(Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
     }
-    for name in [
-        format!("{stem}.safetensors"),
-        format!("{stem}.fp16.safetensors"),
-    ] {
-        let p = dir.join(name);
-        if p.exists() {
-            return Ok(vec![p]);
+    for ext in ["safetensors", "bin"] {
+        // transformers' components (the text encoders) name their pickles `pytorch_model`.
+        let stem = if ext == "bin" && stem == "model" {
+            "pytorch_model"
+        } else {
+            stem
+        };
+        for name in [format!("{stem}.{ext}"), format!("{stem}.fp16.{ext}")] {
+            let p = dir.join(name);
+            if p.exists() {
+                return Ok(vec![p]);
+            }
         }
-    }
-    for ext in ["bin", "ckpt", "pt"] {
-        let p = dir.join(format!("{stem}.{ext}"));
-        if p.exists() {
-            return Err(Error::UnsafePickle(p));
+        let index = dir.join(format!("{stem}.{ext}.index.json"));
+        if index.exists() {
+            let idx: Index = read_json(&index)?;
+            return crate::llm::loader::shard_files(&index, idx.weight_map.values(), ext);
         }
     }
     Err(Error::NoModel(dir.to_owned()))
@@ -222,7 +230,7 @@ fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<(VarBuilder<'static>, Storage)> {
-    let st = mmap(files)?;
+    let st = open_checkpoint(files)?;
     let stored = stored_storage(&st);
     // On the CPU every tensor is copied out of the mapping, whose pages are then released;
     // a GPU upload copies too, but keep the plain mapping there.
@@ -237,7 +245,7 @@ fn var_builder(
     ))
 }
 
-fn names_and_shapes(st: &MmapedSafetensors) -> HashMap<String, Vec<usize>> {
+fn names_and_shapes(st: &Tensors) -> HashMap<String, Vec<usize>> {
     st.tensors()
         .into_iter()
         .map(|(n, v)| (n, v.shape().to_vec()))
@@ -311,9 +319,6 @@ pub fn load(
     } else {
         path
     };
-    if path.is_file() && is_pickle(path) {
-        return Err(Error::UnsafePickle(path.to_owned()));
-    }
     let mut model = if path.is_dir() {
         load_diffusers(path, device, progress)?
     } else {
@@ -456,13 +461,26 @@ fn load_diffusers(
     )?;
     let vae = with_weight_storage(stored, || Vae::new(&vb, vae_cfg))
         .map_err(|e| component_error(&vae_dir, &e))?;
+    let pickled = ["unet", "vae", "text_encoder", "text_encoder_2"]
+        .iter()
+        .any(|c| {
+            std::fs::read_dir(dir.join(c)).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "bin"))
+            })
+        });
     let info = finish_info(
         dir,
         kind,
         Layout::Diffusers,
         &unet,
         noise.prediction,
-        Vec::new(),
+        if pickled {
+            vec![crate::pickle::SAFE_MODE_NOTE.to_owned()]
+        } else {
+            Vec::new()
+        },
     );
     Ok(SdModel {
         info,
@@ -504,7 +522,7 @@ struct Part {
 
 impl Part {
     fn new(
-        st: &Arc<MmapedSafetensors>,
+        st: &Arc<Tensors>,
         all: &HashMap<String, Vec<usize>>,
         kind: CheckpointKind,
         component: Component,
@@ -592,7 +610,7 @@ fn load_single_file(
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<SdModel> {
     let dtype = device_dtype(device);
-    let st = Arc::new(mmap(&[path.to_path_buf()])?);
+    let st = Arc::new(open_checkpoint(&[path.to_path_buf()])?);
     let stored = stored_storage(&st);
     let all = names_and_shapes(&st);
     let refs: Vec<&str> = all.keys().map(String::as_str).collect();
@@ -676,6 +694,9 @@ fn load_single_file(
         VaeConfig::infer(&part.name_refs(), &|n| part.shape(n), scale).map_err(|m| bad(path, m))?;
     let vae = with_weight_storage(stored, || Vae::new(&part.vb, vae_cfg)).map_err(err)?;
     let mut notes = Vec::new();
+    if st.is_pickle() {
+        notes.push(crate::pickle::SAFE_MODE_NOTE.to_owned());
+    }
     let prediction = if kind == SdKind::Sd2 && unet.config().in_channels == 4 {
         progress(0.9, "Checking the prediction type");
         let v = uses_v_prediction(&unet, device, dtype)?;
@@ -730,15 +751,12 @@ fn uses_v_prediction(unet: &Unet, device: &Device, dtype: DType) -> Result<bool>
 /// A separate VAE file: diffusers names, or original names with or without the
 /// `first_stage_model.` prefix.
 fn load_separate_vae(path: &Path, scaling_factor: f64, device: &Device) -> Result<Vae> {
-    if is_pickle(path) {
-        return Err(Error::UnsafePickle(path.to_owned()));
-    }
     let files = if path.is_dir() {
         component_files(path, "diffusion_pytorch_model")?
     } else {
         vec![path.to_path_buf()]
     };
-    let st = Arc::new(mmap(&files)?);
+    let st = Arc::new(open_checkpoint(&files)?);
     let stored = stored_storage(&st);
     let all = names_and_shapes(&st);
     let err = |e: Error| Error::CorruptWeights {

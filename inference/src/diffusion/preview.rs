@@ -385,16 +385,25 @@ impl TinyDecoder {
     ///   holding one); the same names under a `taesd_decoder.` or `decoder.` prefix load too.
     ///
     /// Without `config.json` the shape (channels, blocks per stage) is read from the tensors.
-    /// Pickle checkpoints (`.pth`, `.pt`, `.bin`, `.ckpt`) are refused without being opened.
-    /// Weights are kept in `f32` on `device`.
+    /// madebyollin's `taesd_decoder.pth` and diffusers' `diffusion_pytorch_model.bin` (pickles)
+    /// are read by Studio's own reader, as data. Weights are kept in `f32` on `device`.
     pub fn load(path: &Path, device: &Device) -> Result<TinyDecoder> {
         let (file, config_path) = resolve(path)?;
-        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| {
-            Error::CorruptWeights {
-                path: file.clone(),
-                message: e.to_string(),
-            }
-        })?;
+        let checkpoint = crate::weights::open_checkpoint(std::slice::from_ref(&file))?;
+        let tensors: HashMap<String, Tensor> = checkpoint
+            .tensors()
+            .into_iter()
+            .map(|(name, _)| {
+                let t =
+                    checkpoint
+                        .load(&name, &Device::Cpu)
+                        .map_err(|e| Error::CorruptWeights {
+                            path: file.clone(),
+                            message: e.to_string(),
+                        })?;
+                Ok((name, t))
+            })
+            .collect::<Result<_>>()?;
         let (layout, outer) = detect_layout(&file, &tensors)?;
         // Names relative to the layout (without an outer prefix such as `taesd_decoder.`).
         let tensors: HashMap<String, Tensor> = tensors
@@ -495,8 +504,19 @@ impl TinyDecoder {
     }
 }
 
-const DIFFUSERS_WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
-const ORIGINAL_WEIGHTS: [&str; 2] = ["taesd_decoder.safetensors", "taesdxl_decoder.safetensors"];
+/// A diffusers `AutoencoderTiny` folder's weights (safetensors first; the `.bin` is a pickle
+/// Studio reads as data).
+const DIFFUSERS_WEIGHTS: [&str; 2] = [
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+];
+/// madebyollin's decoders (the `.pth` are pickles Studio reads as data).
+const ORIGINAL_WEIGHTS: [&str; 4] = [
+    "taesd_decoder.safetensors",
+    "taesdxl_decoder.safetensors",
+    "taesd_decoder.pth",
+    "taesdxl_decoder.pth",
+];
 
 /// The weights file and, for a diffusers folder, its `config.json`.
 fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
@@ -504,19 +524,19 @@ fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
         return Err(Error::NotFound(path.to_path_buf()));
     }
     if path.is_file() {
-        if crate::llm::loader::is_pickle(path) {
-            return Err(Error::UnsafePickle(path.to_path_buf()));
-        }
-        let config = path
-            .parent()
-            .map(|d| d.join("config.json"))
-            .filter(|c| path.file_name().is_some_and(|n| n == DIFFUSERS_WEIGHTS) && c.is_file());
+        let config = path.parent().map(|d| d.join("config.json")).filter(|c| {
+            path.file_name()
+                .is_some_and(|n| DIFFUSERS_WEIGHTS.iter().any(|w| n == *w))
+                && c.is_file()
+        });
         return Ok((path.to_path_buf(), config));
     }
-    let weights = path.join(DIFFUSERS_WEIGHTS);
-    if weights.is_file() {
-        let config = path.join("config.json");
-        return Ok((weights, config.is_file().then_some(config)));
+    for name in DIFFUSERS_WEIGHTS {
+        let weights = path.join(name);
+        if weights.is_file() {
+            let config = path.join("config.json");
+            return Ok((weights, config.is_file().then_some(config)));
+        }
     }
     for name in ORIGINAL_WEIGHTS {
         let file = path.join(name);
@@ -524,19 +544,10 @@ fn resolve(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
             return Ok((file, None));
         }
     }
-    for name in [
-        "diffusion_pytorch_model.bin",
-        "taesd_decoder.pth",
-        "taesdxl_decoder.pth",
-    ] {
-        let file = path.join(name);
-        if file.is_file() {
-            return Err(Error::UnsafePickle(file));
-        }
-    }
     Err(Error::InvalidParameter(format!(
-        "{}: no TAESD decoder here (expected config.json with {DIFFUSERS_WEIGHTS}, \
-         or taesd_decoder.safetensors / taesdxl_decoder.safetensors)",
+        "{}: no TAESD decoder here (expected config.json with \
+         diffusion_pytorch_model.safetensors, or taesd_decoder.safetensors / \
+         taesdxl_decoder.safetensors)",
         path.display()
     )))
 }

@@ -190,28 +190,19 @@ fn plan(h: &Header) -> Result<(usize, Vec<usize>)> {
     Ok((nz, channels))
 }
 
-fn has_extension(path: &Path, ext: &str) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case(ext))
-}
-
 impl Dcgan {
     /// Loads a DCGAN generator from a safetensors file holding its `state_dict()` (see the
-    /// module docs). Pickles (`.pt`, `.pth`, `.pkl`, …) are refused without being opened
-    /// ([`Error::UnsafePickle`]); a missing tensor or one with the wrong shape is an
+    /// module docs), or a PyTorch checkpoint of it (`.pt`, `.pth`: read by Studio's own reader,
+    /// as data); a missing tensor or one with the wrong shape is an
     /// [`Error::MissingTensor`] / [`Error::ShapeMismatch`] naming it.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        if crate::llm::loader::is_pickle(path) || has_extension(path, "pickle") {
-            return Err(Error::UnsafePickle(path.to_path_buf()));
-        }
         if !path.exists() {
             return Err(Error::NotFound(path.to_path_buf()));
         }
         if path.is_dir() {
             return Err(Error::NoModel(path.to_path_buf()));
         }
-        let mapped = weights::mmap(&[path.to_path_buf()])?;
+        let mapped = weights::open_checkpoint(&[path.to_path_buf()])?;
         let shapes: std::collections::BTreeMap<String, Vec<usize>> = mapped
             .tensors()
             .into_iter()
@@ -374,7 +365,7 @@ impl Dcgan {
 /// `main.0.weight`, with or without DataParallel's `module.` prefix). Unreadable files are not.
 #[must_use]
 pub fn is_dcgan(path: &Path) -> bool {
-    crate::weights::mmap(&[path.to_path_buf()]).is_ok_and(|st| {
+    crate::weights::open_checkpoint(&[path.to_path_buf()]).is_ok_and(|st| {
         st.tensors()
             .iter()
             .any(|(n, _)| n == "main.0.weight" || n == "module.main.0.weight")

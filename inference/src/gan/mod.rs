@@ -17,9 +17,11 @@
 //! - [`render`]: the Latent Explorer's render requests and rendering (W rows, noise, the
 //!   image, layer views, seed grids), which the worker runs between jobs.
 //!
-//! NVIDIA distributes its networks as Python pickles, which execute code when loaded; Studio
-//! never opens them. `tools/convert_stylegan_pkl.py` converts them once to safetensors (plus a
-//! JSON file with the network's init kwargs), see [`PICKLE_HELP`].
+//! NVIDIA distributes its networks as Python pickles, which execute code when Python loads
+//! them. Studio reads them with its own pickle reader, as data ([`crate::pickle::network`]:
+//! `G_ema`'s tensors and init kwargs; the code they carry never runs), or a safetensors file
+//! with a JSON of the init kwargs beside it, as `studio convert` and
+//! `tools/convert_stylegan_pkl.py` write them.
 
 pub mod dcgan;
 pub mod directions;
@@ -35,12 +37,6 @@ pub use stylegan2::{Architecture, GanInfo, NoiseMode, StyleGan2};
 use candle_core::{Device, Tensor};
 
 use crate::error::Result;
-
-/// What to tell a person who opened one of NVIDIA's `.pkl` networks.
-pub const PICKLE_HELP: &str = "NVIDIA's StyleGAN .pkl files are Python pickles, which run code \
-    when loaded, so Studio never opens them. Convert the file once with \
-    `python tools/convert_stylegan_pkl.py network.pkl network.safetensors` (with NVIDIA's \
-    stylegan2-ada-pytorch or stylegan3 checkout on PYTHONPATH) and open the .safetensors file.";
 
 /// numpy's legacy random generator, `np.random.RandomState(seed)`: MT19937 seeded with
 /// `init_genrand`, doubles from two 32-bit draws (53 bits), and normals from the polar

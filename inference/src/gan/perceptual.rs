@@ -11,7 +11,8 @@
 //! `(1, C_k, 1, 1)`, non-negative. `tools/convert_vgg16.py` makes such a file from
 //! torchvision's `vgg16-397923af.pth` (and LPIPS's `vgg.pth`). The channel widths are read
 //! from the tensor shapes, so any VGG16 with the same layer structure loads (the tests use a
-//! narrow one). Pickles are refused without being opened ([`VGG16_PICKLE_HELP`]).
+//! narrow one). torchvision's `vgg16-397923af.pth` itself loads too, read by Studio's own pickle
+//! reader as data (its features only: LPIPS's layers come from a converted file).
 //!
 //! **Network.** Every convolution has padding 1 and a ReLU after it; the five blocks have 2, 2,
 //! 3, 3 and 3 convolutions, with a 2×2 max-pool before blocks 2–5 (torchvision's indices 4, 9,
@@ -66,12 +67,6 @@ pub const MIN_SIDE: usize = 16;
 const NORM_EPS: f64 = 1e-10;
 /// Added under the square root of the channel norm so its gradient stays finite at 0.
 const NORM_EPS_SQ: f64 = 1e-20;
-
-/// What to tell a person who chose one of the PyTorch `.pth` files.
-pub const VGG16_PICKLE_HELP: &str = "torchvision's vgg16-397923af.pth and LPIPS's vgg.pth are \
-    Python pickles, which run code when loaded, so Studio never opens them. Convert them once \
-    with `python tools/convert_vgg16.py vgg16-397923af.pth vgg16.safetensors --lpips vgg.pth` \
-    (the --lpips part is optional) and choose the .safetensors file.";
 
 /// The name of the LPIPS linear layer of tap `k` (the `lpips` package's `vgg.pth`).
 pub fn lin_name(k: usize) -> String {
@@ -197,23 +192,13 @@ impl Vgg16Lpips {
     /// Loads VGG16 (and, when present, LPIPS's linear layers) from a safetensors file with
     /// torchvision's / `lpips`' names (see the module docs).
     ///
-    /// Pickles (`.pth`, `.pt`, `.pkl`, `.bin`, …) are refused without being opened, with
-    /// [`VGG16_PICKLE_HELP`] in an [`Error::InvalidParameter`]. A missing tensor is an
+    /// torchvision's `vgg16-397923af.pth` and LPIPS's `vgg.pth` (pickles) are read by Studio's
+    /// own reader, as data; `lpips`' linear layers in a separate `.pth` are not merged (convert
+    /// them with tools/convert_vgg16.py to have both in one file). A missing tensor is an
     /// [`Error::MissingTensor`] and a mis-shaped one an [`Error::ShapeMismatch`], naming it;
     /// some but not all five linear layers is a missing tensor too, and a linear layer with a
     /// negative weight is an [`Error::CorruptWeights`] naming it.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let pickle = crate::llm::loader::is_pickle(path)
-            || path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| e.eq_ignore_ascii_case("pickle"));
-        if pickle {
-            return Err(Error::InvalidParameter(format!(
-                "{}: {VGG16_PICKLE_HELP}",
-                path.display()
-            )));
-        }
         if !path.exists() {
             return Err(Error::NotFound(path.to_path_buf()));
         }
@@ -224,16 +209,15 @@ impl Vgg16Lpips {
                 path.display()
             )));
         }
-        let mapped = weights::mmap(&[path.to_path_buf()])?;
-        let shapes: BTreeMap<String, Vec<usize>> = mapped
+        let checkpoint = weights::open_checkpoint(&[path.to_path_buf()])?;
+        let shapes: BTreeMap<String, Vec<usize>> = checkpoint
             .tensors()
             .into_iter()
             .map(|(name, view)| (name, view.shape().to_vec()))
             .collect();
-        drop(mapped);
         let plan = plan(path, &shapes)?;
 
-        let w = Weights::open(&[path.to_path_buf()], device, DType::F32)?;
+        let w = Weights::from_tensors(path.to_path_buf(), checkpoint, device, DType::F32);
         let mut blocks = Vec::with_capacity(CONVS_PER_BLOCK.len());
         let mut widths = [0; 5];
         let mut next = 0;
@@ -413,8 +397,9 @@ fn sum(terms: &[Tensor]) -> Result<Tensor> {
     Ok(total)
 }
 
-/// The first `vgg16*.safetensors` or `lpips*.safetensors` file (by name, case-insensitive)
-/// in the first of `dirs` that has one: where Studio looks for the perceptual loss's weights.
+/// The first `vgg16*.safetensors` or `lpips*.safetensors` file (by name, case-insensitive),
+/// else torchvision's `vgg16*.pth`, in the first of `dirs` that has one: where Studio looks
+/// for the perceptual loss's weights.
 #[must_use]
 pub fn find_weights(dirs: &[std::path::PathBuf]) -> Option<std::path::PathBuf> {
     dirs.iter().find_map(|dir| {
@@ -427,12 +412,16 @@ pub fn find_weights(dirs: &[std::path::PathBuf]) -> Option<std::path::PathBuf> {
                     .file_name()
                     .map(|n| n.to_string_lossy().to_lowercase())
                     .unwrap_or_default();
-                (name.starts_with("vgg16") || name.starts_with("lpips"))
-                    && p.extension()
-                        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+                let ext = p
+                    .extension()
+                    .map(|e| e.to_string_lossy().to_lowercase())
+                    .unwrap_or_default();
+                ((name.starts_with("vgg16") || name.starts_with("lpips")) && ext == "safetensors")
+                    || (name.starts_with("vgg16") && ext == "pth")
             })
             .collect();
-        found.sort();
+        // Safetensors (which may carry LPIPS's layers) before a torchvision pickle.
+        found.sort_by_key(|p| (p.extension().is_none_or(|e| e != "safetensors"), p.clone()));
         found.into_iter().next()
     })
 }

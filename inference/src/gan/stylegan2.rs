@@ -54,8 +54,8 @@ mod native;
 const LRELU_SLOPE: f64 = 0.2;
 const DEFAULT_CONV_CLAMP: f64 = 256.0;
 const DEFAULT_MAPPING_LR: f64 = 0.01;
-const SUPPORTED: &str = "StyleGAN2 generators (NVIDIA's G_ema state dict as safetensors, \
-     'skip', 'resnet' or 'orig' architecture)";
+const SUPPORTED: &str = "StyleGAN2 generators (NVIDIA's network .pkl or its G_ema state dict \
+     as safetensors, 'skip', 'resnet' or 'orig' architecture)";
 
 /// How the synthesis network turns its last features into an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +122,10 @@ pub struct GanInfo {
     pub conv_clamp: Option<f64>,
     /// `(resolution, channels)` of every synthesis block, from 4×4 up.
     pub channels: Vec<(usize, usize)>,
-    /// Whether the init kwargs came from the JSON next to the weights.
+    /// Whether the init kwargs came from the JSON next to the weights (or the network pickle).
     pub from_json: bool,
+    /// Whether the network was read from one of NVIDIA's pickles (in safe mode: as data).
+    pub from_pickle: bool,
 }
 
 /// Equalized-learning-rate fully connected layer with the gains folded into the weights.
@@ -592,6 +594,20 @@ struct Plan {
     layer_features: usize,
 }
 
+/// "StyleGAN3-R" (radial filters, 1×1 convolutions: `conv_kernel` 1) or "StyleGAN3-T", from
+/// a network pickle's init kwargs; "StyleGAN3" when they do not say.
+fn stylegan3_variant(settings: Option<&serde_json::Value>) -> &'static str {
+    let kwargs = settings.and_then(|s| s.get("init_kwargs"));
+    match kwargs
+        .and_then(|k| synthesis_kwarg(k, "conv_kernel"))
+        .and_then(serde_json::Value::as_u64)
+    {
+        Some(1) => "StyleGAN3-R",
+        Some(_) => "StyleGAN3-T",
+        None => "StyleGAN3",
+    }
+}
+
 fn json_usize(v: &serde_json::Value, key: &str) -> Option<usize> {
     v.get(key)
         .and_then(serde_json::Value::as_u64)
@@ -785,6 +801,7 @@ fn plan(shapes: &Shapes, kwargs: Option<&serde_json::Value>) -> Result<Plan> {
             conv_clamp,
             channels,
             from_json: kwargs.is_some(),
+            from_pickle: false,
         },
         embed_features,
         layer_features,
@@ -805,37 +822,36 @@ fn load_filter(w: &Weights, name: &str, device: &Device) -> Result<Tensor> {
 }
 
 impl StyleGan2 {
-    /// Loads a StyleGAN2 generator from a safetensors file with NVIDIA's `G_ema` tensor names
-    /// (and the init kwargs from the JSON next to it, when present).
+    /// Loads a StyleGAN2 generator: a safetensors file with NVIDIA's `G_ema` tensor names
+    /// (and the init kwargs from the JSON next to it, when present), or one of NVIDIA's network
+    /// pickles (`.pkl`), whose `G_ema` and init kwargs Studio's own reader takes out as data
+    /// (the code the pickle carries is never run).
     ///
-    /// NVIDIA's `.pkl` files are refused without being opened ([`Error::UnsafePickle`]; see
-    /// [`super::PICKLE_HELP`] for what to tell the person). A StyleGAN3 (alias-free)
-    /// generator is refused with [`Error::UnsupportedArchitecture`].
+    /// A StyleGAN3 (alias-free, `stylegan3-t` / `-r`) generator is refused by name with
+    /// [`Error::UnsupportedArchitecture`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        if crate::llm::loader::is_pickle(path) || has_extension(path, "pickle") {
-            return Err(Error::UnsafePickle(path.to_path_buf()));
-        }
         if !path.exists() {
             return Err(Error::NotFound(path.to_path_buf()));
         }
         if path.is_dir() {
             return Err(Error::NoModel(path.to_path_buf()));
         }
-        let mapped = weights::mmap(&[path.to_path_buf()])?;
+        let checkpoint = weights::open_checkpoint(&[path.to_path_buf()])?;
         let shapes = Shapes {
             path: path.to_path_buf(),
-            shapes: mapped
+            shapes: checkpoint
                 .tensors()
                 .into_iter()
                 .map(|(name, view)| (name, view.shape().to_vec()))
                 .collect(),
         };
-        drop(mapped);
+        let settings = checkpoint.settings();
         if shapes.contains("synthesis.input.affine.weight")
             || shapes.shapes.keys().any(|n| n.starts_with("synthesis.L0_"))
+            || settings.is_some_and(|s| s.get("stylegan3").is_some())
         {
             return Err(Error::UnsupportedArchitecture(
-                "StyleGAN3 (alias-free) generator".into(),
+                format!("{} (alias-free) generator", stylegan3_variant(settings)),
                 SUPPORTED.into(),
             ));
         }
@@ -847,9 +863,13 @@ impl StyleGan2 {
                 SUPPORTED.into(),
             ));
         }
-        let kwargs = read_init_kwargs(path)?;
-        let plan = plan(&shapes, kwargs.as_ref())?;
-        let w = Weights::open(&[path.to_path_buf()], device, DType::F32)?;
+        let kwargs = match settings {
+            Some(s) => Some(s.get("init_kwargs").cloned().unwrap_or_else(|| s.clone())),
+            None => read_init_kwargs(path)?,
+        };
+        let mut plan = plan(&shapes, kwargs.as_ref())?;
+        plan.info.from_pickle = checkpoint.is_pickle();
+        let w = Weights::from_tensors(path.to_path_buf(), checkpoint, device, DType::F32);
         Self::build(&w, plan, device)
     }
 
@@ -1347,10 +1367,4 @@ impl StyleGan2 {
         let img = img.ok_or_else(|| Error::InvalidParameter("the network has no toRGB".into()))?;
         Ok((img, captured))
     }
-}
-
-fn has_extension(path: &Path, ext: &str) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case(ext))
 }

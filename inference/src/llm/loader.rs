@@ -178,15 +178,13 @@ fn hf_cache_snapshot(dir: &Path) -> Option<PathBuf> {
 
 /// Finds a model's files from a folder, a weights file or a `config.json` path.
 ///
-/// Pickle checkpoints (`.bin`, `.pt`, `.ckpt`, …) are refused, never opened.
+/// Weights are `model.safetensors` (or its shards), else transformers' `pytorch_model.bin`
+/// (or its shards), which Studio's own pickle reader reads as data.
 pub fn resolve(path: &Path) -> Result<ModelFiles> {
     if !path.exists() {
         return Err(Error::NotFound(path.to_path_buf()));
     }
     if path.is_file() {
-        if is_pickle(path) {
-            return Err(Error::UnsafePickle(path.to_path_buf()));
-        }
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if is_gguf(path) {
             let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -199,7 +197,7 @@ pub fn resolve(path: &Path) -> Result<ModelFiles> {
         }
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut files = resolve_dir(&dir)?;
-        if ext.eq_ignore_ascii_case("safetensors") {
+        if ext.eq_ignore_ascii_case("safetensors") || is_pickle(path) {
             files.weights = vec![path.to_path_buf()];
         }
         return Ok(files);
@@ -214,19 +212,18 @@ fn resolve_dir(dir: &Path) -> Result<ModelFiles> {
     let config = dir.join("config.json");
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
+    let pickle = dir.join("pytorch_model.bin");
+    let pickle_index = dir.join("pytorch_model.bin.index.json");
     let weights = if single.exists() {
         vec![single]
     } else if index.exists() {
-        shards_from_index(&index)?
+        shards_from_index(&index, "safetensors")?
+    } else if pickle.exists() {
+        vec![pickle]
+    } else if pickle_index.exists() {
+        shards_from_index(&pickle_index, "bin")?
     } else {
-        let pickle = ["pytorch_model.bin", "model.ckpt", "model.pt"]
-            .iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.exists());
-        return Err(match pickle {
-            Some(p) => Error::UnsafePickle(p),
-            None => Error::NoModel(dir.to_path_buf()),
-        });
+        return Err(Error::NoModel(dir.to_path_buf()));
     };
     if !config.exists() {
         return Err(Error::NoModel(dir.to_path_buf()));
@@ -244,21 +241,25 @@ struct ShardIndex {
     weight_map: std::collections::BTreeMap<String, String>,
 }
 
-fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+/// The shards an index names (`extension`: `safetensors`, or `bin` for
+/// `pytorch_model.bin.index.json`).
+fn shards_from_index(index: &Path, extension: &str) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let parsed: ShardIndex = serde_json::from_str(&text).map_err(|e| Error::CorruptWeights {
         path: index.to_path_buf(),
         message: e.to_string(),
     })?;
-    shard_files(index, parsed.weight_map.values())
+    shard_files(index, parsed.weight_map.values(), extension)
 }
 
-/// The shard files a `*.safetensors.index.json` names, beside it. A name that is not a plain
-/// `.safetensors` file name in the index's folder (`../x`, an absolute path, a subfolder, a
-/// pickle) is refused before anything is opened.
+/// The shard files an index (`*.safetensors.index.json`, `pytorch_model.bin.index.json`)
+/// names, beside it. A name that is not a plain file name in the index's folder with the
+/// index's kind of weights (`../x`, an absolute path, a subfolder, another kind of file) is
+/// refused before anything is opened.
 pub(crate) fn shard_files<'a>(
     index: &Path,
     names: impl Iterator<Item = &'a String>,
+    extension: &str,
 ) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files = Vec::new();
@@ -268,11 +269,14 @@ pub(crate) fn shard_files<'a>(
             (parts.next(), parts.next()),
             (Some(std::path::Component::Normal(_)), None)
         );
-        if !plain || !name.ends_with(".safetensors") {
+        let kind_ok = Path::new(name)
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case(extension));
+        if !plain || !kind_ok {
             return Err(Error::CorruptWeights {
                 path: index.to_path_buf(),
                 message: format!(
-                    "the index names `{name}`, which is not a .safetensors file in the \
+                    "the index names `{name}`, which is not a .{extension} file in the \
                      model's folder; refused"
                 ),
             });
@@ -645,7 +649,11 @@ impl PreparedModel {
             parameters,
             dtype: format!("{dtype:?}").to_lowercase(),
             chat_format: chat.name(),
-            notes: Vec::new(),
+            notes: if files.weights.iter().any(|w| is_pickle(w)) {
+                vec![crate::pickle::SAFE_MODE_NOTE.to_owned()]
+            } else {
+                Vec::new()
+            },
         };
         Ok(LoadedModel {
             model,

@@ -212,12 +212,11 @@ impl FamilyConfig {
         Ok(())
     }
 
-    /// Builds the model from mapped safetensors files.
+    /// Builds the model from its weight files: safetensors (mapped) or `pytorch_model.bin`
+    /// (read as data by Studio's own pickle reader), see [`crate::weights::open_checkpoint`].
     pub fn load(&self, files: &[PathBuf], device: &Device, dtype: DType) -> Result<HfModel> {
-        // SAFETY: the files are mapped read-only and not modified by Studio while mapped (see
-        // `weights.rs`).
-        #[allow(unsafe_code)]
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }?;
+        let tensors = crate::weights::open_checkpoint(files)?;
+        let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
         let vb = match self.prefix {
             Some(p) => vb.pp(p),
             None => vb,

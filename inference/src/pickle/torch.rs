@@ -1,9 +1,15 @@
 //! PyTorch's objects in a pickle graph, read from an allowlist: `OrderedDict`s and dicts of
 //! tensors (`torch._utils._rebuild_tensor_v2`, `_rebuild_parameter`) over storages named by
-//! persistent ids (`('storage', torch.FloatStorage, key, location, numel)`). A call to anything
-//! else is refused where a tensor or a dict is expected, naming the global; nothing is run.
+//! persistent ids (`('storage', torch.FloatStorage, key, location, numel)`) or, in a plain
+//! `pickle.dump` of tensors (NVIDIA's network pickles), given inline as
+//! `torch.storage._load_from_bytes(b'…')`, whose bytes are PyTorch's legacy format of one
+//! storage ([`legacy`]). A call to anything else is refused where a tensor or a dict is
+//! expected, naming the global; nothing is run.
 
-use super::vm::{Id, Node, Pickle, kind};
+use std::collections::HashMap;
+use std::ops::Range;
+
+use super::vm::{self, Id, Node, Pickle, kind};
 
 /// Deepest nesting of dicts walked (a memo can make the graph cyclic).
 const MAX_DEPTH: usize = 64;
@@ -78,11 +84,25 @@ impl DType {
     }
 }
 
+/// Where a tensor's storage is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StorageRef {
+    /// The storage's key: its file in a zip archive, or its place in the legacy format.
+    Key(String),
+    /// Inline: bytes `range` of the bytes node `node` (a `_load_from_bytes` argument).
+    Inline {
+        /// The [`Node::Bytes`] holding a legacy-format storage.
+        node: Id,
+        /// Where the storage's elements are in those bytes.
+        range: Range<usize>,
+    },
+}
+
 /// A tensor as the pickle describes it: a view into a storage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorRef {
-    /// The storage's key (its file in the archive).
-    pub storage: String,
+    /// Where its storage is.
+    pub storage: StorageRef,
     /// Its element type.
     pub dtype: DType,
     /// Offset of the first element, in elements.
@@ -160,7 +180,7 @@ fn collect(
 }
 
 /// A dict key as a name: strings as they are, ints written out.
-fn key_of(p: &Pickle, id: Id) -> Option<String> {
+pub(super) fn key_of(p: &Pickle, id: Id) -> Option<String> {
     match p.get(id) {
         Node::Str(s) => Some(s.clone()),
         Node::Int(i) => Some(i.to_string()),
@@ -168,14 +188,14 @@ fn key_of(p: &Pickle, id: Id) -> Option<String> {
     }
 }
 
-fn str_of(p: &Pickle, id: Id) -> Option<&str> {
+pub(super) fn str_of(p: &Pickle, id: Id) -> Option<&str> {
     match p.get(id) {
         Node::Str(s) => Some(s),
         _ => None,
     }
 }
 
-fn global_of(p: &Pickle, id: Id) -> Option<(&str, &str)> {
+pub(super) fn global_of(p: &Pickle, id: Id) -> Option<(&str, &str)> {
     match p.get(id) {
         Node::Global { module, name } => Some((module, name)),
         _ => None,
@@ -183,7 +203,7 @@ fn global_of(p: &Pickle, id: Id) -> Option<(&str, &str)> {
 }
 
 /// `module.name` of a call that is not on the allowlist.
-fn foreign_call(p: &Pickle, id: Id) -> Option<String> {
+pub(super) fn foreign_call(p: &Pickle, id: Id) -> Option<String> {
     match p.get(id) {
         Node::Call { callable, .. } => match global_of(p, *callable) {
             Some((m, n)) => Some(format!("{m}.{n}")),
@@ -194,9 +214,10 @@ fn foreign_call(p: &Pickle, id: Id) -> Option<String> {
     }
 }
 
-/// The items of a dict or an `OrderedDict` (`collections.OrderedDict` called with no
-/// arguments or a list of pairs, items then set); `None` for anything else.
-fn entries(p: &Pickle, id: Id) -> Result<Option<Vec<(Id, Id)>>, Refusal> {
+/// The items of a dict, an `OrderedDict` (`collections.OrderedDict` called with no arguments
+/// or a list of pairs, items then set) or NVIDIA's `dnnlib.util.EasyDict` (a dict subclass);
+/// `None` for anything else.
+pub(super) fn entries(p: &Pickle, id: Id) -> Result<Option<Vec<(Id, Id)>>, Refusal> {
     Ok(match p.get(id) {
         Node::Dict(items) => Some(items.clone()),
         Node::Call {
@@ -204,7 +225,11 @@ fn entries(p: &Pickle, id: Id) -> Result<Option<Vec<(Id, Id)>>, Refusal> {
             args,
             items,
             ..
-        } if global_of(p, *callable) == Some(("collections", "OrderedDict")) => {
+        } if matches!(
+            global_of(p, *callable),
+            Some(("collections", "OrderedDict") | ("dnnlib.util", "EasyDict"))
+        ) =>
+        {
             let mut all = Vec::new();
             if let Node::Tuple(a) = p.get(*args)
                 && let Some(&first) = a.first()
@@ -229,7 +254,7 @@ fn entries(p: &Pickle, id: Id) -> Result<Option<Vec<(Id, Id)>>, Refusal> {
     })
 }
 
-fn describe(p: &Pickle, id: Id) -> String {
+pub(super) fn describe(p: &Pickle, id: Id) -> String {
     foreign_call(p, id).map_or_else(|| kind(p.get(id)).to_owned(), |g| format!("`{g}`"))
 }
 
@@ -250,7 +275,7 @@ fn usizes(p: &Pickle, id: Id, what: &str) -> Result<Vec<usize>, Refusal> {
 }
 
 /// The tensor `id` rebuilds, if it is one (`Ok(None)` for other values).
-fn tensor(p: &Pickle, id: Id, depth: usize) -> Result<Option<TensorRef>, Refusal> {
+pub(super) fn tensor(p: &Pickle, id: Id, depth: usize) -> Result<Option<TensorRef>, Refusal> {
     if depth > MAX_DEPTH {
         return Err("a tensor is nested too deeply".to_owned());
     }
@@ -295,10 +320,30 @@ fn tensor(p: &Pickle, id: Id, depth: usize) -> Result<Option<TensorRef>, Refusal
     }
 }
 
-/// The storage key, element type and view offset (in elements) of a persistent id
-/// `('storage', torch.FloatStorage, key, location, numel)`; PyTorch's legacy format adds a
-/// sixth part, `None` or `(view_key, offset, size)` for a view into the root storage `key`.
-fn storage(p: &Pickle, id: Id) -> Result<(String, DType, usize), Refusal> {
+/// The storage, element type and view offset (in elements) of a persistent id
+/// `('storage', torch.FloatStorage, key, location, numel)` (PyTorch's legacy format adds a
+/// sixth part, `None` or `(view_key, offset, size)` for a view into the root storage `key`),
+/// or of an inline `torch.storage._load_from_bytes(b'…')`.
+fn storage(p: &Pickle, id: Id) -> Result<(StorageRef, DType, usize), Refusal> {
+    if let Node::Call { callable, args, .. } = p.get(id)
+        && global_of(p, *callable) == Some(("torch.storage", "_load_from_bytes"))
+    {
+        let node = match p.get(*args) {
+            Node::Tuple(a) if a.len() == 1 => a[0],
+            _ => return Err("`torch.storage._load_from_bytes` is not given one argument".into()),
+        };
+        let Node::Bytes(bytes) = p.get(node) else {
+            return Err("`torch.storage._load_from_bytes` is not given bytes".into());
+        };
+        let (dtype, range) = inline_storage(bytes)?;
+        return Ok((StorageRef::Inline { node, range }, dtype, 0));
+    }
+    let (key, dtype, view_offset) = persistent_storage(p, id)?;
+    Ok((StorageRef::Key(key), dtype, view_offset))
+}
+
+/// [`storage`] of a persistent id.
+fn persistent_storage(p: &Pickle, id: Id) -> Result<(String, DType, usize), Refusal> {
     let Node::Persistent(pid) = p.get(id) else {
         return Err(format!(
             "a tensor's storage is {}, not a reference to the archive's data",
@@ -331,9 +376,85 @@ pub fn storage_types(p: &Pickle) -> Result<std::collections::HashMap<String, DTy
     let mut types = std::collections::HashMap::new();
     for (id, node) in p.nodes.iter().enumerate() {
         if let Node::Persistent(_) = node {
-            let (key, dtype, _) = storage(p, id)?;
+            let (key, dtype, _) = persistent_storage(p, id)?;
             types.insert(key, dtype);
         }
     }
     Ok(types)
+}
+
+/// The first bytes of PyTorch's legacy format: a pickled magic number (an 80-bit int).
+pub const LEGACY_MAGIC: [u8; 15] = [
+    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.',
+];
+
+/// PyTorch's legacy format, read: the object it holds, and where each storage's elements
+/// are in the bytes.
+pub struct Legacy {
+    /// The saved object's pickle.
+    pub object: Pickle,
+    /// Each storage by key: its element type and the bytes of its elements.
+    pub storages: HashMap<String, (DType, Range<usize>)>,
+}
+
+/// Reads PyTorch's legacy format (before 1.6, and what `torch.storage._load_from_bytes`
+/// holds): pickles one after another (the magic number, the protocol version, system facts,
+/// the object, the storage keys), then each storage as a little-endian element count and its
+/// bytes, in the keys' order. Every length is checked against the bytes there are.
+pub fn legacy(data: &[u8]) -> Result<Legacy, Refusal> {
+    let Some(mut rest) = data.strip_prefix(LEGACY_MAGIC.as_slice()) else {
+        return Err("not PyTorch's legacy format (no magic number)".to_owned());
+    };
+    let mut next = |what: &str| -> Result<Pickle, Refusal> {
+        let (p, used) =
+            vm::parse_prefix(rest).map_err(|e| format!("the legacy format's {what}: {e}"))?;
+        rest = &rest[used..];
+        Ok(p)
+    };
+    next("protocol version")?;
+    next("system facts")?;
+    let object = next("object")?;
+    let keys = next("storage keys")?;
+    let key_list: Vec<String> = match keys.get(keys.root) {
+        Node::List(ids) => ids
+            .iter()
+            .map(|&id| match keys.get(id) {
+                Node::Str(s) => Ok(s.clone()),
+                other => Err(format!("a storage key is {}", kind(other))),
+            })
+            .collect::<Result<_, _>>()?,
+        other => return Err(format!("the storage keys are {}", kind(other))),
+    };
+    let types = storage_types(&object)?;
+    let mut storages = HashMap::new();
+    let mut at = data.len() - rest.len();
+    for key in key_list {
+        let dtype = *types
+            .get(&key)
+            .ok_or_else(|| format!("storage `{key}` is listed but never used"))?;
+        let Some((count, body)) = rest.split_first_chunk::<8>() else {
+            return Err(format!("storage `{key}` is truncated"));
+        };
+        let bytes = usize::try_from(u64::from_le_bytes(*count))
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.size()))
+            .filter(|&n| n <= body.len())
+            .ok_or_else(|| format!("storage `{key}` runs past the end of its data"))?;
+        at += 8;
+        storages.insert(key, (dtype, at..at + bytes));
+        at += bytes;
+        rest = &body[bytes..];
+    }
+    Ok(Legacy { object, storages })
+}
+
+/// The element type and element bytes of the one storage an inline legacy blob holds.
+fn inline_storage(bytes: &[u8]) -> Result<(DType, Range<usize>), Refusal> {
+    let blob = legacy(bytes).map_err(|e| format!("an inline storage: {e}"))?;
+    let (key, _, _) = persistent_storage(&blob.object, blob.object.root)
+        .map_err(|e| format!("an inline storage: {e}"))?;
+    blob.storages
+        .get(&key)
+        .cloned()
+        .ok_or_else(|| format!("an inline storage's data (`{key}`) is missing"))
 }

@@ -14,17 +14,12 @@ use crate::gan::latent as gan_latent;
 use crate::gan::render::{
     GanAnimationOut, GanAnimationRequest, GanFrame, no_gan, path_noise, path_ws,
 };
-use crate::gan::{NumpyRandomState, PICKLE_HELP, StyleGan2};
+use crate::gan::{NumpyRandomState, StyleGan2};
 
-/// [`super::JobKind::LoadGan`]: refuses pickles and DCGAN generators with what to do instead.
+/// [`super::JobKind::LoadGan`]: a StyleGAN2 safetensors file or NVIDIA network pickle;
+/// DCGAN generators are refused with what to do instead.
 pub(super) fn load_gan(ctx: &mut JobContext<'_>, path: &Path) -> Result<()> {
     let job = ctx.job;
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("pkl"))
-    {
-        return Err(Error::InvalidParameter(PICKLE_HELP.to_owned()));
-    }
     if crate::gan::dcgan::is_dcgan(path) {
         return Err(Error::InvalidParameter(format!(
             "{} is a DCGAN generator: the Latent Explorer steers StyleGAN2 networks (W \

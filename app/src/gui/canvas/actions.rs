@@ -88,7 +88,10 @@ impl PanelView for CanvasPanel {
                     dialog.pick_folder()
                 } else {
                     dialog
-                        .add_filter("Stable Diffusion checkpoint", &["safetensors"])
+                        .add_filter(
+                            "Stable Diffusion checkpoint",
+                            &["safetensors", "ckpt", "pt", "pth", "bin"],
+                        )
                         .pick_file()
                 };
                 if let Some(path) = picked {
@@ -606,7 +609,6 @@ impl CanvasPanel {
                         }
                         cx.notices
                             .error(load_error(path, error.unwrap_or("unknown error")));
-                        cx.notices.offer_conversion(path);
                     }
                 }
             }

@@ -38,7 +38,7 @@ use self::view::{CanvasView, ViewContext};
 use super::command::Command;
 use super::jobs::Jobs;
 use super::settings_store::Settings;
-use super::style::{section_ui, weak};
+use super::style::{save_as_safetensors_ui, section_ui, weak};
 
 pub struct CanvasPanel {
     doc: Document,
@@ -277,6 +277,9 @@ impl CanvasPanel {
                     .on_hover_text(m.path.display().to_string());
                 for note in &m.notes {
                     ui.add(egui::Label::new(weak(ui, note)).wrap());
+                }
+                if m.notes.iter().any(|n| n == studio_inference::pickle::SAFE_MODE_NOTE) {
+                    save_as_safetensors_ui(ui, &m.path, commands);
                 }
                 if m.few_step {
                     ui.add(

@@ -65,8 +65,8 @@ pub fn is_gan_file(path: &Path) -> bool {
     .any(|name| header.contains(name))
 }
 
-/// Whether `path` is one of NVIDIA's pickled networks.
-pub fn is_pickle(path: &Path) -> bool {
+/// Whether `path` is one of NVIDIA's network pickles (`.pkl`).
+pub fn is_network_pickle(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("pkl"))
 }
@@ -153,11 +153,11 @@ impl PanelView for ExplorerPanel {
         }
     }
 
-    /// A StyleGAN2 safetensors file, wherever it is dropped; on the explorer, also NVIDIA's
-    /// pickles (refused with how to convert them) and images (a capture restores its latent,
-    /// another image is offered for projection).
+    /// A StyleGAN2 safetensors file or one of NVIDIA's network pickles, wherever it is
+    /// dropped; on the explorer, also images (a capture restores its latent, another image is
+    /// offered for projection).
     fn take_drop(&mut self, path: &Path, shown: bool, cx: &mut AppContext<'_>) -> bool {
-        let command = if is_gan_file(path) || (shown && is_pickle(path)) {
+        let command = if is_gan_file(path) || is_network_pickle(path) {
             ExplorerCommand::LoadModel(path.to_path_buf())
         } else if shown && is_image_file(path) {
             ExplorerCommand::RestoreFromPng(path.to_path_buf())
@@ -182,7 +182,7 @@ impl ExplorerPanel {
             ExplorerCommand::OpenModelDialog => {
                 if let Some(path) = rfd::FileDialog::new()
                     .set_title("Open a StyleGAN2 generator")
-                    .add_filter("StyleGAN2 safetensors", &["safetensors"])
+                    .add_filter("StyleGAN2 generator", &["safetensors", "pkl"])
                     .pick_file()
                 {
                     self.load_gan(path, false, cx);
@@ -367,14 +367,6 @@ impl ExplorerPanel {
         if path.as_os_str().is_empty() || loading_gan(cx.jobs) == Some(&path) {
             return;
         }
-        if is_pickle(&path) {
-            cx.notices.error(format!(
-                "{}: {}",
-                path.display(),
-                studio_inference::gan::PICKLE_HELP
-            ));
-            return;
-        }
         let job = cx.submit(
             JobKind::LoadGan { path: path.clone() },
             ExplorerPurpose::LoadGan(path).into(),
@@ -393,9 +385,11 @@ impl ExplorerPanel {
         cx: &mut AppContext<'_>,
     ) {
         let mut vgg16 = None;
+        let mut from = PathBuf::new();
         if let ExplorerPurpose::LoadGan(path) = purpose {
             vgg16 = store::find_vgg16(cx.home, path);
             cx.settings.last_gan_model = Some(path.clone());
+            from.clone_from(path);
         }
         cx.notices
             .info(format!("Loaded {name} for the Latent Explorer"));
@@ -403,6 +397,7 @@ impl ExplorerPanel {
         e.model = Some(LoadedGan {
             info,
             name,
+            path: from,
             layers,
             vgg16,
         });

@@ -34,7 +34,7 @@ use studio_inference::worker::JobId;
 use self::store::{ExplorerState, NoiseChoice, PathSpace, PresetEntry};
 use super::command::Command;
 use super::jobs::Jobs;
-use super::style::{section_ui, weak};
+use super::style::{save_as_safetensors_ui, section_ui, weak};
 
 /// Seeds in the seed browser.
 pub const GRID_SEEDS: u64 = 8;
@@ -122,6 +122,8 @@ pub fn noise_mode(choice: NoiseChoice, seed: u64) -> NoiseMode {
 pub struct LoadedGan {
     pub info: GanInfo,
     pub name: String,
+    /// The file it was loaded from.
+    pub path: PathBuf,
     /// The synthesis layers the layer view can show.
     pub layers: Vec<String>,
     /// VGG16 weights for the perceptual projection loss, when found
@@ -536,6 +538,10 @@ impl ExplorerPanel {
                     i.num_ws,
                     i.architecture.name()
                 ));
+                if i.from_pickle {
+                    ui.add(egui::Label::new(weak(ui, studio_inference::pickle::SAFE_MODE_NOTE)).wrap());
+                    save_as_safetensors_ui(ui, &m.path, commands);
+                }
             }
             None => {
                 ui.label(weak(ui, "No generator loaded"));

@@ -18,7 +18,7 @@ use crate::gui::panel::{OpenContext, PanelView, UiContext, still_there};
 use crate::gui::format;
 use crate::gui::jobs::Jobs;
 use crate::gui::settings_store::Settings;
-use crate::gui::style::{section_ui, weak};
+use crate::gui::style::{save_as_safetensors_ui, section_ui, weak};
 
 /// The Hugging Face cache listing, scanned on a background thread.
 struct HfCacheView {
@@ -191,7 +191,10 @@ impl ModelsPanel {
                 .clicked()
                 && let Some(file) = rfd::FileDialog::new()
                     .set_title("Open a model file")
-                    .add_filter("Model weights", &["safetensors", "gguf", "json"])
+                    .add_filter(
+                        "Model weights",
+                        &["safetensors", "gguf", "json", "bin", "pt", "pth"],
+                    )
                     .pick_file()
             {
                 self.path_input = file.display().to_string();
@@ -234,10 +237,10 @@ impl ModelsPanel {
         ui.add(
             egui::Label::new(weak(
                 ui,
-                "Python pickle checkpoints (.bin, .pt, .ckpt) are not loaded as they are: they \
-                 can run code when Python loads them. Open one and Studio offers to convert it \
-                 to .safetensors, reading it as data (on the command line: studio convert \
-                 IN OUT.safetensors).",
+                "Python pickle checkpoints (pytorch_model.bin, .pt, .pth) open in safe mode: \
+                 Python would run code when it loads them, so Studio's own reader takes out \
+                 only their data, and nothing in them runs. Save as safetensors… (or studio \
+                 convert IN OUT.safetensors) writes them as a file that opens faster.",
             ))
             .wrap(),
         );
@@ -368,13 +371,18 @@ fn loaded_ui(
         ui.label(RichText::new(format!("Note: {note}")).color(ui.visuals().warn_fg_color));
     }
     ui.add_space(4.0);
-    if ui
-        .button("Unload")
-        .on_hover_text("Free the model's memory")
-        .clicked()
-    {
-        commands.push(Command::UnloadModel);
-    }
+    ui.horizontal(|ui| {
+        if ui
+            .button("Unload")
+            .on_hover_text("Free the model's memory")
+            .clicked()
+        {
+            commands.push(Command::UnloadModel);
+        }
+        if m.notes.iter().any(|n| n == studio_inference::pickle::SAFE_MODE_NOTE) {
+            save_as_safetensors_ui(ui, &m.path, commands);
+        }
+    });
 }
 
 /// Options sent with every load: the context length (Auto: the model's maximum).
