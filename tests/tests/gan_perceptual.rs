@@ -441,7 +441,21 @@ fn torchvision_pickles_load_as_data() {
     std::fs::copy(&pth, &copied).expect("copy");
     assert_eq!(
         studio_inference::gan::perceptual::find_weights(&[only_pth.path().to_path_buf()]),
-        Some(copied)
+        Some(copied.clone())
+    );
+    // LPIPS's own `vgg.pth` beside it gives the linear layers.
+    let lins: HashMap<String, Tensor> = fixture_weights()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("lin"))
+        .collect();
+    assert_eq!(lins.len(), 5);
+    studio_tests::torch_writer::save_torch(&lins, false, &only_pth.path().join("vgg.pth"));
+    let with_lpips = Vgg16Lpips::load(&copied, &Device::Cpu).expect("load with vgg.pth");
+    assert!(with_lpips.has_lpips_weights() && reference.has_lpips_weights());
+    let y = random_image(&mut rng, &[1, 3, 32, 32]);
+    assert_eq!(
+        values(&with_lpips.distance(&x, &y).expect("distance")),
+        values(&reference.distance(&x, &y).expect("distance"))
     );
 
     let broken = dir.path().join("vgg16.pth");

@@ -12,7 +12,7 @@
 //! torchvision's `vgg16-397923af.pth` (and LPIPS's `vgg.pth`). The channel widths are read
 //! from the tensor shapes, so any VGG16 with the same layer structure loads (the tests use a
 //! narrow one). torchvision's `vgg16-397923af.pth` itself loads too, read by Studio's own pickle
-//! reader as data (its features only: LPIPS's layers come from a converted file).
+//! reader as data, with LPIPS's layers from the `lpips` package's `vgg.pth` beside it.
 //!
 //! **Network.** Every convolution has padding 1 and a ReLU after it; the five blocks have 2, 2,
 //! 3, 3 and 3 convolutions, with a 2×2 max-pool before blocks 2–5 (torchvision's indices 4, 9,
@@ -192,9 +192,9 @@ impl Vgg16Lpips {
     /// Loads VGG16 (and, when present, LPIPS's linear layers) from a safetensors file with
     /// torchvision's / `lpips`' names (see the module docs).
     ///
-    /// torchvision's `vgg16-397923af.pth` and LPIPS's `vgg.pth` (pickles) are read by Studio's
-    /// own reader, as data; `lpips`' linear layers in a separate `.pth` are not merged (convert
-    /// them with tools/convert_vgg16.py to have both in one file). A missing tensor is an
+    /// torchvision's `vgg16-397923af.pth` (a pickle) is read by Studio's own reader, as data;
+    /// when the file has no LPIPS layers, the `lpips` package's `vgg.pth` beside it (or an
+    /// `lpips*.pth`) gives them, read the same way. A missing tensor is an
     /// [`Error::MissingTensor`] and a mis-shaped one an [`Error::ShapeMismatch`], naming it;
     /// some but not all five linear layers is a missing tensor too, and a linear layer with a
     /// negative weight is an [`Error::CorruptWeights`] naming it.
@@ -244,20 +244,24 @@ impl Vgg16Lpips {
             blocks.push(block);
         }
 
-        let present: Vec<usize> = (0..5)
-            .filter(|&k| shapes.contains_key(&lin_name(k)))
-            .collect();
-        let lins = if present.is_empty() {
+        let present = (0..5).any(|k| shapes.contains_key(&lin_name(k)));
+        let beside = if present {
+            None
+        } else {
+            lpips_beside(path, device)
+        };
+        let lin_source = beside.as_ref().unwrap_or(&w);
+        let lins = if !present && beside.is_none() {
             None
         } else {
             let mut lins = Vec::with_capacity(5);
             for (k, &width) in widths.iter().enumerate() {
                 let name = lin_name(k);
-                let lin = w.get(&name, &[1, width, 1, 1])?;
+                let lin = lin_source.get(&name, &[1, width, 1, 1])?;
                 let min = lin.flatten_all()?.min(0)?.to_scalar::<f32>()?;
                 if min < 0.0 || min.is_nan() {
                     return Err(Error::CorruptWeights {
-                        path: path.to_path_buf(),
+                        path: lin_source.path().to_path_buf(),
                         message: format!(
                             "`{name}` has a negative weight ({min}); LPIPS's linear layers \
                              are non-negative"
@@ -397,31 +401,54 @@ fn sum(terms: &[Tensor]) -> Result<Tensor> {
     Ok(total)
 }
 
+/// The files in `dir`, sorted, each with its name and extension in lower case.
+fn files_in(dir: &Path) -> Option<Vec<(std::path::PathBuf, String, String)>> {
+    let lower = |s: Option<&std::ffi::OsStr>| {
+        s.map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+    };
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .map(|p| {
+            let (name, ext) = (lower(p.file_name()), lower(p.extension()));
+            (p, name, ext)
+        })
+        .collect();
+    files.sort();
+    Some(files)
+}
+
+/// The `lpips` package's linear layers beside a VGG16 file that has none: its `vgg.pth`, or
+/// an `lpips*.pth`, when it holds `lin0.model.1.weight` (read as data, like every pickle).
+fn lpips_beside(vgg16: &Path, device: &Device) -> Option<Weights> {
+    files_in(vgg16.parent()?)?
+        .into_iter()
+        .filter(|(p, name, ext)| {
+            p != vgg16 && ext == "pth" && (name == "vgg.pth" || name.starts_with("lpips"))
+        })
+        .find_map(|(p, _, _)| {
+            Weights::open(std::slice::from_ref(&p), device, DType::F32)
+                .ok()
+                .filter(|w| w.contains(&lin_name(0)))
+        })
+}
+
 /// The first `vgg16*.safetensors` or `lpips*.safetensors` file (by name, case-insensitive),
 /// else torchvision's `vgg16*.pth`, in the first of `dirs` that has one: where Studio looks
 /// for the perceptual loss's weights.
 #[must_use]
 pub fn find_weights(dirs: &[std::path::PathBuf]) -> Option<std::path::PathBuf> {
     dirs.iter().find_map(|dir| {
-        let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                let name = p
-                    .file_name()
-                    .map(|n| n.to_string_lossy().to_lowercase())
-                    .unwrap_or_default();
-                let ext = p
-                    .extension()
-                    .map(|e| e.to_string_lossy().to_lowercase())
-                    .unwrap_or_default();
-                ((name.starts_with("vgg16") || name.starts_with("lpips")) && ext == "safetensors")
-                    || (name.starts_with("vgg16") && ext == "pth")
-            })
-            .collect();
+        let files = files_in(dir)?;
         // Safetensors (which may carry LPIPS's layers) before a torchvision pickle.
-        found.sort_by_key(|p| (p.extension().is_none_or(|e| e != "safetensors"), p.clone()));
-        found.into_iter().next()
+        let safetensors = files.iter().find(|(_, name, ext)| {
+            ext == "safetensors" && (name.starts_with("vgg16") || name.starts_with("lpips"))
+        });
+        let pickle = files
+            .iter()
+            .find(|(_, name, ext)| ext == "pth" && name.starts_with("vgg16"));
+        safetensors.or(pickle).map(|(p, _, _)| p.clone())
     })
 }
