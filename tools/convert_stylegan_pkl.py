@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
-"""Converts one of NVIDIA's StyleGAN2 network pickles (.pkl) to the safetensors file Studio opens.
+"""Converts one of NVIDIA's StyleGAN2 network pickles (.pkl) to safetensors, with NVIDIA's code.
 
-Studio never opens pickles: unpickling runs whatever code the file contains. Run this script
-once, on a file you trust, and give Studio the .safetensors it writes.
+Kept for reference: Studio no longer needs it. Studio opens NVIDIA's .pkl files itself, with
+its own pickle reader, which takes out `G_ema`'s tensors and init kwargs as data and runs
+nothing (`studio convert ffhq.pkl ffhq.safetensors` writes the same two files). This script
+unpickles with Python, which runs whatever code the file contains: use it only on files you
+trust. It also converts TensorFlow-era pickles through NVIDIA's `legacy.py`, which Studio does
+not read.
 
 Usage:
 

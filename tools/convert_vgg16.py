@@ -1,9 +1,10 @@
 """Convert VGG16 weights for Studio's perceptual (LPIPS) projection loss to safetensors.
 
-Studio never opens Python pickles (.pth/.pt/.pkl run code when loaded). This script turns
-torchvision's ImageNet VGG16 state dict, and optionally the LPIPS linear layers, into one
-.safetensors file that the Latent Explorer's "perceptual" projection loss (and
-`studio_inference::gan::perceptual::Vgg16Lpips`) loads:
+Kept for reference: Studio no longer needs it. It reads torchvision's `vgg16-397923af.pth`
+(and the `lpips` package's `vgg.pth` beside it) itself, with its own pickle reader, as data.
+This script turns torchvision's ImageNet VGG16 state dict, and optionally the LPIPS linear
+layers, into one .safetensors file that the Latent Explorer's "perceptual" projection loss
+(and `studio_inference::gan::perceptual::Vgg16Lpips`) loads:
 
     features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.weight / .bias   (torchvision's names)
     lin{0..4}.model.1.weight                                         (LPIPS's names, optional)

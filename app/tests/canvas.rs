@@ -413,6 +413,28 @@ fn tiny_sd(dir: &Path) -> PathBuf {
     model
 }
 
+/// An original SD `.ckpt` dropped on the window goes to the Canvas, loads in safe mode (read
+/// as data), and the Canvas says so and offers *Save as safetensors…*.
+#[test]
+fn a_dropped_ckpt_loads_in_safe_mode() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (_, ckpt) = studio_tests::ldm::write_tiny_sd1_checkpoints(tmp.path());
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    drop_file(&mut h, &ckpt);
+    step_until(&mut h, "the checkpoint to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    go_to_canvas(&mut h);
+    h.step();
+    assert!(shows_text(&h, "Read in safe mode"));
+    let _ = h
+        .query_all_by_label("Save as safetensors…")
+        .next()
+        .expect("save button");
+    assert_eq!(h.state().settings().last_image_model.as_ref(), Some(&ckpt));
+}
+
 #[test]
 fn a_tiny_model_generates_with_a_preview_and_its_png_restores_the_parameters() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -222,3 +222,37 @@ fn image_errors_are_clear_and_exit_non_zero() {
     assert!(e.contains("not an image"), "{e}");
     assert!(!out.exists(), "nothing written on failure");
 }
+
+/// An original SD checkpoint saved by PyTorch (`.ckpt`) is read as data and gives the image its
+/// safetensors twin gives; `studio convert` writes that twin from it.
+#[test]
+fn txt2img_reads_a_ckpt_as_its_safetensors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (file, ckpt) = studio_tests::ldm::write_tiny_sd1_checkpoints(tmp.path());
+    let run = |model: &Path, out: &Path| {
+        ok(&studio(&[
+            "txt2img",
+            "--model",
+            path(model),
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            path(out),
+        ]));
+        decode_image_file(out).expect("png").image
+    };
+    let from_ckpt = run(&ckpt, &tmp.path().join("ckpt.png"));
+    let from_file = run(&file, &tmp.path().join("file.png"));
+    assert_eq!(from_ckpt, from_file);
+    let converted = tmp.path().join("converted.safetensors");
+    ok(&studio(&["convert", path(&ckpt), path(&converted)]));
+    assert_eq!(run(&converted, &tmp.path().join("converted.png")), from_file);
+}

@@ -305,3 +305,29 @@ pub fn write_single_file(
     let all = single_file_tensors(kind, components);
     candle_core::safetensors::save(&all, out).expect("save single-file checkpoint");
 }
+
+/// A tiny SD 1.x model (full CLIP vocabulary) as an original single-file checkpoint, twice
+/// with the same tensors: `DIR/tiny.safetensors` and `DIR/tiny.ckpt` (`torch.save`'s format,
+/// `{"state_dict": …}`, as the original SD checkpoints are). Returns both paths.
+pub fn write_tiny_sd1_checkpoints(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use crate::sd::{TinyKind, TinySd, write_tiny_sd};
+    let w = write_tiny_sd(
+        &dir.join("diffusers"),
+        TinySd {
+            full_vocab: true,
+            ..TinySd::new(TinyKind::Sd1)
+        },
+    );
+    let tensors = single_file_tensors(
+        CheckpointKind::Sd1,
+        &[
+            (Component::Unet, w.unet),
+            (Component::Vae, w.vae),
+            (Component::TextEncoder, w.text_encoder),
+        ],
+    );
+    let (file, ckpt) = (dir.join("tiny.safetensors"), dir.join("tiny.ckpt"));
+    candle_core::safetensors::save(&tensors, &file).expect("save single-file checkpoint");
+    crate::torch_writer::save_torch(&tensors, true, &ckpt);
+    (file, ckpt)
+}

@@ -774,27 +774,9 @@ fn hostile_clip_tokenizer_folders_are_refused() {
 /// diffusers wrote.
 #[test]
 fn sd_pickles_generate_as_their_safetensors() {
-    use studio_inference::diffusion::convert::{CheckpointKind, Component};
     use studio_tests::torch_writer::save_torch;
     let dir = tempfile::tempdir().expect("tempdir");
-    let folder = dir.path().join("diffusers");
-    let w = write_tiny_sd(
-        &folder,
-        TinySd {
-            full_vocab: true,
-            ..TinySd::new(TinyKind::Sd1)
-        },
-    );
-    let components = [
-        (Component::Unet, w.unet.clone()),
-        (Component::Vae, w.vae.clone()),
-        (Component::TextEncoder, w.text_encoder.clone()),
-    ];
-    let tensors = studio_tests::ldm::single_file_tensors(CheckpointKind::Sd1, &components);
-    let file = dir.path().join("tiny.safetensors");
-    candle_core::safetensors::save(&tensors, &file).expect("save");
-    let ckpt = dir.path().join("tiny.ckpt");
-    save_torch(&tensors, true, &ckpt);
+    let (file, ckpt) = studio_tests::ldm::write_tiny_sd1_checkpoints(dir.path());
     assert!(model::is_diffusion_model(&ckpt));
 
     let from_file = load(&file);
@@ -810,7 +792,15 @@ fn sd_pickles_generate_as_their_safetensors() {
     let (b, _) = run(&from_ckpt, &req);
     assert_eq!(a.images[0].image.pixels, b.images[0].image.pixels);
 
-    // The diffusers folder with `.bin` components instead of safetensors.
+    // A diffusers folder with `.bin` components instead of safetensors.
+    let folder = dir.path().join("bins");
+    let w = write_tiny_sd(
+        &folder,
+        TinySd {
+            full_vocab: true,
+            ..TinySd::new(TinyKind::Sd1)
+        },
+    );
     let reference = load(&folder);
     for (component, stem, tensors) in [
         ("unet", "diffusion_pytorch_model", &w.unet),
