@@ -254,5 +254,8 @@ fn txt2img_reads_a_ckpt_as_its_safetensors() {
     assert_eq!(from_ckpt, from_file);
     let converted = tmp.path().join("converted.safetensors");
     ok(&studio(&["convert", path(&ckpt), path(&converted)]));
-    assert_eq!(run(&converted, &tmp.path().join("converted.png")), from_file);
+    assert_eq!(
+        run(&converted, &tmp.path().join("converted.png")),
+        from_file
+    );
 }

@@ -1513,3 +1513,24 @@ fn a_pickled_model_loads_in_safe_mode_and_saves_as_safetensors() {
         );
     }
 }
+
+/// A Qwen2 saved by transformers 5 (`rope_parameters`, `"sliding_window": null`, `dtype`)
+/// loads in the window as it does on the command line.
+#[test]
+fn a_transformers5_qwen2_loads_in_the_window() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let folder = tmp.path().join("qwen2-tf5");
+    std::fs::create_dir_all(&folder).expect("dir");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen2-tf5");
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(name), folder.join(name)).expect("copy");
+    }
+    studio_tests::write_word_level_tokenizer(&folder, 97);
+    let mut h = harness(&tmp.path().join("home"));
+    h.state_mut()
+        .push_command(Command::LoadModel(folder.clone()));
+    step_until(&mut h, "the model to load", |h| h.state().model().is_some());
+    let model = h.state().model().expect("loaded");
+    assert_eq!(model.architecture.label(), "Qwen2");
+    assert_eq!(model.path, folder);
+}
