@@ -1,6 +1,7 @@
 //! `studio convert IN OUT.safetensors`: a PyTorch checkpoint (`.ckpt`, `.pt`, `.pth`,
-//! `pytorch_model.bin`) or an NVIDIA network pickle (`.pkl`, whose settings go to `OUT.json`) read by Studio's own pickle reader, as data (nothing in it is run),
-//! and written as safetensors. Prints one line with what was written.
+//! `pytorch_model.bin`) or an NVIDIA network pickle (`.pkl`, whose settings go to `OUT.json`)
+//! read by Studio's own pickle reader, as data (nothing in it is run), and written as
+//! safetensors. Prints one line with what was written.
 
 use std::path::PathBuf;
 

@@ -361,10 +361,17 @@ impl Dcgan {
     }
 }
 
-/// Whether the safetensors file at `path` holds a DCGAN generator (PyTorch's example names,
-/// `main.0.weight`, with or without DataParallel's `module.` prefix). Unreadable files are not.
+/// Whether the file at `path` holds a DCGAN generator (PyTorch's example names,
+/// `main.0.weight`, with or without DataParallel's `module.` prefix). Unreadable files are not,
+/// nor NVIDIA's network pickles (`.pkl`, not read twice for this).
 #[must_use]
 pub fn is_dcgan(path: &Path) -> bool {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("pkl"))
+    {
+        return false;
+    }
     crate::weights::open_checkpoint(&[path.to_path_buf()]).is_ok_and(|st| {
         st.tensors()
             .iter()

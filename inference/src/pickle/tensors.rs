@@ -199,7 +199,7 @@ impl PickleTensors {
         if data.starts_with(&torch::LEGACY_MAGIC) {
             self.read_legacy(path, &data)
         } else {
-            self.read_inline(path, &data)
+            self.read_inline(path, data)
         }
     }
 
@@ -321,8 +321,10 @@ impl PickleTensors {
 
     /// A plain pickle whose storages are inline: NVIDIA's network pickles (`G_ema` is read),
     /// or a `pickle.dump` of a state dict.
-    fn read_inline(&mut self, path: &Path, data: &[u8]) -> Result<()> {
-        let pickle = vm::parse(data).map_err(|e| corrupt(path, e.to_string()))?;
+    fn read_inline(&mut self, path: &Path, data: Vec<u8>) -> Result<()> {
+        let pickle = vm::parse(&data).map_err(|e| corrupt(path, e.to_string()))?;
+        // The graph holds its own copy of every byte string: the file can go.
+        drop(data);
         let refs = if network::is_network(&pickle) {
             let source = path
                 .file_name()

@@ -550,7 +550,7 @@ fn option_file_ui(ui: &mut egui::Ui, name: &str, value: &mut Option<PathBuf>, hi
         if ui.small_button("Choose…").on_hover_text(hint).clicked()
             && let Some(file) = rfd::FileDialog::new()
                 .set_title(format!("Choose a {name} file"))
-                .add_filter("safetensors", &["safetensors"])
+                .add_filter("Weights", &["safetensors", "ckpt", "pt", "pth", "bin"])
                 .pick_file()
         {
             *value = Some(file);

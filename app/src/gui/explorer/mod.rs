@@ -539,7 +539,8 @@ impl ExplorerPanel {
                     i.architecture.name()
                 ));
                 if i.from_pickle {
-                    ui.add(egui::Label::new(weak(ui, studio_inference::pickle::SAFE_MODE_NOTE)).wrap());
+                    let note = weak(ui, studio_inference::pickle::SAFE_MODE_NOTE);
+                    ui.add(egui::Label::new(note).wrap());
                     save_as_safetensors_ui(ui, &m.path, commands);
                 }
             }
