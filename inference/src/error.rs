@@ -135,6 +135,11 @@ pub enum Error {
         total: u64,
     },
 
+    /// The Hugging Face Hub could not give what was asked (no such repository, a gated one, no
+    /// network, a download that did not verify); the message says which and what to do.
+    #[error("{0}")]
+    Hub(String),
+
     /// A request or input carries a value out of range or inconsistent with the model.
     #[error("invalid parameter: {0}")]
     InvalidParameter(String),

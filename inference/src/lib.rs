@@ -18,6 +18,8 @@
 //! - [`code`]: Code Assist's fill-in-the-middle prompts, actions and diffs;
 //! - [`diffusion`]: Stable Diffusion (UNet, VAE, CLIP, TAESD, schedulers, pipelines);
 //! - [`gan`]: StyleGAN2 and DCGAN generators, numpy-compatible seeds, projection;
+//! - [`hub`]: the Hugging Face Hub: repository info, search, verified resumable downloads
+//!   into the standard cache;
 //! - [`worker`]: the worker thread and its protocol;
 //! - [`pickle`]: PyTorch checkpoints (pickles) read as data by Studio's own reader, never run;
 //! - [`image_meta`]: the `parameters` text SD tools write into PNGs;
@@ -31,6 +33,7 @@ pub mod device;
 pub mod diffusion;
 pub mod error;
 pub mod gan;
+pub mod hub;
 pub mod image_meta;
 pub mod llm;
 pub mod models;

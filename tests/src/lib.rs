@@ -7,6 +7,7 @@ pub mod code;
 pub mod families;
 pub mod gan;
 pub mod gguf_writer;
+pub mod hub_server;
 pub mod iq4;
 pub mod ldm;
 pub mod logits;
