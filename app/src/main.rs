@@ -21,7 +21,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         None => studio_app::gui::run(),
-        Some(command) => studio_app::cli::run(command),
+        Some(command) => studio_app::cli::run(command, cli.pull),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

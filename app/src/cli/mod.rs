@@ -35,11 +35,14 @@ pub mod code;
 pub mod common;
 pub mod convert;
 pub mod gan;
+pub mod hub;
 pub mod image;
 pub mod text;
 pub mod values;
 
 use anyhow::Result;
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
 use text::{BenchGenerateArgs, BenchMemoryArgs, ChatArgs, GenerateArgs, ServeArgs};
@@ -50,6 +53,10 @@ use text::{BenchGenerateArgs, BenchMemoryArgs, ChatArgs, GenerateArgs, ServeArgs
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// With `--model ORG/NAME[:FILE]`: download it into the Hugging Face cache first when it
+    /// is not there.
+    #[arg(long, global = true)]
+    pub pull: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,9 +88,40 @@ pub enum Command {
     /// Run a code action (explain, fix, doc, tests, translate:LANG, instruct) on a file or
     /// some of its lines; editing actions print a unified diff.
     Code(code::CodeArgs),
-    /// Convert a PyTorch checkpoint (.ckpt, .pt, .pth, pytorch_model.bin) to safetensors,
-    /// reading the pickle as data (nothing in it is run).
+    /// Convert a PyTorch checkpoint (.ckpt, .pt, .pth, pytorch_model.bin) or an NVIDIA network
+    /// pickle (.pkl) to safetensors, reading the pickle as data (nothing in it is run).
     Convert(convert::ConvertArgs),
+    /// Download a model from the Hugging Face Hub into its cache (resumed, verified).
+    Pull(hub::PullArgs),
+    /// List the models in the Hugging Face cache.
+    Models(hub::ModelsArgs),
+}
+
+impl Command {
+    /// The subcommand's `--model`, if it takes one.
+    fn model_arg(&mut self) -> Option<&mut PathBuf> {
+        Some(match self {
+            Command::Generate(a) => &mut a.engine.model,
+            Command::Chat(a) => &mut a.engine.model,
+            Command::Bench(BenchCommand::Generate(a)) => &mut a.engine.model,
+            Command::Serve(a) => &mut a.engine.model,
+            Command::Complete(a) => &mut a.engine.model,
+            Command::Code(a) => &mut a.engine.model,
+            Command::Bench(BenchCommand::Complete(a)) => &mut a.engine.model,
+            Command::Txt2img(a) => &mut a.model,
+            Command::Img2img(a) => &mut a.image.model,
+            Command::Inpaint(a) => &mut a.image.model,
+            Command::Gan(a) => &mut a.common.model,
+            Command::GanInterp(a) => &mut a.common.model,
+            Command::GanProject(a) => &mut a.common.model,
+            Command::Bench(
+                BenchCommand::Sd(_) | BenchCommand::Gan(_) | BenchCommand::Memory(_),
+            )
+            | Command::Convert(_)
+            | Command::Pull(_)
+            | Command::Models(_) => return None,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,8 +139,11 @@ pub enum BenchCommand {
     Memory(BenchMemoryArgs),
 }
 
-/// Runs a subcommand.
-pub fn run(command: Command) -> Result<()> {
+/// Runs a subcommand; `pull`: download a `--model ORG/NAME[:FILE]` missing from the cache.
+pub fn run(mut command: Command, pull: bool) -> Result<()> {
+    if let Some(model) = command.model_arg() {
+        hub::resolve_model(model, pull)?;
+    }
     match command {
         Command::Generate(args) => text::run_generate(&args),
         Command::Chat(args) => text::run_chat(&args),
@@ -121,5 +162,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Code(args) => code::run_code(&args),
         Command::Convert(args) => convert::run_convert(&args),
         Command::Bench(BenchCommand::Complete(args)) => code::run_bench_complete(&args),
+        Command::Pull(args) => hub::run_pull(&args),
+        Command::Models(args) => hub::run_models(&args),
     }
 }

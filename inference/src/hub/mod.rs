@@ -8,7 +8,8 @@
 //! - [`download`]: one file into the cache (`blobs/`, `snapshots/<commit>/…` links, `refs/`),
 //!   resumed with HTTP `Range` after a cut connection or a restart, verified against the Hub's
 //!   SHA-256 before it is used; a mismatch removes the partial file;
-//! - [`cache`]: the cache layout, and `REPO[:FILE]` resolved from it.
+//! - [`cache`]: the cache layout, and `REPO[:FILE]` resolved from it;
+//! - [`select`]: which files a download takes (the weights Studio loads, and their configs).
 //!
 //! The client is Studio's own thin code on `ureq` (the HTTP layer `hf-hub` uses): it needs
 //! what `hf-hub` does not give, a SHA-256 check, cancelling and pausing mid-file, search and
@@ -19,6 +20,7 @@
 pub mod api;
 pub mod cache;
 pub mod download;
+pub mod select;
 
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
