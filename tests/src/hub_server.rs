@@ -118,6 +118,8 @@ struct State {
     seen: Vec<Seen>,
     /// Files whose one cut has happened.
     cut_done: Vec<String>,
+    /// The CDN's speed limit, bytes per second.
+    rate: Option<usize>,
 }
 
 /// The running server; it stops when dropped (its threads end with the test process).
@@ -164,6 +166,11 @@ impl FakeHub {
     /// Makes gated repositories want this token.
     pub fn set_token(&self, token: &str) {
         lock(&self.state).token = Some(token.to_owned());
+    }
+
+    /// Limits the CDN to `bytes_per_second` (to watch a download's progress).
+    pub fn set_rate(&self, bytes_per_second: usize) {
+        lock(&self.state).rate = Some(bytes_per_second.max(1));
     }
 
     /// Search results: these ids.
@@ -371,6 +378,7 @@ fn serve_cdn(stream: &mut TcpStream, state: &Mutex<State>, path: &str, range: Op
         }
         _ => None,
     };
+    let rate = st.rate;
     drop(st);
     if start > bytes.len() {
         return respond(stream, "416 Range Not Satisfiable", &[], b"");
@@ -393,7 +401,20 @@ fn serve_cdn(stream: &mut TcpStream, state: &Mutex<State>, path: &str, range: Op
             respond(stream, status, &headers, &body[..n.min(body.len())]);
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
-        None => respond(stream, status, &headers, body),
+        None => match rate {
+            Some(rate) => {
+                respond(stream, status, &headers, &[]);
+                for chunk in body.chunks(64 * 1024) {
+                    if stream.write_all(chunk).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_secs_f64(
+                        chunk.len() as f64 / rate as f64,
+                    ));
+                }
+            }
+            None => respond(stream, status, &headers, body),
+        },
     }
 }
 

@@ -45,6 +45,8 @@ pub struct AppConfig {
     pub restore_last_model: bool,
     /// How long a deleted conversation can be brought back with Undo.
     pub undo_window: Duration,
+    /// The Hugging Face Hub to search and download from; `None`: downloading is off.
+    pub hub: Option<studio_inference::hub::HubConfig>,
 }
 
 /// How long a deleted conversation can be brought back with Undo.
@@ -59,6 +61,7 @@ impl AppConfig {
             hf_cache_dir: hf_cache::cache_dir(),
             restore_last_model: true,
             undo_window: UNDO_WINDOW,
+            hub: studio_inference::hub::HubConfig::from_env().ok(),
         }
     }
 
@@ -71,6 +74,7 @@ impl AppConfig {
             hf_cache_dir: None,
             restore_last_model: true,
             undo_window: UNDO_WINDOW,
+            hub: None,
         }
     }
 }
@@ -133,6 +137,7 @@ impl StudioApp {
             home: &config.home,
             presets_dir: config.presets_dir.as_deref(),
             hf_cache_dir: config.hf_cache_dir.as_deref(),
+            hub: config.hub.as_ref(),
             settings: &settings,
             notices: &mut notices,
         });
@@ -214,6 +219,11 @@ impl StudioApp {
             .map_or(0, studio_inference::worker::Worker::gan_renders)
     }
 
+    /// The Models panel (its downloads, for tests).
+    pub fn models(&self) -> &super::models::ModelsPanel {
+        &self.panels.models
+    }
+
     pub fn code(&self) -> &CodePanel {
         &self.panels.code
     }
@@ -283,6 +293,7 @@ impl StudioApp {
             reply: self.panels.chat.active(),
             rate: self.panels.chat.rate(),
             max_new_tokens: self.settings.sampling.max_new_tokens,
+            download: self.panels.models.hub.running(),
         };
         egui::Panel::bottom("status_bar").show(ui, |ui| {
             self.status_bar.status_bar_ui(ui, &info, &mut commands);

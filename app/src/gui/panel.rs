@@ -28,6 +28,8 @@ pub struct OpenContext<'a> {
     pub presets_dir: Option<&'a Path>,
     /// The Hugging Face hub cache to list, if any.
     pub hf_cache_dir: Option<&'a Path>,
+    /// The Hub to search and download from, if downloading is on.
+    pub hub: Option<&'a studio_inference::hub::HubConfig>,
     pub settings: &'a Settings,
     /// Where what went wrong while opening is said.
     pub notices: &'a mut Notices,

@@ -26,6 +26,8 @@ pub struct StatusInfo<'a> {
     /// Tokens per second, and whether it is live (streaming) or the last reply's.
     pub rate: Option<(f64, bool)>,
     pub max_new_tokens: usize,
+    /// The download running in the Models panel: what, and how far.
+    pub download: Option<(String, f32)>,
 }
 
 #[derive(Default)]
@@ -69,6 +71,16 @@ impl StatusBar {
             }
             if info.queued > 0 {
                 ui.label(weak(ui, &format!("+{} queued", info.queued)));
+            }
+            if let Some((what, fraction)) = &info.download {
+                ui.separator();
+                ui.label(weak(ui, "Downloading"));
+                ui.add(
+                    egui::ProgressBar::new(*fraction)
+                        .desired_width(120.0)
+                        .text(format!("{:.0}%", fraction * 100.0)),
+                )
+                .on_hover_text(what.as_str());
             }
             ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
                 if let Some(mb) = self.ram_mb {

@@ -123,3 +123,95 @@ pub fn looks_like_repo(spec: &str) -> bool {
     let repo = spec.split_once(':').map_or(spec, |(r, _)| r);
     !Path::new(spec).exists() && repo.matches('/').count() == 1 && check_repo_id(repo).is_ok()
 }
+
+/// Deletes a model from the cache: `path` is a snapshot folder, or one file in a snapshot
+/// (a GGUF). Its links go, then every blob no other snapshot links to; a repository left with
+/// no snapshot goes entirely. Returns the bytes freed. Only paths inside `cache`'s
+/// `models--*/snapshots/` are touched.
+pub fn delete(cache: &Path, path: &Path) -> Result<u64> {
+    let inside = path
+        .strip_prefix(cache)
+        .ok()
+        .map(|rest| rest.components().collect::<Vec<_>>())
+        .filter(|parts| {
+            parts.len() >= 3
+                && parts[0]
+                    .as_os_str()
+                    .to_string_lossy()
+                    .starts_with("models--")
+                && parts[1].as_os_str() == "snapshots"
+                && parts
+                    .iter()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+        })
+        .ok_or_else(|| {
+            hub_error(format!(
+                "{} is not a model in the Hugging Face cache ({})",
+                path.display(),
+                cache.display()
+            ))
+        })?;
+    let repo = cache.join(inside[0].as_os_str());
+    let blobs = repo.join("blobs");
+    let target_blob = |link: &Path| -> Option<PathBuf> {
+        let target = std::fs::read_link(link).ok()?;
+        let name = target.file_name()?.to_owned();
+        Some(blobs.join(name))
+    };
+    // The blobs this path links to.
+    let mut linked = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| Error::io(&p, e))?;
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)
+                .map_err(|e| Error::io(&p, e))?
+                .flatten()
+            {
+                stack.push(e.path());
+            }
+        } else if let Some(blob) = target_blob(&p) {
+            linked.push(blob);
+        }
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        std::fs::remove_dir_all(path).map_err(|e| Error::io(path, e))?;
+    } else {
+        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+    }
+    // The blobs other snapshots still link to.
+    let mut still = std::collections::HashSet::new();
+    let mut stack = vec![repo.join("snapshots")];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                stack.push(e.path());
+            }
+        } else if let Some(blob) = target_blob(&p) {
+            still.insert(blob);
+        }
+    }
+    let mut freed = 0;
+    for blob in linked {
+        if !still.contains(&blob)
+            && let Ok(meta) = std::fs::metadata(&blob)
+            && std::fs::remove_file(&blob).is_ok()
+        {
+            freed += meta.len();
+        }
+    }
+    // Empty snapshot folders, then a repository with nothing left.
+    let snapshots = repo.join("snapshots");
+    if let Ok(entries) = std::fs::read_dir(&snapshots) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+    if std::fs::read_dir(&snapshots).map_or(true, |mut e| e.next().is_none()) {
+        std::fs::remove_dir_all(&repo).map_err(|e| Error::io(&repo, e))?;
+    }
+    Ok(freed)
+}

@@ -11,6 +11,13 @@ pub enum ModelsCommand {
     RemoveRecentModel(PathBuf),
     /// List the Hugging Face cache again.
     RescanHfCache,
+    /// Ask before deleting this model from the Hugging Face cache.
+    AskDelete(PathBuf),
+    /// Delete this model from the Hugging Face cache (its links, and the blobs no other
+    /// snapshot uses).
+    Delete(PathBuf),
+    /// Show this model's folder in the file manager.
+    ShowInFolder(PathBuf),
 }
 
 /// The Models panel submits no jobs of its own (loads are the window's).

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 
 pub mod command;
+pub mod downloads;
+pub mod get;
 
 use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use egui::RichText;
@@ -32,6 +34,11 @@ struct HfCacheView {
 pub struct ModelsPanel {
     path_input: String,
     hf: HfCacheView,
+    /// Search, downloads and the download queue.
+    pub hub: downloads::Hub,
+    starters: Vec<get::Starter>,
+    /// A cache entry the user asked to delete, waiting for the confirmation.
+    confirm_delete: Option<PathBuf>,
 }
 
 impl PanelView for ModelsPanel {
@@ -39,7 +46,14 @@ impl PanelView for ModelsPanel {
     type Purpose = ModelsPurpose;
 
     fn open(cx: &mut OpenContext<'_>) -> Self {
-        ModelsPanel::new(cx.hf_cache_dir.map(Path::to_path_buf), cx.ctx)
+        let mut panel = ModelsPanel::new(cx.hf_cache_dir.map(Path::to_path_buf), cx.ctx);
+        panel.hub = downloads::Hub::new(cx.hub.cloned(), cx.home, cx.ctx);
+        let (starters, notes) = get::load_starters(cx.presets_dir);
+        for note in notes {
+            cx.notices.warning(note);
+        }
+        panel.starters = starters;
+        panel
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
@@ -59,6 +73,47 @@ impl PanelView for ModelsPanel {
                 cx.settings.recent_models.retain(|p| *p != path);
             }
             ModelsCommand::RescanHfCache => self.start_scan(),
+            ModelsCommand::AskDelete(path) => {
+                self.confirm_delete = Some(path);
+            }
+            ModelsCommand::Delete(path) => {
+                self.confirm_delete = None;
+                let Some(cache) = self.hf.dir.clone() else {
+                    return;
+                };
+                if cx.model.is_some_and(|m| m.path == path) {
+                    cx.notices
+                        .warning("Unload the model before deleting it from the cache");
+                    return;
+                }
+                match studio_inference::hub::cache::delete(&cache, &path) {
+                    Ok(freed) => cx.notices.info(format!(
+                        "Deleted {} ({} freed)",
+                        path.display(),
+                        format::bytes(freed)
+                    )),
+                    Err(e) => cx.notices.error(format!("Could not delete it: {e}")),
+                }
+                self.start_scan();
+            }
+            ModelsCommand::ShowInFolder(path) => {
+                let dir = if path.is_dir() {
+                    path
+                } else {
+                    path.parent().map(Path::to_path_buf).unwrap_or(path)
+                };
+                let opener = if cfg!(target_os = "macos") {
+                    "open"
+                } else if cfg!(windows) {
+                    "explorer"
+                } else {
+                    "xdg-open"
+                };
+                if let Err(e) = std::process::Command::new(opener).arg(&dir).spawn() {
+                    cx.notices
+                        .error(format!("Could not open {}: {e}", dir.display()));
+                }
+            }
         }
     }
 
@@ -70,9 +125,13 @@ impl PanelView for ModelsPanel {
         }
     }
 
-    /// Picks up a finished scan of the Hugging Face cache.
+    /// Picks up a finished scan of the Hugging Face cache and the Hub's answers; a finished
+    /// download lists the cache again.
     fn frame(&mut self, _cx: &mut AppContext<'_>) {
         self.poll_scan();
+        if self.hub.poll() {
+            self.start_scan();
+        }
     }
 }
 
@@ -80,6 +139,9 @@ impl ModelsPanel {
     /// Starts scanning `hf_cache_dir` (if any) right away.
     pub fn new(hf_cache_dir: Option<PathBuf>, ctx: &egui::Context) -> Self {
         let mut panel = Self {
+            hub: downloads::Hub::new(None, Path::new("."), ctx),
+            starters: Vec::new(),
+            confirm_delete: None,
             path_input: String::new(),
             hf: HfCacheView {
                 dir: hf_cache_dir,
@@ -158,6 +220,9 @@ impl ModelsPanel {
                     loaded_ui(ui, model, jobs, commands);
                 });
                 section_ui(ui, "Open a model", |ui| self.open_ui(ui, commands));
+                section_ui(ui, "Get models", |ui| {
+                    get::get_models_ui(ui, &mut self.hub, &self.starters, commands);
+                });
                 section_ui(ui, "Load options", |ui| {
                     load_options_ui(ui, settings, model, model_options, jobs, commands);
                 });
@@ -293,20 +358,48 @@ impl ModelsPanel {
                     if let Some(bytes) = found.bytes {
                         ui.label(weak(ui, &format::bytes(bytes)));
                     }
-                    let loaded = model.is_some_and(|m| m.path == found.path);
-                    ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                        if loaded {
-                            ui.label(weak(ui, "loaded"));
-                        } else if ui
+                }
+                let loaded = model.is_some_and(|m| m.path == found.path);
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    if ui
+                        .small_button("Delete…")
+                        .on_hover_text("Delete it from the cache, after asking")
+                        .clicked()
+                    {
+                        commands.push(Command::from(ModelsCommand::AskDelete(found.path.clone())));
+                    }
+                    if ui.small_button("Show in folder").clicked() {
+                        commands.push(Command::from(ModelsCommand::ShowInFolder(found.path.clone())));
+                    }
+                    if loaded {
+                        ui.label(weak(ui, "loaded"));
+                    } else if found.support.is_ok()
+                        && ui
                             .button("Load")
                             .on_hover_text(format!("Load {}", found.repo))
                             .clicked()
-                        {
-                            commands.push(Command::LoadModel(found.path.clone()));
-                        }
-                    });
-                }
+                    {
+                        commands.push(Command::LoadModel(found.path.clone()));
+                    }
+                });
             });
+            if self.confirm_delete.as_ref() == Some(&found.path) {
+                ui.horizontal(|ui| {
+                    ui.label(
+                        RichText::new(format!(
+                            "Delete {} from the cache? Files other snapshots share are kept.",
+                            found.repo
+                        ))
+                        .color(ui.visuals().warn_fg_color),
+                    );
+                    if ui.button("Delete").clicked() {
+                        commands.push(Command::from(ModelsCommand::Delete(found.path.clone())));
+                    }
+                    if ui.button("Keep").clicked() {
+                        commands.push(Command::from(ModelsCommand::AskDelete(PathBuf::new())));
+                    }
+                });
+            }
             if let Err(why) = &found.support {
                 ui.add(egui::Label::new(weak(ui, why)).wrap());
             }
