@@ -274,3 +274,32 @@ fn search_is_paged_and_offline_mode_makes_no_request() {
     assert!(search(&offline, "x", None, 10).is_err());
     assert_eq!(hub.seen().len(), before, "no request was made");
 }
+
+/// A full disk: the write fails with a clear error naming the file and the disk's answer, and
+/// the cache stays consistent (no snapshot link to an incomplete file). The partial file is
+/// `/dev/full` here, which answers every write with "no space left on device".
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_the_cache_consistent() {
+    let file = FakeFile::lfs("model.safetensors", weights(100_000, 9));
+    let sha = file.sha256();
+    let hub = FakeHub::start(vec![FakeRepo::new("org/full", vec![file])]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = config(&hub, tmp.path());
+    let info = repo_info(&cfg, "org/full", "main").expect("info");
+    let blobs = tmp.path().join("models--org--full/blobs");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    std::os::unix::fs::symlink("/dev/full", blobs.join(format!("{sha}.incomplete"))).expect("link");
+    let e = download_file(&cfg, &info, "main", &info.files[0], &mut go)
+        .expect_err("a full disk")
+        .to_string();
+    assert!(e.contains("could not write") && e.contains("space"), "{e}");
+    assert!(
+        !tmp.path()
+            .join("models--org--full/snapshots")
+            .join(&info.commit)
+            .join("model.safetensors")
+            .exists()
+    );
+    assert!(!blobs.join(&sha).exists());
+}

@@ -313,7 +313,11 @@ fn a_bad_model_is_refused_before_the_loaded_one_is_dropped() {
             .any(|e| matches!(e, Event::ModelUnloaded { .. })),
         "{events:?}"
     );
-    assert!(matches!(events.last(), Some(Event::Failed { error, .. }) if error.contains("pickle")));
+    assert!(
+        matches!(events.last(), Some(Event::Failed { error, .. })
+            if error.contains("pytorch_model.bin") && error.contains("corrupt")),
+        "{events:?}"
+    );
     let next = w
         .submit(JobKind::Generate {
             prompt: "Hello".into(),
