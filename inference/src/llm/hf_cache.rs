@@ -18,7 +18,7 @@ pub struct CachedModel {
     /// `Ok(architecture label)` when this build can load it, else why not. A GGUF file's
     /// label names its architecture and quant type (`GGUF qwen2 Q4_K_M`).
     pub support: Result<String, String>,
-    /// A GGUF file's size in bytes (`None` for folder models).
+    /// Its size in bytes: a GGUF file's, or a folder model's files together (links followed).
     pub bytes: Option<u64>,
 }
 
@@ -68,6 +68,29 @@ fn gguf_files(repo_dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The files of a snapshot folder together (links followed; subfolders too, a few levels).
+fn folder_bytes(dir: &Path) -> Option<u64> {
+    fn walk(dir: &Path, depth: usize) -> u64 {
+        if depth > 4 {
+            return 0;
+        }
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                let p = e.path();
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.is_dir() => walk(&p, depth + 1),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                }
+            })
+            .sum()
+    }
+    dir.is_dir().then(|| walk(dir, 0))
+}
+
 /// Lists every model in `dir` with whether this build can load it: one entry per Hugging Face
 /// folder model, and one per GGUF file (`ORG/NAME/file.gguf`), also in repos that hold both.
 pub fn scan(dir: &Path) -> Vec<CachedModel> {
@@ -108,11 +131,12 @@ pub fn scan(dir: &Path) -> Vec<CachedModel> {
             Err(e) => Err(e.to_string()),
         };
         let path = resolved.map_or(path, |f| f.dir);
+        let bytes = folder_bytes(&path);
         found.push(CachedModel {
             repo,
             path,
             support,
-            bytes: None,
+            bytes,
         });
     }
     found.sort_by(|a, b| a.repo.cmp(&b.repo));

@@ -150,15 +150,18 @@ pub fn get_models_ui(
                     ui.label(s.panel.label());
                     ui.label(RichText::new(&s.name).strong())
                         .on_hover_text(&s.repo);
+                    let (fits, why) = s.size_mb.map_or(("", String::new()), |m| fit(m * 1_000_000));
                     ui.label(weak(
                         ui,
                         &format!(
-                            "{}{} · {}",
+                            "{}{}{} · {}",
                             s.size_mb.map_or(String::new(), |m| format!("about {m} MB · ")),
+                            if fits.is_empty() { String::new() } else { format!("{fits} · ") },
                             s.license.as_deref().unwrap_or("license: see the repository"),
                             s.description
                         ),
-                    ));
+                    ))
+                    .on_hover_text(why);
                     let busy = hub.downloads.iter().any(|d| {
                         d.repo == s.repo
                             && d.files == s.file.iter().cloned().collect::<Vec<_>>()
