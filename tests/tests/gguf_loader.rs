@@ -142,9 +142,15 @@ fn gguf_files_beside_a_folder_model_in_the_cache_are_listed_too() {
     let found = studio_inference::llm::hf_cache::scan(tmp.path());
     let repos: Vec<&str> = found.iter().map(|f| f.repo.as_str()).collect();
     assert_eq!(repos, ["Org/Tiny", "Org/Tiny/tiny-q8_0.gguf"], "{found:?}");
+    // The folder model's size counts its own files, not the GGUF listed beside it.
+    let folder_files: u64 = ["model.safetensors", "config.json", "tokenizer.json"]
+        .iter()
+        .map(|n| std::fs::metadata(snapshot.join(n)).map_or(0, |m| m.len()))
+        .sum();
     assert!(
-        found[0].support.is_ok() && found[0].bytes.is_none(),
+        found[0].support.is_ok() && found[0].bytes.is_some_and(|b| b >= folder_files),
         "{found:?}"
     );
+    assert!(found[0].bytes < found[1].bytes.map(|g| g + folder_files));
     assert!(found[1].bytes.is_some_and(|b| b > 0), "{found:?}");
 }

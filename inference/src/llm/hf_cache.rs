@@ -68,7 +68,8 @@ fn gguf_files(repo_dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The files of a snapshot folder together (links followed; subfolders too, a few levels).
+/// The files of a snapshot folder together (links followed; subfolders too, a few levels),
+/// less its GGUF files, which are listed on their own.
 fn folder_bytes(dir: &Path) -> Option<u64> {
     fn walk(dir: &Path, depth: usize) -> u64 {
         if depth > 4 {
@@ -82,6 +83,12 @@ fn folder_bytes(dir: &Path) -> Option<u64> {
                 let p = e.path();
                 match std::fs::metadata(&p) {
                     Ok(m) if m.is_dir() => walk(&p, depth + 1),
+                    Ok(_)
+                        if p.extension()
+                            .is_some_and(|e| e.eq_ignore_ascii_case("gguf")) =>
+                    {
+                        0
+                    }
                     Ok(m) => m.len(),
                     Err(_) => 0,
                 }
