@@ -97,7 +97,7 @@ pub struct Download {
 }
 
 enum Request {
-    Search(String),
+    Search(String, Option<&'static str>),
     More(String),
     Info(String),
 }
@@ -124,6 +124,9 @@ pub struct Hub {
     jobs: Option<Sender<Download>>,
     events: Option<Receiver<Event>>,
     pub query: String,
+    /// The Hub tag results must have: what Studio runs (`gguf`, `diffusers`, `safetensors`),
+    /// or any.
+    pub filter: Option<&'static str>,
     pub searching: bool,
     pub results: Vec<studio_inference::hub::api::SearchHit>,
     pub next_page: Option<String>,
@@ -149,6 +152,7 @@ impl Hub {
             jobs: None,
             events: None,
             query: String::new(),
+            filter: Some("gguf"),
             searching: false,
             results: Vec::new(),
             next_page: None,
@@ -184,8 +188,8 @@ impl Hub {
             .spawn(move || {
                 for request in req_rx {
                     let event = match request {
-                        Request::Search(q) => Event::Search(
-                            search(&cfg, &q, None, 50).map_err(|e| e.to_string()),
+                        Request::Search(q, filter) => Event::Search(
+                            search(&cfg, &q, filter, 50).map_err(|e| e.to_string()),
                             false,
                         ),
                         Request::More(url) => Event::Search(
@@ -245,7 +249,7 @@ impl Hub {
     pub fn search(&mut self) {
         let q = self.query.trim().to_owned();
         if let Some(tx) = &self.requests
-            && tx.try_send(Request::Search(q)).is_ok()
+            && tx.try_send(Request::Search(q, self.filter)).is_ok()
         {
             self.searching = true;
             self.error = None;

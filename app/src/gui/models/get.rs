@@ -189,6 +189,21 @@ pub fn get_models_ui(
             )
             .accessible_name("Search the Hub");
         let enter = response.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter));
+        let label = |f: Option<&str>| match f {
+            Some("gguf") => "GGUF (chat, code)",
+            Some("diffusers") => "Diffusers (images)",
+            Some("safetensors") => "Safetensors",
+            _ => "Any",
+        };
+        egui::ComboBox::from_id_salt("hub_filter")
+            .selected_text(label(hub.filter))
+            .show_ui(ui, |ui| {
+                for f in [Some("gguf"), Some("diffusers"), Some("safetensors"), None] {
+                    ui.selectable_value(&mut hub.filter, f, label(f));
+                }
+            })
+            .response
+            .on_hover_text("Only repositories with files Studio runs");
         if (ui.button("Search").clicked() || enter) && !hub.query.trim().is_empty() {
             hub.search();
         }
