@@ -32,6 +32,11 @@ fn gpt2_repo(dir: &Path, id: &str) -> FakeRepo {
     )
 }
 
+/// Whether some download of the Models panel is in a state `f` accepts.
+fn any_download(h: &Harness<'_, StudioApp>, f: impl Fn(&State) -> bool) -> bool {
+    h.state().models().hub.downloads.iter().any(|d| f(&d.state))
+}
+
 fn presets(dir: &Path, repo: &str) -> PathBuf {
     let models = dir.join("models");
     std::fs::create_dir_all(&models).expect("dir");
@@ -75,12 +80,7 @@ fn a_starter_model_downloads_loads_and_chats() {
     assert!(shows_text(&h, "Tiny GPT-2"));
     control(&h, "Download").click();
     step_until(&mut h, "the download to finish", |h| {
-        h.state()
-            .models()
-            .hub
-            .downloads
-            .iter()
-            .any(|d| matches!(d.state, State::Done(_)))
+        any_download(h, |s| matches!(s, State::Done(_)))
     });
     assert!(shows_text(&h, "downloaded and verified"));
     control(&h, "Load in Chat").click();
@@ -141,21 +141,11 @@ fn search_opens_a_repository_and_a_paused_download_resumes_after_a_restart() {
         assert!(downloads >= 1);
         control(&h, "Download what Studio loads").click();
         step_until(&mut h, "the download to start", |h| {
-            h.state()
-                .models()
-                .hub
-                .downloads
-                .iter()
-                .any(|d| matches!(d.state, State::Running { .. }))
+            any_download(h, |s| matches!(s, State::Running { .. }))
         });
         control(&h, "Pause").click();
         step_until(&mut h, "the pause", |h| {
-            h.state()
-                .models()
-                .hub
-                .downloads
-                .iter()
-                .all(|d| d.state == State::Paused)
+            !any_download(h, |s| *s != State::Paused)
         });
     }
     // A restart lists it paused; Resume finishes it from the partial file.
@@ -165,12 +155,7 @@ fn search_opens_a_repository_and_a_paused_download_resumes_after_a_restart() {
     assert!(shows_text(&h, "paused (the part downloaded is kept)"));
     control(&h, "Resume").click();
     step_until(&mut h, "the download to finish", |h| {
-        h.state()
-            .models()
-            .hub
-            .downloads
-            .iter()
-            .any(|d| matches!(d.state, State::Done(_)))
+        any_download(h, |s| matches!(s, State::Done(_)))
     });
     let ranges = hub
         .seen()
