@@ -104,7 +104,7 @@ fn pull_downloads_into_the_cache_and_prints_json_progress() {
             .as_array()
             .expect("array")
             .iter()
-            .any(|m| m["repo"] == "nvlabs/tiny-stylegan2"),
+            .any(|m| m["repo"] == "nvlabs/tiny-stylegan2/skip.safetensors" && m["kind"] == "gan"),
         "{listed}"
     );
 }

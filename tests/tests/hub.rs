@@ -303,3 +303,29 @@ fn a_full_disk_is_a_clear_error_and_leaves_the_cache_consistent() {
     );
     assert!(!blobs.join(&sha).exists());
 }
+
+/// The cache listing names image pipelines, SD checkpoints and GAN networks too, each with the
+/// panel kind that opens it.
+#[test]
+fn the_cache_listing_covers_every_panel() {
+    use studio_inference::llm::hf_cache::{CachedKind, scan};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let snap = |repo: &str| {
+        let dir = tmp.path().join(format!("models--{repo}/snapshots/abc"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    };
+    std::fs::write(snap("org--sd").join("model_index.json"), "{}").expect("write");
+    std::fs::write(snap("org--old-sd").join("v1-5.ckpt"), b"PK").expect("write");
+    std::fs::write(snap("org--gan").join("ffhq.pkl"), b"\x80\x04").expect("write");
+    let found = scan(tmp.path());
+    let kinds: Vec<(&str, CachedKind)> = found.iter().map(|m| (m.repo.as_str(), m.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            ("org/gan/ffhq.pkl", CachedKind::Gan),
+            ("org/old-sd/v1-5.ckpt", CachedKind::Diffusion),
+            ("org/sd", CachedKind::Diffusion),
+        ]
+    );
+}

@@ -202,6 +202,7 @@ pub fn run_models(args: &ModelsArgs) -> Result<()> {
                     "path": m.path,
                     "bytes": m.bytes,
                     "supported": m.support.is_ok(),
+                    "kind": format!("{:?}", m.kind).to_lowercase(),
                     "about": match &m.support { Ok(s) | Err(s) => s },
                 })
             })

@@ -20,6 +20,90 @@ pub struct CachedModel {
     pub support: Result<String, String>,
     /// Its size in bytes: a GGUF file's, or a folder model's files together (links followed).
     pub bytes: Option<u64>,
+    /// Which kind of model it is, so it opens in the panel that runs it.
+    #[serde(default)]
+    pub kind: CachedKind,
+}
+
+/// The kind of a model in the cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CachedKind {
+    /// A language model (Chat, Code).
+    #[default]
+    Llm,
+    /// A Stable Diffusion pipeline or checkpoint (Canvas).
+    Diffusion,
+    /// A StyleGAN2 network (Latent Explorer).
+    Gan,
+}
+
+/// The newest snapshot folder of a repository in the cache.
+fn newest_snapshot(repo_dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(repo_dir.join("snapshots"))
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .max_by_key(|e| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH)
+        })
+        .map(|e| e.path())
+}
+
+/// The image models and GAN networks of a snapshot that holds no language model: a diffusers
+/// pipeline (`model_index.json`), or its top-level checkpoints (an SD single file, a StyleGAN2
+/// safetensors, one of NVIDIA's network pickles). Only headers are read (a `.pkl` not at all).
+fn other_models(repo: &str, snapshot: &Path) -> Vec<CachedModel> {
+    if snapshot.join("model_index.json").exists() {
+        return vec![CachedModel {
+            repo: repo.to_owned(),
+            path: snapshot.to_path_buf(),
+            support: Ok("Stable Diffusion pipeline (diffusers)".to_owned()),
+            bytes: folder_bytes(snapshot),
+            kind: CachedKind::Diffusion,
+        }];
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(snapshot)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .filter_map(|file| {
+            let ext = file
+                .extension()
+                .map(|e| e.to_string_lossy().to_ascii_lowercase())?;
+            let (kind, label) = if ext == "pkl" {
+                (CachedKind::Gan, "NVIDIA network (pickle, read as data)")
+            } else if (ext == "safetensors" || ext == "ckpt")
+                && crate::diffusion::model::is_diffusion_model(&file)
+            {
+                (CachedKind::Diffusion, "Stable Diffusion checkpoint")
+            } else if ext == "safetensors" && is_stylegan(&file) {
+                (CachedKind::Gan, "StyleGAN2 network")
+            } else {
+                return None;
+            };
+            let name = file.file_name()?.to_string_lossy().into_owned();
+            Some(CachedModel {
+                repo: format!("{repo}/{name}"),
+                bytes: std::fs::metadata(&file).ok().map(|m| m.len()),
+                path: file,
+                support: Ok(label.to_owned()),
+                kind,
+            })
+        })
+        .collect()
+}
+
+/// Whether a safetensors file holds NVIDIA's StyleGAN2 `G_ema` names (its header only).
+fn is_stylegan(file: &Path) -> bool {
+    crate::weights::open_checkpoint(&[file.to_path_buf()])
+        .is_ok_and(|t| t.get("synthesis.b4.const").is_ok() || t.get("mapping.w_avg").is_ok())
 }
 
 /// The hub cache folder, from the environment.
@@ -126,10 +210,17 @@ pub fn scan(dir: &Path) -> Vec<CachedModel> {
                 path: file.clone(),
                 support,
                 bytes: std::fs::metadata(file).ok().map(|m| m.len()),
+                kind: CachedKind::Llm,
             });
         }
-        if !ggufs.is_empty() && resolved.is_err() {
-            continue;
+        if resolved.is_err() {
+            let others = newest_snapshot(&path)
+                .map(|snapshot| other_models(&repo, &snapshot))
+                .unwrap_or_default();
+            if !others.is_empty() || !ggufs.is_empty() {
+                found.extend(others);
+                continue;
+            }
         }
         let support = match &resolved {
             Ok(files) => loader::detect_architecture(&files.config)
@@ -144,6 +235,7 @@ pub fn scan(dir: &Path) -> Vec<CachedModel> {
             path,
             support,
             bytes,
+            kind: CachedKind::Llm,
         });
     }
     found.sort_by(|a, b| a.repo.cmp(&b.repo));

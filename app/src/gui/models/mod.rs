@@ -9,11 +9,13 @@ pub mod get;
 
 use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use egui::RichText;
-use studio_inference::llm::hf_cache::{self, CachedModel};
+use studio_inference::llm::hf_cache::{self, CachedKind, CachedModel};
 use studio_inference::llm::loader::{ModelInfo, supported_architectures};
 use studio_inference::worker::LoadOptions;
 
 use self::command::{ModelsCommand, ModelsPurpose};
+use crate::gui::canvas::command::CanvasCommand;
+use crate::gui::explorer::command::ExplorerCommand;
 use crate::gui::command::Command;
 use crate::gui::context::AppContext;
 use crate::gui::panel::{OpenContext, PanelView, UiContext, still_there};
@@ -373,13 +375,25 @@ impl ModelsPanel {
                     }
                     if loaded {
                         ui.label(weak(ui, "loaded"));
-                    } else if found.support.is_ok()
-                        && ui
-                            .button("Load")
+                    } else if found.support.is_ok() {
+                        let (label, load): (&str, Command) = match found.kind {
+                            CachedKind::Llm => ("Load", Command::LoadModel(found.path.clone())),
+                            CachedKind::Diffusion => (
+                                "Load in Canvas",
+                                Command::from(CanvasCommand::LoadModel(found.path.clone())),
+                            ),
+                            CachedKind::Gan => (
+                                "Load in Latent Explorer",
+                                Command::from(ExplorerCommand::LoadModel(found.path.clone())),
+                            ),
+                        };
+                        if ui
+                            .button(label)
                             .on_hover_text(format!("Load {}", found.repo))
                             .clicked()
-                    {
-                        commands.push(Command::LoadModel(found.path.clone()));
+                        {
+                            commands.push(load);
+                        }
                     }
                 });
             });
