@@ -232,7 +232,16 @@ impl ModelsPanel {
                     recent_ui(ui, settings, model, commands);
                 });
                 section_ui(ui, "Hugging Face cache", |ui| {
-                    self.hf_ui(ui, model, commands);
+                    // Used recently: the recent language models, and the Canvas's and the
+                    // explorer's last models.
+                    let used: Vec<&Path> = settings
+                        .recent_models
+                        .iter()
+                        .chain(&settings.last_image_model)
+                        .chain(&settings.last_gan_model)
+                        .map(PathBuf::as_path)
+                        .collect();
+                    self.hf_ui(ui, model, &used, commands);
                 });
             });
     }
@@ -313,7 +322,13 @@ impl ModelsPanel {
         );
     }
 
-    fn hf_ui(&self, ui: &mut egui::Ui, model: Option<&ModelInfo>, commands: &mut Vec<Command>) {
+    fn hf_ui(
+        &self,
+        ui: &mut egui::Ui,
+        model: Option<&ModelInfo>,
+        used: &[&Path],
+        commands: &mut Vec<Command>,
+    ) {
         let Some(dir) = &self.hf.dir else {
             ui.label(weak(
                 ui,
@@ -359,6 +374,15 @@ impl ModelsPanel {
                     ui.label(weak(ui, arch));
                     if let Some(bytes) = found.bytes {
                         ui.label(weak(ui, &format::bytes(bytes)));
+                    }
+                    let panel = match found.kind {
+                        CachedKind::Llm => "Chat, Code",
+                        CachedKind::Diffusion => "Canvas",
+                        CachedKind::Gan => "Latent Explorer",
+                    };
+                    ui.label(weak(ui, &format!("for {panel}")));
+                    if used.contains(&found.path.as_path()) {
+                        ui.label(weak(ui, "used recently"));
                     }
                 }
                 let loaded = model.is_some_and(|m| m.path == found.path);
