@@ -1,6 +1,6 @@
 //! The Models panel's Hub work, off the UI thread: search and repository info on a
-//! `studio-hub` thread, downloads one after another on a `studio-downloads` thread (resumed,
-//! verified: `studio_inference::hub`). Events come back over bounded channels and wake the
+//! `studio-hub` thread, downloads two at a time on `studio-downloads-N` threads, the others
+//! queued (resumed, verified: `studio_inference::hub`). Events come back over bounded channels and wake the
 //! window. Unfinished downloads are remembered in `downloads.json` in the data folder and come
 //! back paused after a restart; resuming continues the partial file.
 
@@ -102,6 +102,9 @@ enum Request {
     Info(String),
 }
 
+/// Downloads that run at once.
+const PARALLEL: usize = 2;
+
 /// What the threads report.
 enum Event {
     Search(Result<SearchPage, String>, bool),
@@ -163,7 +166,7 @@ impl Hub {
             next_id: 1,
         };
         if let Some(config) = config {
-            hub.spawn(config, ctx);
+            hub.spawn(&config, ctx);
         }
         let saved = crate::home::load_json::<Vec<Download>>(&saved_path(home));
         for mut d in saved.ok().flatten().unwrap_or_default() {
@@ -178,7 +181,7 @@ impl Hub {
         hub
     }
 
-    fn spawn(&mut self, config: HubConfig, ctx: &egui::Context) {
+    fn spawn(&mut self, config: &HubConfig, ctx: &egui::Context) {
         let (req_tx, req_rx) = bounded::<Request>(16);
         let (job_tx, job_rx) = bounded::<Download>(64);
         let (ev_tx, ev_rx) = bounded::<Event>(256);
@@ -207,20 +210,27 @@ impl Hub {
                     wake.request_repaint();
                 }
             });
-        let (cfg, events, wake) = (config, ev_tx, ctx.clone());
-        let download_thread = std::thread::Builder::new()
-            .name("studio-downloads".to_owned())
-            .spawn(move || {
-                for job in job_rx {
-                    let state = run_download(&cfg, &job, &events, &wake);
-                    if events.send(Event::Ended(job.id, state)).is_err() {
-                        return;
+        // Two downloads at a time; the rest wait in the queue.
+        let mut download_threads = Ok(());
+        for n in 0..PARALLEL {
+            let (cfg, events, wake, jobs) = (config.clone(), ev_tx.clone(), ctx.clone(), job_rx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("studio-downloads-{n}"))
+                .spawn(move || {
+                    for job in jobs {
+                        let state = run_download(&cfg, &job, &events, &wake);
+                        if events.send(Event::Ended(job.id, state)).is_err() {
+                            return;
+                        }
+                        wake.request_repaint();
                     }
-                    wake.request_repaint();
-                }
-            });
-        match (hub_thread, download_thread) {
-            (Ok(_), Ok(_)) => {
+                });
+            if let Err(e) = spawned {
+                download_threads = Err(e);
+            }
+        }
+        match (hub_thread, download_threads) {
+            (Ok(_), Ok(())) => {
                 self.requests = Some(req_tx);
                 self.jobs = Some(job_tx);
                 self.events = Some(ev_rx);
