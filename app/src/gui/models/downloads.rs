@@ -439,6 +439,12 @@ fn run_download(
     events: &Sender<Event>,
     wake: &egui::Context,
 ) -> State {
+    // Stopped while it waited in the queue: nothing to ask the Hub.
+    match job.stop.load(Ordering::Relaxed) {
+        0 => {}
+        1 => return State::Paused,
+        _ => return State::Cancelled,
+    }
     let info = match repo_info(config, &job.repo, "main") {
         Ok(info) => info,
         Err(e) => return State::Failed(e.to_string()),
