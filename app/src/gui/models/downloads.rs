@@ -146,11 +146,11 @@ fn saved_path(home: &Path) -> PathBuf {
 }
 
 impl Hub {
-    /// With no `config` (no cache folder), the panel says the Hub is not available.
-    pub fn new(config: Option<HubConfig>, home: &Path, ctx: &egui::Context) -> Self {
-        let mut hub = Self {
-            config: config.clone(),
-            home: home.to_path_buf(),
+    /// No Hub: the panel says downloading is not available.
+    pub fn off() -> Self {
+        Self {
+            config: None,
+            home: PathBuf::new(),
             requests: None,
             jobs: None,
             events: None,
@@ -164,6 +164,16 @@ impl Hub {
             error: None,
             downloads: Vec::new(),
             next_id: 1,
+        }
+    }
+
+    /// With no `config` (no cache folder), the panel says the Hub is not available. Unfinished
+    /// downloads of an earlier run come back paused.
+    pub fn new(config: Option<HubConfig>, home: &Path, ctx: &egui::Context) -> Self {
+        let mut hub = Self {
+            config: config.clone(),
+            home: home.to_path_buf(),
+            ..Self::off()
         };
         if let Some(config) = config {
             hub.spawn(&config, ctx);

@@ -141,7 +141,7 @@ impl ModelsPanel {
     /// Starts scanning `hf_cache_dir` (if any) right away.
     pub fn new(hf_cache_dir: Option<PathBuf>, ctx: &egui::Context) -> Self {
         let mut panel = Self {
-            hub: downloads::Hub::new(None, Path::new("."), ctx),
+            hub: downloads::Hub::off(),
             starters: Vec::new(),
             confirm_delete: None,
             path_input: String::new(),
