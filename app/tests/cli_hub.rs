@@ -150,3 +150,36 @@ fn model_from_the_hub_needs_pull_and_named_pickles_are_fetched() {
         "{e}"
     );
 }
+
+/// On a terminal, `pull` draws a progress line (rewritten in place) on stderr. The terminal is
+/// util-linux's `script`; without it the test says so and skips.
+#[test]
+fn pull_draws_a_progress_line_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` (a pseudo-terminal) is not installed");
+        return;
+    }
+    let hub = FakeHub::start(vec![gan_repo()]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cache = tmp.path().join("hub");
+    let line = format!(
+        "{} pull nvlabs/tiny-stylegan2",
+        env!("CARGO_BIN_EXE_studio")
+    );
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HUB_CACHE", &cache)
+        .env("HF_HOME", cache.join("no-home"))
+        .env_remove("HF_TOKEN")
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .expect("script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("\rskip.safetensors") && text.contains("MB/s"),
+        "{text:?}"
+    );
+    assert!(text.contains("got skip.safetensors"), "{text}");
+}
