@@ -18,6 +18,7 @@
 //! - [`code`]: Code Assist's fill-in-the-middle prompts, actions and diffs;
 //! - [`diffusion`]: Stable Diffusion (UNet, VAE, CLIP, TAESD, schedulers, pipelines);
 //! - [`gan`]: StyleGAN2 and DCGAN generators, numpy-compatible seeds, projection;
+//! - [`train`]: the demo models' data and checkers (captioned shape scenes);
 //! - [`hub`]: the Hugging Face Hub: repository info, search, verified resumable downloads
 //!   into the standard cache;
 //! - [`worker`]: the worker thread and its protocol;
@@ -41,6 +42,7 @@ pub mod nn;
 pub mod pickle;
 pub mod quant;
 pub mod sys;
+pub mod train;
 pub mod weights;
 pub mod worker;
 

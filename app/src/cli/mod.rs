@@ -38,6 +38,7 @@ pub mod gan;
 pub mod hub;
 pub mod image;
 pub mod text;
+pub mod train;
 pub mod values;
 
 use anyhow::Result;
@@ -95,6 +96,9 @@ pub enum Command {
     Pull(hub::PullArgs),
     /// List the models in the Hugging Face cache.
     Models(hub::ModelsArgs),
+    /// The demo models' training data and quality checks.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
 }
 
 impl Command {
@@ -119,7 +123,8 @@ impl Command {
             )
             | Command::Convert(_)
             | Command::Pull(_)
-            | Command::Models(_) => return None,
+            | Command::Models(_)
+            | Command::Train(_) => return None,
         })
     }
 }
@@ -164,5 +169,6 @@ pub fn run(mut command: Command, pull: bool) -> Result<()> {
         Command::Bench(BenchCommand::Complete(args)) => code::run_bench_complete(&args),
         Command::Pull(args) => hub::run_pull(&args),
         Command::Models(args) => hub::run_models(&args),
+        Command::Train(command) => train::run_train(&command),
     }
 }

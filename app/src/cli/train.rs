@@ -1,0 +1,144 @@
+//! `studio train …`: the demo models' data and quality checks (issue 21, in progress).
+//!
+//! - `studio train shapes-data --out DIR [--count N] [--size PX] [--seed S]` renders captioned
+//!   shape scenes (`studio_inference::train::shapes`) as `DIR/NNNNNN.png` with
+//!   `DIR/captions.jsonl` (`{"file": …, "caption": …}` per line);
+//! - `studio train shapes-check --dir DIR [--json]` grades the images of such a folder (any
+//!   images, made by any model, listed with their captions in `captions.jsonl`) against their
+//!   captions and prints the share that passes.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::json;
+use studio_inference::diffusion::imaging::{decode_image_file, encode_png};
+use studio_inference::train::shapes::{Scene, check};
+
+#[derive(Debug, Subcommand)]
+pub enum TrainCommand {
+    /// Render captioned shape scenes (the demo text-to-image model's data).
+    ShapesData(ShapesDataArgs),
+    /// Grade images against their shape captions (prompt adherence).
+    ShapesCheck(ShapesCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShapesDataArgs {
+    /// The folder to write (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// How many scenes.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub count: u32,
+    /// Their side in pixels.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(64..=1024))]
+    pub size: u32,
+    /// The random seed (the same seed writes the same files).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ShapesCheckArgs {
+    /// A folder with `captions.jsonl` and the images it names.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// One JSON object with the counts and each failure.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a `studio train` subcommand.
+pub fn run_train(command: &TrainCommand) -> Result<()> {
+    match command {
+        TrainCommand::ShapesData(args) => shapes_data(args),
+        TrainCommand::ShapesCheck(args) => shapes_check(args),
+    }
+}
+
+fn shapes_data(args: &ShapesDataArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut captions = Vec::new();
+    for i in 0..args.count {
+        let scene = Scene::random(&mut rng);
+        let file = format!("{i:06}.png");
+        let png = encode_png(&scene.render(args.size), Some(&scene.caption()))?;
+        write_file(&args.out.join(&file), &png)?;
+        let line = json!({"file": file, "caption": scene.caption()});
+        writeln!(captions, "{line}")?;
+    }
+    write_file(&args.out.join("captions.jsonl"), &captions)?;
+    println!(
+        "wrote {} scenes of {}x{} to {}",
+        args.count,
+        args.size,
+        args.size,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn write_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    crate::home::atomic_write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+fn shapes_check(args: &ShapesCheckArgs) -> Result<()> {
+    let list = args.dir.join("captions.jsonl");
+    let text =
+        std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
+    let (mut total, mut passed) = (0usize, 0usize);
+    let mut failures = Vec::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let entry: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not JSON", list.display(), n + 1))?;
+        let (Some(file), Some(caption)) = (entry["file"].as_str(), entry["caption"].as_str())
+        else {
+            bail!(
+                "{} line {}: needs \"file\" and \"caption\"",
+                list.display(),
+                n + 1
+            );
+        };
+        let Some(scene) = Scene::parse(caption) else {
+            bail!(
+                "{} line {}: `{caption}` is not a shape caption",
+                list.display(),
+                n + 1
+            );
+        };
+        let path = args.dir.join(file);
+        let image = decode_image_file(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .image;
+        let verdict = check(&image, &scene);
+        total += 1;
+        if verdict.passed {
+            passed += 1;
+        } else {
+            failures.push(json!({"file": file, "caption": caption, "problems": verdict.problems}));
+        }
+    }
+    let share = passed as f64 / total.max(1) as f64;
+    if args.json {
+        println!(
+            "{}",
+            json!({"images": total, "passed": passed, "adherence": share, "failures": failures})
+        );
+    } else {
+        println!(
+            "{passed} of {total} images match their captions ({:.1} %)",
+            share * 100.0
+        );
+    }
+    Ok(())
+}

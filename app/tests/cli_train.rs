@@ -1,0 +1,58 @@
+//! `studio train shapes-data` and `shapes-check` as a script would run them: the scenes it
+//! writes pass their own check, and an image that does not match its caption fails it.
+
+mod cli_common;
+use cli_common::{ok, path, studio};
+
+#[test]
+fn shape_scenes_are_written_and_graded() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("shapes");
+    let said = ok(&studio(&[
+        "train",
+        "shapes-data",
+        "--out",
+        path(&dir),
+        "--count",
+        "12",
+        "--seed",
+        "5",
+    ]));
+    assert!(said.contains("wrote 12 scenes of 64x64"), "{said}");
+    let report = ok(&studio(&[
+        "train",
+        "shapes-check",
+        "--dir",
+        path(&dir),
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    assert_eq!(
+        (report["images"].as_u64(), report["passed"].as_u64()),
+        (Some(12), Some(12))
+    );
+
+    // Swap two images: their captions no longer match (unless the scenes happen to agree).
+    let captions = std::fs::read_to_string(dir.join("captions.jsonl")).expect("captions");
+    let lines: Vec<serde_json::Value> = captions
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect();
+    let (a, b) = (dir.join("000000.png"), dir.join("000001.png"));
+    let tmp_png = dir.join("swap.png");
+    std::fs::rename(&a, &tmp_png).expect("mv");
+    std::fs::rename(&b, &a).expect("mv");
+    std::fs::rename(&tmp_png, &b).expect("mv");
+    let report = ok(&studio(&[
+        "train",
+        "shapes-check",
+        "--dir",
+        path(&dir),
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    if lines[0]["caption"] != lines[1]["caption"] {
+        assert_eq!(report["passed"].as_u64(), Some(10), "{report}");
+        assert_eq!(report["failures"][0]["file"], "000000.png");
+    }
+}

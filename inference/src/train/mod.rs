@@ -1,0 +1,7 @@
+//! Training Studio's own demo models (issue 21, in progress): the data they learn from, made
+//! on the spot, and the checkers that grade what they make.
+//!
+//! - [`shapes`]: captioned shape scenes for the demo text-to-image model, and the
+//!   deterministic checker of prompt adherence.
+
+pub mod shapes;
