@@ -56,3 +56,35 @@ fn shape_scenes_are_written_and_graded() {
         assert_eq!(report["failures"][0]["file"], "000000.png");
     }
 }
+
+#[test]
+fn cartoon_faces_are_written_and_read_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("faces");
+    ok(&studio(&[
+        "train",
+        "faces-data",
+        "--out",
+        path(&dir),
+        "--count",
+        "10",
+        "--seed",
+        "2",
+    ]));
+    let report = ok(&studio(&[
+        "train",
+        "faces-check",
+        "--dir",
+        path(&dir),
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    assert_eq!(
+        (report["images"].as_u64(), report["faces"].as_u64()),
+        (Some(10), Some(10))
+    );
+    // The factor counts are the ones the data set was written with.
+    let written = std::fs::read_to_string(dir.join("factors.jsonl")).expect("factors");
+    let smiles = written.matches("smile").count() as u64;
+    assert_eq!(report["factors"]["smile"].as_u64().unwrap_or(0), smiles);
+}

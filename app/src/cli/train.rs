@@ -5,7 +5,12 @@
 //!   `DIR/captions.jsonl` (`{"file": …, "caption": …}` per line);
 //! - `studio train shapes-check --dir DIR [--json]` grades the images of such a folder (any
 //!   images, made by any model, listed with their captions in `captions.jsonl`) against their
-//!   captions and prints the share that passes.
+//!   captions and prints the share that passes;
+//! - `studio train faces-data --out DIR [--count N] [--size PX] [--seed S]` renders cartoon
+//!   faces with known factors (`studio_inference::train::faces`), `DIR/factors.jsonl` naming
+//!   each one's;
+//! - `studio train faces-check --dir DIR [--json]` reads every PNG of a folder (a real set or a
+//!   generator's samples): how many read as faces, and how often each factor value appears.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -16,6 +21,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::json;
 use studio_inference::diffusion::imaging::{decode_image_file, encode_png};
+use studio_inference::train::faces::{Face, read};
 use studio_inference::train::shapes::{Scene, check};
 
 #[derive(Debug, Subcommand)]
@@ -24,6 +30,10 @@ pub enum TrainCommand {
     ShapesData(ShapesDataArgs),
     /// Grade images against their shape captions (prompt adherence).
     ShapesCheck(ShapesCheckArgs),
+    /// Render cartoon faces with known factors (the demo GAN's data).
+    FacesData(ShapesDataArgs),
+    /// Read the faces in a folder of images: how many are faces, and their factors.
+    FacesCheck(ShapesCheckArgs),
 }
 
 #[derive(Debug, Args)]
@@ -44,7 +54,7 @@ pub struct ShapesDataArgs {
 
 #[derive(Debug, Args)]
 pub struct ShapesCheckArgs {
-    /// A folder with `captions.jsonl` and the images it names.
+    /// A folder with `captions.jsonl` and the images it names (`faces-check`: any PNGs).
     #[arg(long)]
     pub dir: PathBuf,
     /// One JSON object with the counts and each failure.
@@ -57,6 +67,8 @@ pub fn run_train(command: &TrainCommand) -> Result<()> {
     match command {
         TrainCommand::ShapesData(args) => shapes_data(args),
         TrainCommand::ShapesCheck(args) => shapes_check(args),
+        TrainCommand::FacesData(args) => faces_data(args),
+        TrainCommand::FacesCheck(args) => faces_check(args),
     }
 }
 
@@ -139,6 +151,65 @@ fn shapes_check(args: &ShapesCheckArgs) -> Result<()> {
             "{passed} of {total} images match their captions ({:.1} %)",
             share * 100.0
         );
+    }
+    Ok(())
+}
+
+fn faces_data(args: &ShapesDataArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut factors = Vec::new();
+    for i in 0..args.count {
+        let face = Face::random(&mut rng);
+        let file = format!("{i:06}.png");
+        let png = encode_png(&face.render(args.size), Some(&face.describe()))?;
+        write_file(&args.out.join(&file), &png)?;
+        let line = json!({"file": file, "factors": face.describe()});
+        writeln!(factors, "{line}")?;
+    }
+    write_file(&args.out.join("factors.jsonl"), &factors)?;
+    println!(
+        "wrote {} faces of {}x{} to {}",
+        args.count,
+        args.size,
+        args.size,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn faces_check(args: &ShapesCheckArgs) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.dir)
+        .with_context(|| format!("reading {}", args.dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+        .collect();
+    files.sort();
+    let mut faces = 0usize;
+    let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for path in &files {
+        let image = decode_image_file(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .image;
+        if let Some(face) = read(&image) {
+            faces += 1;
+            for part in face.describe().split(", ") {
+                *counts.entry(part.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({"images": files.len(), "faces": faces, "factors": counts})
+        );
+    } else {
+        println!("{faces} of {} images read as faces", files.len());
+        for (factor, n) in &counts {
+            println!("  {factor}: {n}");
+        }
     }
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! Training Studio's own demo models (issue 21, in progress): the data they learn from, made
 //! on the spot, and the checkers that grade what they make.
 //!
+//! - [`faces`]: cartoon faces with known factors for the demo GAN, and the reader that grades
+//!   generated faces;
 //! - [`shapes`]: captioned shape scenes for the demo text-to-image model, and the
 //!   deterministic checker of prompt adherence.
 
+pub mod faces;
 pub mod shapes;
