@@ -88,3 +88,56 @@ fn cartoon_faces_are_written_and_read_back() {
     let smiles = written.matches("smile").count() as u64;
     assert_eq!(report["factors"]["smile"].as_u64().unwrap_or(0), smiles);
 }
+
+#[test]
+fn python_sources_become_lm_data_and_a_tokenizer() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lib = tmp.path().join("python3.99");
+    std::fs::create_dir_all(lib.join("pkg")).expect("dir");
+    for i in 0..30 {
+        std::fs::write(
+            lib.join(format!("mod{i}.py")),
+            format!(
+                "def f{i}(x):\n    \"\"\"Return x plus {i}, as a number.\"\"\"\n    y = x + {i}\n    return y\n"
+            ),
+        )
+        .expect("write");
+    }
+    std::fs::write(lib.join("pkg/__init__.py"), "VALUE = 1\n").expect("write");
+    let out = tmp.path().join("lm");
+    let card = ok(&studio(&[
+        "train",
+        "lm-data",
+        "--out",
+        path(&out),
+        "--python-lib",
+        path(&lib),
+        "--vocab",
+        "400",
+    ]));
+    assert!(card.contains("31 source files"), "{card}");
+    for f in [
+        "train.jsonl",
+        "held_out.jsonl",
+        "fim.jsonl",
+        "tokenizer.json",
+        "DATA.md",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let train = std::fs::read_to_string(out.join("train.jsonl")).expect("train");
+    assert!(train.contains("What does `mod"), "chat turns");
+    let tokenizer: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer.json")).expect("read"))
+            .expect("json");
+    let added: Vec<&str> = tokenizer["added_tokens"]
+        .as_array()
+        .expect("added tokens")
+        .iter()
+        .filter_map(|t| t["content"].as_str())
+        .collect();
+    assert!(
+        added.contains(&"<|fim_middle|>") && added.contains(&"<|im_start|>"),
+        "{added:?}"
+    );
+}

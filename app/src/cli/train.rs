@@ -10,7 +10,11 @@
 //!   faces with known factors (`studio_inference::train::faces`), `DIR/factors.jsonl` naming
 //!   each one's;
 //! - `studio train faces-check --dir DIR [--json]` reads every PNG of a folder (a real set or a
-//!   generator's samples): how many read as faces, and how often each factor value appears.
+//!   generator's samples): how many read as faces, and how often each factor value appears;
+//! - `studio train lm-data --out DIR [--python-lib DIR] [--max-files N] [--vocab N]` turns
+//!   Python's standard library into the demo language model's data (`train.jsonl`,
+//!   `held_out.jsonl`, `fim.jsonl`) and trains its tokenizer (`tokenizer.json`), with
+//!   `DATA.md` saying what it read.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -34,6 +38,24 @@ pub enum TrainCommand {
     FacesData(ShapesDataArgs),
     /// Read the faces in a folder of images: how many are faces, and their factors.
     FacesCheck(ShapesCheckArgs),
+    /// Turn Python's standard library into the demo language model's data and tokenizer.
+    LmData(LmDataArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LmDataArgs {
+    /// The folder to write (created if needed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The Python library to read (default: the newest /usr/lib/python3.X).
+    #[arg(long)]
+    pub python_lib: Option<PathBuf>,
+    /// At most this many source files.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_files: u32,
+    /// The tokenizer's vocabulary size.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(300..=65_536))]
+    pub vocab: u32,
 }
 
 #[derive(Debug, Args)]
@@ -69,6 +91,7 @@ pub fn run_train(command: &TrainCommand) -> Result<()> {
         TrainCommand::ShapesCheck(args) => shapes_check(args),
         TrainCommand::FacesData(args) => faces_data(args),
         TrainCommand::FacesCheck(args) => faces_check(args),
+        TrainCommand::LmData(args) => lm_data(args),
     }
 }
 
@@ -211,5 +234,89 @@ fn faces_check(args: &ShapesCheckArgs) -> Result<()> {
             println!("  {factor}: {n}");
         }
     }
+    Ok(())
+}
+
+fn lm_data(args: &LmDataArgs) -> Result<()> {
+    use studio_inference::train::corpus::{Example, collect, python_libraries, train_tokenizer};
+    let lib = match &args.python_lib {
+        Some(p) => p.clone(),
+        None => python_libraries().into_iter().next().context(
+            "no Python standard library in /usr/lib/python3.X: give one with --python-lib",
+        )?,
+    };
+    let started = std::time::Instant::now();
+    let corpus = collect(&lib, args.max_files as usize, 4)
+        .with_context(|| format!("reading {}", lib.display()))?;
+    if corpus.train.is_empty() {
+        bail!("{} holds no Python source to learn from", lib.display());
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let lines = |examples: &[Example]| -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for e in examples {
+            let kind = match e {
+                Example::Code(_) => "code",
+                Example::DocToFunction { .. } => "doc",
+                Example::Chat { .. } => "chat",
+            };
+            writeln!(out, "{}", json!({"kind": kind, "text": e.text()}))?;
+        }
+        Ok(out)
+    };
+    write_file(&args.out.join("train.jsonl"), &lines(&corpus.train)?)?;
+    write_file(&args.out.join("held_out.jsonl"), &lines(&corpus.held_out)?)?;
+    let mut fim = Vec::new();
+    for c in &corpus.fim {
+        writeln!(
+            fim,
+            "{}",
+            json!({"prefix": c.prefix, "middle": c.middle, "suffix": c.suffix})
+        )?;
+    }
+    write_file(&args.out.join("fim.jsonl"), &fim)?;
+    let texts: Vec<String> = corpus.train.iter().map(Example::text).collect();
+    let tokenizer = train_tokenizer(texts.iter().map(String::as_str), args.vocab as usize)?;
+    let tokenizer_path = args.out.join("tokenizer.json");
+    tokenizer
+        .save(&tokenizer_path, false)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", tokenizer_path.display()))?;
+    let count = |examples: &[Example], kind: fn(&Example) -> bool| {
+        examples.iter().filter(|e| kind(e)).count()
+    };
+    let card = format!(
+        "# The demo language model's data\n\n\
+         Read from `{lib}` (Python's standard library, under the Python Software Foundation \
+         License: see `LICENSE.txt` there) by `studio train lm-data`.\n\n\
+         - {files} source files ({mb:.1} MB), {skipped} skipped (too large, or not UTF-8);\n\
+         - split by file, one in 20 held out;\n\
+         - training: {tc} files as code, {td} docstring → function, {tq} chat turns;\n\
+         - held out: {hc} files, {hd} docstring → function, {hq} chat turns, {fim} lines to fill \
+         in the middle;\n\
+         - tokenizer: byte-level BPE, {vocab} tokens, with `<|endoftext|>`, `<|im_start|>`, \
+         `<|im_end|>`, `<|fim_prefix|>`, `<|fim_suffix|>`, `<|fim_middle|>`.\n",
+        lib = lib.display(),
+        files = corpus.files,
+        mb = corpus.bytes as f64 / 1e6,
+        skipped = corpus.skipped,
+        tc = count(&corpus.train, |e| matches!(e, Example::Code(_))),
+        td = count(&corpus.train, |e| matches!(
+            e,
+            Example::DocToFunction { .. }
+        )),
+        tq = count(&corpus.train, |e| matches!(e, Example::Chat { .. })),
+        hc = count(&corpus.held_out, |e| matches!(e, Example::Code(_))),
+        hd = count(&corpus.held_out, |e| matches!(
+            e,
+            Example::DocToFunction { .. }
+        )),
+        hq = count(&corpus.held_out, |e| matches!(e, Example::Chat { .. })),
+        fim = corpus.fim.len(),
+        vocab = tokenizer.get_vocab_size(true),
+    );
+    write_file(&args.out.join("DATA.md"), card.as_bytes())?;
+    print!("{card}");
+    eprintln!("took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

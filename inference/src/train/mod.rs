@@ -1,10 +1,13 @@
 //! Training Studio's own demo models (issue 21, in progress): the data they learn from, made
 //! on the spot, and the checkers that grade what they make.
 //!
+//! - [`corpus`]: the demo language model's text (Python's standard library as code,
+//!   docstring → function and chat examples, held-out lines to fill in) and its tokenizer;
 //! - [`faces`]: cartoon faces with known factors for the demo GAN, and the reader that grades
 //!   generated faces;
 //! - [`shapes`]: captioned shape scenes for the demo text-to-image model, and the
 //!   deterministic checker of prompt adherence.
 
+pub mod corpus;
 pub mod faces;
 pub mod shapes;
