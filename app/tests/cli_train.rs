@@ -140,4 +140,59 @@ fn python_sources_become_lm_data_and_a_tokenizer() {
         added.contains(&"<|fim_middle|>") && added.contains(&"<|im_start|>"),
         "{added:?}"
     );
+
+    // A few steps of training make a model folder Studio loads and runs.
+    let model = tmp.path().join("model");
+    let card = ok(&studio(&[
+        "train",
+        "lm",
+        "--data",
+        path(&out),
+        "--out",
+        path(&model),
+        "--steps",
+        "6",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--hidden",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+    ]));
+    assert!(card.contains("6 steps of 2 × 16 tokens"), "{card}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "MODEL.md",
+        "loss.jsonl",
+    ] {
+        assert!(model.join(f).is_file(), "{f}");
+    }
+    let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
+    assert_eq!(log.lines().count(), 6);
+    let generated = ok(&studio(&[
+        "generate",
+        "--model",
+        path(&model),
+        "--prompt",
+        "def f1(x):",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--json",
+    ]));
+    assert!(
+        generated
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("\"done\":true")),
+        "{generated}"
+    );
 }

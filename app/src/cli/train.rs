@@ -14,7 +14,12 @@
 //! - `studio train lm-data --out DIR [--python-lib DIR] [--max-files N] [--vocab N]` turns
 //!   Python's standard library into the demo language model's data (`train.jsonl`,
 //!   `held_out.jsonl`, `fim.jsonl`) and trains its tokenizer (`tokenizer.json`), with
-//!   `DATA.md` saying what it read.
+//!   `DATA.md` saying what it read;
+//! - `studio train lm --data DIR --out DIR [--steps N] [--batch B] [--seq T] [--lr X]
+//!   [--seed S] [--hidden H] [--layers L] [--heads A] [--checkpoint-every N]` trains the demo
+//!   language model on that data (`studio_inference::train::lm`), resuming from `DIR/checkpoint`
+//!   when a run was interrupted, and writes a model folder Studio loads, with `loss.jsonl` and
+//!   `MODEL.md`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -40,6 +45,40 @@ pub enum TrainCommand {
     FacesCheck(ShapesCheckArgs),
     /// Turn Python's standard library into the demo language model's data and tokenizer.
     LmData(LmDataArgs),
+    /// Train the demo language model (a tiny Llama) on `lm-data`'s output.
+    Lm(LmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LmArgs {
+    /// `lm-data`'s folder (`train.jsonl`, `tokenizer.json`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The model folder to write (and resume from).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub steps: u32,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch: u32,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(8..=8192))]
+    pub seq: u32,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3, value_parser = crate::cli::values::learning_rate)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Width of the residual stream.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(8..=8192))]
+    pub hidden: u32,
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub layers: u32,
+    /// Attention heads (must divide --hidden into even head widths).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub heads: u32,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub checkpoint_every: u32,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +131,7 @@ pub fn run_train(command: &TrainCommand) -> Result<()> {
         TrainCommand::FacesData(args) => faces_data(args),
         TrainCommand::FacesCheck(args) => faces_check(args),
         TrainCommand::LmData(args) => lm_data(args),
+        TrainCommand::Lm(args) => lm(args),
     }
 }
 
@@ -318,5 +358,94 @@ fn lm_data(args: &LmDataArgs) -> Result<()> {
     write_file(&args.out.join("DATA.md"), card.as_bytes())?;
     print!("{card}");
     eprintln!("took {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn lm(args: &LmArgs) -> Result<()> {
+    use studio_inference::train::lm::{
+        CHAT_TEMPLATE, LmShape, TrainOptions, hf_config, read_training_data, train,
+    };
+    let data = read_training_data(&args.data)
+        .with_context(|| format!("reading the training data in {}", args.data.display()))?;
+    let tokens = data.tokens;
+    let tokenizer_path = args.data.join("tokenizer.json");
+    if !args.hidden.is_multiple_of(args.heads) || !(args.hidden / args.heads).is_multiple_of(2) {
+        bail!("--heads must divide --hidden into even head widths");
+    }
+    let shape = LmShape {
+        vocab: data.vocab,
+        hidden: args.hidden as usize,
+        layers: args.layers as usize,
+        heads: args.heads as usize,
+        intermediate: (args.hidden as usize * 8 / 3).next_multiple_of(8),
+        max_positions: (args.seq as usize).max(256),
+    };
+    let opts = TrainOptions {
+        steps: args.steps as usize,
+        batch: args.batch as usize,
+        seq: args.seq as usize,
+        lr: args.lr,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every as usize,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let log_path = args.out.join("loss.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let started = std::time::Instant::now();
+    let mut first = None;
+    let last = train(&tokens, shape, &opts, &args.out, &mut |r| {
+        first.get_or_insert(r.loss);
+        let _ = writeln!(
+            log,
+            "{}",
+            json!({"step": r.step, "loss": r.loss, "seconds": started.elapsed().as_secs_f64()})
+        );
+        if r.step % 50 == 0 || r.step == opts.steps {
+            eprintln!("step {} loss {:.4}", r.step, r.loss);
+        }
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut config = hf_config(&shape, data.eos.first().copied().unwrap_or(0));
+    config["eos_token_id"] = json!(data.eos);
+    write_file(&args.out.join("config.json"), config.to_string().as_bytes())?;
+    write_file(
+        &args.out.join("tokenizer_config.json"),
+        json!({"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": null})
+            .to_string()
+            .as_bytes(),
+    )?;
+    std::fs::copy(&tokenizer_path, args.out.join("tokenizer.json"))
+        .with_context(|| format!("copying {}", tokenizer_path.display()))?;
+    let card = format!(
+        "# Studio's demo language model\n\n\
+         A tiny Llama ({hidden} wide, {layers} layers, {heads} heads, {vocab}-token byte-level \
+         BPE) trained by Studio's own trainer on the data in `{data}` (see its `DATA.md`).\n\n\
+         - {steps} steps of {batch} × {seq} tokens, AdamW, peak learning rate {lr}, seed \
+         {seed};\n\
+         - {tokens} training tokens; {seconds:.0} s on this machine's CPU;\n\
+         - training loss {first:.3} → {last:.3} (the log is `loss.jsonl`).\n\n\
+         Made by: `studio train lm --data {data} --out {out} --steps {steps} --batch {batch} \
+         --seq {seq} --lr {lr} --seed {seed} --hidden {hidden} --layers {layers} --heads {heads}`\n",
+        hidden = shape.hidden,
+        layers = shape.layers,
+        heads = shape.heads,
+        vocab = shape.vocab,
+        data = args.data.display(),
+        out = args.out.display(),
+        steps = opts.steps,
+        batch = opts.batch,
+        seq = opts.seq,
+        lr = opts.lr,
+        seed = opts.seed,
+        tokens = tokens.len(),
+        first = first.unwrap_or(f32::NAN),
+    );
+    write_file(&args.out.join("MODEL.md"), card.as_bytes())?;
+    print!("{card}");
     Ok(())
 }

@@ -3,6 +3,8 @@
 //!
 //! - [`corpus`]: the demo language model's text (Python's standard library as code,
 //!   docstring → function and chat examples, held-out lines to fill in) and its tokenizer;
+//! - [`lm`]: the trainer of the demo language model, a tiny Llama in transformers' layout,
+//!   with checkpoints, resume and a seed;
 //! - [`faces`]: cartoon faces with known factors for the demo GAN, and the reader that grades
 //!   generated faces;
 //! - [`shapes`]: captioned shape scenes for the demo text-to-image model, and the
@@ -10,4 +12,5 @@
 
 pub mod corpus;
 pub mod faces;
+pub mod lm;
 pub mod shapes;
