@@ -4,6 +4,13 @@
 mod cli_common;
 use cli_common::{ok, path, studio};
 
+#[track_caller]
+fn assert_files(dir: &std::path::Path, names: &[&str]) {
+    for f in names {
+        assert!(dir.join(f).is_file(), "{} lacks {f}", dir.display());
+    }
+}
+
 #[test]
 fn shape_scenes_are_written_and_graded() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -116,15 +123,16 @@ fn python_sources_become_lm_data_and_a_tokenizer() {
         "400",
     ]));
     assert!(card.contains("31 source files"), "{card}");
-    for f in [
-        "train.jsonl",
-        "held_out.jsonl",
-        "fim.jsonl",
-        "tokenizer.json",
-        "DATA.md",
-    ] {
-        assert!(out.join(f).is_file(), "{f}");
-    }
+    assert_files(
+        &out,
+        &[
+            "train.jsonl",
+            "held_out.jsonl",
+            "fim.jsonl",
+            "tokenizer.json",
+            "DATA.md",
+        ],
+    );
     let train = std::fs::read_to_string(out.join("train.jsonl")).expect("train");
     assert!(train.contains("What does `mod"), "chat turns");
     let tokenizer: serde_json::Value =
@@ -164,16 +172,17 @@ fn python_sources_become_lm_data_and_a_tokenizer() {
         "2",
     ]));
     assert!(card.contains("6 steps of 2 × 16 tokens"), "{card}");
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "MODEL.md",
-        "loss.jsonl",
-    ] {
-        assert!(model.join(f).is_file(), "{f}");
-    }
+    assert_files(
+        &model,
+        &[
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "MODEL.md",
+            "loss.jsonl",
+        ],
+    );
     let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
     assert_eq!(log.lines().count(), 6);
     let generated = ok(&studio(&[
