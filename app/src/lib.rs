@@ -9,8 +9,11 @@
 //! - [`serve`]: the OpenAI-compatible HTTP server (`studio serve` and the Chat panel's);
 //! - [`gui`]: the window, its panels and the status bar;
 //! - [`home`]: where user work is saved, atomically;
+//! - [`bundled`]: the demo models shipped in `assets/models/`, used when no other model is
+//!   configured;
 //! - [`files`]: the `studio-files` thread that encodes and writes images off the UI thread.
 
+pub mod bundled;
 pub mod cli;
 pub mod files;
 pub mod gui;

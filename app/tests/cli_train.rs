@@ -101,7 +101,8 @@ fn python_sources_become_lm_data_and_a_tokenizer() {
     let tmp = tempfile::tempdir().expect("tmp");
     let lib = tmp.path().join("python3.99");
     std::fs::create_dir_all(lib.join("pkg")).expect("dir");
-    for i in 0..30 {
+    // Enough files for the split by file to hold some out (3 of these 81).
+    for i in 0..80 {
         std::fs::write(
             lib.join(format!("mod{i}.py")),
             format!(
@@ -122,7 +123,8 @@ fn python_sources_become_lm_data_and_a_tokenizer() {
         "--vocab",
         "400",
     ]));
-    assert!(card.contains("31 source files"), "{card}");
+    assert!(card.contains("81 source files"), "{card}");
+    assert!(card.contains("held out: 3 files"), "{card}");
     assert_files(
         &out,
         &[
@@ -185,6 +187,30 @@ fn python_sources_become_lm_data_and_a_tokenizer() {
     );
     let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
     assert_eq!(log.lines().count(), 6);
+    let quality: serde_json::Value = serde_json::from_str(&ok(&studio(&[
+        "train",
+        "lm-eval",
+        "--model",
+        path(&model),
+        "--data",
+        path(&out),
+        "--fim",
+        "3",
+        "--json",
+    ])))
+    .expect("json");
+    let loss = quality["held_out_loss"].as_f64().expect("loss");
+    // Six steps leave the loss near a uniform guess over the vocabulary (ln 400 ≈ 6).
+    assert!(loss > 1.0 && loss < 8.0, "{quality}");
+    assert!(
+        quality["held_out_tokens"].as_u64().expect("tokens") > 0,
+        "{quality}"
+    );
+    let held_out_lines = std::fs::read_to_string(out.join("fim.jsonl"))
+        .expect("fim")
+        .lines()
+        .count();
+    assert_eq!(quality["fim_cases"], held_out_lines.min(3), "{quality}");
     let generated = ok(&studio(&[
         "generate",
         "--model",

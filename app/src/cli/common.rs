@@ -17,8 +17,14 @@ use studio_inference::llm::sampling::SamplingParams;
 /// Options shared by every subcommand that runs a model.
 #[derive(Debug, Args)]
 pub struct EngineArgs {
-    /// Model folder (Hugging Face layout) or weights file.
-    #[arg(long)]
+    /// Model folder (Hugging Face layout), weights file or `ORG/NAME[:FILE]` (default: the
+    /// bundled demo language model).
+    #[arg(
+        long,
+        default_value = "",
+        hide_default_value = true,
+        value_parser = crate::cli::values::model_path()
+    )]
     pub model: PathBuf,
     /// CPU threads (default: physical cores).
     #[arg(long, value_parser = crate::cli::values::threads)]

@@ -40,8 +40,14 @@ use super::common::{median, open_device};
 /// Flags shared by `gan` and `gan-interp`.
 #[derive(Debug, Args)]
 pub struct GanCommon {
-    /// StyleGAN2 generator: a `.safetensors` file with NVIDIA's `G_ema` tensor names.
-    #[arg(long)]
+    /// StyleGAN2 generator: a `.safetensors` file with NVIDIA's `G_ema` tensor names (default:
+    /// the bundled demo GAN).
+    #[arg(
+        long,
+        default_value = "",
+        hide_default_value = true,
+        value_parser = crate::cli::values::model_path()
+    )]
     pub model: PathBuf,
     /// Truncation ψ: 1 = none, 0 = the average image.
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::cli::values::psi)]

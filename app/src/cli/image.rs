@@ -33,8 +33,14 @@ use super::common::open_device;
 /// Flags shared by `txt2img`, `img2img` and `inpaint`.
 #[derive(Debug, Args)]
 pub struct ImageArgs {
-    /// Stable Diffusion model: a single `.safetensors` checkpoint or a diffusers folder.
-    #[arg(long)]
+    /// Stable Diffusion model: a single `.safetensors` checkpoint or a diffusers folder
+    /// (default: the bundled demo model).
+    #[arg(
+        long,
+        default_value = "",
+        hide_default_value = true,
+        value_parser = crate::cli::values::model_path()
+    )]
     pub model: PathBuf,
     #[arg(long)]
     pub prompt: String,

@@ -23,6 +23,9 @@
 //! - `studio complete`, `studio code` and `bench complete` (code assist): see
 //!   [`crate::cli::code`].
 //!
+//! Every subcommand that takes `--model` runs the bundled demo model of its kind when it is
+//! left out ([`crate::bundled`]), and says so on stderr.
+//!
 //! Errors go to stderr with a non-zero exit code.
 //!
 //! - `studio convert IN OUT.safetensors`: see [`convert`].
@@ -41,10 +44,12 @@ pub mod text;
 pub mod train;
 pub mod values;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+use crate::bundled::BundledKind;
 
 use text::{BenchGenerateArgs, BenchMemoryArgs, ChatArgs, GenerateArgs, ServeArgs};
 
@@ -102,22 +107,23 @@ pub enum Command {
 }
 
 impl Command {
-    /// The subcommand's `--model`, if it takes one.
-    fn model_arg(&mut self) -> Option<&mut PathBuf> {
+    /// The subcommand's `--model` and the kind of model it runs, if it takes one.
+    fn model_arg(&mut self) -> Option<(&mut PathBuf, BundledKind)> {
+        use BundledKind::{Gan, Image, Language};
         Some(match self {
-            Command::Generate(a) => &mut a.engine.model,
-            Command::Chat(a) => &mut a.engine.model,
-            Command::Bench(BenchCommand::Generate(a)) => &mut a.engine.model,
-            Command::Serve(a) => &mut a.engine.model,
-            Command::Complete(a) => &mut a.engine.model,
-            Command::Code(a) => &mut a.engine.model,
-            Command::Bench(BenchCommand::Complete(a)) => &mut a.engine.model,
-            Command::Txt2img(a) => &mut a.model,
-            Command::Img2img(a) => &mut a.image.model,
-            Command::Inpaint(a) => &mut a.image.model,
-            Command::Gan(a) => &mut a.common.model,
-            Command::GanInterp(a) => &mut a.common.model,
-            Command::GanProject(a) => &mut a.common.model,
+            Command::Generate(a) => (&mut a.engine.model, Language),
+            Command::Chat(a) => (&mut a.engine.model, Language),
+            Command::Bench(BenchCommand::Generate(a)) => (&mut a.engine.model, Language),
+            Command::Serve(a) => (&mut a.engine.model, Language),
+            Command::Complete(a) => (&mut a.engine.model, Language),
+            Command::Code(a) => (&mut a.engine.model, Language),
+            Command::Bench(BenchCommand::Complete(a)) => (&mut a.engine.model, Language),
+            Command::Txt2img(a) => (&mut a.model, Image),
+            Command::Img2img(a) => (&mut a.image.model, Image),
+            Command::Inpaint(a) => (&mut a.image.model, Image),
+            Command::Gan(a) => (&mut a.common.model, Gan),
+            Command::GanInterp(a) => (&mut a.common.model, Gan),
+            Command::GanProject(a) => (&mut a.common.model, Gan),
             Command::Bench(
                 BenchCommand::Sd(_) | BenchCommand::Gan(_) | BenchCommand::Memory(_),
             )
@@ -146,8 +152,22 @@ pub enum BenchCommand {
 
 /// Runs a subcommand; `pull`: download a `--model ORG/NAME[:FILE]` missing from the cache.
 pub fn run(mut command: Command, pull: bool) -> Result<()> {
-    if let Some(model) = command.model_arg() {
-        hub::resolve_model(model, pull)?;
+    if let Some((model, kind)) = command.model_arg() {
+        if model.as_os_str().is_empty() {
+            *model = crate::bundled::model(kind).with_context(|| {
+                format!(
+                    "--model is required: this installation has no bundled demo {}",
+                    kind.label()
+                )
+            })?;
+            eprintln!(
+                "no --model: using the bundled demo {} ({})",
+                kind.label(),
+                model.display()
+            );
+        } else {
+            hub::resolve_model(model, pull)?;
+        }
     }
     match command {
         Command::Generate(args) => text::run_generate(&args),

@@ -19,7 +19,16 @@
 //!   [--seed S] [--hidden H] [--layers L] [--heads A] [--checkpoint-every N]` trains the demo
 //!   language model on that data (`studio_inference::train::lm`), resuming from `DIR/checkpoint`
 //!   when a run was interrupted, and writes a model folder Studio loads, with `loss.jsonl` and
-//!   `MODEL.md`.
+//!   `MODEL.md`;
+//! - `studio train lm-eval --model DIR --data DIR [--windows N] [--fim N] [--json]` measures
+//!   such a model on the held-out set: mean loss per token, and greedy FIM exact match;
+//! - `studio train gan --data DIR --out DIR [--steps N] [--batch B] [--lr X] [--gamma G]
+//!   [--seed S] …` trains the demo GAN (`studio_inference::train::gan`) on a folder of square
+//!   images, resuming from `DIR/checkpoint`, and writes `generator.safetensors` (NVIDIA's
+//!   `G_ema` names) with `generator.json`, `samples.png`, `loss.jsonl` and `MODEL.md`;
+//! - `studio train gan-eval --model G --data DIR [--samples N] [--psi X] [--json]` grades a
+//!   generator's samples with the faces reader against the real faces: precision (samples that
+//!   read as faces) and recall (real faces whose factor combination some sample has).
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -47,6 +56,90 @@ pub enum TrainCommand {
     LmData(LmDataArgs),
     /// Train the demo language model (a tiny Llama) on `lm-data`'s output.
     Lm(LmArgs),
+    /// Measure a trained language model on `lm-data`'s held-out set: loss and FIM exact match.
+    LmEval(LmEvalArgs),
+    /// Train the demo GAN (a tiny StyleGAN2) on a folder of square images (`faces-data`'s).
+    Gan(GanArgs),
+    /// Grade a GAN's samples against a folder of real faces: precision and recall of factors.
+    GanEval(GanEvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GanArgs {
+    /// A folder of square images of one size (`faces-data`'s); others are skipped, counted.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The folder to write (and resume from).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub steps: u32,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=1024))]
+    pub batch: u32,
+    /// Adam's learning rate (both networks).
+    #[arg(long, default_value_t = 2.5e-3, value_parser = crate::cli::values::learning_rate)]
+    pub lr: f64,
+    /// The R1 penalty's weight γ.
+    #[arg(long, default_value_t = 0.1, value_parser = crate::cli::values::weight)]
+    pub gamma: f64,
+    /// Half-life of the generator's moving average, in images.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=100_000_000))]
+    pub ema_images: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Values of z and w.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=2048))]
+    pub z_dim: u32,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub mapping_layers: u32,
+    /// Channels at resolution r: min(channel_base / r, channel_max).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(8..=65_536))]
+    pub channel_base: u32,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub channel_max: u32,
+    /// Read at most this many images.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_images: u32,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub checkpoint_every: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct GanEvalArgs {
+    /// The generator (`generator.safetensors`, or any StyleGAN2 Studio loads).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The real faces (`faces-data`'s folder).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Samples to draw (seeds 0 to N − 1) and real images to read.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub samples: u32,
+    /// Truncation ψ.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = crate::cli::values::psi)]
+    pub psi: f64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LmEvalArgs {
+    /// The model folder `studio train lm` wrote.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// `lm-data`'s folder (`held_out.jsonl`, `fim.jsonl`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// At most this many 129-token windows of held-out text for the loss.
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub windows: u32,
+    /// At most this many held-out lines to fill in the middle.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub fim: u32,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +225,9 @@ pub fn run_train(command: &TrainCommand) -> Result<()> {
         TrainCommand::FacesCheck(args) => faces_check(args),
         TrainCommand::LmData(args) => lm_data(args),
         TrainCommand::Lm(args) => lm(args),
+        TrainCommand::LmEval(args) => lm_eval(args),
+        TrainCommand::Gan(args) => gan(args),
+        TrainCommand::GanEval(args) => gan_eval(args),
     }
 }
 
@@ -300,6 +396,7 @@ fn lm_data(args: &LmDataArgs) -> Result<()> {
                 Example::Code(_) => "code",
                 Example::DocToFunction { .. } => "doc",
                 Example::Chat { .. } => "chat",
+                Example::Fim(_) => "fim",
             };
             writeln!(out, "{}", json!({"kind": kind, "text": e.text()}))?;
         }
@@ -331,7 +428,8 @@ fn lm_data(args: &LmDataArgs) -> Result<()> {
          License: see `LICENSE.txt` there) by `studio train lm-data`.\n\n\
          - {files} source files ({mb:.1} MB), {skipped} skipped (too large, or not UTF-8);\n\
          - split by file, one in 20 held out;\n\
-         - training: {tc} files as code, {td} docstring → function, {tq} chat turns;\n\
+         - training: {tc} files as code, {td} docstring → function, {tq} chat turns, {tf} \
+         lines to fill in the middle;\n\
          - held out: {hc} files, {hd} docstring → function, {hq} chat turns, {fim} lines to fill \
          in the middle;\n\
          - tokenizer: byte-level BPE, {vocab} tokens, with `<|endoftext|>`, `<|im_start|>`, \
@@ -346,6 +444,7 @@ fn lm_data(args: &LmDataArgs) -> Result<()> {
             Example::DocToFunction { .. }
         )),
         tq = count(&corpus.train, |e| matches!(e, Example::Chat { .. })),
+        tf = count(&corpus.train, |e| matches!(e, Example::Fim(_))),
         hc = count(&corpus.held_out, |e| matches!(e, Example::Code(_))),
         hd = count(&corpus.held_out, |e| matches!(
             e,
@@ -447,5 +546,235 @@ fn lm(args: &LmArgs) -> Result<()> {
     );
     write_file(&args.out.join("MODEL.md"), card.as_bytes())?;
     print!("{card}");
+    Ok(())
+}
+
+fn lm_eval(args: &LmEvalArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let q = studio_inference::train::lm::evaluate(
+        &args.model,
+        &args.data,
+        args.windows as usize,
+        args.fim as usize,
+    )
+    .with_context(|| {
+        format!(
+            "measuring {} on {}",
+            args.model.display(),
+            args.data.display()
+        )
+    })?;
+    let rate = q.fim_exact as f64 / q.fim_cases.max(1) as f64;
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "held_out_loss": q.held_out_loss,
+                "held_out_perplexity": q.held_out_loss.exp(),
+                "held_out_tokens": q.held_out_tokens,
+                "fim_cases": q.fim_cases,
+                "fim_exact": q.fim_exact,
+                "fim_exact_rate": rate,
+            })
+        );
+    } else {
+        println!(
+            "held-out loss {:.3} nats/token (perplexity {:.1}) over {} tokens\n\
+             FIM exact match {}/{} ({:.1} %) of held-out lines",
+            q.held_out_loss,
+            q.held_out_loss.exp(),
+            q.held_out_tokens,
+            q.fim_exact,
+            q.fim_cases,
+            rate * 100.0
+        );
+    }
+    eprintln!("took {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Tiles images of one size into a grid `cols` wide.
+fn grid(
+    images: &[studio_inference::diffusion::imaging::RgbImage],
+    cols: usize,
+) -> Result<studio_inference::diffusion::imaging::RgbImage> {
+    let first = images.first().context("no images")?;
+    let (w, h) = (first.width as usize, first.height as usize);
+    let rows = images.len().div_ceil(cols);
+    let mut pixels = vec![255u8; cols * w * rows * h * 3];
+    for (i, img) in images.iter().enumerate() {
+        let (gx, gy) = (i % cols, i / cols);
+        for y in 0..h {
+            let src = &img.pixels[y * w * 3..(y + 1) * w * 3];
+            let at = ((gy * h + y) * cols * w + gx * w) * 3;
+            pixels[at..at + w * 3].copy_from_slice(src);
+        }
+    }
+    Ok(studio_inference::diffusion::imaging::RgbImage {
+        width: u32::try_from(cols * w)?,
+        height: u32::try_from(rows * h)?,
+        pixels,
+    })
+}
+
+fn gan(args: &GanArgs) -> Result<()> {
+    use studio_inference::train::gan::{GanShape, GanTrainOptions, read_images, train};
+    let images = read_images(&args.data, args.max_images as usize)
+        .with_context(|| format!("reading the images in {}", args.data.display()))?;
+    let side = images.side;
+    eprintln!(
+        "read {} images of {side}x{side}; skipped {} unreadable and {} of another size",
+        images.read, images.unreadable, images.other_size
+    );
+    let shape = GanShape {
+        resolution: side,
+        z_dim: args.z_dim as usize,
+        w_dim: args.z_dim as usize,
+        mapping_layers: args.mapping_layers as usize,
+        channel_base: args.channel_base as usize,
+        channel_max: args.channel_max as usize,
+    };
+    let opts = GanTrainOptions {
+        steps: args.steps as usize,
+        batch: args.batch as usize,
+        lr: args.lr,
+        r1_gamma: args.gamma,
+        ema_images: f64::from(args.ema_images),
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every as usize,
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let log_path = args.out.join("loss.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let started = std::time::Instant::now();
+    let mut last = None;
+    train(&images.pixels, shape, opts, &args.out, &mut |r| {
+        let seconds = started.elapsed().as_secs_f64();
+        let _ = writeln!(
+            log,
+            "{}",
+            json!({"step": r.step, "loss_g": r.loss_g, "loss_d": r.loss_d, "r1": r.r1, "seconds": seconds})
+        );
+        if r.step % 50 == 0 || r.step == opts.steps {
+            eprintln!(
+                "step {} G {:.3} D {:.3} R1 {:.3} ({seconds:.0} s)",
+                r.step, r.loss_g, r.loss_d, r.r1
+            );
+        }
+        last = Some(r);
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    let model = args.out.join("generator.safetensors");
+    // The samples come through Studio's own loader, as the explorer renders them.
+    let samples = studio_inference::train::gan::samples(&model, 16, 1.0)?;
+    write_file(
+        &args.out.join("samples.png"),
+        &encode_png(&grid(&samples, 8)?, None)?,
+    )?;
+    let size = std::fs::metadata(&model).map_or(0, |m| m.len());
+    let card = format!(
+        "# Studio's demo GAN\n\n\
+         A tiny StyleGAN2 (config F, 'skip'; {side}x{side}, z and w {z}, {m} mapping layers, \
+         channels min({base} / r, {max})) trained by Studio's own trainer on {n} images of \
+         `{data}`; `generator.safetensors` ({mb:.1} MB) holds the moving average in NVIDIA's \
+         `G_ema` names, `generator.json` its init kwargs.\n\n\
+         - {steps} steps of {batch} images, Adam (β₁ 0, β₂ 0.99) at {lr}, R1 γ {gamma}, \
+         moving-average half-life {ema} images, seed {seed};\n\
+         - {seconds:.0} s this run on this machine's CPU;\n\
+         - final losses: G {lg:.3}, D {ld:.3}, R1 {r1:.3} (the log is `loss.jsonl`);\n\
+         - `samples.png`: seeds 0 to 15, ψ 1, the stored noise.\n\n\
+         Made by: `studio train gan --data {data} --out {out} --steps {steps} --batch {batch} \
+         --lr {lr} --gamma {gamma} --ema-images {ema} --seed {seed} --z-dim {z} \
+         --mapping-layers {m} --channel-base {base} --channel-max {max} --max-images {maxi}`\n",
+        z = shape.z_dim,
+        m = shape.mapping_layers,
+        base = shape.channel_base,
+        max = shape.channel_max,
+        n = images.read,
+        data = args.data.display(),
+        out = args.out.display(),
+        mb = size as f64 / 1e6,
+        steps = opts.steps,
+        batch = opts.batch,
+        lr = opts.lr,
+        gamma = opts.r1_gamma,
+        ema = args.ema_images,
+        seed = opts.seed,
+        lg = last.map_or(f32::NAN, |r| r.loss_g),
+        ld = last.map_or(f32::NAN, |r| r.loss_d),
+        r1 = last.map_or(f32::NAN, |r| r.r1),
+        maxi = args.max_images,
+    );
+    write_file(&args.out.join("MODEL.md"), card.as_bytes())?;
+    print!("{card}");
+    Ok(())
+}
+
+fn gan_eval(args: &GanEvalArgs) -> Result<()> {
+    use studio_inference::train::faces::read;
+    let n = args.samples as usize;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&args.data)
+        .with_context(|| format!("reading {}", args.data.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+        .collect();
+    files.sort();
+    files.truncate(n);
+    let mut real = Vec::new();
+    for path in &files {
+        if let Ok(decoded) = decode_image_file(path)
+            && let Some(face) = read(&decoded.image)
+        {
+            real.push(face.describe());
+        }
+    }
+    if real.is_empty() {
+        bail!("{} holds no images that read as faces", args.data.display());
+    }
+    let generated: Vec<String> = studio_inference::train::gan::samples(&args.model, n, args.psi)?
+        .iter()
+        .filter_map(|img| read(img).map(|f| f.describe()))
+        .collect();
+    let made: std::collections::BTreeSet<&str> = generated.iter().map(String::as_str).collect();
+    let precision = generated.len() as f64 / n as f64;
+    let recall =
+        real.iter().filter(|r| made.contains(r.as_str())).count() as f64 / real.len() as f64;
+    let combos = |faces: &[String]| {
+        faces
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "samples": n,
+                "precision": precision,
+                "recall": recall,
+                "real_faces": real.len(),
+                "real_combinations": combos(&real),
+                "generated_faces": generated.len(),
+                "generated_combinations": combos(&generated),
+            })
+        );
+    } else {
+        println!(
+            "precision {:.1} % ({} of {n} samples read as faces), recall {:.1} % (of {} real \
+             faces, the share whose factor combination a sample has; {} of {} combinations made)",
+            precision * 100.0,
+            generated.len(),
+            recall * 100.0,
+            real.len(),
+            combos(&generated),
+            combos(&real)
+        );
+    }
     Ok(())
 }

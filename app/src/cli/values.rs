@@ -1,9 +1,18 @@
-//! Value parsers for the CLI's numeric flags: every count is bounded, every real number is
+//! Value parsers for the CLI's flags: `--model`, and the numeric flags: every count is bounded, every real number is
 //! finite and in its range, before anything is sized from it. clap reports a refused value
 //! with the flag's name ("invalid value '1e9' for '--mask-blur <MASK_BLUR>': …") and exits
 //! with status 2.
 
 use std::ops::RangeInclusive;
+
+/// `--model`: any path, empty included (the default: the bundled demo model of the
+/// subcommand's kind, see [`crate::bundled`]); clap's own path parser refuses empty values.
+pub fn model_path() -> impl clap::builder::TypedValueParser<Value = std::path::PathBuf> {
+    clap::builder::TypedValueParser::map(
+        clap::builder::OsStringValueParser::new(),
+        std::path::PathBuf::from,
+    )
+}
 
 /// The most threads a flag may ask for: 4 per logical CPU (more only adds contention, and
 /// thread pools size per-thread buffers from it).

@@ -47,6 +47,9 @@ pub struct AppConfig {
     pub undo_window: Duration,
     /// The Hugging Face Hub to search and download from; `None`: downloading is off.
     pub hub: Option<studio_inference::hub::HubConfig>,
+    /// The bundled demo models (`assets/models`), each loaded at startup by its panel when no
+    /// other model is configured; `None`: none.
+    pub bundled_models: Option<PathBuf>,
 }
 
 /// How long a deleted conversation can be brought back with Undo.
@@ -62,10 +65,12 @@ impl AppConfig {
             restore_last_model: true,
             undo_window: UNDO_WINDOW,
             hub: studio_inference::hub::HubConfig::from_env().ok(),
+            bundled_models: crate::bundled::models_dir(),
         }
     }
 
-    /// For tests: everything under `home`, shipped presets, CPU, no Hugging Face cache.
+    /// For tests: everything under `home`, shipped presets, CPU, no Hugging Face cache, no
+    /// demo models.
     pub fn for_tests(home: &Path) -> Self {
         Self {
             home: home.to_path_buf(),
@@ -75,6 +80,7 @@ impl AppConfig {
             restore_last_model: true,
             undo_window: UNDO_WINDOW,
             hub: None,
+            bundled_models: None,
         }
     }
 }
@@ -138,6 +144,7 @@ impl StudioApp {
             presets_dir: config.presets_dir.as_deref(),
             hf_cache_dir: config.hf_cache_dir.as_deref(),
             hub: config.hub.as_ref(),
+            bundled_models: config.bundled_models.as_deref(),
             settings: &settings,
             notices: &mut notices,
         });

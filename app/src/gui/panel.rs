@@ -30,6 +30,8 @@ pub struct OpenContext<'a> {
     pub hf_cache_dir: Option<&'a Path>,
     /// The Hub to search and download from, if downloading is on.
     pub hub: Option<&'a studio_inference::hub::HubConfig>,
+    /// The bundled demo models' folder (`assets/models`), if there is one.
+    pub bundled_models: Option<&'a Path>,
     pub settings: &'a Settings,
     /// Where what went wrong while opening is said.
     pub notices: &'a mut Notices,

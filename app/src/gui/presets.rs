@@ -13,21 +13,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use studio_inference::llm::sampling::SamplingParams;
 
-/// Where the presets folder is: `$STUDIO_PRESETS`, else `presets/` next to the executable,
-/// else the source tree's `presets/` (development builds), else none.
+/// Where the presets folder is: `$STUDIO_PRESETS`, else `presets/` found as
+/// [`crate::bundled::installed_dir`] finds folders, else none.
 pub fn presets_dir() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("STUDIO_PRESETS") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join("presets")))
-        && dir.is_dir()
-    {
-        return Some(dir);
-    }
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets");
-    source.is_dir().then_some(source)
+    crate::bundled::installed_dir("STUDIO_PRESETS", "presets")
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -6,8 +6,9 @@
 //!   count) and splits them by file into training and held-out sets (a file's hash decides,
 //!   so the split never changes between runs);
 //! - each file gives its source as code, its functions with docstrings as docstring → function
-//!   examples and "What does `module.name` do?" chat turns, and, in the held-out set, single
-//!   lines to fill in the middle ([`FimCase`]);
+//!   examples and "What does `module.name` do?" chat turns, and single lines to fill in the
+//!   middle ([`FimCase`]): in the training set as FIM-formatted examples, in the held-out set
+//!   as the cases FIM exact match is measured on;
 //! - [`train_tokenizer`] trains a byte-level BPE on the training text with the special tokens
 //!   Studio's chat and code paths read: `<|endoftext|>`, ChatML's `<|im_start|>` /
 //!   `<|im_end|>`, and Qwen's `<|fim_prefix|>` / `<|fim_suffix|>` / `<|fim_middle|>`.
@@ -45,6 +46,8 @@ pub enum Example {
         /// The function, `def` line to the end of its body.
         function: String,
     },
+    /// A line to fill in the middle, in Qwen's FIM format (what ghost text asks for).
+    Fim(FimCase),
     /// A question about a function and the first sentence of its docstring.
     Chat {
         /// "What does `module.name` do?"
@@ -62,6 +65,25 @@ impl Example {
             Example::Code(code) => format!("{code}{EOS}"),
             Example::DocToFunction { doc, function } => {
                 format!("# {}\n{function}{EOS}", doc.replace('\n', "\n# "))
+            }
+            Example::Fim(c) => {
+                // Up to 1,000 characters each side, cut at line starts and ends.
+                let mut from = c.prefix.len().saturating_sub(1000);
+                while !c.prefix.is_char_boundary(from) {
+                    from += 1;
+                }
+                let prefix = &c.prefix[from..];
+                let prefix = prefix.find('\n').map_or(prefix, |i| &prefix[i + 1..]);
+                let mut to = c.suffix.len().min(1000);
+                while !c.suffix.is_char_boundary(to) {
+                    to -= 1;
+                }
+                let suffix = &c.suffix[..to];
+                let suffix = suffix.rfind('\n').map_or(suffix, |i| &suffix[..=i]);
+                format!(
+                    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>{}{EOS}",
+                    c.middle
+                )
             }
             Example::Chat { question, answer } => format!(
                 "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
@@ -153,6 +175,13 @@ pub fn collect(root: &Path, max_files: usize, fim_per_file: usize) -> Result<Cor
             corpus.fim.extend(fim_cases(&text, fim_per_file));
             corpus.held_out.extend(examples);
         } else {
+            // Training files teach the FIM format on their own lines (more of them than the
+            // held-out files give cases).
+            examples.extend(
+                fim_cases(&text, fim_per_file * 4)
+                    .into_iter()
+                    .map(Example::Fim),
+            );
             corpus.train.extend(examples);
         }
     }

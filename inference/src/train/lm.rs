@@ -247,6 +247,174 @@ pub fn read_training_data(dir: &Path) -> Result<TrainingData> {
     })
 }
 
+/// The demo model's quality, as `studio train lm-eval` reports it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quality {
+    /// Mean cross-entropy per token on the held-out examples (nats).
+    pub held_out_loss: f64,
+    /// Tokens it was measured on.
+    pub held_out_tokens: usize,
+    /// Held-out lines asked for.
+    pub fim_cases: usize,
+    /// Lines the model wrote exactly (greedy, up to the end of the line; spaces around it
+    /// ignored).
+    pub fim_exact: usize,
+}
+
+/// A trained model folder's shape, from its `config.json`.
+fn shape_of(model_dir: &Path) -> Result<LmShape> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let get = |k: &str| {
+        v[k].as_u64()
+            .map(|x| x as usize)
+            .ok_or_else(|| Error::BadConfig {
+                path: path.clone(),
+                message: format!("no `{k}`"),
+            })
+    };
+    Ok(LmShape {
+        vocab: get("vocab_size")?,
+        hidden: get("hidden_size")?,
+        layers: get("num_hidden_layers")?,
+        heads: get("num_attention_heads")?,
+        intermediate: get("intermediate_size")?,
+        max_positions: get("max_position_embeddings")?,
+    })
+}
+
+/// Measures a model `studio train lm` wrote on `lm-data`'s held-out set in `data_dir`: the
+/// mean loss over at most `max_windows` windows of held-out text, and greedy
+/// fill-in-the-middle on at most `max_fim` held-out lines (the prefix's end and the suffix's
+/// start that fit the model's context).
+pub fn evaluate(
+    model_dir: &Path,
+    data_dir: &Path,
+    max_windows: usize,
+    max_fim: usize,
+) -> Result<Quality> {
+    let device = Device::Cpu;
+    let shape = shape_of(model_dir)?;
+    let tokenizer_path = model_dir.join("tokenizer.json");
+    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+    let mut varmap = VarMap::new();
+    let model = TinyLlama::new(shape, &varmap, &device, 0)?;
+    varmap.load(model_dir.join("model.safetensors"))?;
+    let encode = |t: &str| -> Result<Vec<u32>> {
+        Ok(tokenizer
+            .encode(t, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    };
+    let lines = |name: &str| -> Result<Vec<serde_json::Value>> {
+        let path = data_dir.join(name);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| Error::BadConfig {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    };
+    // Held-out loss over non-overlapping windows.
+    let mut tokens = Vec::new();
+    for entry in lines("held_out.jsonl")? {
+        if let Some(t) = entry["text"].as_str() {
+            tokens.extend(encode(t)?);
+        }
+    }
+    let window = shape.max_positions.min(129);
+    let (mut total, mut counted) = (0.0f64, 0usize);
+    for chunk in tokens
+        .chunks(window)
+        .filter(|c| c.len() > 1)
+        .take(max_windows)
+    {
+        let ids = Tensor::from_vec(chunk.to_vec(), (1, chunk.len()), &device)?;
+        let l = f64::from(loss(&model, &ids)?.to_scalar::<f32>()?);
+        total += l * (chunk.len() - 1) as f64;
+        counted += chunk.len() - 1;
+    }
+    if counted == 0 {
+        return Err(Error::InvalidParameter(format!(
+            "{} has no held-out text to measure the loss on",
+            data_dir.display()
+        )));
+    }
+    // Greedy fill-in-the-middle of held-out lines.
+    let special = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no {t}")))
+    };
+    let (fp, fs, fm) = (
+        special("<|fim_prefix|>")?,
+        special("<|fim_suffix|>")?,
+        special("<|fim_middle|>")?,
+    );
+    let stops: Vec<u32> = [super::corpus::EOS, "<|im_end|>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect();
+    let max_new = 40;
+    let side = shape.max_positions.saturating_sub(max_new + 3) / 2;
+    let (mut cases, mut exact) = (0, 0);
+    for entry in lines("fim.jsonl")?.into_iter().take(max_fim) {
+        let (Some(prefix), Some(middle), Some(suffix)) = (
+            entry["prefix"].as_str(),
+            entry["middle"].as_str(),
+            entry["suffix"].as_str(),
+        ) else {
+            continue;
+        };
+        let p = encode(prefix)?;
+        let s = encode(suffix)?;
+        let mut ids = vec![fp];
+        ids.extend_from_slice(&p[p.len().saturating_sub(side)..]);
+        ids.push(fs);
+        ids.extend_from_slice(&s[..s.len().min(side)]);
+        ids.push(fm);
+        let start = ids.len();
+        for _ in 0..max_new {
+            let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
+            let logits = model.forward(&input)?.get(0)?.get(ids.len() - 1)?;
+            let next = logits.argmax(0)?.to_scalar::<u32>()?;
+            if stops.contains(&next) {
+                break;
+            }
+            ids.push(next);
+            let text = tokenizer
+                .decode(&ids[start..], false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            if text.contains('\n') {
+                break;
+            }
+        }
+        let written = tokenizer
+            .decode(&ids[start..], false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let line = written.split('\n').next().unwrap_or("");
+        cases += 1;
+        if line.trim() == middle.trim() {
+            exact += 1;
+        }
+    }
+    Ok(Quality {
+        held_out_loss: total / counted as f64,
+        held_out_tokens: counted,
+        fim_cases: cases,
+        fim_exact: exact,
+    })
+}
+
 /// Every parameter's name (as transformers names it) and shape.
 pub fn parameters(s: &LmShape) -> Vec<(String, Vec<usize>)> {
     let mut out = vec![(

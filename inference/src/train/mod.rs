@@ -5,6 +5,7 @@
 //!   docstring → function and chat examples, held-out lines to fill in) and its tokenizer;
 //! - [`lm`]: the trainer of the demo language model, a tiny Llama in transformers' layout,
 //!   with checkpoints, resume and a seed;
+//! - [`gan`]: the trainer of the demo GAN, a tiny StyleGAN2 saved in NVIDIA's `G_ema` names;
 //! - [`faces`]: cartoon faces with known factors for the demo GAN, and the reader that grades
 //!   generated faces;
 //! - [`shapes`]: captioned shape scenes for the demo text-to-image model, and the
@@ -12,5 +13,6 @@
 
 pub mod corpus;
 pub mod faces;
+pub mod gan;
 pub mod lm;
 pub mod shapes;

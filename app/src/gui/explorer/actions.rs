@@ -96,10 +96,13 @@ impl PanelView for ExplorerPanel {
 
     /// Opens the saved explorer state, directions and presets.
     fn open(cx: &mut OpenContext<'_>) -> Self {
-        let (explorer, notes) = ExplorerPanel::new(cx.home, cx.presets_dir);
+        let (mut explorer, notes) = ExplorerPanel::new(cx.home, cx.presets_dir);
         for note in notes {
             cx.notices.warning(note);
         }
+        explorer.demo_model = cx
+            .bundled_models
+            .and_then(|dir| crate::bundled::model_in(dir, crate::bundled::BundledKind::Gan));
         explorer
     }
 
@@ -121,11 +124,14 @@ impl PanelView for ExplorerPanel {
         self.gan_event(job, purpose, event, cx)
     }
 
-    /// Loads the last session's generator again, if it is still there.
+    /// Loads the last session's generator again, if it is still there; else the bundled demo
+    /// GAN, if there is one.
     fn restore(&mut self, cx: &mut AppContext<'_>) {
         let saved = &mut cx.settings.last_gan_model;
         if let Some(path) = still_there(saved, "generator", "in the Latent Explorer", cx.notices) {
             self.load_gan(path, true, cx);
+        } else if let Some(demo) = self.demo_model.clone() {
+            self.load_gan(demo, true, cx);
         }
     }
 

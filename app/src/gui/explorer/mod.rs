@@ -149,6 +149,8 @@ pub struct ExplorerPanel {
     directions: Option<Arc<Directions>>,
     /// The load queued at startup (its failure is a warning, not an error).
     startup_load: Option<JobId>,
+    /// The bundled demo GAN, loaded at startup when no other generator is configured.
+    pub(crate) demo_model: Option<PathBuf>,
     directions_job: Option<JobId>,
     export_job: Option<JobId>,
     project_job: Option<JobId>,
@@ -205,6 +207,7 @@ impl ExplorerPanel {
                 state,
                 directions: directions.map(Arc::new),
                 startup_load: None,
+                demo_model: None,
                 directions_job: None,
                 export_job: None,
                 project_job: None,

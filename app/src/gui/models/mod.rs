@@ -41,6 +41,8 @@ pub struct ModelsPanel {
     starters: Vec<get::Starter>,
     /// A cache entry the user asked to delete, waiting for the confirmation.
     confirm_delete: Option<PathBuf>,
+    /// The bundled demo language model, loaded at startup when no other model is configured.
+    demo_model: Option<PathBuf>,
 }
 
 impl PanelView for ModelsPanel {
@@ -55,6 +57,9 @@ impl PanelView for ModelsPanel {
             cx.notices.warning(note);
         }
         panel.starters = starters;
+        panel.demo_model = cx
+            .bundled_models
+            .and_then(|dir| crate::bundled::model_in(dir, crate::bundled::BundledKind::Language));
         panel
     }
 
@@ -119,11 +124,14 @@ impl PanelView for ModelsPanel {
         }
     }
 
-    /// Loads the last session's language model again, if it is still there.
+    /// Loads the last session's language model again, if it is still there; else the bundled
+    /// demo model, if there is one.
     fn restore(&mut self, cx: &mut AppContext<'_>) {
         let saved = &mut cx.settings.last_model;
         if let Some(path) = still_there(saved, "model", "in the Models panel", cx.notices) {
             cx.commands.push(Command::LoadModel(path));
+        } else if let Some(demo) = &self.demo_model {
+            cx.commands.push(Command::LoadModel(demo.clone()));
         }
     }
 
@@ -144,6 +152,7 @@ impl ModelsPanel {
             hub: downloads::Hub::off(),
             starters: Vec::new(),
             confirm_delete: None,
+            demo_model: None,
             path_input: String::new(),
             hf: HfCacheView {
                 dir: hf_cache_dir,
