@@ -29,6 +29,8 @@ pub struct DeviceChoice {
     pub label: String,
     /// Set when the preferred device was not available and the CPU is used instead.
     pub warning: Option<String>,
+    /// The NVIDIA GPU's index, when the device is one.
+    pub cuda: Option<usize>,
 }
 
 /// GPU backends compiled into this build.
@@ -53,6 +55,7 @@ fn cpu(warning: Option<String>) -> DeviceChoice {
         device: Device::Cpu,
         label: format!("CPU ({} threads)", cpu_threads()),
         warning,
+        cuda: None,
     }
 }
 
@@ -68,6 +71,7 @@ pub fn create_device(pref: DevicePreference) -> DeviceChoice {
                     device: d,
                     label: "CUDA 0".to_owned(),
                     warning: None,
+                    cuda: Some(0),
                 };
             }
             if cfg!(feature = "metal")
@@ -77,6 +81,7 @@ pub fn create_device(pref: DevicePreference) -> DeviceChoice {
                     device: d,
                     label: "Metal 0".to_owned(),
                     warning: None,
+                    cuda: None,
                 };
             }
             cpu(None)
@@ -86,6 +91,7 @@ pub fn create_device(pref: DevicePreference) -> DeviceChoice {
                 device: d,
                 label: format!("CUDA {i}"),
                 warning: None,
+                cuda: Some(i),
             },
             Err(e) => cpu(Some(format!(
                 "CUDA {i} is not available ({e}); using the CPU"
@@ -96,6 +102,7 @@ pub fn create_device(pref: DevicePreference) -> DeviceChoice {
                 device: d,
                 label: format!("Metal {i}"),
                 warning: None,
+                cuda: None,
             },
             Err(e) => cpu(Some(format!(
                 "Metal {i} is not available ({e}); using the CPU"

@@ -69,6 +69,59 @@ pub fn available_memory_bytes() -> Option<u64> {
     kib_in("/proc/meminfo", "MemAvailable:").map(|kib| kib * 1024)
 }
 
+/// Free memory of NVIDIA GPU `index` in bytes, from `nvidia-smi` (the driver's tool, on the
+/// `PATH` wherever the driver is installed; `$STUDIO_NVIDIA_SMI` names another program with
+/// its interface). `None` when there is none, it fails, or it takes more than 3 s. It runs a
+/// process: call it off the UI thread.
+pub fn nvidia_free_memory_bytes(index: usize) -> Option<u64> {
+    let program = std::env::var_os("STUDIO_NVIDIA_SMI").unwrap_or_else(|| "nvidia-smi".into());
+    free_memory_from(&program, index, std::time::Duration::from_secs(3))
+}
+
+/// [`nvidia_free_memory_bytes`] with `program` as `nvidia-smi`, waiting at most `limit`.
+fn free_memory_from(
+    program: &std::ffi::OsStr,
+    index: usize,
+    limit: std::time::Duration,
+) -> Option<u64> {
+    use std::io::Read as _;
+    let mut child = std::process::Command::new(program)
+        .args([
+            "--query-gpu=memory.free",
+            "--format=csv,noheader,nounits",
+            &format!("--id={index}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut out = String::new();
+    // A line of digits: bound what is read.
+    child
+        .stdout
+        .take()?
+        .take(256)
+        .read_to_string(&mut out)
+        .ok()?;
+    let mib: u64 = out.lines().next()?.trim().parse().ok()?;
+    mib.checked_mul(1 << 20)
+}
+
 /// The machine's physical memory in bytes (Linux `MemTotal`).
 pub fn total_memory_bytes() -> Option<u64> {
     kib_in("/proc/meminfo", "MemTotal:").map(|kib| kib * 1024)
@@ -314,6 +367,45 @@ pub fn tune_allocator() {
 #[cfg(test)]
 mod tests {
     use std::io::Write as _;
+
+    /// An executable shell script standing in for `nvidia-smi`.
+    #[cfg(unix)]
+    fn script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn gpu_free_memory_is_read_from_nvidia_smi_and_bad_answers_are_none() {
+        use super::free_memory_from;
+        use std::time::{Duration, Instant};
+        let tmp = tempfile::tempdir().expect("tmp");
+        let limit = Duration::from_secs(3);
+        // The arguments reach the program: it answers only for the asked GPU.
+        let ok = script(
+            tmp.path(),
+            "ok",
+            r#"case "$*" in *--id=1*) echo " 8123";; *) exit 9;; esac"#,
+        );
+        assert_eq!(free_memory_from(ok.as_os_str(), 1, limit), Some(8123 << 20));
+        assert_eq!(free_memory_from(ok.as_os_str(), 0, limit), None);
+        let garbage = script(tmp.path(), "garbage", "echo 'No devices were found'");
+        assert_eq!(free_memory_from(garbage.as_os_str(), 0, limit), None);
+        let missing = tmp.path().join("missing");
+        assert_eq!(free_memory_from(missing.as_os_str(), 0, limit), None);
+        // A hung driver tool is abandoned at the limit.
+        let hung = script(tmp.path(), "hung", "sleep 30");
+        let started = Instant::now();
+        assert_eq!(
+            free_memory_from(hung.as_os_str(), 0, Duration::from_millis(300)),
+            None
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     /// Files in `dir` (the target and any temporary left behind).
     fn names(dir: &std::path::Path) -> Vec<String> {

@@ -460,6 +460,18 @@ fn lm_data(args: &LmDataArgs) -> Result<()> {
     Ok(())
 }
 
+/// Creates the run's folder and opens its `loss.jsonl` for appending (a resumed run goes on
+/// with the same log).
+fn open_log(out: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join("loss.jsonl");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
 fn lm(args: &LmArgs) -> Result<()> {
     use studio_inference::train::lm::{
         CHAT_TEMPLATE, LmShape, TrainOptions, hf_config, read_training_data, train,
@@ -487,14 +499,7 @@ fn lm(args: &LmArgs) -> Result<()> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every as usize,
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let log_path = args.out.join("loss.jsonl");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut log = open_log(&args.out)?;
     let started = std::time::Instant::now();
     let mut first = None;
     let last = train(&tokens, shape, &opts, &args.out, &mut |r| {
@@ -643,14 +648,7 @@ fn gan(args: &GanArgs) -> Result<()> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every as usize,
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let log_path = args.out.join("loss.jsonl");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut log = open_log(&args.out)?;
     let started = std::time::Instant::now();
     let mut last = None;
     train(&images.pixels, shape, opts, &args.out, &mut |r| {

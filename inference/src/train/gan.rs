@@ -358,7 +358,23 @@ impl Nets {
             Ok(())
         };
         let zeros = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu);
-        let ones = |n: usize| Tensor::ones(n, DType::F32, &Device::Cpu);
+        // A modulated convolution `[out, in, k]`: its weight, bias and style affine.
+        let modulated = |g: &mut BTreeMap<String, Var>,
+                         rng: &mut StdRng,
+                         q: &str,
+                         [out, inp, k]: [usize; 3]|
+         -> Result<()> {
+            var(
+                g,
+                format!("{q}.weight"),
+                normal(rng, &[out, inp, k, k], 1.0)?,
+            )?;
+            var(g, format!("{q}.bias"), zeros(out)?)?;
+            let a = normal(rng, &[inp, shape.w_dim], 1.0)?;
+            var(g, format!("{q}.affine.weight"), a)?;
+            let ones = Tensor::ones(inp, DType::F32, &Device::Cpu)?;
+            var(g, format!("{q}.affine.bias"), ones)
+        };
         for i in 0..shape.mapping_layers {
             let inp = if i == 0 { shape.z_dim } else { shape.w_dim };
             let w = normal(&mut rng, &[shape.w_dim, inp], 1.0 / MAPPING_LR)?;
@@ -385,15 +401,7 @@ impl Nets {
             };
             for (name, inp) in layers {
                 let q = format!("{p}.{name}");
-                var(
-                    &mut g,
-                    format!("{q}.weight"),
-                    normal(&mut rng, &[ch, inp, 3, 3], 1.0)?,
-                )?;
-                var(&mut g, format!("{q}.bias"), zeros(ch)?)?;
-                let a = normal(&mut rng, &[inp, shape.w_dim], 1.0)?;
-                var(&mut g, format!("{q}.affine.weight"), a)?;
-                var(&mut g, format!("{q}.affine.bias"), ones(inp)?)?;
+                modulated(&mut g, &mut rng, &q, [ch, inp, 3])?;
                 var(
                     &mut g,
                     format!("{q}.noise_strength"),
@@ -405,16 +413,7 @@ impl Nets {
                 );
                 buffers.insert(format!("{q}.resample_filter"), resample_filter()?);
             }
-            let q = format!("{p}.torgb");
-            var(
-                &mut g,
-                format!("{q}.weight"),
-                normal(&mut rng, &[3, ch, 1, 1], 1.0)?,
-            )?;
-            var(&mut g, format!("{q}.bias"), zeros(3)?)?;
-            let a = normal(&mut rng, &[ch, shape.w_dim], 1.0)?;
-            var(&mut g, format!("{q}.affine.weight"), a)?;
-            var(&mut g, format!("{q}.affine.bias"), ones(ch)?)?;
+            modulated(&mut g, &mut rng, &format!("{p}.torgb"), [3, ch, 1])?;
             prev = ch;
         }
         // The discriminator, from the top resolution down.
@@ -1000,6 +999,32 @@ mod tests {
             .expect("scalar");
         // Adam's moments start afresh on resume, so the last step differs a little.
         assert!(d < 0.05, "{d}");
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one_whole() {
+        let (shape, opts) = tiny();
+        let data = images(4, 16);
+        let tmp = tempfile::tempdir().expect("tmp");
+        let two = GanTrainOptions { steps: 2, ..opts };
+        train(&data, shape, two, tmp.path(), &mut |_| {}).expect("train");
+        let checkpoint = tmp.path().join("checkpoint");
+        let before = std::fs::read(checkpoint.join("nets.safetensors")).expect("read");
+        // Writing fails, as on a full disk: the temporary cannot be created.
+        std::fs::create_dir(checkpoint.join("nets.safetensors.tmp")).expect("dir");
+        let mut trainer = GanTrainer::new(shape, opts, &checkpoint).expect("resume");
+        assert_eq!(trainer.step(), 2);
+        trainer.train_step(&data).expect("step");
+        assert!(trainer.save_checkpoint(&checkpoint).is_err());
+        let after = std::fs::read(checkpoint.join("nets.safetensors")).expect("read");
+        assert!(before == after, "the previous checkpoint is untouched");
+        std::fs::remove_dir(checkpoint.join("nets.safetensors.tmp")).expect("rmdir");
+        assert_eq!(
+            GanTrainer::new(shape, opts, &checkpoint)
+                .expect("resume")
+                .step(),
+            2
+        );
     }
 
     #[test]

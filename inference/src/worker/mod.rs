@@ -95,6 +95,8 @@ pub struct Worker {
     fim: Arc<Mutex<FimSupport>>,
     device_label: String,
     device_warning: Option<String>,
+    /// The NVIDIA GPU's index, when the device is one.
+    cuda: Option<usize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -170,6 +172,7 @@ impl Worker {
             fim,
             device_label: choice.label,
             device_warning: choice.warning,
+            cuda: choice.cuda,
             thread: Some(thread),
         })
     }
@@ -184,6 +187,11 @@ impl Worker {
     /// "CPU (2 threads)", "CUDA 0", …
     pub fn device_label(&self) -> &str {
         &self.device_label
+    }
+
+    /// The NVIDIA GPU's index, when the worker runs on one.
+    pub fn cuda_index(&self) -> Option<usize> {
+        self.cuda
     }
 
     /// Set when the preferred device could not be opened.

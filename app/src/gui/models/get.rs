@@ -4,6 +4,8 @@
 //! resume, cancel and *Load* when a download ends.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use egui::RichText;
 use serde::Deserialize;
@@ -68,11 +70,56 @@ pub fn load_starters(presets_dir: Option<&Path>) -> (Vec<Starter>, Vec<String>) 
     (all, notes)
 }
 
-/// How a model of `bytes` fits in the memory this machine has free now.
-pub fn fit(bytes: u64) -> (&'static str, String) {
-    let Some(free) = studio_inference::sys::available_memory_bytes() else {
-        return ("", String::new());
-    };
+/// Free memory of the NVIDIA GPU the worker runs on, asked of `nvidia-smi` off the UI thread
+/// (on the `studio-gpu-memory` thread, every 5 s while the panel exists).
+#[derive(Default)]
+pub struct GpuMemory {
+    /// The GPU being polled.
+    polled: Option<usize>,
+    free: Arc<Mutex<Option<u64>>>,
+}
+
+impl GpuMemory {
+    /// The latest free bytes of CUDA device `index` (`None`: the worker is not on an NVIDIA
+    /// GPU, or its memory is not known yet); starts polling it the first time.
+    pub fn free(&mut self, index: Option<usize>) -> Option<(usize, u64)> {
+        let index = index?;
+        if self.polled != Some(index) {
+            self.polled = Some(index);
+            let slot = Arc::downgrade(&self.free);
+            let spawned = std::thread::Builder::new()
+                .name("studio-gpu-memory".to_owned())
+                .spawn(move || {
+                    // Ends once the panel (the only strong owner) is gone.
+                    while let Some(free) = slot.upgrade() {
+                        let bytes = studio_inference::sys::nvidia_free_memory_bytes(index);
+                        *free.lock().unwrap_or_else(PoisonError::into_inner) = bytes;
+                        drop(free);
+                        std::thread::sleep(Duration::from_secs(5));
+                    }
+                });
+            if spawned.is_err() {
+                return None;
+            }
+        }
+        let free = *self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        free.map(|b| (index, b))
+    }
+}
+
+/// How a model of `bytes` fits in the memory it would run in: the free memory of the NVIDIA
+/// GPU the worker runs on (`gpu`: its index and free bytes), else this machine's free RAM.
+pub fn fit(bytes: u64, gpu: Option<(usize, u64)>) -> (&'static str, String) {
+    match gpu {
+        Some((index, free)) => fit_in(bytes, free, &format!("GPU memory (CUDA {index})")),
+        None => studio_inference::sys::available_memory_bytes()
+            .map_or(("", String::new()), |free| fit_in(bytes, free, "memory")),
+    }
+}
+
+/// How `bytes` of weights fit in `free` bytes of `what`: "fits", "tight" or "too large", and
+/// the figures.
+pub fn fit_in(bytes: u64, free: u64, what: &str) -> (&'static str, String) {
     // The weights, plus what running them needs (caches, activations).
     let needed = bytes as f64 * 1.2;
     let share = needed / free.max(1) as f64;
@@ -86,7 +133,7 @@ pub fn fit(bytes: u64) -> (&'static str, String) {
     (
         label,
         format!(
-            "needs about {:.1} GB of the {:.1} GB of memory free now",
+            "needs about {:.1} GB of the {:.1} GB of {what} free now",
             needed / 1e9,
             free as f64 / 1e9
         ),
@@ -118,6 +165,7 @@ pub fn get_models_ui(
     ui: &mut egui::Ui,
     hub: &mut Hub,
     starters: &[Starter],
+    gpu: Option<(usize, u64)>,
     commands: &mut Vec<Command>,
 ) {
     if !hub.available() {
@@ -150,7 +198,7 @@ pub fn get_models_ui(
                     ui.label(s.panel.label());
                     ui.label(RichText::new(&s.name).strong())
                         .on_hover_text(&s.repo);
-                    let (fits, why) = s.size_mb.map_or(("", String::new()), |m| fit(m * 1_000_000));
+                    let (fits, why) = s.size_mb.map_or(("", String::new()), |m| fit(m * 1_000_000, gpu));
                     ui.label(weak(
                         ui,
                         &format!(
@@ -247,14 +295,14 @@ pub fn get_models_ui(
     }
     if let Some(info) = hub.repo.clone() {
         ui.add_space(6.0);
-        repo_ui(ui, hub, &info);
+        repo_ui(ui, hub, &info, gpu);
     }
     ui.add_space(8.0);
     downloads_ui(ui, hub, commands);
 }
 
 /// A repository's files.
-fn repo_ui(ui: &mut egui::Ui, hub: &mut Hub, info: &RepoInfo) {
+fn repo_ui(ui: &mut egui::Ui, hub: &mut Hub, info: &RepoInfo, gpu: Option<(usize, u64)>) {
     let names: Vec<&str> = info.files.iter().map(|f| f.name.as_str()).collect();
     let served = Served::of(&info.id, &names);
     ui.horizontal(|ui| {
@@ -303,7 +351,7 @@ fn repo_ui(ui: &mut egui::Ui, hub: &mut Hub, info: &RepoInfo) {
                     FileKind::Companion | FileKind::Other => "config".to_owned(),
                 };
                 let (fits, why) = match (k, f.size) {
-                    (FileKind::Gguf | FileKind::Safetensors | FileKind::Pickle, Some(b)) => fit(b),
+                    (FileKind::Gguf | FileKind::Safetensors | FileKind::Pickle, Some(b)) => fit(b, gpu),
                     _ => ("", String::new()),
                 };
                 ui.label(weak(ui, &format!("{about} {fits}"))).on_hover_text(why);
@@ -413,5 +461,26 @@ fn downloads_ui(ui: &mut egui::Ui, hub: &mut Hub, commands: &mut Vec<Command>) {
             1 => hub.stop(id, false),
             _ => hub.stop(id, true),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fit_names_the_memory_it_was_measured_against() {
+        let gb = 1_000_000_000u64;
+        let (label, why) = fit_in(gb, 8 * gb, "GPU memory (CUDA 0)");
+        assert_eq!(label, "fits");
+        assert_eq!(
+            why,
+            "needs about 1.2 GB of the 8.0 GB of GPU memory (CUDA 0) free now"
+        );
+        assert_eq!(fit_in(5 * gb, 8 * gb, "memory").0, "tight");
+        assert_eq!(fit_in(7 * gb, 8 * gb, "memory").0, "too large");
+        // On the GPU, its memory decides, not the RAM.
+        assert_eq!(fit(7 * gb, Some((1, 8 * gb))).0, "too large");
+        assert!(fit(gb, Some((1, 80 * gb))).1.contains("CUDA 1"));
     }
 }

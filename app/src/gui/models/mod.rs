@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, TryRecvError, bounded};
 use egui::RichText;
 use studio_inference::llm::hf_cache::{self, CachedKind, CachedModel};
 use studio_inference::llm::loader::{ModelInfo, supported_architectures};
-use studio_inference::worker::LoadOptions;
+use studio_inference::worker::{LoadOptions, Worker};
 
 use self::command::{ModelsCommand, ModelsPurpose};
 use crate::gui::canvas::command::CanvasCommand;
@@ -43,6 +43,10 @@ pub struct ModelsPanel {
     confirm_delete: Option<PathBuf>,
     /// The bundled demo language model, loaded at startup when no other model is configured.
     demo_model: Option<PathBuf>,
+    /// Free memory of the worker's NVIDIA GPU, for the fit estimates.
+    gpu: get::GpuMemory,
+    /// Its latest reading: the GPU's index and free bytes.
+    gpu_free: Option<(usize, u64)>,
 }
 
 impl PanelView for ModelsPanel {
@@ -64,6 +68,7 @@ impl PanelView for ModelsPanel {
     }
 
     fn ui(&mut self, ui: &mut egui::Ui, cx: &mut UiContext<'_>) {
+        self.gpu_free = self.gpu.free(cx.worker.and_then(Worker::cuda_index));
         self.models_ui(
             ui,
             cx.model,
@@ -153,6 +158,8 @@ impl ModelsPanel {
             starters: Vec::new(),
             confirm_delete: None,
             demo_model: None,
+            gpu: get::GpuMemory::default(),
+            gpu_free: None,
             path_input: String::new(),
             hf: HfCacheView {
                 dir: hf_cache_dir,
@@ -232,7 +239,7 @@ impl ModelsPanel {
                 });
                 section_ui(ui, "Open a model", |ui| self.open_ui(ui, commands));
                 section_ui(ui, "Get models", |ui| {
-                    get::get_models_ui(ui, &mut self.hub, &self.starters, commands);
+                    get::get_models_ui(ui, &mut self.hub, &self.starters, self.gpu_free, commands);
                 });
                 section_ui(ui, "Load options", |ui| {
                     load_options_ui(ui, settings, model, model_options, jobs, commands);
