@@ -1,8 +1,10 @@
 //! The demo models bundled with Studio (`assets/models/`, issue 21): what the window and the
 //! command line use when no other model is configured.
 //!
-//! Each kind has its own folder, in the layout its loader reads: `assets/models/lm/` is a
-//! Hugging Face model folder (a tiny Llama with its tokenizer, chat template and FIM tokens).
+//! Each kind has its own folder, in the layout its loader reads: `studio-demo-lm/` is a
+//! Hugging Face model folder (a tiny Llama with its tokenizer, chat template and FIM tokens),
+//! `gan/studio-demo-faces.safetensors` a StyleGAN2 in NVIDIA's names with its init kwargs
+//! beside it, `studio-demo-sd/` (once trained) a diffusers folder.
 //! A kind whose demo model is not bundled has no folder, and callers say so.
 
 use std::path::{Path, PathBuf};
@@ -19,22 +21,13 @@ pub enum BundledKind {
 }
 
 impl BundledKind {
-    /// The folder under `assets/models/`.
-    fn folder(self) -> &'static str {
+    /// The folder under `assets/models/` and the file in it that `--model` takes (`None`: the
+    /// folder itself, a Hugging Face or diffusers layout known by its index file).
+    fn location(self) -> (&'static str, &'static str, bool) {
         match self {
-            BundledKind::Language => "lm",
-            BundledKind::Image => "sd",
-            BundledKind::Gan => "gan",
-        }
-    }
-
-    /// What `--model` takes, inside the folder: the folder itself for the Hugging Face and
-    /// diffusers layouts (known by their index file), the generator's file for the GAN.
-    fn entry(self) -> (&'static str, bool) {
-        match self {
-            BundledKind::Language => ("config.json", false),
-            BundledKind::Image => ("model_index.json", false),
-            BundledKind::Gan => ("generator.safetensors", true),
+            BundledKind::Language => ("studio-demo-lm", "config.json", false),
+            BundledKind::Image => ("studio-demo-sd", "model_index.json", false),
+            BundledKind::Gan => ("gan", "studio-demo-faces.safetensors", true),
         }
     }
 
@@ -77,8 +70,8 @@ pub fn models_dir() -> Option<PathBuf> {
 
 /// The bundled model of `kind` in `models_dir`, if it is there (as `--model` takes it).
 pub fn model_in(models_dir: &Path, kind: BundledKind) -> Option<PathBuf> {
-    let dir = models_dir.join(kind.folder());
-    let (file, is_model) = kind.entry();
+    let (folder, file, is_model) = kind.location();
+    let dir = models_dir.join(folder);
     let file = dir.join(file);
     file.is_file().then_some(if is_model { file } else { dir })
 }

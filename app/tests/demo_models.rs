@@ -22,8 +22,8 @@ fn models_dir() -> PathBuf {
 #[test]
 fn the_command_line_uses_the_demo_language_model_without_model() {
     assert!(
-        models_dir().join("lm/config.json").is_file(),
-        "the demo language model is committed under assets/models/lm"
+        models_dir().join("studio-demo-lm/config.json").is_file(),
+        "the demo language model is committed under assets/models/studio-demo-lm"
     );
     let out = studio(&[
         "chat",
@@ -97,6 +97,10 @@ fn a_first_launch_loads_the_demo_language_model_for_chat_and_ghost_text() {
     assert!(
         matches!(h.state().fim_support(), FimSupport::Supported(_)),
         "the demo model has FIM tokens"
+    );
+    assert!(
+        common::shows_text(&h, "Studio loaded its small demo models"),
+        "the window says what it loaded"
     );
 
     // Chat.

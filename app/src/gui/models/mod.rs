@@ -49,6 +49,10 @@ pub struct ModelsPanel {
     gpu_free: Option<(usize, u64)>,
 }
 
+/// Said when the bundled demo models load because no other model is configured.
+pub const DEMO_NOTE: &str = "No model was set up, so Studio loaded its small demo models (trained \
+     by Studio, for trying the panels out). Get real ones in Models \u{2192} Get models.";
+
 impl PanelView for ModelsPanel {
     type Command = ModelsCommand;
     type Purpose = ModelsPurpose;
@@ -136,6 +140,7 @@ impl PanelView for ModelsPanel {
         if let Some(path) = still_there(saved, "model", "in the Models panel", cx.notices) {
             cx.commands.push(Command::LoadModel(path));
         } else if let Some(demo) = &self.demo_model {
+            cx.notices.info(DEMO_NOTE);
             cx.commands.push(Command::LoadModel(demo.clone()));
         }
     }
