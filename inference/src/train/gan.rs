@@ -34,6 +34,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::ops::{conv, normal};
 use crate::diffusion::imaging::{RgbImage, tensor_to_image};
 use crate::error::{Error, Result};
 use crate::gan::stylegan2::{NoiseMode, StyleGan2};
@@ -239,19 +240,6 @@ pub fn read_images(dir: &Path, max: usize) -> Result<Images> {
     })
 }
 
-/// Standard-normal values from `rng` (Box–Muller): candle's CPU generator cannot be seeded.
-fn normal(rng: &mut StdRng, shape: &[usize], scale: f64) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            let u1: f64 = rng.random::<f64>().max(1e-12);
-            let u2: f64 = rng.random();
-            (scale * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-        })
-        .collect();
-    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
-}
-
 fn lrelu(x: &Tensor) -> Result<Tensor> {
     Ok((x.maximum(&(x * SLOPE)?)? * std::f64::consts::SQRT_2)?)
 }
@@ -259,42 +247,6 @@ fn lrelu(x: &Tensor) -> Result<Tensor> {
 /// `log(1 + eˣ)`, stable for large |x|.
 fn softplus(x: &Tensor) -> Result<Tensor> {
     Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
-}
-
-/// Correlation of `x` `(n, c, h, w)` with `weight` `(o, c, k, k)`, stride 1, zero padding
-/// `pad`: the `k²` shifted views gathered by one `index_select` and one matrix product, whose
-/// gradients are a scatter-add and matrix products (candle's CPU transposed convolution, the
-/// gradient of `conv2d`, is slow).
-fn conv(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
-    let (o, c, k, _) = weight.dims4()?;
-    let x = if pad > 0 {
-        x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?
-    } else {
-        x.clone()
-    };
-    let (n, _, h, w) = x.dims4()?;
-    let (ho, wo) = (h + 1 - k, w + 1 - k);
-    let cols = if k == 1 {
-        x.reshape((n, c, ho * wo))?
-    } else {
-        // For each tap (i, j), the flat positions of the window's pixels.
-        let mut index = Vec::with_capacity(k * k * ho * wo);
-        for i in 0..k {
-            for j in 0..k {
-                for y in 0..ho {
-                    for xx in 0..wo {
-                        index.push(((y + i) * w + xx + j) as u32);
-                    }
-                }
-            }
-        }
-        let index = Tensor::from_vec(index, k * k * ho * wo, x.device())?;
-        x.reshape((n, c, h * w))?
-            .index_select(&index, 2)?
-            .reshape((n, c * k * k, ho * wo))?
-    };
-    let y = weight.reshape((o, c * k * k))?.broadcast_matmul(&cols)?;
-    Ok(y.reshape((n, o, ho, wo))?)
 }
 
 /// Inserts a zero after every pixel along height and width.

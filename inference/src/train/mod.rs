@@ -8,6 +8,8 @@
 //! - [`gan`]: the trainer of the demo GAN, a tiny StyleGAN2 saved in NVIDIA's `G_ema` names;
 //! - [`faces`]: cartoon faces with known factors for the demo GAN, and the reader that grades
 //!   generated faces;
+//! - [`ops`]: the differentiable building blocks the trainers share;
+//! - [`sd`]: the demo text-to-image model's trainer, in progress (its text encoder so far);
 //! - [`shapes`]: captioned shape scenes for the demo text-to-image model, and the
 //!   deterministic checker of prompt adherence.
 
@@ -15,4 +17,6 @@ pub mod corpus;
 pub mod faces;
 pub mod gan;
 pub mod lm;
+pub mod ops;
+pub mod sd;
 pub mod shapes;
