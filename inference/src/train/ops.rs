@@ -39,6 +39,29 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
 }
 
+/// Group norm of `x` `(n, c, h, w)` over `groups` groups of channels, with per-channel weight
+/// and bias.
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let g = x.reshape((n, groups, (c / groups) * h * w))?;
+    let mean = g.mean_keepdim(2)?;
+    let centred = g.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(2)?;
+    let normed = centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .reshape((n, c, h, w))?;
+    let per_channel = |t: &Tensor| t.reshape((1, c, 1, 1));
+    Ok(normed
+        .broadcast_mul(&per_channel(weight)?)?
+        .broadcast_add(&per_channel(bias)?)?)
+}
+
 /// `x · σ(1.702 x)`, CLIP's `quick_gelu`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     Ok((x * sigmoid(&(x * 1.702)?)?)?)
@@ -63,6 +86,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// gradients are a scatter-add and matrix products (candle's CPU transposed convolution, the
 /// gradient of `conv2d`, is slow).
 pub fn conv(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
+    conv_strided(x, weight, pad, 1)
+}
+
+/// As [`conv`], with a stride.
+pub fn conv_strided(x: &Tensor, weight: &Tensor, pad: usize, stride: usize) -> Result<Tensor> {
     let (o, c, k, _) = weight.dims4()?;
     let x = if pad > 0 {
         x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?
@@ -70,8 +98,8 @@ pub fn conv(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
         x.clone()
     };
     let (n, _, h, w) = x.dims4()?;
-    let (ho, wo) = (h + 1 - k, w + 1 - k);
-    let cols = if k == 1 {
+    let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
+    let cols = if k == 1 && stride == 1 {
         x.reshape((n, c, ho * wo))?
     } else {
         // For each tap (i, j), the flat positions of the window's pixels.
@@ -80,7 +108,7 @@ pub fn conv(x: &Tensor, weight: &Tensor, pad: usize) -> Result<Tensor> {
             for j in 0..k {
                 for y in 0..ho {
                     for xx in 0..wo {
-                        index.push(((y + i) * w + xx + j) as u32);
+                        index.push(((y * stride + i) * w + xx * stride + j) as u32);
                     }
                 }
             }
@@ -124,6 +152,14 @@ mod tests {
         let k = normal(&mut rng, &[4, 3, 3, 3], 1.0).expect("k");
         let theirs = img.conv2d(&k, 1, 1, 1, 1).expect("conv2d");
         assert!(max_diff(&conv(&img, &k, 1).expect("ours"), &theirs) < 1e-4);
+        let theirs = img.conv2d(&k, 0, 2, 1, 1).expect("strided");
+        assert!(max_diff(&conv_strided(&img, &k, 0, 2).expect("ours"), &theirs) < 1e-4);
+        let gw = normal(&mut rng, &[4], 1.0).expect("gw");
+        let gb = normal(&mut rng, &[4], 1.0).expect("gb");
+        let x4 = normal(&mut rng, &[2, 4, 3, 5], 2.0).expect("x4");
+        let gn = candle_nn::GroupNorm::new(gw.clone(), gb.clone(), 4, 2, 1e-6).expect("gn");
+        let theirs = candle_core::Module::forward(&gn, &x4).expect("group norm");
+        assert!(max_diff(&group_norm(&x4, 2, &gw, &gb, 1e-6).expect("ours"), &theirs) < 1e-5);
         let k1 = normal(&mut rng, &[4, 3, 1, 1], 1.0).expect("k1");
         let theirs = img.conv2d(&k1, 0, 1, 1, 1).expect("conv2d");
         assert!(max_diff(&conv(&img, &k1, 0).expect("ours"), &theirs) < 1e-5);

@@ -1,11 +1,19 @@
 //! Training the demo text-to-image model (issue 21, in progress): a tiny network of Stable
-//! Diffusion's architecture in the diffusers layout Studio's Canvas loads. This first part is
-//! the text encoder: CLIP's text transformer in transformers' tensor names
-//! (`text_model.embeddings.token_embedding.weight`, `text_model.encoder.layers.{i}.…`,
-//! `text_model.final_layer_norm.…`), its forward pass written with differentiable ops
-//! ([`super::ops`]): pre-LN layers, causal attention with queries scaled by `1/√head`,
-//! `quick_gelu` MLPs, the final layer norm (what SD 1.x conditions its UNet on). A test checks
-//! Studio's own encoder ([`crate::diffusion::clip::ClipTextModel`]) gives the same states.
+//! Diffusion's architecture in the diffusers layout Studio's Canvas loads. Written so far:
+//!
+//! - the VAE: diffusers' `AutoencoderKL` in its tensor names (`encoder.down_blocks.{i}.…`,
+//!   `quant_conv`, `decoder.up_blocks.{i}.…`): resnets of group norm (ε 1e-6), SiLU and 3×3
+//!   convolutions, stride-2 down-sampling after padding bottom and right, nearest ×2
+//!   up-sampling, single-head mid-block attention; [`vae_moments`] and [`vae_decode`] match
+//!   Studio's [`crate::diffusion::vae::Vae`] (tested);
+//! - the text encoder: CLIP's text transformer in transformers' tensor names
+//!   (`text_model.embeddings.token_embedding.weight`, `text_model.encoder.layers.{i}.…`,
+//!   `text_model.final_layer_norm.…`): pre-LN layers, causal attention with queries scaled by
+//!   `1/√head`, `quick_gelu` MLPs, the final layer norm (what SD 1.x conditions its UNet on);
+//!   [`encode_text`] matches Studio's [`crate::diffusion::clip::ClipTextModel`] (tested).
+//!
+//! Both forward passes use only differentiable ops ([`super::ops`]); the tests also check that
+//! every parameter gets a gradient. Still to write: the UNet, the training loop and the CLI.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +22,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::ops::{layer_norm, linear, normal, quick_gelu, softmax_last};
+use super::ops::{conv_strided, group_norm, layer_norm, linear, normal, quick_gelu, softmax_last};
 use crate::error::{Error, Result};
 
 /// The layer norms' epsilon (transformers' CLIP default).
@@ -187,10 +195,327 @@ pub fn encode_text(vars: &BTreeMap<String, Var>, s: &ClipShape, ids: &Tensor) ->
     )
 }
 
+/// The VAE's shape (diffusers' `AutoencoderKL` config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaeShape {
+    /// Channels per level, full resolution first; every level but the last halves the size
+    /// (four levels: the factor 8 Studio's pipeline works with).
+    pub channels: Vec<usize>,
+    /// Resnets per encoder block (decoder blocks have one more).
+    pub layers_per_block: usize,
+    /// Latent channels (4 for Studio's pipeline).
+    pub latent: usize,
+    /// Groups of every group norm.
+    pub groups: usize,
+}
+
+const VAE_EPS: f64 = 1e-6;
+
+impl VaeShape {
+    /// Every parameter's name and shape, as diffusers names them.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        let mut conv = |name: String, o: usize, i: usize, k: usize| {
+            out.push((format!("{name}.weight"), vec![o, i, k, k]));
+            out.push((format!("{name}.bias"), vec![o]));
+        };
+        let ch = &self.channels;
+        let n = ch.len();
+        let last = ch[n - 1];
+        let lat = self.latent;
+        let mut resnets: Vec<(String, usize, usize)> = Vec::new();
+        conv("encoder.conv_in".into(), ch[0], 3, 3);
+        for i in 0..n {
+            let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
+            for j in 0..self.layers_per_block {
+                let p = format!("encoder.down_blocks.{i}.resnets.{j}");
+                resnets.push((p, if j == 0 { c_in } else { ch[i] }, ch[i]));
+            }
+            if i + 1 < n {
+                conv(
+                    format!("encoder.down_blocks.{i}.downsamplers.0.conv"),
+                    ch[i],
+                    ch[i],
+                    3,
+                );
+            }
+        }
+        conv("encoder.conv_out".into(), 2 * lat, last, 3);
+        conv("quant_conv".into(), 2 * lat, 2 * lat, 1);
+        conv("post_quant_conv".into(), lat, lat, 1);
+        conv("decoder.conv_in".into(), last, lat, 3);
+        let rev: Vec<usize> = ch.iter().rev().copied().collect();
+        for i in 0..n {
+            let c_in = if i == 0 { rev[0] } else { rev[i - 1] };
+            for j in 0..=self.layers_per_block {
+                let p = format!("decoder.up_blocks.{i}.resnets.{j}");
+                resnets.push((p, if j == 0 { c_in } else { rev[i] }, rev[i]));
+            }
+            if i + 1 < n {
+                conv(
+                    format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                    rev[i],
+                    rev[i],
+                    3,
+                );
+            }
+        }
+        conv("decoder.conv_out".into(), 3, ch[0], 3);
+        for part in ["encoder", "decoder"] {
+            for j in 0..2 {
+                resnets.push((format!("{part}.mid_block.resnets.{j}"), last, last));
+            }
+            let a = format!("{part}.mid_block.attentions.0");
+            for proj in ["to_q", "to_k", "to_v", "to_out.0"] {
+                out.push((format!("{a}.{proj}.weight"), vec![last, last]));
+                out.push((format!("{a}.{proj}.bias"), vec![last]));
+            }
+            out.push((format!("{a}.group_norm.weight"), vec![last]));
+            out.push((format!("{a}.group_norm.bias"), vec![last]));
+        }
+        for (name, c) in [
+            ("encoder.conv_norm_out", last),
+            ("decoder.conv_norm_out", ch[0]),
+        ] {
+            out.push((format!("{name}.weight"), vec![c]));
+            out.push((format!("{name}.bias"), vec![c]));
+        }
+        for (p, c_in, c_out) in resnets {
+            out.push((format!("{p}.norm1.weight"), vec![c_in]));
+            out.push((format!("{p}.norm1.bias"), vec![c_in]));
+            out.push((format!("{p}.conv1.weight"), vec![c_out, c_in, 3, 3]));
+            out.push((format!("{p}.conv1.bias"), vec![c_out]));
+            out.push((format!("{p}.norm2.weight"), vec![c_out]));
+            out.push((format!("{p}.norm2.bias"), vec![c_out]));
+            out.push((format!("{p}.conv2.weight"), vec![c_out, c_out, 3, 3]));
+            out.push((format!("{p}.conv2.bias"), vec![c_out]));
+            if c_in != c_out {
+                out.push((format!("{p}.conv_shortcut.weight"), vec![c_out, c_in, 1, 1]));
+                out.push((format!("{p}.conv_shortcut.bias"), vec![c_out]));
+            }
+        }
+        out
+    }
+
+    /// diffusers' `vae/config.json` for this shape.
+    pub fn config(&self, scaling_factor: f64) -> serde_json::Value {
+        let n = self.channels.len();
+        serde_json::json!({
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": self.channels,
+            "down_block_types": vec!["DownEncoderBlock2D"; n],
+            "up_block_types": vec!["UpDecoderBlock2D"; n],
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": self.latent,
+            "layers_per_block": self.layers_per_block,
+            "norm_num_groups": self.groups,
+            "scaling_factor": scaling_factor,
+        })
+    }
+}
+
+/// `name`'s convolution (weight and bias) over `x`.
+fn conv_named(
+    vars: &BTreeMap<String, Var>,
+    name: &str,
+    x: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let w = get(vars, &format!("{name}.weight"))?;
+    let b = get(vars, &format!("{name}.bias"))?.reshape((1, (), 1, 1))?;
+    Ok(conv_strided(x, &w, pad, stride)?.broadcast_add(&b)?)
+}
+
+fn group_norm_named(
+    vars: &BTreeMap<String, Var>,
+    name: &str,
+    x: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    group_norm(
+        x,
+        groups,
+        &get(vars, &format!("{name}.weight"))?,
+        &get(vars, &format!("{name}.bias"))?,
+        VAE_EPS,
+    )
+}
+
+fn vae_resnet(vars: &BTreeMap<String, Var>, p: &str, x: &Tensor, groups: usize) -> Result<Tensor> {
+    let h = group_norm_named(vars, &format!("{p}.norm1"), x, groups)?.silu()?;
+    let h = conv_named(vars, &format!("{p}.conv1"), &h, 1, 1)?;
+    let h = group_norm_named(vars, &format!("{p}.norm2"), &h, groups)?.silu()?;
+    let h = conv_named(vars, &format!("{p}.conv2"), &h, 1, 1)?;
+    let shortcut = format!("{p}.conv_shortcut");
+    let x = if vars.contains_key(&format!("{shortcut}.weight")) {
+        conv_named(vars, &shortcut, x, 0, 1)?
+    } else {
+        x.clone()
+    };
+    Ok((x + h)?)
+}
+
+/// The mid block: resnet, single-head attention over the pixels, resnet.
+fn vae_mid(vars: &BTreeMap<String, Var>, p: &str, x: &Tensor, groups: usize) -> Result<Tensor> {
+    let x = vae_resnet(vars, &format!("{p}.resnets.0"), x, groups)?;
+    let a = format!("{p}.attentions.0");
+    let (b, c, h, w) = x.dims4()?;
+    let tokens = group_norm_named(vars, &format!("{a}.group_norm"), &x, groups)?
+        .reshape((b, c, h * w))?
+        .transpose(1, 2)?;
+    let proj = |t: &Tensor, name: &str| -> Result<Tensor> {
+        linear(
+            t,
+            &get(vars, &format!("{a}.{name}.weight"))?,
+            Some(&get(vars, &format!("{a}.{name}.bias"))?),
+        )
+    };
+    let q = proj(&tokens, "to_q")?;
+    let k = proj(&tokens, "to_k")?;
+    let v = proj(&tokens, "to_v")?;
+    let probs = softmax_last(&(q.matmul(&k.t()?)? / (c as f64).sqrt())?)?;
+    let out = proj(&probs.matmul(&v)?, "to_out.0")?
+        .transpose(1, 2)?
+        .reshape((b, c, h, w))?;
+    vae_resnet(vars, &format!("{p}.resnets.1"), &(x + out)?, groups)
+}
+
+/// The encoder's moments `(b, 2·latent, h/f, w/f)` after `quant_conv`: the posterior's mean,
+/// then its log-variance.
+pub fn vae_moments(vars: &BTreeMap<String, Var>, s: &VaeShape, image: &Tensor) -> Result<Tensor> {
+    let n = s.channels.len();
+    let mut x = conv_named(vars, "encoder.conv_in", image, 1, 1)?;
+    for i in 0..n {
+        for j in 0..s.layers_per_block {
+            let p = format!("encoder.down_blocks.{i}.resnets.{j}");
+            x = vae_resnet(vars, &p, &x, s.groups)?;
+        }
+        if i + 1 < n {
+            let padded = x.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?;
+            let p = format!("encoder.down_blocks.{i}.downsamplers.0.conv");
+            x = conv_named(vars, &p, &padded, 0, 2)?;
+        }
+    }
+    let x = vae_mid(vars, "encoder.mid_block", &x, s.groups)?;
+    let x = group_norm_named(vars, "encoder.conv_norm_out", &x, s.groups)?.silu()?;
+    let x = conv_named(vars, "encoder.conv_out", &x, 1, 1)?;
+    conv_named(vars, "quant_conv", &x, 0, 1)
+}
+
+/// The decoder: latents (not scaled) `(b, latent, h, w)` → image `(b, 3, h·f, w·f)`.
+pub fn vae_decode(vars: &BTreeMap<String, Var>, s: &VaeShape, latents: &Tensor) -> Result<Tensor> {
+    let n = s.channels.len();
+    let x = conv_named(vars, "post_quant_conv", latents, 0, 1)?;
+    let x = conv_named(vars, "decoder.conv_in", &x, 1, 1)?;
+    let mut x = vae_mid(vars, "decoder.mid_block", &x, s.groups)?;
+    for i in 0..n {
+        for j in 0..=s.layers_per_block {
+            let p = format!("decoder.up_blocks.{i}.resnets.{j}");
+            x = vae_resnet(vars, &p, &x, s.groups)?;
+        }
+        if i + 1 < n {
+            let (_, _, h, w) = x.dims4()?;
+            let up = x.upsample_nearest2d(2 * h, 2 * w)?;
+            let p = format!("decoder.up_blocks.{i}.upsamplers.0.conv");
+            x = conv_named(vars, &p, &up, 1, 1)?;
+        }
+    }
+    let x = group_norm_named(vars, "decoder.conv_norm_out", &x, s.groups)?.silu()?;
+    conv_named(vars, "decoder.conv_out", &x, 1, 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::diffusion::clip::{ClipConfig, ClipTextModel};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar")
+    }
+
+    /// Saves `vars` and opens them as Studio's loaders do.
+    fn saved(
+        vars: &BTreeMap<String, Var>,
+        dir: &std::path::Path,
+    ) -> candle_nn::VarBuilder<'static> {
+        let file = dir.join("model.safetensors");
+        let tensors: std::collections::HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&tensors, &file).expect("save");
+        // SAFETY: the file was just written by this test and is not changed while mapped.
+        #[allow(unsafe_code)]
+        unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[&file],
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+        }
+        .expect("vb")
+    }
+
+    /// Every parameter of `vars` gets a gradient from `out`.
+    fn all_get_gradients(vars: &BTreeMap<String, Var>, out: &Tensor) {
+        let grads = out
+            .sqr()
+            .expect("sqr")
+            .sum_all()
+            .expect("sum")
+            .backward()
+            .expect("backward");
+        for (name, v) in vars {
+            assert!(
+                grads.get(v.as_tensor()).is_some(),
+                "{name} gets no gradient"
+            );
+        }
+    }
+
+    #[test]
+    fn studios_vae_encodes_and_decodes_as_the_trainer_does() {
+        let shape = VaeShape {
+            channels: vec![4, 8, 8, 8],
+            layers_per_block: 1,
+            latent: 4,
+            groups: 2,
+        };
+        let vars = init(&shape.parameters(), 6, 0.3).expect("init");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let vb = saved(&vars, tmp.path());
+        let config: crate::diffusion::vae::VaeConfig =
+            serde_json::from_value(shape.config(0.5)).expect("Studio reads the config");
+        let theirs = crate::diffusion::vae::Vae::new(&vb, config).expect("load");
+        let mut rng = StdRng::seed_from_u64(8);
+        let image = normal(&mut rng, &[2, 3, 32, 32], 0.5).expect("image");
+        let moments = vae_moments(&vars, &shape, &image).expect("moments");
+        let mean = (moments.narrow(1, 0, 4).expect("mean") * 0.5).expect("scaled");
+        let expected = theirs.encode(&image).expect("encode");
+        assert_eq!(expected.dims(), &[2, 4, 4, 4]);
+        let d = max_diff(&expected, &mean);
+        assert!(d < 1e-4, "encode: max |Δ| {d}");
+        let latents = normal(&mut rng, &[2, 4, 4, 4], 1.0).expect("latents");
+        let ours = vae_decode(&vars, &shape, &latents).expect("decode");
+        let expected = theirs
+            .decode(&(&latents * 0.5).expect("scale"))
+            .expect("decode");
+        assert_eq!(expected.dims(), &[2, 3, 32, 32]);
+        let d = max_diff(&expected, &ours);
+        assert!(d < 1e-4, "decode: max |Δ| {d}");
+        let both = (ours.sum_all().expect("a") + moments.sum_all().expect("b")).expect("sum");
+        all_get_gradients(&vars, &both);
+    }
 
     #[test]
     fn studios_clip_encoder_gives_the_trainers_states() {
@@ -204,24 +529,9 @@ mod tests {
         };
         let vars = init(&shape.parameters(), 4, 0.3).expect("init");
         let tmp = tempfile::tempdir().expect("tmp");
-        let file = tmp.path().join("model.safetensors");
-        let tensors: std::collections::HashMap<String, Tensor> = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        candle_core::safetensors::save(&tensors, &file).expect("save");
+        let vb = saved(&vars, tmp.path());
         let config: ClipConfig =
             serde_json::from_value(shape.config(38, 39)).expect("Studio reads the config");
-        // SAFETY: the file was just written by this test and is not changed while mapped.
-        #[allow(unsafe_code)]
-        let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(
-                &[&file],
-                candle_core::DType::F32,
-                &candle_core::Device::Cpu,
-            )
-        }
-        .expect("vb");
         let theirs = ClipTextModel::new(&vb, &config, false).expect("load");
         let ids = Tensor::new(
             &[[38u32, 5, 9, 17, 39, 39], [38, 1, 39, 39, 39, 39]],
@@ -233,28 +543,9 @@ mod tests {
             .expect("encode")
             .hidden;
         let ours = encode_text(&vars, &shape, &ids).expect("ours");
-        let diff = (expected - &ours)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
+        let diff = max_diff(&expected, &ours);
         assert!(diff < 1e-4, "max |Δ| {diff}");
         // Every parameter gets a gradient: nothing in the pass is a kernel without one.
-        let grads = ours
-            .sqr()
-            .expect("sqr")
-            .sum_all()
-            .expect("sum")
-            .backward()
-            .expect("backward");
-        for (name, v) in &vars {
-            assert!(
-                grads.get(v.as_tensor()).is_some(),
-                "{name} gets no gradient"
-            );
-        }
+        all_get_gradients(&vars, &ours);
     }
 }
