@@ -12,8 +12,14 @@
 //!   `1/√head`, `quick_gelu` MLPs, the final layer norm (what SD 1.x conditions its UNet on);
 //!   [`encode_text`] matches Studio's [`crate::diffusion::clip::ClipTextModel`] (tested).
 //!
-//! Both forward passes use only differentiable ops ([`super::ops`]); the tests also check that
-//! every parameter gets a gradient. Still to write: the UNet, the training loop and the CLI.
+//! - the UNet: diffusers' `UNet2DConditionModel` (SD 1.x style: cross-attention levels with one
+//!   transformer block and 1×1 projections, GEGLU feed-forward, the sinusoidal timestep
+//!   embedding with `flip_sin_to_cos`, skip connections concatenated on the way up);
+//!   [`unet_forward`] matches Studio's [`crate::diffusion::unet::Unet`] (tested).
+//!
+//! The forward passes use only differentiable ops ([`super::ops`]); the tests also check that
+//! every parameter gets a gradient. Still to write: the training loop (VAE first, then the
+//! UNet with the text encoder on the VAE's latents), the diffusers folder and the CLI.
 
 use std::collections::BTreeMap;
 
@@ -427,6 +433,452 @@ pub fn vae_decode(vars: &BTreeMap<String, Var>, s: &VaeShape, latents: &Tensor) 
     conv_named(vars, "decoder.conv_out", &x, 1, 1)
 }
 
+/// One level of the UNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnetLevel {
+    /// Channels of its feature maps.
+    pub channels: usize,
+    /// Whether its blocks have cross-attention (`CrossAttnDownBlock2D`).
+    pub attention: bool,
+    /// Attention heads.
+    pub heads: usize,
+}
+
+/// The UNet's shape (diffusers' `UNet2DConditionModel` config, SD 1.x style: one transformer
+/// block per attention, 1×1 convolution projections).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnetShape {
+    /// Levels, full resolution first; every level but the last halves the size.
+    pub levels: Vec<UnetLevel>,
+    /// Resnets per down block (up blocks have one more).
+    pub layers_per_block: usize,
+    /// Width of the text encoder's states.
+    pub cross_dim: usize,
+    /// Groups of the resnets' group norms.
+    pub groups: usize,
+    /// Latent side the model is trained at (`sample_size`).
+    pub sample_size: usize,
+}
+
+const UNET_EPS: f64 = 1e-5;
+/// The transformers' input group norm (diffusers' `Transformer2DModel`).
+const TRANSFORMER_GN_EPS: f64 = 1e-6;
+
+impl UnetShape {
+    /// Every parameter's name and shape, as diffusers names them.
+    pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        let lv = &self.levels;
+        let n = lv.len();
+        let b0 = lv[0].channels;
+        let temb = 4 * b0;
+        let vec1 = |name: &str, c: usize| {
+            [
+                (format!("{name}.weight"), vec![c]),
+                (format!("{name}.bias"), vec![c]),
+            ]
+        };
+        let conv = |name: &str, o: usize, i: usize, k: usize| {
+            [
+                (format!("{name}.weight"), vec![o, i, k, k]),
+                (format!("{name}.bias"), vec![o]),
+            ]
+        };
+        let lin = |name: &str, o: usize, i: usize| {
+            [
+                (format!("{name}.weight"), vec![o, i]),
+                (format!("{name}.bias"), vec![o]),
+            ]
+        };
+        let resnet = |out: &mut Vec<(String, Vec<usize>)>, p: &str, c_in: usize, c_out: usize| {
+            out.extend(vec1(&format!("{p}.norm1"), c_in));
+            out.extend(conv(&format!("{p}.conv1"), c_out, c_in, 3));
+            out.extend(lin(&format!("{p}.time_emb_proj"), c_out, temb));
+            out.extend(vec1(&format!("{p}.norm2"), c_out));
+            out.extend(conv(&format!("{p}.conv2"), c_out, c_out, 3));
+            if c_in != c_out {
+                out.extend(conv(&format!("{p}.conv_shortcut"), c_out, c_in, 1));
+            }
+        };
+        let transformer = |out: &mut Vec<(String, Vec<usize>)>, p: &str, c: usize| {
+            out.extend(vec1(&format!("{p}.norm"), c));
+            out.extend(conv(&format!("{p}.proj_in"), c, c, 1));
+            out.extend(conv(&format!("{p}.proj_out"), c, c, 1));
+            let t = format!("{p}.transformer_blocks.0");
+            for norm in ["norm1", "norm2", "norm3"] {
+                out.extend(vec1(&format!("{t}.{norm}"), c));
+            }
+            for (attn, ctx) in [("attn1", c), ("attn2", self.cross_dim)] {
+                out.push((format!("{t}.{attn}.to_q.weight"), vec![c, c]));
+                out.push((format!("{t}.{attn}.to_k.weight"), vec![c, ctx]));
+                out.push((format!("{t}.{attn}.to_v.weight"), vec![c, ctx]));
+                out.extend(lin(&format!("{t}.{attn}.to_out.0"), c, c));
+            }
+            out.extend(lin(&format!("{t}.ff.net.0.proj"), 8 * c, c));
+            out.extend(lin(&format!("{t}.ff.net.2"), c, 4 * c));
+        };
+        out.extend(conv("conv_in", b0, 4, 3));
+        out.extend(lin("time_embedding.linear_1", temb, b0));
+        out.extend(lin("time_embedding.linear_2", temb, temb));
+        for (i, level) in lv.iter().enumerate() {
+            let c_in = if i == 0 { b0 } else { lv[i - 1].channels };
+            for j in 0..self.layers_per_block {
+                let p = format!("down_blocks.{i}");
+                resnet(
+                    &mut out,
+                    &format!("{p}.resnets.{j}"),
+                    if j == 0 { c_in } else { level.channels },
+                    level.channels,
+                );
+                if level.attention {
+                    transformer(&mut out, &format!("{p}.attentions.{j}"), level.channels);
+                }
+            }
+            if i + 1 < n {
+                out.extend(conv(
+                    &format!("down_blocks.{i}.downsamplers.0.conv"),
+                    level.channels,
+                    level.channels,
+                    3,
+                ));
+            }
+        }
+        let last = lv[n - 1].channels;
+        resnet(&mut out, "mid_block.resnets.0", last, last);
+        transformer(&mut out, "mid_block.attentions.0", last);
+        resnet(&mut out, "mid_block.resnets.1", last, last);
+        for i in 0..n {
+            let level = lv[n - 1 - i];
+            let prev = if i == 0 { last } else { lv[n - i].channels };
+            let skip_last = lv[if i == n - 1 { 0 } else { n - i - 2 }].channels;
+            let layers = self.layers_per_block + 1;
+            for j in 0..layers {
+                let c_in = if j == 0 { prev } else { level.channels };
+                let c_skip = if j + 1 == layers {
+                    skip_last
+                } else {
+                    level.channels
+                };
+                let p = format!("up_blocks.{i}");
+                resnet(
+                    &mut out,
+                    &format!("{p}.resnets.{j}"),
+                    c_in + c_skip,
+                    level.channels,
+                );
+                if level.attention {
+                    transformer(&mut out, &format!("{p}.attentions.{j}"), level.channels);
+                }
+            }
+            if i + 1 < n {
+                out.extend(conv(
+                    &format!("up_blocks.{i}.upsamplers.0.conv"),
+                    level.channels,
+                    level.channels,
+                    3,
+                ));
+            }
+        }
+        out.extend(vec1("conv_norm_out", b0));
+        out.extend(conv("conv_out", 4, b0, 3));
+        out
+    }
+
+    /// diffusers' `unet/config.json` for this shape.
+    pub fn config(&self) -> serde_json::Value {
+        let down: Vec<&str> = self
+            .levels
+            .iter()
+            .map(|l| {
+                if l.attention {
+                    "CrossAttnDownBlock2D"
+                } else {
+                    "DownBlock2D"
+                }
+            })
+            .collect();
+        let up: Vec<&str> = self
+            .levels
+            .iter()
+            .rev()
+            .map(|l| {
+                if l.attention {
+                    "CrossAttnUpBlock2D"
+                } else {
+                    "UpBlock2D"
+                }
+            })
+            .collect();
+        serde_json::json!({
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "in_channels": 4,
+            "out_channels": 4,
+            "block_out_channels": self.levels.iter().map(|l| l.channels).collect::<Vec<_>>(),
+            "down_block_types": down,
+            "up_block_types": up,
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "layers_per_block": self.layers_per_block,
+            "attention_head_dim": self.levels.iter().map(|l| l.heads).collect::<Vec<_>>(),
+            "cross_attention_dim": self.cross_dim,
+            "norm_num_groups": self.groups,
+            "norm_eps": UNET_EPS,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "use_linear_projection": false,
+            "sample_size": self.sample_size,
+        })
+    }
+}
+
+fn unet_resnet(
+    vars: &BTreeMap<String, Var>,
+    p: &str,
+    x: &Tensor,
+    temb_act: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
+    let gn = |name: &str, t: &Tensor| -> Result<Tensor> {
+        group_norm(
+            t,
+            groups,
+            &get(vars, &format!("{p}.{name}.weight"))?,
+            &get(vars, &format!("{p}.{name}.bias"))?,
+            UNET_EPS,
+        )
+    };
+    let h = conv_named(vars, &format!("{p}.conv1"), &gn("norm1", x)?.silu()?, 1, 1)?;
+    let t = linear(
+        temb_act,
+        &get(vars, &format!("{p}.time_emb_proj.weight"))?,
+        Some(&get(vars, &format!("{p}.time_emb_proj.bias"))?),
+    )?;
+    let h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+    let h = conv_named(vars, &format!("{p}.conv2"), &gn("norm2", &h)?.silu()?, 1, 1)?;
+    let shortcut = format!("{p}.conv_shortcut");
+    let x = if vars.contains_key(&format!("{shortcut}.weight")) {
+        conv_named(vars, &shortcut, x, 0, 1)?
+    } else {
+        x.clone()
+    };
+    Ok((x + h)?)
+}
+
+/// Multi-head attention of `x` `(b, t, c)` over `context` (itself when `None`).
+fn unet_attention(
+    vars: &BTreeMap<String, Var>,
+    p: &str,
+    x: &Tensor,
+    context: Option<&Tensor>,
+    heads: usize,
+) -> Result<Tensor> {
+    let context = context.unwrap_or(x);
+    let (b, t, c) = x.dims3()?;
+    let head = c / heads;
+    let split = |y: Tensor| -> Result<Tensor> {
+        let n = y.dim(1)?;
+        Ok(y.reshape((b, n, heads, head))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let w = |name: &str| get(vars, &format!("{p}.{name}.weight"));
+    let q = split(linear(x, &w("to_q")?, None)?)?;
+    let k = split(linear(context, &w("to_k")?, None)?)?;
+    let v = split(linear(context, &w("to_v")?, None)?)?;
+    let probs = softmax_last(&(q.matmul(&k.t()?)? / (head as f64).sqrt())?)?;
+    let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+    linear(
+        &out,
+        &w("to_out.0")?,
+        Some(&get(vars, &format!("{p}.to_out.0.bias"))?),
+    )
+}
+
+fn unet_transformer(
+    vars: &BTreeMap<String, Var>,
+    p: &str,
+    x: &Tensor,
+    context: &Tensor,
+    heads: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let normed = group_norm(
+        x,
+        groups,
+        &get(vars, &format!("{p}.norm.weight"))?,
+        &get(vars, &format!("{p}.norm.bias"))?,
+        TRANSFORMER_GN_EPS,
+    )?;
+    let projected = conv_named(vars, &format!("{p}.proj_in"), &normed, 0, 1)?;
+    let mut tokens = projected.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;
+    let t = format!("{p}.transformer_blocks.0");
+    let ln = |y: &Tensor, name: &str| -> Result<Tensor> {
+        layer_norm(
+            y,
+            &get(vars, &format!("{t}.{name}.weight"))?,
+            &get(vars, &format!("{t}.{name}.bias"))?,
+            LN_EPS,
+        )
+    };
+    tokens = (unet_attention(
+        vars,
+        &format!("{t}.attn1"),
+        &ln(&tokens, "norm1")?,
+        None,
+        heads,
+    )? + &tokens)?;
+    tokens = (unet_attention(
+        vars,
+        &format!("{t}.attn2"),
+        &ln(&tokens, "norm2")?,
+        Some(context),
+        heads,
+    )? + &tokens)?;
+    // GEGLU: the first half times the exact GELU of the second.
+    let proj = linear(
+        &ln(&tokens, "norm3")?,
+        &get(vars, &format!("{t}.ff.net.0.proj.weight"))?,
+        Some(&get(vars, &format!("{t}.ff.net.0.proj.bias"))?),
+    )?;
+    let inner = proj.dim(2)? / 2;
+    let gated = (proj.narrow(2, 0, inner)? * proj.narrow(2, inner, inner)?.gelu_erf()?)?;
+    let ff = linear(
+        &gated,
+        &get(vars, &format!("{t}.ff.net.2.weight"))?,
+        Some(&get(vars, &format!("{t}.ff.net.2.bias"))?),
+    )?;
+    tokens = (ff + tokens)?;
+    let image = tokens.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
+    Ok((conv_named(vars, &format!("{p}.proj_out"), &image, 0, 1)? + x)?)
+}
+
+/// The sinusoidal timestep embedding diffusers' `Timesteps(dim, flip_sin_to_cos=True,
+/// downscale_freq_shift=0)` makes: `[cos(t·fᵢ), sin(t·fᵢ)]`, `fᵢ = 10000^(−i/half)`.
+fn timestep_features(timesteps: &[f64], dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let mut data = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        let freqs: Vec<f64> = (0..half)
+            .map(|i| (-(10_000f64.ln()) * i as f64 / half as f64).exp() * t)
+            .collect();
+        data.extend(freqs.iter().map(|a| a.cos() as f32));
+        data.extend(freqs.iter().map(|a| a.sin() as f32));
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (timesteps.len(), dim),
+        &candle_core::Device::Cpu,
+    )?)
+}
+
+/// The UNet's prediction `(b, 4, h, w)` for latents `x` `(b, 4, h, w)` at `timesteps` (one per
+/// row) with text states `context` `(b, tokens, cross_dim)`.
+pub fn unet_forward(
+    vars: &BTreeMap<String, Var>,
+    s: &UnetShape,
+    x: &Tensor,
+    timesteps: &[f64],
+    context: &Tensor,
+) -> Result<Tensor> {
+    let lv = &s.levels;
+    let n = lv.len();
+    let b0 = lv[0].channels;
+    let g = |name: &str| get(vars, name);
+    let emb = linear(
+        &timestep_features(timesteps, b0)?,
+        &g("time_embedding.linear_1.weight")?,
+        Some(&g("time_embedding.linear_1.bias")?),
+    )?
+    .silu()?;
+    let emb = linear(
+        &emb,
+        &g("time_embedding.linear_2.weight")?,
+        Some(&g("time_embedding.linear_2.bias")?),
+    )?;
+    let temb_act = emb.silu()?;
+    let mut x = conv_named(vars, "conv_in", x, 1, 1)?;
+    let mut skips = vec![x.clone()];
+    for (i, level) in lv.iter().enumerate() {
+        for j in 0..s.layers_per_block {
+            let p = format!("down_blocks.{i}");
+            x = unet_resnet(vars, &format!("{p}.resnets.{j}"), &x, &temb_act, s.groups)?;
+            if level.attention {
+                x = unet_transformer(
+                    vars,
+                    &format!("{p}.attentions.{j}"),
+                    &x,
+                    context,
+                    level.heads,
+                    s.groups,
+                )?;
+            }
+            skips.push(x.clone());
+        }
+        if i + 1 < n {
+            x = conv_named(
+                vars,
+                &format!("down_blocks.{i}.downsamplers.0.conv"),
+                &x,
+                1,
+                2,
+            )?;
+            skips.push(x.clone());
+        }
+    }
+    let last = lv[n - 1];
+    x = unet_resnet(vars, "mid_block.resnets.0", &x, &temb_act, s.groups)?;
+    x = unet_transformer(
+        vars,
+        "mid_block.attentions.0",
+        &x,
+        context,
+        last.heads,
+        s.groups,
+    )?;
+    x = unet_resnet(vars, "mid_block.resnets.1", &x, &temb_act, s.groups)?;
+    for i in 0..n {
+        let level = lv[n - 1 - i];
+        for j in 0..=s.layers_per_block {
+            let skip = skips.pop().ok_or_else(|| {
+                Error::InvalidParameter("the UNet ran out of skip connections".into())
+            })?;
+            let p = format!("up_blocks.{i}");
+            x = unet_resnet(
+                vars,
+                &format!("{p}.resnets.{j}"),
+                &Tensor::cat(&[&x, &skip], 1)?,
+                &temb_act,
+                s.groups,
+            )?;
+            if level.attention {
+                x = unet_transformer(
+                    vars,
+                    &format!("{p}.attentions.{j}"),
+                    &x,
+                    context,
+                    level.heads,
+                    s.groups,
+                )?;
+            }
+        }
+        if i + 1 < n {
+            let (_, _, h, w) = x.dims4()?;
+            let up = x.upsample_nearest2d(2 * h, 2 * w)?;
+            x = conv_named(vars, &format!("up_blocks.{i}.upsamplers.0.conv"), &up, 1, 1)?;
+        }
+    }
+    let x = group_norm(
+        x.as_ref(),
+        s.groups,
+        &g("conv_norm_out.weight")?,
+        &g("conv_norm_out.bias")?,
+        UNET_EPS,
+    )?
+    .silu()?;
+    conv_named(vars, "conv_out", &x, 1, 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,6 +998,45 @@ mod tests {
         let diff = max_diff(&expected, &ours);
         assert!(diff < 1e-4, "max |Δ| {diff}");
         // Every parameter gets a gradient: nothing in the pass is a kernel without one.
+        all_get_gradients(&vars, &ours);
+    }
+
+    #[test]
+    fn studios_unet_predicts_what_the_trainer_predicts() {
+        let level = |channels, attention| UnetLevel {
+            channels,
+            attention,
+            heads: 2,
+        };
+        let shape = UnetShape {
+            levels: vec![level(8, true), level(16, false), level(16, true)],
+            layers_per_block: 1,
+            cross_dim: 12,
+            groups: 4,
+            sample_size: 8,
+        };
+        let vars = init(&shape.parameters(), 9, 0.2).expect("init");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let vb = saved(&vars, tmp.path());
+        let config = crate::diffusion::unet::UnetConfig::from_json(&shape.config().to_string())
+            .expect("Studio reads the config");
+        let theirs = crate::diffusion::unet::Unet::new(&vb, config).expect("load");
+        let mut rng = StdRng::seed_from_u64(10);
+        let x = normal(&mut rng, &[2, 4, 8, 8], 1.0).expect("x");
+        let context = normal(&mut rng, &[2, 5, 12], 1.0).expect("context");
+        let ours = unet_forward(&vars, &shape, &x, &[321.5, 321.5], &context).expect("ours");
+        let expected = theirs.forward(&x, 321.5, &context, None).expect("theirs");
+        assert_eq!(expected.dims(), &[2, 4, 8, 8]);
+        let d = max_diff(&expected, &ours);
+        let scale = ours
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("s");
+        assert!(scale > 0.1, "a prediction worth comparing: {scale}");
+        assert!(d < 1e-4 * scale.max(1.0), "max |Δ| {d} of {scale}");
         all_get_gradients(&vars, &ours);
     }
 }
