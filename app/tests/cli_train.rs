@@ -231,3 +231,112 @@ fn python_sources_become_lm_data_and_a_tokenizer() {
         "{generated}"
     );
 }
+
+/// `studio train sd` writes a diffusers folder (with its model card) that `sd-eval` loads through
+/// Studio's own pipeline and grades on captions outside the training set.
+#[test]
+fn a_tiny_text_to_image_run_is_written_and_graded() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (train, held, model) = (
+        tmp.path().join("train"),
+        tmp.path().join("held"),
+        tmp.path().join("sd"),
+    );
+    for (dir, seed) in [(&train, "1"), (&held, "2")] {
+        ok(&studio(&[
+            "train",
+            "shapes-data",
+            "--out",
+            path(dir),
+            "--count",
+            "6",
+            "--seed",
+            seed,
+        ]));
+    }
+    let card = ok(&studio(&[
+        "train",
+        "sd",
+        "--data",
+        path(&train),
+        "--out",
+        path(&model),
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--batch",
+        "2",
+        "--text-width",
+        "32",
+        "--unet-channels",
+        "16",
+        "--vae-channels",
+        "8",
+    ]));
+    assert!(card.contains("2 VAE steps, then 2 UNet"), "{card}");
+    assert_files(
+        &model,
+        &[
+            "model_index.json",
+            "MODEL.md",
+            "loss.jsonl",
+            "scheduler/scheduler_config.json",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+        ],
+    );
+    let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
+    assert_eq!(log.lines().count(), 4, "{log}");
+
+    let out = tmp.path().join("eval");
+    let report = ok(&studio(&[
+        "train",
+        "sd-eval",
+        "--model",
+        path(&model),
+        "--data",
+        path(&held),
+        "--train",
+        path(&train),
+        "--count",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        path(&out),
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    assert_eq!(report["prompts"].as_u64(), Some(2), "{report}");
+    // The model's own size: 64 px scenes, so a UNet `sample_size` of 8.
+    assert_eq!(report["size"].as_u64(), Some(64), "{report}");
+    let passed = report["passed"].as_u64().expect("passed");
+    assert_eq!(
+        report["failures"].as_array().map(Vec::len),
+        Some(2 - usize::try_from(passed).expect("small"))
+    );
+    assert_files(&out, &["0000.png", "0001.png", "captions.jsonl"]);
+
+    // Every prompt of the training set is seen: nothing is left to grade.
+    let refused = studio(&[
+        "train",
+        "sd-eval",
+        "--model",
+        path(&model),
+        "--data",
+        path(&train),
+        "--train",
+        path(&train),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("no captions outside the training set")
+    );
+}

@@ -486,6 +486,14 @@ fn single_file_checkpoints_match_the_diffusers_folder() {
             "{kind:?}"
         );
         assert_eq!(from_file.vae.config(), from_folder.vae.config(), "{kind:?}");
+        // The folder's UNet says `sample_size: 8` (latents of 8, images of 64), which sets its
+        // default size; a single file says nothing, so the family's size stands.
+        assert_eq!(from_folder.info.default_size, (64, 64), "{kind:?}");
+        let family = match kind {
+            TinyKind::Sdxl => 1024,
+            _ => 512,
+        };
+        assert_eq!(from_file.info.default_size, (family, family), "{kind:?}");
         let size = if kind == TinyKind::Sdxl { 64 } else { 32 };
         let req = ImageRequest {
             negative_prompt: "blurry".into(),

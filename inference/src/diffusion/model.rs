@@ -345,6 +345,9 @@ pub fn load(
     Ok(model)
 }
 
+/// `native`: the UNet config's `sample_size` (latent side the model was trained at), when a
+/// diffusers folder gives one; the default size is then 8 times it, as diffusers' pipelines
+/// choose (SD 1.5 64 → 512, SD 2.1-v 96 → 768, SDXL 128 → 1024, a 64 px demo model 8 → 64).
 fn finish_info(
     path: &Path,
     kind: SdKind,
@@ -352,14 +355,20 @@ fn finish_info(
     unet: &Unet,
     prediction: Prediction,
     notes: Vec<String>,
+    native: Option<u64>,
 ) -> ImageModelInfo {
     let name = model_name(path);
     let few_step = few_step(&name);
-    let default = match kind {
+    let size_multiple = if kind == SdKind::Sdxl { 64 } else { 8 };
+    let guessed = match kind {
         SdKind::Sdxl => 1024,
         SdKind::Sd2 if prediction == Prediction::VPrediction && !few_step => 768,
         _ => 512,
     };
+    let default = native
+        .and_then(|s| u32::try_from(s.saturating_mul(8)).ok())
+        .filter(|d| (64..=2048).contains(d) && d.is_multiple_of(size_multiple))
+        .unwrap_or(guessed);
     ImageModelInfo {
         few_step,
         name,
@@ -369,7 +378,7 @@ fn finish_info(
         inpainting: unet.config().in_channels == 9,
         prediction,
         default_size: (default, default),
-        size_multiple: if kind == SdKind::Sdxl { 64 } else { 8 },
+        size_multiple,
         taesd: false,
         notes,
     }
@@ -391,6 +400,9 @@ fn load_diffusers(
         }
     })?;
     let unet_cfg = UnetConfig::from_json(&unet_cfg_text).map_err(|m| bad(&unet_cfg_path, m))?;
+    let native = serde_json::from_str::<serde_json::Value>(&unet_cfg_text)
+        .ok()
+        .and_then(|v| v["sample_size"].as_u64());
     let has_te2 = dir.join("text_encoder_2").is_dir();
     let te_cfg: Option<ClipConfig> = read_json(&dir.join("text_encoder").join("config.json")).ok();
     // SD 2.x conditions on OpenCLIP-H (1024 wide, GELU); SD 1.x on OpenAI's CLIP-L (quick GELU).
@@ -481,6 +493,7 @@ fn load_diffusers(
         } else {
             Vec::new()
         },
+        native,
     );
     Ok(SdModel {
         info,
@@ -720,7 +733,15 @@ fn load_single_file(
         prediction,
         ..NoiseSchedule::default()
     };
-    let info = finish_info(path, kind, Layout::SingleFile, &unet, prediction, notes);
+    let info = finish_info(
+        path,
+        kind,
+        Layout::SingleFile,
+        &unet,
+        prediction,
+        notes,
+        None,
+    );
     Ok(SdModel {
         info,
         unet,

@@ -24,6 +24,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Tensor, Var};
+use candle_nn::Optimizer as _;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
@@ -879,6 +880,618 @@ pub fn unet_forward(
     conv_named(vars, "conv_out", &x, 1, 1)
 }
 
+// ---- data and tokenizer ------------------------------------------------------------------------
+
+/// Captioned images read for training.
+pub struct Captioned {
+    /// `(n, 3, side, side)` in −1…1.
+    pub pixels: Tensor,
+    /// One caption per image.
+    pub captions: Vec<String>,
+    /// Lines of `captions.jsonl` skipped: unreadable or of another size.
+    pub skipped: usize,
+}
+
+impl Captioned {
+    /// The images' side in pixels.
+    pub fn pixels_side(&self) -> usize {
+        self.pixels.dims().last().copied().unwrap_or(0)
+    }
+}
+
+/// Reads `dir/captions.jsonl` (`{"file": …, "caption": …}` per line, as `studio train
+/// shapes-data` writes it) and the images it names, at most `max`; the first image decides
+/// the size, unreadable ones and those of another size are skipped and counted.
+pub fn read_captioned(dir: &std::path::Path, max: usize) -> Result<Captioned> {
+    let list = dir.join("captions.jsonl");
+    let text = std::fs::read_to_string(&list).map_err(|e| Error::io(&list, e))?;
+    let (mut data, mut captions, mut skipped) = (Vec::new(), Vec::new(), 0);
+    let mut side = None;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if captions.len() >= max {
+            break;
+        }
+        let entry: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| Error::BadConfig {
+                path: list.clone(),
+                message: e.to_string(),
+            })?;
+        let (Some(file), Some(caption)) = (entry["file"].as_str(), entry["caption"].as_str())
+        else {
+            skipped += 1;
+            continue;
+        };
+        // Only names inside the folder.
+        if file.contains(['/', '\\']) || file.starts_with('.') {
+            skipped += 1;
+            continue;
+        }
+        let Ok(decoded) = crate::diffusion::imaging::decode_image_file(&dir.join(file)) else {
+            skipped += 1;
+            continue;
+        };
+        let image = decoded.image;
+        let s = *side.get_or_insert(image.width);
+        if image.width != s || image.height != s || !s.is_multiple_of(8) {
+            skipped += 1;
+            continue;
+        }
+        if (data.len() + 3 * (s * s) as usize) * 4 > 4 << 30 {
+            return Err(Error::InvalidParameter(format!(
+                "{} images already take 4 GB: read fewer",
+                captions.len()
+            )));
+        }
+        let plane = (s * s) as usize;
+        let start = data.len();
+        data.resize(start + 3 * plane, 0f32);
+        for (i, p) in image.pixels.chunks_exact(3).enumerate() {
+            for (c, v) in p.iter().enumerate() {
+                data[start + c * plane + i] = f32::from(*v) / 127.5 - 1.0;
+            }
+        }
+        captions.push(caption.to_owned());
+    }
+    let side = side.unwrap_or(0) as usize;
+    if captions.is_empty() {
+        return Err(Error::InvalidParameter(format!(
+            "{} lists no readable images ({skipped} skipped)",
+            list.display()
+        )));
+    }
+    Ok(Captioned {
+        pixels: Tensor::from_vec(
+            data,
+            (captions.len(), 3, side, side),
+            &candle_core::Device::Cpu,
+        )?,
+        captions,
+        skipped,
+    })
+}
+
+/// Writes a CLIP tokenizer for `captions` into `dir` (`vocab.json`, `merges.txt`,
+/// `tokenizer_config.json`): every character seen, alone and ending a word, and merges that
+/// build each word of the captions into one token where the merge order allows. Studio's
+/// [`ClipTokenizer::from_folder`] and transformers' `CLIPTokenizer` read it. Returns the
+/// vocabulary size.
+pub fn write_tokenizer<'a>(
+    dir: &std::path::Path,
+    captions: impl IntoIterator<Item = &'a str>,
+) -> Result<usize> {
+    let mut words = std::collections::BTreeSet::new();
+    for c in captions {
+        for w in c
+            .to_lowercase()
+            .split(|ch: char| !ch.is_ascii_alphanumeric())
+            .filter(|w| !w.is_empty())
+        {
+            words.insert(w.to_owned());
+        }
+        // Punctuation is a word of its own in CLIP's split.
+        for ch in c.chars().filter(char::is_ascii_punctuation) {
+            words.insert(ch.to_string());
+        }
+    }
+    let mut vocab: Vec<String> = vec!["<|startoftext|>".into(), "<|endoftext|>".into()];
+    let chars: std::collections::BTreeSet<char> = words.iter().flat_map(|w| w.chars()).collect();
+    for ch in &chars {
+        vocab.push(ch.to_string());
+        vocab.push(format!("{ch}</w>"));
+    }
+    let mut merges: Vec<(String, String)> = Vec::new();
+    for w in &words {
+        let letters: Vec<char> = w.chars().collect();
+        let mut left = letters[0].to_string();
+        for (i, ch) in letters.iter().enumerate().skip(1) {
+            let right = if i + 1 == letters.len() {
+                format!("{ch}</w>")
+            } else {
+                ch.to_string()
+            };
+            let pair = (left.clone(), right.clone());
+            left = format!("{left}{right}");
+            if !merges.contains(&pair) {
+                merges.push(pair);
+                vocab.push(left.clone());
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    vocab.retain(|t| seen.insert(t.clone()));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let ids: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let path = dir.join(name);
+        crate::sys::write_atomic(&path, bytes, false).map_err(|e| Error::io(&path, e))
+    };
+    write(
+        "vocab.json",
+        serde_json::Value::Object(ids).to_string().as_bytes(),
+    )?;
+    let mut text = String::from("#version: 0.2\n");
+    for (a, b) in &merges {
+        text.push_str(a);
+        text.push(' ');
+        text.push_str(b);
+        text.push('\n');
+    }
+    write("merges.txt", text.as_bytes())?;
+    let config = serde_json::json!({
+        "tokenizer_class": "CLIPTokenizer",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "model_max_length": 77,
+        "do_lower_case": true,
+    });
+    write("tokenizer_config.json", config.to_string().as_bytes())?;
+    Ok(vocab.len())
+}
+
+// ---- training ----------------------------------------------------------------------------------
+
+/// The whole model's shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SdShape {
+    /// The text encoder.
+    pub clip: ClipShape,
+    /// The VAE.
+    pub vae: VaeShape,
+    /// The UNet.
+    pub unet: UnetShape,
+}
+
+/// How a run trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SdTrainOptions {
+    /// VAE steps (the first phase).
+    pub vae_steps: usize,
+    /// UNet and text-encoder steps (the second phase, on the VAE's latents).
+    pub unet_steps: usize,
+    /// Images per step.
+    pub batch: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Share of captions replaced by the empty prompt, so guidance has an unconditional model.
+    pub caption_dropout: f64,
+    /// The run's seed: the initial weights and every batch, timestep and noise.
+    pub seed: u64,
+    /// Steps between checkpoints.
+    pub checkpoint_every: usize,
+}
+
+/// What [`SdTrainer::train_step`] reports.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SdStep {
+    /// "vae" or "unet".
+    pub phase: &'static str,
+    /// Steps done in the phase.
+    pub step: usize,
+    /// The phase's loss: reconstruction (mean squared error, plus a small KL term) for the
+    /// VAE; the noise prediction's mean squared error for the UNet.
+    pub loss: f32,
+}
+
+/// Stable Diffusion's training schedule: `scaled_linear` betas from 0.00085 to 0.012 over
+/// 1,000 steps, as `scheduler_config.json` says.
+fn alphas_cumprod() -> Vec<f64> {
+    let (a, b) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+    let mut acc = 1.0;
+    (0..1000)
+        .map(|i| {
+            let beta = (a + (b - a) * f64::from(i) / 999.0).powi(2);
+            acc *= 1.0 - beta;
+            acc
+        })
+        .collect()
+}
+
+#[derive(Serialize, Deserialize)]
+struct SdState {
+    vae_steps: usize,
+    unet_steps: usize,
+    scaling_factor: Option<f64>,
+    shape: SdShape,
+}
+
+/// A run: the three networks, Adam for each phase, the steps done.
+pub struct SdTrainer {
+    shape: SdShape,
+    opts: SdTrainOptions,
+    clip: BTreeMap<String, Var>,
+    vae: BTreeMap<String, Var>,
+    unet: BTreeMap<String, Var>,
+    adam_vae: candle_nn::AdamW,
+    adam_unet: candle_nn::AdamW,
+    vae_done: usize,
+    unet_done: usize,
+    /// 1 / the latents' standard deviation, measured when the UNet phase starts.
+    scaling_factor: Option<f64>,
+    /// The captions' 77-token chunks, and the empty prompt's.
+    ids: Vec<Vec<u32>>,
+    empty: Vec<u32>,
+    /// The VAE's scaled latent means of every image, once the UNet phase starts.
+    latents: Option<Tensor>,
+}
+
+impl SdTrainer {
+    /// A fresh run, or the one checkpointed in `checkpoint`. `tokenizer` is the folder
+    /// [`write_tokenizer`] wrote; `captions` are the training images' captions.
+    pub fn new(
+        shape: SdShape,
+        opts: SdTrainOptions,
+        checkpoint: &std::path::Path,
+        tokenizer: &std::path::Path,
+        captions: &[String],
+    ) -> Result<Self> {
+        use crate::diffusion::prompt::{ClipTokenizer, Padding};
+        let tok = ClipTokenizer::from_folder(tokenizer, shape.clip.vocab, Padding::Eos)?;
+        let first = |text: &str| -> Result<Vec<u32>> {
+            tok.chunks(text, 1)
+                .into_iter()
+                .next()
+                .map(|c| c.ids)
+                .ok_or_else(|| Error::InvalidParameter("the tokenizer made no chunk".into()))
+        };
+        let ids = captions
+            .iter()
+            .map(|c| first(c))
+            .collect::<Result<Vec<_>>>()?;
+        let empty = first("")?;
+        let clip = init(&shape.clip.parameters(), opts.seed, 0.02)?;
+        let vae = init(&shape.vae.parameters(), opts.seed + 1, 0.05)?;
+        let unet = init(&shape.unet.parameters(), opts.seed + 2, 0.05)?;
+        let (mut vae_done, mut unet_done, mut scaling_factor) = (0, 0, None);
+        let state_file = checkpoint.join("state.json");
+        if state_file.is_file() {
+            let text =
+                std::fs::read_to_string(&state_file).map_err(|e| Error::io(&state_file, e))?;
+            let state: SdState = serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+                path: state_file.clone(),
+                message: e.to_string(),
+            })?;
+            if state.shape != shape {
+                return Err(Error::InvalidParameter(format!(
+                    "{} holds a model of another shape: remove it or train with its shape",
+                    checkpoint.display()
+                )));
+            }
+            let file = checkpoint.join("nets.safetensors");
+            let saved = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)?;
+            for (prefix, vars) in [("C.", &clip), ("V.", &vae), ("U.", &unet)] {
+                for (k, v) in vars {
+                    let t = saved
+                        .get(&format!("{prefix}{k}"))
+                        .ok_or_else(|| Error::BadConfig {
+                            path: file.clone(),
+                            message: format!("no {prefix}{k}"),
+                        })?;
+                    v.set(t)?;
+                }
+            }
+            (vae_done, unet_done, scaling_factor) =
+                (state.vae_steps, state.unet_steps, state.scaling_factor);
+        }
+        let adam = |vars: Vec<Var>| {
+            candle_nn::AdamW::new(
+                vars,
+                candle_nn::ParamsAdamW {
+                    lr: opts.lr,
+                    weight_decay: 0.0,
+                    ..candle_nn::ParamsAdamW::default()
+                },
+            )
+        };
+        let adam_vae = adam(vae.values().cloned().collect())?;
+        let adam_unet = adam(unet.values().chain(clip.values()).cloned().collect())?;
+        Ok(Self {
+            shape,
+            opts,
+            clip,
+            vae,
+            unet,
+            adam_vae,
+            adam_unet,
+            vae_done,
+            unet_done,
+            scaling_factor,
+            ids,
+            empty,
+            latents: None,
+        })
+    }
+
+    /// Whether both phases are done.
+    pub fn finished(&self) -> bool {
+        self.vae_done >= self.opts.vae_steps && self.unet_done >= self.opts.unet_steps
+    }
+
+    /// One step of the phase the run is in, on a batch drawn from `images` (those the
+    /// captions were given for).
+    pub fn train_step(&mut self, images: &Tensor) -> Result<SdStep> {
+        let o = self.opts;
+        let count = images.dim(0)?;
+        let done = self.vae_done + self.unet_done;
+        let mut rng =
+            StdRng::seed_from_u64(o.seed.wrapping_mul(0x9e37_79b9).wrapping_add(done as u64));
+        let rows: Vec<u32> = (0..o.batch)
+            .map(|_| rand::Rng::random_range(&mut rng, 0..count) as u32)
+            .collect();
+        let index = Tensor::new(rows.as_slice(), &candle_core::Device::Cpu)?;
+        if self.vae_done < o.vae_steps {
+            let x = images.index_select(&index, 0)?;
+            let moments = vae_moments(&self.vae, &self.shape.vae, &x)?;
+            let lat = self.shape.vae.latent;
+            let mean = moments.narrow(1, 0, lat)?;
+            let logvar = moments.narrow(1, lat, lat)?.clamp(-30.0, 20.0)?;
+            let eps = normal(&mut rng, mean.dims(), 1.0)?;
+            let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
+            let recon = vae_decode(&self.vae, &self.shape.vae, &z)?;
+            let mse = (recon - &x)?.sqr()?.mean_all()?;
+            let kl = ((mean.sqr()? + logvar.exp()?)? - 1.0)?
+                .sub(&logvar)?
+                .mean_all()?;
+            let loss = (&mse + (kl * 1e-4)?)?;
+            self.adam_vae.backward_step(&loss)?;
+            self.vae_done += 1;
+            return Ok(SdStep {
+                phase: "vae",
+                step: self.vae_done,
+                loss: mse.to_scalar::<f32>()?,
+            });
+        }
+        let latents = self.latents(images)?;
+        let x0 = latents.index_select(&index, 0)?;
+        let schedule = alphas_cumprod();
+        let timesteps: Vec<usize> = (0..o.batch)
+            .map(|_| rand::Rng::random_range(&mut rng, 0..1000))
+            .collect();
+        let sqrt_a: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| schedule[t].sqrt() as f32)
+            .collect();
+        let sqrt_1a: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| (1.0 - schedule[t]).sqrt() as f32)
+            .collect();
+        let per_row =
+            |v: Vec<f32>| Tensor::from_vec(v, (o.batch, 1, 1, 1), &candle_core::Device::Cpu);
+        let noise = normal(&mut rng, x0.dims(), 1.0)?;
+        let xt =
+            (x0.broadcast_mul(&per_row(sqrt_a)?)? + noise.broadcast_mul(&per_row(sqrt_1a)?)?)?;
+        let ids: Vec<u32> = rows
+            .iter()
+            .flat_map(|&r| {
+                if rand::Rng::random_bool(&mut rng, o.caption_dropout.clamp(0.0, 1.0)) {
+                    self.empty.clone()
+                } else {
+                    self.ids[r as usize].clone()
+                }
+            })
+            .collect();
+        let ids = Tensor::from_vec(ids, (o.batch, self.empty.len()), &candle_core::Device::Cpu)?;
+        let context = encode_text(&self.clip, &self.shape.clip, &ids)?;
+        let t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let pred = unet_forward(&self.unet, &self.shape.unet, &xt, &t, &context)?;
+        let loss = (pred - noise)?.sqr()?.mean_all()?;
+        self.adam_unet.backward_step(&loss)?;
+        self.unet_done += 1;
+        Ok(SdStep {
+            phase: "unet",
+            step: self.unet_done,
+            loss: loss.to_scalar::<f32>()?,
+        })
+    }
+
+    /// The scaled latents of every image (the VAE's posterior means times the scaling factor,
+    /// which makes them unit variance), computed once.
+    fn latents(&mut self, images: &Tensor) -> Result<Tensor> {
+        if let Some(l) = &self.latents {
+            return Ok(l.clone());
+        }
+        let lat = self.shape.vae.latent;
+        let mut means = Vec::new();
+        let n = images.dim(0)?;
+        for start in (0..n).step_by(64) {
+            let x = images.narrow(0, start, 64.min(n - start))?;
+            means.push(
+                vae_moments(&self.vae, &self.shape.vae, &x)?
+                    .narrow(1, 0, lat)?
+                    .detach(),
+            );
+        }
+        let means = Tensor::cat(&means, 0)?;
+        let scale = if let Some(s) = self.scaling_factor {
+            s
+        } else {
+            let var = means.sqr()?.mean_all()?.to_scalar::<f32>()?
+                - means.mean_all()?.to_scalar::<f32>()?.powi(2);
+            let s = 1.0 / f64::from(var.max(1e-8)).sqrt();
+            self.scaling_factor = Some(s);
+            s
+        };
+        let scaled = (means * scale)?;
+        self.latents = Some(scaled.clone());
+        Ok(scaled)
+    }
+
+    /// Writes the checkpoint into `dir` atomically (tensors, then the steps).
+    pub fn save_checkpoint(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let mut all = std::collections::HashMap::new();
+        for (prefix, vars) in [("C.", &self.clip), ("V.", &self.vae), ("U.", &self.unet)] {
+            for (k, v) in vars {
+                all.insert(format!("{prefix}{k}"), v.as_tensor().clone());
+            }
+        }
+        save_tensors_atomic(&all, &dir.join("nets.safetensors"))?;
+        let state = serde_json::to_vec(&SdState {
+            vae_steps: self.vae_done,
+            unet_steps: self.unet_done,
+            scaling_factor: self.scaling_factor,
+            shape: self.shape.clone(),
+        })
+        .map_err(|e| Error::InvalidParameter(e.to_string()))?;
+        let file = dir.join("state.json");
+        crate::sys::write_atomic(&file, &state, false).map_err(|e| Error::io(&file, e))
+    }
+
+    /// Writes the diffusers folder into `out` (the tokenizer is already in `out/tokenizer`):
+    /// `model_index.json`, `scheduler/`, `text_encoder/`, `unet/`, `vae/`.
+    pub fn save_model(&self, out: &std::path::Path) -> Result<()> {
+        let write = |path: std::path::PathBuf, value: &serde_json::Value| -> Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+            let text = serde_json::to_vec_pretty(value)
+                .map_err(|e| Error::InvalidParameter(e.to_string()))?;
+            crate::sys::write_atomic(&path, &text, false).map_err(|e| Error::io(&path, e))
+        };
+        let tensors = |vars: &BTreeMap<String, Var>| -> std::collections::HashMap<String, Tensor> {
+            vars.iter()
+                .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                .collect()
+        };
+        let (bos, eos) = (0, 1);
+        write(
+            out.join("text_encoder/config.json"),
+            &self.shape.clip.config(bos, eos),
+        )?;
+        save_tensors_atomic(
+            &tensors(&self.clip),
+            &out.join("text_encoder/model.safetensors"),
+        )?;
+        write(
+            out.join("vae/config.json"),
+            &self.shape.vae.config(self.scaling_factor.unwrap_or(1.0)),
+        )?;
+        save_tensors_atomic(
+            &tensors(&self.vae),
+            &out.join("vae/diffusion_pytorch_model.safetensors"),
+        )?;
+        write(out.join("unet/config.json"), &self.shape.unet.config())?;
+        save_tensors_atomic(
+            &tensors(&self.unet),
+            &out.join("unet/diffusion_pytorch_model.safetensors"),
+        )?;
+        write(
+            out.join("scheduler/scheduler_config.json"),
+            &serde_json::json!({
+                "_class_name": "EulerDiscreteScheduler",
+                "num_train_timesteps": 1000,
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "prediction_type": "epsilon",
+                "timestep_spacing": "leading",
+                "steps_offset": 1,
+            }),
+        )?;
+        write(
+            out.join("model_index.json"),
+            &serde_json::json!({
+                "_class_name": "StableDiffusionPipeline",
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "safety_checker": [null, null],
+                "feature_extractor": [null, null],
+                "requires_safety_checker": false,
+            }),
+        )
+    }
+}
+
+/// Writes safetensors to a temporary beside `path`, then renames it over `path`.
+fn save_tensors_atomic(
+    tensors: &std::collections::HashMap<String, Tensor>,
+    path: &std::path::Path,
+) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Trains (or resumes) into `out`: the tokenizer for `data`'s captions, then both phases with
+/// a checkpoint every `checkpoint_every` steps, then the diffusers folder. `report` is called
+/// after each step.
+pub fn train_sd(
+    data: &Captioned,
+    shape: SdShape,
+    opts: SdTrainOptions,
+    out: &std::path::Path,
+    report: &mut dyn FnMut(SdStep),
+) -> Result<SdTrainer> {
+    let tokenizer = out.join("tokenizer");
+    let checkpoint = out.join("checkpoint");
+    let vocab_file = tokenizer.join("vocab.json");
+    let vocab = if vocab_file.is_file() {
+        let text = std::fs::read_to_string(&vocab_file).map_err(|e| Error::io(&vocab_file, e))?;
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+            .map_err(|e| Error::BadConfig {
+                path: vocab_file.clone(),
+                message: e.to_string(),
+            })?
+            .len()
+    } else {
+        write_tokenizer(&tokenizer, data.captions.iter().map(String::as_str))?
+    };
+    // The text encoder embeds exactly the tokenizer's vocabulary.
+    let mut shape = shape;
+    shape.clip.vocab = vocab;
+    let mut trainer = SdTrainer::new(shape, opts, &checkpoint, &tokenizer, &data.captions)?;
+    while !trainer.finished() {
+        let r = trainer.train_step(&data.pixels)?;
+        if !r.loss.is_finite() {
+            return Err(Error::InvalidParameter(format!(
+                "the {} loss became {} at step {}: lower the learning rate",
+                r.phase, r.loss, r.step
+            )));
+        }
+        report(r);
+        let phase_end = match r.phase {
+            "vae" => r.step == opts.vae_steps,
+            _ => r.step == opts.unet_steps,
+        };
+        if r.step % opts.checkpoint_every.max(1) == 0 || phase_end {
+            trainer.save_checkpoint(&checkpoint)?;
+        }
+    }
+    trainer.save_model(out)?;
+    Ok(trainer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1038,5 +1651,109 @@ mod tests {
         assert!(scale > 0.1, "a prediction worth comparing: {scale}");
         assert!(d < 1e-4 * scale.max(1.0), "max |Δ| {d} of {scale}");
         all_get_gradients(&vars, &ours);
+    }
+
+    #[test]
+    fn a_tiny_run_writes_a_diffusers_folder_studio_loads_and_generates_with() {
+        use crate::diffusion::model::{ImageModelOptions, load};
+        use crate::diffusion::pipeline::{ImageRequest, generate};
+        use crate::train::shapes::Scene;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data_dir = tmp.path().join("data");
+        std::fs::create_dir_all(&data_dir).expect("dir");
+        let mut rng = StdRng::seed_from_u64(2);
+        let mut lines = String::new();
+        for i in 0..6 {
+            let scene = Scene::random(&mut rng);
+            let png = crate::diffusion::imaging::encode_png(&scene.render(64), None).expect("png");
+            std::fs::write(data_dir.join(format!("{i}.png")), png).expect("write");
+            lines.push_str(
+                &serde_json::json!({"file": format!("{i}.png"), "caption": scene.caption()})
+                    .to_string(),
+            );
+            lines.push('\n');
+        }
+        // One line naming a file outside the folder, one naming a missing file.
+        lines.push_str("{\"file\": \"../x.png\", \"caption\": \"a red circle\"}\n");
+        lines.push_str("{\"file\": \"missing.png\", \"caption\": \"a red circle\"}\n");
+        std::fs::write(data_dir.join("captions.jsonl"), lines).expect("write");
+        let data = read_captioned(&data_dir, 100).expect("read");
+        assert_eq!((data.captions.len(), data.skipped), (6, 2));
+
+        let level = |channels, attention| UnetLevel {
+            channels,
+            attention,
+            heads: 2,
+        };
+        let shape = SdShape {
+            clip: ClipShape {
+                vocab: 0,
+                hidden: 8,
+                layers: 1,
+                heads: 2,
+                intermediate: 16,
+                positions: 77,
+            },
+            vae: VaeShape {
+                channels: vec![4, 4, 4, 4],
+                layers_per_block: 1,
+                latent: 4,
+                groups: 2,
+            },
+            unet: UnetShape {
+                levels: vec![level(8, true), level(8, true)],
+                layers_per_block: 1,
+                cross_dim: 8,
+                groups: 4,
+                sample_size: 8,
+            },
+        };
+        let opts = SdTrainOptions {
+            vae_steps: 2,
+            unet_steps: 2,
+            batch: 2,
+            lr: 1e-3,
+            caption_dropout: 0.1,
+            seed: 1,
+            checkpoint_every: 1,
+        };
+        let out = tmp.path().join("model");
+        let mut phases = Vec::new();
+        train_sd(&data, shape.clone(), opts, &out, &mut |r| {
+            phases.push((r.phase, r.step));
+        })
+        .expect("train");
+        assert_eq!(phases, [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2)]);
+
+        // Studio's own loader and pipeline run it.
+        let model = load(
+            &out,
+            &ImageModelOptions::default(),
+            &candle_core::Device::Cpu,
+            &mut |_, _| {},
+        )
+        .expect("Studio loads the folder");
+        let req = ImageRequest {
+            steps: 2,
+            seed: Some(3),
+            width: 64,
+            height: 64,
+            ..ImageRequest::new("a small red circle on the left, blue background")
+        };
+        let result =
+            generate(&model, &req, &mut |_| std::ops::ControlFlow::Continue(())).expect("generate");
+        assert_eq!(result.images.len(), 1);
+
+        // A resumed run picks up at its checkpoint.
+        let more = SdTrainOptions {
+            unet_steps: 3,
+            ..opts
+        };
+        let mut resumed = Vec::new();
+        train_sd(&data, shape, more, &out, &mut |r| {
+            resumed.push((r.phase, r.step));
+        })
+        .expect("resume");
+        assert_eq!(resumed, [("unet", 3)]);
     }
 }
