@@ -65,6 +65,7 @@ fn txt2img_writes_a_png_other_sd_tools_can_read_and_previews_per_step() {
     assert_eq!(p.get("Sampler"), Some("DPM++ 2M"));
     assert_eq!(p.get("Schedule type"), Some("Karras"));
     assert_eq!(p.size(), Some((48, 32)));
+    assert_eq!(p.get("RNG"), Some("Studio"));
     let mut steps: Vec<String> = std::fs::read_dir(&previews)
         .expect("previews dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -187,6 +188,20 @@ fn image_errors_are_clear_and_exit_non_zero() {
     );
     let e = failed(&base(&["--width", "50", "--height", "64"]));
     assert!(e.contains("multiples of 8"), "{e}");
+    let e = failed(&base(&["--noise-source", "gpu"]));
+    assert!(e.contains("unknown noise source `gpu`"), "{e}");
+    let e = failed(&base(&["--variation-strength", "0.5"]));
+    assert!(
+        e.contains("--variation-strength needs --variation-seed"),
+        "{e}"
+    );
+    let e = failed(&base(&[
+        "--variation-seed",
+        "1",
+        "--variation-strength",
+        "2",
+    ]));
+    assert!(e.contains("--variation-strength"), "{e}");
     let e = failed(&base(&[
         "--preview",
         "taesd",
@@ -258,4 +273,40 @@ fn txt2img_reads_a_ckpt_as_its_safetensors() {
         run(&converted, &tmp.path().join("converted.png")),
         from_file
     );
+}
+
+/// `--noise-source cpu` and a variation seed are written as the SD web UI writes them.
+#[test]
+fn txt2img_takes_pytorch_cpu_noise_and_a_variation_seed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let out_png = tmp.path().join("out.png");
+    ok(&studio(&[
+        "txt2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "cat",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--noise-source",
+        "cpu",
+        "--variation-seed",
+        "11",
+        "--variation-strength",
+        "0.2",
+        "--out",
+        path(&out_png),
+    ]));
+    let p = parameters(&out_png);
+    assert_eq!(p.get("RNG"), Some("CPU"));
+    assert_eq!(p.get("Variation seed"), Some("11"));
+    assert_eq!(p.get("Variation seed strength"), Some("0.2"));
 }

@@ -3,6 +3,9 @@
 //! to `DIR/src` and a starter list naming it to `DIR/presets/models/`, prints the Hub's URL,
 //! and serves until killed. Then run Studio with `HF_ENDPOINT=URL`,
 //! `STUDIO_PRESETS=DIR/presets` and an empty `HF_HUB_CACHE`.
+//!
+//! The bundled demo models (`assets/models/`) are served too, as `studio-demo/<folder>`
+//! repositories in the starter list, so every panel's *Load in …* can be tried on a download.
 
 use std::path::PathBuf;
 
@@ -31,32 +34,98 @@ fn main() {
             (0..200_000_000u32).map(|i| (i % 251) as u8).collect(),
         )],
     );
-    let hub = FakeHub::start(vec![repo, big]);
+    let demos = bundled_repos();
+    let mut catalog = vec![
+        "studio-demo/tiny-gpt2".to_owned(),
+        "studio-demo/big-download-GGUF".to_owned(),
+    ];
+    catalog.extend(demos.iter().map(|(r, _)| r.id.clone()));
+    let mut starters = vec![
+        serde_json::json!({
+            "name": "Tiny GPT-2 (demo)",
+            "repo": "studio-demo/tiny-gpt2",
+            "panel": "Chat",
+            "size_mb": 1,
+            "license": "mit",
+            "description": "A random-weight GPT-2 served by the loopback Hub."
+        }),
+        serde_json::json!({
+            "name": "A large download (demo)",
+            "repo": "studio-demo/big-download-GGUF",
+            "panel": "Chat",
+            "size_mb": 200,
+            "license": "mit",
+            "description": "Not a model: 200 MB to watch the progress of."
+        }),
+    ];
+    for (r, panel) in &demos {
+        let bytes: usize = r.files.iter().map(|f| f.bytes.len()).sum();
+        starters.push(serde_json::json!({
+            "name": format!("{} (bundled, served by the loopback Hub)", r.id),
+            "repo": r.id,
+            "panel": panel,
+            "size_mb": bytes.div_ceil(1_000_000),
+            "license": "see MODEL.md",
+            "description": "One of Studio's demo models, to try a download for this panel."
+        }));
+    }
+    let mut repos = vec![repo, big];
+    repos.extend(demos.into_iter().map(|(r, _)| r));
+    let hub = FakeHub::start(repos);
     hub.set_rate(8_000_000);
-    hub.set_catalog(vec![
-        "studio-demo/tiny-gpt2".into(),
-        "studio-demo/big-download-GGUF".into(),
-    ]);
+    hub.set_catalog(catalog);
     let models = dir.join("presets/models");
     std::fs::create_dir_all(&models).expect("dir");
-    let starter = serde_json::json!({"models": [{
-        "name": "Tiny GPT-2 (demo)",
-        "repo": "studio-demo/tiny-gpt2",
-        "panel": "Chat",
-        "size_mb": 1,
-        "license": "mit",
-        "description": "A random-weight GPT-2 served by the loopback Hub."
-    }, {
-        "name": "A large download (demo)",
-        "repo": "studio-demo/big-download-GGUF",
-        "panel": "Chat",
-        "size_mb": 200,
-        "license": "mit",
-        "description": "Not a model: 200 MB to watch the progress of."
-    }]});
+    let starter = serde_json::json!({ "models": starters });
     std::fs::write(models.join("starter.json"), starter.to_string()).expect("write");
     println!("{}", hub.url);
     loop {
         std::thread::sleep(std::time::Duration::from_hours(1));
     }
+}
+
+/// The bundled demo models, each folder of `assets/models/` a repository with the panel it
+/// serves (weights and images as LFS files).
+fn bundled_repos() -> Vec<(FakeRepo, &'static str)> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models");
+    let mut repos = Vec::new();
+    for (folder, panel) in [
+        ("studio-demo-lm", "Code"),
+        ("studio-demo-sd", "Canvas"),
+        ("gan", "Explorer"),
+    ] {
+        let dir = root.join(folder);
+        let mut files = Vec::new();
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let name = p
+                    .strip_prefix(&dir)
+                    .expect("inside")
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                let bytes = std::fs::read(&p).expect("read");
+                files.push(match String::from_utf8(bytes) {
+                    Ok(text) if !name.ends_with(".safetensors") => FakeFile::small(&name, &text),
+                    Ok(text) => FakeFile::lfs(&name, text.into_bytes()),
+                    Err(e) => FakeFile::lfs(&name, e.into_bytes()),
+                });
+            }
+        }
+        if !files.is_empty() {
+            repos.push((
+                FakeRepo::new(&format!("studio-demo/{folder}"), files),
+                panel,
+            ));
+        }
+    }
+    repos
 }

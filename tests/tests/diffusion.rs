@@ -830,3 +830,63 @@ fn sd_pickles_generate_as_their_safetensors() {
     let (d, _) = run(&from_bins, &req);
     assert_eq!(c.images[0].image.pixels, d.images[0].image.pixels);
 }
+
+/// The noise source and variation seeds: PyTorch CPU noise is another image than Studio's;
+/// a variation at strength 0 is the seed's own image and at strength 1 (with a sampler that
+/// draws no more noise) the variation seed's; the PNG parameters say which, as the SD web UI
+/// writes them.
+#[test]
+fn noise_sources_and_variation_seeds_give_the_images_they_name() {
+    use studio_inference::diffusion::noise::{NoiseSource, Variation};
+    let (_dir, m) = tiny(TinyKind::Sd1);
+    let pixels = |req: &ImageRequest| run(&m, req).0.images[0].image.pixels.clone();
+    let base = request("a red cat", 32);
+    let torch = ImageRequest {
+        noise_source: NoiseSource::TorchCpu,
+        ..base.clone()
+    };
+    assert_ne!(
+        pixels(&base),
+        pixels(&torch),
+        "another noise, another image"
+    );
+    assert_eq!(pixels(&torch), pixels(&torch.clone()), "reproducible");
+
+    let varied = |seed: u64, strength: f64| ImageRequest {
+        variation: Some(Variation { seed, strength }),
+        ..torch.clone()
+    };
+    assert_eq!(pixels(&varied(7, 0.0)), pixels(&torch));
+    let other_seed = ImageRequest {
+        seed: Some(7),
+        ..torch.clone()
+    };
+    let full = pixels(&varied(7, 1.0));
+    let max_diff = full
+        .iter()
+        .zip(&pixels(&other_seed))
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0);
+    assert!(max_diff <= 1, "strength 1 is the variation seed's image");
+    let slight = pixels(&varied(7, 0.1));
+    assert_ne!(slight, pixels(&torch));
+    assert_ne!(slight, full);
+
+    // A batch: image i has seed 42 + i and variation seed 7 + i.
+    let (out, _) = run(
+        &m,
+        &ImageRequest {
+            batch_count: 2,
+            ..varied(7, 0.3)
+        },
+    );
+    let second = &out.images[1].parameters;
+    assert_eq!(second.get("Seed"), Some("43"));
+    assert_eq!(second.get("Variation seed"), Some("8"));
+    assert_eq!(second.get("Variation seed strength"), Some("0.3"));
+    assert_eq!(second.get("RNG"), Some("CPU"));
+    let own = &run(&m, &base).0.images[0].parameters;
+    assert_eq!(own.get("RNG"), Some("Studio"));
+    assert_eq!(own.get("Variation seed"), None);
+}

@@ -7,7 +7,10 @@
 //! - `studio inpaint … --init IN.png --mask MASK.png` (white = repaint)
 //!
 //! Also: `--schedule normal|karras|exponential`, `--batch-count N` (files `OUT`, `OUT-2`, …),
-//! `--clip-skip N`, `--mask-blur PX`, `--vae FILE`, `--taesd FILE`, `--device`, `--threads`.
+//! `--clip-skip N`, `--mask-blur PX`, `--vae FILE`, `--taesd FILE`, `--device`, `--threads`,
+//! `--noise-source studio|cpu` (`cpu`: PyTorch's CPU generator, which reproduces ComfyUI's and
+//! the SD web UI's "CPU" noise for a seed), `--variation-seed S --variation-strength X` (the web
+//! UI's variation seed).
 //! The sampler takes the web UI's names ("Euler a", "DPM++ 2M Karras", …). The PNG carries the
 //! `parameters` text other SD tools read. With `--previews-dir`, each step's preview is written
 //! as `step-001.png`, … Progress goes to stderr; one line per saved image to stdout.
@@ -24,6 +27,7 @@ use clap::Args;
 use serde_json::json;
 use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
+use studio_inference::diffusion::noise::{NoiseSource, Variation};
 use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod, generate};
 use studio_inference::diffusion::samplers::{SamplerKind, ScheduleKind};
 use studio_inference::nn::Storage;
@@ -73,6 +77,16 @@ pub struct ImageArgs {
     pub batch_count: u32,
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
+    /// Where a seed's noise comes from: studio, or cpu (PyTorch's CPU generator: the noise of
+    /// ComfyUI and of the SD web UI's "CPU" RNG source).
+    #[arg(long, default_value = "studio")]
+    pub noise_source: String,
+    /// A variation seed: the noise moves towards this seed's by --variation-strength.
+    #[arg(long)]
+    pub variation_seed: Option<u64>,
+    /// How far towards the variation seed's noise (0 to 1).
+    #[arg(long, default_value_t = 0.0, value_parser = crate::cli::values::fraction)]
+    pub variation_strength: f64,
     /// Per-step preview: latent2rgb, taesd (needs --taesd) or none.
     #[arg(long, default_value = "latent2rgb")]
     pub preview: String,
@@ -208,6 +222,17 @@ fn request(
     if preview == PreviewMethod::Taesd && args.taesd.is_none() {
         bail!("--preview taesd needs --taesd FILE (the TAESD decoder's weights)");
     }
+    let Some(noise_source) = NoiseSource::parse(&args.noise_source) else {
+        bail!(
+            "unknown noise source `{}` (use studio or cpu)",
+            args.noise_source
+        );
+    };
+    let variation = match (args.variation_seed, args.variation_strength) {
+        (Some(seed), strength) => Some(Variation { seed, strength }),
+        (None, s) if s > 0.0 => bail!("--variation-strength needs --variation-seed"),
+        (None, _) => None,
+    };
     Ok(ImageRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
@@ -219,6 +244,8 @@ fn request(
         width: args.width.unwrap_or(size.0),
         height: args.height.unwrap_or(size.1),
         batch_count: args.batch_count,
+        noise_source,
+        variation,
         clip_skip: args.clip_skip.max(1),
         preview: if args.previews_dir.is_some() {
             preview

@@ -17,6 +17,7 @@ pub mod clip;
 pub mod convert;
 pub mod imaging;
 pub mod model;
+pub mod noise;
 pub mod pipeline;
 pub mod preview;
 pub mod prompt;

@@ -8,14 +8,14 @@
 use std::ops::ControlFlow;
 
 use candle_core::{D, DType, Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::imaging::{
     Mask, RgbImage, composite, image_to_tensor, mask_to_latent_tensor, tensor_to_image,
 };
 use super::model::{SdKind, SdModel};
+use super::noise::{NoiseSource, NoiseStream, Variation, slerp_variation};
 use super::preview::latent_to_rgb;
 use super::samplers::{Prediction, Sampler, SamplerKind, ScheduleKind, denoised_from_output};
 use crate::error::{Error, Result};
@@ -119,6 +119,12 @@ pub struct ImageRequest {
     pub height: u32,
     /// Images generated one after another, with seeds `seed`, `seed + 1`, …
     pub batch_count: u32,
+    /// Where a seed's noise comes from (PyTorch's CPU generator reproduces ComfyUI's and the
+    /// SD web UI's "CPU" images).
+    pub noise_source: NoiseSource,
+    /// A variation seed and strength (the web UI's subseed); image `i` of a batch uses
+    /// `seed + i` with variation seed `variation.seed + i`.
+    pub variation: Option<Variation>,
     /// 1 = the encoder's usual layer; 2 = one layer earlier ("Clip skip: 2").
     pub clip_skip: usize,
     /// How each step's preview is made ([`PreviewMethod::Taesd`] needs a loaded TAESD).
@@ -141,6 +147,8 @@ impl ImageRequest {
             width: 512,
             height: 512,
             batch_count: 1,
+            noise_source: NoiseSource::Studio,
+            variation: None,
             clip_skip: 1,
             preview: PreviewMethod::Latent2Rgb,
             mode: ImageMode::Txt2Img,
@@ -186,32 +194,44 @@ pub struct Outcome {
     pub cancelled: bool,
 }
 
-/// Standard-normal noise from a seeded generator (Box–Muller), so a seed reproduces an image
-/// on any device.
+/// One image's noise: its seed's stream, with the first draw blended towards the variation
+/// seed's.
 struct Noise {
-    rng: StdRng,
+    stream: NoiseStream,
+    variation: Option<(NoiseSource, Variation)>,
 }
 
 impl Noise {
-    fn new(seed: u64) -> Self {
+    fn new(req: &ImageRequest, seed: u64, index: u32) -> Self {
         Self {
-            rng: StdRng::seed_from_u64(seed),
+            stream: NoiseStream::new(req.noise_source, seed),
+            variation: req.variation.filter(|v| v.strength > 0.0).map(|v| {
+                let seed = v.seed.wrapping_add(u64::from(index));
+                (req.noise_source, Variation { seed, ..v })
+            }),
         }
     }
 
+    /// The first noise (the variation applies to it).
+    fn first(&mut self, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut v = self.stream.draw(n);
+        if let Some((source, variation)) = self.variation {
+            let other = NoiseStream::new(source, variation.seed).draw(n);
+            v = slerp_variation(
+                variation.strength,
+                &v,
+                &other,
+                (shape.0 * shape.1, shape.2, shape.3),
+            );
+        }
+        Ok(Tensor::from_vec(v, shape, device)?)
+    }
+
+    /// The sampler's noise after the first.
     fn tensor(&mut self, shape: (usize, usize, usize, usize), device: &Device) -> Result<Tensor> {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let mut v = Vec::with_capacity(n + 1);
-        while v.len() < n {
-            let u1: f64 = self.rng.random::<f64>().max(f64::MIN_POSITIVE);
-            let u2: f64 = self.rng.random();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let a = std::f64::consts::TAU * u2;
-            v.push((r * a.cos()) as f32);
-            v.push((r * a.sin()) as f32);
-        }
-        v.truncate(n);
-        Ok(Tensor::from_vec(v, shape, device)?)
+        Ok(Tensor::from_vec(self.stream.draw(n), shape, device)?)
     }
 }
 
@@ -547,7 +567,7 @@ pub fn generate(
     let mut images = Vec::new();
     for index in 0..req.batch_count {
         let seed = base_seed.wrapping_add(u64::from(index));
-        let mut noise = Noise::new(seed);
+        let mut noise = Noise::new(req, seed, index);
         let mut sampler = Sampler::new(req.sampler, req.schedule, req.steps, &model.noise)?;
         let steps = req.steps;
         // img2img runs the last int(strength·steps) steps (at least one).
@@ -556,7 +576,7 @@ pub fn generate(
         } else {
             0
         };
-        let first_noise = noise.tensor((1, 4, lh, lw), device)?;
+        let first_noise = noise.first((1, 4, lh, lw), device)?;
         let mut x = match &init_latents {
             Some(lat) if start > 0 || !inpaint_model => {
                 (lat.to_dtype(DType::F32)? + (&first_noise * sampler.sigma(start))?)?
@@ -636,7 +656,7 @@ pub fn generate(
             image = composite(orig, &image, m)?;
         }
         images.push(GeneratedImage {
-            parameters: parameters(model, req, seed, mask_blur),
+            parameters: parameters(model, req, index, seed, mask_blur),
             image,
             seed,
         });
@@ -660,9 +680,11 @@ fn out_of_memory_hint(e: Error, req: &ImageRequest) -> Error {
 }
 
 /// The `parameters` text for an image, in the SD web UI's format.
+/// `index`: the image's place in its batch (its variation seed is the request's plus it).
 pub fn parameters(
     model: &SdModel,
     req: &ImageRequest,
+    index: u32,
     seed: u64,
     mask_blur: f32,
 ) -> GenerationParameters {
@@ -676,6 +698,13 @@ pub fn parameters(
     p.set("Schedule type", req.schedule.name());
     p.set("CFG scale", format_number(req.cfg_scale));
     p.set("Seed", seed.to_string());
+    if let Some(v) = req.variation.filter(|v| v.strength > 0.0) {
+        p.set(
+            "Variation seed",
+            v.seed.wrapping_add(u64::from(index)).to_string(),
+        );
+        p.set("Variation seed strength", format_number(v.strength));
+    }
     p.set("Size", format!("{}x{}", req.width, req.height));
     p.set("Model", model.info.name.clone());
     if let ImageMode::Img2Img { strength, .. } | ImageMode::Inpaint { strength, .. } = &req.mode {
@@ -690,6 +719,7 @@ pub fn parameters(
     if model.info.prediction == Prediction::VPrediction {
         p.set("Prediction", "v");
     }
+    p.set("RNG", req.noise_source.name());
     p.set("Version", concat!("studio-", env!("CARGO_PKG_VERSION")));
     p
 }

@@ -60,10 +60,13 @@ impl PanelView for CanvasPanel {
 
     /// Opens the saved canvas, gallery and style presets.
     fn open(cx: &mut OpenContext<'_>) -> Self {
-        let (canvas, notes) = CanvasPanel::new(cx.home, cx.presets_dir);
+        let (mut canvas, notes) = CanvasPanel::new(cx.home, cx.presets_dir);
         for note in notes {
             cx.notices.warning(note);
         }
+        canvas.demo_model = cx
+            .bundled_models
+            .and_then(|dir| crate::bundled::model_in(dir, crate::bundled::BundledKind::Image));
         canvas
     }
 
@@ -263,11 +266,14 @@ impl PanelView for CanvasPanel {
         Handled::Yes
     }
 
-    /// Loads the last session's image model again, if it is still there.
+    /// Loads the last session's image model again, if it is still there; else the bundled demo
+    /// model, if there is one, at its own size (no saved size belongs to it).
     fn restore(&mut self, cx: &mut AppContext<'_>) {
         let saved = &mut cx.settings.last_image_model;
         if let Some(path) = still_there(saved, "image model", "in the Canvas", cx.notices) {
             self.load_image_model(path, true, cx);
+        } else if let Some(demo) = self.demo_model.clone() {
+            self.load_image_model(demo, false, cx);
         }
     }
 

@@ -12,6 +12,7 @@ use std::path::Path;
 use egui::RichText;
 use serde::{Deserialize, Serialize};
 use studio_inference::diffusion::model::ImageModelInfo;
+use studio_inference::diffusion::noise::{NoiseSource, Variation};
 use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod};
 use studio_inference::diffusion::samplers::{SamplerKind, ScheduleKind};
 use studio_inference::image_meta::GenerationParameters;
@@ -45,6 +46,12 @@ pub struct FormValues {
     /// Gaussian blur of the mask edge, in pixels.
     pub mask_blur: f32,
     pub preview: PreviewMethod,
+    /// Where a seed's noise comes from.
+    pub noise_source: NoiseSource,
+    /// The variation seed (used when the strength is above 0).
+    pub variation_seed: u64,
+    /// How far towards the variation seed's noise (0 = off).
+    pub variation_strength: f32,
 }
 
 impl Default for FormValues {
@@ -65,6 +72,9 @@ impl Default for FormValues {
             strength: 0.75,
             mask_blur: 4.0,
             preview: PreviewMethod::Latent2Rgb,
+            noise_source: NoiseSource::Studio,
+            variation_seed: 0,
+            variation_strength: 0.0,
         }
     }
 }
@@ -156,6 +166,11 @@ pub fn build_request(
     req.sampler = form.sampler;
     req.schedule = form.schedule;
     req.batch_count = form.batch_count.max(1);
+    req.noise_source = form.noise_source;
+    req.variation = (form.variation_strength > 0.0).then(|| Variation {
+        seed: form.variation_seed,
+        strength: f64::from(form.variation_strength.min(1.0)),
+    });
     req.preview = if form.preview == PreviewMethod::Taesd && !model.taesd {
         PreviewMethod::Latent2Rgb
     } else {
@@ -240,6 +255,33 @@ pub fn restore_parameters(
         .and_then(|v| v.trim().parse::<f32>().ok())
     {
         form.mask_blur = b.clamp(0.0, 64.0);
+    }
+    // The SD web UI writes `RNG` only when it is not its GPU default, which Studio cannot
+    // reproduce; an image of Studio's without it used Studio's own noise.
+    let studio_made = params
+        .get("Version")
+        .is_some_and(|v| v.starts_with("studio-"));
+    if let Some(source) = params.get("RNG").and_then(NoiseSource::parse) {
+        form.noise_source = source;
+        set.push("noise source");
+    } else if studio_made {
+        form.noise_source = NoiseSource::Studio;
+    }
+    let variation = (
+        params
+            .get("Variation seed")
+            .and_then(|v| v.trim().parse::<u64>().ok()),
+        params
+            .get("Variation seed strength")
+            .and_then(|v| v.trim().parse::<f32>().ok())
+            .filter(|s| s.is_finite()),
+    );
+    if let (Some(seed), Some(strength)) = variation {
+        form.variation_seed = seed;
+        form.variation_strength = strength.clamp(0.0, 1.0);
+        set.push("variation seed");
+    } else {
+        form.variation_strength = 0.0;
     }
     set
 }
@@ -368,6 +410,38 @@ impl FormView {
                     ui.checkbox(&mut form.random_seed, "Random")
                         .on_hover_text("Draw a new seed for every Generate");
                 });
+                ui.end_row();
+                let l = ui.label("Variation seed");
+                ui.horizontal(|ui| {
+                    ui.add(egui::DragValue::new(&mut form.variation_seed).speed(1.0))
+                        .labelled_by(l.id)
+                        .on_hover_text("Another seed whose noise this image moves towards");
+                    let s = ui.label("Strength");
+                    ui.add(
+                        egui::Slider::new(&mut form.variation_strength, 0.0..=1.0)
+                            .step_by(0.01),
+                    )
+                    .labelled_by(s.id)
+                    .on_hover_text(
+                        "0: the seed's own image; small values give variations of it; 1: the \
+                         variation seed's image",
+                    );
+                });
+                ui.end_row();
+                let l = ui.label("Noise");
+                egui::ComboBox::from_id_salt("canvas_noise_source")
+                    .selected_text(form.noise_source.label())
+                    .show_ui(ui, |ui| {
+                        for n in NoiseSource::ALL {
+                            ui.selectable_value(&mut form.noise_source, n, n.label());
+                        }
+                    })
+                    .response
+                    .labelled_by(l.id)
+                    .on_hover_text(
+                        "PyTorch CPU draws the noise ComfyUI and the SD web UI (RNG source \
+                         \"CPU\") draw for a seed, so their images reproduce",
+                    );
                 ui.end_row();
                 self.size_rows(ui, form, cx);
                 let l = ui.label("Batch count");
@@ -601,6 +675,50 @@ mod tests {
         assert!((f.cfg_scale - 5.5).abs() < 1e-6);
         assert_eq!((f.width, f.height), (640, 448));
         assert!(set.contains(&"seed") && set.contains(&"size"));
+        assert_eq!(f.noise_source, NoiseSource::Studio, "no RNG field: unchanged");
+        assert!(f.variation_strength.abs() < f32::EPSILON);
+    }
+
+    #[test]
+    fn the_noise_source_and_variation_seed_come_back_and_reach_the_request() {
+        let p = GenerationParameters::parse(
+            "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 5, Variation seed: 9, \
+             Variation seed strength: 0.25, Size: 512x512, RNG: CPU",
+        );
+        let mut f = FormValues::default();
+        let set = restore_parameters(&mut f, &p);
+        assert!(set.contains(&"noise source") && set.contains(&"variation seed"));
+        assert_eq!(f.noise_source, NoiseSource::TorchCpu);
+        assert_eq!(f.variation_seed, 9);
+        assert!((f.variation_strength - 0.25).abs() < 1e-6);
+        let model = ImageModelInfo {
+            name: "m".into(),
+            path: "m".into(),
+            kind: studio_inference::diffusion::model::SdKind::Sd1,
+            layout: studio_inference::diffusion::model::Layout::Diffusers,
+            inpainting: false,
+            prediction: studio_inference::diffusion::samplers::Prediction::Epsilon,
+            few_step: false,
+            default_size: (512, 512),
+            size_multiple: 8,
+            taesd: false,
+            notes: Vec::new(),
+        };
+        let req = build_request(&f, &[], &Document::default(), &model);
+        assert_eq!(req.noise_source, NoiseSource::TorchCpu);
+        assert_eq!(
+            req.variation,
+            Some(Variation {
+                seed: 9,
+                strength: 0.25
+            })
+        );
+        // An image of Studio's own without the field used Studio's noise; a strength of 0 is off.
+        let p = GenerationParameters::parse("a cat\nSteps: 20, Seed: 5, Version: studio-0.1.0");
+        restore_parameters(&mut f, &p);
+        assert_eq!(f.noise_source, NoiseSource::Studio);
+        let req = build_request(&f, &[], &Document::default(), &model);
+        assert_eq!(req.variation, None);
     }
 
     #[test]

@@ -69,6 +69,9 @@ pub struct CanvasPanel {
     next_offer: u64,
     /// The job reloading the last model at startup (it keeps the saved form size).
     startup_load: Option<JobId>,
+    /// The bundled demo text-to-image model, loaded at startup when no other image model is
+    /// configured.
+    demo_model: Option<PathBuf>,
 }
 
 impl CanvasPanel {
@@ -109,6 +112,7 @@ impl CanvasPanel {
             offered: None,
             next_offer: 1,
             startup_load: None,
+            demo_model: None,
         };
         (panel, notes)
     }
