@@ -310,3 +310,81 @@ fn txt2img_takes_pytorch_cpu_noise_and_a_variation_seed() {
     assert_eq!(p.get("Variation seed"), Some("11"));
     assert_eq!(p.get("Variation seed strength"), Some("0.2"));
 }
+
+/// `studio upscale` runs an RRDBNet in tiles, keeps the input's parameters and adds the SD web
+/// UI's postprocessing fields; `--scale` other than the model's resizes its result.
+#[test]
+fn upscale_runs_an_esrgan_model_and_keeps_the_parameters() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/esrgan/rrdb-x2.safetensors");
+    let input = tmp.path().join("in.png");
+    let img = RgbImage::new_filled(21, 14, [200, 40, 90]);
+    std::fs::write(
+        &input,
+        encode_png(&img, Some("a red cat\nSteps: 20, Seed: 3, Size: 21x14")).expect("png"),
+    )
+    .expect("write");
+    let out = tmp.path().join("out.png");
+    let said = ok(&studio(&[
+        "upscale",
+        "--model",
+        path(&model),
+        "--in",
+        path(&input),
+        "--out",
+        path(&out),
+        "--tile",
+        "8",
+    ]));
+    assert!(said.contains("42x28"), "{said}");
+    let p = parameters(&out);
+    assert_eq!(p.prompt, "a red cat");
+    assert_eq!(p.seed(), Some(3));
+    assert_eq!(p.get("Postprocess upscaler"), Some("rrdb-x2"));
+    assert_eq!(p.get("Postprocess upscale by"), Some("2"));
+
+    ok(&studio(&[
+        "upscale",
+        "--model",
+        path(&model),
+        "--in",
+        path(&input),
+        "--out",
+        path(&out),
+        "--scale",
+        "3",
+    ]));
+    let img = decode_image_file(&out).expect("png").image;
+    assert_eq!((img.width, img.height), (63, 42));
+    assert_eq!(parameters(&out).get("Postprocess upscale by"), Some("3"));
+
+    // Not an upscaler: the error says what it looks like.
+    let sd = tmp.path().join("tiny-sd");
+    write_tiny_sd(&sd, TinySd::new(TinyKind::Sd1));
+    let e = failed(&studio(&[
+        "upscale",
+        "--model",
+        path(&sd.join("unet/diffusion_pytorch_model.safetensors")),
+        "--in",
+        path(&input),
+        "--out",
+        path(&out),
+    ]));
+    assert!(
+        e.contains("not an ESRGAN/Real-ESRGAN (RRDBNet) upscaler"),
+        "{e}"
+    );
+    let e = failed(&studio(&[
+        "upscale",
+        "--model",
+        path(&model),
+        "--in",
+        path(&input),
+        "--out",
+        path(&out),
+        "--scale",
+        "40",
+    ]));
+    assert!(e.contains("--scale"), "{e}");
+}

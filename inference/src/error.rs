@@ -35,6 +35,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A weights file whose tensors do not make a model Studio runs (another architecture,
+    /// impossible sizes): what it is, in words.
+    #[error("{path}: {message}")]
+    InvalidModel {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// The model's architecture is not one Studio implements: the name found, then the
     /// architectures this build supports.
     #[error("unsupported model architecture `{0}`; this version of Studio loads: {1}")]

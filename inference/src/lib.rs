@@ -43,6 +43,7 @@ pub mod pickle;
 pub mod quant;
 pub mod sys;
 pub mod train;
+pub mod upscale;
 pub mod weights;
 pub mod worker;
 

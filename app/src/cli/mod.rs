@@ -83,6 +83,8 @@ pub enum Command {
     Img2img(image::Img2ImgArgs),
     /// Repaint the white part of a mask.
     Inpaint(image::InpaintArgs),
+    /// Upscale an image with an ESRGAN / Real-ESRGAN upscaler, in tiles.
+    Upscale(image::UpscaleArgs),
     /// Render a StyleGAN2 image from a seed, a z or a w.
     Gan(gan::GanArgs),
     /// Render a StyleGAN2 animation through seeds (GIF or PNG sequence).
@@ -107,10 +109,11 @@ pub enum Command {
 }
 
 impl Command {
-    /// The subcommand's `--model` and the kind of model it runs, if it takes one.
-    fn model_arg(&mut self) -> Option<(&mut PathBuf, BundledKind)> {
+    /// The subcommand's `--model` and the kind of bundled model it falls back to (`None`: it
+    /// has none, so `--model` is required), if it takes a model.
+    fn model_arg(&mut self) -> Option<(&mut PathBuf, Option<BundledKind>)> {
         use BundledKind::{Gan, Image, Language};
-        Some(match self {
+        let (model, kind) = match self {
             Command::Generate(a) => (&mut a.engine.model, Language),
             Command::Chat(a) => (&mut a.engine.model, Language),
             Command::Bench(BenchCommand::Generate(a)) => (&mut a.engine.model, Language),
@@ -124,6 +127,7 @@ impl Command {
             Command::Gan(a) => (&mut a.common.model, Gan),
             Command::GanInterp(a) => (&mut a.common.model, Gan),
             Command::GanProject(a) => (&mut a.common.model, Gan),
+            Command::Upscale(a) => return Some((&mut a.model, None)),
             Command::Bench(
                 BenchCommand::Sd(_) | BenchCommand::Gan(_) | BenchCommand::Memory(_),
             )
@@ -131,7 +135,8 @@ impl Command {
             | Command::Pull(_)
             | Command::Models(_)
             | Command::Train(_) => return None,
-        })
+        };
+        Some((model, Some(kind)))
     }
 }
 
@@ -153,7 +158,7 @@ pub enum BenchCommand {
 /// Runs a subcommand; `pull`: download a `--model ORG/NAME[:FILE]` missing from the cache.
 pub fn run(mut command: Command, pull: bool) -> Result<()> {
     if let Some((model, kind)) = command.model_arg() {
-        if model.as_os_str().is_empty() {
+        if let (true, Some(kind)) = (model.as_os_str().is_empty(), kind) {
             *model = crate::bundled::model(kind).with_context(|| {
                 format!(
                     "--model is required: this installation has no bundled demo {}",
@@ -183,6 +188,7 @@ pub fn run(mut command: Command, pull: bool) -> Result<()> {
         Command::Txt2img(args) => image::run_txt2img(&args),
         Command::Img2img(args) => image::run_img2img(&args),
         Command::Inpaint(args) => image::run_inpaint(&args),
+        Command::Upscale(args) => image::run_upscale(&args),
         Command::Complete(args) => code::run_complete(&args),
         Command::Code(args) => code::run_code(&args),
         Command::Convert(args) => convert::run_convert(&args),
