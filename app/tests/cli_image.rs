@@ -388,3 +388,56 @@ fn upscale_runs_an_esrgan_model_and_keeps_the_parameters() {
     ]));
     assert!(e.contains("--scale"), "{e}");
 }
+
+/// `--inpaint-area masked` repaints the mask's region at the model's size and pastes it back
+/// into the image at its own size; the options are written as the SD web UI writes them.
+#[test]
+fn inpaint_only_masked_keeps_the_image_size_and_names_its_options() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let init = tmp.path().join("init.png");
+    write_png(&init, &RgbImage::new_filled(120, 72, [30, 160, 90]));
+    let mask = tmp.path().join("mask.png");
+    let mut m = RgbImage::new_filled(120, 72, [0, 0, 0]);
+    for y in 20..30 {
+        for x in 70..84 {
+            let i = (y * 120 + x) * 3;
+            m.pixels[i..i + 3].copy_from_slice(&[255, 255, 255]);
+        }
+    }
+    write_png(&mask, &m);
+    let out = tmp.path().join("out.png");
+    let args = |area: &str, content: &str| {
+        studio(&[
+            "inpaint",
+            "--model",
+            path(&model),
+            "--prompt",
+            "cat",
+            "--steps",
+            "2",
+            "--init",
+            path(&init),
+            "--mask",
+            path(&mask),
+            "--inpaint-area",
+            area,
+            "--padding",
+            "8",
+            "--masked-content",
+            content,
+            "--out",
+            path(&out),
+        ])
+    };
+    ok(&args("masked", "fill"));
+    let img = decode_image_file(&out).expect("png").image;
+    assert_eq!((img.width, img.height), (120, 72), "the image's own size");
+    let p = parameters(&out);
+    assert_eq!(p.get("Inpaint area"), Some("Only masked"));
+    assert_eq!(p.get("Masked area padding"), Some("8"));
+    assert_eq!(p.get("Masked content"), Some("fill"));
+    assert!(failed(&args("everything", "fill")).contains("unknown inpaint area"));
+    assert!(failed(&args("masked", "noise")).contains("unknown masked content"));
+}

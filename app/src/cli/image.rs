@@ -4,7 +4,8 @@
 //!   [--seed S] [--sampler NAME] [--width W --height H] [--preview latent2rgb|taesd|none]
 //!   [--previews-dir DIR] --out FILE.png`
 //! - `studio img2img … --init IN.png --strength S`
-//! - `studio inpaint … --init IN.png --mask MASK.png` (white = repaint)
+//! - `studio inpaint … --init IN.png --mask MASK.png` (white = repaint) `[--inpaint-area
+//!   whole|masked] [--padding PX] [--masked-content original|fill|latent-noise|latent-nothing]`
 //!
 //! Also: `--schedule normal|karras|exponential`, `--batch-count N` (files `OUT`, `OUT-2`, …),
 //! `--clip-skip N`, `--mask-blur PX`, `--vae FILE`, `--taesd FILE`, `--device`, `--threads`,
@@ -31,6 +32,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
+use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
 use studio_inference::diffusion::noise::{NoiseSource, Variation};
 use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod, generate};
@@ -142,6 +144,16 @@ pub struct InpaintArgs {
     /// Blur of the mask edge in pixels.
     #[arg(long, default_value_t = 4.0, value_parser = crate::cli::values::blur_px)]
     pub mask_blur: f32,
+    /// Inpaint area: whole (the whole picture) or masked (only the masked region plus
+    /// --padding, worked on at --width × --height, default the model's size, and pasted back).
+    #[arg(long, default_value = "whole")]
+    pub inpaint_area: String,
+    /// Only masked: pixels of context around the mask.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub padding: u32,
+    /// What the masked area starts from: original, fill, latent-noise, latent-nothing.
+    #[arg(long, default_value = "original")]
+    pub masked_content: String,
 }
 
 #[derive(Debug, Args)]
@@ -251,6 +263,7 @@ fn request(
         batch_count: args.batch_count,
         noise_source,
         variation,
+        inpaint: InpaintOptions::default(),
         clip_skip: args.clip_skip.max(1),
         preview: if args.previews_dir.is_some() {
             preview
@@ -344,15 +357,37 @@ pub fn run_img2img(args: &Img2ImgArgs) -> Result<()> {
 pub fn run_inpaint(args: &InpaintArgs) -> Result<()> {
     let init = read_image(&args.init)?;
     let mask_img = read_image(&args.mask)?;
+    let Some(area) = InpaintArea::parse(&args.inpaint_area) else {
+        bail!(
+            "unknown inpaint area `{}` (use whole or masked)",
+            args.inpaint_area
+        );
+    };
+    let Some(content) = MaskedContent::parse(&args.masked_content) else {
+        bail!(
+            "unknown masked content `{}` (use original, fill, latent-noise or latent-nothing)",
+            args.masked_content
+        );
+    };
     let m = load(&args.image)?;
-    let size = snapped(&init, m.info.size_multiple);
+    // Only masked works at the model's size; the whole picture at the image's.
+    let size = if area == InpaintArea::OnlyMasked {
+        m.info.default_size
+    } else {
+        snapped(&init, m.info.size_multiple)
+    };
     let mode = ImageMode::Inpaint {
         init,
         mask: mask_from_image(&mask_img),
         strength: args.strength,
         mask_blur: args.mask_blur,
     };
-    let req = request(&args.image, &m, mode, size)?;
+    let mut req = request(&args.image, &m, mode, size)?;
+    req.inpaint = InpaintOptions {
+        area,
+        padding: args.padding,
+        content,
+    };
     run(&args.image, &m, &req)
 }
 

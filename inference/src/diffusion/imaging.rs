@@ -409,7 +409,7 @@ impl RgbImage {
         out
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.pixels.len() != self.width as usize * self.height as usize * 3 {
             return Err(Error::InvalidParameter(format!(
                 "{} bytes of pixels for a {}x{} RGB image",

@@ -16,6 +16,7 @@ pub mod bench;
 pub mod clip;
 pub mod convert;
 pub mod imaging;
+pub mod inpaint;
 pub mod model;
 pub mod noise;
 pub mod pipeline;

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use super::imaging::{
     Mask, RgbImage, composite, image_to_tensor, mask_to_latent_tensor, tensor_to_image,
 };
+use super::inpaint::{
+    InpaintArea, InpaintOptions, MaskedContent, crop_mask, crop_region, fill, paste,
+};
 use super::model::{SdKind, SdModel};
 use super::noise::{NoiseSource, NoiseStream, Variation, slerp_variation};
 use super::preview::latent_to_rgb;
@@ -67,7 +70,9 @@ pub enum ImageMode {
         /// further from `init`.
         strength: f64,
     },
-    /// Repaint the white part of `mask` (any size; resized to the image).
+    /// Repaint the white part of `mask` (any size; resized to the image), as the request's
+    /// [`InpaintOptions`] say: the whole picture at the request's size, or only the masked
+    /// region worked on at the request's size and pasted back into `init` at its own size.
     Inpaint {
         /// The image to repaint; resized to the request's size.
         init: RgbImage,
@@ -125,6 +130,8 @@ pub struct ImageRequest {
     /// A variation seed and strength (the web UI's subseed); image `i` of a batch uses
     /// `seed + i` with variation seed `variation.seed + i`.
     pub variation: Option<Variation>,
+    /// Inpainting: the area worked on and what the masked area starts from.
+    pub inpaint: InpaintOptions,
     /// 1 = the encoder's usual layer; 2 = one layer earlier ("Clip skip: 2").
     pub clip_skip: usize,
     /// How each step's preview is made ([`PreviewMethod::Taesd`] needs a loaded TAESD).
@@ -149,6 +156,7 @@ impl ImageRequest {
             batch_count: 1,
             noise_source: NoiseSource::Studio,
             variation: None,
+            inpaint: InpaintOptions::default(),
             clip_skip: 1,
             preview: PreviewMethod::Latent2Rgb,
             mode: ImageMode::Txt2Img,
@@ -439,6 +447,16 @@ pub fn generate(
     on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
 ) -> Result<Outcome> {
     validate(model, req)?;
+    if let ImageMode::Inpaint {
+        init,
+        mask,
+        strength,
+        mask_blur,
+    } = &req.mode
+        && req.inpaint.area == InpaintArea::OnlyMasked
+    {
+        return generate_only_masked(model, req, (init, mask, *strength, *mask_blur), on_step);
+    }
     if req.preview == PreviewMethod::Taesd && model.taesd.is_none() {
         return Err(Error::InvalidParameter(
             "TAESD previews need a TAESD decoder: choose its file in the Canvas settings or \
@@ -504,13 +522,17 @@ pub fn generate(
             mask_blur,
         } => {
             let img = init.resized(req.width, req.height);
-            let lat = model.vae.encode(&image_to_tensor(&img, device)?)?;
             let m = mask.resized(req.width, req.height);
             if m.is_empty() {
-                return Err(Error::InvalidParameter(
-                    "the mask is empty: paint the area to repaint first".into(),
-                ));
+                return Err(empty_mask());
             }
+            let lat = if req.inpaint.content == MaskedContent::Fill {
+                model
+                    .vae
+                    .encode(&image_to_tensor(&fill(&img, &m), device)?)?
+            } else {
+                model.vae.encode(&image_to_tensor(&img, device)?)?
+            };
             (Some(lat), *strength, Some(m), *mask_blur, Some(img))
         }
     };
@@ -577,6 +599,26 @@ pub fn generate(
             0
         };
         let first_noise = noise.first((1, 4, lh, lw), device)?;
+        // "Latent noise" / "latent nothing": the masked latents start from the seed's noise
+        // or from zeros (the latent mask rounded, as the web UI does).
+        let init_latents = match (&init_latents, &latent_mask, req.inpaint.content) {
+            (
+                Some(lat),
+                Some((repaint, _)),
+                c @ (MaskedContent::LatentNoise | MaskedContent::LatentNothing),
+            ) => {
+                let hard = repaint.ge(0.5)?.to_dtype(DType::F32)?;
+                let kept = lat
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(&hard.affine(-1.0, 1.0)?)?;
+                Some(if c == MaskedContent::LatentNoise {
+                    (kept + first_noise.broadcast_mul(&hard)?)?
+                } else {
+                    kept
+                })
+            }
+            (lat, ..) => lat.clone(),
+        };
         let mut x = match &init_latents {
             Some(lat) if start > 0 || !inpaint_model => {
                 (lat.to_dtype(DType::F32)? + (&first_noise * sampler.sigma(start))?)?
@@ -667,6 +709,46 @@ pub fn generate(
     })
 }
 
+fn empty_mask() -> Error {
+    Error::InvalidParameter("the mask is empty: paint the area to repaint first".into())
+}
+
+/// "Only masked": the mask's region (plus padding, at the working size's aspect) repainted at
+/// the request's size, scaled back and pasted into `init` with the blurred mask, so every
+/// pixel outside the mask is `init`'s own.
+fn generate_only_masked(
+    model: &SdModel,
+    req: &ImageRequest,
+    (init, mask, strength, mask_blur): (&RgbImage, &Mask, f64, f32),
+    on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
+) -> Result<Outcome> {
+    init.check()?;
+    let full_mask = mask.resized(init.width, init.height);
+    let region = crop_region(&full_mask, req.inpaint.padding, req.width, req.height)
+        .ok_or_else(empty_mask)?;
+    let inner = ImageRequest {
+        mode: ImageMode::Inpaint {
+            init: init.crop(region.x0, region.y0, region.width(), region.height()),
+            mask: crop_mask(&full_mask, region),
+            strength,
+            mask_blur,
+        },
+        inpaint: InpaintOptions {
+            area: InpaintArea::WholePicture,
+            ..req.inpaint
+        },
+        ..req.clone()
+    };
+    let mut outcome = generate(model, &inner, on_step)?;
+    let blurred = full_mask.blurred(mask_blur);
+    for (index, img) in (0u32..).zip(outcome.images.iter_mut()) {
+        let patch = img.image.resized(region.width(), region.height());
+        img.image = composite(init, &paste(init, &patch, region), &blurred)?;
+        img.parameters = parameters(model, req, index, img.seed, mask_blur);
+    }
+    Ok(outcome)
+}
+
 fn out_of_memory_hint(e: Error, req: &ImageRequest) -> Error {
     let text = e.to_string();
     if text.contains("out of memory") || text.contains("alloc") {
@@ -712,6 +794,13 @@ pub fn parameters(
     }
     if matches!(req.mode, ImageMode::Inpaint { .. }) {
         p.set("Mask blur", format_number(f64::from(mask_blur)));
+        if req.inpaint.content != MaskedContent::Original {
+            p.set("Masked content", req.inpaint.content.name());
+        }
+        if req.inpaint.area == InpaintArea::OnlyMasked {
+            p.set("Inpaint area", InpaintArea::OnlyMasked.name());
+            p.set("Masked area padding", req.inpaint.padding.to_string());
+        }
     }
     if req.clip_skip > 1 {
         p.set("Clip skip", req.clip_skip.to_string());

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use egui::RichText;
 use serde::{Deserialize, Serialize};
+use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
 use studio_inference::diffusion::model::ImageModelInfo;
 use studio_inference::diffusion::noise::{NoiseSource, Variation};
 use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod};
@@ -52,6 +53,12 @@ pub struct FormValues {
     pub variation_seed: u64,
     /// How far towards the variation seed's noise (0 = off).
     pub variation_strength: f32,
+    /// Inpainting: the whole picture, or only the masked region at the model's size.
+    pub inpaint_area: InpaintArea,
+    /// Only masked: pixels of context around the mask.
+    pub inpaint_padding: u32,
+    /// Inpainting: what the masked area starts from.
+    pub masked_content: MaskedContent,
 }
 
 impl Default for FormValues {
@@ -75,6 +82,9 @@ impl Default for FormValues {
             noise_source: NoiseSource::Studio,
             variation_seed: 0,
             variation_strength: 0.0,
+            inpaint_area: InpaintArea::WholePicture,
+            inpaint_padding: 32,
+            masked_content: MaskedContent::Original,
         }
     }
 }
@@ -180,6 +190,18 @@ pub fn build_request(
     if let Some(image) = doc.image() {
         req.width = snap(image.width, m);
         req.height = snap(image.height, m);
+        if doc.mode() == ModeKind::Inpaint {
+            req.inpaint = InpaintOptions {
+                area: form.inpaint_area,
+                padding: form.inpaint_padding,
+                content: form.masked_content,
+            };
+            if form.inpaint_area == InpaintArea::OnlyMasked {
+                // The masked region is worked on at the model's own size.
+                req.width = snap(model.default_size.0, m);
+                req.height = snap(model.default_size.1, m);
+            }
+        }
         req.mode = if doc.mode() == ModeKind::Inpaint {
             ImageMode::Inpaint {
                 init: image.clone(),
@@ -266,6 +288,18 @@ pub fn restore_parameters(
         set.push("noise source");
     } else if studio_made {
         form.noise_source = NoiseSource::Studio;
+    }
+    if let Some(area) = params.get("Inpaint area").and_then(InpaintArea::parse) {
+        form.inpaint_area = area;
+    }
+    if let Some(p) = params
+        .get("Masked area padding")
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        form.inpaint_padding = p.min(1024);
+    }
+    if let Some(c) = params.get("Masked content").and_then(MaskedContent::parse) {
+        form.masked_content = c;
     }
     let variation = (
         params
@@ -463,6 +497,58 @@ impl FormView {
                     .labelled_by(l.id)
                     .on_hover_text("Softens the mask edge, in pixels");
                 ui.end_row();
+                let inpainting = cx.mode == ModeKind::Inpaint;
+                let l = ui.label("Inpaint area");
+                ui.add_enabled_ui(inpainting, |ui| {
+                    ui.horizontal(|ui| {
+                        egui::ComboBox::from_id_salt("canvas_inpaint_area")
+                            .selected_text(form.inpaint_area.name())
+                            .show_ui(ui, |ui| {
+                                for a in InpaintArea::ALL {
+                                    ui.selectable_value(&mut form.inpaint_area, a, a.name());
+                                }
+                            })
+                            .response
+                            .labelled_by(l.id)
+                            .on_hover_text(
+                                "Only masked: the masked region and some context around it are \
+                                 repainted at the model's full size, then pasted back",
+                            );
+                        if form.inpaint_area == InpaintArea::OnlyMasked {
+                            let p = ui.label("Padding");
+                            ui.add(
+                                egui::DragValue::new(&mut form.inpaint_padding)
+                                    .range(0..=256)
+                                    .suffix(" px"),
+                            )
+                            .labelled_by(p.id)
+                            .on_hover_text("Context around the mask, in pixels");
+                        }
+                    });
+                })
+                .response
+                .on_disabled_hover_text("Only for inpainting");
+                ui.end_row();
+                let l = ui.label("Masked content");
+                ui.add_enabled_ui(inpainting, |ui| {
+                    egui::ComboBox::from_id_salt("canvas_masked_content")
+                        .selected_text(form.masked_content.name())
+                        .show_ui(ui, |ui| {
+                            for c in MaskedContent::ALL {
+                                ui.selectable_value(&mut form.masked_content, c, c.name());
+                            }
+                        })
+                        .response
+                        .labelled_by(l.id)
+                        .on_hover_text(
+                            "What the masked area starts from: the image, its surrounding \
+                             colours (fill), noise or nothing (the latent ones want a strength \
+                             near 1)",
+                        );
+                })
+                .response
+                .on_disabled_hover_text("Only for inpainting");
+                ui.end_row();
                 let l = ui.label("Preview");
                 let taesd = cx.model.is_some_and(|m| m.taesd);
                 egui::ComboBox::from_id_salt("canvas_preview")
@@ -613,6 +699,12 @@ fn mode_text(cx: &FormContext<'_>, form: &FormValues) -> String {
             "Mode: img2img, the whole {w}x{h} image at strength {:.2}",
             form.strength
         ),
+        (ModeKind::Inpaint, Some((w, h))) if form.inpaint_area == InpaintArea::OnlyMasked => {
+            let (mw, mh) = cx.model.map_or((512, 512), |m| m.default_size);
+            format!(
+                "Mode: inpaint, only the masked area of the {w}x{h} image, repainted at {mw}x{mh}"
+            )
+        }
         (ModeKind::Inpaint, Some((w, h))) => {
             format!("Mode: inpaint, the masked area of the {w}x{h} image")
         }
@@ -622,7 +714,9 @@ fn mode_text(cx: &FormContext<'_>, form: &FormValues) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::document::Tool;
     use super::*;
+    use studio_inference::diffusion::imaging::RgbImage;
 
     #[test]
     fn styles_replace_the_placeholder_or_append() {
@@ -691,19 +785,7 @@ mod tests {
         assert_eq!(f.noise_source, NoiseSource::TorchCpu);
         assert_eq!(f.variation_seed, 9);
         assert!((f.variation_strength - 0.25).abs() < 1e-6);
-        let model = ImageModelInfo {
-            name: "m".into(),
-            path: "m".into(),
-            kind: studio_inference::diffusion::model::SdKind::Sd1,
-            layout: studio_inference::diffusion::model::Layout::Diffusers,
-            inpainting: false,
-            prediction: studio_inference::diffusion::samplers::Prediction::Epsilon,
-            few_step: false,
-            default_size: (512, 512),
-            size_multiple: 8,
-            taesd: false,
-            notes: Vec::new(),
-        };
+        let model = test_model();
         let req = build_request(&f, &[], &Document::default(), &model);
         assert_eq!(req.noise_source, NoiseSource::TorchCpu);
         assert_eq!(
@@ -719,6 +801,56 @@ mod tests {
         assert_eq!(f.noise_source, NoiseSource::Studio);
         let req = build_request(&f, &[], &Document::default(), &model);
         assert_eq!(req.variation, None);
+    }
+
+    #[test]
+    fn only_masked_inpainting_comes_back_and_works_at_the_models_size() {
+        let p = GenerationParameters::parse(
+            "a cat\nSteps: 20, Seed: 5, Mask blur: 4, Masked content: latent noise, \
+             Inpaint area: Only masked, Masked area padding: 48",
+        );
+        let mut f = FormValues::default();
+        restore_parameters(&mut f, &p);
+        assert_eq!(f.inpaint_area, InpaintArea::OnlyMasked);
+        assert_eq!(f.inpaint_padding, 48);
+        assert_eq!(f.masked_content, MaskedContent::LatentNoise);
+        let mut doc = Document::default();
+        doc.set_image(RgbImage::new_filled(200, 120, [9, 9, 9]));
+        assert!(doc.paint((50.0, 50.0), (60.0, 50.0), Tool::Brush, 8.0, 1.0));
+        assert_eq!(doc.mode(), ModeKind::Inpaint);
+        let mut model = test_model();
+        model.default_size = (64, 64);
+        let req = build_request(&f, &[], &doc, &model);
+        assert!(matches!(req.mode, ImageMode::Inpaint { .. }));
+        assert_eq!((req.width, req.height), (64, 64));
+        assert_eq!(
+            req.inpaint,
+            InpaintOptions {
+                area: InpaintArea::OnlyMasked,
+                padding: 48,
+                content: MaskedContent::LatentNoise
+            }
+        );
+        // The whole picture works at the image's size.
+        f.inpaint_area = InpaintArea::WholePicture;
+        let req = build_request(&f, &[], &doc, &model);
+        assert_eq!((req.width, req.height), (200, 120));
+    }
+
+    fn test_model() -> ImageModelInfo {
+        ImageModelInfo {
+            name: "m".into(),
+            path: "m".into(),
+            kind: studio_inference::diffusion::model::SdKind::Sd1,
+            layout: studio_inference::diffusion::model::Layout::Diffusers,
+            inpainting: false,
+            prediction: studio_inference::diffusion::samplers::Prediction::Epsilon,
+            few_step: false,
+            default_size: (512, 512),
+            size_multiple: 8,
+            taesd: false,
+            notes: Vec::new(),
+        }
     }
 
     #[test]
