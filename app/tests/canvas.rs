@@ -9,7 +9,7 @@ use std::sync::Arc;
 use egui::accesskit::Role;
 use egui::{Key, Modifiers, Pos2};
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use studio_app::gui::canvas::CanvasCommand;
 use studio_app::gui::canvas::document::{ModeKind, Tool};
 use studio_app::gui::canvas::view::CANVAS_LABEL;
@@ -697,4 +697,49 @@ fn the_history_gallery_reuses_sends_and_deletes_with_undo() {
     h.step();
     assert!(path.exists(), "Undo brings the file back");
     assert_eq!(h.state().canvas().history().entries().len(), 1);
+}
+
+/// *Upscale* with an ESRGAN file: the canvas image is upscaled on the worker, staged and saved
+/// in the history with the postprocessing fields; the button says why it waits until an
+/// upscaler is chosen.
+#[test]
+fn the_canvas_upscales_an_image_with_an_esrgan_model() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let png = tmp.path().join("small.png");
+    std::fs::write(&png, encode_png(&gradient(20, 12), None).expect("png")).expect("write");
+    let mut h = harness(&home);
+    h.step();
+    go_to_canvas(&mut h);
+    drop_file(&mut h, &png);
+    step_until(&mut h, "the image to open", |h| {
+        h.state().canvas().document().image().is_some()
+    });
+    assert!(
+        control(&h, "Upscale").accesskit_node().is_disabled(),
+        "disabled until an upscaler is chosen"
+    );
+    let model =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/esrgan/rrdb-x2.safetensors");
+    h.state_mut()
+        .push_command(CanvasCommand::SetUpscaler(model.clone()));
+    h.state_mut().canvas_mut().form_mut().upscale_by = 3.0;
+    h.step();
+    h.step();
+    assert!(shows_text(&h, "Upscaler: rrdb-x2"));
+    control(&h, "Upscale").click();
+    h.step();
+    step_until(&mut h, "the upscaled result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    let staged = &h.state().canvas().document().staged()[0];
+    assert_eq!(
+        (staged.image.image.width, staged.image.image.height),
+        (60, 36)
+    );
+    let p = &staged.image.parameters;
+    assert_eq!(p.get("Postprocess upscaler"), Some("rrdb-x2"));
+    assert_eq!(p.get("Postprocess upscale by"), Some("3"));
+    let saved = staged.path.clone().expect("saved in the history");
+    step_until(&mut h, "the PNG on disk", |_| saved.exists());
 }

@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::diffusion::imaging::RgbImage;
 use crate::error::{Error, Result};
+use crate::image_meta::GenerationParameters;
 use crate::weights::{Weights, open_checkpoint};
 
 /// The most residual-in-residual blocks accepted (the published models have 6 or 23).
@@ -507,6 +508,58 @@ impl Upscaler {
             )
         }))
     }
+}
+
+impl Upscaler {
+    /// Upscales `image` to `scale` times its size: the model's own scale first (in tiles, as
+    /// [`Self::upscale`]), then a Lanczos resize when `scale` differs (the SD web UI's
+    /// "Upscale by"). `Ok(None)` when `on_tile` stopped it.
+    pub fn upscale_by(
+        &self,
+        image: &RgbImage,
+        scale: f64,
+        tile: usize,
+        on_tile: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Option<RgbImage>> {
+        let target = |v: u32| -> Result<u32> {
+            let t = (f64::from(v) * scale).round();
+            if !scale.is_finite() || !(1.0..=f64::from(u16::MAX)).contains(&t) {
+                return Err(Error::InvalidParameter(format!(
+                    "upscaling by {scale} makes a side of {t} pixels"
+                )));
+            }
+            // In range: checked above.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Ok(t as u32)
+        };
+        let (tw, th) = (target(image.width)?, target(image.height)?);
+        let Some(up) = self.upscale(image, tile, TILE_PAD, on_tile)? else {
+            return Ok(None);
+        };
+        Ok(Some(if (tw, th) == (up.width, up.height) {
+            up
+        } else {
+            up.resized(tw, th)
+        }))
+    }
+}
+
+/// Context pixels around each tile.
+pub const TILE_PAD: usize = 16;
+
+/// `params` with the SD web UI's postprocessing fields for an upscale by `scale` with `name`.
+pub fn postprocess_parameters(
+    mut params: GenerationParameters,
+    name: &str,
+    scale: f64,
+) -> GenerationParameters {
+    let by = format!("{scale:.3}");
+    params.set("Postprocess upscaler", name.to_owned());
+    params.set(
+        "Postprocess upscale by",
+        by.trim_end_matches('0').trim_end_matches('.').to_owned(),
+    );
+    params
 }
 
 /// The image as three `f32` planes in `[0, 1]`, `pw × ph`, edge pixels repeated beyond it.

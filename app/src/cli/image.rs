@@ -485,56 +485,38 @@ pub fn run_upscale(args: &UpscaleArgs) -> Result<()> {
     let info = up.info().clone();
     eprintln!("upscaler: {}", info.describe());
     let started = Instant::now();
+    let scale = args.scale.unwrap_or(f64::from(info.scale));
     let image = up
-        .upscale(
+        .upscale_by(
             &decoded.image,
+            scale,
             args.tile as usize,
-            16,
             &mut |done, total| {
                 eprintln!("tile {done}/{total}");
                 ControlFlow::Continue(())
             },
-        )?
+        )
+        .map_err(|e| anyhow::anyhow!("--scale {scale}: {e}"))?
         .context("stopped")?;
-    let scale = args.scale.unwrap_or(f64::from(info.scale));
-    let target = |v: u32| -> Result<u32> {
-        let t = (f64::from(v) * scale).round();
-        if !(1.0..=f64::from(u16::MAX)).contains(&t) {
-            bail!("--scale {scale} makes a side of {t} pixels");
-        }
-        // In range: checked above.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        Ok(t as u32)
-    };
-    let (tw, th) = (target(decoded.image.width)?, target(decoded.image.height)?);
-    let image = if (tw, th) == (image.width, image.height) {
-        image
-    } else {
-        image.resized(tw, th)
-    };
-    let mut params = decoded
-        .parameters
-        .as_deref()
-        .map(studio_inference::image_meta::GenerationParameters::parse)
-        .unwrap_or_default();
-    params.set("Postprocess upscaler", info.name.clone());
-    params.set("Postprocess upscale by", format_scale(scale));
+    let params = studio_inference::upscale::postprocess_parameters(
+        decoded
+            .parameters
+            .as_deref()
+            .map(studio_inference::image_meta::GenerationParameters::parse)
+            .unwrap_or_default(),
+        &info.name,
+        scale,
+    );
     let bytes = imaging::encode_png(&image, Some(&params.to_text()))?;
     crate::home::atomic_write(&args.out, &bytes)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
-        "saved {} ({}x{}, x{} with {}, {:.1} s)",
+        "saved {} ({}x{}, x{scale} with {}, {:.1} s)",
         args.out.display(),
         image.width,
         image.height,
-        format_scale(scale),
         info.name,
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-fn format_scale(v: f64) -> String {
-    let s = format!("{v:.3}");
-    s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::context::{JobContext, progress_sender};
-use super::{Event, PreviewFrame, lock};
+use super::{Event, GeneratedImageSource, PreviewFrame, lock};
+use crate::diffusion::imaging::RgbImage;
 use crate::diffusion::model::{self as sd_model, ImageModelOptions};
-use crate::diffusion::pipeline::{self, ImageRequest};
+use crate::diffusion::pipeline::{self, GeneratedImage, ImageRequest};
 use crate::error::{Error, Result};
+use crate::upscale;
 
 /// [`super::JobKind::LoadImageModel`].
 pub(super) fn load_image_model(
@@ -79,3 +81,46 @@ pub(super) fn generate_image(ctx: &mut JobContext<'_>, request: &ImageRequest) -
     }
     Ok(())
 }
+
+/// [`super::JobKind::UpscaleImage`].
+pub(super) fn upscale_image(
+    ctx: &mut JobContext<'_>,
+    image: &RgbImage,
+    source: GeneratedImageSource,
+    upscaler: &Path,
+    scale: f64,
+) -> Result<()> {
+    let up = upscale::load(upscaler, ctx.device)?;
+    let (job, cancel, events, repaint) = (ctx.job, ctx.cancel, ctx.events, ctx.repaint);
+    let result = up.upscale_by(image, scale, TILE, &mut |done, total| {
+        let _ = events.try_send(Event::ImageProgress {
+            job,
+            image: 0,
+            images: 1,
+            step: done,
+            steps: total,
+        });
+        repaint();
+        if cancel.load(Ordering::Relaxed) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    let Some(result) = result else {
+        return Ok(());
+    };
+    let parameters = upscale::postprocess_parameters(source.parameters, &up.info().name, scale);
+    ctx.send(Event::ImageReady {
+        job,
+        image: Arc::new(GeneratedImage {
+            image: result,
+            seed: source.seed,
+            parameters,
+        }),
+    });
+    Ok(())
+}
+
+/// Tile side for upscaling in the window (input pixels).
+const TILE: usize = 192;

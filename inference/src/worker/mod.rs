@@ -49,7 +49,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 pub use context::JobContext;
-pub use protocol::{CustomJob, Event, JobId, JobKind, LoadOptions, PreviewFrame, WorkerConfig};
+pub use protocol::{
+    CustomJob, Event, GeneratedImageSource, JobId, JobKind, LoadOptions, PreviewFrame, WorkerConfig,
+};
 
 use crate::code::complete::FimSupport;
 use crate::device::create_device;
@@ -479,6 +481,18 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             Ok(None)
         }
         JobKind::GenerateImage { request } => done(image::generate_image(ctx, &request)),
+        JobKind::UpscaleImage {
+            image,
+            parameters,
+            upscaler,
+            scale,
+        } => done(image::upscale_image(
+            ctx,
+            &image,
+            *parameters,
+            &upscaler,
+            scale,
+        )),
         JobKind::LoadGan { path } => done(gan::load_gan(ctx, &path)),
         JobKind::UnloadGan => {
             gan::unload_gan(ctx);

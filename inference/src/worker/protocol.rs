@@ -91,6 +91,20 @@ pub enum JobKind {
         /// What to generate.
         request: Box<ImageRequest>,
     },
+    /// Upscale an image with an ESRGAN / Real-ESRGAN upscaler file (loaded for the job), in
+    /// tiles, to `scale` times its size: [`Event::ImageProgress`] per tile (step = tile), the
+    /// result as [`Event::ImageReady`] with `parameters` plus the postprocessing fields; cancel
+    /// is checked between tiles.
+    UpscaleImage {
+        /// The image.
+        image: Box<RgbImage>,
+        /// Its parameters, carried over (the source's seed too).
+        parameters: Box<GeneratedImageSource>,
+        /// The upscaler's file.
+        upscaler: PathBuf,
+        /// Output size over input size.
+        scale: f64,
+    },
     /// Load a StyleGAN2 generator (a safetensors file in NVIDIA's `G_ema` naming) for the
     /// Latent Explorer, replacing the loaded one only once the new one has loaded. A `.pkl`
     /// is refused without being opened.
@@ -204,6 +218,7 @@ impl JobKind {
                 ..
             } => format!("Computing {components} directions from {samples} samples"),
             JobKind::GenerateImage { request } => format!("Generating ({})", request.mode.label()),
+            JobKind::UpscaleImage { scale, .. } => format!("Upscaling ×{scale}"),
             JobKind::Generate { .. } => "Generating".to_owned(),
             JobKind::Chat { .. } => "Replying".to_owned(),
             JobKind::Complete { .. } => "Completing".to_owned(),
@@ -217,6 +232,15 @@ impl std::fmt::Debug for JobKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.label())
     }
+}
+
+/// What an image to upscale came with: its generation parameters and seed, if any.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GeneratedImageSource {
+    /// The `parameters` it carries (empty for an image from elsewhere).
+    pub parameters: crate::image_meta::GenerationParameters,
+    /// Its seed (0 when unknown).
+    pub seed: u64,
 }
 
 /// What the worker reports.

@@ -10,7 +10,7 @@ use studio_inference::diffusion::imaging::{MAX_SIDE, RgbImage, decode_image_file
 use studio_inference::diffusion::model::{ImageModelInfo, is_diffusion_model};
 use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::GenerationParameters;
-use studio_inference::worker::{Event, JobId, JobKind};
+use studio_inference::worker::{Event, GeneratedImageSource, JobId, JobKind};
 
 
 use super::CanvasPanel;
@@ -102,6 +102,17 @@ impl PanelView for CanvasPanel {
                 }
             }
             CanvasCommand::Generate => self.generate_image(cx),
+            CanvasCommand::Upscale => self.upscale(cx),
+            CanvasCommand::ChooseUpscalerDialog => {
+                if let Some(path) = rfd::FileDialog::new()
+                    .set_title("Choose an ESRGAN / Real-ESRGAN upscaler")
+                    .add_filter("Upscaler", &["safetensors", "pth", "pt"])
+                    .pick_file()
+                {
+                    c.form.upscaler = Some(path);
+                }
+            }
+            CanvasCommand::SetUpscaler(path) => c.form.upscaler = Some(path),
             CanvasCommand::Cancel => {
                 if let (Some(worker), Some(job)) = (&cx.worker, c.generating) {
                     worker.cancel(job);
@@ -403,6 +414,46 @@ impl CanvasPanel {
         c.preview = None;
     }
 
+    /// Upscales the selected result (with its parameters), or else the canvas image; the
+    /// result is staged and saved in the history like a generated one.
+    fn upscale(&mut self, cx: &mut AppContext<'_>) {
+        let c = &mut *self;
+        if c.generating.is_some() {
+            return;
+        }
+        let Some(upscaler) = c.form.upscaler.clone() else {
+            cx.notices.warning("Choose an upscaler file first");
+            return;
+        };
+        let (image, source) = if let Some(staged) = c.doc.selected_staged() {
+            (
+                staged.image.image.clone(),
+                GeneratedImageSource {
+                    parameters: staged.image.parameters.clone(),
+                    seed: staged.image.seed,
+                },
+            )
+        } else if let Some(image) = c.doc.image() {
+            (image.clone(), GeneratedImageSource::default())
+        } else {
+            cx.notices.warning("Open or generate an image to upscale first");
+            return;
+        };
+        let job = cx.submit(
+            JobKind::UpscaleImage {
+                image: Box::new(image),
+                parameters: Box::new(source),
+                upscaler,
+                scale: f64::from(c.form.upscale_by.clamp(1.0, 8.0)),
+            },
+            CanvasPurpose::Upscale.into(),
+        );
+        let c = &mut *self;
+        c.generating = job;
+        c.progress = job.map(|_| (0.0, "waiting to start".to_owned()));
+        c.preview = None;
+    }
+
     fn open_image(&mut self, path: &Path, cx: &mut AppContext<'_>) {
         if self.generating.is_some() {
             cx.notices.warning(
@@ -579,6 +630,21 @@ impl CanvasPanel {
         cx: &mut AppContext<'_>,
     ) {
         match purpose {
+            CanvasPurpose::Upscale => {
+                let c = &mut *self;
+                if c.generating == Some(job) {
+                    c.generating = None;
+                }
+                c.progress = None;
+                match outcome {
+                    Outcome::Done => {}
+                    Outcome::Cancelled => cx.notices.info("Upscaling cancelled"),
+                    Outcome::Failed => cx.notices.error(format!(
+                        "Upscaling failed: {}",
+                        error.unwrap_or("unknown error")
+                    )),
+                }
+            }
             CanvasPurpose::GenerateImage => {
                 let c = &mut *self;
                 if c.generating == Some(job) {

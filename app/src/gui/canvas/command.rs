@@ -21,6 +21,12 @@ pub enum CanvasCommand {
         folder: bool,
     },
     Generate,
+    /// Upscale the selected result (or the canvas image) with the chosen upscaler.
+    Upscale,
+    /// Choose the upscaler file with the file dialog.
+    ChooseUpscalerDialog,
+    /// Use this upscaler file.
+    SetUpscaler(PathBuf),
     /// Cancel the running generation.
     Cancel,
     /// Fix the seed to this one.
@@ -71,4 +77,6 @@ pub enum CanvasPurpose {
     UnloadImageModel,
     /// Generating images.
     GenerateImage,
+    /// Upscaling an image.
+    Upscale,
 }

@@ -7,7 +7,7 @@
 //! is replaced by the user's prompt (or the style is appended after `", "` when it has none);
 //! the negative prompts are joined with `", "`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use egui::RichText;
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,10 @@ pub struct FormValues {
     pub inpaint_padding: u32,
     /// Inpainting: what the masked area starts from.
     pub masked_content: MaskedContent,
+    /// The ESRGAN / Real-ESRGAN file *Upscale* uses.
+    pub upscaler: Option<PathBuf>,
+    /// *Upscale*: output size over input size.
+    pub upscale_by: f32,
 }
 
 impl Default for FormValues {
@@ -85,6 +89,8 @@ impl Default for FormValues {
             inpaint_area: InpaintArea::WholePicture,
             inpaint_padding: 32,
             masked_content: MaskedContent::Original,
+            upscaler: None,
+            upscale_by: 2.0,
         }
     }
 }
@@ -330,6 +336,8 @@ pub struct FormContext<'a> {
     pub progress: Option<(f32, String)>,
     pub generating: bool,
     pub last_seed: Option<u64>,
+    /// Whether there is an image to upscale (a staged result or the canvas image).
+    pub has_image: bool,
 }
 
 /// Form state that is not saved.
@@ -616,6 +624,7 @@ impl FormView {
                 push(commands, CanvasCommand::Cancel);
             }
         });
+        Self::upscale_row(ui, form, cx, commands);
         if let Some((fraction, text)) = &cx.progress {
             ui.add(egui::ProgressBar::new(fraction.clamp(0.0, 1.0)).text(text.as_str()));
         }
@@ -631,6 +640,51 @@ impl FormView {
                 }
             });
         }
+    }
+
+    /// The upscaler, its factor and *Upscale*.
+    fn upscale_row(
+        ui: &mut egui::Ui,
+        form: &mut FormValues,
+        cx: &FormContext<'_>,
+        commands: &mut Vec<Command>,
+    ) {
+        ui.horizontal(|ui| {
+            let name = form
+                .upscaler
+                .as_ref()
+                .and_then(|p| p.file_stem())
+                .map_or_else(|| "none".to_owned(), |n| n.to_string_lossy().into_owned());
+            ui.label(format!("Upscaler: {name}"))
+                .on_hover_text("An ESRGAN / Real-ESRGAN (RRDBNet) file, .safetensors or .pth");
+            if ui.small_button("Choose…").clicked() {
+                commands.push(CanvasCommand::ChooseUpscalerDialog.into());
+            }
+            let l = ui.label("by");
+            ui.add(
+                egui::DragValue::new(&mut form.upscale_by)
+                    .range(1.0..=8.0)
+                    .speed(0.05)
+                    .prefix("×"),
+            )
+            .labelled_by(l.id);
+            let ready = form.upscaler.is_some() && cx.has_image && !cx.generating;
+            let why = if form.upscaler.is_none() {
+                "Choose an upscaler file first"
+            } else if !cx.has_image {
+                "Open or generate an image first"
+            } else {
+                "An image is being generated"
+            };
+            if ui
+                .add_enabled(ready, egui::Button::new("Upscale"))
+                .on_hover_text("Upscale the selected result, or the canvas image")
+                .on_disabled_hover_text(why)
+                .clicked()
+            {
+                commands.push(CanvasCommand::Upscale.into());
+            }
+        });
     }
 
     fn size_rows(&mut self, ui: &mut egui::Ui, form: &mut FormValues, cx: &FormContext<'_>) {

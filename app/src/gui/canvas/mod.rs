@@ -209,6 +209,8 @@ impl CanvasPanel {
                                 progress: self.progress.clone(),
                                 generating: self.generating.is_some(),
                                 last_seed: self.last_seed,
+                                has_image: self.doc.image().is_some()
+                                    || self.doc.selected_staged().is_some(),
                             };
                             self.form_view
                                 .form_ui(ui, &mut self.form, &self.styles, &cx, commands);
