@@ -441,3 +441,60 @@ fn inpaint_only_masked_keeps_the_image_size_and_names_its_options() {
     assert!(failed(&args("everything", "fill")).contains("unknown inpaint area"));
     assert!(failed(&args("masked", "noise")).contains("unknown masked content"));
 }
+
+/// `--hires-scale` runs txt2img's second pass and writes the web UI's hires fields; img2img
+/// refuses it.
+#[test]
+fn txt2img_runs_the_hires_fix() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let out = tmp.path().join("out.png");
+    let esrgan =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/esrgan/rrdb-x2.safetensors");
+    ok(&studio(&[
+        "txt2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "cat",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "24",
+        "--hires-scale",
+        "2",
+        "--hires-upscaler",
+        path(&esrgan),
+        "--hires-denoise",
+        "0.6",
+        "--out",
+        path(&out),
+    ]));
+    let img = decode_image_file(&out).expect("png").image;
+    assert_eq!((img.width, img.height), (64, 48));
+    let p = parameters(&out);
+    assert_eq!(p.size(), Some((32, 24)));
+    assert_eq!(p.get("Hires upscale"), Some("2"));
+    assert_eq!(p.get("Hires upscaler"), Some("rrdb-x2"));
+    assert_eq!(p.get("Denoising strength"), Some("0.6"));
+
+    let init = tmp.path().join("init.png");
+    write_png(&init, &RgbImage::new_filled(32, 32, [1, 2, 3]));
+    let e = failed(&studio(&[
+        "img2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "cat",
+        "--init",
+        path(&init),
+        "--hires-scale",
+        "2",
+        "--out",
+        path(&out),
+    ]));
+    assert!(e.contains("--hires-scale is for txt2img"), "{e}");
+}

@@ -977,3 +977,55 @@ fn only_masked_inpainting_works_at_full_resolution_and_keeps_the_rest() {
     let e = generate(&m, &req, &mut |_| ControlFlow::Continue(())).expect_err("empty");
     assert!(e.to_string().contains("mask is empty"), "{e}");
 }
+
+/// The hires fix: each image generated at the base size, enlarged (Lanczos or an ESRGAN file)
+/// and refined by img2img at the larger size with its seed; the parameters are the web UI's.
+#[test]
+fn the_hires_fix_runs_a_second_pass_at_the_larger_size() {
+    use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
+    let (_dir, m) = tiny(TinyKind::Sd1);
+    let esrgan = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/esrgan/rrdb-x2.safetensors");
+    for upscaler in [HiresUpscaler::Lanczos, HiresUpscaler::Esrgan(esrgan)] {
+        let req = ImageRequest {
+            batch_count: 2,
+            hires: Some(HiresFix {
+                scale: 2.0,
+                upscaler: upscaler.clone(),
+                steps: 4,
+                denoising: 0.5,
+            }),
+            ..request("a red cat", 32)
+        };
+        let (out, steps) = run(&m, &req);
+        // 3 first-pass steps and int(0.5 · 4) = 2 second-pass steps, for each image.
+        assert_eq!(steps, 2 * (3 + 2), "{upscaler:?}");
+        assert_eq!(out.images.len(), 2);
+        for (i, img) in out.images.iter().enumerate() {
+            assert_eq!((img.image.width, img.image.height), (64, 64));
+            assert_eq!(img.seed, 42 + i as u64);
+            let p = &img.parameters;
+            assert_eq!(p.size(), Some((32, 32)), "the first pass's size");
+            assert_eq!(p.get("Hires upscale"), Some("2"));
+            assert_eq!(p.get("Hires steps"), Some("4"));
+            assert_eq!(p.get("Denoising strength"), Some("0.5"));
+            assert_eq!(p.get("Hires upscaler"), Some(upscaler.name().as_str()));
+        }
+    }
+    // Cancelled during the first pass: what was made, at the base size.
+    let req = ImageRequest {
+        hires: Some(HiresFix::default()),
+        ..request("a red cat", 32)
+    };
+    let out = generate(&m, &req, &mut |_| ControlFlow::Break(())).expect("cancelled");
+    assert!(out.cancelled);
+    assert!(out.images.is_empty());
+    let bad = ImageRequest {
+        hires: Some(HiresFix {
+            scale: 9.0,
+            ..HiresFix::default()
+        }),
+        ..request("a red cat", 32)
+    };
+    let e = generate(&m, &bad, &mut |_| ControlFlow::Continue(())).expect_err("refused");
+    assert!(e.to_string().contains("hires upscale"), "{e}");
+}

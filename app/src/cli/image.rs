@@ -11,7 +11,8 @@
 //! `--clip-skip N`, `--mask-blur PX`, `--vae FILE`, `--taesd FILE`, `--device`, `--threads`,
 //! `--noise-source studio|cpu` (`cpu`: PyTorch's CPU generator, which reproduces ComfyUI's and
 //! the SD web UI's "CPU" noise for a seed), `--variation-seed S --variation-strength X` (the web
-//! UI's variation seed).
+//! UI's variation seed), `--hires-scale X [--hires-upscaler lanczos|ESRGAN.safetensors]
+//! [--hires-steps N] [--hires-denoise S]` (txt2img's two-pass hires fix).
 //! The sampler takes the web UI's names ("Euler a", "DPM++ 2M Karras", …). The PNG carries the
 //! `parameters` text other SD tools read. With `--previews-dir`, each step's preview is written
 //! as `step-001.png`, … Progress goes to stderr; one line per saved image to stdout.
@@ -31,6 +32,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
+use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
 use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
 use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
@@ -94,6 +96,18 @@ pub struct ImageArgs {
     /// How far towards the variation seed's noise (0 to 1).
     #[arg(long, default_value_t = 0.0, value_parser = crate::cli::values::fraction)]
     pub variation_strength: f64,
+    /// txt2img: the hires fix, a second pass at this many times the size (1 to 4).
+    #[arg(long, value_parser = crate::cli::values::hires_scale)]
+    pub hires_scale: Option<f64>,
+    /// The hires fix's upscaler: lanczos, or an ESRGAN / Real-ESRGAN file.
+    #[arg(long, default_value = "lanczos")]
+    pub hires_upscaler: String,
+    /// The hires fix's steps (0: the same as --steps).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=500))]
+    pub hires_steps: u32,
+    /// The hires fix's denoising strength.
+    #[arg(long, default_value_t = 0.7, value_parser = crate::cli::values::fraction)]
+    pub hires_denoise: f64,
     /// Per-step preview: latent2rgb, taesd (needs --taesd) or none.
     #[arg(long, default_value = "latent2rgb")]
     pub preview: String,
@@ -245,6 +259,22 @@ fn request(
             args.noise_source
         );
     };
+    let hires = match args.hires_scale {
+        None => None,
+        Some(_) if !matches!(mode, ImageMode::Txt2Img) => {
+            bail!("--hires-scale is for txt2img (img2img and inpaint work at the image's size)")
+        }
+        Some(scale) => Some(HiresFix {
+            scale,
+            upscaler: if args.hires_upscaler.eq_ignore_ascii_case("lanczos") {
+                HiresUpscaler::Lanczos
+            } else {
+                HiresUpscaler::Esrgan(PathBuf::from(&args.hires_upscaler))
+            },
+            steps: args.hires_steps as usize,
+            denoising: args.hires_denoise,
+        }),
+    };
     let variation = match (args.variation_seed, args.variation_strength) {
         (Some(seed), strength) => Some(Variation { seed, strength }),
         (None, s) if s > 0.0 => bail!("--variation-strength needs --variation-seed"),
@@ -264,6 +294,7 @@ fn request(
         noise_source,
         variation,
         inpaint: InpaintOptions::default(),
+        hires,
         clip_skip: args.clip_skip.max(1),
         preview: if args.previews_dir.is_some() {
             preview

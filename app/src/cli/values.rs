@@ -86,6 +86,11 @@ pub fn upscale_factor(s: &str) -> Result<f64, String> {
     real_in(s, 0.25..=16.0)
 }
 
+/// The hires fix's scale: 1 to 4.
+pub fn hires_scale(s: &str) -> Result<f64, String> {
+    real_in(s, 1.0..=4.0)
+}
+
 /// A blur radius in pixels: 0 to 1024.
 pub fn blur_px(s: &str) -> Result<f32, String> {
     real_in(s, 0.0..=1024.0).map(|v| v as f32)

@@ -11,6 +11,7 @@ use candle_core::{D, DType, Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::hires::{HiresFix, generate_hires};
 use super::imaging::{
     Mask, RgbImage, composite, image_to_tensor, mask_to_latent_tensor, tensor_to_image,
 };
@@ -132,6 +133,8 @@ pub struct ImageRequest {
     pub variation: Option<Variation>,
     /// Inpainting: the area worked on and what the masked area starts from.
     pub inpaint: InpaintOptions,
+    /// txt2img: a second, larger pass (the web UI's hires fix).
+    pub hires: Option<HiresFix>,
     /// 1 = the encoder's usual layer; 2 = one layer earlier ("Clip skip: 2").
     pub clip_skip: usize,
     /// How each step's preview is made ([`PreviewMethod::Taesd`] needs a loaded TAESD).
@@ -157,6 +160,7 @@ impl ImageRequest {
             noise_source: NoiseSource::Studio,
             variation: None,
             inpaint: InpaintOptions::default(),
+            hires: None,
             clip_skip: 1,
             preview: PreviewMethod::Latent2Rgb,
             mode: ImageMode::Txt2Img,
@@ -456,6 +460,9 @@ pub fn generate(
         && req.inpaint.area == InpaintArea::OnlyMasked
     {
         return generate_only_masked(model, req, (init, mask, *strength, *mask_blur), on_step);
+    }
+    if let (Some(hires), ImageMode::Txt2Img) = (&req.hires, &req.mode) {
+        return generate_hires(model, req, hires, on_step);
     }
     if req.preview == PreviewMethod::Taesd && model.taesd.is_none() {
         return Err(Error::InvalidParameter(

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use egui::RichText;
 use serde::{Deserialize, Serialize};
+use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
 use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
 use studio_inference::diffusion::model::ImageModelInfo;
 use studio_inference::diffusion::noise::{NoiseSource, Variation};
@@ -63,6 +64,16 @@ pub struct FormValues {
     pub upscaler: Option<PathBuf>,
     /// *Upscale*: output size over input size.
     pub upscale_by: f32,
+    /// txt2img: the hires fix's second pass.
+    pub hires: bool,
+    /// The hires fix's size over the first pass's.
+    pub hires_scale: f32,
+    /// The hires fix's steps (0: the same).
+    pub hires_steps: u32,
+    /// The hires fix's denoising strength.
+    pub hires_denoise: f32,
+    /// The hires fix enlarges with the chosen upscaler file (else Lanczos).
+    pub hires_with_upscaler: bool,
 }
 
 impl Default for FormValues {
@@ -91,6 +102,11 @@ impl Default for FormValues {
             masked_content: MaskedContent::Original,
             upscaler: None,
             upscale_by: 2.0,
+            hires: false,
+            hires_scale: 2.0,
+            hires_steps: 0,
+            hires_denoise: 0.7,
+            hires_with_upscaler: false,
         }
     }
 }
@@ -224,6 +240,17 @@ pub fn build_request(
     } else {
         req.width = snap(form.width, m);
         req.height = snap(form.height, m);
+        if form.hires {
+            req.hires = Some(HiresFix {
+                scale: f64::from(form.hires_scale.clamp(1.0, 4.0)),
+                upscaler: match (&form.upscaler, form.hires_with_upscaler) {
+                    (Some(path), true) => HiresUpscaler::Esrgan(path.clone()),
+                    _ => HiresUpscaler::Lanczos,
+                },
+                steps: form.hires_steps as usize,
+                denoising: f64::from(form.hires_denoise.clamp(0.0, 1.0)),
+            });
+        }
     }
     req
 }
@@ -294,6 +321,25 @@ pub fn restore_parameters(
         set.push("noise source");
     } else if studio_made {
         form.noise_source = NoiseSource::Studio;
+    }
+    let number = |key: &str| {
+        params
+            .get(key)
+            .and_then(|v| v.trim().parse::<f32>().ok())
+            .filter(|v| v.is_finite())
+    };
+    form.hires = false;
+    if let Some(scale) = number("Hires upscale") {
+        form.hires = true;
+        form.hires_scale = scale.clamp(1.0, 4.0);
+        form.hires_steps = number("Hires steps").map_or(0, |s| s.clamp(0.0, 500.0) as u32);
+        if let Some(d) = number("Denoising strength") {
+            form.hires_denoise = d.clamp(0.0, 1.0);
+        }
+        form.hires_with_upscaler = params
+            .get("Hires upscaler")
+            .is_some_and(|u| !u.trim().eq_ignore_ascii_case("lanczos"));
+        set.push("hires fix");
     }
     if let Some(area) = params.get("Inpaint area").and_then(InpaintArea::parse) {
         form.inpaint_area = area;
@@ -490,6 +536,48 @@ impl FormView {
                 ui.add(egui::DragValue::new(&mut form.batch_count).range(1..=16))
                     .labelled_by(l.id)
                     .on_hover_text("Images made one after another, seeds counting up");
+                ui.end_row();
+                let l = ui.label("Hires fix");
+                ui.add_enabled_ui(cx.mode == ModeKind::Txt2Img, |ui| {
+                    ui.horizontal(|ui| {
+                        ui.checkbox(&mut form.hires, "")
+                            .labelled_by(l.id)
+                            .on_hover_text(
+                                "Generate at the size above, enlarge, then refine at the larger \
+                                 size with the same seed",
+                            );
+                        ui.add_enabled_ui(form.hires, |ui| {
+                            ui.add(
+                                egui::DragValue::new(&mut form.hires_scale)
+                                    .range(1.0..=4.0)
+                                    .speed(0.05)
+                                    .prefix("×"),
+                            )
+                            .on_hover_text("The final size over the first pass's");
+                            ui.add(
+                                egui::DragValue::new(&mut form.hires_steps)
+                                    .range(0..=150)
+                                    .prefix("steps "),
+                            )
+                            .on_hover_text("Second-pass steps (0: the same as Steps)");
+                            ui.add(
+                                egui::DragValue::new(&mut form.hires_denoise)
+                                    .range(0.0..=1.0)
+                                    .speed(0.01)
+                                    .prefix("denoise "),
+                            )
+                            .on_hover_text("How much the second pass redraws");
+                            ui.add_enabled(
+                                form.upscaler.is_some(),
+                                egui::Checkbox::new(&mut form.hires_with_upscaler, "upscaler"),
+                            )
+                            .on_hover_text("Enlarge with the upscaler chosen below, not Lanczos")
+                            .on_disabled_hover_text("Choose an upscaler file below first");
+                        });
+                    });
+                })
+                .response
+                .on_disabled_hover_text("Only for txt2img");
                 ui.end_row();
                 let l = ui.label("Denoising strength");
                 ui.add_enabled(
@@ -744,6 +832,13 @@ pub fn preview_label(p: PreviewMethod) -> &'static str {
 fn mode_text(cx: &FormContext<'_>, form: &FormValues) -> String {
     let m = cx.model.map_or(8, |m| m.size_multiple);
     match (cx.mode, cx.canvas_size) {
+        (ModeKind::Txt2Img, _) if form.hires => {
+            let (w, h) = (snap(form.width, m), snap(form.height, m));
+            let (tw, th) =
+                studio_inference::diffusion::hires::target_size(w, h, f64::from(form.hires_scale), m)
+                    .unwrap_or((w, h));
+            format!("Mode: txt2img, a new {w}x{h} image, then {tw}x{th} (hires fix)")
+        }
         (ModeKind::Txt2Img, _) => format!(
             "Mode: txt2img, a new {}x{} image",
             snap(form.width, m),
@@ -858,6 +953,33 @@ mod tests {
     }
 
     #[test]
+    fn the_hires_fix_comes_back_and_reaches_txt2img_requests() {
+        let p = GenerationParameters::parse(
+            "a cat\nSteps: 20, Seed: 5, Size: 512x512, Denoising strength: 0.45, \
+             Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Lanczos",
+        );
+        let mut f = FormValues::default();
+        let set = restore_parameters(&mut f, &p);
+        assert!(set.contains(&"hires fix"));
+        assert!(f.hires && !f.hires_with_upscaler);
+        assert!((f.hires_scale - 1.5).abs() < 1e-6 && (f.hires_denoise - 0.45).abs() < 1e-6);
+        assert_eq!(f.hires_steps, 12);
+        let req = build_request(&f, &[], &Document::default(), &test_model());
+        assert_eq!(
+            req.hires,
+            Some(HiresFix {
+                scale: 1.5,
+                upscaler: HiresUpscaler::Lanczos,
+                steps: 12,
+                denoising: f64::from(0.45f32),
+            })
+        );
+        // Parameters without it turn it off.
+        restore_parameters(&mut f, &GenerationParameters::parse("a cat\nSteps: 20"));
+        assert!(!f.hires);
+    }
+
+    #[test]
     fn only_masked_inpainting_comes_back_and_works_at_the_models_size() {
         let p = GenerationParameters::parse(
             "a cat\nSteps: 20, Seed: 5, Mask blur: 4, Masked content: latent noise, \
@@ -885,6 +1007,7 @@ mod tests {
                 content: MaskedContent::LatentNoise
             }
         );
+        assert_eq!(req.hires, None, "the hires fix is for txt2img");
         // The whole picture works at the image's size.
         f.inpaint_area = InpaintArea::WholePicture;
         let req = build_request(&f, &[], &doc, &model);
