@@ -275,6 +275,52 @@ fn txt2img_reads_a_ckpt_as_its_safetensors() {
     );
 }
 
+/// `--lora FILE:WEIGHT` merges a LoRA as the model loads and says what it changed and what it
+/// ignored (this file is for another UNet of other sizes, so nothing applies).
+#[test]
+fn txt2img_reports_what_a_lora_changed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let lora =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/lora/kohya.safetensors");
+    let out = studio(&[
+        "txt2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "cat",
+        "--steps",
+        "1",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--lora",
+        &format!("{}:0.5", path(&lora)),
+        "--out",
+        path(&tmp.path().join("out.png")),
+    ]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("LoRA kohya: "), "{stderr}");
+    assert!(stderr.contains("0 modules changed, 7 ignored"), "{stderr}");
+    assert!(stderr.contains("(another size)"), "{stderr}");
+    assert!(stderr.contains("made for another base model"), "{stderr}");
+    let e = failed(&studio(&[
+        "txt2img",
+        "--model",
+        path(&model),
+        "--prompt",
+        "cat",
+        "--lora",
+        &format!("{}:50", path(&lora)),
+        "--out",
+        path(&tmp.path().join("out.png")),
+    ]));
+    assert!(e.contains("a weight of 50"), "{e}");
+}
+
 /// `--noise-source cpu` and a variation seed are written as the SD web UI writes them.
 #[test]
 fn txt2img_takes_pytorch_cpu_noise_and_a_variation_seed() {

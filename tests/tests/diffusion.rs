@@ -566,6 +566,7 @@ fn taesd_previews_and_a_separate_vae_file_load_as_options() {
         taesd: Some(taesd),
         vae: Some(vae_file),
         prediction: None,
+        loras: Vec::new(),
     };
     let m = model::load(&folder, &options, &Device::Cpu, &mut |_, _| {}).expect("load");
     assert!(m.info.taesd);

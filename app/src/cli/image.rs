@@ -35,6 +35,7 @@ use serde_json::json;
 use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
 use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
 use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
+use studio_inference::diffusion::lora::LoraSpec;
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
 use studio_inference::diffusion::noise::{NoiseSource, Variation};
 use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod, generate};
@@ -120,6 +121,10 @@ pub struct ImageArgs {
     /// A TAESD decoder (file or folder) for --preview taesd.
     #[arg(long)]
     pub taesd: Option<PathBuf>,
+    /// A LoRA / LyCORIS file merged in: `FILE`, `FILE:WEIGHT` or `FILE:UNET:TEXT` (weights of
+    /// its UNet and text-encoder parts; default 1). Repeat for several.
+    #[arg(long)]
+    pub lora: Vec<String>,
     /// Compute device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -188,12 +193,40 @@ pub struct BenchSdArgs {
     pub json: bool,
 }
 
+/// `FILE[:WEIGHT[:TEXT_WEIGHT]]` (the weights are the trailing `:`-separated numbers).
+fn parse_lora(s: &str) -> Result<LoraSpec> {
+    let mut parts: Vec<&str> = s.split(':').collect();
+    let mut weights = Vec::new();
+    while parts.len() > 1 && weights.len() < 2 {
+        let Some(w) = parts.last().and_then(|p| p.trim().parse::<f64>().ok()) else {
+            break;
+        };
+        if !w.is_finite() || w.abs() > 10.0 {
+            bail!("--lora {s}: a weight of {w}; use -10 to 10");
+        }
+        weights.insert(0, w);
+        parts.pop();
+    }
+    let path = PathBuf::from(parts.join(":"));
+    let unet = weights.first().copied().unwrap_or(1.0);
+    Ok(LoraSpec {
+        path,
+        unet,
+        text: weights.get(1).copied().unwrap_or(unet),
+    })
+}
+
 fn load(args: &ImageArgs) -> Result<SdModel> {
     let choice = open_device(args.threads, &args.device)?;
     let options = ImageModelOptions {
         vae: args.vae.clone(),
         taesd: args.taesd.clone(),
         prediction: None,
+        loras: args
+            .lora
+            .iter()
+            .map(|s| parse_lora(s))
+            .collect::<Result<_>>()?,
     };
     let mut last = -1;
     model::load(&args.model, &options, &choice.device, &mut |f, msg| {
@@ -204,6 +237,29 @@ fn load(args: &ImageArgs) -> Result<SdModel> {
         }
     })
     .with_context(|| format!("loading {}", args.model.display()))
+    .inspect(|m| {
+        for r in &m.info.loras {
+            eprintln!(
+                "LoRA {}: {} modules changed, {} ignored{}",
+                r.name,
+                r.applied,
+                r.ignored,
+                if r.ignored_examples.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (such as {})", r.ignored_examples.join(", "))
+                }
+            );
+            if r.applied == 0 && r.ignored > 0 {
+                eprintln!(
+                    "warning: LoRA {} changes nothing in this {}: it is made for another base \
+                     model",
+                    r.name,
+                    m.info.kind.label()
+                );
+            }
+        }
+    })
 }
 
 fn read_image(path: &Path) -> Result<RgbImage> {

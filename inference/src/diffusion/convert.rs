@@ -712,9 +712,14 @@ pub fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> VarBuilder<'static> {
-    VarBuilder::from_backend(
-        Box::new(LdmBackend { checkpoint, map }),
-        dtype,
-        device.clone(),
-    )
+    VarBuilder::from_backend(backend(checkpoint, map), dtype, device.clone())
+}
+
+/// The backend [`var_builder`] reads through: diffusers names over the checkpoint's tensors.
+#[allow(clippy::implicit_hasher)]
+pub fn backend(
+    checkpoint: Arc<Tensors>,
+    map: HashMap<String, Source>,
+) -> Box<dyn candle_nn::var_builder::SimpleBackend> {
+    Box::new(LdmBackend { checkpoint, map })
 }

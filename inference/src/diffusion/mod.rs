@@ -18,6 +18,7 @@ pub mod convert;
 pub mod hires;
 pub mod imaging;
 pub mod inpaint;
+pub mod lora;
 pub mod model;
 pub mod noise;
 pub mod pipeline;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clip::{ClipConfig, ClipTextModel};
 use super::convert::{self, CheckpointKind, Component, Source};
+use super::lora::{LoraBackend, LoraReport, LoraSet, LoraSpec, Part as LoraPart, PartNames};
 use super::preview::{LatentFormat, TinyDecoder};
 use super::prompt::{ClipTokenizer, Padding};
 use super::samplers::{BetaSchedule, NoiseSchedule, Prediction};
@@ -82,6 +83,9 @@ pub struct ImageModelInfo {
     pub taesd: bool,
     /// Choices made on load the user should know about.
     pub notes: Vec<String>,
+    /// What each LoRA of the load changed and ignored.
+    #[serde(default)]
+    pub loras: Vec<LoraReport>,
 }
 
 /// Optional extras when loading.
@@ -94,6 +98,9 @@ pub struct ImageModelOptions {
     pub taesd: Option<PathBuf>,
     /// Overrides the detected prediction type.
     pub prediction: Option<Prediction>,
+    /// LoRA / LyCORIS files merged into the UNet and text encoders as they load (see
+    /// [`super::lora`]); the model's own weights are what loads without them.
+    pub loras: Vec<LoraSpec>,
 }
 
 /// One text encoder with its tokenizer and how SD reads it.
@@ -229,6 +236,7 @@ fn var_builder(
     files: &[PathBuf],
     dtype: DType,
     device: &Device,
+    lora: Option<(&Arc<LoraSet>, LoraPart)>,
 ) -> Result<(VarBuilder<'static>, Storage)> {
     let st = open_checkpoint(files)?;
     let stored = stored_storage(&st);
@@ -239,10 +247,37 @@ fn var_builder(
     } else {
         Box::new(st)
     };
+    let backend = with_lora(backend, lora);
     Ok((
         VarBuilder::from_backend(backend, dtype, device.clone()),
         stored,
     ))
+}
+
+/// `backend` with `lora`'s changes to its part, when there are any.
+fn with_lora(
+    backend: Box<dyn candle_nn::var_builder::SimpleBackend>,
+    lora: Option<(&Arc<LoraSet>, LoraPart)>,
+) -> Box<dyn candle_nn::var_builder::SimpleBackend> {
+    match lora {
+        Some((set, part)) if !set.is_empty() => {
+            Box::new(LoraBackend::new(backend, Arc::clone(set), part))
+        }
+        _ => backend,
+    }
+}
+
+/// The LoRAs of a load against the model's weight names, or `None` without any.
+fn lora_set(loras: &[LoraSpec], names: &PartNames) -> Result<Option<Arc<LoraSet>>> {
+    if loras.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(LoraSet::build(loras, names)?)))
+}
+
+/// The tensors of a component's files, with their shapes.
+fn tensor_names(files: &[PathBuf]) -> Result<HashMap<String, Vec<usize>>> {
+    Ok(names_and_shapes(&open_checkpoint(files)?))
 }
 
 fn names_and_shapes(st: &Tensors) -> HashMap<String, Vec<usize>> {
@@ -320,9 +355,9 @@ pub fn load(
         path
     };
     let mut model = if path.is_dir() {
-        load_diffusers(path, device, progress)?
+        load_diffusers(path, &options.loras, device, progress)?
     } else {
-        load_single_file(path, device, progress)?
+        load_single_file(path, &options.loras, device, progress)?
     };
     if let Some(vae_path) = &options.vae {
         progress(0.9, "Loading the VAE");
@@ -381,11 +416,13 @@ fn finish_info(
         size_multiple,
         taesd: false,
         notes,
+        loras: Vec::new(),
     }
 }
 
 fn load_diffusers(
     dir: &Path,
+    loras: &[LoraSpec],
     device: &Device,
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<SdModel> {
@@ -426,6 +463,27 @@ fn load_diffusers(
 
     progress(0.05, "Loading the text encoder");
     let mut text = Vec::new();
+    let lora = if loras.is_empty() {
+        None
+    } else {
+        let mut names = PartNames::new();
+        for (te, part) in [
+            ("text_encoder", LoraPart::TextEncoder),
+            ("text_encoder_2", LoraPart::TextEncoder2),
+        ] {
+            if dir.join(te).join("config.json").is_file() {
+                names.insert(
+                    part,
+                    tensor_names(&component_files(&dir.join(te), "model")?)?,
+                );
+            }
+        }
+        names.insert(
+            LoraPart::Unet,
+            tensor_names(&component_files(&unet_dir, "diffusion_pytorch_model")?)?,
+        );
+        lora_set(loras, &names)?
+    };
     let te_dirs: &[(&str, &str, Padding)] = match kind {
         SdKind::Sd1 => &[("text_encoder", "tokenizer", Padding::Eos)],
         SdKind::Sd2 => &[("text_encoder", "tokenizer", Padding::Exclamation)],
@@ -437,7 +495,17 @@ fn load_diffusers(
     for (i, (te, tok, padding)) in te_dirs.iter().enumerate() {
         let te_dir = dir.join(te);
         let cfg: ClipConfig = read_json(&te_dir.join("config.json"))?;
-        let (vb, stored) = var_builder(&component_files(&te_dir, "model")?, dtype, device)?;
+        let part = if i == 0 {
+            LoraPart::TextEncoder
+        } else {
+            LoraPart::TextEncoder2
+        };
+        let (vb, stored) = var_builder(
+            &component_files(&te_dir, "model")?,
+            dtype,
+            device,
+            lora.as_ref().map(|l| (l, part)),
+        )?;
         let with_projection = kind == SdKind::Sdxl && i == 1;
         let model = with_weight_storage(stored, || ClipTextModel::new(&vb, &cfg, with_projection))
             .map_err(|e| component_error(&te_dir, &e))?;
@@ -456,6 +524,7 @@ fn load_diffusers(
         &component_files(&unet_dir, "diffusion_pytorch_model")?,
         dtype,
         device,
+        lora.as_ref().map(|l| (l, LoraPart::Unet)),
     )?;
     let unet = with_weight_storage(stored, || Unet::new(&vb, unet_cfg))
         .map_err(|e| component_error(&unet_dir, &e))?;
@@ -470,6 +539,7 @@ fn load_diffusers(
         &component_files(&vae_dir, "diffusion_pytorch_model")?,
         DType::F32,
         device,
+        None,
     )?;
     let vae = with_weight_storage(stored, || Vae::new(&vb, vae_cfg))
         .map_err(|e| component_error(&vae_dir, &e))?;
@@ -495,6 +565,10 @@ fn load_diffusers(
         },
         native,
     );
+    let info = ImageModelInfo {
+        loras: lora.map(|l| l.reports.clone()).unwrap_or_default(),
+        ..info
+    };
     Ok(SdModel {
         info,
         unet,
@@ -534,6 +608,7 @@ struct Part {
 }
 
 impl Part {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         st: &Arc<Tensors>,
         all: &HashMap<String, Vec<usize>>,
@@ -541,6 +616,7 @@ impl Part {
         component: Component,
         dtype: DType,
         device: &Device,
+        lora: Option<(&Arc<LoraSet>, LoraPart)>,
     ) -> Result<Self> {
         let ldm: Vec<&str> = all.keys().map(String::as_str).collect();
         let map = convert::key_map(kind, component, &ldm)?;
@@ -550,8 +626,22 @@ impl Part {
             .collect();
         let mut names: Vec<String> = map.keys().cloned().collect();
         names.sort();
-        let vb = convert::var_builder(st.clone(), map, dtype, device);
+        let backend = with_lora(convert::backend(st.clone(), map), lora);
+        let vb = VarBuilder::from_backend(backend, dtype, device.clone());
         Ok(Self { vb, names, shapes })
+    }
+
+    /// The diffusers names of a component of a single-file checkpoint, with their shapes.
+    fn names_of(
+        all: &HashMap<String, Vec<usize>>,
+        kind: CheckpointKind,
+        component: Component,
+    ) -> Result<HashMap<String, Vec<usize>>> {
+        let ldm: Vec<&str> = all.keys().map(String::as_str).collect();
+        Ok(convert::key_map(kind, component, &ldm)?
+            .into_iter()
+            .filter_map(|(name, src)| Some((name, source_shape(&src, all)?)))
+            .collect())
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
@@ -619,6 +709,7 @@ fn source_shape(src: &Source, all: &HashMap<String, Vec<usize>>) -> Option<Vec<u
 
 fn load_single_file(
     path: &Path,
+    loras: &[LoraSpec],
     device: &Device,
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<SdModel> {
@@ -658,8 +749,36 @@ fn load_single_file(
             (Component::TextEncoder2, Padding::Exclamation, true),
         ],
     };
+    let lora = if loras.is_empty() {
+        None
+    } else {
+        let mut names = PartNames::new();
+        for (i, &(component, _, _)) in encoders.iter().enumerate() {
+            let part = if i == 0 {
+                LoraPart::TextEncoder
+            } else {
+                LoraPart::TextEncoder2
+            };
+            names.insert(part, Part::names_of(&all, ckpt, component)?);
+        }
+        names.insert(LoraPart::Unet, Part::names_of(&all, ckpt, Component::Unet)?);
+        lora_set(loras, &names)?
+    };
     for (i, &(component, padding, open_clip)) in encoders.iter().enumerate() {
-        let part = Part::new(&st, &all, ckpt, component, dtype, device)?;
+        let lora_part = if i == 0 {
+            LoraPart::TextEncoder
+        } else {
+            LoraPart::TextEncoder2
+        };
+        let part = Part::new(
+            &st,
+            &all,
+            ckpt,
+            component,
+            dtype,
+            device,
+            lora.as_ref().map(|l| (l, lora_part)),
+        )?;
         let cfg = part.clip_config(open_clip)?;
         let with_projection = kind == SdKind::Sdxl && i == 1;
         let model = with_weight_storage(stored, || {
@@ -692,7 +811,15 @@ fn load_single_file(
         });
     }
     progress(0.3, "Loading the UNet");
-    let part = Part::new(&st, &all, ckpt, Component::Unet, dtype, device)?;
+    let part = Part::new(
+        &st,
+        &all,
+        ckpt,
+        Component::Unet,
+        dtype,
+        device,
+        lora.as_ref().map(|l| (l, LoraPart::Unet)),
+    )?;
     let unet_cfg =
         UnetConfig::infer(&part.name_refs(), &|n| part.shape(n)).map_err(|m| bad(path, m))?;
     let unet = with_weight_storage(stored, || Unet::new(&part.vb, unet_cfg)).map_err(err)?;
@@ -702,7 +829,7 @@ fn load_single_file(
     } else {
         0.18215
     };
-    let part = Part::new(&st, &all, ckpt, Component::Vae, DType::F32, device)?;
+    let part = Part::new(&st, &all, ckpt, Component::Vae, DType::F32, device, None)?;
     let vae_cfg =
         VaeConfig::infer(&part.name_refs(), &|n| part.shape(n), scale).map_err(|m| bad(path, m))?;
     let vae = with_weight_storage(stored, || Vae::new(&part.vb, vae_cfg)).map_err(err)?;
@@ -742,6 +869,10 @@ fn load_single_file(
         notes,
         None,
     );
+    let info = ImageModelInfo {
+        loras: lora.map(|l| l.reports.clone()).unwrap_or_default(),
+        ..info
+    };
     Ok(SdModel {
         info,
         unet,
@@ -788,7 +919,7 @@ fn load_separate_vae(path: &Path, scaling_factor: f64, device: &Device) -> Resul
     if refs.iter().any(|n| n.starts_with("encoder.down_blocks.")) {
         let shape = |n: &str| all.get(n).cloned();
         let cfg = VaeConfig::infer(&refs, &shape, scaling_factor).map_err(|m| bad(path, m))?;
-        let (vb, stored) = var_builder(&files, DType::F32, device)?;
+        let (vb, stored) = var_builder(&files, DType::F32, device, None)?;
         return with_weight_storage(stored, || Vae::new(&vb, cfg)).map_err(err);
     }
     // Original names: present them with the prefix the converter expects.

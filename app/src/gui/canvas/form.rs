@@ -1027,6 +1027,7 @@ mod tests {
             size_multiple: 8,
             taesd: false,
             notes: Vec::new(),
+            loras: Vec::new(),
         }
     }
 

@@ -1,0 +1,682 @@
+//! LoRA and LyCORIS networks for Stable Diffusion, in the formats model sites share, merged
+//! into the weights as they load ([`LoraBackend`]): a model loaded with a set of LoRAs has
+//! `W + Σ multiplier · ΔW` in place of `W`, and one loaded without them has the file's `W`
+//! exactly, so toggling never drifts.
+//!
+//! Formats (one `.safetensors` file each):
+//! - kohya / the SD web UI: `lora_unet_<module>` and `lora_te_<module>` (`lora_te1_` /
+//!   `lora_te2_` for SDXL's two encoders), the module's dotted diffusers / transformers name
+//!   with `_` for `.`, and
+//!   - LoRA / LoCon: `lora_down.weight`, `lora_up.weight`, `alpha`, and for LoCon's CP
+//!     decomposition `lora_mid.weight`: `ΔW = alpha / rank · up · (mid) · down`;
+//!   - LoHa: `hada_w1_a`, `hada_w1_b`, `hada_w2_a`, `hada_w2_b`, `alpha`:
+//!     `ΔW = alpha / rank · (w1_a · w1_b) ⊙ (w2_a · w2_b)`;
+//!   - LoKr: `lokr_w1` (or `lokr_w1_a`, `lokr_w1_b`), `lokr_w2` (or `lokr_w2_a`,
+//!     `lokr_w2_b`), `alpha`: `ΔW = scale · w1 ⊗ w2`, the scale `alpha / rank` when a factor
+//!     is decomposed, else 1;
+//! - diffusers / PEFT: `unet.<module>.lora_A.weight` / `lora_B.weight` (or the older
+//!   `.lora.down.weight` / `.lora.up.weight`), `text_encoder.<module>…`, with an optional
+//!   `<module>.alpha`.
+//!
+//! Keys that name no module of the model (another base, or parts Studio does not run) are
+//! counted and reported, not applied.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::weights::open_checkpoint;
+
+/// The most LoRA files applied at once.
+pub const MAX_LORAS: usize = 32;
+/// The largest rank accepted (published LoRAs use 4 to 256).
+const MAX_RANK: usize = 4096;
+
+/// One LoRA file and how strongly it applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSpec {
+    /// The `.safetensors` file.
+    pub path: PathBuf,
+    /// Multiplier of its UNet part.
+    pub unet: f64,
+    /// Multiplier of its text-encoder part.
+    pub text: f64,
+}
+
+// The multipliers are finite numbers read from the user's settings or prompt: equality is
+// total on them.
+impl Eq for LoraSpec {}
+
+/// Which network a weight belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Part {
+    /// The UNet.
+    Unet,
+    /// The (first) text encoder.
+    TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
+}
+
+/// What one file contributed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraReport {
+    /// The file's stem (the name the prompt syntax uses).
+    pub name: String,
+    /// Modules it changed.
+    pub applied: usize,
+    /// Modules it names that this model does not have (another base model, or parts Studio
+    /// does not run).
+    pub ignored: usize,
+    /// A few of the ignored modules, for messages.
+    pub ignored_examples: Vec<String>,
+}
+
+/// One low-rank term of a weight.
+#[derive(Debug)]
+enum Term {
+    /// `scale · up · down` (LoRA, LoCon), with `mid` between for CP-decomposed convolutions.
+    LowRank {
+        up: Tensor,
+        down: Tensor,
+        mid: Option<Tensor>,
+        scale: f64,
+    },
+    /// `scale · (w1a · w1b) ⊙ (w2a · w2b)` (LoHa).
+    Hadamard {
+        w1: (Tensor, Tensor),
+        w2: (Tensor, Tensor),
+        scale: f64,
+    },
+    /// `scale · w1 ⊗ w2` (LoKr).
+    Kronecker { w1: Tensor, w2: Tensor, scale: f64 },
+}
+
+impl Term {
+    /// `(rows, values)` of the `ΔW` this term makes, from its factors' shapes alone.
+    fn size(&self) -> Option<(usize, usize)> {
+        let rest = |t: &Tensor| Some(t.elem_count() / t.dim(0).ok()?.max(1));
+        match self {
+            Term::LowRank { up, down, mid, .. } => {
+                let rows = up.dim(0).ok()?;
+                let taps = match mid {
+                    Some(m) => m.dims4().ok().map(|(_, _, kh, kw)| kh * kw)?,
+                    None => 1,
+                };
+                Some((rows, rows * rest(down)? * taps))
+            }
+            Term::Hadamard { w1, .. } => {
+                let rows = w1.0.dim(0).ok()?;
+                Some((rows, rows * rest(&w1.1)?))
+            }
+            Term::Kronecker { w1, w2, .. } => Some((
+                w1.dim(0).ok()? * w2.dim(0).ok()?,
+                w1.elem_count() * w2.elem_count(),
+            )),
+        }
+    }
+
+    /// Whether the term makes a `ΔW` of `shape`.
+    fn fits(&self, shape: &[usize]) -> bool {
+        self.size() == Some((shape.first().copied().unwrap_or(0), shape.iter().product()))
+    }
+
+    /// `ΔW` in `shape` (f32, on the CPU).
+    fn delta(&self, shape: &[usize]) -> Result<Tensor> {
+        let flat = |t: &Tensor| -> Result<Tensor> {
+            let d0 = t.dim(0)?;
+            Ok(t.reshape((d0, t.elem_count() / d0.max(1)))?)
+        };
+        let out = match self {
+            Term::LowRank {
+                up,
+                down,
+                mid: None,
+                scale,
+            } => (flat(up)?.matmul(&flat(down)?)? * *scale)?,
+            Term::LowRank {
+                up,
+                down,
+                mid: Some(mid),
+                scale,
+            } => {
+                // mid (r, r, kh, kw), down (r, in, 1, 1), up (out, r, 1, 1):
+                // ΔW[o, i, y, x] = Σ_{a, b} up[o, a] · mid[a, b, y, x] · down[b, i].
+                let (r1, r2, kh, kw) = mid.dims4()?;
+                let up = flat(up)?;
+                let down = flat(down)?;
+                // (out, r1) · (r1, r2·kh·kw) → (out, r2, kh·kw)
+                let t = up.matmul(&mid.reshape((r1, r2 * kh * kw))?)?.reshape((
+                    up.dim(0)?,
+                    r2,
+                    kh * kw,
+                ))?;
+                // → (out, kh·kw, r2) · (r2, in) → (out, kh·kw, in) → (out, in, kh, kw)
+                let t = t.transpose(1, 2)?.contiguous()?;
+                let o = t.dim(0)?;
+                let t = t
+                    .reshape((o * kh * kw, r2))?
+                    .matmul(&down)?
+                    .reshape((o, kh, kw, down.dim(1)?))?
+                    .permute((0, 3, 1, 2))?
+                    .contiguous()?;
+                (t * *scale)?
+            }
+            Term::Hadamard { w1, w2, scale } => {
+                let a = w1.0.matmul(&flat(&w1.1)?)?;
+                let b = w2.0.matmul(&flat(&w2.1)?)?;
+                ((a * b)? * *scale)?
+            }
+            Term::Kronecker { w1, w2, scale } => {
+                let (a0, a1) = w1.dims2()?;
+                let w2 = flat(w2)?;
+                let (b0, b1) = w2.dims2()?;
+                // kron(A, B)[i·b0 + k, j·b1 + l] = A[i, j] · B[k, l]
+                let k = w1
+                    .reshape((a0, 1, a1, 1))?
+                    .broadcast_mul(&w2.reshape((1, b0, 1, b1))?)?
+                    .reshape((a0 * b0, a1 * b1))?;
+                (k * *scale)?
+            }
+        };
+        if out.elem_count() != shape.iter().product::<usize>() {
+            return Err(Error::InvalidParameter(format!(
+                "a LoRA term of {:?} values does not fit a weight of shape {shape:?}",
+                out.elem_count()
+            )));
+        }
+        Ok(out.reshape(shape)?)
+    }
+}
+
+/// The LoRAs of one load: for each weight (diffusers / transformers name, e.g.
+/// `down_blocks.0.attentions.0.proj_in.weight`) of each part, its terms.
+#[derive(Debug, Default)]
+pub struct LoraSet {
+    terms: HashMap<(Part, String), Vec<Term>>,
+    /// What each file did, in the order given.
+    pub reports: Vec<LoraReport>,
+}
+
+/// The weights each part of the model has, with their shapes (its module names are the
+/// names without `.weight`).
+pub type PartNames = BTreeMap<Part, HashMap<String, Vec<usize>>>;
+
+impl LoraSet {
+    /// Whether anything applies.
+    pub fn is_empty(&self) -> bool {
+        self.terms.is_empty()
+    }
+
+    /// Reads `specs` against the model's weight names.
+    pub fn build(specs: &[LoraSpec], names: &PartNames) -> Result<Self> {
+        if specs.len() > MAX_LORAS {
+            return Err(Error::InvalidParameter(format!(
+                "{} LoRAs at once; at most {MAX_LORAS}",
+                specs.len()
+            )));
+        }
+        // kohya's module names: the dotted name with `_` for `.`.
+        let mut kohya: HashMap<(Part, String), String> = HashMap::new();
+        let mut modules: HashSet<(Part, String)> = HashSet::new();
+        for (part, list) in names {
+            for name in list.keys() {
+                if let Some(module) = name.strip_suffix(".weight") {
+                    kohya.insert((*part, module.replace('.', "_")), module.to_owned());
+                    modules.insert((*part, module.to_owned()));
+                }
+            }
+        }
+        let mut set = LoraSet::default();
+        for spec in specs {
+            let report = set.add(spec, names, &kohya, &modules)?;
+            set.reports.push(report);
+        }
+        Ok(set)
+    }
+
+    fn add(
+        &mut self,
+        spec: &LoraSpec,
+        names: &PartNames,
+        kohya: &HashMap<(Part, String), String>,
+        modules: &HashSet<(Part, String)>,
+    ) -> Result<LoraReport> {
+        let path = &spec.path;
+        let tensors = open_checkpoint(std::slice::from_ref(path))?;
+        let bad = |message: String| Error::InvalidModel {
+            path: path.clone(),
+            message,
+        };
+        let mut groups: BTreeMap<(Part, String), HashMap<String, Tensor>> = BTreeMap::new();
+        let mut ignored = std::collections::BTreeSet::new();
+        for (key, _) in tensors.tensors() {
+            let Some((part, module, field)) = split_key(&key, kohya, modules) else {
+                ignored.insert(key.clone());
+                continue;
+            };
+            let t = tensors
+                .load(&key, &Device::Cpu)
+                .map_err(|e| bad(format!("`{key}`: {e}")))?
+                .to_dtype(DType::F32)?;
+            groups
+                .entry((part, module))
+                .or_default()
+                .insert(field.to_owned(), t);
+        }
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut applied = 0;
+        let mut unknown_modules: Vec<String> = Vec::new();
+        for ((part, module), fields) in groups {
+            let multiplier = if part == Part::Unet {
+                spec.unet
+            } else {
+                spec.text
+            };
+            let weight = format!("{module}.weight");
+            let shape = names.get(&part).and_then(|n| n.get(&weight));
+            match term(&fields, multiplier).map_err(|m| bad(format!("`{module}`: {m}")))? {
+                // A module of the same name and another size: a LoRA for another base model.
+                Some(t) if shape.is_some_and(|s| t.fits(s)) => {
+                    applied += 1;
+                    self.terms.entry((part, weight)).or_default().push(t);
+                }
+                Some(_) => unknown_modules.push(format!("{module} (another size)")),
+                None => unknown_modules.push(module),
+            }
+        }
+        // Keys that matched no module: count them by module.
+        let mut ignored_modules: Vec<String> = ignored
+            .iter()
+            .map(|k| module_of_key(k).to_owned())
+            .collect();
+        ignored_modules.extend(unknown_modules);
+        ignored_modules.sort();
+        ignored_modules.dedup();
+        Ok(LoraReport {
+            name,
+            applied,
+            ignored: ignored_modules.len(),
+            ignored_examples: ignored_modules.into_iter().take(3).collect(),
+        })
+    }
+
+    /// `Σ ΔW` for weight `name` of `part` in `shape`, if any LoRA changes it.
+    pub fn delta(&self, part: Part, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(terms) = self.terms.get(&(part, name.to_owned())) else {
+            return Ok(None);
+        };
+        let mut sum: Option<Tensor> = None;
+        for t in terms {
+            let d = t.delta(shape)?;
+            sum = Some(match sum {
+                Some(s) => (s + d)?,
+                None => d,
+            });
+        }
+        Ok(sum)
+    }
+}
+
+/// The module part of a key (for reporting unknown keys).
+fn module_of_key(key: &str) -> &str {
+    for suffix in [
+        ".lora_down.weight",
+        ".lora_up.weight",
+        ".lora_mid.weight",
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora.down.weight",
+        ".lora.up.weight",
+        ".alpha",
+    ] {
+        if let Some(m) = key.strip_suffix(suffix) {
+            return m;
+        }
+    }
+    key.rsplit_once('.').map_or(key, |(m, _)| m)
+}
+
+/// `(part, module, field)` of a LoRA key, the module as the model names it; `None` when it
+/// names no module of the model.
+fn split_key<'k>(
+    key: &'k str,
+    kohya: &HashMap<(Part, String), String>,
+    modules: &HashSet<(Part, String)>,
+) -> Option<(Part, String, &'k str)> {
+    const FIELDS: [&str; 15] = [
+        "lora_down.weight",
+        "lora_up.weight",
+        "lora_mid.weight",
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora.down.weight",
+        "lora.up.weight",
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "lokr_w1",
+        "lokr_w2",
+        "alpha",
+        "lokr_w1_a",
+    ];
+    const MORE: [&str; 3] = ["lokr_w1_b", "lokr_w2_a", "lokr_w2_b"];
+    let (module, field) = FIELDS
+        .iter()
+        .chain(MORE.iter())
+        .find_map(|f| Some((key.strip_suffix(f)?.strip_suffix('.')?, *f)))?;
+    // kohya names.
+    for (prefix, part) in [
+        ("lora_unet_", Part::Unet),
+        ("lora_te1_", Part::TextEncoder),
+        ("lora_te2_", Part::TextEncoder2),
+        ("lora_te_", Part::TextEncoder),
+    ] {
+        if let Some(rest) = module.strip_prefix(prefix) {
+            let m = kohya.get(&(part, rest.to_owned()))?;
+            return Some((part, m.clone(), field));
+        }
+    }
+    // diffusers / PEFT names.
+    for (prefix, part) in [
+        ("unet.", Part::Unet),
+        ("text_encoder.", Part::TextEncoder),
+        ("text_encoder_2.", Part::TextEncoder2),
+    ] {
+        if let Some(rest) = module.strip_prefix(prefix) {
+            // Older diffusers files name attention processors (`…attn1.processor.to_q_lora`);
+            // those are not read.
+            return modules
+                .contains(&(part, rest.to_owned()))
+                .then(|| (part, rest.to_owned(), field));
+        }
+    }
+    None
+}
+
+/// The term of one module's fields, times `multiplier`; `None` when the fields make no term
+/// Studio knows.
+fn term(f: &HashMap<String, Tensor>, multiplier: f64) -> std::result::Result<Option<Term>, String> {
+    let get = |k: &str| f.get(k).cloned();
+    let alpha = match f.get("alpha") {
+        Some(a) => Some(
+            a.flatten_all()
+                .and_then(|a| a.to_vec1::<f32>())
+                .map_err(|e| e.to_string())?
+                .first()
+                .copied()
+                .map(f64::from)
+                .ok_or("an empty alpha")?,
+        ),
+        None => None,
+    };
+    let check_rank = |r: usize| {
+        if r == 0 || r > MAX_RANK {
+            Err(format!("rank {r}; 1 to {MAX_RANK} is accepted"))
+        } else {
+            Ok(r)
+        }
+    };
+    let scale_for = |rank: usize| {
+        // usize → f64: ranks are small.
+        #[allow(clippy::cast_precision_loss)]
+        let r = rank as f64;
+        alpha.map_or(1.0, |a| a / r) * multiplier
+    };
+    let pair = |down: &str, up: &str| Some((get(down)?, get(up)?));
+    if let Some((down, up)) = pair("lora_down.weight", "lora_up.weight")
+        .or_else(|| pair("lora_A.weight", "lora_B.weight"))
+        .or_else(|| pair("lora.down.weight", "lora.up.weight"))
+    {
+        let rank = check_rank(down.dim(0).map_err(|e| e.to_string())?)?;
+        return Ok(Some(Term::LowRank {
+            up,
+            down,
+            mid: get("lora_mid.weight"),
+            scale: scale_for(rank),
+        }));
+    }
+    if let (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) = (
+        get("hada_w1_a"),
+        get("hada_w1_b"),
+        get("hada_w2_a"),
+        get("hada_w2_b"),
+    ) {
+        let rank = check_rank(w1b.dim(0).map_err(|e| e.to_string())?)?;
+        return Ok(Some(Term::Hadamard {
+            w1: (w1a, w1b),
+            w2: (w2a, w2b),
+            scale: scale_for(rank),
+        }));
+    }
+    let factor = |whole: &str,
+                  a: &str,
+                  b: &str|
+     -> std::result::Result<Option<(Tensor, Option<usize>)>, String> {
+        if let Some(w) = get(whole) {
+            return Ok(Some((w, None)));
+        }
+        match (get(a), get(b)) {
+            (Some(a), Some(b)) => {
+                let rank = check_rank(b.dim(0).map_err(|e| e.to_string())?)?;
+                let b2 = b
+                    .reshape((b.dim(0).map_err(|e| e.to_string())?, ()))
+                    .map_err(|e| e.to_string())?;
+                Ok(Some((
+                    a.matmul(&b2).map_err(|e| e.to_string())?,
+                    Some(rank),
+                )))
+            }
+            _ => Ok(None),
+        }
+    };
+    if let (Some((w1, r1)), Some((w2, r2))) = (
+        factor("lokr_w1", "lokr_w1_a", "lokr_w1_b")?,
+        factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?,
+    ) {
+        let scale = match r1.or(r2) {
+            Some(rank) => scale_for(rank),
+            None => multiplier,
+        };
+        return Ok(Some(Term::Kronecker { w1, w2, scale }));
+    }
+    Ok(None)
+}
+
+/// A weight backend that adds a [`LoraSet`]'s `ΔW` to `part`'s weights as they load.
+pub struct LoraBackend {
+    inner: Box<dyn candle_nn::var_builder::SimpleBackend>,
+    set: Arc<LoraSet>,
+    part: Part,
+}
+
+impl LoraBackend {
+    /// Wraps `inner`, whose names are `part`'s diffusers / transformers names.
+    pub fn new(
+        inner: Box<dyn candle_nn::var_builder::SimpleBackend>,
+        set: Arc<LoraSet>,
+        part: Part,
+    ) -> Self {
+        Self { inner, set, part }
+    }
+
+    fn merged(&self, t: Tensor, name: &str, dtype: DType) -> candle_core::Result<Tensor> {
+        match self
+            .set
+            .delta(self.part, name, t.dims())
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+        {
+            Some(d) => (t.to_dtype(DType::F32)? + d.to_device(t.device())?)?.to_dtype(dtype),
+            None => Ok(t),
+        }
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for LoraBackend {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.inner.get(s, name, h, dtype, dev)?;
+        self.merged(t, name, dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.inner.get_unchecked(name, dtype, dev)?;
+        self.merged(t, name, dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// The LoRA files in `dir` (`*.safetensors`), by stem, sorted.
+pub fn list_dir(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+        })
+        .filter_map(|p| Some((p.file_stem()?.to_string_lossy().into_owned(), p)))
+        .collect();
+    out.sort();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).expect("tensor")
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().expect("flat").to_vec1().expect("vec")
+    }
+
+    #[test]
+    fn each_term_gives_its_published_formula() {
+        // LoRA: ΔW = scale · up · down.
+        let up = t(&[1.0, 2.0, 3.0, 4.0], &[2, 2]);
+        let down = t(&[1.0, 0.0, 0.0, 1.0], &[2, 2]);
+        let lr = Term::LowRank {
+            up: up.clone(),
+            down: down.clone(),
+            mid: None,
+            scale: 0.5,
+        };
+        assert_eq!(values(&lr.delta(&[2, 2]).expect("d")), [0.5, 1.0, 1.5, 2.0]);
+        // LoHa: (w1a·w1b) ⊙ (w2a·w2b).
+        let ha = Term::Hadamard {
+            w1: (up.clone(), down.clone()),
+            w2: (t(&[2.0, 0.0, 0.0, 2.0], &[2, 2]), down.clone()),
+            scale: 1.0,
+        };
+        assert_eq!(values(&ha.delta(&[2, 2]).expect("d")), [2.0, 0.0, 0.0, 8.0]);
+        // LoKr: kron([[1, 2]], [[1], [3]]) = [[1, 2], [3, 6]].
+        let kr = Term::Kronecker {
+            w1: t(&[1.0, 2.0], &[1, 2]),
+            w2: t(&[1.0, 3.0], &[2, 1]),
+            scale: 1.0,
+        };
+        assert_eq!(values(&kr.delta(&[2, 2]).expect("d")), [1.0, 2.0, 3.0, 6.0]);
+        // LoCon with a CP mid: an identity mid gives up · down at every tap.
+        let mid = t(&[1.0, 0.0, 0.0, 1.0], &[2, 2, 1, 1]);
+        let cp = Term::LowRank {
+            up: up.reshape((2, 2, 1, 1)).expect("r"),
+            down: down.reshape((2, 2, 1, 1)).expect("r"),
+            mid: Some(mid),
+            scale: 1.0,
+        };
+        assert_eq!(
+            values(&cp.delta(&[2, 2, 1, 1]).expect("d")),
+            [1.0, 2.0, 3.0, 4.0]
+        );
+        assert!(
+            lr.delta(&[3, 3]).is_err(),
+            "a term of the wrong size is refused"
+        );
+    }
+
+    #[test]
+    fn keys_find_their_modules_in_both_namings() {
+        let names: PartNames = BTreeMap::from([
+            (
+                Part::Unet,
+                HashMap::from([(
+                    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight".to_owned(),
+                    vec![4, 4],
+                )]),
+            ),
+            (
+                Part::TextEncoder,
+                HashMap::from([(
+                    "text_model.encoder.layers.0.self_attn.q_proj.weight".to_owned(),
+                    vec![4, 4],
+                )]),
+            ),
+        ]);
+        let mut kohya = HashMap::new();
+        let mut modules = HashSet::new();
+        for (part, list) in &names {
+            for n in list.keys() {
+                let m = n.strip_suffix(".weight").expect("weight");
+                kohya.insert((*part, m.replace('.', "_")), m.to_owned());
+                modules.insert((*part, m.to_owned()));
+            }
+        }
+        let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+        assert_eq!(
+            split_key(
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+                &kohya,
+                &modules
+            ),
+            Some((Part::Unet, q.to_owned(), "lora_down.weight"))
+        );
+        assert_eq!(
+            split_key(&format!("unet.{q}.lora_B.weight"), &kohya, &modules),
+            Some((Part::Unet, q.to_owned(), "lora_B.weight"))
+        );
+        assert_eq!(
+            split_key(
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+                &kohya,
+                &modules
+            ),
+            Some((
+                Part::TextEncoder,
+                "text_model.encoder.layers.0.self_attn.q_proj".to_owned(),
+                "alpha"
+            ))
+        );
+        // An SDXL key on this model names nothing.
+        assert_eq!(
+            split_key(
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight",
+                &kohya,
+                &modules
+            ),
+            None
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! LoRA / LyCORIS files against diffusers (`tests/fixtures/lora`, made by
+//! `tools/make_lora_fixture.py` on the tiny SD 1.x UNet of `tests/fixtures/sd_parity`): a kohya
+//! file as diffusers' own loader fuses it, a PEFT-named file, and LoHa / LoKr by LyCORIS's
+//! formulas; then the same through `model::load` on a whole tiny model, where loading without
+//! the LoRA gives the model's own images back exactly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use studio_inference::diffusion::lora::{
+    LoraBackend, LoraReport, LoraSet, LoraSpec, Part, PartNames,
+};
+use studio_inference::diffusion::model::{self, ImageModelOptions};
+use studio_inference::diffusion::pipeline::{ImageRequest, generate};
+use studio_inference::diffusion::samplers::SamplerKind;
+use studio_inference::diffusion::unet::{Unet, UnetConfig};
+use studio_inference::weights::open_checkpoint;
+use studio_tests::sd::{TinyKind, TinySd, write_tiny_sd};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn tensors(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).expect("load")
+}
+
+fn spec(name: &str, weight: f64) -> LoraSpec {
+    LoraSpec {
+        path: fixtures().join("lora").join(name),
+        unet: weight,
+        text: weight,
+    }
+}
+
+/// The fixture UNet with `specs` merged as it loads, run on the parity inputs.
+fn run_with(specs: &[LoraSpec]) -> (Tensor, Vec<LoraReport>) {
+    let dir = fixtures().join("sd_parity/unet_sd1");
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    let st = open_checkpoint(&[weights]).expect("open");
+    let names: PartNames = BTreeMap::from([(
+        Part::Unet,
+        st.tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.shape().to_vec()))
+            .collect(),
+    )]);
+    let set = LoraSet::build(specs, &names).expect("lora set");
+    let reports = set.reports.clone();
+    let backend = LoraBackend::new(Box::new(st), Arc::new(set), Part::Unet);
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    let config =
+        UnetConfig::from_json(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("unet config");
+    let unet = Unet::new(&vb, config).expect("unet");
+    let io = tensors(&dir.join("io.safetensors"));
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("sd_parity/cases.json")).expect("cases"),
+    )
+    .expect("json");
+    let out = unet
+        .forward(
+            &io["sample"],
+            cases["timestep"].as_f64().expect("timestep"),
+            &io["context"],
+            None,
+        )
+        .expect("forward");
+    (out, reports)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    let m = |t: &Tensor| {
+        t.abs()
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("max")
+    };
+    (m(&(a - b).expect("sub")), m(b))
+}
+
+#[test]
+fn lora_files_merge_as_diffusers_and_lycoris_do() {
+    let reference = tensors(&fixtures().join("lora/io.safetensors"));
+    for (specs, key, applied) in [
+        (vec![spec("kohya.safetensors", 0.8)], "kohya_0.8", 6),
+        (vec![spec("peft.safetensors", 1.0)], "peft", 3),
+        (vec![spec("lycoris.safetensors", 1.0)], "lycoris", 2),
+        (Vec::new(), "base", 0),
+    ] {
+        let (out, reports) = run_with(&specs);
+        let (d, scale) = max_diff(&out, &reference[key]);
+        assert!(
+            d <= 1e-4 * scale,
+            "{key}: differs from the reference by {d:e} (scale {scale})"
+        );
+        if let Some(r) = reports.first() {
+            assert_eq!(r.applied, applied, "{key}");
+        }
+    }
+    // The kohya file also names an SDXL module this UNet lacks: counted, not applied.
+    let (_, reports) = run_with(&[spec("kohya.safetensors", 1.0)]);
+    assert_eq!(reports[0].ignored, 1);
+    assert!(reports[0].ignored_examples[0].contains("input_blocks_4_1_proj_in"));
+}
+
+/// A LoRA written for the tiny model's own modules, through `model::load`: it changes the
+/// image, a weight of 0 does not, and a load without it gives the model's image back to the bit.
+#[test]
+fn a_model_loaded_with_and_then_without_a_lora_is_its_own_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("tiny");
+    write_tiny_sd(&dir, TinySd::new(TinyKind::Sd1));
+    let unet =
+        open_checkpoint(&[dir.join("unet/diffusion_pytorch_model.safetensors")]).expect("unet");
+    let mut lora = HashMap::new();
+    let mut rng = 1u32;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (rng >> 8) as f32 / 16_777_216.0 - 0.5
+            })
+            .collect()
+    };
+    for (name, view) in unet.tensors() {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !(module.ends_with("to_q") || module.ends_with("to_v")) || view.shape().len() != 2 {
+            continue;
+        }
+        let (out, inp) = (view.shape()[0], view.shape()[1]);
+        let key = format!("lora_unet_{}", module.replace('.', "_"));
+        let down = Tensor::from_vec(rand(2 * inp), (2, inp), &Device::Cpu).expect("t");
+        let up = Tensor::from_vec(rand(out * 2), (out, 2), &Device::Cpu).expect("t");
+        lora.insert(format!("{key}.lora_down.weight"), down);
+        lora.insert(format!("{key}.lora_up.weight"), up);
+    }
+    assert!(!lora.is_empty());
+    let file = tmp.path().join("style.safetensors");
+    candle_core::safetensors::save(&lora, &file).expect("save");
+
+    let image = |loras: Vec<LoraSpec>| {
+        let m = model::load(
+            &dir,
+            &ImageModelOptions {
+                loras,
+                ..ImageModelOptions::default()
+            },
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .expect("load");
+        let req = ImageRequest {
+            steps: 2,
+            seed: Some(3),
+            width: 32,
+            height: 32,
+            sampler: SamplerKind::Euler,
+            ..ImageRequest::new("a red cat")
+        };
+        let out = generate(&m, &req, &mut |_| ControlFlow::Continue(())).expect("generate");
+        (out.images[0].image.pixels.clone(), m.info.loras.clone())
+    };
+    let with = |w: f64| {
+        vec![LoraSpec {
+            path: file.clone(),
+            unet: w,
+            text: w,
+        }]
+    };
+    let (own, none) = image(Vec::new());
+    assert!(none.is_empty());
+    let (styled, reports) = image(with(2.0));
+    assert_ne!(styled, own, "the LoRA changes the image");
+    assert_eq!(reports[0].name, "style");
+    assert!(reports[0].applied > 0 && reports[0].ignored == 0);
+    assert_eq!(image(with(0.0)).0, own, "a weight of 0 changes nothing");
+    // Many loads with and without: no drift.
+    for _ in 0..2 {
+        assert_eq!(image(with(1.0)).0, image(with(1.0)).0);
+    }
+    assert_eq!(
+        image(Vec::new()).0,
+        own,
+        "loaded without it, the model is its own again"
+    );
+
+    // Another base's file (SDXL names only): loads, nothing applied, all counted.
+    let mut other = HashMap::new();
+    other.insert(
+        "lora_unet_input_blocks_4_1_proj_in.lora_down.weight".to_owned(),
+        Tensor::zeros((2, 8), DType::F32, &Device::Cpu).expect("t"),
+    );
+    other.insert(
+        "lora_unet_input_blocks_4_1_proj_in.lora_up.weight".to_owned(),
+        Tensor::zeros((8, 2), DType::F32, &Device::Cpu).expect("t"),
+    );
+    let sdxl = tmp.path().join("sdxl-style.safetensors");
+    candle_core::safetensors::save(&other, &sdxl).expect("save");
+    let (_, reports) = image(vec![LoraSpec {
+        path: sdxl,
+        unet: 1.0,
+        text: 1.0,
+    }]);
+    assert_eq!((reports[0].applied, reports[0].ignored), (0, 1));
+}
