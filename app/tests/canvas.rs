@@ -743,3 +743,68 @@ fn the_canvas_upscales_an_image_with_an_esrgan_model() {
     let saved = staged.path.clone().expect("saved in the history");
     step_until(&mut h, "the PNG on disk", |_| saved.exists());
 }
+
+/// The LoRA list offers the files of `models/lora`; `<lora:name:w>` in the prompt loads the
+/// model again with it merged before generating, the PNG records its hash as the SD web UI
+/// does, and a prompt without it loads the model without it again. An unknown name is said.
+#[test]
+fn a_lora_named_in_the_prompt_is_merged_and_recorded() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_sd(tmp.path());
+    let lora_dir = home.join("models/lora");
+    std::fs::create_dir_all(&lora_dir).expect("dir");
+    studio_tests::sd::write_tiny_lora(&model, &lora_dir.join("inkwash.safetensors"));
+    let mut h = harness(&home);
+    h.step();
+    go_to_canvas(&mut h);
+    drop_file(&mut h, &model);
+    step_until(&mut h, "the model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.width = 32;
+        form.height = 32;
+        form.steps = 2;
+        form.prompt = "a red cat".into();
+    }
+    h.step();
+    control(&h, "Add to prompt").click();
+    h.step();
+    assert_eq!(
+        h.state().canvas().form().prompt,
+        "a red cat <lora:inkwash:1>"
+    );
+    h.state_mut().canvas_mut().form_mut().prompt = "a red cat <lora:inkwash:0.7>".into();
+    h.state_mut().push_command(CanvasCommand::Generate);
+    h.step();
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    let info = h.state().canvas().model().expect("model").clone();
+    assert_eq!(info.loras.len(), 1);
+    assert_eq!(info.loras[0].name, "inkwash");
+    assert!(info.loras[0].applied > 0);
+    let staged = &h.state().canvas().document().staged()[0];
+    let hashes = staged.image.parameters.get("Lora hashes").expect("hashes");
+    assert!(
+        hashes.starts_with("\"inkwash: ") && hashes.len() == 23,
+        "{hashes}"
+    );
+    assert_eq!(
+        staged.image.parameters.prompt,
+        "a red cat <lora:inkwash:0.7>"
+    );
+
+    // Without the tag, the next generation loads the model without it.
+    h.state_mut().push_command(CanvasCommand::DiscardAllStaged);
+    h.state_mut().canvas_mut().form_mut().prompt = "a red cat <lora:nosuch:1>".into();
+    h.state_mut().push_command(CanvasCommand::Generate);
+    h.step();
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    assert!(h.state().canvas().model().expect("model").loras.is_empty());
+    assert!(shows_text(&h, "No LoRA named `nosuch`"));
+}

@@ -456,3 +456,42 @@ fn write_tokenizer(dir: &Path, pad_eos: bool) {
         &json!({ "pad_token": if pad_eos { "<|endoftext|>" } else { "!" } }),
     );
 }
+
+/// A kohya-format LoRA (rank 2, `lora_unet_…` keys, no `alpha`) on every attention `to_q` and
+/// `to_v` of the tiny model in `model_dir`, with deterministic pseudo-random factors, saved to
+/// `out`.
+///
+/// # Panics
+/// When the model's UNet cannot be read or the file cannot be written (a test's setup).
+pub fn write_tiny_lora(model_dir: &Path, out: &Path) {
+    let unet = studio_inference::weights::open_checkpoint(&[
+        model_dir.join("unet/diffusion_pytorch_model.safetensors")
+    ])
+    .expect("unet");
+    let mut state = 1u32;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / 16_777_216.0 - 0.5
+            })
+            .collect()
+    };
+    let mut lora = HashMap::new();
+    for (name, view) in unet.tensors() {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !(module.ends_with("to_q") || module.ends_with("to_v")) || view.shape().len() != 2 {
+            continue;
+        }
+        let (rows, cols) = (view.shape()[0], view.shape()[1]);
+        let key = format!("lora_unet_{}", module.replace('.', "_"));
+        let down = Tensor::from_vec(rand(2 * cols), (2, cols), &Device::Cpu).expect("down");
+        let up = Tensor::from_vec(rand(rows * 2), (rows, 2), &Device::Cpu).expect("up");
+        lora.insert(format!("{key}.lora_down.weight"), down);
+        lora.insert(format!("{key}.lora_up.weight"), up);
+    }
+    assert!(!lora.is_empty(), "the tiny UNet has attention layers");
+    candle_core::safetensors::save(&lora, out).expect("save the LoRA");
+}

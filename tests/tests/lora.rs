@@ -19,7 +19,7 @@ use studio_inference::diffusion::pipeline::{ImageRequest, generate};
 use studio_inference::diffusion::samplers::SamplerKind;
 use studio_inference::diffusion::unet::{Unet, UnetConfig};
 use studio_inference::weights::open_checkpoint;
-use studio_tests::sd::{TinyKind, TinySd, write_tiny_sd};
+use studio_tests::sd::{TinyKind, TinySd, write_tiny_lora, write_tiny_sd};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
@@ -103,6 +103,12 @@ fn lora_files_merge_as_diffusers_and_lycoris_do() {
             assert_eq!(r.applied, applied, "{key}");
         }
     }
+    // The SD web UI's short hash (SHA-256 after the header; this value from Python's hashlib).
+    assert_eq!(
+        studio_inference::diffusion::lora::short_hash(&fixtures().join("lora/kohya.safetensors"))
+            .expect("hash"),
+        "304e59083907"
+    );
     // The kohya file also names an SDXL module this UNet lacks: counted, not applied.
     let (_, reports) = run_with(&[spec("kohya.safetensors", 1.0)]);
     assert_eq!(reports[0].ignored, 1);
@@ -116,35 +122,8 @@ fn a_model_loaded_with_and_then_without_a_lora_is_its_own_again() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("tiny");
     write_tiny_sd(&dir, TinySd::new(TinyKind::Sd1));
-    let unet =
-        open_checkpoint(&[dir.join("unet/diffusion_pytorch_model.safetensors")]).expect("unet");
-    let mut lora = HashMap::new();
-    let mut rng = 1u32;
-    let mut rand = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                rng = rng.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (rng >> 8) as f32 / 16_777_216.0 - 0.5
-            })
-            .collect()
-    };
-    for (name, view) in unet.tensors() {
-        let Some(module) = name.strip_suffix(".weight") else {
-            continue;
-        };
-        if !(module.ends_with("to_q") || module.ends_with("to_v")) || view.shape().len() != 2 {
-            continue;
-        }
-        let (out, inp) = (view.shape()[0], view.shape()[1]);
-        let key = format!("lora_unet_{}", module.replace('.', "_"));
-        let down = Tensor::from_vec(rand(2 * inp), (2, inp), &Device::Cpu).expect("t");
-        let up = Tensor::from_vec(rand(out * 2), (out, 2), &Device::Cpu).expect("t");
-        lora.insert(format!("{key}.lora_down.weight"), down);
-        lora.insert(format!("{key}.lora_up.weight"), up);
-    }
-    assert!(!lora.is_empty());
     let file = tmp.path().join("style.safetensors");
-    candle_core::safetensors::save(&lora, &file).expect("save");
+    write_tiny_lora(&dir, &file);
 
     let image = |loras: Vec<LoraSpec>| {
         let m = model::load(

@@ -74,6 +74,10 @@ pub struct LoraReport {
     pub ignored: usize,
     /// A few of the ignored modules, for messages.
     pub ignored_examples: Vec<String>,
+    /// The SD web UI's short hash of the file (the first 12 hex digits of the SHA-256 of
+    /// everything after the safetensors header), for `Lora hashes`.
+    #[serde(default)]
+    pub hash: String,
 }
 
 /// One low-rank term of a weight.
@@ -305,6 +309,7 @@ impl LoraSet {
             applied,
             ignored: ignored_modules.len(),
             ignored_examples: ignored_modules.into_iter().take(3).collect(),
+            hash: short_hash(path)?,
         })
     }
 
@@ -543,6 +548,86 @@ impl candle_nn::var_builder::SimpleBackend for LoraBackend {
     }
 }
 
+/// The SD web UI's "addnet" short hash of a safetensors file: SHA-256 of the bytes after the
+/// header, first 12 hex digits.
+pub fn short_hash(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let header = u64::from_le_bytes(len);
+    file.seek(SeekFrom::Start(header.saturating_add(8)))
+        .map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let digest = hasher.finalize();
+    Ok(crate::hub::download::hex(&digest[..6]))
+}
+
+/// A network named in a prompt: `<lora:NAME:WEIGHT>` or `<lora:NAME:UNET:TEXT>` (the SD web
+/// UI's syntax; `<lyco:…>` too), the weight 1 when left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLora {
+    /// The file's stem.
+    pub name: String,
+    /// Weight of its UNet part.
+    pub unet: f64,
+    /// Weight of its text-encoder part.
+    pub text: f64,
+}
+
+/// The `<lora:…>` / `<lyco:…>` tags of `prompt`, and the prompt without them (what the text
+/// encoder reads). Tags with a weight that is not a number are kept as text.
+pub fn parse_prompt(prompt: &str) -> (Vec<PromptLora>, String) {
+    let mut found = Vec::new();
+    let mut text = String::with_capacity(prompt.len());
+    let mut rest = prompt;
+    while let Some(start) = rest.find('<') {
+        text.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        let Some(end) = tail.find('>') else {
+            text.push_str(tail);
+            rest = "";
+            break;
+        };
+        let inner = &tail[1..end];
+        let parsed = inner
+            .strip_prefix("lora:")
+            .or_else(|| inner.strip_prefix("lyco:"))
+            .and_then(|body| {
+                let mut parts = body.split(':');
+                let name = parts.next()?.trim();
+                let nums: Vec<f64> = parts
+                    .map(|p| p.trim().parse::<f64>().ok().filter(|v| v.is_finite()))
+                    .collect::<Option<_>>()?;
+                if name.is_empty() || nums.len() > 2 {
+                    return None;
+                }
+                let unet = nums.first().copied().unwrap_or(1.0).clamp(-10.0, 10.0);
+                Some(PromptLora {
+                    name: name.to_owned(),
+                    unet,
+                    text: nums.get(1).copied().unwrap_or(unet).clamp(-10.0, 10.0),
+                })
+            });
+        match parsed {
+            Some(l) => found.push(l),
+            None => text.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    text.push_str(rest);
+    (found, text)
+}
+
 /// The LoRA files in `dir` (`*.safetensors`), by stem, sorted.
 pub fn list_dir(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -615,6 +700,36 @@ mod tests {
             lr.delta(&[3, 3]).is_err(),
             "a term of the wrong size is refused"
         );
+    }
+
+    #[test]
+    fn prompt_tags_name_networks_and_leave_the_text() {
+        let (l, text) = parse_prompt("a cat <lora:ink:0.6>, <lyco:paper> on a mat <lora:x:0.5:1>");
+        assert_eq!(text, "a cat , on a mat ");
+        assert_eq!(
+            l,
+            [
+                PromptLora {
+                    name: "ink".into(),
+                    unet: 0.6,
+                    text: 0.6
+                },
+                PromptLora {
+                    name: "paper".into(),
+                    unet: 1.0,
+                    text: 1.0
+                },
+                PromptLora {
+                    name: "x".into(),
+                    unet: 0.5,
+                    text: 1.0
+                },
+            ]
+        );
+        // Not tags: kept as typed.
+        let (l, text) = parse_prompt("a <b> c <lora:y:heavy> <unclosed");
+        assert!(l.is_empty());
+        assert_eq!(text, "a <b> c <lora:y:heavy> <unclosed");
     }
 
     #[test]

@@ -475,8 +475,11 @@ pub fn generate(
     let (w, h) = (req.width as usize, req.height as usize);
     let (lw, lh) = (w / 8, h / 8);
     let guidance = req.cfg_scale > 1.0;
-    let chunks = chunk_count(model, &req.prompt).max(chunk_count(model, &req.negative_prompt));
-    let cond = encode_prompt(model, &req.prompt, chunks, req.clip_skip)?;
+    // `<lora:…>` tags chose the networks merged at load; the text encoder reads the rest.
+    let (_, prompt) = super::lora::parse_prompt(&req.prompt);
+    let (_, negative) = super::lora::parse_prompt(&req.negative_prompt);
+    let chunks = chunk_count(model, &prompt).max(chunk_count(model, &negative));
+    let cond = encode_prompt(model, &prompt, chunks, req.clip_skip)?;
     let uncond = if !guidance {
         None
     } else if model.info.kind == SdKind::Sdxl && req.negative_prompt.trim().is_empty() {
@@ -486,12 +489,7 @@ pub fn generate(
             pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
         })
     } else {
-        Some(encode_prompt(
-            model,
-            &req.negative_prompt,
-            chunks,
-            req.clip_skip,
-        )?)
+        Some(encode_prompt(model, &negative, chunks, req.clip_skip)?)
     };
     let (context, pooled) = match &uncond {
         Some(u) => (
@@ -814,6 +812,15 @@ pub fn parameters(
     }
     if model.info.prediction == Prediction::VPrediction {
         p.set("Prediction", "v");
+    }
+    if !model.info.loras.is_empty() {
+        let hashes: Vec<String> = model
+            .info
+            .loras
+            .iter()
+            .map(|r| format!("{}: {}", r.name, r.hash))
+            .collect();
+        p.set("Lora hashes", format!("\"{}\"", hashes.join(", ")));
     }
     p.set("RNG", req.noise_source.name());
     p.set("Version", concat!("studio-", env!("CARGO_PKG_VERSION")));

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use studio_inference::diffusion::imaging::{MAX_SIDE, RgbImage, decode_image_file, encode_png};
-use studio_inference::diffusion::model::{ImageModelInfo, is_diffusion_model};
+use studio_inference::diffusion::lora::{self, LoraSpec};
+use studio_inference::diffusion::model::{ImageModelInfo, ImageModelOptions, is_diffusion_model};
 use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::GenerationParameters;
 use studio_inference::worker::{Event, GeneratedImageSource, JobId, JobKind};
@@ -113,6 +114,15 @@ impl PanelView for CanvasPanel {
                 }
             }
             CanvasCommand::SetUpscaler(path) => c.form.upscaler = Some(path),
+            CanvasCommand::AddLoraToPrompt(name) => {
+                let prompt = &mut c.form.prompt;
+                if !prompt.is_empty() && !prompt.ends_with(' ') {
+                    prompt.push(' ');
+                }
+                prompt.push_str("<lora:");
+                prompt.push_str(&name);
+                prompt.push_str(":1>");
+            }
             CanvasCommand::Cancel => {
                 if let (Some(worker), Some(job)) = (&cx.worker, c.generating) {
                     worker.cancel(job);
@@ -390,6 +400,46 @@ impl CanvasPanel {
             return;
         };
         let request = build_request(&c.form, &c.styles, &c.doc, &model);
+        // `<lora:name:weight>` in the prompt: the model is loaded again with those networks
+        // merged when they differ from what is loaded (and without them when none is named).
+        let (tags, _) = lora::parse_prompt(&request.prompt);
+        let available = lora::list_dir(&c.lora_dir);
+        let mut specs = Vec::new();
+        for tag in tags {
+            match available.iter().find(|(name, _)| *name == tag.name) {
+                Some((_, path)) => specs.push(LoraSpec {
+                    path: path.clone(),
+                    unet: tag.unet,
+                    text: tag.text,
+                }),
+                None => cx.notices.warning(format!(
+                    "No LoRA named `{}` in {}; generating without it",
+                    tag.name,
+                    c.lora_dir.display()
+                )),
+            }
+        }
+        let loaded = c
+            .model_options
+            .as_ref()
+            .map(|o| o.loras.clone())
+            .unwrap_or_default();
+        if specs != loaded {
+            let options = ImageModelOptions {
+                loras: specs,
+                ..cx.settings.image_model_options.clone()
+            };
+            let job = cx.submit(
+                JobKind::LoadImageModel {
+                    path: model.path.clone(),
+                    options: options.clone(),
+                },
+                CanvasPurpose::LoadImageModel(model.path.clone(), options).into(),
+            );
+            // Like the startup load, it keeps the form as it is.
+            self.startup_load = job;
+        }
+        let c = &mut *self;
         if let Some((w, h)) = c.doc.size()
             && (w, h) != (request.width, request.height)
         {
@@ -578,11 +628,40 @@ impl CanvasPanel {
             c.form.steps = c.form.steps.min(4);
             c.form.cfg_scale = c.form.cfg_scale.min(1.0);
         }
-        cx.notices.info(format!(
-            "Loaded {} ({}) for the Canvas",
-            info.name,
-            info.kind.label()
-        ));
+        if info.loras.is_empty() {
+            cx.notices.info(format!(
+                "Loaded {} ({}) for the Canvas",
+                info.name,
+                info.kind.label()
+            ));
+        } else {
+            let names: Vec<String> = info
+                .loras
+                .iter()
+                .map(|r| format!("{} ({} modules)", r.name, r.applied))
+                .collect();
+            cx.notices.info(format!(
+                "Loaded {} with LoRA {} for the Canvas",
+                info.name,
+                names.join(", ")
+            ));
+        }
+        for r in info.loras.iter().filter(|r| r.ignored > 0) {
+            cx.notices.warning(if r.applied == 0 {
+                format!(
+                    "LoRA {} changes nothing in this {} model: it is made for another base model \
+                     ({} modules it names are missing or of another size)",
+                    r.name,
+                    info.kind.label(),
+                    r.ignored
+                )
+            } else {
+                format!(
+                    "LoRA {}: {} of its modules are not in this model and were left out",
+                    r.name, r.ignored
+                )
+            });
+        }
         c.model = Some(info);
     }
 

@@ -27,6 +27,8 @@ pub enum CanvasCommand {
     ChooseUpscalerDialog,
     /// Use this upscaler file.
     SetUpscaler(PathBuf),
+    /// Append `<lora:NAME:1>` to the prompt.
+    AddLoraToPrompt(String),
     /// Cancel the running generation.
     Cancel,
     /// Fix the seed to this one.

@@ -72,6 +72,10 @@ pub struct CanvasPanel {
     /// The bundled demo text-to-image model, loaded at startup when no other image model is
     /// configured.
     demo_model: Option<PathBuf>,
+    /// Where `<lora:name>` finds its files (`STUDIO_HOME/models/lora`).
+    pub(crate) lora_dir: PathBuf,
+    /// The LoRA files' names, read when the list is first shown (and on Refresh).
+    lora_list: Option<Vec<String>>,
 }
 
 impl CanvasPanel {
@@ -113,6 +117,8 @@ impl CanvasPanel {
             next_offer: 1,
             startup_load: None,
             demo_model: None,
+            lora_dir: home.join("models").join("lora"),
+            lora_list: None,
         };
         (panel, notes)
     }
@@ -200,6 +206,9 @@ impl CanvasPanel {
                         section_ui(ui, "Model", |ui| {
                             self.model_ui(ui, settings, jobs, commands);
                         });
+                        section_ui(ui, "LoRAs", |ui| {
+                            self.loras_ui(ui, commands);
+                        });
                         section_ui(ui, "Generate", |ui| {
                             let cx = FormContext {
                                 model: self.model.as_ref(),
@@ -248,6 +257,45 @@ impl CanvasPanel {
             };
             self.view.canvas_ui(ui, &cx, commands);
         });
+    }
+
+    /// The LoRA files of `lora_dir`, each with a button that adds `<lora:name:1>` to the
+    /// prompt (the model loads again with the prompt's LoRAs on Generate).
+    fn loras_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+        if self.lora_list.is_none() {
+            self.lora_list = Some(
+                studio_inference::diffusion::lora::list_dir(&self.lora_dir)
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .collect(),
+            );
+        }
+        let names = self.lora_list.clone().unwrap_or_default();
+        if names.is_empty() {
+            ui.label(weak(
+                ui,
+                &format!(
+                    "No LoRAs yet: put .safetensors LoRA files in {}, then use them in the \
+                     prompt as <lora:name:0.8>",
+                    self.lora_dir.display()
+                ),
+            ));
+        }
+        for name in &names {
+            ui.horizontal(|ui| {
+                ui.label(name);
+                if ui
+                    .small_button("Add to prompt")
+                    .on_hover_text(format!("Adds <lora:{name}:1> to the prompt"))
+                    .clicked()
+                {
+                    commands.push(CanvasCommand::AddLoraToPrompt(name.clone()).into());
+                }
+            });
+        }
+        if ui.small_button("Refresh").clicked() {
+            self.lora_list = None;
+        }
     }
 
     fn model_ui(
@@ -339,7 +387,11 @@ impl CanvasPanel {
                     &mut opts.taesd,
                     "A TAESD decoder (taesd_decoder.safetensors) for sharper live previews",
                 );
-                let differs = self.model_options.as_ref() != Some(&settings.image_model_options);
+                // LoRAs come from the prompt, not from these options.
+                let differs = self.model_options.as_ref().map(|o| ImageModelOptions {
+                    loras: Vec::new(),
+                    ..o.clone()
+                }) != Some(settings.image_model_options.clone());
                 if let Some(m) = &self.model
                     && differs
                     && ui
