@@ -808,3 +808,40 @@ fn a_lora_named_in_the_prompt_is_merged_and_recorded() {
     assert!(h.state().canvas().model().expect("model").loras.is_empty());
     assert!(shows_text(&h, "No LoRA named `nosuch`"));
 }
+
+/// *New sketch* makes a white canvas at the form's size; the *Colour* brush paints on the
+/// image (not the mask), so Generate will img2img the sketch.
+#[test]
+fn a_colour_sketch_is_painted_on_a_new_canvas() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = harness(&tmp.path().join("home"));
+    h.step();
+    go_to_canvas(&mut h);
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.width = 96;
+        form.height = 64;
+    }
+    h.step();
+    control(&h, "New sketch").click();
+    h.step();
+    h.step();
+    let doc = h.state().canvas().document();
+    assert_eq!(doc.size(), Some((96, 64)));
+    assert!(doc.image().expect("image").pixels.iter().all(|&v| v == 255));
+    // New sketch picks the Colour brush.
+    h.state_mut().push_command(CanvasCommand::Paint {
+        from: [10, 30],
+        to: [80, 30],
+    });
+    h.state_mut().push_command(CanvasCommand::EndStroke);
+    h.step();
+    let doc = h.state().canvas().document();
+    let i = (30 * 96 + 40) * 3;
+    assert_ne!(
+        doc.image().expect("image").pixels[i..i + 3],
+        [255, 255, 255]
+    );
+    assert!(doc.mask().is_empty());
+    assert_eq!(doc.mode(), ModeKind::Img2Img);
+}

@@ -16,7 +16,7 @@ use studio_inference::worker::{Event, GeneratedImageSource, JobId, JobKind};
 
 use super::CanvasPanel;
 use super::command::{CanvasCommand, CanvasPurpose};
-use super::form::{build_request, restore_parameters};
+use super::form::{build_request, restore_parameters, snap};
 use super::view::preview_texture;
 use crate::gui::command::{Command, load_error};
 use crate::gui::context::{AppContext, Handled};
@@ -138,6 +138,13 @@ impl PanelView for CanvasPanel {
                     .paint(f(from), f(to), c.tool, c.brush_size, c.hardness);
             }
             CanvasCommand::EndStroke => c.doc.end_stroke(),
+            CanvasCommand::NewSketch => {
+                if c.doc.image().is_none() {
+                    let m = c.model.as_ref().map_or(8, |m| m.size_multiple);
+                    let (w, h) = (snap(c.form.width, m), snap(c.form.height, m));
+                    c.doc.set_image(RgbImage::new_filled(w, h, [255, 255, 255]));
+                }
+            }
             CanvasCommand::Undo => {
                 c.doc.undo();
             }

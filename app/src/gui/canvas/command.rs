@@ -45,6 +45,8 @@ pub enum CanvasCommand {
     ClearMask,
     /// Empty the canvas (undoable).
     ClearCanvas,
+    /// A white image at the form's size, to sketch on (undoable).
+    NewSketch,
     /// Grow the canvas for outpainting.
     Extend {
         side: Side,

@@ -41,7 +41,7 @@ impl Side {
     }
 }
 
-/// What the brush does to the mask.
+/// What the brush does: to the mask, or colour on the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Tool {
     /// Paints the area to repaint.
@@ -49,6 +49,8 @@ pub enum Tool {
     Brush,
     /// Takes it away again.
     Eraser,
+    /// Paints colour on the image layer (a rough sketch for img2img).
+    Colour([u8; 3]),
 }
 
 /// What Generate will do with this canvas.
@@ -254,6 +256,25 @@ impl Document {
         }
         let radius = (size / 2.0).max(0.5);
         let hardness = hardness.clamp(0.0, 1.0);
+        if let Tool::Colour(rgb) = tool {
+            let Some(image) = self.image.as_mut() else {
+                return false;
+            };
+            let image = Arc::make_mut(image);
+            let (dx, dy) = (to.0 - from.0, to.1 - from.1);
+            let spacing = (radius / 4.0).max(0.5);
+            let dabs = (dx.hypot(dy) / spacing).ceil().max(1.0) as usize;
+            let mut changed = false;
+            for i in 0..=dabs {
+                let t = i as f32 / dabs as f32;
+                let centre = (from.0 + dx * t, from.1 + dy * t);
+                changed |= colour_dab(image, centre, radius, hardness, rgb);
+            }
+            if changed {
+                self.image_rev += 1;
+            }
+            return changed;
+        }
         let mask = Arc::make_mut(&mut self.mask);
         let (dx, dy) = (to.0 - from.0, to.1 - from.1);
         let length = dx.hypot(dy);
@@ -462,6 +483,47 @@ fn stack_bytes<'a>(snapshots: impl Iterator<Item = &'a Snapshot>) -> usize {
 }
 
 /// One round dab of the brush; returns whether a value changed.
+/// One round dab of colour `rgb` on `image`, blended by the brush's coverage (full inside
+/// `radius · hardness`, fading to nothing at `radius`).
+fn colour_dab(
+    image: &mut RgbImage,
+    (cx, cy): (f32, f32),
+    radius: f32,
+    hardness: f32,
+    rgb: [u8; 3],
+) -> bool {
+    let (w, h) = (image.width, image.height);
+    let x0 = (cx - radius).floor().max(0.0) as i64;
+    let y0 = (cy - radius).floor().max(0.0) as i64;
+    let x1 = ((cx + radius).ceil() as i64).min(i64::from(w) - 1);
+    let y1 = ((cy + radius).ceil() as i64).min(i64::from(h) - 1);
+    let inner = radius * hardness;
+    let mut changed = false;
+    for y in y0..=y1 {
+        for x in x0..=x1 {
+            let d = (x as f32 + 0.5 - cx).hypot(y as f32 + 0.5 - cy);
+            if d > radius {
+                continue;
+            }
+            let coverage = if d <= inner || radius <= inner {
+                1.0
+            } else {
+                1.0 - (d - inner) / (radius - inner)
+            };
+            let i = (y as usize * w as usize + x as usize) * 3;
+            for (px, &target) in image.pixels[i..i + 3].iter_mut().zip(&rgb) {
+                let old = f32::from(*px);
+                let new = (old + (f32::from(target) - old) * coverage).round() as u8;
+                if new != *px {
+                    *px = new;
+                    changed = true;
+                }
+            }
+        }
+    }
+    changed
+}
+
 fn dab(
     mask: &mut Mask,
     w: u32,
@@ -495,6 +557,7 @@ fn dab(
             let new = match tool {
                 Tool::Brush => old.max(v),
                 Tool::Eraser => old.min(255 - v),
+                Tool::Colour(_) => old,
             };
             if new != old {
                 mask.values[i] = new;
@@ -569,6 +632,28 @@ mod tests {
         // Erasing everything painted brings img2img back.
         d.paint((8.0, 8.0), (8.0, 8.0), Tool::Eraser, 10.0, 1.0);
         assert_eq!(d.mode(), ModeKind::Img2Img);
+    }
+
+    #[test]
+    fn the_colour_brush_paints_the_image_not_the_mask_and_undoes() {
+        let mut d = Document::default();
+        d.set_image(image(32, 32, [255, 255, 255]));
+        let before = d.image().expect("image").pixels.clone();
+        assert!(d.paint((4.0, 16.0), (28.0, 16.0), Tool::Colour([200, 30, 40]), 6.0, 1.0));
+        d.end_stroke();
+        let img = d.image().expect("image");
+        let px = |x: usize, y: usize| &img.pixels[(y * 32 + x) * 3..(y * 32 + x) * 3 + 3];
+        assert_eq!(px(16, 16), [200, 30, 40], "on the stroke");
+        assert_eq!(px(16, 2), [255, 255, 255], "away from it");
+        assert!(d.mask().is_empty(), "the mask is untouched");
+        assert_eq!(d.mode(), ModeKind::Img2Img, "a sketch is img2img'd");
+        assert!(d.undo());
+        assert_eq!(d.image().expect("image").pixels, before);
+        // Soft edges blend towards the colour.
+        d.paint((16.0, 16.0), (16.0, 16.0), Tool::Colour([0, 0, 0]), 10.0, 0.0);
+        let img = d.image().expect("image");
+        let edge = img.pixels[(16 * 32 + 19) * 3];
+        assert!(edge > 0 && edge < 255, "a soft edge: {edge}");
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct CanvasPanel {
     pub(crate) lora_dir: PathBuf,
     /// The LoRA files' names, read when the list is first shown (and on Refresh).
     lora_list: Option<Vec<String>>,
+    /// The Colour brush's colour.
+    paint_colour: [u8; 3],
 }
 
 impl CanvasPanel {
@@ -119,6 +121,7 @@ impl CanvasPanel {
             demo_model: None,
             lora_dir: home.join("models").join("lora"),
             lora_list: None,
+            paint_colour: [40, 90, 200],
         };
         (panel, notes)
     }
@@ -415,6 +418,31 @@ impl CanvasPanel {
                 .on_hover_text("Paint the mask: the area Generate redraws");
             ui.selectable_value(&mut self.tool, Tool::Eraser, "Eraser")
                 .on_hover_text("Take areas out of the mask");
+            let colour = matches!(self.tool, Tool::Colour(_));
+            if ui
+                .selectable_label(colour, "Colour")
+                .on_hover_text(
+                    "Paint colour on the image: a rough sketch that img2img turns into a picture",
+                )
+                .clicked()
+            {
+                self.tool = Tool::Colour(self.paint_colour);
+            }
+            if egui::color_picker::color_edit_button_srgb(ui, &mut self.paint_colour)
+                .on_hover_text("The colour the Colour brush paints")
+                .changed()
+            {
+                self.tool = Tool::Colour(self.paint_colour);
+            }
+            if !has_image
+                && ui
+                    .button("New sketch")
+                    .on_hover_text("A white canvas at the size in the form, to paint on")
+                    .clicked()
+            {
+                push(commands, CanvasCommand::NewSketch);
+                self.tool = Tool::Colour(self.paint_colour);
+            }
             let l = ui.label("Size");
             ui.add(egui::Slider::new(&mut self.brush_size, 1.0..=256.0).logarithmic(true))
                 .labelled_by(l.id);

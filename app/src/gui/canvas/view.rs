@@ -181,6 +181,7 @@ impl CanvasView {
             let color = match cx.tool {
                 Tool::Brush => Color32::from_rgb(255, 80, 80),
                 Tool::Eraser => ui.visuals().strong_text_color(),
+                Tool::Colour([r, g, b]) => Color32::from_rgb(r, g, b),
             };
             painter.circle_stroke(pos, r.max(2.0), Stroke::new(1.0, color));
         }
