@@ -3,10 +3,11 @@
 //! inpainted image keeps its unmasked pixels, seeds reproduce images, and bad input is refused
 //! with a clear error.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use studio_inference::Error;
 use studio_inference::diffusion::imaging::{Mask, RgbImage};
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdKind, SdModel};
@@ -1029,4 +1030,65 @@ fn the_hires_fix_runs_a_second_pass_at_the_larger_size() {
     };
     let e = generate(&m, &bad, &mut |_| ControlFlow::Continue(())).expect_err("refused");
     assert!(e.to_string().contains("hires upscale"), "{e}");
+}
+
+/// Textual inversion: an embedding is used where its file name appears as a word in the
+/// prompt, in the SD web UI's `.pt` (a pickle, read as data) and `.safetensors` forms, and the
+/// PNG records `TI hashes`; a file the prompt does not name is not even opened.
+#[test]
+fn textual_inversion_embeddings_stand_for_their_word() {
+    let (_dir, m) = tiny(TinyKind::Sd1);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pt = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/embeddings/webui-style.pt");
+    let st = tmp.path().join("inkstyle.safetensors");
+    let v = Tensor::from_vec(
+        (0..64)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect::<Vec<_>>(),
+        (2, 32),
+        &Device::Cpu,
+    )
+    .expect("vectors");
+    candle_core::safetensors::save(&HashMap::from([("emb_params".to_owned(), v)]), &st)
+        .expect("save");
+    // Named by no prompt: a broken file is never read.
+    let unused = tmp.path().join("unused.safetensors");
+    std::fs::write(&unused, b"not a safetensors file").expect("write");
+    let files = vec![pt, st, unused];
+    let pixels = |prompt: &str, embeddings: Vec<PathBuf>| {
+        let req = ImageRequest {
+            embeddings,
+            ..request(prompt, 32)
+        };
+        let (out, _) = run(&m, &req);
+        out.images.into_iter().next().expect("image")
+    };
+    let plain = pixels("a red cat webui-style", Vec::new());
+    let with_pt = pixels("a red cat webui-style", files.clone());
+    assert_ne!(
+        plain.image.pixels, with_pt.image.pixels,
+        "the .pt embedding is used"
+    );
+    let hashes = with_pt.parameters.get("TI hashes").expect("TI hashes");
+    assert!(
+        hashes.starts_with("\"webui-style: ") && !hashes.contains("inkstyle"),
+        "{hashes}"
+    );
+    let with_st = pixels("a red cat, inkstyle", files.clone());
+    assert_ne!(
+        pixels("a red cat, inkstyle", Vec::new()).image.pixels,
+        with_st.image.pixels,
+        "the .safetensors embedding is used"
+    );
+    // Not a whole word: not used.
+    let near = pixels("a red cat inkstyles", files.clone());
+    assert_eq!(near.parameters.get("TI hashes"), None);
+    // Named but broken: a clear error.
+    let bad = tmp.path().join("broken.safetensors");
+    std::fs::write(&bad, b"nope").expect("write");
+    let req = ImageRequest {
+        embeddings: vec![bad],
+        ..request("a broken cat", 32)
+    };
+    assert!(generate(&m, &req, &mut |_| ControlFlow::Continue(())).is_err());
 }

@@ -444,3 +444,47 @@ fn clip_reads_transformers5_names() {
         &f.io["last_hidden_state"],
     );
 }
+
+/// Textual inversion at the encoder: ids past the vocabulary read rows of the extra table. With
+/// the table holding the very embedding rows of some vocabulary tokens, the output is the
+/// encoder's own for those tokens; any other table changes it.
+#[test]
+fn clip_reads_textual_inversion_vectors_for_ids_past_the_vocabulary() {
+    let f = ClipFixture::load("clip_l", false, None);
+    let dir = fixture("clip_l");
+    let config: ClipConfig =
+        serde_json::from_str(&read_json(&dir.join("config.json"))).expect("clip config");
+    let weights = load_tensors(&dir.join("model.safetensors"));
+    let table = &weights["text_model.embeddings.token_embedding.weight"];
+    let rows: Vec<Vec<u32>> = f.tokens.to_vec2().expect("ids");
+    // Positions 1 and 2 of the first row become two extra ids.
+    let (a, b) = (rows[0][1], rows[0][2]);
+    let mut swapped = rows.clone();
+    let vocab = config.vocab_size as u32;
+    swapped[0][1] = vocab;
+    swapped[0][2] = vocab + 1;
+    let swapped = Tensor::new(swapped, &Device::Cpu).expect("tokens");
+    let extra = table
+        .index_select(&Tensor::new(&[a, b], &Device::Cpu).expect("ids"), 0)
+        .expect("rows");
+    let layers = f.model.num_layers();
+    let plain = f
+        .model
+        .encode(&f.tokens, layers, true, &f.eos)
+        .expect("encode");
+    let with = f
+        .model
+        .encode_with(&swapped, Some(&extra), layers, true, &f.eos)
+        .expect("encode with");
+    assert_close(
+        "textual inversion of the same rows",
+        &with.hidden,
+        &plain.hidden,
+    );
+    let other = (extra * 2.0).expect("scale");
+    let changed = f
+        .model
+        .encode_with(&swapped, Some(&other), layers, true, &f.eos)
+        .expect("encode with");
+    assert_differs("other vectors", &changed.hidden, &plain.hidden);
+}

@@ -121,6 +121,10 @@ pub struct ImageArgs {
     /// A TAESD decoder (file or folder) for --preview taesd.
     #[arg(long)]
     pub taesd: Option<PathBuf>,
+    /// A folder of textual-inversion embeddings (`.safetensors`, `.pt`); each is used where
+    /// its file name (without extension) appears as a word in the prompt.
+    #[arg(long)]
+    pub embeddings: Option<PathBuf>,
     /// A LoRA / LyCORIS file merged in: `FILE`, `FILE:WEIGHT` or `FILE:UNET:TEXT` (weights of
     /// its UNet and text-encoder parts; default 1). Repeat for several.
     #[arg(long)]
@@ -351,6 +355,10 @@ fn request(
         variation,
         inpaint: InpaintOptions::default(),
         hires,
+        embeddings: match &args.embeddings {
+            Some(dir) => studio_inference::diffusion::embeddings::list_dir(dir),
+            None => Vec::new(),
+        },
         clip_skip: args.clip_skip.max(1),
         preview: if args.previews_dir.is_some() {
             preview

@@ -259,6 +259,49 @@ impl ClipTextModel {
         })
     }
 
+    /// Token embeddings, ids from `vocab_size` on taken from `extra`'s rows.
+    fn embed_with(&self, tokens: &Tensor, extra: &Tensor) -> Result<Tensor> {
+        let (b, seq) = tokens.dims2()?;
+        let vocab = self.config.vocab_size as u32;
+        let (rows, hidden) = extra.dims2()?;
+        let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
+        let device = tokens.device();
+        // Vocabulary ids as they are (extra ones looked up as 0, then replaced); extra ids as
+        // rows of `extra` with a zero row appended for the others.
+        let base_ids: Vec<u32> = ids.iter().map(|&t| if t < vocab { t } else { 0 }).collect();
+        let extra_ids: Vec<u32> = ids
+            .iter()
+            .map(|&t| {
+                let i = t.saturating_sub(vocab) as usize;
+                if t >= vocab && i < rows {
+                    i as u32
+                } else {
+                    rows as u32
+                }
+            })
+            .collect();
+        let keep: Vec<f32> = ids
+            .iter()
+            .map(|&t| if t < vocab { 1.0 } else { 0.0 })
+            .collect();
+        let base = self
+            .token_embedding
+            .forward(&Tensor::from_vec(base_ids, (b, seq), device)?)?;
+        let dtype = base.dtype();
+        let table = Tensor::cat(
+            &[
+                &extra.to_dtype(dtype)?.to_device(device)?,
+                &Tensor::zeros((1, hidden), dtype, device)?,
+            ],
+            0,
+        )?;
+        let replaced = table
+            .index_select(&Tensor::from_vec(extra_ids, b * seq, device)?, 0)?
+            .reshape((b, seq, hidden))?;
+        let keep = Tensor::from_vec(keep, (b, seq, 1), device)?.to_dtype(dtype)?;
+        Ok((base.broadcast_mul(&keep)? + replaced)?)
+    }
+
     /// The configuration the encoder was built from.
     pub fn config(&self) -> &ClipConfig {
         &self.config
@@ -275,13 +318,27 @@ impl ClipTextModel {
         final_norm: bool,
         eos_positions: &[usize],
     ) -> Result<ClipOutput> {
+        self.encode_with(tokens, None, layers, final_norm, eos_positions)
+    }
+
+    /// [`Self::encode`], where ids from `vocab_size` on are rows of `extra` (`(n, hidden)`):
+    /// textual-inversion vectors in place of token embeddings.
+    pub fn encode_with(
+        &self,
+        tokens: &Tensor,
+        extra: Option<&Tensor>,
+        layers: usize,
+        final_norm: bool,
+        eos_positions: &[usize],
+    ) -> Result<ClipOutput> {
         let (_, seq) = tokens.dims2()?;
         let device = tokens.device();
         let positions = Tensor::arange(0u32, seq as u32, device)?;
-        let mut xs = self
-            .token_embedding
-            .forward(tokens)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let embedded = match extra {
+            Some(extra) => self.embed_with(tokens, extra)?,
+            None => self.token_embedding.forward(tokens)?,
+        };
+        let mut xs = embedded.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, xs.dtype(), device)?;
         let layers = layers.clamp(1, self.layers.len());
         let need_all = self.projection.is_some();

@@ -15,6 +15,7 @@
 pub mod bench;
 pub mod clip;
 pub mod convert;
+pub mod embeddings;
 pub mod hires;
 pub mod imaging;
 pub mod inpaint;

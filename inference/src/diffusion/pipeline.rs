@@ -6,11 +6,13 @@
 //! area and masks it.
 
 use std::ops::ControlFlow;
+use std::path::PathBuf;
 
 use candle_core::{D, DType, Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::embeddings::{TextualInversion, load_mentioned};
 use super::hires::{HiresFix, generate_hires};
 use super::imaging::{
     Mask, RgbImage, composite, image_to_tensor, mask_to_latent_tensor, tensor_to_image,
@@ -18,7 +20,7 @@ use super::imaging::{
 use super::inpaint::{
     InpaintArea, InpaintOptions, MaskedContent, crop_mask, crop_region, fill, paste,
 };
-use super::model::{SdKind, SdModel};
+use super::model::{SdKind, SdModel, TextEncoder};
 use super::noise::{NoiseSource, NoiseStream, Variation, slerp_variation};
 use super::preview::latent_to_rgb;
 use super::samplers::{Prediction, Sampler, SamplerKind, ScheduleKind, denoised_from_output};
@@ -135,6 +137,9 @@ pub struct ImageRequest {
     pub inpaint: InpaintOptions,
     /// txt2img: a second, larger pass (the web UI's hires fix).
     pub hires: Option<HiresFix>,
+    /// Textual-inversion files; each is used where its stem appears as a word in the prompt
+    /// or the negative prompt.
+    pub embeddings: Vec<PathBuf>,
     /// 1 = the encoder's usual layer; 2 = one layer earlier ("Clip skip: 2").
     pub clip_skip: usize,
     /// How each step's preview is made ([`PreviewMethod::Taesd`] needs a loaded TAESD).
@@ -161,6 +166,7 @@ impl ImageRequest {
             variation: None,
             inpaint: InpaintOptions::default(),
             hires: None,
+            embeddings: Vec::new(),
             clip_skip: 1,
             preview: PreviewMethod::Latent2Rgb,
             mode: ImageMode::Txt2Img,
@@ -391,11 +397,13 @@ fn encode_prompt(
     prompt: &str,
     chunks: usize,
     clip_skip: usize,
+    tis: &[TextualInversion],
 ) -> Result<Conditioning> {
     let mut per_encoder = Vec::new();
     let mut pooled = None;
     for enc in &model.text {
-        let parts = enc.tokenizer.chunks(prompt, chunks);
+        let (words, table) = ti_words(enc, tis);
+        let parts = enc.tokenizer.chunks_with_words(prompt, chunks, &words);
         let mut hidden_chunks = Vec::new();
         for (ci, chunk) in parts.iter().take(chunks).enumerate() {
             let ids = Tensor::new(chunk.ids.as_slice(), &model.device)?.unsqueeze(0)?;
@@ -403,9 +411,13 @@ fn encode_prompt(
             let skip = enc.skip + clip_skip.saturating_sub(1);
             let eos =
                 super::clip::eos_positions(std::slice::from_ref(&chunk.ids), enc.tokenizer.eos());
-            let out =
-                enc.model
-                    .encode(&ids, n.saturating_sub(skip).max(1), enc.final_norm, &eos)?;
+            let out = enc.model.encode_with(
+                &ids,
+                table.as_ref(),
+                n.saturating_sub(skip).max(1),
+                enc.final_norm,
+                &eos,
+            )?;
             let mut h = out.hidden;
             if chunk.is_weighted() {
                 let before = h.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
@@ -436,11 +448,41 @@ fn encode_prompt(
     })
 }
 
-fn chunk_count(model: &SdModel, text: &str) -> usize {
-    model
-        .text
-        .first()
-        .map_or(1, |enc| enc.tokenizer.chunks(text, 1).len())
+fn chunk_count(model: &SdModel, text: &str, tis: &[TextualInversion]) -> usize {
+    model.text.first().map_or(1, |enc| {
+        let (words, _) = ti_words(enc, tis);
+        enc.tokenizer.chunks_with_words(text, 1, &words).len()
+    })
+}
+
+/// The words of the embeddings `enc` can read (its width) with their ids past the
+/// vocabulary, and the table of their vectors.
+fn ti_words(
+    enc: &TextEncoder,
+    tis: &[TextualInversion],
+) -> (Vec<(String, Vec<u32>)>, Option<Tensor>) {
+    let config = enc.model.config();
+    let mut words = Vec::new();
+    let mut rows = Vec::new();
+    let mut next = config.vocab_size;
+    for ti in tis {
+        let Some(v) = ti.vectors(config.hidden_size) else {
+            continue;
+        };
+        let n = v.dim(0).unwrap_or(0);
+        // Ids past a vocabulary of at most a few hundred thousand, plus at most 75 each.
+        #[allow(clippy::cast_possible_truncation)]
+        let ids = (next..next + n).map(|i| i as u32).collect();
+        next += n;
+        words.push((ti.name.clone(), ids));
+        rows.push(v.clone());
+    }
+    let table = if rows.is_empty() {
+        None
+    } else {
+        Tensor::cat(&rows, 0).ok()
+    };
+    (words, table)
 }
 
 /// Generates `req.batch_count` images, calling `on_step` after every step (return
@@ -478,8 +520,9 @@ pub fn generate(
     // `<lora:…>` tags chose the networks merged at load; the text encoder reads the rest.
     let (_, prompt) = super::lora::parse_prompt(&req.prompt);
     let (_, negative) = super::lora::parse_prompt(&req.negative_prompt);
-    let chunks = chunk_count(model, &prompt).max(chunk_count(model, &negative));
-    let cond = encode_prompt(model, &prompt, chunks, req.clip_skip)?;
+    let tis = load_mentioned(&req.embeddings, &[&prompt, &negative])?;
+    let chunks = chunk_count(model, &prompt, &tis).max(chunk_count(model, &negative, &tis));
+    let cond = encode_prompt(model, &prompt, chunks, req.clip_skip, &tis)?;
     let uncond = if !guidance {
         None
     } else if model.info.kind == SdKind::Sdxl && req.negative_prompt.trim().is_empty() {
@@ -489,7 +532,13 @@ pub fn generate(
             pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
         })
     } else {
-        Some(encode_prompt(model, &negative, chunks, req.clip_skip)?)
+        Some(encode_prompt(
+            model,
+            &negative,
+            chunks,
+            req.clip_skip,
+            &tis,
+        )?)
     };
     let (context, pooled) = match &uncond {
         Some(u) => (
@@ -821,6 +870,21 @@ pub fn parameters(
             .map(|r| format!("{}: {}", r.name, r.hash))
             .collect();
         p.set("Lora hashes", format!("\"{}\"", hashes.join(", ")));
+    }
+    let (_, prompt) = super::lora::parse_prompt(&req.prompt);
+    let used: Vec<String> = req
+        .embeddings
+        .iter()
+        .filter_map(|f| {
+            let stem = f.file_stem()?.to_string_lossy().into_owned();
+            let mentioned = super::embeddings::mentions(&prompt, &stem)
+                || super::embeddings::mentions(&req.negative_prompt, &stem);
+            let hash = super::embeddings::file_hash(f).ok()?;
+            mentioned.then(|| format!("{stem}: {hash}"))
+        })
+        .collect();
+    if !used.is_empty() {
+        p.set("TI hashes", format!("\"{}\"", used.join(", ")));
     }
     p.set("RNG", req.noise_source.name());
     p.set("Version", concat!("studio-", env!("CARGO_PKG_VERSION")));

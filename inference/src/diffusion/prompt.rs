@@ -360,6 +360,17 @@ impl ClipTokenizer {
     /// The prompt as 77-token chunks with per-token weights, at least `min_chunks` of them
     /// (so a negative prompt can match the positive one's length).
     pub fn chunks(&self, prompt: &str, min_chunks: usize) -> Vec<Chunk> {
+        self.chunks_with_words(prompt, min_chunks, &[])
+    }
+
+    /// [`Self::chunks`], where each whole-word occurrence of a `words` entry's name becomes
+    /// its ids (textual-inversion embeddings, whose ids lie beyond the vocabulary).
+    pub fn chunks_with_words(
+        &self,
+        prompt: &str,
+        min_chunks: usize,
+        words: &[(String, Vec<u32>)],
+    ) -> Vec<Chunk> {
         let mut groups: Vec<Vec<(u32, f32)>> = vec![Vec::new()];
         for piece in parse_emphasis(prompt) {
             if piece.weight < 0.0 {
@@ -367,11 +378,12 @@ impl ClipTokenizer {
                 continue;
             }
             let group = groups.last_mut().expect("groups is never empty");
-            group.extend(
-                self.encode(&piece.text)
-                    .into_iter()
-                    .map(|t| (t, piece.weight)),
-            );
+            for (segment, ids) in split_words(&piece.text, words) {
+                group.extend(self.encode(segment).into_iter().map(|t| (t, piece.weight)));
+                if let Some(ids) = ids {
+                    group.extend(ids.iter().map(|&t| (t, piece.weight)));
+                }
+            }
         }
         let mut chunks: Vec<Chunk> = Vec::new();
         for group in groups {
@@ -406,6 +418,42 @@ impl ClipTokenizer {
         }
         Chunk { ids, weights }
     }
+}
+
+/// `text` cut at whole-word occurrences of `words`' names: each text segment, followed by the
+/// ids of the word that ends it (none for the last segment).
+fn split_words<'t>(
+    text: &'t str,
+    words: &'t [(String, Vec<u32>)],
+) -> Vec<(&'t str, Option<&'t [u32]>)> {
+    let is_word = |c: char| c.is_alphanumeric() || c == '_' || c == '-';
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < text.len() {
+        let boundary_before = text[..i].chars().next_back().is_none_or(|c| !is_word(c));
+        let found = boundary_before
+            .then(|| {
+                words.iter().find(|(name, _)| {
+                    !name.is_empty()
+                        && text[i..].starts_with(name.as_str())
+                        && text[i + name.len()..]
+                            .chars()
+                            .next()
+                            .is_none_or(|c| !is_word(c))
+                })
+            })
+            .flatten();
+        if let Some((name, ids)) = found {
+            out.push((&text[start..i], Some(ids.as_slice())));
+            i += name.len();
+            start = i;
+        } else {
+            i += text[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    out.push((&text[start..], None));
+    out
 }
 
 /// One 77-token chunk.

@@ -406,7 +406,8 @@ impl CanvasPanel {
                 .warning("Open a Stable Diffusion model in the Canvas before generating");
             return;
         };
-        let request = build_request(&c.form, &c.styles, &c.doc, &model);
+        let mut request = build_request(&c.form, &c.styles, &c.doc, &model);
+        request.embeddings = studio_inference::diffusion::embeddings::list_dir(&c.embeddings_dir);
         // `<lora:name:weight>` in the prompt: the model is loaded again with those networks
         // merged when they differ from what is loaded (and without them when none is named).
         let (tags, _) = lora::parse_prompt(&request.prompt);

@@ -74,6 +74,9 @@ pub struct CanvasPanel {
     demo_model: Option<PathBuf>,
     /// Where `<lora:name>` finds its files (`STUDIO_HOME/models/lora`).
     pub(crate) lora_dir: PathBuf,
+    /// Textual-inversion embeddings, used where the prompt names them
+    /// (`STUDIO_HOME/models/embeddings`).
+    pub(crate) embeddings_dir: PathBuf,
     /// The LoRA files' names, read when the list is first shown (and on Refresh).
     lora_list: Option<Vec<String>>,
     /// The Colour brush's colour.
@@ -120,6 +123,7 @@ impl CanvasPanel {
             startup_load: None,
             demo_model: None,
             lora_dir: home.join("models").join("lora"),
+            embeddings_dir: home.join("models").join("embeddings"),
             lora_list: None,
             paint_colour: [40, 90, 200],
         };
@@ -279,8 +283,10 @@ impl CanvasPanel {
                 ui,
                 &format!(
                     "No LoRAs yet: put .safetensors LoRA files in {}, then use them in the \
-                     prompt as <lora:name:0.8>",
-                    self.lora_dir.display()
+                     prompt as <lora:name:0.8>. Textual-inversion embeddings go in {} and are \
+                     used where the prompt names them",
+                    self.lora_dir.display(),
+                    self.embeddings_dir.display()
                 ),
             ));
         }
