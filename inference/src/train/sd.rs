@@ -1250,14 +1250,16 @@ impl SdTrainer {
             let lat = self.shape.vae.latent;
             let mean = moments.narrow(1, 0, lat)?;
             let logvar = moments.narrow(1, lat, lat)?.clamp(-30.0, 20.0)?;
-            let eps = normal(&mut rng, mean.dims(), 1.0)?;
-            let z = (&mean + ((&logvar * 0.5)?.exp()? * eps)?)?;
-            let recon = vae_decode(&self.vae, &self.shape.vae, &z)?;
+            // The posterior mean is decoded (what the UNet phase trains on and what img2img
+            // encodes): sampling with the untrained log-variance's unit noise drowned the
+            // means in a short run and the decoder learned only blurred averages. The KL term
+            // keeps SD's VAE weight (1e-6), enough to keep the latents bounded.
+            let recon = vae_decode(&self.vae, &self.shape.vae, &mean)?;
             let mse = (recon - &x)?.sqr()?.mean_all()?;
             let kl = ((mean.sqr()? + logvar.exp()?)? - 1.0)?
                 .sub(&logvar)?
                 .mean_all()?;
-            let loss = (&mse + (kl * 1e-4)?)?;
+            let loss = (&mse + (kl * 1e-6)?)?;
             self.adam_vae.backward_step(&loss)?;
             self.vae_done += 1;
             return Ok(SdStep {
