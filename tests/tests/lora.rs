@@ -190,3 +190,58 @@ fn a_model_loaded_with_and_then_without_a_lora_is_its_own_again() {
     }]);
     assert_eq!((reports[0].applied, reports[0].ignored), (0, 1));
 }
+
+/// SDXL's kohya LoRAs name the original UNet's blocks (`lora_unet_input_blocks_4_1_…`): they
+/// find their modules in a diffusers folder, whose names Studio maps to those (the map checked
+/// here against the tests' own diffusers → original converter).
+#[test]
+fn sdxl_kohya_loras_with_original_block_names_apply_to_a_diffusers_folder() {
+    use studio_inference::diffusion::convert::{CheckpointKind, Component};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("tiny-xl");
+    let w = write_tiny_sd(&dir, TinySd::new(TinyKind::Sdxl));
+    let ldm = studio_tests::ldm::diffusers_to_ldm(CheckpointKind::Sdxl, Component::Unet, w.unet);
+    let mut lora = HashMap::new();
+    let mut targets = 0;
+    for (name, t) in &ldm {
+        let Some(module) = name
+            .strip_prefix("model.diffusion_model.")
+            .and_then(|n| n.strip_suffix(".weight"))
+        else {
+            continue;
+        };
+        if !(module.ends_with("attn1.to_q") || module.ends_with("attn2.to_v")) {
+            continue;
+        }
+        let (rows, cols) = t.dims2().expect("linear");
+        let key = format!("lora_unet_{}", module.replace('.', "_"));
+        lora.insert(
+            format!("{key}.lora_down.weight"),
+            Tensor::ones((2, cols), DType::F32, &Device::Cpu).expect("t"),
+        );
+        lora.insert(
+            format!("{key}.lora_up.weight"),
+            Tensor::ones((rows, 2), DType::F32, &Device::Cpu).expect("t"),
+        );
+        targets += 1;
+    }
+    assert!(targets >= 2, "the tiny SDXL has attention layers");
+    let file = tmp.path().join("xl-style.safetensors");
+    candle_core::safetensors::save(&lora, &file).expect("save");
+    let m = model::load(
+        &dir,
+        &ImageModelOptions {
+            loras: vec![LoraSpec {
+                path: file,
+                unet: 0.5,
+                text: 0.5,
+            }],
+            ..ImageModelOptions::default()
+        },
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("load");
+    let r = &m.info.loras[0];
+    assert_eq!((r.applied, r.ignored), (targets, 0), "{r:?}");
+}

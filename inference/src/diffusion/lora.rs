@@ -228,9 +228,16 @@ impl LoraSet {
         let mut kohya: HashMap<(Part, String), String> = HashMap::new();
         let mut modules: HashSet<(Part, String)> = HashSet::new();
         for (part, list) in names {
+            let per_block = layers_per_block(list.keys());
             for name in list.keys() {
                 if let Some(module) = name.strip_suffix(".weight") {
                     kohya.insert((*part, module.replace('.', "_")), module.to_owned());
+                    // SDXL's kohya files name the original UNet's blocks.
+                    if *part == Part::Unet
+                        && let Some(ldm) = ldm_alias(module, per_block)
+                    {
+                        kohya.insert((*part, ldm.replace('.', "_")), module.to_owned());
+                    }
                     modules.insert((*part, module.to_owned()));
                 }
             }
@@ -327,6 +334,82 @@ impl LoraSet {
             });
         }
         Ok(sum)
+    }
+}
+
+/// Resnets per down block (`down_blocks.0.resnets.N`), 2 when none are found.
+fn layers_per_block<'a>(names: impl Iterator<Item = &'a String>) -> usize {
+    names
+        .filter_map(|n| {
+            let rest = n.strip_prefix("down_blocks.0.resnets.")?;
+            rest.split('.').next()?.parse::<usize>().ok()
+        })
+        .max()
+        .map_or(2, |m| m + 1)
+}
+
+/// The original (LDM / SGM) UNet's name of a diffusers UNet module, as SDXL's kohya LoRAs
+/// name them: `down_blocks.1.attentions.0.…` → `input_blocks.4.1.…`, `mid_block.resnets.1.conv1`
+/// → `middle_block.2.in_layers.2`, `up_blocks.0.attentions.2.…` → `output_blocks.2.1.…`.
+fn ldm_alias(module: &str, per_block: usize) -> Option<String> {
+    let resnet = |rest: &str| -> Option<String> {
+        let (layer, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let renamed = match layer {
+            "norm1" => "in_layers.0",
+            "conv1" => "in_layers.2",
+            "time_emb_proj" => "emb_layers.1",
+            "norm2" => "out_layers.0",
+            "conv2" => "out_layers.3",
+            "conv_shortcut" => "skip_connection",
+            _ => return None,
+        };
+        Some(if tail.is_empty() {
+            renamed.to_owned()
+        } else {
+            format!("{renamed}.{tail}")
+        })
+    };
+    let parts: Vec<&str> = module.splitn(5, '.').collect();
+    match parts.as_slice() {
+        ["down_blocks", b, kind, r, rest] => {
+            let (b, r) = (b.parse::<usize>().ok()?, r.parse::<usize>().ok()?);
+            match *kind {
+                "resnets" => Some(format!(
+                    "input_blocks.{}.0.{}",
+                    1 + b * (per_block + 1) + r,
+                    resnet(rest)?
+                )),
+                "attentions" => Some(format!(
+                    "input_blocks.{}.1.{rest}",
+                    1 + b * (per_block + 1) + r
+                )),
+                "downsamplers" if *rest == "conv" => {
+                    Some(format!("input_blocks.{}.0.op", (b + 1) * (per_block + 1)))
+                }
+                _ => None,
+            }
+        }
+        ["up_blocks", b, kind, r, rest] => {
+            let (b, r) = (b.parse::<usize>().ok()?, r.parse::<usize>().ok()?);
+            let index = b * (per_block + 1) + r;
+            match *kind {
+                "resnets" => Some(format!("output_blocks.{index}.0.{}", resnet(rest)?)),
+                "attentions" => Some(format!("output_blocks.{index}.1.{rest}")),
+                _ => None,
+            }
+        }
+        ["mid_block", ..] => {
+            let [_, kind, r, rest] = module.splitn(4, '.').collect::<Vec<_>>()[..] else {
+                return None;
+            };
+            let r = r.parse::<usize>().ok()?;
+            match kind {
+                "resnets" => Some(format!("middle_block.{}.{}", 2 * r, resnet(rest)?)),
+                "attentions" => Some(format!("middle_block.1.{rest}")),
+                _ => None,
+            }
+        }
+        _ => None,
     }
 }
 
@@ -703,9 +786,48 @@ mod tests {
     }
 
     #[test]
+    fn sdxl_kohya_names_are_the_original_unets() {
+        let cases = [
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                "down_blocks.2.attentions.1.proj_in",
+                "input_blocks.8.1.proj_in",
+            ),
+            (
+                "down_blocks.0.resnets.1.conv1",
+                "input_blocks.2.0.in_layers.2",
+            ),
+            ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+            (
+                "mid_block.resnets.1.time_emb_proj",
+                "middle_block.2.emb_layers.1",
+            ),
+            (
+                "mid_block.attentions.0.transformer_blocks.3.ff.net.2",
+                "middle_block.1.transformer_blocks.3.ff.net.2",
+            ),
+            (
+                "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_k",
+                "output_blocks.2.1.transformer_blocks.9.attn2.to_k",
+            ),
+            (
+                "up_blocks.1.resnets.0.conv_shortcut",
+                "output_blocks.3.0.skip_connection",
+            ),
+        ];
+        for (diffusers, ldm) in cases {
+            assert_eq!(ldm_alias(diffusers, 2).as_deref(), Some(ldm), "{diffusers}");
+        }
+        assert_eq!(ldm_alias("conv_in", 2), None);
+    }
+
+    #[test]
     fn prompt_tags_name_networks_and_leave_the_text() {
         let (l, text) = parse_prompt("a cat <lora:ink:0.6>, <lyco:paper> on a mat <lora:x:0.5:1>");
-        assert_eq!(text, "a cat , on a mat ");
+        assert_eq!(text, "a cat ,  on a mat ");
         assert_eq!(
             l,
             [
