@@ -755,7 +755,8 @@ fn a_lora_named_in_the_prompt_is_merged_and_recorded() {
     let lora_dir = home.join("models/lora");
     std::fs::create_dir_all(&lora_dir).expect("dir");
     studio_tests::sd::write_tiny_lora(&model, &lora_dir.join("inkwash.safetensors"));
-    let mut h = harness(&home);
+    // Tall enough that the LoRA list below the form is on screen.
+    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1600.0));
     h.step();
     go_to_canvas(&mut h);
     drop_file(&mut h, &model);

@@ -444,6 +444,53 @@ impl FormView {
             ui.label(weak(ui, "This style's file is gone; no style is applied."));
         }
         ui.add_space(4.0);
+        ui.label(RichText::new(mode_text(cx, form)).strong());
+        ui.add_space(4.0);
+        ui.horizontal(|ui| {
+            let ready = cx.model.is_some() && !cx.generating;
+            let why = if cx.model.is_none() {
+                if cx.model_loading {
+                    "The model is loading"
+                } else {
+                    "Open a Stable Diffusion model first"
+                }
+            } else {
+                "An image is being generated"
+            };
+            if ui
+                .add_enabled(ready, egui::Button::new(RichText::new("Generate").strong()))
+                .on_hover_text("Generate (Ctrl+Enter)")
+                .on_disabled_hover_text(why)
+                .clicked()
+            {
+                push(commands, CanvasCommand::Generate);
+            }
+            if cx.generating
+                && ui
+                    .button("Cancel")
+                    .on_hover_text("Stop generating (Esc)")
+                    .clicked()
+            {
+                push(commands, CanvasCommand::Cancel);
+            }
+        });
+        Self::upscale_row(ui, form, cx, commands);
+        if let Some((fraction, text)) = &cx.progress {
+            ui.add(egui::ProgressBar::new(fraction.clamp(0.0, 1.0)).text(text.as_str()));
+        }
+        if let Some(seed) = cx.last_seed {
+            ui.horizontal(|ui| {
+                ui.label(weak(ui, &format!("Last seed: {seed}")));
+                if ui
+                    .small_button("Reuse seed")
+                    .on_hover_text("Fix the seed to this one (untick Random)")
+                    .clicked()
+                {
+                    push(commands, CanvasCommand::ReuseSeed(seed));
+                }
+            });
+        }
+        ui.add_space(4.0);
         egui::Grid::new("canvas_form_grid")
             .num_columns(2)
             .spacing([8.0, 6.0])
@@ -680,53 +727,6 @@ impl FormView {
                 ui,
                 "No TAESD decoder loaded: the fast preview is used.",
             ));
-        }
-        ui.add_space(6.0);
-        ui.label(RichText::new(mode_text(cx, form)).strong());
-        ui.add_space(4.0);
-        ui.horizontal(|ui| {
-            let ready = cx.model.is_some() && !cx.generating;
-            let why = if cx.model.is_none() {
-                if cx.model_loading {
-                    "The model is loading"
-                } else {
-                    "Open a Stable Diffusion model first"
-                }
-            } else {
-                "An image is being generated"
-            };
-            if ui
-                .add_enabled(ready, egui::Button::new(RichText::new("Generate").strong()))
-                .on_hover_text("Generate (Ctrl+Enter)")
-                .on_disabled_hover_text(why)
-                .clicked()
-            {
-                push(commands, CanvasCommand::Generate);
-            }
-            if cx.generating
-                && ui
-                    .button("Cancel")
-                    .on_hover_text("Stop generating (Esc)")
-                    .clicked()
-            {
-                push(commands, CanvasCommand::Cancel);
-            }
-        });
-        Self::upscale_row(ui, form, cx, commands);
-        if let Some((fraction, text)) = &cx.progress {
-            ui.add(egui::ProgressBar::new(fraction.clamp(0.0, 1.0)).text(text.as_str()));
-        }
-        if let Some(seed) = cx.last_seed {
-            ui.horizontal(|ui| {
-                ui.label(weak(ui, &format!("Last seed: {seed}")));
-                if ui
-                    .small_button("Reuse seed")
-                    .on_hover_text("Fix the seed to this one (untick Random)")
-                    .clicked()
-                {
-                    push(commands, CanvasCommand::ReuseSeed(seed));
-                }
-            });
         }
     }
 

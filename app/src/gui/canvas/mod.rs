@@ -213,9 +213,6 @@ impl CanvasPanel {
                         section_ui(ui, "Model", |ui| {
                             self.model_ui(ui, settings, jobs, commands);
                         });
-                        section_ui(ui, "LoRAs", |ui| {
-                            self.loras_ui(ui, commands);
-                        });
                         section_ui(ui, "Generate", |ui| {
                             let cx = FormContext {
                                 model: self.model.as_ref(),
@@ -230,6 +227,9 @@ impl CanvasPanel {
                             };
                             self.form_view
                                 .form_ui(ui, &mut self.form, &self.styles, &cx, commands);
+                        });
+                        section_ui(ui, "LoRAs", |ui| {
+                            self.loras_ui(ui, commands);
                         });
                     });
             });
