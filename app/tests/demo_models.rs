@@ -172,3 +172,44 @@ fn a_configured_model_is_not_replaced_by_the_demo() {
     });
     assert_eq!(h.state().settings().last_model.as_ref(), Some(&other));
 }
+
+#[test]
+fn the_command_line_uses_the_demo_gan_without_model() {
+    assert!(
+        models_dir()
+            .join("gan/studio-demo-faces.safetensors")
+            .is_file(),
+        "the demo GAN is committed under assets/models/gan"
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out_path = tmp.path().join("face.png");
+    let out = studio(&["gan", "--seed", "3", "--out", path(&out_path)]);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("using the bundled demo GAN"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = studio_inference::diffusion::imaging::decode_image_file(&out_path)
+        .expect("a PNG")
+        .image;
+    assert_eq!((image.width, image.height), (64, 64));
+}
+
+#[test]
+fn a_first_launch_loads_the_demo_gan_in_the_latent_explorer() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = first_launch(&tmp.path().join("home"));
+    go_to(&mut h, Panel::LatentExplorer);
+    step_until(&mut h, "the demo GAN to render", |h| {
+        let e = h.state().explorer();
+        let (newest, shown) = e.request_ids();
+        e.model().is_some() && newest > 0 && shown == Some(newest) && e.image().is_some()
+    });
+    let image = h.state().explorer().image().expect("image");
+    assert_eq!((image.width, image.height), (64, 64));
+    assert_eq!(
+        h.state().settings().last_gan_model.as_ref(),
+        Some(&models_dir().join("gan/studio-demo-faces.safetensors"))
+    );
+}
