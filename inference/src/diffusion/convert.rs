@@ -198,7 +198,12 @@ pub fn key_map(
             }
         }
     };
-    Ok(pairs
+    Ok(prefixed(prefix, pairs))
+}
+
+/// `pairs` with `prefix` put back before each checkpoint name.
+fn prefixed(prefix: &str, pairs: Vec<(String, Source)>) -> HashMap<String, Source> {
+    pairs
         .into_iter()
         .map(|(diffusers, source)| {
             let full = |n: String| format!("{prefix}{n}");
@@ -214,7 +219,92 @@ pub fn key_map(
             };
             (diffusers, source)
         })
-        .collect())
+        .collect()
+}
+
+/// Maps each diffusers `ControlNetModel` name to its tensor in a ControlNet file in the
+/// original names (lllyasviel's ControlNet, as the SD web UI's extension and ComfyUI load
+/// them), with or without the `control_model.` prefix: the UNet's encoder half under the
+/// UNet's own names (`time_embed`, `label_emb` on SDXL, `input_blocks`, `middle_block`), the
+/// hint encoder `input_hint_block.K` (convolutions at even K, SiLUs between: the first is
+/// `conv_in`, the last `conv_out`, the rest `blocks.N` in order), `zero_convs.N.0` and
+/// `middle_block_out.0`.
+pub fn controlnet_key_map(names: &[&str]) -> Result<HashMap<String, Source>> {
+    let prefix = if names.iter().any(|n| n.starts_with("control_model.")) {
+        "control_model."
+    } else {
+        ""
+    };
+    let names: Vec<&str> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix(prefix))
+        .collect();
+    if !names.iter().any(|n| n.starts_with("input_hint_block.")) {
+        return Err(Error::InvalidParameter(
+            "this file is not a ControlNet: it has no `input_hint_block` (the control image's \
+             encoder)"
+                .into(),
+        ));
+    }
+    let unet_names: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| {
+            [
+                "time_embed.",
+                "label_emb.",
+                "input_blocks.",
+                "middle_block.",
+            ]
+            .iter()
+            .any(|p| n.starts_with(p))
+        })
+        .collect();
+    let kind = if unet_names.iter().any(|n| n.starts_with("label_emb.")) {
+        CheckpointKind::Sdxl
+    } else {
+        CheckpointKind::Sd1
+    };
+    let mut pairs = unet_map(kind, &unet_names)?;
+    let put = |pairs: &mut Vec<(String, Source)>, diffusers: String, name: &str| {
+        pairs.push((diffusers, Source::Tensor(name.to_owned())));
+    };
+    let hint: BTreeSet<usize> = names
+        .iter()
+        .filter_map(|n| n.strip_prefix("input_hint_block."))
+        .filter_map(|r| split_index(r).map(|(k, _)| k))
+        .collect();
+    let hint: Vec<usize> = hint.into_iter().collect();
+    for name in &names {
+        if let Some((k, tail)) = name.strip_prefix("input_hint_block.").and_then(split_index) {
+            let Some(pos) = hint.iter().position(|&h| h == k) else {
+                continue;
+            };
+            let module = if pos == 0 {
+                "conv_in".to_owned()
+            } else if pos + 1 == hint.len() {
+                "conv_out".to_owned()
+            } else {
+                format!("blocks.{}", pos - 1)
+            };
+            put(
+                &mut pairs,
+                format!("controlnet_cond_embedding.{module}.{tail}"),
+                name,
+            );
+        } else if let Some((n, tail)) = name.strip_prefix("zero_convs.").and_then(split_index) {
+            if let Some(tail) = tail.strip_prefix("0.") {
+                put(
+                    &mut pairs,
+                    format!("controlnet_down_blocks.{n}.{tail}"),
+                    name,
+                );
+            }
+        } else if let Some(tail) = name.strip_prefix("middle_block_out.0.") {
+            put(&mut pairs, format!("controlnet_mid_block.{tail}"), name);
+        }
+    }
+    Ok(prefixed(prefix, pairs))
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 
 pub mod bench;
 pub mod clip;
+pub mod controlnet;
 pub mod convert;
 pub mod embeddings;
 pub mod hires;

@@ -185,7 +185,7 @@ pub fn is_diffusion_model(path: &Path) -> bool {
     false
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+pub(super) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::BadConfig {
         path: path.to_owned(),
@@ -193,7 +193,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
-fn bad(path: &Path, message: impl Into<String>) -> Error {
+pub(super) fn bad(path: &Path, message: impl Into<String>) -> Error {
     Error::BadConfig {
         path: path.to_owned(),
         message: message.into(),
@@ -203,7 +203,7 @@ fn bad(path: &Path, message: impl Into<String>) -> Error {
 /// The weight file(s) of a diffusers component folder: safetensors (one file or shards),
 /// else the `.bin` pickles older diffusers wrote (one file or shards), which Studio's own
 /// reader reads as data (`pytorch_model.bin` for a text encoder's `model`).
-fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+pub(super) fn component_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     #[derive(Deserialize)]
     struct Index {
         weight_map: HashMap<String, String>,
@@ -314,7 +314,7 @@ fn noise_schedule(cfg: &SchedulerConfig) -> NoiseSchedule {
     }
 }
 
-fn device_dtype(device: &Device) -> DType {
+pub(super) fn device_dtype(device: &Device) -> DType {
     if device.is_cpu() {
         DType::F32
     } else {
@@ -581,7 +581,7 @@ fn load_diffusers(
     })
 }
 
-fn component_error(dir: &Path, e: &Error) -> Error {
+pub(super) fn component_error(dir: &Path, e: &Error) -> Error {
     Error::CorruptWeights {
         path: dir.to_owned(),
         message: e.to_string(),

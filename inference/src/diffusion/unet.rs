@@ -188,7 +188,8 @@ impl UnetConfig {
     ) -> std::result::Result<Self, String> {
         let need = |name: &str| shape(name).ok_or_else(|| format!("missing tensor `{name}`"));
         let conv_in = need("conv_in.weight")?;
-        let conv_out = need("conv_out.weight")?;
+        // A ControlNet (the UNet's encoder half) has no `conv_out`: 4 latent channels.
+        let out_channels = shape("conv_out.weight").map_or(4, |s| s[0]);
         let count = |prefix: &str| {
             let mut ids: Vec<usize> = names
                 .iter()
@@ -242,7 +243,7 @@ impl UnetConfig {
         let text_time = shape("add_embedding.linear_1.weight").map(|s| (256, s[1]));
         Ok(Self {
             in_channels: conv_in[1],
-            out_channels: conv_out[0],
+            out_channels,
             levels,
             layers_per_block,
             cross_attention_dim: cross,
@@ -266,9 +267,7 @@ fn heads_for(cross_attention_dim: usize, channels: usize) -> usize {
 /// The UNet.
 pub struct Unet {
     conv_in: crate::nn::Conv2d,
-    time_proj: Timesteps,
-    time_embedding: TimestepEmbedding,
-    add: Option<(Timesteps, TimestepEmbedding)>,
+    time: TimeEmbedding,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -298,7 +297,6 @@ impl Unet {
         }
         let b0 = c.levels[0].channels;
         let last = &c.levels[n - 1];
-        let temb = b0 * 4;
         let pad1 = candle_nn::Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -307,46 +305,10 @@ impl Unet {
             candle_nn::conv2d(c.in_channels, b0, 3, pad1, vb.pp("conv_in"))?,
             super::unet_blocks::UNET_WINOGRAD,
         )?;
-        let time_proj = Timesteps::new(b0, true, 0.0);
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), b0, temb)?;
-        let add = match c.text_time {
-            Some((dim, input)) => Some((
-                Timesteps::new(dim, true, 0.0),
-                TimestepEmbedding::new(vb.pp("add_embedding"), input, temb)?,
-            )),
-            None => None,
-        };
-        let blocks = BlockConfig {
-            temb_channels: temb,
-            groups: c.norm_num_groups,
-            eps: c.norm_eps,
-        };
-        let attention = |level: &Level, layers: usize| AttentionConfig {
-            layers,
-            heads: level.heads,
-            cross_attention_dim: c.cross_attention_dim,
-            linear_projection: c.use_linear_projection,
-        };
-        let mut down = Vec::with_capacity(n);
-        for (i, level) in c.levels.iter().enumerate() {
-            let in_ch = if i == 0 { b0 } else { c.levels[i - 1].channels };
-            let attn = level.transformer_layers.map(|l| attention(level, l));
-            down.push(DownBlock::new(
-                &vb.pp(format!("down_blocks.{i}")),
-                in_ch,
-                level.channels,
-                c.layers_per_block,
-                i + 1 < n,
-                &blocks,
-                attn.as_ref(),
-            )?);
-        }
-        let mid = MidBlock::new(
-            &vb.pp("mid_block"),
-            last.channels,
-            &blocks,
-            &attention(last, last.transformer_layers.unwrap_or(1)),
-        )?;
+        let time = TimeEmbedding::new(vb, c)?;
+        let (down, mid) = encoder(vb, c)?;
+        let blocks = c.block_config();
+        let attention = |level: &Level, layers: usize| c.attention(level, layers);
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
             let level = &c.levels[n - 1 - i];
@@ -379,9 +341,7 @@ impl Unet {
         )?)?;
         Ok(Self {
             conv_in,
-            time_proj,
-            time_embedding,
-            add,
+            time,
             down,
             mid,
             up,
@@ -405,30 +365,24 @@ impl Unet {
         context: &Tensor,
         text_time: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
-        let (batch, _, h, w) = xs.dims4()?;
-        let device = xs.device();
-        let dtype = xs.dtype();
+        self.forward_with_control(xs, timestep, context, text_time, None)
+    }
+
+    /// [`Self::forward`] with ControlNet residuals added to the skip connections and to the
+    /// middle block's output (diffusers' `down_block_additional_residuals` /
+    /// `mid_block_additional_residual`).
+    pub fn forward_with_control(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        text_time: Option<(&Tensor, &Tensor)>,
+        control: Option<&super::controlnet::ControlResiduals>,
+    ) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
         let factor = 1usize << (self.config.levels.len() - 1);
         let odd = h % factor != 0 || w % factor != 0;
-        let t = (Tensor::ones(batch, dtype, device)? * timestep)?;
-        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
-        match (&self.add, text_time) {
-            (Some((proj, embed)), Some((pooled, ids))) => {
-                let ids = proj
-                    .forward(&ids.flatten_all()?.to_dtype(dtype)?)?
-                    .reshape((batch, ()))?;
-                let input = Tensor::cat(&[&pooled.to_dtype(dtype)?, &ids], 1)?;
-                emb = (emb + embed.forward(&input)?)?;
-            }
-            (Some(_), None) => {
-                return Err(Error::InvalidParameter(
-                    "this UNet needs SDXL's pooled text embedding and size conditioning".into(),
-                ));
-            }
-            (None, _) => {}
-        }
-        // Every resnet passes the embedding through SiLU first: do it once.
-        let temb = candle_nn::ops::silu(&emb)?;
+        let temb = self.time.forward(xs, timestep, text_time)?;
         let mut xs = self.conv_in.forward(xs)?;
         let mut residuals = vec![xs.clone()];
         for block in &self.down {
@@ -437,6 +391,20 @@ impl Unet {
             xs = ys;
         }
         xs = self.mid.forward(&xs, &temb, context)?;
+        if let Some(control) = control {
+            if control.down.len() != residuals.len() {
+                return Err(Error::InvalidParameter(format!(
+                    "the ControlNet gives {} residuals, this UNet has {} skip connections: \
+                     it is made for another base model",
+                    control.down.len(),
+                    residuals.len()
+                )));
+            }
+            for (r, c) in residuals.iter_mut().zip(&control.down) {
+                *r = (&*r + c.to_dtype(r.dtype())?)?;
+            }
+            xs = (&xs + control.mid.to_dtype(xs.dtype())?)?;
+        }
         let n = self.up.len();
         for (i, block) in self.up.iter().enumerate() {
             let take = block.skips().min(residuals.len());
@@ -456,5 +424,112 @@ impl Unet {
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.conv_in.dtype()
+    }
+}
+
+impl UnetConfig {
+    /// The resnets' shared settings.
+    pub(crate) fn block_config(&self) -> BlockConfig {
+        BlockConfig {
+            temb_channels: self.levels[0].channels * 4,
+            groups: self.norm_num_groups,
+            eps: self.norm_eps,
+        }
+    }
+
+    /// The transformers' settings at `level`, with `layers` blocks each.
+    pub(crate) fn attention(&self, level: &Level, layers: usize) -> AttentionConfig {
+        AttentionConfig {
+            layers,
+            heads: level.heads,
+            cross_attention_dim: self.cross_attention_dim,
+            linear_projection: self.use_linear_projection,
+        }
+    }
+}
+
+/// The down blocks and the middle block: the half of the UNet a ControlNet copies.
+pub(crate) fn encoder(vb: &VarBuilder, c: &UnetConfig) -> Result<(Vec<DownBlock>, MidBlock)> {
+    let n = c.levels.len();
+    let b0 = c.levels[0].channels;
+    let last = &c.levels[n - 1];
+    let blocks = c.block_config();
+    let mut down = Vec::with_capacity(n);
+    for (i, level) in c.levels.iter().enumerate() {
+        let in_ch = if i == 0 { b0 } else { c.levels[i - 1].channels };
+        let attn = level.transformer_layers.map(|l| c.attention(level, l));
+        down.push(DownBlock::new(
+            &vb.pp(format!("down_blocks.{i}")),
+            in_ch,
+            level.channels,
+            c.layers_per_block,
+            i + 1 < n,
+            &blocks,
+            attn.as_ref(),
+        )?);
+    }
+    let mid = MidBlock::new(
+        &vb.pp("mid_block"),
+        last.channels,
+        &blocks,
+        &c.attention(last, last.transformer_layers.unwrap_or(1)),
+    )?;
+    Ok((down, mid))
+}
+
+/// The timestep's embedding, plus SDXL's pooled text and size conditioning where the
+/// network has it (`add_embedding`).
+pub(crate) struct TimeEmbedding {
+    proj: Timesteps,
+    embedding: TimestepEmbedding,
+    add: Option<(Timesteps, TimestepEmbedding)>,
+}
+
+impl TimeEmbedding {
+    pub(crate) fn new(vb: &VarBuilder, c: &UnetConfig) -> Result<Self> {
+        let b0 = c.levels[0].channels;
+        let temb = b0 * 4;
+        let add = match c.text_time {
+            Some((dim, input)) => Some((
+                Timesteps::new(dim, true, 0.0),
+                TimestepEmbedding::new(vb.pp("add_embedding"), input, temb)?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            proj: Timesteps::new(b0, true, 0.0),
+            embedding: TimestepEmbedding::new(vb.pp("time_embedding"), b0, temb)?,
+            add,
+        })
+    }
+
+    /// The embedding for `xs`'s batch at `timestep`, after the SiLU every resnet applies
+    /// first (done once here).
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        text_time: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let batch = xs.dim(0)?;
+        let (device, dtype) = (xs.device(), xs.dtype());
+        let t = (Tensor::ones(batch, dtype, device)? * timestep)?;
+        let mut emb = self.embedding.forward(&self.proj.forward(&t)?)?;
+        match (&self.add, text_time) {
+            (Some((proj, embed)), Some((pooled, ids))) => {
+                let ids = proj
+                    .forward(&ids.flatten_all()?.to_dtype(dtype)?)?
+                    .reshape((batch, ()))?;
+                let input = Tensor::cat(&[&pooled.to_dtype(dtype)?, &ids], 1)?;
+                emb = (emb + embed.forward(&input)?)?;
+            }
+            (Some(_), None) => {
+                return Err(Error::InvalidParameter(
+                    "this network needs SDXL's pooled text embedding and size conditioning".into(),
+                ));
+            }
+            (None, _) => {}
+        }
+        Ok(candle_nn::ops::silu(&emb)?)
     }
 }
