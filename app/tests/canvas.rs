@@ -846,3 +846,95 @@ fn a_colour_sketch_is_painted_on_a_new_canvas() {
     assert!(doc.mask().is_empty());
     assert_eq!(doc.mode(), ModeKind::Img2Img);
 }
+
+/// A ControlNet unit in the form: added with its button, a ControlNet chosen, the canvas's
+/// colour sketch as its image with the *invert* preprocessor, whose preview shows the map;
+/// Generate sends it to the worker, the PNG records it, and a control image file of another
+/// size is resized with a note.
+#[test]
+fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
+    use studio_app::gui::canvas::control::ControlCommand;
+    use studio_inference::diffusion::annotators::Preprocessor;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_sd(tmp.path());
+    let cn = tmp.path().join("tiny-controlnet");
+    studio_tests::sd::write_tiny_controlnet(&model, &cn);
+    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1800.0));
+    h.step();
+    go_to_canvas(&mut h);
+    drop_file(&mut h, &model);
+    step_until(&mut h, "the model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.width = 32;
+        form.height = 32;
+        form.steps = 2;
+        form.prompt = "a red cat".into();
+    }
+    h.step();
+    control(&h, "New sketch").click();
+    h.step();
+    h.state_mut().push_command(CanvasCommand::Paint {
+        from: [4, 16],
+        to: [28, 16],
+    });
+    h.state_mut().push_command(CanvasCommand::EndStroke);
+    h.step();
+    control(&h, "Add ControlNet unit").click();
+    h.step();
+    assert_eq!(h.state().canvas().control_units().len(), 1);
+    h.state_mut()
+        .push_command(CanvasCommand::Control(ControlCommand::SetModel(
+            0,
+            cn.clone(),
+        )));
+    h.state_mut().canvas_mut().control_units_mut()[0].preprocessor = Preprocessor::Invert;
+    h.step();
+    control(&h, "Preview map").click();
+    h.step();
+    h.step();
+    {
+        let unit = &h.state().canvas().control_units()[0];
+        let map = unit.preview().expect("a preview");
+        let sketch = h.state().canvas().document().image().expect("sketch");
+        assert_eq!((map.width, map.height), (32, 32));
+        assert!(
+            map.pixels
+                .iter()
+                .zip(&sketch.pixels)
+                .all(|(m, s)| *m == 255 - *s),
+            "invert: the white sketch is black, its stroke light"
+        );
+    }
+    h.state_mut().push_command(CanvasCommand::Generate);
+    h.step();
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    let staged = &h.state().canvas().document().staged()[0];
+    let unit = staged
+        .image
+        .parameters
+        .get("ControlNet 0")
+        .expect("recorded");
+    assert!(
+        unit.contains("Module: invert") && unit.contains("Model: tiny-controlnet"),
+        "{unit}"
+    );
+
+    // A control image file of another size: resized, with a note.
+    let file = tmp.path().join("edges.png");
+    std::fs::write(&file, encode_png(&gradient(48, 40), None).expect("png")).expect("write");
+    h.state_mut()
+        .push_command(CanvasCommand::Control(ControlCommand::SetImage(0, file)));
+    h.state_mut().push_command(CanvasCommand::DiscardAllStaged);
+    h.state_mut().push_command(CanvasCommand::Generate);
+    h.step();
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    assert!(shows_text(&h, "control image is resized to 32x32"));
+}

@@ -544,3 +544,114 @@ fn txt2img_runs_the_hires_fix() {
     ]));
     assert!(e.contains("--hires-scale is for txt2img"), "{e}");
 }
+
+/// `--controlnet MODEL --control-image IMG [--control-weight W]` with a preprocessor: the unit
+/// guides the image, the PNG records it as the ControlNet extension does, an image of another
+/// size is resized with a note, and mismatched flags are refused.
+#[test]
+fn txt2img_takes_a_controlnet_unit() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("tiny-sd");
+    write_tiny_sd(&model, TinySd::new(TinyKind::Sd1));
+    let cn = tmp.path().join("tiny-controlnet");
+    studio_tests::sd::write_tiny_controlnet(&model, &cn);
+    let control = tmp.path().join("shapes.png");
+    let mut img = RgbImage::new_filled(48, 40, [250, 250, 250]);
+    for y in 10..30 {
+        for x in 12..36 {
+            let i = (y * 48 + x) * 3;
+            img.pixels[i..i + 3].copy_from_slice(&[20, 40, 200]);
+        }
+    }
+    write_png(&control, &img);
+    let base = |out: &Path| -> Vec<String> {
+        [
+            "txt2img",
+            "--model",
+            path(&model),
+            "--prompt",
+            "cat",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--out",
+            path(out),
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let plain = tmp.path().join("plain.png");
+    ok(&studio(
+        &base(&plain).iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let guided = tmp.path().join("guided.png");
+    let mut args = base(&guided);
+    args.extend(
+        [
+            "--controlnet",
+            path(&cn),
+            "--control-image",
+            path(&control),
+            "--control-weight",
+            "0.9",
+            "--control-preprocess",
+            "canny",
+            "--control-end",
+            "0.8",
+        ]
+        .map(str::to_owned),
+    );
+    let out = studio(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is 48x40; resized to 32x32"), "{stderr}");
+    let p = parameters(&guided);
+    let unit = p.get("ControlNet 0").expect("ControlNet 0");
+    assert!(
+        unit.contains("Module: canny")
+            && unit.contains("Model: tiny-controlnet")
+            && unit.contains("Weight: 0.9")
+            && unit.contains("Guidance End: 0.8"),
+        "{unit}"
+    );
+    assert_ne!(
+        decode_image_file(&plain).expect("png").image.pixels,
+        decode_image_file(&guided).expect("png").image.pixels
+    );
+
+    let mut two_models = base(&tmp.path().join("x.png"));
+    two_models.extend(
+        [
+            "--controlnet",
+            path(&cn),
+            "--controlnet",
+            path(&cn),
+            "--control-image",
+            path(&control),
+        ]
+        .map(str::to_owned),
+    );
+    let e = failed(&studio(
+        &two_models.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(e.contains("one image per ControlNet"), "{e}");
+    let mut not_a_net = base(&tmp.path().join("y.png"));
+    not_a_net.extend(
+        [
+            "--controlnet",
+            path(&control),
+            "--control-image",
+            path(&control),
+        ]
+        .map(str::to_owned),
+    );
+    let e = failed(&studio(
+        &not_a_net.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert!(e.contains("ControlNet"), "{e}");
+}

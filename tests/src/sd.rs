@@ -495,3 +495,107 @@ pub fn write_tiny_lora(model_dir: &Path, out: &Path) {
     assert!(!lora.is_empty(), "the tiny UNet has attention layers");
     candle_core::safetensors::save(&lora, out).expect("save the LoRA");
 }
+
+/// A ControlNet for the tiny model in `model_dir`, written as a diffusers folder to `out`: the
+/// UNet's encoder half copied (as diffusers' `ControlNetModel.from_unet` does), with a control
+/// image encoder (widths 4, 4, 8, 8: one eighth of the image's size, the latents') and zero
+/// convolutions filled with deterministic pseudo-random values instead of zeros, so the unit
+/// changes the image.
+///
+/// # Panics
+/// When the model's UNet cannot be read or the folder cannot be written (a test's setup).
+pub fn write_tiny_controlnet(model_dir: &Path, out: &Path) {
+    let unet_dir = model_dir.join("unet");
+    let mut config: Value = serde_json::from_str(
+        &std::fs::read_to_string(unet_dir.join("config.json")).expect("unet config"),
+    )
+    .expect("unet config json");
+    config["_class_name"] = json!("ControlNetModel");
+    config["conditioning_embedding_out_channels"] = json!([4, 4, 8, 8]);
+    config["conditioning_channels"] = json!(3);
+    let parsed = UnetConfig::from_json(&config.to_string()).expect("unet config parses");
+    let unet = studio_inference::weights::open_checkpoint(&[
+        unet_dir.join("diffusion_pytorch_model.safetensors")
+    ])
+    .expect("unet");
+    let mut tensors = HashMap::new();
+    for (name, _) in unet.tensors() {
+        if [
+            "conv_in.",
+            "time_embedding.",
+            "add_embedding.",
+            "down_blocks.",
+            "mid_block.",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+        {
+            tensors.insert(
+                name.clone(),
+                unet.load(&name, &Device::Cpu).expect("tensor"),
+            );
+        }
+    }
+    let mut state = 3u32;
+    let mut rand = |shape: &[usize], scale: f32| -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((state >> 8) as f32 / 16_777_216.0 - 0.5) * scale
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+    };
+    let mut conv =
+        |t: &mut HashMap<String, Tensor>, name: &str, c_in: usize, c_out: usize, k: usize| {
+            let fan = (c_in * k * k) as f32;
+            t.insert(
+                format!("{name}.weight"),
+                rand(&[c_out, c_in, k, k], 3.0 / fan.sqrt()),
+            );
+            t.insert(format!("{name}.bias"), rand(&[c_out], 0.2));
+        };
+    let widths = [4, 4, 8, 8];
+    let e = "controlnet_cond_embedding";
+    conv(&mut tensors, &format!("{e}.conv_in"), 3, widths[0], 3);
+    for i in 0..widths.len() - 1 {
+        conv(
+            &mut tensors,
+            &format!("{e}.blocks.{}", 2 * i),
+            widths[i],
+            widths[i],
+            3,
+        );
+        conv(
+            &mut tensors,
+            &format!("{e}.blocks.{}", 2 * i + 1),
+            widths[i],
+            widths[i + 1],
+            3,
+        );
+    }
+    let b0 = parsed.levels[0].channels;
+    conv(&mut tensors, &format!("{e}.conv_out"), widths[3], b0, 3);
+    let mut skip_widths = vec![b0];
+    for (i, level) in parsed.levels.iter().enumerate() {
+        skip_widths.extend(std::iter::repeat_n(level.channels, parsed.layers_per_block));
+        if i + 1 < parsed.levels.len() {
+            skip_widths.push(level.channels);
+        }
+    }
+    for (i, &w) in skip_widths.iter().enumerate() {
+        conv(
+            &mut tensors,
+            &format!("controlnet_down_blocks.{i}"),
+            w,
+            w,
+            1,
+        );
+    }
+    let last = parsed.levels[parsed.levels.len() - 1].channels;
+    conv(&mut tensors, "controlnet_mid_block", last, last, 1);
+    write_json(&out.join("config.json"), &config);
+    candle_core::safetensors::save(&tensors, out.join("diffusion_pytorch_model.safetensors"))
+        .expect("save the ControlNet");
+}

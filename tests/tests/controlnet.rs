@@ -187,3 +187,169 @@ fn residuals_of_two_units_add_up() {
     let want = (&a.mid + &b.mid).expect("sum");
     assert_close("sum mid", &sum.mid, &want);
 }
+
+// ---- the pipeline with units ------------------------------------------------------------
+
+mod pipeline {
+    use std::ops::ControlFlow;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use candle_core::Device;
+    use studio_inference::diffusion::annotators::Preprocessor;
+    use studio_inference::diffusion::controlnet::{ControlNet, ControlSpec, ControlUnit};
+    use studio_inference::diffusion::imaging::RgbImage;
+    use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
+    use studio_inference::diffusion::pipeline::{ImageRequest, generate};
+    use studio_inference::diffusion::samplers::SamplerKind;
+    use studio_tests::sd::{TinyKind, TinySd, write_tiny_controlnet, write_tiny_sd};
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        model: SdModel,
+        net: Arc<ControlNet>,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sd = dir.path().join("sd");
+        write_tiny_sd(&sd, TinySd::new(TinyKind::Sd1));
+        let cn = dir.path().join("cn");
+        write_tiny_controlnet(&sd, &cn);
+        let model = model::load(
+            &sd,
+            &ImageModelOptions::default(),
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .expect("load");
+        let net = Arc::new(ControlNet::load(&cn, &Device::Cpu).expect("controlnet"));
+        Setup {
+            _dir: dir,
+            model,
+            net,
+        }
+    }
+
+    /// A white square on black: an edge map.
+    fn edges(w: u32, h: u32) -> RgbImage {
+        let mut pixels = vec![0u8; (w * h * 3) as usize];
+        for y in h / 4..h * 3 / 4 {
+            for x in w / 4..w * 3 / 4 {
+                if y == h / 4 || x == w / 4 || y + 1 == h * 3 / 4 || x + 1 == w * 3 / 4 {
+                    let i = ((y * w + x) * 3) as usize;
+                    pixels[i..i + 3].copy_from_slice(&[255, 255, 255]);
+                }
+            }
+        }
+        RgbImage {
+            width: w,
+            height: h,
+            pixels,
+        }
+    }
+
+    fn request(control: Vec<ControlUnit>) -> ImageRequest {
+        ImageRequest {
+            steps: 4,
+            seed: Some(5),
+            width: 32,
+            height: 32,
+            sampler: SamplerKind::Euler,
+            control,
+            ..ImageRequest::new("a cat")
+        }
+    }
+
+    fn pixels(m: &SdModel, req: &ImageRequest) -> Vec<u8> {
+        let out = generate(m, req, &mut |_| ControlFlow::Continue(())).expect("generate");
+        out.images[0].image.pixels.clone()
+    }
+
+    #[test]
+    fn a_unit_guides_the_image_and_weight_zero_changes_nothing() {
+        let s = setup();
+        let plain = pixels(&s.model, &request(vec![]));
+        let unit = ControlUnit::new(s.net.clone(), edges(32, 32));
+        let guided = pixels(&s.model, &request(vec![unit.clone()]));
+        assert_ne!(plain, guided, "the ControlNet changes the image");
+        let zero = ControlUnit {
+            weight: 0.0,
+            ..unit.clone()
+        };
+        assert_eq!(plain, pixels(&s.model, &request(vec![zero])));
+        // Active only in the second half: different from both.
+        let late = ControlUnit {
+            start: 0.5,
+            ..unit.clone()
+        };
+        let late_px = pixels(&s.model, &request(vec![late]));
+        assert_ne!(late_px, plain);
+        assert_ne!(late_px, guided);
+        // Guess mode and two units at once run, and differ.
+        let guess = ControlUnit {
+            guess_mode: true,
+            ..unit.clone()
+        };
+        assert_ne!(pixels(&s.model, &request(vec![guess])), guided);
+        let two = pixels(&s.model, &request(vec![unit.clone(), unit]));
+        assert_ne!(two, guided);
+    }
+
+    #[test]
+    fn a_control_image_of_another_size_is_resized_and_the_units_are_in_the_parameters() {
+        let s = setup();
+        let unit = ControlSpec {
+            model: s.net.path().to_owned(),
+            image: edges(48, 40),
+            preprocessor: Preprocessor::None,
+            weight: 0.8,
+            start: 0.0,
+            end: 0.75,
+            guess_mode: false,
+        }
+        .unit(s.net.clone());
+        let out = generate(&s.model, &request(vec![unit]), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .expect("a 48x40 control image for a 32x32 image");
+        let image = &out.images[0];
+        assert_eq!((image.image.width, image.image.height), (32, 32));
+        let text = image.parameters.get("ControlNet 0").expect("ControlNet 0");
+        assert!(
+            text.contains("Module: none")
+                && text.contains("Model: cn")
+                && text.contains("Weight: 0.8")
+                && text.contains("Guidance End: 0.75"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_controlnet_for_another_base_model_is_refused_by_name() {
+        let s = setup();
+        let sdxl = Arc::new(
+            ControlNet::load(
+                &Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/controlnet/sdxl"),
+                &Device::Cpu,
+            )
+            .expect("sdxl controlnet"),
+        );
+        let err = generate(
+            &s.model,
+            &request(vec![ControlUnit::new(sdxl, edges(32, 32))]),
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .expect_err("an SDXL ControlNet on an SD 1.x model");
+        assert!(err.to_string().contains("another base model"), "{err}");
+        let bad = ControlUnit {
+            weight: 3.0,
+            ..ControlUnit::new(s.net.clone(), edges(32, 32))
+        };
+        let err = generate(&s.model, &request(vec![bad]), &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .expect_err("weight 3");
+        assert!(err.to_string().contains("weight"), "{err}");
+    }
+}

@@ -631,6 +631,7 @@ fn worker_streams_previews_and_cancels_within_a_step() {
                 batch_count: 2,
                 ..request("cat", 32)
             }),
+            control: Vec::new(),
         })
         .expect("submit");
     let events = until_terminal(&w, job, t);
@@ -664,6 +665,7 @@ fn worker_streams_previews_and_cancels_within_a_step() {
                 steps: 200,
                 ..request("cat", 32)
             }),
+            control: Vec::new(),
         })
         .expect("submit");
     let mut seen = Vec::new();

@@ -32,6 +32,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
+use studio_inference::diffusion::annotators::Preprocessor;
+use studio_inference::diffusion::controlnet::{ControlNet, ControlUnit};
 use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
 use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
 use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
@@ -129,6 +131,30 @@ pub struct ImageArgs {
     /// its UNet and text-encoder parts; default 1). Repeat for several.
     #[arg(long)]
     pub lora: Vec<String>,
+    /// A ControlNet (diffusers folder or single file, diffusers or original names). Repeat
+    /// for several units; the other `--control-*` flags are matched to them in order.
+    #[arg(long)]
+    pub controlnet: Vec<PathBuf>,
+    /// The control image of each --controlnet (resized to the output's size, with a note).
+    #[arg(long)]
+    pub control_image: Vec<PathBuf>,
+    /// Each unit's weight, 0 to 2 (default 1).
+    #[arg(long, value_parser = crate::cli::values::control_weight)]
+    pub control_weight: Vec<f64>,
+    /// Each unit's preprocessor: none (the image is the control map), canny, scribble_xdog or
+    /// invert (a dark scribble on white).
+    #[arg(long)]
+    pub control_preprocess: Vec<String>,
+    /// Each unit's start, as a share of the steps (default 0).
+    #[arg(long, value_parser = crate::cli::values::fraction)]
+    pub control_start: Vec<f64>,
+    /// Each unit's end, as a share of the steps (default 1).
+    #[arg(long, value_parser = crate::cli::values::fraction)]
+    pub control_end: Vec<f64>,
+    /// Guess mode for every unit ("ControlNet is more important"): it guides the prompt's
+    /// pass only, so it works even with an empty prompt.
+    #[arg(long)]
+    pub control_guess_mode: bool,
     /// Compute device: auto, cpu, cuda[:N], metal[:N].
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -340,6 +366,9 @@ fn request(
         (None, s) if s > 0.0 => bail!("--variation-strength needs --variation-seed"),
         (None, _) => None,
     };
+    let width = args.width.unwrap_or(size.0);
+    let height = args.height.unwrap_or(size.1);
+    let control = control_units(args, m, (width, height))?;
     Ok(ImageRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
@@ -348,8 +377,8 @@ fn request(
         seed: args.seed,
         sampler,
         schedule,
-        width: args.width.unwrap_or(size.0),
-        height: args.height.unwrap_or(size.1),
+        width,
+        height,
         batch_count: args.batch_count,
         noise_source,
         variation,
@@ -366,7 +395,63 @@ fn request(
             PreviewMethod::None
         },
         mode,
+        control,
     })
+}
+
+/// The `--controlnet` units, with their images read, preprocessed and (with a note on
+/// stderr) resized to the output's size.
+fn control_units(args: &ImageArgs, m: &SdModel, size: (u32, u32)) -> Result<Vec<ControlUnit>> {
+    let n = args.controlnet.len();
+    if args.control_image.len() != n {
+        bail!(
+            "{} --controlnet but {} --control-image: give one image per ControlNet",
+            n,
+            args.control_image.len()
+        );
+    }
+    for (flag, count) in [
+        ("--control-weight", args.control_weight.len()),
+        ("--control-preprocess", args.control_preprocess.len()),
+        ("--control-start", args.control_start.len()),
+        ("--control-end", args.control_end.len()),
+    ] {
+        if count > n {
+            bail!("{count} {flag} for {n} --controlnet");
+        }
+    }
+    let mut units = Vec::with_capacity(n);
+    for (i, path) in args.controlnet.iter().enumerate() {
+        let net = ControlNet::load(path, &m.device)
+            .with_context(|| format!("loading the ControlNet {}", path.display()))?;
+        let image = read_image(&args.control_image[i])?;
+        let module = match args.control_preprocess.get(i) {
+            Some(s) => Preprocessor::parse(s).with_context(|| {
+                format!("unknown preprocessor `{s}` (use none, canny, scribble_xdog or invert)")
+            })?,
+            None => Preprocessor::None,
+        };
+        let image = module.apply(&image);
+        if (image.width, image.height) != size {
+            eprintln!(
+                "note: the control image {} is {}x{}; resized to {}x{}",
+                args.control_image[i].display(),
+                image.width,
+                image.height,
+                size.0,
+                size.1
+            );
+        }
+        units.push(ControlUnit {
+            module: module.name().to_owned(),
+            weight: args.control_weight.get(i).copied().unwrap_or(1.0),
+            start: args.control_start.get(i).copied().unwrap_or(0.0),
+            end: args.control_end.get(i).copied().unwrap_or(1.0),
+            guess_mode: args.control_guess_mode,
+            ..ControlUnit::new(std::sync::Arc::new(net), image)
+        });
+    }
+    Ok(units)
 }
 
 /// `OUT` for the first image, `OUT-2.png`, … for the rest of a batch.

@@ -81,6 +81,11 @@ pub fn fraction(s: &str) -> Result<f64, String> {
     real_in(s, 0.0..=1.0)
 }
 
+/// A ControlNet unit's weight: 0 to 2.
+pub fn control_weight(s: &str) -> Result<f64, String> {
+    real_in(s, 0.0..=2.0)
+}
+
 /// An upscaling factor: 0.25 to 16.
 pub fn upscale_factor(s: &str) -> Result<f64, String> {
     real_in(s, 0.25..=16.0)

@@ -525,6 +525,41 @@ impl ControlUnit {
     }
 }
 
+/// A ControlNet unit as the window asks for it: the network by path (the worker loads it,
+/// keeping the ones in use), the image before preprocessing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlSpec {
+    /// The ControlNet file or folder.
+    pub model: PathBuf,
+    /// The image the preprocessor reads (or the control map itself, with no preprocessor).
+    pub image: RgbImage,
+    /// What makes the control map from `image`.
+    pub preprocessor: super::annotators::Preprocessor,
+    /// See [`ControlUnit::weight`].
+    pub weight: f64,
+    /// See [`ControlUnit::start`].
+    pub start: f64,
+    /// See [`ControlUnit::end`].
+    pub end: f64,
+    /// See [`ControlUnit::guess_mode`].
+    pub guess_mode: bool,
+}
+
+impl ControlSpec {
+    /// The unit with `net` loaded and the control map made.
+    pub fn unit(&self, net: Arc<ControlNet>) -> ControlUnit {
+        ControlUnit {
+            net,
+            image: self.preprocessor.apply(&self.image),
+            module: self.preprocessor.name().to_owned(),
+            weight: self.weight,
+            start: self.start,
+            end: self.end,
+            guess_mode: self.guess_mode,
+        }
+    }
+}
+
 /// The control image as a `(1, 3, h, w)` tensor of values 0 to 1, at `width`×`height`.
 pub fn control_tensor(
     image: &RgbImage,

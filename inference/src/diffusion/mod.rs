@@ -12,6 +12,7 @@
 //! - [`model`]: finding, detecting and loading a model (diffusers folder or single file);
 //! - [`pipeline`]: txt2img, img2img, inpainting with per-step previews.
 
+pub mod annotators;
 pub mod bench;
 pub mod clip;
 pub mod controlnet;

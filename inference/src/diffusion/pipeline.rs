@@ -12,6 +12,7 @@ use candle_core::{D, DType, Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::controlnet::{ControlResiduals, ControlUnit, control_tensor};
 use super::embeddings::{TextualInversion, load_mentioned};
 use super::hires::{HiresFix, generate_hires};
 use super::imaging::{
@@ -146,6 +147,8 @@ pub struct ImageRequest {
     pub preview: PreviewMethod,
     /// txt2img, img2img or inpainting, with the images they start from.
     pub mode: ImageMode,
+    /// ControlNet units; their residuals add up.
+    pub control: Vec<ControlUnit>,
 }
 
 impl ImageRequest {
@@ -170,6 +173,7 @@ impl ImageRequest {
             clip_skip: 1,
             preview: PreviewMethod::Latent2Rgb,
             mode: ImageMode::Txt2Img,
+            control: Vec::new(),
         }
     }
 }
@@ -302,6 +306,24 @@ fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
         ));
     }
     check_memory(model, req)?;
+    for unit in &req.control {
+        unit.validate()?;
+        let c = &unit.net.config().unet;
+        let u = model.unet.config();
+        if c.cross_attention_dim != u.cross_attention_dim
+            || c.levels.len() != u.levels.len()
+            || c.text_time.is_some() != u.text_time.is_some()
+        {
+            return invalid(format!(
+                "the ControlNet {} is made for another base model than this {} model \
+                 (text width {} vs {})",
+                unit.net.path().display(),
+                model.info.kind.label(),
+                c.cross_attention_dim,
+                u.cross_attention_dim
+            ));
+        }
+    }
     if let ImageMode::Img2Img { strength, .. } | ImageMode::Inpaint { strength, .. } = &req.mode
         && !(0.0..=1.0).contains(strength)
     {
@@ -637,6 +659,21 @@ pub fn generate(
         None
     };
 
+    // Each unit's control image at the generation's size: twice over with CFG, unless in
+    // guess mode, which guides only the prompt's pass.
+    let controls = req
+        .control
+        .iter()
+        .map(|unit| {
+            let t = control_tensor(&unit.image, req.width, req.height, device)?;
+            Ok(if batch == 2 && !unit.guess_mode {
+                Tensor::cat(&[&t, &t], 0)?
+            } else {
+                t
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
     let base_seed = req
         .seed
         .unwrap_or_else(|| rand::rng().random::<u32>().into());
@@ -685,18 +722,33 @@ pub fn generate(
             let mut inp = if batch == 2 {
                 Tensor::cat(&[&scaled, &scaled], 0)?
             } else {
-                scaled
+                scaled.clone()
             };
-            if let Some(extra) = &inpaint_extra {
-                inp = Tensor::cat(&[&inp, extra], 1)?;
-            }
             let text_time = match (&pooled, &time_ids) {
                 (Some(p), Some(t)) => Some((p, t)),
                 _ => None,
             };
+            let control = control_residuals(
+                req,
+                &controls,
+                (i, steps),
+                (&inp, &scaled),
+                sampler.timestep(i),
+                &context,
+                text_time,
+            )?;
+            if let Some(extra) = &inpaint_extra {
+                inp = Tensor::cat(&[&inp, extra], 1)?;
+            }
             let out = model
                 .unet
-                .forward(&inp, sampler.timestep(i), &context, text_time)
+                .forward_with_control(
+                    &inp,
+                    sampler.timestep(i),
+                    &context,
+                    text_time,
+                    control.as_ref(),
+                )
                 .map_err(|e| out_of_memory_hint(e, req))?
                 .to_dtype(DType::F32)?;
             let out = if batch == 2 {
@@ -763,6 +815,64 @@ pub fn generate(
     })
 }
 
+/// The summed residuals of the units active at step `i` of `steps`, for the UNet's input
+/// `inp` (both passes with CFG) whose prompt pass alone is `cond_inp`.
+fn control_residuals(
+    req: &ImageRequest,
+    controls: &[Tensor],
+    (i, steps): (usize, usize),
+    (inp, cond_inp): (&Tensor, &Tensor),
+    timestep: f64,
+    context: &Tensor,
+    text_time: Option<(&Tensor, &Tensor)>,
+) -> Result<Option<ControlResiduals>> {
+    let batch = inp.dim(0)?;
+    let mut sum: Option<ControlResiduals> = None;
+    for (unit, image) in req.control.iter().zip(controls) {
+        if !unit.active(i, steps) || unit.weight == 0.0 {
+            continue;
+        }
+        let r = if unit.guess_mode && batch == 2 {
+            // The prompt's pass only; the negative pass gets nothing.
+            let last = |t: &Tensor| t.narrow(0, 1, 1);
+            let tt = match text_time {
+                Some((p, t)) => Some((last(p)?, last(t)?)),
+                None => None,
+            };
+            let r = unit.net.forward(
+                cond_inp,
+                timestep,
+                &last(context)?,
+                tt.as_ref().map(|(p, t)| (p, t)),
+                image,
+                unit.weight,
+                true,
+            )?;
+            let pad =
+                |t: Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, &t], 0)?) };
+            ControlResiduals {
+                down: r.down.into_iter().map(pad).collect::<Result<Vec<_>>>()?,
+                mid: pad(r.mid)?,
+            }
+        } else {
+            unit.net.forward(
+                inp,
+                timestep,
+                context,
+                text_time,
+                image,
+                unit.weight,
+                unit.guess_mode,
+            )?
+        };
+        sum = Some(match sum {
+            Some(s) => s.add(&r)?,
+            None => r,
+        });
+    }
+    Ok(sum)
+}
+
 fn empty_mask() -> Error {
     Error::InvalidParameter("the mask is empty: paint the area to repaint first".into())
 }
@@ -791,6 +901,20 @@ fn generate_only_masked(
             area: InpaintArea::WholePicture,
             ..req.inpaint
         },
+        // The control images are cropped to the same region of the picture.
+        control: req
+            .control
+            .iter()
+            .map(|unit| ControlUnit {
+                image: unit.image.resized(init.width, init.height).crop(
+                    region.x0,
+                    region.y0,
+                    region.width(),
+                    region.height(),
+                ),
+                ..unit.clone()
+            })
+            .collect(),
         ..req.clone()
     };
     let mut outcome = generate(model, &inner, on_step)?;
@@ -887,6 +1011,13 @@ pub fn parameters(
         p.set("TI hashes", format!("\"{}\"", used.join(", ")));
     }
     p.set("RNG", req.noise_source.name());
+    // As the SD web UI's ControlNet extension writes its units.
+    for (i, unit) in req.control.iter().enumerate() {
+        p.set(
+            &format!("ControlNet {i}"),
+            format!("\"{}\"", unit.parameters()),
+        );
+    }
     p.set("Version", concat!("studio-", env!("CARGO_PKG_VERSION")));
     p
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use super::{Backend, Event, GanSlots, JobId, PreviewSlot};
+use super::{Backend, ControlNets, Event, GanSlots, JobId, PreviewSlot};
 use crate::diffusion::model::SdModel;
 use crate::error::{Error, Result};
 use crate::gan::StyleGan2;
@@ -25,6 +25,8 @@ pub struct JobContext<'a> {
     pub(super) repaint: &'a Arc<dyn Fn() + Send + Sync>,
     pub(super) backend: &'a mut Option<Backend>,
     pub(super) image_model: &'a mut Option<Box<SdModel>>,
+    /// The ControlNets the last generation used, by path.
+    pub(super) controlnets: &'a mut ControlNets,
     pub(super) gan: &'a mut Option<Box<StyleGan2>>,
     pub(super) gan_slots: &'a GanSlots,
     pub(super) previews: &'a PreviewSlot,

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::context::{JobContext, progress_sender};
 use super::{Event, GeneratedImageSource, PreviewFrame, lock};
+use crate::diffusion::controlnet::{ControlNet, ControlSpec};
 use crate::diffusion::imaging::RgbImage;
 use crate::diffusion::model::{self as sd_model, ImageModelOptions};
 use crate::diffusion::pipeline::{self, GeneratedImage, ImageRequest};
@@ -40,7 +41,30 @@ pub(super) fn unload_image_model(ctx: &mut JobContext<'_>) {
 
 /// [`super::JobKind::GenerateImage`]: lossy progress per step, the step's preview in the
 /// mailbox, each finished image as [`Event::ImageReady`]; cancel is checked every step.
-pub(super) fn generate_image(ctx: &mut JobContext<'_>, request: &ImageRequest) -> Result<()> {
+pub(super) fn generate_image(
+    ctx: &mut JobContext<'_>,
+    mut request: ImageRequest,
+    control: &[ControlSpec],
+) -> Result<()> {
+    if ctx.image_model.is_none() {
+        return Err(Error::InvalidParameter(
+            "no Stable Diffusion model is loaded: open one in the Canvas first".into(),
+        ));
+    }
+    // Keep the ControlNets this generation uses, load the missing ones, drop the rest.
+    ctx.controlnets
+        .retain(|path, _| control.iter().any(|c| &c.model == path));
+    for spec in control {
+        let net = if let Some(net) = ctx.controlnets.get(&spec.model) {
+            net.clone()
+        } else {
+            let net = Arc::new(ControlNet::load(&spec.model, ctx.device)?);
+            ctx.controlnets.insert(spec.model.clone(), net.clone());
+            net
+        };
+        request.control.push(spec.unit(net));
+    }
+    let request = &request;
     let Some(model) = ctx.image_model.as_deref() else {
         return Err(Error::InvalidParameter(
             "no Stable Diffusion model is loaded: open one in the Canvas first".into(),

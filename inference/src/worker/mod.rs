@@ -68,6 +68,8 @@ use crate::llm::remote::RemoteBackend;
 type CancelFlags = Arc<Mutex<HashMap<JobId, Arc<AtomicBool>>>>;
 
 type PreviewSlot = Arc<Mutex<Option<PreviewFrame>>>;
+/// Loaded ControlNets by path: those the last generation used.
+type ControlNets = HashMap<std::path::PathBuf, Arc<crate::diffusion::controlnet::ControlNet>>;
 
 /// The one-slot mailboxes between [`Worker`] and the worker thread for GAN renders.
 #[derive(Default)]
@@ -149,6 +151,7 @@ impl Worker {
             device: choice.device.clone(),
             backend: None,
             image_model: None,
+            controlnets: ControlNets::new(),
             gan: None,
             gan_slots: gan_slots.clone(),
             previews: previews.clone(),
@@ -307,6 +310,7 @@ struct WorkerState {
     device: candle_core::Device,
     backend: Option<Backend>,
     image_model: Option<Box<SdModel>>,
+    controlnets: ControlNets,
     gan: Option<Box<StyleGan2>>,
     gan_slots: Arc<GanSlots>,
     previews: PreviewSlot,
@@ -402,6 +406,7 @@ impl WorkerState {
             repaint: &self.repaint,
             backend: &mut self.backend,
             image_model: &mut self.image_model,
+            controlnets: &mut self.controlnets,
             gan: &mut self.gan,
             gan_slots: &self.gan_slots,
             previews: &self.previews,
@@ -480,7 +485,9 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             image::unload_image_model(ctx);
             Ok(None)
         }
-        JobKind::GenerateImage { request } => done(image::generate_image(ctx, &request)),
+        JobKind::GenerateImage { request, control } => {
+            done(image::generate_image(ctx, *request, &control))
+        }
         JobKind::UpscaleImage {
             image,
             parameters,

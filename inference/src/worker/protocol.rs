@@ -11,6 +11,7 @@ use super::JobContext;
 use crate::code::actions::{ActionInput, ActionPreset};
 use crate::code::complete::CompletionRequest;
 use crate::device::DevicePreference;
+use crate::diffusion::controlnet::ControlSpec;
 use crate::diffusion::imaging::RgbImage;
 use crate::diffusion::model::{ImageModelInfo, ImageModelOptions};
 use crate::diffusion::pipeline::{GeneratedImage, ImageRequest};
@@ -88,8 +89,10 @@ pub enum JobKind {
     UnloadImageModel,
     /// Generate images with the loaded Stable Diffusion model.
     GenerateImage {
-        /// What to generate.
+        /// What to generate (its `control` is filled from `control`).
         request: Box<ImageRequest>,
+        /// ControlNet units; the worker loads their networks, keeping those in use.
+        control: Vec<ControlSpec>,
     },
     /// Upscale an image with an ESRGAN / Real-ESRGAN upscaler file (loaded for the job), in
     /// tiles, to `scale` times its size: [`Event::ImageProgress`] per tile (step = tile), the
@@ -217,7 +220,9 @@ impl JobKind {
                 components,
                 ..
             } => format!("Computing {components} directions from {samples} samples"),
-            JobKind::GenerateImage { request } => format!("Generating ({})", request.mode.label()),
+            JobKind::GenerateImage { request, .. } => {
+                format!("Generating ({})", request.mode.label())
+            }
             JobKind::UpscaleImage { scale, .. } => format!("Upscaling ×{scale}"),
             JobKind::Generate { .. } => "Generating".to_owned(),
             JobKind::Chat { .. } => "Replying".to_owned(),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use studio_inference::diffusion::controlnet::ControlSpec;
 use studio_inference::diffusion::imaging::{MAX_SIDE, RgbImage, decode_image_file, encode_png};
 use studio_inference::diffusion::lora::{self, LoraSpec};
 use studio_inference::diffusion::model::{ImageModelInfo, ImageModelOptions, is_diffusion_model};
@@ -13,9 +14,9 @@ use studio_inference::diffusion::pipeline::GeneratedImage;
 use studio_inference::image_meta::GenerationParameters;
 use studio_inference::worker::{Event, GeneratedImageSource, JobId, JobKind};
 
-
 use super::CanvasPanel;
 use super::command::{CanvasCommand, CanvasPurpose};
+use super::control::{ControlCommand, ControlSource, ControlUnitForm};
 use super::form::{build_request, restore_parameters, snap};
 use super::view::preview_texture;
 use crate::gui::command::{Command, load_error};
@@ -114,6 +115,7 @@ impl PanelView for CanvasPanel {
                 }
             }
             CanvasCommand::SetUpscaler(path) => c.form.upscaler = Some(path),
+            CanvasCommand::Control(command) => self.apply_control(command, cx),
             CanvasCommand::AddLoraToPrompt(name) => {
                 let prompt = &mut c.form.prompt;
                 if !prompt.is_empty() && !prompt.ends_with(' ') {
@@ -372,7 +374,6 @@ impl CanvasPanel {
         self.history.set_thumbnail(ctx, path, result);
     }
 
-
     /// Loads a Stable Diffusion model with the options in Settings.
     pub(crate) fn load_image_model(
         &mut self,
@@ -394,6 +395,100 @@ impl CanvasPanel {
         if at_startup {
             self.startup_load = job;
         }
+    }
+
+    fn apply_control(&mut self, command: ControlCommand, cx: &mut AppContext<'_>) {
+        let units = &mut self.control_units;
+        match command {
+            ControlCommand::AddUnit => units.push(ControlUnitForm::default()),
+            ControlCommand::RemoveUnit(i) if i < units.len() => {
+                units.remove(i);
+            }
+            ControlCommand::ChooseModelDialog { unit, folder } => {
+                let dialog = rfd::FileDialog::new().set_title("Choose a ControlNet");
+                let picked = if folder {
+                    dialog.pick_folder()
+                } else {
+                    dialog
+                        .add_filter("ControlNet", &["safetensors", "pth", "pt", "bin"])
+                        .pick_file()
+                };
+                if let (Some(path), Some(u)) = (picked, units.get_mut(unit)) {
+                    u.model = Some(path);
+                }
+            }
+            ControlCommand::SetModel(i, path) => {
+                if let Some(u) = units.get_mut(i) {
+                    u.model = Some(path);
+                }
+            }
+            ControlCommand::ChooseImageDialog(i) => {
+                if let Some(path) = rfd::FileDialog::new()
+                    .set_title("Choose a control image")
+                    .add_filter("Image", &["png", "jpg", "jpeg", "webp", "bmp"])
+                    .pick_file()
+                {
+                    cx.commands
+                        .push(CanvasCommand::Control(ControlCommand::SetImage(i, path)).into());
+                }
+            }
+            ControlCommand::SetImage(i, path) => match decode_image_file(&path) {
+                Ok(decoded) => {
+                    if let Some(u) = units.get_mut(i) {
+                        u.source = ControlSource::File(path, Arc::new(decoded.image));
+                        let image = u.source_image(None);
+                        u.set_preview(image.as_deref());
+                    }
+                }
+                Err(e) => cx
+                    .notices
+                    .error(format!("Could not open the control image: {e}")),
+            },
+            ControlCommand::UseCanvas(i) => {
+                if let Some(u) = units.get_mut(i) {
+                    u.source = ControlSource::Canvas;
+                    let image = u.source_image(self.doc.image());
+                    u.set_preview(image.as_deref());
+                }
+            }
+            ControlCommand::Preview(i) => {
+                if let Some(u) = units.get_mut(i) {
+                    let image = u.source_image(self.doc.image());
+                    if image.is_none() {
+                        cx.notices
+                            .info("The canvas has no image yet: open or draw one first");
+                    }
+                    u.set_preview(image.as_deref());
+                }
+            }
+            ControlCommand::RemoveUnit(_) => {}
+        }
+    }
+
+    /// The enabled ControlNet units for a `size` generation; a unit that cannot run is left
+    /// out with a warning, and an image of another size gets a note that it is resized.
+    fn control_specs(&self, size: (u32, u32), cx: &mut AppContext<'_>) -> Vec<ControlSpec> {
+        let mut specs = Vec::new();
+        for (i, unit) in self.control_units.iter().enumerate() {
+            if !unit.enabled {
+                continue;
+            }
+            match unit.spec(self.doc.image()) {
+                Ok(spec) => {
+                    if (spec.image.width, spec.image.height) != size {
+                        cx.notices.info(format!(
+                            "ControlNet unit {i}: the {}x{} control image is resized to {}x{}",
+                            spec.image.width, spec.image.height, size.0, size.1
+                        ));
+                    }
+                    specs.push(spec);
+                }
+                Err(why) => cx
+                    .notices
+                    .warning(format!("ControlNet unit {i} is left out: {why}")),
+            }
+        }
+        specs
     }
 
     fn generate_image(&mut self, cx: &mut AppContext<'_>) {
@@ -460,9 +555,11 @@ impl CanvasPanel {
                 model.kind.label()
             ));
         }
+        let control = self.control_specs((request.width, request.height), cx);
         let job = cx.submit(
             JobKind::GenerateImage {
                 request: Box::new(request),
+                control,
             },
             CanvasPurpose::GenerateImage.into(),
         );
@@ -494,7 +591,8 @@ impl CanvasPanel {
         } else if let Some(image) = c.doc.image() {
             (image.clone(), GeneratedImageSource::default())
         } else {
-            cx.notices.warning("Open or generate an image to upscale first");
+            cx.notices
+                .warning("Open or generate an image to upscale first");
             return;
         };
         let job = cx.submit(

@@ -29,6 +29,8 @@ pub enum CanvasCommand {
     SetUpscaler(PathBuf),
     /// Append `<lora:NAME:1>` to the prompt.
     AddLoraToPrompt(String),
+    /// A ControlNet unit's controls.
+    Control(super::control::ControlCommand),
     /// Cancel the running generation.
     Cancel,
     /// Fix the seed to this one.

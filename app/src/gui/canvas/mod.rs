@@ -4,6 +4,7 @@
 //! - [`document`]: the image and mask layers, strokes, undo/redo, staging (pure logic);
 //! - [`view`]: the zoom/pan/paint widget with the live preview;
 //! - [`form`]: the generation controls and the request they make; style presets;
+//! - [`control`]: the ControlNet units (network, control image, preprocessor and its preview);
 //! - [`history`]: every finished image as a PNG with its parameters, and the gallery;
 //! - [`store`]: the canvas autosaved under `STUDIO_HOME/canvas/`;
 //! - [`actions`]: what the canvas's [`CanvasCommand`]s and the worker's image events do.
@@ -13,6 +14,7 @@
 
 pub mod actions;
 pub mod command;
+pub mod control;
 pub mod document;
 pub mod form;
 pub mod history;
@@ -81,6 +83,8 @@ pub struct CanvasPanel {
     lora_list: Option<Vec<String>>,
     /// The Colour brush's colour.
     paint_colour: [u8; 3],
+    /// ControlNet units.
+    control_units: Vec<control::ControlUnitForm>,
 }
 
 impl CanvasPanel {
@@ -126,6 +130,7 @@ impl CanvasPanel {
             embeddings_dir: home.join("models").join("embeddings"),
             lora_list: None,
             paint_colour: [40, 90, 200],
+            control_units: Vec::new(),
         };
         (panel, notes)
     }
@@ -174,6 +179,14 @@ impl CanvasPanel {
 
     pub fn last_seed(&self) -> Option<u64> {
         self.last_seed
+    }
+
+    pub fn control_units(&self) -> &[control::ControlUnitForm] {
+        &self.control_units
+    }
+
+    pub fn control_units_mut(&mut self) -> &mut [control::ControlUnitForm] {
+        &mut self.control_units
     }
 
     /// Brush settings.
@@ -230,6 +243,9 @@ impl CanvasPanel {
                         });
                         section_ui(ui, "LoRAs", |ui| {
                             self.loras_ui(ui, commands);
+                        });
+                        section_ui(ui, "ControlNet", |ui| {
+                            control::units_ui(ui, &mut self.control_units, commands);
                         });
                     });
             });
@@ -314,8 +330,7 @@ impl CanvasPanel {
         jobs: &Jobs,
         commands: &mut Vec<Command>,
     ) {
-        let push =
-            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
+        let push = |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
         if let Some(path) = actions::loading_image_model(jobs) {
             ui.horizontal(|ui| {
                 ui.spinner();
@@ -341,7 +356,10 @@ impl CanvasPanel {
                 for note in &m.notes {
                     ui.add(egui::Label::new(weak(ui, note)).wrap());
                 }
-                if m.notes.iter().any(|n| n == studio_inference::pickle::SAFE_MODE_NOTE) {
+                if m.notes
+                    .iter()
+                    .any(|n| n == studio_inference::pickle::SAFE_MODE_NOTE)
+                {
                     save_as_safetensors_ui(ui, &m.path, commands);
                 }
                 if m.few_step {
@@ -414,8 +432,7 @@ impl CanvasPanel {
     }
 
     fn toolbar_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
-        let push =
-            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
+        let push = |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
         let has_image = self.doc.image().is_some();
         let busy = self.generating.is_some();
         ui.add_space(2.0);
@@ -567,8 +584,7 @@ impl CanvasPanel {
     }
 
     fn staging_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
-        let push =
-            |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
+        let push = |commands: &mut Vec<Command>, c: CanvasCommand| commands.push(Command::from(c));
         ui.add_space(4.0);
         ui.horizontal(|ui| {
             let n = self.doc.staged().len();
