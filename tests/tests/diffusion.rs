@@ -855,6 +855,17 @@ fn noise_sources_and_variation_seeds_give_the_images_they_name() {
         "another noise, another image"
     );
     assert_eq!(pixels(&torch), pixels(&torch.clone()), "reproducible");
+    let nv = ImageRequest {
+        noise_source: NoiseSource::TorchCuda,
+        ..base.clone()
+    };
+    let nv_px = pixels(&nv);
+    assert!(nv_px != pixels(&base) && nv_px != pixels(&torch));
+    assert_eq!(
+        run(&m, &nv).0.images[0].parameters.get("RNG"),
+        Some("NV"),
+        "the web UI's name for it"
+    );
 
     let varied = |seed: u64, strength: f64| ImageRequest {
         variation: Some(Variation { seed, strength }),

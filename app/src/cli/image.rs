@@ -89,8 +89,9 @@ pub struct ImageArgs {
     pub batch_count: u32,
     #[arg(long, default_value_t = 1)]
     pub clip_skip: usize,
-    /// Where a seed's noise comes from: studio, or cpu (PyTorch's CPU generator: the noise of
-    /// ComfyUI and of the SD web UI's "CPU" RNG source).
+    /// Where a seed's noise comes from: studio, cpu (PyTorch's CPU generator: the noise of
+    /// ComfyUI and of the SD web UI's "CPU" RNG source) or nv (PyTorch's CUDA generator,
+    /// computed on the CPU: the SD web UI's "NV" source, its default on NVIDIA GPUs).
     #[arg(long, default_value = "studio")]
     pub noise_source: String,
     /// A variation seed: the noise moves towards this seed's by --variation-strength.
@@ -341,7 +342,7 @@ fn request(
     }
     let Some(noise_source) = NoiseSource::parse(&args.noise_source) else {
         bail!(
-            "unknown noise source `{}` (use studio or cpu)",
+            "unknown noise source `{}` (use studio, cpu or nv)",
             args.noise_source
         );
     };

@@ -14,6 +14,17 @@
 //!   differently from the C library's (checked against `torch.randn` values in
 //!   `tests/fixtures/torch_noise`).
 //!
+//! - [`NoiseSource::TorchCuda`]: the values `torch.randn(shape, device="cuda")` gives after
+//!   `torch.manual_seed(seed)`, computed on the CPU as the SD web UI's "NV" RNG source does:
+//!   PyTorch's CUDA generator is Philox 4×32 with 10 rounds, keyed by the 64-bit seed, with
+//!   counter `(offset, 0, i, 0)` for the `i`-th value of a call (the offset grows by one per
+//!   call) and the value from the first two outputs by the first half of Box–Muller. The
+//!   web UI's reading keeps the single-precision constants and does the rest in double
+//!   precision; so does Studio, so "RNG: NV" images reproduce (the GPU's own single-precision
+//!   `logf`/`sinf` differ from these by up to 4e-7). Checked against the values the web UI
+//!   documents for `torch.randn((3, 4), device="cuda")` with seed 0, and Philox against
+//!   Random123's known answers.
+//!
 //! The sampler's later noise (ancestral samplers) goes on drawing from the same stream, as the
 //! SD web UI's per-image generator does.
 //!
@@ -35,17 +46,24 @@ pub enum NoiseSource {
     Studio,
     /// PyTorch's CPU generator (ComfyUI; the SD web UI's "CPU" RNG source).
     TorchCpu,
+    /// PyTorch's CUDA generator, computed on the CPU (the SD web UI's "NV" RNG source).
+    TorchCuda,
 }
 
 impl NoiseSource {
     /// Every source, for menus.
-    pub const ALL: [NoiseSource; 2] = [NoiseSource::Studio, NoiseSource::TorchCpu];
+    pub const ALL: [NoiseSource; 3] = [
+        NoiseSource::Studio,
+        NoiseSource::TorchCpu,
+        NoiseSource::TorchCuda,
+    ];
 
     /// The value of the `RNG` field in the PNG parameters (the SD web UI writes `CPU`).
     pub fn name(self) -> &'static str {
         match self {
             NoiseSource::Studio => "Studio",
             NoiseSource::TorchCpu => "CPU",
+            NoiseSource::TorchCuda => "NV",
         }
     }
 
@@ -54,14 +72,19 @@ impl NoiseSource {
         match self {
             NoiseSource::Studio => "Studio",
             NoiseSource::TorchCpu => "PyTorch CPU (ComfyUI, SD web UI \"CPU\")",
+            NoiseSource::TorchCuda => "PyTorch CUDA (SD web UI \"NV\", its default on NVIDIA)",
         }
     }
 
-    /// Reads an `RNG` field or a command-line value: `Studio`, `CPU` (also `torch-cpu`).
+    /// Reads an `RNG` field or a command-line value: `Studio`, `CPU` (also `torch-cpu`), `NV`
+    /// (also `cuda`, `torch-cuda`).
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "studio" => Some(NoiseSource::Studio),
             "cpu" | "torch-cpu" | "torch_cpu" | "pytorch-cpu" => Some(NoiseSource::TorchCpu),
+            "nv" | "cuda" | "torch-cuda" | "torch_cuda" | "pytorch-cuda" => {
+                Some(NoiseSource::TorchCuda)
+            }
             _ => None,
         }
     }
@@ -84,6 +107,7 @@ pub struct NoiseStream {
 enum Stream {
     Studio(Box<StdRng>),
     Torch(TorchCpuRng),
+    Cuda(TorchCudaRng),
 }
 
 impl NoiseStream {
@@ -92,6 +116,7 @@ impl NoiseStream {
         let inner = match source {
             NoiseSource::Studio => Stream::Studio(Box::new(StdRng::seed_from_u64(seed))),
             NoiseSource::TorchCpu => Stream::Torch(TorchCpuRng::new(seed)),
+            NoiseSource::TorchCuda => Stream::Cuda(TorchCudaRng::new(seed)),
         };
         Self { inner }
     }
@@ -101,6 +126,7 @@ impl NoiseStream {
         match &mut self.inner {
             Stream::Studio(rng) => studio_normals(rng, n),
             Stream::Torch(t) => t.randn(n),
+            Stream::Cuda(t) => t.randn(n),
         }
     }
 }
@@ -234,6 +260,64 @@ impl TorchCpuRng {
     }
 }
 
+/// `torch.manual_seed(seed)` and the `torch.randn(…, device="cuda")` calls after it, as the
+/// SD web UI's "NV" source computes them on the CPU.
+pub struct TorchCudaRng {
+    key: [u32; 2],
+    /// Calls made so far: the first counter word of the next.
+    offset: u32,
+}
+
+impl TorchCudaRng {
+    /// Keyed by the whole 64-bit seed (low word first).
+    pub fn new(seed: u64) -> Self {
+        #[allow(clippy::cast_possible_truncation)]
+        let key = [seed as u32, (seed >> 32) as u32];
+        Self { key, offset: 0 }
+    }
+
+    /// The values of one call with `n` elements.
+    pub fn randn(&mut self, n: usize) -> Vec<f32> {
+        // Single-precision constants, as the reference has them; the rest in doubles.
+        let inv = f64::from(2.328_306_4e-10_f32);
+        #[allow(clippy::cast_possible_truncation)]
+        let inv_2pi = f64::from((2.328_306_4e-10_f64 * 6.283_185_5) as f32);
+        let offset = self.offset;
+        self.offset = self.offset.wrapping_add(1);
+        (0..n)
+            .map(|i| {
+                // The counter's third word is the element's index (32 bits, as the reference).
+                #[allow(clippy::cast_possible_truncation)]
+                let out = philox4x32_10([offset, 0, i as u32, 0], self.key);
+                let u = f64::from(out[0]) * inv + inv / 2.0;
+                let v = f64::from(out[1]) * inv_2pi + inv_2pi / 2.0;
+                #[allow(clippy::cast_possible_truncation)]
+                let r = ((-2.0 * u.ln()).sqrt() * v.sin()) as f32;
+                r
+            })
+            .collect()
+    }
+}
+
+/// Philox 4×32 with 10 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
+fn philox4x32_10(mut c: [u32; 4], mut k: [u32; 2]) -> [u32; 4] {
+    const M0: u64 = 0xD251_1F53;
+    const M1: u64 = 0xCD9E_8D57;
+    const W0: u32 = 0x9E37_79B9;
+    const W1: u32 = 0xBB67_AE85;
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(W0), k[1].wrapping_add(W1)];
+        }
+        let p0 = u64::from(c[0]) * M0;
+        let p1 = u64::from(c[2]) * M1;
+        #[allow(clippy::cast_possible_truncation)]
+        let (hi0, lo0, hi1, lo1) = ((p0 >> 32) as u32, p0 as u32, (p1 >> 32) as u32, p1 as u32);
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+    }
+    c
+}
+
 /// Single-precision Box–Muller over 16 uniforms: `j` and `j + 8` from one pair.
 fn box_muller_16(data: &mut [f32]) {
     const TWO_PI: f32 = std::f32::consts::TAU;
@@ -320,6 +404,56 @@ mod tests {
             last = mt.next_u32();
         }
         assert_eq!(last, 4_123_659_995);
+    }
+
+    #[test]
+    fn philox_gives_random123s_known_answers() {
+        assert_eq!(
+            philox4x32_10([0; 4], [0; 2]),
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+        );
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
+        );
+        assert_eq!(
+            philox4x32_10(
+                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
+                [0xa409_3822, 0x299f_31d0]
+            ),
+            [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
+        );
+    }
+
+    #[test]
+    fn cuda_noise_gives_torch_cuda_values() {
+        // `torch.manual_seed(0); torch.randn((3, 4), device="cuda")`, as the SD web UI's
+        // `modules/rng_philox.py` documents it (8 significant digits). The GPU computes
+        // Box–Muller in single precision with its own `log`/`sin`; the web UI's reading (and
+        // Studio's) in double precision: they agree within 4e-7.
+        let want = [
+            -0.924_662_59,
+            -0.425_344_15,
+            -2.643_845_7,
+            0.145_183_88,
+            -0.120_866_47,
+            -0.579_725_64,
+            -0.622_851_22,
+            -0.328_387_09,
+            -1.074_542_31,
+            -0.363_144_07,
+            -1.671_050_67,
+            2.265_504_97,
+        ];
+        let mut g = TorchCudaRng::new(0);
+        let got = g.randn(12);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((f64::from(*g) - w).abs() < 4e-7, "value {i}: {g} vs {w}");
+        }
+        // The next call continues at the next offset: other values.
+        assert_ne!(g.randn(12), got);
+        // The stream behind NoiseSource::TorchCuda is the same.
+        assert_eq!(NoiseStream::new(NoiseSource::TorchCuda, 0).draw(12), got);
     }
 
     #[test]
