@@ -993,14 +993,21 @@ fn only_masked_inpainting_works_at_full_resolution_and_keeps_the_rest() {
     assert!(e.to_string().contains("mask is empty"), "{e}");
 }
 
-/// The hires fix: each image generated at the base size, enlarged (Lanczos or an ESRGAN file)
+/// The hires fix: each image generated at the base size, enlarged (Lanczos, an ESRGAN file or
+/// the latents themselves)
 /// and refined by img2img at the larger size with its seed; the parameters are the web UI's.
 #[test]
 fn the_hires_fix_runs_a_second_pass_at_the_larger_size() {
-    use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
+    use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler, LatentUpscale};
     let (_dir, m) = tiny(TinyKind::Sd1);
     let esrgan = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/esrgan/rrdb-x2.safetensors");
-    for upscaler in [HiresUpscaler::Lanczos, HiresUpscaler::Esrgan(esrgan)] {
+    let mut images = Vec::new();
+    for upscaler in [
+        HiresUpscaler::Lanczos,
+        HiresUpscaler::Esrgan(esrgan),
+        HiresUpscaler::Latent(LatentUpscale::Bicubic),
+        HiresUpscaler::Latent(LatentUpscale::NearestExact),
+    ] {
         let req = ImageRequest {
             batch_count: 2,
             hires: Some(HiresFix {
@@ -1024,6 +1031,13 @@ fn the_hires_fix_runs_a_second_pass_at_the_larger_size() {
             assert_eq!(p.get("Hires steps"), Some("4"));
             assert_eq!(p.get("Denoising strength"), Some("0.5"));
             assert_eq!(p.get("Hires upscaler"), Some(upscaler.name().as_str()));
+        }
+        images.push(out.images[0].image.pixels.clone());
+    }
+    // Each upscaler gives its own second pass (the latent ones skip the decode and encode).
+    for i in 0..images.len() {
+        for j in i + 1..images.len() {
+            assert_ne!(images[i], images[j], "upscalers {i} and {j}");
         }
     }
     // Cancelled during the first pass: what was made, at the base size.

@@ -34,7 +34,7 @@ use clap::Args;
 use serde_json::json;
 use studio_inference::diffusion::annotators::Preprocessor;
 use studio_inference::diffusion::controlnet::{ControlNet, ControlUnit};
-use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
+use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler, LatentUpscale};
 use studio_inference::diffusion::imaging::{self, RgbImage, decode_image_file, mask_from_image};
 use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
 use studio_inference::diffusion::lora::LoraSpec;
@@ -103,7 +103,9 @@ pub struct ImageArgs {
     /// txt2img: the hires fix, a second pass at this many times the size (1 to 4).
     #[arg(long, value_parser = crate::cli::values::hires_scale)]
     pub hires_scale: Option<f64>,
-    /// The hires fix's upscaler: lanczos, or an ESRGAN / Real-ESRGAN file.
+    /// The hires fix's upscaler: lanczos, a latent mode as the SD web UI names them ("Latent",
+    /// "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent
+    /// (nearest)", "Latent (nearest-exact)"), or an ESRGAN / Real-ESRGAN file.
     #[arg(long, default_value = "lanczos")]
     pub hires_upscaler: String,
     /// The hires fix's steps (0: the same as --steps).
@@ -355,6 +357,8 @@ fn request(
             scale,
             upscaler: if args.hires_upscaler.eq_ignore_ascii_case("lanczos") {
                 HiresUpscaler::Lanczos
+            } else if let Some(mode) = LatentUpscale::parse(&args.hires_upscaler) {
+                HiresUpscaler::Latent(mode)
             } else {
                 HiresUpscaler::Esrgan(PathBuf::from(&args.hires_upscaler))
             },

@@ -263,7 +263,7 @@ struct Conditioning {
     pooled: Option<Tensor>,
 }
 
-fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
+pub(super) fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
     let m = model.info.size_multiple;
     let invalid = |s: String| Err(Error::InvalidParameter(s));
     if req.width == 0
@@ -528,6 +528,18 @@ pub fn generate(
     if let (Some(hires), ImageMode::Txt2Img) = (&req.hires, &req.mode) {
         return generate_hires(model, req, hires, on_step);
     }
+    generate_core(model, req, None, on_step).map(|(outcome, _)| outcome)
+}
+
+/// One pass of [`generate`] (no hires fix, no only-masked crop), also returning each image's
+/// final latents. `init_latents` (img2img only: the hires fix's enlarged latents) replaces the
+/// init image's encoding.
+pub(super) fn generate_core(
+    model: &SdModel,
+    req: &ImageRequest,
+    init_override: Option<&Tensor>,
+    on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
+) -> Result<(Outcome, Vec<Tensor>)> {
     if req.preview == PreviewMethod::Taesd && model.taesd.is_none() {
         return Err(Error::InvalidParameter(
             "TAESD previews need a TAESD decoder: choose its file in the Canvas settings or \
@@ -588,7 +600,10 @@ pub fn generate(
         ImageMode::Txt2Img => (None, 1.0, None, 0.0, None),
         ImageMode::Img2Img { init, strength } => {
             let img = init.resized(req.width, req.height);
-            let lat = model.vae.encode(&image_to_tensor(&img, device)?)?;
+            let lat = match init_override {
+                Some(lat) => lat.clone(),
+                None => model.vae.encode(&image_to_tensor(&img, device)?)?,
+            };
             (Some(lat), *strength, None, 0.0, Some(img))
         }
         ImageMode::Inpaint {
@@ -678,6 +693,7 @@ pub fn generate(
         .seed
         .unwrap_or_else(|| rand::rng().random::<u32>().into());
     let mut images = Vec::new();
+    let mut latents = Vec::new();
     for index in 0..req.batch_count {
         let seed = base_seed.wrapping_add(u64::from(index));
         let mut noise = Noise::new(req, seed, index);
@@ -789,15 +805,19 @@ pub fn generate(
                 preview,
             });
             if flow.is_break() {
-                return Ok(Outcome {
-                    images,
-                    cancelled: true,
-                });
+                return Ok((
+                    Outcome {
+                        images,
+                        cancelled: true,
+                    },
+                    latents,
+                ));
             }
         }
+        let x = x.to_dtype(DType::F32)?;
         let decoded = model
             .vae
-            .decode(&x.to_dtype(DType::F32)?)
+            .decode(&x)
             .map_err(|e| out_of_memory_hint(e, req))?;
         let mut image = tensor_to_image(&decoded)?;
         if let (Some(orig), Some(m)) = (&original, &blurred_mask) {
@@ -808,11 +828,15 @@ pub fn generate(
             image,
             seed,
         });
+        latents.push(x);
     }
-    Ok(Outcome {
-        images,
-        cancelled: false,
-    })
+    Ok((
+        Outcome {
+            images,
+            cancelled: false,
+        },
+        latents,
+    ))
 }
 
 /// The summed residuals of the units active at step `i` of `steps`, for the UNet's input

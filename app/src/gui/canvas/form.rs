@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use egui::RichText;
 use serde::{Deserialize, Serialize};
-use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler};
+use studio_inference::diffusion::hires::{HiresFix, HiresUpscaler, LatentUpscale};
 use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedContent};
 use studio_inference::diffusion::model::ImageModelInfo;
 use studio_inference::diffusion::noise::{NoiseSource, Variation};
@@ -74,6 +74,8 @@ pub struct FormValues {
     pub hires_denoise: f32,
     /// The hires fix enlarges with the chosen upscaler file (else Lanczos).
     pub hires_with_upscaler: bool,
+    /// The hires fix enlarges the latents in this mode (the web UI's "Latent" upscalers).
+    pub hires_latent: Option<LatentUpscale>,
 }
 
 impl Default for FormValues {
@@ -107,6 +109,7 @@ impl Default for FormValues {
             hires_steps: 0,
             hires_denoise: 0.7,
             hires_with_upscaler: false,
+            hires_latent: None,
         }
     }
 }
@@ -243,8 +246,9 @@ pub fn build_request(
         if form.hires {
             req.hires = Some(HiresFix {
                 scale: f64::from(form.hires_scale.clamp(1.0, 4.0)),
-                upscaler: match (&form.upscaler, form.hires_with_upscaler) {
-                    (Some(path), true) => HiresUpscaler::Esrgan(path.clone()),
+                upscaler: match (form.hires_latent, &form.upscaler, form.hires_with_upscaler) {
+                    (Some(mode), ..) => HiresUpscaler::Latent(mode),
+                    (None, Some(path), true) => HiresUpscaler::Esrgan(path.clone()),
                     _ => HiresUpscaler::Lanczos,
                 },
                 steps: form.hires_steps as usize,
@@ -336,9 +340,10 @@ pub fn restore_parameters(
         if let Some(d) = number("Denoising strength") {
             form.hires_denoise = d.clamp(0.0, 1.0);
         }
-        form.hires_with_upscaler = params
-            .get("Hires upscaler")
-            .is_some_and(|u| !u.trim().eq_ignore_ascii_case("lanczos"));
+        let upscaler = params.get("Hires upscaler").unwrap_or("Lanczos");
+        form.hires_latent = LatentUpscale::parse(upscaler);
+        form.hires_with_upscaler =
+            form.hires_latent.is_none() && !upscaler.trim().eq_ignore_ascii_case("lanczos");
         set.push("hires fix");
     }
     if let Some(area) = params.get("Inpaint area").and_then(InpaintArea::parse) {
@@ -614,12 +619,7 @@ impl FormView {
                                     .prefix("denoise "),
                             )
                             .on_hover_text("How much the second pass redraws");
-                            ui.add_enabled(
-                                form.upscaler.is_some(),
-                                egui::Checkbox::new(&mut form.hires_with_upscaler, "upscaler"),
-                            )
-                            .on_hover_text("Enlarge with the upscaler chosen below, not Lanczos")
-                            .on_disabled_hover_text("Choose an upscaler file below first");
+                            Self::hires_upscaler_ui(ui, form);
                         });
                     });
                 })
@@ -728,6 +728,44 @@ impl FormView {
                 "No TAESD decoder loaded: the fast preview is used.",
             ));
         }
+    }
+
+    /// How the hires fix enlarges: Lanczos, a latent mode, or the upscaler file.
+    fn hires_upscaler_ui(ui: &mut egui::Ui, form: &mut FormValues) {
+        let current = match (form.hires_latent, form.hires_with_upscaler) {
+            (Some(mode), _) => mode.name().to_owned(),
+            (None, true) => "upscaler file".to_owned(),
+            (None, false) => "Lanczos".to_owned(),
+        };
+        egui::ComboBox::from_id_salt("hires_upscaler")
+            .selected_text(current)
+            .show_ui(ui, |ui| {
+                if ui.selectable_label(false, "Lanczos").clicked() {
+                    (form.hires_latent, form.hires_with_upscaler) = (None, false);
+                }
+                for mode in LatentUpscale::ALL {
+                    if ui
+                        .selectable_label(form.hires_latent == Some(mode), mode.name())
+                        .on_hover_text("Enlarge the latents: no decode, use denoise 0.5 or more")
+                        .clicked()
+                    {
+                        (form.hires_latent, form.hires_with_upscaler) = (Some(mode), false);
+                    }
+                }
+                if ui
+                    .add_enabled(
+                        form.upscaler.is_some(),
+                        egui::Button::selectable(false, "upscaler file"),
+                    )
+                    .on_hover_text("The upscaler chosen below")
+                    .on_disabled_hover_text("Choose an upscaler file below first")
+                    .clicked()
+                {
+                    (form.hires_latent, form.hires_with_upscaler) = (None, true);
+                }
+            })
+            .response
+            .on_hover_text("How the first pass's image is enlarged");
     }
 
     /// The upscaler, its factor and *Upscale*.
@@ -973,6 +1011,16 @@ mod tests {
                 steps: 12,
                 denoising: f64::from(0.45f32),
             })
+        );
+        // A latent upscaler comes back as that mode.
+        let p = GenerationParameters::parse(
+            "a cat\nSteps: 20, Hires upscale: 2, Hires upscaler: Latent (bicubic antialiased)",
+        );
+        restore_parameters(&mut f, &p);
+        let req = build_request(&f, &[], &Document::default(), &test_model());
+        assert_eq!(
+            req.hires.map(|h| h.upscaler),
+            Some(HiresUpscaler::Latent(LatentUpscale::BicubicAntialiased))
         );
         // Parameters without it turn it off.
         restore_parameters(&mut f, &GenerationParameters::parse("a cat\nSteps: 20"));
