@@ -938,3 +938,43 @@ fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
     });
     assert!(shows_text(&h, "control image is resized to 32x32"));
 }
+
+/// The Refiner row: a chosen SDXL refiner is switched on, the worker loads it with the
+/// generation and hands over at the switch point, and the PNG names it.
+#[test]
+fn the_canvas_generates_with_an_sdxl_refiner() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let base = tmp.path().join("tiny-sdxl");
+    write_tiny_sd(&base, TinySd::new(TinyKind::Sdxl));
+    let refiner = tmp.path().join("tiny-refiner");
+    write_tiny_sd(&refiner, TinySd::new(TinyKind::SdxlRefiner));
+    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1600.0));
+    h.step();
+    go_to_canvas(&mut h);
+    drop_file(&mut h, &base);
+    step_until(&mut h, "the model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    h.state_mut()
+        .push_command(CanvasCommand::SetRefiner(refiner.clone()));
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.width = 64;
+        form.height = 64;
+        form.steps = 2;
+        form.refiner_switch_at = 0.4;
+        form.prompt = "a red cat".into();
+    }
+    h.step();
+    assert!(h.state().canvas().form().use_refiner);
+    assert!(shows_text(&h, "tiny-refiner"));
+    h.state_mut().push_command(CanvasCommand::Generate);
+    h.step();
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    let p = &h.state().canvas().document().staged()[0].image.parameters;
+    assert_eq!(p.get("Refiner"), Some("tiny-refiner"));
+    assert_eq!(p.get("Refiner switch at"), Some("0.4"));
+}

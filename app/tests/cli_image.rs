@@ -655,3 +655,39 @@ fn txt2img_takes_a_controlnet_unit() {
     ));
     assert!(e.contains("ControlNet"), "{e}");
 }
+
+/// `--refiner MODEL --refiner-switch-at X`: the SDXL refiner takes over, says so, and the PNG
+/// names it as the SD web UI does.
+#[test]
+fn txt2img_runs_an_sdxl_refiner() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let base = tmp.path().join("tiny-sdxl");
+    write_tiny_sd(&base, TinySd::new(TinyKind::Sdxl));
+    let refiner = tmp.path().join("tiny-refiner");
+    write_tiny_sd(&refiner, TinySd::new(TinyKind::SdxlRefiner));
+    let out_path = tmp.path().join("out.png");
+    let out = studio(&[
+        "txt2img",
+        "--model",
+        path(&base),
+        "--refiner",
+        path(&refiner),
+        "--refiner-switch-at",
+        "0.5",
+        "--prompt",
+        "cat",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        path(&out_path),
+    ]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refiner: tiny-refiner"));
+    let p = parameters(&out_path);
+    assert_eq!(p.get("Refiner"), Some("tiny-refiner"));
+    assert_eq!(p.get("Refiner switch at"), Some("0.5"));
+}

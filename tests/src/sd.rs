@@ -20,6 +20,8 @@ pub enum TinyKind {
     Sd1,
     Sd2,
     Sdxl,
+    /// An SDXL refiner: the second text encoder alone, aesthetic-score conditioning.
+    SdxlRefiner,
 }
 
 /// Options for [`write_tiny_sd`].
@@ -312,11 +314,13 @@ pub struct TinyWeights {
 
 /// Writes a tiny model in the diffusers layout to `dir` and returns its tensors.
 pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
-    let sdxl = opts.kind == TinyKind::Sdxl;
+    let refiner = opts.kind == TinyKind::SdxlRefiner;
+    let sdxl = opts.kind == TinyKind::Sdxl || refiner;
     let (te_hidden, te2_hidden) = (32, 32);
     let cross = match opts.kind {
         TinyKind::Sd1 | TinyKind::Sd2 => te_hidden,
         TinyKind::Sdxl => te_hidden + te2_hidden,
+        TinyKind::SdxlRefiner => te2_hidden,
     };
     let projection = 16;
     let down_types = if sdxl {
@@ -343,7 +347,9 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
     if sdxl {
         unet_cfg["addition_embed_type"] = json!("text_time");
         unet_cfg["addition_time_embed_dim"] = json!(256);
-        unet_cfg["projection_class_embeddings_input_dim"] = json!(projection + 6 * 256);
+        // Size ids (6), or the refiner's size and aesthetic score (5).
+        let ids = if refiner { 5 } else { 6 };
+        unet_cfg["projection_class_embeddings_input_dim"] = json!(projection + ids * 256);
     }
     let unet_config = UnetConfig::from_json(&unet_cfg.to_string()).expect("unet config");
     let unet = random_weights(opts.seed, |vb| Unet::new(vb, unet_config).map(|_| ()));
@@ -384,16 +390,17 @@ pub fn write_tiny_sd(dir: &Path, opts: TinySd) -> TinyWeights {
     let vocab = if opts.full_vocab { 49408 } else { vocab_size() };
     let te_cfg = text_config(te_hidden, act, 2, projection, vocab);
     let te_config: ClipConfig = serde_json::from_value(te_cfg.clone()).expect("clip config");
-    let text_encoder = with_text_model_prefix(random_weights(opts.seed + 2, |vb| {
-        ClipTextModel::new(vb, &te_config, false).map(|_| ())
-    }));
-    write_json(&dir.join("text_encoder/config.json"), &te_cfg);
-    save(
-        &dir.join("text_encoder"),
-        "model.safetensors",
-        &text_encoder,
-    );
-    if !opts.full_vocab {
+    let text_encoder = if refiner {
+        HashMap::new()
+    } else {
+        let w = with_text_model_prefix(random_weights(opts.seed + 2, |vb| {
+            ClipTextModel::new(vb, &te_config, false).map(|_| ())
+        }));
+        write_json(&dir.join("text_encoder/config.json"), &te_cfg);
+        save(&dir.join("text_encoder"), "model.safetensors", &w);
+        w
+    };
+    if !opts.full_vocab && !refiner {
         write_tokenizer(&dir.join("tokenizer"), opts.kind == TinyKind::Sd1 || sdxl);
     }
 

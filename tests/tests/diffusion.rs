@@ -632,6 +632,7 @@ fn worker_streams_previews_and_cancels_within_a_step() {
                 ..request("cat", 32)
             }),
             control: Vec::new(),
+            refiner: None,
         })
         .expect("submit");
     let events = until_terminal(&w, job, t);
@@ -666,6 +667,7 @@ fn worker_streams_previews_and_cancels_within_a_step() {
                 ..request("cat", 32)
             }),
             control: Vec::new(),
+            refiner: None,
         })
         .expect("submit");
     let mut seen = Vec::new();
@@ -1118,4 +1120,52 @@ fn textual_inversion_embeddings_stand_for_their_word() {
         ..request("a broken cat", 32)
     };
     assert!(generate(&m, &req, &mut |_| ControlFlow::Continue(())).is_err());
+}
+
+/// The SDXL refiner: a model with the second text encoder alone and aesthetic-score
+/// conditioning loads (and generates by itself), and takes over from the base model after the
+/// switch point with the same sampler; at 1 it never runs. The PNG names it as the web UI does,
+/// and a refiner of another latent space is refused.
+#[test]
+fn an_sdxl_refiner_takes_over_after_the_switch_point() {
+    use studio_inference::diffusion::pipeline::generate_with_refiner;
+    let (_base_dir, base) = tiny(TinyKind::Sdxl);
+    let (_refiner_dir, refiner) = tiny(TinyKind::SdxlRefiner);
+    assert!(refiner.is_refiner() && !base.is_refiner());
+    assert_eq!(refiner.text.len(), 1);
+    let req = ImageRequest {
+        steps: 4,
+        refiner_switch_at: 0.5,
+        ..request("a red cat", 64)
+    };
+    // The refiner alone is a model too.
+    let alone = run(&refiner, &req).0;
+    assert_eq!(alone.images[0].image.width, 64);
+
+    let pixels = |r: Option<&SdModel>, req: &ImageRequest| {
+        let out = generate_with_refiner(&base, r, req, &mut |_| ControlFlow::Continue(()))
+            .expect("generate");
+        out.images[0].clone()
+    };
+    let plain = pixels(None, &req);
+    let refined = pixels(Some(&refiner), &req);
+    assert_ne!(plain.image.pixels, refined.image.pixels);
+    assert_eq!(
+        refined.parameters.get("Refiner"),
+        Some(refiner.info.name.as_str())
+    );
+    assert_eq!(refined.parameters.get("Refiner switch at"), Some("0.5"));
+    let never = ImageRequest {
+        refiner_switch_at: 1.0,
+        ..req.clone()
+    };
+    assert_eq!(
+        pixels(Some(&refiner), &never).image.pixels,
+        plain.image.pixels
+    );
+
+    let (_sd1_dir, sd1) = tiny(TinyKind::Sd1);
+    let err = generate_with_refiner(&base, Some(&sd1), &req, &mut |_| ControlFlow::Continue(()))
+        .expect_err("an SD 1.x refiner for SDXL");
+    assert!(err.to_string().contains("another latent space"), "{err}");
 }

@@ -40,7 +40,9 @@ use studio_inference::diffusion::inpaint::{InpaintArea, InpaintOptions, MaskedCo
 use studio_inference::diffusion::lora::LoraSpec;
 use studio_inference::diffusion::model::{self, ImageModelOptions, SdModel};
 use studio_inference::diffusion::noise::{NoiseSource, Variation};
-use studio_inference::diffusion::pipeline::{ImageMode, ImageRequest, PreviewMethod, generate};
+use studio_inference::diffusion::pipeline::{
+    ImageMode, ImageRequest, PreviewMethod, generate_with_refiner,
+};
 use studio_inference::diffusion::samplers::{SamplerKind, ScheduleKind};
 use studio_inference::nn::Storage;
 
@@ -154,6 +156,13 @@ pub struct ImageArgs {
     /// Each unit's end, as a share of the steps (default 1).
     #[arg(long, value_parser = crate::cli::values::fraction)]
     pub control_end: Vec<f64>,
+    /// An SDXL refiner (file or folder) that takes over after --refiner-switch-at of the
+    /// steps, as the SD web UI's "Refiner".
+    #[arg(long)]
+    pub refiner: Option<PathBuf>,
+    /// The share of the steps after which the refiner takes over (0 to 1).
+    #[arg(long, default_value_t = 0.8, value_parser = crate::cli::values::fraction)]
+    pub refiner_switch_at: f64,
     /// Guess mode for every unit ("ControlNet is more important"): it guides the prompt's
     /// pass only, so it works even with an empty prompt.
     #[arg(long)]
@@ -401,6 +410,7 @@ fn request(
         },
         mode,
         control,
+        refiner_switch_at: args.refiner_switch_at,
     })
 }
 
@@ -477,7 +487,27 @@ fn run(args: &ImageArgs, m: &SdModel, req: &ImageRequest) -> Result<()> {
     let started = Instant::now();
     let mut preview_count = 0usize;
     let mut preview_error = None;
-    let outcome = generate(m, req, &mut |u| {
+    let refiner = match &args.refiner {
+        Some(path) => {
+            let choice = open_device(args.threads, &args.device)?;
+            let r = model::load(
+                path,
+                &ImageModelOptions::default(),
+                &choice.device,
+                &mut |_, _| {},
+            )
+            .with_context(|| format!("loading the refiner {}", path.display()))?;
+            eprintln!(
+                "refiner: {} ({}) after {} of the steps",
+                r.info.name,
+                r.info.kind.label(),
+                req.refiner_switch_at
+            );
+            Some(r)
+        }
+        None => None,
+    };
+    let outcome = generate_with_refiner(m, refiner.as_ref(), req, &mut |u| {
         eprintln!(
             "image {}/{}: step {}/{}",
             u.image + 1,

@@ -19,7 +19,8 @@ use super::model::SdModel;
 use candle_core::Tensor;
 
 use super::pipeline::{
-    ImageMode, ImageRequest, Outcome, StepUpdate, generate, generate_core, parameters, validate,
+    ImageMode, ImageRequest, Outcome, StepUpdate, generate_core, generate_with_refiner, parameters,
+    refiner_parameters, validate,
 };
 use crate::error::{Error, Result};
 
@@ -233,6 +234,7 @@ pub fn target_size(width: u32, height: u32, scale: f64, multiple: u32) -> Result
 /// txt2img with the hires fix: each image of `req` (a txt2img request), then its second pass.
 pub(super) fn generate_hires(
     model: &SdModel,
+    refiner: Option<&SdModel>,
     req: &ImageRequest,
     hires: &HiresFix,
     on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
@@ -257,7 +259,7 @@ pub(super) fn generate_hires(
         cancelled: false,
     };
     let mut stopped = false;
-    let (first_pass, latents) = generate_core(model, &first, None, &mut |u| {
+    let (first_pass, latents) = generate_core(model, None, &first, None, &mut |u| {
         let flow = on_step(u);
         stopped |= flow.is_break();
         flow
@@ -311,9 +313,9 @@ pub(super) fn generate_hires(
         };
         let mut pass = if let Some(lat) = &big_latents {
             validate(model, &second)?;
-            generate_core(model, &second, Some(lat), &mut forward)?.0
+            generate_core(model, refiner, &second, Some(lat), &mut forward)?.0
         } else {
-            generate(model, &second, &mut forward)?
+            generate_with_refiner(model, refiner, &second, &mut forward)?
         };
         let Some(mut done) = pass.images.pop() else {
             out.cancelled = true;
@@ -326,6 +328,7 @@ pub(super) fn generate_hires(
             p.set("Hires steps", hires.steps.to_string());
         }
         p.set("Hires upscaler", hires.upscaler.name());
+        refiner_parameters(&mut p, refiner, req);
         done.parameters = p;
         out.images.push(done);
         if pass.cancelled {

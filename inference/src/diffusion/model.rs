@@ -149,6 +149,12 @@ impl std::fmt::Debug for SdModel {
 }
 
 impl SdModel {
+    /// Whether this is an SDXL refiner: the OpenCLIP bigG encoder alone, conditioned on an
+    /// aesthetic score instead of the target size.
+    pub fn is_refiner(&self) -> bool {
+        self.info.kind == SdKind::Sdxl && self.text.len() == 1
+    }
+
     /// The format of this model's latents, for previews (SDXL's differs).
     pub fn latent_format(&self) -> LatentFormat {
         match self.info.kind {
@@ -492,13 +498,18 @@ fn load_diffusers(
             ("text_encoder_2", "tokenizer_2", Padding::Exclamation),
         ],
     };
-    for (i, (te, tok, padding)) in te_dirs.iter().enumerate() {
+    for (te, tok, padding) in te_dirs {
         let te_dir = dir.join(te);
+        // The SDXL refiner has only the second (OpenCLIP bigG) encoder.
+        if kind == SdKind::Sdxl && *te == "text_encoder" && !te_dir.join("config.json").is_file() {
+            continue;
+        }
         let cfg: ClipConfig = read_json(&te_dir.join("config.json"))?;
-        let part = if i == 0 {
-            LoraPart::TextEncoder
-        } else {
+        let second = *te == "text_encoder_2";
+        let part = if second {
             LoraPart::TextEncoder2
+        } else {
+            LoraPart::TextEncoder
         };
         let (vb, stored) = var_builder(
             &component_files(&te_dir, "model")?,
@@ -506,7 +517,7 @@ fn load_diffusers(
             device,
             lora.as_ref().map(|l| (l, part)),
         )?;
-        let with_projection = kind == SdKind::Sdxl && i == 1;
+        let with_projection = kind == SdKind::Sdxl && second;
         let model = with_weight_storage(stored, || ClipTextModel::new(&vb, &cfg, with_projection))
             .map_err(|e| component_error(&te_dir, &e))?;
         let tokenizer = diffusers_tokenizer(&dir.join(tok), cfg.vocab_size, *padding)?;

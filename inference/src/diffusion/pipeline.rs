@@ -149,6 +149,9 @@ pub struct ImageRequest {
     pub mode: ImageMode,
     /// ControlNet units; their residuals add up.
     pub control: Vec<ControlUnit>,
+    /// With a refiner ([`generate_with_refiner`]): the share of the steps after which it takes
+    /// over (the web UI's "Switch at", 0 to 1).
+    pub refiner_switch_at: f64,
 }
 
 impl ImageRequest {
@@ -174,6 +177,7 @@ impl ImageRequest {
             preview: PreviewMethod::Latent2Rgb,
             mode: ImageMode::Txt2Img,
             control: Vec::new(),
+            refiner_switch_at: 0.8,
         }
     }
 }
@@ -261,6 +265,76 @@ impl Noise {
 struct Conditioning {
     context: Tensor,
     pooled: Option<Tensor>,
+}
+
+/// One model's conditioning for the whole batch (negative first with CFG).
+struct Stage {
+    context: Tensor,
+    pooled: Option<Tensor>,
+    /// SDXL's size ids (original size, crop, target size), or the refiner's (original size,
+    /// crop, aesthetic score: 2.5 for the negative pass, 6 for the prompt's, diffusers'
+    /// defaults).
+    time_ids: Option<Tensor>,
+}
+
+impl Stage {
+    fn new(
+        model: &SdModel,
+        req: &ImageRequest,
+        (prompt, negative): (&str, &str),
+        tis: &[TextualInversion],
+        batch: usize,
+    ) -> Result<Self> {
+        let device = &model.device;
+        let chunks = chunk_count(model, prompt, tis).max(chunk_count(model, negative, tis));
+        let cond = encode_prompt(model, prompt, chunks, req.clip_skip, tis)?;
+        let uncond = if batch == 1 {
+            None
+        } else if model.info.kind == SdKind::Sdxl
+            && !model.is_refiner()
+            && req.negative_prompt.trim().is_empty()
+        {
+            // SDXL was trained with zeroed embeddings for an empty negative prompt.
+            Some(Conditioning {
+                context: cond.context.zeros_like()?,
+                pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+            })
+        } else {
+            Some(encode_prompt(model, negative, chunks, req.clip_skip, tis)?)
+        };
+        let (context, pooled) = match &uncond {
+            Some(u) => (
+                Tensor::cat(&[&u.context, &cond.context], 0)?,
+                match (&u.pooled, &cond.pooled) {
+                    (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 0)?),
+                    _ => None,
+                },
+            ),
+            None => (cond.context.clone(), cond.pooled.clone()),
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let (hf, wf) = (req.height as f32, req.width as f32);
+        let time_ids = if model.is_refiner() {
+            let scores: &[f32] = if batch == 2 { &[2.5, 6.0] } else { &[6.0] };
+            let rows: Vec<f32> = scores.iter().flat_map(|&a| [hf, wf, 0.0, 0.0, a]).collect();
+            Some(Tensor::from_vec(rows, (batch, 5), device)?.to_dtype(model.dtype)?)
+        } else if model.info.kind == SdKind::Sdxl {
+            let row = [hf, wf, 0.0, 0.0, hf, wf];
+            let rows: Vec<f32> = (0..batch).flat_map(|_| row).collect();
+            Some(Tensor::from_vec(rows, (batch, 6), device)?.to_dtype(model.dtype)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            context,
+            pooled,
+            time_ids,
+        })
+    }
+
+    fn text_time(&self) -> Option<(&Tensor, &Tensor)> {
+        self.pooled.as_ref().zip(self.time_ids.as_ref())
+    }
 }
 
 pub(super) fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
@@ -514,7 +588,35 @@ pub fn generate(
     req: &ImageRequest,
     on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
 ) -> Result<Outcome> {
+    generate_with_refiner(model, None, req, on_step)
+}
+
+/// [`generate`] with an SDXL refiner taking over after `req.refiner_switch_at` of the steps
+/// (the web UI's "Refiner"): the same sampler goes on with the refiner's UNet and its own text
+/// encoder and aesthetic-score conditioning. With the hires fix it refines the second pass.
+pub fn generate_with_refiner(
+    model: &SdModel,
+    refiner: Option<&SdModel>,
+    req: &ImageRequest,
+    on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
+) -> Result<Outcome> {
     validate(model, req)?;
+    if let Some(r) = refiner {
+        if !(0.0..=1.0).contains(&req.refiner_switch_at) {
+            return Err(Error::InvalidParameter(format!(
+                "refiner switch at {} is out of range (0 to 1)",
+                req.refiner_switch_at
+            )));
+        }
+        if r.latent_format() != model.latent_format() {
+            return Err(Error::InvalidParameter(format!(
+                "the refiner {} ({}) works in another latent space than this {} model",
+                r.info.name,
+                r.info.kind.label(),
+                model.info.kind.label()
+            )));
+        }
+    }
     if let ImageMode::Inpaint {
         init,
         mask,
@@ -523,12 +625,18 @@ pub fn generate(
     } = &req.mode
         && req.inpaint.area == InpaintArea::OnlyMasked
     {
-        return generate_only_masked(model, req, (init, mask, *strength, *mask_blur), on_step);
+        return generate_only_masked(
+            model,
+            refiner,
+            req,
+            (init, mask, *strength, *mask_blur),
+            on_step,
+        );
     }
     if let (Some(hires), ImageMode::Txt2Img) = (&req.hires, &req.mode) {
-        return generate_hires(model, req, hires, on_step);
+        return generate_hires(model, refiner, req, hires, on_step);
     }
-    generate_core(model, req, None, on_step).map(|(outcome, _)| outcome)
+    generate_core(model, refiner, req, None, on_step).map(|(outcome, _)| outcome)
 }
 
 /// One pass of [`generate`] (no hires fix, no only-masked crop), also returning each image's
@@ -536,6 +644,7 @@ pub fn generate(
 /// init image's encoding.
 pub(super) fn generate_core(
     model: &SdModel,
+    refiner: Option<&SdModel>,
     req: &ImageRequest,
     init_override: Option<&Tensor>,
     on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
@@ -555,43 +664,12 @@ pub(super) fn generate_core(
     let (_, prompt) = super::lora::parse_prompt(&req.prompt);
     let (_, negative) = super::lora::parse_prompt(&req.negative_prompt);
     let tis = load_mentioned(&req.embeddings, &[&prompt, &negative])?;
-    let chunks = chunk_count(model, &prompt, &tis).max(chunk_count(model, &negative, &tis));
-    let cond = encode_prompt(model, &prompt, chunks, req.clip_skip, &tis)?;
-    let uncond = if !guidance {
-        None
-    } else if model.info.kind == SdKind::Sdxl && req.negative_prompt.trim().is_empty() {
-        // SDXL was trained with zeroed embeddings for an empty negative prompt.
-        Some(Conditioning {
-            context: cond.context.zeros_like()?,
-            pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
-        })
-    } else {
-        Some(encode_prompt(
-            model,
-            &negative,
-            chunks,
-            req.clip_skip,
-            &tis,
-        )?)
-    };
-    let (context, pooled) = match &uncond {
-        Some(u) => (
-            Tensor::cat(&[&u.context, &cond.context], 0)?,
-            match (&u.pooled, &cond.pooled) {
-                (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 0)?),
-                _ => None,
-            },
-        ),
-        None => (cond.context.clone(), cond.pooled.clone()),
-    };
     let batch = if guidance { 2 } else { 1 };
-    let time_ids = if model.info.kind == SdKind::Sdxl {
-        let (hf, wf) = (h as f32, w as f32);
-        let row = [hf, wf, 0.0, 0.0, hf, wf];
-        let rows: Vec<f32> = (0..batch).flat_map(|_| row).collect();
-        Some(Tensor::from_vec(rows, (batch, 6), device)?.to_dtype(model.dtype)?)
-    } else {
-        None
+    let base = Stage::new(model, req, (&prompt, &negative), &tis, batch)?;
+    // The refiner takes over for the steps after its switch point, with its own encoder.
+    let refined = match refiner {
+        Some(r) => Some(Stage::new(r, req, (&prompt, &negative), &tis, batch)?),
+        None => None,
     };
 
     // Image-conditioned modes: the init image's latents and, for inpainting, the mask.
@@ -734,34 +812,44 @@ pub(super) fn generate_core(
         };
         for i in start..steps {
             let sigma = sampler.sigma(i);
-            let scaled = (&x * sampler.input_scale(i))?.to_dtype(model.dtype)?;
+            // The web UI's rule: the refiner runs the steps whose share done exceeds the
+            // switch point.
+            #[allow(clippy::cast_precision_loss)]
+            let share = (i - start) as f64 / (steps - start) as f64;
+            let (active, stage) = match (refiner, &refined) {
+                (Some(r), Some(stage)) if share > req.refiner_switch_at => (r, stage),
+                _ => (model, &base),
+            };
+            let on_base = std::ptr::eq(active, model);
+            let scaled = (&x * sampler.input_scale(i))?.to_dtype(active.dtype)?;
             let mut inp = if batch == 2 {
                 Tensor::cat(&[&scaled, &scaled], 0)?
             } else {
                 scaled.clone()
             };
-            let text_time = match (&pooled, &time_ids) {
-                (Some(p), Some(t)) => Some((p, t)),
-                _ => None,
+            let text_time = stage.text_time();
+            let control = if on_base {
+                control_residuals(
+                    req,
+                    &controls,
+                    (i, steps),
+                    (&inp, &scaled),
+                    sampler.timestep(i),
+                    &stage.context,
+                    text_time,
+                )?
+            } else {
+                None
             };
-            let control = control_residuals(
-                req,
-                &controls,
-                (i, steps),
-                (&inp, &scaled),
-                sampler.timestep(i),
-                &context,
-                text_time,
-            )?;
-            if let Some(extra) = &inpaint_extra {
+            if let (Some(extra), true) = (&inpaint_extra, on_base) {
                 inp = Tensor::cat(&[&inp, extra], 1)?;
             }
-            let out = model
+            let out = active
                 .unet
                 .forward_with_control(
                     &inp,
                     sampler.timestep(i),
-                    &context,
+                    &stage.context,
                     text_time,
                     control.as_ref(),
                 )
@@ -823,10 +911,12 @@ pub(super) fn generate_core(
         if let (Some(orig), Some(m)) = (&original, &blurred_mask) {
             image = composite(orig, &image, m)?;
         }
+        let mut parameters = parameters(model, req, index, seed, mask_blur);
+        refiner_parameters(&mut parameters, refiner, req);
         images.push(GeneratedImage {
-            parameters: parameters(model, req, index, seed, mask_blur),
             image,
             seed,
+            parameters,
         });
         latents.push(x);
     }
@@ -906,6 +996,7 @@ fn empty_mask() -> Error {
 /// pixel outside the mask is `init`'s own.
 fn generate_only_masked(
     model: &SdModel,
+    refiner: Option<&SdModel>,
     req: &ImageRequest,
     (init, mask, strength, mask_blur): (&RgbImage, &Mask, f64, f32),
     on_step: &mut dyn FnMut(StepUpdate) -> ControlFlow<()>,
@@ -941,12 +1032,13 @@ fn generate_only_masked(
             .collect(),
         ..req.clone()
     };
-    let mut outcome = generate(model, &inner, on_step)?;
+    let mut outcome = generate_with_refiner(model, refiner, &inner, on_step)?;
     let blurred = full_mask.blurred(mask_blur);
     for (index, img) in (0u32..).zip(outcome.images.iter_mut()) {
         let patch = img.image.resized(region.width(), region.height());
         img.image = composite(init, &paste(init, &patch, region), &blurred)?;
         img.parameters = parameters(model, req, index, img.seed, mask_blur);
+        refiner_parameters(&mut img.parameters, refiner, req);
     }
     Ok(outcome)
 }
@@ -960,6 +1052,18 @@ fn out_of_memory_hint(e: Error, req: &ImageRequest) -> Error {
         ))
     } else {
         e
+    }
+}
+
+/// The web UI's `Refiner` and `Refiner switch at`, when a refiner ran.
+pub(super) fn refiner_parameters(
+    p: &mut GenerationParameters,
+    refiner: Option<&SdModel>,
+    req: &ImageRequest,
+) {
+    if let Some(r) = refiner {
+        p.set("Refiner", r.info.name.clone());
+        p.set("Refiner switch at", format_number(req.refiner_switch_at));
     }
 }
 

@@ -27,6 +27,8 @@ pub struct JobContext<'a> {
     pub(super) image_model: &'a mut Option<Box<SdModel>>,
     /// The ControlNets the last generation used, by path.
     pub(super) controlnets: &'a mut ControlNets,
+    /// The SDXL refiner the last generation used, by path.
+    pub(super) refiner: &'a mut Option<(std::path::PathBuf, Box<SdModel>)>,
     pub(super) gan: &'a mut Option<Box<StyleGan2>>,
     pub(super) gan_slots: &'a GanSlots,
     pub(super) previews: &'a PreviewSlot,

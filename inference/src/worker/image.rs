@@ -45,6 +45,7 @@ pub(super) fn generate_image(
     ctx: &mut JobContext<'_>,
     mut request: ImageRequest,
     control: &[ControlSpec],
+    refiner: Option<&Path>,
 ) -> Result<()> {
     if ctx.image_model.is_none() {
         return Err(Error::InvalidParameter(
@@ -64,6 +65,23 @@ pub(super) fn generate_image(
         };
         request.control.push(spec.unit(net));
     }
+    // The refiner: kept while asked for, loaded when another is, dropped when none is.
+    match refiner {
+        None => *ctx.refiner = None,
+        Some(path) if ctx.refiner.as_ref().is_some_and(|(p, _)| p == path) => {}
+        Some(path) => {
+            *ctx.refiner = None;
+            let mut progress = progress_sender(ctx.events, ctx.repaint, ctx.job);
+            let model = sd_model::load(
+                path,
+                &ImageModelOptions::default(),
+                ctx.device,
+                &mut progress,
+            )?;
+            *ctx.refiner = Some((path.to_owned(), Box::new(model)));
+        }
+    }
+    let refiner = ctx.refiner.as_ref().map(|(_, m)| m.as_ref());
     let request = &request;
     let Some(model) = ctx.image_model.as_deref() else {
         return Err(Error::InvalidParameter(
@@ -72,7 +90,7 @@ pub(super) fn generate_image(
     };
     let (job, cancel, events, repaint, previews) =
         (ctx.job, ctx.cancel, ctx.events, ctx.repaint, ctx.previews);
-    let outcome = pipeline::generate(model, request, &mut |update| {
+    let outcome = pipeline::generate_with_refiner(model, refiner, request, &mut |update| {
         if let Some(image) = update.preview {
             *lock(previews) = Some(PreviewFrame {
                 job,

@@ -152,6 +152,7 @@ impl Worker {
             backend: None,
             image_model: None,
             controlnets: ControlNets::new(),
+            refiner: None,
             gan: None,
             gan_slots: gan_slots.clone(),
             previews: previews.clone(),
@@ -311,6 +312,7 @@ struct WorkerState {
     backend: Option<Backend>,
     image_model: Option<Box<SdModel>>,
     controlnets: ControlNets,
+    refiner: Option<(std::path::PathBuf, Box<SdModel>)>,
     gan: Option<Box<StyleGan2>>,
     gan_slots: Arc<GanSlots>,
     previews: PreviewSlot,
@@ -407,6 +409,7 @@ impl WorkerState {
             backend: &mut self.backend,
             image_model: &mut self.image_model,
             controlnets: &mut self.controlnets,
+            refiner: &mut self.refiner,
             gan: &mut self.gan,
             gan_slots: &self.gan_slots,
             previews: &self.previews,
@@ -485,9 +488,16 @@ fn execute(ctx: &mut JobContext<'_>, kind: JobKind) -> Result<Option<GenerationS
             image::unload_image_model(ctx);
             Ok(None)
         }
-        JobKind::GenerateImage { request, control } => {
-            done(image::generate_image(ctx, *request, &control))
-        }
+        JobKind::GenerateImage {
+            request,
+            control,
+            refiner,
+        } => done(image::generate_image(
+            ctx,
+            *request,
+            &control,
+            refiner.as_deref(),
+        )),
         JobKind::UpscaleImage {
             image,
             parameters,

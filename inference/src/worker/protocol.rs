@@ -93,6 +93,9 @@ pub enum JobKind {
         request: Box<ImageRequest>,
         /// ControlNet units; the worker loads their networks, keeping those in use.
         control: Vec<ControlSpec>,
+        /// An SDXL refiner (file or folder) taking over at `request.refiner_switch_at`; the
+        /// worker loads it and keeps it while it is asked for.
+        refiner: Option<std::path::PathBuf>,
     },
     /// Upscale an image with an ESRGAN / Real-ESRGAN upscaler file (loaded for the job), in
     /// tiles, to `scale` times its size: [`Event::ImageProgress`] per tile (step = tile), the

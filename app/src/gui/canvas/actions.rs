@@ -115,6 +115,24 @@ impl PanelView for CanvasPanel {
                 }
             }
             CanvasCommand::SetUpscaler(path) => c.form.upscaler = Some(path),
+            CanvasCommand::ChooseRefinerDialog { folder } => {
+                let dialog = rfd::FileDialog::new().set_title("Choose an SDXL refiner");
+                let picked = if folder {
+                    dialog.pick_folder()
+                } else {
+                    dialog
+                        .add_filter("Refiner", &["safetensors", "ckpt"])
+                        .pick_file()
+                };
+                if let Some(path) = picked {
+                    c.form.refiner = Some(path);
+                    c.form.use_refiner = true;
+                }
+            }
+            CanvasCommand::SetRefiner(path) => {
+                c.form.refiner = Some(path);
+                c.form.use_refiner = true;
+            }
             CanvasCommand::Control(command) => self.apply_control(command, cx),
             CanvasCommand::AddLoraToPrompt(name) => {
                 let prompt = &mut c.form.prompt;
@@ -556,10 +574,16 @@ impl CanvasPanel {
             ));
         }
         let control = self.control_specs((request.width, request.height), cx);
+        let refiner = self
+            .form
+            .refiner
+            .clone()
+            .filter(|_| self.form.use_refiner);
         let job = cx.submit(
             JobKind::GenerateImage {
                 request: Box::new(request),
                 control,
+                refiner,
             },
             CanvasPurpose::GenerateImage.into(),
         );

@@ -25,6 +25,12 @@ pub enum CanvasCommand {
     Upscale,
     /// Choose the upscaler file with the file dialog.
     ChooseUpscalerDialog,
+    /// Choose the SDXL refiner with the file dialog (`folder`: a diffusers folder).
+    ChooseRefinerDialog {
+        folder: bool,
+    },
+    /// Use this refiner model.
+    SetRefiner(PathBuf),
     /// Use this upscaler file.
     SetUpscaler(PathBuf),
     /// Append `<lora:NAME:1>` to the prompt.

@@ -27,6 +27,7 @@ use crate::gui::style::weak;
 /// The form's values (saved with the canvas).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[allow(clippy::struct_excessive_bools)] // one per checkbox of the form
 pub struct FormValues {
     pub prompt: String,
     pub negative_prompt: String,
@@ -76,6 +77,11 @@ pub struct FormValues {
     pub hires_with_upscaler: bool,
     /// The hires fix enlarges the latents in this mode (the web UI's "Latent" upscalers).
     pub hires_latent: Option<LatentUpscale>,
+    /// An SDXL refiner (file or folder), used when `use_refiner`.
+    pub refiner: Option<PathBuf>,
+    pub use_refiner: bool,
+    /// The share of the steps after which the refiner takes over.
+    pub refiner_switch_at: f32,
 }
 
 impl Default for FormValues {
@@ -110,6 +116,9 @@ impl Default for FormValues {
             hires_denoise: 0.7,
             hires_with_upscaler: false,
             hires_latent: None,
+            refiner: None,
+            use_refiner: false,
+            refiner_switch_at: 0.8,
         }
     }
 }
@@ -197,6 +206,7 @@ pub fn build_request(
     req.negative_prompt = negative;
     req.steps = form.steps.max(1) as usize;
     req.cfg_scale = f64::from(form.cfg_scale);
+    req.refiner_switch_at = f64::from(form.refiner_switch_at.clamp(0.0, 1.0));
     req.seed = (!form.random_seed).then_some(form.seed);
     req.sampler = form.sampler;
     req.schedule = form.schedule;
@@ -345,6 +355,17 @@ pub fn restore_parameters(
         form.hires_with_upscaler =
             form.hires_latent.is_none() && !upscaler.trim().eq_ignore_ascii_case("lanczos");
         set.push("hires fix");
+    }
+    // The refiner named in the image is used when it is the one chosen here.
+    form.use_refiner = match params.get("Refiner") {
+        Some(name) => form.refiner.as_ref().is_some_and(|p| {
+            p.file_stem()
+                .is_some_and(|s| s.to_string_lossy() == name.trim())
+        }),
+        None => false,
+    };
+    if let Some(at) = number("Refiner switch at") {
+        form.refiner_switch_at = at.clamp(0.0, 1.0);
     }
     if let Some(area) = params.get("Inpaint area").and_then(InpaintArea::parse) {
         form.inpaint_area = area;
@@ -635,6 +656,9 @@ impl FormView {
                 .on_hover_text("How much of the image is redrawn (1 = all of it)")
                 .on_disabled_hover_text("Only for img2img and inpainting");
                 ui.end_row();
+                ui.label("Refiner");
+                Self::refiner_row(ui, form, commands);
+                ui.end_row();
                 let l = ui.label("Mask blur");
                 ui.add(egui::Slider::new(&mut form.mask_blur, 0.0..=32.0).step_by(1.0))
                     .labelled_by(l.id)
@@ -728,6 +752,36 @@ impl FormView {
                 "No TAESD decoder loaded: the fast preview is used.",
             ));
         }
+    }
+
+    /// The SDXL refiner: on/off, its file, and the switch point.
+    fn refiner_row(ui: &mut egui::Ui, form: &mut FormValues, commands: &mut Vec<Command>) {
+        ui.horizontal(|ui| {
+            ui.add_enabled(
+                form.refiner.is_some(),
+                egui::Checkbox::without_text(&mut form.use_refiner),
+            )
+            .on_hover_text("A second model takes over for the last steps (SDXL's refiner)")
+            .on_disabled_hover_text("Choose a refiner model first");
+            let name = form
+                .refiner
+                .as_ref()
+                .map_or_else(|| "none".to_owned(), |p| super::file_name(p));
+            ui.label(name);
+            for (label, folder) in [("File…", false), ("Folder…", true)] {
+                if ui.small_button(label).clicked() {
+                    commands.push(CanvasCommand::ChooseRefinerDialog { folder }.into());
+                }
+            }
+            ui.add_enabled(
+                form.use_refiner,
+                egui::DragValue::new(&mut form.refiner_switch_at)
+                    .range(0.0..=1.0)
+                    .speed(0.01)
+                    .prefix("switch at "),
+            )
+            .on_hover_text("The share of the steps after which the refiner takes over");
+        });
     }
 
     /// How the hires fix enlarges: Lanczos, a latent mode, or the upscaler file.
