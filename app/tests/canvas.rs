@@ -978,3 +978,49 @@ fn the_canvas_generates_with_an_sdxl_refiner() {
     assert_eq!(p.get("Refiner"), Some("tiny-refiner"));
     assert_eq!(p.get("Refiner switch at"), Some("0.4"));
 }
+
+/// The LoRA gallery reads the user's added folders besides `models/lora`, shows the preview
+/// image beside a file and its trigger words (the web UI's `NAME.json`), and *Add to prompt*
+/// adds the tag at the preferred weight with the trigger words.
+#[test]
+fn the_lora_gallery_shows_previews_and_trigger_words_from_added_folders() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_sd(tmp.path());
+    let folder = tmp.path().join("my-loras");
+    std::fs::create_dir_all(&folder).expect("dir");
+    studio_tests::sd::write_tiny_lora(&model, &folder.join("neon.safetensors"));
+    std::fs::write(
+        folder.join("neon.png"),
+        encode_png(&gradient(64, 64), None).expect("png"),
+    )
+    .expect("preview");
+    std::fs::write(
+        folder.join("neon.json"),
+        r#"{"activation text": "neon glow, cyberpunk", "preferred weight": 0.7}"#,
+    )
+    .expect("json");
+    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1600.0));
+    h.state_mut()
+        .settings_mut()
+        .lora_folders
+        .push(folder.clone());
+    h.step();
+    go_to_canvas(&mut h);
+    h.state_mut().canvas_mut().form_mut().prompt = "a city".into();
+    step_until(&mut h, "the preview to load", |h| {
+        h.state()
+            .canvas()
+            .lora_preview_shown(&folder.join("neon.png"))
+    });
+    let gallery = h.state().canvas().lora_gallery().expect("read").to_vec();
+    assert_eq!(gallery.len(), 1);
+    assert_eq!(gallery[0].trigger_words, ["neon glow", "cyberpunk"]);
+    assert!(shows_text(&h, "neon glow, cyberpunk"));
+    control(&h, "Add to prompt").click();
+    h.step();
+    assert_eq!(
+        h.state().canvas().form().prompt,
+        "a city <lora:neon:0.7>, neon glow, cyberpunk"
+    );
+}

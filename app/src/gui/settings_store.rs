@@ -61,6 +61,9 @@ pub struct Settings {
     pub image_model_options: ImageModelOptions,
     /// The Latent Explorer's StyleGAN2 generator, loaded again at startup if it still exists.
     pub last_gan_model: Option<PathBuf>,
+    /// Folders of LoRA files the user added to the Canvas's LoRA gallery (besides
+    /// `STUDIO_HOME/models/lora`).
+    pub lora_folders: Vec<PathBuf>,
     /// The Code panel's options.
     pub code: CodeSettings,
     /// The API server started from the Settings panel.
@@ -163,6 +166,7 @@ impl Default for Settings {
             last_image_model: None,
             image_model_options: ImageModelOptions::default(),
             last_gan_model: None,
+            lora_folders: Vec::new(),
             code: CodeSettings::default(),
             server: ServerSettings::default(),
         }

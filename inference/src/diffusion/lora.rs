@@ -729,9 +729,195 @@ pub fn list_dir(dir: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
+/// A LoRA file as the gallery shows it, with what is found beside it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraEntry {
+    /// The name `<lora:…>` uses: the file's stem.
+    pub name: String,
+    /// The file.
+    pub path: PathBuf,
+    /// A preview image beside it: `NAME.preview.png` / `.jpg` / `.jpeg` / `.webp`, or
+    /// `NAME.png` / `.jpg` / `.jpeg` / `.webp` (the SD web UI's conventions).
+    pub preview: Option<PathBuf>,
+    /// Its trigger words: the web UI's `NAME.json` "activation text", else a Civitai
+    /// `NAME.civitai.info` "trainedWords", else the most frequent tags of the file's own
+    /// kohya training metadata (`ss_tag_frequency`).
+    pub trigger_words: Vec<String>,
+    /// The web UI's "preferred weight" from `NAME.json`, when set.
+    pub preferred_weight: Option<f64>,
+}
+
+/// The `.safetensors` LoRAs of `dirs` (a name found in an earlier folder wins), with their
+/// previews and trigger words, sorted by name.
+pub fn gallery(dirs: &[PathBuf]) -> Vec<LoraEntry> {
+    let mut out: Vec<LoraEntry> = Vec::new();
+    for dir in dirs {
+        for (name, path) in list_dir(dir) {
+            if out.iter().any(|e| e.name == name) {
+                continue;
+            }
+            let beside = |suffix: &str| {
+                let p = dir.join(format!("{name}{suffix}"));
+                p.is_file().then_some(p)
+            };
+            let preview = [
+                ".preview.png",
+                ".preview.jpg",
+                ".preview.jpeg",
+                ".preview.webp",
+            ]
+            .into_iter()
+            .chain([".png", ".jpg", ".jpeg", ".webp"])
+            .find_map(beside);
+            let user = beside(".json").and_then(|p| small_json(&p));
+            let activation = user
+                .as_ref()
+                .and_then(|v| v["activation text"].as_str())
+                .map(split_words)
+                .unwrap_or_default();
+            let trigger_words = if activation.is_empty() {
+                let civitai = beside(".civitai.info")
+                    .and_then(|p| small_json(&p))
+                    .and_then(|v| {
+                        v["trainedWords"].as_array().map(|a| {
+                            a.iter()
+                                .filter_map(|w| w.as_str())
+                                .flat_map(split_words)
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .unwrap_or_default();
+                if civitai.is_empty() {
+                    training_tags(&path, 5)
+                } else {
+                    civitai
+                }
+            } else {
+                activation
+            };
+            let preferred_weight = user
+                .as_ref()
+                .and_then(|v| v["preferred weight"].as_f64())
+                .filter(|w| w.is_finite() && *w != 0.0);
+            out.push(LoraEntry {
+                name,
+                path,
+                preview,
+                trigger_words,
+                preferred_weight,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// Comma-separated words, trimmed, the empty ones dropped.
+fn split_words(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A JSON file of at most 1 MB.
+fn small_json(path: &Path) -> Option<serde_json::Value> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.len() > 1 << 20 {
+        return None;
+    }
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// The `count` most frequent tags of a kohya LoRA's `ss_tag_frequency` metadata (a JSON
+/// string of `{dataset: {tag: count}}` in the safetensors header; headers over 16 MB are not
+/// read).
+fn training_tags(path: &Path, count: usize) -> Vec<String> {
+    use std::io::Read as _;
+    let read = || -> Option<serde_json::Value> {
+        let mut f = std::fs::File::open(path).ok()?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).ok()?;
+        let n = usize::try_from(u64::from_le_bytes(len)).ok()?;
+        if n > 16 << 20 {
+            return None;
+        }
+        let mut header = vec![0u8; n];
+        f.read_exact(&mut header).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+        serde_json::from_str(v["__metadata__"]["ss_tag_frequency"].as_str()?).ok()
+    };
+    let Some(freq) = read() else {
+        return Vec::new();
+    };
+    let mut totals: HashMap<String, u64> = HashMap::new();
+    for tags in freq.as_object().into_iter().flat_map(|m| m.values()) {
+        for (tag, n) in tags.as_object().into_iter().flatten() {
+            *totals.entry(tag.trim().to_owned()).or_default() += n.as_u64().unwrap_or(0);
+        }
+    }
+    let mut tags: Vec<(String, u64)> = totals.into_iter().filter(|(t, _)| !t.is_empty()).collect();
+    tags.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    tags.into_iter().take(count).map(|(t, _)| t).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gallery_finds_previews_and_trigger_words_beside_the_files() {
+        let a = tempfile::tempdir().expect("tmp");
+        let b = tempfile::tempdir().expect("tmp");
+        let header = |meta: &str| {
+            let json = format!(r#"{{"__metadata__":{{"ss_tag_frequency":{meta}}}}}"#);
+            let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+            bytes.extend(json.as_bytes());
+            bytes
+        };
+        // Kohya metadata only: its most frequent tags.
+        let tags = serde_json::to_string(
+            r#"{"set1": {"inkwash": 40, " brush": 12}, "set2": {"inkwash": 5, "paper": 20}}"#,
+        )
+        .expect("json");
+        std::fs::write(a.path().join("inkwash.safetensors"), header(&tags)).expect("write");
+        std::fs::write(a.path().join("inkwash.preview.png"), b"png").expect("write");
+        // The web UI's user metadata wins over Civitai's.
+        std::fs::write(a.path().join("neon.safetensors"), header("\"{}\"")).expect("write");
+        std::fs::write(a.path().join("neon.png"), b"png").expect("write");
+        std::fs::write(
+            a.path().join("neon.json"),
+            r#"{"activation text": "neon glow, cyberpunk", "preferred weight": 0.7}"#,
+        )
+        .expect("write");
+        std::fs::write(
+            a.path().join("neon.civitai.info"),
+            r#"{"trainedWords": ["other"]}"#,
+        )
+        .expect("write");
+        // Civitai's words; a second folder's file of the same name is shadowed.
+        std::fs::write(b.path().join("clay.safetensors"), b"not even a header").expect("write");
+        std::fs::write(
+            b.path().join("clay.civitai.info"),
+            r#"{"trainedWords": ["claymation, plasticine"]}"#,
+        )
+        .expect("write");
+        std::fs::write(b.path().join("neon.safetensors"), header("\"{}\"")).expect("write");
+        let g = gallery(&[a.path().to_owned(), b.path().to_owned()]);
+        let names: Vec<&str> = g.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["clay", "inkwash", "neon"]);
+        assert_eq!(g[0].trigger_words, ["claymation", "plasticine"]);
+        assert_eq!(g[0].preview, None);
+        assert_eq!(g[1].trigger_words, ["inkwash", "paper", "brush"]);
+        assert_eq!(
+            g[1].preview.as_deref(),
+            Some(a.path().join("inkwash.preview.png").as_path())
+        );
+        assert_eq!(g[2].trigger_words, ["neon glow", "cyberpunk"]);
+        assert_eq!(g[2].preferred_weight, Some(0.7));
+        assert_eq!(g[2].path, a.path().join("neon.safetensors"));
+    }
 
     fn t(v: &[f32], shape: &[usize]) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).expect("tensor")

@@ -135,13 +135,35 @@ impl PanelView for CanvasPanel {
             }
             CanvasCommand::Control(command) => self.apply_control(command, cx),
             CanvasCommand::AddLoraToPrompt(name) => {
+                // Its preferred weight, and its trigger words the prompt lacks, as the web
+                // UI's gallery adds them.
+                let entry = c
+                    .lora_list
+                    .as_ref()
+                    .and_then(|l| l.iter().find(|e| e.name == name));
+                let weight = entry.and_then(|e| e.preferred_weight).unwrap_or(1.0);
                 let prompt = &mut c.form.prompt;
+                let words: Vec<String> = entry
+                    .map(|e| {
+                        e.trigger_words
+                            .iter()
+                            .filter(|w| !prompt.contains(w.as_str()))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 if !prompt.is_empty() && !prompt.ends_with(' ') {
                     prompt.push(' ');
                 }
                 prompt.push_str("<lora:");
                 prompt.push_str(&name);
-                prompt.push_str(":1>");
+                prompt.push(':');
+                prompt.push_str(&weight.to_string());
+                prompt.push('>');
+                if !words.is_empty() {
+                    prompt.push_str(", ");
+                    prompt.push_str(&words.join(", "));
+                }
             }
             CanvasCommand::Cancel => {
                 if let (Some(worker), Some(job)) = (&cx.worker, c.generating) {
@@ -389,7 +411,9 @@ impl CanvasPanel {
         path: &Path,
         result: Result<(RgbImage, Option<String>), String>,
     ) {
-        self.history.set_thumbnail(ctx, path, result);
+        if !self.set_lora_preview(ctx, path, &result) {
+            self.history.set_thumbnail(ctx, path, result);
+        }
     }
 
     /// Loads a Stable Diffusion model with the options in Settings.
@@ -524,7 +548,9 @@ impl CanvasPanel {
         // `<lora:name:weight>` in the prompt: the model is loaded again with those networks
         // merged when they differ from what is loaded (and without them when none is named).
         let (tags, _) = lora::parse_prompt(&request.prompt);
-        let available = lora::list_dir(&c.lora_dir);
+        let dirs = c.lora_dirs(cx.settings);
+        let available: Vec<(String, PathBuf)> =
+            dirs.iter().flat_map(|d| lora::list_dir(d)).collect();
         let mut specs = Vec::new();
         for tag in tags {
             match available.iter().find(|(name, _)| *name == tag.name) {
@@ -536,7 +562,10 @@ impl CanvasPanel {
                 None => cx.notices.warning(format!(
                     "No LoRA named `{}` in {}; generating without it",
                     tag.name,
-                    c.lora_dir.display()
+                    dirs.iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
                 )),
             }
         }

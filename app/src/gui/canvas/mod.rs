@@ -26,6 +26,8 @@ pub use self::command::CanvasCommand;
 use std::path::{Path, PathBuf};
 
 use egui::RichText;
+use studio_inference::diffusion::imaging::RgbImage;
+use studio_inference::diffusion::lora::{self, LoraEntry};
 use studio_inference::diffusion::model::{ImageModelInfo, ImageModelOptions};
 use studio_inference::image_meta::GenerationParameters;
 use studio_inference::worker::JobId;
@@ -79,8 +81,10 @@ pub struct CanvasPanel {
     /// Textual-inversion embeddings, used where the prompt names them
     /// (`STUDIO_HOME/models/embeddings`).
     pub(crate) embeddings_dir: PathBuf,
-    /// The LoRA files' names, read when the list is first shown (and on Refresh).
-    lora_list: Option<Vec<String>>,
+    /// The LoRA gallery, read when first shown (and on Refresh or a folder change).
+    lora_list: Option<Vec<LoraEntry>>,
+    /// Preview textures by image path (`None`: asked of the file thread, or unreadable).
+    lora_previews: std::collections::HashMap<PathBuf, Option<egui::TextureHandle>>,
     /// The Colour brush's colour.
     paint_colour: [u8; 3],
     /// ControlNet units.
@@ -129,6 +133,7 @@ impl CanvasPanel {
             lora_dir: home.join("models").join("lora"),
             embeddings_dir: home.join("models").join("embeddings"),
             lora_list: None,
+            lora_previews: std::collections::HashMap::new(),
             paint_colour: [40, 90, 200],
             control_units: Vec::new(),
         };
@@ -242,7 +247,7 @@ impl CanvasPanel {
                                 .form_ui(ui, &mut self.form, &self.styles, &cx, commands);
                         });
                         section_ui(ui, "LoRAs", |ui| {
-                            self.loras_ui(ui, commands);
+                            self.loras_ui(ui, settings, files, commands);
                         });
                         section_ui(ui, "ControlNet", |ui| {
                             control::units_ui(ui, &mut self.control_units, commands);
@@ -282,45 +287,142 @@ impl CanvasPanel {
         });
     }
 
-    /// The LoRA files of `lora_dir`, each with a button that adds `<lora:name:1>` to the
-    /// prompt (the model loads again with the prompt's LoRAs on Generate).
-    fn loras_ui(&mut self, ui: &mut egui::Ui, commands: &mut Vec<Command>) {
+    /// The folders the LoRA gallery reads: `lora_dir`, then the user's.
+    pub(crate) fn lora_dirs(&self, settings: &Settings) -> Vec<PathBuf> {
+        std::iter::once(self.lora_dir.clone())
+            .chain(settings.lora_folders.iter().cloned())
+            .collect()
+    }
+
+    /// The LoRA gallery: each file with its preview image and trigger words (found beside
+    /// it) and *Add to prompt* (`<lora:name:w>` plus the trigger words; the model loads again
+    /// with the prompt's LoRAs on Generate), and the folders it reads.
+    fn loras_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        settings: &mut Settings,
+        files: &FileWorker,
+        commands: &mut Vec<Command>,
+    ) {
         if self.lora_list.is_none() {
-            self.lora_list = Some(
-                studio_inference::diffusion::lora::list_dir(&self.lora_dir)
-                    .into_iter()
-                    .map(|(name, _)| name)
-                    .collect(),
-            );
+            self.lora_list = Some(lora::gallery(&self.lora_dirs(settings)));
         }
-        let names = self.lora_list.clone().unwrap_or_default();
-        if names.is_empty() {
+        let entries = self.lora_list.clone().unwrap_or_default();
+        if entries.is_empty() {
             ui.label(weak(
                 ui,
                 &format!(
-                    "No LoRAs yet: put .safetensors LoRA files in {}, then use them in the \
-                     prompt as <lora:name:0.8>. Textual-inversion embeddings go in {} and are \
-                     used where the prompt names them",
+                    "No LoRAs yet: put .safetensors LoRA files in {} (or add a folder), then \
+                     use them in the prompt as <lora:name:0.8>. A NAME.png beside a file is \
+                     its preview. Textual-inversion embeddings go in {} and are used where the \
+                     prompt names them",
                     self.lora_dir.display(),
                     self.embeddings_dir.display()
                 ),
             ));
         }
-        for name in &names {
+        for entry in &entries {
             ui.horizontal(|ui| {
-                ui.label(name);
-                if ui
-                    .small_button("Add to prompt")
-                    .on_hover_text(format!("Adds <lora:{name}:1> to the prompt"))
-                    .clicked()
-                {
-                    commands.push(CanvasCommand::AddLoraToPrompt(name.clone()).into());
+                let side = egui::vec2(48.0, 48.0);
+                match &entry.preview {
+                    Some(p) => match self.lora_previews.get(p) {
+                        Some(Some(tex)) => {
+                            ui.add(egui::Image::new((tex.id(), side)))
+                                .on_hover_text(format!("{}'s preview", entry.name));
+                        }
+                        Some(None) => {
+                            ui.allocate_space(side);
+                        }
+                        None => {
+                            if files.thumbnail(p, 96) {
+                                self.lora_previews.insert(p.clone(), None);
+                            }
+                            ui.allocate_space(side);
+                        }
+                    },
+                    None => {
+                        ui.allocate_space(side);
+                    }
+                }
+                ui.vertical(|ui| {
+                    ui.horizontal(|ui| {
+                        ui.label(RichText::new(&entry.name).strong())
+                            .on_hover_text(entry.path.display().to_string());
+                        let weight = entry.preferred_weight.unwrap_or(1.0);
+                        if ui
+                            .small_button("Add to prompt")
+                            .on_hover_text(format!(
+                                "Adds <lora:{}:{weight}> and its trigger words to the prompt",
+                                entry.name
+                            ))
+                            .clicked()
+                        {
+                            commands.push(CanvasCommand::AddLoraToPrompt(entry.name.clone()).into());
+                        }
+                    });
+                    if !entry.trigger_words.is_empty() {
+                        ui.label(weak(ui, &entry.trigger_words.join(", ")))
+                            .on_hover_text("Trigger words");
+                    }
+                });
+            });
+        }
+        ui.horizontal(|ui| {
+            if ui.small_button("Refresh").clicked() {
+                self.lora_list = None;
+            }
+            if ui
+                .small_button("Add folder…")
+                .on_hover_text("Another folder of LoRA files for this gallery")
+                .clicked()
+                && let Some(dir) = rfd::FileDialog::new()
+                    .set_title("Add a folder of LoRA files")
+                    .pick_folder()
+                && !settings.lora_folders.contains(&dir)
+            {
+                settings.lora_folders.push(dir);
+                self.lora_list = None;
+            }
+        });
+        let mut removed = None;
+        for (i, dir) in settings.lora_folders.iter().enumerate() {
+            ui.horizontal(|ui| {
+                ui.label(weak(ui, &dir.display().to_string()));
+                if ui.small_button("Remove").clicked() {
+                    removed = Some(i);
                 }
             });
         }
-        if ui.small_button("Refresh").clicked() {
+        if let Some(i) = removed {
+            settings.lora_folders.remove(i);
             self.lora_list = None;
         }
+    }
+
+    /// A LoRA preview the file thread made; `false` when it was not one.
+    pub(crate) fn set_lora_preview(
+        &mut self,
+        ctx: &egui::Context,
+        path: &Path,
+        result: &Result<(RgbImage, Option<String>), String>,
+    ) -> bool {
+        let Some(slot) = self.lora_previews.get_mut(path) else {
+            return false;
+        };
+        if let Ok((thumb, _)) = result {
+            *slot = Some(history::texture(ctx, &format!("lora:{}", path.display()), thumb));
+        }
+        true
+    }
+
+    /// The gallery as last read (tests).
+    pub fn lora_gallery(&self) -> Option<&[LoraEntry]> {
+        self.lora_list.as_deref()
+    }
+
+    /// Whether a LoRA preview's texture is made (tests).
+    pub fn lora_preview_shown(&self, path: &Path) -> bool {
+        self.lora_previews.get(path).is_some_and(Option::is_some)
     }
 
     fn model_ui(
