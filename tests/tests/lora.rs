@@ -245,3 +245,93 @@ fn sdxl_kohya_loras_with_original_block_names_apply_to_a_diffusers_folder() {
     let r = &m.info.loras[0];
     assert_eq!((r.applied, r.ignored), (targets, 0), "{r:?}");
 }
+
+/// A model stored in f16 (as most shared checkpoints are) takes a LoRA as well: the merge is
+/// done in f32 before the weights are packed, so the f16 model with a LoRA is the f32 model
+/// with it, to f16 rounding, and toggling it leaves the f16 model as it was.
+#[test]
+fn a_lora_applies_to_a_model_stored_in_f16() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("tiny");
+    write_tiny_sd(&dir, TinySd::new(TinyKind::Sd1));
+    let file = tmp.path().join("style.safetensors");
+    write_tiny_lora(&dir, &file);
+    let half = tmp.path().join("tiny-f16");
+    for entry in walk(&dir) {
+        let rel = entry.strip_prefix(&dir).expect("inside");
+        let to = half.join(rel);
+        std::fs::create_dir_all(to.parent().expect("parent")).expect("dir");
+        if entry.extension().is_some_and(|e| e == "safetensors") {
+            let t: HashMap<String, Tensor> = tensors(&entry)
+                .into_iter()
+                .map(|(k, v)| (k, v.to_dtype(DType::F16).expect("f16")))
+                .collect();
+            candle_core::safetensors::save(&t, &to).expect("save f16");
+        } else {
+            std::fs::copy(&entry, &to).expect("copy");
+        }
+    }
+    let image = |dir: &Path, weight: f64| {
+        let loras = if weight == 0.0 {
+            Vec::new()
+        } else {
+            vec![LoraSpec {
+                path: file.clone(),
+                unet: weight,
+                text: weight,
+            }]
+        };
+        let m = model::load(
+            dir,
+            &ImageModelOptions {
+                loras,
+                ..ImageModelOptions::default()
+            },
+            &Device::Cpu,
+            &mut |_, _| {},
+        )
+        .expect("load");
+        let req = ImageRequest {
+            steps: 2,
+            seed: Some(3),
+            width: 32,
+            height: 32,
+            sampler: SamplerKind::Euler,
+            ..ImageRequest::new("a red cat")
+        };
+        let out = generate(&m, &req, &mut |_| ControlFlow::Continue(())).expect("generate");
+        out.images[0].image.pixels.clone()
+    };
+    let mean_diff = |a: &[u8], b: &[u8]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(x.abs_diff(*y)))
+            .sum::<f64>()
+            / a.len() as f64
+    };
+    let half_plain = image(&half, 0.0);
+    let half_styled = image(&half, 2.0);
+    let full_styled = image(&dir, 2.0);
+    let change = mean_diff(&half_plain, &half_styled);
+    let rounding = mean_diff(&half_styled, &full_styled);
+    println!("LoRA change {change:.2}/255, f16 vs f32 with it {rounding:.2}/255");
+    assert!(change > 4.0 * rounding.max(0.05), "{change} vs {rounding}");
+    assert_eq!(
+        image(&half, 0.0),
+        half_plain,
+        "no drift after a load with it"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
