@@ -858,7 +858,8 @@ fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
     let tmp = tempfile::tempdir().expect("tmp");
     let home = tmp.path().join("home");
     let model = tiny_sd(tmp.path());
-    let cn = tmp.path().join("tiny-controlnet");
+    // In the folder the units' menu offers.
+    let cn = home.join("models/controlnet/tiny-controlnet");
     studio_tests::sd::write_tiny_controlnet(&model, &cn);
     let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1800.0));
     h.step();
@@ -886,11 +887,24 @@ fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
     control(&h, "Add ControlNet unit").click();
     h.step();
     assert_eq!(h.state().canvas().control_units().len(), 1);
+    // What the unit's menu offers: the ControlNets of `models/controlnet`.
+    assert_eq!(
+        studio_app::gui::canvas::control::model_entries(
+            &home.join("models/controlnet"),
+            &["safetensors"]
+        ),
+        std::slice::from_ref(&cn)
+    );
     h.state_mut()
         .push_command(CanvasCommand::Control(ControlCommand::SetModel(
             0,
             cn.clone(),
         )));
+    h.step();
+    assert_eq!(
+        h.state().canvas().control_units()[0].model.as_deref(),
+        Some(cn.as_path())
+    );
     h.state_mut().canvas_mut().control_units_mut()[0].preprocessor = Preprocessor::Invert;
     h.step();
     control(&h, "Preview map").click();

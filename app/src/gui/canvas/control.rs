@@ -5,7 +5,7 @@
 //! makes, a weight, the share of the steps it guides, and guess mode. Generate sends the
 //! enabled units to the worker ([`ControlSpec`]), which loads their networks.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use studio_inference::diffusion::annotators::Preprocessor;
@@ -129,8 +129,63 @@ impl ControlUnitForm {
 /// The module names of the preprocessors offered, with their defaults.
 const PREPROCESSORS: [&str; 4] = ["none", "canny", "scribble_xdog", "invert"];
 
-/// The units' section of the form.
-pub fn units_ui(ui: &mut egui::Ui, units: &mut [ControlUnitForm], commands: &mut Vec<Command>) {
+/// The model files (with one of `exts`) and model folders (with a `config.json`) in `dir`,
+/// sorted; at most 500.
+pub fn model_entries(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
+    let Ok(read) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = read
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            if p.is_dir() {
+                p.join("config.json").is_file()
+            } else {
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
+            }
+        })
+        .take(500)
+        .collect();
+    out.sort();
+    out
+}
+
+/// A menu of the models in `dir` (read while it is open); the chosen one is returned.
+pub fn model_menu(
+    ui: &mut egui::Ui,
+    id: impl std::hash::Hash + std::fmt::Debug,
+    dir: &Path,
+    exts: &[&str],
+) -> Option<PathBuf> {
+    let mut picked = None;
+    egui::ComboBox::from_id_salt(id)
+        .selected_text("from models…")
+        .show_ui(ui, |ui| {
+            let entries = model_entries(dir, exts);
+            if entries.is_empty() {
+                ui.label(format!("none in {}", dir.display()));
+            }
+            for p in entries {
+                if ui.selectable_label(false, super::file_name(&p)).clicked() {
+                    picked = Some(p);
+                }
+            }
+        })
+        .response
+        .on_hover_text(format!("Models in {}", dir.display()));
+    picked
+}
+
+/// The units' section of the form; `models` is the folder of ControlNets offered in a menu.
+pub fn units_ui(
+    ui: &mut egui::Ui,
+    units: &mut [ControlUnitForm],
+    models: &Path,
+    commands: &mut Vec<Command>,
+) {
     if units.is_empty() {
         ui.label(weak(
             ui,
@@ -156,6 +211,14 @@ pub fn units_ui(ui: &mut egui::Ui, units: &mut [ControlUnitForm], commands: &mut
                         "A ControlNet for this base model: a diffusers folder or a single \
                          .safetensors / .pth file (control_v11p_sd15_canny, …)",
                     );
+                if let Some(p) = model_menu(
+                    ui,
+                    ("control_models", i),
+                    models,
+                    &["safetensors", "pth", "pt", "bin"],
+                ) {
+                    push(commands, ControlCommand::SetModel(i, p));
+                }
                 if ui.small_button("File…").clicked() {
                     push(
                         commands,

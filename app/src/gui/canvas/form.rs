@@ -410,6 +410,8 @@ pub struct FormContext<'a> {
     pub last_seed: Option<u64>,
     /// Whether there is an image to upscale (a staged result or the canvas image).
     pub has_image: bool,
+    /// Upscalers offered in a menu.
+    pub upscaler_dir: &'a Path,
 }
 
 /// Form state that is not saved.
@@ -837,6 +839,14 @@ impl FormView {
                 .map_or_else(|| "none".to_owned(), |n| n.to_string_lossy().into_owned());
             ui.label(format!("Upscaler: {name}"))
                 .on_hover_text("An ESRGAN / Real-ESRGAN (RRDBNet) file, .safetensors or .pth");
+            if let Some(p) = super::control::model_menu(
+                ui,
+                "upscaler_models",
+                cx.upscaler_dir,
+                &["safetensors", "pth", "pt"],
+            ) {
+                commands.push(CanvasCommand::SetUpscaler(p).into());
+            }
             if ui.small_button("Choose…").clicked() {
                 commands.push(CanvasCommand::ChooseUpscalerDialog.into());
             }

@@ -89,6 +89,10 @@ pub struct CanvasPanel {
     paint_colour: [u8; 3],
     /// ControlNet units.
     control_units: Vec<control::ControlUnitForm>,
+    /// ControlNets offered in the units' menus (`STUDIO_HOME/models/controlnet`).
+    controlnet_dir: PathBuf,
+    /// Upscalers offered in the upscaler menu (`STUDIO_HOME/models/ESRGAN`, the web UI's).
+    upscaler_dir: PathBuf,
 }
 
 impl CanvasPanel {
@@ -136,6 +140,8 @@ impl CanvasPanel {
             lora_previews: std::collections::HashMap::new(),
             paint_colour: [40, 90, 200],
             control_units: Vec::new(),
+            controlnet_dir: home.join("models").join("controlnet"),
+            upscaler_dir: home.join("models").join("ESRGAN"),
         };
         (panel, notes)
     }
@@ -242,6 +248,7 @@ impl CanvasPanel {
                                 last_seed: self.last_seed,
                                 has_image: self.doc.image().is_some()
                                     || self.doc.selected_staged().is_some(),
+                                upscaler_dir: &self.upscaler_dir,
                             };
                             self.form_view
                                 .form_ui(ui, &mut self.form, &self.styles, &cx, commands);
@@ -250,7 +257,12 @@ impl CanvasPanel {
                             self.loras_ui(ui, settings, files, commands);
                         });
                         section_ui(ui, "ControlNet", |ui| {
-                            control::units_ui(ui, &mut self.control_units, commands);
+                            control::units_ui(
+                                ui,
+                                &mut self.control_units,
+                                &self.controlnet_dir,
+                                commands,
+                            );
                         });
                     });
             });
