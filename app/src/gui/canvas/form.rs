@@ -603,7 +603,9 @@ impl FormView {
                     .labelled_by(l.id)
                     .on_hover_text(
                         "PyTorch CPU draws the noise ComfyUI and the SD web UI (RNG source \
-                         \"CPU\") draw for a seed, so their images reproduce",
+                         \"CPU\") draw for a seed; PyTorch CUDA the noise of the web UI's \
+                         default \"NV\" source (an NVIDIA GPU's), computed here on any device. \
+                         Same seed, sampler, steps and model: the same image",
                     );
                 ui.end_row();
                 self.size_rows(ui, form, cx);
