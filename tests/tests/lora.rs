@@ -335,3 +335,39 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A LoRA saved as a PyTorch pickle (`.pt`) is read as data by Studio's own reader and merges
+/// exactly as its safetensors form; the gallery lists it, and its short hash is the whole
+/// file's SHA-256, as the SD web UI computes it for pickles.
+#[test]
+fn a_pickled_lora_merges_as_its_safetensors_form() {
+    use sha2::{Digest, Sha256};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let pt = tmp.path().join("kohya-pickled.pt");
+    studio_tests::torch_writer::save_torch(
+        &tensors(&fixtures().join("lora/kohya.safetensors")),
+        false,
+        &pt,
+    );
+    let (from_pt, reports) = run_with(&[LoraSpec {
+        path: pt.clone(),
+        unet: 0.8,
+        text: 0.8,
+    }]);
+    let (from_st, _) = run_with(&[spec("kohya.safetensors", 0.8)]);
+    let (d, _) = max_diff(&from_pt, &from_st);
+    assert!(d == 0.0, "the pickle merges the same tensors: {d}");
+    assert_eq!(reports[0].applied, 6);
+    let listed = studio_inference::diffusion::lora::list_dir(tmp.path());
+    assert_eq!(listed, [("kohya-pickled".to_owned(), pt.clone())]);
+    let digest = Sha256::digest(std::fs::read(&pt).expect("read"));
+    let want = digest[..6].iter().fold(String::new(), |mut s, b| {
+        use std::fmt::Write as _;
+        let _ = write!(s, "{b:02x}");
+        s
+    });
+    assert_eq!(
+        studio_inference::diffusion::lora::short_hash(&pt).expect("hash"),
+        want
+    );
+}

@@ -631,17 +631,23 @@ impl candle_nn::var_builder::SimpleBackend for LoraBackend {
     }
 }
 
-/// The SD web UI's "addnet" short hash of a safetensors file: SHA-256 of the bytes after the
-/// header, first 12 hex digits.
+/// The SD web UI's short hash of a LoRA file, first 12 hex digits of a SHA-256: for a
+/// safetensors file its "addnet" hash (the bytes after the header), for a pickle (`.pt`,
+/// `.ckpt`) the whole file's.
 pub fn short_hash(path: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     use std::io::{Read, Seek, SeekFrom};
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
-    let header = u64::from_le_bytes(len);
-    file.seek(SeekFrom::Start(header.saturating_add(8)))
-        .map_err(|e| Error::io(path, e))?;
+    let safetensors = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if safetensors {
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+        let header = u64::from_le_bytes(len);
+        file.seek(SeekFrom::Start(header.saturating_add(8)))
+            .map_err(|e| Error::io(path, e))?;
+    }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -711,7 +717,8 @@ pub fn parse_prompt(prompt: &str) -> (Vec<PromptLora>, String) {
     (found, text)
 }
 
-/// The LoRA files in `dir` (`*.safetensors`), by stem, sorted.
+/// The LoRA files in `dir` (`.safetensors`, and pickles `.pt` / `.ckpt`, which Studio's own
+/// reader reads as data), by stem, sorted; a stem in both forms is its safetensors file.
 pub fn list_dir(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -720,12 +727,22 @@ pub fn list_dir(dir: &Path) -> Vec<(String, PathBuf)> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                ["safetensors", "pt", "ckpt"]
+                    .iter()
+                    .any(|x| e.eq_ignore_ascii_case(x))
+            })
         })
         .filter_map(|p| Some((p.file_stem()?.to_string_lossy().into_owned(), p)))
         .collect();
-    out.sort();
+    // A name in both forms: the safetensors file (sorted first by the stable sort below).
+    out.sort_by_key(|(name, p)| {
+        let pickle = !p
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+        (name.clone(), pickle)
+    });
+    out.dedup_by(|b, a| a.0 == b.0);
     out
 }
 
@@ -747,7 +764,7 @@ pub struct LoraEntry {
     pub preferred_weight: Option<f64>,
 }
 
-/// The `.safetensors` LoRAs of `dirs` (a name found in an earlier folder wins), with their
+/// The LoRAs of `dirs` (see [`list_dir`]; a name found in an earlier folder wins), with their
 /// previews and trigger words, sorted by name.
 pub fn gallery(dirs: &[PathBuf]) -> Vec<LoraEntry> {
     let mut out: Vec<LoraEntry> = Vec::new();
