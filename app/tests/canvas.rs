@@ -1038,3 +1038,48 @@ fn the_lora_gallery_shows_previews_and_trigger_words_from_added_folders() {
         "a city <lora:neon:0.7>, neon glow, cyberpunk"
     );
 }
+
+/// The hires fix from the form: a latent upscaler chosen in its menu reaches the job, the
+/// result is the larger size, and the PNG has the web UI's `Hires …` fields.
+#[test]
+fn the_hires_fix_with_a_latent_upscaler_makes_the_larger_image() {
+    use studio_inference::diffusion::hires::LatentUpscale;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_sd(tmp.path());
+    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1600.0));
+    h.step();
+    go_to_canvas(&mut h);
+    drop_file(&mut h, &model);
+    step_until(&mut h, "the model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.width = 32;
+        form.height = 32;
+        form.steps = 2;
+        form.prompt = "a red cat".into();
+        form.hires = true;
+        form.hires_scale = 2.0;
+        form.hires_steps = 2;
+        form.hires_latent = Some(LatentUpscale::Bicubic);
+    }
+    h.step();
+    assert!(
+        shows_text(&h, "Latent (bicubic)"),
+        "the menu shows the mode"
+    );
+    control(&h, "Generate").click();
+    h.step();
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    let staged = &h.state().canvas().document().staged()[0].image;
+    assert_eq!((staged.image.width, staged.image.height), (64, 64));
+    assert_eq!(
+        staged.parameters.get("Hires upscaler"),
+        Some("Latent (bicubic)")
+    );
+    assert_eq!(staged.parameters.get("Hires upscale"), Some("2"));
+}
