@@ -1169,3 +1169,49 @@ fn an_sdxl_refiner_takes_over_after_the_switch_point() {
         .expect_err("an SD 1.x refiner for SDXL");
     assert!(err.to_string().contains("another latent space"), "{err}");
 }
+
+/// The SDXL refiner as a single file (`sd_xl_refiner_1.0.safetensors`: OpenCLIP bigG alone, as
+/// `conditioner.embedders.0.model.`) loads as a refiner and gives the image its diffusers
+/// folder gives.
+#[test]
+fn an_sdxl_refiner_single_file_loads_as_its_folder() {
+    use studio_inference::diffusion::convert::{CheckpointKind, Component};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let folder = dir.path().join("refiner");
+    let w = write_tiny_sd(
+        &folder,
+        TinySd {
+            full_vocab: true,
+            ..TinySd::new(TinyKind::SdxlRefiner)
+        },
+    );
+    let te2 = studio_tests::ldm::diffusers_to_ldm(
+        CheckpointKind::Sdxl,
+        Component::TextEncoder2,
+        w.text_encoder_2.clone().expect("bigG"),
+    )
+    .into_iter()
+    .map(|(n, t)| {
+        let n = n.replacen("conditioner.embedders.1.", "conditioner.embedders.0.", 1);
+        (n, t)
+    })
+    .collect::<std::collections::HashMap<_, _>>();
+    let mut all = studio_tests::ldm::single_file_tensors(
+        CheckpointKind::Sdxl,
+        &[
+            (Component::Unet, w.unet.clone()),
+            (Component::Vae, w.vae.clone()),
+        ],
+    );
+    all.extend(te2);
+    let file = dir.path().join("sd_xl_refiner_tiny.safetensors");
+    candle_core::safetensors::save(&all, &file).expect("save");
+    let single = load(&file);
+    assert!(single.is_refiner());
+    let from_folder = load(&folder);
+    let req = request("a red cat", 64);
+    assert_eq!(
+        run(&single, &req).0.images[0].image.pixels,
+        run(&from_folder, &req).0.images[0].image.pixels
+    );
+}

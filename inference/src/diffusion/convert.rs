@@ -169,6 +169,14 @@ pub fn key_map(
         .iter()
         .filter_map(|n| n.strip_prefix(prefix))
         .collect();
+    if names.is_empty() && kind == CheckpointKind::Sdxl && component == Component::TextEncoder2 {
+        // The SDXL refiner has OpenCLIP bigG alone, as the first embedder.
+        prefix = "conditioner.embedders.0.model.";
+        names = ldm_names
+            .iter()
+            .filter_map(|n| n.strip_prefix(prefix))
+            .collect();
+    }
     if names.is_empty() && component == Component::Vae {
         // Some merges store the VAE as `vae.` (diffusers accepts both).
         prefix = "vae.";

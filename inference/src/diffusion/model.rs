@@ -752,9 +752,15 @@ fn load_single_file(
     };
     progress(0.05, "Loading the text encoder");
     let mut text = Vec::new();
+    // The SDXL refiner has the second (OpenCLIP bigG) encoder alone.
+    let refiner = kind == SdKind::Sdxl
+        && !refs
+            .iter()
+            .any(|n| n.starts_with("conditioner.embedders.0.transformer."));
     let encoders: &[(Component, Padding, bool)] = match kind {
         SdKind::Sd1 => &[(Component::TextEncoder, Padding::Eos, false)],
         SdKind::Sd2 => &[(Component::TextEncoder, Padding::Exclamation, true)],
+        SdKind::Sdxl if refiner => &[(Component::TextEncoder2, Padding::Exclamation, true)],
         SdKind::Sdxl => &[
             (Component::TextEncoder, Padding::Eos, false),
             (Component::TextEncoder2, Padding::Exclamation, true),
@@ -764,8 +770,8 @@ fn load_single_file(
         None
     } else {
         let mut names = PartNames::new();
-        for (i, &(component, _, _)) in encoders.iter().enumerate() {
-            let part = if i == 0 {
+        for &(component, _, _) in encoders {
+            let part = if component == Component::TextEncoder {
                 LoraPart::TextEncoder
             } else {
                 LoraPart::TextEncoder2
@@ -775,8 +781,8 @@ fn load_single_file(
         names.insert(LoraPart::Unet, Part::names_of(&all, ckpt, Component::Unet)?);
         lora_set(loras, &names)?
     };
-    for (i, &(component, padding, open_clip)) in encoders.iter().enumerate() {
-        let lora_part = if i == 0 {
+    for &(component, padding, open_clip) in encoders {
+        let lora_part = if component == Component::TextEncoder {
             LoraPart::TextEncoder
         } else {
             LoraPart::TextEncoder2
@@ -791,7 +797,7 @@ fn load_single_file(
             lora.as_ref().map(|l| (l, lora_part)),
         )?;
         let cfg = part.clip_config(open_clip)?;
-        let with_projection = kind == SdKind::Sdxl && i == 1;
+        let with_projection = kind == SdKind::Sdxl && component == Component::TextEncoder2;
         let model = with_weight_storage(stored, || {
             ClipTextModel::new(&part.vb, &cfg, with_projection)
         })
