@@ -4,7 +4,7 @@
 //! Each kind has its own folder, in the layout its loader reads: `studio-demo-lm/` is a
 //! Hugging Face model folder (a tiny Llama with its tokenizer, chat template and FIM tokens),
 //! `gan/studio-demo-faces.safetensors` a StyleGAN2 in NVIDIA's names with its init kwargs
-//! beside it, `studio-demo-sd/` (once trained) a diffusers folder.
+//! beside it, `studio-demo-sd/` a diffusers folder.
 //! A kind whose demo model is not bundled has no folder, and callers say so.
 
 use std::path::{Path, PathBuf};

@@ -1,11 +1,13 @@
 //! The bundled demo models (`assets/models/`, issue 21) through the real loaders: the command
 //! line uses them when `--model` is left out and says so, and a first launch with no model
-//! configured loads them, chats and writes ghost text with them.
+//! configured loads them: it chats and writes ghost text with the language model, generates
+//! in the Canvas with the text-to-image model and renders the GAN in the Latent Explorer.
 
 use std::path::{Path, PathBuf};
 
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use studio_app::gui::canvas::CanvasCommand;
 use studio_app::gui::{AppConfig, Command, Panel, StudioApp};
 use studio_inference::code::complete::FimSupport;
 use studio_tests::code::write_code_model;
@@ -212,4 +214,75 @@ fn a_first_launch_loads_the_demo_gan_in_the_latent_explorer() {
         h.state().settings().last_gan_model.as_ref(),
         Some(&models_dir().join("gan/studio-demo-faces.safetensors"))
     );
+}
+
+#[test]
+fn the_command_line_uses_the_demo_image_model_without_model() {
+    assert!(
+        models_dir()
+            .join("studio-demo-sd/model_index.json")
+            .is_file(),
+        "the demo text-to-image model is committed under assets/models/studio-demo-sd"
+    );
+    let tmp = tempfile::tempdir().expect("tmp");
+    let out_path = tmp.path().join("shapes.png");
+    let out = studio(&[
+        "txt2img",
+        "--prompt",
+        "a large red circle in the middle, white background",
+        "--steps",
+        "8",
+        "--seed",
+        "1",
+        "--out",
+        path(&out_path),
+    ]);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("using the bundled demo text-to-image model"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = studio_inference::diffusion::imaging::decode_image_file(&out_path)
+        .expect("a PNG")
+        .image;
+    assert_eq!(
+        (image.width, image.height),
+        (64, 64),
+        "the model's own size"
+    );
+}
+
+#[test]
+fn a_first_launch_loads_the_demo_image_model_in_the_canvas_and_generates() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut h = first_launch(&tmp.path().join("home"));
+    go_to(&mut h, Panel::Canvas);
+    step_until(&mut h, "the demo image model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    assert_eq!(
+        h.state().settings().last_image_model.as_ref(),
+        Some(&models_dir().join("studio-demo-sd"))
+    );
+    let form = h.state().canvas().form();
+    assert_eq!(
+        (form.width, form.height),
+        (64, 64),
+        "the form takes its size"
+    );
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.prompt = "a small blue square on the left, yellow background".into();
+        form.steps = 6;
+    }
+    h.state_mut().push_command(CanvasCommand::Generate);
+    h.step();
+    step_until(&mut h, "a staged result", |h| {
+        !h.state().canvas().is_generating() && !h.state().canvas().document().staged().is_empty()
+    });
+    let canvas = h.state().canvas();
+    assert!(canvas.progress_events() > 0 || canvas.previews_shown() > 0);
+    let image = &canvas.document().staged()[0].image.image;
+    assert_eq!((image.width, image.height), (64, 64));
 }
