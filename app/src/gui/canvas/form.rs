@@ -833,7 +833,7 @@ impl FormView {
         cx: &FormContext<'_>,
         commands: &mut Vec<Command>,
     ) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let name = form
                 .upscaler
                 .as_ref()
