@@ -52,7 +52,6 @@ Tested with diffusers 0.42.1, torch 2.15 (CPU).
 """
 
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -66,46 +65,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PARITY = ROOT / "tests/fixtures/sd_parity"
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests/fixtures/controlnet"
 
-GAIN = 1.5
 TIMESTEP = json.loads((PARITY / "cases.json").read_text())["timestep"]
 CONDITIONING_SCALE = 0.7
 COND_EMBED_CHANNELS = (4, 4, 8, 8)
 COND_SIZE = 64
 ORIGINAL_PREFIX = "control_model."
 
-
-def init_weights(model, seed):
-    """Seeded re-initialisation of every parameter: make_sd_parity_fixture.py's recipe."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            leaf = name.rsplit(".", 2)
-            module = leaf[-2] if len(leaf) > 1 else ""
-            is_norm = "norm" in module
-            if is_norm and name.endswith("weight"):
-                v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
-            elif is_norm or name.endswith("bias"):
-                v = 0.1 * torch.randn(p.shape, generator=g)
-            elif "embedding" in module and p.dim() == 2 and "linear" not in module:
-                v = torch.randn(p.shape, generator=g)
-            else:
-                fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-                v = GAIN / math.sqrt(fan_in) * torch.randn(p.shape, generator=g)
-            p.copy_(v)
-    model.eval()
-    return model
-
-
-def rel_change(a, b):
-    return ((a - b).abs().max() / a.abs().max()).item()
-
-
-def require_dependence(what, base, other, floor=1e-2):
-    """The output must change visibly when one input changes."""
-    r = rel_change(base, other)
-    print(f"  {what}: relative change {r:.3g}")
-    if r < floor:
-        raise SystemExit(f"output barely depends on {what} ({r:.3g})")
+# The parity fixture's weight recipe and dependence checks, shared.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_sd_parity_fixture import init_weights, rel_change, require_dependence  # noqa: E402
 
 
 def require_finite(what, t):

@@ -125,28 +125,7 @@ fn a_model_loaded_with_and_then_without_a_lora_is_its_own_again() {
     let file = tmp.path().join("style.safetensors");
     write_tiny_lora(&dir, &file);
 
-    let image = |loras: Vec<LoraSpec>| {
-        let m = model::load(
-            &dir,
-            &ImageModelOptions {
-                loras,
-                ..ImageModelOptions::default()
-            },
-            &Device::Cpu,
-            &mut |_, _| {},
-        )
-        .expect("load");
-        let req = ImageRequest {
-            steps: 2,
-            seed: Some(3),
-            width: 32,
-            height: 32,
-            sampler: SamplerKind::Euler,
-            ..ImageRequest::new("a red cat")
-        };
-        let out = generate(&m, &req, &mut |_| ControlFlow::Continue(())).expect("generate");
-        (out.images[0].image.pixels.clone(), m.info.loras.clone())
-    };
+    let image = |loras: Vec<LoraSpec>| tiny_image(&dir, loras);
     let with = |w: f64| {
         vec![LoraSpec {
             path: file.clone(),
@@ -281,26 +260,7 @@ fn a_lora_applies_to_a_model_stored_in_f16() {
                 text: weight,
             }]
         };
-        let m = model::load(
-            dir,
-            &ImageModelOptions {
-                loras,
-                ..ImageModelOptions::default()
-            },
-            &Device::Cpu,
-            &mut |_, _| {},
-        )
-        .expect("load");
-        let req = ImageRequest {
-            steps: 2,
-            seed: Some(3),
-            width: 32,
-            height: 32,
-            sampler: SamplerKind::Euler,
-            ..ImageRequest::new("a red cat")
-        };
-        let out = generate(&m, &req, &mut |_| ControlFlow::Continue(())).expect("generate");
-        out.images[0].image.pixels.clone()
+        tiny_image(dir, loras).0
     };
     let mean_diff = |a: &[u8], b: &[u8]| {
         a.iter()
@@ -370,4 +330,28 @@ fn a_pickled_lora_merges_as_its_safetensors_form() {
         studio_inference::diffusion::lora::short_hash(&pt).expect("hash"),
         want
     );
+}
+
+/// A 32×32, 2-step image of the tiny model in `dir` loaded with `loras`, and what they changed.
+fn tiny_image(dir: &Path, loras: Vec<LoraSpec>) -> (Vec<u8>, Vec<LoraReport>) {
+    let m = model::load(
+        dir,
+        &ImageModelOptions {
+            loras,
+            ..ImageModelOptions::default()
+        },
+        &Device::Cpu,
+        &mut |_, _| {},
+    )
+    .expect("load");
+    let req = ImageRequest {
+        steps: 2,
+        seed: Some(3),
+        width: 32,
+        height: 32,
+        sampler: SamplerKind::Euler,
+        ..ImageRequest::new("a red cat")
+    };
+    let out = generate(&m, &req, &mut |_| ControlFlow::Continue(())).expect("generate");
+    (out.images[0].image.pixels.clone(), m.info.loras.clone())
 }

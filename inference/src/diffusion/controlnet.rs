@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::imaging::RgbImage;
 use super::model::{bad, component_error, component_files, device_dtype};
-use super::unet::{TimeEmbedding, UnetConfig, encoder};
+use super::unet::{TimeEmbedding, UnetConfig, encoder, run_encoder};
 use super::unet_blocks::{DownBlock, MidBlock};
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, with_weight_storage};
@@ -367,7 +367,14 @@ impl ControlNet {
         scale: f64,
         guess_mode: bool,
     ) -> Result<ControlResiduals> {
-        let temb = self.time.forward(xs, timestep, text_time)?;
+        let hint = self.embed(cond, xs.dtype())?;
+        self.forward_embedded(xs, timestep, context, text_time, &hint, scale, guess_mode)
+    }
+
+    /// The control image's embedding, at latent size, in `dtype`. It does not change over a
+    /// generation's steps, so the pipeline makes it once per unit and calls
+    /// [`Self::forward_embedded`] at each step.
+    pub fn embed(&self, cond: &Tensor, dtype: DType) -> Result<Tensor> {
         let cond = if self.config.bgr {
             Tensor::cat(
                 &[
@@ -380,8 +387,23 @@ impl ControlNet {
         } else {
             cond.clone()
         };
-        let hint = self.cond_embedding.forward(&cond.to_dtype(xs.dtype())?)?;
-        let mut xs = self.conv_in.forward(xs)?;
+        self.cond_embedding.forward(&cond.to_dtype(dtype)?)
+    }
+
+    /// [`Self::forward`] with the control image already embedded ([`Self::embed`]).
+    #[allow(clippy::too_many_arguments)] // diffusers' forward, argument for argument
+    pub fn forward_embedded(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        text_time: Option<(&Tensor, &Tensor)>,
+        hint: &Tensor,
+        scale: f64,
+        guess_mode: bool,
+    ) -> Result<ControlResiduals> {
+        let temb = self.time.forward(xs, timestep, text_time)?;
+        let xs = self.conv_in.forward(xs)?;
         if hint.dims() != xs.dims() {
             return Err(Error::InvalidParameter(format!(
                 "the control image encodes to {:?} but the latents are {:?}: the image must be \
@@ -390,14 +412,7 @@ impl ControlNet {
                 xs.dims()
             )));
         }
-        xs = (xs + hint)?;
-        let mut skips = vec![xs.clone()];
-        for block in &self.down {
-            let (ys, s) = block.forward(&xs, &temb, context)?;
-            skips.extend(s);
-            xs = ys;
-        }
-        xs = self.mid.forward(&xs, &temb, context)?;
+        let (xs, skips) = run_encoder(&self.down, &self.mid, (xs + hint)?, &temb, context)?;
         if skips.len() != self.zero_down.len() {
             return Err(Error::InvalidParameter(format!(
                 "the ControlNet made {} skip connections for {} zero convolutions",

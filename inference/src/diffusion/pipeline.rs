@@ -752,17 +752,18 @@ pub(super) fn generate_core(
         None
     };
 
-    // Each unit's control image at the generation's size: twice over with CFG, unless in
-    // guess mode, which guides only the prompt's pass.
+    // Each unit's control image at the generation's size, embedded once for every step:
+    // twice over with CFG, unless in guess mode, which guides only the prompt's pass.
     let controls = req
         .control
         .iter()
         .map(|unit| {
             let t = control_tensor(&unit.image, req.width, req.height, device)?;
+            let hint = unit.net.embed(&t, model.dtype)?;
             Ok(if batch == 2 && !unit.guess_mode {
-                Tensor::cat(&[&t, &t], 0)?
+                Tensor::cat(&[&hint, &hint], 0)?
             } else {
-                t
+                hint
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -929,8 +930,9 @@ pub(super) fn generate_core(
     ))
 }
 
-/// The summed residuals of the units active at step `i` of `steps`, for the UNet's input
-/// `inp` (both passes with CFG) whose prompt pass alone is `cond_inp`.
+/// The summed residuals of the units active at step `i` of `steps` (their embedded control
+/// images in `controls`), for the UNet's input `inp` (both passes with CFG) whose prompt pass
+/// alone is `cond_inp`.
 fn control_residuals(
     req: &ImageRequest,
     controls: &[Tensor],
@@ -942,7 +944,7 @@ fn control_residuals(
 ) -> Result<Option<ControlResiduals>> {
     let batch = inp.dim(0)?;
     let mut sum: Option<ControlResiduals> = None;
-    for (unit, image) in req.control.iter().zip(controls) {
+    for (unit, hint) in req.control.iter().zip(controls) {
         if !unit.active(i, steps) || unit.weight == 0.0 {
             continue;
         }
@@ -953,12 +955,12 @@ fn control_residuals(
                 Some((p, t)) => Some((last(p)?, last(t)?)),
                 None => None,
             };
-            let r = unit.net.forward(
+            let r = unit.net.forward_embedded(
                 cond_inp,
                 timestep,
                 &last(context)?,
                 tt.as_ref().map(|(p, t)| (p, t)),
-                image,
+                hint,
                 unit.weight,
                 true,
             )?;
@@ -969,12 +971,12 @@ fn control_residuals(
                 mid: pad(r.mid)?,
             }
         } else {
-            unit.net.forward(
+            unit.net.forward_embedded(
                 inp,
                 timestep,
                 context,
                 text_time,
-                image,
+                hint,
                 unit.weight,
                 unit.guess_mode,
             )?

@@ -383,14 +383,8 @@ impl Unet {
         let factor = 1usize << (self.config.levels.len() - 1);
         let odd = h % factor != 0 || w % factor != 0;
         let temb = self.time.forward(xs, timestep, text_time)?;
-        let mut xs = self.conv_in.forward(xs)?;
-        let mut residuals = vec![xs.clone()];
-        for block in &self.down {
-            let (ys, skips) = block.forward(&xs, &temb, context)?;
-            residuals.extend(skips);
-            xs = ys;
-        }
-        xs = self.mid.forward(&xs, &temb, context)?;
+        let xs = self.conv_in.forward(xs)?;
+        let (mut xs, mut residuals) = run_encoder(&self.down, &self.mid, xs, &temb, context)?;
         if let Some(control) = control {
             if control.down.len() != residuals.len() {
                 return Err(Error::InvalidParameter(format!(
@@ -475,6 +469,24 @@ pub(crate) fn encoder(vb: &VarBuilder, c: &UnetConfig) -> Result<(Vec<DownBlock>
         &c.attention(last, last.transformer_layers.unwrap_or(1)),
     )?;
     Ok((down, mid))
+}
+
+/// Runs `xs` (after `conv_in`) through the down blocks and the middle block: the middle
+/// block's output, and the skip connections from `xs` on.
+pub(crate) fn run_encoder(
+    down: &[DownBlock],
+    mid: &MidBlock,
+    mut xs: Tensor,
+    temb: &Tensor,
+    context: &Tensor,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let mut skips = vec![xs.clone()];
+    for block in down {
+        let (ys, s) = block.forward(&xs, temb, context)?;
+        skips.extend(s);
+        xs = ys;
+    }
+    Ok((mid.forward(&xs, temb, context)?, skips))
 }
 
 /// The timestep's embedding, plus SDXL's pooled text and size conditioning where the

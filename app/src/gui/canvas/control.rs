@@ -111,12 +111,14 @@ impl ControlUnitForm {
     /// The unit for the worker, or why it cannot run.
     pub fn spec(&self, canvas: Option<&RgbImage>) -> Result<ControlSpec, &'static str> {
         let model = self.model.clone().ok_or("choose its ControlNet file")?;
-        let image = self
-            .source_image(canvas)
-            .ok_or("the canvas has no image to use as its control image")?;
+        let image = match &self.source {
+            ControlSource::Canvas => canvas.cloned(),
+            ControlSource::File(_, image) => Some(RgbImage::clone(image)),
+        }
+        .ok_or("the canvas has no image to use as its control image")?;
         Ok(ControlSpec {
             model,
-            image: (*image).clone(),
+            image,
             preprocessor: self.preprocessor,
             weight: self.weight,
             start: self.start,

@@ -319,7 +319,9 @@ impl CanvasPanel {
         if self.lora_list.is_none() {
             self.lora_list = Some(lora::gallery(&self.lora_dirs(settings)));
         }
-        let entries = self.lora_list.clone().unwrap_or_default();
+        // Taken for the frame (not cloned) and put back unless it is to be read again.
+        let entries = self.lora_list.take().unwrap_or_default();
+        let mut reread = false;
         if entries.is_empty() {
             ui.label(weak(
                 ui,
@@ -381,7 +383,7 @@ impl CanvasPanel {
         }
         ui.horizontal(|ui| {
             if ui.small_button("Refresh").clicked() {
-                self.lora_list = None;
+                reread = true;
             }
             if ui
                 .small_button("Add folder…")
@@ -393,7 +395,7 @@ impl CanvasPanel {
                 && !settings.lora_folders.contains(&dir)
             {
                 settings.lora_folders.push(dir);
-                self.lora_list = None;
+                reread = true;
             }
         });
         let mut removed = None;
@@ -407,7 +409,10 @@ impl CanvasPanel {
         }
         if let Some(i) = removed {
             settings.lora_folders.remove(i);
-            self.lora_list = None;
+            reread = true;
+        }
+        if !reread {
+            self.lora_list = Some(entries);
         }
     }
 
