@@ -953,6 +953,153 @@ fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
     assert!(shows_text(&h, "control image is resized to 32x32"));
 }
 
+/// The control layer: on an empty canvas the Control pen draws a map for a new image (still
+/// txt2img); a unit set to Layer follows it exactly as it follows the same map from a file,
+/// and an edit to the layer changes the image; "Edit on layer" puts a preprocessor's map on
+/// the layer to edit, and the layer comes back after a restart.
+#[test]
+fn a_controlnet_unit_follows_the_control_layer_drawn_on_the_canvas() {
+    use studio_app::gui::canvas::control::{ControlCommand, ControlSource};
+    use studio_inference::diffusion::annotators::Preprocessor;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tiny_sd(tmp.path());
+    let cn = home.join("models/controlnet/tiny-controlnet");
+    studio_tests::sd::write_tiny_controlnet(&model, &cn);
+    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1800.0));
+    h.step();
+    go_to_canvas(&mut h);
+    drop_file(&mut h, &model);
+    step_until(&mut h, "the model to load", |h| {
+        h.state().canvas().model().is_some()
+    });
+    {
+        let form = h.state_mut().canvas_mut().form_mut();
+        form.width = 32;
+        form.height = 32;
+        form.steps = 2;
+        form.seed = 7;
+        form.random_seed = false;
+        form.prompt = "a red cat".into();
+    }
+    h.step();
+    control(&h, "Control pen").click();
+    h.step();
+    assert_eq!(h.state().canvas().tool(), Tool::ControlPen);
+    // A stroke across the middle of the empty canvas, with the pointer.
+    let c = canvas_rect(&h).center();
+    drag(&mut h, c - egui::vec2(90.0, 0.0), c + egui::vec2(90.0, 0.0));
+    let layer = {
+        let doc = h.state().canvas().document();
+        assert!(doc.image().is_none());
+        assert_eq!(doc.mode(), ModeKind::Txt2Img, "a map for a new image");
+        let layer = doc
+            .control()
+            .expect("the stroke made a control layer")
+            .clone();
+        assert_eq!((layer.width, layer.height), (32, 32));
+        let lit = layer.pixels.chunks_exact(3).filter(|p| p[0] == 255).count();
+        assert!(lit > 20, "a line across: {lit} pixels");
+        layer
+    };
+    control(&h, "Add ControlNet unit").click();
+    h.step();
+    h.state_mut()
+        .push_command(CanvasCommand::Control(ControlCommand::SetModel(
+            0,
+            cn.clone(),
+        )));
+    h.step();
+    control(&h, "Layer").click();
+    h.step();
+    {
+        let unit = &h.state().canvas().control_units()[0];
+        assert_eq!(unit.source, ControlSource::Layer);
+        assert_eq!(unit.preprocessor, Preprocessor::None, "the layer is a map");
+        assert_eq!(unit.preview(), Some(&layer));
+    }
+    let generate = |h: &mut Harness<'_, StudioApp>| -> RgbImage {
+        h.state_mut().push_command(CanvasCommand::DiscardAllStaged);
+        h.state_mut().push_command(CanvasCommand::Generate);
+        h.step();
+        step_until(h, "a staged result", |h| {
+            !h.state().canvas().is_generating()
+                && !h.state().canvas().document().staged().is_empty()
+        });
+        let staged = &h.state().canvas().document().staged()[0];
+        let unit = staged
+            .image
+            .parameters
+            .get("ControlNet 0")
+            .expect("recorded");
+        assert!(unit.contains("Module: none"), "{unit}");
+        staged.image.image.clone()
+    };
+    let from_layer = generate(&mut h);
+    // The same map from a file gives the same image.
+    let file = tmp.path().join("layer.png");
+    std::fs::write(&file, encode_png(&layer, None).expect("png")).expect("write");
+    h.state_mut()
+        .push_command(CanvasCommand::Control(ControlCommand::SetImage(0, file)));
+    h.step();
+    assert_eq!(generate(&mut h), from_layer, "the layer is the control map");
+    // Back to the layer, with most of the line erased: another image.
+    control(&h, "Layer").click();
+    h.step();
+    control(&h, "Control eraser").click();
+    h.step();
+    h.state_mut().push_command(CanvasCommand::Paint {
+        from: [0, 16],
+        to: [24, 16],
+    });
+    h.state_mut().push_command(CanvasCommand::EndStroke);
+    h.step();
+    assert_ne!(h.state().canvas().document().control(), Some(&layer));
+    assert_ne!(
+        generate(&mut h),
+        from_layer,
+        "the edit reaches the generation"
+    );
+
+    // A Canny map of an image file, put on the layer to edit.
+    let mut square = RgbImage::new_filled(32, 32, [20, 20, 20]);
+    for y in 8..24 {
+        for x in 8..24 {
+            square.pixels[(y * 32 + x) * 3..(y * 32 + x) * 3 + 3].fill(230);
+        }
+    }
+    let photo = tmp.path().join("photo.png");
+    std::fs::write(&photo, encode_png(&square, None).expect("png")).expect("write");
+    h.state_mut()
+        .push_command(CanvasCommand::Control(ControlCommand::SetImage(0, photo)));
+    h.step();
+    h.state_mut().canvas_mut().control_units_mut()[0].preprocessor =
+        Preprocessor::parse("canny").expect("canny");
+    h.state_mut()
+        .push_command(CanvasCommand::Control(ControlCommand::Preview(0)));
+    h.step();
+    let edges = h.state().canvas().control_units()[0]
+        .preview()
+        .expect("a map")
+        .clone();
+    assert!(edges.pixels.contains(&255), "the square's edges");
+    control(&h, "Edit on layer").click();
+    h.step();
+    assert_eq!(h.state().canvas().document().control(), Some(&edges));
+    assert_eq!(
+        h.state().canvas().control_units()[0].source,
+        ControlSource::Layer
+    );
+    assert_eq!(h.state().canvas().tool(), Tool::ControlPen, "ready to edit");
+
+    // The layer is saved with the canvas.
+    h.state_mut().flush();
+    drop(h);
+    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 900.0));
+    h.step();
+    assert_eq!(h.state().canvas().document().control(), Some(&edges));
+}
+
 /// The Refiner row: a chosen SDXL refiner is switched on, the worker loads it with the
 /// generation and hands over at the switch point, and the PNG names it.
 #[test]

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use studio_inference::diffusion::annotators::Preprocessor;
 use studio_inference::diffusion::controlnet::ControlSpec;
 use studio_inference::diffusion::imaging::{MAX_SIDE, RgbImage, decode_image_file, encode_png};
 use studio_inference::diffusion::lora::{self, LoraSpec};
@@ -17,6 +18,7 @@ use studio_inference::worker::{Event, GeneratedImageSource, JobId, JobKind};
 use super::CanvasPanel;
 use super::command::{CanvasCommand, CanvasPurpose};
 use super::control::{ControlCommand, ControlSource, ControlUnitForm};
+use super::document::Tool;
 use super::form::{build_request, restore_parameters, snap};
 use super::view::preview_texture;
 use crate::gui::command::{Command, load_error};
@@ -176,6 +178,13 @@ impl PanelView for CanvasPanel {
             }
             CanvasCommand::Paint { from, to } => {
                 let f = |p: [i32; 2]| (p[0] as f32 + 0.5, p[1] as f32 + 0.5);
+                if matches!(c.tool, Tool::ControlPen | Tool::ControlEraser)
+                    && c.doc.layer_size().is_none()
+                {
+                    // On an empty canvas the control layer has the size of the new image.
+                    let (w, h) = c.target();
+                    c.doc.begin_control_layer(w, h);
+                }
                 c.doc
                     .paint(f(from), f(to), c.tool, c.brush_size, c.hardness);
             }
@@ -198,6 +207,9 @@ impl PanelView for CanvasPanel {
             }
             CanvasCommand::ClearMask => {
                 c.doc.clear_mask();
+            }
+            CanvasCommand::ClearControlLayer => {
+                c.doc.clear_control();
             }
             CanvasCommand::ClearCanvas => {
                 if c.generating.is_none() && c.doc.clear() {
@@ -478,7 +490,7 @@ impl CanvasPanel {
                 Ok(decoded) => {
                     if let Some(u) = units.get_mut(i) {
                         u.source = ControlSource::File(path, Arc::new(decoded.image));
-                        let image = u.source_image(None);
+                        let image = u.source_image(&self.doc);
                         u.set_preview(image.as_deref());
                     }
                 }
@@ -489,16 +501,49 @@ impl CanvasPanel {
             ControlCommand::UseCanvas(i) => {
                 if let Some(u) = units.get_mut(i) {
                     u.source = ControlSource::Canvas;
-                    let image = u.source_image(self.doc.image());
+                    let image = u.source_image(&self.doc);
                     u.set_preview(image.as_deref());
                 }
             }
+            ControlCommand::UseLayer(i) => {
+                if let Some(u) = units.get_mut(i) {
+                    u.source = ControlSource::Layer;
+                    u.preprocessor = Preprocessor::None;
+                    let image = u.source_image(&self.doc);
+                    u.set_preview(image.as_deref());
+                    self.show_control = true;
+                }
+            }
+            ControlCommand::MapToLayer(i) => {
+                let Some(u) = units.get_mut(i) else {
+                    return;
+                };
+                let map = if let Some(map) = u.preview() {
+                    map.clone()
+                } else if let Some(image) = u.source_image(&self.doc) {
+                    u.preprocessor.apply(&image)
+                } else {
+                    cx.notices.info("The unit has no image to make a map from");
+                    return;
+                };
+                let size = self.doc.size().unwrap_or((map.width, map.height));
+                self.doc.set_control(&map, size);
+                u.source = ControlSource::Layer;
+                u.preprocessor = Preprocessor::None;
+                u.set_preview(self.doc.control());
+                self.show_control = true;
+                self.tool = Tool::ControlPen;
+            }
             ControlCommand::Preview(i) => {
                 if let Some(u) = units.get_mut(i) {
-                    let image = u.source_image(self.doc.image());
+                    let image = u.source_image(&self.doc);
                     if image.is_none() {
-                        cx.notices
-                            .info("The canvas has no image yet: open or draw one first");
+                        cx.notices.info(match u.source {
+                            ControlSource::Layer => {
+                                "The control layer is empty: draw on it with the Control pen"
+                            }
+                            _ => "The canvas has no image yet: open or draw one first",
+                        });
                     }
                     u.set_preview(image.as_deref());
                 }
@@ -515,7 +560,7 @@ impl CanvasPanel {
             if !unit.enabled {
                 continue;
             }
-            match unit.spec(self.doc.image()) {
+            match unit.spec(&self.doc) {
                 Ok(spec) => {
                     if (spec.image.width, spec.image.height) != size {
                         cx.notices.info(format!(

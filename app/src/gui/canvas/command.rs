@@ -51,6 +51,8 @@ pub enum CanvasCommand {
     Redo,
     InvertMask,
     ClearMask,
+    /// Empty the control layer (undoable).
+    ClearControlLayer,
     /// Empty the canvas (undoable).
     ClearCanvas,
     /// A white image at the form's size, to sketch on (undoable).

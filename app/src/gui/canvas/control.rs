@@ -1,6 +1,7 @@
 //! The Canvas's ControlNet units, as the SD web UI's ControlNet extension offers them: each a
-//! ControlNet file or folder, a control image (the canvas image, which the Colour brush and
-//! *New sketch* draw and edit, or an image file), a preprocessor (Canny edges, XDoG scribble,
+//! ControlNet file or folder, a control image (the canvas's control layer, drawn with the
+//! Control pen and eraser or made from a preprocessor's map to edit; the image layer, which
+//! the Colour brush and *New sketch* draw; or an image file), a preprocessor (Canny edges, XDoG scribble,
 //! invert for a dark scribble on white, or none for a ready map) with a preview of the map it
 //! makes, a weight, the share of the steps it guides, and guess mode. Generate sends the
 //! enabled units to the worker ([`ControlSpec`]), which loads their networks.
@@ -13,6 +14,7 @@ use studio_inference::diffusion::controlnet::ControlSpec;
 use studio_inference::diffusion::imaging::RgbImage;
 
 use super::CanvasCommand;
+use super::document::Document;
 use crate::gui::command::Command;
 use crate::gui::style::weak;
 
@@ -26,6 +28,8 @@ fn file_label(path: Option<&std::path::Path>) -> String {
 pub enum ControlSource {
     /// The canvas's image layer, as it is when Generate is pressed.
     Canvas,
+    /// The canvas's control layer, as it is when Generate is pressed.
+    Layer,
     /// An image file, read when chosen.
     File(PathBuf, Arc<RgbImage>),
 }
@@ -83,15 +87,20 @@ pub enum ControlCommand {
     SetImage(usize, PathBuf),
     /// Use the canvas image as the unit's control image.
     UseCanvas(usize),
+    /// Use the control layer as the unit's control map (with no preprocessor).
+    UseLayer(usize),
+    /// Put the unit's map on the control layer to edit it there, and use the layer.
+    MapToLayer(usize),
     /// Make the control map from the current image and show it.
     Preview(usize),
 }
 
 impl ControlUnitForm {
-    /// The image the preprocessor reads: the file's, or the canvas's `canvas`.
-    pub fn source_image(&self, canvas: Option<&RgbImage>) -> Option<Arc<RgbImage>> {
+    /// The image the preprocessor reads: the file's, or one of `doc`'s layers.
+    pub fn source_image(&self, doc: &Document) -> Option<Arc<RgbImage>> {
         match &self.source {
-            ControlSource::Canvas => canvas.map(|i| Arc::new(i.clone())),
+            ControlSource::Canvas => doc.image().map(|i| Arc::new(i.clone())),
+            ControlSource::Layer => doc.control().map(|i| Arc::new(i.clone())),
             ControlSource::File(_, image) => Some(image.clone()),
         }
     }
@@ -109,13 +118,19 @@ impl ControlUnitForm {
     }
 
     /// The unit for the worker, or why it cannot run.
-    pub fn spec(&self, canvas: Option<&RgbImage>) -> Result<ControlSpec, &'static str> {
+    pub fn spec(&self, doc: &Document) -> Result<ControlSpec, &'static str> {
         let model = self.model.clone().ok_or("choose its ControlNet file")?;
         let image = match &self.source {
-            ControlSource::Canvas => canvas.cloned(),
-            ControlSource::File(_, image) => Some(RgbImage::clone(image)),
-        }
-        .ok_or("the canvas has no image to use as its control image")?;
+            ControlSource::Canvas => doc
+                .image()
+                .cloned()
+                .ok_or("the canvas has no image to use as its control image")?,
+            ControlSource::Layer => doc
+                .control()
+                .cloned()
+                .ok_or("the control layer is empty: draw on it with the Control pen")?,
+            ControlSource::File(_, image) => RgbImage::clone(image),
+        };
         Ok(ControlSpec {
             model,
             image,
@@ -193,7 +208,8 @@ pub fn units_ui(
             ui,
             "ControlNet guides the image with a control map: edges, a scribble, depth, a \
              pose. Add a unit, choose a ControlNet file, and use the canvas image (draw on it \
-             with the Colour brush) or an image file.",
+             with the Colour brush), the control layer (draw on it with the Control pen) or \
+             an image file.",
         ));
     }
     for (i, unit) in units.iter_mut().enumerate() {
@@ -243,6 +259,7 @@ pub fn units_ui(
             ui.horizontal(|ui| {
                 let what = match &unit.source {
                     ControlSource::Canvas => "the canvas".to_owned(),
+                    ControlSource::Layer => "the control layer".to_owned(),
                     ControlSource::File(p, _) => file_label(Some(p)),
                 };
                 ui.label(format!("Image: {what}"));
@@ -252,6 +269,16 @@ pub fn units_ui(
                     .clicked()
                 {
                     push(commands, ControlCommand::UseCanvas(i));
+                }
+                if ui
+                    .small_button("Layer")
+                    .on_hover_text(
+                        "Use the control layer as the map, with no preprocessor (draw on it \
+                         with the Control pen)",
+                    )
+                    .clicked()
+                {
+                    push(commands, ControlCommand::UseLayer(i));
                 }
                 if ui.small_button("Load…").clicked() {
                     push(commands, ControlCommand::ChooseImageDialog(i));
@@ -327,6 +354,18 @@ pub fn units_ui(
                     || (stale && unit.previewed.is_some())
                 {
                     push(commands, ControlCommand::Preview(i));
+                }
+                if unit.preview.is_some()
+                    && unit.source != ControlSource::Layer
+                    && ui
+                        .small_button("Edit on layer")
+                        .on_hover_text(
+                            "Put this map on the control layer to edit it with the Control \
+                             pen and eraser; the unit then uses the layer",
+                        )
+                        .clicked()
+                {
+                    push(commands, ControlCommand::MapToLayer(i));
                 }
             });
             if let Some(map) = &unit.preview {

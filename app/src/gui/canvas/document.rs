@@ -1,5 +1,6 @@
-//! The canvas as data, without any drawing: the image layer and the mask layer, brush
-//! strokes, outpainting by growing the canvas, undo/redo with bounded memory, and the staging
+//! The canvas as data, without any drawing: the image layer, the mask layer and the control
+//! layer (a map drawn for ControlNet: white lines on black, or a preprocessor's map copied
+//! there to edit), brush strokes, outpainting by growing the canvas, undo/redo with bounded memory, and the staging
 //! area where a batch's results wait to be accepted or discarded.
 //!
 //! Every change that a person makes (a stroke, invert, clear, extend, open, accept) can be
@@ -51,6 +52,10 @@ pub enum Tool {
     Eraser,
     /// Paints colour on the image layer (a rough sketch for img2img).
     Colour([u8; 3]),
+    /// Draws white on the control layer (a scribble or edge map for ControlNet).
+    ControlPen,
+    /// Draws black on the control layer, taking lines away.
+    ControlEraser,
 }
 
 /// What Generate will do with this canvas.
@@ -78,6 +83,7 @@ impl ModeKind {
 struct Snapshot {
     image: Option<Arc<RgbImage>>,
     mask: Arc<Mask>,
+    control: Option<Arc<RgbImage>>,
 }
 
 /// A result waiting in the staging area.
@@ -93,6 +99,8 @@ pub struct Document {
     image: Option<Arc<RgbImage>>,
     /// Same size as the image (0×0 without one); 255 = repaint.
     mask: Arc<Mask>,
+    /// The control layer, the image's size; `None` until something is drawn or put there.
+    control: Option<Arc<RgbImage>>,
     undo: Vec<Snapshot>,
     redo: Vec<Snapshot>,
     max_entries: usize,
@@ -100,6 +108,7 @@ pub struct Document {
     /// Bumped whenever the image (or the mask) changes: textures and the autosave follow it.
     image_rev: u64,
     mask_rev: u64,
+    control_rev: u64,
     stroke_open: bool,
     staged: Vec<Staged>,
     selected: usize,
@@ -121,12 +130,14 @@ impl Document {
         Self {
             image: None,
             mask: empty_mask(),
+            control: None,
             undo: Vec::new(),
             redo: Vec::new(),
             max_entries: entries.max(1),
             max_bytes: bytes,
             image_rev: 0,
             mask_rev: 0,
+            control_rev: 0,
             stroke_open: false,
             staged: Vec::new(),
             selected: 0,
@@ -143,9 +154,20 @@ impl Document {
         &self.mask
     }
 
+    /// The control layer, once something was drawn or put there.
+    pub fn control(&self) -> Option<&RgbImage> {
+        self.control.as_deref()
+    }
+
     /// The canvas size, when it holds an image.
     pub fn size(&self) -> Option<(u32, u32)> {
         self.image.as_ref().map(|i| (i.width, i.height))
+    }
+
+    /// The size of the layers: the image's, or on an empty canvas the control layer's.
+    pub fn layer_size(&self) -> Option<(u32, u32)> {
+        self.size()
+            .or_else(|| self.control.as_ref().map(|c| (c.width, c.height)))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -158,6 +180,10 @@ impl Document {
 
     pub fn mask_rev(&self) -> u64 {
         self.mask_rev
+    }
+
+    pub fn control_rev(&self) -> u64 {
+        self.control_rev
     }
 
     /// txt2img on an empty canvas, img2img with an image and no mask, inpaint with a mask.
@@ -190,12 +216,22 @@ impl Document {
 
     // ---- changes ----------------------------------------------------------------------------
 
-    /// Puts the canvas back as saved (no undo step): `mask` is used when it fits the image.
-    pub fn restore(&mut self, image: Option<RgbImage>, mask: Option<Mask>) {
+    /// Puts the canvas back as saved (no undo step): `mask` and `control` are used when they
+    /// fit the image (a control layer is kept on an empty canvas).
+    pub fn restore(
+        &mut self,
+        image: Option<RgbImage>,
+        mask: Option<Mask>,
+        control: Option<RgbImage>,
+    ) {
         self.mask = match (&image, mask) {
             (Some(img), Some(m)) if (m.width, m.height) == (img.width, img.height) => Arc::new(m),
             (Some(img), _) => Arc::new(Mask::new_filled(img.width, img.height, 0)),
             (None, _) => empty_mask(),
+        };
+        self.control = match (&image, control) {
+            (Some(img), Some(c)) if (c.width, c.height) != (img.width, img.height) => None,
+            (_, c) => c.map(Arc::new),
         };
         self.image = image.map(Arc::new);
         self.undo.clear();
@@ -203,10 +239,16 @@ impl Document {
         self.touch_image();
     }
 
-    /// Opens `image` as the image layer, with an empty mask (undoable).
+    /// Opens `image` as the image layer, with an empty mask (undoable). A drawn control layer
+    /// is kept, resized to the new image.
     pub fn set_image(&mut self, image: RgbImage) {
         self.push_undo();
         self.mask = Arc::new(Mask::new_filled(image.width, image.height, 0));
+        if let Some(c) = &self.control
+            && (c.width, c.height) != (image.width, image.height)
+        {
+            self.control = Some(Arc::new(c.resized(image.width, image.height)));
+        }
         self.image = Some(Arc::new(image));
         self.touch_image();
     }
@@ -219,13 +261,47 @@ impl Document {
         self.push_undo();
         self.image = None;
         self.mask = empty_mask();
+        self.control = None;
         self.touch_image();
+        true
+    }
+
+    /// Puts `map` on the control layer, to edit it there (undoable): resized to the canvas,
+    /// or to `size` on an empty canvas.
+    pub fn set_control(&mut self, map: &RgbImage, size: (u32, u32)) {
+        let (w, h) = self.size().unwrap_or(size);
+        self.push_undo();
+        self.control = Some(Arc::new(map.resized(w, h)));
+        self.control_rev += 1;
+    }
+
+    /// Starts a stroke on a new, empty `w`×`h` control layer of an empty canvas (the undo step
+    /// takes the layer away again). Does nothing when the canvas has a size already.
+    pub fn begin_control_layer(&mut self, w: u32, h: u32) {
+        if self.layer_size().is_some() || w == 0 || h == 0 {
+            return;
+        }
+        self.end_stroke();
+        self.push_undo();
+        self.control = Some(Arc::new(RgbImage::new_filled(w, h, [0, 0, 0])));
+        self.control_rev += 1;
+        self.stroke_open = true;
+    }
+
+    /// Empties the control layer (undoable). Returns whether it held anything.
+    pub fn clear_control(&mut self) -> bool {
+        if self.control.is_none() {
+            return false;
+        }
+        self.push_undo();
+        self.control = None;
+        self.control_rev += 1;
         true
     }
 
     /// Starts a stroke: the state before it becomes one undo step.
     pub fn begin_stroke(&mut self) {
-        if self.image.is_none() {
+        if self.layer_size().is_none() {
             return;
         }
         self.end_stroke();
@@ -248,7 +324,12 @@ impl Document {
         size: f32,
         hardness: f32,
     ) -> bool {
-        let Some((w, h)) = self.size() else {
+        let on_control = matches!(tool, Tool::ControlPen | Tool::ControlEraser);
+        let Some((w, h)) = (if on_control {
+            self.layer_size()
+        } else {
+            self.size()
+        }) else {
             return false;
         };
         if !self.stroke_open {
@@ -256,11 +337,7 @@ impl Document {
         }
         let radius = (size / 2.0).max(0.5);
         let hardness = hardness.clamp(0.0, 1.0);
-        if let Tool::Colour(rgb) = tool {
-            let Some(image) = self.image.as_mut() else {
-                return false;
-            };
-            let image = Arc::make_mut(image);
+        let colour_stroke = |layer: &mut RgbImage, rgb: [u8; 3]| {
             let (dx, dy) = (to.0 - from.0, to.1 - from.1);
             let spacing = (radius / 4.0).max(0.5);
             let dabs = (dx.hypot(dy) / spacing).ceil().max(1.0) as usize;
@@ -268,12 +345,37 @@ impl Document {
             for i in 0..=dabs {
                 let t = i as f32 / dabs as f32;
                 let centre = (from.0 + dx * t, from.1 + dy * t);
-                changed |= colour_dab(image, centre, radius, hardness, rgb);
+                changed |= colour_dab(layer, centre, radius, hardness, rgb);
             }
-            if changed {
-                self.image_rev += 1;
+            changed
+        };
+        match tool {
+            Tool::Colour(rgb) => {
+                let Some(image) = self.image.as_mut() else {
+                    return false;
+                };
+                let changed = colour_stroke(Arc::make_mut(image), rgb);
+                if changed {
+                    self.image_rev += 1;
+                }
+                return changed;
             }
-            return changed;
+            Tool::ControlPen | Tool::ControlEraser => {
+                let control = self
+                    .control
+                    .get_or_insert_with(|| Arc::new(RgbImage::new_filled(w, h, [0, 0, 0])));
+                let rgb = if tool == Tool::ControlPen {
+                    [255; 3]
+                } else {
+                    [0; 3]
+                };
+                let changed = colour_stroke(Arc::make_mut(control), rgb);
+                if changed {
+                    self.control_rev += 1;
+                }
+                return changed;
+            }
+            Tool::Brush | Tool::Eraser => {}
         }
         let mask = Arc::make_mut(&mut self.mask);
         let (dx, dy) = (to.0 - from.0, to.1 - from.1);
@@ -327,6 +429,16 @@ impl Document {
         }
         self.push_undo();
         let (image, mask) = extended(&old, side, px);
+        if let Some(control) = &self.control {
+            // The new strip of the control layer is empty (black), not repeated edges.
+            let (mut grown, _) = extended(control, side, px);
+            for (px, &m) in grown.pixels.chunks_exact_mut(3).zip(&mask.values) {
+                if m != 0 {
+                    px.fill(0);
+                }
+            }
+            self.control = Some(Arc::new(grown));
+        }
         self.image = Some(Arc::new(image));
         self.mask = Arc::new(mask);
         self.touch_image();
@@ -342,6 +454,11 @@ impl Document {
             self.image = Some(Arc::new(result.resized(w, h)));
         } else {
             self.mask = Arc::new(Mask::new_filled(result.width, result.height, 0));
+            if let Some(c) = &self.control
+                && (c.width, c.height) != (result.width, result.height)
+            {
+                self.control = Some(Arc::new(c.resized(result.width, result.height)));
+            }
             self.image = Some(Arc::new(result.clone()));
         }
         self.touch_image();
@@ -430,6 +547,7 @@ impl Document {
         Snapshot {
             image: self.image.clone(),
             mask: self.mask.clone(),
+            control: self.control.clone(),
         }
     }
 
@@ -439,8 +557,17 @@ impl Document {
             (None, None) => false,
             _ => true,
         };
+        let control_changed = match (&self.control, &s.control) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (None, None) => false,
+            _ => true,
+        };
         self.image = s.image;
         self.mask = s.mask;
+        self.control = s.control;
+        if control_changed {
+            self.control_rev += 1;
+        }
         if image_changed {
             self.touch_image();
         } else {
@@ -462,6 +589,7 @@ impl Document {
     fn touch_image(&mut self) {
         self.image_rev += 1;
         self.mask_rev += 1;
+        self.control_rev += 1;
     }
 }
 
@@ -471,7 +599,7 @@ fn stack_bytes<'a>(snapshots: impl Iterator<Item = &'a Snapshot>) -> usize {
     let mut total = 0;
     for s in snapshots {
         total += s.mask.values.len();
-        if let Some(img) = &s.image {
+        for img in s.image.iter().chain(&s.control) {
             let p = Arc::as_ptr(img);
             if !seen.contains(&p) {
                 seen.push(p);
@@ -482,7 +610,6 @@ fn stack_bytes<'a>(snapshots: impl Iterator<Item = &'a Snapshot>) -> usize {
     total
 }
 
-/// One round dab of the brush; returns whether a value changed.
 /// One round dab of colour `rgb` on `image`, blended by the brush's coverage (full inside
 /// `radius · hardness`, fading to nothing at `radius`).
 fn colour_dab(
@@ -524,6 +651,7 @@ fn colour_dab(
     changed
 }
 
+/// One round dab of the mask brush (or eraser); returns whether a value changed.
 fn dab(
     mask: &mut Mask,
     w: u32,
@@ -557,7 +685,7 @@ fn dab(
             let new = match tool {
                 Tool::Brush => old.max(v),
                 Tool::Eraser => old.min(255 - v),
-                Tool::Colour(_) => old,
+                Tool::Colour(_) | Tool::ControlPen | Tool::ControlEraser => old,
             };
             if new != old {
                 mask.values[i] = new;
@@ -654,6 +782,83 @@ mod tests {
         let img = d.image().expect("image");
         let edge = img.pixels[(16 * 32 + 19) * 3];
         assert!(edge > 0 && edge < 255, "a soft edge: {edge}");
+    }
+
+    #[test]
+    fn the_control_pen_draws_on_its_own_layer_which_undoes_grows_and_follows_the_image() {
+        let mut d = Document::default();
+        d.set_image(image(32, 32, [90, 90, 90]));
+        let before = d.image().expect("image").clone();
+        assert!(d.control().is_none());
+        assert!(d.paint((4.0, 16.0), (28.0, 16.0), Tool::ControlPen, 4.0, 1.0));
+        d.end_stroke();
+        let layer = d.control().expect("a control layer").clone();
+        assert_eq!((layer.width, layer.height), (32, 32));
+        let at = |l: &RgbImage, x: usize, y: usize| l.pixels[(y * 32 + x) * 3];
+        assert_eq!(at(&layer, 16, 16), 255, "white on the line");
+        assert_eq!(at(&layer, 16, 4), 0, "black away from it");
+        assert_eq!(d.image(), Some(&before), "the image is untouched");
+        assert!(d.mask().is_empty(), "the mask is untouched");
+        assert_eq!(d.mode(), ModeKind::Img2Img);
+        // The eraser takes a piece of the line away.
+        assert!(d.paint((16.0, 16.0), (16.0, 16.0), Tool::ControlEraser, 6.0, 1.0));
+        d.end_stroke();
+        assert_eq!(at(d.control().expect("layer"), 16, 16), 0);
+        assert_eq!(at(d.control().expect("layer"), 6, 16), 255);
+        assert!(d.undo());
+        assert_eq!(d.control(), Some(&layer));
+        assert!(d.undo());
+        assert!(d.control().is_none(), "the first stroke made the layer");
+        assert!(d.redo());
+        assert_eq!(d.control(), Some(&layer));
+
+        // Growing the canvas grows the layer with an empty strip.
+        assert!(d.extend(Side::Left, 8));
+        let grown = d.control().expect("layer");
+        assert_eq!((grown.width, grown.height), (40, 32));
+        assert!(grown.pixels[..8 * 3].iter().all(|&v| v == 0), "new strip empty");
+        assert_eq!(grown.pixels[(16 * 40 + 8 + 16) * 3], 255, "the line moved over");
+        // A new image of another size keeps the drawing, resized.
+        d.set_image(image(16, 16, [0, 0, 0]));
+        assert_eq!(d.control().map(|c| (c.width, c.height)), Some((16, 16)));
+        assert!(d.clear_control());
+        assert!(d.control().is_none());
+        assert!(!d.clear_control(), "nothing left to clear");
+        assert!(d.undo());
+        assert!(d.control().is_some());
+        // Clearing the canvas takes the layer too.
+        assert!(d.clear());
+        assert!(d.control().is_none());
+    }
+
+    #[test]
+    fn on_an_empty_canvas_the_control_layer_is_a_map_for_a_new_image() {
+        let mut d = Document::default();
+        assert!(
+            !d.paint((1.0, 1.0), (5.0, 5.0), Tool::ControlPen, 2.0, 1.0),
+            "no size to draw at yet"
+        );
+        d.begin_control_layer(24, 16);
+        assert!(d.paint((2.0, 8.0), (20.0, 8.0), Tool::ControlPen, 2.0, 1.0));
+        d.end_stroke();
+        assert_eq!(d.layer_size(), Some((24, 16)));
+        assert!(d.image().is_none());
+        assert_eq!(d.mode(), ModeKind::Txt2Img, "still a new image");
+        assert_eq!(d.undo_len(), 1, "creating and drawing is one step");
+        // A result of another size fits the layer to it.
+        d.put_result(&image(48, 32, [1, 2, 3]));
+        assert_eq!(d.control().map(|c| (c.width, c.height)), Some((48, 32)));
+        assert!(d.undo());
+        assert!(d.image().is_none());
+        assert_eq!(d.layer_size(), Some((24, 16)));
+        assert!(d.undo());
+        assert!(d.control().is_none() && d.layer_size().is_none());
+        // A map put there (an edge map to edit) takes the given size on an empty canvas.
+        d.set_control(&image(8, 8, [255, 255, 255]), (32, 32));
+        assert_eq!(d.layer_size(), Some((32, 32)));
+        // The layer is counted in the history's bytes.
+        d.set_image(image(32, 32, [0, 0, 0]));
+        assert!(d.history_bytes() >= 32 * 32 * 3);
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct CanvasPanel {
     brush_size: f32,
     hardness: f32,
     show_mask: bool,
+    /// Whether the control layer is drawn over the image (it always is while drawing on it).
+    show_control: bool,
     extend_px: u32,
     /// The generation job running (or queued).
     generating: Option<JobId>,
@@ -105,7 +107,7 @@ impl CanvasPanel {
         let (styles, style_errors) = load_styles(presets_dir.map(|d| d.join("styles")).as_deref());
         notes.extend(style_errors);
         let mut doc = Document::default();
-        doc.restore(loaded.image, loaded.mask);
+        doc.restore(loaded.image, loaded.mask, loaded.control);
         let form = loaded.form.unwrap_or_default();
         let mut store = store;
         store.mark_saved(&doc, &form);
@@ -123,6 +125,7 @@ impl CanvasPanel {
             brush_size: 32.0,
             hardness: 0.8,
             show_mask: true,
+            show_control: true,
             extend_px: 128,
             generating: None,
             progress: None,
@@ -190,6 +193,11 @@ impl CanvasPanel {
 
     pub fn last_seed(&self) -> Option<u64> {
         self.last_seed
+    }
+
+    /// What the pointer paints with.
+    pub fn tool(&self) -> Tool {
+        self.tool
     }
 
     pub fn control_units(&self) -> &[control::ControlUnitForm] {
@@ -292,6 +300,7 @@ impl CanvasPanel {
                 target,
                 preview,
                 show_mask: self.show_mask,
+                show_control: self.show_control,
                 tool: self.tool,
                 brush_size: self.brush_size,
             };
@@ -585,13 +594,36 @@ impl CanvasPanel {
                 push(commands, CanvasCommand::NewSketch);
                 self.tool = Tool::Colour(self.paint_colour);
             }
+            ui.separator();
+            ui.selectable_value(&mut self.tool, Tool::ControlPen, "Control pen")
+                .on_hover_text(
+                    "Draw white lines on the control layer: a scribble or edge map that a \
+                     ControlNet unit set to Layer follows",
+                );
+            ui.selectable_value(&mut self.tool, Tool::ControlEraser, "Control eraser")
+                .on_hover_text("Take lines off the control layer");
+        });
+        ui.horizontal_wrapped(|ui| {
             let l = ui.label("Size");
             ui.add(egui::Slider::new(&mut self.brush_size, 1.0..=256.0).logarithmic(true))
                 .labelled_by(l.id);
             let l = ui.label("Hardness");
             ui.add(egui::Slider::new(&mut self.hardness, 0.0..=1.0).step_by(0.05))
                 .labelled_by(l.id);
+        });
+        ui.horizontal_wrapped(|ui| {
             ui.checkbox(&mut self.show_mask, "Show mask");
+            ui.checkbox(&mut self.show_control, "Show control layer");
+            ui.separator();
+            if ui
+                .add_enabled(
+                    self.doc.control().is_some(),
+                    egui::Button::new("Clear control layer"),
+                )
+                .clicked()
+            {
+                push(commands, CanvasCommand::ClearControlLayer);
+            }
             ui.separator();
             if ui
                 .add_enabled(has_image, egui::Button::new("Invert mask"))

@@ -1,5 +1,5 @@
 //! The canvas on disk, under `STUDIO_HOME/canvas/`: `image.png`, `mask.png` (grey, white =
-//! repaint) and `canvas.json` (the form's values and what the files hold). Written atomically
+//! repaint), `control.png` (the control layer, when it holds anything) and `canvas.json` (the form's values and what the files hold). Written atomically
 //! a second after the last change (and on exit), read at startup. A file that cannot be read
 //! gives a notice and an empty canvas, never a crash; it is kept aside as `*.bad-<timestamp>`.
 
@@ -30,6 +30,8 @@ pub struct SavedCanvas {
     pub form: FormValues,
     /// Whether `image.png` (and `mask.png`) belong to this save.
     pub has_image: bool,
+    /// Whether `control.png` belongs to this save.
+    pub has_control: bool,
     pub width: u32,
     pub height: u32,
 }
@@ -40,6 +42,7 @@ impl Default for SavedCanvas {
             version: CANVAS_VERSION,
             form: FormValues::default(),
             has_image: false,
+            has_control: false,
             width: 0,
             height: 0,
         }
@@ -52,6 +55,7 @@ pub struct Loaded {
     pub form: Option<FormValues>,
     pub image: Option<RgbImage>,
     pub mask: Option<Mask>,
+    pub control: Option<RgbImage>,
     /// Problems to show as notices.
     pub notes: Vec<String>,
 }
@@ -61,6 +65,7 @@ pub struct CanvasStore {
     dir: PathBuf,
     saved_image_rev: Option<u64>,
     saved_mask_rev: Option<u64>,
+    saved_control_rev: Option<u64>,
     saved_form: Option<FormValues>,
     changed_at: Option<Instant>,
 }
@@ -75,6 +80,7 @@ impl CanvasStore {
             dir: Self::dir(home),
             saved_image_rev: None,
             saved_mask_rev: None,
+            saved_control_rev: None,
             saved_form: None,
             changed_at: None,
         }
@@ -98,6 +104,16 @@ impl CanvasStore {
             return out;
         };
         out.form = Some(saved.form);
+        let control_path = self.dir.join("control.png");
+        if saved.has_control {
+            match read_png(&control_path) {
+                Ok(c) => out.control = Some(c),
+                Err(e) => out.notes.push(format!(
+                    "The saved control layer could not be read ({e:#}); it is empty.{}",
+                    crate::home::keep_corrupt(&control_path)
+                )),
+            }
+        }
         if !saved.has_image {
             return out;
         }
@@ -130,12 +146,14 @@ impl CanvasStore {
     pub fn mark_saved(&mut self, doc: &Document, form: &FormValues) {
         self.saved_image_rev = Some(doc.image_rev());
         self.saved_mask_rev = Some(doc.mask_rev());
+        self.saved_control_rev = Some(doc.control_rev());
         self.saved_form = Some(form.clone());
     }
 
     fn dirty(&self, doc: &Document, form: &FormValues) -> bool {
         self.saved_image_rev != Some(doc.image_rev())
             || self.saved_mask_rev != Some(doc.mask_rev())
+            || self.saved_control_rev != Some(doc.control_rev())
             || self.saved_form.as_ref() != Some(form)
     }
 
@@ -172,7 +190,7 @@ impl CanvasStore {
         self.mark_saved(doc, form);
     }
 
-    /// Queues `image.png`, `mask.png` and then `canvas.json` (the file thread keeps the order,
+    /// Queues `image.png`, `mask.png`, `control.png` and then `canvas.json` (the file thread keeps the order,
     /// so the JSON never names files that are not written yet).
     fn write(&self, doc: &Document, form: &FormValues, files: &FileWorker) {
         const WHAT: &str = "The canvas";
@@ -203,11 +221,22 @@ impl CanvasStore {
                 );
             }
         }
+        if let Some(control) = doc.control()
+            && self.saved_control_rev != Some(doc.control_rev())
+        {
+            let control = control.clone();
+            files.write(
+                WHAT,
+                &self.dir.join("control.png"),
+                Box::new(move || encode_png(&control, None).context("encoding the control layer")),
+            );
+        }
         let (width, height) = doc.size().unwrap_or((0, 0));
         let saved = SavedCanvas {
             version: CANVAS_VERSION,
             form: form.clone(),
             has_image: doc.image().is_some(),
+            has_control: doc.control().is_some(),
             width,
             height,
         };
@@ -237,6 +266,8 @@ mod tests {
         let mut doc = Document::default();
         doc.set_image(RgbImage::new_filled(16, 8, [10, 200, 30]));
         doc.paint((4.0, 4.0), (10.0, 4.0), Tool::Brush, 3.0, 1.0);
+        doc.end_stroke();
+        doc.paint((2.0, 6.0), (12.0, 6.0), Tool::ControlPen, 2.0, 1.0);
         let form = FormValues {
             prompt: "a red fox".into(),
             steps: 9,
@@ -252,6 +283,17 @@ mod tests {
         assert_eq!(loaded.form.as_ref(), Some(&form));
         assert_eq!(loaded.image.as_ref(), doc.image());
         assert_eq!(loaded.mask.as_ref(), Some(doc.mask()));
+        assert!(doc.control().is_some());
+        assert_eq!(loaded.control.as_ref(), doc.control(), "the control layer");
+
+        // A corrupt control layer: a notice, the rest of the canvas kept.
+        std::fs::write(CanvasStore::dir(tmp.path()).join("control.png"), b"junk").expect("w");
+        let loaded = CanvasStore::new(tmp.path()).load();
+        assert!(loaded.control.is_none() && loaded.image.is_some());
+        assert_eq!(loaded.notes.len(), 1, "{:?}", loaded.notes);
+        let control = doc.control().expect("layer");
+        let png = encode_png(control, None).expect("png");
+        std::fs::write(CanvasStore::dir(tmp.path()).join("control.png"), png).expect("w");
 
         std::fs::write(CanvasStore::dir(tmp.path()).join("image.png"), b"garbage").expect("w");
         let loaded = CanvasStore::new(tmp.path()).load();

@@ -1,4 +1,5 @@
-//! The canvas widget: the image layer with the mask drawn over it as translucent red, zoom
+//! The canvas widget: the image layer with the control layer over it (its lines in cyan, or
+//! their own colour) and the mask over both as translucent red, zoom
 //! (wheel or pinch, about the pointer) and pan (space-drag or middle-drag), brush and eraser
 //! strokes (sent as commands), the selected staged result shown in place, and the live
 //! denoising preview stretched over the area being generated.
@@ -27,6 +28,7 @@ pub struct ViewContext<'a> {
     pub target: (u32, u32),
     pub preview: Option<&'a egui::TextureHandle>,
     pub show_mask: bool,
+    pub show_control: bool,
     pub tool: Tool,
     pub brush_size: f32,
 }
@@ -40,6 +42,7 @@ pub struct CanvasView {
     fitted: Option<(u32, u32)>,
     image_tex: Option<(u64, egui::TextureHandle)>,
     mask_tex: Option<(u64, egui::TextureHandle)>,
+    control_tex: Option<(u64, egui::TextureHandle)>,
     staged_tex: Vec<(usize, egui::TextureHandle)>,
     /// The last brush position of the stroke being drawn (image pixels).
     last_paint: Option<[i32; 2]>,
@@ -85,7 +88,7 @@ impl CanvasView {
         let staged = cx.doc.selected_staged().cloned();
         let size = cx
             .doc
-            .size()
+            .layer_size()
             .or_else(|| {
                 staged
                     .as_ref()
@@ -113,6 +116,9 @@ impl CanvasView {
         } else if staged.is_none() {
             let stroke = Stroke::new(1.0, ui.visuals().weak_text_color());
             painter.rect_stroke(canvas_rect, 0.0, stroke, egui::StrokeKind::Inside);
+        }
+        // The empty canvas says what it is, unless a control layer is drawn there.
+        if cx.doc.layer_size().is_none() && staged.is_none() {
             painter.text(
                 canvas_rect.center(),
                 egui::Align2::CENTER_CENTER,
@@ -134,6 +140,19 @@ impl CanvasView {
                 Stroke::new(2.0, ui.visuals().selection.stroke.color),
                 egui::StrokeKind::Outside,
             );
+        }
+        if let Some(control) = cx.doc.control()
+            && (cx.show_control || matches!(cx.tool, Tool::ControlPen | Tool::ControlEraser))
+            && staged.is_none()
+        {
+            let tex = cached(&mut self.control_tex, cx.doc.control_rev(), || {
+                ui.ctx().load_texture(
+                    "canvas:control",
+                    control_overlay(control),
+                    egui::TextureOptions::LINEAR,
+                )
+            });
+            draw_texture(&painter, &tex, canvas_rect);
         }
         if cx.show_mask && cx.doc.image().is_some() && staged.is_none() && !cx.doc.mask().is_empty()
         {
@@ -161,7 +180,10 @@ impl CanvasView {
         );
 
         // Painting.
-        let can_paint = cx.doc.image().is_some() && staged.is_none() && !Self::panning(ui);
+        let on_control = matches!(cx.tool, Tool::ControlPen | Tool::ControlEraser);
+        // The control pen also draws on an empty canvas (a map for a new image).
+        let can_paint =
+            (cx.doc.image().is_some() || on_control) && staged.is_none() && !Self::panning(ui);
         let down = response.is_pointer_button_down_on()
             && ui.input(|i| i.pointer.primary_down())
             && can_paint;
@@ -182,6 +204,8 @@ impl CanvasView {
                 Tool::Brush => Color32::from_rgb(255, 80, 80),
                 Tool::Eraser => ui.visuals().strong_text_color(),
                 Tool::Colour([r, g, b]) => Color32::from_rgb(r, g, b),
+                Tool::ControlPen => CONTROL_TINT,
+                Tool::ControlEraser => ui.visuals().weak_text_color(),
             };
             painter.circle_stroke(pos, r.max(2.0), Stroke::new(1.0, color));
         }
@@ -230,9 +254,20 @@ impl CanvasView {
 fn hover_help(cx: &ViewContext<'_>) -> String {
     if cx.doc.selected_staged().is_some() {
         "A staged result: Accept puts it on the canvas, Discard drops it".to_owned()
-    } else if cx.doc.image().is_some() {
-        "Drag to paint the mask (the area to redraw). Wheel: zoom. Space-drag or middle-drag: \
-         pan"
+    } else if cx.doc.image().is_some() || matches!(cx.tool, Tool::ControlPen) {
+        match cx.tool {
+            Tool::ControlPen | Tool::ControlEraser => {
+                "Drag to draw on the control layer (a ControlNet unit set to Layer reads it). \
+                 Wheel: zoom. Space-drag: pan"
+            }
+            Tool::Colour(_) => {
+                "Drag to paint colour on the image. Wheel: zoom. Space-drag or middle-drag: pan"
+            }
+            Tool::Brush | Tool::Eraser => {
+                "Drag to paint the mask (the area to redraw). Wheel: zoom. Space-drag or \
+                 middle-drag: pan"
+            }
+        }
         .to_owned()
     } else {
         "Wheel: zoom. Space-drag or middle-drag: pan".to_owned()
@@ -270,6 +305,29 @@ fn mask_overlay(mask: &Mask) -> egui::ColorImage {
         rgba.extend_from_slice(&[255, 40, 40, (u16::from(v) * 140 / 255) as u8]);
     }
     egui::ColorImage::from_rgba_unmultiplied([mask.width as usize, mask.height as usize], &rgba)
+}
+
+/// How the control layer's grey lines are shown over the image.
+const CONTROL_TINT: Color32 = Color32::from_rgb(40, 230, 255);
+
+/// The control layer as an overlay: black is clear; grey lines (scribbles, edges, depth) are
+/// cyan, as strong as they are bright; coloured ones (a pose) keep their colour.
+fn control_overlay(control: &RgbImage) -> egui::ColorImage {
+    let mut rgba = Vec::with_capacity(control.pixels.len() / 3 * 4);
+    for px in control.pixels.chunks_exact(3) {
+        let (max, min) = (px.iter().max(), px.iter().min());
+        let (max, min) = (max.copied().unwrap_or(0), min.copied().unwrap_or(0));
+        let [r, g, b] = if max - min < 24 {
+            [CONTROL_TINT.r(), CONTROL_TINT.g(), CONTROL_TINT.b()]
+        } else {
+            [px[0], px[1], px[2]]
+        };
+        rgba.extend_from_slice(&[r, g, b, (u16::from(max) * 220 / 255) as u8]);
+    }
+    egui::ColorImage::from_rgba_unmultiplied(
+        [control.width as usize, control.height as usize],
+        &rgba,
+    )
 }
 
 /// A preview frame as a texture.
