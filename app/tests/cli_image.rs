@@ -357,7 +357,7 @@ fn txt2img_takes_pytorch_cpu_noise_and_a_variation_seed() {
     assert_eq!(p.get("Variation seed strength"), Some("0.2"));
 }
 
-/// `studio upscale` runs an RRDBNet in tiles, keeps the input's parameters and adds the SD web
+/// `studio upscale` runs an RRDBNet (and a SwinIR) in tiles, keeps the input's parameters and adds the SD web
 /// UI's postprocessing fields; `--scale` other than the model's resizes its result.
 #[test]
 fn upscale_runs_an_esrgan_model_and_keeps_the_parameters() {
@@ -405,6 +405,26 @@ fn upscale_runs_an_esrgan_model_and_keeps_the_parameters() {
     assert_eq!((img.width, img.height), (63, 42));
     assert_eq!(parameters(&out).get("Postprocess upscale by"), Some("3"));
 
+    // A SwinIR (the SD web UI's `SwinIR_4x` kind: real-world, `params_ema` in a `.pth`).
+    let swinir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/swinir/swinir-x4-nearest-3conv.pth");
+    let said = ok(&studio(&[
+        "upscale",
+        "--model",
+        path(&swinir),
+        "--in",
+        path(&input),
+        "--out",
+        path(&out),
+        "--tile",
+        "8",
+    ]));
+    assert!(said.contains("84x56"), "{said}");
+    assert_eq!(
+        parameters(&out).get("Postprocess upscaler"),
+        Some("swinir-x4-nearest-3conv")
+    );
+
     // Not an upscaler: the error says what it looks like.
     let sd = tmp.path().join("tiny-sd");
     write_tiny_sd(&sd, TinySd::new(TinyKind::Sd1));
@@ -418,7 +438,7 @@ fn upscale_runs_an_esrgan_model_and_keeps_the_parameters() {
         path(&out),
     ]));
     assert!(
-        e.contains("not an ESRGAN/Real-ESRGAN (RRDBNet) upscaler"),
+        e.contains("not an upscaler Studio runs") && e.contains("a diffusion model"),
         "{e}"
     );
     let e = failed(&studio(&[

@@ -1,13 +1,16 @@
-//! ESRGAN / Real-ESRGAN upscalers (`studio_inference::upscale`) against PyTorch: the fixtures in
+//! Upscalers (`studio_inference::upscale`) against PyTorch: the fixtures in
 //! `tests/fixtures/esrgan` are tiny random-weight RRDBNets in both published namings, with
-//! their outputs from BasicSR's architecture (`tools/make_esrgan_fixture.py`).
+//! their outputs from BasicSR's architecture (`tools/make_esrgan_fixture.py`);
+//! `tests/fixtures/swinir` are tiny random-weight SwinIRs with each published reconstruction,
+//! with their outputs from the reference SwinIR (`tools/make_swinir_fixture.py`).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use studio_inference::diffusion::imaging::RgbImage;
-use studio_inference::upscale::{self, Naming};
+use studio_inference::upscale::swinir::{ResiConnection, Upsampler};
+use studio_inference::upscale::{self, Architecture, Naming};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,8 +51,17 @@ fn rrdbnet_matches_pytorch_in_both_namings_and_scales() {
     ] {
         let up = upscale::load(&fixture(file), &Device::Cpu).expect(file);
         let info = up.info();
-        assert_eq!((info.scale, info.naming), (scale, naming), "{file}");
-        assert_eq!((info.features, info.growth), (8, 4), "{file}");
+        assert_eq!(info.scale, scale, "{file}");
+        let Architecture::RrdbNet {
+            features,
+            growth,
+            naming: found,
+            ..
+        } = info.architecture
+        else {
+            panic!("{file}: {:?}", info.architecture);
+        };
+        assert_eq!((features, growth, found), (8, 4, naming), "{file}");
         let ours = up.forward(&input).expect("forward");
         let torch = io(output);
         assert_eq!(ours.dims(), torch.dims(), "{file}");
@@ -144,4 +156,158 @@ fn files_that_are_not_rrdbnets_are_refused_by_name() {
         .upscale(&huge, 256, 16, &mut |_, _| ControlFlow::Continue(()))
         .expect_err("too large");
     assert!(e.to_string().contains("at most"), "{e}");
+}
+
+fn swinir_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/swinir")
+        .join(name)
+}
+
+fn swinir_io(name: &str) -> Tensor {
+    let io =
+        candle_core::safetensors::load(swinir_fixture("io.safetensors"), &Device::Cpu).expect("io");
+    io.get(name).expect("tensor").clone()
+}
+
+/// Each published reconstruction (classical, lightweight, real-world with `3conv`; a `.pth`
+/// with `params_ema` among them), on an input that is not a multiple of the window, against
+/// the reference implementation.
+#[test]
+fn swinir_matches_the_reference_for_each_reconstruction() {
+    let input = swinir_io("input");
+    for (file, scale, upsampler, resi, depths) in [
+        (
+            "swinir-x2-pixelshuffle.safetensors",
+            2,
+            Upsampler::PixelShuffle,
+            ResiConnection::OneConv,
+            vec![2, 2],
+        ),
+        (
+            "swinir-x4-nearest-3conv.pth",
+            4,
+            Upsampler::NearestConv,
+            ResiConnection::ThreeConv,
+            vec![2],
+        ),
+        (
+            "swinir-x3-direct.safetensors",
+            3,
+            Upsampler::PixelShuffleDirect,
+            ResiConnection::OneConv,
+            vec![2],
+        ),
+    ] {
+        let up = upscale::load(&swinir_fixture(file), &Device::Cpu).expect(file);
+        let info = up.info();
+        assert_eq!(info.scale, scale, "{file}");
+        let Architecture::SwinIr(config) = &info.architecture else {
+            panic!("{file}: {:?}", info.architecture);
+        };
+        assert_eq!(
+            (config.upsampler, config.resi, &config.depths, config.window),
+            (upsampler, resi, &depths, 4),
+            "{file}"
+        );
+        assert!(info.describe().contains("SwinIR"), "{}", info.describe());
+        let ours = up.forward(&input).expect("forward");
+        let stem = file.split('.').next().expect("stem");
+        let torch = swinir_io(&format!("output_{stem}"));
+        assert_eq!(ours.dims(), torch.dims(), "{file}");
+        let diff = max_diff(&ours, &torch);
+        assert!(diff < 1e-4, "{file}: differs from the reference by {diff}");
+    }
+}
+
+/// SwinIR in tiles: each tile and its context are whole windows, so a tiled upscale stays
+/// close to the whole image's; sides that are not multiples of the window are fine.
+#[test]
+fn swinir_upscales_in_tiles() {
+    let up = upscale::load(
+        &swinir_fixture("swinir-x2-pixelshuffle.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("load");
+    assert_eq!(up.multiple(), 1, "SwinIR pads to its window itself");
+    let image = test_image(21, 15);
+    let whole = up
+        .upscale(&image, 0, 0, &mut |_, _| ControlFlow::Continue(()))
+        .expect("whole")
+        .expect("not cancelled");
+    assert_eq!((whole.width, whole.height), (42, 30));
+    let mut tiles = 0;
+    let tiled = up
+        .upscale(&image, 8, 8, &mut |_, total| {
+            tiles = total;
+            ControlFlow::Continue(())
+        })
+        .expect("tiled")
+        .expect("not cancelled");
+    assert_eq!(tiles, 6, "3 × 2 tiles of 8");
+    let mean_diff = whole
+        .pixels
+        .iter()
+        .zip(&tiled.pixels)
+        .map(|(a, b)| f64::from(a.abs_diff(*b)))
+        .sum::<f64>()
+        / whole.pixels.len() as f64;
+    assert!(
+        mean_diff < 2.0,
+        "tiles differ from the whole image by {mean_diff} on average"
+    );
+}
+
+/// A change to a fixture's tensors.
+type Edit = dyn Fn(&mut std::collections::HashMap<String, Tensor>);
+
+/// A damaged SwinIR is refused by name: a missing tensor, a table that is no window's, and a
+/// denoising SwinIR (no up-sampling).
+#[test]
+fn broken_swinirs_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let good = candle_core::safetensors::load(
+        swinir_fixture("swinir-x3-direct.safetensors"),
+        &Device::Cpu,
+    )
+    .expect("load");
+    let write = |name: &str, edit: &Edit| {
+        let mut t = good.clone();
+        edit(&mut t);
+        let path = tmp.path().join(name);
+        candle_core::safetensors::save(&t, &path).expect("save");
+        path
+    };
+    let cases: [(&str, &Edit, &str); 3] = [
+        (
+            "missing.safetensors",
+            &|t| {
+                t.remove("layers.0.residual_group.blocks.1.mlp.fc2.weight");
+            },
+            "mlp.fc2.weight",
+        ),
+        (
+            "table.safetensors",
+            &|t| {
+                let z = Tensor::zeros((50, 2), candle_core::DType::F32, &Device::Cpu).expect("z");
+                t.insert(
+                    "layers.0.residual_group.blocks.0.attn.relative_position_bias_table".into(),
+                    z,
+                );
+            },
+            "50 rows",
+        ),
+        (
+            "denoise.safetensors",
+            &|t| {
+                t.remove("upsample.0.weight");
+                t.remove("upsample.0.bias");
+            },
+            "not an upscaler",
+        ),
+    ];
+    for (name, edit, expected) in cases {
+        let e = upscale::load(&write(name, edit), &Device::Cpu).expect_err(name);
+        assert!(e.to_string().contains(expected), "{name}: {e}");
+    }
 }

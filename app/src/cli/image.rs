@@ -18,7 +18,7 @@
 //! as `step-001.png`, … Progress goes to stderr; one line per saved image to stdout.
 //!
 //! `studio upscale --model M --in IN --out OUT [--scale S] [--tile PX]` runs an ESRGAN /
-//! Real-ESRGAN (RRDBNet) upscaler in tiles; `--scale` other than the model's resizes its result
+//! Real-ESRGAN (RRDBNet) or SwinIR upscaler in tiles; `--scale` other than the model's resizes its result
 //! (Lanczos), as the SD web UI's "Upscale by" does. The input's `parameters` are kept, with
 //! `Postprocess upscaler` and `Postprocess upscale by` added.
 //!
@@ -107,7 +107,7 @@ pub struct ImageArgs {
     pub hires_scale: Option<f64>,
     /// The hires fix's upscaler: lanczos, a latent mode as the SD web UI names them ("Latent",
     /// "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent
-    /// (nearest)", "Latent (nearest-exact)"), or an ESRGAN / Real-ESRGAN file.
+    /// (nearest)", "Latent (nearest-exact)"), or an ESRGAN / Real-ESRGAN or SwinIR file.
     #[arg(long, default_value = "lanczos")]
     pub hires_upscaler: String,
     /// The hires fix's steps (0: the same as --steps).
@@ -660,7 +660,8 @@ pub fn run_bench_sd(args: &BenchSdArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct UpscaleArgs {
-    /// An ESRGAN / Real-ESRGAN (RRDBNet) upscaler: `.safetensors`, or a `.pth` read as data.
+    /// An ESRGAN / Real-ESRGAN (RRDBNet) or SwinIR upscaler: `.safetensors`, or a `.pth` read
+    /// as data.
     #[arg(long, value_parser = crate::cli::values::model_path())]
     pub model: PathBuf,
     /// The image to upscale.

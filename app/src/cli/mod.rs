@@ -83,7 +83,7 @@ pub enum Command {
     Img2img(image::Img2ImgArgs),
     /// Repaint the white part of a mask.
     Inpaint(image::InpaintArgs),
-    /// Upscale an image with an ESRGAN / Real-ESRGAN upscaler, in tiles.
+    /// Upscale an image with an ESRGAN / Real-ESRGAN or SwinIR upscaler, in tiles.
     Upscale(image::UpscaleArgs),
     /// Render a StyleGAN2 image from a seed, a z or a w.
     Gan(gan::GanArgs),

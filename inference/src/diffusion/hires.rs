@@ -1,5 +1,5 @@
 //! The two-pass "hires fix" of the SD web UI: generate at the base size, upscale the image
-//! (Lanczos, or an ESRGAN / Real-ESRGAN model), then run img2img at the larger size with the
+//! (Lanczos, or an ESRGAN / Real-ESRGAN or SwinIR model), then run img2img at the larger size with the
 //! same seed, so the composition of the base size gets the detail of the larger one.
 //!
 //! The web UI's "Latent" upscalers enlarge the first pass's latents instead, with no decode
@@ -30,7 +30,7 @@ pub enum HiresUpscaler {
     /// A Lanczos resize.
     #[default]
     Lanczos,
-    /// An ESRGAN / Real-ESRGAN (RRDBNet) file, then a resize to the exact size.
+    /// An upscaler file (ESRGAN / Real-ESRGAN or SwinIR), then a resize to the exact size.
     Esrgan(PathBuf),
     /// The latents themselves, interpolated.
     Latent(LatentUpscale),
@@ -212,7 +212,7 @@ impl Default for HiresFix {
     }
 }
 
-/// Tile side for the ESRGAN upscale between the passes (input pixels).
+/// Tile side for the upscaler between the passes (input pixels).
 const TILE: usize = 192;
 
 /// The second pass's size: the first pass's times `scale`, rounded down to `multiple`.

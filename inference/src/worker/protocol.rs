@@ -97,7 +97,7 @@ pub enum JobKind {
         /// worker loads it and keeps it while it is asked for.
         refiner: Option<std::path::PathBuf>,
     },
-    /// Upscale an image with an ESRGAN / Real-ESRGAN upscaler file (loaded for the job), in
+    /// Upscale an image with an upscaler file (ESRGAN / Real-ESRGAN or SwinIR) (loaded for the job), in
     /// tiles, to `scale` times its size: [`Event::ImageProgress`] per tile (step = tile), the
     /// result as [`Event::ImageReady`] with `parameters` plus the postprocessing fields; cancel
     /// is checked between tiles.

@@ -109,7 +109,7 @@ impl PanelView for CanvasPanel {
             CanvasCommand::Upscale => self.upscale(cx),
             CanvasCommand::ChooseUpscalerDialog => {
                 if let Some(path) = rfd::FileDialog::new()
-                    .set_title("Choose an ESRGAN / Real-ESRGAN upscaler")
+                    .set_title("Choose an upscaler (ESRGAN / Real-ESRGAN or SwinIR)")
                     .add_filter("Upscaler", &["safetensors", "pth", "pt"])
                     .pick_file()
                 {

@@ -170,20 +170,25 @@ pub fn model_entries(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
     out
 }
 
-/// A menu of the models in `dir` (read while it is open); the chosen one is returned.
+/// A menu of the models in `dirs` (read while it is open); the chosen one is returned.
 pub fn model_menu(
     ui: &mut egui::Ui,
     id: impl std::hash::Hash + std::fmt::Debug,
-    dir: &Path,
+    dirs: &[PathBuf],
     exts: &[&str],
 ) -> Option<PathBuf> {
     let mut picked = None;
+    let where_ = dirs
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(" and ");
     egui::ComboBox::from_id_salt(id)
         .selected_text("from models…")
         .show_ui(ui, |ui| {
-            let entries = model_entries(dir, exts);
+            let entries: Vec<PathBuf> = dirs.iter().flat_map(|d| model_entries(d, exts)).collect();
             if entries.is_empty() {
-                ui.label(format!("none in {}", dir.display()));
+                ui.label(format!("none in {where_}"));
             }
             for p in entries {
                 if ui.selectable_label(false, super::file_name(&p)).clicked() {
@@ -192,7 +197,7 @@ pub fn model_menu(
             }
         })
         .response
-        .on_hover_text(format!("Models in {}", dir.display()));
+        .on_hover_text(format!("Models in {where_}"));
     picked
 }
 
@@ -200,7 +205,7 @@ pub fn model_menu(
 pub fn units_ui(
     ui: &mut egui::Ui,
     units: &mut [ControlUnitForm],
-    models: &Path,
+    models: &[PathBuf],
     commands: &mut Vec<Command>,
 ) {
     if units.is_empty() {

@@ -61,7 +61,7 @@ pub struct FormValues {
     pub inpaint_padding: u32,
     /// Inpainting: what the masked area starts from.
     pub masked_content: MaskedContent,
-    /// The ESRGAN / Real-ESRGAN file *Upscale* uses.
+    /// The upscaler file (ESRGAN / Real-ESRGAN or SwinIR) *Upscale* uses.
     pub upscaler: Option<PathBuf>,
     /// *Upscale*: output size over input size.
     pub upscale_by: f32,
@@ -411,7 +411,7 @@ pub struct FormContext<'a> {
     /// Whether there is an image to upscale (a staged result or the canvas image).
     pub has_image: bool,
     /// Upscalers offered in a menu.
-    pub upscaler_dir: &'a Path,
+    pub upscaler_dirs: &'a [PathBuf],
 }
 
 /// Form state that is not saved.
@@ -840,11 +840,13 @@ impl FormView {
                 .and_then(|p| p.file_stem())
                 .map_or_else(|| "none".to_owned(), |n| n.to_string_lossy().into_owned());
             ui.label(format!("Upscaler: {name}"))
-                .on_hover_text("An ESRGAN / Real-ESRGAN (RRDBNet) file, .safetensors or .pth");
+                .on_hover_text(
+                    "An ESRGAN / Real-ESRGAN (RRDBNet) or SwinIR file, .safetensors or .pth",
+                );
             if let Some(p) = super::control::model_menu(
                 ui,
                 "upscaler_models",
-                cx.upscaler_dir,
+                cx.upscaler_dirs,
                 &["safetensors", "pth", "pt"],
             ) {
                 commands.push(CanvasCommand::SetUpscaler(p).into());

@@ -92,9 +92,10 @@ pub struct CanvasPanel {
     /// ControlNet units.
     control_units: Vec<control::ControlUnitForm>,
     /// ControlNets offered in the units' menus (`STUDIO_HOME/models/controlnet`).
-    controlnet_dir: PathBuf,
-    /// Upscalers offered in the upscaler menu (`STUDIO_HOME/models/ESRGAN`, the web UI's).
-    upscaler_dir: PathBuf,
+    controlnet_dir: [PathBuf; 1],
+    /// Upscalers offered in the upscaler menu (`STUDIO_HOME/models/ESRGAN` and
+    /// `models/SwinIR`, the web UI's).
+    upscaler_dirs: [PathBuf; 2],
 }
 
 impl CanvasPanel {
@@ -143,8 +144,11 @@ impl CanvasPanel {
             lora_previews: std::collections::HashMap::new(),
             paint_colour: [40, 90, 200],
             control_units: Vec::new(),
-            controlnet_dir: home.join("models").join("controlnet"),
-            upscaler_dir: home.join("models").join("ESRGAN"),
+            controlnet_dir: [home.join("models").join("controlnet")],
+            upscaler_dirs: [
+                home.join("models").join("ESRGAN"),
+                home.join("models").join("SwinIR"),
+            ],
         };
         (panel, notes)
     }
@@ -256,7 +260,7 @@ impl CanvasPanel {
                                 last_seed: self.last_seed,
                                 has_image: self.doc.image().is_some()
                                     || self.doc.selected_staged().is_some(),
-                                upscaler_dir: &self.upscaler_dir,
+                                upscaler_dirs: &self.upscaler_dirs,
                             };
                             self.form_view
                                 .form_ui(ui, &mut self.form, &self.styles, &cx, commands);

@@ -1,6 +1,7 @@
-//! GAN upscalers: ESRGAN / Real-ESRGAN's `RRDBNet` generator (x1, x2, x4 and x8 models,
-//! the 23-block photo models and the 6-block anime ones), loaded from safetensors or a
-//! PyTorch pickle (read as data) in either published naming:
+//! Upscalers, loaded from safetensors or a PyTorch pickle (read as data): SwinIR (the
+//! transformer upscaler, in [`swinir`]) and ESRGAN / Real-ESRGAN's `RRDBNet` generator (x1,
+//! x2, x4 and x8 models, the 23-block photo models and the 6-block anime ones) in either
+//! published naming:
 //!
 //! - BasicSR's, as Real-ESRGAN ships it: `conv_first`, `body.N.rdbK.convJ`, `conv_body`,
 //!   `conv_up1`, `conv_up2`, `conv_hr`, `conv_last` (inside `params_ema` / `params` in `.pth`
@@ -11,7 +12,7 @@
 //!   convolution per ×2 up-sampling, `HRconv` and the last one.
 //!
 //! The block count, widths and scale are read from the tensor names and shapes. A file of
-//! another architecture (SRVGGNetCompact, SwinIR, …) is refused with its name.
+//! another architecture (SRVGGNetCompact, a diffusion model, …) is refused with its name.
 //!
 //! [`Upscaler::upscale`] works in tiles with overlap, so memory stays bounded whatever the
 //! image size: each tile is run with `pad` pixels of context on every side and only its centre
@@ -26,6 +27,8 @@ use crate::diffusion::imaging::RgbImage;
 use crate::error::{Error, Result};
 use crate::image_meta::GenerationParameters;
 use crate::weights::{Weights, open_checkpoint};
+
+pub mod swinir;
 
 /// The most residual-in-residual blocks accepted (the published models have 6 or 23).
 const MAX_BLOCKS: usize = 128;
@@ -52,43 +55,75 @@ pub struct UpscalerInfo {
     pub path: PathBuf,
     /// Output size over input size.
     pub scale: u32,
-    /// Residual-in-residual dense blocks (23 for the photo models, 6 for the anime ones).
-    pub blocks: usize,
-    /// Feature channels (`num_feat`, 64 in the published models).
-    pub features: usize,
-    /// Growth channels of the dense blocks (`num_grow_ch`, 32).
-    pub growth: usize,
-    /// The tensor naming found.
-    pub naming: Naming,
+    /// The network and its shape.
+    pub architecture: Architecture,
+}
+
+/// The network an upscaler file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Architecture {
+    /// ESRGAN / Real-ESRGAN.
+    RrdbNet {
+        /// Residual-in-residual dense blocks (23 for the photo models, 6 for the anime ones).
+        blocks: usize,
+        /// Feature channels (`num_feat`, 64 in the published models).
+        features: usize,
+        /// Growth channels of the dense blocks (`num_grow_ch`, 32).
+        growth: usize,
+        /// The tensor naming found.
+        naming: Naming,
+    },
+    /// SwinIR.
+    SwinIr(swinir::SwinIrConfig),
 }
 
 impl UpscalerInfo {
-    /// For lists: "RealESRGAN_x4plus (RRDBNet ×4, 23 blocks)".
+    /// For lists: "RealESRGAN_x4plus (RRDBNet ×4, 23 blocks)", "SwinIR_4x (SwinIR ×4, 9 × 6
+    /// blocks, 240 channels)".
     pub fn describe(&self) -> String {
-        format!(
-            "{} (RRDBNet ×{}, {} blocks)",
-            self.name, self.scale, self.blocks
-        )
+        match &self.architecture {
+            Architecture::RrdbNet { blocks, .. } => {
+                format!("{} (RRDBNet ×{}, {blocks} blocks)", self.name, self.scale)
+            }
+            Architecture::SwinIr(c) => format!(
+                "{} (SwinIR ×{}, {} × {} blocks, {} channels)",
+                self.name,
+                self.scale,
+                c.depths.len(),
+                c.depths.first().copied().unwrap_or(0),
+                c.embed_dim
+            ),
+        }
     }
 }
 
-/// A 3×3 convolution, stride 1, padding 1, with bias.
+/// A square convolution with bias, stride 1, padded to keep the size (3×3 unless loaded with
+/// [`Conv::load_k`]).
 struct Conv {
     weight: Tensor,
     bias: Tensor,
+    pad: usize,
 }
 
 impl Conv {
     fn load(w: &Weights, name: &str, cin: usize, cout: usize) -> Result<Self> {
-        let weight = w.get(&format!("{name}.weight"), &[cout, cin, 3, 3])?;
+        Self::load_k(w, name, cin, cout, 3)
+    }
+
+    fn load_k(w: &Weights, name: &str, cin: usize, cout: usize, k: usize) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[cout, cin, k, k])?;
         let bias = w
             .get(&format!("{name}.bias"), &[cout])?
             .reshape((1, cout, 1, 1))?;
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            pad: k / 2,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.conv2d(&self.weight, 1, 1, 1, 1)?
+        Ok(x.conv2d(&self.weight, self.pad, 1, 1, 1)?
             .broadcast_add(&self.bias)?)
     }
 }
@@ -117,6 +152,17 @@ impl DenseBlock {
 /// A loaded upscaler, ready to run on its device.
 pub struct Upscaler {
     info: UpscalerInfo,
+    net: Net,
+    device: Device,
+}
+
+enum Net {
+    Rrdb(RrdbNet),
+    SwinIr(swinir::SwinIr),
+}
+
+/// ESRGAN's generator.
+struct RrdbNet {
     /// Pixel-unshuffle factor of the input (1, 2 or 4).
     unshuffle: usize,
     first: Conv,
@@ -125,7 +171,6 @@ pub struct Upscaler {
     ups: Vec<Conv>,
     hr: Conv,
     last: Conv,
-    device: Device,
 }
 
 impl std::fmt::Debug for Upscaler {
@@ -222,7 +267,15 @@ fn shape_of(w: &Weights, name: &str) -> Result<Vec<usize>> {
     Ok(view.shape().to_vec())
 }
 
-/// Loads an RRDBNet upscaler (`.safetensors`, or a `.pth` read as data) onto `device`.
+/// The file's stem, for [`UpscalerInfo::name`].
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Loads an upscaler (SwinIR or RRDBNet; `.safetensors`, or a `.pth` read as data) onto
+/// `device`.
 pub fn load(path: &Path, device: &Device) -> Result<Upscaler> {
     let tensors = open_checkpoint(&[path.to_path_buf()])?;
     let w = Weights::from_tensors(path.to_path_buf(), tensors, device, DType::F32);
@@ -230,10 +283,25 @@ pub fn load(path: &Path, device: &Device) -> Result<Upscaler> {
         path: path.to_path_buf(),
         message,
     };
+    if let Some(prefix) = swinir::find_prefix(&w) {
+        let net = swinir::SwinIr::load(&w, &prefix)?;
+        let config = net.config().clone();
+        return Ok(Upscaler {
+            info: UpscalerInfo {
+                name: stem(path),
+                path: path.to_path_buf(),
+                // At most 8.
+                scale: u32::try_from(config.scale).unwrap_or(u32::MAX),
+                architecture: Architecture::SwinIr(config),
+            },
+            net: Net::SwinIr(net),
+            device: device.clone(),
+        });
+    }
     let Some((prefix, naming)) = find_prefix(&w) else {
         return Err(bad(format!(
-            "not an ESRGAN/Real-ESRGAN (RRDBNet) upscaler; its architecture looks like {}, \
-             which Studio does not run",
+            "not an upscaler Studio runs (ESRGAN/Real-ESRGAN's RRDBNet or SwinIR); its \
+             architecture looks like {}",
             other_architecture(&w)
         )));
     };
@@ -351,27 +419,28 @@ pub fn load(path: &Path, device: &Device) -> Result<Upscaler> {
         .pop()
         .ok_or_else(|| bad("no HR convolution".into()))?;
     let info = UpscalerInfo {
-        name: path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        name: stem(path),
         path: path.to_path_buf(),
         // At most 16.
         scale: u32::try_from(scale).unwrap_or(u32::MAX),
-        blocks: names.blocks,
-        features,
-        growth,
-        naming,
+        architecture: Architecture::RrdbNet {
+            blocks: names.blocks,
+            features,
+            growth,
+            naming,
+        },
     };
     Ok(Upscaler {
         info,
-        unshuffle,
-        first: Conv::load(&w, &names.first(), cin, features)?,
-        body,
-        body_conv: Conv::load(&w, &names.body_conv(), features, features)?,
-        ups: tail_convs,
-        hr,
-        last,
+        net: Net::Rrdb(RrdbNet {
+            unshuffle,
+            first: Conv::load(&w, &names.first(), cin, features)?,
+            body,
+            body_conv: Conv::load(&w, &names.body_conv(), features, features)?,
+            ups: tail_convs,
+            hr,
+            last,
+        }),
         device: device.clone(),
     })
 }
@@ -393,14 +462,36 @@ impl Upscaler {
         &self.info
     }
 
-    /// Input sides must be multiples of this (the pixel-unshuffle factor).
+    /// Input sides must be multiples of this (RRDBNet's pixel-unshuffle factor; SwinIR pads
+    /// to its window itself).
     pub fn multiple(&self) -> usize {
-        self.unshuffle
+        match &self.net {
+            Net::Rrdb(n) => n.unshuffle,
+            Net::SwinIr(_) => 1,
+        }
+    }
+
+    /// Tiles and their context are whole multiples of this, so every tile sees the same
+    /// grid (the unshuffle factor, or SwinIR's attention window).
+    fn alignment(&self) -> usize {
+        match &self.net {
+            Net::Rrdb(n) => n.unshuffle,
+            Net::SwinIr(n) => n.config().window,
+        }
     }
 
     /// The network on a `(1, 3, H, W)` tensor of values in `[0, 1]` (sides multiples of
     /// [`Self::multiple`]); returns `(1, 3, H·scale, W·scale)`, not clamped.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.net {
+            Net::Rrdb(n) => n.forward(x),
+            Net::SwinIr(n) => n.forward(x),
+        }
+    }
+}
+
+impl RrdbNet {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let feat = self.first.forward(&pixel_unshuffle(x, self.unshuffle)?)?;
         let mut body = feat.clone();
         for rrdb in &self.body {
@@ -417,7 +508,9 @@ impl Upscaler {
         }
         self.last.forward(&lrelu(&self.hr.forward(&feat)?)?)
     }
+}
 
+impl Upscaler {
     /// Upscales `image` by the model's scale, `tile` input pixels at a time (0: the whole
     /// image at once) with `pad` pixels of context around each tile. `on_tile(done, total)`
     /// is called after each tile; `Break` stops and returns `Ok(None)`.
@@ -437,16 +530,17 @@ impl Upscaler {
                  {MAX_OUTPUT_PIXELS}"
             )));
         }
-        // Tiles and their context are whole multiples of the unshuffle factor; the image is
-        // padded (edge pixels repeated) to a multiple of it and the result cropped back.
-        let m = self.unshuffle;
+        // The image is padded (edge pixels repeated) to a multiple of `multiple` and the
+        // result cropped back; tiles and their context are whole multiples of `alignment`.
+        let m = self.multiple();
         let (pw, ph) = (w.div_ceil(m) * m, h.div_ceil(m) * m);
+        let a = self.alignment();
         let tile = if tile == 0 {
             pw.max(ph)
         } else {
-            tile.div_ceil(m) * m
+            tile.div_ceil(a) * a
         };
-        let pad = pad.div_ceil(m) * m;
+        let pad = pad.div_ceil(a) * a;
         let planes = padded_planes(image, pw, ph);
         let (ow, oh) = (pw * s, ph * s);
         let mut out = vec![0u8; ow * oh * 3];
