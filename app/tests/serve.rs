@@ -422,9 +422,9 @@ fn models_are_listed_and_malformed_requests_get_openai_errors() {
         (
             "POST",
             "/v1/chat/completions",
-            json!({"messages": user, "n": 2}).to_string(),
+            json!({"messages": user, "n": 17}).to_string(),
             400,
-            "n",
+            "`n` must be 1 to 16",
         ),
         (
             "POST",
@@ -1139,4 +1139,215 @@ fn a_huge_prompt_does_not_hold_up_the_model_while_it_is_tokenized() {
         small_done < big_done,
         "the small request waited for the big one's tokenizing"
     );
+}
+
+/// A non-streaming chat with `body`'s fields added to a short greedy request.
+fn chat(addr: SocketAddr, extra: &Value) -> Reply {
+    let mut body = json!({
+        "messages": [{"role": "user", "content": "Say something"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    post(addr, "/v1/chat/completions", &body)
+}
+
+fn content(reply: &Reply, index: usize) -> String {
+    let v = reply.json();
+    v["choices"][index]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content: {v}"))
+        .to_owned()
+}
+
+/// The sampling fields OpenAI clients send, in their wire format: `n`, `seed`, `logprobs` /
+/// `top_logprobs` (chat and legacy completions, streamed too), presence and frequency
+/// penalties, `logit_bias`; and the fields Studio does not do yet are refused with a 400
+/// naming them, never accepted and ignored.
+#[test]
+fn sampling_fields_are_honoured_or_refused_by_name() {
+    let dir = model_dir();
+    let server = start(dir.path());
+    let addr = server.addr();
+
+    // n: three choices, each its own seed; the usage counts the prompt once.
+    let three = chat(addr, &json!({"n": 3, "temperature": 1.5, "seed": 5}));
+    assert_eq!(three.status, 200, "{}", three.body);
+    let v = three.json();
+    let choices = v["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["finish_reason"], "length");
+    }
+    assert_eq!(v["usage"]["completion_tokens"], 18);
+    let single = chat(addr, &json!({"temperature": 0}));
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        single.json()["usage"]["prompt_tokens"]
+    );
+    let texts: Vec<String> = (0..3).map(|i| content(&three, i)).collect();
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "{texts:?}");
+    // seed: the same seed gives the same text; choice 1 of seed 5 is choice 0 of seed 6.
+    let again = chat(addr, &json!({"temperature": 1.5, "seed": 5}));
+    assert_eq!(content(&again, 0), texts[0]);
+    let next = chat(addr, &json!({"temperature": 1.5, "seed": 6}));
+    assert_eq!(content(&next, 0), texts[1]);
+
+    // logprobs: one entry per token, the chosen (greedy) one the most likely.
+    let lp = chat(addr, &json!({"logprobs": true, "top_logprobs": 3}));
+    assert_eq!(lp.status, 200, "{}", lp.body);
+    let v = lp.json();
+    let entries = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content logprobs");
+    assert_eq!(entries.len(), 6);
+    let mut joined = Vec::new();
+    for e in entries {
+        let top = e["top_logprobs"].as_array().expect("top");
+        assert_eq!(top.len(), 3);
+        let lp = e["logprob"].as_f64().expect("logprob");
+        assert!(lp <= 0.0);
+        assert!((lp - top[0]["logprob"].as_f64().expect("top lp")).abs() < 1e-6);
+        assert_eq!(e["token"], top[0]["token"], "greedy takes the best");
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        joined.extend(
+            e["bytes"]
+                .as_array()
+                .expect("bytes")
+                .iter()
+                .map(|b| u8::try_from(b.as_u64().expect("byte")).expect("u8")),
+        );
+    }
+    // The tiny model's tokens are often bytes of no whole character: compared as the reply's
+    // text is made of them.
+    assert_eq!(String::from_utf8_lossy(&joined), content(&lp, 0));
+    // Without logprobs, none.
+    assert!(single.json()["choices"][0]["logprobs"].is_null());
+
+    // The legacy endpoint's shape.
+    let legacy = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Once", "max_tokens": 4, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(legacy.status, 200, "{}", legacy.body);
+    let l = &legacy.json()["choices"][0]["logprobs"];
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(l[key].as_array().map(Vec::len), Some(4), "{key}: {l}");
+    }
+    assert_eq!(l["text_offset"][0], 0);
+    assert!(
+        l["top_logprobs"][0]
+            .as_object()
+            .is_some_and(|o| !o.is_empty() && o.len() <= 2)
+    );
+
+    // Streamed, n = 2 with logprobs: each choice's chunks carry its index and log-probabilities.
+    let streamed = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({
+            "messages": [{"role": "user", "content": "Say something"}],
+            "max_tokens": 4, "temperature": 1.0, "seed": 9, "n": 2, "stream": true,
+            "logprobs": true, "stream_options": {"include_usage": true},
+        }),
+    );
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    let events = events_of(&streamed.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk"))
+        .collect();
+    let mut tokens = [0usize; 2];
+    let mut finished = [false; 2];
+    for c in &chunks {
+        let Some(choice) = c["choices"].get(0) else {
+            assert_eq!(c["usage"]["completion_tokens"], 8, "{c}");
+            continue;
+        };
+        let i = choice["index"].as_u64().expect("index") as usize;
+        if let Some(list) = choice["logprobs"]["content"].as_array() {
+            tokens[i] += list.len();
+        }
+        finished[i] |= choice["finish_reason"] == "length";
+    }
+    assert_eq!(tokens, [4, 4], "every token's log-probability, once");
+    assert_eq!(finished, [true, true]);
+
+    // logit_bias: +100 on one token makes every greedy token that one; penalties change a
+    // greedy reply.
+    let biased = chat(addr, &json!({"logit_bias": {"200": 100}, "logprobs": true}));
+    assert_eq!(biased.status, 200, "{}", biased.body);
+    let v = biased.json();
+    let entries = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs")
+        .clone();
+    assert!(
+        entries.iter().all(|e| e["bytes"] == entries[0]["bytes"]),
+        "{v}"
+    );
+    // Compared token by token (the tiny model's text is mostly U+FFFD).
+    let tokens_of = |r: &Reply| -> Vec<Value> {
+        r.json()["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .expect("logprobs")
+            .iter()
+            .map(|e| e["bytes"].clone())
+            .collect()
+    };
+    let plain = tokens_of(&lp);
+    assert_ne!(tokens_of(&biased), plain);
+    // The greedy reply repeats no token, so negative penalties show: they reward repeats.
+    let penalised = chat(
+        addr,
+        &json!({"frequency_penalty": -2.0, "presence_penalty": -2.0, "logprobs": true}),
+    );
+    assert_eq!(penalised.status, 200, "{}", penalised.body);
+    let penalised = tokens_of(&penalised);
+    let distinct = |t: &[Value]| t.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(
+        distinct(&penalised) < distinct(&plain),
+        "{penalised:?} {plain:?}"
+    );
+
+    // Refused by name: fields Studio does not do yet, and values out of range.
+    let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+    for (extra, param) in [
+        (json!({"tools": tool}), "tools"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"grammar": "root ::= \"a\""}), "grammar"),
+        (json!({"top_logprobs": 2}), "top_logprobs"),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"logit_bias": {"5": 101}}), "logit_bias"),
+        (json!({"presence_penalty": 2.5}), "presence_penalty"),
+        (json!({"frequency_penalty": -3}), "frequency_penalty"),
+        (json!({"n": 0}), "n"),
+    ] {
+        let r = chat(addr, &extra);
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        assert_eq!(r.json()["error"]["param"], param, "{extra}: {}", r.body);
+    }
+    // Their "off" values are fine.
+    for extra in [
+        json!({"tools": []}),
+        json!({"tool_choice": "none"}),
+        json!({"response_format": {"type": "text"}}),
+        json!({"logprobs": false}),
+    ] {
+        let r = chat(addr, &extra);
+        assert_eq!(r.status, 200, "{extra}: {}", r.body);
+    }
 }

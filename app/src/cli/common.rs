@@ -79,6 +79,7 @@ impl SamplingArgs {
             seed: self.seed,
             max_new_tokens: self.max_tokens,
             stop: self.stop.clone(),
+            ..SamplingParams::default()
         };
         params.validate()?;
         Ok(params)

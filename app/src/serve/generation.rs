@@ -12,12 +12,13 @@ use hyper::Response;
 use hyper::header::{self, HeaderValue};
 use serde_json::Value;
 use studio_inference::llm::chat::build_chat_prompt;
-use studio_inference::llm::generate::{GenerationStats, Step, generate};
+use studio_inference::llm::generate::{FinishReason, GenerationStats, Step, generate};
 use studio_inference::llm::loader::LoadedModel;
+use studio_inference::llm::logprobs::{TokenLogprobs, token_logprobs};
 use studio_inference::llm::sampling::SamplingParams;
 use tokio::sync::mpsc;
 
-use super::openai::{Endpoint, Job, Prompt, Shape, finish_reason};
+use super::openai::{Choice, Endpoint, Job, LogprobWriter, Piece, Prompt, Shape, finish_reason};
 use super::transport::{ApiError, Body, json_response};
 use super::{Prompter, Shared, unix_time};
 
@@ -26,6 +27,23 @@ pub(super) struct Prepared {
     pub(super) tokens: Vec<u32>,
     pub(super) eos: Vec<u32>,
     pub(super) params: SamplingParams,
+}
+
+impl Prepared {
+    /// The sampling of choice `index` (`n` > 1): each seeded after the previous one.
+    fn params_for(&self, index: usize) -> SamplingParams {
+        SamplingParams {
+            seed: self.params.seed.wrapping_add(index as u64),
+            ..self.params.clone()
+        }
+    }
+}
+
+/// What one generation asks of the token loop besides its prompt.
+pub(super) struct Run {
+    pub(super) params: SamplingParams,
+    /// Alternatives per token when log-probabilities are asked for.
+    pub(super) logprobs: Option<usize>,
 }
 
 /// Renders the template and tokenizes (no model needed).
@@ -105,6 +123,8 @@ pub(super) async fn generate_reply(
         params,
         stream,
         include_usage,
+        n,
+        logprobs,
     } = job;
     // The client going away from here on cancels (the future is dropped).
     let gone = Arc::new(AtomicBool::new(false));
@@ -120,13 +140,13 @@ pub(super) async fn generate_reply(
             .await
             .map_err(|e| ApiError::server(format!("preparing the prompt failed: {e}")))??
     };
-    let n = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let serial = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let created = unix_time();
     let shape = Shape {
         endpoint,
         id: match endpoint {
-            Endpoint::Chat => format!("chatcmpl-{created:x}{n:04x}"),
-            Endpoint::Completions => format!("cmpl-{created:x}{n:04x}"),
+            Endpoint::Chat => format!("chatcmpl-{created:x}{serial:04x}"),
+            Endpoint::Completions => format!("cmpl-{created:x}{serial:04x}"),
         },
         created,
         model: shared.model.id.clone(),
@@ -140,7 +160,12 @@ pub(super) async fn generate_reply(
                 .on_model({
                     let shared = task_shared.clone();
                     move |m, cancelled| {
-                        stream_events(&shared, m, cancelled, &prepared, &shape, include_usage, &tx);
+                        let ask = Ask {
+                            n,
+                            logprobs,
+                            include_usage,
+                        };
+                        stream_events(&shared, m, cancelled, &prepared, &shape, &ask, &tx);
                     }
                 })
                 .await;
@@ -162,29 +187,63 @@ pub(super) async fn generate_reply(
         return Ok(response);
     }
     let stop = shared.clone();
-    let (text, stats) = shared
+    let choices = shared
         .on_model(move |m, cancelled| {
-            let mut text = String::new();
-            let result = if gone.load(Ordering::Relaxed) {
+            if gone.load(Ordering::Relaxed) {
                 // The client left while the request waited for the model.
-                Err(ApiError::invalid("the client disconnected"))
-            } else {
-                run_generate(m, &prepared, &mut |t| {
+                stop.disconnects.fetch_add(1, Ordering::Relaxed);
+                return Err(ApiError::invalid("the client disconnected"));
+            }
+            let mut choices = Vec::with_capacity(n);
+            for index in 0..n {
+                let mut text = String::new();
+                let mut entries = Vec::new();
+                let run = Run {
+                    params: prepared.params_for(index),
+                    logprobs,
+                };
+                let (stats, rest) = run_generate(m, &prepared, &run, &mut |t, lps| {
                     text.push_str(t);
+                    entries.extend(lps);
                     !gone.load(Ordering::Relaxed)
                         && !stop.stop.load(Ordering::Relaxed)
                         && !cancelled()
-                })
-            };
+                })?;
+                entries.extend(rest);
+                let logprobs = logprobs.map(|_| {
+                    LogprobWriter {
+                        endpoint,
+                        tokenizer: &m.tokenizer,
+                        offset: 0,
+                    }
+                    .json(&entries)
+                });
+                let cancelled = stats.finish == FinishReason::Cancelled;
+                choices.push(Choice {
+                    text,
+                    stats,
+                    logprobs,
+                });
+                if cancelled {
+                    break;
+                }
+            }
             if gone.load(Ordering::Relaxed) {
                 stop.disconnects.fetch_add(1, Ordering::Relaxed);
                 log::info!("serve: the client disconnected; generation stopped");
             }
-            result.map(|stats| (text, stats))
+            Ok(choices)
         })
         .await??;
     drop(cancel_on_drop);
-    Ok(json_response(200, &shape.answer(&text, &stats)))
+    Ok(json_response(200, &shape.answer(&choices)))
+}
+
+/// What a streaming request asks for besides its prompt.
+pub(super) struct Ask {
+    pub(super) n: usize,
+    pub(super) logprobs: Option<usize>,
+    pub(super) include_usage: bool,
 }
 
 /// A streaming generation on the model: events into `tx` until the end, or until the client
@@ -195,7 +254,7 @@ pub(super) fn stream_events(
     cancelled: &dyn Fn() -> bool,
     prepared: &Prepared,
     shape: &Shape,
-    include_usage: bool,
+    ask: &Ask,
     tx: &mpsc::Sender<Bytes>,
 ) {
     let send = |event: &Value| {
@@ -203,44 +262,99 @@ pub(super) fn stream_events(
             .is_ok()
     };
     // A client that left while the request waited for the model costs no prefill.
-    let mut gone =
-        tx.is_closed() || (shape.endpoint == Endpoint::Chat && !send(&shape.chunk(None, None)));
-    let result = run_generate(m, prepared, &mut |text| {
-        gone = gone || !send(&shape.chunk(Some(text), None));
-        !gone && !shared.stop.load(Ordering::Relaxed) && !cancelled()
-    });
+    let mut gone = tx.is_closed();
+    let mut all = Vec::with_capacity(ask.n);
+    for index in 0..ask.n {
+        let opening = Piece {
+            index,
+            text: None,
+            finish: None,
+            logprobs: None,
+        };
+        gone = gone || (shape.endpoint == Endpoint::Chat && !send(&shape.chunk(opening)));
+        if gone {
+            break;
+        }
+        let tokenizer = m.tokenizer.clone();
+        let mut writer = LogprobWriter {
+            endpoint: shape.endpoint,
+            tokenizer: &tokenizer,
+            offset: 0,
+        };
+        let run = Run {
+            params: prepared.params_for(index),
+            logprobs: ask.logprobs,
+        };
+        let result = run_generate(m, prepared, &run, &mut |text, lps| {
+            let logprobs = ask.logprobs.map(|_| writer.json(&lps));
+            let piece = Piece {
+                index,
+                text: Some(text),
+                finish: None,
+                logprobs,
+            };
+            gone = gone || !send(&shape.chunk(piece));
+            !gone && !shared.stop.load(Ordering::Relaxed) && !cancelled()
+        });
+        if gone {
+            break;
+        }
+        match result {
+            Ok((stats, rest)) => {
+                let piece = Piece {
+                    index,
+                    text: None,
+                    finish: Some(finish_reason(stats.finish)),
+                    logprobs: ask
+                        .logprobs
+                        .filter(|_| !rest.is_empty())
+                        .map(|_| writer.json(&rest)),
+                };
+                let finished = stats.finish;
+                all.push(stats);
+                if !send(&shape.chunk(piece)) || finished == FinishReason::Cancelled {
+                    break;
+                }
+            }
+            Err(e) => {
+                send(&e.body());
+                break;
+            }
+        }
+    }
     if gone {
         shared.disconnects.fetch_add(1, Ordering::Relaxed);
         log::info!("serve: the client disconnected; generation stopped");
         return;
     }
-    match result {
-        Ok(stats) => {
-            let _ = send(&shape.chunk(None, Some(finish_reason(stats.finish))))
-                && (!include_usage || send(&shape.usage_chunk(&stats)));
-        }
-        Err(e) => {
-            send(&e.body());
-        }
+    if ask.include_usage && !all.is_empty() {
+        send(&shape.usage_chunk(&all));
     }
     let _ = tx.blocking_send(Bytes::from_static(b"data: [DONE]\n\n"));
 }
 
-/// The shared token loop, with panics caught; `on_text` returns false to stop.
+/// The shared token loop, with panics caught. `on_text` gets each piece of text with the
+/// log-probabilities of the tokens that made it (when `run` asks for them) and returns false
+/// to stop; those of tokens whose text never came (a stop string's) are returned at the end.
 pub(super) fn run_generate(
     m: &mut LoadedModel,
     prepared: &Prepared,
-    on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<GenerationStats, ApiError> {
+    run: &Run,
+    on_text: &mut dyn FnMut(&str, Vec<TokenLogprobs>) -> bool,
+) -> Result<(GenerationStats, Vec<TokenLogprobs>), ApiError> {
+    let mut pending = Vec::new();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         generate(
             &mut *m.model,
             &m.tokenizer,
             &prepared.eos,
             &prepared.tokens,
-            &prepared.params,
+            &run.params,
             &mut |step: Step<'_>| {
-                if step.text.is_empty() || on_text(step.text) {
+                if let (Some(top), Some(id), Some(logits)) = (run.logprobs, step.id, step.logits) {
+                    pending.push(token_logprobs(logits, id, top));
+                }
+                if step.text.is_empty() || on_text(step.text, std::mem::take(&mut pending)) {
                     ControlFlow::Continue(())
                 } else {
                     ControlFlow::Break(())
@@ -249,7 +363,7 @@ pub(super) fn run_generate(
         )
     }));
     match outcome {
-        Ok(Ok(stats)) => Ok(stats),
+        Ok(Ok(stats)) => Ok((stats, pending)),
         Ok(Err(e)) => Err(ApiError::from_inference(&e)),
         Err(_) => {
             m.model.clear_kv_cache();

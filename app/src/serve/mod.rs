@@ -548,7 +548,7 @@ mod tests {
 
     #[test]
     fn requests_are_validated_with_clear_messages() {
-        let chat = |v: Value| parse_request(Endpoint::Chat, &v, 256);
+        let chat = |v: Value| parse_request(Endpoint::Chat, &v, 256, 1000);
         let ok = chat(json!({
             "messages": [
                 {"role": "system", "content": "Be brief."},
@@ -595,7 +595,7 @@ mod tests {
             assert_eq!(e.status, 400);
             assert!(e.message.contains(words), "{} vs {words}", e.message);
         }
-        let e = parse_request(Endpoint::Completions, &json!({"prompt": 5}), 256)
+        let e = parse_request(Endpoint::Completions, &json!({"prompt": 5}), 256, 1000)
             .expect_err("bad prompt");
         assert!(e.message.contains("`prompt`"), "{}", e.message);
     }

@@ -1,6 +1,11 @@
 //! The OpenAI request JSON read into Studio's terms (endpoint, prompt or messages, sampling
-//! parameters, streaming) with every field checked, and the response JSON written back
-//! (finish reasons, usage, and the chunk and completion shapes of each endpoint).
+//! parameters, `n`, log-probabilities, streaming) with every field checked, and the response
+//! JSON written back (finish reasons, usage, log-probabilities, and the chunk and completion
+//! shapes of each endpoint).
+//!
+//! Nothing a client sends is accepted and ignored: the fields OpenAI defines that Studio does
+//! not do yet (tools, structured output, audio, …) are refused with a 400 naming the field
+//! ([`UNSUPPORTED`]).
 
 use std::time::SystemTime;
 
@@ -8,7 +13,9 @@ use anyhow::Result;
 use serde_json::{Map, Value, json};
 use studio_inference::llm::chat::ChatMessage;
 use studio_inference::llm::generate::{FinishReason, GenerationStats};
+use studio_inference::llm::logprobs::{MAX_TOP_LOGPROBS, TokenLogprobs};
 use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::llm::text::Tokenizer;
 
 use super::DEFAULT_MAX_TOKENS;
 use super::transport::ApiError;
@@ -19,6 +26,42 @@ pub(super) enum Endpoint {
     Completions,
 }
 
+/// The most choices one request may ask for (`n`).
+pub(super) const MAX_CHOICES: usize = 16;
+/// The most `logit_bias` entries accepted.
+const MAX_LOGIT_BIAS: usize = 1024;
+/// The most top log-probabilities the legacy completions endpoint reports (OpenAI's limit).
+const MAX_COMPLETION_LOGPROBS: i64 = 5;
+
+/// Request fields OpenAI defines that Studio does not do yet, with why: refused with a 400
+/// naming the field unless absent, null, or the value that means "off".
+pub(super) const UNSUPPORTED: [(&str, &str); 12] = [
+    ("tools", "tool calling is not supported yet"),
+    ("tool_choice", "tool calling is not supported yet"),
+    ("functions", "function calling is not supported yet"),
+    ("function_call", "function calling is not supported yet"),
+    (
+        "response_format",
+        "structured output (json_object / json_schema) is not supported yet",
+    ),
+    (
+        "grammar",
+        "grammar-constrained sampling is not supported yet",
+    ),
+    ("audio", "this server takes and makes text only"),
+    ("modalities", "this server makes text only"),
+    ("prediction", "predicted outputs are not supported"),
+    ("web_search_options", "this server does not search the web"),
+    (
+        "reasoning_effort",
+        "reasoning effort is not a setting of this server's models",
+    ),
+    (
+        "suffix",
+        "`suffix` (insertion) is not supported; use POST /v1/completions without it",
+    ),
+];
+
 /// A validated generation request.
 #[derive(Debug)]
 pub(super) struct Job {
@@ -26,6 +69,10 @@ pub(super) struct Job {
     pub(super) params: SamplingParams,
     pub(super) stream: bool,
     pub(super) include_usage: bool,
+    /// Choices to generate (`n`), each with the seed after the previous one's.
+    pub(super) n: usize,
+    /// Log-probabilities asked for, with this many alternatives per token.
+    pub(super) logprobs: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -73,14 +120,137 @@ pub(super) fn random_seed() -> u64 {
     std::collections::hash_map::RandomState::new().hash_one(SystemTime::now())
 }
 
+/// Whether `value` is what an unsupported field's "off" looks like.
+fn is_off(name: &str, value: &Value) -> bool {
+    match (name, value) {
+        (_, Value::Null) => true,
+        ("tools" | "functions", Value::Array(a)) => a.is_empty(),
+        ("tool_choice" | "function_call", Value::String(s)) => s == "none",
+        ("response_format", Value::Object(o)) => {
+            o.get("type").and_then(Value::as_str) == Some("text")
+        }
+        ("modalities", Value::Array(a)) => a.iter().all(|m| m.as_str() == Some("text")),
+        ("suffix", Value::String(s)) => s.is_empty(),
+        _ => false,
+    }
+}
+
+/// `logit_bias`: `{"token id": bias}`, ids in the vocabulary, biases in `[-100, 100]`.
+fn parse_logit_bias(value: Option<&Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |why: String| ApiError::param("logit_bias", why);
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let Some(map) = value.as_object() else {
+        return Err(bad(
+            "`logit_bias` must be an object of token ids to biases".into()
+        ));
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(bad(format!(
+            "`logit_bias` has {} entries; at most {MAX_LOGIT_BIAS}",
+            map.len()
+        )));
+    }
+    map.iter()
+        .map(|(k, v)| {
+            let id = k
+                .parse::<u32>()
+                .ok()
+                .filter(|&id| (id as usize) < vocab)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`logit_bias` key `{k}` is not a token id of this model (0 to {})",
+                        vocab.saturating_sub(1)
+                    ))
+                })?;
+            let bias = v
+                .as_f64()
+                .filter(|b| (-100.0..=100.0).contains(b))
+                .ok_or_else(|| bad(format!("`logit_bias[{k}]` must be a number in [-100, 100]")))?;
+            #[allow(clippy::cast_possible_truncation)]
+            Ok((id, bias as f32))
+        })
+        .collect()
+}
+
+/// `logprobs` and `top_logprobs` as each endpoint takes them: the number of alternatives per
+/// token when log-probabilities are asked for.
+fn parse_logprobs(
+    endpoint: Endpoint,
+    body: &Map<String, Value>,
+) -> Result<Option<usize>, ApiError> {
+    match endpoint {
+        Endpoint::Chat => {
+            let on = match field(body, "logprobs") {
+                None => false,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    ApiError::param("logprobs", "`logprobs` must be true or false")
+                })?,
+            };
+            let top = integer(body, "top_logprobs")?;
+            match (on, top) {
+                (false, Some(_)) => Err(ApiError::param(
+                    "top_logprobs",
+                    "`top_logprobs` needs `logprobs`: true",
+                )),
+                (false, None) => Ok(None),
+                (true, None) => Ok(Some(0)),
+                (true, Some(k)) => usize::try_from(k)
+                    .ok()
+                    .filter(|&k| k <= MAX_TOP_LOGPROBS)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        ApiError::param(
+                            "top_logprobs",
+                            format!("`top_logprobs` must be 0 to {MAX_TOP_LOGPROBS}"),
+                        )
+                    }),
+            }
+        }
+        Endpoint::Completions => match integer(body, "logprobs")? {
+            None => Ok(None),
+            Some(k) if (0..=MAX_COMPLETION_LOGPROBS).contains(&k) => {
+                Ok(Some(usize::try_from(k).unwrap_or(0)))
+            }
+            Some(_) => Err(ApiError::param(
+                "logprobs",
+                format!("`logprobs` must be 0 to {MAX_COMPLETION_LOGPROBS}"),
+            )),
+        },
+    }
+}
+
+/// Reads a request for `endpoint` against a model of `context` tokens and `vocab` token ids.
 pub(super) fn parse_request(
     endpoint: Endpoint,
     body: &Value,
     context: usize,
+    vocab: usize,
 ) -> Result<Job, ApiError> {
     let Some(body) = body.as_object() else {
         return Err(ApiError::invalid("the request body must be a JSON object"));
     };
+    for (name, why) in UNSUPPORTED {
+        if let Some(v) = body.get(name)
+            && !is_off(name, v)
+        {
+            return Err(ApiError::param(name, format!("`{name}`: {why}")));
+        }
+    }
+    if endpoint == Endpoint::Completions {
+        if field(body, "echo").is_some_and(|v| v != &Value::Bool(false)) {
+            return Err(ApiError::param("echo", "`echo` is not supported"));
+        }
+        if let Some(b) = integer(body, "best_of")?
+            && b != 1
+        {
+            return Err(ApiError::param(
+                "best_of",
+                "only `best_of` = 1 is supported",
+            ));
+        }
+    }
     let prompt = match endpoint {
         Endpoint::Chat => parse_messages(field(body, "messages"))?,
         Endpoint::Completions => Prompt::Text(parse_prompt(field(body, "prompt"))?),
@@ -110,11 +280,14 @@ pub(super) fn parse_request(
             ));
         }
     };
-    if let Some(n) = integer(body, "n")?
-        && n != 1
-    {
-        return Err(ApiError::param("n", "only `n` = 1 is supported"));
-    }
+    let n = match integer(body, "n")? {
+        None => 1,
+        Some(n) => usize::try_from(n)
+            .ok()
+            .filter(|n| (1..=MAX_CHOICES).contains(n))
+            .ok_or_else(|| ApiError::param("n", format!("`n` must be 1 to {MAX_CHOICES}")))?,
+    };
+    let logprobs = parse_logprobs(endpoint, body)?;
     let mut p = SamplingParams {
         repeat_penalty: 1.0,
         seed: random_seed(),
@@ -172,12 +345,30 @@ pub(super) fn parse_request(
         }
     };
     p.stop.retain(|s| !s.is_empty());
+    for name in ["presence_penalty", "frequency_penalty"] {
+        if let Some(v) = number(body, name)? {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(ApiError::param(
+                    name,
+                    format!("`{name}` must be in [-2, 2]"),
+                ));
+            }
+            if name == "presence_penalty" {
+                p.presence_penalty = v;
+            } else {
+                p.frequency_penalty = v;
+            }
+        }
+    }
+    p.logit_bias = parse_logit_bias(field(body, "logit_bias"), vocab)?;
     p.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok(Job {
         prompt,
         params: p,
         stream,
         include_usage,
+        n,
+        logprobs,
     })
 }
 
@@ -284,12 +475,74 @@ pub(super) fn finish_reason(finish: FinishReason) -> &'static str {
     }
 }
 
-pub(super) fn usage_json(stats: &GenerationStats) -> Value {
+/// The usage of choices that shared one prompt (counted once).
+pub(super) fn usage_json(stats: &[GenerationStats]) -> Value {
+    let prompt = stats.first().map_or(0, |s| s.prompt_tokens);
+    let completion: usize = stats.iter().map(|s| s.generated_tokens).sum();
     json!({
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.generated_tokens,
-        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     })
+}
+
+/// Log-probabilities of generated tokens in the JSON of one endpoint.
+pub(super) struct LogprobWriter<'a> {
+    pub(super) endpoint: Endpoint,
+    pub(super) tokenizer: &'a Tokenizer,
+    /// Characters of the completion before the next token (the legacy `text_offset`).
+    pub(super) offset: usize,
+}
+
+impl LogprobWriter<'_> {
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.tokenizer.token_bytes(id);
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// `entries` as the endpoint's `logprobs` object.
+    pub(super) fn json(&mut self, entries: &[TokenLogprobs]) -> Value {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let (token, bytes) = self.token(e.id);
+                        let top: Vec<Value> = e
+                            .top
+                            .iter()
+                            .map(|&(id, lp)| {
+                                let (token, bytes) = self.token(id);
+                                json!({"token": token, "logprob": lp, "bytes": bytes})
+                            })
+                            .collect();
+                        json!({"token": token, "logprob": e.logprob, "bytes": bytes, "top_logprobs": top})
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Endpoint::Completions => {
+                let mut tokens = Vec::with_capacity(entries.len());
+                let mut lps = Vec::with_capacity(entries.len());
+                let mut tops = Vec::with_capacity(entries.len());
+                let mut offsets = Vec::with_capacity(entries.len());
+                for e in entries {
+                    let (token, _) = self.token(e.id);
+                    offsets.push(self.offset);
+                    self.offset += token.chars().count();
+                    tokens.push(token);
+                    lps.push(e.logprob);
+                    let top: Map<String, Value> = e
+                        .top
+                        .iter()
+                        .map(|&(id, lp)| (self.token(id).0, json!(lp)))
+                        .collect();
+                    tops.push(Value::Object(top));
+                }
+                json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+            }
+        }
+    }
 }
 
 /// What one chunk or answer looks like for an endpoint.
@@ -300,8 +553,33 @@ pub(super) struct Shape {
     pub(super) model: String,
 }
 
+/// One streamed piece of a choice.
+pub(super) struct Piece<'a> {
+    /// Which choice (`n` > 1).
+    pub(super) index: usize,
+    /// New text; `None` on a chat stream's opening chunk and on the finishing one.
+    pub(super) text: Option<&'a str>,
+    pub(super) finish: Option<&'a str>,
+    /// The `logprobs` object of the tokens in this piece, when asked for.
+    pub(super) logprobs: Option<Value>,
+}
+
+/// One finished choice.
+pub(super) struct Choice {
+    pub(super) text: String,
+    pub(super) stats: GenerationStats,
+    pub(super) logprobs: Option<Value>,
+}
+
 impl Shape {
-    pub(super) fn chunk(&self, text: Option<&str>, finish: Option<&str>) -> Value {
+    pub(super) fn chunk(&self, piece: Piece<'_>) -> Value {
+        let Piece {
+            index,
+            text,
+            finish,
+            logprobs,
+        } = piece;
+        let logprobs = logprobs.unwrap_or(Value::Null);
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let delta = match (text, finish) {
@@ -309,10 +587,10 @@ impl Shape {
                     (None, None) => json!({"role": "assistant", "content": ""}),
                     (None, Some(_)) => json!({}),
                 };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Completions => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
         };
         json!({
@@ -324,7 +602,7 @@ impl Shape {
         })
     }
 
-    pub(super) fn usage_chunk(&self, stats: &GenerationStats) -> Value {
+    pub(super) fn usage_chunk(&self, stats: &[GenerationStats]) -> Value {
         json!({
             "id": self.id,
             "object": self.object(true),
@@ -335,26 +613,37 @@ impl Shape {
         })
     }
 
-    pub(super) fn answer(&self, text: &str, stats: &GenerationStats) -> Value {
-        let finish = finish_reason(stats.finish);
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish,
-            }),
-            Endpoint::Completions => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
-            }
-        };
+    pub(super) fn answer(&self, choices: &[Choice]) -> Value {
+        let list: Vec<Value> = choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let finish = finish_reason(c.stats.finish);
+                let logprobs = c.logprobs.clone().unwrap_or(Value::Null);
+                match self.endpoint {
+                    Endpoint::Chat => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }),
+                    Endpoint::Completions => json!({
+                        "index": index,
+                        "text": c.text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                    }),
+                }
+            })
+            .collect();
+        let stats: Vec<GenerationStats> = choices.iter().map(|c| c.stats.clone()).collect();
         json!({
             "id": self.id,
             "object": self.object(false),
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": usage_json(stats),
+            "choices": list,
+            "usage": usage_json(&stats),
         })
     }
 

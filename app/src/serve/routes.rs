@@ -76,7 +76,13 @@ pub(super) async fn route(
                 Endpoint::Chat
             };
             let body = read_body(request, &shared.options.limits).await?;
-            let job = parse_request(endpoint, &body, shared.model.prompter.context)?;
+            let prompter = &shared.model.prompter;
+            let job = parse_request(
+                endpoint,
+                &body,
+                prompter.context,
+                prompter.tokenizer.vocab_size(),
+            )?;
             generate_reply(shared.clone(), endpoint, job).await
         }
         ("/v1/models", _) => Err(not_allowed(&method, &path, "GET")),

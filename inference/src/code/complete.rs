@@ -481,6 +481,7 @@ pub fn run_completion_with_prompt(
             if on_step(Step {
                 id: step.id,
                 text: &shown,
+                logits: step.logits,
             })
             .is_break()
             {
@@ -504,6 +505,7 @@ pub fn run_completion_with_prompt(
             let _ = on_step(Step {
                 id: None,
                 text: &rest,
+                logits: None,
             });
         }
     }

@@ -57,6 +57,9 @@ pub struct Step<'a> {
     /// Text this step completes, possibly empty (held back while a character or a stop
     /// string may still be forming).
     pub text: &'a str,
+    /// The model's logits the token was sampled from (before any penalty or bias); `None`
+    /// for the final flush. For log-probabilities ([`crate::llm::logprobs`]).
+    pub logits: Option<&'a [f32]>,
 }
 
 fn rate(count: usize, secs: f64) -> f64 {
@@ -162,6 +165,7 @@ pub fn generate_with(
         if on_step(Step {
             id: Some(id),
             text: &text,
+            logits: Some(&logits),
         })
         .is_break()
         {
@@ -193,6 +197,7 @@ pub fn generate_with(
             let _ = on_step(Step {
                 id: None,
                 text: &rest,
+                logits: None,
             });
         }
     }

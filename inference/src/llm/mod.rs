@@ -18,6 +18,7 @@ pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod hf_cache;
 pub mod loader;
+pub mod logprobs;
 pub mod remote;
 pub mod sampling;
 pub mod template;

@@ -1,9 +1,11 @@
-//! Turning logits into the next token: repeat penalty, temperature, top-k, top-p, min-p and a
-//! seeded random draw. Shared by every model family.
+//! Turning logits into the next token: logit bias, repeat penalty, presence and frequency
+//! penalties, temperature, top-k, top-p, min-p and a seeded random draw. Shared by every model
+//! family.
 //!
-//! Order of operations (as llama.cpp's default chain): repeat penalty over the last
-//! `repeat_last_n` tokens, then — unless `temperature <= 0`, which means greedy — top-k, top-p,
-//! min-p on the tempered distribution, and a draw from what remains.
+//! Order of operations (as llama.cpp's default chain): the logit bias (OpenAI's `logit_bias`),
+//! the repeat penalty over the last `repeat_last_n` tokens, OpenAI's presence and frequency
+//! penalties over the tokens generated so far, then — unless `temperature <= 0`, which means
+//! greedy — top-k, top-p, min-p on the tempered distribution, and a draw from what remains.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -33,6 +35,16 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
     /// Generation stops before any of these strings; they are not part of the output.
     pub stop: Vec<String>,
+    /// OpenAI's presence penalty, in `[-2, 2]`: subtracted once from the logit of every token
+    /// already generated; 0 disables.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in `[-2, 2]`: subtracted from a token's logit once per time
+    /// it was generated; 0 disables.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens before sampling (OpenAI's `logit_bias`, each in
+    /// `[-100, 100]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +59,9 @@ impl Default for SamplingParams {
             seed: 42,
             max_new_tokens: 256,
             stop: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -83,6 +98,19 @@ impl SamplingParams {
         if self.max_new_tokens == 0 {
             return bad("max new tokens must be at least 1");
         }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad("the presence penalty must be in [-2, 2]");
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad("the frequency penalty must be in [-2, 2]");
+        }
+        if self
+            .logit_bias
+            .iter()
+            .any(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad("each logit bias must be in [-100, 100]");
+        }
         Ok(())
     }
 }
@@ -91,13 +119,19 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each token was sampled (for the presence and frequency penalties).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     /// A sampler for `params`, its random draws seeded by `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            counts: std::collections::HashMap::new(),
+        }
     }
 
     /// The settings it samples with.
@@ -107,14 +141,37 @@ impl Sampler {
 
     /// Picks the next token from `logits` given the tokens so far (prompt and generated).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let id = self.pick(logits, history);
+        *self.counts.entry(id).or_insert(0) += 1;
+        id
+    }
+
+    fn pick(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
         let penalize = (p.repeat_penalty - 1.0).abs() > f32::EPSILON && p.repeat_last_n > 0;
-        if p.temperature <= 0.0 && !penalize {
+        let openai =
+            (p.presence_penalty != 0.0 || p.frequency_penalty != 0.0) && !self.counts.is_empty();
+        if p.temperature <= 0.0 && !penalize && !openai && p.logit_bias.is_empty() {
             return argmax(logits);
         }
         let mut logits = logits.to_vec();
+        for &(id, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         if penalize {
             apply_repeat_penalty(&mut logits, history, p.repeat_penalty, p.repeat_last_n);
+        }
+        if openai {
+            for (&id, &count) in &self.counts {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    // Counts are at most the generation's length.
+                    #[allow(clippy::cast_precision_loss)]
+                    let c = count as f32;
+                    *l -= c * p.frequency_penalty + p.presence_penalty;
+                }
+            }
         }
         if p.temperature <= 0.0 {
             return argmax(&logits);
@@ -328,6 +385,49 @@ mod tests {
     }
 
     #[test]
+    fn presence_and_frequency_penalties_follow_openais_formula() {
+        // Greedy: token 0 leads by 1.0 until penalised.
+        let logits = [3.0, 2.0, 0.0];
+        let run = |presence: f32, frequency: f32| {
+            let mut s = Sampler::new(SamplingParams {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..params(0.0)
+            });
+            (0..4).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(run(0.0, 0.0), [0, 0, 0, 0]);
+        // Presence 1.5: after one 0, token 0 is at 1.5 < 2.0; then both are penalised once,
+        // however often they came (1.5 against 0.5).
+        assert_eq!(run(1.5, 0.0), [0, 1, 0, 0]);
+        // Frequency 0.6: 3.0, 2.4, 1.8 for token 0 against 2.0 (then 1.4) for token 1.
+        assert_eq!(run(0.0, 0.6), [0, 0, 1, 0]);
+        // The prompt is not counted: only what was sampled.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 2.0,
+            ..params(0.0)
+        });
+        assert_eq!(s.sample(&logits, &[0, 0, 0]), 0);
+    }
+
+    #[test]
+    fn logit_bias_moves_and_bans_tokens() {
+        let logits = [3.0, 2.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(0, -100.0), (2, 2.5)],
+            ..params(0.0)
+        });
+        assert_eq!(s.sample(&logits, &[]), 2);
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(0, -100.0), (99, 5.0)],
+            ..params(1.0)
+        });
+        for _ in 0..100 {
+            assert_ne!(s.sample(&logits, &[]), 0, "banned");
+        }
+    }
+
+    #[test]
     fn validation_rejects_nonsense() {
         assert!(SamplingParams::default().validate().is_ok());
         for bad in [
@@ -341,6 +441,18 @@ mod tests {
             },
             SamplingParams {
                 max_new_tokens: 0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                frequency_penalty: -3.0,
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(1, 101.0)],
                 ..SamplingParams::default()
             },
         ] {

@@ -55,6 +55,44 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The bytes token `id` stands for, as OpenAI's `logprobs` report them: its decoded text,
+    /// or where a token is part of a character, its raw byte (SentencePiece's `<0xNN>`, or
+    /// byte-level BPE's byte alphabet).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let text = self.decode(&[id]).unwrap_or_default();
+        if !text.contains('\u{FFFD}') {
+            return text.into_bytes();
+        }
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return text.into_bytes();
+        };
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|r| r.strip_suffix('>'))
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            return vec![b];
+        }
+        piece
+            .chars()
+            .map(byte_level_byte)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| text.into_bytes())
+    }
+}
+
+/// The byte a character of GPT-2's byte-level alphabet stands for: printable Latin-1 bytes are
+/// themselves, the other 68 are mapped from U+0100 upwards in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
+    let code = u32::from(c);
+    if code < 0x100 {
+        return (printable(code)).then(|| u8::try_from(code).ok()).flatten();
+    }
+    let k = code - 0x100;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(usize::try_from(k).ok()?)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 /// Decodes a growing list of token ids into text pieces that are always valid, complete UTF-8.
@@ -172,6 +210,16 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_byte_level_alphabet_maps_back_to_bytes() {
+        assert_eq!(byte_level_byte('a'), Some(b'a'));
+        assert_eq!(byte_level_byte('\u{0100}'), Some(0x00));
+        assert_eq!(byte_level_byte('Ġ'), Some(b' '), "GPT-2's space");
+        assert_eq!(byte_level_byte('Ċ'), Some(b'\n'));
+        assert_eq!(byte_level_byte('\u{00E9}'), Some(0xE9), "printable Latin-1");
+        assert_eq!(byte_level_byte('\u{4E00}'), None);
+    }
 
     fn stops(s: &[&str]) -> StopMatcher {
         StopMatcher::new(&s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
