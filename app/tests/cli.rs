@@ -425,3 +425,54 @@ fn convert_reads_a_pickle_as_data_and_writes_safetensors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("posix.system"));
     assert!(!canary.exists() && !tmp.path().join("x.safetensors").exists());
 }
+
+/// `studio embed --model M --text …`: one JSON line per text, sentence-transformers'
+/// embeddings (the fixture's); a text over the model's length is refused with its count.
+#[test]
+fn embed_prints_sentence_transformers_embeddings() {
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/sentence_embeddings/bge-cls");
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("../expected.json")).expect("read"),
+    )
+    .expect("json");
+    let texts = expected["texts"].as_array().expect("texts");
+    let (a, b) = (
+        texts[0].as_str().expect("text"),
+        texts[1].as_str().expect("text"),
+    );
+    let out = cli_common::ok(&studio(&[
+        "embed",
+        "--model",
+        path(&model),
+        "--text",
+        a,
+        "--text",
+        b,
+    ]));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], i);
+        assert!(line["tokens"].as_u64().is_some_and(|t| t > 2));
+        let ours = line["embedding"].as_array().expect("embedding");
+        let theirs = expected["bge-cls"][i].as_array().expect("expected");
+        assert_eq!(ours.len(), theirs.len());
+        for (x, y) in ours.iter().zip(theirs) {
+            let (x, y) = (x.as_f64().expect("x"), y.as_f64().expect("y"));
+            assert!((x - y).abs() < 1e-4, "{x} {y}");
+        }
+    }
+    let long = "dog ".repeat(60);
+    let e = cli_common::failed(&studio(&[
+        "embed",
+        "--model",
+        path(&model),
+        "--text",
+        &long,
+    ]));
+    assert!(e.contains("62 tokens") && e.contains("at most 48"), "{e}");
+}

@@ -1351,3 +1351,153 @@ fn sampling_fields_are_honoured_or_refused_by_name() {
         assert_eq!(r.status, 200, "{extra}: {}", r.body);
     }
 }
+
+fn sentence_model(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/sentence_embeddings")
+        .join(name)
+}
+
+/// `POST /v1/embeddings` as OpenAI clients call it: a string, a list of strings or token ids,
+/// float or base64, with usage; the answers are sentence-transformers' embeddings (the
+/// fixture's); inputs over the model's length, a foreign `dimensions` and a server without an
+/// embedding model get errors that say so.
+#[test]
+fn embeddings_are_served_as_openai_clients_ask() {
+    let dir = model_dir();
+    let llm = loader::load(dir.path(), &Device::Cpu, &mut |_, _| {}).expect("load");
+    let embedder =
+        studio_inference::embed::load(&sentence_model("minilm-mean"), &Device::Cpu).expect("st");
+    let server = Server::start(
+        ServedModel::owned(llm).with_embeddings(embedder),
+        &loopback(),
+    )
+    .expect("serve");
+    let addr = server.addr();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(sentence_model("expected.json")).expect("read"),
+    )
+    .expect("json");
+    let texts = expected["texts"].as_array().expect("texts").clone();
+    let vector = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .expect("vector")
+            .iter()
+            .map(|x| x.as_f64().expect("number"))
+            .collect()
+    };
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+
+    let one = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"model": "minilm-mean", "input": texts[0]}),
+    );
+    assert_eq!(one.status, 200, "{}", one.body);
+    let v = one.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], "minilm-mean");
+    assert_eq!(v["data"][0]["object"], "embedding");
+    assert_eq!(v["data"][0]["index"], 0);
+    let first = vector(&v["data"][0]["embedding"]);
+    assert!(close(&first, &vector(&expected["minilm-mean"][0])), "{v}");
+    let tokens = v["usage"]["prompt_tokens"].as_u64().expect("usage");
+    assert!(tokens > 2);
+    assert_eq!(v["usage"]["total_tokens"], tokens);
+
+    // A batch, in order; and base64 (little-endian f32) gives the same numbers.
+    let batch = post(
+        addr,
+        "/v1/embeddings",
+        &json!({"input": texts, "encoding_format": "base64"}),
+    );
+    assert_eq!(batch.status, 200, "{}", batch.body);
+    let v = batch.json();
+    let data = v["data"].as_array().expect("data");
+    assert_eq!(data.len(), texts.len());
+    for (i, item) in data.iter().enumerate() {
+        assert_eq!(item["index"], i);
+        let b64 = item["embedding"].as_str().expect("base64 string");
+        let bytes = base64_decode(b64);
+        let floats: Vec<f64> = bytes
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        assert!(close(&floats, &vector(&expected["minilm-mean"][i])), "{i}");
+    }
+
+    // Token ids give what their text gives.
+    let ids = studio_inference::embed::load(&sentence_model("minilm-mean"), &Device::Cpu)
+        .expect("st")
+        .tokenize(texts[2].as_str().expect("text"))
+        .expect("tokens");
+    let by_ids = post(addr, "/v1/embeddings", &json!({"input": [ids]}));
+    assert_eq!(by_ids.status, 200, "{}", by_ids.body);
+    assert!(close(
+        &vector(&by_ids.json()["data"][0]["embedding"]),
+        &vector(&expected["minilm-mean"][2])
+    ));
+
+    // The model list names it.
+    let models = http(addr, "GET", "/v1/models", None).json();
+    assert!(
+        models["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|m| m["id"] == "minilm-mean" && m["dimensions"] == 32),
+        "{models}"
+    );
+
+    // Refused, with the reason.
+    let long = "cat ".repeat(100);
+    for (body, param, words) in [
+        (json!({"input": long}), "input", "102 tokens"),
+        (json!({"input": ["ok", ""]}), "input", "input[1] is empty"),
+        (
+            json!({"input": texts[0], "dimensions": 8}),
+            "dimensions",
+            "32-dimensional",
+        ),
+        (
+            json!({"input": texts[0], "encoding_format": "hex"}),
+            "encoding_format",
+            "base64",
+        ),
+        (json!({"input": 5}), "input", "`input` must be"),
+        (json!({}), "input", "required"),
+    ] {
+        let r = post(addr, "/v1/embeddings", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = r.json();
+        assert_eq!(e["error"]["param"], param, "{body}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(words), "{body}: {message}");
+    }
+    drop(server);
+
+    // A server without an embedding model says how to give it one.
+    let server = start(dir.path());
+    let r = post(server.addr(), "/v1/embeddings", &json!({"input": "hi"}));
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("--embedding-model"), "{}", r.body);
+}
+
+/// Standard base64 (the test's own decoder, to check the server's encoding).
+fn base64_decode(s: &str) -> Vec<u8> {
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = alphabet.iter().position(|&a| a == c).expect("base64 char") as u32;
+        bits = (bits << 6) | v;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    out
+}

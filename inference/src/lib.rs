@@ -32,6 +32,7 @@
 pub mod code;
 pub mod device;
 pub mod diffusion;
+pub mod embed;
 pub mod error;
 pub mod gan;
 pub mod hub;

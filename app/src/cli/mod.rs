@@ -51,7 +51,7 @@ use clap::{Parser, Subcommand};
 
 use crate::bundled::BundledKind;
 
-use text::{BenchGenerateArgs, BenchMemoryArgs, ChatArgs, GenerateArgs, ServeArgs};
+use text::{BenchGenerateArgs, BenchMemoryArgs, ChatArgs, EmbedArgs, GenerateArgs, ServeArgs};
 
 /// Studio: local generative AI. With no subcommand, opens the window.
 #[derive(Debug, Parser)]
@@ -75,8 +75,11 @@ pub enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /// /v1/models).
+    /// /v1/models, and /v1/embeddings with --embedding-model).
     Serve(ServeArgs),
+    /// Embed texts with a sentence-embedding model (a sentence-transformers folder): one JSON
+    /// line per text.
+    Embed(EmbedArgs),
     /// Make an image from a prompt with a Stable Diffusion model.
     Txt2img(image::ImageArgs),
     /// Make an image from a prompt and a starting image.
@@ -128,6 +131,7 @@ impl Command {
             Command::GanInterp(a) => (&mut a.common.model, Gan),
             Command::GanProject(a) => (&mut a.common.model, Gan),
             Command::Upscale(a) => return Some((&mut a.model, None)),
+            Command::Embed(a) => return Some((&mut a.model, None)),
             Command::Bench(
                 BenchCommand::Sd(_) | BenchCommand::Gan(_) | BenchCommand::Memory(_),
             )
@@ -180,6 +184,7 @@ pub fn run(mut command: Command, pull: bool) -> Result<()> {
         Command::Bench(BenchCommand::Generate(args)) => text::run_bench_generate(&args),
         Command::Bench(BenchCommand::Memory(args)) => text::run_bench_memory(&args),
         Command::Serve(args) => text::run_serve(&args),
+        Command::Embed(args) => text::run_embed(&args),
         Command::Bench(BenchCommand::Sd(args)) => image::run_bench_sd(&args),
         Command::Bench(BenchCommand::Gan(args)) => gan::run_bench_gan(&args),
         Command::Gan(args) => gan::run_gan(&args),

@@ -1,5 +1,5 @@
-//! The language-model subcommands: `studio generate`, `studio chat`, `studio serve`, and the
-//! `bench generate` and `bench memory` benchmarks.
+//! The language-model subcommands: `studio generate`, `studio chat`, `studio serve`, `studio
+//! embed`, and the `bench generate` and `bench memory` benchmarks.
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -11,7 +11,7 @@ use studio_inference::llm::chat::ChatMessage;
 use studio_inference::llm::generate::generate;
 use studio_inference::llm::sampling::SamplingParams;
 
-use super::common::{EngineArgs, SamplingArgs, load_model, median, stream};
+use super::common::{EngineArgs, SamplingArgs, load_model, median, open_device, stream};
 
 #[derive(Debug, Args)]
 pub struct BenchMemoryArgs {
@@ -91,6 +91,63 @@ pub struct ServeArgs {
     /// headers; requests from other pages are refused.
     #[arg(long, value_name = "ORIGIN")]
     pub cors_origin: Option<String>,
+    /// Also serve this sentence-embedding model at /v1/embeddings: a sentence-transformers
+    /// folder of a BERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5, …).
+    #[arg(long, value_name = "DIR", value_parser = crate::cli::values::model_path())]
+    pub embedding_model: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// A sentence-transformers folder of a BERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5,
+    /// …).
+    #[arg(long, value_parser = crate::cli::values::model_path())]
+    pub model: std::path::PathBuf,
+    /// A text to embed (repeatable). Each gives one JSON line on stdout: `{"index", "tokens",
+    /// "embedding"}`.
+    #[arg(long, required = true)]
+    pub text: Vec<String>,
+    /// Compute device: auto, cpu, cuda[:N], metal[:N].
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// CPU threads (default: physical cores).
+    #[arg(long, value_parser = crate::cli::values::threads)]
+    pub threads: Option<usize>,
+}
+
+pub fn run_embed(args: &EmbedArgs) -> Result<()> {
+    let choice = open_device(args.threads, &args.device)?;
+    let model = studio_inference::embed::load(&args.model, &choice.device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let info = model.info();
+    eprintln!(
+        "embedding model {} ({} dimensions, {} pooling{}, at most {} tokens) on {}",
+        info.name,
+        info.dimensions,
+        info.pooling.name(),
+        if info.normalize { ", normalized" } else { "" },
+        info.max_tokens,
+        choice.label
+    );
+    let mut out = std::io::stdout().lock();
+    for (index, text) in args.text.iter().enumerate() {
+        let ids = model.tokenize(text)?;
+        if ids.len() > info.max_tokens {
+            bail!(
+                "text {index} is {} tokens; this embedding model takes at most {} (Studio does \
+                 not cut texts short)",
+                ids.len(),
+                info.max_tokens
+            );
+        }
+        let embedding = model
+            .embed_tokens(&ids)
+            .with_context(|| format!("text {index}"))?;
+        let line = json!({"index": index, "tokens": ids.len(), "embedding": embedding});
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 pub fn run_generate(args: &GenerateArgs) -> Result<()> {
@@ -123,7 +180,17 @@ pub fn run_chat(args: &ChatArgs) -> Result<()> {
 }
 
 pub fn run_serve(args: &ServeArgs) -> Result<()> {
-    let (m, device) = load_model(&args.engine)?;
+    let choice = open_device(args.engine.threads, &args.engine.device)?;
+    let m = studio_inference::llm::loader::load(&args.engine.model, &choice.device, &mut |_, _| {})
+        .with_context(|| format!("loading {}", args.engine.model.display()))?;
+    let device = choice.label.clone();
+    let embeddings = match &args.embedding_model {
+        Some(dir) => Some(
+            studio_inference::embed::load(dir, &choice.device)
+                .with_context(|| format!("loading the embedding model {}", dir.display()))?,
+        ),
+        None => None,
+    };
     let name = m.info.name.clone();
     let api_key = match args.api_key.clone() {
         Some(key) => Some(key),
@@ -140,7 +207,12 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         cors_origin: args.cors_origin.clone(),
         ..crate::serve::ServeOptions::default()
     };
-    let server = crate::serve::Server::start(crate::serve::ServedModel::owned(m), &options)?;
+    let mut served = crate::serve::ServedModel::owned(m);
+    if let Some(e) = embeddings {
+        eprintln!("embedding model {} at /v1/embeddings", e.info().name);
+        served = served.with_embeddings(e);
+    }
+    let server = crate::serve::Server::start(served, &options)?;
     if !server.addr().ip().is_loopback() && options.api_key.is_none() {
         eprintln!(
             "warning: listening on {} without an API key: anyone who can reach this machine \

@@ -51,6 +51,7 @@
 //! control), `openai` (the request and response JSON) and `generation` (one generation,
 //! streamed or not, cancelled when its client goes).
 
+mod embeddings;
 mod generation;
 mod openai;
 mod routes;
@@ -63,6 +64,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use studio_inference::embed::EmbeddingModel;
 use studio_inference::llm::chat::ChatFormat;
 use studio_inference::llm::loader::LoadedModel;
 use studio_inference::llm::text::Tokenizer;
@@ -150,6 +152,8 @@ pub struct ServedModel {
     id: String,
     prompter: Prompter,
     access: ModelAccess,
+    /// The sentence-embedding model of `/v1/embeddings`, if one was given.
+    embeddings: Option<Arc<EmbeddingModel>>,
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -174,7 +178,15 @@ impl ServedModel {
             id: model.info.name.clone(),
             prompter: Prompter::of(&model),
             access: ModelAccess::Owned(Arc::new(tokio::sync::Mutex::new(model))),
+            embeddings: None,
         }
+    }
+
+    /// Also serves `model` at `/v1/embeddings`.
+    #[must_use]
+    pub fn with_embeddings(mut self, model: EmbeddingModel) -> Self {
+        self.embeddings = Some(Arc::new(model));
+        self
     }
 
     /// A model the GUI's worker owns: its name, tokenizer and chat format are read now from
@@ -202,6 +214,7 @@ impl ServedModel {
             id: model.info.name.clone(),
             prompter: Prompter::of(model),
             access: ModelAccess::Worker(submit),
+            embeddings: None,
         }
     }
 }
@@ -457,6 +470,7 @@ pub mod fuzzing {
                     eos: Vec::new(),
                 },
                 access: ModelAccess::Worker(Box::new(|_| Err("no model while fuzzing".into()))),
+                embeddings: None,
             };
             Ok(Self {
                 runtime: tokio::runtime::Builder::new_current_thread()

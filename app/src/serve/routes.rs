@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use studio_inference::llm::loader::LoadedModel;
 use tokio::sync::oneshot;
 
+use super::embeddings::{embeddings, model_entry};
 use super::generation::generate_reply;
 use super::openai::{Endpoint, parse_request};
 use super::transport::{ApiError, Body, json_response};
@@ -85,14 +86,20 @@ pub(super) async fn route(
             )?;
             generate_reply(shared.clone(), endpoint, job).await
         }
+        ("/v1/embeddings", &Method::POST) => {
+            let body = read_body(request, &shared.options.limits).await?;
+            Ok(json_response(200, &embeddings(shared.clone(), body).await?))
+        }
         ("/v1/models", _) => Err(not_allowed(&method, &path, "GET")),
-        ("/v1/chat/completions" | "/v1/completions", _) => Err(not_allowed(&method, &path, "POST")),
+        ("/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", _) => {
+            Err(not_allowed(&method, &path, "POST"))
+        }
         _ => Err(ApiError::status(
             404,
             "not_found_error",
             format!(
                 "no route {method} {path}; this server has GET /v1/models, \
-                 POST /v1/chat/completions and POST /v1/completions"
+                 POST /v1/chat/completions, POST /v1/completions and POST /v1/embeddings"
             ),
         )),
     }
@@ -241,7 +248,11 @@ impl Shared {
     }
 
     pub(super) fn models_json(&self) -> Value {
-        json!({"object": "list", "data": [self.model_json()]})
+        let mut data = vec![self.model_json()];
+        if let Some(e) = &self.model.embeddings {
+            data.push(model_entry(e, self.created));
+        }
+        json!({"object": "list", "data": data})
     }
 
     /// Runs `job` on the model once it is free, off the async threads; `None` when it could
