@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::llm::grammar::Constraint;
 use crate::llm::sampling::{Sampler, SamplingParams};
 use crate::llm::text::{StopCheck, StopMatcher, TokenStream, Tokenizer};
 use crate::models::CausalLm;
@@ -103,6 +104,32 @@ pub fn generate_with(
     reuse: bool,
     on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<GenerationStats> {
+    generate_constrained(
+        model,
+        tokenizer,
+        eos_token_ids,
+        prompt,
+        params,
+        reuse,
+        None,
+        on_step,
+    )
+}
+
+/// [`generate_with`], every token kept inside `constraint`'s grammar when one is given: the
+/// sampler's choice is checked, and when the grammar refuses it the vocabulary is masked and
+/// the token drawn again; generation ends when the grammar is complete and allows nothing more.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_constrained(
+    model: &mut dyn CausalLm,
+    tokenizer: &Tokenizer,
+    eos_token_ids: &[u32],
+    prompt: &[u32],
+    params: &SamplingParams,
+    reuse: bool,
+    mut constraint: Option<&mut Constraint>,
+    on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
+) -> Result<GenerationStats> {
     params.validate()?;
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
@@ -148,7 +175,29 @@ pub fn generate_with(
     let mut decode_steps = 0;
     let mut decode_secs = 0.0;
     let finish = loop {
-        let id = sampler.sample(&logits, &history);
+        let id = match constraint.as_deref_mut() {
+            None => sampler.sample(&logits, &history),
+            Some(c) => {
+                if c.is_done() {
+                    break FinishReason::EndOfText;
+                }
+                let first = sampler.choose(&logits, &history);
+                let id = if c.allows(first) {
+                    first
+                } else {
+                    let mut masked = logits.clone();
+                    if c.mask(&mut masked) == 0 {
+                        return Err(Error::InvalidParameter(
+                            "the grammar allows no token of this model's vocabulary here".into(),
+                        ));
+                    }
+                    sampler.choose(&masked, &history)
+                };
+                sampler.note(id);
+                c.accept(id)?;
+                id
+            }
+        };
         if generated == 0 {
             ttft_ms = start.elapsed().as_secs_f64() * 1e3;
         }

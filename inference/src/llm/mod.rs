@@ -16,6 +16,7 @@ pub mod chat;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod grammar;
 pub mod hf_cache;
 pub mod loader;
 pub mod logprobs;

@@ -141,12 +141,19 @@ impl Sampler {
 
     /// Picks the next token from `logits` given the tokens so far (prompt and generated).
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let id = self.pick(logits, history);
-        *self.counts.entry(id).or_insert(0) += 1;
+        let id = self.choose(logits, history);
+        self.note(id);
         id
     }
 
-    fn pick(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Records `id` as generated (for the presence and frequency penalties).
+    pub fn note(&mut self, id: u32) {
+        *self.counts.entry(id).or_insert(0) += 1;
+    }
+
+    /// Picks a token as [`Self::sample`] does without recording it (a grammar may refuse it,
+    /// see [`crate::llm::grammar::Constraint`]).
+    pub fn choose(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
         let penalize = (p.repeat_penalty - 1.0).abs() > f32::EPSILON && p.repeat_last_n > 0;
         let openai =

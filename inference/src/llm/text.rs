@@ -56,6 +56,16 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The ids of special added tokens (end of text, chat markers, …).
+    pub fn special_ids(&self) -> std::collections::HashSet<u32> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// The bytes token `id` stands for, as OpenAI's `logprobs` report them: its decoded text,
     /// or where a token is part of a character, its raw byte (SentencePiece's `<0xNN>`, or
     /// byte-level BPE's byte alphabet).

@@ -1,0 +1,1124 @@
+//! Grammar-constrained sampling: a GBNF grammar (llama.cpp's format, which
+//! [`schema::json_schema_to_gbnf`] also writes from a JSON schema) run as a pushdown automaton
+//! over the characters of the text, and a mask over the tokenizer's vocabulary from it, so
+//! only tokens that keep the text inside the grammar can be sampled.
+//!
+//! - [`Grammar::parse`] reads GBNF: `name ::= alternatives`, literals `"…"`, classes `[a-z]`
+//!   and `[^…]`, `.`, groups, `*` `+` `?` `{m}` `{m,}` `{m,n}`, `#` comments. Repetitions and
+//!   groups become rules of their own. Left recursion is refused (it would never consume).
+//! - [`Matcher`] holds the automaton's stacks (one per way the text so far can still be
+//!   read) and a partly seen UTF-8 character, and advances byte by byte.
+//! - [`VocabTrie`] is the vocabulary's token bytes as a prefix tree, so one walk checks every
+//!   token, sharing the work of common prefixes; special tokens are never allowed (the end
+//!   of text is, once the grammar is complete).
+//!
+//! [`Constraint`] is what the token loop uses: it first checks the token the sampler chose,
+//! and only when that one is not allowed masks the whole vocabulary and samples again
+//! (which draws from exactly the masked distribution), so a step inside a free-text string
+//! costs one token's check.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+pub mod schema;
+
+/// The most rules a grammar may have (repetitions make rules of their own).
+const MAX_RULES: usize = 4096;
+/// The most alternative stacks followed at once.
+const MAX_STACKS: usize = 4096;
+/// The deepest a stack may grow.
+const MAX_DEPTH: usize = 512;
+/// The largest `{m,n}` count.
+const MAX_REPEAT: u32 = 1000;
+
+/// A set of characters: ranges, possibly negated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CharClass {
+    ranges: Vec<(u32, u32)>,
+    negated: bool,
+}
+
+impl CharClass {
+    fn matches(&self, c: u32) -> bool {
+        self.ranges.iter().any(|&(a, b)| a <= c && c <= b) != self.negated
+    }
+
+    /// Whether some character in `lo..=hi` matches.
+    fn intersects(&self, lo: u32, hi: u32) -> bool {
+        if self.negated {
+            // Not all of lo..=hi is excluded by the ranges.
+            let mut covered = lo;
+            let mut ranges = self.ranges.clone();
+            ranges.sort_unstable();
+            for (a, b) in ranges {
+                if a > covered {
+                    break;
+                }
+                if b >= covered {
+                    covered = b.saturating_add(1);
+                }
+                if covered > hi {
+                    return false;
+                }
+            }
+            covered <= hi
+        } else {
+            self.ranges.iter().any(|&(a, b)| a <= hi && lo <= b)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Elem {
+    /// One character of the class.
+    Chars(u32),
+    /// The rule.
+    Ref(u32),
+}
+
+/// A compiled grammar.
+#[derive(Debug, Clone)]
+pub struct Grammar {
+    /// Each rule: its alternatives, each a sequence.
+    rules: Vec<Vec<Vec<Elem>>>,
+    names: Vec<String>,
+    classes: Vec<CharClass>,
+    root: u32,
+}
+
+/// A place in the grammar: rule, alternative, element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Pos {
+    rule: u32,
+    alt: u32,
+    elem: u32,
+}
+
+type Stack = Vec<Pos>;
+
+// ---------------------------------------------------------------------------------------------
+// Parsing GBNF
+
+struct Parser<'a> {
+    src: &'a [u8],
+    at: usize,
+    g: Grammar,
+    ids: HashMap<String, u32>,
+    defined: Vec<bool>,
+}
+
+fn grammar_error(message: impl Into<String>) -> Error {
+    Error::InvalidParameter(format!("grammar: {}", message.into()))
+}
+
+impl Parser<'_> {
+    fn error(&self, message: &str) -> Error {
+        let line = self.src[..self.at.min(self.src.len())]
+            .split(|&b| b == b'\n')
+            .count();
+        grammar_error(format!("{message} (line {line})"))
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.src.get(self.at).copied()
+    }
+
+    /// Skips spaces and comments; newlines too unless `inline`.
+    fn space(&mut self, inline: bool) {
+        while let Some(c) = self.peek() {
+            match c {
+                b' ' | b'\t' | b'\r' => self.at += 1,
+                b'\n' if !inline => self.at += 1,
+                b'#' => {
+                    while self.peek().is_some_and(|c| c != b'\n') {
+                        self.at += 1;
+                    }
+                }
+                // A newline inside a rule continues it when the next line is indented or
+                // starts with `|` (llama.cpp reads rules until the next `name ::=`).
+                b'\n' => {
+                    let rest = &self.src[self.at + 1..];
+                    let next = rest
+                        .iter()
+                        .position(|&b| b != b' ' && b != b'\t' && b != b'\r');
+                    let continues = match next.map(|i| rest[i]) {
+                        Some(b'|') => true,
+                        Some(b'\n' | b'#') | None => false,
+                        Some(_) => !self.line_defines_rule(self.at + 1),
+                    };
+                    if continues {
+                        self.at += 1;
+                    } else {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Whether the line starting at `from` is `name ::= …`.
+    fn line_defines_rule(&self, from: usize) -> bool {
+        let line: Vec<u8> = self.src[from..]
+            .iter()
+            .take_while(|&&b| b != b'\n')
+            .copied()
+            .collect();
+        let text = String::from_utf8_lossy(&line);
+        text.trim_start()
+            .split_once("::=")
+            .is_some_and(|(name, _)| is_name(name.trim()))
+    }
+
+    fn name(&mut self) -> Option<String> {
+        let start = self.at;
+        while self
+            .peek()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        {
+            self.at += 1;
+        }
+        (self.at > start).then(|| String::from_utf8_lossy(&self.src[start..self.at]).into_owned())
+    }
+
+    fn rule_id(&mut self, name: &str) -> Result<u32> {
+        if let Some(&id) = self.ids.get(name) {
+            return Ok(id);
+        }
+        self.new_rule(name)
+    }
+
+    fn new_rule(&mut self, name: &str) -> Result<u32> {
+        if self.g.rules.len() >= MAX_RULES {
+            return Err(self.error(&format!("more than {MAX_RULES} rules")));
+        }
+        let id = u32::try_from(self.g.rules.len()).unwrap_or(u32::MAX);
+        self.g.rules.push(Vec::new());
+        self.g.names.push(name.to_owned());
+        self.defined.push(false);
+        self.ids.insert(name.to_owned(), id);
+        Ok(id)
+    }
+
+    /// A rule for a generated name (`name-N`).
+    fn helper_rule(&mut self, base: &str, alts: Vec<Vec<Elem>>) -> Result<u32> {
+        let name = format!("{base}-{}", self.g.rules.len());
+        let id = self.new_rule(&name)?;
+        self.g.rules[id as usize] = alts;
+        self.defined[id as usize] = true;
+        Ok(id)
+    }
+
+    fn class(&mut self, class: CharClass) -> u32 {
+        if let Some(i) = self.g.classes.iter().position(|c| *c == class) {
+            return u32::try_from(i).unwrap_or(u32::MAX);
+        }
+        self.g.classes.push(class);
+        u32::try_from(self.g.classes.len() - 1).unwrap_or(u32::MAX)
+    }
+
+    /// One character of a literal or class, escapes read.
+    fn char(&mut self) -> Result<u32> {
+        let Some(c) = self.peek() else {
+            return Err(self.error("unexpected end"));
+        };
+        if c == b'\\' {
+            self.at += 1;
+            let Some(e) = self.peek() else {
+                return Err(self.error("unexpected end after `\\`"));
+            };
+            self.at += 1;
+            let hex = |p: &mut Self, n: usize| -> Result<u32> {
+                let end = p.at + n;
+                let digits = p
+                    .src
+                    .get(p.at..end)
+                    .ok_or_else(|| p.error("short escape"))?;
+                let v = u32::from_str_radix(&String::from_utf8_lossy(digits), 16)
+                    .map_err(|_| p.error("bad hex escape"))?;
+                p.at = end;
+                Ok(v)
+            };
+            return Ok(match e {
+                b'n' => u32::from('\n'),
+                b'r' => u32::from('\r'),
+                b't' => u32::from('\t'),
+                b'0' => 0,
+                b'x' => hex(self, 2)?,
+                b'u' => hex(self, 4)?,
+                b'U' => hex(self, 8)?,
+                other => u32::from(other),
+            });
+        }
+        // A UTF-8 character.
+        let len = match c {
+            0x00..=0x7F => 1,
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            _ => 4,
+        };
+        let bytes = self
+            .src
+            .get(self.at..self.at + len)
+            .ok_or_else(|| self.error("cut-off character"))?;
+        let ch = std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.chars().next())
+            .ok_or_else(|| self.error("not UTF-8"))?;
+        self.at += len;
+        Ok(u32::from(ch))
+    }
+
+    /// A sequence of elements up to `|`, `)` or the end of the rule.
+    fn sequence(&mut self, rule_name: &str) -> Result<Vec<Elem>> {
+        let mut seq: Vec<Elem> = Vec::new();
+        loop {
+            self.space(true);
+            let Some(c) = self.peek() else { break };
+            let start = seq.len();
+            match c {
+                b'"' => {
+                    self.at += 1;
+                    while self.peek() != Some(b'"') {
+                        let ch = self.char()?;
+                        let k = self.class(CharClass {
+                            ranges: vec![(ch, ch)],
+                            negated: false,
+                        });
+                        seq.push(Elem::Chars(k));
+                    }
+                    self.at += 1;
+                }
+                b'[' => {
+                    self.at += 1;
+                    let negated = self.peek() == Some(b'^');
+                    if negated {
+                        self.at += 1;
+                    }
+                    let mut ranges = Vec::new();
+                    while self.peek() != Some(b']') {
+                        let a = self.char()?;
+                        let b = if self.peek() == Some(b'-')
+                            && self.src.get(self.at + 1) != Some(&b']')
+                        {
+                            self.at += 1;
+                            self.char()?
+                        } else {
+                            a
+                        };
+                        ranges.push((a.min(b), a.max(b)));
+                    }
+                    self.at += 1;
+                    let k = self.class(CharClass { ranges, negated });
+                    seq.push(Elem::Chars(k));
+                }
+                b'.' => {
+                    self.at += 1;
+                    let k = self.class(CharClass {
+                        ranges: Vec::new(),
+                        negated: true,
+                    });
+                    seq.push(Elem::Chars(k));
+                }
+                b'(' => {
+                    self.at += 1;
+                    let alts = self.alternatives(rule_name)?;
+                    if self.peek() != Some(b')') {
+                        return Err(self.error("a group without its `)`"));
+                    }
+                    self.at += 1;
+                    let id = self.helper_rule(rule_name, alts)?;
+                    seq.push(Elem::Ref(id));
+                }
+                b'|' | b')' | b'\n' => break,
+                c if c.is_ascii_alphanumeric() || c == b'-' || c == b'_' => {
+                    let save = self.at;
+                    let name = self.name().unwrap_or_default();
+                    // The next rule's definition ends this one.
+                    self.space(true);
+                    if self.src[self.at..].starts_with(b"::=") {
+                        self.at = save;
+                        break;
+                    }
+                    let id = self.rule_id(&name)?;
+                    seq.push(Elem::Ref(id));
+                }
+                _ => return Err(self.error(&format!("unexpected `{}`", char::from(c)))),
+            }
+            // A repetition applies to the last item (a literal's last character only if it
+            // is one character; llama.cpp applies it to the whole literal, as here).
+            self.space(true);
+            if let Some(op) = self
+                .peek()
+                .filter(|c| matches!(c, b'*' | b'+' | b'?' | b'{'))
+            {
+                let item: Vec<Elem> = seq.drain(start..).collect();
+                let (min, max) = self.repetition(op)?;
+                let elem = self.repeat(rule_name, &item, min, max)?;
+                seq.push(elem);
+            }
+        }
+        Ok(seq)
+    }
+
+    fn repetition(&mut self, op: u8) -> Result<(u32, Option<u32>)> {
+        self.at += 1;
+        Ok(match op {
+            b'*' => (0, None),
+            b'+' => (1, None),
+            b'?' => (0, Some(1)),
+            _ => {
+                let number = |p: &mut Self| -> Option<u32> {
+                    let start = p.at;
+                    while p.peek().is_some_and(|c| c.is_ascii_digit()) {
+                        p.at += 1;
+                    }
+                    String::from_utf8_lossy(&p.src[start..p.at]).parse().ok()
+                };
+                self.space(true);
+                let min = number(self).unwrap_or(0);
+                self.space(true);
+                let max = if self.peek() == Some(b',') {
+                    self.at += 1;
+                    self.space(true);
+                    number(self)
+                } else {
+                    Some(min)
+                };
+                self.space(true);
+                if self.peek() != Some(b'}') {
+                    return Err(self.error("a repetition without its `}`"));
+                }
+                self.at += 1;
+                if min > MAX_REPEAT || max.is_some_and(|m| m > MAX_REPEAT || m < min) {
+                    return Err(self.error(&format!(
+                        "a repetition {{{min},{max:?}}} outside 0 to {MAX_REPEAT}"
+                    )));
+                }
+                (min, max)
+            }
+        })
+    }
+
+    /// `item` repeated `min` to `max` times, as a rule.
+    fn repeat(&mut self, base: &str, item: &[Elem], min: u32, max: Option<u32>) -> Result<Elem> {
+        // item{0,} : R ::= item R | ε
+        let mut tail = match max {
+            None => {
+                let id = self.helper_rule(base, Vec::new())?;
+                let mut again = item.to_vec();
+                again.push(Elem::Ref(id));
+                self.g.rules[id as usize] = vec![again, Vec::new()];
+                Some(id)
+            }
+            Some(max) => {
+                // Optional copies, nested: O_k ::= item O_{k-1} | ε
+                let mut inner: Option<u32> = None;
+                for _ in min..max {
+                    let mut seq = item.to_vec();
+                    if let Some(i) = inner {
+                        seq.push(Elem::Ref(i));
+                    }
+                    inner = Some(self.helper_rule(base, vec![seq, Vec::new()])?);
+                }
+                inner
+            }
+        };
+        let mut seq = Vec::new();
+        for _ in 0..min {
+            seq.extend_from_slice(item);
+        }
+        if let Some(t) = tail.take() {
+            seq.push(Elem::Ref(t));
+        }
+        if seq.len() == 1 {
+            return Ok(seq[0]);
+        }
+        Ok(Elem::Ref(self.helper_rule(base, vec![seq])?))
+    }
+
+    fn alternatives(&mut self, rule_name: &str) -> Result<Vec<Vec<Elem>>> {
+        let mut alts = vec![self.sequence(rule_name)?];
+        loop {
+            self.space(true);
+            if self.peek() == Some(b'|') {
+                self.at += 1;
+                alts.push(self.sequence(rule_name)?);
+            } else {
+                return Ok(alts);
+            }
+        }
+    }
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+}
+
+impl Grammar {
+    /// Reads a GBNF grammar whose start is the rule `root`.
+    pub fn parse(src: &str) -> Result<Self> {
+        if src.len() > 1 << 20 {
+            return Err(grammar_error("over 1 MiB"));
+        }
+        let mut p = Parser {
+            src: src.as_bytes(),
+            at: 0,
+            g: Grammar {
+                rules: Vec::new(),
+                names: Vec::new(),
+                classes: Vec::new(),
+                root: 0,
+            },
+            ids: HashMap::new(),
+            defined: Vec::new(),
+        };
+        loop {
+            p.space(false);
+            if p.peek().is_none() {
+                break;
+            }
+            let Some(name) = p.name() else {
+                return Err(p.error("expected a rule name"));
+            };
+            p.space(true);
+            if !p.src[p.at..].starts_with(b"::=") {
+                return Err(p.error(&format!("expected `::=` after `{name}`")));
+            }
+            p.at += 3;
+            let id = p.rule_id(&name)?;
+            if p.defined[id as usize] {
+                return Err(p.error(&format!("rule `{name}` is defined twice")));
+            }
+            let alts = p.alternatives(&name)?;
+            p.g.rules[id as usize] = alts;
+            p.defined[id as usize] = true;
+        }
+        if let Some(i) = p.defined.iter().position(|d| !d) {
+            return Err(grammar_error(format!(
+                "rule `{}` is used but not defined",
+                p.g.names[i]
+            )));
+        }
+        let root = *p
+            .ids
+            .get("root")
+            .ok_or_else(|| grammar_error("no `root` rule"))?;
+        p.g.root = root;
+        p.g.check_left_recursion()?;
+        Ok(p.g)
+    }
+
+    /// Refuses rules that can reach themselves without reading a character.
+    fn check_left_recursion(&self) -> Result<()> {
+        let n = self.rules.len();
+        // Nullable rules, to a fixed point.
+        let mut nullable = vec![false; n];
+        loop {
+            let mut changed = false;
+            for (r, alts) in self.rules.iter().enumerate() {
+                if !nullable[r]
+                    && alts.iter().any(|alt| {
+                        alt.iter()
+                            .all(|e| matches!(e, Elem::Ref(x) if nullable[*x as usize]))
+                    })
+                {
+                    nullable[r] = true;
+                    changed = true;
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        // Edges to the rules each can start with.
+        let first: Vec<Vec<usize>> = self
+            .rules
+            .iter()
+            .map(|alts| {
+                let mut out = Vec::new();
+                for alt in alts {
+                    for e in alt {
+                        match e {
+                            Elem::Chars(_) => break,
+                            Elem::Ref(x) => {
+                                out.push(*x as usize);
+                                if !nullable[*x as usize] {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                out
+            })
+            .collect();
+        // A cycle in those edges is left recursion.
+        let mut state = vec![0u8; n]; // 0 new, 1 on the path, 2 done
+        for start in 0..n {
+            if state[start] != 0 {
+                continue;
+            }
+            let mut path = vec![(start, 0usize)];
+            state[start] = 1;
+            while let Some((r, i)) = path.last_mut() {
+                if let Some(&next) = first[*r].get(*i) {
+                    *i += 1;
+                    match state[next] {
+                        1 => {
+                            return Err(grammar_error(format!(
+                                "rule `{}` is left-recursive (it reaches itself without \
+                                 reading a character)",
+                                self.names[next]
+                            )));
+                        }
+                        0 => {
+                            state[next] = 1;
+                            path.push((next, 0));
+                        }
+                        _ => {}
+                    }
+                } else {
+                    state[*r] = 2;
+                    path.pop();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn elem(&self, p: Pos) -> Option<Elem> {
+        self.rules[p.rule as usize][p.alt as usize]
+            .get(p.elem as usize)
+            .copied()
+    }
+
+    /// Expands `stack` until its top is a character class (or it is empty: the text may end
+    /// here), into `out`.
+    fn expand(&self, mut stack: Stack, out: &mut Vec<Stack>) {
+        loop {
+            let Some(&top) = stack.last() else {
+                out.push(stack);
+                return;
+            };
+            match self.elem(top) {
+                None => {
+                    stack.pop();
+                }
+                Some(Elem::Chars(_)) => {
+                    out.push(stack);
+                    return;
+                }
+                Some(Elem::Ref(r)) => {
+                    // The caller continues after the reference; a finished caller frame
+                    // goes now, so right recursion does not grow the stack.
+                    if let Some(t) = stack.last_mut() {
+                        t.elem += 1;
+                    }
+                    if stack.last().is_some_and(|&t| self.elem(t).is_none()) {
+                        stack.pop();
+                    }
+                    if stack.len() >= MAX_DEPTH {
+                        return;
+                    }
+                    let alts = self.rules[r as usize].len();
+                    for a in 0..alts {
+                        let mut s = stack.clone();
+                        s.push(Pos {
+                            rule: r,
+                            alt: u32::try_from(a).unwrap_or(u32::MAX),
+                            elem: 0,
+                        });
+                        self.expand(s, out);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn class_at(&self, stack: &Stack) -> Option<&CharClass> {
+        match self.elem(*stack.last()?) {
+            Some(Elem::Chars(k)) => Some(&self.classes[k as usize]),
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matching
+
+/// A grammar part-way through a text: the stacks still alive and a partly read character.
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    grammar: Arc<Grammar>,
+    stacks: Vec<Stack>,
+    /// A multi-byte character being read: its bits so far and the bytes still to come.
+    partial: Option<(u32, u8)>,
+    /// The lowest code point the partial character can still be.
+    partial_lo: u32,
+}
+
+impl Matcher {
+    /// At the start of `grammar`'s root rule.
+    pub fn new(grammar: Arc<Grammar>) -> Self {
+        let mut stacks = Vec::new();
+        for a in 0..grammar.rules[grammar.root as usize].len() {
+            grammar.expand(
+                vec![Pos {
+                    rule: grammar.root,
+                    alt: u32::try_from(a).unwrap_or(u32::MAX),
+                    elem: 0,
+                }],
+                &mut stacks,
+            );
+        }
+        dedup(&mut stacks);
+        Self {
+            grammar,
+            stacks,
+            partial: None,
+            partial_lo: 0,
+        }
+    }
+
+    /// Whether the text so far is a whole sentence of the grammar.
+    pub fn can_end(&self) -> bool {
+        self.partial.is_none() && self.stacks.iter().any(Vec::is_empty)
+    }
+
+    /// Whether nothing more may follow.
+    pub fn is_done(&self) -> bool {
+        self.partial.is_none() && self.stacks.iter().all(Vec::is_empty)
+    }
+
+    /// Whether no text can continue from here (a dead end).
+    fn is_dead(&self) -> bool {
+        self.stacks.is_empty()
+    }
+
+    fn accept_char(&self, c: u32) -> Vec<Stack> {
+        let mut out = Vec::new();
+        for s in &self.stacks {
+            if self.grammar.class_at(s).is_some_and(|k| k.matches(c)) {
+                let mut n = s.clone();
+                if let Some(t) = n.last_mut() {
+                    t.elem += 1;
+                }
+                self.grammar.expand(n, &mut out);
+                if out.len() > MAX_STACKS {
+                    break;
+                }
+            }
+        }
+        dedup(&mut out);
+        out
+    }
+
+    /// Reads one byte; `false` (and unchanged) when the grammar cannot take it.
+    pub fn advance_byte(&mut self, b: u8) -> bool {
+        match self.partial {
+            None if b < 0x80 => {
+                let next = self.accept_char(u32::from(b));
+                if next.is_empty() {
+                    return false;
+                }
+                self.stacks = next;
+                true
+            }
+            None => {
+                let (bits, more, lo, hi) = match b {
+                    0xC2..=0xDF => (u32::from(b & 0x1F), 1, 0x80, 0x7FF),
+                    0xE0..=0xEF => (u32::from(b & 0x0F), 2, 0x800, 0xFFFF),
+                    0xF0..=0xF4 => (u32::from(b & 0x07), 3, 0x1_0000, 0x10_FFFF),
+                    _ => return false,
+                };
+                let lo = lo.max(bits << (6 * more));
+                let hi = hi.min(((bits + 1) << (6 * more)) - 1);
+                if !self.could_take(lo, hi) {
+                    return false;
+                }
+                self.partial = Some((bits, more));
+                self.partial_lo = lo;
+                true
+            }
+            Some((bits, more)) => {
+                if b & 0xC0 != 0x80 {
+                    return false;
+                }
+                let bits = (bits << 6) | u32::from(b & 0x3F);
+                let more = more - 1;
+                if more == 0 {
+                    // No overlong forms, no surrogates: valid UTF-8 only.
+                    if bits < self.partial_lo || (0xD800..=0xDFFF).contains(&bits) {
+                        return false;
+                    }
+                    let next = self.accept_char(bits);
+                    if next.is_empty() {
+                        return false;
+                    }
+                    self.stacks = next;
+                    self.partial = None;
+                    return true;
+                }
+                let lo = (bits << (6 * u32::from(more))).max(self.partial_lo);
+                let hi = ((bits + 1) << (6 * u32::from(more))) - 1;
+                if !self.could_take(lo, hi) {
+                    return false;
+                }
+                self.partial = Some((bits, more));
+                true
+            }
+        }
+    }
+
+    /// Whether a character in `lo..=hi` (of a partly read one) may come next: a valid one
+    /// (no surrogates, at most U+10FFFF) that a stack takes.
+    fn could_take(&self, lo: u32, hi: u32) -> bool {
+        let hi = hi.min(0x10_FFFF);
+        let surrogates = (0xD800..=0xDFFF).contains(&lo) && (0xD800..=0xDFFF).contains(&hi);
+        lo <= hi
+            && !surrogates
+            && self.stacks.iter().any(|s| {
+                self.grammar
+                    .class_at(s)
+                    .is_some_and(|k| k.intersects(lo, hi))
+            })
+    }
+
+    /// Reads `bytes`; `false` (and unchanged) when the grammar cannot take all of them.
+    pub fn advance(&mut self, bytes: &[u8]) -> bool {
+        let mut next = self.clone();
+        for &b in bytes {
+            if !next.advance_byte(b) {
+                return false;
+            }
+        }
+        *self = next;
+        true
+    }
+
+    /// Whether `bytes` may come next.
+    pub fn allows(&self, bytes: &[u8]) -> bool {
+        let mut probe = self.clone();
+        bytes.iter().all(|&b| probe.advance_byte(b))
+    }
+}
+
+fn dedup(stacks: &mut Vec<Stack>) {
+    let mut seen = std::collections::HashSet::new();
+    stacks.retain(|s| seen.insert(s.clone()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The vocabulary
+
+/// The vocabulary's token bytes as a prefix tree (special tokens left out).
+#[derive(Debug)]
+pub struct VocabTrie {
+    /// Node 0 is the root. Children of a node are contiguous and sorted by byte.
+    nodes: Vec<TrieNode>,
+    /// Each token's bytes (empty for special tokens).
+    bytes: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TrieNode {
+    byte: u8,
+    first_child: u32,
+    children: u32,
+    /// Tokens ending here: `tokens[token_start..token_start + token_count]` of `ends`.
+    token_start: u32,
+    token_count: u32,
+}
+
+impl VocabTrie {
+    /// From each token's bytes (`None`: a special token, never allowed).
+    pub fn new(tokens: Vec<Option<Vec<u8>>>) -> (Self, Vec<u32>) {
+        let mut list: Vec<(Vec<u8>, u32)> = tokens
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let b = b.as_ref().filter(|b| !b.is_empty())?;
+                Some((b.clone(), u32::try_from(i).ok()?))
+            })
+            .collect();
+        list.sort();
+        let mut nodes = vec![TrieNode {
+            byte: 0,
+            first_child: 0,
+            children: 0,
+            token_start: 0,
+            token_count: 0,
+        }];
+        let mut ends: Vec<u32> = Vec::new();
+        build(&list, 0, 0, &mut nodes, &mut ends);
+        let bytes = tokens.into_iter().map(Option::unwrap_or_default).collect();
+        (Self { nodes, bytes }, ends)
+    }
+
+    /// The bytes of token `id`.
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Number of token ids.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether it has no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// Tokens' bytes and ids, sorted.
+type Entries<'a> = &'a [(Vec<u8>, u32)];
+
+/// Builds the children of `node` from `list` (sorted, all sharing `depth` bytes of prefix).
+fn build(
+    list: &[(Vec<u8>, u32)],
+    depth: usize,
+    node: usize,
+    nodes: &mut Vec<TrieNode>,
+    ends: &mut Vec<u32>,
+) {
+    // Tokens ending exactly here come first in sorted order.
+    let ending = list.iter().take_while(|(b, _)| b.len() == depth).count();
+    nodes[node].token_start = u32::try_from(ends.len()).unwrap_or(u32::MAX);
+    nodes[node].token_count = u32::try_from(ending).unwrap_or(u32::MAX);
+    ends.extend(list[..ending].iter().map(|(_, id)| *id));
+    let rest = &list[ending..];
+    // Group by the next byte.
+    let mut groups: Vec<(u8, Entries<'_>)> = Vec::new();
+    let mut i = 0;
+    while i < rest.len() {
+        let b = rest[i].0[depth];
+        let j = i + rest[i..].iter().take_while(|(x, _)| x[depth] == b).count();
+        groups.push((b, &rest[i..j]));
+        i = j;
+    }
+    let first = nodes.len();
+    nodes[node].first_child = u32::try_from(first).unwrap_or(u32::MAX);
+    nodes[node].children = u32::try_from(groups.len()).unwrap_or(u32::MAX);
+    for (b, _) in &groups {
+        nodes.push(TrieNode {
+            byte: *b,
+            first_child: 0,
+            children: 0,
+            token_start: 0,
+            token_count: 0,
+        });
+    }
+    for (k, (_, group)) in groups.iter().enumerate() {
+        build(group, depth + 1, first + k, nodes, ends);
+    }
+}
+
+/// What a generation's sampling must keep to: a grammar over the vocabulary.
+#[derive(Debug, Clone)]
+pub struct Constraint {
+    matcher: Matcher,
+    trie: Arc<(VocabTrie, Vec<u32>)>,
+    /// Tokens that end the text, allowed only once the grammar is complete.
+    eos: Vec<u32>,
+    /// Steps whose first choice was refused, so the vocabulary was masked (statistics).
+    pub masked_steps: usize,
+}
+
+impl Constraint {
+    /// `grammar` over the vocabulary `trie`; `eos` end the text.
+    pub fn new(grammar: Arc<Grammar>, trie: Arc<(VocabTrie, Vec<u32>)>, eos: &[u32]) -> Self {
+        Self {
+            matcher: Matcher::new(grammar),
+            trie,
+            eos: eos.to_vec(),
+            masked_steps: 0,
+        }
+    }
+
+    /// Whether `id` may come next.
+    pub fn allows(&self, id: u32) -> bool {
+        if self.eos.contains(&id) {
+            return self.matcher.can_end();
+        }
+        let bytes = self.trie.0.token_bytes(id);
+        !bytes.is_empty() && self.matcher.allows(bytes)
+    }
+
+    /// Sets the logits of every token that may not come next to −∞; returns how many may.
+    pub fn mask(&mut self, logits: &mut [f32]) -> usize {
+        self.masked_steps += 1;
+        let mut allowed = vec![false; logits.len()];
+        let (trie, ends) = &*self.trie;
+        let mut stack: Vec<(u32, Matcher)> = vec![(0, self.matcher.clone())];
+        while let Some((node, m)) = stack.pop() {
+            let n = trie.nodes[node as usize];
+            for c in n.first_child..n.first_child + n.children {
+                let child = trie.nodes[c as usize];
+                let mut next = m.clone();
+                if !next.advance_byte(child.byte) || next.is_dead() {
+                    continue;
+                }
+                let start = child.token_start as usize;
+                for &id in &ends[start..start + child.token_count as usize] {
+                    if let Some(a) = allowed.get_mut(id as usize) {
+                        *a = true;
+                    }
+                }
+                if child.children > 0 {
+                    stack.push((c, next));
+                }
+            }
+        }
+        if self.matcher.can_end() {
+            for &e in &self.eos {
+                if let Some(a) = allowed.get_mut(e as usize) {
+                    *a = true;
+                }
+            }
+        }
+        let mut count = 0;
+        for (l, ok) in logits.iter_mut().zip(&allowed) {
+            if *ok {
+                count += 1;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        count
+    }
+
+    /// Takes token `id` as generated.
+    pub fn accept(&mut self, id: u32) -> Result<()> {
+        if self.eos.contains(&id) {
+            return Ok(());
+        }
+        let bytes = self.trie.0.token_bytes(id).to_vec();
+        if bytes.is_empty() || !self.matcher.advance(&bytes) {
+            return Err(Error::InvalidParameter(format!(
+                "token {id} does not fit the grammar"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether the grammar is complete and allows nothing more (the text must end).
+    pub fn is_done(&self) -> bool {
+        self.matcher.is_done()
+    }
+}
+
+/// The vocabulary trie of `tokenizer` (special tokens left out), for [`Constraint`]s.
+pub fn vocab_trie(tokenizer: &crate::llm::text::Tokenizer) -> Arc<(VocabTrie, Vec<u32>)> {
+    let n = tokenizer.vocab_size();
+    let specials = tokenizer.special_ids();
+    let tokens = (0..n)
+        .map(|i| {
+            let id = u32::try_from(i).unwrap_or(u32::MAX);
+            (!specials.contains(&id)).then(|| tokenizer.token_bytes(id))
+        })
+        .collect();
+    Arc::new(VocabTrie::new(tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(g: &str, text: &str) -> bool {
+        let g = Arc::new(Grammar::parse(g).expect("grammar"));
+        let mut m = Matcher::new(g);
+        m.advance(text.as_bytes()) && m.can_end()
+    }
+
+    #[test]
+    fn gbnf_literals_classes_groups_and_repetitions() {
+        let g = r#"
+            root ::= "a" [0-9]+ ("x" | "yz")? tail{2,3}
+            tail ::= [^a-c0-9xyz]   # anything but these
+        "#;
+        assert!(matches(g, "a12xdd"));
+        assert!(matches(g, "a7yzddd"));
+        assert!(matches(g, "a0éé"), "multi-byte characters");
+        assert!(!matches(g, "a12xd"), "too few");
+        assert!(!matches(g, "a12xdddd"), "too many");
+        assert!(!matches(g, "ax dd"), "needs a digit");
+        assert!(!matches(g, "a1xab"), "excluded");
+        let words = "root ::= word (\" \" word)*\nword ::= [a-z]+";
+        assert!(matches(words, "hello big world"));
+        assert!(!matches(words, "hello  world"));
+    }
+
+    #[test]
+    fn bad_grammars_are_refused_with_the_reason() {
+        for (g, words) in [
+            ("root ::= x", "`x` is used but not defined"),
+            ("start ::= \"a\"", "no `root`"),
+            ("root ::= root \"a\" | \"b\"", "left-recursive"),
+            ("root ::= (\"a\"", "`)`"),
+            ("root ::= \"a\"{2000}", "repetition"),
+            ("root ::= \"a\"\nroot ::= \"b\"", "twice"),
+        ] {
+            let e = Grammar::parse(g).expect_err(g);
+            assert!(e.to_string().contains(words), "{g}: {e}");
+        }
+    }
+
+    #[test]
+    fn partial_characters_are_checked_against_what_may_follow() {
+        let g = Arc::new(Grammar::parse("root ::= [é-ë] \"!\"").expect("grammar"));
+        let m = Matcher::new(g);
+        let e = "é".as_bytes();
+        assert!(m.allows(&e[..1]), "the first byte of é");
+        assert!(!m.allows("a".as_bytes()));
+        assert!(!m.allows("ñ".as_bytes()), "outside the class");
+        assert!(
+            !m.allows(&"中".as_bytes()[..1]),
+            "a 3-byte character can't be in é-ë"
+        );
+        assert!(m.allows("é!".as_bytes()));
+        // Overlong forms and surrogates are not UTF-8.
+        let any = Matcher::new(Arc::new(Grammar::parse("root ::= .").expect("g")));
+        assert!(!any.allows(&[0xC1, 0x81]), "overlong A");
+        assert!(!any.allows(&[0xE0, 0x80, 0x80]), "overlong NUL");
+        assert!(!any.allows(&[0xED, 0xA0, 0x80]), "a surrogate");
+        assert!(!any.allows(&[0xED, 0xA0]), "no surrogate can follow");
+        assert!(!any.allows(&[0xF4, 0x90]), "beyond U+10FFFF");
+        assert!(any.allows("中".as_bytes()));
+    }
+
+    #[test]
+    fn the_vocabulary_mask_allows_exactly_the_tokens_that_fit() {
+        let vocab: Vec<Option<Vec<u8>>> = ["{", "}", "{\"", "a", "ab", "\"", ":", " ", "<eos>"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i != 8).then(|| t.as_bytes().to_vec()))
+            .collect();
+        let trie = Arc::new(VocabTrie::new(vocab));
+        let g = Arc::new(Grammar::parse(r#"root ::= "{" "\"" [a-b]+ "\"" "}""#).expect("g"));
+        let mut c = Constraint::new(g, trie, &[8]);
+        let mut logits = vec![0.0f32; 9];
+        assert_eq!(c.mask(&mut logits), 2, "{{ and {{\"");
+        assert!(logits[0].is_finite() && logits[2].is_finite() && logits[1].is_infinite());
+        c.accept(2).expect("{\"");
+        let mut logits = vec![0.0f32; 9];
+        c.mask(&mut logits);
+        let ok: Vec<usize> = (0..9).filter(|&i| logits[i].is_finite()).collect();
+        assert_eq!(ok, [3, 4]);
+        for id in [4, 5, 1] {
+            assert!(c.allows(id), "{id}");
+            c.accept(id).expect("fits");
+        }
+        assert!(
+            c.allows(8) && c.is_done(),
+            "complete: only the end may follow"
+        );
+        assert!(c.accept(3).is_err());
+    }
+}
