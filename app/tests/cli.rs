@@ -476,3 +476,65 @@ fn embed_prints_sentence_transformers_embeddings() {
     ]));
     assert!(e.contains("62 tokens") && e.contains("at most 48"), "{e}");
 }
+
+/// `studio generate --json-schema FILE` and `studio chat --grammar FILE`: the output keeps to
+/// the schema or grammar whatever the random weights want; a schema Studio can't enforce is
+/// refused with the keyword named.
+#[test]
+fn generate_and_chat_keep_to_a_json_schema_or_grammar() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let model = tmp.path().join("qwen2");
+    studio_tests::families::write_family(&model, "qwen2", 4);
+    let schema = tmp.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"ok": {"type": "boolean"},
+            "n": {"type": "integer"}}, "required": ["ok", "n"]}"#,
+    )
+    .expect("write");
+    for seed in ["1", "2"] {
+        let out = cli_common::ok(&studio(&[
+            "generate",
+            "--model",
+            path(&model),
+            "--prompt",
+            "JSON:",
+            "--json-schema",
+            path(&schema),
+            "--temperature",
+            "1",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "200",
+        ]));
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+        assert!(v["ok"].is_boolean() && v["n"].is_i64(), "{v}");
+    }
+    let grammar = tmp.path().join("yes.gbnf");
+    std::fs::write(&grammar, "root ::= \"yes\" | \"no\"\n").expect("write");
+    let out = cli_common::ok(&studio(&[
+        "chat",
+        "--model",
+        path(&model),
+        "--message",
+        "Well?",
+        "--grammar",
+        path(&grammar),
+        "--temperature",
+        "1",
+    ]));
+    assert!(["yes", "no"].contains(&out.trim()), "{out:?}");
+    std::fs::write(&schema, r#"{"type": "string", "pattern": "a+"}"#).expect("write");
+    let e = cli_common::failed(&studio(&[
+        "generate",
+        "--model",
+        path(&model),
+        "--prompt",
+        "x",
+        "--json-schema",
+        path(&schema),
+    ]));
+    assert!(e.contains("`pattern`"), "{e}");
+}

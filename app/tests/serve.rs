@@ -1320,11 +1320,6 @@ fn sampling_fields_are_honoured_or_refused_by_name() {
     for (extra, param) in [
         (json!({"tools": tool}), "tools"),
         (json!({"tool_choice": "required"}), "tool_choice"),
-        (
-            json!({"response_format": {"type": "json_object"}}),
-            "response_format",
-        ),
-        (json!({"grammar": "root ::= \"a\""}), "grammar"),
         (json!({"top_logprobs": 2}), "top_logprobs"),
         (
             json!({"logprobs": true, "top_logprobs": 21}),
@@ -1500,4 +1495,132 @@ fn base64_decode(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Structured output as OpenAI clients ask for it: `response_format` `json_schema` (every seed
+/// of the random model gives JSON that fits), `json_object`, llama.cpp's GBNF `grammar`, streamed
+/// too; schemas with keywords Studio would not enforce, bad grammars and two asks at once are
+/// 400s that say which.
+#[test]
+fn structured_output_is_enforced_while_sampling() {
+    let dir = model_dir();
+    let server = start(dir.path());
+    let addr = server.addr();
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 8},
+            "rain": {"type": "boolean"},
+            "mm": {"type": "integer"}
+        },
+        "required": ["city", "rain"],
+        "additionalProperties": false
+    });
+    let format = json!({"type": "json_schema", "json_schema": {"name": "weather", "strict": true, "schema": schema}});
+    for seed in 0..4 {
+        let r = chat(
+            addr,
+            &json!({"response_format": format, "temperature": 1.0, "seed": seed, "max_tokens": 300}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let text = content(&r, 0);
+        let answer: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("seed {seed}: {e}: {text:?}"));
+        let o = answer.as_object().expect("object");
+        assert!(
+            o["city"].as_str().is_some_and(|c| c.chars().count() <= 8),
+            "{answer}"
+        );
+        assert!(o["rain"].is_boolean(), "{answer}");
+        assert!(
+            o.keys()
+                .all(|k| ["city", "rain", "mm"].contains(&k.as_str())),
+            "{answer}"
+        );
+    }
+
+    // Streamed: the deltas add up to an answer that fits.
+    let streamed = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({
+            "messages": [{"role": "user", "content": "Weather?"}],
+            "response_format": format, "temperature": 1.0, "seed": 7, "max_tokens": 300,
+            "stream": true,
+        }),
+    );
+    let text: String = events_of(&streamed.body)
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| serde_json::from_str::<Value>(e).expect("chunk"))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    let answer: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    assert!(answer["rain"].is_boolean(), "{answer}");
+
+    // A GBNF grammar, as llama.cpp's server takes it.
+    let yes_no = chat(
+        addr,
+        &json!({"grammar": "root ::= (\"yes\" | \"no\") \"!\"", "temperature": 1.0}),
+    );
+    assert_eq!(yes_no.status, 200, "{}", yes_no.body);
+    assert!(
+        ["yes!", "no!"].contains(&content(&yes_no, 0).as_str()),
+        "{}",
+        yes_no.body
+    );
+
+    // json_object: the reply opens an object (the budget may end it before it closes).
+    let object = chat(
+        addr,
+        &json!({"response_format": {"type": "json_object"}, "max_tokens": 8}),
+    );
+    assert_eq!(object.status, 200, "{}", object.body);
+    assert!(
+        content(&object, 0).trim_start().starts_with('{'),
+        "{}",
+        object.body
+    );
+
+    // Refused, saying which.
+    for (extra, param, words) in [
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a"}}}}),
+            "response_format",
+            "`pattern`",
+        ),
+        (
+            json!({"grammar": "root ::= missing"}),
+            "grammar",
+            "`missing`",
+        ),
+        (
+            json!({"grammar": "root ::= root \"a\""}),
+            "grammar",
+            "left-recursive",
+        ),
+        (
+            json!({"grammar": "root ::= \"a\"", "response_format": {"type": "json_object"}}),
+            "grammar",
+            "not `response_format` and `grammar`",
+        ),
+        (
+            json!({"response_format": {"type": "yaml"}}),
+            "response_format",
+            "json_schema",
+        ),
+    ] {
+        let r = chat(addr, &extra);
+        assert_eq!(r.status, 400, "{extra}: {}", r.body);
+        let e = r.json();
+        assert_eq!(e["error"]["param"], param, "{extra}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(words), "{extra}: {message}");
+    }
 }

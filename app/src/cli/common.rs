@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
+use std::sync::Arc;
 use studio_inference::device::{DeviceChoice, DevicePreference, create_device};
-use studio_inference::llm::generate::{GenerationStats, Step, generate};
+
+use studio_inference::llm::generate::{GenerationStats, Step, generate_constrained};
+use studio_inference::llm::grammar::{Constraint, Grammar};
 use studio_inference::llm::loader::{self, LoadedModel};
 use studio_inference::llm::sampling::SamplingParams;
 
@@ -62,12 +65,43 @@ pub struct SamplingArgs {
     /// Stop before this string (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Keep the output to this JSON schema (a `.json` file), enforced while sampling.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<PathBuf>,
+    /// Keep the output to this GBNF grammar (a file, llama.cpp's format), enforced while
+    /// sampling.
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
     /// One JSON object per generated token, then a summary object.
     #[arg(long)]
     pub json: bool,
 }
 
 impl SamplingArgs {
+    /// The grammar `--json-schema` or `--grammar` asks for.
+    pub fn grammar(&self) -> Result<Option<Arc<Grammar>>> {
+        let read = |path: &PathBuf| -> Result<String> {
+            let len = std::fs::metadata(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .len();
+            if len > 1 << 20 {
+                bail!("{} is {len} bytes; at most 1 MiB", path.display());
+            }
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let gbnf = match (&self.json_schema, &self.grammar) {
+            (Some(path), _) => {
+                let schema: serde_json::Value = serde_json::from_str(&read(path)?)
+                    .with_context(|| format!("{} is not JSON", path.display()))?;
+                studio_inference::llm::grammar::schema::json_schema_to_gbnf(&schema)
+                    .with_context(|| format!("the JSON schema in {}", path.display()))?
+            }
+            (None, Some(path)) => read(path)?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Arc::new(Grammar::parse(&gbnf)?)))
+    }
+
     pub fn params(&self) -> Result<SamplingParams> {
         let params = SamplingParams {
             temperature: self.temperature,
@@ -129,7 +163,12 @@ pub fn stream(
     params: &SamplingParams,
     eos: &[u32],
     json: bool,
+    grammar: Option<Arc<Grammar>>,
 ) -> Result<()> {
+    let mut constraint = grammar.map(|g| {
+        let trie = studio_inference::llm::grammar::vocab_trie(&m.tokenizer);
+        Constraint::new(g, trie, eos)
+    });
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     // In JSON mode each line is one generated token; text released only at the end (a
@@ -164,12 +203,14 @@ pub fn stream(
             }
         }
     };
-    let stats = generate(
+    let stats = generate_constrained(
         &mut *m.model,
         &m.tokenizer,
         eos,
         prompt,
         params,
+        false,
+        constraint.as_mut(),
         &mut on_step,
     )?;
     if let Some(e) = write_err {

@@ -158,11 +158,13 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let (mut m, _) = load_model(&args.engine)?;
     let prompt = m.tokenizer.encode(&args.prompt)?;
     let eos = m.eos_token_ids.clone();
-    stream(&mut m, &prompt, &params, &eos, args.sampling.json)
+    let grammar = args.sampling.grammar()?;
+    stream(&mut m, &prompt, &params, &eos, args.sampling.json, grammar)
 }
 
 pub fn run_chat(args: &ChatArgs) -> Result<()> {
     let params = args.sampling.params()?;
+    let grammar = args.sampling.grammar()?;
     let (mut m, _) = load_model(&args.engine)?;
     let system = args.system.as_deref().unwrap_or("");
     let messages = [ChatMessage::user(args.message.as_str())];
@@ -176,6 +178,7 @@ pub fn run_chat(args: &ChatArgs) -> Result<()> {
         &reply.params,
         &reply.eos,
         args.sampling.json,
+        grammar,
     )
 }
 

@@ -12,7 +12,8 @@ use hyper::Response;
 use hyper::header::{self, HeaderValue};
 use serde_json::Value;
 use studio_inference::llm::chat::build_chat_prompt;
-use studio_inference::llm::generate::{FinishReason, GenerationStats, Step, generate};
+use studio_inference::llm::generate::{FinishReason, GenerationStats, Step, generate_constrained};
+use studio_inference::llm::grammar::{Constraint, Grammar, VocabTrie};
 use studio_inference::llm::loader::LoadedModel;
 use studio_inference::llm::logprobs::{TokenLogprobs, token_logprobs};
 use studio_inference::llm::sampling::SamplingParams;
@@ -27,6 +28,8 @@ pub(super) struct Prepared {
     pub(super) tokens: Vec<u32>,
     pub(super) eos: Vec<u32>,
     pub(super) params: SamplingParams,
+    /// The grammar replies keep to, and the vocabulary it masks.
+    pub(super) grammar: Option<(Arc<Grammar>, Arc<VocabTrie>)>,
 }
 
 impl Prepared {
@@ -46,11 +49,13 @@ pub(super) struct Run {
     pub(super) logprobs: Option<usize>,
 }
 
-/// Renders the template and tokenizes (no model needed).
+/// Renders the template and tokenizes (no model needed); with a grammar, makes sure the
+/// vocabulary trie is built.
 pub(super) fn prepare(
     p: &Prompter,
     prompt: &Prompt,
     params: SamplingParams,
+    grammar: Option<Arc<Grammar>>,
 ) -> Result<Prepared, ApiError> {
     let (tokens, eos, params) = match prompt {
         Prompt::Text(text) => {
@@ -100,6 +105,7 @@ pub(super) fn prepare(
         tokens,
         eos,
         params,
+        grammar: grammar.map(|g| (g, p.trie())),
     })
 }
 
@@ -125,6 +131,7 @@ pub(super) async fn generate_reply(
         include_usage,
         n,
         logprobs,
+        grammar,
     } = job;
     // The client going away from here on cancels (the future is dropped).
     let gone = Arc::new(AtomicBool::new(false));
@@ -136,9 +143,11 @@ pub(super) async fn generate_reply(
             .await
             .map_err(|_| ApiError::unavailable("the server is stopping"))?;
         let shared = shared.clone();
-        tokio::task::spawn_blocking(move || prepare(&shared.model.prompter, &prompt, params))
-            .await
-            .map_err(|e| ApiError::server(format!("preparing the prompt failed: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            prepare(&shared.model.prompter, &prompt, params, grammar)
+        })
+        .await
+        .map_err(|e| ApiError::server(format!("preparing the prompt failed: {e}")))??
     };
     let serial = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let created = unix_time();
@@ -343,13 +352,19 @@ pub(super) fn run_generate(
     on_text: &mut dyn FnMut(&str, Vec<TokenLogprobs>) -> bool,
 ) -> Result<(GenerationStats, Vec<TokenLogprobs>), ApiError> {
     let mut pending = Vec::new();
+    let mut constraint = prepared
+        .grammar
+        .as_ref()
+        .map(|(g, trie)| Constraint::new(g.clone(), trie.clone(), &prepared.eos));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        generate(
+        generate_constrained(
             &mut *m.model,
             &m.tokenizer,
             &prepared.eos,
             &prepared.tokens,
             &run.params,
+            false,
+            constraint.as_mut(),
             &mut |step: Step<'_>| {
                 if let (Some(top), Some(id), Some(logits)) = (run.logprobs, step.id, step.logits) {
                     pending.push(token_logprobs(logits, id, top));

@@ -66,6 +66,7 @@ use anyhow::{Context, Result};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use studio_inference::embed::EmbeddingModel;
 use studio_inference::llm::chat::ChatFormat;
+use studio_inference::llm::grammar::VocabTrie;
 use studio_inference::llm::loader::LoadedModel;
 use studio_inference::llm::text::Tokenizer;
 use studio_inference::worker::{CustomJob, JobKind, JobSubmitter};
@@ -225,6 +226,8 @@ struct Prompter {
     chat: ChatFormat,
     context: usize,
     eos: Vec<u32>,
+    /// The vocabulary as a prefix tree for grammar-constrained requests, built by the first.
+    trie: std::sync::OnceLock<Arc<VocabTrie>>,
 }
 
 impl Prompter {
@@ -234,7 +237,15 @@ impl Prompter {
             chat: m.chat.clone(),
             context: m.model.context_length(),
             eos: m.eos_token_ids.clone(),
+            trie: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The vocabulary trie (built on first use: a blocking call).
+    fn trie(&self) -> Arc<VocabTrie> {
+        self.trie
+            .get_or_init(|| studio_inference::llm::grammar::vocab_trie(&self.tokenizer))
+            .clone()
     }
 }
 
@@ -468,6 +479,7 @@ pub mod fuzzing {
                     chat,
                     context,
                     eos: Vec::new(),
+                    trie: std::sync::OnceLock::new(),
                 },
                 access: ModelAccess::Worker(Box::new(|_| Err("no model while fuzzing".into()))),
                 embeddings: None,

@@ -3,16 +3,21 @@
 //! JSON written back (finish reasons, usage, log-probabilities, and the chunk and completion
 //! shapes of each endpoint).
 //!
-//! Nothing a client sends is accepted and ignored: the fields OpenAI defines that Studio does
-//! not do yet (tools, structured output, audio, …) are refused with a 400 naming the field
-//! ([`UNSUPPORTED`]).
+//! Structured output (`response_format` `json_object` / `json_schema`, llama.cpp's `grammar`
+//! and `json_schema`) becomes a grammar the sampler keeps to. Nothing a client sends is
+//! accepted and ignored: the fields OpenAI defines that Studio does not do yet (tools, audio,
+//! …) are refused with a 400 naming the field ([`UNSUPPORTED`]).
 
 use std::time::SystemTime;
 
 use anyhow::Result;
 use serde_json::{Map, Value, json};
+use std::sync::Arc;
 use studio_inference::llm::chat::ChatMessage;
+
 use studio_inference::llm::generate::{FinishReason, GenerationStats};
+use studio_inference::llm::grammar::Grammar;
+use studio_inference::llm::grammar::schema::{json_object_gbnf, json_schema_to_gbnf};
 use studio_inference::llm::logprobs::{MAX_TOP_LOGPROBS, TokenLogprobs};
 use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::llm::text::Tokenizer;
@@ -35,19 +40,11 @@ const MAX_COMPLETION_LOGPROBS: i64 = 5;
 
 /// Request fields OpenAI defines that Studio does not do yet, with why: refused with a 400
 /// naming the field unless absent, null, or the value that means "off".
-pub(super) const UNSUPPORTED: [(&str, &str); 12] = [
+pub(super) const UNSUPPORTED: [(&str, &str); 10] = [
     ("tools", "tool calling is not supported yet"),
     ("tool_choice", "tool calling is not supported yet"),
     ("functions", "function calling is not supported yet"),
     ("function_call", "function calling is not supported yet"),
-    (
-        "response_format",
-        "structured output (json_object / json_schema) is not supported yet",
-    ),
-    (
-        "grammar",
-        "grammar-constrained sampling is not supported yet",
-    ),
     ("audio", "this server takes and makes text only"),
     ("modalities", "this server makes text only"),
     ("prediction", "predicted outputs are not supported"),
@@ -73,6 +70,8 @@ pub(super) struct Job {
     pub(super) n: usize,
     /// Log-probabilities asked for, with this many alternatives per token.
     pub(super) logprobs: Option<usize>,
+    /// The grammar every reply keeps to (structured output).
+    pub(super) grammar: Option<Arc<Grammar>>,
 }
 
 #[derive(Debug)]
@@ -126,9 +125,6 @@ fn is_off(name: &str, value: &Value) -> bool {
         (_, Value::Null) => true,
         ("tools" | "functions", Value::Array(a)) => a.is_empty(),
         ("tool_choice" | "function_call", Value::String(s)) => s == "none",
-        ("response_format", Value::Object(o)) => {
-            o.get("type").and_then(Value::as_str) == Some("text")
-        }
         ("modalities", Value::Array(a)) => a.iter().all(|m| m.as_str() == Some("text")),
         ("suffix", Value::String(s)) => s.is_empty(),
         _ => false,
@@ -218,6 +214,68 @@ fn parse_logprobs(
                 format!("`logprobs` must be 0 to {MAX_COMPLETION_LOGPROBS}"),
             )),
         },
+    }
+}
+
+/// The grammar a request's structured-output fields ask for: `response_format`
+/// (`json_object`, or `json_schema` with its `schema`), llama.cpp's `json_schema` (a schema)
+/// and `grammar` (GBNF); at most one of them.
+fn parse_grammar(body: &Map<String, Value>) -> Result<Option<Arc<Grammar>>, ApiError> {
+    let schema_grammar = |param: &'static str, schema: &Value| -> Result<String, ApiError> {
+        json_schema_to_gbnf(schema)
+            .map_err(|e| ApiError::param(param, format!("the JSON schema can't be enforced: {e}")))
+    };
+    let mut asked: Vec<(&'static str, String)> = Vec::new();
+    if let Some(rf) = field(body, "response_format") {
+        let kind = rf.get("type").and_then(Value::as_str);
+        match kind {
+            Some("text") => {}
+            Some("json_object") => asked.push(("response_format", json_object_gbnf())),
+            Some("json_schema") => {
+                let spec = rf.get("json_schema").ok_or_else(|| {
+                    ApiError::param(
+                        "response_format",
+                        "`response_format.json_schema` is required for type json_schema",
+                    )
+                })?;
+                let schema = spec.get("schema").unwrap_or(&Value::Bool(true));
+                asked.push((
+                    "response_format",
+                    schema_grammar("response_format", schema)?,
+                ));
+            }
+            _ => {
+                return Err(ApiError::param(
+                    "response_format",
+                    "`response_format.type` must be text, json_object or json_schema",
+                ));
+            }
+        }
+    }
+    if let Some(schema) = field(body, "json_schema") {
+        asked.push(("json_schema", schema_grammar("json_schema", schema)?));
+    }
+    if let Some(g) = field(body, "grammar") {
+        let g = g
+            .as_str()
+            .ok_or_else(|| ApiError::param("grammar", "`grammar` must be a GBNF string"))?;
+        asked.push(("grammar", g.to_owned()));
+    }
+    match asked.len() {
+        0 => Ok(None),
+        1 => {
+            let (param, gbnf) = asked.remove(0);
+            Grammar::parse(&gbnf)
+                .map(|g| Some(Arc::new(g)))
+                .map_err(|e| ApiError::param(param, e.to_string()))
+        }
+        _ => Err(ApiError::param(
+            asked[1].0,
+            format!(
+                "give one of `response_format`, `json_schema` and `grammar`, not `{}` and `{}`",
+                asked[0].0, asked[1].0
+            ),
+        )),
     }
 }
 
@@ -361,6 +419,7 @@ pub(super) fn parse_request(
         }
     }
     p.logit_bias = parse_logit_bias(field(body, "logit_bias"), vocab)?;
+    let grammar = parse_grammar(body)?;
     p.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok(Job {
         prompt,
@@ -369,6 +428,7 @@ pub(super) fn parse_request(
         include_usage,
         n,
         logprobs,
+        grammar,
     })
 }
 

@@ -824,6 +824,8 @@ pub struct VocabTrie {
     nodes: Vec<TrieNode>,
     /// Each token's bytes (empty for special tokens).
     bytes: Vec<Vec<u8>>,
+    /// The tokens ending at each node, by [`TrieNode::token_start`].
+    ends: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -838,7 +840,7 @@ struct TrieNode {
 
 impl VocabTrie {
     /// From each token's bytes (`None`: a special token, never allowed).
-    pub fn new(tokens: Vec<Option<Vec<u8>>>) -> (Self, Vec<u32>) {
+    pub fn new(tokens: Vec<Option<Vec<u8>>>) -> Self {
         let mut list: Vec<(Vec<u8>, u32)> = tokens
             .iter()
             .enumerate()
@@ -858,7 +860,7 @@ impl VocabTrie {
         let mut ends: Vec<u32> = Vec::new();
         build(&list, 0, 0, &mut nodes, &mut ends);
         let bytes = tokens.into_iter().map(Option::unwrap_or_default).collect();
-        (Self { nodes, bytes }, ends)
+        Self { nodes, bytes, ends }
     }
 
     /// The bytes of token `id`.
@@ -924,7 +926,7 @@ fn build(
 #[derive(Debug, Clone)]
 pub struct Constraint {
     matcher: Matcher,
-    trie: Arc<(VocabTrie, Vec<u32>)>,
+    trie: Arc<VocabTrie>,
     /// Tokens that end the text, allowed only once the grammar is complete.
     eos: Vec<u32>,
     /// Steps whose first choice was refused, so the vocabulary was masked (statistics).
@@ -933,7 +935,7 @@ pub struct Constraint {
 
 impl Constraint {
     /// `grammar` over the vocabulary `trie`; `eos` end the text.
-    pub fn new(grammar: Arc<Grammar>, trie: Arc<(VocabTrie, Vec<u32>)>, eos: &[u32]) -> Self {
+    pub fn new(grammar: Arc<Grammar>, trie: Arc<VocabTrie>, eos: &[u32]) -> Self {
         Self {
             matcher: Matcher::new(grammar),
             trie,
@@ -947,7 +949,7 @@ impl Constraint {
         if self.eos.contains(&id) {
             return self.matcher.can_end();
         }
-        let bytes = self.trie.0.token_bytes(id);
+        let bytes = self.trie.token_bytes(id);
         !bytes.is_empty() && self.matcher.allows(bytes)
     }
 
@@ -955,7 +957,8 @@ impl Constraint {
     pub fn mask(&mut self, logits: &mut [f32]) -> usize {
         self.masked_steps += 1;
         let mut allowed = vec![false; logits.len()];
-        let (trie, ends) = &*self.trie;
+        let trie = &*self.trie;
+        let ends = &trie.ends;
         let mut stack: Vec<(u32, Matcher)> = vec![(0, self.matcher.clone())];
         while let Some((node, m)) = stack.pop() {
             let n = trie.nodes[node as usize];
@@ -999,7 +1002,7 @@ impl Constraint {
         if self.eos.contains(&id) {
             return Ok(());
         }
-        let bytes = self.trie.0.token_bytes(id).to_vec();
+        let bytes = self.trie.token_bytes(id).to_vec();
         if bytes.is_empty() || !self.matcher.advance(&bytes) {
             return Err(Error::InvalidParameter(format!(
                 "token {id} does not fit the grammar"
@@ -1015,7 +1018,7 @@ impl Constraint {
 }
 
 /// The vocabulary trie of `tokenizer` (special tokens left out), for [`Constraint`]s.
-pub fn vocab_trie(tokenizer: &crate::llm::text::Tokenizer) -> Arc<(VocabTrie, Vec<u32>)> {
+pub fn vocab_trie(tokenizer: &crate::llm::text::Tokenizer) -> Arc<VocabTrie> {
     let n = tokenizer.vocab_size();
     let specials = tokenizer.special_ids();
     let tokens = (0..n)
