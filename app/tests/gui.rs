@@ -1534,3 +1534,55 @@ fn a_transformers5_qwen2_loads_in_the_window() {
     assert_eq!(model.architecture.label(), "Qwen2");
     assert_eq!(model.path, folder);
 }
+
+/// Structured output in the Chat panel: the JSON-schema mode chosen in the parameters (the
+/// schema typed in its field, checked as typed), and a random-weight Qwen2's reply is JSON
+/// that fits it; a schema keyword Studio would not enforce is shown as an error.
+#[test]
+fn the_chat_keeps_a_reply_to_a_json_schema_chosen_in_the_parameters() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tmp.path().join("qwen2");
+    studio_tests::families::write_family(&model, "qwen2", 5);
+    let mut h = harness(&home);
+    h.step();
+    load_through_models_panel(&mut h, &model);
+    go_to(&mut h, Panel::Chat);
+    h.state_mut().settings_mut().sampling.temperature = 1.0;
+    h.state_mut().settings_mut().sampling.max_new_tokens = 300;
+    h.state_mut().settings_mut().sampling.structured =
+        studio_inference::llm::grammar::StructuredOutput::JsonSchema {
+            schema: String::new(),
+        };
+    h.step();
+    control(&h, "Structured output").click();
+    h.step();
+    h.step();
+    h.get_by_label(studio_app::gui::chat::params::STRUCTURE_LABEL)
+        .focus();
+    h.step();
+    h.get_by_label(studio_app::gui::chat::params::STRUCTURE_LABEL)
+        .type_text(r#"{"type": "string", "pattern": "a+"}"#);
+    h.step();
+    h.step();
+    assert!(shows_text(&h, "`pattern`"), "the refused keyword is named");
+    let schema = r#"{"type": "object", "properties": {"mood": {"enum": ["good", "bad"]}, "score": {"type": "integer"}}, "required": ["mood", "score"]}"#;
+    h.state_mut().settings_mut().sampling.structured =
+        studio_inference::llm::grammar::StructuredOutput::JsonSchema {
+            schema: schema.to_owned(),
+        };
+    h.step();
+    h.step();
+    assert!(shows_text(&h, "Enforced on every reply"));
+    send(&mut h, "How was your day?");
+    wait_for_reply(&mut h);
+    let (reply, state) = last_reply(&h);
+    assert_eq!(state, ReplyState::Done, "{reply}");
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"));
+    assert!(
+        ["good", "bad"].contains(&v["mood"].as_str().unwrap_or("")),
+        "{v}"
+    );
+    assert!(v["score"].is_i64(), "{v}");
+}

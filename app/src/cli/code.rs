@@ -379,7 +379,6 @@ pub fn run_code(args: &CodeArgs) -> Result<()> {
             &reply_plan.params,
             &reply_plan.eos,
             args.sampling.json,
-            args.sampling.grammar()?,
         );
     }
     // An edit: collect the reply (optionally echoing it to stderr), then print the diff.

@@ -9,11 +9,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
-use std::sync::Arc;
 use studio_inference::device::{DeviceChoice, DevicePreference, create_device};
-
-use studio_inference::llm::generate::{GenerationStats, Step, generate_constrained};
-use studio_inference::llm::grammar::{Constraint, Grammar};
+use studio_inference::llm::generate::{GenerationStats, Step, generate};
+use studio_inference::llm::grammar::StructuredOutput;
 use studio_inference::llm::loader::{self, LoadedModel};
 use studio_inference::llm::sampling::SamplingParams;
 
@@ -78,30 +76,6 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The grammar `--json-schema` or `--grammar` asks for.
-    pub fn grammar(&self) -> Result<Option<Arc<Grammar>>> {
-        let read = |path: &PathBuf| -> Result<String> {
-            let len = std::fs::metadata(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .len();
-            if len > 1 << 20 {
-                bail!("{} is {len} bytes; at most 1 MiB", path.display());
-            }
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-        };
-        let gbnf = match (&self.json_schema, &self.grammar) {
-            (Some(path), _) => {
-                let schema: serde_json::Value = serde_json::from_str(&read(path)?)
-                    .with_context(|| format!("{} is not JSON", path.display()))?;
-                studio_inference::llm::grammar::schema::json_schema_to_gbnf(&schema)
-                    .with_context(|| format!("the JSON schema in {}", path.display()))?
-            }
-            (None, Some(path)) => read(path)?,
-            (None, None) => return Ok(None),
-        };
-        Ok(Some(Arc::new(Grammar::parse(&gbnf)?)))
-    }
-
     pub fn params(&self) -> Result<SamplingParams> {
         let params = SamplingParams {
             temperature: self.temperature,
@@ -113,11 +87,40 @@ impl SamplingArgs {
             seed: self.seed,
             max_new_tokens: self.max_tokens,
             stop: self.stop.clone(),
+            structured: read_structured(self.json_schema.as_ref(), self.grammar.as_ref())?,
             ..SamplingParams::default()
         };
         params.validate()?;
+        // A schema or grammar that can't be enforced fails now, before the model loads.
+        params.structured.compile()?;
         Ok(params)
     }
+}
+
+/// What `--json-schema FILE` or `--grammar FILE` asks the output to be (files of at most
+/// 1 MiB; the schema or grammar is checked when the generation starts).
+pub fn read_structured(
+    json_schema: Option<&PathBuf>,
+    grammar: Option<&PathBuf>,
+) -> Result<StructuredOutput> {
+    let read = |path: &PathBuf| -> Result<String> {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if len > 1 << 20 {
+            bail!("{} is {len} bytes; at most 1 MiB", path.display());
+        }
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    Ok(match (json_schema, grammar) {
+        (Some(path), _) => StructuredOutput::JsonSchema {
+            schema: read(path)?,
+        },
+        (None, Some(path)) => StructuredOutput::Gbnf {
+            grammar: read(path)?,
+        },
+        (None, None) => StructuredOutput::Off,
+    })
 }
 
 /// `auto`, `cpu`, `cuda[:N]`, `metal[:N]`.
@@ -163,12 +166,7 @@ pub fn stream(
     params: &SamplingParams,
     eos: &[u32],
     json: bool,
-    grammar: Option<Arc<Grammar>>,
 ) -> Result<()> {
-    let mut constraint = grammar.map(|g| {
-        let trie = studio_inference::llm::grammar::vocab_trie(&m.tokenizer);
-        Constraint::new(g, trie, eos)
-    });
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     // In JSON mode each line is one generated token; text released only at the end (a
@@ -203,14 +201,12 @@ pub fn stream(
             }
         }
     };
-    let stats = generate_constrained(
+    let stats = generate(
         &mut *m.model,
         &m.tokenizer,
         eos,
         prompt,
         params,
-        false,
-        constraint.as_mut(),
         &mut on_step,
     )?;
     if let Some(e) = write_err {

@@ -68,6 +68,13 @@ pub struct BenchGenerateArgs {
     /// One JSON object with the figures.
     #[arg(long)]
     pub json: bool,
+    /// Also time generation kept to this JSON schema (a file): the grammar's cost per token
+    /// against a decode step.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Also time generation kept to this GBNF grammar (a file).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -158,13 +165,11 @@ pub fn run_generate(args: &GenerateArgs) -> Result<()> {
     let (mut m, _) = load_model(&args.engine)?;
     let prompt = m.tokenizer.encode(&args.prompt)?;
     let eos = m.eos_token_ids.clone();
-    let grammar = args.sampling.grammar()?;
-    stream(&mut m, &prompt, &params, &eos, args.sampling.json, grammar)
+    stream(&mut m, &prompt, &params, &eos, args.sampling.json)
 }
 
 pub fn run_chat(args: &ChatArgs) -> Result<()> {
     let params = args.sampling.params()?;
-    let grammar = args.sampling.grammar()?;
     let (mut m, _) = load_model(&args.engine)?;
     let system = args.system.as_deref().unwrap_or("");
     let messages = [ChatMessage::user(args.message.as_str())];
@@ -178,8 +183,57 @@ pub fn run_chat(args: &ChatArgs) -> Result<()> {
         &reply.params,
         &reply.eos,
         args.sampling.json,
-        grammar,
     )
+}
+
+/// What generating under a grammar cost, over the bench's runs.
+struct GrammarCost {
+    trie_ms: f64,
+    tokens: usize,
+    masked: usize,
+    ms_per_token: f64,
+    decode_tok_s: f64,
+}
+
+/// Greedy runs kept to `grammar` from `prompt`: the grammar's time per token (checks, masks,
+/// advances) and how many steps masked the whole vocabulary.
+fn bench_grammar(
+    m: &mut studio_inference::llm::loader::LoadedModel,
+    grammar: &std::sync::Arc<studio_inference::llm::grammar::Grammar>,
+    prompt: &[u32],
+    params: &SamplingParams,
+    repeat: usize,
+) -> Result<GrammarCost> {
+    use studio_inference::llm::grammar::{Constraint, vocab_trie};
+    let start = std::time::Instant::now();
+    let trie = vocab_trie(&m.tokenizer);
+    let trie_ms = start.elapsed().as_secs_f64() * 1e3;
+    let eos = m.eos_token_ids.clone();
+    let (mut tokens, mut masked, mut secs, mut rates) = (0, 0, 0.0, Vec::new());
+    for _ in 0..repeat {
+        let mut c = Constraint::new(grammar.clone(), trie.clone(), &eos);
+        let stats = studio_inference::llm::generate::generate_constrained(
+            &mut *m.model,
+            &m.tokenizer,
+            &eos,
+            prompt,
+            params,
+            false,
+            Some(&mut c),
+            &mut |_| ControlFlow::Continue(()),
+        )?;
+        tokens += stats.generated_tokens.max(1);
+        masked += c.masked_steps;
+        secs += c.time.as_secs_f64();
+        rates.push(stats.decode_tok_s);
+    }
+    Ok(GrammarCost {
+        trie_ms,
+        tokens,
+        masked,
+        ms_per_token: secs * 1e3 / tokens as f64,
+        decode_tok_s: median(rates),
+    })
 }
 
 pub fn run_serve(args: &ServeArgs) -> Result<()> {
@@ -270,6 +324,8 @@ pub fn run_bench_generate(args: &BenchGenerateArgs) -> Result<()> {
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.repeat == 0 {
         bail!("--prompt-tokens, --gen-tokens and --repeat must be at least 1");
     }
+    let grammar = super::common::read_structured(args.json_schema.as_ref(), args.grammar.as_ref())?
+        .compile()?;
     let (mut m, device) = load_model(&args.engine)?;
     let context = m.model.context_length();
     if args.prompt_tokens + args.gen_tokens > context {
@@ -308,13 +364,29 @@ pub fn run_bench_generate(args: &BenchGenerateArgs) -> Result<()> {
             ttft.push(stats.ttft_ms);
         }
     }
+    let constrained = match grammar {
+        Some(g) => Some(bench_grammar(&mut m, &g, &prompt, &params, args.repeat)?),
+        None => None,
+    };
     let peak = studio_inference::sys::peak_rss_mb().unwrap_or(0.0);
     let threads = studio_inference::device::cpu_threads();
     let (prefill, decode, ttft) = (median(prefill), median(decode), median(ttft));
+    let grammar_json = constrained.as_ref().map(|c| {
+        json!({
+            "trie_build_ms": c.trie_ms,
+            "tokens": c.tokens,
+            "masked_steps": c.masked,
+            "grammar_ms_per_token": c.ms_per_token,
+            "decode_ms_per_token": 1e3 / decode.max(1e-9),
+            "grammar_share_of_decode_step": c.ms_per_token * decode / 1e3,
+            "constrained_decode_tok_s": c.decode_tok_s,
+        })
+    });
     if args.json {
         println!(
             "{}",
             json!({
+                "grammar": grammar_json,
                 "model": m.info.name,
                 "device": device,
                 "threads": threads,
@@ -337,6 +409,18 @@ pub fn run_bench_generate(args: &BenchGenerateArgs) -> Result<()> {
         println!("decode       {decode:10.1} tok/s");
         println!("first token  {ttft:10.1} ms");
         println!("peak RSS     {peak:10.1} MiB");
+        if let Some(c) = &constrained {
+            println!(
+                "grammar      {:10.3} ms/token ({:.1}% of a {:.1} ms decode step; {} of {} \
+                 steps masked the vocabulary; trie built in {:.0} ms)",
+                c.ms_per_token,
+                100.0 * c.ms_per_token * decode / 1e3,
+                1e3 / decode.max(1e-9),
+                c.masked,
+                c.tokens,
+                c.trie_ms
+            );
+        }
         println!(
             "CPU kernels  {} (STUDIO_CPU_PATH forces one)",
             studio_inference::quant::KernelPath::detect()

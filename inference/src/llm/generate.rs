@@ -116,9 +116,10 @@ pub fn generate_with(
     )
 }
 
-/// [`generate_with`], every token kept inside `constraint`'s grammar when one is given: the
-/// sampler's choice is checked, and when the grammar refuses it the vocabulary is masked and
-/// the token drawn again; generation ends when the grammar is complete and allows nothing more.
+/// [`generate_with`], every token kept inside `constraint`'s grammar when one is given (else
+/// the one `params.structured` asks for): the sampler's choice is checked, and when the grammar
+/// refuses it the vocabulary is masked and the token drawn again; generation ends when the
+/// grammar is complete and allows nothing more.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_constrained(
     model: &mut dyn CausalLm,
@@ -127,13 +128,25 @@ pub fn generate_constrained(
     prompt: &[u32],
     params: &SamplingParams,
     reuse: bool,
-    mut constraint: Option<&mut Constraint>,
+    constraint: Option<&mut Constraint>,
     on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<GenerationStats> {
     params.validate()?;
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
+    let mut own = match (&constraint, params.structured.compile()?) {
+        (None, Some(g)) => Some(Constraint::new(
+            g,
+            crate::llm::grammar::vocab_trie(tokenizer),
+            eos_token_ids,
+        )),
+        _ => None,
+    };
+    let mut constraint = match own.as_mut() {
+        Some(c) => Some(c),
+        None => constraint,
+    };
     let context = model.context_length();
     if prompt.len() >= context {
         return Err(Error::PromptTooLong {

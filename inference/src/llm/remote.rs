@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 use crate::error::{Error, Result};
 use crate::llm::chat::{ChatMessage, Role};
 use crate::llm::generate::{FinishReason, GenerationStats};
+use crate::llm::grammar::StructuredOutput;
 use crate::llm::loader::{Architecture, ModelInfo};
 use crate::llm::sampling::SamplingParams;
 
@@ -639,6 +640,23 @@ impl RemoteBackend {
         b.insert("seed".into(), json!(p.seed & 0xFFFF_FFFF));
         if !p.stop.is_empty() {
             b.insert("stop".into(), json!(p.stop));
+        }
+        // Structured output as OpenAI takes it (a GBNF grammar where the server reads them).
+        match &p.structured {
+            StructuredOutput::Off => {}
+            StructuredOutput::JsonObject => {
+                b.insert("response_format".into(), json!({"type": "json_object"}));
+            }
+            StructuredOutput::JsonSchema { schema } => {
+                let schema: Value = serde_json::from_str(schema).unwrap_or(Value::Bool(true));
+                b.insert(
+                    "response_format".into(),
+                    json!({"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}),
+                );
+            }
+            StructuredOutput::Gbnf { grammar } => {
+                b.insert("grammar".into(), json!(grammar));
+            }
         }
         if self.extensions {
             if p.top_k > 0 {

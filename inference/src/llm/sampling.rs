@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::llm::grammar::StructuredOutput;
 
 /// Sampling settings of one generation. `Default` gives the common desktop-chat defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,6 +46,9 @@ pub struct SamplingParams {
     /// `[-100, 100]`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logit_bias: Vec<(u32, f32)>,
+    /// What the output must be (JSON, JSON of a schema, a grammar), enforced while sampling.
+    #[serde(skip_serializing_if = "StructuredOutput::is_off")]
+    pub structured: StructuredOutput,
 }
 
 impl Default for SamplingParams {
@@ -62,6 +66,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            structured: StructuredOutput::Off,
         }
     }
 }

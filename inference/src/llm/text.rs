@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The vocabulary as a byte trie for grammars, built on first use, shared by clones.
+    vocab_trie: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<crate::llm::grammar::VocabTrie>>>,
 }
 
 impl Tokenizer {
@@ -22,12 +24,22 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self { inner })
+        Ok(Self::from_inner(inner))
     }
 
     /// Wraps a tokenizer built in memory (such as one rebuilt from GGUF metadata).
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            vocab_trie: std::sync::Arc::default(),
+        }
+    }
+
+    /// Where [`crate::llm::grammar::vocab_trie`] keeps its trie.
+    pub(crate) fn vocab_trie_cell(
+        &self,
+    ) -> &std::sync::OnceLock<std::sync::Arc<crate::llm::grammar::VocabTrie>> {
+        &self.vocab_trie
     }
 
     /// Token ids of `text`, without adding special tokens.

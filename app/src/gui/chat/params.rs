@@ -1,8 +1,10 @@
 //! The chat panel's parameters: the system prompt with its preset gallery, the sampling
-//! presets and parameters, and stop strings. They belong to the open conversation (saved with
-//! it); a new conversation starts from the last ones used.
+//! presets and parameters, stop strings, and structured output (JSON mode, a JSON schema or a
+//! GBNF grammar the reply is kept to while sampling). They belong to the open conversation
+//! (saved with it); a new conversation starts from the last ones used.
 
 use egui::RichText;
+use studio_inference::llm::grammar::StructuredOutput;
 use studio_inference::llm::loader::ModelInfo;
 use studio_inference::llm::sampling::SamplingParams;
 
@@ -15,7 +17,12 @@ use crate::gui::style::weak;
 pub struct ParametersView {
     /// The stop-strings field as typed (one per line, `\n` for a line break).
     stop_text: String,
+    /// The structured output last checked, and what checking it said (`None`: it compiles).
+    checked: Option<(StructuredOutput, Option<String>)>,
 }
+
+/// The accessible name of the structured-output field (the schema or grammar text).
+pub const STRUCTURE_LABEL: &str = "Schema or grammar";
 
 impl ParametersView {
     pub fn parameters_ui(
@@ -61,6 +68,9 @@ impl ParametersView {
                 egui::CollapsingHeader::new("Stop strings")
                     .default_open(false)
                     .show(ui, |ui| self.stop_strings_ui(ui, &mut settings.sampling));
+                egui::CollapsingHeader::new("Structured output")
+                    .default_open(!settings.sampling.structured.is_off())
+                    .show(ui, |ui| self.structured_ui(ui, &mut settings.sampling.structured));
                 ui.add_space(6.0);
                 if ui
                     .button("Reset to defaults")
@@ -96,6 +106,87 @@ impl ParametersView {
         let response = response.labelled_by(label.id);
         if response.changed() {
             params.stop = parse_stop_strings(&self.stop_text);
+        }
+    }
+}
+
+impl ParametersView {
+    /// JSON mode, a JSON schema or a GBNF grammar, with what checking it says.
+    fn structured_ui(&mut self, ui: &mut egui::Ui, s: &mut StructuredOutput) {
+        ui.label(weak(
+            ui,
+            "The reply is kept to it while sampling: only tokens that fit can be chosen.",
+        ));
+        let kind = |s: &StructuredOutput| match s {
+            StructuredOutput::Off => "Off",
+            StructuredOutput::JsonObject => "JSON",
+            StructuredOutput::JsonSchema { .. } => "JSON schema",
+            StructuredOutput::Gbnf { .. } => "Grammar (GBNF)",
+        };
+        let mut chosen = kind(s);
+        ui.horizontal(|ui| {
+            let l = ui.label("Output");
+            egui::ComboBox::from_id_salt("chat_structured")
+                .selected_text(chosen)
+                .show_ui(ui, |ui| {
+                    for k in ["Off", "JSON", "JSON schema", "Grammar (GBNF)"] {
+                        ui.selectable_value(&mut chosen, k, k);
+                    }
+                })
+                .response
+                .labelled_by(l.id);
+        });
+        if chosen != kind(s) {
+            // Switching between schema and grammar keeps the text typed so far.
+            let text = match s {
+                StructuredOutput::JsonSchema { schema } => schema.clone(),
+                StructuredOutput::Gbnf { grammar } => grammar.clone(),
+                _ => String::new(),
+            };
+            *s = match chosen {
+                "JSON" => StructuredOutput::JsonObject,
+                "JSON schema" => StructuredOutput::JsonSchema { schema: text },
+                "Grammar (GBNF)" => StructuredOutput::Gbnf { grammar: text },
+                _ => StructuredOutput::Off,
+            };
+        }
+        let (text, hint) = match s {
+            StructuredOutput::JsonSchema { schema } => (
+                schema,
+                r#"{"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}"#,
+            ),
+            StructuredOutput::Gbnf { grammar } => (grammar, r#"root ::= "yes" | "no""#),
+            StructuredOutput::Off | StructuredOutput::JsonObject => {
+                if matches!(s, StructuredOutput::JsonObject) {
+                    ui.label(weak(ui, "Every reply is one JSON object."));
+                }
+                return;
+            }
+        };
+        ui.add(
+            egui::TextEdit::multiline(text)
+                .hint_text(hint)
+                .font(egui::TextStyle::Monospace)
+                .desired_rows(5)
+                .desired_width(f32::INFINITY),
+        )
+        .accessible_name(STRUCTURE_LABEL);
+        let empty = text.trim().is_empty();
+        if self.checked.as_ref().map(|(c, _)| c) != Some(s) {
+            let why = if empty {
+                Some("Empty: write a schema or grammar".to_owned())
+            } else {
+                s.compile().err().map(|e| e.to_string())
+            };
+            self.checked = Some((s.clone(), why));
+        }
+        match self.checked.as_ref().and_then(|(_, why)| why.as_deref()) {
+            Some(why) => {
+                ui.colored_label(ui.visuals().error_fg_color, why);
+            }
+            None => {
+                ui.label(weak(ui, "Enforced on every reply"));
+            }
         }
     }
 }

@@ -20,9 +20,59 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 
 pub mod schema;
+
+/// What a generation's output must be, as a setting (the Chat panel's JSON mode,
+/// `--json-schema`): compiled to a [`Grammar`] when the generation starts.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StructuredOutput {
+    /// Free text.
+    #[default]
+    Off,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON that fits this schema (its JSON text).
+    JsonSchema {
+        /// The schema, as JSON text.
+        schema: String,
+    },
+    /// A GBNF grammar (llama.cpp's format).
+    Gbnf {
+        /// The grammar's text.
+        grammar: String,
+    },
+}
+
+impl StructuredOutput {
+    /// Whether it is [`StructuredOutput::Off`].
+    pub fn is_off(&self) -> bool {
+        *self == StructuredOutput::Off
+    }
+
+    /// The grammar it asks for; a schema or grammar that does not compile is an
+    /// [`Error::InvalidParameter`] that says why (a schema's keyword, a grammar's line).
+    pub fn compile(&self) -> Result<Option<Arc<Grammar>>> {
+        let gbnf = match self {
+            StructuredOutput::Off => return Ok(None),
+            StructuredOutput::JsonObject => schema::json_object_gbnf(),
+            StructuredOutput::JsonSchema { schema } => {
+                let value: serde_json::Value = serde_json::from_str(schema).map_err(|e| {
+                    Error::InvalidParameter(format!("the JSON schema is not JSON: {e}"))
+                })?;
+                schema::json_schema_to_gbnf(&value).map_err(|e| {
+                    Error::InvalidParameter(format!("the JSON schema can't be enforced: {e}"))
+                })?
+            }
+            StructuredOutput::Gbnf { grammar } => grammar.clone(),
+        };
+        Grammar::parse(&gbnf).map(|g| Some(Arc::new(g)))
+    }
+}
 
 /// The most rules a grammar may have (repetitions make rules of their own).
 const MAX_RULES: usize = 4096;
@@ -931,6 +981,8 @@ pub struct Constraint {
     eos: Vec<u32>,
     /// Steps whose first choice was refused, so the vocabulary was masked (statistics).
     pub masked_steps: usize,
+    /// Time spent checking, masking and advancing (statistics, for `studio bench generate`).
+    pub time: std::time::Duration,
 }
 
 impl Constraint {
@@ -941,20 +993,32 @@ impl Constraint {
             trie,
             eos: eos.to_vec(),
             masked_steps: 0,
+            time: std::time::Duration::ZERO,
         }
     }
 
     /// Whether `id` may come next.
-    pub fn allows(&self, id: u32) -> bool {
-        if self.eos.contains(&id) {
-            return self.matcher.can_end();
-        }
-        let bytes = self.trie.token_bytes(id);
-        !bytes.is_empty() && self.matcher.allows(bytes)
+    pub fn allows(&mut self, id: u32) -> bool {
+        let start = std::time::Instant::now();
+        let ok = if self.eos.contains(&id) {
+            self.matcher.can_end()
+        } else {
+            let bytes = self.trie.token_bytes(id);
+            !bytes.is_empty() && self.matcher.allows(bytes)
+        };
+        self.time += start.elapsed();
+        ok
     }
 
     /// Sets the logits of every token that may not come next to −∞; returns how many may.
     pub fn mask(&mut self, logits: &mut [f32]) -> usize {
+        let start = std::time::Instant::now();
+        let count = self.mask_inner(logits);
+        self.time += start.elapsed();
+        count
+    }
+
+    fn mask_inner(&mut self, logits: &mut [f32]) -> usize {
         self.masked_steps += 1;
         let mut allowed = vec![false; logits.len()];
         let trie = &*self.trie;
@@ -1002,8 +1066,11 @@ impl Constraint {
         if self.eos.contains(&id) {
             return Ok(());
         }
+        let start = std::time::Instant::now();
         let bytes = self.trie.token_bytes(id).to_vec();
-        if bytes.is_empty() || !self.matcher.advance(&bytes) {
+        let ok = !bytes.is_empty() && self.matcher.advance(&bytes);
+        self.time += start.elapsed();
+        if !ok {
             return Err(Error::InvalidParameter(format!(
                 "token {id} does not fit the grammar"
             )));
@@ -1017,8 +1084,16 @@ impl Constraint {
     }
 }
 
-/// The vocabulary trie of `tokenizer` (special tokens left out), for [`Constraint`]s.
+/// The vocabulary trie of `tokenizer` (special tokens left out), for [`Constraint`]s: built
+/// on first use and kept with the tokenizer (and its clones).
 pub fn vocab_trie(tokenizer: &crate::llm::text::Tokenizer) -> Arc<VocabTrie> {
+    tokenizer
+        .vocab_trie_cell()
+        .get_or_init(|| build_vocab_trie(tokenizer))
+        .clone()
+}
+
+fn build_vocab_trie(tokenizer: &crate::llm::text::Tokenizer) -> Arc<VocabTrie> {
     let n = tokenizer.vocab_size();
     let specials = tokenizer.special_ids();
     let tokens = (0..n)
