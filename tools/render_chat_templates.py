@@ -83,6 +83,54 @@ CONVERSATIONS = {
     ),
 }
 
+# Conversations with tools, for the templates that have a tool section (their `tools` list,
+# an assistant's tool call and the tool's result), rendered with `apply_chat_template(…,
+# tools=TOOLS)`. Mistral's template wants 9-character alphanumeric call ids.
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string", "description": "The city, e.g. Zürich"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city"],
+            },
+        },
+    }
+]
+TOOL_CONVERSATIONS = {
+    "tools_offered": (
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "What is the weather in Paris?"},
+        ],
+        True,
+    ),
+    "tool_call_and_result": (
+        [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "abc123def",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "abc123def", "content": "18 degrees, sunny"},
+        ],
+        True,
+    ),
+}
+
 # Small templates exercising what the model templates reach only with tools or dates.
 INLINE_TEMPLATES = {
     "tojson": (
@@ -150,11 +198,11 @@ def tokenizer_for(source, bos, eos):
     )
 
 
-def render(source, bos, eos, messages, add_generation_prompt):
+def render(source, bos, eos, messages, add_generation_prompt, tools=None):
     tokenizer = tokenizer_for(source, bos, eos)
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         return {"expected": text}
     except jinja2.exceptions.TemplateError as e:
@@ -181,6 +229,21 @@ def main():
                     "messages": messages,
                 }
                 case.update(render(text, info["bos_token"], info["eos_token"], messages, gen))
+                cases.append(case)
+            if "tools" not in text or line_endings != "lf":
+                continue
+            for conversation, (messages, gen) in TOOL_CONVERSATIONS.items():
+                case = {
+                    "template": name,
+                    "line_endings": line_endings,
+                    "conversation": conversation,
+                    "add_generation_prompt": gen,
+                    "messages": messages,
+                    "tools": TOOLS,
+                }
+                case.update(
+                    render(text, info["bos_token"], info["eos_token"], messages, gen, TOOLS)
+                )
                 cases.append(case)
     for name, source in INLINE_TEMPLATES.items():
         messages, gen = CONVERSATIONS["system_chat"]

@@ -108,21 +108,32 @@ fn every_case_matches_transformers_apply_chat_template() {
             )
         };
         let label = format!("{label} / {}", case["conversation"]);
+        // Tool cases: the assistant's calls and the tool's result travel as OpenAI's clients
+        // send them.
         let messages: Vec<TemplateMessage> = case["messages"]
             .as_array()
             .expect("messages")
             .iter()
             .map(|m| {
-                TemplateMessage::new(
+                let mut t = TemplateMessage::new(
                     m["role"].as_str().expect("role"),
                     m["content"].as_str().expect("content"),
-                )
+                );
+                t.tool_calls = m.get("tool_calls");
+                t.tool_call_id = m.get("tool_call_id").and_then(Value::as_str);
+                t
             })
             .collect();
         let add_generation_prompt = case["add_generation_prompt"].as_bool().expect("flag");
 
         let template = match ChatTemplate::new(&source, bos.as_deref(), eos.as_deref()) {
-            Ok(t) => t.with_date(FIXED_DATE.0, FIXED_DATE.1, FIXED_DATE.2),
+            Ok(t) => {
+                let t = t.with_date(FIXED_DATE.0, FIXED_DATE.1, FIXED_DATE.2);
+                match case.get("tools") {
+                    Some(tools) => t.with_tools(tools.clone()),
+                    None => t,
+                }
+            }
             Err(e) => {
                 let _ = writeln!(failures, "{label}: does not compile: {e}");
                 continue;

@@ -31,6 +31,19 @@ pub enum Role {
     User,
     /// The model.
     Assistant,
+    /// The result of a tool the model called (OpenAI's `role: "tool"`).
+    Tool,
+}
+
+/// A call of a tool (a function) the model made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id (`call_…`), which the tool's result names.
+    pub id: String,
+    /// The function.
+    pub name: String,
+    /// Its arguments, as JSON text.
+    pub arguments: String,
 }
 
 /// One turn of a conversation.
@@ -40,23 +53,33 @@ pub struct ChatMessage {
     pub role: Role,
     /// The message text.
     pub content: String,
+    /// The tools an assistant message called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a tool's result: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
+    /// A message with `role`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
     /// A message from the user.
     pub fn user(content: impl Into<String>) -> Self {
-        Self {
-            role: Role::User,
-            content: content.into(),
-        }
+        Self::new(Role::User, content)
     }
 
     /// A reply from the assistant (the model).
     pub fn assistant(content: impl Into<String>) -> Self {
-        Self {
-            role: Role::Assistant,
-            content: content.into(),
-        }
+        Self::new(Role::Assistant, content)
     }
 }
 
@@ -77,6 +100,7 @@ pub fn render_plain(system: &str, messages: &[ChatMessage]) -> String {
         let who = match m.role {
             Role::User => "User",
             Role::Assistant => "Assistant",
+            Role::Tool => "Tool",
         };
         out.push_str(who);
         out.push_str(": ");
@@ -160,14 +184,31 @@ impl ChatFormat {
         match self {
             ChatFormat::Plain { .. } => Ok(render_plain(system, messages)),
             ChatFormat::Template(t) => {
+                // Tool calls as templates read them (OpenAI's shape, arguments as an object).
+                let calls: Vec<Option<serde_json::Value>> = messages
+                    .iter()
+                    .map(|m| {
+                        (!m.tool_calls.is_empty()).then(|| {
+                            serde_json::Value::Array(
+                                m.tool_calls.iter().map(crate::llm::tools::template_call).collect(),
+                            )
+                        })
+                    })
+                    .collect();
                 let mut list = Vec::with_capacity(messages.len() + 1);
                 let system = system.trim();
                 if !system.is_empty() {
                     list.push(TemplateMessage::system(system));
                 }
-                list.extend(messages.iter().map(|m| match m.role {
-                    Role::User => TemplateMessage::user(&m.content),
-                    Role::Assistant => TemplateMessage::assistant(&m.content),
+                list.extend(messages.iter().zip(&calls).map(|(m, calls)| {
+                    let mut t = match m.role {
+                        Role::User => TemplateMessage::user(&m.content),
+                        Role::Assistant => TemplateMessage::assistant(&m.content),
+                        Role::Tool => TemplateMessage::new("tool", &m.content),
+                    };
+                    t.tool_calls = calls.as_ref();
+                    t.tool_call_id = m.tool_call_id.as_deref();
+                    t
                 }));
                 t.render(&list, true)
             }

@@ -25,3 +25,4 @@ pub mod sampling;
 pub mod template;
 mod template_bounds;
 pub mod text;
+pub mod tools;

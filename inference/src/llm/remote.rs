@@ -600,8 +600,24 @@ impl RemoteBackend {
             let role = match m.role {
                 Role::User => "user",
                 Role::Assistant => "assistant",
+                Role::Tool => "tool",
             };
-            json!({"role": role, "content": m.content})
+            let mut msg = json!({"role": role, "content": m.content});
+            if !m.tool_calls.is_empty() {
+                let calls: Vec<Value> = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments}})
+                    })
+                    .collect();
+                msg["tool_calls"] = Value::Array(calls);
+            }
+            if let Some(id) = &m.tool_call_id {
+                msg["tool_call_id"] = json!(id);
+            }
+            msg
         }));
         let mut body = self.request_body(params);
         body.insert("messages".into(), Value::Array(list));

@@ -52,19 +52,32 @@ const TEMPLATE_FUEL: u64 = 50_000_000;
 /// The longest rendered prompt (bytes): far beyond any model's context.
 pub const MAX_RENDERED_BYTES: usize = 32 << 20;
 
-/// One message of a conversation as a chat template sees it: `{"role": …, "content": …}`.
+/// One message of a conversation as a chat template sees it: `{"role": …, "content": …}`,
+/// with `tool_calls` on an assistant message that called tools and `tool_call_id` on a tool's
+/// result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct TemplateMessage<'a> {
     /// `"system"`, `"user"` or `"assistant"` (templates may accept others, such as `"tool"`).
     pub role: &'a str,
     /// The message text.
     pub content: &'a str,
+    /// The tools it called: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<&'a serde_json::Value>,
+    /// The call a tool's result answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<&'a str>,
 }
 
 impl<'a> TemplateMessage<'a> {
     /// A message with any role.
     pub fn new(role: &'a str, content: &'a str) -> Self {
-        Self { role, content }
+        Self {
+            role,
+            content,
+            tool_calls: None,
+            tool_call_id: None,
+        }
     }
 
     /// A `"system"` message: the system prompt.
@@ -90,6 +103,8 @@ pub struct ChatTemplate {
     inner: Arc<Inner>,
     /// Where the template came from, for errors ("the chat template of model.gguf").
     origin: Arc<str>,
+    /// The tools offered to the model (`tools` in the template), as OpenAI lists them.
+    tools: Option<Arc<serde_json::Value>>,
 }
 
 struct Inner {
@@ -192,6 +207,7 @@ impl ChatTemplate {
                 env,
             }),
             origin: "the model's chat template".into(),
+            tools: None,
         })
     }
 
@@ -263,7 +279,12 @@ impl ChatTemplate {
             crate::llm::template_bounds::Messages::value(messages),
         );
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
-        ctx.insert("tools", Value::from(()));
+        ctx.insert(
+            "tools",
+            self.tools
+                .as_deref()
+                .map_or_else(|| Value::from(()), Value::from_serialize),
+        );
         ctx.insert("documents", Value::from(()));
         if let Some(bos) = &self.inner.bos_token {
             ctx.insert("bos_token", Value::from(bos.as_str()));
@@ -299,6 +320,22 @@ impl ChatTemplate {
     }
 
     /// The template's Jinja text, as given.
+    /// The same template rendering with `tools` (a list of `{"type": "function", "function":
+    /// {"name", "description", "parameters"}}`) offered to the model.
+    #[must_use]
+    pub fn with_tools(&self, tools: serde_json::Value) -> Self {
+        Self {
+            tools: Some(Arc::new(tools)),
+            ..self.clone()
+        }
+    }
+
+    /// Whether the template renders a list of tools (it reads `tools`).
+    pub fn takes_tools(&self) -> bool {
+        self.inner.source.contains("tools")
+    }
+
+    /// The template's Jinja text.
     pub fn source(&self) -> &str {
         &self.inner.source
     }

@@ -53,7 +53,7 @@ impl MessageView<'_> {
         let m = self.message;
         let visuals = ui.visuals().clone();
         let fill = match m.role {
-            Role::User => visuals.faint_bg_color,
+            Role::User | Role::Tool => visuals.faint_bg_color,
             Role::Assistant => visuals.extreme_bg_color,
         };
         let mut action = MessageAction::None;
@@ -121,6 +121,7 @@ impl MessageView<'_> {
             match m.role {
                 Role::User => ui.label(RichText::new("You").strong()),
                 Role::Assistant => ui.label(RichText::new("Assistant").strong()),
+                Role::Tool => ui.label(RichText::new("Tool result").strong()),
             };
             if let Some(model) = m.reply.as_ref().and_then(|r| r.model.as_deref()) {
                 ui.label(weak(ui, model).small());
@@ -129,7 +130,7 @@ impl MessageView<'_> {
                 ui.add_space(8.0);
                 ui.spacing_mut().item_spacing.x = 2.0;
                 let what = match m.role {
-                    Role::User => "message",
+                    Role::User | Role::Tool => "message",
                     Role::Assistant => "reply",
                 };
                 if ui
@@ -174,7 +175,7 @@ impl MessageView<'_> {
                         "Edit this message: send it as a new version (this one is kept), or \
                          change it in place"
                     }
-                    Role::Assistant => "Edit this reply in place",
+                    Role::Assistant | Role::Tool => "Edit this reply in place",
                 };
                 if ui.small_button("Edit").on_hover_text(hint).clicked() {
                     action = Some(MessageAction::StartEdit);

@@ -222,7 +222,7 @@ impl ChatPanel {
             .last()
             .map(|m| (m.id, m.role))?;
         match last {
-            (message, Role::User) => Some(message),
+            (message, Role::User | Role::Tool) => Some(message),
             (reply, Role::Assistant) => self.regenerate_target(id, reply),
         }
     }

@@ -359,10 +359,7 @@ impl Conversation {
             .into_iter()
             .rev()
             .filter(|m| !(m.role == Role::Assistant && m.content.trim().is_empty()))
-            .map(|m| ChatMessage {
-                role: m.role,
-                content: m.content.trim().to_owned(),
-            })
+            .map(|m| ChatMessage::new(m.role, m.content.trim()))
             .collect()
     }
 
@@ -408,6 +405,7 @@ impl Conversation {
             let who = match m.role {
                 Role::User => "User",
                 Role::Assistant => "Assistant",
+                Role::Tool => "Tool",
             };
             let _ = write!(out, "\n**{who}:**\n\n{}\n", m.content.trim());
         }
@@ -455,6 +453,7 @@ impl Conversation {
                     role: match m.role {
                         Role::User => "user",
                         Role::Assistant => "assistant",
+                        Role::Tool => "tool",
                     },
                     content: m.content.trim(),
                     model: m.reply.as_ref().and_then(|r| r.model.as_deref()),

@@ -1,0 +1,216 @@
+//! Tool calling: what a model's tool calls look like in the text it writes, read back into
+//! calls (name and JSON arguments), for each family's convention:
+//!
+//! - Hermes / Qwen2.5 / Qwen3: `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`,
+//!   one block per call, possibly after some text;
+//! - Llama 3.1 / 3.2: the reply is a JSON object `{"name": …, "parameters": {…}}` (or
+//!   `"arguments"`), optionally after `<|python_tag|>`, several separated by `;`;
+//! - Mistral: `[TOOL_CALLS] [{"name": …, "arguments": {…}}, …]`;
+//! - otherwise (a forced call, [`ToolSyntax::Json`]): the reply is `{"name": …, "arguments":
+//!   {…}}`.
+//!
+//! [`ToolSyntax::of_template`] tells which from the chat template's text.
+
+use serde_json::{Value, json};
+
+use crate::llm::chat::ToolCall;
+
+/// How a model writes its tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolSyntax {
+    /// `<tool_call>{…}</tool_call>` blocks (Hermes, Qwen).
+    Hermes,
+    /// A bare JSON object with `parameters`, maybe after `<|python_tag|>` (Llama 3.x).
+    Llama3,
+    /// `[TOOL_CALLS]` then a JSON list (Mistral).
+    Mistral,
+    /// A bare JSON object `{"name", "arguments"}`.
+    Json,
+}
+
+impl ToolSyntax {
+    /// The convention the chat template `source` teaches its model.
+    pub fn of_template(source: &str) -> Self {
+        if source.contains("<tool_call>") {
+            ToolSyntax::Hermes
+        } else if source.contains("[TOOL_CALLS]") {
+            ToolSyntax::Mistral
+        } else if source.contains("<|python_tag|>") || source.contains("\"parameters\"") {
+            ToolSyntax::Llama3
+        } else {
+            ToolSyntax::Json
+        }
+    }
+
+    /// Text that starts a tool call: output from it on is held back while streaming.
+    pub fn markers(self) -> &'static [&'static str] {
+        match self {
+            ToolSyntax::Hermes => &["<tool_call>"],
+            ToolSyntax::Mistral => &["[TOOL_CALLS]"],
+            ToolSyntax::Llama3 => &["<|python_tag|>", "{"],
+            ToolSyntax::Json => &["{"],
+        }
+    }
+
+    /// Whether a call may only open the reply (after whitespace), not follow text.
+    pub fn opens_reply_only(self) -> bool {
+        matches!(self, ToolSyntax::Llama3 | ToolSyntax::Json)
+    }
+}
+
+/// A tool call as a chat template reads it: OpenAI's shape, with the arguments as an object
+/// when they are JSON (as transformers' templates expect).
+pub fn template_call(call: &ToolCall) -> Value {
+    let arguments = serde_json::from_str::<Value>(&call.arguments)
+        .unwrap_or_else(|_| Value::String(call.arguments.clone()));
+    json!({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}})
+}
+
+/// `(name, arguments as JSON text)` of a `{"name": …, "arguments"|"parameters": {…}}` object.
+fn call_of(v: &Value) -> Option<(String, String)> {
+    let name = v.get("name")?.as_str()?.to_owned();
+    let args = v
+        .get("arguments")
+        .or_else(|| v.get("parameters"))
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    let args = match args {
+        // Some models write the arguments as a JSON string.
+        Value::String(s) if serde_json::from_str::<Value>(&s).is_ok() => s,
+        other => other.to_string(),
+    };
+    Some((name, args))
+}
+
+/// The JSON values at the start of `text`, one after another (separated by whitespace, `,` or
+/// `;`), and where they end.
+fn leading_json(text: &str) -> (Vec<Value>, usize) {
+    let mut values = Vec::new();
+    let mut at = 0;
+    loop {
+        let rest = &text[at..];
+        let skipped = rest.len()
+            - rest
+                .trim_start_matches(|c: char| c.is_whitespace() || c == ';' || c == ',')
+                .len();
+        let mut stream =
+            serde_json::Deserializer::from_str(&rest[skipped..]).into_iter::<Value>();
+        match stream.next() {
+            Some(Ok(v)) => {
+                at += skipped + stream.byte_offset();
+                values.push(v);
+            }
+            _ => return (values, at),
+        }
+    }
+}
+
+/// The tool calls in `text` (a whole reply) written in `syntax`: the text before them (the
+/// reply's content) and the calls, `None` when it has none.
+pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(String, String)>)> {
+    match syntax {
+        ToolSyntax::Hermes => {
+            let first = text.find("<tool_call>")?;
+            let mut calls = Vec::new();
+            let mut rest = &text[first..];
+            while let Some(start) = rest.find("<tool_call>") {
+                let body = &rest[start + "<tool_call>".len()..];
+                let (inner, next) = match body.find("</tool_call>") {
+                    Some(end) => (&body[..end], &body[end + "</tool_call>".len()..]),
+                    None => (body, ""),
+                };
+                let (values, _) = leading_json(inner);
+                calls.extend(values.iter().filter_map(call_of));
+                rest = next;
+            }
+            (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
+        }
+        ToolSyntax::Mistral => {
+            let first = text.find("[TOOL_CALLS]")?;
+            let (values, _) = leading_json(&text[first + "[TOOL_CALLS]".len()..]);
+            let calls: Vec<(String, String)> = values
+                .iter()
+                .flat_map(|v| match v {
+                    Value::Array(list) => list.iter().filter_map(call_of).collect::<Vec<_>>(),
+                    other => call_of(other).into_iter().collect(),
+                })
+                .collect();
+            (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
+        }
+        ToolSyntax::Llama3 | ToolSyntax::Json => {
+            let body = text.trim_start();
+            let body = body.strip_prefix("<|python_tag|>").unwrap_or(body);
+            let (values, end) = leading_json(body);
+            if values.is_empty() || !body[end..].trim().is_empty() {
+                return None;
+            }
+            let calls: Vec<(String, String)> = values.iter().filter_map(call_of).collect();
+            (calls.len() == values.len()).then(|| (String::new(), calls))
+        }
+    }
+}
+
+/// A tool call's id: `call_` and 24 characters from `seed` and the call's place.
+pub fn call_id(seed: u64, index: usize) -> String {
+    let mut x = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut id = String::from("call_");
+    for _ in 0..24 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        id.push(char::from(alphabet[(x % alphabet.len() as u64) as usize]));
+    }
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_familys_tool_calls_are_read_back() {
+        let hermes = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+        let (content, calls) = parse_tool_calls(ToolSyntax::Hermes, hermes).expect("calls");
+        assert_eq!(content, "Let me check.");
+        assert_eq!(
+            calls,
+            [
+                ("get_weather".into(), r#"{"city":"Paris"}"#.into()),
+                ("get_time".into(), "{}".into())
+            ]
+        );
+        // An unclosed last block (the end token stopped it) still counts.
+        let open = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}";
+        assert_eq!(parse_tool_calls(ToolSyntax::Hermes, open).expect("open").1.len(), 1);
+
+        let llama = "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
+        let (_, calls) = parse_tool_calls(ToolSyntax::Llama3, llama).expect("llama");
+        assert_eq!(calls, [("get_weather".into(), r#"{"city":"Oslo"}"#.into())]);
+        let two = "{\"name\": \"a\", \"parameters\": {}}; {\"name\": \"b\", \"parameters\": {\"k\": true}}";
+        assert_eq!(parse_tool_calls(ToolSyntax::Llama3, two).expect("two").1.len(), 2);
+        assert!(parse_tool_calls(ToolSyntax::Llama3, "The answer is {\"name\": 1}").is_none());
+        assert!(parse_tool_calls(ToolSyntax::Llama3, "{\"name\": \"a\"} and more").is_none());
+
+        let mistral = "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}, {\"name\": \"x\", \"arguments\": \"{\\\"a\\\": 2}\"}]";
+        let (_, calls) = parse_tool_calls(ToolSyntax::Mistral, mistral).expect("mistral");
+        assert_eq!(
+            calls,
+            [
+                ("get_weather".into(), r#"{"city":"Rome"}"#.into()),
+                ("x".into(), r#"{"a": 2}"#.into())
+            ]
+        );
+        assert!(parse_tool_calls(ToolSyntax::Hermes, "no calls here").is_none());
+    }
+
+    #[test]
+    fn the_syntax_comes_from_the_template_and_ids_look_like_openais() {
+        assert_eq!(ToolSyntax::of_template("… <tool_call> …"), ToolSyntax::Hermes);
+        assert_eq!(ToolSyntax::of_template("[TOOL_CALLS] …"), ToolSyntax::Mistral);
+        assert_eq!(ToolSyntax::of_template("<|python_tag|>"), ToolSyntax::Llama3);
+        let id = call_id(7, 0);
+        assert!(id.starts_with("call_") && id.len() == 29);
+        assert_ne!(call_id(7, 0), call_id(7, 1));
+    }
+}
