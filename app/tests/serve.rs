@@ -1624,3 +1624,226 @@ fn structured_output_is_enforced_while_sampling() {
         assert!(message.contains(words), "{extra}: {message}");
     }
 }
+
+/// The tiny model of [`model_dir`] with Qwen2.5's own chat template (it has a tool section).
+fn tool_model_dir() -> tempfile::TempDir {
+    let dir = model_dir();
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/templates/qwen2.5-instruct.jinja"),
+    )
+    .expect("template");
+    let config = json!({"chat_template": template, "eos_token": "<|im_end|>"});
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).expect("write");
+    dir
+}
+
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather", "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "unit": {"enum": ["celsius", "fahrenheit"]}
+            }, "required": ["city"]}}},
+        {"type": "function", "function": {
+            "name": "get_time", "description": "The time now.",
+            "parameters": {"type": "object", "properties": {}}}}
+    ])
+}
+
+/// Tool calling as OpenAI clients use it, on a model whose template has a tool section
+/// (Qwen2.5's): the tools reach the prompt; `required` and a named function keep the reply to
+/// a call (`finish_reason: "tool_calls"`, arguments that fit the schema), streamed as argument
+/// deltas; a call the model writes in its own syntax (`<tool_call>`) is read back; tool
+/// results go back in as `role: "tool"`; a model without a tool section and bad tools get 400s.
+#[test]
+fn tools_are_called_and_their_results_passed_back() {
+    let dir = tool_model_dir();
+    let server = start(dir.path());
+    let addr = server.addr();
+    let tools = weather_tools();
+    let ask = |extra: Value| {
+        let mut body = json!({
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "max_tokens": 200, "temperature": 1.0, "seed": 3, "tools": tools,
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        post(addr, "/v1/chat/completions", &body)
+    };
+    // The tools are in the prompt.
+    let plain = chat(addr, &json!({"max_tokens": 2}));
+    let auto = ask(json!({"max_tokens": 2}));
+    assert_eq!(auto.status, 200, "{}", auto.body);
+    assert!(
+        auto.json()["usage"]["prompt_tokens"].as_u64()
+            > plain.json()["usage"]["prompt_tokens"].as_u64(),
+        "the tools were rendered"
+    );
+
+    // Required: a call of one of the tools, whose arguments fit its schema.
+    for seed in 0..3 {
+        let r = ask(json!({"tool_choice": "required", "seed": seed}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+        assert!(choice["message"]["content"].is_null(), "{v}");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert!(
+            call["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("call_"))
+        );
+        let name = call["function"]["name"].as_str().expect("name");
+        let args: Value = serde_json::from_str(
+            call["function"]["arguments"]
+                .as_str()
+                .expect("arguments string"),
+        )
+        .expect("arguments JSON");
+        match name {
+            "get_weather" => assert!(
+                args["city"]
+                    .as_str()
+                    .is_some_and(|c| c.chars().count() <= 10),
+                "{args}"
+            ),
+            "get_time" => assert!(
+                args.as_object().is_some_and(serde_json::Map::is_empty),
+                "{args}"
+            ),
+            other => panic!("{other}"),
+        }
+    }
+    // Named.
+    let named = ask(json!({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}));
+    assert_eq!(
+        named.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "get_time",
+        "{}",
+        named.body
+    );
+
+    // Streamed: the id and name first, then the arguments in pieces.
+    let streamed = ask(
+        json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "stream": true}),
+    );
+    let chunks: Vec<Value> = events_of(&streamed.body)
+        .iter()
+        .filter(|e| e.as_str() != "[DONE]")
+        .map(|e| serde_json::from_str(e).expect("chunk"))
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert!(deltas.len() >= 2, "{}", streamed.body);
+    assert_eq!(deltas[0][0]["function"]["name"], "get_weather");
+    assert!(deltas[0][0]["id"].is_string());
+    let args: String = deltas
+        .iter()
+        .filter_map(|d| d[0]["function"]["arguments"].as_str())
+        .collect();
+    let args: Value = serde_json::from_str(&args).unwrap_or_else(|e| panic!("{e}: {args:?}"));
+    assert!(args["city"].is_string(), "{args}");
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+    );
+    assert!(
+        chunks.iter().all(|c| c["choices"][0]["delta"]
+            .get("content")
+            .is_none_or(|t| t.as_str() == Some(""))),
+        "no call text leaks as content"
+    );
+
+    // A call the model writes itself in Qwen's syntax (here made to by a grammar) is read
+    // back, streamed or not.
+    let written = r#"root ::= "Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>""#;
+    for stream in [false, true] {
+        let r = ask(json!({"grammar": written, "stream": stream}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        if stream {
+            let chunks: Vec<Value> = events_of(&r.body)
+                .iter()
+                .filter(|e| e.as_str() != "[DONE]")
+                .map(|e| serde_json::from_str(e).expect("chunk"))
+                .collect();
+            let content: String = chunks
+                .iter()
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect();
+            assert_eq!(
+                content, "Checking.\n",
+                "the text before the call streams; the call does not"
+            );
+            assert!(
+                chunks
+                    .iter()
+                    .any(|c| c["choices"][0]["finish_reason"] == "tool_calls")
+            );
+        } else {
+            let v = r.json();
+            let m = &v["choices"][0]["message"];
+            assert_eq!(m["content"], "Checking.", "{v}");
+            assert_eq!(
+                m["tool_calls"][0]["function"]["arguments"],
+                r#"{"city":"Oslo"}"#
+            );
+            assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        }
+    }
+
+    // The results go back in.
+    let back = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"}
+            ],
+            "tools": tools, "max_tokens": 3,
+        }),
+    );
+    assert_eq!(back.status, 200, "{}", back.body);
+    assert!(
+        back.json()["usage"]["prompt_tokens"].as_u64()
+            > auto.json()["usage"]["prompt_tokens"].as_u64()
+    );
+
+    // Refused, saying why.
+    let no_id = post(
+        addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "r"}]}),
+    );
+    assert_eq!(no_id.status, 400, "{}", no_id.body);
+    assert!(no_id.body.contains("tool_call_id"));
+    let bad_schema = ask(
+        json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]}),
+    );
+    assert_eq!(bad_schema.status, 400);
+    assert_eq!(bad_schema.json()["error"]["param"], "tools");
+    drop(server);
+    let chatml = model_dir();
+    let server = start(chatml.path());
+    let r = post(
+        server.addr(),
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "x"}], "tools": tools}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("no tool section"), "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "tools");
+}

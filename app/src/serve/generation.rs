@@ -10,16 +10,18 @@ use anyhow::Result;
 use bytes::Bytes;
 use hyper::Response;
 use hyper::header::{self, HeaderValue};
-use serde_json::Value;
+use serde_json::{Value, json};
 use studio_inference::llm::chat::build_chat_prompt;
 use studio_inference::llm::generate::{FinishReason, GenerationStats, Step, generate_constrained};
 use studio_inference::llm::grammar::{Constraint, Grammar, VocabTrie};
 use studio_inference::llm::loader::LoadedModel;
 use studio_inference::llm::logprobs::{TokenLogprobs, token_logprobs};
 use studio_inference::llm::sampling::SamplingParams;
+use studio_inference::llm::tools::ToolSyntax;
 use tokio::sync::mpsc;
 
 use super::openai::{Choice, Endpoint, Job, LogprobWriter, Piece, Prompt, Shape, finish_reason};
+use super::tools::{Choice as ToolChoice, Tools, calls_in, streamable};
 use super::transport::{ApiError, Body, json_response};
 use super::{Prompter, Shared, unix_time};
 
@@ -30,6 +32,8 @@ pub(super) struct Prepared {
     pub(super) params: SamplingParams,
     /// The grammar replies keep to, and the vocabulary it masks.
     pub(super) grammar: Option<(Arc<Grammar>, Arc<VocabTrie>)>,
+    /// With tools offered: how replies write their calls, and whether one is required.
+    pub(super) tools: Option<(ToolSyntax, bool)>,
 }
 
 impl Prepared {
@@ -56,7 +60,19 @@ pub(super) fn prepare(
     prompt: &Prompt,
     params: SamplingParams,
     grammar: Option<Arc<Grammar>>,
+    tools: Option<&Tools>,
 ) -> Result<Prepared, ApiError> {
+    // Tools are shown to the model through its own template.
+    let (chat, tool_syntax) = match tools {
+        Some(t) => {
+            let (format, syntax) = t.format(&p.chat)?;
+            (
+                format,
+                Some((t.syntax(syntax), t.choice != ToolChoice::Auto)),
+            )
+        }
+        None => (p.chat.clone(), None),
+    };
     let (tokens, eos, params) = match prompt {
         Prompt::Text(text) => {
             if text.is_empty() {
@@ -73,7 +89,7 @@ pub(super) fn prepare(
         Prompt::Chat { system, messages } => {
             let reply = build_chat_prompt(
                 &p.tokenizer,
-                &p.chat,
+                &chat,
                 p.context,
                 system,
                 messages,
@@ -106,6 +122,7 @@ pub(super) fn prepare(
         eos,
         params,
         grammar: grammar.map(|g| (g, p.trie())),
+        tools: tool_syntax,
     })
 }
 
@@ -132,6 +149,7 @@ pub(super) async fn generate_reply(
         n,
         logprobs,
         grammar,
+        tools,
     } = job;
     // The client going away from here on cancels (the future is dropped).
     let gone = Arc::new(AtomicBool::new(false));
@@ -144,7 +162,13 @@ pub(super) async fn generate_reply(
             .map_err(|_| ApiError::unavailable("the server is stopping"))?;
         let shared = shared.clone();
         tokio::task::spawn_blocking(move || {
-            prepare(&shared.model.prompter, &prompt, params, grammar)
+            prepare(
+                &shared.model.prompter,
+                &prompt,
+                params,
+                grammar,
+                tools.as_ref(),
+            )
         })
         .await
         .map_err(|e| ApiError::server(format!("preparing the prompt failed: {e}")))??
@@ -228,10 +252,17 @@ pub(super) async fn generate_reply(
                     .json(&entries)
                 });
                 let cancelled = stats.finish == FinishReason::Cancelled;
+                let (text, tool_calls) = match prepared.tools.and_then(|(syntax, _)| {
+                    calls_in(syntax, &text, prepared.params_for(index).seed)
+                }) {
+                    Some((content, calls)) => (content, calls),
+                    None => (text, Vec::new()),
+                };
                 choices.push(Choice {
                     text,
                     stats,
                     logprobs,
+                    tool_calls,
                 });
                 if cancelled {
                     break;
@@ -279,6 +310,7 @@ pub(super) fn stream_events(
             text: None,
             finish: None,
             logprobs: None,
+            tool_calls: None,
         };
         gone = gone || (shape.endpoint == Endpoint::Chat && !send(&shape.chunk(opening)));
         if gone {
@@ -294,15 +326,32 @@ pub(super) fn stream_events(
             params: prepared.params_for(index),
             logprobs: ask.logprobs,
         };
+        // With tools offered, the reply is kept whole and only the part that can't be a call
+        // is streamed as it comes.
+        let mut full = String::new();
+        let mut sent = 0;
         let result = run_generate(m, prepared, &run, &mut |text, lps| {
             let logprobs = ask.logprobs.map(|_| writer.json(&lps));
-            let piece = Piece {
-                index,
-                text: Some(text),
-                finish: None,
-                logprobs,
+            let piece_text = match prepared.tools {
+                None => Some(text),
+                Some((syntax, required)) => {
+                    full.push_str(text);
+                    let safe = streamable(syntax, &full, required).max(sent);
+                    let out = &full[sent..safe];
+                    sent = safe;
+                    (!out.is_empty()).then_some(out)
+                }
             };
-            gone = gone || !send(&shape.chunk(piece));
+            if piece_text.is_some() || logprobs.is_some() {
+                let piece = Piece {
+                    index,
+                    text: Some(piece_text.unwrap_or("")),
+                    finish: None,
+                    logprobs,
+                    tool_calls: None,
+                };
+                gone = gone || !send(&shape.chunk(piece));
+            }
             !gone && !shared.stop.load(Ordering::Relaxed) && !cancelled()
         });
         if gone {
@@ -310,14 +359,55 @@ pub(super) fn stream_events(
         }
         match result {
             Ok((stats, rest)) => {
+                let mut finish = finish_reason(stats.finish);
+                if let Some((syntax, _)) = prepared.tools {
+                    let seed = prepared.params_for(index).seed;
+                    if let Some((_, calls)) = calls_in(syntax, &full, seed) {
+                        // OpenAI's shape: the call's id and name, then its arguments in
+                        // pieces.
+                        for (k, (id, name, args)) in calls.iter().enumerate() {
+                            let head = json!([{"index": k, "id": id, "type": "function",
+                                "function": {"name": name, "arguments": ""}}]);
+                            let mut deltas = vec![head];
+                            let chars: Vec<char> = args.chars().collect();
+                            for piece in chars.chunks(24) {
+                                let piece: String = piece.iter().collect();
+                                deltas
+                                    .push(json!([{"index": k, "function": {"arguments": piece}}]));
+                            }
+                            for d in deltas {
+                                let piece = Piece {
+                                    index,
+                                    text: None,
+                                    finish: None,
+                                    logprobs: None,
+                                    tool_calls: Some(d),
+                                };
+                                gone = gone || !send(&shape.chunk(piece));
+                            }
+                        }
+                        finish = "tool_calls";
+                    } else if sent < full.len() {
+                        // Held back in case it was a call, and it was not.
+                        let piece = Piece {
+                            index,
+                            text: Some(&full[sent..]),
+                            finish: None,
+                            logprobs: None,
+                            tool_calls: None,
+                        };
+                        gone = gone || !send(&shape.chunk(piece));
+                    }
+                }
                 let piece = Piece {
                     index,
                     text: None,
-                    finish: Some(finish_reason(stats.finish)),
+                    finish: Some(finish),
                     logprobs: ask
                         .logprobs
                         .filter(|_| !rest.is_empty())
                         .map(|_| writer.json(&rest)),
+                    tool_calls: None,
                 };
                 let finished = stats.finish;
                 all.push(stats);

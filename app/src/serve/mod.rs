@@ -55,6 +55,7 @@ mod embeddings;
 mod generation;
 mod openai;
 mod routes;
+mod tools;
 mod transport;
 
 use std::net::SocketAddr;
@@ -602,7 +603,7 @@ mod tests {
             (json!({"messages": []}), "must not be empty"),
             (
                 json!({"messages": [{"role": "tool", "content": "x"}]}),
-                "`tool`",
+                "needs `tool_call_id`",
             ),
             (
                 json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),

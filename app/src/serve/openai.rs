@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use anyhow::Result;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
-use studio_inference::llm::chat::ChatMessage;
+use studio_inference::llm::chat::{ChatMessage, Role, ToolCall};
 
 use studio_inference::llm::generate::{FinishReason, GenerationStats};
 use studio_inference::llm::grammar::Grammar;
@@ -40,11 +40,15 @@ const MAX_COMPLETION_LOGPROBS: i64 = 5;
 
 /// Request fields OpenAI defines that Studio does not do yet, with why: refused with a 400
 /// naming the field unless absent, null, or the value that means "off".
-pub(super) const UNSUPPORTED: [(&str, &str); 10] = [
-    ("tools", "tool calling is not supported yet"),
-    ("tool_choice", "tool calling is not supported yet"),
-    ("functions", "function calling is not supported yet"),
-    ("function_call", "function calling is not supported yet"),
+pub(super) const UNSUPPORTED: [(&str, &str); 8] = [
+    (
+        "functions",
+        "the legacy `functions` are not supported; use `tools`",
+    ),
+    (
+        "function_call",
+        "the legacy `function_call` is not supported; use `tool_choice`",
+    ),
     ("audio", "this server takes and makes text only"),
     ("modalities", "this server makes text only"),
     ("prediction", "predicted outputs are not supported"),
@@ -70,8 +74,10 @@ pub(super) struct Job {
     pub(super) n: usize,
     /// Log-probabilities asked for, with this many alternatives per token.
     pub(super) logprobs: Option<usize>,
-    /// The grammar every reply keeps to (structured output).
+    /// The grammar every reply keeps to (structured output, or a required tool call).
     pub(super) grammar: Option<Arc<Grammar>>,
+    /// The tools offered (chat only).
+    pub(super) tools: Option<super::tools::Tools>,
 }
 
 #[derive(Debug)]
@@ -123,8 +129,8 @@ pub(super) fn random_seed() -> u64 {
 fn is_off(name: &str, value: &Value) -> bool {
     match (name, value) {
         (_, Value::Null) => true,
-        ("tools" | "functions", Value::Array(a)) => a.is_empty(),
-        ("tool_choice" | "function_call", Value::String(s)) => s == "none",
+        ("functions", Value::Array(a)) => a.is_empty(),
+        ("function_call", Value::String(s)) => s == "none",
         ("modalities", Value::Array(a)) => a.iter().all(|m| m.as_str() == Some("text")),
         ("suffix", Value::String(s)) => s.is_empty(),
         _ => false,
@@ -419,7 +425,33 @@ pub(super) fn parse_request(
         }
     }
     p.logit_bias = parse_logit_bias(field(body, "logit_bias"), vocab)?;
-    let grammar = parse_grammar(body)?;
+    let mut grammar = parse_grammar(body)?;
+    let tools = match endpoint {
+        Endpoint::Chat => super::tools::parse_tools(body)?,
+        Endpoint::Completions => {
+            if field(body, "tools").is_some_and(|t| t.as_array().is_none_or(|l| !l.is_empty())) {
+                return Err(ApiError::param(
+                    "tools",
+                    "tools are offered through POST /v1/chat/completions",
+                ));
+            }
+            None
+        }
+    };
+    if let Some(g) = tools
+        .as_ref()
+        .map(super::tools::Tools::grammar)
+        .transpose()?
+        .flatten()
+    {
+        if grammar.is_some() {
+            return Err(ApiError::param(
+                "tool_choice",
+                "a required tool call and structured output can't be asked for together",
+            ));
+        }
+        grammar = Some(g);
+    }
     p.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
     Ok(Job {
         prompt,
@@ -429,6 +461,7 @@ pub(super) fn parse_request(
         n,
         logprobs,
         grammar,
+        tools,
     })
 }
 
@@ -504,13 +537,32 @@ pub(super) fn parse_messages(messages: Option<&Value>) -> Result<Prompt, ApiErro
         match role {
             "system" | "developer" => system.push(content),
             "user" => turns.push(ChatMessage::user(content)),
-            "assistant" => turns.push(ChatMessage::assistant(content)),
+            "assistant" => {
+                let mut msg = ChatMessage::assistant(content);
+                msg.tool_calls = parse_message_calls(i, m.get("tool_calls"))?;
+                turns.push(msg);
+            }
+            "tool" => {
+                let mut msg = ChatMessage::new(Role::Tool, content);
+                msg.tool_call_id = Some(
+                    m.get("tool_call_id")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| {
+                            ApiError::param(
+                                "messages",
+                                format!("messages[{i}] (a tool's result) needs `tool_call_id`"),
+                            )
+                        })?
+                        .to_owned(),
+                );
+                turns.push(msg);
+            }
             other => {
                 return Err(ApiError::param(
                     "messages",
                     format!(
                         "messages[{i}].role `{other}` is not supported \
-                         (use system, user or assistant)"
+                         (use system, user, assistant or tool)"
                     ),
                 ));
             }
@@ -526,6 +578,41 @@ pub(super) fn parse_messages(messages: Option<&Value>) -> Result<Prompt, ApiErro
         system: system.join("\n\n"),
         messages: turns,
     })
+}
+
+/// An assistant message's `tool_calls`: `[{"id", "type": "function", "function": {"name",
+/// "arguments"}}]`, the arguments a JSON string (or object).
+fn parse_message_calls(i: usize, calls: Option<&Value>) -> Result<Vec<ToolCall>, ApiError> {
+    let bad = |why: &str| ApiError::param("messages", format!("messages[{i}].tool_calls {why}"));
+    let list = match calls {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(l)) => l,
+        Some(_) => return Err(bad("must be a list")),
+    };
+    list.iter()
+        .map(|c| {
+            let f = c.get("function").ok_or_else(|| bad("need `function`"))?;
+            let name = f
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("need a function `name`"))?;
+            let arguments = match f.get("arguments") {
+                Some(Value::String(s)) => s.clone(),
+                Some(v @ Value::Object(_)) => v.to_string(),
+                None | Some(Value::Null) => "{}".to_owned(),
+                Some(_) => return Err(bad("`arguments` must be a JSON string")),
+            };
+            Ok(ToolCall {
+                id: c
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                name: name.to_owned(),
+                arguments,
+            })
+        })
+        .collect()
 }
 
 pub(super) fn finish_reason(finish: FinishReason) -> &'static str {
@@ -622,6 +709,8 @@ pub(super) struct Piece<'a> {
     pub(super) finish: Option<&'a str>,
     /// The `logprobs` object of the tokens in this piece, when asked for.
     pub(super) logprobs: Option<Value>,
+    /// Tool-call deltas (`delta.tool_calls`).
+    pub(super) tool_calls: Option<Value>,
 }
 
 /// One finished choice.
@@ -629,6 +718,8 @@ pub(super) struct Choice {
     pub(super) text: String,
     pub(super) stats: GenerationStats,
     pub(super) logprobs: Option<Value>,
+    /// The tools it called: `(id, name, arguments)`; its content is then the text before.
+    pub(super) tool_calls: Vec<(String, String, String)>,
 }
 
 impl Shape {
@@ -638,14 +729,16 @@ impl Shape {
             text,
             finish,
             logprobs,
+            tool_calls,
         } = piece;
         let logprobs = logprobs.unwrap_or(Value::Null);
         let choice = match self.endpoint {
             Endpoint::Chat => {
-                let delta = match (text, finish) {
-                    (Some(t), _) => json!({"content": t}),
-                    (None, None) => json!({"role": "assistant", "content": ""}),
-                    (None, Some(_)) => json!({}),
+                let delta = match (text, finish, tool_calls) {
+                    (_, _, Some(calls)) => json!({"tool_calls": calls}),
+                    (Some(t), _, None) => json!({"content": t}),
+                    (None, None, None) => json!({"role": "assistant", "content": ""}),
+                    (None, Some(_), None) => json!({}),
                 };
                 json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
@@ -678,12 +771,27 @@ impl Shape {
             .iter()
             .enumerate()
             .map(|(index, c)| {
-                let finish = finish_reason(c.stats.finish);
+                let finish = if c.tool_calls.is_empty() {
+                    finish_reason(c.stats.finish)
+                } else {
+                    "tool_calls"
+                };
                 let logprobs = c.logprobs.clone().unwrap_or(Value::Null);
+                let message = if c.tool_calls.is_empty() {
+                    json!({"role": "assistant", "content": c.text})
+                } else {
+                    let content = if c.text.is_empty() {
+                        Value::Null
+                    } else {
+                        json!(c.text)
+                    };
+                    json!({"role": "assistant", "content": content,
+                        "tool_calls": super::tools::calls_json(&c.tool_calls)})
+                };
                 match self.endpoint {
                     Endpoint::Chat => json!({
                         "index": index,
-                        "message": {"role": "assistant", "content": c.text},
+                        "message": message,
                         "logprobs": logprobs,
                         "finish_reason": finish,
                     }),

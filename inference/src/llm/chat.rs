@@ -190,7 +190,10 @@ impl ChatFormat {
                     .map(|m| {
                         (!m.tool_calls.is_empty()).then(|| {
                             serde_json::Value::Array(
-                                m.tool_calls.iter().map(crate::llm::tools::template_call).collect(),
+                                m.tool_calls
+                                    .iter()
+                                    .map(crate::llm::tools::template_call)
+                                    .collect(),
                             )
                         })
                     })

@@ -93,8 +93,7 @@ fn leading_json(text: &str) -> (Vec<Value>, usize) {
             - rest
                 .trim_start_matches(|c: char| c.is_whitespace() || c == ';' || c == ',')
                 .len();
-        let mut stream =
-            serde_json::Deserializer::from_str(&rest[skipped..]).into_iter::<Value>();
+        let mut stream = serde_json::Deserializer::from_str(&rest[skipped..]).into_iter::<Value>();
         match stream.next() {
             Some(Ok(v)) => {
                 at += skipped + stream.byte_offset();
@@ -182,13 +181,26 @@ mod tests {
         );
         // An unclosed last block (the end token stopped it) still counts.
         let open = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}";
-        assert_eq!(parse_tool_calls(ToolSyntax::Hermes, open).expect("open").1.len(), 1);
+        assert_eq!(
+            parse_tool_calls(ToolSyntax::Hermes, open)
+                .expect("open")
+                .1
+                .len(),
+            1
+        );
 
-        let llama = "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
+        let llama =
+            "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
         let (_, calls) = parse_tool_calls(ToolSyntax::Llama3, llama).expect("llama");
         assert_eq!(calls, [("get_weather".into(), r#"{"city":"Oslo"}"#.into())]);
         let two = "{\"name\": \"a\", \"parameters\": {}}; {\"name\": \"b\", \"parameters\": {\"k\": true}}";
-        assert_eq!(parse_tool_calls(ToolSyntax::Llama3, two).expect("two").1.len(), 2);
+        assert_eq!(
+            parse_tool_calls(ToolSyntax::Llama3, two)
+                .expect("two")
+                .1
+                .len(),
+            2
+        );
         assert!(parse_tool_calls(ToolSyntax::Llama3, "The answer is {\"name\": 1}").is_none());
         assert!(parse_tool_calls(ToolSyntax::Llama3, "{\"name\": \"a\"} and more").is_none());
 
@@ -206,9 +218,18 @@ mod tests {
 
     #[test]
     fn the_syntax_comes_from_the_template_and_ids_look_like_openais() {
-        assert_eq!(ToolSyntax::of_template("… <tool_call> …"), ToolSyntax::Hermes);
-        assert_eq!(ToolSyntax::of_template("[TOOL_CALLS] …"), ToolSyntax::Mistral);
-        assert_eq!(ToolSyntax::of_template("<|python_tag|>"), ToolSyntax::Llama3);
+        assert_eq!(
+            ToolSyntax::of_template("… <tool_call> …"),
+            ToolSyntax::Hermes
+        );
+        assert_eq!(
+            ToolSyntax::of_template("[TOOL_CALLS] …"),
+            ToolSyntax::Mistral
+        );
+        assert_eq!(
+            ToolSyntax::of_template("<|python_tag|>"),
+            ToolSyntax::Llama3
+        );
         let id = call_id(7, 0);
         assert!(id.starts_with("call_") && id.len() == 29);
         assert_ne!(call_id(7, 0), call_id(7, 1));
