@@ -1586,3 +1586,84 @@ fn the_chat_keeps_a_reply_to_a_json_schema_chosen_in_the_parameters() {
     );
     assert!(v["score"].is_i64(), "{v}");
 }
+
+/// Tools in the Chat panel: tools defined in the parameters reach the model through its own
+/// template (Qwen2.5's); a reply that calls one (here made to by a grammar) shows the call with
+/// a field for its result; *Send results* adds the result as a tool message, which goes back
+/// to the model with the call, and the model replies again.
+#[test]
+fn a_tool_call_is_shown_and_its_result_sent_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let home = tmp.path().join("home");
+    let model = tmp.path().join("qwen2");
+    studio_tests::families::write_family_with(
+        &model,
+        "qwen2",
+        &serde_json::json!({"max_position_embeddings": 4096}),
+        5,
+    );
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/templates/qwen2.5-instruct.jinja"),
+    )
+    .expect("template");
+    std::fs::write(
+        model.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>"}).to_string(),
+    )
+    .expect("write");
+    let mut h = harness(&home);
+    h.step();
+    load_through_models_panel(&mut h, &model);
+    go_to(&mut h, Panel::Chat);
+    {
+        let s = &mut h.state_mut().settings_mut().sampling;
+        s.tools = Some(serde_json::json!([{"type": "function", "function": {
+            "name": "get_weather", "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]));
+        s.structured = studio_inference::llm::grammar::StructuredOutput::Gbnf {
+            grammar: r#"root ::= "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>""#.to_owned(),
+        };
+        s.max_new_tokens = 200;
+    }
+    h.step();
+    send(&mut h, "What is the weather in Oslo?");
+    wait_for_reply(&mut h);
+    assert!(
+        shows_text(&h, "Tool call"),
+        "the call is shown: {:?}",
+        last_reply(&h)
+    );
+    assert!(shows_text(&h, r#"get_weather({"city":"Oslo"})"#));
+    let field = studio_app::gui::chat::tool_result_label("get_weather");
+    h.get_by_label(&field).focus();
+    h.step();
+    h.get_by_label(&field).type_text("12 degrees and windy");
+    h.step();
+    h.step();
+    control(&h, "Send results").click();
+    h.step();
+    wait_for_reply(&mut h);
+    let roles: Vec<ChatRole> = shown_path(&h).iter().map(|(r, _)| *r).collect();
+    assert_eq!(
+        roles,
+        [
+            ChatRole::User,
+            ChatRole::Assistant,
+            ChatRole::Tool,
+            ChatRole::Assistant
+        ]
+    );
+    // What the second reply was asked with: the call, and its result answering it.
+    let c = h.state().chat().current().expect("conversation");
+    let path = c.active_path();
+    let turns = c.turns_to(path[2].id);
+    assert_eq!(turns[1].tool_calls.len(), 1, "{turns:?}");
+    assert_eq!(turns[1].tool_calls[0].name, "get_weather");
+    assert_eq!(turns[2].role, ChatRole::Tool);
+    assert_eq!(turns[2].content, "12 degrees and windy");
+    assert_eq!(
+        turns[2].tool_call_id.as_deref(),
+        Some(turns[1].tool_calls[0].id.as_str())
+    );
+}

@@ -12,18 +12,10 @@ use serde_json::{Map, Value, json};
 use studio_inference::llm::chat::ChatFormat;
 use studio_inference::llm::grammar::Grammar;
 use studio_inference::llm::grammar::schema::json_schema_to_gbnf;
-use studio_inference::llm::tools::{ToolSyntax, call_id, parse_tool_calls};
+use studio_inference::llm::tools::{CallList, ToolSyntax, call_id, check_tools, parse_tool_calls};
 
 use super::openai::field;
 use super::transport::ApiError;
-
-/// JSON schema's type names.
-const TYPES: [&str; 7] = [
-    "object", "array", "string", "number", "integer", "boolean", "null",
-];
-
-/// The most tools one request may offer.
-const MAX_TOOLS: usize = 128;
 
 /// What `tool_choice` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,60 +38,6 @@ pub(super) struct Tools {
     pub(super) choice: Choice,
 }
 
-/// Checks that `schema` is a JSON schema in shape (objects and booleans where schemas go,
-/// types by their names, `required` a list of names); `path` names it in the error.
-fn check_schema(schema: &Value, path: &str, depth: usize) -> Result<(), String> {
-    if depth > 64 {
-        return Err(format!("{path} nests deeper than 64"));
-    }
-    let obj = match schema {
-        Value::Bool(_) => return Ok(()),
-        Value::Object(o) => o,
-        _ => return Err(format!("{path} must be a JSON schema object")),
-    };
-    match obj.get("type") {
-        None => {}
-        Some(Value::String(t)) if TYPES.contains(&t.as_str()) => {}
-        Some(Value::Array(list))
-            if list
-                .iter()
-                .all(|t| t.as_str().is_some_and(|t| TYPES.contains(&t))) => {}
-        Some(t) => return Err(format!("{path}.type {t} is not a JSON schema type")),
-    }
-    if let Some(props) = obj.get("properties") {
-        let props = props
-            .as_object()
-            .ok_or_else(|| format!("{path}.properties must be an object"))?;
-        for (k, v) in props {
-            check_schema(v, &format!("{path}.properties.{k}"), depth + 1)?;
-        }
-    }
-    if let Some(req) = obj.get("required")
-        && !req
-            .as_array()
-            .is_some_and(|l| l.iter().all(Value::is_string))
-    {
-        return Err(format!("{path}.required must be a list of names"));
-    }
-    if let Some(items) = obj.get("items") {
-        check_schema(items, &format!("{path}.items"), depth + 1)?;
-    }
-    for key in ["anyOf", "oneOf", "allOf"] {
-        if let Some(list) = obj.get(key) {
-            let list = list
-                .as_array()
-                .ok_or_else(|| format!("{path}.{key} must be a list of schemas"))?;
-            for (i, s) in list.iter().enumerate() {
-                check_schema(s, &format!("{path}.{key}[{i}]"), depth + 1)?;
-            }
-        }
-    }
-    if obj.get("enum").is_some_and(|e| !e.is_array()) {
-        return Err(format!("{path}.enum must be a list"));
-    }
-    Ok(())
-}
-
 /// `tools` and `tool_choice` of a chat request; `None` when no tools are offered, or when
 /// `tool_choice` is `none` (the model then answers in text, its template not shown them).
 pub(super) fn parse_tools(body: &Map<String, Value>) -> Result<Option<Tools>, ApiError> {
@@ -109,40 +47,7 @@ pub(super) fn parse_tools(body: &Map<String, Value>) -> Result<Option<Tools>, Ap
         Some(Value::Array(l)) => l.clone(),
         Some(_) => return Err(bad("`tools` must be a list".into())),
     };
-    if list.len() > MAX_TOOLS {
-        return Err(bad(format!("{} tools; at most {MAX_TOOLS}", list.len())));
-    }
-    let mut functions: Vec<(String, Value)> = Vec::with_capacity(list.len());
-    for (i, t) in list.iter().enumerate() {
-        if t.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(bad(format!("tools[{i}].type must be \"function\"")));
-        }
-        let f = t
-            .get("function")
-            .and_then(Value::as_object)
-            .ok_or_else(|| bad(format!("tools[{i}].function must be an object")))?;
-        let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
-        let valid = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-        if !valid {
-            return Err(bad(format!(
-                "tools[{i}].function.name must be 1 to 64 letters, digits, `_`, `-` or `.`"
-            )));
-        }
-        if functions.iter().any(|(n, _)| n == name) {
-            return Err(bad(format!("two tools are named `{name}`")));
-        }
-        let params = f
-            .get("parameters")
-            .cloned()
-            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
-        check_schema(&params, &format!("tools[{i}].function.parameters"), 0)
-            .map_err(|m| bad(format!("not a valid JSON schema: {m}")))?;
-        functions.push((name.to_owned(), params));
-    }
+    let functions = check_tools(&list).map_err(bad)?;
     let choice = match field(body, "tool_choice") {
         None => (!functions.is_empty()).then_some(Choice::Auto),
         Some(Value::String(s)) => match s.as_str() {
@@ -260,11 +165,8 @@ impl Tools {
     }
 }
 
-/// Tool calls with their ids: `(id, name, arguments)`.
-pub(super) type Calls = Vec<(String, String, String)>;
-
 /// The calls in a finished reply, with ids: `(content before them, [(id, name, arguments)])`.
-pub(super) fn calls_in(syntax: ToolSyntax, text: &str, seed: u64) -> Option<(String, Calls)> {
+pub(super) fn calls_in(syntax: ToolSyntax, text: &str, seed: u64) -> Option<(String, CallList)> {
     let (content, calls) = parse_tool_calls(syntax, text)?;
     let calls = calls
         .into_iter()

@@ -136,7 +136,29 @@ impl LoadedModel {
         messages: &[crate::llm::chat::ChatMessage],
         params: crate::llm::sampling::SamplingParams,
     ) -> Result<crate::llm::chat::ChatReply> {
-        let prompt = self.chat_prompt(system, messages, params.max_new_tokens)?;
+        use crate::llm::chat::ChatFormat;
+        // Tools are shown through the model's own template, never a made-up section.
+        let format = match (&params.tools, &self.chat) {
+            (None, _) => self.chat.clone(),
+            (Some(tools), ChatFormat::Template(t)) if t.takes_tools() => {
+                ChatFormat::Template(t.with_tools(tools.clone()))
+            }
+            (Some(_), _) => {
+                return Err(Error::InvalidParameter(
+                    "this model's chat template has no tool section, so it can't be offered \
+                     tools (Qwen2.5, Llama 3.1 and Mistral models can)"
+                        .into(),
+                ));
+            }
+        };
+        let prompt = crate::llm::chat::build_chat_prompt(
+            &self.tokenizer,
+            &format,
+            self.model.context_length(),
+            system,
+            messages,
+            params.max_new_tokens,
+        )?;
         Ok(prompt.into_reply(params, &self.eos_token_ids))
     }
 }

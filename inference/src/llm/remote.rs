@@ -657,6 +657,9 @@ impl RemoteBackend {
         if !p.stop.is_empty() {
             b.insert("stop".into(), json!(p.stop));
         }
+        if let Some(tools) = &p.tools {
+            b.insert("tools".into(), tools.clone());
+        }
         // Structured output as OpenAI takes it (a GBNF grammar where the server reads them).
         match &p.structured {
             StructuredOutput::Off => {}

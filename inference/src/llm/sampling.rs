@@ -49,6 +49,11 @@ pub struct SamplingParams {
     /// What the output must be (JSON, JSON of a schema, a grammar), enforced while sampling.
     #[serde(skip_serializing_if = "StructuredOutput::is_off")]
     pub structured: StructuredOutput,
+    /// Tools offered to the model in a chat (OpenAI's `tools` list), rendered by its chat
+    /// template ([`crate::llm::loader::LoadedModel::chat_reply`]); its calls are read back
+    /// with [`crate::llm::tools`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<serde_json::Value>,
 }
 
 impl Default for SamplingParams {
@@ -67,6 +72,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
             structured: StructuredOutput::Off,
+            tools: None,
         }
     }
 }

@@ -149,6 +149,120 @@ pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(
     }
 }
 
+/// JSON schema's type names.
+const TYPES: [&str; 7] = [
+    "object", "array", "string", "number", "integer", "boolean", "null",
+];
+
+/// The most tools one request may offer.
+const MAX_TOOLS: usize = 128;
+
+/// Checks that `schema` is a JSON schema in shape (objects and booleans where schemas go,
+/// types by their names, `required` a list of names); `path` names it in the error.
+fn check_schema(schema: &Value, path: &str, depth: usize) -> Result<(), String> {
+    if depth > 64 {
+        return Err(format!("{path} nests deeper than 64"));
+    }
+    let obj = match schema {
+        Value::Bool(_) => return Ok(()),
+        Value::Object(o) => o,
+        _ => return Err(format!("{path} must be a JSON schema object")),
+    };
+    match obj.get("type") {
+        None => {}
+        Some(Value::String(t)) if TYPES.contains(&t.as_str()) => {}
+        Some(Value::Array(list))
+            if list
+                .iter()
+                .all(|t| t.as_str().is_some_and(|t| TYPES.contains(&t))) => {}
+        Some(t) => return Err(format!("{path}.type {t} is not a JSON schema type")),
+    }
+    if let Some(props) = obj.get("properties") {
+        let props = props
+            .as_object()
+            .ok_or_else(|| format!("{path}.properties must be an object"))?;
+        for (k, v) in props {
+            check_schema(v, &format!("{path}.properties.{k}"), depth + 1)?;
+        }
+    }
+    if let Some(req) = obj.get("required")
+        && !req
+            .as_array()
+            .is_some_and(|l| l.iter().all(Value::is_string))
+    {
+        return Err(format!("{path}.required must be a list of names"));
+    }
+    if let Some(items) = obj.get("items") {
+        check_schema(items, &format!("{path}.items"), depth + 1)?;
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(list) = obj.get(key) {
+            let list = list
+                .as_array()
+                .ok_or_else(|| format!("{path}.{key} must be a list of schemas"))?;
+            for (i, s) in list.iter().enumerate() {
+                check_schema(s, &format!("{path}.{key}[{i}]"), depth + 1)?;
+            }
+        }
+    }
+    if obj.get("enum").is_some_and(|e| !e.is_array()) {
+        return Err(format!("{path}.enum must be a list"));
+    }
+    Ok(())
+}
+
+/// Checks an OpenAI `tools` list (`[{"type": "function", "function": {"name",
+/// "description", "parameters"}}]`): names of 1 to 64 letters, digits, `_`, `-`, `.`, none
+/// twice, parameters a JSON schema in shape. Returns each function's name and parameters.
+pub fn check_tools(list: &[Value]) -> Result<Vec<(String, Value)>, String> {
+    if list.len() > MAX_TOOLS {
+        return Err(format!("{} tools; at most {MAX_TOOLS}", list.len()));
+    }
+    let mut functions: Vec<(String, Value)> = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(format!("tools[{i}].type must be \"function\""));
+        }
+        let f = t
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| format!("tools[{i}].function must be an object"))?;
+        let name = f.get("name").and_then(Value::as_str).unwrap_or_default();
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        if !valid {
+            return Err(format!(
+                "tools[{i}].function.name must be 1 to 64 letters, digits, `_`, `-` or `.`"
+            ));
+        }
+        if functions.iter().any(|(n, _)| n == name) {
+            return Err(format!("two tools are named `{name}`"));
+        }
+        let params = f
+            .get("parameters")
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        check_schema(&params, &format!("tools[{i}].function.parameters"), 0)
+            .map_err(|m| format!("not a valid JSON schema: {m}"))?;
+        functions.push((name.to_owned(), params));
+    }
+    Ok(functions)
+}
+
+/// The tool calls in a reply written in any of the syntaxes (for a conversation whose
+/// model's syntax is not known, such as one read back from disk).
+pub fn parse_any(text: &str) -> Option<(String, Vec<(String, String)>)> {
+    [ToolSyntax::Hermes, ToolSyntax::Mistral, ToolSyntax::Llama3]
+        .into_iter()
+        .find_map(|s| parse_tool_calls(s, text))
+}
+
+/// Tool calls with their ids: `(id, name, arguments as JSON text)`.
+pub type CallList = Vec<(String, String, String)>;
+
 /// A tool call's id: `call_` and 24 characters from `seed` and the call's place.
 pub fn call_id(seed: u64, index: usize) -> String {
     let mut x = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;

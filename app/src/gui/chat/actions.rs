@@ -9,7 +9,9 @@ use std::time::Duration;
 use studio_inference::worker::{Event, JobId, JobKind};
 
 use super::command::{ChatCommand, ChatPurpose, ExportFormat};
-use super::store::{ConversationStore, MessageId, ReplyState, TRASH_GRACE};
+use studio_inference::llm::chat::Role;
+
+use super::store::{ConversationStore, Message, MessageId, ReplyState, TRASH_GRACE};
 use super::{ChatPanel, ChatUiContext};
 use crate::gui::command::{Command, file_name_from};
 use crate::gui::context::{AppContext, Handled};
@@ -48,6 +50,11 @@ impl PanelView for ChatPanel {
     fn apply(&mut self, command: ChatCommand, cx: &mut AppContext<'_>) {
         match command {
             ChatCommand::SendMessage => self.send_message(cx),
+            ChatCommand::SendToolResults {
+                conversation,
+                message,
+                results,
+            } => self.send_tool_results(&conversation, message, results, cx),
             ChatCommand::StopReply => {
                 if let Some(active) = self.active() {
                     cx.cancel(active.job);
@@ -267,6 +274,34 @@ impl ChatPanel {
             Some(parent) => self.start_reply(&id, parent, cx),
             None => self.save_conversation(&id, cx),
         }
+    }
+
+    /// Adds each tool result after reply `message` (a chain of tool messages) and asks for
+    /// the next reply.
+    fn send_tool_results(
+        &mut self,
+        id: &str,
+        message: MessageId,
+        results: Vec<(String, String)>,
+        cx: &mut AppContext<'_>,
+    ) {
+        if self.reply_refused(cx) || results.is_empty() {
+            return;
+        }
+        self.select(id);
+        let Some(c) = self.store.get_mut(id) else {
+            return;
+        };
+        let mut parent = message;
+        for (call, content) in results {
+            let tool = Message {
+                role: Role::Tool,
+                tool_call_id: Some(call),
+                ..Message::user(content)
+            };
+            parent = c.push(Some(parent), tool);
+        }
+        self.start_reply(id, parent, cx);
     }
 
     fn resend_edit(

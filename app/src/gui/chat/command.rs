@@ -26,6 +26,13 @@ pub enum ChatCommand {
     SendMessage,
     /// Stop the reply being written; its text so far is kept.
     StopReply,
+    /// Answer the tool calls of reply `message`: each call's id and its result, added as tool
+    /// messages, then a new reply.
+    SendToolResults {
+        conversation: String,
+        message: MessageId,
+        results: Vec<(String, String)>,
+    },
     /// Write the open conversation's last reply again, as a new version (or reply to its last
     /// message if that is the user's).
     Regenerate,

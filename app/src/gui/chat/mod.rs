@@ -95,6 +95,8 @@ pub struct ChatPanel {
     /// Rate of the last finished reply, for the status bar.
     last_rate: Option<f64>,
     editing: Option<Editing>,
+    /// The results typed for the last reply's tool calls, by call id.
+    tool_results: std::collections::HashMap<String, String>,
     list: ConversationList,
     params: ParametersView,
     markdown: MarkdownCache,
@@ -118,6 +120,7 @@ impl ChatPanel {
             active: None,
             last_rate: None,
             editing: None,
+            tool_results: std::collections::HashMap::new(),
             list: ConversationList::default(),
             params: ParametersView::default(),
             markdown: MarkdownCache::default(),
@@ -694,7 +697,12 @@ impl ChatPanel {
                         .editing
                         .as_mut()
                         .filter(|e| e.conversation == id && e.message == message.id);
-                    let content = message.content.trim();
+                    // A reply that called tools shows its text before the calls; the calls
+                    // follow in their own frame.
+                    let calls = message.tool_calls();
+                    let content = calls
+                        .as_ref()
+                        .map_or(message.content.trim(), |(before, _)| before.trim());
                     let document = (message.role == Role::Assistant && !content.is_empty())
                         .then(|| self.markdown.get(&id, message.id, content));
                     let view = MessageView {
@@ -710,6 +718,18 @@ impl ChatPanel {
                     match view.message_ui(ui, editing) {
                         MessageAction::None => {}
                         other => action = Some((message.id, message.content.clone(), other)),
+                    }
+                    if let Some((_, calls)) = calls {
+                        let last = index + 1 == count && !streaming_here;
+                        if let Some(results) =
+                            tool_calls_ui(ui, &calls, last, &mut self.tool_results)
+                        {
+                            commands.push(Command::from(ChatCommand::SendToolResults {
+                                conversation: id.clone(),
+                                message: message.id,
+                                results,
+                            }));
+                        }
                     }
                     ui.add_space(6.0);
                 }
@@ -830,4 +850,59 @@ fn reply_blocked(cx: &ChatUiContext<'_>, busy: bool) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// The accessible name of a tool call's result field: "Result of NAME".
+pub fn tool_result_label(name: &str) -> String {
+    format!("Result of {name}")
+}
+
+/// Shows a reply's tool `calls` (each function and its arguments); for the last reply
+/// (`answerable`), a field for each call's result and *Send results*, which returns the
+/// `(call id, result)` pairs when clicked.
+fn tool_calls_ui(
+    ui: &mut egui::Ui,
+    calls: &[(String, String, String)],
+    answerable: bool,
+    typed: &mut std::collections::HashMap<String, String>,
+) -> Option<Vec<(String, String)>> {
+    let mut send = None;
+    egui::Frame::group(ui.style()).show(ui, |ui| {
+        ui.set_width(ui.available_width());
+        for (id, name, args) in calls {
+            ui.horizontal_wrapped(|ui| {
+                ui.label(RichText::new("Tool call").strong());
+                ui.label(RichText::new(format!("{name}({args})")).monospace())
+                    .on_hover_text(format!("Call id {id}"));
+            });
+            if answerable {
+                let text = typed.entry(id.clone()).or_default();
+                ui.add(
+                    egui::TextEdit::singleline(text)
+                        .hint_text("What the tool returned")
+                        .desired_width(f32::INFINITY),
+                )
+                .accessible_name(tool_result_label(name));
+            }
+        }
+        if answerable {
+            let ready = calls
+                .iter()
+                .all(|(id, _, _)| typed.get(id).is_some_and(|t| !t.trim().is_empty()));
+            if ui
+                .add_enabled(ready, egui::Button::new("Send results"))
+                .on_hover_text("Add the results to the conversation and let the model go on")
+                .on_disabled_hover_text("Type each call's result first")
+                .clicked()
+            {
+                send = Some(
+                    calls
+                        .iter()
+                        .map(|(id, _, _)| (id.clone(), typed.remove(id).unwrap_or_default()))
+                        .collect(),
+                );
+            }
+        }
+    });
+    send
 }

@@ -19,7 +19,13 @@ pub struct ParametersView {
     stop_text: String,
     /// The structured output last checked, and what checking it said (`None`: it compiles).
     checked: Option<(StructuredOutput, Option<String>)>,
+    /// The tools field as typed, and what checking it said (`None`: a valid list).
+    tools_text: String,
+    tools_error: Option<String>,
 }
+
+/// The accessible name of the tools field (an OpenAI `tools` list as JSON).
+pub const TOOLS_LABEL: &str = "Tools (JSON)";
 
 /// The accessible name of the structured-output field (the schema or grammar text).
 pub const STRUCTURE_LABEL: &str = "Schema or grammar";
@@ -68,6 +74,9 @@ impl ParametersView {
                 egui::CollapsingHeader::new("Stop strings")
                     .default_open(false)
                     .show(ui, |ui| self.stop_strings_ui(ui, &mut settings.sampling));
+                egui::CollapsingHeader::new("Tools")
+                    .default_open(settings.sampling.tools.is_some())
+                    .show(ui, |ui| self.tools_ui(ui, &mut settings.sampling.tools));
                 egui::CollapsingHeader::new("Structured output")
                     .default_open(!settings.sampling.structured.is_off())
                     .show(ui, |ui| self.structured_ui(ui, &mut settings.sampling.structured));
@@ -111,6 +120,64 @@ impl ParametersView {
 }
 
 impl ParametersView {
+    /// The tools offered to the model: an OpenAI `tools` list, checked as typed; its calls are
+    /// shown in the conversation with a field for each result.
+    fn tools_ui(&mut self, ui: &mut egui::Ui, tools: &mut Option<serde_json::Value>) {
+        let shown = tools
+            .as_ref()
+            .map(|t| serde_json::to_string_pretty(t).unwrap_or_default())
+            .unwrap_or_default();
+        let typed: Option<serde_json::Value> = serde_json::from_str(&self.tools_text).ok();
+        if typed.as_ref() != tools.as_ref() && self.tools_error.is_none() {
+            self.tools_text = shown;
+        }
+        ui.label(weak(
+            ui,
+            "Functions the model may call, as an OpenAI tools list (name, description, JSON \
+             schema of the parameters). Its calls appear in the conversation; answer each with \
+             the result.",
+        ));
+        let response = ui.add(
+            egui::TextEdit::multiline(&mut self.tools_text)
+                .hint_text(
+                    r#"[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]"#,
+                )
+                .font(egui::TextStyle::Monospace)
+                .desired_rows(5)
+                .desired_width(f32::INFINITY),
+        );
+        let response = response.accessible_name(TOOLS_LABEL);
+        if response.changed() {
+            let text = self.tools_text.trim();
+            let checked = if text.is_empty() {
+                Ok(None)
+            } else {
+                serde_json::from_str::<serde_json::Value>(text)
+                    .map_err(|e| format!("not JSON: {e}"))
+                    .and_then(|v| match v.as_array() {
+                        Some(list) => studio_inference::llm::tools::check_tools(list).map(|_| Some(v.clone())),
+                        None => Err("a list of tools: [{\"type\": \"function\", …}]".to_owned()),
+                    })
+            };
+            match checked {
+                Ok(v) => {
+                    *tools = v;
+                    self.tools_error = None;
+                }
+                Err(e) => self.tools_error = Some(e),
+            }
+        }
+        match &self.tools_error {
+            Some(e) => {
+                ui.colored_label(ui.visuals().error_fg_color, e);
+            }
+            None if tools.is_some() => {
+                ui.label(weak(ui, "Offered on every reply"));
+            }
+            None => {}
+        }
+    }
+
     /// JSON mode, a JSON schema or a GBNF grammar, with what checking it says.
     fn structured_ui(&mut self, ui: &mut egui::Ui, s: &mut StructuredOutput) {
         ui.label(weak(

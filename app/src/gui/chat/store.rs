@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use studio_inference::llm::chat::{ChatMessage, Role};
+use studio_inference::llm::chat::{ChatMessage, Role, ToolCall};
 use studio_inference::llm::generate::{FinishReason, GenerationStats};
 use studio_inference::llm::sampling::SamplingParams;
 
@@ -128,6 +128,9 @@ pub struct Message {
     pub content: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<ReplyInfo>,
+    /// For a tool's result: the call it answers (see [`Message::tool_calls`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -139,7 +142,23 @@ impl Message {
             role: Role::User,
             content: content.into(),
             reply: None,
+            tool_call_id: None,
         }
+    }
+
+    /// The tools a finished reply called: its text before the calls, and `(id, name,
+    /// arguments)` of each (ids made from the message's).
+    pub fn tool_calls(&self) -> Option<(String, studio_inference::llm::tools::CallList)> {
+        if self.role != Role::Assistant || self.is_streaming() {
+            return None;
+        }
+        let (content, calls) = studio_inference::llm::tools::parse_any(&self.content)?;
+        let calls = calls
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, args))| (format!("call_{}_{k}", self.id), name, args))
+            .collect();
+        Some((content, calls))
     }
 
     /// A finished assistant reply (tests and imports; streamed replies start empty).
@@ -359,7 +378,24 @@ impl Conversation {
             .into_iter()
             .rev()
             .filter(|m| !(m.role == Role::Assistant && m.content.trim().is_empty()))
-            .map(|m| ChatMessage::new(m.role, m.content.trim()))
+            .map(|m| {
+                // Calls and results travel as the model's template reads them.
+                if let Some((content, calls)) = m.tool_calls() {
+                    let mut msg = ChatMessage::new(m.role, content.trim());
+                    msg.tool_calls = calls
+                        .into_iter()
+                        .map(|(id, name, arguments)| ToolCall {
+                            id,
+                            name,
+                            arguments,
+                        })
+                        .collect();
+                    return msg;
+                }
+                let mut msg = ChatMessage::new(m.role, m.content.trim());
+                msg.tool_call_id.clone_from(&m.tool_call_id);
+                msg
+            })
             .collect()
     }
 
