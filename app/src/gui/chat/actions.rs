@@ -6,11 +6,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+use studio_inference::llm::chat::Role;
 use studio_inference::worker::{Event, JobId, JobKind};
 
 use super::command::{ChatCommand, ChatPurpose, ExportFormat};
-use studio_inference::llm::chat::Role;
-
 use super::store::{ConversationStore, Message, MessageId, ReplyState, TRASH_GRACE};
 use super::{ChatPanel, ChatUiContext};
 use crate::gui::command::{Command, file_name_from};
