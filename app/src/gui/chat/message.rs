@@ -34,6 +34,9 @@ pub enum MessageAction {
 
 pub struct MessageView<'a> {
     pub message: &'a Message,
+    /// The text shown: the message's, or a reply's text before its tool calls (which are
+    /// shown in their own frame).
+    pub text: &'a str,
     /// The other versions of this turn, when there are any.
     pub siblings: Option<Siblings>,
     pub is_last: bool,
@@ -82,7 +85,7 @@ impl MessageView<'_> {
                     action = self.edit_ui(ui, editing);
                     return;
                 }
-                let content = m.content.trim();
+                let content = self.text.trim();
                 if m.is_streaming() && content.is_empty() {
                     ui.horizontal(|ui| {
                         ui.spinner();

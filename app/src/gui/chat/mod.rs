@@ -707,6 +707,7 @@ impl ChatPanel {
                         .then(|| self.markdown.get(&id, message.id, content));
                     let view = MessageView {
                         message,
+                        text: content,
                         siblings: conversation.siblings(message.id).filter(|s| s.count > 1),
                         is_last: index + 1 == count,
                         can_edit: !streaming_here,
