@@ -1847,3 +1847,82 @@ fn tools_are_called_and_their_results_passed_back() {
     assert!(r.body.contains("no tool section"), "{}", r.body);
     assert_eq!(r.json()["error"]["param"], "tools");
 }
+
+/// The requests the official `openai` Python client sent for OpenAI's own examples (tool
+/// calling with a required call, the tool's result sent back, a streamed call, a JSON schema,
+/// the SDK's Pydantic `parse`, embeddings), recorded by `tools/record_openai_client.py`,
+/// replayed byte for byte: each gets an answer of the shape the client reads.
+#[test]
+fn the_openai_clients_recorded_requests_get_the_answers_it_reads() {
+    let dir = tool_model_dir();
+    let llm = loader::load(dir.path(), &Device::Cpu, &mut |_, _| {}).expect("load");
+    let embedder =
+        studio_inference::embed::load(&sentence_model("minilm-mean"), &Device::Cpu).expect("st");
+    let server = Server::start(
+        ServedModel::owned(llm).with_embeddings(embedder),
+        &loopback(),
+    )
+    .expect("serve");
+    let addr = server.addr();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/openai_client");
+    let mut files: Vec<_> = std::fs::read_dir(&fixtures)
+        .expect("fixtures")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 8, "{files:?}");
+    for file in files {
+        let rec: Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
+        let name = file.display().to_string();
+        let (method, path) = (
+            rec["method"].as_str().expect("method"),
+            rec["path"].as_str().expect("path"),
+        );
+        // The model the client named is the served one's name when it was recorded.
+        let mut body = rec["request"].clone();
+        if body.get("model").is_some() && path.ends_with("/chat/completions") {
+            body["model"] = json!(server.model_id());
+        }
+        let reply = if method == "GET" {
+            http(addr, "GET", path, None)
+        } else {
+            post(addr, path, &body)
+        };
+        assert_eq!(reply.status, 200, "{name}: {}", reply.body);
+        let stream = body["stream"] == true;
+        if stream {
+            let events = events_of(&reply.body);
+            assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{name}");
+            continue;
+        }
+        let v = reply.json();
+        if path.ends_with("/models") {
+            assert_eq!(v["object"], "list", "{name}");
+        } else if path.ends_with("/embeddings") {
+            assert_eq!(
+                v["data"].as_array().map(Vec::len),
+                body["input"].as_array().map(Vec::len)
+            );
+            assert!(
+                v["data"][0]["embedding"].is_string(),
+                "base64, as the client asked"
+            );
+        } else {
+            let choice = &v["choices"][0];
+            if body["tool_choice"].is_string() || body["tool_choice"].is_object() {
+                assert_eq!(choice["finish_reason"], "tool_calls", "{name}: {v}");
+                let args = choice["message"]["tool_calls"][0]["function"]["arguments"]
+                    .as_str()
+                    .expect("arguments");
+                serde_json::from_str::<Value>(args).expect("arguments are JSON");
+            }
+            if body["response_format"]["type"] == "json_schema" {
+                let content = choice["message"]["content"].as_str().expect("content");
+                assert_eq!(choice["finish_reason"], "stop", "{name}: {v}");
+                serde_json::from_str::<Value>(content)
+                    .unwrap_or_else(|e| panic!("{name}: {e}: {content:?}"));
+            }
+        }
+    }
+}
