@@ -847,18 +847,11 @@ fn a_colour_sketch_is_painted_on_a_new_canvas() {
     assert_eq!(doc.mode(), ModeKind::Img2Img);
 }
 
-/// A ControlNet unit in the form: added with its button, a ControlNet chosen, the canvas's
-/// colour sketch as its image with the *invert* preprocessor, whose preview shows the map;
-/// Generate sends it to the worker, the PNG records it, and a control image file of another
-/// size is resized with a note.
-#[test]
-fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
-    use studio_app::gui::canvas::control::ControlCommand;
-    use studio_inference::diffusion::annotators::Preprocessor;
-    let tmp = tempfile::tempdir().expect("tmp");
-    let home = tmp.path().join("home");
-    let model = tiny_sd(tmp.path());
-    // In the folder the units' menu offers.
+/// A Canvas with a tiny SD model loaded (32×32, 2 steps, "a red cat") and a tiny ControlNet
+/// for it in the folder the units' menu offers: the home, the ControlNet and the harness.
+fn controlnet_canvas(tmp: &Path) -> (PathBuf, PathBuf, Harness<'static, StudioApp>) {
+    let home = tmp.join("home");
+    let model = tiny_sd(tmp);
     let cn = home.join("models/controlnet/tiny-controlnet");
     studio_tests::sd::write_tiny_controlnet(&model, &cn);
     let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1800.0));
@@ -876,6 +869,19 @@ fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
         form.prompt = "a red cat".into();
     }
     h.step();
+    (home, cn, h)
+}
+
+/// A ControlNet unit in the form: added with its button, a ControlNet chosen, the canvas's
+/// colour sketch as its image with the *invert* preprocessor, whose preview shows the map;
+/// Generate sends it to the worker, the PNG records it, and a control image file of another
+/// size is resized with a note.
+#[test]
+fn a_controlnet_unit_guides_a_generation_from_the_canvas_sketch() {
+    use studio_app::gui::canvas::control::ControlCommand;
+    use studio_inference::diffusion::annotators::Preprocessor;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (home, cn, mut h) = controlnet_canvas(tmp.path());
     control(&h, "New sketch").click();
     h.step();
     h.state_mut().push_command(CanvasCommand::Paint {
@@ -962,25 +968,11 @@ fn a_controlnet_unit_follows_the_control_layer_drawn_on_the_canvas() {
     use studio_app::gui::canvas::control::{ControlCommand, ControlSource};
     use studio_inference::diffusion::annotators::Preprocessor;
     let tmp = tempfile::tempdir().expect("tmp");
-    let home = tmp.path().join("home");
-    let model = tiny_sd(tmp.path());
-    let cn = home.join("models/controlnet/tiny-controlnet");
-    studio_tests::sd::write_tiny_controlnet(&model, &cn);
-    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1800.0));
-    h.step();
-    go_to_canvas(&mut h);
-    drop_file(&mut h, &model);
-    step_until(&mut h, "the model to load", |h| {
-        h.state().canvas().model().is_some()
-    });
+    let (home, cn, mut h) = controlnet_canvas(tmp.path());
     {
         let form = h.state_mut().canvas_mut().form_mut();
-        form.width = 32;
-        form.height = 32;
-        form.steps = 2;
         form.seed = 7;
         form.random_seed = false;
-        form.prompt = "a red cat".into();
     }
     h.step();
     control(&h, "Control pen").click();

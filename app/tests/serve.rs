@@ -1347,6 +1347,18 @@ fn sampling_fields_are_honoured_or_refused_by_name() {
     }
 }
 
+/// The model in `dir`, with the sentence-embedding fixture `minilm-mean` at /v1/embeddings.
+fn start_with_embeddings(dir: &Path) -> Server {
+    let llm = loader::load(dir, &Device::Cpu, &mut |_, _| {}).expect("load");
+    let embedder =
+        studio_inference::embed::load(&sentence_model("minilm-mean"), &Device::Cpu).expect("st");
+    Server::start(
+        ServedModel::owned(llm).with_embeddings(embedder),
+        &loopback(),
+    )
+    .expect("serve")
+}
+
 fn sentence_model(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/fixtures/sentence_embeddings")
@@ -1360,14 +1372,7 @@ fn sentence_model(name: &str) -> std::path::PathBuf {
 #[test]
 fn embeddings_are_served_as_openai_clients_ask() {
     let dir = model_dir();
-    let llm = loader::load(dir.path(), &Device::Cpu, &mut |_, _| {}).expect("load");
-    let embedder =
-        studio_inference::embed::load(&sentence_model("minilm-mean"), &Device::Cpu).expect("st");
-    let server = Server::start(
-        ServedModel::owned(llm).with_embeddings(embedder),
-        &loopback(),
-    )
-    .expect("serve");
+    let server = start_with_embeddings(dir.path());
     let addr = server.addr();
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(sentence_model("expected.json")).expect("read"),
@@ -1855,14 +1860,7 @@ fn tools_are_called_and_their_results_passed_back() {
 #[test]
 fn the_openai_clients_recorded_requests_get_the_answers_it_reads() {
     let dir = tool_model_dir();
-    let llm = loader::load(dir.path(), &Device::Cpu, &mut |_, _| {}).expect("load");
-    let embedder =
-        studio_inference::embed::load(&sentence_model("minilm-mean"), &Device::Cpu).expect("st");
-    let server = Server::start(
-        ServedModel::owned(llm).with_embeddings(embedder),
-        &loopback(),
-    )
-    .expect("serve");
+    let server = start_with_embeddings(dir.path());
     let addr = server.addr();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/openai_client");
     let mut files: Vec<_> = std::fs::read_dir(&fixtures)
