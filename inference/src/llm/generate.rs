@@ -199,7 +199,7 @@ pub fn generate_constrained(
                     first
                 } else {
                     let mut masked = logits.clone();
-                    if c.mask(&mut masked) == 0 {
+                    if c.mask(&mut masked)? == 0 {
                         return Err(Error::InvalidParameter(
                             "the grammar allows no token of this model's vocabulary here".into(),
                         ));

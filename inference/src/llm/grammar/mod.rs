@@ -82,6 +82,12 @@ const MAX_STACKS: usize = 4096;
 const MAX_DEPTH: usize = 512;
 /// The largest `{m,n}` count.
 const MAX_REPEAT: u32 = 1000;
+/// The deepest groups may nest in a GBNF text (the parser recurses into them).
+const MAX_NESTING: usize = 64;
+/// The most work one vocabulary mask may take (stacks advanced, summed over the trie nodes
+/// visited): a grammar so ambiguous that it would stall the model for seconds per token is
+/// refused instead.
+const MAX_MASK_WORK: usize = 50_000_000;
 
 /// A set of characters: ranges, possibly negated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +163,8 @@ struct Parser<'a> {
     g: Grammar,
     ids: HashMap<String, u32>,
     defined: Vec<bool>,
+    /// Groups open around the current position.
+    nesting: usize,
 }
 
 fn grammar_error(message: impl Into<String>) -> Error {
@@ -374,7 +382,12 @@ impl Parser<'_> {
                 }
                 b'(' => {
                     self.at += 1;
+                    self.nesting += 1;
+                    if self.nesting > MAX_NESTING {
+                        return Err(self.error(&format!("groups nested deeper than {MAX_NESTING}")));
+                    }
                     let alts = self.alternatives(rule_name)?;
+                    self.nesting -= 1;
                     if self.peek() != Some(b')') {
                         return Err(self.error("a group without its `)`"));
                     }
@@ -526,6 +539,7 @@ impl Grammar {
             },
             ids: HashMap::new(),
             defined: Vec::new(),
+            nesting: 0,
         };
         loop {
             p.space(false);
@@ -650,6 +664,10 @@ impl Grammar {
     /// Expands `stack` until its top is a character class (or it is empty: the text may end
     /// here), into `out`.
     fn expand(&self, mut stack: Stack, out: &mut Vec<Stack>) {
+        // An explosion of alternatives stops at the bound (the text then has fewer readings).
+        if out.len() > MAX_STACKS {
+            return;
+        }
         loop {
             let Some(&top) = stack.last() else {
                 out.push(stack);
@@ -1010,21 +1028,31 @@ impl Constraint {
         ok
     }
 
-    /// Sets the logits of every token that may not come next to −∞; returns how many may.
-    pub fn mask(&mut self, logits: &mut [f32]) -> usize {
+    /// Sets the logits of every token that may not come next to −∞; returns how many may. A
+    /// grammar too ambiguous to mask in bounded time is an [`Error::InvalidParameter`].
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<usize> {
         let start = std::time::Instant::now();
         let count = self.mask_inner(logits);
         self.time += start.elapsed();
         count
     }
 
-    fn mask_inner(&mut self, logits: &mut [f32]) -> usize {
+    fn mask_inner(&mut self, logits: &mut [f32]) -> Result<usize> {
         self.masked_steps += 1;
         let mut allowed = vec![false; logits.len()];
         let trie = &*self.trie;
         let ends = &trie.ends;
         let mut stack: Vec<(u32, Matcher)> = vec![(0, self.matcher.clone())];
+        let mut work = 0usize;
         while let Some((node, m)) = stack.pop() {
+            work += m.stacks.len().max(1);
+            if work > MAX_MASK_WORK {
+                return Err(Error::InvalidParameter(
+                    "the grammar is too ambiguous to follow (too many readings of the text at \
+                     once); simplify it"
+                        .into(),
+                ));
+            }
             let n = trie.nodes[node as usize];
             for c in n.first_child..n.first_child + n.children {
                 let child = trie.nodes[c as usize];
@@ -1058,7 +1086,7 @@ impl Constraint {
                 *l = f32::NEG_INFINITY;
             }
         }
-        count
+        Ok(count)
     }
 
     /// Takes token `id` as generated.
@@ -1146,6 +1174,19 @@ mod tests {
             let e = Grammar::parse(g).expect_err(g);
             assert!(e.to_string().contains(words), "{g}: {e}");
         }
+        // Deep nesting is refused before the parser recurses into it; an explosion of
+        // alternatives stops at the bound.
+        let deep = format!("root ::= {}\"a\"{}", "(".repeat(10_000), ")".repeat(10_000));
+        let e = Grammar::parse(&deep).expect_err("deep");
+        assert!(e.to_string().contains("nested deeper"), "{e}");
+        let mut wide = String::from("root ::= r0\n");
+        for i in 0..40 {
+            wide.push_str(&format!("r{i} ::= r{} | r{} \"x\"\n", i + 1, i + 1));
+        }
+        wide.push_str("r40 ::= \"a\" | \"b\"\n");
+        let g = Arc::new(Grammar::parse(&wide).expect("wide"));
+        let m = Matcher::new(g);
+        assert!(m.stacks.len() <= MAX_STACKS + 1, "{}", m.stacks.len());
     }
 
     #[test]
@@ -1182,11 +1223,11 @@ mod tests {
         let g = Arc::new(Grammar::parse(r#"root ::= "{" "\"" [a-b]+ "\"" "}""#).expect("g"));
         let mut c = Constraint::new(g, trie, &[8]);
         let mut logits = vec![0.0f32; 9];
-        assert_eq!(c.mask(&mut logits), 2, "{{ and {{\"");
+        assert_eq!(c.mask(&mut logits).expect("mask"), 2, "{{ and {{\"");
         assert!(logits[0].is_finite() && logits[2].is_finite() && logits[1].is_infinite());
         c.accept(2).expect("{\"");
         let mut logits = vec![0.0f32; 9];
-        c.mask(&mut logits);
+        c.mask(&mut logits).expect("mask");
         let ok: Vec<usize> = (0..9).filter(|&i| logits[i].is_finite()).collect();
         assert_eq!(ok, [3, 4]);
         for id in [4, 5, 1] {
