@@ -1135,6 +1135,8 @@ fn build_vocab_trie(tokenizer: &crate::llm::text::Tokenizer) -> Arc<VocabTrie> {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use super::*;
 
     fn matches(g: &str, text: &str) -> bool {
@@ -1181,7 +1183,7 @@ mod tests {
         assert!(e.to_string().contains("nested deeper"), "{e}");
         let mut wide = String::from("root ::= r0\n");
         for i in 0..40 {
-            wide.push_str(&format!("r{i} ::= r{} | r{} \"x\"\n", i + 1, i + 1));
+            let _ = writeln!(wide, "r{i} ::= r{} | r{} \"x\"", i + 1, i + 1);
         }
         wide.push_str("r40 ::= \"a\" | \"b\"\n");
         let g = Arc::new(Grammar::parse(&wide).expect("wide"));
