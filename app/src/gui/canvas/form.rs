@@ -616,7 +616,9 @@ impl FormView {
                 ui.end_row();
                 let l = ui.label("Hires fix");
                 ui.add_enabled_ui(cx.mode == ModeKind::Txt2Img, |ui| {
-                    ui.horizontal(|ui| {
+                    // Wrapped, so the row is no wider than the form (the form's text wraps at
+                    // its widest row).
+                    ui.horizontal_wrapped(|ui| {
                         ui.checkbox(&mut form.hires, "")
                             .labelled_by(l.id)
                             .on_hover_text(
