@@ -538,3 +538,50 @@ fn generate_and_chat_keep_to_a_json_schema_or_grammar() {
     ]));
     assert!(e.contains("`pattern`"), "{e}");
 }
+
+/// `studio embed` with a GGUF chat model on Studio's kernels: its hidden states, mean-pooled,
+/// length 1; with a model that gives none (a safetensors one), an error that says what can.
+#[test]
+fn embed_with_a_gguf_chat_model_pools_its_hidden_states() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    studio_tests::families::write_family_with(
+        tmp.path(),
+        "llama",
+        &serde_json::json!({"hidden_size": 256, "intermediate_size": 512,
+            "num_attention_heads": 4, "num_key_value_heads": 2}),
+        3,
+    );
+    let gguf = tmp.path().join("model.gguf");
+    studio_tests::gguf_writer::convert(
+        tmp.path(),
+        &gguf,
+        &studio_tests::gguf_writer::GgufOptions::with_dtype(
+            candle_core::quantized::GgmlDType::Q8_0,
+        ),
+    );
+    let out = cli_common::ok(&studio(&[
+        "embed",
+        "--model",
+        path(&gguf),
+        "--text",
+        "hello there",
+    ]));
+    let line: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let v: Vec<f64> = line["embedding"]
+        .as_array()
+        .expect("embedding")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect();
+    assert_eq!(v.len(), 256);
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    let e = cli_common::failed(&studio(&[
+        "embed",
+        "--model",
+        path(tmp.path()),
+        "--text",
+        "hi",
+    ]));
+    assert!(e.contains("--embedding-model") || e.contains("GGUF"), "{e}");
+}

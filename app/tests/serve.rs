@@ -1476,11 +1476,54 @@ fn embeddings_are_served_as_openai_clients_ask() {
     }
     drop(server);
 
-    // A server without an embedding model says how to give it one.
+    // A server without an embedding model, whose chat model gives no hidden states, says how
+    // to give it one.
     let server = start(dir.path());
     let r = post(server.addr(), "/v1/embeddings", &json!({"input": "hi"}));
-    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("--embedding-model"), "{}", r.body);
+    drop(server);
+
+    // A GGUF chat model on Studio's kernels embeds by itself: its hidden states, mean-pooled,
+    // length 1; the same text the same vector, another text another.
+    let gguf_dir = tempfile::tempdir().expect("tmp");
+    studio_tests::families::write_family_with(
+        gguf_dir.path(),
+        "qwen2",
+        &json!({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+            "num_key_value_heads": 2}),
+        3,
+    );
+    let gguf = gguf_dir.path().join("model.gguf");
+    studio_tests::gguf_writer::convert(
+        gguf_dir.path(),
+        &gguf,
+        &studio_tests::gguf_writer::GgufOptions::with_dtype(
+            candle_core::quantized::GgmlDType::Q8_0,
+        ),
+    );
+    let server = start(&gguf);
+    let r = post(
+        server.addr(),
+        "/v1/embeddings",
+        &json!({"input": ["the same text", "the same text", "another one"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let rows: Vec<Vec<f64>> = (0..3).map(|i| vector(&v["data"][i]["embedding"])).collect();
+    assert_eq!(rows[0].len(), 256);
+    let norm: f64 = rows[0].iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
+    assert_eq!(rows[0], rows[1]);
+    assert_ne!(rows[0], rows[2]);
+    assert_eq!(v["model"], server.model_id());
+    let long = post(
+        server.addr(),
+        "/v1/embeddings",
+        &json!({"input": "word ".repeat(5000)}),
+    );
+    assert_eq!(long.status, 400, "{}", long.body);
+    assert!(long.body.contains("tokens"), "{}", long.body);
 }
 
 /// Standard base64 (the test's own decoder, to check the server's encoding).

@@ -107,7 +107,7 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
     /// A sentence-transformers folder of a BERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5,
-    /// …).
+    /// …), or a GGUF chat model (its hidden states, mean-pooled).
     #[arg(long, value_parser = crate::cli::values::model_path())]
     pub model: std::path::PathBuf,
     /// A text to embed (repeatable). Each gives one JSON line on stdout: `{"index", "tokens",
@@ -124,6 +124,9 @@ pub struct EmbedArgs {
 
 pub fn run_embed(args: &EmbedArgs) -> Result<()> {
     let choice = open_device(args.threads, &args.device)?;
+    if !studio_inference::embed::is_embedding_model(&args.model) {
+        return embed_with_chat_model(args, &choice);
+    }
     let model = studio_inference::embed::load(&args.model, &choice.device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let info = model.info();
@@ -148,6 +151,38 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
             );
         }
         let embedding = model
+            .embed_tokens(&ids)
+            .with_context(|| format!("text {index}"))?;
+        let line = json!({"index": index, "tokens": ids.len(), "embedding": embedding});
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `studio embed` with a chat model (a GGUF on Studio's kernels): its hidden states,
+/// mean-pooled and scaled to length 1.
+fn embed_with_chat_model(
+    args: &EmbedArgs,
+    choice: &studio_inference::device::DeviceChoice,
+) -> Result<()> {
+    let mut m = studio_inference::llm::loader::load(&args.model, &choice.device, &mut |_, _| {})
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let context = m.model.context_length();
+    eprintln!(
+        "chat model {} on {}: its hidden states, mean-pooled and normalized",
+        m.info.name, choice.label
+    );
+    let mut out = std::io::stdout().lock();
+    for (index, text) in args.text.iter().enumerate() {
+        let ids = m.tokenizer.encode(text)?;
+        if ids.len() > context {
+            bail!(
+                "text {index} is {} tokens; the model's context is {context}",
+                ids.len()
+            );
+        }
+        let embedding = m
             .embed_tokens(&ids)
             .with_context(|| format!("text {index}"))?;
         let line = json!({"index": index, "tokens": ids.len(), "embedding": embedding});

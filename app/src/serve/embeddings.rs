@@ -1,7 +1,9 @@
 //! `POST /v1/embeddings`: OpenAI's request (`input` as a string, a list of strings, a list of
 //! token ids or a list of such lists; `encoding_format` float or base64; `dimensions` when it
-//! is the model's own) answered from the server's sentence-embedding model, each input checked
-//! against the model's sequence length first (a 400 with its token count, never cut short).
+//! is the model's own) answered from the server's sentence-embedding model, or without one from
+//! the served chat model itself (its hidden states, mean-pooled and normalised, as llama.cpp's
+//! server does), each input checked against the model's length first (a 400 with its token
+//! count, never cut short).
 
 use std::sync::Arc;
 
@@ -104,9 +106,12 @@ fn parse(body: &Value, dimensions: usize) -> Result<Request, ApiError> {
     })
 }
 
-/// Each input's tokens, checked against the model's sequence length.
-fn tokenize(model: &EmbeddingModel, inputs: Vec<Input>) -> Result<Vec<Vec<u32>>, ApiError> {
-    let max = model.info().max_tokens;
+/// Each input's tokens (`tokenize` for text), checked against the model's `max` tokens.
+fn tokenize(
+    tokenize: &dyn Fn(&str) -> studio_inference::Result<Vec<u32>>,
+    max: usize,
+    inputs: Vec<Input>,
+) -> Result<Vec<Vec<u32>>, ApiError> {
     let mut total = 0usize;
     let mut out = Vec::with_capacity(inputs.len());
     for (i, input) in inputs.into_iter().enumerate() {
@@ -114,9 +119,7 @@ fn tokenize(model: &EmbeddingModel, inputs: Vec<Input>) -> Result<Vec<Vec<u32>>,
             Input::Text(t) if t.is_empty() => {
                 return Err(ApiError::param("input", format!("input[{i}] is empty")));
             }
-            Input::Text(t) => model
-                .tokenize(&t)
-                .map_err(|e| ApiError::from_inference(&e))?,
+            Input::Text(t) => tokenize(&t).map_err(|e| ApiError::from_inference(&e))?,
             Input::Tokens(ids) if ids.is_empty() => {
                 return Err(ApiError::param(
                     "input",
@@ -156,15 +159,65 @@ fn encode(v: &[f32], base64: bool) -> Value {
     }
 }
 
+/// The list answer.
+fn answer(vectors: &[Vec<f32>], tokens: usize, base64: bool, id: &str) -> Value {
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| json!({"object": "embedding", "index": index, "embedding": encode(v, base64)}))
+        .collect();
+    json!({
+        "object": "list",
+        "data": data,
+        "model": id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })
+}
+
+/// Answers `POST /v1/embeddings` from the served chat model (no embedding model was given).
+async fn from_chat_model(shared: Arc<Shared>, body: Value) -> Result<Value, ApiError> {
+    let Some(obj) = body.as_object() else {
+        return Err(ApiError::invalid("the request body must be a JSON object"));
+    };
+    if integer(obj, "dimensions")?.is_some() {
+        return Err(ApiError::param(
+            "dimensions",
+            "the served model's embeddings are its hidden size and are not shortened",
+        ));
+    }
+    let request = parse(&body, 0)?;
+    let ids = {
+        let _permit = shared
+            .preparing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the server is stopping"))?;
+        let shared = shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let p = &shared.model.prompter;
+            tokenize(&|t| p.tokenizer.encode(t), p.context, request.inputs)
+        })
+        .await
+        .map_err(|e| ApiError::server(format!("tokenizing failed: {e}")))??
+    };
+    let tokens: usize = ids.iter().map(Vec::len).sum();
+    let vectors = shared
+        .on_model(move |m, _| {
+            ids.iter()
+                .map(|ids| {
+                    m.embed_tokens(ids)
+                        .map_err(|e| ApiError::from_inference(&e))
+                })
+                .collect::<Result<Vec<_>, ApiError>>()
+        })
+        .await??;
+    Ok(answer(&vectors, tokens, request.base64, &shared.model.id))
+}
+
 /// Answers `POST /v1/embeddings`.
 pub(super) async fn embeddings(shared: Arc<Shared>, body: Value) -> Result<Value, ApiError> {
     let Some(model) = shared.model.embeddings.clone() else {
-        return Err(ApiError::status(
-            404,
-            "not_found_error",
-            "this server has no embedding model: start it with --embedding-model DIR (a \
-             sentence-transformers folder such as all-MiniLM-L6-v2 or bge-small-en-v1.5)",
-        ));
+        return from_chat_model(shared, body).await;
     };
     let request = parse(&body, model.info().dimensions)?;
     let _permit = shared
@@ -174,26 +227,21 @@ pub(super) async fn embeddings(shared: Arc<Shared>, body: Value) -> Result<Value
         .map_err(|_| ApiError::unavailable("the server is stopping"))?;
     let id = model.info().name.clone();
     let answer = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
-        let ids = tokenize(&model, request.inputs)?;
-        let mut data = Vec::with_capacity(ids.len());
-        let mut tokens = 0;
-        for (index, ids) in ids.iter().enumerate() {
-            let v = model
-                .embed_tokens(ids)
-                .map_err(|e| ApiError::from_inference(&e))?;
-            tokens += ids.len();
-            data.push(json!({
-                "object": "embedding",
-                "index": index,
-                "embedding": encode(&v, request.base64),
-            }));
-        }
-        Ok(json!({
-            "object": "list",
-            "data": data,
-            "model": id,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }))
+        let ids = tokenize(
+            &|t| model.tokenize(t),
+            model.info().max_tokens,
+            request.inputs,
+        )?;
+        let tokens = ids.iter().map(Vec::len).sum();
+        let vectors = ids
+            .iter()
+            .map(|ids| {
+                model
+                    .embed_tokens(ids)
+                    .map_err(|e| ApiError::from_inference(&e))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        Ok(answer(&vectors, tokens, request.base64, &id))
     })
     .await
     .map_err(|e| ApiError::server(format!("the embedding failed: {e}")))??;

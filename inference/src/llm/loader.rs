@@ -163,6 +163,33 @@ impl LoadedModel {
     }
 }
 
+impl LoadedModel {
+    /// An embedding of `tokens` from this (chat) model: its final hidden states, mean-pooled
+    /// and scaled to length 1, as llama.cpp's server gives them for a model without a pooling
+    /// of its own. Models that give no hidden states say so
+    /// ([`crate::models::CausalLm::hidden_states`]).
+    pub fn embed_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let hidden = self.model.hidden_states(tokens)?;
+        let mut v = hidden
+            .mean(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
+        let norm = v
+            .iter()
+            .map(|x| f64::from(*x).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        for x in &mut v {
+            // Scaled to length 1; f32 in, f32 out.
+            #[allow(clippy::cast_possible_truncation)]
+            let scaled = (f64::from(*x) / norm) as f32;
+            *x = scaled;
+        }
+        Ok(v)
+    }
+}
+
 /// Whether `path` is a llama.cpp GGUF file (by extension).
 pub fn is_gguf(path: &Path) -> bool {
     path.extension()

@@ -60,4 +60,17 @@ pub trait CausalLm: Send {
 
     /// Size of the vocabulary: the length of the logits a forward pass returns.
     fn vocab_size(&self) -> usize;
+
+    /// The final hidden states of `tokens` from position 0 (after the last norm, before the
+    /// output projection), `(tokens, hidden)`, for embeddings; the KV cache is left empty.
+    /// Models that can't give them say so.
+    fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let _ = tokens;
+        Err(Error::InvalidParameter(
+            "this model can't give its hidden states for embeddings (a GGUF Llama, Qwen or \
+             Phi on Studio's CPU kernels can; or serve a sentence-transformers model with \
+             --embedding-model)"
+                .into(),
+        ))
+    }
 }

@@ -862,6 +862,56 @@ impl QuantLlama {
     /// row when `all`.
     fn prefill(&mut self, tokens: &[u32], offset: usize, all: bool) -> Result<Vec<f32>> {
         let t = tokens.len();
+        let x = self.layers_forward(tokens, offset)?;
+        let (x, m) = if all {
+            (x, t)
+        } else {
+            (x[(t - 1) * self.hidden..].to_vec(), 1)
+        };
+        let mut h = vec![0f32; x.len()];
+        cpu_ops::rms_norm_rows(&x, &self.norm.v, self.eps, &mut h);
+        let mut logits = self.output.matmul(&h, m)?;
+        cap_logits(self.gemma.as_ref(), &mut logits);
+        Ok(logits)
+    }
+
+    /// The final hidden states of `tokens` from position 0 (after the output norm, before the
+    /// output projection), `tokens.len() × hidden`, for embeddings. The cache is left empty.
+    pub fn hidden_states(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::EmptyPrompt);
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::InvalidParameter(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.vocab
+            )));
+        }
+        if t > self.context {
+            return Err(Error::PromptTooLong {
+                tokens: t,
+                context: self.context,
+            });
+        }
+        self.clear_kv_cache();
+        self.reserve_kv(t);
+        self.rope.grow(t);
+        if let Some((_, local)) = &mut self.gemma {
+            local.grow(t);
+        }
+        let x = self.layers_forward(tokens, 0);
+        self.clear_kv_cache();
+        let x = x?;
+        let mut h = vec![0f32; x.len()];
+        cpu_ops::rms_norm_rows(&x, &self.norm.v, self.eps, &mut h);
+        Ok(h)
+    }
+
+    /// The residual stream after every layer for `tokens` at positions `offset..` (cache and
+    /// rope tables already grown), `tokens.len() × hidden`.
+    fn layers_forward(&mut self, tokens: &[u32], offset: usize) -> Result<Vec<f32>> {
+        let t = tokens.len();
         let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let (qd, kvd, eps) = (nh * hd, nkv * hd, self.eps);
         let mut x = self.embed(tokens)?;
@@ -921,16 +971,7 @@ impl QuantLlama {
             }
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
-        let (x, m) = if all {
-            (x, t)
-        } else {
-            (x[(t - 1) * self.hidden..].to_vec(), 1)
-        };
-        let mut h = vec![0f32; x.len()];
-        cpu_ops::rms_norm_rows(&x, &self.norm.v, eps, &mut h);
-        let mut logits = self.output.matmul(&h, m)?;
-        cap_logits(self.gemma.as_ref(), &mut logits);
-        Ok(logits)
+        Ok(x)
     }
 
     /// Whether one-token steps run on the decode team (every linear weight on Studio's kernels).

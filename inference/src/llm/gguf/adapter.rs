@@ -290,6 +290,21 @@ impl GgufCausalLm {
 }
 
 impl CausalLm for GgufCausalLm {
+    fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        self.validate(tokens, 0)?;
+        let Inner::Studio(m) = &mut self.inner else {
+            return Err(Error::InvalidParameter(
+                "this GGUF model runs on candle's kernels, which give no hidden states for \
+                 embeddings"
+                    .into(),
+            ));
+        };
+        self.fed.clear();
+        let h = m.hidden_states(tokens)?;
+        let hidden = h.len() / tokens.len();
+        Ok(Tensor::from_vec(h, (tokens.len(), hidden), &Device::Cpu)?)
+    }
+
     fn forward_last(&mut self, tokens: &[u32], offset: usize) -> Result<Tensor> {
         self.validate(tokens, offset)?;
         let one_by_one = matches!(self.inner, Inner::Qwen3(_))

@@ -1,0 +1,91 @@
+//! Embeddings from a chat model's hidden states (`CausalLm::hidden_states`,
+//! `LoadedModel::embed_tokens`) on Studio's GGUF kernels: the last row, projected by the
+//! model's own output matrix read from the file, gives the logits the model computes, and the
+//! pooled embedding is the rows' mean scaled to length 1.
+
+use candle_core::Device;
+use candle_core::quantized::{GgmlDType, gguf_file};
+use studio_inference::llm::loader;
+use studio_tests::families::write_family_with;
+use studio_tests::gguf_writer::{GgufOptions, convert};
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let n = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+#[test]
+fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
+    for (family, dtype) in [("llama", GgmlDType::Q8_0), ("qwen2", GgmlDType::Q4_0)] {
+        // Widths of whole quantization blocks, so the layers run on Studio's kernels.
+        let tmp = tempfile::tempdir().expect("tmp");
+        write_family_with(
+            tmp.path(),
+            family,
+            &serde_json::json!({"hidden_size": 256, "intermediate_size": 512,
+                "num_attention_heads": 4, "num_key_value_heads": 2}),
+            3,
+        );
+        let path = tmp.path().join("model.gguf");
+        convert(tmp.path(), &path, &GgufOptions::with_dtype(dtype));
+        let mut m = loader::load(&path, &Device::Cpu, &mut |_, _| {}).expect("load");
+        let ids = m.tokenizer.encode("hello there, small world").expect("ids");
+        let hidden = m.model.hidden_states(&ids).expect("hidden states");
+        let (t, d) = hidden.dims2().expect("2-D");
+        assert_eq!(t, ids.len());
+        let logits: Vec<f32> = m
+            .model
+            .forward_last(&ids, 0)
+            .expect("logits")
+            .to_vec1()
+            .expect("vec");
+        // The output matrix as the file stores it (tied to the embeddings when it has none).
+        let mut file = std::fs::File::open(&path).expect("open");
+        let content = gguf_file::Content::read(&mut file).expect("gguf");
+        let name = if content.tensor_infos.contains_key("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let w = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .expect("tensor")
+            .dequantize(&Device::Cpu)
+            .expect("dequantize");
+        let last = hidden
+            .get(t - 1)
+            .expect("last row")
+            .unsqueeze(0)
+            .expect("row");
+        let projected: Vec<f32> = last
+            .matmul(&w.t().expect("t"))
+            .expect("matmul")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        assert_eq!(projected.len(), logits.len(), "{family}");
+        let c = cosine(&projected, &logits);
+        assert!(c > 0.999, "{family}: cosine {c}");
+        // The pooled embedding: the rows' mean, length 1.
+        let e = m.embed_tokens(&ids).expect("embed");
+        assert_eq!(e.len(), d);
+        let mean: Vec<f32> = hidden.mean(0).expect("mean").to_vec1().expect("vec");
+        assert!(cosine(&e, &mean) > 0.999_99, "{family}");
+        let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{family}: {norm}");
+        // The cache is left empty: generation after it starts clean.
+        let again: Vec<f32> = m
+            .model
+            .forward_last(&ids, 0)
+            .expect("again")
+            .to_vec1()
+            .expect("vec");
+        assert_eq!(again, logits, "{family}");
+    }
+}
