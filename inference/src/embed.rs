@@ -412,19 +412,25 @@ impl EmbeddingModel {
         };
         let mut v = pooled.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         if self.info.normalize {
-            // sentence-transformers' F.normalize: divided by max(‖v‖, 1e-12).
-            let norm = v
-                .iter()
-                .map(|x| f64::from(*x).powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(1e-12);
-            for x in &mut v {
-                #[allow(clippy::cast_possible_truncation)]
-                let scaled = (f64::from(*x) / norm) as f32;
-                *x = scaled;
-            }
+            normalize(&mut v);
         }
         Ok(v)
+    }
+}
+
+/// Scales `v` to length 1 as sentence-transformers' `F.normalize` does: divided by
+/// `max(‖v‖, 1e-12)`.
+pub fn normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|x| f64::from(*x).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-12);
+    for x in v {
+        // f32 in, f32 out.
+        #[allow(clippy::cast_possible_truncation)]
+        let scaled = (f64::from(*x) / norm) as f32;
+        *x = scaled;
     }
 }

@@ -139,25 +139,12 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
         info.max_tokens,
         choice.label
     );
-    let mut out = std::io::stdout().lock();
-    for (index, text) in args.text.iter().enumerate() {
-        let ids = model.tokenize(text)?;
-        if ids.len() > info.max_tokens {
-            bail!(
-                "text {index} is {} tokens; this embedding model takes at most {} (Studio does \
-                 not cut texts short)",
-                ids.len(),
-                info.max_tokens
-            );
-        }
-        let embedding = model
-            .embed_tokens(&ids)
-            .with_context(|| format!("text {index}"))?;
-        let line = json!({"index": index, "tokens": ids.len(), "embedding": embedding});
-        writeln!(out, "{line}")?;
-    }
-    out.flush()?;
-    Ok(())
+    print_embeddings(
+        &args.text,
+        info.max_tokens,
+        &mut |t| Ok(model.tokenize(t)?),
+        &mut |ids| Ok(model.embed_tokens(ids)?),
+    )
 }
 
 /// `studio embed` with a chat model (a GGUF on Studio's kernels): its hidden states,
@@ -173,18 +160,34 @@ fn embed_with_chat_model(
         "chat model {} on {}: its hidden states, mean-pooled and normalized",
         m.info.name, choice.label
     );
+    let tokenizer = m.tokenizer.clone();
+    print_embeddings(
+        &args.text,
+        context,
+        &mut |t| Ok(tokenizer.encode(t)?),
+        &mut |ids| Ok(m.embed_tokens(ids)?),
+    )
+}
+
+/// One JSON line per text: `{"index", "tokens", "embedding"}`; a text of more than `max`
+/// tokens is refused, never cut short.
+fn print_embeddings(
+    texts: &[String],
+    max: usize,
+    tokenize: &mut dyn FnMut(&str) -> Result<Vec<u32>>,
+    embed: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    for (index, text) in args.text.iter().enumerate() {
-        let ids = m.tokenizer.encode(text)?;
-        if ids.len() > context {
+    for (index, text) in texts.iter().enumerate() {
+        let ids = tokenize(text)?;
+        if ids.len() > max {
             bail!(
-                "text {index} is {} tokens; the model's context is {context}",
+                "text {index} is {} tokens; the model takes at most {max} (Studio does not cut \
+                 texts short)",
                 ids.len()
             );
         }
-        let embedding = m
-            .embed_tokens(&ids)
-            .with_context(|| format!("text {index}"))?;
+        let embedding = embed(&ids).with_context(|| format!("text {index}"))?;
         let line = json!({"index": index, "tokens": ids.len(), "embedding": embedding});
         writeln!(out, "{line}")?;
     }

@@ -174,18 +174,7 @@ impl LoadedModel {
             .mean(0)?
             .to_dtype(candle_core::DType::F32)?
             .to_vec1::<f32>()?;
-        let norm = v
-            .iter()
-            .map(|x| f64::from(*x).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-12);
-        for x in &mut v {
-            // Scaled to length 1; f32 in, f32 out.
-            #[allow(clippy::cast_possible_truncation)]
-            let scaled = (f64::from(*x) / norm) as f32;
-            *x = scaled;
-        }
+        crate::embed::normalize(&mut v);
         Ok(v)
     }
 }

@@ -814,15 +814,7 @@ impl QuantLlama {
     /// the last position, or `[T, vocab]` of every position when `all`.
     pub fn forward(&mut self, tokens: &[u32], offset: usize, all: bool) -> Result<Tensor> {
         let t = tokens.len();
-        if t == 0 {
-            return Err(Error::EmptyPrompt);
-        }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::InvalidParameter(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.vocab
-            )));
-        }
+        self.check_tokens(tokens)?;
         if offset == 0 {
             self.clear_kv_cache();
         } else if self.kv_len() != offset {
@@ -879,15 +871,7 @@ impl QuantLlama {
     /// output projection), `tokens.len() × hidden`, for embeddings. The cache is left empty.
     pub fn hidden_states(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let t = tokens.len();
-        if t == 0 {
-            return Err(Error::EmptyPrompt);
-        }
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::InvalidParameter(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.vocab
-            )));
-        }
+        self.check_tokens(tokens)?;
         if t > self.context {
             return Err(Error::PromptTooLong {
                 tokens: t,
@@ -906,6 +890,20 @@ impl QuantLlama {
         let mut h = vec![0f32; x.len()];
         cpu_ops::rms_norm_rows(&x, &self.norm.v, self.eps, &mut h);
         Ok(h)
+    }
+
+    /// Tokens to run: at least one, each in the vocabulary.
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::InvalidParameter(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.vocab
+            )));
+        }
+        Ok(())
     }
 
     /// The residual stream after every layer for `tokens` at positions `offset..` (cache and
