@@ -756,21 +756,7 @@ fn a_lora_named_in_the_prompt_is_merged_and_recorded() {
     std::fs::create_dir_all(&lora_dir).expect("dir");
     studio_tests::sd::write_tiny_lora(&model, &lora_dir.join("inkwash.safetensors"));
     // Tall enough that the LoRA list below the form is on screen.
-    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1600.0));
-    h.step();
-    go_to_canvas(&mut h);
-    drop_file(&mut h, &model);
-    step_until(&mut h, "the model to load", |h| {
-        h.state().canvas().model().is_some()
-    });
-    {
-        let form = h.state_mut().canvas_mut().form_mut();
-        form.width = 32;
-        form.height = 32;
-        form.steps = 2;
-        form.prompt = "a red cat".into();
-    }
-    h.step();
+    let mut h = loaded_canvas(&home, &model, 1600.0);
     control(&h, "Add to prompt").click();
     h.step();
     assert_eq!(
@@ -847,17 +833,13 @@ fn a_colour_sketch_is_painted_on_a_new_canvas() {
     assert_eq!(doc.mode(), ModeKind::Img2Img);
 }
 
-/// A Canvas with a tiny SD model loaded (32×32, 2 steps, "a red cat") and a tiny ControlNet
-/// for it in the folder the units' menu offers: the home, the ControlNet and the harness.
-fn controlnet_canvas(tmp: &Path) -> (PathBuf, PathBuf, Harness<'static, StudioApp>) {
-    let home = tmp.join("home");
-    let model = tiny_sd(tmp);
-    let cn = home.join("models/controlnet/tiny-controlnet");
-    studio_tests::sd::write_tiny_controlnet(&model, &cn);
-    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1800.0));
+/// A window `height` tall on the Canvas with `model` dropped and loaded, the form set to a
+/// quick 32×32 two-step "a red cat".
+fn loaded_canvas(home: &Path, model: &Path, height: f32) -> Harness<'static, StudioApp> {
+    let mut h = common::harness_sized(&AppConfig::for_tests(home), egui::vec2(1400.0, height));
     h.step();
     go_to_canvas(&mut h);
-    drop_file(&mut h, &model);
+    drop_file(&mut h, model);
     step_until(&mut h, "the model to load", |h| {
         h.state().canvas().model().is_some()
     });
@@ -869,6 +851,17 @@ fn controlnet_canvas(tmp: &Path) -> (PathBuf, PathBuf, Harness<'static, StudioAp
         form.prompt = "a red cat".into();
     }
     h.step();
+    h
+}
+
+/// [`loaded_canvas`] with a tiny ControlNet for the model in the folder the units' menu
+/// offers: the home, the ControlNet and the harness.
+fn controlnet_canvas(tmp: &Path) -> (PathBuf, PathBuf, Harness<'static, StudioApp>) {
+    let home = tmp.join("home");
+    let model = tiny_sd(tmp);
+    let cn = home.join("models/controlnet/tiny-controlnet");
+    studio_tests::sd::write_tiny_controlnet(&model, &cn);
+    let h = loaded_canvas(&home, &model, 1800.0);
     (home, cn, h)
 }
 
@@ -1186,19 +1179,9 @@ fn the_hires_fix_with_a_latent_upscaler_makes_the_larger_image() {
     let tmp = tempfile::tempdir().expect("tmp");
     let home = tmp.path().join("home");
     let model = tiny_sd(tmp.path());
-    let mut h = common::harness_sized(&AppConfig::for_tests(&home), egui::vec2(1400.0, 1600.0));
-    h.step();
-    go_to_canvas(&mut h);
-    drop_file(&mut h, &model);
-    step_until(&mut h, "the model to load", |h| {
-        h.state().canvas().model().is_some()
-    });
+    let mut h = loaded_canvas(&home, &model, 1600.0);
     {
         let form = h.state_mut().canvas_mut().form_mut();
-        form.width = 32;
-        form.height = 32;
-        form.steps = 2;
-        form.prompt = "a red cat".into();
         form.hires = true;
         form.hires_scale = 2.0;
         form.hires_steps = 2;

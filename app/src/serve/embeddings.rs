@@ -186,20 +186,12 @@ async fn from_chat_model(shared: Arc<Shared>, body: Value) -> Result<Value, ApiE
         ));
     }
     let request = parse(&body, 0)?;
-    let ids = {
-        let _permit = shared
-            .preparing
-            .acquire()
-            .await
-            .map_err(|_| ApiError::unavailable("the server is stopping"))?;
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
+    let ids = shared
+        .blocking(move |shared| {
             let p = &shared.model.prompter;
             tokenize(&|t| p.tokenizer.encode(t), p.context, request.inputs)
         })
-        .await
-        .map_err(|e| ApiError::server(format!("tokenizing failed: {e}")))??
-    };
+        .await?;
     let tokens: usize = ids.iter().map(Vec::len).sum();
     let vectors = shared
         .on_model(move |m, _| {
@@ -220,32 +212,26 @@ pub(super) async fn embeddings(shared: Arc<Shared>, body: Value) -> Result<Value
         return from_chat_model(shared, body).await;
     };
     let request = parse(&body, model.info().dimensions)?;
-    let _permit = shared
-        .preparing
-        .acquire()
-        .await
-        .map_err(|_| ApiError::unavailable("the server is stopping"))?;
     let id = model.info().name.clone();
-    let answer = tokio::task::spawn_blocking(move || -> Result<Value, ApiError> {
-        let ids = tokenize(
-            &|t| model.tokenize(t),
-            model.info().max_tokens,
-            request.inputs,
-        )?;
-        let tokens = ids.iter().map(Vec::len).sum();
-        let vectors = ids
-            .iter()
-            .map(|ids| {
-                model
-                    .embed_tokens(ids)
-                    .map_err(|e| ApiError::from_inference(&e))
-            })
-            .collect::<Result<Vec<_>, ApiError>>()?;
-        Ok(answer(&vectors, tokens, request.base64, &id))
-    })
-    .await
-    .map_err(|e| ApiError::server(format!("the embedding failed: {e}")))??;
-    Ok(answer)
+    shared
+        .blocking(move |_| {
+            let ids = tokenize(
+                &|t| model.tokenize(t),
+                model.info().max_tokens,
+                request.inputs,
+            )?;
+            let tokens = ids.iter().map(Vec::len).sum();
+            let vectors = ids
+                .iter()
+                .map(|ids| {
+                    model
+                        .embed_tokens(ids)
+                        .map_err(|e| ApiError::from_inference(&e))
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            Ok(answer(&vectors, tokens, request.base64, &id))
+        })
+        .await
 }
 
 /// The embedding model's entry in `/v1/models`.

@@ -154,14 +154,8 @@ pub(super) async fn generate_reply(
     // The client going away from here on cancels (the future is dropped).
     let gone = Arc::new(AtomicBool::new(false));
     let cancel_on_drop = CancelOnDrop(gone.clone());
-    let prepared = {
-        let _permit = shared
-            .preparing
-            .acquire()
-            .await
-            .map_err(|_| ApiError::unavailable("the server is stopping"))?;
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
+    let prepared = shared
+        .blocking(move |shared| {
             prepare(
                 &shared.model.prompter,
                 &prompt,
@@ -170,9 +164,7 @@ pub(super) async fn generate_reply(
                 tools.as_ref(),
             )
         })
-        .await
-        .map_err(|e| ApiError::server(format!("preparing the prompt failed: {e}")))??
-    };
+        .await?;
     let serial = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let created = unix_time();
     let shape = Shape {
@@ -316,10 +308,10 @@ pub(super) fn stream_events(
         if gone {
             break;
         }
-        let tokenizer = m.tokenizer.clone();
+        // The prompter's copy of the model's tokenizer (the model is busy generating).
         let mut writer = LogprobWriter {
             endpoint: shape.endpoint,
-            tokenizer: &tokenizer,
+            tokenizer: &shared.model.prompter.tokenizer,
             offset: 0,
         };
         let run = Run {

@@ -255,6 +255,23 @@ impl Shared {
         json!({"object": "list", "data": data})
     }
 
+    /// Runs `work` (rendering, tokenizing, a small embedding model) on a blocking thread, at
+    /// most `max_preparing` at once, so the async threads never wait on it.
+    pub(super) async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&Shared) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = self
+            .preparing
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the server is stopping"))?;
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || work(&shared))
+            .await
+            .map_err(|e| ApiError::server(format!("the request's preparation failed: {e}")))?
+    }
+
     /// Runs `job` on the model once it is free, off the async threads; `None` when it could
     /// not run (the GUI unloaded the model, or it panicked).
     pub(super) async fn on_model<T: Send + 'static>(

@@ -157,9 +157,12 @@ impl Sampler {
         id
     }
 
-    /// Records `id` as generated (for the presence and frequency penalties).
+    /// Records `id` as generated (for the presence and frequency penalties; nothing is kept
+    /// when they are off).
     pub fn note(&mut self, id: u32) {
-        *self.counts.entry(id).or_insert(0) += 1;
+        if self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0 {
+            *self.counts.entry(id).or_insert(0) += 1;
+        }
     }
 
     /// Picks a token as [`Self::sample`] does without recording it (a grammar may refuse it,

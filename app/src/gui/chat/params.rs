@@ -22,6 +22,9 @@ pub struct ParametersView {
     /// The tools field as typed, and what checking it said (`None`: a valid list).
     tools_text: String,
     tools_error: Option<String>,
+    /// The tools the field's text was last made from or read into (another conversation's
+    /// tools, or a reset, remake the text).
+    tools_synced: Option<serde_json::Value>,
 }
 
 /// The accessible name of the tools field (an OpenAI `tools` list as JSON).
@@ -123,13 +126,13 @@ impl ParametersView {
     /// The tools offered to the model: an OpenAI `tools` list, checked as typed; its calls are
     /// shown in the conversation with a field for each result.
     fn tools_ui(&mut self, ui: &mut egui::Ui, tools: &mut Option<serde_json::Value>) {
-        let shown = tools
-            .as_ref()
-            .map(|t| serde_json::to_string_pretty(t).unwrap_or_default())
-            .unwrap_or_default();
-        let typed: Option<serde_json::Value> = serde_json::from_str(&self.tools_text).ok();
-        if typed.as_ref() != tools.as_ref() && self.tools_error.is_none() {
-            self.tools_text = shown;
+        if *tools != self.tools_synced {
+            self.tools_text = tools
+                .as_ref()
+                .map(|t| serde_json::to_string_pretty(t).unwrap_or_default())
+                .unwrap_or_default();
+            self.tools_synced.clone_from(tools);
+            self.tools_error = None;
         }
         ui.label(weak(
             ui,
@@ -161,6 +164,7 @@ impl ParametersView {
             };
             match checked {
                 Ok(v) => {
+                    self.tools_synced.clone_from(&v);
                     *tools = v;
                     self.tools_error = None;
                 }

@@ -1001,7 +1001,16 @@ pub struct Constraint {
     pub masked_steps: usize,
     /// Time spent checking, masking and advancing (statistics, for `studio bench generate`).
     pub time: std::time::Duration,
+    /// The last masks made, by the matcher's state: inside a `*` loop (a JSON string, an
+    /// array) the state comes back token after token, and its mask is reused.
+    masks: Vec<(MaskKey, Arc<[bool]>)>,
 }
+
+/// A matcher's state, as far as the mask depends on it.
+type MaskKey = (Vec<Stack>, Option<(u32, u8)>, u32);
+
+/// Masks kept per generation (each one byte per token of the vocabulary).
+const MASK_CACHE: usize = 16;
 
 impl Constraint {
     /// `grammar` over the vocabulary `trie`; `eos` end the text.
@@ -1012,6 +1021,7 @@ impl Constraint {
             eos: eos.to_vec(),
             masked_steps: 0,
             time: std::time::Duration::ZERO,
+            masks: Vec::new(),
         }
     }
 
@@ -1039,7 +1049,42 @@ impl Constraint {
 
     fn mask_inner(&mut self, logits: &mut [f32]) -> Result<usize> {
         self.masked_steps += 1;
-        let mut allowed = vec![false; logits.len()];
+        let m = &self.matcher;
+        let key: MaskKey = (m.stacks.clone(), m.partial, m.partial_lo);
+        let allowed = match self.masks.iter().position(|(k, _)| *k == key) {
+            Some(i) => {
+                // Most recently used last.
+                let hit = self.masks.remove(i);
+                let allowed = hit.1.clone();
+                self.masks.push(hit);
+                allowed
+            }
+            None => {
+                let allowed: Arc<[bool]> = self.allowed(logits.len())?.into();
+                if self.masks.len() >= MASK_CACHE {
+                    self.masks.remove(0);
+                }
+                self.masks.push((key, allowed.clone()));
+                allowed
+            }
+        };
+        let mut count = 0;
+        for (l, ok) in logits.iter_mut().zip(allowed.iter()) {
+            if *ok {
+                count += 1;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        for l in logits.iter_mut().skip(allowed.len()) {
+            *l = f32::NEG_INFINITY;
+        }
+        Ok(count)
+    }
+
+    /// Which of the first `n` tokens may come next: one walk of the vocabulary trie.
+    fn allowed(&self, n: usize) -> Result<Vec<bool>> {
+        let mut allowed = vec![false; n];
         let trie = &*self.trie;
         let ends = &trie.ends;
         let mut stack: Vec<(u32, Matcher)> = vec![(0, self.matcher.clone())];
@@ -1078,15 +1123,7 @@ impl Constraint {
                 }
             }
         }
-        let mut count = 0;
-        for (l, ok) in logits.iter_mut().zip(&allowed) {
-            if *ok {
-                count += 1;
-            } else {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-        Ok(count)
+        Ok(allowed)
     }
 
     /// Takes token `id` as generated.
@@ -1241,5 +1278,26 @@ mod tests {
             "complete: only the end may follow"
         );
         assert!(c.accept(3).is_err());
+    }
+
+    #[test]
+    fn a_state_that_comes_back_reuses_its_mask() {
+        let vocab: Vec<Option<Vec<u8>>> = ["a", "aa", "b", "<eos>"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i != 3).then(|| t.as_bytes().to_vec()))
+            .collect();
+        let trie = Arc::new(VocabTrie::new(vocab));
+        let g = Arc::new(Grammar::parse(r#"root ::= "a"*"#).expect("g"));
+        let mut c = Constraint::new(g, trie, &[3]);
+        let mut first = vec![0.0f32; 4];
+        assert_eq!(c.mask(&mut first).expect("mask"), 3, "a, aa and the end");
+        for _ in 0..5 {
+            c.accept(1).expect("aa");
+            let mut again = vec![0.0f32; 4];
+            c.mask(&mut again).expect("mask");
+            assert_eq!(again, first, "the same state, the same mask");
+        }
+        assert_eq!(c.masks.len(), 1, "made once, reused");
     }
 }
