@@ -53,7 +53,7 @@ fn main() {
             GgmlDType::F32
         } else {
             let cols = dims[dims.len() - 1];
-            match (high, cols % 256 == 0) {
+            match (high, cols.is_multiple_of(256)) {
                 (true, true) => GgmlDType::Q6K,
                 (true, false) => GgmlDType::Q8_0,
                 (false, true) => GgmlDType::Q4K,

@@ -1051,22 +1051,19 @@ impl Constraint {
         self.masked_steps += 1;
         let m = &self.matcher;
         let key: MaskKey = (m.stacks.clone(), m.partial, m.partial_lo);
-        let allowed = match self.masks.iter().position(|(k, _)| *k == key) {
-            Some(i) => {
-                // Most recently used last.
-                let hit = self.masks.remove(i);
-                let allowed = hit.1.clone();
-                self.masks.push(hit);
-                allowed
+        let allowed = if let Some(i) = self.masks.iter().position(|(k, _)| *k == key) {
+            // Most recently used last.
+            let hit = self.masks.remove(i);
+            let allowed = hit.1.clone();
+            self.masks.push(hit);
+            allowed
+        } else {
+            let allowed: Arc<[bool]> = self.allowed(logits.len())?.into();
+            if self.masks.len() >= MASK_CACHE {
+                self.masks.remove(0);
             }
-            None => {
-                let allowed: Arc<[bool]> = self.allowed(logits.len())?.into();
-                if self.masks.len() >= MASK_CACHE {
-                    self.masks.remove(0);
-                }
-                self.masks.push((key, allowed.clone()));
-                allowed
-            }
+            self.masks.push((key, allowed.clone()));
+            allowed
         };
         let mut count = 0;
         for (l, ok) in logits.iter_mut().zip(allowed.iter()) {
