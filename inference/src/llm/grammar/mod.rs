@@ -1009,6 +1009,10 @@ pub struct Constraint {
 /// A matcher's state, as far as the mask depends on it.
 type MaskKey = (Vec<Stack>, Option<(u32, u8)>, u32);
 
+/// The most matcher states one vocabulary mask may meet (each with a 1 KiB table of its
+/// byte transitions).
+const MAX_MASK_STATES: usize = 1 << 16;
+
 /// Masks kept per generation (each one byte per token of the vocabulary).
 const MASK_CACHE: usize = 16;
 
@@ -1079,27 +1083,57 @@ impl Constraint {
         Ok(count)
     }
 
-    /// Which of the first `n` tokens may come next: one walk of the vocabulary trie.
+    /// Which of the first `n` tokens may come next: one walk of the vocabulary trie. The
+    /// matcher states met on the way are interned and their byte transitions kept in a table,
+    /// so a state reached again (inside a string, the same state follows any ordinary
+    /// character) costs a table read, not a copy and an advance.
     fn allowed(&self, n: usize) -> Result<Vec<bool>> {
+        /// Not worked out yet / no way on.
+        const UNKNOWN: u32 = u32::MAX;
+        const DEAD: u32 = u32::MAX - 1;
+        let too_ambiguous = || {
+            Error::InvalidParameter(
+                "the grammar is too ambiguous to follow (too many readings of the text at \
+                 once); simplify it"
+                    .into(),
+            )
+        };
         let mut allowed = vec![false; n];
         let trie = &*self.trie;
         let ends = &trie.ends;
-        let mut stack: Vec<(u32, Matcher)> = vec![(0, self.matcher.clone())];
+        let mut states: Vec<Matcher> = vec![self.matcher.clone()];
+        let mut ids: HashMap<MaskKey, u32> = HashMap::new();
+        let mut table: Vec<Box<[u32; 256]>> = vec![Box::new([UNKNOWN; 256])];
         let mut work = 0usize;
-        while let Some((node, m)) = stack.pop() {
-            work += m.stacks.len().max(1);
-            if work > MAX_MASK_WORK {
-                return Err(Error::InvalidParameter(
-                    "the grammar is too ambiguous to follow (too many readings of the text at \
-                     once); simplify it"
-                        .into(),
-                ));
-            }
+        let mut stack: Vec<(u32, u32)> = vec![(0, 0)];
+        while let Some((node, state)) = stack.pop() {
             let n = trie.nodes[node as usize];
             for c in n.first_child..n.first_child + n.children {
                 let child = trie.nodes[c as usize];
-                let mut next = m.clone();
-                if !next.advance_byte(child.byte) || next.is_dead() {
+                let byte = usize::from(child.byte);
+                let mut next = table[state as usize][byte];
+                if next == UNKNOWN {
+                    let mut m = states[state as usize].clone();
+                    work += m.stacks.len().max(1);
+                    if work > MAX_MASK_WORK {
+                        return Err(too_ambiguous());
+                    }
+                    next = if m.advance_byte(child.byte) && !m.is_dead() {
+                        let key: MaskKey = (m.stacks.clone(), m.partial, m.partial_lo);
+                        if !ids.contains_key(&key) && states.len() >= MAX_MASK_STATES {
+                            return Err(too_ambiguous());
+                        }
+                        *ids.entry(key).or_insert_with(|| {
+                            states.push(m);
+                            table.push(Box::new([UNKNOWN; 256]));
+                            u32::try_from(states.len() - 1).unwrap_or(DEAD)
+                        })
+                    } else {
+                        DEAD
+                    };
+                    table[state as usize][byte] = next;
+                }
+                if next == DEAD {
                     continue;
                 }
                 let start = child.token_start as usize;
