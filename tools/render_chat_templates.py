@@ -131,6 +131,38 @@ TOOL_CONVERSATIONS = {
     ),
 }
 
+# Phi-4-mini's template reads the tools from the system message (`message['tools']`, a JSON
+# text) and never renders `tool_calls`. Its model card puts `json.dumps` of the functions there,
+# under the prompt "You are a helpful assistant with some tools." when there is no system
+# message, and the model writes its calls as `<|tool_call|>[…]<|/tool_call|>`. Studio maps an
+# OpenAI conversation the same way (ChatTemplate::adapt_tool_messages); this is that mapping,
+# done in Python, so transformers renders what the model card describes.
+PHI4_DEFAULT_SYSTEM = "You are a helpful assistant with some tools."
+
+
+def tools_in_system_message(source):
+    return "message['tools']" in source or "message.tools" in source
+
+
+def phi4_messages(messages, tools):
+    out = []
+    for m in messages:
+        m = dict(m)
+        calls = m.pop("tool_calls", None)
+        if calls:
+            listed = [
+                {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in calls
+            ]
+            m["content"] += "<|tool_call|>" + json.dumps(listed, ensure_ascii=False) + "<|/tool_call|>"
+        m.pop("tool_call_id", None)
+        out.append(m)
+    if out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": PHI4_DEFAULT_SYSTEM})
+    out[0]["tools"] = json.dumps([t["function"] for t in tools])
+    return out
+
+
 # Small templates exercising what the model templates reach only with tools or dates.
 INLINE_TEMPLATES = {
     "tojson": (
@@ -241,9 +273,13 @@ def main():
                     "messages": messages,
                     "tools": TOOLS,
                 }
-                case.update(
-                    render(text, info["bos_token"], info["eos_token"], messages, gen, TOOLS)
-                )
+                if tools_in_system_message(text):
+                    rendered = render(
+                        text, info["bos_token"], info["eos_token"], phi4_messages(messages, TOOLS), gen
+                    )
+                else:
+                    rendered = render(text, info["bos_token"], info["eos_token"], messages, gen, TOOLS)
+                case.update(rendered)
                 cases.append(case)
     for name, source in INLINE_TEMPLATES.items():
         messages, gen = CONVERSATIONS["system_chat"]

@@ -15,8 +15,8 @@
 //! - `tojson` is Python's `json.dumps` (non-ASCII kept, `", "`/`": "` separators, `indent`,
 //!   `sort_keys`, `separators`, `ensure_ascii`), not Jinja's HTML-safe one;
 //! - the variables are `messages`, `add_generation_prompt`, `bos_token` / `eos_token` (only when
-//!   the tokenizer has them, as transformers passes its special-token map), and `tools` /
-//!   `documents`, both `none`;
+//!   the tokenizer has them, as transformers passes its special-token map), `tools` (`none`
+//!   unless tools are offered) and `documents` (`none`);
 //! - Python string and dict methods (`.strip()`, `.startswith()`, `.split()`, `.items()`, …) via
 //!   minijinja-contrib's pycompat layer;
 //! - `{{ … }}` prints values as Python's `str()` does: `True`, `None`, `2.5`, `['a', 1]`;
@@ -24,10 +24,13 @@
 //! - transformers' `{% generation %}…{% endgeneration %}` tags (which mark the assistant's tokens
 //!   for training masks) render their body, as they do in transformers when no mask is asked for.
 //!
-//! Not mirrored yet (both need a minijinja feature this crate does not enable):
-//! `{% break %}` / `{% continue %}` (feature `loop_controls`) fail to compile, and dicts iterate
-//! and serialize in sorted key order rather than insertion order (feature `preserve_order`),
-//! which matters only for dict literals and tool schemas, not for messages.
+//! - `{% break %}` / `{% continue %}`, and dicts in insertion order (minijinja's
+//!   `loop_controls` and `preserve_order`).
+//!
+//! Tools: `tools` is the offered list ([`ChatTemplate::with_tools`]) and an assistant message
+//! carries its `tool_calls`. A template that reads the list from the system message instead
+//! (Phi-4-mini) gets it there, and one that ignores `tool_calls` gets the calls written into
+//! the message's text in the model's own syntax (see `adapt_tool_messages`).
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -40,6 +43,10 @@ use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+
+/// The system prompt Phi-4-mini's model card gives with tools, used when a conversation offering
+/// tools to a template that reads them from the system message has no system prompt.
+const DEFAULT_TOOLS_SYSTEM_PROMPT: &str = "You are a helpful assistant with some tools.";
 
 /// Name the compiled template has inside its environment (shows up in error locations).
 const TEMPLATE_NAME: &str = "chat_template";
@@ -274,10 +281,14 @@ impl ChatTemplate {
             return Err(Error::ChatTemplate("the conversation is empty".to_owned()));
         }
         let mut ctx = BTreeMap::<&str, Value>::new();
-        ctx.insert(
-            "messages",
-            crate::llm::template_bounds::Messages::value(messages),
-        );
+        let messages = if self.tools_in_system_message()
+            || (!self.reads_tool_calls() && messages.iter().any(|m| m.tool_calls.is_some()))
+        {
+            crate::llm::template_bounds::Messages::value(&self.adapt_tool_messages(messages))
+        } else {
+            crate::llm::template_bounds::Messages::value(messages)
+        };
+        ctx.insert("messages", messages);
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         ctx.insert(
             "tools",
@@ -333,6 +344,67 @@ impl ChatTemplate {
     /// Whether the template renders a list of tools (it reads `tools`).
     pub fn takes_tools(&self) -> bool {
         self.inner.source.contains("tools")
+    }
+
+    /// Whether the template reads the tool list from the system message (`message['tools']`,
+    /// a JSON text), as Phi-4-mini's does, instead of from the `tools` variable.
+    fn tools_in_system_message(&self) -> bool {
+        let s = &self.inner.source;
+        s.contains("message['tools']") || s.contains("message.tools")
+    }
+
+    /// Whether the template renders an assistant's `tool_calls`.
+    fn reads_tool_calls(&self) -> bool {
+        self.inner.source.contains("tool_calls")
+    }
+
+    /// The conversation adapted to a template that does not read tools the transformers way:
+    /// - a template reading `message['tools']` gets the offered functions on the system
+    ///   message, as the JSON text Phi-4-mini's model card shows (`json.dumps` of
+    ///   `[{"name", "description", "parameters"}]`); without a system message, one with the
+    ///   card's prompt "You are a helpful assistant with some tools." is put first;
+    /// - an assistant's calls, which such a template would drop, are written into its content
+    ///   the way the model writes them ([`ToolSyntax::write_calls`]).
+    ///
+    /// [`ToolSyntax::write_calls`]: crate::llm::tools::ToolSyntax::write_calls
+    fn adapt_tool_messages(&self, messages: &[TemplateMessage]) -> Vec<serde_json::Value> {
+        let syntax = crate::llm::tools::ToolSyntax::of_template(&self.inner.source);
+        let mut out: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or_default();
+                if !self.reads_tool_calls()
+                    && let Some(calls) = m.tool_calls.and_then(serde_json::Value::as_array)
+                {
+                    let calls: Vec<(&str, &serde_json::Value)> = calls
+                        .iter()
+                        .filter_map(|c| {
+                            let f = c.get("function")?;
+                            Some((f.get("name")?.as_str()?, f.get("arguments")?))
+                        })
+                        .collect();
+                    v["content"] = format!("{}{}", m.content, syntax.write_calls(&calls)).into();
+                }
+                v
+            })
+            .collect();
+        if self.tools_in_system_message()
+            && let Some(tools) = self.tools.as_deref().and_then(serde_json::Value::as_array)
+        {
+            let functions: Vec<serde_json::Value> = tools
+                .iter()
+                .map(|t| t.get("function").cloned().unwrap_or_else(|| t.clone()))
+                .collect();
+            let text = python_json(&serde_json::Value::Array(functions), true);
+            if out.first().and_then(|m| m.get("role")) != Some(&"system".into()) {
+                out.insert(
+                    0,
+                    serde_json::json!({"role": "system", "content": DEFAULT_TOOLS_SYSTEM_PROMPT}),
+                );
+            }
+            out[0]["tools"] = text.into();
+        }
+        out
     }
 
     /// The template's Jinja text.
@@ -712,6 +784,22 @@ fn tojson(value: &Value, args: Rest<Value>) -> std::result::Result<Value, miniji
     let mut out = String::new();
     write_json(&mut out, value, &opts, 0)?;
     Ok(Value::from(out))
+}
+
+/// `value` as Python's `json.dumps(value, ensure_ascii=…)` writes it (`", "` and `": "`
+/// separators, keys in their order).
+pub(crate) fn python_json(value: &serde_json::Value, ensure_ascii: bool) -> String {
+    let opts = JsonOptions {
+        ensure_ascii,
+        sort_keys: false,
+        indent: None,
+        item_sep: ", ".to_owned(),
+        key_sep: ": ".to_owned(),
+    };
+    let mut out = String::new();
+    // A JSON value always serializes.
+    let _ = write_json(&mut out, &Value::from_serialize(value), &opts, 0);
+    out
 }
 
 struct JsonOptions {

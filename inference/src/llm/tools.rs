@@ -6,6 +6,8 @@
 //! - Llama 3.1 / 3.2: the reply is a JSON object `{"name": …, "parameters": {…}}` (or
 //!   `"arguments"`), optionally after `<|python_tag|>`, several separated by `;`;
 //! - Mistral: `[TOOL_CALLS] [{"name": …, "arguments": {…}}, …]`;
+//! - Phi-4-mini: `<|tool_call|>[{"name": …, "arguments": {…}}, …]<|/tool_call|>` (the list's
+//!   brackets or the closing tag are sometimes left out);
 //! - otherwise (a forced call, [`ToolSyntax::Json`]): the reply is `{"name": …, "arguments":
 //!   {…}}`.
 //!
@@ -24,6 +26,8 @@ pub enum ToolSyntax {
     Llama3,
     /// `[TOOL_CALLS]` then a JSON list (Mistral).
     Mistral,
+    /// `<|tool_call|>` then a JSON list, up to `<|/tool_call|>` (Phi-4-mini).
+    Phi4,
     /// A bare JSON object `{"name", "arguments"}`.
     Json,
 }
@@ -33,6 +37,8 @@ impl ToolSyntax {
     pub fn of_template(source: &str) -> Self {
         if source.contains("<tool_call>") {
             ToolSyntax::Hermes
+        } else if source.contains("<|tool|>") || source.contains("<|tool_call|>") {
+            ToolSyntax::Phi4
         } else if source.contains("[TOOL_CALLS]") {
             ToolSyntax::Mistral
         } else if source.contains("<|python_tag|>") || source.contains("\"parameters\"") {
@@ -47,6 +53,7 @@ impl ToolSyntax {
         match self {
             ToolSyntax::Hermes => &["<tool_call>"],
             ToolSyntax::Mistral => &["[TOOL_CALLS]"],
+            ToolSyntax::Phi4 => &["<|tool_call|>"],
             ToolSyntax::Llama3 => &["<|python_tag|>", "{"],
             ToolSyntax::Json => &["{"],
         }
@@ -55,6 +62,48 @@ impl ToolSyntax {
     /// Whether a call may only open the reply (after whitespace), not follow text.
     pub fn opens_reply_only(self) -> bool {
         matches!(self, ToolSyntax::Llama3 | ToolSyntax::Json)
+    }
+
+    /// `calls` (name, arguments) as the model writes them, for a template that does not render
+    /// an assistant's `tool_calls` itself; JSON as Python's `json.dumps` writes it.
+    pub fn write_calls(self, calls: &[(&str, &Value)]) -> String {
+        let object = |name: &str, args: &Value, key: &str| {
+            let mut o = serde_json::Map::new();
+            o.insert("name".to_owned(), Value::from(name));
+            o.insert(key.to_owned(), args.clone());
+            Value::Object(o)
+        };
+        let list = |key: &str| Value::Array(calls.iter().map(|(n, a)| object(n, a, key)).collect());
+        let dumps = |v: &Value| crate::llm::template::python_json(v, false);
+        if calls.is_empty() {
+            return String::new();
+        }
+        match self {
+            ToolSyntax::Hermes => calls
+                .iter()
+                .map(|(n, a)| {
+                    format!(
+                        "<tool_call>\n{}\n</tool_call>",
+                        dumps(&object(n, a, "arguments"))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            ToolSyntax::Mistral => format!("[TOOL_CALLS] {}", dumps(&list("arguments"))),
+            ToolSyntax::Phi4 => format!("<|tool_call|>{}<|/tool_call|>", dumps(&list("arguments"))),
+            ToolSyntax::Llama3 | ToolSyntax::Json => {
+                let key = if self == ToolSyntax::Llama3 {
+                    "parameters"
+                } else {
+                    "arguments"
+                };
+                calls
+                    .iter()
+                    .map(|(n, a)| dumps(&object(n, a, key)))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }
+        }
     }
 }
 
@@ -104,6 +153,17 @@ fn leading_json(text: &str) -> (Vec<Value>, usize) {
     }
 }
 
+/// The calls in JSON values that are calls or lists of calls.
+fn calls_in_values(values: &[Value]) -> Vec<(String, String)> {
+    values
+        .iter()
+        .flat_map(|v| match v {
+            Value::Array(list) => list.iter().filter_map(call_of).collect::<Vec<_>>(),
+            other => call_of(other).into_iter().collect(),
+        })
+        .collect()
+}
+
 /// The tool calls in `text` (a whole reply) written in `syntax`: the text before them (the
 /// reply's content) and the calls, `None` when it has none.
 pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(String, String)>)> {
@@ -124,16 +184,25 @@ pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(
             }
             (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
         }
+        ToolSyntax::Phi4 => {
+            let first = text.find("<|tool_call|>")?;
+            let mut calls = Vec::new();
+            let mut rest = &text[first..];
+            while let Some(start) = rest.find("<|tool_call|>") {
+                let body = &rest[start + "<|tool_call|>".len()..];
+                let (inner, next) = match body.find("<|/tool_call|>") {
+                    Some(end) => (&body[..end], &body[end + "<|/tool_call|>".len()..]),
+                    None => (body, ""),
+                };
+                calls.extend(calls_in_values(&leading_json(inner).0));
+                rest = next;
+            }
+            (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
+        }
         ToolSyntax::Mistral => {
             let first = text.find("[TOOL_CALLS]")?;
             let (values, _) = leading_json(&text[first + "[TOOL_CALLS]".len()..]);
-            let calls: Vec<(String, String)> = values
-                .iter()
-                .flat_map(|v| match v {
-                    Value::Array(list) => list.iter().filter_map(call_of).collect::<Vec<_>>(),
-                    other => call_of(other).into_iter().collect(),
-                })
-                .collect();
+            let calls = calls_in_values(&values);
             (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
         }
         ToolSyntax::Llama3 | ToolSyntax::Json => {
@@ -255,9 +324,14 @@ pub fn check_tools(list: &[Value]) -> Result<Vec<(String, Value)>, String> {
 /// The tool calls in a reply written in any of the syntaxes (for a conversation whose
 /// model's syntax is not known, such as one read back from disk).
 pub fn parse_any(text: &str) -> Option<(String, Vec<(String, String)>)> {
-    [ToolSyntax::Hermes, ToolSyntax::Mistral, ToolSyntax::Llama3]
-        .into_iter()
-        .find_map(|s| parse_tool_calls(s, text))
+    [
+        ToolSyntax::Hermes,
+        ToolSyntax::Phi4,
+        ToolSyntax::Mistral,
+        ToolSyntax::Llama3,
+    ]
+    .into_iter()
+    .find_map(|s| parse_tool_calls(s, text))
 }
 
 /// Tool calls with their ids: `(id, name, arguments as JSON text)`.
@@ -328,6 +402,55 @@ mod tests {
             ]
         );
         assert!(parse_tool_calls(ToolSyntax::Hermes, "no calls here").is_none());
+
+        // Phi-4-mini: a list in tags; the brackets or the closing tag may be missing.
+        let phi = "Sure.<|tool_call|>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]<|/tool_call|>";
+        let (content, calls) = parse_tool_calls(ToolSyntax::Phi4, phi).expect("phi");
+        assert_eq!(content, "Sure.");
+        assert_eq!(calls, [("get_weather".into(), r#"{"city":"Oslo"}"#.into())]);
+        let loose = "<|tool_call|>{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {\"k\": 1}}";
+        assert_eq!(
+            parse_tool_calls(ToolSyntax::Phi4, loose)
+                .expect("loose")
+                .1
+                .len(),
+            2
+        );
+        assert_eq!(parse_any(phi).expect("any").1.len(), 1);
+    }
+
+    #[test]
+    fn calls_are_written_back_as_each_family_writes_them() {
+        let args = json!({"city": "Zürich"});
+        let calls = [("get_weather", &args)];
+        let expected = [
+            (
+                ToolSyntax::Hermes,
+                "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}\n</tool_call>",
+            ),
+            (
+                ToolSyntax::Phi4,
+                "<|tool_call|>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}]<|/tool_call|>",
+            ),
+            (
+                ToolSyntax::Mistral,
+                "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}]",
+            ),
+            (
+                ToolSyntax::Llama3,
+                "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Zürich\"}}",
+            ),
+        ];
+        for (syntax, text) in expected {
+            assert_eq!(syntax.write_calls(&calls), text, "{syntax:?}");
+            // What is written reads back as the same call.
+            let (_, back) = parse_tool_calls(syntax, text).expect("reads back");
+            assert_eq!(
+                back,
+                [("get_weather".into(), r#"{"city":"Zürich"}"#.into())]
+            );
+        }
+        assert_eq!(ToolSyntax::Hermes.write_calls(&[]), "");
     }
 
     #[test]
@@ -343,6 +466,10 @@ mod tests {
         assert_eq!(
             ToolSyntax::of_template("<|python_tag|>"),
             ToolSyntax::Llama3
+        );
+        assert_eq!(
+            ToolSyntax::of_template("'<|tool|>' + message['tools'] + '<|/tool|>'"),
+            ToolSyntax::Phi4
         );
         let id = call_id(7, 0);
         assert!(id.starts_with("call_") && id.len() == 29);
