@@ -1,9 +1,11 @@
 //! Embeddings from a chat model's hidden states (`CausalLm::hidden_states`,
 //! `LoadedModel::embed_tokens`) on Studio's GGUF kernels: the last row, projected by the
 //! model's own output matrix read from the file, gives the logits the model computes, and the
-//! pooled embedding is the rows' mean scaled to length 1.
+//! pooled embedding is the rows' mean scaled to length 1, or the first or last row when the
+//! file's `pooling_type` says so (Qwen3-Embedding is last-token).
 
 use candle_core::Device;
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, gguf_file};
 use studio_inference::llm::loader;
 use studio_tests::families::write_family_with;
@@ -87,5 +89,62 @@ fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
             .to_vec1()
             .expect("vec");
         assert_eq!(again, logits, "{family}");
+    }
+}
+
+#[test]
+fn the_files_pooling_type_picks_the_row_and_a_reranker_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_family_with(
+        tmp.path(),
+        "qwen2",
+        &serde_json::json!({"hidden_size": 256, "intermediate_size": 512,
+            "num_attention_heads": 4, "num_key_value_heads": 2}),
+        5,
+    );
+    let load = |pooling: Option<u32>| {
+        let path = tmp.path().join(format!("model-{pooling:?}.gguf"));
+        let mut opts = GgufOptions::with_dtype(GgmlDType::Q8_0);
+        if let Some(p) = pooling {
+            opts.overrides
+                .push(("qwen2.pooling_type".to_owned(), Value::U32(p)));
+        }
+        convert(tmp.path(), &path, &opts);
+        loader::load(&path, &Device::Cpu, &mut |_, _| {}).expect("load")
+    };
+    let mut plain = load(None);
+    let ids = plain
+        .tokenizer
+        .encode("pool these few tokens")
+        .expect("ids");
+    let hidden = plain.model.hidden_states(&ids).expect("hidden");
+    let unit = |row: candle_core::Tensor| {
+        let mut v: Vec<f32> = row.to_vec1().expect("vec");
+        studio_inference::embed::normalize(&mut v);
+        v
+    };
+    let mean = unit(hidden.mean(0).expect("mean"));
+    let first = unit(hidden.get(0).expect("first"));
+    let last = unit(hidden.get(ids.len() - 1).expect("last"));
+    // Nothing said and "none" (0) pool by the mean; 1 mean, 2 CLS (first), 3 last token.
+    for (pooling, expected) in [
+        (None, &mean),
+        (Some(0), &mean),
+        (Some(1), &mean),
+        (Some(2), &first),
+        (Some(3), &last),
+    ] {
+        let e = load(pooling).embed_tokens(&ids).expect("embed");
+        let c = cosine(&e, expected);
+        assert!(c > 0.999_99, "pooling_type {pooling:?}: cosine {c}");
+    }
+    assert!(cosine(&first, &last) < 0.99, "the rows differ");
+    // A reranker (4) and an unknown kind load as chat models but give no embeddings.
+    for (pooling, says) in [(4, "reranker"), (9, "unknown")] {
+        let err = load(Some(pooling))
+            .embed_tokens(&ids)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(says) && err.contains("pooling_type"), "{err}");
     }
 }

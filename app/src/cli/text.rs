@@ -107,7 +107,8 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
     /// A sentence-transformers folder of a BERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5,
-    /// …), or a GGUF chat model (its hidden states, mean-pooled).
+    /// …), or a GGUF chat model (its hidden states, pooled as its `pooling_type` says, else
+    /// the mean).
     #[arg(long, value_parser = crate::cli::values::model_path())]
     pub model: std::path::PathBuf,
     /// A text to embed (repeatable). Each gives one JSON line on stdout: `{"index", "tokens",
@@ -147,8 +148,8 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
     )
 }
 
-/// `studio embed` with a chat model (a GGUF on Studio's kernels): its hidden states,
-/// mean-pooled and scaled to length 1.
+/// `studio embed` with a chat model (a GGUF on Studio's kernels): its hidden states, pooled
+/// as the file says and scaled to length 1.
 fn embed_with_chat_model(
     args: &EmbedArgs,
     choice: &studio_inference::device::DeviceChoice,
@@ -156,9 +157,12 @@ fn embed_with_chat_model(
     let mut m = studio_inference::llm::loader::load(&args.model, &choice.device, &mut |_, _| {})
         .with_context(|| format!("loading {}", args.model.display()))?;
     let context = m.model.context_length();
+    let pooling = m.model.embedding_pooling()?;
     eprintln!(
-        "chat model {} on {}: its hidden states, mean-pooled and normalized",
-        m.info.name, choice.label
+        "chat model {} on {}: its hidden states, {} pooling, normalized",
+        m.info.name,
+        choice.label,
+        pooling.name()
     );
     let tokenizer = m.tokenizer.clone();
     print_embeddings(

@@ -1,8 +1,8 @@
 //! `POST /v1/embeddings`: OpenAI's request (`input` as a string, a list of strings, a list of
 //! token ids or a list of such lists; `encoding_format` float or base64; `dimensions` when it
 //! is the model's own) answered from the server's sentence-embedding model, or without one from
-//! the served chat model itself (its hidden states, mean-pooled and normalised, as llama.cpp's
-//! server does), each input checked against the model's length first (a 400 with its token
+//! the served chat model itself (its hidden states, pooled as the file's `pooling_type` says —
+//! the mean when it says nothing — and normalised, as llama.cpp's server does), each input checked against the model's length first (a 400 with its token
 //! count, never cut short).
 
 use std::sync::Arc;

@@ -164,16 +164,22 @@ impl LoadedModel {
 }
 
 impl LoadedModel {
-    /// An embedding of `tokens` from this (chat) model: its final hidden states, mean-pooled
-    /// and scaled to length 1, as llama.cpp's server gives them for a model without a pooling
-    /// of its own. Models that give no hidden states say so
-    /// ([`crate::models::CausalLm::hidden_states`]).
+    /// An embedding of `tokens` from this (chat) model: its final hidden states, pooled as
+    /// its file says (a GGUF's `pooling_type`: mean, first or last token; the mean when it
+    /// says nothing) and scaled to length 1, as llama.cpp's server gives them. Models that
+    /// give no hidden states say so ([`crate::models::CausalLm::hidden_states`]), and so
+    /// does a reranker.
     pub fn embed_tokens(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        use crate::embed::Pooling;
+        let pooling = self.model.embedding_pooling()?;
         let hidden = self.model.hidden_states(tokens)?;
-        let mut v = hidden
-            .mean(0)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
+        let pooled = match pooling {
+            Pooling::Cls => hidden.get(0)?,
+            Pooling::LastToken => hidden.get(tokens.len() - 1)?,
+            Pooling::Max => hidden.max(0)?,
+            Pooling::Mean | Pooling::MeanSqrtLen => hidden.mean(0)?,
+        };
+        let mut v = pooled.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
         crate::embed::normalize(&mut v);
         Ok(v)
     }

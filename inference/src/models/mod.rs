@@ -61,6 +61,13 @@ pub trait CausalLm: Send {
     /// Size of the vocabulary: the length of the logits a forward pass returns.
     fn vocab_size(&self) -> usize;
 
+    /// How this model's hidden states pool into an embedding: what its file says (a GGUF's
+    /// `pooling_type`: last-token for Qwen3-Embedding, mean for most), else the mean, as
+    /// llama.cpp's server pools a model that says nothing.
+    fn embedding_pooling(&self) -> Result<crate::embed::Pooling> {
+        Ok(crate::embed::Pooling::Mean)
+    }
+
     /// The final hidden states of `tokens` from position 0 (after the last norm, before the
     /// output projection), `(tokens, hidden)`, for embeddings; the KV cache is left empty.
     /// Models that can't give them say so.

@@ -243,6 +243,8 @@ pub(super) struct GgufCausalLm {
     /// The tokens whose keys and values the cache holds, in order (tracked for the model
     /// that can truncate its cache, so a caller can reuse a shared prompt prefix).
     pub(super) fed: Vec<u32>,
+    /// The file's `pooling_type` for embeddings ([`CausalLm::embedding_pooling`]).
+    pub(super) pooling: std::result::Result<Option<crate::embed::Pooling>, String>,
 }
 
 impl GgufCausalLm {
@@ -290,6 +292,13 @@ impl GgufCausalLm {
 }
 
 impl CausalLm for GgufCausalLm {
+    fn embedding_pooling(&self) -> Result<crate::embed::Pooling> {
+        match &self.pooling {
+            Ok(p) => Ok(p.unwrap_or(crate::embed::Pooling::Mean)),
+            Err(why) => Err(Error::InvalidParameter(why.clone())),
+        }
+    }
+
     fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
         self.validate(tokens, 0)?;
         let Inner::Studio(m) = &mut self.inner else {

@@ -51,6 +51,9 @@ pub(super) struct Hparams {
     pub(super) candle_warnings: Vec<String>,
     /// Why candle's model cannot run the file (Studio's CPU model can).
     pub(super) candle_refusal: Option<String>,
+    /// How the file says its hidden states pool into an embedding (`{arch}.pooling_type`):
+    /// `None` when it says nothing (or "none"); an error for a kind embeddings can't use.
+    pub(super) pooling: std::result::Result<Option<crate::embed::Pooling>, String>,
 }
 
 pub(super) struct Checker<'a> {
@@ -332,6 +335,22 @@ pub(super) fn hparams(
     } else {
         None
     };
+    // llama.cpp's enum llama_pooling_type.
+    let pooling = match meta.usize(&key("pooling_type"))? {
+        None | Some(0) => Ok(None),
+        Some(1) => Ok(Some(crate::embed::Pooling::Mean)),
+        Some(2) => Ok(Some(crate::embed::Pooling::Cls)),
+        Some(3) => Ok(Some(crate::embed::Pooling::LastToken)),
+        Some(4) => Err(format!(
+            "{} is a reranker ({arch}.pooling_type 4, rank): it scores query and document \
+             pairs and gives no embeddings",
+            path.display()
+        )),
+        Some(n) => Err(format!(
+            "{} has an unknown {arch}.pooling_type {n}",
+            path.display()
+        )),
+    };
     Ok(Hparams {
         family,
         arch: arch.to_owned(),
@@ -350,6 +369,7 @@ pub(super) fn hparams(
         candle_warnings,
         candle_refusal,
         gemma,
+        pooling,
     })
 }
 

@@ -448,6 +448,7 @@ pub fn load(
         device: device.clone(),
         qwen3_decoded: false,
         fed: Vec::new(),
+        pooling: hp.pooling.clone(),
     };
     Ok(GgufModel {
         model: Box::new(model),
