@@ -99,15 +99,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ORIGIN")]
     pub cors_origin: Option<String>,
     /// Also serve this sentence-embedding model at /v1/embeddings: a sentence-transformers
-    /// folder of a BERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5, …).
+    /// folder of a BERT or NomicBERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5,
+    /// nomic-embed-text-v1.5, …).
     #[arg(long, value_name = "DIR", value_parser = crate::cli::values::model_path())]
     pub embedding_model: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
-    /// A sentence-transformers folder of a BERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5,
-    /// …), or a GGUF chat model (its hidden states, pooled as its `pooling_type` says, else
+    /// A sentence-transformers folder of a BERT or NomicBERT encoder (all-MiniLM-L6-v2,
+    /// bge-small-en-v1.5, nomic-embed-text-v1.5, …), or a GGUF chat model (its hidden states, pooled as its `pooling_type` says, else
     /// the mean).
     #[arg(long, value_parser = crate::cli::values::model_path())]
     pub model: std::path::PathBuf,

@@ -1,6 +1,6 @@
 //! Sentence embeddings from `sentence-transformers` folders of BERT-family encoders (all-MiniLM,
-//! bge, e5, …): the encoder (candle's `BertModel`, in the published tensor names, `bert.`
-//! prefixed or not), the pooling the folder's `1_Pooling/config.json` names (mean, CLS, max,
+//! bge, e5, nomic-embed-text, …): the encoder (candle's `BertModel`, in the published tensor
+//! names, `bert.` prefixed or not; or NomicBERT, [`nomic`]), the pooling the folder's `1_Pooling/config.json` names (mean, CLS, max,
 //! last token, mean / √length) and the L2 normalisation of its `Normalize` module, as
 //! `SentenceTransformer.encode` computes them.
 //!
@@ -20,6 +20,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::weights::{ReleasingMmap, open_checkpoint};
+
+mod nomic;
 
 /// The largest JSON file read from a model folder.
 const MAX_JSON: u64 = 1 << 20;
@@ -71,10 +73,16 @@ pub struct EmbeddingInfo {
     pub normalize: bool,
 }
 
+/// The encoder of an embedding model.
+enum Encoder {
+    Bert(Box<BertModel>),
+    Nomic(nomic::NomicBert),
+}
+
 /// A loaded sentence-embedding model.
 pub struct EmbeddingModel {
     info: EmbeddingInfo,
-    bert: BertModel,
+    encoder: Encoder,
     tokenizer: tokenizers::Tokenizer,
     device: Device,
 }
@@ -234,70 +242,27 @@ pub fn load(dir: &Path, device: &Device) -> Result<EmbeddingModel> {
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or("unknown");
-    if model_type != "bert" {
-        // RoBERTa's positions start after the padding index, NomicBERT has rotary positions:
-        // neither is candle's BERT.
+    let (kind, dimensions, positions) = if nomic::is_nomic(&config) {
+        let c = nomic::NomicConfig::read(&config, &config_path)?;
+        let (hidden, positions) = (c.hidden, c.positions);
+        (Kind::Nomic(c), hidden, positions)
+    } else if model_type == "bert" {
+        let c = bert_config(&config, &config_path)?;
+        let (hidden, positions) = (c.hidden_size, c.max_position_embeddings);
+        (Kind::Bert(c), hidden, positions)
+    } else {
+        // RoBERTa's positions start after the padding index: not candle's BERT.
         return Err(Error::UnsupportedArchitecture(
             format!("{model_type} (as an embedding model)"),
-            "BERT sentence-transformers models (all-MiniLM, bge, e5, …)".into(),
+            "BERT sentence-transformers models (all-MiniLM, bge, e5, …) and NomicBERT \
+             (nomic-embed-text v1, v1.5)"
+                .into(),
         ));
-    }
-    let hidden = size(&config, &config_path, "hidden_size", None, 8192)?;
-    let heads = size(&config, &config_path, "num_attention_heads", None, 256)?;
-    if hidden % heads != 0 {
-        return Err(Error::BadConfig {
-            path: config_path,
-            message: format!("{heads} heads do not divide the hidden size {hidden}"),
-        });
-    }
-    let positions = size(
-        &config,
-        &config_path,
-        "max_position_embeddings",
-        Some(512),
-        1 << 17,
-    )?;
-    let act = match config
-        .get("hidden_act")
-        .and_then(Value::as_str)
-        .unwrap_or("gelu")
-    {
-        "gelu" => HiddenAct::Gelu,
-        "gelu_new" | "gelu_pytorch_tanh" => HiddenAct::GeluApproximate,
-        "relu" => HiddenAct::Relu,
-        other => {
-            return Err(Error::BadConfig {
-                path: config_path,
-                message: format!("activation `{other}` is not supported"),
-            });
-        }
-    };
-    let bert_config = Config {
-        vocab_size: size(&config, &config_path, "vocab_size", None, 1 << 20)?,
-        hidden_size: hidden,
-        num_hidden_layers: size(&config, &config_path, "num_hidden_layers", None, 256)?,
-        num_attention_heads: heads,
-        intermediate_size: size(&config, &config_path, "intermediate_size", None, 1 << 16)?,
-        hidden_act: act,
-        hidden_dropout_prob: 0.0,
-        max_position_embeddings: positions,
-        type_vocab_size: size(&config, &config_path, "type_vocab_size", Some(2), 16)?,
-        initializer_range: 0.02,
-        layer_norm_eps: config
-            .get("layer_norm_eps")
-            .and_then(Value::as_f64)
-            .filter(|e| *e > 0.0 && *e < 1.0)
-            .unwrap_or(1e-12),
-        pad_token_id: 0,
-        position_embedding_type: PositionEmbeddingType::Absolute,
-        use_cache: false,
-        classifier_dropout: None,
-        model_type: Some(model_type.to_owned()),
     };
     let (pooling_dir, normalize) = read_modules(dir)?;
     let pooling = read_pooling(pooling_dir.as_deref())?;
     // The sequence length: sentence-transformers' own setting, else the tokenizer's, at most
-    // the position table's.
+    // the model's positions.
     let st = read_json_if_exists(&dir.join("sentence_bert_config.json"))?;
     let tok_config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
     let max_tokens = st
@@ -336,10 +301,18 @@ pub fn load(dir: &Path, device: &Device) -> Result<EmbeddingModel> {
         })?;
     let tensors = open_checkpoint(std::slice::from_ref(&weights))?;
     let vb = VarBuilder::from_backend(Box::new(ReleasingMmap(tensors)), DType::F32, device.clone());
-    let bert = BertModel::load(vb, &bert_config).map_err(|e| Error::InvalidModel {
+    let wrong = |what: &str, e: candle_core::Error| Error::InvalidModel {
         path: weights.clone(),
-        message: format!("not the BERT encoder its config.json describes: {e}"),
-    })?;
+        message: format!("not the {what} encoder its config.json describes: {e}"),
+    };
+    let encoder = match &kind {
+        Kind::Bert(c) => Encoder::Bert(Box::new(
+            BertModel::load(vb, c).map_err(|e| wrong("BERT", e))?,
+        )),
+        Kind::Nomic(c) => {
+            Encoder::Nomic(nomic::NomicBert::load(&vb, c).map_err(|e| wrong("NomicBERT", e))?)
+        }
+    };
     Ok(EmbeddingModel {
         info: EmbeddingInfo {
             name: dir
@@ -347,15 +320,79 @@ pub fn load(dir: &Path, device: &Device) -> Result<EmbeddingModel> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             path: dir.to_owned(),
-            dimensions: hidden,
+            dimensions,
             max_tokens,
             pooling,
             normalize,
         },
-        bert,
+        encoder,
         tokenizer,
         device: device.clone(),
     })
+}
+
+/// What `config.json` describes.
+enum Kind {
+    Bert(Config),
+    Nomic(nomic::NomicConfig),
+}
+
+/// candle's BERT config from a BERT `config.json`.
+fn bert_config(config: &Value, config_path: &Path) -> Result<Config> {
+    let config_path = config_path.to_owned();
+    let hidden = size(config, &config_path, "hidden_size", None, 8192)?;
+    let heads = size(config, &config_path, "num_attention_heads", None, 256)?;
+    if hidden % heads != 0 {
+        return Err(Error::BadConfig {
+            path: config_path,
+            message: format!("{heads} heads do not divide the hidden size {hidden}"),
+        });
+    }
+    let positions = size(
+        config,
+        &config_path,
+        "max_position_embeddings",
+        Some(512),
+        1 << 17,
+    )?;
+    let act = match config
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .unwrap_or("gelu")
+    {
+        "gelu" => HiddenAct::Gelu,
+        "gelu_new" | "gelu_pytorch_tanh" => HiddenAct::GeluApproximate,
+        "relu" => HiddenAct::Relu,
+        other => {
+            return Err(Error::BadConfig {
+                path: config_path,
+                message: format!("activation `{other}` is not supported"),
+            });
+        }
+    };
+    let bert_config = Config {
+        vocab_size: size(config, &config_path, "vocab_size", None, 1 << 20)?,
+        hidden_size: hidden,
+        num_hidden_layers: size(config, &config_path, "num_hidden_layers", None, 256)?,
+        num_attention_heads: heads,
+        intermediate_size: size(config, &config_path, "intermediate_size", None, 1 << 16)?,
+        hidden_act: act,
+        hidden_dropout_prob: 0.0,
+        max_position_embeddings: positions,
+        type_vocab_size: size(config, &config_path, "type_vocab_size", Some(2), 16)?,
+        initializer_range: 0.02,
+        layer_norm_eps: config
+            .get("layer_norm_eps")
+            .and_then(Value::as_f64)
+            .filter(|e| *e > 0.0 && *e < 1.0)
+            .unwrap_or(1e-12),
+        pad_token_id: 0,
+        position_embedding_type: PositionEmbeddingType::Absolute,
+        use_cache: false,
+        classifier_dropout: None,
+        model_type: Some("bert".to_owned()),
+    };
+    Ok(bert_config)
 }
 
 impl EmbeddingModel {
@@ -399,7 +436,10 @@ impl EmbeddingModel {
         let n = ids.len();
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let types = input.zeros_like()?;
-        let hidden = self.bert.forward(&input, &types, None)?.squeeze(0)?; // (n, d)
+        let hidden = match &self.encoder {
+            Encoder::Bert(bert) => bert.forward(&input, &types, None)?.squeeze(0)?,
+            Encoder::Nomic(nomic) => nomic.forward(&input.squeeze(0)?)?,
+        }; // (n, d)
         // Lengths are bounded by max_tokens, far inside f64's exact range.
         #[allow(clippy::cast_precision_loss)]
         let count = n as f64;
