@@ -20,6 +20,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -764,98 +766,31 @@ impl Matcher {
         self.partial.is_none() && self.stacks.iter().all(Vec::is_empty)
     }
 
-    /// Whether no text can continue from here (a dead end).
-    fn is_dead(&self) -> bool {
-        self.stacks.is_empty()
-    }
-
-    fn accept_char(&self, c: u32) -> Vec<Stack> {
-        let mut out = Vec::new();
-        for s in &self.stacks {
-            if self.grammar.class_at(s).is_some_and(|k| k.matches(c)) {
-                let mut n = s.clone();
-                if let Some(t) = n.last_mut() {
-                    t.elem += 1;
-                }
-                self.grammar.expand(n, &mut out);
-                if out.len() > MAX_STACKS {
-                    break;
-                }
-            }
-        }
-        dedup(&mut out);
-        out
-    }
-
     /// Reads one byte; `false` (and unchanged) when the grammar cannot take it.
     pub fn advance_byte(&mut self, b: u8) -> bool {
-        match self.partial {
-            None if b < 0x80 => {
-                let next = self.accept_char(u32::from(b));
+        match step_byte(
+            &self.grammar,
+            &self.stacks,
+            self.partial,
+            self.partial_lo,
+            b,
+        ) {
+            Step::Dead => false,
+            Step::Partial(partial, lo) => {
+                self.partial = Some(partial);
+                self.partial_lo = lo;
+                true
+            }
+            Step::Char(c) => {
+                let next = accept_char(&self.grammar, &self.stacks, c);
                 if next.is_empty() {
                     return false;
                 }
                 self.stacks = next;
-                true
-            }
-            None => {
-                let (bits, more, lo, hi) = match b {
-                    0xC2..=0xDF => (u32::from(b & 0x1F), 1, 0x80, 0x7FF),
-                    0xE0..=0xEF => (u32::from(b & 0x0F), 2, 0x800, 0xFFFF),
-                    0xF0..=0xF4 => (u32::from(b & 0x07), 3, 0x1_0000, 0x10_FFFF),
-                    _ => return false,
-                };
-                let lo = lo.max(bits << (6 * more));
-                let hi = hi.min(((bits + 1) << (6 * more)) - 1);
-                if !self.could_take(lo, hi) {
-                    return false;
-                }
-                self.partial = Some((bits, more));
-                self.partial_lo = lo;
-                true
-            }
-            Some((bits, more)) => {
-                if b & 0xC0 != 0x80 {
-                    return false;
-                }
-                let bits = (bits << 6) | u32::from(b & 0x3F);
-                let more = more - 1;
-                if more == 0 {
-                    // No overlong forms, no surrogates: valid UTF-8 only.
-                    if bits < self.partial_lo || (0xD800..=0xDFFF).contains(&bits) {
-                        return false;
-                    }
-                    let next = self.accept_char(bits);
-                    if next.is_empty() {
-                        return false;
-                    }
-                    self.stacks = next;
-                    self.partial = None;
-                    return true;
-                }
-                let lo = (bits << (6 * u32::from(more))).max(self.partial_lo);
-                let hi = ((bits + 1) << (6 * u32::from(more))) - 1;
-                if !self.could_take(lo, hi) {
-                    return false;
-                }
-                self.partial = Some((bits, more));
+                self.partial = None;
                 true
             }
         }
-    }
-
-    /// Whether a character in `lo..=hi` (of a partly read one) may come next: a valid one
-    /// (no surrogates, at most U+10FFFF) that a stack takes.
-    fn could_take(&self, lo: u32, hi: u32) -> bool {
-        let hi = hi.min(0x10_FFFF);
-        let surrogates = (0xD800..=0xDFFF).contains(&lo) && (0xD800..=0xDFFF).contains(&hi);
-        lo <= hi
-            && !surrogates
-            && self.stacks.iter().any(|s| {
-                self.grammar
-                    .class_at(s)
-                    .is_some_and(|k| k.intersects(lo, hi))
-            })
     }
 
     /// Reads `bytes`; `false` (and unchanged) when the grammar cannot take all of them.
@@ -875,6 +810,111 @@ impl Matcher {
         let mut probe = self.clone();
         bytes.iter().all(|&b| probe.advance_byte(b))
     }
+}
+
+/// What a byte does to a matcher: nothing allowed, a character still partly read (its bits so
+/// far and the bytes to come, and the lowest code point it can be), or a whole character.
+enum Step {
+    Dead,
+    Partial((u32, u8), u32),
+    Char(u32),
+}
+
+/// Reads byte `b` after `partial` (UTF-8 decoding, checked against what `stacks` take): the
+/// stacks themselves change only once a character is whole ([`accept_char`]).
+fn step_byte(
+    grammar: &Grammar,
+    stacks: &[Stack],
+    partial: Option<(u32, u8)>,
+    partial_lo: u32,
+    b: u8,
+) -> Step {
+    match partial {
+        None if b < 0x80 => Step::Char(u32::from(b)),
+        None => {
+            let (bits, more, lo, hi) = match b {
+                0xC2..=0xDF => (u32::from(b & 0x1F), 1, 0x80, 0x7FF),
+                0xE0..=0xEF => (u32::from(b & 0x0F), 2, 0x800, 0xFFFF),
+                0xF0..=0xF4 => (u32::from(b & 0x07), 3, 0x1_0000, 0x10_FFFF),
+                _ => return Step::Dead,
+            };
+            let lo = lo.max(bits << (6 * more));
+            let hi = hi.min(((bits + 1) << (6 * more)) - 1);
+            if could_take(grammar, stacks, lo, hi) {
+                Step::Partial((bits, more), lo)
+            } else {
+                Step::Dead
+            }
+        }
+        Some((bits, more)) => {
+            if b & 0xC0 != 0x80 {
+                return Step::Dead;
+            }
+            let bits = (bits << 6) | u32::from(b & 0x3F);
+            let more = more - 1;
+            if more == 0 {
+                // No overlong forms, no surrogates: valid UTF-8 only.
+                return if bits < partial_lo || (0xD800..=0xDFFF).contains(&bits) {
+                    Step::Dead
+                } else {
+                    Step::Char(bits)
+                };
+            }
+            let lo = (bits << (6 * u32::from(more))).max(partial_lo);
+            let hi = ((bits + 1) << (6 * u32::from(more))) - 1;
+            if could_take(grammar, stacks, lo, hi) {
+                Step::Partial((bits, more), partial_lo)
+            } else {
+                Step::Dead
+            }
+        }
+    }
+}
+
+/// Whether a character in `lo..=hi` (of a partly read one) may come next: a valid one
+/// (no surrogates, at most U+10FFFF) that a stack takes.
+fn could_take(grammar: &Grammar, stacks: &[Stack], lo: u32, hi: u32) -> bool {
+    let hi = hi.min(0x10_FFFF);
+    let surrogates = (0xD800..=0xDFFF).contains(&lo) && (0xD800..=0xDFFF).contains(&hi);
+    lo <= hi
+        && !surrogates
+        && stacks
+            .iter()
+            .any(|s| grammar.class_at(s).is_some_and(|k| k.intersects(lo, hi)))
+}
+
+/// The stacks after character `c`: each stack whose top takes it, moved on and expanded.
+fn accept_char(grammar: &Grammar, stacks: &[Stack], c: u32) -> Vec<Stack> {
+    let mut out = Vec::new();
+    for s in stacks {
+        if grammar.class_at(s).is_some_and(|k| k.matches(c)) {
+            let mut n = s.clone();
+            if let Some(t) = n.last_mut() {
+                t.elem += 1;
+            }
+            grammar.expand(n, &mut out);
+            if out.len() > MAX_STACKS {
+                break;
+            }
+        }
+    }
+    dedup(&mut out);
+    out
+}
+
+/// Which of `stacks` take character `c`, as bits (`None` past 64 stacks): stacks that take
+/// the same characters lead to the same next stacks.
+fn signature(grammar: &Grammar, stacks: &[Stack], c: u32) -> Option<u64> {
+    if stacks.len() > 64 {
+        return None;
+    }
+    let mut sig = 0u64;
+    for (i, s) in stacks.iter().enumerate() {
+        if grammar.class_at(s).is_some_and(|k| k.matches(c)) {
+            sig |= 1 << i;
+        }
+    }
+    Some(sig)
 }
 
 fn dedup(stacks: &mut Vec<Stack>) {
@@ -1004,6 +1044,118 @@ pub struct Constraint {
     /// The last masks made, by the matcher's state: inside a `*` loop (a JSON string, an
     /// array) the state comes back token after token, and its mask is reused.
     masks: Vec<(MaskKey, Arc<[bool]>)>,
+    /// The matcher states met while masking and their byte transitions, kept for the whole
+    /// generation: the next step's walk starts from a state the last one reached, so inside
+    /// a bounded string (a new state at every character) most transitions are known already.
+    automaton: Automaton,
+}
+
+/// Matcher states, interned, with a table of their byte transitions. A state is a set of
+/// stacks after a whole character (a "full" state, interned by its stacks) and a partly read
+/// character, so the bytes inside a character cost no copy of the stacks.
+#[derive(Debug, Clone, Default)]
+struct Automaton {
+    /// The stacks of each full state.
+    full: Vec<Vec<Stack>>,
+    full_ids: FxHashMap<Vec<Stack>, u32>,
+    /// Per full state: the full state a character leads to, by the character's
+    /// [`signature`] (which stacks take it).
+    by_signature: Vec<Vec<(u64, u32)>>,
+    /// Each state: its full state and partly read character.
+    states: Vec<StateKey>,
+    ids: FxHashMap<StateKey, u32>,
+    table: Vec<[u32; 256]>,
+}
+
+/// A state of the [`Automaton`]: its full state, the partly read character and its lowest
+/// possible code point.
+type StateKey = (u32, Option<(u32, u8)>, u32);
+
+/// A transition not worked out yet.
+const UNKNOWN: u32 = u32::MAX;
+/// No way on.
+const DEAD: u32 = u32::MAX - 1;
+
+impl Automaton {
+    /// The full state of `stacks`, interned if new; `None` when the automaton is full.
+    fn intern_full(&mut self, stacks: Vec<Stack>) -> Option<u32> {
+        if let Some(&id) = self.full_ids.get(&stacks) {
+            return Some(id);
+        }
+        if self.full.len() >= MAX_MASK_STATES {
+            return None;
+        }
+        let id = u32::try_from(self.full.len()).ok()?;
+        self.full.push(stacks.clone());
+        self.by_signature.push(Vec::new());
+        self.full_ids.insert(stacks, id);
+        Some(id)
+    }
+
+    /// The state of full state `full` with `partial` read, interned if new.
+    fn intern(&mut self, full: u32, partial: Option<(u32, u8)>, lo: u32) -> Option<u32> {
+        let key = (full, partial, lo);
+        if let Some(&id) = self.ids.get(&key) {
+            return Some(id);
+        }
+        if self.states.len() >= MAX_MASK_STATES {
+            return None;
+        }
+        let id = u32::try_from(self.states.len()).ok()?;
+        self.states.push(key);
+        self.table.push([UNKNOWN; 256]);
+        self.ids.insert(key, id);
+        Some(id)
+    }
+
+    /// The state a matcher is in.
+    fn intern_matcher(&mut self, m: &Matcher) -> Option<u32> {
+        let full = self.intern_full(m.stacks.clone())?;
+        self.intern(full, m.partial, m.partial_lo)
+    }
+
+    /// Where byte `b` leads from `state`: a state, [`DEAD`], or `None` when the automaton is
+    /// full. `work` counts the stacks looked at.
+    fn transition(
+        &mut self,
+        grammar: &Grammar,
+        state: u32,
+        b: u8,
+        work: &mut usize,
+    ) -> Option<u32> {
+        let (full, partial, lo) = self.states[state as usize];
+        let stacks = &self.full[full as usize];
+        *work += stacks.len().max(1);
+        match step_byte(grammar, stacks, partial, lo, b) {
+            Step::Dead => Some(DEAD),
+            Step::Partial(p, lo) => self.intern(full, Some(p), lo),
+            Step::Char(c) => {
+                let sig = signature(grammar, stacks, c);
+                if let Some(sig) = sig
+                    && let Some(&(_, next)) = self.by_signature[full as usize]
+                        .iter()
+                        .find(|(s, _)| *s == sig)
+                {
+                    return Some(next);
+                }
+                let next = accept_char(grammar, stacks, c);
+                let next = if next.is_empty() {
+                    DEAD
+                } else {
+                    let f = self.intern_full(next)?;
+                    self.intern(f, None, 0)?
+                };
+                if let Some(sig) = sig {
+                    self.by_signature[full as usize].push((sig, next));
+                }
+                Some(next)
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
 }
 
 /// A matcher's state, as far as the mask depends on it.
@@ -1012,6 +1164,10 @@ type MaskKey = (Vec<Stack>, Option<(u32, u8)>, u32);
 /// The most matcher states one vocabulary mask may meet (each with a 1 KiB table of its
 /// byte transitions).
 const MAX_MASK_STATES: usize = 1 << 16;
+
+/// States kept from one mask to the next: past this many (16 MiB of tables), the automaton
+/// starts afresh before a mask.
+const KEPT_MASK_STATES: usize = 1 << 14;
 
 /// Masks kept per generation (each one byte per token of the vocabulary).
 const MASK_CACHE: usize = 16;
@@ -1026,6 +1182,7 @@ impl Constraint {
             masked_steps: 0,
             time: std::time::Duration::ZERO,
             masks: Vec::new(),
+            automaton: Automaton::default(),
         }
     }
 
@@ -1062,7 +1219,18 @@ impl Constraint {
             self.masks.push(hit);
             allowed
         } else {
-            let allowed: Arc<[bool]> = self.allowed(logits.len())?.into();
+            if self.automaton.states.len() > KEPT_MASK_STATES {
+                self.automaton.clear();
+            }
+            let allowed = match self.allowed(logits.len()) {
+                // The kept states filled the automaton: once more from nothing.
+                Err(_) if !self.automaton.states.is_empty() => {
+                    self.automaton.clear();
+                    self.allowed(logits.len())?
+                }
+                other => other?,
+            };
+            let allowed: Arc<[bool]> = allowed.into();
             if self.masks.len() >= MASK_CACHE {
                 self.masks.remove(0);
             }
@@ -1084,13 +1252,11 @@ impl Constraint {
     }
 
     /// Which of the first `n` tokens may come next: one walk of the vocabulary trie. The
-    /// matcher states met on the way are interned and their byte transitions kept in a table,
-    /// so a state reached again (inside a string, the same state follows any ordinary
-    /// character) costs a table read, not a copy and an advance.
-    fn allowed(&self, n: usize) -> Result<Vec<bool>> {
-        /// Not worked out yet / no way on.
-        const UNKNOWN: u32 = u32::MAX;
-        const DEAD: u32 = u32::MAX - 1;
+    /// matcher states met on the way are interned and their byte transitions kept in a table
+    /// ([`Automaton`], kept between steps), so a state reached again (inside a string, the
+    /// same state follows any ordinary character) costs a table read, not a copy and an
+    /// advance.
+    fn allowed(&mut self, n: usize) -> Result<Vec<bool>> {
         let too_ambiguous = || {
             Error::InvalidParameter(
                 "the grammar is too ambiguous to follow (too many readings of the text at \
@@ -1101,37 +1267,27 @@ impl Constraint {
         let mut allowed = vec![false; n];
         let trie = &*self.trie;
         let ends = &trie.ends;
-        let mut states: Vec<Matcher> = vec![self.matcher.clone()];
-        let mut ids: HashMap<MaskKey, u32> = HashMap::new();
-        let mut table: Vec<Box<[u32; 256]>> = vec![Box::new([UNKNOWN; 256])];
+        let grammar = &*self.matcher.grammar;
+        let auto = &mut self.automaton;
+        let root = auto
+            .intern_matcher(&self.matcher)
+            .ok_or_else(too_ambiguous)?;
         let mut work = 0usize;
-        let mut stack: Vec<(u32, u32)> = vec![(0, 0)];
+        let mut stack: Vec<(u32, u32)> = vec![(0, root)];
         while let Some((node, state)) = stack.pop() {
             let n = trie.nodes[node as usize];
             for c in n.first_child..n.first_child + n.children {
                 let child = trie.nodes[c as usize];
                 let byte = usize::from(child.byte);
-                let mut next = table[state as usize][byte];
+                let mut next = auto.table[state as usize][byte];
                 if next == UNKNOWN {
-                    let mut m = states[state as usize].clone();
-                    work += m.stacks.len().max(1);
+                    next = auto
+                        .transition(grammar, state, child.byte, &mut work)
+                        .ok_or_else(too_ambiguous)?;
                     if work > MAX_MASK_WORK {
                         return Err(too_ambiguous());
                     }
-                    next = if m.advance_byte(child.byte) && !m.is_dead() {
-                        let key: MaskKey = (m.stacks.clone(), m.partial, m.partial_lo);
-                        if !ids.contains_key(&key) && states.len() >= MAX_MASK_STATES {
-                            return Err(too_ambiguous());
-                        }
-                        *ids.entry(key).or_insert_with(|| {
-                            states.push(m);
-                            table.push(Box::new([UNKNOWN; 256]));
-                            u32::try_from(states.len() - 1).unwrap_or(DEAD)
-                        })
-                    } else {
-                        DEAD
-                    };
-                    table[state as usize][byte] = next;
+                    auto.table[state as usize][byte] = next;
                 }
                 if next == DEAD {
                     continue;
@@ -1330,5 +1486,38 @@ mod tests {
             assert_eq!(again, first, "the same state, the same mask");
         }
         assert_eq!(c.masks.len(), 1, "made once, reused");
+    }
+
+    #[test]
+    fn the_automaton_is_kept_between_masks_and_gives_the_same_masks() {
+        // A bounded string: a new state at every character, each reached by the last walk.
+        let words = ["a", "b", "ab", "ba", "aab", "\"", "a\"", "<eos>"];
+        let vocab: Vec<Option<Vec<u8>>> = words
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i != 7).then(|| t.as_bytes().to_vec()))
+            .collect();
+        let trie = Arc::new(VocabTrie::new(vocab));
+        let g = Arc::new(Grammar::parse(r#"root ::= "\"" [ab]{0,6} "\"""#).expect("g"));
+        let mut kept = Constraint::new(g.clone(), trie.clone(), &[7]);
+        let script = [5, 2, 4, 6];
+        for (step, &id) in script.iter().enumerate() {
+            let mut a = vec![0.0f32; 8];
+            kept.mask(&mut a).expect("mask");
+            // A fresh constraint at the same point masks the same way.
+            let mut fresh = Constraint::new(g.clone(), trie.clone(), &[7]);
+            for &done in &script[..step] {
+                fresh.accept(done).expect("fits");
+            }
+            let mut b = vec![0.0f32; 8];
+            fresh.mask(&mut b).expect("mask");
+            assert_eq!(a, b, "step {step}");
+            let before = kept.automaton.states.len();
+            kept.accept(id).expect("fits");
+            if step > 0 {
+                assert!(before > step, "states are kept: {before}");
+            }
+        }
+        assert!(kept.is_done());
     }
 }
