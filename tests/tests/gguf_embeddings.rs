@@ -1,5 +1,6 @@
 //! Embeddings from a chat model's hidden states (`CausalLm::hidden_states`,
-//! `LoadedModel::embed_tokens`) on Studio's GGUF kernels: the last row, projected by the
+//! `LoadedModel::embed_tokens`), on Studio's GGUF kernels and from Qwen2/Qwen3 safetensors
+//! folders (candle's decoders plus Studio's head): the last row, projected by the
 //! model's own output matrix read from the file, gives the logits the model computes, and the
 //! pooled embedding is the rows' mean scaled to length 1, or the first or last row when the
 //! file's `pooling_type` says so (Qwen3-Embedding is last-token).
@@ -147,4 +148,68 @@ fn the_files_pooling_type_picks_the_row_and_a_reranker_is_refused() {
             .to_string();
         assert!(err.contains(says) && err.contains("pooling_type"), "{err}");
     }
+}
+
+#[test]
+fn qwen_safetensors_folders_give_hidden_states_and_others_say_they_cant() {
+    for family in ["qwen2", "qwen3"] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        write_family_with(tmp.path(), family, &serde_json::json!({}), 7);
+        let mut m = loader::load(tmp.path(), &Device::Cpu, &mut |_, _| {}).expect("load");
+        let ids = m.tokenizer.encode("hello there, small world").expect("ids");
+        let hidden = m.model.hidden_states(&ids).expect("hidden states");
+        let (t, d) = hidden.dims2().expect("2-D");
+        assert_eq!(t, ids.len(), "{family}");
+        let logits: Vec<f32> = m
+            .model
+            .forward_last(&ids, 0)
+            .expect("logits")
+            .to_vec1()
+            .expect("vec");
+        // The head as the folder stores it: `lm_head`, or the tied embeddings.
+        let tensors =
+            candle_core::safetensors::load(tmp.path().join("model.safetensors"), &Device::Cpu)
+                .expect("tensors");
+        let head = tensors
+            .get("lm_head.weight")
+            .or_else(|| tensors.get("model.embed_tokens.weight"))
+            .expect("head");
+        let projected: Vec<f32> = hidden
+            .get(t - 1)
+            .expect("last")
+            .unsqueeze(0)
+            .expect("row")
+            .matmul(&head.t().expect("t"))
+            .expect("matmul")
+            .flatten_all()
+            .expect("flat")
+            .to_vec1()
+            .expect("vec");
+        let c = cosine(&projected, &logits);
+        assert!(c > 0.999_99, "{family}: cosine {c}");
+        let e = m.embed_tokens(&ids).expect("embed");
+        assert_eq!(e.len(), d);
+        let mean: Vec<f32> = hidden.mean(0).expect("mean").to_vec1().expect("vec");
+        assert!(cosine(&e, &mean) > 0.999_99, "{family}");
+        // The cache is left empty: the same logits again.
+        let again: Vec<f32> = m
+            .model
+            .forward_last(&ids, 0)
+            .expect("again")
+            .to_vec1()
+            .expect("vec");
+        assert_eq!(again, logits, "{family}");
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_family_with(tmp.path(), "llama", &serde_json::json!({}), 7);
+    let mut m = loader::load(tmp.path(), &Device::Cpu, &mut |_, _| {}).expect("load");
+    let ids = m.tokenizer.encode("hello").expect("ids");
+    let err = m
+        .embed_tokens(&ids)
+        .expect_err("no hidden states")
+        .to_string();
+    assert!(
+        err.contains("hidden states") && err.contains("Qwen"),
+        "{err}"
+    );
 }

@@ -4,7 +4,8 @@
 //! layout with CLS pooling and `bert.`-prefixed names), with `SentenceTransformer.encode`'s
 //! embeddings of a few texts (`tools/make_sentence_embedding_fixture.py`), and a NomicBERT
 //! encoder as nomic-embed-text-v1.5 is published, checked against transformers' own
-//! NomicBertModel (`tools/make_nomic_embedding_fixture.py`).
+//! NomicBertModel (`tools/make_nomic_embedding_fixture.py`), and a Qwen3 decoder laid out as
+//! Qwen3-Embedding is (`tools/make_qwen3_embedding_fixture.py`).
 
 use std::path::{Path, PathBuf};
 
@@ -142,6 +143,47 @@ fn nomic_bert_matches_transformers_in_both_namings() {
         let e = embed::load(&copy, &Device::Cpu).expect_err(key);
         assert!(e.to_string().contains(says), "{key}: {e}");
     }
+}
+
+#[test]
+fn a_qwen3_decoder_pools_its_last_token_as_sentence_transformers_does() {
+    // Laid out as Qwen3-Embedding is published: no output head, names without `model.`,
+    // last-token pooling, a tokenizer that appends <|endoftext|>.
+    let dir = fixture("qwen3-last");
+    let model = embed::load(&dir, &Device::Cpu).expect("qwen3");
+    let info = model.info();
+    assert_eq!(
+        (
+            info.pooling,
+            info.normalize,
+            info.dimensions,
+            info.max_tokens
+        ),
+        (Pooling::LastToken, true, 32, 48)
+    );
+    let ids = model.tokenize("the cat").expect("ids");
+    assert_eq!(ids.last(), Some(&0), "ends with <|endoftext|>: {ids:?}");
+    check_against_sentence_transformers(&dir, "qwen3-last");
+    // The same weights under `model.` (as a Qwen3ForCausalLM folder names them).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let copy = tmp.path().join("prefixed");
+    copy_dir(&dir, &copy);
+    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .expect("tensors");
+    let prefixed: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (format!("model.{k}"), v))
+        .collect();
+    candle_core::safetensors::save(&prefixed, copy.join("model.safetensors")).expect("save");
+    check_against_sentence_transformers(&copy, "qwen3-last");
+    // A config claiming a size its tensors don't have is named, not a panic.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("read"))
+            .expect("json");
+    config["intermediate_size"] = serde_json::json!(96);
+    std::fs::write(copy.join("config.json"), config.to_string()).expect("write");
+    let e = embed::load(&copy, &Device::Cpu).expect_err("wrong shape");
+    assert!(e.to_string().contains("shape"), "{e}");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

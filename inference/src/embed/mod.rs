@@ -1,6 +1,7 @@
 //! Sentence embeddings from `sentence-transformers` folders of BERT-family encoders (all-MiniLM,
-//! bge, e5, nomic-embed-text, …): the encoder (candle's `BertModel`, in the published tensor
-//! names, `bert.` prefixed or not; or NomicBERT, [`nomic`]), the pooling the folder's `1_Pooling/config.json` names (mean, CLS, max,
+//! bge, e5, nomic-embed-text, …) and of decoders (Qwen3-Embedding, gte-Qwen2): the encoder
+//! (candle's `BertModel`, in the published tensor names, `bert.` prefixed or not; NomicBERT,
+//! [`nomic`]; a Qwen2 or Qwen3 decoder, `model.` prefixed or not), the pooling the folder's `1_Pooling/config.json` names (mean, CLS, max,
 //! last token, mean / √length) and the L2 normalisation of its `Normalize` module, as
 //! `SentenceTransformer.encode` computes them.
 //!
@@ -22,6 +23,9 @@ use crate::error::{Error, Result};
 use crate::weights::{ReleasingMmap, open_checkpoint};
 
 mod nomic;
+
+use crate::models::family::Family;
+use crate::models::hf::FamilyConfig;
 
 /// The largest JSON file read from a model folder.
 const MAX_JSON: u64 = 1 << 20;
@@ -77,6 +81,8 @@ pub struct EmbeddingInfo {
 enum Encoder {
     Bert(Box<BertModel>),
     Nomic(nomic::NomicBert),
+    /// A causal decoder; it keeps a KV cache while it runs, so one text at a time.
+    Decoder(std::sync::Mutex<crate::models::hf::Decoder>),
 }
 
 /// A loaded sentence-embedding model.
@@ -250,12 +256,26 @@ pub fn load(dir: &Path, device: &Device) -> Result<EmbeddingModel> {
         let c = bert_config(&config, &config_path)?;
         let (hidden, positions) = (c.hidden_size, c.max_position_embeddings);
         (Kind::Bert(c), hidden, positions)
+    } else if let Some(family @ (Family::Qwen2 | Family::Qwen3)) =
+        Family::from_model_type(model_type)
+    {
+        let c = FamilyConfig::parse(family, &config).map_err(|message| Error::BadConfig {
+            path: config_path.clone(),
+            message,
+        })?;
+        let hidden = config
+            .get("hidden_size")
+            .and_then(Value::as_u64)
+            .and_then(|h| usize::try_from(h).ok())
+            .unwrap_or_default();
+        let positions = c.context_length;
+        (Kind::Decoder(Box::new(c)), hidden, positions)
     } else {
         // RoBERTa's positions start after the padding index: not candle's BERT.
         return Err(Error::UnsupportedArchitecture(
             format!("{model_type} (as an embedding model)"),
-            "BERT sentence-transformers models (all-MiniLM, bge, e5, …) and NomicBERT \
-             (nomic-embed-text v1, v1.5)"
+            "BERT sentence-transformers models (all-MiniLM, bge, e5, …), NomicBERT \
+             (nomic-embed-text v1, v1.5) and Qwen2/Qwen3 decoders (Qwen3-Embedding, gte-Qwen2)"
                 .into(),
         ));
     };
@@ -300,6 +320,12 @@ pub fn load(dir: &Path, device: &Device) -> Result<EmbeddingModel> {
             message: "no model.safetensors (or pytorch_model.bin) in the folder".into(),
         })?;
     let tensors = open_checkpoint(std::slice::from_ref(&weights))?;
+    // Decoders saved without their head (Qwen3-Embedding) name tensors without `model.`.
+    let unprefixed = {
+        use candle_nn::var_builder::SimpleBackend as _;
+        !tensors.contains_tensor("model.embed_tokens.weight")
+            && tensors.contains_tensor("embed_tokens.weight")
+    };
     let vb = VarBuilder::from_backend(Box::new(ReleasingMmap(tensors)), DType::F32, device.clone());
     let wrong = |what: &str, e: candle_core::Error| Error::InvalidModel {
         path: weights.clone(),
@@ -311,6 +337,18 @@ pub fn load(dir: &Path, device: &Device) -> Result<EmbeddingModel> {
         )),
         Kind::Nomic(c) => {
             Encoder::Nomic(nomic::NomicBert::load(&vb, c).map_err(|e| wrong("NomicBERT", e))?)
+        }
+        Kind::Decoder(c) => {
+            let vb = if unprefixed {
+                vb.rename_f(|name| name.strip_prefix("model.").unwrap_or(name).to_owned())
+            } else {
+                vb
+            };
+            let decoder = c.decoder(vb).map_err(|e| match e {
+                Error::Candle(e) => wrong("decoder", e),
+                other => other,
+            })?;
+            Encoder::Decoder(std::sync::Mutex::new(decoder))
         }
     };
     Ok(EmbeddingModel {
@@ -335,6 +373,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<EmbeddingModel> {
 enum Kind {
     Bert(Config),
     Nomic(nomic::NomicConfig),
+    Decoder(Box<FamilyConfig>),
 }
 
 /// candle's BERT config from a BERT `config.json`.
@@ -439,6 +478,10 @@ impl EmbeddingModel {
         let hidden = match &self.encoder {
             Encoder::Bert(bert) => bert.forward(&input, &types, None)?.squeeze(0)?,
             Encoder::Nomic(nomic) => nomic.forward(&input.squeeze(0)?)?,
+            Encoder::Decoder(decoder) => decoder
+                .lock()
+                .map_err(|_| Error::InvalidParameter("an earlier embedding panicked".into()))?
+                .hidden_states(ids, &self.device)?,
         }; // (n, d)
         // Lengths are bounded by max_tokens, far inside f64's exact range.
         #[allow(clippy::cast_precision_loss)]

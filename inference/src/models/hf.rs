@@ -5,11 +5,18 @@
 //! Each family's `Config` is the checkpoint's own `config.json` (candle-transformers'
 //! structs); tensor names are the checkpoints' own (`model.layers.0.self_attn.q_proj.weight`,
 //! …). This module only adapts each model to [`CausalLm`].
+//!
+//! Qwen2 and Qwen3 run as their decoder (candle's `Model`, which gives every position's final
+//! hidden state) plus the output head applied here, so the same model also gives embeddings
+//! ([`Decoder`]; sentence-transformers folders of Qwen3-Embedding and gte-Qwen2 use it too).
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::{gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3};
 
 use super::CausalLm;
@@ -25,11 +32,121 @@ enum Inner {
         fresh: llama::Cache,
     },
     Mistral(mistral::Model),
-    Qwen2(qwen2::ModelForCausalLM),
-    Qwen3(qwen3::ModelForCausalLM),
+    /// Qwen2 or Qwen3: the decoder and the output head.
+    Decoder {
+        decoder: Decoder,
+        head: Linear,
+    },
     Phi3(phi3::Model),
     Gemma2(gemma2::Model),
     Gemma3(gemma3::Model),
+}
+
+/// A Qwen2 or Qwen3 decoder without its output head: the final hidden states (after the
+/// last norm) of every position.
+#[derive(Clone)]
+pub(crate) enum Decoder {
+    Qwen2(qwen2::Model),
+    Qwen3 {
+        model: qwen3::Model,
+        /// The model with empty caches, cloned (cheaply: the weights are shared) to start
+        /// afresh; candle's Qwen3 decoder keeps its cache reset private.
+        fresh: qwen3::Model,
+    },
+}
+
+impl Decoder {
+    /// `(1, tokens, hidden)` for `input` (`(1, tokens)`) after `offset` cached positions.
+    fn forward(&mut self, input: &Tensor, offset: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Decoder::Qwen2(m) => m.forward(input, offset, None),
+            Decoder::Qwen3 { model, .. } => model.forward(input, offset),
+        }
+    }
+
+    fn clear_kv_cache(&mut self) {
+        match self {
+            Decoder::Qwen2(m) => m.clear_kv_cache(),
+            Decoder::Qwen3 { model, fresh } => *model = fresh.clone(),
+        }
+    }
+
+    /// The final hidden states of `tokens` from position 0, `(tokens, hidden)` in f32; the
+    /// cache is left empty.
+    pub(crate) fn hidden_states(&mut self, tokens: &[u32], device: &Device) -> Result<Tensor> {
+        self.clear_kv_cache();
+        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+        let hidden = self.forward(&input, 0);
+        self.clear_kv_cache();
+        Ok(hidden?.squeeze(0)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// A weight source that hands out the token embeddings once and then shares them, so a tied
+/// output head (Qwen2.5-0.5B, Qwen3-0.6B) is the same tensor, not a second copy.
+struct SharedEmbeddings {
+    inner: crate::weights::Tensors,
+    kept: Mutex<HashMap<String, Tensor>>,
+}
+
+impl SharedEmbeddings {
+    fn shared(name: &str) -> bool {
+        name.ends_with("embed_tokens.weight")
+    }
+
+    fn keep(
+        &self,
+        name: &str,
+        load: impl FnOnce() -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if !Self::shared(name) {
+            return load();
+        }
+        let mut kept = self
+            .kept
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a weight loader panicked".into()))?;
+        if let Some(t) = kept.get(name) {
+            return Ok(t.clone());
+        }
+        let t = load()?;
+        kept.insert(name.to_owned(), t.clone());
+        Ok(t)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SharedEmbeddings {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.keep(name, || {
+            candle_nn::var_builder::SimpleBackend::get(&self.inner, s.clone(), name, h, dtype, dev)
+        })?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.keep(name, || {
+            candle_nn::var_builder::SimpleBackend::get_unchecked(&self.inner, name, dtype, dev)
+        })
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        candle_nn::var_builder::SimpleBackend::contains_tensor(&self.inner, name)
+    }
 }
 
 /// A family model behind [`CausalLm`].
@@ -212,11 +329,47 @@ impl FamilyConfig {
         Ok(())
     }
 
+    /// The decoder of a Qwen2 or Qwen3 config from `vb` (tensors named `model.…`).
+    pub(crate) fn decoder(&self, vb: VarBuilder) -> Result<Decoder> {
+        let bad = |e: String| Error::BadConfig {
+            path: PathBuf::from("config.json"),
+            message: e,
+        };
+        let c = &self.config;
+        let build = || -> Result<Decoder> {
+            Ok(match self.family {
+                Family::Qwen2 => Decoder::Qwen2(qwen2::Model::new(
+                    &field::<qwen2::Config>(c).map_err(bad)?,
+                    vb,
+                )?),
+                Family::Qwen3 => {
+                    let model = qwen3::Model::new(&field::<qwen3::Config>(c).map_err(bad)?, vb)?;
+                    Decoder::Qwen3 {
+                        fresh: model.clone(),
+                        model,
+                    }
+                }
+                other => {
+                    return Err(Error::UnsupportedArchitecture(
+                        format!("{other:?} as a decoder for embeddings"),
+                        "Qwen2 and Qwen3".into(),
+                    ));
+                }
+            })
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+            .map_err(|p| Error::Candle(candle_core::Error::Msg(crate::panic_message(p.as_ref()))))?
+    }
+
     /// Builds the model from its weight files: safetensors (mapped) or `pytorch_model.bin`
     /// (read as data by Studio's own pickle reader), see [`crate::weights::open_checkpoint`].
     pub fn load(&self, files: &[PathBuf], device: &Device, dtype: DType) -> Result<HfModel> {
         let tensors = crate::weights::open_checkpoint(files)?;
-        let vb = VarBuilder::from_backend(Box::new(tensors), dtype, device.clone());
+        let shared = SharedEmbeddings {
+            inner: tensors,
+            kept: Mutex::new(HashMap::new()),
+        };
+        let vb = VarBuilder::from_backend(Box::new(shared), dtype, device.clone());
         let vb = match self.prefix {
             Some(p) => vb.pp(p),
             None => vb,
@@ -247,14 +400,30 @@ impl FamilyConfig {
                     &field::<mistral::Config>(c).map_err(bad)?,
                     vb,
                 )?),
-                Family::Qwen2 => Inner::Qwen2(qwen2::ModelForCausalLM::new(
-                    &field::<qwen2::Config>(c).map_err(bad)?,
-                    vb,
-                )?),
-                Family::Qwen3 => Inner::Qwen3(qwen3::ModelForCausalLM::new(
-                    &field::<qwen3::Config>(c).map_err(bad)?,
-                    vb,
-                )?),
+                Family::Qwen2 | Family::Qwen3 => {
+                    let decoder = self.decoder(vb.clone()).map_err(|e| match e {
+                        Error::BadConfig { message, .. } => bad(message),
+                        other => other,
+                    })?;
+                    // As candle's `ModelForCausalLM`s choose: Qwen3 by the config's
+                    // `tie_word_embeddings`, Qwen2 by whether the file has a head.
+                    let tied = match self.family {
+                        Family::Qwen3 => {
+                            field::<qwen3::Config>(c).map_err(bad)?.tie_word_embeddings
+                        }
+                        _ => !vb.contains_tensor("lm_head.weight"),
+                    };
+                    let hidden = usize_field(c, "hidden_size").map_err(bad)?;
+                    let head = if tied {
+                        vb.get((self.vocab_size, hidden), "model.embed_tokens.weight")?
+                    } else {
+                        vb.get((self.vocab_size, hidden), "lm_head.weight")?
+                    };
+                    Inner::Decoder {
+                        decoder,
+                        head: Linear::new(head, None),
+                    }
+                }
                 Family::Phi3 => Inner::Phi3(phi3::Model::new(
                     &field::<phi3::Config>(c).map_err(bad)?,
                     vb,
@@ -300,8 +469,10 @@ impl CausalLm for HfModel {
         let logits = match &mut self.inner {
             Inner::Llama { model, cache, .. } => model.forward(&input, offset, cache)?,
             Inner::Mistral(m) => m.forward(&input, offset)?,
-            Inner::Qwen2(m) => m.forward(&input, offset)?,
-            Inner::Qwen3(m) => m.forward(&input, offset)?,
+            Inner::Decoder { decoder, head } => {
+                let hidden = decoder.forward(&input, offset)?;
+                head.forward(&hidden.narrow(1, tokens.len() - 1, 1)?)?
+            }
             Inner::Phi3(m) => m.forward(&input, offset)?,
             Inner::Gemma2(m) => m.forward(&input, offset)?,
             Inner::Gemma3(m) => {
@@ -323,8 +494,7 @@ impl CausalLm for HfModel {
         match &mut self.inner {
             Inner::Llama { cache, fresh, .. } => *cache = fresh.clone(),
             Inner::Mistral(m) => m.clear_kv_cache(),
-            Inner::Qwen2(m) => m.clear_kv_cache(),
-            Inner::Qwen3(m) => m.clear_kv_cache(),
+            Inner::Decoder { decoder, .. } => decoder.clear_kv_cache(),
             Inner::Phi3(m) => m.clear_kv_cache(),
             Inner::Gemma2(m) => m.clear_kv_cache(),
             Inner::Gemma3(m) => m.clear_kv_cache(),
@@ -342,5 +512,26 @@ impl CausalLm for HfModel {
 
     fn vocab_size(&self) -> usize {
         self.vocab_size
+    }
+
+    fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        if tokens.len() > self.context_length {
+            return Err(Error::PromptTooLong {
+                tokens: tokens.len(),
+                context: self.context_length,
+            });
+        }
+        match &mut self.inner {
+            Inner::Decoder { decoder, .. } => decoder.hidden_states(tokens, &self.device),
+            _ => Err(Error::InvalidParameter(
+                "this model can't give its hidden states for embeddings (Qwen2 and Qwen3 \
+                 folders can, and GGUF Llama, Qwen, Phi and Gemma models on Studio's CPU \
+                 kernels; or serve a sentence-transformers model with --embedding-model)"
+                    .into(),
+            )),
+        }
     }
 }

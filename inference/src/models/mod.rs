@@ -74,9 +74,9 @@ pub trait CausalLm: Send {
     fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let _ = tokens;
         Err(Error::InvalidParameter(
-            "this model can't give its hidden states for embeddings (a GGUF Llama, Qwen or \
-             Phi on Studio's CPU kernels can; or serve a sentence-transformers model with \
-             --embedding-model)"
+            "this model can't give its hidden states for embeddings (Qwen2 and Qwen3 folders \
+             can, and GGUF Llama, Qwen, Phi and Gemma models on Studio's CPU kernels; or serve \
+             a sentence-transformers model with --embedding-model)"
                 .into(),
         ))
     }
