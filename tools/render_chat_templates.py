@@ -129,6 +129,34 @@ TOOL_CONVERSATIONS = {
         ],
         True,
     ),
+    "two_calls_json_result": (
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Weather in Paris and Oslo?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "abc123def",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                    },
+                    {
+                        "id": "xyz789ghi",
+                        "type": "function",
+                        "function": {
+                            "name": "get_weather",
+                            "arguments": {"city": "Oslo", "unit": "celsius"},
+                        },
+                    },
+                ],
+            },
+            {"role": "tool", "tool_call_id": "abc123def", "content": '{"temp": 18, "sky": "sunny"}'},
+            {"role": "tool", "tool_call_id": "xyz789ghi", "content": "4 degrees, rain"},
+        ],
+        True,
+    ),
 }
 
 # Phi-4-mini's template reads the tools from the system message (`message['tools']`, a JSON
@@ -160,6 +188,37 @@ def phi4_messages(messages, tools):
     if out[0]["role"] != "system":
         out.insert(0, {"role": "system", "content": PHI4_DEFAULT_SYSTEM})
     out[0]["tools"] = json.dumps([t["function"] for t in tools])
+    return out
+
+
+# Gemma 4's template takes tool results as `tool_responses` on the message that made the calls
+# (`{"name", "response"}`, the response an object or a value) and has no branch for
+# `role: "tool"` messages. Studio moves each tool result onto the calling message that way
+# (ChatTemplate::adapt_tool_messages); this is that mapping, done in Python.
+def reads_tool_responses(source):
+    return "tool_responses" in source
+
+
+def gemma4_messages(messages):
+    out = []
+    for m in messages:
+        last = out[-1] if out else None
+        if m["role"] == "tool" and last is not None and last.get("tool_calls"):
+            calls = last["tool_calls"]
+            answered = len(last.get("tool_responses", []))
+            call = next((c for c in calls if c.get("id") == m.get("tool_call_id")), None)
+            if call is None and answered < len(calls):
+                call = calls[answered]
+            name = call["function"]["name"] if call else "unknown"
+            try:
+                response = json.loads(m["content"])
+                if not isinstance(response, dict):
+                    response = m["content"]
+            except ValueError:
+                response = m["content"]
+            last.setdefault("tool_responses", []).append({"name": name, "response": response})
+            continue
+        out.append(dict(m))
     return out
 
 
@@ -273,7 +332,11 @@ def main():
                     "messages": messages,
                     "tools": TOOLS,
                 }
-                if tools_in_system_message(text):
+                if reads_tool_responses(text):
+                    rendered = render(
+                        text, info["bos_token"], info["eos_token"], gemma4_messages(messages), gen, TOOLS
+                    )
+                elif tools_in_system_message(text):
                     rendered = render(
                         text, info["bos_token"], info["eos_token"], phi4_messages(messages, TOOLS), gen
                     )

@@ -623,6 +623,9 @@ fn family_names_for_the_fixtures() {
         ("gemma-3-instruct.jinja", "Gemma"),
         ("mistral-7b-instruct-v0.3.jinja", "Mistral"),
         ("tinyllama-chat.jinja", "Zephyr"),
+        ("qwen3.jinja", "ChatML"),
+        ("phi-4-mini-instruct.jinja", "Phi-3"),
+        ("gemma-4.jinja", "Gemma 4"),
     ];
     for (name, family) in cases {
         assert_eq!(fixture(name).family_name(), family, "{name}");

@@ -119,7 +119,7 @@ impl Tools {
                 "tools",
                 "this model's chat template has no tool section, so it was not trained to \
                  call tools; Studio does not make one up (use a model whose template renders \
-                 `tools`, such as Qwen2.5, Qwen3, Llama 3.1, Mistral v0.3 or Phi-4-mini)",
+                 `tools`, such as Qwen2.5, Qwen3, Llama 3.1, Mistral v0.3, Phi-4-mini or Gemma 4)",
             )),
         }
     }
@@ -236,6 +236,7 @@ mod tests {
         assert_eq!(streamable(ToolSyntax::Hermes, "anything", true), 0);
         assert_eq!(streamable(ToolSyntax::Phi4, "Ok <|tool_c", false), 3);
         assert_eq!(streamable(ToolSyntax::Phi4, "Ok.", false), 3);
+        assert_eq!(streamable(ToolSyntax::Gemma4, "Sure<|tool", false), 4);
     }
 
     #[test]

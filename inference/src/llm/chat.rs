@@ -131,6 +131,7 @@ pub const END_OF_TURN_TOKENS: &[&str] = &[
     "<|eot_id|>",
     "<|eom_id|>",
     "<end_of_turn>",
+    "<turn|>",
     "<|end|>",
     "<|endoftext|>",
     "</s>",

@@ -283,6 +283,7 @@ impl ChatTemplate {
         let mut ctx = BTreeMap::<&str, Value>::new();
         let messages = if self.tools_in_system_message()
             || (!self.reads_tool_calls() && messages.iter().any(|m| m.tool_calls.is_some()))
+            || (self.reads_tool_responses() && messages.iter().any(|m| m.role == "tool"))
         {
             crate::llm::template_bounds::Messages::value(&self.adapt_tool_messages(messages))
         } else {
@@ -358,20 +359,67 @@ impl ChatTemplate {
         self.inner.source.contains("tool_calls")
     }
 
+    /// Whether the template takes tool results as `tool_responses` on the message that made
+    /// the calls (Gemma 4) rather than as `role: "tool"` messages.
+    fn reads_tool_responses(&self) -> bool {
+        self.inner.source.contains("tool_responses")
+    }
+
     /// The conversation adapted to a template that does not read tools the transformers way:
     /// - a template reading `message['tools']` gets the offered functions on the system
     ///   message, as the JSON text Phi-4-mini's model card shows (`json.dumps` of
     ///   `[{"name", "description", "parameters"}]`); without a system message, one with the
     ///   card's prompt "You are a helpful assistant with some tools." is put first;
     /// - an assistant's calls, which such a template would drop, are written into its content
-    ///   the way the model writes them ([`ToolSyntax::write_calls`]).
+    ///   the way the model writes them ([`ToolSyntax::write_calls`]);
+    /// - a template reading `tool_responses` (Gemma 4) gets each `role: "tool"` result that
+    ///   follows a message with calls on that message instead, as `{"name": the call's
+    ///   function, "response": the result (an object when it is a JSON object, else text)}`.
     ///
     /// [`ToolSyntax::write_calls`]: crate::llm::tools::ToolSyntax::write_calls
     fn adapt_tool_messages(&self, messages: &[TemplateMessage]) -> Vec<serde_json::Value> {
         let syntax = crate::llm::tools::ToolSyntax::of_template(&self.inner.source);
-        let mut out: Vec<serde_json::Value> = messages
-            .iter()
-            .map(|m| {
+        let mut out: Vec<serde_json::Value> = Vec::with_capacity(messages.len() + 1);
+        for m in messages {
+            if self.reads_tool_responses()
+                && m.role == "tool"
+                && let Some(caller) = out.last_mut().filter(|last| {
+                    last.get("tool_calls")
+                        .is_some_and(serde_json::Value::is_array)
+                })
+            {
+                let answered = caller
+                    .get("tool_responses")
+                    .and_then(serde_json::Value::as_array)
+                    .map_or(0, Vec::len);
+                let calls = caller["tool_calls"].as_array().cloned().unwrap_or_default();
+                let call = m
+                    .tool_call_id
+                    .and_then(|id| {
+                        calls
+                            .iter()
+                            .find(|c| c.get("id").and_then(|v| v.as_str()) == Some(id))
+                    })
+                    .or_else(|| calls.get(answered));
+                let name = call
+                    .and_then(|c| c.pointer("/function/name"))
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into());
+                let response = match serde_json::from_str::<serde_json::Value>(m.content) {
+                    Ok(v @ serde_json::Value::Object(_)) => v,
+                    _ => m.content.into(),
+                };
+                let entry = serde_json::json!({"name": name, "response": response});
+                match caller
+                    .get_mut("tool_responses")
+                    .and_then(serde_json::Value::as_array_mut)
+                {
+                    Some(list) => list.push(entry),
+                    None => caller["tool_responses"] = serde_json::Value::Array(vec![entry]),
+                }
+                continue;
+            }
+            out.push({
                 let mut v = serde_json::to_value(m).unwrap_or_default();
                 if !self.reads_tool_calls()
                     && let Some(calls) = m.tool_calls.and_then(serde_json::Value::as_array)
@@ -386,8 +434,8 @@ impl ChatTemplate {
                     v["content"] = format!("{}{}", m.content, syntax.write_calls(&calls)).into();
                 }
                 v
-            })
-            .collect();
+            });
+        }
         if self.tools_in_system_message()
             && let Some(tools) = self.tools.as_deref().and_then(serde_json::Value::as_array)
         {
@@ -423,7 +471,7 @@ impl ChatTemplate {
     }
 
     /// A short human name guessed from the template text, for the UI: "ChatML", "Llama 3",
-    /// "Phi-3", "Gemma", "Mistral", "Llama 2", "Zephyr", else "custom".
+    /// "Phi-3", "Gemma", "Gemma 4", "Mistral", "Llama 2", "Zephyr", else "custom".
     pub fn family_name(&self) -> &'static str {
         family_of(&self.inner.source)
     }
@@ -474,6 +522,8 @@ pub fn family_of(source: &str) -> &'static str {
         "Llama 3"
     } else if has("<start_of_turn>") {
         "Gemma"
+    } else if has("<|turn>") {
+        "Gemma 4"
     } else if has("<|assistant|>") && has("<|end|>") {
         "Phi-3"
     } else if has("<|assistant|>") {

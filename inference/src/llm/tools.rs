@@ -8,10 +8,14 @@
 //! - Mistral: `[TOOL_CALLS] [{"name": …, "arguments": {…}}, …]`;
 //! - Phi-4-mini: `<|tool_call|>[{"name": …, "arguments": {…}}, …]<|/tool_call|>` (the list's
 //!   brackets or the closing tag are sometimes left out);
+//! - Gemma 4: `<|tool_call>call:NAME{key:value,…}<tool_call|>`, its own notation: strings
+//!   between `<|"|>` marks, bare keys, numbers, `true`/`false`, `{…}` and `[…]`;
 //! - otherwise (a forced call, [`ToolSyntax::Json`]): the reply is `{"name": …, "arguments":
 //!   {…}}`.
 //!
 //! [`ToolSyntax::of_template`] tells which from the chat template's text.
+
+use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
@@ -28,6 +32,8 @@ pub enum ToolSyntax {
     Mistral,
     /// `<|tool_call|>` then a JSON list, up to `<|/tool_call|>` (Phi-4-mini).
     Phi4,
+    /// `<|tool_call>call:NAME{…}<tool_call|>` in Gemma 4's notation.
+    Gemma4,
     /// A bare JSON object `{"name", "arguments"}`.
     Json,
 }
@@ -35,7 +41,9 @@ pub enum ToolSyntax {
 impl ToolSyntax {
     /// The convention the chat template `source` teaches its model.
     pub fn of_template(source: &str) -> Self {
-        if source.contains("<tool_call>") {
+        if source.contains("<|tool_call>") {
+            ToolSyntax::Gemma4
+        } else if source.contains("<tool_call>") {
             ToolSyntax::Hermes
         } else if source.contains("<|tool|>") || source.contains("<|tool_call|>") {
             ToolSyntax::Phi4
@@ -54,6 +62,7 @@ impl ToolSyntax {
             ToolSyntax::Hermes => &["<tool_call>"],
             ToolSyntax::Mistral => &["[TOOL_CALLS]"],
             ToolSyntax::Phi4 => &["<|tool_call|>"],
+            ToolSyntax::Gemma4 => &["<|tool_call>"],
             ToolSyntax::Llama3 => &["<|python_tag|>", "{"],
             ToolSyntax::Json => &["{"],
         }
@@ -91,6 +100,17 @@ impl ToolSyntax {
                 .join("\n"),
             ToolSyntax::Mistral => format!("[TOOL_CALLS] {}", dumps(&list("arguments"))),
             ToolSyntax::Phi4 => format!("<|tool_call|>{}<|/tool_call|>", dumps(&list("arguments"))),
+            ToolSyntax::Gemma4 => {
+                let mut out = String::new();
+                for (n, a) in calls {
+                    let _ = write!(
+                        out,
+                        "<|tool_call>call:{n}{}<tool_call|>",
+                        gemma_value(a, false)
+                    );
+                }
+                out
+            }
             ToolSyntax::Llama3 | ToolSyntax::Json => {
                 let key = if self == ToolSyntax::Llama3 {
                     "parameters"
@@ -199,6 +219,23 @@ pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(
             }
             (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
         }
+        ToolSyntax::Gemma4 => {
+            let first = text.find("<|tool_call>")?;
+            let mut calls = Vec::new();
+            let mut rest = &text[first..];
+            while let Some(start) = rest.find("<|tool_call>") {
+                let body = &rest[start + "<|tool_call>".len()..];
+                let (inner, next) = match body.find("<tool_call|>") {
+                    Some(end) => (&body[..end], &body[end + "<tool_call|>".len()..]),
+                    None => (body, ""),
+                };
+                if let Some(call) = gemma_call(inner) {
+                    calls.push(call);
+                }
+                rest = next;
+            }
+            (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
+        }
         ToolSyntax::Mistral => {
             let first = text.find("[TOOL_CALLS]")?;
             let (values, _) = leading_json(&text[first + "[TOOL_CALLS]".len()..]);
@@ -215,6 +252,151 @@ pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(
             let calls: Vec<(String, String)> = values.iter().filter_map(call_of).collect();
             (calls.len() == values.len()).then(|| (String::new(), calls))
         }
+    }
+}
+
+/// Gemma 4's string quote.
+const GEMMA_QUOTE: &str = "<|\"|>";
+
+/// `call:NAME{…}` (Gemma 4) as `(name, arguments as JSON text)`.
+fn gemma_call(text: &str) -> Option<(String, String)> {
+    let text = text.trim().strip_prefix("call:")?;
+    let open = text.find('{')?;
+    let name = text[..open].trim();
+    if name.is_empty() {
+        return None;
+    }
+    let mut parser = GemmaParser {
+        rest: &text[open..],
+        depth: 0,
+    };
+    let args = parser.value()?;
+    args.is_object()
+        .then(|| (name.to_owned(), args.to_string()))
+}
+
+/// Reads Gemma 4's value notation.
+struct GemmaParser<'a> {
+    rest: &'a str,
+    depth: usize,
+}
+
+impl GemmaParser<'_> {
+    fn skip_space(&mut self) {
+        self.rest = self.rest.trim_start();
+    }
+
+    fn eat(&mut self, s: &str) -> bool {
+        self.skip_space();
+        match self.rest.strip_prefix(s) {
+            Some(r) => {
+                self.rest = r;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn value(&mut self) -> Option<Value> {
+        self.skip_space();
+        self.depth += 1;
+        if self.depth > 64 {
+            return None;
+        }
+        let v = if self.eat(GEMMA_QUOTE) {
+            let end = self.rest.find(GEMMA_QUOTE)?;
+            let s = self.rest[..end].to_owned();
+            self.rest = &self.rest[end + GEMMA_QUOTE.len()..];
+            Value::String(s)
+        } else if self.eat("{") {
+            let mut map = serde_json::Map::new();
+            if !self.eat("}") {
+                loop {
+                    let key = if self.eat(GEMMA_QUOTE) {
+                        let end = self.rest.find(GEMMA_QUOTE)?;
+                        let k = self.rest[..end].to_owned();
+                        self.rest = &self.rest[end + GEMMA_QUOTE.len()..];
+                        k
+                    } else {
+                        let end = self.rest.find(':')?;
+                        let k = self.rest[..end].trim().to_owned();
+                        self.rest = &self.rest[end..];
+                        k
+                    };
+                    if !self.eat(":") {
+                        return None;
+                    }
+                    map.insert(key, self.value()?);
+                    if self.eat("}") {
+                        break;
+                    }
+                    if !self.eat(",") {
+                        return None;
+                    }
+                }
+            }
+            Value::Object(map)
+        } else if self.eat("[") {
+            let mut list = Vec::new();
+            if !self.eat("]") {
+                loop {
+                    list.push(self.value()?);
+                    if self.eat("]") {
+                        break;
+                    }
+                    if !self.eat(",") {
+                        return None;
+                    }
+                }
+            }
+            Value::Array(list)
+        } else {
+            // A bare word: a number, true, false or null, up to the next delimiter.
+            let end = self.rest.find([',', '}', ']']).unwrap_or(self.rest.len());
+            let word = self.rest[..end].trim();
+            self.rest = &self.rest[end..];
+            match word {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                "null" | "None" => Value::Null,
+                w => serde_json::from_str::<serde_json::Number>(w)
+                    .map_or_else(|_| Value::String(w.to_owned()), Value::Number),
+            }
+        };
+        self.depth -= 1;
+        Some(v)
+    }
+}
+
+/// `v` in Gemma 4's notation, as its template writes arguments (keys sorted; quoted keys
+/// only when `quote_keys`).
+fn gemma_value(v: &Value, quote_keys: bool) -> String {
+    match v {
+        Value::String(s) => format!("{GEMMA_QUOTE}{s}{GEMMA_QUOTE}"),
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let items: Vec<String> = keys
+                .into_iter()
+                .map(|k| {
+                    let key = if quote_keys {
+                        format!("{GEMMA_QUOTE}{k}{GEMMA_QUOTE}")
+                    } else {
+                        k.clone()
+                    };
+                    format!("{key}:{}", gemma_value(&map[k], quote_keys))
+                })
+                .collect();
+            format!("{{{}}}", items.join(","))
+        }
+        Value::Array(list) => format!(
+            "[{}]",
+            list.iter()
+                .map(|x| gemma_value(x, quote_keys))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        other => other.to_string(),
     }
 }
 
@@ -325,6 +507,7 @@ pub fn check_tools(list: &[Value]) -> Result<Vec<(String, Value)>, String> {
 /// model's syntax is not known, such as one read back from disk).
 pub fn parse_any(text: &str) -> Option<(String, Vec<(String, String)>)> {
     [
+        ToolSyntax::Gemma4,
         ToolSyntax::Hermes,
         ToolSyntax::Phi4,
         ToolSyntax::Mistral,
@@ -417,6 +600,32 @@ mod tests {
             2
         );
         assert_eq!(parse_any(phi).expect("any").1.len(), 1);
+
+        // Gemma 4: its own notation, nested values, several calls.
+        let gemma = "Checking.<|tool_call>call:get_weather{city:<|\"|>Paris, FR<|\"|>,days:3,opts:{metric:true,tags:[<|\"|>a<|\"|>,2.5]}}<tool_call|><|tool_call>call:get_time{}<tool_call|>";
+        let (content, calls) = parse_tool_calls(ToolSyntax::Gemma4, gemma).expect("gemma");
+        assert_eq!(content, "Checking.");
+        assert_eq!(
+            calls,
+            [
+                (
+                    "get_weather".into(),
+                    r#"{"city":"Paris, FR","days":3,"opts":{"metric":true,"tags":["a",2.5]}}"#
+                        .into()
+                ),
+                ("get_time".into(), "{}".into())
+            ]
+        );
+        assert!(parse_tool_calls(ToolSyntax::Gemma4, "<|tool_call>call:f{a:<|\"|>open").is_none());
+        let deep = format!(
+            "<|tool_call>call:f{{a:{}1{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(
+            parse_tool_calls(ToolSyntax::Gemma4, &deep).is_none(),
+            "nesting is bounded"
+        );
     }
 
     #[test]
@@ -439,6 +648,10 @@ mod tests {
             (
                 ToolSyntax::Llama3,
                 "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Zürich\"}}",
+            ),
+            (
+                ToolSyntax::Gemma4,
+                "<|tool_call>call:get_weather{city:<|\"|>Zürich<|\"|>}<tool_call|>",
             ),
         ];
         for (syntax, text) in expected {
@@ -470,6 +683,10 @@ mod tests {
         assert_eq!(
             ToolSyntax::of_template("'<|tool|>' + message['tools'] + '<|/tool|>'"),
             ToolSyntax::Phi4
+        );
+        assert_eq!(
+            ToolSyntax::of_template("{{- '<|tool_call>call:' + function['name'] + '{' -}}"),
+            ToolSyntax::Gemma4
         );
         let id = call_id(7, 0);
         assert!(id.starts_with("call_") && id.len() == 29);
