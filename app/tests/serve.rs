@@ -1476,12 +1476,23 @@ fn embeddings_are_served_as_openai_clients_ask() {
     }
     drop(server);
 
-    // A server without an embedding model, whose chat model gives no hidden states, says how
-    // to give it one.
-    let server = start(dir.path());
+    // A server without an embedding model, whose chat model gives no hidden states (a Llama
+    // folder on candle's model), says how to give it one.
+    let llama = tempfile::tempdir().expect("tmp");
+    studio_tests::families::write_family(llama.path(), "llama", 11);
+    let server = start(llama.path());
     let r = post(server.addr(), "/v1/embeddings", &json!({"input": "hi"}));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("--embedding-model"), "{}", r.body);
+    drop(server);
+
+    // A Qwen2 folder embeds by itself: unit vectors from its hidden states.
+    let server = start(dir.path());
+    let r = post(server.addr(), "/v1/embeddings", &json!({"input": "hi"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = vector(&r.json()["data"][0]["embedding"]);
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "{norm}");
     drop(server);
 
     // A GGUF chat model on Studio's kernels embeds by itself: its hidden states, mean-pooled,

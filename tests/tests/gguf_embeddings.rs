@@ -213,3 +213,51 @@ fn qwen_safetensors_folders_give_hidden_states_and_others_say_they_cant() {
         "{err}"
     );
 }
+
+#[test]
+fn gemma_gguf_on_candles_ops_gives_hidden_states_too() {
+    // An F32 file runs on Studio's Gemma with candle's ops (as on a GPU), not the CPU kernels.
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_family_with(
+        tmp.path(),
+        "gemma3_text",
+        &serde_json::json!({"hidden_size": 256, "intermediate_size": 512,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "query_pre_attn_scalar": 64}),
+        3,
+    );
+    let path = tmp.path().join("model.gguf");
+    convert(tmp.path(), &path, &GgufOptions::with_dtype(GgmlDType::F32));
+    let mut m = loader::load(&path, &Device::Cpu, &mut |_, _| {}).expect("load");
+    let ids = m.tokenizer.encode("hello there, small world").expect("ids");
+    let hidden = m.model.hidden_states(&ids).expect("hidden states");
+    let (t, _) = hidden.dims2().expect("2-D");
+    assert_eq!(t, ids.len());
+    let logits: Vec<f32> = m
+        .model
+        .forward_last(&ids, 0)
+        .expect("logits")
+        .to_vec1()
+        .expect("vec");
+    let mut file = std::fs::File::open(&path).expect("open");
+    let content = gguf_file::Content::read(&mut file).expect("gguf");
+    let w = content
+        .tensor(&mut file, "token_embd.weight", &Device::Cpu)
+        .expect("tensor")
+        .dequantize(&Device::Cpu)
+        .expect("dequantize");
+    let projected: Vec<f32> = hidden
+        .get(t - 1)
+        .expect("last")
+        .unsqueeze(0)
+        .expect("row")
+        .matmul(&w.t().expect("t"))
+        .expect("matmul")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec");
+    let c = cosine(&projected, &logits);
+    assert!(c > 0.999_9, "cosine {c}");
+    assert_eq!(m.embed_tokens(&ids).expect("embed").len(), 256);
+}

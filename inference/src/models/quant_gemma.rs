@@ -372,6 +372,25 @@ impl Model {
     /// `tokens`: `[1, T]` at positions `offset..`; returns the last position's logits.
     pub fn forward(&mut self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
         let (_, t) = tokens.dims2()?;
+        let x = self.layers_forward(tokens, offset)?;
+        let x = x.narrow(1, t - 1, 1)?;
+        let x = norm(&x, &self.norm, self.eps)?;
+        let logits = linear(&self.output, &x)?;
+        softcap(&logits, self.final_softcap)
+    }
+
+    /// The final hidden states (after the last norm) of `tokens` (`[1, T]`) from position 0:
+    /// `[T, hidden]`, for embeddings. The caches are left empty.
+    pub fn hidden_states(&mut self, tokens: &Tensor) -> Result<Tensor> {
+        self.clear_kv_cache();
+        let x = self.layers_forward(tokens, 0);
+        self.clear_kv_cache();
+        norm(&x?, &self.norm, self.eps)?.squeeze(0)
+    }
+
+    /// The residual stream after every layer, `[1, T, hidden]`.
+    fn layers_forward(&mut self, tokens: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, t) = tokens.dims2()?;
         let mut x = self.embed(tokens)?;
         let (cos_g, sin_g) = self.rope_global.tables(offset + t, &self.device)?;
         let (cos_l, sin_l) = self.rope_local.tables(offset + t, &self.device)?;
@@ -397,10 +416,7 @@ impl Model {
             let h = norm(&h, &layer.post_ffw_norm, self.eps)?;
             x = (x + h)?;
         }
-        let x = x.narrow(1, t - 1, 1)?;
-        let x = norm(&x, &self.norm, self.eps)?;
-        let logits = linear(&self.output, &x)?;
-        softcap(&logits, self.final_softcap)
+        Ok(x)
     }
 
     fn attention(

@@ -301,10 +301,16 @@ impl CausalLm for GgufCausalLm {
 
     fn hidden_states(&mut self, tokens: &[u32]) -> Result<Tensor> {
         self.validate(tokens, 0)?;
+        if let Inner::Gemma(m) = &mut self.inner {
+            self.fed.clear();
+            let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+            return Ok(m.hidden_states(&input)?.to_dtype(candle_core::DType::F32)?);
+        }
         let Inner::Studio(m) = &mut self.inner else {
             return Err(Error::InvalidParameter(
                 "this GGUF model runs on candle's kernels, which give no hidden states for \
-                 embeddings"
+                 embeddings (Studio's CPU kernels and its Gemma do; or serve a \
+                 sentence-transformers model with --embedding-model)"
                     .into(),
             ));
         };
