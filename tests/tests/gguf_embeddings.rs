@@ -22,6 +22,23 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (n(a) * n(b))
 }
 
+/// The last row of `hidden` projected by `w` (`(vocab, hidden)`, as the file stores an output
+/// matrix): what the model's logits are made from.
+fn last_row_projected(hidden: &candle_core::Tensor, w: &candle_core::Tensor) -> Vec<f32> {
+    let (t, _) = hidden.dims2().expect("2-D");
+    hidden
+        .get(t - 1)
+        .expect("last row")
+        .unsqueeze(0)
+        .expect("row")
+        .matmul(&w.t().expect("t"))
+        .expect("matmul")
+        .flatten_all()
+        .expect("flat")
+        .to_vec1()
+        .expect("vec")
+}
+
 #[test]
 fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
     for (family, dtype) in [("llama", GgmlDType::Q8_0), ("qwen2", GgmlDType::Q4_0)] {
@@ -60,18 +77,7 @@ fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
             .expect("tensor")
             .dequantize(&Device::Cpu)
             .expect("dequantize");
-        let last = hidden
-            .get(t - 1)
-            .expect("last row")
-            .unsqueeze(0)
-            .expect("row");
-        let projected: Vec<f32> = last
-            .matmul(&w.t().expect("t"))
-            .expect("matmul")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec");
+        let projected = last_row_projected(&hidden, &w);
         assert_eq!(projected.len(), logits.len(), "{family}");
         let c = cosine(&projected, &logits);
         assert!(c > 0.999, "{family}: cosine {c}");
@@ -174,17 +180,7 @@ fn qwen_safetensors_folders_give_hidden_states_and_others_say_they_cant() {
             .get("lm_head.weight")
             .or_else(|| tensors.get("model.embed_tokens.weight"))
             .expect("head");
-        let projected: Vec<f32> = hidden
-            .get(t - 1)
-            .expect("last")
-            .unsqueeze(0)
-            .expect("row")
-            .matmul(&head.t().expect("t"))
-            .expect("matmul")
-            .flatten_all()
-            .expect("flat")
-            .to_vec1()
-            .expect("vec");
+        let projected = last_row_projected(&hidden, head);
         let c = cosine(&projected, &logits);
         assert!(c > 0.999_99, "{family}: cosine {c}");
         let e = m.embed_tokens(&ids).expect("embed");
@@ -246,17 +242,7 @@ fn gemma_gguf_on_candles_ops_gives_hidden_states_too() {
         .expect("tensor")
         .dequantize(&Device::Cpu)
         .expect("dequantize");
-    let projected: Vec<f32> = hidden
-        .get(t - 1)
-        .expect("last")
-        .unsqueeze(0)
-        .expect("row")
-        .matmul(&w.t().expect("t"))
-        .expect("matmul")
-        .flatten_all()
-        .expect("flat")
-        .to_vec1()
-        .expect("vec");
+    let projected = last_row_projected(&hidden, &w);
     let c = cosine(&projected, &logits);
     assert!(c > 0.999_9, "cosine {c}");
     assert_eq!(m.embed_tokens(&ids).expect("embed").len(), 256);

@@ -62,10 +62,10 @@ fn check_against_sentence_transformers(dir: &Path, name: &str) {
     }
 }
 
-#[test]
-fn nomic_bert_matches_transformers_in_both_namings() {
-    let dir = fixture("nomic-mean");
-    let model = embed::load(&dir, &Device::Cpu).expect("nomic");
+/// Loads the fixture `name`, checking what it says it is: `pooling`, normalised, 32
+/// dimensions, 48 tokens at most.
+fn load_fixture(name: &str, pooling: Pooling) -> embed::EmbeddingModel {
+    let model = embed::load(&fixture(name), &Device::Cpu).expect(name);
     let info = model.info();
     assert_eq!(
         (
@@ -74,8 +74,16 @@ fn nomic_bert_matches_transformers_in_both_namings() {
             info.dimensions,
             info.max_tokens
         ),
-        (Pooling::Mean, true, 32, 48)
+        (pooling, true, 32, 48),
+        "{name}"
     );
+    model
+}
+
+#[test]
+fn nomic_bert_matches_transformers_in_both_namings() {
+    let dir = fixture("nomic-mean");
+    load_fixture("nomic-mean", Pooling::Mean);
     check_against_sentence_transformers(&dir, "nomic-mean");
 
     // The same weights in transformers 5's names (separate q/k/v, `layers.N.self_attn`, …)
@@ -150,17 +158,7 @@ fn a_qwen3_decoder_pools_its_last_token_as_sentence_transformers_does() {
     // Laid out as Qwen3-Embedding is published: no output head, names without `model.`,
     // last-token pooling, a tokenizer that appends <|endoftext|>.
     let dir = fixture("qwen3-last");
-    let model = embed::load(&dir, &Device::Cpu).expect("qwen3");
-    let info = model.info();
-    assert_eq!(
-        (
-            info.pooling,
-            info.normalize,
-            info.dimensions,
-            info.max_tokens
-        ),
-        (Pooling::LastToken, true, 32, 48)
-    );
+    let model = load_fixture("qwen3-last", Pooling::LastToken);
     let ids = model.tokenize("the cat").expect("ids");
     assert_eq!(ids.last(), Some(&0), "ends with <|endoftext|>: {ids:?}");
     check_against_sentence_transformers(&dir, "qwen3-last");
@@ -202,18 +200,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn embeddings_match_sentence_transformers() {
     for (name, pooling) in [("minilm-mean", Pooling::Mean), ("bge-cls", Pooling::Cls)] {
-        let model = embed::load(&fixture(name), &Device::Cpu).expect(name);
-        let info = model.info();
-        assert_eq!(
-            (
-                info.pooling,
-                info.normalize,
-                info.dimensions,
-                info.max_tokens
-            ),
-            (pooling, true, 32, 48),
-            "{name}"
-        );
+        load_fixture(name, pooling);
         check_against_sentence_transformers(&fixture(name), name);
     }
 }
