@@ -540,7 +540,8 @@ fn generate_and_chat_keep_to_a_json_schema_or_grammar() {
 }
 
 /// `studio embed` with a GGUF chat model on Studio's kernels: its hidden states, mean-pooled,
-/// length 1; with a model that gives none (a safetensors one), an error that says what can.
+/// length 1; with a model that gives none (a Llama safetensors folder), an error that says
+/// what can.
 #[test]
 fn embed_with_a_gguf_chat_model_pools_its_hidden_states() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -75,10 +75,10 @@ pub enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
-    /// /v1/models, and /v1/embeddings with --embedding-model).
+    /// /v1/models, /v1/embeddings from --embedding-model or the chat model itself).
     Serve(ServeArgs),
-    /// Embed texts with a sentence-embedding model (a sentence-transformers folder): one JSON
-    /// line per text.
+    /// Embed texts with a sentence-embedding model (a sentence-transformers folder) or a chat
+    /// model's hidden states: one JSON line per text.
     Embed(EmbedArgs),
     /// Make an image from a prompt with a Stable Diffusion model.
     Txt2img(image::ImageArgs),
