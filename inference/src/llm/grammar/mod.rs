@@ -1520,4 +1520,66 @@ mod tests {
         }
         assert!(kept.is_done());
     }
+
+    #[test]
+    fn every_mask_is_what_the_matcher_allows_token_by_token() {
+        // A schema's grammar over a vocabulary of JSON pieces, digits, a multi-byte character
+        // and pieces that must be refused mid-number: at each step the mask (from the kept
+        // automaton) allows exactly the tokens the matcher itself takes.
+        let schema = serde_json::json!({"type": "object", "properties": {
+            "mood": {"enum": ["good", "bad"]}, "score": {"type": "integer"}},
+            "required": ["mood", "score"]});
+        let gbnf = schema::json_schema_to_gbnf(&schema).expect("gbnf");
+        let g = Arc::new(Grammar::parse(&gbnf).expect("grammar"));
+        let pieces = [
+            "{",
+            "}",
+            "\"",
+            "mood",
+            ":",
+            ",",
+            " ",
+            "-",
+            "0",
+            "1",
+            "9",
+            ".",
+            ".0",
+            "0}",
+            "-0",
+            "bad",
+            "good",
+            "\"mood\"",
+            ":\"",
+            "\",",
+            "12",
+            "é",
+            "\n",
+            "}}",
+            "0.",
+            "-0.0",
+            "\"score\":",
+            "a",
+        ];
+        let vocab: Vec<Option<Vec<u8>>> =
+            pieces.iter().map(|p| Some(p.as_bytes().to_vec())).collect();
+        let mut c = Constraint::new(g, Arc::new(VocabTrie::new(vocab)), &[]);
+        // {"mood":"bad","score":-0}
+        for id in [0, 17, 18, 15, 19, 26, 14, 1] {
+            let mut logits = vec![0.0f32; pieces.len()];
+            c.mask(&mut logits).expect("mask");
+            for (t, l) in logits.iter().enumerate() {
+                let takes = c.matcher.allows(pieces[t].as_bytes());
+                assert_eq!(
+                    l.is_finite(),
+                    takes,
+                    "{:?} before {:?}",
+                    pieces[t],
+                    pieces[id]
+                );
+            }
+            c.accept(u32::try_from(id).expect("id")).expect("fits");
+        }
+        assert!(c.is_done() || c.matcher.can_end());
+    }
 }
