@@ -22,6 +22,35 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (n(a) * n(b))
 }
 
+/// Loads the GGUF at `path` and runs "hello there, small world" through it: the model, the
+/// token ids, their final hidden states and the logits of the last one.
+fn hidden_and_logits(
+    path: &std::path::Path,
+) -> (loader::LoadedModel, Vec<u32>, candle_core::Tensor, Vec<f32>) {
+    let mut m = loader::load(path, &Device::Cpu, &mut |_, _| {}).expect("load");
+    let ids = m.tokenizer.encode("hello there, small world").expect("ids");
+    let hidden = m.model.hidden_states(&ids).expect("hidden states");
+    assert_eq!(hidden.dims2().expect("2-D").0, ids.len());
+    let logits: Vec<f32> = m
+        .model
+        .forward_last(&ids, 0)
+        .expect("logits")
+        .to_vec1()
+        .expect("vec");
+    (m, ids, hidden, logits)
+}
+
+/// Tensor `name` of the GGUF at `path`, dequantized.
+fn file_tensor(path: &std::path::Path, name: &str) -> candle_core::Tensor {
+    let mut file = std::fs::File::open(path).expect("open");
+    let content = gguf_file::Content::read(&mut file).expect("gguf");
+    content
+        .tensor(&mut file, name, &Device::Cpu)
+        .expect("tensor")
+        .dequantize(&Device::Cpu)
+        .expect("dequantize")
+}
+
 /// The last row of `hidden` projected by `w` (`(vocab, hidden)`, as the file stores an output
 /// matrix): what the model's logits are made from.
 fn last_row_projected(hidden: &candle_core::Tensor, w: &candle_core::Tensor) -> Vec<f32> {
@@ -53,17 +82,8 @@ fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
         );
         let path = tmp.path().join("model.gguf");
         convert(tmp.path(), &path, &GgufOptions::with_dtype(dtype));
-        let mut m = loader::load(&path, &Device::Cpu, &mut |_, _| {}).expect("load");
-        let ids = m.tokenizer.encode("hello there, small world").expect("ids");
-        let hidden = m.model.hidden_states(&ids).expect("hidden states");
-        let (t, d) = hidden.dims2().expect("2-D");
-        assert_eq!(t, ids.len());
-        let logits: Vec<f32> = m
-            .model
-            .forward_last(&ids, 0)
-            .expect("logits")
-            .to_vec1()
-            .expect("vec");
+        let (mut m, ids, hidden, logits) = hidden_and_logits(&path);
+        let d = hidden.dims2().expect("2-D").1;
         // The output matrix as the file stores it (tied to the embeddings when it has none).
         let mut file = std::fs::File::open(&path).expect("open");
         let content = gguf_file::Content::read(&mut file).expect("gguf");
@@ -72,11 +92,7 @@ fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
         } else {
             "token_embd.weight"
         };
-        let w = content
-            .tensor(&mut file, name, &Device::Cpu)
-            .expect("tensor")
-            .dequantize(&Device::Cpu)
-            .expect("dequantize");
+        let w = file_tensor(&path, name);
         let projected = last_row_projected(&hidden, &w);
         assert_eq!(projected.len(), logits.len(), "{family}");
         let c = cosine(&projected, &logits);
@@ -224,24 +240,8 @@ fn gemma_gguf_on_candles_ops_gives_hidden_states_too() {
     );
     let path = tmp.path().join("model.gguf");
     convert(tmp.path(), &path, &GgufOptions::with_dtype(GgmlDType::F32));
-    let mut m = loader::load(&path, &Device::Cpu, &mut |_, _| {}).expect("load");
-    let ids = m.tokenizer.encode("hello there, small world").expect("ids");
-    let hidden = m.model.hidden_states(&ids).expect("hidden states");
-    let (t, _) = hidden.dims2().expect("2-D");
-    assert_eq!(t, ids.len());
-    let logits: Vec<f32> = m
-        .model
-        .forward_last(&ids, 0)
-        .expect("logits")
-        .to_vec1()
-        .expect("vec");
-    let mut file = std::fs::File::open(&path).expect("open");
-    let content = gguf_file::Content::read(&mut file).expect("gguf");
-    let w = content
-        .tensor(&mut file, "token_embd.weight", &Device::Cpu)
-        .expect("tensor")
-        .dequantize(&Device::Cpu)
-        .expect("dequantize");
+    let (mut m, ids, hidden, logits) = hidden_and_logits(&path);
+    let w = file_tensor(&path, "token_embd.weight");
     let projected = last_row_projected(&hidden, &w);
     let c = cosine(&projected, &logits);
     assert!(c > 0.999_9, "cosine {c}");

@@ -208,20 +208,34 @@ impl NomicBert {
             layer_norm(vb, "embeddings.LayerNorm", h, c.eps)?
         };
         let mut layers = Vec::with_capacity(c.layers);
+        // (prefix, out, up, gate, down, norm1, norm2) in each naming; only q/k/v differ more.
+        let names = if published {
+            [
+                "encoder.layers",
+                "attn.out_proj",
+                "mlp.fc11",
+                "mlp.fc12",
+                "mlp.fc2",
+                "norm1",
+                "norm2",
+            ]
+        } else {
+            [
+                "layers",
+                "self_attn.o_proj",
+                "mlp.up_proj",
+                "mlp.gate_proj",
+                "mlp.down_proj",
+                "post_attention_layernorm",
+                "post_mlp_layernorm",
+            ]
+        };
+        let [prefix, out, up, gate, down, norm1, norm2] = names;
         for i in 0..c.layers {
-            let layer = if published {
-                let l = vb.pp(format!("encoder.layers.{i}"));
-                Layer {
-                    qkv: linear(&l, "attn.Wqkv", 3 * h, h)?,
-                    out: linear(&l, "attn.out_proj", h, h)?,
-                    up: linear(&l, "mlp.fc11", c.intermediate, h)?,
-                    gate: linear(&l, "mlp.fc12", c.intermediate, h)?,
-                    down: linear(&l, "mlp.fc2", h, c.intermediate)?,
-                    norm1: layer_norm(&l, "norm1", h, c.eps)?,
-                    norm2: layer_norm(&l, "norm2", h, c.eps)?,
-                }
+            let l = vb.pp(format!("{prefix}.{i}"));
+            let qkv = if published {
+                linear(&l, "attn.Wqkv", 3 * h, h)?
             } else {
-                let l = vb.pp(format!("layers.{i}"));
                 let [q, k, v] = ["q_proj", "k_proj", "v_proj"]
                     .map(|p| linear(&l, &format!("self_attn.{p}"), h, h));
                 let (q, k, v) = (q?, k?, v?);
@@ -230,15 +244,16 @@ impl NomicBert {
                     (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
                     _ => None,
                 };
-                Layer {
-                    qkv: Linear::new(weight, bias),
-                    out: linear(&l, "self_attn.o_proj", h, h)?,
-                    up: linear(&l, "mlp.up_proj", c.intermediate, h)?,
-                    gate: linear(&l, "mlp.gate_proj", c.intermediate, h)?,
-                    down: linear(&l, "mlp.down_proj", h, c.intermediate)?,
-                    norm1: layer_norm(&l, "post_attention_layernorm", h, c.eps)?,
-                    norm2: layer_norm(&l, "post_mlp_layernorm", h, c.eps)?,
-                }
+                Linear::new(weight, bias)
+            };
+            let layer = Layer {
+                qkv,
+                out: linear(&l, out, h, h)?,
+                up: linear(&l, up, c.intermediate, h)?,
+                gate: linear(&l, gate, c.intermediate, h)?,
+                down: linear(&l, down, h, c.intermediate)?,
+                norm1: layer_norm(&l, norm1, h, c.eps)?,
+                norm2: layer_norm(&l, norm2, h, c.eps)?,
             };
             layers.push(layer);
         }
