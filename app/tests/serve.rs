@@ -1686,15 +1686,91 @@ fn structured_output_is_enforced_while_sampling() {
 
 /// The tiny model of [`model_dir`] with Qwen2.5's own chat template (it has a tool section).
 fn tool_model_dir() -> tempfile::TempDir {
+    model_dir_with_template("qwen2.5-instruct.jinja")
+}
+
+/// The tiny model of [`model_dir`] with the chat template fixture `name`.
+fn model_dir_with_template(name: &str) -> tempfile::TempDir {
     let dir = model_dir();
     let template = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/templates/qwen2.5-instruct.jinja"),
+            .join("../tests/fixtures/templates")
+            .join(name),
     )
     .expect("template");
     let config = json!({"chat_template": template, "eos_token": "<|im_end|>"});
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).expect("write");
     dir
+}
+
+/// Templates that take tools their own way (Phi-4-mini on the system message, Gemma 4 with
+/// results as `tool_responses`) serve tool calls as the others do: the tools reach the prompt,
+/// a required call comes back as `tool_calls`, and its result goes back in. Tools a template
+/// cannot render (Gemma 4's wants a `type` for every parameter) are a 400 about `tools`,
+/// never dropped for the plain transcript.
+#[test]
+fn phi4_mini_and_gemma4_templates_serve_tool_calls() {
+    let dir = model_dir_with_template("gemma-4.jinja");
+    let server = start(dir.path());
+    let r = post(
+        server.addr(),
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "Weather?"}], "tools": weather_tools()}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "tools", "{}", r.body);
+    assert!(r.body.contains("could not render"), "{}", r.body);
+    drop(server);
+    for template in ["phi-4-mini-instruct.jinja", "gemma-4.jinja"] {
+        let dir = model_dir_with_template(template);
+        let server = start(dir.path());
+        let addr = server.addr();
+        let user = json!({"role": "user", "content": "Weather in Paris?"});
+        let ask = |messages: Value, extra: Value| {
+            let mut body = json!({"messages": messages, "max_tokens": 120, "seed": 1,
+                "temperature": 1.0, "tools": typed_weather_tools()});
+            for (k, v) in extra.as_object().expect("object") {
+                body[k] = v.clone();
+            }
+            post(addr, "/v1/chat/completions", &body)
+        };
+        let plain = chat(addr, &json!({"max_tokens": 2}));
+        let auto = ask(json!([user]), json!({"max_tokens": 2}));
+        assert_eq!(auto.status, 200, "{template}: {}", auto.body);
+        let tokens = |r: &Reply| r.json()["usage"]["prompt_tokens"].as_u64().expect("usage");
+        assert!(
+            tokens(&auto) > tokens(&plain) + 20,
+            "{template}: the tools were rendered: {} then {}",
+            plain.body,
+            auto.body
+        );
+        let r = ask(json!([user]), json!({"tool_choice": "required"}));
+        assert_eq!(r.status, 200, "{template}: {}", r.body);
+        let v = r.json();
+        assert_eq!(
+            v["choices"][0]["finish_reason"], "tool_calls",
+            "{template}: {v}"
+        );
+        let call = v["choices"][0]["message"]["tool_calls"][0].clone();
+        let back = ask(
+            json!([user, {"role": "assistant", "content": null, "tool_calls": [call.clone()]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "{\"temp\": 18}"}]),
+            json!({"max_tokens": 2}),
+        );
+        assert_eq!(back.status, 200, "{template}: {}", back.body);
+        assert!(
+            tokens(&back) > tokens(&auto),
+            "{template}: the call and result went back in"
+        );
+        drop(server);
+    }
+}
+
+/// [`weather_tools`] with a `type` for every parameter, as Gemma 4's template needs.
+fn typed_weather_tools() -> Value {
+    let mut tools = weather_tools();
+    tools[0]["function"]["parameters"]["properties"]["unit"]["type"] = json!("string");
+    tools
 }
 
 fn weather_tools() -> Value {

@@ -95,7 +95,13 @@ pub(super) fn prepare(
                 messages,
                 params.max_new_tokens,
             )
-            .map_err(|e| ApiError::from_inference(&e))?
+            .map_err(|e| match e {
+                // The tools could not be rendered: say so about `tools`.
+                studio_inference::Error::ChatTemplate(m) if tool_syntax.is_some() => {
+                    ApiError::param("tools", m)
+                }
+                e => ApiError::from_inference(&e),
+            })?
             .into_reply(params, &p.eos);
             if let Some(notice) = &reply.notice {
                 log::warn!("serve: {notice}");

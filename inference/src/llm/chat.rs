@@ -355,7 +355,8 @@ impl ChatPrompt {
 /// When the template refuses the conversation (templates `raise_exception` on a system
 /// message, or fail), Studio does what users expect rather than fail: the system prompt is put
 /// at the start of the first user message; if the template still fails, the plain transcript
-/// is used. Either way `notice` says so.
+/// is used. Either way `notice` says so. With tools offered there is no plain fallback (the
+/// transcript has no place for them): the template's error is returned.
 pub fn build_chat_prompt(
     tok: &Tokenizer,
     format: &ChatFormat,
@@ -387,6 +388,15 @@ pub fn build_chat_prompt(
             );
             return Ok(prompt(format, fitted, Some(notice)));
         }
+    }
+    // The plain transcript has no place for tools: offered tools are never dropped unsaid.
+    if let ChatFormat::Template(t) = format
+        && t.offers_tools()
+    {
+        return Err(Error::ChatTemplate(format!(
+            "the model's chat template could not render the conversation with the offered \
+             tools: {error}"
+        )));
     }
     let plain = ChatFormat::Plain { reason: None };
     let fitted = fit_to_context(tok, &plain, system, messages, context, reserve)?;

@@ -342,6 +342,11 @@ impl ChatTemplate {
         }
     }
 
+    /// Whether tools are offered ([`Self::with_tools`]).
+    pub fn offers_tools(&self) -> bool {
+        self.tools.is_some()
+    }
+
     /// Whether the template renders a list of tools (it reads `tools`).
     pub fn takes_tools(&self) -> bool {
         self.inner.source.contains("tools")
