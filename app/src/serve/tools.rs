@@ -208,8 +208,9 @@ pub(super) fn streamable(syntax: ToolSyntax, text: &str, required: bool) -> usiz
     if let Some(at) = markers.iter().filter_map(|m| text.find(m)).min() {
         return at;
     }
-    // Hold back a tail that could be the start of a marker.
-    for k in (1..text.len()).rev() {
+    // Hold back a tail that could be the start of a marker (shorter than the longest).
+    let longest = markers.iter().map(|m| m.len()).max().unwrap_or(0);
+    for k in (1..text.len().min(longest)).rev() {
         if !text.is_char_boundary(text.len() - k) {
             continue;
         }

@@ -14,12 +14,14 @@ pub mod message;
 pub mod params;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use egui::RichText;
 use studio_inference::llm::chat::Role;
 use studio_inference::llm::generate::GenerationStats;
 use studio_inference::llm::loader::ModelInfo;
+use studio_inference::llm::tools::CallList;
 use studio_inference::llm::sampling::SamplingParams;
 use studio_inference::worker::JobId;
 
@@ -97,6 +99,8 @@ pub struct ChatPanel {
     editing: Option<Editing>,
     /// The results typed for the last reply's tool calls, by call id.
     tool_results: std::collections::HashMap<String, String>,
+    /// Each finished reply's tool calls, read once rather than every frame.
+    tool_calls: ToolCallCache,
     list: ConversationList,
     params: ParametersView,
     markdown: MarkdownCache,
@@ -121,6 +125,7 @@ impl ChatPanel {
             last_rate: None,
             editing: None,
             tool_results: std::collections::HashMap::new(),
+            tool_calls: ToolCallCache::default(),
             list: ConversationList::default(),
             params: ParametersView::default(),
             markdown: MarkdownCache::default(),
@@ -699,9 +704,9 @@ impl ChatPanel {
                         .filter(|e| e.conversation == id && e.message == message.id);
                     // A reply that called tools shows its text before the calls; the calls
                     // follow in their own frame.
-                    let calls = message.tool_calls();
+                    let calls = self.tool_calls.get(&id, message);
                     let content = calls
-                        .as_ref()
+                        .as_deref()
                         .map_or(message.content.trim(), |(before, _)| before.trim());
                     let document = (message.role == Role::Assistant && !content.is_empty())
                         .then(|| self.markdown.get(&id, message.id, content));
@@ -720,10 +725,10 @@ impl ChatPanel {
                         MessageAction::None => {}
                         other => action = Some((message.id, message.content.clone(), other)),
                     }
-                    if let Some((_, calls)) = calls {
+                    if let Some((_, calls)) = calls.as_deref() {
                         let last = index + 1 == count && !streaming_here;
                         if let Some(results) =
-                            tool_calls_ui(ui, &calls, last, &mut self.tool_results)
+                            tool_calls_ui(ui, calls, last, &mut self.tool_results)
                         {
                             commands.push(Command::from(ChatCommand::SendToolResults {
                                 conversation: id.clone(),
@@ -850,6 +855,38 @@ fn reply_blocked(cx: &ChatUiContext<'_>, busy: bool) -> Option<&'static str> {
         Some("A reply is being written: wait for it or stop it")
     } else {
         None
+    }
+}
+
+/// The tool calls of the open conversation's replies ([`Message::tool_calls`]), by message,
+/// with the text they were read from: the frame reuses them while that text is unchanged.
+#[derive(Default)]
+struct ToolCallCache {
+    conversation: String,
+    entries: std::collections::HashMap<u64, CachedCalls>,
+}
+
+/// A reply's text and the calls read from it.
+type CachedCalls = (String, Option<Arc<(String, CallList)>>);
+
+impl ToolCallCache {
+    fn get(&mut self, conversation: &str, message: &Message) -> Option<Arc<(String, CallList)>> {
+        if self.conversation != conversation {
+            conversation.clone_into(&mut self.conversation);
+            self.entries.clear();
+        }
+        if message.is_streaming() {
+            return None;
+        }
+        if let Some((source, calls)) = self.entries.get(&message.id)
+            && *source == message.content
+        {
+            return calls.clone();
+        }
+        let calls = message.tool_calls().map(Arc::new);
+        self.entries
+            .insert(message.id, (message.content.clone(), calls.clone()));
+        calls
     }
 }
 
