@@ -1703,6 +1703,39 @@ fn model_dir_with_template(name: &str) -> tempfile::TempDir {
     dir
 }
 
+/// A large batch of embeddings on the chat model stops when its client leaves: the model is
+/// free again for the next request long before the batch would have ended.
+#[test]
+fn a_client_that_leaves_an_embeddings_batch_frees_the_model() {
+    let dir = model_dir();
+    let server = start(dir.path());
+    let addr = server.addr();
+    let one: Vec<u32> = (0..4000).map(|i| 10 + i % 50).collect();
+    let body = json!({"input": vec![one; 240]}).to_string();
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /v1/embeddings HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.disconnects() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the batch went on after its client left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let r = post(addr, "/v1/embeddings", &json!({"input": "hi"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
 /// Templates that take tools their own way (Phi-4-mini on the system message, Gemma 4 with
 /// results as `tool_responses`) serve tool calls as the others do: the tools reach the prompt,
 /// a required call comes back as `tool_calls`, and its result goes back in. Tools a template

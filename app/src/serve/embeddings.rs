@@ -2,16 +2,20 @@
 //! token ids or a list of such lists; `encoding_format` float or base64; `dimensions` when it
 //! is the model's own) answered from the server's sentence-embedding model, or without one from
 //! the served chat model itself (its hidden states, pooled as the file's `pooling_type` says —
-//! the mean when it says nothing — and normalised, as llama.cpp's server does), each input checked against the model's length first (a 400 with its token
-//! count, never cut short).
+//! the mean when it says nothing — and normalised, as llama.cpp's server does), each input
+//! checked against the model's length first (a 400 with its token count, never cut short). A
+//! batch on the chat model stops between inputs when its client leaves, so a large one does
+//! not hold the model for nobody.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 use studio_inference::embed::EmbeddingModel;
 
 use super::Shared;
+use super::generation::CancelOnDrop;
 use super::openai::{field, integer};
 use super::transport::ApiError;
 
@@ -193,10 +197,22 @@ async fn from_chat_model(shared: Arc<Shared>, body: Value) -> Result<Value, ApiE
         })
         .await?;
     let tokens: usize = ids.iter().map(Vec::len).sum();
+    // The client going away from here on drops this future, which stops the batch.
+    let gone = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(gone.clone());
+    let task_shared = shared.clone();
     let vectors = shared
-        .on_model(move |m, _| {
+        .on_model(move |m, cancelled| {
             ids.iter()
                 .map(|ids| {
+                    if gone.load(Ordering::Relaxed) {
+                        task_shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                        log::info!("serve: the client disconnected; embeddings stopped");
+                        return Err(ApiError::unavailable("the client left"));
+                    }
+                    if task_shared.stop.load(Ordering::Relaxed) || cancelled() {
+                        return Err(ApiError::unavailable("the request was cancelled"));
+                    }
                     m.embed_tokens(ids)
                         .map_err(|e| ApiError::from_inference(&e))
                 })

@@ -133,7 +133,7 @@ pub(super) fn prepare(
 }
 
 /// Sets its flag when dropped: the handler's future is dropped when its client disconnects.
-pub(super) struct CancelOnDrop(Arc<AtomicBool>);
+pub(super) struct CancelOnDrop(pub(super) Arc<AtomicBool>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
