@@ -4,8 +4,8 @@
 //! the served chat model itself (its hidden states, pooled as the file's `pooling_type` says —
 //! the mean when it says nothing — and normalised, as llama.cpp's server does), each input
 //! checked against the model's length first (a 400 with its token count, never cut short). A
-//! batch on the chat model stops between inputs when its client leaves, so a large one does
-//! not hold the model for nobody.
+//! batch stops between inputs when its client leaves, so a large one does not hold the model
+//! (or a preparation thread) for nobody.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -178,6 +178,30 @@ fn answer(vectors: &[Vec<f32>], tokens: usize, base64: bool, id: &str) -> Value 
     })
 }
 
+/// Embeds each of `ids` with `embed`, stopping between inputs when the client has left
+/// (`gone`, counted as a disconnect) or the server is stopping.
+fn embed_all(
+    shared: &Shared,
+    ids: &[Vec<u32>],
+    gone: &AtomicBool,
+    cancelled: &dyn Fn() -> bool,
+    embed: &mut dyn FnMut(&[u32]) -> studio_inference::Result<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>, ApiError> {
+    ids.iter()
+        .map(|ids| {
+            if gone.load(Ordering::Relaxed) {
+                shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                log::info!("serve: the client disconnected; embeddings stopped");
+                return Err(ApiError::unavailable("the client left"));
+            }
+            if shared.stop.load(Ordering::Relaxed) || cancelled() {
+                return Err(ApiError::unavailable("the request was cancelled"));
+            }
+            embed(ids).map_err(|e| ApiError::from_inference(&e))
+        })
+        .collect()
+}
+
 /// Answers `POST /v1/embeddings` from the served chat model (no embedding model was given).
 async fn from_chat_model(shared: Arc<Shared>, body: Value) -> Result<Value, ApiError> {
     let Some(obj) = body.as_object() else {
@@ -203,20 +227,9 @@ async fn from_chat_model(shared: Arc<Shared>, body: Value) -> Result<Value, ApiE
     let task_shared = shared.clone();
     let vectors = shared
         .on_model(move |m, cancelled| {
-            ids.iter()
-                .map(|ids| {
-                    if gone.load(Ordering::Relaxed) {
-                        task_shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                        log::info!("serve: the client disconnected; embeddings stopped");
-                        return Err(ApiError::unavailable("the client left"));
-                    }
-                    if task_shared.stop.load(Ordering::Relaxed) || cancelled() {
-                        return Err(ApiError::unavailable("the request was cancelled"));
-                    }
-                    m.embed_tokens(ids)
-                        .map_err(|e| ApiError::from_inference(&e))
-                })
-                .collect::<Result<Vec<_>, ApiError>>()
+            embed_all(&task_shared, &ids, &gone, cancelled, &mut |ids| {
+                m.embed_tokens(ids)
+            })
         })
         .await??;
     Ok(answer(&vectors, tokens, request.base64, &shared.model.id))
@@ -229,22 +242,19 @@ pub(super) async fn embeddings(shared: Arc<Shared>, body: Value) -> Result<Value
     };
     let request = parse(&body, model.info().dimensions)?;
     let id = model.info().name.clone();
+    let gone = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(gone.clone());
     shared
-        .blocking(move |_| {
+        .blocking(move |shared| {
             let ids = tokenize(
                 &|t| model.tokenize(t),
                 model.info().max_tokens,
                 request.inputs,
             )?;
             let tokens = ids.iter().map(Vec::len).sum();
-            let vectors = ids
-                .iter()
-                .map(|ids| {
-                    model
-                        .embed_tokens(ids)
-                        .map_err(|e| ApiError::from_inference(&e))
-                })
-                .collect::<Result<Vec<_>, ApiError>>()?;
+            let vectors = embed_all(shared, &ids, &gone, &|| false, &mut |ids| {
+                model.embed_tokens(ids)
+            })?;
             Ok(answer(&vectors, tokens, request.base64, &id))
         })
         .await
