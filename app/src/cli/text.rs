@@ -100,16 +100,17 @@ pub struct ServeArgs {
     pub cors_origin: Option<String>,
     /// Also serve this sentence-embedding model at /v1/embeddings: a sentence-transformers
     /// folder of a BERT or NomicBERT encoder (all-MiniLM-L6-v2, bge-small-en-v1.5,
-    /// nomic-embed-text-v1.5, …).
+    /// nomic-embed-text-v1.5, …) or of a Qwen3-Embedding-style decoder.
     #[arg(long, value_name = "DIR", value_parser = crate::cli::values::model_path())]
     pub embedding_model: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct EmbedArgs {
-    /// A sentence-transformers folder of a BERT or NomicBERT encoder (all-MiniLM-L6-v2,
-    /// bge-small-en-v1.5, nomic-embed-text-v1.5, …), or a GGUF chat model (its hidden states, pooled as its `pooling_type` says, else
-    /// the mean).
+    /// A sentence-transformers folder (a BERT or NomicBERT encoder such as all-MiniLM-L6-v2,
+    /// bge-small-en-v1.5 or nomic-embed-text-v1.5, or a Qwen3-Embedding-style decoder), or a
+    /// chat model that gives its hidden states (a GGUF, or a Qwen2/Qwen3 folder), pooled as
+    /// its file says, else by the mean.
     #[arg(long, value_parser = crate::cli::values::model_path())]
     pub model: std::path::PathBuf,
     /// A text to embed (repeatable). Each gives one JSON line on stdout: `{"index", "tokens",
@@ -149,8 +150,8 @@ pub fn run_embed(args: &EmbedArgs) -> Result<()> {
     )
 }
 
-/// `studio embed` with a chat model (a GGUF on Studio's kernels): its hidden states, pooled
-/// as the file says and scaled to length 1.
+/// `studio embed` with a chat model (a GGUF, a Qwen2/Qwen3 folder): its hidden states,
+/// pooled as the file says and scaled to length 1.
 fn embed_with_chat_model(
     args: &EmbedArgs,
     choice: &studio_inference::device::DeviceChoice,

@@ -4,9 +4,10 @@
 //! shapes of each endpoint).
 //!
 //! Structured output (`response_format` `json_object` / `json_schema`, llama.cpp's `grammar`
-//! and `json_schema`) becomes a grammar the sampler keeps to. Nothing a client sends is
-//! accepted and ignored: the fields OpenAI defines that Studio does not do yet (tools, audio,
-//! …) are refused with a 400 naming the field ([`UNSUPPORTED`]).
+//! and `json_schema`) becomes a grammar the sampler keeps to; `tools` are read in
+//! `serve::tools`. Nothing a client sends is accepted and ignored: the fields OpenAI defines
+//! that Studio does not do (legacy `functions`, audio, `prediction`, …) are refused with a 400
+//! naming the field ([`UNSUPPORTED`]).
 
 use std::time::SystemTime;
 

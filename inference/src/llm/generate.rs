@@ -135,13 +135,13 @@ pub fn generate_constrained(
     if prompt.is_empty() {
         return Err(Error::EmptyPrompt);
     }
-    let mut own = match (&constraint, params.structured.compile()?) {
-        (None, Some(g)) => Some(Constraint::new(
-            g,
-            crate::llm::grammar::vocab_trie(tokenizer),
-            eos_token_ids,
-        )),
-        _ => None,
+    // A given constraint wins; only without one is `params.structured` compiled.
+    let mut own = match &constraint {
+        Some(_) => None,
+        None => params
+            .structured
+            .compile()?
+            .map(|g| Constraint::new(g, crate::llm::grammar::vocab_trie(tokenizer), eos_token_ids)),
     };
     let mut constraint = match own.as_mut() {
         Some(c) => Some(c),
