@@ -38,16 +38,24 @@ fn any_download(h: &Harness<'_, StudioApp>, f: impl Fn(&State) -> bool) -> bool 
 }
 
 fn presets(dir: &Path, repo: &str) -> PathBuf {
+    presets_with(
+        dir,
+        &serde_json::json!({
+            "name": "Tiny GPT-2",
+            "repo": repo,
+            "panel": "Chat",
+            "size_mb": 1,
+            "license": "mit",
+            "description": "A test model."
+        }),
+    )
+}
+
+/// A presets folder whose starter list is `entry`.
+fn presets_with(dir: &Path, entry: &serde_json::Value) -> PathBuf {
     let models = dir.join("models");
     std::fs::create_dir_all(&models).expect("dir");
-    let starter = serde_json::json!({"models": [{
-        "name": "Tiny GPT-2",
-        "repo": repo,
-        "panel": "Chat",
-        "size_mb": 1,
-        "license": "mit",
-        "description": "A test model."
-    }]});
+    let starter = serde_json::json!({ "models": [entry] });
     std::fs::write(models.join("starter.json"), starter.to_string()).expect("write");
     dir.to_path_buf()
 }
@@ -103,6 +111,79 @@ fn a_starter_model_downloads_loads_and_chats() {
     step_until(&mut h, "the cache listing", |h| {
         shows_text(h, "tests/tiny-gpt2")
     });
+}
+
+/// The Latent Explorer's starter is one of NVIDIA's network pickles, pinned to the commit it
+/// was checked at: it is fetched at that commit (only the named file; Studio reads the pickle
+/// as data), and *Load in Latent Explorer* renders it in safe mode.
+#[test]
+fn a_pinned_gan_starter_downloads_its_pickle_and_renders_in_the_explorer() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let pkl = std::fs::read(fixtures.join("stylegan2/skip.pkl")).expect("pickle");
+    let repo = FakeRepo::new(
+        "tests/stylegan2-networks",
+        vec![
+            FakeFile::lfs("stylegan2-tiny-32x32.pkl", pkl),
+            FakeFile::lfs("other-network.pkl", vec![0x80, 0x04, 0x2e]),
+        ],
+    );
+    let commit = repo.commit.clone();
+    let hub = FakeHub::start(vec![repo]);
+    let presets = presets_with(
+        &tmp.path().join("presets"),
+        &serde_json::json!({
+            "name": "Tiny StyleGAN2",
+            "repo": "tests/stylegan2-networks",
+            "file": "stylegan2-tiny-32x32.pkl",
+            "revision": commit,
+            "panel": "Explorer",
+            "size_mb": 1,
+            "license": "other",
+            "description": "A test network."
+        }),
+    );
+    let cache = tmp.path().join("hub");
+    let mut h = harness(&tmp.path().join("home"), &presets, &hub, &cache);
+    h.step();
+    go_to(&mut h, Panel::Models);
+    assert!(shows_text(&h, "Tiny StyleGAN2"));
+    assert!(shows_text(&h, "Latent Explorer"));
+    control(&h, "Download").click();
+    step_until(&mut h, "the download to finish", |h| {
+        any_download(h, |s| matches!(s, State::Done(_)))
+    });
+    let seen: Vec<String> = hub
+        .seen()
+        .into_iter()
+        .filter(|s| !s.cdn)
+        .map(|s| s.line)
+        .collect();
+    assert!(
+        seen.iter().all(|l| !l.contains("/main")),
+        "everything was asked at the pinned commit: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|l| l.contains(&format!("/revision/{commit}"))),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().all(|l| !l.contains("other-network.pkl")),
+        "only the named pickle was fetched: {seen:?}"
+    );
+    let snapshot = cache
+        .join("models--tests--stylegan2-networks/snapshots")
+        .join(&commit);
+    assert!(snapshot.join("stylegan2-tiny-32x32.pkl").is_file());
+    control(&h, "Load in Latent Explorer").click();
+    step_until(&mut h, "the network to render", |h| {
+        h.state().explorer().model().is_some() && h.state().explorer().image().is_some()
+    });
+    assert_eq!(h.state().settings().panel, Panel::LatentExplorer);
+    let model = h.state().explorer().model().expect("loaded");
+    assert!(model.info.from_pickle, "read from the pickle, in safe mode");
+    assert_eq!(model.info.resolution, 32);
 }
 
 #[test]

@@ -34,10 +34,22 @@ fn main() {
             (0..200_000_000u32).map(|i| (i % 251) as u8).collect(),
         )],
     );
+    // An NVIDIA network pickle (the tiny random StyleGAN2 fixture) under the Latent Explorer
+    // starter's name, to try a pinned pickle download and its safe-mode load.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let pickle = FakeRepo::new(
+        "studio-demo/stylegan2-pickle",
+        vec![FakeFile::lfs(
+            "stylegan2-tiny-32x32.pkl",
+            std::fs::read(fixtures.join("stylegan2/skip.pkl")).expect("read the fixture"),
+        )],
+    );
+    let pickle_commit = pickle.commit.clone();
     let demos = bundled_repos();
     let mut catalog = vec![
         "studio-demo/tiny-gpt2".to_owned(),
         "studio-demo/big-download-GGUF".to_owned(),
+        "studio-demo/stylegan2-pickle".to_owned(),
     ];
     catalog.extend(demos.iter().map(|(r, _)| r.id.clone()));
     let mut starters = vec![
@@ -57,6 +69,16 @@ fn main() {
             "license": "mit",
             "description": "Not a model: 200 MB to watch the progress of."
         }),
+        serde_json::json!({
+            "name": "StyleGAN2 pickle (demo, pinned)",
+            "repo": "studio-demo/stylegan2-pickle",
+            "file": "stylegan2-tiny-32x32.pkl",
+            "revision": pickle_commit,
+            "panel": "Explorer",
+            "size_mb": 1,
+            "license": "mit",
+            "description": "A random-weight network pickle, read as data in safe mode."
+        }),
     ];
     for (r, panel) in &demos {
         let bytes: usize = r.files.iter().map(|f| f.bytes.len()).sum();
@@ -69,7 +91,7 @@ fn main() {
             "description": "One of Studio's demo models, to try a download for this panel."
         }));
     }
-    let mut repos = vec![repo, big];
+    let mut repos = vec![repo, big, pickle];
     repos.extend(demos.into_iter().map(|(r, _)| r));
     let hub = FakeHub::start(repos);
     hub.set_rate(8_000_000);

@@ -2,8 +2,8 @@
 //! with a few bytes of fake model files. Nothing reaches the internet.
 //!
 //! - `GET /api/models/ORG/NAME/revision/REV?blobs=true`: the repository's files with sizes and
-//!   LFS SHA-256s, `gated`, the license (404 for an unknown repository, 401 for a gated one
-//!   without the token);
+//!   LFS SHA-256s, `gated`, the license (404 for an unknown repository or revision, 401 for a
+//!   gated one without the token); a repository has one commit, which `main` points to;
 //! - `GET /ORG/NAME/resolve/REV/FILE`: LFS files redirect (302, with `X-Repo-Commit`,
 //!   `X-Linked-Etag`, `X-Linked-Size`) to a second listener, the "CDN", on another port;
 //!   small files are served directly with an `ETag`;
@@ -92,6 +92,12 @@ impl FakeRepo {
             license: Some("apache-2.0".to_owned()),
             listed_only: Vec::new(),
         }
+    }
+
+    /// Whether `rev` names this repository's one commit: `main` or the commit itself (any
+    /// other branch, tag or commit is unknown, as on the Hub).
+    pub fn has_revision(&self, rev: &str) -> bool {
+        rev == "main" || rev == self.commit
     }
 }
 
@@ -254,11 +260,12 @@ fn authorized(state: &State, repo: &FakeRepo, token: Option<&str>) -> bool {
 }
 
 fn serve_info(stream: &mut TcpStream, state: &Mutex<State>, rest: &str, token: Option<&str>) {
-    let Some((repo_id, _rev)) = rest.split_once("/revision/") else {
+    let Some((repo_id, rev)) = rest.split_once("/revision/") else {
         return respond(stream, "404 Not Found", &[], b"{}");
     };
+    let rev = rev.split('?').next().unwrap_or(rev);
     let st = lock(state);
-    let Some(repo) = st.repos.get(repo_id) else {
+    let Some(repo) = st.repos.get(repo_id).filter(|r| r.has_revision(rev)) else {
         return respond(
             stream,
             "404 Not Found",
@@ -310,12 +317,12 @@ fn serve_resolve(
     let Some((repo_id, rest)) = path.trim_start_matches('/').split_once("/resolve/") else {
         return respond(stream, "404 Not Found", &[], b"");
     };
-    let Some((_rev, file)) = rest.split_once('/') else {
+    let Some((rev, file)) = rest.split_once('/') else {
         return respond(stream, "404 Not Found", &[], b"");
     };
     let file = file.replace("%20", " ");
     let st = lock(state);
-    let Some(repo) = st.repos.get(repo_id) else {
+    let Some(repo) = st.repos.get(repo_id).filter(|r| r.has_revision(rev)) else {
         return respond(stream, "404 Not Found", &[], b"");
     };
     if !authorized(&st, repo, token) {

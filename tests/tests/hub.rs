@@ -26,6 +26,47 @@ fn go(_: &studio_inference::hub::download::Progress) -> ControlFlow<()> {
     ControlFlow::Continue(())
 }
 
+/// A download pinned to a commit (as a starter entry pins one) asks for that commit, lands in
+/// its snapshot and writes no branch ref; a revision the repository lacks is a clear 404.
+#[test]
+fn a_commit_pinned_download_lands_in_that_snapshot_and_an_unknown_revision_is_refused() {
+    let file = FakeFile::lfs("net.pkl", weights(5_000, 4));
+    let hub = FakeHub::start(vec![FakeRepo::new("org/nets", vec![file])]);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = config(&hub, tmp.path());
+    let commit = repo_info(&cfg, "org/nets", "main").expect("info").commit;
+    let info = repo_info(&cfg, "org/nets", &commit).expect("pinned info");
+    assert_eq!(info.commit, commit);
+    let done = download_file(&cfg, &info, &commit, &info.files[0], &mut go)
+        .expect("download")
+        .expect("not stopped");
+    let repo = tmp.path().join("models--org--nets");
+    assert_eq!(
+        done.path,
+        repo.join("snapshots").join(&commit).join("net.pkl")
+    );
+    assert!(
+        !repo.join("refs").join(&commit).exists(),
+        "a commit needs no ref"
+    );
+    assert_eq!(
+        cache::resolve(tmp.path(), "org/nets:net.pkl", &commit),
+        Some(done.path.clone())
+    );
+    assert!(
+        hub.seen()
+            .iter()
+            .filter(|s| !s.cdn && s.line.contains("/resolve/"))
+            .all(|s| s.line.contains(&format!("/resolve/{commit}/"))),
+        "{:?}",
+        hub.seen()
+    );
+    let e = repo_info(&cfg, "org/nets", "0123456789abcdef0123456789abcdef01234567")
+        .expect_err("unknown revision")
+        .to_string();
+    assert!(e.contains("404") && e.contains("revision"), "{e}");
+}
+
 #[test]
 fn a_download_lands_in_the_standard_cache_layout_verified() {
     let gguf = FakeFile::lfs("tiny-Q4_K_M.gguf", weights(300_000, 1));

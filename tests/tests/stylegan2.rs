@@ -216,6 +216,32 @@ fn nvidia_network_pickle_matches_nvidia_and_runs_nothing() {
     assert!(!canary.exists(), "the pickle's code ran");
 }
 
+/// The StyleGAN2 networks NVIDIA trained with the StyleGAN3 code base (NGC's
+/// `stylegan2-ffhq-512x512.pkl` and the like: `training.networks_stylegan2.Generator`) record
+/// their synthesis settings at the top level of the init kwargs, beside the mapping's, with
+/// `fused_modconv_default` and no `architecture` (skip by default). Read that way, the same
+/// weights render as NVIDIA's code does.
+#[test]
+fn stylegan3_codebase_stylegan2_kwargs_load_and_match() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let weights = tmp.path().join("G.safetensors");
+    std::fs::copy(fixture_dir().join("skip.safetensors"), &weights).expect("copy");
+    let settings = serde_json::json!({
+        "class_name": "training.networks_stylegan2.Generator",
+        "init_kwargs": {
+            "z_dim": 32, "w_dim": 32, "mapping_kwargs": {"num_layers": 2},
+            "channel_base": 128, "channel_max": 32, "fused_modconv_default": "inference_only",
+            "num_fp16_res": 0, "conv_clamp": 256, "c_dim": 0, "img_resolution": 32,
+            "img_channels": 3
+        }
+    });
+    std::fs::write(tmp.path().join("G.json"), settings.to_string()).expect("json");
+    let g = StyleGan2::load(&weights, &Device::Cpu).expect("load");
+    assert!(g.info().from_json);
+    assert_eq!(g.info(), load("skip").info());
+    check_model_on("skip", &g);
+}
+
 /// StyleGAN3 networks are recognised and refused by name, as are TensorFlow-era pickles;
 /// nothing in them runs.
 #[test]

@@ -87,6 +87,9 @@ pub enum State {
 pub struct Download {
     pub id: u64,
     pub repo: String,
+    /// The branch, tag or commit; none: `main`.
+    #[serde(default)]
+    pub revision: Option<String>,
     /// Empty: the weights Studio loads.
     pub files: Vec<String>,
     pub served: Option<Served>,
@@ -293,13 +296,21 @@ impl Hub {
         }
     }
 
-    /// Queues a download of `files` of `repo` (empty: the weights Studio loads).
-    pub fn download(&mut self, repo: &str, files: Vec<String>, served: Option<Served>) {
+    /// Queues a download of `files` of `repo` at `revision` (none: `main`; no files: the
+    /// weights Studio loads).
+    pub fn download(
+        &mut self,
+        repo: &str,
+        revision: Option<&str>,
+        files: Vec<String>,
+        served: Option<Served>,
+    ) {
         let id = self.next_id;
         self.next_id += 1;
         let d = Download {
             id,
             repo: repo.to_owned(),
+            revision: revision.map(str::to_owned),
             files,
             served,
             state: State::Queued,
@@ -455,7 +466,8 @@ fn run_download(
         1 => return State::Paused,
         _ => return State::Cancelled,
     }
-    let info = match repo_info(config, &job.repo, "main") {
+    let revision = job.revision.as_deref().unwrap_or("main");
+    let info = match repo_info(config, &job.repo, revision) {
         Ok(info) => info,
         Err(e) => return State::Failed(e.to_string()),
     };
@@ -468,7 +480,7 @@ fn run_download(
         let started = Instant::now();
         let mut first = None;
         let mut last: Option<Instant> = None;
-        let result = download_file(config, &info, "main", file, &mut |p| {
+        let result = download_file(config, &info, revision, file, &mut |p| {
             match job.stop.load(Ordering::Relaxed) {
                 0 => {}
                 _ => return std::ops::ControlFlow::Break(()),

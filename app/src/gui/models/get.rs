@@ -27,6 +27,10 @@ pub struct Starter {
     /// The one file to get; none: what Studio loads from the repository.
     #[serde(default)]
     pub file: Option<String>,
+    /// The revision (branch, tag or commit) to get; none: `main`. A commit pins the entry to
+    /// the files that were checked when it was listed.
+    #[serde(default)]
+    pub revision: Option<String>,
     pub panel: Served,
     /// About how large, in MB.
     #[serde(default)]
@@ -197,7 +201,10 @@ pub fn get_models_ui(
                 for s in starters {
                     ui.label(s.panel.label());
                     ui.label(RichText::new(&s.name).strong())
-                        .on_hover_text(&s.repo);
+                        .on_hover_text(match &s.revision {
+                            Some(rev) => format!("{} at {rev}", s.repo),
+                            None => s.repo.clone(),
+                        });
                     let (fits, why) = s.size_mb.map_or(("", String::new()), |m| fit(m * 1_000_000, gpu));
                     ui.label(weak(
                         ui,
@@ -220,7 +227,12 @@ pub fn get_models_ui(
                         .on_hover_text(format!("Get {} from {}", s.repo, hub.endpoint().unwrap_or("")))
                         .clicked()
                     {
-                        hub.download(&s.repo, s.file.iter().cloned().collect(), Some(s.panel));
+                        hub.download(
+                            &s.repo,
+                            s.revision.as_deref(),
+                            s.file.iter().cloned().collect(),
+                            Some(s.panel),
+                        );
                     }
                     ui.end_row();
                 }
@@ -331,7 +343,7 @@ fn repo_ui(ui: &mut egui::Ui, hub: &mut Hub, info: &RepoInfo, gpu: Option<(usize
         .on_hover_text("The weights Studio opens from this repository, with their configs")
         .clicked()
     {
-        hub.download(&info.id, Vec::new(), served);
+        hub.download(&info.id, None, Vec::new(), served);
     }
     egui::Grid::new("repo_files")
         .num_columns(4)
@@ -358,7 +370,7 @@ fn repo_ui(ui: &mut egui::Ui, hub: &mut Hub, info: &RepoInfo, gpu: Option<(usize
                 if matches!(k, FileKind::Companion) {
                     ui.label("");
                 } else if ui.small_button("Download").clicked() {
-                    hub.download(&info.id, vec![f.name.clone()], served);
+                    hub.download(&info.id, None, vec![f.name.clone()], served);
                 }
                 ui.end_row();
             }
@@ -467,6 +479,33 @@ fn downloads_ui(ui: &mut egui::Ui, hub: &mut Hub, commands: &mut Vec<Command>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shipped starter list reads, and offers at least one model for each panel.
+    #[test]
+    fn the_shipped_starters_cover_every_panel() {
+        let presets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../presets");
+        let (starters, notes) = load_starters(Some(&presets));
+        assert!(notes.is_empty(), "{notes:?}");
+        for panel in [Served::Chat, Served::Code, Served::Canvas, Served::Explorer] {
+            assert!(
+                starters.iter().any(|s| s.panel == panel),
+                "no starter for the {} panel",
+                panel.label()
+            );
+        }
+        for s in &starters {
+            assert!(s.size_mb.is_some() && s.license.is_some(), "{}", s.name);
+            // A file that is a pickle is one Studio reads as data: an NVIDIA network.
+            if let Some(f) = &s.file
+                && kind(f) == FileKind::Pickle
+            {
+                assert_eq!(s.panel, Served::Explorer, "{}", s.name);
+            }
+            if let Some(rev) = &s.revision {
+                assert!(studio_inference::hub::check_revision(rev).is_ok(), "{rev}");
+            }
+        }
+    }
 
     #[test]
     fn the_fit_names_the_memory_it_was_measured_against() {
