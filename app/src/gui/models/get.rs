@@ -205,18 +205,8 @@ pub fn get_models_ui(
                             Some(rev) => format!("{} at {rev}", s.repo),
                             None => s.repo.clone(),
                         });
-                    let (fits, why) = s.size_mb.map_or(("", String::new()), |m| fit(m * 1_000_000, gpu));
-                    ui.label(weak(
-                        ui,
-                        &format!(
-                            "{}{}{} · {}",
-                            s.size_mb.map_or(String::new(), |m| format!("about {m} MB · ")),
-                            if fits.is_empty() { String::new() } else { format!("{fits} · ") },
-                            s.license.as_deref().unwrap_or("license: see the repository"),
-                            s.description
-                        ),
-                    ))
-                    .on_hover_text(why);
+                    // The button before the details, so a long description never pushes it
+                    // out of a narrow window.
                     let busy = hub.downloads.iter().any(|d| {
                         d.repo == s.repo
                             && d.files == s.file.iter().cloned().collect::<Vec<_>>()
@@ -234,6 +224,18 @@ pub fn get_models_ui(
                             Some(s.panel),
                         );
                     }
+                    let (fits, why) = s.size_mb.map_or(("", String::new()), |m| fit(m * 1_000_000, gpu));
+                    ui.label(weak(
+                        ui,
+                        &format!(
+                            "{}{}{} · {}",
+                            s.size_mb.map_or(String::new(), |m| format!("about {m} MB · ")),
+                            if fits.is_empty() { String::new() } else { format!("{fits} · ") },
+                            s.license.as_deref().unwrap_or("license: see the repository"),
+                            s.description
+                        ),
+                    ))
+                    .on_hover_text(why);
                     ui.end_row();
                 }
             });
