@@ -1714,6 +1714,15 @@ fn a_client_that_leaves_an_embeddings_batch_frees_the_model() {
     // below, while each input is quick, so the check between inputs comes soon even on a slow
     // or busy machine.
     let one: Vec<u32> = (0..480).map(|i| 10 + i % 50).collect();
+    // How long the server takes to read and check a body this size, here and now (the same
+    // inputs with the last one empty are refused once all are read), so the client below
+    // leaves once the batch is running, not while its body is still being read.
+    let mut refused = vec![one.clone(); 1999];
+    refused.push(Vec::new());
+    let timer = Instant::now();
+    let r = post(addr, "/v1/embeddings", &json!({ "input": refused }));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let reading = timer.elapsed();
     let body = json!({"input": vec![one; 2000]}).to_string();
     let mut s = TcpStream::connect(addr).expect("connect");
     write!(
@@ -1723,7 +1732,7 @@ fn a_client_that_leaves_an_embeddings_batch_frees_the_model() {
         body.len()
     )
     .expect("send");
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(reading * 2 + Duration::from_millis(500));
     drop(s);
     let deadline = Instant::now() + Duration::from_secs(20);
     while server.disconnects() == 0 {
