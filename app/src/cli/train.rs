@@ -584,7 +584,7 @@ fn lm(args: &LmArgs) -> Result<()> {
     let mut log = open_log(&args.out)?;
     let started = std::time::Instant::now();
     let mut first = None;
-    let last = train(&tokens, shape, &opts, &args.out, &mut |r| {
+    let last = train(&tokens, &data.starts, shape, &opts, &args.out, &mut |r| {
         first.get_or_insert(r.loss);
         let _ = writeln!(
             log,

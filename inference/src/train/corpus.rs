@@ -33,6 +33,8 @@ pub const SPECIALS: [&str; 6] = [
 const MAX_FILE: u64 = 512 * 1024;
 /// One file in this many goes to the held-out set.
 const HELD_OUT_EVERY: u64 = 20;
+/// A training file gives this many times as many lines to fill in as a held-out one.
+const TRAINING_FIM_FACTOR: usize = 8;
 
 /// One training or evaluation text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,25 +68,7 @@ impl Example {
             Example::DocToFunction { doc, function } => {
                 format!("# {}\n{function}{EOS}", doc.replace('\n', "\n# "))
             }
-            Example::Fim(c) => {
-                // Up to 1,000 characters each side, cut at line starts and ends.
-                let mut from = c.prefix.len().saturating_sub(1000);
-                while !c.prefix.is_char_boundary(from) {
-                    from += 1;
-                }
-                let prefix = &c.prefix[from..];
-                let prefix = prefix.find('\n').map_or(prefix, |i| &prefix[i + 1..]);
-                let mut to = c.suffix.len().min(1000);
-                while !c.suffix.is_char_boundary(to) {
-                    to -= 1;
-                }
-                let suffix = &c.suffix[..to];
-                let suffix = suffix.rfind('\n').map_or(suffix, |i| &suffix[..=i]);
-                format!(
-                    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>{}{EOS}",
-                    c.middle
-                )
-            }
+            Example::Fim(c) => format!("{}{}{EOS}", c.prompt(), c.middle),
             Example::Chat { question, answer } => format!(
                 "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
             ),
@@ -101,6 +85,48 @@ pub struct FimCase {
     pub middle: String,
     /// The file's text after the line.
     pub suffix: String,
+}
+
+/// Characters of the file kept before a line to fill in (whole lines), in training and in
+/// the evaluation alike. With [`FIM_SUFFIX_CHARS`] and the line, a case fits a training window
+/// of 256 tokens (about 3.4 characters a token), so the model sees the whole case at once.
+pub const FIM_PREFIX_CHARS: usize = 480;
+/// Characters of the file kept after a line to fill in (whole lines): a quarter of the
+/// context, as Studio's ghost text gives the suffix.
+pub const FIM_SUFFIX_CHARS: usize = 160;
+
+impl FimCase {
+    /// The end of the prefix and the start of the suffix that a case shows the model (at most
+    /// [`FIM_PREFIX_CHARS`] and [`FIM_SUFFIX_CHARS`], cut at line boundaries).
+    pub fn context(&self) -> (&str, &str) {
+        let mut from = self.prefix.len().saturating_sub(FIM_PREFIX_CHARS);
+        while !self.prefix.is_char_boundary(from) {
+            from += 1;
+        }
+        let prefix = &self.prefix[from..];
+        let prefix = if from == 0 {
+            prefix
+        } else {
+            prefix.find('\n').map_or("", |i| &prefix[i + 1..])
+        };
+        let mut to = self.suffix.len().min(FIM_SUFFIX_CHARS);
+        while !self.suffix.is_char_boundary(to) {
+            to -= 1;
+        }
+        let suffix = &self.suffix[..to];
+        let suffix = if to == self.suffix.len() {
+            suffix
+        } else {
+            suffix.rfind('\n').map_or("", |i| &suffix[..=i])
+        };
+        (prefix, suffix)
+    }
+
+    /// The case in Qwen's FIM format up to `<|fim_middle|>`: what the model completes.
+    pub fn prompt(&self) -> String {
+        let (prefix, suffix) = self.context();
+        format!("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>")
+    }
 }
 
 /// The corpus, split.
@@ -178,7 +204,7 @@ pub fn collect(root: &Path, max_files: usize, fim_per_file: usize) -> Result<Cor
             // Training files teach the FIM format on their own lines (more of them than the
             // held-out files give cases).
             examples.extend(
-                fim_cases(&text, fim_per_file * 4)
+                fim_cases(&text, fim_per_file * TRAINING_FIM_FACTOR)
                     .into_iter()
                     .map(Example::Fim),
             );
@@ -455,8 +481,41 @@ class Thing:
             assert_eq!(format!("{}{}{}", c.prefix, c.middle, c.suffix), SAMPLE);
             assert!(c.middle.ends_with('\n'));
         }
+        // A short prefix is shown whole; the suffix, longer than its budget, up to a line end.
+        let (before, after) = cases[1].context();
+        assert_eq!(before, cases[1].prefix);
+        assert!(cases[1].suffix.len() > FIM_SUFFIX_CHARS);
+        assert!(cases[1].suffix.starts_with(after) && after.ends_with('\n'));
+        assert!(after.len() <= FIM_SUFFIX_CHARS && after.len() > FIM_SUFFIX_CHARS / 2);
+        assert_eq!(
+            cases[1].prompt(),
+            format!("<|fim_prefix|>{before}<|fim_suffix|>{after}<|fim_middle|>")
+        );
         assert_eq!(module_name(Path::new("json/decoder.py")), "json.decoder");
         assert_eq!(module_name(Path::new("json/__init__.py")), "json");
+    }
+
+    #[test]
+    fn a_long_file_shows_whole_lines_within_the_budgets() {
+        let long = (0..400).fold(String::new(), |mut s, i| {
+            use std::fmt::Write as _;
+            let _ = writeln!(s, "value_{i} = {i} * 2");
+            s
+        });
+        let line = "value_200 = 200 * 2\n";
+        let at = long.find(line).expect("line");
+        let case = FimCase {
+            prefix: long[..at].to_owned(),
+            middle: line.to_owned(),
+            suffix: long[at + line.len()..].to_owned(),
+        };
+        let (before, after) = case.context();
+        assert!(before.len() <= FIM_PREFIX_CHARS && before.len() > FIM_PREFIX_CHARS - 40);
+        assert!(after.len() <= FIM_SUFFIX_CHARS && after.len() > FIM_SUFFIX_CHARS - 40);
+        assert!(before.starts_with("value_") && before.ends_with("value_199 = 199 * 2\n"));
+        assert!(after.starts_with("value_201 = ") && after.ends_with('\n'));
+        let text = Example::Fim(case.clone()).text();
+        assert_eq!(text, format!("{}{line}{EOS}", case.prompt()));
     }
 
     #[test]

@@ -207,6 +207,8 @@ impl TinyLlama {
 pub struct TrainingData {
     /// Every training example's tokens, one after another.
     pub tokens: Vec<u32>,
+    /// Where each example starts in `tokens`.
+    pub starts: Vec<usize>,
     /// The tokenizer's vocabulary size (special tokens included).
     pub vocab: usize,
     /// The ids of `<|endoftext|>` and `<|im_end|>`, the tokens that end a reply.
@@ -225,6 +227,7 @@ pub fn read_training_data(dir: &Path) -> Result<TrainingData> {
         message: format!("line {}: {why}", n + 1),
     };
     let mut tokens = Vec::new();
+    let mut starts = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let entry: serde_json::Value =
             serde_json::from_str(line).map_err(|e| bad(n, &format!("not JSON: {e}")))?;
@@ -234,6 +237,7 @@ pub fn read_training_data(dir: &Path) -> Result<TrainingData> {
         let encoding = tokenizer
             .encode(t, false)
             .map_err(|e| bad(n, &format!("does not tokenize: {e}")))?;
+        starts.push(tokens.len());
         tokens.extend_from_slice(encoding.get_ids());
     }
     let eos = [super::corpus::EOS, "<|im_end|>"]
@@ -242,6 +246,7 @@ pub fn read_training_data(dir: &Path) -> Result<TrainingData> {
         .collect();
     Ok(TrainingData {
         tokens,
+        starts,
         vocab: tokenizer.get_vocab_size(true),
         eos,
     })
@@ -289,8 +294,8 @@ fn shape_of(model_dir: &Path) -> Result<LmShape> {
 
 /// Measures a model `studio train lm` wrote on `lm-data`'s held-out set in `data_dir`: the
 /// mean loss over at most `max_windows` windows of held-out text, and greedy
-/// fill-in-the-middle on at most `max_fim` held-out lines (the prefix's end and the suffix's
-/// start that fit the model's context).
+/// fill-in-the-middle on at most `max_fim` held-out lines, shown the context a training case
+/// shows ([`super::corpus::FimCase::prompt`]).
 pub fn evaluate(
     model_dir: &Path,
     data_dir: &Path,
@@ -355,17 +360,15 @@ pub fn evaluate(
             .token_to_id(t)
             .ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no {t}")))
     };
-    let (fp, fs, fm) = (
-        special("<|fim_prefix|>")?,
-        special("<|fim_suffix|>")?,
-        special("<|fim_middle|>")?,
-    );
+    for marker in ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"] {
+        special(marker)?;
+    }
     let stops: Vec<u32> = [super::corpus::EOS, "<|im_end|>"]
         .iter()
         .filter_map(|t| tokenizer.token_to_id(t))
         .collect();
     let max_new = 40;
-    let side = shape.max_positions.saturating_sub(max_new + 3) / 2;
+    let room = shape.max_positions.saturating_sub(max_new);
     let (mut cases, mut exact) = (0, 0);
     for entry in lines("fim.jsonl")?.into_iter().take(max_fim) {
         let (Some(prefix), Some(middle), Some(suffix)) = (
@@ -375,13 +378,18 @@ pub fn evaluate(
         ) else {
             continue;
         };
-        let p = encode(prefix)?;
-        let s = encode(suffix)?;
-        let mut ids = vec![fp];
-        ids.extend_from_slice(&p[p.len().saturating_sub(side)..]);
-        ids.push(fs);
-        ids.extend_from_slice(&s[..s.len().min(side)]);
-        ids.push(fm);
+        // The context a training case shows: the same characters around the line.
+        let case = super::corpus::FimCase {
+            prefix: prefix.to_owned(),
+            middle: middle.to_owned(),
+            suffix: suffix.to_owned(),
+        };
+        let mut ids = encode(&case.prompt())?;
+        if ids.len() > room {
+            // Longer than the model's positions allow: the prefix's start goes (after the
+            // `<|fim_prefix|>` marker).
+            ids.drain(1..=ids.len() - room);
+        }
         let start = ids.len();
         for _ in 0..max_new {
             let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
@@ -513,9 +521,12 @@ pub fn loss(model: &TinyLlama, ids: &Tensor) -> Result<Tensor> {
 }
 
 /// One step's batch: `batch` windows of `seq + 1` tokens from `tokens`, drawn by a generator
-/// seeded with the run's seed and the step.
+/// seeded with the run's seed and the step. Half of them, on average, begin where an example
+/// begins (one of `starts`), so short examples (a line to fill in, a chat turn) are seen
+/// whole, from their first token, and not only cut anywhere; the rest begin anywhere.
 pub fn batch_at(
     tokens: &[u32],
+    starts: &[usize],
     opts: &TrainOptions,
     step: usize,
     device: &Device,
@@ -530,8 +541,13 @@ pub fn batch_at(
     let mut rng =
         StdRng::seed_from_u64(opts.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut data = Vec::with_capacity(opts.batch * window);
+    let last = tokens.len() - window;
     for _ in 0..opts.batch {
-        let start = rng.random_range(0..tokens.len() - window);
+        let start = if !starts.is_empty() && rng.random_bool(0.5) {
+            starts[rng.random_range(0..starts.len())].min(last)
+        } else {
+            rng.random_range(0..last)
+        };
         data.extend_from_slice(&tokens[start..start + window]);
     }
     Ok(Tensor::from_vec(data, (opts.batch, window), device)?)
@@ -541,6 +557,7 @@ pub fn batch_at(
 /// called after each step. Returns the last step's loss.
 pub fn train(
     tokens: &[u32],
+    starts: &[usize],
     shape: LmShape,
     opts: &TrainOptions,
     out: &Path,
@@ -590,7 +607,7 @@ pub fn train(
             opts.lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
         };
         adam.set_learning_rate(lr);
-        let ids = batch_at(tokens, opts, step, &device)?;
+        let ids = batch_at(tokens, starts, opts, step, &device)?;
         let l = loss(&model, &ids)?;
         adam.backward_step(&l)?;
         last = l.to_scalar::<f32>()?;
@@ -662,7 +679,10 @@ mod tests {
         };
         let out = tmp.path().join("model");
         let mut losses = Vec::new();
-        train(&tokens, shape, &opts, &out, &mut |r| losses.push(r.loss)).expect("train");
+        train(&tokens, &[], shape, &opts, &out, &mut |r| {
+            losses.push(r.loss);
+        })
+        .expect("train");
         assert_eq!(losses.len(), 40);
         assert!(losses[39] < losses[0] * 0.7, "{losses:?}");
 
@@ -709,7 +729,48 @@ mod tests {
         // Resuming past the end does nothing; a longer run resumes from the checkpoint.
         let more = TrainOptions { steps: 45, ..opts };
         let mut resumed = Vec::new();
-        train(&tokens, shape, &more, &out, &mut |r| resumed.push(r.step)).expect("resume");
+        train(&tokens, &[], shape, &more, &out, &mut |r| {
+            resumed.push(r.step);
+        })
+        .expect("resume");
         assert_eq!(resumed, [41, 42, 43, 44, 45]);
+    }
+
+    #[test]
+    fn about_half_the_windows_begin_where_an_example_begins() {
+        let tokens: Vec<u32> = (0..10_000).collect();
+        let starts: Vec<usize> = (0..10_000).step_by(997).collect();
+        let opts = TrainOptions {
+            steps: 1,
+            batch: 64,
+            seq: 31,
+            lr: 1e-3,
+            seed: 5,
+            checkpoint_every: 1,
+        };
+        let batch = batch_at(&tokens, &starts, &opts, 3, &Device::Cpu).expect("batch");
+        let rows = batch.to_vec2::<u32>().expect("rows");
+        let aligned = rows
+            .iter()
+            .filter(|r| starts.contains(&(r[0] as usize)))
+            .count();
+        assert!((16..=48).contains(&aligned), "{aligned} of 64 aligned");
+        for r in &rows {
+            assert_eq!(r.len(), 32);
+            assert!(
+                r.windows(2).all(|w| w[1] == w[0] + 1),
+                "a window is contiguous"
+            );
+        }
+        // The same step gives the same batch; a start near the end is moved back to fit.
+        let again = batch_at(&tokens, &starts, &opts, 3, &Device::Cpu).expect("batch");
+        assert_eq!(again.to_vec2::<u32>().expect("rows"), rows);
+        let late = batch_at(&tokens, &[9_990], &opts, 0, &Device::Cpu).expect("batch");
+        assert!(
+            late.to_vec2::<u32>()
+                .expect("rows")
+                .iter()
+                .all(|r| *r.last().expect("last") < 10_000)
+        );
     }
 }
