@@ -369,6 +369,12 @@ pub fn evaluate(
         .collect();
     let max_new = 40;
     let room = shape.max_positions.saturating_sub(max_new);
+    if room < 16 {
+        return Err(Error::InvalidParameter(format!(
+            "the model's {} positions leave no room for a fill-in-the-middle prompt",
+            shape.max_positions
+        )));
+    }
     let (mut cases, mut exact) = (0, 0);
     for entry in lines("fim.jsonl")?.into_iter().take(max_fim) {
         let (Some(prefix), Some(middle), Some(suffix)) = (
