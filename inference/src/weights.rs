@@ -113,6 +113,24 @@ impl Tensors {
     }
 }
 
+/// `tensor` when it has the shape `expected`, else candle's shape-mismatch error naming it (what
+/// a weight backend answers a model that asks for the wrong shape).
+pub(crate) fn expect_shape(
+    tensor: Tensor,
+    expected: candle_core::Shape,
+    name: &str,
+) -> candle_core::Result<Tensor> {
+    if tensor.shape() == &expected {
+        return Ok(tensor);
+    }
+    Err(candle_core::Error::UnexpectedShape {
+        msg: format!("shape mismatch for {name}"),
+        expected,
+        got: tensor.shape().clone(),
+    }
+    .bt())
+}
+
 impl candle_nn::var_builder::SimpleBackend for Tensors {
     fn get(
         &self,
@@ -126,18 +144,7 @@ impl candle_nn::var_builder::SimpleBackend for Tensors {
             Tensors::Safetensors(st) => {
                 candle_nn::var_builder::SimpleBackend::get(st, s, name, h, dtype, dev)
             }
-            Tensors::Pickle(_) => {
-                let tensor = self.load(name, dev)?.to_dtype(dtype)?;
-                if tensor.shape() != &s {
-                    return Err(candle_core::Error::UnexpectedShape {
-                        msg: format!("shape mismatch for {name}"),
-                        expected: s,
-                        got: tensor.shape().clone(),
-                    }
-                    .bt());
-                }
-                Ok(tensor)
-            }
+            Tensors::Pickle(_) => expect_shape(self.load(name, dev)?.to_dtype(dtype)?, s, name),
         }
     }
 
@@ -346,5 +353,20 @@ impl Weights {
             path: self.path.clone(),
             message: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_of_another_shape_is_refused_naming_it() {
+        let t = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).expect("zeros");
+        assert!(expect_shape(t.clone(), (2, 3).into(), "w").is_ok());
+        let e = expect_shape(t, (3, 2).into(), "model.embed_tokens.weight")
+            .expect_err("wrong shape")
+            .to_string();
+        assert!(e.contains("model.embed_tokens.weight"), "{e}");
     }
 }

@@ -22,7 +22,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (n(a) * n(b))
 }
 
-/// Loads the GGUF at `path` and runs "hello there, small world" through it: the model, the
+/// Loads the model at `path` (a GGUF or a folder) and runs "hello there, small world" through it: the model, the
 /// token ids, their final hidden states and the logits of the last one.
 fn hidden_and_logits(
     path: &std::path::Path,
@@ -38,6 +38,30 @@ fn hidden_and_logits(
         .to_vec1()
         .expect("vec");
     (m, ids, hidden, logits)
+}
+
+/// The pooled embedding of `ids` is the mean of their hidden states, of length 1, and
+/// embedding leaves the cache empty: the same logits come again.
+fn assert_mean_pooled_and_cache_left_empty(
+    m: &mut loader::LoadedModel,
+    ids: &[u32],
+    hidden: &candle_core::Tensor,
+    logits: &[f32],
+    family: &str,
+) {
+    let e = m.embed_tokens(ids).expect("embed");
+    assert_eq!(e.len(), hidden.dims2().expect("2-D").1, "{family}");
+    let mean: Vec<f32> = hidden.mean(0).expect("mean").to_vec1().expect("vec");
+    assert!(cosine(&e, &mean) > 0.999_99, "{family}");
+    let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5, "{family}: {norm}");
+    let again: Vec<f32> = m
+        .model
+        .forward_last(ids, 0)
+        .expect("again")
+        .to_vec1()
+        .expect("vec");
+    assert_eq!(again, logits, "{family}");
 }
 
 /// Tensor `name` of the GGUF at `path`, dequantized.
@@ -83,7 +107,6 @@ fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
         let path = tmp.path().join("model.gguf");
         convert(tmp.path(), &path, &GgufOptions::with_dtype(dtype));
         let (mut m, ids, hidden, logits) = hidden_and_logits(&path);
-        let d = hidden.dims2().expect("2-D").1;
         // The output matrix as the file stores it (tied to the embeddings when it has none).
         let mut file = std::fs::File::open(&path).expect("open");
         let content = gguf_file::Content::read(&mut file).expect("gguf");
@@ -97,21 +120,7 @@ fn hidden_states_are_what_the_logits_are_made_from_and_pool_to_unit_vectors() {
         assert_eq!(projected.len(), logits.len(), "{family}");
         let c = cosine(&projected, &logits);
         assert!(c > 0.999, "{family}: cosine {c}");
-        // The pooled embedding: the rows' mean, length 1.
-        let e = m.embed_tokens(&ids).expect("embed");
-        assert_eq!(e.len(), d);
-        let mean: Vec<f32> = hidden.mean(0).expect("mean").to_vec1().expect("vec");
-        assert!(cosine(&e, &mean) > 0.999_99, "{family}");
-        let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
-        assert!((norm - 1.0).abs() < 1e-5, "{family}: {norm}");
-        // The cache is left empty: generation after it starts clean.
-        let again: Vec<f32> = m
-            .model
-            .forward_last(&ids, 0)
-            .expect("again")
-            .to_vec1()
-            .expect("vec");
-        assert_eq!(again, logits, "{family}");
+        assert_mean_pooled_and_cache_left_empty(&mut m, &ids, &hidden, &logits, family);
     }
 }
 
@@ -177,17 +186,7 @@ fn qwen_safetensors_folders_give_hidden_states_and_others_say_they_cant() {
     for family in ["qwen2", "qwen3"] {
         let tmp = tempfile::tempdir().expect("tmp");
         write_family_with(tmp.path(), family, &serde_json::json!({}), 7);
-        let mut m = loader::load(tmp.path(), &Device::Cpu, &mut |_, _| {}).expect("load");
-        let ids = m.tokenizer.encode("hello there, small world").expect("ids");
-        let hidden = m.model.hidden_states(&ids).expect("hidden states");
-        let (t, d) = hidden.dims2().expect("2-D");
-        assert_eq!(t, ids.len(), "{family}");
-        let logits: Vec<f32> = m
-            .model
-            .forward_last(&ids, 0)
-            .expect("logits")
-            .to_vec1()
-            .expect("vec");
+        let (mut m, ids, hidden, logits) = hidden_and_logits(tmp.path());
         // The head as the folder stores it: `lm_head`, or the tied embeddings.
         let tensors =
             candle_core::safetensors::load(tmp.path().join("model.safetensors"), &Device::Cpu)
@@ -199,18 +198,7 @@ fn qwen_safetensors_folders_give_hidden_states_and_others_say_they_cant() {
         let projected = last_row_projected(&hidden, head);
         let c = cosine(&projected, &logits);
         assert!(c > 0.999_99, "{family}: cosine {c}");
-        let e = m.embed_tokens(&ids).expect("embed");
-        assert_eq!(e.len(), d);
-        let mean: Vec<f32> = hidden.mean(0).expect("mean").to_vec1().expect("vec");
-        assert!(cosine(&e, &mean) > 0.999_99, "{family}");
-        // The cache is left empty: the same logits again.
-        let again: Vec<f32> = m
-            .model
-            .forward_last(&ids, 0)
-            .expect("again")
-            .to_vec1()
-            .expect("vec");
-        assert_eq!(again, logits, "{family}");
+        assert_mean_pooled_and_cache_left_empty(&mut m, &ids, &hidden, &logits, family);
     }
     let tmp = tempfile::tempdir().expect("tmp");
     write_family_with(tmp.path(), "llama", &serde_json::json!({}), 7);

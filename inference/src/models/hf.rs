@@ -22,6 +22,7 @@ use candle_transformers::models::{gemma2, gemma3, llama, mistral, phi3, qwen2, q
 use super::CausalLm;
 use super::family::Family;
 use crate::error::{Error, Result};
+use crate::weights::expect_shape;
 
 enum Inner {
     Llama {
@@ -127,15 +128,8 @@ impl candle_nn::var_builder::SimpleBackend for SharedEmbeddings {
         let t = self.keep(name, || {
             candle_nn::var_builder::SimpleBackend::get(&self.inner, s.clone(), name, h, dtype, dev)
         })?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            }
-            .bt());
-        }
-        t.to_dtype(dtype)?.to_device(dev)
+        // A kept tensor is checked again: the second user (a tied head) asks its own shape.
+        expect_shape(t, s, name)?.to_dtype(dtype)?.to_device(dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
