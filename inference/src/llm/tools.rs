@@ -188,54 +188,15 @@ fn calls_in_values(values: &[Value]) -> Vec<(String, String)> {
 /// reply's content) and the calls, `None` when it has none.
 pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(String, String)>)> {
     match syntax {
-        ToolSyntax::Hermes => {
-            let first = text.find("<tool_call>")?;
-            let mut calls = Vec::new();
-            let mut rest = &text[first..];
-            while let Some(start) = rest.find("<tool_call>") {
-                let body = &rest[start + "<tool_call>".len()..];
-                let (inner, next) = match body.find("</tool_call>") {
-                    Some(end) => (&body[..end], &body[end + "</tool_call>".len()..]),
-                    None => (body, ""),
-                };
-                let (values, _) = leading_json(inner);
-                calls.extend(values.iter().filter_map(call_of));
-                rest = next;
-            }
-            (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
-        }
-        ToolSyntax::Phi4 => {
-            let first = text.find("<|tool_call|>")?;
-            let mut calls = Vec::new();
-            let mut rest = &text[first..];
-            while let Some(start) = rest.find("<|tool_call|>") {
-                let body = &rest[start + "<|tool_call|>".len()..];
-                let (inner, next) = match body.find("<|/tool_call|>") {
-                    Some(end) => (&body[..end], &body[end + "<|/tool_call|>".len()..]),
-                    None => (body, ""),
-                };
-                calls.extend(calls_in_values(&leading_json(inner).0));
-                rest = next;
-            }
-            (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
-        }
-        ToolSyntax::Gemma4 => {
-            let first = text.find("<|tool_call>")?;
-            let mut calls = Vec::new();
-            let mut rest = &text[first..];
-            while let Some(start) = rest.find("<|tool_call>") {
-                let body = &rest[start + "<|tool_call>".len()..];
-                let (inner, next) = match body.find("<tool_call|>") {
-                    Some(end) => (&body[..end], &body[end + "<tool_call|>".len()..]),
-                    None => (body, ""),
-                };
-                if let Some(call) = gemma_call(inner) {
-                    calls.push(call);
-                }
-                rest = next;
-            }
-            (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
-        }
+        ToolSyntax::Hermes => tagged_calls(text, "<tool_call>", "</tool_call>", |inner| {
+            leading_json(inner).0.iter().filter_map(call_of).collect()
+        }),
+        ToolSyntax::Phi4 => tagged_calls(text, "<|tool_call|>", "<|/tool_call|>", |inner| {
+            calls_in_values(&leading_json(inner).0)
+        }),
+        ToolSyntax::Gemma4 => tagged_calls(text, "<|tool_call>", "<tool_call|>", |inner| {
+            gemma_call(inner).into_iter().collect()
+        }),
         ToolSyntax::Mistral => {
             let first = text.find("[TOOL_CALLS]")?;
             let (values, _) = leading_json(&text[first + "[TOOL_CALLS]".len()..]);
@@ -253,6 +214,30 @@ pub fn parse_tool_calls(syntax: ToolSyntax, text: &str) -> Option<(String, Vec<(
             (calls.len() == values.len()).then(|| (String::new(), calls))
         }
     }
+}
+
+/// The calls in the `open` … `close` blocks of `text` (a last block may lack its `close`), each
+/// block's inside read by `read`: the text before the first block and the calls, `None` when
+/// there are none.
+fn tagged_calls(
+    text: &str,
+    open: &str,
+    close: &str,
+    read: impl Fn(&str) -> Vec<(String, String)>,
+) -> Option<(String, Vec<(String, String)>)> {
+    let first = text.find(open)?;
+    let mut calls = Vec::new();
+    let mut rest = &text[first..];
+    while let Some(start) = rest.find(open) {
+        let body = &rest[start + open.len()..];
+        let (inner, next) = match body.find(close) {
+            Some(end) => (&body[..end], &body[end + close.len()..]),
+            None => (body, ""),
+        };
+        calls.extend(read(inner));
+        rest = next;
+    }
+    (!calls.is_empty()).then(|| (text[..first].trim_end().to_owned(), calls))
 }
 
 /// Gemma 4's string quote.
