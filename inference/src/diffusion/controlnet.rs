@@ -407,7 +407,7 @@ impl ControlNet {
         if hint.dims() != xs.dims() {
             return Err(Error::InvalidParameter(format!(
                 "the control image encodes to {:?} but the latents are {:?}: the image must be \
-                 8 times the latents' size",
+                 the VAE's factor (8 for SD) times the latents' size",
                 hint.dims(),
                 xs.dims()
             )));

@@ -270,7 +270,8 @@ pub(super) fn generate_hires(
     for ((index, img), lat) in (0u32..).zip(first_pass.images).zip(latents) {
         let big_latents = match hires.upscaler {
             HiresUpscaler::Latent(mode) => {
-                Some(mode.resize(&lat, (th as usize / 8, tw as usize / 8))?)
+                let f = model.vae.config().factor();
+                Some(mode.resize(&lat, (th as usize / f, tw as usize / f))?)
             }
             _ => None,
         };

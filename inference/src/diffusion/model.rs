@@ -386,8 +386,8 @@ pub fn load(
     Ok(model)
 }
 
-/// `native`: the UNet config's `sample_size` (latent side the model was trained at), when a
-/// diffusers folder gives one; the default size is then 8 times it, as diffusers' pipelines
+/// `native`: the image side the model was trained at, when a diffusers folder gives one: the
+/// UNet config's `sample_size` (a latent side) times the VAE's factor, as diffusers' pipelines
 /// choose (SD 1.5 64 → 512, SD 2.1-v 96 → 768, SDXL 128 → 1024, a 64 px demo model 8 → 64).
 fn finish_info(
     path: &Path,
@@ -407,7 +407,7 @@ fn finish_info(
         _ => 512,
     };
     let default = native
-        .and_then(|s| u32::try_from(s.saturating_mul(8)).ok())
+        .and_then(|s| u32::try_from(s).ok())
         .filter(|d| (64..=2048).contains(d) && d.is_multiple_of(size_multiple))
         .unwrap_or(guessed);
     ImageModelInfo {
@@ -574,7 +574,7 @@ fn load_diffusers(
         } else {
             Vec::new()
         },
-        native,
+        native.map(|s| s.saturating_mul(vae.config().factor() as u64)),
     );
     let info = ImageModelInfo {
         loras: lora.map(|l| l.reports.clone()).unwrap_or_default(),

@@ -425,7 +425,8 @@ pub(super) fn validate(model: &SdModel, req: &ImageRequest) -> Result<()> {
 ///   [`super::vae_blocks::MemoryBudget`] bound the rest.
 pub fn working_bytes(model: &SdModel, width: u32, height: u32, batch: usize) -> u64 {
     let cfg = model.unet.config();
-    let (lw, lh) = (u64::from(width) / 8, u64::from(height) / 8);
+    let f = model.vae.config().factor() as u64;
+    let (lw, lh) = (u64::from(width) / f, u64::from(height) / f);
     let batch = batch as u64;
     let tokens = |level: usize| (lw >> level).max(1) * (lh >> level).max(1);
     let mut unet = 0u64;
@@ -658,7 +659,8 @@ pub(super) fn generate_core(
     }
     let device = &model.device;
     let (w, h) = (req.width as usize, req.height as usize);
-    let (lw, lh) = (w / 8, h / 8);
+    let f = model.vae.config().factor();
+    let (lw, lh) = (w / f, h / f);
     let guidance = req.cfg_scale > 1.0;
     // `<lora:…>` tags chose the networks merged at load; the text encoder reads the rest.
     let (_, prompt) = super::lora::parse_prompt(&req.prompt);

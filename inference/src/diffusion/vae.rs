@@ -58,6 +58,12 @@ fn yes() -> bool {
 }
 
 impl VaeConfig {
+    /// How many times smaller than the image the latents are on a side: 2 for each level but
+    /// the last (8 for SD's four levels, 4 for the LDM's `kl-f4` three).
+    pub fn factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1).min(16)
+    }
+
     /// The SD 1.x/2.x/SDXL VAE shape with the given scaling factor.
     pub fn sd(scaling_factor: f64) -> Self {
         Self {
