@@ -274,7 +274,10 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
         "--vae-channels",
         "8",
     ]));
-    assert!(card.contains("2 VAE steps, then 2 UNet"), "{card}");
+    assert!(
+        card.contains("2 VAE steps, 0 decoder steps, then 2 UNet"),
+        "{card}"
+    );
     assert_files(
         &model,
         &[
@@ -323,6 +326,101 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
         Some(2 - usize::try_from(passed).expect("small"))
     );
     assert_files(&out, &["0000.png", "0001.png", "captions.jsonl"]);
+
+    // The VAE's ceiling: the held-out images' own round trips, graded.
+    let round_trips = tmp.path().join("round-trips");
+    let report = ok(&studio(&[
+        "train",
+        "sd-eval",
+        "--model",
+        path(&model),
+        "--data",
+        path(&held),
+        "--train",
+        path(&train),
+        "--count",
+        "2",
+        "--reconstruct",
+        "--out",
+        path(&round_trips),
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    assert_eq!(report["reconstruct"].as_bool(), Some(true), "{report}");
+    assert_eq!(report["prompts"].as_u64(), Some(2), "{report}");
+    let first =
+        studio_inference::diffusion::imaging::decode_image_file(&round_trips.join("0000.png"))
+            .expect("a round trip");
+    assert_eq!((first.image.width, first.image.height), (64, 64));
+
+    // A run from the trained folder, with its shapes: no VAE steps, the decoder alone, then
+    // the UNet.
+    let tuned = tmp.path().join("tuned");
+    let card = ok(&studio(&[
+        "train",
+        "sd",
+        "--data",
+        path(&train),
+        "--out",
+        path(&tuned),
+        "--init",
+        path(&model),
+        "--vae-steps",
+        "0",
+        "--decoder-steps",
+        "2",
+        "--unet-steps",
+        "1",
+        "--batch",
+        "2",
+        "--text-width",
+        "32",
+        "--unet-channels",
+        "16",
+        "--vae-channels",
+        "8",
+    ]));
+    assert!(card.contains("starting from the weights of"), "{card}");
+    assert!(
+        card.contains("0 VAE steps, 2 decoder steps, then 1 UNet"),
+        "{card}"
+    );
+    let log = std::fs::read_to_string(tuned.join("loss.jsonl")).expect("log");
+    let phases: Vec<String> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            v["phase"].as_str().expect("phase").to_owned()
+        })
+        .collect();
+    assert_eq!(phases, ["decoder", "decoder", "unet"]);
+    // A folder of another shape is refused with the tensor's name.
+    let refused = studio(&[
+        "train",
+        "sd",
+        "--data",
+        path(&train),
+        "--out",
+        path(&tmp.path().join("wider")),
+        "--init",
+        path(&model),
+        "--vae-steps",
+        "0",
+        "--unet-steps",
+        "1",
+        "--text-width",
+        "32",
+        "--unet-channels",
+        "24",
+        "--vae-channels",
+        "8",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("shape mismatch"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     // Every prompt of the training set is seen: nothing is left to grade.
     let refused = studio(&[

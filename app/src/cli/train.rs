@@ -26,15 +26,20 @@
 //!   [--seed S] …` trains the demo GAN (`studio_inference::train::gan`) on a folder of square
 //!   images, resuming from `DIR/checkpoint`, and writes `generator.safetensors` (NVIDIA's
 //!   `G_ema` names) with `generator.json`, `samples.png`, `loss.jsonl` and `MODEL.md`;
-//! - `studio train sd --data DIR --out DIR [--vae-steps N] [--unet-steps N] [--batch B] [--lr X]
-//!   [--seed S] …` trains the demo text-to-image model (`studio_inference::train::sd`) on
-//!   `shapes-data`'s captioned images: its CLIP tokenizer from the captions, the VAE, then the
-//!   UNet with the text encoder on the VAE's latents, resuming from `DIR/checkpoint`, and writes
-//!   a diffusers folder the Canvas loads, with `loss.jsonl` and `MODEL.md`;
+//! - `studio train sd --data DIR --out DIR [--vae-steps N] [--decoder-steps N] [--unet-steps N]
+//!   [--batch B] [--lr X] [--seed S] [--vae-levels 4|3] [--vae-crop PX] [--init DIR] …`
+//!   trains the demo text-to-image model (`studio_inference::train::sd`) on `shapes-data`'s
+//!   captioned images: its CLIP tokenizer from the captions, the VAE, the
+//!   decoder alone (`--decoder-steps`), then the UNet with the text encoder on the VAE's
+//!   latents, resuming from `DIR/checkpoint` (or starting from a trained folder's weights with
+//!   `--init`), and writes a diffusers folder the Canvas loads, with `loss.jsonl` and
+//!   `MODEL.md`;
 //! - `studio train sd-eval --model M --data DIR [--train DIR] [--count 200] [--steps 20]
-//!   [--cfg 7] [--size PX] [--out DIR] [--json]` generates an image for each caption of a
-//!   `shapes-data` folder not in the training set, through Studio's own pipeline (seed = the
-//!   caption's index), and grades it with the shapes checker: prompt adherence;
+//!   [--cfg 7] [--size PX] [--out DIR] [--json] [--reconstruct]` generates an image for each
+//!   caption of a `shapes-data` folder not in the training set, through Studio's own pipeline
+//!   (seed = the caption's index), and grades it with the shapes checker: prompt adherence;
+//!   `--reconstruct` grades the VAE's round trip of the folder's own images instead (the
+//!   ceiling the VAE sets);
 //! - `studio train gan-eval --model G --data DIR [--samples N] [--psi X] [--json]` grades a
 //!   generator's samples with the faces reader against the real faces: precision (samples that
 //!   read as faces) and recall (real faces whose factor combination some sample has).
@@ -47,7 +52,7 @@ use clap::{Args, Subcommand};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::json;
-use studio_inference::diffusion::imaging::{decode_image_file, encode_png};
+use studio_inference::diffusion::imaging::{RgbImage, decode_image_file, encode_png};
 use studio_inference::train::faces::{Face, read};
 use studio_inference::train::shapes::{Scene, check};
 
@@ -105,6 +110,10 @@ pub struct SdEvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Grade the VAE's round trip (encode, decode) of the data's own images instead of
+    /// generating: the ceiling the VAE sets on prompt adherence.
+    #[arg(long)]
+    pub reconstruct: bool,
 }
 
 #[derive(Debug, Args)]
@@ -115,11 +124,23 @@ pub struct SdArgs {
     /// The diffusers folder to write (and resume from).
     #[arg(long)]
     pub out: PathBuf,
-    /// VAE steps (the first phase).
-    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    /// VAE steps (the first phase; 0 with `--init` keeps its VAE).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
     pub vae_steps: u32,
-    /// UNet and text-encoder steps (the second phase).
-    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    /// Train the VAE on random crops of this side (a multiple of its factor) instead of whole
+    /// images: the same convolutions at a fraction of the cost.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(8..=4096))]
+    pub vae_crop: Option<u32>,
+    /// Steps of the decoder alone on the fixed encoder's latents (the second phase): sharper
+    /// images without moving the latents a trained UNet works in.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub decoder_steps: u32,
+    /// Start from this trained diffusers folder's weights, tokenizer and scaling factor (the
+    /// bundled demo model, say) instead of random weights; the shape flags must match it.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// UNet and text-encoder steps (the last phase).
+    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
     pub unet_steps: u32,
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub batch: u32,
@@ -137,6 +158,10 @@ pub struct SdArgs {
     /// Channels of the VAE's levels.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(8..=4096))]
     pub vae_channels: u32,
+    /// The VAE's levels: 4 makes SD's factor-8 autoencoder, 3 the LDM's `kl-f4` (latents a
+    /// quarter of the image's side: small shapes keep their outlines).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(2..=4))]
+    pub vae_levels: u32,
     /// Read at most this many images.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_images: u32,
@@ -880,6 +905,13 @@ fn sd(args: &SdArgs) -> Result<()> {
     if !text.is_multiple_of(heads) {
         bail!("--text-width {text} does not split into {heads} attention heads of 16");
     }
+    let factor = 1usize << (args.vae_levels - 1);
+    if args
+        .vae_crop
+        .is_some_and(|c| !(c as usize).is_multiple_of(factor))
+    {
+        bail!("--vae-crop must be a multiple of the VAE's factor ({factor})");
+    }
     if !unet.is_multiple_of(8) || !vae.is_multiple_of(8) {
         bail!(
             "--unet-channels and --vae-channels must be multiples of 8 (the group norm's groups)"
@@ -896,7 +928,9 @@ fn sd(args: &SdArgs) -> Result<()> {
             positions: 77,
         },
         vae: VaeShape {
-            channels: vec![vae, 2 * vae, 2 * vae, 2 * vae],
+            channels: std::iter::once(vae)
+                .chain(std::iter::repeat_n(2 * vae, args.vae_levels as usize - 1))
+                .collect(),
             layers_per_block: 1,
             latent: 4,
             groups: 8,
@@ -917,11 +951,14 @@ fn sd(args: &SdArgs) -> Result<()> {
             layers_per_block: 1,
             cross_dim: text,
             groups: 8,
-            sample_size: data.pixels_side() / 8,
+            sample_size: data.pixels_side() / factor,
         },
     };
+    let shape_channels = shape.vae.channels.clone();
     let opts = SdTrainOptions {
         vae_steps: args.vae_steps as usize,
+        vae_crop: args.vae_crop.map(|c| c as usize),
+        decoder_steps: args.decoder_steps as usize,
         unet_steps: args.unet_steps as usize,
         batch: args.batch as usize,
         lr: args.lr,
@@ -932,35 +969,65 @@ fn sd(args: &SdArgs) -> Result<()> {
     let mut log = open_log(&args.out)?;
     let started = std::time::Instant::now();
     let mut last: std::collections::BTreeMap<&str, f32> = std::collections::BTreeMap::new();
-    train_sd(&data, shape, opts, &args.out, &mut |r| {
-        let seconds = started.elapsed().as_secs_f64();
-        let _ = writeln!(
-            log,
-            "{}",
-            json!({"phase": r.phase, "step": r.step, "loss": r.loss, "seconds": seconds})
-        );
-        if r.step % 50 == 0 {
-            eprintln!(
-                "{} step {} loss {:.4} ({seconds:.0} s)",
-                r.phase, r.step, r.loss
+    train_sd(
+        &data,
+        shape,
+        opts,
+        &args.out,
+        args.init.as_deref(),
+        &mut |r| {
+            let seconds = started.elapsed().as_secs_f64();
+            let _ = writeln!(
+                log,
+                "{}",
+                json!({"phase": r.phase, "step": r.step, "loss": r.loss, "seconds": seconds})
             );
-        }
-        last.insert(r.phase, r.loss);
-    })?;
+            if r.step % 50 == 0 {
+                eprintln!(
+                    "{} step {} loss {:.4} ({seconds:.0} s)",
+                    r.phase, r.step, r.loss
+                );
+            }
+            last.insert(r.phase, r.loss);
+        },
+    )?;
     let card = format!(
         "# Studio's demo text-to-image model\n\n\
          A tiny Stable Diffusion (SD 1.x architecture in the diffusers layout: CLIP text encoder \
-         {text} wide, 2 layers; VAE with channels {vae}/{v2}/{v2}/{v2}, factor 8, 4 latent \
+         {text} wide, 2 layers; VAE with channels {channels}, factor {factor}, 4 latent \
          channels; UNet with two cross-attention levels of {unet} and {u2} channels) trained by \
-         Studio's own trainer on {n} captioned shape scenes of `{data}`.\n\n\
-         - {vs} VAE steps, then {us} UNet + text-encoder steps, of {batch} images; Adam at {lr}; \
-         10 % of captions dropped for guidance; seed {seed};\n\
+         Studio's own trainer on {n} captioned shape scenes of `{data}`{from}.\n\n\
+         - {vs} VAE steps, {ds} decoder steps, then {us} UNet + text-encoder steps, of {batch} \
+         images; Adam at {lr}; 10 % of captions dropped for guidance; seed {seed};\n\
          - {seconds:.0} s this run on this machine's CPU;\n\
-         - last losses: VAE reconstruction {lv:.4}, noise prediction {lu:.4} (`loss.jsonl`).\n\n\
-         Made by: `studio train sd --data {data} --out {out} --vae-steps {vs} --unet-steps {us} \
-         --batch {batch} --lr {lr} --seed {seed} --text-width {text} --unet-channels {unet} \
-         --vae-channels {vae} --max-images {maxi}`\n",
-        v2 = 2 * vae,
+         - last losses: VAE reconstruction {lv:.4}, decoder {ld:.4}, noise prediction {lu:.4} \
+         (`loss.jsonl`).\n\n\
+         Made by: `studio train sd --data {data} --out {out} --vae-steps {vs} --decoder-steps \
+         {ds} --unet-steps {us} --batch {batch} --lr {lr} --seed {seed} --text-width {text} \
+         --unet-channels {unet} --vae-channels {vae} --vae-levels {levels}{crop} --max-images \
+         {maxi}{init}`\n",
+        levels = args.vae_levels,
+        crop = args
+            .vae_crop
+            .map(|c| format!(" --vae-crop {c}"))
+            .unwrap_or_default(),
+        from = args
+            .init
+            .as_ref()
+            .map(|p| format!(", starting from the weights of `{}`", p.display()))
+            .unwrap_or_default(),
+        init = args
+            .init
+            .as_ref()
+            .map(|p| format!(" --init {}", p.display()))
+            .unwrap_or_default(),
+        ds = opts.decoder_steps,
+        ld = last.get("decoder").copied().unwrap_or(f32::NAN),
+        channels = shape_channels
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("/"),
         u2 = 2 * unet,
         n = data.captions.len(),
         data = args.data.display(),
@@ -980,30 +1047,77 @@ fn sd(args: &SdArgs) -> Result<()> {
     Ok(())
 }
 
-/// The captions of a `shapes-data` folder's `captions.jsonl`, in order.
-fn captions_of(dir: &std::path::Path) -> Result<Vec<String>> {
+/// The `(file, caption)` pairs of a `shapes-data` folder's `captions.jsonl`, in order.
+fn captions_of(dir: &std::path::Path) -> Result<Vec<(String, String)>> {
     let path = dir.join("captions.jsonl");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["caption"].as_str().map(str::to_owned))
+        .filter_map(|v| {
+            Some((
+                v["file"].as_str()?.to_owned(),
+                v["caption"].as_str()?.to_owned(),
+            ))
+        })
         .collect())
+}
+
+/// The VAE's round trip of `dir/file` (a `shapes-data` image): encoded to latents, decoded.
+fn round_trip(
+    m: &studio_inference::diffusion::model::SdModel,
+    dir: &std::path::Path,
+    file: &str,
+) -> Result<RgbImage> {
+    use studio_inference::diffusion::imaging::{image_to_tensor, tensor_to_image};
+    if file.contains(['/', '\\']) || file.starts_with('.') {
+        bail!(
+            "{} names {file}, which is outside the folder",
+            dir.display()
+        );
+    }
+    let path = dir.join(file);
+    let image = decode_image_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .image;
+    let latents = m.vae.encode(&image_to_tensor(&image, &m.device)?)?;
+    Ok(tensor_to_image(&m.vae.decode(&latents)?)?)
+}
+
+/// `prompt`'s image at `side`, seed `seed`, as `args` say.
+fn generate_one(
+    m: &studio_inference::diffusion::model::SdModel,
+    args: &SdEvalArgs,
+    side: u32,
+    seed: usize,
+    prompt: &str,
+) -> Result<RgbImage> {
+    use studio_inference::diffusion::pipeline::{ImageRequest, generate};
+    let req = ImageRequest {
+        steps: args.steps as usize,
+        cfg_scale: args.cfg,
+        seed: Some(seed as u64),
+        width: side,
+        height: side,
+        ..ImageRequest::new(prompt.to_owned())
+    };
+    let result = generate(m, &req, &mut |_| std::ops::ControlFlow::Continue(()))
+        .with_context(|| format!("generating `{prompt}`"))?;
+    Ok(result.images.into_iter().next().context("no image")?.image)
 }
 
 fn sd_eval(args: &SdEvalArgs) -> Result<()> {
     use studio_inference::diffusion::model::{self, ImageModelOptions};
-    use studio_inference::diffusion::pipeline::{ImageRequest, generate};
     let seen: std::collections::HashSet<String> = match &args.train {
-        Some(dir) => captions_of(dir)?.into_iter().collect(),
+        Some(dir) => captions_of(dir)?.into_iter().map(|(_, c)| c).collect(),
         None => std::collections::HashSet::new(),
     };
-    let prompts: Vec<String> = captions_of(&args.data)?
+    let (files, prompts): (Vec<String>, Vec<String>) = captions_of(&args.data)?
         .into_iter()
-        .filter(|c| !seen.contains(c))
+        .filter(|(_, c)| !seen.contains(c))
         .take(args.count as usize)
-        .collect();
+        .unzip();
     if prompts.is_empty() {
         bail!(
             "{} has no captions outside the training set",
@@ -1029,18 +1143,12 @@ fn sd_eval(args: &SdEvalArgs) -> Result<()> {
     for (i, prompt) in prompts.iter().enumerate() {
         let scene =
             Scene::parse(prompt).with_context(|| format!("`{prompt}` is not a shape caption"))?;
-        let req = ImageRequest {
-            steps: args.steps as usize,
-            cfg_scale: args.cfg,
-            seed: Some(i as u64),
-            width: side,
-            height: side,
-            ..ImageRequest::new(prompt.clone())
+        let image = if args.reconstruct {
+            round_trip(&m, &args.data, &files[i])?
+        } else {
+            generate_one(&m, args, side, i, prompt)?
         };
-        let result = generate(&m, &req, &mut |_| std::ops::ControlFlow::Continue(()))
-            .with_context(|| format!("generating `{prompt}`"))?;
-        let image = &result.images.first().context("no image")?.image;
-        let verdict = check(image, &scene);
+        let verdict = check(&image, &scene);
         if verdict.passed {
             passed += 1;
         } else {
@@ -1048,7 +1156,7 @@ fn sd_eval(args: &SdEvalArgs) -> Result<()> {
         }
         if let Some(out) = &args.out {
             let file = format!("{i:04}.png");
-            write_file(&out.join(&file), &encode_png(image, Some(prompt))?)?;
+            write_file(&out.join(&file), &encode_png(&image, Some(prompt))?)?;
             writeln!(lines, "{}", json!({"file": file, "caption": prompt}))?;
         }
     }
@@ -1060,7 +1168,14 @@ fn sd_eval(args: &SdEvalArgs) -> Result<()> {
         println!(
             "{}",
             json!({"prompts": prompts.len(), "passed": passed, "adherence": share,
-                   "steps": args.steps, "cfg": args.cfg, "size": side, "failures": failures})
+                   "steps": args.steps, "cfg": args.cfg, "size": side,
+                   "reconstruct": args.reconstruct, "failures": failures})
+        );
+    } else if args.reconstruct {
+        println!(
+            "{passed} of {} held-out images pass after the VAE's round trip ({:.1} %)",
+            prompts.len(),
+            share * 100.0
         );
     } else {
         println!(

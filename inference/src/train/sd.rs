@@ -1,5 +1,5 @@
-//! Training the demo text-to-image model (issue 21, in progress): a tiny network of Stable
-//! Diffusion's architecture in the diffusers layout Studio's Canvas loads. Written so far:
+//! Training the demo text-to-image model (issue 21): a tiny network of Stable Diffusion's
+//! architecture in the diffusers layout Studio's Canvas loads:
 //!
 //! - the VAE: diffusers' `AutoencoderKL` in its tensor names (`encoder.down_blocks.{i}.…`,
 //!   `quant_conv`, `decoder.up_blocks.{i}.…`): resnets of group norm (ε 1e-6), SiLU and 3×3
@@ -18,8 +18,9 @@
 //!   [`unet_forward`] matches Studio's [`crate::diffusion::unet::Unet`] (tested).
 //!
 //! The forward passes use only differentiable ops ([`super::ops`]); the tests also check that
-//! every parameter gets a gradient. Still to write: the training loop (VAE first, then the
-//! UNet with the text encoder on the VAE's latents), the diffusers folder and the CLI.
+//! every parameter gets a gradient. [`train_sd`] runs the phases in order (the VAE; its
+//! decoder alone on the fixed latents; the UNet with the text encoder on the VAE's latents),
+//! checkpoints and resumes them, and writes the diffusers folder.
 
 use std::collections::BTreeMap;
 
@@ -206,7 +207,7 @@ pub fn encode_text(vars: &BTreeMap<String, Var>, s: &ClipShape, ids: &Tensor) ->
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VaeShape {
     /// Channels per level, full resolution first; every level but the last halves the size
-    /// (four levels: the factor 8 Studio's pipeline works with).
+    /// (four levels: SD's factor 8; three: the LDM's `kl-f4`).
     pub channels: Vec<usize>,
     /// Resnets per encoder block (decoder blocks have one more).
     pub layers_per_block: usize,
@@ -1072,7 +1073,15 @@ pub struct SdShape {
 pub struct SdTrainOptions {
     /// VAE steps (the first phase).
     pub vae_steps: usize,
-    /// UNet and text-encoder steps (the second phase, on the VAE's latents).
+    /// The VAE phase trains on random square crops of this side (a multiple of the VAE's
+    /// factor, at most the images'), placed on the latent grid: the convolutions learn the
+    /// same local structure at a fraction of the cost. `None`: whole images.
+    pub vae_crop: Option<usize>,
+    /// Decoder steps (the second phase): the VAE's decoder alone, on the fixed encoder's
+    /// latents, so a UNet trained on those latents stays valid. Mean absolute error, which
+    /// keeps edges sharper than the squared error of the first phase.
+    pub decoder_steps: usize,
+    /// UNet and text-encoder steps (the last phase, on the VAE's latents).
     pub unet_steps: usize,
     /// Images per step.
     pub batch: usize,
@@ -1089,12 +1098,13 @@ pub struct SdTrainOptions {
 /// What [`SdTrainer::train_step`] reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SdStep {
-    /// "vae" or "unet".
+    /// "vae", "decoder" or "unet".
     pub phase: &'static str,
     /// Steps done in the phase.
     pub step: usize,
     /// The phase's loss: reconstruction (mean squared error, plus a small KL term) for the
-    /// VAE; the noise prediction's mean squared error for the UNet.
+    /// VAE; mean absolute error for the decoder; the noise prediction's mean squared error
+    /// for the UNet.
     pub loss: f32,
 }
 
@@ -1115,6 +1125,8 @@ fn alphas_cumprod() -> Vec<f64> {
 #[derive(Serialize, Deserialize)]
 struct SdState {
     vae_steps: usize,
+    #[serde(default)]
+    decoder_steps: usize,
     unet_steps: usize,
     scaling_factor: Option<f64>,
     shape: SdShape,
@@ -1128,8 +1140,10 @@ pub struct SdTrainer {
     vae: BTreeMap<String, Var>,
     unet: BTreeMap<String, Var>,
     adam_vae: candle_nn::AdamW,
+    adam_decoder: candle_nn::AdamW,
     adam_unet: candle_nn::AdamW,
     vae_done: usize,
+    decoder_done: usize,
     unet_done: usize,
     /// 1 / the latents' standard deviation, measured when the UNet phase starts.
     scaling_factor: Option<f64>,
@@ -1167,7 +1181,7 @@ impl SdTrainer {
         let clip = init(&shape.clip.parameters(), opts.seed, 0.02)?;
         let vae = init(&shape.vae.parameters(), opts.seed + 1, 0.05)?;
         let unet = init(&shape.unet.parameters(), opts.seed + 2, 0.05)?;
-        let (mut vae_done, mut unet_done, mut scaling_factor) = (0, 0, None);
+        let (mut vae_done, mut decoder_done, mut unet_done, mut scaling_factor) = (0, 0, 0, None);
         let state_file = checkpoint.join("state.json");
         if state_file.is_file() {
             let text =
@@ -1195,8 +1209,12 @@ impl SdTrainer {
                     v.set(t)?;
                 }
             }
-            (vae_done, unet_done, scaling_factor) =
-                (state.vae_steps, state.unet_steps, state.scaling_factor);
+            (vae_done, decoder_done, unet_done, scaling_factor) = (
+                state.vae_steps,
+                state.decoder_steps,
+                state.unet_steps,
+                state.scaling_factor,
+            );
         }
         let adam = |vars: Vec<Var>| {
             candle_nn::AdamW::new(
@@ -1209,6 +1227,12 @@ impl SdTrainer {
             )
         };
         let adam_vae = adam(vae.values().cloned().collect())?;
+        let adam_decoder = adam(
+            vae.iter()
+                .filter(|(k, _)| is_decoder(k))
+                .map(|(_, v)| v.clone())
+                .collect(),
+        )?;
         let adam_unet = adam(unet.values().chain(clip.values()).cloned().collect())?;
         Ok(Self {
             shape,
@@ -1217,8 +1241,10 @@ impl SdTrainer {
             vae,
             unet,
             adam_vae,
+            adam_decoder,
             adam_unet,
             vae_done,
+            decoder_done,
             unet_done,
             scaling_factor,
             ids,
@@ -1227,9 +1253,55 @@ impl SdTrainer {
         })
     }
 
-    /// Whether both phases are done.
+    /// Whether every phase is done.
     pub fn finished(&self) -> bool {
-        self.vae_done >= self.opts.vae_steps && self.unet_done >= self.opts.unet_steps
+        self.vae_done >= self.opts.vae_steps
+            && self.decoder_done >= self.opts.decoder_steps
+            && self.unet_done >= self.opts.unet_steps
+    }
+
+    /// Whether no step has been taken (no checkpoint was resumed).
+    pub fn is_fresh(&self) -> bool {
+        self.vae_done + self.decoder_done + self.unet_done == 0
+    }
+
+    /// Starts from the weights of a diffusers folder [`SdTrainer::save_model`] wrote (the
+    /// bundled demo model, say) instead of random ones, keeping its VAE's scaling factor so
+    /// its UNet still fits the latents. Every tensor must be there with this run's shape.
+    pub fn start_from(&mut self, folder: &std::path::Path) -> Result<()> {
+        for (file, vars) in [
+            ("text_encoder/model.safetensors", &self.clip),
+            ("vae/diffusion_pytorch_model.safetensors", &self.vae),
+            ("unet/diffusion_pytorch_model.safetensors", &self.unet),
+        ] {
+            let path = folder.join(file);
+            let saved = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
+            for (name, v) in vars {
+                let t = saved.get(name).ok_or_else(|| Error::BadConfig {
+                    path: path.clone(),
+                    message: format!("no {name}: the folder is not of this run's shape"),
+                })?;
+                let t = crate::weights::expect_shape(t.clone(), v.shape().clone(), name)?;
+                v.set(&t)?;
+            }
+        }
+        let config = folder.join("vae/config.json");
+        let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::BadConfig {
+                path: config.clone(),
+                message: e.to_string(),
+            })?;
+        let scale = value["scaling_factor"]
+            .as_f64()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .ok_or_else(|| Error::BadConfig {
+                path: config.clone(),
+                message: "no positive scaling_factor".into(),
+            })?;
+        self.scaling_factor = Some(scale);
+        self.latents = None;
+        Ok(())
     }
 
     /// One step of the phase the run is in, on a batch drawn from `images` (those the
@@ -1237,7 +1309,7 @@ impl SdTrainer {
     pub fn train_step(&mut self, images: &Tensor) -> Result<SdStep> {
         let o = self.opts;
         let count = images.dim(0)?;
-        let done = self.vae_done + self.unet_done;
+        let done = self.vae_done + self.decoder_done + self.unet_done;
         let mut rng =
             StdRng::seed_from_u64(o.seed.wrapping_mul(0x9e37_79b9).wrapping_add(done as u64));
         let rows: Vec<u32> = (0..o.batch)
@@ -1245,7 +1317,17 @@ impl SdTrainer {
             .collect();
         let index = Tensor::new(rows.as_slice(), &candle_core::Device::Cpu)?;
         if self.vae_done < o.vae_steps {
-            let x = images.index_select(&index, 0)?;
+            let mut x = images.index_select(&index, 0)?;
+            let side = x.dim(3)?.min(x.dim(2)?);
+            if let Some(crop) = o.vae_crop.filter(|&c| c < side) {
+                let f = 1 << self.shape.vae.channels.len().saturating_sub(1);
+                let cells = (side - crop) / f + 1;
+                let (cy, cx) = (
+                    rand::Rng::random_range(&mut rng, 0..cells) * f,
+                    rand::Rng::random_range(&mut rng, 0..cells) * f,
+                );
+                x = x.narrow(2, cy, crop)?.narrow(3, cx, crop)?.contiguous()?;
+            }
             let moments = vae_moments(&self.vae, &self.shape.vae, &x)?;
             let lat = self.shape.vae.latent;
             let mean = moments.narrow(1, 0, lat)?;
@@ -1262,6 +1344,9 @@ impl SdTrainer {
             let loss = (&mse + (kl * 1e-6)?)?;
             self.adam_vae.backward_step(&loss)?;
             self.vae_done += 1;
+            // The encoder changed: the latents are measured again when they are needed.
+            self.scaling_factor = None;
+            self.latents = None;
             return Ok(SdStep {
                 phase: "vae",
                 step: self.vae_done,
@@ -1269,6 +1354,20 @@ impl SdTrainer {
             });
         }
         let latents = self.latents(images)?;
+        if self.decoder_done < o.decoder_steps {
+            let scale = self.scaling_factor.unwrap_or(1.0);
+            let z = (latents.index_select(&index, 0)? / scale)?;
+            let x = images.index_select(&index, 0)?;
+            let recon = vae_decode(&self.vae, &self.shape.vae, &z)?;
+            let loss = (recon - &x)?.abs()?.mean_all()?;
+            self.adam_decoder.backward_step(&loss)?;
+            self.decoder_done += 1;
+            return Ok(SdStep {
+                phase: "decoder",
+                step: self.decoder_done,
+                loss: loss.to_scalar::<f32>()?,
+            });
+        }
         let x0 = latents.index_select(&index, 0)?;
         let schedule = alphas_cumprod();
         let timesteps: Vec<usize> = (0..o.batch)
@@ -1355,6 +1454,7 @@ impl SdTrainer {
         save_tensors_atomic(&all, &dir.join("nets.safetensors"))?;
         let state = serde_json::to_vec(&SdState {
             vae_steps: self.vae_done,
+            decoder_steps: self.decoder_done,
             unet_steps: self.unet_done,
             scaling_factor: self.scaling_factor,
             shape: self.shape.clone(),
@@ -1432,6 +1532,11 @@ impl SdTrainer {
     }
 }
 
+/// Whether the VAE parameter `name` belongs to the decoder (what the decoder phase trains).
+fn is_decoder(name: &str) -> bool {
+    name.starts_with("decoder.") || name.starts_with("post_quant_conv.")
+}
+
 /// Writes safetensors to a temporary beside `path`, then renames it over `path`.
 fn save_tensors_atomic(
     tensors: &std::collections::HashMap<String, Tensor>,
@@ -1445,19 +1550,31 @@ fn save_tensors_atomic(
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Trains (or resumes) into `out`: the tokenizer for `data`'s captions, then both phases with
-/// a checkpoint every `checkpoint_every` steps, then the diffusers folder. `report` is called
-/// after each step.
+/// Trains (or resumes) into `out`: the tokenizer for `data`'s captions (or `init`'s), then
+/// each phase with a checkpoint every `checkpoint_every` steps, then the diffusers folder. A
+/// run that has no checkpoint yet starts from `init`'s weights when given (see
+/// [`SdTrainer::start_from`]). `report` is called after each step.
 pub fn train_sd(
     data: &Captioned,
     shape: SdShape,
     opts: SdTrainOptions,
     out: &std::path::Path,
+    init: Option<&std::path::Path>,
     report: &mut dyn FnMut(SdStep),
 ) -> Result<SdTrainer> {
     let tokenizer = out.join("tokenizer");
     let checkpoint = out.join("checkpoint");
     let vocab_file = tokenizer.join("vocab.json");
+    if let Some(init) = init
+        && !vocab_file.is_file()
+    {
+        // The weights embed the folder's tokenizer's ids.
+        std::fs::create_dir_all(&tokenizer).map_err(|e| Error::io(&tokenizer, e))?;
+        for name in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+            let from = init.join("tokenizer").join(name);
+            std::fs::copy(&from, tokenizer.join(name)).map_err(|e| Error::io(&from, e))?;
+        }
+    }
     let vocab = if vocab_file.is_file() {
         let text = std::fs::read_to_string(&vocab_file).map_err(|e| Error::io(&vocab_file, e))?;
         serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
@@ -1473,6 +1590,11 @@ pub fn train_sd(
     let mut shape = shape;
     shape.clip.vocab = vocab;
     let mut trainer = SdTrainer::new(shape, opts, &checkpoint, &tokenizer, &data.captions)?;
+    if let Some(init) = init
+        && trainer.is_fresh()
+    {
+        trainer.start_from(init)?;
+    }
     while !trainer.finished() {
         let r = trainer.train_step(&data.pixels)?;
         if !r.loss.is_finite() {
@@ -1484,6 +1606,7 @@ pub fn train_sd(
         report(r);
         let phase_end = match r.phase {
             "vae" => r.step == opts.vae_steps,
+            "decoder" => r.step == opts.decoder_steps,
             _ => r.step == opts.unet_steps,
         };
         if r.step % opts.checkpoint_every.max(1) == 0 || phase_end {
@@ -1655,14 +1778,10 @@ mod tests {
         all_get_gradients(&vars, &ours);
     }
 
-    #[test]
-    fn a_tiny_run_writes_a_diffusers_folder_studio_loads_and_generates_with() {
-        use crate::diffusion::model::{ImageModelOptions, load};
-        use crate::diffusion::pipeline::{ImageRequest, generate};
+    /// Six captioned 64 px scenes in `data_dir`, and two lines naming no readable image.
+    fn tiny_data(data_dir: &std::path::Path) -> Captioned {
         use crate::train::shapes::Scene;
-        let tmp = tempfile::tempdir().expect("tmp");
-        let data_dir = tmp.path().join("data");
-        std::fs::create_dir_all(&data_dir).expect("dir");
+        std::fs::create_dir_all(data_dir).expect("dir");
         let mut rng = StdRng::seed_from_u64(2);
         let mut lines = String::new();
         for i in 0..6 {
@@ -1679,15 +1798,17 @@ mod tests {
         lines.push_str("{\"file\": \"../x.png\", \"caption\": \"a red circle\"}\n");
         lines.push_str("{\"file\": \"missing.png\", \"caption\": \"a red circle\"}\n");
         std::fs::write(data_dir.join("captions.jsonl"), lines).expect("write");
-        let data = read_captioned(&data_dir, 100).expect("read");
-        assert_eq!((data.captions.len(), data.skipped), (6, 2));
+        read_captioned(data_dir, 100).expect("read")
+    }
 
+    /// A tiny model's shape with `vae_levels` VAE levels, its UNet sized for 64 px images.
+    fn tiny_shape(vae_levels: usize) -> SdShape {
         let level = |channels, attention| UnetLevel {
             channels,
             attention,
             heads: 2,
         };
-        let shape = SdShape {
+        SdShape {
             clip: ClipShape {
                 vocab: 0,
                 hidden: 8,
@@ -1697,7 +1818,7 @@ mod tests {
                 positions: 77,
             },
             vae: VaeShape {
-                channels: vec![4, 4, 4, 4],
+                channels: vec![4; vae_levels],
                 layers_per_block: 1,
                 latent: 4,
                 groups: 2,
@@ -1707,11 +1828,104 @@ mod tests {
                 layers_per_block: 1,
                 cross_dim: 8,
                 groups: 4,
-                sample_size: 8,
+                sample_size: 64 >> (vae_levels - 1),
             },
+        }
+    }
+
+    #[test]
+    fn a_factor_4_vae_gives_16_pixel_latents_for_64_pixel_images_in_every_mode() {
+        use crate::diffusion::imaging::{Mask, RgbImage};
+        use crate::diffusion::model::{ImageModelOptions, load};
+        use crate::diffusion::pipeline::{ImageMode, ImageRequest, generate};
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = tiny_data(&tmp.path().join("data"));
+        // Three levels: the LDM's `kl-f4` autoencoder shape.
+        let shape = tiny_shape(3);
+        assert_eq!(shape.unet.sample_size, 16);
+        let opts = SdTrainOptions {
+            vae_steps: 1,
+            vae_crop: None,
+            decoder_steps: 0,
+            unet_steps: 1,
+            batch: 2,
+            lr: 1e-3,
+            caption_dropout: 0.1,
+            seed: 1,
+            checkpoint_every: 10,
         };
+        let out = tmp.path().join("model");
+        train_sd(&data, shape, opts, &out, None, &mut |_| {}).expect("train");
+        let model = load(
+            &out,
+            &ImageModelOptions::default(),
+            &candle_core::Device::Cpu,
+            &mut |_, _| {},
+        )
+        .expect("load");
+        assert_eq!(model.vae.config().factor(), 4);
+        // The default size is the UNet's 16 latents times the VAE's factor 4.
+        assert_eq!(model.info.default_size, (64, 64));
+        let init = RgbImage::new_filled(64, 64, [200, 40, 40]);
+        let mut mask = Mask::new_filled(64, 64, 0);
+        for y in 16..48 {
+            for x in 16..48 {
+                mask.values[y * 64 + x] = 255;
+            }
+        }
+        let modes = [
+            ImageMode::Txt2Img,
+            ImageMode::Img2Img {
+                init: init.clone(),
+                strength: 0.5,
+            },
+            ImageMode::Inpaint {
+                init,
+                mask,
+                strength: 1.0,
+                mask_blur: 2.0,
+            },
+        ];
+        for mode in modes {
+            // Latent previews are at latent size: they show the latents' side.
+            let mut preview_sides = Vec::new();
+            let req = ImageRequest {
+                steps: 2,
+                seed: Some(1),
+                width: 64,
+                height: 64,
+                mode,
+                ..ImageRequest::new("a small red circle on the left, blue background")
+            };
+            let result = generate(&model, &req, &mut |u| {
+                if let Some(p) = &u.preview {
+                    preview_sides.push((p.width, p.height));
+                }
+                std::ops::ControlFlow::Continue(())
+            })
+            .expect("generate");
+            let image = &result.images[0].image;
+            assert_eq!((image.width, image.height), (64, 64));
+            assert!(!preview_sides.is_empty());
+            assert!(
+                preview_sides.iter().all(|&s| s == (16, 16)),
+                "{preview_sides:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_tiny_run_writes_a_diffusers_folder_studio_loads_and_generates_with() {
+        use crate::diffusion::model::{ImageModelOptions, load};
+        use crate::diffusion::pipeline::{ImageRequest, generate};
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = tiny_data(&tmp.path().join("data"));
+        assert_eq!((data.captions.len(), data.skipped), (6, 2));
+        let shape = tiny_shape(4);
         let opts = SdTrainOptions {
             vae_steps: 2,
+            vae_crop: Some(32),
+            decoder_steps: 1,
             unet_steps: 2,
             batch: 2,
             lr: 1e-3,
@@ -1721,11 +1935,20 @@ mod tests {
         };
         let out = tmp.path().join("model");
         let mut phases = Vec::new();
-        train_sd(&data, shape.clone(), opts, &out, &mut |r| {
+        train_sd(&data, shape.clone(), opts, &out, None, &mut |r| {
             phases.push((r.phase, r.step));
         })
         .expect("train");
-        assert_eq!(phases, [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2)]);
+        assert_eq!(
+            phases,
+            [
+                ("vae", 1),
+                ("vae", 2),
+                ("decoder", 1),
+                ("unet", 1),
+                ("unet", 2)
+            ]
+        );
 
         // Studio's own loader and pipeline run it.
         let model = load(
@@ -1752,10 +1975,79 @@ mod tests {
             ..opts
         };
         let mut resumed = Vec::new();
-        train_sd(&data, shape, more, &out, &mut |r| {
+        train_sd(&data, shape.clone(), more, &out, None, &mut |r| {
             resumed.push((r.phase, r.step));
         })
         .expect("resume");
         assert_eq!(resumed, [("unet", 3)]);
+
+        // A run started from that folder: only the decoder phase, the rest kept as it was.
+        let tuned = tmp.path().join("tuned");
+        let decoder_only = SdTrainOptions {
+            vae_steps: 0,
+            decoder_steps: 2,
+            unet_steps: 0,
+            ..opts
+        };
+        let mut steps = Vec::new();
+        train_sd(
+            &data,
+            shape.clone(),
+            decoder_only,
+            &tuned,
+            Some(&out),
+            &mut |r| steps.push((r.phase, r.step)),
+        )
+        .expect("train from the folder");
+        assert_eq!(steps, [("decoder", 1), ("decoder", 2)]);
+        let tensors = |dir: &std::path::Path, file: &str| {
+            candle_core::safetensors::load(dir.join(file), &candle_core::Device::Cpu).expect("load")
+        };
+        let vae_file = "vae/diffusion_pytorch_model.safetensors";
+        let (before, after) = (tensors(&out, vae_file), tensors(&tuned, vae_file));
+        let mut changed = 0;
+        for (name, t) in &before {
+            let d = max_diff(t, &after[name]);
+            if is_decoder(name) {
+                changed += usize::from(d > 0.0);
+            } else {
+                assert!(d == 0.0, "the decoder phase changed {name}");
+            }
+        }
+        assert!(changed > 0, "the decoder phase trained nothing");
+        for file in [
+            "unet/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors",
+        ] {
+            let (a, b) = (tensors(&out, file), tensors(&tuned, file));
+            assert!(a.iter().all(|(k, t)| max_diff(t, &b[k]) == 0.0), "{file}");
+        }
+        let config = |dir: &std::path::Path| {
+            std::fs::read_to_string(dir.join("vae/config.json")).expect("config")
+        };
+        assert_eq!(config(&out), config(&tuned), "the scaling factor is kept");
+        let vocab = |dir: &std::path::Path| {
+            std::fs::read_to_string(dir.join("tokenizer/vocab.json")).expect("vocab")
+        };
+        assert_eq!(vocab(&out), vocab(&tuned));
+
+        // A folder of another shape is refused, naming the tensor.
+        let mut wider = shape;
+        wider.unet.levels[0].channels = 16;
+        let err = train_sd(
+            &data,
+            wider,
+            decoder_only,
+            &tmp.path().join("other"),
+            Some(&out),
+            &mut |_| {},
+        )
+        .err()
+        .expect("another shape is refused")
+        .to_string();
+        assert!(
+            err.contains("down_blocks") || err.contains("conv_in"),
+            "{err}"
+        );
     }
 }
