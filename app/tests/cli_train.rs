@@ -298,25 +298,28 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
     let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
     assert_eq!(log.lines().count(), 4, "{log}");
 
+    // `sd-eval` of two held-out captions, writing its images into `out`.
+    let sd_eval = |extra: &str, out: &std::path::Path| -> serde_json::Value {
+        let report = ok(&studio(&[
+            "train",
+            "sd-eval",
+            "--model",
+            path(&model),
+            "--data",
+            path(&held),
+            "--train",
+            path(&train),
+            "--count",
+            "2",
+            extra,
+            "--out",
+            path(out),
+            "--json",
+        ]));
+        serde_json::from_str(&report).expect("json")
+    };
     let out = tmp.path().join("eval");
-    let report = ok(&studio(&[
-        "train",
-        "sd-eval",
-        "--model",
-        path(&model),
-        "--data",
-        path(&held),
-        "--train",
-        path(&train),
-        "--count",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        path(&out),
-        "--json",
-    ]));
-    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    let report = sd_eval("--steps=2", &out);
     assert_eq!(report["prompts"].as_u64(), Some(2), "{report}");
     // The model's own size: 64 px scenes, so a UNet `sample_size` of 8.
     assert_eq!(report["size"].as_u64(), Some(64), "{report}");
@@ -329,23 +332,7 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
 
     // The VAE's ceiling: the held-out images' own round trips, graded.
     let round_trips = tmp.path().join("round-trips");
-    let report = ok(&studio(&[
-        "train",
-        "sd-eval",
-        "--model",
-        path(&model),
-        "--data",
-        path(&held),
-        "--train",
-        path(&train),
-        "--count",
-        "2",
-        "--reconstruct",
-        "--out",
-        path(&round_trips),
-        "--json",
-    ]));
-    let report: serde_json::Value = serde_json::from_str(&report).expect("json");
+    let report = sd_eval("--reconstruct", &round_trips);
     assert_eq!(report["reconstruct"].as_bool(), Some(true), "{report}");
     assert_eq!(report["prompts"].as_u64(), Some(2), "{report}");
     let first =

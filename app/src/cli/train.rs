@@ -905,7 +905,15 @@ fn sd(args: &SdArgs) -> Result<()> {
     if !text.is_multiple_of(heads) {
         bail!("--text-width {text} does not split into {heads} attention heads of 16");
     }
-    let factor = 1usize << (args.vae_levels - 1);
+    let vae_shape = VaeShape {
+        channels: std::iter::once(vae)
+            .chain(std::iter::repeat_n(2 * vae, args.vae_levels as usize - 1))
+            .collect(),
+        layers_per_block: 1,
+        latent: 4,
+        groups: 8,
+    };
+    let factor = vae_shape.factor();
     if args
         .vae_crop
         .is_some_and(|c| !(c as usize).is_multiple_of(factor))
@@ -927,14 +935,7 @@ fn sd(args: &SdArgs) -> Result<()> {
             intermediate: 2 * text,
             positions: 77,
         },
-        vae: VaeShape {
-            channels: std::iter::once(vae)
-                .chain(std::iter::repeat_n(2 * vae, args.vae_levels as usize - 1))
-                .collect(),
-            layers_per_block: 1,
-            latent: 4,
-            groups: 8,
-        },
+        vae: vae_shape,
         unet: UnetShape {
             levels: vec![
                 UnetLevel {
@@ -1071,13 +1072,8 @@ fn round_trip(
     file: &str,
 ) -> Result<RgbImage> {
     use studio_inference::diffusion::imaging::{image_to_tensor, tensor_to_image};
-    if file.contains(['/', '\\']) || file.starts_with('.') {
-        bail!(
-            "{} names {file}, which is outside the folder",
-            dir.display()
-        );
-    }
-    let path = dir.join(file);
+    let path = studio_inference::train::sd::folder_entry(dir, file)
+        .with_context(|| format!("{} names {file}, which is not in the folder", dir.display()))?;
     let image = decode_image_file(&path)
         .with_context(|| format!("reading {}", path.display()))?
         .image;

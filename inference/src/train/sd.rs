@@ -220,6 +220,11 @@ pub struct VaeShape {
 const VAE_EPS: f64 = 1e-6;
 
 impl VaeShape {
+    /// The latents' side is the image's over this: 2 for each level but the last.
+    pub fn factor(&self) -> usize {
+        1 << self.channels.len().saturating_sub(1).min(16)
+    }
+
     /// Every parameter's name and shape, as diffusers names them.
     pub fn parameters(&self) -> Vec<(String, Vec<usize>)> {
         let mut out = Vec::new();
@@ -900,6 +905,13 @@ impl Captioned {
     }
 }
 
+/// `dir/file` when `file` names an entry of `dir` itself (no separators, not hidden, not `..`),
+/// as the `file` fields of `captions.jsonl` must.
+pub fn folder_entry(dir: &std::path::Path, file: &str) -> Option<std::path::PathBuf> {
+    (!file.is_empty() && !file.contains(['/', '\\']) && !file.starts_with('.'))
+        .then(|| dir.join(file))
+}
+
 /// Reads `dir/captions.jsonl` (`{"file": …, "caption": …}` per line, as `studio train
 /// shapes-data` writes it) and the images it names, at most `max`; the first image decides
 /// the size, unreadable ones and those of another size are skipped and counted.
@@ -922,12 +934,11 @@ pub fn read_captioned(dir: &std::path::Path, max: usize) -> Result<Captioned> {
             skipped += 1;
             continue;
         };
-        // Only names inside the folder.
-        if file.contains(['/', '\\']) || file.starts_with('.') {
+        let Some(path) = folder_entry(dir, file) else {
             skipped += 1;
             continue;
-        }
-        let Ok(decoded) = crate::diffusion::imaging::decode_image_file(&dir.join(file)) else {
+        };
+        let Ok(decoded) = crate::diffusion::imaging::decode_image_file(&path) else {
             skipped += 1;
             continue;
         };
@@ -1199,15 +1210,7 @@ impl SdTrainer {
             let file = checkpoint.join("nets.safetensors");
             let saved = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)?;
             for (prefix, vars) in [("C.", &clip), ("V.", &vae), ("U.", &unet)] {
-                for (k, v) in vars {
-                    let t = saved
-                        .get(&format!("{prefix}{k}"))
-                        .ok_or_else(|| Error::BadConfig {
-                            path: file.clone(),
-                            message: format!("no {prefix}{k}"),
-                        })?;
-                    v.set(t)?;
-                }
+                set_from(vars, &saved, prefix, &file)?;
             }
             (vae_done, decoder_done, unet_done, scaling_factor) = (
                 state.vae_steps,
@@ -1276,14 +1279,7 @@ impl SdTrainer {
         ] {
             let path = folder.join(file);
             let saved = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
-            for (name, v) in vars {
-                let t = saved.get(name).ok_or_else(|| Error::BadConfig {
-                    path: path.clone(),
-                    message: format!("no {name}: the folder is not of this run's shape"),
-                })?;
-                let t = crate::weights::expect_shape(t.clone(), v.shape().clone(), name)?;
-                v.set(&t)?;
-            }
+            set_from(vars, &saved, "", &path)?;
         }
         let config = folder.join("vae/config.json");
         let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
@@ -1320,7 +1316,7 @@ impl SdTrainer {
             let mut x = images.index_select(&index, 0)?;
             let side = x.dim(3)?.min(x.dim(2)?);
             if let Some(crop) = o.vae_crop.filter(|&c| c < side) {
-                let f = 1 << self.shape.vae.channels.len().saturating_sub(1);
+                let f = self.shape.vae.factor();
                 let cells = (side - crop) / f + 1;
                 let (cy, cx) = (
                     rand::Rng::random_range(&mut rng, 0..cells) * f,
@@ -1530,6 +1526,29 @@ impl SdTrainer {
             }),
         )
     }
+}
+
+/// Sets each of `vars` to the tensor `prefix` + its name in `saved` (read from `file`), which
+/// must be there with the variable's shape.
+fn set_from(
+    vars: &BTreeMap<String, Var>,
+    saved: &std::collections::HashMap<String, Tensor>,
+    prefix: &str,
+    file: &std::path::Path,
+) -> Result<()> {
+    for (k, v) in vars {
+        let name = format!("{prefix}{k}");
+        let t = saved.get(&name).ok_or_else(|| Error::BadConfig {
+            path: file.to_owned(),
+            message: format!("no {name}: it is not of this run's shape"),
+        })?;
+        v.set(&crate::weights::expect_shape(
+            t.clone(),
+            v.shape().clone(),
+            &name,
+        )?)?;
+    }
+    Ok(())
 }
 
 /// Whether the VAE parameter `name` belongs to the decoder (what the decoder phase trains).
