@@ -273,11 +273,31 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
         "16",
         "--vae-channels",
         "8",
+        "--min-snr-gamma",
+        "5",
+        "--unet-cooldown",
+        "1",
     ]));
     assert!(
         card.contains("2 VAE steps, 0 decoder steps, then 2 UNet"),
         "{card}"
     );
+    // The card's command repeats the UNet's loss weighting and cool-down.
+    assert!(
+        card.contains("--min-snr-gamma 5 --unet-cooldown 1`"),
+        "{card}"
+    );
+    let refused = studio(&[
+        "train",
+        "sd",
+        "--data",
+        path(&train),
+        "--out",
+        path(&tmp.path().join("unused")),
+        "--min-snr-gamma",
+        "0",
+    ]);
+    assert!(!refused.status.success(), "γ = 0 would zero every weight");
     assert_files(
         &model,
         &[

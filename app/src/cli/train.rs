@@ -27,7 +27,8 @@
 //!   images, resuming from `DIR/checkpoint`, and writes `generator.safetensors` (NVIDIA's
 //!   `G_ema` names) with `generator.json`, `samples.png`, `loss.jsonl` and `MODEL.md`;
 //! - `studio train sd --data DIR --out DIR [--vae-steps N] [--decoder-steps N] [--unet-steps N]
-//!   [--batch B] [--lr X] [--seed S] [--vae-levels 4|3] [--vae-crop PX] [--init DIR] …`
+//!   [--batch B] [--lr X] [--seed S] [--vae-levels 4|3] [--vae-crop PX] [--init DIR]
+//!   [--min-snr-gamma G] [--unet-cooldown N] [--device auto|cpu|cuda[:N]] …`
 //!   trains the demo text-to-image model (`studio_inference::train::sd`) on `shapes-data`'s
 //!   captioned images: its CLIP tokenizer from the captions, the VAE, the
 //!   decoder alone (`--decoder-steps`), then the UNet with the text encoder on the VAE's
@@ -147,6 +148,13 @@ pub struct SdArgs {
     /// Adam's learning rate.
     #[arg(long, default_value_t = 1e-3, value_parser = crate::cli::values::learning_rate)]
     pub lr: f64,
+    /// Weight the UNet's loss by min(SNR, γ) / SNR (Min-SNR-γ; 5 is the paper's): the noisy
+    /// timesteps that decide layout and colour train faster. Without it, the plain error.
+    #[arg(long, value_parser = crate::cli::values::snr_gamma)]
+    pub min_snr_gamma: Option<f64>,
+    /// Lower the UNet's learning rate linearly towards zero over the phase's last N steps.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub unet_cooldown: u32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Width of the text encoder (and the UNet's cross-attention).
@@ -167,6 +175,10 @@ pub struct SdArgs {
     pub max_images: u32,
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub checkpoint_every: u32,
+    /// Where to train: `auto` (the GPU of a CUDA build when there is one, else the CPU),
+    /// `cpu` or `cuda[:N]`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(Debug, Args)]
@@ -966,7 +978,11 @@ fn sd(args: &SdArgs) -> Result<()> {
         caption_dropout: 0.1,
         seed: args.seed,
         checkpoint_every: args.checkpoint_every as usize,
+        min_snr_gamma: args.min_snr_gamma,
+        unet_cooldown: args.unet_cooldown as usize,
     };
+    let device = crate::cli::common::open_device(None, &args.device)?;
+    eprintln!("training on {}", device.label);
     let mut log = open_log(&args.out)?;
     let started = std::time::Instant::now();
     let mut last: std::collections::BTreeMap<&str, f32> = std::collections::BTreeMap::new();
@@ -976,6 +992,7 @@ fn sd(args: &SdArgs) -> Result<()> {
         opts,
         &args.out,
         args.init.as_deref(),
+        &device.device,
         &mut |r| {
             let seconds = started.elapsed().as_secs_f64();
             let _ = writeln!(
@@ -999,29 +1016,40 @@ fn sd(args: &SdArgs) -> Result<()> {
          channels; UNet with two cross-attention levels of {unet} and {u2} channels) trained by \
          Studio's own trainer on {n} captioned shape scenes of `{data}`{from}.\n\n\
          - {vs} VAE steps, {ds} decoder steps, then {us} UNet + text-encoder steps, of {batch} \
-         images; Adam at {lr}; 10 % of captions dropped for guidance; seed {seed};\n\
-         - {seconds:.0} s this run on this machine's CPU;\n\
+         images; Adam at {lr}{cooldown}{snr}; 10 % of captions dropped for guidance; seed {seed};\n\
+         - {seconds:.0} s this run on {on};\n\
          - last losses: VAE reconstruction {lv:.4}, decoder {ld:.4}, noise prediction {lu:.4} \
          (`loss.jsonl`).\n\n\
          Made by: `studio train sd --data {data} --out {out} --vae-steps {vs} --decoder-steps \
          {ds} --unet-steps {us} --batch {batch} --lr {lr} --seed {seed} --text-width {text} \
          --unet-channels {unet} --vae-channels {vae} --vae-levels {levels}{crop} --max-images \
-         {maxi}{init}`\n",
+         {maxi}{init}{unet_flags}`\n",
         levels = args.vae_levels,
-        crop = args
-            .vae_crop
-            .map(|c| format!(" --vae-crop {c}"))
+        on = device.label,
+        snr = opts
+            .min_snr_gamma
+            .map(|g| format!(", the UNet's error weighted by Min-SNR-γ (γ = {g})"))
             .unwrap_or_default(),
+        unet_flags = flag("min-snr-gamma", opts.min_snr_gamma)
+            + &flag(
+                "unet-cooldown",
+                (opts.unet_cooldown > 0).then_some(opts.unet_cooldown)
+            ),
+        cooldown = if opts.unet_cooldown > 0 {
+            format!(
+                ", lowered linearly towards zero over the last {} UNet steps",
+                opts.unet_cooldown
+            )
+        } else {
+            String::new()
+        },
+        crop = flag("vae-crop", args.vae_crop),
         from = args
             .init
             .as_ref()
             .map(|p| format!(", starting from the weights of `{}`", p.display()))
             .unwrap_or_default(),
-        init = args
-            .init
-            .as_ref()
-            .map(|p| format!(" --init {}", p.display()))
-            .unwrap_or_default(),
+        init = flag("init", args.init.as_ref().map(|p| p.display())),
         ds = opts.decoder_steps,
         ld = last.get("decoder").copied().unwrap_or(f32::NAN),
         channels = shape_channels
@@ -1046,6 +1074,12 @@ fn sd(args: &SdArgs) -> Result<()> {
     write_file(&args.out.join("MODEL.md"), card.as_bytes())?;
     print!("{card}");
     Ok(())
+}
+
+/// ` --name value` for a flag a run was given, nothing for one it was not (a model card's
+/// command line).
+fn flag(name: &str, value: Option<impl std::fmt::Display>) -> String {
+    value.map(|v| format!(" --{name} {v}")).unwrap_or_default()
 }
 
 /// The `(file, caption)` pairs of a `shapes-data` folder's `captions.jsonl`, in order.

@@ -121,6 +121,11 @@ pub fn learning_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Min-SNR-γ's cap on the signal-to-noise ratio: 0.01 to 1000.
+pub fn snr_gamma(s: &str) -> Result<f64, String> {
+    real_in(s, 0.01..=1000.0)
+}
+
 /// A loss weight: 0 to 10¹².
 pub fn weight(s: &str) -> Result<f64, String> {
     real_in(s, 0.0..=1e12)

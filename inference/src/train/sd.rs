@@ -139,6 +139,19 @@ pub fn init(
     Ok(vars)
 }
 
+/// `vars` as variables on `device` (the same ones on the CPU).
+fn on_device(
+    vars: BTreeMap<String, Var>,
+    device: &candle_core::Device,
+) -> Result<BTreeMap<String, Var>> {
+    if device.is_cpu() {
+        return Ok(vars);
+    }
+    vars.into_iter()
+        .map(|(k, v)| Ok((k, Var::from_tensor(&v.as_tensor().to_device(device)?)?)))
+        .collect()
+}
+
 /// The tensor named `name` among `vars`.
 fn get(vars: &BTreeMap<String, Var>, name: &str) -> Result<Tensor> {
     vars.get(name)
@@ -762,7 +775,11 @@ fn unet_transformer(
 
 /// The sinusoidal timestep embedding diffusers' `Timesteps(dim, flip_sin_to_cos=True,
 /// downscale_freq_shift=0)` makes: `[cos(t·fᵢ), sin(t·fᵢ)]`, `fᵢ = 10000^(−i/half)`.
-fn timestep_features(timesteps: &[f64], dim: usize) -> Result<Tensor> {
+fn timestep_features(
+    timesteps: &[f64],
+    dim: usize,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
     let half = dim / 2;
     let mut data = Vec::with_capacity(timesteps.len() * dim);
     for &t in timesteps {
@@ -772,11 +789,7 @@ fn timestep_features(timesteps: &[f64], dim: usize) -> Result<Tensor> {
         data.extend(freqs.iter().map(|a| a.cos() as f32));
         data.extend(freqs.iter().map(|a| a.sin() as f32));
     }
-    Ok(Tensor::from_vec(
-        data,
-        (timesteps.len(), dim),
-        &candle_core::Device::Cpu,
-    )?)
+    Ok(Tensor::from_vec(data, (timesteps.len(), dim), device)?)
 }
 
 /// The UNet's prediction `(b, 4, h, w)` for latents `x` `(b, 4, h, w)` at `timesteps` (one per
@@ -793,7 +806,7 @@ pub fn unet_forward(
     let b0 = lv[0].channels;
     let g = |name: &str| get(vars, name);
     let emb = linear(
-        &timestep_features(timesteps, b0)?,
+        &timestep_features(timesteps, b0, x.device())?,
         &g("time_embedding.linear_1.weight")?,
         Some(&g("time_embedding.linear_1.bias")?),
     )?
@@ -1104,6 +1117,28 @@ pub struct SdTrainOptions {
     pub seed: u64,
     /// Steps between checkpoints.
     pub checkpoint_every: usize,
+    /// Min-SNR-γ loss weighting (Hang et al., 2023): each image's noise-prediction error is
+    /// weighted by `min(SNR, γ) / SNR`, so the nearly noise-free timesteps, easy and many,
+    /// stop dominating the gradient and the noisy ones that decide layout and colour train
+    /// faster. `None`: the plain mean squared error.
+    pub min_snr_gamma: Option<f64>,
+    /// The UNet phase's last this many steps lower the learning rate linearly towards zero
+    /// (the cool-down of a warmup-stable-decay schedule): the weights settle instead of
+    /// ending on one noisy step of a constant rate. 0: the rate stays constant.
+    pub unet_cooldown: usize,
+}
+
+impl SdTrainOptions {
+    /// The learning rate of the UNet step after `done` steps: `lr`, then the cool-down's
+    /// linear ramp from `lr` to `lr / cooldown` over the phase's last `unet_cooldown` steps.
+    fn unet_lr(&self, done: usize) -> f64 {
+        let left = self.unet_steps.saturating_sub(done);
+        if self.unet_cooldown == 0 || left >= self.unet_cooldown {
+            self.lr
+        } else {
+            self.lr * left as f64 / self.unet_cooldown as f64
+        }
+    }
 }
 
 /// What [`SdTrainer::train_step`] reports.
@@ -1115,7 +1150,7 @@ pub struct SdStep {
     pub step: usize,
     /// The phase's loss: reconstruction (mean squared error, plus a small KL term) for the
     /// VAE; mean absolute error for the decoder; the noise prediction's mean squared error
-    /// for the UNet.
+    /// for the UNet (unweighted, whatever the weighting the gradient follows).
     pub loss: f32,
 }
 
@@ -1129,6 +1164,19 @@ fn alphas_cumprod() -> Vec<f64> {
             let beta = (a + (b - a) * f64::from(i) / 999.0).powi(2);
             acc *= 1.0 - beta;
             acc
+        })
+        .collect()
+}
+
+/// Min-SNR-γ's weight of each timestep's ε-prediction error: `min(SNR, γ) / SNR`, where
+/// `SNR = ᾱ / (1 − ᾱ)`: 1 where the image is noisier than γ allows, less where it is clearer.
+fn min_snr_weights(alphas_cumprod: &[f64], timesteps: &[usize], gamma: f64) -> Vec<f32> {
+    timesteps
+        .iter()
+        .map(|&t| {
+            let a = alphas_cumprod[t];
+            let snr = a / (1.0 - a).max(f64::MIN_POSITIVE);
+            (snr.min(gamma) / snr) as f32
         })
         .collect()
 }
@@ -1161,19 +1209,24 @@ pub struct SdTrainer {
     /// The captions' 77-token chunks, and the empty prompt's.
     ids: Vec<Vec<u32>>,
     empty: Vec<u32>,
-    /// The VAE's scaled latent means of every image, once the UNet phase starts.
+    /// The VAE's scaled latent means of every image, once the UNet phase starts (on
+    /// `device`).
     latents: Option<Tensor>,
+    /// Where the networks live and train; the images stay in memory on the CPU and each
+    /// batch is copied over.
+    device: candle_core::Device,
 }
 
 impl SdTrainer {
-    /// A fresh run, or the one checkpointed in `checkpoint`. `tokenizer` is the folder
-    /// [`write_tokenizer`] wrote; `captions` are the training images' captions.
+    /// A fresh run, or the one checkpointed in `checkpoint`, on `device`. `tokenizer` is the
+    /// folder [`write_tokenizer`] wrote; `captions` are the training images' captions.
     pub fn new(
         shape: SdShape,
         opts: SdTrainOptions,
         checkpoint: &std::path::Path,
         tokenizer: &std::path::Path,
         captions: &[String],
+        device: &candle_core::Device,
     ) -> Result<Self> {
         use crate::diffusion::prompt::{ClipTokenizer, Padding};
         let tok = ClipTokenizer::from_folder(tokenizer, shape.clip.vocab, Padding::Eos)?;
@@ -1189,9 +1242,10 @@ impl SdTrainer {
             .map(|c| first(c))
             .collect::<Result<Vec<_>>>()?;
         let empty = first("")?;
-        let clip = init(&shape.clip.parameters(), opts.seed, 0.02)?;
-        let vae = init(&shape.vae.parameters(), opts.seed + 1, 0.05)?;
-        let unet = init(&shape.unet.parameters(), opts.seed + 2, 0.05)?;
+        // Drawn on the CPU from the seed (the same weights on every device), then moved.
+        let clip = on_device(init(&shape.clip.parameters(), opts.seed, 0.02)?, device)?;
+        let vae = on_device(init(&shape.vae.parameters(), opts.seed + 1, 0.05)?, device)?;
+        let unet = on_device(init(&shape.unet.parameters(), opts.seed + 2, 0.05)?, device)?;
         let (mut vae_done, mut decoder_done, mut unet_done, mut scaling_factor) = (0, 0, 0, None);
         let state_file = checkpoint.join("state.json");
         if state_file.is_file() {
@@ -1208,7 +1262,7 @@ impl SdTrainer {
                 )));
             }
             let file = checkpoint.join("nets.safetensors");
-            let saved = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)?;
+            let saved = candle_core::safetensors::load(&file, device)?;
             for (prefix, vars) in [("C.", &clip), ("V.", &vae), ("U.", &unet)] {
                 set_from(vars, &saved, prefix, &file)?;
             }
@@ -1253,6 +1307,7 @@ impl SdTrainer {
             ids,
             empty,
             latents: None,
+            device: device.clone(),
         })
     }
 
@@ -1278,7 +1333,7 @@ impl SdTrainer {
             ("unet/diffusion_pytorch_model.safetensors", &self.unet),
         ] {
             let path = folder.join(file);
-            let saved = candle_core::safetensors::load(&path, &candle_core::Device::Cpu)?;
+            let saved = candle_core::safetensors::load(&path, &self.device)?;
             set_from(vars, &saved, "", &path)?;
         }
         let config = folder.join("vae/config.json");
@@ -1311,7 +1366,10 @@ impl SdTrainer {
         let rows: Vec<u32> = (0..o.batch)
             .map(|_| rand::Rng::random_range(&mut rng, 0..count) as u32)
             .collect();
+        // The images' rows (on the CPU, where the images are) and the latents' (on the device).
         let index = Tensor::new(rows.as_slice(), &candle_core::Device::Cpu)?;
+        let index_dev = index.to_device(&self.device)?;
+        let dev = self.device.clone();
         if self.vae_done < o.vae_steps {
             let mut x = images.index_select(&index, 0)?;
             let side = x.dim(3)?.min(x.dim(2)?);
@@ -1324,6 +1382,7 @@ impl SdTrainer {
                 );
                 x = x.narrow(2, cy, crop)?.narrow(3, cx, crop)?.contiguous()?;
             }
+            let x = x.to_device(&dev)?;
             let moments = vae_moments(&self.vae, &self.shape.vae, &x)?;
             let lat = self.shape.vae.latent;
             let mean = moments.narrow(1, 0, lat)?;
@@ -1352,8 +1411,8 @@ impl SdTrainer {
         let latents = self.latents(images)?;
         if self.decoder_done < o.decoder_steps {
             let scale = self.scaling_factor.unwrap_or(1.0);
-            let z = (latents.index_select(&index, 0)? / scale)?;
-            let x = images.index_select(&index, 0)?;
+            let z = (latents.index_select(&index_dev, 0)? / scale)?;
+            let x = images.index_select(&index, 0)?.to_device(&dev)?;
             let recon = vae_decode(&self.vae, &self.shape.vae, &z)?;
             let loss = (recon - &x)?.abs()?.mean_all()?;
             self.adam_decoder.backward_step(&loss)?;
@@ -1364,7 +1423,7 @@ impl SdTrainer {
                 loss: loss.to_scalar::<f32>()?,
             });
         }
-        let x0 = latents.index_select(&index, 0)?;
+        let x0 = latents.index_select(&index_dev, 0)?;
         let schedule = alphas_cumprod();
         let timesteps: Vec<usize> = (0..o.batch)
             .map(|_| rand::Rng::random_range(&mut rng, 0..1000))
@@ -1377,9 +1436,8 @@ impl SdTrainer {
             .iter()
             .map(|&t| (1.0 - schedule[t]).sqrt() as f32)
             .collect();
-        let per_row =
-            |v: Vec<f32>| Tensor::from_vec(v, (o.batch, 1, 1, 1), &candle_core::Device::Cpu);
-        let noise = normal(&mut rng, x0.dims(), 1.0)?;
+        let per_row = |v: Vec<f32>| Tensor::from_vec(v, (o.batch, 1, 1, 1), &dev);
+        let noise = normal(&mut rng, x0.dims(), 1.0)?.to_device(&dev)?;
         let xt =
             (x0.broadcast_mul(&per_row(sqrt_a)?)? + noise.broadcast_mul(&per_row(sqrt_1a)?)?)?;
         let ids: Vec<u32> = rows
@@ -1392,12 +1450,22 @@ impl SdTrainer {
                 }
             })
             .collect();
-        let ids = Tensor::from_vec(ids, (o.batch, self.empty.len()), &candle_core::Device::Cpu)?;
+        let ids = Tensor::from_vec(ids, (o.batch, self.empty.len()), &dev)?;
         let context = encode_text(&self.clip, &self.shape.clip, &ids)?;
         let t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
         let pred = unet_forward(&self.unet, &self.shape.unet, &xt, &t, &context)?;
-        let loss = (pred - noise)?.sqr()?.mean_all()?;
-        self.adam_unet.backward_step(&loss)?;
+        let per_image = (pred - noise)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let loss = per_image.mean_all()?;
+        let objective = match o.min_snr_gamma {
+            Some(gamma) => {
+                let w = min_snr_weights(&schedule, &timesteps, gamma);
+                let w = Tensor::from_vec(w, o.batch, &dev)?;
+                (per_image * w)?.mean_all()?
+            }
+            None => loss.clone(),
+        };
+        self.adam_unet.set_learning_rate(o.unet_lr(self.unet_done));
+        self.adam_unet.backward_step(&objective)?;
         self.unet_done += 1;
         Ok(SdStep {
             phase: "unet",
@@ -1416,7 +1484,9 @@ impl SdTrainer {
         let mut means = Vec::new();
         let n = images.dim(0)?;
         for start in (0..n).step_by(64) {
-            let x = images.narrow(0, start, 64.min(n - start))?;
+            let x = images
+                .narrow(0, start, 64.min(n - start))?
+                .to_device(&self.device)?;
             means.push(
                 vae_moments(&self.vae, &self.shape.vae, &x)?
                     .narrow(1, 0, lat)?
@@ -1572,13 +1642,15 @@ fn save_tensors_atomic(
 /// Trains (or resumes) into `out`: the tokenizer for `data`'s captions (or `init`'s), then
 /// each phase with a checkpoint every `checkpoint_every` steps, then the diffusers folder. A
 /// run that has no checkpoint yet starts from `init`'s weights when given (see
-/// [`SdTrainer::start_from`]). `report` is called after each step.
+/// [`SdTrainer::start_from`]). The networks train on `device` (a GPU when there is one).
+/// `report` is called after each step.
 pub fn train_sd(
     data: &Captioned,
     shape: SdShape,
     opts: SdTrainOptions,
     out: &std::path::Path,
     init: Option<&std::path::Path>,
+    device: &candle_core::Device,
     report: &mut dyn FnMut(SdStep),
 ) -> Result<SdTrainer> {
     let tokenizer = out.join("tokenizer");
@@ -1608,7 +1680,7 @@ pub fn train_sd(
     // The text encoder embeds exactly the tokenizer's vocabulary.
     let mut shape = shape;
     shape.clip.vocab = vocab;
-    let mut trainer = SdTrainer::new(shape, opts, &checkpoint, &tokenizer, &data.captions)?;
+    let mut trainer = SdTrainer::new(shape, opts, &checkpoint, &tokenizer, &data.captions, device)?;
     if let Some(init) = init
         && trainer.is_fresh()
     {
@@ -1630,6 +1702,11 @@ pub fn train_sd(
         };
         if r.step % opts.checkpoint_every.max(1) == 0 || phase_end {
             trainer.save_checkpoint(&checkpoint)?;
+            // The UNet phase's checkpoints also refresh the diffusers folder, so the model
+            // so far can be loaded (in the Canvas, or by `sd-eval`) while training goes on.
+            if r.phase == "unet" {
+                trainer.save_model(out)?;
+            }
         }
     }
     trainer.save_model(out)?;
@@ -1690,6 +1767,54 @@ mod tests {
                 "{name} gets no gradient"
             );
         }
+    }
+
+    #[test]
+    fn the_cool_down_ramps_the_unets_rate_to_zero_over_its_last_steps() {
+        let opts = SdTrainOptions {
+            vae_steps: 0,
+            vae_crop: None,
+            decoder_steps: 0,
+            unet_steps: 1000,
+            batch: 1,
+            lr: 1e-3,
+            caption_dropout: 0.0,
+            seed: 0,
+            checkpoint_every: 1,
+            min_snr_gamma: None,
+            unet_cooldown: 200,
+        };
+        let rates: Vec<f64> = [0, 799, 800, 900, 999].map(|d| opts.unet_lr(d)).to_vec();
+        assert_eq!(rates[..3], [1e-3, 1e-3, 1e-3]);
+        assert!((rates[3] - 5e-4).abs() < 1e-12, "{rates:?}");
+        assert!((rates[4] - 5e-6).abs() < 1e-12, "{rates:?}");
+        // Raising --unet-steps on resume moves the cool-down to the new end.
+        let longer = SdTrainOptions {
+            unet_steps: 2000,
+            ..opts
+        };
+        assert!((longer.unet_lr(999) - 1e-3).abs() < 1e-15);
+        let constant = SdTrainOptions {
+            unet_cooldown: 0,
+            ..opts
+        };
+        assert!((constant.unet_lr(999) - 1e-3).abs() < 1e-15);
+    }
+
+    #[test]
+    fn min_snr_weights_cap_the_clear_timesteps_and_keep_the_noisy_ones() {
+        let schedule = alphas_cumprod();
+        let w = min_snr_weights(&schedule, &[0, 100, 200, 400, 999], 5.0);
+        // SNR at t = 0 is ᾱ / (1 − ᾱ) ≈ 1175: weight γ / SNR.
+        let snr0 = schedule[0] / (1.0 - schedule[0]);
+        assert!((f64::from(w[0]) - 5.0 / snr0).abs() < 1e-6, "{w:?}");
+        assert!(w.windows(2).all(|p| p[0] <= p[1]), "{w:?}");
+        // Where SNR is under γ the error keeps its full weight.
+        let noisy = (0..1000).find(|&t| schedule[t] / (1.0 - schedule[t]) < 5.0);
+        let noisy = noisy.expect("SD's schedule reaches SNR 5");
+        assert!(noisy > 100 && noisy < 400, "{noisy}");
+        assert_eq!(min_snr_weights(&schedule, &[noisy, 999], 5.0), [1.0, 1.0]);
+        assert!(w[1] < 1.0 && (w[4] - 1.0).abs() < f32::EPSILON, "{w:?}");
     }
 
     #[test]
@@ -1872,9 +1997,20 @@ mod tests {
             caption_dropout: 0.1,
             seed: 1,
             checkpoint_every: 10,
+            min_snr_gamma: None,
+            unet_cooldown: 0,
         };
         let out = tmp.path().join("model");
-        train_sd(&data, shape, opts, &out, None, &mut |_| {}).expect("train");
+        train_sd(
+            &data,
+            shape,
+            opts,
+            &out,
+            None,
+            &candle_core::Device::Cpu,
+            &mut |_| {},
+        )
+        .expect("train");
         let model = load(
             &out,
             &ImageModelOptions::default(),
@@ -1951,13 +2087,28 @@ mod tests {
             caption_dropout: 0.1,
             seed: 1,
             checkpoint_every: 1,
+            min_snr_gamma: Some(5.0),
+            unet_cooldown: 1,
         };
         let out = tmp.path().join("model");
         let mut phases = Vec::new();
-        train_sd(&data, shape.clone(), opts, &out, None, &mut |r| {
-            phases.push((r.phase, r.step));
-        })
+        let unet_file = out.join("unet/diffusion_pytorch_model.safetensors");
+        let mut written_mid_run = Vec::new();
+        train_sd(
+            &data,
+            shape.clone(),
+            opts,
+            &out,
+            None,
+            &candle_core::Device::Cpu,
+            &mut |r| {
+                phases.push((r.phase, r.step));
+                written_mid_run.push(unet_file.is_file());
+            },
+        )
         .expect("train");
+        // The folder appears at the UNet phase's first checkpoint, before the run ends.
+        assert_eq!(written_mid_run, [false, false, false, false, true]);
         assert_eq!(
             phases,
             [
@@ -1994,9 +2145,17 @@ mod tests {
             ..opts
         };
         let mut resumed = Vec::new();
-        train_sd(&data, shape.clone(), more, &out, None, &mut |r| {
-            resumed.push((r.phase, r.step));
-        })
+        train_sd(
+            &data,
+            shape.clone(),
+            more,
+            &out,
+            None,
+            &candle_core::Device::Cpu,
+            &mut |r| {
+                resumed.push((r.phase, r.step));
+            },
+        )
         .expect("resume");
         assert_eq!(resumed, [("unet", 3)]);
 
@@ -2015,6 +2174,7 @@ mod tests {
             decoder_only,
             &tuned,
             Some(&out),
+            &candle_core::Device::Cpu,
             &mut |r| steps.push((r.phase, r.step)),
         )
         .expect("train from the folder");
@@ -2059,6 +2219,7 @@ mod tests {
             decoder_only,
             &tmp.path().join("other"),
             Some(&out),
+            &candle_core::Device::Cpu,
             &mut |_| {},
         )
         .err()
