@@ -254,30 +254,40 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
             seed,
         ]));
     }
-    let card = ok(&studio(&[
-        "train",
-        "sd",
-        "--data",
-        path(&train),
-        "--out",
-        path(&model),
-        "--vae-steps",
-        "2",
-        "--unet-steps",
-        "2",
-        "--batch",
-        "2",
-        "--text-width",
-        "32",
-        "--unet-channels",
-        "16",
-        "--vae-channels",
-        "8",
-        "--min-snr-gamma",
-        "5",
-        "--unet-cooldown",
-        "1",
-    ]));
+    // `studio train sd` on the training scenes into `out`, at the test's small widths.
+    let train_sd = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "sd",
+            "--data",
+            path(&train),
+            "--out",
+            path(out),
+            "--batch",
+            "2",
+            "--text-width",
+            "32",
+            "--vae-channels",
+            "8",
+        ];
+        args.extend_from_slice(extra);
+        studio(&args)
+    };
+    let card = ok(&train_sd(
+        &model,
+        &[
+            "--vae-steps",
+            "2",
+            "--unet-steps",
+            "2",
+            "--unet-channels",
+            "16",
+            "--min-snr-gamma",
+            "5",
+            "--unet-cooldown",
+            "1",
+        ],
+    ));
     assert!(
         card.contains("2 VAE steps, 0 decoder steps, then 2 UNet"),
         "{card}"
@@ -287,16 +297,7 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
         card.contains("--min-snr-gamma 5 --unet-cooldown 1`"),
         "{card}"
     );
-    let refused = studio(&[
-        "train",
-        "sd",
-        "--data",
-        path(&train),
-        "--out",
-        path(&tmp.path().join("unused")),
-        "--min-snr-gamma",
-        "0",
-    ]);
+    let refused = train_sd(&tmp.path().join("unused"), &["--min-snr-gamma", "0"]);
     assert!(!refused.status.success(), "γ = 0 would zero every weight");
     assert_files(
         &model,
@@ -363,30 +364,21 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
     // A run from the trained folder, with its shapes: no VAE steps, the decoder alone, then
     // the UNet.
     let tuned = tmp.path().join("tuned");
-    let card = ok(&studio(&[
-        "train",
-        "sd",
-        "--data",
-        path(&train),
-        "--out",
-        path(&tuned),
-        "--init",
-        path(&model),
-        "--vae-steps",
-        "0",
-        "--decoder-steps",
-        "2",
-        "--unet-steps",
-        "1",
-        "--batch",
-        "2",
-        "--text-width",
-        "32",
-        "--unet-channels",
-        "16",
-        "--vae-channels",
-        "8",
-    ]));
+    let card = ok(&train_sd(
+        &tuned,
+        &[
+            "--init",
+            path(&model),
+            "--vae-steps",
+            "0",
+            "--decoder-steps",
+            "2",
+            "--unet-steps",
+            "1",
+            "--unet-channels",
+            "16",
+        ],
+    ));
     assert!(card.contains("starting from the weights of"), "{card}");
     assert!(
         card.contains("0 VAE steps, 2 decoder steps, then 1 UNet"),
@@ -402,26 +394,19 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
         .collect();
     assert_eq!(phases, ["decoder", "decoder", "unet"]);
     // A folder of another shape is refused with the tensor's name.
-    let refused = studio(&[
-        "train",
-        "sd",
-        "--data",
-        path(&train),
-        "--out",
-        path(&tmp.path().join("wider")),
-        "--init",
-        path(&model),
-        "--vae-steps",
-        "0",
-        "--unet-steps",
-        "1",
-        "--text-width",
-        "32",
-        "--unet-channels",
-        "24",
-        "--vae-channels",
-        "8",
-    ]);
+    let refused = train_sd(
+        &tmp.path().join("wider"),
+        &[
+            "--init",
+            path(&model),
+            "--vae-steps",
+            "0",
+            "--unet-steps",
+            "1",
+            "--unet-channels",
+            "24",
+        ],
+    );
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("shape mismatch"),

@@ -901,6 +901,8 @@ fn sd(args: &SdArgs) -> Result<()> {
         ClipShape, SdShape, SdTrainOptions, UnetLevel, UnetShape, VaeShape, read_captioned,
         train_sd,
     };
+    // The device first: a wrong `--device` is reported before the images are read.
+    let device = crate::cli::common::open_device(None, &args.device)?;
     let data = read_captioned(&args.data, args.max_images as usize)
         .with_context(|| format!("reading the captioned images in {}", args.data.display()))?;
     eprintln!(
@@ -981,7 +983,6 @@ fn sd(args: &SdArgs) -> Result<()> {
         min_snr_gamma: args.min_snr_gamma,
         unet_cooldown: args.unet_cooldown as usize,
     };
-    let device = crate::cli::common::open_device(None, &args.device)?;
     eprintln!("training on {}", device.label);
     let mut log = open_log(&args.out)?;
     let started = std::time::Instant::now();
