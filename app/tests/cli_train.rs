@@ -318,6 +318,23 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
     );
     let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
     assert_eq!(log.lines().count(), 4, "{log}");
+    // Resumed for one more UNet step, the card still names the VAE's last loss (from the
+    // log) and says no decoder step was ever run.
+    let card = ok(&train_sd(
+        &model,
+        &[
+            "--vae-steps",
+            "2",
+            "--unet-steps",
+            "3",
+            "--unet-channels",
+            "16",
+        ],
+    ));
+    assert!(
+        !card.contains("VAE reconstruction none") && card.contains("decoder none"),
+        "{card}"
+    );
 
     // `sd-eval` of two held-out captions, writing its images into `out`.
     let sd_eval = |extra: &str, out: &std::path::Path| -> serde_json::Value {
@@ -380,6 +397,7 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
         ],
     ));
     assert!(card.contains("starting from the weights of"), "{card}");
+    assert!(card.contains("VAE reconstruction none"), "{card}");
     assert!(
         card.contains("0 VAE steps, 2 decoder steps, then 1 UNet"),
         "{card}"

@@ -591,6 +591,30 @@ fn open_log(out: &std::path::Path) -> Result<std::fs::File> {
         .with_context(|| format!("opening {}", path.display()))
 }
 
+/// The last loss of each phase in an earlier run's `loss.jsonl` in `out` (none if there is
+/// none), so a resumed run's card names the losses of phases it did not run itself.
+fn previous_losses(out: &std::path::Path) -> std::collections::BTreeMap<String, f32> {
+    let mut last = std::collections::BTreeMap::new();
+    let Ok(text) = std::fs::read_to_string(out.join("loss.jsonl")) else {
+        return last;
+    };
+    for line in text.lines() {
+        let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(phase), Some(loss)) = (row["phase"].as_str(), row["loss"].as_f64()) {
+            last.insert(phase.to_owned(), loss as f32);
+        }
+    }
+    last
+}
+
+/// A card's loss figure: four decimals, or "none" for a phase never run.
+fn loss_text(last: &std::collections::BTreeMap<String, f32>, phase: &str) -> String {
+    last.get(phase)
+        .map_or_else(|| "none".to_owned(), |l| format!("{l:.4}"))
+}
+
 fn lm(args: &LmArgs) -> Result<()> {
     use studio_inference::train::lm::{
         CHAT_TEMPLATE, LmShape, TrainOptions, hf_config, read_training_data, train,
@@ -984,9 +1008,9 @@ fn sd(args: &SdArgs) -> Result<()> {
         unet_cooldown: args.unet_cooldown as usize,
     };
     eprintln!("training on {}", device.label);
+    let mut last = previous_losses(&args.out);
     let mut log = open_log(&args.out)?;
     let started = std::time::Instant::now();
-    let mut last: std::collections::BTreeMap<&str, f32> = std::collections::BTreeMap::new();
     train_sd(
         &data,
         shape,
@@ -1007,7 +1031,7 @@ fn sd(args: &SdArgs) -> Result<()> {
                     r.phase, r.step, r.loss
                 );
             }
-            last.insert(r.phase, r.loss);
+            last.insert(r.phase.to_owned(), r.loss);
         },
     )?;
     let card = format!(
@@ -1019,7 +1043,7 @@ fn sd(args: &SdArgs) -> Result<()> {
          - {vs} VAE steps, {ds} decoder steps, then {us} UNet + text-encoder steps, of {batch} \
          images; Adam at {lr}{cooldown}{snr}; 10 % of captions dropped for guidance; seed {seed};\n\
          - {seconds:.0} s this run on {on};\n\
-         - last losses: VAE reconstruction {lv:.4}, decoder {ld:.4}, noise prediction {lu:.4} \
+         - last losses: VAE reconstruction {lv}, decoder {ld}, noise prediction {lu} \
          (`loss.jsonl`).\n\n\
          Made by: `studio train sd --data {data} --out {out} --vae-steps {vs} --decoder-steps \
          {ds} --unet-steps {us} --batch {batch} --lr {lr} --seed {seed} --text-width {text} \
@@ -1052,7 +1076,7 @@ fn sd(args: &SdArgs) -> Result<()> {
             .unwrap_or_default(),
         init = flag("init", args.init.as_ref().map(|p| p.display())),
         ds = opts.decoder_steps,
-        ld = last.get("decoder").copied().unwrap_or(f32::NAN),
+        ld = loss_text(&last, "decoder"),
         channels = shape_channels
             .iter()
             .map(ToString::to_string)
@@ -1068,8 +1092,8 @@ fn sd(args: &SdArgs) -> Result<()> {
         lr = opts.lr,
         seed = opts.seed,
         seconds = started.elapsed().as_secs_f64(),
-        lv = last.get("vae").copied().unwrap_or(f32::NAN),
-        lu = last.get("unet").copied().unwrap_or(f32::NAN),
+        lv = loss_text(&last, "vae"),
+        lu = loss_text(&last, "unet"),
         maxi = args.max_images,
     );
     write_file(&args.out.join("MODEL.md"), card.as_bytes())?;

@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
-use super::ops::{conv_strided, group_norm, layer_norm, linear, normal, quick_gelu, softmax_last};
+use super::ops::{conv_biased, group_norm, layer_norm, linear, normal, quick_gelu, softmax_last};
 use crate::error::{Error, Result};
 
 /// The layer norms' epsilon (transformers' CLIP default).
@@ -351,8 +351,8 @@ fn conv_named(
     stride: usize,
 ) -> Result<Tensor> {
     let w = get(vars, &format!("{name}.weight"))?;
-    let b = get(vars, &format!("{name}.bias"))?.reshape((1, (), 1, 1))?;
-    Ok(conv_strided(x, &w, pad, stride)?.broadcast_add(&b)?)
+    let b = get(vars, &format!("{name}.bias"))?;
+    conv_biased(x, &w, Some(&b), pad, stride)
 }
 
 fn group_norm_named(
@@ -702,10 +702,11 @@ fn unet_attention(
             .contiguous()?)
     };
     let w = |name: &str| get(vars, &format!("{p}.{name}.weight"));
-    let q = split(linear(x, &w("to_q")?, None)?)?;
+    // The scale goes on the queries, not on the larger score matrix.
+    let q = split((linear(x, &w("to_q")?, None)? / (head as f64).sqrt())?)?;
     let k = split(linear(context, &w("to_k")?, None)?)?;
     let v = split(linear(context, &w("to_v")?, None)?)?;
-    let probs = softmax_last(&(q.matmul(&k.t()?)? / (head as f64).sqrt())?)?;
+    let probs = softmax_last(&q.matmul(&k.t()?)?)?;
     let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
     linear(
         &out,
