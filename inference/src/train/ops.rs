@@ -456,11 +456,12 @@ fn conv_gathering(
     stride: usize,
     native: bool,
 ) -> Result<Tensor> {
-    let (o, c, k, _) = weight.dims4()?;
-    let (n, _, h, w) = x.dims4()?;
-    if stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
+    let (o, c, k, kw) = weight.dims4()?;
+    let (n, cx, h, w) = x.dims4()?;
+    if kw != k || cx != c || stride == 0 || h + 2 * pad < k || w + 2 * pad < k {
         return Err(crate::error::Error::InvalidParameter(format!(
-            "a {k}×{k} convolution with stride {stride} and padding {pad} of a {h}×{w} image"
+            "a {k}×{kw} convolution of {c} channels with stride {stride} and padding {pad} of \
+             a {h}×{w} image of {cx} channels"
         )));
     }
     let (ho, wo) = (
@@ -722,6 +723,14 @@ mod tests {
         let theirs = img.conv2d(&k, 0, 2, 1, 1).expect("strided");
         let ours = conv_biased(&img, &k, None, 0, 2).expect("ours");
         assert!(max_diff(&ours, &theirs) < 1e-4);
+        // Channels that do not match, a non-square kernel and a window larger than the
+        // padded image are refused, not read out of bounds.
+        let k4 = normal(&mut rng, &[4, 4, 3, 3], 1.0).expect("k4");
+        assert!(conv_biased(&img, &k4, None, 1, 1).is_err());
+        let k23 = normal(&mut rng, &[4, 3, 2, 3], 1.0).expect("k23");
+        assert!(conv_biased(&img, &k23, None, 1, 1).is_err());
+        let k9 = normal(&mut rng, &[4, 3, 9, 9], 1.0).expect("k9");
+        assert!(conv_biased(&img, &k9, None, 1, 1).is_err());
         let gw = normal(&mut rng, &[4], 1.0).expect("gw");
         let gb = normal(&mut rng, &[4], 1.0).expect("gb");
         let x4 = normal(&mut rng, &[2, 4, 3, 5], 2.0).expect("x4");
