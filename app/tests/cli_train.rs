@@ -286,15 +286,17 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
             "5",
             "--unet-cooldown",
             "1",
+            "--offset-noise",
+            "0.1",
         ],
     ));
     assert!(
         card.contains("2 VAE steps, 0 decoder steps, then 2 UNet"),
         "{card}"
     );
-    // The card's command repeats the UNet's loss weighting and cool-down.
+    // The card's command repeats the UNet's loss weighting, cool-down and offset noise.
     assert!(
-        card.contains("--min-snr-gamma 5 --unet-cooldown 1`"),
+        card.contains("--min-snr-gamma 5 --unet-cooldown 1 --offset-noise 0.1`"),
         "{card}"
     );
     let refused = train_sd(&tmp.path().join("unused"), &["--min-snr-gamma", "0"]);

@@ -155,6 +155,11 @@ pub struct SdArgs {
     /// Lower the UNet's learning rate linearly towards zero over the phase's last N steps.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
     pub unet_cooldown: u32,
+    /// Offset noise: add a per-image, per-channel constant of this standard deviation to the
+    /// UNet's training noise, so the prompt, not the starting noise, sets the image's mean
+    /// colour. 0: plain noise.
+    #[arg(long, default_value_t = 0.0, value_parser = crate::cli::values::fraction)]
+    pub offset_noise: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Width of the text encoder (and the UNet's cross-attention).
@@ -1006,6 +1011,7 @@ fn sd(args: &SdArgs) -> Result<()> {
         checkpoint_every: args.checkpoint_every as usize,
         min_snr_gamma: args.min_snr_gamma,
         unet_cooldown: args.unet_cooldown as usize,
+        offset_noise: args.offset_noise,
     };
     eprintln!("training on {}", device.label);
     let mut last = previous_losses(&args.out);
@@ -1041,7 +1047,8 @@ fn sd(args: &SdArgs) -> Result<()> {
          channels; UNet with two cross-attention levels of {unet} and {u2} channels) trained by \
          Studio's own trainer on {n} captioned shape scenes of `{data}`{from}.\n\n\
          - {vs} VAE steps, {ds} decoder steps, then {us} UNet + text-encoder steps, of {batch} \
-         images; Adam at {lr}{cooldown}{snr}; 10 % of captions dropped for guidance; seed {seed};\n\
+         images; Adam at {lr}{cooldown}{snr}{offset}; 10 % of captions dropped for guidance; \
+         seed {seed};\n\
          - {seconds:.0} s this run on {on};\n\
          - last losses: VAE reconstruction {lv}, decoder {ld}, noise prediction {lu} \
          (`loss.jsonl`).\n\n\
@@ -1059,7 +1066,16 @@ fn sd(args: &SdArgs) -> Result<()> {
             + &flag(
                 "unet-cooldown",
                 (opts.unet_cooldown > 0).then_some(opts.unet_cooldown)
+            )
+            + &flag(
+                "offset-noise",
+                (opts.offset_noise > 0.0).then_some(opts.offset_noise)
             ),
+        offset = if opts.offset_noise > 0.0 {
+            format!(", offset noise {}", opts.offset_noise)
+        } else {
+            String::new()
+        },
         cooldown = if opts.unet_cooldown > 0 {
             format!(
                 ", lowered linearly towards zero over the last {} UNet steps",

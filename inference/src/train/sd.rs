@@ -1127,6 +1127,12 @@ pub struct SdTrainOptions {
     /// (the cool-down of a warmup-stable-decay schedule): the weights settle instead of
     /// ending on one noisy step of a constant rate. 0: the rate stays constant.
     pub unet_cooldown: usize,
+    /// Offset noise (Guttenberg, 2023): the UNet's training noise gets a per-image,
+    /// per-channel constant of this standard deviation added. SD's schedule leaves the
+    /// latents' mean (here mostly the background colour) barely destroyed at the last
+    /// timestep, so without it the model reads the mean off the starting noise instead of
+    /// from the prompt; with it, it must take it from the prompt. 0: plain Gaussian noise.
+    pub offset_noise: f64,
 }
 
 impl SdTrainOptions {
@@ -1167,6 +1173,22 @@ fn alphas_cumprod() -> Vec<f64> {
             acc
         })
         .collect()
+}
+
+/// The UNet phase's noise for latents of `dims` `(n, c, h, w)`: standard normal, plus a
+/// normal constant per image and channel of standard deviation `offset` when it is above 0
+/// ([`SdTrainOptions::offset_noise`]).
+fn training_noise(
+    rng: &mut StdRng,
+    dims: (usize, usize, usize, usize),
+    offset: f64,
+) -> Result<Tensor> {
+    let (n, c, h, w) = dims;
+    let noise = normal(rng, &[n, c, h, w], 1.0)?;
+    if offset <= 0.0 {
+        return Ok(noise);
+    }
+    Ok(noise.broadcast_add(&normal(rng, &[n, c, 1, 1], offset)?)?)
 }
 
 /// Min-SNR-γ's weight of each timestep's ε-prediction error: `min(SNR, γ) / SNR`, where
@@ -1438,7 +1460,7 @@ impl SdTrainer {
             .map(|&t| (1.0 - schedule[t]).sqrt() as f32)
             .collect();
         let per_row = |v: Vec<f32>| Tensor::from_vec(v, (o.batch, 1, 1, 1), &dev);
-        let noise = normal(&mut rng, x0.dims(), 1.0)?.to_device(&dev)?;
+        let noise = training_noise(&mut rng, x0.dims4()?, o.offset_noise)?.to_device(&dev)?;
         let xt =
             (x0.broadcast_mul(&per_row(sqrt_a)?)? + noise.broadcast_mul(&per_row(sqrt_1a)?)?)?;
         let ids: Vec<u32> = rows
@@ -1783,6 +1805,7 @@ mod tests {
             seed: 0,
             checkpoint_every: 1,
             min_snr_gamma: None,
+            offset_noise: 0.0,
             unet_cooldown: 200,
         };
         let rates: Vec<f64> = [0, 799, 800, 900, 999].map(|d| opts.unet_lr(d)).to_vec();
@@ -1800,6 +1823,27 @@ mod tests {
             ..opts
         };
         assert!((constant.unet_lr(999) - 1e-3).abs() < 1e-15);
+    }
+
+    #[test]
+    fn offset_noise_moves_each_channels_mean_by_its_own_constant() {
+        let means = |offset: f64| -> Vec<f32> {
+            let mut rng = StdRng::seed_from_u64(4);
+            training_noise(&mut rng, (64, 4, 16, 16), offset)
+                .expect("noise")
+                .mean_keepdim(3)
+                .and_then(|t| t.mean_keepdim(2))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("means")
+        };
+        let spread = |m: &[f32]| (m.iter().map(|v| v * v).sum::<f32>() / m.len() as f32).sqrt();
+        // 256 values per channel: their mean's spread is 1/16 without an offset, about
+        // √(1/256 + 0.3²) ≈ 0.31 with one of 0.3.
+        let plain = spread(&means(0.0));
+        let offset = spread(&means(0.3));
+        assert!((0.045..0.08).contains(&plain), "{plain}");
+        assert!((0.25..0.37).contains(&offset), "{offset}");
     }
 
     #[test]
@@ -1999,6 +2043,7 @@ mod tests {
             seed: 1,
             checkpoint_every: 10,
             min_snr_gamma: None,
+            offset_noise: 0.0,
             unet_cooldown: 0,
         };
         let out = tmp.path().join("model");
@@ -2089,6 +2134,7 @@ mod tests {
             seed: 1,
             checkpoint_every: 1,
             min_snr_gamma: Some(5.0),
+            offset_noise: 0.1,
             unet_cooldown: 1,
         };
         let out = tmp.path().join("model");
