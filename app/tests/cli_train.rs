@@ -320,6 +320,11 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
     );
     let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
     assert_eq!(log.lines().count(), 4, "{log}");
+    // A step logged after the last checkpoint (a run stopped between checkpoints) is
+    // dropped from the log when the run resumes, which does that step again.
+    let mut stale = log.clone();
+    stale.push_str("{\"phase\":\"unet\",\"step\":99,\"loss\":1.0,\"seconds\":1.0}\n");
+    std::fs::write(model.join("loss.jsonl"), stale).expect("stale line");
     // Resumed for one more UNet step, the card still names the VAE's last loss (from the
     // log) and says no decoder step was ever run.
     let card = ok(&train_sd(
@@ -337,6 +342,9 @@ fn a_tiny_text_to_image_run_is_written_and_graded() {
         !card.contains("VAE reconstruction none") && card.contains("decoder none"),
         "{card}"
     );
+    let log = std::fs::read_to_string(model.join("loss.jsonl")).expect("log");
+    assert_eq!(log.lines().count(), 5, "{log}");
+    assert!(!log.contains("\"step\":99"), "{log}");
 
     // `sd-eval` of two held-out captions, writing its images into `out`.
     let sd_eval = |extra: &str, out: &std::path::Path| -> serde_json::Value {

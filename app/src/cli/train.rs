@@ -586,9 +586,41 @@ fn lm_data(args: &LmDataArgs) -> Result<()> {
 
 /// Creates the run's folder and opens its `loss.jsonl` for appending (a resumed run goes on
 /// with the same log).
+/// Opens `out/loss.jsonl` for appending, first dropping the lines of steps that the
+/// checkpoint in `out/checkpoint` does not hold (a run stopped after its last checkpoint
+/// logged steps that the resumed run does again; with no checkpoint, every earlier line), so
+/// the log is the history of the weights beside it. A line's phase `p` is counted by the
+/// checkpoint's `p_steps`; a line without one (the language model's, the GAN's) by `step`.
 fn open_log(out: &std::path::Path) -> Result<std::fs::File> {
+    use serde_json::Value;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let path = out.join("loss.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let state: Option<Value> =
+            std::fs::read_to_string(out.join("checkpoint").join("state.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok());
+        let done = |row: &Value| -> u64 {
+            let key = row["phase"]
+                .as_str()
+                .map_or_else(|| "step".to_owned(), |p| format!("{p}_steps"));
+            state
+                .as_ref()
+                .and_then(|s| s[key.as_str()].as_u64())
+                .unwrap_or(0)
+        };
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<Value>(line)
+                    .is_ok_and(|row| row["step"].as_u64().is_some_and(|s| s <= done(&row)))
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        if kept.len() != text.len() {
+            write_file(&path, kept.as_bytes())?;
+        }
+    }
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1014,8 +1046,8 @@ fn sd(args: &SdArgs) -> Result<()> {
         offset_noise: args.offset_noise,
     };
     eprintln!("training on {}", device.label);
-    let mut last = previous_losses(&args.out);
     let mut log = open_log(&args.out)?;
+    let mut last = previous_losses(&args.out);
     let started = std::time::Instant::now();
     train_sd(
         &data,
