@@ -388,7 +388,7 @@ impl candle_core::CustomOp2 for AddRows {
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (y, b) = (contiguous_f32(s1, l1)?, contiguous_f32(s2, l2)?);
-        if b.is_empty() || y.len() % b.len() != 0 {
+        if b.is_empty() || l1.shape().dims().last() != Some(&b.len()) {
             return Err(candle_core::Error::Msg(format!(
                 "a bias of {} added to rows of {} values",
                 b.len(),
