@@ -609,14 +609,14 @@ fn open_log(out: &std::path::Path) -> Result<std::fs::File> {
                 .and_then(|s| s[key.as_str()].as_u64())
                 .unwrap_or(0)
         };
-        let kept: String = text
-            .lines()
-            .filter(|line| {
-                serde_json::from_str::<Value>(line)
-                    .is_ok_and(|row| row["step"].as_u64().is_some_and(|s| s <= done(&row)))
-            })
-            .map(|line| format!("{line}\n"))
-            .collect();
+        let mut kept = String::with_capacity(text.len());
+        for line in text.lines().filter(|line| {
+            serde_json::from_str::<Value>(line)
+                .is_ok_and(|row| row["step"].as_u64().is_some_and(|s| s <= done(&row)))
+        }) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
         if kept.len() != text.len() {
             write_file(&path, kept.as_bytes())?;
         }
