@@ -271,6 +271,11 @@ fn a_first_launch_loads_the_demo_image_model_in_the_canvas_and_generates() {
         (64, 64),
         "the form takes its size"
     );
+    assert!(
+        (form.cfg_scale - 4.0).abs() < 1e-6,
+        "the form takes the demo model's guidance, not {}",
+        form.cfg_scale
+    );
     {
         let form = h.state_mut().canvas_mut().form_mut();
         form.prompt = "a small blue square on the left, yellow background".into();
