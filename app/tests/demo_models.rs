@@ -251,6 +251,12 @@ fn the_command_line_uses_the_demo_image_model_without_model() {
         (64, 64),
         "the model's own size"
     );
+    // Without --cfg, the demo model's own guidance (its card's best), written in the PNG.
+    let bytes = std::fs::read(&out_path).expect("png");
+    let params = studio_inference::image_meta::png_parameters(&bytes)
+        .expect("readable")
+        .expect("parameters");
+    assert_eq!(params.cfg_scale(), Some(4.0), "{}", params.to_text());
 }
 
 #[test]

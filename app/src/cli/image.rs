@@ -68,8 +68,8 @@ pub struct ImageArgs {
     /// Denoising steps (default 20, or 4 for few-step models such as SD-Turbo and LCM).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Classifier-free guidance scale; 1 or less skips the negative prompt pass (default 7, or
-    /// 1 for few-step models).
+    /// Classifier-free guidance scale; 1 or less skips the negative prompt pass (default 7; 1
+    /// for few-step models; 4 for the bundled demo model, its card's best).
     #[arg(long, value_parser = crate::cli::values::guidance)]
     pub cfg: Option<f64>,
     /// Seed (random when left out; printed).
@@ -387,7 +387,15 @@ fn request(
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
         steps: args.steps.unwrap_or(if m.info.few_step { 4 } else { 20 }),
-        cfg_scale: args.cfg.unwrap_or(if m.info.few_step { 1.0 } else { 7.0 }),
+        cfg_scale: args.cfg.unwrap_or(if m.info.few_step {
+            1.0
+        } else if crate::bundled::model(crate::bundled::BundledKind::Image).as_ref()
+            == Some(&args.model)
+        {
+            f64::from(crate::bundled::DEMO_IMAGE_CFG)
+        } else {
+            7.0
+        }),
         seed: args.seed,
         sampler,
         schedule,

@@ -58,9 +58,6 @@ pub enum Outcome {
     Failed,
 }
 
-/// The guidance the bundled demo text-to-image model is loaded with (see its model card).
-const DEMO_CFG: f32 = 4.0;
-
 impl PanelView for CanvasPanel {
     type Command = CanvasCommand;
     type Purpose = CanvasPurpose;
@@ -834,9 +831,7 @@ impl CanvasPanel {
             c.form.height = info.default_size.1;
         }
         if demo && !startup {
-            // The demo model follows its prompts best at a low guidance (its card: 153 of
-            // 200 held-out captions at CFG 3-4, 80 at 7, where its colours over-saturate).
-            c.form.cfg_scale = DEMO_CFG;
+            c.form.cfg_scale = crate::bundled::DEMO_IMAGE_CFG;
         }
         if info.few_step && !startup {
             c.form.steps = c.form.steps.min(4);
