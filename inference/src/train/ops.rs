@@ -591,7 +591,7 @@ fn contiguous_f32<'a>(
 ) -> candle_core::Result<&'a [f32]> {
     let (a, b) = layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("im2col needs a contiguous tensor".into()))?;
+        .ok_or_else(|| candle_core::Error::Msg("a training op needs a contiguous tensor".into()))?;
     Ok(&storage.as_slice::<f32>()?[a..b])
 }
 
