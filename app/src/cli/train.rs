@@ -584,18 +584,35 @@ fn lm_data(args: &LmDataArgs) -> Result<()> {
     Ok(())
 }
 
+/// A run's `loss.jsonl`, opened for appending, and the last loss of each phase it holds.
+struct RunLog {
+    file: std::fs::File,
+    /// By phase (`vae`, `decoder`, `unet`; the language model's and the GAN's lines have none).
+    last: std::collections::BTreeMap<String, f32>,
+}
+
+/// The largest `loss.jsonl` read back to trim it (some ten million steps): a larger one is
+/// appended to as it is.
+const MAX_LOG_BYTES: u64 = 1 << 30;
+
 /// Creates the run's folder and opens its `loss.jsonl` for appending (a resumed run goes on
-/// with the same log).
-/// Opens `out/loss.jsonl` for appending, first dropping the lines of steps that the
-/// checkpoint in `out/checkpoint` does not hold (a run stopped after its last checkpoint
-/// logged steps that the resumed run does again; with no checkpoint, every earlier line), so
-/// the log is the history of the weights beside it. A line's phase `p` is counted by the
-/// checkpoint's `p_steps`; a line without one (the language model's, the GAN's) by `step`.
-fn open_log(out: &std::path::Path) -> Result<std::fs::File> {
+/// with the same log), first dropping the lines of steps that the checkpoint in
+/// `out/checkpoint` does not hold (a run stopped after its last checkpoint logged steps that
+/// the resumed run does again; with no checkpoint, every earlier line), so the log is the
+/// history of the weights beside it. A line's phase `p` is counted by the checkpoint's
+/// `p_steps`; a line without one (the language model's, the GAN's) by `step`.
+fn open_log(out: &std::path::Path) -> Result<RunLog> {
     use serde_json::Value;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let path = out.join("loss.jsonl");
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    let mut last = std::collections::BTreeMap::new();
+    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+    if size > MAX_LOG_BYTES {
+        eprintln!(
+            "{} is over 1 GiB: appended to without trimming",
+            path.display()
+        );
+    } else if let Ok(text) = std::fs::read_to_string(&path) {
         let state: Option<Value> =
             std::fs::read_to_string(out.join("checkpoint").join("state.json"))
                 .ok()
@@ -610,10 +627,16 @@ fn open_log(out: &std::path::Path) -> Result<std::fs::File> {
                 .unwrap_or(0)
         };
         let mut kept = String::with_capacity(text.len());
-        for line in text.lines().filter(|line| {
-            serde_json::from_str::<Value>(line)
-                .is_ok_and(|row| row["step"].as_u64().is_some_and(|s| s <= done(&row)))
-        }) {
+        for line in text.lines() {
+            let Ok(row) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if row["step"].as_u64().is_none_or(|s| s > done(&row)) {
+                continue;
+            }
+            if let (Some(phase), Some(loss)) = (row["phase"].as_str(), row["loss"].as_f64()) {
+                last.insert(phase.to_owned(), loss as f32);
+            }
             kept.push_str(line);
             kept.push('\n');
         }
@@ -621,29 +644,12 @@ fn open_log(out: &std::path::Path) -> Result<std::fs::File> {
             write_file(&path, kept.as_bytes())?;
         }
     }
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
-        .with_context(|| format!("opening {}", path.display()))
-}
-
-/// The last loss of each phase in an earlier run's `loss.jsonl` in `out` (none if there is
-/// none), so a resumed run's card names the losses of phases it did not run itself.
-fn previous_losses(out: &std::path::Path) -> std::collections::BTreeMap<String, f32> {
-    let mut last = std::collections::BTreeMap::new();
-    let Ok(text) = std::fs::read_to_string(out.join("loss.jsonl")) else {
-        return last;
-    };
-    for line in text.lines() {
-        let Ok(row) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if let (Some(phase), Some(loss)) = (row["phase"].as_str(), row["loss"].as_f64()) {
-            last.insert(phase.to_owned(), loss as f32);
-        }
-    }
-    last
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(RunLog { file, last })
 }
 
 /// A card's loss figure: four decimals, or "none" for a phase never run.
@@ -679,7 +685,7 @@ fn lm(args: &LmArgs) -> Result<()> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every as usize,
     };
-    let mut log = open_log(&args.out)?;
+    let mut log = open_log(&args.out)?.file;
     let started = std::time::Instant::now();
     let mut first = None;
     let last = train(&tokens, &data.starts, shape, &opts, &args.out, &mut |r| {
@@ -828,7 +834,7 @@ fn gan(args: &GanArgs) -> Result<()> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every as usize,
     };
-    let mut log = open_log(&args.out)?;
+    let mut log = open_log(&args.out)?.file;
     let started = std::time::Instant::now();
     let mut last = None;
     train(&images.pixels, shape, opts, &args.out, &mut |r| {
@@ -1046,8 +1052,10 @@ fn sd(args: &SdArgs) -> Result<()> {
         offset_noise: args.offset_noise,
     };
     eprintln!("training on {}", device.label);
-    let mut log = open_log(&args.out)?;
-    let mut last = previous_losses(&args.out);
+    let RunLog {
+        file: mut log,
+        mut last,
+    } = open_log(&args.out)?;
     let started = std::time::Instant::now();
     train_sd(
         &data,
